@@ -1,0 +1,168 @@
+"""The ``qconvert`` command line: thin wrappers over the library."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from qconvert import __version__
+from qconvert.errors import QConvertError
+
+
+class _Group(click.Group):
+    """Turns ``QConvertError`` into a one-line message (traceback with --debug)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except QConvertError as e:
+            if (ctx.obj or {}).get("debug") or os.environ.get("QCONVERT_DEBUG"):
+                raise
+            raise click.ClickException(str(e)) from None
+        except KeyboardInterrupt:
+            click.echo("interrupted; nothing was written to the output directory", err=True)
+            sys.exit(130)
+
+
+def _console():
+    from rich.console import Console
+
+    console = Console()
+    # piped or captured output gets wide rows instead of truncated names
+    return console if console.is_terminal else Console(width=200)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="qconvert")
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.pass_context
+def cli(ctx, debug):
+    """Quantize a Hugging Face causal LM, check it, measure it.
+
+    \b
+    qconvert quantize smollm2-135m --scheme is-w4a8 -o out/
+    qconvert eval out/ --data-file wiki.test.raw --seqlen 512 --max-windows 40
+    qconvert inspect out/
+    """
+    ctx.obj = {"debug": debug}
+
+
+@cli.command()
+@click.argument("source")
+@click.option("--scheme", "-s", default="is-w4a8", show_default=True, help="Preset name (see `qconvert schemes`) or a .toml path.")
+@click.option("--output", "-o", "out", required=True, type=click.Path(path_type=Path), help="Output directory (must not exist unless --force).")
+@click.option("--group-size", "-g", type=int, help="Weight group size along the input dimension (overrides the scheme).")
+@click.option("--quantize-lm-head", is_flag=True, help="Quantize lm_head too (kept in full precision by default).")
+@click.option("--exclude", multiple=True, metavar="PATTERN", help="Keep linear modules matching this fnmatch pattern in full precision (repeatable).")
+@click.option("--max-shard-size", default="2GB", show_default=True, help="Largest output shard.")
+@click.option("--revision", help="Hub revision (branch, tag or commit) of a Hub id SOURCE.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow a Hub model's own Python code to run (off by default).")
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def quantize(source, scheme, out, group_size, quantize_lm_head, exclude, max_shard_size, revision, trust_remote_code, force, quiet):
+    """Quantize SOURCE into OUT, one decoder block at a time.
+
+    SOURCE is a local HF directory, a .gguf file, a Hub id (org/name) or the
+    built-in alias smollm2-135m.
+
+    \b
+    qconvert quantize smollm2-135m --scheme is-w4a8 -o out/
+    qconvert quantize ./Llama-3-8B --scheme w4a8-fs -g 64 -o llama-fs/
+    """
+    from qconvert.pipeline import quantize as run
+
+    path = run(source, scheme, out, group_size=group_size, quantize_lm_head=quantize_lm_head, exclude=exclude,
+               force=force, max_shard_size=max_shard_size, revision=revision, trust_remote_code=trust_remote_code,
+               progress=not quiet)
+    report = json.loads((path / "qconvert.json").read_text())["totals"]
+    ratio = report["quantized_fp16_bytes"] / max(report["quantized_bytes"], 1)
+    click.echo(
+        f"wrote {path}: {report['quantized_layers']} quantized linears, "
+        f"{report['quantized_bytes'] / 1e6:.1f} MB ({ratio:.2f}x smaller than fp16)"
+        + (f", least int32 headroom {report['min_headroom_bits']} bits" if report["min_headroom_bits"] is not None else "")
+    )
+
+
+@cli.command("eval")
+@click.argument("target")
+@click.option("--dataset", default="wikitext2", show_default=True, type=click.Choice(["wikitext2"]))
+@click.option("--data-file", type=click.Path(path_type=Path), help="Local raw text (e.g. wiki.test.raw) instead of a download.")
+@click.option("--seqlen", default=2048, show_default=True, type=click.IntRange(min=2), help="Tokens per window.")
+@click.option("--max-windows", type=click.IntRange(min=1), help="Evaluate only the first N windows.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def eval_cmd(target, dataset, data_file, seqlen, max_windows, as_json, quiet):
+    """Perplexity of TARGET (an OUT or any SOURCE) on non-overlapping windows.
+
+    \b
+    qconvert eval out/ --data-file wiki.test.raw --seqlen 512 --max-windows 40
+    qconvert eval smollm2-135m --data-file wiki.test.raw --seqlen 512 --max-windows 40
+    """
+    from qconvert.calib import load_eval_text
+    from qconvert.evaluate import load_model_and_tokenizer, perplexity
+
+    text = load_eval_text(dataset, data_file)
+    model, tok, kind = load_model_and_tokenizer(target)
+    res = perplexity(model, tok, text, seqlen=seqlen, max_windows=max_windows, progress=not quiet)
+    record = {"target": str(target), "kind": kind, "dataset": dataset, **res.to_dict()}
+    if as_json:
+        click.echo(json.dumps(record, indent=2))
+    else:
+        click.echo(f"{target}: perplexity {res.perplexity:.3f} on {dataset} ({res.windows} windows x {res.seqlen} tokens)")
+
+
+@cli.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the per-layer report as JSON.")
+def inspect(out, as_json):
+    """Per-layer table of a quantized OUT: bits, group size, α, int32 headroom, bytes."""
+    from rich.table import Table
+
+    from qconvert.formats.native import read_quant_config
+
+    read_quant_config(out)
+    report = json.loads((out / "qconvert.json").read_text())
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    t = Table(title=f"{out} — scheme {report['scheme']['name']} from {report['source']}")
+    for col in ("layer", "layout", "N x K", "bits", "group", "α", "headroom (bits)", "bytes", "fp16 bytes"):
+        t.add_column(col, justify="left" if col in ("layer", "layout") else "right")
+    for r in report["layers"]:
+        alpha = f"2^{r['alpha_log2']}" if "alpha_log2" in r else "-"
+        head = f"{r['headroom_bits']:.2f}" if "headroom_bits" in r else "-"
+        t.add_row(r["name"], r["layout"], "x".join(map(str, r["shape"])), str(r["bits"]), str(r["group_size"]),
+                  alpha, head, f"{r['bytes']:,}", f"{r['fp16_bytes']:,}")
+    tot = report["totals"]
+    t.add_section()
+    t.add_row("total", "", "", "", "", "", str(tot["min_headroom_bits"] if tot["min_headroom_bits"] is not None else "-"),
+              f"{tot['quantized_bytes']:,}", f"{tot['quantized_fp16_bytes']:,}")
+    _console().print(t)
+
+
+@cli.command()
+def schemes():
+    """List the scheme presets."""
+    from rich.table import Table
+
+    from qconvert.schemes_registry import list_presets
+
+    t = Table(title="qconvert schemes")
+    t.add_column("scheme")
+    t.add_column("method")
+    t.add_column("description")
+    for s in list_presets():
+        t.add_row(s.name, s.method, s.description)
+    _console().print(t)
+
+
+def main():
+    cli(prog_name="qconvert")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,10 @@
+"""Errors that a user can act on.
+
+Every ``QConvertError`` message names the thing that is wrong and what to do about it.
+The CLI prints it on one line (the traceback only with ``--debug``); library callers
+can catch it.  ``assert`` stays for internal invariants only.
+"""
+
+
+class QConvertError(Exception):
+    """A problem with the user's input or environment, worded as "what is wrong; what to do"."""

@@ -1,0 +1,66 @@
+"""Perplexity on non-overlapping windows, the same for an original SOURCE and an OUT."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm import tqdm
+
+from qconvert.errors import QConvertError
+
+
+@dataclass
+class PerplexityResult:
+    perplexity: float
+    nll: float  # mean negative log-likelihood per predicted token (nats)
+    windows: int
+    seqlen: int
+    tokens: int  # tokens in the text
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def load_model_and_tokenizer(target: str, dtype: torch.dtype = torch.float32):
+    """An OUT directory through ``qconvert.load``; anything else as a SOURCE, unquantized."""
+    from qconvert.formats.native import is_native
+
+    if is_native(target):
+        from transformers import AutoTokenizer
+
+        from qconvert.runtime import load
+
+        model = load(target, dtype=dtype)
+        try:
+            tok = AutoTokenizer.from_pretrained(target)
+        except (OSError, ValueError) as e:
+            raise QConvertError(f"{target} has no usable tokenizer ({e}); re-quantize from a source that has one") from e
+        return model, tok, "qconvert"
+    from qconvert.source import resolve_source
+
+    src = resolve_source(target)
+    tok = src.load_tokenizer()
+    if tok is None:
+        raise QConvertError(f"{target} has no tokenizer files; evaluation needs one")
+    return src.load_model(dtype), tok, src.kind
+
+
+@torch.inference_mode()
+def perplexity(model, tokenizer, text: str, seqlen: int = 2048, max_windows: int | None = None,
+               progress: bool = True) -> PerplexityResult:
+    """exp(mean NLL) over ``min(n_tokens // seqlen, max_windows)`` consecutive windows."""
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    n = ids.numel() // seqlen
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n < 1:
+        raise QConvertError(f"the text has {ids.numel()} tokens, fewer than one window of {seqlen}; lower --seqlen")
+    total = 0.0
+    for i in tqdm(range(n), desc="eval", unit="window", disable=not progress):
+        window = ids[i * seqlen : (i + 1) * seqlen][None]
+        logits = model(window).logits[0, :-1].float()
+        total += torch.nn.functional.cross_entropy(logits, window[0, 1:], reduction="sum").item()
+    nll = total / (n * (seqlen - 1))
+    return PerplexityResult(math.exp(nll), nll, n, seqlen, int(ids.numel()))

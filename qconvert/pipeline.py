@@ -1,0 +1,216 @@
+"""The conversion loop: SOURCE -> skeleton -> block by block -> OUT (docs/format.md).
+
+One direction, no back and forth: tensors outside the decoder blocks are copied, then each
+block's tensors are read from the source, its target linears quantized by the method, the
+results streamed into the output shards and dropped.  Memory is one block, whatever the
+depth.  Output goes to ``OUT.partial`` and appears as OUT only by a final rename.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from qconvert import __version__
+from qconvert._memory import return_freed_memory_to_os
+from qconvert.errors import QConvertError
+from qconvert.formats.native import FORMAT_NAME, FORMAT_VERSION, write_manifest
+from qconvert.formats.safetensors_io import ShardedWriter
+from qconvert.methods import get_method
+from qconvert.schemes_registry import Scheme, load_scheme
+from qconvert.skeleton import build_skeleton, target_linears, tied_lm_head
+from qconvert.source import DECODER_LAYERS, Source, resolve_source
+
+BLOCK = re.compile(rf"^{re.escape(DECODER_LAYERS)}\.(\d+)\.")
+
+
+def parse_size(text: str | int) -> int:
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", text, re.I)
+    if not m:
+        raise QConvertError(f"cannot read size {text!r}; write it like 2GB, 500MB or 1GiB")
+    unit = (m.group(2) or "B").upper()
+    mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
+    return int(float(m.group(1)) * mult)
+
+
+def prepare_output(out: Path, force: bool) -> Path:
+    """Refuse to clobber OUT without ``force``; return the empty partial directory."""
+    if out.exists() and not force:
+        raise QConvertError(f"{out} already exists; pass --force to overwrite it, or choose another -o")
+    if out.exists() and not out.is_dir():
+        raise QConvertError(f"{out} exists and is not a directory; remove it or choose another -o")
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise QConvertError(f"the parent directory {parent} of {out} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise QConvertError(f"cannot write into {parent}; choose a writable -o")
+    partial = out.with_name(out.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir()
+    return partial
+
+
+def _plan(source: Source, skeleton, targets) -> tuple[dict[str, str], list[tuple[str, list[str]]]]:
+    """Map every skeleton tensor to its source tensor and group the names into stages.
+
+    Returns (source name of each output tensor, [(stage label, tensor names)]): the tensors
+    outside the blocks, then each decoder block in order.
+    """
+    have = set(source.keys())
+    tied = tied_lm_head(skeleton)
+    names = {}
+    for name, p in skeleton.state_dict(keep_vars=True).items():
+        if not isinstance(p, torch.nn.Parameter):
+            continue  # buffers (rotary tables) are rebuilt from the config, never stored
+        if tied and name == "lm_head.weight":
+            if "lm_head" not in targets:
+                continue  # stays tied to the embedding; nothing to store
+            src = name if name in have else "model.embed_tokens.weight"
+        else:
+            src = name
+        if src not in have:
+            raise QConvertError(
+                f"the config and the tensors disagree: {source.description} has no tensor '{src}' "
+                "that the config implies; check that config.json belongs to these weights"
+            )
+        names[name] = src
+    stages: dict[str, list[str]] = defaultdict(list)
+    for name in names:
+        m = BLOCK.match(name)
+        stages[f"block {int(m.group(1)):>3}" if m else "rest"].append(name)
+    rest = stages.pop("rest", [])
+    blocks = sorted(stages.items(), key=lambda kv: int(kv[0].split()[1]))
+    return names, [("embeddings and head", rest)] + blocks
+
+
+def quantize(
+    source: str | Source,
+    scheme: str | Scheme,
+    out: str | os.PathLike,
+    *,
+    group_size: int | None = None,
+    quantize_lm_head: bool = False,
+    exclude: tuple[str, ...] = (),
+    force: bool = False,
+    max_shard_size: str | int = "2GB",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Quantize SOURCE with SCHEME into the directory OUT (see docs/format.md); returns OUT."""
+    out = Path(out)
+    sch = scheme if isinstance(scheme, Scheme) else load_scheme(scheme)
+    sch = sch.with_overrides(group_size=group_size, quantize_lm_head=quantize_lm_head, exclude=tuple(exclude))
+    method = get_method(sch.method, sch.params)  # validates the parameters before any heavy work
+    shard_bytes = parse_size(max_shard_size)
+    if out.exists() and not force:
+        raise QConvertError(f"{out} already exists; pass --force to overwrite it, or choose another -o")
+    return_freed_memory_to_os()
+    src = source if isinstance(source, Source) else resolve_source(source, revision, trust_remote_code)
+    config = src.config
+    skeleton = build_skeleton(config)
+    targets = target_linears(skeleton, sch.exclude)
+    names, stages = _plan(src, skeleton, targets)
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict(keep_vars=True).items()}
+
+    partial = prepare_output(out, force)
+    try:
+        writer = ShardedWriter(partial, shard_bytes, metadata={"producer": f"qconvert {__version__}"})
+        layers, modules = [], {}
+        bar = tqdm(stages, desc=f"quantize {sch.name}", unit="block", disable=not progress)
+        for _label, stage in bar:
+            for name in stage:
+                src_name = names[name]
+                dtype, shape = src.info(src_name)
+                if tuple(shape) != expected[name]:
+                    raise QConvertError(
+                        f"the config and the tensors disagree: '{src_name}' has shape {tuple(shape)}, "
+                        f"the config implies {expected[name]}"
+                    )
+                module = name.rsplit(".", 1)[0]
+                if name.endswith(".weight") and module in targets:
+                    t = src.get(src_name)
+                    _assert_finite(src, src_name, t)
+                    ql = method.quantize_linear(module, t)
+                    for suffix, tensor in ql.tensors.items():
+                        writer.add(f"{module}.{suffix}", tensor)
+                    stored = sum(x.numel() * x.element_size() for x in ql.tensors.values())
+                    layers.append({"name": module, **ql.info, "bytes": stored, "fp16_bytes": 2 * t.numel()})
+                    modules[module] = ql.layout
+                    del t, ql
+                else:  # copied slice by slice: an embedding is never whole in memory
+                    writer.add_rows(name, dtype, tuple(shape), _check_finite(src, src_name, src.iter_rows(src_name)))
+        writer.close()
+        _write_metadata(partial, src, sch, method, config, modules, layers)
+        write_manifest(partial)
+    except BaseException:
+        # nothing half-written may look complete: OUT does not exist yet, drop the partial
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.with_name(out.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(partial, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(partial, out)
+    return out
+
+
+def _assert_finite(src: Source, name: str, t: torch.Tensor) -> None:
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        raise QConvertError(f"tensor '{name}' of {src.description} holds NaN or Inf; the checkpoint is damaged")
+
+
+def _check_finite(src: Source, name: str, slices):
+    """Pass ``slices`` through, failing on the first NaN or Inf."""
+    for part in slices:
+        _assert_finite(src, name, part)
+        yield part
+
+
+def _write_metadata(partial: Path, src: Source, sch: Scheme, method, config, modules, layers) -> None:
+    cfg = config.to_dict()
+    cfg.pop("quantization_config", None)
+    if "lm_head" in modules and cfg.get("tie_word_embeddings"):
+        cfg["tie_word_embeddings"] = False  # the head is stored quantized, apart from the embedding
+    cfg["quantization_config"] = {
+        "quant_method": "qconvert",
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "qconvert_version": __version__,
+        "scheme": sch.name,
+        "method": method.name,
+        "config": method.describe(),
+        "exclude": list(sch.exclude),
+        "modules": modules,
+    }
+    (partial / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    has_tok = src.save_tokenizer(partial)
+    totals = {
+        "quantized_layers": len(layers),
+        "quantized_bytes": sum(r["bytes"] for r in layers),
+        "quantized_fp16_bytes": sum(r["fp16_bytes"] for r in layers),
+        "min_headroom_bits": min((r["headroom_bits"] for r in layers if "headroom_bits" in r), default=None),
+    }
+    report = {
+        "qconvert_version": __version__,
+        "source": src.description,
+        "source_kind": src.kind,
+        "scheme": {"name": sch.name, "description": sch.description, "method": sch.method, "params": sch.params},
+        "tokenizer": has_tok,
+        "totals": totals,
+        "layers": layers,
+    }
+    (partial / "qconvert.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -1,0 +1,130 @@
+"""Load a native OUT into a torch model whose quantized linears run the kernels' arithmetic.
+
+On CPU each quantized linear runs ``qconvert_kernels.reference``: int8 activations x int4
+weights -> int32 group partials -> x integer scale -> int32 sum -> one float conversion,
+exactly what the CUDA kernel computes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qconvert.errors import QConvertError
+from qconvert.formats.native import read_quant_config
+from qconvert.formats.packing import unpack_int4
+from qconvert.formats.safetensors_io import ShardedReader
+from qconvert.skeleton import build_skeleton
+from qconvert_kernels import reference as ref
+
+
+class W4A8Linear(nn.Module):
+    """W4A8 linear: packed int4 group weights, dynamic per-token int8 activations.
+
+    layout "w4a8-is": integer group scales ``iscale`` int32 [N, G], ``cscale`` float32 [N],
+    ``alpha_log2`` int32 [1].  layout "w4a8-fs": float group scales ``scales`` fp16 [N, G].
+    """
+
+    SUFFIXES = {"w4a8-is": ("qweight", "shape", "iscale", "cscale", "alpha_log2"), "w4a8-fs": ("qweight", "shape", "scales")}
+
+    def __init__(self, layout: str, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None):
+        super().__init__()
+        self.layout = layout
+        self.out_features, self.in_features = (int(v) for v in tensors["shape"])
+        self.register_buffer("qweight", tensors["qweight"])
+        n_groups = (tensors["iscale"] if layout == "w4a8-is" else tensors["scales"]).shape[1]
+        kp = tensors["qweight"].shape[1] * 2
+        if kp % n_groups or self.out_features != tensors["qweight"].shape[0] or kp < self.in_features:
+            raise QConvertError(f"{layout} tensors have inconsistent shapes (qweight {tuple(tensors['qweight'].shape)}, {n_groups} groups)")
+        self.group_size = kp // n_groups
+        if layout == "w4a8-is":
+            self.register_buffer("iscale", tensors["iscale"])
+            self.register_buffer("cscale", tensors["cscale"])
+            self.alpha_log2 = int(tensors["alpha_log2"][0])
+        else:
+            self.register_buffer("scales", tensors["scales"])
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        self._q = self._qf = None
+
+    def extra_repr(self):
+        return f"{self.layout}, in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+
+    def weights_int8(self) -> torch.Tensor:
+        if self._q is None:
+            self._q = unpack_int4(self.qweight)
+            self._qf = ref.weight_groups_float(self._q, self.group_size)
+        return self._q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        q = self.weights_int8()
+        xq, t = ref.quantize_per_token_int8(x2, q.shape[1])
+        if self.layout == "w4a8-is":
+            y = ref.w4a8_is_gemm(xq, t, q, self.iscale, self.cscale, self.alpha_log2, self.group_size, self._qf)
+        else:
+            y = ref.w4a8_fs_gemm(xq, t, q, self.scales, self.group_size, self._qf)
+        y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+LAYOUTS = {"w4a8-is": W4A8Linear, "w4a8-fs": W4A8Linear}
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def load(out: str | Path, device: str = "cpu", dtype: torch.dtype | None = None):
+    """Load a native qconvert OUT as a ready-to-run ``transformers`` causal LM.
+
+    ``dtype`` casts the unquantized tensors (embeddings, norms, lm_head); default: as stored.
+    ``device`` "cpu" runs the exact reference; other devices arrive with the CUDA kernels.
+    """
+    from transformers import AutoConfig
+
+    out = Path(out)
+    if device != "cpu":
+        raise QConvertError(f"device {device!r}: this release runs quantized layers on CPU only (the exact reference)")
+    cfg, qc = read_quant_config(out)
+    model_type = cfg.pop("model_type", None)
+    try:
+        config = AutoConfig.for_model(model_type, **cfg)
+    except ValueError as e:
+        raise QConvertError(f"{out}/config.json: {e}") from e
+    model = build_skeleton(config)
+    reader = ShardedReader(out)
+    state = {}
+    for module_name, layout in qc["modules"].items():
+        if layout not in LAYOUTS:
+            raise QConvertError(f"{out}: layer {module_name} has layout {layout!r}, unknown to this qconvert; upgrade it")
+        need = LAYOUTS[layout].SUFFIXES[layout]
+        missing = [s for s in need if f"{module_name}.{s}" not in reader.where]
+        if missing:
+            raise QConvertError(f"{out}: tensor '{module_name}.{missing[0]}' is missing; the output is incomplete, re-run quantize")
+        tensors = {s: reader.get(f"{module_name}.{s}") for s in need}
+        bias_name = f"{module_name}.bias"
+        bias = reader.get(bias_name) if bias_name in reader.where else None
+        if bias is not None and dtype is not None:
+            bias = bias.to(dtype)
+        _set_module(model, module_name, LAYOUTS[layout](layout, tensors, bias))
+    taken = {f"{m}.{s}" for m, lay in qc["modules"].items() for s in LAYOUTS[lay].SUFFIXES[lay]}
+    taken |= {f"{m}.bias" for m in qc["modules"]}
+    for name in reader.keys():
+        if name not in taken:
+            t = reader.get(name)
+            state[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    result = model.load_state_dict(state, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise QConvertError(f"{out}: tensor '{result.unexpected_keys[0]}' does not belong to this model's config")
+    if config.tie_word_embeddings and isinstance(getattr(model, "lm_head", None), nn.Linear):
+        model.lm_head.weight = model.get_input_embeddings().weight
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if still_meta:
+        raise QConvertError(f"{out}: no tensor for '{still_meta[0]}'; the output is incomplete, re-run quantize")
+    return model.eval()

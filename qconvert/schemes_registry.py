@@ -1,0 +1,88 @@
+"""Schemes: declarative presets (what to do), read from TOML.
+
+``--scheme is-w4a8`` reads the preset shipped in the package (``schemes/`` in the source
+tree); ``--scheme ./mine.toml`` reads the user's file.  A scheme names a method (code,
+``qconvert.methods``) and its parameters, and which linear modules stay in full precision.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from qconvert.errors import QConvertError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+KEYS = {"name", "description", "method", "exclude", "params"}
+
+
+@dataclass(frozen=True)
+class Scheme:
+    name: str
+    description: str
+    method: str
+    params: dict = field(default_factory=dict)
+    exclude: tuple[str, ...] = ()
+    path: str = ""
+
+    def with_overrides(self, group_size: int | None = None, quantize_lm_head: bool = False,
+                       exclude: tuple[str, ...] = ()) -> "Scheme":
+        params = dict(self.params)
+        if group_size is not None:
+            params["group_size"] = group_size
+        excl = tuple(p for p in self.exclude if not (quantize_lm_head and p == "lm_head")) + tuple(exclude)
+        return replace(self, params=params, exclude=excl)
+
+
+def presets_dir() -> Path:
+    try:
+        from importlib.resources import files
+
+        return Path(str(files("qconvert.schemes")))
+    except ModuleNotFoundError:  # running from a source tree without install
+        return Path(__file__).resolve().parent.parent / "schemes"
+
+
+def list_presets() -> list[Scheme]:
+    return [parse_scheme(p) for p in sorted(presets_dir().glob("*.toml"))]
+
+
+def parse_scheme(path: Path) -> Scheme:
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except OSError as e:
+        raise QConvertError(f"scheme file {path}: cannot read ({e.strerror})") from e
+    except tomllib.TOMLDecodeError as e:
+        raise QConvertError(f"scheme file {path} is not valid TOML ({e}); fix the file") from e
+    unknown = set(data) - KEYS
+    if unknown:
+        raise QConvertError(f"scheme file {path}: unknown keys {sorted(unknown)}; allowed: {sorted(KEYS)}")
+    for key in ("name", "method"):
+        if not isinstance(data.get(key), str) or not data[key]:
+            raise QConvertError(f"scheme file {path}: '{key}' must be a non-empty string")
+    params = data.get("params", {})
+    exclude = data.get("exclude", [])
+    if not isinstance(params, dict):
+        raise QConvertError(f"scheme file {path}: [params] must be a table")
+    if not (isinstance(exclude, list) and all(isinstance(p, str) for p in exclude)):
+        raise QConvertError(f"scheme file {path}: 'exclude' must be a list of module-name patterns")
+    return Scheme(data["name"], str(data.get("description", "")), data["method"], params, tuple(exclude), str(path))
+
+
+def load_scheme(spec: str) -> Scheme:
+    """A preset name or a path to a ``.toml`` file."""
+    path = Path(spec)
+    if spec.endswith(".toml") or path.exists():
+        if not path.is_file():
+            raise QConvertError(f"scheme file {spec} not found")
+        return parse_scheme(path)
+    preset = presets_dir() / f"{spec}.toml"
+    if preset.is_file():
+        return parse_scheme(preset)
+    names = ", ".join(s.name for s in list_presets())
+    raise QConvertError(f"unknown scheme {spec!r}; known schemes: {names} (or pass a path to a .toml file)")

@@ -1,0 +1,55 @@
+"""Model skeletons: the module tree of a config with parameters on the meta device."""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+
+import torch
+from torch import nn
+
+
+@contextlib.contextmanager
+def meta_parameters():
+    """Create parameters on ``meta`` but buffers (rotary tables) for real, on CPU.
+
+    A plain ``torch.device("meta")`` context would also put non-persistent buffers such as
+    ``inv_freq`` on meta, and no checkpoint holds them to fill them back in.
+    """
+    original = nn.Module.register_parameter
+
+    def register(module, name, param):
+        original(module, name, param)
+        p = module._parameters[name]
+        if p is not None and not p.is_meta:  # a tied parameter arrives on meta already: keep it
+            module._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def build_skeleton(config):
+    """The causal-LM module tree of ``config`` with no weight memory."""
+    from transformers import AutoModelForCausalLM
+
+    with meta_parameters():
+        model = AutoModelForCausalLM.from_config(config)
+    return model.eval()
+
+
+def is_excluded(name: str, patterns) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def target_linears(model, exclude) -> dict[str, nn.Linear]:
+    """Linear modules to quantize, by name, in module order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and not is_excluded(n, exclude)}
+
+
+def tied_lm_head(model) -> bool:
+    head = getattr(model, "lm_head", None)
+    emb = model.get_input_embeddings()
+    return head is not None and (head.weight is emb.weight or bool(getattr(model.config, "tie_word_embeddings", False)))

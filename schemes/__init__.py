@@ -1,0 +1,1 @@
+"""Scheme presets (TOML). Installed as the package ``qconvert.schemes``."""

@@ -1,0 +1,40 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+torch.set_grad_enabled(False)
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+WIKI_TEST = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    # tests never reach the Hub: a download attempt would hang on this network
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def wiki_test() -> Path:
+    if not WIKI_TEST.is_file():
+        pytest.fail(f"{WIKI_TEST} is missing: the tests read WikiText-2 from ../shared/data")
+    return WIKI_TEST
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    from helpers import tiny_config, write_model
+
+    return write_model(tmp_path_factory.mktemp("tiny") / "llama", tiny_config())
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct GGUF source, read once per session."""
+    from qconvert.source import resolve_source
+
+    return resolve_source("smollm2-135m")

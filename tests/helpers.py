@@ -1,0 +1,103 @@
+"""Tiny models and data that tests build for themselves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from qconvert.formats.safetensors_io import write_safetensors
+
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. Quantization maps weights to a few bits. "
+    "Integer scales keep group partial sums in int32 and convert to float once. "
+    "A model is read one block at a time and written shard by shard. "
+) * 20
+
+ARCH = {
+    "llama": dict(model_type="llama", architectures=["LlamaForCausalLM"]),
+    "mistral": dict(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=None),
+    "qwen2": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"]),
+}
+
+
+def tiny_config(model_type="llama", hidden=64, layers=2, intermediate=160, vocab=300, heads=4, kv_heads=2, tie=False):
+    from transformers import AutoConfig
+
+    extra = {k: v for k, v in ARCH[model_type].items() if k != "model_type"}
+    return AutoConfig.for_model(
+        model_type, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
+        max_position_embeddings=256, tie_word_embeddings=tie, **extra,
+    )
+
+
+def deterministic_tensor(shape, seed: int, scale: float = 0.05) -> torch.Tensor:
+    """Platform-independent pseudo-random float32 values (integer LCG, one exact division)."""
+    n = 1
+    for d in shape:
+        n *= d
+    i = torch.arange(n, dtype=torch.int64)
+    v = (i * 1103515245 + 12345 + seed * 2654435761) % 2147483648
+    v = (v // 65536) % 2001 - 1000  # integers in [-1000, 1000]
+    return (v.to(torch.float32) / 1000.0 * scale).reshape(shape)
+
+
+def write_model(directory: Path, config, state: dict[str, torch.Tensor] | None = None, shards: int = 1,
+                tokenizer: bool = True, dtype=torch.float32) -> Path:
+    """Write config + weights (random if ``state`` is None) + tokenizer as a HF directory."""
+    from transformers import AutoModelForCausalLM
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if state is None:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
+        state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
+        if config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+    config.save_pretrained(directory)
+    names = list(state)
+    if shards == 1:
+        write_safetensors(directory / "model.safetensors", state)
+    else:
+        weight_map = {}
+        per = -(-len(names) // shards)
+        for s in range(shards):
+            fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+            part = {n: state[n] for n in names[s * per : (s + 1) * per]}
+            write_safetensors(directory / fname, part)
+            weight_map.update({n: fname for n in part})
+        (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    if tokenizer:
+        tiny_tokenizer(config.vocab_size).save_pretrained(directory)
+    return directory
+
+
+def tiny_tokenizer(vocab_size: int):
+    """A byte-level BPE trained on TEXT, at most ``vocab_size`` tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<eos>"])
+    tok.train_from_iterator([TEXT], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+def golden_state(config) -> dict[str, torch.Tensor]:
+    """Deterministic weights for every parameter of ``config``'s model."""
+    from qconvert.skeleton import build_skeleton
+
+    skel = build_skeleton(config)
+    state = {}
+    for i, (name, p) in enumerate(skel.named_parameters()):
+        if name.endswith("norm.weight"):
+            state[name] = torch.ones(p.shape) + deterministic_tensor(p.shape, i, 0.1)
+        else:
+            state[name] = deterministic_tensor(p.shape, i)
+    return state

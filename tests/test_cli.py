@@ -1,0 +1,142 @@
+"""The CLI as a user calls it, on tiny random-weight models."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from helpers import TEXT, tiny_config, write_model
+from qconvert.cli import cli
+
+
+def run(*args, ok=True):
+    res = CliRunner().invoke(cli, [str(a) for a in args])
+    if ok:
+        assert res.exit_code == 0, res.output + repr(res.exception)
+    return res
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    p = tmp_path / "text.raw"
+    p.write_text(TEXT)
+    return p
+
+
+def test_round_trip_quantize_inspect_eval(tmp_path, tiny_llama, text_file):
+    out = tmp_path / "out"
+    res = run("quantize", tiny_llama, "--scheme", "is-w4a8", "-o", out, "-q")
+    assert "14 quantized linears" in res.output  # 2 blocks x 7 linears; lm_head kept
+    assert not (tmp_path / "out.partial").exists()
+    files = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "qconvert.json", "manifest.json", "tokenizer.json"} <= files
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "qconvert" and qc["scheme"] == "is-w4a8" and qc["format_version"] == 1
+    assert set(qc["modules"].values()) == {"w4a8-is"} and "lm_head" not in qc["modules"]
+
+    table = run("inspect", out).output
+    assert "model.layers.1.mlp.down_proj" in table and "2^" in table
+    report = json.loads(run("inspect", out, "--json").stdout)
+    assert len(report["layers"]) == 14 and all(r["headroom_bits"] > 0 for r in report["layers"])
+
+    q = json.loads(run("eval", out, "--data-file", text_file, "--seqlen", 32, "--max-windows", 3, "--json", "-q").stdout)
+    fp = json.loads(run("eval", tiny_llama, "--data-file", text_file, "--seqlen", 32, "--max-windows", 3, "--json", "-q").stdout)
+    assert q["windows"] == fp["windows"] == 3 and q["tokens"] == fp["tokens"]
+    assert q["kind"] == "qconvert" and fp["kind"] == "safetensors"
+    # a random model is near uniform over its 300 tokens; quantization must not blow it up
+    assert 0.8 < q["perplexity"] / fp["perplexity"] < 1.25
+
+
+def test_group_size_option_and_lm_head(tmp_path, tiny_llama):
+    out = tmp_path / "g32"
+    run("quantize", tiny_llama, "-g", 32, "--quantize-lm-head", "--exclude", "*.k_proj", "-o", out, "-q")
+    report = json.loads((out / "qconvert.json").read_text())
+    names = [r["name"] for r in report["layers"]]
+    assert "lm_head" in names and not any(n.endswith("k_proj") for n in names)
+    assert {r["group_size"] for r in report["layers"]} == {32}
+    from qconvert import load
+
+    model = load(out)
+    ids = torch.tensor([[1, 5, 9, 42]])
+    assert torch.isfinite(model(ids).logits).all()
+
+
+def test_existing_output_needs_force(tmp_path, tiny_llama):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    res = run("quantize", tiny_llama, "-o", out, "-q", ok=False)
+    assert res.exit_code != 0 and "already exists; pass --force" in res.output
+    assert (out / "keep.txt").read_text() == "mine"
+    run("quantize", tiny_llama, "-o", out, "-q", "--force")
+    assert not (out / "keep.txt").exists() and (out / "manifest.json").exists()
+
+
+def test_unknown_scheme_lists_the_known(tmp_path, tiny_llama):
+    res = run("quantize", tiny_llama, "--scheme", "w3a3", "-o", tmp_path / "o", ok=False)
+    assert "unknown scheme 'w3a3'; known schemes: is-w4a8, w4a8-fs" in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "o").exists()
+
+
+def test_malformed_scheme_toml_is_named(tmp_path, tiny_llama):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("name = 'x'\nmethod = ")
+    res = run("quantize", tiny_llama, "--scheme", bad, "-o", tmp_path / "o", ok=False)
+    assert f"scheme file {bad} is not valid TOML" in res.output
+    bad.write_text("name = 'x'\nmethod = 'integer-scale'\n[params]\ngroup_size = 3\n")
+    res = run("quantize", tiny_llama, "--scheme", bad, "-o", tmp_path / "o", ok=False)
+    assert "group_size=3 must be an even integer" in res.output
+
+
+def test_user_scheme_file(tmp_path, tiny_llama):
+    mine = tmp_path / "mine.toml"
+    mine.write_text("name = 'mine'\nmethod = 'integer-scale'\nexclude = []\n[params]\ngroup_size = 16\n")
+    run("quantize", tiny_llama, "--scheme", mine, "-o", tmp_path / "o", "-q")
+    qc = json.loads((tmp_path / "o" / "config.json").read_text())["quantization_config"]
+    assert qc["scheme"] == "mine" and qc["config"]["group_size"] == 16 and "lm_head" in qc["modules"]
+
+
+def test_eval_offline_without_data_file_says_how(tiny_llama):
+    res = run("eval", tiny_llama, ok=False)
+    assert "--data-file" in res.output and "Traceback" not in res.output
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    res = run("--debug", "quantize", "./nowhere", "-o", tmp_path / "o", ok=False)
+    assert res.exception is not None and "not found" in str(res.exception)
+
+
+def test_nan_weight_is_named_and_nothing_is_written(tmp_path):
+    cfg = tiny_config()
+    src = write_model(tmp_path / "src", cfg)
+    from qconvert.formats.safetensors_io import SafetensorsFile, write_safetensors
+
+    f = SafetensorsFile(src / "model.safetensors")
+    state = {n: f.get(n).clone() for n in f.keys()}
+    state["model.layers.1.mlp.up_proj.weight"][3, 4] = float("nan")
+    write_safetensors(src / "model.safetensors", state)
+    res = run("quantize", src, "-o", tmp_path / "o", ok=False)
+    assert "model.layers.1.mlp.up_proj.weight" in res.output and "NaN" in res.output
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+def test_config_that_disagrees_with_the_tensors(tmp_path, tiny_llama):
+    import shutil
+
+    d = tmp_path / "wrong"
+    shutil.copytree(tiny_llama, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["num_hidden_layers"] = 3
+    (d / "config.json").write_text(json.dumps(cfg))
+    res = run("quantize", d, "-o", tmp_path / "o", ok=False)
+    assert "config and the tensors disagree" in res.output and "model.layers.2" in res.output
+    cfg["num_hidden_layers"], cfg["intermediate_size"] = 2, 128
+    (d / "config.json").write_text(json.dumps(cfg))
+    res = run("quantize", d, "-o", tmp_path / "o", ok=False)
+    assert "has shape" in res.output and not (tmp_path / "o").exists()
+
+
+def test_schemes_lists_presets():
+    out = run("schemes").output
+    assert "is-w4a8" in out and "w4a8-fs" in out

