@@ -61,6 +61,17 @@ def peak_rss_of(cmd: list[str]) -> tuple[int, float]:
     return usage.ru_maxrss * 1024, time.perf_counter() - t0  # Linux reports KiB
 
 
+def git_commit() -> str:
+    """Short commit of the checkout, with "+dirty" when the work tree differs from it."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha + ("+dirty" if dirty else "")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scheme", default="is-w4a8")
@@ -93,6 +104,7 @@ def main() -> None:
         "ratio_16_over_4": round(ratio, 4), "fraction_of_checkpoint": round(fraction, 4),
         "targets": {"ratio": 1.25, "fraction": 0.35}, "machine": platform.machine(),
         "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"), "python": platform.python_version(),
+        "commit": git_commit(),
     }
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -200,9 +200,12 @@ class GGUFSource(Source):
         from transformers import AutoModelForCausalLM
 
         self.config
-        if "_state" in self.__dict__ and dtype == torch.float32:
-            model = AutoModelForCausalLM.from_config(self.config)
+        if "_state" in self.__dict__ and dtype == torch.float32:  # already dequantized: reuse it
+            from qconvert.skeleton import build_skeleton
+
+            model = build_skeleton(self.config)
             model.load_state_dict(self._state, assign=True)
+            model.tie_weights()
             return model.eval()
         return AutoModelForCausalLM.from_pretrained(**self._kw(), dtype=dtype).eval()
 

@@ -27,12 +27,15 @@ ACT_QMAX = 127  # symmetric int8: -128 is never produced
 def quantize_per_token_int8(x: torch.Tensor, kp: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic per-token int8: returns (xq int8 [M, Kp], t float32 [M]).
 
-    amax = max_k |x[m, k]|;  t = amax / 127;  xq = clamp(rint(x * (127 / amax)), -127, 127).
+    amax = max_k |x[m, k]|;  t = amax / 127 (one division);
+    inv = (1 / amax) * 127 (a reciprocal, then a product: two float32 roundings, which is what
+    torch computes for ``127 / tensor``; the CUDA quantizer uses __frcp_rn then __fmul_rn);
+    xq = clamp(rint(x * inv), -127, 127).
     An all-zero row gets t = 0 and xq = 0.  Columns K..Kp-1 are zero padding.
     """
     x = x.float()
     amax = x.abs().amax(dim=-1)
-    inv = torch.where(amax > 0, ACT_QMAX / amax, torch.zeros_like(amax))
+    inv = torch.where(amax > 0, amax.reciprocal() * ACT_QMAX, torch.zeros_like(amax))
     xq = torch.clamp(torch.round(x * inv[:, None]), -ACT_QMAX, ACT_QMAX).to(torch.int8)
     if kp is not None and kp > xq.shape[-1]:
         xq = torch.nn.functional.pad(xq, (0, kp - xq.shape[-1]))

@@ -37,7 +37,8 @@ def _float64_reference(x: np.ndarray, t: dict) -> tuple[np.ndarray, np.ndarray]:
     g = kp // s.shape[1]
     xf = x.astype(np.float32)
     amax = np.abs(xf).max(axis=1)
-    inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax > 0, (np.float32(1) / amax).astype(np.float32) * np.float32(127), np.float32(0)).astype(np.float32)
     xq = np.clip(np.rint(xf * inv[:, None]), -127, 127).astype(np.int64)
     xq = np.pad(xq, ((0, 0), (0, kp - xq.shape[1])))
     acc = np.zeros((x.shape[0], n), dtype=np.int64)

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Every GPU check of qconvert in one call, for a machine with an NVIDIA GPU and no registry
+# access: runs from the source tree (PYTHONPATH), needs torch, cupy, transformers,
+# safetensors, click, rich, tqdm and pytest from the machine's own image.
+#
+#   bash benchmarks/gpu_check.sh            # results in benchmarks/results/gpu/
+#   OUT=/some/dir bash benchmarks/gpu_check.sh
+#
+# Writes: gpu.txt (device, driver, date, commit), kernels_gpu.xml (JUnit of the kernel tests
+# against the bit-exact torch reference), and kernels_gpu.log.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+out="${OUT:-benchmarks/results/gpu}"
+mkdir -p "$out"
+{
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | sed 's/^/gpu: /'
+  python -c "import torch, cupy; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cupy', cupy.__version__)"
+} | tee "$out/gpu.txt"
+status=0
+python -m pytest -q -rs tests/test_kernels_gpu.py --junitxml "$out/kernels_gpu.xml" 2>&1 | tee "$out/kernels_gpu.log" || status=1
+exit $status
