@@ -24,7 +24,8 @@ class _Group(click.Group):
                 raise
             raise click.ClickException(str(e)) from None
         except KeyboardInterrupt:
-            click.echo("interrupted; nothing was written to the output directory", err=True)
+            click.echo("interrupted; a conversion keeps its finished blocks in OUT.partial: "
+                       "repeat the command with --resume to continue", err=True)
             sys.exit(130)
 
 
@@ -61,9 +62,11 @@ def cli(ctx, debug):
 @click.option("--max-shard-size", default="2GB", show_default=True, help="Largest output shard.")
 @click.option("--revision", help="Hub revision (branch, tag or commit) of a Hub id SOURCE.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow a Hub model's own Python code to run (off by default).")
-@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+@click.option("--force", is_flag=True, help="Overwrite OUT (and any OUT.partial) if it exists.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from OUT.partial.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def quantize(source, scheme, out, group_size, quantize_lm_head, exclude, max_shard_size, revision, trust_remote_code, force, quiet):
+def quantize(source, scheme, out, group_size, quantize_lm_head, exclude, max_shard_size, revision, trust_remote_code,
+             force, resume, quiet):
     """Quantize SOURCE into OUT, one decoder block at a time.
 
     SOURCE is a local HF directory, a .gguf file, a Hub id (org/name) or the
@@ -76,7 +79,7 @@ def quantize(source, scheme, out, group_size, quantize_lm_head, exclude, max_sha
     from qconvert.pipeline import quantize as run
 
     path = run(source, scheme, out, group_size=group_size, quantize_lm_head=quantize_lm_head, exclude=exclude,
-               force=force, max_shard_size=max_shard_size, revision=revision, trust_remote_code=trust_remote_code,
+               force=force, resume=resume, max_shard_size=max_shard_size, revision=revision, trust_remote_code=trust_remote_code,
                progress=not quiet)
     report = json.loads((path / "qconvert.json").read_text())["totals"]
     ratio = report["quantized_fp16_bytes"] / max(report["quantized_bytes"], 1)
@@ -125,6 +128,8 @@ def inspect(out, as_json):
     from qconvert.formats.native import read_quant_config
 
     read_quant_config(out)
+    if not (out / "qconvert.json").is_file():
+        raise QConvertError(f"{out} has no qconvert.json report; the output is incomplete: re-run qconvert quantize")
     report = json.loads((out / "qconvert.json").read_text())
     if as_json:
         click.echo(json.dumps(report, indent=2))

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -21,7 +22,8 @@ from tqdm import tqdm
 from qconvert import __version__
 from qconvert._memory import return_freed_memory_to_os
 from qconvert.errors import QConvertError
-from qconvert.formats.native import FORMAT_NAME, FORMAT_VERSION, write_manifest
+from qconvert.journal import Journal, fault_point
+from qconvert.formats.native import FORMAT_NAME, FORMAT_VERSION, is_native, write_manifest
 from qconvert.formats.safetensors_io import ShardedWriter
 from qconvert.methods import get_method
 from qconvert.schemes_registry import Scheme, load_scheme
@@ -42,22 +44,48 @@ def parse_size(text: str | int) -> int:
     return int(float(m.group(1)) * mult)
 
 
-def prepare_output(out: Path, force: bool) -> Path:
-    """Refuse to clobber OUT without ``force``; return the empty partial directory."""
+def partial_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".partial")
+
+
+def check_output(out: Path, force: bool, resume: bool) -> None:
+    """Refuse, before any heavy work, what would clobber or confuse an output."""
+    if out.parent == out:
+        raise QConvertError(f"-o {out} is a filesystem root; name a directory to create")
     if out.exists() and not force:
         raise QConvertError(f"{out} already exists; pass --force to overwrite it, or choose another -o")
     if out.exists() and not out.is_dir():
         raise QConvertError(f"{out} exists and is not a directory; remove it or choose another -o")
+    if out.is_dir() and any(out.iterdir()) and not is_native(out):
+        raise QConvertError(
+            f"{out} is not empty and is not a qconvert output; --force only replaces those: choose another -o"
+        )
     parent = out.resolve().parent
     if not parent.is_dir():
         raise QConvertError(f"the parent directory {parent} of {out} does not exist; create it first")
     if not os.access(parent, os.W_OK):
         raise QConvertError(f"cannot write into {parent}; choose a writable -o")
-    partial = out.with_name(out.name + ".partial")
+    partial = partial_dir(out)
+    if partial.exists() and not (resume or force):
+        raise QConvertError(
+            f"{partial} holds an interrupted conversion; pass --resume to continue it, or --force to start over"
+        )
+
+
+def open_partial(out: Path, resume: bool) -> tuple[Path, Journal | None]:
+    """The partial directory, and the journal of an interrupted run to resume (or None)."""
+    partial = partial_dir(out)
+    if resume and partial.is_dir():
+        journal = Journal.read(partial)
+        if journal is not None:
+            return partial, journal
     if partial.exists():
         shutil.rmtree(partial)
-    partial.mkdir()
-    return partial
+    try:
+        partial.mkdir()
+    except OSError as e:
+        raise QConvertError(f"cannot create {partial} ({e.strerror}); choose a writable -o") from e
+    return partial, None
 
 
 def _plan(source: Source, skeleton, targets) -> tuple[dict[str, str], list[tuple[str, list[str]]]]:
@@ -102,33 +130,57 @@ def quantize(
     quantize_lm_head: bool = False,
     exclude: tuple[str, ...] = (),
     force: bool = False,
+    resume: bool = False,
     max_shard_size: str | int = "2GB",
     revision: str | None = None,
     trust_remote_code: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Quantize SOURCE with SCHEME into the directory OUT (see docs/format.md); returns OUT."""
-    out = Path(out)
+    """Quantize SOURCE with SCHEME into the directory OUT (see docs/format.md); returns OUT.
+
+    ``resume`` continues an interrupted run from its ``OUT.partial`` journal (the result is
+    bit-identical to an uninterrupted run); ``force`` replaces an existing OUT.
+    """
+    out = Path(os.path.abspath(out))
     sch = scheme if isinstance(scheme, Scheme) else load_scheme(scheme)
     sch = sch.with_overrides(group_size=group_size, quantize_lm_head=quantize_lm_head, exclude=tuple(exclude))
     method = get_method(sch.method, sch.params)  # validates the parameters before any heavy work
     shard_bytes = parse_size(max_shard_size)
-    if out.exists() and not force:
-        raise QConvertError(f"{out} already exists; pass --force to overwrite it, or choose another -o")
+    check_output(out, force, resume)
     return_freed_memory_to_os()
     src = source if isinstance(source, Source) else resolve_source(source, revision, trust_remote_code)
+    src_dir = getattr(src, "directory", None) or getattr(src, "path", Path("/nonexistent")).parent
+    if out == Path(os.path.abspath(src_dir)) or out in Path(os.path.abspath(src_dir)).parents:
+        raise QConvertError(f"-o {out} would overwrite the source {src.description}; choose another -o")
     config = src.config
     skeleton = build_skeleton(config)
     targets = target_linears(skeleton, sch.exclude)
     names, stages = _plan(src, skeleton, targets)
     expected = {k: tuple(v.shape) for k, v in skeleton.state_dict(keep_vars=True).items()}
 
-    partial = prepare_output(out, force)
+    settings = {
+        "qconvert_version": __version__, "source": src.description, "scheme": sch.name, "method": sch.method,
+        "params": sch.params, "exclude": list(sch.exclude), "max_shard_bytes": shard_bytes,
+    }
+    partial, journal = open_partial(out, resume)
+    if journal is not None and journal.settings != settings:
+        raise QConvertError(
+            f"{partial} was started with other settings ({_first_difference(journal.settings, settings)}); "
+            "repeat the original command with --resume, or pass --force to start over"
+        )
+    metadata = {"producer": f"qconvert {__version__}"}
     try:
-        writer = ShardedWriter(partial, shard_bytes, metadata={"producer": f"qconvert {__version__}"})
-        layers, modules = [], {}
-        bar = tqdm(stages, desc=f"quantize {sch.name}", unit="block", disable=not progress)
+        if journal is None:
+            journal = Journal.create(partial, settings)
+            writer = ShardedWriter(partial, shard_bytes, metadata)
+        else:
+            writer = ShardedWriter(partial, shard_bytes, metadata, state=journal.writer_state)
+        layers, modules = list(journal.layers), dict(journal.modules)
+        todo = stages[journal.stages_done:]
+        bar = tqdm(todo, desc=f"quantize {sch.name}", unit="block", disable=not progress,
+                   initial=journal.stages_done, total=len(stages))
         for _label, stage in bar:
+            new_layers, new_modules = [], {}
             for name in stage:
                 src_name = names[name]
                 dtype, shape = src.info(src_name)
@@ -139,33 +191,57 @@ def quantize(
                     )
                 module = name.rsplit(".", 1)[0]
                 if name.endswith(".weight") and module in targets:
+                    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                        raise QConvertError(
+                            f"'{src_name}' is stored as {dtype}; qconvert quantizes float32/float16/bfloat16 "
+                            "weights: start from the original floating-point checkpoint"
+                        )
                     t = src.get(src_name)
                     _assert_finite(src, src_name, t)
                     ql = method.quantize_linear(module, t)
                     for suffix, tensor in ql.tensors.items():
                         writer.add(f"{module}.{suffix}", tensor)
+                        fault_point("tensor")
                     stored = sum(x.numel() * x.element_size() for x in ql.tensors.values())
-                    layers.append({"name": module, **ql.info, "bytes": stored, "fp16_bytes": 2 * t.numel()})
-                    modules[module] = ql.layout
+                    new_layers.append({"name": module, **ql.info, "bytes": stored, "fp16_bytes": 2 * t.numel()})
+                    new_modules[module] = ql.layout
                     del t, ql
                 else:  # copied slice by slice: an embedding is never whole in memory
                     writer.add_rows(name, dtype, tuple(shape), _check_finite(src, src_name, src.iter_rows(src_name)))
+                    fault_point("tensor")
+            layers += new_layers
+            modules.update(new_modules)
+            journal.stage_done(writer.sync(), new_layers, new_modules)
         writer.close()
+        fault_point("closed")
         _write_metadata(partial, src, sch, method, config, modules, layers)
+        journal.remove()
         write_manifest(partial)
-    except BaseException:
-        # nothing half-written may look complete: OUT does not exist yet, drop the partial
+        fault_point("finished")
+    except QConvertError:
+        # bad input: nothing worth resuming, and nothing half-written may stay behind
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    if out.exists():
-        old = out.with_name(out.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
+    except OSError as e:
+        raise QConvertError(
+            f"writing {partial} failed ({e.strerror or e}); the finished blocks are kept: fix the cause "
+            "(free disk space, permissions) and repeat the command with --resume"
+        ) from e
+    if out.exists():  # --force, checked above to be a qconvert output or empty
+        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+        os.replace(out, old / out.name)
         os.replace(partial, out)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(partial, out)
     return out
+
+
+def _first_difference(old: dict, new: dict) -> str:
+    for k in sorted(set(old) | set(new)):
+        if old.get(k) != new.get(k):
+            return f"{k}: {old.get(k)!r} then, {new.get(k)!r} now"
+    return "unknown"
 
 
 def _assert_finite(src: Source, name: str, t: torch.Tensor) -> None:

@@ -13,6 +13,7 @@ conversion holds one decoder block, never the model.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -37,6 +38,13 @@ TOKENIZER_FILES = (
 
 
 def check_architecture(config) -> None:
+    qc = getattr(config, "quantization_config", None)
+    if qc:
+        method = qc.get("quant_method", "?") if isinstance(qc, dict) else getattr(qc, "quant_method", "?")
+        raise QConvertError(
+            f"the source is already quantized (quantization_config with quant_method {method!r}); "
+            "qconvert needs the original floating-point checkpoint"
+        )
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise QConvertError(
@@ -221,14 +229,28 @@ def alias_path(alias: str) -> Path:
     return path
 
 
+def _has_weights(snap: Path) -> bool:
+    """A cached snapshot may hold only config.json (from an earlier AutoConfig call)."""
+    index = snap / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            return False
+        return all((snap / Path(s).name).is_file() for s in shards)
+    return (snap / "config.json").is_file() and any(snap.glob("*.safetensors"))
+
+
 def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
     patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=True))
-    except Exception:  # not (fully) cached: fall through to a download
+        snap = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=True))
+        if _has_weights(snap):
+            return snap
+    except Exception:  # not cached: fall through to a download
         pass
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     from huggingface_hub import constants

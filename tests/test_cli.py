@@ -68,9 +68,28 @@ def test_existing_output_needs_force(tmp_path, tiny_llama):
     (out / "keep.txt").write_text("mine")
     res = run("quantize", tiny_llama, "-o", out, "-q", ok=False)
     assert res.exit_code != 0 and "already exists; pass --force" in res.output
-    assert (out / "keep.txt").read_text() == "mine"
+    # --force replaces only qconvert outputs (or empty directories), never the user's files
+    res = run("quantize", tiny_llama, "-o", out, "-q", "--force", ok=False)
+    assert "is not a qconvert output" in res.output and (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
     run("quantize", tiny_llama, "-o", out, "-q", "--force")
-    assert not (out / "keep.txt").exists() and (out / "manifest.json").exists()
+    first = (out / "manifest.json").read_text()
+    run("quantize", tiny_llama, "-o", out, "-q", "--force", "-g", "32")
+    assert (out / "manifest.json").read_text() != first
+    assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []
+
+
+def test_output_inside_the_source_is_refused(tmp_path, tiny_llama):
+    res = run("quantize", tiny_llama, "-o", tiny_llama, "--force", ok=False)
+    assert "choose another -o" in res.output
+    assert (tiny_llama / "model.safetensors").exists()
+
+
+def test_already_quantized_source_is_refused(tmp_path, tiny_llama):
+    out = tmp_path / "q"
+    run("quantize", tiny_llama, "-o", out, "-q")
+    res = run("quantize", out, "-o", tmp_path / "qq", ok=False)
+    assert "already quantized" in res.output
 
 
 def test_unknown_scheme_lists_the_known(tmp_path, tiny_llama):

@@ -94,6 +94,7 @@ class SafetensorsFile:
             pos = end
         if pos != buffer_len:
             raise QConvertError(f"{self.path}: {buffer_len - pos} bytes after the last tensor; {fix}")
+        self.data_bytes = buffer_len
 
     def _check_entry(self, name, entry, data_start, buffer_len, fix) -> TensorInfo:
         where = f"{self.path}: tensor '{name}'"
@@ -171,14 +172,26 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
 
 @dataclass
 class _ShardBuilder:
-    """Appends tensor bytes to a scratch data file; ``finish`` writes header + data."""
+    """Appends tensor bytes to a scratch data file; ``finish`` writes header + data.
+
+    With ``nbytes > 0`` (a resumed run) the data file is reopened and cut back to ``nbytes``.
+    """
 
     data_path: Path
     entries: dict[str, dict] = field(default_factory=dict)
     nbytes: int = 0
 
     def __post_init__(self):
-        self._f = open(self.data_path, "wb")
+        if self.nbytes:
+            self._f = open(self.data_path, "r+b")
+            self._f.truncate(self.nbytes)
+            self._f.seek(self.nbytes)
+        else:
+            self._f = open(self.data_path, "wb")
+
+    def sync(self) -> None:
+        self._f.flush()
+        os.fsync(self._f.fileno())
 
     def add(self, name: str, t: torch.Tensor) -> None:
         if name in self.entries:
@@ -233,37 +246,87 @@ class ShardedWriter:
     Tensor bytes go to disk at once, so memory never holds more than the tensor being
     added; a shard closes once it holds ``max_shard_bytes``.  ``close`` names the shards
     HF-style (a single shard becomes ``model.safetensors``) and returns the weight map.
+
+    Resumable: ``sync`` makes everything added so far durable and returns a JSON-able
+    ``state``; ``ShardedWriter(..., state=that)`` in a new process continues from exactly
+    there, whatever was written after it (scratch files of later shards are discarded).
     """
 
-    def __init__(self, out_dir: Path, max_shard_bytes: int, metadata: dict[str, str] | None = None):
+    def __init__(self, out_dir: Path, max_shard_bytes: int, metadata: dict[str, str] | None = None,
+                 state: dict | None = None):
         self.out_dir = Path(out_dir)
         self.max_shard_bytes = max_shard_bytes
         self.metadata = metadata
         self._done: list[tuple[Path, list[str]]] = []
         self._cur: _ShardBuilder | None = None
+        if state is not None:
+            self._restore(state)
+
+    def _scratch(self, idx: int, kind: str) -> Path:
+        return self.out_dir / f".shard-{idx:05d}.{kind}"
+
+    def sync(self) -> dict:
+        """Flush and fsync; return the state to resume from."""
+        cur = None
+        if self._cur is not None:
+            self._cur.sync()
+            cur = {"entries": self._cur.entries, "nbytes": self._cur.nbytes}
+        return {"done": [[p.name, names] for p, names in self._done], "cur": cur}
+
+    def _restore(self, state: dict) -> None:
+        self._done = [(self.out_dir / name, list(names)) for name, names in state["done"]]
+        cur = state["cur"]
+        idx = len(self._done) + 1
+        if cur is not None:
+            data, built = self._scratch(idx, "data"), self._scratch(idx, "safetensors")
+            if not data.exists():
+                # the shard was closed after the state was taken: its data section starts
+                # with exactly the bytes the state counts, so take them back from it.  If the
+                # final close had begun, it may already carry its final (last-shard) name.
+                finals = [self.out_dir / f"model-{idx:05d}-of-{idx:05d}.safetensors"]
+                if idx == 1:
+                    finals.append(self.out_dir / "model.safetensors")
+                built = next((c for c in [built, *finals] if c.exists()), None)
+                if built is None:
+                    raise FileNotFoundError(f"neither {data.name} nor an assembled shard {idx} exists")
+                with open(built, "rb") as src, open(data, "wb") as dst:
+                    n = int.from_bytes(src.read(8), "little")
+                    src.seek(8 + n)
+                    shutil.copyfileobj(src, dst, 16 << 20)
+            self._cur = _ShardBuilder(data, dict(cur["entries"]), cur["nbytes"])
+            idx += 1
+        # scratch files of shards begun after the state was taken
+        for p in self.out_dir.glob(".shard-*"):
+            n = int(p.name.split("-")[1].split(".")[0])
+            if n >= idx or (cur is not None and n == idx - 1 and p.suffix == ".safetensors"):
+                p.unlink()
 
     def add(self, name: str, t: torch.Tensor) -> None:
+        self._make_room(t.numel() * t.element_size())
         self._builder().add(name, t)
-        self._maybe_close()
 
     def add_rows(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], slices) -> None:
         """Stream a tensor given as dim-0 slices (see ``SafetensorsFile.iter_rows``)."""
+        numel = 1
+        for d in shape:
+            numel *= d
+        self._make_room(numel * torch.empty((), dtype=dtype).element_size())
         self._builder().add_rows(name, dtype, shape, slices)
-        self._maybe_close()
+
+    def _make_room(self, nbytes: int) -> None:
+        """Close the current shard if ``nbytes`` more would take it past the limit (a tensor
+        larger than the limit gets a shard of its own)."""
+        if self._cur is not None and self._cur.nbytes and self._cur.nbytes + nbytes > self.max_shard_bytes:
+            self._close_current()
 
     def _builder(self) -> _ShardBuilder:
         if self._cur is None:
-            idx = len(self._done) + 1
-            self._cur = _ShardBuilder(self.out_dir / f".shard-{idx:05d}.data")
+            self._cur = _ShardBuilder(self._scratch(len(self._done) + 1, "data"))
         return self._cur
-
-    def _maybe_close(self) -> None:
-        if self._cur.nbytes >= self.max_shard_bytes:
-            self._close_current()
 
     def _close_current(self) -> None:
         assert self._cur is not None
-        tmp = self.out_dir / f".shard-{len(self._done) + 1:05d}.safetensors"
+        tmp = self._scratch(len(self._done) + 1, "safetensors")
         names = list(self._cur.entries)
         self._cur.finish(tmp, self.metadata)
         self._done.append((tmp, names))
@@ -276,10 +339,11 @@ class ShardedWriter:
         weight_map: dict[str, str] = {}
         for i, (tmp, names) in enumerate(self._done, 1):
             final = "model.safetensors" if total == 1 else f"model-{i:05d}-of-{total:05d}.safetensors"
-            os.replace(tmp, self.out_dir / final)
+            if tmp.exists() or not (self.out_dir / final).exists():  # a resumed close may find it renamed
+                os.replace(tmp, self.out_dir / final)
             weight_map.update({n: final for n in names})
-        if total > 1:
-            size = sum((self.out_dir / f).stat().st_size for f in set(weight_map.values()))
+        if total > 1:  # total_size counts tensor bytes, as transformers does
+            size = sum(SafetensorsFile(self.out_dir / f).data_bytes for f in sorted(set(weight_map.values())))
             index = {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}
             (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         return weight_map

@@ -48,7 +48,7 @@ class IntegerScaleConfig:
             raise QConvertError(f"integer-scale: scales={self.scales!r} must be 'integer' or 'float'")
         if self.solver != "rtn":
             raise QConvertError(f"integer-scale: solver={self.solver!r} is not available in this release; use 'rtn'")
-        if not 0 <= self.max_alpha_log2 <= 30:
+        if not (type(self.max_alpha_log2) is int and 0 <= self.max_alpha_log2 <= 30):
             raise QConvertError(f"integer-scale: max_alpha_log2={self.max_alpha_log2} must be in 0..30")
 
 
@@ -134,6 +134,7 @@ class IntegerScaleMethod:
             alpha_log2=a,
             bound=int(bound[worst_n]),
             worst_channel=worst_n,
-            headroom_bits=round(math.log2(INT32_MAX / int(bound[worst_n])), 3),
+            # an all-zero weight has bound 0: no input can overflow it; report 31 bits
+            headroom_bits=round(math.log2(INT32_MAX / max(int(bound[worst_n]), 1)), 3),
         )
         return QuantizedLinear("w4a8-is", tensors, info)
