@@ -62,11 +62,12 @@ def cli(ctx, debug):
 @click.option("--max-shard-size", default="2GB", show_default=True, help="Largest output shard.")
 @click.option("--revision", help="Hub revision (branch, tag or commit) of a Hub id SOURCE.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow a Hub model's own Python code to run (off by default).")
+@click.option("--allow-pickle", is_flag=True, help="Read .bin/.pt pickle weights (torch.load(weights_only=True)); off by default.")
 @click.option("--force", is_flag=True, help="Overwrite OUT (and any OUT.partial) if it exists.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from OUT.partial.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def quantize(source, scheme, out, group_size, quantize_lm_head, exclude, max_shard_size, revision, trust_remote_code,
-             force, resume, quiet):
+             allow_pickle, force, resume, quiet):
     """Quantize SOURCE into OUT, one decoder block at a time.
 
     SOURCE is a local HF directory, a .gguf file, a Hub id (org/name) or the
@@ -79,7 +80,7 @@ def quantize(source, scheme, out, group_size, quantize_lm_head, exclude, max_sha
     from qconvert.pipeline import quantize as run
 
     path = run(source, scheme, out, group_size=group_size, quantize_lm_head=quantize_lm_head, exclude=exclude,
-               force=force, resume=resume, max_shard_size=max_shard_size, revision=revision, trust_remote_code=trust_remote_code,
+               force=force, resume=resume, max_shard_size=max_shard_size, revision=revision, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
                progress=not quiet)
     report = json.loads((path / "qconvert.json").read_text())["totals"]
     ratio = report["quantized_fp16_bytes"] / max(report["quantized_bytes"], 1)
@@ -147,6 +148,41 @@ def inspect(out, as_json):
     t.add_row("total", "", "", "", "", "", str(tot["min_headroom_bits"] if tot["min_headroom_bits"] is not None else "-"),
               f"{tot['quantized_bytes']:,}", f"{tot['quantized_fp16_bytes']:,}")
     _console().print(t)
+
+
+@cli.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--against", metavar="SOURCE", help="Compare with this source (default: the one OUT was made from).")
+@click.option("--data-file", type=click.Path(path_type=Path), help="Sample text (default: text the source model writes).")
+@click.option("--tokens", default=128, show_default=True, type=click.IntRange(min=2), help="Sample length in tokens.")
+@click.option("--min-snr", default=5.0, show_default=True, help="Fail when a layer's output SNR (dB) is below this.")
+@click.option("--min-top1", default=0.3, show_default=True, help="Fail when next-token top-1 agreement is below this.")
+@click.option("--no-compare", is_flag=True, help="Check files and tensors only; do not run the models.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def verify(out, against, data_file, tokens, min_snr, min_top1, no_compare, as_json):
+    """Check OUT: sha256 of every file, tensor dtypes and shapes, the int32 bound, and
+    (unless --no-compare) per-layer SNR, KL and top-1 agreement against the source.
+    Exits 1 on any failure; a passing report is saved as OUT/verify.json.
+
+    \b
+    qconvert verify out/
+    qconvert verify out/ --against ./Llama-3-8B --data-file sample.txt --json
+    """
+    from qconvert.verify import verify as run
+
+    rep = run(out, against, data_file, tokens, compare_source=not no_compare, min_snr_db=min_snr, min_top1=min_top1)
+    if as_json:
+        click.echo(json.dumps(rep.to_dict(), indent=2))
+    else:
+        click.echo(f"{out}: {rep.checked_files} files and {rep.checked_tensors} tensors checked")
+        if rep.against:
+            click.echo(f"against {rep.against} on {rep.sample_tokens} tokens: min layer SNR {rep.min_snr_db} dB, "
+                       f"KL {rep.kl:.4f}, top-1 agreement {rep.top1_agreement:.3f}")
+        for f in rep.failures:
+            click.echo(f"FAIL {f}", err=True)
+        click.echo("OK" if rep.ok else f"FAILED ({len(rep.failures)} problems)")
+    if not rep.ok:
+        sys.exit(1)
 
 
 @cli.command()

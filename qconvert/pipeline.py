@@ -134,6 +134,7 @@ def quantize(
     max_shard_size: str | int = "2GB",
     revision: str | None = None,
     trust_remote_code: bool = False,
+    allow_pickle: bool = False,
     progress: bool = True,
 ) -> Path:
     """Quantize SOURCE with SCHEME into the directory OUT (see docs/format.md); returns OUT.
@@ -148,7 +149,7 @@ def quantize(
     shard_bytes = parse_size(max_shard_size)
     check_output(out, force, resume)
     return_freed_memory_to_os()
-    src = source if isinstance(source, Source) else resolve_source(source, revision, trust_remote_code)
+    src = source if isinstance(source, Source) else resolve_source(source, revision, trust_remote_code, allow_pickle)
     src_dir = getattr(src, "directory", None) or getattr(src, "path", Path("/nonexistent")).parent
     if out == Path(os.path.abspath(src_dir)) or out in Path(os.path.abspath(src_dir)).parents:
         raise QConvertError(f"-o {out} would overwrite the source {src.description}; choose another -o")

@@ -80,23 +80,33 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
+def model_config(out: Path, cfg: dict):
+    """The transformers config of an OUT's config.json (quantization_config removed)."""
+    from transformers import AutoConfig
+
+    from qconvert.source import check_architecture
+
+    cfg = dict(cfg)
+    model_type = cfg.pop("model_type", None)
+    try:
+        config = AutoConfig.for_model(model_type, **cfg)
+    except (ValueError, TypeError, KeyError) as e:
+        raise QConvertError(f"{out}/config.json is not a usable model config ({e}); re-run qconvert quantize") from e
+    check_architecture(config)
+    return config
+
+
 def load(out: str | Path, device: str = "cpu", dtype: torch.dtype | None = None):
     """Load a native qconvert OUT as a ready-to-run ``transformers`` causal LM.
 
     ``dtype`` casts the unquantized tensors (embeddings, norms, lm_head); default: as stored.
     ``device`` "cpu" runs the exact reference; other devices arrive with the CUDA kernels.
     """
-    from transformers import AutoConfig
-
     out = Path(out)
     if device != "cpu":
         raise QConvertError(f"device {device!r}: this release runs quantized layers on CPU only (the exact reference)")
     cfg, qc = read_quant_config(out)
-    model_type = cfg.pop("model_type", None)
-    try:
-        config = AutoConfig.for_model(model_type, **cfg)
-    except ValueError as e:
-        raise QConvertError(f"{out}/config.json: {e}") from e
+    config = model_config(out, cfg)
     model = build_skeleton(config)
     reader = ShardedReader(out)
     state = {}

@@ -91,21 +91,26 @@ class Source:
 class SafetensorsDirSource(Source):
     kind = "safetensors"
 
-    def __init__(self, directory: Path, description: str | None = None, trust_remote_code: bool = False):
+    def __init__(self, directory: Path, description: str | None = None, trust_remote_code: bool = False,
+                 allow_pickle: bool = False):
         self.directory = Path(directory)
         self.description = description or str(self.directory)
         self.trust_remote_code = trust_remote_code
         if not (self.directory / "config.json").is_file():
             raise QConvertError(f"{self.directory}: no config.json; pass a Hugging Face model directory")
-        if not any(self.directory.glob("*.safetensors")):
-            pickled = sorted(p.name for p in self.directory.glob("*.bin")) + sorted(p.name for p in self.directory.glob("*.pt"))
-            if pickled:
-                raise QConvertError(
-                    f"{self.directory} holds only pickle weights ({pickled[0]}); qconvert does not unpickle "
-                    "untrusted files: convert them to safetensors first"
-                )
+        if any(self.directory.glob("*.safetensors")):
+            self.reader = ShardedReader(self.directory)
+            return
+        pickled = sorted(p.name for p in self.directory.glob("*.bin")) + sorted(p.name for p in self.directory.glob("*.pt"))
+        if not pickled:
             raise QConvertError(f"{self.directory}: no .safetensors weights found")
-        self.reader = ShardedReader(self.directory)
+        if not allow_pickle:
+            raise QConvertError(
+                f"{self.directory} holds only pickle weights ({pickled[0]}); qconvert does not unpickle "
+                "files by default: convert them to safetensors, or pass --allow-pickle if you trust them "
+                "(they are then read with torch.load(weights_only=True))"
+            )
+        self.reader = PickleReader(self.directory, pickled)
 
     @cached_property
     def config(self):
@@ -150,9 +155,73 @@ class SafetensorsDirSource(Source):
         from transformers import AutoModelForCausalLM
 
         self.config  # architecture check
+        if isinstance(self.reader, PickleReader):  # never through transformers' own unpickling
+            from qconvert.skeleton import build_skeleton
+
+            model = build_skeleton(self.config)
+            model.load_state_dict({k: self.reader.get(k).to(dtype) for k in self.reader.keys()}, strict=False, assign=True)
+            model.tie_weights()
+            return model.eval()
         return AutoModelForCausalLM.from_pretrained(
             self.directory, dtype=dtype, trust_remote_code=self.trust_remote_code, use_safetensors=True
         ).eval()
+
+
+class PickleReader:
+    """``pytorch_model*.bin`` / ``*.pt`` weights, read only with ``torch.load(weights_only=True)``
+    (no arbitrary objects), memory-mapped, one file at a time."""
+
+    def __init__(self, directory: Path, files: list[str]):
+        self.directory = directory
+        index = directory / "pytorch_model.bin.index.json"
+        if index.is_file():
+            try:
+                self.where = dict(json.loads(index.read_text())["weight_map"])
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise QConvertError(f"{index}: not a valid index ({e})") from e
+            if any(Path(f).name != f for f in self.where.values()):
+                raise QConvertError(f"{index} names a shard outside {directory}; refusing it")
+        else:
+            self.where = {}
+            for f in files:
+                self.where.update({name: f for name in self._load(f)})
+        self._cached: tuple[str, dict] | None = None
+
+    def _load(self, fname: str) -> dict:
+        if self._cached_name() == fname:
+            return self._cached[1]
+        path = self.directory / fname
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # weights_only refuses anything but tensors and plain containers
+            raise QConvertError(f"{path}: cannot be read as plain tensors ({type(e).__name__}: {e})") from e
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise QConvertError(f"{path} does not hold a flat dict of tensors")
+        self._cached = (fname, state)
+        return state
+
+    def _cached_name(self):
+        return getattr(self, "_cached", None) and self._cached[0]
+
+    def keys(self):
+        return list(self.where)
+
+    def get(self, name):
+        return self._load(self.where[name])[name].contiguous()
+
+    def info(self, name):
+        t = self._load(self.where[name])[name]
+        return _Info(t.dtype, tuple(t.shape))
+
+    def iter_rows(self, name):
+        yield self.get(name)
+
+
+class _Info:
+    def __init__(self, dtype, shape):
+        self.dtype, self.shape = dtype, shape
 
 
 class GGUFSource(Source):
@@ -276,7 +345,8 @@ def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
         ) from e
 
 
-def resolve_source(spec: str, revision: str | None = None, trust_remote_code: bool = False) -> Source:
+def resolve_source(spec: str, revision: str | None = None, trust_remote_code: bool = False,
+                   allow_pickle: bool = False) -> Source:
     """Turn a SOURCE string into a ``Source``; every failure is a ``QConvertError``."""
     if spec in ALIASES:
         return GGUFSource(alias_path(spec), description=f"{spec} ({ALIASES[spec][0]})")
@@ -285,13 +355,13 @@ def resolve_source(spec: str, revision: str | None = None, trust_remote_code: bo
         if path.suffix == ".gguf":
             return GGUFSource(path)
         if path.name == "config.json":
-            return SafetensorsDirSource(path.parent, trust_remote_code=trust_remote_code)
+            return SafetensorsDirSource(path.parent, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
         raise QConvertError(f"{spec}: a file SOURCE must be a .gguf file; for safetensors pass the model directory")
     if path.is_dir():
         ggufs = sorted(path.glob("*.gguf"))
         if not (path / "config.json").exists() and len(ggufs) == 1:
             return GGUFSource(ggufs[0])
-        return SafetensorsDirSource(path, trust_remote_code=trust_remote_code)
+        return SafetensorsDirSource(path, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     if HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
         return SafetensorsDirSource(_hub_snapshot(spec, revision), description=spec, trust_remote_code=trust_remote_code)
     raise QConvertError(

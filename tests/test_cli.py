@@ -159,3 +159,16 @@ def test_config_that_disagrees_with_the_tensors(tmp_path, tiny_llama):
 def test_schemes_lists_presets():
     out = run("schemes").output
     assert "is-w4a8" in out and "w4a8-fs" in out
+
+
+@pytest.mark.parametrize("cut", [4, 100, -10])
+def test_corrupt_source_safetensors_is_one_line_and_writes_nothing(tmp_path, tiny_llama, cut):
+    import shutil
+
+    d = tmp_path / "src"
+    shutil.copytree(tiny_llama, d)
+    raw = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(raw[:cut])
+    res = run("quantize", d, "-o", tmp_path / "o", ok=False)
+    assert res.exit_code == 1 and "model.safetensors" in res.output and len(res.output.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()

@@ -67,3 +67,12 @@ def test_local_directory_source_gives_the_same_output(tmp_path, smollm2, is_out)
     res = CliRunner().invoke(cli, ["quantize", str(d), "-o", str(out), "-q"])
     assert res.exit_code == 0, res.output
     assert (out / "model.safetensors").read_bytes() == (is_out / "model.safetensors").read_bytes()
+
+
+def test_verify_passes_on_the_real_model(is_out, smollm2, wiki_test):
+    from qconvert.verify import verify
+
+    rep = verify(is_out, against=smollm2, data_file=wiki_test, n_tokens=128, save=False)
+    assert rep.ok, rep.failures
+    assert rep.checked_files == 6 and len(rep.layers) == 210
+    assert rep.min_snr_db > 8 and rep.top1_agreement > 0.5 and 0 < rep.kl < 1.5

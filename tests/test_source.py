@@ -94,3 +94,42 @@ def test_gguf_alias_reads_the_real_model(smollm2):
     assert (cfg.model_type, cfg.hidden_size, cfg.num_hidden_layers) == ("llama", 576, 30)
     w = smollm2.get("model.layers.0.mlp.down_proj.weight")
     assert w.shape == (576, 1536) and torch.isfinite(w).all()
+
+
+def test_pickle_weights_need_the_flag_and_load_weights_only(tmp_path, tiny_llama):
+    """With --allow-pickle a .bin checkpoint converts to the same tensors as its safetensors twin."""
+    from click.testing import CliRunner
+
+    from qconvert.cli import cli
+    from qconvert.formats.safetensors_io import SafetensorsFile
+
+    d = tmp_path / "bin"
+    d.mkdir()
+    for f in tiny_llama.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copyfile(f, d / f.name)
+    st = SafetensorsFile(tiny_llama / "model.safetensors")
+    torch.save({n: st.get(n) for n in st.keys()}, d / "pytorch_model.bin")
+    res = CliRunner().invoke(cli, ["quantize", str(d), "-o", str(tmp_path / "a"), "-q"])
+    assert res.exit_code == 1 and "--allow-pickle" in res.output
+    res = CliRunner().invoke(cli, ["quantize", str(d), "-o", str(tmp_path / "a"), "-q", "--allow-pickle"])
+    assert res.exit_code == 0, res.output
+    assert CliRunner().invoke(cli, ["quantize", str(tiny_llama), "-o", str(tmp_path / "b"), "-q"]).exit_code == 0
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+def test_pickle_with_code_is_refused_even_when_allowed(tmp_path, tiny_llama):
+    import os as _os
+
+    d = tmp_path / "evil"
+    d.mkdir()
+    shutil.copyfile(tiny_llama / "config.json", d / "config.json")
+
+    class Boom:
+        def __reduce__(self):
+            return (_os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    torch.save({"x": Boom()}, d / "pytorch_model.bin")
+    with pytest.raises(QConvertError, match="cannot be read as plain tensors"):
+        resolve_source(str(d), allow_pickle=True)
+    assert not (tmp_path / "pwned").exists()
