@@ -101,6 +101,7 @@ def quantize(source, scheme, out, group_size, quantize_lm_head, exclude, max_sha
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def eval_cmd(target, dataset, data_file, seqlen, max_windows, as_json, quiet):
     """Perplexity of TARGET (an OUT or any SOURCE) on non-overlapping windows.
+    For an OUT the result is also kept in OUT/eval.json.
 
     \b
     qconvert eval out/ --data-file wiki.test.raw --seqlen 512 --max-windows 40
@@ -113,6 +114,15 @@ def eval_cmd(target, dataset, data_file, seqlen, max_windows, as_json, quiet):
     model, tok, kind = load_model_and_tokenizer(target)
     res = perplexity(model, tok, text, seqlen=seqlen, max_windows=max_windows, progress=not quiet)
     record = {"target": str(target), "kind": kind, "dataset": dataset, **res.to_dict()}
+    if kind == "qconvert":  # kept in OUT for the model card; one entry per protocol
+        path = Path(target) / "eval.json"
+        try:
+            saved = json.loads(path.read_text()) if path.is_file() else []
+        except json.JSONDecodeError:
+            saved = []
+        key = (dataset, res.seqlen, res.windows)
+        saved = [r for r in saved if (r.get("dataset"), r.get("seqlen"), r.get("windows")) != key] + [record]
+        path.write_text(json.dumps(saved, indent=2) + "\n")
     if as_json:
         click.echo(json.dumps(record, indent=2))
     else:

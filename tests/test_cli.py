@@ -44,6 +44,9 @@ def test_round_trip_quantize_inspect_eval(tmp_path, tiny_llama, text_file):
     fp = json.loads(run("eval", tiny_llama, "--data-file", text_file, "--seqlen", 32, "--max-windows", 3, "--json", "-q").stdout)
     assert q["windows"] == fp["windows"] == 3 and q["tokens"] == fp["tokens"]
     assert q["kind"] == "qconvert" and fp["kind"] == "safetensors"
+    saved = json.loads((out / "eval.json").read_text())
+    assert saved == [q]  # kept for the model card
+    assert run("verify", out, "--no-compare").exit_code == 0  # and it does not upset verify
     # a random model is near uniform over its 300 tokens; quantization must not blow it up
     assert 0.8 < q["perplexity"] / fp["perplexity"] < 1.25
 
