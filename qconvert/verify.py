@@ -155,9 +155,15 @@ def check_tensors(out: Path, rep: VerifyReport):
             if s is not None and not torch.isfinite(s).all():
                 _fail(rep, f"{mod}.scales holds NaN or Inf")
         taken |= {f"{mod}.{x}" for x in LAYOUTS[layout].SUFFIXES[layout]}
-        if f"{mod}.bias" in params:
-            _expect(rep, reader, f"{mod}.bias", reader.info(f"{mod}.bias").dtype if f"{mod}.bias" in reader.where else w.dtype, (n,))
-            taken.add(f"{mod}.bias")
+        if f"{mod}.bias" in params:  # kept in the source's dtype: only its presence and shape are declared
+            bias = f"{mod}.bias"
+            if bias not in reader.where:
+                _fail(rep, f"tensor {bias} is missing")
+            elif tuple(reader.info(bias).shape) != (n,):
+                _fail(rep, f"tensor {bias} has shape {list(reader.info(bias).shape)}, the config implies {[n]}")
+            else:
+                rep.checked_tensors += 1
+            taken.add(bias)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     for name, p in params.items():
         if name in taken or name.rsplit(".", 1)[0] in modules:

@@ -42,6 +42,14 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's own limit
 CHUNK_BYTES = 16 << 20  # pass-through tensors are copied in slices of this size
 
 
+def nbytes_of(dtype: torch.dtype, shape) -> int:
+    """Bytes of a dense tensor of ``dtype`` and ``shape``."""
+    n = torch.empty((), dtype=dtype).element_size()
+    for d in shape:
+        n *= d
+    return n
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     dtype: torch.dtype
@@ -115,12 +123,9 @@ class SafetensorsFile:
                 f"{where} has data_offsets {offs} outside the file's {buffer_len}-byte data; "
                 f"the file is truncated or corrupt; {fix}"
             )
-        numel = 1
-        for d in shape:
-            numel *= d
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        if end - begin != numel * itemsize:
-            raise QConvertError(f"{where}: shape {shape} ({entry['dtype']}) needs {numel * itemsize} bytes, header says {end - begin}; {fix}")
+        need = nbytes_of(dtype, shape)
+        if end - begin != need:
+            raise QConvertError(f"{where}: shape {shape} ({entry['dtype']}) needs {need} bytes, header says {end - begin}; {fix}")
         return TensorInfo(dtype, tuple(shape), data_start + begin, end - begin)
 
     def keys(self) -> list[str]:
@@ -217,10 +222,7 @@ class _ShardBuilder:
             data = _tensor_bytes(part)
             self._f.write(data)
             self.nbytes += len(data)
-        numel = 1
-        for d in shape:
-            numel *= d
-        expected = numel * torch.empty((), dtype=dtype).element_size()
+        expected = nbytes_of(dtype, shape)
         if self.nbytes - begin != expected:
             raise ValueError(f"{name}: slices hold {self.nbytes - begin} bytes, shape {shape} needs {expected}")
         self.entries[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [begin, self.nbytes]}
@@ -307,10 +309,7 @@ class ShardedWriter:
 
     def add_rows(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], slices) -> None:
         """Stream a tensor given as dim-0 slices (see ``SafetensorsFile.iter_rows``)."""
-        numel = 1
-        for d in shape:
-            numel *= d
-        self._make_room(numel * torch.empty((), dtype=dtype).element_size())
+        self._make_room(nbytes_of(dtype, shape))
         self._builder().add_rows(name, dtype, shape, slices)
 
     def _make_room(self, nbytes: int) -> None:
