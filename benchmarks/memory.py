@@ -7,7 +7,7 @@ the peak resident set size (ru_maxrss from wait4) of each run, their ratio, and 
 
 Targets: ratio <= 1.25 (memory does not grow with depth), fraction <= 0.35.
 
-    python benchmarks/memory.py [--scheme is-w4a8] [--workdir DIR] [--json OUT.json]
+    python benchmarks/memory.py [--scheme is-w4a8-rtn] [--workdir DIR] [--json OUT.json]
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def git_commit() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scheme", default="is-w4a8")
+    ap.add_argument("--scheme", default="is-w4a8-rtn")
     ap.add_argument("--workdir", type=Path, help="where to write checkpoints (default: a temporary directory)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--write", nargs=2, metavar=("DIR", "LAYERS"), help=argparse.SUPPRESS)

@@ -1,29 +1,43 @@
-"""Text for evaluation (and, later, calibration): WikiText-2 and local files."""
+"""Text for evaluation, and token windows for calibration: WikiText-2, C4, local files, or the model itself."""
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+import torch
+from tqdm import tqdm
 
 from qconvert.errors import QConvertError
 
 DATASETS = ("wikitext2",)
+CALIB_SOURCES = ("wikitext2", "c4", "file", "self")
+
+C4_SHARD = "en/c4-train.00000-of-01024.json.gz"  # the GPTQ reference's calibration shard
+SELF_GREEDY = 4  # LLM-QAT: after the random first token, this many argmax tokens, then sampling
+SELF_BATCH = 32  # sequences generated at once for --calib self
+
+
+def _read_jsonl(path: Path) -> list[str]:
+    """The ``text`` field of every non-blank line of a JSON-lines file."""
+    texts = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    texts.append(json.loads(line)["text"])
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise QConvertError(f"{path}:{i}: each line must be a JSON object with a 'text' field") from e
+    return texts
 
 
 def _read_local(path: Path) -> str:
     if not path.is_file():
         raise QConvertError(f"data file {path} not found; pass an existing file with --data-file")
     if path.suffix == ".jsonl":
-        texts = []
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        texts.append(json.loads(line)["text"])
-                    except (json.JSONDecodeError, KeyError, TypeError) as e:
-                        raise QConvertError(f"{path}:{i}: each line must be a JSON object with a 'text' field") from e
-        return "\n\n".join(texts)
+        return "\n\n".join(_read_jsonl(path))
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -55,3 +69,240 @@ def load_eval_text(dataset: str, data_file: str | os.PathLike | None = None, spl
     except Exception as e:  # offline, cache miss, or a Hub error
         raise QConvertError(f"could not fetch WikiText-2 from the Hub ({type(e).__name__}); {hint}") from e
     return "\n\n".join(rows)
+
+
+# --- calibration corpora: each returns (text or documents, a name for messages) ------------------------
+
+
+def _local_file(data_file, suffixes: tuple[str, ...], source: str) -> Path:
+    path = Path(data_file)
+    if path.suffix not in suffixes:
+        raise QConvertError(f"--calib {source} reads {' or '.join(suffixes)} files, not {path.name}; "
+                            f"pass such a file with --data-file")
+    if not path.is_file():
+        raise QConvertError(f"data file {path} not found; pass an existing file with --data-file")
+    return path
+
+
+def _wikitext2_corpus(data_file):
+    return load_eval_text("wikitext2", data_file, split="train"), str(data_file or "WikiText-2 train")
+
+
+def _c4_corpus(data_file):
+    if data_file is not None:
+        path = _local_file(data_file, (".jsonl",), "c4")
+        return _read_jsonl(path), str(path)
+    hint = "pass a local C4 excerpt (JSON lines with a 'text' field) with --data-file PATH.jsonl"
+    try:
+        import datasets  # optional
+    except ImportError:
+        raise QConvertError(f"no --data-file given and the 'datasets' package is not installed; {hint}") from None
+    try:
+        rows = datasets.load_dataset("allenai/c4", data_files={"train": C4_SHARD}, split="train")["text"]
+    except Exception as e:  # offline, cache miss, or a Hub error
+        raise QConvertError(f"could not fetch C4 ({C4_SHARD}) from the Hub ({type(e).__name__}); {hint}") from e
+    return list(rows), f"allenai/c4 {C4_SHARD}"
+
+
+def _file_corpus(data_file):
+    if data_file is None:
+        raise QConvertError("--calib file needs a text file: pass --data-file PATH.txt (one text) "
+                            "or PATH.jsonl (documents, one JSON object with 'text' per line)")
+    path = _local_file(data_file, (".txt", ".jsonl"), "file")
+    return (_read_jsonl(path) if path.suffix == ".jsonl" else _read_local(path)), str(path)
+
+
+CORPORA = {"wikitext2": _wikitext2_corpus, "c4": _c4_corpus, "file": _file_corpus}
+
+
+def _tokenize(tokenizer, text: str) -> torch.Tensor:
+    return tokenizer(text, return_tensors="pt").input_ids[0].to(torch.int64)
+
+
+def _text_windows(ids: torch.Tensor, nsamples: int, seqlen: int, g: torch.Generator, what: str) -> torch.Tensor:
+    n = ids.numel()
+    if n < seqlen:
+        raise QConvertError(f"{what} has {n} tokens, fewer than one calibration window of {seqlen}; "
+                            f"lower --seqlen (to at most {n}) or pass a longer text")
+    starts = torch.randint(0, n - seqlen + 1, (nsamples,), generator=g).tolist()
+    return torch.stack([ids[s : s + seqlen] for s in starts])
+
+
+def _document_windows(docs: list[str], tokenizer, nsamples: int, seqlen: int, g: torch.Generator,
+                      what: str) -> torch.Tensor:
+    """Pick documents at random until one has ``seqlen`` tokens, then a random window of it; ``nsamples`` times.
+
+    Documents found too short leave the draw (uniform over the long ones all the same), so the loop ends
+    after at most ``len(docs)`` rejections.  Only drawn documents are tokenized, each once.
+    """
+    if not docs:
+        raise QConvertError(f"{what} holds no documents; pass a JSON-lines file with one 'text' per line")
+    cache: dict[int, torch.Tensor] = {}
+    candidates = list(range(len(docs)))
+    out = []
+    while len(out) < nsamples:
+        if not candidates:
+            longest = max(t.numel() for t in cache.values())
+            raise QConvertError(f"no document in {what} has {seqlen} tokens (the longest has {longest}); "
+                                f"lower --seqlen to at most {longest}")
+        k = int(torch.randint(len(candidates), (1,), generator=g))
+        i = candidates[k]
+        if i not in cache:
+            cache[i] = _tokenize(tokenizer, docs[i])
+        ids = cache[i]
+        if ids.numel() < seqlen:
+            candidates[k] = candidates[-1]  # drop it in O(1)
+            candidates.pop()
+            continue
+        s = int(torch.randint(ids.numel() - seqlen + 1, (1,), generator=g))
+        out.append(ids[s : s + seqlen])
+    return torch.stack(out)
+
+
+@torch.inference_mode()
+def _self_generated(model, tokenizer, nsamples: int, seqlen: int, seed: int, progress: bool) -> torch.Tensor:
+    device = model.get_input_embeddings().weight.device
+    g = torch.Generator(device=device).manual_seed(seed)
+    vocab = min(len(tokenizer), model.config.vocab_size)  # ids both the tokenizer and the model know
+    special = set(tokenizer.all_special_ids)
+    firsts = torch.tensor([i for i in range(vocab) if i not in special], device=device)
+    out = []
+    bar = tqdm(total=nsamples * seqlen, desc="calib self", unit="token", disable=not progress)
+    for b0 in range(0, nsamples, SELF_BATCH):
+        b = min(SELF_BATCH, nsamples - b0)
+        ids = torch.empty(b, seqlen, dtype=torch.int64, device=device)
+        ids[:, 0] = firsts[torch.randint(firsts.numel(), (b,), generator=g, device=device)]
+        bar.update(b)
+        past = None
+        for t in range(1, seqlen):
+            res = model(ids[:, t - 1 : t], past_key_values=past, use_cache=True)
+            past = res.past_key_values
+            logits = res.logits[:, -1, :vocab].float()
+            if t <= SELF_GREEDY:
+                ids[:, t] = logits.argmax(-1)
+            else:
+                ids[:, t] = torch.multinomial(torch.softmax(logits, -1), 1, generator=g)[:, 0]
+            bar.update(b)
+        out.append(ids.cpu())
+        del past
+    bar.close()
+    return torch.cat(out)
+
+
+def calibration_tokens(source: str, tokenizer, nsamples: int, seqlen: int, seed: int = 0,
+                       data_file: str | os.PathLike | None = None, model=None,
+                       progress: bool = False) -> torch.Tensor:
+    """int64 [nsamples, seqlen] token ids for calibration, the same for the same arguments.
+
+    Text is tokenized as the GPTQ reference does, ``tokenizer(text).input_ids`` with the tokenizer's
+    default special tokens.  Random draws come from ``torch.Generator().manual_seed(seed)``.
+
+    - ``wikitext2``: the train split, from ``data_file`` (raw ``wiki.train.raw``, rows joined with
+      "\\n\\n") or else the Hub; tokenized whole, then ``nsamples`` windows with starts uniform in
+      ``[0, n_tokens - seqlen]``.
+    - ``c4``: documents of a ``.jsonl`` ``data_file`` (a ``text`` per line), or else the Hub shard
+      ``allenai/c4`` ``en/c4-train.00000-of-01024.json.gz``.  Per sample: a uniformly random document,
+      redrawn while it has fewer than ``seqlen`` tokens, then a uniformly random window of it.
+    - ``file``: a ``.txt`` is one text (windows as for wikitext2), a ``.jsonl`` documents (as for c4).
+    - ``self`` (data-free, LLM-QAT): ``model`` writes its own text, ``SELF_BATCH`` sequences at a time
+      with the KV cache.  Token 0 is uniform over the vocabulary less ``tokenizer.all_special_ids``,
+      tokens 1 to ``SELF_GREEDY`` are the argmax, the rest are drawn from the softmax at temperature 1
+      (``torch.multinomial`` with a generator on the model's device, seeded with ``seed``).  Only ids
+      that both the tokenizer and the model know are used.  ``model`` must be in eval mode.
+    """
+    if source not in CALIB_SOURCES:
+        raise QConvertError(f"unknown calibration source {source!r} for --calib; known: {', '.join(CALIB_SOURCES)}")
+    if nsamples < 1:
+        raise QConvertError(f"--nsamples must be at least 1, not {nsamples}")
+    if seqlen < 2:
+        raise QConvertError(f"--seqlen must be at least 2 tokens, not {seqlen}")
+    if tokenizer is None:
+        raise QConvertError(f"--calib {source} needs the model's tokenizer; use a source that ships one")
+    if source == "self":
+        if model is None:
+            raise QConvertError("--calib self generates text with the model, but no model was given; "
+                                "pass model= (library) or pick a dataset with --calib")
+        if data_file is not None:
+            raise QConvertError("--calib self reads no data; drop --data-file or pick --calib file")
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if limit is not None and seqlen > limit:
+            raise QConvertError(f"--seqlen {seqlen} is longer than the model's {limit} positions; lower --seqlen")
+        return _self_generated(model, tokenizer, nsamples, seqlen, seed, progress)
+    corpus, what = CORPORA[source](data_file)
+    g = torch.Generator().manual_seed(seed)
+    if isinstance(corpus, str):
+        return _text_windows(_tokenize(tokenizer, corpus), nsamples, seqlen, g, what)
+    return _document_windows(corpus, tokenizer, nsamples, seqlen, g, what)
+
+
+@dataclass(frozen=True)
+class CalibSettings:
+    """Where GPTQ's calibration tokens come from, and how much RAM their activations may take.
+
+    ``source`` None picks ``file`` when ``data_file`` is given and ``self`` otherwise: a model
+    can always be calibrated, with no data at all.  ``max_memory`` (bytes or "8GB") bounds the
+    two activation buffers held in RAM; above it they live in files (qconvert.calibrate).
+    Default: half of the memory available when the run starts.
+    """
+
+    source: str | None = None
+    data_file: str | None = None
+    nsamples: int = 128
+    seqlen: int | None = None  # None: 512, or the model's context if that is shorter
+    seed: int = 0
+    max_memory: str | int | None = None
+
+    def validated(self) -> "CalibSettings":
+        source = self.source or ("file" if self.data_file else "self")
+        if source not in CALIB_SOURCES:
+            raise QConvertError(f"unknown calibration source {source!r} (--calib); known: {', '.join(CALIB_SOURCES)}")
+        if self.nsamples < 1:
+            raise QConvertError(f"--nsamples {self.nsamples}: need at least 1 calibration sample")
+        if self.seqlen is not None and self.seqlen < 2:
+            raise QConvertError(f"--seqlen {self.seqlen}: calibration samples need at least 2 tokens")
+        data_file = str(Path(self.data_file).resolve()) if self.data_file else None
+        if data_file and not Path(data_file).is_file():
+            raise QConvertError(f"data file {self.data_file} not found; pass an existing file with --data-file")
+        if self.max_memory is not None:
+            from qconvert.pipeline import parse_size
+
+            parse_size(self.max_memory)
+        return replace(self, source=source, data_file=data_file)
+
+    def for_model(self, config) -> "CalibSettings":
+        """With the default --seqlen filled in for this model."""
+        if self.seqlen is not None:
+            return self
+        context = getattr(config, "max_position_embeddings", None) or 512
+        return replace(self, seqlen=min(512, int(context)))
+
+    def key(self) -> dict:
+        """What decides the result (the journal and the report record it); not the memory budget."""
+        return {"source": self.source, "data_file": self.data_file, "nsamples": self.nsamples,
+                "seqlen": self.seqlen, "seed": self.seed}
+
+    def memory_budget(self) -> int:
+        if self.max_memory is not None:
+            from qconvert.pipeline import parse_size
+
+            return parse_size(self.max_memory)
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            avail = 8 << 30
+        return avail // 2
+
+    def tokens(self, src, progress: bool = True) -> torch.Tensor:
+        """int64 [nsamples, seqlen] tokens for ``src`` (a qconvert.source.Source)."""
+        tok = src.load_tokenizer()
+        if tok is None:
+            raise QConvertError(f"{src.description} has no tokenizer, which calibration needs; "
+                                "use a source with tokenizer files, or --base rtn")
+        model = None
+        if self.source == "self":
+            model = src.load_model(torch.float32)
+        try:
+            return calibration_tokens(self.source, tok, self.nsamples, self.seqlen, self.seed,
+                                      self.data_file, model=model, progress=progress)
+        finally:
+            del model

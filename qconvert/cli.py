@@ -65,23 +65,42 @@ def cli(ctx, debug):
 @click.option("--allow-pickle", is_flag=True, help="Read .bin/.pt pickle weights (torch.load(weights_only=True)); off by default.")
 @click.option("--force", is_flag=True, help="Overwrite OUT (and any OUT.partial) if it exists.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from OUT.partial.")
+@click.option("--base", type=click.Choice(["rtn", "gptq"]), help="Weight solver, overriding the scheme's.")
+@click.option("--calib", type=click.Choice(["wikitext2", "c4", "file", "self"]),
+              help="Calibration text for GPTQ: a dataset (local with --data-file, else from the Hub), a file, or "
+                   "text the model writes itself. Default: file if --data-file is given, else self.")
+@click.option("--data-file", type=click.Path(path_type=Path), help="Calibration text: .txt, or .jsonl with a 'text' field.")
+@click.option("--nsamples", default=128, show_default=True, type=click.IntRange(min=1), help="Calibration samples.")
+@click.option("--seqlen", type=click.IntRange(min=2), help="Tokens per calibration sample [default: 512, or the model's context if shorter].")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the calibration sampling.")
+@click.option("--max-memory", help="RAM for calibration activations (e.g. 8GB); above it they are kept on disk. "
+                                   "Default: half the available memory.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path),
+              help="Also write the per-layer report (error, α, headroom, time) to this file.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def quantize(source, scheme, out, group_size, quantize_lm_head, exclude, max_shard_size, revision, trust_remote_code,
-             allow_pickle, force, resume, quiet):
+             allow_pickle, force, resume, base, calib, data_file, nsamples, seqlen, seed, max_memory, json_path, quiet):
     """Quantize SOURCE into OUT, one decoder block at a time.
 
     SOURCE is a local HF directory, a .gguf file, a Hub id (org/name) or the
     built-in alias smollm2-135m.
 
     \b
+    GPTQ-based schemes (is-w4a8, w4a8-fs, w4a16-gptq) calibrate block by block on
+    --nsamples x --seqlen tokens; is-w4a8-rtn and --base rtn need no data.
+
+    \b
     qconvert quantize smollm2-135m --scheme is-w4a8 -o out/
+    qconvert quantize smollm2-135m --calib c4 --data-file c4.jsonl -o out/
     qconvert quantize ./Llama-3-8B --scheme w4a8-fs -g 64 -o llama-fs/
     """
+    from qconvert.calib import CalibSettings
     from qconvert.pipeline import quantize as run
 
+    settings = CalibSettings(calib, str(data_file) if data_file else None, nsamples, seqlen, seed, max_memory)
     path = run(source, scheme, out, group_size=group_size, quantize_lm_head=quantize_lm_head, exclude=exclude,
                force=force, resume=resume, max_shard_size=max_shard_size, revision=revision, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-               progress=not quiet)
+               progress=not quiet, base=base, calib=settings, json_report=json_path)
     report = json.loads((path / "qconvert.json").read_text())["totals"]
     ratio = report["quantized_fp16_bytes"] / max(report["quantized_bytes"], 1)
     click.echo(

@@ -24,6 +24,7 @@ class Journal:
         self.layers: list[dict] = []
         self.modules: dict[str, str] = {}
         self.stages_done = 0
+        self.calib: dict | None = None  # where the calibration activations stand (qconvert.calibrate)
 
     @classmethod
     def create(cls, partial: Path, settings: dict) -> "Journal":
@@ -50,6 +51,7 @@ class Journal:
             j.writer_state = r["writer"]
             j.layers += r["layers"]
             j.modules.update(r["modules"])
+            j.calib = r.get("calib")
             j.stages_done += 1
         if j.writer_state is None:
             return None  # no stage finished: starting over costs nothing
@@ -57,8 +59,10 @@ class Journal:
         path.write_text("".join(json.dumps(r) + "\n" for r in records))
         return j
 
-    def stage_done(self, writer_state: dict, layers: list[dict], modules: dict[str, str]) -> None:
-        self._append({"writer": writer_state, "layers": layers, "modules": modules})
+    def stage_done(self, writer_state: dict, layers: list[dict], modules: dict[str, str],
+                   calib: dict | None = None) -> None:
+        self._append({"writer": writer_state, "layers": layers, "modules": modules, "calib": calib})
+        self.calib = calib
         self.writer_state = writer_state
         self.layers += layers
         self.modules.update(modules)

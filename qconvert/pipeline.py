@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from tqdm import tqdm
 
 from qconvert import __version__
 from qconvert._memory import return_freed_memory_to_os
+from qconvert.calib import CalibSettings
+from qconvert.calibrate import CALIB_DIR, Calibrator
 from qconvert.errors import QConvertError
 from qconvert.journal import Journal, fault_point
 from qconvert.formats.native import FORMAT_NAME, FORMAT_VERSION, is_native, write_manifest
@@ -136,16 +139,25 @@ def quantize(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     progress: bool = True,
+    base: str | None = None,
+    calib: CalibSettings | None = None,
+    json_report: str | os.PathLike | None = None,
 ) -> Path:
     """Quantize SOURCE with SCHEME into the directory OUT (see docs/format.md); returns OUT.
 
     ``resume`` continues an interrupted run from its ``OUT.partial`` journal (the result is
-    bit-identical to an uninterrupted run); ``force`` replaces an existing OUT.
+    bit-identical to an uninterrupted run); ``force`` replaces an existing OUT.  ``base``
+    ("rtn" or "gptq") overrides the scheme's weight solver; ``calib`` says where GPTQ's
+    calibration tokens come from (default: text the model writes itself, 128 x 512).
+    ``json_report`` also writes the per-layer report (qconvert.json) to that path.
     """
+    t_start = time.perf_counter()
     out = Path(os.path.abspath(out))
     sch = scheme if isinstance(scheme, Scheme) else load_scheme(scheme)
-    sch = sch.with_overrides(group_size=group_size, quantize_lm_head=quantize_lm_head, exclude=tuple(exclude))
+    sch = sch.with_overrides(group_size=group_size, quantize_lm_head=quantize_lm_head, exclude=tuple(exclude), base=base)
     method = get_method(sch.method, sch.params)  # validates the parameters before any heavy work
+    calibrating = bool(getattr(method, "needs_calibration", False))
+    calib = (calib or CalibSettings()).validated() if calibrating else None
     shard_bytes = parse_size(max_shard_size)
     check_output(out, force, resume)
     return_freed_memory_to_os()
@@ -154,6 +166,8 @@ def quantize(
     if out == Path(os.path.abspath(src_dir)) or out in Path(os.path.abspath(src_dir)).parents:
         raise QConvertError(f"-o {out} would overwrite the source {src.description}; choose another -o")
     config = src.config
+    if calib is not None:
+        calib = calib.for_model(config)
     skeleton = build_skeleton(config)
     targets = target_linears(skeleton, sch.exclude)
     names, stages = _plan(src, skeleton, targets)
@@ -163,6 +177,8 @@ def quantize(
         "qconvert_version": __version__, "source": src.description, "scheme": sch.name, "method": sch.method,
         "params": sch.params, "exclude": list(sch.exclude), "max_shard_bytes": shard_bytes,
     }
+    if calib is not None:
+        settings["calibration"] = calib.key()
     partial, journal = open_partial(out, resume)
     if journal is not None and journal.settings != settings:
         raise QConvertError(
@@ -177,45 +193,54 @@ def quantize(
         else:
             writer = ShardedWriter(partial, shard_bytes, metadata, state=journal.writer_state)
         layers, modules = list(journal.layers), dict(journal.modules)
+        calibrator = None
+        if calib is not None:
+            calibrator = _start_calibration(src, skeleton, names, calib, partial, journal, progress)
         todo = stages[journal.stages_done:]
         bar = tqdm(todo, desc=f"quantize {sch.name}", unit="block", disable=not progress,
                    initial=journal.stages_done, total=len(stages))
-        for _label, stage in bar:
+        for label, stage in bar:
             new_layers, new_modules = [], {}
+            for name in stage:
+                _check_tensor(src, names[name], expected[name], name.rsplit(".", 1)[0] in targets and name.endswith(".weight"))
+            solved = {}
+            if calibrator is not None and label.startswith("block"):
+                solved = _calibrated_block(calibrator, method, int(label.split()[1]), targets, bar)
             for name in stage:
                 src_name = names[name]
                 dtype, shape = src.info(src_name)
-                if tuple(shape) != expected[name]:
-                    raise QConvertError(
-                        f"the config and the tensors disagree: '{src_name}' has shape {tuple(shape)}, "
-                        f"the config implies {expected[name]}"
-                    )
                 module = name.rsplit(".", 1)[0]
                 if name.endswith(".weight") and module in targets:
-                    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-                        raise QConvertError(
-                            f"'{src_name}' is stored as {dtype}; qconvert quantizes float32/float16/bfloat16 "
-                            "weights: start from the original floating-point checkpoint"
-                        )
-                    t = src.get(src_name)
-                    _assert_finite(src, src_name, t)
-                    ql = method.quantize_linear(module, t)
+                    if module in solved:
+                        ql = solved.pop(module)
+                    else:
+                        t = src.get(src_name)
+                        _assert_finite(src, src_name, t)
+                        ql = method.quantize_linear(module, t)
                     for suffix, tensor in ql.tensors.items():
                         writer.add(f"{module}.{suffix}", tensor)
                         fault_point("tensor")
                     stored = sum(x.numel() * x.element_size() for x in ql.tensors.values())
-                    new_layers.append({"name": module, **ql.info, "bytes": stored, "fp16_bytes": 2 * t.numel()})
+                    fp16 = 2 * shape[0] * shape[1]
+                    new_layers.append({"name": module, **ql.info, "bytes": stored, "fp16_bytes": fp16})
                     new_modules[module] = ql.layout
-                    del t, ql
+                    del ql
                 else:  # copied slice by slice: an embedding is never whole in memory
                     writer.add_rows(name, dtype, tuple(shape), _check_finite(src, src_name, src.iter_rows(src_name)))
                     fault_point("tensor")
             layers += new_layers
             modules.update(new_modules)
-            journal.stage_done(writer.sync(), new_layers, new_modules)
+            state = writer.sync()
+            journal.stage_done(state, new_layers, new_modules, calibrator.acts.checkpoint() if calibrator else None)
         writer.close()
         fault_point("closed")
-        _write_metadata(partial, src, sch, method, config, modules, layers)
+        if calibrator is not None:
+            shutil.rmtree(partial / CALIB_DIR, ignore_errors=True)
+        timing = {"seconds": round(time.perf_counter() - t_start, 2), "resumed": journal.stages_done != len(todo)}
+        if calibrator is not None:
+            timing.update({k + "_seconds": round(v, 2) for k, v in calibrator.seconds.items()})
+        timing["solve_seconds"] = round(sum(r.get("gptq_seconds", 0.0) for r in layers), 2)
+        report = _write_metadata(partial, src, sch, method, config, modules, layers, calib)
         journal.remove()
         write_manifest(partial)
         fault_point("finished")
@@ -228,6 +253,8 @@ def quantize(
             f"writing {partial} failed ({e.strerror or e}); the finished blocks are kept: fix the cause "
             "(free disk space, permissions) and repeat the command with --resume"
         ) from e
+    if json_report is not None:  # OUT's report plus the times, which OUT leaves out to stay reproducible
+        Path(json_report).write_text(json.dumps({**report, "timing": timing, "layers": layers}, indent=2) + "\n")
     if out.exists():  # --force, checked above to be a qconvert output or empty
         old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
         os.replace(out, old / out.name)
@@ -236,6 +263,67 @@ def quantize(
     else:
         os.replace(partial, out)
     return out
+
+
+def _check_tensor(src: Source, src_name: str, expected: tuple, quantized: bool) -> None:
+    dtype, shape = src.info(src_name)
+    if tuple(shape) != expected:
+        raise QConvertError(
+            f"the config and the tensors disagree: '{src_name}' has shape {tuple(shape)}, the config implies {expected}"
+        )
+    if quantized and dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise QConvertError(
+            f"'{src_name}' is stored as {dtype}; qconvert quantizes float32/float16/bfloat16 "
+            "weights: start from the original floating-point checkpoint"
+        )
+
+
+def _start_calibration(src, skeleton, names, calib: CalibSettings, partial: Path, journal: Journal, progress: bool):
+    """Calibration tokens (saved in OUT.partial for --resume) and the block-0 inputs."""
+    tokens_file = partial / CALIB_DIR / "tokens.i64"
+    if journal.calib is not None and tokens_file.is_file():
+        n = tokens_file.stat().st_size // 8
+        tokens = torch.from_file(str(tokens_file), shared=False, size=n, dtype=torch.int64).view(calib.nsamples, -1)
+    else:
+        tokens = calib.tokens(src, progress)
+        tokens_file.parent.mkdir(exist_ok=True)
+        tokens.numpy().tofile(tokens_file)
+    calibrator = Calibrator(src, skeleton, names, tokens, partial, calib.memory_budget(), progress=progress)
+    if journal.calib is not None:
+        calibrator.acts.restore(journal.calib)
+        calibrator.embed(fill=False)
+    else:
+        calibrator.embed()
+    return calibrator
+
+
+def _calibrated_block(calibrator: Calibrator, method, index: int, targets, bar) -> dict:
+    """Observe block ``index``, solve its linears, run it quantized; returns module -> QuantizedLinear."""
+    block = calibrator.load_block(index)
+    prefix = f"{DECODER_LAYERS}.{index}."
+    mine = {name: mod for name, mod in targets.items() if name.startswith(prefix)}
+    for name, mod in mine.items():
+        _assert_finite(calibrator.src, calibrator.names[name + ".weight"], mod.weight)
+    solved = {}
+
+    def solve(groups) -> dict:
+        run_as = {}
+        for group in groups:
+            weights = [mine[n].weight.detach() for n in group.names]
+            for name, ql in zip(group.names, method.quantize_linears(group.names, weights, group.hessian,
+                                                                     hessian_q=group.hessian_q, cross=group.cross)):
+                ql.info.update(calib_rows=group.rows, calib_fallback=group.fallback)
+                solved[name] = ql
+                run_as[name] = (ql.dequantized, method.activation_fake_quant)
+                ql.dequantized = None
+            worst = max(solved[n].info.get("gptq_loss", 0.0) for n in group.names)
+            bar.set_postfix_str(f"block {index}: {group.names[0].rsplit('.', 1)[-1]} err {worst:.2e}")
+        return run_as
+
+    act_aware = getattr(method, "activation_aware", False)
+    calibrator.quantize_block(block, mine, solve, method.activation_fake_quant if act_aware else None)
+    calibrator.release_block(block)
+    return solved
 
 
 def _first_difference(old: dict, new: dict) -> str:
@@ -257,7 +345,7 @@ def _check_finite(src: Source, name: str, slices):
         yield part
 
 
-def _write_metadata(partial: Path, src: Source, sch: Scheme, method, config, modules, layers) -> None:
+def _write_metadata(partial: Path, src: Source, sch: Scheme, method, config, modules, layers, calib) -> dict:
     cfg = config.to_dict()
     cfg.pop("quantization_config", None)
     if "lm_head" in modules and cfg.get("tie_word_embeddings"):
@@ -287,7 +375,10 @@ def _write_metadata(partial: Path, src: Source, sch: Scheme, method, config, mod
         "source_kind": src.kind,
         "scheme": {"name": sch.name, "description": sch.description, "method": sch.method, "params": sch.params},
         "tokenizer": has_tok,
+        "calibration": calib.key() if calib is not None else None,
         "totals": totals,
-        "layers": layers,
+        # times vary from run to run: they go to --json only, so that OUT is reproducible
+        "layers": [{k: v for k, v in r.items() if not k.endswith("_seconds")} for r in layers],
     }
     (partial / "qconvert.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report

@@ -25,9 +25,15 @@ class W4A8Linear(nn.Module):
 
     layout "w4a8-is": integer group scales ``iscale`` int32 [N, G], ``cscale`` float32 [N],
     ``alpha_log2`` int32 [1].  layout "w4a8-fs": float group scales ``scales`` fp16 [N, G].
+    layout "w4a16": the tensors of "w4a8-fs", activations not quantized (weight-only): the
+    weight is dequantized once, y = x Ŵᵀ in the activations' dtype.
     """
 
-    SUFFIXES = {"w4a8-is": ("qweight", "shape", "iscale", "cscale", "alpha_log2"), "w4a8-fs": ("qweight", "shape", "scales")}
+    SUFFIXES = {
+        "w4a8-is": ("qweight", "shape", "iscale", "cscale", "alpha_log2"),
+        "w4a8-fs": ("qweight", "shape", "scales"),
+        "w4a16": ("qweight", "shape", "scales"),
+    }
 
     def __init__(self, layout: str, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None):
         super().__init__()
@@ -46,7 +52,7 @@ class W4A8Linear(nn.Module):
         else:
             self.register_buffer("scales", tensors["scales"])
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
-        self._q = self._qf = None
+        self._q = self._qf = self._w = None
 
     def extra_repr(self):
         return f"{self.layout}, in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
@@ -58,6 +64,13 @@ class W4A8Linear(nn.Module):
         return self._q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layout == "w4a16":
+            if self._w is None or self._w.dtype != x.dtype:
+                q = self.weights_int8().float().reshape(self.out_features, -1, self.group_size)
+                w = (q * self.scales.float()[..., None]).reshape(self.out_features, -1)
+                self._w = w[:, : self.in_features].to(x.dtype)
+            bias = self.bias.to(x.dtype) if self.bias is not None else None
+            return torch.nn.functional.linear(x, self._w, bias)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         q = self.weights_int8()
@@ -72,7 +85,7 @@ class W4A8Linear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
 
-LAYOUTS = {"w4a8-is": W4A8Linear, "w4a8-fs": W4A8Linear}
+LAYOUTS = {"w4a8-is": W4A8Linear, "w4a8-fs": W4A8Linear, "w4a16": W4A8Linear}
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -31,10 +31,12 @@ class Scheme:
     path: str = ""
 
     def with_overrides(self, group_size: int | None = None, quantize_lm_head: bool = False,
-                       exclude: tuple[str, ...] = ()) -> "Scheme":
+                       exclude: tuple[str, ...] = (), base: str | None = None) -> "Scheme":
         params = dict(self.params)
         if group_size is not None:
             params["group_size"] = group_size
+        if base is not None:
+            params["base"] = base
         excl = tuple(p for p in self.exclude if not (quantize_lm_head and p == "lm_head")) + tuple(exclude)
         return replace(self, params=params, exclude=excl)
 
@@ -49,7 +51,7 @@ def presets_dir() -> Path:
 
 
 def list_presets() -> list[Scheme]:
-    return [parse_scheme(p) for p in sorted(presets_dir().glob("*.toml"))]
+    return [parse_scheme(p) for p in sorted(presets_dir().glob("*.toml"), key=lambda p: p.stem)]
 
 
 def parse_scheme(path: Path) -> Scheme:

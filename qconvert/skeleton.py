@@ -8,6 +8,8 @@ import fnmatch
 import torch
 from torch import nn
 
+from qconvert.moe import is_router, unfuse_experts
+
 
 @contextlib.contextmanager
 def meta_parameters():
@@ -32,12 +34,13 @@ def meta_parameters():
 
 
 def build_skeleton(config):
-    """The causal-LM module tree of ``config`` with no weight memory."""
+    """The causal-LM module tree of ``config`` with no weight memory, named as its checkpoints
+    (fused MoE experts split into one linear per expert projection, ``qconvert.moe``)."""
     from transformers import AutoModelForCausalLM
 
     with meta_parameters():
         model = AutoModelForCausalLM.from_config(config)
-    return model.eval()
+    return unfuse_experts(model).eval()
 
 
 def is_excluded(name: str, patterns) -> bool:
@@ -45,8 +48,11 @@ def is_excluded(name: str, patterns) -> bool:
 
 
 def target_linears(model, exclude) -> dict[str, nn.Linear]:
-    """Linear modules to quantize, by name, in module order."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and not is_excluded(n, exclude)}
+    """Linear modules to quantize, by name, in module order; MoE routers never are."""
+    return {
+        n: m for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and not is_router(n) and not is_excluded(n, exclude)
+    }
 
 
 def tied_lm_head(model) -> bool:

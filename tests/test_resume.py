@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from helpers import tiny_config, write_model
+from helpers import TEXT, tiny_config, write_model
 from qconvert.cli import cli
 
 SHARD = "40KB"  # small shards, so that shards close in the middle of the run
@@ -17,13 +17,20 @@ SHARD = "40KB"  # small shards, so that shards close in the middle of the run
 
 @pytest.fixture(scope="module")
 def src(tmp_path_factory):
-    return write_model(tmp_path_factory.mktemp("resume") / "src", tiny_config(layers=4))
+    d = write_model(tmp_path_factory.mktemp("resume") / "src", tiny_config(layers=4))
+    (d.parent / "calib.txt").write_text(TEXT)
+    return d
+
+
+def _calib(src):
+    """GPTQ (is-w4a8) with a small calibration: the activations must survive the kill too."""
+    return ["--calib", "file", "--data-file", str(src.parent / "calib.txt"), "--nsamples", "6", "--seqlen", "48"]
 
 
 @pytest.fixture(scope="module")
 def reference(src, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "out"
-    res = CliRunner().invoke(cli, ["quantize", str(src), "-o", str(out), "--max-shard-size", SHARD, "-q"])
+    res = CliRunner().invoke(cli, ["quantize", str(src), "-o", str(out), "--max-shard-size", SHARD, "-q", *_calib(src)])
     assert res.exit_code == 0, res.output
     assert len(list(out.glob("model-*.safetensors"))) > 3
     return out
@@ -34,13 +41,18 @@ def _files(d: Path) -> dict[str, bytes]:
 
 
 def _quantize_cmd(src, out, *extra):
-    return [sys.executable, "-m", "qconvert.cli", "quantize", str(src), "-o", str(out), "--max-shard-size", SHARD, "-q", *extra]
+    return [sys.executable, "-m", "qconvert.cli", "quantize", str(src), "-o", str(out), "--max-shard-size", SHARD, "-q",
+            *_calib(src), *extra]
 
 
-@pytest.mark.parametrize("fault", ["tensor:1", "tensor:20", "tensor:75", "tensor:150", "closed:1", "finished:1"])
-def test_sigkill_then_resume_is_bit_identical(tmp_path, src, reference, fault):
+@pytest.mark.parametrize("fault,memory", [
+    ("tensor:1", None), ("tensor:20", None), ("tensor:75", None), ("tensor:150", None), ("closed:1", None),
+    ("finished:1", None), ("tensor:20", "1KB"), ("tensor:75", "1KB"),  # 1KB: activations kept in files
+])
+def test_sigkill_then_resume_is_bit_identical(tmp_path, src, reference, fault, memory):
     out = tmp_path / "out"
-    killed = subprocess.run(_quantize_cmd(src, out), env={**os.environ, "QCONVERT_FAULT": fault}, capture_output=True)
+    mem = ["--max-memory", memory] if memory else []
+    killed = subprocess.run(_quantize_cmd(src, out, *mem), env={**os.environ, "QCONVERT_FAULT": fault}, capture_output=True)
     assert killed.returncode == -9, killed.stderr.decode()[-2000:]
     assert not out.exists(), "a killed run must never leave an OUT that looks complete"
     assert (tmp_path / "out.partial").is_dir()
@@ -48,7 +60,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, src, reference, fault):
     again = subprocess.run(_quantize_cmd(src, out), capture_output=True, text=True)
     assert again.returncode != 0 and "--resume" in again.stderr
 
-    done = subprocess.run(_quantize_cmd(src, out, "--resume"), capture_output=True, text=True)
+    done = subprocess.run(_quantize_cmd(src, out, "--resume", *mem), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert not (tmp_path / "out.partial").exists()
     assert _files(out) == _files(reference)
@@ -57,22 +69,22 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, src, reference, fault):
 def test_ctrl_c_keeps_the_partial_for_resume(tmp_path, src, reference, monkeypatch):
     from qconvert.methods.integer_scale import IntegerScaleMethod
 
-    real = IntegerScaleMethod.quantize_linear
+    real = IntegerScaleMethod.quantize_linears
     calls = {"n": 0}
 
-    def interrupted(self, name, w):
+    def interrupted(self, *a, **kw):
         calls["n"] += 1
-        if calls["n"] == 12:
+        if calls["n"] == 6:  # in block 1 (four solves a block)
             raise KeyboardInterrupt
-        return real(self, name, w)
+        return real(self, *a, **kw)
 
-    monkeypatch.setattr(IntegerScaleMethod, "quantize_linear", interrupted)
+    monkeypatch.setattr(IntegerScaleMethod, "quantize_linears", interrupted)
     out = tmp_path / "out"
-    args = ["quantize", str(src), "-o", str(out), "--max-shard-size", SHARD, "-q"]
+    args = ["quantize", str(src), "-o", str(out), "--max-shard-size", SHARD, "-q", *_calib(src)]
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 130 and "--resume" in res.output
     assert not out.exists() and (tmp_path / "out.partial").is_dir()
-    monkeypatch.setattr(IntegerScaleMethod, "quantize_linear", real)
+    monkeypatch.setattr(IntegerScaleMethod, "quantize_linears", real)
     res = CliRunner().invoke(cli, args + ["--resume"])
     assert res.exit_code == 0, res.output
     assert _files(out) == _files(reference)
@@ -92,7 +104,7 @@ def test_disk_full_is_a_clear_error_and_resumable(tmp_path, src, reference, monk
 
     monkeypatch.setattr(safetensors_io._ShardBuilder, "add", full)
     out = tmp_path / "out"
-    args = ["quantize", str(src), "-o", str(out), "--max-shard-size", SHARD, "-q"]
+    args = ["quantize", str(src), "-o", str(out), "--max-shard-size", SHARD, "-q", *_calib(src)]
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 1 and "No space left on device" in res.output and "--resume" in res.output
     assert "Traceback" not in res.output and not out.exists()
@@ -105,7 +117,8 @@ def test_resume_with_other_settings_is_refused(tmp_path, src):
     out = tmp_path / "out"
     killed = subprocess.run(_quantize_cmd(src, out), env={**os.environ, "QCONVERT_FAULT": "tensor:60"}, capture_output=True)
     assert killed.returncode == -9
-    res = CliRunner().invoke(cli, ["quantize", str(src), "-o", str(out), "--max-shard-size", SHARD, "-g", "32", "--resume"])
+    res = CliRunner().invoke(cli, ["quantize", str(src), "-o", str(out), "--max-shard-size", SHARD, "-g", "32", "--resume",
+                                   *_calib(src)])
     assert res.exit_code == 1 and "other settings" in res.output and "group_size" in res.output
 
 

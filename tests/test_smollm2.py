@@ -2,39 +2,49 @@
 
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from qconvert import load, quantize
-from qconvert.calib import load_eval_text
+from qconvert.calib import CalibSettings, load_eval_text
 from qconvert.cli import cli
 from qconvert.evaluate import perplexity
 
 WINDOWS = 6  # of 512 tokens, the start of WikiText-2 test
+C4 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "c4-en" / "c4-train.00000-of-01024.first1000.jsonl"
+CALIB = ["--calib", "c4", "--data-file", str(C4), "--nsamples", "16", "--seqlen", "256"]  # small: CI time
 
 
 @pytest.fixture(scope="session")
 def is_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("smol") / "is"
-    res = CliRunner().invoke(cli, ["quantize", "smollm2-135m", "--scheme", "is-w4a8", "-o", str(out), "-q"])
+    res = CliRunner().invoke(cli, ["quantize", "smollm2-135m", "--scheme", "is-w4a8", "-o", str(out), "-q", *CALIB])
     assert res.exit_code == 0, res.output
     return out
 
 
 @pytest.fixture(scope="session")
 def fs_out(tmp_path_factory, smollm2):
-    return quantize(smollm2, "w4a8-fs", tmp_path_factory.mktemp("smol") / "fs", progress=False)
+    return quantize(smollm2, "w4a8-fs", tmp_path_factory.mktemp("smol") / "fs", progress=False,
+                    calib=CalibSettings("c4", str(C4), 16, 256))
 
 
 @pytest.fixture(scope="session")
-def ppl(smollm2, is_out, fs_out, wiki_test):
+def rtn_out(tmp_path_factory, smollm2):
+    return quantize(smollm2, "is-w4a8-rtn", tmp_path_factory.mktemp("smol") / "rtn", progress=False)
+
+
+@pytest.fixture(scope="session")
+def ppl(smollm2, is_out, fs_out, rtn_out, wiki_test):
     text = load_eval_text("wikitext2", wiki_test)
     tok = smollm2.load_tokenizer()
     return {
         "fp": perplexity(smollm2.load_model(), tok, text, 512, WINDOWS, progress=False).perplexity,
         "is": perplexity(load(is_out), tok, text, 512, WINDOWS, progress=False).perplexity,
         "fs": perplexity(load(fs_out), tok, text, 512, WINDOWS, progress=False).perplexity,
+        "rtn": perplexity(load(rtn_out), tok, text, 512, WINDOWS, progress=False).perplexity,
     }
 
 
@@ -54,6 +64,15 @@ def test_is_w4a8_keeps_perplexity(ppl):
     assert ppl["is"] < 1.6 * ppl["fp"], ppl
 
 
+def test_gptq_beats_round_to_nearest_on_every_linear(is_out, ppl):
+    """‖WX − ŴX‖² / ‖WX‖² on the calibration inputs, GPTQ (as run, integer scales) against RTN."""
+    layers = json.loads((is_out / "qconvert.json").read_text())["layers"]
+    assert len(layers) == 210
+    worse = [(r["name"], r["gptq_loss"], r["rtn_loss"]) for r in layers if not r["gptq_loss"] < r["rtn_loss"]]
+    assert not worse, worse
+    assert ppl["is"] < ppl["rtn"], ppl
+
+
 def test_integer_scale_matches_float_scale(ppl):
     assert abs(ppl["is"] - ppl["fs"]) < 0.01 * ppl["fs"], ppl
 
@@ -64,7 +83,7 @@ def test_local_directory_source_gives_the_same_output(tmp_path, smollm2, is_out)
     smollm2.load_model().save_pretrained(d)
     smollm2.load_tokenizer().save_pretrained(d)
     out = tmp_path / "out"
-    res = CliRunner().invoke(cli, ["quantize", str(d), "-o", str(out), "-q"])
+    res = CliRunner().invoke(cli, ["quantize", str(d), "-o", str(out), "-q", *CALIB])
     assert res.exit_code == 0, res.output
     assert (out / "model.safetensors").read_bytes() == (is_out / "model.safetensors").read_bytes()
 

@@ -110,11 +110,11 @@ def test_pickle_weights_need_the_flag_and_load_weights_only(tmp_path, tiny_llama
             shutil.copyfile(f, d / f.name)
     st = SafetensorsFile(tiny_llama / "model.safetensors")
     torch.save({n: st.get(n) for n in st.keys()}, d / "pytorch_model.bin")
-    res = CliRunner().invoke(cli, ["quantize", str(d), "-o", str(tmp_path / "a"), "-q"])
+    res = CliRunner().invoke(cli, ["quantize", str(d), "-o", str(tmp_path / "a"), "-q", "--base", "rtn"])
     assert res.exit_code == 1 and "--allow-pickle" in res.output
-    res = CliRunner().invoke(cli, ["quantize", str(d), "-o", str(tmp_path / "a"), "-q", "--allow-pickle"])
+    res = CliRunner().invoke(cli, ["quantize", str(d), "-o", str(tmp_path / "a"), "-q", "--allow-pickle", "--base", "rtn"])
     assert res.exit_code == 0, res.output
-    assert CliRunner().invoke(cli, ["quantize", str(tiny_llama), "-o", str(tmp_path / "b"), "-q"]).exit_code == 0
+    assert CliRunner().invoke(cli, ["quantize", str(tiny_llama), "-o", str(tmp_path / "b"), "-q", "--base", "rtn"]).exit_code == 0
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
 
 

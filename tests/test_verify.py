@@ -19,7 +19,7 @@ from qconvert.verify import verify
 def made(tmp_path_factory):
     d = tmp_path_factory.mktemp("verify")
     src = write_model(d / "src", tiny_config(layers=2))
-    out = quantize(str(src), "is-w4a8", d / "out", group_size=32, progress=False)
+    out = quantize(str(src), "is-w4a8-rtn", d / "out", group_size=32, progress=False)
     return src, out
 
 

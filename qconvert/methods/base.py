@@ -15,8 +15,11 @@ class QuantizedLinear:
               set docs/format.md specifies for it
     tensors : suffix -> tensor, written as ``f"{module_name}.{suffix}"``
     info    : a JSON-able report row (shape, bits, group size, α, headroom, ...)
+    dequantized : the float weight [N, K] the layer computes with, for calibration to run the
+              quantized block (not written); None when nobody asked for it
     """
 
     layout: str
     tensors: dict[str, torch.Tensor]
     info: dict
+    dequantized: torch.Tensor | None = None

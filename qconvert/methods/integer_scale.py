@@ -20,12 +20,14 @@ from dataclasses import asdict, dataclass
 import torch
 
 from qconvert.errors import QConvertError
-from qconvert.formats.packing import pack_int4
+from qconvert.formats.packing import pack_int4, pad_columns
 from qconvert.methods.base import QuantizedLinear
+from qconvert.gptq import IntGrid, gptq, relative_output_error, rtn
 from qconvert.methods.rtn import quantize_groups_symmetric, row_chunks
 from qconvert_kernels.reference import ACT_QMAX
 
 INT32_MAX = 2**31 - 1
+CLIP_STEP = 0.025
 
 
 @dataclass(frozen=True)
@@ -33,23 +35,37 @@ class IntegerScaleConfig:
     weight_bits: int = 4
     group_size: int = 128
     scales: str = "integer"  # "integer" (Integer Scale) or "float" (the counterpart)
-    solver: str = "rtn"
-    act_bits: int = 8
+    base: str = "gptq"  # the weight solver: "gptq" (calibrated, qconvert/gptq.py) or "rtn"
+    act_bits: int = 8  # 8: dynamic per-token int8; 16: weight-only (activations stay float)
     max_alpha_log2: int = 30
+    damp: float = 0.01  # GPTQ dampening, a fraction of mean(diag H)
+    act_order: bool = True  # GPTQ column order by decreasing diag H (groups stay in channel order)
+    clip_min: float = 1.0  # range search: scales shrunk by factors 1.0, 0.975, ... down to clip_min
+    act_aware: bool = False  # GPTQ targets W x from the quantized inputs x̃ the runtime feeds the layer
 
     def __post_init__(self):
         if self.weight_bits != 4:
             raise QConvertError(f"integer-scale: weight_bits={self.weight_bits} is not supported; use 4")
-        if self.act_bits != 8:
-            raise QConvertError(f"integer-scale: act_bits={self.act_bits} is not supported; use 8")
+        if self.act_bits not in (8, 16):
+            raise QConvertError(f"integer-scale: act_bits={self.act_bits} is not supported; use 8 (W4A8) or 16 (weight-only)")
         if not (isinstance(self.group_size, int) and 2 <= self.group_size <= 8192 and self.group_size % 2 == 0):
             raise QConvertError(f"integer-scale: group_size={self.group_size!r} must be an even integer in 2..8192 (128 is the default)")
         if self.scales not in ("integer", "float"):
             raise QConvertError(f"integer-scale: scales={self.scales!r} must be 'integer' or 'float'")
-        if self.solver != "rtn":
-            raise QConvertError(f"integer-scale: solver={self.solver!r} is not available in this release; use 'rtn'")
+        if self.act_bits == 16 and self.scales != "float":
+            raise QConvertError("integer-scale: weight-only (act_bits = 16) keeps float scales; set scales = 'float'")
+        if self.base not in ("rtn", "gptq"):
+            raise QConvertError(f"integer-scale: base={self.base!r} must be 'rtn' or 'gptq'")
         if not (type(self.max_alpha_log2) is int and 0 <= self.max_alpha_log2 <= 30):
             raise QConvertError(f"integer-scale: max_alpha_log2={self.max_alpha_log2} must be in 0..30")
+        if not (isinstance(self.damp, (int, float)) and 0 < self.damp <= 1):
+            raise QConvertError(f"integer-scale: damp={self.damp!r} must be in (0, 1]; 0.01 is the default")
+        if not (isinstance(self.clip_min, (int, float)) and 0.3 <= self.clip_min <= 1):
+            raise QConvertError(f"integer-scale: clip_min={self.clip_min!r} must be in [0.3, 1]; 1 turns the search off")
+
+    def grid(self) -> IntGrid:
+        steps = int(round((1.0 - self.clip_min) / CLIP_STEP))
+        return IntGrid(self.weight_bits, tuple(1.0 - CLIP_STEP * i for i in range(steps + 1)))
 
 
 def group_abs_sums(q: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -86,10 +102,9 @@ def choose_alpha(scales: torch.Tensor, abs_sums: torch.Tensor, max_alpha_log2: i
 
 
 class IntegerScaleMethod:
-    """Method plugin ``integer-scale`` (presets is-w4a8 and w4a8-fs)."""
+    """Method plugin ``integer-scale`` (presets is-w4a8, is-w4a8-rtn, w4a8-fs, w4a16-gptq)."""
 
     name = "integer-scale"
-    needs_calibration = False
 
     def __init__(self, params: dict):
         try:
@@ -98,31 +113,93 @@ class IntegerScaleMethod:
             allowed = ", ".join(IntegerScaleConfig.__dataclass_fields__)
             raise QConvertError(f"integer-scale: {e}; allowed parameters: {allowed}") from e
 
+    @property
+    def needs_calibration(self) -> bool:
+        return self.config.base == "gptq"
+
+    @property
+    def activation_aware(self) -> bool:
+        return self.config.act_aware and self.config.act_bits < 16
+
     def describe(self) -> dict:
         cfg = self.config
+        act = (
+            {"bits": 16, "dynamic": False, "note": "not quantized (weight-only)"} if cfg.act_bits == 16 else
+            {"bits": cfg.act_bits, "symmetric": True, "granularity": "per-token", "dynamic": True, "qmax": ACT_QMAX}
+        )
         return {
             **asdict(cfg),
             "weights": {"bits": cfg.weight_bits, "symmetric": True, "granularity": "group", "group_size": cfg.group_size},
-            "activations": {"bits": cfg.act_bits, "symmetric": True, "granularity": "per-token", "dynamic": True, "qmax": ACT_QMAX},
+            "activations": act,
         }
 
+    def activation_fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        """What the runtime does to a linear's input, in float: the per-token int8 round trip
+        of ``quantize_per_token_int8`` (same levels, same scale), without the int8 tensor."""
+        if self.config.act_bits == 16:
+            return x
+        xf = x.float()
+        amax = xf.abs().amax(dim=-1, keepdim=True)
+        inv = torch.where(amax > 0, amax.reciprocal() * ACT_QMAX, torch.zeros_like(amax))
+        return torch.round(xf * inv).clamp_(-ACT_QMAX, ACT_QMAX).mul_(amax / ACT_QMAX).to(x.dtype)
+
     def quantize_linear(self, name: str, weight: torch.Tensor) -> QuantizedLinear:
+        """Round-to-nearest (no calibration), in bounded row chunks whatever the layer's size."""
         cfg = self.config
         n, k = weight.shape
-        packed, scale_rows, sum_rows = [], [], []
-        for rows in row_chunks(weight):  # bounded temporaries, whatever the layer's size
+        q_rows, scale_rows = [], []
+        for rows in row_chunks(weight):
             gq = quantize_groups_symmetric(rows, cfg.weight_bits, cfg.group_size)
-            packed.append(pack_int4(gq.q))
+            q_rows.append(gq.q)
             scale_rows.append(gq.scales)
-            sum_rows.append(group_abs_sums(gq.q, cfg.group_size))
-        scales, abs_sums = torch.cat(scale_rows), torch.cat(sum_rows)
-        tensors = {"qweight": torch.cat(packed), "shape": torch.tensor([n, k], dtype=torch.int64)}
-        info = {"shape": [n, k], "bits": cfg.weight_bits, "group_size": cfg.group_size}
+        return self._finish(torch.cat(q_rows), torch.cat(scale_rows), k, {})
+
+    def quantize_linears(self, names: list[str], weights: list[torch.Tensor], hessian: torch.Tensor,
+                         want_dequantized: bool = True, hessian_q: torch.Tensor | None = None,
+                         cross: torch.Tensor | None = None) -> list[QuantizedLinear]:
+        """GPTQ on layers that read the same input (one Hessian), stacked: see qconvert/gptq.py.
+
+        With ``hessian_q`` = 2 X̃ᵀX̃/n and ``cross`` = 2 XᵀX̃/n (activation-aware), the target is
+        W X from the quantized inputs X̃: GPTQ runs on W* = W C H̃⁻¹ (the least-squares answer)
+        against H̃, since ‖WX − ŴX̃‖² = ‖(W* − Ŵ)X̃‖² + const.
+        """
+        cfg = self.config
+        k = weights[0].shape[1]
+        if hessian_q is not None:
+            weights = [_least_squares_target(w.float(), cross, hessian_q, cfg.damp) for w in weights]
+            hessian = hessian_q
+        res = gptq(torch.cat([w.float() for w in weights]), hessian, cfg.grid(), cfg.group_size,
+                   damp=cfg.damp, act_order=cfg.act_order, report=False)
+        out, row = [], 0
+        for w in weights:
+            n = w.shape[0]
+            q = pad_columns(res.q[row : row + n], cfg.group_size)
+            extra = {"gptq_seconds": round(res.seconds * n / res.q.shape[0], 4), "dead_inputs": res.dead,
+                     "solved_with": len(weights)}
+            ql = self._finish(q, res.scales[row : row + n], k, extra, want_dequantized=True)
+            # the layer's own output error, relative: ‖(W - Ŵ)X‖² / ‖WX‖² (as run, integer scales included)
+            ql.info["gptq_loss"] = relative_output_error(w.float(), ql.dequantized, hessian)
+            ql.info["rtn_loss"] = relative_output_error(w.float(), rtn(w.float(), IntGrid(cfg.weight_bits), cfg.group_size), hessian)
+            if not want_dequantized:
+                ql.dequantized = None
+            out.append(ql)
+            row += n
+        return out
+
+    def _finish(self, q: torch.Tensor, scales: torch.Tensor, k: int, extra: dict,
+                want_dequantized: bool = False) -> QuantizedLinear:
+        """Tensors of the layout from int levels q int8 [N, Kp] and float group scales [N, G]."""
+        cfg = self.config
+        n = q.shape[0]
+        tensors = {"qweight": pack_int4(q), "shape": torch.tensor([n, k], dtype=torch.int64)}
+        info = {"shape": [n, k], "bits": cfg.weight_bits, "group_size": cfg.group_size, "base": cfg.base, **extra}
         if cfg.scales == "float":
-            tensors["scales"] = scales.half()  # exact: the RTN scales are fp16 numbers
-            info.update(layout="w4a8-fs")
-            return QuantizedLinear("w4a8-fs", tensors, info)
-        a, s_hat, c, bound = choose_alpha(scales, abs_sums, cfg.max_alpha_log2)
+            tensors["scales"] = scales.half()  # exact: the grids' scales are fp16 numbers
+            layout = "w4a16" if cfg.act_bits == 16 else "w4a8-fs"
+            info.update(layout=layout)
+            deq = _dequantize(q, scales, cfg.group_size, k) if want_dequantized else None
+            return QuantizedLinear(layout, tensors, info, deq)
+        a, s_hat, c, bound = choose_alpha(scales, group_abs_sums(q, cfg.group_size), cfg.max_alpha_log2)
         worst_n = int(bound.argmax())
         tensors.update(
             iscale=s_hat.to(torch.int32),
@@ -137,4 +214,21 @@ class IntegerScaleMethod:
             # an all-zero weight has bound 0: no input can overflow it; report 31 bits
             headroom_bits=round(math.log2(INT32_MAX / max(int(bound[worst_n]), 1)), 3),
         )
-        return QuantizedLinear("w4a8-is", tensors, info)
+        deq = None
+        if want_dequantized:  # the scales the kernel applies: ŝ · c / 2^a
+            deq = _dequantize(q, s_hat.double() * c.double()[:, None] / 2.0**a, cfg.group_size, k)
+        return QuantizedLinear("w4a8-is", tensors, info, deq)
+
+
+def _least_squares_target(w: torch.Tensor, cross: torch.Tensor, hq: torch.Tensor, damp: float) -> torch.Tensor:
+    """W* = W C (H̃ + λI)⁻¹, λ = damp · mean(diag H̃)."""
+    h = hq.double().clone()
+    h.diagonal().add_(damp * float(h.diagonal().mean()) + 1e-12)
+    z = torch.linalg.solve(h, cross.double().T @ w.double().T)  # (H̃ + λI) Z = Cᵀ Wᵀ
+    return z.T.float()
+
+
+def _dequantize(q: torch.Tensor, scales: torch.Tensor, group_size: int, k: int) -> torch.Tensor:
+    n, kp = q.shape
+    w = q.double().reshape(n, -1, group_size) * scales.double()[..., None]
+    return w.reshape(n, kp)[:, :k].float()

@@ -1,0 +1,514 @@
+"""Sequential calibration: block inputs captured once, each block observed, quantized, re-run.
+
+For a method that needs calibration (GPTQ-based schemes), the pipeline walks the decoder
+blocks in order with the calibration activations X_i (the input of block i):
+
+1. the block's weights are read from the source into a real module (float32);
+2. X_i runs through it with a forward pre-hook on every target linear, which accumulates
+   S = Σ xᵀx and the row count; H = 2 S / rows.  Linears that read the very same input
+   tensor one after the other (q/k/v, gate/up, an expert's gate/up) share one accumulator
+   and are solved together;
+3. mixture-of-experts: an expert that the router sent fewer tokens than its input width
+   (its H would be rank-deficient) is observed again on *all* calibration tokens, by a
+   second pass that pushes every token through it for statistics only (the block's output
+   still uses the router's choice); a warning names it;
+4. the method quantizes the block's linears; their dequantized weights go back into the
+   block, with the method's run-time activation quantization as a pre-hook, so that
+5. X_{i+1} = block(X_i) is computed through the block *as it will run*, and feeds the next.
+
+Memory is one block, its Hessians and two activation buffers [nsamples, seqlen, hidden] in
+float32.  The buffers are kept in RAM while both fit ``max_memory``; above it they are files
+in OUT.partial mapped into memory, which the kernel pages to disk.  Either way the current
+buffer is also what ``--resume`` restarts from: with files nothing is copied; in RAM it is
+saved to OUT.partial after each block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qconvert.errors import QConvertError
+from qconvert.source import DECODER_LAYERS, Source
+
+log = logging.getLogger("qconvert")
+
+CALIB_DIR = "calib"
+
+
+class _Stop(Exception):
+    pass
+
+
+class ActivationBuffers:
+    """Two float32 buffers [n, L, H] (block input and output), in RAM or file-backed."""
+
+    def __init__(self, directory: Path, shape: tuple[int, int, int], on_disk: bool):
+        self.dir = directory
+        self.shape = shape
+        self.on_disk = on_disk
+        directory.mkdir(exist_ok=True)
+        self.bufs = [self._make(i) for i in range(2)]
+        self.current = 0  # index of the buffer that holds the next block's input
+
+    def _path(self, i: int) -> Path:
+        return self.dir / f"acts{i}.f32"
+
+    def _make(self, i: int) -> torch.Tensor:
+        numel = self.shape[0] * self.shape[1] * self.shape[2]
+        if not self.on_disk:
+            return torch.empty(self.shape)
+        path = self._path(i)
+        with open(path, "ab") as f:  # sized without writing: a sparse file
+            f.truncate(numel * 4)
+        return torch.from_file(str(path), shared=True, size=numel, dtype=torch.float32).view(self.shape)
+
+    @property
+    def inputs(self) -> torch.Tensor:
+        return self.bufs[self.current]
+
+    @property
+    def outputs(self) -> torch.Tensor:
+        return self.bufs[1 - self.current]
+
+    def swap(self) -> None:
+        self.current = 1 - self.current
+
+    def checkpoint(self) -> dict:
+        """Make the current input durable for --resume; returns what the journal records."""
+        if not self.on_disk:  # one file per buffer: the journal's last record keeps pointing at a whole one
+            tmp = self.dir / "saved.tmp"
+            with open(tmp, "wb") as f:
+                f.write(self.inputs.numpy().tobytes())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.dir / f"saved{self.current}.f32")
+        return {"buffer": self.current, "on_disk": self.on_disk}
+
+    def restore(self, state: dict) -> None:
+        if state.get("on_disk") != self.on_disk:
+            raise QConvertError("the interrupted run kept its activations elsewhere (another --max-memory); "
+                                "repeat it with the same --max-memory, or pass --force to start over")
+        self.current = int(state["buffer"])
+        if not self.on_disk:
+            saved = self.dir / f"saved{self.current}.f32"
+            data = torch.from_file(str(saved), shared=False, size=self.inputs.numel(), dtype=torch.float32)
+            self.inputs.copy_(data.view(self.shape))
+
+
+class Calibrator:
+    """Runs calibration activations through the decoder blocks (see the module docstring)."""
+
+    def __init__(self, src: Source, skeleton: nn.Module, names: dict[str, str], tokens: torch.Tensor,
+                 partial: Path, max_memory: int, batch_tokens: int = 4096, progress: bool = True):
+        self.src = src
+        self.model = skeleton
+        self.names = names  # skeleton tensor name -> source tensor name
+        self.tokens = tokens
+        self.progress = progress
+        n, seqlen = tokens.shape
+        hidden = skeleton.config.hidden_size
+        need = 2 * n * seqlen * hidden * 4
+        self.acts = ActivationBuffers(partial / CALIB_DIR, (n, seqlen, hidden), on_disk=need > max_memory)
+        self.spare = max_memory - (0 if self.acts.on_disk else need)  # RAM left for the MLP cache
+        self._mlp_cache: torch.Tensor | None = None
+        self.batch = max(1, batch_tokens // seqlen)
+        self._kwargs: dict[int, dict] = {}
+        self.layers = skeleton.get_submodule(DECODER_LAYERS)
+        self.seconds = {"forward": 0.0}
+
+    # ---- block inputs -------------------------------------------------------------------
+    def embed(self, fill: bool = True) -> None:
+        """Block-0 inputs of every sample into the input buffer (``fill``), and the keyword
+        arguments transformers hands a block (rotary tables, mask) for each batch size."""
+        t0 = time.perf_counter()
+        emb = self.model.get_input_embeddings()
+        name = self._tensor_name(emb, "weight")
+        emb.weight = nn.Parameter(self.src.get(self.names[name]).float(), requires_grad=False)
+        try:
+            for start in range(0, self.tokens.shape[0], self.batch):
+                ids = self.tokens[start : start + self.batch]
+                if not fill and len(ids) in self._kwargs:
+                    continue
+                hidden, kwargs = self._catch(ids)
+                if fill:
+                    self.acts.inputs[start : start + len(ids)] = hidden
+                self._kwargs.setdefault(len(ids), kwargs)
+        finally:
+            emb.weight = nn.Parameter(torch.empty_like(emb.weight, device="meta"), requires_grad=False)
+        self.seconds["forward"] += time.perf_counter() - t0
+
+    def _catch(self, ids: torch.Tensor):
+        """The hidden states and keyword arguments transformers hands decoder block 0."""
+        first = self.layers[0]
+        caught = {}
+
+        class Catcher(nn.Module):
+            def forward(self, hidden_states, *args, **kwargs):
+                caught["hidden"], caught["args"], caught["kwargs"] = hidden_states, args, kwargs
+                raise _Stop
+
+        self.layers[0] = Catcher()
+        try:
+            with torch.no_grad():
+                self.model.get_submodule(DECODER_LAYERS.rsplit(".", 1)[0])(input_ids=ids, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            self.layers[0] = first
+        if caught.get("args"):
+            raise QConvertError("this architecture passes positional arguments to its decoder blocks; "
+                                "calibration does not support it yet: use --base rtn")
+        kwargs = {k: v for k, v in caught["kwargs"].items() if k not in ("past_key_values", "past_key_value", "use_cache")}
+        return caught["hidden"].float(), kwargs
+
+    def _tensor_name(self, module: nn.Module, attr: str) -> str:
+        for name, m in self.model.named_modules():
+            if m is module:
+                return f"{name}.{attr}"
+        raise AssertionError("module not in model")
+
+    # ---- one block ----------------------------------------------------------------------
+    def load_block(self, index: int) -> nn.Module:
+        """Decoder block ``index`` with its real weights (float32)."""
+        block = self.layers[index]
+        prefix = f"{DECODER_LAYERS}.{index}."
+        for mod_name, mod in block.named_modules():
+            for pname, p in list(mod._parameters.items()):
+                if p is None:
+                    continue
+                full = prefix + (f"{mod_name}.{pname}" if mod_name else pname)
+                mod._parameters[pname] = nn.Parameter(self.src.get(self.names[full]).float(), requires_grad=False)
+        return block
+
+    def release_block(self, block: nn.Module) -> None:
+        for mod in block.modules():
+            for pname, p in list(mod._parameters.items()):
+                if p is not None:
+                    mod._parameters[pname] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+
+    def _batches(self):
+        """(slice, kwargs) over the samples, ``self.batch`` at a time."""
+        n = self.tokens.shape[0]
+        for start in range(0, n, self.batch):
+            stop = min(start + self.batch, n)
+            yield slice(start, stop), self._kwargs[stop - start]
+
+    def quantize_block(self, block: nn.Module, targets: dict[str, nn.Linear], solve, act_quant=None) -> None:
+        """True-sequential calibration of one decoder block, then its output (the next input).
+
+        ``targets``: the block's linears to quantize (full name -> module).  ``solve(groups)``
+        quantizes a list of HessianGroup and returns {name: (float weight as run, activation
+        quantizer)}.  The block is walked in the order the data flows, each stage observed
+        through the stages before it *as quantized*:
+
+            A  q/k/v (everything in self_attn but o_proj) read ln1(X)
+            B  o_proj reads the attention output, recomputed with quantized q/k/v -> Y
+            C  h = X + o_proj(Y) -> Y; the MLP's input linears read ln2(h)
+            D  the MLP's output linears (down_proj, every expert's w2) read what the
+               quantized input linears make of ln2(h)
+            E  Y = h + mlp(ln2(h)), all quantized: the next block's input
+
+        ``act_quant`` (activation-aware calibration): the run-time activation quantizer; each
+        group then also carries X̃ᵀX̃ and XᵀX̃ of the quantized inputs X̃ (HessianGroup.cross).
+        """
+        parts = [getattr(block, a, None) for a in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")]
+        if any(p is None for p in parts) or getattr(parts[1], "o_proj", None) is None:
+            raise QConvertError(f"{type(block).__name__} is not a pre-norm attention + MLP block that calibration "
+                                "knows; use --base rtn")
+        ln1, attn, ln2, mlp = parts
+        hidden = self.model.config.hidden_size
+        in_attn = {id(m) for m in attn.modules()}
+        in_mlp = {id(m) for m in mlp.modules()}
+        stage_a = {n: m for n, m in targets.items() if id(m) in in_attn and m is not attn.o_proj}
+        stage_b = {n: m for n, m in targets.items() if m is attn.o_proj}
+        stage_c = {n: m for n, m in targets.items() if id(m) in in_mlp and m.in_features == hidden}
+        stage_d = {n: m for n, m in targets.items() if id(m) in in_mlp and m.in_features != hidden}
+        stray = set(targets) - set(stage_a) - set(stage_b) - set(stage_c) - set(stage_d)
+        if stray:
+            raise QConvertError(f"{sorted(stray)[0]} lies outside attention and MLP; calibration cannot reach it: "
+                                f"--exclude it or use --base rtn")
+        dense_mlp = len(stage_d) == 1 and not _expert_linears(mlp)
+        x, y = self.acts.inputs, self.acts.outputs
+        hooks = []
+
+        def install(run_as: dict) -> None:
+            for name, (weight, act_quant) in run_as.items():
+                lin = targets[name]
+                lin.weight = nn.Parameter(weight.to(lin.weight.dtype), requires_grad=False)
+                hooks.append(lin.register_forward_pre_hook(lambda m, args, f=act_quant: (f(args[0]), *args[1:])))
+
+        def timed(stage):
+            t0 = time.perf_counter()
+            result = stage()
+            self.seconds["forward"] += time.perf_counter() - t0
+            return result
+
+        try:
+            with torch.no_grad():
+                if stage_a:  # A: fed directly, no forward needed
+                    obs = _Observer(stage_a, act_quant)
+                    def a():
+                        for sl, _ in self._batches():
+                            h0 = ln1(x[sl])
+                            for m in stage_a.values():
+                                obs._hook(m, (h0,))
+                    timed(a)
+                    install(solve(obs.groups()))
+
+                def b():  # B: attention output with quantized q/k/v, caught at o_proj
+                    obs = _Observer(stage_b, act_quant)
+                    with obs.hooked(), _stop_before(attn.o_proj, y) as catch:
+                        for sl, kw in self._batches():
+                            catch.target = sl
+                            try:
+                                attn(hidden_states=ln1(x[sl]), **kw)
+                            except _Stop:
+                                pass
+                            else:
+                                raise AssertionError("o_proj was not reached")
+                    return obs
+                obs = timed(b)
+                if stage_b:
+                    install(solve(obs.groups()))
+
+                def c():  # C: residual after attention into Y; observe the MLP's input linears
+                    obs = _Observer(stage_c, act_quant)
+                    with obs.hooked():
+                        for sl, _ in self._batches():
+                            h = x[sl] + attn.o_proj(y[sl])
+                            y[sl] = h
+                            m = ln2(h)
+                            if dense_mlp:
+                                for lin in stage_c.values():
+                                    obs._hook(lin, (m,))
+                            else:
+                                mlp(m)
+                    if not dense_mlp:
+                        self._refill_starved(obs, mlp, lambda: [mlp(ln2(y[sl])) for sl, _ in self._batches()])
+                    return obs
+                obs = timed(c)
+                if stage_c:
+                    install(solve(obs.groups()))
+
+                cache = self._mlp_cache_for(next(iter(stage_d.values())).in_features) if dense_mlp else None
+
+                def d():  # D: the MLP's output linears see the quantized input linears' product
+                    obs = _Observer(stage_d, act_quant)
+                    stop = next(iter(stage_d.values())) if dense_mlp else None
+                    with obs.hooked(), _stop_before(stop, cache) as catch:
+                        for sl, _ in self._batches():
+                            catch.target = sl
+                            try:
+                                mlp(ln2(y[sl]))
+                            except _Stop:
+                                pass
+                    if not dense_mlp:
+                        self._refill_starved(obs, mlp, lambda: [mlp(ln2(y[sl])) for sl, _ in self._batches()])
+                    return obs
+                obs = timed(d)
+                if stage_d:
+                    install(solve(obs.groups()))
+
+                def e():  # E: the block's output, as it will run (down_proj's input kept from D if it fit)
+                    for sl, _ in self._batches():
+                        h = y[sl]
+                        y[sl] = h + (next(iter(stage_d.values()))(cache[sl]) if cache is not None else mlp(ln2(h)))
+                timed(e)
+        finally:
+            for h in hooks:
+                h.remove()
+        self.acts.swap()
+
+    def _mlp_cache_for(self, width: int) -> torch.Tensor | None:
+        """RAM for down_proj's inputs [n, L, width] between stages D and E, if the budget allows."""
+        n, seqlen = self.tokens.shape
+        if self._mlp_cache is None or self._mlp_cache.shape[-1] != width:
+            self._mlp_cache = None
+            if n * seqlen * width * 4 > self.spare:
+                return None  # recompute gate/up in stage E instead
+            self._mlp_cache = torch.empty(n, seqlen, width)
+        return self._mlp_cache
+
+    def _refill_starved(self, obs: "_Observer", mlp: nn.Module, rerun) -> None:
+        """MoE: experts with too few routed tokens are observed again on all tokens."""
+        starved = obs.starved_experts(_expert_linears(mlp))
+        if starved:
+            obs.second_pass = True
+            with obs.hooked(), _all_tokens_through(mlp, starved, obs):
+                rerun()
+
+
+class _StopCatch:
+    target = None
+
+
+@contextlib.contextmanager
+def _stop_before(module: nn.Module | None, store: torch.Tensor | None):
+    """A pre-hook on ``module`` that keeps its input in ``store[catch.target]`` and stops the forward."""
+    catch = _StopCatch()
+    if module is None:
+        yield catch
+        return
+
+    def hook(mod, args):
+        if store is not None:
+            store[catch.target] = args[0]
+        raise _Stop
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        yield catch
+    finally:
+        handle.remove()
+
+
+class HessianGroup:
+    """Linears that read one input: their names and H = 2 XᵀX / rows (float32 [K, K])."""
+
+    def __init__(self, names: list[str], s: torch.Tensor, rows: int, fallback: bool,
+                 sq: torch.Tensor | None = None, cross: torch.Tensor | None = None):
+        self.names = names
+        self.rows = rows
+        self.fallback = fallback
+        scale = 2.0 / rows if rows else 1.0
+        self.hessian = s * scale
+        # activation-aware: H̃ = 2 X̃ᵀX̃ / rows and C = 2 XᵀX̃ / rows (X̃: inputs as quantized at run time)
+        self.hessian_q = sq * scale if sq is not None else None
+        self.cross = cross * scale if cross is not None else None
+
+
+class _Observer:
+    """Forward pre-hooks that accumulate XᵀX per group of linears sharing an input."""
+
+    def __init__(self, targets: dict[str, nn.Linear], act_quant=None):
+        self.targets = targets
+        self.act_quant = act_quant
+        self.sq: dict[str, torch.Tensor] = {}
+        self.cross: dict[str, torch.Tensor] = {}
+        self.module_name = {id(m): n for n, m in targets.items()}
+        self.leader: dict[str, str] = {}  # name -> the name whose accumulator it shares
+        self.sums: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, int] = {}
+        self.fallback: set[str] = set()
+        self.second_pass = False  # MoE: a pass that only feeds the starved experts' accumulators
+        self.collecting_all = False  # ... while every token runs through them
+        self._last = None
+
+    @contextlib.contextmanager
+    def hooked(self):
+        handles = [m.register_forward_pre_hook(self._hook) for m in self.targets.values()]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            self._last = None
+
+    def _hook(self, module, args):
+        name = self.module_name[id(module)]
+        x = args[0]
+        key = (x.data_ptr(), tuple(x.shape), x._version)
+        if self.second_pass and not (self.collecting_all and name in self.fallback):
+            self._last = (key, name)
+            return
+        if self._last is not None and self._last[0] == key and self._last[1] != name:
+            lead = self._last[1]
+            if self.leader.setdefault(name, lead) != lead:
+                raise AssertionError(f"{name}: inconsistent input sharing")
+            return
+        self.leader.setdefault(name, name)
+        if self.leader[name] != name:
+            raise AssertionError(f"{name}: inconsistent input sharing")
+        self._last = (key, name)
+        x2 = x.reshape(-1, x.shape[-1]).float()
+        if name not in self.sums:
+            self.sums[name] = torch.zeros(x2.shape[1], x2.shape[1])
+            self.rows[name] = 0
+        self.sums[name].addmm_(x2.T, x2)
+        self.rows[name] += x2.shape[0]
+        if self.act_quant is not None:
+            xq = self.act_quant(x2)
+            if name not in self.sq:
+                self.sq[name] = torch.zeros_like(self.sums[name])
+                self.cross[name] = torch.zeros_like(self.sums[name])
+            self.sq[name].addmm_(xq.T, xq)
+            self.cross[name].addmm_(x2.T, xq)
+
+    def starved_experts(self, experts: set[int]) -> list[str]:
+        """Expert linears (``experts``: their ids) whose routed rows are fewer than K."""
+        starved = {}
+        for name, lin in self.targets.items():
+            if id(lin) in experts:
+                got = self.rows.get(self.leader.get(name, name), 0)
+                if got < lin.in_features:
+                    starved[name] = got
+        for name, got in starved.items():
+            log.warning("%s: the router sent it %d calibration tokens (fewer than its %d inputs); "
+                        "its statistics come from all calibration tokens instead", name, got, self.targets[name].in_features)
+            self.fallback.add(name)
+        for name in starved:
+            lead = self.leader.pop(name, None)
+            for acc in (self.sums, self.rows, self.sq, self.cross):
+                acc.pop(lead, None)
+        return list(starved)
+
+    def groups(self) -> list[HessianGroup]:
+        members: dict[str, list[str]] = {}
+        for name in self.targets:  # module order: leaders come first
+            if name not in self.leader:
+                raise QConvertError(f"calibration never reached {name}; it cannot be quantized with GPTQ: use --base rtn "
+                                    f"or --exclude '{name}'")
+            members.setdefault(self.leader[name], []).append(name)
+        return [HessianGroup(names, self.sums[lead], self.rows[lead], lead in self.fallback,
+                             self.sq.get(lead), self.cross.get(lead))
+                for lead, names in members.items()]
+
+
+def _expert_linears(block: nn.Module) -> set[int]:
+    try:
+        from qconvert.moe import UnfusedExperts
+    except ImportError:  # pragma: no cover
+        return set()
+    return {id(m) for mod in block.modules() if isinstance(mod, UnfusedExperts)
+            for m in mod.modules() if isinstance(m, nn.Linear)}
+
+
+@contextlib.contextmanager
+def _all_tokens_through(block: nn.Module, starved: list[str], obs: _Observer):
+    """During this pass, every token also runs through the starved experts (statistics only)."""
+    from qconvert.moe import UnfusedExperts
+
+    handles = []
+    for mod_name, mod in block.named_modules():
+        if not isinstance(mod, UnfusedExperts):
+            continue
+        wanted = []
+        for e, expert in enumerate(mod.experts):
+            if any(obs.module_name.get(id(lin)) in starved for lin in expert.modules()):
+                wanted.append(expert)
+        if not wanted:
+            continue
+
+        def after(module, args, output, wanted=wanted):
+            hidden = args[0]
+            hidden = hidden.reshape(-1, hidden.shape[-1])
+            obs.collecting_all = True
+            try:
+                for expert in wanted:
+                    expert(hidden)
+            finally:
+                obs.collecting_all = False
+
+        handles.append(mod.register_forward_hook(after))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

@@ -1,0 +1,187 @@
+"""The shared GPTQ solver and the sequential calibration around it."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from helpers import TEXT, tiny_config, write_model
+from qconvert.cli import cli
+from qconvert.gptq import IntGrid, gptq, relative_output_error, rtn
+
+
+def _problem(n=96, k=256, rows=2048, seed=0):
+    """Correlated inputs with uneven channel scales, as real activations have."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(k, k, generator=g) / k**0.5 + torch.eye(k)
+    x = (torch.randn(rows, k, generator=g) @ mix) * torch.linspace(0.05, 4.0, k)
+    w = torch.randn(n, k, generator=g) * 0.05
+    return w, 2 * x.T @ x / rows
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_beats_round_to_nearest(act_order):
+    w, h = _problem()
+    res = gptq(w, h, IntGrid(4), 64, act_order=act_order)
+    assert res.q.dtype == torch.int8 and res.q.shape == w.shape and res.scales.shape == (96, 4)
+    assert int(res.q.min()) >= -8 and int(res.q.max()) <= 7
+    w_hat = res.q.float() * res.scales.repeat_interleave(64, dim=1)
+    assert relative_output_error(w, w_hat, h) == pytest.approx(res.loss, rel=1e-5)
+    assert res.loss < 0.8 * res.rtn_loss
+    assert res.rtn_loss == pytest.approx(relative_output_error(w, rtn(w, IntGrid(4), 64), h), rel=1e-6)
+
+
+def test_act_order_and_range_search_help():
+    w, h = _problem(seed=1)
+    plain = gptq(w, h, IntGrid(4), 64, act_order=False).loss
+    ordered = gptq(w, h, IntGrid(4), 64, act_order=True).loss
+    searched = gptq(w, h, IntGrid(4, tuple(1 - 0.025 * i for i in range(11))), 64, act_order=True).loss
+    assert searched < ordered < plain
+
+
+def test_stacked_rows_equal_separate_solves():
+    """Layers sharing an input are solved as one matrix: the same result as one by one."""
+    w, h = _problem(n=64)
+    both = gptq(w, h, IntGrid(4), 64)
+    top, bottom = gptq(w[:40], h, IntGrid(4), 64), gptq(w[40:], h, IntGrid(4), 64)
+    assert torch.equal(both.q, torch.cat([top.q, bottom.q]))
+    assert torch.equal(both.scales, torch.cat([top.scales, bottom.scales]))
+
+
+def test_dead_channels_and_padding():
+    w, h = _problem(k=200)  # K not a multiple of the group size: the last group is short
+    h[7, :] = 0
+    h[:, 7] = 0
+    res = gptq(w, h, IntGrid(4), 64)
+    assert res.dead == 1 and torch.isfinite(res.scales).all()
+    assert (res.q[:, 7] == 0).all()  # an input never seen active gets weight 0
+    assert res.scales.shape == (96, 4)
+
+
+def test_singular_hessian_is_dampened():
+    w, _ = _problem(k=128)
+    x = torch.randn(16, 128)  # fewer rows than inputs: rank 16
+    res = gptq(w, 2 * x.T @ x / 16, IntGrid(4), 32)
+    assert torch.isfinite(res.scales).all() and res.loss < res.rtn_loss
+
+
+def test_eight_bit_grid_is_nearly_lossless():
+    w, h = _problem()
+    assert gptq(w, h, IntGrid(8), 64).loss < 1e-4
+
+
+# ---- the calibrated pipeline ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def calib_src(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gptq")
+    src = write_model(d / "src", tiny_config(layers=3))
+    (d / "calib.txt").write_text(TEXT)
+    return src
+
+
+def _calibrated(src, out, *extra):
+    args = ["quantize", str(src), "-o", str(out), "-q", "--calib", "file", "--data-file", str(src.parent / "calib.txt"),
+            "--nsamples", "8", "--seqlen", "64", "-g", "32", *extra]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    return json.loads((out / "qconvert.json").read_text())
+
+
+def test_calibrated_quantize_reports_per_layer_errors(calib_src, tmp_path):
+    rep = _calibrated(calib_src, tmp_path / "out", "--json", tmp_path / "report.json")
+    assert rep["calibration"] == {"source": "file", "data_file": str((calib_src.parent / "calib.txt").resolve()),
+                                  "nsamples": 8, "seqlen": 64, "seed": 0}
+    assert len(rep["layers"]) == 3 * 7
+    for row in rep["layers"]:
+        assert row["base"] == "gptq" and row["calib_rows"] == 8 * 64
+        assert 0 < row["gptq_loss"] < row["rtn_loss"], row["name"]
+        assert "gptq_seconds" not in row  # OUT stays reproducible
+    full = json.loads((tmp_path / "report.json").read_text())
+    assert full["timing"]["seconds"] > 0 and all("gptq_seconds" in r for r in full["layers"])
+    solved_with = {r["name"].rsplit(".", 1)[1]: r["solved_with"] for r in rep["layers"]}
+    assert solved_with == {"q_proj": 3, "k_proj": 3, "v_proj": 3, "o_proj": 1, "gate_proj": 2, "up_proj": 2, "down_proj": 1}
+
+
+def test_calibrated_output_is_deterministic_and_loads(calib_src, tmp_path):
+    from qconvert import load
+
+    _calibrated(calib_src, tmp_path / "a")
+    _calibrated(calib_src, tmp_path / "b", "--max-memory", "1KB")  # activations in files instead of RAM
+    for name in ("model.safetensors", "qconvert.json", "config.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert not (tmp_path / "b" / "calib").exists()
+    ids = torch.randint(0, 300, (1, 24))
+    assert torch.isfinite(load(tmp_path / "a")(ids).logits).all()
+
+
+def test_block_stages_reproduce_the_block(calib_src):
+    """The staged walk of qconvert.calibrate computes exactly what the decoder block computes."""
+    from qconvert.calibrate import Calibrator
+    from qconvert.pipeline import _plan
+    from qconvert.skeleton import build_skeleton, target_linears
+    from qconvert.source import resolve_source
+
+    src = resolve_source(str(calib_src))
+    skel = build_skeleton(src.config)
+    targets = target_linears(skel, ["lm_head"])
+    names, _ = _plan(src, skel, targets)
+    cal = Calibrator(src, skel, names, torch.randint(0, 300, (5, 40)), calib_src.parent, 1 << 30, batch_tokens=80)
+    cal.embed()
+    block = cal.load_block(0)
+    x = cal.acts.inputs.clone()
+    want = torch.cat([block(x[i : i + 2], **cal._kwargs[len(x[i : i + 2])]) for i in range(0, 5, 2)])
+    mine = {n: m for n, m in targets.items() if n.startswith("model.layers.0.")}
+
+    def keep(groups):  # "quantize" to the same weights, activations untouched
+        return {n: (mine[n].weight.clone(), lambda t: t) for g in groups for n in g.names}
+
+    cal.quantize_block(block, mine, keep)
+    torch.testing.assert_close(cal.acts.inputs, want, rtol=1e-5, atol=1e-5)
+
+
+def test_calibration_errors_are_clear(calib_src, tmp_path):
+    res = CliRunner().invoke(cli, ["quantize", str(calib_src), "-o", str(tmp_path / "o"), "--calib", "file"])
+    assert res.exit_code != 0 and "--data-file" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(cli, ["quantize", str(calib_src), "-o", str(tmp_path / "o"), "--data-file",
+                                   str(tmp_path / "missing.txt")])
+    assert res.exit_code != 0 and "missing.txt" in res.output and "not found" in res.output
+    res = CliRunner().invoke(cli, ["quantize", str(calib_src), "-o", str(tmp_path / "o"), "--max-memory", "lots"])
+    assert res.exit_code != 0 and "cannot read size 'lots'" in res.output
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+def test_default_calibration_is_the_model_itself(calib_src, tmp_path):
+    """No data at all: GPTQ calibrates on text the model writes (--calib self)."""
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli, ["quantize", str(calib_src), "-o", str(out), "-q", "--nsamples", "4", "--seqlen", "32",
+                                   "-g", "32"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((out / "qconvert.json").read_text())
+    assert rep["calibration"]["source"] == "self" and rep["calibration"]["seqlen"] == 32
+    assert all(r["gptq_loss"] < r["rtn_loss"] for r in rep["layers"])
+
+
+def test_base_rtn_override_needs_no_data(calib_src, tmp_path):
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli, ["quantize", str(calib_src), "-o", str(out), "-q", "--base", "rtn", "-g", "32"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((out / "qconvert.json").read_text())
+    assert rep["calibration"] is None and {r["base"] for r in rep["layers"]} == {"rtn"}
+
+
+def test_weight_only_preset_runs_in_float(calib_src, tmp_path):
+    from qconvert import load
+
+    out = tmp_path / "w4a16"
+    res = CliRunner().invoke(cli, ["quantize", str(calib_src), "--scheme", "w4a16-gptq", "-o", str(out), "-q", "--calib",
+                                   "file", "--data-file", str(calib_src.parent / "calib.txt"), "--nsamples", "4",
+                                   "--seqlen", "32", "-g", "32"])
+    assert res.exit_code == 0, res.output
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert set(qc["modules"].values()) == {"w4a16"}
+    model = load(out)
+    ids = torch.randint(0, 300, (1, 16))
+    ref = load(out)(ids).logits
+    assert torch.equal(model(ids).logits, ref) and torch.isfinite(ref).all()
