@@ -29,6 +29,7 @@ import contextlib
 import logging
 import os
 import time
+import zlib
 from pathlib import Path
 
 import torch
@@ -82,31 +83,36 @@ class ActivationBuffers:
 
     def checkpoint(self) -> dict:
         """Make the current input durable for --resume; returns what the journal records."""
+        state = {"buffer": self.current, "on_disk": self.on_disk}
         if not self.on_disk:  # one file per buffer: the journal's last record keeps pointing at a whole one
+            data = memoryview(self.inputs.numpy()).cast("B")
             tmp = self.dir / "saved.tmp"
-            with open(tmp, "wb") as f:
-                f.write(self.inputs.numpy().tobytes())
-                f.flush()
-                os.fsync(f.fileno())
+            with open(tmp, "wb") as f:  # no fsync: a killed process loses nothing; after a power cut
+                f.write(data)  # the checksum tells a torn file from a whole one
             os.replace(tmp, self.dir / f"saved{self.current}.f32")
-        return {"buffer": self.current, "on_disk": self.on_disk}
+            state["crc32"] = zlib.crc32(data)
+        return state
 
     def restore(self, state: dict) -> None:
-        if state.get("on_disk") != self.on_disk:
-            raise QConvertError("the interrupted run kept its activations elsewhere (another --max-memory); "
-                                "repeat it with the same --max-memory, or pass --force to start over")
         self.current = int(state["buffer"])
         if not self.on_disk:
             saved = self.dir / f"saved{self.current}.f32"
-            data = torch.from_file(str(saved), shared=False, size=self.inputs.numel(), dtype=torch.float32)
-            self.inputs.copy_(data.view(self.shape))
+            ok = saved.is_file() and saved.stat().st_size == self.inputs.numel() * 4
+            if ok:
+                data = torch.from_file(str(saved), shared=False, size=self.inputs.numel(), dtype=torch.float32)
+                self.inputs.copy_(data.view(self.shape))
+                ok = zlib.crc32(memoryview(self.inputs.numpy()).cast("B")) == state.get("crc32")
+            if not ok:
+                raise QConvertError(f"{saved} is damaged (the machine stopped while it was written); "
+                                    "pass --force to start over")
 
 
 class Calibrator:
     """Runs calibration activations through the decoder blocks (see the module docstring)."""
 
     def __init__(self, src: Source, skeleton: nn.Module, names: dict[str, str], tokens: torch.Tensor,
-                 partial: Path, max_memory: int, batch_tokens: int = 4096, progress: bool = True):
+                 partial: Path, max_memory: int, batch_tokens: int = 4096, progress: bool = True,
+                 on_disk: bool | None = None):
         self.src = src
         self.model = skeleton
         self.names = names  # skeleton tensor name -> source tensor name
@@ -115,7 +121,9 @@ class Calibrator:
         n, seqlen = tokens.shape
         hidden = skeleton.config.hidden_size
         need = 2 * n * seqlen * hidden * 4
-        self.acts = ActivationBuffers(partial / CALIB_DIR, (n, seqlen, hidden), on_disk=need > max_memory)
+        if on_disk is None:  # a resumed run keeps the place its activations were in
+            on_disk = need > max_memory
+        self.acts = ActivationBuffers(partial / CALIB_DIR, (n, seqlen, hidden), on_disk=on_disk)
         self.spare = max_memory - (0 if self.acts.on_disk else need)  # RAM left for the MLP cache
         self._mlp_cache: torch.Tensor | None = None
         self.batch = max(1, batch_tokens // seqlen)
@@ -200,7 +208,7 @@ class Calibrator:
             stop = min(start + self.batch, n)
             yield slice(start, stop), self._kwargs[stop - start]
 
-    def quantize_block(self, block: nn.Module, targets: dict[str, nn.Linear], solve, act_quant=None) -> None:
+    def quantize_block(self, block: nn.Module, targets: dict[str, nn.Linear], solve) -> None:
         """True-sequential calibration of one decoder block, then its output (the next input).
 
         ``targets``: the block's linears to quantize (full name -> module).  ``solve(groups)``
@@ -214,9 +222,6 @@ class Calibrator:
             D  the MLP's output linears (down_proj, every expert's w2) read what the
                quantized input linears make of ln2(h)
             E  Y = h + mlp(ln2(h)), all quantized: the next block's input
-
-        ``act_quant`` (activation-aware calibration): the run-time activation quantizer; each
-        group then also carries X̃ᵀX̃ and XᵀX̃ of the quantized inputs X̃ (HessianGroup.cross).
         """
         parts = [getattr(block, a, None) for a in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")]
         if any(p is None for p in parts) or getattr(parts[1], "o_proj", None) is None:
@@ -253,7 +258,7 @@ class Calibrator:
         try:
             with torch.no_grad():
                 if stage_a:  # A: fed directly, no forward needed
-                    obs = _Observer(stage_a, act_quant)
+                    obs = _Observer(stage_a)
                     def a():
                         for sl, _ in self._batches():
                             h0 = ln1(x[sl])
@@ -263,7 +268,7 @@ class Calibrator:
                     install(solve(obs.groups()))
 
                 def b():  # B: attention output with quantized q/k/v, caught at o_proj
-                    obs = _Observer(stage_b, act_quant)
+                    obs = _Observer(stage_b)
                     with obs.hooked(), _stop_before(attn.o_proj, y) as catch:
                         for sl, kw in self._batches():
                             catch.target = sl
@@ -279,7 +284,7 @@ class Calibrator:
                     install(solve(obs.groups()))
 
                 def c():  # C: residual after attention into Y; observe the MLP's input linears
-                    obs = _Observer(stage_c, act_quant)
+                    obs = _Observer(stage_c)
                     with obs.hooked():
                         for sl, _ in self._batches():
                             h = x[sl] + attn.o_proj(y[sl])
@@ -300,7 +305,7 @@ class Calibrator:
                 cache = self._mlp_cache_for(next(iter(stage_d.values())).in_features) if dense_mlp else None
 
                 def d():  # D: the MLP's output linears see the quantized input linears' product
-                    obs = _Observer(stage_d, act_quant)
+                    obs = _Observer(stage_d)
                     stop = next(iter(stage_d.values())) if dense_mlp else None
                     with obs.hooked(), _stop_before(stop, cache) as catch:
                         for sl, _ in self._batches():
@@ -372,26 +377,18 @@ def _stop_before(module: nn.Module | None, store: torch.Tensor | None):
 class HessianGroup:
     """Linears that read one input: their names and H = 2 XᵀX / rows (float32 [K, K])."""
 
-    def __init__(self, names: list[str], s: torch.Tensor, rows: int, fallback: bool,
-                 sq: torch.Tensor | None = None, cross: torch.Tensor | None = None):
+    def __init__(self, names: list[str], s: torch.Tensor, rows: int, fallback: bool):
         self.names = names
         self.rows = rows
         self.fallback = fallback
-        scale = 2.0 / rows if rows else 1.0
-        self.hessian = s * scale
-        # activation-aware: H̃ = 2 X̃ᵀX̃ / rows and C = 2 XᵀX̃ / rows (X̃: inputs as quantized at run time)
-        self.hessian_q = sq * scale if sq is not None else None
-        self.cross = cross * scale if cross is not None else None
+        self.hessian = s * (2.0 / rows) if rows else s
 
 
 class _Observer:
     """Forward pre-hooks that accumulate XᵀX per group of linears sharing an input."""
 
-    def __init__(self, targets: dict[str, nn.Linear], act_quant=None):
+    def __init__(self, targets: dict[str, nn.Linear]):
         self.targets = targets
-        self.act_quant = act_quant
-        self.sq: dict[str, torch.Tensor] = {}
-        self.cross: dict[str, torch.Tensor] = {}
         self.module_name = {id(m): n for n, m in targets.items()}
         self.leader: dict[str, str] = {}  # name -> the name whose accumulator it shares
         self.sums: dict[str, torch.Tensor] = {}
@@ -433,13 +430,6 @@ class _Observer:
             self.rows[name] = 0
         self.sums[name].addmm_(x2.T, x2)
         self.rows[name] += x2.shape[0]
-        if self.act_quant is not None:
-            xq = self.act_quant(x2)
-            if name not in self.sq:
-                self.sq[name] = torch.zeros_like(self.sums[name])
-                self.cross[name] = torch.zeros_like(self.sums[name])
-            self.sq[name].addmm_(xq.T, xq)
-            self.cross[name].addmm_(x2.T, xq)
 
     def starved_experts(self, experts: set[int]) -> list[str]:
         """Expert linears (``experts``: their ids) whose routed rows are fewer than K."""
@@ -455,8 +445,8 @@ class _Observer:
             self.fallback.add(name)
         for name in starved:
             lead = self.leader.pop(name, None)
-            for acc in (self.sums, self.rows, self.sq, self.cross):
-                acc.pop(lead, None)
+            self.sums.pop(lead, None)
+            self.rows.pop(lead, None)
         return list(starved)
 
     def groups(self) -> list[HessianGroup]:
@@ -466,8 +456,7 @@ class _Observer:
                 raise QConvertError(f"calibration never reached {name}; it cannot be quantized with GPTQ: use --base rtn "
                                     f"or --exclude '{name}'")
             members.setdefault(self.leader[name], []).append(name)
-        return [HessianGroup(names, self.sums[lead], self.rows[lead], lead in self.fallback,
-                             self.sq.get(lead), self.cross.get(lead))
+        return [HessianGroup(names, self.sums[lead], self.rows[lead], lead in self.fallback)
                 for lead, names in members.items()]
 
 

@@ -143,31 +143,30 @@ def _gptq(weight, hessian, grid, group_size, damp, act_order, block_size, report
     scales = torch.zeros(n, n_groups)
     have = torch.zeros(n_groups, dtype=torch.bool)
     group_of = (perm // group_size).tolist()
-    q_levels = torch.zeros(n, k)
-    w_hat = torch.zeros(n, k)
+    # the loop works on Wᵀ [K, N]: a column of W is a contiguous row here
+    wt = w.T.contiguous()
+    q_t = torch.zeros(k, n)
 
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros(n, i2 - i1)
+        w1 = wt[i1:i2].clone()  # [B, N]
+        err1 = torch.zeros(i2 - i1, n)
         u1 = u[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col = i1 + i
-            g = group_of[col]
+            g = group_of[i1 + i]
             if not have[g]:
-                scales[:, g] = _group_scale(grid, g, group_size, k, inv_perm, w, w1, err1[:, :i], u, i1, i, i2, importance)
+                scales[:, g] = _group_scale(grid, g, group_size, k, inv_perm, wt, w1, err1[:i], u, i1, i, i2, importance)
                 have[g] = True
-            wc = w1[:, i]
             s = scales[:, g]
-            q = grid.quantize(wc, s)
-            qd = q * s
-            q_levels[:, col] = q
-            w_hat[:, col] = qd
-            e = (wc - qd) / u1[i, i]
-            w1[:, i:].sub_(e[:, None] * u1[i, i:][None, :])
-            err1[:, i] = e
-        w[:, i2:].sub_(err1 @ u[i1:i2, i2:])
+            q = grid.quantize(w1[i], s)
+            q_t[i1 + i] = q
+            e = err1[i]
+            torch.div(w1[i] - q * s, u1[i, i], out=e)
+            w1[i:].addr_(u1[i, i:], e, alpha=-1.0)
+        wt[i2:].addmm_(u[i1:i2, i2:].T, err1, alpha=-1.0)
 
+    q_levels = q_t.T
+    w_hat = q_levels * scales.repeat_interleave(group_size, dim=1)[:, perm]
     q_levels = q_levels[:, inv_perm]
     w_hat = w_hat[:, inv_perm]
     w0 = weight.detach().float()
@@ -194,18 +193,18 @@ def _inverse_cholesky_upper(h: torch.Tensor) -> torch.Tensor:
     raise QConvertError("GPTQ: the Hessian stays singular after dampening; raise the damp parameter (e.g. 0.1)")
 
 
-def _group_scale(grid, g, group_size, k, inv_perm, w, w1, err_done, u, i1, i, i2, importance):
+def _group_scale(grid, g, group_size, k, inv_perm, wt, w1, err_done, u, i1, i, i2, importance):
     """Scale of group g from its columns' current values (see the module docstring)."""
     cols = torch.arange(g * group_size, min((g + 1) * group_size, k))
     pos = inv_perm[cols]  # positions in processing order; all >= i1 + i (first touch)
-    cur = torch.empty(w.shape[0], len(cols))
+    cur = torch.empty(len(cols), wt.shape[1])  # the group's columns of W, as rows
     inside = (pos >= i1) & (pos < i2)
     if inside.any():
-        cur[:, inside] = w1[:, pos[inside] - i1]
+        cur[inside] = w1[pos[inside] - i1]
     later = pos >= i2
     if later.any():  # not yet updated by this block's lazy batch: apply it for these columns
-        cur[:, later] = w[:, pos[later]] - err_done @ u[i1 : i1 + i, pos[later]]
-    return grid.scales(cur, importance[cols])
+        cur[later] = wt[pos[later]] - u[i1 : i1 + i, pos[later]].T @ err_done
+    return grid.scales(cur.T, importance[cols])
 
 
 def rtn(w: torch.Tensor, grid: IntGrid, group_size: int) -> torch.Tensor:

@@ -288,7 +288,8 @@ def _start_calibration(src, skeleton, names, calib: CalibSettings, partial: Path
         tokens = calib.tokens(src, progress)
         tokens_file.parent.mkdir(exist_ok=True)
         tokens.numpy().tofile(tokens_file)
-    calibrator = Calibrator(src, skeleton, names, tokens, partial, calib.memory_budget(), progress=progress)
+    calibrator = Calibrator(src, skeleton, names, tokens, partial, calib.memory_budget(), progress=progress,
+                            on_disk=journal.calib["on_disk"] if journal.calib is not None else None)
     if journal.calib is not None:
         calibrator.acts.restore(journal.calib)
         calibrator.embed(fill=False)
@@ -310,8 +311,7 @@ def _calibrated_block(calibrator: Calibrator, method, index: int, targets, bar) 
         run_as = {}
         for group in groups:
             weights = [mine[n].weight.detach() for n in group.names]
-            for name, ql in zip(group.names, method.quantize_linears(group.names, weights, group.hessian,
-                                                                     hessian_q=group.hessian_q, cross=group.cross)):
+            for name, ql in zip(group.names, method.quantize_linears(group.names, weights, group.hessian)):
                 ql.info.update(calib_rows=group.rows, calib_fallback=group.fallback)
                 solved[name] = ql
                 run_as[name] = (ql.dequantized, method.activation_fake_quant)
@@ -320,8 +320,7 @@ def _calibrated_block(calibrator: Calibrator, method, index: int, targets, bar) 
             bar.set_postfix_str(f"block {index}: {group.names[0].rsplit('.', 1)[-1]} err {worst:.2e}")
         return run_as
 
-    act_aware = getattr(method, "activation_aware", False)
-    calibrator.quantize_block(block, mine, solve, method.activation_fake_quant if act_aware else None)
+    calibrator.quantize_block(block, mine, solve)
     calibrator.release_block(block)
     return solved
 

@@ -185,3 +185,4 @@ def test_weight_only_preset_runs_in_float(calib_src, tmp_path):
     ids = torch.randint(0, 300, (1, 16))
     ref = load(out)(ids).logits
     assert torch.equal(model(ids).logits, ref) and torch.isfinite(ref).all()
+

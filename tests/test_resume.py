@@ -127,3 +127,19 @@ def test_unwritable_output_is_a_clear_error(tmp_path, src):
     assert res.exit_code == 1 and "writable" in res.output and "Traceback" not in res.output
     res = CliRunner().invoke(cli, ["quantize", str(src), "-o", str(tmp_path / "no" / "such" / "out"), "-q"])
     assert res.exit_code == 1 and "does not exist" in res.output
+
+
+def test_damaged_saved_activations_are_detected(tmp_path, src):
+    """Activations kept in RAM are saved after each block with a checksum; a torn file is refused."""
+    out = tmp_path / "out"
+    killed = subprocess.run(_quantize_cmd(src, out), env={**os.environ, "QCONVERT_FAULT": "tensor:75"}, capture_output=True)
+    assert killed.returncode == -9
+    saved = sorted((tmp_path / "out.partial" / "calib").glob("saved*.f32"))
+    assert saved
+    for p in saved:
+        data = bytearray(p.read_bytes())
+        data[100] ^= 0xFF
+        p.write_bytes(bytes(data))
+    res = subprocess.run(_quantize_cmd(src, out, "--resume"), capture_output=True, text=True)
+    assert res.returncode == 1 and "damaged" in res.stderr and "--force" in res.stderr
+    assert "Traceback" not in res.stderr

@@ -40,8 +40,7 @@ class IntegerScaleConfig:
     max_alpha_log2: int = 30
     damp: float = 0.01  # GPTQ dampening, a fraction of mean(diag H)
     act_order: bool = True  # GPTQ column order by decreasing diag H (groups stay in channel order)
-    clip_min: float = 1.0  # range search: scales shrunk by factors 1.0, 0.975, ... down to clip_min
-    act_aware: bool = False  # GPTQ targets W x from the quantized inputs x̃ the runtime feeds the layer
+    clip_min: float = 0.7  # GPTQ range search: scales shrunk by 1.0, 0.975, ... down to clip_min (1: off)
 
     def __post_init__(self):
         if self.weight_bits != 4:
@@ -117,10 +116,6 @@ class IntegerScaleMethod:
     def needs_calibration(self) -> bool:
         return self.config.base == "gptq"
 
-    @property
-    def activation_aware(self) -> bool:
-        return self.config.act_aware and self.config.act_bits < 16
-
     def describe(self) -> dict:
         cfg = self.config
         act = (
@@ -155,31 +150,24 @@ class IntegerScaleMethod:
         return self._finish(torch.cat(q_rows), torch.cat(scale_rows), k, {})
 
     def quantize_linears(self, names: list[str], weights: list[torch.Tensor], hessian: torch.Tensor,
-                         want_dequantized: bool = True, hessian_q: torch.Tensor | None = None,
-                         cross: torch.Tensor | None = None) -> list[QuantizedLinear]:
-        """GPTQ on layers that read the same input (one Hessian), stacked: see qconvert/gptq.py.
-
-        With ``hessian_q`` = 2 X̃ᵀX̃/n and ``cross`` = 2 XᵀX̃/n (activation-aware), the target is
-        W X from the quantized inputs X̃: GPTQ runs on W* = W C H̃⁻¹ (the least-squares answer)
-        against H̃, since ‖WX − ŴX̃‖² = ‖(W* − Ŵ)X̃‖² + const.
-        """
+                         want_dequantized: bool = True) -> list[QuantizedLinear]:
+        """GPTQ on layers that read the same input (one Hessian), stacked: see qconvert/gptq.py."""
         cfg = self.config
         k = weights[0].shape[1]
-        if hessian_q is not None:
-            weights = [_least_squares_target(w.float(), cross, hessian_q, cfg.damp) for w in weights]
-            hessian = hessian_q
-        res = gptq(torch.cat([w.float() for w in weights]), hessian, cfg.grid(), cfg.group_size,
+        originals = [w.float() for w in weights]
+        res = gptq(torch.cat(originals), hessian, cfg.grid(), cfg.group_size,
                    damp=cfg.damp, act_order=cfg.act_order, report=False)
         out, row = [], 0
-        for w in weights:
+        for w in originals:
             n = w.shape[0]
             q = pad_columns(res.q[row : row + n], cfg.group_size)
             extra = {"gptq_seconds": round(res.seconds * n / res.q.shape[0], 4), "dead_inputs": res.dead,
                      "solved_with": len(weights)}
             ql = self._finish(q, res.scales[row : row + n], k, extra, want_dequantized=True)
-            # the layer's own output error, relative: ‖(W - Ŵ)X‖² / ‖WX‖² (as run, integer scales included)
-            ql.info["gptq_loss"] = relative_output_error(w.float(), ql.dequantized, hessian)
-            ql.info["rtn_loss"] = relative_output_error(w.float(), rtn(w.float(), IntGrid(cfg.weight_bits), cfg.group_size), hessian)
+            # the layer's own output error, relative: ‖(W − Ŵ)X‖² / ‖WX‖² as run (integer scales
+            # included), and the same for round-to-nearest
+            ql.info["gptq_loss"] = relative_output_error(w, ql.dequantized, hessian)
+            ql.info["rtn_loss"] = relative_output_error(w, rtn(w, IntGrid(cfg.weight_bits), cfg.group_size), hessian)
             if not want_dequantized:
                 ql.dequantized = None
             out.append(ql)
@@ -218,14 +206,6 @@ class IntegerScaleMethod:
         if want_dequantized:  # the scales the kernel applies: ŝ · c / 2^a
             deq = _dequantize(q, s_hat.double() * c.double()[:, None] / 2.0**a, cfg.group_size, k)
         return QuantizedLinear("w4a8-is", tensors, info, deq)
-
-
-def _least_squares_target(w: torch.Tensor, cross: torch.Tensor, hq: torch.Tensor, damp: float) -> torch.Tensor:
-    """W* = W C (H̃ + λI)⁻¹, λ = damp · mean(diag H̃)."""
-    h = hq.double().clone()
-    h.diagonal().add_(damp * float(h.diagonal().mean()) + 1e-12)
-    z = torch.linalg.solve(h, cross.double().T @ w.double().T)  # (H̃ + λI) Z = Cᵀ Wᵀ
-    return z.T.float()
 
 
 def _dequantize(q: torch.Tensor, scales: torch.Tensor, group_size: int, k: int) -> torch.Tensor:
