@@ -79,7 +79,7 @@ def parse_scheme(path: Path) -> Scheme:
 def load_scheme(spec: str) -> Scheme:
     """A preset name or a path to a ``.toml`` file."""
     path = Path(spec)
-    if spec.endswith(".toml") or path.exists():
+    if spec.endswith(".toml") or path.is_file():  # a directory named like a preset (an OUT) is not a scheme
         if not path.is_file():
             raise QConvertError(f"scheme file {spec} not found")
         return parse_scheme(path)

@@ -168,8 +168,11 @@ class IntegerScaleMethod:
             # included), and the same for round-to-nearest
             ql.info["gptq_loss"] = relative_output_error(w, ql.dequantized, hessian)
             ql.info["rtn_loss"] = relative_output_error(w, rtn(w, IntGrid(cfg.weight_bits), cfg.group_size), hessian)
-            if not want_dequantized:
-                ql.dequantized = None
+            # the next layers calibrate through the float-scale weights, so that is-w4a8 and
+            # w4a8-fs make the same GPTQ decisions and differ only by the integer scales (the
+            # two differ by < 2^-a relatively per group; GPTQ's rounding is sensitive enough to
+            # such differences to shift perplexity by more than Integer Scale itself does)
+            ql.dequantized = _dequantize(q, res.scales[row : row + n], cfg.group_size, k) if want_dequantized else None
             out.append(ql)
             row += n
         return out
