@@ -243,6 +243,10 @@ class Calibrator:
         x, y = self.acts.inputs, self.acts.outputs
         hooks = []
 
+        def rerun_mlp():  # MoE: one more pass over the MLP, for starved experts' statistics
+            for sl, _ in self._batches():
+                mlp(ln2(y[sl]))
+
         def install(run_as: dict) -> None:
             for name, (weight, act_quant) in run_as.items():
                 lin = targets[name]
@@ -296,7 +300,7 @@ class Calibrator:
                             else:
                                 mlp(m)
                     if not dense_mlp:
-                        self._refill_starved(obs, mlp, lambda: [mlp(ln2(y[sl])) for sl, _ in self._batches()])
+                        self._refill_starved(obs, mlp, rerun_mlp)
                     return obs
                 obs = timed(c)
                 if stage_c:
@@ -315,7 +319,7 @@ class Calibrator:
                             except _Stop:
                                 pass
                     if not dense_mlp:
-                        self._refill_starved(obs, mlp, lambda: [mlp(ln2(y[sl])) for sl, _ in self._batches()])
+                        self._refill_starved(obs, mlp, rerun_mlp)
                     return obs
                 obs = timed(d)
                 if stage_d:

@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 import torch
 
 from qconvert.errors import QConvertError
+from qconvert.methods.rtn import FP16_TINY, dequantize_groups, quantize_groups_symmetric
 
-FP16_TINY = 2.0**-14  # smallest normal fp16: scales stay representable as fp16
 
 
 @dataclass
@@ -209,10 +209,4 @@ def _group_scale(grid, g, group_size, k, inv_perm, wt, w1, err_done, u, i1, i, i
 
 def rtn(w: torch.Tensor, grid: IntGrid, group_size: int) -> torch.Tensor:
     """Round-to-nearest with the plain range (no search): the baseline GPTQ must beat."""
-    plain = IntGrid(grid.bits)
-    out = torch.empty_like(w)
-    for c in range(0, w.shape[1], group_size):
-        part = w[:, c : c + group_size]
-        s = plain.scales(part)[:, None]
-        out[:, c : c + group_size] = plain.quantize(part, s) * s
-    return out
+    return dequantize_groups(quantize_groups_symmetric(w, grid.bits, group_size))
