@@ -7,7 +7,9 @@
 #   OUT=/some/dir bash benchmarks/gpu_check.sh
 #
 # Writes: gpu.txt (device, driver, date, commit), kernels_gpu.xml (JUnit of the kernel tests
-# against the bit-exact torch reference), and kernels_gpu.log.
+# against the bit-exact torch reference) and kernels_gpu.log, then the benchmarks:
+# kernels.json (+ kernels.png if matplotlib is installed), e2e_llama3-8b.json (synthetic
+# random-weight Llama-3-8B, prefill 2048 and decode 128 at batch 1 and 16) and bench.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -21,4 +23,12 @@ mkdir -p "$out"
 } | tee "$out/gpu.txt"
 status=0
 python -m pytest -q -rs tests/test_kernels_gpu.py --junitxml "$out/kernels_gpu.xml" 2>&1 | tee "$out/kernels_gpu.log" || status=1
+plot=()
+python -c "import matplotlib" 2>/dev/null && plot=(--plot "$out/kernels.png")
+(
+  rc=0
+  python -m qconvert.cli bench --kernels --shapes all --json "$out/kernels.json" "${plot[@]}" || rc=1
+  python -m qconvert.cli bench --synthetic llama3-8b --json "$out/e2e_llama3-8b.json" || rc=1
+  exit $rc
+) 2>&1 | tee "$out/bench.log" || status=1
 exit $status

@@ -17,7 +17,7 @@ CALIB_SOURCES = ("wikitext2", "c4", "file", "self")
 
 C4_SHARD = "en/c4-train.00000-of-01024.json.gz"  # the GPTQ reference's calibration shard
 SELF_GREEDY = 4  # LLM-QAT: after the random first token, this many argmax tokens, then sampling
-SELF_BATCH = 32  # sequences generated at once for --calib self
+SELF_BATCH = 128  # sequences generated at once for --calib self (one batch at the default 128)
 
 
 def _read_jsonl(path: Path) -> list[str]:
@@ -235,6 +235,9 @@ def calibration_tokens(source: str, tokenizer, nsamples: int, seqlen: int, seed:
     return _document_windows(corpus, tokenizer, nsamples, seqlen, g, what)
 
 
+CALIB_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
 @dataclass(frozen=True)
 class CalibSettings:
     """Where GPTQ's calibration tokens come from, and how much RAM their activations may take.
@@ -251,6 +254,7 @@ class CalibSettings:
     seqlen: int | None = None  # None: 512, or the model's context if that is shorter
     seed: int = 0
     max_memory: str | int | None = None
+    dtype: str = "bfloat16"  # the blocks' matmuls during calibration: bfloat16 (autocast) or float32
 
     def validated(self) -> "CalibSettings":
         source = self.source or ("file" if self.data_file else "self")
@@ -263,6 +267,8 @@ class CalibSettings:
         data_file = str(Path(self.data_file).resolve()) if self.data_file else None
         if data_file and not Path(data_file).is_file():
             raise QConvertError(f"data file {self.data_file} not found; pass an existing file with --data-file")
+        if self.dtype not in CALIB_DTYPES:
+            raise QConvertError(f"--calib-dtype {self.dtype}: choose {' or '.join(CALIB_DTYPES)}")
         if self.max_memory is not None:
             from qconvert.pipeline import parse_size
 
@@ -279,7 +285,11 @@ class CalibSettings:
     def key(self) -> dict:
         """What decides the result (the journal and the report record it); not the memory budget."""
         return {"source": self.source, "data_file": self.data_file, "nsamples": self.nsamples,
-                "seqlen": self.seqlen, "seed": self.seed}
+                "seqlen": self.seqlen, "seed": self.seed, "dtype": self.dtype}
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return CALIB_DTYPES[self.dtype]
 
     def memory_budget(self) -> int:
         if self.max_memory is not None:

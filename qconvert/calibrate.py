@@ -112,7 +112,10 @@ class Calibrator:
 
     def __init__(self, src: Source, skeleton: nn.Module, names: dict[str, str], tokens: torch.Tensor,
                  partial: Path, max_memory: int, batch_tokens: int = 4096, progress: bool = True,
-                 on_disk: bool | None = None):
+                 on_disk: bool | None = None, compute_dtype: torch.dtype = torch.float32):
+        if compute_dtype not in (torch.float32, torch.bfloat16):
+            raise QConvertError(f"calibration compute dtype {compute_dtype} is not supported; use float32 or bfloat16")
+        self.compute_dtype = compute_dtype  # bfloat16: the blocks' matmuls run under CPU autocast
         self.src = src
         self.model = skeleton
         self.names = names  # skeleton tensor name -> source tensor name
@@ -247,15 +250,26 @@ class Calibrator:
             for sl, _ in self._batches():
                 mlp(ln2(y[sl]))
 
+        last_quantized = {}  # q/k/v (gate/up) read one tensor object: quantize it once, not per linear
+
+        def quantized_input(x, act_quant):
+            # holding x keeps its memory from being reused by a later tensor while compared
+            if not (last_quantized.get("x") is x and last_quantized["key"] == (x._version, act_quant)):
+                last_quantized.update(x=x, key=(x._version, act_quant), value=act_quant(x))
+            return last_quantized["value"]
+
         def install(run_as: dict) -> None:
             for name, (weight, act_quant) in run_as.items():
                 lin = targets[name]
                 lin.weight = nn.Parameter(weight.to(lin.weight.dtype), requires_grad=False)
-                hooks.append(lin.register_forward_pre_hook(lambda m, args, f=act_quant: (f(args[0]), *args[1:])))
+                hooks.append(lin.register_forward_pre_hook(
+                    lambda m, args, f=act_quant: (quantized_input(args[0], f), *args[1:])))
 
         def timed(stage):
             t0 = time.perf_counter()
-            result = stage()
+            with self._autocast():
+                result = stage()
+            last_quantized.clear()
             self.seconds["forward"] += time.perf_counter() - t0
             return result
 
@@ -334,6 +348,13 @@ class Calibrator:
             for h in hooks:
                 h.remove()
         self.acts.swap()
+
+    def _autocast(self):
+        """bfloat16 matmuls (weights and activations rounded to bf16, float32 accumulation in
+        the CPU's bf16 dot products); norms, residual sums and the buffers stay float32."""
+        if self.compute_dtype == torch.bfloat16:
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def _mlp_cache_for(self, width: int) -> torch.Tensor | None:
         """RAM for down_proj's inputs [n, L, width] between stages D and E, if the budget allows."""
@@ -432,7 +453,8 @@ class _Observer:
         if name not in self.sums:
             self.sums[name] = torch.zeros(x2.shape[1], x2.shape[1])
             self.rows[name] = 0
-        self.sums[name].addmm_(x2.T, x2)
+        with torch.autocast("cpu", enabled=False):  # XᵀX sums in float32 whatever the forward runs in
+            self.sums[name].addmm_(x2.T, x2)
         self.rows[name] += x2.shape[0]
 
     def starved_experts(self, experts: set[int]) -> list[str]:

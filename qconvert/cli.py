@@ -75,11 +75,13 @@ def cli(ctx, debug):
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the calibration sampling.")
 @click.option("--max-memory", help="RAM for calibration activations (e.g. 8GB); above it they are kept on disk. "
                                    "Default: half the available memory.")
+@click.option("--calib-dtype", default="bfloat16", show_default=True, type=click.Choice(["bfloat16", "float32"]),
+              help="Precision of the calibration forward's matmuls (bfloat16 is about twice as fast on CPU).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path),
               help="Also write the per-layer report (error, α, headroom, time) to this file.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def quantize(source, scheme, out, group_size, quantize_lm_head, exclude, max_shard_size, revision, trust_remote_code,
-             allow_pickle, force, resume, base, calib, data_file, nsamples, seqlen, seed, max_memory, json_path, quiet):
+             allow_pickle, force, resume, base, calib, data_file, nsamples, seqlen, seed, max_memory, calib_dtype, json_path, quiet):
     """Quantize SOURCE into OUT, one decoder block at a time.
 
     SOURCE is a local HF directory, a .gguf file, a Hub id (org/name) or the
@@ -97,7 +99,7 @@ def quantize(source, scheme, out, group_size, quantize_lm_head, exclude, max_sha
     from qconvert.calib import CalibSettings
     from qconvert.pipeline import quantize as run
 
-    settings = CalibSettings(calib, str(data_file) if data_file else None, nsamples, seqlen, seed, max_memory)
+    settings = CalibSettings(calib, str(data_file) if data_file else None, nsamples, seqlen, seed, max_memory, calib_dtype)
     path = run(source, scheme, out, group_size=group_size, quantize_lm_head=quantize_lm_head, exclude=exclude,
                force=force, resume=resume, max_shard_size=max_shard_size, revision=revision, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
                progress=not quiet, base=base, calib=settings, json_report=json_path)
@@ -118,14 +120,33 @@ def quantize(source, scheme, out, group_size, quantize_lm_head, exclude, max_sha
 @click.option("--max-windows", type=click.IntRange(min=1), help="Evaluate only the first N windows.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def eval_cmd(target, dataset, data_file, seqlen, max_windows, as_json, quiet):
+@click.option("--tasks", help="Run these lm-evaluation-harness tasks (comma-separated) instead of perplexity; "
+                              'needs pip install "qconvert[lmeval]".')
+@click.option("--limit", type=click.FloatRange(min=0, min_open=True), help="lm-eval: examples per task (a fraction if < 1).")
+@click.option("--num-fewshot", type=click.IntRange(min=0), help="lm-eval: few-shot examples [default: each task's own].")
+@click.option("--include-path", type=click.Path(exists=True, file_okay=False, path_type=Path), help="lm-eval: a directory of your own task YAML files.")
+def eval_cmd(target, dataset, data_file, seqlen, max_windows, as_json, quiet, tasks, limit, num_fewshot, include_path):
     """Perplexity of TARGET (an OUT or any SOURCE) on non-overlapping windows.
-    For an OUT the result is also kept in OUT/eval.json.
+    For an OUT the result is also kept in OUT/eval.json.  With --tasks, lm-eval's
+    tasks instead, on the same model (docs/export.md).
 
     \b
     qconvert eval out/ --data-file wiki.test.raw --seqlen 512 --max-windows 40
     qconvert eval smollm2-135m --data-file wiki.test.raw --seqlen 512 --max-windows 40
+    qconvert eval out/ --tasks hellaswag,arc_easy --limit 200
     """
+    if tasks:
+        from qconvert.lmeval import run_tasks
+
+        limit = int(limit) if limit is not None and limit >= 1 else limit
+        res = run_tasks(target, tasks.split(","), limit=limit, num_fewshot=num_fewshot, include_path=include_path)
+        if as_json:
+            click.echo(json.dumps(res.to_dict(), indent=2, default=str))
+        for task in ([] if as_json else res.tasks):
+            shown = ", ".join(f"{k.split(',')[0]} {v:.4f}" + (f" ± {e:.4f}" if e is not None else "")
+                              for k, (v, e) in res.metrics(task).items())
+            click.echo(f"{target}: {task}: {shown} ({res.n_shot.get(task, 0)}-shot)")
+        return
     from qconvert.calib import load_eval_text
     from qconvert.evaluate import load_model_and_tokenizer, perplexity, save_result
 
@@ -207,6 +228,81 @@ def verify(out, against, data_file, tokens, min_snr, min_top1, no_compare, as_js
         sys.exit(1)
 
 
+def _int_list(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        vals = tuple(int(v) for v in str(value).split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers (e.g. 1,16,64)") from None
+    if not vals or min(vals) < 1:
+        raise click.BadParameter(f"{value!r}: give positive integers")
+    return vals
+
+
+@cli.command()
+@click.argument("out", required=False, type=click.Path(path_type=Path))
+@click.option("--kernels", is_flag=True, help="Time the W4A8 kernels against cuBLAS FP16 (needs a GPU).")
+@click.option("--synthetic", metavar="MODEL", help="End to end on a random-weight model of this shape: llama3-8b, smollm2-135m.")
+@click.option("--layers", type=click.IntRange(min=1), help="With --synthetic: fewer decoder layers than the real model.")
+@click.option("--device", help="cuda or cpu [default: cuda if usable, else cpu (the reference path, labelled so)].")
+@click.option("--against", metavar="SOURCE", help="With OUT: the float original (default: the source OUT was made from).")
+@click.option("--shapes", default="llama3-8b", show_default=True, help="With --kernels: llama3-8b, smollm2-135m or all.")
+@click.option("--m", "ms", default="1,16,64,256,1024,4096", show_default=True, callback=_int_list, help="With --kernels: token counts M.")
+@click.option("--runs", default=50, show_default=True, type=click.IntRange(min=50), help="With --kernels: timed samples (median).")
+@click.option("--scheme", default="is-w4a8", show_default=True, help="With --kernels: the kernel family.")
+@click.option("--prefill", default=2048, show_default=True, type=click.IntRange(min=1), help="Prefill length (batch 1).")
+@click.option("--new-tokens", default=128, show_default=True, type=click.IntRange(min=1), help="Greedy decode steps.")
+@click.option("--batch", "batches", default="1,16", show_default=True, callback=_int_list, help="Decode batch sizes.")
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1), help="End-to-end repeats (median).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the result as JSON here.")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="With --kernels: PNG of speed-up against M.")
+def bench(out, kernels, synthetic, layers, device, against, shapes, ms, runs, scheme, prefill, new_tokens, batches,
+          repeats, json_path, plot_path):
+    """Speed: the kernels against cuBLAS (--kernels), or a model end to end against its
+    float original (OUT, or --synthetic). An OUT's result is also kept in OUT/bench.json.
+
+    \b
+    qconvert bench --kernels --json k.json --plot k.png
+    qconvert bench --synthetic llama3-8b
+    qconvert bench out/
+    """
+    from qconvert import bench as b
+
+    chosen = [x for x, on in (("OUT", out is not None), ("--kernels", kernels), ("--synthetic", synthetic)) if on]
+    if len(chosen) != 1:
+        raise click.UsageError("give exactly one of OUT, --kernels or --synthetic MODEL"
+                               + (f" (got {' and '.join(chosen)})" if chosen else ""))
+    if plot_path is not None and not kernels:
+        raise click.UsageError("--plot goes with --kernels")
+    if layers is not None and not synthetic:
+        raise click.UsageError("--layers goes with --synthetic")
+    console = _console()
+    if kernels:
+        if device not in (None, "cuda") and not str(device).startswith("cuda"):
+            raise QConvertError(b.no_gpu_message("qconvert bench --kernels") if device == "cpu" else f"--device {device}: kernels run on cuda")
+        res = b.kernel_bench(shapes, ms, runs, scheme=scheme, progress=lambda msg: console.log(msg))
+        res["summary"] = b.kernel_summary(res["results"])
+        console.print(b.kernel_table(res))
+        console.print(f"summary (Llama-3-8B shapes, worst case): {json.dumps(res['summary'])}")
+        if plot_path is not None:
+            click.echo(f"plot: {b.plot_kernels(res, plot_path)}")
+    else:
+        kw = dict(device=device, prefill=prefill, new_tokens=new_tokens, batches=batches, repeats=repeats)
+        if synthetic:
+            res = b.synthetic_bench(synthetic, layers=layers, **kw)
+        else:
+            res = b.out_bench(out, against=against, **kw)
+        if res["runtime"] == "cpu-reference":
+            console.print("[yellow]No GPU: the quantized model runs the exact CPU reference, written for exactness, "
+                          "not speed; these figures say nothing about the kernels.[/yellow]")
+        console.print(b.model_table(res))
+        if out is not None:
+            b.save_result(out, res)
+    if json_path is not None:
+        click.echo(f"wrote {b.save_json(res, json_path)}")
+
+
 @cli.command()
 def schemes():
     """List the scheme presets."""
@@ -221,6 +317,70 @@ def schemes():
     for s in list_presets():
         t.add_row(s.name, s.method, s.description)
     _console().print(t)
+
+
+@cli.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repo private (an existing repo keeps its visibility).")
+@click.option("--revision", metavar="BRANCH", help="Push to this branch, created from main when missing [default: main].")
+@click.option("--dry-run", is_flag=True, help="Print the files and the model card; touch no network.")
+@click.option("--token", help="Hub token with write access [default: HF_TOKEN, or the `hf auth login` cache].")
+@click.option("--card", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Upload this file as README.md instead of the generated card (edit the --dry-run output).")
+def push(out, repo_id, private, revision, dry_run, token, card):
+    """Upload OUT to the Hub repo REPO_ID in one commit, with a generated model card
+    (scheme, sizes, and the eval, verify and bench results saved in OUT).
+
+    \b
+    qconvert push out/ me/SmolLM2-135M-is-w4a8 --dry-run
+    qconvert push out/ me/SmolLM2-135M-is-w4a8 --private
+    qconvert push out/ my-org/model --revision is-w4a8
+    """
+    from qconvert.hub import push as run
+
+    text = card.read_text(encoding="utf-8") if card is not None else None
+    res = run(out, repo_id, private=private, revision=revision, token=token, dry_run=dry_run, card=text)
+    where = f"{res.repo_id}" + (f" (branch {res.revision})" if res.revision else "")
+    click.echo(("would upload" if dry_run else "uploaded") + f" {len(res.files)} files to {where}:")
+    for f in res.files:
+        click.echo(f"  {f.size:>14,}  {f.path_in_repo}" + ("  (generated card)" if f.local is None and text is None else ""))
+    click.echo(f"  {sum(f.size for f in res.files):>14,}  bytes in all")
+    if dry_run:
+        click.echo("\n----- README.md -----")
+        click.echo(text if text is not None else res.card)
+        click.echo("(dry run: nothing was sent)")
+    else:
+        if res.branch_created:
+            click.echo(f"created branch {res.revision}")
+        click.echo(f"commit: {res.commit_url}" if res.commit_url else "done")
+
+
+@cli.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", default="compressed-tensors", show_default=True, type=click.Choice(["compressed-tensors"]),
+              help="Target format (docs/export.md).")
+@click.option("--output", "-o", "dest", required=True, type=click.Path(path_type=Path), help="Directory to write (must not exist unless --force).")
+@click.option("--scale-dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
+              help="dtype of weight_scale; auto = the model's dtype, which compressed-tensors expects.")
+@click.option("--force", is_flag=True, help="Overwrite the output if it is an earlier export (or empty).")
+def export(out, fmt, dest, scale_dtype, force):
+    """Write the quantized OUT in another format, loadable by transformers and vLLM.
+
+    \b
+    compressed-tensors (pack-quantized): w4a8-is and w4a8-fs layouts as W4A8,
+    w4a16 as W4A16; every layer's K must be a multiple of the group size.
+
+    \b
+    qconvert quantize smollm2-135m --scheme is-w4a8-rtn -g 64 -o out/
+    qconvert export out/ --format compressed-tensors -o out-ct/
+    """
+    from qconvert.formats.compressed_tensors import export as run
+
+    rep = run(out, dest, force=force, scale_dtype=scale_dtype)
+    click.echo(f"wrote {rep.out}: {fmt} {rep.preset}, group size {rep.group_size}, {rep.layers} quantized linears, "
+               f"{len(rep.ignored)} kept in full precision; weight_scale in {rep.scale_dtype} "
+               f"(largest relative rounding {rep.max_scale_rel_error:.1e})")
 
 
 def main():

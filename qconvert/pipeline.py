@@ -31,7 +31,7 @@ from qconvert.formats.safetensors_io import ShardedWriter
 from qconvert.methods import get_method
 from qconvert.schemes_registry import Scheme, load_scheme
 from qconvert.skeleton import build_skeleton, target_linears, tied_lm_head
-from qconvert.source import DECODER_LAYERS, Source, resolve_source
+from qconvert.source import DECODER_LAYERS, Source, provenance, resolve_source
 
 BLOCK = re.compile(rf"^{re.escape(DECODER_LAYERS)}\.(\d+)\.")
 
@@ -289,7 +289,8 @@ def _start_calibration(src, skeleton, names, calib: CalibSettings, partial: Path
         tokens_file.parent.mkdir(exist_ok=True)
         tokens.numpy().tofile(tokens_file)
     calibrator = Calibrator(src, skeleton, names, tokens, partial, calib.memory_budget(), progress=progress,
-                            on_disk=journal.calib["on_disk"] if journal.calib is not None else None)
+                            on_disk=journal.calib["on_disk"] if journal.calib is not None else None,
+                            compute_dtype=calib.torch_dtype)
     if journal.calib is not None:
         calibrator.acts.restore(journal.calib)
         calibrator.embed(fill=False)
@@ -372,6 +373,7 @@ def _write_metadata(partial: Path, src: Source, sch: Scheme, method, config, mod
         "qconvert_version": __version__,
         "source": src.description,
         "source_kind": src.kind,
+        "source_info": provenance(src),  # Hub id, commit, license, sha256 of each weight file
         "scheme": {"name": sch.name, "description": sch.description, "method": sch.method, "params": sch.params},
         "tokenizer": has_tok,
         "calibration": calib.key() if calib is not None else None,

@@ -2,7 +2,11 @@
 
 On CPU each quantized linear runs ``qconvert_kernels.reference``: int8 activations x int4
 weights -> int32 group partials -> x integer scale -> int32 sum -> one float conversion,
-exactly what the CUDA kernel computes.
+exactly what the CUDA kernel computes.  On a CUDA device (``load(OUT, device="cuda")``) the
+W4A8 layers run the CUDA kernels of ``qconvert_kernels.cuda`` on the packed weights as
+stored (fused per-token int8 quantizer, then the int8 tensor-core GEMM); their results equal
+the CPU reference's rounded to the activations' fp16 / bf16.  Weight-only ``w4a16`` layers
+dequantize once and use torch's float matmul on either device.
 """
 
 from __future__ import annotations
@@ -63,7 +67,35 @@ class W4A8Linear(nn.Module):
             self._qf = ref.weight_groups_float(self._q, self.group_size)
         return self._q
 
+    def check_cuda(self, name: str) -> None:
+        """QConvertError unless the CUDA kernels can run this layer (group size, padding)."""
+        from qconvert_kernels import cuda as kcuda
+
+        if self.layout == "w4a16":
+            return
+        try:
+            kcuda.check_gemm_shape(name, 1, self.out_features, self.qweight.shape[1] * 2, self.group_size)
+        except ValueError as e:
+            raise QConvertError(f"{e}; this OUT runs on CPU only (re-quantize with --group-size 128 for the GPU)") from None
+
+    def _forward_cuda(self, x2: torch.Tensor) -> torch.Tensor:
+        from qconvert_kernels import cuda as kcuda
+
+        if x2.dtype not in (torch.float16, torch.bfloat16):
+            raise QConvertError(f"the CUDA W4A8 kernels take float16 or bfloat16 activations, got {x2.dtype}; "
+                                "load with dtype=torch.float16 (the default on cuda)")
+        xq, t = kcuda.quantize_per_token_int8(x2, self.qweight.shape[1] * 2)
+        if self.layout == "w4a8-is":
+            return kcuda.w4a8_is_gemm(xq, t, self.qweight, self.iscale, self.cscale, self.alpha_log2, self.group_size, x2.dtype)
+        return kcuda.w4a8_fs_gemm(xq, t, self.qweight, self.scales, self.group_size, x2.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and self.layout != "w4a16":
+            shape = x.shape
+            y = self._forward_cuda(x.reshape(-1, shape[-1]))
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype)
+            return y.reshape(*shape[:-1], self.out_features)
         if self.layout == "w4a16":
             if self._w is None or self._w.dtype != x.dtype:
                 q = self.weights_int8().float().reshape(self.out_features, -1, self.group_size)
@@ -112,12 +144,14 @@ def model_config(out: Path, cfg: dict):
 def load(out: str | Path, device: str = "cpu", dtype: torch.dtype | None = None):
     """Load a native qconvert OUT as a ready-to-run ``transformers`` causal LM.
 
-    ``dtype`` casts the unquantized tensors (embeddings, norms, lm_head); default: as stored.
-    ``device`` "cpu" runs the exact reference; other devices arrive with the CUDA kernels.
+    ``dtype`` casts the unquantized tensors (embeddings, norms, lm_head); default: as stored
+    on CPU, float16 on CUDA (the kernels take fp16 / bf16 activations).  ``device`` "cpu" runs
+    the exact reference; "cuda" / "cuda:N" the CUDA kernels (cupy and an sm_80+ GPU needed).
     """
     out = Path(out)
-    if device != "cpu":
-        raise QConvertError(f"device {device!r}: this release runs quantized layers on CPU only (the exact reference)")
+    dev = _device(device)
+    if dev.type == "cuda" and dtype is None:
+        dtype = torch.float16
     cfg, qc = read_quant_config(out)
     config = model_config(out, cfg)
     model = build_skeleton(config)
@@ -150,4 +184,26 @@ def load(out: str | Path, device: str = "cpu", dtype: torch.dtype | None = None)
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
     if still_meta:
         raise QConvertError(f"{out}: no tensor for '{still_meta[0]}'; the output is incomplete, re-run quantize")
+    if dev.type == "cuda":
+        for name, mod in model.named_modules():
+            if isinstance(mod, W4A8Linear):
+                mod.check_cuda(name)
+        model.to(dev)
     return model.eval()
+
+
+def _device(device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise QConvertError(f"device {device!r} is not a device name; use 'cpu' or 'cuda'") from e
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise QConvertError(f"device {device!r}: quantized layers run on 'cpu' (the exact reference) or 'cuda' (the kernels)")
+    from qconvert_kernels import cuda as kcuda
+
+    if not kcuda.available():
+        raise QConvertError(f"device {device!r}: no usable GPU here (the kernels need cupy, pip install 'qconvert[cuda]', "
+                            "and an NVIDIA GPU of compute capability 8.0 or newer); use device='cpu'")
+    return dev

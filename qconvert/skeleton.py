@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 
-import torch
 from torch import nn
 
 from qconvert.moe import is_router, unfuse_experts

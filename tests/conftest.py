@@ -1,4 +1,3 @@
-import os
 import sys
 from pathlib import Path
 
@@ -38,3 +37,16 @@ def smollm2():
     from qconvert.source import resolve_source
 
     return resolve_source("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tiny_rtn_out(tiny_llama, tmp_path_factory):
+    """A real OUT of the tiny Llama (is-w4a8-rtn, no calibration), made through the CLI."""
+    from click.testing import CliRunner
+
+    from qconvert.cli import cli
+
+    out = tmp_path_factory.mktemp("tiny-out") / "out"
+    res = CliRunner().invoke(cli, ["quantize", str(tiny_llama), "--scheme", "is-w4a8-rtn", "-o", str(out), "-q"])
+    assert res.exit_code == 0, res.output
+    return out

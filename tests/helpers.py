@@ -133,3 +133,15 @@ def save_pretrained_model(directory: Path, config, seed: int = 0, dtype=torch.fl
     if tokenizer:
         tiny_tokenizer(config.vocab_size).save_pretrained(directory)
     return Path(directory)
+
+
+def run_cli(*args, ok=True):
+    """``qconvert ARGS`` through click's CliRunner; with ``ok`` the exit code must be 0."""
+    from click.testing import CliRunner
+
+    from qconvert.cli import cli
+
+    res = CliRunner().invoke(cli, [str(a) for a in args])
+    if ok:
+        assert res.exit_code == 0, res.output + repr(res.exception)
+    return res

@@ -139,3 +139,38 @@ def test_empty_and_validation():
     assert y.shape == (0, 8)
     with pytest.raises(ValueError, match=r"M=0, N=8, K=128, g=48"):
         kcuda.w4a8_fs_gemm(xq, torch.zeros(0, device=DEV), qw, torch.ones((8, 1), dtype=torch.float16, device=DEV), 48, torch.float16)
+
+
+# ---------------------------------------------------------------------------------------------
+# the GPU runtime and `qconvert bench` on the device
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_runtime_cuda_layers_equal_the_cpu_reference(tiny_rtn_out, dtype):
+    from qconvert.runtime import W4A8Linear, load
+
+    cpu = load(tiny_rtn_out, dtype=torch.float32)
+    gpu = load(tiny_rtn_out, device="cuda", dtype=dtype)
+    gen = torch.Generator().manual_seed(3)
+    layers = {n: m for n, m in cpu.named_modules() if isinstance(m, W4A8Linear)}
+    assert layers
+    for name, layer in layers.items():
+        x = torch.randn((2, 5, layer.in_features), generator=gen).to(dtype)
+        y_ref = layer(x.float()).to(dtype)  # the reference: float32 result, rounded once
+        y = gpu.get_submodule(name)(x.to(DEV))
+        assert y.dtype == dtype and y.shape == y_ref.shape
+        assert int(_ulps(y.cpu().reshape(-1, y.shape[-1]), y_ref.reshape(-1, y.shape[-1])).max()) <= 1, name
+    ids = torch.arange(12)[None]
+    lc, lg = cpu(ids).logits.float(), gpu(ids.to(DEV)).logits.float().cpu()
+    assert (lc.argmax(-1) == lg.argmax(-1)).float().mean() >= 0.9
+    assert float((lc - lg).abs().max()) < 0.05 * float(lc.abs().max()) + 0.05
+
+
+def test_bench_kernel_rows_and_synthetic_on_gpu():
+    from qconvert import bench as b
+
+    rows = b.kernel_rows("o_proj", 576, 576, 16, DEV, runs=50, warmup=2, reps=4)
+    assert [r["kernel"] for r in rows] == ["cublas-fp16", "quantize-int8", "w4a8-is", "w4a8-fs"]
+    assert all(r["us"] > 0 for r in rows) and rows[2]["is_vs_fs"] > 0
+    res = b.synthetic_bench("smollm2-135m", device="cuda", layers=1, prefill=64, new_tokens=4, batches=(1, 2), repeats=1)
+    assert res["runtime"] == "cuda-kernels" and res["speedup"]["decode_batch2"] > 0

@@ -1,0 +1,508 @@
+"""`qconvert bench`: kernel speed against cuBLAS FP16, and end-to-end prefill / decode speed.
+
+Kernel timing (``kernel_bench``), per (shape, M, kernel):
+  * inputs rotate over enough copies (activations *and* weights) that their total is at least
+    3x the GPU's L2, so no run finds its operands cached by the previous one;
+  * warm-up runs first (module load, clocks), then ``runs`` samples; a sample is one replay of
+    a CUDA graph holding ``reps`` back-to-back launches, timed with CUDA events and divided by
+    ``reps`` — the graph removes Python's launch cost (about 10 µs a launch through CuPy or
+    torch), which would otherwise dominate the small-M rows; if graph capture fails the
+    samples are eager launches and the row says ``timing: eager``;
+  * the reported figure is the median sample; TOPS = 2·M·N·K / t, GB/s = bytes the kernel
+    must move (activations, weights, scales, output) / t.
+
+End-to-end (``model_bench``): prefill tokens/s of one forward over ``prefill`` tokens, and
+decode tokens/s of ``new_tokens`` greedy steps at each batch size (our own loop over the KV
+cache, so no sampling or stopping logic is timed), for the quantized model and its float
+original on the same device and runtime.  On a CPU the quantized model runs the exact torch
+reference (qconvert_kernels/reference.py), which is written for exactness, not speed: such
+rows are labelled ``cpu-reference`` and say nothing about the kernels.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qconvert.errors import QConvertError
+
+# (label, N, K) of the fused linears of one decoder block
+KERNEL_SHAPES = {
+    "llama3-8b": [("q/o_proj", 4096, 4096), ("qkv_proj", 6144, 4096), ("gate_up_proj", 28672, 4096), ("down_proj", 4096, 14336)],
+    "smollm2-135m": [("o_proj", 576, 576), ("qkv_proj", 960, 576), ("gate_up_proj", 3072, 576), ("down_proj", 576, 1536)],
+}
+DEFAULT_M = (1, 16, 64, 256, 1024, 4096)
+KERNEL_SCHEMES = ("is-w4a8",)  # kernel families benchmarked by --kernels (IS against FS and cuBLAS)
+
+# random-weight models of real shapes for --synthetic (Llama architecture)
+SYNTHETIC = {
+    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
+                      rms_norm_eps=1e-5, tie_word_embeddings=False),
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0,
+                         rms_norm_eps=1e-5, tie_word_embeddings=True),
+}
+
+
+def gpu_available() -> bool:
+    from qconvert_kernels import cuda as kcuda
+
+    return kcuda.available()
+
+
+def no_gpu_message(what: str) -> str:
+    return (f"{what} needs an NVIDIA GPU (sm_80 or newer) with cupy installed (pip install 'qconvert[cuda]'); "
+            "none is usable here. `qconvert bench OUT --device cpu` times the CPU reference path instead.")
+
+
+def environment(device: torch.device) -> dict:
+    """Where a result was measured: device name, software versions, date, commit."""
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "commit": _git_commit(),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(device=props.name, cuda=torch.version.cuda, capability=f"sm_{props.major}{props.minor}")
+        try:
+            import cupy
+
+            env["cupy"] = cupy.__version__
+        except ImportError:
+            pass
+    else:
+        env.update(device=f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)")
+    return env
+
+
+def _git_commit() -> str | None:
+    try:
+        res = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
+        return res.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels
+
+
+@dataclass
+class Timing:
+    median_us: float
+    samples: int
+    mode: str  # "cuda-graph" or "eager"
+
+
+def _time_cuda(launch, n_sets: int, runs: int, warmup: int, reps: int) -> Timing:
+    """Median µs per launch of ``launch(i)`` (i cycles over the operand sets), see the module doc."""
+    for i in range(warmup):
+        launch(i % n_sets)
+    torch.cuda.synchronize()
+    graph = None
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for i in range(reps):  # one eager pass on the capture stream first (allocator, handles)
+                launch(i % n_sets)
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for i in range(reps):
+                launch(i % n_sets)
+        graph.replay()
+        torch.cuda.synchronize()
+    except Exception:  # any capture problem: fall back to eager launches, labelled as such
+        graph = None
+        torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(runs)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(runs)]
+    for r in range(runs):
+        starts[r].record()
+        if graph is not None:
+            graph.replay()
+        else:
+            for i in range(reps):
+                launch((r * reps + i) % n_sets)
+        ends[r].record()
+    torch.cuda.synchronize()
+    samples = [s.elapsed_time(e) * 1000.0 / reps for s, e in zip(starts, ends)]
+    return Timing(statistics.median(samples), runs, "cuda-graph" if graph is not None else "eager")
+
+
+def _operand_sets(set_bytes: int, device: torch.device, max_sets: int = 64) -> int:
+    """How many copies of the operands make at least 3x the L2 (at least 2, at most ``max_sets``)."""
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20) or (50 << 20)
+    return max(2, min(max_sets, math.ceil(3 * l2 / max(set_bytes, 1))))
+
+
+def kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, runs: int = 50, warmup: int = 10,
+                group_size: int = 128, reps: int = 20) -> list[dict]:
+    """Time cuBLAS FP16, the int8 quantizer, W4A8-IS and W4A8-FS for one (M, N, K)."""
+    from qconvert_kernels import cuda as kcuda
+
+    g = group_size
+    kp = -(-k // g) * g
+    n_groups = kp // g
+    gen = torch.Generator(device=device).manual_seed(m * 131 + n * 7 + k)
+    fp16_bytes = m * k * 2 + n * k * 2 + m * n * 2
+    w4_bytes = m * kp + n * kp // 2 + n * n_groups * 4 + m * n * 2
+    sets = _operand_sets(max(fp16_bytes, w4_bytes), device)
+    xs = [torch.randn((m, k), generator=gen, device=device, dtype=torch.float16) for _ in range(sets)]
+    ws = [torch.randn((n, k), generator=gen, device=device, dtype=torch.float16) * 0.02 for _ in range(sets)]
+    rows = []
+
+    def row(kernel, timing: Timing, bytes_moved: int, ops: int):
+        us = timing.median_us
+        rows.append({"shape": label, "N": n, "K": k, "M": m, "kernel": kernel, "us": round(us, 3),
+                     "tops": round(ops / (us * 1e-6) / 1e12, 3), "gbps": round(bytes_moved / (us * 1e-6) / 1e9, 1),
+                     "timing": timing.mode, "samples": timing.samples, "operand_sets": sets})
+
+    rows_ops = 2 * m * n * k
+    row("cublas-fp16", _time_cuda(lambda i: torch.nn.functional.linear(xs[i], ws[i]), sets, runs, warmup, reps),
+        fp16_bytes, rows_ops)
+    ws.clear()  # free before the next operands are made
+    row("quantize-int8", _time_cuda(lambda i: kcuda.quantize_per_token_int8(xs[i], kp), sets, runs, warmup, reps),
+        m * k * 2 + m * kp + m * 4, 0)
+    quantized = [kcuda.quantize_per_token_int8(x, kp) for x in xs]
+    xs.clear()
+    qws = [torch.randint(0, 256, (n, kp // 2), generator=gen, device=device, dtype=torch.uint8) for _ in range(sets)]
+    # integer scales in [1, 128] with alpha 2^7: 127 * 8 * g * 128 * G < 2^31 for K <= 16384, no wrap
+    iscales = [torch.randint(1, 129, (n, n_groups), generator=gen, device=device, dtype=torch.int32) for _ in range(sets)]
+    cscale = torch.rand(n, generator=gen, device=device) * 0.01
+    row("w4a8-is", _time_cuda(lambda i: kcuda.w4a8_is_gemm(*quantized[i], qws[i], iscales[i], cscale, 7, g, torch.float16),
+                              sets, runs, warmup, reps), w4_bytes, rows_ops)
+    fscales = [(s.float() / 128 * 0.01).half() for s in iscales]
+    iscales.clear()
+    row("w4a8-fs", _time_cuda(lambda i: kcuda.w4a8_fs_gemm(*quantized[i], qws[i], fscales[i], g, torch.float16),
+                              sets, runs, warmup, reps), m * kp + n * kp // 2 + n * n_groups * 2 + m * n * 2, rows_ops)
+    by = {r["kernel"]: r["us"] for r in rows}
+    for r in rows:
+        r["vs_cublas"] = round(by["cublas-fp16"] / r["us"], 3) if r["kernel"].startswith("w4a8") else None
+    for r in rows:
+        if r["kernel"].startswith("w4a8"):
+            r["vs_cublas_with_quant"] = round(by["cublas-fp16"] / (r["us"] + by["quantize-int8"]), 3)
+        if r["kernel"] == "w4a8-is":
+            r["is_vs_fs"] = round(by["w4a8-fs"] / r["us"], 3)
+    return rows
+
+
+def kernel_bench(shapes: str = "llama3-8b", ms=DEFAULT_M, runs: int = 50, warmup: int = 10, scheme: str = "is-w4a8",
+                 progress=None) -> dict:
+    """All kernel rows for the shape set ``shapes`` ("llama3-8b", "smollm2-135m" or "all")."""
+    if scheme not in KERNEL_SCHEMES:
+        raise QConvertError(f"--scheme {scheme}: no CUDA kernel for it in this release; kernels exist for {', '.join(KERNEL_SCHEMES)}")
+    names = list(KERNEL_SHAPES) if shapes == "all" else [shapes]
+    for s in names:
+        if s not in KERNEL_SHAPES:
+            raise QConvertError(f"--shapes {s}: unknown; choose from {', '.join(KERNEL_SHAPES)} or all")
+    if runs < 50:
+        raise QConvertError(f"--runs {runs}: a median needs at least 50 samples here")
+    if not gpu_available():
+        raise QConvertError(no_gpu_message("qconvert bench --kernels"))
+    device = torch.device("cuda")
+    rows = []
+    for s in names:
+        for label, n, k in KERNEL_SHAPES[s]:
+            for m in ms:
+                if progress:
+                    progress(f"{s} {label} N={n} K={k} M={m}")
+                rows += [dict(r, model=s) for r in kernel_rows(label, n, k, m, device, runs=runs, warmup=warmup)]
+    return {"kind": "kernels", "scheme": scheme, "environment": environment(device), "runs": runs, "results": rows}
+
+
+def kernel_summary(rows: list[dict]) -> dict:
+    """The ratios the targets are stated in, over the Llama-3-8B rows (min over shapes)."""
+    def worst(key, pred):
+        vals = [r[key] for r in rows if r["kernel"] == "w4a8-is" and r.get("model") == "llama3-8b" and pred(r["M"])]
+        return min(vals) if vals else None
+
+    return {
+        "is_vs_cublas_min_M_le_16": worst("vs_cublas", lambda m: m <= 16),
+        "is_vs_cublas_min_M_ge_1024": worst("vs_cublas", lambda m: m >= 1024),
+        "is_vs_fs_min_M_ge_256": worst("is_vs_fs", lambda m: m >= 256),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# end to end
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_seconds(fn, device, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def model_speed(model, device: torch.device, prefill: int = 2048, new_tokens: int = 128, batches=(1, 16),
+                prompt: int = 32, repeats: int = 3, seed: int = 0) -> dict:
+    """Prefill and greedy-decode tokens/s of ``model`` (already on ``device``)."""
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (1, prefill), generator=gen).to(device)
+    model(ids[:, : min(prefill, 16)])  # warm-up: kernel modules, allocator
+    t_prefill = _median_seconds(lambda: model(ids, use_cache=True), device, repeats)
+    out = {"prefill_tokens": prefill, "prefill_tokens_per_s": round(prefill / t_prefill, 2), "decode": []}
+    for b in batches:
+        start = torch.randint(0, vocab, (b, prompt), generator=gen).to(device)
+
+        def decode():
+            res = model(start, use_cache=True)
+            cache, nxt = res.past_key_values, res.logits[:, -1].argmax(-1, keepdim=True)
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(new_tokens):
+                res = model(nxt, past_key_values=cache, use_cache=True)
+                cache, nxt = res.past_key_values, res.logits[:, -1].argmax(-1, keepdim=True)
+            _sync(device)
+            return time.perf_counter() - t0
+
+        decode()  # warm-up at this batch size
+        t = statistics.median(decode() for _ in range(repeats))
+        out["decode"].append({"batch": b, "new_tokens": new_tokens, "tokens_per_s": round(b * new_tokens / t, 2),
+                              "ms_per_step": round(1000 * t / new_tokens, 3)})
+    return out
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if gpu_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not gpu_available():
+        raise QConvertError(no_gpu_message(f"--device {device}"))
+    if dev.type not in ("cpu", "cuda"):
+        raise QConvertError(f"--device {device}: use cpu or cuda")
+    return dev
+
+
+def _runtime_label(device: torch.device) -> str:
+    return "cuda-kernels" if device.type == "cuda" else "cpu-reference"
+
+
+def _compare(fp: dict, q: dict) -> dict:
+    ratio = {"prefill": round(q["prefill_tokens_per_s"] / fp["prefill_tokens_per_s"], 3)}
+    for a, b in zip(fp["decode"], q["decode"]):
+        ratio[f"decode_batch{a['batch']}"] = round(b["tokens_per_s"] / a["tokens_per_s"], 3)
+    return ratio
+
+
+def out_bench(out: Path, device: str | None = None, prefill: int = 2048, new_tokens: int = 128, batches=(1, 16),
+              repeats: int = 3, against: str | None = None) -> dict:
+    """Quantized OUT against its float original, on one device, one after the other."""
+    from qconvert.formats.native import read_quant_config
+    from qconvert.runtime import load
+    from qconvert.source import resolve_source
+
+    out = Path(out)
+    read_quant_config(out)
+    dev = resolve_device(device)
+    dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    if against is None:
+        try:
+            against = json.loads((out / "qconvert.json").read_text())["source"].split(" (")[0]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise QConvertError(f"{out}/qconvert.json does not name the source; pass --against SOURCE") from None
+    q = load(out, device=str(dev), dtype=dtype)
+    q_speed = model_speed(q, dev, prefill, new_tokens, batches, repeats=repeats)
+    del q
+    src = resolve_source(against)
+    fp = src.load_model(dtype).to(dev).eval()
+    fp_speed = model_speed(fp, dev, prefill, new_tokens, batches, repeats=repeats)
+    del fp
+    return {"kind": "model", "target": str(out), "original": getattr(src, "description", str(against)),
+            "runtime": _runtime_label(dev), "dtype": str(dtype).removeprefix("torch."), "environment": environment(dev),
+            "quantized": q_speed, "original_speed": fp_speed, "speedup": _compare(fp_speed, q_speed)}
+
+
+def synthetic_models(name: str, device: torch.device, layers: int | None = None, dtype=torch.float16, seed: int = 0):
+    """(float model, a function that turns it into its W4A8-IS twin in place) of random weights."""
+    from transformers import LlamaConfig
+
+    from qconvert.runtime import W4A8Linear, _set_module
+    from qconvert.skeleton import build_skeleton, target_linears
+
+    if name not in SYNTHETIC:
+        raise QConvertError(f"--synthetic {name}: unknown; choose from {', '.join(SYNTHETIC)}")
+    kw = dict(SYNTHETIC[name])
+    if layers is not None:
+        kw["num_hidden_layers"] = layers
+    config = LlamaConfig(**kw)
+    model = build_skeleton(config)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        # parameters are on meta; rotary tables are real buffers and must keep their values
+        for mod in model.modules():
+            for pname, p in list(mod._parameters.items()):
+                if p is not None and p.is_meta:
+                    fresh = torch.empty(p.shape, device=device, dtype=dtype).normal_(0.0, 0.02, generator=gen)
+                    mod._parameters[pname] = torch.nn.Parameter(fresh, requires_grad=False)
+        model.to(device)
+        for n, mod in model.named_modules():
+            if "norm" in n.rsplit(".", 1)[-1] and hasattr(mod, "weight"):
+                mod.weight.fill_(1.0)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    model = model.eval()
+
+    def quantize_in_place(g: int = 128):
+        """Every decoder linear -> W4A8Linear (layout w4a8-is) with random int4 weights and
+        integer scales in [1, 128] at alpha 2^7 (no int32 wrap for K <= 16384)."""
+        for lname, lin in target_linears(model, ["lm_head"]).items():
+            n, k = lin.weight.shape
+            kp = -(-k // g) * g
+            tensors = {
+                "qweight": torch.randint(0, 256, (n, kp // 2), generator=gen, device=device, dtype=torch.uint8),
+                "shape": torch.tensor([n, k], dtype=torch.int64),
+                "iscale": torch.randint(1, 129, (n, kp // g), generator=gen, device=device, dtype=torch.int32),
+                "cscale": torch.rand(n, generator=gen, device=device) * 0.01,
+                "alpha_log2": torch.tensor([7], dtype=torch.int32),
+            }
+            _set_module(model, lname, W4A8Linear("w4a8-is", tensors, None).to(device))
+        return model
+
+    return model, quantize_in_place
+
+
+def synthetic_bench(name: str, device: str | None = None, layers: int | None = None, prefill: int = 2048,
+                    new_tokens: int = 128, batches=(1, 16), repeats: int = 3) -> dict:
+    dev = resolve_device(device)
+    dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    fp, to_quantized = synthetic_models(name, dev, layers, dtype)
+    fp_speed = model_speed(fp, dev, prefill, new_tokens, batches, repeats=repeats)
+    q = to_quantized()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    q_speed = model_speed(q, dev, prefill, new_tokens, batches, repeats=repeats)
+    return {"kind": "model", "target": f"synthetic:{name}" + (f" ({layers} layers)" if layers else ""),
+            "original": f"synthetic:{name} (random {str(dtype).removeprefix('torch.')} weights)",
+            "runtime": _runtime_label(dev), "dtype": str(dtype).removeprefix("torch."), "environment": environment(dev),
+            "quantized": q_speed, "original_speed": fp_speed, "speedup": _compare(fp_speed, q_speed)}
+
+
+# ---------------------------------------------------------------------------------------------
+# output
+
+
+def kernel_table(result: dict):
+    from rich.table import Table
+
+    env = result["environment"]
+    t = Table(title=f"W4A8 kernels vs cuBLAS FP16 — {env.get('device')} ({env.get('date')}, commit {env.get('commit')})")
+    for col in ("model", "shape", "N x K", "M", "kernel", "µs", "TOPS", "GB/s", "vs cuBLAS", "vs cuBLAS (+quant)", "IS / FS", "timing"):
+        t.add_column(col, justify="left" if col in ("model", "shape", "kernel", "timing") else "right")
+
+    def f(v):
+        return "-" if v is None else f"{v:.2f}"
+
+    for r in result["results"]:
+        t.add_row(r.get("model", ""), r["shape"], f"{r['N']}x{r['K']}", str(r["M"]), r["kernel"], f"{r['us']:.1f}",
+                  f"{r['tops']:.1f}", f"{r['gbps']:.0f}", f(r.get("vs_cublas")), f(r.get("vs_cublas_with_quant")),
+                  f(r.get("is_vs_fs")), r["timing"])
+    return t
+
+
+def model_table(result: dict):
+    from rich.table import Table
+
+    env = result["environment"]
+    t = Table(title=f"{result['target']} vs {result['original']} — {result['runtime']} on {env.get('device')} ({env.get('date')})")
+    for col in ("measure", "original", "quantized", "speed-up"):
+        t.add_column(col, justify="left" if col == "measure" else "right")
+    fp, q, s = result["original_speed"], result["quantized"], result["speedup"]
+    t.add_row(f"prefill 1 x {fp['prefill_tokens']} (tokens/s)", f"{fp['prefill_tokens_per_s']:,.1f}", f"{q['prefill_tokens_per_s']:,.1f}", f"{s['prefill']:.2f}x")
+    for a, b in zip(fp["decode"], q["decode"]):
+        t.add_row(f"decode {a['new_tokens']} tokens, batch {a['batch']} (tokens/s)", f"{a['tokens_per_s']:,.1f}", f"{b['tokens_per_s']:,.1f}",
+                  f"{s['decode_batch' + str(a['batch'])]:.2f}x")
+    return t
+
+
+def plot_kernels(result: dict, path: Path) -> Path:
+    """PNG: speed-up of W4A8-IS and W4A8-FS over cuBLAS FP16 against M, one panel per shape."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise QConvertError("--plot needs matplotlib: pip install 'qconvert[plot]'") from None
+    rows = result["results"]
+    panels = list(dict.fromkeys((r.get("model", ""), r["shape"], r["N"], r["K"]) for r in rows))
+    cols = min(4, len(panels))
+    nrows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3.2 * nrows), squeeze=False)
+    for ax, (model, shape, n, k) in zip(axes.flat, panels):
+        for kernel in ("w4a8-is", "w4a8-fs"):
+            pts = sorted((r["M"], r["vs_cublas"]) for r in rows
+                         if r["kernel"] == kernel and (r.get("model", ""), r["shape"], r["N"], r["K"]) == (model, shape, n, k))
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=kernel)
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{model} {shape} {n}x{k}", fontsize=9)
+        ax.set_xlabel("M (tokens)")
+        ax.set_ylabel("speed-up over cuBLAS FP16")
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    env = result["environment"]
+    fig.suptitle(f"{env.get('device')}, {env.get('date')}, commit {env.get('commit')}", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def save_json(result: dict, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def save_result(out: Path, result: dict) -> Path:
+    """Keep an end-to-end result in OUT/bench.json for the model card: one entry per
+    (runtime, device, prefill, new tokens), the newest replacing an older one."""
+    path = Path(out) / "bench.json"
+    try:
+        saved = json.loads(path.read_text()) if path.is_file() else []
+        if not isinstance(saved, list):
+            saved = []
+    except json.JSONDecodeError:
+        saved = []
+
+    def key(r):
+        q = r.get("quantized", {})
+        return (r.get("runtime"), r.get("environment", {}).get("device"), q.get("prefill_tokens"),
+                tuple(d.get("new_tokens") for d in q.get("decode", [])))
+
+    saved = [r for r in saved if key(r) != key(result)] + [result]
+    return save_json(saved, path)

@@ -1,0 +1,491 @@
+"""``qconvert push``: publish a finished OUT to the Hugging Face Hub, with a generated card.
+
+The card (README.md) is built in memory from what OUT already holds: the scheme in
+config.json's ``quantization_config``, the report and source record in qconvert.json, and
+the results that ``eval``, ``verify`` and ``bench`` saved beside them.  OUT is never
+modified; every file goes up in one commit, so a failed push leaves nothing half-updated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from qconvert.errors import QConvertError
+from qconvert.formats.native import MANIFEST, read_quant_config
+from qconvert.journal import NAME as JOURNAL
+from qconvert.source import HUB_ID
+
+CARD = "README.md"
+EVAL_FILE = "eval.json"  # written by qconvert eval (qconvert.evaluate.save_result)
+VERIFY_FILE = "verify.json"  # written by a passing qconvert verify
+# written by qconvert bench: a list of end-to-end results, or one {"device", "date", "results"}
+BENCH_FILES = ("bench_results.json", "bench.json")
+TEMP_SUFFIXES = (".tmp", ".temp", ".partial", ".lock", "~")
+LIBRARY = "qconvert"
+EXPORT_HINT = "qconvert export OUT --format compressed-tensors"
+
+
+@dataclass(frozen=True)
+class UploadFile:
+    path_in_repo: str
+    local: Path | None  # None: made in memory (the card)
+    size: int
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+# ----------------------------------------------------------------------------- completeness
+
+
+def check_complete(out: Path) -> None:
+    """Refuse an OUT that a conversion has not finished, or that lost files since."""
+    out = Path(out)
+    partial = out.with_name(out.name + ".partial")  # qconvert.pipeline.partial_dir, without importing torch
+    if partial.exists():
+        raise QConvertError(
+            f"{partial} exists beside {out.name}: a conversion into {out} did not finish; complete it with "
+            f"`qconvert quantize ... -o {out} --resume` (or delete {partial.name} if you abandoned it), then push"
+        )
+    if not out.is_dir():
+        raise QConvertError(f"{out} is not a directory; pass the -o directory that qconvert quantize wrote")
+    if (out / JOURNAL).exists():
+        raise QConvertError(f"{out} holds a conversion journal: the run did not finish; re-run qconvert quantize with --resume")
+    for name in ("config.json", "qconvert.json", MANIFEST):
+        if not (out / name).is_file():
+            raise QConvertError(
+                f"{out} is incomplete: {name} is missing; re-run `qconvert quantize SOURCE -o {out} --force`"
+            )
+    read_quant_config(out)  # a qconvert output of a format this version reads
+    index = out / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise QConvertError(f"{index} is not a valid index ({e}); re-run qconvert quantize with --force") from e
+        missing = [s for s in shards if not (out / s).is_file()]
+        if missing:
+            raise QConvertError(
+                f"{out} is incomplete: shard {missing[0]} listed in {index.name} is missing; "
+                f"re-run `qconvert quantize SOURCE -o {out} --force`"
+            )
+    elif not (out / "model.safetensors").is_file():
+        raise QConvertError(f"{out} is incomplete: model.safetensors is missing; re-run qconvert quantize with --force")
+    manifest = _read_json(out / MANIFEST)
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        raise QConvertError(f"{out / MANIFEST} is unreadable; run `qconvert verify {out}`, or re-quantize with --force")
+    for rel, entry in sorted(files.items()):  # sizes only: cheap; `qconvert verify` checks the sha256
+        p = out / rel
+        if not p.is_file():
+            raise QConvertError(f"{out} is incomplete: {rel} is listed in {MANIFEST} but missing; re-quantize with --force")
+        if isinstance(entry, dict) and entry.get("bytes") != p.stat().st_size:
+            raise QConvertError(
+                f"{out / rel} has {p.stat().st_size} bytes, {MANIFEST} says {entry.get('bytes')}: the file is "
+                f"damaged; run `qconvert verify {out}` and re-quantize with --force"
+            )
+
+
+def _out_files(out: Path) -> list[UploadFile]:
+    """OUT's files that belong to the model: not hidden or temporary ones (journals, editor
+    and lock files, links), and not an OUT/README.md, which the card replaces."""
+    files = []
+    for p in sorted(out.rglob("*")):
+        rel = p.relative_to(out).as_posix()
+        if not p.is_file() or p.is_symlink() or rel == CARD:
+            continue
+        if any(part.startswith(".") for part in rel.split("/")) or rel.endswith(TEMP_SUFFIXES):
+            continue
+        files.append(UploadFile(rel, p, p.stat().st_size))
+    return files
+
+
+def upload_files(out: Path, card: str | bytes) -> list[UploadFile]:
+    """What a push uploads: OUT's model files, and ``card`` as README.md."""
+    files = _out_files(Path(out))
+    data = card.encode() if isinstance(card, str) else card
+    files.append(UploadFile(CARD, None, len(data)))
+    return files
+
+
+# ----------------------------------------------------------------------------- the card
+
+
+def _base_model(report: dict) -> str | None:
+    info = report.get("source_info") or {}
+    if info.get("base_model"):
+        return info["base_model"]
+    src = str(report.get("source", "")).split(" (")[0]
+    # an OUT from before source_info: a Hub id is recognisable, a local path is not one
+    if report.get("source_kind") == "safetensors" and HUB_ID.match(src) and not Path(src).exists():
+        return src
+    return None
+
+
+def _tags(qc: dict, scheme: dict) -> list[str]:
+    cfg, params = qc.get("config") or {}, scheme.get("params") or {}
+    wbits = cfg.get("weight_bits", params.get("weight_bits"))
+    abits = cfg.get("act_bits", params.get("act_bits", 16))
+    tags = ["quantized", "qconvert", qc.get("scheme") or scheme.get("name")]
+    if wbits:
+        tags += [f"int{wbits}", f"w{wbits}a{abits}"]
+    if abits and abits < 16:
+        tags.append(f"int{abits}-activations")
+    base = cfg.get("base", params.get("base"))
+    if base == "gptq":
+        tags.append("gptq")
+    if cfg.get("scales", params.get("scales")) == "integer":
+        tags.append("integer-scale")
+    return [t for i, t in enumerate(tags) if t and t not in tags[:i]]
+
+
+def _mb(n: int | None) -> str:
+    return "unknown" if n is None else f"{n:,} bytes ({n / 1e6:.1f} MB)"
+
+
+def _scheme_rows(qc: dict, report: dict) -> list[tuple[str, str]]:
+    cfg = qc.get("config") or {}
+    w, a = cfg.get("weights") or {}, cfg.get("activations") or {}
+    rows = []
+    if w or cfg.get("weight_bits"):
+        bits = w.get("bits", cfg.get("weight_bits"))
+        group = w.get("group_size", cfg.get("group_size"))
+        sym = "symmetric" if w.get("symmetric", True) else "asymmetric"
+        scales = cfg.get("scales")
+        scale_text = {"integer": "integer group scales (an amplifier α = 2^k makes them integers, so group sums stay in int32 "
+                                 "and convert to float once)", "float": "fp16 group scales"}.get(scales, f"{scales} scales")
+        rows.append(("weights", f"int{bits}, {sym}, groups of {group} along the input dimension, {scale_text}"))
+    if a:
+        bits = a.get("bits")
+        if bits and bits < 16:
+            parts = [f"int{bits}", "dynamic" if a.get("dynamic") else "static", a.get("granularity"),
+                     "symmetric" if a.get("symmetric", True) else "asymmetric"]
+            rows.append(("activations", ", ".join(str(x) for x in parts if x) + ", quantized as the model runs"))
+        else:
+            rows.append(("activations", "kept in 16-bit floating point (weight-only)"))
+    elif cfg.get("act_bits"):
+        rows.append(("activations", f"int{cfg['act_bits']}" if cfg["act_bits"] < 16 else "16-bit floating point"))
+    base = cfg.get("base")
+    calib = report.get("calibration")
+    if base == "gptq":
+        how = "GPTQ, calibrated block by block"
+        if isinstance(calib, dict):
+            data = {"self": "text the model wrote itself", "wikitext2": "WikiText-2", "c4": "C4"}.get(calib.get("source"))
+            data = data or (Path(calib["data_file"]).name if calib.get("data_file") else str(calib.get("source", "?")))
+            how += f" on {calib.get('nsamples', '?')} x {calib.get('seqlen', '?')} tokens of {data}"
+        rows.append(("solver", how))
+    elif base == "rtn":
+        rows.append(("solver", "round-to-nearest (no calibration data)"))
+    layouts = sorted(set((qc.get("modules") or {}).values()))
+    rows.append(("quantized", f"{len(qc.get('modules') or {})} linear layers (layout {', '.join(layouts) or '-'})"))
+    kept = ["embeddings", "norms"] + [e for e in qc.get("exclude") or []]
+    rows.append(("full precision", ", ".join(kept)))
+    rows.append(("method / format", f"{qc.get('method')} / {qc.get('format')} v{qc.get('format_version')} "
+                                    f"(qconvert {qc.get('qconvert_version')})"))
+    return rows
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    def cell(v) -> str:
+        if isinstance(v, float):
+            v = f"{v:.4g}"
+        return str(v).replace("|", "\\|").replace("\n", " ")
+
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(cell(v) for v in r) + " |" for r in rows
+    ]
+
+
+def _eval_section(out: Path) -> list[str]:
+    saved = _read_json(out / EVAL_FILE)
+    if isinstance(saved, dict):
+        saved = [saved]
+    rows = [r for r in saved or [] if isinstance(r, dict) and "perplexity" in r]
+    if not rows:
+        return ["Perplexity: not measured yet (`qconvert eval OUT --data-file wiki.test.raw` saves it into OUT)."]
+    lines = ["Perplexity measured by `qconvert eval` (non-overlapping windows; lower is better):", ""]
+    lines += _table(["dataset", "seqlen", "windows", "perplexity"],
+                    [[r.get("dataset", "?"), r.get("seqlen", "?"), r.get("windows", "?"), f"{r['perplexity']:.3f}"]
+                     for r in rows])
+    return lines
+
+
+def _verify_section(out: Path) -> list[str]:
+    rep = _read_json(out / VERIFY_FILE)
+    if not isinstance(rep, dict):
+        return ["Not verified yet (`qconvert verify OUT` saves a passing report into OUT)."]
+    lines = [f"`qconvert verify` passed: {rep.get('checked_files', '?')} files and {rep.get('checked_tensors', '?')} "
+             "tensors checked (sha256, dtypes, shapes, int32 bound)."]
+    if rep.get("against"):
+        rows = [["compared with", rep["against"]], ["sample tokens", rep.get("sample_tokens")]]
+        if rep.get("min_snr_db") is not None:
+            rows.append(["least layer output SNR", f"{rep['min_snr_db']} dB"])
+        if rep.get("kl") is not None:
+            rows.append(["KL divergence of next-token distributions", f"{rep['kl']:.4f}"])
+        if rep.get("top1_agreement") is not None:
+            rows.append(["top-1 next-token agreement", f"{rep['top1_agreement']:.3f}"])
+        lines += [""] + _table(["check", "value"], rows)
+    return lines
+
+
+def _model_speed_rows(r: dict) -> list[list]:
+    """Rows of one end-to-end result of ``qconvert bench OUT`` (qconvert.bench.out_bench)."""
+    fp, q, up = r.get("original_speed") or {}, r.get("quantized") or {}, r.get("speedup") or {}
+    rows = []
+    if "prefill_tokens_per_s" in q:
+        rows.append([f"prefill 1 x {q.get('prefill_tokens', '?')} (tokens/s)", fp.get("prefill_tokens_per_s", ""),
+                     q["prefill_tokens_per_s"], f"{up['prefill']:.2f}x" if "prefill" in up else ""])
+    for a, b in zip(fp.get("decode") or [{}] * len(q.get("decode") or []), q.get("decode") or []):
+        s = up.get(f"decode_batch{b.get('batch')}")
+        rows.append([f"decode {b.get('new_tokens', '?')} tokens, batch {b.get('batch', '?')} (tokens/s)",
+                     a.get("tokens_per_s", ""), b.get("tokens_per_s", ""), f"{s:.2f}x" if s is not None else ""])
+    return rows
+
+
+def _bench_section(out: Path) -> list[str]:
+    """Speed figures saved by ``qconvert bench``: a list of end-to-end results (OUT/bench.json),
+    or one object with "device", "date" and "results"."""
+    saved = None
+    for name in BENCH_FILES:
+        saved = _read_json(out / name)
+        if saved:
+            break
+    entries = saved if isinstance(saved, list) else [saved] if isinstance(saved, dict) else []
+    entries = [e for e in entries if isinstance(e, dict)]
+    if not entries:
+        return ["No speed figures: this model has not been benchmarked (`qconvert bench OUT` saves them into OUT)."]
+    lines = []
+    for e in entries:
+        env = e.get("environment") or {}
+        device, date = e.get("device") or env.get("device"), e.get("date") or env.get("date")
+        runtime = e.get("runtime")
+        lines += [f"Measured by `qconvert bench` on {device or 'an unrecorded device'}" + (f" ({date})" if date else "")
+                  + (f", runtime `{runtime}`" if runtime else "") + ":", ""]
+        if runtime == "cpu-reference":
+            lines += ["These figures come from the exact CPU reference, written for exactness, not speed; "
+                      "they say nothing about the GPU kernels.", ""]
+        if "quantized" in e:
+            lines += _table(["measure", "original", "quantized", "speed-up"],
+                            _model_speed_rows(e))
+        elif isinstance(e.get("results"), list) and all(isinstance(r, dict) for r in e["results"]):
+            cols = list(dict.fromkeys(k for r in e["results"] for k in r))
+            lines += _table(cols, [[r.get(c, "") for c in cols] for r in e["results"]])
+        elif isinstance(e.get("results"), dict):
+            lines += _table(["measure", "value"], [[k, json.dumps(v) if isinstance(v, (dict, list)) else v]
+                                                   for k, v in e["results"].items()])
+        else:
+            lines.append("```json\n" + json.dumps(e.get("results", e), indent=2) + "\n```")
+        lines.append("")
+    return lines[:-1]
+
+
+def model_card(out: str | os.PathLike, repo_id: str | None = None) -> str:
+    """The README.md for OUT: YAML front matter for the Hub, then what was done and measured.
+
+    Pure: reads OUT's config.json, qconvert.json and saved results, writes nothing.
+    """
+    import yaml
+
+    out = Path(out)
+    cfg, qc = read_quant_config(out)
+    report = _read_json(out / "qconvert.json")
+    if not isinstance(report, dict):
+        raise QConvertError(f"{out} has no readable qconvert.json; re-run qconvert quantize with --force")
+    scheme = report.get("scheme") or {}
+    info = report.get("source_info") or {}
+    base = _base_model(report)
+    source = str(report.get("source", "?"))
+    local = not info.get("id") and not base and (Path(source).is_absolute() or os.sep in source)
+    shown = f"a local checkpoint `{Path(source).name}`" if local else f"`{source}`"  # no private paths on the Hub
+    name = qc.get("scheme") or scheme.get("name", "?")
+
+    meta = {}
+    if base:
+        meta["base_model"] = base
+    lic = info.get("license") or cfg.get("license")
+    if lic:
+        meta["license"] = lic
+    meta.update({"library_name": LIBRARY, "pipeline_tag": "text-generation", "tags": _tags(qc, scheme)})
+    front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
+
+    title = repo_id.split("/")[-1] if repo_id else f"{(base or Path(source).name).split('/')[-1]}-{name}"
+    origin = f"[{base}](https://huggingface.co/{base})" if base else shown[0].upper() + shown[1:]
+    lines = [f"# {title}", "",
+             f"{origin} quantized by qconvert with the scheme **{name}**"
+             + (f": {scheme['description']}." if scheme.get("description") else "."), ""]
+    if info.get("id"):
+        lines += [f"Source: `{info['id']}` at commit `{info.get('revision') or '?'}`"
+                  + (f"; license `{lic}` carried over from its card" if lic else "") + ".", ""]
+    elif base:
+        lines += [f"Source: {shown}, which packs {base}.", ""]
+
+    lines += ["## Scheme", ""] + _table(["part", "how"], _scheme_rows(qc, report)) + [""]
+
+    totals = report.get("totals") or {}
+    mine = _out_files(out)
+    weights = sum(f.size for f in mine if f.path_in_repo.endswith(".safetensors"))
+    n_src = len(info.get("files") or {})
+    size_rows = [[f"source weights ({n_src} file{'s' if n_src != 1 else ''})" if n_src else "source weights",
+                  _mb(info.get("bytes")) if info.get("bytes") else "not recorded"],
+                 ["these weights (safetensors)", _mb(weights)],
+                 ["all files here but this card", _mb(sum(f.size for f in mine))]]
+    if totals.get("quantized_bytes"):
+        ratio = totals["quantized_fp16_bytes"] / max(totals["quantized_bytes"], 1)
+        size_rows.append(["quantized linears: fp16 -> packed",
+                          f"{totals['quantized_fp16_bytes']:,} -> {totals['quantized_bytes']:,} bytes ({ratio:.2f}x smaller)"])
+    if totals.get("min_headroom_bits") is not None:
+        size_rows.append(["least int32 headroom of a group sum", f"{totals['min_headroom_bits']} bits"])
+    lines += ["## Size", ""] + _table(["what", "size"], size_rows) + [""]
+
+    lines += ["## Accuracy", ""] + _eval_section(out) + [""] + _verify_section(out) + [""]
+    lines += ["## Speed", ""] + _bench_section(out) + [""]
+
+    where = f'snapshot_download("{repo_id}")' if repo_id else '"path/to/this/model"'
+    lines += ["## Use", "",
+              "This repository holds qconvert's native format; load it with qconvert, which runs the "
+              "quantized layers with their exact integer arithmetic:", "",
+              "```python", "import qconvert"]
+    if repo_id:
+        lines.append("from huggingface_hub import snapshot_download")
+    lines += ["", f"model = qconvert.load({where})  # a transformers causal LM", "```", "",
+              "transformers and vLLM do not read this format: for them, export a compressed-tensors copy with "
+              f"`{EXPORT_HINT}`.", ""]
+
+    redo_src = info.get("id") or ("path/to/" + Path(source).name if local else source.split(" (")[0])
+    redo = f"qconvert quantize {redo_src} --scheme {name}"
+    if info.get("id") and info.get("revision"):
+        redo += f" --revision {info['revision']}"
+    lines += ["## Reproduce", "", "```bash", redo + " -o out/", "```", "",
+              "`qconvert.json` records the per-layer report and the sha256 of every source weight file; "
+              "`manifest.json` the sha256 of every file here.", ""]
+    return "---\n" + front + "---\n\n" + "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the push
+
+
+@dataclass
+class PushResult:
+    repo_id: str
+    revision: str | None
+    files: list[UploadFile]
+    card: str
+    commit_url: str | None = None
+    branch_created: bool = False
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """The transport errors of whichever HTTP client this huggingface_hub uses."""
+    errs: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for mod in ("httpx2", "httpx"):
+        try:
+            errs.append(__import__(mod).TransportError)
+        except (ImportError, AttributeError):
+            pass
+    try:
+        import requests
+
+        errs += [requests.ConnectionError, requests.Timeout]
+    except ImportError:
+        pass
+    return tuple(errs)
+
+
+def _token(token: str | None) -> str:
+    if token:
+        return token
+    from huggingface_hub import get_token
+
+    found = get_token()  # HF_TOKEN, then the login cache (hf auth login); no network
+    if not found:
+        raise QConvertError(
+            "no Hugging Face token: pass --token, set HF_TOKEN, or log in once with `hf auth login` "
+            "(formerly huggingface-cli login); the token needs write access"
+        )
+    return found
+
+
+def _hub_error(e: Exception, repo_id: str) -> QConvertError:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if isinstance(e, HfHubHTTPError):
+        resp = getattr(e, "response", None)
+        status = getattr(resp, "status_code", None)
+        server = (getattr(e, "server_message", None) or "").strip().splitlines()
+        detail = f" (the Hub says: {server[0]})" if server else ""
+        if status == 401:
+            return QConvertError(
+                f"the Hub rejected the token (401){detail}: it is invalid or expired; create a write token at "
+                "https://huggingface.co/settings/tokens and pass it with --token or `hf auth login`"
+            )
+        if status == 403:
+            return QConvertError(
+                f"the token may not write to {repo_id} (403){detail}: the repo belongs to another user or organization, "
+                "or the token is read-only; push to a repo under your own namespace, or use a token with write access to it"
+            )
+        if status == 404:
+            return QConvertError(
+                f"{repo_id} was not found on the Hub (404){detail}; check the repo id (owner/name) and that the token can see it"
+            )
+        return QConvertError(f"the Hub refused the push to {repo_id} (HTTP {status}){detail}; try again later")
+    return QConvertError(
+        f"cannot reach the Hugging Face Hub ({type(e).__name__}: {e}); check the network connection (or the "
+        "HF_ENDPOINT) and repeat the push; the upload is one commit, so nothing half-done was left on the Hub"
+    )
+
+
+def push(out: str | os.PathLike, repo_id: str, *, private: bool = False, revision: str | None = None,
+         token: str | None = None, dry_run: bool = False, card: str | None = None) -> PushResult:
+    """Upload OUT with its model card to ``repo_id`` in a single commit.
+
+    ``revision`` names a branch, created when missing; ``card`` replaces the generated
+    README.md.  ``dry_run`` only plans: no token is needed and the network is never touched.
+    """
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    out = Path(out)
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise QConvertError(f"{repo_id!r} is not a valid Hub repo id ({e}); write it as owner/name or name") from e
+    check_complete(out)
+    text = card if card is not None else model_card(out, repo_id)
+    files = upload_files(out, text)
+    result = PushResult(repo_id, revision, files, text)
+    if dry_run:
+        return result
+    from huggingface_hub import CommitOperationAdd, HfApi, constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise QConvertError("HF_HUB_OFFLINE is set, and a push needs the network: unset it (or use --dry-run)")
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = HfApi(token=_token(token))
+    ops = [CommitOperationAdd(path_in_repo=f.path_in_repo,
+                              path_or_fileobj=str(f.local) if f.local is not None else text.encode())
+           for f in files]
+    scheme = json.loads((out / "config.json").read_text())["quantization_config"].get("scheme", "?")
+    try:
+        url = api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True)
+        result.repo_id = getattr(url, "repo_id", None) or repo_id  # a bare name lands in the token's namespace
+        if revision and revision != "main":
+            branches = {b.name for b in api.list_repo_refs(result.repo_id, repo_type="model").branches}
+            if revision not in branches:
+                api.create_branch(result.repo_id, branch=revision, repo_type="model", exist_ok=True)
+                result.branch_created = True
+        info = api.create_commit(result.repo_id, ops, commit_message=f"qconvert {scheme}: upload {len(files)} files",
+                                 repo_type="model", revision=revision)
+    except HfHubHTTPError as e:
+        raise _hub_error(e, repo_id) from e
+    except _network_errors() as e:
+        raise _hub_error(e, repo_id) from e
+    result.commit_url = getattr(info, "commit_url", None)
+    return result

@@ -1,0 +1,96 @@
+"""lm-evaluation-harness tasks on qconvert's runtime (``qconvert eval OUT --tasks ...``).
+
+The model is the one ``qconvert eval`` measures perplexity with: an OUT through
+``qconvert.load`` (its quantized linears run the exact integer reference), any other TARGET
+as an unquantized SOURCE.  lm-eval receives it as a ready ``transformers`` model through its
+``HFLM`` wrapper, so every task type it supports (loglikelihood, multiple choice, rolling
+perplexity, generation) runs unchanged.  lm-eval is an optional extra:
+``pip install "qconvert[lmeval]"``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from qconvert.errors import QConvertError
+
+INSTALL_HINT = 'pip install "qconvert[lmeval]"'
+
+
+@dataclass
+class TaskResults:
+    target: str
+    kind: str  # "qconvert" for an OUT, else the source kind
+    tasks: dict[str, dict]  # lm-eval's results[task]: {"acc,none": ..., "acc_stderr,none": ..., "alias": ...}
+    n_shot: dict[str, int]
+    n_samples: dict[str, dict]  # {"original": n, "effective": n} per task
+    limit: int | float | None
+    lm_eval_version: str | None
+
+    def to_dict(self):
+        return {"target": self.target, "kind": self.kind, "harness": "lm-eval", "lm_eval_version": self.lm_eval_version,
+                "limit": self.limit, "n-shot": self.n_shot, "n-samples": self.n_samples, "results": self.tasks}
+
+    def metrics(self, task: str) -> dict[str, tuple[float, float | None]]:
+        """{metric (with its filter, e.g. "acc,none"): (value, stderr or None)} of one task."""
+        out = {}
+        for key, value in self.tasks[task].items():
+            if "," not in key or "_stderr," in key or not isinstance(value, (int, float)):
+                continue
+            name, _, filt = key.partition(",")
+            err = self.tasks[task].get(f"{name}_stderr,{filt}")
+            out[key] = (float(value), float(err) if isinstance(err, (int, float)) else None)
+        return out
+
+
+def _import_lm_eval():
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError as e:
+        raise QConvertError(f"--tasks runs lm-evaluation-harness, which is not installed ({e}); {INSTALL_HINT}") from None
+    return lm_eval, HFLM, TaskManager
+
+
+def task_manager(tasks: list[str], include_path: str | Path | None):
+    """lm-eval's task index; only the --include-path directory when it holds every task
+    asked for (indexing lm-eval's own few thousand YAML files takes many seconds)."""
+    _, _, TaskManager = _import_lm_eval()
+    if include_path is not None:
+        if not Path(include_path).is_dir():
+            raise QConvertError(f"--include-path {include_path} is not a directory; give the directory of your task YAML files")
+        tm = TaskManager(include_path=str(include_path), include_defaults=False)
+        if all(t in tm.all_tasks for t in tasks):
+            return tm
+    tm = TaskManager(include_path=str(include_path) if include_path is not None else None)
+    unknown = [t for t in tasks if t not in tm.all_tasks]
+    if unknown:
+        where = f"neither built into lm-eval nor in {include_path}" if include_path is not None else "not built into lm-eval"
+        raise QConvertError(
+            f"task {unknown[0]!r} is {where}: list lm-eval's tasks with `lm-eval ls tasks`, "
+            "or put your own task YAML in a directory and pass --include-path DIR"
+        )
+    return tm
+
+
+def run_tasks(target: str | Path, tasks: list[str], limit: int | float | None = None, num_fewshot: int | None = None,
+              include_path: str | Path | None = None, batch_size: int = 1) -> TaskResults:
+    """Run lm-eval ``tasks`` on TARGET (an OUT or any SOURCE) on the CPU."""
+    lm_eval, HFLM, _ = _import_lm_eval()
+    tasks = [t.strip() for t in tasks if t.strip()]
+    if not tasks:
+        raise QConvertError("--tasks is empty; name one or more lm-eval tasks, e.g. --tasks hellaswag,arc_easy")
+    tm = task_manager(tasks, include_path)  # before the model: a typo fails fast
+
+    from qconvert.evaluate import load_model_and_tokenizer
+
+    model, tok, kind = load_model_and_tokenizer(str(target))
+    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size)
+    res = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=tm,
+                                  log_samples=False)
+    if res is None:  # only on non-zero ranks of a distributed run, which this never is
+        raise QConvertError("lm-eval returned no results")
+    return TaskResults(str(target), kind, res["results"], dict(res.get("n-shot", {})), dict(res.get("n-samples", {})),
+                       limit, res.get("lm_eval_version"))

@@ -1,0 +1,124 @@
+"""`qconvert bench` as a user calls it.  No timing is asserted: these tests check that the
+command runs, labels what it measured and writes its JSON; speed figures live in
+benchmarks/results/ and docs/benchmarks.md."""
+
+import json
+
+import pytest
+import torch
+
+from qconvert import bench as b
+from helpers import run_cli
+from qconvert.errors import QConvertError
+
+SMALL = ["--prefill", "16", "--new-tokens", "3", "--batch", "1,2", "--repeats", "1"]
+
+
+run = run_cli
+
+
+@pytest.fixture
+def out(tiny_rtn_out):
+    return tiny_rtn_out
+
+
+def _check_model_result(res: dict, batches=(1, 2)):
+    assert res["kind"] == "model" and res["runtime"] == "cpu-reference"
+    assert res["environment"]["device"].startswith("CPU")
+    for side in ("quantized", "original_speed"):
+        speed = res[side]
+        assert speed["prefill_tokens"] == 16 and speed["prefill_tokens_per_s"] > 0
+        assert [d["batch"] for d in speed["decode"]] == list(batches)
+        assert all(d["tokens_per_s"] > 0 and d["new_tokens"] == 3 for d in speed["decode"])
+    assert set(res["speedup"]) == {"prefill"} | {f"decode_batch{x}" for x in batches}
+
+
+def test_bench_out_on_cpu_is_labelled_and_saved(out, tmp_path):
+    res = run("bench", out, *SMALL, "--device", "cpu", "--json", tmp_path / "r.json")
+    assert "CPU reference" in res.output and "say nothing about the kernels" in res.output
+    assert "decode 3 tokens, batch 2" in res.output
+    written = json.loads((tmp_path / "r.json").read_text())
+    _check_model_result(written)
+    saved = json.loads((out / "bench.json").read_text())
+    assert saved[-1] == written
+    run("bench", out, *SMALL, "--device", "cpu")  # same settings: replaces, does not pile up
+    assert len(json.loads((out / "bench.json").read_text())) == 1
+    # the result file does not count as a foreign file of OUT
+    assert run("verify", out, "--no-compare").exit_code == 0
+
+
+def test_bench_synthetic_on_cpu(tmp_path):
+    res = run("bench", "--synthetic", "smollm2-135m", "--layers", "1", *SMALL, "--device", "cpu", "--json", tmp_path / "s.json")
+    written = json.loads((tmp_path / "s.json").read_text())
+    _check_model_result(written)
+    assert written["target"] == "synthetic:smollm2-135m (1 layers)"
+    assert written["original"] == "synthetic:smollm2-135m (random float32 weights)"
+    assert "synthetic:smollm2-135m" in res.output
+
+
+def test_synthetic_model_has_real_shapes_and_sane_outputs():
+    from qconvert.runtime import W4A8Linear
+
+    fp, to_q = b.synthetic_models("smollm2-135m", torch.device("cpu"), layers=2, dtype=torch.float32)
+    assert fp.config.hidden_size == 576 and fp.config.intermediate_size == 1536 and fp.config.vocab_size == 49152
+    rope = fp.model.rotary_emb.inv_freq
+    assert torch.isfinite(rope).all() and float(rope[0]) == 1.0  # the rotary table kept its values
+    ids = torch.arange(8)[None]
+    assert torch.isfinite(fp(ids).logits).all()
+    q = to_q()
+    kinds = {type(m).__name__ for n, m in q.named_modules() if n.endswith("_proj")}
+    assert kinds == {"W4A8Linear"}
+    assert not isinstance(q.lm_head, W4A8Linear)
+    assert torch.isfinite(q(ids).logits).all()
+
+
+@pytest.mark.skipif(b.gpu_available(), reason="a GPU is usable here")
+def test_kernels_without_gpu_say_so():
+    res = run("bench", "--kernels", ok=False)
+    assert res.exit_code == 1 and "needs an NVIDIA GPU" in res.output and "--device cpu" in res.output
+    assert "Traceback" not in res.output
+    with pytest.raises(QConvertError, match="no usable GPU"):
+        from qconvert.runtime import load
+
+        load("does-not-matter", device="cuda")
+
+
+@pytest.mark.parametrize("args,msg", [
+    ((), "exactly one of OUT, --kernels or --synthetic"),
+    (("--kernels", "--synthetic", "llama3-8b"), "got --kernels and --synthetic"),
+    (("--synthetic", "llama3-8b", "--plot", "x.png"), "--plot goes with --kernels"),
+    (("--synthetic", "gpt5"), "unknown; choose from llama3-8b, smollm2-135m"),
+    (("--kernels", "--m", "1,x"), "not a comma-separated list"),
+    (("--kernels", "--runs", "10"), "10 is not in the range x>=50"),
+])
+def test_usage_errors(args, msg):
+    res = run("bench", *args, ok=False)
+    assert res.exit_code != 0 and msg in res.output and "Traceback" not in res.output
+
+
+def test_runtime_device_errors(out):
+    from qconvert.runtime import load
+
+    with pytest.raises(QConvertError, match="'tpu'"):
+        load(out, device="tpu")
+    with pytest.raises(QConvertError, match="not a device name"):
+        load(out, device="gpu please")
+
+
+def test_kernel_plot_renders(tmp_path):
+    """The plot is drawn from whatever rows a result holds; these rows are made up for the
+    renderer (their numbers are not measurements)."""
+    pytest.importorskip("matplotlib")
+    rows = []
+    for m in (1, 16, 256):
+        rows += [
+            {"model": "llama3-8b", "shape": "q/o_proj", "N": 4096, "K": 4096, "M": m, "kernel": "w4a8-is", "vs_cublas": 2.0 / m ** 0.1},
+            {"model": "llama3-8b", "shape": "q/o_proj", "N": 4096, "K": 4096, "M": m, "kernel": "w4a8-fs", "vs_cublas": 1.5 / m ** 0.1},
+            {"model": "llama3-8b", "shape": "q/o_proj", "N": 4096, "K": 4096, "M": m, "kernel": "cublas-fp16", "vs_cublas": None},
+        ]
+    res = {"environment": {"device": "renderer test", "date": "-", "commit": "-"}, "results": rows}
+    path = b.plot_kernels(res, tmp_path / "plots" / "k.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+    summary = b.kernel_summary([dict(r, is_vs_fs=1.3) for r in rows if r["kernel"] == "w4a8-is"])
+    assert summary["is_vs_cublas_min_M_le_16"] == pytest.approx(2.0 / 16 ** 0.1)
+    assert summary["is_vs_cublas_min_M_ge_1024"] is None and summary["is_vs_fs_min_M_ge_256"] == 1.3

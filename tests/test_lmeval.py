@@ -1,0 +1,104 @@
+"""`qconvert eval --tasks`: lm-evaluation-harness on qconvert's runtime, offline, with a task of our own."""
+
+import json
+import math
+import sys
+
+import pytest
+
+from helpers import run_cli
+
+ROWS = [  # a multiple-choice task on the text the tiny tokenizer was trained on (helpers.TEXT)
+    {"q": "The quick brown fox jumps over the lazy", "choices": [" dog.", " integer."], "label": 0},
+    {"q": "Quantization maps weights to a few", "choices": [" bits.", " foxes."], "label": 0},
+    {"q": "Integer scales keep group partial sums in", "choices": [" the lazy dog", " int32"], "label": 1},
+    {"q": "A model is read one block at a", "choices": [" shard", " time"], "label": 1},
+    {"q": "and written shard by", "choices": [" shard.", " scale."], "label": 0},
+]
+
+
+run = run_cli
+
+
+@pytest.fixture
+def task_dir(tmp_path, monkeypatch):
+    """A YAML task over a local jsonl file, and no network for the datasets library."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
+    d = tmp_path / "tasks"
+    d.mkdir()
+    data = d / "tiny.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    (d / "qconvert_tiny.yaml").write_text(
+        "task: qconvert_tiny\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\n"
+        "output_type: multiple_choice\n"
+        'doc_to_text: "{{q}}"\n'
+        'doc_to_choice: "{{choices}}"\n'
+        "doc_to_target: label\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    return d
+
+
+@pytest.fixture
+def out(tiny_rtn_out):
+    return tiny_rtn_out
+
+
+def test_tasks_run_on_the_quantized_model(out, task_dir):
+    pytest.importorskip("lm_eval", reason='lm-eval is not installed: pip install -e ".[test]"')
+    res = run("eval", out, "--tasks", "qconvert_tiny", "--include-path", task_dir, "--num-fewshot", 0, "--json")
+    record = json.loads(res.stdout[res.stdout.index("{"):])
+    assert record["kind"] == "qconvert" and record["harness"] == "lm-eval"  # qconvert.load's runtime, not a float model
+    assert record["n-shot"] == {"qconvert_tiny": 0}
+    assert record["n-samples"]["qconvert_tiny"]["effective"] == len(ROWS)
+    acc = record["results"]["qconvert_tiny"]["acc,none"]
+    assert 0.0 <= acc <= 1.0 and acc * len(ROWS) == round(acc * len(ROWS))  # a fraction of the 5 questions
+    # the table form, and --limit
+    res = run("eval", out, "--tasks", "qconvert_tiny", "--include-path", task_dir, "--limit", 2)
+    line = [ln for ln in res.stdout.splitlines() if "qconvert_tiny:" in ln][0]
+    acc2 = float(line.split(" acc ")[1].split()[0])
+    assert acc2 in (0.0, 0.5, 1.0)
+    assert not (out / "eval.json").exists()  # perplexity results only are kept in OUT
+
+
+def test_same_task_on_the_source_model(tiny_llama, task_dir):
+    pytest.importorskip("lm_eval", reason='lm-eval is not installed: pip install -e ".[test]"')
+    from qconvert.lmeval import run_tasks
+
+    res = run_tasks(tiny_llama, ["qconvert_tiny"], include_path=task_dir, num_fewshot=0)
+    assert res.kind == "safetensors"
+    (value, stderr), = [v for k, v in res.metrics("qconvert_tiny").items() if k == "acc,none"]
+    assert 0.0 <= value <= 1.0 and stderr is not None and math.isfinite(stderr)
+
+
+def test_unknown_task_is_named(out, task_dir):
+    pytest.importorskip("lm_eval", reason='lm-eval is not installed: pip install -e ".[test]"')
+    from lm_eval.tasks import TaskManager
+
+    from qconvert.errors import QConvertError
+    from qconvert.lmeval import task_manager
+
+    assert isinstance(task_manager(["qconvert_tiny"], task_dir), TaskManager)
+    with pytest.raises(QConvertError, match="task 'no_such_task' is neither built into lm-eval nor in .*--include-path"):
+        task_manager(["no_such_task"], task_dir)
+    res = run("eval", out, "--tasks", "qconvert_tiny", "--include-path", task_dir / "missing", ok=False)
+    assert res.exit_code != 0 and "does not exist" in res.output  # click checks the directory
+
+
+def test_without_lm_eval_says_what_to_install(out, monkeypatch):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # import fails as when not installed
+    res = run("eval", out, "--tasks", "hellaswag", ok=False)
+    assert res.exit_code == 1 and 'pip install "qconvert[lmeval]"' in res.output and "Traceback" not in res.output
+
+
+def test_perplexity_eval_is_unchanged(out, tmp_path):
+    from helpers import TEXT
+
+    text = tmp_path / "t.raw"
+    text.write_text(TEXT)
+    record = json.loads(run("eval", out, "--data-file", text, "--seqlen", 32, "--max-windows", 2, "--json", "-q").stdout)
+    assert record["windows"] == 2 and record["kind"] == "qconvert" and "perplexity" in record

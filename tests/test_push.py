@@ -1,0 +1,432 @@
+"""`qconvert push`, its model card, and the source record (Hub id, commit, sha256) in OUT.
+
+OUTs are real: the tiny random Llama quantized with is-w4a8-rtn through the CLI.  The Hub is
+either a recorder standing in for HfApi's methods (the success path) or a real HTTP server on
+localhost that answers every request with an error (401, 403, gated), so huggingface_hub's own
+error handling runs; "no network" is a closed local port.
+"""
+
+import hashlib
+import http.server
+import json
+import os
+import shutil
+import socket
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from helpers import TEXT
+from qconvert.cli import cli
+from qconvert.hub import CARD, model_card
+from test_source import _hf_cache
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"  # the snapshot _hf_cache lays out
+
+
+def run(*args, ok=True):
+    res = CliRunner().invoke(cli, [str(a) for a in args])
+    if ok:
+        assert res.exit_code == 0, res.output + repr(res.exception)
+    return res
+
+
+def clean_failure(res, *needles):
+    """Failed with a one-line message (ClickException), not an exception's traceback."""
+    assert res.exit_code != 0, res.output
+    assert isinstance(res.exception, SystemExit), repr(res.exception)
+    assert "Traceback" not in res.output
+    for n in needles:
+        assert n in res.output, (n, res.output)
+
+
+def front_matter(card: str) -> tuple[dict, str]:
+    assert card.startswith("---\n")
+    head, body = card[4:].split("\n---\n", 1)
+    return yaml.safe_load(head), body
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_llama):
+    out = tmp_path_factory.mktemp("push") / "out"
+    run("quantize", tiny_llama, "--scheme", "is-w4a8-rtn", "-o", out, "-q")
+    return out
+
+
+@pytest.fixture
+def out(built, tmp_path):
+    """A private copy of the built OUT, free to damage."""
+    return Path(shutil.copytree(built, tmp_path / "out"))
+
+
+@pytest.fixture
+def no_login(monkeypatch, tmp_path):
+    """No --token, no HF_TOKEN, no cached login."""
+    import huggingface_hub.constants as c
+
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(c, "HF_TOKEN_PATH", str(tmp_path / "hf-home" / "token"))
+    return Path(c.HF_TOKEN_PATH)
+
+
+@pytest.fixture
+def online(monkeypatch):
+    import huggingface_hub.constants as c
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", False)
+
+
+def forbid_network(monkeypatch):
+    from huggingface_hub import HfApi
+
+    def boom(*a, **k):
+        raise AssertionError("the network was used")
+
+    for name in ("create_repo", "create_branch", "create_commit", "upload_folder", "list_repo_refs", "whoami", "repo_info"):
+        monkeypatch.setattr(HfApi, name, boom)
+    monkeypatch.setattr(socket.socket, "connect", boom)
+
+
+class Recorder:
+    """Stands in for the HfApi methods a push calls; records each call."""
+
+    def __init__(self, monkeypatch, branches=("main",)):
+        from huggingface_hub import HfApi
+
+        self.calls = []
+        rec = self
+
+        def create_repo(api, repo_id, **kw):
+            rec.calls.append(("create_repo", repo_id, kw, api.token))
+            return SimpleNamespace(repo_id=repo_id)
+
+        def list_repo_refs(api, repo_id, **kw):
+            rec.calls.append(("list_repo_refs", repo_id, kw, api.token))
+            return SimpleNamespace(branches=[SimpleNamespace(name=b) for b in branches])
+
+        def create_branch(api, repo_id, **kw):
+            rec.calls.append(("create_branch", repo_id, kw, api.token))
+
+        def create_commit(api, repo_id, operations, **kw):
+            files = {}
+            for op in operations:
+                src = op.path_or_fileobj
+                files[op.path_in_repo] = src if isinstance(src, bytes) else Path(src).read_bytes()
+            rec.calls.append(("create_commit", repo_id, {**kw, "files": files}, api.token))
+            return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/abc", oid="abc")
+
+        for f in (create_repo, list_repo_refs, create_branch, create_commit):
+            monkeypatch.setattr(HfApi, f.__name__, f)
+
+    def named(self, name):
+        return [c for c in self.calls if c[0] == name]
+
+
+@contextmanager
+def hub_server(status: int, headers: dict | None = None):
+    """A local 'Hub' that answers every request with ``status``; yields its URL."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _answer(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            body = json.dumps({"error": "You don't have the rights to create a model under this namespace"}).encode()
+            self.send_response(status)
+            for k, v in {"Content-Type": "application/json", "Content-Length": str(len(body)), **(headers or {})}.items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = do_PUT = do_HEAD = _answer
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def point_hub_at(monkeypatch, url):
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "ENDPOINT", url)
+
+
+# ----------------------------------------------------------------------------- source record
+
+
+def test_manifest_records_local_source_files(built, tiny_llama):
+    info = json.loads((built / "qconvert.json").read_text())["source_info"]
+    weights = tiny_llama / "model.safetensors"
+    assert info["id"] is None and info["revision"] is None and info["base_model"] is None
+    assert info["files"] == {"model.safetensors": {"sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+                                                   "bytes": weights.stat().st_size}}
+    assert info["bytes"] == weights.stat().st_size
+
+
+def _linked_cache(root: Path, repo_id: str, model_dir: Path, readme: str | None) -> Path:
+    """The cache as huggingface_hub really lays it out: snapshot files are links into blobs/,
+    and an LFS blob is named by the sha256 of its content."""
+    snap = _hf_cache(root, repo_id, model_dir)
+    blobs = snap.parents[1] / "blobs"
+    blobs.mkdir()
+    for f in sorted(snap.iterdir()):
+        data = f.read_bytes()
+        blob = blobs / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        f.unlink()
+        f.symlink_to(os.path.relpath(blob, snap))
+    if readme is not None:
+        (snap / "README.md").write_text(readme)
+    return snap
+
+
+def test_hub_id_source_records_id_commit_sha256_and_license(tmp_path, tiny_llama, monkeypatch):
+    import huggingface_hub.constants as c
+
+    cache = tmp_path / "hub"
+    _linked_cache(cache, "acme/tiny-llama", tiny_llama, "---\nlicense: apache-2.0\nlanguage: en\n---\n# tiny\n")
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    out = tmp_path / "out"
+    run("quantize", "acme/tiny-llama", "--scheme", "is-w4a8-rtn", "-o", out, "-q")
+    report = json.loads((out / "qconvert.json").read_text())
+    info = report["source_info"]
+    weights = (tiny_llama / "model.safetensors").read_bytes()
+    assert report["source"] == "acme/tiny-llama"
+    assert info["id"] == info["base_model"] == "acme/tiny-llama" and info["revision"] == COMMIT
+    assert info["files"]["model.safetensors"] == {"sha256": hashlib.sha256(weights).hexdigest(), "bytes": len(weights)}
+    assert info["license"] == "apache-2.0"
+
+    meta, body = front_matter(model_card(out))
+    assert meta["base_model"] == "acme/tiny-llama" and meta["license"] == "apache-2.0"
+    assert COMMIT in body and f"--revision {COMMIT}" in body
+
+
+def test_cached_blob_name_is_taken_as_the_sha256(tmp_path):
+    """No second read of a multi-GB file that huggingface_hub already named by its hash."""
+    from qconvert.source import file_sha256
+
+    fake = "ab" * 32  # not the content's hash: proves the name is what is used
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "blobs" / fake).write_bytes(b"weights")
+    (tmp_path / "snap").mkdir()
+    (tmp_path / "snap" / "model.safetensors").symlink_to(Path("..") / "blobs" / fake)
+    assert file_sha256(tmp_path / "snap" / "model.safetensors") == fake
+    (tmp_path / "plain.safetensors").write_bytes(b"weights")
+    assert file_sha256(tmp_path / "plain.safetensors") == hashlib.sha256(b"weights").hexdigest()
+
+
+@pytest.mark.parametrize("code, needle", [("GatedRepo", "is gated"), ("RepoNotFound", "private")])
+def test_gated_or_private_uncached_model_says_how_to_give_a_token(tmp_path, monkeypatch, online, code, needle):
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with hub_server(403 if code == "GatedRepo" else 401, {"X-Error-Code": code, "X-Error-Message": "Access denied"}) as url:
+        point_hub_at(monkeypatch, url)
+        res = run("quantize", "acme/locked", "--scheme", "is-w4a8-rtn", "-o", tmp_path / "out", "-q", ok=False)
+    clean_failure(res, "acme/locked", needle, "hf auth login", "HF_TOKEN")
+
+
+# ----------------------------------------------------------------------------- the card
+
+
+def test_card_front_matter_and_body(out):
+    card = model_card(out)
+    meta, body = front_matter(card)
+    assert "base_model" not in meta  # a local path is no Hub id
+    assert meta["library_name"] == "qconvert" and meta["pipeline_tag"] == "text-generation"
+    assert {"quantized", "qconvert", "is-w4a8-rtn", "int4", "w4a8"} <= set(meta["tags"])
+    assert "license" not in meta  # the tiny source has no card to take one from
+    assert "**is-w4a8-rtn**" in body and "round-to-nearest" in body and "integer group scales" in body
+    assert "groups of 128" in body and "int8, dynamic, per-token" in body
+    report = json.loads((out / "qconvert.json").read_text())
+    assert f"{report['source_info']['bytes']:,} bytes" in body  # size before
+    assert f"{(out / 'model.safetensors').stat().st_size:,} bytes" in body  # size after
+    assert f"{report['totals']['quantized_bytes']:,} bytes" in body
+    assert "qconvert.load(" in body and "qconvert export OUT --format compressed-tensors" in body
+    assert "not measured yet" in body and "Not verified yet" in body and "not been benchmarked" in body
+    assert str(out.parent) not in card  # no private path goes to the Hub
+    assert model_card(out) == card  # pure: the same OUT, the same card
+    assert not (out / CARD).exists()
+
+
+def test_card_shows_saved_eval_verify_and_bench(out, tmp_path):
+    text = tmp_path / "text.raw"
+    text.write_text(TEXT)
+    ev = json.loads(run("eval", out, "--data-file", text, "--seqlen", 32, "--max-windows", 2, "--json", "-q").stdout)
+    run("verify", out, "--no-compare")
+    assert (out / "eval.json").is_file() and (out / "verify.json").is_file()
+    (out / "bench.json").write_text(json.dumps([{
+        "kind": "model", "runtime": "cpu-reference", "environment": {"device": "CPU (x86_64, 2 threads)", "date": "2025-01-02T03:04:05Z"},
+        "original": "llama", "quantized": {"prefill_tokens": 16, "prefill_tokens_per_s": 123.4,
+                                          "decode": [{"batch": 1, "new_tokens": 4, "tokens_per_s": 9.5}]},
+        "original_speed": {"prefill_tokens": 16, "prefill_tokens_per_s": 456.7,
+                           "decode": [{"batch": 1, "new_tokens": 4, "tokens_per_s": 19.0}]},
+        "speedup": {"prefill": 0.27, "decode_batch1": 0.5}}]))
+    body = front_matter(model_card(out))[1]
+    assert f"{ev['perplexity']:.3f}" in body and "| wikitext2 | 32 | 2 |" in body
+    assert "`qconvert verify` passed" in body
+    assert "CPU (x86_64, 2 threads)" in body and "2025-01-02T03:04:05Z" in body and "123.4" in body
+    assert "0.50x" in body and "exact CPU reference" in body
+
+    (out / "bench.json").unlink()
+    (out / "bench_results.json").write_text(json.dumps({"device": "NVIDIA H100", "date": "2025-02-03",
+                                                        "results": [{"M": 16, "speedup": 2.5}]}))
+    body = front_matter(model_card(out))[1]
+    assert "NVIDIA H100 (2025-02-03)" in body and "| M | speedup |" in body and "| 16 | 2.5 |" in body
+
+
+# ----------------------------------------------------------------------------- push
+
+
+def test_dry_run_lists_files_prints_card_and_stays_offline(out, monkeypatch, no_login):
+    forbid_network(monkeypatch)
+    (out / ".DS_Store").write_bytes(b"x")  # hidden and temporary files never go up
+    (out / "notes.tmp").write_text("x")
+    res = run("push", out, "acme/tiny-is-w4a8", "--dry-run")
+    expected = sorted(p.name for p in out.iterdir() if p.name not in (".DS_Store", "notes.tmp"))
+    listed = [line.split()[-1] for line in res.output.splitlines()
+              if line.startswith("  ") and "bytes in all" not in line and "(generated card)" not in line]
+    assert sorted(listed) == expected
+    for name in expected:
+        assert f"{(out / name).stat().st_size:,}  {name}" in res.output
+    assert "README.md  (generated card)" in res.output and "notes.tmp" not in res.output and ".DS_Store" not in res.output
+    card = model_card(out, "acme/tiny-is-w4a8")
+    assert card in res.output and "nothing was sent" in res.output
+    assert not (out / CARD).exists()
+
+
+def test_push_is_one_commit_of_every_file_and_the_card(out, monkeypatch, online, no_login):
+    rec = Recorder(monkeypatch, branches=("main",))
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    res = run("push", out, "acme/tiny-is-w4a8", "--private", "--revision", "quant", "--token", "hf_test")
+    assert [c[0] for c in rec.calls] == ["create_repo", "list_repo_refs", "create_branch", "create_commit"]
+    assert all(c[3] == "hf_test" for c in rec.calls)  # --token is the one used
+    (_, repo, kw, _), = rec.named("create_repo")
+    assert repo == "acme/tiny-is-w4a8" and kw["private"] is True and kw["exist_ok"] is True
+    assert rec.named("create_branch")[0][2]["branch"] == "quant"
+    (_, _, commit, _), = rec.named("create_commit")
+    assert commit["revision"] == "quant"
+    files = commit.pop("files")
+    assert set(files) == set(before) | {CARD}
+    for name in before:
+        assert files[name] == (out / name).read_bytes()
+    assert files[CARD].decode() == model_card(out, "acme/tiny-is-w4a8")
+    assert "created branch quant" in res.output and "commit: https://huggingface.co/acme/tiny-is-w4a8/commit/abc" in res.output
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # OUT untouched
+
+
+def test_push_to_main_with_cached_login_and_own_card(out, monkeypatch, online, no_login, tmp_path):
+    rec = Recorder(monkeypatch, branches=("main", "quant"))
+    no_login.parent.mkdir(parents=True)
+    no_login.write_text("hf_cached\n")  # what `hf auth login` leaves behind
+    mine = tmp_path / "card.md"
+    mine.write_text("---\nlicense: mit\n---\n# my words\n")
+    run("push", out, "acme/tiny", "--card", mine)
+    assert [c[0] for c in rec.calls] == ["create_repo", "create_commit"]  # no branch work for main
+    assert all(c[3] == "hf_cached" for c in rec.calls)
+    commit = rec.named("create_commit")[0][2]
+    assert commit["revision"] is None and commit["files"][CARD] == mine.read_bytes()
+    assert rec.named("create_repo")[0][2]["private"] is False
+
+    rec.calls.clear()
+    run("push", out, "acme/tiny", "--revision", "quant")  # an existing branch is not re-created
+    assert [c[0] for c in rec.calls] == ["create_repo", "list_repo_refs", "create_commit"]
+
+
+def test_no_token_is_a_clear_error(out, monkeypatch, online, no_login):
+    forbid_network(monkeypatch)
+    res = run("push", out, "acme/tiny", ok=False)
+    clean_failure(res, "no Hugging Face token", "--token", "HF_TOKEN", "hf auth login")
+
+
+def test_no_network_is_a_clear_error(out, monkeypatch, online):
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    point_hub_at(monkeypatch, f"http://127.0.0.1:{port}")
+    res = run("push", out, "acme/tiny", "--token", "hf_test", ok=False)
+    clean_failure(res, "cannot reach the Hugging Face Hub", "network", "repeat the push")
+
+
+def test_offline_mode_is_a_clear_error(out, monkeypatch):
+    forbid_network(monkeypatch)
+    res = run("push", out, "acme/tiny", "--token", "hf_test", ok=False)  # conftest sets HF_HUB_OFFLINE=1
+    clean_failure(res, "HF_HUB_OFFLINE", "--dry-run")
+
+
+@pytest.mark.parametrize("status, needles", [
+    (403, ["acme/tiny", "403", "another user or organization", "write access"]),
+    (401, ["401", "invalid or expired", "--token"]),
+])
+def test_refused_push_is_a_clear_error(out, monkeypatch, online, status, needles):
+    with hub_server(status, {"X-Error-Message": "You don't have the rights"}) as url:
+        point_hub_at(monkeypatch, url)
+        res = run("push", out, "acme/tiny", "--token", "hf_test", ok=False)
+    clean_failure(res, *needles)
+
+
+@pytest.mark.parametrize("damage, needles", [
+    ("partial", ["out.partial", "did not finish", "--resume"]),
+    ("journal", ["journal", "--resume"]),
+    ("qconvert.json", ["qconvert.json is missing", "--force"]),
+    ("config.json", ["config.json is missing", "--force"]),
+    ("manifest", ["tokenizer.json", "manifest.json", "--force"]),
+    ("missing", ["does/not/exist", "not a directory"]),
+])
+def test_incomplete_out_is_refused(out, monkeypatch, no_login, damage, needles):
+    forbid_network(monkeypatch)
+    target = out
+    if damage == "partial":
+        (out.parent / "out.partial").mkdir()
+        (out.parent / "out.partial" / ".journal.jsonl").write_text("{}\n")
+    elif damage == "journal":
+        (out / ".journal.jsonl").write_text("{}\n")
+    elif damage == "manifest":
+        (out / "tokenizer.json").unlink()
+    elif damage == "missing":
+        target = out / "does" / "not" / "exist"
+    else:
+        (out / damage).unlink()
+    for extra in ([], ["--dry-run"]):
+        clean_failure(run("push", target, "acme/tiny", *extra, ok=False), *needles)
+
+
+def test_missing_shard_of_a_sharded_out_is_named(tmp_path, tiny_llama, monkeypatch):
+    forbid_network(monkeypatch)
+    out = tmp_path / "sharded"
+    run("quantize", tiny_llama, "--scheme", "is-w4a8-rtn", "-o", out, "--max-shard-size", "100KB", "-q")
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) >= 2 and (out / "model.safetensors.index.json").is_file()
+    res = run("push", out, "acme/tiny", "--dry-run")
+    assert all(s in res.output for s in shards)
+    (out / shards[-1]).unlink()
+    clean_failure(run("push", out, "acme/tiny", "--dry-run", ok=False), shards[-1], "index", "--force")
+
+
+def test_bad_repo_id_is_a_clear_error(out, monkeypatch):
+    forbid_network(monkeypatch)
+    clean_failure(run("push", out, "not a/valid id", "--dry-run", ok=False), "not a valid Hub repo id", "owner/name")
+
+
+def test_card_of_a_calibrated_out_names_the_data(tmp_path, tiny_llama):
+    text = tmp_path / "calib.txt"
+    text.write_text(TEXT)
+    out = tmp_path / "gptq"
+    run("quantize", tiny_llama, "--scheme", "is-w4a8", "--data-file", text, "--nsamples", 4, "--seqlen", 32, "-o", out, "-q")
+    meta, body = front_matter(model_card(out))
+    assert {"gptq", "is-w4a8", "w4a8"} <= set(meta["tags"])
+    assert "GPTQ, calibrated block by block on 4 x 32 tokens of calib.txt" in body
