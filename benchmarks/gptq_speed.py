@@ -31,6 +31,7 @@ def main() -> None:
     ap.add_argument("--scheme", default="is-w4a8")
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--calib-dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--json", default=str(Path(__file__).parent / "results" / "gptq_speed.json"))
     ap.add_argument("-o", "--output", help="keep the quantized OUT here (default: a temporary directory)")
     args = ap.parse_args()
@@ -40,16 +41,17 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         out, report = Path(args.output or Path(tmp) / "out"), Path(tmp) / "report.json"
-        cmd = [sys.executable, "-m", "qconvert.cli", "quantize", "smollm2-135m", "--scheme", args.scheme,
-               "--calib", "c4", "--data-file", args.data_file, "--nsamples", str(args.nsamples),
-               "--seqlen", str(args.seqlen), "-o", str(out), "--json", str(report), "-q", "--force"]
+        settings = ["--scheme", args.scheme, "--calib", "c4", "--data-file", args.data_file, "--nsamples",
+                    str(args.nsamples), "--seqlen", str(args.seqlen), "--calib-dtype", args.calib_dtype]
+        cmd = [sys.executable, "-m", "qconvert.cli", "quantize", "smollm2-135m", *settings,
+               "-o", str(out), "--json", str(report), "-q", "--force"]
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True)
         wall = time.perf_counter() - t0
         rep = json.loads(report.read_text())
     timing = rep["timing"]
     result = {
-        "command": " ".join(["qconvert"] + cmd[3:-7] + ["-o", "OUT"]),
+        "command": " ".join(["qconvert", "quantize", "smollm2-135m", *settings, "-o", "OUT"]),
         "whole_seconds": round(wall, 1),
         "solve_seconds": timing["solve_seconds"],
         "calibration_forward_seconds": timing.get("forward_seconds"),

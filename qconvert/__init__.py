@@ -1,6 +1,6 @@
 """qconvert: quantize a Hugging Face causal LM, check it, measure it, publish it."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 
 def quantize(*args, **kwargs):

@@ -161,35 +161,36 @@ def kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, runs: 
     gen = torch.Generator(device=device).manual_seed(m * 131 + n * 7 + k)
     fp16_bytes = m * k * 2 + n * k * 2 + m * n * 2
     w4_bytes = m * kp + n * kp // 2 + n * n_groups * 4 + m * n * 2
-    sets = _operand_sets(max(fp16_bytes, w4_bytes), device)
-    xs = [torch.randn((m, k), generator=gen, device=device, dtype=torch.float16) for _ in range(sets)]
+    sets = _operand_sets(fp16_bytes, device)  # the int4 operands are smaller: more copies of them
+    w4_sets = _operand_sets(w4_bytes, device)
+    xs = [torch.randn((m, k), generator=gen, device=device, dtype=torch.float16) for _ in range(max(sets, w4_sets))]
     ws = [torch.randn((n, k), generator=gen, device=device, dtype=torch.float16) * 0.02 for _ in range(sets)]
     rows = []
 
-    def row(kernel, timing: Timing, bytes_moved: int, ops: int):
+    def row(kernel, timing: Timing, bytes_moved: int, ops: int, n_sets: int):
         us = timing.median_us
         rows.append({"shape": label, "N": n, "K": k, "M": m, "kernel": kernel, "us": round(us, 3),
                      "tops": round(ops / (us * 1e-6) / 1e12, 3), "gbps": round(bytes_moved / (us * 1e-6) / 1e9, 1),
-                     "timing": timing.mode, "samples": timing.samples, "operand_sets": sets})
+                     "timing": timing.mode, "samples": timing.samples, "operand_sets": n_sets})
 
     rows_ops = 2 * m * n * k
     row("cublas-fp16", _time_cuda(lambda i: torch.nn.functional.linear(xs[i], ws[i]), sets, runs, warmup, reps),
-        fp16_bytes, rows_ops)
+        fp16_bytes, rows_ops, sets)
     ws.clear()  # free before the next operands are made
-    row("quantize-int8", _time_cuda(lambda i: kcuda.quantize_per_token_int8(xs[i], kp), sets, runs, warmup, reps),
-        m * k * 2 + m * kp + m * 4, 0)
+    row("quantize-int8", _time_cuda(lambda i: kcuda.quantize_per_token_int8(xs[i], kp), len(xs), runs, warmup, reps),
+        m * k * 2 + m * kp + m * 4, 0, len(xs))
     quantized = [kcuda.quantize_per_token_int8(x, kp) for x in xs]
     xs.clear()
-    qws = [torch.randint(0, 256, (n, kp // 2), generator=gen, device=device, dtype=torch.uint8) for _ in range(sets)]
+    qws = [torch.randint(0, 256, (n, kp // 2), generator=gen, device=device, dtype=torch.uint8) for _ in range(w4_sets)]
     # integer scales in [1, 128] with alpha 2^7: 127 * 8 * g * 128 * G < 2^31 for K <= 16384, no wrap
-    iscales = [torch.randint(1, 129, (n, n_groups), generator=gen, device=device, dtype=torch.int32) for _ in range(sets)]
+    iscales = [torch.randint(1, 129, (n, n_groups), generator=gen, device=device, dtype=torch.int32) for _ in range(w4_sets)]
     cscale = torch.rand(n, generator=gen, device=device) * 0.01
     row("w4a8-is", _time_cuda(lambda i: kcuda.w4a8_is_gemm(*quantized[i], qws[i], iscales[i], cscale, 7, g, torch.float16),
-                              sets, runs, warmup, reps), w4_bytes, rows_ops)
+                              w4_sets, runs, warmup, reps), w4_bytes, rows_ops, w4_sets)
     fscales = [(s.float() / 128 * 0.01).half() for s in iscales]
     iscales.clear()
     row("w4a8-fs", _time_cuda(lambda i: kcuda.w4a8_fs_gemm(*quantized[i], qws[i], fscales[i], g, torch.float16),
-                              sets, runs, warmup, reps), m * kp + n * kp // 2 + n * n_groups * 2 + m * n * 2, rows_ops)
+                              w4_sets, runs, warmup, reps), m * kp + n * kp // 2 + n * n_groups * 2 + m * n * 2, rows_ops, w4_sets)
     by = {r["kernel"]: r["us"] for r in rows}
     for r in rows:
         r["vs_cublas"] = round(by["cublas-fp16"] / r["us"], 3) if r["kernel"].startswith("w4a8") else None

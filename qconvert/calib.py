@@ -254,7 +254,7 @@ class CalibSettings:
     seqlen: int | None = None  # None: 512, or the model's context if that is shorter
     seed: int = 0
     max_memory: str | int | None = None
-    dtype: str = "bfloat16"  # the blocks' matmuls during calibration: bfloat16 (autocast) or float32
+    dtype: str = "float32"  # the blocks' matmuls during calibration: float32, or bfloat16 (CPU autocast)
 
     def validated(self) -> "CalibSettings":
         source = self.source or ("file" if self.data_file else "self")

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from qconvert import __version__
-from qconvert._memory import return_freed_memory_to_os
+from qconvert._memory import return_freed_memory_to_os, reuse_freed_memory
 from qconvert.calib import CalibSettings
 from qconvert.calibrate import CALIB_DIR, Calibrator
 from qconvert.errors import QConvertError
@@ -160,7 +160,10 @@ def quantize(
     calib = (calib or CalibSettings()).validated() if calibrating else None
     shard_bytes = parse_size(max_shard_size)
     check_output(out, force, resume)
-    return_freed_memory_to_os()
+    if calibrating:  # the walk reuses its large temporaries: keep them in the heap
+        reuse_freed_memory()
+    else:  # streaming: one tensor at a time, handed back to the OS when done
+        return_freed_memory_to_os()
     src = source if isinstance(source, Source) else resolve_source(source, revision, trust_remote_code, allow_pickle)
     src_dir = getattr(src, "directory", None) or getattr(src, "path", Path("/nonexistent")).parent
     if out == Path(os.path.abspath(src_dir)) or out in Path(os.path.abspath(src_dir)).parents:

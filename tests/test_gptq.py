@@ -92,7 +92,7 @@ def _calibrated(src, out, *extra):
 def test_calibrated_quantize_reports_per_layer_errors(calib_src, tmp_path):
     rep = _calibrated(calib_src, tmp_path / "out", "--json", tmp_path / "report.json")
     assert rep["calibration"] == {"source": "file", "data_file": str((calib_src.parent / "calib.txt").resolve()),
-                                  "nsamples": 8, "seqlen": 64, "seed": 0, "dtype": "bfloat16"}
+                                  "nsamples": 8, "seqlen": 64, "seed": 0, "dtype": "float32"}
     assert len(rep["layers"]) == 3 * 7
     for row in rep["layers"]:
         assert row["base"] == "gptq" and row["calib_rows"] == 8 * 64
@@ -160,7 +160,7 @@ def test_calibration_errors_are_clear(calib_src, tmp_path):
     res = CliRunner().invoke(cli, ["quantize", str(calib_src), "-o", str(tmp_path / "o"), "--max-memory", "lots"])
     assert res.exit_code != 0 and "cannot read size 'lots'" in res.output
     res = CliRunner().invoke(cli, ["quantize", str(calib_src), "-o", str(tmp_path / "o"), "--calib-dtype", "float16"])
-    assert res.exit_code != 0 and "'float16' is not one of 'bfloat16', 'float32'" in res.output
+    assert res.exit_code != 0 and "'float16' is not one of 'float32', 'bfloat16'" in res.output
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
 
 
