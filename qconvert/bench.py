@@ -41,7 +41,8 @@ KERNEL_SHAPES = {
     "smollm2-135m": [("o_proj", 576, 576), ("qkv_proj", 960, 576), ("gate_up_proj", 3072, 576), ("down_proj", 576, 1536)],
 }
 DEFAULT_M = (1, 16, 64, 256, 1024, 4096)
-KERNEL_SCHEMES = ("is-w4a8",)  # kernel families benchmarked by --kernels (IS against FS and cuBLAS)
+KERNEL_SCHEMES = ("is-w4a8", "zqfp-w4a8")  # kernel families benchmarked by --kernels (IS against FS and cuBLAS;
+# ZeroQuant-FP: FP4 x FP8 and FP8 x FP8 against cuBLAS)
 
 # random-weight models of real shapes for --synthetic (Llama architecture)
 SYNTHETIC = {
@@ -202,6 +203,53 @@ def kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, runs: 
     return rows
 
 
+def zqfp_kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, runs: int = 50, warmup: int = 10,
+                     group_size: int = 128, reps: int = 20) -> list[dict]:
+    """Time cuBLAS FP16, the FP8 quantizer, FP4 x FP8 (fp4-fp8) and FP8 x FP8 (fp8-fp8) for one (M, N, K).
+    LoRC (a rank-r torch GEMM beside the kernel) is not included."""
+    from qconvert_kernels import cuda_fp8
+
+    g = group_size
+    kp = -(-k // g) * g
+    n_groups = kp // g
+    gen = torch.Generator(device=device).manual_seed(m * 131 + n * 7 + k)
+    fp16_bytes = m * k * 2 + n * k * 2 + m * n * 2
+    sets = _operand_sets(max(fp16_bytes, m * kp + n * kp + m * n * 2), device)
+    xs = [torch.randn((m, k), generator=gen, device=device, dtype=torch.float16) for _ in range(sets)]
+    ws = [torch.randn((n, k), generator=gen, device=device, dtype=torch.float16) * 0.02 for _ in range(sets)]
+    rows = []
+
+    def row(kernel, timing: Timing, bytes_moved: int, ops: int):
+        us = timing.median_us
+        rows.append({"shape": label, "N": n, "K": k, "M": m, "kernel": kernel, "us": round(us, 3),
+                     "tops": round(ops / (us * 1e-6) / 1e12, 3), "gbps": round(bytes_moved / (us * 1e-6) / 1e9, 1),
+                     "timing": timing.mode, "samples": timing.samples, "operand_sets": sets})
+
+    ops = 2 * m * n * k
+    row("cublas-fp16", _time_cuda(lambda i: torch.nn.functional.linear(xs[i], ws[i]), sets, runs, warmup, reps), fp16_bytes, ops)
+    ws.clear()
+    row("quantize-fp8", _time_cuda(lambda i: cuda_fp8.quantize_per_token_fp8(xs[i], kp), sets, runs, warmup, reps),
+        m * k * 2 + m * kp + m * 4, 0)
+    quantized = [cuda_fp8.quantize_per_token_fp8(x, kp) for x in xs]
+    xs.clear()
+    qws = [torch.randint(0, 256, (n, kp // 2), generator=gen, device=device, dtype=torch.uint8) for _ in range(sets)]
+    sexps = [torch.randint(-4, 1, (n, n_groups), generator=gen, device=device, dtype=torch.int8) for _ in range(sets)]
+    cscale = torch.rand(n, generator=gen, device=device) * 0.01
+    row("fp4-fp8", _time_cuda(lambda i: cuda_fp8.fp4_fp8_gemm(*quantized[i], qws[i], sexps[i], cscale, g, torch.float16),
+                              sets, runs, warmup, reps), m * kp + n * kp // 2 + n * n_groups + n * 4 + m * n * 2, ops)
+    qws.clear()
+    w8 = [torch.randint(0, 0x7F, (n, kp), generator=gen, device=device, dtype=torch.uint8).view(torch.float8_e4m3fn)
+          for _ in range(sets)]
+    row("fp8-fp8", _time_cuda(lambda i: cuda_fp8.fp8_fp8_gemm(*quantized[i], w8[i], cscale, torch.float16),
+                              sets, runs, warmup, reps), m * kp + n * kp + n * 4 + m * n * 2, ops)
+    by = {r["kernel"]: r["us"] for r in rows}
+    for r in rows:
+        if r["kernel"] in ("fp4-fp8", "fp8-fp8"):
+            r["vs_cublas"] = round(by["cublas-fp16"] / r["us"], 3)
+            r["vs_cublas_with_quant"] = round(by["cublas-fp16"] / (r["us"] + by["quantize-fp8"]), 3)
+    return rows
+
+
 def kernel_bench(shapes: str = "llama3-8b", ms=DEFAULT_M, runs: int = 50, warmup: int = 10, scheme: str = "is-w4a8",
                  progress=None) -> dict:
     """All kernel rows for the shape set ``shapes`` ("llama3-8b", "smollm2-135m" or "all")."""
@@ -215,6 +263,14 @@ def kernel_bench(shapes: str = "llama3-8b", ms=DEFAULT_M, runs: int = 50, warmup
         raise QConvertError(f"--runs {runs}: a median needs at least 50 samples here")
     if not gpu_available():
         raise QConvertError(no_gpu_message("qconvert bench --kernels"))
+    rows_of = kernel_rows
+    if scheme == "zqfp-w4a8":
+        from qconvert_kernels import cuda_fp8
+
+        if not cuda_fp8.available():
+            raise QConvertError("qconvert bench --kernels --scheme zqfp-w4a8 needs FP8 tensor cores (compute capability "
+                                "8.9 or newer: Ada, Hopper); this GPU has none: bench --scheme is-w4a8 instead")
+        rows_of = zqfp_kernel_rows
     device = torch.device("cuda")
     rows = []
     for s in names:
@@ -222,7 +278,7 @@ def kernel_bench(shapes: str = "llama3-8b", ms=DEFAULT_M, runs: int = 50, warmup
             for m in ms:
                 if progress:
                     progress(f"{s} {label} N={n} K={k} M={m}")
-                rows += [dict(r, model=s) for r in kernel_rows(label, n, k, m, device, runs=runs, warmup=warmup)]
+                rows += [dict(r, model=s) for r in rows_of(label, n, k, m, device, runs=runs, warmup=warmup)]
     return {"kind": "kernels", "scheme": scheme, "environment": environment(device), "runs": runs, "results": rows}
 
 
@@ -457,7 +513,7 @@ def plot_kernels(result: dict, path: Path) -> Path:
     nrows = -(-len(panels) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3.2 * nrows), squeeze=False)
     for ax, (model, shape, n, k) in zip(axes.flat, panels):
-        for kernel in ("w4a8-is", "w4a8-fs"):
+        for kernel in ("w4a8-is", "w4a8-fs", "fp4-fp8", "fp8-fp8"):
             pts = sorted((r["M"], r["vs_cublas"]) for r in rows
                          if r["kernel"] == kernel and (r.get("model", ""), r["shape"], r["N"], r["K"]) == (model, shape, n, k))
             if pts:

@@ -79,9 +79,11 @@ def cli(ctx, debug):
               help="Precision of the calibration forward's matmuls; bfloat16 is faster on CPUs with bf16 units.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path),
               help="Also write the per-layer report (error, α, headroom, time) to this file.")
+@click.option("--lorc-rank", type=int, help="zeroquant-fp schemes: rank of the low-rank error compensation (0: none), overriding the scheme's.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def quantize(source, scheme, out, group_size, quantize_lm_head, exclude, max_shard_size, revision, trust_remote_code,
-             allow_pickle, force, resume, base, calib, data_file, nsamples, seqlen, seed, max_memory, calib_dtype, json_path, quiet):
+             allow_pickle, force, resume, base, calib, data_file, nsamples, seqlen, seed, max_memory, calib_dtype, json_path,
+             lorc_rank, quiet):
     """Quantize SOURCE into OUT, one decoder block at a time.
 
     SOURCE is a local HF directory, a .gguf file, a Hub id (org/name) or the
@@ -100,6 +102,11 @@ def quantize(source, scheme, out, group_size, quantize_lm_head, exclude, max_sha
     from qconvert.pipeline import quantize as run
 
     settings = CalibSettings(calib, str(data_file) if data_file else None, nsamples, seqlen, seed, max_memory, calib_dtype)
+    if lorc_rank is not None:
+        from qconvert.methods.zeroquant_fp import with_lorc_rank
+        from qconvert.schemes_registry import load_scheme
+
+        scheme = with_lorc_rank(load_scheme(scheme), lorc_rank)
     path = run(source, scheme, out, group_size=group_size, quantize_lm_head=quantize_lm_head, exclude=exclude,
                force=force, resume=resume, max_shard_size=max_shard_size, revision=revision, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
                progress=not quiet, base=base, calib=settings, json_report=json_path)

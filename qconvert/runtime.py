@@ -6,7 +6,10 @@ exactly what the CUDA kernel computes.  On a CUDA device (``load(OUT, device="cu
 W4A8 layers run the CUDA kernels of ``qconvert_kernels.cuda`` on the packed weights as
 stored (fused per-token int8 quantizer, then the int8 tensor-core GEMM); their results equal
 the CPU reference's rounded to the activations' fp16 / bf16.  Weight-only ``w4a16`` layers
-dequantize once and use torch's float matmul on either device.
+dequantize once and use torch's float matmul on either device.  ZeroQuant-FP layers
+(``fp4-fp8``, ``fp8-fp8``, ``FP8Linear``) run ``qconvert_kernels.reference_fp8`` on CPU (FP8
+activations, exact group sums) and the FP8 kernels of ``qconvert_kernels.cuda_fp8`` on an
+sm_89+ GPU.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from qconvert.formats.native import read_quant_config
 from qconvert.formats.packing import unpack_int4
 from qconvert.formats.safetensors_io import ShardedReader
 from qconvert.skeleton import build_skeleton
+from qconvert.formats.fp4 import codes_to_values, unpack_fp4
 from qconvert_kernels import reference as ref
+from qconvert_kernels import reference_fp8 as ref8
 
 
 class W4A8Linear(nn.Module):
@@ -117,7 +122,111 @@ class W4A8Linear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
 
-LAYOUTS = {"w4a8-is": W4A8Linear, "w4a8-fs": W4A8Linear, "w4a16": W4A8Linear}
+class FP8Linear(nn.Module):
+    """ZeroQuant-FP linear: dynamic per-token FP8 (E4M3) activations times FP4 or FP8 weights.
+
+    layout "fp4-fp8": ``qweight`` uint8 [N, Kp/2] packed E2M1 codes (low nibble = even column),
+    ``sexp`` int8 [N, G] group exponents, ``cscale`` float32 [N]; W ~= w * 2^e * c.
+    layout "fp8-fp8": ``qweight`` float8_e4m3fn [N, Kp] (Kp = K padded to 64), ``wscale`` float32 [N].
+    Both: optional LoRC factors ``lorc_u`` fp16 [N, r], ``lorc_v`` fp16 [r, K], applied as
+    y += ((xq * t) Vᵀ) Uᵀ on the same FP8 activations.  On CPU the forward is
+    ``qconvert_kernels.reference_fp8``; on CUDA the kernels of ``qconvert_kernels.cuda_fp8``.
+    """
+
+    SUFFIXES = {
+        "fp4-fp8": ("qweight", "shape", "sexp", "cscale"),
+        "fp8-fp8": ("qweight", "shape", "wscale"),
+    }
+    OPTIONAL = ("lorc_u", "lorc_v")
+
+    def __init__(self, layout: str, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None):
+        super().__init__()
+        self.layout = layout
+        self.out_features, self.in_features = (int(v) for v in tensors["shape"])
+        qw = tensors["qweight"]
+        self.register_buffer("qweight", qw)
+        if layout == "fp4-fp8":
+            n_groups = tensors["sexp"].shape[1]
+            kp = qw.shape[1] * 2
+            if n_groups == 0 or kp % n_groups or qw.dtype != torch.uint8:
+                raise QConvertError(f"fp4-fp8 tensors have inconsistent shapes (qweight {tuple(qw.shape)}, {n_groups} groups)")
+            self.group_size = kp // n_groups
+            self.register_buffer("sexp", tensors["sexp"])
+            self.register_buffer("cscale", tensors["cscale"])
+        else:
+            kp = qw.shape[1]
+            if qw.dtype != torch.float8_e4m3fn or kp % ref8.FP8_CHUNK:
+                raise QConvertError(f"fp8-fp8 qweight must be float8_e4m3fn [N, Kp] with Kp a multiple of {ref8.FP8_CHUNK}, "
+                                    f"got {qw.dtype} {tuple(qw.shape)}")
+            self.group_size = None
+            self.register_buffer("wscale", tensors["wscale"])
+        self.kp = kp
+        if self.out_features != qw.shape[0] or kp < self.in_features:
+            raise QConvertError(f"{layout} tensors have inconsistent shapes (qweight {tuple(qw.shape)}, shape {[self.out_features, self.in_features]})")
+        u, v = tensors.get("lorc_u"), tensors.get("lorc_v")
+        if (u is None) != (v is None) or (u is not None and (u.shape[0] != self.out_features or v.shape != (u.shape[1], self.in_features))):
+            raise QConvertError(f"{layout}: lorc_u / lorc_v must both be present with shapes [N, r] and [r, K]")
+        self.lorc_rank = 0 if u is None else int(u.shape[1])
+        self.register_buffer("lorc_u", u)
+        self.register_buffer("lorc_v", v)
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        self._wg = None
+
+    def extra_repr(self):
+        return (f"{self.layout}, in_features={self.in_features}, out_features={self.out_features}, "
+                f"group_size={self.group_size}, lorc_rank={self.lorc_rank}")
+
+    def check_cuda(self, name: str) -> None:
+        """QConvertError unless the FP8 kernels can run this layer (arch, group size)."""
+        from qconvert_kernels import cuda_fp8
+
+        try:
+            cuda_fp8.check_device(name)
+            cuda_fp8.check_gemm_shape(name, 1, self.out_features, self.kp, self.group_size or cuda_fp8.FP8_CHUNK)
+        except ValueError as e:
+            raise QConvertError(f"{e}; this OUT runs on CPU only") from None
+
+    def _forward_cuda(self, x2: torch.Tensor) -> torch.Tensor:
+        from qconvert_kernels import cuda_fp8
+
+        xq, t = cuda_fp8.quantize_per_token_fp8(x2, self.kp)
+        if self.layout == "fp4-fp8":
+            y = cuda_fp8.fp4_fp8_gemm(xq, t, self.qweight, self.sexp, self.cscale, self.group_size, x2.dtype)
+        else:
+            y = cuda_fp8.fp8_fp8_gemm(xq, t, self.qweight, self.wscale, x2.dtype)
+        if self.lorc_rank:
+            y = (y.float() + ref8.lorc_term(xq, t, self.lorc_u, self.lorc_v)).to(x2.dtype)
+        return y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x.is_cuda:
+            y = self._forward_cuda(x2)
+        else:
+            xq, t = ref8.quantize_per_token_fp8(x2, self.kp)
+            if self.layout == "fp4-fp8":
+                if self._wg is None:
+                    self._wg = ref8.weight_groups(codes_to_values(unpack_fp4(self.qweight)), self.group_size)
+                y = ref8.fp4_fp8_gemm(xq, t, self._wg, self.sexp, self.cscale)
+            else:
+                y = ref8.fp8_fp8_gemm(xq, t, self.qweight, self.wscale)
+            if self.lorc_rank:
+                y = y + ref8.lorc_term(xq, t, self.lorc_u, self.lorc_v)
+        y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+LAYOUTS = {"w4a8-is": W4A8Linear, "w4a8-fs": W4A8Linear, "w4a16": W4A8Linear, "fp4-fp8": FP8Linear, "fp8-fp8": FP8Linear}
+QUANTIZED_MODULES = (W4A8Linear, FP8Linear)
+
+
+def layout_suffixes(layout: str, present=()) -> tuple[str, ...]:
+    """The tensor suffixes of a layout: the required ones, plus the optional ones ``present``."""
+    cls = LAYOUTS[layout]
+    return cls.SUFFIXES[layout] + tuple(s for s in getattr(cls, "OPTIONAL", ()) if s in present)
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -164,13 +273,14 @@ def load(out: str | Path, device: str = "cpu", dtype: torch.dtype | None = None)
         missing = [s for s in need if f"{module_name}.{s}" not in reader.where]
         if missing:
             raise QConvertError(f"{out}: tensor '{module_name}.{missing[0]}' is missing; the output is incomplete, re-run quantize")
+        need = layout_suffixes(layout, {s for s in getattr(LAYOUTS[layout], "OPTIONAL", ()) if f"{module_name}.{s}" in reader.where})
         tensors = {s: reader.get(f"{module_name}.{s}") for s in need}
         bias_name = f"{module_name}.bias"
         bias = reader.get(bias_name) if bias_name in reader.where else None
         if bias is not None and dtype is not None:
             bias = bias.to(dtype)
         _set_module(model, module_name, LAYOUTS[layout](layout, tensors, bias))
-    taken = {f"{m}.{s}" for m, lay in qc["modules"].items() for s in LAYOUTS[lay].SUFFIXES[lay]}
+    taken = {f"{m}.{s}" for m, lay in qc["modules"].items() for s in layout_suffixes(lay, getattr(LAYOUTS[lay], "OPTIONAL", ()))}
     taken |= {f"{m}.bias" for m in qc["modules"]}
     for name in reader.keys():
         if name not in taken:
@@ -186,7 +296,7 @@ def load(out: str | Path, device: str = "cpu", dtype: torch.dtype | None = None)
         raise QConvertError(f"{out}: no tensor for '{still_meta[0]}'; the output is incomplete, re-run quantize")
     if dev.type == "cuda":
         for name, mod in model.named_modules():
-            if isinstance(mod, W4A8Linear):
+            if isinstance(mod, QUANTIZED_MODULES):
                 mod.check_cuda(name)
         model.to(dev)
     return model.eval()

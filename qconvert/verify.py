@@ -101,9 +101,7 @@ def _expect(rep, reader, name, dtype, shape) -> torch.Tensor | None:
 
 def check_tensors(out: Path, rep: VerifyReport):
     """Returns (config, qc) when the structure holds, else None (failures recorded)."""
-    from qconvert.formats.packing import unpack_int4
     from qconvert.formats.safetensors_io import ShardedReader
-    from qconvert.methods.integer_scale import INT32_MAX, group_abs_sums, overflow_bound
     from qconvert.runtime import LAYOUTS, model_config
     from qconvert.skeleton import build_skeleton
 
@@ -127,34 +125,10 @@ def check_tensors(out: Path, rep: VerifyReport):
             _fail(rep, f"{mod} is not a linear layer of this model's config")
             continue
         n, k = w.shape
-        kp = -(-k // g) * g
-        groups = kp // g
-        q = _expect(rep, reader, f"{mod}.qweight", torch.uint8, (n, kp // 2))
-        shape = _expect(rep, reader, f"{mod}.shape", torch.int64, (2,))
-        if shape is not None and shape.tolist() != [n, k]:
-            _fail(rep, f"{mod}.shape is {shape.tolist()}, the config implies {[n, k]}")
-        if layout == "w4a8-is":
-            s_hat = _expect(rep, reader, f"{mod}.iscale", torch.int32, (n, groups))
-            c = _expect(rep, reader, f"{mod}.cscale", torch.float32, (n,))
-            a = _expect(rep, reader, f"{mod}.alpha_log2", torch.int32, (1,))
-            if a is not None and not 0 <= int(a[0]) <= 30:
-                _fail(rep, f"{mod}.alpha_log2 is {int(a[0])}, outside 0..30")
-            if c is not None and not (torch.isfinite(c).all() and (c > 0).all()):
-                _fail(rep, f"{mod}.cscale holds values that are not finite and positive")
-            if s_hat is not None and int(s_hat.min()) < 1:
-                _fail(rep, f"{mod}.iscale holds values below 1")
-            elif s_hat is not None and q is not None:
-                q8 = unpack_int4(q)
-                if (q8[:, k:] != 0).any():
-                    _fail(rep, f"{mod}.qweight has non-zero padding columns")
-                bound = int(overflow_bound(s_hat, group_abs_sums(q8, g)).max())
-                if bound > INT32_MAX:
-                    _fail(rep, f"{mod}: the stored integer scales can overflow int32 (bound {bound})")
+        if layout in ("fp4-fp8", "fp8-fp8"):
+            taken |= _check_fp_layer(rep, reader, mod, layout, n, k, g)
         else:
-            s = _expect(rep, reader, f"{mod}.scales", torch.float16, (n, groups))
-            if s is not None and not torch.isfinite(s).all():
-                _fail(rep, f"{mod}.scales holds NaN or Inf")
-        taken |= {f"{mod}.{x}" for x in LAYOUTS[layout].SUFFIXES[layout]}
+            taken |= _check_int_layer(rep, reader, mod, layout, n, k, g)
         if f"{mod}.bias" in params:  # kept in the source's dtype: only its presence and shape are declared
             bias = f"{mod}.bias"
             if bias not in reader.where:
@@ -190,6 +164,79 @@ def check_tensors(out: Path, rep: VerifyReport):
     return None if rep.failures else (config, qc)
 
 
+def _check_int_layer(rep, reader, mod: str, layout: str, n: int, k: int, g: int) -> set[str]:
+    """Tensors of an int4 layer (w4a8-is, w4a8-fs, w4a16); returns the tensor names it owns."""
+    from qconvert.formats.packing import unpack_int4
+    from qconvert.methods.integer_scale import INT32_MAX, group_abs_sums, overflow_bound
+    from qconvert.runtime import LAYOUTS
+
+    kp = -(-k // g) * g
+    groups = kp // g
+    q = _expect(rep, reader, f"{mod}.qweight", torch.uint8, (n, kp // 2))
+    shape = _expect(rep, reader, f"{mod}.shape", torch.int64, (2,))
+    if shape is not None and shape.tolist() != [n, k]:
+        _fail(rep, f"{mod}.shape is {shape.tolist()}, the config implies {[n, k]}")
+    if layout == "w4a8-is":
+        s_hat = _expect(rep, reader, f"{mod}.iscale", torch.int32, (n, groups))
+        c = _expect(rep, reader, f"{mod}.cscale", torch.float32, (n,))
+        a = _expect(rep, reader, f"{mod}.alpha_log2", torch.int32, (1,))
+        if a is not None and not 0 <= int(a[0]) <= 30:
+            _fail(rep, f"{mod}.alpha_log2 is {int(a[0])}, outside 0..30")
+        if c is not None and not (torch.isfinite(c).all() and (c > 0).all()):
+            _fail(rep, f"{mod}.cscale holds values that are not finite and positive")
+        if s_hat is not None and int(s_hat.min()) < 1:
+            _fail(rep, f"{mod}.iscale holds values below 1")
+        elif s_hat is not None and q is not None:
+            q8 = unpack_int4(q)
+            if (q8[:, k:] != 0).any():
+                _fail(rep, f"{mod}.qweight has non-zero padding columns")
+            bound = int(overflow_bound(s_hat, group_abs_sums(q8, g)).max())
+            if bound > INT32_MAX:
+                _fail(rep, f"{mod}: the stored integer scales can overflow int32 (bound {bound})")
+    else:
+        s = _expect(rep, reader, f"{mod}.scales", torch.float16, (n, groups))
+        if s is not None and not torch.isfinite(s).all():
+            _fail(rep, f"{mod}.scales holds NaN or Inf")
+    return {f"{mod}.{x}" for x in LAYOUTS[layout].SUFFIXES[layout]}
+
+
+def _check_fp_layer(rep, reader, mod: str, layout: str, n: int, k: int, g: int) -> set[str]:
+    """Tensors of a ZeroQuant-FP layer (fp4-fp8, fp8-fp8, docs/format.md); returns the names it owns."""
+    from qconvert.formats.fp4 import unpack_fp4
+    from qconvert.methods.zeroquant_fp import E_MAX, E_MIN, FP8_K_MULTIPLE
+    from qconvert.runtime import layout_suffixes
+
+    shape = _expect(rep, reader, f"{mod}.shape", torch.int64, (2,))
+    if shape is not None and shape.tolist() != [n, k]:
+        _fail(rep, f"{mod}.shape is {shape.tolist()}, the config implies {[n, k]}")
+    if layout == "fp4-fp8":
+        kp = -(-k // g) * g
+        q = _expect(rep, reader, f"{mod}.qweight", torch.uint8, (n, kp // 2))
+        e = _expect(rep, reader, f"{mod}.sexp", torch.int8, (n, kp // g))
+        c = _expect(rep, reader, f"{mod}.cscale", torch.float32, (n,))
+        if q is not None and (unpack_fp4(q)[:, k:] != 0).any():
+            _fail(rep, f"{mod}.qweight has non-zero padding columns")
+        if e is not None and e.numel() and not (E_MIN <= int(e.min()) and int(e.max()) <= E_MAX):
+            _fail(rep, f"{mod}.sexp holds exponents outside {E_MIN}..{E_MAX}")
+    else:
+        kp = -(-k // FP8_K_MULTIPLE) * FP8_K_MULTIPLE
+        q = _expect(rep, reader, f"{mod}.qweight", torch.float8_e4m3fn, (n, kp))
+        c = _expect(rep, reader, f"{mod}.wscale", torch.float32, (n,))
+        if q is not None and (torch.isnan(q.float()).any() or (q.view(torch.uint8)[:, k:] != 0).any()):
+            _fail(rep, f"{mod}.qweight holds NaN codes or non-zero padding columns")
+    if c is not None and not (torch.isfinite(c).all() and (c > 0).all()):
+        _fail(rep, f"{mod}: the per-channel scales hold values that are not finite and positive")
+    present = {s for s in ("lorc_u", "lorc_v") if f"{mod}.{s}" in reader.where}
+    if present:
+        rank = reader.info(f"{mod}.lorc_u").shape[1] if "lorc_u" in present else -1
+        u = _expect(rep, reader, f"{mod}.lorc_u", torch.float16, (n, rank))
+        v = _expect(rep, reader, f"{mod}.lorc_v", torch.float16, (rank, k))
+        for name, t in (("lorc_u", u), ("lorc_v", v)):
+            if t is not None and not torch.isfinite(t).all():
+                _fail(rep, f"{mod}.{name} holds NaN or Inf")
+    return {f"{mod}.{x}" for x in layout_suffixes(layout, present)}
+
+
 def _sample_ids(ref, tokenizer, data_file, n_tokens: int) -> torch.Tensor:
     if data_file is not None:
         from qconvert.calib import _read_local
@@ -208,7 +255,7 @@ def _sample_ids(ref, tokenizer, data_file, n_tokens: int) -> torch.Tensor:
 def compare(out: Path, against: str, rep: VerifyReport, data_file=None, n_tokens: int = 128) -> None:
     from torch import nn
 
-    from qconvert.runtime import W4A8Linear, load
+    from qconvert.runtime import QUANTIZED_MODULES, load
     from qconvert.source import resolve_source
 
     from qconvert.source import Source
@@ -221,7 +268,7 @@ def compare(out: Path, against: str, rep: VerifyReport, data_file=None, n_tokens
         raise QConvertError(f"{against} has no tokenizer to read {data_file}; verify without --data-file")
     ids = _sample_ids(ref, tok, data_file, n_tokens)
     rep.against, rep.sample_tokens = getattr(against, "description", str(against)), int(ids.shape[1])
-    qmods = {n: m for n, m in model.named_modules() if isinstance(m, W4A8Linear)}
+    qmods = {n: m for n, m in model.named_modules() if isinstance(m, QUANTIZED_MODULES)}
     inputs, hooks = {}, []
     for name, mod in ref.named_modules():
         if name in qmods and isinstance(mod, nn.Linear):

@@ -4,6 +4,7 @@ None of this needs a GPU.  tests/test_kernels_compile.py uses it in CI, and it d
 check script on a GPU machine::
 
     python -m qconvert_kernels.compile sm_80 sm_89 sm_90      # ptxas resources + SASS summary
+                                                              # (fp8_gemm.cu too on sm_89 / sm_90)
 
 Tools:
   nvcc       the CUDA toolkit's compiler (``shutil.which``, then ``$CUDA_HOME/bin``).
@@ -32,6 +33,14 @@ GEMM_KERNELS = ("w4a8_is_gemm_f16", "w4a8_is_gemm_bf16", "w4a8_fs_gemm_f16", "w4
 QUANT_KERNELS = ("quantize_per_token_int8_f16", "quantize_per_token_int8_bf16")
 KERNELS = GEMM_KERNELS + QUANT_KERNELS
 NVCC_FLAGS = ("-O3", "-std=c++17", "-Xptxas", "-v")
+
+# ZeroQuant-FP kernels (fp8_gemm.cu): FP8 mma exists from sm_89 on; compiling for sm_80 stops at
+# the source's #error.  compile_cubin / nvrtc_compile / sass take ``source=FP8_SOURCE``.
+FP8_SOURCE = Path(__file__).with_name("fp8_gemm.cu")
+FP8_ARCHS = ("sm_89", "sm_90")
+FP8_GEMM_KERNELS = ("fp4_fp8_gemm_f16", "fp4_fp8_gemm_bf16", "fp8_fp8_gemm_f16", "fp8_fp8_gemm_bf16")
+FP8_QUANT_KERNELS = ("quantize_per_token_fp8_f16", "quantize_per_token_fp8_bf16")
+FP8_KERNELS = FP8_GEMM_KERNELS + FP8_QUANT_KERNELS
 
 
 class CompileError(RuntimeError):
@@ -247,6 +256,21 @@ def main(argv=None) -> int:
                 ok &= not bad
                 print(f"{arch} {name:32s} regs={r.get('registers')} smem={r.get('smem')} stack={r.get('stack')} "
                       f"spills={r.get('spill_stores')}/{r.get('spill_loads')} IMMA={imma} local={local or 0}"
+                      f"{'  <-- FAIL' if bad else ''}")
+            if arch not in FP8_ARCHS:
+                continue
+            cubin = compile_cubin(arch, tmp, source=FP8_SOURCE)  # ZeroQuant-FP kernels: sm_89+
+            res = parse_ptxas(ptxas_log(cubin))
+            per_kernel = kernel_sass(sass(cubin)) if cuobjdump_path() else {}
+            for name in FP8_KERNELS:
+                r = res.get(name, {})
+                ops = opcodes(per_kernel.get(name, ""))
+                mma = sum(v for k, v in ops.items() if "MMA" in k)  # QMMA on sm_89, HMMA on sm_90
+                local = local_memory_ops(per_kernel.get(name, ""))
+                bad = r.get("spill_stores", 1) or r.get("spill_loads", 1) or local or (name in FP8_GEMM_KERNELS and per_kernel and not mma)
+                ok &= not bad
+                print(f"{arch} {name:32s} regs={r.get('registers')} smem={r.get('smem')} stack={r.get('stack')} "
+                      f"spills={r.get('spill_stores')}/{r.get('spill_loads')} MMA={mma} local={local or 0}"
                       f"{'  <-- FAIL' if bad else ''}")
     return 0 if ok else 1
 

@@ -13,6 +13,7 @@ from qconvert.errors import QConvertError
 
 BUILTIN = {
     "integer-scale": "qconvert.methods.integer_scale:IntegerScaleMethod",
+    "zeroquant-fp": "qconvert.methods.zeroquant_fp:ZeroQuantFPMethod",
 }
 
 

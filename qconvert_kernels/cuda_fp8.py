@@ -1,0 +1,168 @@
+"""CuPy launcher of the ZeroQuant-FP kernels (qconvert_kernels/fp8_gemm.cu): FP8 (E4M3)
+activations x FP4 (E2M1, layout fp4-fp8) or FP8 (E4M3, layout fp8-fp8) weights.
+
+The kernels compute ``qconvert_kernels.reference_fp8``'s arithmetic; their outputs match it
+within the tolerance stated there (the tensor cores' accumulation inside a group is not
+specified by PTX; everything after it is the reference's float32 order).  LoRC is not in the
+kernel: ``qconvert.runtime.FP8Linear`` adds ((xq t) Vᵀ) Uᵀ with torch on the GPU (a rank-r
+product, 2 r (K + N) flops per token: small next to the GEMM for r << K).
+
+What the tensor cores are: on sm_89 (Ada) ``mma...e4m3.e4m3`` is the FP8 tensor-core
+instruction QMMA.16832.F32.E4M3.E4M3.  On sm_90 (Hopper) mma.sync has no FP8 path: ptxas
+widens each E4M3 operand to fp16 (F2FP.F16.E4M3.UNPACK_B, exact) and issues two
+HMMA.16816.F32 per FP8 mma, so these kernels run at fp16 tensor-core rate there (Hopper's FP8
+rate needs wgmma, which this file does not use).  tests/test_kernels_fp8_compile.py pins both.
+
+Requirements, checked here with a ValueError: a device of compute capability 8.9 or newer;
+group size a multiple of 32; Kp a multiple of the group size (fp4-fp8) or of 64 (fp8-fp8);
+operands 16-byte aligned.  M and N are arbitrary.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+from qconvert_kernels.cuda import _check_aligned, _check_cuda, _cupy, _i32, _ptr, _require
+
+SOURCE = Path(__file__).with_name("fp8_gemm.cu")
+BLOCK_M = BLOCK_N = 64  # CTA tile (zq::BM, zq::BN)
+GEMM_THREADS = 128
+QUANT_THREADS = 256
+MMA_K = 32
+MIN_CAPABILITY = 89
+FP8_CHUNK = 64  # fp8-fp8: Kp % 64 == 0, the tensor-core accumulator is summed in float32 every 64 k
+_OUT = {torch.float16: "f16", torch.bfloat16: "bf16"}
+
+
+def _capability(index: int = 0) -> int | None:
+    try:
+        return int(_cupy().cuda.Device(index).compute_capability)
+    except Exception:
+        return None
+
+
+def available() -> bool:
+    """True if cupy imports, torch sees CUDA and device 0 is sm_89+; never raises."""
+    try:
+        if not torch.cuda.is_available():
+            return False
+        cap = _capability(0)
+        return cap is not None and cap >= MIN_CAPABILITY
+    except Exception:
+        return False
+
+
+def check_device(what: str, index: int | None = None) -> None:
+    """ValueError unless the device has FP8 tensor cores (sm_89+), naming what needs them."""
+    if index is None:
+        index = torch.cuda.current_device() if torch.cuda.is_available() else 0
+    cap = _capability(index)
+    _require(cap is not None, f"{what}: no CUDA device usable by cupy")
+    _require(cap >= MIN_CAPABILITY,
+             f"{what}: the FP8 kernels need compute capability 8.9 or newer (FP8 mma: Ada sm_89, Hopper sm_90); "
+             f"device {index} is sm_{cap}: use an int8 scheme such as is-w4a8 on it, or run on CPU")
+
+
+@functools.lru_cache(maxsize=None)
+def module(device_index: int = 0):
+    """The compiled ``cupy.RawModule`` (NVRTC, for the device's arch), one per device."""
+    cp = _cupy()
+    check_device("fp8_gemm.cu", device_index)
+    with cp.cuda.Device(device_index):
+        return cp.RawModule(code=SOURCE.read_text(), options=("-std=c++17",))
+
+
+def _launch(name: str, grid: tuple, block: tuple, args: tuple, device: torch.device) -> None:
+    cp = _cupy()
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with cp.cuda.Device(index):
+        fn = module(index).get_function(name)
+        with cp.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream):
+            fn(grid, block, args)
+
+
+def check_gemm_shape(fn: str, m: int, n: int, kp: int, group_size: int) -> None:
+    """ValueError unless the kernels support (M, N, K=Kp, g); the message quotes all four.
+    For fp8-fp8 pass group_size = 64 (its accumulation chunk)."""
+    where = f"{fn}: unsupported shape M={m}, N={n}, K={kp}, g={group_size}"
+    _require(group_size % MMA_K == 0 and group_size >= MMA_K,
+             f"{where}: the group size must be a positive multiple of {MMA_K} (the FP8 mma K)")
+    _require(kp > 0 and kp % group_size == 0, f"{where}: K (padded) must be a positive multiple of g")
+    _require(m >= 0 and n >= 0, f"{where}: negative M or N")
+    _require(-(-m // BLOCK_M) <= 65535, f"{where}: M too large for the grid (at most {65535 * BLOCK_M})")
+
+
+def quantize_per_token_fp8(x: torch.Tensor, kp: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused per-token E4M3 quantizer: x fp16/bf16 [M, K] -> (xq float8_e4m3fn [M, kp], t float32 [M]).
+    Equal to ``reference_fp8.quantize_per_token_fp8(x, kp)`` (same roundings; columns >= K are 0)."""
+    fn = "quantize_per_token_fp8"
+    _require(x.dim() == 2, f"{fn}: x must be [M, K], got {tuple(x.shape)}")
+    _require(x.dtype in _OUT, f"{fn}: x must be float16 or bfloat16, got {x.dtype}")
+    m, k = x.shape
+    _require(kp >= k, f"{fn}: kp={kp} < K={k}")
+    dev = _check_cuda(fn, x)
+    x = x.contiguous()
+    xq = torch.empty((m, kp), dtype=torch.uint8, device=dev)
+    t = torch.empty((m,), dtype=torch.float32, device=dev)
+    if m:
+        _launch(f"quantize_per_token_fp8_{_OUT[x.dtype]}", (m,), (QUANT_THREADS,),
+                (_ptr(x), _ptr(xq), _ptr(t), _i32(m), _i32(k), _i32(kp)), dev)
+    return xq.view(torch.float8_e4m3fn), t
+
+
+def _common(fn, xq, t, out_dtype):
+    _require(xq.dim() == 2 and xq.dtype == torch.float8_e4m3fn, f"{fn}: xq must be float8_e4m3fn [M, Kp], got {xq.dtype} {tuple(xq.shape)}")
+    m = xq.shape[0]
+    _require(t.shape == (m,), f"{fn}: t must be [M] = [{m}], got {tuple(t.shape)}")
+    _require(out_dtype in _OUT, f"{fn}: out_dtype must be torch.float16 or torch.bfloat16, got {out_dtype}")
+    return m, xq.shape[1]
+
+
+def fp4_fp8_gemm(xq, t, qweight_packed, sexp, cscale, group_size: int, out_dtype):
+    """Layout fp4-fp8: xq e4m3 [M, Kp], t float32 [M], qweight_packed uint8 [N, Kp/2] (E2M1 codes),
+    sexp int8 [N, G], cscale float32 [N] -> y [M, N] in ``out_dtype``."""
+    fn = "fp4_fp8_gemm"
+    m, kp = _common(fn, xq, t, out_dtype)
+    n = qweight_packed.shape[0]
+    check_gemm_shape(fn, m, n, kp, group_size)
+    _require(qweight_packed.dtype == torch.uint8 and qweight_packed.shape == (n, kp // 2),
+             f"{fn}: qweight must be uint8 [N, Kp/2] = [{n}, {kp // 2}], got {qweight_packed.dtype} {tuple(qweight_packed.shape)}")
+    g_count = kp // group_size
+    _require(sexp.shape == (n, g_count) and sexp.dtype == torch.int8, f"{fn}: sexp must be int8 [N, G] = [{n}, {g_count}]")
+    _require(cscale.shape == (n,), f"{fn}: cscale must be [N] = [{n}], got {tuple(cscale.shape)}")
+    dev = _check_cuda(fn, xq, t, qweight_packed, sexp, cscale)
+    check_device(fn, dev.index)
+    xq, qw = xq.contiguous(), qweight_packed.contiguous()
+    t, sexp, cscale = t.float().contiguous(), sexp.contiguous(), cscale.float().contiguous()
+    _check_aligned(fn, xq=xq, qweight_packed=qw)
+    y = torch.empty((m, n), dtype=out_dtype, device=dev)
+    if m and n:
+        grid = (-(-n // BLOCK_N), -(-m // BLOCK_M))
+        _launch(f"fp4_fp8_gemm_{_OUT[out_dtype]}", grid, (GEMM_THREADS,),
+                (_ptr(xq), _ptr(t), _ptr(qw), _ptr(sexp), _ptr(cscale), _ptr(y), _i32(m), _i32(n), _i32(kp), _i32(group_size)), dev)
+    return y
+
+
+def fp8_fp8_gemm(xq, t, qweight, wscale, out_dtype):
+    """Layout fp8-fp8: xq e4m3 [M, Kp], qweight e4m3 [N, Kp] (Kp % 64 == 0), wscale float32 [N] -> y [M, N]."""
+    fn = "fp8_fp8_gemm"
+    m, kp = _common(fn, xq, t, out_dtype)
+    n = qweight.shape[0]
+    check_gemm_shape(fn, m, n, kp, FP8_CHUNK)
+    _require(qweight.dtype == torch.float8_e4m3fn and qweight.shape == (n, kp),
+             f"{fn}: qweight must be float8_e4m3fn [N, Kp] = [{n}, {kp}], got {qweight.dtype} {tuple(qweight.shape)}")
+    _require(wscale.shape == (n,), f"{fn}: wscale must be [N] = [{n}], got {tuple(wscale.shape)}")
+    dev = _check_cuda(fn, xq, t, qweight, wscale)
+    check_device(fn, dev.index)
+    xq, qw = xq.contiguous(), qweight.contiguous()
+    t, wscale = t.float().contiguous(), wscale.float().contiguous()
+    _check_aligned(fn, xq=xq, qweight=qw)
+    y = torch.empty((m, n), dtype=out_dtype, device=dev)
+    if m and n:
+        grid = (-(-n // BLOCK_N), -(-m // BLOCK_M))
+        _launch(f"fp8_fp8_gemm_{_OUT[out_dtype]}", grid, (GEMM_THREADS,),
+                (_ptr(xq), _ptr(t), _ptr(qw), _ptr(wscale), _ptr(y), _i32(m), _i32(n), _i32(kp)), dev)
+    return y

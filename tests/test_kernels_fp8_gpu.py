@@ -1,0 +1,114 @@
+"""The ZeroQuant-FP CUDA kernels against the torch reference (needs cupy and an sm_89+ GPU).
+
+The quantizer must match exactly.  The GEMMs match within the tolerance reference_fp8.py states:
+|y - y_ref| <= 2^-9 * |y|_abs + 1 ulp of the output type, |y|_abs the sum of absolute products
+(the tensor cores' accumulation inside a group is not specified by PTX; a wrong fragment layout,
+k order or FP4 widening gives errors of the order of |y|_abs itself).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("cupy")
+
+from qconvert.formats.fp4 import codes_to_values, pack_fp4  # noqa: E402
+from qconvert_kernels import cuda_fp8  # noqa: E402
+from qconvert_kernels import reference_fp8 as ref8  # noqa: E402
+
+if not cuda_fp8.available():
+    pytest.skip("no CUDA device of compute capability 8.9+ usable by cupy (FP8 mma)", allow_module_level=True)
+
+DEV = torch.device("cuda")
+DTYPES = [torch.float16, torch.bfloat16]
+# (M, N, K, g): odd M, K = 576 padded to 640 by g = 128, Kp % 64 == 32, odd N, several g
+SHAPES = [(1, 8, 576, 128), (3, 192, 576, 128), (17, 576, 4096, 128), (130, 192, 4096, 128),
+          (17, 192, 4096, 32), (3, 576, 1000, 64), (17, 8, 96, 32), (3, 13, 300, 96), (257, 72, 256, 64)]
+
+
+def _activations(m, k, dtype, gen):
+    x = (torch.randn((m, k), generator=gen) * torch.rand((m, 1), generator=gen) * 4).to(dtype)
+    if m > 2:
+        x[1] = 0
+    return x
+
+
+def _within_tolerance(y, y_ref, y_abs, dtype):
+    eps = torch.finfo(dtype).eps  # 1 ulp at 1.0; scaled by |y| below
+    err = (y.float().cpu() - y_ref).abs()
+    bound = 2.0**-9 * y_abs + eps * y_ref.abs() + torch.finfo(dtype).tiny
+    return float((err / bound).max())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,k", [(1, 576), (3, 4096), (17, 1000), (130, 96), (4, 1)])
+def test_quantizer_bit_exact(m, k, dtype):
+    gen = torch.Generator().manual_seed(m * 7919 + k)
+    x = _activations(m, k, dtype, gen)
+    kp = -(-k // 128) * 128
+    xq, t = cuda_fp8.quantize_per_token_fp8(x.to(DEV), kp)
+    xq_ref, t_ref = ref8.quantize_per_token_fp8(x, kp)
+    assert torch.equal(xq.cpu().view(torch.uint8), xq_ref.view(torch.uint8))
+    assert torch.equal(t.cpu(), t_ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k,g", SHAPES)
+def test_fp4_fp8_gemm_matches_reference(m, n, k, g, dtype):
+    gen = torch.Generator().manual_seed(m * 1_000_003 + n * 1009 + k + g)
+    kp = -(-k // g) * g
+    codes = torch.randint(0, 16, (n, kp), generator=gen, dtype=torch.uint8)
+    codes[:, k:] = 0
+    sexp = torch.randint(-6, 3, (n, kp // g), generator=gen, dtype=torch.int8)
+    cscale = torch.rand(n, generator=gen) * 0.01 + 1e-4
+    x = _activations(m, k, dtype, gen)
+    xq, t = cuda_fp8.quantize_per_token_fp8(x.to(DEV), kp)
+    y = cuda_fp8.fp4_fp8_gemm(xq, t, pack_fp4(codes).to(DEV), sexp.to(DEV), cscale.to(DEV), g, dtype)
+    w = codes_to_values(codes)
+    y_ref = ref8.fp4_fp8_gemm(xq.cpu(), t.cpu(), ref8.weight_groups(w, g), sexp, cscale)
+    y_abs = ref8.fp4_fp8_gemm(xq.cpu().float().abs().to(torch.float8_e4m3fn), t.cpu(), ref8.weight_groups(w.abs(), g), sexp, cscale)
+    assert y.dtype == dtype and y.shape == (m, n)
+    assert _within_tolerance(y, y_ref, y_abs, dtype) <= 1.0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k", [(1, 8, 576), (17, 576, 4096), (130, 192, 1536), (3, 13, 96), (257, 72, 256)])
+def test_fp8_fp8_gemm_matches_reference(m, n, k, dtype):
+    gen = torch.Generator().manual_seed(m * 999_983 + n * 1013 + k)
+    kp = -(-k // 64) * 64
+    w = torch.randn(n, k, generator=gen)
+    wscale = w.abs().amax(1) / 448
+    wq = torch.nn.functional.pad(ref8.to_e4m3(w / wscale[:, None]).view(torch.uint8), (0, kp - k)).view(torch.float8_e4m3fn)
+    x = _activations(m, k, dtype, gen)
+    xq, t = cuda_fp8.quantize_per_token_fp8(x.to(DEV), kp)
+    y = cuda_fp8.fp8_fp8_gemm(xq, t, wq.to(DEV), wscale.to(DEV), dtype)
+    y_ref = ref8.fp8_fp8_gemm(xq.cpu(), t.cpu(), wq, wscale)
+    y_abs = ref8.fp8_fp8_gemm(xq.cpu().float().abs().to(torch.float8_e4m3fn), t.cpu(), wq.float().abs().to(torch.float8_e4m3fn), wscale)
+    assert _within_tolerance(y, y_ref, y_abs, dtype) <= 1.0
+
+
+@pytest.mark.parametrize("scheme_params", [{"base": "rtn", "lorc_rank": 4, "group_size": 64},
+                                           {"weight_format": "fp8", "base": "rtn", "lorc_rank": 0}])
+def test_runtime_layer_on_gpu_equals_cpu(scheme_params):
+    from qconvert.methods.zeroquant_fp import ZeroQuantFPMethod
+    from qconvert.runtime import FP8Linear
+
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(192, 576, generator=gen) * 0.05
+    ql = ZeroQuantFPMethod(scheme_params).quantize_linear("l", w)
+    cpu = FP8Linear(ql.layout, ql.tensors, None)
+    gpu = FP8Linear(ql.layout, {k: v.to(DEV) for k, v in ql.tensors.items()}, None)
+    gpu.check_cuda("l")
+    x = torch.randn(2, 7, 576, generator=gen).half()
+    y_ref = cpu(x.float())
+    y = gpu(x.to(DEV)).float().cpu()
+    assert float((y - y_ref).norm() / y_ref.norm()) < 2e-3
+
+
+def test_bench_rows_for_zqfp():
+    from qconvert import bench as b
+
+    rows = b.zqfp_kernel_rows("o_proj", 576, 576, 16, DEV, runs=50, warmup=2, reps=4)
+    assert [r["kernel"] for r in rows] == ["cublas-fp16", "quantize-fp8", "fp4-fp8", "fp8-fp8"]
+    assert all(r["us"] > 0 for r in rows)
