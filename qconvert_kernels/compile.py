@@ -237,6 +237,26 @@ def nvrtc_compile(arch: str, source: Path = SOURCE, options=("-std=c++17",)) -> 
 # ----------------------------------------------------------------------------- CLI
 
 
+def _report(arch: str, cubin, kernels, gemms, mma_kind) -> bool:
+    """Print ptxas resources and the SASS summary of ``kernels`` in ``cubin``; True if none
+    spills, uses local memory, or (a GEMM) lacks tensor-core instructions whose opcode
+    satisfies ``mma_kind``."""
+    res = parse_ptxas(ptxas_log(cubin))
+    per_kernel = kernel_sass(sass(cubin)) if cuobjdump_path() else {}
+    ok = True
+    for name in kernels:
+        r = res.get(name, {})
+        ops = opcodes(per_kernel.get(name, ""))
+        mma = sum(v for k, v in ops.items() if mma_kind(k))
+        local = local_memory_ops(per_kernel.get(name, ""))
+        bad = r.get("spill_stores", 1) or r.get("spill_loads", 1) or local or (name in gemms and per_kernel and not mma)
+        ok &= not bad
+        print(f"{arch} {name:32s} regs={r.get('registers')} smem={r.get('smem')} stack={r.get('stack')} "
+              f"spills={r.get('spill_stores')}/{r.get('spill_loads')} MMA={mma} local={local or 0}"
+              f"{'  <-- FAIL' if bad else ''}")
+    return ok
+
+
 def main(argv=None) -> int:
     import tempfile
 
@@ -244,34 +264,10 @@ def main(argv=None) -> int:
     ok = True
     with tempfile.TemporaryDirectory() as tmp:
         for arch in archs:
-            cubin = compile_cubin(arch, tmp)
-            res = parse_ptxas(ptxas_log(cubin))
-            per_kernel = kernel_sass(sass(cubin)) if cuobjdump_path() else {}
-            for name in KERNELS:
-                r = res.get(name, {})
-                ops = opcodes(per_kernel.get(name, ""))
-                imma = sum(v for k, v in ops.items() if k.startswith("IMMA"))
-                local = local_memory_ops(per_kernel.get(name, ""))
-                bad = r.get("spill_stores", 1) or r.get("spill_loads", 1) or local or (name in GEMM_KERNELS and per_kernel and not imma)
-                ok &= not bad
-                print(f"{arch} {name:32s} regs={r.get('registers')} smem={r.get('smem')} stack={r.get('stack')} "
-                      f"spills={r.get('spill_stores')}/{r.get('spill_loads')} IMMA={imma} local={local or 0}"
-                      f"{'  <-- FAIL' if bad else ''}")
-            if arch not in FP8_ARCHS:
-                continue
-            cubin = compile_cubin(arch, tmp, source=FP8_SOURCE)  # ZeroQuant-FP kernels: sm_89+
-            res = parse_ptxas(ptxas_log(cubin))
-            per_kernel = kernel_sass(sass(cubin)) if cuobjdump_path() else {}
-            for name in FP8_KERNELS:
-                r = res.get(name, {})
-                ops = opcodes(per_kernel.get(name, ""))
-                mma = sum(v for k, v in ops.items() if "MMA" in k)  # QMMA on sm_89, HMMA on sm_90
-                local = local_memory_ops(per_kernel.get(name, ""))
-                bad = r.get("spill_stores", 1) or r.get("spill_loads", 1) or local or (name in FP8_GEMM_KERNELS and per_kernel and not mma)
-                ok &= not bad
-                print(f"{arch} {name:32s} regs={r.get('registers')} smem={r.get('smem')} stack={r.get('stack')} "
-                      f"spills={r.get('spill_stores')}/{r.get('spill_loads')} MMA={mma} local={local or 0}"
-                      f"{'  <-- FAIL' if bad else ''}")
+            ok &= _report(arch, compile_cubin(arch, tmp), KERNELS, GEMM_KERNELS, lambda op: op.startswith("IMMA"))
+            if arch in FP8_ARCHS:  # ZeroQuant-FP kernels: sm_89+ (QMMA on sm_89, HMMA on sm_90)
+                ok &= _report(arch, compile_cubin(arch, tmp, source=FP8_SOURCE), FP8_KERNELS, FP8_GEMM_KERNELS,
+                              lambda op: "MMA" in op)
     return 0 if ok else 1
 
 

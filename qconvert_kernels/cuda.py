@@ -58,11 +58,13 @@ def module(device_index: int = 0):
         return cp.RawModule(code=SOURCE.read_text(), options=("-std=c++17",))
 
 
-def _launch(name: str, grid: tuple, block: tuple, args: tuple, device: torch.device) -> None:
+def _launch(name: str, grid: tuple, block: tuple, args: tuple, device: torch.device, get_module=None) -> None:
+    """Launch kernel ``name`` of ``get_module(device_index)`` (default: this file's module) on
+    torch's current stream."""
     cp = _cupy()
     index = device.index if device.index is not None else torch.cuda.current_device()
     with cp.cuda.Device(index):
-        fn = module(index).get_function(name)
+        fn = (get_module or module)(index).get_function(name)
         with cp.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream):
             fn(grid, block, args)
 
@@ -124,18 +126,23 @@ def quantize_per_token_int8(x: torch.Tensor, kp: int) -> tuple[torch.Tensor, tor
 
     Bit-exact with ``reference.quantize_per_token_int8(x, kp)``; columns K..kp-1 are 0.
     """
-    fn = "quantize_per_token_int8"
+    return _quantize_per_token("quantize_per_token_int8", x, kp, torch.int8)
+
+
+def _quantize_per_token(fn: str, x: torch.Tensor, kp: int, q_dtype: torch.dtype, get_module=None):
+    """Checks, output buffers and launch shared by the per-token quantizers (int8, fp8): kernel
+    ``{fn}_{f16|bf16}`` writes xq [M, kp] (zero-padded) and the float32 scale t [M]."""
     _require(x.dim() == 2, f"{fn}: x must be [M, K], got {tuple(x.shape)}")
     _require(x.dtype in _OUT, f"{fn}: x must be float16 or bfloat16, got {x.dtype}")
     m, k = x.shape
     _require(kp >= k, f"{fn}: kp={kp} < K={k}")
     dev = _check_cuda(fn, x)
     x = x.contiguous()
-    xq = torch.empty((m, kp), dtype=torch.int8, device=dev)
+    xq = torch.empty((m, kp), dtype=q_dtype, device=dev)
     t = torch.empty((m,), dtype=torch.float32, device=dev)
     if m:
-        _launch(f"quantize_per_token_int8_{_OUT[x.dtype]}", (m,), (QUANT_THREADS,),
-                (_ptr(x), _ptr(xq), _ptr(t), _i32(m), _i32(k), _i32(kp)), dev)
+        _launch(f"{fn}_{_OUT[x.dtype]}", (m,), (QUANT_THREADS,),
+                (_ptr(x), _ptr(xq), _ptr(t), _i32(m), _i32(k), _i32(kp)), dev, get_module)
     return xq, t
 
 

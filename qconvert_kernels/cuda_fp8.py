@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch
 
-from qconvert_kernels.cuda import _check_aligned, _check_cuda, _cupy, _i32, _ptr, _require
+from qconvert_kernels.cuda import _check_aligned, _check_cuda, _cupy, _i32, _ptr, _quantize_per_token, _require
+from qconvert_kernels.cuda import _launch as _launch_in
 
 SOURCE = Path(__file__).with_name("fp8_gemm.cu")
 BLOCK_M = BLOCK_N = 64  # CTA tile (zq::BM, zq::BN)
 GEMM_THREADS = 128
-QUANT_THREADS = 256
 MMA_K = 32
 MIN_CAPABILITY = 89
 FP8_CHUNK = 64  # fp8-fp8: Kp % 64 == 0, the tensor-core accumulator is summed in float32 every 64 k
@@ -76,12 +76,7 @@ def module(device_index: int = 0):
 
 
 def _launch(name: str, grid: tuple, block: tuple, args: tuple, device: torch.device) -> None:
-    cp = _cupy()
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    with cp.cuda.Device(index):
-        fn = module(index).get_function(name)
-        with cp.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream):
-            fn(grid, block, args)
+    _launch_in(name, grid, block, args, device, module)
 
 
 def check_gemm_shape(fn: str, m: int, n: int, kp: int, group_size: int) -> None:
@@ -98,18 +93,7 @@ def check_gemm_shape(fn: str, m: int, n: int, kp: int, group_size: int) -> None:
 def quantize_per_token_fp8(x: torch.Tensor, kp: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused per-token E4M3 quantizer: x fp16/bf16 [M, K] -> (xq float8_e4m3fn [M, kp], t float32 [M]).
     Equal to ``reference_fp8.quantize_per_token_fp8(x, kp)`` (same roundings; columns >= K are 0)."""
-    fn = "quantize_per_token_fp8"
-    _require(x.dim() == 2, f"{fn}: x must be [M, K], got {tuple(x.shape)}")
-    _require(x.dtype in _OUT, f"{fn}: x must be float16 or bfloat16, got {x.dtype}")
-    m, k = x.shape
-    _require(kp >= k, f"{fn}: kp={kp} < K={k}")
-    dev = _check_cuda(fn, x)
-    x = x.contiguous()
-    xq = torch.empty((m, kp), dtype=torch.uint8, device=dev)
-    t = torch.empty((m,), dtype=torch.float32, device=dev)
-    if m:
-        _launch(f"quantize_per_token_fp8_{_OUT[x.dtype]}", (m,), (QUANT_THREADS,),
-                (_ptr(x), _ptr(xq), _ptr(t), _i32(m), _i32(k), _i32(kp)), dev)
+    xq, t = _quantize_per_token("quantize_per_token_fp8", x, kp, torch.uint8, module)
     return xq.view(torch.float8_e4m3fn), t
 
 

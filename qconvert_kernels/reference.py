@@ -50,7 +50,6 @@ def group_partials(xq: torch.Tensor, q: torch.Tensor, group_size: int, q_float: 
     cached ``q.float()`` laid out [G, g, N].
     """
     m, kp = xq.shape
-    n = q.shape[0]
     g = group_size
     assert kp % g == 0 and q.shape[1] == kp, (xq.shape, q.shape, g)
     assert 127 * 8 * g < 2**24, "group too large for the exact float32 path"
