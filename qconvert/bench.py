@@ -41,8 +41,8 @@ KERNEL_SHAPES = {
     "smollm2-135m": [("o_proj", 576, 576), ("qkv_proj", 960, 576), ("gate_up_proj", 3072, 576), ("down_proj", 576, 1536)],
 }
 DEFAULT_M = (1, 16, 64, 256, 1024, 4096)
-KERNEL_SCHEMES = ("is-w4a8", "zqfp-w4a8")  # kernel families benchmarked by --kernels (IS against FS and cuBLAS;
-# ZeroQuant-FP: FP4 x FP8 and FP8 x FP8 against cuBLAS)
+KERNEL_SCHEMES = ("is-w4a8", "zqfp-w4a8", "quik-w4a4")  # kernel families benchmarked by --kernels (IS against FS
+# and cuBLAS; ZeroQuant-FP: FP4 x FP8 and FP8 x FP8 against cuBLAS; QUIK: whole W4A4 / W8A8 layers against cuBLAS)
 
 # random-weight models of real shapes for --synthetic (Llama architecture)
 SYNTHETIC = {
@@ -250,6 +250,71 @@ def zqfp_kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, r
     return rows
 
 
+def quik_kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, runs: int = 50, warmup: int = 10,
+                     reps: int = 20, outliers: int | None = None) -> list[dict]:
+    """Time cuBLAS FP16 and QUIK layers for one (M, N, K): the split-and-quantize kernel alone,
+    the integer GEMM alone (its epilogue adding a given outlier product), and whole layers
+    ``quik-w4a4`` / ``quik-w8a8`` (split, cuBLAS outlier product, GEMM) as the runtime runs
+    them; the 4-bit layer on the device's path (s4 on sm_80 .. sm_89, s8 on sm_90+).
+    ``outliers``: fp16 channels, default the "auto" rule (256 for K >= 4096)."""
+    from qconvert.methods.quik import auto_outliers
+    from qconvert_kernels import cuda_quik
+    from qconvert_kernels.reference_quik import padded_base
+
+    n_out = auto_outliers(k) if outliers is None else outliers
+    kbp = padded_base(k - n_out)
+    path = cuda_quik.int4_path(device)
+    gen = torch.Generator(device=device).manual_seed(m * 131 + n * 7 + k)
+    fp16_bytes = m * k * 2 + n * k * 2 + m * n * 2
+    sets = _operand_sets(fp16_bytes, device)
+    xs = [torch.randn((m, k), generator=gen, device=device, dtype=torch.float16) for _ in range(sets)]
+    ws = [torch.randn((n, k), generator=gen, device=device, dtype=torch.float16) * 0.02 for _ in range(sets)]
+    out_idx = torch.sort(torch.randperm(k, generator=gen, device=device)[:n_out]).values
+    keep = torch.ones(k, dtype=torch.bool, device=device)
+    keep[out_idx] = False
+    base_idx = torch.nonzero(keep).flatten()
+    rows = []
+
+    def row(kernel, timing: Timing, bytes_moved: int, ops: int):
+        us = timing.median_us
+        rows.append({"shape": label, "N": n, "K": k, "M": m, "kernel": kernel, "us": round(us, 3),
+                     "tops": round(ops / (us * 1e-6) / 1e12, 3), "gbps": round(bytes_moved / (us * 1e-6) / 1e9, 1),
+                     "timing": timing.mode, "samples": timing.samples, "operand_sets": sets, "outliers": n_out,
+                     "int4_path": path})
+
+    ops = 2 * m * n * k
+    row("cublas-fp16", _time_cuda(lambda i: torch.nn.functional.linear(xs[i], ws[i]), sets, runs, warmup, reps), fp16_bytes, ops)
+    ws.clear()
+    wscale = torch.rand(n, generator=gen, device=device) * 0.01
+    wsum = torch.randint(-1000, 1000, (n,), generator=gen, device=device, dtype=torch.int32)
+    w_outs = [torch.randn((n, n_out), generator=gen, device=device, dtype=torch.float16) * 0.02 for _ in range(sets)]
+    for bits in (4, 8):
+        pack = bits == 4 and path == "s4"
+        qws = [torch.randint(-128, 128, (n, kbp // 2 if bits == 4 else kbp), generator=gen, device=device,
+                             dtype=torch.int8).view(torch.uint8 if bits == 4 else torch.int8) for _ in range(sets)]
+        xq_bytes = m * (kbp // 2 if pack else kbp)
+        w_bytes = n * (kbp // 2 if bits == 4 else kbp) + n * n_out * 2 + n * 8
+        name = f"quik-w{bits}a{bits}"
+        if bits == 4:
+            row("quik-split", _time_cuda(lambda i: cuda_quik.split_quantize(xs[i], base_idx, out_idx, 4, pack), sets, runs,
+                                         warmup, reps), m * k * 2 + xq_bytes + m * n_out * 2 + m * 8, 0)
+        splits = [cuda_quik.split_quantize(x, base_idx, out_idx, bits, pack) for x in xs]
+        y_outs = [torch.matmul(sp[3], w.t()) if n_out else None for sp, w in zip(splits, w_outs)]
+        row(f"{name}-gemm", _time_cuda(lambda i: cuda_quik.quik_gemm(*splits[i][:3], qws[i], wscale, wsum, y_outs[i], bits,
+                                                                  torch.float16), sets, runs, warmup, reps),
+            xq_bytes + w_bytes + m * n * 4, 2 * m * n * kbp)
+        splits.clear()
+        y_outs.clear()
+        row(name, _time_cuda(lambda i: cuda_quik.quik_linear(xs[i], base_idx, out_idx, qws[i], wscale, wsum, w_outs[i], bits),
+                             sets, runs, warmup, reps), m * k * 2 + w_bytes + m * n * 2, ops)
+        qws.clear()
+    by = {r["kernel"]: r["us"] for r in rows}
+    for r in rows:
+        if r["kernel"] in ("quik-w4a4", "quik-w8a8", "quik-w4a4-gemm", "quik-w8a8-gemm"):
+            r["vs_cublas"] = round(by["cublas-fp16"] / r["us"], 3)
+    return rows
+
+
 def kernel_bench(shapes: str = "llama3-8b", ms=DEFAULT_M, runs: int = 50, warmup: int = 10, scheme: str = "is-w4a8",
                  progress=None) -> dict:
     """All kernel rows for the shape set ``shapes`` ("llama3-8b", "smollm2-135m" or "all")."""
@@ -271,6 +336,8 @@ def kernel_bench(shapes: str = "llama3-8b", ms=DEFAULT_M, runs: int = 50, warmup
             raise QConvertError("qconvert bench --kernels --scheme zqfp-w4a8 needs FP8 tensor cores (compute capability "
                                 "8.9 or newer: Ada, Hopper); this GPU has none: bench --scheme is-w4a8 instead")
         rows_of = zqfp_kernel_rows
+    elif scheme == "quik-w4a4":
+        rows_of = quik_kernel_rows
     device = torch.device("cuda")
     rows = []
     for s in names:
@@ -282,12 +349,18 @@ def kernel_bench(shapes: str = "llama3-8b", ms=DEFAULT_M, runs: int = 50, warmup
     return {"kind": "kernels", "scheme": scheme, "environment": environment(device), "runs": runs, "results": rows}
 
 
-def kernel_summary(rows: list[dict]) -> dict:
+def kernel_summary(rows: list[dict], scheme: str = "is-w4a8") -> dict:
     """The ratios the targets are stated in, over the Llama-3-8B rows (min over shapes)."""
-    def worst(key, pred):
-        vals = [r[key] for r in rows if r["kernel"] == "w4a8-is" and r.get("model") == "llama3-8b" and pred(r["M"])]
-        return min(vals) if vals else None
+    main = {"is-w4a8": "w4a8-is", "zqfp-w4a8": "fp4-fp8", "quik-w4a4": "quik-w4a4"}[scheme]
 
+    def worst(key, pred, best=False):
+        vals = [r[key] for r in rows if r["kernel"] == main and r.get("model") == "llama3-8b" and pred(r["M"])]
+        return (max(vals) if best else min(vals)) if vals else None
+
+    if scheme != "is-w4a8":
+        return {f"{main}_vs_cublas_min_M_le_16": worst("vs_cublas", lambda m: m <= 16),
+                f"{main}_vs_cublas_min_M_ge_1024": worst("vs_cublas", lambda m: m >= 1024),
+                f"{main}_vs_cublas_max": worst("vs_cublas", lambda m: True, best=True)}
     return {
         "is_vs_cublas_min_M_le_16": worst("vs_cublas", lambda m: m <= 16),
         "is_vs_cublas_min_M_ge_1024": worst("vs_cublas", lambda m: m >= 1024),
@@ -426,11 +499,15 @@ def synthetic_models(name: str, device: torch.device, layers: int | None = None,
         model.tie_weights()
     model = model.eval()
 
-    def quantize_in_place(g: int = 128):
+    def quantize_in_place(g: int = 128, scheme: str = "is-w4a8"):
         """Every decoder linear -> W4A8Linear (layout w4a8-is) with random int4 weights and
-        integer scales in [1, 128] at alpha 2^7 (no int32 wrap for K <= 16384)."""
+        integer scales in [1, 128] at alpha 2^7 (no int32 wrap for K <= 16384); or, for
+        ``scheme`` "quik-w4a4", QuikLinear with the preset's "auto" outliers (down_proj W8A8)."""
         for lname, lin in target_linears(model, ["lm_head"]).items():
             n, k = lin.weight.shape
+            if scheme == "quik-w4a4":
+                _set_module(model, lname, _random_quik(lname, n, k, gen, device))
+                continue
             kp = -(-k // g) * g
             tensors = {
                 "qweight": torch.randint(0, 256, (n, kp // 2), generator=gen, device=device, dtype=torch.uint8),
@@ -445,17 +522,40 @@ def synthetic_models(name: str, device: torch.device, layers: int | None = None,
     return model, quantize_in_place
 
 
+def _random_quik(name: str, n: int, k: int, gen: torch.Generator, device: torch.device):
+    """A QuikLinear of random weights with quik-w4a4's layout choices for layer ``name``."""
+    from qconvert.methods.quik import auto_outliers
+    from qconvert.runtime import QuikLinear
+    from qconvert_kernels.reference_quik import padded_base
+
+    bits = 8 if name.endswith("down_proj") else 4
+    n_out = auto_outliers(k)
+    kbp = padded_base(k - n_out)
+    qw = torch.randint(-128, 128, (n, kbp // 2 if bits == 4 else kbp), generator=gen, device=device, dtype=torch.int8)
+    tensors = {"qweight": qw.view(torch.uint8) if bits == 4 else qw, "shape": torch.tensor([n, k], dtype=torch.int64),
+               "wscale": torch.rand(n, generator=gen, device=device) * 0.01,
+               "wsum": torch.randint(-1000, 1000, (n,), generator=gen, device=device, dtype=torch.int32),
+               "outlier_idx": torch.sort(torch.randperm(k, generator=gen, device=device)[:n_out]).values.to(torch.int32),
+               "outlier_weight": torch.randn((n, n_out), generator=gen, device=device, dtype=torch.float16) * 0.02}
+    return QuikLinear(f"quik-w{bits}a{bits}", {key: v.cpu() for key, v in tensors.items()}, None).to(device)
+
+
+SYNTHETIC_SCHEMES = ("is-w4a8", "quik-w4a4")
+
+
 def synthetic_bench(name: str, device: str | None = None, layers: int | None = None, prefill: int = 2048,
-                    new_tokens: int = 128, batches=(1, 16), repeats: int = 3) -> dict:
+                    new_tokens: int = 128, batches=(1, 16), repeats: int = 3, scheme: str = "is-w4a8") -> dict:
+    if scheme not in SYNTHETIC_SCHEMES:
+        raise QConvertError(f"--synthetic --scheme {scheme}: random-weight twins exist for {', '.join(SYNTHETIC_SCHEMES)}")
     dev = resolve_device(device)
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
     fp, to_quantized = synthetic_models(name, dev, layers, dtype)
     fp_speed = model_speed(fp, dev, prefill, new_tokens, batches, repeats=repeats)
-    q = to_quantized()
+    q = to_quantized(scheme=scheme)
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     q_speed = model_speed(q, dev, prefill, new_tokens, batches, repeats=repeats)
-    return {"kind": "model", "target": f"synthetic:{name}" + (f" ({layers} layers)" if layers else ""),
+    return {"kind": "model", "target": f"synthetic:{name} {scheme}" + (f" ({layers} layers)" if layers else ""),
             "original": f"synthetic:{name} (random {str(dtype).removeprefix('torch.')} weights)",
             "runtime": _runtime_label(dev), "dtype": str(dtype).removeprefix("torch."), "environment": environment(dev),
             "quantized": q_speed, "original_speed": fp_speed, "speedup": _compare(fp_speed, q_speed)}
@@ -469,7 +569,7 @@ def kernel_table(result: dict):
     from rich.table import Table
 
     env = result["environment"]
-    t = Table(title=f"W4A8 kernels vs cuBLAS FP16 — {env.get('device')} ({env.get('date')}, commit {env.get('commit')})")
+    t = Table(title=f"{result.get('scheme', 'is-w4a8')} kernels vs cuBLAS FP16 — {env.get('device')} ({env.get('date')}, commit {env.get('commit')})")
     for col in ("model", "shape", "N x K", "M", "kernel", "µs", "TOPS", "GB/s", "vs cuBLAS", "vs cuBLAS (+quant)", "IS / FS", "timing"):
         t.add_column(col, justify="left" if col in ("model", "shape", "kernel", "timing") else "right")
 
@@ -513,7 +613,7 @@ def plot_kernels(result: dict, path: Path) -> Path:
     nrows = -(-len(panels) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3.2 * nrows), squeeze=False)
     for ax, (model, shape, n, k) in zip(axes.flat, panels):
-        for kernel in ("w4a8-is", "w4a8-fs", "fp4-fp8", "fp8-fp8"):
+        for kernel in ("w4a8-is", "w4a8-fs", "fp4-fp8", "fp8-fp8", "quik-w4a4", "quik-w8a8"):
             pts = sorted((r["M"], r["vs_cublas"]) for r in rows
                          if r["kernel"] == kernel and (r.get("model", ""), r["shape"], r["N"], r["K"]) == (model, shape, n, k))
             if pts:

@@ -402,11 +402,12 @@ def _stop_before(module: nn.Module | None, store: torch.Tensor | None):
 class HessianGroup:
     """Linears that read one input: their names and H = 2 XᵀX / rows (float32 [K, K])."""
 
-    def __init__(self, names: list[str], s: torch.Tensor, rows: int, fallback: bool):
+    def __init__(self, names: list[str], s: torch.Tensor, rows: int, fallback: bool, amax: torch.Tensor | None = None):
         self.names = names
         self.rows = rows
         self.fallback = fallback
         self.hessian = s * (2.0 / rows) if rows else s
+        self.amax = amax  # float32 [K]: max |x| per input channel over the calibration rows
 
 
 class _Observer:
@@ -417,6 +418,7 @@ class _Observer:
         self.module_name = {id(m): n for n, m in targets.items()}
         self.leader: dict[str, str] = {}  # name -> the name whose accumulator it shares
         self.sums: dict[str, torch.Tensor] = {}
+        self.amax: dict[str, torch.Tensor] = {}  # max |x| per input channel (QUIK's outliers)
         self.rows: dict[str, int] = {}
         self.fallback: set[str] = set()
         self.second_pass = False  # MoE: a pass that only feeds the starved experts' accumulators
@@ -452,9 +454,11 @@ class _Observer:
         x2 = x.reshape(-1, x.shape[-1]).float()
         if name not in self.sums:
             self.sums[name] = torch.zeros(x2.shape[1], x2.shape[1])
+            self.amax[name] = torch.zeros(x2.shape[1])
             self.rows[name] = 0
         with torch.autocast("cpu", enabled=False):  # XᵀX sums in float32 whatever the forward runs in
             self.sums[name].addmm_(x2.T, x2)
+        torch.maximum(self.amax[name], x2.abs().amax(dim=0), out=self.amax[name])
         self.rows[name] += x2.shape[0]
 
     def starved_experts(self, experts: set[int]) -> list[str]:
@@ -472,6 +476,7 @@ class _Observer:
         for name in starved:
             lead = self.leader.pop(name, None)
             self.sums.pop(lead, None)
+            self.amax.pop(lead, None)
             self.rows.pop(lead, None)
         return list(starved)
 
@@ -482,7 +487,7 @@ class _Observer:
                 raise QConvertError(f"calibration never reached {name}; it cannot be quantized with GPTQ: use --base rtn "
                                     f"or --exclude '{name}'")
             members.setdefault(self.leader[name], []).append(name)
-        return [HessianGroup(names, self.sums[lead], self.rows[lead], lead in self.fallback)
+        return [HessianGroup(names, self.sums[lead], self.rows[lead], lead in self.fallback, self.amax[lead])
                 for lead, names in members.items()]
 
 

@@ -80,10 +80,11 @@ def cli(ctx, debug):
 @click.option("--json", "json_path", type=click.Path(path_type=Path),
               help="Also write the per-layer report (error, α, headroom, time) to this file.")
 @click.option("--lorc-rank", type=int, help="zeroquant-fp schemes: rank of the low-rank error compensation (0: none), overriding the scheme's.")
+@click.option("--outliers", type=int, help="quik schemes: input channels per linear kept in fp16 (0: none), overriding the scheme's 'auto' (K/16, at most 256).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def quantize(source, scheme, out, group_size, quantize_lm_head, exclude, max_shard_size, revision, trust_remote_code,
              allow_pickle, force, resume, base, calib, data_file, nsamples, seqlen, seed, max_memory, calib_dtype, json_path,
-             lorc_rank, quiet):
+             lorc_rank, outliers, quiet):
     """Quantize SOURCE into OUT, one decoder block at a time.
 
     SOURCE is a local HF directory, a .gguf file, a Hub id (org/name) or the
@@ -107,6 +108,11 @@ def quantize(source, scheme, out, group_size, quantize_lm_head, exclude, max_sha
         from qconvert.schemes_registry import load_scheme
 
         scheme = with_lorc_rank(load_scheme(scheme), lorc_rank)
+    if outliers is not None:
+        from qconvert.methods.quik import with_outliers
+        from qconvert.schemes_registry import load_scheme
+
+        scheme = with_outliers(load_scheme(scheme) if isinstance(scheme, str) else scheme, outliers)
     path = run(source, scheme, out, group_size=group_size, quantize_lm_head=quantize_lm_head, exclude=exclude,
                force=force, resume=resume, max_shard_size=max_shard_size, revision=revision, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
                progress=not quiet, base=base, calib=settings, json_report=json_path)
@@ -186,16 +192,17 @@ def inspect(out, as_json):
         click.echo(json.dumps(report, indent=2))
         return
     t = Table(title=f"{out} — scheme {report['scheme']['name']} from {report['source']}")
-    for col in ("layer", "layout", "N x K", "bits", "group", "α", "headroom (bits)", "bytes", "fp16 bytes"):
+    for col in ("layer", "layout", "N x K", "bits", "group", "α", "headroom (bits)", "extra", "bytes", "fp16 bytes"):
         t.add_column(col, justify="left" if col in ("layer", "layout") else "right")
     for r in report["layers"]:
         alpha = f"2^{r['alpha_log2']}" if "alpha_log2" in r else "-"
         head = f"{r['headroom_bits']:.2f}" if "headroom_bits" in r else "-"
-        t.add_row(r["name"], r["layout"], "x".join(map(str, r["shape"])), str(r["bits"]), str(r["group_size"]),
-                  alpha, head, f"{r['bytes']:,}", f"{r['fp16_bytes']:,}")
+        extra = (f"{r['outliers']} fp16 ch" if "outliers" in r else f"LoRC r{r['lorc_rank']}" if r.get("lorc_rank") else "-")
+        t.add_row(r["name"], r["layout"], "x".join(map(str, r["shape"])), str(r["bits"]), str(r.get("group_size") or "channel"),
+                  alpha, head, extra, f"{r['bytes']:,}", f"{r['fp16_bytes']:,}")
     tot = report["totals"]
     t.add_section()
-    t.add_row("total", "", "", "", "", "", str(tot["min_headroom_bits"] if tot["min_headroom_bits"] is not None else "-"),
+    t.add_row("total", "", "", "", "", "", str(tot["min_headroom_bits"] if tot["min_headroom_bits"] is not None else "-"), "",
               f"{tot['quantized_bytes']:,}", f"{tot['quantized_fp16_bytes']:,}")
     _console().print(t)
 
@@ -257,7 +264,9 @@ def _int_list(ctx, param, value):
 @click.option("--shapes", default="llama3-8b", show_default=True, help="With --kernels: llama3-8b, smollm2-135m or all.")
 @click.option("--m", "ms", default="1,16,64,256,1024,4096", show_default=True, callback=_int_list, help="With --kernels: token counts M.")
 @click.option("--runs", default=50, show_default=True, type=click.IntRange(min=50), help="With --kernels: timed samples (median).")
-@click.option("--scheme", default="is-w4a8", show_default=True, help="With --kernels: the kernel family.")
+@click.option("--scheme", default="is-w4a8", show_default=True,
+              help="With --kernels: the kernel family (is-w4a8, zqfp-w4a8, quik-w4a4); with --synthetic: the "
+                   "random-weight twin (is-w4a8, quik-w4a4).")
 @click.option("--prefill", default=2048, show_default=True, type=click.IntRange(min=1), help="Prefill length (batch 1).")
 @click.option("--new-tokens", default=128, show_default=True, type=click.IntRange(min=1), help="Greedy decode steps.")
 @click.option("--batch", "batches", default="1,16", show_default=True, callback=_int_list, help="Decode batch sizes.")
@@ -289,7 +298,7 @@ def bench(out, kernels, synthetic, layers, device, against, shapes, ms, runs, sc
         if device not in (None, "cuda") and not str(device).startswith("cuda"):
             raise QConvertError(b.no_gpu_message("qconvert bench --kernels") if device == "cpu" else f"--device {device}: kernels run on cuda")
         res = b.kernel_bench(shapes, ms, runs, scheme=scheme, progress=lambda msg: console.log(msg))
-        res["summary"] = b.kernel_summary(res["results"])
+        res["summary"] = b.kernel_summary(res["results"], scheme)
         console.print(b.kernel_table(res))
         console.print(f"summary (Llama-3-8B shapes, worst case): {json.dumps(res['summary'])}")
         if plot_path is not None:
@@ -297,7 +306,7 @@ def bench(out, kernels, synthetic, layers, device, against, shapes, ms, runs, sc
     else:
         kw = dict(device=device, prefill=prefill, new_tokens=new_tokens, batches=batches, repeats=repeats)
         if synthetic:
-            res = b.synthetic_bench(synthetic, layers=layers, **kw)
+            res = b.synthetic_bench(synthetic, layers=layers, scheme=scheme, **kw)
         else:
             res = b.out_bench(out, against=against, **kw)
         if res["runtime"] == "cpu-reference":

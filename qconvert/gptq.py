@@ -89,6 +89,7 @@ class GPTQResult:
     seconds: float
     dead: int  # input channels with no calibration signal
     stats: dict = field(default_factory=dict)
+    kept: torch.Tensor | None = None  # float32 [N, keep_last]: the full-precision columns as updated
 
 
 def relative_output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
@@ -100,8 +101,13 @@ def relative_output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor)
 
 
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: IntGrid, group_size: int, *,
-         damp: float = 0.01, act_order: bool = True, block_size: int = 128, report: bool = True) -> GPTQResult:
+         damp: float = 0.01, act_order: bool = True, block_size: int = 128, report: bool = True,
+         keep_last: int = 0) -> GPTQResult:
     """Quantize ``weight`` [N, K] against ``hessian`` [K, K]; see the module docstring.
+
+    ``keep_last``: the last ``keep_last`` columns stay in full precision (QUIK's outlier
+    channels): they are processed after all the others, so that they absorb the error of every
+    quantized column, and come back updated in ``kept`` (their levels and scales are 0).
 
     ``report``: also compute ``loss`` and ``rtn_loss`` (NaN otherwise); ``seconds`` is the
     solve alone either way.
@@ -113,16 +119,19 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: IntGrid, group_size:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _gptq(weight, hessian, grid, group_size, damp, act_order, block_size, report)
+        return _gptq(weight, hessian, grid, group_size, damp, act_order, block_size, report, keep_last)
     finally:
         torch.set_num_threads(threads)
 
 
-def _gptq(weight, hessian, grid, group_size, damp, act_order, block_size, report) -> GPTQResult:
+def _gptq(weight, hessian, grid, group_size, damp, act_order, block_size, report, keep_last=0) -> GPTQResult:
     t0 = time.perf_counter()
     n, k = weight.shape
     if hessian.shape != (k, k):
         raise QConvertError(f"GPTQ: Hessian {tuple(hessian.shape)} does not match weight {tuple(weight.shape)}")
+    if not 0 <= keep_last < k:
+        raise QConvertError(f"GPTQ: keep_last={keep_last} must leave at least one of the {k} columns to quantize")
+    kq = k - keep_last  # columns kq.. stay in full precision
     w = weight.detach().float().clone()
     h = hessian.detach().float().clone()
     h_orig = h.clone()
@@ -132,7 +141,8 @@ def _gptq(weight, hessian, grid, group_size, damp, act_order, block_size, report
     w[:, dead] = 0.0
     importance = torch.diagonal(h).clone()  # per input channel, for the range search
 
-    perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else torch.arange(k)
+    perm = torch.argsort(torch.diagonal(h)[:kq], descending=True, stable=True) if act_order else torch.arange(kq)
+    perm = torch.cat([perm, torch.arange(kq, k)])  # the kept columns last, in their order
     inv_perm = torch.argsort(perm)
     w = w[:, perm]
     h = h[perm][:, perm]
@@ -153,6 +163,9 @@ def _gptq(weight, hessian, grid, group_size, damp, act_order, block_size, report
         err1 = torch.zeros(i2 - i1, n)
         u1 = u[i1:i2, i1:i2]
         for i in range(i2 - i1):
+            if i1 + i >= kq:  # kept: takes the error pushed into it, spreads none
+                q_t[i1 + i] = w1[i]
+                continue
             g = group_of[i1 + i]
             if not have[g]:
                 scales[:, g] = _group_scale(grid, g, group_size, k, inv_perm, wt, w1, err1[:i], u, i1, i, i2, importance)
@@ -166,7 +179,11 @@ def _gptq(weight, hessian, grid, group_size, damp, act_order, block_size, report
         wt[i2:].addmm_(u[i1:i2, i2:].T, err1, alpha=-1.0)
 
     q_levels = q_t.T
-    w_hat = q_levels * scales.repeat_interleave(group_size, dim=1)[:, perm]
+    kept = q_levels[:, kq:].clone() if keep_last else None
+    w_hat = q_levels * scales.repeat_interleave(group_size, dim=1)[:, :k][:, perm]
+    if keep_last:
+        w_hat[:, kq:] = kept
+        q_levels[:, kq:] = 0
     q_levels = q_levels[:, inv_perm]
     w_hat = w_hat[:, inv_perm]
     w0 = weight.detach().float()
@@ -175,7 +192,7 @@ def _gptq(weight, hessian, grid, group_size, damp, act_order, block_size, report
     if report:
         loss = relative_output_error(w0, w_hat, h_orig)
         rtn_loss = relative_output_error(w0, rtn(w0, grid, group_size), h_orig)
-    return GPTQResult(q_levels.to(torch.int8), scales, loss, rtn_loss, seconds, int(dead.sum()))
+    return GPTQResult(q_levels.to(torch.int8), scales, loss, rtn_loss, seconds, int(dead.sum()), kept=kept)
 
 
 def _inverse_cholesky_upper(h: torch.Tensor) -> torch.Tensor:

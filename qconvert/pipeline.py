@@ -315,10 +315,11 @@ def _calibrated_block(calibrator: Calibrator, method, index: int, targets, bar) 
         run_as = {}
         for group in groups:
             weights = [mine[n].weight.detach() for n in group.names]
-            for name, ql in zip(group.names, method.quantize_linears(group.names, weights, group.hessian)):
+            extra = {"input_amax": group.amax} if getattr(method, "wants_input_amax", False) else {}
+            for name, ql in zip(group.names, method.quantize_linears(group.names, weights, group.hessian, **extra)):
                 ql.info.update(calib_rows=group.rows, calib_fallback=group.fallback)
                 solved[name] = ql
-                run_as[name] = (ql.dequantized, method.activation_fake_quant)
+                run_as[name] = (ql.dequantized, ql.activation or method.activation_fake_quant)
                 ql.dequantized = None
             worst = max(solved[n].info.get("gptq_loss", 0.0) for n in group.names)
             bar.set_postfix_str(f"block {index}: {group.names[0].rsplit('.', 1)[-1]} err {worst:.2e}")

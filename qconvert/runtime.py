@@ -27,6 +27,7 @@ from qconvert.skeleton import build_skeleton
 from qconvert.formats.fp4 import codes_to_values, unpack_fp4
 from qconvert_kernels import reference as ref
 from qconvert_kernels import reference_fp8 as ref8
+from qconvert_kernels import reference_quik as refq
 
 
 class W4A8Linear(nn.Module):
@@ -219,8 +220,83 @@ class FP8Linear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
 
-LAYOUTS = {"w4a8-is": W4A8Linear, "w4a8-fs": W4A8Linear, "w4a16": W4A8Linear, "fp4-fp8": FP8Linear, "fp8-fp8": FP8Linear}
-QUANTIZED_MODULES = (W4A8Linear, FP8Linear)
+class QuikLinear(nn.Module):
+    """QUIK linear (layouts "quik-w4a4", "quik-w8a8"): b-bit weights and per-token asymmetric
+    b-bit activations on the base channels, fp16 weights and activations on the outlier channels.
+
+    Tensors: ``qweight`` (b = 4: uint8 [N, Kbp/2] packed int4; b = 8: int8 [N, Kbp]) over the
+    base channels in ascending order, Kbp = K - n padded to 64; ``wscale`` float32 [N];
+    ``wsum`` int32 [N] = Σ_k q[n, k]; ``outlier_idx`` int32 [n]; ``outlier_weight`` fp16 [N, n];
+    ``shape`` int64 [N, K].  On CPU the forward is ``qconvert_kernels.reference_quik``; on CUDA
+    the kernels of ``qconvert_kernels.cuda_quik`` (split-and-quantize, then the integer GEMM
+    whose epilogue adds the fp16 outlier product).
+    """
+
+    SUFFIXES = {lay: ("qweight", "shape", "wscale", "wsum", "outlier_idx", "outlier_weight")
+                for lay in ("quik-w4a4", "quik-w8a8")}
+
+    def __init__(self, layout: str, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None):
+        super().__init__()
+        self.layout = layout
+        self.bits = 4 if layout == "quik-w4a4" else 8
+        self.out_features, self.in_features = (int(v) for v in tensors["shape"])
+        n, k = self.out_features, self.in_features
+        qw, idx, w_out = tensors["qweight"], tensors["outlier_idx"], tensors["outlier_weight"]
+        n_out = idx.numel()
+        kbp = refq.padded_base(k - n_out)
+        want = (torch.uint8, (n, kbp // 2)) if self.bits == 4 else (torch.int8, (n, kbp))
+        if (qw.dtype, tuple(qw.shape)) != want or w_out.shape != (n, n_out) or tensors["wscale"].shape != (n,) \
+                or tensors["wsum"].shape != (n,) or idx.dim() != 1:
+            raise QConvertError(f"{layout} tensors have inconsistent shapes (qweight {qw.dtype} {tuple(qw.shape)}, "
+                                f"{n_out} outliers, shape {[n, k]}; qweight should be {want[0]} {list(want[1])})")
+        if n_out and (int(idx.min()) < 0 or int(idx.max()) >= k or len(torch.unique(idx)) != n_out):
+            raise QConvertError(f"{layout}: outlier_idx must hold distinct channel indices in [0, {k})")
+        for name in ("qweight", "wscale", "wsum", "outlier_idx", "outlier_weight"):
+            self.register_buffer(name, tensors[name])
+        self.register_buffer("base_idx", refq.split_columns(k, idx), persistent=False)
+        self.kbp = kbp
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        self._q = None
+
+    def extra_repr(self):
+        return (f"{self.layout}, in_features={self.in_features}, out_features={self.out_features}, "
+                f"outliers={self.outlier_idx.numel()}")
+
+    def weights_int8(self) -> torch.Tensor:
+        """q int8 [N, Kbp] (cached)."""
+        if self._q is None:
+            self._q = unpack_int4(self.qweight) if self.bits == 4 else self.qweight
+        return self._q
+
+    def check_cuda(self, name: str) -> None:
+        from qconvert_kernels import cuda_quik
+
+        try:
+            cuda_quik.check_gemm_shape(name, 1, self.out_features, self.kbp)
+        except ValueError as e:
+            raise QConvertError(f"{e}; this OUT runs on CPU only") from None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x.is_cuda:
+            from qconvert_kernels import cuda_quik
+
+            y = cuda_quik.quik_linear(x2, self.base_idx, self.outlier_idx, self.qweight, self.wscale, self.wsum,
+                                      self.outlier_weight, self.bits)
+        else:
+            xq, s, z, x_out = refq.quantize_split(x2, self.base_idx, self.outlier_idx, self.bits)
+            y = refq.quik_gemm(xq, s, z, self.weights_int8(), self.wscale, self.wsum,
+                               refq.outlier_product(x_out, self.outlier_weight))
+        y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+LAYOUTS = {"w4a8-is": W4A8Linear, "w4a8-fs": W4A8Linear, "w4a16": W4A8Linear, "fp4-fp8": FP8Linear, "fp8-fp8": FP8Linear,
+           "quik-w4a4": QuikLinear, "quik-w8a8": QuikLinear}
+QUANTIZED_MODULES = (W4A8Linear, FP8Linear, QuikLinear)
 
 
 def layout_suffixes(layout: str, present=()) -> tuple[str, ...]:

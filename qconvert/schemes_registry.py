@@ -88,3 +88,12 @@ def load_scheme(spec: str) -> Scheme:
         return parse_scheme(preset)
     names = ", ".join(s.name for s in list_presets())
     raise QConvertError(f"unknown scheme {spec!r}; known schemes: {names} (or pass a path to a .toml file)")
+
+
+def with_method_param(scheme: Scheme, method: str, key: str, value, option: str, presets: str) -> Scheme:
+    """``scheme`` with ``params[key] = value`` (a command-line override such as ``--lorc-rank``),
+    refused with a clear message when the scheme belongs to another method."""
+    if scheme.method != method:
+        raise QConvertError(f"{option} applies to {method} schemes ({presets}); scheme {scheme.name!r} uses method "
+                            f"{scheme.method!r}")
+    return replace(scheme, params={**scheme.params, key: value})

@@ -112,7 +112,8 @@ def check_tensors(out: Path, rep: VerifyReport):
     params = dict(skeleton.named_parameters())
     modules = qc.get("modules")
     g = (qc.get("config") or {}).get("group_size")
-    if not isinstance(modules, dict) or not isinstance(g, int) or g <= 0:
+    grouped = isinstance(modules, dict) and any(not lay.startswith(("quik-", "fp8-")) for lay in modules.values())
+    if not isinstance(modules, dict) or (grouped and not (isinstance(g, int) and g > 0)):
         _fail(rep, "config.json: quantization_config lacks 'modules' or a group size")
         return None
     taken = set()
@@ -127,6 +128,8 @@ def check_tensors(out: Path, rep: VerifyReport):
         n, k = w.shape
         if layout in ("fp4-fp8", "fp8-fp8"):
             taken |= _check_fp_layer(rep, reader, mod, layout, n, k, g)
+        elif layout.startswith("quik-"):
+            taken |= _check_quik_layer(rep, reader, mod, layout, n, k)
         else:
             taken |= _check_int_layer(rep, reader, mod, layout, n, k, g)
         if f"{mod}.bias" in params:  # kept in the source's dtype: only its presence and shape are declared
@@ -235,6 +238,36 @@ def _check_fp_layer(rep, reader, mod: str, layout: str, n: int, k: int, g: int) 
             if t is not None and not torch.isfinite(t).all():
                 _fail(rep, f"{mod}.{name} holds NaN or Inf")
     return {f"{mod}.{x}" for x in layout_suffixes(layout, present)}
+
+
+def _check_quik_layer(rep, reader, mod: str, layout: str, n: int, k: int) -> set[str]:
+    """Tensors of a QUIK layer (quik-w4a4, quik-w8a8, docs/format.md); returns the names it owns."""
+    from qconvert.formats.packing import unpack_int4
+    from qconvert.runtime import LAYOUTS
+    from qconvert_kernels.reference_quik import padded_base
+
+    shape = _expect(rep, reader, f"{mod}.shape", torch.int64, (2,))
+    if shape is not None and shape.tolist() != [n, k]:
+        _fail(rep, f"{mod}.shape is {shape.tolist()}, the config implies {[n, k]}")
+    n_out = reader.info(f"{mod}.outlier_idx").shape[0] if f"{mod}.outlier_idx" in reader.where else 0
+    idx = _expect(rep, reader, f"{mod}.outlier_idx", torch.int32, (n_out,))
+    _expect(rep, reader, f"{mod}.outlier_weight", torch.float16, (n, n_out))
+    kbp = padded_base(k - n_out)
+    four = layout == "quik-w4a4"
+    q = _expect(rep, reader, f"{mod}.qweight", torch.uint8 if four else torch.int8, (n, kbp // 2 if four else kbp))
+    s = _expect(rep, reader, f"{mod}.wscale", torch.float32, (n,))
+    r = _expect(rep, reader, f"{mod}.wsum", torch.int32, (n,))
+    if idx is not None and n_out and (int(idx.min()) < 0 or int(idx.max()) >= k or len(torch.unique(idx)) != n_out):
+        _fail(rep, f"{mod}.outlier_idx must hold {n_out} distinct channels in [0, {k})")
+    if s is not None and not (torch.isfinite(s).all() and (s > 0).all()):
+        _fail(rep, f"{mod}.wscale holds values that are not finite and positive")
+    if q is not None:
+        q8 = unpack_int4(q) if four else q
+        if (q8[:, k - n_out:] != 0).any():
+            _fail(rep, f"{mod}.qweight has non-zero padding columns")
+        elif r is not None and not torch.equal(q8.to(torch.int32).sum(1, dtype=torch.int32), r):
+            _fail(rep, f"{mod}.wsum is not the row sum of qweight (the zero-point term would be wrong)")
+    return {f"{mod}.{x}" for x in LAYOUTS[layout].SUFFIXES[layout]}
 
 
 def _sample_ids(ref, tokenizer, data_file, n_tokens: int) -> torch.Tensor:

@@ -42,6 +42,24 @@ FP8_GEMM_KERNELS = ("fp4_fp8_gemm_f16", "fp4_fp8_gemm_bf16", "fp8_fp8_gemm_f16",
 FP8_QUANT_KERNELS = ("quantize_per_token_fp8_f16", "quantize_per_token_fp8_bf16")
 FP8_KERNELS = FP8_GEMM_KERNELS + FP8_QUANT_KERNELS
 
+# QUIK kernels (quik_gemm.cu, which includes w4a8_gemm.cu): every arch.  The int4 x int4 GEMM
+# (``_s4``) runs on sm_80 / sm_89 only: on sm_90 ptxas emulates its s4 mma, so the launcher
+# takes the ``_s8`` path there; the report checks the s4 mma on the archs that have it.
+QUIK_SOURCE = Path(__file__).with_name("quik_gemm.cu")
+QUIK_S4_KERNELS = ("quik_gemm_w4a4_s4_f16", "quik_gemm_w4a4_s4_bf16")
+QUIK_GEMM_KERNELS = QUIK_S4_KERNELS + ("quik_gemm_w4a4_s8_f16", "quik_gemm_w4a4_s8_bf16",
+                                       "quik_gemm_w8a8_f16", "quik_gemm_w8a8_bf16")
+QUIK_KERNELS = QUIK_GEMM_KERNELS + ("quik_split_f16", "quik_split_bf16")
+INT4_MMA_ARCHS = ("sm_80", "sm_86", "sm_89")
+_INCLUDE = re.compile(r'^#include "([\w.]+)"\s*$', re.M)
+
+
+def kernel_source(source: Path = SOURCE) -> str:
+    """The text of a kernel source with its ``#include "x.cu"`` lines (files beside it) inlined,
+    for NVRTC, which gets no include path (nvcc resolves them itself)."""
+    source = Path(source)
+    return _INCLUDE.sub(lambda m: (source.parent / m.group(1)).read_text(), source.read_text())
+
 
 class CompileError(RuntimeError):
     """nvcc / NVRTC / cuobjdump failed; the message carries the tool's output."""
@@ -205,7 +223,7 @@ def nvrtc_compile(arch: str, source: Path = SOURCE, options=("-std=c++17",)) -> 
     if lib is None:
         raise CompileError("libnvrtc not found (pip install nvidia-cuda-nvrtc)")
     prog = ctypes.c_void_p()
-    src = Path(source).read_bytes()
+    src = kernel_source(source).encode()
 
     def check(res, what):
         if res != 0:
@@ -268,6 +286,9 @@ def main(argv=None) -> int:
             if arch in FP8_ARCHS:  # ZeroQuant-FP kernels: sm_89+ (QMMA on sm_89, HMMA on sm_90)
                 ok &= _report(arch, compile_cubin(arch, tmp, source=FP8_SOURCE), FP8_KERNELS, FP8_GEMM_KERNELS,
                               lambda op: "MMA" in op)
+            s4 = QUIK_GEMM_KERNELS if arch in INT4_MMA_ARCHS else tuple(k for k in QUIK_GEMM_KERNELS if k not in QUIK_S4_KERNELS)
+            ok &= _report(arch, compile_cubin(arch, tmp, source=QUIK_SOURCE), QUIK_KERNELS, s4,
+                          lambda op: op.startswith("IMMA"))
     return 0 if ok else 1
 
 

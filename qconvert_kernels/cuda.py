@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from qconvert_kernels.compile import kernel_source
+
 SOURCE = Path(__file__).with_name("w4a8_gemm.cu")
 BLOCK_M = 64  # CTA tile (qk::BM, qk::BN in the source)
 BLOCK_N = 64
@@ -55,7 +57,7 @@ def module(device_index: int = 0):
     """
     cp = _cupy()
     with cp.cuda.Device(device_index):
-        return cp.RawModule(code=SOURCE.read_text(), options=("-std=c++17",))
+        return cp.RawModule(code=kernel_source(SOURCE), options=("-std=c++17",))
 
 
 def _launch(name: str, grid: tuple, block: tuple, args: tuple, device: torch.device, get_module=None) -> None:

@@ -50,3 +50,14 @@ def tiny_rtn_out(tiny_llama, tmp_path_factory):
     res = CliRunner().invoke(cli, ["quantize", str(tiny_llama), "--scheme", "is-w4a8-rtn", "-o", str(out), "-q"])
     assert res.exit_code == 0, res.output
     return out
+
+
+@pytest.fixture(scope="module")
+def tiny_calib_src(tmp_path_factory):
+    """A tiny 2-layer Llama with calibration text beside it (``calib.txt``)."""
+    from helpers import TEXT, tiny_config, write_model
+
+    d = tmp_path_factory.mktemp("calib-src")
+    src = write_model(d / "src", tiny_config(layers=2))
+    (d / "calib.txt").write_text(TEXT)
+    return src

@@ -145,3 +145,15 @@ def run_cli(*args, ok=True):
     if ok:
         assert res.exit_code == 0, res.output + repr(res.exception)
     return res
+
+
+def quantize_tiny(src: Path, out: Path, scheme: str, *extra):
+    """``qconvert quantize`` of a tiny model calibrated on 4 x 32 tokens of ``src/../calib.txt``
+    (the fixture ``tiny_calib_src``); returns the CliRunner result."""
+    from click.testing import CliRunner
+
+    from qconvert.cli import cli
+
+    args = ["quantize", str(src), "--scheme", scheme, "-o", str(out), "-q", "--calib", "file", "--data-file",
+            str(src.parent / "calib.txt"), "--nsamples", "4", "--seqlen", "32", *map(str, extra)]
+    return CliRunner().invoke(cli, args)

@@ -51,9 +51,27 @@ def test_bench_synthetic_on_cpu(tmp_path):
     res = run("bench", "--synthetic", "smollm2-135m", "--layers", "1", *SMALL, "--device", "cpu", "--json", tmp_path / "s.json")
     written = json.loads((tmp_path / "s.json").read_text())
     _check_model_result(written)
-    assert written["target"] == "synthetic:smollm2-135m (1 layers)"
+    assert written["target"] == "synthetic:smollm2-135m is-w4a8 (1 layers)"
     assert written["original"] == "synthetic:smollm2-135m (random float32 weights)"
     assert "synthetic:smollm2-135m" in res.output
+
+
+def test_bench_synthetic_quik_twin_on_cpu(tmp_path):
+    from qconvert import bench as b
+    from qconvert.runtime import QuikLinear
+
+    res = run("bench", "--synthetic", "smollm2-135m", "--layers", "1", *SMALL, "--device", "cpu", "--scheme", "quik-w4a4",
+              "--json", tmp_path / "s.json")
+    written = json.loads((tmp_path / "s.json").read_text())
+    _check_model_result(written)
+    assert written["target"] == "synthetic:smollm2-135m quik-w4a4 (1 layers)"
+    model, to_q = b.synthetic_models("smollm2-135m", torch.device("cpu"), layers=1, dtype=torch.float32)
+    layers = {n: m for n, m in to_q(scheme="quik-w4a4").named_modules() if isinstance(m, QuikLinear)}
+    assert len(layers) == 7 and layers["model.layers.0.mlp.down_proj"].layout == "quik-w8a8"
+    assert layers["model.layers.0.mlp.down_proj"].outlier_idx.numel() == 96
+    assert layers["model.layers.0.self_attn.q_proj"].outlier_idx.numel() == 32
+    res = run("bench", "--synthetic", "smollm2-135m", "--layers", "1", *SMALL, "--device", "cpu", "--scheme", "zqfp-w4a8", ok=False)
+    assert res.exit_code != 0 and "random-weight twins exist for is-w4a8, quik-w4a4" in res.output
 
 
 def test_synthetic_model_has_real_shapes_and_sane_outputs():

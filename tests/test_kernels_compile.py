@@ -22,14 +22,17 @@ pytestmark = pytest.mark.skipif(kc.nvcc_path() is None, reason="nvcc not found")
 ARCHS = kc.ARCHS
 
 
-@pytest.fixture(scope="module")
-def builds(tmp_path_factory):
+def compile_all(out_dir, archs, source=kc.SOURCE) -> dict:
     """{arch: (ptxas report parsed, {kernel: SASS} or None)}, each arch compiled once, in parallel."""
-    out_dir = tmp_path_factory.mktemp("cubins")
-    with ThreadPoolExecutor(len(ARCHS)) as pool:
-        cubins = dict(zip(ARCHS, pool.map(lambda a: kc.compile_cubin(a, out_dir), ARCHS)))
+    with ThreadPoolExecutor(len(archs)) as pool:
+        cubins = dict(zip(archs, pool.map(lambda a: kc.compile_cubin(a, out_dir, source=source), archs)))
     have_sass = kc.cuobjdump_path() is not None
     return {a: (kc.parse_ptxas(kc.ptxas_log(c)), kc.kernel_sass(kc.sass(c)) if have_sass else None) for a, c in cubins.items()}
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    return compile_all(tmp_path_factory.mktemp("cubins"), ARCHS)
 
 
 def _sass(builds, arch):

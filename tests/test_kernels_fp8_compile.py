@@ -10,15 +10,13 @@ whose helpers are reused here).
 from __future__ import annotations
 
 import re
-from concurrent.futures import ThreadPoolExecutor
-
 import pytest
 import torch
 
 from qconvert_kernels import compile as kc
 from qconvert_kernels import cuda_fp8
 from qconvert_kernels import reference_fp8 as ref8
-from test_kernels_compile import _byte_perm, _sass
+from test_kernels_compile import _byte_perm, _sass, compile_all
 
 pytestmark = pytest.mark.skipif(kc.nvcc_path() is None, reason="nvcc not found")
 
@@ -31,11 +29,7 @@ EXPECTED_MMA = {"sm_89": {"QMMA.16832.F32.E4M3.E4M3": 16}, "sm_90": {"HMMA.16816
 
 @pytest.fixture(scope="module")
 def builds(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("fp8-cubins")
-    with ThreadPoolExecutor(len(ARCHS)) as pool:
-        cubins = dict(zip(ARCHS, pool.map(lambda a: kc.compile_cubin(a, out_dir, source=kc.FP8_SOURCE), ARCHS)))
-    have_sass = kc.cuobjdump_path() is not None
-    return {a: (kc.parse_ptxas(kc.ptxas_log(c)), kc.kernel_sass(kc.sass(c)) if have_sass else None) for a, c in cubins.items()}
+    return compile_all(tmp_path_factory.mktemp("fp8-cubins"), ARCHS, kc.FP8_SOURCE)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from helpers import TEXT, tiny_config, write_model
+from helpers import quantize_tiny
 from qconvert.cli import cli
 from qconvert.errors import QConvertError
 from qconvert.formats.fp4 import codes_to_values, levels_to_codes, pack_fp4, round_e2m1, unpack_fp4, values_to_codes
@@ -317,17 +317,12 @@ def test_reference_group_sums_are_exact():
 
 
 @pytest.fixture(scope="module")
-def calib_src(tmp_path_factory):
-    d = tmp_path_factory.mktemp("zqfp")
-    src = write_model(d / "src", tiny_config(layers=2))
-    (d / "calib.txt").write_text(TEXT)
-    return src
+def calib_src(tiny_calib_src):
+    return tiny_calib_src
 
 
 def _quantize(src, out, scheme, *extra):
-    args = ["quantize", str(src), "--scheme", scheme, "-o", str(out), "-q", "--calib", "file", "--data-file",
-            str(src.parent / "calib.txt"), "--nsamples", "4", "--seqlen", "32", "-g", "32", *extra]
-    return CliRunner().invoke(cli, args)
+    return quantize_tiny(src, out, scheme, "-g", "32", *extra)
 
 
 @pytest.mark.parametrize("scheme,layout,max_rel", [("zqfp-w4a8", "fp4-fp8", 0.2), ("zqfp-w4a8-nolorc", "fp4-fp8", 0.25),
@@ -355,6 +350,10 @@ def test_presets_quantize_load_and_verify(calib_src, tmp_path, scheme, layout, m
     v = verify(out, data_file=calib_src.parent / "calib.txt")
     assert v.ok, v.failures
     assert v.top1_agreement > 0.8
+    card = CliRunner().invoke(cli, ["push", str(out), "me/model", "--dry-run"])  # the card says FP4 / FP8, not int
+    assert card.exit_code == 0 and "FP8 (E4M3), dynamic, per-token" in card.output and "- int4" not in card.output
+    assert ("FP4 (E2M1), groups of 32" if layout == "fp4-fp8" else "FP8 (E4M3), per output channel") in card.output
+    assert ("LoRC rank 8" in card.output) == (scheme == "zqfp-w4a8")
 
 
 def test_lorc_rank_option(calib_src, tmp_path):

@@ -14,6 +14,7 @@ from qconvert.errors import QConvertError
 BUILTIN = {
     "integer-scale": "qconvert.methods.integer_scale:IntegerScaleMethod",
     "zeroquant-fp": "qconvert.methods.zeroquant_fp:ZeroQuantFPMethod",
+    "quik": "qconvert.methods.quik:QuikMethod",
 }
 
 

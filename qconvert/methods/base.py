@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -17,9 +18,19 @@ class QuantizedLinear:
     info    : a JSON-able report row (shape, bits, group size, α, headroom, ...)
     dequantized : the float weight [N, K] the layer computes with, for calibration to run the
               quantized block (not written); None when nobody asked for it
+    activation : the run-time activation quantizer of this layer, in float (x -> what the
+              layer computes with), for calibration; None: the method's
+              ``activation_fake_quant``, the same for every layer
     """
 
     layout: str
     tensors: dict[str, torch.Tensor]
     info: dict
     dequantized: torch.Tensor | None = None
+    activation: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+def relative_weight_error(w: torch.Tensor, w_hat: torch.Tensor) -> float:
+    """‖W - Ŵ‖_F / ‖W‖_F, rounded to 6 digits (0 for an all-zero W)."""
+    den = float(w.norm())
+    return round(float((w - w_hat).norm()) / den, 6) if den > 0 else 0.0

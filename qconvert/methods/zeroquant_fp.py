@@ -32,7 +32,7 @@ layers calibrated after this one see exactly Q(x) (Ŵ + UV)ᵀ, what the runtime
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -41,7 +41,7 @@ from qconvert.formats.fp4 import levels_to_codes, pack_fp4, round_e2m1
 from qconvert.formats.packing import pad_columns
 from qconvert.gptq import gptq, relative_output_error
 from qconvert.lorc import lorc_factors
-from qconvert.methods.base import QuantizedLinear
+from qconvert.methods.base import QuantizedLinear, relative_weight_error as _rel
 from qconvert_kernels.reference_fp8 import E2M1_MAX, FP8_MAX, quantize_per_token_fp8, to_e4m3
 
 E_MIN, E_MAX = -64, 63  # stored as int8; 2^e stays a normal float32 for any partial
@@ -195,12 +195,12 @@ def fp4_dequantize(levels: torch.Tensor, exps: torch.Tensor, c: torch.Tensor, gr
 
 def with_lorc_rank(scheme, rank: int):
     """The scheme with ``lorc_rank`` overridden (``quantize --lorc-rank``); a clear error otherwise."""
+    from qconvert.schemes_registry import with_method_param
+
     if rank < 0:
         raise QConvertError(f"--lorc-rank {rank}: the rank must be 0 (no LoRC) or positive")
-    if scheme.method != ZeroQuantFPMethod.name:
-        raise QConvertError(f"--lorc-rank applies to zeroquant-fp schemes (zqfp-w4a8, zqfp-w4a8-nolorc, zqfp-w8a8); "
-                            f"scheme {scheme.name!r} uses method {scheme.method!r}")
-    return replace(scheme, params={**scheme.params, "lorc_rank": rank})
+    return with_method_param(scheme, ZeroQuantFPMethod.name, "lorc_rank", rank, "--lorc-rank",
+                             "zqfp-w4a8, zqfp-w4a8-nolorc, zqfp-w8a8")
 
 
 class ZeroQuantFPMethod:
@@ -320,9 +320,3 @@ class ZeroQuantFPMethod:
         w_hat = (wq.double() * s.double()[:, None]).float()
         w_run = self._lorc(w, w_hat, tensors, info, None)
         return QuantizedLinear("fp8-fp8", tensors, info, w_run)
-
-
-def _rel(w: torch.Tensor, w_hat: torch.Tensor) -> float:
-    """‖W - Ŵ‖_F / ‖W‖_F."""
-    den = float(w.norm())
-    return round(float((w - w_hat).norm()) / den, 6) if den > 0 else 0.0

@@ -1,0 +1,196 @@
+"""QUIK (Ashkboos et al., 2023, arXiv 2310.09259): int4 weights and activations, fp16 outliers.
+
+For every linear (layouts ``quik-w4a4`` / ``quik-w8a8``, qconvert_kernels/reference_quik.py):
+
+- **Outlier channels.**  The input channels whose calibration activations reach the largest
+  |x| (ℓ∞ over all calibration tokens, per channel) stay in fp16, weights and activations.
+  Layers that read one tensor (q/k/v, gate/up) share one set.  How many (``outliers``):
+  "auto" = the paper's 256 at K = 4096, i.e. K / 16, rounded down to a multiple of 16 and at
+  most 256 (SmolLM2: 32 of 576, 96 of 1536; Llama-3-8B: 256 of 4096, 256 of 14336); an integer
+  (``quantize --outliers N``) takes N everywhere, 0 none.
+- **Weights.**  The outlier columns are moved last and GPTQ (qconvert/gptq.py, ``keep_last``)
+  quantizes the others, act-order among them, so the fp16 columns absorb the error of every
+  quantized column; symmetric b-bit per output channel, the scale chosen by a clipping search
+  (1.0, 0.975, ... ``clip_min``) weighted by diag H.  ``base = "rtn"``: the same grid, rounded
+  to nearest, no error feedback.
+- **Activations.**  Per token, asymmetric, b bits, quantized at run time over the base channels
+  (min / max of the token); the zero point's share of the product uses the weight row sums
+  R[n] = Σ_k q[n, k], stored.
+- **Bits per layer.**  ``bits`` for all layers, except those matching ``int8_layers`` (fnmatch on
+  the module name), which run W8A8: the paper's choice for down_proj, whose inputs (the SwiGLU
+  product) are the hardest to quantize.  ``quik-w4a4`` sets ``int8_layers = ["*.down_proj"]``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from qconvert.errors import QConvertError
+from qconvert.formats.packing import pack_int4, pad_columns
+from qconvert.gptq import IntGrid, gptq, relative_output_error
+from qconvert.methods.base import QuantizedLinear, relative_weight_error as _rel
+from qconvert_kernels.reference_quik import K_TILE, dequantize_split, split_columns
+
+CLIP_STEP = 0.025
+MAX_AUTO_OUTLIERS = 256
+OUTLIER_MULTIPLE = 16
+
+
+def auto_outliers(k: int) -> int:
+    """The "auto" count: K / 16 rounded down to a multiple of 16, at most 256."""
+    return min(MAX_AUTO_OUTLIERS, (k // 16) // OUTLIER_MULTIPLE * OUTLIER_MULTIPLE)
+
+
+@dataclass(frozen=True)
+class QuikConfig:
+    bits: int = 4  # weights and activations of the base channels: 4 or 8
+    outliers: int | str = "auto"  # fp16 input channels per linear: "auto" (K/16, <= 256) or a count
+    int8_layers: list = field(default_factory=list)  # fnmatch patterns of layers run W8A8 instead
+    base: str = "gptq"  # "gptq" or "rtn" (calibration still picks the outliers)
+    clip_min: float = 0.8  # weight range search: 1.0, 0.975, ... clip_min (1: off)
+    damp: float = 0.01
+    act_order: bool = True
+
+    def __post_init__(self):
+        if self.bits not in (4, 8):
+            raise QConvertError(f"quik: bits={self.bits!r} must be 4 or 8")
+        if not (self.outliers == "auto" or (type(self.outliers) is int and self.outliers >= 0)):
+            raise QConvertError(f"quik: outliers={self.outliers!r} must be 'auto' or a count >= 0 (0: no fp16 channels)")
+        if not (isinstance(self.int8_layers, (list, tuple)) and all(isinstance(p, str) for p in self.int8_layers)):
+            raise QConvertError(f"quik: int8_layers={self.int8_layers!r} must be a list of module-name patterns")
+        if self.base not in ("rtn", "gptq"):
+            raise QConvertError(f"quik: base={self.base!r} must be 'rtn' or 'gptq'")
+        if not (isinstance(self.clip_min, (int, float)) and 0.3 <= self.clip_min <= 1):
+            raise QConvertError(f"quik: clip_min={self.clip_min!r} must be in [0.3, 1]; 1 turns the search off")
+        if not (isinstance(self.damp, (int, float)) and 0 < self.damp <= 1):
+            raise QConvertError(f"quik: damp={self.damp!r} must be in (0, 1]; 0.01 is the default")
+
+    def outlier_count(self, k: int) -> int:
+        n = auto_outliers(k) if self.outliers == "auto" else self.outliers
+        if n > k - 1:
+            raise QConvertError(f"quik: {n} outlier channels leave nothing to quantize in a layer with {k} inputs; "
+                                f"pass --outliers below {k}")
+        return n
+
+    def bits_of(self, name: str) -> int:
+        return 8 if any(fnmatch.fnmatchcase(name, p) for p in self.int8_layers) else self.bits
+
+    def grid(self, bits: int) -> IntGrid:
+        steps = int(round((1.0 - self.clip_min) / CLIP_STEP))
+        return IntGrid(bits, tuple(1.0 - CLIP_STEP * i for i in range(steps + 1)))
+
+
+def with_outliers(scheme, count: int):
+    """The scheme with ``outliers`` overridden (``quantize --outliers N``); a clear error otherwise."""
+    from qconvert.schemes_registry import with_method_param
+
+    if count < 0:
+        raise QConvertError(f"--outliers {count}: give a count >= 0 (0 keeps no channel in fp16)")
+    return with_method_param(scheme, QuikMethod.name, "outliers", count, "--outliers", "quik-w4a4, quik-w8a8")
+
+
+class QuikMethod:
+    """Method plugin ``quik`` (presets quik-w4a4, quik-w8a8)."""
+
+    name = "quik"
+    wants_input_amax = True  # the pipeline passes the per-channel max |x| of each input
+
+    def __init__(self, params: dict):
+        try:
+            self.config = QuikConfig(**params)
+        except TypeError as e:
+            allowed = ", ".join(QuikConfig.__dataclass_fields__)
+            raise QConvertError(f"quik: {e}; allowed parameters: {allowed}") from e
+
+    needs_calibration = True  # outlier channels come from activation statistics, whatever the solver
+
+    def describe(self) -> dict:
+        cfg = self.config
+        return {**asdict(cfg),
+                "weights": {"bits": cfg.bits, "symmetric": True, "granularity": "per-channel",
+                            "outliers": "fp16 input channels", "int8_layers": list(cfg.int8_layers)},
+                "activations": {"bits": cfg.bits, "symmetric": False, "granularity": "per-token", "dynamic": True,
+                                "outliers": "fp16"}}
+
+    def activation_fake_quant(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - per layer instead
+        raise QConvertError("quik: activations are quantized per layer (QuantizedLinear.activation)")
+
+    def quantize_linear(self, name: str, weight: torch.Tensor) -> QuantizedLinear:
+        raise QConvertError(f"quik needs calibration data to choose the outlier channels of {name}; "
+                            "run quantize with --calib (c4 / wikitext2 / file / self)")
+
+    def quantize_linears(self, names: list[str], weights: list[torch.Tensor], hessian: torch.Tensor,
+                         want_dequantized: bool = True, input_amax: torch.Tensor | None = None) -> list[QuantizedLinear]:
+        cfg = self.config
+        k = weights[0].shape[1]
+        if input_amax is None:
+            raise QConvertError("quik: the pipeline did not pass the inputs' max |x| (needed for the outliers)")
+        n_out = cfg.outlier_count(k)
+        # the n channels of largest max |x|, ties broken by index; stored ascending
+        order = torch.argsort(input_amax.float(), descending=True, stable=True)
+        outlier_idx = torch.sort(order[:n_out]).values
+        base_idx = split_columns(k, outlier_idx)
+        perm = torch.cat([base_idx, outlier_idx])
+        h = hessian[perm][:, perm]
+        kb = len(base_idx)
+        out: list[QuantizedLinear] = []
+        for bits in sorted({cfg.bits_of(n) for n in names}):  # q/k/v or gate/up: one width in practice
+            part = [i for i, n in enumerate(names) if cfg.bits_of(n) == bits]
+            stacked = torch.cat([weights[i].float()[:, perm] for i in part])
+            grid = cfg.grid(bits)
+            if cfg.base == "gptq":
+                res = gptq(stacked, h, grid, kb, damp=cfg.damp, act_order=cfg.act_order, report=False, keep_last=n_out)
+                q_all, s_all, kept, secs = res.q[:, :kb], res.scales[:, 0], res.kept, res.seconds
+            else:
+                diag = torch.diagonal(h)[:kb]
+                s_all = grid.scales(stacked[:, :kb], torch.where(diag > 0, diag, torch.ones_like(diag)))
+                q_all = grid.quantize(stacked[:, :kb], s_all[:, None]).to(torch.int8)
+                kept, secs = stacked[:, kb:], 0.0
+            act = _ActQuant(k, outlier_idx, bits)
+            row = 0
+            for i in part:
+                w = weights[i].float()
+                n = w.shape[0]
+                ql = self._finish(w, q_all[row: row + n], s_all[row: row + n],
+                                  kept[row: row + n] if n_out else torch.zeros(n, 0), base_idx, outlier_idx, bits)
+                ql.info.update(gptq_seconds=round(secs * n / stacked.shape[0], 4), solved_with=len(part),
+                               gptq_loss=relative_output_error(w, ql.dequantized, hessian))
+                ql.activation = act
+                if not want_dequantized:
+                    ql.dequantized = None
+                out.append((i, ql))
+                row += n
+        return [ql for _, ql in sorted(out, key=lambda t: t[0])]
+
+    def _finish(self, w, q, s, w_out, base_idx, outlier_idx, bits) -> QuantizedLinear:
+        n, k = w.shape
+        qp = pad_columns(q, K_TILE)
+        layout = f"quik-w{bits}a{bits}"
+        w_out16 = w_out.half()
+        tensors = {"qweight": pack_int4(qp) if bits == 4 else qp.contiguous(),
+                   "shape": torch.tensor([n, k], dtype=torch.int64),
+                   "wscale": s.float().contiguous(),
+                   "wsum": q.to(torch.int32).sum(1, dtype=torch.int32),
+                   "outlier_idx": outlier_idx.to(torch.int32).contiguous(),
+                   "outlier_weight": w_out16.contiguous()}
+        deq = torch.empty(n, k)
+        deq[:, base_idx] = (q.double() * s.double()[:, None]).float()
+        deq[:, outlier_idx] = w_out16.float()
+        info = {"layout": layout, "shape": [n, k], "bits": bits, "outliers": int(len(outlier_idx)),
+                "base": self.config.base, "weight_error": _rel(w, deq)}
+        return QuantizedLinear(layout, tensors, info, deq)
+
+
+class _ActQuant:
+    """The run-time activation quantizer of one set of layers, in float (calibration)."""
+
+    def __init__(self, k: int, outlier_idx: torch.Tensor, bits: int):
+        self.mask = torch.zeros(k, dtype=torch.bool)
+        self.mask[outlier_idx] = True
+        self.bits = bits
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return dequantize_split(x, self.mask, self.bits)

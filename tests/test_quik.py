@@ -1,0 +1,222 @@
+"""QUIK: outlier selection, GPTQ with the outlier columns kept last, the split activation
+quantizer and GEMM reference, the QuikLinear runtime, and the presets end to end (tiny Llama
+through the CLI, and the real SmolLM2)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from helpers import quantize_tiny
+from qconvert.cli import cli
+from qconvert.errors import QConvertError
+from qconvert.gptq import IntGrid, gptq, relative_output_error
+from qconvert.methods.quik import QuikMethod, auto_outliers
+from qconvert.runtime import QuikLinear
+from qconvert_kernels import reference_quik as refq
+
+
+def _problem(n=96, k=256, rows=2048, outliers=(5, 77, 200), seed=0):
+    """Inputs with a few outlier channels (as in LLM activations) and their Hessian."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k, generator=g) @ (torch.randn(k, k, generator=g) / k**0.5 + torch.eye(k))
+    x[:, list(outliers)] *= 40
+    w = torch.randn(n, k, generator=g) * 0.05
+    return w, 2 * x.T @ x / rows, x
+
+
+def test_auto_outlier_rule():
+    assert [auto_outliers(k) for k in (4096, 14336, 11008, 576, 1536, 64, 300)] == [256, 256, 256, 32, 96, 0, 16]
+
+
+def test_gptq_keep_last_columns_absorb_the_error():
+    w, h, _ = _problem()
+    k = w.shape[1]
+    grid = IntGrid(4)
+    plain = gptq(w, h, grid, k)
+    kept = gptq(w, h, grid, k - 16, keep_last=16)
+    assert kept.kept.shape == (96, 16) and (kept.q[:, k - 16:] == 0).all()
+    assert not torch.equal(kept.kept, w[:, k - 16:])  # the kept columns were updated
+    w_hat = torch.cat([kept.q[:, : k - 16].float() * kept.scales[:, :1], kept.kept], 1)
+    w_plain = plain.q.float() * plain.scales[:, :1].repeat_interleave(k, 1)[:, :k]
+    assert relative_output_error(w, w_hat, h) < relative_output_error(w, w_plain, h)
+    with pytest.raises(QConvertError, match="keep_last"):
+        gptq(w, h, grid, k, keep_last=k)
+
+
+def test_split_quantizer_reference():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 40, generator=gen) * 3
+    x[1] = 0.0
+    x[2] = 2.5
+    out_idx = torch.tensor([3, 17, 30])
+    base = refq.split_columns(40, out_idx)
+    for bits in (4, 8):
+        xq, s, z, x_out = refq.quantize_split(x, base, out_idx, bits)
+        assert xq.shape == (5, 64) and (xq[:, 37:] == 0).all() and torch.equal(x_out, x[:, out_idx])
+        half = 1 << (bits - 1)
+        assert int(xq.min()) >= -half and int(xq.max()) <= half - 1
+        rec = xq[:, :37].float() * s[:, None] + z[:, None]
+        assert ((rec - x[:, base]).abs() <= s[:, None] / 2 * 1.0001 + 1e-6).all()
+        assert float(s[1]) == 0 and float(z[1]) == 0 and float(s[2]) == 0 and float(z[2]) == 2.5  # r = 0 rows
+        # the per-token extremes are exact levels (lo -> -half, hi -> half - 1)
+        assert (xq[0, :37].min() == -half) and (xq[0, :37].max() == half - 1)
+        mask = torch.zeros(40, dtype=torch.bool)
+        mask[out_idx] = True
+        deq = refq.dequantize_split(x, mask, bits)  # the elementwise form: the same numbers
+        assert torch.equal(deq[:, out_idx], x[:, out_idx]) and torch.equal(deq[:, base], xq[:, :37].float() * s[:, None] + z[:, None])
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gemm_reference_is_the_dequantized_product(bits):
+    """y = s t xq·q + z ws R + y_out equals (s xq + z) (ws q)ᵀ + x_out W_outᵀ up to float rounding."""
+    gen = torch.Generator().manual_seed(bits)
+    m, n, k = 7, 24, 200
+    x = torch.randn(m, k, generator=gen)
+    out_idx = torch.tensor([0, 50, 199])
+    base = refq.split_columns(k, out_idx)
+    half = 1 << (bits - 1)
+    q = torch.randint(-half, half, (n, 256), generator=gen, dtype=torch.int8)
+    q[:, 197:] = 0
+    ws = torch.rand(n, generator=gen) * 0.1
+    w_out = torch.randn(n, 3, generator=gen).half()
+    xq, s, z, x_out = refq.quantize_split(x, base, out_idx, bits)
+    y, acc = refq.quik_gemm(xq, s, z, q, ws, q.int().sum(1, dtype=torch.int32), refq.outlier_product(x_out, w_out),
+                            return_acc=True)
+    assert acc.dtype == torch.int32 and torch.equal(acc.long(), xq.long() @ q.long().T)
+    expect = (xq.double() * s.double()[:, None] + z.double()[:, None]) @ (q.double() * ws.double()[:, None]).T
+    expect += x_out.double() @ w_out.double().T
+    assert torch.allclose(y.double(), expect, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("base", ["gptq", "rtn"])
+def test_method_outliers_and_layer_consistency(base):
+    w, h, x = _problem()
+    names = ["m.layers.0.mlp.gate_proj", "m.layers.0.mlp.up_proj"]
+    meth = QuikMethod({"bits": 4, "outliers": 16, "base": base})
+    qls = meth.quantize_linears(names, [w, w.flip(0)], h, input_amax=x.abs().amax(0))
+    idx = qls[0].tensors["outlier_idx"]
+    assert torch.equal(idx, qls[1].tensors["outlier_idx"]) and {5, 77, 200} <= set(idx.tolist())
+    assert qls[0].activation is qls[1].activation  # one quantizer per shared input
+    for ql, ww in zip(qls, [w, w.flip(0)]):
+        assert ql.layout == "quik-w4a4" and ql.info["outliers"] == 16
+        lin = QuikLinear(ql.layout, ql.tensors, None)
+        xs = x[:33]
+        y = lin(xs)
+        assert torch.allclose(y, ql.activation(xs) @ ql.dequantized.T, rtol=1e-4, atol=1e-3)  # calibration = runtime
+        assert float((y - xs @ ww.T).norm() / (xs @ ww.T).norm()) < 0.1
+    none = QuikMethod({"bits": 4, "outliers": 0, "base": base}).quantize_linears(names[:1], [w], h, input_amax=x.abs().amax(0))[0]
+    y0 = QuikLinear(none.layout, none.tensors, None)(x[:33])
+    assert float((y0 - x[:33] @ w.T).norm()) > 3 * float((QuikLinear(qls[0].layout, qls[0].tensors, None)(x[:33]) - x[:33] @ w.T).norm())
+
+
+def test_int8_layers_and_config_errors():
+    w, h, x = _problem(k=128, outliers=(5, 77))
+    meth = QuikMethod({"bits": 4, "outliers": 8, "int8_layers": ["*.down_proj"]})
+    ql = meth.quantize_linears(["a.mlp.down_proj"], [w], h, input_amax=x.abs().amax(0))[0]
+    assert ql.layout == "quik-w8a8" and ql.tensors["qweight"].dtype == torch.int8
+    assert torch.equal(ql.tensors["wsum"], ql.tensors["qweight"].int().sum(1, dtype=torch.int32))
+    for bad, msg in [({"bits": 3}, "bits"), ({"outliers": -1}, "outliers"), ({"outliers": "many"}, "outliers"),
+                     ({"group_size": 128}, "allowed parameters")]:
+        with pytest.raises(QConvertError, match=msg):
+            QuikMethod(bad)
+    with pytest.raises(QConvertError, match="--outliers below 128"):
+        QuikMethod({"outliers": 128}).quantize_linears(["a"], [w], h, input_amax=x.abs().amax(0))
+    with pytest.raises(QConvertError, match="needs calibration"):
+        QuikMethod({}).quantize_linear("a", w)
+
+
+# ------------------------------------------------------------------ end to end
+
+
+@pytest.fixture(scope="module")
+def calib_src(tiny_calib_src):
+    return tiny_calib_src
+
+
+def _quantize(src, out, scheme, *extra):
+    return quantize_tiny(src, out, scheme, *extra)
+
+
+@pytest.mark.parametrize("scheme,extra,layouts,max_rel", [
+    ("quik-w4a4", ["--outliers", "8"], {"quik-w4a4", "quik-w8a8"}, 0.25),
+    ("quik-w4a4", [], {"quik-w4a4", "quik-w8a8"}, 0.3),
+    ("quik-w8a8", ["--outliers", "8"], {"quik-w8a8"}, 0.05),
+])
+def test_presets_quantize_load_verify_eval(calib_src, tmp_path, scheme, extra, layouts, max_rel):
+    from transformers import AutoModelForCausalLM
+
+    from qconvert import load
+    from qconvert.verify import verify
+
+    out = tmp_path / "out"
+    res = _quantize(calib_src, out, scheme, *extra)
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    rep = json.loads((out / "qconvert.json").read_text())
+    assert {r["layout"] for r in rep["layers"]} == layouts and len(rep["layers"]) == 14
+    want = int(extra[1]) if extra else 0  # auto at K = 64 / 160: 0
+    assert all(r["outliers"] == want for r in rep["layers"])
+    assert all(r["layout"] == "quik-w8a8" for r in rep["layers"] if r["name"].endswith("down_proj"))
+    model = load(out)
+    ref = AutoModelForCausalLM.from_pretrained(calib_src, dtype=torch.float32)
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    a, b = model(ids).logits, ref(ids).logits
+    assert torch.isfinite(a).all() and float((a - b).norm() / b.norm()) < max_rel
+    v = verify(out, data_file=calib_src.parent / "calib.txt")
+    assert v.ok, v.failures
+    inspect = CliRunner().invoke(cli, ["inspect", str(out)])
+    assert inspect.exit_code == 0 and f"{want} fp16 ch" in inspect.output
+    ev = CliRunner().invoke(cli, ["eval", str(out), "--data-file", str(calib_src.parent / "calib.txt"), "--seqlen", "16", "--json", "-q"])
+    assert ev.exit_code == 0 and json.loads(ev.stdout)["perplexity"] > 1
+    card = CliRunner().invoke(cli, ["push", str(out), "me/model", "--dry-run"])
+    assert card.exit_code == 0 and "- quik" in card.output and "kept in fp16" in card.output
+    assert f"- w{4 if scheme == 'quik-w4a4' else 8}a{4 if scheme == 'quik-w4a4' else 8}" in card.output
+
+
+def test_outliers_option_errors(calib_src, tmp_path):
+    res = _quantize(calib_src, tmp_path / "a", "is-w4a8", "--outliers", "4")
+    assert res.exit_code != 0 and "--outliers applies to quik schemes" in res.output
+    res = _quantize(calib_src, tmp_path / "b", "quik-w4a4", "--outliers", "64")
+    assert res.exit_code != 0 and "--outliers below 64" in res.output
+    assert not (tmp_path / "b").exists() and not (tmp_path / "b.partial").exists()
+    res = _quantize(calib_src, tmp_path / "c", "quik-w4a4", "--outliers", "-2")
+    assert res.exit_code != 0 and "give a count >= 0" in res.output
+
+
+def test_verify_catches_a_damaged_quik_layer(calib_src, tmp_path):
+    from qconvert.formats.safetensors_io import ShardedReader, write_safetensors
+    from qconvert.verify import verify
+
+    out = tmp_path / "out"
+    assert _quantize(calib_src, out, "quik-w4a4", "--outliers", "8").exit_code == 0
+    reader = ShardedReader(out)
+    state = {k: reader.get(k) for k in reader.keys()}
+    state["model.layers.0.mlp.up_proj.wsum"] = state["model.layers.0.mlp.up_proj.wsum"] + 1
+    state["model.layers.1.self_attn.k_proj.outlier_idx"][0] = 999
+    del state["model.layers.1.mlp.down_proj.outlier_weight"]
+    write_safetensors(out / "model.safetensors", state)
+    text = "\n".join(verify(out, compare_source=False, save=False).failures)
+    assert "model.layers.0.mlp.up_proj.wsum is not the row sum" in text
+    assert "model.layers.1.self_attn.k_proj.outlier_idx must hold 8 distinct channels" in text
+    assert "model.layers.1.mlp.down_proj.outlier_weight is missing" in text
+
+
+@pytest.mark.slow
+def test_smollm2_quik_w4a4_end_to_end(tmp_path, wiki_test):
+    """The real model: 32 / 96 fp16 channels (auto), down_proj W8A8, a short calibration."""
+    from test_smollm2 import C4
+
+    out = tmp_path / "quik"
+    res = CliRunner().invoke(cli, ["quantize", "smollm2-135m", "--scheme", "quik-w4a4", "-o", str(out), "-q",
+                                   "--calib", "c4", "--data-file", str(C4), "--nsamples", "8", "--seqlen", "128"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((out / "qconvert.json").read_text())
+    outl = {r["name"].rsplit(".", 1)[-1]: r["outliers"] for r in rep["layers"]}
+    assert outl["q_proj"] == 32 and outl["down_proj"] == 96
+    ev = CliRunner().invoke(cli, ["eval", str(out), "--data-file", str(wiki_test), "--seqlen", "256",
+                                  "--max-windows", "2", "--json", "-q"])
+    assert ev.exit_code == 0, ev.output
+    assert json.loads(ev.stdout)["perplexity"] < 200
