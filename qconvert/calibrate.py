@@ -211,7 +211,7 @@ class Calibrator:
             stop = min(start + self.batch, n)
             yield slice(start, stop), self._kwargs[stop - start]
 
-    def quantize_block(self, block: nn.Module, targets: dict[str, nn.Linear], solve) -> None:
+    def quantize_block(self, block: nn.Module, targets: dict[str, nn.Linear], solve, prepare=None) -> None:
         """True-sequential calibration of one decoder block, then its output (the next input).
 
         ``targets``: the block's linears to quantize (full name -> module).  ``solve(groups)``
@@ -273,6 +273,12 @@ class Calibrator:
             self.seconds["forward"] += time.perf_counter() - t0
             return result
 
+        if prepare is not None:  # a method that transforms the whole block first (I-LLM's smoothing)
+            def feed():
+                for sl, kw in self._batches():
+                    yield x[sl], kw
+            with torch.no_grad(), self._autocast():
+                prepare(block, feed)
         try:
             with torch.no_grad():
                 if stage_a:  # A: fed directly, no forward needed

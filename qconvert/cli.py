@@ -80,11 +80,12 @@ def cli(ctx, debug):
 @click.option("--json", "json_path", type=click.Path(path_type=Path),
               help="Also write the per-layer report (error, α, headroom, time) to this file.")
 @click.option("--lorc-rank", type=int, help="zeroquant-fp schemes: rank of the low-rank error compensation (0: none), overriding the scheme's.")
+@click.option("--fsbr/--no-fsbr", default=None, help="i-llm schemes: smooth every activation -> weight pair (on in the presets) or not.")
 @click.option("--outliers", type=int, help="quik schemes: input channels per linear kept in fp16 (0: none), overriding the scheme's 'auto' (K/16, at most 256).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def quantize(source, scheme, out, group_size, quantize_lm_head, exclude, max_shard_size, revision, trust_remote_code,
              allow_pickle, force, resume, base, calib, data_file, nsamples, seqlen, seed, max_memory, calib_dtype, json_path,
-             lorc_rank, outliers, quiet):
+             lorc_rank, fsbr, outliers, quiet):
     """Quantize SOURCE into OUT, one decoder block at a time.
 
     SOURCE is a local HF directory, a .gguf file, a Hub id (org/name) or the
@@ -108,6 +109,11 @@ def quantize(source, scheme, out, group_size, quantize_lm_head, exclude, max_sha
         from qconvert.schemes_registry import load_scheme
 
         scheme = with_lorc_rank(load_scheme(scheme), lorc_rank)
+    if fsbr is not None:
+        from qconvert.methods.illm import with_fsbr
+        from qconvert.schemes_registry import load_scheme
+
+        scheme = with_fsbr(load_scheme(scheme) if isinstance(scheme, str) else scheme, fsbr)
     if outliers is not None:
         from qconvert.methods.quik import with_outliers
         from qconvert.schemes_registry import load_scheme

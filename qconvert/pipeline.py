@@ -209,6 +209,7 @@ def quantize(
             solved = {}
             if calibrator is not None and label.startswith("block"):
                 solved = _calibrated_block(calibrator, method, int(label.split()[1]), targets, bar)
+            changed = solved.pop("__changed__", {})
             for name in stage:
                 src_name = names[name]
                 dtype, shape = src.info(src_name)
@@ -228,6 +229,8 @@ def quantize(
                     new_layers.append({"name": module, **ql.info, "bytes": stored, "fp16_bytes": fp16})
                     new_modules[module] = ql.layout
                     del ql
+                elif name in changed:  # rewritten by the method (I-LLM: smoothing folded into a norm)
+                    writer.add(name, changed[name].to(dtype))
                 else:  # copied slice by slice: an embedding is never whole in memory
                     writer.add_rows(name, dtype, tuple(shape), _check_finite(src, src_name, src.iter_rows(src_name)))
                     fault_point("tensor")
@@ -325,7 +328,11 @@ def _calibrated_block(calibrator: Calibrator, method, index: int, targets, bar) 
             bar.set_postfix_str(f"block {index}: {group.names[0].rsplit('.', 1)[-1]} err {worst:.2e}")
         return run_as
 
-    calibrator.quantize_block(block, mine, solve)
+    prepare = None
+    if hasattr(method, "prepare_block"):  # the method rewrites the block first; its changed tensors are written
+        def prepare(blk, feed):
+            solved["__changed__"] = method.prepare_block(prefix, blk, feed)
+    calibrator.quantize_block(block, mine, solve, prepare)
     calibrator.release_block(block)
     return solved
 

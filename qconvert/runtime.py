@@ -294,9 +294,12 @@ class QuikLinear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
 
+from qconvert.illm_runtime import ILLMLinear  # noqa: E402  (it imports nothing from here)
+
 LAYOUTS = {"w4a8-is": W4A8Linear, "w4a8-fs": W4A8Linear, "w4a16": W4A8Linear, "fp4-fp8": FP8Linear, "fp8-fp8": FP8Linear,
-           "quik-w4a4": QuikLinear, "quik-w8a8": QuikLinear}
-QUANTIZED_MODULES = (W4A8Linear, FP8Linear, QuikLinear)
+           "quik-w4a4": QuikLinear, "quik-w8a8": QuikLinear,
+           "illm-w8a8": ILLMLinear, "illm-w4a8": ILLMLinear, "illm-w4a4": ILLMLinear}
+QUANTIZED_MODULES = (W4A8Linear, FP8Linear, QuikLinear, ILLMLinear)
 
 
 def layout_suffixes(layout: str, present=()) -> tuple[str, ...]:
@@ -339,8 +342,10 @@ def load(out: str | Path, device: str = "cpu", dtype: torch.dtype | None = None)
         dtype = torch.float16
     cfg, qc = read_quant_config(out)
     config = model_config(out, cfg)
-    model = build_skeleton(config)
     reader = ShardedReader(out)
+    if any(lay.startswith("illm-") for lay in qc["modules"].values()):
+        return _load_integer(out, config, qc, reader, dev)
+    model = build_skeleton(config)
     state = {}
     for module_name, layout in qc["modules"].items():
         if layout not in LAYOUTS:
@@ -376,6 +381,27 @@ def load(out: str | Path, device: str = "cpu", dtype: torch.dtype | None = None)
                 mod.check_cuda(name)
         model.to(dev)
     return model.eval()
+
+
+def _load_integer(out: Path, config, qc: dict, reader, dev: torch.device):
+    """An I-LLM OUT: the integer-only model (qconvert/illm_runtime.py), CPU only for now."""
+    from qconvert.illm_runtime import IntegerLlama
+
+    if dev.type != "cpu":
+        raise QConvertError(f"{out}: I-LLM's integer runtime runs on CPU in this release (its CUDA kernels are not "
+                            "wired into a model yet); load with device='cpu'")
+    linears = {}
+    for module_name, layout in qc["modules"].items():
+        need = ILLMLinear.SUFFIXES.get(layout)
+        if need is None:
+            raise QConvertError(f"{out}: layer {module_name} has layout {layout!r}; an I-LLM OUT has illm-* layouts only")
+        missing = [x for x in need if f"{module_name}.{x}" not in reader.where]
+        if missing:
+            raise QConvertError(f"{out}: tensor '{module_name}.{missing[0]}' is missing; the output is incomplete, re-run quantize")
+        linears[module_name] = ILLMLinear(layout, {x: reader.get(f"{module_name}.{x}") for x in need}, None)
+    taken = {f"{m}.{x}" for m, lay in qc["modules"].items() for x in ILLMLinear.SUFFIXES[lay]}
+    state = {name: reader.get(name) for name in reader.keys() if name not in taken}
+    return IntegerLlama(config, linears, state).eval()
 
 
 def _device(device) -> torch.device:

@@ -112,7 +112,7 @@ def check_tensors(out: Path, rep: VerifyReport):
     params = dict(skeleton.named_parameters())
     modules = qc.get("modules")
     g = (qc.get("config") or {}).get("group_size")
-    grouped = isinstance(modules, dict) and any(not lay.startswith(("quik-", "fp8-")) for lay in modules.values())
+    grouped = isinstance(modules, dict) and any(not lay.startswith(("quik-", "fp8-", "illm-")) for lay in modules.values())
     if not isinstance(modules, dict) or (grouped and not (isinstance(g, int) and g > 0)):
         _fail(rep, "config.json: quantization_config lacks 'modules' or a group size")
         return None
@@ -130,6 +130,8 @@ def check_tensors(out: Path, rep: VerifyReport):
             taken |= _check_fp_layer(rep, reader, mod, layout, n, k, g)
         elif layout.startswith("quik-"):
             taken |= _check_quik_layer(rep, reader, mod, layout, n, k)
+        elif layout.startswith("illm-"):
+            taken |= _check_illm_layer(rep, reader, mod, layout, n, k)
         else:
             taken |= _check_int_layer(rep, reader, mod, layout, n, k, g)
         if f"{mod}.bias" in params:  # kept in the source's dtype: only its presence and shape are declared
@@ -267,6 +269,26 @@ def _check_quik_layer(rep, reader, mod: str, layout: str, n: int, k: int) -> set
             _fail(rep, f"{mod}.qweight has non-zero padding columns")
         elif r is not None and not torch.equal(q8.to(torch.int32).sum(1, dtype=torch.int32), r):
             _fail(rep, f"{mod}.wsum is not the row sum of qweight (the zero-point term would be wrong)")
+    return {f"{mod}.{x}" for x in LAYOUTS[layout].SUFFIXES[layout]}
+
+
+def _check_illm_layer(rep, reader, mod: str, layout: str, n: int, k: int) -> set[str]:
+    """Tensors of an I-LLM layer (illm-w8a8, illm-w4a8, illm-w4a4, docs/format.md)."""
+    from qconvert.runtime import LAYOUTS
+
+    shape = _expect(rep, reader, f"{mod}.shape", torch.int64, (2,))
+    if shape is not None and shape.tolist() != [n, k]:
+        _fail(rep, f"{mod}.shape is {shape.tolist()}, the config implies {[n, k]}")
+    four = layout.startswith("illm-w4")
+    _expect(rep, reader, f"{mod}.qweight", torch.uint8 if four else torch.int8, (n, (k + 1) // 2) if four else (n, k))
+    wm = _expect(rep, reader, f"{mod}.wm", torch.int32, (n,))
+    _expect(rep, reader, f"{mod}.wk", torch.int32, (n,))
+    sm = _expect(rep, reader, f"{mod}.smooth", torch.float32, (k,))
+    _expect(rep, reader, f"{mod}.out_smooth", torch.float32, (n,))
+    if wm is not None and ((wm < 0) | (wm >= 1 << 16)).any():
+        _fail(rep, f"{mod}.wm holds mantissas outside [0, 2^16)")
+    if sm is not None and not (torch.isfinite(sm).all() and (sm > 0).all()):
+        _fail(rep, f"{mod}.smooth holds values that are not finite and positive")
     return {f"{mod}.{x}" for x in LAYOUTS[layout].SUFFIXES[layout]}
 
 

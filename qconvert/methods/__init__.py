@@ -15,6 +15,7 @@ BUILTIN = {
     "integer-scale": "qconvert.methods.integer_scale:IntegerScaleMethod",
     "zeroquant-fp": "qconvert.methods.zeroquant_fp:ZeroQuantFPMethod",
     "quik": "qconvert.methods.quik:QuikMethod",
+    "i-llm": "qconvert.methods.illm:ILLMMethod",
 }
 
 

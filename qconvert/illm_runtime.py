@@ -1,0 +1,259 @@
+"""The integer-only runtime of I-LLM outputs (layouts ``illm-w8a8``, ``illm-w4a8``, ``illm-w4a4``).
+
+``IntegerLlama.forward_int(ids)`` runs a Llama-architecture model from the embedding lookup to
+the logits with integer tensors and integer operations only (qconvert_kernels/reference_illm.py
+has the operators); ``forward`` then converts the integer logits to float once, the single float
+operation per output.  tests/test_illm.py proves it by tracing every torch call between the two.
+
+Per block, with every activation an integer tensor and a per-token dyadic scale:
+
+    h (residual, |h| <= 2^20) --DI-Norm--> int8 (a4: int4) per token --DI-MatMul--> q, k, v
+    q, k -> int16 per token -> integer RoPE -> q int8 per token, k int8 per head (over the sequence)
+    v -> int8 per head;  scores = q k^T (int32) -> DI-ClippedSoftmax -> P (15-bit) -> P v (int64)
+    heads aligned to one scale -> int8 per token -> o_proj -> residual add (rescaled by shifts)
+    DI-Norm -> gate, up -> int16 per token -> integer SiLU(gate) * up -> int8 per token -> down_proj
+    -> residual add;  final DI-Norm -> lm_head (int8 per row, the embedding table when tied)
+
+Constants of the model are made integer once at load time from the stored tensors: the norm
+weights (smoothing folded in by the converter) become int16 mantissas with one exponent per
+norm, the embedding and lm_head int8 rows with a dyadic scale per row, the rotary table integers
+with scale 2^-14 (reference_illm.rope_table).  The KV cache is not kept: every call runs the
+whole sequence (perplexity, verification); generation recomputes the prefix.
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from qconvert.errors import QConvertError
+from qconvert.formats.packing import unpack_int4
+from qconvert_kernels import reference_illm as ri
+from qconvert_kernels.reference_illm import Dyadic
+
+RESIDUAL_QMAX = (1 << 20) - 1
+WIDE_QMAX = (1 << 15) - 1
+
+
+def to_dyadic(scale: torch.Tensor) -> Dyadic:
+    """float scale(s) > 0 -> m / 2^k with a 16-bit m (a conversion done at load time)."""
+    s = scale.double().clamp_min(1e-300)
+    k = (ri.MANT - 1 - torch.floor(torch.log2(s))).long()
+    m = torch.round(s * torch.pow(2.0, k.double())).long()
+    return ri.normalize(m, k)
+
+
+def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, Dyadic]:
+    """Symmetric int8 per row of a float matrix (embedding, lm_head): (q int8, dyadic per row)."""
+    amax = w.float().abs().amax(dim=1).clamp_min(1e-12)
+    scale = amax / 127
+    q = torch.clamp(torch.round(w.float() / scale[:, None]), -127, 127).to(torch.int8)
+    return q, to_dyadic(scale)
+
+
+def int_vector(g: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """A float vector as int64 mantissas with one exponent: g ~= v / 2^k, max |v| in [2^14, 2^15)."""
+    amax = float(g.float().abs().max())
+    k = 14 - math.floor(math.log2(amax)) if amax > 0 else 0
+    return torch.round(g.double() * 2.0**k).long(), k
+
+
+class ILLMLinear(nn.Module):
+    """An I-LLM linear: integer weights per output channel with dyadic scales (wm / 2^wk).
+
+    ``int_forward(xq, scale)`` is DI-MatMul (integers in and out); ``forward(x)`` is a float
+    view of the same layer for per-layer diagnostics (``qconvert verify``): x divided by the
+    input smoothing folded into it (``smooth``), quantized per token, the integer product,
+    dequantized and multiplied back by the output smoothing folded into its rows
+    (``out_smooth``: v_proj, up_proj), so that it compares with the source's layer.
+    """
+
+    SUFFIXES = {lay: ("qweight", "shape", "wm", "wk", "smooth", "out_smooth") for lay in ("illm-w8a8", "illm-w4a8", "illm-w4a4")}
+
+    def __init__(self, layout: str, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None):
+        super().__init__()
+        if bias is not None:
+            raise QConvertError("I-LLM: linears with a bias are not supported by the integer runtime")
+        self.layout = layout
+        self.wbits = 4 if layout.startswith("illm-w4") else 8
+        self.abits = 4 if layout.endswith("a4") else 8
+        self.out_features, self.in_features = (int(v) for v in tensors["shape"])
+        q = tensors["qweight"]
+        q8 = unpack_int4(q) if self.wbits == 4 else q
+        if q8.shape[0] != self.out_features or q8.shape[1] < self.in_features:
+            raise QConvertError(f"{layout} tensors have inconsistent shapes (qweight {tuple(q.shape)})")
+        self.register_buffer("qweight", q)
+        self.register_buffer("q8t", q8[:, : self.in_features].t().contiguous(), persistent=False)  # [K, N]
+        for name in ("wm", "wk", "smooth", "out_smooth"):
+            self.register_buffer(name, tensors[name])
+
+    @property
+    def act_qmax(self) -> int:
+        return (1 << (self.abits - 1)) - 1
+
+    def int_forward(self, xq: torch.Tensor, scale: Dyadic) -> tuple[torch.Tensor, Dyadic]:
+        """DI-MatMul: xq int [M, K] with per-row scale -> (t int64 [M, N], per-row scale): the
+        int32 accumulator times each channel's mantissa, channel exponents aligned by shifts."""
+        acc = ri.int8_matmul(xq, self.q8t)
+        wk = self.wk.long()
+        kmin = wk.min()
+        t = ri.shift(acc * self.wm.long(), wk - kmin)
+        return t, Dyadic(scale.m, scale.k + kmin)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).float() / self.smooth.float()
+        amax = x2.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
+        xq = torch.round(x2 * (self.act_qmax / amax)).long()
+        acc = ri.int8_matmul(xq, self.q8t).double()
+        w = self.wm.double() * torch.pow(2.0, -self.wk.double())
+        y = acc * (amax.double() / self.act_qmax) * (w * self.out_smooth.double())[None, :]
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+
+class IntegerLlama(nn.Module):
+    """A Llama-architecture causal LM on the integer-only path (see the module docstring)."""
+
+    def __init__(self, config, linears: dict[str, ILLMLinear], state: dict[str, torch.Tensor]):
+        super().__init__()
+        if getattr(config, "model_type", None) not in ("llama", "mistral", "qwen2"):
+            raise QConvertError(f"I-LLM's integer runtime runs Llama-style models; {config.model_type} is not one")
+        rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise QConvertError(f"I-LLM's integer runtime has plain rotary embeddings only; this model uses "
+                                f"rope_type {rope.get('rope_type', rope.get('type'))!r}")
+        self.config = config
+        self.layers_n = config.num_hidden_layers
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.model = nn.Module()
+        self.model.layers = nn.ModuleList()
+        for i in range(self.layers_n):
+            blk = nn.Module()
+            blk.self_attn, blk.mlp = nn.Module(), nn.Module()
+            for part, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_proj", "up_proj", "down_proj"))):
+                for n in names:
+                    full = f"model.layers.{i}.{part}.{n}"
+                    if full not in linears:
+                        raise QConvertError(f"I-LLM: {full} is not quantized; the integer runtime needs every decoder linear")
+                    setattr(getattr(blk, part), n, linears[full])
+            for norm in ("input_layernorm", "post_attention_layernorm"):
+                g, k = int_vector(state[f"model.layers.{i}.{norm}.weight"])
+                blk.register_buffer(f"{norm}_g", g)
+                setattr(blk, f"{norm}_k", k)
+            self.model.layers.append(blk)
+        g, k = int_vector(state["model.norm.weight"])
+        self.register_buffer("norm_g", g)
+        self.norm_k = k
+        emb = state["model.embed_tokens.weight"]
+        self.register_buffer("emb_q", int8_rows(emb)[0])
+        d = int8_rows(emb)[1]
+        self.register_buffer("emb_m", d.m)
+        self.register_buffer("emb_k", d.k)
+        head = emb if getattr(config, "tie_word_embeddings", False) or "lm_head.weight" not in state else state["lm_head.weight"]
+        hq, hd = int8_rows(head)
+        self.register_buffer("head_qt", hq.t().contiguous())
+        self.register_buffer("head_m", hd.m)
+        self.register_buffer("head_k", hd.k)
+        inv_sqrt = to_dyadic(torch.tensor(1.0 / math.sqrt(self.head_dim)))
+        self.inv_sqrt_d = inv_sqrt
+        theta = float(rope.get("rope_theta", getattr(config, "rope_theta", None) or 10000.0))
+        self.max_positions = min(int(getattr(config, "max_position_embeddings", 4096) or 4096), 32768)
+        cos, sin = ri.rope_table(self.max_positions, self.head_dim, theta)  # a constant, built here once
+        self.register_buffer("rope_cos", cos)
+        self.register_buffer("rope_sin", sin)
+
+    def _table(self, t: int):
+        if t > self.max_positions:
+            raise QConvertError(f"I-LLM: {t} tokens exceed the model's {self.max_positions} positions")
+        return self.rope_cos[:t], self.rope_sin[:t]
+
+    # ---------------------------------------------------------------- integer path
+    def _residual_add(self, a, sa: Dyadic, b, sb: Dyadic):
+        b, rb = ri.quantize_rows(b, RESIDUAL_QMAX)
+        sb = rb * sb
+        big_a, big_b = a * sa.m, b * sb.m  # <= 2^36 each
+        kmin = torch.minimum(sa.k, sb.k)
+        total = ri.shift(big_a, sa.k - kmin) + ri.shift(big_b, sb.k - kmin)
+        q, r = ri.quantize_rows(total, RESIDUAL_QMAX)
+        return q, Dyadic(r.m, r.k + kmin)
+
+    def _per_head(self, x: torch.Tensor, row: Dyadic) -> tuple[torch.Tensor, Dyadic]:
+        """x int64 [KV, T, d] whose tokens carry the scales ``row`` [T, 1] -> int8 [KV, T, d] with
+        one scale per head [KV, 1, 1]: the token scales folded into the integers (one exponent),
+        then each head quantized over the whole sequence (keys and values mix tokens)."""
+        kmin = row.k.min()
+        folded = ri.shift(x * row.m[None], row.k[None] - kmin)
+        q, r = ri.quantize_rows(folded.reshape(x.shape[0], -1), 127)
+        return q.reshape(x.shape), Dyadic(r.m[:, :, None], r.k[:, :, None] + kmin)
+
+    def _attn_block(self, blk, h: torch.Tensor, t: int):
+        attn = blk.self_attn
+        d = self.head_dim
+        xq, xs = ri.di_rmsnorm(h, blk.input_layernorm_g, blk.input_layernorm_k, attn.q_proj.act_qmax)
+        tq, sq = attn.q_proj.int_forward(xq, xs)
+        tk, sk = attn.k_proj.int_forward(xq, xs)
+        tv, sv = attn.v_proj.int_forward(xq, xs)
+        cos, sin = self._table(t)
+        q16, rq = ri.quantize_rows(tq, WIDE_QMAX)
+        k16, rk = ri.quantize_rows(tk, WIDE_QMAX)
+        v16, rv = ri.quantize_rows(tv, WIDE_QMAX)
+        qr = ri.rope(q16.reshape(t, self.heads, d).transpose(0, 1), cos, sin)  # [H, T, d]
+        kr = ri.rope(k16.reshape(t, self.kv_heads, d).transpose(0, 1), cos, sin)  # [KV, T, d]
+        q8, rq8 = ri.quantize_rows(qr.transpose(0, 1).reshape(t, -1), 127)  # per token, all heads
+        s_q = rq8 * rq * sq  # [T, 1]
+        k8, s_k = self._per_head(kr, rk * sk)
+        v8, s_v = self._per_head(v16.reshape(t, self.kv_heads, d).transpose(0, 1), rv * sv)
+        mask = torch.ones(t, t, dtype=torch.bool).tril()
+        group = self.heads // self.kv_heads
+        kv_min = s_v.k.min()
+        outs = []
+        for hh in range(self.heads):
+            kv = hh // group
+            scores = ri.int8_matmul(q8[:, hh * d:(hh + 1) * d], k8[kv].t())  # [T, T]
+            p = ri.di_softmax(scores, s_q * Dyadic(s_k.m[kv], s_k.k[kv]) * self.inv_sqrt_d, mask)
+            o = ri.wide_matmul(p, v8[kv])  # [T, d], scale 2^-15 * s_v[kv]
+            outs.append(ri.shift(o * s_v.m[kv], s_v.k[kv] - kv_min))  # heads on one exponent
+        oq, ro = ri.quantize_rows(torch.cat(outs, dim=1), attn.o_proj.act_qmax)
+        return attn.o_proj.int_forward(oq, Dyadic(ro.m, ro.k + kv_min + ri.PROB_BITS))
+
+    def _mlp_block(self, blk, h: torch.Tensor):
+        mlp = blk.mlp
+        xq, xs = ri.di_rmsnorm(h, blk.post_attention_layernorm_g, blk.post_attention_layernorm_k, mlp.gate_proj.act_qmax)
+        tg, sg = mlp.gate_proj.int_forward(xq, xs)
+        tu, su = mlp.up_proj.int_forward(xq, xs)
+        g16, rg = ri.quantize_rows(tg, WIDE_QMAX)
+        u16, ru = ri.quantize_rows(tu, WIDE_QMAX)
+        sg, su = rg * sg, ru * su
+        a = ri.di_silu(g16, sg) * u16  # scale sg * su, |a| < 2^30
+        aq, ra = ri.quantize_rows(a, mlp.down_proj.act_qmax)
+        return mlp.down_proj.int_forward(aq, ra * sg * su)
+
+    def forward_int(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, Dyadic]:
+        """Integer logits [T, V] of one sequence and their per-row dyadic scale."""
+        ids = input_ids.reshape(-1)
+        t = ids.numel()
+        h = self.emb_q[ids].long()
+        hs = Dyadic(self.emb_m[ids][:, None], self.emb_k[ids][:, None])
+        for blk in self.model.layers:
+            o, os_ = self._attn_block(blk, h, t)
+            h, hs = self._residual_add(h, hs, o, os_)
+            m, ms = self._mlp_block(blk, h)
+            h, hs = self._residual_add(h, hs, m, ms)
+        xq, xs = ri.di_rmsnorm(h, self.norm_g, self.norm_k, 127)
+        acc = ri.int8_matmul(xq, self.head_qt)  # [T, V]
+        return acc, Dyadic(xs.m, xs.k)
+
+    def forward(self, input_ids: torch.Tensor, **kwargs):
+        rows = []
+        for seq in input_ids.reshape(-1, input_ids.shape[-1]):
+            acc, s = self.forward_int(seq)
+            # the one float step: integers -> logits (x scale_row x scale_vocab_row)
+            scale_t = s.m.double() * torch.pow(2.0, -s.k.double())
+            scale_v = self.head_m.double() * torch.pow(2.0, -self.head_k.double())
+            rows.append((acc.double() * scale_t * scale_v[None, :]).float())
+        return SimpleNamespace(logits=torch.stack(rows).reshape(*input_ids.shape, -1))

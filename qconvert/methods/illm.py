@@ -1,0 +1,242 @@
+"""I-LLM (Hu et al., 2024, arXiv 2405.17849): integer-only inference.
+
+The converter's part (the integer runtime is qconvert/illm_runtime.py):
+
+- **Smoothing of every activation -> weight pair** (FSBR's pairs): input norm -> q/k/v,
+  v -> o (per value channel, shared by the query heads of a KV group), post-attention norm ->
+  gate/up, the SwiGLU product -> down (folded into up_proj's rows).  Per channel
+  s = max|X|^α / max|W|^(1-α) (SmoothQuant's rule, α = ``alpha``) from a float pass of the block
+  over the calibration tokens, then folded into the norm weights and the linears: the model's
+  float function is unchanged, the activations the runtime quantizes are flatter.  What is not
+  implemented yet: FSBR's refinement of s by block-wise reconstruction; the presets use the
+  initialisation alone (``fsbr = true``) or no smoothing (``fsbr = false``).
+- **Weights**: symmetric per output channel, ``w_bits`` (8 or 4), by the shared GPTQ (one group
+  spanning K) or round-to-nearest; the scale becomes a dyadic m / 2^k per channel (``wm``,
+  ``wk``), the form DI-MatMul multiplies by.
+- **Activations**: per token, symmetric, ``a_bits`` (8 or 4), dynamic: what the runtime's DI-Norm
+  and requantizations produce; calibration runs the next layers through that quantizer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from qconvert.errors import QConvertError
+from qconvert.formats.packing import pack_int4, pad_columns
+from qconvert.gptq import IntGrid, gptq, relative_output_error
+from qconvert.methods.base import QuantizedLinear, relative_weight_error
+
+CLIP_STEP = 0.025
+
+
+@dataclass(frozen=True)
+class ILLMConfig:
+    w_bits: int = 8
+    a_bits: int = 8
+    fsbr: bool = True  # smoothing of all activation -> weight pairs (SmoothQuant initialisation)
+    alpha: float = 0.5  # migration strength of the smoothing
+    base: str = "gptq"
+    clip_min: float = 1.0  # weight range search (diag-H weighted); 1: off
+    damp: float = 0.01
+    act_order: bool = True
+
+    def __post_init__(self):
+        if self.w_bits not in (4, 8) or self.a_bits not in (4, 8):
+            raise QConvertError(f"i-llm: w_bits={self.w_bits!r} and a_bits={self.a_bits!r} must be 4 or 8")
+        if not isinstance(self.fsbr, bool):
+            raise QConvertError("i-llm: fsbr must be true or false")
+        if not (isinstance(self.alpha, (int, float)) and 0 <= self.alpha <= 1):
+            raise QConvertError(f"i-llm: alpha={self.alpha!r} must be in [0, 1]")
+        if self.base not in ("rtn", "gptq"):
+            raise QConvertError(f"i-llm: base={self.base!r} must be 'rtn' or 'gptq'")
+        if not (isinstance(self.clip_min, (int, float)) and 0.3 <= self.clip_min <= 1):
+            raise QConvertError(f"i-llm: clip_min={self.clip_min!r} must be in [0.3, 1]")
+        if not (isinstance(self.damp, (int, float)) and 0 < self.damp <= 1):
+            raise QConvertError(f"i-llm: damp={self.damp!r} must be in (0, 1]")
+
+    @property
+    def layout(self) -> str:
+        return f"illm-w{self.w_bits}a{self.a_bits}"
+
+    def grid(self) -> IntGrid:
+        steps = int(round((1.0 - self.clip_min) / CLIP_STEP))
+        return IntGrid(self.w_bits, tuple(1.0 - CLIP_STEP * i for i in range(steps + 1)))
+
+
+def with_fsbr(scheme, on: bool):
+    from qconvert.schemes_registry import with_method_param
+
+    return with_method_param(scheme, ILLMMethod.name, "fsbr", on, "--fsbr / --no-fsbr", "illm-w8a8, illm-w4a8, illm-w4a4")
+
+
+def dyadic_scales(scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel float scales -> (wm int32 [N], wk int32 [N]) with scale ~= wm / 2^wk, wm 16-bit."""
+    from qconvert.illm_runtime import to_dyadic
+
+    d = to_dyadic(scale)
+    return d.m.to(torch.int32), d.k.to(torch.int32)
+
+
+def smoothing(act_amax: torch.Tensor, w_amax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """s = max|X|^α / max|W|^(1-α) per channel (1 where either is 0)."""
+    a, w = act_amax.double(), w_amax.double()
+    s = a.clamp_min(1e-8).pow(alpha) / w.clamp_min(1e-8).pow(1 - alpha)
+    s = torch.where((a > 0) & (w > 0), s, torch.ones_like(s))
+    return s.clamp(1e-4, 1e4).float()
+
+
+class ILLMMethod:
+    """Method plugin ``i-llm`` (presets illm-w8a8, illm-w4a8, illm-w4a4)."""
+
+    name = "i-llm"
+    needs_calibration = True  # smoothing statistics and GPTQ
+    runtime = "integer"  # qconvert.load builds the integer-only model (qconvert/illm_runtime.py)
+
+    def __init__(self, params: dict):
+        try:
+            self.config = ILLMConfig(**params)
+        except TypeError as e:
+            allowed = ", ".join(ILLMConfig.__dataclass_fields__)
+            raise QConvertError(f"i-llm: {e}; allowed parameters: {allowed}") from e
+        self._smooth: dict[str, torch.Tensor] = {}  # input smoothing folded into each layer
+        self._out_smooth: dict[str, torch.Tensor] = {}  # output smoothing folded into its rows (v, up)
+
+    def describe(self) -> dict:
+        cfg = self.config
+        return {**asdict(cfg), "weights": {"bits": cfg.w_bits, "symmetric": True, "granularity": "per-channel",
+                                           "scales": "dyadic m / 2^k"},
+                "activations": {"bits": cfg.a_bits, "symmetric": True, "granularity": "per-token", "dynamic": True,
+                                "integer_only": True}}
+
+    def activation_fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        qmax = (1 << (self.config.a_bits - 1)) - 1
+        xf = x.float()
+        amax = xf.abs().amax(dim=-1, keepdim=True)
+        inv = torch.where(amax > 0, qmax / amax, torch.zeros_like(amax))
+        return (torch.round(xf * inv) * (amax / qmax)).to(x.dtype)
+
+    def quantize_linear(self, name: str, weight: torch.Tensor) -> QuantizedLinear:
+        raise QConvertError(f"i-llm calibrates (smoothing statistics, GPTQ); {name} cannot be quantized without data")
+
+    # ------------------------------------------------------------------ smoothing (before stage A)
+    @torch.no_grad()
+    def prepare_block(self, prefix: str, block, feed) -> dict[str, torch.Tensor]:
+        """Smooth the block in place from a float pass over the calibration inputs (``feed()``
+        yields (hidden, kwargs) batches); returns the changed non-linear parameters (the norm
+        weights) by full name, for the pipeline to write instead of the source's."""
+        attn, mlp = block.self_attn, block.mlp
+        names = {"q": attn.q_proj, "k": attn.k_proj, "v": attn.v_proj, "o": attn.o_proj,
+                 "gate": mlp.gate_proj, "up": mlp.up_proj, "down": mlp.down_proj}
+        if any(getattr(m, "bias", None) is not None for m in names.values()):
+            raise QConvertError("i-llm: linears with a bias are not supported by the integer runtime")
+        full = {k: f"{prefix}{'self_attn' if k in ('q', 'k', 'v', 'o') else 'mlp'}.{m}"
+                for k, m in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "o_proj"),
+                             ("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj"))}
+        if not self.config.fsbr:
+            for k, lin in names.items():
+                self._smooth[full[k]] = torch.ones(lin.in_features)
+            return {}
+        amax: dict[str, torch.Tensor] = {}
+
+        def track(key):
+            def hook(mod, args, out=None):
+                x = (args[0] if out is None else out).detach()
+                cur = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
+                amax[key] = torch.maximum(amax[key], cur) if key in amax else cur
+            return hook
+
+        hooks = [attn.q_proj.register_forward_pre_hook(track("ln1")), mlp.gate_proj.register_forward_pre_hook(track("ln2")),
+                 mlp.down_proj.register_forward_pre_hook(track("act")),
+                 attn.v_proj.register_forward_hook(lambda m, a, y: track("v")(m, a, y))]
+        try:
+            for hidden, kwargs in feed():
+                block(hidden, **kwargs)
+        finally:
+            for h in hooks:
+                h.remove()
+        a = self.config.alpha
+        col_max = lambda *ws: torch.stack([w.weight.abs().amax(dim=0) for w in ws]).amax(dim=0)  # noqa: E731
+        s1 = smoothing(amax["ln1"], col_max(attn.q_proj, attn.k_proj, attn.v_proj), a)
+        s3 = smoothing(amax["ln2"], col_max(mlp.gate_proj, mlp.up_proj), a)
+        s4 = smoothing(amax["act"], col_max(mlp.down_proj), a)
+        kv_out = attn.v_proj.out_features
+        reps = attn.o_proj.in_features // kv_out  # query heads per KV head (GQA)
+        o_cols = attn.o_proj.weight.abs().amax(dim=0)  # [heads * d]
+        s2 = smoothing(amax["v"], self._v_channel_max(o_cols, kv_out, reps, block), a)
+        s2_o = self._expand_v(s2, kv_out, reps, block)
+        ln1, ln2 = block.input_layernorm, block.post_attention_layernorm
+        ln1.weight.div_(s1)
+        for lin in (attn.q_proj, attn.k_proj, attn.v_proj):
+            lin.weight.mul_(s1[None, :])
+        attn.v_proj.weight.div_(s2[:, None])
+        attn.o_proj.weight.mul_(s2_o[None, :])
+        ln2.weight.div_(s3)
+        for lin in (mlp.gate_proj, mlp.up_proj):
+            lin.weight.mul_(s3[None, :])
+        mlp.up_proj.weight.div_(s4[:, None])
+        mlp.down_proj.weight.mul_(s4[None, :])
+        for k in ("q", "k", "v"):
+            self._smooth[full[k]] = s1
+        for k in ("gate", "up"):
+            self._smooth[full[k]] = s3
+        self._smooth[full["o"]] = s2_o
+        self._smooth[full["down"]] = s4
+        self._out_smooth[full["v"]] = s2
+        self._out_smooth[full["up"]] = s4
+        return {f"{prefix}input_layernorm.weight": ln1.weight.detach().clone(),
+                f"{prefix}post_attention_layernorm.weight": ln2.weight.detach().clone()}
+
+    @staticmethod
+    def _head_dim(block, kv_out: int) -> int:
+        d = getattr(block.self_attn, "head_dim", None)
+        if d is None:
+            raise QConvertError("i-llm: the attention module does not say its head_dim")
+        return int(d)
+
+    def _v_channel_max(self, o_cols: torch.Tensor, kv_out: int, reps: int, block) -> torch.Tensor:
+        """max |W_o| over the o_proj columns that read each value channel (GQA: one per query head)."""
+        d = self._head_dim(block, kv_out)
+        kv = kv_out // d
+        cols = o_cols.reshape(kv, reps, d)  # query head h = kv_head * reps + r reads value head kv_head
+        return cols.amax(dim=1).reshape(-1)
+
+    def _expand_v(self, s2: torch.Tensor, kv_out: int, reps: int, block) -> torch.Tensor:
+        d = self._head_dim(block, kv_out)
+        return s2.reshape(kv_out // d, 1, d).expand(-1, reps, -1).reshape(-1)
+
+    # ------------------------------------------------------------------ weights
+    def quantize_linears(self, names: list[str], weights: list[torch.Tensor], hessian: torch.Tensor,
+                         want_dequantized: bool = True) -> list[QuantizedLinear]:
+        cfg = self.config
+        k = weights[0].shape[1]
+        stacked = torch.cat([w.float() for w in weights])
+        grid = cfg.grid()
+        if cfg.base == "gptq":
+            res = gptq(stacked, hessian, grid, k, damp=cfg.damp, act_order=cfg.act_order, report=False)
+            q_all, s_all, secs = res.q, res.scales[:, 0], res.seconds
+        else:
+            diag = torch.diagonal(hessian)
+            s_all = grid.scales(stacked, torch.where(diag > 0, diag, torch.ones_like(diag)))
+            q_all = grid.quantize(stacked, s_all[:, None]).to(torch.int8)
+            secs = 0.0
+        wm, wk = dyadic_scales(s_all)
+        s_run = wm.double() / torch.pow(2.0, wk.double())  # the scales the runtime applies
+        out, row = [], 0
+        for name, w in zip(names, weights):
+            n = w.shape[0]
+            q = q_all[row: row + n]
+            deq = (q.double() * s_run[row: row + n, None]).float()
+            tensors = {"qweight": pack_int4(pad_columns(q, 2)) if cfg.w_bits == 4 else q.contiguous(),
+                       "shape": torch.tensor([n, k], dtype=torch.int64),
+                       "wm": wm[row: row + n].contiguous(), "wk": wk[row: row + n].contiguous(),
+                       "smooth": self._smooth.get(name, torch.ones(k)).float().contiguous(),
+                       "out_smooth": self._out_smooth.get(name, torch.ones(n)).float().contiguous()}
+            info = {"layout": cfg.layout, "shape": [n, k], "bits": cfg.w_bits, "base": cfg.base, "fsbr": cfg.fsbr,
+                    "gptq_seconds": round(secs * n / stacked.shape[0], 4), "solved_with": len(names),
+                    "gptq_loss": relative_output_error(w.float(), deq, hessian),
+                    "weight_error": relative_weight_error(w.float(), deq)}
+            out.append(QuantizedLinear(cfg.layout, tensors, info, deq if want_dequantized else None))
+            row += n
+        return out

@@ -1,0 +1,237 @@
+"""Integer-only operators of I-LLM (Hu et al., 2024, arXiv 2405.17849), as torch integer code.
+
+Every function here takes and returns integer tensors (int8 / int32 / int64) and runs integer
+operations only: add, multiply, shifts, floor division, comparisons, min / max, and int8 x int8
+-> int32 matrix products (``torch._int_mm``).  A real number is an integer v with a **dyadic
+scale** m / 2^k (``Dyadic``: m and k int64 tensors, m < 2^16 normalized so its top bit is bit 15),
+usually one scale per row (token): x ~= v * m / 2^k.  Rounding is "half up" (``rshift_round``:
+(v + 2^(s-1)) >> s) everywhere.
+
+Operators (the names of the paper):
+
+- **DI-MatMul** (``di_linear``): per-token int8 (or int4) activations x per-channel int8 / int4
+  weights with dyadic scales; int32 accumulation; the output stays exact as int64 t = acc * m_w
+  (channel exponents aligned by shifts) with the per-token scale s_x * 2^-k, and is
+  requantized by the consumer from the integer min / max (``quantize_rows``).
+- **DI-ClippedSoftmax** (``di_softmax``): x - max, clipped at -c (c = 15 by default) in the real
+  domain, exponent by DI-Exp, probabilities as integers with scale 2^-15.
+- **DI-Exp** (``di_exp2``): 2^u for fixed-point u <= 0: the integer part is a right shift, the
+  fraction 2^f ~= 1 + a f + (1 - a) f^2 (a = 0.6602: relative error <= 0.27 %).
+- **DI-Norm** (``di_rmsnorm``): RMSNorm with an integer square root (Newton, ``isqrt``); the
+  input's per-token scale cancels, so the output's scale is amax / (qmax * rms) in integers.
+  RMSNorm's epsilon is dropped (it matters only for an all-but-zero token).
+- integer **SiLU** (``di_silu``): x * sigmoid(x), sigmoid = 1 / (1 + e^-|x|) by DI-Exp and one
+  integer division; integer **RoPE** (``rope``): rotation by a table of cos / sin rounded to
+  integers with scale 2^-14 (``rope_table``; the table is a constant of the model built once at
+  load time, like a weight, not part of the per-token computation).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+MANT = 16  # mantissa bits of a dyadic scale
+EXP_F = 16  # fractional bits of DI-Exp's fixed-point argument and result
+EXP_A = round(0.6602 * 2**EXP_F)  # 2^f ~= 1 + a f + (1 - a) f^2 on [0, 1)
+EXP_B = 2**EXP_F - EXP_A
+PROB_BITS = 15  # softmax probabilities: integers in [0, 2^15], scale 2^-15
+ROPE_BITS = 14
+LOG2E = (round(math.log2(math.e) * 2**15), 15)  # a constant, as m / 2^k
+
+
+@dataclass
+class Dyadic:
+    """m / 2^k elementwise (m, k int64; m = 0 means 0)."""
+
+    m: torch.Tensor
+    k: torch.Tensor
+
+    def __mul__(self, other: "Dyadic") -> "Dyadic":
+        return normalize(self.m * other.m, self.k + other.k)
+
+
+def const(m: int, k: int) -> Dyadic:
+    return normalize(torch.tensor(m, dtype=torch.int64), torch.tensor(k, dtype=torch.int64))
+
+
+def bit_length(v: torch.Tensor) -> torch.Tensor:
+    """Number of bits of v >= 0 (0 for 0), by binary search with shifts."""
+    n = torch.zeros_like(v)
+    x = v.clone()
+    for s in (32, 16, 8, 4, 2, 1):
+        big = (x >> s) > 0
+        n = n + big.long() * s
+        x = torch.where(big, x >> s, x)
+    return n + (x > 0).long()
+
+
+def rshift_round(v: torch.Tensor, s) -> torch.Tensor:
+    """round(v / 2^s), halves up; s >= 0 (an int or a tensor broadcast with v)."""
+    if isinstance(s, int):
+        return v if s == 0 else (v + (1 << (s - 1))) >> s
+    half = torch.where(s > 0, torch.ones_like(s) << (s - 1).clamp_min(0), torch.zeros_like(s))
+    return (v + half) >> s
+
+
+def shift(v: torch.Tensor, s) -> torch.Tensor:
+    """v * 2^-s for any integer s: a rounded right shift, or a left shift when s < 0."""
+    if isinstance(s, int):
+        return rshift_round(v, s) if s >= 0 else v << (-s)
+    if s.numel() == 1:
+        return shift(v, int(s))
+    if bool((s >= 0).all()):
+        return rshift_round(v, s)
+    if bool((s <= 0).all()):
+        return v << (-s)
+    return torch.where(s >= 0, rshift_round(v, s.clamp_min(0)), v << (-s).clamp_min(0))
+
+
+def normalize(m: torch.Tensor, k: torch.Tensor, bits: int = MANT) -> Dyadic:
+    """The same value with a ``bits``-bit mantissa (m >= 0)."""
+    m, k = torch.broadcast_tensors(m, k)
+    sh = bit_length(m) - bits
+    m2 = shift(m, sh)
+    carry = m2 >> bits  # rounding up to 2^bits
+    m2 = m2 >> carry
+    zero = m == 0
+    return Dyadic(torch.where(zero, 0, m2), torch.where(zero, 0, k - sh - carry))
+
+
+def ratio(num: torch.Tensor, den: torch.Tensor | int) -> Dyadic:
+    """num / den as a dyadic (num, den >= 0 integers below 2^40; 0 when den == 0)."""
+    num = torch.as_tensor(num, dtype=torch.int64)
+    den = torch.as_tensor(den, dtype=torch.int64)
+    sh = (MANT + 2 + bit_length(den) - bit_length(num)).clamp_min(0)
+    q = torch.where(den > 0, (num << sh) // den.clamp_min(1), 0)
+    return normalize(q, sh)
+
+
+def apply(v: torch.Tensor, d: Dyadic, frac_bits: int = 0) -> torch.Tensor:
+    """round(v * m / 2^(k - frac_bits)): v scaled by d, with ``frac_bits`` fractional bits kept."""
+    return shift(v * d.m, d.k - frac_bits)
+
+
+def quantize_rows(v: torch.Tensor, qmax: int) -> tuple[torch.Tensor, Dyadic]:
+    """Per row (last dim): q = round(v * qmax / amax) in [-qmax, qmax], and amax / qmax as a
+    dyadic (so that v ~= q * amax / qmax).  Rows above 2^40 are first shifted down (their low
+    bits are far below the output's resolution)."""
+    mag = v.abs()
+    amax = mag.amax(dim=-1, keepdim=True)
+    pre = (bit_length(amax) - 40).clamp_min(0)
+    if bool((pre > 0).any()):
+        v = rshift_round(v, pre)
+        mag = v.abs()
+        amax = mag.amax(dim=-1, keepdim=True)
+    mag = (mag * qmax + amax // 2) // amax.clamp_min(1)
+    q = torch.where(v < 0, -mag, mag)
+    r = ratio(amax, qmax)
+    return q, Dyadic(r.m, r.k - pre)
+
+
+def isqrt(v: torch.Tensor) -> torch.Tensor:
+    """floor(sqrt(v)) for int64 v >= 0: Newton from above, then one correction."""
+    x = torch.ones_like(v) << ((bit_length(v) + 1) // 2)
+    for _ in range(8):
+        x = torch.minimum(x, (x + v // x.clamp_min(1)) // 2)
+    x = torch.where(x * x > v, x - 1, x)
+    return torch.where(v > 0, x, 0)
+
+
+def di_exp2(u: torch.Tensor) -> torch.Tensor:
+    """2^(u / 2^F) for u <= 0 (F = EXP_F fractional bits), as an integer with F fractional bits."""
+    q = u >> EXP_F  # floor: the integer part, <= 0
+    r = u - (q << EXP_F)  # the fraction, [0, 2^F)
+    p = (1 << EXP_F) + rshift_round(r * (EXP_A + rshift_round(EXP_B * r, EXP_F)), EXP_F)
+    return rshift_round(p, (-q).clamp_max(62))
+
+
+def exp_argument(x: torch.Tensor, scale: Dyadic, clip: float) -> torch.Tensor:
+    """u = -min(|x| * scale * log2(e), clip * log2(e)) in fixed point (F bits), for x <= 0."""
+    coef = scale * const(*LOG2E)
+    umax = round(clip * math.log2(math.e) * 2**EXP_F)
+    s = coef.k - EXP_F
+    v = (-x).clamp_max(1 << 40) * coef.m  # < 2^57
+    # before a left shift (a scale above 2^-16, rare) cap v so that nothing overflows
+    v = torch.where(s >= 0, v, torch.minimum(v, (umax >> (-s).clamp(0, 40)) + 1))
+    return -torch.minimum(shift(v, s.clamp_min(-40)), torch.full_like(v, umax))
+
+
+def di_softmax(scores: torch.Tensor, scale: Dyadic, mask: torch.Tensor | None = None, clip: float = 15.0) -> torch.Tensor:
+    """DI-ClippedSoftmax over the last dim: ``scores`` int64 with real value scores * scale (one
+    scale per row); ``mask`` bool, True where a score takes part.  Returns probabilities
+    P int64 in [0, 2^15] (scale 2^-15)."""
+    if mask is not None:
+        low = torch.iinfo(torch.int64).min // 4
+        scores = torch.where(mask, scores, low)
+    x = scores - scores.amax(dim=-1, keepdim=True)
+    e = di_exp2(exp_argument(x, scale, clip))
+    if mask is not None:
+        e = torch.where(mask, e, 0)
+    total = e.sum(dim=-1, keepdim=True)
+    return ((e << PROB_BITS) + total // 2) // total.clamp_min(1)
+
+
+def di_rmsnorm(x: torch.Tensor, gamma: torch.Tensor, gamma_k: int, qmax: int) -> tuple[torch.Tensor, Dyadic]:
+    """DI-Norm: RMSNorm(x) * g with g = gamma / 2^gamma_k (gamma int64 [H]); x int64 [.., H]
+    (|x| < 2^22).  Returns (q in [-qmax, qmax], per-row dyadic scale) for the next DI-MatMul:
+    x / rms(x) * g ~= q * scale; the input's own scale cancels."""
+    h = x.shape[-1]
+    rms = isqrt((x * x).sum(dim=-1, keepdim=True) // h)
+    y = x * gamma
+    q, r = quantize_rows(y, qmax)  # y ~= q * r
+    # x / rms * gamma / 2^gk = q * r / (rms * 2^gk)
+    inv = ratio(r.m, rms)
+    return q, Dyadic(inv.m, inv.k + r.k + gamma_k)
+
+
+def di_silu(g: torch.Tensor, scale: Dyadic) -> torch.Tensor:
+    """SiLU of g * scale in the same scale: g * sigmoid, sigmoid = 1 / (1 + e^-|x|) from DI-Exp."""
+    one = 1 << EXP_F
+    e = di_exp2(exp_argument(-g.abs(), scale, clip=40.0))  # e^-|x|, F fractional bits
+    sig_pos = ((one << EXP_F) + (one + e) // 2) // (one + e)  # sigmoid(|x|) in [1/2, 1]
+    sig = torch.where(g >= 0, sig_pos, one - sig_pos)
+    return rshift_round(g * sig, EXP_F)
+
+
+def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [M, K] @ b [K, N] for int8-range integers (any int dtype), int32 accumulation, as int64."""
+    a8, b8 = a.to(torch.int8).contiguous(), b.to(torch.int8).contiguous()
+    m = a8.shape[0]
+    if m < 17:  # torch._int_mm needs M > 16 on some backends: pad
+        a8 = torch.nn.functional.pad(a8, (0, 0, 0, 17 - m))
+    return torch._int_mm(a8, b8)[:m].long()
+
+
+def wide_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for a with values in [-2^15, 2^15] (e.g. probabilities, 16-bit activations) and int8 b:
+    a split into two byte planes, each shifted into int8 range, so both products are int8 GEMMs;
+    exact."""
+    lo = a & 0xFF  # [0, 255]
+    hi = a >> 8  # [-128, 128]
+    colsum = b.long().sum(dim=0, keepdim=True)
+    p_lo = int8_matmul(lo - 128, b) + 128 * colsum
+    hi_c = hi.clamp_max(127)  # hi == 128 only where a == 2^15 (a probability of 1)
+    p_hi = int8_matmul(hi_c, b)
+    if bool((hi > 127).any()):
+        p_hi = p_hi + int8_matmul(hi - hi_c, b)
+    return (p_hi << 8) + p_lo
+
+
+def rope_table(positions: int, head_dim: int, theta: float, scaling=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) int64 [positions, head_dim / 2] with scale 2^-14: a constant table of the model,
+    built once (float64 trigonometry at load time, then rounded), as HF Llama's rotary
+    embedding without scaling."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    ang = torch.arange(positions, dtype=torch.float64)[:, None] * inv[None, :]
+    one = 1 << ROPE_BITS
+    return torch.round(torch.cos(ang) * one).long(), torch.round(torch.sin(ang) * one).long()
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x int64 [.., T, head_dim] (HF's rotate_half convention) by the integer table."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([rshift_round(x1 * cos - x2 * sin, ROPE_BITS), rshift_round(x2 * cos + x1 * sin, ROPE_BITS)], -1)

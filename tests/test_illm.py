@@ -1,0 +1,210 @@
+"""I-LLM: the integer operators against float math, the integer-only property of the runtime
+(every torch call between the embedding lookup and the integer logits traced), smoothing that
+leaves the float function unchanged, and the presets end to end on a tiny Llama."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch.overrides import TorchFunctionMode
+
+from helpers import quantize_tiny
+from qconvert.cli import cli
+from qconvert_kernels import reference_illm as ri
+
+
+def _real(q: torch.Tensor, d: ri.Dyadic) -> torch.Tensor:
+    return q.double() * d.m.double() / torch.pow(2.0, d.k.double())
+
+
+# ------------------------------------------------------------------ operators
+
+
+def test_isqrt_and_bit_length_are_exact():
+    gen = torch.Generator().manual_seed(0)
+    v = torch.cat([torch.randint(0, 2**62, (5000,), generator=gen), torch.tensor([0, 1, 2, 3, 4, 2**62 - 1])])
+    x = ri.isqrt(v)
+    assert ((x * x <= v) & ((x + 1) * (x + 1) > v)).all()
+    assert ri.bit_length(torch.tensor([0, 1, 2, 3, 255, 256, 2**40])).tolist() == [0, 1, 2, 2, 8, 9, 41]
+
+
+def test_dyadic_arithmetic():
+    d = ri.ratio(torch.tensor([1, 3, 1000]), torch.tensor([3, 7, 1]))
+    assert torch.allclose(_real(torch.ones(3, dtype=torch.long), d), torch.tensor([1 / 3, 3 / 7, 1000.0], dtype=torch.float64), rtol=2**-15)
+    assert ((d.m >> 15) == 1).all()  # 16-bit normalized mantissas
+    v = torch.randint(-2**44, 2**44, (4, 300), generator=torch.Generator().manual_seed(1))
+    q, r = ri.quantize_rows(v, 127)
+    assert q.abs().max() <= 127 and (q.abs().amax(1) == 127).all()
+    assert ((_real(q, r) - v.double()).abs().amax(1) <= v.abs().amax(1).double() / 127 * 0.5001).all()
+
+
+def test_di_exp2_relative_error():
+    u = -torch.arange(0, 20 * 2**16, 37)
+    got = ri.di_exp2(u).double() / 2**16
+    ref = torch.pow(2.0, u.double() / 2**16)
+    assert float(((got - ref).abs() / ref)[ref > 2**-6].max()) < 0.004  # the quadratic's 0.27 % + rounding
+    assert float((got - ref).abs().max()) <= 2**-16 * 1.01 + 0.0027
+
+
+def test_di_softmax_matches_float_softmax():
+    gen = torch.Generator().manual_seed(2)
+    real = torch.randn(6, 64, generator=gen) * 4
+    scale = ri.ratio(torch.tensor(1), torch.tensor(2000))
+    scores = torch.round(real * 2000).long()
+    mask = torch.ones(6, 64, dtype=torch.bool).tril(diagonal=30)
+    p = ri.di_softmax(scores, scale, mask)
+    ref = torch.softmax(torch.where(mask, scores / 2000.0, -torch.inf), -1)
+    assert p.dtype == torch.int64 and (p[~mask] == 0).all()
+    assert float((p / 2**15 - ref).abs().max()) < 2e-3
+    assert ((p.sum(-1) - 2**15).abs() <= 64).all()
+
+
+def test_di_rmsnorm_and_silu():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randint(-2**20, 2**20, (3, 576), generator=gen)
+    g = torch.randint(2**13, 2**15, (576,), generator=gen)
+    q, s = ri.di_rmsnorm(x, g, 14, 127)
+    xf = x.double()
+    ref = xf / torch.sqrt((xf * xf).mean(-1, keepdim=True)) * g.double() / 2**14
+    assert float((_real(q, s) - ref).norm() / ref.norm()) < 0.01
+    gi = torch.arange(-2**15, 2**15, 7)
+    scale = ri.ratio(torch.tensor(1), torch.tensor(4096))
+    y = ri.di_silu(gi, scale).double() / 4096
+    xr = gi.double() / 4096
+    assert float((y - xr * torch.sigmoid(xr)).abs().max()) < 2e-3
+
+
+def test_integer_matmuls_are_exact():
+    gen = torch.Generator().manual_seed(4)
+    a = torch.randint(-2**15, 2**15 + 1, (20, 64), generator=gen)
+    a[0, 0] = 2**15
+    b = torch.randint(-128, 128, (64, 8), generator=gen)
+    assert torch.equal(ri.wide_matmul(a, b), a @ b)
+    small = torch.randint(-127, 128, (3, 64), generator=gen)
+    assert torch.equal(ri.int8_matmul(small, b), small @ b)
+
+
+def test_rope_table_rotation():
+    cos, sin = ri.rope_table(16, 8, 10000.0)
+    x = torch.randint(-2**14, 2**14, (16, 8), generator=torch.Generator().manual_seed(5))
+    got = ri.rope(x, cos, sin).double()
+    ang = torch.arange(16, dtype=torch.float64)[:, None] / (10000.0 ** (torch.arange(0, 8, 2, dtype=torch.float64) / 8))
+    c, s = torch.cos(ang), torch.sin(ang)
+    xf = x.double()
+    ref = torch.cat([xf[:, :4] * c - xf[:, 4:] * s, xf[:, 4:] * c + xf[:, :4] * s], 1)
+    assert float((got - ref).abs().max()) <= 3.0  # the table's 2^-14 rounding on |x| < 2^14, and a half
+
+
+# ------------------------------------------------------------------ the model
+
+
+@pytest.fixture(scope="module")
+def illm_out(tiny_calib_src, tmp_path_factory):
+    out = tmp_path_factory.mktemp("illm") / "w8a8"
+    res = quantize_tiny(tiny_calib_src, out, "illm-w8a8")
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    return out
+
+
+class _Trace(TorchFunctionMode):
+    """Records the dtype of every tensor each torch call returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        flat = out if isinstance(out, (tuple, list)) else (out,)
+        dts = [t.dtype for t in flat if isinstance(t, torch.Tensor)]
+        self.calls.append((getattr(func, "__name__", str(func)), dts))
+        return out
+
+
+def test_integer_only_between_embedding_and_logits(illm_out):
+    """Every torch call of forward_int returns integer or bool tensors: zero float operations per
+    token.  The same trace over forward (which converts the logits to float at the end) does
+    see float results, so the check can fail."""
+    from qconvert import load
+
+    model = load(illm_out)
+    ids = torch.randint(0, 300, (1, 20), generator=torch.Generator().manual_seed(0))
+    with _Trace() as trace:
+        acc, scale = model.forward_int(ids[0])
+    floats = [(name, d) for name, dts in trace.calls for d in dts if d.is_floating_point or d.is_complex]
+    assert floats == [], floats[:5]
+    assert len(trace.calls) > 1000 and acc.dtype == torch.int64 and scale.m.dtype == torch.int64
+    per_token = sum(1 for _, dts in trace.calls if dts) / ids.shape[1]
+    assert per_token > 0
+    with _Trace() as trace:
+        model(ids)
+    assert any(d.is_floating_point for _, dts in trace.calls for d in dts)
+
+
+def test_model_close_to_float_and_verify(illm_out, tiny_calib_src):
+    from transformers import AutoModelForCausalLM
+
+    from qconvert import load
+    from qconvert.verify import verify
+
+    model = load(illm_out)
+    ref = AutoModelForCausalLM.from_pretrained(tiny_calib_src, dtype=torch.float32)
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    a, b = model(ids).logits, ref(ids).logits
+    assert a.shape == b.shape and float((a - b).norm() / b.norm()) < 0.05
+    rep = verify(illm_out, data_file=tiny_calib_src.parent / "calib.txt")
+    assert rep.ok, rep.failures
+    assert rep.top1_agreement > 0.9 and rep.min_snr_db > 20
+
+
+def test_smoothing_keeps_the_float_function(tiny_calib_src):
+    """prepare_block folds s into the norms and linears: the block computes the same function."""
+    from transformers import AutoModelForCausalLM
+
+    from qconvert.methods.illm import ILLMMethod
+
+    ref = AutoModelForCausalLM.from_pretrained(tiny_calib_src, dtype=torch.float32)
+    blk = ref.model.layers[0]
+    x = torch.randn(2, 12, ref.config.hidden_size) * 3
+    pos = torch.arange(12)[None].expand(2, -1)
+    kw = {"position_embeddings": ref.model.rotary_emb(x, pos), "attention_mask": None}
+    with torch.no_grad():
+        before = blk(x, **kw)
+        before = before[0] if isinstance(before, tuple) else before
+        meth = ILLMMethod({})
+        changed = meth.prepare_block("model.layers.0.", blk, lambda: iter([(x, kw)]))
+        after = blk(x, **kw)
+        after = after[0] if isinstance(after, tuple) else after
+    assert set(changed) == {"model.layers.0.input_layernorm.weight", "model.layers.0.post_attention_layernorm.weight"}
+    assert float((after - before).abs().max()) < 1e-4 * float(before.abs().max())
+    s = meth._smooth["model.layers.0.self_attn.q_proj"]
+    assert not torch.allclose(s, torch.ones_like(s))  # something was smoothed
+
+
+@pytest.mark.parametrize("scheme,extra", [("illm-w4a8", []), ("illm-w4a4", ["--no-fsbr"])])
+def test_presets_quantize_verify_eval(tiny_calib_src, tmp_path, scheme, extra):
+    out = tmp_path / "out"
+    res = quantize_tiny(tiny_calib_src, out, scheme, *extra)
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    rep = json.loads((out / "qconvert.json").read_text())
+    assert {r["layout"] for r in rep["layers"]} == {scheme} and all(r["fsbr"] == (not extra) for r in rep["layers"])
+    ev = CliRunner().invoke(cli, ["eval", str(out), "--data-file", str(tiny_calib_src.parent / "calib.txt"),
+                                  "--seqlen", "16", "--json", "-q"])
+    assert ev.exit_code == 0, ev.output
+    assert math.isfinite(json.loads(ev.stdout)["perplexity"])
+    assert CliRunner().invoke(cli, ["verify", str(out), "--no-compare"]).exit_code == 0
+
+
+def test_option_and_parameter_errors(tiny_calib_src, tmp_path):
+    from qconvert.errors import QConvertError
+    from qconvert.methods.illm import ILLMMethod
+
+    res = quantize_tiny(tiny_calib_src, tmp_path / "a", "is-w4a8", "--no-fsbr")
+    assert res.exit_code != 0 and "--fsbr / --no-fsbr applies to i-llm schemes" in res.output
+    for bad, msg in [({"w_bits": 3}, "must be 4 or 8"), ({"alpha": 2}, "alpha"), ({"group_size": 128}, "allowed parameters")]:
+        with pytest.raises(QConvertError, match=msg):
+            ILLMMethod(bad)
