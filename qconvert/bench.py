@@ -41,7 +41,7 @@ KERNEL_SHAPES = {
     "smollm2-135m": [("o_proj", 576, 576), ("qkv_proj", 960, 576), ("gate_up_proj", 3072, 576), ("down_proj", 576, 1536)],
 }
 DEFAULT_M = (1, 16, 64, 256, 1024, 4096)
-KERNEL_SCHEMES = ("is-w4a8", "zqfp-w4a8", "quik-w4a4")  # kernel families benchmarked by --kernels (IS against FS
+KERNEL_SCHEMES = ("is-w4a8", "zqfp-w4a8", "quik-w4a4", "illm-w8a8")  # kernel families benchmarked by --kernels (IS against FS
 # and cuBLAS; ZeroQuant-FP: FP4 x FP8 and FP8 x FP8 against cuBLAS; QUIK: whole W4A4 / W8A8 layers against cuBLAS)
 
 # random-weight models of real shapes for --synthetic (Llama architecture)
@@ -315,6 +315,44 @@ def quik_kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, r
     return rows
 
 
+def illm_kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, runs: int = 50, warmup: int = 10,
+                     reps: int = 20) -> list[dict]:
+    """Time cuBLAS FP16 and I-LLM's DI-MatMul (int8 x int8, dyadic epilogue, int64 out) with and
+    without the per-token requantization of its output, for one (M, N, K)."""
+    from qconvert_kernels import cuda_illm
+
+    gen = torch.Generator(device=device).manual_seed(m * 131 + n * 7 + k)
+    fp16_bytes = m * k * 2 + n * k * 2 + m * n * 2
+    sets = _operand_sets(fp16_bytes, device)
+    xs = [torch.randn((m, k), generator=gen, device=device, dtype=torch.float16) for _ in range(sets)]
+    ws = [torch.randn((n, k), generator=gen, device=device, dtype=torch.float16) * 0.02 for _ in range(sets)]
+    rows = []
+
+    def row(kernel, timing: Timing, bytes_moved: int, ops: int):
+        us = timing.median_us
+        rows.append({"shape": label, "N": n, "K": k, "M": m, "kernel": kernel, "us": round(us, 3),
+                     "tops": round(ops / (us * 1e-6) / 1e12, 3), "gbps": round(bytes_moved / (us * 1e-6) / 1e9, 1),
+                     "timing": timing.mode, "samples": timing.samples, "operand_sets": sets})
+
+    ops = 2 * m * n * k
+    row("cublas-fp16", _time_cuda(lambda i: torch.nn.functional.linear(xs[i], ws[i]), sets, runs, warmup, reps), fp16_bytes, ops)
+    xs.clear()
+    ws.clear()
+    xq = [torch.randint(-127, 128, (m, k), generator=gen, device=device, dtype=torch.int8) for _ in range(sets)]
+    qw = [torch.randint(-127, 128, (n, k), generator=gen, device=device, dtype=torch.int8) for _ in range(sets)]
+    wm = torch.randint(2**15, 2**16, (n,), generator=gen, device=device, dtype=torch.int32)
+    wk = torch.randint(24, 30, (n,), generator=gen, device=device, dtype=torch.int32)
+    row("illm-matmul-w8", _time_cuda(lambda i: cuda_illm.illm_matmul(xq[i], qw[i], wm, wk, 8), sets, runs, warmup, reps),
+        m * k + n * k + m * n * 8, ops)
+    row("illm-w8a8", _time_cuda(lambda i: cuda_illm.requant_rows(cuda_illm.illm_matmul(xq[i], qw[i], wm, wk, 8), 127),
+                                sets, runs, warmup, reps), m * k + n * k + m * n * 17, ops)
+    by = {r["kernel"]: r["us"] for r in rows}
+    for r in rows:
+        if r["kernel"] != "cublas-fp16":
+            r["vs_cublas"] = round(by["cublas-fp16"] / r["us"], 3)
+    return rows
+
+
 def kernel_bench(shapes: str = "llama3-8b", ms=DEFAULT_M, runs: int = 50, warmup: int = 10, scheme: str = "is-w4a8",
                  progress=None) -> dict:
     """All kernel rows for the shape set ``shapes`` ("llama3-8b", "smollm2-135m" or "all")."""
@@ -338,6 +376,8 @@ def kernel_bench(shapes: str = "llama3-8b", ms=DEFAULT_M, runs: int = 50, warmup
         rows_of = zqfp_kernel_rows
     elif scheme == "quik-w4a4":
         rows_of = quik_kernel_rows
+    elif scheme == "illm-w8a8":
+        rows_of = illm_kernel_rows
     device = torch.device("cuda")
     rows = []
     for s in names:
@@ -351,7 +391,7 @@ def kernel_bench(shapes: str = "llama3-8b", ms=DEFAULT_M, runs: int = 50, warmup
 
 def kernel_summary(rows: list[dict], scheme: str = "is-w4a8") -> dict:
     """The ratios the targets are stated in, over the Llama-3-8B rows (min over shapes)."""
-    main = {"is-w4a8": "w4a8-is", "zqfp-w4a8": "fp4-fp8", "quik-w4a4": "quik-w4a4"}[scheme]
+    main = {"is-w4a8": "w4a8-is", "zqfp-w4a8": "fp4-fp8", "quik-w4a4": "quik-w4a4", "illm-w8a8": "illm-w8a8"}[scheme]
 
     def worst(key, pred, best=False):
         vals = [r[key] for r in rows if r["kernel"] == main and r.get("model") == "llama3-8b" and pred(r["M"])]
@@ -613,7 +653,7 @@ def plot_kernels(result: dict, path: Path) -> Path:
     nrows = -(-len(panels) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3.2 * nrows), squeeze=False)
     for ax, (model, shape, n, k) in zip(axes.flat, panels):
-        for kernel in ("w4a8-is", "w4a8-fs", "fp4-fp8", "fp8-fp8", "quik-w4a4", "quik-w8a8"):
+        for kernel in ("w4a8-is", "w4a8-fs", "fp4-fp8", "fp8-fp8", "quik-w4a4", "quik-w8a8", "illm-w8a8"):
             pts = sorted((r["M"], r["vs_cublas"]) for r in rows
                          if r["kernel"] == kernel and (r.get("model", ""), r["shape"], r["N"], r["K"]) == (model, shape, n, k))
             if pts:

@@ -271,7 +271,7 @@ def _int_list(ctx, param, value):
 @click.option("--m", "ms", default="1,16,64,256,1024,4096", show_default=True, callback=_int_list, help="With --kernels: token counts M.")
 @click.option("--runs", default=50, show_default=True, type=click.IntRange(min=50), help="With --kernels: timed samples (median).")
 @click.option("--scheme", default="is-w4a8", show_default=True,
-              help="With --kernels: the kernel family (is-w4a8, zqfp-w4a8, quik-w4a4); with --synthetic: the "
+              help="With --kernels: the kernel family (is-w4a8, zqfp-w4a8, quik-w4a4, illm-w8a8); with --synthetic: the "
                    "random-weight twin (is-w4a8, quik-w4a4).")
 @click.option("--prefill", default=2048, show_default=True, type=click.IntRange(min=1), help="Prefill length (batch 1).")
 @click.option("--new-tokens", default=128, show_default=True, type=click.IntRange(min=1), help="Greedy decode steps.")

@@ -51,14 +51,19 @@ QUIK_GEMM_KERNELS = QUIK_S4_KERNELS + ("quik_gemm_w4a4_s8_f16", "quik_gemm_w4a4_
                                        "quik_gemm_w8a8_f16", "quik_gemm_w8a8_bf16")
 QUIK_KERNELS = QUIK_GEMM_KERNELS + ("quik_split_f16", "quik_split_bf16")
 INT4_MMA_ARCHS = ("sm_80", "sm_86", "sm_89")
+
+# I-LLM kernels (illm_gemm.cu, which includes quik_gemm.cu): every arch, integer arithmetic only.
+ILLM_SOURCE = Path(__file__).with_name("illm_gemm.cu")
+ILLM_GEMM_KERNELS = ("illm_matmul_w8", "illm_matmul_w4")
+ILLM_KERNELS = ILLM_GEMM_KERNELS + ("illm_requant_rows", "illm_softmax", "illm_rmsnorm")
 _INCLUDE = re.compile(r'^#include "([\w.]+)"\s*$', re.M)
 
 
 def kernel_source(source: Path = SOURCE) -> str:
     """The text of a kernel source with its ``#include "x.cu"`` lines (files beside it) inlined,
-    for NVRTC, which gets no include path (nvcc resolves them itself)."""
+    recursively, for NVRTC, which gets no include path (nvcc resolves them itself)."""
     source = Path(source)
-    return _INCLUDE.sub(lambda m: (source.parent / m.group(1)).read_text(), source.read_text())
+    return _INCLUDE.sub(lambda m: kernel_source(source.parent / m.group(1)), source.read_text())
 
 
 class CompileError(RuntimeError):
@@ -288,6 +293,8 @@ def main(argv=None) -> int:
                               lambda op: "MMA" in op)
             s4 = QUIK_GEMM_KERNELS if arch in INT4_MMA_ARCHS else tuple(k for k in QUIK_GEMM_KERNELS if k not in QUIK_S4_KERNELS)
             ok &= _report(arch, compile_cubin(arch, tmp, source=QUIK_SOURCE), QUIK_KERNELS, s4,
+                          lambda op: op.startswith("IMMA"))
+            ok &= _report(arch, compile_cubin(arch, tmp, source=ILLM_SOURCE), ILLM_KERNELS, ILLM_GEMM_KERNELS,
                           lambda op: op.startswith("IMMA"))
     return 0 if ok else 1
 

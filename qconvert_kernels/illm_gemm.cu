@@ -1,0 +1,243 @@
+// I-LLM kernels of qconvert: DI-MatMul (int8 tensor cores, dyadic rescaling epilogue), the
+// per-token requantization from the integer row max, DI-ClippedSoftmax with DI-Exp, and DI-Norm.
+//
+// The arithmetic is the one of qconvert_kernels/reference_illm.py, bit for bit: integer values,
+// dyadic scales m / 2^k (16-bit m), "half up" rounding shifts.  No float arithmetic is written
+// here; the only float-unit instructions in the SASS come from nvcc's own integer-division
+// routine (an exact integer quotient) -- tests/test_kernels_illm_compile.py pins that.
+//
+//   illm_matmul_w8 / _w4   t[m, n] = round((acc[m, n] * wm[n]) / 2^(wk[n] - kmin))   int64 out,
+//                          acc = sum_k xq[m, k] * q[n, k] on int8 tensor cores (w4: weights
+//                          widened from packed int4 in registers, the W4A8 main loop)
+//   illm_requant_rows      q = round(|v| * qmax / amax) with v's sign, per row; the row's scale
+//                          ratio amax / qmax as (m, k)   (reference_illm.quantize_rows)
+//   illm_softmax           DI-ClippedSoftmax of int32 scores with a per-row dyadic scale and a
+//                          per-row valid length (causal): 15-bit probabilities (di_softmax)
+//   illm_rmsnorm           DI-Norm: integer square root, x * gamma requantized per row (di_rmsnorm)
+//
+// Requirements (launcher: qconvert_kernels/cuda_illm.py): K a multiple of 32 for the GEMMs;
+// contiguous row-major operands, 16-byte aligned; |x| < 2^22 for the norm.
+// This file includes quik_gemm.cu (and so w4a8_gemm.cu) for the byte main loop, the W4A8 main
+// loop and the tiles; kernel_source() in compile.py inlines both for NVRTC.
+
+#include "quik_gemm.cu"
+
+namespace illm {
+
+constexpr int MANT = 16;
+constexpr int EXP_F = 16;
+constexpr long long EXP_A = 43267;  // round(0.6602 * 2^16): 2^f ~= 1 + a f + (1 - a) f^2
+constexpr long long EXP_B = 65536 - EXP_A;
+constexpr long long LOG2E_M = 47274;  // round(log2(e) * 2^15), exponent 15
+constexpr int LOG2E_K = 15;
+constexpr int PROB_BITS = 15;
+constexpr int ROW_THREADS = 256;
+
+__device__ __forceinline__ int bitlen(long long v) { return v > 0 ? 64 - __clzll(v) : 0; }
+__device__ __forceinline__ long long rshift_round(long long v, int s) { return s > 0 ? (v + (1LL << (s - 1))) >> s : v; }
+__device__ __forceinline__ long long shift(long long v, int s) { return s >= 0 ? rshift_round(v, s) : (v << (-s)); }
+
+struct Dy {
+    long long m, k;
+};
+
+__device__ __forceinline__ Dy normalize(long long m, long long k) {  // m >= 0
+    if (m == 0) return {0, 0};
+    const int sh = bitlen(m) - MANT;
+    long long m2 = shift(m, sh);
+    const long long carry = m2 >> MANT;  // rounding up to 2^16
+    m2 >>= carry;
+    return {m2, k - sh - carry};
+}
+
+__device__ __forceinline__ Dy ratio(long long num, long long den) {  // num, den >= 0, < 2^40
+    int sh = MANT + 2 + bitlen(den) - bitlen(num);
+    sh = sh > 0 ? sh : 0;
+    const long long q = den > 0 ? (num << sh) / den : 0;
+    return normalize(q, sh);
+}
+
+// Block-wide reductions of one value per thread (ROW_THREADS threads): warp shuffles, then
+// the warps' results in shared memory; every thread gets the result.
+__device__ __forceinline__ long long block_max(long long v, long long* red) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+    __syncthreads();
+    v = red[0];
+#pragma unroll
+    for (int w = 1; w < ROW_THREADS / 32; ++w) v = max(v, red[w]);
+    return v;
+}
+__device__ __forceinline__ long long block_sum(long long v, long long* red) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+    __syncthreads();
+    v = 0;
+#pragma unroll
+    for (int w = 0; w < ROW_THREADS / 32; ++w) v += red[w];
+    return v;
+}
+
+// quantize_rows over one row (the caller's CTA): writes q, returns the row's scale ratio
+// (m, k - pre) of amax / qmax.  The values are read through `get(i)` twice (no copy).
+template <typename Get>
+__device__ __forceinline__ Dy requant_row(Get get, int n, long long qmax, signed char* q, long long* red) {
+    long long amax = 0;
+    for (int i = threadIdx.x; i < n; i += ROW_THREADS) amax = max(amax, llabs(get(i)));
+    amax = block_max(amax, red);
+    int pre = bitlen(amax) - 40;
+    pre = pre > 0 ? pre : 0;
+    long long amax2 = amax;
+    if (pre > 0) {
+        amax2 = 0;
+        for (int i = threadIdx.x; i < n; i += ROW_THREADS) amax2 = max(amax2, llabs(rshift_round(get(i), pre)));
+        amax2 = block_max(amax2, red);
+    }
+    const long long den = amax2 > 0 ? amax2 : 1;
+    for (int i = threadIdx.x; i < n; i += ROW_THREADS) {
+        const long long v = rshift_round(get(i), pre);
+        const long long mag = (llabs(v) * qmax + amax2 / 2) / den;
+        q[i] = static_cast<signed char>(v < 0 ? -mag : mag);
+    }
+    const Dy r = ratio(amax2, qmax);
+    return {r.m, r.k - pre};
+}
+
+__device__ __forceinline__ long long isqrt(long long v) {  // floor(sqrt(v)), v >= 0
+    if (v <= 0) return 0;
+    long long x = 1LL << ((bitlen(v) + 1) / 2);
+#pragma unroll 1
+    for (int i = 0; i < 8; ++i) x = min(x, (x + v / x) / 2);
+    return x * x > v ? x - 1 : x;
+}
+
+__device__ __forceinline__ long long di_exp2(long long u) {  // u <= 0, 16 fractional bits
+    const long long q = u >> EXP_F;
+    const long long r = u - (q << EXP_F);
+    const long long p = (1LL << EXP_F) + rshift_round(r * (EXP_A + rshift_round(EXP_B * r, EXP_F)), EXP_F);
+    const long long s = -q < 62 ? -q : 62;
+    return rshift_round(p, static_cast<int>(s));
+}
+
+// DI-MatMul epilogue: t = round(acc * wm[n] / 2^(wk[n] - kmin)), int64.
+__device__ __forceinline__ void matmul_epilogue(const int (&P)[quik::MT][quik::NT][4], const int* __restrict__ wm,
+                                                const int* __restrict__ wk, int kmin, long long* __restrict__ t,
+                                                int M, int N, int bm, int bn) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int gid = lane >> 2, tig = lane & 3;
+    const int wmo = (warp >> 1) * quik::WM, wno = (warp & 1) * quik::WN;
+#pragma unroll
+    for (int nt = 0; nt < quik::NT; ++nt)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+            const int n = bn + wno + nt * 8 + 2 * tig + c;
+            if (n >= N) continue;
+            const long long m_n = __ldg(wm + n);
+            const int s = __ldg(wk + n) - kmin;
+#pragma unroll
+            for (int mt = 0; mt < quik::MT; ++mt)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int m = bm + wmo + mt * 16 + gid + 8 * h;
+                    if (m < M) t[static_cast<long long>(m) * N + n] = rshift_round(P[mt][nt][2 * h + c] * m_n, s);
+                }
+        }
+}
+
+}  // namespace illm
+
+#define ILLM_MATMUL_ARGS                                                                              \
+    const signed char* __restrict__ xq,   /* int8 [M, K] activations */                               \
+    const signed char* __restrict__ qw,   /* int8 [N, K] (w8) or packed int4 [N, K/2] (w4) */         \
+    const int* __restrict__ wm,           /* int32 [N] mantissas */                                   \
+    const int* __restrict__ wk,           /* int32 [N] exponents */                                   \
+    int kmin,                             /* min over n of wk */                                      \
+    long long* __restrict__ t,            /* int64 [M, N] out */                                      \
+    int M, int N, int K
+
+// Launch: grid (ceil(N / 64), ceil(M / 64)), block 128.
+extern "C" __global__ void __launch_bounds__(quik::THREADS, 1) illm_matmul_w8(ILLM_MATMUL_ARGS) {
+    const int bm = blockIdx.y * quik::BM, bn = blockIdx.x * quik::BN;
+    int P[quik::MT][quik::NT][4];
+    quik::mainloop_bytes<false>(xq, qw, M, N, K, bm, bn, P);
+    illm::matmul_epilogue(P, wm, wk, kmin, t, M, N, bm, bn);
+}
+
+extern "C" __global__ void __launch_bounds__(quik::THREADS, 1) illm_matmul_w4(ILLM_MATMUL_ARGS) {
+    const int bm = blockIdx.y * quik::BM, bn = blockIdx.x * quik::BN;
+    int P[quik::MT][quik::NT][4];
+    quik::NoFold fold;
+    qk::mainloop(xq, reinterpret_cast<const unsigned char*>(qw), M, N, K, K, bm, bn, P, fold);
+    illm::matmul_epilogue(P, wm, wk, kmin, t, M, N, bm, bn);
+}
+
+// Launch: grid (rows), block 256.  v int64 [rows, n] -> q int8 [rows, n], scale (m, k) int64 [rows].
+extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS) illm_requant_rows(
+        const long long* __restrict__ v, signed char* __restrict__ q, long long* __restrict__ sm,
+        long long* __restrict__ sk, int rows, int n, int qmax) {
+    __shared__ long long red[illm::ROW_THREADS / 32];
+    const int r = blockIdx.x;
+    if (r >= rows) return;
+    const long long* row = v + static_cast<long long>(r) * n;
+    const illm::Dy d = illm::requant_row([&](int i) { return row[i]; }, n, qmax, q + static_cast<long long>(r) * n, red);
+    if (threadIdx.x == 0) {
+        sm[r] = d.m;
+        sk[r] = d.k;
+    }
+}
+
+// Launch: grid (rows), block 256.  scores int32 [rows, T]; row r's first valid[r] entries take part
+// (causal attention: position + 1); scale (sm, sk) per row; P int32 [rows, T] out (2^-15 units).
+extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS) illm_softmax(
+        const int* __restrict__ scores, const int* __restrict__ valid, const long long* __restrict__ sm,
+        const long long* __restrict__ sk, long long umax, int* __restrict__ P, int rows, int T) {
+    __shared__ long long red[illm::ROW_THREADS / 32];
+    const int r = blockIdx.x;
+    if (r >= rows) return;
+    const int* row = scores + static_cast<long long>(r) * T;
+    int* out = P + static_cast<long long>(r) * T;
+    const int L = valid[r];
+    long long mx = -(1LL << 62);
+    for (int j = threadIdx.x; j < L; j += illm::ROW_THREADS) mx = max(mx, static_cast<long long>(row[j]));
+    mx = illm::block_max(mx, red);
+    const illm::Dy coef = illm::normalize(sm[r] * illm::LOG2E_M, sk[r] + illm::LOG2E_K);
+    const int s = static_cast<int>(coef.k) - illm::EXP_F;
+    auto e_of = [&](int j) -> long long {
+        long long v = min(mx - row[j], 1LL << 40) * coef.m;
+        if (s < 0) v = min(v, (umax >> min(-s, 40)) + 1);
+        const long long u = min(illm::shift(v, max(s, -40)), umax);
+        return illm::di_exp2(-u);
+    };
+    long long total = 0;
+    for (int j = threadIdx.x; j < L; j += illm::ROW_THREADS) total += e_of(j);
+    total = illm::block_sum(total, red);
+    const long long den = total > 0 ? total : 1;
+    for (int j = threadIdx.x; j < T; j += illm::ROW_THREADS)
+        out[j] = j < L ? static_cast<int>(((e_of(j) << illm::PROB_BITS) + total / 2) / den) : 0;
+}
+
+// Launch: grid (rows), block 256.  x int64 [rows, H] (|x| < 2^22), gamma int64 [H] with exponent gk;
+// q int8 [rows, H] out and the row scale (sm, sk).
+extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS) illm_rmsnorm(
+        const long long* __restrict__ x, const long long* __restrict__ gamma, int gk, int qmax,
+        signed char* __restrict__ q, long long* __restrict__ sm, long long* __restrict__ sk, int rows, int H) {
+    __shared__ long long red[illm::ROW_THREADS / 32];
+    const int r = blockIdx.x;
+    if (r >= rows) return;
+    const long long* row = x + static_cast<long long>(r) * H;
+    long long ss = 0;
+    for (int i = threadIdx.x; i < H; i += illm::ROW_THREADS) ss += row[i] * row[i];
+    ss = illm::block_sum(ss, red);
+    const long long rms = illm::isqrt(ss / H);
+    const illm::Dy d = illm::requant_row([&](int i) { return row[i] * __ldg(gamma + i); }, H, qmax,
+                                         q + static_cast<long long>(r) * H, red);
+    const illm::Dy inv = illm::ratio(d.m, rms);
+    if (threadIdx.x == 0) {
+        sm[r] = inv.m;
+        sk[r] = inv.k + d.k + gk;
+    }
+}
