@@ -203,6 +203,16 @@ def kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, runs: 
     return rows
 
 
+def _recorder(rows: list, label: str, n: int, k: int, m: int, **extra):
+    """``row(kernel, timing, bytes_moved, ops)`` appending one result row (µs, TOPS, GB/s) to ``rows``."""
+    def row(kernel, timing: Timing, bytes_moved: int, ops: int):
+        us = timing.median_us
+        rows.append({"shape": label, "N": n, "K": k, "M": m, "kernel": kernel, "us": round(us, 3),
+                     "tops": round(ops / (us * 1e-6) / 1e12, 3), "gbps": round(bytes_moved / (us * 1e-6) / 1e9, 1),
+                     "timing": timing.mode, "samples": timing.samples, **extra})
+    return row
+
+
 def zqfp_kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, runs: int = 50, warmup: int = 10,
                      group_size: int = 128, reps: int = 20) -> list[dict]:
     """Time cuBLAS FP16, the FP8 quantizer, FP4 x FP8 (fp4-fp8) and FP8 x FP8 (fp8-fp8) for one (M, N, K).
@@ -218,12 +228,7 @@ def zqfp_kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, r
     xs = [torch.randn((m, k), generator=gen, device=device, dtype=torch.float16) for _ in range(sets)]
     ws = [torch.randn((n, k), generator=gen, device=device, dtype=torch.float16) * 0.02 for _ in range(sets)]
     rows = []
-
-    def row(kernel, timing: Timing, bytes_moved: int, ops: int):
-        us = timing.median_us
-        rows.append({"shape": label, "N": n, "K": k, "M": m, "kernel": kernel, "us": round(us, 3),
-                     "tops": round(ops / (us * 1e-6) / 1e12, 3), "gbps": round(bytes_moved / (us * 1e-6) / 1e9, 1),
-                     "timing": timing.mode, "samples": timing.samples, "operand_sets": sets})
+    row = _recorder(rows, label, n, k, m, operand_sets=sets)
 
     ops = 2 * m * n * k
     row("cublas-fp16", _time_cuda(lambda i: torch.nn.functional.linear(xs[i], ws[i]), sets, runs, warmup, reps), fp16_bytes, ops)
@@ -274,13 +279,7 @@ def quik_kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, r
     keep[out_idx] = False
     base_idx = torch.nonzero(keep).flatten()
     rows = []
-
-    def row(kernel, timing: Timing, bytes_moved: int, ops: int):
-        us = timing.median_us
-        rows.append({"shape": label, "N": n, "K": k, "M": m, "kernel": kernel, "us": round(us, 3),
-                     "tops": round(ops / (us * 1e-6) / 1e12, 3), "gbps": round(bytes_moved / (us * 1e-6) / 1e9, 1),
-                     "timing": timing.mode, "samples": timing.samples, "operand_sets": sets, "outliers": n_out,
-                     "int4_path": path})
+    row = _recorder(rows, label, n, k, m, operand_sets=sets, outliers=n_out, int4_path=path)
 
     ops = 2 * m * n * k
     row("cublas-fp16", _time_cuda(lambda i: torch.nn.functional.linear(xs[i], ws[i]), sets, runs, warmup, reps), fp16_bytes, ops)
@@ -327,12 +326,7 @@ def illm_kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, r
     xs = [torch.randn((m, k), generator=gen, device=device, dtype=torch.float16) for _ in range(sets)]
     ws = [torch.randn((n, k), generator=gen, device=device, dtype=torch.float16) * 0.02 for _ in range(sets)]
     rows = []
-
-    def row(kernel, timing: Timing, bytes_moved: int, ops: int):
-        us = timing.median_us
-        rows.append({"shape": label, "N": n, "K": k, "M": m, "kernel": kernel, "us": round(us, 3),
-                     "tops": round(ops / (us * 1e-6) / 1e12, 3), "gbps": round(bytes_moved / (us * 1e-6) / 1e9, 1),
-                     "timing": timing.mode, "samples": timing.samples, "operand_sets": sets})
+    row = _recorder(rows, label, n, k, m, operand_sets=sets)
 
     ops = 2 * m * n * k
     row("cublas-fp16", _time_cuda(lambda i: torch.nn.functional.linear(xs[i], ws[i]), sets, runs, warmup, reps), fp16_bytes, ops)

@@ -248,12 +248,18 @@ class IntegerLlama(nn.Module):
         acc = ri.int8_matmul(xq, self.head_qt)  # [T, V]
         return acc, Dyadic(xs.m, xs.k)
 
-    def forward(self, input_ids: torch.Tensor, **kwargs):
+    def forward(self, input_ids: torch.Tensor, past_key_values: torch.Tensor | None = None, use_cache: bool = False,
+                **kwargs):
+        """Float logits [B, T, V].  No KV cache is kept: ``past_key_values`` is the token prefix
+        itself, which is run again with the new tokens (decoding works, at the cost of the prefix)."""
+        new = input_ids.shape[-1]
+        full = input_ids if past_key_values is None else torch.cat([past_key_values, input_ids], dim=-1)
         rows = []
-        for seq in input_ids.reshape(-1, input_ids.shape[-1]):
+        for seq in full.reshape(-1, full.shape[-1]):
             acc, s = self.forward_int(seq)
             # the one float step: integers -> logits (x scale_row x scale_vocab_row)
             scale_t = s.m.double() * torch.pow(2.0, -s.k.double())
             scale_v = self.head_m.double() * torch.pow(2.0, -self.head_k.double())
-            rows.append((acc.double() * scale_t * scale_v[None, :]).float())
-        return SimpleNamespace(logits=torch.stack(rows).reshape(*input_ids.shape, -1))
+            rows.append((acc.double() * scale_t * scale_v[None, :]).float()[-new:])
+        return SimpleNamespace(logits=torch.stack(rows).reshape(*input_ids.shape, -1),
+                               past_key_values=full if use_cache else None)

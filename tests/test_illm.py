@@ -208,3 +208,20 @@ def test_option_and_parameter_errors(tiny_calib_src, tmp_path):
     for bad, msg in [({"w_bits": 3}, "must be 4 or 8"), ({"alpha": 2}, "alpha"), ({"group_size": 128}, "allowed parameters")]:
         with pytest.raises(QConvertError, match=msg):
             ILLMMethod(bad)
+
+
+def test_decoding_and_bench_on_the_integer_model(illm_out):
+    """No KV cache: past_key_values carries the prefix, and the logits of the new tokens equal
+    those of the whole sequence run at once; `qconvert bench OUT` runs on it."""
+    from qconvert import load
+
+    model = load(illm_out)
+    ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(1))
+    whole = model(ids).logits
+    first = model(ids[:, :9], use_cache=True)
+    step = model(ids[:, 9:], past_key_values=first.past_key_values, use_cache=True)
+    assert torch.equal(step.logits, whole[:, 9:]) and torch.equal(step.past_key_values, ids)
+    res = CliRunner().invoke(cli, ["bench", str(illm_out), "--device", "cpu", "--prefill", "16", "--new-tokens", "2",
+                                   "--batch", "1", "--repeats", "1"])
+    assert res.exit_code == 0, res.output
+    assert "cpu-reference" in res.output
