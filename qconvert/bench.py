@@ -213,6 +213,23 @@ def _recorder(rows: list, label: str, n: int, k: int, m: int, **extra):
     return row
 
 
+def _fp16_baseline(label: str, n: int, k: int, m: int, device: torch.device, runs: int, warmup: int, reps: int,
+                   set_bytes: int = 0, **extra):
+    """What every scheme's kernel rows start from: a seeded generator, the operand-set count,
+    fp16 activations [M, K], and the rows list with the cuBLAS FP16 row already timed.
+    Returns (gen, sets, xs, rows, row)."""
+    gen = torch.Generator(device=device).manual_seed(m * 131 + n * 7 + k)
+    fp16_bytes = m * k * 2 + n * k * 2 + m * n * 2
+    sets = _operand_sets(max(fp16_bytes, set_bytes), device)
+    xs = [torch.randn((m, k), generator=gen, device=device, dtype=torch.float16) for _ in range(sets)]
+    ws = [torch.randn((n, k), generator=gen, device=device, dtype=torch.float16) * 0.02 for _ in range(sets)]
+    rows = []
+    row = _recorder(rows, label, n, k, m, operand_sets=sets, **extra)
+    row("cublas-fp16", _time_cuda(lambda i: torch.nn.functional.linear(xs[i], ws[i]), sets, runs, warmup, reps),
+        fp16_bytes, 2 * m * n * k)
+    return gen, sets, xs, rows, row
+
+
 def zqfp_kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, runs: int = 50, warmup: int = 10,
                      group_size: int = 128, reps: int = 20) -> list[dict]:
     """Time cuBLAS FP16, the FP8 quantizer, FP4 x FP8 (fp4-fp8) and FP8 x FP8 (fp8-fp8) for one (M, N, K).
@@ -222,17 +239,8 @@ def zqfp_kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, r
     g = group_size
     kp = -(-k // g) * g
     n_groups = kp // g
-    gen = torch.Generator(device=device).manual_seed(m * 131 + n * 7 + k)
-    fp16_bytes = m * k * 2 + n * k * 2 + m * n * 2
-    sets = _operand_sets(max(fp16_bytes, m * kp + n * kp + m * n * 2), device)
-    xs = [torch.randn((m, k), generator=gen, device=device, dtype=torch.float16) for _ in range(sets)]
-    ws = [torch.randn((n, k), generator=gen, device=device, dtype=torch.float16) * 0.02 for _ in range(sets)]
-    rows = []
-    row = _recorder(rows, label, n, k, m, operand_sets=sets)
-
+    gen, sets, xs, rows, row = _fp16_baseline(label, n, k, m, device, runs, warmup, reps, set_bytes=m * kp + n * kp + m * n * 2)
     ops = 2 * m * n * k
-    row("cublas-fp16", _time_cuda(lambda i: torch.nn.functional.linear(xs[i], ws[i]), sets, runs, warmup, reps), fp16_bytes, ops)
-    ws.clear()
     row("quantize-fp8", _time_cuda(lambda i: cuda_fp8.quantize_per_token_fp8(xs[i], kp), sets, runs, warmup, reps),
         m * k * 2 + m * kp + m * 4, 0)
     quantized = [cuda_fp8.quantize_per_token_fp8(x, kp) for x in xs]
@@ -269,21 +277,12 @@ def quik_kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, r
     n_out = auto_outliers(k) if outliers is None else outliers
     kbp = padded_base(k - n_out)
     path = cuda_quik.int4_path(device)
-    gen = torch.Generator(device=device).manual_seed(m * 131 + n * 7 + k)
-    fp16_bytes = m * k * 2 + n * k * 2 + m * n * 2
-    sets = _operand_sets(fp16_bytes, device)
-    xs = [torch.randn((m, k), generator=gen, device=device, dtype=torch.float16) for _ in range(sets)]
-    ws = [torch.randn((n, k), generator=gen, device=device, dtype=torch.float16) * 0.02 for _ in range(sets)]
+    gen, sets, xs, rows, row = _fp16_baseline(label, n, k, m, device, runs, warmup, reps, outliers=n_out, int4_path=path)
     out_idx = torch.sort(torch.randperm(k, generator=gen, device=device)[:n_out]).values
     keep = torch.ones(k, dtype=torch.bool, device=device)
     keep[out_idx] = False
     base_idx = torch.nonzero(keep).flatten()
-    rows = []
-    row = _recorder(rows, label, n, k, m, operand_sets=sets, outliers=n_out, int4_path=path)
-
     ops = 2 * m * n * k
-    row("cublas-fp16", _time_cuda(lambda i: torch.nn.functional.linear(xs[i], ws[i]), sets, runs, warmup, reps), fp16_bytes, ops)
-    ws.clear()
     wscale = torch.rand(n, generator=gen, device=device) * 0.01
     wsum = torch.randint(-1000, 1000, (n,), generator=gen, device=device, dtype=torch.int32)
     w_outs = [torch.randn((n, n_out), generator=gen, device=device, dtype=torch.float16) * 0.02 for _ in range(sets)]
@@ -320,18 +319,9 @@ def illm_kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, r
     without the per-token requantization of its output, for one (M, N, K)."""
     from qconvert_kernels import cuda_illm
 
-    gen = torch.Generator(device=device).manual_seed(m * 131 + n * 7 + k)
-    fp16_bytes = m * k * 2 + n * k * 2 + m * n * 2
-    sets = _operand_sets(fp16_bytes, device)
-    xs = [torch.randn((m, k), generator=gen, device=device, dtype=torch.float16) for _ in range(sets)]
-    ws = [torch.randn((n, k), generator=gen, device=device, dtype=torch.float16) * 0.02 for _ in range(sets)]
-    rows = []
-    row = _recorder(rows, label, n, k, m, operand_sets=sets)
-
+    gen, sets, xs, rows, row = _fp16_baseline(label, n, k, m, device, runs, warmup, reps)
     ops = 2 * m * n * k
-    row("cublas-fp16", _time_cuda(lambda i: torch.nn.functional.linear(xs[i], ws[i]), sets, runs, warmup, reps), fp16_bytes, ops)
     xs.clear()
-    ws.clear()
     xq = [torch.randint(-127, 128, (m, k), generator=gen, device=device, dtype=torch.int8) for _ in range(sets)]
     qw = [torch.randint(-127, 128, (n, k), generator=gen, device=device, dtype=torch.int8) for _ in range(sets)]
     wm = torch.randint(2**15, 2**16, (n,), generator=gen, device=device, dtype=torch.int32)

@@ -328,11 +328,10 @@ def _calibrated_block(calibrator: Calibrator, method, index: int, targets, bar) 
             bar.set_postfix_str(f"block {index}: {group.names[0].rsplit('.', 1)[-1]} err {worst:.2e}")
         return run_as
 
-    prepare = None
-    if hasattr(method, "prepare_block"):  # the method rewrites the block first; its changed tensors are written
-        def prepare(blk, feed):
-            solved["__changed__"] = method.prepare_block(prefix, blk, feed)
-    calibrator.quantize_block(block, mine, solve, prepare)
+    def prepare(blk, feed):  # the method rewrites the block first; the tensors it changed are written
+        solved["__changed__"] = method.prepare_block(prefix, blk, feed)
+
+    calibrator.quantize_block(block, mine, solve, prepare if hasattr(method, "prepare_block") else None)
     calibrator.release_block(block)
     return solved
 
