@@ -150,12 +150,12 @@ class IntegerLlama(nn.Module):
         self.register_buffer("norm_g", g)
         self.norm_k = k
         emb = state["model.embed_tokens.weight"]
-        self.register_buffer("emb_q", int8_rows(emb)[0])
-        d = int8_rows(emb)[1]
+        eq, d = int8_rows(emb)
+        self.register_buffer("emb_q", eq)
         self.register_buffer("emb_m", d.m)
         self.register_buffer("emb_k", d.k)
-        head = emb if getattr(config, "tie_word_embeddings", False) or "lm_head.weight" not in state else state["lm_head.weight"]
-        hq, hd = int8_rows(head)
+        tied = getattr(config, "tie_word_embeddings", False) or "lm_head.weight" not in state
+        hq, hd = (eq, d) if tied else int8_rows(state["lm_head.weight"])  # a tied head is the same int8 table
         self.register_buffer("head_qt", hq.t().contiguous())
         self.register_buffer("head_m", hd.m)
         self.register_buffer("head_k", hd.k)

@@ -206,10 +206,9 @@ def quantize(
             new_layers, new_modules = [], {}
             for name in stage:
                 _check_tensor(src, names[name], expected[name], name.rsplit(".", 1)[0] in targets and name.endswith(".weight"))
-            solved = {}
+            solved, changed = {}, {}
             if calibrator is not None and label.startswith("block"):
-                solved = _calibrated_block(calibrator, method, int(label.split()[1]), targets, bar)
-            changed = solved.pop("__changed__", {})
+                solved, changed = _calibrated_block(calibrator, method, int(label.split()[1]), targets, bar)
             for name in stage:
                 src_name = names[name]
                 dtype, shape = src.info(src_name)
@@ -306,7 +305,8 @@ def _start_calibration(src, skeleton, names, calib: CalibSettings, partial: Path
 
 
 def _calibrated_block(calibrator: Calibrator, method, index: int, targets, bar) -> dict:
-    """Observe block ``index``, solve its linears, run it quantized; returns module -> QuantizedLinear."""
+    """Observe block ``index``, solve its linears, run it quantized; returns (module -> QuantizedLinear,
+    full name -> tensor for the non-linear parameters the method rewrote, e.g. I-LLM's norms)."""
     block = calibrator.load_block(index)
     prefix = f"{DECODER_LAYERS}.{index}."
     mine = {name: mod for name, mod in targets.items() if name.startswith(prefix)}
@@ -328,12 +328,14 @@ def _calibrated_block(calibrator: Calibrator, method, index: int, targets, bar) 
             bar.set_postfix_str(f"block {index}: {group.names[0].rsplit('.', 1)[-1]} err {worst:.2e}")
         return run_as
 
+    changed = {}
+
     def prepare(blk, feed):  # the method rewrites the block first; the tensors it changed are written
-        solved["__changed__"] = method.prepare_block(prefix, blk, feed)
+        changed.update(method.prepare_block(prefix, blk, feed))
 
     calibrator.quantize_block(block, mine, solve, prepare if hasattr(method, "prepare_block") else None)
     calibrator.release_block(block)
-    return solved
+    return solved, changed
 
 
 def _first_difference(old: dict, new: dict) -> str:

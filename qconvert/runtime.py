@@ -253,7 +253,7 @@ class QuikLinear(nn.Module):
             raise QConvertError(f"{layout}: outlier_idx must hold distinct channel indices in [0, {k})")
         for name in ("qweight", "wscale", "wsum", "outlier_idx", "outlier_weight"):
             self.register_buffer(name, tensors[name])
-        self.register_buffer("base_idx", refq.split_columns(k, idx), persistent=False)
+        self.register_buffer("base_idx", refq.split_columns(k, idx).to(torch.int32), persistent=False)  # int32: what the kernel reads
         self.kbp = kbp
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
         self._q = None

@@ -7,6 +7,8 @@ from typing import Callable
 
 import torch
 
+from qconvert.errors import QConvertError
+
 
 @dataclass
 class QuantizedLinear:
@@ -34,3 +36,12 @@ def relative_weight_error(w: torch.Tensor, w_hat: torch.Tensor) -> float:
     """‖W - Ŵ‖_F / ‖W‖_F, rounded to 6 digits (0 for an all-zero W)."""
     den = float(w.norm())
     return round(float((w - w_hat).norm()) / den, 6) if den > 0 else 0.0
+
+
+def build_config(config_cls, method: str, params: dict):
+    """``config_cls(**params)``, an unknown parameter refused with the list of the known ones."""
+    try:
+        return config_cls(**params)
+    except TypeError as e:
+        allowed = ", ".join(config_cls.__dataclass_fields__)
+        raise QConvertError(f"{method}: {e}; allowed parameters: {allowed}") from e

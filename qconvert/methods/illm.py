@@ -26,7 +26,7 @@ import torch
 from qconvert.errors import QConvertError
 from qconvert.formats.packing import pack_int4, pad_columns
 from qconvert.gptq import IntGrid, gptq, relative_output_error
-from qconvert.methods.base import QuantizedLinear, relative_weight_error
+from qconvert.methods.base import build_config, QuantizedLinear, relative_weight_error
 
 CLIP_STEP = 0.025
 
@@ -79,6 +79,11 @@ def dyadic_scales(scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return d.m.to(torch.int32), d.k.to(torch.int32)
 
 
+def col_max(*linears) -> torch.Tensor:
+    """max |W[:, c]| over the rows of all ``linears`` (which share their input), per input channel."""
+    return torch.stack([lin.weight.abs().amax(dim=0) for lin in linears]).amax(dim=0)
+
+
 def smoothing(act_amax: torch.Tensor, w_amax: torch.Tensor, alpha: float) -> torch.Tensor:
     """s = max|X|^α / max|W|^(1-α) per channel (1 where either is 0)."""
     a, w = act_amax.double(), w_amax.double()
@@ -95,11 +100,7 @@ class ILLMMethod:
     runtime = "integer"  # qconvert.load builds the integer-only model (qconvert/illm_runtime.py)
 
     def __init__(self, params: dict):
-        try:
-            self.config = ILLMConfig(**params)
-        except TypeError as e:
-            allowed = ", ".join(ILLMConfig.__dataclass_fields__)
-            raise QConvertError(f"i-llm: {e}; allowed parameters: {allowed}") from e
+        self.config = build_config(ILLMConfig, self.name, params)
         self._smooth: dict[str, torch.Tensor] = {}  # input smoothing folded into each layer
         self._out_smooth: dict[str, torch.Tensor] = {}  # output smoothing folded into its rows (v, up)
 
@@ -157,7 +158,6 @@ class ILLMMethod:
             for h in hooks:
                 h.remove()
         a = self.config.alpha
-        col_max = lambda *ws: torch.stack([w.weight.abs().amax(dim=0) for w in ws]).amax(dim=0)  # noqa: E731
         s1 = smoothing(amax["ln1"], col_max(attn.q_proj, attn.k_proj, attn.v_proj), a)
         s3 = smoothing(amax["ln2"], col_max(mlp.gate_proj, mlp.up_proj), a)
         s4 = smoothing(amax["act"], col_max(mlp.down_proj), a)
@@ -189,7 +189,7 @@ class ILLMMethod:
                 f"{prefix}post_attention_layernorm.weight": ln2.weight.detach().clone()}
 
     @staticmethod
-    def _head_dim(block, kv_out: int) -> int:
+    def _head_dim(block) -> int:
         d = getattr(block.self_attn, "head_dim", None)
         if d is None:
             raise QConvertError("i-llm: the attention module does not say its head_dim")
@@ -197,13 +197,13 @@ class ILLMMethod:
 
     def _v_channel_max(self, o_cols: torch.Tensor, kv_out: int, reps: int, block) -> torch.Tensor:
         """max |W_o| over the o_proj columns that read each value channel (GQA: one per query head)."""
-        d = self._head_dim(block, kv_out)
+        d = self._head_dim(block)
         kv = kv_out // d
         cols = o_cols.reshape(kv, reps, d)  # query head h = kv_head * reps + r reads value head kv_head
         return cols.amax(dim=1).reshape(-1)
 
     def _expand_v(self, s2: torch.Tensor, kv_out: int, reps: int, block) -> torch.Tensor:
-        d = self._head_dim(block, kv_out)
+        d = self._head_dim(block)
         return s2.reshape(kv_out // d, 1, d).expand(-1, reps, -1).reshape(-1)
 
     # ------------------------------------------------------------------ weights

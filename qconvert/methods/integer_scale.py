@@ -21,7 +21,7 @@ import torch
 
 from qconvert.errors import QConvertError
 from qconvert.formats.packing import pack_int4, pad_columns
-from qconvert.methods.base import QuantizedLinear
+from qconvert.methods.base import build_config, QuantizedLinear
 from qconvert.gptq import IntGrid, gptq, relative_output_error, rtn
 from qconvert.methods.rtn import quantize_groups_symmetric, row_chunks
 from qconvert_kernels.reference import ACT_QMAX
@@ -106,11 +106,7 @@ class IntegerScaleMethod:
     name = "integer-scale"
 
     def __init__(self, params: dict):
-        try:
-            self.config = IntegerScaleConfig(**params)
-        except TypeError as e:
-            allowed = ", ".join(IntegerScaleConfig.__dataclass_fields__)
-            raise QConvertError(f"integer-scale: {e}; allowed parameters: {allowed}") from e
+        self.config = build_config(IntegerScaleConfig, self.name, params)
 
     @property
     def needs_calibration(self) -> bool:

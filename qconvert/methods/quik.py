@@ -31,7 +31,7 @@ import torch
 from qconvert.errors import QConvertError
 from qconvert.formats.packing import pack_int4, pad_columns
 from qconvert.gptq import IntGrid, gptq, relative_output_error
-from qconvert.methods.base import QuantizedLinear, relative_weight_error as _rel
+from qconvert.methods.base import build_config, QuantizedLinear, relative_weight_error as _rel
 from qconvert_kernels.reference_quik import K_TILE, dequantize_split, split_columns
 
 CLIP_STEP = 0.025
@@ -99,11 +99,7 @@ class QuikMethod:
     wants_input_amax = True  # the pipeline passes the per-channel max |x| of each input
 
     def __init__(self, params: dict):
-        try:
-            self.config = QuikConfig(**params)
-        except TypeError as e:
-            allowed = ", ".join(QuikConfig.__dataclass_fields__)
-            raise QConvertError(f"quik: {e}; allowed parameters: {allowed}") from e
+        self.config = build_config(QuikConfig, self.name, params)
 
     needs_calibration = True  # outlier channels come from activation statistics, whatever the solver
 

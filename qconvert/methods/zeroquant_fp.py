@@ -41,7 +41,7 @@ from qconvert.formats.fp4 import levels_to_codes, pack_fp4, round_e2m1
 from qconvert.formats.packing import pad_columns
 from qconvert.gptq import gptq, relative_output_error
 from qconvert.lorc import lorc_factors
-from qconvert.methods.base import QuantizedLinear, relative_weight_error as _rel
+from qconvert.methods.base import build_config, QuantizedLinear, relative_weight_error as _rel
 from qconvert_kernels.reference_fp8 import E2M1_MAX, FP8_MAX, quantize_per_token_fp8, to_e4m3
 
 E_MIN, E_MAX = -64, 63  # stored as int8; 2^e stays a normal float32 for any partial
@@ -209,11 +209,7 @@ class ZeroQuantFPMethod:
     name = "zeroquant-fp"
 
     def __init__(self, params: dict):
-        try:
-            self.config = ZeroQuantFPConfig(**params)
-        except TypeError as e:
-            allowed = ", ".join(ZeroQuantFPConfig.__dataclass_fields__)
-            raise QConvertError(f"zeroquant-fp: {e}; allowed parameters: {allowed}") from e
+        self.config = build_config(ZeroQuantFPConfig, self.name, params)
 
     @property
     def needs_calibration(self) -> bool:
