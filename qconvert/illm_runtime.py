@@ -90,6 +90,12 @@ class ILLMLinear(nn.Module):
         for name in ("wm", "wk", "smooth", "out_smooth"):
             self.register_buffer(name, tensors[name])
 
+    def run_smoothed(self) -> None:
+        """Make ``forward`` take the smoothed input (what the folded model computes) instead of the
+        source's: the float model of an I-LLM OUT (``qconvert.load(OUT, integer=False)``)."""
+        self.smooth = torch.ones_like(self.smooth)
+        self.out_smooth = torch.ones_like(self.out_smooth)
+
     @property
     def act_qmax(self) -> int:
         return (1 << (self.abits - 1)) - 1

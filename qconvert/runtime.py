@@ -329,12 +329,16 @@ def model_config(out: Path, cfg: dict):
     return config
 
 
-def load(out: str | Path, device: str = "cpu", dtype: torch.dtype | None = None):
+def load(out: str | Path, device: str = "cpu", dtype: torch.dtype | None = None, integer: bool = True):
     """Load a native qconvert OUT as a ready-to-run ``transformers`` causal LM.
 
     ``dtype`` casts the unquantized tensors (embeddings, norms, lm_head); default: as stored
     on CPU, float16 on CUDA (the kernels take fp16 / bf16 activations).  ``device`` "cpu" runs
     the exact reference; "cuda" / "cuda:N" the CUDA kernels (cupy and an sm_80+ GPU needed).
+    An I-LLM OUT loads as its integer-only model; ``integer=False`` gives instead the float
+    model with the same quantized linears (integer weights and per-token activations, float
+    norms, attention, SiLU and head): a diagnostic that separates what the integer-only glue
+    costs from what the W/A quantization costs.
     """
     out = Path(out)
     dev = _device(device)
@@ -343,7 +347,8 @@ def load(out: str | Path, device: str = "cpu", dtype: torch.dtype | None = None)
     cfg, qc = read_quant_config(out)
     config = model_config(out, cfg)
     reader = ShardedReader(out)
-    if any(lay.startswith("illm-") for lay in qc["modules"].values()):
+    illm = any(lay.startswith("illm-") for lay in qc["modules"].values())
+    if illm and integer:
         return _load_integer(out, config, qc, reader, dev)
     model = build_skeleton(config)
     state = {}
@@ -360,7 +365,10 @@ def load(out: str | Path, device: str = "cpu", dtype: torch.dtype | None = None)
         bias = reader.get(bias_name) if bias_name in reader.where else None
         if bias is not None and dtype is not None:
             bias = bias.to(dtype)
-        _set_module(model, module_name, LAYOUTS[layout](layout, tensors, bias))
+        layer = LAYOUTS[layout](layout, tensors, bias)
+        if illm:  # the stored norms carry the smoothing: the layers take their inputs as they come
+            layer.run_smoothed()
+        _set_module(model, module_name, layer)
     taken = {f"{m}.{s}" for m, lay in qc["modules"].items() for s in layout_suffixes(lay, getattr(LAYOUTS[lay], "OPTIONAL", ()))}
     taken |= {f"{m}.bias" for m in qc["modules"]}
     for name in reader.keys():

@@ -7,9 +7,10 @@ The converter's part (the integer runtime is qconvert/illm_runtime.py):
   gate/up, the SwiGLU product -> down (folded into up_proj's rows).  Per channel
   s = max|X|^α / max|W|^(1-α) (SmoothQuant's rule, α = ``alpha``) from a float pass of the block
   over the calibration tokens, then folded into the norm weights and the linears: the model's
-  float function is unchanged, the activations the runtime quantizes are flatter.  What is not
-  implemented yet: FSBR's refinement of s by block-wise reconstruction; the presets use the
-  initialisation alone (``fsbr = true``) or no smoothing (``fsbr = false``).
+  float function is unchanged, the activations the runtime quantizes are flatter.  FSBR's
+  block reconstruction (qconvert/methods/fsbr.py) then refines s by ``fsbr_steps`` Adam steps
+  per block against the float block's output, with weights and activations fake-quantized;
+  ``fsbr = false`` turns all smoothing off.
 - **Weights**: symmetric per output channel, ``w_bits`` (8 or 4), by the shared GPTQ (one group
   spanning K) or round-to-nearest; the scale becomes a dyadic m / 2^k per channel (``wm``,
   ``wk``), the form DI-MatMul multiplies by.
@@ -27,6 +28,7 @@ from qconvert.errors import QConvertError
 from qconvert.formats.packing import pack_int4, pad_columns
 from qconvert.gptq import IntGrid, gptq, relative_output_error
 from qconvert.methods.base import build_config, QuantizedLinear, relative_weight_error
+from qconvert.methods.fsbr import expand_v, Factors, refine, smoothed_params
 
 CLIP_STEP = 0.025
 
@@ -35,8 +37,11 @@ CLIP_STEP = 0.025
 class ILLMConfig:
     w_bits: int = 8
     a_bits: int = 8
-    fsbr: bool = True  # smoothing of all activation -> weight pairs (SmoothQuant initialisation)
-    alpha: float = 0.5  # migration strength of the smoothing
+    fsbr: bool = True  # smoothing of all activation -> weight pairs (SmoothQuant init, then refined)
+    alpha: float = 0.5  # migration strength of the smoothing's initialisation
+    fsbr_steps: int = 32  # block-reconstruction optimizer steps per block (0: the initialisation alone)
+    fsbr_batch: int = 1  # calibration sequences per step
+    fsbr_lr: float = 2e-2  # Adam's step on log s
     base: str = "gptq"
     clip_min: float = 1.0  # weight range search (diag-H weighted); 1: off
     damp: float = 0.01
@@ -49,6 +54,12 @@ class ILLMConfig:
             raise QConvertError("i-llm: fsbr must be true or false")
         if not (isinstance(self.alpha, (int, float)) and 0 <= self.alpha <= 1):
             raise QConvertError(f"i-llm: alpha={self.alpha!r} must be in [0, 1]")
+        for name, lo, hi in (("fsbr_steps", 0, 10000), ("fsbr_batch", 1, 1024)):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi):
+                raise QConvertError(f"i-llm: {name}={v!r} must be an integer in [{lo}, {hi}]")
+        if not (isinstance(self.fsbr_lr, (int, float)) and 0 < self.fsbr_lr <= 1):
+            raise QConvertError(f"i-llm: fsbr_lr={self.fsbr_lr!r} must be in (0, 1]")
         if self.base not in ("rtn", "gptq"):
             raise QConvertError(f"i-llm: base={self.base!r} must be 'rtn' or 'gptq'")
         if not (isinstance(self.clip_min, (int, float)) and 0.3 <= self.clip_min <= 1):
@@ -103,6 +114,7 @@ class ILLMMethod:
         self.config = build_config(ILLMConfig, self.name, params)
         self._smooth: dict[str, torch.Tensor] = {}  # input smoothing folded into each layer
         self._out_smooth: dict[str, torch.Tensor] = {}  # output smoothing folded into its rows (v, up)
+        self._fsbr_stats: dict[str, dict] = {}  # block prefix -> the reconstruction's losses
 
     def describe(self) -> dict:
         cfg = self.config
@@ -151,42 +163,43 @@ class ILLMMethod:
         hooks = [attn.q_proj.register_forward_pre_hook(track("ln1")), mlp.gate_proj.register_forward_pre_hook(track("ln2")),
                  mlp.down_proj.register_forward_pre_hook(track("act")),
                  attn.v_proj.register_forward_hook(lambda m, a, y: track("v")(m, a, y))]
+        batches, targets = [], []  # the float block's outputs: what the reconstruction aims at
         try:
             for hidden, kwargs in feed():
-                block(hidden, **kwargs)
+                y = block(hidden, **kwargs)
+                batches.append((hidden, kwargs))
+                targets.append((y[0] if isinstance(y, tuple) else y).detach())
         finally:
             for h in hooks:
                 h.remove()
         a = self.config.alpha
-        s1 = smoothing(amax["ln1"], col_max(attn.q_proj, attn.k_proj, attn.v_proj), a)
-        s3 = smoothing(amax["ln2"], col_max(mlp.gate_proj, mlp.up_proj), a)
-        s4 = smoothing(amax["act"], col_max(mlp.down_proj), a)
+        d = self._head_dim(block)
         kv_out = attn.v_proj.out_features
         reps = attn.o_proj.in_features // kv_out  # query heads per KV head (GQA)
         o_cols = attn.o_proj.weight.abs().amax(dim=0)  # [heads * d]
-        s2 = smoothing(amax["v"], self._v_channel_max(o_cols, kv_out, reps, block), a)
-        s2_o = self._expand_v(s2, kv_out, reps, block)
-        ln1, ln2 = block.input_layernorm, block.post_attention_layernorm
-        ln1.weight.div_(s1)
-        for lin in (attn.q_proj, attn.k_proj, attn.v_proj):
-            lin.weight.mul_(s1[None, :])
-        attn.v_proj.weight.div_(s2[:, None])
-        attn.o_proj.weight.mul_(s2_o[None, :])
-        ln2.weight.div_(s3)
-        for lin in (mlp.gate_proj, mlp.up_proj):
-            lin.weight.mul_(s3[None, :])
-        mlp.up_proj.weight.div_(s4[:, None])
-        mlp.down_proj.weight.mul_(s4[None, :])
+        f = Factors(s1=smoothing(amax["ln1"], col_max(attn.q_proj, attn.k_proj, attn.v_proj), a),
+                    s2=smoothing(amax["v"], o_cols.reshape(kv_out // d, reps, d).amax(dim=1).reshape(-1), a),
+                    s3=smoothing(amax["ln2"], col_max(mlp.gate_proj, mlp.up_proj), a),
+                    s4=smoothing(amax["act"], col_max(mlp.down_proj), a))
+        cfg = self.config
+        if cfg.fsbr_steps:
+            f, stats = refine(block, batches, targets, f, w_bits=cfg.w_bits, a_bits=cfg.a_bits, head_dim=d, reps=reps,
+                              steps=cfg.fsbr_steps, batch=cfg.fsbr_batch, lr=cfg.fsbr_lr)
+            self._fsbr_stats[prefix] = stats
+        del batches, targets
+        for name, value in smoothed_params(block, f, d, reps).items():
+            block.get_parameter(name).copy_(value)
+        s2_o = expand_v(f.s2, d, reps)
         for k in ("q", "k", "v"):
-            self._smooth[full[k]] = s1
+            self._smooth[full[k]] = f.s1
         for k in ("gate", "up"):
-            self._smooth[full[k]] = s3
+            self._smooth[full[k]] = f.s3
         self._smooth[full["o"]] = s2_o
-        self._smooth[full["down"]] = s4
-        self._out_smooth[full["v"]] = s2
-        self._out_smooth[full["up"]] = s4
-        return {f"{prefix}input_layernorm.weight": ln1.weight.detach().clone(),
-                f"{prefix}post_attention_layernorm.weight": ln2.weight.detach().clone()}
+        self._smooth[full["down"]] = f.s4
+        self._out_smooth[full["v"]] = f.s2
+        self._out_smooth[full["up"]] = f.s4
+        return {f"{prefix}input_layernorm.weight": block.input_layernorm.weight.detach().clone(),
+                f"{prefix}post_attention_layernorm.weight": block.post_attention_layernorm.weight.detach().clone()}
 
     @staticmethod
     def _head_dim(block) -> int:
@@ -194,17 +207,6 @@ class ILLMMethod:
         if d is None:
             raise QConvertError("i-llm: the attention module does not say its head_dim")
         return int(d)
-
-    def _v_channel_max(self, o_cols: torch.Tensor, kv_out: int, reps: int, block) -> torch.Tensor:
-        """max |W_o| over the o_proj columns that read each value channel (GQA: one per query head)."""
-        d = self._head_dim(block)
-        kv = kv_out // d
-        cols = o_cols.reshape(kv, reps, d)  # query head h = kv_head * reps + r reads value head kv_head
-        return cols.amax(dim=1).reshape(-1)
-
-    def _expand_v(self, s2: torch.Tensor, kv_out: int, reps: int, block) -> torch.Tensor:
-        d = self._head_dim(block)
-        return s2.reshape(kv_out // d, 1, d).expand(-1, reps, -1).reshape(-1)
 
     # ------------------------------------------------------------------ weights
     def quantize_linears(self, names: list[str], weights: list[torch.Tensor], hessian: torch.Tensor,
@@ -237,6 +239,9 @@ class ILLMMethod:
                     "gptq_seconds": round(secs * n / stacked.shape[0], 4), "solved_with": len(names),
                     "gptq_loss": relative_output_error(w.float(), deq, hessian),
                     "weight_error": relative_weight_error(w.float(), deq)}
+            stats = self._fsbr_stats.get(name.rsplit(".", 2)[0] + ".")
+            if stats:
+                info["fsbr_reconstruction"] = stats
             out.append(QuantizedLinear(cfg.layout, tensors, info, deq if want_dequantized else None))
             row += n
         return out
