@@ -90,18 +90,21 @@ def _minibatches(feed, batch: int) -> list[tuple[torch.Tensor, dict]]:
     return out
 
 
-def refine(block: nn.Module, feed, targets: list[torch.Tensor], init: Factors, *, w_bits: int, a_bits: int,
-           head_dim: int, reps: int, steps: int, batch: int, lr: float) -> tuple[Factors, dict]:
-    """Refine ``init`` on the calibration inputs ``feed`` (list of (hidden, kwargs)) whose float
-    block outputs are ``targets``; returns (factors, stats)."""
+def refine(block: nn.Module, feed, init: Factors, *, w_bits: int, a_bits: int, head_dim: int, reps: int,
+           steps: int, batch: int, lr: float) -> tuple[Factors, dict]:
+    """Refine ``init`` on the calibration inputs ``feed`` (list of (hidden, kwargs)); ``block``
+    holds the float weights (it is run functionally, not changed).  Returns (factors, stats)."""
     t0 = time.perf_counter()
     data = _minibatches(feed, batch)
-    goal = [y for y in _minibatches([(t, {}) for t in targets], batch)]
+    probe = list(range(0, len(data), max(1, len(data) // 4)))[:4]
+    goal = {}  # the float block's outputs, for the minibatches used
+    with torch.no_grad():
+        for i in sorted(set(probe) | {step % len(data) for step in range(steps)}):
+            goal[i] = _out(block(data[i][0], **data[i][1])).detach()
     linears = [m for m in (block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj,
                            block.self_attn.o_proj, block.mlp.gate_proj, block.mlp.up_proj, block.mlp.down_proj)]
     hooks = [lin.register_forward_pre_hook(lambda m, a: (fake_quant_rows(a[0], a_bits), *a[1:])) for lin in linears]
     theta = {k: nn.Parameter(v.detach().float().log()) for k, v in init.as_dict().items()}
-    probe = list(range(0, len(data), max(1, len(data) // 4)))[:4]
 
     def loss_on(i: int) -> torch.Tensor:
         f = Factors(**{k: p.exp() for k, p in theta.items()})
@@ -109,7 +112,7 @@ def refine(block: nn.Module, feed, targets: list[torch.Tensor], init: Factors, *
                   for k, v in smoothed_params(block, f, head_dim, reps).items()}
         hidden, kw = data[i]
         y = _out(functional_call(block, params, (hidden,), kw))
-        return torch.mean((y.float() - goal[i][0].float()) ** 2)
+        return torch.mean((y.float() - goal[i].float()) ** 2)
 
     def probe_loss() -> float:
         with torch.no_grad():

@@ -163,12 +163,11 @@ class ILLMMethod:
         hooks = [attn.q_proj.register_forward_pre_hook(track("ln1")), mlp.gate_proj.register_forward_pre_hook(track("ln2")),
                  mlp.down_proj.register_forward_pre_hook(track("act")),
                  attn.v_proj.register_forward_hook(lambda m, a, y: track("v")(m, a, y))]
-        batches, targets = [], []  # the float block's outputs: what the reconstruction aims at
+        batches = []
         try:
             for hidden, kwargs in feed():
-                y = block(hidden, **kwargs)
+                block(hidden, **kwargs)
                 batches.append((hidden, kwargs))
-                targets.append((y[0] if isinstance(y, tuple) else y).detach())
         finally:
             for h in hooks:
                 h.remove()
@@ -183,10 +182,10 @@ class ILLMMethod:
                     s4=smoothing(amax["act"], col_max(mlp.down_proj), a))
         cfg = self.config
         if cfg.fsbr_steps:
-            f, stats = refine(block, batches, targets, f, w_bits=cfg.w_bits, a_bits=cfg.a_bits, head_dim=d, reps=reps,
+            f, stats = refine(block, batches, f, w_bits=cfg.w_bits, a_bits=cfg.a_bits, head_dim=d, reps=reps,
                               steps=cfg.fsbr_steps, batch=cfg.fsbr_batch, lr=cfg.fsbr_lr)
             self._fsbr_stats[prefix] = stats
-        del batches, targets
+        del batches
         for name, value in smoothed_params(block, f, d, reps).items():
             block.get_parameter(name).copy_(value)
         s2_o = expand_v(f.s2, d, reps)
