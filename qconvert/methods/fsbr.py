@@ -101,8 +101,8 @@ def refine(block: nn.Module, feed, init: Factors, *, w_bits: int, a_bits: int, h
     with torch.no_grad():
         for i in sorted(set(probe) | {step % len(data) for step in range(steps)}):
             goal[i] = _out(block(data[i][0], **data[i][1])).detach()
-    linears = [m for m in (block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj,
-                           block.self_attn.o_proj, block.mlp.gate_proj, block.mlp.up_proj, block.mlp.down_proj)]
+    attn, mlp = block.self_attn, block.mlp
+    linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     hooks = [lin.register_forward_pre_hook(lambda m, a: (fake_quant_rows(a[0], a_bits), *a[1:])) for lin in linears]
     theta = {k: nn.Parameter(v.detach().float().log()) for k, v in init.as_dict().items()}
 
