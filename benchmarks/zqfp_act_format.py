@@ -6,7 +6,7 @@
 OUT is a ``zqfp-w8a8`` output (layout fp8-fp8: E4M3 per-channel weights).  ``fp8`` evaluates it
 as shipped (qconvert.load: the runtime's per-token E4M3 activations; the same number as
 ``qconvert eval OUT``); ``int8`` swaps every layer's activation quantizer for the per-token int8
-one of the integer schemes (qconvert_kernels.reference.quantize_per_token_int8, qmax 127), the
+one of the integer schemes (qconvert_kernels.w4a8.reference.quantize_per_token_int8, qmax 127), the
 FP8 weights and the exact sums unchanged; ``none`` keeps the activations in float32 (FP8
 weights alone).  Prints one JSON line per mode.  A probe for docs/accuracy.md, not a product path.
 """
@@ -21,7 +21,7 @@ import torch
 
 from qconvert.evaluate import perplexity
 from qconvert.runtime import FP8Linear
-from qconvert_kernels import reference as ref
+from qconvert_kernels.w4a8 import reference as ref
 
 
 def _forward_with(acts: str):

@@ -56,7 +56,7 @@ SYNTHETIC = {
 
 
 def gpu_available() -> bool:
-    from qconvert_kernels import cuda as kcuda
+    from qconvert_kernels.w4a8 import cuda as kcuda
 
     return kcuda.available()
 
@@ -154,7 +154,7 @@ def _operand_sets(set_bytes: int, device: torch.device, max_sets: int = 64) -> i
 def kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, runs: int = 50, warmup: int = 10,
                 group_size: int = 128, reps: int = 20) -> list[dict]:
     """Time cuBLAS FP16, the int8 quantizer, W4A8-IS and W4A8-FS for one (M, N, K)."""
-    from qconvert_kernels import cuda as kcuda
+    from qconvert_kernels.w4a8 import cuda as kcuda
 
     g = group_size
     kp = -(-k // g) * g
@@ -234,7 +234,7 @@ def zqfp_kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, r
                      group_size: int = 128, reps: int = 20) -> list[dict]:
     """Time cuBLAS FP16, the FP8 quantizer, FP4 x FP8 (fp4-fp8) and FP8 x FP8 (fp8-fp8) for one (M, N, K).
     LoRC (a rank-r torch GEMM beside the kernel) is not included."""
-    from qconvert_kernels import cuda_fp8
+    from qconvert_kernels.fp8 import cuda as cuda_fp8
 
     g = group_size
     kp = -(-k // g) * g
@@ -271,8 +271,8 @@ def quik_kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, r
     them; the 4-bit layer on the device's path (s4 on sm_80 .. sm_89, s8 on sm_90+).
     ``outliers``: fp16 channels, default the "auto" rule (256 for K >= 4096)."""
     from qconvert.methods.quik import auto_outliers
-    from qconvert_kernels import cuda_quik
-    from qconvert_kernels.reference_quik import padded_base
+    from qconvert_kernels.quik import cuda as cuda_quik
+    from qconvert_kernels.quik.reference import padded_base
 
     n_out = auto_outliers(k) if outliers is None else outliers
     kbp = padded_base(k - n_out)
@@ -317,7 +317,7 @@ def illm_kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, r
                      reps: int = 20) -> list[dict]:
     """Time cuBLAS FP16 and I-LLM's DI-MatMul (int8 x int8, dyadic epilogue, int64 out) with and
     without the per-token requantization of its output, for one (M, N, K)."""
-    from qconvert_kernels import cuda_illm
+    from qconvert_kernels.illm import cuda as cuda_illm
 
     gen, sets, xs, rows, row = _fp16_baseline(label, n, k, m, device, runs, warmup, reps)
     ops = 2 * m * n * k
@@ -352,7 +352,7 @@ def kernel_bench(shapes: str = "llama3-8b", ms=DEFAULT_M, runs: int = 50, warmup
         raise QConvertError(no_gpu_message("qconvert bench --kernels"))
     rows_of = kernel_rows
     if scheme == "zqfp-w4a8":
-        from qconvert_kernels import cuda_fp8
+        from qconvert_kernels.fp8 import cuda as cuda_fp8
 
         if not cuda_fp8.available():
             raise QConvertError("qconvert bench --kernels --scheme zqfp-w4a8 needs FP8 tensor cores (compute capability "
@@ -550,7 +550,7 @@ def _random_quik(name: str, n: int, k: int, gen: torch.Generator, device: torch.
     """A QuikLinear of random weights with quik-w4a4's layout choices for layer ``name``."""
     from qconvert.methods.quik import auto_outliers
     from qconvert.runtime import QuikLinear
-    from qconvert_kernels.reference_quik import padded_base
+    from qconvert_kernels.quik.reference import padded_base
 
     bits = 8 if name.endswith("down_proj") else 4
     n_out = auto_outliers(k)

@@ -31,8 +31,8 @@ from torch import nn
 
 from qconvert.errors import QConvertError
 from qconvert.formats.packing import unpack_int4
-from qconvert_kernels import reference_illm as ri
-from qconvert_kernels.reference_illm import Dyadic
+from qconvert_kernels.illm import reference as ri
+from qconvert_kernels.illm.reference import Dyadic
 
 RESIDUAL_QMAX = (1 << 20) - 1
 WIDE_QMAX = (1 << 15) - 1

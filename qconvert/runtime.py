@@ -1,14 +1,14 @@
 """Load a native OUT into a torch model whose quantized linears run the kernels' arithmetic.
 
-On CPU each quantized linear runs ``qconvert_kernels.reference``: int8 activations x int4
+On CPU each quantized linear runs ``qconvert_kernels.w4a8.reference``: int8 activations x int4
 weights -> int32 group partials -> x integer scale -> int32 sum -> one float conversion,
 exactly what the CUDA kernel computes.  On a CUDA device (``load(OUT, device="cuda")``) the
-W4A8 layers run the CUDA kernels of ``qconvert_kernels.cuda`` on the packed weights as
+W4A8 layers run the CUDA kernels of ``qconvert_kernels.w4a8.cuda`` on the packed weights as
 stored (fused per-token int8 quantizer, then the int8 tensor-core GEMM); their results equal
 the CPU reference's rounded to the activations' fp16 / bf16.  Weight-only ``w4a16`` layers
 dequantize once and use torch's float matmul on either device.  ZeroQuant-FP layers
-(``fp4-fp8``, ``fp8-fp8``, ``FP8Linear``) run ``qconvert_kernels.reference_fp8`` on CPU (FP8
-activations, exact group sums) and the FP8 kernels of ``qconvert_kernels.cuda_fp8`` on an
+(``fp4-fp8``, ``fp8-fp8``, ``FP8Linear``) run ``qconvert_kernels.fp8.reference`` on CPU (FP8
+activations, exact group sums) and the FP8 kernels of ``qconvert_kernels.fp8.cuda`` on an
 sm_89+ GPU.
 """
 
@@ -25,9 +25,9 @@ from qconvert.formats.packing import unpack_int4
 from qconvert.formats.safetensors_io import ShardedReader
 from qconvert.skeleton import build_skeleton
 from qconvert.formats.fp4 import codes_to_values, unpack_fp4
-from qconvert_kernels import reference as ref
-from qconvert_kernels import reference_fp8 as ref8
-from qconvert_kernels import reference_quik as refq
+from qconvert_kernels.w4a8 import reference as ref
+from qconvert_kernels.fp8 import reference as ref8
+from qconvert_kernels.quik import reference as refq
 
 
 class W4A8Linear(nn.Module):
@@ -75,7 +75,7 @@ class W4A8Linear(nn.Module):
 
     def check_cuda(self, name: str) -> None:
         """QConvertError unless the CUDA kernels can run this layer (group size, padding)."""
-        from qconvert_kernels import cuda as kcuda
+        from qconvert_kernels.w4a8 import cuda as kcuda
 
         if self.layout == "w4a16":
             return
@@ -85,7 +85,7 @@ class W4A8Linear(nn.Module):
             raise QConvertError(f"{e}; this OUT runs on CPU only (re-quantize with --group-size 128 for the GPU)") from None
 
     def _forward_cuda(self, x2: torch.Tensor) -> torch.Tensor:
-        from qconvert_kernels import cuda as kcuda
+        from qconvert_kernels.w4a8 import cuda as kcuda
 
         if x2.dtype not in (torch.float16, torch.bfloat16):
             raise QConvertError(f"the CUDA W4A8 kernels take float16 or bfloat16 activations, got {x2.dtype}; "
@@ -131,7 +131,7 @@ class FP8Linear(nn.Module):
     layout "fp8-fp8": ``qweight`` float8_e4m3fn [N, Kp] (Kp = K padded to 64), ``wscale`` float32 [N].
     Both: optional LoRC factors ``lorc_u`` fp16 [N, r], ``lorc_v`` fp16 [r, K], applied as
     y += ((xq * t) Vᵀ) Uᵀ on the same FP8 activations.  On CPU the forward is
-    ``qconvert_kernels.reference_fp8``; on CUDA the kernels of ``qconvert_kernels.cuda_fp8``.
+    ``qconvert_kernels.fp8.reference``; on CUDA the kernels of ``qconvert_kernels.fp8.cuda``.
     """
 
     SUFFIXES = {
@@ -179,7 +179,7 @@ class FP8Linear(nn.Module):
 
     def check_cuda(self, name: str) -> None:
         """QConvertError unless the FP8 kernels can run this layer (arch, group size)."""
-        from qconvert_kernels import cuda_fp8
+        from qconvert_kernels.fp8 import cuda as cuda_fp8
 
         try:
             cuda_fp8.check_device(name)
@@ -188,7 +188,7 @@ class FP8Linear(nn.Module):
             raise QConvertError(f"{e}; this OUT runs on CPU only") from None
 
     def _forward_cuda(self, x2: torch.Tensor) -> torch.Tensor:
-        from qconvert_kernels import cuda_fp8
+        from qconvert_kernels.fp8 import cuda as cuda_fp8
 
         xq, t = cuda_fp8.quantize_per_token_fp8(x2, self.kp)
         if self.layout == "fp4-fp8":
@@ -227,8 +227,8 @@ class QuikLinear(nn.Module):
     Tensors: ``qweight`` (b = 4: uint8 [N, Kbp/2] packed int4; b = 8: int8 [N, Kbp]) over the
     base channels in ascending order, Kbp = K - n padded to 64; ``wscale`` float32 [N];
     ``wsum`` int32 [N] = Σ_k q[n, k]; ``outlier_idx`` int32 [n]; ``outlier_weight`` fp16 [N, n];
-    ``shape`` int64 [N, K].  On CPU the forward is ``qconvert_kernels.reference_quik``; on CUDA
-    the kernels of ``qconvert_kernels.cuda_quik`` (split-and-quantize, then the integer GEMM
+    ``shape`` int64 [N, K].  On CPU the forward is ``qconvert_kernels.quik.reference``; on CUDA
+    the kernels of ``qconvert_kernels.quik.cuda`` (split-and-quantize, then the integer GEMM
     whose epilogue adds the fp16 outlier product).
     """
 
@@ -269,7 +269,7 @@ class QuikLinear(nn.Module):
         return self._q
 
     def check_cuda(self, name: str) -> None:
-        from qconvert_kernels import cuda_quik
+        from qconvert_kernels.quik import cuda as cuda_quik
 
         try:
             cuda_quik.check_gemm_shape(name, 1, self.out_features, self.kbp)
@@ -280,7 +280,7 @@ class QuikLinear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if x.is_cuda:
-            from qconvert_kernels import cuda_quik
+            from qconvert_kernels.quik import cuda as cuda_quik
 
             y = cuda_quik.quik_linear(x2, self.base_idx, self.outlier_idx, self.qweight, self.wscale, self.wsum,
                                       self.outlier_weight, self.bits)
@@ -421,7 +421,7 @@ def _device(device) -> torch.device:
         return dev
     if dev.type != "cuda":
         raise QConvertError(f"device {device!r}: quantized layers run on 'cpu' (the exact reference) or 'cuda' (the kernels)")
-    from qconvert_kernels import cuda as kcuda
+    from qconvert_kernels.w4a8 import cuda as kcuda
 
     if not kcuda.available():
         raise QConvertError(f"device {device!r}: no usable GPU here (the kernels need cupy, pip install 'qconvert[cuda]', "

@@ -246,7 +246,7 @@ def _check_quik_layer(rep, reader, mod: str, layout: str, n: int, k: int) -> set
     """Tensors of a QUIK layer (quik-w4a4, quik-w8a8, docs/format.md); returns the names it owns."""
     from qconvert.formats.packing import unpack_int4
     from qconvert.runtime import LAYOUTS
-    from qconvert_kernels.reference_quik import padded_base
+    from qconvert_kernels.quik.reference import padded_base
 
     shape = _expect(rep, reader, f"{mod}.shape", torch.int64, (2,))
     if shape is not None and shape.tolist() != [n, k]:

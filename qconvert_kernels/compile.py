@@ -27,7 +27,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("w4a8_gemm.cu")
+SOURCE = Path(__file__).parent / "w4a8" / "w4a8_gemm.cu"
 ARCHS = ("sm_80", "sm_89", "sm_90")
 GEMM_KERNELS = ("w4a8_is_gemm_f16", "w4a8_is_gemm_bf16", "w4a8_fs_gemm_f16", "w4a8_fs_gemm_bf16")
 QUANT_KERNELS = ("quantize_per_token_int8_f16", "quantize_per_token_int8_bf16")
@@ -36,7 +36,7 @@ NVCC_FLAGS = ("-O3", "-std=c++17", "-Xptxas", "-v")
 
 # ZeroQuant-FP kernels (fp8_gemm.cu): FP8 mma exists from sm_89 on; compiling for sm_80 stops at
 # the source's #error.  compile_cubin / nvrtc_compile / sass take ``source=FP8_SOURCE``.
-FP8_SOURCE = Path(__file__).with_name("fp8_gemm.cu")
+FP8_SOURCE = Path(__file__).parent / "fp8" / "fp8_gemm.cu"
 FP8_ARCHS = ("sm_89", "sm_90")
 FP8_GEMM_KERNELS = ("fp4_fp8_gemm_f16", "fp4_fp8_gemm_bf16", "fp8_fp8_gemm_f16", "fp8_fp8_gemm_bf16")
 FP8_QUANT_KERNELS = ("quantize_per_token_fp8_f16", "quantize_per_token_fp8_bf16")
@@ -45,7 +45,7 @@ FP8_KERNELS = FP8_GEMM_KERNELS + FP8_QUANT_KERNELS
 # QUIK kernels (quik_gemm.cu, which includes w4a8_gemm.cu): every arch.  The int4 x int4 GEMM
 # (``_s4``) runs on sm_80 / sm_89 only: on sm_90 ptxas emulates its s4 mma, so the launcher
 # takes the ``_s8`` path there; the report checks the s4 mma on the archs that have it.
-QUIK_SOURCE = Path(__file__).with_name("quik_gemm.cu")
+QUIK_SOURCE = Path(__file__).parent / "quik" / "quik_gemm.cu"
 QUIK_S4_KERNELS = ("quik_gemm_w4a4_s4_f16", "quik_gemm_w4a4_s4_bf16")
 QUIK_GEMM_KERNELS = QUIK_S4_KERNELS + ("quik_gemm_w4a4_s8_f16", "quik_gemm_w4a4_s8_bf16",
                                        "quik_gemm_w8a8_f16", "quik_gemm_w8a8_bf16")
@@ -53,10 +53,10 @@ QUIK_KERNELS = QUIK_GEMM_KERNELS + ("quik_split_f16", "quik_split_bf16")
 INT4_MMA_ARCHS = ("sm_80", "sm_86", "sm_89")
 
 # I-LLM kernels (illm_gemm.cu, which includes quik_gemm.cu): every arch, integer arithmetic only.
-ILLM_SOURCE = Path(__file__).with_name("illm_gemm.cu")
+ILLM_SOURCE = Path(__file__).parent / "illm" / "illm_gemm.cu"
 ILLM_GEMM_KERNELS = ("illm_matmul_w8", "illm_matmul_w4")
 ILLM_KERNELS = ILLM_GEMM_KERNELS + ("illm_requant_rows", "illm_softmax", "illm_rmsnorm")
-_INCLUDE = re.compile(r'^#include "([\w.]+)"\s*$', re.M)
+_INCLUDE = re.compile(r'^#include "([\w./]+)"\s*$', re.M)
 
 
 def kernel_source(source: Path = SOURCE) -> str:

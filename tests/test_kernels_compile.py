@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from qconvert_kernels import compile as kc
-from qconvert_kernels import cuda as kcuda
+from qconvert_kernels.w4a8 import cuda as kcuda
 
 pytestmark = pytest.mark.skipif(kc.nvcc_path() is None, reason="nvcc not found")
 
@@ -269,7 +269,7 @@ def test_unpack_int4x8_model_decodes_nibbles_in_k_order():
 @pytest.mark.parametrize("m,n,k,g", [(5, 72, 96, 32), (3, 16, 160, 64)])
 def test_kernel_model_matches_reference_accumulator(m, n, k, g):
     from qconvert.formats.packing import pack_int4
-    from qconvert_kernels import reference as ref
+    from qconvert_kernels.w4a8 import reference as ref
 
     gen = torch.Generator().manual_seed(m + n + k + g)
     kp = -(-k // g) * g
@@ -287,7 +287,7 @@ def test_quantizer_formula_matches_reference(dtype):
     """The kernel's quantizer arithmetic, emulated with correctly rounded float32 ops, equals the
     reference: inv = rn(rn(1 / amax) * 127) (torch's `127 / tensor` is reciprocal-then-multiply,
     not a division), t = rn(amax / 127), xq = clamp(rint(rn(x * inv)), -127, 127)."""
-    from qconvert_kernels import reference as ref
+    from qconvert_kernels.w4a8 import reference as ref
 
     gen = torch.Generator().manual_seed(3)
     x = (torch.randn((4096, 64), generator=gen) * torch.rand((4096, 1), generator=gen) * 100).to(dtype)

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from qconvert_kernels import compile as kc
-from qconvert_kernels import cuda_fp8
-from qconvert_kernels import reference_fp8 as ref8
+from qconvert_kernels.fp8 import cuda as cuda_fp8
+from qconvert_kernels.fp8 import reference as ref8
 from test_kernels_compile import _byte_perm, _sass, compile_all
 
 pytestmark = pytest.mark.skipif(kc.nvcc_path() is None, reason="nvcc not found")

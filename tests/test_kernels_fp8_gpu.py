@@ -14,8 +14,8 @@ import torch
 pytest.importorskip("cupy")
 
 from qconvert.formats.fp4 import codes_to_values, pack_fp4  # noqa: E402
-from qconvert_kernels import cuda_fp8  # noqa: E402
-from qconvert_kernels import reference_fp8 as ref8  # noqa: E402
+from qconvert_kernels.fp8 import cuda as cuda_fp8  # noqa: E402
+from qconvert_kernels.fp8 import reference as ref8  # noqa: E402
 
 if not cuda_fp8.available():
     pytest.skip("no CUDA device of compute capability 8.9+ usable by cupy (FP8 mma)", allow_module_level=True)

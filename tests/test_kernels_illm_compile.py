@@ -11,7 +11,7 @@ import re
 import pytest
 
 from qconvert_kernels import compile as kc
-from qconvert_kernels import reference_illm as ri
+from qconvert_kernels.illm import reference as ri
 from test_kernels_compile import _sass, compile_all
 
 pytestmark = pytest.mark.skipif(kc.nvcc_path() is None, reason="nvcc not found")

@@ -8,9 +8,9 @@ import torch
 pytest.importorskip("cupy")
 
 from qconvert.formats.packing import pack_int4  # noqa: E402
-from qconvert_kernels import cuda as kcuda  # noqa: E402
-from qconvert_kernels import cuda_illm  # noqa: E402
-from qconvert_kernels import reference_illm as ri  # noqa: E402
+from qconvert_kernels.w4a8 import cuda as kcuda  # noqa: E402
+from qconvert_kernels.illm import cuda as cuda_illm  # noqa: E402
+from qconvert_kernels.illm import reference as ri  # noqa: E402
 
 if not kcuda.available():
     pytest.skip("no CUDA device usable by cupy (sm_80+)", allow_module_level=True)

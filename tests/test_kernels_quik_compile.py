@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from qconvert_kernels import compile as kc
-from qconvert_kernels import cuda_quik
+from qconvert_kernels.quik import cuda as cuda_quik
 from test_kernels_compile import _sass, compile_all
 
 pytestmark = pytest.mark.skipif(kc.nvcc_path() is None, reason="nvcc not found")
@@ -63,7 +63,7 @@ def test_sass_no_local_memory_and_no_fma_in_gemms(builds, arch):
 
 def test_source_includes_the_w4a8_file_and_lists_its_kernels():
     src = kc.QUIK_SOURCE.read_text()
-    assert re.findall(r'^#include "([\w.]+)"', src, flags=re.M) == ["w4a8_gemm.cu"]
+    assert re.findall(r'^#include "([\w./]+)"', src, flags=re.M) == ["../w4a8/w4a8_gemm.cu"]
     names = re.findall(r"^QUIK_\w+\((\w+),", src, flags=re.M)
     assert sorted(names) == sorted(kc.QUIK_KERNELS)
     joined = kc.kernel_source(kc.QUIK_SOURCE)

@@ -14,9 +14,9 @@ import torch
 pytest.importorskip("cupy")
 
 from qconvert.formats.packing import pack_int4, unpack_int4  # noqa: E402
-from qconvert_kernels import cuda as kcuda  # noqa: E402
-from qconvert_kernels import cuda_quik  # noqa: E402
-from qconvert_kernels import reference_quik as refq  # noqa: E402
+from qconvert_kernels.w4a8 import cuda as kcuda  # noqa: E402
+from qconvert_kernels.quik import cuda as cuda_quik  # noqa: E402
+from qconvert_kernels.quik import reference as refq  # noqa: E402
 from test_kernels_gpu import _ulps  # noqa: E402
 
 if not kcuda.available():

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from qconvert_kernels.reference_fp8 import e2m1_codebook
+from qconvert_kernels.fp8.reference import e2m1_codebook
 
 # twice the E2M1 magnitudes, as integers: the "levels" GPTQ handles (see methods/zeroquant_fp.py)
 _LEVEL_TO_CODE = {0: 0, 1: 1, 2: 2, 3: 3, 4: 4, 6: 5, 8: 6, 12: 7}

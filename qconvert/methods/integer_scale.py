@@ -24,7 +24,7 @@ from qconvert.formats.packing import pack_int4, pad_columns
 from qconvert.methods.base import build_config, QuantizedLinear
 from qconvert.gptq import IntGrid, gptq, relative_output_error, rtn
 from qconvert.methods.rtn import quantize_groups_symmetric, row_chunks
-from qconvert_kernels.reference import ACT_QMAX
+from qconvert_kernels.w4a8.reference import ACT_QMAX
 
 INT32_MAX = 2**31 - 1
 CLIP_STEP = 0.025

@@ -32,7 +32,7 @@ from qconvert.errors import QConvertError
 from qconvert.formats.packing import pack_int4, pad_columns
 from qconvert.gptq import IntGrid, gptq, relative_output_error
 from qconvert.methods.base import build_config, QuantizedLinear, relative_weight_error as _rel
-from qconvert_kernels.reference_quik import K_TILE, dequantize_split, split_columns
+from qconvert_kernels.quik.reference import K_TILE, dequantize_split, split_columns
 
 CLIP_STEP = 0.025
 MAX_AUTO_OUTLIERS = 256

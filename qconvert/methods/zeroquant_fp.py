@@ -42,7 +42,7 @@ from qconvert.formats.packing import pad_columns
 from qconvert.gptq import gptq, relative_output_error
 from qconvert.lorc import lorc_factors
 from qconvert.methods.base import build_config, QuantizedLinear, relative_weight_error as _rel
-from qconvert_kernels.reference_fp8 import E2M1_MAX, FP8_MAX, quantize_per_token_fp8, to_e4m3
+from qconvert_kernels.fp8.reference import E2M1_MAX, FP8_MAX, quantize_per_token_fp8, to_e4m3
 
 E_MIN, E_MAX = -64, 63  # stored as int8; 2^e stays a normal float32 for any partial
 CLIP_STEP = 0.05  # the row-scale search's step

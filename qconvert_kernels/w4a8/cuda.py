@@ -1,6 +1,6 @@
 """CuPy launcher of the W4A8 CUDA kernels (qconvert_kernels/w4a8_gemm.cu).
 
-The kernels reproduce ``qconvert_kernels.reference`` bit for bit (int32 accumulators exactly;
+The kernels reproduce ``qconvert_kernels.w4a8.reference`` bit for bit (int32 accumulators exactly;
 float outputs = the reference's float32 result rounded to fp16 / bf16).  They take and return
 torch CUDA tensors: pointers go to the kernels as ``tensor.data_ptr()`` and every launch runs
 on torch's current stream.  cupy is imported lazily, so importing this module on a machine

@@ -1,7 +1,7 @@
 """CuPy launcher of the ZeroQuant-FP kernels (qconvert_kernels/fp8_gemm.cu): FP8 (E4M3)
 activations x FP4 (E2M1, layout fp4-fp8) or FP8 (E4M3, layout fp8-fp8) weights.
 
-The kernels compute ``qconvert_kernels.reference_fp8``'s arithmetic; their outputs match it
+The kernels compute ``qconvert_kernels.fp8.reference``'s arithmetic; their outputs match it
 within the tolerance stated there (the tensor cores' accumulation inside a group is not
 specified by PTX; everything after it is the reference's float32 order).  LoRC is not in the
 kernel: ``qconvert.runtime.FP8Linear`` adds ((xq t) Vᵀ) Uᵀ with torch on the GPU (a rank-r
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from qconvert_kernels.cuda import _check_aligned, _check_cuda, _cupy, _i32, _ptr, _quantize_per_token, _require
-from qconvert_kernels.cuda import _launch as _launch_in
+from qconvert_kernels.w4a8.cuda import _check_aligned, _check_cuda, _cupy, _i32, _ptr, _quantize_per_token, _require
+from qconvert_kernels.w4a8.cuda import _launch as _launch_in
 
 SOURCE = Path(__file__).with_name("fp8_gemm.cu")
 BLOCK_M = BLOCK_N = 64  # CTA tile (zq::BM, zq::BN)

@@ -20,7 +20,7 @@
 // This file includes quik_gemm.cu (and so w4a8_gemm.cu) for the byte main loop, the W4A8 main
 // loop and the tiles; kernel_source() in compile.py inlines both for NVRTC.
 
-#include "quik_gemm.cu"
+#include "../quik/quik_gemm.cu"
 
 namespace illm {
 

@@ -1,6 +1,6 @@
 """CuPy launcher of the I-LLM kernels (qconvert_kernels/illm_gemm.cu): DI-MatMul, the per-row
 requantization, DI-ClippedSoftmax and DI-Norm.  Each equals its function in
-``qconvert_kernels.reference_illm`` bit for bit (integers in, integers out; GPU tests in
+``qconvert_kernels.illm.reference`` bit for bit (integers in, integers out; GPU tests in
 tests/test_kernels_illm_gpu.py).  The integer model (qconvert/illm_runtime.py) does not call them
 yet: ``load(OUT, device="cuda")`` refuses I-LLM outputs in this release.
 """
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from qconvert_kernels import cuda as kc
-from qconvert_kernels import reference_illm as ri
+from qconvert_kernels.w4a8 import cuda as kc
+from qconvert_kernels.illm import reference as ri
 from qconvert_kernels.compile import kernel_source
 
 SOURCE = Path(__file__).with_name("illm_gemm.cu")

@@ -38,7 +38,7 @@
 // dot products are unchanged (the same permutation on both operands).
 // ---------------------------------------------------------------------------------------
 
-#include "w4a8_gemm.cu"
+#include "../w4a8/w4a8_gemm.cu"
 
 namespace quik {
 

@@ -10,7 +10,7 @@ GEMM whose epilogue dequantizes and adds it.  The integer path follows the devic
                              in registers (Hopper has no int4 mma; ptxas would emulate it)
     bits 8                   int8 x int8 tensor cores (mma m16n8k32 s8)
 
-Results equal ``qconvert_kernels.reference_quik`` fed the same y_out, bit for bit before the
+Results equal ``qconvert_kernels.quik.reference`` fed the same y_out, bit for bit before the
 final rounding to fp16 / bf16.  Requirements (ValueError): Kbp a multiple of 64; sm_80+.
 """
 
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from qconvert_kernels import cuda as kc
+from qconvert_kernels.w4a8 import cuda as kc
 from qconvert_kernels.compile import kernel_source
-from qconvert_kernels.reference_quik import K_TILE
+from qconvert_kernels.quik.reference import K_TILE
 
 SOURCE = Path(__file__).with_name("quik_gemm.cu")
 

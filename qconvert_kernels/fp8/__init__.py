@@ -1,0 +1,1 @@
+"""Kernel family fp8: CUDA source, CuPy launcher (cuda.py), bit-exact torch reference (reference.py)."""

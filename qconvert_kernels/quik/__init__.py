@@ -1,0 +1,1 @@
+"""Kernel family quik: CUDA source, CuPy launcher (cuda.py), bit-exact torch reference (reference.py)."""
