@@ -16,7 +16,7 @@ from qconvert.formats.compressed_tensors import pack_int4_words, unpack_int4_wor
 from qconvert.formats.packing import unpack_int4
 from qconvert.formats.safetensors_io import ShardedReader
 from qconvert.runtime import W4A8Linear
-from qconvert_kernels import reference as ref
+from qconvert_kernels.w4a8 import reference as ref
 
 ct_pack = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers",
                               reason='compressed-tensors is not installed: pip install -e ".[test]"')

@@ -14,7 +14,7 @@ from torch.overrides import TorchFunctionMode
 
 from helpers import quantize_tiny
 from qconvert.cli import cli
-from qconvert_kernels import reference_illm as ri
+from qconvert_kernels.illm import reference as ri
 
 
 def _real(q: torch.Tensor, d: ri.Dyadic) -> torch.Tensor:

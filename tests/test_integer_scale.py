@@ -13,7 +13,7 @@ from qconvert.methods.integer_scale import (
     overflow_bound,
 )
 from qconvert.runtime import W4A8Linear
-from qconvert_kernels import reference as ref
+from qconvert_kernels.w4a8 import reference as ref
 
 
 def _method(**kw):
