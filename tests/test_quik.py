@@ -16,7 +16,7 @@ from qconvert.errors import QConvertError
 from qconvert.gptq import IntGrid, gptq, relative_output_error
 from qconvert.methods.quik import QuikMethod, auto_outliers
 from qconvert.runtime import QuikLinear
-from qconvert_kernels import reference_quik as refq
+from qconvert_kernels.quik import reference as refq
 
 
 def _problem(n=96, k=256, rows=2048, outliers=(5, 77, 200), seed=0):

@@ -18,7 +18,7 @@ from qconvert.gptq import relative_output_error
 from qconvert.methods.zeroquant_fp import (FP4Grid, ZeroQuantFPMethod, fp4_dequantize, fp4_rtn, row_scales,
                                            search_row_scales)
 from qconvert.runtime import FP8Linear
-from qconvert_kernels import reference_fp8 as ref8
+from qconvert_kernels.fp8 import reference as ref8
 
 E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
 
