@@ -1,8 +1,13 @@
-"""Golden files: the native format cannot drift silently.
+"""Golden files: the native format cannot drift silently, for any of the ten layouts.
 
-A tiny Llama with platform-independent weights is quantized with each preset; every
-output tensor's name, dtype, shape and sha256, and the quantization_config, must equal
-tests/golden/*.json.  After an intended format change, regenerate with
+A tiny Llama with platform-independent weights is quantized once per layout family; every
+output tensor's name, dtype, shape and sha256, the quantization_config, the report rows and
+the logits the loaded OUT computes on fixed tokens must equal tests/golden/*.json.
+Round-to-nearest bases keep the weights' arithmetic exact; the calibrated layouts (QUIK's
+outlier channels, I-LLM's smoothing) read a tiny calibration text through float forward
+passes, reproducible on one machine type (the one CI runs on).
+
+After an intended format change, regenerate with
 QCONVERT_UPDATE_GOLDEN=1 pytest tests/test_golden.py, bump FORMAT_VERSION and say so in
 CHANGELOG.md and docs/format.md.
 """
@@ -13,12 +18,30 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
-from helpers import golden_state, tiny_config, write_model
-from qconvert import quantize
+from helpers import TEXT, golden_state, tiny_config, write_model
+from qconvert import load, quantize
+from qconvert.calib import CalibSettings
 from qconvert.formats.safetensors_io import ShardedReader
 
 GOLDEN = Path(__file__).parent / "golden"
+TOKENS = torch.tensor([[5, 17, 42, 3, 88, 61, 9, 30, 71, 2, 14, 50]])
+
+# golden file stem -> (scheme, what it pins); every layout appears at least once
+CASES = {
+    "is-w4a8-rtn": ("is-w4a8-rtn", {"w4a8-is"}),
+    "w4a8-fs": ("w4a8-fs", {"w4a8-fs"}),
+    "w4a16-rtn": ("w4a16-gptq", {"w4a16"}),
+    "zqfp-w4a8-rtn": ("zqfp-w4a8", {"fp4-fp8"}),
+    "zqfp-w8a8": ("zqfp-w8a8", {"fp8-fp8"}),
+    "quik-w4a4-rtn": ("quik-w4a4", {"quik-w4a4", "quik-w8a8"}),
+    "quik-w8a8-rtn": ("quik-w8a8", {"quik-w8a8"}),
+    "illm-w8a8-rtn": ("illm-w8a8", {"illm-w8a8"}),
+    "illm-w4a8-rtn": ("illm-w4a8", {"illm-w4a8"}),
+    "illm-w4a4-rtn": ("illm-w4a4", {"illm-w4a4"}),
+}
+OLD_NAMES = {"is-w4a8-rtn": "tiny-llama-is-w4a8-rtn", "w4a8-fs": "tiny-llama-w4a8-fs"}  # pinned before the others
 
 
 def _digest(out: Path) -> dict:
@@ -26,23 +49,44 @@ def _digest(out: Path) -> dict:
     tensors = {}
     for name in sorted(reader.keys()):
         t = reader.get(name)
-        raw = t.contiguous().reshape(-1).view(__import__("torch").uint8).numpy().tobytes() if t.numel() else b""
+        raw = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
         tensors[name] = {"dtype": str(t.dtype), "shape": list(t.shape), "sha256": hashlib.sha256(raw).hexdigest()}
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     qc.pop("qconvert_version")
     report = json.loads((out / "qconvert.json").read_text())
-    layers = [{k: v for k, v in r.items()} for r in report["layers"]]
-    return {"quantization_config": qc, "tensors": tensors, "layers": layers}
+    return {"quantization_config": qc, "tensors": tensors, "layers": report["layers"]}
 
 
-@pytest.mark.parametrize("scheme", ["is-w4a8-rtn", "w4a8-fs"])
-def test_native_format_matches_golden(tmp_path, scheme):
-    """Round-to-nearest bases: exact integer arithmetic, the same bytes on every machine."""
-    cfg = tiny_config(hidden=64, intermediate=160, layers=2, vocab=96)
-    src = write_model(tmp_path / "src", cfg, state=golden_state(cfg), tokenizer=False)
-    out = quantize(str(src), scheme, tmp_path / "out", progress=False, base="rtn")
+def _logits(out: Path) -> list[list[float]]:
+    model = load(out)
+    with torch.no_grad():
+        logits = model(TOKENS).logits[0].float()
+    return [[float(f"{v:.7g}") for v in row[:16].tolist()] for row in logits]
+
+
+@pytest.fixture(scope="module")
+def golden_src(tmp_path_factory):
+    """vocab -> source: 96 for the two files pinned first (no calibration), 300 for the rest
+    (the tiny tokenizer's byte alphabet needs more than 96 ids to tokenize the calibration text)."""
+    d = tmp_path_factory.mktemp("golden")
+    (d / "calib.txt").write_text(TEXT)
+    srcs = {}
+    for vocab in (96, 300):
+        cfg = tiny_config(hidden=64, intermediate=160, layers=2, vocab=vocab)
+        srcs[vocab] = write_model(d / f"src{vocab}", cfg, state=golden_state(cfg), tokenizer=vocab > 96)
+    return srcs
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_native_format_matches_golden(tmp_path, golden_src, case):
+    scheme, layouts = CASES[case]
+    src = golden_src[96 if case in OLD_NAMES else 300]
+    calib = CalibSettings("file", str(src.parent / "calib.txt"), nsamples=4, seqlen=32)
+    out = quantize(str(src), scheme, tmp_path / "out", progress=False, base="rtn", calib=calib)
     got = _digest(out)
-    path = GOLDEN / f"tiny-llama-{scheme}.json"
+    assert set(got["quantization_config"]["modules"].values()) == layouts
+    got["logits"] = _logits(out)
+    path = GOLDEN / f"{OLD_NAMES.get(case, 'tiny-llama-' + case)}.json"
     if os.environ.get("QCONVERT_UPDATE_GOLDEN"):
         path.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
     want = json.loads(path.read_text())
@@ -51,3 +95,7 @@ def test_native_format_matches_golden(tmp_path, scheme):
     for name, entry in want["tensors"].items():
         assert got["tensors"][name] == entry, name
     assert got["layers"] == want["layers"]
+    # decoded outputs: the same arithmetic in the same order gives the same bits here; the
+    # tolerance only absorbs another BLAS's float summation order in the unquantized parts
+    got_l, want_l = torch.tensor(got["logits"]), torch.tensor(want["logits"])
+    assert torch.allclose(got_l, want_l, rtol=1e-5, atol=1e-5 * float(want_l.abs().max())), (got_l - want_l).abs().max()

@@ -239,8 +239,9 @@ class ILLMMethod:
                     "gptq_loss": relative_output_error(w.float(), deq, hessian),
                     "weight_error": relative_weight_error(w.float(), deq)}
             stats = self._fsbr_stats.get(name.rsplit(".", 2)[0] + ".")
-            if stats:
-                info["fsbr_reconstruction"] = stats
+            if stats:  # its time goes beside the others (kept out of OUT, which stays reproducible)
+                info["fsbr_reconstruction"] = {k: v for k, v in stats.items() if k != "seconds"}
+                info["fsbr_seconds"] = stats["seconds"]
             out.append(QuantizedLinear(cfg.layout, tensors, info, deq if want_dequantized else None))
             row += n
         return out
