@@ -1,0 +1,1 @@
+"""Shared solvers: used by methods and by the conversion, never copied."""

@@ -1,0 +1,616 @@
+"""Residual-stream rotations (QuaRot, SpinQuant) applied to a checkpoint as it is read.
+
+Why rotate: a few channels of an LLM's residual stream carry outliers 100x larger than the
+rest, and a per-token or per-group quantizer must stretch its grid over them.  Multiplying the
+stream by an orthogonal ``Q`` spreads every outlier over all channels (a Hadamard matrix does it
+best: all its entries have the same magnitude ``1/sqrt(n)``), and folding ``Q`` into the weights
+makes the rotated model compute exactly the same function, in real arithmetic, as the original.
+
+How, for the RMSNorm architectures qconvert reads (``y = x W^T + b``, ``W [out, in]``, the
+residual stream ``x`` a row vector of width H):
+
+  * ``rms(x Q) = rms(x)``, so an RMSNorm commutes with ``Q`` once its weight ``g`` is moved
+    into the linears that read it: ``W -> W diag(g)`` and ``g -> 1``;
+  * the stream is carried rotated, ``x' = x Q``: the embedding ``E -> E Q``;
+  * a *reading* linear (q/k/v, gate/up, MoE routers and experts' gate/up, lm_head) sees
+    ``x' = x Q`` and must still compute ``x W^T``: ``W -> W diag(g) Q``;
+  * a *writing* linear (o_proj, down_proj, experts' down) must add ``(h W^T + b) Q``:
+    ``W -> Q^T W`` and ``b -> Q^T b``;
+  * per attention head, V and O share a second rotation ``R [d, d]`` (d = head_dim): each KV
+    head's value rows ``W_v[h] -> R^T W_v[h]`` (bias alike), so the head's values come out as
+    ``v R``; attention mixes values over positions only, so every query head's output is
+    ``a R`` and o_proj undoes it on its input columns, ``W_o[:, h] -> W_o[:, h] R``.  One ``R``
+    for all heads keeps this right under GQA, where query heads share a KV head.
+
+Qwen3's q_norm/k_norm act per head on q and k after their projections: the residual rotation
+only touches those projections' input side and leaves them alone.  Gemma's ``(1 + w)`` norms
+are not among the architectures accepted here.
+
+``RotatedSource`` wraps any ``qconvert.source.Source`` and returns the rotated tensors, one at
+a time, computed in float64 and cast back to each tensor's own dtype, so that the conversion,
+calibration, RTN and plain copying all see an ordinary checkpoint of the same architecture.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import math
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from enum import Enum
+from functools import cached_property
+
+import torch
+
+from qconvert.errors import QConvertError
+from qconvert.source import DECODER_LAYERS, Source
+
+MODES = ("hadamard", "random")
+ROTATABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe")  # plain RMSNorm(x) * g
+CHUNK_BYTES = 16 << 20  # float64 working set per slice of a tensor being rotated
+DENSE_FACTOR = 64  # Kronecker factors are merged into dense blocks up to this order for x @ Q
+
+
+# ---- number theory: prime powers and the quadratic character of GF(q) ----------------------
+
+def _prime_power(q: int) -> tuple[int, int] | None:
+    """(p, k) with ``q = p**k``, p prime; None when q is not a prime power."""
+    if q < 2:
+        return None
+    p = next((d for d in range(2, math.isqrt(q) + 1) if q % d == 0), q)
+    k = 0
+    while q % p == 0:
+        q //= p
+        k += 1
+    return (p, k) if q == 1 else None
+
+
+def _poly_mod(a: list[int], f: list[int], p: int) -> list[int]:
+    """``a mod f`` over GF(p); polynomials are coefficient lists, constant term first, f monic."""
+    a = [c % p for c in a]
+    while len(a) >= len(f):
+        lead = a[-1]
+        if lead:
+            shift = len(a) - len(f)
+            for i, c in enumerate(f):
+                a[shift + i] = (a[shift + i] - lead * c) % p
+        a.pop()
+    return a
+
+
+def _monic(p: int, degree: int) -> Iterator[list[int]]:
+    """Every monic polynomial of ``degree`` over GF(p), in a fixed order."""
+    for code in range(p**degree):
+        yield [(code // p**i) % p for i in range(degree)] + [1]
+
+
+def _irreducible(p: int, k: int) -> list[int]:
+    """The first monic polynomial of degree k over GF(p) (in ``_monic`` order) that no monic
+    polynomial of degree 1..k/2 divides: it defines GF(p^k) as polynomials modulo it."""
+    for f in _monic(p, k):
+        if f[0] == 0:
+            continue
+        if all(any(_poly_mod(f, d, p)) for deg in range(1, k // 2 + 1) for d in _monic(p, deg)):
+            return f
+    raise AssertionError(f"no irreducible polynomial of degree {k} over GF({p})")
+
+
+def _quadratic_character(p: int, k: int) -> torch.Tensor:
+    """chi(x) for the elements of GF(p^k), numbered by their base-p digits (constant term
+    first): 0 at zero, +1 on nonzero squares, -1 on the rest.  int64 [q]."""
+    q = p**k
+    if k == 1:  # Euler's criterion
+        return torch.tensor([0] + [1 if pow(x, (p - 1) // 2, p) == 1 else -1 for x in range(1, q)])
+    f = _irreducible(p, k)
+    chi = torch.full((q,), -1, dtype=torch.int64)
+    chi[0] = 0
+    for x in range(1, q):
+        a = [(x // p**i) % p for i in range(k)]
+        square = _poly_mod([sum(a[i] * a[n - i] for i in range(max(0, n - k + 1), min(n, k - 1) + 1))
+                            for n in range(2 * k - 1)], f, p)
+        chi[sum(c * p**i for i, c in enumerate(square))] = 1
+    return chi
+
+
+def _jacobsthal(q: int) -> torch.Tensor:
+    """``J[i, j] = chi(a_i - a_j)`` over GF(q) (int64 [q, q]): antisymmetric for q = 3 mod 4,
+    symmetric for q = 1 mod 4; ``J J^T = q I - 1`` and every row sums to 0."""
+    p, k = _prime_power(q)
+    chi = _quadratic_character(p, k)
+    digits = torch.stack([(torch.arange(q) // p**i) % p for i in range(k)], dim=1)  # [q, k]
+    diff = (digits[:, None, :] - digits[None, :, :]) % p  # digit-wise subtraction in GF(p^k)
+    return chi[(diff * torch.tensor([p**i for i in range(k)])).sum(-1)]
+
+
+# ---- Hadamard matrices ---------------------------------------------------------------------
+
+def _paley1(q: int) -> torch.Tensor:
+    """Paley I, q = 3 mod 4: ``H = I + [[0, 1^T], [-1, J]]``, a Hadamard matrix of order q + 1."""
+    s = torch.zeros(q + 1, q + 1, dtype=torch.int64)
+    s[0, 1:], s[1:, 0], s[1:, 1:] = 1, -1, _jacobsthal(q)
+    return s + torch.eye(q + 1, dtype=torch.int64)
+
+
+def _paley2(q: int) -> torch.Tensor:
+    """Paley II, q = 1 mod 4: with the symmetric conference matrix ``C = [[0, 1^T], [1, J]]``,
+    ``H = C (x) [[1, 1], [1, -1]] + I (x) [[1, -1], [-1, -1]]``, of order 2 (q + 1)."""
+    c = torch.zeros(q + 1, q + 1, dtype=torch.int64)
+    c[0, 1:], c[1:, 0], c[1:, 1:] = 1, 1, _jacobsthal(q)
+    return (torch.kron(c, torch.tensor([[1, 1], [1, -1]]))
+            + torch.kron(torch.eye(q + 1, dtype=torch.int64), torch.tensor([[1, -1], [-1, -1]])))
+
+
+def _paley_kind(m: int) -> tuple[Callable[[int], torch.Tensor], int] | None:
+    """How to build an elementary Hadamard matrix of order m: (Paley I or II, q), or None."""
+    pk = _prime_power(m - 1)
+    if pk is not None and (m - 1) % 4 == 3:
+        return _paley1, m - 1
+    pk = _prime_power(m // 2 - 1) if m % 2 == 0 else None
+    if pk is not None and (m // 2 - 1) % 4 == 1:
+        return _paley2, m // 2 - 1
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _elementary(m: int) -> torch.Tensor:
+    """An integer (+-1) Hadamard matrix of order m: Sylvester's [[1, 1], [1, -1]] for 2, else Paley."""
+    if m == 2:
+        h = torch.tensor([[1, 1], [1, -1]])
+    else:
+        build, q = _paley_kind(m)
+        h = build(q)
+    assert torch.equal(h @ h.T, m * torch.eye(m, dtype=torch.int64)), f"Hadamard construction of order {m} failed"
+    return h.to(torch.float64)
+
+
+@functools.lru_cache(maxsize=None)
+def hadamard_factors(n: int) -> tuple[int, ...] | None:
+    """Orders of elementary Hadamard matrices (2 = Sylvester, others Paley I/II) whose Kronecker
+    product has order n, largest first; of all such products the cheapest to apply (smallest sum
+    of orders, then the smallest tuple).  ``()`` for n = 1; None when qconvert knows no
+    construction of order n."""
+    if n < 1:
+        return None
+    if n == 1:
+        return ()
+    best = None
+    for d in range(2, n + 1):
+        if n % d or (d != 2 and _paley_kind(d) is None):
+            continue
+        rest = hadamard_factors(n // d)
+        if rest is None:
+            continue
+        cand = tuple(sorted((d, *rest), reverse=True))
+        if best is None or (sum(cand), cand) < (sum(best), best):
+            best = cand
+    return best
+
+
+def has_hadamard(n: int) -> bool:
+    """Whether ``hadamard(n)`` can build a matrix of order n."""
+    return hadamard_factors(n) is not None
+
+
+def _no_hadamard(n: int, what: str) -> QConvertError:
+    odd = n
+    while odd % 2 == 0:
+        odd //= 2
+    return QConvertError(
+        f"no Hadamard matrix of order {n} ({what}) is known to qconvert: it builds orders 2^a * m from "
+        f"Sylvester and Paley I/II matrices (m = 1, 12, 20, 28, 36, ...), and {n} = 2^{(n // odd).bit_length() - 1} * {odd} "
+        "is not one of them; use --rotate random"
+    )
+
+
+def hadamard(n: int) -> torch.Tensor:
+    """The orthonormal Hadamard matrix of order n (float64 [n, n], entries +-1/sqrt(n), ``H H^T = I``):
+    the Kronecker product of the elementary matrices ``hadamard_factors(n)``, scaled once."""
+    factors = hadamard_factors(n)
+    if factors is None:
+        raise _no_hadamard(n, "asked for")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    for block in _dense_blocks(factors):  # a few large products rather than many doublings
+        h = torch.kron(h, block)
+    return h / math.sqrt(n)
+
+
+def _dense_blocks(factors: tuple[int, ...]) -> list[torch.Tensor]:
+    """Neighbouring elementary factors multiplied out (Kronecker) into integer blocks of order at
+    most ``DENSE_FACTOR`` (or one elementary factor, if larger); their product is unchanged."""
+    groups: list[list[int]] = []
+    for m in factors:
+        if groups and math.prod(groups[-1]) * m <= DENSE_FACTOR:
+            groups[-1].append(m)
+        else:
+            groups.append([m])
+    blocks = []
+    for group in groups:
+        f = torch.ones(1, 1, dtype=torch.float64)
+        for m in group:
+            f = torch.kron(f, _elementary(m))
+        blocks.append(f)
+    return blocks
+
+
+def _check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise QConvertError(f"rotation seed {seed!r} is not an integer in [0, 2^63); pass a non-negative integer such as 0")
+    return seed
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(_check_seed(seed))
+
+
+def _random_signs(n: int, seed: int) -> torch.Tensor:
+    """n values +-1 (float64) drawn from ``seed``: integers, the same on every platform."""
+    return torch.randint(0, 2, (n,), generator=_generator(seed), dtype=torch.int64).to(torch.float64) * 2 - 1
+
+
+def random_orthogonal(n: int, seed: int) -> torch.Tensor:
+    """A Haar-random orthogonal matrix (float64 [n, n]) from ``seed``: the Q of the QR of a
+    Gaussian matrix drawn in float64 on the CPU, each column's sign set so that R has a positive
+    diagonal (the unique QR; without it Q would not be uniformly distributed)."""
+    a = torch.randn(n, n, generator=_generator(seed), dtype=torch.float64)
+    q, r = torch.linalg.qr(a)
+    return q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0)
+
+
+def randomized_hadamard(n: int, seed: int) -> torch.Tensor:
+    """``H diag(s)`` with s random +-1 from ``seed`` (float64 [n, n], orthogonal): a Hadamard
+    matrix's flat spread of every channel, with the seed choosing one of 2^n of them."""
+    return hadamard(n) * _random_signs(n, seed)
+
+
+def derived_seed(seed: int, purpose: str) -> int:
+    """An independent seed for ``purpose`` (e.g. the per-head rotation), platform independent."""
+    digest = hashlib.sha256(f"{_check_seed(seed)}:{purpose}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class Rotation:
+    """An orthogonal matrix ``Q [n, n] = (F_1 (x) ... (x) F_m) diag(s)`` kept as its Kronecker
+    factors ``F_k`` (each orthonormal, [n_k, n_k]) and optional column signs ``s``.
+
+    ``right(x)`` is ``x @ Q`` at ``n * sum(n_k)`` multiply-adds per row instead of ``n^2``: a
+    Hadamard matrix of order 4096 costs two passes of order 64 rather than one of order 4096.
+    """
+
+    def __init__(self, factors: list[torch.Tensor], signs: torch.Tensor | None, label: str):
+        self.factors = [f.to(torch.float64) for f in factors]
+        self.sizes = tuple(f.shape[0] for f in self.factors)
+        self.n = math.prod(self.sizes)
+        self.signs = signs
+        self.label = label
+
+    @classmethod
+    def hadamard(cls, n: int, seed: int, what: str) -> "Rotation":
+        """``H diag(s)`` (``randomized_hadamard(n, seed)``), factored; ``what`` names n in errors."""
+        elementary = hadamard_factors(n)
+        if elementary is None:
+            raise _no_hadamard(n, what)
+        factors = [f / math.sqrt(f.shape[0]) for f in _dense_blocks(elementary)]  # fewer passes, same product
+        label = f"randomized Hadamard {n} = {' x '.join(map(str, elementary)) or '1'}"
+        return cls(factors or [torch.ones(1, 1, dtype=torch.float64)], _random_signs(n, seed), label)
+
+    @classmethod
+    def random(cls, n: int, seed: int) -> "Rotation":
+        return cls([random_orthogonal(n, seed)], None, f"random orthogonal {n}")
+
+    def matrix(self) -> torch.Tensor:
+        """Q, dense (float64 [n, n])."""
+        return self.right(torch.eye(self.n, dtype=torch.float64))
+
+    def right(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ Q`` over the last dimension of float64 ``x [..., n]``.
+
+        With ``x`` viewed as ``[..., n_1, ..., n_m]`` (the index order of a Kronecker product),
+        ``x @ (F_1 (x) ... (x) F_m)`` contracts axis k with ``F_k`` on its row index, one axis at a time.
+        """
+        shape = x.shape
+        y = x.reshape(-1, *self.sizes)
+        for k, f in enumerate(self.factors):
+            y = torch.movedim(torch.movedim(y, k + 1, -1) @ f, -1, k + 1)
+        y = y.reshape(shape)
+        return y * self.signs if self.signs is not None else y
+
+
+# ---- which tensor gets which transform -----------------------------------------------------
+
+class Op(Enum):
+    COPY = "unchanged"
+    ONES = "a folded norm: all ones"
+    EMBED = "E Q"
+    READ = "W diag(g) Q"
+    READ_V = "R^T W diag(g) Q per KV head"
+    BIAS_V = "R^T b per KV head"
+    WRITE = "Q^T W"
+    WRITE_O = "Q^T W R per head"
+    BIAS_WRITE = "Q^T b"
+
+
+ROW_WISE = (Op.EMBED, Op.READ)  # each output row from its own input row: streamable in any slices
+
+
+@dataclass(frozen=True)
+class Recipe:
+    op: Op
+    source: str  # the source tensor it is computed from
+    norm: str | None = None  # the RMSNorm weight g folded in (READ, READ_V)
+
+
+_LAYER = re.compile(rf"^({re.escape(DECODER_LAYERS)}\.\d+\.)(.+)$")
+# dense MLPs, MoE experts, Qwen2-MoE's shared expert and routers; see qconvert.moe for the names
+_MLP = re.compile(r"^(?:mlp|block_sparse_moe)\.(?:experts\.\d+\.|shared_expert\.)?"
+                  r"(gate_proj|up_proj|down_proj|w1|w2|w3|gate|shared_expert_gate)\.(weight|bias)$")
+_MLP_WRITES = ("down_proj", "w2")
+_IN_LAYER = {  # name inside a layer, outside its MLP -> (op, the norm folded in)
+    "input_layernorm.weight": (Op.ONES, None),
+    "post_attention_layernorm.weight": (Op.ONES, None),
+    "self_attn.q_proj.weight": (Op.READ, "input_layernorm.weight"),
+    "self_attn.k_proj.weight": (Op.READ, "input_layernorm.weight"),
+    "self_attn.v_proj.weight": (Op.READ_V, "input_layernorm.weight"),
+    "self_attn.q_proj.bias": (Op.COPY, None),
+    "self_attn.k_proj.bias": (Op.COPY, None),
+    "self_attn.v_proj.bias": (Op.BIAS_V, None),
+    "self_attn.o_proj.weight": (Op.WRITE_O, None),
+    "self_attn.o_proj.bias": (Op.BIAS_WRITE, None),
+    "self_attn.q_norm.weight": (Op.COPY, None),  # Qwen3: per head, after the projection
+    "self_attn.k_norm.weight": (Op.COPY, None),
+}
+EMBED = "model.embed_tokens.weight"
+FINAL_NORM = "model.norm.weight"
+HEAD = "lm_head.weight"
+
+
+def _recipe(name: str, tied: bool) -> Recipe | None:
+    if name == EMBED:
+        return Recipe(Op.EMBED, name)
+    if name == FINAL_NORM:
+        return Recipe(Op.ONES, name)
+    if name == HEAD:  # a tied head is the embedding, whatever else a checkpoint stores
+        return Recipe(Op.READ, EMBED if tied else HEAD, FINAL_NORM)
+    m = _LAYER.match(name)
+    if m is None:
+        return None
+    prefix, inner = m.groups()
+    if inner in _IN_LAYER:
+        op, norm = _IN_LAYER[inner]
+        return Recipe(op, name, prefix + norm if norm else None)
+    mm = _MLP.match(inner)
+    if mm is None:
+        return None
+    linear, kind = mm.groups()
+    if linear in _MLP_WRITES:
+        return Recipe(Op.WRITE if kind == "weight" else Op.BIAS_WRITE, name)
+    return Recipe(Op.READ, name, prefix + "post_attention_layernorm.weight") if kind == "weight" else Recipe(Op.COPY, name)
+
+
+def _slices(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype, align: int = 1,
+            budget: int = CHUNK_BYTES) -> Iterator[torch.Tensor]:
+    """``fn`` applied to float64 slices of x's rows (whole groups of ``align`` rows, about
+    ``budget`` bytes of float64 each), each result cast to ``dtype``."""
+    rows = x.shape[0]
+    width = max(1, x[0].numel()) if rows else 1
+    step = max(align, budget // (8 * width) // align * align)
+    for r0 in range(0, rows, step):
+        yield fn(x[r0 : r0 + step].to(torch.float64)).to(dtype)
+
+
+def _map_rows(x, fn, dtype, align=1, budget=CHUNK_BYTES) -> torch.Tensor:
+    """All of ``_slices`` in one tensor, filled in place (no float64 copy of the whole)."""
+    out, r0 = None, 0
+    for y in _slices(x, fn, dtype, align, budget):
+        if out is None:
+            out = torch.empty((x.shape[0], *y.shape[1:]), dtype=dtype)
+        out[r0 : r0 + len(y)] = y
+        r0 += len(y)
+    return out if out is not None else torch.empty(x.shape, dtype=dtype)
+
+
+class RotatedSource(Source):
+    """``src`` with the residual stream rotated (see the module docstring): the same
+    architecture and tensor names, norms folded into the linears (weights all ones), the same
+    function in float.  ``mode`` "hadamard" rotates by ``H diag(s)`` (random signs s from
+    ``seed``), "random" by Haar-random orthogonal matrices from ``seed``; the per-head V/O
+    rotation is drawn likewise from ``derived_seed(seed, "per-head")``.
+
+    A tied head whose final norm weight is not all ones becomes ``E diag(g) Q``, no longer
+    the embedding ``E Q``: then ``untied`` is True, ``keys()`` lists ``lm_head.weight`` and the
+    config says ``tie_word_embeddings = False``.  Each tensor is computed in float64 and stored
+    in its source dtype; the embedding and the head stream slice by slice through ``iter_rows``.
+    """
+
+    def __init__(self, src: Source, mode: str = "hadamard", seed: int = 0, chunk_bytes: int = CHUNK_BYTES):
+        if mode not in MODES:
+            raise QConvertError(f"unknown rotation {mode!r}; known: {', '.join(MODES)}")
+        self.src, self.mode, self.seed, self.chunk_bytes = src, mode, _check_seed(seed), chunk_bytes
+        for attr in ("kind", "description", "hub_id", "revision", "base_model", "directory", "path"):
+            if hasattr(src, attr):
+                setattr(self, attr, getattr(src, attr))
+        cfg = src.config
+        model_type = getattr(cfg, "model_type", None)
+        if model_type not in ROTATABLE_MODEL_TYPES:
+            raise QConvertError(f"rotation does not support model type {model_type!r} (its norms would not fold); "
+                                f"supported: {', '.join(ROTATABLE_MODEL_TYPES)}; convert without --rotate")
+        self.hidden = int(cfg.hidden_size)
+        self.heads = int(cfg.num_attention_heads)
+        self.kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.heads)
+        self.head_dim = int(getattr(cfg, "head_dim", None) or self.hidden // self.heads)
+        self.tied = bool(getattr(cfg, "tie_word_embeddings", False))
+        names = list(src.keys())
+        self._recipes: dict[str, Recipe] = {}
+        for name in names:
+            recipe = _recipe(name, self.tied)
+            if recipe is None:
+                raise QConvertError(f"rotation does not know how to rotate tensor '{name}' of {src.description}; "
+                                    "convert without --rotate")
+            self._recipes[name] = recipe
+        missing = sorted({r.norm for r in self._recipes.values() if r.norm} - set(names))
+        if EMBED not in names or missing:
+            raise QConvertError(f"{src.description} lacks '{EMBED if EMBED not in names else missing[0]}', "
+                                "which the rotation folds; check that the checkpoint is complete")
+        self._gains: dict[str, torch.Tensor] = {}
+        # a tied head stays the embedding only if the final norm folds into it as the identity
+        self.untied = self.tied and FINAL_NORM in names and not bool((self._gain(FINAL_NORM) == 1).all())
+        self._keys = names + ([HEAD] if self.untied and HEAD not in names else [])
+        if self.untied:
+            self._recipes[HEAD] = Recipe(Op.READ, EMBED, FINAL_NORM)
+        if mode == "hadamard":
+            self.q = Rotation.hadamard(self.hidden, seed, f"the hidden size of {src.description}")
+            self.r = Rotation.hadamard(self.head_dim, derived_seed(seed, "per-head"), f"the head_dim of {src.description}")
+        else:
+            self.q = Rotation.random(self.hidden, seed)
+            self.r = Rotation.random(self.head_dim, derived_seed(seed, "per-head"))
+        self._ops = {
+            Op.COPY: self._copy, Op.ONES: self._ones, Op.EMBED: self._embed, Op.READ: self._read,
+            Op.READ_V: self._read_v, Op.BIAS_V: self._bias_v, Op.WRITE: self._write, Op.WRITE_O: self._write_o,
+            Op.BIAS_WRITE: self._bias_write,
+        }
+
+    # ---- the Source interface -----------------------------------------------------------
+    @cached_property
+    def config(self):
+        cfg = copy.deepcopy(self.src.config)
+        if self.untied:
+            cfg.tie_word_embeddings = False
+        return cfg
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def info(self, name: str):
+        return self.src.info(self._recipe_of(name).source)
+
+    def get(self, name: str) -> torch.Tensor:
+        recipe = self._recipe_of(name)
+        dtype, _ = self.src.info(recipe.source)
+        if recipe.op not in (Op.COPY, Op.ONES) and not dtype.is_floating_point:
+            raise QConvertError(f"'{recipe.source}' of {self.description} is stored as {dtype}; rotation needs "
+                                "floating-point weights: start from the original checkpoint")
+        return self._ops[recipe.op](recipe, dtype)
+
+    def iter_rows(self, name: str):
+        """Row slices of the rotated tensor; the embedding and the head are rotated slice by
+        slice (each output row depends on its own input row only), the rest is whole."""
+        recipe = self._recipe_of(name)
+        if recipe.op == Op.COPY:
+            yield from self.src.iter_rows(name)
+            return
+        if recipe.op not in ROW_WISE:
+            yield self.get(name)
+            return
+        dtype, _ = self.src.info(recipe.source)
+        fn = self._row_fn(recipe)
+        for part in self.src.iter_rows(recipe.source):
+            yield from _slices(part, fn, dtype, budget=self.chunk_bytes)
+
+    def load_tokenizer(self):
+        return self.src.load_tokenizer()
+
+    def save_tokenizer(self, out):
+        return self.src.save_tokenizer(out)
+
+    def weight_files(self):
+        return self.src.weight_files()
+
+    def card_license(self):
+        return self.src.card_license()
+
+    def load_model(self, dtype: torch.dtype = torch.float32):
+        """The rotated model, whole (what ``verify`` compares a rotated OUT with)."""
+        from qconvert.skeleton import build_skeleton
+
+        model = build_skeleton(self.config)
+        state = {k: self.get(k).to(dtype) for k in self._keys}
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+        allowed = {HEAD} if self.config.tie_word_embeddings else set()
+        if set(missing) - allowed or unexpected:
+            raise QConvertError(f"the rotated tensors of {self.description} do not fit its config "
+                                f"(missing {sorted(set(missing) - allowed)[:3]}, unexpected {sorted(unexpected)[:3]})")
+        if self.config.tie_word_embeddings:
+            model.tie_weights()
+        return model.eval()
+
+    def describe(self) -> dict:
+        """What was done, for the report."""
+        norms = sorted({r.norm for r in self._recipes.values() if r.norm})
+        return {
+            "mode": self.mode,
+            "seed": self.seed,
+            "residual": self.q.label,
+            "per_head": f"{self.r.label} on v_proj rows and o_proj columns, per head",
+            "head_seed": derived_seed(self.seed, "per-head"),
+            "folded_norms": len(norms),
+            "folded": ["input_layernorm -> q/k/v_proj", "post_attention_layernorm -> mlp gate/up, routers, experts",
+                       "model.norm -> lm_head"],
+            "untied": self.untied,
+        }
+
+    # ---- the transforms -----------------------------------------------------------------
+    def _recipe_of(self, name: str) -> Recipe:
+        return self._recipes[name]  # a KeyError, as any Source gives for a name it lacks
+
+    def _gain(self, norm: str) -> torch.Tensor:
+        """An RMSNorm weight g (float64 [H]), kept: 2 per layer, H values each."""
+        if norm not in self._gains:
+            g = self.src.get(norm).to(torch.float64)
+            if tuple(g.shape) != (self.hidden,):
+                raise QConvertError(f"'{norm}' of {self.description} has shape {tuple(g.shape)}, not ({self.hidden},) "
+                                    "as the config's hidden_size says")
+            self._gains[norm] = g
+        return self._gains[norm]
+
+    def _row_fn(self, recipe: Recipe) -> Callable[[torch.Tensor], torch.Tensor]:
+        if recipe.op == Op.EMBED:
+            return self.q.right
+        g = self._gain(recipe.norm)
+        return lambda rows: self.q.right(rows * g)
+
+    def _per_head_left(self, y: torch.Tensor) -> torch.Tensor:
+        """``R^T y_h`` for each block y_h of head_dim rows of float64 ``y [k * d, C]``: ``(y_h^T R)^T``."""
+        d = self.head_dim
+        if y.shape[0] % d:
+            raise QConvertError(f"a tensor of {self.description} has {y.shape[0]} rows, not whole heads of "
+                                f"head_dim {d}; check config.json")
+        blocks = y.reshape(-1, d, y.shape[-1]).transpose(1, 2)  # [k, C, d]
+        return self.r.right(blocks).transpose(1, 2).reshape(y.shape)
+
+    def _copy(self, recipe, dtype):
+        return self.src.get(recipe.source)
+
+    def _ones(self, recipe, dtype):
+        _, shape = self.src.info(recipe.source)
+        return torch.ones(shape, dtype=dtype)
+
+    def _embed(self, recipe, dtype):
+        return _map_rows(self.src.get(recipe.source), self.q.right, dtype, budget=self.chunk_bytes)
+
+    def _read(self, recipe, dtype):
+        return _map_rows(self.src.get(recipe.source), self._row_fn(recipe), dtype, budget=self.chunk_bytes)
+
+    def _read_v(self, recipe, dtype):
+        g = self._gain(recipe.norm)
+        fn = lambda rows: self._per_head_left(self.q.right(rows * g))  # noqa: E731
+        return _map_rows(self.src.get(recipe.source), fn, dtype, align=self.head_dim, budget=self.chunk_bytes)
+
+    def _bias_v(self, recipe, dtype):
+        b = self.src.get(recipe.source)
+        return self.r.right(b.to(torch.float64).reshape(-1, self.head_dim)).reshape(b.shape).to(dtype)
+
+    def _write(self, recipe, dtype):
+        # Q^T W = (W^T Q)^T: W's columns, as rows of W^T, slice by slice
+        w = self.src.get(recipe.source)
+        return _map_rows(w.t(), self.q.right, dtype, budget=self.chunk_bytes).t().contiguous()
+
+    def _write_o(self, recipe, dtype):
+        # column block h of W' = Q^T W[:, h] R; as rows of W'^T: R^T (W[:, h]^T Q)
+        w = self.src.get(recipe.source)
+        fn = lambda cols: self._per_head_left(self.q.right(cols))  # noqa: E731
+        return _map_rows(w.t(), fn, dtype, align=self.head_dim, budget=self.chunk_bytes).t().contiguous()
+
+    def _bias_write(self, recipe, dtype):
+        return self.q.right(self.src.get(recipe.source).to(torch.float64)).to(dtype)
