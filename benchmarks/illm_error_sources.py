@@ -23,7 +23,7 @@ import torch
 
 from qconvert import load
 from qconvert.evaluate import perplexity
-from qconvert.illm_runtime import ILLMLinear
+from qconvert.layouts.illm import ILLMLinear
 
 
 def _weights_only(self: ILLMLinear, x: torch.Tensor) -> torch.Tensor:
@@ -43,7 +43,7 @@ def main() -> None:
     args = ap.parse_args()
     from transformers import AutoTokenizer
 
-    from qconvert.calib import load_eval_text
+    from qconvert.calibration_text import load_eval_text
 
     tok = AutoTokenizer.from_pretrained(args.out)
     text = load_eval_text("wikitext2", args.data_file)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from qconvert.evaluate import perplexity
-from qconvert.runtime import FP8Linear
+from qconvert.layouts.fp8 import FP8Linear
 from qconvert_kernels.w4a8 import reference as ref
 
 
@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--max-windows", type=int, default=40)
     ap.add_argument("--acts", default="fp8,int8")
     args = ap.parse_args()
-    from qconvert.calib import load_eval_text
+    from qconvert.calibration_text import load_eval_text
     from qconvert.evaluate import load_model_and_tokenizer
 
     model, tok, _ = load_model_and_tokenizer(str(args.out))  # exactly what `qconvert eval OUT` loads

@@ -15,7 +15,7 @@ End-to-end (``model_bench``): prefill tokens/s of one forward over ``prefill`` t
 decode tokens/s of ``new_tokens`` greedy steps at each batch size (our own loop over the KV
 cache, so no sampling or stopping logic is timed), for the quantized model and its float
 original on the same device and runtime.  On a CPU the quantized model runs the exact torch
-reference (qconvert_kernels/reference.py), which is written for exactness, not speed: such
+reference (qconvert_kernels/w4a8/reference.py), which is written for exactness, not speed: such
 rows are labelled ``cpu-reference`` and say nothing about the kernels.
 """
 
@@ -153,7 +153,12 @@ def _operand_sets(set_bytes: int, device: torch.device, max_sets: int = 64) -> i
 
 def kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, runs: int = 50, warmup: int = 10,
                 group_size: int = 128, reps: int = 20) -> list[dict]:
-    """Time cuBLAS FP16, the int8 quantizer, W4A8-IS and W4A8-FS for one (M, N, K)."""
+    """Time cuBLAS FP16 and whole W4A8-IS / W4A8-FS linears (``qconvert_kernels.w4a8.cuda.linear``:
+    fp16 activations in, the per-token int8 quantization included; decode kernel for M <= 64,
+    quantizer + prefill kernel above) for one (M, N, K).  Each row also gets the roofline time of
+    its arithmetic on the device (qconvert_kernels/roofline.py; None if the GPU is not modelled)
+    and the fraction of it reached."""
+    from qconvert_kernels import roofline
     from qconvert_kernels.w4a8 import cuda as kcuda
 
     g = group_size
@@ -161,43 +166,46 @@ def kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, runs: 
     n_groups = kp // g
     gen = torch.Generator(device=device).manual_seed(m * 131 + n * 7 + k)
     fp16_bytes = m * k * 2 + n * k * 2 + m * n * 2
-    w4_bytes = m * kp + n * kp // 2 + n * n_groups * 4 + m * n * 2
+    w4_bytes = m * k * 2 + n * kp // 2 + n * n_groups * 2 + n * 4 + m * n * 2
     sets = _operand_sets(fp16_bytes, device)  # the int4 operands are smaller: more copies of them
-    w4_sets = _operand_sets(w4_bytes, device)
+    w4_sets = _operand_sets(w4_bytes, device, max_sets=16)
     xs = [torch.randn((m, k), generator=gen, device=device, dtype=torch.float16) for _ in range(max(sets, w4_sets))]
     ws = [torch.randn((n, k), generator=gen, device=device, dtype=torch.float16) * 0.02 for _ in range(sets)]
     rows = []
+    dev_name = torch.cuda.get_device_name(device)
 
     def row(kernel, timing: Timing, bytes_moved: int, ops: int, n_sets: int):
         us = timing.median_us
+        roof = roofline.roofline_for(dev_name, n, k, m, kernel, g) or {}
         rows.append({"shape": label, "N": n, "K": k, "M": m, "kernel": kernel, "us": round(us, 3),
                      "tops": round(ops / (us * 1e-6) / 1e12, 3), "gbps": round(bytes_moved / (us * 1e-6) / 1e9, 1),
-                     "timing": timing.mode, "samples": timing.samples, "operand_sets": n_sets})
+                     "timing": timing.mode, "samples": timing.samples, "operand_sets": n_sets,
+                     "roofline_us": roof.get("roofline_us"),
+                     "roofline_frac": round(roof["roofline_us"] / us, 3) if roof else None})
 
     rows_ops = 2 * m * n * k
     row("cublas-fp16", _time_cuda(lambda i: torch.nn.functional.linear(xs[i], ws[i]), sets, runs, warmup, reps),
         fp16_bytes, rows_ops, sets)
     ws.clear()  # free before the next operands are made
-    row("quantize-int8", _time_cuda(lambda i: kcuda.quantize_per_token_int8(xs[i], kp), len(xs), runs, warmup, reps),
-        m * k * 2 + m * kp + m * 4, 0, len(xs))
-    quantized = [kcuda.quantize_per_token_int8(x, kp) for x in xs]
-    xs.clear()
-    qws = [torch.randint(0, 256, (n, kp // 2), generator=gen, device=device, dtype=torch.uint8) for _ in range(w4_sets)]
-    # integer scales in [1, 128] with alpha 2^7: 127 * 8 * g * 128 * G < 2^31 for K <= 16384, no wrap
-    iscales = [torch.randint(1, 129, (n, n_groups), generator=gen, device=device, dtype=torch.int32) for _ in range(w4_sets)]
-    cscale = torch.rand(n, generator=gen, device=device) * 0.01
-    row("w4a8-is", _time_cuda(lambda i: kcuda.w4a8_is_gemm(*quantized[i], qws[i], iscales[i], cscale, 7, g, torch.float16),
-                              w4_sets, runs, warmup, reps), w4_bytes, rows_ops, w4_sets)
-    fscales = [(s.float() / 128 * 0.01).half() for s in iscales]
-    iscales.clear()
-    row("w4a8-fs", _time_cuda(lambda i: kcuda.w4a8_fs_gemm(*quantized[i], qws[i], fscales[i], g, torch.float16),
-                              w4_sets, runs, warmup, reps), m * kp + n * kp // 2 + n * n_groups * 2 + m * n * 2, rows_ops, w4_sets)
+    shape = torch.tensor([n, k])
+    layers = []
+    for _ in range(w4_sets):
+        # integer scales in [1, 128] with alpha 2^7: 127 * 8 * g * 128 * G < 2^31 for K <= 16384, no wrap
+        iscale = torch.randint(1, 129, (n, n_groups), generator=gen, device=device, dtype=torch.int32)
+        layers.append({"qweight": torch.randint(0, 256, (n, kp // 2), generator=gen, device=device, dtype=torch.uint8),
+                       "iscale": iscale, "scales": (iscale.float() / 128 * 0.01).half(), "shape": shape,
+                       "cscale": torch.rand(n, generator=gen, device=device) * 0.01,
+                       "alpha_log2": torch.tensor([7], dtype=torch.int32)})
+    for kernel in ("w4a8-is", "w4a8-fs"):
+        prepared = [kcuda.prepare(kernel, t, g, device) for t in layers]
+        row(kernel, _time_cuda(lambda i: kcuda.linear(xs[i], prepared[i]), w4_sets, runs, warmup, reps),
+            w4_bytes - (0 if kernel == "w4a8-is" else n * 4), rows_ops, w4_sets)
+        prepared.clear()
     by = {r["kernel"]: r["us"] for r in rows}
     for r in rows:
         r["vs_cublas"] = round(by["cublas-fp16"] / r["us"], 3) if r["kernel"].startswith("w4a8") else None
-    for r in rows:
         if r["kernel"].startswith("w4a8"):
-            r["vs_cublas_with_quant"] = round(by["cublas-fp16"] / (r["us"] + by["quantize-int8"]), 3)
+            r["vs_cublas_with_quant"] = r["vs_cublas"]  # the linear includes its activation quantization
         if r["kernel"] == "w4a8-is":
             r["is_vs_fs"] = round(by["w4a8-fs"] / r["us"], 3)
     return rows
@@ -270,7 +278,7 @@ def quik_kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, r
     ``quik-w4a4`` / ``quik-w8a8`` (split, cuBLAS outlier product, GEMM) as the runtime runs
     them; the 4-bit layer on the device's path (s4 on sm_80 .. sm_89, s8 on sm_90+).
     ``outliers``: fp16 channels, default the "auto" rule (256 for K >= 4096)."""
-    from qconvert.methods.quik import auto_outliers
+    from qconvert.layouts.quik import auto_outliers
     from qconvert_kernels.quik import cuda as cuda_quik
     from qconvert_kernels.quik.reference import padded_base
 
@@ -477,10 +485,11 @@ def out_bench(out: Path, device: str | None = None, prefill: int = 2048, new_tok
     dev = resolve_device(device)
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
     if against is None:
-        try:
-            against = json.loads((out / "qconvert.json").read_text())["source"].split(" (")[0]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            raise QConvertError(f"{out}/qconvert.json does not name the source; pass --against SOURCE") from None
+        from qconvert.verify import recorded_source
+
+        against = recorded_source(out)
+        if against is None:
+            raise QConvertError(f"{out}/qconvert.json does not name the source; pass --against SOURCE")
     q = load(out, device=str(dev), dtype=dtype)
     q_speed = model_speed(q, dev, prefill, new_tokens, batches, repeats=repeats)
     del q
@@ -497,7 +506,7 @@ def synthetic_models(name: str, device: torch.device, layers: int | None = None,
     """(float model, a function that turns it into its W4A8-IS twin in place) of random weights."""
     from transformers import LlamaConfig
 
-    from qconvert.runtime import W4A8Linear, _set_module
+    from qconvert.runtime import set_module
     from qconvert.skeleton import build_skeleton, target_linears
 
     if name not in SYNTHETIC:
@@ -523,48 +532,28 @@ def synthetic_models(name: str, device: torch.device, layers: int | None = None,
         model.tie_weights()
     model = model.eval()
 
-    def quantize_in_place(g: int = 128, scheme: str = "is-w4a8"):
-        """Every decoder linear -> W4A8Linear (layout w4a8-is) with random int4 weights and
-        integer scales in [1, 128] at alpha 2^7 (no int32 wrap for K <= 16384); or, for
-        ``scheme`` "quik-w4a4", QuikLinear with the preset's "auto" outliers (down_proj W8A8)."""
+    def quantize_in_place(scheme: str = "is-w4a8"):
+        """Every decoder linear -> the runtime module of its layout under ``scheme``'s choices
+        (SYNTHETIC_SCHEMES), with the layout's random tensors."""
+        from qconvert.layouts import get_layout
+
         for lname, lin in target_linears(model, ["lm_head"]).items():
             n, k = lin.weight.shape
-            if scheme == "quik-w4a4":
-                _set_module(model, lname, _random_quik(lname, n, k, gen, device))
-                continue
-            kp = -(-k // g) * g
-            tensors = {
-                "qweight": torch.randint(0, 256, (n, kp // 2), generator=gen, device=device, dtype=torch.uint8),
-                "shape": torch.tensor([n, k], dtype=torch.int64),
-                "iscale": torch.randint(1, 129, (n, kp // g), generator=gen, device=device, dtype=torch.int32),
-                "cscale": torch.rand(n, generator=gen, device=device) * 0.01,
-                "alpha_log2": torch.tensor([7], dtype=torch.int32),
-            }
-            _set_module(model, lname, W4A8Linear("w4a8-is", tensors, None).to(device))
+            layout, params = SYNTHETIC_SCHEMES[scheme](lname)
+            tensors = get_layout(layout).random_tensors(n, k, gen, device, **params)
+            module = get_layout(layout).module({key: v.cpu() for key, v in tensors.items()}, None, **params)
+            set_module(model, lname, module.to(device))
         return model
 
     return model, quantize_in_place
 
 
-def _random_quik(name: str, n: int, k: int, gen: torch.Generator, device: torch.device):
-    """A QuikLinear of random weights with quik-w4a4's layout choices for layer ``name``."""
-    from qconvert.methods.quik import auto_outliers
-    from qconvert.runtime import QuikLinear
-    from qconvert_kernels.quik.reference import padded_base
-
-    bits = 8 if name.endswith("down_proj") else 4
-    n_out = auto_outliers(k)
-    kbp = padded_base(k - n_out)
-    qw = torch.randint(-128, 128, (n, kbp // 2 if bits == 4 else kbp), generator=gen, device=device, dtype=torch.int8)
-    tensors = {"qweight": qw.view(torch.uint8) if bits == 4 else qw, "shape": torch.tensor([n, k], dtype=torch.int64),
-               "wscale": torch.rand(n, generator=gen, device=device) * 0.01,
-               "wsum": torch.randint(-1000, 1000, (n,), generator=gen, device=device, dtype=torch.int32),
-               "outlier_idx": torch.sort(torch.randperm(k, generator=gen, device=device)[:n_out]).values.to(torch.int32),
-               "outlier_weight": torch.randn((n, n_out), generator=gen, device=device, dtype=torch.float16) * 0.02}
-    return QuikLinear(f"quik-w{bits}a{bits}", {key: v.cpu() for key, v in tensors.items()}, None).to(device)
-
-
-SYNTHETIC_SCHEMES = ("is-w4a8", "quik-w4a4")
+# scheme -> (layer name -> (layout, its parameters)): the random-weight twins of --synthetic
+SYNTHETIC_SCHEMES = {
+    "is-w4a8": lambda name: ("w4a8-is", {"group_size": 128}),
+    # QUIK's preset: "auto" outliers, down_proj in W8A8
+    "quik-w4a4": lambda name: ("quik-w8a8" if name.endswith("down_proj") else "quik-w4a4", {"outliers": None}),
+}
 
 
 def synthetic_bench(name: str, device: str | None = None, layers: int | None = None, prefill: int = 2048,
@@ -594,7 +583,8 @@ def kernel_table(result: dict):
 
     env = result["environment"]
     t = Table(title=f"{result.get('scheme', 'is-w4a8')} kernels vs cuBLAS FP16 — {env.get('device')} ({env.get('date')}, commit {env.get('commit')})")
-    for col in ("model", "shape", "N x K", "M", "kernel", "µs", "TOPS", "GB/s", "vs cuBLAS", "vs cuBLAS (+quant)", "IS / FS", "timing"):
+    for col in ("model", "shape", "N x K", "M", "kernel", "µs", "TOPS", "GB/s", "vs cuBLAS", "vs cuBLAS (+quant)", "IS / FS",
+                "roofline", "timing"):
         t.add_column(col, justify="left" if col in ("model", "shape", "kernel", "timing") else "right")
 
     def f(v):
@@ -603,7 +593,7 @@ def kernel_table(result: dict):
     for r in result["results"]:
         t.add_row(r.get("model", ""), r["shape"], f"{r['N']}x{r['K']}", str(r["M"]), r["kernel"], f"{r['us']:.1f}",
                   f"{r['tops']:.1f}", f"{r['gbps']:.0f}", f(r.get("vs_cublas")), f(r.get("vs_cublas_with_quant")),
-                  f(r.get("is_vs_fs")), r["timing"])
+                  f(r.get("is_vs_fs")), "-" if r.get("roofline_frac") is None else f"{100 * r['roofline_frac']:.0f}%", r["timing"])
     return t
 
 

@@ -79,13 +79,19 @@ def cli(ctx, debug):
               help="Precision of the calibration forward's matmuls; bfloat16 is faster on CPUs with bf16 units.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path),
               help="Also write the per-layer report (error, α, headroom, time) to this file.")
-@click.option("--lorc-rank", type=int, help="zeroquant-fp schemes: rank of the low-rank error compensation (0: none), overriding the scheme's.")
-@click.option("--fsbr/--no-fsbr", default=None, help="i-llm schemes: smooth every activation -> weight pair (on in the presets) or not.")
-@click.option("--outliers", type=int, help="quik schemes: input channels per linear kept in fp16 (0: none), overriding the scheme's 'auto' (K/16, at most 256).")
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
+              help="Override one of the method's parameters (repeatable; `qconvert schemes` and docs/schemes.md list "
+                   "them), e.g. --param clip_min=0.8; the value is read as TOML, else as a string.")
+@click.option("--lorc-rank", type=int, help="zeroquant-fp schemes: rank of the low-rank error compensation (0: none); "
+                                            "the same as --param lorc_rank=R.")
+@click.option("--fsbr/--no-fsbr", default=None, help="i-llm schemes: smooth every activation -> weight pair (on in the "
+                                                     "presets) or not; the same as --param fsbr=true|false.")
+@click.option("--outliers", type=int, help="quik schemes: input channels per linear kept in fp16 (0: none) instead of "
+                                           "'auto' (K/16, at most 256); the same as --param outliers=N.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def quantize(source, scheme, out, group_size, quantize_lm_head, exclude, max_shard_size, revision, trust_remote_code,
              allow_pickle, force, resume, base, calib, data_file, nsamples, seqlen, seed, max_memory, calib_dtype, json_path,
-             lorc_rank, fsbr, outliers, quiet):
+             params, lorc_rank, fsbr, outliers, quiet):
     """Quantize SOURCE into OUT, one decoder block at a time.
 
     SOURCE is a local HF directory, a .gguf file, a Hub id (org/name) or the
@@ -100,25 +106,18 @@ def quantize(source, scheme, out, group_size, quantize_lm_head, exclude, max_sha
     qconvert quantize smollm2-135m --calib c4 --data-file c4.jsonl -o out/
     qconvert quantize ./Llama-3-8B --scheme w4a8-fs -g 64 -o llama-fs/
     """
-    from qconvert.calib import CalibSettings
+    from qconvert.calibration_text import CalibSettings
     from qconvert.pipeline import quantize as run
+    from qconvert.schemes_registry import load_scheme, parse_param, with_params
 
     settings = CalibSettings(calib, str(data_file) if data_file else None, nsamples, seqlen, seed, max_memory, calib_dtype)
-    if lorc_rank is not None:
-        from qconvert.methods.zeroquant_fp import with_lorc_rank
-        from qconvert.schemes_registry import load_scheme
-
-        scheme = with_lorc_rank(load_scheme(scheme), lorc_rank)
-    if fsbr is not None:
-        from qconvert.methods.illm import with_fsbr
-        from qconvert.schemes_registry import load_scheme
-
-        scheme = with_fsbr(load_scheme(scheme) if isinstance(scheme, str) else scheme, fsbr)
-    if outliers is not None:
-        from qconvert.methods.quik import with_outliers
-        from qconvert.schemes_registry import load_scheme
-
-        scheme = with_outliers(load_scheme(scheme) if isinstance(scheme, str) else scheme, outliers)
+    overrides, options = dict(parse_param(p) for p in params), {}
+    for key, value, option in (("lorc_rank", lorc_rank, "--lorc-rank"), ("fsbr", fsbr, "--fsbr / --no-fsbr"),
+                               ("outliers", outliers, "--outliers")):
+        if value is not None:
+            overrides[key], options[key] = value, option
+    if overrides:
+        scheme = with_params(load_scheme(scheme), overrides, options)
     path = run(source, scheme, out, group_size=group_size, quantize_lm_head=quantize_lm_head, exclude=exclude,
                force=force, resume=resume, max_shard_size=max_shard_size, revision=revision, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
                progress=not quiet, base=base, calib=settings, json_report=json_path)
@@ -166,7 +165,7 @@ def eval_cmd(target, dataset, data_file, seqlen, max_windows, as_json, quiet, ta
                               for k, (v, e) in res.metrics(task).items())
             click.echo(f"{target}: {task}: {shown} ({res.n_shot.get(task, 0)}-shot)")
         return
-    from qconvert.calib import load_eval_text
+    from qconvert.calibration_text import load_eval_text
     from qconvert.evaluate import load_model_and_tokenizer, perplexity, save_result
 
     text = load_eval_text(dataset, data_file)
@@ -197,15 +196,15 @@ def inspect(out, as_json):
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
+    from qconvert.layouts import get_layout
+
     t = Table(title=f"{out} — scheme {report['scheme']['name']} from {report['source']}")
     for col in ("layer", "layout", "N x K", "bits", "group", "α", "headroom (bits)", "extra", "bytes", "fp16 bytes"):
         t.add_column(col, justify="left" if col in ("layer", "layout") else "right")
     for r in report["layers"]:
-        alpha = f"2^{r['alpha_log2']}" if "alpha_log2" in r else "-"
-        head = f"{r['headroom_bits']:.2f}" if "headroom_bits" in r else "-"
-        extra = (f"{r['outliers']} fp16 ch" if "outliers" in r else f"LoRC r{r['lorc_rank']}" if r.get("lorc_rank") else "-")
+        fig = get_layout(r["layout"], where=r["name"]).figures(r)  # what the layout declares worth showing
         t.add_row(r["name"], r["layout"], "x".join(map(str, r["shape"])), str(r["bits"]), str(r.get("group_size") or "channel"),
-                  alpha, head, extra, f"{r['bytes']:,}", f"{r['fp16_bytes']:,}")
+                  fig.get("α", "-"), fig.get("headroom", "-"), fig.get("extra", "-"), f"{r['bytes']:,}", f"{r['fp16_bytes']:,}")
     tot = report["totals"]
     t.add_section()
     t.add_row("total", "", "", "", "", "", str(tot["min_headroom_bits"] if tot["min_headroom_bits"] is not None else "-"), "",

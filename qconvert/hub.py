@@ -16,7 +16,7 @@ from pathlib import Path
 from qconvert.errors import QConvertError
 from qconvert.formats.native import MANIFEST, read_quant_config
 from qconvert.journal import NAME as JOURNAL
-from qconvert.source import HUB_ID
+from qconvert.source import HUB_ID, source_spec
 
 CARD = "README.md"
 EVAL_FILE = "eval.json"  # written by qconvert eval (qconvert.evaluate.save_result)
@@ -122,38 +122,28 @@ def _base_model(report: dict) -> str | None:
     info = report.get("source_info") or {}
     if info.get("base_model"):
         return info["base_model"]
-    src = str(report.get("source", "")).split(" (")[0]
+    src = source_spec(report) or ""
     # an OUT from before source_info: a Hub id is recognisable, a local path is not one
     if report.get("source_kind") == "safetensors" and HUB_ID.match(src) and not Path(src).exists():
         return src
     return None
 
 
+def _layouts(qc: dict) -> list:
+    """The layouts of OUT's quantized linears, in order of first appearance."""
+    from qconvert.layouts import get_layout
+
+    names = list(dict.fromkeys((qc.get("modules") or {}).values()))
+    return [get_layout(n) for n in names]
+
+
 def _tags(qc: dict, scheme: dict) -> list[str]:
     cfg, params = qc.get("config") or {}, scheme.get("params") or {}
-    w, a = cfg.get("weights") or {}, cfg.get("activations") or {}
     tags = ["quantized", "qconvert", qc.get("scheme") or scheme.get("name")]
-    fp = {"e2m1": ("fp4", 4), "e4m3": ("fp8", 8)}
-    if w.get("format") in fp:  # ZeroQuant-FP: FP4 / FP8 weights, FP8 activations
-        wname, wbits = fp[w["format"]]
-        aname, abits = fp.get(a.get("format"), ("fp16", 16))
-        tags += [wname, f"w{wbits}a{abits}", f"{aname}-activations", "zeroquant-fp"]
-        if cfg.get("lorc_rank"):
-            tags.append("lorc")
-    else:
-        wbits = cfg.get("weight_bits", params.get("weight_bits", w.get("bits")))
-        abits = cfg.get("act_bits", params.get("act_bits", a.get("bits", 16)))
-        if wbits:
-            tags += [f"int{wbits}", f"w{wbits}a{abits}"]
-        if abits and abits < 16:
-            tags.append(f"int{abits}-activations")
-        if w.get("outliers"):
-            tags += ["quik", "fp16-outliers"]
-    base = cfg.get("base", params.get("base"))
-    if base == "gptq":
+    for layout in _layouts(qc):
+        tags += layout.tags(cfg)
+    if cfg.get("base", params.get("base")) == "gptq":
         tags.append("gptq")
-    if cfg.get("scales", params.get("scales")) == "integer":
-        tags.append("integer-scale")
     return [t for i, t in enumerate(tags) if t and t not in tags[:i]]
 
 
@@ -163,45 +153,9 @@ def _mb(n: int | None) -> str:
 
 def _scheme_rows(qc: dict, report: dict) -> list[tuple[str, str]]:
     cfg = qc.get("config") or {}
-    w, a = cfg.get("weights") or {}, cfg.get("activations") or {}
     rows = []
-    if w.get("format") in ("e2m1", "e4m3"):
-        name = {"e2m1": "FP4 (E2M1)", "e4m3": "FP8 (E4M3)"}[w["format"]]
-        where = (f"groups of {w.get('group_size')} along the input dimension" if w.get("granularity") == "group"
-                 else "per output channel")
-        rows.append(("weights", f"{name}, {where}, scales: {w.get('scales', 'float32')}"))
-        if cfg.get("lorc_rank"):
-            rows.append(("low-rank compensation", f"LoRC rank {cfg['lorc_rank']}: W - Ŵ ≈ U V kept in fp16, "
-                                                   "added as (x Vᵀ) Uᵀ on the same activations"))
-    elif w.get("outliers"):  # QUIK
-        int8 = ", ".join(w.get("int8_layers") or [])
-        count = "K/16 per layer, at most 256" if cfg.get("outliers") == "auto" else f"{cfg.get('outliers')} per layer"
-        rows.append(("weights", f"int{w.get('bits')}, symmetric, per output channel; the input channels with outlier "
-                                f"activations ({count}) kept in fp16"
-                                + (f"; layers matching {int8} in int8" if int8 else "")))
-    elif w or cfg.get("weight_bits"):
-        bits = w.get("bits", cfg.get("weight_bits"))
-        group = w.get("group_size", cfg.get("group_size"))
-        sym = "symmetric" if w.get("symmetric", True) else "asymmetric"
-        scales = cfg.get("scales")
-        scale_text = {"integer": "integer group scales (an amplifier α = 2^k makes them integers, so group sums stay in int32 "
-                                 "and convert to float once)", "float": "fp16 group scales"}.get(scales, f"{scales} scales")
-        rows.append(("weights", f"int{bits}, {sym}, groups of {group} along the input dimension, {scale_text}"))
-    if a.get("format") == "e4m3":
-        rows.append(("activations", f"FP8 (E4M3), dynamic, {a.get('granularity', 'per-token')}, quantized as the model runs"))
-    elif a:
-        bits = a.get("bits")
-        if a.get("outliers"):
-            rows.append(("activations", f"int{bits}, dynamic, per-token, asymmetric, on all but the outlier channels "
-                                        "(fp16), quantized as the model runs"))
-        elif bits and bits < 16:
-            parts = [f"int{bits}", "dynamic" if a.get("dynamic") else "static", a.get("granularity"),
-                     "symmetric" if a.get("symmetric", True) else "asymmetric"]
-            rows.append(("activations", ", ".join(str(x) for x in parts if x) + ", quantized as the model runs"))
-        else:
-            rows.append(("activations", "kept in 16-bit floating point (weight-only)"))
-    elif cfg.get("act_bits"):
-        rows.append(("activations", f"int{cfg['act_bits']}" if cfg["act_bits"] < 16 else "16-bit floating point"))
+    for layout in _layouts(qc):  # what each layout says of its weights and activations, once
+        rows += [r for r in layout.card_rows(cfg) if r not in rows]
     base = cfg.get("base")
     calib = report.get("calibration")
     if base == "gptq":
@@ -388,7 +342,7 @@ def model_card(out: str | os.PathLike, repo_id: str | None = None) -> str:
               "transformers and vLLM do not read this format: for them, export a compressed-tensors copy with "
               f"`{EXPORT_HINT}`.", ""]
 
-    redo_src = info.get("id") or ("path/to/" + Path(source).name if local else source.split(" (")[0])
+    redo_src = info.get("id") or ("path/to/" + Path(source).name if local else source_spec(report) or "SOURCE")
     redo = f"qconvert quantize {redo_src} --scheme {name}"
     if info.get("id") and info.get("revision"):
         redo += f" --revision {info['revision']}"

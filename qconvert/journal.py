@@ -24,7 +24,7 @@ class Journal:
         self.layers: list[dict] = []
         self.modules: dict[str, str] = {}
         self.stages_done = 0
-        self.calib: dict | None = None  # where the calibration activations stand (qconvert.calibrate)
+        self.calib: dict | None = None  # where the calibration activations stand (qconvert.block_walk)
 
     @classmethod
     def create(cls, partial: Path, settings: dict) -> "Journal":

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from qconvert.errors import QConvertError
-from qconvert.source import DECODER_LAYERS
+from qconvert.architectures import DECODER_LAYERS
 
 # Routers pick experts; a few quantization steps there re-route tokens: never quantized.  (The
 # top-k routers of transformers 5 are not nn.Linear; shared_expert_gate, a [1, H] linear, is.)

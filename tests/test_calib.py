@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import tiny_config, tiny_tokenizer
-from qconvert.calib import CALIB_SOURCES, SELF_BATCH, SELF_GREEDY, calibration_tokens, wikitext_join
+from qconvert.calibration_text import CALIB_SOURCES, SELF_BATCH, SELF_GREEDY, calibration_tokens, wikitext_join
 from qconvert.errors import QConvertError
 
 C4 = "c4-train.00000-of-01024.first1000.jsonl"

@@ -12,10 +12,10 @@ from click.testing import CliRunner
 from helpers import tiny_config, write_model
 from qconvert import load
 from qconvert.cli import cli
-from qconvert.formats.compressed_tensors import pack_int4_words, unpack_int4_words
+from qconvert.formats.packing import pack_int4_words, unpack_int4_words
 from qconvert.formats.packing import unpack_int4
 from qconvert.formats.safetensors_io import ShardedReader
-from qconvert.runtime import W4A8Linear
+from qconvert.layouts.int4 import W4A8Linear
 from qconvert_kernels.w4a8 import reference as ref
 
 ct_pack = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers",
@@ -294,16 +294,22 @@ def test_refuses_k_not_multiple_of_group(tmp_path, tiny_llama):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g128"]  # nothing written
 
 
-def test_refuses_layouts_it_cannot_express(tmp_path, is_out):
-    out = tmp_path / "other"
-    shutil.copytree(is_out, out)
-    cfg = json.loads((out / "config.json").read_text())
-    cfg["quantization_config"]["modules"]["model.layers.0.mlp.up_proj"] = "w8a8-fp8"  # a layout this release lacks
-    (out / "config.json").write_text(json.dumps(cfg))
+def test_refuses_layouts_it_cannot_express(tmp_path, is_out, tiny_llama):
+    out = tmp_path / "fp4"  # FP4 with power-of-two group factors: no compressed-tensors scheme holds it
+    run("quantize", tiny_llama, "--scheme", "zqfp-w4a8", "--base", "rtn", "-g", 32, "-o", out, "-q")
     res = run("export", out, "-o", tmp_path / "ct", ok=False)
     msg = " ".join(res.output.split())
-    assert res.exit_code == 1 and "'w8a8-fp8'" in msg and "no compressed-tensors equivalent" in msg
-    assert "w4a8-is and w4a8-fs (as W4A8), w4a16 (as W4A16)" in msg
+    assert res.exit_code == 1 and "layout fp4-fp8" in msg and "no compressed-tensors equivalent" in msg
+    assert "w4a8-is as W4A8 (pack-quantized)" in msg and "w4a16 as W4A16 (pack-quantized)" in msg
+    assert not (tmp_path / "ct").exists()
+    other = tmp_path / "other"
+    shutil.copytree(is_out, other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["quantization_config"]["modules"]["model.layers.0.mlp.up_proj"] = "w8a8-fp8"  # a layout this release lacks
+    (other / "config.json").write_text(json.dumps(cfg))
+    res = run("export", other, "-o", tmp_path / "ct", ok=False)
+    msg = " ".join(res.output.split())
+    assert res.exit_code == 1 and "'w8a8-fp8' is unknown to this qconvert" in msg and "install the plugin" in msg
     assert not (tmp_path / "ct").exists()
 
 
@@ -357,7 +363,7 @@ def test_scale_dtype_float16(tmp_path, is_out):
 
 @pytest.mark.slow
 def test_smollm2_end_to_end(tmp_path, smollm2, wiki_test):
-    from qconvert.calib import load_eval_text
+    from qconvert.calibration_text import load_eval_text
 
     out, dest = tmp_path / "out", tmp_path / "ct"
     run("quantize", "smollm2-135m", "--scheme", "is-w4a8-rtn", "-g", 64, "-o", out, "-q")

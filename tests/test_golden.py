@@ -1,4 +1,4 @@
-"""Golden files: the native format cannot drift silently, for any of the ten layouts.
+"""Golden files: the native format cannot drift silently, for any of the eleven layouts.
 
 A tiny Llama with platform-independent weights is quantized once per layout family; every
 output tensor's name, dtype, shape and sha256, the quantization_config, the report rows and
@@ -22,7 +22,7 @@ import torch
 
 from helpers import TEXT, golden_state, tiny_config, write_model
 from qconvert import load, quantize
-from qconvert.calib import CalibSettings
+from qconvert.calibration_text import CalibSettings
 from qconvert.formats.safetensors_io import ShardedReader
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -35,6 +35,7 @@ CASES = {
     "w4a16-rtn": ("w4a16-gptq", {"w4a16"}),
     "zqfp-w4a8-rtn": ("zqfp-w4a8", {"fp4-fp8"}),
     "zqfp-w8a8": ("zqfp-w8a8", {"fp8-fp8"}),
+    "w8a8-rtn": ("w8a8", {"w8a8"}),
     "quik-w4a4-rtn": ("quik-w4a4", {"quik-w4a4", "quik-w8a8"}),
     "quik-w8a8-rtn": ("quik-w8a8", {"quik-w8a8"}),
     "illm-w8a8-rtn": ("illm-w8a8", {"illm-w8a8"}),

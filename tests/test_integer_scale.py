@@ -12,7 +12,7 @@ from qconvert.methods.integer_scale import (
     integer_scales,
     overflow_bound,
 )
-from qconvert.runtime import W4A8Linear
+from qconvert.layouts.int4 import W4A8Linear
 from qconvert_kernels.w4a8 import reference as ref
 
 
@@ -85,7 +85,7 @@ def test_alpha_is_the_largest_that_cannot_overflow():
 
 
 def _scales_of(w, g):
-    from qconvert.methods.rtn import quantize_groups_symmetric
+    from qconvert.solvers.rtn import quantize_groups_symmetric
 
     return quantize_groups_symmetric(w, 4, g).scales
 

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from qconvert import load, quantize
-from qconvert.calib import CalibSettings, load_eval_text
+from qconvert.calibration_text import CalibSettings, load_eval_text
 from qconvert.cli import cli
 from qconvert.evaluate import perplexity
 

@@ -14,10 +14,10 @@ from helpers import quantize_tiny
 from qconvert.cli import cli
 from qconvert.errors import QConvertError
 from qconvert.formats.fp4 import codes_to_values, levels_to_codes, pack_fp4, round_e2m1, unpack_fp4, values_to_codes
-from qconvert.gptq import relative_output_error
+from qconvert.solvers.gptq import relative_output_error
 from qconvert.methods.zeroquant_fp import (FP4Grid, ZeroQuantFPMethod, fp4_dequantize, fp4_rtn, row_scales,
                                            search_row_scales)
-from qconvert.runtime import FP8Linear
+from qconvert.layouts.fp8 import FP8Linear
 from qconvert_kernels.fp8 import reference as ref8
 
 E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
@@ -364,7 +364,7 @@ def test_lorc_rank_option(calib_src, tmp_path):
     res = _quantize(calib_src, tmp_path / "b", "is-w4a8", "--lorc-rank", "4")
     assert res.exit_code != 0 and "--lorc-rank applies to zeroquant-fp schemes" in res.output
     res = _quantize(calib_src, tmp_path / "c", "zqfp-w4a8", "--lorc-rank", "-1")
-    assert res.exit_code != 0 and "must be 0 (no LoRC) or positive" in res.output
+    assert res.exit_code != 0 and "lorc_rank=-1 must be an integer in 0..4096" in res.output
     res = _quantize(calib_src, tmp_path / "d", "zqfp-w4a8", "--lorc-rank", "65")
     assert res.exit_code != 0 and "min(N, K) = " in res.output and "--lorc-rank" in res.output
     assert not (tmp_path / "d.partial").exists()

@@ -1,25 +1,12 @@
-"""Export a native OUT as a compressed-tensors ``pack-quantized`` checkpoint (docs/export.md).
+"""Export a native OUT as a compressed-tensors checkpoint (docs/export.md).
 
 compressed-tensors (the format of llm-compressor, read by transformers and vLLM) keeps *what*
-is quantized in ``config.json`` (a scheme: targets, weights, input activations) and stores each
-quantized linear ``P`` as three tensors:
-
-    P.weight_packed  int32  [N, ceil(K / 8)]  eight int4 values per word along the input
-                                              dimension, value k in bits 4(k % 8)..4(k % 8)+3
-                                              of word k // 8 (low bits first), each stored as
-                                              the unsigned nibble q + 8 (q in [-8, 7]); the
-                                              word holds the 32 bits as two's-complement int32
-    P.weight_scale   float  [N, G]            the float group scale: W[n, k] ~= q[n, k] * scale[n, k // g]
-    P.weight_shape   int64  [2]               the true [N, K]
-
-What maps (one compressed-tensors preset per qconvert layout):
-
-    w4a8-is  -> W4A8   scale[n, j] = iscale[n, j] * cscale[n] / 2^alpha_log2  (exact in float64,
-                                                                               rounded once)
-    w4a8-fs  -> W4A8   scale = scales (fp16, exact in float32)
-    w4a16    -> W4A16  scale = scales
-
-compressed-tensors has no padded groups: every K must be a multiple of the group size.
+is quantized in ``config.json`` (a scheme: targets, weights, input activations, and the storage
+``format``) and stores each quantized linear ``P`` as a few tensors (``P.weight_packed`` /
+``P.weight``, ``P.weight_scale``, ``P.weight_shape``).  What a qconvert layout maps to, and the
+exact tensors, is its layout's business (``Layout.export_scheme`` / ``export_tensors`` in
+qconvert/layouts/); this module checks that every quantized layer maps onto one scheme, and
+writes the checkpoint atomically, shard by shard.
 """
 
 from __future__ import annotations
@@ -37,73 +24,31 @@ import torch
 from qconvert import __version__
 from qconvert.errors import QConvertError
 from qconvert.formats.native import read_quant_config
-from qconvert.formats.packing import unpack_int4
 from qconvert.formats.safetensors_io import ShardedReader, ShardedWriter
+from qconvert.fsutil import atomic_directory, check_writable_parent, parse_size
+from qconvert.source import TOKENIZER_FILES
 
 FORMAT = "compressed-tensors"
-PACK_FORMAT = "pack-quantized"
 MARKER = "qconvert_export.json"  # provenance; also what lets --force replace an earlier export
-
-# qconvert layout -> (compressed-tensors preset, tensors of the native layout)
-PRESETS = {
-    "w4a8-is": ("W4A8", ("qweight", "shape", "iscale", "cscale", "alpha_log2")),
-    "w4a8-fs": ("W4A8", ("qweight", "shape", "scales")),
-    "w4a16": ("W4A16", ("qweight", "shape", "scales")),
-}
-EXPORTABLE = "w4a8-is and w4a8-fs (as W4A8), w4a16 (as W4A16)"
 SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def pack_int4_words(q: torch.Tensor) -> torch.Tensor:
-    """int8 [N, K] in [-8, 7] -> int32 [N, ceil(K / 8)], compressed-tensors' int4 packing.
+def exportable() -> str:
+    """What exports to what, from the layout registry (for help texts and errors)."""
+    from qconvert.layouts import available_layouts, get_layout
 
-    Value k of a row sits in word k // 8 at bits 4 (k % 8) .. 4 (k % 8) + 3 as the unsigned
-    nibble q + 8; a last, partly filled word has zero bits above the row's end.  A word whose
-    top nibble is >= 8 reads as a negative int32 (the same 32 bits).
-    """
-    if q.dtype != torch.int8 or q.dim() != 2:
-        raise TypeError(f"pack_int4_words expects a 2-D int8 tensor, got {q.dtype} {tuple(q.shape)}")
-    if q.numel() and (int(q.min()) < -8 or int(q.max()) > 7):
-        raise ValueError("pack_int4_words: values outside [-8, 7]")
-    n, k = q.shape
-    u = q.to(torch.int64) + 8
-    u = torch.nn.functional.pad(u, (0, -k % 8))  # padding nibbles are 0, as compressed-tensors writes them
-    shifts = torch.arange(0, 32, 4, dtype=torch.int64)
-    words = (u.reshape(n, -1, 8) << shifts).sum(-1)  # in [0, 2^32)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-
-
-def unpack_int4_words(packed: torch.Tensor, k: int) -> torch.Tensor:
-    """Inverse of ``pack_int4_words``: int32 [N, W] -> int8 [N, k] in [-8, 7]."""
-    if packed.dtype != torch.int32:
-        raise TypeError(f"unpack_int4_words expects int32, got {packed.dtype}")
-    shifts = torch.arange(0, 32, 4, dtype=torch.int64)
-    nibbles = (packed.to(torch.int64)[..., None] >> shifts) & 0xF  # arithmetic shift; the mask keeps 4 bits
-    return (nibbles.flatten(-2)[..., :k] - 8).to(torch.int8)
-
-
-def float_scales(layout: str, t: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The exact float group scales [N, G] of a native layer, in float64.
-
-    w4a8-is: iscale * cscale / 2^alpha_log2 (iscale < 2^31 and cscale, a float32, are exact
-    in float64; their product has at most 55 significant bits, so float64 rounds it at most
-    once, by 2^-53 relative; the power of two is exact).  Float layouts: the fp16 scales.
-    """
-    if layout == "w4a8-is":
-        a = int(t["alpha_log2"].reshape(-1)[0])
-        return t["iscale"].double() * t["cscale"].double()[:, None] / float(2**a)
-    return t["scales"].double()
+    return ", ".join(f"{n} as {get_layout(n).export_note}" for n in available_layouts() if get_layout(n).export_note)
 
 
 @dataclass
 class ExportReport:
     out: Path
     preset: str
-    group_size: int
+    group_size: int | None
     scale_dtype: str
     layers: int
     ignored: list[str]
-    max_scale_rel_error: float  # largest |stored - exact| / exact over all group scales
+    max_scale_rel_error: float  # largest |stored - exact| / exact over all exported scales
 
     def to_dict(self):
         return {"out": str(self.out), "format": FORMAT, "preset": self.preset, "group_size": self.group_size,
@@ -115,10 +60,14 @@ class ExportReport:
 class _Plan:
     cfg: dict
     qc: dict
-    preset: str
-    group_size: int
+    scheme: dict  # the compressed-tensors scheme every quantized layer maps onto (Layout.export_scheme)
+    layers: list  # qconvert.runtime.StoredLayer
     ignore: list[str]
     scale_dtype: torch.dtype
+
+    @property
+    def group_size(self) -> int | None:
+        return self.scheme["weights"].get("group_size")
 
 
 def _check_dest(dest: Path, force: bool, out: Path) -> None:
@@ -130,22 +79,17 @@ def _check_dest(dest: Path, force: bool, out: Path) -> None:
         raise QConvertError(f"{dest} exists and is not a directory; remove it or choose another -o")
     if dest.is_dir() and any(dest.iterdir()) and not (dest / MARKER).is_file():
         raise QConvertError(f"{dest} is not empty and is not a qconvert export; --force only replaces those: choose another -o")
-    parent = dest.resolve().parent
-    if not parent.is_dir():
-        raise QConvertError(f"the parent directory {parent} of {dest} does not exist; create it first")
-    if not os.access(parent, os.W_OK):
-        raise QConvertError(f"cannot write into {parent}; choose a writable -o")
+    check_writable_parent(dest)
 
 
-def _transformers_linears(out: Path, cfg: dict) -> set[str]:
+def _transformers_linears(config) -> set[str]:
     """Names of the nn.Linear modules of transformers' own model of this config (no weights)."""
     from transformers import AutoModelForCausalLM
 
-    from qconvert.runtime import model_config
     from qconvert.skeleton import meta_parameters
 
     with meta_parameters():
-        model = AutoModelForCausalLM.from_config(model_config(out, cfg))
+        model = AutoModelForCausalLM.from_config(config)
     return {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
@@ -162,46 +106,68 @@ def _default_scale_dtype(cfg: dict, reader: ShardedReader, quantized: set[str]) 
     return torch.float32
 
 
-def plan(out: Path, scale_dtype: str | None = None) -> _Plan:
-    """Check everything that could refuse the export, before anything is written."""
-    cfg, qc = read_quant_config(out)
-    modules: dict[str, str] = qc["modules"]
-    if not modules:
-        raise QConvertError(f"{out} has no quantized layers; there is nothing to export in {FORMAT}")
-    bad = sorted({lay for lay in modules.values() if lay not in PRESETS})
-    if bad:
-        first = next(n for n, lay in modules.items() if lay == bad[0])
-        raise QConvertError(
-            f"{out} (scheme {qc.get('scheme')!r}) has layout {bad[0]!r} (e.g. {first}), which {FORMAT} cannot "
-            f"express: this release has no {FORMAT} equivalent for it. Exportable layouts: {EXPORTABLE}"
-        )
-    presets = {PRESETS[lay][0] for lay in modules.values()}
+def _layer_schemes(out: Path, qc: dict, config, reader) -> tuple[list, dict]:
+    """Every quantized layer (complete on disk) and the one compressed-tensors scheme they share."""
+    from qconvert.layouts import NotExportable
+    from qconvert.runtime import stored_layer
+    from qconvert.skeleton import build_skeleton
+
+    params = dict(build_skeleton(config).named_parameters())
+    layers, schemes = [], {}
+    for name, layout in qc["modules"].items():
+        layer = stored_layer(name, layout, qc, params, reader)
+        problems = layer.problems(reader)
+        if problems:
+            raise QConvertError(f"{out}: {problems[0]}; the output is incomplete, re-run quantize")
+        try:
+            schemes[name] = layer.layout.export_scheme(layer.n, layer.k, **layer.params)
+        except NotExportable as e:
+            raise QConvertError(f"{out} (scheme {qc.get('scheme')!r}), layer {name}: {e}. Exportable layouts: "
+                                f"{exportable()}") from None
+        layers.append(layer)
+    presets = sorted({sch["preset"] for sch in schemes.values()})
     if len(presets) > 1:
-        raise QConvertError(f"{out} mixes W4A8 and W4A16 layers; a {FORMAT} export takes one scheme: re-quantize with one")
-    reader = ShardedReader(out)
-    group_sizes, ks = {}, {}
-    for name, layout in modules.items():
-        missing = [s for s in PRESETS[layout][1] if f"{name}.{s}" not in reader.where]
-        if missing:
-            raise QConvertError(f"{out}: tensor '{name}.{missing[0]}' is missing; the output is incomplete, re-run quantize")
-        ks[name] = int(reader.get(f"{name}.shape")[1])
-        kp = reader.info(f"{name}.qweight").shape[1] * 2
-        group_sizes[name] = kp // reader.info(f"{name}.{'iscale' if layout == 'w4a8-is' else 'scales'}").shape[1]
-    for name, k in ks.items():
-        g = group_sizes[name]
-        if k % g:
-            fit = math.gcd(*ks.values()) & -math.gcd(*ks.values())  # the largest power of two dividing every K
+        raise QConvertError(f"{out} mixes {' and '.join(presets)} layers; a {FORMAT} export takes one scheme: "
+                            "re-quantize with one")
+    _check_groups(qc, layers, schemes)
+    first = next(iter(schemes.values()))
+    if any(sch != first for sch in schemes.values()):
+        raise QConvertError(f"{out}: its layers map onto different {FORMAT} schemes; re-quantize with one scheme")
+    return layers, first
+
+
+def _check_groups(qc: dict, layers: list, schemes: dict) -> None:
+    """compressed-tensors has no padded groups (K % g == 0), and one group size per scheme."""
+    gs = {layer.name: schemes[layer.name]["weights"].get("group_size") for layer in layers}
+    ks = [layer.k for layer in layers]
+    for layer in layers:
+        g = gs[layer.name]
+        if g and layer.k % g:
+            fit = math.gcd(*ks) & -math.gcd(*ks)  # the largest power of two dividing every K
             fit = min(fit, 1 << (g.bit_length() - 1))
             raise QConvertError(
-                f"layer {name} has K = {k} input features, not a multiple of the group size g = {g}: qconvert pads "
-                f"the last group, {FORMAT} cannot (it requires K % g == 0). Re-quantize with a group size that "
-                f"divides every K, e.g. `qconvert quantize SOURCE --scheme {qc.get('scheme')} --group-size {fit} -o OUT`"
+                f"layer {layer.name} has K = {layer.k} input features, not a multiple of the group size g = {g}: "
+                f"qconvert pads the last group, {FORMAT} cannot (it requires K % g == 0). Re-quantize with a group "
+                f"size that divides every K, e.g. `qconvert quantize SOURCE --scheme {qc.get('scheme')} "
+                f"--group-size {fit} -o OUT`"
             )
-    if len(set(group_sizes.values())) > 1:
-        raise QConvertError(f"{out} has layers of different group sizes {sorted(set(group_sizes.values()))}; "
+    if len(set(gs.values())) > 1:
+        raise QConvertError(f"this OUT has layers of different group sizes {sorted(set(gs.values()))}; "
                             f"a {FORMAT} scheme has one: re-quantize with one --group-size")
-    linears = _transformers_linears(out, cfg)
-    alien = [n for n in modules if n not in linears]
+
+
+def plan(out: Path, scale_dtype: str | None = None) -> _Plan:
+    """Check everything that could refuse the export, before anything is written."""
+    from qconvert.runtime import model_config
+
+    cfg, qc = read_quant_config(out)
+    if not qc["modules"]:
+        raise QConvertError(f"{out} has no quantized layers; there is nothing to export in {FORMAT}")
+    config = model_config(out, cfg)
+    reader = ShardedReader(out)
+    layers, scheme = _layer_schemes(out, qc, config, reader)
+    linears = _transformers_linears(config)
+    alien = [layer.name for layer in layers if layer.name not in linears]
     if alien:
         raise QConvertError(
             f"layer {alien[0]} is not an nn.Linear of transformers' own {cfg.get('model_type')} model (mixture-of-"
@@ -209,37 +175,42 @@ def plan(out: Path, scale_dtype: str | None = None) -> _Plan:
             "this export supports dense models only"
         )
     if scale_dtype is None or scale_dtype == "auto":
-        sdt = _default_scale_dtype(cfg, reader, set(modules))
+        sdt = _default_scale_dtype(cfg, reader, set(qc["modules"]))
     elif scale_dtype in SCALE_DTYPES:
         sdt = SCALE_DTYPES[scale_dtype]
     else:
         raise QConvertError(f"scale dtype {scale_dtype!r}: choose auto, {', '.join(SCALE_DTYPES)}")
-    ignore = sorted(linears - set(modules))
-    return _Plan(cfg, qc, presets.pop(), next(iter(group_sizes.values())), ignore, sdt)
+    ignore = sorted(linears - set(qc["modules"]))
+    return _Plan(cfg, qc, scheme, layers, ignore, sdt)
 
 
-def quantization_config(preset: str, group_size: int, ignore: list[str]) -> dict:
-    """The ``quantization_config`` of config.json for ``preset`` (W4A8 or W4A16)."""
-    scheme = {
-        "targets": ["Linear"],
-        "weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group",
-                    "group_size": group_size, "dynamic": False},
-        "input_activations": None,
-        "output_activations": None,
-        "format": PACK_FORMAT,
-    }
-    if preset == "W4A8":
-        scheme["input_activations"] = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token",
-                                       "dynamic": True}
+def quantization_config(scheme: dict, ignore: list[str]) -> dict:
+    """The ``quantization_config`` of config.json for one scheme (``Layout.export_scheme``)."""
+    group = {"targets": ["Linear"], "weights": scheme["weights"], "input_activations": scheme["input_activations"],
+             "output_activations": None, "format": scheme["format"]}
     return {
         "quant_method": FORMAT,
-        "format": PACK_FORMAT,
+        "format": scheme["format"],
         "quantization_status": "compressed",
-        "config_groups": {"group_0": scheme},
+        "config_groups": {"group_0": group},
         "ignore": ignore,
         "kv_cache_scheme": None,
         "global_compression_ratio": None,
     }
+
+
+def architectures(cfg: dict) -> list[str]:
+    """The model class engines instantiate: the source's own, else transformers' causal-LM class
+    of the model type (a GGUF source records none, and vLLM would then guess a headless model)."""
+    if cfg.get("architectures"):
+        return list(cfg["architectures"])
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(cfg.get("model_type"))
+    if cls is None:
+        raise QConvertError(f"config.json names no architecture and transformers knows no causal LM for model type "
+                            f"{cfg.get('model_type')!r}; add \"architectures\" to the source's config.json")
+    return [cls]
 
 
 def export(out: str | Path, dest: str | Path, force: bool = False, scale_dtype: str | None = None,
@@ -249,71 +220,47 @@ def export(out: str | Path, dest: str | Path, force: bool = False, scale_dtype: 
     ``scale_dtype``: "auto" (default: the model's dtype, which compressed-tensors gives
     ``weight_scale`` when transformers loads the model), or float32 / float16 / bfloat16.
     """
-    from qconvert.pipeline import parse_size
-    from qconvert.source import TOKENIZER_FILES
-
     out, dest = Path(out), Path(dest)
     _check_dest(dest, force, out)
     p = plan(out, scale_dtype)
     shard_bytes = parse_size(max_shard_size)
-    modules: dict[str, str] = p.qc["modules"]
-    reader = ShardedReader(out)
-    tmp = Path(tempfile.mkdtemp(dir=dest.resolve().parent, prefix=f".{dest.name}.tmp-"))
-    try:
-        writer = ShardedWriter(tmp, shard_bytes, {"producer": f"qconvert {__version__}"})
-        taken = {f"{m}.{s}" for m, lay in modules.items() for s in PRESETS[lay][1]}
-        worst = 0.0
-        for name in reader.keys():
-            module = name.rpartition(".")[0]
-            if name in taken:
-                if name == f"{module}.qweight":
-                    worst = max(worst, _write_layer(writer, reader, module, modules[module], p.scale_dtype))
-                continue
-            writer.add_rows(name, reader.info(name).dtype, reader.info(name).shape, reader.iter_rows(name))
-        writer.close()
+    with atomic_directory(dest, replace_marker=MARKER) as tmp:
+        worst = _write_tensors(tmp, out, p, shard_bytes)
         cfg = dict(p.cfg)
-        cfg["quantization_config"] = quantization_config(p.preset, p.group_size, p.ignore)
+        cfg["architectures"] = architectures(cfg)
+        cfg["quantization_config"] = quantization_config(p.scheme, p.ignore)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         for fname in TOKENIZER_FILES:  # and generation_config.json
             if (out / fname).is_file():
                 shutil.copyfile(out / fname, tmp / fname)
-        report = ExportReport(dest, p.preset, p.group_size, str(p.scale_dtype).removeprefix("torch."),
-                              len(modules), p.ignore, worst)
+        report = ExportReport(dest, p.scheme["preset"], p.group_size, str(p.scale_dtype).removeprefix("torch."),
+                              len(p.layers), p.ignore, worst)
         marker = {"producer": f"qconvert {__version__}", "from": str(out.resolve()), "scheme": p.qc.get("scheme"),
                   **report.to_dict()}
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        if dest.exists():  # --force, checked above to be an earlier export or empty
-            old = Path(tempfile.mkdtemp(dir=dest.resolve().parent, prefix=f".{dest.name}.old-"))
-            os.replace(dest, old / dest.name)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise QConvertError(f"writing {dest} failed ({e.strerror or e}); nothing was left behind: fix the cause "
-                                "(disk space, permissions) and repeat the command") from e
-        raise
     return report
 
 
-def _write_layer(writer: ShardedWriter, reader: ShardedReader, module: str, layout: str, dtype: torch.dtype) -> float:
-    """Write one quantized linear's weight_packed, weight_scale, weight_shape; return the
-    largest relative rounding error of its stored scales."""
-    t = {s: reader.get(f"{module}.{s}") for s in PRESETS[layout][1]}
-    n, k = (int(v) for v in t["shape"])
-    q = unpack_int4(t["qweight"])
-    assert q.shape == (n, k), (module, q.shape, n, k)  # plan() checked K % g == 0: no padding
-    exact = float_scales(layout, t)
-    stored = exact.to(dtype)
-    if not torch.isfinite(stored).all() or bool((stored == 0).any()):
-        raise QConvertError(
-            f"layer {module}: a group scale of {float(exact.min()):.3g}..{float(exact.max()):.3g} does not fit "
-            f"{str(dtype).removeprefix('torch.')} (it would become 0 or inf); export with --scale-dtype float32"
-        )
-    rel = float(((stored.double() - exact).abs() / exact).max()) if exact.numel() else 0.0
-    writer.add(f"{module}.weight_packed", pack_int4_words(q))
-    writer.add(f"{module}.weight_scale", stored.contiguous())
-    writer.add(f"{module}.weight_shape", torch.tensor([n, k], dtype=torch.int64))
-    return rel
+def _write_tensors(tmp: Path, out: Path, p: _Plan, shard_bytes: int) -> float:
+    """Every tensor into ``tmp``'s shards, the quantized layers as their layouts export them;
+    returns the largest relative rounding of an exported scale."""
+    reader = ShardedReader(out)
+    writer = ShardedWriter(tmp, shard_bytes, {"producer": f"qconvert {__version__}"})
+    first = {layer.tensor_names()[0]: layer for layer in p.layers}  # a layer is written where its first tensor was
+    taken = {t for layer in p.layers for t in layer.tensor_names()}
+    worst = 0.0
+    for name in reader.keys():
+        if name in first:
+            layer = first[name]
+            try:
+                tensors, rel = layer.layout.export_tensors(layer.tensors(reader), layer.n, layer.k, p.scale_dtype,
+                                                           **layer.params)
+            except QConvertError as e:
+                raise QConvertError(f"layer {layer.name}: {e}") from None
+            for suffix, t in tensors.items():
+                writer.add(f"{layer.name}.{suffix}", t)
+            worst = max(worst, rel)
+        elif name not in taken:
+            writer.add_rows(name, reader.info(name).dtype, reader.info(name).shape, reader.iter_rows(name))
+    writer.close()
+    return worst

@@ -16,6 +16,7 @@ BUILTIN = {
     "zeroquant-fp": "qconvert.methods.zeroquant_fp:ZeroQuantFPMethod",
     "quik": "qconvert.methods.quik:QuikMethod",
     "i-llm": "qconvert.methods.illm:ILLMMethod",
+    "int8": "qconvert.methods.int8:Int8Method",
 }
 
 
@@ -26,11 +27,20 @@ def available_methods() -> dict[str, str]:
     return found
 
 
-def get_method(name: str, params: dict):
-    """Instantiate the method ``name`` with its parameters."""
+def method_class(name: str):
+    """The plugin class of method ``name``; an unknown name fails with the list of the known ones."""
     known = available_methods()
     if name not in known:
         raise QConvertError(f"unknown method {name!r}; known methods: {', '.join(sorted(known))}")
     module, _, attr = known[name].partition(":")
-    cls = getattr(importlib.import_module(module), attr)
-    return cls(params)
+    return getattr(importlib.import_module(module), attr)
+
+
+def method_parameters(name: str) -> tuple[str, ...]:
+    """The parameter names method ``name``'s config accepts."""
+    return tuple(getattr(method_class(name).config_class, "__dataclass_fields__", ()))
+
+
+def get_method(name: str, params: dict):
+    """Instantiate the method ``name`` with its parameters."""
+    return method_class(name)(params)

@@ -1,6 +1,6 @@
 """I-LLM (Hu et al., 2024, arXiv 2405.17849): integer-only inference.
 
-The converter's part (the integer runtime is qconvert/illm_runtime.py):
+The converter's part (the layouts and their integer runtime are qconvert/layouts/illm.py):
 
 - **Smoothing of every activation -> weight pair** (FSBR's pairs): input norm -> q/k/v,
   v -> o (per value channel, shared by the query heads of a KV group), post-attention norm ->
@@ -26,11 +26,11 @@ import torch
 
 from qconvert.errors import QConvertError
 from qconvert.formats.packing import pack_int4, pad_columns
-from qconvert.gptq import IntGrid, gptq, relative_output_error
-from qconvert.methods.base import build_config, QuantizedLinear, relative_weight_error
+from qconvert.layouts.illm import to_dyadic
+from qconvert.methods.base import Method, QuantizedLinear, check_solver_params, relative_weight_error
 from qconvert.methods.fsbr import expand_v, Factors, refine, smoothed_params
-
-CLIP_STEP = 0.025
+from qconvert.solvers.gptq import gptq, relative_output_error
+from qconvert.solvers.grids import IntGrid, clip_factors
 
 
 @dataclass(frozen=True)
@@ -60,32 +60,18 @@ class ILLMConfig:
                 raise QConvertError(f"i-llm: {name}={v!r} must be an integer in [{lo}, {hi}]")
         if not (isinstance(self.fsbr_lr, (int, float)) and 0 < self.fsbr_lr <= 1):
             raise QConvertError(f"i-llm: fsbr_lr={self.fsbr_lr!r} must be in (0, 1]")
-        if self.base not in ("rtn", "gptq"):
-            raise QConvertError(f"i-llm: base={self.base!r} must be 'rtn' or 'gptq'")
-        if not (isinstance(self.clip_min, (int, float)) and 0.3 <= self.clip_min <= 1):
-            raise QConvertError(f"i-llm: clip_min={self.clip_min!r} must be in [0.3, 1]")
-        if not (isinstance(self.damp, (int, float)) and 0 < self.damp <= 1):
-            raise QConvertError(f"i-llm: damp={self.damp!r} must be in (0, 1]")
+        check_solver_params("i-llm", self.base, self.damp, self.clip_min, self.act_order)
 
     @property
     def layout(self) -> str:
         return f"illm-w{self.w_bits}a{self.a_bits}"
 
     def grid(self) -> IntGrid:
-        steps = int(round((1.0 - self.clip_min) / CLIP_STEP))
-        return IntGrid(self.w_bits, tuple(1.0 - CLIP_STEP * i for i in range(steps + 1)))
-
-
-def with_fsbr(scheme, on: bool):
-    from qconvert.schemes_registry import with_method_param
-
-    return with_method_param(scheme, ILLMMethod.name, "fsbr", on, "--fsbr / --no-fsbr", "illm-w8a8, illm-w4a8, illm-w4a4")
+        return IntGrid(self.w_bits, clip_factors(self.clip_min))
 
 
 def dyadic_scales(scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel float scales -> (wm int32 [N], wk int32 [N]) with scale ~= wm / 2^wk, wm 16-bit."""
-    from qconvert.illm_runtime import to_dyadic
-
     d = to_dyadic(scale)
     return d.m.to(torch.int32), d.k.to(torch.int32)
 
@@ -103,15 +89,15 @@ def smoothing(act_amax: torch.Tensor, w_amax: torch.Tensor, alpha: float) -> tor
     return s.clamp(1e-4, 1e4).float()
 
 
-class ILLMMethod:
+class ILLMMethod(Method):
     """Method plugin ``i-llm`` (presets illm-w8a8, illm-w4a8, illm-w4a4)."""
 
     name = "i-llm"
+    config_class = ILLMConfig
     needs_calibration = True  # smoothing statistics and GPTQ
-    runtime = "integer"  # qconvert.load builds the integer-only model (qconvert/illm_runtime.py)
 
     def __init__(self, params: dict):
-        self.config = build_config(ILLMConfig, self.name, params)
+        super().__init__(params)
         self._smooth: dict[str, torch.Tensor] = {}  # input smoothing folded into each layer
         self._out_smooth: dict[str, torch.Tensor] = {}  # output smoothing folded into its rows (v, up)
         self._fsbr_stats: dict[str, dict] = {}  # block prefix -> the reconstruction's losses
@@ -129,9 +115,6 @@ class ILLMMethod:
         amax = xf.abs().amax(dim=-1, keepdim=True)
         inv = torch.where(amax > 0, qmax / amax, torch.zeros_like(amax))
         return (torch.round(xf * inv) * (amax / qmax)).to(x.dtype)
-
-    def quantize_linear(self, name: str, weight: torch.Tensor) -> QuantizedLinear:
-        raise QConvertError(f"i-llm calibrates (smoothing statistics, GPTQ); {name} cannot be quantized without data")
 
     # ------------------------------------------------------------------ smoothing (before stage A)
     @torch.no_grad()
@@ -209,13 +192,13 @@ class ILLMMethod:
 
     # ------------------------------------------------------------------ weights
     def quantize_linears(self, names: list[str], weights: list[torch.Tensor], hessian: torch.Tensor,
-                         want_dequantized: bool = True) -> list[QuantizedLinear]:
+                         input_amax: torch.Tensor | None = None) -> list[QuantizedLinear]:
         cfg = self.config
         k = weights[0].shape[1]
         stacked = torch.cat([w.float() for w in weights])
         grid = cfg.grid()
         if cfg.base == "gptq":
-            res = gptq(stacked, hessian, grid, k, damp=cfg.damp, act_order=cfg.act_order, report=False)
+            res = gptq(stacked, hessian, grid, k, damp=cfg.damp, act_order=cfg.act_order)
             q_all, s_all, secs = res.q, res.scales[:, 0], res.seconds
         else:
             diag = torch.diagonal(hessian)
@@ -242,6 +225,6 @@ class ILLMMethod:
             if stats:  # its time goes beside the others (kept out of OUT, which stays reproducible)
                 info["fsbr_reconstruction"] = {k: v for k, v in stats.items() if k != "seconds"}
                 info["fsbr_seconds"] = stats["seconds"]
-            out.append(QuantizedLinear(cfg.layout, tensors, info, deq if want_dequantized else None))
+            out.append(QuantizedLinear(cfg.layout, tensors, info, deq))
             row += n
         return out

@@ -2,7 +2,7 @@
 
 Float group scales s[n, j] become integers   ŝ[n, j] = max(1, round(s[n, j] / c[n] * 2**a))
 with c[n] = max_j s[n, j], so group partial sums are scaled and summed in int32 and turned
-into float once per output (qconvert_kernels/reference.py).  The amplifier α = 2**a is the
+into float once per output (qconvert_kernels/w4a8/reference.py).  The amplifier α = 2**a is the
 largest for which the exact worst case over all int8 inputs fits in int32:
 
     B[n] = 127 * sum_j ŝ[n, j] * sum_{k in j} |q[n, k]|   <=   2**31 - 1   for every n
@@ -21,13 +21,12 @@ import torch
 
 from qconvert.errors import QConvertError
 from qconvert.formats.packing import pack_int4, pad_columns
-from qconvert.methods.base import build_config, QuantizedLinear
-from qconvert.gptq import IntGrid, gptq, relative_output_error, rtn
-from qconvert.methods.rtn import quantize_groups_symmetric, row_chunks
+from qconvert.layouts.int4 import INT32_MAX, group_abs_sums, overflow_bound
+from qconvert.methods.base import Method, QuantizedLinear, check_solver_params
+from qconvert.solvers.gptq import gptq, relative_output_error
+from qconvert.solvers.grids import IntGrid, clip_factors
+from qconvert.solvers.rtn import quantize_groups_symmetric, row_chunks, rtn
 from qconvert_kernels.w4a8.reference import ACT_QMAX
-
-INT32_MAX = 2**31 - 1
-CLIP_STEP = 0.025
 
 
 @dataclass(frozen=True)
@@ -35,7 +34,7 @@ class IntegerScaleConfig:
     weight_bits: int = 4
     group_size: int = 128
     scales: str = "integer"  # "integer" (Integer Scale) or "float" (the counterpart)
-    base: str = "gptq"  # the weight solver: "gptq" (calibrated, qconvert/gptq.py) or "rtn"
+    base: str = "gptq"  # the weight solver: "gptq" (calibrated, qconvert/solvers/gptq.py) or "rtn"
     act_bits: int = 8  # 8: dynamic per-token int8; 16: weight-only (activations stay float)
     max_alpha_log2: int = 30
     damp: float = 0.01  # GPTQ dampening, a fraction of mean(diag H)
@@ -53,29 +52,12 @@ class IntegerScaleConfig:
             raise QConvertError(f"integer-scale: scales={self.scales!r} must be 'integer' or 'float'")
         if self.act_bits == 16 and self.scales != "float":
             raise QConvertError("integer-scale: weight-only (act_bits = 16) keeps float scales; set scales = 'float'")
-        if self.base not in ("rtn", "gptq"):
-            raise QConvertError(f"integer-scale: base={self.base!r} must be 'rtn' or 'gptq'")
         if not (type(self.max_alpha_log2) is int and 0 <= self.max_alpha_log2 <= 30):
             raise QConvertError(f"integer-scale: max_alpha_log2={self.max_alpha_log2} must be in 0..30")
-        if not (isinstance(self.damp, (int, float)) and 0 < self.damp <= 1):
-            raise QConvertError(f"integer-scale: damp={self.damp!r} must be in (0, 1]; 0.01 is the default")
-        if not (isinstance(self.clip_min, (int, float)) and 0.3 <= self.clip_min <= 1):
-            raise QConvertError(f"integer-scale: clip_min={self.clip_min!r} must be in [0.3, 1]; 1 turns the search off")
+        check_solver_params("integer-scale", self.base, self.damp, self.clip_min, self.act_order)
 
     def grid(self) -> IntGrid:
-        steps = int(round((1.0 - self.clip_min) / CLIP_STEP))
-        return IntGrid(self.weight_bits, tuple(1.0 - CLIP_STEP * i for i in range(steps + 1)))
-
-
-def group_abs_sums(q: torch.Tensor, group_size: int) -> torch.Tensor:
-    """T[n, j] = sum_{k in group j} |q[n, k]| as int64 [N, G]."""
-    n = q.shape[0]
-    return q.abs().reshape(n, -1, group_size).sum(-1, dtype=torch.int64)  # |-8| fits int8
-
-
-def overflow_bound(iscale: torch.Tensor, abs_sums: torch.Tensor, xmax: int = ACT_QMAX) -> torch.Tensor:
-    """B[n] = xmax * sum_j ŝ[n, j] * T[n, j] (int64 [N]): the largest |A[m, n]| any input can give."""
-    return xmax * (iscale.to(torch.int64) * abs_sums).sum(-1)
+        return IntGrid(self.weight_bits, clip_factors(self.clip_min))
 
 
 def integer_scales(scales: torch.Tensor, alpha_log2: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,17 +82,11 @@ def choose_alpha(scales: torch.Tensor, abs_sums: torch.Tensor, max_alpha_log2: i
     )
 
 
-class IntegerScaleMethod:
+class IntegerScaleMethod(Method):
     """Method plugin ``integer-scale`` (presets is-w4a8, is-w4a8-rtn, w4a8-fs, w4a16-gptq)."""
 
     name = "integer-scale"
-
-    def __init__(self, params: dict):
-        self.config = build_config(IntegerScaleConfig, self.name, params)
-
-    @property
-    def needs_calibration(self) -> bool:
-        return self.config.base == "gptq"
+    config_class = IntegerScaleConfig
 
     def describe(self) -> dict:
         cfg = self.config
@@ -147,35 +123,34 @@ class IntegerScaleMethod:
         return self._finish(torch.cat(q_rows), torch.cat(scale_rows), k, {})
 
     def quantize_linears(self, names: list[str], weights: list[torch.Tensor], hessian: torch.Tensor,
-                         want_dequantized: bool = True) -> list[QuantizedLinear]:
-        """GPTQ on layers that read the same input (one Hessian), stacked: see qconvert/gptq.py."""
+                         input_amax: torch.Tensor | None = None) -> list[QuantizedLinear]:
+        """GPTQ on layers that read the same input (one Hessian), stacked: see qconvert/solvers/gptq.py."""
         cfg = self.config
         k = weights[0].shape[1]
         originals = [w.float() for w in weights]
-        res = gptq(torch.cat(originals), hessian, cfg.grid(), cfg.group_size,
-                   damp=cfg.damp, act_order=cfg.act_order, report=False)
+        res = gptq(torch.cat(originals), hessian, cfg.grid(), cfg.group_size, damp=cfg.damp, act_order=cfg.act_order)
         out, row = [], 0
         for w in originals:
             n = w.shape[0]
             q = pad_columns(res.q[row : row + n], cfg.group_size)
             extra = {"gptq_seconds": round(res.seconds * n / res.q.shape[0], 4), "dead_inputs": res.dead,
                      "solved_with": len(weights)}
-            ql = self._finish(q, res.scales[row : row + n], k, extra, want_dequantized=True)
+            ql = self._finish(q, res.scales[row : row + n], k, extra, dequantize=True)
             # the layer's own output error, relative: ‖(W − Ŵ)X‖² / ‖WX‖² as run (integer scales
             # included), and the same for round-to-nearest
             ql.info["gptq_loss"] = relative_output_error(w, ql.dequantized, hessian)
-            ql.info["rtn_loss"] = relative_output_error(w, rtn(w, IntGrid(cfg.weight_bits), cfg.group_size), hessian)
+            ql.info["rtn_loss"] = relative_output_error(w, rtn(w, cfg.weight_bits, cfg.group_size), hessian)
             # the next layers calibrate through the float-scale weights, so that is-w4a8 and
             # w4a8-fs make the same GPTQ decisions and differ only by the integer scales (the
             # two differ by < 2^-a relatively per group; GPTQ's rounding is sensitive enough to
             # such differences to shift perplexity by more than Integer Scale itself does)
-            ql.dequantized = _dequantize(q, res.scales[row : row + n], cfg.group_size, k) if want_dequantized else None
+            ql.dequantized = _dequantize(q, res.scales[row : row + n], cfg.group_size, k)
             out.append(ql)
             row += n
         return out
 
     def _finish(self, q: torch.Tensor, scales: torch.Tensor, k: int, extra: dict,
-                want_dequantized: bool = False) -> QuantizedLinear:
+                dequantize: bool = False) -> QuantizedLinear:
         """Tensors of the layout from int levels q int8 [N, Kp] and float group scales [N, G]."""
         cfg = self.config
         n = q.shape[0]
@@ -185,7 +160,7 @@ class IntegerScaleMethod:
             tensors["scales"] = scales.half()  # exact: the grids' scales are fp16 numbers
             layout = "w4a16" if cfg.act_bits == 16 else "w4a8-fs"
             info.update(layout=layout)
-            deq = _dequantize(q, scales, cfg.group_size, k) if want_dequantized else None
+            deq = _dequantize(q, scales, cfg.group_size, k) if dequantize else None
             return QuantizedLinear(layout, tensors, info, deq)
         a, s_hat, c, bound = choose_alpha(scales, group_abs_sums(q, cfg.group_size), cfg.max_alpha_log2)
         worst_n = int(bound.argmax())
@@ -203,7 +178,7 @@ class IntegerScaleMethod:
             headroom_bits=round(math.log2(INT32_MAX / max(int(bound[worst_n]), 1)), 3),
         )
         deq = None
-        if want_dequantized:  # the scales the kernel applies: ŝ · c / 2^a
+        if dequantize:  # the scales the kernel applies: ŝ · c / 2^a
             deq = _dequantize(q, s_hat.double() * c.double()[:, None] / 2.0**a, cfg.group_size, k)
         return QuantizedLinear("w4a8-is", tensors, info, deq)
 

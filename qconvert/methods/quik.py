@@ -1,6 +1,6 @@
 """QUIK (Ashkboos et al., 2023, arXiv 2310.09259): int4 weights and activations, fp16 outliers.
 
-For every linear (layouts ``quik-w4a4`` / ``quik-w8a8``, qconvert_kernels/reference_quik.py):
+For every linear (layouts ``quik-w4a4`` / ``quik-w8a8``, qconvert_kernels/quik/reference.py):
 
 - **Outlier channels.**  The input channels whose calibration activations reach the largest
   |x| (ℓ∞ over all calibration tokens, per channel) stay in fp16, weights and activations.
@@ -8,7 +8,7 @@ For every linear (layouts ``quik-w4a4`` / ``quik-w8a8``, qconvert_kernels/refere
   "auto" = the paper's 256 at K = 4096, i.e. K / 16, rounded down to a multiple of 16 and at
   most 256 (SmolLM2: 32 of 576, 96 of 1536; Llama-3-8B: 256 of 4096, 256 of 14336); an integer
   (``quantize --outliers N``) takes N everywhere, 0 none.
-- **Weights.**  The outlier columns are moved last and GPTQ (qconvert/gptq.py, ``keep_last``)
+- **Weights.**  The outlier columns are moved last and GPTQ (qconvert/solvers/gptq.py, ``keep_last``)
   quantizes the others, act-order among them, so the fp16 columns absorb the error of every
   quantized column; symmetric b-bit per output channel, the scale chosen by a clipping search
   (1.0, 0.975, ... ``clip_min``) weighted by diag H.  ``base = "rtn"``: the same grid, rounded
@@ -30,18 +30,11 @@ import torch
 
 from qconvert.errors import QConvertError
 from qconvert.formats.packing import pack_int4, pad_columns
-from qconvert.gptq import IntGrid, gptq, relative_output_error
-from qconvert.methods.base import build_config, QuantizedLinear, relative_weight_error as _rel
+from qconvert.layouts.quik import auto_outliers
+from qconvert.methods.base import Method, QuantizedLinear, check_solver_params, relative_weight_error as _rel
+from qconvert.solvers.gptq import gptq, relative_output_error
+from qconvert.solvers.grids import IntGrid, clip_factors
 from qconvert_kernels.quik.reference import K_TILE, dequantize_split, split_columns
-
-CLIP_STEP = 0.025
-MAX_AUTO_OUTLIERS = 256
-OUTLIER_MULTIPLE = 16
-
-
-def auto_outliers(k: int) -> int:
-    """The "auto" count: K / 16 rounded down to a multiple of 16, at most 256."""
-    return min(MAX_AUTO_OUTLIERS, (k // 16) // OUTLIER_MULTIPLE * OUTLIER_MULTIPLE)
 
 
 @dataclass(frozen=True)
@@ -61,12 +54,7 @@ class QuikConfig:
             raise QConvertError(f"quik: outliers={self.outliers!r} must be 'auto' or a count >= 0 (0: no fp16 channels)")
         if not (isinstance(self.int8_layers, (list, tuple)) and all(isinstance(p, str) for p in self.int8_layers)):
             raise QConvertError(f"quik: int8_layers={self.int8_layers!r} must be a list of module-name patterns")
-        if self.base not in ("rtn", "gptq"):
-            raise QConvertError(f"quik: base={self.base!r} must be 'rtn' or 'gptq'")
-        if not (isinstance(self.clip_min, (int, float)) and 0.3 <= self.clip_min <= 1):
-            raise QConvertError(f"quik: clip_min={self.clip_min!r} must be in [0.3, 1]; 1 turns the search off")
-        if not (isinstance(self.damp, (int, float)) and 0 < self.damp <= 1):
-            raise QConvertError(f"quik: damp={self.damp!r} must be in (0, 1]; 0.01 is the default")
+        check_solver_params("quik", self.base, self.damp, self.clip_min, self.act_order)
 
     def outlier_count(self, k: int) -> int:
         n = auto_outliers(k) if self.outliers == "auto" else self.outliers
@@ -79,28 +67,15 @@ class QuikConfig:
         return 8 if any(fnmatch.fnmatchcase(name, p) for p in self.int8_layers) else self.bits
 
     def grid(self, bits: int) -> IntGrid:
-        steps = int(round((1.0 - self.clip_min) / CLIP_STEP))
-        return IntGrid(bits, tuple(1.0 - CLIP_STEP * i for i in range(steps + 1)))
+        return IntGrid(bits, clip_factors(self.clip_min))
 
 
-def with_outliers(scheme, count: int):
-    """The scheme with ``outliers`` overridden (``quantize --outliers N``); a clear error otherwise."""
-    from qconvert.schemes_registry import with_method_param
-
-    if count < 0:
-        raise QConvertError(f"--outliers {count}: give a count >= 0 (0 keeps no channel in fp16)")
-    return with_method_param(scheme, QuikMethod.name, "outliers", count, "--outliers", "quik-w4a4, quik-w8a8")
-
-
-class QuikMethod:
+class QuikMethod(Method):
     """Method plugin ``quik`` (presets quik-w4a4, quik-w8a8)."""
 
     name = "quik"
+    config_class = QuikConfig
     wants_input_amax = True  # the pipeline passes the per-channel max |x| of each input
-
-    def __init__(self, params: dict):
-        self.config = build_config(QuikConfig, self.name, params)
-
     needs_calibration = True  # outlier channels come from activation statistics, whatever the solver
 
     def describe(self) -> dict:
@@ -119,7 +94,7 @@ class QuikMethod:
                             "run quantize with --calib (c4 / wikitext2 / file / self)")
 
     def quantize_linears(self, names: list[str], weights: list[torch.Tensor], hessian: torch.Tensor,
-                         want_dequantized: bool = True, input_amax: torch.Tensor | None = None) -> list[QuantizedLinear]:
+                         input_amax: torch.Tensor | None = None) -> list[QuantizedLinear]:
         cfg = self.config
         k = weights[0].shape[1]
         if input_amax is None:
@@ -138,7 +113,7 @@ class QuikMethod:
             stacked = torch.cat([weights[i].float()[:, perm] for i in part])
             grid = cfg.grid(bits)
             if cfg.base == "gptq":
-                res = gptq(stacked, h, grid, kb, damp=cfg.damp, act_order=cfg.act_order, report=False, keep_last=n_out)
+                res = gptq(stacked, h, grid, kb, damp=cfg.damp, act_order=cfg.act_order, keep_last=n_out)
                 q_all, s_all, kept, secs = res.q[:, :kb], res.scales[:, 0], res.kept, res.seconds
             else:
                 diag = torch.diagonal(h)[:kb]
@@ -155,8 +130,6 @@ class QuikMethod:
                 ql.info.update(gptq_seconds=round(secs * n / stacked.shape[0], 4), solved_with=len(part),
                                gptq_loss=relative_output_error(w, ql.dequantized, hessian))
                 ql.activation = act
-                if not want_dequantized:
-                    ql.dequantized = None
                 out.append((i, ql))
                 row += n
         return [ql for _, ql in sorted(out, key=lambda t: t[0])]

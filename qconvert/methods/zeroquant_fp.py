@@ -22,7 +22,7 @@ the scales c * 2^(e - 1), so that level * scale is the dequantized weight.
 Weights, ``weight_format = "fp8"`` (layout ``fp8-fp8``): E4M3 per output channel, round to
 nearest, float32 scale s[n] = amax_n / 448 (not a power of two: it is applied once per output,
 so nothing is gained by constraining it).  Activations (both): E4M3 per token, dynamic, see
-qconvert_kernels/reference_fp8.py.
+qconvert_kernels/fp8/reference.py.
 
 LoRC (``lorc_rank`` r > 0): E = W - Ŵ after GPTQ, E ~= U V by a rank-r SVD (U = U_r S^1/2,
 V = S^1/2 V_rᵀ, stored fp16), and the layer computes y = Q(x) Ŵᵀ + (Q(x) Vᵀ) Uᵀ: the correction
@@ -37,23 +37,23 @@ from dataclasses import asdict, dataclass
 import torch
 
 from qconvert.errors import QConvertError
-from qconvert.formats.fp4 import levels_to_codes, pack_fp4, round_e2m1
+from qconvert.formats.fp4 import levels_to_codes, pack_fp4
 from qconvert.formats.packing import pad_columns
-from qconvert.gptq import gptq, relative_output_error
-from qconvert.lorc import lorc_factors
-from qconvert.methods.base import build_config, QuantizedLinear, relative_weight_error as _rel
+from qconvert.layouts.fp8 import FP8_K_MULTIPLE
+from qconvert.methods.base import Method, QuantizedLinear, check_solver_params, relative_weight_error as _rel
+from qconvert.solvers.gptq import gptq, relative_output_error
+from qconvert.solvers.grids import FP4Grid, pow2
+from qconvert.solvers.lorc import lorc_factors
 from qconvert_kernels.fp8.reference import E2M1_MAX, FP8_MAX, quantize_per_token_fp8, to_e4m3
 
-E_MIN, E_MAX = -64, 63  # stored as int8; 2^e stays a normal float32 for any partial
 CLIP_STEP = 0.05  # the row-scale search's step
-FP8_K_MULTIPLE = 64  # fp8-fp8 pads K to its accumulation chunk (reference_fp8.FP8_CHUNK)
 
 
 @dataclass(frozen=True)
 class ZeroQuantFPConfig:
     weight_format: str = "fp4"  # "fp4" (E2M1, group-wise, power-of-two group factors) or "fp8" (E4M3, per channel)
     group_size: int = 128  # fp4 only
-    base: str = "gptq"  # "gptq" (fp4: calibrated, qconvert/gptq.py) or "rtn"
+    base: str = "gptq"  # "gptq" (fp4: calibrated, qconvert/solvers/gptq.py) or "rtn"
     lorc_rank: int = 8  # rank of the low-rank compensation; 0: none
     exp_search: bool = True  # fp4: try 2^e and 2^(e-1) per group (diag-H weighted with GPTQ)
     lorc_weighting: str = "none"  # "none": SVD of E (the paper); "hessian": SVD of E L, H = L Lᵀ (output error)
@@ -66,8 +66,7 @@ class ZeroQuantFPConfig:
             raise QConvertError(f"zeroquant-fp: weight_format={self.weight_format!r} must be 'fp4' or 'fp8'")
         if not (isinstance(self.group_size, int) and 2 <= self.group_size <= 8192 and self.group_size % 2 == 0):
             raise QConvertError(f"zeroquant-fp: group_size={self.group_size!r} must be an even integer in 2..8192 (128 is the default)")
-        if self.base not in ("rtn", "gptq"):
-            raise QConvertError(f"zeroquant-fp: base={self.base!r} must be 'rtn' or 'gptq'")
+        check_solver_params("zeroquant-fp", self.base, self.damp, self.clip_min, self.act_order)
         if self.base == "gptq" and self.weight_format == "fp8":
             raise QConvertError("zeroquant-fp: GPTQ is offered for fp4 weights only (the shared solver keeps integer "
                                 "levels, FP8 levels are not); set base = 'rtn' (or --base rtn) for fp8 weights")
@@ -77,66 +76,8 @@ class ZeroQuantFPConfig:
             raise QConvertError(f"zeroquant-fp: lorc_weighting={self.lorc_weighting!r} must be 'none' or 'hessian'")
         if self.lorc_weighting == "hessian" and self.base != "gptq":
             raise QConvertError("zeroquant-fp: lorc_weighting = 'hessian' needs calibration (base = 'gptq')")
-        if not isinstance(self.exp_search, bool) or not isinstance(self.act_order, bool):
-            raise QConvertError("zeroquant-fp: exp_search and act_order must be true or false")
-        if not (isinstance(self.clip_min, (int, float)) and 0.3 <= self.clip_min <= 1):
-            raise QConvertError(f"zeroquant-fp: clip_min={self.clip_min!r} must be in [0.3, 1]; 1 turns the search off")
-        if not (isinstance(self.damp, (int, float)) and 0 < self.damp <= 1):
-            raise QConvertError(f"zeroquant-fp: damp={self.damp!r} must be in (0, 1]; 0.01 is the default")
-
-
-@dataclass
-class FP4Grid:
-    """E2M1 grid for GPTQ (the interface of ``qconvert.gptq.IntGrid``), with per-row scales c [N].
-
-    ``scales(w [N, g], weight [g]) -> [N]`` returns c * 2^(e - 1) for the chosen exponent e;
-    ``quantize(w, s)`` returns the integer levels 2 * round_e2m1(w / 2s) in [-12, 12].
-    """
-
-    row_scale: torch.Tensor  # c [N], float32 > 0
-    search: bool = True
-
-    def exponents(self, w: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        """e int64 [N] for the group columns ``w`` [N, g] (or [N, G] for all groups ``w`` [N, G, g],
-        ``weight`` [G, g])."""
-        return self.exponents_and_errors(w, weight)[0]
-
-    def exponents_and_errors(self, w: torch.Tensor, weight: torch.Tensor | None = None):
-        """(e, the weighted squared error of the group under it; None without ``search``)."""
-        lead = (-1,) + (1,) * (w.dim() - 2)
-        c = self.row_scale.double().reshape(lead)
-        amax = w.double().abs().amax(dim=-1)
-        e = torch.ceil(torch.log2((amax / (E2M1_MAX * c)).clamp_min(2.0**E_MIN))).clamp(E_MIN, E_MAX)
-        e = e + (amax > E2M1_MAX * c * pow2(e).double()).double()  # log2 rounded down: one up
-        e = e - (amax <= E2M1_MAX * c * pow2(e - 1).double()).double()  # rounded up: one down
-        e = e.clamp(E_MIN, E_MAX).long()
-        if not self.search:
-            return e, None
-        best, best_err = e, None
-        cf = self.row_scale.float().reshape(lead)
-        for cand in (e, (e - 1).clamp_min(E_MIN)):
-            sc = (cf * pow2(cand))[..., None]
-            err = (round_e2m1(w / sc) * sc - w).square()
-            if weight is not None:
-                err = err * weight
-            err = err.sum(-1)
-            if best_err is None:
-                best_err = err
-            else:
-                best = torch.where(err < best_err, cand, best)
-                best_err = torch.minimum(err, best_err)
-        return best, best_err
-
-    def scales(self, w: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        return self.row_scale.float() * pow2(self.exponents(w, weight) - 1)
-
-    def quantize(self, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        return round_e2m1(w / (2 * s)) * 2
-
-
-def pow2(e: torch.Tensor) -> torch.Tensor:
-    """2^e as float32, exactly (e integer, E_MIN - 1 <= e <= E_MAX)."""
-    return torch.ldexp(torch.ones(e.shape), e.long())
+        if not isinstance(self.exp_search, bool):
+            raise QConvertError("zeroquant-fp: exp_search must be true or false")
 
 
 def row_scales(weight: torch.Tensor) -> torch.Tensor:
@@ -193,27 +134,11 @@ def fp4_dequantize(levels: torch.Tensor, exps: torch.Tensor, c: torch.Tensor, gr
     return w.reshape(n, kp)[:, :k].float()
 
 
-def with_lorc_rank(scheme, rank: int):
-    """The scheme with ``lorc_rank`` overridden (``quantize --lorc-rank``); a clear error otherwise."""
-    from qconvert.schemes_registry import with_method_param
-
-    if rank < 0:
-        raise QConvertError(f"--lorc-rank {rank}: the rank must be 0 (no LoRC) or positive")
-    return with_method_param(scheme, ZeroQuantFPMethod.name, "lorc_rank", rank, "--lorc-rank",
-                             "zqfp-w4a8, zqfp-w4a8-nolorc, zqfp-w8a8")
-
-
-class ZeroQuantFPMethod:
+class ZeroQuantFPMethod(Method):
     """Method plugin ``zeroquant-fp`` (presets zqfp-w4a8, zqfp-w4a8-nolorc, zqfp-w8a8)."""
 
     name = "zeroquant-fp"
-
-    def __init__(self, params: dict):
-        self.config = build_config(ZeroQuantFPConfig, self.name, params)
-
-    @property
-    def needs_calibration(self) -> bool:
-        return self.config.base == "gptq"
+    config_class = ZeroQuantFPConfig
 
     def describe(self) -> dict:
         cfg = self.config
@@ -240,26 +165,26 @@ class ZeroQuantFPMethod:
         return self._finish_fp4(w, levels, exps, c, None, {})
 
     def quantize_linears(self, names: list[str], weights: list[torch.Tensor], hessian: torch.Tensor,
-                         want_dequantized: bool = True) -> list[QuantizedLinear]:
+                         input_amax: torch.Tensor | None = None) -> list[QuantizedLinear]:
         """GPTQ on the FP4 grid, layers reading one input stacked; then LoRC per layer.
 
-        One CPU thread, as qconvert.gptq: with the second core busy, two threads made the LoRC
+        One CPU thread, as qconvert.solvers.gptq: with the second core busy, two threads made the LoRC
         factorisation of a 1536 x 576 error 14x slower here (5.7 s against 0.4 s)."""
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            return self._quantize_linears(weights, hessian, want_dequantized)
+            return self._quantize_linears(weights, hessian)
         finally:
             torch.set_num_threads(threads)
 
-    def _quantize_linears(self, weights, hessian, want_dequantized):
+    def _quantize_linears(self, weights, hessian):
         cfg = self.config
         originals = [w.float() for w in weights]
         stacked = torch.cat(originals)
         diag = torch.diagonal(hessian).float()
         c_all = search_row_scales(stacked, cfg.group_size, cfg.exp_search, cfg.clip_min, torch.where(diag > 0, diag, torch.ones_like(diag)))
-        res = gptq(stacked, hessian, FP4Grid(c_all, cfg.exp_search), cfg.group_size,
-                   damp=cfg.damp, act_order=cfg.act_order, report=False)
+        res = gptq(stacked, hessian, FP4Grid(c_all, cfg.exp_search), cfg.group_size, damp=cfg.damp,
+                   act_order=cfg.act_order)
         out, row = [], 0
         for w in originals:
             n = w.shape[0]
@@ -272,8 +197,6 @@ class ZeroQuantFPMethod:
             ql = self._finish_fp4(w, levels, exps, c, hessian, extra)
             rl, re_, rc = fp4_rtn(w, cfg.group_size, False)
             ql.info["rtn_loss"] = relative_output_error(w, fp4_dequantize(rl, re_, rc, cfg.group_size, w.shape[1]), hessian)
-            if not want_dequantized:
-                ql.dequantized = None
             out.append(ql)
             row += n
         return out

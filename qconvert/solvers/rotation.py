@@ -46,7 +46,8 @@ from functools import cached_property
 import torch
 
 from qconvert.errors import QConvertError
-from qconvert.source import DECODER_LAYERS, Source
+from qconvert.architectures import DECODER_LAYERS
+from qconvert.source import Source
 
 MODES = ("hadamard", "random")
 ROTATABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe")  # plain RMSNorm(x) * g

@@ -36,7 +36,8 @@ import torch
 from torch import nn
 
 from qconvert.errors import QConvertError
-from qconvert.source import DECODER_LAYERS, Source
+from qconvert.architectures import DECODER_LAYERS
+from qconvert.source import Source
 
 log = logging.getLogger("qconvert")
 
@@ -216,8 +217,9 @@ class Calibrator:
 
         ``targets``: the block's linears to quantize (full name -> module).  ``solve(groups)``
         quantizes a list of HessianGroup and returns {name: (float weight as run, activation
-        quantizer)}.  The block is walked in the order the data flows, each stage observed
-        through the stages before it *as quantized*:
+        quantizer)}.  ``prepare(block, feed)`` may rewrite the block first (``feed()`` yields its
+        (input, kwargs) batches).  The block is walked in the order the data flows, each stage
+        observed through the stages before it *as quantized* (``_BlockWalk``):
 
             A  q/k/v (everything in self_attn but o_proj) read ln1(X)
             B  o_proj reads the attention output, recomputed with quantized q/k/v -> Y
@@ -226,133 +228,22 @@ class Calibrator:
                quantized input linears make of ln2(h)
             E  Y = h + mlp(ln2(h)), all quantized: the next block's input
         """
-        parts = [getattr(block, a, None) for a in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")]
-        if any(p is None for p in parts) or getattr(parts[1], "o_proj", None) is None:
-            raise QConvertError(f"{type(block).__name__} is not a pre-norm attention + MLP block that calibration "
-                                "knows; use --base rtn")
-        ln1, attn, ln2, mlp = parts
-        hidden = self.model.config.hidden_size
-        in_attn = {id(m) for m in attn.modules()}
-        in_mlp = {id(m) for m in mlp.modules()}
-        stage_a = {n: m for n, m in targets.items() if id(m) in in_attn and m is not attn.o_proj}
-        stage_b = {n: m for n, m in targets.items() if m is attn.o_proj}
-        stage_c = {n: m for n, m in targets.items() if id(m) in in_mlp and m.in_features == hidden}
-        stage_d = {n: m for n, m in targets.items() if id(m) in in_mlp and m.in_features != hidden}
-        stray = set(targets) - set(stage_a) - set(stage_b) - set(stage_c) - set(stage_d)
-        if stray:
-            raise QConvertError(f"{sorted(stray)[0]} lies outside attention and MLP; calibration cannot reach it: "
-                                f"--exclude it or use --base rtn")
-        dense_mlp = len(stage_d) == 1 and not _expert_linears(mlp)
-        x, y = self.acts.inputs, self.acts.outputs
-        hooks = []
-
-        def rerun_mlp():  # MoE: one more pass over the MLP, for starved experts' statistics
-            for sl, _ in self._batches():
-                mlp(ln2(y[sl]))
-
-        last_quantized = {}  # q/k/v (gate/up) read one tensor object: quantize it once, not per linear
-
-        def quantized_input(x, act_quant):
-            # holding x keeps its memory from being reused by a later tensor while compared
-            if not (last_quantized.get("x") is x and last_quantized["key"] == (x._version, act_quant)):
-                last_quantized.update(x=x, key=(x._version, act_quant), value=act_quant(x))
-            return last_quantized["value"]
-
-        def install(run_as: dict) -> None:
-            for name, (weight, act_quant) in run_as.items():
-                lin = targets[name]
-                lin.weight = nn.Parameter(weight.to(lin.weight.dtype), requires_grad=False)
-                hooks.append(lin.register_forward_pre_hook(
-                    lambda m, args, f=act_quant: (quantized_input(args[0], f), *args[1:])))
-
-        def timed(stage):
-            t0 = time.perf_counter()
-            with self._autocast():
-                result = stage()
-            last_quantized.clear()
-            self.seconds["forward"] += time.perf_counter() - t0
-            return result
-
+        walk = _BlockWalk(self, block, targets)
         if prepare is not None:  # a method that transforms the whole block first (I-LLM's smoothing)
             def feed():
                 for sl, kw in self._batches():
-                    yield x[sl], kw
+                    yield walk.x[sl], kw
             with torch.no_grad(), self._autocast():
                 prepare(block, feed)
         try:
             with torch.no_grad():
-                if stage_a:  # A: fed directly, no forward needed
-                    obs = _Observer(stage_a)
-                    def a():
-                        for sl, _ in self._batches():
-                            h0 = ln1(x[sl])
-                            for m in stage_a.values():
-                                obs._hook(m, (h0,))
-                    timed(a)
-                    install(solve(obs.groups()))
-
-                def b():  # B: attention output with quantized q/k/v, caught at o_proj
-                    obs = _Observer(stage_b)
-                    with obs.hooked(), _stop_before(attn.o_proj, y) as catch:
-                        for sl, kw in self._batches():
-                            catch.target = sl
-                            try:
-                                attn(hidden_states=ln1(x[sl]), **kw)
-                            except _Stop:
-                                pass
-                            else:
-                                raise AssertionError("o_proj was not reached")
-                    return obs
-                obs = timed(b)
-                if stage_b:
-                    install(solve(obs.groups()))
-
-                def c():  # C: residual after attention into Y; observe the MLP's input linears
-                    obs = _Observer(stage_c)
-                    with obs.hooked():
-                        for sl, _ in self._batches():
-                            h = x[sl] + attn.o_proj(y[sl])
-                            y[sl] = h
-                            m = ln2(h)
-                            if dense_mlp:
-                                for lin in stage_c.values():
-                                    obs._hook(lin, (m,))
-                            else:
-                                mlp(m)
-                    if not dense_mlp:
-                        self._refill_starved(obs, mlp, rerun_mlp)
-                    return obs
-                obs = timed(c)
-                if stage_c:
-                    install(solve(obs.groups()))
-
-                cache = self._mlp_cache_for(next(iter(stage_d.values())).in_features) if dense_mlp else None
-
-                def d():  # D: the MLP's output linears see the quantized input linears' product
-                    obs = _Observer(stage_d)
-                    stop = next(iter(stage_d.values())) if dense_mlp else None
-                    with obs.hooked(), _stop_before(stop, cache) as catch:
-                        for sl, _ in self._batches():
-                            catch.target = sl
-                            try:
-                                mlp(ln2(y[sl]))
-                            except _Stop:
-                                pass
-                    if not dense_mlp:
-                        self._refill_starved(obs, mlp, rerun_mlp)
-                    return obs
-                obs = timed(d)
-                if stage_d:
-                    install(solve(obs.groups()))
-
-                def e():  # E: the block's output, as it will run (down_proj's input kept from D if it fit)
-                    for sl, _ in self._batches():
-                        h = y[sl]
-                        y[sl] = h + (next(iter(stage_d.values()))(cache[sl]) if cache is not None else mlp(ln2(h)))
-                timed(e)
+                for stage, observe in ((walk.stage_a, True), (walk.stage_b, True), (walk.stage_c, True),
+                                       (walk.stage_d, True), (walk.stage_e, False)):
+                    obs = walk.timed(stage)
+                    if observe and obs is not None:
+                        walk.install(solve(obs.groups()))
         finally:
-            for h in hooks:
-                h.remove()
+            walk.remove_hooks()
         self.acts.swap()
 
     def _autocast(self):
@@ -379,6 +270,128 @@ class Calibrator:
             obs.second_pass = True
             with obs.hooked(), _all_tokens_through(mlp, starved, obs):
                 rerun()
+
+
+class _BlockWalk:
+    """One decoder block's calibration walk (``Calibrator.quantize_block``): the stages A..E, each
+    returning the observer of the linears it reached (None when it has none to solve)."""
+
+    def __init__(self, cal: "Calibrator", block: nn.Module, targets: dict[str, nn.Linear]):
+        parts = [getattr(block, a, None) for a in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")]
+        if any(p is None for p in parts) or getattr(parts[1], "o_proj", None) is None:
+            raise QConvertError(f"{type(block).__name__} is not a pre-norm attention + MLP block that calibration "
+                                "knows; use --base rtn")
+        self.cal, self.targets = cal, targets
+        self.ln1, self.attn, self.ln2, self.mlp = parts
+        hidden = cal.model.config.hidden_size
+        in_attn = {id(m) for m in self.attn.modules()}
+        in_mlp = {id(m) for m in self.mlp.modules()}
+        o_proj = self.attn.o_proj
+        self.a = {n: m for n, m in targets.items() if id(m) in in_attn and m is not o_proj}
+        self.b = {n: m for n, m in targets.items() if m is o_proj}
+        self.c = {n: m for n, m in targets.items() if id(m) in in_mlp and m.in_features == hidden}
+        self.d = {n: m for n, m in targets.items() if id(m) in in_mlp and m.in_features != hidden}
+        stray = set(targets) - set(self.a) - set(self.b) - set(self.c) - set(self.d)
+        if stray:
+            raise QConvertError(f"{sorted(stray)[0]} lies outside attention and MLP; calibration cannot reach it: "
+                                f"--exclude it or use --base rtn")
+        self.dense_mlp = len(self.d) == 1 and not _expert_linears(self.mlp)
+        self.x, self.y = cal.acts.inputs, cal.acts.outputs
+        self.hooks = []
+        self.last_quantized = {}  # q/k/v (gate/up) read one tensor object: quantize it once, not per linear
+        self.cache = None
+
+    # ---- how the quantized block runs between stages
+    def quantized_input(self, x, act_quant):
+        # holding x keeps its memory from being reused by a later tensor while compared
+        last = self.last_quantized
+        if not (last.get("x") is x and last["key"] == (x._version, act_quant)):
+            last.update(x=x, key=(x._version, act_quant), value=act_quant(x))
+        return last["value"]
+
+    def install(self, run_as: dict) -> None:
+        for name, (weight, act_quant) in run_as.items():
+            lin = self.targets[name]
+            lin.weight = nn.Parameter(weight.to(lin.weight.dtype), requires_grad=False)
+            self.hooks.append(lin.register_forward_pre_hook(
+                lambda m, args, f=act_quant: (self.quantized_input(args[0], f), *args[1:])))
+
+    def remove_hooks(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+    def timed(self, stage):
+        t0 = time.perf_counter()
+        with self.cal._autocast():
+            result = stage()
+        self.last_quantized.clear()
+        self.cal.seconds["forward"] += time.perf_counter() - t0
+        return result
+
+    def rerun_mlp(self):  # MoE: one more pass over the MLP, for starved experts' statistics
+        for sl, _ in self.cal._batches():
+            self.mlp(self.ln2(self.y[sl]))
+
+    # ---- the stages
+    def stage_a(self):  # q/k/v, fed directly: no forward needed
+        if not self.a:
+            return None
+        obs = _Observer(self.a)
+        for sl, _ in self.cal._batches():
+            h0 = self.ln1(self.x[sl])
+            for m in self.a.values():
+                obs._hook(m, (h0,))
+        return obs
+
+    def stage_b(self):  # attention output with quantized q/k/v, caught at o_proj
+        obs = _Observer(self.b)
+        with obs.hooked(), _stop_before(self.attn.o_proj, self.y) as catch:
+            for sl, kw in self.cal._batches():
+                catch.target = sl
+                try:
+                    self.attn(hidden_states=self.ln1(self.x[sl]), **kw)
+                except _Stop:
+                    pass
+                else:
+                    raise AssertionError("o_proj was not reached")
+        return obs if self.b else None
+
+    def stage_c(self):  # residual after attention into Y; observe the MLP's input linears
+        obs = _Observer(self.c)
+        with obs.hooked():
+            for sl, _ in self.cal._batches():
+                h = self.x[sl] + self.attn.o_proj(self.y[sl])
+                self.y[sl] = h
+                m = self.ln2(h)
+                if self.dense_mlp:
+                    for lin in self.c.values():
+                        obs._hook(lin, (m,))
+                else:
+                    self.mlp(m)
+        if not self.dense_mlp:
+            self.cal._refill_starved(obs, self.mlp, self.rerun_mlp)
+        return obs if self.c else None
+
+    def stage_d(self):  # the MLP's output linears see the quantized input linears' product
+        first = next(iter(self.d.values()))
+        self.cache = self.cal._mlp_cache_for(first.in_features) if self.dense_mlp else None
+        obs = _Observer(self.d)
+        with obs.hooked(), _stop_before(first if self.dense_mlp else None, self.cache) as catch:
+            for sl, _ in self.cal._batches():
+                catch.target = sl
+                try:
+                    self.mlp(self.ln2(self.y[sl]))
+                except _Stop:
+                    pass
+        if not self.dense_mlp:
+            self.cal._refill_starved(obs, self.mlp, self.rerun_mlp)
+        return obs if self.d else None
+
+    def stage_e(self):  # the block's output, as it will run (down_proj's input kept from D if it fit)
+        down = next(iter(self.d.values()))
+        for sl, _ in self.cal._batches():
+            h = self.y[sl]
+            self.y[sl] = h + (down(self.cache[sl]) if self.cache is not None else self.mlp(self.ln2(h)))
 
 
 class _StopCatch:
@@ -498,10 +511,8 @@ class _Observer:
 
 
 def _expert_linears(block: nn.Module) -> set[int]:
-    try:
-        from qconvert.moe import UnfusedExperts
-    except ImportError:  # pragma: no cover
-        return set()
+    from qconvert.moe import UnfusedExperts
+
     return {id(m) for mod in block.modules() if isinstance(mod, UnfusedExperts)
             for m in mod.modules() if isinstance(m, nn.Linear)}
 

@@ -33,62 +33,21 @@ together as one stacked matrix: identical results, one pass.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from qconvert.errors import QConvertError
-from qconvert.methods.rtn import FP16_TINY, dequantize_groups, quantize_groups_symmetric
-
-
-
-@dataclass
-class IntGrid:
-    """Symmetric integer grid [-2^(b-1), 2^(b-1) - 1], zero point 0, one scale per (row, group).
-
-    The scale maps the group's extreme onto +qmax or onto -(qmax + 1), whichever side it lies
-    (as ``rtn.quantize_groups_symmetric``), shrunk by the factor in ``clip`` that minimises the
-    diag-H-weighted squared error of the group (1.0 alone: plain round-to-nearest range).
-    Scales are rounded to fp16 so storing them as fp16 loses nothing.
-    """
-
-    bits: int = 4
-    clip: tuple[float, ...] = (1.0,)
-
-    @property
-    def qmax(self) -> int:
-        return 2 ** (self.bits - 1) - 1
-
-    def scales(self, w: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        """Scales [N] for the group columns ``w`` [N, g]; ``weight`` [g] is the importance of each."""
-        qmax = self.qmax
-        pos = w.amax(dim=1).clamp_min(0) / qmax
-        neg = (-w.amin(dim=1)).clamp_min(0) / (qmax + 1)
-        base = torch.maximum(pos, neg)
-        if len(self.clip) == 1:
-            return (base * self.clip[0]).clamp_min(FP16_TINY).half().float()
-        cand = (base[None, :] * torch.tensor(self.clip, dtype=w.dtype)[:, None]).clamp_min(FP16_TINY).half().float()
-        q = torch.clamp(torch.round(w[None] / cand[..., None]), -qmax - 1, qmax)  # [C, N, g]
-        err = (q * cand[..., None] - w[None]).square_()
-        if weight is not None:
-            err = err * weight
-        best = err.sum(-1).argmin(0)  # [N]
-        return cand.gather(0, best[None]).squeeze(0)
-
-    def quantize(self, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        """Integer levels (as float) of ``w`` under scales ``s`` (same leading shape)."""
-        return torch.clamp(torch.round(w / s), -self.qmax - 1, self.qmax)
+from qconvert.solvers.grids import IntGrid
 
 
 @dataclass
 class GPTQResult:
     q: torch.Tensor  # int8 [N, K] levels, channel order
     scales: torch.Tensor  # float32 [N, G]
-    loss: float  # tr(E H Eᵀ) / tr(W H Wᵀ): output error relative to the output, E = W - Ŵ (NaN if not asked)
-    rtn_loss: float  # the same for plain round-to-nearest (the range of the group's extremes)
+    w_hat: torch.Tensor  # float32 [N, K]: the weight as quantized (the kept columns as updated)
     seconds: float
     dead: int  # input channels with no calibration signal
-    stats: dict = field(default_factory=dict)
     kept: torch.Tensor | None = None  # float32 [N, keep_last]: the full-precision columns as updated
 
 
@@ -101,16 +60,14 @@ def relative_output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor)
 
 
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: IntGrid, group_size: int, *,
-         damp: float = 0.01, act_order: bool = True, block_size: int = 128, report: bool = True,
-         keep_last: int = 0) -> GPTQResult:
+         damp: float = 0.01, act_order: bool = True, block_size: int = 128, keep_last: int = 0) -> GPTQResult:
     """Quantize ``weight`` [N, K] against ``hessian`` [K, K]; see the module docstring.
 
     ``keep_last``: the last ``keep_last`` columns stay in full precision (QUIK's outlier
     channels): they are processed after all the others, so that they absorb the error of every
     quantized column, and come back updated in ``kept`` (their levels and scales are 0).
 
-    ``report``: also compute ``loss`` and ``rtn_loss`` (NaN otherwise); ``seconds`` is the
-    solve alone either way.
+    ``seconds`` is the solve alone; ``relative_output_error(W, result.w_hat, H)`` measures it.
 
     Runs on one CPU thread: the column loop is thousands of small operations, which a
     thread pool only slows down (measured: 0.5 s on one thread, 15 s on two with the
@@ -119,12 +76,12 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: IntGrid, group_size:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _gptq(weight, hessian, grid, group_size, damp, act_order, block_size, report, keep_last)
+        return _gptq(weight, hessian, grid, group_size, damp, act_order, block_size, keep_last)
     finally:
         torch.set_num_threads(threads)
 
 
-def _gptq(weight, hessian, grid, group_size, damp, act_order, block_size, report, keep_last=0) -> GPTQResult:
+def _gptq(weight, hessian, grid, group_size, damp, act_order, block_size, keep_last=0) -> GPTQResult:
     t0 = time.perf_counter()
     n, k = weight.shape
     if hessian.shape != (k, k):
@@ -134,7 +91,6 @@ def _gptq(weight, hessian, grid, group_size, damp, act_order, block_size, report
     kq = k - keep_last  # columns kq.. stay in full precision
     w = weight.detach().float().clone()
     h = hessian.detach().float().clone()
-    h_orig = h.clone()
     diag = torch.diagonal(h)
     dead = diag == 0
     h[dead, dead] = 1.0
@@ -186,13 +142,8 @@ def _gptq(weight, hessian, grid, group_size, damp, act_order, block_size, report
         q_levels[:, kq:] = 0
     q_levels = q_levels[:, inv_perm]
     w_hat = w_hat[:, inv_perm]
-    w0 = weight.detach().float()
     seconds = time.perf_counter() - t0
-    loss = rtn_loss = float("nan")
-    if report:
-        loss = relative_output_error(w0, w_hat, h_orig)
-        rtn_loss = relative_output_error(w0, rtn(w0, grid, group_size), h_orig)
-    return GPTQResult(q_levels.to(torch.int8), scales, loss, rtn_loss, seconds, int(dead.sum()), kept=kept)
+    return GPTQResult(q_levels.to(torch.int8), scales, w_hat, seconds, int(dead.sum()), kept=kept)
 
 
 def _inverse_cholesky_upper(h: torch.Tensor) -> torch.Tensor:
@@ -222,8 +173,3 @@ def _group_scale(grid, g, group_size, k, inv_perm, wt, w1, err_done, u, i1, i, i
     if later.any():  # not yet updated by this block's lazy batch: apply it for these columns
         cur[later] = wt[pos[later]] - u[i1 : i1 + i, pos[later]].T @ err_done
     return grid.scales(cur.T, importance[cols])
-
-
-def rtn(w: torch.Tensor, grid: IntGrid, group_size: int) -> torch.Tensor:
-    """Round-to-nearest with the plain range (no search): the baseline GPTQ must beat."""
-    return dequantize_groups(quantize_groups_symmetric(w, grid.bits, group_size))

@@ -1,8 +1,5 @@
-"""Round-to-nearest group-wise weight quantization (the base solver of this release).
-
-``quantize_groups_symmetric`` is the grid every method shares; GPTQ (a later solver)
-will take the same grid and return the same outputs.
-"""
+"""Round-to-nearest group-wise weight quantization: the solver that needs no calibration, and
+the baseline GPTQ (qconvert/solvers/gptq.py) must beat."""
 
 from __future__ import annotations
 
@@ -61,3 +58,8 @@ def dequantize_groups(gq: GroupQuant) -> torch.Tensor:
     n, kp = gq.q.shape
     w = gq.q.float().reshape(n, -1, gq.group_size) * gq.scales[..., None]
     return w.reshape(n, kp)[:, : gq.in_features]
+
+
+def rtn(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """Round-to-nearest with the plain range (no search), dequantized: float32 [N, K]."""
+    return dequantize_groups(quantize_groups_symmetric(w, bits, group_size))

@@ -1,7 +1,14 @@
-"""The integer-only runtime of I-LLM outputs (layouts ``illm-w8a8``, ``illm-w4a8``, ``illm-w4a4``).
+"""Layouts ``illm-w8a8``, ``illm-w4a8``, ``illm-w4a4`` (I-LLM) and their integer-only runtime.
+
+Stored per linear (docs/format.md): ``qweight`` (w8: int8 [N, K]; w4: uint8 [N, ceil(K/2)], two
+int4 per byte), ``shape`` int64 [2], ``wm`` int32 [N] and ``wk`` int32 [N] (the weight scale of
+each output channel as the dyadic wm / 2^wk, wm < 2^16), ``smooth`` float32 [K] and
+``out_smooth`` float32 [N] (the smoothing folded into the layer's inputs and rows, kept for the
+float diagnostics).  ``qconvert.load`` builds the whole-model integer runtime below
+(``ILLMLayout.model_runtime``); ``load(OUT, integer=False)`` the float model with these linears.
 
 ``IntegerLlama.forward_int(ids)`` runs a Llama-architecture model from the embedding lookup to
-the logits with integer tensors and integer operations only (qconvert_kernels/reference_illm.py
+the logits with integer tensors and integer operations only (qconvert_kernels/illm/reference.py
 has the operators); ``forward`` then converts the integer logits to float once, the single float
 operation per output.  tests/test_illm.py proves it by tracing every torch call between the two.
 
@@ -31,6 +38,7 @@ from torch import nn
 
 from qconvert.errors import QConvertError
 from qconvert.formats.packing import unpack_int4
+from qconvert.layouts.base import Layout, QuantizedModule, TensorSpec, finite_positive, shape_check
 from qconvert_kernels.illm import reference as ri
 from qconvert_kernels.illm.reference import Dyadic
 
@@ -61,7 +69,7 @@ def int_vector(g: torch.Tensor) -> tuple[torch.Tensor, int]:
     return torch.round(g.double() * 2.0**k).long(), k
 
 
-class ILLMLinear(nn.Module):
+class ILLMLinear(QuantizedModule):
     """An I-LLM linear: integer weights per output channel with dyadic scales (wm / 2^wk).
 
     ``int_forward(xq, scale)`` is DI-MatMul (integers in and out); ``forward(x)`` is a float
@@ -70,8 +78,6 @@ class ILLMLinear(nn.Module):
     dequantized and multiplied back by the output smoothing folded into its rows
     (``out_smooth``: v_proj, up_proj), so that it compares with the source's layer.
     """
-
-    SUFFIXES = {lay: ("qweight", "shape", "wm", "wk", "smooth", "out_smooth") for lay in ("illm-w8a8", "illm-w4a8", "illm-w4a4")}
 
     def __init__(self, layout: str, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None):
         super().__init__()
@@ -90,7 +96,7 @@ class ILLMLinear(nn.Module):
         for name in ("wm", "wk", "smooth", "out_smooth"):
             self.register_buffer(name, tensors[name])
 
-    def run_smoothed(self) -> None:
+    def inside_stored_model(self) -> None:
         """Make ``forward`` take the smoothed input (what the folded model computes) instead of the
         source's: the float model of an I-LLM OUT (``qconvert.load(OUT, integer=False)``)."""
         self.smooth = torch.ones_like(self.smooth)
@@ -269,3 +275,53 @@ class IntegerLlama(nn.Module):
             rows.append((acc.double() * scale_t * scale_v[None, :]).float()[-new:])
         return SimpleNamespace(logits=torch.stack(rows).reshape(*input_ids.shape, -1),
                                past_key_values=full if use_cache else None)
+
+
+class ILLMLayout(Layout):
+    """illm-w8a8 / illm-w4a8 / illm-w4a4: see the module docstring."""
+
+    def __init__(self, name: str, doc: str, w_bits: int):
+        super().__init__(name, doc)
+        self.w_bits = w_bits
+
+    def spec(self, n: int, k: int) -> dict[str, TensorSpec]:
+        four = self.w_bits == 4
+        return {"qweight": TensorSpec(torch.uint8 if four else torch.int8, (n, (k + 1) // 2) if four else (n, k),
+                                      "integer weights" + (", two int4 per byte" if four else "")),
+                "shape": TensorSpec(torch.int64, (2,), "the true [N, K]"),
+                "wm": TensorSpec(torch.int32, (n,), "dyadic scale mantissas (< 2^16)"),
+                "wk": TensorSpec(torch.int32, (n,), "dyadic scale exponents"),
+                "smooth": TensorSpec(torch.float32, (k,), "input smoothing folded into the layer"),
+                "out_smooth": TensorSpec(torch.float32, (n,), "output smoothing folded into its rows")}
+
+    def check(self, name, tensors, n, k) -> list[str]:
+        problems = shape_check(name, tensors, n, k)
+        wm = tensors["wm"]
+        if ((wm < 0) | (wm >= 1 << 16)).any():
+            problems.append(f"{name}.wm holds mantissas outside [0, 2^16)")
+        return problems + finite_positive(name, tensors["smooth"], "smooth")
+
+    def module(self, tensors, bias) -> ILLMLinear:
+        return ILLMLinear(self.name, tensors, bias)
+
+    @staticmethod
+    def model_runtime(out, config, linears: dict, state: dict, device) -> IntegerLlama:
+        """The integer-only model of an I-LLM OUT (CPU only in this release)."""
+        if device.type != "cpu":
+            raise QConvertError(f"{out}: I-LLM's integer runtime runs on CPU in this release (its CUDA kernels are not "
+                                "wired into a model yet); load with device='cpu'")
+        return IntegerLlama(config, linears, state).eval()
+
+    def card_rows(self, config: dict) -> list[tuple[str, str]]:
+        return [("weights", f"int{config.get('w_bits')}, symmetric, per output channel, dyadic scales m / 2^k"),
+                ("activations", f"int{config.get('a_bits')}, dynamic, per-token, symmetric, integer-only inference "
+                                "(integer norm, softmax, SiLU and RoPE)")]
+
+    def tags(self, config: dict) -> list[str]:
+        w, a = config.get("w_bits"), config.get("a_bits")
+        return [f"int{w}", f"w{w}a{a}", f"int{a}-activations", "i-llm", "integer-only"]
+
+
+ILLM_W8A8 = ILLMLayout("illm-w8a8", "I-LLM: int8 per-channel weights with dyadic scales, integer-only inference", w_bits=8)
+ILLM_W4A8 = ILLMLayout("illm-w4a8", "I-LLM: int4 per-channel weights, int8 activations, integer-only inference", w_bits=4)
+ILLM_W4A4 = ILLMLayout("illm-w4a4", "I-LLM: int4 weights and activations, integer-only inference", w_bits=4)

@@ -33,7 +33,7 @@ def _read_jsonl(path: Path) -> list[str]:
     return texts
 
 
-def _read_local(path: Path) -> str:
+def read_text_file(path: Path) -> str:
     if not path.is_file():
         raise QConvertError(f"data file {path} not found; pass an existing file with --data-file")
     if path.suffix == ".jsonl":
@@ -54,7 +54,7 @@ def load_eval_text(dataset: str, data_file: str | os.PathLike | None = None, spl
     if dataset not in DATASETS:
         raise QConvertError(f"unknown dataset {dataset!r}; known: {', '.join(DATASETS)}")
     if data_file is not None:
-        text = _read_local(Path(data_file))
+        text = read_text_file(Path(data_file))
         return wikitext_join(text) if Path(data_file).suffix != ".jsonl" else text
     hint = (
         f"pass the raw WikiText-2 {split} file with --data-file PATH "
@@ -109,7 +109,7 @@ def _file_corpus(data_file):
         raise QConvertError("--calib file needs a text file: pass --data-file PATH.txt (one text) "
                             "or PATH.jsonl (documents, one JSON object with 'text' per line)")
     path = _local_file(data_file, (".txt", ".jsonl"), "file")
-    return (_read_jsonl(path) if path.suffix == ".jsonl" else _read_local(path)), str(path)
+    return (_read_jsonl(path) if path.suffix == ".jsonl" else read_text_file(path)), str(path)
 
 
 CORPORA = {"wikitext2": _wikitext2_corpus, "c4": _c4_corpus, "file": _file_corpus}
@@ -244,7 +244,7 @@ class CalibSettings:
 
     ``source`` None picks ``file`` when ``data_file`` is given and ``self`` otherwise: a model
     can always be calibrated, with no data at all.  ``max_memory`` (bytes or "8GB") bounds the
-    two activation buffers held in RAM; above it they live in files (qconvert.calibrate).
+    two activation buffers held in RAM; above it they live in files (qconvert.block_walk).
     Default: half of the memory available when the run starts.
     """
 
@@ -270,7 +270,7 @@ class CalibSettings:
         if self.dtype not in CALIB_DTYPES:
             raise QConvertError(f"--calib-dtype {self.dtype}: choose {' or '.join(CALIB_DTYPES)}")
         if self.max_memory is not None:
-            from qconvert.pipeline import parse_size
+            from qconvert.fsutil import parse_size
 
             parse_size(self.max_memory)
         return replace(self, source=source, data_file=data_file)
@@ -293,7 +293,7 @@ class CalibSettings:
 
     def memory_budget(self) -> int:
         if self.max_memory is not None:
-            from qconvert.pipeline import parse_size
+            from qconvert.fsutil import parse_size
 
             return parse_size(self.max_memory)
         try:

@@ -1,0 +1,239 @@
+"""Layouts ``w4a8-is`` (Integer Scale), ``w4a8-fs`` (float scale) and ``w4a16`` (weight-only).
+
+Stored (g the group size, Kp = K padded to a multiple of g, G = Kp / g; docs/format.md):
+
+    qweight    uint8   [N, Kp/2]  int4 q in [-8, 7], two per byte, low nibble = even column;
+                                  columns K..Kp-1 are 0
+    shape      int64   [2]        the true [N, K]
+    w4a8-is:   iscale  int32 [N, G] (ŝ >= 1), cscale float32 [N] (c), alpha_log2 int32 [1] (a)
+               W[n, k] ~= q[n, k] · ŝ[n, k // g] · c[n] / 2^a
+    w4a8-fs, w4a16: scales float16 [N, G]; W[n, k] ~= q[n, k] · s[n, k // g]
+
+At run time w4a8-* quantize activations per token to int8 (qconvert_kernels/w4a8/reference.py on
+CPU, the CUDA kernels of qconvert_kernels/w4a8/cuda.py on a GPU); w4a16 dequantizes once and
+multiplies in the activations' dtype.
+
+The overflow bound of Integer Scale (a property of the stored tensors, checked by ``verify``):
+for any int8 input |xq| <= 127, ``|A[m, n]| <= B[n] = 127 · Σ_j ŝ[n, j] · Σ_{k in j} |q[n, k]|``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qconvert.errors import QConvertError
+from qconvert.formats.packing import pack_int4_words, unpack_int4
+from qconvert.layouts.base import Layout, QuantizedModule, TensorSpec, finite, finite_positive, padded, shape_check
+from qconvert_kernels.w4a8 import reference as ref
+
+INT32_MAX = 2**31 - 1
+PACK_FORMAT = "pack-quantized"
+
+
+def group_abs_sums(q: torch.Tensor, group_size: int) -> torch.Tensor:
+    """T[n, j] = sum_{k in group j} |q[n, k]| as int64 [N, G]."""
+    n = q.shape[0]
+    return q.abs().reshape(n, -1, group_size).sum(-1, dtype=torch.int64)  # |-8| fits int8
+
+
+def overflow_bound(iscale: torch.Tensor, abs_sums: torch.Tensor, xmax: int = ref.ACT_QMAX) -> torch.Tensor:
+    """B[n] = xmax * sum_j ŝ[n, j] * T[n, j] (int64 [N]): the largest |A[m, n]| any input can give."""
+    return xmax * (iscale.to(torch.int64) * abs_sums).sum(-1)
+
+
+def float_scales(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The exact float group scales [N, G] of a stored layer, in float64.
+
+    w4a8-is: iscale · cscale / 2^alpha_log2 (iscale < 2^31 and cscale, a float32, are exact in
+    float64; their product has at most 55 significant bits, so float64 rounds it at most once,
+    by 2^-53 relative; the power of two is exact).  Float layouts: the fp16 scales."""
+    if "iscale" in tensors:
+        a = int(tensors["alpha_log2"].reshape(-1)[0])
+        return tensors["iscale"].double() * tensors["cscale"].double()[:, None] / float(2**a)
+    return tensors["scales"].double()
+
+
+class W4A8Linear(QuantizedModule):
+    """Packed int4 group weights; w4a8-*: dynamic per-token int8 activations; w4a16: the weight
+    dequantized once, y = x Ŵᵀ in the activations' dtype."""
+
+    def __init__(self, layout: str, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None,
+                 group_size: int | None = None):
+        super().__init__()
+        self.layout = layout
+        self.out_features, self.in_features = (int(v) for v in tensors["shape"])
+        groups = (tensors["iscale"] if layout == "w4a8-is" else tensors["scales"]).shape[1]
+        self.group_size = group_size or tensors["qweight"].shape[1] * 2 // groups
+        self.register_buffer("qweight", tensors["qweight"])
+        if layout == "w4a8-is":
+            self.register_buffer("iscale", tensors["iscale"])
+            self.register_buffer("cscale", tensors["cscale"])
+            self.alpha_log2 = int(tensors["alpha_log2"][0])
+        else:
+            self.register_buffer("scales", tensors["scales"])
+        self._bias(bias)
+        self._q = self._qf = self._w = self._prepared = None
+
+    def extra_repr(self):
+        return f"{self.layout}, in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+
+    def weights_int8(self) -> torch.Tensor:
+        if self._q is None:
+            self._q = unpack_int4(self.qweight)
+            self._qf = ref.weight_groups_float(self._q, self.group_size)
+        return self._q
+
+    def check_cuda(self, name: str) -> None:
+        """QConvertError unless the CUDA kernels can run this layer (group size, padding)."""
+        from qconvert_kernels.w4a8 import cuda as kcuda
+
+        if self.layout == "w4a16":
+            return
+        try:
+            kcuda.check_gemm_shape(name, 1, self.out_features, self.qweight.shape[1] * 2, self.group_size)
+        except ValueError as e:
+            raise QConvertError(f"{e}; this OUT runs on CPU only (re-quantize with --group-size 128 for the GPU)") from None
+
+    def _forward_cuda(self, x2: torch.Tensor) -> torch.Tensor:
+        from qconvert_kernels.w4a8 import cuda as kcuda
+
+        if x2.dtype not in (torch.float16, torch.bfloat16):
+            raise QConvertError(f"the CUDA W4A8 kernels take float16 or bfloat16 activations, got {x2.dtype}; "
+                                "load with dtype=torch.float16 (the default on cuda)")
+        xq, t = kcuda.quantize_per_token_int8(x2, self.qweight.shape[1] * 2)
+        if self.layout == "w4a8-is":
+            return kcuda.w4a8_is_gemm(xq, t, self.qweight, self.iscale, self.cscale, self.alpha_log2, self.group_size, x2.dtype)
+        return kcuda.w4a8_fs_gemm(xq, t, self.qweight, self.scales, self.group_size, x2.dtype)
+
+    def _dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        if self._w is None or self._w.dtype != dtype:
+            q = self.weights_int8().float().reshape(self.out_features, -1, self.group_size)
+            w = (q * self.scales.float()[..., None]).reshape(self.out_features, -1)
+            self._w = w[:, : self.in_features].to(dtype)
+        return self._w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layout == "w4a16":
+            bias = self.bias.to(x.dtype) if self.bias is not None else None
+            return torch.nn.functional.linear(x, self._dequantized(x.dtype), bias)
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x.is_cuda:
+            return self._finish(self._forward_cuda(x2), x, shape)
+        q = self.weights_int8()
+        xq, t = ref.quantize_per_token_int8(x2, q.shape[1])
+        if self.layout == "w4a8-is":
+            y = ref.w4a8_is_gemm(xq, t, q, self.iscale, self.cscale, self.alpha_log2, self.group_size, self._qf)
+        else:
+            y = ref.w4a8_fs_gemm(xq, t, q, self.scales, self.group_size, self._qf)
+        return self._finish(y, x, shape)
+
+
+class Int4Layout(Layout):
+    """w4a8-is / w4a8-fs / w4a16: see the module docstring."""
+
+    def __init__(self, name: str, doc: str, integer_scales: bool, act_bits: int):
+        super().__init__(name, doc)
+        self.integer_scales = integer_scales
+        self.act_bits = act_bits
+        self.export_note = f"W4A{act_bits} (pack-quantized)"
+
+    def params(self, config: dict, shape_of) -> dict:
+        g = config.get("group_size")
+        if not (isinstance(g, int) and g > 0):
+            raise QConvertError(f"config.json: quantization_config.config lacks the group size of layout {self.name}")
+        return {"group_size": g}
+
+    def spec(self, n: int, k: int, group_size: int) -> dict[str, TensorSpec]:
+        kp = padded(k, group_size)
+        spec = {"qweight": TensorSpec(torch.uint8, (n, kp // 2), "int4 weights, two per byte, low nibble first"),
+                "shape": TensorSpec(torch.int64, (2,), "the true [N, K]")}
+        if self.integer_scales:
+            spec.update(iscale=TensorSpec(torch.int32, (n, kp // group_size), "integer group scales >= 1"),
+                        cscale=TensorSpec(torch.float32, (n,), "per-channel factor c"),
+                        alpha_log2=TensorSpec(torch.int32, (1,), "the amplifier's exponent a"))
+        else:
+            spec["scales"] = TensorSpec(torch.float16, (n, kp // group_size), "float group scales")
+        return spec
+
+    def check(self, name, tensors, n, k, group_size) -> list[str]:
+        problems = shape_check(name, tensors, n, k)
+        if not self.integer_scales:
+            return problems + finite(name, tensors["scales"], "scales")
+        a, s_hat = int(tensors["alpha_log2"][0]), tensors["iscale"]
+        if not 0 <= a <= 30:
+            problems.append(f"{name}.alpha_log2 is {a}, outside 0..30")
+        problems += finite_positive(name, tensors["cscale"], "cscale")
+        if int(s_hat.min()) < 1:
+            return problems + [f"{name}.iscale holds values below 1"]
+        q8 = unpack_int4(tensors["qweight"])
+        if (q8[:, k:] != 0).any():
+            return problems + [f"{name}.qweight has non-zero padding columns"]
+        bound = int(overflow_bound(s_hat, group_abs_sums(q8, group_size)).max())
+        if bound > INT32_MAX:
+            problems.append(f"{name}: the stored integer scales can overflow int32 (bound {bound})")
+        return problems
+
+    def module(self, tensors, bias, group_size) -> W4A8Linear:
+        return W4A8Linear(self.name, tensors, bias, group_size)
+
+    # ---- export: compressed-tensors pack-quantized, symmetric int4 groups
+    def export_scheme(self, n, k, group_size) -> dict:
+        weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": group_size,
+                   "dynamic": False}
+        acts = None if self.act_bits == 16 else {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token",
+                                                 "dynamic": True}
+        return {"format": PACK_FORMAT, "weights": weights, "input_activations": acts,
+                "preset": "W4A16" if self.act_bits == 16 else "W4A8"}
+
+    def export_tensors(self, tensors, n, k, scale_dtype, group_size):
+        """weight_packed int32 [N, K/8] (compressed-tensors' int4 words), weight_scale [N, G] in
+        ``scale_dtype`` (the exact float scale rounded once), weight_shape int64 [2]."""
+        q = unpack_int4(tensors["qweight"])[:, :k]
+        exact = float_scales(tensors)
+        stored = exact.to(scale_dtype)
+        if not torch.isfinite(stored).all() or bool((stored == 0).any()):
+            raise QConvertError(f"a group scale of {float(exact.min()):.3g}..{float(exact.max()):.3g} does not fit "
+                                f"{str(scale_dtype).removeprefix('torch.')} (it would become 0 or inf); "
+                                "export with --scale-dtype float32")
+        rel = float(((stored.double() - exact).abs() / exact).max()) if exact.numel() else 0.0
+        return {"weight_packed": pack_int4_words(q.contiguous()), "weight_scale": stored.contiguous(),
+                "weight_shape": torch.tensor([n, k], dtype=torch.int64)}, rel
+
+    # ---- describing
+    def figures(self, row: dict) -> dict[str, str]:
+        if not self.integer_scales:
+            return {}
+        return {"α": f"2^{row['alpha_log2']}", "headroom": f"{row['headroom_bits']:.2f}"}
+
+    def card_rows(self, config: dict) -> list[tuple[str, str]]:
+        g = config.get("group_size")
+        scales = ("integer group scales (an amplifier α = 2^k makes them integers, so group sums stay in int32 and "
+                  "convert to float once)") if self.integer_scales else "fp16 group scales"
+        rows = [("weights", f"int4, symmetric, groups of {g} along the input dimension, {scales}")]
+        if self.act_bits == 16:
+            rows.append(("activations", "kept in 16-bit floating point (weight-only)"))
+        else:
+            rows.append(("activations", "int8, dynamic, per-token, symmetric, quantized as the model runs"))
+        return rows
+
+    def tags(self, config: dict) -> list[str]:
+        tags = ["int4", f"w4a{self.act_bits}"] + (["int8-activations"] if self.act_bits < 16 else [])
+        return tags + (["integer-scale"] if self.integer_scales else [])
+
+    def random_tensors(self, n, k, gen, device, group_size=128) -> dict[str, torch.Tensor]:
+        """Random int4 weights; integer scales in [1, 128] at α = 2^7 (no int32 wrap for K <= 16384)."""
+        kp = padded(k, group_size)
+        t = {"qweight": torch.randint(0, 256, (n, kp // 2), generator=gen, device=device, dtype=torch.uint8),
+             "shape": torch.tensor([n, k], dtype=torch.int64)}
+        s = torch.randint(1, 129, (n, kp // group_size), generator=gen, device=device, dtype=torch.int32)
+        if self.integer_scales:
+            return {**t, "iscale": s, "cscale": torch.rand(n, generator=gen, device=device) * 0.01,
+                    "alpha_log2": torch.tensor([7], dtype=torch.int32)}
+        return {**t, "scales": (s.float() / 128 * 0.01).half()}
+
+
+W4A8_IS = Int4Layout("w4a8-is", "Integer Scale W4A8: int4 groups with integer scales, int8 per-token activations",
+                     integer_scales=True, act_bits=8)
+W4A8_FS = Int4Layout("w4a8-fs", "W4A8 with fp16 group scales (the float-scale counterpart)", integer_scales=False, act_bits=8)
+W4A16 = Int4Layout("w4a16", "int4 groups with fp16 scales, activations in float (weight-only)", integer_scales=False, act_bits=16)
