@@ -1,41 +1,84 @@
 #!/usr/bin/env bash
 # Every GPU check of qconvert in one call, for a machine with an NVIDIA GPU and no registry
-# access: runs from the source tree (PYTHONPATH), needs torch, cupy, transformers,
-# safetensors, click, rich, tqdm and pytest from the machine's own image.
+# access: runs from the source tree (PYTHONPATH), with the machine's own torch, cupy,
+# transformers, safetensors, click, rich, tqdm, pytest (and matplotlib if present).
 #
 #   bash benchmarks/gpu_check.sh            # results in benchmarks/results/gpu/
 #   OUT=/some/dir bash benchmarks/gpu_check.sh
 #
-# Writes: gpu.txt (device, driver, date, commit), kernels_gpu.xml (JUnit of the W4A8, FP8 and
-# QUIK kernel tests against their bit-exact torch references) and kernels_gpu.log, then the
-# benchmarks: kernels.json (+ kernels.png if matplotlib is installed), kernels_zqfp.json (sm_89+),
-# kernels_quik.json, kernels_illm.json, e2e_llama3-8b.json and e2e_llama3-8b_quik.json (synthetic random-weight
-# Llama-3-8B, prefill 2048 and decode 128 at batch 1 and 16) and bench.log.
+# Five parts, in this order, each under its own time budget (seconds, overridable as
+# BUDGET_A..BUDGET_E), about 8 minutes in all on an H200; every part writes its files under
+# $OUT as it finishes, and a part that fails or runs out of time never stops the next:
+#   a  environment (gpu.txt) and the GPU kernel tests against their bit-exact references
+#      (kernels_gpu.xml JUnit, kernels_gpu.log)
+#   b  qconvert bench --kernels: Llama-3-8B shapes, M in {1, 16, 256, 4096}, W4A8-IS, W4A8-FS and
+#      cuBLAS FP16 with the roofline fraction (kernels.json, kernels.png, roofline.json)
+#   c  the decode engine on the synthetic Llama-3-8B: FP16 against is-w4a8, CUDA-graph captured,
+#      batch 1 and 16 (e2e_llama3-8b.json)
+#   d  GPU quantize of a random-weight Llama-3-8B-shaped checkpoint written here (quantize.json)
+#   e  the other methods' kernels: QUIK, FP8 (sm_89+), I-LLM (kernels_quik.json, ...)
+# A summary of each part's exit status and time is in parts.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 out="${OUT:-benchmarks/results/gpu}"
 mkdir -p "$out"
-{
-  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | sed 's/^/gpu: /'
-  python -c "import torch, cupy; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cupy', cupy.__version__)"
-} | tee "$out/gpu.txt"
-status=0
-python -m pytest -q -rs tests/test_kernels_gpu.py tests/test_kernels_fp8_gpu.py tests/test_kernels_quik_gpu.py tests/test_kernels_illm_gpu.py --junitxml "$out/kernels_gpu.xml" 2>&1 | tee "$out/kernels_gpu.log" || status=1
-plot=()
-python -c "import matplotlib" 2>/dev/null && plot=(--plot "$out/kernels.png")
-(
-  rc=0
-  python -m qconvert.cli bench --kernels --shapes all --json "$out/kernels.json" "${plot[@]}" || rc=1
-  python -m qconvert.cli bench --kernels --scheme quik-w4a4 --json "$out/kernels_quik.json" || rc=1
-  python -m qconvert.cli bench --kernels --scheme illm-w8a8 --json "$out/kernels_illm.json" || rc=1
+: > "$out/parts.txt"
+
+part() {  # part NAME BUDGET COMMAND...: run under a time budget, log, record status and time
+  local name=$1 budget=$2
+  shift 2
+  local t0=$SECONDS
+  timeout --kill-after=10 "$budget" "$@" > "$out/part_$name.log" 2>&1
+  local rc=$?
+  echo "part $name: rc=$rc ($((SECONDS - t0)) s of $budget s)" | tee -a "$out/parts.txt"
+}
+
+part_a() {
+  {
+    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1 | sed 's/^/gpu: /'
+    python -c "import torch, cupy; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cupy', cupy.__version__)"
+  } | tee "$out/gpu.txt"
+  # every GPU test file (tests/test_*_gpu.py: kernels against their references, the engine, GPU quantize)
+  python -m pytest -q -rs tests/test_*_gpu.py --junitxml "$out/kernels_gpu.xml" 2>&1 | tee "$out/kernels_gpu.log"
+}
+
+part_b() {
+  local plot=()
+  python -c "import matplotlib" 2>/dev/null && plot=(--plot "$out/kernels.png")
+  python -m qconvert.cli bench --kernels --shapes llama3-8b --m 1,16,256,4096 --json "$out/kernels.json" "${plot[@]}"
+  python benchmarks/roofline.py --devices H200 --json "$out/roofline.json"
+}
+
+part_c() {
+  python -m qconvert.cli bench --synthetic llama3-8b --scheme is-w4a8 --batch 1,16 --budget-s "$((BUDGET_C - 20))" \
+    --json "$out/e2e_llama3-8b.json"
+}
+
+part_d() {
+  python benchmarks/quantize_speed.py --gpu-synthetic llama3-8b --budget-s "$((BUDGET_D - 20))" --json "$out/quantize.json"
+}
+
+part_e() {
+  local rc=0
+  python -m qconvert.cli bench --kernels --scheme quik-w4a4 --m 1,16,256,4096 --json "$out/kernels_quik.json" || rc=1
+  python -m qconvert.cli bench --kernels --scheme illm-w8a8 --m 1,16,256,4096 --json "$out/kernels_illm.json" || rc=1
   if python -c "import torch, sys; sys.exit(torch.cuda.get_device_capability() < (8, 9))"; then
-    python -m qconvert.cli bench --kernels --scheme zqfp-w4a8 --json "$out/kernels_zqfp.json" || rc=1
+    python -m qconvert.cli bench --kernels --scheme zqfp-w4a8 --m 1,16,256,4096 --json "$out/kernels_zqfp.json" || rc=1
   fi
-  python -m qconvert.cli bench --synthetic llama3-8b --json "$out/e2e_llama3-8b.json" || rc=1
-  python -m qconvert.cli bench --synthetic llama3-8b --scheme quik-w4a4 --json "$out/e2e_llama3-8b_quik.json" || rc=1
-  exit $rc
-) 2>&1 | tee "$out/bench.log" || status=1
-exit $status
+  return $rc
+}
+
+export -f part_a part_b part_c part_d part_e
+export out
+BUDGET_A=${BUDGET_A:-130} BUDGET_B=${BUDGET_B:-90} BUDGET_C=${BUDGET_C:-90} BUDGET_D=${BUDGET_D:-110} BUDGET_E=${BUDGET_E:-60}
+export BUDGET_C BUDGET_D
+part a "$BUDGET_A" bash -c part_a
+part b "$BUDGET_B" bash -c part_b
+part c "$BUDGET_C" bash -c part_c
+part d "$BUDGET_D" bash -c part_d
+part e "$BUDGET_E" bash -c part_e
+cat "$out/parts.txt"
+! grep -q "rc=[^0]" "$out/parts.txt"

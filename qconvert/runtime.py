@@ -130,6 +130,8 @@ def load(out: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
         for name, module in modules.items():
             module.check_cuda(name)
         model.to(dev)
+        for module in modules.values():
+            module.prepare_cuda()  # weights repacked for the kernels once, here (it may synchronize)
     return model.eval()
 
 

@@ -1,5 +1,9 @@
-"""GEMM kernels of qconvert and their bit-exact torch references.
+"""GEMM kernels of qconvert, one folder per family (w4a8, fp8, quik, illm), each with its CUDA
+sources, CuPy launcher (``cuda.py``) and bit-exact torch reference (``reference.py``).
 
-``reference`` holds the arithmetic that every CUDA kernel here must reproduce; the CPU
-runtime runs it directly, so a model evaluated on CPU computes exactly what the GPU will.
+``reference`` modules hold the arithmetic every CUDA kernel must reproduce; the CPU runtime runs
+them directly, so a model evaluated on CPU computes exactly what the GPU will.  Shared pieces:
+``common.cuh`` (device helpers), ``launch.py`` (building without flush-to-zero, loading, launching
+on torch's stream), ``compile.py`` (build checks over the discovered families), ``roofline.py``.
+See docs/kernels.md.
 """

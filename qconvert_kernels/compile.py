@@ -1,10 +1,11 @@
-"""Offline build checks of the W4A8 CUDA kernels: nvcc / NVRTC compile, SASS, ptxas resources.
+"""Offline build checks of qconvert's CUDA kernels: nvcc / NVRTC compile, SASS, ptxas resources.
 
 None of this needs a GPU.  tests/test_kernels_compile.py uses it in CI, and it doubles as a
 check script on a GPU machine::
 
-    python -m qconvert_kernels.compile sm_80 sm_89 sm_90      # ptxas resources + SASS summary
-                                                              # (fp8_gemm.cu too on sm_89 / sm_90)
+    python -m qconvert_kernels.report sm_80 sm_89 sm_90      # every family's cubins, built as the
+                                                              # launchers build them: ptxas resources,
+                                                              # MMA / FTZ / local-memory summary
 
 Tools:
   nvcc       the CUDA toolkit's compiler (``shutil.which``, then ``$CUDA_HOME/bin``).
@@ -20,6 +21,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import ctypes.util
+import functools
 import os
 import re
 import shutil
@@ -27,43 +29,63 @@ import subprocess
 import sys
 from pathlib import Path
 
-SOURCE = Path(__file__).parent / "w4a8" / "w4a8_gemm.cu"
 ARCHS = ("sm_80", "sm_89", "sm_90")
-GEMM_KERNELS = ("w4a8_is_gemm_f16", "w4a8_is_gemm_bf16", "w4a8_fs_gemm_f16", "w4a8_fs_gemm_bf16")
-QUANT_KERNELS = ("quantize_per_token_int8_f16", "quantize_per_token_int8_bf16")
-KERNELS = GEMM_KERNELS + QUANT_KERNELS
 NVCC_FLAGS = ("-O3", "-std=c++17", "-Xptxas", "-v")
 
-# ZeroQuant-FP kernels (fp8_gemm.cu): FP8 mma exists from sm_89 on; compiling for sm_80 stops at
-# the source's #error.  compile_cubin / nvrtc_compile / sass take ``source=FP8_SOURCE``.
-FP8_SOURCE = Path(__file__).parent / "fp8" / "fp8_gemm.cu"
-FP8_ARCHS = ("sm_89", "sm_90")
-FP8_GEMM_KERNELS = ("fp4_fp8_gemm_f16", "fp4_fp8_gemm_bf16", "fp8_fp8_gemm_f16", "fp8_fp8_gemm_bf16")
-FP8_QUANT_KERNELS = ("quantize_per_token_fp8_f16", "quantize_per_token_fp8_bf16")
-FP8_KERNELS = FP8_GEMM_KERNELS + FP8_QUANT_KERNELS
 
-# QUIK kernels (quik_gemm.cu, which includes w4a8_gemm.cu): every arch.  The int4 x int4 GEMM
-# (``_s4``) runs on sm_80 / sm_89 only: on sm_90 ptxas emulates its s4 mma, so the launcher
-# takes the ``_s8`` path there; the report checks the s4 mma on the archs that have it.
-QUIK_SOURCE = Path(__file__).parent / "quik" / "quik_gemm.cu"
-QUIK_S4_KERNELS = ("quik_gemm_w4a4_s4_f16", "quik_gemm_w4a4_s4_bf16")
-QUIK_GEMM_KERNELS = QUIK_S4_KERNELS + ("quik_gemm_w4a4_s8_f16", "quik_gemm_w4a4_s8_bf16",
-                                       "quik_gemm_w8a8_f16", "quik_gemm_w8a8_bf16")
-QUIK_KERNELS = QUIK_GEMM_KERNELS + ("quik_split_f16", "quik_split_bf16")
-INT4_MMA_ARCHS = ("sm_80", "sm_86", "sm_89")
+def discover() -> list:
+    """Every ``KernelSource`` declared by a family folder of qconvert_kernels (its ``__init__.py``
+    ``SOURCES``), in folder order.  A new family is covered by the build checks once it declares
+    its sources there."""
+    import importlib
+    import pkgutil
 
-# I-LLM kernels (illm_gemm.cu, which includes quik_gemm.cu): every arch, integer arithmetic only.
-ILLM_SOURCE = Path(__file__).parent / "illm" / "illm_gemm.cu"
-ILLM_GEMM_KERNELS = ("illm_matmul_w8", "illm_matmul_w4")
-ILLM_KERNELS = ILLM_GEMM_KERNELS + ("illm_requant_rows", "illm_softmax", "illm_rmsnorm")
+    import qconvert_kernels
+
+    found = []
+    for info in sorted(pkgutil.iter_modules(qconvert_kernels.__path__), key=lambda i: i.name):
+        if info.ispkg:
+            found += list(getattr(importlib.import_module(f"qconvert_kernels.{info.name}"), "SOURCES", ()))
+    return found
+
+
+def family_source(family: str, filename: str):
+    """The ``KernelSource`` of ``family/filename``."""
+    for src in discover():
+        if src.family == family and src.path.name == filename:
+            return src
+    raise KeyError(f"{family}/{filename}: no such kernel source (known: {[s.name for s in discover()]})")
+
+
+# Names kept for the per-family tests (derived from the family declarations, not listed twice).
+from qconvert_kernels.w4a8 import NATIVE as _W4A8  # noqa: E402
+from qconvert_kernels.fp8 import FP8 as _FP8  # noqa: E402
+from qconvert_kernels.quik import QUIK as _QUIK, S4_GEMMS as QUIK_S4_KERNELS, INT4_MMA_ARCHS  # noqa: E402
+from qconvert_kernels.illm import ILLM as _ILLM  # noqa: E402
+
+SOURCE, KERNELS, GEMM_KERNELS = _W4A8.path, _W4A8.kernels, _W4A8.gemms
+QUANT_KERNELS = tuple(k for k in KERNELS if k not in GEMM_KERNELS)
+FP8_SOURCE, FP8_ARCHS, FP8_KERNELS, FP8_GEMM_KERNELS = _FP8.path, _FP8.archs, _FP8.kernels, _FP8.gemms
+FP8_QUANT_KERNELS = tuple(k for k in FP8_KERNELS if k not in FP8_GEMM_KERNELS)
+QUIK_SOURCE, QUIK_KERNELS, QUIK_GEMM_KERNELS = _QUIK.path, _QUIK.kernels, _QUIK.gemms
+ILLM_SOURCE, ILLM_KERNELS, ILLM_GEMM_KERNELS = _ILLM.path, _ILLM.kernels, _ILLM.gemms
 _INCLUDE = re.compile(r'^#include "([\w./]+)"\s*$', re.M)
 
 
 def kernel_source(source: Path = SOURCE) -> str:
-    """The text of a kernel source with its ``#include "x.cu"`` lines (files beside it) inlined,
-    recursively, for NVRTC, which gets no include path (nvcc resolves them itself)."""
-    source = Path(source)
-    return _INCLUDE.sub(lambda m: kernel_source(source.parent / m.group(1)), source.read_text())
+    """The text of a kernel source with its ``#include "x"`` lines (files beside it or above it,
+    e.g. ``../common.cuh``) inlined recursively, each file once, for NVRTC, which gets no include
+    path (nvcc resolves them itself; the headers' include guards make both agree)."""
+    seen: set[Path] = set()
+
+    def expand(path: Path) -> str:
+        path = path.resolve()
+        if path in seen:
+            return f"// (already inlined: {path.name})\n"
+        seen.add(path)
+        return _INCLUDE.sub(lambda m: expand(path.parent / m.group(1)), path.read_text())
+
+    return expand(Path(source))
 
 
 class CompileError(RuntimeError):
@@ -199,10 +221,25 @@ def local_memory_ops(kernel_text: str) -> list[str]:
 # ----------------------------------------------------------------------------- NVRTC
 
 
+@functools.lru_cache(maxsize=None)
 def _load_nvrtc():
+    """libnvrtc through ctypes: the loader's path, the CUDA toolkit (CUDA_HOME, /usr/local/cuda*),
+    then the NVIDIA pip wheels (nvidia/cu*/lib, nvidia/cuda_nvrtc/lib); None if none loads."""
     names = [ctypes.util.find_library("nvrtc")]
-    for d in _pip_cuda_dirs("lib"):
-        names += sorted(str(p) for p in d.glob("libnvrtc.so*"))
+    dirs = []
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            dirs.append(Path(os.environ[var]) / "lib64")
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        dirs.append(Path(nvcc).resolve().parent.parent / "lib64")
+    dirs += sorted(Path("/usr/local").glob("cuda*/lib64"), reverse=True)
+    dirs += _pip_cuda_dirs("lib")
+    for entry in sys.path:
+        dirs.append(Path(entry or ".") / "nvidia" / "cuda_nvrtc" / "lib")
+    for d in dirs:
+        if d.is_dir():
+            names += sorted((str(p) for p in d.glob("libnvrtc.so*") if "builtins" not in p.name), reverse=True)
     for name in names:
         if not name:
             continue
@@ -222,18 +259,25 @@ def nvrtc_available() -> bool:
 
 
 def nvrtc_compile(arch: str, source: Path = SOURCE, options=("-std=c++17",)) -> tuple[bytes, str]:
-    """Compile the source with NVRTC as ``cupy.RawModule(code=..., options=...)`` does, with
-    no include path.  Returns (cubin bytes, NVRTC log); raises CompileError with the log."""
+    """Compile a source file with NVRTC (its includes inlined by ``kernel_source``, no include
+    path).  Returns (cubin bytes, NVRTC log); raises CompileError with the log.  The kernels'
+    launchers build with ``qconvert_kernels.launch.build`` (this function with BUILD_OPTIONS)."""
+    return nvrtc_compile_text(arch, kernel_source(source), Path(source).name, options)
+
+
+def nvrtc_compile_text(arch: str, text: str, name: str, options=("-std=c++17",)) -> tuple[bytes, str]:
+    """NVRTC of a source text: a cubin for ``sm_XY``, PTX (bytes) for ``compute_XY``."""
     lib = _load_nvrtc()
     if lib is None:
         raise CompileError("libnvrtc not found (pip install nvidia-cuda-nvrtc)")
+    if not re.fullmatch(r"(sm|compute)_\d{2,3}[a-z]?", arch):
+        raise ValueError(f"arch must look like 'sm_90' or 'compute_90', got {arch!r}")
     prog = ctypes.c_void_p()
-    src = kernel_source(source).encode()
 
     def check(res, what):
         if res != 0:
             lib.nvrtcGetErrorString.restype = ctypes.c_char_p
-            raise CompileError(f"{what}: {lib.nvrtcGetErrorString(res).decode()}\n{log()}")
+            raise CompileError(f"{what} ({name}, {arch}): {lib.nvrtcGetErrorString(res).decode()}\n{log()}")
 
     def log() -> str:
         size = ctypes.c_size_t()
@@ -243,61 +287,19 @@ def nvrtc_compile(arch: str, source: Path = SOURCE, options=("-std=c++17",)) -> 
         lib.nvrtcGetProgramLog(prog, buf)
         return buf.value.decode(errors="replace")
 
-    check(lib.nvrtcCreateProgram(ctypes.byref(prog), src, Path(source).name.encode(), 0, None, None), "nvrtcCreateProgram")
+    check(lib.nvrtcCreateProgram(ctypes.byref(prog), text.encode(), name.encode(), 0, None, None), "nvrtcCreateProgram")
     try:
-        opts = [f"--gpu-architecture={_check_arch(arch)}", *options]
+        opts = [f"--gpu-architecture={arch}", *options]
         arr = (ctypes.c_char_p * len(opts))(*(o.encode() for o in opts))
         check(lib.nvrtcCompileProgram(prog, len(opts), arr), "nvrtcCompileProgram")
         size = ctypes.c_size_t()
-        check(lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)), "nvrtcGetCUBINSize")
+        cubin = arch.startswith("sm_")
+        check((lib.nvrtcGetCUBINSize if cubin else lib.nvrtcGetPTXSize)(prog, ctypes.byref(size)), "nvrtcGet*Size")
         buf = ctypes.create_string_buffer(size.value)
-        check(lib.nvrtcGetCUBIN(prog, buf), "nvrtcGetCUBIN")
-        return buf.raw, log()
+        check((lib.nvrtcGetCUBIN if cubin else lib.nvrtcGetPTX)(prog, buf), "nvrtcGetCUBIN/PTX")
+        return (buf.raw if cubin else buf.value), log()
     finally:
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
 
 
 # ----------------------------------------------------------------------------- CLI
-
-
-def _report(arch: str, cubin, kernels, gemms, mma_kind) -> bool:
-    """Print ptxas resources and the SASS summary of ``kernels`` in ``cubin``; True if none
-    spills, uses local memory, or (a GEMM) lacks tensor-core instructions whose opcode
-    satisfies ``mma_kind``."""
-    res = parse_ptxas(ptxas_log(cubin))
-    per_kernel = kernel_sass(sass(cubin)) if cuobjdump_path() else {}
-    ok = True
-    for name in kernels:
-        r = res.get(name, {})
-        ops = opcodes(per_kernel.get(name, ""))
-        mma = sum(v for k, v in ops.items() if mma_kind(k))
-        local = local_memory_ops(per_kernel.get(name, ""))
-        bad = r.get("spill_stores", 1) or r.get("spill_loads", 1) or local or (name in gemms and per_kernel and not mma)
-        ok &= not bad
-        print(f"{arch} {name:32s} regs={r.get('registers')} smem={r.get('smem')} stack={r.get('stack')} "
-              f"spills={r.get('spill_stores')}/{r.get('spill_loads')} MMA={mma} local={local or 0}"
-              f"{'  <-- FAIL' if bad else ''}")
-    return ok
-
-
-def main(argv=None) -> int:
-    import tempfile
-
-    archs = (argv if argv is not None else sys.argv[1:]) or list(ARCHS)
-    ok = True
-    with tempfile.TemporaryDirectory() as tmp:
-        for arch in archs:
-            ok &= _report(arch, compile_cubin(arch, tmp), KERNELS, GEMM_KERNELS, lambda op: op.startswith("IMMA"))
-            if arch in FP8_ARCHS:  # ZeroQuant-FP kernels: sm_89+ (QMMA on sm_89, HMMA on sm_90)
-                ok &= _report(arch, compile_cubin(arch, tmp, source=FP8_SOURCE), FP8_KERNELS, FP8_GEMM_KERNELS,
-                              lambda op: "MMA" in op)
-            s4 = QUIK_GEMM_KERNELS if arch in INT4_MMA_ARCHS else tuple(k for k in QUIK_GEMM_KERNELS if k not in QUIK_S4_KERNELS)
-            ok &= _report(arch, compile_cubin(arch, tmp, source=QUIK_SOURCE), QUIK_KERNELS, s4,
-                          lambda op: op.startswith("IMMA"))
-            ok &= _report(arch, compile_cubin(arch, tmp, source=ILLM_SOURCE), ILLM_KERNELS, ILLM_GEMM_KERNELS,
-                          lambda op: op.startswith("IMMA"))
-    return 0 if ok else 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

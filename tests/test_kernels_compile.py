@@ -1,5 +1,6 @@
-"""Build checks of the W4A8 CUDA kernels without a GPU: nvcc compiles them for sm_80/89/90,
-ptxas spills nothing, and the SASS uses int8 tensor cores (IMMA) and no local memory.
+"""Build checks of the native-layout W4A8 CUDA kernels (w4a8_gemm.cu) without a GPU, on the cubins
+the launcher loads (launch.build; nvcc for every source and arch is in test_kernels_families.py):
+ptxas spills nothing, and the SASS uses int8 tensor cores (IMMA), no FMA, no local memory.
 
 Skips only without nvcc.  The SASS checks need cuobjdump + nvdisasm (pip wheels
 nvidia-cuda-cuobjdump / nvidia-cuda-nvdisasm work; qconvert_kernels.compile finds them).
@@ -23,11 +24,22 @@ ARCHS = kc.ARCHS
 
 
 def compile_all(out_dir, archs, source=kc.SOURCE) -> dict:
-    """{arch: (ptxas report parsed, {kernel: SASS} or None)}, each arch compiled once, in parallel."""
+    """{arch: (ptxas report parsed, {kernel: SASS} or None)}, each arch built once, in parallel: the
+    exact cubins the launchers load (launch.build, NVRTC, cached on disk and shared with
+    tests/test_kernels_families.py), or nvcc's when NVRTC is missing."""
+    from qconvert_kernels import launch
+
+    def one(arch):
+        if kc.nvrtc_available():
+            path = launch.build(source, arch)
+            return path, launch.build_log(path)
+        path = kc.compile_cubin(arch, out_dir, source=source)
+        return path, kc.ptxas_log(path)
+
     with ThreadPoolExecutor(len(archs)) as pool:
-        cubins = dict(zip(archs, pool.map(lambda a: kc.compile_cubin(a, out_dir, source=source), archs)))
+        built = dict(zip(archs, pool.map(one, archs)))
     have_sass = kc.cuobjdump_path() is not None
-    return {a: (kc.parse_ptxas(kc.ptxas_log(c)), kc.kernel_sass(kc.sass(c)) if have_sass else None) for a, c in cubins.items()}
+    return {a: (kc.parse_ptxas(log), kc.kernel_sass(kc.sass(path)) if have_sass else None) for a, (path, log) in built.items()}
 
 
 @pytest.fixture(scope="module")
@@ -87,23 +99,26 @@ def test_sass_gemms_have_no_fma(builds, arch):
 
 
 def test_source_is_header_free_and_lists_its_kernels():
-    """cupy.RawModule compiles with NVRTC and no include path: the source includes nothing."""
+    """NVRTC gets no include path: the source includes no system header, only the family's own
+    files, which kernel_source() inlines."""
     src = kc.SOURCE.read_text()
-    assert not re.search(r"^\s*#\s*include", src, flags=re.M)
+    assert not re.search(r"^\s*#\s*include\s*<", src, flags=re.M)
+    assert not re.search(r"^\s*#\s*include", kc.kernel_source(kc.SOURCE), flags=re.M)
     entries = re.findall(r"^QK_\w+\((\w+),", src, flags=re.M)
     assert sorted(entries) == sorted(kc.KERNELS)
 
 
-@pytest.mark.skipif(not kc.nvrtc_available(), reason="libnvrtc not found (pip install nvidia-cuda-nvrtc)")
-def test_nvrtc_compiles_as_cupy_does(tmp_path):
-    """The build cupy.RawModule will make: NVRTC, options ("-std=c++17",), no headers."""
-    cubin, log = kc.nvrtc_compile("sm_80", options=("-std=c++17", "-Xptxas=-v"))
-    report = kc.parse_ptxas(log)
+def test_exact_launcher_build_has_imma_and_no_local_memory():
+    """The cubin the launcher loads (launch.build: NVRTC, no FTZ), not a look-alike."""
+    from qconvert_kernels import launch
+
+    if not (kc.nvrtc_available() or kc.nvcc_path()):
+        pytest.skip("no NVRTC / nvcc")
+    path = launch.build(kc.SOURCE, "sm_80")
+    report = kc.parse_ptxas(launch.build_log(path))
     for name in kc.KERNELS:
         assert (report[name]["spill_stores"], report[name]["spill_loads"]) == (0, 0), (name, report[name])
     if kc.cuobjdump_path():
-        path = tmp_path / "nvrtc.cubin"
-        path.write_bytes(cubin)
         per_kernel = kc.kernel_sass(kc.sass(path))
         for name in kc.GEMM_KERNELS:
             assert kc.opcodes(per_kernel[name]).get("IMMA.16832.S8.S8") == 16, name

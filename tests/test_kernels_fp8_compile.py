@@ -74,19 +74,21 @@ def test_sm80_is_refused_at_compile_time(tmp_path):
 
 def test_source_is_header_free_and_lists_its_kernels():
     src = kc.FP8_SOURCE.read_text()
-    assert not re.search(r"^\s*#\s*include", src, flags=re.M)
+    assert not re.search(r"^\s*#\s*include\s*<", src, flags=re.M)
+    assert not re.search(r"^\s*#\s*include", kc.kernel_source(kc.FP8_SOURCE), flags=re.M)
     assert sorted(re.findall(r"^ZQ_\w+\((\w+),", src, flags=re.M)) == sorted(kc.FP8_KERNELS)
 
 
 @pytest.mark.skipif(not kc.nvrtc_available(), reason="libnvrtc not found (pip install nvidia-cuda-nvrtc)")
-def test_nvrtc_compiles_as_cupy_does(tmp_path):
-    cubin, log = kc.nvrtc_compile("sm_89", source=kc.FP8_SOURCE, options=("-std=c++17", "-Xptxas=-v"))
-    report = kc.parse_ptxas(log)
+def test_exact_launcher_build(tmp_path):
+    """The cubin the launcher loads (launch.build: NVRTC, no FTZ)."""
+    from qconvert_kernels import launch
+
+    path = launch.build(kc.FP8_SOURCE, "sm_89")
+    report = kc.parse_ptxas(launch.build_log(path))
     for name in kc.FP8_KERNELS:
         assert (report[name]["spill_stores"], report[name]["spill_loads"]) == (0, 0), (name, report[name])
     if kc.cuobjdump_path():
-        path = tmp_path / "nvrtc.cubin"
-        path.write_bytes(cubin)
         per_kernel = kc.kernel_sass(kc.sass(path))
         for name in kc.FP8_GEMM_KERNELS:
             assert kc.opcodes(per_kernel[name]).get("QMMA.16832.F32.E4M3.E4M3") == 16, name

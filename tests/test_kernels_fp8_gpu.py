@@ -92,7 +92,7 @@ def test_fp8_fp8_gemm_matches_reference(m, n, k, dtype):
                                            {"weight_format": "fp8", "base": "rtn", "lorc_rank": 0}])
 def test_runtime_layer_on_gpu_equals_cpu(scheme_params):
     from qconvert.methods.zeroquant_fp import ZeroQuantFPMethod
-    from qconvert.runtime import FP8Linear
+    from qconvert.layouts.fp8 import FP8Linear
 
     gen = torch.Generator().manual_seed(3)
     w = torch.randn(192, 576, generator=gen) * 0.05

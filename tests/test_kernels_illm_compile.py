@@ -1,7 +1,7 @@
 """Build checks of the I-LLM CUDA kernels (illm_gemm.cu) without a GPU: nvcc compiles them for
 sm_80, sm_89 and sm_90 without spills or local memory, the GEMMs use the int8 tensor cores, and
-no kernel does float arithmetic: the only float-unit instructions are those of nvcc's exact
-integer-division routine (a reciprocal estimate refined in integers).  The constants written in
+no kernel does float arithmetic: not even integer division goes through the float unit (the
+kernels divide with integer code, common.cuh).  The constants written in
 the source are the reference's."""
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from test_kernels_compile import _sass, compile_all
 pytestmark = pytest.mark.skipif(kc.nvcc_path() is None, reason="nvcc not found")
 
 ARCHS = kc.ARCHS
-# integer division: I2F.U32.RP / I2F.U64.RP, MUFU.RCP(64H), F2I...TRUNC; FLO is find-leading-one (integer)
-DIVISION = re.compile(r"^(I2F\.U(32|64)\.RP|MUFU\.RCP(64H)?|F2I(\.FTZ)?\.U(32|64)\.TRUNC(\.NTZ)?|FLO\.U(32|64)(\.SH)?)$")
+# FLO is find-leading-one (an integer instruction); the integer divisions are integer code
+# (common.cuh: udiv_u64, DivBy), so no float-unit instruction is allowed at all.
+INTEGER_ONLY = re.compile(r"^FLO\.U(32|64)(\.SH)?$")
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def test_int8_tensor_cores_and_no_float_arithmetic(builds, arch):
         assert {op: c for op, c in kc.opcodes(per_kernel[name]).items() if "MMA" in op} == {"IMMA.16832.S8.S8": 16}
     for name in kc.ILLM_KERNELS:
         ops = kc.opcodes(per_kernel[name])
-        floaty = [op for op in ops if op.startswith(("F", "H", "D", "MUFU", "I2F")) and not DIVISION.match(op)]
+        floaty = [op for op in ops if op.startswith(("F", "H", "D", "MUFU", "I2F")) and not INTEGER_ONLY.match(op)]
         assert floaty == [], (arch, name, floaty)
 
 
@@ -59,6 +60,7 @@ def test_constants_match_the_reference():
 @pytest.mark.skipif(not kc.nvrtc_available(), reason="libnvrtc not found")
 def test_nvrtc_compiles_the_nested_includes():
     joined = kc.kernel_source(kc.ILLM_SOURCE)
-    assert "#include" not in joined and all(f"namespace {ns}" in joined for ns in ("qk", "quik", "illm"))
+    assert not re.search(r"^\s*#\s*include", joined, flags=re.M) and all(f"namespace {ns}" in joined for ns in ("qk", "quik", "illm"))
+    assert "extern \"C\" __global__ void __launch_bounds__(quik::THREADS, 1) NAME" not in joined  # no other family's entries
     cubin, log = kc.nvrtc_compile("sm_90", source=kc.ILLM_SOURCE)
     assert len(cubin) > 0

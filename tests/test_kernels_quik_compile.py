@@ -61,24 +61,26 @@ def test_sass_no_local_memory_and_no_fma_in_gemms(builds, arch):
         assert not [op for op in ops if op.startswith(("FFMA", "HFMA", "DFMA"))], (arch, name)
 
 
-def test_source_includes_the_w4a8_file_and_lists_its_kernels():
+def test_source_includes_the_shared_headers_and_lists_its_kernels():
     src = kc.QUIK_SOURCE.read_text()
-    assert re.findall(r'^#include "([\w./]+)"', src, flags=re.M) == ["../w4a8/w4a8_gemm.cu"]
+    assert re.findall(r'^#include "([\w./]+)"', src, flags=re.M) == ["../common.cuh", "../w4a8/w4a8_mainloop.cuh",
+                                                                      "quik_mainloop.cuh"]
     names = re.findall(r"^QUIK_\w+\((\w+),", src, flags=re.M)
     assert sorted(names) == sorted(kc.QUIK_KERNELS)
     joined = kc.kernel_source(kc.QUIK_SOURCE)
-    assert "#include" not in joined and "namespace qk" in joined and "namespace quik" in joined
+    assert not re.search(r"^\s*#\s*include", joined, flags=re.M) and "namespace qk" in joined and "namespace quik" in joined
 
 
 @pytest.mark.skipif(not kc.nvrtc_available(), reason="libnvrtc not found (pip install nvidia-cuda-nvrtc)")
-def test_nvrtc_compiles_the_joined_source_as_cupy_does(tmp_path):
-    cubin, log = kc.nvrtc_compile("sm_89", source=kc.QUIK_SOURCE, options=("-std=c++17", "-Xptxas=-v"))
-    report = kc.parse_ptxas(log)
+def test_exact_launcher_build_of_the_joined_source(tmp_path):
+    """The cubin the launcher loads (launch.build: NVRTC, includes inlined, no FTZ)."""
+    from qconvert_kernels import launch
+
+    path = launch.build(kc.QUIK_SOURCE, "sm_89")
+    report = kc.parse_ptxas(launch.build_log(path))
     for name in kc.QUIK_KERNELS:
         assert (report[name]["spill_stores"], report[name]["spill_loads"]) == (0, 0), (name, report[name])
     if kc.cuobjdump_path():
-        path = tmp_path / "nvrtc.cubin"
-        path.write_bytes(cubin)
         per_kernel = kc.kernel_sass(kc.sass(path))
         assert kc.opcodes(per_kernel["quik_gemm_w4a4_s4_f16"]).get("IMMA.16864.S4.S4") == 16
 

@@ -80,7 +80,7 @@ def test_gemm_matches_reference(m, n, k, n_out, bits, path, dtype):
 
 def test_quik_layer_on_cuda_matches_cpu_reference(tmp_path):
     """A QuikLinear on cuda (split, cuBLAS outliers, GEMM) against the same module on CPU."""
-    from qconvert.runtime import QuikLinear
+    from qconvert.layouts.quik import QuikLinear
 
     x, base_idx, outlier_idx, q, wscale, wsum, w_out = _case(33, 576, 1536, 96, 4, torch.float16, seed=1)
     tensors = {"qweight": pack_int4(q), "shape": torch.tensor([576, 1536]), "wscale": wscale, "wsum": wsum,

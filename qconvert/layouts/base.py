@@ -62,6 +62,10 @@ class QuantizedModule(nn.Module):
         """Called when the layer runs inside the model rebuilt from OUT's own tensors (whatever a
         method folded into them, e.g. I-LLM's smoothing, is then already in its inputs)."""
 
+    def prepare_cuda(self) -> None:
+        """Once the module is on the GPU: anything its kernels need done once (a repack), outside
+        any captured step; nothing by default."""
+
     def check_cuda(self, name: str) -> None:  # pragma: no cover - overridden where kernels exist
         raise QConvertError(f"{name}: layout {self.layout} has no CUDA kernel in this release; load on cpu")
 

@@ -90,9 +90,25 @@ class W4A8Linear(QuantizedModule):
         if self.layout == "w4a16":
             return
         try:
-            kcuda.check_gemm_shape(name, 1, self.out_features, self.qweight.shape[1] * 2, self.group_size)
+            kcuda.check_repacked_shape(name, self.out_features, self.in_features, self.qweight.shape[1] * 2,
+                                       self.group_size)
         except ValueError as e:
             raise QConvertError(f"{e}; this OUT runs on CPU only (re-quantize with --group-size 128 for the GPU)") from None
+
+    def prepare_cuda(self) -> None:
+        """Repack the weights once into the order the kernels' fragments consume
+        (qconvert_kernels/w4a8/repack.py); may synchronize, so it runs at load time, never inside
+        a captured decode step."""
+        from qconvert_kernels.w4a8 import cuda as kcuda
+
+        if self.layout == "w4a16" or self._prepared is not None:
+            return
+        tensors = {"qweight": self.qweight, "shape": torch.tensor([self.out_features, self.in_features])}
+        if self.layout == "w4a8-is":
+            tensors.update(iscale=self.iscale, cscale=self.cscale, alpha_log2=torch.tensor([self.alpha_log2], dtype=torch.int32))
+        else:
+            tensors["scales"] = self.scales
+        self._prepared = kcuda.prepare(self.layout, tensors, self.group_size, self.qweight.device)
 
     def _forward_cuda(self, x2: torch.Tensor) -> torch.Tensor:
         from qconvert_kernels.w4a8 import cuda as kcuda
@@ -100,10 +116,8 @@ class W4A8Linear(QuantizedModule):
         if x2.dtype not in (torch.float16, torch.bfloat16):
             raise QConvertError(f"the CUDA W4A8 kernels take float16 or bfloat16 activations, got {x2.dtype}; "
                                 "load with dtype=torch.float16 (the default on cuda)")
-        xq, t = kcuda.quantize_per_token_int8(x2, self.qweight.shape[1] * 2)
-        if self.layout == "w4a8-is":
-            return kcuda.w4a8_is_gemm(xq, t, self.qweight, self.iscale, self.cscale, self.alpha_log2, self.group_size, x2.dtype)
-        return kcuda.w4a8_fs_gemm(xq, t, self.qweight, self.scales, self.group_size, x2.dtype)
+        self.prepare_cuda()
+        return kcuda.linear(x2, self._prepared)  # quantizer fused at M <= 64: one launch per linear
 
     def _dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         if self._w is None or self._w.dtype != dtype:

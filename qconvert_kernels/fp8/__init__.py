@@ -1,1 +1,19 @@
-"""Kernel family fp8: CUDA source, CuPy launcher (cuda.py), bit-exact torch reference (reference.py)."""
+"""Kernel family fp8 (ZeroQuant-FP): FP8 (E4M3) activations x FP4 (E2M1) or FP8 weights, sm_89+.
+Files: fp8_gemm.cu, cuda.py (launchers), reference.py."""
+
+from pathlib import Path
+
+from qconvert_kernels.spec import KernelSource
+
+_GEMMS = ("fp4_fp8_gemm_f16", "fp4_fp8_gemm_bf16", "fp8_fp8_gemm_f16", "fp8_fp8_gemm_bf16")
+FP8 = KernelSource(
+    family="fp8",
+    path=Path(__file__).parent / "fp8_gemm.cu",
+    kernels=_GEMMS + ("quantize_per_token_fp8_f16", "quantize_per_token_fp8_bf16"),
+    gemms=_GEMMS,
+    archs=("sm_89", "sm_90"),  # FP8 mma exists from sm_89 on; sm_80 stops at the source's #error
+    mma=("QMMA", "HMMA"),      # sm_89: QMMA (FP8 tensor cores); sm_90: ptxas widens to fp16 HMMA
+    mma_count={k: {"sm_89": {"QMMA.16832.F32.E4M3.E4M3": 16}, "sm_90": {"HMMA.16816.F32": 32}} for k in _GEMMS},
+)
+
+SOURCES = (FP8,)

@@ -1,4 +1,4 @@
-"""CuPy launcher of the ZeroQuant-FP kernels (qconvert_kernels/fp8_gemm.cu): FP8 (E4M3)
+"""CuPy launcher of the ZeroQuant-FP kernels (qconvert_kernels/fp8/fp8_gemm.cu): FP8 (E4M3)
 activations x FP4 (E2M1, layout fp4-fp8) or FP8 (E4M3, layout fp8-fp8) weights.
 
 The kernels compute ``qconvert_kernels.fp8.reference``'s arithmetic; their outputs match it
@@ -20,13 +20,13 @@ operands 16-byte aligned.  M and N are arbitrary.
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import torch
 
-from qconvert_kernels.w4a8.cuda import _check_aligned, _check_cuda, _cupy, _i32, _ptr, _quantize_per_token, _require
-from qconvert_kernels.w4a8.cuda import _launch as _launch_in
+from qconvert_kernels import launch as _l
+from qconvert_kernels.launch import check_aligned as _check_aligned, check_cuda as _check_cuda, i32 as _i32, ptr as _ptr
+from qconvert_kernels.launch import require as _require
 
 SOURCE = Path(__file__).with_name("fp8_gemm.cu")
 BLOCK_M = BLOCK_N = 64  # CTA tile (zq::BM, zq::BN)
@@ -38,10 +38,7 @@ _OUT = {torch.float16: "f16", torch.bfloat16: "bf16"}
 
 
 def _capability(index: int = 0) -> int | None:
-    try:
-        return int(_cupy().cuda.Device(index).compute_capability)
-    except Exception:
-        return None
+    return _l.capability(index)
 
 
 def available() -> bool:
@@ -66,17 +63,15 @@ def check_device(what: str, index: int | None = None) -> None:
              f"device {index} is sm_{cap}: use an int8 scheme such as is-w4a8 on it, or run on CPU")
 
 
-@functools.lru_cache(maxsize=None)
 def module(device_index: int = 0):
-    """The compiled ``cupy.RawModule`` (NVRTC, for the device's arch), one per device."""
-    cp = _cupy()
+    """The ``cupy.RawModule`` of fp8_gemm.cu for the device (launch.build: NVRTC, no FTZ)."""
     check_device("fp8_gemm.cu", device_index)
-    with cp.cuda.Device(device_index):
-        return cp.RawModule(code=SOURCE.read_text(), options=("-std=c++17",))
+    return _l.module(SOURCE, device_index)
 
 
 def _launch(name: str, grid: tuple, block: tuple, args: tuple, device: torch.device) -> None:
-    _launch_in(name, grid, block, args, device, module)
+    check_device(name, device.index if device.index is not None else None)
+    _l.launch(SOURCE, name, grid, block, args, device)
 
 
 def check_gemm_shape(fn: str, m: int, n: int, kp: int, group_size: int) -> None:
@@ -93,7 +88,8 @@ def check_gemm_shape(fn: str, m: int, n: int, kp: int, group_size: int) -> None:
 def quantize_per_token_fp8(x: torch.Tensor, kp: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused per-token E4M3 quantizer: x fp16/bf16 [M, K] -> (xq float8_e4m3fn [M, kp], t float32 [M]).
     Equal to ``reference_fp8.quantize_per_token_fp8(x, kp)`` (same roundings; columns >= K are 0)."""
-    xq, t = _quantize_per_token("quantize_per_token_fp8", x, kp, torch.uint8, module)
+    check_device("quantize_per_token_fp8", x.device.index if x.is_cuda else None)
+    xq, t = _l.quantize_per_token(SOURCE, "quantize_per_token_fp8", x, kp, torch.uint8)
     return xq.view(torch.float8_e4m3fn), t
 
 

@@ -33,9 +33,9 @@
 // with no scale folded in (the group's 2^e is applied to the group partial in float instead:
 // folding it into the exponent would overflow E4M3's 4-bit exponent for large |e|).
 //
-// No header is included (no cuda_fp8.h): E4M3 is carried as bytes and converted with the
-// cvt.rn.satfinite.e4m3x2.f32 PTX instruction, so NVRTC (cupy.RawModule) compiles the text
-// without include paths, like w4a8_gemm.cu.
+// No system header is included (no cuda_fp8.h): E4M3 is carried as bytes and converted with the
+// cvt.rn.satfinite.e4m3x2.f32 PTX instruction; the only include is ../common.cuh (inlined for
+// NVRTC by compile.py:kernel_source).
 //
 // Requirements (checked by the launcher, qconvert_kernels/cuda_fp8.py): sm_89 or newer (FP8 mma
 // and the e4m3 cvt do not exist on sm_80: compiling for it stops at the #error below); group
@@ -65,6 +65,8 @@
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 890
 #error "fp8_gemm.cu needs sm_89 or newer (FP8 tensor-core mma, e4m3 cvt); use the int8 kernels of w4a8_gemm.cu on sm_80"
 #endif
+
+#include "../common.cuh"
 
 namespace zq {
 
@@ -131,25 +133,10 @@ __device__ __forceinline__ void fp4x8_to_e4m3(unsigned w, unsigned (&b)[2]) {
     b[1] = __byte_perm(T_LO, T_HI, (w >> 16) & 0x7777u) | ((e1 << 4) & 0x80808080u);
 }
 
-// float -> fp16 / bf16 bits (round to nearest even), and back (exact).
-__device__ __forceinline__ unsigned short f32_to_f16_rn(float f) {
-    unsigned short h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    return h;
-}
-__device__ __forceinline__ unsigned short f32_to_bf16_rn(float f) {
-    unsigned short h;
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    return h;
-}
-__device__ __forceinline__ float f16_to_f32(unsigned short h) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-}
-__device__ __forceinline__ float bf16_to_f32(unsigned short h) { return __uint_as_float(static_cast<unsigned>(h) << 16); }
-template <bool kBF16> __device__ __forceinline__ unsigned short to_out(float f) { return kBF16 ? f32_to_bf16_rn(f) : f32_to_f16_rn(f); }
-template <bool kBF16> __device__ __forceinline__ float from_in(unsigned short h) { return kBF16 ? bf16_to_f32(h) : f16_to_f32(h); }
+// fp16 / bf16 conversions, the pair store and the IEEE reciprocal / quotient: ../common.cuh.
+using qk::from_in;
+using qk::store_pair;
+using qk::to_out;
 
 // float -> E4M3 byte, round to nearest even, saturating to +-448 (satfinite); NaN stays NaN.
 // cvt converts a pair into two bytes of one 16-bit register; the value goes in as both sources,
@@ -343,19 +330,6 @@ struct FoldSum {
     }
 };
 
-// Two horizontally adjacent outputs (columns n, n+1 of row m): one 32-bit store when both exist
-// and the address is 4-byte aligned (N even), else element by element.
-__device__ __forceinline__ void store_pair(unsigned short* __restrict__ y, int m, int n, int N,
-                                           unsigned short v0, unsigned short v1) {
-    unsigned short* p = y + static_cast<long long>(m) * N + n;
-    if (n + 1 < N && (N & 1) == 0) {
-        *reinterpret_cast<unsigned*>(p) = static_cast<unsigned>(v0) | (static_cast<unsigned>(v1) << 16);
-    } else {
-        if (n < N) p[0] = v0;
-        if (n + 1 < N) p[1] = v1;
-    }
-}
-
 // Epilogue shared by both layouts: y = acc * (t[m] * scale[n]), each product rounded.
 template <bool kBF16>
 __device__ __forceinline__ void epilogue(const float (&acc)[MT][NT][4], const float* __restrict__ t,
@@ -393,7 +367,7 @@ __device__ __forceinline__ void fp4_gemm(const unsigned char* __restrict__ xq, c
     FoldPow2 fold;
     fold.sexp = sexp;
     fold.N = N;
-    fold.G = Kp / group_size;
+    fold.G = qk::udiv_u32(Kp, group_size);  // integer-only division (no FTZ helper code)
     fold.col0 = bn + (warp & 1) * WN + 2 * (lane & 3);
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
@@ -451,13 +425,13 @@ __device__ __forceinline__ void quantize_row(const unsigned short* __restrict__ 
 #pragma unroll
     for (int w = 1; w < QUANT_THREADS / 32; ++w) amax = fmaxf(amax, warp_max[w]);
 
-    const float inv = amax > 0.0f ? __fmul_rn(__frcp_rn(amax), 448.0f) : 0.0f;
+    const float inv = amax > 0.0f ? __fmul_rn(qk::rcp_rn(amax), 448.0f) : 0.0f;
     for (int k = threadIdx.x; k < Kp; k += QUANT_THREADS) {
         unsigned char q = 0;
         if (k < K) q = f32_to_e4m3(fminf(fmaxf(__fmul_rn(from_in<kBF16>(xr[k]), inv), -448.0f), 448.0f));
         qr[k] = q;
     }
-    if (threadIdx.x == 0) t[m] = __fdiv_rn(amax, 448.0f);
+    if (threadIdx.x == 0) t[m] = qk::div_rn(amax, 448.0f);
 }
 
 }  // namespace zq

@@ -1,4 +1,4 @@
-"""Torch reference of the ZeroQuant-FP kernels (qconvert_kernels/fp8_gemm.cu): FP8 E4M3
+"""Torch reference of the ZeroQuant-FP kernels (qconvert_kernels/fp8/fp8_gemm.cu): FP8 E4M3
 activations times FP4 E2M1 (layout ``fp4-fp8``) or FP8 E4M3 (layout ``fp8-fp8``) weights.
 
 Number formats (no infinities in either; both round to nearest, ties to even):

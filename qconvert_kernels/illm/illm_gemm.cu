@@ -3,8 +3,8 @@
 //
 // The arithmetic is the one of qconvert_kernels/reference_illm.py, bit for bit: integer values,
 // dyadic scales m / 2^k (16-bit m), "half up" rounding shifts.  No float arithmetic is written
-// here; the only float-unit instructions in the SASS come from nvcc's own integer-division
-// routine (an exact integer quotient) -- tests/test_kernels_illm_compile.py pins that.
+// here, and none is generated: tests/test_kernels_illm_compile.py pins that the SASS has no
+// float-unit instruction at all.
 //
 //   illm_matmul_w8 / _w4   t[m, n] = round((acc[m, n] * wm[n]) / 2^(wk[n] - kmin))   int64 out,
 //                          acc = sum_k xq[m, k] * q[n, k] on int8 tensor cores (w4: weights
@@ -17,10 +17,17 @@
 //
 // Requirements (launcher: qconvert_kernels/cuda_illm.py): K a multiple of 32 for the GEMMs;
 // contiguous row-major operands, 16-byte aligned; |x| < 2^22 for the norm.
-// This file includes quik_gemm.cu (and so w4a8_gemm.cu) for the byte main loop, the W4A8 main
-// loop and the tiles; kernel_source() in compile.py inlines both for NVRTC.
+// This file includes ../common.cuh, the W4A8 main loop (../w4a8/w4a8_mainloop.cuh) and the QUIK
+// byte main loop (../quik/quik_mainloop.cuh); kernel_source() in compile.py inlines them for NVRTC.
+//
+// Integer division is done with integer instructions only (common.cuh): qk::udiv_u64 (binary long
+// division) for per-row values, qk::DivBy (multiply by a precomputed reciprocal, exact for the
+// stated numerator bound) for the per-element quotients.  nvcc's own division routine would use a
+// float reciprocal estimate (with an FTZ conversion); with these the SASS has no float instruction.
 
-#include "../quik/quik_gemm.cu"
+#include "../common.cuh"
+#include "../w4a8/w4a8_mainloop.cuh"
+#include "../quik/quik_mainloop.cuh"
 
 namespace illm {
 
@@ -53,7 +60,8 @@ __device__ __forceinline__ Dy normalize(long long m, long long k) {  // m >= 0
 __device__ __forceinline__ Dy ratio(long long num, long long den) {  // num, den >= 0, < 2^40
     int sh = MANT + 2 + bitlen(den) - bitlen(num);
     sh = sh > 0 ? sh : 0;
-    const long long q = den > 0 ? (num << sh) / den : 0;
+    const long long q = den > 0 ? static_cast<long long>(qk::udiv_u64(static_cast<unsigned long long>(num << sh),
+                                                                        static_cast<unsigned long long>(den))) : 0;
     return normalize(q, sh);
 }
 
@@ -98,9 +106,12 @@ __device__ __forceinline__ Dy requant_row(Get get, int n, long long qmax, signed
         amax2 = block_max(amax2, red);
     }
     const long long den = amax2 > 0 ? amax2 : 1;
+    // numerator |v| * qmax + amax2 / 2 <= 2^40 * 127 + 2^39 < 2^48 (|v| <= amax2 <= 2^40 after `pre`)
+    qk::DivBy by;
+    by.init(static_cast<unsigned long long>(den), 48);
     for (int i = threadIdx.x; i < n; i += ROW_THREADS) {
         const long long v = rshift_round(get(i), pre);
-        const long long mag = (llabs(v) * qmax + amax2 / 2) / den;
+        const long long mag = static_cast<long long>(by.div(static_cast<unsigned long long>(llabs(v) * qmax + amax2 / 2)));
         q[i] = static_cast<signed char>(v < 0 ? -mag : mag);
     }
     const Dy r = ratio(amax2, qmax);
@@ -111,7 +122,8 @@ __device__ __forceinline__ long long isqrt(long long v) {  // floor(sqrt(v)), v 
     if (v <= 0) return 0;
     long long x = 1LL << ((bitlen(v) + 1) / 2);
 #pragma unroll 1
-    for (int i = 0; i < 8; ++i) x = min(x, (x + v / x) / 2);
+    for (int i = 0; i < 8; ++i)
+        x = min(x, (x + static_cast<long long>(qk::udiv_u64(static_cast<unsigned long long>(v), static_cast<unsigned long long>(x)))) / 2);
     return x * x > v ? x - 1 : x;
 }
 
@@ -155,7 +167,7 @@ __device__ __forceinline__ void matmul_epilogue(const int (&P)[quik::MT][quik::N
     const signed char* __restrict__ qw,   /* int8 [N, K] (w8) or packed int4 [N, K/2] (w4) */         \
     const int* __restrict__ wm,           /* int32 [N] mantissas */                                   \
     const int* __restrict__ wk,           /* int32 [N] exponents */                                   \
-    int kmin,                             /* min over n of wk */                                      \
+    const int* __restrict__ kmin_p,       /* int32 [1]: min over n of wk, a device value (no sync) */ \
     long long* __restrict__ t,            /* int64 [M, N] out */                                      \
     int M, int N, int K
 
@@ -164,7 +176,7 @@ extern "C" __global__ void __launch_bounds__(quik::THREADS, 1) illm_matmul_w8(IL
     const int bm = blockIdx.y * quik::BM, bn = blockIdx.x * quik::BN;
     int P[quik::MT][quik::NT][4];
     quik::mainloop_bytes<false>(xq, qw, M, N, K, bm, bn, P);
-    illm::matmul_epilogue(P, wm, wk, kmin, t, M, N, bm, bn);
+    illm::matmul_epilogue(P, wm, wk, __ldg(kmin_p), t, M, N, bm, bn);
 }
 
 extern "C" __global__ void __launch_bounds__(quik::THREADS, 1) illm_matmul_w4(ILLM_MATMUL_ARGS) {
@@ -172,7 +184,7 @@ extern "C" __global__ void __launch_bounds__(quik::THREADS, 1) illm_matmul_w4(IL
     int P[quik::MT][quik::NT][4];
     quik::NoFold fold;
     qk::mainloop(xq, reinterpret_cast<const unsigned char*>(qw), M, N, K, K, bm, bn, P, fold);
-    illm::matmul_epilogue(P, wm, wk, kmin, t, M, N, bm, bn);
+    illm::matmul_epilogue(P, wm, wk, __ldg(kmin_p), t, M, N, bm, bn);
 }
 
 // Launch: grid (rows), block 256.  v int64 [rows, n] -> q int8 [rows, n], scale (m, k) int64 [rows].
@@ -200,7 +212,7 @@ extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS) illm_softmax(
     if (r >= rows) return;
     const int* row = scores + static_cast<long long>(r) * T;
     int* out = P + static_cast<long long>(r) * T;
-    const int L = valid[r];
+    const int L = min(max(valid[r], 0), T);  // a length outside [0, T] reads nothing out of the row
     long long mx = -(1LL << 62);
     for (int j = threadIdx.x; j < L; j += illm::ROW_THREADS) mx = max(mx, static_cast<long long>(row[j]));
     mx = illm::block_max(mx, red);
@@ -216,8 +228,11 @@ extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS) illm_softmax(
     for (int j = threadIdx.x; j < L; j += illm::ROW_THREADS) total += e_of(j);
     total = illm::block_sum(total, red);
     const long long den = total > 0 ? total : 1;
+    // numerator (e << 15) + total / 2 <= 2^31 + 2^46 < 2^48 (e <= 2^16, total <= T * 2^16, T < 2^31)
+    qk::DivBy by;
+    by.init(static_cast<unsigned long long>(den), 48);
     for (int j = threadIdx.x; j < T; j += illm::ROW_THREADS)
-        out[j] = j < L ? static_cast<int>(((e_of(j) << illm::PROB_BITS) + total / 2) / den) : 0;
+        out[j] = j < L ? static_cast<int>(by.div(static_cast<unsigned long long>((e_of(j) << illm::PROB_BITS) + total / 2))) : 0;
 }
 
 // Launch: grid (rows), block 256.  x int64 [rows, H] (|x| < 2^22), gamma int64 [H] with exponent gk;
@@ -232,7 +247,7 @@ extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS) illm_rmsnorm(
     long long ss = 0;
     for (int i = threadIdx.x; i < H; i += illm::ROW_THREADS) ss += row[i] * row[i];
     ss = illm::block_sum(ss, red);
-    const long long rms = illm::isqrt(ss / H);
+    const long long rms = illm::isqrt(static_cast<long long>(qk::udiv_u64(static_cast<unsigned long long>(ss), static_cast<unsigned long long>(H))));
     const illm::Dy d = illm::requant_row([&](int i) { return row[i] * __ldg(gamma + i); }, H, qmax,
                                          q + static_cast<long long>(r) * H, red);
     const illm::Dy inv = illm::ratio(d.m, rms);

@@ -1,4 +1,4 @@
-"""CuPy launcher of the QUIK kernels (qconvert_kernels/quik_gemm.cu).
+"""CuPy launcher of the QUIK kernels (qconvert_kernels/quik/quik_gemm.cu).
 
 ``quik_linear`` runs one QUIK layer on a CUDA device: the fused split-and-quantize kernel
 (outlier channels gathered as they are, the base channels to b-bit per token), the outlier
@@ -16,24 +16,20 @@ final rounding to fp16 / bf16.  Requirements (ValueError): Kbp a multiple of 64;
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import torch
 
+from qconvert_kernels import launch as _l
 from qconvert_kernels.w4a8 import cuda as kc
-from qconvert_kernels.compile import kernel_source
 from qconvert_kernels.quik.reference import K_TILE
 
 SOURCE = Path(__file__).with_name("quik_gemm.cu")
 
 
-@functools.lru_cache(maxsize=None)
 def module(device_index: int = 0):
-    """The compiled ``cupy.RawModule`` of quik_gemm.cu (w4a8_gemm.cu inlined), one per device."""
-    cp = kc._cupy()
-    with cp.cuda.Device(device_index):
-        return cp.RawModule(code=kernel_source(SOURCE), options=("-std=c++17",))
+    """The ``cupy.RawModule`` of quik_gemm.cu for the device (launch.build: NVRTC, no FTZ)."""
+    return _l.module(SOURCE, device_index)
 
 
 def int4_path(device: torch.device) -> str:
@@ -71,7 +67,7 @@ def split_quantize(x: torch.Tensor, base_idx: torch.Tensor, outlier_idx: torch.T
         kc._launch(f"quik_split_{kc._OUT[x.dtype]}", (m,), (kc.QUANT_THREADS,),
                    (kc._ptr(x), kc._ptr(base_idx), kc._ptr(outlier_idx), kc._ptr(xq), kc._ptr(s), kc._ptr(z),
                     kc._ptr(x_out), kc._i32(m), kc._i32(k), kc._i32(kb), kc._i32(kbp), kc._i32(n_out),
-                    kc._i32(bits), kc._i32(int(pack))), dev, module)
+                    kc._i32(bits), kc._i32(int(pack))), dev, SOURCE)
     return xq, s, z, x_out
 
 
@@ -113,7 +109,7 @@ def quik_gemm(xq, s, z, qweight, wscale, wsum, y_out, bits: int, out_dtype, retu
         grid = (-(-n // kc.BLOCK_N), -(-m // kc.BLOCK_M))
         kc._launch(f"{kernel}_{kc._OUT[out_dtype]}", grid, (kc.GEMM_THREADS,),
                    (kc._ptr(xq), kc._ptr(s), kc._ptr(z), kc._ptr(qweight), kc._ptr(wscale), kc._ptr(wsum),
-                    kc._ptr(y_out), kc._ptr(y), kc._ptr(acc), kc._i32(m), kc._i32(n), kc._i32(kbp)), dev, module)
+                    kc._ptr(y_out), kc._ptr(y), kc._ptr(acc), kc._i32(m), kc._i32(n), kc._i32(kbp)), dev, SOURCE)
     return (y, acc) if return_acc else y
 
 

@@ -22,9 +22,9 @@
 // Requirements (checked by the launcher): Kbp (the base channels padded) a multiple of 64;
 // operands contiguous, row-major, 16-byte aligned.  M and N arbitrary (bounds-checked).
 //
-// This file includes w4a8_gemm.cu for its tiles, fragment loads, mma wrappers, int4 unpacking
-// and fp16 / bf16 conversions; NVRTC gets the two texts joined by the launcher (compile.py,
-// ``kernel_source``), as it has no include path.
+// This file includes ../common.cuh (mma wrappers, conversions, stores), the W4A8 64 x 64 main
+// loop (../w4a8/w4a8_mainloop.cuh, the s8 path) and its own byte main loop (quik_mainloop.cuh,
+// shared with illm_gemm.cu); NVRTC gets the texts inlined (compile.py:kernel_source).
 //
 // ---------------------------------------------------------------------------------------
 // Byte main loop (W8A8 and int4 x int4).  Both operands are rows of bytes, KB bytes per row:
@@ -38,120 +38,11 @@
 // dot products are unchanged (the same permutation on both operands).
 // ---------------------------------------------------------------------------------------
 
-#include "../w4a8/w4a8_gemm.cu"
+#include "../common.cuh"
+#include "../w4a8/w4a8_mainloop.cuh"
+#include "quik_mainloop.cuh"
 
 namespace quik {
-
-using qk::BM;
-using qk::BN;
-using qk::BK;
-using qk::MT;
-using qk::NT;
-using qk::THREADS;
-using qk::WM;
-using qk::WN;
-using qk::A_STRIDE;
-
-constexpr int ROW_CHUNKS = BM * BK / 16;           // 16-byte pieces of one operand's stage (256)
-constexpr int ROW_LOADS = ROW_CHUNKS / THREADS;     // per thread (2)
-static_assert(BM == BN && ROW_CHUNKS % THREADS == 0, "both operands stage the same way");
-
-// One m16n8k64 int4 tensor-core product, C += A * B (int32).
-__device__ __forceinline__ void mma_s4(int (&c)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k64.row.col.s32.s4.s4.s32 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
-// Global -> registers: rows [r0, r0 + 64) of a byte matrix [rows, KB], bytes [k0, k0 + 64).
-// Rows past `rows` and bytes past KB read as zeros (KB % 32 == 0: a 16-byte piece is all in or out).
-__device__ __forceinline__ void load_rows(uint4 (&r)[ROW_LOADS], const signed char* __restrict__ src,
-                                          int r0, int rows, int k0, int KB) {
-#pragma unroll
-    for (int i = 0; i < ROW_LOADS; ++i) {
-        const int idx = threadIdx.x + i * THREADS;
-        const int row = r0 + idx / (BK / 16), col = k0 + (idx % (BK / 16)) * 16;
-        r[i] = make_uint4(0u, 0u, 0u, 0u);
-        if (row < rows && col < KB)
-            r[i] = *reinterpret_cast<const uint4*>(src + static_cast<long long>(row) * KB + col);
-    }
-}
-
-__device__ __forceinline__ void store_rows(const uint4 (&r)[ROW_LOADS], unsigned char* s) {
-#pragma unroll
-    for (int i = 0; i < ROW_LOADS; ++i) {
-        const int idx = threadIdx.x + i * THREADS;
-        *reinterpret_cast<uint4*>(s + (idx / (BK / 16)) * A_STRIDE + (idx % (BK / 16)) * 16) = r[i];
-    }
-}
-
-// 8 bytes of row `row` at byte `off` of a padded stage -> (low word, high word).
-__device__ __forceinline__ uint2 frag8(const unsigned char* s, int row, int off) {
-    return *reinterpret_cast<const uint2*>(s + row * A_STRIDE + off);
-}
-
-template <bool kS4>
-__device__ __forceinline__ void mainloop_bytes(const signed char* __restrict__ xq, const signed char* __restrict__ qw,
-                                               int M, int N, int KB, int bm, int bn, int (&P)[MT][NT][4]) {
-    __shared__ __align__(16) unsigned char sA[BM * A_STRIDE];
-    __shared__ __align__(16) unsigned char sB[BN * A_STRIDE];  // same padding: conflict-free 64-bit loads
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int gid = lane >> 2, tig = lane & 3;
-    const int wm = (warp >> 1) * WM, wn = (warp & 1) * WN;
-    const int n_stages = (KB + BK - 1) / BK;
-
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) P[mt][nt][i] = 0;
-
-    uint4 ra[ROW_LOADS], rb[ROW_LOADS];
-    load_rows(ra, xq, bm, M, 0, KB);
-    load_rows(rb, qw, bn, N, 0, KB);
-    for (int s = 0; s < n_stages; ++s) {
-        store_rows(ra, sA);
-        store_rows(rb, sB);
-        __syncthreads();
-        if (s + 1 < n_stages) {  // next stage in flight during this one's mma
-            load_rows(ra, xq, bm, M, (s + 1) * BK, KB);
-            load_rows(rb, qw, bn, N, (s + 1) * BK, KB);
-        }
-#pragma unroll
-        for (int ks = 0; ks < BK / 32; ++ks) {
-            if (s * BK + ks * 32 >= KB) break;  // the zero half of a last stage (KB % 64 == 32)
-            unsigned a[MT][4], b[NT][2];
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-                const uint2 lo = frag8(sA, wm + mt * 16 + gid, ks * 32 + 8 * tig);
-                const uint2 hi = frag8(sA, wm + mt * 16 + gid + 8, ks * 32 + 8 * tig);
-                a[mt][0] = lo.x; a[mt][2] = lo.y;
-                a[mt][1] = hi.x; a[mt][3] = hi.y;
-            }
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt) {
-                const uint2 v = frag8(sB, wn + nt * 8 + gid, ks * 32 + 8 * tig);
-                b[nt][0] = v.x; b[nt][1] = v.y;
-            }
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                for (int nt = 0; nt < NT; ++nt) {
-                    if (kS4) mma_s4(P[mt][nt], a[mt], b[nt]);
-                    else qk::mma_s8(P[mt][nt], a[mt], b[nt]);
-                }
-        }
-        __syncthreads();
-    }
-}
-
-// The W4A8 main loop folds every group; QUIK has one group spanning Kbp and reads P after it.
-struct NoFold {
-    __device__ __forceinline__ void operator()(int, int (&)[MT][NT][4]) {}
-};
 
 // Epilogue: y = ((float(acc) * (s[m] * ws[n])) + (z[m] * (ws[n] * float(R[n])))) + y_out[m, n],
 // each operation rounded to float32 (no FMA), then to fp16 / bf16.
@@ -238,7 +129,7 @@ __device__ __forceinline__ void split_row(const unsigned short* __restrict__ x, 
     const float levels = static_cast<float>((1 << bits) - 1);
     const int half = 1 << (bits - 1);
     const float r = __fsub_rn(hi, lo);
-    const float inv = r > 0.0f ? __fmul_rn(__frcp_rn(r), levels) : 0.0f;  // as torch: reciprocal, then product
+    const float inv = r > 0.0f ? __fmul_rn(qk::rcp_rn(r), levels) : 0.0f;  // as torch: reciprocal, then product
     auto code = [&](int k) -> int {                                        // the signed level of base channel k
         if (k >= Kb) return 0;                                             // padding
         const float v = qk::from_in<kBF16>(xr[__ldg(base_idx + k)]);
@@ -256,7 +147,7 @@ __device__ __forceinline__ void split_row(const unsigned short* __restrict__ x, 
     for (int j = threadIdx.x; j < n_out; j += T)
         x_out[static_cast<long long>(m) * n_out + j] = xr[__ldg(outlier_idx + j)];
     if (threadIdx.x == 0) {
-        const float sc = __fdiv_rn(r, levels);
+        const float sc = qk::div_rn(r, levels);
         s[m] = sc;
         z[m] = __fadd_rn(lo, __fmul_rn(sc, static_cast<float>(half)));  // the product is exact (2^(b-1))
     }

@@ -1,28 +1,45 @@
-"""CuPy launcher of the W4A8 CUDA kernels (qconvert_kernels/w4a8_gemm.cu).
+"""CuPy launchers of the W4A8 kernels: the runtime API (``prepare`` / ``linear``) on the repacked
+kernels of w4a8_repacked.cu, and the native-layout kernels of w4a8_gemm.cu.
 
-The kernels reproduce ``qconvert_kernels.w4a8.reference`` bit for bit (int32 accumulators exactly;
-float outputs = the reference's float32 result rounded to fp16 / bf16).  They take and return
-torch CUDA tensors: pointers go to the kernels as ``tensor.data_ptr()`` and every launch runs
-on torch's current stream.  cupy is imported lazily, so importing this module on a machine
-without cupy or a GPU works; ``available()`` says whether the kernels can run.
+Runtime API (what the layouts call):
 
-Weight layout: the kernels read the native on-disk layout directly, ``qweight`` uint8
-[N, Kp/2] row-major, low nibble = even column (docs/format.md); no load-time permutation
-(``prepare_weight``) is needed.  Requirements, checked here with a ValueError: group size g a
-multiple of 32 (the int8 mma K) between 32 and 16384, Kp a multiple of g, int8 / packed
-operands 16-byte aligned; sm_80 or newer.  M and N are arbitrary.
+    prepared = prepare(layout, tensors, group_size, device)     # once, at load time
+    y = linear(x, prepared)                                      # x fp16 / bf16 [M, K] -> y [M, N]
+
+``prepare`` takes the on-disk tensors of layout "w4a8-is" (qweight uint8 [N, Kp/2], iscale int32
+[N, G], cscale float32 [N], alpha_log2 int32 [1], shape int64 [2] = [N, K]) or "w4a8-fs" (qweight,
+scales fp16 [N, G], shape), repacks the weights into the fragment order of the kernels
+(repack.py), the scales to [G, N128], and allocates the layer's small self-resetting workspace.
+It may read device values (load time).  ``linear`` then never does: every launch parameter comes
+from the shapes (``plan``), the outputs and split-K partials are allocated with torch on the
+current stream, and the kernels run on torch's current stream, so a linear can be captured in a
+CUDA graph.  M <= 64 runs the decode kernel (one launch: per-token quantization fused in, split-K
+over the groups); M > 64 the per-token quantizer then the prefill kernel.  Results equal
+``reference.py`` rounded to the output dtype: bit for bit for w4a8-is, and for w4a8-fs whenever
+the plan has one split (else the fixed split order of ``reference.w4a8_fs_gemm_split``,
+deterministic).  A prepared layer's workspace serves one stream at a time (as a model's forward
+does); ``PreparedW4A8.reset()`` zeroes it after an aborted launch.
+
+The native-layout kernels (``quantize_per_token_int8``, ``w4a8_is_gemm``, ``w4a8_fs_gemm``) read
+``qweight`` as stored; group size a multiple of 32 up to 16384; they are the reference GPU path.
+
+All modules are built by ``qconvert_kernels.launch`` (NVRTC, no flush-to-zero) and launched on
+torch's current stream; cupy is imported lazily (``available()`` says whether the kernels can run).
 """
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import torch
 
-from qconvert_kernels.compile import kernel_source
+
+from dataclasses import dataclass
+
+from qconvert_kernels.w4a8 import repack as _repack
 
 SOURCE = Path(__file__).with_name("w4a8_gemm.cu")
+SOURCE_R = Path(__file__).with_name("w4a8_repacked.cu")
 BLOCK_M = 64  # CTA tile (qk::BM, qk::BN in the source)
 BLOCK_N = 64
 GEMM_THREADS = 128
@@ -32,72 +49,27 @@ MAX_GROUP_SIZE = 16384  # float-scale exactness: |P| <= 127 * 8 * g < 2**24
 _OUT = {torch.float16: "f16", torch.bfloat16: "bf16"}
 
 
-def _cupy():
-    import cupy  # lazy: optional dependency
+from qconvert_kernels import launch as _l
 
-    return cupy
+# Shared helpers (qconvert_kernels/launch.py), under the names the sibling launchers imported.
+_cupy = _l._cupy
+_ptr, _i32, _require = _l.ptr, _l.i32, _l.require
+_check_cuda, _check_aligned = _l.check_cuda, _l.check_aligned
 
 
 def available() -> bool:
     """True if cupy imports, torch sees CUDA and device 0 is sm_80+; never raises."""
-    try:
-        cp = _cupy()
-        if cp.cuda.runtime.getDeviceCount() < 1 or not torch.cuda.is_available():
-            return False
-        return int(cp.cuda.Device(0).compute_capability) >= 80
-    except Exception:
-        return False
+    return _l.available(80)
 
 
-@functools.lru_cache(maxsize=None)
 def module(device_index: int = 0):
-    """The compiled ``cupy.RawModule`` (NVRTC, for the device's arch), one per device.
-
-    The kernels are ``extern "C"`` (unmangled), so no ``name_expressions`` are needed.
-    """
-    cp = _cupy()
-    with cp.cuda.Device(device_index):
-        return cp.RawModule(code=kernel_source(SOURCE), options=("-std=c++17",))
+    """The ``cupy.RawModule`` of w4a8_gemm.cu for the device (built by launch.build: NVRTC, no FTZ)."""
+    return _l.module(SOURCE, device_index)
 
 
-def _launch(name: str, grid: tuple, block: tuple, args: tuple, device: torch.device, get_module=None) -> None:
-    """Launch kernel ``name`` of ``get_module(device_index)`` (default: this file's module) on
-    torch's current stream."""
-    cp = _cupy()
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    with cp.cuda.Device(index):
-        fn = (get_module or module)(index).get_function(name)
-        with cp.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream):
-            fn(grid, block, args)
-
-
-def _ptr(t: torch.Tensor | None):
-    import numpy as np
-
-    return np.uint64(0 if t is None else t.data_ptr())
-
-
-def _i32(v: int):
-    import numpy as np
-
-    return np.int32(v)
-
-
-def _require(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(msg)
-
-
-def _check_cuda(fn: str, *tensors: torch.Tensor) -> torch.device:
-    dev = tensors[0].device
-    for t in tensors:
-        _require(t.is_cuda and t.device == dev, f"{fn}: all tensors must be on one CUDA device (got {[str(x.device) for x in tensors]})")
-    return dev
-
-
-def _check_aligned(fn: str, **tensors: torch.Tensor) -> None:
-    for name, t in tensors.items():
-        _require(t.data_ptr() % 16 == 0, f"{fn}: {name} must be 16-byte aligned (data_ptr {t.data_ptr():#x})")
+def _launch(name: str, grid: tuple, block: tuple, args: tuple, device: torch.device, source=None) -> None:
+    """Launch kernel ``name`` of ``source`` (default w4a8_gemm.cu) on torch's current stream."""
+    _l.launch(source or SOURCE, name, grid, block, args, device)
 
 
 def check_gemm_shape(fn: str, m: int, n: int, kp: int, group_size: int) -> None:
@@ -128,24 +100,7 @@ def quantize_per_token_int8(x: torch.Tensor, kp: int) -> tuple[torch.Tensor, tor
 
     Bit-exact with ``reference.quantize_per_token_int8(x, kp)``; columns K..kp-1 are 0.
     """
-    return _quantize_per_token("quantize_per_token_int8", x, kp, torch.int8)
-
-
-def _quantize_per_token(fn: str, x: torch.Tensor, kp: int, q_dtype: torch.dtype, get_module=None):
-    """Checks, output buffers and launch shared by the per-token quantizers (int8, fp8): kernel
-    ``{fn}_{f16|bf16}`` writes xq [M, kp] (zero-padded) and the float32 scale t [M]."""
-    _require(x.dim() == 2, f"{fn}: x must be [M, K], got {tuple(x.shape)}")
-    _require(x.dtype in _OUT, f"{fn}: x must be float16 or bfloat16, got {x.dtype}")
-    m, k = x.shape
-    _require(kp >= k, f"{fn}: kp={kp} < K={k}")
-    dev = _check_cuda(fn, x)
-    x = x.contiguous()
-    xq = torch.empty((m, kp), dtype=q_dtype, device=dev)
-    t = torch.empty((m,), dtype=torch.float32, device=dev)
-    if m:
-        _launch(f"{fn}_{_OUT[x.dtype]}", (m,), (QUANT_THREADS,),
-                (_ptr(x), _ptr(xq), _ptr(t), _i32(m), _i32(k), _i32(kp)), dev, get_module)
-    return xq, t
+    return _l.quantize_per_token(SOURCE, "quantize_per_token_int8", x, kp, torch.int8)
 
 
 def w4a8_is_gemm(xq, t, qweight_packed, iscale, cscale, alpha_log2: int, group_size: int, out_dtype, return_acc: bool = False):
@@ -192,3 +147,243 @@ def w4a8_fs_gemm(xq, t, qweight_packed, scales, group_size: int, out_dtype):
         _launch(f"w4a8_fs_gemm_{_OUT[out_dtype]}", grid, (GEMM_THREADS,),
                 (_ptr(xq), _ptr(t), _ptr(qw), _ptr(scales), _ptr(y), _i32(m), _i32(n), _i32(kp), _i32(group_size)), dev)
     return y
+
+
+# ============================================================================= repacked kernels
+# Twins of the w4r:: constants in w4a8_repacked.cu (tests/test_kernels_w4a8_emulate.py compares them).
+
+DECODE_MAX_M = 64
+R_THREADS = 256
+D_STAGES = 8
+D_W_BYTES = D_STAGES * 8 * 512
+D_XQ_BYTES = 32768
+D_AUX_BYTES = 3 * 64 * 4 + 16
+WS_TILES = 128
+P_BM = 128
+P_SMEM = 4 * (8192 + 16384)
+R_MIN_GROUP, R_MAX_GROUP = 32, 1024  # FS exactness of float(16 P): 16 * 127 * 8 * g < 2^24
+LAYOUTS = ("w4a8-is", "w4a8-fs")
+
+
+def decode_smem(mt8: int) -> int:
+    """Dynamic shared memory of the decode kernel for MT8 token tiles (w4r::decode_smem)."""
+    rows = 8 * mt8
+    return D_W_BYTES + rows * (D_XQ_BYTES // rows + 32) + D_AUX_BYTES
+
+
+def _next_pow2_log2(v: int) -> int:
+    return max(0, (int(v) - 1).bit_length())
+
+
+@dataclass
+class PreparedW4A8:
+    """A W4A8 linear ready for ``linear``: repacked device tensors and the sizes the plan needs.
+
+    wq         uint8 [N128/16 * KB * 32 * 16]  repacked weights (repack.py, "W4R")
+    scales     [G, N128]: int16 or int32 (w4a8-is, ``scale16`` says which) or fp16 (w4a8-fs)
+    cscale     float32 [N128] (w4a8-is) or None;  alpha_log2: the amplifier exponent a
+    workspace  int32 [128 + N128/128]: the decode kernel's amax exchange and split-K tickets,
+               zero at rest (each launch returns it to zero)
+    """
+
+    layout: str
+    n: int
+    k: int
+    kp: int
+    group_size: int
+    wq: torch.Tensor
+    scales: torch.Tensor
+    scale16: bool
+    cscale: torch.Tensor | None
+    alpha_log2: int
+    workspace: torch.Tensor
+
+    @property
+    def n_groups(self) -> int:
+        return self.kp // self.group_size
+
+    @property
+    def n128(self) -> int:
+        return _repack.round_up(max(self.n, 1), _repack.BN)
+
+    @property
+    def kq(self) -> int:
+        return _repack.round_up(self.kp, _repack.KBLOCK)
+
+    @property
+    def kb(self) -> int:
+        return self.kq // _repack.KBLOCK
+
+    @property
+    def tiles(self) -> int:
+        return self.n128 // _repack.BN
+
+    @property
+    def is_int(self) -> bool:
+        return self.layout == "w4a8-is"
+
+    def reset(self) -> None:
+        """Zero the workspace (only needed after a launch that did not complete)."""
+        self.workspace.zero_()
+
+
+def check_repacked_shape(fn: str, n: int, k: int, kp: int, group_size: int) -> None:
+    """ValueError unless the repacked kernels support (N, K, Kp, g); the message quotes them."""
+    where = f"{fn}: unsupported shape N={n}, K={k} (padded {kp}), g={group_size}"
+    _require(group_size % MMA_K == 0 and R_MIN_GROUP <= group_size <= R_MAX_GROUP,
+             f"{where}: the group size must be a multiple of {MMA_K} in [{R_MIN_GROUP}, {R_MAX_GROUP}]")
+    _require(kp > 0 and kp % group_size == 0 and k <= kp < k + group_size, f"{where}: Kp must be K rounded up to g")
+    _require(n > 0 and k > 0, f"{where}: empty weight")
+    _require(_repack.round_up(n, _repack.BN) // _repack.BN <= 65535, f"{where}: N too large for the grid")
+
+
+def prepare(layout: str, tensors: dict, group_size: int, device) -> PreparedW4A8:
+    """Repack one W4A8 linear for ``linear`` (load time; may synchronize).
+
+    layout "w4a8-is": tensors qweight uint8 [N, Kp/2] (low nibble = even column), iscale int32
+    [N, G], cscale float32 [N], alpha_log2 int32 [1], shape int64 [2] = [N, K];
+    "w4a8-fs": qweight, scales fp16 [N, G], shape.  Returns the repacked device tensors."""
+    fn = "w4a8.prepare"
+    _require(layout in LAYOUTS, f"{fn}: layout {layout!r} not one of {LAYOUTS}")
+    for key in ("qweight", "shape") + (("iscale", "cscale", "alpha_log2") if layout == "w4a8-is" else ("scales",)):
+        _require(key in tensors, f"{fn}: layout {layout} needs tensor {key!r} (got {sorted(tensors)})")
+    device = torch.device(device)
+    n, k = (int(v) for v in tensors["shape"].reshape(-1)[:2].tolist())
+    qweight = tensors["qweight"]
+    _require(qweight.dtype == torch.uint8 and qweight.dim() == 2 and qweight.shape[0] == n,
+             f"{fn}: qweight must be uint8 [N, Kp/2] = [{n}, *], got {qweight.dtype} {tuple(qweight.shape)}")
+    kp = 2 * qweight.shape[1]
+    check_repacked_shape(fn, n, k, kp, group_size)
+    g_count = kp // group_size
+    n128 = _repack.round_up(n, _repack.BN)
+    wq = _repack.repack_weight(qweight.to(device))
+    if layout == "w4a8-is":
+        iscale, cscale = tensors["iscale"], tensors["cscale"]
+        _require(tuple(iscale.shape) == (n, g_count), f"{fn}: iscale must be [N, G] = [{n}, {g_count}], got {tuple(iscale.shape)}")
+        _require(tuple(cscale.reshape(-1).shape) == (n,), f"{fn}: cscale must be [N] = [{n}], got {tuple(cscale.shape)}")
+        alpha = int(tensors["alpha_log2"].reshape(-1)[0])
+        _require(-126 <= alpha <= 126, f"{fn}: alpha_log2={alpha} out of [-126, 126]")
+        sdt = _repack.iscale_dtype(iscale)
+        scales = _repack.repack_scales(iscale.to(device=device, dtype=torch.int32), n128, sdt)
+        cs = torch.zeros(n128, dtype=torch.float32, device=device)
+        cs[:n] = cscale.reshape(-1).to(device=device, dtype=torch.float32)
+        scale16 = sdt == torch.int16
+    else:
+        sc = tensors["scales"]
+        _require(tuple(sc.shape) == (n, g_count), f"{fn}: scales must be [N, G] = [{n}, {g_count}], got {tuple(sc.shape)}")
+        scales = _repack.repack_scales(sc.to(device=device, dtype=torch.float16), n128)
+        cs, alpha, scale16 = None, 0, False
+    workspace = torch.zeros(WS_TILES + n128 // _repack.BN, dtype=torch.int32, device=device)
+    return PreparedW4A8(layout, n, k, kp, group_size, wq, scales, scale16, cs, alpha, workspace)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Every launch parameter of one ``linear`` call, from the shapes alone (no device value)."""
+
+    kind: str              # "decode" or "prefill"
+    kernel: str
+    grid: tuple
+    smem: int
+    splits: int            # S: the groups are split S ways (split-K)
+    gq: int                # G = gq * S + gr
+    gr: int
+    mt8: int = 0           # decode: n8 token tiles (M <= 8 * mt8)
+    amax_ctas: int = 0     # decode: A, the CTAs that publish a k chunk's amax
+    ak_log2: int = 0       # decode: that chunk is 2^ak_log2 k wide
+    mtiles: int = 0        # prefill
+    ntiles: int = 0
+    band_log2: int = 0
+    part_int4: int = 0     # split-K partial slots (16 bytes each), 0 without split-K
+    counters: int = 0      # prefill split-K tickets
+
+    def split_bounds(self) -> list[tuple[int, int]]:
+        """[(g0, g1)] of every split, as the kernels compute them (split_g0 / split_g1)."""
+        out = []
+        for s in range(self.splits):
+            g0 = s * self.gq + min(s, self.gr)
+            out.append((g0, g0 + self.gq + (1 if s < self.gr else 0)))
+        return out
+
+
+def plan(m: int, prep: PreparedW4A8, sm_count: int) -> Plan:
+    """Kernel, grid and split-K choice for M tokens on a device with ``sm_count`` SMs.
+
+    Decode (M <= 64): S splits so that every SM gets a CTA (at most one split per group), and up to
+    two CTAs per SM while the split-K partials (S x M x N x 4 bytes, written and read back, mostly
+    in L2) stay under the weight bytes.  The per-token amax is published by the first A CTAs,
+    each covering 2^ak_log2 k of every row (about 2048 activations), with A <= the SM count: the
+    publishers wait for each other, so they must all be resident at once (dispatch is in grid
+    order and one decode CTA fits any SM).  Prefill: split only when the 128 x 128 tiles do not
+    fill the SMs (<= 4 ways)."""
+    g = prep.n_groups
+    tiles = prep.tiles
+    sms = max(int(sm_count), 1)
+    is_ = "is" if prep.is_int else "fs"
+    if m <= DECODE_MAX_M:
+        mt8 = next(t for t in (1, 2, 4, 8) if 8 * t >= m)
+        s_fill, s_two = -(-sms // tiles), -(-2 * sms // tiles)
+        s = max(1, min(g, max(s_fill, min(s_two, max(1, prep.kp // (16 * m))))))
+        gq, gr = divmod(g, s)
+        publishers = min(s * tiles, sms)
+        ak = max(3, _next_pow2_log2(-(-2048 // m)))
+        if -(-prep.k // (1 << ak)) > publishers:
+            ak = max(3, _next_pow2_log2(-(-prep.k // publishers)))
+        a = -(-prep.k // (1 << ak))
+        return Plan("decode", f"w4a8r_decode_{is_}_m{8 * mt8}", (s, tiles), decode_smem(mt8), s, gq, gr, mt8=mt8,
+                    amax_ctas=a, ak_log2=ak, part_int4=s * tiles * 8 * mt8 * 32 if s > 1 else 0)
+    mtiles = -(-m // P_BM)
+    n_tiles = mtiles * tiles
+    s = 1 if n_tiles >= sms else max(1, min(4, g, -(-sms // n_tiles)))
+    gq, gr = divmod(g, s)
+    band = min(3, _next_pow2_log2(tiles))
+    grid = (mtiles << band, -(-tiles // (1 << band)), s)
+    return Plan("prefill", f"w4a8r_prefill_{is_}", grid, P_SMEM, s, gq, gr, mtiles=mtiles, ntiles=tiles, band_log2=band,
+                part_int4=s * n_tiles * 8 * 16 * 32 if s > 1 else 0, counters=n_tiles if s > 1 else 0)
+
+
+def linear(x: torch.Tensor, prepared: PreparedW4A8, return_acc: bool = False):
+    """y = the W4A8 linear of ``prepared`` applied to x (fp16 / bf16 [M, K]) -> [M, N] in x's dtype.
+
+    No host synchronization and no device value read on the host; launched on torch's current
+    stream.  ``return_acc`` (w4a8-is, tests): also the int32 accumulator A [M, N]."""
+    fn = "w4a8.linear"
+    p = prepared
+    _require(x.dim() == 2, f"{fn}: x must be [M, K], got {tuple(x.shape)}")
+    _require(x.dtype in _OUT, f"{fn}: x must be float16 or bfloat16, got {x.dtype}")
+    _require(x.shape[1] == p.k, f"{fn}: x has K={x.shape[1]}, the layer {p.k}")
+    dev = _check_cuda(fn, x, p.wq)
+    x = x.contiguous()
+    m = x.shape[0]
+    y = torch.empty((m, p.n), dtype=x.dtype, device=dev)
+    acc = torch.empty((m, p.n), dtype=torch.int32, device=dev) if (return_acc and p.is_int) else None
+    if m == 0:
+        return (y, acc) if return_acc else y
+    if dev.type == "cuda":
+        sms = _l.sm_count(dev.index if dev.index is not None else torch.cuda.current_device())
+    else:
+        sms = _l.emulated_sm_count()
+    pl = plan(m, p, sms)
+    part = torch.empty(4 * pl.part_int4, dtype=torch.int32, device=dev) if pl.part_int4 else None
+    bf16 = x.dtype == torch.bfloat16
+    spg = p.group_size // MMA_K
+    common = (_ptr(p.wq), _ptr(p.scales), _ptr(p.cscale), _i32(p.alpha_log2), _ptr(y), _ptr(acc), _ptr(part))
+    if pl.kind == "decode":
+        vec = p.k % 8 == 0 and x.data_ptr() % 16 == 0
+        flags = int(bf16) | (int(vec) << 1) | (int(p.scale16) << 2)
+        _l.launch(SOURCE_R, pl.kernel, pl.grid, (R_THREADS,),
+                  (_ptr(x), *common, _ptr(p.workspace), _i32(m), _i32(p.n), _i32(p.k), _i32(p.n128),
+                   _i32(p.n_groups), _i32(spg), _i32(p.kb), _i32(pl.splits), _i32(pl.gq), _i32(pl.gr),
+                   _i32(pl.amax_ctas), _i32(pl.ak_log2), _i32(flags)), dev, pl.smem)
+    else:
+        xq = torch.empty((m, p.kq), dtype=torch.int8, device=dev)
+        t = torch.empty((m,), dtype=torch.float32, device=dev)
+        _l.launch(SOURCE_R, f"w4a8r_quantize_{_OUT[x.dtype]}", (m,), (QUANT_THREADS,),
+                  (_ptr(x), _ptr(xq), _ptr(t), _i32(m), _i32(p.k), _i32(p.kq)), dev)
+        counters = torch.zeros(pl.counters, dtype=torch.int32, device=dev) if pl.counters else None
+        flags = int(bf16) | (int(p.scale16) << 2)
+        _l.launch(SOURCE_R, pl.kernel, pl.grid, (R_THREADS,),
+                  (_ptr(xq), _ptr(t), *common, _ptr(counters), _i32(m), _i32(p.n), _i32(p.n128), _i32(p.n_groups),
+                   _i32(spg), _i32(p.kb), _i32(pl.splits), _i32(pl.gq), _i32(pl.gr), _i32(pl.mtiles), _i32(pl.ntiles),
+                   _i32(pl.band_log2), _i32(flags)), dev, pl.smem)
+    return (y, acc) if return_acc else y

@@ -36,7 +36,10 @@ def quantize_per_token_int8(x: torch.Tensor, kp: int | None = None) -> tuple[tor
     x = x.float()
     amax = x.abs().amax(dim=-1)
     inv = torch.where(amax > 0, amax.reciprocal() * ACT_QMAX, torch.zeros_like(amax))
-    xq = torch.clamp(torch.round(x * inv[:, None]), -ACT_QMAX, ACT_QMAX).to(torch.int8)
+    # nan_to_num: a bf16 row with amax < 127 / FLT_MAX (~3.7e-37) has inv = inf, and 0 * inf = NaN;
+    # such entries quantize to 0 (the kernels do the same; the NaN would otherwise reach an
+    # undefined float -> int8 conversion).  Nothing changes for any other row.
+    xq = torch.clamp(torch.round(x * inv[:, None]).nan_to_num_(0.0), -ACT_QMAX, ACT_QMAX).to(torch.int8)
     if kp is not None and kp > xq.shape[-1]:
         xq = torch.nn.functional.pad(xq, (0, kp - xq.shape[-1]))
     return xq, amax / ACT_QMAX
@@ -90,3 +93,37 @@ def w4a8_fs_gemm(xq, t, q, scales, group_size: int, q_float=None):
     for j in range(p.shape[0]):
         acc += p[j] * s[j][None, :]
     return acc * t.float()[:, None]
+
+
+def w4a8_fs_gemm_split(xq, t, q, scales, group_size: int, bounds, q_float=None):
+    """Float-scale GEMM in the order of a split-K launch (w4a8_repacked.cu with S > 1): each split
+    (g0, g1) of ``bounds`` sums its groups in order from 0.0, then the splits' sums are added in
+    split order, then times t.  With one split this is ``w4a8_fs_gemm`` exactly."""
+    p = group_partials(xq, q, group_size, q_float).float()  # [G, M, N]
+    s = scales.float().t()  # [G, N]
+    total = None
+    for g0, g1 in bounds:
+        acc = torch.zeros(p.shape[1:], dtype=torch.float32)
+        for j in range(g0, g1):
+            acc += p[j] * s[j][None, :]
+        total = acc if total is None else total + acc
+    return total * t.float()[:, None]
+
+
+def linear_reference(x: torch.Tensor, layout: str, tensors: dict, group_size: int, bounds=None,
+                     return_acc: bool = False):
+    """What ``cuda.linear`` computes, on the CPU: per-token int8 quantization of x, the layout's
+    GEMM (w4a8-fs in the split order ``bounds`` if given), rounded to x's dtype."""
+    from qconvert.formats.packing import unpack_int4
+
+    q = unpack_int4(tensors["qweight"].cpu())
+    xq, t = quantize_per_token_int8(x.cpu(), q.shape[1])
+    if layout == "w4a8-is":
+        y, acc = w4a8_is_gemm(xq, t, q, tensors["iscale"].cpu(), tensors["cscale"].cpu(),
+                              int(tensors["alpha_log2"].reshape(-1)[0]), group_size, return_acc=True)
+        return (y.to(x.dtype), acc) if return_acc else y.to(x.dtype)
+    if bounds is not None and len(bounds) > 1:
+        y = w4a8_fs_gemm_split(xq, t, q, tensors["scales"].cpu(), group_size, bounds)
+    else:
+        y = w4a8_fs_gemm(xq, t, q, tensors["scales"].cpu(), group_size)
+    return y.to(x.dtype)

@@ -1,0 +1,979 @@
+"""Lane-exact CPU emulator of the repacked W4A8 kernels (w4a8_repacked.cu).
+
+Without a GPU, this is how the kernels are proven.  Every kernel of w4a8_repacked.cu has a twin
+here that runs the same program on numpy arrays: each of the 256 threads of a CTA has its own
+registers (arrays indexed [thread, ...]); global memory is the tensors the launcher passed, reached
+only through their pointers; shared memory is a byte array that remembers, for every byte, which
+thread wrote it, in which barrier interval, for which pipeline stage, and whether an asynchronous
+copy is still in flight into it.  The index math is written once here and once in the .cu, with
+the same function names (each .cu helper carries an ``[emulate.<name>]`` tag).
+
+What it checks on every launch (EmulationError otherwise):
+  * every global load and store: inside the tensor the pointer came from, aligned to its width
+    (16 bytes for the 16-byte loads and cp.async copies); null pointers are never dereferenced;
+  * every shared read: the bytes were written (no stale data), belong to the stage / chunk the
+    kernel means to read (a tag per write), no asynchronous copy is still landing on them, and
+    a byte written by another thread was written before the last __syncthreads (RAW); every
+    shared write or cp.async: no other thread read the bytes since the last __syncthreads (WAR);
+  * cp.async groups complete only at cp.async.wait_group, per the group count;
+  * tensor-core products built from the lanes' registers with the PTX ISA fragment tables of
+    mma.m16n8k32.row.col.s32.s8.s8.s32 (``mma_m16n8k32``);
+  * CTAs run as interleaved coroutines in a random order, at most ``resident`` at a time,
+    dispatched in grid order: the amax exchange must not deadlock and the split-K result must not
+    depend on the order in which the CTAs finish;
+  * every output element is written exactly once, and the workspace is back to zero afterwards.
+
+Use:  ``with emulating(sm_count=8): y = cuda.linear(x_cpu, cuda.prepare(..., device="cpu"))`` runs
+the real launcher, whose launches land here.  ``mutations`` switch on deliberate kernel bugs
+(tests/test_kernels_w4a8_emulate.py checks that each one is caught).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from qconvert_kernels import launch
+
+# ----------------------------------------------------------------------------- constants
+# Twins of the w4r:: / qk:: constants of the .cu (the tests parse the .cu and compare).
+THREADS = 256
+WARPS = 8
+BN = 128
+LANE_CHUNK = 16
+BLOCK_BYTES = 32 * LANE_CHUNK
+D_STAGES = 8
+D_STAGE_BYTES = WARPS * BLOCK_BYTES
+D_W_BYTES = D_STAGES * D_STAGE_BYTES
+D_XQ_BYTES = 32768
+D_AUX_BYTES = 3 * 64 * 4 + 16
+WS_AMAX, WS_ARRIVE, WS_DONE, WS_TILES = 0, 64, 65, 128
+P_BM, P_STAGES, P_BK = 128, 4, 128
+P_W_STAGE = 8 * 2 * BLOCK_BYTES
+P_X_STAGE = P_BM * P_BK
+P_SMEM = P_STAGES * (P_W_STAGE + P_X_STAGE)
+QUANT_THREADS = 256
+TAG_X = 1 << 40  # shared-memory write tags: weight stage / block i -> i, activation stage / chunk i -> TAG_X + i
+
+DECODE_PARAMS = ("x", "wq", "scales", "cscale", "alpha_log2", "y", "acc_out", "part", "ws", "M", "N", "K", "N128",
+                 "G", "spg", "KB", "S", "gq", "gr", "A", "ak_log2", "flags")
+PREFILL_PARAMS = ("xq", "t", "wq", "scales", "cscale", "alpha_log2", "y", "acc_out", "part", "counters", "M", "N",
+                  "N128", "G", "spg", "KB", "S", "gq", "gr", "mtiles", "ntiles", "band_log2", "flags")
+QUANT_PARAMS = ("x", "xq", "t", "M", "K", "Kq")
+
+MUTATIONS = frozenset({
+    "swap_halves",      # a_frag: k 8tig+4..7 fed as mma k 4tig.. and vice versa for the weights only
+    "no_sign",          # the weight bytes taken as unsigned (the sign of q dropped)
+    "c_map",            # epilogue reads c1 / c2 swapped (a wrong accumulator map)
+    "stage_off_by_one", # the pipelines read the slot of the next stage
+    "no_wait",          # cp.async.wait_group skipped
+    "no_barrier",       # the barrier after quantizing an x chunk skipped
+    "swizzle_off",      # prefill: activations read without the XOR swizzle
+    "amax_local",       # decode: each CTA quantizes with the amax of its own chunk only
+    "ticket_order",     # split-K: partials summed in arrival order instead of split order
+    "ftz",              # float ops flush subnormal inputs and results to zero (what -ftz=true does)
+    "k_perm",           # decode: activations fed in natural k order while the weights use the 8tig permutation
+    "late_publishers",  # decode: the amax is published by the LAST A CTAs of the grid (deadlock-prone)
+    "no_stage_barrier", # prefill: the __syncthreads after cp.async.wait_group skipped
+})
+
+
+class EmulationError(AssertionError):
+    """A kernel broke a rule the emulator checks (bounds, alignment, stale or racy shared memory,
+    deadlock, double write ...)."""
+
+
+# ----------------------------------------------------------------------------- index math twins
+
+
+def w_chunk(t16, kb, lane, KB):
+    """Repacked weight chunk (16-byte units) of (n16 tile, k64 block, lane).     [w4r::w_chunk]"""
+    return (np.asarray(t16, np.int64) * KB + kb) * 32 + lane
+
+
+def d_w_slot(st, warp, lane):
+    """Decode: a lane's shared slot of weight stage st (bytes).                  [w4r::d_w_slot]"""
+    return ((np.asarray(st, np.int64) * WARPS + warp) * 32 + lane) * LANE_CHUNK
+
+
+def split_groups(s: int, gq: int, gr: int) -> tuple[int, int]:
+    """Groups [g0, g1) of split s.                                   [w4r::split_g0 / split_g1]"""
+    g0 = s * gq + min(s, gr)
+    return g0, g0 + gq + (1 if s < gr else 0)
+
+
+def ceil_log2(v: int) -> int:
+    return 0 if v <= 1 else (v - 1).bit_length()
+
+
+def p_x_off(row, c, swizzle=True):
+    """Prefill: byte offset of (row, 16-byte chunk c) of an x stage, XOR-swizzled. [w4r::p_x_off]"""
+    row = np.asarray(row, np.int64)
+    return row * P_BK + (((np.asarray(c, np.int64) ^ ((row & 3) << 1)) if swizzle else np.asarray(c, np.int64)) << 4)
+
+
+def part_slot(s, tiles, tile, warp, f, nfrag, lane):
+    """Split-K partial slot (int4 units).                                         [w4r::part_slot]"""
+    return ((np.int64(s) * tiles + tile) * WARPS + np.asarray(warp, np.int64)) * nfrag * 32 + f * 32 + np.asarray(lane, np.int64)
+
+
+def decode_smem(mt8: int) -> int:
+    rows = 8 * mt8
+    return D_W_BYTES + rows * (D_XQ_BYTES // rows + 32) + D_AUX_BYTES
+
+
+# ----------------------------------------------------------------------------- float helpers
+
+_F32_TINY = np.float32(2.0**-126)
+
+
+class FloatOps:
+    """float32 arithmetic as the kernels write it (each op rounded once, no FMA); with ``ftz`` the
+    inputs and results of every op are flushed to zero when subnormal (what -ftz=true does)."""
+
+    def __init__(self, ftz: bool):
+        self.ftz = ftz
+
+    def f(self, v):
+        v = np.asarray(v, np.float32)
+        if self.ftz:
+            v = np.where(np.abs(v) < _F32_TINY, np.float32(0), v).astype(np.float32)
+        return v
+
+    def mul(self, a, b):
+        with np.errstate(over="ignore", invalid="ignore"):  # inf / NaN behave as on the GPU
+            return self.f(self.f(a) * self.f(b))
+
+    def add(self, a, b):
+        return self.f(self.f(a) + self.f(b))
+
+    def rcp(self, a):   # qk::rcp_rn: double reciprocal rounded once to float
+        with np.errstate(divide="ignore"):
+            return self.f((1.0 / self.f(a).astype(np.float64)).astype(np.float32))
+
+    def div(self, a, b):  # qk::div_rn
+        return self.f((self.f(a).astype(np.float64) / np.float64(b)).astype(np.float32))
+
+    def i2f(self, v):
+        return self.f(np.asarray(v, np.int64).astype(np.float32))
+
+
+def f16_bits_to_f32(bits):
+    return np.asarray(bits, np.uint16).view(np.float16).astype(np.float32)
+
+
+def bf16_bits_to_f32(bits):
+    return (np.asarray(bits, np.uint32) << 16).astype(np.uint32).view(np.float32)
+
+
+def f32_to_bits16(v, bf16: bool):
+    v = np.asarray(v, np.float32)
+    if bf16:
+        return torch.from_numpy(np.ascontiguousarray(v)).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    return v.astype(np.float16).view(np.uint16)
+
+
+def wrap32(v):
+    return (np.asarray(v, np.int64) & 0xFFFFFFFF).astype(np.uint32).view(np.int32)
+
+
+# ----------------------------------------------------------------------------- tensor cores
+
+# PTX ISA, "Matrix Fragments for mma.m16n8k32" (.s8): lane = 4 gid + tig, register r, byte i
+_LANE = np.arange(32)
+_GID, _TIG = _LANE >> 2, _LANE & 3
+# A: 4 registers x 4 bytes: row gid + 8 (r & 1), col 4 tig + i + 16 (r >> 1)
+_A_ROW = (_GID[:, None, None] + 8 * (np.arange(4)[None, :, None] & 1)) + 0 * np.arange(4)[None, None, :]
+_A_COL = 4 * _TIG[:, None, None] + np.arange(4)[None, None, :] + 16 * (np.arange(4)[None, :, None] >> 1)
+# B: 2 registers x 4 bytes: row (k) 4 tig + i + 16 r, col gid
+_B_ROW = 4 * _TIG[:, None, None] + np.arange(4)[None, None, :] + 16 * np.arange(2)[None, :, None]
+_B_COL = _GID[:, None, None] + 0 * _B_ROW
+# C: 4 registers: row gid + 8 (r >> 1), col 2 tig + (r & 1)
+_C_ROW = _GID[:, None] + 8 * (np.arange(4)[None, :] >> 1)
+_C_COL = 2 * _TIG[:, None] + (np.arange(4)[None, :] & 1)
+
+
+def _bytes_of(regs, signed: bool):
+    """uint32 registers [..., R] -> bytes [..., R, 4] (byte 0 = lowest), as int8 or uint8."""
+    b = np.asarray(regs, np.uint32)[..., None] >> (8 * np.arange(4, dtype=np.uint32))
+    b = (b & 0xFF).astype(np.uint8)
+    return b.view(np.int8).astype(np.int64) if signed else b.astype(np.int64)
+
+
+def mma_m16n8k32(a, b, c, zero_c: bool = False, a_unsigned: bool = False):
+    """D = A B + C of mma.m16n8k32.row.col.s32.s8.s8.s32 for a batch of warps.
+
+    a uint32 [batch, 32 lanes, 4], b uint32 [batch, 32, 2], c int32 [batch, 32, 4] -> int32 [batch, 32, 4]:
+    the matrices are assembled from the lanes with the PTX fragment tables, multiplied exactly,
+    and scattered back; int32 wraps like the hardware."""
+    batch = a.shape[0]
+    A = np.zeros((batch, 16, 32), np.int64)
+    B = np.zeros((batch, 32, 8), np.int64)
+    A[:, _A_ROW, _A_COL] = _bytes_of(a, signed=not a_unsigned)
+    B[:, _B_ROW, _B_COL] = _bytes_of(b, signed=True)
+    D = A @ B
+    out = D[:, _C_ROW, _C_COL]
+    if not zero_c:
+        out = out + np.asarray(c, np.int64)
+    return wrap32(out)
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+class Global:
+    """The launch's global memory: the tensors the launcher passed, reached by their addresses.
+    Every access is checked for bounds and alignment; stores to ``track``ed tensors are counted."""
+
+    def __init__(self):
+        self.views: dict[int, np.ndarray] = {}
+        self.writes: dict[int, np.ndarray] = {}
+
+    def view(self, address: int) -> np.ndarray:
+        address = int(address)
+        if address == 0:
+            raise EmulationError("dereferenced a null pointer")
+        if address not in self.views:
+            t = launch.tensor_at(address)
+            if not t.is_contiguous():
+                raise EmulationError("a kernel argument is not contiguous")
+            self.views[address] = t.reshape(-1).view(torch.uint8).numpy()
+        return self.views[address]
+
+    def track(self, address: int) -> None:
+        self.writes[int(address)] = np.zeros(self.view(address).shape[0], np.int32)
+
+    def _check(self, address: int, offs, width: int, what: str):
+        buf = self.view(address)
+        offs = np.asarray(offs, np.int64).reshape(-1)
+        if offs.size == 0:
+            return buf, offs
+        if ((address + offs) % width).any():
+            raise EmulationError(f"{what}: {width}-byte access not {width}-byte aligned (offset {int(offs[((address + offs) % width) != 0][0])})")
+        if offs.min() < 0 or offs.max() + width > buf.shape[0]:
+            bad = offs[(offs < 0) | (offs + width > buf.shape[0])][0]
+            raise EmulationError(f"{what}: {width}-byte access at byte {int(bad)} outside the tensor ({buf.shape[0]} bytes)")
+        return buf, offs
+
+    def load(self, address: int, offs, width: int, what: str) -> np.ndarray:
+        buf, offs = self._check(address, offs, width, what)
+        return buf[offs[:, None] + np.arange(width)]
+
+    def store(self, address: int, offs, data, what: str) -> None:
+        data = np.asarray(data, np.uint8)
+        width = data.shape[-1]
+        buf, offs = self._check(address, offs, width, what)
+        idx = (offs[:, None] + np.arange(width)).reshape(-1)
+        buf[idx] = data.reshape(-1)
+        if int(address) in self.writes:
+            np.add.at(self.writes[int(address)], idx, 1)
+
+    def load_u32(self, address, elem_idx, what):
+        return self.load(address, np.asarray(elem_idx, np.int64) * 4, 4, what).view(np.uint32)[:, 0]
+
+
+class Shared:
+    """One CTA's shared memory with per-byte provenance (see the module docstring)."""
+
+    def __init__(self, nbytes: int):
+        self.data = np.zeros(nbytes, np.uint8)
+        self.tag = np.full(nbytes, -1, np.int64)        # stage / chunk tag of the last write (-1: never)
+        self.wthr = np.full(nbytes, -1, np.int32)       # writer thread
+        self.wep = np.full(nbytes, -1, np.int64)        # barrier interval of the write
+        self.inflight = np.zeros(nbytes, bool)          # an async copy is landing here
+        self.rthr = np.full(nbytes, -1, np.int32)       # last reader (-2: several)
+        self.rep = np.full(nbytes, -1, np.int64)        # barrier interval of the last read
+        self.epoch = 0
+        self.groups: list[list] = []
+        self.open: list = []
+        self.conflicts: dict[str, int] = {}             # access site -> worst bank-conflict degree
+
+    def barrier(self):
+        self.epoch += 1
+
+    def _idx(self, offs, width, what):
+        offs = np.asarray(offs, np.int64)
+        if (offs % min(width, 16)).any():
+            raise EmulationError(f"{what}: misaligned {width}-byte shared access")
+        if offs.min() < 0 or offs.max() + width > self.data.shape[0]:
+            raise EmulationError(f"{what}: shared access outside the {self.data.shape[0]} bytes")
+        return offs[:, None] + np.arange(width)
+
+    def _bank_check(self, tids, offs, width, what):
+        """Worst number of distinct 4-byte words one bank serves in one wavefront of a warp."""
+        tids = np.asarray(tids)
+        per_phase = 32 if width <= 4 else 128 // width
+        worst = 1
+        for w in np.unique(tids >> 5):
+            sel = (tids >> 5) == w
+            lanes, o = tids[sel] & 31, np.asarray(offs)[sel]
+            for ph in range(0, 32, per_phase):
+                m = (lanes >= ph) & (lanes < ph + per_phase)
+                words = np.unique(((o[m][:, None] + np.arange(0, max(width, 4), 4)) // 4).reshape(-1))
+                if words.size:
+                    worst = max(worst, int(np.bincount(words % 32).max()))
+        self.conflicts[what] = max(self.conflicts.get(what, 1), worst)
+
+    def _war(self, tids, idx, what):
+        same = self.rep[idx] == self.epoch
+        other = (self.rthr[idx] != np.asarray(tids)[:, None]) & (self.rthr[idx] != -1)
+        if (same & other).any():
+            raise EmulationError(f"{what}: write over bytes another thread read since the last barrier (WAR race)")
+
+    def write(self, tids, offs, data, tag, what):
+        data = np.asarray(data, np.uint8)
+        idx = self._idx(offs, data.shape[-1], what)
+        if self.inflight[idx].any():
+            raise EmulationError(f"{what}: write over an async copy still in flight")
+        self._war(tids, idx, what)
+        self._bank_check(tids, offs, data.shape[-1], what)
+        self.data[idx] = data
+        self.tag[idx] = tag
+        self.wthr[idx] = np.asarray(tids)[:, None]
+        self.wep[idx] = self.epoch
+
+    def read(self, tids, offs, width, tag, what) -> np.ndarray:
+        idx = self._idx(offs, width, what)
+        tids = np.asarray(tids)
+        if self.inflight[idx].any():
+            raise EmulationError(f"{what}: read of an async copy still in flight (missing cp.async.wait_group)")
+        if (self.tag[idx] != tag).any():
+            got = self.tag[idx][self.tag[idx] != tag][0]
+            raise EmulationError(f"{what}: read bytes of {'nothing' if got == -1 else f'stage {got}'}, wanted stage {tag}")
+        other = self.wthr[idx] != tids[:, None]
+        if (other & (self.wep[idx] >= self.epoch)).any():
+            raise EmulationError(f"{what}: read of another thread's write with no barrier between (RAW race)")
+        self._bank_check(tids, offs, width, what)
+        r = self.rthr[idx]
+        fresh = self.rep[idx] != self.epoch
+        self.rthr[idx] = np.where(fresh | (r == -1) | (r == tids[:, None]), tids[:, None], -2)
+        flat = idx.reshape(-1)
+        order = np.argsort(flat, kind="stable")
+        fi, ft = flat[order], np.broadcast_to(tids[:, None], idx.shape).reshape(-1)[order]
+        several = (fi[1:] == fi[:-1]) & (ft[1:] != ft[:-1])   # one byte read by two threads in this access
+        if several.any():
+            self.rthr[fi[1:][several]] = -2
+        self.rep[idx] = self.epoch
+        return self.data[idx]
+
+    def cp_async(self, tids, offs, src, tag, what):
+        src = np.asarray(src, np.uint8)
+        idx = self._idx(offs, 16, what)
+        if self.inflight[idx].any():
+            raise EmulationError(f"{what}: async copy over another one still in flight")
+        self._war(tids, idx, what)
+        self._bank_check(tids, offs, 16, what)
+        self.inflight[idx] = True
+        self.open.append((np.asarray(tids), idx, src, tag))
+
+    def commit(self):
+        self.groups.append(self.open)
+        self.open = []
+
+    def wait(self, n: int):
+        while len(self.groups) > n:
+            for tids, idx, src, tag in self.groups.pop(0):
+                self.inflight[idx] = False
+                self.data[idx] = src
+                self.tag[idx] = tag
+                self.wthr[idx] = tids[:, None]
+                self.wep[idx] = self.epoch
+
+
+# ----------------------------------------------------------------------------- CTA scheduling
+
+
+def run_grid(programs, resident: int, rng: random.Random):
+    """Run CTA coroutines: dispatched in grid order, at most ``resident`` at a time, resumed in a
+    random order.  A coroutine yields None (a point where others may run) or a predicate (it spins
+    until the predicate holds).  All resident CTAs spinning is a deadlock."""
+    pending = list(programs)
+    active = []  # [generator, predicate]
+    while pending or active:
+        while pending and len(active) < resident:
+            active.append([pending.pop(0), None])
+        ready = [a for a in active if a[1] is None or a[1]()]
+        if not ready:
+            raise EmulationError(f"deadlock: {len(active)} resident CTAs all spin-waiting ({len(pending)} not dispatched)")
+        cur = rng.choice(ready)
+        try:
+            cur[1] = next(cur[0])
+        except StopIteration:
+            active.remove(cur)
+
+
+# ----------------------------------------------------------------------------- shared pieces
+
+
+@dataclass
+class Ctx:
+    mem: Global
+    args: dict
+    mutations: frozenset
+    fops: FloatOps
+    conflicts: dict = field(default_factory=dict)
+    ticket_log: dict = field(default_factory=dict)
+
+
+def load_x8(ctx: Ctx, m, k, K, vec, bf16, active, what="x"):
+    """8 activations x[m, k..k+7] per thread as float32 [n, 8] (zeros past K).     [w4r::load_x8]"""
+    m, k = np.asarray(m, np.int64), np.asarray(k, np.int64)
+    out = np.zeros((m.shape[0], 8), np.float32)
+    conv = bf16_bits_to_f32 if bf16 else f16_bits_to_f32
+    x = ctx.args["x"]
+    if vec:
+        sel = active & (k < K)
+        if sel.any():
+            raw = ctx.mem.load(x, (m[sel] * K + k[sel]) * 2, 16, f"{what}: 16-byte activation load")
+            out[sel] = conv(raw.view(np.uint16))
+    else:
+        for e in range(8):
+            sel = active & (k + e < K)
+            if sel.any():
+                raw = ctx.mem.load(x, (m[sel] * K + k[sel] + e) * 2, 2, f"{what}: activation load")
+                out[sel, e] = conv(raw.view(np.uint16)[:, 0])
+    return ctx.fops.f(out)
+
+
+def a_frag(ctx: Ctx, w_lo_row, w_hi_row):
+    """Repacked words (rows gid, gid + 8) -> A registers [n, 4] (bytes 16 q).         [w4r::a_frag]"""
+    lo16 = lambda w: (np.asarray(w, np.uint32) << np.uint32(4)) & np.uint32(0xF0F0F0F0)  # noqa: E731
+    hi16 = lambda w: np.asarray(w, np.uint32) & np.uint32(0xF0F0F0F0)  # noqa: E731
+    a = np.stack([lo16(w_lo_row), lo16(w_hi_row), hi16(w_lo_row), hi16(w_hi_row)], axis=-1)
+    if "swap_halves" in ctx.mutations:
+        a = a[..., [2, 3, 0, 1]]
+    return a
+
+
+def load_scale(ctx: Ctx, is_int: bool, idx, sc16: bool, what="scale"):
+    """Group scales at flat [G, N128] indices: IS int32 (int16 if sc16); FS float(s) / 16.  [w4r::Scale]"""
+    idx = np.asarray(idx, np.int64)
+    sc = ctx.args["scales"]
+    if is_int:
+        if sc16:
+            return ctx.mem.load(sc, idx * 2, 2, what).view(np.int16)[:, 0].astype(np.int32)
+        return ctx.mem.load(sc, idx * 4, 4, what).view(np.int32)[:, 0]
+    return ctx.fops.mul(f16_bits_to_f32(ctx.mem.load(sc, idx * 2, 2, what).view(np.uint16)[:, 0]), np.float32(0.0625))
+
+
+def fold(ctx: Ctx, is_int: bool, acc, p16, s):
+    """IS: A += s * (16P >> 4) wrapping; FS: acc = acc + float(16P) * (s / 16).          [w4r::fold1]"""
+    if is_int:
+        return wrap32(acc.astype(np.int64) + s.astype(np.int64) * (p16.astype(np.int64) >> 4))
+    return ctx.fops.add(acc, ctx.fops.mul(ctx.fops.i2f(p16), s))
+
+
+def out_value(ctx: Ctx, is_int: bool, acc, tm, cs):
+    """y before rounding: IS float(A) * (t * cs); FS acc * t.                     [w4r::out_value]"""
+    if is_int:
+        return ctx.fops.mul(ctx.fops.i2f(acc), ctx.fops.mul(tm, cs))
+    return ctx.fops.mul(acc, tm)
+
+
+def store_pair(ctx: Ctx, m, n, N, v0, v1, what="y"):
+    """qk::store_pair for the threads given: one 32-bit store if n + 1 < N and N even, else 16-bit
+    stores of the columns < N."""
+    y = ctx.args["y"]
+    m, n = np.asarray(m, np.int64), np.asarray(n, np.int64)
+    v0, v1 = np.asarray(v0, np.uint16), np.asarray(v1, np.uint16)
+    pair = (n + 1 < N) & (N % 2 == 0)
+    if pair.any():
+        data = np.stack([v0[pair], v1[pair]], -1).view(np.uint8).reshape(-1, 4)
+        ctx.mem.store(y, (m[pair] * N + n[pair]) * 2, data, f"{what}: 32-bit pair store")
+    for v, dn in ((v0, 0), (v1, 1)):
+        sel = ~pair & (n + dn < N)
+        if sel.any():
+            ctx.mem.store(y, (m[sel] * N + n[sel] + dn) * 2, v[sel].view(np.uint8).reshape(-1, 2), f"{what}: 16-bit store")
+
+
+def store_frag(ctx: Ctx, o, m_base, n0, M, N, tid):
+    """The 4 outputs of a C fragment per thread (o uint16 [256, 4]) -> y through the lane^4 shuffle
+    (w4r::store_frag).  ``m_base`` and ``n0`` per thread."""
+    lane = tid & 31
+    gid, tig = lane >> 2, lane & 3
+    odd = (gid & 1) == 1
+    o = np.asarray(o, np.uint32)
+    send = np.where(odd, o[:, 0] | (o[:, 2] << 16), o[:, 1] | (o[:, 3] << 16)).astype(np.uint32)
+    recv = send[tid ^ 4]  # __shfl_xor_sync(.., 4) within the warp: lane ^ 4 of the same warp
+    r0, r1 = recv & 0xFFFF, recv >> 16
+    m = np.asarray(m_base) + 2 * tig + odd
+    n = np.asarray(n0) + gid - odd
+    sel = m < M
+    store_pair(ctx, m[sel], n[sel], N, np.where(odd, r0, o[:, 0])[sel], np.where(odd, o[:, 1], r0)[sel])
+    store_pair(ctx, m[sel], n[sel] + 8, N, np.where(odd, r1, o[:, 2])[sel], np.where(odd, o[:, 3], r1)[sel])
+
+
+def c_regs(ctx: Ctx, acc):
+    """The epilogue's view of the 4 accumulator registers (the c_map mutation swaps c1 / c2)."""
+    return acc[..., [0, 2, 1, 3]] if "c_map" in ctx.mutations else acc
+
+
+def splitk_reduce(ctx: Ctx, acc, is_int, s, S, tiles, tile, ticket_ptr, ticket_idx, tid, key):
+    """Coroutine of w4r::splitk_reduce: publish, ticket, and (last CTA) the fixed-order sum.
+    acc [256, NF, 4] (int32 or float32).  Yields; returns the reduced acc or None."""
+    warp, lane = tid >> 5, tid & 31
+    nf = acc.shape[1]
+    part = ctx.args["part"]
+    bits = acc.view(np.int32) if not is_int else acc
+    for f in range(nf):
+        ctx.mem.store(part, part_slot(s, tiles, tile, warp, f, nf, lane) * 16, bits[:, f, :].astype(np.int32).view(np.uint8).reshape(-1, 16),
+                      "split-K partial store")
+    yield None  # __threadfence; __syncthreads: other CTAs may run here
+    ws = ctx.mem.view(ticket_ptr).view(np.int32)
+    t = int(ws[ticket_idx])
+    ws[ticket_idx] = t + 1
+    order = ctx.ticket_log.setdefault(key, [])
+    order.append(s)
+    if t != S - 1:
+        return None
+    ws[ticket_idx] = 0
+    seq = order if "ticket_order" in ctx.mutations else list(range(S))
+    total = None
+    for s2 in seq:
+        if s2 == s:
+            v = acc
+        else:
+            raw = np.stack([ctx.mem.load(part, part_slot(s2, tiles, tile, warp, f, nf, lane) * 16, 16, "split-K partial load")
+                            .view(np.int32) for f in range(nf)], axis=1)
+            v = raw if is_int else raw.view(np.float32)
+        if total is None:
+            total = v.copy()
+        else:
+            total = wrap32(total.astype(np.int64) + v.astype(np.int64)) if is_int else ctx.fops.add(total, v)
+    return total
+
+
+# ----------------------------------------------------------------------------- decode
+
+
+def decode_cta(ctx: Ctx, mt8: int, is_int: bool, grid, s: int, tile: int):
+    """Coroutine of one decode CTA (w4r::decode), threads vectorized."""
+    a = ctx.args
+    mut, fops, mem = ctx.mutations, ctx.fops, ctx.mem
+    ROWS = 8 * mt8
+    XK = D_XQ_BYTES // ROWS
+    XS = XK + 32
+    sm = Shared(decode_smem(mt8))
+    tid = np.arange(THREADS)
+    warp, lane = tid >> 5, tid & 31
+    gid, tig = lane >> 2, lane & 3
+    S, tiles = grid[0], grid[1]
+    cta = tile * S + s
+    M, N, K, N128, KB = a["M"], a["N"], a["K"], a["N128"], a["KB"]
+    spg, A, ak_log2, flags = a["spg"], a["A"], a["ak_log2"], a["flags"]
+    bf16, vec, sc16 = bool(flags & 1), bool(flags & 2), bool(flags & 4)
+    ws = mem.view(a["ws"]).view(np.int32)
+
+    g0, g1 = split_groups(s, a["gq"], a["gr"])
+    kk0, kk1 = g0 * spg, g1 * spg
+    kb0 = kk0 >> 1
+    nblk = ((kk1 + 1) >> 1) - kb0
+    t16 = tile * WARPS + warp
+
+    def issue(blk):
+        src = mem.load(a["wq"], w_chunk(t16, kb0 + blk, lane, KB) * 16, 16, "weight cp.async")
+        sm.cp_async(tid, d_w_slot(blk % D_STAGES, warp, lane), src, blk, "decode weight cp.async")
+
+    # 1. weight prologue
+    for i in range(D_STAGES - 1):
+        if i < nblk:
+            issue(i)
+        sm.commit()
+
+    # 2. amax exchange
+    publisher = (cta >= grid[0] * grid[1] - A) if "late_publishers" in mut else (cta < A)
+    chunk_id = cta - (grid[0] * grid[1] - A) if "late_publishers" in mut else cta
+    if publisher and "amax_local" not in mut:
+        s_amax = np.zeros(64, np.int32)
+        upr = ak_log2 - 3
+        units = M << upr
+        for base in range(0, units, THREADS):
+            u = base + tid
+            act = u < units
+            m = np.where(act, u >> upr, 0)
+            k = (chunk_id << ak_log2) + ((u & ((1 << upr) - 1)) << 3)
+            v = load_x8(ctx, m, k, K, vec, bf16, act, "amax x")
+            mx = np.abs(v).max(axis=1)
+            sel = act & (mx > 0)
+            np.maximum.at(s_amax, m[sel], mx[sel].view(np.int32))
+        for m in range(M):
+            if s_amax[m]:
+                ws[WS_AMAX + m] = max(int(ws[WS_AMAX + m]), int(s_amax[m]))
+        yield None
+        ws[WS_ARRIVE] += 1
+    if "amax_local" in mut:  # a broken exchange: each CTA quantizes with the amax of one k chunk only
+        lo = (cta % max(A, 1)) << ak_log2
+        ks = np.arange(lo, lo + (1 << ak_log2), 8)
+        v = load_x8(ctx, np.repeat(np.arange(M), ks.size), np.tile(ks, M), K, False, bf16, np.ones(M * ks.size, bool), "amax x")
+        amax = np.abs(v).reshape(M, -1).max(axis=1).astype(np.float32)
+    else:
+        while ws[WS_ARRIVE] < A:
+            yield (lambda: ws[WS_ARRIVE] >= A)
+        amax = ws[WS_AMAX:WS_AMAX + M].view(np.float32).copy()
+    s_inv = np.zeros(ROWS, np.float32)
+    s_t = np.zeros(ROWS, np.float32)
+    s_inv[:M] = np.where(amax > 0, fops.mul(fops.rcp(amax), np.float32(127)), np.float32(0))
+    s_t[:M] = fops.div(amax, 127.0)
+    if "amax_local" not in mut:
+        done = int(ws[WS_DONE])
+        ws[WS_DONE] = done + 1
+        if done == grid[0] * grid[1] - 1:
+            ws[WS_AMAX:WS_AMAX + M] = 0
+            ws[WS_ARRIVE] = 0
+            ws[WS_DONE] = 0
+    yield None
+
+    # 3. main loop
+    xc_log2 = min(ceil_log2(XK), ceil_log2(64 * nblk))
+    xb = 1 << (xc_log2 - 6)
+    st = {"next_chunk": 0, "chunk_kk": 0, "chunk": -1, "wr": np.zeros((THREADS, 4), np.uint32)}
+    acc = np.zeros((THREADS, mt8, 4), np.int32 if is_int else np.float32)
+    P = np.zeros((THREADS, mt8, 4), np.int32)
+    n_row = t16 * 16 + gid
+
+    def quantize_chunk(blk):
+        kbase = (kb0 + blk) * 64
+        upr = xc_log2 - 3
+        units = ROWS << upr
+        for base in range(0, units, THREADS):
+            u = base + tid
+            act = u < units
+            r = np.where(act, u >> upr, 0)
+            kl = (u & ((1 << upr) - 1)) << 3
+            live = act & (r < M)
+            v = load_x8(ctx, np.where(live, r, 0), kbase + kl, K, vec, bf16, live, "chunk x")
+            inv = np.where(live, s_inv[r], np.float32(0))[:, None]
+            f = fops.f(np.rint(fops.mul(v, inv)))
+            f = np.clip(np.where(np.isnan(f), np.float32(0), f), -127, 127)
+            q = np.where(live[:, None], f, 0).astype(np.int64).astype(np.int8).view(np.uint8)
+            sm.write(tid[act], (D_W_BYTES + r * XS + kl)[act], q[act], TAG_X + st["chunk"] + 1, "x chunk store")
+
+    def kstep(kk, first):
+        nonlocal P
+        blk = (kk >> 1) - kb0
+        if kk == kk0 or (kk & 1) == 0:
+            if blk == st["next_chunk"]:
+                if blk != 0:
+                    sm.barrier()
+                quantize_chunk(blk)
+                if "no_barrier" not in mut:
+                    sm.barrier()
+                st["chunk"] += 1
+                st["next_chunk"] += xb
+                st["chunk_kk"] = (kb0 + blk) * 2
+            if "no_wait" not in mut:
+                sm.wait(D_STAGES - 2)
+            slot = (blk + 1 if "stage_off_by_one" in mut else blk) % D_STAGES
+            st["wr"] = sm.read(tid, d_w_slot(slot, warp, lane), 16, blk, "decode weight LDS.128").view(np.uint32).reshape(THREADS, 4)
+            nb = blk + D_STAGES - 1
+            if nb < nblk:
+                issue(nb)
+            sm.commit()
+        wr = st["wr"]
+        af = a_frag(ctx, wr[:, 2], wr[:, 3]) if kk & 1 else a_frag(ctx, wr[:, 0], wr[:, 1])
+        koff = (kk - st["chunk_kk"]) * 32 + 8 * tig
+        newP = np.empty_like(P)
+        for mt in range(mt8):
+            off = D_W_BYTES + gid * XS + koff + mt * 8 * XS
+            bb = sm.read(tid, off, 8, TAG_X + st["chunk"], "decode x LDS.64").view(np.uint32).reshape(THREADS, 2)
+            if "k_perm" in mut:  # natural order: b0 = k 4tig.., b1 = k 16+4tig..
+                b0 = sm.read(tid, D_W_BYTES + gid * XS + (kk - st["chunk_kk"]) * 32 + 4 * tig + mt * 8 * XS, 4, TAG_X + st["chunk"], "x").view(np.uint32)[:, 0]
+                b1 = sm.read(tid, D_W_BYTES + gid * XS + (kk - st["chunk_kk"]) * 32 + 16 + 4 * tig + mt * 8 * XS, 4, TAG_X + st["chunk"], "x").view(np.uint32)[:, 0]
+                bb = np.stack([b0, b1], -1)
+            d = mma_m16n8k32(af.reshape(WARPS, 32, 4), bb.reshape(WARPS, 32, 2), P[:, mt].reshape(WARPS, 32, 4),
+                             zero_c=first, a_unsigned="no_sign" in mut)
+            newP[:, mt] = d.reshape(THREADS, 4)
+        P = newP
+
+    sc = np.stack([load_scale(ctx, is_int, g0 * N128 + n_row, sc16), load_scale(ctx, is_int, g0 * N128 + n_row + 8, sc16)], -1)
+    for g in range(g0, g1):
+        if g + 1 < g1:
+            nsc = np.stack([load_scale(ctx, is_int, (g + 1) * N128 + n_row, sc16),
+                            load_scale(ctx, is_int, (g + 1) * N128 + n_row + 8, sc16)], -1)
+        kstep(g * spg, True)
+        for stp in range(1, spg):
+            kstep(g * spg + stp, False)
+        for i in range(4):
+            acc[:, :, i] = fold(ctx, is_int, acc[:, :, i], P[:, :, i], sc[:, None, i >> 1])
+        if g + 1 < g1:
+            sc = nsc
+    sm.wait(0)
+    ctx.conflicts.update({k: max(v, ctx.conflicts.get(k, 1)) for k, v in sm.conflicts.items()})
+
+    # 4. split-K, epilogue
+    if S > 1:
+        red = yield from splitk_reduce(ctx, acc, is_int, s, S, tiles, tile, a["ws"], WS_TILES + tile, tid, ("d", tile))
+        if red is None:
+            return
+        acc = red
+    n0 = t16 * 16
+    cs = np.zeros((THREADS, 2), np.float32)
+    if is_int:
+        inv_alpha = np.float32(2.0 ** -a["alpha_log2"])
+        cs[:, 0] = fops.mul(mem.load(a["cscale"], (n0 + gid) * 4, 4, "cscale").view(np.float32)[:, 0], inv_alpha)
+        cs[:, 1] = fops.mul(mem.load(a["cscale"], (n0 + gid + 8) * 4, 4, "cscale").view(np.float32)[:, 0], inv_alpha)
+    accv = c_regs(ctx, acc)
+    for mt in range(mt8):
+        o = np.zeros((THREADS, 4), np.uint16)
+        for i in range(4):
+            m = mt * 8 + 2 * tig + (i & 1)
+            o[:, i] = f32_to_bits16(out_value(ctx, is_int, accv[:, mt, i], s_t[m], cs[:, i >> 1]), bf16)
+        store_frag(ctx, o, mt * 8, n0, M, N, tid)
+        if is_int and a["acc_out"]:
+            for i in range(4):
+                m = mt * 8 + 2 * tig + (i & 1)
+                n = n0 + gid + 8 * (i >> 1)
+                sel = (m < M) & (n < N)
+                mem.store(a["acc_out"], (m[sel] * N + n[sel]) * 4, accv[sel, mt, i].astype(np.int32).view(np.uint8).reshape(-1, 4), "acc_out")
+
+
+# ----------------------------------------------------------------------------- prefill
+
+
+def p_tile(bx: int, by: int, band_log2: int) -> tuple[int, int]:
+    """(m tile, n tile) of CTA (blockIdx.x, blockIdx.y): the banded raster.         [w4r::prefill]"""
+    return bx >> band_log2, (by << band_log2) + (bx & ((1 << band_log2) - 1))
+
+
+def prefill_cta(ctx: Ctx, is_int: bool, grid, bx: int, by: int, s: int):
+    """Coroutine of one prefill CTA (w4r::prefill), threads vectorized."""
+    a = ctx.args
+    mut, fops, mem = ctx.mutations, ctx.fops, ctx.mem
+    mti, nti = p_tile(bx, by, a["band_log2"])
+    if mti >= a["mtiles"] or nti >= a["ntiles"]:
+        return
+        yield  # noqa: B901 - a coroutine that ends at once
+    sm = Shared(P_SMEM)
+    tid = np.arange(THREADS)
+    warp, lane = tid >> 5, tid & 31
+    gid, tig = lane >> 2, lane & 3
+    wn, wm = warp & 3, warp >> 2
+    M, N, N128, KB, spg = a["M"], a["N"], a["N128"], a["KB"], a["spg"]
+    bf16, sc16 = bool(a["flags"] & 1), bool(a["flags"] & 4)
+    m0, t16_0, Kq = mti * P_BM, nti * 8, KB * 64
+    g0, g1 = split_groups(s, a["gq"], a["gr"])
+    kk0, kk1 = g0 * spg, g1 * spg
+    st0 = kk0 >> 2
+    nst = ((kk1 + 3) >> 2) - st0
+    swz = "swizzle_off" not in mut
+
+    def load_stage(i):                                             # [w4r::prefill load_stage]
+        buf, kst = i % P_STAGES, st0 + i
+        for r in range(2):
+            q = tid + r * THREADS
+            kb = 2 * kst + ((q >> 5) & 1)
+            ok = kb < KB
+            src = np.zeros((THREADS, 16), np.uint8)
+            if ok.any():
+                src[ok] = mem.load(a["wq"], w_chunk(t16_0 + (q[ok] >> 6), kb[ok], q[ok] & 31, KB) * 16, 16, "prefill weight cp.async")
+            sm.cp_async(tid, buf * P_W_STAGE + q * 16, src, i, "prefill weight cp.async")
+        for r in range(4):
+            q = tid + r * THREADS
+            row, c = q >> 3, q & 7
+            gm, gk = m0 + row, kst * P_BK + c * 16
+            ok = (gm < M) & (gk < Kq)
+            src = np.zeros((THREADS, 16), np.uint8)
+            if ok.any():
+                src[ok] = mem.load(a["xq"], gm[ok] * Kq + gk[ok], 16, "prefill x cp.async")
+            sm.cp_async(tid, P_W_STAGE * P_STAGES + buf * P_X_STAGE + p_x_off(row, c), src, TAG_X + i, "prefill x cp.async")
+
+    for i in range(P_STAGES - 1):
+        if i < nst:
+            load_stage(i)
+        sm.commit()
+
+    acc = np.zeros((THREADS, 16, 4), np.int32 if is_int else np.float32)  # f = a * 8 + j
+    P = np.zeros((THREADS, 16, 4), np.int32)
+    n_row = [(t16_0 + 2 * wn + ai) * 16 + gid for ai in range(2)]
+    wr = [np.zeros((THREADS, 4), np.uint32), np.zeros((THREADS, 4), np.uint32)]
+
+    def kstep(kk, first):
+        nonlocal P
+        i = (kk >> 2) - st0
+        slot_i = i + 1 if "stage_off_by_one" in mut else i
+        buf = slot_i % P_STAGES
+        if kk == kk0 or (kk & 3) == 0:
+            if "no_wait" not in mut:
+                sm.wait(P_STAGES - 2)
+            if "no_stage_barrier" not in mut:
+                sm.barrier()
+            if i + P_STAGES - 1 < nst:
+                load_stage(i + P_STAGES - 1)
+            sm.commit()
+        if kk == kk0 or (kk & 1) == 0:
+            b2 = (kk >> 1) & 1
+            for ai in range(2):
+                wr[ai] = sm.read(tid, buf * P_W_STAGE + (((2 * wn + ai) * 2 + b2) * 32 + lane) * 16, 16, i,
+                                 "prefill weight LDS.128").view(np.uint32).reshape(THREADS, 4)
+        af = [a_frag(ctx, w[:, 2], w[:, 3]) if kk & 1 else a_frag(ctx, w[:, 0], w[:, 1]) for w in wr]
+        ks = kk & 3
+        newP = np.empty_like(P)
+        for j in range(8):
+            row = wm * 64 + j * 8 + gid
+            off = P_W_STAGE * P_STAGES + buf * P_X_STAGE + p_x_off(row, 2 * ks + (tig >> 1), swz) + ((tig & 1) << 3)
+            bb = sm.read(tid, off, 8, TAG_X + i, "prefill x LDS.64").view(np.uint32).reshape(THREADS, 2)
+            for ai in range(2):
+                f = ai * 8 + j
+                d = mma_m16n8k32(af[ai].reshape(WARPS, 32, 4), bb.reshape(WARPS, 32, 2), P[:, f].reshape(WARPS, 32, 4),
+                                 zero_c=first, a_unsigned="no_sign" in mut)
+                newP[:, f] = d.reshape(THREADS, 4)
+        P = newP
+
+    def scales_for(g):
+        return [np.stack([load_scale(ctx, is_int, g * N128 + n_row[ai], sc16), load_scale(ctx, is_int, g * N128 + n_row[ai] + 8, sc16)], -1)
+                for ai in range(2)]
+
+    sc = scales_for(g0)
+    for g in range(g0, g1):
+        nsc = scales_for(g + 1) if g + 1 < g1 else None
+        kstep(g * spg, True)
+        for stp in range(1, spg):
+            kstep(g * spg + stp, False)
+        for ai in range(2):
+            for i in range(4):
+                acc[:, ai * 8:(ai + 1) * 8, i] = fold(ctx, is_int, acc[:, ai * 8:(ai + 1) * 8, i], P[:, ai * 8:(ai + 1) * 8, i], sc[ai][:, None, i >> 1])
+        if nsc is not None:
+            sc = nsc
+    sm.wait(0)
+    ctx.conflicts.update({k: max(v, ctx.conflicts.get(k, 1)) for k, v in sm.conflicts.items()})
+    yield None
+
+    tile = mti * a["ntiles"] + nti
+    if a["S"] > 1:
+        red = yield from splitk_reduce(ctx, acc, is_int, s, a["S"], a["mtiles"] * a["ntiles"], tile, a["counters"], tile, tid, ("p", tile))
+        if red is None:
+            return
+        acc = red
+    accv = c_regs(ctx, acc)
+    for ai in range(2):
+        n0 = (t16_0 + 2 * wn + ai) * 16
+        cs = np.zeros((THREADS, 2), np.float32)
+        if is_int:
+            inv_alpha = np.float32(2.0 ** -a["alpha_log2"])
+            cs[:, 0] = fops.mul(mem.load(a["cscale"], (n0 + gid) * 4, 4, "cscale").view(np.float32)[:, 0], inv_alpha)
+            cs[:, 1] = fops.mul(mem.load(a["cscale"], (n0 + gid + 8) * 4, 4, "cscale").view(np.float32)[:, 0], inv_alpha)
+        for j in range(8):
+            m_base = m0 + wm * 64 + j * 8
+            o = np.zeros((THREADS, 4), np.uint16)
+            for i in range(4):
+                m = m_base + 2 * tig + (i & 1)
+                tm = np.zeros(THREADS, np.float32)
+                sel = m < M
+                if sel.any():
+                    tm[sel] = mem.load(a["t"], m[sel] * 4, 4, "t").view(np.float32)[:, 0]
+                o[:, i] = f32_to_bits16(out_value(ctx, is_int, accv[:, ai * 8 + j, i], tm, cs[:, i >> 1]), bf16)
+            store_frag(ctx, o, m_base, n0, M, N, tid)
+            if is_int and a["acc_out"]:
+                for i in range(4):
+                    m = m_base + 2 * tig + (i & 1)
+                    n = n0 + gid + 8 * (i >> 1)
+                    sel = (m < M) & (n < N)
+                    mem.store(a["acc_out"], (m[sel] * N + n[sel]) * 4, accv[sel, ai * 8 + j, i].astype(np.int32).view(np.uint8).reshape(-1, 4), "acc_out")
+
+
+# ----------------------------------------------------------------------------- quantizer
+
+
+def quantize_rows(ctx: Ctx, grid, bf16: bool):
+    """qk::quantize_row for every row (a CTA per row; the reductions are order-free maxima)."""
+    a = ctx.args
+    M, K, Kq = a["M"], a["K"], a["Kq"]
+    fops, mem = ctx.fops, ctx.mem
+    conv = bf16_bits_to_f32 if bf16 else f16_bits_to_f32
+    for m in range(min(grid[0], M)):
+        x = fops.f(conv(mem.load(a["x"], (m * K + np.arange(K)) * 2, 2, "quantizer x").view(np.uint16)[:, 0]))
+        amax = np.float32(np.abs(x).max()) if K else np.float32(0)
+        inv = fops.mul(fops.rcp(amax), np.float32(127)) if amax > 0 else np.float32(0)
+        f = fops.f(np.rint(fops.mul(x, inv)))
+        q = np.clip(np.where(np.isnan(f), np.float32(0), f), -127, 127).astype(np.int64).astype(np.int8)
+        row = np.zeros(Kq, np.int8)
+        row[:K] = q
+        mem.store(a["xq"], m * Kq + np.arange(Kq), row.view(np.uint8)[:, None], "quantizer xq")
+        mem.store(a["t"], np.array([m * 4]), np.asarray([fops.div(amax, 127.0)], np.float32).view(np.uint8)[None, :], "quantizer t")
+
+
+# ----------------------------------------------------------------------------- launches
+
+
+@dataclass
+class Emulator:
+    """The launch hook: runs each launch of w4a8_repacked.cu on the CPU with the checks above."""
+
+    mutations: frozenset = frozenset()
+    seed: int = 0
+    resident: int | None = None       # CTAs resident at once (grid order); default: the SM count
+    launches: list = field(default_factory=list)
+    conflicts: dict = field(default_factory=dict)
+    ticket_orders: list = field(default_factory=list)
+
+    def __call__(self, name, grid, block, args, shared_mem, source):
+        unknown = set(self.mutations) - MUTATIONS
+        if unknown:
+            raise ValueError(f"unknown mutations {sorted(unknown)}")
+        grid = tuple(int(v) for v in grid) + (1,) * (3 - len(grid))
+        if tuple(block) != (THREADS,) and not name.startswith("w4a8r_quantize"):
+            raise EmulationError(f"{name}: launched with block {block}, the kernel is written for {THREADS} threads")
+        mem = Global()
+        if name.startswith("w4a8r_decode_"):
+            params = DECODE_PARAMS
+        elif name.startswith("w4a8r_prefill_"):
+            params = PREFILL_PARAMS
+        elif name.startswith("w4a8r_quantize_"):
+            params = QUANT_PARAMS
+        else:
+            raise EmulationError(f"no emulation of kernel {name}")
+        if len(args) != len(params):
+            raise EmulationError(f"{name}: {len(args)} arguments, the kernel takes {len(params)}")
+        vals = {p: int(v) for p, v in zip(params, args)}
+        ctx = Ctx(mem, vals, frozenset(self.mutations), FloatOps("ftz" in self.mutations))
+        self.launches.append((name, grid, shared_mem, dict(vals)))
+        rng = random.Random(self.seed * 1_000_003 + len(self.launches))
+        resident = self.resident or launch.emulated_sm_count()
+        if name.startswith("w4a8r_quantize_"):
+            quantize_rows(ctx, grid, name.endswith("bf16"))
+            return
+        mem.track(vals["y"])
+        if vals.get("acc_out"):
+            mem.track(vals["acc_out"])
+        is_int = "_is" in name
+        if name.startswith("w4a8r_decode_"):
+            mt8 = int(name.rsplit("_m", 1)[1]) // 8
+            if shared_mem != decode_smem(mt8):
+                raise EmulationError(f"{name}: {shared_mem} bytes of dynamic shared memory, the kernel uses {decode_smem(mt8)}")
+            if vals["M"] > 8 * mt8 or grid[2] != 1 or grid[0] != vals["S"]:
+                raise EmulationError(f"{name}: M={vals['M']} or grid {grid} does not fit the kernel")
+            programs = [decode_cta(ctx, mt8, is_int, grid, s, tile) for tile in range(grid[1]) for s in range(grid[0])]
+            run_grid(programs, resident, rng)
+            ws = mem.view(vals["ws"]).view(np.int32)
+            if ws.any():
+                raise EmulationError(f"{name}: workspace not back to zero after the launch ({np.flatnonzero(ws)[:8]})")
+        else:
+            if shared_mem != P_SMEM:
+                raise EmulationError(f"{name}: {shared_mem} bytes of dynamic shared memory, the kernel uses {P_SMEM}")
+            programs = [prefill_cta(ctx, is_int, grid, bx, by, bz)
+                        for bz in range(grid[2]) for by in range(grid[1]) for bx in range(grid[0])]
+            run_grid(programs, resident, rng)
+        for k, v in ctx.conflicts.items():
+            self.conflicts[k] = max(v, self.conflicts.get(k, 1))
+        self.ticket_orders.append(dict(ctx.ticket_log))
+        # every output element written exactly once
+        M, N = vals["M"], vals["N"]
+        for key, width in (("y", 2), ("acc_out", 4)):
+            if vals.get(key):
+                w = mem.writes[vals[key]][: M * N * width].reshape(M * N, width)
+                if not (w == 1).all():
+                    bad = np.flatnonzero((w != 1).any(axis=1))[0]
+                    raise EmulationError(f"{name}: {key}[{bad // N}, {bad % N}] written {int(w[bad].max())} times")
+
+
+@contextlib.contextmanager
+def emulating(sm_count: int = 8, **kwargs):
+    """Run ``cuda.linear`` (and any launch of w4a8_repacked.cu) on the CPU emulator; yields the
+    ``Emulator`` (its ``launches``, bank ``conflicts`` per access site, ``ticket_orders``)."""
+    emu = Emulator(**kwargs)
+    with launch.launch_hook(emu, sm_count=sm_count):
+        yield emu

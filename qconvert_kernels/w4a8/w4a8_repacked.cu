@@ -1,0 +1,690 @@
+// W4A8 kernels on load-time repacked weights: a decode GEMM (M <= 64, bandwidth-bound: split-K,
+// deep cp.async pipeline, per-token int8 quantization fused in, one launch per linear) and a
+// prefill GEMM (M > 64, tensor-core-bound: 128 x 128 tiles, 8 warps, 4-stage pipeline, swizzled
+// shared memory, banded raster).  Both compute layout w4a8-is (Integer Scale) and w4a8-fs (float
+// scale) exactly as qconvert_kernels/w4a8/reference.py:
+//
+//   xq, t = quantize_per_token_int8(x)        (reference.py; fused into the decode kernel)
+//   P[j, m, n] = sum_{k in group j} xq[m, k] * q[n, k]                        (int32)
+//   IS:  A = sum_j iscale[n, j] * P[j]   (int32, wrapping)   y = float(A) * (t[m] * (cscale[n] * 2^-a))
+//   FS:  acc = sum_j float(P[j]) * float(scales[n, j])  (float32, group order, no FMA)   y = acc * t[m]
+//   y rounded to fp16 / bf16.
+// IS is bit-exact for any split; FS is bit-exact when a launch has one split (S == 1), and with
+// S > 1 it is the fixed-order sum of the splits' sequential sums (deterministic run to run;
+// reference.py:w4a8_fs_gemm_split is that order; see docs/kernels.md).
+//
+// The CPU emulator qconvert_kernels/w4a8/emulate.py mirrors this file function by function (the
+// index math is written once in each language; each helper names its twin).  Change both.
+//
+// ---------------------------------------------------------------------------------------
+// Roles.  The WEIGHTS are the mma's A operand (16 output channels x 32 k) and the ACTIVATIONS its
+// B operand (32 k x 8 tokens), so the accumulator C[n][m] is y transposed: at decode (M <= 8) one
+// n8 token tile is 1/8 used, against 1/16 with the roles the other way round.
+//
+// mma.m16n8k32.row.col.s32.s8.s8.s32 fragments (PTX ISA, "Matrix Fragments for mma.m16n8k32",
+// .s8), lane = 4 gid + tig:
+//   a0 = W[gid][k 4tig..+3]   a1 = W[gid+8][k 4tig..+3]   a2 = W[gid][k 16+4tig..+3]   a3 = W[gid+8][k 16+4tig..]
+//   b0 = X[k 4tig..+3][tok gid]                           b1 = X[k 16+4tig..+3][tok gid]
+//   c0 = C[n gid][tok 2tig]  c1 = C[gid][2tig+1]  c2 = C[gid+8][2tig]  c3 = C[gid+8][2tig+1]
+// K permutation (as in w4a8_gemm.cu): mma k 4tig+i <- real k 8tig+i, mma k 16+4tig+i <- real k
+// 8tig+4+i (i < 4): a lane needs the 8 consecutive real k 8tig..8tig+7 of its rows / token.
+//
+// Repacked weights (repack.py, the "W4R" layout), uint32 words [N128/16][KB][32 lanes][4]:
+//   word j of lane (gid, tig) for n16 tile t, k64 block kb:
+//     j = 0: row 16t + gid,     k step 2kb      j = 1: row 16t + gid + 8, k step 2kb
+//     j = 2: row 16t + gid,     k step 2kb + 1  j = 3: row 16t + gid + 8, k step 2kb + 1
+//   each word the 8 nibbles of real k 32*ks + 8tig + 0..7, interleaved: nibble 2i = k+i, 2i+1 = k+4+i.
+// So one 16-byte load per lane per (n16 tile, k64 block) IS the A fragment of two k steps, a
+// warp's 512 bytes are contiguous, and qk::int4x4_lo16 / hi16 turn a word into a0 / a2 (or a1 /
+// a3) in three integer ops (values 16 q; the fold divides by 16 exactly).
+// Scales are repacked to [G, N128] (a CTA's 128 channels of one group are contiguous).
+// N is padded to N128 (a multiple of 128) and K to Kq (a multiple of 64) with zero weights.
+// ---------------------------------------------------------------------------------------
+
+#include "../common.cuh"
+
+namespace w4r {
+
+constexpr int THREADS = 256;             // 8 warps
+constexpr int WARPS = 8;
+constexpr int BN = 128;                  // output channels per CTA = 8 n16 tiles
+constexpr int LANE_CHUNK = 16;           // bytes per lane per (n16 tile, k64 block)
+constexpr int BLOCK_BYTES = 32 * LANE_CHUNK;  // one warp's (n16 tile, k64 block): 512 contiguous bytes
+
+// Decode.  One CTA = 128 channels x one split of K's groups; warp w owns n16 tile 8*tile + w and
+// streams its own weights (no other warp reads them, so the weight pipeline needs no barrier).
+//
+//        K (groups) ->   split 0       split 1     ...  split S-1
+//   N   tile 0      | CTA (0,0)   | CTA (1,0)   | ... |           each CTA: 8 warps x 16 channels,
+//   |   tile 1      | CTA (0,1)   | ...         |     |           all M (<= 64) tokens, k steps of
+//   v   ...         |             |             |     |           its groups; partials -> the last
+//                                                                 CTA of the tile sums them in
+//                                                                 split order (int32 / float32)
+constexpr int D_STAGES = 8;              // k64 blocks in flight per warp (8 x 512 B x 8 warps = 32 KB)
+constexpr int D_STAGE_BYTES = WARPS * BLOCK_BYTES;   // one weight stage of the CTA (4 KB)
+constexpr int D_W_BYTES = D_STAGES * D_STAGE_BYTES;
+constexpr int D_XQ_BYTES = 32768;        // quantized activation chunk: ROWS x XK int8
+constexpr int D_AUX_BYTES = 3 * 64 * 4 + 16;  // s_inv, s_t, s_amax [64] + flag
+// Workspace (int32, one per prepared layer, zero at rest; each launch returns it to zero):
+constexpr int WS_AMAX = 0;               // [64] float bits of the rows' amax (atomicMax)
+constexpr int WS_ARRIVE = 64;            // amax CTAs that have published
+constexpr int WS_DONE = 65;              // CTAs that have read the amax
+constexpr int WS_TILES = 128;            // [tiles] split-K tickets
+
+// Prefill.  CTA tile 128 channels x 128 tokens; warp (wn = w & 3, wm = w >> 2) owns channels
+// 32 wn .. +31 (2 n16 tiles) x tokens 64 wm .. +63 (8 n8 tiles): 16 mma per k step.
+constexpr int P_BM = 128;
+constexpr int P_STAGES = 4;
+constexpr int P_BK = 128;                         // k per stage = 2 k64 blocks = 4 k steps
+constexpr int P_W_STAGE = 8 * 2 * BLOCK_BYTES;    // 8192 B: 8 n16 tiles x 2 blocks
+constexpr int P_X_STAGE = P_BM * P_BK;            // 16384 B: 128 tokens x 128 k
+constexpr int P_SMEM = P_STAGES * (P_W_STAGE + P_X_STAGE);  // 98304 B
+
+__host__ __device__ constexpr int decode_rows(int mt8) { return 8 * mt8; }
+__host__ __device__ constexpr int decode_xk(int mt8) { return D_XQ_BYTES / decode_rows(mt8); }  // k per chunk
+__host__ __device__ constexpr int decode_xs(int mt8) { return decode_xk(mt8) + 32; }            // padded row stride
+__host__ __device__ constexpr int decode_smem(int mt8) {
+    return D_W_BYTES + decode_rows(mt8) * decode_xs(mt8) + D_AUX_BYTES;
+}
+
+// ------------------------------------------------------------------ index math (emulate.py twins)
+
+// Repacked weight chunk (16-byte units) of lane `lane`, n16 tile t16, k64 block kb.   [emulate.w_chunk]
+__device__ __forceinline__ long long w_chunk(int t16, int kb, int lane, int KB) {
+    return (static_cast<long long>(t16) * KB + kb) * 32 + lane;
+}
+// Decode: this lane's shared slot of stage `st` (bytes).                                [emulate.d_w_slot]
+__device__ __forceinline__ int d_w_slot(int st, int warp, int lane) {
+    return ((st * WARPS + warp) * 32 + lane) * LANE_CHUNK;
+}
+// Split s of S over G groups (G = gq * S + gr): groups [g0, g1).                         [emulate.split_groups]
+__device__ __forceinline__ int split_g0(int s, int gq, int gr) { return s * gq + min(s, gr); }
+__device__ __forceinline__ int split_g1(int s, int gq, int gr) { return split_g0(s, gq, gr) + gq + (s < gr ? 1 : 0); }
+// ceil(log2(v)) for v >= 1.
+__device__ __forceinline__ int ceil_log2(int v) { return v <= 1 ? 0 : 32 - __clz(v - 1); }
+// Prefill: byte offset of (row, 16-byte chunk c) in an x stage, XOR-swizzled.             [emulate.p_x_off]
+// Rows are 128 B; a fragment read takes chunk 2ks + (tig >> 1) of rows gid (+ 8 j): xoring the
+// chunk with 2 (row & 3) gives the 4 rows of a half warp 4 distinct 32-byte bank groups.
+__device__ __forceinline__ int p_x_off(int row, int c) { return row * P_BK + ((c ^ ((row & 3) << 1)) << 4); }
+// Split-K partial slot (int4 units) of (split, tile, warp, fragment f, lane).             [emulate.part_slot]
+__device__ __forceinline__ long long part_slot(int s, int tiles, int tile, int warp, int f, int nfrag, int lane) {
+    return ((static_cast<long long>(s) * tiles + tile) * WARPS + warp) * nfrag * 32 + f * 32 + lane;
+}
+
+// ------------------------------------------------------------------ shared pieces
+
+// 8 activations x[m, k..k+7] as floats (zeros past K).  vec: one 16-byte load (K % 8 == 0 and x
+// 16-byte aligned, so k..k+7 is all in or all out).                                       [emulate.load_x8]
+__device__ __forceinline__ void load_x8(const unsigned short* __restrict__ x, int m, int k, int K, bool vec, bool bf16,
+                                        float (&v)[8]) {
+    const unsigned short* row = x + static_cast<long long>(m) * K;
+    if (vec) {
+        uint4 r = make_uint4(0u, 0u, 0u, 0u);
+        if (k < K) r = __ldg(reinterpret_cast<const uint4*>(row + k));
+        const unsigned w[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+        for (int e = 0; e < 8; ++e) v[e] = qk::from_in_rt(static_cast<unsigned short>(w[e >> 1] >> (16 * (e & 1))), bf16);
+    } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) v[e] = k + e < K ? qk::from_in_rt(__ldg(row + k + e), bf16) : 0.0f;
+    }
+}
+
+// The 3-op unpack of two repacked words (rows gid, gid + 8) into an A fragment.          [emulate.a_frag]
+__device__ __forceinline__ void a_frag(unsigned w_lo_row, unsigned w_hi_row, unsigned (&a)[4]) {
+    a[0] = qk::int4x4_lo16(w_lo_row);  // row gid,     k 8tig+0..3 (x16)
+    a[1] = qk::int4x4_lo16(w_hi_row);  // row gid + 8, k 8tig+0..3
+    a[2] = qk::int4x4_hi16(w_lo_row);  // row gid,     k 8tig+4..7
+    a[3] = qk::int4x4_hi16(w_hi_row);  // row gid + 8, k 8tig+4..7
+}
+
+// Group scale of channel n (padded [G, N128] layout), as the fold uses it.
+// IS: the int32 iscale (stored int16 when every value fits: half the bytes).  FS: float(s) / 16,
+// exact, so float(16 P) * (s / 16) rounds like float(P) * s.                            [emulate.load_scale]
+template <bool kIS>
+struct Scale;
+template <>
+struct Scale<true> {
+    using T = int;
+    static __device__ __forceinline__ int load(const void* sc, long long idx, bool sc16) {
+        return sc16 ? static_cast<int>(__ldg(reinterpret_cast<const short*>(sc) + idx)) : __ldg(reinterpret_cast<const int*>(sc) + idx);
+    }
+};
+template <>
+struct Scale<false> {
+    using T = float;
+    static __device__ __forceinline__ float load(const void* sc, long long idx, bool) {
+        return __fmul_rn(qk::f16_to_f32(__ldg(reinterpret_cast<const unsigned short*>(sc) + idx)), 0.0625f);
+    }
+};
+
+// The group fold of one accumulator: IS A += s * (16P >> 4) (int32, wrapping: unsigned arithmetic);
+// FS acc = acc + float(16P) * (s / 16) (two roundings, no FMA).                          [emulate.fold]
+__device__ __forceinline__ void fold1(int& acc, int p16, int s) {
+    acc = static_cast<int>(static_cast<unsigned>(acc) + static_cast<unsigned>(s) * static_cast<unsigned>(p16 >> 4));
+}
+__device__ __forceinline__ void fold1(float& acc, int p16, float s) {
+    acc = __fadd_rn(acc, __fmul_rn(__int2float_rn(p16), s));
+}
+__device__ __forceinline__ int as_bits(int v) { return v; }
+__device__ __forceinline__ int as_bits(float v) { return __float_as_int(v); }
+__device__ __forceinline__ void from_bits(int& v, int b) { v = b; }
+__device__ __forceinline__ void from_bits(float& v, int b) { v = __int_as_float(b); }
+__device__ __forceinline__ int add_split(int a, int b) { return static_cast<int>(static_cast<unsigned>(a) + static_cast<unsigned>(b)); }
+__device__ __forceinline__ float add_split(float a, float b) { return __fadd_rn(a, b); }
+
+// One output value from the reduced accumulator.                                          [emulate.epilogue_value]
+__device__ __forceinline__ float out_value(int A, float tm, float cs) { return __fmul_rn(__int2float_rn(A), __fmul_rn(tm, cs)); }
+__device__ __forceinline__ float out_value(float acc, float tm, float) { return __fmul_rn(acc, tm); }
+
+// The 4 outputs of one C fragment (n rows gid / gid+8, token columns 2tig / 2tig+1 of an n8 tile at
+// m_base) -> y, as 32-bit pairs along n: lanes gid and gid ^ 1 swap halves (one shuffle), then the
+// even-gid lane stores row 2tig at n = n0 + gid (+8), the odd one row 2tig + 1 at n0 + gid - 1 (+8).
+//                                                                                           [emulate.store_frag]
+__device__ __forceinline__ void store_frag(unsigned short* __restrict__ y, const unsigned short (&o)[4], int m_base, int n0,
+                                           int M, int N, int gid, int tig) {
+    const bool odd = (gid & 1) != 0;
+    const unsigned send = odd ? (o[0] | (static_cast<unsigned>(o[2]) << 16)) : (o[1] | (static_cast<unsigned>(o[3]) << 16));
+    const unsigned recv = __shfl_xor_sync(0xffffffffu, send, 4);
+    const unsigned short r0 = static_cast<unsigned short>(recv & 0xFFFFu), r1 = static_cast<unsigned short>(recv >> 16);
+    const int m = m_base + 2 * tig + (odd ? 1 : 0);
+    const int n = n0 + gid - (odd ? 1 : 0);
+    if (m < M) {
+        qk::store_pair(y, m, n, N, odd ? r0 : o[0], odd ? o[1] : r0);
+        qk::store_pair(y, m, n + 8, N, odd ? r1 : o[2], odd ? o[3] : r1);
+    }
+}
+
+// Split-K: publish this CTA's accumulators, take a ticket; the last CTA of the tile gets true and
+// then sums all splits in split order 0..S-1 (its own from registers), so the result does not
+// depend on which CTA came last.  The tile's ticket is reset for the next launch.        [emulate.splitk]
+template <typename Acc, int NF>
+__device__ __forceinline__ bool splitk_reduce(Acc (&acc)[NF][4], int4* __restrict__ part, int* __restrict__ ticket,
+                                              int* s_flag, int s, int S, int tiles, int tile, int warp, int lane) {
+#pragma unroll
+    for (int f = 0; f < NF; ++f)
+        part[part_slot(s, tiles, tile, warp, f, NF, lane)] =
+            make_int4(as_bits(acc[f][0]), as_bits(acc[f][1]), as_bits(acc[f][2]), as_bits(acc[f][3]));
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const int t = atomicAdd(ticket, 1);
+        *s_flag = t == S - 1;
+        if (t == S - 1) *ticket = 0;  // all S arrived: back to zero for the next launch
+    }
+    __syncthreads();
+    if (!*s_flag) return false;
+    __threadfence();
+#pragma unroll
+    for (int f = 0; f < NF; ++f) {
+        Acc tot[4];
+        for (int s2 = 0; s2 < S; ++s2) {
+            Acc v[4];
+            if (s2 == s) {
+#pragma unroll
+                for (int i = 0; i < 4; ++i) v[i] = acc[f][i];
+            } else {
+                const int4 b = qk::ld_cg_int4(part + part_slot(s2, tiles, tile, warp, f, NF, lane));
+                from_bits(v[0], b.x);
+                from_bits(v[1], b.y);
+                from_bits(v[2], b.z);
+                from_bits(v[3], b.w);
+            }
+#pragma unroll
+            for (int i = 0; i < 4; ++i) tot[i] = s2 == 0 ? v[i] : add_split(tot[i], v[i]);
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[f][i] = tot[i];
+    }
+    return true;
+}
+
+// ------------------------------------------------------------------ decode
+
+template <int MT8, bool kIS>
+__device__ __forceinline__ void decode(const unsigned short* __restrict__ x, const uint4* __restrict__ wq,
+                                       const void* __restrict__ scales, const float* __restrict__ cscale, int alpha_log2,
+                                       unsigned short* __restrict__ y, int* __restrict__ acc_out, int4* __restrict__ part,
+                                       int* __restrict__ ws, int M, int N, int K, int N128, int G, int spg, int KB,
+                                       int S, int gq, int gr, int A, int ak_log2, int flags) {
+    using Acc = typename Scale<kIS>::T;
+    constexpr int ROWS = decode_rows(MT8);
+    constexpr int XK = decode_xk(MT8);
+    constexpr int XS = decode_xs(MT8);
+    extern __shared__ uint4 smem_u4[];
+    unsigned char* smem = reinterpret_cast<unsigned char*>(smem_u4);
+    unsigned char* sW = smem;                                   // [D_STAGES][8 warps][32 lanes] x 16 B
+    unsigned char* sX = smem + D_W_BYTES;                       // [ROWS][XS] int8 (XK used)
+    float* s_inv = reinterpret_cast<float*>(sX + ROWS * XS);    // [64] per-token 127 / amax
+    float* s_t = s_inv + 64;                                    // [64] per-token scale amax / 127
+    int* s_amax = reinterpret_cast<int*>(s_t + 64);             // [64] partial amax bits (amax CTAs)
+    int* s_flag = s_amax + 64;
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gid = lane >> 2, tig = lane & 3;
+    const int s = blockIdx.x, tile = blockIdx.y, tiles = gridDim.y;
+    const int cta = tile * S + s;                               // linear id = dispatch order
+    const bool bf16 = (flags & 1) != 0, vec = (flags & 2) != 0, sc16 = (flags & 4) != 0;
+
+    // This CTA's k steps: the groups of split s.
+    const int g0 = split_g0(s, gq, gr), g1 = split_g1(s, gq, gr);
+    const int kk0 = g0 * spg, kk1 = g1 * spg;                   // k steps of 32, [kk0, kk1)
+    const int kb0 = kk0 >> 1, nblk = ((kk1 + 1) >> 1) - kb0;    // k64 blocks touched
+    const int t16 = tile * WARPS + warp;                        // this warp's n16 tile
+
+    // 1. Weights first: they do not depend on x, so D_STAGES - 1 blocks are in flight before the
+    //    activations are even looked at.  Each lane copies exactly the 16 bytes it will read.
+    // w_chunk and d_w_slot are linear in the block / stage: block i of this lane is wsrc + 32 i, and
+    // stage st its slot wslot + st * D_STAGE_BYTES (the address math leaves the k loop).
+    const unsigned long long pol = qk::l2_evict_first_policy();
+    const uint4* wsrc = wq + w_chunk(t16, kb0, lane, KB);
+    unsigned char* wslot = sW + d_w_slot(0, warp, lane);
+#pragma unroll
+    for (int i = 0; i < D_STAGES - 1; ++i) {
+        if (i < nblk) qk::cp_async16_evict_first(wslot + i * D_STAGE_BYTES, wsrc + 32 * i, pol);
+        qk::cp_async_commit();
+    }
+
+    // 2. Per-token amax over all of K, shared through the workspace: CTA c < A takes k chunk
+    //    [c * AK, (c + 1) * AK) of every row, publishes max |x| with atomicMax on the float bits
+    //    (non-negative floats order as their bit patterns), then counts itself in WS_ARRIVE.
+    //    Everyone waits for A arrivals.  Deadlock-free: the A publishers are the first A CTAs of
+    //    the grid in dispatch order and wait for nothing before publishing.
+    if (cta < A) {
+        if (tid < 64) s_amax[tid] = 0;
+        __syncthreads();
+        const int upr_log2 = ak_log2 - 3;                       // 8-element units per row
+        const int units = M << upr_log2;
+        for (int u = tid; u < units; u += THREADS) {
+            const int m = u >> upr_log2;
+            const int k = (cta << ak_log2) + ((u & ((1 << upr_log2) - 1)) << 3);
+            float v[8];
+            load_x8(x, m, k, K, vec, bf16, v);
+            float mx = 0.0f;
+#pragma unroll
+            for (int e = 0; e < 8; ++e) mx = fmaxf(mx, fabsf(v[e]));
+            if (mx > 0.0f) atomicMax(s_amax + m, __float_as_int(mx));
+        }
+        __syncthreads();
+        if (tid < M && s_amax[tid] != 0) atomicMax(ws + WS_AMAX + tid, s_amax[tid]);
+        __threadfence();
+        __syncthreads();
+        if (tid == 0) atomicAdd(ws + WS_ARRIVE, 1);
+    }
+    if (tid == 0) {
+        while (qk::ld_acquire_gpu(ws + WS_ARRIVE) < A) __nanosleep(32);
+    }
+    __syncthreads();
+    if (tid < ROWS) {  // the reference's quantizer: inv = rn(rn(1 / amax) * 127), t = rn(amax / 127)
+        float inv = 0.0f, tt = 0.0f;
+        if (tid < M) {
+            const float amax = __int_as_float(qk::ld_acquire_gpu(ws + WS_AMAX + tid));
+            inv = amax > 0.0f ? __fmul_rn(qk::rcp_rn(amax), 127.0f) : 0.0f;
+            tt = qk::div_rn(amax, 127.0f);
+        }
+        s_inv[tid] = inv;
+        s_t[tid] = tt;
+    }
+    __syncthreads();
+    if (tid == 0 && atomicAdd(ws + WS_DONE, 1) == static_cast<int>(gridDim.x * gridDim.y) - 1) {
+        // every CTA has read the amax: return the exchange to zero for the next launch
+        for (int m = 0; m < M; ++m) ws[WS_AMAX + m] = 0;
+        ws[WS_ARRIVE] = 0;
+        ws[WS_DONE] = 0;
+    }
+
+    // 3. Main loop over the split's groups; activations are quantized into shared memory one
+    //    chunk of XC = min(XK, 64 * nblk rounded up to a power of two) k at a time.
+    const int xc_log2 = min(ceil_log2(XK), ceil_log2(64 * nblk));  // chunk width, >= 64
+    const int xb = 1 << (xc_log2 - 6);                             // k64 blocks per chunk
+    int next_chunk_blk = 0, chunk_kk = 0;                          // block of the next chunk; k step of this chunk's start
+
+    Acc acc[MT8][4];
+    int P[MT8][4];
+#pragma unroll
+    for (int mt = 0; mt < MT8; ++mt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[mt][i] = Acc(0);
+    const long long n_row = static_cast<long long>(t16) * 16 + gid;   // this lane's channels n_row, n_row + 8
+    typename Scale<kIS>::T sc[2], nsc[2];
+    sc[0] = Scale<kIS>::load(scales, static_cast<long long>(g0) * N128 + n_row, sc16);
+    sc[1] = Scale<kIS>::load(scales, static_cast<long long>(g0) * N128 + n_row + 8, sc16);
+    uint4 wr = make_uint4(0u, 0u, 0u, 0u);
+
+    // One k step: advance the pipeline at a new k64 block (and the x chunk at a new chunk), then
+    // MT8 mma of this warp's 16 channels x 8 tokens each.                          [emulate.decode_kstep]
+    auto kstep = [&](int kk, bool first) {
+        const int blk = (kk >> 1) - kb0;
+        if (kk == kk0 || (kk & 1) == 0) {
+            if (blk == next_chunk_blk) {
+                if (blk != 0) __syncthreads();                 // every warp is done with the old chunk
+                const int kbase = (kb0 + blk) * 64;
+                const int upr_log2 = xc_log2 - 3;
+                for (int u = tid; u < (ROWS << upr_log2); u += THREADS) {
+                    const int r = u >> upr_log2, kl = (u & ((1 << upr_log2) - 1)) << 3;
+                    float v[8];
+                    if (r < M) load_x8(x, r, kbase + kl, K, vec, bf16, v);
+                    unsigned q[2] = {0u, 0u};
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) {
+                        float f = 0.0f;
+                        if (r < M) {  // as qk::quantize_row: rint, NaN (0 * inf) -> 0, clamp
+                            f = rintf(__fmul_rn(v[e], s_inv[r]));
+                            f = fminf(fmaxf(f == f ? f : 0.0f, -127.0f), 127.0f);
+                        }
+                        q[e >> 2] |= (static_cast<unsigned>(__float2int_rn(f)) & 0xFFu) << (8 * (e & 3));
+                    }
+                    *reinterpret_cast<uint2*>(sX + r * XS + kl) = make_uint2(q[0], q[1]);
+                }
+                __syncthreads();
+                next_chunk_blk += xb;
+                chunk_kk = (kb0 + blk) * 2;
+            }
+            qk::cp_async_wait<D_STAGES - 2>();                 // this lane's block `blk` has landed
+            wr = *reinterpret_cast<const uint4*>(wslot + (blk & (D_STAGES - 1)) * D_STAGE_BYTES);
+            const int nb = blk + D_STAGES - 1;                 // refill the slot read at the previous block
+            if (nb < nblk) qk::cp_async16_evict_first(wslot + (nb & (D_STAGES - 1)) * D_STAGE_BYTES, wsrc + 32 * nb, pol);
+            qk::cp_async_commit();
+        }
+        unsigned a[4];
+        if (kk & 1) a_frag(wr.z, wr.w, a);
+        else a_frag(wr.x, wr.y, a);
+        const unsigned char* xp = sX + gid * XS + (kk - chunk_kk) * 32 + 8 * tig;
+#pragma unroll
+        for (int mt = 0; mt < MT8; ++mt) {
+            const uint2 bb = *reinterpret_cast<const uint2*>(xp + mt * 8 * XS);
+            const unsigned b[2] = {bb.x, bb.y};
+            if (first) qk::mma_s8_zero(P[mt], a, b);
+            else qk::mma_s8(P[mt], a, b);
+        }
+    };
+
+    for (int g = g0; g < g1; ++g) {
+        if (g + 1 < g1) {  // next group's scales, a group ahead
+            nsc[0] = Scale<kIS>::load(scales, static_cast<long long>(g + 1) * N128 + n_row, sc16);
+            nsc[1] = Scale<kIS>::load(scales, static_cast<long long>(g + 1) * N128 + n_row + 8, sc16);
+        }
+        kstep(g * spg, true);
+#pragma unroll 1
+        for (int st = 1; st < spg; ++st) kstep(g * spg + st, false);
+#pragma unroll
+        for (int mt = 0; mt < MT8; ++mt)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) fold1(acc[mt][i], P[mt][i], sc[i >> 1]);  // c0, c1: row gid; c2, c3: gid + 8
+        sc[0] = nsc[0];
+        sc[1] = nsc[1];
+    }
+    qk::cp_async_wait<0>();
+
+    // 4. Split-K reduction (S > 1), then the epilogue in the last CTA of the tile.
+    if (S > 1 && !splitk_reduce<Acc, MT8>(acc, part, ws + WS_TILES + tile, s_flag, s, S, tiles, tile, warp, lane)) return;
+    const int n0 = t16 * 16;
+    float cs[2] = {0.0f, 0.0f};
+    if (kIS) {
+        const float inv_alpha = qk::exp2_neg(alpha_log2);
+        cs[0] = __fmul_rn(__ldg(cscale + n0 + gid), inv_alpha);
+        cs[1] = __fmul_rn(__ldg(cscale + n0 + gid + 8), inv_alpha);
+    }
+#pragma unroll
+    for (int mt = 0; mt < MT8; ++mt) {
+        unsigned short o[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int m = mt * 8 + 2 * tig + (i & 1);             // < ROWS <= 64
+            o[i] = qk::to_out_rt(out_value(acc[mt][i], s_t[m], cs[i >> 1]), bf16);
+        }
+        store_frag(y, o, mt * 8, n0, M, N, gid, tig);
+        if (kIS && acc_out != nullptr) {                          // debug: the int32 accumulator A
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int m = mt * 8 + 2 * tig + (i & 1), n = n0 + gid + 8 * (i >> 1);
+                if (m < M && n < N) acc_out[static_cast<long long>(m) * N + n] = as_bits(acc[mt][i]);
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------ prefill
+
+template <bool kIS>
+__device__ __forceinline__ void prefill(const signed char* __restrict__ xq, const float* __restrict__ t,
+                                        const uint4* __restrict__ wq, const void* __restrict__ scales,
+                                        const float* __restrict__ cscale, int alpha_log2, unsigned short* __restrict__ y,
+                                        int* __restrict__ acc_out, int4* __restrict__ part, int* __restrict__ counters,
+                                        int M, int N, int N128, int G, int spg, int KB, int S, int gq, int gr,
+                                        int mtiles, int ntiles, int band_log2, int flags) {
+    using Acc = typename Scale<kIS>::T;
+    extern __shared__ uint4 smem_u4[];
+    unsigned char* smem = reinterpret_cast<unsigned char*>(smem_u4);
+    unsigned char* sW = smem;                                  // [P_STAGES][8 tiles][2 blocks][32][16 B]
+    unsigned char* sX = smem + P_STAGES * P_W_STAGE;           // [P_STAGES][128 rows][128 B] swizzled
+    __shared__ int s_flag;
+
+    // Banded raster (CUTLASS-style): consecutive CTAs take 2^band consecutive n tiles of one m
+    // tile, then the next m tile; the resident CTAs share a band of weights (2^band x 128 x K/2
+    // bytes) and a few activation panels, both L2-resident.                        [emulate.p_tile]
+    const int mti = blockIdx.x >> band_log2;
+    const int nti = (blockIdx.y << band_log2) + (blockIdx.x & ((1 << band_log2) - 1));
+    if (mti >= mtiles || nti >= ntiles) return;
+    const int s = blockIdx.z;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gid = lane >> 2, tig = lane & 3;
+    const int wn = warp & 3, wm = warp >> 2;
+    const bool bf16 = (flags & 1) != 0, sc16 = (flags & 4) != 0;
+    const int m0 = mti * P_BM, t16_0 = nti * 8, Kq = KB * 64;
+    const int g0 = split_g0(s, gq, gr), g1 = split_g1(s, gq, gr);
+    const int kk0 = g0 * spg, kk1 = g1 * spg;
+    const int st0 = kk0 >> 2, nst = ((kk1 + 3) >> 2) - st0;   // k128 stages touched
+
+    // Stage i of the slice -> buffer i % P_STAGES: weights 2 x 16 B, activations 4 x 16 B per
+    // thread, zero-filled past Kq (weights) or M / Kq (activations).                [emulate.p_load_stage]
+    auto load_stage = [&](int i) {
+        const int buf = i & (P_STAGES - 1), kst = st0 + i;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int q = tid + r * THREADS;                   // 512 chunks: (tile, block, lane)
+            const int kb = 2 * kst + ((q >> 5) & 1);
+            const bool ok = kb < KB;
+            qk::cp_async16(sW + buf * P_W_STAGE + q * 16, ok ? static_cast<const void*>(wq + w_chunk(t16_0 + (q >> 6), kb, q & 31, KB)) : wq, ok ? 16 : 0);
+        }
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            const int q = tid + r * THREADS;                   // 1024 chunks: (row, 16-byte chunk)
+            const int row = q >> 3, c = q & 7;
+            const int gm = m0 + row, gk = kst * P_BK + c * 16;
+            const bool ok = gm < M && gk < Kq;
+            qk::cp_async16(sX + buf * P_X_STAGE + p_x_off(row, c), ok ? static_cast<const void*>(xq + static_cast<long long>(gm) * Kq + gk) : xq, ok ? 16 : 0);
+        }
+    };
+
+#pragma unroll
+    for (int i = 0; i < P_STAGES - 1; ++i) {
+        if (i < nst) load_stage(i);
+        qk::cp_async_commit();
+    }
+
+    Acc acc[2][8][4];
+    int P[2][8][4];
+#pragma unroll
+    for (int a = 0; a < 2; ++a)
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[a][j][i] = Acc(0);
+    long long n_row[2];
+    typename Scale<kIS>::T sc[2][2], nsc[2][2];
+#pragma unroll
+    for (int a = 0; a < 2; ++a) {
+        n_row[a] = static_cast<long long>(t16_0 + 2 * wn + a) * 16 + gid;
+        sc[a][0] = Scale<kIS>::load(scales, static_cast<long long>(g0) * N128 + n_row[a], sc16);
+        sc[a][1] = Scale<kIS>::load(scales, static_cast<long long>(g0) * N128 + n_row[a] + 8, sc16);
+    }
+    uint4 wr[2] = {make_uint4(0u, 0u, 0u, 0u), make_uint4(0u, 0u, 0u, 0u)};
+
+    // One k step: a new stage every 4 steps (wait, barrier, refill the buffer freed by the previous
+    // stage), the two tiles' weight chunks every 2, then 2 x 8 mma.                 [emulate.prefill_kstep]
+    auto kstep = [&](int kk, bool first) {
+        const int i = (kk >> 2) - st0, buf = i & (P_STAGES - 1);
+        if (kk == kk0 || (kk & 3) == 0) {
+            qk::cp_async_wait<P_STAGES - 2>();
+            __syncthreads();
+            if (i + P_STAGES - 1 < nst) load_stage(i + P_STAGES - 1);
+            qk::cp_async_commit();
+        }
+        if (kk == kk0 || (kk & 1) == 0) {
+            const int b2 = (kk >> 1) & 1;
+#pragma unroll
+            for (int a = 0; a < 2; ++a)
+                wr[a] = *reinterpret_cast<const uint4*>(sW + buf * P_W_STAGE + (((2 * wn + a) * 2 + b2) * 32 + lane) * 16);
+        }
+        unsigned af[2][4];
+#pragma unroll
+        for (int a = 0; a < 2; ++a) {
+            if (kk & 1) a_frag(wr[a].z, wr[a].w, af[a]);
+            else a_frag(wr[a].x, wr[a].y, af[a]);
+        }
+        const int ks = kk & 3;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const int row = wm * 64 + j * 8 + gid;
+            const uint2 bb = *reinterpret_cast<const uint2*>(sX + buf * P_X_STAGE + p_x_off(row, 2 * ks + (tig >> 1)) + ((tig & 1) << 3));
+            const unsigned b[2] = {bb.x, bb.y};
+#pragma unroll
+            for (int a = 0; a < 2; ++a) {
+                if (first) qk::mma_s8_zero(P[a][j], af[a], b);
+                else qk::mma_s8(P[a][j], af[a], b);
+            }
+        }
+    };
+
+    for (int g = g0; g < g1; ++g) {
+        if (g + 1 < g1) {
+#pragma unroll
+            for (int a = 0; a < 2; ++a) {
+                nsc[a][0] = Scale<kIS>::load(scales, static_cast<long long>(g + 1) * N128 + n_row[a], sc16);
+                nsc[a][1] = Scale<kIS>::load(scales, static_cast<long long>(g + 1) * N128 + n_row[a] + 8, sc16);
+            }
+        }
+        kstep(g * spg, true);
+#pragma unroll 1
+        for (int st = 1; st < spg; ++st) kstep(g * spg + st, false);
+#pragma unroll
+        for (int a = 0; a < 2; ++a)
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) fold1(acc[a][j][i], P[a][j][i], sc[a][i >> 1]);
+#pragma unroll
+        for (int a = 0; a < 2; ++a) {
+            sc[a][0] = nsc[a][0];
+            sc[a][1] = nsc[a][1];
+        }
+    }
+    qk::cp_async_wait<0>();
+
+    const int tile = mti * ntiles + nti;
+    if (S > 1) {
+        Acc (&flat)[16][4] = *reinterpret_cast<Acc (*)[16][4]>(&acc);
+        if (!splitk_reduce<Acc, 16>(flat, part, counters + tile, &s_flag, s, S, mtiles * ntiles, tile, warp, lane)) return;
+    }
+#pragma unroll
+    for (int a = 0; a < 2; ++a) {
+        const int n0 = (t16_0 + 2 * wn + a) * 16;
+        float cs[2] = {0.0f, 0.0f};
+        if (kIS) {
+            const float inv_alpha = qk::exp2_neg(alpha_log2);
+            cs[0] = __fmul_rn(__ldg(cscale + n0 + gid), inv_alpha);
+            cs[1] = __fmul_rn(__ldg(cscale + n0 + gid + 8), inv_alpha);
+        }
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const int m_base = m0 + wm * 64 + j * 8;
+            unsigned short o[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int m = m_base + 2 * tig + (i & 1);
+                const float tm = m < M ? __ldg(t + m) : 0.0f;
+                o[i] = qk::to_out_rt(out_value(acc[a][j][i], tm, cs[i >> 1]), bf16);
+            }
+            store_frag(y, o, m_base, n0, M, N, gid, tig);
+            if (kIS && acc_out != nullptr) {
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int m = m_base + 2 * tig + (i & 1), n = n0 + gid + 8 * (i >> 1);
+                    if (m < M && n < N) acc_out[static_cast<long long>(m) * N + n] = as_bits(acc[a][j][i]);
+                }
+            }
+        }
+    }
+}
+
+}  // namespace w4r
+
+// ---------------------------------------------------------------------------------------
+// Entry points.  The launcher (cuda.py: plan) computes every launch parameter on the host from
+// the shapes alone (no device value is read), so a linear is capturable in a CUDA graph.
+// ---------------------------------------------------------------------------------------
+
+// Decode: grid (S, N128 / 128), block 256, dynamic shared memory w4r::decode_smem(MT8).
+// __launch_bounds__(256, 2): two CTAs per SM (<= 128 registers); without the second argument ptxas
+// capped the M <= 8 kernels at 40 registers and spilled the group scales (NVRTC, CUDA 13.0).
+#define W4R_DECODE(NAME, MT8, IS)                                                                        \
+    extern "C" __global__ void __launch_bounds__(w4r::THREADS, 2) NAME(                                  \
+        const unsigned short* __restrict__ x, /* fp16 / bf16 bits [M, K] activations, row-major */     \
+        const uint4* __restrict__ wq,         /* repacked weights [N128/16][KB][32][4] uint32 */         \
+        const void* __restrict__ scales,      /* [G, N128]: IS int32 (int16 if flags & 4); FS fp16 */    \
+        const float* __restrict__ cscale,     /* float32 [N128] (IS), or null (FS) */                    \
+        int alpha_log2,                       /* IS: cscale / 2^a, a in [-126, 126] */                   \
+        unsigned short* __restrict__ y,       /* fp16 / bf16 bits [M, N] out */                          \
+        int* __restrict__ acc_out,            /* int32 [M, N] accumulator A (IS debug), or null */      \
+        int4* __restrict__ part,              /* split-K partials [S][tiles][8][MT8][32] int4 (S > 1) */ \
+        int* __restrict__ ws,                 /* int32 [128 + tiles] workspace, zero at rest */          \
+        int M, int N, int K, int N128,        /* M <= 8 * MT8; K = true K */                             \
+        int G, int spg, int KB,               /* groups, k steps (32) per group, k64 blocks (Kq / 64) */ \
+        int S, int gq, int gr,                /* splits; G = gq * S + gr */                               \
+        int A, int ak_log2,                   /* amax CTAs, their k chunk 2^ak_log2 (>= 8) */            \
+        int flags) {                          /* 1: bf16, 2: 16-byte x loads, 4: int16 iscale */         \
+        w4r::decode<MT8, IS>(x, wq, scales, cscale, alpha_log2, y, acc_out, part, ws, M, N, K, N128, G, spg, \
+                             KB, S, gq, gr, A, ak_log2, flags);                                           \
+    }
+
+// Prefill: grid (mtiles << band, ceil(ntiles / 2^band), S), block 256, dynamic smem w4r::P_SMEM.
+#define W4R_PREFILL(NAME, IS)                                                                            \
+    extern "C" __global__ void __launch_bounds__(w4r::THREADS, 1) NAME(                                  \
+        const signed char* __restrict__ xq,   /* int8 [M, Kq] (w4a8r_quantize_*), Kq = 64 KB */          \
+        const float* __restrict__ t,          /* float32 [M] per-token scale */                          \
+        const uint4* __restrict__ wq,         /* repacked weights */                                     \
+        const void* __restrict__ scales,      /* [G, N128] as in decode */                               \
+        const float* __restrict__ cscale,     /* float32 [N128] (IS) or null */                          \
+        int alpha_log2,                                                                                  \
+        unsigned short* __restrict__ y,       /* fp16 / bf16 bits [M, N] out */                          \
+        int* __restrict__ acc_out,            /* int32 [M, N] (IS debug) or null */                      \
+        int4* __restrict__ part,              /* [S][tiles][8][16][32] int4 (S > 1) */                   \
+        int* __restrict__ counters,           /* int32 [mtiles * ntiles], zero (S > 1) */                \
+        int M, int N, int N128, int G, int spg, int KB, int S, int gq, int gr,                            \
+        int mtiles, int ntiles, int band_log2,                                                            \
+        int flags) {                          /* 1: bf16 out, 4: int16 iscale */                         \
+        w4r::prefill<IS>(xq, t, wq, scales, cscale, alpha_log2, y, acc_out, part, counters, M, N, N128, G, spg, \
+                         KB, S, gq, gr, mtiles, ntiles, band_log2, flags);                                \
+    }
+
+// Per-token int8 quantizer for the prefill path: grid (M), block 256 (qk::quantize_row).
+#define W4R_QUANT(NAME, BF16)                                                                            \
+    extern "C" __global__ void __launch_bounds__(qk::QUANT_THREADS) NAME(                                \
+        const unsigned short* __restrict__ x, /* fp16 / bf16 bits [M, K] */                              \
+        signed char* __restrict__ xq,         /* int8 [M, Kq] out, columns K..Kq-1 = 0 */                \
+        float* __restrict__ t,                /* float32 [M] out */                                      \
+        int M, int K, int Kq) {                                                                           \
+        qk::quantize_row<BF16>(x, xq, t, M, K, Kq);                                                      \
+    }
+
+W4R_DECODE(w4a8r_decode_is_m8, 1, true)
+W4R_DECODE(w4a8r_decode_is_m16, 2, true)
+W4R_DECODE(w4a8r_decode_is_m32, 4, true)
+W4R_DECODE(w4a8r_decode_is_m64, 8, true)
+W4R_DECODE(w4a8r_decode_fs_m8, 1, false)
+W4R_DECODE(w4a8r_decode_fs_m16, 2, false)
+W4R_DECODE(w4a8r_decode_fs_m32, 4, false)
+W4R_DECODE(w4a8r_decode_fs_m64, 8, false)
+W4R_PREFILL(w4a8r_prefill_is, true)
+W4R_PREFILL(w4a8r_prefill_fs, false)
+W4R_QUANT(w4a8r_quantize_f16, false)
+W4R_QUANT(w4a8r_quantize_bf16, true)

@@ -1,0 +1,166 @@
+"""Build checks of every kernel family, discovered (qconvert_kernels/<family>/__init__.py SOURCES),
+on the exact cubins the launchers load: ``qconvert_kernels.launch.build`` (NVRTC, BUILD_OPTIONS:
+no flush-to-zero) for each declared architecture.  For each: all declared entry points and no
+others, no spills / stack / local memory, the declared tensor-core instructions, and no ``.FTZ``
+instruction anywhere.  nvcc compiles every source for the same architectures too.
+
+Skips without NVRTC / nvcc; the SASS checks need cuobjdump + nvdisasm (pip wheels; required in CI).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from qconvert_kernels import compile as kc
+from qconvert_kernels import launch
+
+SOURCES = kc.discover()
+PAIRS = [(src, arch) for src in SOURCES for arch in src.archs]
+IDS = [f"{src.name}-{arch}" for src, arch in PAIRS]
+
+needs_nvrtc = pytest.mark.skipif(not kc.nvrtc_available(), reason="libnvrtc not found (pip install nvidia-cuda-nvrtc)")
+
+
+def _sass_or_skip(path):
+    if kc.cuobjdump_path() is None:
+        if os.environ.get("CI"):
+            pytest.fail("cuobjdump/nvdisasm not found in CI; the [test] extra should have installed them")
+        pytest.skip("cuobjdump/nvdisasm not found (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)")
+    return kc.kernel_sass(kc.sass(path))
+
+
+@pytest.fixture(scope="module")
+def builds():
+    """{(source name, arch): (cubin path, ptxas report, {kernel: SASS})}, built in parallel (and cached
+    on disk by launch.build, so the per-family test files reuse these binaries)."""
+    if not kc.nvrtc_available():
+        pytest.skip("libnvrtc not found")
+    with ThreadPoolExecutor(max(1, min(len(PAIRS), os.cpu_count() or 1))) as pool:
+        paths = list(pool.map(lambda p: launch.build(p[0].path, p[1]), PAIRS))
+    have_sass = kc.cuobjdump_path() is not None
+    return {(src.name, arch): (path, kc.parse_ptxas(launch.build_log(path)), kc.kernel_sass(kc.sass(path)) if have_sass else None)
+            for (src, arch), path in zip(PAIRS, paths)}
+
+
+def test_discovery_finds_every_family_folder():
+    names = {s.name for s in SOURCES}
+    assert {"w4a8/w4a8_gemm.cu", "w4a8/w4a8_repacked.cu", "fp8/fp8_gemm.cu", "quik/quik_gemm.cu", "illm/illm_gemm.cu"} <= names
+    for src in SOURCES:
+        assert src.path.is_file() and set(src.gemms) <= set(src.kernels)
+        text = kc.kernel_source(src.path)
+        assert not re.search(r"^\s*#\s*include", text, flags=re.M), src.name  # NVRTC: everything inlined
+        defined = set(re.findall(r'extern "C" __global__ void (?:__launch_bounds__\([^)]*\) )?(\w+)\(', text))
+        assert defined <= {"NAME"} | set(src.kernels), (src.name, defined)
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("src,arch", PAIRS, ids=IDS)
+def test_exact_build_resources(builds, src, arch):
+    path, report, _ = builds[(src.name, arch)]
+    assert path.suffix == ".cubin" and launch.BUILD_OPTIONS[1:5] == ("--ftz=false", "--prec-div=true", "--prec-sqrt=true", "--fmad=false")
+    assert set(src.kernels) <= set(report), (src.name, arch, sorted(report))
+    for name in src.kernels:
+        r = report[name]
+        assert (r["spill_stores"], r["spill_loads"], r["stack"]) == (0, 0, 0), (src.name, arch, name, r)
+        assert r["registers"] <= 255, (arch, name, r)
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("src,arch", PAIRS, ids=IDS)
+def test_exact_build_sass(builds, src, arch):
+    path, _, per_kernel = builds[(src.name, arch)]
+    if per_kernel is None:
+        _sass_or_skip(path)
+    assert set(per_kernel) == set(src.kernels), (src.name, arch)  # a module carries its own family's kernels only
+    for name in src.kernels:
+        ops = kc.opcodes(per_kernel[name])
+        assert kc.local_memory_ops(per_kernel[name]) == [], (arch, name)
+        assert not [op for op in ops if ".FTZ" in op], (src.name, arch, name, [op for op in ops if ".FTZ" in op])
+        mma = {op: c for op, c in ops.items() if op.startswith(src.mma)}
+        if src.uses_mma(name, arch):
+            assert mma, (src.name, arch, name)
+            want = src.mma_count.get(name, {}).get(arch)
+            if want is not None:
+                assert mma == want, (src.name, arch, name, mma)
+        if name in src.no_float:
+            floaty = [op for op in ops if op.startswith(("F", "H", "D", "MUFU", "I2F")) and not op.startswith("FLO")]
+            assert floaty == [], (arch, name, floaty)
+
+
+@needs_nvrtc
+def test_decode_kernels_fit_two_ctas_per_sm(builds):
+    """__launch_bounds__(256, 2): <= 128 registers, and the shared memory of two CTAs fits every arch."""
+    from qconvert_kernels.w4a8 import cuda
+
+    for arch in ("sm_80", "sm_89", "sm_90"):
+        _, report, _ = builds[("w4a8/w4a8_repacked.cu", arch)]
+        for mt8 in (1, 2, 4, 8):
+            for v in ("is", "fs"):
+                assert report[f"w4a8r_decode_{v}_m{8 * mt8}"]["registers"] <= 128
+            assert cuda.decode_smem(mt8) <= 99 * 1024
+    assert cuda.P_SMEM <= 99 * 1024  # sm_86 / sm_89 allow 99 KB per block
+
+
+@needs_nvrtc
+def test_ftz_detector_is_not_vacuous(tmp_path):
+    """The same float code built with -ftz=true (what cupy.RawModule(code=...) appends) shows .FTZ
+    instructions in its SASS; built with BUILD_OPTIONS it shows none."""
+    src = tmp_path / "ftz.cu"
+    src.write_text('extern "C" __global__ void k(const float* a, float* o) {\n'
+                   '  o[threadIdx.x] = __fmul_rn(a[threadIdx.x], a[threadIdx.x + 32]) + a[threadIdx.x + 64];\n}\n')
+    ok = launch.build(src, "sm_80")
+    bad, _ = kc.nvrtc_compile_text("sm_80", src.read_text(), "ftz.cu", ("-std=c++17", "--ftz=true"))
+    (tmp_path / "bad.cubin").write_bytes(bad)
+    good_ops, bad_ops = kc.opcodes(_sass_or_skip(ok)["k"]), kc.opcodes(_sass_or_skip(tmp_path / "bad.cubin")["k"])
+    assert not [op for op in good_ops if ".FTZ" in op]
+    assert [op for op in bad_ops if ".FTZ" in op]
+
+
+def test_launchers_load_the_built_cubin_not_source(monkeypatch, tmp_path):
+    """module() hands cupy a path (RawModule(path=...)), never code=, so no -ftz=true is appended."""
+    calls = []
+
+    class FakeModule:
+        def __init__(self, **kw):
+            calls.append(kw)
+
+    class FakeCupy:
+        RawModule = FakeModule
+
+        class cuda:  # noqa: N801
+            class Device:
+                def __init__(self, i=0):
+                    self.compute_capability = "80"
+
+                def __enter__(self):
+                    return self
+
+                def __exit__(self, *a):
+                    return False
+
+    monkeypatch.setattr(launch, "_cupy", lambda: FakeCupy)
+    monkeypatch.setattr(launch, "build", lambda source, arch, options=launch.BUILD_OPTIONS: tmp_path / f"{source.name}.{arch}.cubin")
+    launch.module.cache_clear()
+    try:
+        for src in SOURCES:
+            launch.module(src.path, 0)
+    finally:
+        launch.module.cache_clear()
+    assert calls and all(set(c) == {"path"} and c["path"].endswith(".sm_80.cubin") for c in calls)
+
+
+@pytest.mark.skipif(kc.nvcc_path() is None, reason="nvcc not found")
+def test_nvcc_compiles_every_source(tmp_path):
+    """The machine's nvcc builds every discovered source for its architectures (ARCHITECTURE.md)."""
+    def one(pair):
+        src, arch = pair
+        cubin = kc.compile_cubin(arch, tmp_path / arch / src.family, source=src.path)
+        return src, arch, kc.parse_ptxas(kc.ptxas_log(cubin))
+
+    with ThreadPoolExecutor(max(1, min(len(PAIRS), os.cpu_count() or 1))) as pool:
+        for src, arch, report in pool.map(one, PAIRS):
+            assert set(src.kernels) <= set(report), (src.name, arch)

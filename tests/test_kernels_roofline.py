@@ -1,0 +1,62 @@
+"""The roofline model (qconvert_kernels/roofline.py, benchmarks/roofline.py): its arithmetic and its
+labels.  Predictions only; nothing is timed here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from qconvert_kernels import roofline as rf
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bytes_ops_and_roofline_of_q_proj_at_m1():
+    t = rf.traffic(4096, 4096, 1)
+    assert t["ops"] == 2 * 4096 * 4096
+    assert t["bytes_fp16"] == 2 * 4096 + 2 * 4096 * 4096 + 2 * 4096
+    assert t["bytes_w4a8"] == 2 * 4096 + 4096 * 4096 // 2 + 4096 * 32 * 2 + 4 * 4096 + 2 * 4096
+    h200 = rf.DEVICES["H200"]
+    assert abs(rf.roofline_us(4096, 4096, 1, h200) - t["bytes_w4a8"] / 4.8e6) < 1e-9
+    assert abs(rf.roofline_us(4096, 4096, 1, h200, "fp16") - t["bytes_fp16"] / 4.8e6) < 1e-9
+    # compute-bound at M = 4096: ops over the int8 peak
+    assert abs(rf.roofline_us(4096, 4096, 4096, h200) - 2 * 4096**3 / 1979e6) < 1e-6
+
+
+def test_table_covers_every_shape_m_and_device():
+    rows = rf.table()
+    assert len(rows) == 2 * len(rf.LLAMA3_8B) * len(rf.MS)
+    assert {r["shape"] for r in rows} >= {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                                         "qkv_proj", "gate_up_proj"}
+    for r in rows:
+        assert r["pred_is_us"] >= r["roofline_w4a8_us"] and r["pred_fs_us"] >= r["roofline_w4a8_us"]
+        assert 0 < r["pred_is_roofline_frac"] <= 1
+        assert r["kernel"] == ("decode" if r["M"] <= 64 else "prefill")
+
+
+def test_decode_splits_mirror_the_launcher():
+    from qconvert_kernels.w4a8 import cuda
+    from test_kernels_w4a8_emulate import _Meta
+
+    for n, k in rf.LLAMA3_8B.values():
+        for m in (1, 16, 64):
+            assert rf._decode_splits(n, k, m, 128, 132) == cuda.plan(m, _Meta(n, k), 132).splits
+
+
+def test_bench_rows_get_the_roofline_of_the_device():
+    r = rf.roofline_for("NVIDIA H200", 4096, 4096, 1, "w4a8-is")
+    assert r["roofline_device"] == "H200" and r["roofline_us"] > 0
+    assert rf.roofline_for("NVIDIA H100 80GB HBM3", 4096, 4096, 1, "cublas-fp16")["roofline_device"] == "H100 SXM"
+    assert rf.roofline_for("NVIDIA A100-SXM4-80GB", 4096, 4096, 1, "w4a8-is") is None
+
+
+def test_script_prints_predictions_and_writes_json(tmp_path):
+    out = tmp_path / "roof.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "roofline.py"), "--devices", "H200", "--m", "1", "4096",
+                           "--json", str(out)], capture_output=True, text=True, check=True)
+    assert "PREDICTIONS" in proc.stdout and "gate_up_proj" in proc.stdout
+    data = json.loads(out.read_text())
+    assert data["kind"] == "roofline-prediction" and len(data["rows"]) == 2 * len(rf.LLAMA3_8B)
+    assert data["assumptions"]["H200"]["hbm_tbps"] == 4.8

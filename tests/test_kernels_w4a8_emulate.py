@@ -1,0 +1,463 @@
+"""The repacked W4A8 kernels (w4a8_repacked.cu) proven on the CPU: the real launcher (``cuda.prepare``
+/ ``cuda.linear``) runs with its launches routed to the lane-exact emulator (w4a8/emulate.py), and
+the result must equal the torch reference bit for bit; the emulator checks every memory access,
+shared-memory race, pipeline stage, deadlock and output write on the way.  Mutation tests show
+that deliberate kernel bugs are caught.  No GPU needed (tests/test_kernels_w4a8r_gpu.py runs the
+same cases on one).
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from qconvert.formats.packing import pack_int4, unpack_int4
+from qconvert_kernels import launch
+from qconvert_kernels.w4a8 import cuda, emulate, repack
+from qconvert_kernels.w4a8 import reference as ref
+
+CU = cuda.SOURCE_R.read_text()
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def make_layer(n: int, k: int, g: int, layout: str, seed: int, iscale_hi: int = 200):
+    gen = torch.Generator().manual_seed(seed)
+    kp = -(-k // g) * g
+    q = torch.randint(-8, 8, (n, kp), generator=gen, dtype=torch.int8)
+    q[:, k:] = 0
+    t = {"qweight": pack_int4(q), "shape": torch.tensor([n, k])}
+    n_groups = kp // g
+    if layout == "w4a8-is":
+        t.update(iscale=torch.randint(1, iscale_hi, (n, n_groups), generator=gen, dtype=torch.int32),
+                 cscale=torch.rand(n, generator=gen) * 0.01 + 1e-4, alpha_log2=torch.tensor([8], dtype=torch.int32))
+    else:
+        t.update(scales=(torch.rand((n, n_groups), generator=gen) * 0.02 + 1e-4).half())
+    return t
+
+
+def activations(m: int, k: int, dtype, seed: int):
+    gen = torch.Generator().manual_seed(seed + 17)
+    x = torch.randn((m, k), generator=gen) * torch.rand((m, 1), generator=gen) * 4
+    if m > 2:
+        x[1] = 0  # an all-zero token: t = 0, xq = 0
+    return x.to(dtype)
+
+
+def emulate_linear(x, layout, tensors, g, sm_count=8, **kw):
+    prep = cuda.prepare(layout, tensors, g, "cpu")
+    with emulate.emulating(sm_count=sm_count, **kw) as emu:
+        out = cuda.linear(x, prep, return_acc=layout == "w4a8-is")
+    y, acc = out if layout == "w4a8-is" else (out, None)
+    return y, acc, cuda.plan(x.shape[0], prep, sm_count), emu, prep
+
+
+def check_case(m, n, k, g, layout, dtype=torch.float16, sm_count=8, x=None, tensors=None, **kw):
+    """Emulated launcher == reference, bit for bit (FS in the plan's split order); returns the plan."""
+    seed = m * 1_000_003 + n * 1009 + k * 7 + g
+    tensors = tensors if tensors is not None else make_layer(n, k, g, layout, seed)
+    x = x if x is not None else activations(m, k, dtype, seed)
+    y, acc, pl, emu, _ = emulate_linear(x, layout, tensors, g, sm_count, **kw)
+    want = ref.linear_reference(x, layout, tensors, g, bounds=pl.split_bounds(), return_acc=layout == "w4a8-is")
+    if layout == "w4a8-is":
+        want, acc_ref = want
+        assert torch.equal(acc, acc_ref), "int32 accumulator differs"
+    assert y.dtype == dtype and y.shape == (m, n)
+    assert torch.equal(y.view(torch.int16), want.view(torch.int16)), f"y differs in {(y != want).sum()} places"
+    return pl, emu
+
+
+# ----------------------------------------------------------------------------- the repacked layout
+
+
+@pytest.mark.parametrize("n,kp", [(1, 32), (13, 96), (136, 576), (300, 640), (128, 64), (830, 544)])
+def test_repack_round_trip_and_layout(n, kp):
+    gen = torch.Generator().manual_seed(n + kp)
+    q = torch.randint(-8, 8, (n, kp), generator=gen, dtype=torch.int8)
+    qw = pack_int4(q)
+    w4r = repack.repack_weight(qw)
+    n128, kq = repack.round_up(n, 128), repack.round_up(kp, 64)
+    assert w4r.dtype == torch.uint8 and w4r.numel() == n128 * kq // 2
+    assert torch.equal(repack.unrepack_weight(w4r, n, kp), qw)
+    # the documented order: word j of lane (gid, tig) of (t, kb) = row 16t + gid + 8(j & 1),
+    # k step 2kb + (j >> 1), nibble 2i = k + i, 2i + 1 = k + 4 + i with k = 32 ks + 8 tig
+    words = w4r.view(torch.int32).reshape(n128 // 16, kq // 64, 32, 4)
+    qp = torch.zeros((n128, kq), dtype=torch.int8)
+    qp[:n, :kp] = q
+    for t, kb, lane, j in [(0, 0, 0, 0), (0, 0, 5, 1), (min(1, n128 // 16 - 1), kq // 64 - 1, 31, 3), (0, 0, 14, 2)]:
+        gid, tig = lane >> 2, lane & 3
+        word = int(words[t, kb, lane, j]) & 0xFFFFFFFF
+        row, k0 = 16 * t + gid + 8 * (j & 1), 32 * (2 * kb + (j >> 1)) + 8 * tig
+        nib = [(word >> (4 * p)) & 0xF for p in range(8)]
+        sx = [v - 16 if v >= 8 else v for v in nib]
+        assert sx[0::2] == qp[row, k0:k0 + 4].tolist() and sx[1::2] == qp[row, k0 + 4:k0 + 8].tolist()
+
+
+def test_unpack_gives_16q_in_mma_k_order():
+    """qk::int4x4_lo16 / hi16 on a repacked word = 16 * q of real k 8tig+0..3 / 8tig+4..7."""
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randint(-8, 8, (16, 64), generator=gen, dtype=torch.int8)
+    w = repack.repack_weight(pack_int4(q)).view(torch.int32).reshape(-1, 32, 4).numpy().view(np.uint32)
+    lane = 9
+    gid, tig = lane >> 2, lane & 3
+    a = emulate.a_frag(emulate.Ctx(None, {}, frozenset(), emulate.FloatOps(False)), w[0, lane, 0:1], w[0, lane, 1:2])[0]
+    b = emulate._bytes_of(a, signed=True)  # [4 regs, 4 bytes]
+    assert b[0].tolist() == (16 * q[gid, 8 * tig:8 * tig + 4]).tolist()
+    assert b[1].tolist() == (16 * q[gid + 8, 8 * tig:8 * tig + 4]).tolist()
+    assert b[2].tolist() == (16 * q[gid, 8 * tig + 4:8 * tig + 8]).tolist()
+    assert b[3].tolist() == (16 * q[gid + 8, 8 * tig + 4:8 * tig + 8]).tolist()
+
+
+def test_repack_scales_and_int16_choice():
+    s = torch.tensor([[1, 2], [3, 40000]], dtype=torch.int32)
+    assert repack.iscale_dtype(s) == torch.int32 and repack.iscale_dtype(s.clamp_max(32767)) == torch.int16
+    out = repack.repack_scales(s, 128, torch.int32)
+    assert out.shape == (2, 128) and out[:, :2].tolist() == [[1, 3], [2, 40000]] and not out[:, 2:].any()
+
+
+# ----------------------------------------------------------------------------- the emulator's own parts
+
+
+def test_mma_fragment_tables_against_a_per_element_model():
+    """mma_m16n8k32 (vectorised tables) equals a per-lane, per-byte loop over the PTX ISA layout."""
+    from test_kernels_compile import _mma_m16n8k32
+
+    gen = np.random.default_rng(0)
+    a = gen.integers(0, 2**32, (2, 32, 4), dtype=np.uint64).astype(np.uint32)
+    b = gen.integers(0, 2**32, (2, 32, 2), dtype=np.uint64).astype(np.uint32)
+    c = gen.integers(-1000, 1000, (2, 32, 4)).astype(np.int32)
+    d = emulate.mma_m16n8k32(a, b, c)
+    for w in range(2):
+        want = [[int(v) for v in c[w, lane]] for lane in range(32)]
+        _mma_m16n8k32([[int(r) for r in a[w, lane]] for lane in range(32)], [[int(r) for r in b[w, lane]] for lane in range(32)], want)
+        assert d[w].tolist() == want
+
+
+def test_constants_and_parameters_match_the_source():
+    def const(name):
+        m = re.search(rf"constexpr int {name} = ([^;]+);", CU)
+        return eval(m.group(1).split("//")[0], {}, {k: getattr(emulate, k) for k in dir(emulate) if k.isupper()})  # noqa: S307
+
+    for name in ("THREADS", "WARPS", "BN", "LANE_CHUNK", "D_STAGES", "D_STAGE_BYTES", "D_W_BYTES", "D_XQ_BYTES", "D_AUX_BYTES", "WS_AMAX", "WS_ARRIVE",
+                 "WS_DONE", "WS_TILES", "P_BM", "P_STAGES", "P_BK", "P_W_STAGE", "P_X_STAGE"):
+        assert const(name) == getattr(emulate, name), name
+    assert (cuda.D_STAGES, cuda.D_XQ_BYTES, cuda.D_AUX_BYTES, cuda.WS_TILES, cuda.P_SMEM) == (
+        emulate.D_STAGES, emulate.D_XQ_BYTES, emulate.D_AUX_BYTES, emulate.WS_TILES, emulate.P_SMEM)
+    assert all(cuda.decode_smem(t) == emulate.decode_smem(t) for t in (1, 2, 4, 8))
+
+    def params(macro):
+        body = re.search(rf"#define {macro}\(.*?NAME\((.*?)\) \{{", CU, re.S).group(1)
+        body = re.sub(r"/\*.*?\*/", "", body).replace("\\", " ")
+        return tuple(re.findall(r"(\w+)\s*$", decl.strip())[0] for decl in body.split(","))
+
+    assert params("W4R_DECODE") == emulate.DECODE_PARAMS
+    assert params("W4R_PREFILL") == emulate.PREFILL_PARAMS
+    # every [emulate.X] tag of the source names a twin that exists here
+    for name in set(re.findall(r"\[emulate\.(\w+)\]", CU)):
+        assert hasattr(emulate, name) or name in ("decode_kstep", "prefill_kstep", "p_load_stage", "splitk", "epilogue_value", "load_scale"), name
+
+
+def test_kernel_names_are_the_declared_ones():
+    from qconvert_kernels.w4a8 import REPACKED
+
+    entries = re.findall(r"^W4R_\w+\((\w+),", CU, flags=re.M)
+    assert sorted(entries) == sorted(REPACKED.kernels)
+
+
+# ----------------------------------------------------------------------------- bit-exact cases
+
+DECODE_CASES = [  # (M, N, K, g, layout, SMs): M from 1 to 64, N and K tails, g = 32 .. 256
+    (1, 136, 256, 128, "w4a8-is", 8),
+    (2, 256, 576, 64, "w4a8-fs", 8),
+    (3, 130, 300, 96, "w4a8-is", 8),      # K % 8 != 0: scalar activation loads; Kp % 64 == 32
+    (7, 136, 512, 256, "w4a8-fs", 8),
+    (16, 128, 448, 32, "w4a8-is", 8),     # g = 32: a fold every k step; uneven splits
+    (17, 200, 640, 128, "w4a8-fs", 1),    # one split: FS bit-exact with the plain reference
+    (33, 136, 384, 64, "w4a8-is", 8),
+    (64, 256, 1280, 128, "w4a8-is", 2),   # one split of 1280 k: three activation chunks (512 k at M = 64)
+    (5, 13, 96, 32, "w4a8-fs", 8),        # N = 13: most channels of the CTA are padding
+]
+PREFILL_CASES = [
+    (130, 136, 256, 64, "w4a8-is", 8),    # two m tiles, the second 2 rows; split-K
+    (130, 136, 300, 96, "w4a8-fs", 8),
+    (65, 256, 512, 128, "w4a8-fs", 8),
+    (200, 130, 160, 32, "w4a8-is", 8),    # 5 groups in 2 splits
+    (129, 300, 128, 64, "w4a8-fs", 1),    # one split, three n tiles in a band
+]
+
+
+@pytest.mark.parametrize("m,n,k,g,layout,sms", DECODE_CASES)
+def test_decode_bit_exact(m, n, k, g, layout, sms):
+    pl, _ = check_case(m, n, k, g, layout, sm_count=sms)
+    assert pl.kind == "decode"
+
+
+@pytest.mark.parametrize("m,n,k,g,layout,sms", PREFILL_CASES)
+def test_prefill_bit_exact(m, n, k, g, layout, sms):
+    pl, _ = check_case(m, n, k, g, layout, sm_count=sms)
+    assert pl.kind == "prefill"
+
+
+@pytest.mark.parametrize("m,layout", [(3, "w4a8-is"), (9, "w4a8-fs"), (130, "w4a8-is")])
+def test_bf16(m, layout):
+    check_case(m, 136, 320, 64, layout, dtype=torch.bfloat16)
+
+
+def test_splits_cover_every_case_shape():
+    """The cases above run S == 1 and S > 1 (uneven too) on both kernels, and several x chunks."""
+    seen = set()
+    for m, n, k, g, layout, sms in DECODE_CASES + PREFILL_CASES:
+        prep = cuda.prepare(layout, make_layer(n, k, g, layout, 0), g, "cpu")
+        pl = cuda.plan(m, prep, sms)
+        seen.add((pl.kind, pl.splits > 1, pl.gr > 0))
+        bounds = pl.split_bounds()
+        assert bounds[0][0] == 0 and bounds[-1][1] == prep.n_groups and all(b[0] < b[1] for b in bounds)
+        assert all(b1[1] == b2[0] for b1, b2 in zip(bounds, bounds[1:]))
+        if pl.kind == "decode" and pl.splits == 1 and m > 32:
+            seen.add("chunks")  # 1280 k at M = 64: chunks of 512
+    assert {("decode", True, True), ("decode", True, False), ("decode", False, False), ("prefill", True, True),
+            ("prefill", True, False), ("prefill", False, False), "chunks"} <= seen
+
+
+def test_overflow_adversarial_input_reaches_the_bound():
+    """x = 127 sign(q) on the channel with the least headroom drives A to the converter's bound."""
+    from qconvert.methods.integer_scale import IntegerScaleMethod
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn((136, 512), generator=gen) * 0.02
+    ql = IntegerScaleMethod({"group_size": 128}).quantize_linear("adversarial", w)
+    info, tens = ql.info, dict(ql.tensors)
+    worst, bound = info["worst_channel"], info["bound"]
+    q = unpack_int4(tens["qweight"])
+    sign = torch.sign(q[worst].float())[:512]
+    x = torch.stack([sign, -sign] + [torch.randn(512, generator=gen) for _ in range(2)]).half()
+    for m_extra in (0, 126):  # decode, and prefill (130 rows)
+        xx = torch.cat([x, torch.randn((m_extra, 512), generator=gen).half()]) if m_extra else x
+        y, acc, pl, _, _ = emulate_linear(xx, "w4a8-is", tens, 128)
+        assert int(acc[0, worst]) == bound and int(acc[1, worst]) == -bound and bound <= 2**31 - 1
+        want, acc_ref = ref.linear_reference(xx, "w4a8-is", tens, 128, return_acc=True)
+        assert torch.equal(acc, acc_ref) and torch.equal(y.view(torch.int16), want.view(torch.int16)), pl.kind
+
+
+def _subnormal_case():
+    """bf16 rows whose values are float32 subnormals (amax 2^-125, entries 2^-127), and a row whose
+    amax is above 2^126 (1 / amax is subnormal): FTZ would quantize them to zeros."""
+    k = 256
+    x = torch.zeros((3, k))
+    x[0, ::3] = 2.0**-127
+    x[0, 5] = 2.0**-125
+    x[1, :] = torch.linspace(-1, 1, k) * 2.0**127
+    x[2, :] = torch.linspace(-3, 2, k)
+    return x.to(torch.bfloat16)
+
+
+def test_reference_keeps_subnormals_and_huge_rows():
+    x = _subnormal_case()
+    xq, t = ref.quantize_per_token_int8(x, 256)
+    assert (xq[0] != 0).sum() > 80 and (xq[1] != 0).sum() > 200  # not flushed
+    assert 0 < float(t[0]) < 2.0**-126  # the scale itself is subnormal
+
+
+@pytest.mark.parametrize("m", [3, 130])
+def test_subnormal_and_huge_amax_rows_bit_exact(m):
+    x = _subnormal_case()
+    if m > 3:
+        x = torch.cat([x, torch.randn((m - 3, 256)).to(torch.bfloat16)])
+    t = make_layer(136, 256, 64, "w4a8-is", 3)
+    t["cscale"] = torch.full((136,), 2.0**-100)  # y = A * t * cs lands in the subnormal range for row 0
+    check_case(m, 136, 256, 64, "w4a8-is", dtype=torch.bfloat16, x=x, tensors=t)
+
+
+def test_ftz_would_be_caught():
+    x = _subnormal_case()
+    t = make_layer(136, 256, 64, "w4a8-is", 3)
+    with pytest.raises(AssertionError):
+        check_case(3, 136, 256, 64, "w4a8-is", dtype=torch.bfloat16, x=x, tensors=t, mutations=frozenset({"ftz"}))
+
+
+# ----------------------------------------------------------------------------- protocols
+
+
+def test_workspace_returns_to_zero_and_a_second_call_is_exact():
+    t = make_layer(256, 1024, 128, "w4a8-fs", 11)
+    prep = cuda.prepare("w4a8-fs", t, 128, "cpu")
+    x1, x2 = activations(4, 1024, torch.float16, 1), activations(4, 1024, torch.float16, 2)
+    with emulate.emulating(sm_count=8):
+        y1 = cuda.linear(x1, prep)
+        assert not prep.workspace.any()
+        y2 = cuda.linear(x2, prep)
+    pl = cuda.plan(4, prep, 8)
+    assert pl.splits > 1 and pl.amax_ctas > 1
+    for x, y in ((x1, y1), (x2, y2)):
+        assert torch.equal(y, ref.linear_reference(x, "w4a8-fs", t, 128, bounds=pl.split_bounds()))
+
+
+def test_split_k_is_deterministic_whatever_the_arrival_order():
+    """FS with 6 splits: different CTA interleavings give the same bits (fixed split order); summing in
+    arrival order instead (the ticket_order mutation) changes the result for some order."""
+    m, n, k, g = 4, 128, 1536, 64
+    t = make_layer(n, k, g, "w4a8-fs", 21)
+    t["scales"] = (torch.rand(t["scales"].shape, generator=torch.Generator().manual_seed(1)) * 3 + 0.01).half()
+    x = activations(m, k, torch.float16, 4)
+    outs, orders = [], []
+    for seed in range(4):
+        y, _, pl, emu, _ = emulate_linear(x, "w4a8-fs", t, g, sm_count=16, seed=seed, resident=24)
+        outs.append(y)
+        orders.append(emu.ticket_orders[-1])
+    assert pl.splits >= 4
+    assert len({str(o) for o in orders}) > 1, "the scheduler should produce different arrival orders"
+    assert all(torch.equal(o, outs[0]) for o in outs)
+    want = ref.linear_reference(x, "w4a8-fs", t, g, bounds=pl.split_bounds())
+    assert torch.equal(outs[0], want)
+    bad = [emulate_linear(x, "w4a8-fs", t, g, sm_count=16, seed=seed, resident=24, mutations=frozenset({"ticket_order"}))[0]
+           for seed in range(6)]
+    assert any(not torch.equal(b, want) for b in bad)
+
+
+def test_amax_publishers_need_only_their_own_residency():
+    """Decode CTAs spin until the A amax publishers have arrived.  The publishers are the first A CTAs
+    in dispatch order and A <= the SM count (the plan), so the launch completes with as few as A
+    CTAs resident; fewer would deadlock (the emulator finds it), and so would publishers placed at
+    the end of the grid even with many resident CTAs."""
+    t = make_layer(256, 1024, 64, "w4a8-is", 9)
+    prep = cuda.prepare("w4a8-is", t, 64, "cpu")
+    pl = cuda.plan(4, prep, 8)
+    assert 2 <= pl.amax_ctas <= 8 < pl.grid[0] * pl.grid[1]
+    check_case(4, 256, 1024, 64, "w4a8-is", tensors=t, resident=pl.amax_ctas)
+    with pytest.raises(emulate.EmulationError, match="deadlock"):
+        check_case(4, 256, 1024, 64, "w4a8-is", tensors=t, resident=pl.amax_ctas - 1)
+    with pytest.raises(emulate.EmulationError, match="deadlock"):
+        check_case(4, 256, 1024, 64, "w4a8-is", tensors=t, resident=8, mutations=frozenset({"late_publishers"}))
+
+
+def test_plan_caps_the_publishers_at_the_sm_count():
+    for n, k in LLAMA3_8B.values():
+        for m in (1, 16, 64):
+            pl = cuda.plan(m, _Meta(n, k), 132)
+            assert 1 <= pl.amax_ctas <= 132 and pl.amax_ctas << pl.ak_log2 >= k > (pl.amax_ctas - 1) << pl.ak_log2
+
+
+def test_main_loop_shared_accesses_are_bank_conflict_free():
+    _, emu_d = check_case(16, 256, 512, 128, "w4a8-is")
+    _, emu_p = check_case(130, 136, 256, 128, "w4a8-is")
+    conflicts = {**emu_d.conflicts, **emu_p.conflicts}
+    for site in ("decode weight LDS.128", "decode x LDS.64", "prefill weight LDS.128", "prefill x LDS.64",
+                 "prefill x cp.async", "prefill weight cp.async", "decode weight cp.async"):
+        assert conflicts[site] == 1, (site, conflicts[site])
+    # and the swizzle is what makes the prefill activation reads conflict-free
+    emu = emulate.Emulator(mutations=frozenset({"swizzle_off"}))
+    with launch.launch_hook(emu):
+        prep = cuda.prepare("w4a8-is", make_layer(136, 256, 128, "w4a8-is", 0), 128, "cpu")
+        cuda.linear(activations(130, 256, torch.float16, 0), prep)
+    assert emu.conflicts["prefill x LDS.64"] > 1
+
+
+# ----------------------------------------------------------------------------- mutations
+
+MUTATION_CASES = {
+    # mutation: (case, expected: "error" (an emulator check fires) or "mismatch")
+    "swap_halves": ((5, 136, 512, 128, "w4a8-is"), "mismatch"),
+    "no_sign": ((130, 136, 256, 64, "w4a8-is"), "mismatch"),
+    "c_map": ((3, 136, 576, 64, "w4a8-fs"), "mismatch"),
+    "stage_off_by_one": ((5, 136, 512, 128, "w4a8-is"), "error"),
+    "no_wait": ((130, 136, 256, 64, "w4a8-is"), "error"),
+    "no_barrier": ((5, 136, 512, 128, "w4a8-is"), "error"),
+    "no_stage_barrier": ((130, 136, 256, 64, "w4a8-fs"), "error"),
+    "swizzle_off": ((130, 136, 256, 64, "w4a8-is"), "mismatch"),
+    "amax_local": ((16, 136, 1024, 128, "w4a8-is"), "mismatch"),
+    "k_perm": ((5, 136, 512, 128, "w4a8-fs"), "mismatch"),
+}
+
+
+@pytest.mark.parametrize("mutation", sorted(MUTATION_CASES))
+def test_mutation_is_caught(mutation):
+    case, expected = MUTATION_CASES[mutation]
+    if expected == "error":
+        with pytest.raises(emulate.EmulationError):
+            check_case(*case, mutations=frozenset({mutation}))
+    else:
+        with pytest.raises(AssertionError, match="differs"):
+            check_case(*case, mutations=frozenset({mutation}))
+
+
+def test_every_mutation_has_a_test():
+    covered = set(MUTATION_CASES) | {"ftz", "ticket_order", "late_publishers"}
+    assert covered == set(emulate.MUTATIONS)
+
+
+# ----------------------------------------------------------------------------- launcher (no GPU)
+
+
+def test_linear_never_synchronizes(monkeypatch):
+    """linear reads no device value on the host: .item(), int(t), float(t), bool(t), .tolist(),
+    .cpu(), .numpy() all fail while it runs; the launches are recorded, not executed."""
+    t = make_layer(136, 320, 64, "w4a8-is", 1)
+    prep = cuda.prepare("w4a8-is", t, 64, "cpu")
+    calls = []
+
+    def boom(*a, **k):
+        raise AssertionError("host synchronization in linear()")
+
+    def record(*a):
+        calls.append(a)
+        for arg in a[3]:  # every pointer argument is a live tensor at the launch
+            if getattr(arg, "dtype", None) is not None and arg.dtype.name == "uint64" and int(arg):
+                launch.tensor_at(int(arg))
+
+    for m in (1, 40, 130):
+        x = activations(m, 320, torch.float16, m)
+        with launch.launch_hook(record, sm_count=132), monkeypatch.context() as mp:
+            for attr in ("item", "__int__", "__float__", "__bool__", "__index__", "tolist", "cpu", "numpy"):
+                mp.setattr(torch.Tensor, attr, boom)
+            cuda.linear(x, prep)
+    names = [c[0] for c in calls]
+    assert names == ["w4a8r_decode_is_m8", "w4a8r_decode_is_m64", "w4a8r_quantize_f16", "w4a8r_prefill_is"]
+
+
+def test_prepare_and_linear_validate_their_inputs():
+    t = make_layer(64, 128, 64, "w4a8-is", 0)
+    with pytest.raises(ValueError, match="layout"):
+        cuda.prepare("w4a8-xx", t, 64, "cpu")
+    with pytest.raises(ValueError, match="g=48"):
+        cuda.prepare("w4a8-is", t, 48, "cpu")
+    with pytest.raises(ValueError, match="needs tensor 'scales'"):
+        cuda.prepare("w4a8-fs", t, 64, "cpu")
+    bad = dict(t, alpha_log2=torch.tensor([127], dtype=torch.int32))
+    with pytest.raises(ValueError, match="alpha_log2"):
+        cuda.prepare("w4a8-is", bad, 64, "cpu")
+    prep = cuda.prepare("w4a8-is", t, 64, "cpu")
+    with launch.launch_hook(lambda *a: None):
+        with pytest.raises(ValueError, match="K=100"):
+            cuda.linear(torch.zeros((2, 100), dtype=torch.float16), prep)
+        with pytest.raises(ValueError, match="float16 or bfloat16"):
+            cuda.linear(torch.zeros((2, 128)), prep)
+        assert cuda.linear(torch.zeros((0, 128), dtype=torch.float16), prep).shape == (0, 64)
+    with pytest.raises(ValueError, match="CUDA"):  # no hook: CPU tensors are refused
+        cuda.linear(torch.zeros((2, 128), dtype=torch.float16), prep)
+
+
+LLAMA3_8B = {"q_proj": (4096, 4096), "k_proj": (1024, 4096), "v_proj": (1024, 4096), "o_proj": (4096, 4096),
+             "gate_proj": (14336, 4096), "up_proj": (14336, 4096), "down_proj": (4096, 14336),
+             "qkv_proj": (6144, 4096), "gate_up_proj": (28672, 4096)}
+
+
+class _Meta(cuda.PreparedW4A8):
+    """A prepared layer's sizes without its tensors (plan only reads sizes)."""
+
+    def __init__(self, n, k, g=128, layout="w4a8-is"):
+        self.layout, self.n, self.k, self.kp, self.group_size = layout, n, k, -(-k // g) * g, g
+
+
+@pytest.mark.parametrize("shape", sorted(LLAMA3_8B))
+def test_plan_keeps_every_sm_busy_on_llama3_8b(shape):
+    n, k = LLAMA3_8B[shape]
+    for m in (1, 4, 16, 64):
+        pl = cuda.plan(m, _Meta(n, k), 132)
+        assert pl.kind == "decode" and pl.grid[0] * pl.grid[1] >= 132, (m, pl)
+    for m in (256, 1024, 4096):
+        pl = cuda.plan(m, _Meta(n, k), 132)
+        assert pl.kind == "prefill" and pl.mtiles * pl.ntiles * pl.splits >= min(132, pl.mtiles * pl.ntiles * 4), (m, pl)
