@@ -420,34 +420,66 @@ def _median_seconds(fn, device, repeats: int) -> float:
     return statistics.median(times)
 
 
+class Budget:
+    """A wall-clock bound on a whole bench run (``--budget-s``): once half of it is spent the
+    remaining measurements take one repeat and at most 32 new tokens; once it is spent they are
+    skipped, and the result says so."""
+
+    def __init__(self, seconds: float | None):
+        self.deadline = None if seconds is None else time.perf_counter() + seconds
+        self.total = seconds
+
+    def left(self) -> float:
+        return float("inf") if self.deadline is None else self.deadline - time.perf_counter()
+
+    def short(self) -> bool:
+        return self.deadline is not None and self.left() < self.total / 2
+
+    def spent(self) -> bool:
+        return self.left() <= 0
+
+
 @torch.inference_mode()
-def model_speed(model, device: torch.device, prefill: int = 2048, new_tokens: int = 128, batches=(1, 16),
-                prompt: int = 32, repeats: int = 3, seed: int = 0) -> dict:
-    """Prefill and greedy-decode tokens/s of ``model`` (already on ``device``)."""
+def model_speed(model, device: torch.device, prefill: int = 2048, new_tokens: int = 128, batches=(1, 16, 64),
+                prompt: int = 32, repeats: int = 3, seed: int = 0, graphs: bool = False, budget: Budget | None = None) -> dict:
+    """Prefill and greedy-decode tokens/s of ``model`` (already on ``device``) on the decode engine
+    (qconvert/engine.py): a static KV cache and, with ``graphs``, one CUDA graph per decode step."""
+    from qconvert.engine import DecodeEngine
+
+    budget = budget or Budget(None)
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(seed)
+    mode = "cuda-graph" if graphs else "eager"
+    out = {"mode": mode, "prefill_tokens": prefill, "decode": [], "skipped": []}
+    pre = DecodeEngine(model, max_batch=1, max_len=prefill + 1, graphs=False)  # prefill is eager in both modes
     ids = torch.randint(0, vocab, (1, prefill), generator=gen).to(device)
-    model(ids[:, : min(prefill, 16)])  # warm-up: kernel modules, allocator
-    t_prefill = _median_seconds(lambda: model(ids, use_cache=True), device, repeats)
-    out = {"prefill_tokens": prefill, "prefill_tokens_per_s": round(prefill / t_prefill, 2), "decode": []}
+    pre.prefill(ids[:, : min(prefill, 16)])  # warm-up: kernel modules, allocator
+    reps = 1 if budget.short() else repeats
+    out["prefill_tokens_per_s"] = round(prefill / _median_seconds(lambda: pre.prefill(ids), device, reps), 2)
+    del pre
+    steps = new_tokens
+    eng = DecodeEngine(model, max_batch=max(batches), max_len=prompt + steps + 1, graphs=graphs)
     for b in batches:
+        if budget.spent():
+            out["skipped"].append({"batch": b, "why": "--budget-s spent"})
+            continue
         start = torch.randint(0, vocab, (b, prompt), generator=gen).to(device)
+        n = min(steps, 32) if budget.short() else steps
 
         def decode():
-            res = model(start, use_cache=True)
-            cache, nxt = res.past_key_values, res.logits[:, -1].argmax(-1, keepdim=True)
+            nxt = eng.prefill(start).argmax(-1)
             _sync(device)
             t0 = time.perf_counter()
-            for _ in range(new_tokens):
-                res = model(nxt, past_key_values=cache, use_cache=True)
-                cache, nxt = res.past_key_values, res.logits[:, -1].argmax(-1, keepdim=True)
+            for _ in range(n):
+                nxt = eng.decode(nxt).argmax(-1)
             _sync(device)
             return time.perf_counter() - t0
 
-        decode()  # warm-up at this batch size
-        t = statistics.median(decode() for _ in range(repeats))
-        out["decode"].append({"batch": b, "new_tokens": new_tokens, "tokens_per_s": round(b * new_tokens / t, 2),
-                              "ms_per_step": round(1000 * t / new_tokens, 3)})
+        decode()  # warm-up at this batch size (captures its graph)
+        t = statistics.median(decode() for _ in range(1 if budget.short() else repeats))
+        out["decode"].append({"batch": b, "new_tokens": n, "tokens_per_s": round(b * n / t, 2),
+                              "ms_per_step": round(1000 * t / n, 3)})
+    del eng
     return out
 
 
@@ -473,8 +505,28 @@ def _compare(fp: dict, q: dict) -> dict:
     return ratio
 
 
-def out_bench(out: Path, device: str | None = None, prefill: int = 2048, new_tokens: int = 128, batches=(1, 16),
-              repeats: int = 3, against: str | None = None) -> dict:
+def _modes(dev: torch.device) -> list[bool]:
+    """graphs on / off: on CUDA both (the graph-captured one is the headline), on CPU eager only."""
+    return [True, False] if dev.type == "cuda" else [False]
+
+
+def _speeds(model, dev, kw: dict, budget: Budget) -> dict:
+    """{"cuda-graph": ..., "eager": ...} (what ``_modes`` allows) of one model."""
+    return {("cuda-graph" if g else "eager"): model_speed(model, dev, graphs=g, budget=budget, **kw) for g in _modes(dev)}
+
+
+def _result(target: str, original: str, dev, dtype, fp: dict, q: dict, budget: Budget) -> dict:
+    """The result record: the headline (graph-captured on CUDA) in ``quantized`` / ``original_speed``
+    / ``speedup``, every mode under ``modes``."""
+    head = "cuda-graph" if "cuda-graph" in q else "eager"
+    return {"kind": "model", "target": target, "original": original, "runtime": _runtime_label(dev),
+            "dtype": str(dtype).removeprefix("torch."), "environment": environment(dev), "budget_s": budget.total,
+            "quantized": q[head], "original_speed": fp[head], "speedup": _compare(fp[head], q[head]),
+            "modes": {m: {"quantized": q[m], "original_speed": fp[m], "speedup": _compare(fp[m], q[m])} for m in q}}
+
+
+def out_bench(out: Path, device: str | None = None, prefill: int = 2048, new_tokens: int = 128, batches=(1, 16, 64),
+              repeats: int = 3, against: str | None = None, budget_s: float | None = None) -> dict:
     """Quantized OUT against its float original, on one device, one after the other."""
     from qconvert.formats.native import read_quant_config
     from qconvert.runtime import load
@@ -490,16 +542,23 @@ def out_bench(out: Path, device: str | None = None, prefill: int = 2048, new_tok
         against = recorded_source(out)
         if against is None:
             raise QConvertError(f"{out}/qconvert.json does not name the source; pass --against SOURCE")
-    q = load(out, device=str(dev), dtype=dtype)
-    q_speed = model_speed(q, dev, prefill, new_tokens, batches, repeats=repeats)
-    del q
+    budget = Budget(budget_s)
+    kw = dict(prefill=prefill, new_tokens=new_tokens, batches=batches, repeats=repeats)
+    from transformers import PreTrainedModel
+
+    model = load(out, device=str(dev), dtype=dtype)
+    note = None
+    if not isinstance(model, PreTrainedModel):  # I-LLM's integer-only model keeps no KV cache: the engine needs one
+        model = load(out, device=str(dev), dtype=dtype, integer=False)
+        note = ("integer-only OUT: timed as the float model with the same quantized linears (the engine needs a "
+                "KV cache, which the integer-only model does not keep); its integer softmax and norms are not timed")
+    q = _speeds(model, dev, kw, budget)
     src = resolve_source(against)
-    fp = src.load_model(dtype).to(dev).eval()
-    fp_speed = model_speed(fp, dev, prefill, new_tokens, batches, repeats=repeats)
-    del fp
-    return {"kind": "model", "target": str(out), "original": getattr(src, "description", str(against)),
-            "runtime": _runtime_label(dev), "dtype": str(dtype).removeprefix("torch."), "environment": environment(dev),
-            "quantized": q_speed, "original_speed": fp_speed, "speedup": _compare(fp_speed, q_speed)}
+    fp = _speeds(src.load_model(dtype).to(dev).eval(), dev, kw, budget)
+    result = _result(str(out), getattr(src, "description", str(against)), dev, dtype, fp, q, budget)
+    if note:
+        result["note"] = note
+    return result
 
 
 def synthetic_models(name: str, device: torch.device, layers: int | None = None, dtype=torch.float16, seed: int = 0):
@@ -516,6 +575,7 @@ def synthetic_models(name: str, device: torch.device, layers: int | None = None,
         kw["num_hidden_layers"] = layers
     config = LlamaConfig(**kw)
     model = build_skeleton(config)
+    _check_fits(name, sum(p.numel() for p in model.parameters()) * torch.finfo(dtype).bits // 8, device)
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         # parameters are on meta; rotary tables are real buffers and must keep their values
@@ -548,6 +608,19 @@ def synthetic_models(name: str, device: torch.device, layers: int | None = None,
     return model, quantize_in_place
 
 
+def _check_fits(name: str, nbytes: int, device: torch.device) -> None:
+    """Refuse a synthetic model that cannot fit the device's free memory (it would be killed)."""
+    import os
+
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if 2 * nbytes > free:  # the float model, then its quantized twin beside the float embeddings
+        raise QConvertError(f"--synthetic {name}: its weights take {nbytes / 1e9:.1f} GB and {device.type} has "
+                            f"{free / 1e9:.1f} GB free; pass --layers N for fewer decoder layers, or run it on a GPU")
+
+
 # scheme -> (layer name -> (layout, its parameters)): the random-weight twins of --synthetic
 SYNTHETIC_SCHEMES = {
     "is-w4a8": lambda name: ("w4a8-is", {"group_size": 128}),
@@ -557,21 +630,22 @@ SYNTHETIC_SCHEMES = {
 
 
 def synthetic_bench(name: str, device: str | None = None, layers: int | None = None, prefill: int = 2048,
-                    new_tokens: int = 128, batches=(1, 16), repeats: int = 3, scheme: str = "is-w4a8") -> dict:
+                    new_tokens: int = 128, batches=(1, 16, 64), repeats: int = 3, scheme: str = "is-w4a8",
+                    budget_s: float | None = None) -> dict:
     if scheme not in SYNTHETIC_SCHEMES:
         raise QConvertError(f"--synthetic --scheme {scheme}: random-weight twins exist for {', '.join(SYNTHETIC_SCHEMES)}")
     dev = resolve_device(device)
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
-    fp, to_quantized = synthetic_models(name, dev, layers, dtype)
-    fp_speed = model_speed(fp, dev, prefill, new_tokens, batches, repeats=repeats)
-    q = to_quantized(scheme=scheme)
+    budget = Budget(budget_s)
+    kw = dict(prefill=prefill, new_tokens=new_tokens, batches=batches, repeats=repeats)
+    fp_model, to_quantized = synthetic_models(name, dev, layers, dtype)
+    fp = _speeds(fp_model, dev, kw, budget)
+    q_model = to_quantized(scheme=scheme)
     if dev.type == "cuda":
         torch.cuda.empty_cache()
-    q_speed = model_speed(q, dev, prefill, new_tokens, batches, repeats=repeats)
-    return {"kind": "model", "target": f"synthetic:{name} {scheme}" + (f" ({layers} layers)" if layers else ""),
-            "original": f"synthetic:{name} (random {str(dtype).removeprefix('torch.')} weights)",
-            "runtime": _runtime_label(dev), "dtype": str(dtype).removeprefix("torch."), "environment": environment(dev),
-            "quantized": q_speed, "original_speed": fp_speed, "speedup": _compare(fp_speed, q_speed)}
+    q = _speeds(q_model, dev, kw, budget)
+    return _result(f"synthetic:{name} {scheme}" + (f" ({layers} layers)" if layers else ""),
+                   f"synthetic:{name} (random {str(dtype).removeprefix('torch.')} weights)", dev, dtype, fp, q, budget)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -598,22 +672,53 @@ def kernel_table(result: dict):
 
 
 def model_table(result: dict):
+    """Prefill and decode tokens/s, original against quantized, one section per mode (the
+    graph-captured headline first on CUDA)."""
     from rich.table import Table
 
     env = result["environment"]
     t = Table(title=f"{result['target']} vs {result['original']} — {result['runtime']} on {env.get('device')} ({env.get('date')})")
-    for col in ("measure", "original", "quantized", "speed-up"):
-        t.add_column(col, justify="left" if col == "measure" else "right")
-    fp, q, s = result["original_speed"], result["quantized"], result["speedup"]
-    t.add_row(f"prefill 1 x {fp['prefill_tokens']} (tokens/s)", f"{fp['prefill_tokens_per_s']:,.1f}", f"{q['prefill_tokens_per_s']:,.1f}", f"{s['prefill']:.2f}x")
-    for a, b in zip(fp["decode"], q["decode"]):
-        t.add_row(f"decode {a['new_tokens']} tokens, batch {a['batch']} (tokens/s)", f"{a['tokens_per_s']:,.1f}", f"{b['tokens_per_s']:,.1f}",
-                  f"{s['decode_batch' + str(a['batch'])]:.2f}x")
+    for col in ("mode", "measure", "original", "quantized", "speed-up"):
+        t.add_column(col, justify="left" if col in ("mode", "measure") else "right")
+    modes = result.get("modes") or {result["quantized"].get("mode", "eager"): result}
+    for mode, r in modes.items():
+        fp, q, s = r["original_speed"], r["quantized"], r["speedup"]
+        t.add_row(mode, f"prefill 1 x {fp['prefill_tokens']} (tokens/s)", f"{fp['prefill_tokens_per_s']:,.1f}",
+                  f"{q['prefill_tokens_per_s']:,.1f}", f"{s['prefill']:.2f}x")
+        for a, b in zip(fp["decode"], q["decode"]):
+            t.add_row(mode, f"decode {a['new_tokens']} tokens, batch {a['batch']} (tokens/s)", f"{a['tokens_per_s']:,.1f}",
+                      f"{b['tokens_per_s']:,.1f}", f"{s['decode_batch' + str(a['batch'])]:.2f}x")
+        for skipped in q.get("skipped", []):
+            t.add_row(mode, f"decode batch {skipped['batch']}", "-", "-", skipped["why"])
+        t.add_section()
+    if result.get("note"):
+        t.caption = result["note"]
     return t
 
 
-def plot_kernels(result: dict, path: Path) -> Path:
-    """PNG: speed-up of W4A8-IS and W4A8-FS over cuBLAS FP16 against M, one panel per shape."""
+def plot_model(result: dict, path: Path) -> Path:
+    """PNG: tokens/s of the original and the quantized model, per measure and mode."""
+    plt = _pyplot()
+    modes = result.get("modes") or {"eager": result}
+    fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 3.6), squeeze=False)
+    for ax, (mode, r) in zip(axes.flat, modes.items()):
+        labels = ["prefill"] + [f"decode b{d['batch']}" for d in r["quantized"]["decode"]]
+        fp = [r["original_speed"]["prefill_tokens_per_s"]] + [d["tokens_per_s"] for d in r["original_speed"]["decode"]]
+        q = [r["quantized"]["prefill_tokens_per_s"]] + [d["tokens_per_s"] for d in r["quantized"]["decode"]]
+        xs = range(len(labels))
+        ax.bar([x - 0.2 for x in xs], fp, width=0.4, label="original")
+        ax.bar([x + 0.2 for x in xs], q, width=0.4, label="quantized")
+        ax.set_xticks(list(xs), labels)
+        ax.set_yscale("log")
+        ax.set_ylabel("tokens/s")
+        ax.set_title(mode, fontsize=9)
+        ax.legend(fontsize=8)
+    env = result["environment"]
+    fig.suptitle(f"{result['target']} — {env.get('device')}, {env.get('date')}, commit {env.get('commit')}", fontsize=9)
+    return _save(fig, path)
+
+
+def _pyplot():
     try:
         import matplotlib
 
@@ -621,6 +726,23 @@ def plot_kernels(result: dict, path: Path) -> Path:
         import matplotlib.pyplot as plt
     except ImportError:
         raise QConvertError("--plot needs matplotlib: pip install 'qconvert[plot]'") from None
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_kernels(result: dict, path: Path) -> Path:
+    """PNG: speed-up of W4A8-IS and W4A8-FS over cuBLAS FP16 against M, one panel per shape."""
+    plt = _pyplot()
     rows = result["results"]
     panels = list(dict.fromkeys((r.get("model", ""), r["shape"], r["N"], r["K"]) for r in rows))
     cols = min(4, len(panels))
@@ -642,12 +764,7 @@ def plot_kernels(result: dict, path: Path) -> Path:
         ax.axis("off")
     env = result["environment"]
     fig.suptitle(f"{env.get('device')}, {env.get('date')}, commit {env.get('commit')}", fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def save_json(result: dict, path: Path) -> Path:

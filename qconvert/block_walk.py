@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qconvert import placement
 from qconvert.errors import QConvertError
 from qconvert.architectures import DECODER_LAYERS
 from qconvert.source import Source
@@ -42,6 +43,7 @@ from qconvert.source import Source
 log = logging.getLogger("qconvert")
 
 CALIB_DIR = "calib"
+BATCH_TOKENS = 4096  # tokens per calibration batch (whole sequences: at least one)
 
 
 class _Stop(Exception):
@@ -49,12 +51,16 @@ class _Stop(Exception):
 
 
 class ActivationBuffers:
-    """Two float32 buffers [n, L, H] (block input and output), in RAM or file-backed."""
+    """Two float32 buffers [n, L, H] (block input and output): on the GPU ("gpu"), in pinned
+    ("pinned") or plain ("ram") CPU memory, or file-backed ("disk"); qconvert/placement.py."""
 
-    def __init__(self, directory: Path, shape: tuple[int, int, int], on_disk: bool):
+    def __init__(self, directory: Path, shape: tuple[int, int, int], place: str,
+                 device: torch.device = torch.device("cpu")):
         self.dir = directory
         self.shape = shape
-        self.on_disk = on_disk
+        self.place = place
+        self.on_disk = place == "disk"
+        self.device = device
         directory.mkdir(exist_ok=True)
         self.bufs = [self._make(i) for i in range(2)]
         self.current = 0  # index of the buffer that holds the next block's input
@@ -64,8 +70,12 @@ class ActivationBuffers:
 
     def _make(self, i: int) -> torch.Tensor:
         numel = self.shape[0] * self.shape[1] * self.shape[2]
+        if self.place == "gpu":
+            return torch.empty(self.shape, device=self.device)
+        if self.place == "pinned":
+            return torch.empty(self.shape, device="cpu", pin_memory=True)
         if not self.on_disk:
-            return torch.empty(self.shape)
+            return torch.empty(self.shape, device="cpu")
         path = self._path(i)
         with open(path, "ab") as f:  # sized without writing: a sparse file
             f.truncate(numel * 4)
@@ -86,7 +96,7 @@ class ActivationBuffers:
         """Make the current input durable for --resume; returns what the journal records."""
         state = {"buffer": self.current, "on_disk": self.on_disk}
         if not self.on_disk:  # one file per buffer: the journal's last record keeps pointing at a whole one
-            data = memoryview(self.inputs.numpy()).cast("B")
+            data = memoryview(self.inputs.cpu().numpy()).cast("B")
             tmp = self.dir / "saved.tmp"
             with open(tmp, "wb") as f:  # no fsync: a killed process loses nothing; after a power cut
                 f.write(data)  # the checksum tells a torn file from a whole one
@@ -101,8 +111,8 @@ class ActivationBuffers:
             ok = saved.is_file() and saved.stat().st_size == self.inputs.numel() * 4
             if ok:
                 data = torch.from_file(str(saved), shared=False, size=self.inputs.numel(), dtype=torch.float32)
+                ok = zlib.crc32(memoryview(data.numpy()).cast("B")) == state.get("crc32")
                 self.inputs.copy_(data.view(self.shape))
-                ok = zlib.crc32(memoryview(self.inputs.numpy()).cast("B")) == state.get("crc32")
             if not ok:
                 raise QConvertError(f"{saved} is damaged (the machine stopped while it was written); "
                                     "pass --force to start over")
@@ -112,11 +122,13 @@ class Calibrator:
     """Runs calibration activations through the decoder blocks (see the module docstring)."""
 
     def __init__(self, src: Source, skeleton: nn.Module, names: dict[str, str], tokens: torch.Tensor,
-                 partial: Path, max_memory: int, batch_tokens: int = 4096, progress: bool = True,
-                 on_disk: bool | None = None, compute_dtype: torch.dtype = torch.float32):
+                 partial: Path, max_memory: int, batch_tokens: int = BATCH_TOKENS, progress: bool = True,
+                 on_disk: bool | None = None, compute_dtype: torch.dtype = torch.float32,
+                 device: torch.device = torch.device("cpu"), max_gpu_memory: int = 0):
         if compute_dtype not in (torch.float32, torch.bfloat16):
             raise QConvertError(f"calibration compute dtype {compute_dtype} is not supported; use float32 or bfloat16")
-        self.compute_dtype = compute_dtype  # bfloat16: the blocks' matmuls run under CPU autocast
+        self.compute_dtype = compute_dtype  # bfloat16: the blocks' matmuls run under autocast
+        self.device = torch.device(device)
         self.src = src
         self.model = skeleton
         self.names = names  # skeleton tensor name -> source tensor name
@@ -124,16 +136,34 @@ class Calibrator:
         self.progress = progress
         n, seqlen = tokens.shape
         hidden = skeleton.config.hidden_size
+        cuda = self.device.type == "cuda"
+        # GPU, then pinned / plain RAM, then files (qconvert/placement.py); a resumed run keeps
+        # its activations in files if they were there, and in memory if they were not
         need = 2 * n * seqlen * hidden * 4
-        if on_disk is None:  # a resumed run keeps the place its activations were in
-            on_disk = need > max_memory
-        self.acts = ActivationBuffers(partial / CALIB_DIR, (n, seqlen, hidden), on_disk=on_disk)
-        self.spare = max_memory - (0 if self.acts.on_disk else need)  # RAM left for the MLP cache
+        if on_disk:
+            place, self.gpu_left, self.ram_left = "disk", max_gpu_memory, max_memory
+        else:
+            place, self.gpu_left, self.ram_left = placement.place(need, max_gpu_memory, max_memory, cuda)
+            if place == "disk" and on_disk is False:
+                place, self.ram_left = ("pinned" if cuda else "ram"), self.ram_left - need
+        self.acts = ActivationBuffers(partial / CALIB_DIR, (n, seqlen, hidden), place, self.device)
         self._mlp_cache: torch.Tensor | None = None
+        self._block_buffers: list = []
         self.batch = max(1, batch_tokens // seqlen)
         self._kwargs: dict[int, dict] = {}
         self.layers = skeleton.get_submodule(DECODER_LAYERS)
         self.seconds = {"forward": 0.0}
+
+    def on_device(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` on the walk's device (a view of ``t`` itself when it is there already)."""
+        if t.device == self.device:
+            return t
+        return t.to(self.device, non_blocking=t.is_pinned())
+
+    def _real(self, t: torch.Tensor) -> torch.Tensor:
+        """A source tensor as the walk computes with it: float32 on the walk's device (converted
+        there, so a GPU run never holds a float32 copy in CPU memory)."""
+        return t.float() if self.device.type == "cpu" else t.to(self.device).float()
 
     # ---- block inputs -------------------------------------------------------------------
     def embed(self, fill: bool = True) -> None:
@@ -142,7 +172,7 @@ class Calibrator:
         t0 = time.perf_counter()
         emb = self.model.get_input_embeddings()
         name = self._tensor_name(emb, "weight")
-        emb.weight = nn.Parameter(self.src.get(self.names[name]).float(), requires_grad=False)
+        emb.weight = nn.Parameter(self._real(self.src.get(self.names[name])), requires_grad=False)
         try:
             for start in range(0, self.tokens.shape[0], self.batch):
                 ids = self.tokens[start : start + self.batch]
@@ -167,13 +197,16 @@ class Calibrator:
                 raise _Stop
 
         self.layers[0] = Catcher()
+        trunk = self.model.get_submodule(DECODER_LAYERS.rsplit(".", 1)[0])
+        moved = _buffers_to(trunk, self.device, skip=self.layers)  # the rotary tables, for the embedding pass
         try:
             with torch.no_grad():
-                self.model.get_submodule(DECODER_LAYERS.rsplit(".", 1)[0])(input_ids=ids, use_cache=False)
+                trunk(input_ids=self.on_device(ids), use_cache=False)
         except _Stop:
             pass
         finally:
             self.layers[0] = first
+            _buffers_back(moved)
         if caught.get("args"):
             raise QConvertError("this architecture passes positional arguments to its decoder blocks; "
                                 "calibration does not support it yet: use --base rtn")
@@ -196,7 +229,8 @@ class Calibrator:
                 if p is None:
                     continue
                 full = prefix + (f"{mod_name}.{pname}" if mod_name else pname)
-                mod._parameters[pname] = nn.Parameter(self.src.get(self.names[full]).float(), requires_grad=False)
+                mod._parameters[pname] = nn.Parameter(self._real(self.src.get(self.names[full])), requires_grad=False)
+        self._block_buffers = _buffers_to(block, self.device)
         return block
 
     def release_block(self, block: nn.Module) -> None:
@@ -204,6 +238,8 @@ class Calibrator:
             for pname, p in list(mod._parameters.items()):
                 if p is not None:
                     mod._parameters[pname] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+        _buffers_back(self._block_buffers)
+        self._block_buffers = []
 
     def _batches(self):
         """(slice, kwargs) over the samples, ``self.batch`` at a time."""
@@ -232,7 +268,7 @@ class Calibrator:
         if prepare is not None:  # a method that transforms the whole block first (I-LLM's smoothing)
             def feed():
                 for sl, kw in self._batches():
-                    yield walk.x[sl], kw
+                    yield walk.rows(walk.x, sl), kw
             with torch.no_grad(), self._autocast():
                 prepare(block, feed)
         try:
@@ -248,19 +284,26 @@ class Calibrator:
 
     def _autocast(self):
         """bfloat16 matmuls (weights and activations rounded to bf16, float32 accumulation in
-        the CPU's bf16 dot products); norms, residual sums and the buffers stay float32."""
+        the CPU's bf16 dot products or the GPU's tensor cores); norms, residual sums and the
+        buffers stay float32."""
         if self.compute_dtype == torch.bfloat16:
-            return torch.autocast("cpu", dtype=torch.bfloat16)
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def _mlp_cache_for(self, width: int) -> torch.Tensor | None:
-        """RAM for down_proj's inputs [n, L, width] between stages D and E, if the budget allows."""
+        """Memory for down_proj's inputs [n, L, width] between stages D and E, if the budgets
+        allow (GPU, then pinned or plain RAM; else None: stage E recomputes gate/up)."""
         n, seqlen = self.tokens.shape
         if self._mlp_cache is None or self._mlp_cache.shape[-1] != width:
-            self._mlp_cache = None
-            if n * seqlen * width * 4 > self.spare:
-                return None  # recompute gate/up in stage E instead
-            self._mlp_cache = torch.empty(n, seqlen, width)
+            if self._mlp_cache is not None:  # its budget comes back (MoE blocks of another width)
+                self.gpu_left, self.ram_left = self._mlp_budgets
+            self._mlp_cache, self._mlp_budgets = None, (self.gpu_left, self.ram_left)
+            where, self.gpu_left, self.ram_left = placement.place(n * seqlen * width * 4, self.gpu_left, self.ram_left,
+                                                                  self.device.type == "cuda", spill="none")
+            if where == "none":
+                return None
+            self._mlp_cache = torch.empty(n, seqlen, width, device=self.device if where == "gpu" else "cpu",
+                                          pin_memory=where == "pinned")
         return self._mlp_cache
 
     def _refill_starved(self, obs: "_Observer", mlp: nn.Module, rerun) -> None:
@@ -301,6 +344,11 @@ class _BlockWalk:
         self.last_quantized = {}  # q/k/v (gate/up) read one tensor object: quantize it once, not per linear
         self.cache = None
 
+    def rows(self, buf: torch.Tensor, sl: slice) -> torch.Tensor:
+        """Samples ``sl`` of an activation buffer, on the walk's device (on the CPU, or with the
+        buffer on the GPU: a view of it)."""
+        return self.cal.on_device(buf[sl])
+
     # ---- how the quantized block runs between stages
     def quantized_input(self, x, act_quant):
         # holding x keeps its memory from being reused by a later tensor while compared
@@ -330,7 +378,7 @@ class _BlockWalk:
 
     def rerun_mlp(self):  # MoE: one more pass over the MLP, for starved experts' statistics
         for sl, _ in self.cal._batches():
-            self.mlp(self.ln2(self.y[sl]))
+            self.mlp(self.ln2(self.rows(self.y, sl)))
 
     # ---- the stages
     def stage_a(self):  # q/k/v, fed directly: no forward needed
@@ -338,7 +386,7 @@ class _BlockWalk:
             return None
         obs = _Observer(self.a)
         for sl, _ in self.cal._batches():
-            h0 = self.ln1(self.x[sl])
+            h0 = self.ln1(self.rows(self.x, sl))
             for m in self.a.values():
                 obs._hook(m, (h0,))
         return obs
@@ -349,7 +397,7 @@ class _BlockWalk:
             for sl, kw in self.cal._batches():
                 catch.target = sl
                 try:
-                    self.attn(hidden_states=self.ln1(self.x[sl]), **kw)
+                    self.attn(hidden_states=self.ln1(self.rows(self.x, sl)), **kw)
                 except _Stop:
                     pass
                 else:
@@ -360,7 +408,7 @@ class _BlockWalk:
         obs = _Observer(self.c)
         with obs.hooked():
             for sl, _ in self.cal._batches():
-                h = self.x[sl] + self.attn.o_proj(self.y[sl])
+                h = self.rows(self.x, sl) + self.attn.o_proj(self.rows(self.y, sl))
                 self.y[sl] = h
                 m = self.ln2(h)
                 if self.dense_mlp:
@@ -380,7 +428,7 @@ class _BlockWalk:
             for sl, _ in self.cal._batches():
                 catch.target = sl
                 try:
-                    self.mlp(self.ln2(self.y[sl]))
+                    self.mlp(self.ln2(self.rows(self.y, sl)))
                 except _Stop:
                     pass
         if not self.dense_mlp:
@@ -390,8 +438,8 @@ class _BlockWalk:
     def stage_e(self):  # the block's output, as it will run (down_proj's input kept from D if it fit)
         down = next(iter(self.d.values()))
         for sl, _ in self.cal._batches():
-            h = self.y[sl]
-            self.y[sl] = h + (down(self.cache[sl]) if self.cache is not None else self.mlp(self.ln2(h)))
+            h = self.rows(self.y, sl)
+            self.y[sl] = h + (down(self.rows(self.cache, sl)) if self.cache is not None else self.mlp(self.ln2(h)))
 
 
 class _StopCatch:
@@ -425,7 +473,7 @@ class HessianGroup:
         self.names = names
         self.rows = rows
         self.fallback = fallback
-        self.hessian = s * (2.0 / rows) if rows else s
+        self.hessian = s.mul_(2.0 / rows) if rows else s  # in place: one K x K copy less (the sums are done)
         self.amax = amax  # float32 [K]: max |x| per input channel over the calibration rows
 
 
@@ -458,8 +506,11 @@ class _Observer:
         name = self.module_name[id(module)]
         x = args[0]
         key = (x.data_ptr(), tuple(x.shape), x._version)
+        # _last holds x itself: while it lives, no other tensor can get its address, so an equal
+        # key means the same input (without it, MoE experts that were routed as many tokens
+        # could be taken to share one input when the allocator reused the previous one's memory)
         if self.second_pass and not (self.collecting_all and name in self.fallback):
-            self._last = (key, name)
+            self._last = (key, name, x)
             return
         if self._last is not None and self._last[0] == key and self._last[1] != name:
             lead = self._last[1]
@@ -469,13 +520,13 @@ class _Observer:
         self.leader.setdefault(name, name)
         if self.leader[name] != name:
             raise AssertionError(f"{name}: inconsistent input sharing")
-        self._last = (key, name)
+        self._last = (key, name, x)
         x2 = x.reshape(-1, x.shape[-1]).float()
         if name not in self.sums:
-            self.sums[name] = torch.zeros(x2.shape[1], x2.shape[1])
-            self.amax[name] = torch.zeros(x2.shape[1])
+            self.sums[name] = torch.zeros(x2.shape[1], x2.shape[1], device=x2.device)
+            self.amax[name] = torch.zeros(x2.shape[1], device=x2.device)
             self.rows[name] = 0
-        with torch.autocast("cpu", enabled=False):  # XᵀX sums in float32 whatever the forward runs in
+        with torch.autocast(x2.device.type, enabled=False):  # XᵀX sums in float32 whatever the forward runs in
             self.sums[name].addmm_(x2.T, x2)
         torch.maximum(self.amax[name], x2.abs().amax(dim=0), out=self.amax[name])
         self.rows[name] += x2.shape[0]
@@ -508,6 +559,29 @@ class _Observer:
             members.setdefault(self.leader[name], []).append(name)
         return [HessianGroup(names, self.sums[lead], self.rows[lead], lead in self.fallback, self.amax[lead])
                 for lead, names in members.items()]
+
+
+def _buffers_to(root: nn.Module, device: torch.device, skip: nn.Module | None = None) -> list:
+    """Move the real buffers under ``root`` (not under ``skip``) to ``device``; returns what
+    ``_buffers_back`` needs to put them back.  The skeleton's rotary tables stay on the CPU
+    between uses: only one block at a time is ever on the GPU."""
+    if device.type == "cpu":
+        return []
+    skipped = {id(m) for m in skip.modules()} if skip is not None else set()
+    moved = []
+    for mod in root.modules():
+        if id(mod) in skipped:
+            continue
+        for name, buf in list(mod._buffers.items()):
+            if buf is not None and not buf.is_meta and buf.device != device:
+                moved.append((mod, name, buf))
+                mod._buffers[name] = buf.to(device)
+    return moved
+
+
+def _buffers_back(moved: list) -> None:
+    for mod, name, buf in moved:
+        mod._buffers[name] = buf
 
 
 def _expert_linears(block: nn.Module) -> set[int]:

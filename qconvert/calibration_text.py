@@ -11,6 +11,7 @@ import torch
 from tqdm import tqdm
 
 from qconvert.errors import QConvertError
+from qconvert.placement import graph_friendly
 
 DATASETS = ("wikitext2",)
 CALIB_SOURCES = ("wikitext2", "c4", "file", "self")
@@ -18,6 +19,7 @@ CALIB_SOURCES = ("wikitext2", "c4", "file", "self")
 C4_SHARD = "en/c4-train.00000-of-01024.json.gz"  # the GPTQ reference's calibration shard
 SELF_GREEDY = 4  # LLM-QAT: after the random first token, this many argmax tokens, then sampling
 SELF_BATCH = 128  # sequences generated at once for --calib self (one batch at the default 128)
+SELF_DTYPE = torch.float32  # the weights and arithmetic of the model writing --calib self text
 
 
 def _read_jsonl(path: Path) -> list[str]:
@@ -160,12 +162,20 @@ def _document_windows(docs: list[str], tokenizer, nsamples: int, seqlen: int, g:
 
 
 @torch.inference_mode()
-def _self_generated(model, tokenizer, nsamples: int, seqlen: int, seed: int, progress: bool) -> torch.Tensor:
+def _self_generated(model, tokenizer, nsamples: int, seqlen: int, seed: int, progress: bool,
+                    use_engine: bool = True) -> torch.Tensor:
     device = model.get_input_embeddings().weight.device
     g = torch.Generator(device=device).manual_seed(seed)
     vocab = min(len(tokenizer), model.config.vocab_size)  # ids both the tokenizer and the model know
     special = set(tokenizer.all_special_ids)
     firsts = torch.tensor([i for i in range(vocab) if i not in special], device=device)
+    engine = _decode_engine(model, min(SELF_BATCH, nsamples), seqlen) if use_engine else None
+    with graph_friendly():
+        return _generate(model, engine, firsts, g, vocab, nsamples, seqlen, progress)
+
+
+def _generate(model, engine, firsts, g, vocab: int, nsamples: int, seqlen: int, progress: bool) -> torch.Tensor:
+    device = firsts.device
     out = []
     bar = tqdm(total=nsamples * seqlen, desc="calib self", unit="token", disable=not progress)
     for b0 in range(0, nsamples, SELF_BATCH):
@@ -173,20 +183,49 @@ def _self_generated(model, tokenizer, nsamples: int, seqlen: int, seed: int, pro
         ids = torch.empty(b, seqlen, dtype=torch.int64, device=device)
         ids[:, 0] = firsts[torch.randint(firsts.numel(), (b,), generator=g, device=device)]
         bar.update(b)
-        past = None
-        for t in range(1, seqlen):
-            res = model(ids[:, t - 1 : t], past_key_values=past, use_cache=True)
-            past = res.past_key_values
-            logits = res.logits[:, -1, :vocab].float()
+        steps = _engine_logits(engine, ids) if engine is not None else _cached_logits(model, ids)
+        for t, logits in enumerate(steps, 1):  # the logits of position t - 1: they choose token t
+            logits = logits[:, :vocab].float()
             if t <= SELF_GREEDY:
                 ids[:, t] = logits.argmax(-1)
             else:
                 ids[:, t] = torch.multinomial(torch.softmax(logits, -1), 1, generator=g)[:, 0]
             bar.update(b)
         out.append(ids.cpu())
-        del past
     bar.close()
     return torch.cat(out)
+
+
+def _decode_engine(model, max_batch: int, seqlen: int):
+    """The decode engine (static KV cache; one CUDA graph per step on a GPU), or None where it
+    does not apply (e.g. sliding-window attention shorter than ``seqlen``): transformers' own
+    cache loop then writes the text."""
+    from qconvert.engine import DecodeEngine
+
+    try:
+        return DecodeEngine(model, max_batch=max_batch, max_len=seqlen)
+    except QConvertError:
+        return None
+
+
+def _engine_logits(engine, ids: torch.Tensor):
+    """Yields the next-token logits for positions 1 .. L-1 of ``ids`` [b, L]; the caller writes
+    ``ids[:, t]`` from the t-th before asking for the next (the engine reads it)."""
+    seqlen = ids.shape[1]
+    logits = engine.prefill(ids[:, :1])
+    for t in range(1, seqlen):
+        yield logits
+        if t < seqlen - 1:
+            logits = engine.decode(ids[:, t])
+
+
+def _cached_logits(model, ids: torch.Tensor):
+    """As ``_engine_logits``, on transformers' dynamic KV cache."""
+    past = None
+    for t in range(1, ids.shape[1]):
+        res = model(ids[:, t - 1 : t], past_key_values=past, use_cache=True)
+        past = res.past_key_values
+        yield res.logits[:, -1]
 
 
 def calibration_tokens(source: str, tokenizer, nsamples: int, seqlen: int, seed: int = 0,
@@ -245,7 +284,8 @@ class CalibSettings:
     ``source`` None picks ``file`` when ``data_file`` is given and ``self`` otherwise: a model
     can always be calibrated, with no data at all.  ``max_memory`` (bytes or "8GB") bounds the
     two activation buffers held in RAM; above it they live in files (qconvert.block_walk).
-    Default: half of the memory available when the run starts.
+    Default: half of the memory available when the run starts.  ``max_gpu_memory`` bounds the
+    activations kept on the GPU when calibration runs there (qconvert/placement.py).
     """
 
     source: str | None = None
@@ -254,7 +294,8 @@ class CalibSettings:
     seqlen: int | None = None  # None: 512, or the model's context if that is shorter
     seed: int = 0
     max_memory: str | int | None = None
-    dtype: str = "float32"  # the blocks' matmuls during calibration: float32, or bfloat16 (CPU autocast)
+    dtype: str = "float32"  # the blocks' matmuls during calibration: float32, or bfloat16 (autocast)
+    max_gpu_memory: str | int | None = None  # None: placement.GPU_FRACTION of the free GPU memory
 
     def validated(self) -> "CalibSettings":
         source = self.source or ("file" if self.data_file else "self")
@@ -269,10 +310,11 @@ class CalibSettings:
             raise QConvertError(f"data file {self.data_file} not found; pass an existing file with --data-file")
         if self.dtype not in CALIB_DTYPES:
             raise QConvertError(f"--calib-dtype {self.dtype}: choose {' or '.join(CALIB_DTYPES)}")
-        if self.max_memory is not None:
-            from qconvert.fsutil import parse_size
+        from qconvert.fsutil import parse_size
 
-            parse_size(self.max_memory)
+        for size in (self.max_memory, self.max_gpu_memory):
+            if size is not None:
+                parse_size(size)
         return replace(self, source=source, data_file=data_file)
 
     def for_model(self, config) -> "CalibSettings":
@@ -302,17 +344,20 @@ class CalibSettings:
             avail = 8 << 30
         return avail // 2
 
-    def tokens(self, src, progress: bool = True) -> torch.Tensor:
-        """int64 [nsamples, seqlen] tokens for ``src`` (a qconvert.source.Source)."""
+    def tokens(self, src, progress: bool = True, device: torch.device = torch.device("cpu")) -> torch.Tensor:
+        """int64 [nsamples, seqlen] tokens for ``src`` (a qconvert.source.Source), on the CPU.
+        ``self``: the model writes them on ``device``, in ``SELF_DTYPE``, whole in memory once."""
         tok = src.load_tokenizer()
         if tok is None:
             raise QConvertError(f"{src.description} has no tokenizer, which calibration needs; "
                                 "use a source with tokenizer files, or --base rtn")
         model = None
         if self.source == "self":
-            model = src.load_model(torch.float32)
+            model = src.load_model(SELF_DTYPE).to(device)
         try:
             return calibration_tokens(self.source, tok, self.nsamples, self.seqlen, self.seed,
                                       self.data_file, model=model, progress=progress)
         finally:
             del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # the walk's blocks and activations get the memory back

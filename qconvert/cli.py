@@ -37,6 +37,24 @@ def _console():
     return console if console.is_terminal else Console(width=200)
 
 
+def _serving_table(findings, title: str):
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col in ("layer", "vLLM scheme", "kernel", "", "note"):
+        t.add_column(col)
+    marks = {"ok": "[green]ok[/green]", "warn": "[yellow]warn[/yellow]", "error": "[red]error[/red]"}
+    for f in findings:
+        t.add_row(f.layer, f.scheme, f.kernel, marks[f.level], f.note)
+    return t
+
+
+_target_option = click.option("--target", metavar="vllm[:cpu|:sm80|:sm89|:sm90]",
+                              help="Check, layer by layer, that this engine would serve the export (docs/export.md).")
+_tp_option = click.option("--tensor-parallel", "tensor_parallel", default=1, show_default=True, type=click.IntRange(min=1),
+                          help="With --target: the tensor-parallel size to check (vllm serve --tensor-parallel-size).")
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="qconvert")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
@@ -46,6 +64,7 @@ def cli(ctx, debug):
 
     \b
     qconvert quantize smollm2-135m --scheme is-w4a8 -o out/
+    qconvert generate out/ --prompt "The capital of France is"
     qconvert eval out/ --data-file wiki.test.raw --seqlen 512 --max-windows 40
     qconvert inspect out/
     """
@@ -77,6 +96,16 @@ def cli(ctx, debug):
                                    "Default: half the available memory.")
 @click.option("--calib-dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16"]),
               help="Precision of the calibration forward's matmuls; bfloat16 is faster on CPUs with bf16 units.")
+@click.option("--device", type=click.Choice(["cuda", "cpu"]),
+              help="Where calibration runs: one GPU (blocks onloaded one at a time) or the CPU. "
+                   "Default: cuda when torch can use a GPU, else cpu.")
+@click.option("--max-gpu-memory", help="GPU memory for calibration activations (e.g. 12GB); beyond it they go to pinned "
+                                       "CPU memory, then to disk. Default: half the free GPU memory.")
+@click.option("--rotate", type=click.Choice(["none", "hadamard", "random"]),
+              help="Rotate the residual stream before quantizing (QuaRot-style, folded into the weights: no run-time "
+                   "cost; fewer outliers, lower error at 4 bits). Default: the scheme's (none in the presets).")
+@click.option("--rotate-seed", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Seed of the rotation's random signs (hadamard) or matrices (random).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path),
               help="Also write the per-layer report (error, α, headroom, time) to this file.")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
@@ -90,8 +119,8 @@ def cli(ctx, debug):
                                            "'auto' (K/16, at most 256); the same as --param outliers=N.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def quantize(source, scheme, out, group_size, quantize_lm_head, exclude, max_shard_size, revision, trust_remote_code,
-             allow_pickle, force, resume, base, calib, data_file, nsamples, seqlen, seed, max_memory, calib_dtype, json_path,
-             params, lorc_rank, fsbr, outliers, quiet):
+             allow_pickle, force, resume, base, calib, data_file, nsamples, seqlen, seed, max_memory, calib_dtype, device,
+             max_gpu_memory, rotate, rotate_seed, json_path, params, lorc_rank, fsbr, outliers, quiet):
     """Quantize SOURCE into OUT, one decoder block at a time.
 
     SOURCE is a local HF directory, a .gguf file, a Hub id (org/name) or the
@@ -105,12 +134,15 @@ def quantize(source, scheme, out, group_size, quantize_lm_head, exclude, max_sha
     qconvert quantize smollm2-135m --scheme is-w4a8 -o out/
     qconvert quantize smollm2-135m --calib c4 --data-file c4.jsonl -o out/
     qconvert quantize ./Llama-3-8B --scheme w4a8-fs -g 64 -o llama-fs/
+    qconvert quantize ./Llama-3-8B --device cuda --max-gpu-memory 12GB -o llama-is/
+    qconvert quantize smollm2-135m --scheme is-w4a8 --rotate hadamard -o out-rot/
     """
     from qconvert.calibration_text import CalibSettings
     from qconvert.pipeline import quantize as run
     from qconvert.schemes_registry import load_scheme, parse_param, with_params
 
-    settings = CalibSettings(calib, str(data_file) if data_file else None, nsamples, seqlen, seed, max_memory, calib_dtype)
+    settings = CalibSettings(calib, str(data_file) if data_file else None, nsamples, seqlen, seed, max_memory, calib_dtype,
+                             max_gpu_memory)
     overrides, options = dict(parse_param(p) for p in params), {}
     for key, value, option in (("lorc_rank", lorc_rank, "--lorc-rank"), ("fsbr", fsbr, "--fsbr / --no-fsbr"),
                                ("outliers", outliers, "--outliers")):
@@ -120,7 +152,8 @@ def quantize(source, scheme, out, group_size, quantize_lm_head, exclude, max_sha
         scheme = with_params(load_scheme(scheme), overrides, options)
     path = run(source, scheme, out, group_size=group_size, quantize_lm_head=quantize_lm_head, exclude=exclude,
                force=force, resume=resume, max_shard_size=max_shard_size, revision=revision, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-               progress=not quiet, base=base, calib=settings, json_report=json_path)
+               progress=not quiet, base=base, calib=settings, json_report=json_path, device=device, announce=click.echo,
+               rotate=rotate, rotate_seed=rotate_seed)
     report = json.loads((path / "qconvert.json").read_text())["totals"]
     ratio = report["quantized_fp16_bytes"] / max(report["quantized_bytes"], 1)
     click.echo(
@@ -220,8 +253,10 @@ def inspect(out, as_json):
 @click.option("--min-snr", default=5.0, show_default=True, help="Fail when a layer's output SNR (dB) is below this.")
 @click.option("--min-top1", default=0.3, show_default=True, help="Fail when next-token top-1 agreement is below this.")
 @click.option("--no-compare", is_flag=True, help="Check files and tensors only; do not run the models.")
+@_target_option
+@_tp_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def verify(out, against, data_file, tokens, min_snr, min_top1, no_compare, as_json):
+def verify(out, against, data_file, tokens, min_snr, min_top1, no_compare, target, tensor_parallel, as_json):
     """Check OUT: sha256 of every file, tensor dtypes and shapes, the int32 bound, and
     (unless --no-compare) per-layer SNR, KL and top-1 agreement against the source.
     Exits 1 on any failure; a passing report is saved as OUT/verify.json.
@@ -232,7 +267,8 @@ def verify(out, against, data_file, tokens, min_snr, min_top1, no_compare, as_js
     """
     from qconvert.verify import verify as run
 
-    rep = run(out, against, data_file, tokens, compare_source=not no_compare, min_snr_db=min_snr, min_top1=min_top1)
+    rep = run(out, against, data_file, tokens, compare_source=not no_compare, min_snr_db=min_snr, min_top1=min_top1,
+              target=target, tensor_parallel=tensor_parallel)
     if as_json:
         click.echo(json.dumps(rep.to_dict(), indent=2))
     else:
@@ -240,6 +276,10 @@ def verify(out, against, data_file, tokens, min_snr, min_top1, no_compare, as_js
         if rep.against:
             click.echo(f"against {rep.against} on {rep.sample_tokens} tokens: min layer SNR {rep.min_snr_db} dB, "
                        f"KL {rep.kl:.4f}, top-1 agreement {rep.top1_agreement:.3f}")
+        if rep.serving:
+            from qconvert.serving import Finding
+
+            _console().print(_serving_table([Finding(**f) for f in rep.serving], f"{target}, tensor parallel {tensor_parallel}"))
         for f in rep.failures:
             click.echo(f"FAIL {f}", err=True)
         click.echo("OK" if rep.ok else f"FAILED ({len(rep.failures)} problems)")
@@ -274,12 +314,15 @@ def _int_list(ctx, param, value):
                    "random-weight twin (is-w4a8, quik-w4a4).")
 @click.option("--prefill", default=2048, show_default=True, type=click.IntRange(min=1), help="Prefill length (batch 1).")
 @click.option("--new-tokens", default=128, show_default=True, type=click.IntRange(min=1), help="Greedy decode steps.")
-@click.option("--batch", "batches", default="1,16", show_default=True, callback=_int_list, help="Decode batch sizes.")
+@click.option("--batch", "batches", default="1,16,64", show_default=True, callback=_int_list, help="Decode batch sizes.")
 @click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1), help="End-to-end repeats (median).")
+@click.option("--budget-s", type=click.FloatRange(min=1), help="End to end: bound the whole run's seconds (fewer repeats "
+                                                                "and tokens when short; what is left out is said).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the result as JSON here.")
-@click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="With --kernels: PNG of speed-up against M.")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="PNG: speed-up against M (--kernels), or "
+                                                                           "tokens/s per measure (end to end).")
 def bench(out, kernels, synthetic, layers, device, against, shapes, ms, runs, scheme, prefill, new_tokens, batches,
-          repeats, json_path, plot_path):
+          repeats, budget_s, json_path, plot_path):
     """Speed: the kernels against cuBLAS (--kernels), or a model end to end against its
     float original (OUT, or --synthetic). An OUT's result is also kept in OUT/bench.json.
 
@@ -294,8 +337,6 @@ def bench(out, kernels, synthetic, layers, device, against, shapes, ms, runs, sc
     if len(chosen) != 1:
         raise click.UsageError("give exactly one of OUT, --kernels or --synthetic MODEL"
                                + (f" (got {' and '.join(chosen)})" if chosen else ""))
-    if plot_path is not None and not kernels:
-        raise click.UsageError("--plot goes with --kernels")
     if layers is not None and not synthetic:
         raise click.UsageError("--layers goes with --synthetic")
     console = _console()
@@ -309,7 +350,7 @@ def bench(out, kernels, synthetic, layers, device, against, shapes, ms, runs, sc
         if plot_path is not None:
             click.echo(f"plot: {b.plot_kernels(res, plot_path)}")
     else:
-        kw = dict(device=device, prefill=prefill, new_tokens=new_tokens, batches=batches, repeats=repeats)
+        kw = dict(device=device, prefill=prefill, new_tokens=new_tokens, batches=batches, repeats=repeats, budget_s=budget_s)
         if synthetic:
             res = b.synthetic_bench(synthetic, layers=layers, scheme=scheme, **kw)
         else:
@@ -318,10 +359,60 @@ def bench(out, kernels, synthetic, layers, device, against, shapes, ms, runs, sc
             console.print("[yellow]No GPU: the quantized model runs the exact CPU reference, written for exactness, "
                           "not speed; these figures say nothing about the kernels.[/yellow]")
         console.print(b.model_table(res))
+        if plot_path is not None:
+            click.echo(f"plot: {b.plot_model(res, plot_path)}")
         if out is not None:
             b.save_result(out, res)
     if json_path is not None:
         click.echo(f"wrote {b.save_json(res, json_path)}")
+
+
+@cli.command()
+@click.argument("target")
+@click.option("--prompt", "prompts", multiple=True, required=True, help="Text to continue (repeatable: one batch, left-padded).")
+@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1), help="Tokens to generate per prompt.")
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0: greedy; above: sampled.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the sampling.")
+@click.option("--chat", is_flag=True, help="Wrap each prompt in the tokenizer's chat template (one user turn).")
+@click.option("--device", help="cuda or cpu [default: cuda if usable, else cpu (the exact reference)].")
+def generate(target, prompts, max_new_tokens, temperature, seed, chat, device):
+    """Continue PROMPT with TARGET (an OUT or any SOURCE) on the decode engine: the text streams
+    as it is produced, then prefill and decode tokens/s.
+
+    \b
+    qconvert generate out/ --prompt "The capital of France is" --max-new-tokens 32
+    qconvert generate out/ --chat --prompt "Write a haiku about integers." --temperature 0.7
+    qconvert generate smollm2-135m --prompt "Once upon a time"
+    """
+    from qconvert.bench import resolve_device
+    from qconvert.evaluate import load_model_and_tokenizer
+    from qconvert.generate import generate as run
+
+    dev = resolve_device(device)
+    dtype = torch_dtype_for(dev)
+    model, tok, kind = load_model_and_tokenizer(target, dtype=dtype, device=str(dev), integer=False)
+    single = len(prompts) == 1
+
+    def stream(row, text):
+        if single:
+            click.echo(text, nl=False)
+
+    res = run(model, tok, list(prompts), max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+              stream_callback=stream, chat=chat)
+    if single:
+        click.echo()
+    else:
+        for prompt, text in zip(prompts, res.text):
+            click.echo(f"--- {prompt}\n{text}")
+    click.echo(f"[{kind} on {res.device}{', CUDA graphs' if res.graphs else ''}] prefill {res.prefill_tokens_per_s:,.1f} "
+               f"tokens/s, decode {res.decode_tokens_per_s:,.1f} tokens/s ({res.decode_steps} steps)", err=True)
+
+
+def torch_dtype_for(dev):
+    """What the models compute in on ``dev``: float16 on CUDA (the kernels' input), float32 on CPU."""
+    import torch
+
+    return torch.float16 if dev.type == "cuda" else torch.float32
 
 
 @cli.command()
@@ -384,24 +475,32 @@ def push(out, repo_id, private, revision, dry_run, token, card):
 @click.option("--output", "-o", "dest", required=True, type=click.Path(path_type=Path), help="Directory to write (must not exist unless --force).")
 @click.option("--scale-dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
               help="dtype of weight_scale; auto = the model's dtype, which compressed-tensors expects.")
+@_target_option
+@_tp_option
 @click.option("--force", is_flag=True, help="Overwrite the output if it is an earlier export (or empty).")
-def export(out, fmt, dest, scale_dtype, force):
+def export(out, fmt, dest, scale_dtype, target, tensor_parallel, force):
     """Write the quantized OUT in another format, loadable by transformers and vLLM.
 
     \b
-    compressed-tensors (pack-quantized): w4a8-is and w4a8-fs layouts as W4A8,
-    w4a16 as W4A16; every layer's K must be a multiple of the group size.
+    compressed-tensors: w4a8-is / w4a8-fs as W4A8 and w4a16 as W4A16 (pack-quantized; every
+    layer's K a multiple of the group size), w8a8 as W8A8 (int-quantized), fp8-fp8 without
+    LoRC as FP8 (float-quantized). --target vllm:sm90 --tensor-parallel 2 first checks, layer by
+    layer, that vLLM would serve it, and refuses what it would refuse.
 
     \b
-    qconvert quantize smollm2-135m --scheme is-w4a8-rtn -g 64 -o out/
-    qconvert export out/ --format compressed-tensors -o out-ct/
+    qconvert quantize smollm2-135m --scheme w8a8 -o out/
+    qconvert export out/ --format compressed-tensors -o out-ct/ --target vllm:sm90
+    vllm serve out-ct/ --tensor-parallel-size 1
     """
     from qconvert.formats.compressed_tensors import export as run
 
-    rep = run(out, dest, force=force, scale_dtype=scale_dtype)
-    click.echo(f"wrote {rep.out}: {fmt} {rep.preset}, group size {rep.group_size}, {rep.layers} quantized linears, "
-               f"{len(rep.ignored)} kept in full precision; weight_scale in {rep.scale_dtype} "
-               f"(largest relative rounding {rep.max_scale_rel_error:.1e})")
+    rep = run(out, dest, force=force, scale_dtype=scale_dtype, target=target, tensor_parallel=tensor_parallel)
+    if rep.serving:
+        _console().print(_serving_table(rep.serving, f"{target}, tensor parallel {tensor_parallel}"))
+    click.echo(f"wrote {rep.out}: {fmt} {rep.preset}, "
+               + (f"group size {rep.group_size}, " if rep.group_size else "")
+               + f"{rep.layers} quantized linears, {len(rep.ignored)} kept in full precision; weight_scale in "
+               f"{rep.scale_dtype} (largest relative rounding {rep.max_scale_rel_error:.1e})")
 
 
 def main():

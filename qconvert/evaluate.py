@@ -25,8 +25,9 @@ class PerplexityResult:
         return asdict(self)
 
 
-def load_model_and_tokenizer(target: str, dtype: torch.dtype = torch.float32):
-    """An OUT directory through ``qconvert.load``; anything else as a SOURCE, unquantized."""
+def load_model_and_tokenizer(target: str, dtype: torch.dtype = torch.float32, device: str = "cpu", integer: bool = True):
+    """An OUT directory through ``qconvert.load``; anything else as a SOURCE, unquantized; on
+    ``device`` ("cuda": the OUT's kernels, the source moved there)."""
     from qconvert.formats.native import is_native
 
     if is_native(target):
@@ -34,7 +35,7 @@ def load_model_and_tokenizer(target: str, dtype: torch.dtype = torch.float32):
 
         from qconvert.runtime import load
 
-        model = load(target, dtype=dtype)
+        model = load(target, device=device, dtype=dtype, integer=integer)
         try:
             tok = AutoTokenizer.from_pretrained(target)
         except (OSError, ValueError) as e:
@@ -45,8 +46,8 @@ def load_model_and_tokenizer(target: str, dtype: torch.dtype = torch.float32):
     src = resolve_source(target)
     tok = src.load_tokenizer()
     if tok is None:
-        raise QConvertError(f"{target} has no tokenizer files; evaluation needs one")
-    return src.load_model(dtype), tok, src.kind
+        raise QConvertError(f"{target} has no tokenizer files; it cannot read or write text")
+    return src.load_model(dtype).to(device), tok, src.kind
 
 
 def save_result(out: Path, record: dict) -> None:

@@ -137,13 +137,16 @@ def _layouts(qc: dict) -> list:
     return [get_layout(n) for n in names]
 
 
-def _tags(qc: dict, scheme: dict) -> list[str]:
+def _tags(qc: dict, scheme: dict, report: dict | None = None) -> list[str]:
     cfg, params = qc.get("config") or {}, scheme.get("params") or {}
     tags = ["quantized", "qconvert", qc.get("scheme") or scheme.get("name")]
     for layout in _layouts(qc):
         tags += layout.tags(cfg)
     if cfg.get("base", params.get("base")) == "gptq":
         tags.append("gptq")
+    rot = (report or {}).get("rotation")
+    if rot:
+        tags += ["rotated", f"{rot.get('mode')}-rotation"]
     return [t for i, t in enumerate(tags) if t and t not in tags[:i]]
 
 
@@ -156,6 +159,13 @@ def _scheme_rows(qc: dict, report: dict) -> list[tuple[str, str]]:
     rows = []
     for layout in _layouts(qc):  # what each layout says of its weights and activations, once
         rows += [r for r in layout.card_rows(cfg) if r not in rows]
+    rot = report.get("rotation")
+    if rot:
+        rows.append(("rotation", f"residual stream rotated before quantization ({rot.get('mode')}, seed {rot.get('seed')}), "
+                                 "RMSNorm weights folded into the linears, V/O rotated per head: the same function in "
+                                 "float, folded into the stored weights (no run-time cost)"
+                                 + ("; lm_head untied from the embedding, as folding the final norm requires"
+                                    if rot.get("untied") else "")))
     base = cfg.get("base")
     calib = report.get("calibration")
     if base == "gptq":
@@ -296,7 +306,7 @@ def model_card(out: str | os.PathLike, repo_id: str | None = None) -> str:
     lic = info.get("license") or cfg.get("license")
     if lic:
         meta["license"] = lic
-    meta.update({"library_name": LIBRARY, "pipeline_tag": "text-generation", "tags": _tags(qc, scheme)})
+    meta.update({"library_name": LIBRARY, "pipeline_tag": "text-generation", "tags": _tags(qc, scheme, report)})
     front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
 
     title = repo_id.split("/")[-1] if repo_id else f"{(base or Path(source).name).split('/')[-1]}-{name}"

@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from qconvert import __version__
+from qconvert import __version__, placement
 from qconvert._memory import return_freed_memory_to_os, reuse_freed_memory
 from qconvert.calibration_text import CalibSettings
-from qconvert.block_walk import CALIB_DIR, Calibrator
+from qconvert.block_walk import BATCH_TOKENS, CALIB_DIR, Calibrator
 from qconvert.errors import QConvertError
 from qconvert.journal import Journal, fault_point
 from qconvert.formats.native import FORMAT_NAME, FORMAT_VERSION, is_native, write_manifest
@@ -32,6 +32,7 @@ from qconvert.fsutil import check_writable_parent, parse_size, swap_into_place
 from qconvert.methods import get_method
 from qconvert.methods.base import Method
 from qconvert.schemes_registry import Scheme, load_scheme
+from qconvert.solvers.rotation import RotatedSource
 from qconvert.skeleton import build_skeleton, target_linears, tied_lm_head
 from qconvert.architectures import DECODER_LAYERS
 from qconvert.source import Source, provenance, resolve_source
@@ -129,6 +130,9 @@ class _Job:
     expected: dict  # output tensor -> shape the config implies
     settings: dict  # what the journal records and a resumed run must match
     shard_bytes: int
+    device: torch.device = torch.device("cpu")  # where the calibrated walk runs (qconvert/placement.py)
+    gpu_budget: int = 0  # bytes of GPU memory the calibration activations may take
+    calib_text_seconds: float | None = None  # reading or writing the calibration tokens (None: resumed, or none)
 
 
 def quantize(
@@ -149,20 +153,32 @@ def quantize(
     base: str | None = None,
     calib: CalibSettings | None = None,
     json_report: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    announce=None,
+    rotate: str | None = None,
+    rotate_seed: int = 0,
 ) -> Path:
     """Quantize SOURCE with SCHEME into the directory OUT (see docs/format.md); returns OUT.
 
     ``resume`` continues an interrupted run from its ``OUT.partial`` journal (the result is
-    bit-identical to an uninterrupted run); ``force`` replaces an existing OUT.  ``base``
-    ("rtn" or "gptq") overrides the scheme's weight solver; ``calib`` says where GPTQ's
-    calibration tokens come from (default: text the model writes itself, 128 x 512).
-    ``json_report`` also writes the per-layer report (qconvert.json) to that path.
+    bit-identical to an uninterrupted run on the same device); ``force`` replaces an existing
+    OUT.  ``base`` ("rtn" or "gptq") overrides the scheme's weight solver; ``calib`` says where
+    GPTQ's calibration tokens come from (default: text the model writes itself, 128 x 512).
+    ``device`` ("cuda", "cuda:N", "cpu"; None: cuda when usable) is where calibration runs
+    (qconvert/placement.py); ``announce(line)``, if given, receives the line that says which.
+    ``json_report`` also writes the per-layer report (qconvert.json) to that path.  ``rotate``
+    ("none", "hadamard", "random"; None: the scheme's) rotates the residual stream first
+    (qconvert/solvers/rotation.py), drawn from ``rotate_seed``.
     """
     t_start = time.perf_counter()
     sch = scheme if isinstance(scheme, Scheme) else load_scheme(scheme)
-    sch = sch.with_overrides(group_size=group_size, quantize_lm_head=quantize_lm_head, exclude=tuple(exclude), base=base)
+    sch = sch.with_overrides(group_size=group_size, quantize_lm_head=quantize_lm_head, exclude=tuple(exclude), base=base,
+                             rotate=rotate)
+    if isinstance(source, Source):
+        source = _rotated(source, sch, rotate_seed)
     job = _prepare(source, sch, Path(os.path.abspath(out)), force, resume, max_shard_size, calib,
-                   lambda spec: resolve_source(spec, revision, trust_remote_code, allow_pickle))
+                   lambda spec: _rotated(resolve_source(spec, revision, trust_remote_code, allow_pickle), sch, rotate_seed),
+                   device, announce)
     partial, journal = open_partial(job.out, resume)
     if journal is not None and journal.settings != job.settings:
         raise QConvertError(
@@ -170,11 +186,18 @@ def quantize(
             "repeat the original command with --resume, or pass --force to start over"
         )
     try:
-        report, timing = _convert(job, partial, journal, progress)
+        with placement.deterministic(job.device):
+            report, timing = _convert(job, partial, journal, progress)
     except QConvertError:
         # bad input: nothing worth resuming, and nothing half-written may stay behind
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    except placement.OutOfMemoryError as e:  # the journal stays: --resume continues with less on the GPU
+        placement.release(e)
+        done = (Journal.read(partial) or Journal(partial, {})).stages_done
+        limit = job.calib.max_gpu_memory if job.calib is not None else None
+        raise QConvertError(placement.out_of_memory_message(
+            e, job.device, partial, done, parse_size(limit) if limit is not None else None)) from e
     except OSError as e:
         raise QConvertError(
             f"writing {partial} failed ({e.strerror or e}); the finished blocks are kept: fix the cause "
@@ -187,10 +210,12 @@ def quantize(
     return job.out
 
 
-def _prepare(source, sch: Scheme, out: Path, force: bool, resume: bool, max_shard_size, calib, resolve) -> _Job:
+def _prepare(source, sch: Scheme, out: Path, force: bool, resume: bool, max_shard_size, calib, resolve,
+             device=None, announce=None) -> _Job:
     """Validate the scheme and the output, read the source's config, plan the stages."""
     method = get_method(sch.method, sch.params)  # validates the parameters before any heavy work
     calib = (calib or CalibSettings()).validated() if method.needs_calibration else None
+    walk_device = _walk_device(device, calib is not None)
     shard_bytes = parse_size(max_shard_size)
     check_output(out, force, resume)
     if calib is not None:  # the walk reuses its large temporaries: keep them in the heap
@@ -213,8 +238,38 @@ def _prepare(source, sch: Scheme, out: Path, force: bool, resume: bool, max_shar
     }
     if calib is not None:
         settings["calibration"] = calib.key()
+    if isinstance(src, RotatedSource):
+        settings["rotation"] = {"mode": src.mode, "seed": src.seed}
+    budget = 0
+    if walk_device.is_cuda:  # a CPU run's journal is as before: it resumes either way
+        settings["device"] = "cuda"
+        batch_tokens = max(1, BATCH_TOKENS // calib.seqlen) * calib.seqlen
+        max_gpu = parse_size(calib.max_gpu_memory) if calib.max_gpu_memory is not None else None
+        budget = placement.gpu_budget(walk_device.device, max_gpu, placement.block_working_set(config, batch_tokens))
     expected = {k: tuple(v.shape) for k, v in skeleton.state_dict(keep_vars=True).items()}
-    return _Job(out, src, sch, method, calib, config, skeleton, targets, names, stages, expected, settings, shard_bytes)
+    if announce is not None:  # once the source has been read and the run planned
+        announce(walk_device.line + (f"; residual stream rotated ({src.mode}, seed {src.seed})"
+                                     if isinstance(src, RotatedSource) else ""))
+    return _Job(out, src, sch, method, calib, config, skeleton, targets, names, stages, expected, settings, shard_bytes,
+                walk_device.device, budget)
+
+
+def _rotated(src: Source, sch: Scheme, seed: int) -> Source:
+    """``src`` rotated as the scheme says (``--rotate``), or ``src`` itself."""
+    if sch.rotate == "none" or isinstance(src, RotatedSource):
+        return src
+    return RotatedSource(src, sch.rotate, seed)
+
+
+def _walk_device(device, calibrated: bool) -> placement.WalkDevice:
+    """Where the walk runs; without calibration everything streams on the CPU (an explicit
+    ``--device cuda`` is still checked, so that a missing GPU is never a silent surprise)."""
+    if calibrated:
+        return placement.resolve_device(device)
+    if device is not None and str(device) != "cpu":
+        placement.resolve_device(device)
+    return placement.WalkDevice(torch.device("cpu"), "quantizing on cpu (round-to-nearest: no calibration, "
+                                                     "tensors stream one at a time)")
 
 
 def _convert(job: _Job, partial: Path, journal: Journal | None, progress: bool) -> tuple[dict, dict]:
@@ -232,14 +287,20 @@ def _convert(job: _Job, partial: Path, journal: Journal | None, progress: bool) 
     todo = job.stages[journal.stages_done:]
     bar = tqdm(todo, desc=f"quantize {job.scheme.name}", unit="block", disable=not progress,
                initial=journal.stages_done, total=len(job.stages))
+    stage_seconds = {}
     for label, stage in bar:
+        t0 = time.perf_counter()
         new_layers, new_modules = _write_stage(job, writer, calibrator, label, stage, bar)
         layers += new_layers
         modules.update(new_modules)
         journal.stage_done(writer.sync(), new_layers, new_modules, calibrator.acts.checkpoint() if calibrator else None)
+        stage_seconds[label.strip()] = round(time.perf_counter() - t0, 2)
     writer.close()
     fault_point("closed")
-    timing = {"resumed": journal.stages_done != len(todo)}
+    timing = {"resumed": journal.stages_done != len(todo), "device": str(job.device), "stage_seconds": stage_seconds,
+              "calib_text_seconds": job.calib_text_seconds}
+    if job.device.type == "cuda":
+        timing["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(job.device)
     if calibrator is not None:
         shutil.rmtree(partial / CALIB_DIR, ignore_errors=True)
         timing.update({k + "_seconds": round(v, 2) for k, v in calibrator.seconds.items()})
@@ -301,12 +362,14 @@ def _start_calibration(job: _Job, partial: Path, journal: Journal, progress: boo
         n = tokens_file.stat().st_size // 8
         tokens = torch.from_file(str(tokens_file), shared=False, size=n, dtype=torch.int64).view(calib.nsamples, -1)
     else:
-        tokens = calib.tokens(src, progress)
+        t0 = time.perf_counter()
+        tokens = calib.tokens(src, progress, device=job.device)
+        job.calib_text_seconds = round(time.perf_counter() - t0, 2)  # --json only: times vary run to run
         tokens_file.parent.mkdir(exist_ok=True)
         tokens.numpy().tofile(tokens_file)
     calibrator = Calibrator(src, job.skeleton, job.names, tokens, partial, calib.memory_budget(), progress=progress,
                             on_disk=journal.calib["on_disk"] if journal.calib is not None else None,
-                            compute_dtype=calib.torch_dtype)
+                            compute_dtype=calib.torch_dtype, device=job.device, max_gpu_memory=job.gpu_budget)
     if journal.calib is not None:
         calibrator.acts.restore(journal.calib)
         calibrator.embed(fill=False)
@@ -331,6 +394,7 @@ def _calibrated_block(calibrator: Calibrator, method: Method, index: int, target
             weights = [mine[n].weight.detach() for n in group.names]
             amax = group.amax if method.wants_input_amax else None
             for name, ql in zip(group.names, method.quantize_linears(group.names, weights, group.hessian, amax)):
+                ql.tensors = placement.to_host(ql.tensors)  # OUT is written from the CPU, in a CPU run's dtypes
                 ql.info.update(calib_rows=group.rows, calib_fallback=group.fallback)
                 solved[name] = ql
                 run_as[name] = (ql.dequantized, ql.activation or method.activation_fake_quant)
@@ -342,7 +406,7 @@ def _calibrated_block(calibrator: Calibrator, method: Method, index: int, target
     changed = {}
 
     def prepare(blk, feed):  # the method rewrites the block first; the tensors it changed are written
-        changed.update(method.prepare_block(prefix, blk, feed))
+        changed.update(placement.to_host(method.prepare_block(prefix, blk, feed)))
 
     calibrator.quantize_block(block, mine, solve, prepare)
     calibrator.release_block(block)
@@ -406,6 +470,8 @@ def _write_metadata(partial: Path, job: _Job, modules: dict, layers: list) -> di
         "scheme": {"name": sch.name, "description": sch.description, "method": sch.method, "params": sch.params},
         "tokenizer": has_tok,
         "calibration": calib.key() if calib is not None else None,
+        **({"device": job.device.type} if job.device.type != "cpu" else {}),  # a CPU run's report is as before
+        **({"rotation": src.describe()} if isinstance(src, RotatedSource) else {}),
         "totals": totals,
         # times vary from run to run: they go to --json only, so that OUT is reproducible
         "layers": [{k: v for k, v in r.items() if not k.endswith("_seconds")} for r in layers],

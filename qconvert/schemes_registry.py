@@ -18,7 +18,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-KEYS = {"name", "description", "method", "exclude", "params"}
+KEYS = {"name", "description", "method", "exclude", "params", "rotate"}
+ROTATIONS = ("none", "hadamard", "random")  # --rotate: qconvert/solvers/rotation.py, before calibration
 
 
 @dataclass(frozen=True)
@@ -29,16 +30,19 @@ class Scheme:
     params: dict = field(default_factory=dict)
     exclude: tuple[str, ...] = ()
     path: str = ""
+    rotate: str = "none"  # how the residual stream is rotated before calibration (ROTATIONS)
 
     def with_overrides(self, group_size: int | None = None, quantize_lm_head: bool = False,
-                       exclude: tuple[str, ...] = (), base: str | None = None) -> "Scheme":
+                       exclude: tuple[str, ...] = (), base: str | None = None, rotate: str | None = None) -> "Scheme":
         params = dict(self.params)
         if group_size is not None:
             params["group_size"] = group_size
         if base is not None:
             params["base"] = base
         excl = tuple(p for p in self.exclude if not (quantize_lm_head and p == "lm_head")) + tuple(exclude)
-        return replace(self, params=params, exclude=excl)
+        if rotate is not None and rotate not in ROTATIONS:
+            raise QConvertError(f"--rotate {rotate}: choose {', '.join(ROTATIONS)}")
+        return replace(self, params=params, exclude=excl, rotate=self.rotate if rotate is None else rotate)
 
 
 def presets_dir() -> Path:
@@ -73,7 +77,10 @@ def parse_scheme(path: Path) -> Scheme:
         raise QConvertError(f"scheme file {path}: [params] must be a table")
     if not (isinstance(exclude, list) and all(isinstance(p, str) for p in exclude)):
         raise QConvertError(f"scheme file {path}: 'exclude' must be a list of module-name patterns")
-    return Scheme(data["name"], str(data.get("description", "")), data["method"], params, tuple(exclude), str(path))
+    rotate = data.get("rotate", "none")
+    if rotate not in ROTATIONS:
+        raise QConvertError(f"scheme file {path}: 'rotate' must be one of {', '.join(ROTATIONS)}")
+    return Scheme(data["name"], str(data.get("description", "")), data["method"], params, tuple(exclude), str(path), rotate)
 
 
 def load_scheme(spec: str) -> Scheme:

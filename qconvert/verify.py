@@ -39,6 +39,15 @@ class VerifyReport:
     min_snr_db: float | None = None
     kl: float | None = None
     top1_agreement: float | None = None
+    serving: list = field(default_factory=list)  # with --target: what vLLM would do with each layer
+    made_on: str | None = None  # the device that calibrated OUT: qconvert.json's "device", "cpu" when absent
+
+    def __post_init__(self):
+        if self.made_on is None:
+            try:
+                self.made_on = json.loads((Path(self.out) / "qconvert.json").read_text()).get("device", "cpu")
+            except (OSError, ValueError, AttributeError):
+                pass
 
     @property
     def ok(self) -> bool:
@@ -170,6 +179,21 @@ def recorded_source(out: Path) -> str | None:
         return None
 
 
+def rotated_as_recorded(out: Path, src):
+    """``src`` rotated as the OUT's report says it was before quantization (``quantize --rotate``),
+    so that per-layer comparisons feed each quantized linear the inputs it was made for; the
+    source itself when the OUT was not rotated."""
+    try:
+        rotation = json.loads((Path(out) / "qconvert.json").read_text()).get("rotation")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        rotation = None
+    if not rotation:
+        return src
+    from qconvert.solvers.rotation import RotatedSource
+
+    return RotatedSource(src, rotation["mode"], rotation["seed"])
+
+
 def _sample_ids(ref, tokenizer, data_file, n_tokens: int) -> torch.Tensor:
     if data_file is not None:
         from qconvert.calibration_text import read_text_file
@@ -192,7 +216,7 @@ def compare(out: Path, against: str, rep: VerifyReport, data_file=None, n_tokens
     from qconvert.runtime import load
     from qconvert.source import Source, resolve_source
 
-    src = against if isinstance(against, Source) else resolve_source(against)
+    src = rotated_as_recorded(out, against if isinstance(against, Source) else resolve_source(against))
     ref = src.load_model(torch.float32)
     model = load(out, dtype=torch.float32)
     tok = src.load_tokenizer()
@@ -220,8 +244,11 @@ def compare(out: Path, against: str, rep: VerifyReport, data_file=None, n_tokens
 
 
 def verify(out, against: str | None = None, data_file=None, n_tokens: int = 128, compare_source: bool = True,
-           min_snr_db: float = 5.0, min_top1: float = 0.3, save: bool = True) -> VerifyReport:
-    """Check OUT; never raises for a damaged OUT (failures are in the report)."""
+           min_snr_db: float = 5.0, min_top1: float = 0.3, save: bool = True, target: str | None = None,
+           tensor_parallel: int = 1) -> VerifyReport:
+    """Check OUT; never raises for a damaged OUT (failures are in the report).  ``target``
+    (vllm[:cpu|:sm80|:sm89|:sm90]) also checks that the engine would serve its export at
+    ``tensor_parallel`` ranks (qconvert/serving.py)."""
     out = Path(out)
     rep = VerifyReport(out=str(out))
     if not out.is_dir():
@@ -245,6 +272,21 @@ def verify(out, against: str | None = None, data_file=None, n_tokens: int = 128,
                 _fail(rep, f"{len(low)} layers below {min_snr_db} dB SNR, worst {low[0]['name']} ({min(r['snr_db'] for r in low)} dB)")
             if rep.top1_agreement is not None and rep.top1_agreement < min_top1:
                 _fail(rep, f"top-1 agreement {rep.top1_agreement:.3f} is below {min_top1}")
+    if structure is not None and target:
+        _check_serving(out, rep, target, tensor_parallel)
     if save and rep.ok:
         (out / VERIFY_FILE).write_text(json.dumps(rep.to_dict(), indent=2) + "\n")
     return rep
+
+
+def _check_serving(out: Path, rep: VerifyReport, target: str, tensor_parallel: int) -> None:
+    from dataclasses import asdict
+
+    from qconvert.formats.compressed_tensors import serving_check
+
+    try:
+        findings = serving_check(out, target, tensor_parallel)
+    except QConvertError as e:
+        _fail(rep, f"{target}: {e}")
+        return
+    rep.serving = [asdict(f) for f in findings]

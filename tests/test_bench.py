@@ -104,7 +104,7 @@ def test_kernels_without_gpu_say_so():
 @pytest.mark.parametrize("args,msg", [
     ((), "exactly one of OUT, --kernels or --synthetic"),
     (("--kernels", "--synthetic", "llama3-8b"), "got --kernels and --synthetic"),
-    (("--synthetic", "llama3-8b", "--plot", "x.png"), "--plot goes with --kernels"),
+    (("--kernels", "--layers", "2"), "--layers goes with --synthetic"),
     (("--synthetic", "gpt5"), "unknown; choose from llama3-8b, smollm2-135m"),
     (("--kernels", "--m", "1,x"), "not a comma-separated list"),
     (("--kernels", "--runs", "10"), "10 is not in the range x>=50"),

@@ -100,7 +100,7 @@ def test_already_quantized_source_is_refused(tmp_path, tiny_llama):
 
 def test_unknown_scheme_lists_the_known(tmp_path, tiny_llama):
     res = run("quantize", tiny_llama, "--scheme", "w3a3", "-o", tmp_path / "o", ok=False)
-    assert "unknown scheme 'w3a3'; known schemes: illm-w4a4, illm-w4a8, illm-w8a8, is-w4a8, is-w4a8-rtn, quik-w4a4, quik-w8a8, w4a16-gptq, w4a8-fs, zqfp-w4a8" in res.output
+    assert "unknown scheme 'w3a3'; known schemes: illm-w4a4, illm-w4a8, illm-w8a8, is-w4a8, is-w4a8-rtn, quik-w4a4, quik-w8a8, w4a16-gptq, w4a8-fs, w8a8, zqfp-w4a8" in res.output
     assert "Traceback" not in res.output and not (tmp_path / "o").exists()
 
 
@@ -178,3 +178,17 @@ def test_corrupt_source_safetensors_is_one_line_and_writes_nothing(tmp_path, tin
     res = run("quantize", d, "-o", tmp_path / "o", ok=False)
     assert res.exit_code == 1 and "model.safetensors" in res.output and len(res.output.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+def test_generate_streams_text_and_reports_speed(tiny_rtn_out):
+    from qconvert import load
+    from qconvert.generate import generate
+    from transformers import AutoTokenizer
+
+    res = run("generate", tiny_rtn_out, "--prompt", "The quick brown", "--max-new-tokens", "6", "--device", "cpu")
+    want = generate(load(tiny_rtn_out), AutoTokenizer.from_pretrained(tiny_rtn_out), "The quick brown", max_new_tokens=6)
+    assert want.text[0] in res.output and "[qconvert on cpu] prefill" in res.output and "decode" in res.output
+    two = run("generate", tiny_rtn_out, "--prompt", "a", "--prompt", "the lazy dog", "--max-new-tokens", "3")
+    assert two.output.count("--- ") == 2
+    bad = run("generate", tiny_rtn_out, "--prompt", "x", "--chat", ok=False)
+    assert bad.exit_code == 1 and "no chat template" in bad.output and "Traceback" not in bad.output

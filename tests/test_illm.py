@@ -288,4 +288,4 @@ def test_decoding_and_bench_on_the_integer_model(illm_out):
     res = CliRunner().invoke(cli, ["bench", str(illm_out), "--device", "cpu", "--prefill", "16", "--new-tokens", "2",
                                    "--batch", "1", "--repeats", "1"])
     assert res.exit_code == 0, res.output
-    assert "cpu-reference" in res.output
+    assert "cpu-reference" in res.output and "integer-only OUT: timed as the float model" in res.output

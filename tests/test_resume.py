@@ -143,3 +143,23 @@ def test_damaged_saved_activations_are_detected(tmp_path, src):
     res = subprocess.run(_quantize_cmd(src, out, "--resume"), capture_output=True, text=True)
     assert res.returncode == 1 and "damaged" in res.stderr and "--force" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_rotated_run_resumes_bit_identical_and_not_under_another_rotation(tmp_path, src):
+    """--rotate is part of the journal's settings: the same rotation resumes to the bytes of an
+    uninterrupted run, another rotation (or none) is refused."""
+    rot = ["--rotate", "hadamard", "--rotate-seed", "1"]
+    whole = tmp_path / "whole"
+    res = CliRunner().invoke(cli, ["quantize", str(src), "-o", str(whole), "--max-shard-size", SHARD, "-q", *_calib(src), *rot])
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "out"
+    killed = subprocess.run(_quantize_cmd(src, out, *rot), env={**os.environ, "QCONVERT_FAULT": "tensor:60"},
+                            capture_output=True)
+    assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+    for other in (["--rotate", "random", "--rotate-seed", "1"], ["--rotate", "hadamard"], []):
+        res = CliRunner().invoke(cli, ["quantize", str(src), "-o", str(out), "--max-shard-size", SHARD, "--resume",
+                                       "-q", *_calib(src), *other])
+        assert res.exit_code == 1 and "other settings" in res.output and "rotation" in res.output, (other, res.output)
+    done = subprocess.run(_quantize_cmd(src, out, "--resume", *rot), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert _files(out) == _files(whole)

@@ -314,3 +314,43 @@ def test_quantize_reads_a_rotated_source(checkpoints, tmp_path):
         assert torch.equal(f.get_tensor("lm_head.weight"), rot.get("lm_head.weight"))
         assert torch.equal(f.get_tensor("model.norm.weight"), torch.ones(48))
         assert torch.equal(f.get_tensor("model.embed_tokens.weight"), rot.get("model.embed_tokens.weight"))
+
+
+def test_quantize_rotate_end_to_end(tiny_calib_src, tmp_path, monkeypatch):
+    """``quantize --rotate hadamard`` on a calibrated scheme: the report and the card say so, verify
+    compares each layer with the rotated source it was made from (and fails without that), and
+    an unknown rotation is a usage error that writes nothing."""
+    import json
+
+    from click.testing import CliRunner
+
+    from qconvert import verify as verify_mod
+    from qconvert.cli import cli
+    from qconvert.hub import model_card
+
+    calib = ["--calib", "file", "--data-file", str(tiny_calib_src.parent / "calib.txt"), "--nsamples", "4",
+             "--seqlen", "32"]
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli, ["quantize", str(tiny_calib_src), "--scheme", "is-w4a8", "--rotate", "hadamard",
+                                   "--rotate-seed", "3", "-g", "32", "-o", str(out), "-q", *calib])
+    assert res.exit_code == 0, res.output
+    assert "residual stream rotated (hadamard, seed 3)" in res.output
+    rot = json.loads((out / "qconvert.json").read_text())["rotation"]
+    assert rot["mode"] == "hadamard" and rot["seed"] == 3
+    card = model_card(out)
+    assert "hadamard-rotation" in card and "residual stream rotated before quantization (hadamard, seed 3)" in card
+
+    rep = verify_mod.verify(out, against=str(tiny_calib_src), save=False)
+    assert rep.ok, rep.failures
+    monkeypatch.setattr(verify_mod, "rotated_as_recorded", lambda o, src: src)  # compare with the unrotated source
+    wrong = verify_mod.verify(out, against=str(tiny_calib_src), save=False)
+    assert not wrong.ok and wrong.min_snr_db < rep.min_snr_db - 10, (wrong.min_snr_db, rep.min_snr_db)
+
+    exp = CliRunner().invoke(cli, ["export", str(out), "-o", str(tmp_path / "ct")])
+    assert exp.exit_code == 0, exp.output
+    cfg = json.loads((tmp_path / "ct" / "config.json").read_text())
+    assert cfg["quantization_config"]["format"] and json.loads((out / "config.json").read_text())["hidden_size"] == 64
+
+    bad = CliRunner().invoke(cli, ["quantize", str(tiny_calib_src), "--scheme", "is-w4a8", "--rotate", "bogus",
+                                   "-o", str(tmp_path / "o2")])
+    assert bad.exit_code == 2 and "bogus" in bad.output and not (tmp_path / "o2").exists()

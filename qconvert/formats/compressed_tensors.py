@@ -16,7 +16,7 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -49,16 +49,18 @@ class ExportReport:
     layers: int
     ignored: list[str]
     max_scale_rel_error: float  # largest |stored - exact| / exact over all exported scales
+    serving: list = field(default_factory=list)  # qconvert.serving.Finding per layer, with --target
 
     def to_dict(self):
         return {"out": str(self.out), "format": FORMAT, "preset": self.preset, "group_size": self.group_size,
                 "scale_dtype": self.scale_dtype, "layers": self.layers, "ignore": self.ignored,
-                "max_scale_rel_error": self.max_scale_rel_error}
+                "max_scale_rel_error": self.max_scale_rel_error, "serving": [asdict(f) for f in self.serving]}
 
 
 @dataclass
 class _Plan:
     cfg: dict
+    config: object  # the transformers config
     qc: dict
     scheme: dict  # the compressed-tensors scheme every quantized layer maps onto (Layout.export_scheme)
     layers: list  # qconvert.runtime.StoredLayer
@@ -181,7 +183,7 @@ def plan(out: Path, scale_dtype: str | None = None) -> _Plan:
     else:
         raise QConvertError(f"scale dtype {scale_dtype!r}: choose auto, {', '.join(SCALE_DTYPES)}")
     ignore = sorted(linears - set(qc["modules"]))
-    return _Plan(cfg, qc, scheme, layers, ignore, sdt)
+    return _Plan(cfg, config, qc, scheme, layers, ignore, sdt)
 
 
 def quantization_config(scheme: dict, ignore: list[str]) -> dict:
@@ -213,16 +215,31 @@ def architectures(cfg: dict) -> list[str]:
     return [cls]
 
 
+def serving_check(out: Path, target: str, tensor_parallel: int = 1, p: "_Plan | None" = None) -> list:
+    """What vLLM (``target``: vllm[:cpu|:sm80|:sm89|:sm90]) would do with each layer of OUT's
+    export at ``tensor_parallel`` ranks (qconvert/serving.py); refuses what it would refuse."""
+    from qconvert import serving
+
+    device = serving.parse_target(target)
+    p = p or plan(Path(out))
+    findings = serving.check_model(p.layers, p.scheme, p.config, device, tensor_parallel)
+    serving.refuse_errors(findings, p.layers, p.scheme, p.config, device, tensor_parallel)
+    return findings
+
+
 def export(out: str | Path, dest: str | Path, force: bool = False, scale_dtype: str | None = None,
-           max_shard_size: str | int = "2GB") -> ExportReport:
+           max_shard_size: str | int = "2GB", target: str | None = None, tensor_parallel: int = 1) -> ExportReport:
     """Write the native OUT as a compressed-tensors checkpoint in ``dest`` (atomically).
 
     ``scale_dtype``: "auto" (default: the model's dtype, which compressed-tensors gives
     ``weight_scale`` when transformers loads the model), or float32 / float16 / bfloat16.
+    ``target`` (e.g. "vllm:sm90") checks, before writing, that the engine would serve every layer
+    at ``tensor_parallel`` ranks, and refuses with the fix when it would not.
     """
     out, dest = Path(out), Path(dest)
     _check_dest(dest, force, out)
     p = plan(out, scale_dtype)
+    findings = serving_check(out, target, tensor_parallel, p) if target else []
     shard_bytes = parse_size(max_shard_size)
     with atomic_directory(dest, replace_marker=MARKER) as tmp:
         worst = _write_tensors(tmp, out, p, shard_bytes)
@@ -234,7 +251,7 @@ def export(out: str | Path, dest: str | Path, force: bool = False, scale_dtype: 
             if (out / fname).is_file():
                 shutil.copyfile(out / fname, tmp / fname)
         report = ExportReport(dest, p.scheme["preset"], p.group_size, str(p.scale_dtype).removeprefix("torch."),
-                              len(p.layers), p.ignore, worst)
+                              len(p.layers), p.ignore, worst, findings)
         marker = {"producer": f"qconvert {__version__}", "from": str(out.resolve()), "scheme": p.qc.get("scheme"),
                   **report.to_dict()}
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")

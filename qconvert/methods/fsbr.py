@@ -19,6 +19,7 @@ probe set of minibatches; otherwise the SmoothQuant initialisation stays.  The w
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -90,6 +91,16 @@ def _minibatches(feed, batch: int) -> list[tuple[torch.Tensor, dict]]:
     return out
 
 
+def _reproducible_attention(device: torch.device):
+    """On CUDA, attention by the math backend: the fused kernels' backward passes accumulate with
+    atomics (not reproducible run to run); the math one is matmuls and a softmax."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
 def refine(block: nn.Module, feed, init: Factors, *, w_bits: int, a_bits: int, head_dim: int, reps: int,
            steps: int, batch: int, lr: float) -> tuple[Factors, dict]:
     """Refine ``init`` on the calibration inputs ``feed`` (list of (hidden, kwargs)); ``block``
@@ -119,15 +130,16 @@ def refine(block: nn.Module, feed, init: Factors, *, w_bits: int, a_bits: int, h
             return sum(float(loss_on(i)) for i in probe) / len(probe)
 
     try:
-        before = probe_loss()
-        opt = torch.optim.Adam(list(theta.values()), lr=lr)
-        with torch.enable_grad():
-            for step in range(steps):
-                opt.zero_grad(set_to_none=True)
-                loss = loss_on(step % len(data))
-                loss.backward()
-                opt.step()
-        after = probe_loss()
+        with _reproducible_attention(theta["s1"].device):
+            before = probe_loss()
+            opt = torch.optim.Adam(list(theta.values()), lr=lr)
+            with torch.enable_grad():
+                for step in range(steps):
+                    opt.zero_grad(set_to_none=True)
+                    loss = loss_on(step % len(data))
+                    loss.backward()
+                    opt.step()
+            after = probe_loss()
     finally:
         for h in hooks:
             h.remove()

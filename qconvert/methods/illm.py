@@ -132,7 +132,7 @@ class ILLMMethod(Method):
                              ("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj"))}
         if not self.config.fsbr:
             for k, lin in names.items():
-                self._smooth[full[k]] = torch.ones(lin.in_features)
+                self._smooth[full[k]] = torch.ones(lin.in_features, device=lin.weight.device)
             return {}
         amax: dict[str, torch.Tensor] = {}
 
@@ -213,10 +213,10 @@ class ILLMMethod(Method):
             q = q_all[row: row + n]
             deq = (q.double() * s_run[row: row + n, None]).float()
             tensors = {"qweight": pack_int4(pad_columns(q, 2)) if cfg.w_bits == 4 else q.contiguous(),
-                       "shape": torch.tensor([n, k], dtype=torch.int64),
+                       "shape": torch.tensor([n, k], dtype=torch.int64, device="cpu"),
                        "wm": wm[row: row + n].contiguous(), "wk": wk[row: row + n].contiguous(),
-                       "smooth": self._smooth.get(name, torch.ones(k)).float().contiguous(),
-                       "out_smooth": self._out_smooth.get(name, torch.ones(n)).float().contiguous()}
+                       "smooth": self._smooth.get(name, torch.ones(k, device=w.device)).float().contiguous(),
+                       "out_smooth": self._out_smooth.get(name, torch.ones(n, device=w.device)).float().contiguous()}
             info = {"layout": cfg.layout, "shape": [n, k], "bits": cfg.w_bits, "base": cfg.base, "fsbr": cfg.fsbr,
                     "gptq_seconds": round(secs * n / stacked.shape[0], 4), "solved_with": len(names),
                     "gptq_loss": relative_output_error(w.float(), deq, hessian),

@@ -80,7 +80,7 @@ class Int8Method(Method):
 
     def _finish(self, w: torch.Tensor, q: torch.Tensor, s: torch.Tensor, extra: dict) -> QuantizedLinear:
         n, k = w.shape
-        tensors = {"qweight": q.contiguous(), "shape": torch.tensor([n, k], dtype=torch.int64),
+        tensors = {"qweight": q.contiguous(), "shape": torch.tensor([n, k], dtype=torch.int64, device="cpu"),
                    "wscale": s.float().contiguous()}
         deq = _dequantize(tensors)
         info = {"layout": "w8a8", "shape": [n, k], "bits": 8, "base": self.config.base,

@@ -154,7 +154,7 @@ class IntegerScaleMethod(Method):
         """Tensors of the layout from int levels q int8 [N, Kp] and float group scales [N, G]."""
         cfg = self.config
         n = q.shape[0]
-        tensors = {"qweight": pack_int4(q), "shape": torch.tensor([n, k], dtype=torch.int64)}
+        tensors = {"qweight": pack_int4(q), "shape": torch.tensor([n, k], dtype=torch.int64, device="cpu")}
         info = {"shape": [n, k], "bits": cfg.weight_bits, "group_size": cfg.group_size, "base": cfg.base, **extra}
         if cfg.scales == "float":
             tensors["scales"] = scales.half()  # exact: the grids' scales are fp16 numbers
@@ -167,7 +167,7 @@ class IntegerScaleMethod(Method):
         tensors.update(
             iscale=s_hat.to(torch.int32),
             cscale=c.float(),
-            alpha_log2=torch.tensor([a], dtype=torch.int32),
+            alpha_log2=torch.tensor([a], dtype=torch.int32, device="cpu"),
         )
         info.update(
             layout="w4a8-is",

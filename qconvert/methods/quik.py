@@ -100,8 +100,9 @@ class QuikMethod(Method):
         if input_amax is None:
             raise QConvertError("quik: the pipeline did not pass the inputs' max |x| (needed for the outliers)")
         n_out = cfg.outlier_count(k)
-        # the n channels of largest max |x|, ties broken by index; stored ascending
-        order = torch.argsort(input_amax.float(), descending=True, stable=True)
+        # the n channels of largest max |x|, ties broken by index; stored ascending (chosen on the
+        # CPU: a few thousand values, and the index helpers of the reference live there)
+        order = torch.argsort(input_amax.float().cpu(), descending=True, stable=True)
         outlier_idx = torch.sort(order[:n_out]).values
         base_idx = split_columns(k, outlier_idx)
         perm = torch.cat([base_idx, outlier_idx])
@@ -120,13 +121,13 @@ class QuikMethod(Method):
                 s_all = grid.scales(stacked[:, :kb], torch.where(diag > 0, diag, torch.ones_like(diag)))
                 q_all = grid.quantize(stacked[:, :kb], s_all[:, None]).to(torch.int8)
                 kept, secs = stacked[:, kb:], 0.0
-            act = _ActQuant(k, outlier_idx, bits)
+            act = _ActQuant(k, outlier_idx, bits, hessian.device)
             row = 0
             for i in part:
                 w = weights[i].float()
                 n = w.shape[0]
                 ql = self._finish(w, q_all[row: row + n], s_all[row: row + n],
-                                  kept[row: row + n] if n_out else torch.zeros(n, 0), base_idx, outlier_idx, bits)
+                                  kept[row: row + n] if n_out else w.new_zeros(n, 0), base_idx, outlier_idx, bits)
                 ql.info.update(gptq_seconds=round(secs * n / stacked.shape[0], 4), solved_with=len(part),
                                gptq_loss=relative_output_error(w, ql.dequantized, hessian))
                 ql.activation = act
@@ -140,12 +141,12 @@ class QuikMethod(Method):
         layout = f"quik-w{bits}a{bits}"
         w_out16 = w_out.half()
         tensors = {"qweight": pack_int4(qp) if bits == 4 else qp.contiguous(),
-                   "shape": torch.tensor([n, k], dtype=torch.int64),
+                   "shape": torch.tensor([n, k], dtype=torch.int64, device="cpu"),
                    "wscale": s.float().contiguous(),
                    "wsum": q.to(torch.int32).sum(1, dtype=torch.int32),
                    "outlier_idx": outlier_idx.to(torch.int32).contiguous(),
                    "outlier_weight": w_out16.contiguous()}
-        deq = torch.empty(n, k)
+        deq = torch.empty(n, k, device=w.device)
         deq[:, base_idx] = (q.double() * s.double()[:, None]).float()
         deq[:, outlier_idx] = w_out16.float()
         info = {"layout": layout, "shape": [n, k], "bits": bits, "outliers": int(len(outlier_idx)),
@@ -156,8 +157,8 @@ class QuikMethod(Method):
 class _ActQuant:
     """The run-time activation quantizer of one set of layers, in float (calibration)."""
 
-    def __init__(self, k: int, outlier_idx: torch.Tensor, bits: int):
-        self.mask = torch.zeros(k, dtype=torch.bool)
+    def __init__(self, k: int, outlier_idx: torch.Tensor, bits: int, device: torch.device):
+        self.mask = torch.zeros(k, dtype=torch.bool, device=device)
         self.mask[outlier_idx] = True
         self.bits = bits
 

@@ -220,7 +220,8 @@ class ZeroQuantFPMethod(Method):
     def _finish_fp4(self, w, levels, exps, c, hessian, extra) -> QuantizedLinear:
         cfg = self.config
         n, k = w.shape
-        tensors = {"qweight": pack_fp4(levels_to_codes(levels)), "shape": torch.tensor([n, k], dtype=torch.int64),
+        # packed on the CPU (the code table lives there); OUT is written from the CPU anyway
+        tensors = {"qweight": pack_fp4(levels_to_codes(levels.cpu())), "shape": torch.tensor([n, k], dtype=torch.int64, device="cpu"),
                    "sexp": exps.to(torch.int8), "cscale": c.float().contiguous()}
         info = {"layout": "fp4-fp8", "shape": [n, k], "bits": 4, "group_size": cfg.group_size, "base": cfg.base,
                 "min_exp": int(exps.min()), "max_exp": int(exps.max()), **extra}
@@ -234,7 +235,7 @@ class ZeroQuantFPMethod(Method):
         wq = to_e4m3(w / s[:, None])
         kp = -(-k // FP8_K_MULTIPLE) * FP8_K_MULTIPLE
         qweight = pad_columns(wq.view(torch.uint8), FP8_K_MULTIPLE).view(torch.float8_e4m3fn)
-        tensors = {"qweight": qweight, "shape": torch.tensor([n, k], dtype=torch.int64), "wscale": s.float()}
+        tensors = {"qweight": qweight, "shape": torch.tensor([n, k], dtype=torch.int64, device="cpu"), "wscale": s.float()}
         info = {"layout": "fp8-fp8", "shape": [n, k], "bits": 8, "group_size": None, "padded_k": kp, "base": "rtn"}
         w_hat = (wq.double() * s.double()[:, None]).float()
         w_run = self._lorc(w, w_hat, tensors, info, None)

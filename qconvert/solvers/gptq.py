@@ -97,26 +97,29 @@ def _gptq(weight, hessian, grid, group_size, damp, act_order, block_size, keep_l
     w[:, dead] = 0.0
     importance = torch.diagonal(h).clone()  # per input channel, for the range search
 
-    perm = torch.argsort(torch.diagonal(h)[:kq], descending=True, stable=True) if act_order else torch.arange(kq)
-    perm = torch.cat([perm, torch.arange(kq, k)])  # the kept columns last, in their order
+    dev = w.device
+    perm = (torch.argsort(torch.diagonal(h)[:kq], descending=True, stable=True) if act_order
+            else torch.arange(kq, device=dev))
+    perm = torch.cat([perm, torch.arange(kq, k, device=dev)])  # the kept columns last, in their order
     inv_perm = torch.argsort(perm)
     w = w[:, perm]
     h = h[perm][:, perm]
     h.diagonal().add_(damp * float(torch.diagonal(h).mean()))
     u = _inverse_cholesky_upper(h)
+    del h  # K x K: on a GPU, room for the next layer's
 
     n_groups = -(-k // group_size)
-    scales = torch.zeros(n, n_groups)
-    have = torch.zeros(n_groups, dtype=torch.bool)
+    scales = torch.zeros(n, n_groups, device=dev)
+    have = [False] * n_groups  # host-side: read once per column, never a device sync
     group_of = (perm // group_size).tolist()
     # the loop works on Wᵀ [K, N]: a column of W is a contiguous row here
     wt = w.T.contiguous()
-    q_t = torch.zeros(k, n)
+    q_t = torch.zeros(k, n, device=dev)
 
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         w1 = wt[i1:i2].clone()  # [B, N]
-        err1 = torch.zeros(i2 - i1, n)
+        err1 = torch.zeros(i2 - i1, n, device=dev)
         u1 = u[i1:i2, i1:i2]
         for i in range(i2 - i1):
             if i1 + i >= kq:  # kept: takes the error pushed into it, spreads none
@@ -153,7 +156,9 @@ def _inverse_cholesky_upper(h: torch.Tensor) -> torch.Tensor:
         lower, info = torch.linalg.cholesky_ex(h)
         if int(info) == 0:
             hinv = torch.cholesky_inverse(lower)
+            del lower  # K x K each: at most three alive at once (h, hinv, upper)
             upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            del hinv
             if int(info) == 0:
                 return upper
         h = h.clone()
@@ -163,9 +168,9 @@ def _inverse_cholesky_upper(h: torch.Tensor) -> torch.Tensor:
 
 def _group_scale(grid, g, group_size, k, inv_perm, wt, w1, err_done, u, i1, i, i2, importance):
     """Scale of group g from its columns' current values (see the module docstring)."""
-    cols = torch.arange(g * group_size, min((g + 1) * group_size, k))
+    cols = torch.arange(g * group_size, min((g + 1) * group_size, k), device=wt.device)
     pos = inv_perm[cols]  # positions in processing order; all >= i1 + i (first touch)
-    cur = torch.empty(len(cols), wt.shape[1])  # the group's columns of W, as rows
+    cur = torch.empty(len(cols), wt.shape[1], device=wt.device)  # the group's columns of W, as rows
     inside = (pos >= i1) & (pos < i2)
     if inside.any():
         cur[inside] = w1[pos[inside] - i1]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qconvert.formats.fp4 import round_e2m1
+from qconvert.formats import fp4
 from qconvert.layouts.fp8 import E_MAX, E_MIN
 from qconvert.solvers.rtn import FP16_TINY
 from qconvert_kernels.fp8.reference import E2M1_MAX
@@ -57,7 +57,8 @@ class IntGrid:
         base = torch.maximum(pos, neg)
         if len(self.clip) == 1:
             return (base * self.clip[0]).clamp_min(FP16_TINY).half().float()
-        cand = (base[None, :] * torch.tensor(self.clip, dtype=w.dtype)[:, None]).clamp_min(FP16_TINY).half().float()
+        clip = torch.tensor(self.clip, dtype=w.dtype, device=w.device)
+        cand = (base[None, :] * clip[:, None]).clamp_min(FP16_TINY).half().float()
         q = torch.clamp(torch.round(w[None] / cand[..., None]), self.qmin, qmax)  # [C, N, g]
         err = (q * cand[..., None] - w[None]).square_()
         if weight is not None:
@@ -101,7 +102,7 @@ class FP4Grid:
         cf = self.row_scale.float().reshape(lead)
         for cand in (e, (e - 1).clamp_min(E_MIN)):
             sc = (cf * pow2(cand))[..., None]
-            err = (round_e2m1(w / sc) * sc - w).square()
+            err = (_round_e2m1(w / sc) * sc - w).square()
             if weight is not None:
                 err = err * weight
             err = err.sum(-1)
@@ -116,9 +117,25 @@ class FP4Grid:
         return self.row_scale.float() * pow2(self.exponents(w, weight) - 1)
 
     def quantize(self, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        return round_e2m1(w / (2 * s)) * 2
+        return _round_e2m1(w / (2 * s)) * 2
+
+
+_E2M1_TABLES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _round_e2m1(v: torch.Tensor) -> torch.Tensor:
+    """``qconvert.formats.fp4.round_e2m1`` on the device of ``v``: on the CPU that very function;
+    elsewhere the same bucketize against copies of its tables on that device."""
+    if v.device.type == "cpu":
+        return fp4.round_e2m1(v)
+    if v.device not in _E2M1_TABLES:
+        _E2M1_TABLES[v.device] = (fp4._BOUNDS.to(v.device), fp4._MAGNITUDES.to(v.device))
+    bounds, mags = _E2M1_TABLES[v.device]
+    v = v.float()
+    mag = mags[torch.bucketize(v.abs().contiguous(), bounds)]
+    return torch.where(v < 0, -mag, mag) + 0.0  # -0 + 0 = +0
 
 
 def pow2(e: torch.Tensor) -> torch.Tensor:
     """2^e as float32, exactly (e integer, E_MIN - 1 <= e <= E_MAX)."""
-    return torch.ldexp(torch.ones(e.shape), e.long())
+    return torch.ldexp(torch.ones(e.shape, device=e.device), e.long())

@@ -1,0 +1,212 @@
+"""Text generation on the decode engine: prompts in, text and tokens/s out.
+
+    from qconvert.generate import generate
+    res = generate(model_or_engine, tokenizer, ["Hello", "The capital of France is"], max_new_tokens=64)
+    res.text[0], res.token_ids[0], res.prefill_tokens_per_s, res.decode_tokens_per_s
+
+Prompts of different lengths are left-padded into one batch (``qconvert.engine`` explains why a
+padded row computes what it computes alone).  ``temperature`` 0 is greedy (argmax); above 0,
+tokens are drawn from softmax(logits / temperature) with a ``torch.Generator`` on the model's
+device seeded with ``seed``.  A row stops at its first EOS token (the tokenizer's, and the
+model's ``generation_config``'s); the batch stops when every row has, or after
+``max_new_tokens``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from qconvert.engine import DecodeEngine
+from qconvert.errors import QConvertError
+
+EOS_CHECK_EVERY = 8  # decode steps between host reads of "has every row stopped?" (one sync each)
+
+
+@dataclass
+class GenerateResult:
+    """What ``generate`` made.
+
+    ``token_ids[r]``: the new tokens of prompt ``r``, up to and including its EOS if one came;
+    ``text[r]``: their decoded text (special tokens skipped).  ``prompt_tokens``: prompt lengths.
+    ``prefill_tokens_per_s``: prompt tokens (padding not counted) over the prefill's wall time.
+    ``decode_tokens_per_s``: rows x decode steps over the decode loop's wall time: the engine's
+    throughput (rows that already stopped still ride along in the batch, as in any static batch);
+    with CUDA graphs the first step, which captures the graph, is left out of it.
+    """
+
+    token_ids: list[list[int]]
+    text: list[str]
+    prompt_tokens: list[int]
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    decode_steps: int
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    graphs: bool = False
+    device: str = "cpu"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def encode_prompts(tokenizer, prompts: list[str], chat: bool = False) -> list[list[int]]:
+    """Token ids of each prompt: ``tokenizer(prompt)`` with its default special tokens, or with
+    ``chat`` the tokenizer's chat template around a single user turn (generation prompt added)."""
+    out = []
+    for p in prompts:
+        if chat:
+            if not getattr(tokenizer, "chat_template", None):
+                raise QConvertError("this tokenizer has no chat template; generate without chat=True (--chat)")
+            text = tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            ids = tokenizer(text, add_special_tokens=False).input_ids
+        else:
+            ids = tokenizer(p).input_ids
+        if not ids:
+            raise QConvertError(f"prompt {p!r} has no tokens; give a non-empty prompt")
+        out.append(list(ids))
+    return out
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids int64 [b, P], attention_mask int64 [b, P]): each prompt right-aligned."""
+    p = max(len(x) for x in prompts)
+    ids = torch.full((len(prompts), p), pad_id, dtype=torch.int64)
+    mask = torch.zeros((len(prompts), p), dtype=torch.int64)
+    for r, x in enumerate(prompts):
+        ids[r, p - len(x):] = torch.tensor(x, dtype=torch.int64)
+        mask[r, p - len(x):] = 1
+    return ids, mask
+
+
+def eos_ids(tokenizer, model) -> list[int]:
+    """The tokenizer's EOS and the model's ``generation_config.eos_token_id`` (an id or a list)."""
+    ids = set()
+    for v in (getattr(tokenizer, "eos_token_id", None),
+              getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        if v is None:
+            continue
+        ids.update([v] if isinstance(v, int) else list(v))
+    return sorted(ids)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Run:
+    """One generation's state: the engine, the batch, the sampler, the stop tokens, the streamer."""
+
+    def __init__(self, engine, tokenizer, encoded, max_new_tokens, temperature, seed, stream_callback):
+        self.engine, self.tok, self.encoded, self.n_new = engine, tokenizer, encoded, max_new_tokens
+        self.temperature, self.callback = temperature, stream_callback
+        dev = engine.device
+        self.stops = eos_ids(tokenizer, engine.model)
+        pad_id = getattr(tokenizer, "pad_token_id", None)
+        self.pad_id = pad_id if pad_id is not None else (self.stops[0] if self.stops else 0)
+        self.b = len(encoded)
+        self.gen = torch.Generator(device=dev).manual_seed(seed) if temperature > 0 else None
+        self.stop_t = torch.tensor(self.stops, dtype=torch.int64, device=dev)
+        self.out = torch.empty(self.b, max_new_tokens, dtype=torch.int64, device=dev)
+        self.streamed = [""] * self.b
+
+    def pick(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.temperature == 0:
+            return logits.argmax(-1)
+        probs = torch.softmax(logits.float() / self.temperature, -1)
+        return torch.multinomial(probs, 1, generator=self.gen)[:, 0]
+
+    def cut(self, row: list[int]) -> list[int]:
+        """A row up to and including its first stop token."""
+        return row[: next((i + 1 for i, t in enumerate(row) if t in self.stops), len(row))]
+
+    def stream(self, upto: int, final: bool = False) -> None:
+        if self.callback is None:
+            return
+        for r, row in enumerate(self.out[:, :upto].tolist()):
+            text = self.tok.decode(self.cut(row), skip_special_tokens=True)
+            # a byte-level token may end inside a character: wait for the rest, unless this is the end
+            if len(text) > len(self.streamed[r]) and (final or not text.endswith("\ufffd")):
+                self.callback(r, text[len(self.streamed[r]):])
+                self.streamed[r] = text
+
+    def prefill(self) -> tuple[torch.Tensor, float]:
+        dev = self.engine.device
+        ids, mask = left_pad(self.encoded, self.pad_id)
+        _sync(dev)
+        t0 = time.perf_counter()
+        nxt = self.pick(self.engine.prefill(ids.to(dev), mask.to(dev)))
+        _sync(dev)
+        seconds = time.perf_counter() - t0
+        self.out[:, 0] = nxt
+        self.stream(1)
+        return nxt, seconds
+
+    def decode(self, nxt: torch.Tensor) -> tuple[int, int, float]:
+        """Decode steps until every row stopped or ``max_new_tokens``: (steps, timed steps, seconds)."""
+        dev, engine = self.engine.device, self.engine
+        done = torch.isin(nxt, self.stop_t)
+        steps = timed = 0
+        t0 = time.perf_counter()
+        for t in range(1, self.n_new):
+            if (t % EOS_CHECK_EVERY == 0 or self.callback is not None) and bool(done.all()):
+                break
+            nxt = self.pick(engine.decode(nxt))
+            nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
+            self.out[:, t] = nxt
+            done |= torch.isin(nxt, self.stop_t)
+            steps += 1
+            if steps == 1 and engine.graphs:  # the first step captured the graph: time from here
+                _sync(dev)
+                t0 = time.perf_counter()
+            else:
+                timed += 1
+            self.stream(t + 1)
+        _sync(dev)
+        return steps, timed, time.perf_counter() - t0
+
+
+@torch.inference_mode()
+def generate(engine_or_model, tokenizer, prompts: str | list[str], max_new_tokens: int = 64, temperature: float = 0.0,
+             seed: int = 0, stream_callback=None, chat: bool = False) -> GenerateResult:
+    """Generate up to ``max_new_tokens`` tokens for each prompt; see the module docstring.
+
+    ``engine_or_model``: a ``DecodeEngine`` (reused: its max_batch / max_len must fit) or a model,
+    for which an engine of exactly this batch and length is made.  ``stream_callback(row, text)``
+    receives each row's new text as it is decoded (this reads every step's tokens back to the
+    host: one sync per step).
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not prompts:
+        raise QConvertError("no prompts given; pass at least one")
+    if max_new_tokens < 1:
+        raise QConvertError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
+    if temperature < 0:
+        raise QConvertError(f"temperature must be 0 (greedy) or positive, not {temperature}")
+    encoded = encode_prompts(tokenizer, prompts, chat)
+    p = max(len(x) for x in encoded)
+    if isinstance(engine_or_model, DecodeEngine):
+        engine = engine_or_model
+    else:
+        engine = DecodeEngine(engine_or_model, max_batch=len(encoded), max_len=p + max_new_tokens)
+    if p + max_new_tokens > engine.max_len:
+        raise QConvertError(f"{p} prompt tokens + {max_new_tokens} new ones exceed the engine's max_len {engine.max_len}; "
+                            "make a longer DecodeEngine or ask for fewer tokens")
+    run = _Run(engine, tokenizer, encoded, max_new_tokens, temperature, seed, stream_callback)
+    nxt, t_prefill = run.prefill()
+    steps, timed, t_decode = run.decode(nxt)
+    run.stream(steps + 1, final=True)
+    token_ids = [run.cut(row) for row in run.out[:, : steps + 1].tolist()]
+    n_prompt = [len(x) for x in encoded]
+    return GenerateResult(
+        token_ids=token_ids, text=[tokenizer.decode(row, skip_special_tokens=True) for row in token_ids],
+        prompt_tokens=n_prompt,
+        prefill_tokens_per_s=round(sum(n_prompt) / t_prefill, 2) if t_prefill > 0 else float("inf"),
+        decode_tokens_per_s=round(run.b * timed / t_decode, 2) if timed and t_decode > 0 else 0.0,
+        decode_steps=steps, prefill_seconds=round(t_prefill, 4), decode_seconds=round(t_decode, 4),
+        graphs=engine.graphs, device=str(engine.device),
+    )

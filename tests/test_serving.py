@@ -1,0 +1,79 @@
+"""Will it serve? ``export --target vllm:...`` and ``verify --target`` apply vLLM's rules per layer
+(qconvert/serving.py) before anything is written."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from helpers import run_cli
+from qconvert.errors import QConvertError
+from qconvert.serving import check_layer, check_model, parse_target, working_tp
+
+W4A16 = {"preset": "W4A16", "weights": {"group_size": 128}}
+W4A8 = {"preset": "W4A8", "weights": {"group_size": 128}}
+W8A8 = {"preset": "W8A8", "weights": {}}
+FP8 = {"preset": "FP8_DYNAMIC", "weights": {}}
+
+
+def test_kernel_choice_per_device():
+    assert check_layer("m.q_proj", 4096, 4096, W4A16, "sm90", 1).kernel == "MacheteLinearKernel"
+    assert check_layer("m.q_proj", 4096, 4096, W4A16, "sm80", 1).kernel == "MarlinLinearKernel"
+    assert check_layer("m.k_proj", 960, 576, {"preset": "W4A16", "weights": {"group_size": 64}}, "sm90", 1).kernel \
+        == "MarlinLinearKernel"  # N = 960 is no multiple of 128: Machete cannot, Marlin can
+    cpu = check_layer("m.q_proj", 4096, 4096, W4A16, "cpu", 1)
+    assert cpu.level == "warn" and "AVX-512" in cpu.note
+    w4a8 = check_layer("m.q_proj", 4096, 4096, W4A8, "sm90", 1)
+    assert w4a8.level == "warn" and "as W4A16" in w4a8.note and w4a8.scheme == "CompressedTensorsWNA8Int"
+    assert check_layer("m.q_proj", 4096, 4096, W8A8, "sm90", 1).kernel == "CutlassInt8ScaledMM"
+    assert check_layer("m.q_proj", 4104, 4096, W8A8, "sm90", 1).level == "warn"  # N % 16: Triton
+    assert "VNNI" in check_layer("m.q_proj", 64, 64, W8A8, "cpu", 1).note
+    assert check_layer("m.q_proj", 64, 64, FP8, "sm80", 1).scheme == "CompressedTensorsW8A16Fp8"
+    assert check_layer("m.q_proj", 64, 64, FP8, "sm89", 1).level == "ok"
+
+
+def test_tensor_parallel_splits_k_of_row_parallel_layers():
+    g64 = {"preset": "W4A16", "weights": {"group_size": 64}}
+    # SmolLM2 at TP 3: o_proj K = 576 / 3 = 192 (a multiple of 64, not of 128), down_proj K = 512
+    assert check_layer("model.layers.0.self_attn.o_proj", 576, 576, g64, "sm90", 3).level == "ok"
+    bad = check_layer("model.layers.0.self_attn.o_proj", 576, 576, W4A16, "sm90", 3)
+    assert bad.level == "error" and "does not divide K per rank (192 = 576 / 3)" in bad.note
+    assert check_layer("model.layers.0.self_attn.q_proj", 576, 576, W4A16, "sm90", 5).level == "error"  # N % 5
+
+
+def test_heads_and_working_sizes():
+    cfg = SimpleNamespace(num_attention_heads=9, num_key_value_heads=3)
+    layers = [SimpleNamespace(name="model.layers.0.self_attn.o_proj", n=576, k=576)]
+    g64 = {"preset": "W4A16", "weights": {"group_size": 64}}
+    assert check_model(layers, g64, cfg, "sm90", 2)[0].level == "error"  # 9 heads on 2 ranks
+    assert working_tp(layers, g64, cfg, "sm90", limit=9) == [1, 3, 9]
+    assert parse_target("vllm") == "sm90" and parse_target("vllm:cpu") == "cpu"
+    with pytest.raises(QConvertError, match="choose vllm"):
+        parse_target("sglang")
+
+
+@pytest.fixture(scope="module")
+def g32_out(tiny_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("serve") / "out"
+    run_cli("quantize", tiny_llama, "--scheme", "is-w4a8-rtn", "-g", "32", "-o", out, "-q")
+    return out
+
+
+def test_export_refuses_a_tp_size_that_breaks_the_group(g32_out, tmp_path):
+    """Tiny Llama: down_proj K = 160 -> 80 per rank at TP 2, not a multiple of g = 32."""
+    res = run_cli("export", g32_out, "-o", tmp_path / "ct", "--target", "vllm:sm90", "--tensor-parallel", "2", ok=False)
+    msg = " ".join(res.output.split())
+    assert res.exit_code == 1 and "would refuse layer model.layers.0.mlp.down_proj" in msg
+    assert "group size 32 does not divide K per rank (80 = 160 / 2)" in msg and "sizes that work: 1" in msg
+    assert not (tmp_path / "ct").exists() and "Traceback" not in res.output
+    ok = run_cli("export", g32_out, "-o", tmp_path / "ct", "--target", "vllm:sm90")
+    assert "CompressedTensorsWNA8Int" in ok.output and "as W4A16" in " ".join(ok.output.split())
+    marker = json.loads((tmp_path / "ct" / "qconvert_export.json").read_text())
+    assert len(marker["serving"]) == 14 and {f["level"] for f in marker["serving"]} == {"warn"}
+
+
+def test_verify_target(g32_out):
+    res = run_cli("verify", g32_out, "--no-compare", "--target", "vllm:sm90", "--tensor-parallel", "2", ok=False)
+    assert res.exit_code == 1 and "would refuse layer" in res.output
+    good = json.loads(run_cli("verify", g32_out, "--no-compare", "--target", "vllm:sm80", "--json").stdout)
+    assert good["ok"] and len(good["serving"]) == 14
