@@ -58,7 +58,7 @@ part_c() {
 }
 
 part_d() {
-  python benchmarks/quantize_speed.py --gpu-synthetic llama3-8b --budget-s "$((BUDGET_D - 20))" --json "$out/quantize.json"
+  python benchmarks/quantize_speed.py gpu --layers 4 --budget-s "$((BUDGET_D - 20))" --json "$out/quantize.json"
 }
 
 part_e() {

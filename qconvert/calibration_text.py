@@ -189,11 +189,26 @@ def _generate(model, engine, firsts, g, vocab: int, nsamples: int, seqlen: int, 
             if t <= SELF_GREEDY:
                 ids[:, t] = logits.argmax(-1)
             else:
-                ids[:, t] = torch.multinomial(torch.softmax(logits, -1), 1, generator=g)[:, 0]
+                ids[:, t] = sample(logits, g)
             bar.update(b)
         out.append(ids.cpu())
     bar.close()
     return torch.cat(out)
+
+
+def sample(logits: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """One token per row of ``logits`` [b, V], drawn from its softmax (temperature 1).
+
+    On the CPU by the inverse CDF: one uniform u per row, the first token whose cumulative
+    probability (float64) exceeds u times the total.  ``torch.multinomial`` draws V exponentials
+    per row instead (6.3 M per step at 128 x 49,152, a fifth of SmolLM2's ``--calib self`` time
+    on 2 cores); the distribution is the same, the random stream is not.  On CUDA
+    ``torch.multinomial`` stays (fast there; ``cumsum`` is not deterministic on CUDA)."""
+    if logits.device.type != "cpu":
+        return torch.multinomial(torch.softmax(logits, -1), 1, generator=g)[:, 0]
+    cdf = torch.softmax(logits.double(), -1).cumsum_(-1)
+    u = torch.rand(logits.shape[0], 1, generator=g, dtype=torch.float64) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True)[:, 0].clamp_(max=logits.shape[-1] - 1)
 
 
 def _decode_engine(model, max_batch: int, seqlen: int):
@@ -246,7 +261,8 @@ def calibration_tokens(source: str, tokenizer, nsamples: int, seqlen: int, seed:
     - ``self`` (data-free, LLM-QAT): ``model`` writes its own text, ``SELF_BATCH`` sequences at a time
       with the KV cache.  Token 0 is uniform over the vocabulary less ``tokenizer.all_special_ids``,
       tokens 1 to ``SELF_GREEDY`` are the argmax, the rest are drawn from the softmax at temperature 1
-      (``torch.multinomial`` with a generator on the model's device, seeded with ``seed``).  Only ids
+      (``sample``: inverse CDF on the CPU, ``torch.multinomial`` on CUDA; a generator on the model's
+      device, seeded with ``seed``).  Only ids
       that both the tokenizer and the model know are used.  ``model`` must be in eval mode.
     """
     if source not in CALIB_SOURCES:

@@ -25,7 +25,7 @@ text-level loop (tokenize, sample, EOS, tokens/s).
     logits = eng.prefill(ids[:b, :1])                    # the random first tokens
     for t in range(1, seqlen):
         lg = logits[:, :vocab].float()
-        ids[:b, t] = lg.argmax(-1) if t <= SELF_GREEDY else torch.multinomial(torch.softmax(lg, -1), 1, generator=g)[:, 0]
+        ids[:b, t] = lg.argmax(-1) if t <= SELF_GREEDY else sample(lg, g)  # calibration_text.sample
         if t < seqlen - 1:
             logits = eng.decode(ids[:b, t])
 

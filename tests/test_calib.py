@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import tiny_config, tiny_tokenizer
-from qconvert.calibration_text import CALIB_SOURCES, SELF_BATCH, SELF_GREEDY, calibration_tokens, wikitext_join
+from qconvert.calibration_text import CALIB_SOURCES, SELF_BATCH, SELF_GREEDY, calibration_tokens, sample, wikitext_join
 from qconvert.errors import QConvertError
 
 C4 = "c4-train.00000-of-01024.first1000.jsonl"
@@ -182,7 +182,7 @@ def test_self_matches_generation_without_cache(tok, tiny_model):
     ref = firsts[torch.randint(firsts.numel(), (n,), generator=g)][:, None]
     for t in range(1, seqlen):
         logits = tiny_model(ref).logits[:, -1].float()
-        nxt = logits.argmax(-1) if t <= SELF_GREEDY else torch.multinomial(logits.softmax(-1), 1, generator=g)[:, 0]
+        nxt = logits.argmax(-1) if t <= SELF_GREEDY else sample(logits, g)
         ref = torch.cat([ref, nxt[:, None]], 1)
     assert torch.equal(x, ref)
 
@@ -208,3 +208,19 @@ def test_self_on_smollm2(smollm2):
     assert torch.equal(x, calibration_tokens("self", tok, 2, 32, seed=1, model=model))
     text = tok.decode(x[0])
     assert len(text.split()) > 5  # words, not a run of one token
+
+
+def test_sample_draws_from_the_softmax():
+    """The CPU sampler (inverse CDF) against the exact probabilities: 40,000 rows of one
+    distribution with a zero-probability token at each end and in the middle; every frequency
+    within 4.5 standard deviations, the zero-probability tokens never drawn, the seed followed."""
+    p = torch.tensor([0.0, 0.5, 0.25, 0.0, 0.125, 0.0625, 0.0625, 0.0])
+    logits = p.log().expand(40_000, -1)
+    got = sample(logits, torch.Generator().manual_seed(0))
+    counts = torch.bincount(got, minlength=p.numel()).double()
+    n = got.numel()
+    sd = (n * p * (1 - p)).sqrt().clamp_min(1e-9)
+    assert ((counts - n * p).abs() <= 4.5 * sd).all(), counts
+    assert counts[p == 0].sum() == 0
+    assert torch.equal(got, sample(logits, torch.Generator().manual_seed(0)))
+    assert not torch.equal(got, sample(logits, torch.Generator().manual_seed(1)))

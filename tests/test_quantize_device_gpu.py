@@ -1,0 +1,47 @@
+"""quantize --device cuda on a real GPU (skipped without one; benchmarks/gpu_check.sh, part a).
+
+- Every calibrated case runs on cuda, is reproducible (two runs, the same bytes) and close to
+  the CPU run (verify against the source passes);
+- a run killed in the middle and resumed on cuda writes the bytes of an uninterrupted cuda run;
+- the report says ``"device": "cuda"``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from test_quantize_device import CASES, _run, digest, sources  # noqa: F401  (the fixture)
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_cuda_walk_is_reproducible_and_close_to_the_cpu(tmp_path, sources, case):  # noqa: F811
+    from qconvert.verify import verify
+
+    a = _run(sources, case, tmp_path / "a", device="cuda")
+    b = _run(sources, case, tmp_path / "b", device="cuda")
+    assert digest(a) == digest(b)
+    assert json.loads((a / "qconvert.json").read_text())["device"] == "cuda"
+    model = CASES[case][0]
+    rep = verify(a, against=str(sources[model]), save=False)
+    assert rep.ok, rep.failures
+
+
+def test_cuda_resume_is_bit_identical(tmp_path, sources):  # noqa: F811
+    whole = _run(sources, "is-w4a8", tmp_path / "whole", device="cuda")
+    src = sources["dense"]
+    cmd = [sys.executable, "-m", "qconvert.cli", "quantize", str(src), "-o", str(tmp_path / "out"), "-q", "-g", "32",
+           "--device", "cuda", "--calib", "file", "--data-file", str(src.parent / "calib.txt"), "--nsamples", "4",
+           "--seqlen", "32"]
+    killed = subprocess.run(cmd, env={**os.environ, "QCONVERT_FAULT": "tensor:20"}, capture_output=True)
+    assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+    done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert digest(tmp_path / "out") == digest(whole)
