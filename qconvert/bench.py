@@ -529,11 +529,14 @@ def out_bench(out: Path, device: str | None = None, prefill: int = 2048, new_tok
               repeats: int = 3, against: str | None = None, budget_s: float | None = None) -> dict:
     """Quantized OUT against its float original, on one device, one after the other."""
     from qconvert.formats.native import read_quant_config
+    from qconvert.layouts import get_layout
     from qconvert.runtime import load
     from qconvert.source import resolve_source
 
     out = Path(out)
-    read_quant_config(out)
+    _cfg, qc = read_quant_config(out)
+    # a layout with a whole-model runtime (I-LLM's integer-only model) keeps no KV cache, which the engine needs
+    integer_only = any(get_layout(name).model_runtime is not None for name in set(qc["modules"].values()))
     dev = resolve_device(device)
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
     if against is None:
@@ -544,12 +547,9 @@ def out_bench(out: Path, device: str | None = None, prefill: int = 2048, new_tok
             raise QConvertError(f"{out}/qconvert.json does not name the source; pass --against SOURCE")
     budget = Budget(budget_s)
     kw = dict(prefill=prefill, new_tokens=new_tokens, batches=batches, repeats=repeats)
-    from transformers import PreTrainedModel
-
-    model = load(out, device=str(dev), dtype=dtype)
+    model = load(out, device=str(dev), dtype=dtype, integer=False)  # integer=False: only integer-only layouts differ
     note = None
-    if not isinstance(model, PreTrainedModel):  # I-LLM's integer-only model keeps no KV cache: the engine needs one
-        model = load(out, device=str(dev), dtype=dtype, integer=False)
+    if integer_only:
         note = ("integer-only OUT: timed as the float model with the same quantized linears (the engine needs a "
                 "KV cache, which the integer-only model does not keep); its integer softmax and norms are not timed")
     q = _speeds(model, dev, kw, budget)
