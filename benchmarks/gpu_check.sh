@@ -16,7 +16,8 @@
 #   c  the decode engine on the synthetic Llama-3-8B: FP16 against is-w4a8, CUDA-graph captured,
 #      batch 1 and 16 (e2e_llama3-8b.json)
 #   d  GPU quantize of a random-weight Llama-3-8B-shaped checkpoint written here (quantize.json)
-#   e  the other methods' kernels: QUIK, FP8 (sm_89+), I-LLM (kernels_quik.json, ...)
+#   e  the other methods' kernels: QUIK, FP8 (sm_89+), I-LLM (kernels_quik.json, ...), and the
+#      online Hadamard transform of --rotate hadamard+online (hadamard.json)
 # A summary of each part's exit status and time is in parts.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -68,6 +69,7 @@ part_e() {
   if python -c "import torch, sys; sys.exit(torch.cuda.get_device_capability() < (8, 9))"; then
     python -m qconvert.cli bench --kernels --scheme zqfp-w4a8 --m 1,16,256,4096 --json "$out/kernels_zqfp.json" || rc=1
   fi
+  python benchmarks/hadamard_speed.py --json "$out/hadamard.json" || rc=1  # --rotate hadamard+online's transform
   return $rc
 }
 

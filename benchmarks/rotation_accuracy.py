@@ -56,6 +56,11 @@ ROWS = [
     ("illm-w8a8-hadamard", "illm-w8a8", "hadamard", {}, 40),
     ("illm-w8a8-hadamard-10w", "illm-w8a8", "hadamard", {}, 10),
     ("is-w4a8-random", "is-w4a8", "random", {}, 40),
+    # --rotate hadamard+online (the run-time Hadamard before down_proj); "all4": down_proj in W4A4 too
+    ("is-w4a8-online", "is-w4a8", "hadamard+online", {}, 40),
+    ("quik-w4a4-o0-online", "quik-w4a4", "hadamard+online", {"outliers": 0}, 40),
+    ("quik-w4a4-o0-all4-hadamard", "quik-w4a4", "hadamard", {"outliers": 0, "int8_layers": []}, 40),
+    ("quik-w4a4-o0-all4-online", "quik-w4a4", "hadamard+online", {"outliers": 0, "int8_layers": []}, 40),
     ("fp-random", None, "random", {}, 40),
     ("fp-none-10w", None, "none", {}, 10),
     ("fp-hadamard-10w", None, "hadamard", {}, 10),
@@ -96,7 +101,8 @@ def _source(rotate: str):
     if rotate == "none":
         return src
     RotatedSource = _import_first(["qconvert.solvers.rotation", "qconvert.solvers", "qconvert.rotation"], "RotatedSource")
-    return RotatedSource(src, mode=rotate, seed=0)
+    mode, _, online = rotate.partition("+")  # "hadamard+online": also down_proj's input at run time
+    return RotatedSource(src, mode=mode, seed=0, **({"online": True} if online == "online" else {}))
 
 
 def _scheme(name: str, overrides: dict):

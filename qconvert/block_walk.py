@@ -149,6 +149,7 @@ class Calibrator:
         self.acts = ActivationBuffers(partial / CALIB_DIR, (n, seqlen, hidden), place, self.device)
         self._mlp_cache: torch.Tensor | None = None
         self._block_buffers: list = []
+        self._online_hooks: list = []
         self.batch = max(1, batch_tokens // seqlen)
         self._kwargs: dict[int, dict] = {}
         self.layers = skeleton.get_submodule(DECODER_LAYERS)
@@ -231,9 +232,24 @@ class Calibrator:
                 full = prefix + (f"{mod_name}.{pname}" if mod_name else pname)
                 mod._parameters[pname] = nn.Parameter(self._real(self.src.get(self.names[full])), requires_grad=False)
         self._block_buffers = _buffers_to(block, self.device)
+        self._online_hooks = self._online(block, prefix)
         return block
 
+    def _online(self, block: nn.Module, prefix: str) -> list:
+        """``--rotate hadamard+online``: the run time's transform of down_proj's input, as the first
+        pre-hook of the linear, so that its statistics and quantizer see what it will be fed."""
+        online = getattr(self.src, "online", None)
+        if online is None:
+            return []
+        from qconvert.online_hadamard import pre_hook
+
+        names = set(self.src.online_modules())
+        return [pre_hook(mod, online) for name, mod in block.named_modules() if prefix + name in names]
+
     def release_block(self, block: nn.Module) -> None:
+        for h in self._online_hooks:
+            h.remove()
+        self._online_hooks = []
         for mod in block.modules():
             for pname, p in list(mod._parameters.items()):
                 if p is not None:
@@ -436,10 +452,16 @@ class _BlockWalk:
         return obs if self.d else None
 
     def stage_e(self):  # the block's output, as it will run (down_proj's input kept from D if it fit)
+        from qconvert.online_hadamard import suspended
+
         down = next(iter(self.d.values()))
         for sl, _ in self.cal._batches():
             h = self.rows(self.y, sl)
-            self.y[sl] = h + (down(self.rows(self.cache, sl)) if self.cache is not None else self.mlp(self.ln2(h)))
+            if self.cache is not None:
+                with suspended(down):  # the cache holds down_proj's input as caught: already transformed
+                    self.y[sl] = h + down(self.rows(self.cache, sl))
+            else:
+                self.y[sl] = h + self.mlp(self.ln2(h))
 
 
 class _StopCatch:

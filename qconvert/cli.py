@@ -101,9 +101,11 @@ def cli(ctx, debug):
                    "Default: cuda when torch can use a GPU, else cpu.")
 @click.option("--max-gpu-memory", help="GPU memory for calibration activations (e.g. 12GB); beyond it they go to pinned "
                                        "CPU memory, then to disk. Default: half the free GPU memory.")
-@click.option("--rotate", type=click.Choice(["none", "hadamard", "random"]),
+@click.option("--rotate", type=click.Choice(["none", "hadamard", "random", "hadamard+online"]),
               help="Rotate the residual stream before quantizing (QuaRot-style, folded into the weights: no run-time "
-                   "cost; fewer outliers, lower error at 4 bits). Default: the scheme's (none in the presets).")
+                   "cost; fewer outliers, lower error at 4 bits). hadamard+online also rotates down_proj's input at "
+                   "run time (a fast Hadamard transform per token; for 4-bit activations). Default: the scheme's "
+                   "(none in the presets).")
 @click.option("--rotate-seed", default=0, show_default=True, type=click.IntRange(min=0),
               help="Seed of the rotation's random signs (hadamard) or matrices (random).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path),
@@ -243,6 +245,12 @@ def inspect(out, as_json):
     t.add_row("total", "", "", "", "", "", str(tot["min_headroom_bits"] if tot["min_headroom_bits"] is not None else "-"), "",
               f"{tot['quantized_bytes']:,}", f"{tot['quantized_fp16_bytes']:,}")
     _console().print(t)
+    rot = report.get("rotation")
+    if rot:
+        online = rot.get("online")
+        click.echo(f"rotated before quantization: {rot.get('mode')}, seed {rot.get('seed')}"
+                   + (f"; down_proj's input rotated at run time (Hadamard {online['order']} = {online['m']} x "
+                      f"{online['p']}, {len(online.get('modules') or [])} layers)" if online else ""))
 
 
 @cli.command()

@@ -146,7 +146,7 @@ def _tags(qc: dict, scheme: dict, report: dict | None = None) -> list[str]:
         tags.append("gptq")
     rot = (report or {}).get("rotation")
     if rot:
-        tags += ["rotated", f"{rot.get('mode')}-rotation"]
+        tags += ["rotated", f"{rot.get('mode')}-rotation"] + (["online-hadamard"] if rot.get("online") else [])
     return [t for i, t in enumerate(tags) if t and t not in tags[:i]]
 
 
@@ -166,6 +166,11 @@ def _scheme_rows(qc: dict, report: dict) -> list[tuple[str, str]]:
                                  "float, folded into the stored weights (no run-time cost)"
                                  + ("; lm_head untied from the embedding, as folding the final norm requires"
                                     if rot.get("untied") else "")))
+        online = rot.get("online")
+        if online:
+            rows.append(("online rotation", f"down_proj's input is rotated at run time by a Hadamard transform of order "
+                                            f"{online.get('order')} ({online.get('m')} x {online.get('p')}; qconvert's "
+                                            "runtime and kernels apply it, compressed-tensors cannot carry it)"))
     base = cfg.get("base")
     calib = report.get("calibration")
     if base == "gptq":

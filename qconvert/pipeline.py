@@ -223,6 +223,9 @@ def _prepare(source, sch: Scheme, out: Path, force: bool, resume: bool, max_shar
     else:  # streaming: one tensor at a time, handed back to the OS when done
         return_freed_memory_to_os()
     src = source if isinstance(source, Source) else resolve(source)
+    if isinstance(src, RotatedSource) and src.online is not None and sch.method == "i-llm":
+        raise QConvertError(f"--rotate hadamard+online: I-LLM's integer-only runtime has no online transform (and its "
+                            f"smoothing folds into down_proj's input); use --rotate hadamard with {sch.name}")
     src_dir = getattr(src, "directory", None) or getattr(src, "path", Path("/nonexistent")).parent
     if out == Path(os.path.abspath(src_dir)) or out in Path(os.path.abspath(src_dir)).parents:
         raise QConvertError(f"-o {out} would overwrite the source {src.description}; choose another -o")
@@ -239,7 +242,7 @@ def _prepare(source, sch: Scheme, out: Path, force: bool, resume: bool, max_shar
     if calib is not None:
         settings["calibration"] = calib.key()
     if isinstance(src, RotatedSource):
-        settings["rotation"] = {"mode": src.mode, "seed": src.seed}
+        settings["rotation"] = {"mode": src.mode, "seed": src.seed, **({"online": True} if src.online else {})}
     budget = 0
     if walk_device.is_cuda:  # a CPU run's journal is as before: it resumes either way
         settings["device"] = "cuda"
@@ -249,6 +252,7 @@ def _prepare(source, sch: Scheme, out: Path, force: bool, resume: bool, max_shar
     expected = {k: tuple(v.shape) for k, v in skeleton.state_dict(keep_vars=True).items()}
     if announce is not None:  # once the source has been read and the run planned
         announce(walk_device.line + (f"; residual stream rotated ({src.mode}, seed {src.seed})"
+                                     + ("; down_proj's input rotated online" if src.online else "")
                                      if isinstance(src, RotatedSource) else ""))
     return _Job(out, src, sch, method, calib, config, skeleton, targets, names, stages, expected, settings, shard_bytes,
                 walk_device.device, budget)
@@ -258,7 +262,8 @@ def _rotated(src: Source, sch: Scheme, seed: int) -> Source:
     """``src`` rotated as the scheme says (``--rotate``), or ``src`` itself."""
     if sch.rotate == "none" or isinstance(src, RotatedSource):
         return src
-    return RotatedSource(src, sch.rotate, seed)
+    mode, _, online = sch.rotate.partition("+")
+    return RotatedSource(src, mode, seed, online=online == "online")
 
 
 def _walk_device(device, calibrated: bool) -> placement.WalkDevice:
@@ -453,6 +458,8 @@ def _write_metadata(partial: Path, job: _Job, modules: dict, layers: list) -> di
         "config": method.describe(),
         "exclude": list(sch.exclude),
         "modules": modules,
+        **({"online_rotation": {**src.online.describe(), "modules": src.online_modules()}}
+           if isinstance(src, RotatedSource) and src.online is not None else {}),
     }
     (partial / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     has_tok = src.save_tokenizer(partial)

@@ -118,6 +118,9 @@ def load(out: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
             t = reader.get(name)
             state[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
     runtimes = {layer.layout.model_runtime for layer in layers} - {None}
+    if runtimes and qc.get("online_rotation"):
+        raise QConvertError(f"{out} asks for an online rotation, which the integer-only runtime of its layouts "
+                            "does not have; re-quantize it with --rotate hadamard")
     if runtimes and integer:
         if len(runtimes) > 1 or any(layer.layout.model_runtime is None for layer in layers):
             raise QConvertError(f"{out} mixes layouts with and without their own model runtime; re-run quantize")
@@ -126,6 +129,7 @@ def load(out: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
         module.inside_stored_model()
         set_module(model, name, module)
     _fill(out, model, config, state)
+    _attach_online(out, model, qc.get("online_rotation"))
     if dev.type == "cuda":
         for name, module in modules.items():
             module.check_cuda(name)
@@ -160,6 +164,26 @@ def _fill(out: Path, model: nn.Module, config, state: dict) -> None:
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
     if still_meta:
         raise QConvertError(f"{out}: no tensor for '{still_meta[0]}'; the output is incomplete, re-run quantize")
+
+
+def _attach_online(out: Path, model: nn.Module, spec: dict | None) -> None:
+    """``--rotate hadamard+online``: the listed linears (quantized or not) transform their input
+    first (qconvert/online_hadamard.py), as the OUT's weights expect."""
+    if not spec:
+        return
+    from qconvert.online_hadamard import KIND, OnlineHadamard, attach_all
+
+    names = spec.get("modules") or []
+    if spec.get("kind") != KIND or not isinstance(spec.get("order"), int) or not names:
+        raise QConvertError(f"{out}/config.json: online_rotation {spec!r} is not one qconvert knows; re-run quantize")
+    transform = OnlineHadamard(spec["order"])
+    if (transform.m, 1 << transform.lp) != (spec.get("m"), spec.get("p")):
+        raise QConvertError(f"{out}/config.json: online_rotation factors {spec.get('m')} x {spec.get('p')} differ from "
+                            f"this qconvert's {transform.m} x {1 << transform.lp}; use the qconvert that wrote it")
+    try:
+        attach_all(model, names, transform)
+    except AttributeError as e:
+        raise QConvertError(f"{out}/config.json: online_rotation names a layer this model lacks ({e})") from e
 
 
 def _device(device) -> torch.device:

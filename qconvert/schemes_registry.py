@@ -19,7 +19,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 KEYS = {"name", "description", "method", "exclude", "params", "rotate"}
-ROTATIONS = ("none", "hadamard", "random")  # --rotate: qconvert/solvers/rotation.py, before calibration
+ROTATIONS = ("none", "hadamard", "random", "hadamard+online")  # --rotate: qconvert/solvers/rotation.py, before calibration;
+# "+online": also the run-time Hadamard transform before down_proj (qconvert/online_hadamard.py)
 
 
 @dataclass(frozen=True)

@@ -191,7 +191,7 @@ def rotated_as_recorded(out: Path, src):
         return src
     from qconvert.solvers.rotation import RotatedSource
 
-    return RotatedSource(src, rotation["mode"], rotation["seed"])
+    return RotatedSource(src, rotation["mode"], rotation["seed"], online="online" in rotation)
 
 
 def _sample_ids(ref, tokenizer, data_file, n_tokens: int) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""GEMM kernels of qconvert, one folder per family (w4a8, fp8, quik, illm), each with its CUDA
+"""GEMM kernels of qconvert, one folder per family (w4a8, fp8, quik, illm; and hadamard, the online
+transform of ``--rotate hadamard+online``), each with its CUDA
 sources, CuPy launcher (``cuda.py``) and bit-exact torch reference (``reference.py``).
 
 ``reference`` modules hold the arithmetic every CUDA kernel must reproduce; the CPU runtime runs

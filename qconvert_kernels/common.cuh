@@ -1,4 +1,4 @@
-// Device helpers shared by every kernel family of qconvert (w4a8, fp8, quik, illm).
+// Device helpers shared by every kernel family of qconvert (w4a8, fp8, quik, illm, hadamard).
 //
 // Nothing here is an entry point: each family's .cu includes this file (`#include "../common.cuh"`)
 // and declares its own extern "C" kernels, so a module never carries another family's kernels.

@@ -203,18 +203,18 @@ def sm_count(device_index: int = 0) -> int:
     return int(torch.cuda.get_device_properties(device_index).multi_processor_count)
 
 
-_SMEM_OPTED: set = set()
+_SMEM_OPTED: dict = {}  # (source, kernel, device) -> the dynamic shared memory opted in for
 
 
 def _opt_in_smem(fn, key, nbytes: int) -> None:
-    if nbytes <= MAX_STATIC_SMEM or key in _SMEM_OPTED:
+    if nbytes <= MAX_STATIC_SMEM or _SMEM_OPTED.get(key, 0) >= nbytes:
         return
     try:
         fn.max_dynamic_shared_size_bytes = nbytes
     except Exception:  # noqa: BLE001 - older CuPy: the driver call
         drv = _cupy().cuda.driver
         drv.funcSetAttribute(fn.ptr, drv.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, nbytes)
-    _SMEM_OPTED.add(key)
+    _SMEM_OPTED[key] = nbytes
 
 
 def launch(source, name: str, grid: tuple, block: tuple, args: tuple, device: torch.device, shared_mem: int = 0) -> None:

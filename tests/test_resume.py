@@ -156,7 +156,8 @@ def test_rotated_run_resumes_bit_identical_and_not_under_another_rotation(tmp_pa
     killed = subprocess.run(_quantize_cmd(src, out, *rot), env={**os.environ, "QCONVERT_FAULT": "tensor:60"},
                             capture_output=True)
     assert killed.returncode == -9, killed.stderr.decode()[-2000:]
-    for other in (["--rotate", "random", "--rotate-seed", "1"], ["--rotate", "hadamard"], []):
+    for other in (["--rotate", "random", "--rotate-seed", "1"], ["--rotate", "hadamard"],
+                  ["--rotate", "hadamard+online", "--rotate-seed", "1"], []):
         res = CliRunner().invoke(cli, ["quantize", str(src), "-o", str(out), "--max-shard-size", SHARD, "--resume",
                                        "-q", *_calib(src), *other])
         assert res.exit_code == 1 and "other settings" in res.output and "rotation" in res.output, (other, res.output)

@@ -34,7 +34,6 @@ calibration, RTN and plain copying all see an ordinary checkpoint of the same ar
 from __future__ import annotations
 
 import copy
-import functools
 import hashlib
 import math
 import re
@@ -47,193 +46,12 @@ import torch
 
 from qconvert.errors import QConvertError
 from qconvert.architectures import DECODER_LAYERS
+from qconvert.solvers.hadamard import _dense_blocks, _no_hadamard, hadamard, hadamard_factors, has_hadamard  # noqa: F401
 from qconvert.source import Source
 
 MODES = ("hadamard", "random")
 ROTATABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe")  # plain RMSNorm(x) * g
 CHUNK_BYTES = 16 << 20  # float64 working set per slice of a tensor being rotated
-DENSE_FACTOR = 64  # Kronecker factors are merged into dense blocks up to this order for x @ Q
-
-
-# ---- number theory: prime powers and the quadratic character of GF(q) ----------------------
-
-def _prime_power(q: int) -> tuple[int, int] | None:
-    """(p, k) with ``q = p**k``, p prime; None when q is not a prime power."""
-    if q < 2:
-        return None
-    p = next((d for d in range(2, math.isqrt(q) + 1) if q % d == 0), q)
-    k = 0
-    while q % p == 0:
-        q //= p
-        k += 1
-    return (p, k) if q == 1 else None
-
-
-def _poly_mod(a: list[int], f: list[int], p: int) -> list[int]:
-    """``a mod f`` over GF(p); polynomials are coefficient lists, constant term first, f monic."""
-    a = [c % p for c in a]
-    while len(a) >= len(f):
-        lead = a[-1]
-        if lead:
-            shift = len(a) - len(f)
-            for i, c in enumerate(f):
-                a[shift + i] = (a[shift + i] - lead * c) % p
-        a.pop()
-    return a
-
-
-def _monic(p: int, degree: int) -> Iterator[list[int]]:
-    """Every monic polynomial of ``degree`` over GF(p), in a fixed order."""
-    for code in range(p**degree):
-        yield [(code // p**i) % p for i in range(degree)] + [1]
-
-
-def _irreducible(p: int, k: int) -> list[int]:
-    """The first monic polynomial of degree k over GF(p) (in ``_monic`` order) that no monic
-    polynomial of degree 1..k/2 divides: it defines GF(p^k) as polynomials modulo it."""
-    for f in _monic(p, k):
-        if f[0] == 0:
-            continue
-        if all(any(_poly_mod(f, d, p)) for deg in range(1, k // 2 + 1) for d in _monic(p, deg)):
-            return f
-    raise AssertionError(f"no irreducible polynomial of degree {k} over GF({p})")
-
-
-def _quadratic_character(p: int, k: int) -> torch.Tensor:
-    """chi(x) for the elements of GF(p^k), numbered by their base-p digits (constant term
-    first): 0 at zero, +1 on nonzero squares, -1 on the rest.  int64 [q]."""
-    q = p**k
-    if k == 1:  # Euler's criterion
-        return torch.tensor([0] + [1 if pow(x, (p - 1) // 2, p) == 1 else -1 for x in range(1, q)])
-    f = _irreducible(p, k)
-    chi = torch.full((q,), -1, dtype=torch.int64)
-    chi[0] = 0
-    for x in range(1, q):
-        a = [(x // p**i) % p for i in range(k)]
-        square = _poly_mod([sum(a[i] * a[n - i] for i in range(max(0, n - k + 1), min(n, k - 1) + 1))
-                            for n in range(2 * k - 1)], f, p)
-        chi[sum(c * p**i for i, c in enumerate(square))] = 1
-    return chi
-
-
-def _jacobsthal(q: int) -> torch.Tensor:
-    """``J[i, j] = chi(a_i - a_j)`` over GF(q) (int64 [q, q]): antisymmetric for q = 3 mod 4,
-    symmetric for q = 1 mod 4; ``J J^T = q I - 1`` and every row sums to 0."""
-    p, k = _prime_power(q)
-    chi = _quadratic_character(p, k)
-    digits = torch.stack([(torch.arange(q) // p**i) % p for i in range(k)], dim=1)  # [q, k]
-    diff = (digits[:, None, :] - digits[None, :, :]) % p  # digit-wise subtraction in GF(p^k)
-    return chi[(diff * torch.tensor([p**i for i in range(k)])).sum(-1)]
-
-
-# ---- Hadamard matrices ---------------------------------------------------------------------
-
-def _paley1(q: int) -> torch.Tensor:
-    """Paley I, q = 3 mod 4: ``H = I + [[0, 1^T], [-1, J]]``, a Hadamard matrix of order q + 1."""
-    s = torch.zeros(q + 1, q + 1, dtype=torch.int64)
-    s[0, 1:], s[1:, 0], s[1:, 1:] = 1, -1, _jacobsthal(q)
-    return s + torch.eye(q + 1, dtype=torch.int64)
-
-
-def _paley2(q: int) -> torch.Tensor:
-    """Paley II, q = 1 mod 4: with the symmetric conference matrix ``C = [[0, 1^T], [1, J]]``,
-    ``H = C (x) [[1, 1], [1, -1]] + I (x) [[1, -1], [-1, -1]]``, of order 2 (q + 1)."""
-    c = torch.zeros(q + 1, q + 1, dtype=torch.int64)
-    c[0, 1:], c[1:, 0], c[1:, 1:] = 1, 1, _jacobsthal(q)
-    return (torch.kron(c, torch.tensor([[1, 1], [1, -1]]))
-            + torch.kron(torch.eye(q + 1, dtype=torch.int64), torch.tensor([[1, -1], [-1, -1]])))
-
-
-def _paley_kind(m: int) -> tuple[Callable[[int], torch.Tensor], int] | None:
-    """How to build an elementary Hadamard matrix of order m: (Paley I or II, q), or None."""
-    pk = _prime_power(m - 1)
-    if pk is not None and (m - 1) % 4 == 3:
-        return _paley1, m - 1
-    pk = _prime_power(m // 2 - 1) if m % 2 == 0 else None
-    if pk is not None and (m // 2 - 1) % 4 == 1:
-        return _paley2, m // 2 - 1
-    return None
-
-
-@functools.lru_cache(maxsize=None)
-def _elementary(m: int) -> torch.Tensor:
-    """An integer (+-1) Hadamard matrix of order m: Sylvester's [[1, 1], [1, -1]] for 2, else Paley."""
-    if m == 2:
-        h = torch.tensor([[1, 1], [1, -1]])
-    else:
-        build, q = _paley_kind(m)
-        h = build(q)
-    assert torch.equal(h @ h.T, m * torch.eye(m, dtype=torch.int64)), f"Hadamard construction of order {m} failed"
-    return h.to(torch.float64)
-
-
-@functools.lru_cache(maxsize=None)
-def hadamard_factors(n: int) -> tuple[int, ...] | None:
-    """Orders of elementary Hadamard matrices (2 = Sylvester, others Paley I/II) whose Kronecker
-    product has order n, largest first; of all such products the cheapest to apply (smallest sum
-    of orders, then the smallest tuple).  ``()`` for n = 1; None when qconvert knows no
-    construction of order n."""
-    if n < 1:
-        return None
-    if n == 1:
-        return ()
-    best = None
-    for d in range(2, n + 1):
-        if n % d or (d != 2 and _paley_kind(d) is None):
-            continue
-        rest = hadamard_factors(n // d)
-        if rest is None:
-            continue
-        cand = tuple(sorted((d, *rest), reverse=True))
-        if best is None or (sum(cand), cand) < (sum(best), best):
-            best = cand
-    return best
-
-
-def has_hadamard(n: int) -> bool:
-    """Whether ``hadamard(n)`` can build a matrix of order n."""
-    return hadamard_factors(n) is not None
-
-
-def _no_hadamard(n: int, what: str) -> QConvertError:
-    odd = n
-    while odd % 2 == 0:
-        odd //= 2
-    return QConvertError(
-        f"no Hadamard matrix of order {n} ({what}) is known to qconvert: it builds orders 2^a * m from "
-        f"Sylvester and Paley I/II matrices (m = 1, 12, 20, 28, 36, ...), and {n} = 2^{(n // odd).bit_length() - 1} * {odd} "
-        "is not one of them; use --rotate random"
-    )
-
-
-def hadamard(n: int) -> torch.Tensor:
-    """The orthonormal Hadamard matrix of order n (float64 [n, n], entries +-1/sqrt(n), ``H H^T = I``):
-    the Kronecker product of the elementary matrices ``hadamard_factors(n)``, scaled once."""
-    factors = hadamard_factors(n)
-    if factors is None:
-        raise _no_hadamard(n, "asked for")
-    h = torch.ones(1, 1, dtype=torch.float64)
-    for block in _dense_blocks(factors):  # a few large products rather than many doublings
-        h = torch.kron(h, block)
-    return h / math.sqrt(n)
-
-
-def _dense_blocks(factors: tuple[int, ...]) -> list[torch.Tensor]:
-    """Neighbouring elementary factors multiplied out (Kronecker) into integer blocks of order at
-    most ``DENSE_FACTOR`` (or one elementary factor, if larger); their product is unchanged."""
-    groups: list[list[int]] = []
-    for m in factors:
-        if groups and math.prod(groups[-1]) * m <= DENSE_FACTOR:
-            groups[-1].append(m)
-        else:
-            groups.append([m])
-    blocks = []
-    for group in groups:
-        f = torch.ones(1, 1, dtype=torch.float64)
-        for m in group:
-            f = torch.kron(f, _elementary(m))
-        blocks.append(f)
-    return blocks
 
 
 def _check_seed(seed) -> int:
@@ -425,7 +243,8 @@ class RotatedSource(Source):
     in its source dtype; the embedding and the head stream slice by slice through ``iter_rows``.
     """
 
-    def __init__(self, src: Source, mode: str = "hadamard", seed: int = 0, chunk_bytes: int = CHUNK_BYTES):
+    def __init__(self, src: Source, mode: str = "hadamard", seed: int = 0, chunk_bytes: int = CHUNK_BYTES,
+                 online: bool = False):
         if mode not in MODES:
             raise QConvertError(f"unknown rotation {mode!r}; known: {', '.join(MODES)}")
         self.src, self.mode, self.seed, self.chunk_bytes = src, mode, _check_seed(seed), chunk_bytes
@@ -466,6 +285,7 @@ class RotatedSource(Source):
         else:
             self.q = Rotation.random(self.hidden, seed)
             self.r = Rotation.random(self.head_dim, derived_seed(seed, "per-head"))
+        self.online = self._online_transform(names) if online else None
         self._ops = {
             Op.COPY: self._copy, Op.ONES: self._ones, Op.EMBED: self._embed, Op.READ: self._read,
             Op.READ_V: self._read_v, Op.BIAS_V: self._bias_v, Op.WRITE: self._write, Op.WRITE_O: self._write_o,
@@ -534,6 +354,10 @@ class RotatedSource(Source):
                                 f"(missing {sorted(set(missing) - allowed)[:3]}, unexpected {sorted(unexpected)[:3]})")
         if self.config.tie_word_embeddings:
             model.tie_weights()
+        if self.online is not None:
+            from qconvert.online_hadamard import attach_all
+
+            attach_all(model, self.online_modules(), self.online)
         return model.eval()
 
     def describe(self) -> dict:
@@ -549,7 +373,26 @@ class RotatedSource(Source):
             "folded": ["input_layernorm -> q/k/v_proj", "post_attention_layernorm -> mlp gate/up, routers, experts",
                        "model.norm -> lm_head"],
             "untied": self.untied,
+            **({"online": {**self.online.describe(), "modules": self.online_modules()}} if self.online else {}),
         }
+
+    # ---- the online Hadamard transform before down_proj (``--rotate hadamard+online``)
+    def _online_transform(self, names: list[str]):
+        from qconvert.online_hadamard import OnlineHadamard
+
+        if self.mode != "hadamard":
+            raise QConvertError("the online transform goes with --rotate hadamard+online only, not with random rotations")
+        if any(".experts." in n or "block_sparse_moe" in n or "shared_expert" in n for n in names):
+            raise QConvertError(f"--rotate hadamard+online handles dense MLPs; {self.description} is a mixture of "
+                                "experts: use --rotate hadamard")
+        width = int(getattr(self.src.config, "intermediate_size", 0) or 0)
+        return OnlineHadamard(width, f"the intermediate_size of {self.description}")
+
+    def online_modules(self) -> list[str]:
+        """The linears whose input the run time transforms (every dense MLP's down_proj)."""
+        if self.online is None:
+            return []
+        return [n[: -len(".weight")] for n in self._keys if n.endswith(".mlp.down_proj.weight")]
 
     # ---- the transforms -----------------------------------------------------------------
     def _recipe_of(self, name: str) -> Recipe:
@@ -605,7 +448,17 @@ class RotatedSource(Source):
     def _write(self, recipe, dtype):
         # Q^T W = (W^T Q)^T: W's columns, as rows of W^T, slice by slice
         w = self.src.get(recipe.source)
+        if self.online is not None and recipe.source.endswith(".mlp.down_proj.weight"):
+            w = self._online_fold(w, recipe.source)  # W Q_d in float64: one rounding, at the end
         return _map_rows(w.t(), self.q.right, dtype, budget=self.chunk_bytes).t().contiguous()
+
+    def _online_fold(self, w: torch.Tensor, name: str) -> torch.Tensor:
+        """``W Q_d`` (float64): the input side of down_proj rotated as the run time rotates its input."""
+        if w.shape[-1] != self.online.n:
+            raise QConvertError(f"'{name}' of {self.description} reads {w.shape[-1]} channels, not the config's "
+                                f"intermediate_size {self.online.n}; check config.json")
+        rot = Rotation(self.online.factors(), None, "online")
+        return _map_rows(w, rot.right, torch.float64, budget=self.chunk_bytes)
 
     def _write_o(self, recipe, dtype):
         # column block h of W' = Q^T W[:, h] R; as rows of W'^T: R^T (W[:, h]^T Q)
