@@ -4,8 +4,8 @@ Three runs, each in a child process (so that its peak RSS is its own, read with 
 
   cpu-c4    SmolLM2-135M, is-w4a8 (GPTQ), 128 x 512 tokens of the C4 excerpt, --device cpu
             (goal: <= 200 s on the 2-core machine)
-  cpu-main  the README's first command: SmolLM2-135M, is-w4a8, --calib self (128 x 512 tokens
-            the model writes itself), --device cpu (goal: <= 300 s)
+  cpu-main  the README's first command: SmolLM2-135M, is-w4a8, --calib self (128 x 128 tokens
+            the model writes itself, its default shape), --device cpu (goal: <= 300 s)
   gpu       a random-weight Llama-3-8B-shaped checkpoint (qconvert.bench.SYNTHETIC["llama3-8b"],
             bf16 safetensors written by this script on the GPU machine's disk, with a word-level
             tokenizer and a seeded random text to calibrate on), is-w4a8, GPTQ on 128 x 512
@@ -52,8 +52,8 @@ def main() -> None:
     ap.add_argument("--shape", default="llama3-8b", help="gpu: qconvert.bench.SYNTHETIC shape (smollm2-135m to try it on a CPU)")
     ap.add_argument("--device", help="override the run's --device (gpu run: cuda)")
     ap.add_argument("--budget-s", type=float, help="stop the run after this many seconds and report what finished")
-    ap.add_argument("--nsamples", type=int, default=128)
-    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--nsamples", type=int, help="calibration samples (default: quantize's, 128)")
+    ap.add_argument("--seqlen", type=int, help="tokens per sample (default: quantize's, 512; 128 for cpu-main)")
     ap.add_argument("--workdir", help="where the synthetic checkpoint and OUT go (default: a temporary directory)")
     ap.add_argument("--json", help="result file (default: benchmarks/results/quantize_speed_<run>.json)")
     ap.add_argument("--child", help=argparse.SUPPRESS)  # internal: run one quantize in this process
@@ -74,7 +74,7 @@ def main() -> None:
 
 def _spec(args, work: Path) -> dict:
     """What the child runs: qconvert.quantize's arguments, and the command line that says the same."""
-    calib = {"nsamples": args.nsamples, "seqlen": args.seqlen}
+    calib = {k: v for k, v in (("nsamples", args.nsamples), ("seqlen", args.seqlen)) if v is not None}
     if args.run == "cpu-c4":
         if not args.data_file:
             raise SystemExit("cpu-c4 needs --data-file (the C4 excerpt, .jsonl)")
@@ -90,6 +90,7 @@ def _spec(args, work: Path) -> dict:
                                                    args.layers, device)
         calib.update(source="file", data_file=str(Path(source) / "calib.txt"))
         extra = "--calib file --data-file SRC/calib.txt"
+    extra += "".join(f" --{k} {v}" for k, v in calib.items() if k in ("nsamples", "seqlen"))
     cmd = f"qconvert quantize {source if args.run != 'gpu' else 'SRC'} --scheme is-w4a8 {extra} --device {device} -o OUT"
     spec = {"source": str(source), "out": str(work / "out"), "device": device, "calib": calib,
             "budget_s": args.budget_s, "report": str(work / "report.json"), "command": " ".join(cmd.split())}

@@ -89,8 +89,10 @@ def cli(ctx, debug):
               help="Calibration text for GPTQ: a dataset (local with --data-file, else from the Hub), a file, or "
                    "text the model writes itself. Default: file if --data-file is given, else self.")
 @click.option("--data-file", type=click.Path(path_type=Path), help="Calibration text: .txt, or .jsonl with a 'text' field.")
-@click.option("--nsamples", default=128, show_default=True, type=click.IntRange(min=1), help="Calibration samples.")
-@click.option("--seqlen", type=click.IntRange(min=2), help="Tokens per calibration sample [default: 512, or the model's context if shorter].")
+@click.option("--nsamples", type=click.IntRange(min=1),
+              help="Calibration samples [default: 128].")
+@click.option("--seqlen", type=click.IntRange(min=2),
+              help="Tokens per calibration sample [default: 512, 128 for --calib self; at most the model's context].")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the calibration sampling.")
 @click.option("--max-memory", help="RAM for calibration activations (e.g. 8GB); above it they are kept on disk. "
                                    "Default: half the available memory.")

@@ -198,6 +198,29 @@ def test_sources_listed():
     assert CALIB_SOURCES == ("wikitext2", "c4", "file", "self")
 
 
+def test_default_shape_depends_on_the_source(tmp_path):
+    """No --nsamples / --seqlen: 128 x 512 from data, SELF_SHAPE for text the model writes
+    (each decode step costs a model forward; docs/accuracy.md measures the shapes); given values
+    win, and the model's context still caps the length."""
+    from qconvert.calibration_text import DEFAULT_SHAPE, SELF_SHAPE, CalibSettings
+
+    data = tmp_path / "d.txt"
+    data.write_text("some text")
+    cfg = tiny_config()  # 256 positions
+    assert DEFAULT_SHAPE == (128, 512) and SELF_SHAPE[0] * SELF_SHAPE[1] < 128 * 512
+    for settings, shape in ((CalibSettings(), SELF_SHAPE), (CalibSettings("self"), SELF_SHAPE),
+                            (CalibSettings(data_file=str(data)), DEFAULT_SHAPE),
+                            (CalibSettings("c4", str(data)), DEFAULT_SHAPE)):
+        got = settings.validated().for_model(type("C", (), {"max_position_embeddings": 4096})())
+        assert (got.nsamples, got.seqlen) == shape
+        assert got.for_model(cfg).seqlen == shape[1]  # already filled in: kept
+        assert settings.validated().for_model(cfg).seqlen == min(shape[1], 256)
+    mine = CalibSettings("self", nsamples=7, seqlen=33).validated().for_model(cfg)
+    assert (mine.nsamples, mine.seqlen) == (7, 33)
+    with pytest.raises(QConvertError, match="--nsamples 0"):
+        CalibSettings(nsamples=0).validated()
+
+
 @pytest.mark.slow
 def test_self_on_smollm2(smollm2):
     tok = smollm2.load_tokenizer()
