@@ -30,7 +30,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from helpers import TEXT, tiny_config, write_model
 from qconvert.cli import cli
 from qconvert.errors import QConvertError
 from qconvert.online_hadamard import OnlineHadamard, attach, split_order
@@ -159,12 +158,10 @@ def test_launcher_refuses_what_the_kernel_cannot_do():
 
 # ---- the model ---------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    d = tmp_path_factory.mktemp("online")
-    src = write_model(d / "src", tiny_config(layers=2))
-    (d / "calib.txt").write_text(TEXT)
-    return src
+@pytest.fixture
+def tiny(tiny_calib_src):
+    """conftest's tiny 2-layer Llama (intermediate 160 = 20 x 8) with calib.txt beside it."""
+    return tiny_calib_src
 
 
 def _ids():
@@ -192,7 +189,7 @@ def test_rotated_model_with_the_transform_keeps_the_logits(tiny):
         RotatedSource(src, "random", seed=1, online=True)
 
 
-def _walk_block0(rot, monkeypatch=None, max_memory=1 << 30):
+def _walk_block0(rot, partial, max_memory=1 << 30):
     """Calibration block 0 of ``rot`` with weights kept as they are and no activation quantizer:
     (block output from the walk, the float model's block output, down_proj's Hessian sum, the
     down_proj inputs' X^T X after the transform)."""
@@ -204,7 +201,8 @@ def _walk_block0(rot, monkeypatch=None, max_memory=1 << 30):
     targets = target_linears(skel, ["lm_head"])
     names, _ = _plan(rot, skel, targets)
     tokens = torch.randint(0, 300, (5, 40), generator=torch.Generator().manual_seed(2))
-    cal = Calibrator(rot, skel, names, tokens, rot.src.directory, max_memory, batch_tokens=80)
+    partial.mkdir()
+    cal = Calibrator(rot, skel, names, tokens, partial, max_memory, batch_tokens=80)
     cal.embed()
     block = cal.load_block(0)
     mine = {n: m for n, m in targets.items() if n.startswith("model.layers.0.")}
@@ -227,15 +225,15 @@ def _walk_block0(rot, monkeypatch=None, max_memory=1 << 30):
     return got, hs, seen["s"], x.T @ x
 
 
-def test_calibration_sees_the_input_transformed_once(tiny, monkeypatch):
+def test_calibration_sees_the_input_transformed_once(tiny, monkeypatch, tmp_path):
     rot = RotatedSource(resolve_source(str(tiny)), "hadamard", seed=1, online=True)
     for budget in (1 << 30, 0):  # with and without down_proj's input cached between stages D and E
-        got, want, s, xtx = _walk_block0(rot, max_memory=budget)
+        got, want, s, xtx = _walk_block0(rot, tmp_path / str(budget), max_memory=budget)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(s, xtx, rtol=1e-4, atol=1e-3)
     # mutation: the cached input transformed a second time in stage E
     monkeypatch.setattr("qconvert.online_hadamard.suspended", lambda module: contextlib.nullcontext())
-    got, want, _, _ = _walk_block0(rot)
+    got, want, _, _ = _walk_block0(rot, tmp_path / "mutant")
     assert float((got - want).abs().max()) > 1e-2
 
 
