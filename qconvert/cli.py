@@ -132,7 +132,8 @@ def quantize(source, scheme, out, group_size, quantize_lm_head, exclude, max_sha
 
     \b
     GPTQ-based schemes (is-w4a8, w4a8-fs, w4a16-gptq) calibrate block by block on
-    --nsamples x --seqlen tokens; is-w4a8-rtn and --base rtn need no data.
+    --nsamples x --seqlen tokens (128 x 512 of data; 128 x 128 of text the model
+    writes itself when no data is given); is-w4a8-rtn and --base rtn need no data.
 
     \b
     qconvert quantize smollm2-135m --scheme is-w4a8 -o out/
