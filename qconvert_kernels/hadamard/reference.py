@@ -16,6 +16,10 @@ computed exactly in this order, every operation rounded to float32:
      A[a, a'] = +1, acc = acc - t[a, b] when -1;
   4. y[a' * p + b] = acc * scale, then rounded to the input's dtype (round to nearest even).
 
+NaN inputs give NaN outputs (their sign and payload are not specified).  The torch code below
+works in place (a copy of x) and writes ``u - v`` as ``(-v) + u`` and ``acc +- t`` as
+``acc + t * (+-1)``: each is the same single rounding as the definition's.
+
 ``A (x) H_p / sqrt(n)`` is orthogonal; folding its transpose into the next linear's weight
 (``W -> W (A (x) H_p) / sqrt(n)``) keeps the layer's function: ``x W^T = (x Q)(W Q)^T``.
 """
@@ -32,16 +36,19 @@ def transform(x: torch.Tensor, sign: torch.Tensor, lp: int, scale: float) -> tor
     if x.shape[-1] != m * p:
         raise ValueError(f"online Hadamard of order {m * p}: the input's last dimension is {x.shape[-1]}")
     shape = x.shape
-    t = x.reshape(-1, m, p).to(torch.float32)
+    t = x.reshape(-1, m, p).to(torch.float32, copy=True)  # worked on in place
+    rows = t.shape[0]
     for s in range(lp):
         h = 1 << s
-        pairs = t.reshape(t.shape[0], m, p // (2 * h), 2, h)
+        pairs = t.view(rows, m, p // (2 * h), 2, h)
         u, v = pairs[..., 0, :], pairs[..., 1, :]
-        t = torch.stack((u + v, u - v), dim=-2).reshape(t.shape[0], m, p)
+        first = u.clone()
+        u.add_(v)  # u + v
+        v.neg_().add_(first)  # (-v) + u: the same rounding (and signed zeros) as u - v
     acc = torch.zeros_like(t)
-    plus = (sign > 0).to(torch.bool)
+    sign_f = sign.to(torch.float32)
     for a in range(m):
-        row = t[:, a : a + 1, :]  # [rows, 1, p], against every a'
-        acc = torch.where(plus[a].view(1, m, 1), acc + row, acc - row)
-    y = acc * torch.tensor(scale, dtype=torch.float32)
+        # acc + t[a] * (+-1): the product is exact, so one rounding, as acc +- t[a]
+        acc.addcmul_(t[:, a : a + 1, :], sign_f[a].view(1, m, 1))
+    y = acc.mul_(torch.tensor(scale, dtype=torch.float32))
     return y.reshape(shape).to(x.dtype)
