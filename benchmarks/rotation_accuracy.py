@@ -58,6 +58,7 @@ ROWS = [
     ("is-w4a8-random", "is-w4a8", "random", {}, 40),
     # --rotate hadamard+online (the run-time Hadamard before down_proj); "all4": down_proj in W4A4 too
     ("is-w4a8-online", "is-w4a8", "hadamard+online", {}, 40),
+    ("w4a16-gptq-online", "w4a16-gptq", "hadamard+online", {}, 40),
     ("quik-w4a4-o0-online", "quik-w4a4", "hadamard+online", {"outliers": 0}, 40),
     ("quik-w4a4-o0-all4-hadamard", "quik-w4a4", "hadamard", {"outliers": 0, "int8_layers": []}, 40),
     ("quik-w4a4-o0-all4-online", "quik-w4a4", "hadamard+online", {"outliers": 0, "int8_layers": []}, 40),

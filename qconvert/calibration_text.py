@@ -20,7 +20,7 @@ C4_SHARD = "en/c4-train.00000-of-01024.json.gz"  # the GPTQ reference's calibrat
 SELF_GREEDY = 4  # LLM-QAT: after the random first token, this many argmax tokens, then sampling
 DEFAULT_SHAPE = (128, 512)  # calibration samples x tokens from a dataset or a file
 # Text the model writes itself costs a decode step per token: 128 x 128 tokens (a quarter of the
-# default's) make the README's first command 226 s instead of 626 s on a 2-core CPU, and calibrate
+# default's) make the README's first command 200-226 s instead of 626 s on a 2-core CPU, and calibrate
 # no worse (is-w4a8 on SmolLM2: 34.67 and 35.36 with seeds 0 and 1, against 36.76 at 128 x 512
 # and 36.41 at 64 x 256; docs/accuracy.md)
 SELF_SHAPE = (128, 128)
