@@ -326,7 +326,7 @@ class CalibSettings:
     max_gpu_memory: str | int | None = None  # None: placement.GPU_FRACTION of the free GPU memory
 
     def validated(self) -> "CalibSettings":
-        source = self.source or ("file" if self.data_file else "self")
+        source = self._source()
         if source not in CALIB_SOURCES:
             raise QConvertError(f"unknown calibration source {source!r} (--calib); known: {', '.join(CALIB_SOURCES)}")
         nsamples = self.nsamples if self.nsamples is not None else default_shape(source)[0]
@@ -350,9 +350,13 @@ class CalibSettings:
         """With the default --seqlen filled in for this model."""
         if self.seqlen is not None:
             return self
-        want = default_shape(self.source or ("file" if self.data_file else "self"))[1]
+        want = default_shape(self._source())[1]
         context = getattr(config, "max_position_embeddings", None) or want
         return replace(self, seqlen=min(want, int(context)))
+
+    def _source(self) -> str:
+        """``source``, or what None means: a data file is ``file``, no data ``self``."""
+        return self.source or ("file" if self.data_file else "self")
 
     def key(self) -> dict:
         """What decides the result (the journal and the report record it); not the memory budget."""

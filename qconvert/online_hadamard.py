@@ -42,12 +42,10 @@ def split_order(n: int) -> tuple[int, int] | None:
     None when there is none."""
     if n < 1:
         return None
-    lp = 0
-    while n % (1 << (lp + 1)) == 0:
-        lp += 1
+    lp = (n & -n).bit_length() - 1  # the largest power of two dividing n
     for k in range(lp, -1, -1):  # m = n / 2^k grows as k falls
         m = n >> k
-        if m in (1, 2) or (m % 4 == 0 and _paley_kind(m) is not None):
+        if m in (1, 2) or _paley_kind(m) is not None:  # Sylvester, or Paley I / II (orders 0 mod 4)
             return m, k
     return None
 
@@ -78,10 +76,9 @@ class OnlineHadamard:
         if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
             from qconvert_kernels.hadamard import cuda as kh
 
-            sign = self._on_device.get(x.device)
-            if sign is None:
-                sign = self._on_device.setdefault(x.device, self.sign.to(x.device))
-            return kh.transform(x, sign, self.lp, self.scale)
+            if x.device not in self._on_device:  # A copied to each device once, not per call
+                self._on_device[x.device] = self.sign.to(x.device)
+            return kh.transform(x, self._on_device[x.device], self.lp, self.scale)
         from qconvert_kernels.hadamard import reference
 
         return reference.transform(x, self.sign, self.lp, self.scale)
