@@ -17,7 +17,7 @@ import time
 import torch
 
 
-def _time_ms(fn, reps: int = 50) -> float:
+def _time_ms(fn, reps: int = 20) -> float:
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
