@@ -44,7 +44,7 @@ SEQLEN = 512
 # "fp-none" row of the same W in the results file takes precedence
 FP_DOC = {40: 28.972, 10: 33.874}
 
-# (id, scheme or None for the float model, rotate mode, method-param overrides, windows)
+# (id, scheme or None for the float model, rotate mode, method-param overrides, windows[, CalibSettings overrides])
 ROWS = [
     ("fp-none", None, "none", {}, 40),
     ("fp-hadamard", None, "hadamard", {}, 40),
@@ -63,6 +63,12 @@ ROWS = [
     ("quik-w4a4-o0-all4-hadamard", "quik-w4a4", "hadamard", {"outliers": 0, "int8_layers": []}, 40),
     ("quik-w4a4-o0-all4-online", "quik-w4a4", "hadamard+online", {"outliers": 0, "int8_layers": []}, 40),
     ("fp-random", None, "random", {}, 40),
+    # asymmetric calibration (--asym-calib ALPHA, GPTAQ): a 6th element overrides CalibSettings
+    ("is-w4a8-online-asym25", "is-w4a8", "hadamard+online", {}, 40, {"asym": 0.25}),
+    ("is-w4a8-online-asym100", "is-w4a8", "hadamard+online", {}, 40, {"asym": 1.0}),
+    ("w4a16-gptq-hadamard-asym25", "w4a16-gptq", "hadamard", {}, 40, {"asym": 0.25}),
+    ("quik-w4a4-o0-online-asym25", "quik-w4a4", "hadamard+online", {"outliers": 0}, 40, {"asym": 0.25}),
+    ("is-w4a8-asym25", "is-w4a8", "none", {}, 40, {"asym": 0.25}),
     ("fp-none-10w", None, "none", {}, 10),
     ("fp-hadamard-10w", None, "hadamard", {}, 10),
 ]
@@ -124,10 +130,11 @@ def _complete(out: Path) -> bool:
 def run_row(row, work: Path) -> dict:
     from qconvert.evaluate import load_model_and_tokenizer, perplexity, save_result
 
-    rid, scheme, rotate, overrides, windows = row
+    rid, scheme, rotate, overrides, windows, *more = row
+    calib_overrides = more[0] if more else {}
     text = _eval_text()
     record = {"id": rid, "scheme": scheme or "fp (no quantization)", "rotate": rotate, "seed": 0 if rotate != "none" else None,
-              "params": overrides, "windows": windows, "seqlen": SEQLEN}
+              "params": overrides, "windows": windows, "seqlen": SEQLEN, **({"calib": calib_overrides} if calib_overrides else {})}
     t_q = None
     if scheme is None:
         src = _source(rotate)
@@ -147,7 +154,7 @@ def run_row(row, work: Path) -> dict:
                 if (out / "rotation_accuracy_quantize.json").is_file() else None
         else:
             src = _source(rotate)
-            calib = CalibSettings("c4", str(C4), nsamples=128, seqlen=SEQLEN, seed=0)
+            calib = CalibSettings("c4", str(C4), nsamples=128, seqlen=SEQLEN, seed=0, **calib_overrides)
             print(f"[{rid}] quantizing {SOURCE} (rotate {rotate}) with {scheme} {overrides or ''} -> {out}", flush=True)
             t0 = time.perf_counter()
             quantize(src, _scheme(scheme, overrides), out, force=True, progress=False, calib=calib)
@@ -186,7 +193,8 @@ def table(results: list[dict]) -> str:
         fp, _ = fp_reference(results, r["windows"])
         ratio = r["ppl"] / fp if fp else float("nan")
         q = f"{r['quantize_s']:.0f}" if r.get("quantize_s") is not None else "-"
-        lines.append(f"{r['id']:<24} {r['scheme']:<22} {r['rotate']:<9} {json.dumps(r['params']) if r['params'] else '-':<16} "
+        params = {**r["params"], **r.get("calib", {})}
+        lines.append(f"{r['id']:<24} {r['scheme']:<22} {r['rotate']:<9} {json.dumps(params) if params else '-':<16} "
                      f"{r['windows']:>3} {r['ppl']:>10.3f} {ratio:>7.3f} {q:>8} {r['eval_s']:>7.0f}")
     return "\n".join(lines)
 

@@ -26,6 +26,7 @@ saved to OUT.partial after each block.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import time
@@ -43,6 +44,7 @@ from qconvert.source import Source
 log = logging.getLogger("qconvert")
 
 CALIB_DIR = "calib"
+FLOAT_DIR = "float"  # under CALIB_DIR: the float model's block inputs (asymmetric calibration)
 BATCH_TOKENS = 4096  # tokens per calibration batch (whole sequences: at least one)
 
 
@@ -124,7 +126,7 @@ class Calibrator:
     def __init__(self, src: Source, skeleton: nn.Module, names: dict[str, str], tokens: torch.Tensor,
                  partial: Path, max_memory: int, batch_tokens: int = BATCH_TOKENS, progress: bool = True,
                  on_disk: bool | None = None, compute_dtype: torch.dtype = torch.float32,
-                 device: torch.device = torch.device("cpu"), max_gpu_memory: int = 0):
+                 device: torch.device = torch.device("cpu"), max_gpu_memory: int = 0, asym: float = 0.0):
         if compute_dtype not in (torch.float32, torch.bfloat16):
             raise QConvertError(f"calibration compute dtype {compute_dtype} is not supported; use float32 or bfloat16")
         self.compute_dtype = compute_dtype  # bfloat16: the blocks' matmuls run under autocast
@@ -139,7 +141,8 @@ class Calibrator:
         cuda = self.device.type == "cuda"
         # GPU, then pinned / plain RAM, then files (qconvert/placement.py); a resumed run keeps
         # its activations in files if they were there, and in memory if they were not
-        need = 2 * n * seqlen * hidden * 4
+        self.asym = float(asym)  # GPTAQ's α: > 0 also runs the float model's blocks (asymmetric calibration)
+        need = (4 if self.asym else 2) * n * seqlen * hidden * 4
         if on_disk:
             place, self.gpu_left, self.ram_left = "disk", max_gpu_memory, max_memory
         else:
@@ -147,6 +150,9 @@ class Calibrator:
             if place == "disk" and on_disk is False:
                 place, self.ram_left = ("pinned" if cuda else "ram"), self.ram_left - need
         self.acts = ActivationBuffers(partial / CALIB_DIR, (n, seqlen, hidden), place, self.device)
+        # asymmetric calibration: the same samples through the float blocks, the target of every solve
+        self.float_acts = (ActivationBuffers(partial / CALIB_DIR / FLOAT_DIR, (n, seqlen, hidden), place, self.device)
+                           if self.asym else None)
         self._mlp_cache: torch.Tensor | None = None
         self._block_buffers: list = []
         self._online_hooks: list = []
@@ -154,6 +160,18 @@ class Calibrator:
         self._kwargs: dict[int, dict] = {}
         self.layers = skeleton.get_submodule(DECODER_LAYERS)
         self.seconds = {"forward": 0.0}
+
+    def checkpoint(self) -> dict:
+        """Make the next block's inputs durable for --resume; returns what the journal records."""
+        state = self.acts.checkpoint()
+        if self.float_acts is not None:
+            state["float"] = self.float_acts.checkpoint()
+        return state
+
+    def restore(self, state: dict) -> None:
+        self.acts.restore(state)
+        if self.float_acts is not None:
+            self.float_acts.restore(state["float"])
 
     def on_device(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` on the walk's device (a view of ``t`` itself when it is there already)."""
@@ -182,6 +200,8 @@ class Calibrator:
                 hidden, kwargs = self._catch(ids)
                 if fill:
                     self.acts.inputs[start : start + len(ids)] = hidden
+                    if self.float_acts is not None:
+                        self.float_acts.inputs[start : start + len(ids)] = hidden
                 self._kwargs.setdefault(len(ids), kwargs)
         finally:
             emb.weight = nn.Parameter(torch.empty_like(emb.weight, device="meta"), requires_grad=False)
@@ -279,6 +299,11 @@ class Calibrator:
             D  the MLP's output linears (down_proj, every expert's w2) read what the
                quantized input linears make of ln2(h)
             E  Y = h + mlp(ln2(h)), all quantized: the next block's input
+
+        With asymmetric calibration (``asym`` > 0, GPTAQ) a float copy of the block runs the same
+        stages on the float model's activations, batch by batch, and each observer also sums
+        X_floatᵀ X for its linears: the solve then targets the float layer's output
+        (``HessianGroup.shift``, ``qconvert.solvers.gptq.asymmetric_target``).
         """
         walk = _BlockWalk(self, block, targets)
         if prepare is not None:  # a method that transforms the whole block first (I-LLM's smoothing)
@@ -287,6 +312,8 @@ class Calibrator:
                     yield walk.rows(walk.x, sl), kw
             with torch.no_grad(), self._autocast():
                 prepare(block, feed)
+        if self.float_acts is not None:
+            walk.start_float()
         try:
             with torch.no_grad():
                 for stage, observe in ((walk.stage_a, True), (walk.stage_b, True), (walk.stage_c, True),
@@ -296,7 +323,10 @@ class Calibrator:
                         walk.install(solve(obs.groups()))
         finally:
             walk.remove_hooks()
+            walk.twin = None
         self.acts.swap()
+        if self.float_acts is not None:
+            self.float_acts.swap()
 
     def _autocast(self):
         """bfloat16 matmuls (weights and activations rounded to bf16, float32 accumulation in
@@ -355,10 +385,25 @@ class _BlockWalk:
             raise QConvertError(f"{sorted(stray)[0]} lies outside attention and MLP; calibration cannot reach it: "
                                 f"--exclude it or use --base rtn")
         self.dense_mlp = len(self.d) == 1 and not _expert_linears(self.mlp)
+        self.block = block
         self.x, self.y = cal.acts.inputs, cal.acts.outputs
+        self.twin = None  # asymmetric calibration: the block in float (start_float)
         self.hooks = []
         self.last_quantized = {}  # q/k/v (gate/up) read one tensor object: quantize it once, not per linear
         self.cache = None
+
+    def start_float(self) -> None:
+        """Asymmetric calibration: a float copy of the block as it is now (after the method's
+        ``prepare``, before any quantized weight), fed the float model's activations."""
+        if not self.dense_mlp:
+            raise QConvertError("--asym-calib: a mixture-of-experts block routes the float and the quantized "
+                                "tokens differently, so their inputs cannot be paired; quantize without --asym-calib")
+        self.twin = copy.deepcopy(self.block)
+        self.fx, self.fy = self.cal.float_acts.inputs, self.cal.float_acts.outputs
+        local = {id(m): n for n, m in self.block.named_modules()}
+        self.twin_of = {name: self.twin.get_submodule(local[id(m)]) for name, m in self.targets.items()}
+        self.t_ln1, self.t_attn, self.t_ln2, self.t_mlp = (getattr(self.twin, a) for a in (
+            "input_layernorm", "self_attn", "post_attention_layernorm", "mlp"))
 
     def rows(self, buf: torch.Tensor, sl: slice) -> torch.Tensor:
         """Samples ``sl`` of an activation buffer, on the walk's device (on the CPU, or with the
@@ -403,15 +448,22 @@ class _BlockWalk:
         obs = _Observer(self.a)
         for sl, _ in self.cal._batches():
             h0 = self.ln1(self.rows(self.x, sl))
+            if self.twin is not None:
+                obs.floats = dict.fromkeys(self.a, self.t_ln1(self.rows(self.fx, sl)))
             for m in self.a.values():
                 obs._hook(m, (h0,))
         return obs
 
     def stage_b(self):  # attention output with quantized q/k/v, caught at o_proj
         obs = _Observer(self.b)
-        with obs.hooked(), _stop_before(self.attn.o_proj, self.y) as catch:
+        twin_o = self.t_attn.o_proj if self.twin is not None else None
+        with obs.hooked(), _stop_before(self.attn.o_proj, self.y) as catch, _stop_before(twin_o, self.fy if twin_o is not None else None) as f:
             for sl, kw in self.cal._batches():
-                catch.target = sl
+                catch.target = f.target = sl
+                if twin_o is not None:  # the float attention output, caught at the float o_proj -> FY
+                    with contextlib.suppress(_Stop):
+                        self.t_attn(hidden_states=self.t_ln1(self.rows(self.fx, sl)), **kw)
+                    obs.floats = dict.fromkeys(self.b, self.rows(self.fy, sl))
                 try:
                     self.attn(hidden_states=self.ln1(self.rows(self.x, sl)), **kw)
                 except _Stop:
@@ -427,6 +479,10 @@ class _BlockWalk:
                 h = self.rows(self.x, sl) + self.attn.o_proj(self.rows(self.y, sl))
                 self.y[sl] = h
                 m = self.ln2(h)
+                if self.twin is not None:
+                    fh = self.rows(self.fx, sl) + self.t_attn.o_proj(self.rows(self.fy, sl))
+                    self.fy[sl] = fh
+                    obs.floats = dict.fromkeys(self.c, self.t_ln2(fh))
                 if self.dense_mlp:
                     for lin in self.c.values():
                         obs._hook(lin, (m,))
@@ -440,9 +496,16 @@ class _BlockWalk:
         first = next(iter(self.d.values()))
         self.cache = self.cal._mlp_cache_for(first.in_features) if self.dense_mlp else None
         obs = _Observer(self.d)
-        with obs.hooked(), _stop_before(first if self.dense_mlp else None, self.cache) as catch:
+        held = {}  # the float down_proj's input of the current batch
+        twin_d = self.twin_of[next(iter(self.d))] if self.twin is not None else None
+        with obs.hooked(), _stop_before(first if self.dense_mlp else None, self.cache) as catch, \
+                _stop_before(twin_d, held) as f:
             for sl, _ in self.cal._batches():
-                catch.target = sl
+                catch.target, f.target = sl, "x"
+                if twin_d is not None:
+                    with contextlib.suppress(_Stop):
+                        self.t_mlp(self.t_ln2(self.rows(self.fy, sl)))
+                    obs.floats = dict.fromkeys(self.d, held.pop("x"))
                 try:
                     self.mlp(self.ln2(self.rows(self.y, sl)))
                 except _Stop:
@@ -456,6 +519,9 @@ class _BlockWalk:
 
         down = next(iter(self.d.values()))
         for sl, _ in self.cal._batches():
+            if self.twin is not None:  # the float block's output: the next block's float input
+                fh = self.rows(self.fy, sl)
+                self.fy[sl] = fh + self.t_mlp(self.t_ln2(fh))
             h = self.rows(self.y, sl)
             if self.cache is not None:
                 with suspended(down):  # the cache holds down_proj's input as caught: already transformed
@@ -489,12 +555,15 @@ def _stop_before(module: nn.Module | None, store: torch.Tensor | None):
 
 
 class HessianGroup:
-    """Linears that read one input: their names and H = 2 XᵀX / rows (float32 [K, K])."""
+    """Linears that read one input: their names and H = 2 XᵀX / rows (float32 [K, K]); with
+    asymmetric calibration also ``shift`` = 2 (X_float - X)ᵀ X / rows, X_float the float model's input."""
 
-    def __init__(self, names: list[str], s: torch.Tensor, rows: int, fallback: bool, amax: torch.Tensor | None = None):
+    def __init__(self, names: list[str], s: torch.Tensor, rows: int, fallback: bool, amax: torch.Tensor | None = None,
+                 cross: torch.Tensor | None = None):
         self.names = names
         self.rows = rows
         self.fallback = fallback
+        self.shift = cross.sub_(s).mul_(2.0 / rows) if cross is not None and rows else None
         self.hessian = s.mul_(2.0 / rows) if rows else s  # in place: one K x K copy less (the sums are done)
         self.amax = amax  # float32 [K]: max |x| per input channel over the calibration rows
 
@@ -510,6 +579,8 @@ class _Observer:
         self.amax: dict[str, torch.Tensor] = {}  # max |x| per input channel (QUIK's outliers)
         self.rows: dict[str, int] = {}
         self.fallback: set[str] = set()
+        self.floats: dict[str, torch.Tensor] | None = None  # asymmetric calibration: each linear's float input
+        self.cross: dict[str, torch.Tensor] = {}  # ... and Σ x_floatᵀ x per group
         self.second_pass = False  # MoE: a pass that only feeds the starved experts' accumulators
         self.collecting_all = False  # ... while every token runs through them
         self._last = None
@@ -550,6 +621,11 @@ class _Observer:
             self.rows[name] = 0
         with torch.autocast(x2.device.type, enabled=False):  # XᵀX sums in float32 whatever the forward runs in
             self.sums[name].addmm_(x2.T, x2)
+            if self.floats is not None:
+                xf = self.floats[name].reshape(-1, x2.shape[1]).float()
+                if name not in self.cross:
+                    self.cross[name] = torch.zeros_like(self.sums[name])
+                self.cross[name].addmm_(xf.T, x2)
         torch.maximum(self.amax[name], x2.abs().amax(dim=0), out=self.amax[name])
         self.rows[name] += x2.shape[0]
 
@@ -579,8 +655,8 @@ class _Observer:
                 raise QConvertError(f"calibration never reached {name}; it cannot be quantized with GPTQ: use --base rtn "
                                     f"or --exclude '{name}'")
             members.setdefault(self.leader[name], []).append(name)
-        return [HessianGroup(names, self.sums[lead], self.rows[lead], lead in self.fallback, self.amax[lead])
-                for lead, names in members.items()]
+        return [HessianGroup(names, self.sums[lead], self.rows[lead], lead in self.fallback, self.amax[lead],
+                             self.cross.get(lead)) for lead, names in members.items()]
 
 
 def _buffers_to(root: nn.Module, device: torch.device, skip: nn.Module | None = None) -> list:

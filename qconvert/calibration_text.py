@@ -324,6 +324,7 @@ class CalibSettings:
     max_memory: str | int | None = None
     dtype: str = "float32"  # the blocks' matmuls during calibration: float32, or bfloat16 (autocast)
     max_gpu_memory: str | int | None = None  # None: placement.GPU_FRACTION of the free GPU memory
+    asym: float = 0.0  # asymmetric calibration (GPTAQ's α): 0 = GPTQ's own, the quantized model's inputs only
 
     def validated(self) -> "CalibSettings":
         source = self._source()
@@ -337,6 +338,8 @@ class CalibSettings:
         data_file = str(Path(self.data_file).resolve()) if self.data_file else None
         if data_file and not Path(data_file).is_file():
             raise QConvertError(f"data file {self.data_file} not found; pass an existing file with --data-file")
+        if not 0.0 <= self.asym <= 1.0:
+            raise QConvertError(f"--asym-calib {self.asym}: choose a value from 0 (off) to 1 (the full correction)")
         if self.dtype not in CALIB_DTYPES:
             raise QConvertError(f"--calib-dtype {self.dtype}: choose {' or '.join(CALIB_DTYPES)}")
         from qconvert.fsutil import parse_size
@@ -361,7 +364,8 @@ class CalibSettings:
     def key(self) -> dict:
         """What decides the result (the journal and the report record it); not the memory budget."""
         return {"source": self.source, "data_file": self.data_file, "nsamples": self.nsamples,
-                "seqlen": self.seqlen, "seed": self.seed, "dtype": self.dtype}
+                "seqlen": self.seqlen, "seed": self.seed, "dtype": self.dtype,
+                **({"asym": self.asym} if self.asym else {})}  # off: the key of runs from before the option
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -103,6 +103,9 @@ def cli(ctx, debug):
                    "Default: cuda when torch can use a GPU, else cpu.")
 @click.option("--max-gpu-memory", help="GPU memory for calibration activations (e.g. 12GB); beyond it they go to pinned "
                                        "CPU memory, then to disk. Default: half the free GPU memory.")
+@click.option("--asym-calib", "asym", default=0.0, show_default=True, type=click.FloatRange(0.0, 1.0), metavar="ALPHA",
+              help="Asymmetric calibration (GPTAQ): GPTQ aims each layer at the float model's output, not at its own "
+                   "from the quantized inputs; ALPHA scales the correction (0: off). Runs the float blocks too.")
 @click.option("--rotate", type=click.Choice(["none", "hadamard", "random", "hadamard+online"]),
               help="Rotate the residual stream before quantizing (QuaRot-style, folded into the weights: no run-time "
                    "cost; fewer outliers, lower error at 4 bits). hadamard+online also rotates down_proj's input at "
@@ -124,7 +127,7 @@ def cli(ctx, debug):
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def quantize(source, scheme, out, group_size, quantize_lm_head, exclude, max_shard_size, revision, trust_remote_code,
              allow_pickle, force, resume, base, calib, data_file, nsamples, seqlen, seed, max_memory, calib_dtype, device,
-             max_gpu_memory, rotate, rotate_seed, json_path, params, lorc_rank, fsbr, outliers, quiet):
+             max_gpu_memory, asym, rotate, rotate_seed, json_path, params, lorc_rank, fsbr, outliers, quiet):
     """Quantize SOURCE into OUT, one decoder block at a time.
 
     SOURCE is a local HF directory, a .gguf file, a Hub id (org/name) or the
@@ -147,7 +150,7 @@ def quantize(source, scheme, out, group_size, quantize_lm_head, exclude, max_sha
     from qconvert.schemes_registry import load_scheme, parse_param, with_params
 
     settings = CalibSettings(calib, str(data_file) if data_file else None, nsamples, seqlen, seed, max_memory, calib_dtype,
-                             max_gpu_memory)
+                             max_gpu_memory, asym)
     overrides, options = dict(parse_param(p) for p in params), {}
     for key, value, option in (("lorc_rank", lorc_rank, "--lorc-rank"), ("fsbr", fsbr, "--fsbr / --no-fsbr"),
                                ("outliers", outliers, "--outliers")):

@@ -179,6 +179,8 @@ def _scheme_rows(qc: dict, report: dict) -> list[tuple[str, str]]:
             data = {"self": "text the model wrote itself", "wikitext2": "WikiText-2", "c4": "C4"}.get(calib.get("source"))
             data = data or (Path(calib["data_file"]).name if calib.get("data_file") else str(calib.get("source", "?")))
             how += f" on {calib.get('nsamples', '?')} x {calib.get('seqlen', '?')} tokens of {data}"
+            if calib.get("asym"):
+                how += f", aimed at the float model's outputs (asymmetric calibration, GPTAQ, alpha {calib['asym']:g})"
         rows.append(("solver", how))
     elif base == "rtn":
         rows.append(("solver", "round-to-nearest (no calibration data)"))

@@ -30,8 +30,9 @@ from qconvert.formats.native import FORMAT_NAME, FORMAT_VERSION, is_native, writ
 from qconvert.formats.safetensors_io import ShardedWriter
 from qconvert.fsutil import check_writable_parent, parse_size, swap_into_place
 from qconvert.methods import get_method
-from qconvert.methods.base import Method
+from qconvert.methods.base import Method, relative_weight_error
 from qconvert.schemes_registry import Scheme, load_scheme
+from qconvert.solvers.gptq import asymmetric_target
 from qconvert.solvers.rotation import RotatedSource
 from qconvert.skeleton import build_skeleton, target_linears, tied_lm_head
 from qconvert.architectures import DECODER_LAYERS
@@ -298,7 +299,7 @@ def _convert(job: _Job, partial: Path, journal: Journal | None, progress: bool) 
         new_layers, new_modules = _write_stage(job, writer, calibrator, label, stage, bar)
         layers += new_layers
         modules.update(new_modules)
-        journal.stage_done(writer.sync(), new_layers, new_modules, calibrator.acts.checkpoint() if calibrator else None)
+        journal.stage_done(writer.sync(), new_layers, new_modules, calibrator.checkpoint() if calibrator else None)
         stage_seconds[label.strip()] = round(time.perf_counter() - t0, 2)
     writer.close()
     fault_point("closed")
@@ -374,9 +375,10 @@ def _start_calibration(job: _Job, partial: Path, journal: Journal, progress: boo
         tokens.numpy().tofile(tokens_file)
     calibrator = Calibrator(src, job.skeleton, job.names, tokens, partial, calib.memory_budget(), progress=progress,
                             on_disk=journal.calib["on_disk"] if journal.calib is not None else None,
-                            compute_dtype=calib.torch_dtype, device=job.device, max_gpu_memory=job.gpu_budget)
+                            compute_dtype=calib.torch_dtype, device=job.device, max_gpu_memory=job.gpu_budget,
+                            asym=calib.asym)
     if journal.calib is not None:
-        calibrator.acts.restore(journal.calib)
+        calibrator.restore(journal.calib)
         calibrator.embed(fill=False)
     else:
         calibrator.embed()
@@ -397,10 +399,19 @@ def _calibrated_block(calibrator: Calibrator, method: Method, index: int, target
         run_as = {}
         for group in groups:
             weights = [mine[n].weight.detach() for n in group.names]
+            shifted = None
+            if group.shift is not None:  # --asym-calib: aim at the float model's output (GPTAQ)
+                stacked = torch.cat(weights)
+                target = asymmetric_target(stacked, group.hessian, group.shift, calibrator.asym,
+                                           getattr(method.config, "damp", 0.01))
+                shifted = relative_weight_error(stacked.float(), target)
+                weights = list(target.split([w.shape[0] for w in weights]))
             amax = group.amax if method.wants_input_amax else None
             for name, ql in zip(group.names, method.quantize_linears(group.names, weights, group.hessian, amax)):
                 ql.tensors = placement.to_host(ql.tensors)  # OUT is written from the CPU, in a CPU run's dtypes
                 ql.info.update(calib_rows=group.rows, calib_fallback=group.fallback)
+                if shifted is not None:
+                    ql.info["asym_shift"] = shifted  # ‖W* - W‖ / ‖W‖ of the group
                 solved[name] = ql
                 run_as[name] = (ql.dequantized, ql.activation or method.activation_fake_quant)
                 ql.dequantized = None

@@ -164,3 +164,26 @@ def test_rotated_run_resumes_bit_identical_and_not_under_another_rotation(tmp_pa
     done = subprocess.run(_quantize_cmd(src, out, "--resume", *rot), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert _files(out) == _files(whole)
+
+
+@pytest.mark.parametrize("memory", [None, "1KB"])  # 1KB: both streams' activations kept in files
+def test_asymmetric_calibration_resumes_bit_identical(tmp_path, src, memory):
+    """--asym-calib keeps a second activation stream (the float model's): it is saved with the
+    quantized one, so a killed run resumes to the bytes of an uninterrupted one; a resume
+    without the option (or with another alpha) is refused."""
+    asym = ["--asym-calib", "0.5", *(["--max-memory", memory] if memory else [])]
+    whole = tmp_path / "whole"
+    res = CliRunner().invoke(cli, ["quantize", str(src), "-o", str(whole), "--max-shard-size", SHARD, "-q", *_calib(src), *asym])
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "out"
+    killed = subprocess.run(_quantize_cmd(src, out, *asym), env={**os.environ, "QCONVERT_FAULT": "tensor:60"},
+                            capture_output=True)
+    assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+    assert (tmp_path / "out.partial" / "calib" / "float").is_dir()
+    for other in ([], ["--asym-calib", "0.25"]):
+        res = CliRunner().invoke(cli, ["quantize", str(src), "-o", str(out), "--max-shard-size", SHARD, "--resume",
+                                       "-q", *_calib(src), *other])
+        assert res.exit_code == 1 and "other settings" in res.output and "asym" in res.output, (other, res.output)
+    done = subprocess.run(_quantize_cmd(src, out, "--resume", *asym), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert _files(out) == _files(whole)

@@ -59,6 +59,29 @@ def relative_output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor)
     return float(num / den) if float(den) > 0 else 0.0
 
 
+def asymmetric_target(weight: torch.Tensor, hessian: torch.Tensor, shift: torch.Tensor, alpha: float,
+                      damp: float = 0.01) -> torch.Tensor:
+    """The weight GPTQ should quantize for asymmetric calibration (GPTAQ, Li et al., ICML 2025).
+
+    Symmetric calibration quantizes W to reproduce W X on the *quantized* model's input X.  The
+    float model computes W X_f, and the quantized layer should rather match that:
+    min_Q ‖X_f Wᵀ - X Qᵀ‖².  Its unconstrained minimizer is W* = W X_fᵀX (XᵀX)⁻¹ = W + W ΔᵀX (XᵀX)⁻¹
+    with Δ = X_f - X, and ‖X_f Wᵀ - X Qᵀ‖² = ‖X (W* - Q)ᵀ‖² + a constant, so GPTQ on W* with the
+    usual H solves it.  ``shift`` = 2 ΔᵀX / rows is on H's scale; H gets the solver's dampening
+    (a ridge regression); ``alpha`` shrinks the correction (GPTAQ's code defaults to 0.25):
+
+        W* = W + α · W · shift · (H + λI)⁻¹
+    """
+    w = weight.detach().float()
+    h = hessian.detach().float().clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    h.diagonal().add_(damp * float(torch.diagonal(h).mean()))
+    u = _inverse_cholesky_upper(h)  # UᵀU = (H + λI)⁻¹
+    del h
+    return w + alpha * (((w @ shift.float()) @ u.T) @ u)
+
+
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: IntGrid, group_size: int, *,
          damp: float = 0.01, act_order: bool = True, block_size: int = 128, keep_last: int = 0) -> GPTQResult:
     """Quantize ``weight`` [N, K] against ``hessian`` [K, K]; see the module docstring.
