@@ -92,7 +92,8 @@ def _import_first(names: list[str], attr: str):
 def _commit() -> dict:
     def git(*args):
         try:
-            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+            # rstrip only: `status --porcelain` lines begin with a space that belongs to the status
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.rstrip()
         except (OSError, subprocess.CalledProcessError):
             return None
 

@@ -456,8 +456,8 @@ class _BlockWalk:
 
     def stage_b(self):  # attention output with quantized q/k/v, caught at o_proj
         obs = _Observer(self.b)
-        twin_o = self.t_attn.o_proj if self.twin is not None else None
-        with obs.hooked(), _stop_before(self.attn.o_proj, self.y) as catch, _stop_before(twin_o, self.fy if twin_o is not None else None) as f:
+        twin_o, fy = (self.t_attn.o_proj, self.fy) if self.twin is not None else (None, None)
+        with obs.hooked(), _stop_before(self.attn.o_proj, self.y) as catch, _stop_before(twin_o, fy) as f:
             for sl, kw in self.cal._batches():
                 catch.target = f.target = sl
                 if twin_o is not None:  # the float attention output, caught at the float o_proj -> FY
