@@ -145,25 +145,34 @@ def test_damaged_saved_activations_are_detected(tmp_path, src):
     assert "Traceback" not in res.stderr
 
 
+def _kill_refuse_resume(tmp_path, src, options, others, setting, check_partial=None):
+    """Quantize whole with ``options``; kill a second run at tensor 60; resuming it with each of
+    ``others`` is refused naming ``setting``; resuming with ``options`` gives the same bytes."""
+    whole = tmp_path / "whole"
+    res = CliRunner().invoke(cli, ["quantize", str(src), "-o", str(whole), "--max-shard-size", SHARD, "-q", *_calib(src),
+                                   *options])
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "out"
+    killed = subprocess.run(_quantize_cmd(src, out, *options), env={**os.environ, "QCONVERT_FAULT": "tensor:60"},
+                            capture_output=True)
+    assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+    if check_partial is not None:
+        check_partial(tmp_path / "out.partial")
+    for other in others:
+        res = CliRunner().invoke(cli, ["quantize", str(src), "-o", str(out), "--max-shard-size", SHARD, "--resume",
+                                       "-q", *_calib(src), *other])
+        assert res.exit_code == 1 and "other settings" in res.output and setting in res.output, (other, res.output)
+    done = subprocess.run(_quantize_cmd(src, out, "--resume", *options), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert _files(out) == _files(whole)
+
+
 def test_rotated_run_resumes_bit_identical_and_not_under_another_rotation(tmp_path, src):
     """--rotate is part of the journal's settings: the same rotation resumes to the bytes of an
     uninterrupted run, another rotation (or none) is refused."""
-    rot = ["--rotate", "hadamard", "--rotate-seed", "1"]
-    whole = tmp_path / "whole"
-    res = CliRunner().invoke(cli, ["quantize", str(src), "-o", str(whole), "--max-shard-size", SHARD, "-q", *_calib(src), *rot])
-    assert res.exit_code == 0, res.output
-    out = tmp_path / "out"
-    killed = subprocess.run(_quantize_cmd(src, out, *rot), env={**os.environ, "QCONVERT_FAULT": "tensor:60"},
-                            capture_output=True)
-    assert killed.returncode == -9, killed.stderr.decode()[-2000:]
-    for other in (["--rotate", "random", "--rotate-seed", "1"], ["--rotate", "hadamard"],
-                  ["--rotate", "hadamard+online", "--rotate-seed", "1"], []):
-        res = CliRunner().invoke(cli, ["quantize", str(src), "-o", str(out), "--max-shard-size", SHARD, "--resume",
-                                       "-q", *_calib(src), *other])
-        assert res.exit_code == 1 and "other settings" in res.output and "rotation" in res.output, (other, res.output)
-    done = subprocess.run(_quantize_cmd(src, out, "--resume", *rot), capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert _files(out) == _files(whole)
+    _kill_refuse_resume(tmp_path, src, ["--rotate", "hadamard", "--rotate-seed", "1"],
+                        (["--rotate", "random", "--rotate-seed", "1"], ["--rotate", "hadamard"],
+                         ["--rotate", "hadamard+online", "--rotate-seed", "1"], []), "rotation")
 
 
 @pytest.mark.parametrize("memory", [None, "1KB"])  # 1KB: both streams' activations kept in files
@@ -171,19 +180,8 @@ def test_asymmetric_calibration_resumes_bit_identical(tmp_path, src, memory):
     """--asym-calib keeps a second activation stream (the float model's): it is saved with the
     quantized one, so a killed run resumes to the bytes of an uninterrupted one; a resume
     without the option (or with another alpha) is refused."""
-    asym = ["--asym-calib", "0.5", *(["--max-memory", memory] if memory else [])]
-    whole = tmp_path / "whole"
-    res = CliRunner().invoke(cli, ["quantize", str(src), "-o", str(whole), "--max-shard-size", SHARD, "-q", *_calib(src), *asym])
-    assert res.exit_code == 0, res.output
-    out = tmp_path / "out"
-    killed = subprocess.run(_quantize_cmd(src, out, *asym), env={**os.environ, "QCONVERT_FAULT": "tensor:60"},
-                            capture_output=True)
-    assert killed.returncode == -9, killed.stderr.decode()[-2000:]
-    assert (tmp_path / "out.partial" / "calib" / "float").is_dir()
-    for other in ([], ["--asym-calib", "0.25"]):
-        res = CliRunner().invoke(cli, ["quantize", str(src), "-o", str(out), "--max-shard-size", SHARD, "--resume",
-                                       "-q", *_calib(src), *other])
-        assert res.exit_code == 1 and "other settings" in res.output and "asym" in res.output, (other, res.output)
-    done = subprocess.run(_quantize_cmd(src, out, "--resume", *asym), capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert _files(out) == _files(whole)
+    def has_float_stream(partial):
+        assert (partial / "calib" / "float").is_dir()
+
+    _kill_refuse_resume(tmp_path, src, ["--asym-calib", "0.5", *(["--max-memory", memory] if memory else [])],
+                        ([], ["--asym-calib", "0.25"]), "asym", has_float_stream)
