@@ -323,12 +323,13 @@ def run_row(row: str, args, fp_dir: Path, tokens, tok_desc: dict) -> dict:
     t0 = time.perf_counter()
     res = perplexity(model, tokenizer, text, seqlen=EVAL_SEQLEN, max_windows=EVAL_WINDOWS)
     e_s = time.perf_counter() - t0
-    w0 = perplexity(model, tokenizer, text, seqlen=EVAL_SEQLEN, max_windows=1, progress=False).nll
+    reload = row.startswith("llmc-")  # only llm-compressor's checkpoint is reloaded and compared
+    w0 = perplexity(model, tokenizer, text, seqlen=EVAL_SEQLEN, max_windows=1, progress=False).nll if reload else None
     try:
         details["saved"] = save()
     except Exception as e:  # a by-product: the in-memory model is what is evaluated
         details["saved"] = f"failed: {type(e).__name__}: {e}"
-    check = _reload_check(out_dir, w0, tokenizer, text) if row.startswith("llmc-") else None
+    check = _reload_check(out_dir, w0, tokenizer, text) if reload else None
     return {
         "row": row, "tool": tool, "tool_version": _versions().get(TOOL_DISTS[tool]), "scheme": scheme_text, "group_size": GROUP,
         "details": details, "calibration": tok_desc,

@@ -45,3 +45,22 @@ def test_cuda_resume_is_bit_identical(tmp_path, sources):  # noqa: F811
     done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert digest(tmp_path / "out") == digest(whole)
+
+
+def test_cuda_asymmetric_calibration(tmp_path, sources):  # noqa: F811
+    """--asym-calib on cuda: the float stream and the float copy of each block on the GPU;
+    reproducible, close to the source, and recorded."""
+    from qconvert.calibration_text import CalibSettings
+    from qconvert.pipeline import quantize
+    from qconvert.verify import verify
+
+    src = sources["dense"]
+    calib = CalibSettings("file", str(src.parent / "calib.txt"), nsamples=4, seqlen=32, asym=0.25)
+    a, b = (quantize(str(src), "is-w4a8", tmp_path / n, group_size=32, progress=False, calib=calib, device="cuda")
+            for n in ("a", "b"))
+    assert digest(a) == digest(b)
+    report = json.loads((a / "qconvert.json").read_text())
+    assert report["device"] == "cuda" and report["calibration"]["asym"] == 0.25
+    assert all("asym_shift" in r for r in report["layers"])
+    rep = verify(a, against=str(src), save=False)
+    assert rep.ok, rep.failures
