@@ -18,8 +18,8 @@ blocks in order with the calibration activations X_i (the input of block i):
 
 Memory is one block, its Hessians and two activation buffers [nsamples, seqlen, hidden] in
 float32 (with ``asym``, asymmetric calibration: a float copy of the block and two more buffers
-for the float model's activations, placed and saved like the first two).  The buffers are kept in RAM while both fit ``max_memory``; above it they are files
-in OUT.partial mapped into memory, which the kernel pages to disk.  Either way the current
+for the float model's activations, placed and saved like the first two).  The buffers are kept
+in RAM while both fit ``max_memory``; above it they are files in OUT.partial mapped into memory, which the kernel pages to disk.  Either way the current
 buffer is also what ``--resume`` restarts from: with files nothing is copied; in RAM it is
 saved to OUT.partial after each block.
 """
