@@ -69,6 +69,8 @@ ROWS = [
     ("w4a16-gptq-hadamard-asym25", "w4a16-gptq", "hadamard", {}, 40, {"asym": 0.25}),
     ("quik-w4a4-o0-online-asym25", "quik-w4a4", "hadamard+online", {"outliers": 0}, 40, {"asym": 0.25}),
     ("is-w4a8-asym25", "is-w4a8", "none", {}, 40, {"asym": 0.25}),
+    ("quik-w4a4-asym25", "quik-w4a4", "none", {}, 40, {"asym": 0.25}),
+    ("is-w4a8-hadamard-asym25", "is-w4a8", "hadamard", {}, 40, {"asym": 0.25}),
     ("fp-none-10w", None, "none", {}, 10),
     ("fp-hadamard-10w", None, "hadamard", {}, 10),
 ]
@@ -158,7 +160,8 @@ def run_row(row, work: Path) -> dict:
             calib = CalibSettings("c4", str(C4), nsamples=128, seqlen=SEQLEN, seed=0, **calib_overrides)
             print(f"[{rid}] quantizing {SOURCE} (rotate {rotate}) with {scheme} {overrides or ''} -> {out}", flush=True)
             t0 = time.perf_counter()
-            quantize(src, _scheme(scheme, overrides), out, force=True, progress=False, calib=calib)
+            quantize(src, _scheme(scheme, overrides), out, force=True, progress=False, calib=calib,
+                     rotate=rotate)  # explicit: a "none" row must not take the preset's default rotation
             t_q = time.perf_counter() - t0
             (out / "rotation_accuracy_quantize.json").write_text(json.dumps({"seconds": t_q}) + "\n")
             print(f"[{rid}] quantized in {t_q:.0f} s", flush=True)

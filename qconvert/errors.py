@@ -8,3 +8,8 @@ can catch it.  ``assert`` stays for internal invariants only.
 
 class QConvertError(Exception):
     """A problem with the user's input or environment, worded as "what is wrong; what to do"."""
+
+
+class RotationUnsupported(QConvertError):
+    """The model cannot be rotated (its architecture, a tensor or a size qconvert has no rotation
+    for): an explicit ``--rotate`` stops with it; a scheme's default rotation is skipped instead."""

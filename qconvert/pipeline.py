@@ -9,6 +9,7 @@ depth.  Output goes to ``OUT.partial`` and appears as OUT only by a final rename
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -24,7 +25,7 @@ from qconvert import __version__, placement
 from qconvert._memory import return_freed_memory_to_os, reuse_freed_memory
 from qconvert.calibration_text import CalibSettings
 from qconvert.block_walk import BATCH_TOKENS, CALIB_DIR, Calibrator
-from qconvert.errors import QConvertError
+from qconvert.errors import QConvertError, RotationUnsupported
 from qconvert.journal import Journal, fault_point
 from qconvert.formats.native import FORMAT_NAME, FORMAT_VERSION, is_native, write_manifest
 from qconvert.formats.safetensors_io import ShardedWriter
@@ -134,6 +135,7 @@ class _Job:
     device: torch.device = torch.device("cpu")  # where the calibrated walk runs (qconvert/placement.py)
     gpu_budget: int = 0  # bytes of GPU memory the calibration activations may take
     calib_text_seconds: float | None = None  # reading or writing the calibration tokens (None: resumed, or none)
+    rotation_skipped: tuple[str, ...] = ()  # why the scheme's default rotation did not apply (``_rotated``)
 
 
 def quantize(
@@ -175,11 +177,13 @@ def quantize(
     sch = scheme if isinstance(scheme, Scheme) else load_scheme(scheme)
     sch = sch.with_overrides(group_size=group_size, quantize_lm_head=quantize_lm_head, exclude=tuple(exclude), base=base,
                              rotate=rotate)
+    skipped: list[str] = []  # why the scheme's own rotation did not apply (an explicit --rotate raises instead)
     if isinstance(source, Source):
-        source = _rotated(source, sch, rotate_seed)
+        source = _rotated(source, sch, rotate_seed, rotate is not None, skipped)
     job = _prepare(source, sch, Path(os.path.abspath(out)), force, resume, max_shard_size, calib,
-                   lambda spec: _rotated(resolve_source(spec, revision, trust_remote_code, allow_pickle), sch, rotate_seed),
-                   device, announce)
+                   lambda spec: _rotated(resolve_source(spec, revision, trust_remote_code, allow_pickle), sch, rotate_seed,
+                                         rotate is not None, skipped),
+                   device, announce, skipped)
     partial, journal = open_partial(job.out, resume)
     if journal is not None and journal.settings != job.settings:
         raise QConvertError(
@@ -212,7 +216,7 @@ def quantize(
 
 
 def _prepare(source, sch: Scheme, out: Path, force: bool, resume: bool, max_shard_size, calib, resolve,
-             device=None, announce=None) -> _Job:
+             device=None, announce=None, skipped=()) -> _Job:
     """Validate the scheme and the output, read the source's config, plan the stages."""
     method = get_method(sch.method, sch.params)  # validates the parameters before any heavy work
     calib = (calib or CalibSettings()).validated() if method.needs_calibration else None
@@ -254,17 +258,39 @@ def _prepare(source, sch: Scheme, out: Path, force: bool, resume: bool, max_shar
     if announce is not None:  # once the source has been read and the run planned
         announce(walk_device.line + (f"; residual stream rotated ({src.mode}, seed {src.seed})"
                                      + ("; down_proj's input rotated online" if src.online else "")
-                                     if isinstance(src, RotatedSource) else ""))
+                                     + (f"; lm_head untied from the embedding ({_head_cost(src, targets)}; "
+                                        "--rotate none keeps it tied)" if src.untied else "")
+                                     if isinstance(src, RotatedSource) else "".join(f"; {s}" for s in skipped)))
     return _Job(out, src, sch, method, calib, config, skeleton, targets, names, stages, expected, settings, shard_bytes,
-                walk_device.device, budget)
+                walk_device.device, budget, rotation_skipped=tuple(skipped))
 
 
-def _rotated(src: Source, sch: Scheme, seed: int) -> Source:
-    """``src`` rotated as the scheme says (``--rotate``), or ``src`` itself."""
+def _head_cost(src: RotatedSource, targets) -> str:
+    """What the untied head adds to OUT: the embedding's bytes again, unless it is quantized."""
+    dtype, shape = src.info("lm_head.weight")
+    if "lm_head" in targets:
+        return f"{shape[0]} x {shape[1]} more weights, quantized"
+    return f"+{math.prod(shape) * dtype.itemsize / 1e6:,.1f} MB in {str(dtype).removeprefix('torch.')}"
+
+
+def _rotated(src: Source, sch: Scheme, seed: int, explicit: bool, skipped: list[str]) -> Source:
+    """``src`` rotated as the scheme says (``--rotate``), or ``src`` itself.  A model the rotation
+    does not support stops an ``explicit`` ``--rotate``; under the scheme's default it is quantized
+    unrotated, and ``skipped`` receives the reason (announced, and kept in the report)."""
     if sch.rotate == "none" or isinstance(src, RotatedSource):
         return src
+    if not explicit and sch.params.get("base") == "rtn":  # the default's gains were measured with GPTQ only
+        skipped.append(f"not rotated: {sch.name}'s default --rotate {sch.rotate} goes with GPTQ, and --base rtn "
+                       "was asked (at 4 bits it lost accuracy rotated, docs/accuracy.md); --rotate hadamard forces it")
+        return src
     mode, _, online = sch.rotate.partition("+")
-    return RotatedSource(src, mode, seed, online=online == "online")
+    try:
+        return RotatedSource(src, mode, seed, online=online == "online")
+    except RotationUnsupported as e:
+        if explicit:
+            raise
+        skipped.append(f"not rotated: {sch.name}'s default --rotate {sch.rotate} does not apply ({str(e).split('; ')[0]})")
+        return src
 
 
 def _walk_device(device, calibrated: bool) -> placement.WalkDevice:
@@ -490,6 +516,7 @@ def _write_metadata(partial: Path, job: _Job, modules: dict, layers: list) -> di
         "calibration": calib.key() if calib is not None else None,
         **({"device": job.device.type} if job.device.type != "cpu" else {}),  # a CPU run's report is as before
         **({"rotation": src.describe()} if isinstance(src, RotatedSource) else {}),
+        **({"rotation_skipped": job.rotation_skipped[0]} if job.rotation_skipped else {}),
         "totals": totals,
         # times vary from run to run: they go to --json only, so that OUT is reproducible
         "layers": [{k: v for k, v in r.items() if not k.endswith("_seconds")} for r in layers],

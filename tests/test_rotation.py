@@ -302,6 +302,65 @@ def test_refusals():
 
 # ---- through the conversion ------------------------------------------------------------------
 
+def test_preset_default_rotation_and_its_fallback(tmp_path):
+    """is-w4a8, w4a8-fs and w4a16-gptq rotate by default (chosen by measurement, docs/accuracy.md);
+    ``rotate="none"`` turns it off.  A model the rotation does not support is quantized unrotated
+    under the default, the reason announced, reported and on the card; an explicit ``--rotate``
+    on it stops and writes nothing."""
+    import json
+
+    from qconvert.calibration_text import CalibSettings
+    from qconvert.hub import model_card
+    from qconvert.pipeline import quantize
+    from qconvert.schemes_registry import list_presets
+
+    defaults = {s.name: s.rotate for s in list_presets()}
+    assert {n for n, r in defaults.items() if r != "none"} == {"is-w4a8", "w4a8-fs", "w4a16-gptq", "illm-w4a4"}
+    assert {defaults[n] for n in ("is-w4a8", "w4a8-fs", "w4a16-gptq", "illm-w4a4")} == {"hadamard"}
+
+    def report(out):
+        return json.loads((out / "qconvert.json").read_text())
+
+    from helpers import TEXT, tiny_config, write_model
+
+    cfg = tiny_config(tie=True)
+    torch.manual_seed(0)
+    state = {k: v.detach().clone() for k, v in AutoModelForCausalLM.from_config(cfg).state_dict().items()
+             if k != "lm_head.weight"}
+    state["model.norm.weight"] += 0.5  # a final norm that is not all ones: the rotation unties the head
+    src = SafetensorsDirSource(write_model(tmp_path / "m", cfg, state))
+    (tmp_path / "calib.txt").write_text(TEXT)
+    calib = CalibSettings("file", str(tmp_path / "calib.txt"), nsamples=4, seqlen=32)
+    lines = []
+    out = quantize(str(src.directory), "is-w4a8", tmp_path / "rot", progress=False, group_size=16, calib=calib,
+                   announce=lines.append)
+    assert report(out)["rotation"]["mode"] == "hadamard" and "rotation_skipped" not in report(out)
+    vocab, hidden = src.info("model.embed_tokens.weight")[1]
+    assert f"lm_head untied from the embedding (+{vocab * hidden * 4 / 1e6:,.1f} MB in float32; " in lines[0]
+    plain = quantize(str(src.directory), "is-w4a8", tmp_path / "plain", progress=False, group_size=16, calib=calib,
+                     rotate="none")
+    assert "rotation" not in report(plain) and "rotation_skipped" not in report(plain)
+    lines = []
+    rtn = quantize(str(src.directory), "is-w4a8", tmp_path / "rtn", progress=False, base="rtn", group_size=16,
+                   announce=lines.append)  # measured: round-to-nearest lost accuracy rotated, so no default there
+    assert "rotation" not in report(rtn) and "--base rtn was asked" in report(rtn)["rotation_skipped"] in lines[0]
+    forced = quantize(str(src.directory), "is-w4a8", tmp_path / "forced", progress=False, base="rtn", group_size=16,
+                      rotate="hadamard")
+    assert report(forced)["rotation"]["mode"] == "hadamard"
+
+    odd = SafetensorsDirSource(write_model(tmp_path / "m92", tiny_config(hidden=92, heads=2, kv_heads=1)))
+    lines = []
+    out = quantize(str(odd.directory), "is-w4a8", tmp_path / "odd", progress=False, group_size=4, calib=calib,
+                   announce=lines.append)
+    why = report(out)["rotation_skipped"]
+    assert "rotation" not in report(out) and why.startswith("not rotated: is-w4a8's default --rotate hadamard")
+    assert "order 92" in why and why in lines[0] and why in model_card(out)
+    with pytest.raises(QConvertError, match=r"order 92 .*--rotate random"):
+        quantize(str(odd.directory), "is-w4a8", tmp_path / "odd2", progress=False, base="rtn", group_size=4,
+                 rotate="hadamard")
+    assert not (tmp_path / "odd2").exists() and not (tmp_path / "odd2.partial").exists()
+
+
 def test_quantize_reads_a_rotated_source(checkpoints, tmp_path):
     """The pipeline takes a RotatedSource as any Source: the untied head is stored, the norms are ones."""
     from safetensors import safe_open

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from qconvert.errors import QConvertError
+from qconvert.errors import RotationUnsupported
 
 DENSE_FACTOR = 64  # Kronecker factors are merged into dense blocks up to this order for x @ Q
 
@@ -158,11 +158,11 @@ def has_hadamard(n: int) -> bool:
     return hadamard_factors(n) is not None
 
 
-def _no_hadamard(n: int, what: str) -> QConvertError:
+def _no_hadamard(n: int, what: str) -> RotationUnsupported:
     odd = n
     while odd % 2 == 0:
         odd //= 2
-    return QConvertError(
+    return RotationUnsupported(
         f"no Hadamard matrix of order {n} ({what}) is known to qconvert: it builds orders 2^a * m from "
         f"Sylvester and Paley I/II matrices (m = 1, 12, 20, 28, 36, ...), and {n} = 2^{(n // odd).bit_length() - 1} * {odd} "
         "is not one of them; use --rotate random"

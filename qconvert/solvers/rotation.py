@@ -44,7 +44,7 @@ from functools import cached_property
 
 import torch
 
-from qconvert.errors import QConvertError
+from qconvert.errors import QConvertError, RotationUnsupported
 from qconvert.architectures import DECODER_LAYERS
 from qconvert.solvers.hadamard import _dense_blocks, _no_hadamard, hadamard, hadamard_factors, has_hadamard  # noqa: F401
 from qconvert.source import Source
@@ -254,7 +254,7 @@ class RotatedSource(Source):
         cfg = src.config
         model_type = getattr(cfg, "model_type", None)
         if model_type not in ROTATABLE_MODEL_TYPES:
-            raise QConvertError(f"rotation does not support model type {model_type!r} (its norms would not fold); "
+            raise RotationUnsupported(f"rotation does not support model type {model_type!r} (its norms would not fold); "
                                 f"supported: {', '.join(ROTATABLE_MODEL_TYPES)}; convert without --rotate")
         self.hidden = int(cfg.hidden_size)
         self.heads = int(cfg.num_attention_heads)
@@ -266,7 +266,7 @@ class RotatedSource(Source):
         for name in names:
             recipe = _recipe(name, self.tied)
             if recipe is None:
-                raise QConvertError(f"rotation does not know how to rotate tensor '{name}' of {src.description}; "
+                raise RotationUnsupported(f"rotation does not know how to rotate tensor '{name}' of {src.description}; "
                                     "convert without --rotate")
             self._recipes[name] = recipe
         missing = sorted({r.norm for r in self._recipes.values() if r.norm} - set(names))
