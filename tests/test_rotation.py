@@ -303,12 +303,13 @@ def test_refusals():
 # ---- through the conversion ------------------------------------------------------------------
 
 def test_preset_default_rotation_and_its_fallback(tmp_path):
-    """is-w4a8, w4a8-fs and w4a16-gptq rotate by default (chosen by measurement, docs/accuracy.md);
-    ``rotate="none"`` turns it off.  A model the rotation does not support is quantized unrotated
+    """is-w4a8, w4a8-fs, w4a16-gptq and illm-w4a4 rotate by default (chosen by measurement,
+    docs/accuracy.md); ``rotate="none"`` turns it off, and ``--base rtn`` skips it.  A model the rotation does not support is quantized unrotated
     under the default, the reason announced, reported and on the card; an explicit ``--rotate``
     on it stops and writes nothing."""
     import json
 
+    from helpers import TEXT, tiny_config, write_model
     from qconvert.calibration_text import CalibSettings
     from qconvert.hub import model_card
     from qconvert.pipeline import quantize
@@ -320,8 +321,6 @@ def test_preset_default_rotation_and_its_fallback(tmp_path):
 
     def report(out):
         return json.loads((out / "qconvert.json").read_text())
-
-    from helpers import TEXT, tiny_config, write_model
 
     cfg = tiny_config(tie=True)
     torch.manual_seed(0)
