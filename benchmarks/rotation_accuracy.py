@@ -44,6 +44,12 @@ SEQLEN = 512
 # "fp-none" row of the same W in the results file takes precedence
 FP_DOC = {40: 28.972, 10: 33.874}
 
+# the calibration of docs/accuracy.md; a row's 6th element overrides any of it
+# (asym explicit: a row without one must not take the preset's default --asym-calib)
+C4_CALIB = {"source": "c4", "data_file": str(C4), "nsamples": 128, "seqlen": SEQLEN, "seed": 0, "asym": 0.0}
+# the README's first command: no data, the model writes its own tokens (its default shape)
+SELF_CALIB = {"source": "self", "data_file": None, "nsamples": None, "seqlen": None, "asym": 0.0}
+
 # (id, scheme or None for the float model, rotate mode, method-param overrides, windows[, CalibSettings overrides])
 ROWS = [
     ("fp-none", None, "none", {}, 40),
@@ -71,6 +77,19 @@ ROWS = [
     ("is-w4a8-asym25", "is-w4a8", "none", {}, 40, {"asym": 0.25}),
     ("quik-w4a4-asym25", "quik-w4a4", "none", {}, 40, {"asym": 0.25}),
     ("is-w4a8-hadamard-asym25", "is-w4a8", "hadamard", {}, 40, {"asym": 0.25}),
+    # the README's first command (--calib self) with the preset's rotation, other seeds, asym
+    ("is-w4a8-self-hadamard", "is-w4a8", "hadamard", {}, 40, SELF_CALIB),
+    ("is-w4a8-self1-hadamard", "is-w4a8", "hadamard", {}, 40, {**SELF_CALIB, "seed": 1}),
+    ("is-w4a8-self-hadamard-asym25", "is-w4a8", "hadamard", {}, 40, {**SELF_CALIB, "asym": 0.25}),
+    ("is-w4a8-self1-hadamard-asym25", "is-w4a8", "hadamard", {}, 40, {**SELF_CALIB, "seed": 1, "asym": 0.25}),
+    ("quik-w4a4-o0-online-asym50", "quik-w4a4", "hadamard+online", {"outliers": 0}, 40, {"asym": 0.5}),
+    ("quik-w4a4-asym50", "quik-w4a4", "none", {}, 40, {"asym": 0.5}),
+    ("w4a16-gptq-hadamard-asym50", "w4a16-gptq", "hadamard", {}, 40, {"asym": 0.5}),
+    # the presets whose default was not measured
+    ("w8a8-hadamard", "w8a8", "hadamard", {}, 40),
+    ("quik-w8a8-hadamard", "quik-w8a8", "hadamard", {}, 40),
+    ("zqfp-w4a8-hadamard", "zqfp-w4a8", "hadamard", {}, 40),
+    ("zqfp-w8a8-hadamard", "zqfp-w8a8", "hadamard", {}, 40),
     ("fp-none-10w", None, "none", {}, 10),
     ("fp-hadamard-10w", None, "hadamard", {}, 10),
 ]
@@ -157,7 +176,7 @@ def run_row(row, work: Path) -> dict:
                 if (out / "rotation_accuracy_quantize.json").is_file() else None
         else:
             src = _source(rotate)
-            calib = CalibSettings("c4", str(C4), nsamples=128, seqlen=SEQLEN, seed=0, **calib_overrides)
+            calib = CalibSettings(**{**C4_CALIB, **calib_overrides})
             print(f"[{rid}] quantizing {SOURCE} (rotate {rotate}) with {scheme} {overrides or ''} -> {out}", flush=True)
             t0 = time.perf_counter()
             quantize(src, _scheme(scheme, overrides), out, force=True, progress=False, calib=calib,

@@ -324,7 +324,8 @@ class CalibSettings:
     max_memory: str | int | None = None
     dtype: str = "float32"  # the blocks' matmuls during calibration: float32, or bfloat16 (autocast)
     max_gpu_memory: str | int | None = None  # None: placement.GPU_FRACTION of the free GPU memory
-    asym: float = 0.0  # asymmetric calibration (GPTAQ's α): 0 = GPTQ's own, the quantized model's inputs only
+    asym: float | None = None  # asymmetric calibration (GPTAQ's α): 0 = GPTQ's own, the quantized model's inputs only;
+    # None: the scheme's ``asym_calib`` (qconvert.pipeline fills it in once the model's config is read)
 
     def validated(self) -> "CalibSettings":
         source = self._source()
@@ -338,7 +339,7 @@ class CalibSettings:
         data_file = str(Path(self.data_file).resolve()) if self.data_file else None
         if data_file and not Path(data_file).is_file():
             raise QConvertError(f"data file {self.data_file} not found; pass an existing file with --data-file")
-        if not 0.0 <= self.asym <= 1.0:
+        if self.asym is not None and not 0.0 <= self.asym <= 1.0:
             raise QConvertError(f"--asym-calib {self.asym}: choose a value from 0 (off) to 1 (the full correction)")
         if self.dtype not in CALIB_DTYPES:
             raise QConvertError(f"--calib-dtype {self.dtype}: choose {' or '.join(CALIB_DTYPES)}")

@@ -103,9 +103,10 @@ def cli(ctx, debug):
                    "Default: cuda when torch can use a GPU, else cpu.")
 @click.option("--max-gpu-memory", help="GPU memory for calibration activations (e.g. 12GB); beyond it they go to pinned "
                                        "CPU memory, then to disk. Default: half the free GPU memory.")
-@click.option("--asym-calib", "asym", default=0.0, show_default=True, type=click.FloatRange(0.0, 1.0), metavar="ALPHA",
+@click.option("--asym-calib", "asym", type=click.FloatRange(0.0, 1.0), metavar="ALPHA",
               help="Asymmetric calibration (GPTAQ): GPTQ aims each layer at the float model's output, not at its own "
-                   "from the quantized inputs; ALPHA scales the correction (0: off). Runs the float blocks too.")
+                   "from the quantized inputs; ALPHA scales the correction (0: off). Runs the float blocks too. "
+                   "Default: the scheme's (0.25 for is-w4a8, w4a8-fs and quik-w4a4; 0 for the others).")
 @click.option("--rotate", type=click.Choice(["none", "hadamard", "random", "hadamard+online"]),
               help="Rotate the residual stream before quantizing (QuaRot-style, folded into the weights: no run-time "
                    "cost; fewer outliers, lower error at 4 bits). hadamard+online also rotates down_proj's input at "
@@ -442,8 +443,10 @@ def schemes():
     t.add_column("scheme")
     t.add_column("method")
     t.add_column("description")
+    t.add_column("defaults")
     for s in list_presets():
-        t.add_row(s.name, s.method, s.description)
+        defaults = [f"--rotate {s.rotate}"] * (s.rotate != "none") + [f"--asym-calib {s.asym_calib:g}"] * bool(s.asym_calib)
+        t.add_row(s.name, s.method, s.description, ", ".join(defaults) or "-")
     _console().print(t)
 
 

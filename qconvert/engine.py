@@ -92,6 +92,7 @@ import inspect
 import torch
 
 from qconvert.errors import QConvertError
+from qconvert.moe import is_moe
 
 try:  # the models' isinstance checks want a transformers Cache
     from transformers.cache_utils import Cache as _HFCache
@@ -254,10 +255,6 @@ class StaticKVCache(_HFCache):
 # the engine
 
 
-def _is_moe(config) -> bool:
-    return bool(getattr(config, "num_local_experts", 0) or getattr(config, "num_experts", 0))
-
-
 def _sliding_window(config) -> int | None:
     """The attention window in effect, or None for full attention in every layer."""
     window = getattr(config, "sliding_window", None)
@@ -314,7 +311,7 @@ class DecodeEngine:
         if self.dtype != model_dtype:
             raise QConvertError(f"the model computes in {model_dtype}, not {self.dtype}; load it with dtype={self.dtype} "
                                 "or leave the engine's dtype unset")
-        moe = _is_moe(config)
+        moe = is_moe(config)
         if graphs is None:
             graphs = self.device.type == "cuda" and not moe
         if graphs and moe:

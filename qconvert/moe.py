@@ -25,6 +25,11 @@ from torch import nn
 from qconvert.errors import QConvertError
 from qconvert.architectures import DECODER_LAYERS
 
+def is_moe(config) -> bool:
+    """Whether a transformers config describes a mixture-of-experts model."""
+    return bool(getattr(config, "num_local_experts", 0) or getattr(config, "num_experts", 0))
+
+
 # Routers pick experts; a few quantization steps there re-route tokens: never quantized.  (The
 # top-k routers of transformers 5 are not nn.Linear; shared_expert_gate, a [1, H] linear, is.)
 ROUTER_PATTERNS = ("*.block_sparse_moe.gate", "*.mlp.gate", "*.shared_expert_gate")

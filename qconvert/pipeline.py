@@ -15,7 +15,7 @@ import re
 import shutil
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -32,6 +32,7 @@ from qconvert.formats.safetensors_io import ShardedWriter
 from qconvert.fsutil import check_writable_parent, parse_size, swap_into_place
 from qconvert.methods import get_method
 from qconvert.methods.base import Method, relative_weight_error
+from qconvert.moe import is_moe
 from qconvert.schemes_registry import Scheme, load_scheme
 from qconvert.solvers.gptq import asymmetric_target
 from qconvert.solvers.rotation import RotatedSource
@@ -135,7 +136,7 @@ class _Job:
     device: torch.device = torch.device("cpu")  # where the calibrated walk runs (qconvert/placement.py)
     gpu_budget: int = 0  # bytes of GPU memory the calibration activations may take
     calib_text_seconds: float | None = None  # reading or writing the calibration tokens (None: resumed, or none)
-    rotation_skipped: tuple[str, ...] = ()  # why the scheme's default rotation did not apply (``_rotated``)
+    rotation_skipped: str | None = None  # why the scheme's default rotation did not apply (``_rotated``)
 
 
 def quantize(
@@ -237,6 +238,8 @@ def _prepare(source, sch: Scheme, out: Path, force: bool, resume: bool, max_shar
     config = src.config
     if calib is not None:
         calib = calib.for_model(config)
+        if calib.asym is None:  # no --asym-calib: the scheme's, which a mixture of experts cannot take (block_walk)
+            calib = replace(calib, asym=0.0 if is_moe(config) else sch.asym_calib)
     skeleton = build_skeleton(config)
     targets = target_linears(skeleton, sch.exclude)
     names, stages = _plan(src, skeleton, targets)
@@ -256,13 +259,29 @@ def _prepare(source, sch: Scheme, out: Path, force: bool, resume: bool, max_shar
         budget = placement.gpu_budget(walk_device.device, max_gpu, placement.block_working_set(config, batch_tokens))
     expected = {k: tuple(v.shape) for k, v in skeleton.state_dict(keep_vars=True).items()}
     if announce is not None:  # once the source has been read and the run planned
-        announce(walk_device.line + (f"; residual stream rotated ({src.mode}, seed {src.seed})"
-                                     + ("; down_proj's input rotated online" if src.online else "")
-                                     + (f"; lm_head untied from the embedding ({_head_cost(src, targets)}; "
-                                        "--rotate none keeps it tied)" if src.untied else "")
-                                     if isinstance(src, RotatedSource) else "".join(f"; {s}" for s in skipped)))
+        announce("; ".join([walk_device.line, *_plan_notes(src, sch, targets, skipped, calib)]))
     return _Job(out, src, sch, method, calib, config, skeleton, targets, names, stages, expected, settings, shard_bytes,
-                walk_device.device, budget, rotation_skipped=tuple(skipped))
+                walk_device.device, budget, rotation_skipped=skipped[-1] if skipped else None)
+
+
+def _plan_notes(src, sch, targets, skipped, calib) -> list[str]:
+    """What the quantize line says beyond the device: the rotation (or why the default was
+    skipped) and asymmetric calibration, each with how to turn it off."""
+    notes = []
+    if isinstance(src, RotatedSource):
+        notes.append(f"residual stream rotated ({src.mode}, seed {src.seed})")
+        if src.online:
+            notes.append("down_proj's input rotated online")
+        if src.untied:
+            notes.append(f"lm_head untied from the embedding ({_head_cost(src, targets)}; --rotate none keeps it tied)")
+    elif skipped:
+        notes.append(skipped[-1])
+    if calib is not None and calib.asym:
+        notes.append(f"each layer aimed at the float model's output (--asym-calib {calib.asym:g}; 0 turns it off)")
+    elif calib is not None and sch.asym_calib and is_moe(src.config):
+        notes.append(f"symmetric calibration: {sch.name}'s default --asym-calib {sch.asym_calib:g} cannot pair a "
+                     "mixture-of-experts model's float and quantized tokens")
+    return notes
 
 
 def _head_cost(src: RotatedSource, targets) -> str:
@@ -516,7 +535,7 @@ def _write_metadata(partial: Path, job: _Job, modules: dict, layers: list) -> di
         "calibration": calib.key() if calib is not None else None,
         **({"device": job.device.type} if job.device.type != "cpu" else {}),  # a CPU run's report is as before
         **({"rotation": src.describe()} if isinstance(src, RotatedSource) else {}),
-        **({"rotation_skipped": job.rotation_skipped[0]} if job.rotation_skipped else {}),
+        **({"rotation_skipped": job.rotation_skipped} if job.rotation_skipped else {}),
         "totals": totals,
         # times vary from run to run: they go to --json only, so that OUT is reproducible
         "layers": [{k: v for k, v in r.items() if not k.endswith("_seconds")} for r in layers],

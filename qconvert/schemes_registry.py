@@ -18,7 +18,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-KEYS = {"name", "description", "method", "exclude", "params", "rotate"}
+KEYS = {"name", "description", "method", "exclude", "params", "rotate", "asym_calib"}
 ROTATIONS = ("none", "hadamard", "random", "hadamard+online")  # --rotate: qconvert/solvers/rotation.py, before calibration;
 # "+online": also the run-time Hadamard transform before down_proj (qconvert/online_hadamard.py)
 
@@ -32,6 +32,7 @@ class Scheme:
     exclude: tuple[str, ...] = ()
     path: str = ""
     rotate: str = "none"  # how the residual stream is rotated before calibration (ROTATIONS)
+    asym_calib: float = 0.0  # GPTAQ's α when --asym-calib is not given (0: GPTQ's own, symmetric calibration)
 
     def with_overrides(self, group_size: int | None = None, quantize_lm_head: bool = False,
                        exclude: tuple[str, ...] = (), base: str | None = None, rotate: str | None = None) -> "Scheme":
@@ -81,7 +82,11 @@ def parse_scheme(path: Path) -> Scheme:
     rotate = data.get("rotate", "none")
     if rotate not in ROTATIONS:
         raise QConvertError(f"scheme file {path}: 'rotate' must be one of {', '.join(ROTATIONS)}")
-    return Scheme(data["name"], str(data.get("description", "")), data["method"], params, tuple(exclude), str(path), rotate)
+    asym = data.get("asym_calib", 0.0)
+    if isinstance(asym, bool) or not isinstance(asym, (int, float)) or not 0.0 <= asym <= 1.0:
+        raise QConvertError(f"scheme file {path}: 'asym_calib' must be a number from 0 (off) to 1")
+    return Scheme(data["name"], str(data.get("description", "")), data["method"], params, tuple(exclude), str(path), rotate,
+                  float(asym))
 
 
 def load_scheme(spec: str) -> Scheme:

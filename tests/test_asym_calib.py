@@ -6,6 +6,7 @@ are paired row for row (against inputs caught independently from the transformer
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -158,7 +159,7 @@ def test_cli_records_it_and_resume_must_match(tiny_calib_src, tmp_path):
     from qconvert.hub import model_card
 
     assert "asymmetric calibration, GPTAQ, alpha 0.25" in model_card(tmp_path / "a")
-    plain = _quantize(tiny_calib_src, tmp_path / "b")
+    plain = _quantize(tiny_calib_src, tmp_path / "b", "--asym-calib", "0")
     assert plain.exit_code == 0, plain.output
     assert "asym" not in json.loads((tmp_path / "b" / "qconvert.json").read_text())["calibration"]
     assert "asymmetric" not in model_card(tmp_path / "b")
@@ -167,10 +168,34 @@ def test_cli_records_it_and_resume_must_match(tiny_calib_src, tmp_path):
     assert not (tmp_path / "c").exists()
 
 
-def test_mixture_of_experts_is_refused(tmp_path):
+def test_preset_default_and_its_moe_fallback(tiny_calib_src, tmp_path):
+    """The presets measured to gain (docs/accuracy.md) calibrate asymmetrically unless told
+    otherwise; a mixture of experts, which cannot, falls back to symmetric GPTQ and says so,
+    while an explicit --asym-calib on it still stops with one line."""
+    from qconvert.schemes_registry import list_presets, load_scheme
+
+    assert {s.name: s.asym_calib for s in list_presets() if s.asym_calib} == {
+        "is-w4a8": 0.25, "w4a8-fs": 0.25, "quik-w4a4": 0.25}
+    res = _quantize(tiny_calib_src, tmp_path / "default")  # is-w4a8, the default scheme
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "default" / "qconvert.json").read_text())["calibration"]["asym"] == 0.25
+    res = _quantize(tiny_calib_src, tmp_path / "gptq", "--scheme", "w4a16-gptq")
+    assert res.exit_code == 0 and "asym" not in json.loads((tmp_path / "gptq" / "qconvert.json").read_text())["calibration"]
+
     src = save_pretrained_model(tmp_path / "moe", tiny_moe_config("mixtral", layers=1, init_std=0.1), tokenizer=True)
     (tmp_path / "calib.txt").write_text(TEXT)
+    res = CliRunner().invoke(cli, ["quantize", str(src), "-o", str(tmp_path / "moe-out"), "-q", "--data-file",
+                                   str(tmp_path / "calib.txt"), "--nsamples", "8", "--seqlen", "48", "-g", "32"])
+    assert res.exit_code == 0, res.output
+    assert "symmetric calibration: is-w4a8's default --asym-calib 0.25 cannot pair a mixture-of-experts" in res.output
+    assert "asym" not in json.loads((tmp_path / "moe-out" / "qconvert.json").read_text())["calibration"]
     res = _quantize(src, tmp_path / "out", "--asym-calib", "0.25", "-g", "32")
     assert res.exit_code == 1 and "mixture-of-experts" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text(Path(load_scheme("is-w4a8").path).read_text().replace("asym_calib = 0.25", "asym_calib = 2"))
+    res = _quantize(tiny_calib_src, tmp_path / "bad", "--scheme", str(bad))
+    assert res.exit_code == 1 and "'asym_calib' must be a number from 0 (off) to 1" in res.output
+    assert not (tmp_path / "bad").exists()
 

@@ -70,7 +70,8 @@ def sources(tmp_path_factory):
 def _run(sources, case: str, out: Path, **kwargs) -> Path:
     model, scheme, params, group, dtype = CASES[case]
     sch = with_params(load_scheme(scheme), params) if params else scheme
-    calib = CalibSettings("file", str(sources[model].parent / "calib.txt"), nsamples=4, seqlen=32, dtype=dtype)
+    calib = CalibSettings("file", str(sources[model].parent / "calib.txt"), nsamples=4, seqlen=32, dtype=dtype,
+                          asym=0.0)  # DIGESTS pin symmetric GPTQ (the presets' default --asym-calib: tests/test_asym_calib.py)
     kwargs.setdefault("rotate", "none")  # DIGESTS pin the unrotated walk (rotation: tests/test_rotation.py)
     return quantize(str(sources[model]), sch, out, group_size=group, progress=False, calib=calib, **kwargs)
 
@@ -231,7 +232,8 @@ def test_out_of_memory_mid_run_keeps_the_journal_and_resumes_bit_identical(tmp_p
     args = ["quantize", sources["dense"], "-o", out, "-q", "-g", "32", "--device", "cpu", "--max-gpu-memory", "8GB", *calib]
     res = run_cli(*args, ok=False)
     first, msg = res.output.strip().splitlines()  # where it quantizes, then the one-line error
-    assert res.exit_code == 1 and first == "quantizing on cpu; residual stream rotated (hadamard, seed 0)"
+    assert res.exit_code == 1 and first == ("quantizing on cpu; residual stream rotated (hadamard, seed 0); "
+                                     "each layer aimed at the float model's output (--asym-calib 0.25; 0 turns it off)")
     assert "Traceback" not in res.output
     assert "ran out of memory" in msg and "2.00 GiB" in msg and "--resume" in msg and "--max-gpu-memory" in msg
     assert "now 8.0 GB" in msg and "finished stage" in msg
