@@ -111,7 +111,7 @@ def cli(ctx, debug):
               help="Rotate the residual stream before quantizing (QuaRot-style, folded into the weights: no run-time "
                    "cost; fewer outliers, lower error at 4 bits). hadamard+online also rotates down_proj's input at "
                    "run time (a fast Hadamard transform per token; for 4-bit activations). Default: the scheme's "
-                   "(hadamard for is-w4a8, w4a8-fs, w4a16-gptq and illm-w4a4, none for the others).")
+                   "(hadamard for is-w4a8, w4a8-fs, w4a16-gptq, w8a8 and illm-w4a4, none for the others).")
 @click.option("--rotate-seed", default=0, show_default=True, type=click.IntRange(min=0),
               help="Seed of the rotation's random signs (hadamard) or matrices (random).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path),

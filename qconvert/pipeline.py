@@ -238,8 +238,8 @@ def _prepare(source, sch: Scheme, out: Path, force: bool, resume: bool, max_shar
     config = src.config
     if calib is not None:
         calib = calib.for_model(config)
-        if calib.asym is None:  # no --asym-calib: the scheme's, which a mixture of experts cannot take (block_walk)
-            calib = replace(calib, asym=0.0 if is_moe(config) else sch.asym_calib)
+        if calib.asym is None:  # no --asym-calib: the scheme's, measured with GPTQ; a mixture of experts cannot take it
+            calib = replace(calib, asym=0.0 if is_moe(config) or sch.params.get("base") == "rtn" else sch.asym_calib)
     skeleton = build_skeleton(config)
     targets = target_linears(skeleton, sch.exclude)
     names, stages = _plan(src, skeleton, targets)
@@ -278,7 +278,7 @@ def _plan_notes(src, sch, targets, skipped, calib) -> list[str]:
         notes.append(skipped[-1])
     if calib is not None and calib.asym:
         notes.append(f"each layer aimed at the float model's output (--asym-calib {calib.asym:g}; 0 turns it off)")
-    elif calib is not None and sch.asym_calib and is_moe(src.config):
+    elif calib is not None and sch.asym_calib and is_moe(src.config) and sch.params.get("base") != "rtn":
         notes.append(f"symmetric calibration: {sch.name}'s default --asym-calib {sch.asym_calib:g} cannot pair a "
                      "mixture-of-experts model's float and quantized tokens")
     return notes

@@ -179,8 +179,11 @@ def test_preset_default_and_its_moe_fallback(tiny_calib_src, tmp_path):
     res = _quantize(tiny_calib_src, tmp_path / "default")  # is-w4a8, the default scheme
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "default" / "qconvert.json").read_text())["calibration"]["asym"] == 0.25
-    res = _quantize(tiny_calib_src, tmp_path / "gptq", "--scheme", "w4a16-gptq")
-    assert res.exit_code == 0 and "asym" not in json.loads((tmp_path / "gptq" / "qconvert.json").read_text())["calibration"]
+    for name, extra in (("gptq", ["--scheme", "w4a16-gptq"]),  # a preset without the default
+                        ("rtn", ["--scheme", "quik-w4a4", "--base", "rtn"])):  # calibrated, but no GPTQ to aim
+        res = _quantize(tiny_calib_src, tmp_path / name, *extra)
+        assert res.exit_code == 0, res.output
+        assert "asym" not in json.loads((tmp_path / name / "qconvert.json").read_text())["calibration"]
 
     src = save_pretrained_model(tmp_path / "moe", tiny_moe_config("mixtral", layers=1, init_std=0.1), tokenizer=True)
     (tmp_path / "calib.txt").write_text(TEXT)

@@ -98,7 +98,8 @@ def _calibrated(src, out, *extra):
 def test_calibrated_quantize_reports_per_layer_errors(calib_src, tmp_path):
     rep = _calibrated(calib_src, tmp_path / "out", "--json", tmp_path / "report.json")
     assert rep["calibration"] == {"source": "file", "data_file": str((calib_src.parent / "calib.txt").resolve()),
-                                  "nsamples": 8, "seqlen": 64, "seed": 0, "dtype": "float32"}
+                                  "nsamples": 8, "seqlen": 64, "seed": 0, "dtype": "float32",
+                                  "asym": 0.25}  # is-w4a8's default --asym-calib
     assert len(rep["layers"]) == 3 * 7
     for row in rep["layers"]:
         assert row["base"] == "gptq" and row["calib_rows"] == 8 * 64

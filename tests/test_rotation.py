@@ -316,8 +316,9 @@ def test_preset_default_rotation_and_its_fallback(tmp_path):
     from qconvert.schemes_registry import list_presets
 
     defaults = {s.name: s.rotate for s in list_presets()}
-    assert {n for n, r in defaults.items() if r != "none"} == {"is-w4a8", "w4a8-fs", "w4a16-gptq", "illm-w4a4"}
-    assert {defaults[n] for n in ("is-w4a8", "w4a8-fs", "w4a16-gptq", "illm-w4a4")} == {"hadamard"}
+    rotated = {"is-w4a8", "w4a8-fs", "w4a16-gptq", "illm-w4a4", "w8a8"}
+    assert {n for n, r in defaults.items() if r != "none"} == rotated
+    assert {defaults[n] for n in rotated} == {"hadamard"}
 
     def report(out):
         return json.loads((out / "qconvert.json").read_text())
