@@ -25,6 +25,7 @@ from torch import nn
 from qconvert.errors import QConvertError
 from qconvert.architectures import DECODER_LAYERS
 
+
 def is_moe(config) -> bool:
     """Whether a transformers config describes a mixture-of-experts model."""
     return bool(getattr(config, "num_local_experts", 0) or getattr(config, "num_experts", 0))
