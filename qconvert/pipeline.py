@@ -236,10 +236,15 @@ def _prepare(source, sch: Scheme, out: Path, force: bool, resume: bool, max_shar
     if out == Path(os.path.abspath(src_dir)) or out in Path(os.path.abspath(src_dir)).parents:
         raise QConvertError(f"-o {out} would overwrite the source {src.description}; choose another -o")
     config = src.config
+    asym_note = None  # why the scheme's default --asym-calib did not apply
     if calib is not None:
         calib = calib.for_model(config)
-        if calib.asym is None:  # no --asym-calib: the scheme's, measured with GPTQ; a mixture of experts cannot take it
-            calib = replace(calib, asym=0.0 if is_moe(config) or sch.params.get("base") == "rtn" else sch.asym_calib)
+        if calib.asym is None:  # no --asym-calib: the scheme's
+            asym = sch.asym_calib if _defaults_apply(sch) else 0.0
+            if asym and is_moe(config):  # block_walk cannot pair a mixture of experts' float and quantized tokens
+                asym, asym_note = 0.0, (f"symmetric calibration: {sch.name}'s default --asym-calib {sch.asym_calib:g} "
+                                        "cannot pair a mixture-of-experts model's float and quantized tokens")
+            calib = replace(calib, asym=asym)
     skeleton = build_skeleton(config)
     targets = target_linears(skeleton, sch.exclude)
     names, stages = _plan(src, skeleton, targets)
@@ -259,14 +264,14 @@ def _prepare(source, sch: Scheme, out: Path, force: bool, resume: bool, max_shar
         budget = placement.gpu_budget(walk_device.device, max_gpu, placement.block_working_set(config, batch_tokens))
     expected = {k: tuple(v.shape) for k, v in skeleton.state_dict(keep_vars=True).items()}
     if announce is not None:  # once the source has been read and the run planned
-        announce("; ".join([walk_device.line, *_plan_notes(src, sch, targets, skipped, calib)]))
+        announce("; ".join([walk_device.line, *_plan_notes(src, targets, skipped, calib, asym_note)]))
     return _Job(out, src, sch, method, calib, config, skeleton, targets, names, stages, expected, settings, shard_bytes,
                 walk_device.device, budget, rotation_skipped=skipped[-1] if skipped else None)
 
 
-def _plan_notes(src, sch, targets, skipped, calib) -> list[str]:
+def _plan_notes(src, targets, skipped, calib, asym_note) -> list[str]:
     """What the quantize line says beyond the device: the rotation (or why the default was
-    skipped) and asymmetric calibration, each with how to turn it off."""
+    skipped) and asymmetric calibration (or why the default was dropped), each with how to turn it off."""
     notes = []
     if isinstance(src, RotatedSource):
         notes.append(f"residual stream rotated ({src.mode}, seed {src.seed})")
@@ -278,10 +283,15 @@ def _plan_notes(src, sch, targets, skipped, calib) -> list[str]:
         notes.append(skipped[-1])
     if calib is not None and calib.asym:
         notes.append(f"each layer aimed at the float model's output (--asym-calib {calib.asym:g}; 0 turns it off)")
-    elif calib is not None and sch.asym_calib and is_moe(src.config) and sch.params.get("base") != "rtn":
-        notes.append(f"symmetric calibration: {sch.name}'s default --asym-calib {sch.asym_calib:g} cannot pair a "
-                     "mixture-of-experts model's float and quantized tokens")
+    elif asym_note:
+        notes.append(asym_note)
     return notes
+
+
+def _defaults_apply(sch: Scheme) -> bool:
+    """A scheme's default rotation and asymmetric calibration were measured with GPTQ: under
+    ``--base rtn`` they stay off (an explicit --rotate or --asym-calib still applies)."""
+    return sch.params.get("base") != "rtn"
 
 
 def _head_cost(src: RotatedSource, targets) -> str:
@@ -298,7 +308,7 @@ def _rotated(src: Source, sch: Scheme, seed: int, explicit: bool, skipped: list[
     unrotated, and ``skipped`` receives the reason (announced, and kept in the report)."""
     if sch.rotate == "none" or isinstance(src, RotatedSource):
         return src
-    if not explicit and sch.params.get("base") == "rtn":  # the default's gains were measured with GPTQ only
+    if not explicit and not _defaults_apply(sch):
         skipped.append(f"not rotated: {sch.name}'s default --rotate {sch.rotate} goes with GPTQ, and --base rtn "
                        "was asked (at 4 bits it lost accuracy rotated, docs/accuracy.md); --rotate hadamard forces it")
         return src

@@ -303,10 +303,10 @@ def test_refusals():
 # ---- through the conversion ------------------------------------------------------------------
 
 def test_preset_default_rotation_and_its_fallback(tmp_path):
-    """is-w4a8, w4a8-fs, w4a16-gptq and illm-w4a4 rotate by default (chosen by measurement,
-    docs/accuracy.md); ``rotate="none"`` turns it off, and ``--base rtn`` skips it.  A model the rotation does not support is quantized unrotated
-    under the default, the reason announced, reported and on the card; an explicit ``--rotate``
-    on it stops and writes nothing."""
+    """is-w4a8, w4a8-fs, w4a16-gptq, w8a8 and illm-w4a4 rotate by default (chosen by measurement,
+    docs/accuracy.md); ``rotate="none"`` turns it off, and ``--base rtn`` skips it.  A model the
+    rotation does not support is quantized unrotated under the default, the reason announced,
+    reported and on the card; an explicit ``--rotate`` on it stops and writes nothing."""
     import json
 
     from helpers import TEXT, tiny_config, write_model

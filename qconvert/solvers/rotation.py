@@ -255,7 +255,7 @@ class RotatedSource(Source):
         model_type = getattr(cfg, "model_type", None)
         if model_type not in ROTATABLE_MODEL_TYPES:
             raise RotationUnsupported(f"rotation does not support model type {model_type!r} (its norms would not fold); "
-                                f"supported: {', '.join(ROTATABLE_MODEL_TYPES)}; convert without --rotate")
+                                      f"supported: {', '.join(ROTATABLE_MODEL_TYPES)}; convert without --rotate")
         self.hidden = int(cfg.hidden_size)
         self.heads = int(cfg.num_attention_heads)
         self.kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.heads)
@@ -267,7 +267,7 @@ class RotatedSource(Source):
             recipe = _recipe(name, self.tied)
             if recipe is None:
                 raise RotationUnsupported(f"rotation does not know how to rotate tensor '{name}' of {src.description}; "
-                                    "convert without --rotate")
+                                          "convert without --rotate")
             self._recipes[name] = recipe
         missing = sorted({r.norm for r in self._recipes.values() if r.norm} - set(names))
         if EMBED not in names or missing:
