@@ -86,6 +86,15 @@ def test_integer_matmuls_are_exact():
     assert torch.equal(ri.wide_matmul(a, b), a @ b)
     small = torch.randint(-127, 128, (3, 64), generator=gen)
     assert torch.equal(ri.int8_matmul(small, b), small @ b)
+    # the CPU's float64 GEMM and torch._int_mm give the same integers, at the extremes too
+    # (every product 2^14, K = 4099: sums far beyond float32's 2^24)
+    big_a = torch.full((19, 4099), -128, dtype=torch.int8)
+    big_b = torch.full((4099, 5), -128, dtype=torch.int8)
+    big_a[1:] = torch.randint(-128, 128, (18, 4099), generator=gen, dtype=torch.int8)
+    with ri.int_mm_only():
+        strict = ri.int8_matmul(big_a, big_b)
+    assert torch.equal(ri.int8_matmul(big_a, big_b), strict)
+    assert int(strict[0, 0]) == 4099 * 2**14 and torch.equal(strict, big_a.long() @ big_b.long())
 
 
 def test_rope_table_rotation():
@@ -127,14 +136,15 @@ class _Trace(TorchFunctionMode):
 
 def test_integer_only_between_embedding_and_logits(illm_out):
     """Every torch call of forward_int returns integer or bool tensors: zero float operations per
-    token.  The same trace over forward (which converts the logits to float at the end) does
+    token (with the GEMMs on torch._int_mm; the CPU's default float64 GEMM gives equal logits).  The same trace over forward (which converts the logits to float at the end) does
     see float results, so the check can fail."""
     from qconvert import load
 
     model = load(illm_out)
     ids = torch.randint(0, 300, (1, 20), generator=torch.Generator().manual_seed(0))
-    with _Trace() as trace:
+    with _Trace() as trace, ri.int_mm_only():
         acc, scale = model.forward_int(ids[0])
+    assert torch.equal(acc, model.forward_int(ids[0])[0])  # the CPU's float64 GEMM: the same integers
     floats = [(name, d) for name, dts in trace.calls for d in dts if d.is_floating_point or d.is_complex]
     assert floats == [], floats[:5]
     assert len(trace.calls) > 1000 and acc.dtype == torch.int64 and scale.m.dtype == torch.int64

@@ -2,7 +2,8 @@
 
 Every function here takes and returns integer tensors (int8 / int32 / int64) and runs integer
 operations only: add, multiply, shifts, floor division, comparisons, min / max, and int8 x int8
--> int32 matrix products (``torch._int_mm``).  A real number is an integer v with a **dyadic
+-> int32 matrix products (``int8_matmul``: ``torch._int_mm``, or on the CPU an exact float64
+GEMM giving the same integers).  A real number is an integer v with a **dyadic
 scale** m / 2^k (``Dyadic``: m and k int64 tensors, m < 2^16 normalized so its top bit is bit 15),
 usually one scale per row (token): x ~= v * m / 2^k.  Rounding is "half up" (``rshift_round``:
 (v + 2^(s-1)) >> s) everywhere.
@@ -28,6 +29,7 @@ Operators (the names of the paper):
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -197,12 +199,35 @@ def di_silu(g: torch.Tensor, scale: Dyadic) -> torch.Tensor:
 
 
 def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a [M, K] @ b [K, N] for int8-range integers (any int dtype), int32 accumulation, as int64."""
-    a8, b8 = a.to(torch.int8).contiguous(), b.to(torch.int8).contiguous()
+    """a [M, K] @ b [K, N] for int8-range integers (any int dtype), int32 accumulation, as int64.
+
+    On CUDA (and inside ``int_mm_only()``) by ``torch._int_mm``.  On the CPU the same integers come
+    from a float64 GEMM: every product is at most 2^14 in magnitude and every partial sum an integer
+    below 2^53 (K < 2^39), so no rounding happens in any order of summation; torch's CPU
+    ``_int_mm`` is 15-60x slower on SmolLM2's shapes (docs/accuracy.md, I-LLM evaluation time)."""
+    a8, b8 = a.to(torch.int8), b.to(torch.int8)
+    if not a8.is_cuda and not _INT_MM_ONLY[0]:
+        return (a8.double() @ b8.double()).long()
+    a8, b8 = a8.contiguous(), b8.contiguous()
     m = a8.shape[0]
     if m < 17:  # torch._int_mm needs M > 16 on some backends: pad
         a8 = torch.nn.functional.pad(a8, (0, 0, 0, 17 - m))
     return torch._int_mm(a8, b8)[:m].long()
+
+
+_INT_MM_ONLY = [False]
+
+
+@contextlib.contextmanager
+def int_mm_only():
+    """Inside: ``int8_matmul`` runs ``torch._int_mm`` on the CPU too, so that every torch call
+    returns integers (the integer-only proof in tests/test_illm.py traces dtypes)."""
+    was = _INT_MM_ONLY[0]
+    _INT_MM_ONLY[0] = True
+    try:
+        yield
+    finally:
+        _INT_MM_ONLY[0] = was
 
 
 def wide_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
