@@ -93,6 +93,12 @@ def attach(module: nn.Module, transform: OnlineHadamard) -> None:
     module.forward = types.MethodType(lambda self, x, *a, **k: inner(transform(x), *a, **k), module)
 
 
+def has_online(module: nn.Module) -> bool:
+    """Whether ``module``'s input is transformed first: by ``attach`` (a loaded OUT) or ``pre_hook``
+    (calibration)."""
+    return getattr(module, "online_transform", None) is not None or hasattr(module, "online_transform_on")
+
+
 def attach_all(model: nn.Module, names: list[str], transform: OnlineHadamard) -> None:
     for name in names:
         attach(model.get_submodule(name), transform)

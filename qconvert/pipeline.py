@@ -229,9 +229,6 @@ def _prepare(source, sch: Scheme, out: Path, force: bool, resume: bool, max_shar
     else:  # streaming: one tensor at a time, handed back to the OS when done
         return_freed_memory_to_os()
     src = source if isinstance(source, Source) else resolve(source)
-    if isinstance(src, RotatedSource) and src.online is not None and sch.method == "i-llm":
-        raise QConvertError(f"--rotate hadamard+online: I-LLM's integer-only runtime has no online transform (and its "
-                            f"smoothing folds into down_proj's input); use --rotate hadamard with {sch.name}")
     src_dir = getattr(src, "directory", None) or getattr(src, "path", Path("/nonexistent")).parent
     if out == Path(os.path.abspath(src_dir)) or out in Path(os.path.abspath(src_dir)).parents:
         raise QConvertError(f"-o {out} would overwrite the source {src.description}; choose another -o")

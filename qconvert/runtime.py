@@ -118,13 +118,12 @@ def load(out: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
             t = reader.get(name)
             state[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
     runtimes = {layer.layout.model_runtime for layer in layers} - {None}
-    if runtimes and qc.get("online_rotation"):
-        raise QConvertError(f"{out} asks for an online rotation, which the integer-only runtime of its layouts "
-                            "does not have; re-quantize it with --rotate hadamard")
     if runtimes and integer:
         if len(runtimes) > 1 or any(layer.layout.model_runtime is None for layer in layers):
             raise QConvertError(f"{out} mixes layouts with and without their own model runtime; re-run quantize")
-        return runtimes.pop()(out, config, modules, state, dev)
+        whole = runtimes.pop()(out, config, modules, state, dev)
+        _attach_online(out, whole, qc.get("online_rotation"))  # the runtime reads it from down_proj
+        return whole
     for name, module in modules.items():
         module.inside_stored_model()
         set_module(model, name, module)

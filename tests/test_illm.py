@@ -97,6 +97,74 @@ def test_integer_matmuls_are_exact():
     assert int(strict[0, 0]) == 4099 * 2**14 and torch.equal(strict, big_a.long() @ big_b.long())
 
 
+@pytest.mark.parametrize("m,lp", [(20, 3), (12, 4), (1, 5)])
+def test_integer_hadamard_is_the_matrix_product(m, lp):
+    """``hadamard_rows`` is v (A (x) H_p) exactly, and over sqrt(n) the float transform of
+    qconvert_kernels/hadamard/reference.py (which the float path and the kernel use)."""
+    from qconvert.online_hadamard import OnlineHadamard
+    from qconvert_kernels.hadamard import reference as hr
+
+    t = OnlineHadamard(m << lp)
+    assert (t.m, t.lp) == (m, lp)
+    gen = torch.Generator().manual_seed(m + lp)
+    v = torch.randint(-2**30, 2**30, (5, m << lp), generator=gen)
+    h = torch.ones(1, 1, dtype=torch.int64)
+    for _ in range(lp):
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    full = torch.kron(t.sign.long(), h)
+    got = ri.hadamard_rows(v, t.sign, t.lp)
+    assert torch.equal(got, v @ full)
+    x = v[:2].double() / 2**30
+    torch.testing.assert_close(got[:2].double() / 2**30 / math.sqrt(m << lp),
+                               hr.transform(x.float(), t.sign, t.lp, t.scale).double(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="order"):
+        ri.hadamard_rows(v[:, 1:], t.sign, t.lp)
+
+
+def test_online_hadamard_in_the_integer_runtime(tiny_calib_src, tmp_path, monkeypatch):
+    """illm-w4a4 with ``--rotate hadamard+online``: down_proj's smoothing stays off (the transform
+    stands between up_proj and down_proj), the integer runtime transforms that input in integers
+    (still integer-only), its logits follow the float source, and not without the transform;
+    verify passes."""
+    from qconvert import runtime
+    from qconvert import verify as verify_mod
+    from qconvert.layouts.illm import IntegerLlama
+    from qconvert.source import resolve_source
+
+    out = tmp_path / "w4a4-online"
+    res = quantize_tiny(tiny_calib_src, out, "illm-w4a4", "--rotate", "hadamard+online")
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    assert "down_proj's input rotated online" in res.output
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["online_rotation"]["order"] == 160 and len(qc["online_rotation"]["modules"]) == 2
+    model = runtime.load(out)
+    assert isinstance(model, IntegerLlama)
+    for blk in model.model.layers:
+        assert blk.mlp.down_proj.online_transform is not None
+        assert torch.equal(blk.mlp.down_proj.smooth, torch.ones(160))  # s4 = 1
+        assert torch.equal(blk.mlp.up_proj.out_smooth, torch.ones(160))
+        assert not torch.equal(blk.mlp.gate_proj.smooth, torch.ones(64))  # the other pairs still smoothed
+    ids = torch.randint(0, 300, (1, 24), generator=torch.Generator().manual_seed(1))
+    with _Trace() as trace, ri.int_mm_only():
+        model.forward_int(ids[0])
+    assert not [n for n, dts in trace.calls for d in dts if d.is_floating_point], "a float op in forward_int"
+    assert any(n == "add_" for n, _ in trace.calls)  # the butterflies ran
+
+    want = resolve_source(str(tiny_calib_src)).load_model(torch.float32)(ids).logits
+    err = lambda y: float((y.float() - want).abs().max() / want.abs().max())  # noqa: E731
+    good = model(ids).logits
+    float_view = runtime.load(out, integer=False)(ids).logits
+    monkeypatch.setattr(runtime, "_attach_online", lambda *a: None)
+    bad = runtime.load(out)(ids).logits
+    monkeypatch.undo()
+    gap = lambda y: float((y.float() - float_view).abs().max() / float_view.abs().max())  # noqa: E731
+    print(f"vs source: integer {err(good):.4f}, float view {err(float_view):.4f}, no transform {err(bad):.4f}; "
+          f"vs float view: integer {gap(good):.4f}, no transform {gap(bad):.4f}")
+    assert err(good) < err(bad) and gap(good) < 0.5 * gap(bad), (err(good), err(bad), gap(good), gap(bad))
+    rep = verify_mod.verify(out, against=str(tiny_calib_src), save=False)
+    assert rep.ok, rep.failures
+
+
 def test_rope_table_rotation():
     cos, sin = ri.rope_table(16, 8, 10000.0)
     x = torch.randint(-2**14, 2**14, (16, 8), generator=torch.Generator().manual_seed(5))

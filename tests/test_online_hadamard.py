@@ -14,9 +14,9 @@ The transform (qconvert/online_hadamard.py) is defined by its float32 arithmetic
 * calibration sees down_proj's input transformed exactly once (Hessian and block output),
   including on the path that caches that input between stages;
 * through the CLI: the format records it, ``load`` applies it (the logits and ``verify``'s
-  down_proj SNR are wrong without it), the card says so, export and I-LLM refuse
-  it with one line and nothing written (tests/test_resume.py: a resume under another rotation,
-  hadamard+online included, is refused).
+  down_proj SNR are wrong without it), the card says so, export refuses it with one line and
+  nothing written (tests/test_resume.py: a resume under another rotation, hadamard+online
+  included, is refused; tests/test_illm.py: the integer-only runtime's own transform).
 """
 
 from __future__ import annotations
@@ -283,10 +283,3 @@ def test_cli_end_to_end(tiny, tmp_path, monkeypatch):
     exp = CliRunner().invoke(cli, ["export", str(out), "-o", str(tmp_path / "ct")])
     assert exp.exit_code == 1 and "--rotate hadamard (offline only)" in exp.output and "Traceback" not in exp.output
     assert not (tmp_path / "ct").exists()
-
-
-def test_refusals_write_nothing(tiny, tmp_path):
-    res = CliRunner().invoke(cli, ["quantize", str(tiny), "--scheme", "illm-w8a8", "--rotate", "hadamard+online",
-                                   "-o", str(tmp_path / "il"), "-q", *_calib(tiny)])
-    assert res.exit_code == 1 and "I-LLM's integer-only runtime has no online transform" in res.output
-    assert not (tmp_path / "il").exists() and not (tmp_path / "il.partial").exists()

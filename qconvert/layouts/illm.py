@@ -18,13 +18,16 @@ Per block, with every activation an integer tensor and a per-token dyadic scale:
     q, k -> int16 per token -> integer RoPE -> q int8 per token, k int8 per head (over the sequence)
     v -> int8 per head;  scores = q k^T (int32) -> DI-ClippedSoftmax -> P (15-bit) -> P v (int64)
     heads aligned to one scale -> int8 per token -> o_proj -> residual add (rescaled by shifts)
-    DI-Norm -> gate, up -> int16 per token -> integer SiLU(gate) * up -> int8 per token -> down_proj
-    -> residual add;  final DI-Norm -> lm_head (int8 per row, the embedding table when tied)
+    DI-Norm -> gate, up -> int16 per token -> integer SiLU(gate) * up [-> integer Hadamard]
+    -> int8 per token -> down_proj -> residual add;  final DI-Norm -> lm_head (int8 per row, the embedding table when tied)
 
 Constants of the model are made integer once at load time from the stored tensors: the norm
 weights (smoothing folded in by the converter) become int16 mantissas with one exponent per
 norm, the embedding and lm_head int8 rows with a dyadic scale per row, the rotary table integers
-with scale 2^-14 (reference_illm.rope_table).  The KV cache is not kept: every call runs the
+with scale 2^-14 (reference_illm.rope_table).  An OUT quantized with ``--rotate hadamard+online``
+has down_proj's weights folded with the orthogonal Q = (A (x) H) / sqrt(n): its input is transformed
+per token in integers (``ri.hadamard_rows``: sums and differences) and 1 / sqrt(n) joins the dyadic
+scale; the smoothing of that input is off then (it would act before Q, where the fold cannot see).  The KV cache is not kept: every call runs the
 whole sequence (perplexity, verification); generation recomputes the prefix.
 """
 
@@ -173,6 +176,8 @@ class IntegerLlama(nn.Module):
         self.register_buffer("head_k", hd.k)
         inv_sqrt = to_dyadic(torch.tensor(1.0 / math.sqrt(self.head_dim)))
         self.inv_sqrt_d = inv_sqrt
+        # the online transform's 1 / sqrt(n) (--rotate hadamard+online: n is the MLP's width)
+        self.inv_sqrt_i = to_dyadic(torch.tensor(1.0 / math.sqrt(config.intermediate_size)))
         theta = float(rope.get("rope_theta", getattr(config, "rope_theta", None) or 10000.0))
         self.max_positions = min(int(getattr(config, "max_position_embeddings", 4096) or 4096), 32768)
         cos, sin = ri.rope_table(self.max_positions, self.head_dim, theta)  # a constant, built here once
@@ -242,8 +247,13 @@ class IntegerLlama(nn.Module):
         u16, ru = ri.quantize_rows(tu, WIDE_QMAX)
         sg, su = rg * sg, ru * su
         a = ri.di_silu(g16, sg) * u16  # scale sg * su, |a| < 2^30
+        scale = sg * su
+        online = getattr(mlp.down_proj, "online_transform", None)  # --rotate hadamard+online (qconvert.load)
+        if online is not None:  # a (A (x) H) / sqrt(n): integers below 2^30 n, the root in the scale
+            a = ri.hadamard_rows(a, online.sign, online.lp)
+            scale = scale * self.inv_sqrt_i
         aq, ra = ri.quantize_rows(a, mlp.down_proj.act_qmax)
-        return mlp.down_proj.int_forward(aq, ra * sg * su)
+        return mlp.down_proj.int_forward(aq, ra * scale)
 
     def forward_int(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, Dyadic]:
         """Integer logits [T, V] of one sequence and their per-row dyadic scale."""

@@ -102,9 +102,10 @@ def _reproducible_attention(device: torch.device):
 
 
 def refine(block: nn.Module, feed, init: Factors, *, w_bits: int, a_bits: int, head_dim: int, reps: int,
-           steps: int, batch: int, lr: float) -> tuple[Factors, dict]:
+           steps: int, batch: int, lr: float, frozen: tuple[str, ...] = ()) -> tuple[Factors, dict]:
     """Refine ``init`` on the calibration inputs ``feed`` (list of (hidden, kwargs)); ``block``
-    holds the float weights (it is run functionally, not changed).  Returns (factors, stats)."""
+    holds the float weights (it is run functionally, not changed); the factors named in
+    ``frozen`` keep their initial values.  Returns (factors, stats)."""
     t0 = time.perf_counter()
     data = _minibatches(feed, batch)
     probe = list(range(0, len(data), max(1, len(data) // 4)))[:4]
@@ -115,10 +116,13 @@ def refine(block: nn.Module, feed, init: Factors, *, w_bits: int, a_bits: int, h
     attn, mlp = block.self_attn, block.mlp
     linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     hooks = [lin.register_forward_pre_hook(lambda m, a: (fake_quant_rows(a[0], a_bits), *a[1:])) for lin in linears]
-    theta = {k: nn.Parameter(v.detach().float().log()) for k, v in init.as_dict().items()}
+    theta = {k: nn.Parameter(v.detach().float().log()) for k, v in init.as_dict().items() if k not in frozen}
+
+    def factors() -> Factors:
+        return Factors(**{k: (theta[k].exp() if k in theta else v) for k, v in init.as_dict().items()})
 
     def loss_on(i: int) -> torch.Tensor:
-        f = Factors(**{k: p.exp() for k, p in theta.items()})
+        f = factors()
         params = {k: (fake_quant_rows(v, w_bits) if k.endswith("proj.weight") else v)
                   for k, v in smoothed_params(block, f, head_dim, reps).items()}
         hidden, kw = data[i]
@@ -144,6 +148,7 @@ def refine(block: nn.Module, feed, init: Factors, *, w_bits: int, a_bits: int, h
         for h in hooks:
             h.remove()
     kept = after < before
-    out = Factors(**{k: p.detach().exp() for k, p in theta.items()}) if kept else init
+    with torch.no_grad():
+        out = factors() if kept else init
     return out, {"loss_init": before, "loss_refined": after, "kept": kept, "steps": steps,
                  "seconds": round(time.perf_counter() - t0, 2)}

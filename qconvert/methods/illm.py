@@ -4,7 +4,8 @@ The converter's part (the layouts and their integer runtime are qconvert/layouts
 
 - **Smoothing of every activation -> weight pair** (FSBR's pairs): input norm -> q/k/v,
   v -> o (per value channel, shared by the query heads of a KV group), post-attention norm ->
-  gate/up, the SwiGLU product -> down (folded into up_proj's rows).  Per channel
+  gate/up, the SwiGLU product -> down (folded into up_proj's rows; not with ``--rotate
+  hadamard+online``, whose run-time transform of that product stands between the two).  Per channel
   s = max|X|^α / max|W|^(1-α) (SmoothQuant's rule, α = ``alpha``) from a float pass of the block
   over the calibration tokens, then folded into the norm weights and the linears: the model's
   float function is unchanged, the activations the runtime quantizes are flatter.  FSBR's
@@ -29,6 +30,7 @@ from qconvert.formats.packing import pack_int4, pad_columns
 from qconvert.layouts.illm import to_dyadic
 from qconvert.methods.base import Method, QuantizedLinear, check_solver_params, relative_weight_error
 from qconvert.methods.fsbr import expand_v, Factors, refine, smoothed_params
+from qconvert.online_hadamard import has_online
 from qconvert.solvers.gptq import gptq, relative_output_error
 from qconvert.solvers.grids import IntGrid, clip_factors
 
@@ -159,14 +161,18 @@ class ILLMMethod(Method):
         kv_out = attn.v_proj.out_features
         reps = attn.o_proj.in_features // kv_out  # query heads per KV head (GQA)
         o_cols = attn.o_proj.weight.abs().amax(dim=0)  # [heads * d]
+        # --rotate hadamard+online: down_proj reads (a / s4) Q, and its weight holds W Q already, so
+        # a smoothing of a cannot be folded (it acts before Q): s4 stays 1; Q flattens a instead
+        online = has_online(mlp.down_proj)
         f = Factors(s1=smoothing(amax["ln1"], col_max(attn.q_proj, attn.k_proj, attn.v_proj), a),
                     s2=smoothing(amax["v"], o_cols.reshape(kv_out // d, reps, d).amax(dim=1).reshape(-1), a),
                     s3=smoothing(amax["ln2"], col_max(mlp.gate_proj, mlp.up_proj), a),
-                    s4=smoothing(amax["act"], col_max(mlp.down_proj), a))
+                    s4=torch.ones_like(amax["act"]) if online else smoothing(amax["act"], col_max(mlp.down_proj), a))
         cfg = self.config
         if cfg.fsbr_steps:
             f, stats = refine(block, batches, f, w_bits=cfg.w_bits, a_bits=cfg.a_bits, head_dim=d, reps=reps,
-                              steps=cfg.fsbr_steps, batch=cfg.fsbr_batch, lr=cfg.fsbr_lr)
+                              steps=cfg.fsbr_steps, batch=cfg.fsbr_batch, lr=cfg.fsbr_lr,
+                              frozen=("s4",) if online else ())
             self._fsbr_stats[prefix] = stats
         del batches
         for name, value in smoothed_params(block, f, d, reps).items():

@@ -25,6 +25,8 @@ Operators (the names of the paper):
   integer division; integer **RoPE** (``rope``): rotation by a table of cos / sin rounded to
   integers with scale 2^-14 (``rope_table``; the table is a constant of the model built once at
   load time, like a weight, not part of the per-token computation).
+- the online **Hadamard** transform of down_proj's input (``hadamard_rows``, ``--rotate
+  hadamard+online``): additions, subtractions and sign flips, its 1 / sqrt(n) a dyadic constant.
 """
 
 from __future__ import annotations
@@ -243,6 +245,31 @@ def wide_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if bool((hi > 127).any()):
         p_hi = p_hi + int8_matmul(hi - hi_c, b)
     return (p_hi << 8) + p_lo
+
+
+def hadamard_rows(v: torch.Tensor, sign: torch.Tensor, lp: int) -> torch.Tensor:
+    """The online Hadamard transform in integers: each row of v [..., n] times A (x) H_p (entries
+    +-1; n = m * 2^lp, ``sign`` = A int8 [m, m]), unnormalized: the butterflies of the fast
+    Walsh-Hadamard transform (u, w) -> (u + w, u - w), then the +-1 combination of A's rows, the
+    order of qconvert_kernels/hadamard/reference.py.  |result| <= n max|v|; the 1 / sqrt(n) of the
+    orthogonal transform goes into the row's dyadic scale (a constant of the model)."""
+    m, p = sign.shape[0], 1 << lp
+    if v.shape[-1] != m * p:
+        raise ValueError(f"online Hadamard of order {m * p}: the input's last dimension is {v.shape[-1]}")
+    t = v.reshape(-1, m, p).to(torch.int64, copy=True)
+    rows = t.shape[0]
+    for s in range(lp):
+        h = 1 << s
+        pairs = t.view(rows, m, p // (2 * h), 2, h)
+        u, w = pairs[..., 0, :], pairs[..., 1, :]
+        first = u.clone()
+        u.add_(w)
+        w.neg_().add_(first)
+    acc = torch.zeros_like(t)
+    a = sign.to(torch.int64)
+    for i in range(m):
+        acc.add_(t[:, i: i + 1, :] * a[i].view(1, m, 1))
+    return acc.reshape(v.shape)
 
 
 def rope_table(positions: int, head_dim: int, theta: float, scaling=None) -> tuple[torch.Tensor, torch.Tensor]:
