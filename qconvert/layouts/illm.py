@@ -19,16 +19,19 @@ Per block, with every activation an integer tensor and a per-token dyadic scale:
     v -> int8 per head;  scores = q k^T (int32) -> DI-ClippedSoftmax -> P (15-bit) -> P v (int64)
     heads aligned to one scale -> int8 per token -> o_proj -> residual add (rescaled by shifts)
     DI-Norm -> gate, up -> int16 per token -> integer SiLU(gate) * up [-> integer Hadamard]
-    -> int8 per token -> down_proj -> residual add;  final DI-Norm -> lm_head (int8 per row, the embedding table when tied)
+    -> int8 per token -> down_proj -> residual add;
+    final DI-Norm -> lm_head (int8 per row, the embedding table when tied)
 
 Constants of the model are made integer once at load time from the stored tensors: the norm
 weights (smoothing folded in by the converter) become int16 mantissas with one exponent per
 norm, the embedding and lm_head int8 rows with a dyadic scale per row, the rotary table integers
-with scale 2^-14 (reference_illm.rope_table).  An OUT quantized with ``--rotate hadamard+online``
-has down_proj's weights folded with the orthogonal Q = (A (x) H) / sqrt(n): its input is transformed
-per token in integers (``ri.hadamard_rows``: sums and differences) and 1 / sqrt(n) joins the dyadic
-scale; the smoothing of that input is off then (it would act before Q, where the fold cannot see).  The KV cache is not kept: every call runs the
+with scale 2^-14 (reference_illm.rope_table).  The KV cache is not kept: every call runs the
 whole sequence (perplexity, verification); generation recomputes the prefix.
+
+An OUT quantized with ``--rotate hadamard+online`` has down_proj's weights folded with the
+orthogonal Q = (A (x) H) / sqrt(n): its input is transformed per token in integers
+(``ri.hadamard_rows``: sums and differences) and 1 / sqrt(n) joins the dyadic scale; the smoothing
+of that input is off then (it would act before Q, where the folded weight cannot follow it).
 """
 
 from __future__ import annotations
