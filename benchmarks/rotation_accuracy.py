@@ -63,6 +63,8 @@ ROWS = [
     ("illm-w8a8-hadamard-10w", "illm-w8a8", "hadamard", {}, 10),
     # the integer runtime's own online transform (integer Hadamard before down_proj)
     ("illm-w4a4-online", "illm-w4a4", "hadamard+online", {}, 40),
+    ("illm-w4a8-online", "illm-w4a8", "hadamard+online", {}, 40),
+    ("illm-w8a8-online", "illm-w8a8", "hadamard+online", {}, 40),
     ("is-w4a8-random", "is-w4a8", "random", {}, 40),
     # --rotate hadamard+online (the run-time Hadamard before down_proj); "all4": down_proj in W4A4 too
     ("is-w4a8-online", "is-w4a8", "hadamard+online", {}, 40),
