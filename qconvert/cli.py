@@ -111,7 +111,8 @@ def cli(ctx, debug):
               help="Rotate the residual stream before quantizing (QuaRot-style, folded into the weights: no run-time "
                    "cost; fewer outliers, lower error at 4 bits). hadamard+online also rotates down_proj's input at "
                    "run time (a fast Hadamard transform per token; for 4-bit activations). Default: the scheme's "
-                   "(hadamard for is-w4a8, w4a8-fs, w4a16-gptq, w8a8 and illm-w4a4, none for the others).")
+                   "(hadamard for is-w4a8, w4a8-fs, w4a16-gptq and w8a8, hadamard+online for the illm-* "
+                   "schemes, none for the others).")
 @click.option("--rotate-seed", default=0, show_default=True, type=click.IntRange(min=0),
               help="Seed of the rotation's random signs (hadamard) or matrices (random).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path),
@@ -258,7 +259,7 @@ def inspect(out, as_json):
         click.echo(f"rotated before quantization: {rot.get('mode')}, seed {rot.get('seed')}"
                    + (f"; down_proj's input rotated at run time (Hadamard {online['order']} = {online['m']} x "
                       f"{online['p']}, {len(online.get('modules') or [])} layers)" if online else ""))
-    elif report.get("rotation_skipped"):
+    if report.get("rotation_skipped"):
         click.echo(report["rotation_skipped"])
 
 

@@ -13,3 +13,9 @@ class QConvertError(Exception):
 class RotationUnsupported(QConvertError):
     """The model cannot be rotated (its architecture, a tensor or a size qconvert has no rotation
     for): an explicit ``--rotate`` stops with it; a scheme's default rotation is skipped instead."""
+
+
+class OnlineUnsupported(RotationUnsupported):
+    """The model can be rotated offline but has no online transform before ``down_proj`` (a mixture
+    of experts, an intermediate size with no Hadamard order): a scheme's default ``hadamard+online``
+    keeps the offline rotation then."""

@@ -171,8 +171,8 @@ def _scheme_rows(qc: dict, report: dict) -> list[tuple[str, str]]:
             rows.append(("online rotation", f"down_proj's input is rotated at run time by a Hadamard transform of order "
                                             f"{online.get('order')} ({online.get('m')} x {online.get('p')}; qconvert's "
                                             "runtime and kernels apply it, compressed-tensors cannot carry it)"))
-    elif report.get("rotation_skipped"):
-        rows.append(("rotation", report["rotation_skipped"]))
+    if report.get("rotation_skipped"):  # the default not applied (in part: the online transform)
+        rows.append(("online rotation" if rot else "rotation", report["rotation_skipped"]))
     base = cfg.get("base")
     calib = report.get("calibration")
     if base == "gptq":

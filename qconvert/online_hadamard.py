@@ -31,7 +31,7 @@ import types
 import torch
 from torch import nn
 
-from qconvert.errors import QConvertError
+from qconvert.errors import OnlineUnsupported, QConvertError
 from qconvert.solvers.hadamard import _elementary, _paley_kind, hadamard
 
 KIND = "hadamard"
@@ -56,7 +56,7 @@ class OnlineHadamard:
     def __init__(self, n: int, where: str = "the MLP's intermediate size"):
         split = split_order(n)
         if split is None:
-            raise QConvertError(f"no online Hadamard transform of order {n} ({where}): qconvert builds m x 2^k with "
+            raise OnlineUnsupported(f"no online Hadamard transform of order {n} ({where}): qconvert builds m x 2^k with "
                                 "m = 1, 12, 20, 28, 36, ...; use --rotate hadamard (offline only)")
         self.n, (self.m, self.lp) = n, split
         a = _elementary(self.m) if self.m > 1 else torch.ones(1, 1, dtype=torch.float64)

@@ -25,7 +25,7 @@ from qconvert import __version__, placement
 from qconvert._memory import return_freed_memory_to_os, reuse_freed_memory
 from qconvert.calibration_text import CalibSettings
 from qconvert.block_walk import BATCH_TOKENS, CALIB_DIR, Calibrator
-from qconvert.errors import QConvertError, RotationUnsupported
+from qconvert.errors import OnlineUnsupported, QConvertError, RotationUnsupported
 from qconvert.journal import Journal, fault_point
 from qconvert.formats.native import FORMAT_NAME, FORMAT_VERSION, is_native, write_manifest
 from qconvert.formats.safetensors_io import ShardedWriter
@@ -276,7 +276,7 @@ def _plan_notes(src, targets, skipped, calib, asym_note) -> list[str]:
             notes.append("down_proj's input rotated online")
         if src.untied:
             notes.append(f"lm_head untied from the embedding ({_head_cost(src, targets)}; --rotate none keeps it tied)")
-    elif skipped:
+    if skipped:
         notes.append(skipped[-1])
     if calib is not None and calib.asym:
         notes.append(f"each layer aimed at the float model's output (--asym-calib {calib.asym:g}; 0 turns it off)")
@@ -302,7 +302,8 @@ def _head_cost(src: RotatedSource, targets) -> str:
 def _rotated(src: Source, sch: Scheme, seed: int, explicit: bool, skipped: list[str]) -> Source:
     """``src`` rotated as the scheme says (``--rotate``), or ``src`` itself.  A model the rotation
     does not support stops an ``explicit`` ``--rotate``; under the scheme's default it is quantized
-    unrotated, and ``skipped`` receives the reason (announced, and kept in the report)."""
+    unrotated (or, when only the online transform does not apply, rotated offline), and ``skipped``
+    receives the reason (announced, and kept in the report)."""
     if sch.rotate == "none" or isinstance(src, RotatedSource):
         return src
     if not explicit and not _defaults_apply(sch):
@@ -315,6 +316,10 @@ def _rotated(src: Source, sch: Scheme, seed: int, explicit: bool, skipped: list[
     except RotationUnsupported as e:
         if explicit:
             raise
+        if isinstance(e, OnlineUnsupported):
+            skipped.append(f"online transform skipped: {sch.name}'s default --rotate {sch.rotate} does not apply "
+                           f"({str(e).split(': ')[0]}); rotated offline only")
+            return RotatedSource(src, mode, seed)
         skipped.append(f"not rotated: {sch.name}'s default --rotate {sch.rotate} does not apply ({str(e).split('; ')[0]})")
         return src
 

@@ -122,7 +122,7 @@ def test_integer_hadamard_is_the_matrix_product(m, lp):
 
 
 def test_online_hadamard_in_the_integer_runtime(tiny_calib_src, tmp_path, monkeypatch):
-    """illm-w4a4 with ``--rotate hadamard+online``: down_proj's smoothing stays off (the transform
+    """illm-w4a4 (its default ``--rotate hadamard+online``): down_proj's smoothing stays off (the transform
     stands between up_proj and down_proj), the integer runtime transforms that input in integers
     (still integer-only), its logits follow the float source, and not without the transform;
     verify passes."""
@@ -132,7 +132,7 @@ def test_online_hadamard_in_the_integer_runtime(tiny_calib_src, tmp_path, monkey
     from qconvert.source import resolve_source
 
     out = tmp_path / "w4a4-online"
-    res = quantize_tiny(tiny_calib_src, out, "illm-w4a4", "--rotate", "hadamard+online")
+    res = quantize_tiny(tiny_calib_src, out, "illm-w4a4")  # the preset's default
     assert res.exit_code == 0, res.output + repr(res.exception)
     assert "down_proj's input rotated online" in res.output
     qc = json.loads((out / "config.json").read_text())["quantization_config"]

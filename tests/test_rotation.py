@@ -303,10 +303,11 @@ def test_refusals():
 # ---- through the conversion ------------------------------------------------------------------
 
 def test_preset_default_rotation_and_its_fallback(tmp_path):
-    """is-w4a8, w4a8-fs, w4a16-gptq, w8a8 and illm-w4a4 rotate by default (chosen by measurement,
-    docs/accuracy.md); ``rotate="none"`` turns it off, and ``--base rtn`` skips it.  A model the
-    rotation does not support is quantized unrotated under the default, the reason announced,
-    reported and on the card; an explicit ``--rotate`` on it stops and writes nothing."""
+    """is-w4a8, w4a8-fs, w4a16-gptq and w8a8 rotate by default, the I-LLM presets with the online
+    transform too (chosen by measurement, docs/accuracy.md); ``rotate="none"`` turns it off,
+    and ``--base rtn`` skips it.  A model the rotation does not support is quantized unrotated
+    under the default, the reason announced, reported and on the card; an explicit ``--rotate`` on
+    it stops and writes nothing."""
     import json
 
     from helpers import TEXT, tiny_config, write_model
@@ -316,9 +317,10 @@ def test_preset_default_rotation_and_its_fallback(tmp_path):
     from qconvert.schemes_registry import list_presets
 
     defaults = {s.name: s.rotate for s in list_presets()}
-    rotated = {"is-w4a8", "w4a8-fs", "w4a16-gptq", "illm-w4a4", "w8a8"}
+    online = {"illm-w4a4", "illm-w4a8", "illm-w8a8"}
+    rotated = {"is-w4a8", "w4a8-fs", "w4a16-gptq", "w8a8", *online}
     assert {n for n, r in defaults.items() if r != "none"} == rotated
-    assert {defaults[n] for n in rotated} == {"hadamard"}
+    assert {defaults[n] for n in rotated - online} == {"hadamard"} and {defaults[n] for n in online} == {"hadamard+online"}
 
     def report(out):
         return json.loads((out / "qconvert.json").read_text())
@@ -360,6 +362,36 @@ def test_preset_default_rotation_and_its_fallback(tmp_path):
                  rotate="hadamard")
     assert not (tmp_path / "odd2").exists() and not (tmp_path / "odd2.partial").exists()
 
+
+
+def test_default_online_transform_falls_back_to_offline(tmp_path):
+    """illm-w4a4's default ``hadamard+online`` on a model whose intermediate size (90) has no
+    Hadamard order: rotated offline only, and the quantize line, the report, ``inspect`` and the
+    card say why; an explicit ``--rotate hadamard+online`` stops with the reason and writes nothing."""
+    import json
+
+    from click.testing import CliRunner
+    from helpers import TEXT, quantize_tiny, tiny_config, write_model
+    from qconvert.cli import cli
+    from qconvert.hub import model_card
+
+    src = write_model(tmp_path / "m90", tiny_config(intermediate=90))
+    (tmp_path / "calib.txt").write_text(TEXT)
+    res = quantize_tiny(src, tmp_path / "o", "illm-w4a4")
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    report = json.loads((tmp_path / "o" / "qconvert.json").read_text())
+    why = report["rotation_skipped"]
+    assert why.startswith("online transform skipped: illm-w4a4's default --rotate hadamard+online")
+    assert "order 90" in why and why.endswith("rotated offline only")
+    assert report["rotation"]["mode"] == "hadamard" and "online" not in report["rotation"]
+    assert "online_rotation" not in json.loads((tmp_path / "o" / "config.json").read_text())["quantization_config"]
+    assert "residual stream rotated (hadamard, seed 0)" in res.output and why in res.output
+    assert f"| online rotation | {why} |" in model_card(tmp_path / "o")
+    shown = CliRunner().invoke(cli, ["inspect", str(tmp_path / "o")])
+    assert "rotated before quantization: hadamard, seed 0" in shown.output and why in shown.output
+    res = quantize_tiny(src, tmp_path / "o2", "illm-w4a4", "--rotate", "hadamard+online")
+    assert res.exit_code != 0 and "no online Hadamard transform of order 90" in res.output
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "o2.partial").exists()
 
 def test_quantize_reads_a_rotated_source(checkpoints, tmp_path):
     """The pipeline takes a RotatedSource as any Source: the untied head is stored, the norms are ones."""

@@ -250,13 +250,12 @@ class IntegerLlama(nn.Module):
         u16, ru = ri.quantize_rows(tu, WIDE_QMAX)
         sg, su = rg * sg, ru * su
         a = ri.di_silu(g16, sg) * u16  # scale sg * su, |a| < 2^30
-        scale = sg * su
         online = getattr(mlp.down_proj, "online_transform", None)  # --rotate hadamard+online (qconvert.load)
         if online is not None:  # a (A (x) H) / sqrt(n): integers below 2^30 n, the root in the scale
             a = ri.hadamard_rows(a, online.sign, online.lp)
-            scale = scale * self.inv_sqrt_i
         aq, ra = ri.quantize_rows(a, mlp.down_proj.act_qmax)
-        return mlp.down_proj.int_forward(aq, ra * scale)
+        scale = ra * sg * su  # dyadic products round: this order is the format's (tests/test_golden.py)
+        return mlp.down_proj.int_forward(aq, scale if online is None else scale * self.inv_sqrt_i)
 
     def forward_int(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, Dyadic]:
         """Integer logits [T, V] of one sequence and their per-row dyadic scale."""

@@ -44,7 +44,7 @@ from functools import cached_property
 
 import torch
 
-from qconvert.errors import QConvertError, RotationUnsupported
+from qconvert.errors import OnlineUnsupported, QConvertError, RotationUnsupported
 from qconvert.architectures import DECODER_LAYERS
 from qconvert.solvers.hadamard import _dense_blocks, _no_hadamard, hadamard, hadamard_factors, has_hadamard  # noqa: F401
 from qconvert.source import Source
@@ -383,7 +383,7 @@ class RotatedSource(Source):
         if self.mode != "hadamard":
             raise QConvertError("the online transform goes with --rotate hadamard+online only, not with random rotations")
         if any(".experts." in n or "block_sparse_moe" in n or "shared_expert" in n for n in names):
-            raise QConvertError(f"--rotate hadamard+online handles dense MLPs; {self.description} is a mixture of "
+            raise OnlineUnsupported(f"--rotate hadamard+online handles dense MLPs; {self.description} is a mixture of "
                                 "experts: use --rotate hadamard")
         width = int(getattr(self.src.config, "intermediate_size", 0) or 0)
         return OnlineHadamard(width, f"the intermediate_size of {self.description}")
