@@ -36,8 +36,16 @@ def transform(x: torch.Tensor, sign: torch.Tensor, lp: int, scale: float) -> tor
     if x.shape[-1] != m * p:
         raise ValueError(f"online Hadamard of order {m * p}: the input's last dimension is {x.shape[-1]}")
     shape = x.shape
-    t = x.reshape(-1, m, p).to(torch.float32, copy=True)  # worked on in place
-    rows = t.shape[0]
+    y = unnormalized(x.reshape(-1, m, p).to(torch.float32, copy=True), sign, lp)
+    y = y.mul_(torch.tensor(scale, dtype=torch.float32))
+    return y.reshape(shape).to(x.dtype)
+
+
+def unnormalized(t: torch.Tensor, sign: torch.Tensor, lp: int) -> torch.Tensor:
+    """``t [rows, m, 2^lp]`` (changed in place) times A (x) H_p, unnormalized, in t's dtype: the
+    butterflies (u, v) -> (u + v, u - v) over the last dimension, then the +-1 combination of A's
+    rows.  Shared by ``transform`` (float32) and the I-LLM runtime's integer transform (int64)."""
+    rows, m, p = t.shape
     for s in range(lp):
         h = 1 << s
         pairs = t.view(rows, m, p // (2 * h), 2, h)
@@ -46,9 +54,8 @@ def transform(x: torch.Tensor, sign: torch.Tensor, lp: int, scale: float) -> tor
         u.add_(v)  # u + v
         v.neg_().add_(first)  # (-v) + u: the same rounding (and signed zeros) as u - v
     acc = torch.zeros_like(t)
-    sign_f = sign.to(torch.float32)
+    sign_t = sign.to(t.dtype)
     for a in range(m):
         # acc + t[a] * (+-1): the product is exact, so one rounding, as acc +- t[a]
-        acc.addcmul_(t[:, a : a + 1, :], sign_f[a].view(1, m, 1))
-    y = acc.mul_(torch.tensor(scale, dtype=torch.float32))
-    return y.reshape(shape).to(x.dtype)
+        acc.addcmul_(t[:, a : a + 1, :], sign_t[a].view(1, m, 1))
+    return acc

@@ -37,6 +37,8 @@ from dataclasses import dataclass
 
 import torch
 
+from qconvert_kernels.hadamard.reference import unnormalized
+
 MANT = 16  # mantissa bits of a dyadic scale
 EXP_F = 16  # fractional bits of DI-Exp's fixed-point argument and result
 EXP_A = round(0.6602 * 2**EXP_F)  # 2^f ~= 1 + a f + (1 - a) f^2 on [0, 1)
@@ -256,20 +258,7 @@ def hadamard_rows(v: torch.Tensor, sign: torch.Tensor, lp: int) -> torch.Tensor:
     m, p = sign.shape[0], 1 << lp
     if v.shape[-1] != m * p:
         raise ValueError(f"online Hadamard of order {m * p}: the input's last dimension is {v.shape[-1]}")
-    t = v.reshape(-1, m, p).to(torch.int64, copy=True)
-    rows = t.shape[0]
-    for s in range(lp):
-        h = 1 << s
-        pairs = t.view(rows, m, p // (2 * h), 2, h)
-        u, w = pairs[..., 0, :], pairs[..., 1, :]
-        first = u.clone()
-        u.add_(w)
-        w.neg_().add_(first)
-    acc = torch.zeros_like(t)
-    a = sign.to(torch.int64)
-    for i in range(m):
-        acc.add_(t[:, i: i + 1, :] * a[i].view(1, m, 1))
-    return acc.reshape(v.shape)
+    return unnormalized(v.reshape(-1, m, p).to(torch.int64, copy=True), sign, lp).reshape(v.shape)
 
 
 def rope_table(positions: int, head_dim: int, theta: float, scaling=None) -> tuple[torch.Tensor, torch.Tensor]:
