@@ -56,8 +56,8 @@ class OnlineHadamard:
     def __init__(self, n: int, where: str = "the MLP's intermediate size"):
         split = split_order(n)
         if split is None:
-            raise OnlineUnsupported(f"no online Hadamard transform of order {n} ({where}): qconvert builds m x 2^k with "
-                                "m = 1, 12, 20, 28, 36, ...; use --rotate hadamard (offline only)")
+            raise OnlineUnsupported(f"no online Hadamard transform of order {n} ({where}): qconvert builds m x 2^k "
+                                    "with m = 1, 12, 20, 28, 36, ...; use --rotate hadamard (offline only)")
         self.n, (self.m, self.lp) = n, split
         a = _elementary(self.m) if self.m > 1 else torch.ones(1, 1, dtype=torch.float64)
         self.sign = a.to(torch.int8).contiguous()

@@ -363,7 +363,6 @@ def test_preset_default_rotation_and_its_fallback(tmp_path):
     assert not (tmp_path / "odd2").exists() and not (tmp_path / "odd2.partial").exists()
 
 
-
 def test_default_online_transform_falls_back_to_offline(tmp_path):
     """illm-w4a4's default ``hadamard+online`` on a model whose intermediate size (90) has no
     Hadamard order: rotated offline only, and the quantize line, the report, ``inspect`` and the
@@ -392,6 +391,7 @@ def test_default_online_transform_falls_back_to_offline(tmp_path):
     res = quantize_tiny(src, tmp_path / "o2", "illm-w4a4", "--rotate", "hadamard+online")
     assert res.exit_code != 0 and "no online Hadamard transform of order 90" in res.output
     assert not (tmp_path / "o2").exists() and not (tmp_path / "o2.partial").exists()
+
 
 def test_quantize_reads_a_rotated_source(checkpoints, tmp_path):
     """The pipeline takes a RotatedSource as any Source: the untied head is stored, the norms are ones."""

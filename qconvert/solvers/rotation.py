@@ -383,8 +383,8 @@ class RotatedSource(Source):
         if self.mode != "hadamard":
             raise QConvertError("the online transform goes with --rotate hadamard+online only, not with random rotations")
         if any(".experts." in n or "block_sparse_moe" in n or "shared_expert" in n for n in names):
-            raise OnlineUnsupported(f"--rotate hadamard+online handles dense MLPs; {self.description} is a mixture of "
-                                "experts: use --rotate hadamard")
+            raise OnlineUnsupported(f"--rotate hadamard+online handles dense MLPs; {self.description} is a mixture "
+                                    "of experts: use --rotate hadamard")
         width = int(getattr(self.src.config, "intermediate_size", 0) or 0)
         return OnlineHadamard(width, f"the intermediate_size of {self.description}")
 

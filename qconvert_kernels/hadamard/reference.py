@@ -32,20 +32,19 @@ import torch
 def transform(x: torch.Tensor, sign: torch.Tensor, lp: int, scale: float) -> torch.Tensor:
     """``x [..., n]`` transformed over its last dimension (see the module docstring); ``sign``
     is A (int8 [m, m], +-1), ``n = m << lp``; ``scale`` a float32 value. Returns x's dtype."""
+    y = unnormalized(x, sign, lp, torch.float32)
+    return y.mul_(torch.tensor(scale, dtype=torch.float32)).to(x.dtype)
+
+
+def unnormalized(x: torch.Tensor, sign: torch.Tensor, lp: int, dtype: torch.dtype) -> torch.Tensor:
+    """Each row of ``x [..., n]`` times A (x) H_p, unnormalized, computed in ``dtype`` (x is not
+    changed): the butterflies (u, v) -> (u + v, u - v), then the +-1 combination of A's rows.
+    Shared by ``transform`` (float32) and the I-LLM runtime's integer transform (int64)."""
     m, p = sign.shape[0], 1 << lp
     if x.shape[-1] != m * p:
         raise ValueError(f"online Hadamard of order {m * p}: the input's last dimension is {x.shape[-1]}")
-    shape = x.shape
-    y = unnormalized(x.reshape(-1, m, p).to(torch.float32, copy=True), sign, lp)
-    y = y.mul_(torch.tensor(scale, dtype=torch.float32))
-    return y.reshape(shape).to(x.dtype)
-
-
-def unnormalized(t: torch.Tensor, sign: torch.Tensor, lp: int) -> torch.Tensor:
-    """``t [rows, m, 2^lp]`` (changed in place) times A (x) H_p, unnormalized, in t's dtype: the
-    butterflies (u, v) -> (u + v, u - v) over the last dimension, then the +-1 combination of A's
-    rows.  Shared by ``transform`` (float32) and the I-LLM runtime's integer transform (int64)."""
-    rows, m, p = t.shape
+    t = x.reshape(-1, m, p).to(dtype, copy=True)  # worked on in place
+    rows = t.shape[0]
     for s in range(lp):
         h = 1 << s
         pairs = t.view(rows, m, p // (2 * h), 2, h)
@@ -58,4 +57,4 @@ def unnormalized(t: torch.Tensor, sign: torch.Tensor, lp: int) -> torch.Tensor:
     for a in range(m):
         # acc + t[a] * (+-1): the product is exact, so one rounding, as acc +- t[a]
         acc.addcmul_(t[:, a : a + 1, :], sign_t[a].view(1, m, 1))
-    return acc
+    return acc.reshape(x.shape)

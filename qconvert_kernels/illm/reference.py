@@ -255,10 +255,7 @@ def hadamard_rows(v: torch.Tensor, sign: torch.Tensor, lp: int) -> torch.Tensor:
     Walsh-Hadamard transform (u, w) -> (u + w, u - w), then the +-1 combination of A's rows, the
     order of qconvert_kernels/hadamard/reference.py.  |result| <= n max|v|; the 1 / sqrt(n) of the
     orthogonal transform goes into the row's dyadic scale (a constant of the model)."""
-    m, p = sign.shape[0], 1 << lp
-    if v.shape[-1] != m * p:
-        raise ValueError(f"online Hadamard of order {m * p}: the input's last dimension is {v.shape[-1]}")
-    return unnormalized(v.reshape(-1, m, p).to(torch.int64, copy=True), sign, lp).reshape(v.shape)
+    return unnormalized(v, sign, lp, torch.int64)
 
 
 def rope_table(positions: int, head_dim: int, theta: float, scaling=None) -> tuple[torch.Tensor, torch.Tensor]:
