@@ -5,6 +5,8 @@
 #
 #   bash benchmarks/gpu_check.sh            # results in benchmarks/results/gpu/
 #   OUT=/some/dir bash benchmarks/gpu_check.sh
+#   COMMIT=$(git rev-parse --short HEAD) OUT=$OUT bash benchmarks/gpu_check.sh   # a tree copied without .git
+#   PYTHON=/path/to/python bash benchmarks/gpu_check.sh   # default: python3 or python, whichever imports torch
 #
 # Five parts, in this order, each under its own time budget (seconds, overridable as
 # BUDGET_A..BUDGET_E), about 8 minutes in all on an H200; every part writes its files under
@@ -23,6 +25,15 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 out="${OUT:-benchmarks/results/gpu}"
+# the interpreter that holds torch (the GPU image names it python3 and may have no plain python);
+# PYTHON overrides
+if [ -z "${PYTHON:-}" ]; then
+  for c in python3 python; do
+    if command -v "$c" > /dev/null && "$c" -c "import torch" 2> /dev/null; then PYTHON=$c; break; fi
+  done
+fi
+PYTHON=${PYTHON:-python3}
+export PYTHON
 mkdir -p "$out"
 : > "$out/parts.txt"
 
@@ -35,41 +46,46 @@ part() {  # part NAME BUDGET COMMAND...: run under a time budget, log, record st
   echo "part $name: rc=$rc ($((SECONDS - t0)) s of $budget s)" | tee -a "$out/parts.txt"
 }
 
-part_a() {
+part_a() {  # the environment block's and the tests' failures both count (pipefail: tee's status hides nothing)
+  set -o pipefail
+  local rc=0
   {
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    # the device copy of the tree may carry no .git: COMMIT, set by the caller, names the commit then
+    echo "commit: ${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1 | sed 's/^/gpu: /'
-    python -c "import torch, cupy; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cupy', cupy.__version__)"
-  } | tee "$out/gpu.txt"
+    "$PYTHON" -c "import torch, cupy; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cupy', cupy.__version__)"
+  } | tee "$out/gpu.txt" || rc=1
   # every GPU test file (tests/test_*_gpu.py: kernels against their references, the engine, GPU quantize)
-  python -m pytest -q -rs tests/test_*_gpu.py --junitxml "$out/kernels_gpu.xml" 2>&1 | tee "$out/kernels_gpu.log"
+  "$PYTHON" -m pytest -q -rs tests/test_*_gpu.py --junitxml "$out/kernels_gpu.xml" 2>&1 | tee "$out/kernels_gpu.log" || rc=1
+  return $rc
 }
 
-part_b() {
-  local plot=()
-  python -c "import matplotlib" 2>/dev/null && plot=(--plot "$out/kernels.png")
-  python -m qconvert.cli bench --kernels --shapes llama3-8b --m 1,16,256,4096 --json "$out/kernels.json" "${plot[@]}"
-  python benchmarks/roofline.py --devices H200 --json "$out/roofline.json"
+part_b() {  # a failed kernel bench fails the part even though the roofline after it runs
+  local plot=() rc=0
+  "$PYTHON" -c "import matplotlib" 2>/dev/null && plot=(--plot "$out/kernels.png")
+  "$PYTHON" -m qconvert.cli bench --kernels --shapes llama3-8b --m 1,16,256,4096 --json "$out/kernels.json" "${plot[@]}" || rc=1
+  "$PYTHON" benchmarks/roofline.py --devices H200 --json "$out/roofline.json" || rc=1
+  return $rc
 }
 
 part_c() {
-  python -m qconvert.cli bench --synthetic llama3-8b --scheme is-w4a8 --batch 1,16 --budget-s "$((BUDGET_C - 20))" \
+  "$PYTHON" -m qconvert.cli bench --synthetic llama3-8b --scheme is-w4a8 --batch 1,16 --budget-s "$((BUDGET_C - 20))" \
     --json "$out/e2e_llama3-8b.json"
 }
 
 part_d() {
-  python benchmarks/quantize_speed.py gpu --layers 4 --budget-s "$((BUDGET_D - 20))" --json "$out/quantize.json"
+  "$PYTHON" benchmarks/quantize_speed.py gpu --layers 4 --budget-s "$((BUDGET_D - 20))" --json "$out/quantize.json"
 }
 
 part_e() {
   local rc=0
   # first, as it is short (2 orders x 4 M, 20 timed calls each); the benches below fill most of the budget
-  python benchmarks/hadamard_speed.py --json "$out/hadamard.json" || rc=1  # --rotate hadamard+online's transform
-  python -m qconvert.cli bench --kernels --scheme quik-w4a4 --m 1,16,256,4096 --json "$out/kernels_quik.json" || rc=1
-  python -m qconvert.cli bench --kernels --scheme illm-w8a8 --m 1,16,256,4096 --json "$out/kernels_illm.json" || rc=1
-  if python -c "import torch, sys; sys.exit(torch.cuda.get_device_capability() < (8, 9))"; then
-    python -m qconvert.cli bench --kernels --scheme zqfp-w4a8 --m 1,16,256,4096 --json "$out/kernels_zqfp.json" || rc=1
+  "$PYTHON" benchmarks/hadamard_speed.py --json "$out/hadamard.json" || rc=1  # --rotate hadamard+online's transform
+  "$PYTHON" -m qconvert.cli bench --kernels --scheme quik-w4a4 --m 1,16,256,4096 --json "$out/kernels_quik.json" || rc=1
+  "$PYTHON" -m qconvert.cli bench --kernels --scheme illm-w8a8 --m 1,16,256,4096 --json "$out/kernels_illm.json" || rc=1
+  if "$PYTHON" -c "import torch, sys; sys.exit(torch.cuda.get_device_capability() < (8, 9))"; then
+    "$PYTHON" -m qconvert.cli bench --kernels --scheme zqfp-w4a8 --m 1,16,256,4096 --json "$out/kernels_zqfp.json" || rc=1
   fi
   return $rc
 }

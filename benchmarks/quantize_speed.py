@@ -86,6 +86,7 @@ def _spec(args, work: Path) -> dict:
         calib.update(source="self")
     else:
         device = args.device or "cuda"
+        _check_device(device)  # before the checkpoint is written: a missing GPU costs seconds, not minutes
         source, ckpt_bytes = _synthetic_checkpoint(work / f"src-{args.shape}-{args.layers or 'all'}", args.shape,
                                                    args.layers, device)
         calib.update(source="file", data_file=str(Path(source) / "calib.txt"))
@@ -97,6 +98,17 @@ def _spec(args, work: Path) -> dict:
     if args.run == "gpu":
         spec.update(checkpoint_bytes=ckpt_bytes, shape=args.shape, layers=args.layers)
     return spec
+
+
+def _check_device(device: str) -> None:
+    from qconvert.errors import QConvertError
+    from qconvert.placement import resolve_device
+
+    if device != "cpu":
+        try:
+            resolve_device(device)
+        except QConvertError as e:
+            raise SystemExit(f"quantize_speed.py gpu: {e}") from None
 
 
 def _run_child(spec: dict, work: Path) -> dict:

@@ -111,11 +111,14 @@ class HostFactories(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in FACTORIES and kwargs.get("device") is None:
-            frame = inspect.currentframe().f_back
-            while frame is not None and TORCH_DIR in Path(frame.f_code.co_filename).resolve().parents:
-                frame = frame.f_back  # torch's own Python wrappers
+            frame, optimizer = inspect.currentframe().f_back, False
+            while frame is not None and TORCH_DIR in (path := Path(frame.f_code.co_filename).resolve()).parents:
+                optimizer |= TORCH_DIR / "optim" in path.parents
+                frame = frame.f_back  # torch's own Python wrappers (nn.Linear(...) makes its weight here)
             path = Path(frame.f_code.co_filename).resolve() if frame is not None else None
-            if path is not None and QCONVERT in path.parents:
+            # torch.optim keeps a non-capturable optimizer's step count on the host by design (torch
+            # 2.11's Adam makes it with a factory; FSBR's refinement steps one)
+            if path is not None and QCONVERT in path.parents and not optimizer:
                 self.calls.append(f"{path.relative_to(QCONVERT.parent)}:{frame.f_code.co_name}")
         return func(*args, **kwargs)
 
