@@ -30,9 +30,13 @@ def main(argv=None) -> int:
     rows = roofline.table(devices=args.devices, ms=args.m, g=args.group_size)
     print("PREDICTIONS from a model (qconvert_kernels/roofline.py), not measurements.")
     print(roofline.format_table(rows))
+    block = roofline.block_table(rows)
+    print("\nOne Llama-3-8B decoder block's seven linears (PREDICTED): one W4A8-IS GEMM each, q/k/v and gate/up "
+          "joined (qconvert.runtime.fuse_siblings), cuBLAS FP16 one each")
+    print(roofline.format_block_table(block))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"kind": "roofline-prediction", "group_size": args.group_size,
-                                     "assumptions": roofline.assumptions(), "rows": rows}, indent=2) + "\n")
+                                     "assumptions": roofline.assumptions(), "rows": rows, "block": block}, indent=2) + "\n")
     print(f"json: {args.json}")
     return 0
 

@@ -526,7 +526,7 @@ def _result(target: str, original: str, dev, dtype, fp: dict, q: dict, budget: B
 
 
 def out_bench(out: Path, device: str | None = None, prefill: int = 2048, new_tokens: int = 128, batches=(1, 16, 64),
-              repeats: int = 3, against: str | None = None, budget_s: float | None = None) -> dict:
+              repeats: int = 3, against: str | None = None, budget_s: float | None = None, fuse: bool = True) -> dict:
     """Quantized OUT against its float original, on one device, one after the other."""
     from qconvert.formats.native import read_quant_config
     from qconvert.layouts import get_layout
@@ -547,7 +547,8 @@ def out_bench(out: Path, device: str | None = None, prefill: int = 2048, new_tok
             raise QConvertError(f"{out}/qconvert.json does not name the source; pass --against SOURCE")
     budget = Budget(budget_s)
     kw = dict(prefill=prefill, new_tokens=new_tokens, batches=batches, repeats=repeats)
-    model = load(out, device=str(dev), dtype=dtype, integer=False)  # integer=False: only integer-only layouts differ
+    # integer=False: only integer-only layouts differ
+    model = load(out, device=str(dev), dtype=dtype, integer=False, fuse=fuse)
     note = None
     if integer_only:
         note = ("integer-only OUT: timed as the float model with the same quantized linears (the engine needs a "
@@ -556,6 +557,7 @@ def out_bench(out: Path, device: str | None = None, prefill: int = 2048, new_tok
     src = resolve_source(against)
     fp = _speeds(src.load_model(dtype).to(dev).eval(), dev, kw, budget)
     result = _result(str(out), getattr(src, "description", str(against)), dev, dtype, fp, q, budget)
+    result["fused_groups"] = fused_groups(model)
     if note:
         result["note"] = note
     return result
@@ -565,7 +567,7 @@ def synthetic_models(name: str, device: torch.device, layers: int | None = None,
     """(float model, a function that turns it into its W4A8-IS twin in place) of random weights."""
     from transformers import LlamaConfig
 
-    from qconvert.runtime import set_module
+    from qconvert.runtime import fuse_siblings, set_module
     from qconvert.skeleton import build_skeleton, target_linears
 
     if name not in SYNTHETIC:
@@ -592,7 +594,7 @@ def synthetic_models(name: str, device: torch.device, layers: int | None = None,
         model.tie_weights()
     model = model.eval()
 
-    def quantize_in_place(scheme: str = "is-w4a8"):
+    def quantize_in_place(scheme: str = "is-w4a8", fuse: bool = True):
         """Every decoder linear -> the runtime module of its layout under ``scheme``'s choices
         (SYNTHETIC_SCHEMES), with the layout's random tensors."""
         from qconvert.layouts import get_layout
@@ -603,6 +605,8 @@ def synthetic_models(name: str, device: torch.device, layers: int | None = None,
             tensors = get_layout(layout).random_tensors(n, k, gen, device, **params)
             module = get_layout(layout).module({key: v.cpu() for key, v in tensors.items()}, None, **params)
             set_module(model, lname, module.to(device))
+        if device.type == "cuda" and fuse:
+            fuse_siblings(model)  # as runtime.load runs a real OUT there
         return model
 
     return model, quantize_in_place
@@ -631,7 +635,7 @@ SYNTHETIC_SCHEMES = {
 
 def synthetic_bench(name: str, device: str | None = None, layers: int | None = None, prefill: int = 2048,
                     new_tokens: int = 128, batches=(1, 16, 64), repeats: int = 3, scheme: str = "is-w4a8",
-                    budget_s: float | None = None) -> dict:
+                    budget_s: float | None = None, fuse: bool = True) -> dict:
     if scheme not in SYNTHETIC_SCHEMES:
         raise QConvertError(f"--synthetic --scheme {scheme}: random-weight twins exist for {', '.join(SYNTHETIC_SCHEMES)}")
     dev = resolve_device(device)
@@ -640,12 +644,19 @@ def synthetic_bench(name: str, device: str | None = None, layers: int | None = N
     kw = dict(prefill=prefill, new_tokens=new_tokens, batches=batches, repeats=repeats)
     fp_model, to_quantized = synthetic_models(name, dev, layers, dtype)
     fp = _speeds(fp_model, dev, kw, budget)
-    q_model = to_quantized(scheme=scheme)
+    q_model = to_quantized(scheme=scheme, fuse=fuse)
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     q = _speeds(q_model, dev, kw, budget)
-    return _result(f"synthetic:{name} {scheme}" + (f" ({layers} layers)" if layers else ""),
-                   f"synthetic:{name} (random {str(dtype).removeprefix('torch.')} weights)", dev, dtype, fp, q, budget)
+    result = _result(f"synthetic:{name} {scheme}" + (f" ({layers} layers)" if layers else ""),
+                     f"synthetic:{name} (random {str(dtype).removeprefix('torch.')} weights)", dev, dtype, fp, q, budget)
+    result["fused_groups"] = fused_groups(q_model)
+    return result
+
+
+def fused_groups(model) -> int:
+    """How many groups of sibling linears run as one GEMM (``runtime.fuse_siblings``; 0 on CPU)."""
+    return len({id(g) for m in model.modules() if (g := getattr(m, "_group", None)) is not None})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -691,8 +702,12 @@ def model_table(result: dict):
         for skipped in q.get("skipped", []):
             t.add_row(mode, f"decode batch {skipped['batch']}", "-", "-", skipped["why"])
         t.add_section()
-    if result.get("note"):
-        t.caption = result["note"]
+    caption = [result["note"]] if result.get("note") else []
+    if result.get("fused_groups"):
+        caption.append(f"{result['fused_groups']} groups of sibling linears (q/k/v, gate/up) run as one GEMM each "
+                       "(--no-fuse: one per linear)")
+    if caption:
+        t.caption = "; ".join(caption)
     return t
 
 

@@ -336,11 +336,13 @@ def _int_list(ctx, param, value):
 @click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1), help="End-to-end repeats (median).")
 @click.option("--budget-s", type=click.FloatRange(min=1), help="End to end: bound the whole run's seconds (fewer repeats "
                                                                 "and tokens when short; what is left out is said).")
+@click.option("--fuse/--no-fuse", default=True, show_default=True,
+              help="End to end on CUDA: run q/k/v and gate/up as one W4A8 GEMM each (same outputs), or one per linear.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the result as JSON here.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="PNG: speed-up against M (--kernels), or "
                                                                            "tokens/s per measure (end to end).")
 def bench(out, kernels, synthetic, layers, device, against, shapes, ms, runs, scheme, prefill, new_tokens, batches,
-          repeats, budget_s, json_path, plot_path):
+          repeats, budget_s, fuse, json_path, plot_path):
     """Speed: the kernels against cuBLAS (--kernels), or a model end to end against its
     float original (OUT, or --synthetic). An OUT's result is also kept in OUT/bench.json.
 
@@ -368,7 +370,8 @@ def bench(out, kernels, synthetic, layers, device, against, shapes, ms, runs, sc
         if plot_path is not None:
             click.echo(f"plot: {b.plot_kernels(res, plot_path)}")
     else:
-        kw = dict(device=device, prefill=prefill, new_tokens=new_tokens, batches=batches, repeats=repeats, budget_s=budget_s)
+        kw = dict(device=device, prefill=prefill, new_tokens=new_tokens, batches=batches, repeats=repeats, budget_s=budget_s,
+                  fuse=fuse)
         if synthetic:
             res = b.synthetic_bench(synthetic, layers=layers, scheme=scheme, **kw)
         else:

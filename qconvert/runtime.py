@@ -91,7 +91,8 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def load(out: str | Path, device: str = "cpu", dtype: torch.dtype | None = None, integer: bool = True):
+def load(out: str | Path, device: str = "cpu", dtype: torch.dtype | None = None, integer: bool = True,
+         fuse: bool = True):
     """Load a native qconvert OUT as a ready-to-run ``transformers`` causal LM.
 
     ``dtype`` casts the unquantized tensors (embeddings, norms, lm_head); default: as stored
@@ -100,6 +101,8 @@ def load(out: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
     An OUT whose layout brings a whole-model runtime (I-LLM) loads as that model; with
     ``integer=False`` as the float model with the same quantized linears instead (a diagnostic
     that separates what the integer-only glue costs from what the W/A quantization costs).
+    On CUDA, sibling linears that read the same input (q/k/v, gate/up) run as one GEMM where
+    their layout can (``fuse_siblings``; the same outputs); ``fuse=False`` keeps one per linear.
     """
     out = Path(out)
     dev = _device(device)
@@ -133,9 +136,29 @@ def load(out: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
         for name, module in modules.items():
             module.check_cuda(name)
         model.to(dev)
+        if fuse:
+            fuse_siblings(model)
         for module in modules.values():
             module.prepare_cuda()  # weights repacked for the kernels once, here (it may synchronize)
     return model.eval()
+
+
+# linears of one parent that read the same input in the supported architectures (Llama, Mistral,
+# Qwen2/3 attention and MLP; Mixtral's experts: w1 = gate, w3 = up)
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
+
+
+def fuse_siblings(model: nn.Module) -> list[str]:
+    """Let sibling quantized linears that read the same input run as one GEMM where their
+    layout can (``QuantizedModule.fuse``: W4A8 on the GPU, qconvert/layouts/int4.py
+    ``SiblingGEMM``); returns the fused groups' names ("model.layers.0.self_attn.q_proj+k_proj+v_proj")."""
+    fused = []
+    for pname, parent in model.named_modules():
+        for names in SIBLINGS:
+            members = [getattr(parent, n, None) for n in names]
+            if all(isinstance(m, QuantizedModule) for m in members) and type(members[0]).fuse(members):
+                fused.append(f"{pname}.{'+'.join(names)}".lstrip("."))
+    return fused
 
 
 def _build_modules(out: Path, layers: list[StoredLayer], reader, dtype) -> dict[str, QuantizedModule]:

@@ -37,6 +37,9 @@ LLAMA3_8B = {
     "qkv_proj": (6144, 4096), "gate_up_proj": (28672, 4096),
 }
 MS = (1, 4, 16, 64, 256, 1024, 4096)
+# one decoder block's linears: one GEMM each, or q/k/v and gate/up joined (qconvert.runtime.fuse_siblings)
+BLOCK_UNFUSED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+BLOCK_FUSED = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -175,6 +178,35 @@ def table(devices=("H200", "H100"), shapes=None, ms=MS, g: int = 128) -> list[di
                     "pred_is_roofline_frac": round(roof_w4 / is_["us"], 2),
                 })
     return rows
+
+
+def block_table(rows: list[dict]) -> list[dict]:
+    """Per (device, M) of ``table``'s rows: the predicted W4A8-IS time of one Llama-3-8B decoder
+    block's seven linears, one GEMM each and with q/k/v and gate/up joined, and cuBLAS FP16's
+    (one GEMM each, as transformers runs the float model)."""
+    by = {(r["device"], r["shape"], r["M"]): r for r in rows}
+    out = []
+    for dev, m in dict.fromkeys((r["device"], r["M"]) for r in rows):
+        if not all((dev, s, m) in by for s in BLOCK_UNFUSED + BLOCK_FUSED):
+            continue
+        unfused = sum(by[(dev, s, m)]["pred_is_us"] for s in BLOCK_UNFUSED)
+        fused = sum(by[(dev, s, m)]["pred_is_us"] for s in BLOCK_FUSED)
+        cublas = sum(by[(dev, s, m)]["pred_cublas_us"] for s in BLOCK_UNFUSED)
+        out.append({"device": dev, "M": m, "pred_is_unfused_us": round(unfused, 2), "pred_is_fused_us": round(fused, 2),
+                    "pred_cublas_us": round(cublas, 2), "pred_fused_vs_unfused": round(unfused / fused, 2),
+                    "pred_unfused_vs_cublas": round(cublas / unfused, 2), "pred_fused_vs_cublas": round(cublas / fused, 2)})
+    return out
+
+
+def format_block_table(rows: list[dict]) -> str:
+    head = (f"{'device':9s} {'M':>5s} {'IS 7 GEMMs us':>13s} {'IS fused us':>11s} {'cuBLAS us':>9s} {'fused gain':>10s} "
+            f"{'7/cuBLAS':>8s} {'fused/cuBLAS':>12s}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['device']:9s} {r['M']:5d} {r['pred_is_unfused_us']:13.2f} {r['pred_is_fused_us']:11.2f} "
+                     f"{r['pred_cublas_us']:9.2f} {r['pred_fused_vs_unfused']:9.2f}x {r['pred_unfused_vs_cublas']:7.2f}x "
+                     f"{r['pred_fused_vs_cublas']:11.2f}x")
+    return "\n".join(lines)
 
 
 def roofline_for(device_name: str | None, n: int, k: int, m: int, kernel: str, g: int = 128) -> dict | None:

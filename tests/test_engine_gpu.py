@@ -68,3 +68,26 @@ def test_cuda_guard_and_generate(tiny_llama):
     assert res.graphs and all(len(r) == 16 for r in res.token_ids) and res.decode_tokens_per_s > 0
 
 
+
+
+@needs_cuda
+def test_fused_siblings_step_equals_the_unfused_one(outs):
+    """q/k/v and gate/up joined (load's default on CUDA) against one GEMM per linear, both
+    captured: the same logits, bit for bit (Integer Scale; tests/test_fuse.py proves the same on the
+    emulator)."""
+    from qconvert import load
+
+    try:
+        fused, plain = (load(outs["w4a8-is"], device="cuda", fuse=f) for f in (True, False))
+    except QConvertError as e:
+        pytest.skip(str(e))
+    assert any(getattr(m, "_group", None) is not None for m in fused.modules())
+    assert all(getattr(m, "_group", None) is None for m in plain.modules())
+    ids = torch.randint(0, 300, (2, 7), generator=torch.Generator().manual_seed(1)).cuda()
+    engines = [DecodeEngine(m, 2, 32, graphs=True) for m in (fused, plain)]
+    a, b = (e.prefill(ids) for e in engines)
+    assert torch.equal(a, b)
+    for _ in range(STEPS - 5):
+        tok = b.argmax(-1)
+        a, b = (e.decode(tok) for e in engines)
+        assert torch.equal(a, b)

@@ -60,3 +60,16 @@ def test_script_prints_predictions_and_writes_json(tmp_path):
     data = json.loads(out.read_text())
     assert data["kind"] == "roofline-prediction" and len(data["rows"]) == 2 * len(rf.LLAMA3_8B)
     assert data["assumptions"]["H200"]["hbm_tbps"] == 4.8
+
+
+def test_block_table_sums_the_seven_linears_and_the_joined_four():
+    rows = rf.table(devices=["H200"], ms=[1, 4096])
+    block = {b["M"]: b for b in rf.block_table(rows)}
+    assert sorted(block) == [1, 4096]
+    at1 = {r["shape"]: r for r in rows if r["M"] == 1}
+    qkv = at1["qkv_proj"]["pred_is_us"] + at1["o_proj"]["pred_is_us"] + at1["gate_up_proj"]["pred_is_us"] + at1["down_proj"]["pred_is_us"]
+    seven = sum(at1[s]["pred_is_us"] for s in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+    assert block[1]["pred_is_fused_us"] == round(qkv, 2) and block[1]["pred_is_unfused_us"] == round(seven, 2)
+    # joining saves the fixed cost of three launches and streams larger tiles: a gain at decode sizes
+    assert block[1]["pred_fused_vs_unfused"] > 1.1 and block[1]["pred_fused_vs_cublas"] > block[1]["pred_unfused_vs_cublas"]
+    assert "fused gain" in rf.format_block_table(list(block.values()))

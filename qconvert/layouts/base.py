@@ -66,6 +66,12 @@ class QuantizedModule(nn.Module):
         """Once the module is on the GPU: anything its kernels need done once (a repack), outside
         any captured step; nothing by default."""
 
+    @classmethod
+    def fuse(cls, members: list[nn.Module]) -> bool:
+        """Make ``members`` (sibling linears that read the same input, e.g. q/k/v) run as one
+        GEMM on the GPU, where this layout's kernels can; False (nothing changed) by default."""
+        return False
+
     def check_cuda(self, name: str) -> None:  # pragma: no cover - overridden where kernels exist
         raise QConvertError(f"{name}: layout {self.layout} has no CUDA kernel in this release; load on cpu")
 

@@ -73,6 +73,7 @@ class W4A8Linear(QuantizedModule):
             self.register_buffer("scales", tensors["scales"])
         self._bias(bias)
         self._q = self._qf = self._w = self._prepared = None
+        self._group: SiblingGEMM | None = None  # set by ``fuse``: one GEMM with its siblings
 
     def extra_repr(self):
         return f"{self.layout}, in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
@@ -101,6 +102,8 @@ class W4A8Linear(QuantizedModule):
         a captured decode step."""
         from qconvert_kernels.w4a8 import cuda as kcuda
 
+        if self._group is not None:
+            return self._group.prepare(self.qweight.device)
         if self.layout == "w4a16" or self._prepared is not None:
             return
         tensors = {"qweight": self.qweight, "shape": torch.tensor([self.out_features, self.in_features])}
@@ -113,11 +116,26 @@ class W4A8Linear(QuantizedModule):
     def _forward_cuda(self, x2: torch.Tensor) -> torch.Tensor:
         from qconvert_kernels.w4a8 import cuda as kcuda
 
-        if x2.dtype not in (torch.float16, torch.bfloat16):
-            raise QConvertError(f"the CUDA W4A8 kernels take float16 or bfloat16 activations, got {x2.dtype}; "
-                                "load with dtype=torch.float16 (the default on cuda)")
+        check_kernel_dtype(x2)
         self.prepare_cuda()
         return kcuda.linear(x2, self._prepared)  # quantizer fused at M <= 64: one launch per linear
+
+    @classmethod
+    def fuse(cls, members: list[torch.nn.Module]) -> bool:
+        """Siblings of one W4A8 layout, group size and K, with no input hook (an online
+        transform would give each its own input), become one ``SiblingGEMM``."""
+        first = members[0]
+        if not all(isinstance(m, W4A8Linear) and m._group is None and m._prepared is None for m in members):
+            return False
+        if first.layout not in ("w4a8-is", "w4a8-fs") or any(m._forward_pre_hooks for m in members):
+            return False
+        if any((m.layout, m.group_size, m.in_features, m.qweight.shape[1]) !=
+               (first.layout, first.group_size, first.in_features, first.qweight.shape[1]) for m in members):
+            return False
+        group = SiblingGEMM(members)
+        for m in members:
+            m._group = group
+        return True
 
     def _dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         if self._w is None or self._w.dtype != dtype:
@@ -131,6 +149,8 @@ class W4A8Linear(QuantizedModule):
             bias = self.bias.to(x.dtype) if self.bias is not None else None
             return torch.nn.functional.linear(x, self._dequantized(x.dtype), bias)
         shape = x.shape
+        if self._group is not None:
+            return self._finish(self._group.output(self, x), x, shape)
         x2 = x.reshape(-1, shape[-1])
         if x.is_cuda:
             return self._finish(self._forward_cuda(x2), x, shape)
@@ -141,6 +161,86 @@ class W4A8Linear(QuantizedModule):
         else:
             y = ref.w4a8_fs_gemm(xq, t, q, self.scales, self.group_size, self._qf)
         return self._finish(y, x, shape)
+
+
+def check_kernel_dtype(x: torch.Tensor) -> None:
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        raise QConvertError(f"the CUDA W4A8 kernels take float16 or bfloat16 activations, got {x.dtype}; "
+                            "load with dtype=torch.float16 (the default on cuda)")
+
+
+class SiblingGEMM:
+    """Sibling W4A8 linears that read the same input (q/k/v, gate/up) run as one GEMM.
+
+    Their weights are joined along N at load time (``tensors``) and prepared once for the kernels;
+    the first member called with an input runs the joined GEMM and keeps its output, and each
+    sibling then called with that same input (the same tensor object, unchanged since: its
+    ``_version``, where torch keeps one: not for tensors made under ``torch.inference_mode``, whose
+    in-place changes no counter shows; the parents ``fuse_siblings`` joins call their siblings back
+    to back on one input) takes its own columns, a view.  So a decode step launches one kernel for q, k
+    and v instead of three (the per-token quantization is done once too), and the weights stream
+    as one larger GEMM.  Anything else (a member called twice, or with another input) runs the
+    joined GEMM again: always correct, only slower.  The output is released once every member
+    has taken its columns.
+
+    Exactness: w4a8-is joins the integer scales as stored and folds each member's amplifier into
+    its channel factors, c' = c · 2^-a (one float32 product, the one the kernel makes), with
+    a' = 0; the int32 accumulators do not depend on the split-K plan, so every output equals the
+    member's own, bit for bit.  w4a8-fs: the joined layer's split-K plan may differ from a
+    member's, so its float sums can round differently (equal to ``reference.w4a8_fs_gemm_split``
+    in the joined plan's split order, as any w4a8-fs launch is)."""
+
+    def __init__(self, members: list[W4A8Linear]):
+        self.members = list(members)
+        self.columns = {}
+        start = 0
+        for m in self.members:
+            self.columns[id(m)] = (start, start + m.out_features)
+            start += m.out_features
+        self.n = start
+        self.prepared = None
+        self.launches = 0  # joined GEMMs run (tests read it)
+        self._x = self._y = None
+        self._version = -1
+        self._taken: set[int] = set()
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The joined layer in the on-disk form ``cuda.prepare`` takes."""
+        first = self.members[0]
+        t = {"qweight": torch.cat([m.qweight for m in self.members]),
+             "shape": torch.tensor([self.n, first.in_features], dtype=torch.int64)}
+        if first.layout == "w4a8-is":
+            t["iscale"] = torch.cat([m.iscale for m in self.members])
+            t["cscale"] = torch.cat([m.cscale.float() * 2.0 ** -m.alpha_log2 for m in self.members])
+            t["alpha_log2"] = torch.zeros(1, dtype=torch.int32)
+        else:
+            t["scales"] = torch.cat([m.scales for m in self.members])
+        return t
+
+    def prepare(self, device: torch.device) -> None:
+        from qconvert_kernels.w4a8 import cuda as kcuda
+
+        if self.prepared is None:
+            first = self.members[0]
+            self.prepared = kcuda.prepare(first.layout, self.tensors(), first.group_size, device)
+
+    def output(self, member: W4A8Linear, x: torch.Tensor) -> torch.Tensor:
+        """``member``'s [M, N_member] columns of the joined GEMM of x (a view)."""
+        from qconvert_kernels.w4a8 import cuda as kcuda
+
+        version = -1 if x.is_inference() else x._version  # inference tensors keep no version counter
+        if x is not self._x or version != self._version or id(member) in self._taken:
+            check_kernel_dtype(x)
+            self.prepare(x.device)
+            self._y = kcuda.linear(x.reshape(-1, x.shape[-1]), self.prepared)
+            self._x, self._version, self._taken = x, version, set()
+            self.launches += 1
+        self._taken.add(id(member))
+        a, b = self.columns[id(member)]
+        y = self._y[:, a:b]
+        if len(self._taken) == len(self.members):
+            self._x = self._y = None
+        return y
 
 
 class Int4Layout(Layout):
