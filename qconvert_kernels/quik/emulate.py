@@ -1,0 +1,497 @@
+"""Lane-exact CPU emulator of the 64 x 64 tile kernels of quik_gemm.cu and illm_gemm.cu.
+
+These kernels share two main loops: the byte main loop of quik_mainloop.cuh (W8A8 on int8 tensor
+cores, and int4 x int4 on int4 tensor cores, ``mma.m16n8k64.s4``) and the native W4A8 main loop of
+w4a8/w4a8_mainloop.cuh (int8 activations against packed int4 weights widened in registers: QUIK's
+W4A4 path on sm_90, DI-MatMul w4).  On them sit QUIK's float epilogue, DI-MatMul's dyadic integer
+epilogue and QUIK's split-and-quantize kernel.  Without a GPU this is how they are proven: each
+launch of the real launchers (``quik.cuda.split_quantize`` / ``quik_gemm`` / ``quik_linear``,
+``illm.cuda.illm_matmul``) lands here through ``launch.launch_hook`` and runs the same program on
+numpy arrays, the 128 threads of a CTA as one axis:
+
+  * global memory is the tensors the launcher passed, reached only through their pointers, every
+    access checked for bounds and alignment (``w4a8.emulate.Global``);
+  * shared memory remembers who wrote each byte, in which barrier interval and for which stage:
+    a read of bytes not written for the current stage, or written by another thread with no
+    ``__syncthreads`` between, and a write over bytes another thread read since the last barrier,
+    are errors (``w4a8.emulate.Shared``); bank conflicts are recorded per access site;
+  * the tensor-core products are built from the lanes' registers with the PTX ISA fragment
+    tables of ``mma.m16n8k32.s8`` (``w4a8.emulate.mma_m16n8k32``) and ``mma.m16n8k64.s4``
+    (``mma_m16n8k64_s4`` here): the K permutation the kernels apply to both operands is not
+    assumed, it has to cancel;
+  * the int4 widening is the kernel's own integer instructions (``unpack_int4x8``: xor, masks,
+    PRMT, add, xor), and every float operation is rounded once to float32 as written (no FMA);
+  * every output element is written exactly once.
+
+``mutations`` switch on deliberate kernel bugs; tests/test_kernels_quik_emulate.py checks that
+each one is caught.  The index math is written here a second time, with the .cu's names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from qconvert_kernels import launch
+from qconvert_kernels.w4a8.emulate import (EmulationError, FloatOps, Global, Shared, Ctx, bf16_bits_to_f32,
+                                           f16_bits_to_f32, f32_to_bits16, mma_m16n8k32, store_pair, wrap32)
+
+# ----------------------------------------------------------------------------- constants
+# Twins of qk:: (w4a8_mainloop.cuh) and quik:: (quik_mainloop.cuh); the tests parse the sources.
+BM = 64
+BN = 64
+BK = 64
+THREADS = 128
+WM = 32
+WN = 32
+MT = WM // 16
+NT = WN // 8
+A_STRIDE = 96
+B_STRIDE = 48
+A_LOADS = BM * BK // 16 // THREADS       # qk::A_LOADS (2)
+B_LOADS = BN * BK // 2 // 16 // THREADS  # qk::B_LOADS (1)
+ROW_LOADS = BM * BK // 16 // THREADS     # quik::ROW_LOADS (2)
+QUANT_THREADS = 256
+
+GEMM_PARAMS = ("xq", "s", "z", "qw", "wscale", "wsum", "y_out", "y", "acc_out", "M", "N", "Kbp")
+SPLIT_PARAMS = ("x", "base_idx", "outlier_idx", "xq", "s", "z", "x_out", "M", "K", "Kb", "Kbp", "n_out", "bits", "pack")
+ILLM_PARAMS = ("xq", "qw", "wm", "wk", "kmin_p", "t", "M", "N", "K")
+
+MUTATIONS = frozenset({
+    "swap_a",          # a[1] and a[2] exchanged in the A fragments (rows gid + 8 against k 4..7)
+    "b_offset",        # the byte main loop's B fragment at 4 tig instead of 8 tig (a misaligned LDS.64)
+    "b_swap",          # the byte main loop's b0 and b1 exchanged (B's k order no longer A's)
+    "no_tail_sync",    # the trailing __syncthreads of a stage left out
+    "no_row_bound",    # load_rows without the row < rows check
+    "no_sign",         # unpack_int4x8 without its final xor (no sign extension)
+    "c_map",           # the epilogue reads c1 where it means c2
+    "split_short",     # quik_split writes only the Kb base columns, not the padding up to Kbp
+})
+
+_LANE = np.arange(32)
+_GID, _TIG = _LANE >> 2, _LANE & 3
+# PTX ISA, "Matrix Fragments for mma.m16n8k64" (.s4): each register holds 8 nibbles, nibble i
+# lowest first.  A: a0 row gid, a1 row gid + 8, a2 / a3 the same rows 32 columns on, col 8 tig + i.
+_A4_ROW = _GID[:, None, None] + 8 * (np.arange(4)[None, :, None] & 1) + 0 * np.arange(8)[None, None, :]
+_A4_COL = 8 * _TIG[:, None, None] + np.arange(8)[None, None, :] + 32 * (np.arange(4)[None, :, None] >> 1)
+# B: b0 rows (k) 8 tig + i, b1 32 further, col gid.
+_B4_ROW = 8 * _TIG[:, None, None] + np.arange(8)[None, None, :] + 32 * np.arange(2)[None, :, None]
+_B4_COL = _GID[:, None, None] + 0 * _B4_ROW
+# C as for every m16n8 shape: c0, c1 row gid, cols 2 tig, 2 tig + 1; c2, c3 row gid + 8.
+_C_ROW = _GID[:, None] + 8 * (np.arange(4)[None, :] >> 1)
+_C_COL = 2 * _TIG[:, None] + (np.arange(4)[None, :] & 1)
+
+
+def _nibbles(regs):
+    """uint32 registers [..., R] -> signed 4-bit values [..., R, 8] (nibble 0 = lowest)."""
+    v = (np.asarray(regs, np.uint32)[..., None] >> (4 * np.arange(8, dtype=np.uint32))) & 0xF
+    return v.astype(np.int64) - 16 * (v >= 8)
+
+
+def mma_m16n8k64_s4(a, b, c):
+    """D = A B + C of mma.m16n8k64.row.col.s32.s4.s4.s32 for a batch of warps: a uint32 [batch, 32, 4],
+    b uint32 [batch, 32, 2], c int32 [batch, 32, 4] -> int32 [batch, 32, 4] (wrapping)."""
+    batch = a.shape[0]
+    A = np.zeros((batch, 16, 64), np.int64)
+    B = np.zeros((batch, 64, 8), np.int64)
+    A[:, _A4_ROW, _A4_COL] = _nibbles(a)
+    B[:, _B4_ROW, _B4_COL] = _nibbles(b)
+    return wrap32((A @ B)[:, _C_ROW, _C_COL] + np.asarray(c, np.int64))
+
+
+def byte_perm(x, y, sel: int):
+    """__byte_perm(x, y, sel) (PRMT): result byte i = byte (sel >> 4 i) & 7 of the 8 bytes {y, x}."""
+    src = np.asarray(x, np.uint64) | (np.asarray(y, np.uint64) << np.uint64(32))
+    out = np.zeros(np.shape(x), np.uint64)
+    for i in range(4):
+        b = (src >> np.uint64(8 * ((sel >> (4 * i)) & 7))) & np.uint64(0xFF)
+        out |= b << np.uint64(8 * i)
+    return out.astype(np.uint32)
+
+
+def unpack_int4x8(ctx: Ctx, w):
+    """8 packed nibbles -> (b0, b1) of sign-extended bytes, as qk::unpack_int4x8 computes them."""
+    u = np.asarray(w, np.uint32) ^ np.uint32(0x88888888)
+    lo = u & np.uint32(0x0F0F0F0F)
+    hi = (u >> np.uint32(4)) & np.uint32(0x0F0F0F0F)
+    e0, e1 = byte_perm(lo, hi, 0x5140), byte_perm(lo, hi, 0x7362)
+    bias = np.uint32(0x78787878)
+    flip = np.uint32(0) if "no_sign" in ctx.mutations else np.uint32(0x80808080)
+    with np.errstate(over="ignore"):
+        return (e0 + bias) ^ flip, (e1 + bias) ^ flip
+
+
+# ----------------------------------------------------------------------------- main loops
+
+
+def _threads():
+    tid = np.arange(THREADS)
+    lane, warp = tid & 31, tid >> 5
+    return tid, lane >> 2, lane & 3, (warp >> 1) * WM, (warp & 1) * WN
+
+
+def _load16(ctx: Ctx, ptr, row, col, valid, stride, what):
+    """16-byte global loads of (row, col) for the valid threads, zeros for the others."""
+    out = np.zeros((row.shape[0], 16), np.uint8)
+    if valid.any():
+        out[valid] = ctx.mem.load(ptr, row[valid] * stride + col[valid], 16, what)
+    return out
+
+
+def _frag8(ctx: Ctx, sm: Shared, tid, base, row, off, stride, tag, what):
+    """8 bytes of a padded shared row as (low word, high word)."""
+    b = sm.read(tid, base + row * stride + off, 8, tag, what)
+    w = np.ascontiguousarray(b).view(np.uint32)
+    return w[:, 0], w[:, 1]
+
+
+def _a_regs(ctx: Ctx, sm, tid, gid, tig, wm, ks, tag, what):
+    """A fragments [THREADS, MT, 4] of one k step (rows gid and gid + 8, 8 bytes at 8 tig)."""
+    a = np.zeros((THREADS, MT, 4), np.uint32)
+    for mt in range(MT):
+        lo = _frag8(ctx, sm, tid, 0, wm + mt * 16 + gid, ks * 32 + 8 * tig, A_STRIDE, tag, what)
+        hi = _frag8(ctx, sm, tid, 0, wm + mt * 16 + gid + 8, ks * 32 + 8 * tig, A_STRIDE, tag, what)
+        a[:, mt] = np.stack([lo[0], hi[0], lo[1], hi[1]], -1)
+    if "swap_a" in ctx.mutations:
+        a = a[..., [0, 2, 1, 3]]
+    return a
+
+
+def _mma_all(P, a, b, s4: bool):
+    """Every warp's MT x NT products of one k step: P [THREADS, MT, NT, 4] updated."""
+    for mt in range(MT):
+        for nt in range(NT):
+            aw = a[:, mt].reshape(THREADS // 32, 32, 4)
+            bw = b[:, nt].reshape(THREADS // 32, 32, 2)
+            cw = P[:, mt, nt].reshape(THREADS // 32, 32, 4)
+            d = mma_m16n8k64_s4(aw, bw, cw) if s4 else mma_m16n8k32(aw, bw, cw)
+            P[:, mt, nt] = d.reshape(THREADS, 4)
+
+
+def mainloop_bytes(ctx: Ctx, s4: bool, M: int, N: int, KB: int, bm: int, bn: int):
+    """quik::mainloop_bytes: both operands rows of KB bytes (int8, or packed int4 pairs)."""
+    tid, gid, tig, wm, wn = _threads()
+    a_ptr, b_ptr = ctx.args["xq"], ctx.args["qw"]
+    sb = BM * A_STRIDE
+    sm = Shared(sb + BN * A_STRIDE)
+    P = np.zeros((THREADS, MT, NT, 4), np.int32)
+
+    def load_rows(ptr, r0, rows, k0, what):                               # [quik::load_rows]
+        regs = []
+        for i in range(ROW_LOADS):
+            idx = tid + i * THREADS
+            row, col = r0 + idx // (BK // 16), k0 + (idx % (BK // 16)) * 16
+            valid = (col < KB) if "no_row_bound" in ctx.mutations else (row < rows) & (col < KB)
+            regs.append(_load16(ctx, ptr, row, col, valid, KB, what))
+        return regs
+
+    def store_rows(regs, base, tag, what):                                # [quik::store_rows]
+        for i, r in enumerate(regs):
+            idx = tid + i * THREADS
+            sm.write(tid, base + (idx // (BK // 16)) * A_STRIDE + (idx % (BK // 16)) * 16, r, tag, what)
+
+    n_stages = -(-KB // BK)
+    ra = load_rows(a_ptr, bm, M, 0, "xq rows")
+    rb = load_rows(b_ptr, bn, N, 0, "qw rows")
+    for s in range(n_stages):
+        store_rows(ra, 0, s, "bytes A STS.128")
+        store_rows(rb, sb, s, "bytes B STS.128")
+        sm.barrier()
+        if s + 1 < n_stages:
+            ra = load_rows(a_ptr, bm, M, (s + 1) * BK, "xq rows")
+            rb = load_rows(b_ptr, bn, N, (s + 1) * BK, "qw rows")
+        for ks in range(BK // 32):
+            if s * BK + ks * 32 >= KB:
+                break
+            a = _a_regs(ctx, sm, tid, gid, tig, wm, ks, s, "bytes A LDS.64")
+            b = np.zeros((THREADS, NT, 2), np.uint32)
+            boff = 4 * tig if "b_offset" in ctx.mutations else 8 * tig
+            for nt in range(NT):
+                b[:, nt] = np.stack(_frag8(ctx, sm, tid, sb, wn + nt * 8 + gid, ks * 32 + boff, A_STRIDE, s,
+                                           "bytes B LDS.64"), -1)
+            if "b_swap" in ctx.mutations:
+                b = b[..., ::-1]
+            _mma_all(P, a, b, s4)
+        if "no_tail_sync" not in ctx.mutations:
+            sm.barrier()
+    ctx.conflicts.update({k: max(v, ctx.conflicts.get(k, 1)) for k, v in sm.conflicts.items()})
+    return P
+
+
+def mainloop_w4(ctx: Ctx, M: int, N: int, Kp: int, bm: int, bn: int):
+    """qk::mainloop with quik::NoFold: int8 activations [M, Kp] against packed int4 [N, Kp / 2]."""
+    tid, gid, tig, wm, wn = _threads()
+    a_ptr, b_ptr = ctx.args["xq"], ctx.args["qw"]
+    sb = BM * A_STRIDE
+    sm = Shared(sb + BN * B_STRIDE)
+    P = np.zeros((THREADS, MT, NT, 4), np.int32)
+
+    def load_stage(k0):                                                   # [qk::load_stage]
+        ra = []
+        for i in range(A_LOADS):
+            idx = tid + i * THREADS
+            row, col = idx // (BK // 16), (idx % (BK // 16)) * 16
+            gm, gk = bm + row, k0 + col
+            valid = (gk < Kp) if "no_row_bound" in ctx.mutations else (gm < M) & (gk < Kp)
+            ra.append(_load16(ctx, a_ptr, gm, gk, valid, Kp, "xq stage"))
+        rb = []
+        for i in range(B_LOADS):
+            idx = tid + i * THREADS
+            row, col = idx // (BK // 32), (idx % (BK // 32)) * 16
+            gn, gkb = bn + row, k0 // 2 + col
+            rb.append(_load16(ctx, b_ptr, gn, gkb, (gn < N) & (gkb < Kp // 2), Kp // 2, "qw stage"))
+        return ra, rb
+
+    def store_stage(ra, rb, tag):                                         # [qk::store_stage]
+        for i, r in enumerate(ra):
+            idx = tid + i * THREADS
+            sm.write(tid, (idx // (BK // 16)) * A_STRIDE + (idx % (BK // 16)) * 16, r, tag, "w4 A STS.128")
+        for i, r in enumerate(rb):
+            idx = tid + i * THREADS
+            sm.write(tid, sb + (idx // (BK // 32)) * B_STRIDE + (idx % (BK // 32)) * 16, r, tag, "w4 B STS.128")
+
+    n_stages = -(-Kp // BK)
+    regs = load_stage(0)
+    for s in range(n_stages):
+        store_stage(*regs, s)
+        sm.barrier()
+        if s + 1 < n_stages:
+            regs = load_stage((s + 1) * BK)
+        for ks in range(BK // 32):
+            a = _a_regs(ctx, sm, tid, gid, tig, wm, ks, s, "w4 A LDS.64")
+            b = np.zeros((THREADS, NT, 2), np.uint32)
+            for nt in range(NT):
+                w = np.ascontiguousarray(sm.read(tid, sb + (wn + nt * 8 + gid) * B_STRIDE + ks * 16 + 4 * tig, 4, s,
+                                                 "w4 B LDS.32")).view(np.uint32)[:, 0]
+                b[:, nt] = np.stack(unpack_int4x8(ctx, w), -1)
+            _mma_all(P, a, b, s4=False)
+        if "no_tail_sync" not in ctx.mutations:
+            sm.barrier()
+    ctx.conflicts.update({k: max(v, ctx.conflicts.get(k, 1)) for k, v in sm.conflicts.items()})
+    return P
+
+
+# ----------------------------------------------------------------------------- epilogues
+
+
+def _c(ctx: Ctx, P):
+    return P[..., [0, 2, 1, 3]] if "c_map" in ctx.mutations else P
+
+
+def _load(ctx: Ctx, ptr, idx, dtype, what):
+    """One scalar of ``dtype`` per index (the __ldg loads)."""
+    width = np.dtype(dtype).itemsize
+    idx = np.asarray(idx, np.int64)
+    if idx.size == 0:
+        return np.zeros(0, dtype)
+    return np.ascontiguousarray(ctx.mem.load(ptr, idx * width, width, what)).view(dtype)[:, 0]
+
+
+def quik_epilogue(ctx: Ctx, P, bf16: bool, M: int, N: int, bm: int, bn: int):
+    """quik::epilogue: y = ((float(acc) * (s[m] * ws[n])) + (z[m] * (ws[n] * float(R[n])))) + y_out."""
+    a, f = ctx.args, ctx.fops
+    tid, gid, tig, wm, wn = _threads()
+    P = _c(ctx, P)
+    conv = bf16_bits_to_f32 if bf16 else f16_bits_to_f32
+    for nt in range(NT):
+        n = bn + wn + nt * 8 + 2 * tig
+        ws, wr = [], []
+        for h in range(2):
+            inside = n + h < N
+            w = np.zeros(THREADS, np.float32)
+            r = np.zeros(THREADS, np.float32)
+            w[inside] = _load(ctx, a["wscale"], n[inside] + h, np.float32, "wscale")
+            r[inside] = f.mul(w[inside], f.i2f(_load(ctx, a["wsum"], n[inside] + h, np.int32, "wsum")))
+            ws.append(w)
+            wr.append(r)
+        for mt in range(MT):
+            for h in range(2):
+                m = bm + wm + mt * 16 + gid + 8 * h
+                t = (m < M) & (n < N)
+                if not t.any():
+                    continue
+                sm_, zm = _load(ctx, a["s"], m[t], np.float32, "s"), _load(ctx, a["z"], m[t], np.float32, "z")
+                out = []
+                for c in range(2):
+                    acc = P[t, mt, nt, 2 * h + c]
+                    v = f.add(f.mul(f.i2f(acc), f.mul(sm_, ws[c][t])), f.mul(zm, wr[c][t]))
+                    if a["y_out"]:
+                        add = n[t] + c < N
+                        yo = _load(ctx, a["y_out"], m[t][add] * N + n[t][add] + c, np.uint16, "y_out")
+                        v[add] = f.add(v[add], f.f(conv(yo)))
+                    out.append(f32_to_bits16(v, bf16))
+                store_pair(ctx, m[t], n[t], N, out[0], out[1])
+                if a["acc_out"]:
+                    mm, nn = m[t], n[t]
+                    ctx.mem.store(a["acc_out"], (mm * N + nn) * 4, P[t, mt, nt, 2 * h].astype(np.int32).view(np.uint8).reshape(-1, 4), "acc_out")
+                    two = nn + 1 < N
+                    ctx.mem.store(a["acc_out"], (mm[two] * N + nn[two] + 1) * 4,
+                                  P[t, mt, nt, 2 * h + 1][two].astype(np.int32).view(np.uint8).reshape(-1, 4), "acc_out")
+
+
+def _rshift_round(v, s):
+    """illm::rshift_round: (v + 2^(s-1)) >> s for s > 0, else v (int64)."""
+    v, s = np.asarray(v, np.int64), np.asarray(s, np.int64)
+    sp = np.maximum(s, 1)
+    return np.where(s > 0, (v + (np.int64(1) << (sp - 1))) >> sp, v)
+
+
+def illm_epilogue(ctx: Ctx, P, M: int, N: int, bm: int, bn: int):
+    """illm::matmul_epilogue: t = rshift_round(acc * wm[n], wk[n] - kmin), int64."""
+    a = ctx.args
+    tid, gid, tig, wmo, wno = _threads()
+    P = _c(ctx, P)
+    kmin = int(_load(ctx, a["kmin_p"], np.zeros(1, np.int64), np.int32, "kmin")[0])
+    for nt in range(NT):
+        for c in range(2):
+            n = bn + wno + nt * 8 + 2 * tig + c
+            inside = n < N
+            m_n = np.zeros(THREADS, np.int64)
+            s = np.zeros(THREADS, np.int64)
+            m_n[inside] = _load(ctx, a["wm"], n[inside], np.int32, "wm")
+            s[inside] = _load(ctx, a["wk"], n[inside], np.int32, "wk").astype(np.int64) - kmin
+            for mt in range(MT):
+                for h in range(2):
+                    m = bm + wmo + mt * 16 + gid + 8 * h
+                    t = inside & (m < M)
+                    if t.any():
+                        v = _rshift_round(P[t, mt, nt, 2 * h + c].astype(np.int64) * m_n[t], s[t])
+                        ctx.mem.store(a["t"], (m[t] * N + n[t]) * 8, v.view(np.uint8).reshape(-1, 8), "t")
+
+
+# ----------------------------------------------------------------------------- split and quantize
+
+
+def split_rows(ctx: Ctx, grid, bf16: bool):
+    """quik::split_row for every row (one CTA of 256 threads per row; min / max are order-free)."""
+    a, f, mem = ctx.args, ctx.fops, ctx.mem
+    M, K, Kb, Kbp, n_out, bits, pack = (a[k] for k in ("M", "K", "Kb", "Kbp", "n_out", "bits", "pack"))
+    conv = bf16_bits_to_f32 if bf16 else f16_bits_to_f32
+    levels = np.float32((1 << bits) - 1)
+    half = 1 << (bits - 1)
+    base = _load(ctx, a["base_idx"], np.arange(Kb), np.int32, "base_idx").astype(np.int64)
+    outl = _load(ctx, a["outlier_idx"], np.arange(n_out), np.int32, "outlier_idx").astype(np.int64)
+    for m in range(min(grid[0], M)):
+        v = f.f(conv(_load(ctx, a["x"], m * K + base, np.uint16, "x (base channels)")))
+        lo = np.float32(np.fmin.reduce(v, initial=np.inf))
+        hi = np.float32(np.fmax.reduce(v, initial=-np.inf))
+        r = f.add(hi, -lo)
+        inv = f.mul(f.rcp(r), levels) if r > 0 else np.float32(0)
+        u = np.fmin(np.fmax(np.rint(f.mul(f.add(v, -lo), inv)), np.float32(0)), levels)
+        width = Kb if "split_short" in ctx.mutations else Kbp
+        code = np.zeros(Kbp, np.int64)
+        code[:Kb] = u.astype(np.int64) - half
+        if pack:
+            j = np.arange(width // 2)
+            byte = (code[2 * j] & 0xF) | ((code[2 * j + 1] & 0xF) << 4)
+            mem.store(a["xq"], m * (Kbp // 2) + j, byte.astype(np.uint8)[:, None], "xq (packed)")
+        else:
+            k = np.arange(width)
+            mem.store(a["xq"], m * Kbp + k, code[k].astype(np.int8).view(np.uint8)[:, None], "xq")
+        if n_out:
+            xo = _load(ctx, a["x"], m * K + outl, np.uint16, "x (outlier channels)")
+            mem.store(a["x_out"], (m * n_out + np.arange(n_out)) * 2, xo.view(np.uint8).reshape(-1, 2), "x_out")
+        sc = f.div(r, levels)
+        mem.store(a["s"], np.array([m * 4]), np.asarray([sc], np.float32).view(np.uint8)[None, :], "s")
+        zz = f.add(lo, f.mul(sc, np.float32(half)))
+        mem.store(a["z"], np.array([m * 4]), np.asarray([zz], np.float32).view(np.uint8)[None, :], "z")
+
+
+# ----------------------------------------------------------------------------- launches
+
+
+def _written_once(name, mem: Global, ptr: int, count: int, width: int, what: str):
+    w = mem.writes[ptr][: count * width].reshape(count, width)
+    if not (w == 1).all():
+        bad = int(np.flatnonzero((w != 1).any(axis=1))[0])
+        raise EmulationError(f"{name}: {what}[{bad}] written {int(w[bad].max())} times")
+
+
+@dataclass
+class Emulator:
+    """The launch hook: runs each launch of quik_gemm.cu / illm_gemm.cu's GEMMs on the CPU."""
+
+    mutations: frozenset = frozenset()
+    launches: list = field(default_factory=list)
+    conflicts: dict = field(default_factory=dict)
+
+    def __call__(self, name, grid, block, args, shared_mem, source):
+        unknown = set(self.mutations) - MUTATIONS
+        if unknown:
+            raise ValueError(f"unknown mutations {sorted(unknown)}")
+        grid = tuple(int(v) for v in grid) + (1,) * (3 - len(grid))
+        if name.startswith("quik_split_"):
+            params, threads = SPLIT_PARAMS, QUANT_THREADS
+        elif name.startswith("quik_gemm_"):
+            params, threads = GEMM_PARAMS, THREADS
+        elif name.startswith("illm_matmul_"):
+            params, threads = ILLM_PARAMS, THREADS
+        else:
+            raise EmulationError(f"no emulation of kernel {name}")
+        if tuple(block) != (threads,):
+            raise EmulationError(f"{name}: launched with block {tuple(block)}, the kernel is written for {threads} threads")
+        if shared_mem:
+            raise EmulationError(f"{name}: {shared_mem} bytes of dynamic shared memory, the kernel uses static shared memory only")
+        if len(args) != len(params):
+            raise EmulationError(f"{name}: {len(args)} arguments, the kernel takes {len(params)}")
+        vals = {p: int(v) for p, v in zip(params, args)}
+        mem = Global()
+        ctx = Ctx(mem, vals, frozenset(self.mutations), FloatOps(False))
+        self.launches.append((name, grid, dict(vals)))
+        bf16 = name.endswith("_bf16")
+        if name.startswith("quik_split_"):
+            M = vals["M"]
+            for key in ("xq", "s", "z", "x_out"):
+                if key != "x_out" or vals["n_out"]:
+                    mem.track(vals[key])
+            if grid[0] != M:
+                raise EmulationError(f"{name}: grid {grid} for M={M} rows")
+            split_rows(ctx, grid, bf16)
+            row = vals["Kbp"] // 2 if vals["pack"] else vals["Kbp"]
+            _written_once(name, mem, vals["xq"], M * row, 1, "xq")
+            for key, count, width in (("s", M, 4), ("z", M, 4), ("x_out", M * vals["n_out"], 2)):
+                if count:
+                    _written_once(name, mem, vals[key], count, width, key)
+            return
+        M, N = vals["M"], vals["N"]
+        if grid[:2] != (-(-N // BN), -(-M // BM)) or grid[2] != 1:
+            raise EmulationError(f"{name}: grid {grid} does not cover M={M}, N={N} with {BM} x {BN} tiles")
+        outs = (("y", 2), ("acc_out", 4)) if name.startswith("quik_gemm_") else (("t", 8),)
+        for key, _ in outs:
+            if vals.get(key):
+                mem.track(vals[key])
+        for by in range(grid[1]):
+            for bx in range(grid[0]):
+                bm, bn = by * BM, bx * BN
+                if name.startswith("quik_gemm_w8a8"):
+                    P = mainloop_bytes(ctx, False, M, N, vals["Kbp"], bm, bn)
+                elif name.startswith("quik_gemm_w4a4_s4"):
+                    P = mainloop_bytes(ctx, True, M, N, vals["Kbp"] // 2, bm, bn)
+                elif name.startswith("quik_gemm_w4a4_s8"):
+                    P = mainloop_w4(ctx, M, N, vals["Kbp"], bm, bn)
+                elif name == "illm_matmul_w8":
+                    P = mainloop_bytes(ctx, False, M, N, vals["K"], bm, bn)
+                elif name == "illm_matmul_w4":
+                    P = mainloop_w4(ctx, M, N, vals["K"], bm, bn)
+                else:
+                    raise EmulationError(f"no emulation of kernel {name}")
+                if name.startswith("quik_gemm_"):
+                    quik_epilogue(ctx, P, bf16, M, N, bm, bn)
+                else:
+                    illm_epilogue(ctx, P, M, N, bm, bn)
+        for k, v in ctx.conflicts.items():
+            self.conflicts[k] = max(v, self.conflicts.get(k, 1))
+        for key, width in outs:
+            if vals.get(key):
+                _written_once(name, mem, vals[key], M * N, width, key)
+
+
+@contextlib.contextmanager
+def emulating(**kwargs):
+    """Run the QUIK and DI-MatMul launchers on the CPU emulator; yields the ``Emulator`` (its
+    ``launches`` and worst bank ``conflicts`` per shared-memory access site)."""
+    emu = Emulator(**kwargs)
+    with launch.launch_hook(emu):
+        yield emu

@@ -1,0 +1,236 @@
+"""The QUIK kernels (quik_gemm.cu) and DI-MatMul (illm_gemm.cu) proven on the CPU: the real
+launchers run with their launches routed to the lane-exact emulator (quik/emulate.py), and the
+results must equal the torch references bit for bit; the emulator checks every memory access,
+shared-memory race, stage and output write on the way.  Mutation tests show that deliberate
+kernel bugs are caught.  No GPU needed (tests/test_kernels_quik_gpu.py and
+tests/test_kernels_illm_gpu.py run the same kernels on one).
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from qconvert.formats.packing import pack_int4, unpack_int4
+from qconvert_kernels.illm import cuda as cuda_illm
+from qconvert_kernels.illm import reference as ri
+from qconvert_kernels.quik import cuda as cuda_quik
+from qconvert_kernels.quik import emulate
+from qconvert_kernels.quik import reference as refq
+from qconvert_kernels.w4a8 import cuda as kcuda
+
+MAINLOOP_W4 = (kcuda.SOURCE.parent / "w4a8_mainloop.cuh").read_text()
+MAINLOOP_BYTES = (cuda_quik.SOURCE.parent / "quik_mainloop.cuh").read_text()
+
+
+def quik_case(m, n, k, n_out, bits, dtype, seed):
+    """Activations with outlier channels (an all-zero and a constant token), int weights, scales."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn((m, k), generator=gen) * torch.rand((m, 1), generator=gen) * 3
+    outlier_idx = torch.sort(torch.randperm(k, generator=gen)[:n_out]).values
+    x[:, outlier_idx] *= 20
+    if m > 2:
+        x[1] = 0
+        x[2, :] = 1.5
+    x = x.to(dtype)
+    base_idx = refq.split_columns(k, outlier_idx)
+    kbp = refq.padded_base(k - n_out)
+    half = 1 << (bits - 1)
+    q = torch.randint(-half, half, (n, kbp), generator=gen, dtype=torch.int8)
+    q[:, k - n_out:] = 0
+    wscale = torch.rand(n, generator=gen) * 0.01 + 1e-3
+    w_out = (torch.randn((n, n_out), generator=gen) * 0.02).to(dtype)
+    return x, base_idx, outlier_idx, q, wscale, q.to(torch.int32).sum(1, dtype=torch.int32), w_out
+
+
+def run_quik(m, n, k, n_out, bits, path, dtype, mutations=frozenset()):
+    """Split, outlier product and GEMM through the launchers on the emulator; checked against the
+    reference bit for bit (xq, s, z, x_out, the int32 accumulator and y)."""
+    x, base_idx, outlier_idx, q, wscale, wsum, w_out = quik_case(m, n, k, n_out, bits, dtype, seed=7 * m + n + k)
+    pack = path == "s4"
+    with emulate.emulating(mutations=mutations) as emu:
+        xq, s, z, x_out = cuda_quik.split_quantize(x, base_idx, outlier_idx, bits, pack)
+        y_out = torch.matmul(x_out, w_out.t()) if n_out else None
+        qw = pack_int4(q) if bits == 4 else q
+        y, acc = cuda_quik.quik_gemm(xq, s, z, qw, wscale, wsum, y_out, bits, dtype, return_acc=True)
+    rq, rs, rz, rx = refq.quantize_split(x, base_idx, outlier_idx, bits)
+    assert torch.equal(unpack_int4(xq) if pack else xq, rq), "split: xq differs"
+    assert torch.equal(s, rs) and torch.equal(z, rz), "split: s or z differs"
+    assert torch.equal(x_out, rx), "split: x_out differs"
+    ry, racc = refq.quik_gemm(rq, rs, rz, q, wscale, wsum, y_out.float() if n_out else torch.zeros(m, n), return_acc=True)
+    assert torch.equal(acc, racc), f"int32 accumulator differs in {(acc != racc).sum()} places"
+    want = ry.to(dtype)
+    assert torch.equal(y.view(torch.int16), want.view(torch.int16)), f"y differs in {(y != want).sum()} places"
+    return emu
+
+
+# (M, N, K, outliers): odd M and N, one and several 64-row / 64-column tiles, Kb % 64 != 0
+# (padding; Kbp % 128 == 64 for the int4 byte loop's half stage), no outliers, SmolLM2's width
+QUIK_CASES = [
+    (1, 72, 200, 8),
+    (3, 13, 576, 32),
+    (17, 130, 300, 16),
+    (65, 64, 128, 0),
+    (7, 200, 1000, 96),
+]
+
+
+@pytest.mark.parametrize("bits,path", [(4, "s4"), (4, "s8"), (8, None)])
+@pytest.mark.parametrize("m,n,k,n_out", QUIK_CASES)
+def test_quik_bit_exact(m, n, k, n_out, bits, path):
+    run_quik(m, n, k, n_out, bits, path, torch.float16)
+
+
+@pytest.mark.parametrize("bits,path", [(4, "s4"), (4, "s8"), (8, None)])
+def test_quik_bf16(bits, path):
+    run_quik(17, 130, 300, 16, bits, path, torch.bfloat16)
+
+
+def test_quik_linear_on_the_emulator_matches_the_cpu_layer():
+    """quik_linear (the runtime's CUDA path, both int4 paths) equals the split + GEMM reference fed
+    the same outlier product."""
+    x, base_idx, outlier_idx, q, wscale, wsum, w_out = quik_case(33, 96, 384, 32, 4, torch.float16, seed=3)
+    rq, rs, rz, rx = refq.quantize_split(x, base_idx, outlier_idx, 4)
+    y_out = torch.matmul(rx, w_out.t())
+    want = refq.quik_gemm(rq, rs, rz, q, wscale, wsum, y_out.float()).half()
+    for path in ("s4", "s8"):
+        with emulate.emulating() as emu:
+            y = cuda_quik.quik_linear(x, base_idx, outlier_idx, pack_int4(q), wscale, wsum, w_out, 4, path=path)
+        assert torch.equal(y.view(torch.int16), want.view(torch.int16)), path
+        assert [name for name, *_ in emu.launches] == ["quik_split_f16", f"quik_gemm_w4a4_{path}_f16"]
+
+
+def run_illm(m, n, k, w_bits, mutations=frozenset()):
+    gen = torch.Generator().manual_seed(m + n + k)
+    qmax = 127 if w_bits == 8 else 7
+    xq = torch.randint(-127, 128, (m, k), generator=gen, dtype=torch.int8)
+    q = torch.randint(-qmax - 1, qmax + 1, (n, k), generator=gen, dtype=torch.int8)
+    wm = torch.randint(2**15, 2**16, (n,), generator=gen, dtype=torch.int32)
+    wk = torch.randint(20, 30, (n,), generator=gen, dtype=torch.int32)
+    qw = pack_int4(q) if w_bits == 4 else q
+    with emulate.emulating(mutations=mutations) as emu:
+        got = cuda_illm.illm_matmul(xq, qw, wm, wk, w_bits)
+    acc = ri.int8_matmul(xq, q.t())
+    want = ri.shift(acc * wm.long(), wk.long() - wk.long().min())
+    assert torch.equal(got, want), f"t differs in {(got != want).sum()} places"
+    return emu
+
+
+@pytest.mark.parametrize("w_bits", [8, 4])
+@pytest.mark.parametrize("m,n,k", [(1, 72, 96), (17, 130, 288), (66, 13, 160)])  # K % 64 == 32: a half stage
+def test_illm_matmul_bit_exact(m, n, k, w_bits):
+    run_illm(m, n, k, w_bits)
+
+
+# ----------------------------------------------------------------------------- the emulator itself
+
+
+def test_s4_fragment_tables_against_a_per_element_model():
+    """mma_m16n8k64_s4 equals a per-lane, per-nibble loop over the PTX ISA layout of .s4."""
+    gen = np.random.default_rng(1)
+    a = gen.integers(0, 2**32, (1, 32, 4), dtype=np.uint64).astype(np.uint32)
+    b = gen.integers(0, 2**32, (1, 32, 2), dtype=np.uint64).astype(np.uint32)
+    c = gen.integers(-1000, 1000, (1, 32, 4)).astype(np.int32)
+    nib = lambda r, i: ((int(r) >> (4 * i)) & 15) - (16 if (int(r) >> (4 * i)) & 8 else 0)  # noqa: E731
+    A = [[0] * 64 for _ in range(16)]
+    B = [[0] * 8 for _ in range(64)]
+    for lane in range(32):
+        gid, tig = lane >> 2, lane & 3
+        for i in range(32):  # a_i: row gid (+8 for i in 8..15, 24..31), col 8 tig + i % 8 (+32 for i >= 16)
+            row = gid + (8 if (8 <= i < 16 or i >= 24) else 0)
+            A[row][8 * tig + (i & 7) + (32 if i >= 16 else 0)] = nib(a[0, lane, i // 8], i % 8)
+        for i in range(16):  # b_i: row 8 tig + i % 8 (+32 for i >= 8), col gid
+            B[8 * tig + (i & 7) + (32 if i >= 8 else 0)][gid] = nib(b[0, lane, i // 8], i % 8)
+    d = emulate.mma_m16n8k64_s4(a, b, c)
+    for lane in range(32):
+        gid, tig = lane >> 2, lane & 3
+        for i in range(4):
+            r, col = gid + (8 if i >= 2 else 0), 2 * tig + (i & 1)
+            assert d[0, lane, i] == c[0, lane, i] + sum(A[r][k] * B[k][col] for k in range(64))
+
+
+def test_unpack_and_byte_perm_decode_nibbles_in_k_order():
+    words = np.array([0, 0xFFFFFFFF, 0x88888888, 0x77777777, 0x76543210, 0xFEDCBA98], np.uint32)
+    words = np.concatenate([words, np.random.default_rng(2).integers(0, 2**32, 500, dtype=np.uint64).astype(np.uint32)])
+    ctx = emulate.Ctx(None, {}, frozenset(), emulate.FloatOps(False))
+    b0, b1 = emulate.unpack_int4x8(ctx, words)
+    got = np.concatenate([b0[:, None].view(np.int8).reshape(-1, 4), b1[:, None].view(np.int8).reshape(-1, 4)], 1)
+    want = ((words[:, None] >> (4 * np.arange(8, dtype=np.uint32))) & 15).astype(np.int64)
+    assert (got == want - 16 * (want >= 8)).all()
+
+
+def test_constants_match_the_sources():
+    def const(text, name):
+        return re.search(rf"constexpr int {name} = ([^;]+);", text).group(1).split("//")[0].strip()
+
+    for name in ("BM", "BN", "BK", "THREADS", "WM", "WN", "A_STRIDE", "B_STRIDE"):
+        assert int(const(MAINLOOP_W4, name)) == getattr(emulate, name), name
+    assert kcuda.BLOCK_M == cuda_illm.BLOCK_M == emulate.BM and kcuda.GEMM_THREADS == cuda_illm.GEMM_THREADS == emulate.THREADS
+    assert kcuda.QUANT_THREADS == emulate.QUANT_THREADS
+    assert "ROW_CHUNKS / THREADS" in MAINLOOP_BYTES and emulate.ROW_LOADS == 2
+
+    def params(text, macro):
+        body = re.search(rf"#define {macro}\s*\\?(.*?)(?:\n\n|\n#)", text, re.S).group(1)
+        body = re.sub(r"/\*.*?\*/", "", body).replace("\\", " ")
+        return tuple(re.findall(r"(\w+)\s*$", decl.strip())[0] for decl in body.split(",") if decl.strip())
+
+    quik_cu, illm_cu = cuda_quik.SOURCE.read_text(), cuda_illm.SOURCE.read_text()
+    assert params(quik_cu, "QUIK_GEMM_ARGS") == emulate.GEMM_PARAMS
+    assert params(illm_cu, "ILLM_MATMUL_ARGS") == emulate.ILLM_PARAMS
+    split = re.search(r"#define QUIK_SPLIT\(NAME, BF16\).*?NAME\((.*?)\) \{", quik_cu, re.S).group(1)
+    split = re.sub(r"/\*.*?\*/", "", split).replace("\\", " ")
+    names = tuple(re.findall(r"(\w+)\s*$", d.strip())[0] for d in split.split(",") if d.strip())
+    assert names == emulate.SPLIT_PARAMS
+
+
+def test_fragment_loads_are_bank_conflict_free():
+    """The padded rows (96 bytes) make every fragment load conflict-free, as the sources say."""
+    conflicts = {}
+    for bits, path in ((8, None), (4, "s4"), (4, "s8")):
+        conflicts.update(run_quik(17, 130, 300, 16, bits, path, torch.float16).conflicts)
+    for site in ("bytes A LDS.64", "bytes B LDS.64", "w4 A LDS.64", "w4 B LDS.32"):
+        assert conflicts[site] == 1, (site, conflicts[site])
+
+
+def test_unknown_kernel_and_wrong_launches_are_refused():
+    emu = emulate.Emulator()
+    with pytest.raises(emulate.EmulationError, match="no emulation"):
+        emu("fp8_gemm_f16", (1, 1), (128,), (), 0, cuda_quik.SOURCE)
+    with pytest.raises(emulate.EmulationError, match="written for 128 threads"):
+        emu("quik_gemm_w8a8_f16", (1, 1), (256,), (0,) * 12, 0, cuda_quik.SOURCE)
+    with pytest.raises(ValueError, match="unknown mutations"):
+        emulate.Emulator(mutations=frozenset({"nope"}))("quik_gemm_w8a8_f16", (1, 1), (128,), (), 0, cuda_quik.SOURCE)
+
+
+# ----------------------------------------------------------------------------- mutations
+
+MUTATION_CASES = {
+    # mutation: (runner, args, expected: "error" (an emulator check fires) or "differs")
+    "swap_a": (run_quik, (17, 130, 300, 16, 8, None, torch.float16), "differs"),
+    "b_offset": (run_quik, (3, 72, 576, 32, 4, "s4", torch.float16), "error"),
+    "b_swap": (run_quik, (3, 72, 576, 32, 4, "s4", torch.float16), "differs"),
+    "no_tail_sync": (run_illm, (17, 72, 288, 8), "error"),
+    "no_row_bound": (run_quik, (17, 72, 200, 8, 4, "s8", torch.float16), "error"),
+    "no_sign": (run_illm, (3, 72, 96, 4), "differs"),
+    "c_map": (run_quik, (3, 13, 576, 32, 8, None, torch.bfloat16), "differs"),
+    "split_short": (run_quik, (3, 13, 576, 32, 8, None, torch.float16), "error"),
+}
+
+
+@pytest.mark.parametrize("mutation", sorted(MUTATION_CASES))
+def test_mutation_is_caught(mutation):
+    runner, args, expected = MUTATION_CASES[mutation]
+    if expected == "error":
+        with pytest.raises(emulate.EmulationError):
+            runner(*args, mutations=frozenset({mutation}))
+    else:
+        with pytest.raises(AssertionError, match="differs"):
+            runner(*args, mutations=frozenset({mutation}))
+    runner(*args)  # and the same case passes without it
+
+
+def test_every_mutation_has_a_test():
+    assert set(MUTATION_CASES) == set(emulate.MUTATIONS)
