@@ -157,3 +157,16 @@ def quantize_tiny(src: Path, out: Path, scheme: str, *extra):
     args = ["quantize", str(src), "--scheme", scheme, "-o", str(out), "-q", "--calib", "file", "--data-file",
             str(src.parent / "calib.txt"), "--nsamples", "4", "--seqlen", "32", *map(str, extra)]
     return CliRunner().invoke(cli, args)
+
+
+def assert_mutation_caught(runner, args, mutation: str, expected: str, error: type) -> None:
+    """A deliberate kernel bug (an emulator ``mutation``) must be caught: ``expected`` "error" (one
+    of the emulator's checks raises ``error``) or "differs" (the result differs from the reference)."""
+    import pytest
+
+    if expected == "error":
+        with pytest.raises(error):
+            runner(*args, mutations=frozenset({mutation}))
+    else:
+        with pytest.raises(AssertionError, match="differs"):
+            runner(*args, mutations=frozenset({mutation}))

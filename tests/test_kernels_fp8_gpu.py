@@ -16,6 +16,7 @@ pytest.importorskip("cupy")
 from qconvert.formats.fp4 import codes_to_values, pack_fp4  # noqa: E402
 from qconvert_kernels.fp8 import cuda as cuda_fp8  # noqa: E402
 from qconvert_kernels.fp8 import reference as ref8  # noqa: E402
+from test_kernels_fp8_emulate import _activations, fp4_case, fp8_case  # noqa: E402
 
 if not cuda_fp8.available():
     pytest.skip("no CUDA device of compute capability 8.9+ usable by cupy (FP8 mma)", allow_module_level=True)
@@ -25,13 +26,6 @@ DTYPES = [torch.float16, torch.bfloat16]
 # (M, N, K, g): odd M, K = 576 padded to 640 by g = 128, Kp % 64 == 32, odd N, several g
 SHAPES = [(1, 8, 576, 128), (3, 192, 576, 128), (17, 576, 4096, 128), (130, 192, 4096, 128),
           (17, 192, 4096, 32), (3, 576, 1000, 64), (17, 8, 96, 32), (3, 13, 300, 96), (257, 72, 256, 64)]
-
-
-def _activations(m, k, dtype, gen):
-    x = (torch.randn((m, k), generator=gen) * torch.rand((m, 1), generator=gen) * 4).to(dtype)
-    if m > 2:
-        x[1] = 0
-    return x
 
 
 def _within_tolerance(y, y_ref, y_abs, dtype):
@@ -56,13 +50,7 @@ def test_quantizer_bit_exact(m, k, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,n,k,g", SHAPES)
 def test_fp4_fp8_gemm_matches_reference(m, n, k, g, dtype):
-    gen = torch.Generator().manual_seed(m * 1_000_003 + n * 1009 + k + g)
-    kp = -(-k // g) * g
-    codes = torch.randint(0, 16, (n, kp), generator=gen, dtype=torch.uint8)
-    codes[:, k:] = 0
-    sexp = torch.randint(-6, 3, (n, kp // g), generator=gen, dtype=torch.int8)
-    cscale = torch.rand(n, generator=gen) * 0.01 + 1e-4
-    x = _activations(m, k, dtype, gen)
+    x, codes, sexp, cscale, kp = fp4_case(m, n, k, g, dtype)
     xq, t = cuda_fp8.quantize_per_token_fp8(x.to(DEV), kp)
     y = cuda_fp8.fp4_fp8_gemm(xq, t, pack_fp4(codes).to(DEV), sexp.to(DEV), cscale.to(DEV), g, dtype)
     w = codes_to_values(codes)
@@ -75,12 +63,7 @@ def test_fp4_fp8_gemm_matches_reference(m, n, k, g, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,n,k", [(1, 8, 576), (17, 576, 4096), (130, 192, 1536), (3, 13, 96), (257, 72, 256)])
 def test_fp8_fp8_gemm_matches_reference(m, n, k, dtype):
-    gen = torch.Generator().manual_seed(m * 999_983 + n * 1013 + k)
-    kp = -(-k // 64) * 64
-    w = torch.randn(n, k, generator=gen)
-    wscale = w.abs().amax(1) / 448
-    wq = torch.nn.functional.pad(ref8.to_e4m3(w / wscale[:, None]).view(torch.uint8), (0, kp - k)).view(torch.float8_e4m3fn)
-    x = _activations(m, k, dtype, gen)
+    x, wq, wscale, kp = fp8_case(m, n, k, dtype)
     xq, t = cuda_fp8.quantize_per_token_fp8(x.to(DEV), kp)
     y = cuda_fp8.fp8_fp8_gemm(xq, t, wq.to(DEV), wscale.to(DEV), dtype)
     y_ref = ref8.fp8_fp8_gemm(xq.cpu(), t.cpu(), wq, wscale)

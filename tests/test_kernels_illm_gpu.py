@@ -7,10 +7,10 @@ import torch
 
 pytest.importorskip("cupy")
 
-from qconvert.formats.packing import pack_int4  # noqa: E402
 from qconvert_kernels.w4a8 import cuda as kcuda  # noqa: E402
 from qconvert_kernels.illm import cuda as cuda_illm  # noqa: E402
 from qconvert_kernels.illm import reference as ri  # noqa: E402
+from test_kernels_quik_emulate import illm_case  # noqa: E402
 
 if not kcuda.available():
     pytest.skip("no CUDA device usable by cupy (sm_80+)", allow_module_level=True)
@@ -21,17 +21,9 @@ DEV = torch.device("cuda")
 @pytest.mark.parametrize("w_bits", [8, 4])
 @pytest.mark.parametrize("m,n,k", [(1, 576, 576), (17, 1536, 576), (130, 576, 1536), (64, 13, 96)])
 def test_matmul(m, n, k, w_bits):
-    gen = torch.Generator().manual_seed(m + n + k)
-    qmax = 127 if w_bits == 8 else 7
-    xq = torch.randint(-127, 128, (m, k), generator=gen, dtype=torch.int8)
-    q = torch.randint(-qmax - 1, qmax + 1, (n, k), generator=gen, dtype=torch.int8)
-    wm = torch.randint(2**15, 2**16, (n,), generator=gen, dtype=torch.int32)
-    wk = torch.randint(20, 30, (n,), generator=gen, dtype=torch.int32)
-    qw = pack_int4(q) if w_bits == 4 else q
+    xq, qw, wm, wk, want = illm_case(m, n, k, w_bits)
     got = cuda_illm.illm_matmul(xq.to(DEV), qw.to(DEV), wm.to(DEV), wk.to(DEV), w_bits).cpu()
-    acc = ri.int8_matmul(xq, q.t())
-    ref = ri.shift(acc * wm.long(), wk.long() - wk.long().min())
-    assert torch.equal(got, ref)
+    assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("qmax", [127, 7])

@@ -13,6 +13,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from helpers import assert_mutation_caught
 
 from qconvert.formats.packing import pack_int4, unpack_int4
 from qconvert_kernels.illm import cuda as cuda_illm
@@ -103,18 +104,22 @@ def test_quik_linear_on_the_emulator_matches_the_cpu_layer():
         assert [name for name, *_ in emu.launches] == ["quik_split_f16", f"quik_gemm_w4a4_{path}_f16"]
 
 
-def run_illm(m, n, k, w_bits, mutations=frozenset()):
+def illm_case(m, n, k, w_bits):
+    """(xq, the weights as stored (int8, or packed int4), mantissas, exponents, the reference t)."""
     gen = torch.Generator().manual_seed(m + n + k)
     qmax = 127 if w_bits == 8 else 7
     xq = torch.randint(-127, 128, (m, k), generator=gen, dtype=torch.int8)
     q = torch.randint(-qmax - 1, qmax + 1, (n, k), generator=gen, dtype=torch.int8)
     wm = torch.randint(2**15, 2**16, (n,), generator=gen, dtype=torch.int32)
     wk = torch.randint(20, 30, (n,), generator=gen, dtype=torch.int32)
-    qw = pack_int4(q) if w_bits == 4 else q
+    want = ri.shift(ri.int8_matmul(xq, q.t()) * wm.long(), wk.long() - wk.long().min())
+    return xq, pack_int4(q) if w_bits == 4 else q, wm, wk, want
+
+
+def run_illm(m, n, k, w_bits, mutations=frozenset()):
+    xq, qw, wm, wk, want = illm_case(m, n, k, w_bits)
     with emulate.emulating(mutations=mutations) as emu:
         got = cuda_illm.illm_matmul(xq, qw, wm, wk, w_bits)
-    acc = ri.int8_matmul(xq, q.t())
-    want = ri.shift(acc * wm.long(), wk.long() - wk.long().min())
     assert torch.equal(got, want), f"t differs in {(got != want).sum()} places"
     return emu
 
@@ -223,12 +228,7 @@ MUTATION_CASES = {
 @pytest.mark.parametrize("mutation", sorted(MUTATION_CASES))
 def test_mutation_is_caught(mutation):
     runner, args, expected = MUTATION_CASES[mutation]
-    if expected == "error":
-        with pytest.raises(emulate.EmulationError):
-            runner(*args, mutations=frozenset({mutation}))
-    else:
-        with pytest.raises(AssertionError, match="differs"):
-            runner(*args, mutations=frozenset({mutation}))
+    assert_mutation_caught(runner, args, mutation, expected, emulate.EmulationError)
     runner(*args)  # and the same case passes without it
 
 

@@ -18,6 +18,7 @@ from qconvert_kernels.w4a8 import cuda as kcuda  # noqa: E402
 from qconvert_kernels.quik import cuda as cuda_quik  # noqa: E402
 from qconvert_kernels.quik import reference as refq  # noqa: E402
 from test_kernels_gpu import _ulps  # noqa: E402
+from test_kernels_quik_emulate import quik_case as _case  # noqa: E402
 
 if not kcuda.available():
     pytest.skip("no CUDA device usable by cupy (sm_80+)", allow_module_level=True)
@@ -28,25 +29,6 @@ DTYPES = [torch.float16, torch.bfloat16]
 SHAPES = [(1, 576, 576, 32), (3, 1536, 576, 32), (17, 576, 1536, 96), (130, 192, 4096, 256),
           (1, 4096, 4096, 256), (257, 72, 1000, 0), (64, 13, 300, 16)]
 PATHS_4 = ["s8"] + (["s4"] if cuda_quik.int4_path(DEV) == "s4" else [])
-
-
-def _case(m, n, k, n_out, bits, dtype, seed):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn((m, k), generator=gen) * torch.rand((m, 1), generator=gen) * 3
-    outlier_idx = torch.sort(torch.randperm(k, generator=gen)[:n_out]).values
-    x[:, outlier_idx] *= 20
-    if m > 2:
-        x[1] = 0  # an all-zero token: r = 0
-        x[2, :] = 1.5  # a constant token
-    x = x.to(dtype)
-    base_idx = refq.split_columns(k, outlier_idx)
-    kbp = refq.padded_base(k - n_out)
-    half = 1 << (bits - 1)
-    q = torch.randint(-half, half, (n, kbp), generator=gen, dtype=torch.int8)
-    q[:, k - n_out:] = 0
-    wscale = torch.rand(n, generator=gen) * 0.01 + 1e-3
-    w_out = (torch.randn((n, n_out), generator=gen) * 0.02).half()
-    return x, base_idx, outlier_idx, q, wscale, q.to(torch.int32).sum(1, dtype=torch.int32), w_out
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

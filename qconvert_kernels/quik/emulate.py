@@ -36,7 +36,8 @@ import numpy as np
 
 from qconvert_kernels import launch
 from qconvert_kernels.w4a8.emulate import (EmulationError, FloatOps, Global, Shared, Ctx, bf16_bits_to_f32,
-                                           f16_bits_to_f32, f32_to_bits16, mma_m16n8k32, store_pair, wrap32)
+                                           f16_bits_to_f32, f32_to_bits16, mma_c_lanes, mma_m16n8k32, store_pair,
+                                           wrap32)
 
 # ----------------------------------------------------------------------------- constants
 # Twins of qk:: (w4a8_mainloop.cuh) and quik:: (quik_mainloop.cuh); the tests parse the sources.
@@ -50,9 +51,7 @@ MT = WM // 16
 NT = WN // 8
 A_STRIDE = 96
 B_STRIDE = 48
-A_LOADS = BM * BK // 16 // THREADS       # qk::A_LOADS (2)
-B_LOADS = BN * BK // 2 // 16 // THREADS  # qk::B_LOADS (1)
-ROW_LOADS = BM * BK // 16 // THREADS     # quik::ROW_LOADS (2)
+ROW_LOADS = BM * BK // 16 // THREADS     # quik::ROW_LOADS, qk::A_LOADS (2); packed rows: qk::B_LOADS (1)
 QUANT_THREADS = 256
 
 GEMM_PARAMS = ("xq", "s", "z", "qw", "wscale", "wsum", "y_out", "y", "acc_out", "M", "N", "Kbp")
@@ -79,9 +78,7 @@ _A4_COL = 8 * _TIG[:, None, None] + np.arange(8)[None, None, :] + 32 * (np.arang
 # B: b0 rows (k) 8 tig + i, b1 32 further, col gid.
 _B4_ROW = 8 * _TIG[:, None, None] + np.arange(8)[None, None, :] + 32 * np.arange(2)[None, :, None]
 _B4_COL = _GID[:, None, None] + 0 * _B4_ROW
-# C as for every m16n8 shape: c0, c1 row gid, cols 2 tig, 2 tig + 1; c2, c3 row gid + 8.
-_C_ROW = _GID[:, None] + 8 * (np.arange(4)[None, :] >> 1)
-_C_COL = 2 * _TIG[:, None] + (np.arange(4)[None, :] & 1)
+# C is laid out as for every m16n8 shape (w4a8.emulate.mma_c_lanes).
 
 
 def _nibbles(regs):
@@ -98,15 +95,20 @@ def mma_m16n8k64_s4(a, b, c):
     B = np.zeros((batch, 64, 8), np.int64)
     A[:, _A4_ROW, _A4_COL] = _nibbles(a)
     B[:, _B4_ROW, _B4_COL] = _nibbles(b)
-    return wrap32((A @ B)[:, _C_ROW, _C_COL] + np.asarray(c, np.int64))
+    return wrap32(mma_c_lanes(A @ B) + np.asarray(c, np.int64))
 
 
-def byte_perm(x, y, sel: int):
-    """__byte_perm(x, y, sel) (PRMT): result byte i = byte (sel >> 4 i) & 7 of the 8 bytes {y, x}."""
+def byte_perm(x, y, sel):
+    """__byte_perm(x, y, sel) (PRMT, default mode): result byte i is byte (sel >> 4 i) & 7 of the 8
+    bytes {y, x}, or that byte's sign replicated when bit 3 of the selector nibble is set; ``sel``
+    a constant or one selector per element."""
     src = np.asarray(x, np.uint64) | (np.asarray(y, np.uint64) << np.uint64(32))
-    out = np.zeros(np.shape(x), np.uint64)
+    sel = np.broadcast_to(np.asarray(sel, np.uint64), src.shape)
+    out = np.zeros(src.shape, np.uint64)
     for i in range(4):
-        b = (src >> np.uint64(8 * ((sel >> (4 * i)) & 7))) & np.uint64(0xFF)
+        nib = (sel >> np.uint64(4 * i)) & np.uint64(0xF)
+        b = (src >> (np.uint64(8) * (nib & np.uint64(7)))) & np.uint64(0xFF)
+        b = np.where(nib & np.uint64(8), np.where(b & np.uint64(0x80), np.uint64(0xFF), np.uint64(0)), b)
         out |= b << np.uint64(8 * i)
     return out.astype(np.uint32)
 
@@ -170,106 +172,104 @@ def _mma_all(P, a, b, s4: bool):
             P[:, mt, nt] = d.reshape(THREADS, 4)
 
 
-def mainloop_bytes(ctx: Ctx, s4: bool, M: int, N: int, KB: int, bm: int, bn: int):
-    """quik::mainloop_bytes: both operands rows of KB bytes (int8, or packed int4 pairs)."""
-    tid, gid, tig, wm, wn = _threads()
-    a_ptr, b_ptr = ctx.args["xq"], ctx.args["qw"]
-    sb = BM * A_STRIDE
-    sm = Shared(sb + BN * A_STRIDE)
-    P = np.zeros((THREADS, MT, NT, 4), np.int32)
+def stage_load(ctx: Ctx, ptr, r0: int, rows: int, c0: int, cols: int, width: int, what: str, row_bound: bool = True):
+    """Global -> registers: this thread's 16-byte pieces of a stage of 64 rows x ``width`` bytes at
+    row r0, byte c0 of a [rows, cols] byte matrix; rows past ``rows`` and bytes past ``cols`` read as
+    zeros.  The staging of every 64 x 64 kernel (quik::load_rows, qk::load_stage, zq::load_bytes,
+    zq::load_stage): piece idx = tid + i * THREADS is row idx / (width / 16), column (idx % (width / 16)) * 16."""
+    tid = np.arange(THREADS)
+    regs = []
+    for i in range(BM * width // 16 // THREADS):
+        idx = tid + i * THREADS
+        row, col = r0 + idx // (width // 16), c0 + (idx % (width // 16)) * 16
+        valid = (row < rows) & (col < cols) if row_bound else (col < cols)
+        regs.append(_load16(ctx, ptr, row, col, valid, cols, what))
+    return regs
 
-    def load_rows(ptr, r0, rows, k0, what):                               # [quik::load_rows]
-        regs = []
-        for i in range(ROW_LOADS):
-            idx = tid + i * THREADS
-            row, col = r0 + idx // (BK // 16), k0 + (idx % (BK // 16)) * 16
-            valid = (col < KB) if "no_row_bound" in ctx.mutations else (row < rows) & (col < KB)
-            regs.append(_load16(ctx, ptr, row, col, valid, KB, what))
-        return regs
 
-    def store_rows(regs, base, tag, what):                                # [quik::store_rows]
-        for i, r in enumerate(regs):
-            idx = tid + i * THREADS
-            sm.write(tid, base + (idx // (BK // 16)) * A_STRIDE + (idx % (BK // 16)) * 16, r, tag, what)
+def stage_store(sm: Shared, regs, base: int, stride: int, width: int, tag: int, what: str):
+    """Registers -> the padded shared rows (16-byte stores; row stride ``stride`` bytes)."""
+    tid = np.arange(THREADS)
+    for i, r in enumerate(regs):
+        idx = tid + i * THREADS
+        sm.write(tid, base + (idx // (width // 16)) * stride + (idx % (width // 16)) * 16, r, tag, what)
 
-    n_stages = -(-KB // BK)
-    ra = load_rows(a_ptr, bm, M, 0, "xq rows")
-    rb = load_rows(b_ptr, bn, N, 0, "qw rows")
+
+def run_stages(ctx: Ctx, sm: Shared, n_stages: int, load, store, kstep):
+    """The register-staged pipeline of every 64 x 64 main loop: store stage s, barrier, issue the
+    loads of stage s + 1, the k steps of stage s (``kstep(s, ks)``; it returns False to stop the
+    stage early), barrier."""
+    regs = load(0)
     for s in range(n_stages):
-        store_rows(ra, 0, s, "bytes A STS.128")
-        store_rows(rb, sb, s, "bytes B STS.128")
+        store(regs, s)
         sm.barrier()
         if s + 1 < n_stages:
-            ra = load_rows(a_ptr, bm, M, (s + 1) * BK, "xq rows")
-            rb = load_rows(b_ptr, bn, N, (s + 1) * BK, "qw rows")
+            regs = load(s + 1)
         for ks in range(BK // 32):
-            if s * BK + ks * 32 >= KB:
+            if kstep(s, ks) is False:
                 break
-            a = _a_regs(ctx, sm, tid, gid, tig, wm, ks, s, "bytes A LDS.64")
-            b = np.zeros((THREADS, NT, 2), np.uint32)
-            boff = 4 * tig if "b_offset" in ctx.mutations else 8 * tig
-            for nt in range(NT):
-                b[:, nt] = np.stack(_frag8(ctx, sm, tid, sb, wn + nt * 8 + gid, ks * 32 + boff, A_STRIDE, s,
-                                           "bytes B LDS.64"), -1)
-            if "b_swap" in ctx.mutations:
-                b = b[..., ::-1]
-            _mma_all(P, a, b, s4)
         if "no_tail_sync" not in ctx.mutations:
             sm.barrier()
     ctx.conflicts.update({k: max(v, ctx.conflicts.get(k, 1)) for k, v in sm.conflicts.items()})
+
+
+def mainloop_bytes(ctx: Ctx, s4: bool, M: int, N: int, KB: int, bm: int, bn: int):
+    """quik::mainloop_bytes: both operands rows of KB bytes (int8, or packed int4 pairs)."""
+    tid, gid, tig, wm, wn = _threads()
+    sb = BM * A_STRIDE
+    sm = Shared(sb + BN * A_STRIDE)
+    P = np.zeros((THREADS, MT, NT, 4), np.int32)
+    bound = "no_row_bound" not in ctx.mutations
+
+    def load(s):                                                          # [quik::load_rows] x 2
+        return (stage_load(ctx, ctx.args["xq"], bm, M, s * BK, KB, BK, "xq rows", bound),
+                stage_load(ctx, ctx.args["qw"], bn, N, s * BK, KB, BK, "qw rows", bound))
+
+    def store(regs, s):                                                   # [quik::store_rows] x 2
+        stage_store(sm, regs[0], 0, A_STRIDE, BK, s, "bytes A STS.128")
+        stage_store(sm, regs[1], sb, A_STRIDE, BK, s, "bytes B STS.128")
+
+    def kstep(s, ks):
+        if s * BK + ks * 32 >= KB:
+            return False  # the zero half of a last stage (KB % 64 == 32)
+        a = _a_regs(ctx, sm, tid, gid, tig, wm, ks, s, "bytes A LDS.64")
+        b = np.zeros((THREADS, NT, 2), np.uint32)
+        boff = 4 * tig if "b_offset" in ctx.mutations else 8 * tig
+        for nt in range(NT):
+            b[:, nt] = np.stack(_frag8(ctx, sm, tid, sb, wn + nt * 8 + gid, ks * 32 + boff, A_STRIDE, s, "bytes B LDS.64"), -1)
+        if "b_swap" in ctx.mutations:
+            b = b[..., ::-1]
+        _mma_all(P, a, b, s4)
+
+    run_stages(ctx, sm, -(-KB // BK), load, store, kstep)
     return P
 
 
 def mainloop_w4(ctx: Ctx, M: int, N: int, Kp: int, bm: int, bn: int):
     """qk::mainloop with quik::NoFold: int8 activations [M, Kp] against packed int4 [N, Kp / 2]."""
     tid, gid, tig, wm, wn = _threads()
-    a_ptr, b_ptr = ctx.args["xq"], ctx.args["qw"]
     sb = BM * A_STRIDE
     sm = Shared(sb + BN * B_STRIDE)
     P = np.zeros((THREADS, MT, NT, 4), np.int32)
 
-    def load_stage(k0):                                                   # [qk::load_stage]
-        ra = []
-        for i in range(A_LOADS):
-            idx = tid + i * THREADS
-            row, col = idx // (BK // 16), (idx % (BK // 16)) * 16
-            gm, gk = bm + row, k0 + col
-            valid = (gk < Kp) if "no_row_bound" in ctx.mutations else (gm < M) & (gk < Kp)
-            ra.append(_load16(ctx, a_ptr, gm, gk, valid, Kp, "xq stage"))
-        rb = []
-        for i in range(B_LOADS):
-            idx = tid + i * THREADS
-            row, col = idx // (BK // 32), (idx % (BK // 32)) * 16
-            gn, gkb = bn + row, k0 // 2 + col
-            rb.append(_load16(ctx, b_ptr, gn, gkb, (gn < N) & (gkb < Kp // 2), Kp // 2, "qw stage"))
-        return ra, rb
+    def load(s):                                                          # [qk::load_stage]
+        return (stage_load(ctx, ctx.args["xq"], bm, M, s * BK, Kp, BK, "xq stage", "no_row_bound" not in ctx.mutations),
+                stage_load(ctx, ctx.args["qw"], bn, N, s * BK // 2, Kp // 2, BK // 2, "qw stage"))
 
-    def store_stage(ra, rb, tag):                                         # [qk::store_stage]
-        for i, r in enumerate(ra):
-            idx = tid + i * THREADS
-            sm.write(tid, (idx // (BK // 16)) * A_STRIDE + (idx % (BK // 16)) * 16, r, tag, "w4 A STS.128")
-        for i, r in enumerate(rb):
-            idx = tid + i * THREADS
-            sm.write(tid, sb + (idx // (BK // 32)) * B_STRIDE + (idx % (BK // 32)) * 16, r, tag, "w4 B STS.128")
+    def store(regs, s):                                                   # [qk::store_stage]
+        stage_store(sm, regs[0], 0, A_STRIDE, BK, s, "w4 A STS.128")
+        stage_store(sm, regs[1], sb, B_STRIDE, BK // 2, s, "w4 B STS.128")
 
-    n_stages = -(-Kp // BK)
-    regs = load_stage(0)
-    for s in range(n_stages):
-        store_stage(*regs, s)
-        sm.barrier()
-        if s + 1 < n_stages:
-            regs = load_stage((s + 1) * BK)
-        for ks in range(BK // 32):
-            a = _a_regs(ctx, sm, tid, gid, tig, wm, ks, s, "w4 A LDS.64")
-            b = np.zeros((THREADS, NT, 2), np.uint32)
-            for nt in range(NT):
-                w = np.ascontiguousarray(sm.read(tid, sb + (wn + nt * 8 + gid) * B_STRIDE + ks * 16 + 4 * tig, 4, s,
-                                                 "w4 B LDS.32")).view(np.uint32)[:, 0]
-                b[:, nt] = np.stack(unpack_int4x8(ctx, w), -1)
-            _mma_all(P, a, b, s4=False)
-        if "no_tail_sync" not in ctx.mutations:
-            sm.barrier()
-    ctx.conflicts.update({k: max(v, ctx.conflicts.get(k, 1)) for k, v in sm.conflicts.items()})
+    def kstep(s, ks):
+        a = _a_regs(ctx, sm, tid, gid, tig, wm, ks, s, "w4 A LDS.64")
+        b = np.zeros((THREADS, NT, 2), np.uint32)
+        for nt in range(NT):
+            w = np.ascontiguousarray(sm.read(tid, sb + (wn + nt * 8 + gid) * B_STRIDE + ks * 16 + 4 * tig, 4, s,
+                                             "w4 B LDS.32")).view(np.uint32)[:, 0]
+            b[:, nt] = np.stack(unpack_int4x8(ctx, w), -1)
+        _mma_all(P, a, b, s4=False)
+
+    run_stages(ctx, sm, -(-Kp // BK), load, store, kstep)
     return P
 
 
@@ -409,37 +409,74 @@ def _written_once(name, mem: Global, ptr: int, count: int, width: int, what: str
         raise EmulationError(f"{name}: {what}[{bad}] written {int(w[bad].max())} times")
 
 
+def begin_launch(emu, name, grid, block, args, shared_mem, kernels, known) -> tuple[tuple, Ctx]:
+    """The checks every launch of a static-shared-memory kernel gets, shared by the emulators of
+    this file and of fp8/emulate.py: ``kernels`` lists (name prefix, parameter names, threads).
+    Returns the grid as 3 values and the launch's context (its arguments by name)."""
+    unknown = set(emu.mutations) - known
+    if unknown:
+        raise ValueError(f"unknown mutations {sorted(unknown)}")
+    grid = tuple(int(v) for v in grid) + (1,) * (3 - len(grid))
+    found = [(params, threads) for prefix, params, threads in kernels if name.startswith(prefix)]
+    if not found:
+        raise EmulationError(f"no emulation of kernel {name}")
+    params, threads = found[0]
+    if tuple(block) != (threads,):
+        raise EmulationError(f"{name}: launched with block {tuple(block)}, the kernel is written for {threads} threads")
+    if shared_mem:
+        raise EmulationError(f"{name}: {shared_mem} bytes of dynamic shared memory, the kernel uses static shared memory only")
+    if len(args) != len(params):
+        raise EmulationError(f"{name}: {len(args)} arguments, the kernel takes {len(params)}")
+    vals = {p: int(v) for p, v in zip(params, args)}
+    emu.launches.append((name, grid, dict(vals)))
+    return grid, Ctx(Global(), vals, frozenset(emu.mutations), FloatOps(False))
+
+
+def check_tiles(name: str, grid, M: int, N: int) -> None:
+    """A GEMM grid must be (ceil(N / 64), ceil(M / 64), 1)."""
+    if grid[:2] != (-(-N // BN), -(-M // BM)) or grid[2] != 1:
+        raise EmulationError(f"{name}: grid {grid} does not cover M={M}, N={N} with {BM} x {BN} tiles")
+
+
 @dataclass
-class Emulator:
-    """The launch hook: runs each launch of quik_gemm.cu / illm_gemm.cu's GEMMs on the CPU."""
+class StaticEmulator:
+    """A launch hook for kernels with static shared memory only (this file's and fp8/emulate.py's):
+    each launch is checked by ``begin_launch`` against ``KERNELS`` and run by ``run``."""
 
     mutations: frozenset = frozenset()
     launches: list = field(default_factory=list)
     conflicts: dict = field(default_factory=dict)
+    KERNELS = ()           # (name prefix, parameter names, threads)
+    KNOWN = frozenset()    # the mutations the subclass knows
 
     def __call__(self, name, grid, block, args, shared_mem, source):
-        unknown = set(self.mutations) - MUTATIONS
-        if unknown:
-            raise ValueError(f"unknown mutations {sorted(unknown)}")
-        grid = tuple(int(v) for v in grid) + (1,) * (3 - len(grid))
-        if name.startswith("quik_split_"):
-            params, threads = SPLIT_PARAMS, QUANT_THREADS
-        elif name.startswith("quik_gemm_"):
-            params, threads = GEMM_PARAMS, THREADS
-        elif name.startswith("illm_matmul_"):
-            params, threads = ILLM_PARAMS, THREADS
-        else:
-            raise EmulationError(f"no emulation of kernel {name}")
-        if tuple(block) != (threads,):
-            raise EmulationError(f"{name}: launched with block {tuple(block)}, the kernel is written for {threads} threads")
-        if shared_mem:
-            raise EmulationError(f"{name}: {shared_mem} bytes of dynamic shared memory, the kernel uses static shared memory only")
-        if len(args) != len(params):
-            raise EmulationError(f"{name}: {len(args)} arguments, the kernel takes {len(params)}")
-        vals = {p: int(v) for p, v in zip(params, args)}
-        mem = Global()
-        ctx = Ctx(mem, vals, frozenset(self.mutations), FloatOps(False))
-        self.launches.append((name, grid, dict(vals)))
+        grid, ctx = begin_launch(self, name, grid, block, args, shared_mem, self.KERNELS, self.KNOWN)
+        self.run(name, grid, ctx)
+        for k, v in ctx.conflicts.items():
+            self.conflicts[k] = max(v, self.conflicts.get(k, 1))
+
+    def run(self, name: str, grid: tuple, ctx: Ctx) -> None:
+        raise NotImplementedError
+
+    @classmethod
+    @contextlib.contextmanager
+    def hooked(cls, **kwargs):
+        """Route every kernel launch to a new emulator of this class; yields it (its ``launches`` and
+        worst bank ``conflicts`` per shared-memory access site)."""
+        emu = cls(**kwargs)
+        with launch.launch_hook(emu):
+            yield emu
+
+
+class Emulator(StaticEmulator):
+    """The launch hook of quik_gemm.cu's kernels and illm_gemm.cu's DI-MatMul."""
+
+    KERNELS = (("quik_split_", SPLIT_PARAMS, QUANT_THREADS), ("quik_gemm_", GEMM_PARAMS, THREADS),
+               ("illm_matmul_", ILLM_PARAMS, THREADS))
+    KNOWN = MUTATIONS
+
+    def run(self, name, grid, ctx):
+        mem, vals = ctx.mem, ctx.args
         bf16 = name.endswith("_bf16")
         if name.startswith("quik_split_"):
             M = vals["M"]
@@ -456,8 +493,7 @@ class Emulator:
                     _written_once(name, mem, vals[key], count, width, key)
             return
         M, N = vals["M"], vals["N"]
-        if grid[:2] != (-(-N // BN), -(-M // BM)) or grid[2] != 1:
-            raise EmulationError(f"{name}: grid {grid} does not cover M={M}, N={N} with {BM} x {BN} tiles")
+        check_tiles(name, grid, M, N)
         outs = (("y", 2), ("acc_out", 4)) if name.startswith("quik_gemm_") else (("t", 8),)
         for key, _ in outs:
             if vals.get(key):
@@ -481,17 +517,11 @@ class Emulator:
                     quik_epilogue(ctx, P, bf16, M, N, bm, bn)
                 else:
                     illm_epilogue(ctx, P, M, N, bm, bn)
-        for k, v in ctx.conflicts.items():
-            self.conflicts[k] = max(v, self.conflicts.get(k, 1))
         for key, width in outs:
             if vals.get(key):
                 _written_once(name, mem, vals[key], M * N, width, key)
 
 
-@contextlib.contextmanager
 def emulating(**kwargs):
-    """Run the QUIK and DI-MatMul launchers on the CPU emulator; yields the ``Emulator`` (its
-    ``launches`` and worst bank ``conflicts`` per shared-memory access site)."""
-    emu = Emulator(**kwargs)
-    with launch.launch_hook(emu):
-        yield emu
+    """Run the QUIK and DI-MatMul launchers on the CPU emulator; yields the ``Emulator``."""
+    return Emulator.hooked(**kwargs)

@@ -204,19 +204,31 @@ def _bytes_of(regs, signed: bool):
     return b.view(np.int8).astype(np.int64) if signed else b.astype(np.int64)
 
 
+def mma_matrices_m16n8k32(a_vals, b_vals):
+    """A [batch, 16, 32] and B [batch, 32, 8] of an m16n8k32 mma on 8-bit types (.s8, .u8, .e4m3
+    share one layout) from the lanes' byte values, a_vals [batch, 32, 4 registers, 4 bytes] and
+    b_vals [batch, 32, 2, 4], placed by the PTX fragment tables."""
+    a_vals, b_vals = np.asarray(a_vals), np.asarray(b_vals)
+    A = np.zeros((a_vals.shape[0], 16, 32), a_vals.dtype)
+    B = np.zeros((b_vals.shape[0], 32, 8), b_vals.dtype)
+    A[:, _A_ROW, _A_COL] = a_vals
+    B[:, _B_ROW, _B_COL] = b_vals
+    return A, B
+
+
+def mma_c_lanes(D):
+    """D [batch, 16, 8] -> each lane's 4 C / D registers [batch, 32, 4] (PTX fragment table)."""
+    return np.asarray(D)[:, _C_ROW, _C_COL]
+
+
 def mma_m16n8k32(a, b, c, zero_c: bool = False, a_unsigned: bool = False):
     """D = A B + C of mma.m16n8k32.row.col.s32.s8.s8.s32 for a batch of warps.
 
     a uint32 [batch, 32 lanes, 4], b uint32 [batch, 32, 2], c int32 [batch, 32, 4] -> int32 [batch, 32, 4]:
     the matrices are assembled from the lanes with the PTX fragment tables, multiplied exactly,
     and scattered back; int32 wraps like the hardware."""
-    batch = a.shape[0]
-    A = np.zeros((batch, 16, 32), np.int64)
-    B = np.zeros((batch, 32, 8), np.int64)
-    A[:, _A_ROW, _A_COL] = _bytes_of(a, signed=not a_unsigned)
-    B[:, _B_ROW, _B_COL] = _bytes_of(b, signed=True)
-    D = A @ B
-    out = D[:, _C_ROW, _C_COL]
+    A, B = mma_matrices_m16n8k32(_bytes_of(a, signed=not a_unsigned), _bytes_of(b, signed=True))
+    out = mma_c_lanes(A @ B)
     if not zero_c:
         out = out + np.asarray(c, np.int64)
     return wrap32(out)
