@@ -1,8 +1,9 @@
-"""The integer-only divisions of common.cuh (``qk::udiv_u64``, ``qk::DivBy``), transcribed line by
-line with 64-bit wrapping, against Python's exact floor division.  The I-LLM kernels (requantization,
-DI-ClippedSoftmax, DI-Norm) and the FP4 GEMM's group count divide only through these, so their
-bounds are checked here on the CPU: edge divisors (1, 2, powers of two and their neighbours,
-2^40 - 1, 2^63 + 1) and numerators up to the stated bit bound.
+"""The integer-only divisions of common.cuh (``qk::udiv_u64``, ``qk::DivBy``), as the I-LLM emulator
+transcribes them line by line with 64-bit wrapping (qconvert_kernels/illm/emulate.py), against
+Python's exact floor division.  The I-LLM kernels (requantization, DI-ClippedSoftmax, DI-Norm)
+and the FP4 GEMM's group count divide only through these, so their bounds are checked here on
+the CPU: edge divisors (1, 2, powers of two and their neighbours, 2^40 - 1, 2^63 + 1) and
+numerators up to the stated bit bound.
 """
 
 from __future__ import annotations
@@ -13,54 +14,14 @@ from pathlib import Path
 
 import pytest
 
+from qconvert_kernels.illm.emulate import DivBy, EmulationError, udiv_u64
+
 COMMON = (Path(__file__).parents[1] / "qconvert_kernels" / "common.cuh").read_text()
 MASK = (1 << 64) - 1
 
 
-def clzll(v: int) -> int:
-    return 64 - v.bit_length()
-
-
-def udiv_u64(n: int, d: int) -> int:
-    """qk::udiv_u64: restoring binary long division, one iteration per quotient bit."""
-    if d == 0 or n < d:
-        return 0
-    sh = clzll(d) - clzll(n)
-    q, r = 0, n
-    for i in range(sh, -1, -1):
-        ds = (d << i) & MASK
-        q = (q << 1) & MASK
-        if r >= ds:
-            r = (r - ds) & MASK
-            q |= 1
-    return q
-
-
-class DivBy:
-    """qk::DivBy: init computes m = ceil(2^s / d) by a 128-bit restoring division whose remainder
-    lives in 64 bits (the carry out of its shift is kept as a flag); div is a high-word product."""
-
-    def __init__(self, d: int, nbits: int):
-        self.one = d <= 1
-        l = 0 if self.one else 64 - clzll((d - 1) & MASK)  # noqa: E741
-        s = max(nbits + l, 64)
-        self.shift = s - 64
-        q = r = 0
-        for _ in range(s - 1, -1, -1):
-            carry = (r >> 63) != 0
-            r = ((r << 1) | 1) & MASK
-            q = (q << 1) & MASK
-            if carry or r >= d:
-                r = (r - d) & MASK
-                q |= 1
-        self.m = (q + 1) & MASK
-
-    def div(self, n: int) -> int:
-        return n if self.one else ((n * self.m) >> 64) >> self.shift  # __umul64hi(n, m) >> shift
-
-
 def test_the_transcription_follows_the_source():
-    """The constructs transcribed above are the ones in common.cuh (a change there must be mirrored)."""
+    """The constructs the emulator transcribes are the ones in common.cuh (a change there must be mirrored)."""
     for line in ("const int sh = __clzll(d) - __clzll(n);", "const unsigned long long ds = d << i;",
                  "int l = 64 - __clzll(d - 1ull);", "if (s < 64) s = 64;", "const bool carry = (r >> 63) != 0ull;",
                  "r = (r << 1) | 1ull;", "if (carry || r >= d) {", "m = q + 1ull;",
@@ -103,7 +64,9 @@ def test_divby_is_floor_division_below_its_bound(nbits):
 
 def test_divby_would_fail_above_its_bound():
     """The check can fail: numerators above what s covers (s = 64 for an 8-bit bound and d = 7:
-    good below 2^61) give wrong quotients."""
+    good below 2^61) give wrong quotients, and the emulator refuses a numerator above the bound."""
     by, rng = DivBy(7, 8), random.Random(1)
-    wrong = [n for n in (rng.randrange(1 << 63, 1 << 64) for _ in range(200)) if by.div(n) != n // 7]
-    assert wrong
+    raw = lambda n: ((n * by.m) >> 64) >> by.shift  # noqa: E731  the kernel's div, no bound check
+    assert [n for n in (rng.randrange(1 << 63, 1 << 64) for _ in range(200)) if raw(n) != n // 7]
+    with pytest.raises(EmulationError, match="outside the 8-bit bound"):
+        by.div(256)

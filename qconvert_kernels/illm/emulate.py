@@ -1,0 +1,259 @@
+"""CPU emulator of the I-LLM kernels of illm_gemm.cu: the row kernels (``illm_requant_rows``,
+``illm_softmax``, ``illm_rmsnorm``) here, DI-MatMul through the 64 x 64 main loops of
+quik/emulate.py.
+
+The row kernels are integer code: one CTA of 256 threads per row, strided loops, block max / sum
+reductions (order-free on integers), and divisions done only by ``qk::udiv_u64`` (restoring long
+division) and ``qk::DivBy`` (multiplication by a precomputed reciprocal, exact below a stated
+numerator bound).  The emulator runs the kernels' own scalar expressions on Python integers, with
+the two divisions transcribed from common.cuh, and checks what the hardware would not: every
+int64 intermediate must stay inside int64 (``EmulationError`` otherwise), every DivBy numerator
+inside the bound its ``init`` was given, every global access inside its tensor, every output
+written exactly once.  The launchers (``illm.cuda.requant_rows``, ``softmax``, ``rmsnorm``,
+``illm_matmul``) run unchanged through ``launch.launch_hook``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qconvert_kernels.quik.emulate import Emulator as _Bytes64
+from qconvert_kernels.quik.emulate import MUTATIONS as _BYTES_MUTATIONS
+from qconvert_kernels.quik.emulate import _load, _written_once
+from qconvert_kernels.w4a8.emulate import Ctx, EmulationError
+
+ROW_THREADS = 256
+MANT = 16
+EXP_F = 16
+EXP_A = 43267
+EXP_B = 65536 - EXP_A
+LOG2E_M, LOG2E_K = 47274, 15
+PROB_BITS = 15
+MASK64 = (1 << 64) - 1
+
+REQUANT_PARAMS = ("v", "q", "sm", "sk", "rows", "n", "qmax")
+SOFTMAX_PARAMS = ("scores", "valid", "sm", "sk", "umax", "P", "rows", "T")
+RMSNORM_PARAMS = ("x", "gamma", "gk", "qmax", "q", "sm", "sk", "rows", "H")
+
+MUTATIONS = _BYTES_MUTATIONS | frozenset({
+    "divby_short",     # DivBy initialised for 32-bit numerators where the kernel needs 48
+    "round_down",      # rshift_round without its half (truncating shifts)
+    "exp_no_square",   # DI-Exp without the quadratic term
+})
+
+
+def i64(v: int, what: str) -> int:
+    """An int64 intermediate: an EmulationError if it left the int64 range (the GPU would wrap)."""
+    if not -(1 << 63) <= v < (1 << 63):
+        raise EmulationError(f"{what}: int64 overflow ({v})")
+    return v
+
+
+# ----------------------------------------------------------------------------- common.cuh divisions
+
+
+def udiv_u64(n: int, d: int) -> int:
+    """qk::udiv_u64: restoring binary long division, one iteration per quotient bit."""
+    if d == 0 or n < d:
+        return 0
+    sh = (64 - d.bit_length()) - (64 - n.bit_length())
+    q, r = 0, n
+    for i in range(sh, -1, -1):
+        ds = (d << i) & MASK64
+        q = (q << 1) & MASK64
+        if r >= ds:
+            r = (r - ds) & MASK64
+            q |= 1
+    return q
+
+
+class DivBy:
+    """qk::DivBy: ``init`` computes m = ceil(2^s / d) by a 128-bit restoring division whose
+    remainder lives in 64 bits (the carry out of its shift kept as a flag); ``div`` takes the high
+    word of n * m shifted by s - 64.  ``div`` checks n against the bound given to ``init``."""
+
+    def __init__(self, d: int, nbits: int):
+        self.nbits = nbits
+        self.one = d <= 1
+        l = 0 if self.one else (d - 1).bit_length()  # noqa: E741  64 - __clzll(d - 1)
+        s = max(nbits + l, 64)
+        self.shift = s - 64
+        q = r = 0
+        for _ in range(s):  # the s one-bits of the numerator 2^s - 1
+            carry = (r >> 63) != 0
+            r = ((r << 1) | 1) & MASK64
+            q = (q << 1) & MASK64
+            if carry or r >= d:
+                r = (r - d) & MASK64
+                q |= 1
+        self.m = (q + 1) & MASK64
+
+    def div(self, n: int) -> int:
+        if not 0 <= n < (1 << self.nbits):
+            raise EmulationError(f"DivBy: numerator {n} outside the {self.nbits}-bit bound of its init")
+        return n if self.one else ((n * self.m) >> 64) >> self.shift  # __umul64hi(n, m) >> shift
+
+
+# ----------------------------------------------------------------------------- illm:: scalars
+
+
+class Ops:
+    """illm::'s scalar helpers, per launch (the mutations change them)."""
+
+    def __init__(self, mutations):
+        self.mutations = mutations
+
+    @staticmethod
+    def bitlen(v: int) -> int:
+        return v.bit_length() if v > 0 else 0
+
+    def rshift_round(self, v: int, s: int) -> int:
+        if s <= 0:
+            return v
+        half = 0 if "round_down" in self.mutations else 1 << (s - 1)
+        return i64(v + half, "rshift_round") >> s
+
+    def shift(self, v: int, s: int) -> int:
+        return self.rshift_round(v, s) if s >= 0 else i64(v << (-s), "shift left")
+
+    def normalize(self, m: int, k: int) -> tuple[int, int]:
+        if m == 0:
+            return 0, 0
+        sh = self.bitlen(m) - MANT
+        m2 = self.shift(m, sh)
+        carry = m2 >> MANT
+        return m2 >> carry, k - sh - carry
+
+    def ratio(self, num: int, den: int) -> tuple[int, int]:
+        sh = max(MANT + 2 + self.bitlen(den) - self.bitlen(num), 0)
+        q = udiv_u64(i64(num << sh, "ratio numerator") & MASK64, den) if den > 0 else 0
+        return self.normalize(q, sh)
+
+    def isqrt(self, v: int) -> int:
+        if v <= 0:
+            return 0
+        x = 1 << ((self.bitlen(v) + 1) // 2)
+        for _ in range(8):
+            x = min(x, i64(x + udiv_u64(v, x), "isqrt") // 2)
+        return x - 1 if i64(x * x, "isqrt square") > v else x
+
+    def di_exp2(self, u: int) -> int:
+        q = u >> EXP_F
+        r = u - (q << EXP_F)
+        quad = 0 if "exp_no_square" in self.mutations else self.rshift_round(EXP_B * r, EXP_F)
+        p = (1 << EXP_F) + self.rshift_round(i64(r * (EXP_A + quad), "di_exp2"), EXP_F)
+        return self.rshift_round(p, min(-q, 62))
+
+    def requant_row(self, vals: list[int], qmax: int) -> tuple[list[int], int, int]:
+        """illm::requant_row: (q, m, k) of one row."""
+        amax = max((abs(v) for v in vals), default=0)
+        pre = max(self.bitlen(amax) - 40, 0)
+        amax2 = amax
+        if pre > 0:
+            amax2 = max((abs(self.rshift_round(v, pre)) for v in vals), default=0)
+        den = amax2 if amax2 > 0 else 1
+        by = DivBy(den, 32 if "divby_short" in self.mutations else 48)
+        q = []
+        for v in vals:
+            v = self.rshift_round(v, pre)
+            mag = by.div(i64(abs(v) * qmax + amax2 // 2, "requant numerator"))
+            q.append(-mag if v < 0 else mag)
+        m, k = self.ratio(amax2, qmax)
+        return q, m, k - pre
+
+
+# ----------------------------------------------------------------------------- row kernels
+
+
+def _row(ctx: Ctx, key: str, r: int, n: int, dtype, what: str) -> list[int]:
+    return [int(v) for v in _load(ctx, ctx.args[key], r * n + np.arange(n), dtype, what)]
+
+
+def _store(ctx: Ctx, key: str, index, values, dtype, what: str) -> None:
+    info = np.iinfo(dtype)
+    if any(not info.min <= v <= info.max for v in values):
+        raise EmulationError(f"{what}: a value does not fit {np.dtype(dtype).name} (the kernel's cast would wrap it)")
+    data = np.asarray(values, dtype)
+    width = data.dtype.itemsize
+    ctx.mem.store(ctx.args[key], np.asarray(index, np.int64) * width, data.view(np.uint8).reshape(-1, width), what)
+
+
+def requant_rows(ctx: Ctx, ops: Ops, grid):
+    a = ctx.args
+    rows, n = a["rows"], a["n"]
+    for r in range(min(grid[0], rows)):
+        q, m, k = ops.requant_row(_row(ctx, "v", r, n, np.int64, "v"), a["qmax"])
+        _store(ctx, "q", r * n + np.arange(n), q, np.int8, "q")
+        _store(ctx, "sm", [r], [m], np.int64, "sm")
+        _store(ctx, "sk", [r], [k], np.int64, "sk")
+
+
+def softmax(ctx: Ctx, ops: Ops, grid):
+    a = ctx.args
+    rows, T, umax = a["rows"], a["T"], a["umax"]
+    for r in range(min(grid[0], rows)):
+        row = _row(ctx, "scores", r, T, np.int32, "scores")
+        L = min(max(int(_load(ctx, a["valid"], [r], np.int32, "valid")[0]), 0), T)
+        mx = max(row[:L], default=-(1 << 62))
+        sm = int(_load(ctx, a["sm"], [r], np.int64, "sm")[0])
+        sk = int(_load(ctx, a["sk"], [r], np.int64, "sk")[0])
+        cm, ck = ops.normalize(i64(sm * LOG2E_M, "softmax scale"), sk + LOG2E_K)
+        s = ck - EXP_F
+
+        def e_of(j):
+            v = i64(min(mx - row[j], 1 << 40) * cm, "softmax argument")
+            if s < 0:
+                v = min(v, (umax >> min(-s, 40)) + 1)
+            return ops.di_exp2(-min(ops.shift(v, max(s, -40)), umax))
+
+        e = [e_of(j) for j in range(L)]
+        total = i64(sum(e), "softmax total")
+        by = DivBy(total if total > 0 else 1, 48)
+        out = [by.div(i64((v << PROB_BITS) + total // 2, "softmax numerator")) for v in e] + [0] * (T - L)
+        _store(ctx, "P", r * T + np.arange(T), out, np.int32, "P")
+
+
+def rmsnorm(ctx: Ctx, ops: Ops, grid):
+    a = ctx.args
+    rows, H = a["rows"], a["H"]
+    gamma = _row(ctx, "gamma", 0, H, np.int64, "gamma")
+    for r in range(min(grid[0], rows)):
+        x = _row(ctx, "x", r, H, np.int64, "x")
+        ss = i64(sum(i64(v * v, "x^2") for v in x), "sum of squares")
+        rms = ops.isqrt(udiv_u64(ss, H))
+        q, m, k = ops.requant_row([i64(v * g, "x * gamma") for v, g in zip(x, gamma)], a["qmax"])
+        im, ik = ops.ratio(m, rms)
+        _store(ctx, "q", r * H + np.arange(H), q, np.int8, "q")
+        _store(ctx, "sm", [r], [im], np.int64, "sm")
+        _store(ctx, "sk", [r], [ik + k + a["gk"]], np.int64, "sk")
+
+
+class Emulator(_Bytes64):
+    """The launch hook of illm_gemm.cu: the row kernels here, DI-MatMul (and QUIK's kernels) by
+    quik/emulate.py's main loops."""
+
+    KERNELS = _Bytes64.KERNELS + (("illm_requant_rows", REQUANT_PARAMS, ROW_THREADS),
+                                  ("illm_softmax", SOFTMAX_PARAMS, ROW_THREADS),
+                                  ("illm_rmsnorm", RMSNORM_PARAMS, ROW_THREADS))
+    KNOWN = MUTATIONS
+
+    def run(self, name, grid, ctx):
+        rows = {"illm_requant_rows": (requant_rows, (("q", "n", 1), ("sm", None, 8), ("sk", None, 8))),
+                "illm_softmax": (softmax, (("P", "T", 4),)),
+                "illm_rmsnorm": (rmsnorm, (("q", "H", 1), ("sm", None, 8), ("sk", None, 8)))}
+        if name not in rows:
+            return super().run(name, grid, ctx)
+        fn, outs = rows[name]
+        if grid[0] != ctx.args["rows"]:
+            raise EmulationError(f"{name}: grid {grid} for {ctx.args['rows']} rows")
+        for key, _, _ in outs:
+            ctx.mem.track(ctx.args[key])
+        fn(ctx, Ops(ctx.mutations), grid)
+        for key, per_row, width in outs:
+            count = ctx.args["rows"] * (ctx.args[per_row] if per_row else 1)
+            _written_once(name, ctx.mem, ctx.args[key], count, width, key)
+
+
+def emulating(**kwargs):
+    """Run the I-LLM launchers (row kernels and DI-MatMul) on the CPU emulator; yields the ``Emulator``."""
+    return Emulator.hooked(**kwargs)

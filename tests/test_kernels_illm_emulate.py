@@ -1,0 +1,118 @@
+"""The I-LLM row kernels of illm_gemm.cu (requantization, DI-ClippedSoftmax, DI-Norm) and DI-MatMul
+proven on the CPU: the real launchers run with their launches routed to the emulator
+(illm/emulate.py: the kernels' scalar integer code with common.cuh's divisions, every int64
+intermediate and DivBy numerator checked against its bound) and must equal
+``qconvert_kernels.illm.reference`` bit for bit.  tests/test_kernels_illm_gpu.py runs the same
+kernels on a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_mutation_caught
+from test_kernels_quik_emulate import illm_case
+
+from qconvert_kernels.illm import cuda as cuda_illm
+from qconvert_kernels.illm import emulate
+from qconvert_kernels.illm import reference as ri
+
+
+def requant_case(qmax):
+    gen = torch.Generator().manual_seed(qmax)
+    v = torch.randint(-2**50, 2**50, (7, 300), generator=gen)
+    v[1] = 0  # an all-zero row
+    v[2] //= 2**40  # a small row: no pre-shift
+    v[3, 5] = -2**50  # amax from a negative value
+    return v
+
+
+def run_requant(qmax, mutations=frozenset()):
+    v = requant_case(qmax)
+    with emulate.emulating(mutations=mutations):
+        q, sm, sk = cuda_illm.requant_rows(v, qmax)
+    rq, r = ri.quantize_rows(v, qmax)
+    assert torch.equal(q.long(), rq), "q differs"
+    assert torch.equal(sm, r.m[:, 0]) and torch.equal(sk, r.k[:, 0]), "scale differs"
+
+
+def run_softmax(t, mutations=frozenset(), valid=None):
+    gen = torch.Generator().manual_seed(t)
+    scores = torch.randint(-2**20, 2**20, (t, t), generator=gen, dtype=torch.int32)
+    scale = ri.normalize(torch.randint(2**15, 2**16, (t, 1), generator=gen), torch.randint(20, 34, (t, 1), generator=gen))
+    valid = torch.arange(1, t + 1, dtype=torch.int32) if valid is None else valid
+    with emulate.emulating(mutations=mutations):
+        got = cuda_illm.softmax(scores, valid, scale.m[:, 0], scale.k[:, 0])
+    mask = torch.arange(t)[None, :] < valid.clamp(0, t).long()[:, None]
+    want = ri.di_softmax(scores.long(), scale, mask)
+    assert torch.equal(got.long(), want), f"P differs in {(got.long() != want).sum()} places"
+
+
+def run_rmsnorm(qmax, mutations=frozenset()):
+    gen = torch.Generator().manual_seed(qmax)
+    x = torch.randint(-2**21, 2**21, (5, 576), generator=gen)
+    x[3] = 0
+    g = torch.randint(-2**15, 2**15, (576,), generator=gen)
+    with emulate.emulating(mutations=mutations):
+        q, sm, sk = cuda_illm.rmsnorm(x, g, 14, qmax)
+    rq, r = ri.di_rmsnorm(x, g, 14, qmax)
+    assert torch.equal(q.long(), rq), "q differs"
+    assert torch.equal(sm, r.m[:, 0]) and torch.equal(sk, r.k[:, 0]), "scale differs"
+
+
+@pytest.mark.parametrize("qmax", [127, 7])
+def test_requant_rows_bit_exact(qmax):
+    run_requant(qmax)
+
+
+@pytest.mark.parametrize("t", [1, 37, 100])
+def test_softmax_causal_bit_exact(t):
+    run_softmax(t)
+
+
+def test_softmax_valid_lengths_outside_the_row():
+    """valid[r] < 0 or > T: the kernel clamps it (a row of zeros, or the whole row)."""
+    run_softmax(9, valid=torch.tensor([-3, 0, 1, 4, 9, 12, 2, 9, 100], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("qmax", [127, 7])
+def test_rmsnorm_bit_exact(qmax):
+    run_rmsnorm(qmax)
+
+
+@pytest.mark.parametrize("w_bits", [8, 4])
+def test_matmul_through_the_illm_emulator(w_bits):
+    xq, qw, wm, wk, want = illm_case(17, 72, 160, w_bits)
+    with emulate.emulating() as emu:
+        got = cuda_illm.illm_matmul(xq, qw, wm, wk, w_bits)
+    assert torch.equal(got, want) and [n for n, *_ in emu.launches] == [f"illm_matmul_w{w_bits}"]
+
+
+def test_an_int64_overflow_is_reported():
+    """A requantization of values near 2^62 stays in range (the pre-shift); the emulator's int64
+    check itself fires on a product that would wrap on the GPU."""
+    with pytest.raises(emulate.EmulationError, match="int64 overflow"):
+        emulate.i64((1 << 62) * 4, "test")
+    v = torch.full((1, 8), 2**62)
+    with emulate.emulating():
+        q, _, _ = cuda_illm.requant_rows(v, 127)
+    assert torch.equal(q.long(), ri.quantize_rows(v, 127)[0])
+
+
+MUTATION_CASES = {
+    "divby_short": (run_requant, (127,), "error"),
+    "round_down": (run_rmsnorm, (127,), "differs"),
+    "exp_no_square": (run_softmax, (37,), "differs"),
+}
+
+
+@pytest.mark.parametrize("mutation", sorted(MUTATION_CASES))
+def test_mutation_is_caught(mutation):
+    runner, args, expected = MUTATION_CASES[mutation]
+    assert_mutation_caught(runner, args, mutation, expected, emulate.EmulationError)
+
+
+def test_every_row_mutation_has_a_test():
+    from qconvert_kernels.quik.emulate import MUTATIONS as bytes_mutations
+
+    assert set(MUTATION_CASES) == set(emulate.MUTATIONS - bytes_mutations)
