@@ -1,4 +1,5 @@
-"""The QUIK kernels (quik_gemm.cu) and DI-MatMul (illm_gemm.cu) proven on the CPU: the real
+"""The QUIK kernels (quik_gemm.cu), DI-MatMul (illm_gemm.cu) and the native-layout W4A8 GEMMs
+(w4a8_gemm.cu) proven on the CPU: the real
 launchers run with their launches routed to the lane-exact emulator (quik/emulate.py), and the
 results must equal the torch references bit for bit; the emulator checks every memory access,
 shared-memory race, stage and output write on the way.  Mutation tests show that deliberate
@@ -130,6 +131,47 @@ def test_illm_matmul_bit_exact(m, n, k, w_bits):
     run_illm(m, n, k, w_bits)
 
 
+def run_native(m, n, k, g, layout, dtype=torch.float16, mutations=frozenset()):
+    """w4a8_gemm.cu's native-layout GEMMs (and its int8 quantizer) on the emulator against the
+    reference: the group folds of the shared main loop, the IS int32 / FS float accumulators."""
+    from qconvert_kernels.w4a8 import reference as ref
+
+    gen = torch.Generator().manual_seed(m * 7 + n * 13 + k + g)
+    kp = -(-k // g) * g
+    q = torch.randint(-8, 8, (n, kp), generator=gen, dtype=torch.int8)
+    q[:, k:] = 0
+    x = (torch.randn((m, k), generator=gen) * 3).to(dtype)
+    with emulate.emulating(mutations=mutations):
+        xq, t = kcuda.quantize_per_token_int8(x, kp)
+        if layout == "w4a8-is":
+            iscale = torch.randint(1, 200, (n, kp // g), generator=gen, dtype=torch.int32)
+            cscale = torch.rand(n, generator=gen) * 0.01 + 1e-4
+            y, acc = kcuda.w4a8_is_gemm(xq, t, pack_int4(q), iscale, cscale, 8, g, dtype, return_acc=True)
+        else:
+            scales = (torch.rand((n, kp // g), generator=gen) * 0.02 + 1e-4).half()
+            y = kcuda.w4a8_fs_gemm(xq, t, pack_int4(q), scales, g, dtype)
+    rxq, rt = ref.quantize_per_token_int8(x, kp)
+    assert torch.equal(xq, rxq) and torch.equal(t, rt), "quantizer differs"
+    if layout == "w4a8-is":
+        want, racc = ref.w4a8_is_gemm(rxq, rt, q, iscale, cscale, 8, g, return_acc=True)
+        assert torch.equal(acc, racc), "int32 accumulator differs"
+    else:
+        want = ref.w4a8_fs_gemm(rxq, rt, q, scales, g)
+    want = want.to(dtype)
+    assert torch.equal(y.view(torch.int16), want.view(torch.int16)), f"y differs in {(y != want).sum()} places"
+
+
+@pytest.mark.parametrize("layout", ["w4a8-is", "w4a8-fs"])
+@pytest.mark.parametrize("m,n,k,g", [(1, 72, 256, 128), (17, 130, 300, 96), (66, 13, 160, 32), (3, 64, 96, 32)])
+def test_native_w4a8_gemms_bit_exact(m, n, k, g, layout):
+    run_native(m, n, k, g, layout)
+
+
+def test_native_w4a8_bf16():
+    run_native(17, 130, 300, 96, "w4a8-is", torch.bfloat16)
+    run_native(17, 130, 300, 96, "w4a8-fs", torch.bfloat16)
+
+
 # ----------------------------------------------------------------------------- the emulator itself
 
 
@@ -222,6 +264,7 @@ MUTATION_CASES = {
     "no_sign": (run_illm, (3, 72, 96, 4), "differs"),
     "c_map": (run_quik, (3, 13, 576, 32, 8, None, torch.bfloat16), "differs"),
     "split_short": (run_quik, (3, 13, 576, 32, 8, None, torch.float16), "error"),
+    "fold_stale": (run_native, (3, 64, 96, 32, "w4a8-is"), "differs"),
 }
 
 

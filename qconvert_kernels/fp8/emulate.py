@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from qconvert_kernels.quik.emulate import (A_STRIDE, BK, BM, BN, MT, NT, THREADS, StaticEmulator, _a_regs, _frag8, _load,
-                                           _threads, _written_once, byte_perm, check_tiles, run_stages, stage_load,
-                                           stage_store)
+                                           _threads, _written_once, byte_perm, check_tiles, group_steps, run_stages,
+                                           stage_load, stage_store)
 from qconvert_kernels.w4a8.emulate import (Ctx, EmulationError, FloatOps, Shared, bf16_bits_to_f32, f16_bits_to_f32,
                                            f32_to_bits16, mma_c_lanes, mma_matrices_m16n8k32, store_pair)
 
@@ -102,7 +102,7 @@ def mainloop(ctx: Ctx, fp4: bool, M: int, N: int, Kp: int, group_size: int, bm: 
         stage_store(sm, regs[0], 0, A_STRIDE, BK, s, "fp8 A STS.128")
         stage_store(sm, regs[1], sb, B4_STRIDE if fp4 else A_STRIDE, bw, s, "fp8 B STS.128")
 
-    count = {"step": 0, "group": 0}
+    after = group_steps(Kp, group_size, fold)
 
     def kstep(s, ks):
         a = _a_regs(ctx, sm, tid, gid, tig, wm, ks, s, "fp8 A LDS.64")
@@ -119,11 +119,7 @@ def mainloop(ctx: Ctx, fp4: bool, M: int, N: int, Kp: int, group_size: int, bm: 
             for nt in range(NT):
                 P[:, mt, nt] = mma_e4m3(a[:, mt].reshape(-1, 32, 4), b[:, nt].reshape(-1, 32, 2),
                                         P[:, mt, nt].reshape(-1, 32, 4)).reshape(THREADS, 4)
-        if s * BK + ks * 32 < Kp:  # a step past Kp (the zero half of the last stage) does not count
-            count["step"] += 1
-            if count["step"] == group_size // 32:
-                fold(count["group"], P)
-                count["step"], count["group"] = 0, count["group"] + 1
+        after(s, ks, P)
 
     run_stages(ctx, sm, -(-Kp // BK), load, store, kstep)
 

@@ -1,12 +1,15 @@
-"""Lane-exact CPU emulator of the 64 x 64 tile kernels of quik_gemm.cu and illm_gemm.cu.
+"""Lane-exact CPU emulator of the 64 x 64 tile kernels of quik_gemm.cu, illm_gemm.cu (DI-MatMul)
+and w4a8_gemm.cu (the native-layout W4A8 GEMMs and their int8 quantizer).
 
 These kernels share two main loops: the byte main loop of quik_mainloop.cuh (W8A8 on int8 tensor
 cores, and int4 x int4 on int4 tensor cores, ``mma.m16n8k64.s4``) and the native W4A8 main loop of
-w4a8/w4a8_mainloop.cuh (int8 activations against packed int4 weights widened in registers: QUIK's
-W4A4 path on sm_90, DI-MatMul w4).  On them sit QUIK's float epilogue, DI-MatMul's dyadic integer
-epilogue and QUIK's split-and-quantize kernel.  Without a GPU this is how they are proven: each
-launch of the real launchers (``quik.cuda.split_quantize`` / ``quik_gemm`` / ``quik_linear``,
-``illm.cuda.illm_matmul``) lands here through ``launch.launch_hook`` and runs the same program on
+w4a8/w4a8_mainloop.cuh (int8 activations against packed int4 weights widened in registers, with
+group folds: w4a8_gemm.cu's integer-scale and float-scale GEMMs, QUIK's W4A4 path on sm_90,
+DI-MatMul w4).  On them sit QUIK's float epilogue, DI-MatMul's dyadic integer epilogue, the W4A8
+folds and epilogues, and QUIK's split-and-quantize kernel.  Without a GPU this is how they are
+proven: each launch of the real launchers (``quik.cuda.split_quantize`` / ``quik_gemm`` /
+``quik_linear``, ``illm.cuda.illm_matmul``, ``w4a8.cuda.w4a8_is_gemm`` / ``w4a8_fs_gemm`` /
+``quantize_per_token_int8``) lands here through ``launch.launch_hook`` and runs the same program on
 numpy arrays, the 128 threads of a CTA as one axis:
 
   * global memory is the tensors the launcher passed, reached only through their pointers, every
@@ -36,8 +39,9 @@ import numpy as np
 
 from qconvert_kernels import launch
 from qconvert_kernels.w4a8.emulate import (EmulationError, FloatOps, Global, Shared, Ctx, bf16_bits_to_f32,
-                                           f16_bits_to_f32, f32_to_bits16, mma_c_lanes, mma_m16n8k32, store_pair,
-                                           wrap32)
+                                           f16_bits_to_f32, f32_to_bits16, mma_c_lanes, mma_m16n8k32, quantize_rows,
+                                           store_pair, wrap32)
+from qconvert_kernels.w4a8.emulate import QUANT_PARAMS as W4A8_QUANT_PARAMS
 
 # ----------------------------------------------------------------------------- constants
 # Twins of qk:: (w4a8_mainloop.cuh) and quik:: (quik_mainloop.cuh); the tests parse the sources.
@@ -57,6 +61,8 @@ QUANT_THREADS = 256
 GEMM_PARAMS = ("xq", "s", "z", "qw", "wscale", "wsum", "y_out", "y", "acc_out", "M", "N", "Kbp")
 SPLIT_PARAMS = ("x", "base_idx", "outlier_idx", "xq", "s", "z", "x_out", "M", "K", "Kb", "Kbp", "n_out", "bits", "pack")
 ILLM_PARAMS = ("xq", "qw", "wm", "wk", "kmin_p", "t", "M", "N", "K")
+IS_PARAMS = ("xq", "t", "qw", "iscale", "cscale", "alpha_log2", "y", "acc_out", "M", "N", "Kp", "group_size")
+FS_PARAMS = ("xq", "t", "qw", "scales", "y", "M", "N", "Kp", "group_size")
 
 MUTATIONS = frozenset({
     "swap_a",          # a[1] and a[2] exchanged in the A fragments (rows gid + 8 against k 4..7)
@@ -67,6 +73,7 @@ MUTATIONS = frozenset({
     "no_sign",         # unpack_int4x8 without its final xor (no sign extension)
     "c_map",           # the epilogue reads c1 where it means c2
     "split_short",     # quik_split writes only the Kb base columns, not the padding up to Kbp
+    "fold_stale",      # w4a8_gemm.cu's folds load the scales of the group just folded again
 })
 
 _LANE = np.arange(32)
@@ -245,12 +252,29 @@ def mainloop_bytes(ctx: Ctx, s4: bool, M: int, N: int, KB: int, bm: int, bn: int
     return P
 
 
-def mainloop_w4(ctx: Ctx, M: int, N: int, Kp: int, bm: int, bn: int):
-    """qk::mainloop with quik::NoFold: int8 activations [M, Kp] against packed int4 [N, Kp / 2]."""
+def group_steps(Kp: int, group_size: int, fold):
+    """The main loops' group count: after every k step below Kp (a step past Kp, the zero half of
+    a last stage, does not count), the step that closes a group calls ``fold(j, P)``."""
+    state = {"step": 0, "group": 0}
+
+    def after(s: int, ks: int, P) -> None:
+        if s * BK + ks * 32 < Kp:
+            state["step"] += 1
+            if state["step"] == group_size // 32:
+                fold(state["group"], P)
+                state["step"], state["group"] = 0, state["group"] + 1
+
+    return after
+
+
+def mainloop_w4(ctx: Ctx, M: int, N: int, Kp: int, bm: int, bn: int, group_size: int | None = None, fold=None):
+    """qk::mainloop: int8 activations [M, Kp] against packed int4 [N, Kp / 2]; ``fold(j, P)`` closes
+    group j (w4a8_gemm.cu's FoldInt / FoldFloat), none for quik::NoFold (one group spanning Kp)."""
     tid, gid, tig, wm, wn = _threads()
     sb = BM * A_STRIDE
     sm = Shared(sb + BN * B_STRIDE)
     P = np.zeros((THREADS, MT, NT, 4), np.int32)
+    after = group_steps(Kp, group_size, fold) if fold is not None else None
 
     def load(s):                                                          # [qk::load_stage]
         return (stage_load(ctx, ctx.args["xq"], bm, M, s * BK, Kp, BK, "xq stage", "no_row_bound" not in ctx.mutations),
@@ -268,6 +292,8 @@ def mainloop_w4(ctx: Ctx, M: int, N: int, Kp: int, bm: int, bn: int):
                                              "w4 B LDS.32")).view(np.uint32)[:, 0]
             b[:, nt] = np.stack(unpack_int4x8(ctx, w), -1)
         _mma_all(P, a, b, s4=False)
+        if after is not None:
+            after(s, ks, P)
 
     run_stages(ctx, sm, -(-Kp // BK), load, store, kstep)
     return P
@@ -359,6 +385,77 @@ def illm_epilogue(ctx: Ctx, P, M: int, N: int, bm: int, bn: int):
                     if t.any():
                         v = _rshift_round(P[t, mt, nt, 2 * h + c].astype(np.int64) * m_n[t], s[t])
                         ctx.mem.store(a["t"], (m[t] * N + n[t]) * 8, v.view(np.uint8).reshape(-1, 8), "t")
+
+
+class GroupFold:
+    """w4a8_gemm.cu's FoldInt (A += iscale[n, j] * P, int32 wrapping) and FoldFloat (acc = acc +
+    float(P) * float(scales[n, j]), two roundings), the next group's scales loaded after a fold."""
+
+    def __init__(self, ctx: Ctx, is_int: bool, N: int, G: int, bn: int):
+        tid, gid, tig, wm, wn = _threads()
+        self.ctx, self.is_int, self.N, self.G = ctx, is_int, N, G
+        self.col0 = bn + wn + 2 * tig
+        self.acc = np.zeros((THREADS, MT, NT, 4), np.int32 if is_int else np.float32)
+        self.sc = np.zeros((THREADS, NT, 2), self.acc.dtype)
+        self.load_scales(0)
+
+    def load_scales(self, j: int):                                        # [qk::Fold*::load_scales]
+        a = self.ctx.args
+        for nt in range(NT):
+            for h in range(2):
+                n = self.col0 + nt * 8 + h
+                inside = (n < self.N) & (j < self.G)
+                self.sc[:, nt, h] = 0
+                if self.is_int:
+                    self.sc[inside, nt, h] = _load(self.ctx, a["iscale"], n[inside] * self.G + j, np.int32, "iscale")
+                else:
+                    self.sc[inside, nt, h] = f16_bits_to_f32(_load(self.ctx, a["scales"], n[inside] * self.G + j, np.uint16, "scales"))
+
+    def __call__(self, j: int, P):
+        for i in range(4):
+            sc = self.sc[:, None, :, i & 1]
+            if self.is_int:
+                self.acc[..., i] = wrap32(self.acc[..., i].astype(np.int64) + sc.astype(np.int64) * P[..., i].astype(np.int64))
+            else:
+                f = self.ctx.fops
+                self.acc[..., i] = f.add(self.acc[..., i], f.mul(f.i2f(P[..., i]), sc))
+        P[...] = 0
+        self.load_scales(j if "fold_stale" in self.ctx.mutations else j + 1)
+
+
+def native_epilogue(ctx: Ctx, fold: GroupFold, bf16: bool, M: int, N: int, bm: int, bn: int):
+    """qk::is_gemm's y = float(A) * (t[m] * (cscale[n] * 2^-a)) (and A to acc_out), or qk::fs_gemm's
+    y = acc * t[m]; each product rounded."""
+    a, f = ctx.args, ctx.fops
+    tid, gid, tig, wm, wn = _threads()
+    acc = _c(ctx, fold.acc)
+    inv_alpha = np.float32(2.0 ** -a["alpha_log2"]) if fold.is_int else None
+    for nt in range(NT):
+        n = bn + wn + nt * 8 + 2 * tig
+        cs = []
+        for h in range(2 if fold.is_int else 0):
+            v = np.zeros(THREADS, np.float32)
+            inside = n + h < N
+            v[inside] = f.mul(_load(ctx, a["cscale"], n[inside] + h, np.float32, "cscale"), inv_alpha)
+            cs.append(v)
+        for mt in range(MT):
+            for h in range(2):
+                m = bm + wm + mt * 16 + gid + 8 * h
+                t = (m < M) & (n < N)
+                if not t.any():
+                    continue
+                tm = _load(ctx, a["t"], m[t], np.float32, "t")
+                if fold.is_int:
+                    ys = [f.mul(f.i2f(acc[t, mt, nt, 2 * h + c]), f.mul(tm, cs[c][t])) for c in range(2)]
+                else:
+                    ys = [f.mul(acc[t, mt, nt, 2 * h + c], tm) for c in range(2)]
+                store_pair(ctx, m[t], n[t], N, f32_to_bits16(ys[0], bf16), f32_to_bits16(ys[1], bf16))
+                if fold.is_int and a["acc_out"]:
+                    mm, nn = m[t], n[t]
+                    for c in range(2):
+                        sel = nn + c < N
+                        ctx.mem.store(a["acc_out"], (mm[sel] * N + nn[sel] + c) * 4,
+                                      acc[t, mt, nt, 2 * h + c][sel].astype(np.int32).view(np.uint8).reshape(-1, 4), "acc_out")
 
 
 # ----------------------------------------------------------------------------- split and quantize
@@ -472,12 +569,20 @@ class Emulator(StaticEmulator):
     """The launch hook of quik_gemm.cu's kernels and illm_gemm.cu's DI-MatMul."""
 
     KERNELS = (("quik_split_", SPLIT_PARAMS, QUANT_THREADS), ("quik_gemm_", GEMM_PARAMS, THREADS),
-               ("illm_matmul_", ILLM_PARAMS, THREADS))
+               ("illm_matmul_", ILLM_PARAMS, THREADS), ("w4a8_is_gemm_", IS_PARAMS, THREADS),
+               ("w4a8_fs_gemm_", FS_PARAMS, THREADS), ("quantize_per_token_int8_", W4A8_QUANT_PARAMS, QUANT_THREADS))
     KNOWN = MUTATIONS
 
     def run(self, name, grid, ctx):
         mem, vals = ctx.mem, ctx.args
         bf16 = name.endswith("_bf16")
+        if name.startswith("quantize_per_token_int8_"):  # qk::quantize_row, as w4a8r_quantize runs it
+            mem.track(vals["xq"])
+            mem.track(vals["t"])
+            quantize_rows(ctx, grid, bf16)
+            _written_once(name, mem, vals["xq"], vals["M"] * vals["Kq"], 1, "xq")
+            _written_once(name, mem, vals["t"], vals["M"], 4, "t")
+            return
         if name.startswith("quik_split_"):
             M = vals["M"]
             for key in ("xq", "s", "z", "x_out"):
@@ -494,7 +599,7 @@ class Emulator(StaticEmulator):
             return
         M, N = vals["M"], vals["N"]
         check_tiles(name, grid, M, N)
-        outs = (("y", 2), ("acc_out", 4)) if name.startswith("quik_gemm_") else (("t", 8),)
+        outs = (("t", 8),) if name.startswith("illm_") else (("y", 2), ("acc_out", 4))
         for key, _ in outs:
             if vals.get(key):
                 mem.track(vals[key])
@@ -511,6 +616,11 @@ class Emulator(StaticEmulator):
                     P = mainloop_bytes(ctx, False, M, N, vals["K"], bm, bn)
                 elif name == "illm_matmul_w4":
                     P = mainloop_w4(ctx, M, N, vals["K"], bm, bn)
+                elif name.startswith("w4a8_"):
+                    fold = GroupFold(ctx, name.startswith("w4a8_is"), N, vals["Kp"] // vals["group_size"], bn)
+                    mainloop_w4(ctx, M, N, vals["Kp"], bm, bn, vals["group_size"], fold)
+                    native_epilogue(ctx, fold, bf16, M, N, bm, bn)
+                    continue
                 else:
                     raise EmulationError(f"no emulation of kernel {name}")
                 if name.startswith("quik_gemm_"):
