@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from qconvert_kernels.quik.emulate import (A_STRIDE, BK, BM, BN, MT, NT, THREADS, StaticEmulator, _a_regs, _frag8, _load,
-                                           _threads, _written_once, byte_perm, check_tiles, group_steps, run_stages,
-                                           stage_load, stage_store)
+                                           _threads, _written_once, byte_perm, check_tiles, column_values, fragment_outputs,
+                                           group_steps, run_stages, stage_load, stage_store)
 from qconvert_kernels.w4a8.emulate import (Ctx, EmulationError, FloatOps, Shared, bf16_bits_to_f32, f16_bits_to_f32,
                                            f32_to_bits16, mma_c_lanes, mma_matrices_m16n8k32, store_pair)
 
@@ -167,25 +167,13 @@ class FoldSum:
 def epilogue(ctx: Ctx, acc, scale_ptr, bf16: bool, M: int, N: int, bm: int, bn: int):
     """zq::epilogue: y = acc * (t[m] * scale[n]), each product rounded."""
     f = ctx.fops
-    tid, gid, tig, wm, wn = _threads()
-    for nt in range(NT):
-        n = bn + wn + nt * 8 + 2 * tig
-        sc = []
-        for h in range(2):
-            v = np.zeros(THREADS, np.float32)
-            inside = n + h < N
-            v[inside] = _load(ctx, scale_ptr, n[inside] + h, np.float32, "scale")
-            sc.append(v)
-        for mt in range(MT):
-            for h in range(2):
-                m = bm + wm + mt * 16 + gid + 8 * h
-                t = (m < M) & (n < N)
-                if not t.any():
-                    continue
-                tm = _load(ctx, ctx.args["t"], m[t], np.float32, "t")
-                y0 = f.mul(acc[t, mt, nt, 2 * h], f.mul(tm, sc[0][t]))
-                y1 = f.mul(acc[t, mt, nt, 2 * h + 1], f.mul(tm, sc[1][t]))
-                store_pair(ctx, m[t], n[t], N, f32_to_bits16(y0, bf16), f32_to_bits16(y1, bf16))
+    for nt, n, rows in fragment_outputs(M, N, bm, bn):
+        sc = column_values(ctx, scale_ptr, n, N, np.float32, "scale")
+        for mt, h, m, t in rows:
+            tm = _load(ctx, ctx.args["t"], m[t], np.float32, "t")
+            y0 = f.mul(acc[t, mt, nt, 2 * h], f.mul(tm, sc[0][t]))
+            y1 = f.mul(acc[t, mt, nt, 2 * h + 1], f.mul(tm, sc[1][t]))
+            store_pair(ctx, m[t], n[t], N, f32_to_bits16(y0, bf16), f32_to_bits16(y1, bf16))
 
 
 def quantize_rows(ctx: Ctx, grid, bf16: bool):

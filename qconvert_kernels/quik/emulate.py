@@ -315,46 +315,63 @@ def _load(ctx: Ctx, ptr, idx, dtype, what):
     return np.ascontiguousarray(ctx.mem.load(ptr, idx * width, width, what)).view(dtype)[:, 0]
 
 
-def quik_epilogue(ctx: Ctx, P, bf16: bool, M: int, N: int, bm: int, bn: int):
-    """quik::epilogue: y = ((float(acc) * (s[m] * ws[n])) + (z[m] * (ws[n] * float(R[n])))) + y_out."""
-    a, f = ctx.args, ctx.fops
+def column_values(ctx: Ctx, ptr, n, N: int, dtype, what: str) -> list:
+    """The epilogues' per-column loads ``n + h < N ? p[n + h] : 0`` (h = 0, 1), one value per thread."""
+    out = []
+    for h in range(2):
+        v = np.zeros(THREADS, dtype)
+        inside = n + h < N
+        v[inside] = _load(ctx, ptr, n[inside] + h, dtype, what)
+        out.append(v)
+    return out
+
+
+def fragment_outputs(M: int, N: int, bm: int, bn: int):
+    """The epilogues' walk over a thread's C fragments: per n8 tile, its first column n (the pair
+    n, n + 1) and the rows (mt, h, m, t) of m16 tile mt, half h (row gid + 8 h) that have threads
+    inside M x N (``t`` selects them)."""
     tid, gid, tig, wm, wn = _threads()
-    P = _c(ctx, P)
-    conv = bf16_bits_to_f32 if bf16 else f16_bits_to_f32
     for nt in range(NT):
         n = bn + wn + nt * 8 + 2 * tig
-        ws, wr = [], []
-        for h in range(2):
-            inside = n + h < N
-            w = np.zeros(THREADS, np.float32)
-            r = np.zeros(THREADS, np.float32)
-            w[inside] = _load(ctx, a["wscale"], n[inside] + h, np.float32, "wscale")
-            r[inside] = f.mul(w[inside], f.i2f(_load(ctx, a["wsum"], n[inside] + h, np.int32, "wsum")))
-            ws.append(w)
-            wr.append(r)
+        rows = []
         for mt in range(MT):
             for h in range(2):
                 m = bm + wm + mt * 16 + gid + 8 * h
                 t = (m < M) & (n < N)
-                if not t.any():
-                    continue
-                sm_, zm = _load(ctx, a["s"], m[t], np.float32, "s"), _load(ctx, a["z"], m[t], np.float32, "z")
-                out = []
-                for c in range(2):
-                    acc = P[t, mt, nt, 2 * h + c]
-                    v = f.add(f.mul(f.i2f(acc), f.mul(sm_, ws[c][t])), f.mul(zm, wr[c][t]))
-                    if a["y_out"]:
-                        add = n[t] + c < N
-                        yo = _load(ctx, a["y_out"], m[t][add] * N + n[t][add] + c, np.uint16, "y_out")
-                        v[add] = f.add(v[add], f.f(conv(yo)))
-                    out.append(f32_to_bits16(v, bf16))
-                store_pair(ctx, m[t], n[t], N, out[0], out[1])
-                if a["acc_out"]:
-                    mm, nn = m[t], n[t]
-                    ctx.mem.store(a["acc_out"], (mm * N + nn) * 4, P[t, mt, nt, 2 * h].astype(np.int32).view(np.uint8).reshape(-1, 4), "acc_out")
-                    two = nn + 1 < N
-                    ctx.mem.store(a["acc_out"], (mm[two] * N + nn[two] + 1) * 4,
-                                  P[t, mt, nt, 2 * h + 1][two].astype(np.int32).view(np.uint8).reshape(-1, 4), "acc_out")
+                if t.any():
+                    rows.append((mt, h, m, t))
+        yield nt, n, rows
+
+
+def store_acc_pair(ctx: Ctx, m, n, N: int, a0, a1):
+    """The debug accumulator pair: acc_out[m, n] = a0, acc_out[m, n + 1] = a1 where n + 1 < N."""
+    for c, v in enumerate((a0, a1)):
+        sel = n + c < N
+        ctx.mem.store(ctx.args["acc_out"], (m[sel] * N + n[sel] + c) * 4,
+                      np.asarray(v)[sel].astype(np.int32).view(np.uint8).reshape(-1, 4), "acc_out")
+
+
+def quik_epilogue(ctx: Ctx, P, bf16: bool, M: int, N: int, bm: int, bn: int):
+    """quik::epilogue: y = ((float(acc) * (s[m] * ws[n])) + (z[m] * (ws[n] * float(R[n])))) + y_out."""
+    a, f = ctx.args, ctx.fops
+    P = _c(ctx, P)
+    conv = bf16_bits_to_f32 if bf16 else f16_bits_to_f32
+    for nt, n, rows in fragment_outputs(M, N, bm, bn):
+        ws = column_values(ctx, a["wscale"], n, N, np.float32, "wscale")
+        wr = [f.mul(w, f.i2f(r)) for w, r in zip(ws, column_values(ctx, a["wsum"], n, N, np.int32, "wsum"))]
+        for mt, h, m, t in rows:
+            sm_, zm = _load(ctx, a["s"], m[t], np.float32, "s"), _load(ctx, a["z"], m[t], np.float32, "z")
+            out = []
+            for c in range(2):
+                v = f.add(f.mul(f.i2f(P[t, mt, nt, 2 * h + c]), f.mul(sm_, ws[c][t])), f.mul(zm, wr[c][t]))
+                if a["y_out"]:
+                    add = n[t] + c < N
+                    yo = _load(ctx, a["y_out"], m[t][add] * N + n[t][add] + c, np.uint16, "y_out")
+                    v[add] = f.add(v[add], f.f(conv(yo)))
+                out.append(f32_to_bits16(v, bf16))
+            store_pair(ctx, m[t], n[t], N, out[0], out[1])
+            if a["acc_out"]:
+                store_acc_pair(ctx, m[t], n[t], N, P[t, mt, nt, 2 * h], P[t, mt, nt, 2 * h + 1])
 
 
 def _rshift_round(v, s):
@@ -427,35 +444,19 @@ def native_epilogue(ctx: Ctx, fold: GroupFold, bf16: bool, M: int, N: int, bm: i
     """qk::is_gemm's y = float(A) * (t[m] * (cscale[n] * 2^-a)) (and A to acc_out), or qk::fs_gemm's
     y = acc * t[m]; each product rounded."""
     a, f = ctx.args, ctx.fops
-    tid, gid, tig, wm, wn = _threads()
     acc = _c(ctx, fold.acc)
-    inv_alpha = np.float32(2.0 ** -a["alpha_log2"]) if fold.is_int else None
-    for nt in range(NT):
-        n = bn + wn + nt * 8 + 2 * tig
-        cs = []
-        for h in range(2 if fold.is_int else 0):
-            v = np.zeros(THREADS, np.float32)
-            inside = n + h < N
-            v[inside] = f.mul(_load(ctx, a["cscale"], n[inside] + h, np.float32, "cscale"), inv_alpha)
-            cs.append(v)
-        for mt in range(MT):
-            for h in range(2):
-                m = bm + wm + mt * 16 + gid + 8 * h
-                t = (m < M) & (n < N)
-                if not t.any():
-                    continue
-                tm = _load(ctx, a["t"], m[t], np.float32, "t")
-                if fold.is_int:
-                    ys = [f.mul(f.i2f(acc[t, mt, nt, 2 * h + c]), f.mul(tm, cs[c][t])) for c in range(2)]
-                else:
-                    ys = [f.mul(acc[t, mt, nt, 2 * h + c], tm) for c in range(2)]
-                store_pair(ctx, m[t], n[t], N, f32_to_bits16(ys[0], bf16), f32_to_bits16(ys[1], bf16))
-                if fold.is_int and a["acc_out"]:
-                    mm, nn = m[t], n[t]
-                    for c in range(2):
-                        sel = nn + c < N
-                        ctx.mem.store(a["acc_out"], (mm[sel] * N + nn[sel] + c) * 4,
-                                      acc[t, mt, nt, 2 * h + c][sel].astype(np.int32).view(np.uint8).reshape(-1, 4), "acc_out")
+    for nt, n, rows in fragment_outputs(M, N, bm, bn):
+        if fold.is_int:  # cscale * 2^-a: exact
+            cs = [f.mul(v, np.float32(2.0 ** -a["alpha_log2"])) for v in column_values(ctx, a["cscale"], n, N, np.float32, "cscale")]
+        for mt, h, m, t in rows:
+            tm = _load(ctx, a["t"], m[t], np.float32, "t")
+            if fold.is_int:
+                ys = [f.mul(f.i2f(acc[t, mt, nt, 2 * h + c]), f.mul(tm, cs[c][t])) for c in range(2)]
+            else:
+                ys = [f.mul(acc[t, mt, nt, 2 * h + c], tm) for c in range(2)]
+            store_pair(ctx, m[t], n[t], N, f32_to_bits16(ys[0], bf16), f32_to_bits16(ys[1], bf16))
+            if fold.is_int and a["acc_out"]:
+                store_acc_pair(ctx, m[t], n[t], N, acc[t, mt, nt, 2 * h], acc[t, mt, nt, 2 * h + 1])
 
 
 # ----------------------------------------------------------------------------- split and quantize
