@@ -227,10 +227,16 @@ def test_constants_match_the_sources():
     quik_cu, illm_cu = cuda_quik.SOURCE.read_text(), cuda_illm.SOURCE.read_text()
     assert params(quik_cu, "QUIK_GEMM_ARGS") == emulate.GEMM_PARAMS
     assert params(illm_cu, "ILLM_MATMUL_ARGS") == emulate.ILLM_PARAMS
-    split = re.search(r"#define QUIK_SPLIT\(NAME, BF16\).*?NAME\((.*?)\) \{", quik_cu, re.S).group(1)
-    split = re.sub(r"/\*.*?\*/", "", split).replace("\\", " ")
-    names = tuple(re.findall(r"(\w+)\s*$", d.strip())[0] for d in split.split(",") if d.strip())
-    assert names == emulate.SPLIT_PARAMS
+    def entry(text, macro):
+        body = re.search(rf"#define {macro}\(NAME, BF16\).*?NAME\((.*?)\) \{{", text, re.S).group(1)
+        body = re.sub(r"/\*.*?\*/", "", body).replace("\\", " ")
+        return tuple(re.findall(r"(\w+)\s*$", d.strip())[0] for d in body.split(",") if d.strip())
+
+    native_cu = kcuda.SOURCE.read_text()
+    assert entry(quik_cu, "QUIK_SPLIT") == emulate.SPLIT_PARAMS
+    assert entry(native_cu, "QK_IS_GEMM") == emulate.IS_PARAMS
+    assert entry(native_cu, "QK_FS_GEMM") == emulate.FS_PARAMS
+    assert entry(native_cu, "QK_QUANT")[:5] == emulate.W4A8_QUANT_PARAMS[:5]  # the last: Kp here, Kq in the twin
 
 
 def test_fragment_loads_are_bank_conflict_free():
