@@ -15,7 +15,7 @@ import pytest
 import torch
 from helpers import assert_mutation_caught
 
-from qconvert.formats.fp4 import codes_to_values, pack_fp4
+from qconvert.formats.fp4 import codes_to_values, pack_fp4, unpack_fp4
 from qconvert_kernels.fp8 import cuda as cuda_fp8
 from qconvert_kernels.fp8 import emulate
 from qconvert_kernels.fp8 import reference as ref8
@@ -98,6 +98,35 @@ def test_fp8_fp8_bit_exact(m, n, k):
 def test_bf16():
     run_fp4(17, 72, 256, 64, torch.bfloat16)
     run_fp8(3, 13, 96, torch.bfloat16)
+
+
+@pytest.mark.parametrize("scheme_params", [{"base": "rtn", "lorc_rank": 4, "group_size": 64},
+                                           {"weight_format": "fp8", "base": "rtn", "lorc_rank": 0}])
+def test_layer_made_by_the_method_runs_on_the_kernels(scheme_params):
+    """An FP8Linear as ZeroQuant-FP makes it: its CUDA path (quantizer, GEMM, LoRC added to the
+    kernel's rounded output) on the emulator equals its CPU path's result taken through the same
+    roundings: the layout's tensors are the ones the kernels read."""
+    from qconvert.layouts.fp8 import FP8Linear
+    from qconvert.methods.zeroquant_fp import ZeroQuantFPMethod
+
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(72, 320, generator=gen) * 0.05
+    ql = ZeroQuantFPMethod(scheme_params).quantize_linear("l", w)
+    lin = FP8Linear(ql.layout, ql.tensors, None)
+    assert lin.layout == ("fp8-fp8" if scheme_params.get("weight_format") == "fp8" else "fp4-fp8")
+    x2 = torch.randn(7, 320, generator=gen).half()
+    with emulate.emulating():
+        got = lin._forward_cuda(x2)
+    xq, t = ref8.quantize_per_token_fp8(x2, lin.kp)
+    if lin.layout == "fp4-fp8":
+        y = ref8.fp4_fp8_gemm(xq, t, ref8.weight_groups(codes_to_values(unpack_fp4(lin.qweight)), lin.group_size),
+                              lin.sexp, lin.cscale)
+    else:
+        y = ref8.fp8_fp8_gemm(xq, t, lin.qweight, lin.wscale)
+    want = y.half()
+    if lin.lorc_rank:
+        want = (want.float() + ref8.lorc_term(xq, t, lin.lorc_u, lin.lorc_v)).half()
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
 
 
 def test_widening_table_gives_every_e2m1_value():

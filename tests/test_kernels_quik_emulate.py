@@ -105,6 +105,35 @@ def test_quik_linear_on_the_emulator_matches_the_cpu_layer():
         assert [name for name, *_ in emu.launches] == ["quik_split_f16", f"quik_gemm_w4a4_{path}_f16"]
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quik_layer_made_by_the_method_runs_on_the_kernels(bits):
+    """A QuikLinear as the QUIK method makes it (the tensors written to disk) through the CUDA path's
+    call (quik_linear with the layer's own tensors) on the emulator, against the reference fed the
+    same fp16 outlier product: the layout's conventions (int4 packing, base and outlier indices,
+    wsum, the outlier weight's dtype) are the ones the kernels read."""
+    from test_quik import _problem
+
+    from qconvert.layouts.quik import QuikLinear
+    from qconvert.methods.quik import QuikMethod
+
+    w, h, x = _problem(n=72, k=200, rows=512, outliers=(5, 77, 190))
+    meth = QuikMethod({"bits": bits, "outliers": 16, "base": "rtn"})
+    ql = meth.quantize_linears(["m.layers.0.mlp.up_proj"], [w], h, input_amax=x.abs().amax(0))[0]
+    assert ql.layout == f"quik-w{bits}a{bits}" and len(ql.tensors["outlier_idx"]) == 16
+    lin = QuikLinear(ql.layout, ql.tensors, None)
+    xs = x[:17].half()
+    rq, rs, rz, rx = refq.quantize_split(xs, lin.base_idx, lin.outlier_idx, bits)
+    y_out = torch.matmul(rx, lin.outlier_weight.to(xs.dtype).t())
+    want = refq.quik_gemm(rq, rs, rz, lin.weights_int8(), lin.wscale, lin.wsum, y_out.float()).half()
+    for path in (["s4", "s8"] if bits == 4 else [None]):
+        with emulate.emulating():
+            y = cuda_quik.quik_linear(xs, lin.base_idx, lin.outlier_idx, lin.qweight, lin.wscale, lin.wsum,
+                                      lin.outlier_weight, lin.bits, path=path)
+        assert torch.equal(y.view(torch.int16), want.view(torch.int16)), path
+    # and the layer's CPU forward is the same computation with a float32 outlier product
+    assert float((lin(xs.float()) - want.float()).norm() / want.float().norm()) < 2e-3
+
+
 def illm_case(m, n, k, w_bits):
     """(xq, the weights as stored (int8, or packed int4), mantissas, exponents, the reference t)."""
     gen = torch.Generator().manual_seed(m + n + k)
