@@ -170,3 +170,15 @@ def assert_mutation_caught(runner, args, mutation: str, expected: str, error: ty
     else:
         with pytest.raises(AssertionError, match="differs"):
             runner(*args, mutations=frozenset({mutation}))
+
+
+def macro_params(source: str, macro: str) -> tuple[str, ...]:
+    """The parameter names a kernel macro of a .cu source declares, in order: an entry-point macro
+    ``#define MACRO(NAME, BF16) ... NAME(<params>) {`` or an argument-list macro ``#define MACRO \\
+    <params>`` (ending at a blank line or the next directive); comments are dropped."""
+    import re
+
+    m = (re.search(rf"#define {macro}\(NAME, BF16\).*?NAME\((.*?)\) \{{", source, re.S)
+         or re.search(rf"#define {macro}\s*\\?(.*?)(?:\n\n|\n#)", source, re.S))
+    body = re.sub(r"/\*.*?\*/", "", m.group(1)).replace("\\", " ")
+    return tuple(re.findall(r"(\w+)\s*$", d.strip())[0] for d in body.split(",") if d.strip())

@@ -13,7 +13,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from helpers import assert_mutation_caught
+from helpers import assert_mutation_caught, macro_params
 
 from qconvert.formats.fp4 import codes_to_values, pack_fp4, unpack_fp4
 from qconvert_kernels.fp8 import cuda as cuda_fp8
@@ -146,15 +146,9 @@ def test_constants_and_parameters_match_the_source():
         v = int(re.search(rf"constexpr int {name} = (\d+);", CU).group(1))
         assert v == getattr(emulate, name), name
     assert f"0x{emulate.T_LO:08X}u" in CU and f"0x{emulate.T_HI:08X}u" in CU
-
-    def params(macro):
-        body = re.search(rf"#define {macro}\(NAME, BF16\).*?NAME\((.*?)\) \{{", CU, re.S).group(1)
-        body = re.sub(r"/\*.*?\*/", "", body).replace("\\", " ")
-        return tuple(re.findall(r"(\w+)\s*$", d.strip())[0] for d in body.split(",") if d.strip())
-
-    assert params("ZQ_FP4_GEMM") == emulate.FP4_PARAMS
-    assert params("ZQ_FP8_GEMM") == emulate.FP8_PARAMS
-    assert params("ZQ_QUANT") == emulate.QUANT_PARAMS
+    assert macro_params(CU, "ZQ_FP4_GEMM") == emulate.FP4_PARAMS
+    assert macro_params(CU, "ZQ_FP8_GEMM") == emulate.FP8_PARAMS
+    assert macro_params(CU, "ZQ_QUANT") == emulate.QUANT_PARAMS
 
 
 def test_fragment_loads_are_bank_conflict_free():

@@ -1,9 +1,8 @@
 """The QUIK kernels (quik_gemm.cu), DI-MatMul (illm_gemm.cu) and the native-layout W4A8 GEMMs
-(w4a8_gemm.cu) proven on the CPU: the real
-launchers run with their launches routed to the lane-exact emulator (quik/emulate.py), and the
-results must equal the torch references bit for bit; the emulator checks every memory access,
-shared-memory race, stage and output write on the way.  Mutation tests show that deliberate
-kernel bugs are caught.  No GPU needed (tests/test_kernels_quik_gpu.py and
+(w4a8_gemm.cu) proven on the CPU: the real launchers run with their launches routed to the
+lane-exact emulator (quik/emulate.py), and the results must equal the torch references bit for
+bit; the emulator checks every memory access, shared-memory race, stage and output write on the
+way.  Mutation tests show that deliberate kernel bugs are caught.  No GPU needed (tests/test_kernels_quik_gpu.py and
 tests/test_kernels_illm_gpu.py run the same kernels on one).
 """
 
@@ -14,7 +13,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from helpers import assert_mutation_caught
+from helpers import assert_mutation_caught, macro_params
 
 from qconvert.formats.packing import pack_int4, unpack_int4
 from qconvert_kernels.illm import cuda as cuda_illm
@@ -248,24 +247,13 @@ def test_constants_match_the_sources():
     assert kcuda.QUANT_THREADS == emulate.QUANT_THREADS
     assert "ROW_CHUNKS / THREADS" in MAINLOOP_BYTES and emulate.ROW_LOADS == 2
 
-    def params(text, macro):
-        body = re.search(rf"#define {macro}\s*\\?(.*?)(?:\n\n|\n#)", text, re.S).group(1)
-        body = re.sub(r"/\*.*?\*/", "", body).replace("\\", " ")
-        return tuple(re.findall(r"(\w+)\s*$", decl.strip())[0] for decl in body.split(",") if decl.strip())
-
-    quik_cu, illm_cu = cuda_quik.SOURCE.read_text(), cuda_illm.SOURCE.read_text()
-    assert params(quik_cu, "QUIK_GEMM_ARGS") == emulate.GEMM_PARAMS
-    assert params(illm_cu, "ILLM_MATMUL_ARGS") == emulate.ILLM_PARAMS
-    def entry(text, macro):
-        body = re.search(rf"#define {macro}\(NAME, BF16\).*?NAME\((.*?)\) \{{", text, re.S).group(1)
-        body = re.sub(r"/\*.*?\*/", "", body).replace("\\", " ")
-        return tuple(re.findall(r"(\w+)\s*$", d.strip())[0] for d in body.split(",") if d.strip())
-
-    native_cu = kcuda.SOURCE.read_text()
-    assert entry(quik_cu, "QUIK_SPLIT") == emulate.SPLIT_PARAMS
-    assert entry(native_cu, "QK_IS_GEMM") == emulate.IS_PARAMS
-    assert entry(native_cu, "QK_FS_GEMM") == emulate.FS_PARAMS
-    assert entry(native_cu, "QK_QUANT")[:5] == emulate.W4A8_QUANT_PARAMS[:5]  # the last: Kp here, Kq in the twin
+    quik_cu, illm_cu, native_cu = cuda_quik.SOURCE.read_text(), cuda_illm.SOURCE.read_text(), kcuda.SOURCE.read_text()
+    assert macro_params(quik_cu, "QUIK_GEMM_ARGS") == emulate.GEMM_PARAMS
+    assert macro_params(illm_cu, "ILLM_MATMUL_ARGS") == emulate.ILLM_PARAMS
+    assert macro_params(quik_cu, "QUIK_SPLIT") == emulate.SPLIT_PARAMS
+    assert macro_params(native_cu, "QK_IS_GEMM") == emulate.IS_PARAMS
+    assert macro_params(native_cu, "QK_FS_GEMM") == emulate.FS_PARAMS
+    assert macro_params(native_cu, "QK_QUANT")[:5] == emulate.W4A8_QUANT_PARAMS[:5]  # the last: Kp here, Kq in the twin
 
 
 def test_fragment_loads_are_bank_conflict_free():

@@ -24,9 +24,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from qconvert_kernels.quik.emulate import (A_STRIDE, BK, BM, BN, MT, NT, THREADS, StaticEmulator, _a_regs, _frag8, _load,
-                                           _threads, _written_once, byte_perm, check_tiles, column_values, fragment_outputs,
-                                           group_steps, run_stages, stage_load, stage_store)
+from qconvert_kernels.quik.emulate import (A_STRIDE, BK, BM, BN, MT, NT, THREADS, GroupFold, StaticEmulator, _a_regs, _frag8,
+                                           _load, _threads, _written_once, byte_perm, check_tiles, column_values,
+                                           fragment_outputs, group_steps, run_stages, stage_load, stage_store)
 from qconvert_kernels.w4a8.emulate import (Ctx, EmulationError, FloatOps, Shared, bf16_bits_to_f32, f16_bits_to_f32,
                                            f32_to_bits16, mma_c_lanes, mma_matrices_m16n8k32, store_pair)
 
@@ -114,7 +114,7 @@ def mainloop(ctx: Ctx, fp4: bool, M: int, N: int, Kp: int, group_size: int, bm: 
                                                  "fp4 B LDS.32")).view(np.uint32)[:, 0]
                 b[:, nt] = np.stack(fp4x8_to_e4m3(ctx, w), -1)
             else:
-                b[:, nt] = np.stack(_frag8(ctx, sm, tid, sb, row, ks * 32 + 8 * tig, A_STRIDE, s, "fp8 B LDS.64"), -1)
+                b[:, nt] = np.stack(_frag8(sm, tid, sb, row, ks * 32 + 8 * tig, A_STRIDE, s, "fp8 B LDS.64"), -1)
         for mt in range(MT):
             for nt in range(NT):
                 P[:, mt, nt] = mma_e4m3(a[:, mt].reshape(-1, 32, 4), b[:, nt].reshape(-1, 32, 2),
@@ -124,32 +124,13 @@ def mainloop(ctx: Ctx, fp4: bool, M: int, N: int, Kp: int, group_size: int, bm: 
     run_stages(ctx, sm, -(-Kp // BK), load, store, kstep)
 
 
-class FoldPow2:
-    """zq::FoldPow2: acc = acc + fl32(P) * 2^sexp[n, j] (exact product, one rounding), in group order."""
+def pow2_fold(ctx: Ctx, N: int, G: int, bn: int) -> GroupFold:
+    """zq::FoldPow2: acc = acc + fl32(P) * 2^sexp[n, j] (an exact product, one rounding), in group order."""
+    def scale_of(idx):
+        e = _load(ctx, ctx.args["sexp"], idx, np.int8, "sexp").astype(np.int64)
+        return np.ldexp(np.float32(1), e).astype(np.float32)
 
-    def __init__(self, ctx: Ctx, N: int, G: int, bn: int):
-        tid, gid, tig, wm, wn = _threads()
-        self.ctx, self.N, self.G = ctx, N, G
-        self.col0 = bn + wn + 2 * tig
-        self.acc = np.zeros((THREADS, MT, NT, 4), np.float32)
-        self.sc = np.zeros((THREADS, NT, 2), np.float32)
-        self.load_scales(0)
-
-    def load_scales(self, j: int):                                        # [zq::FoldPow2::load_scales]
-        for nt in range(NT):
-            for h in range(2):
-                n = self.col0 + nt * 8 + h
-                inside = (n < self.N) & (j < self.G)
-                e = _load(self.ctx, self.ctx.args["sexp"], n[inside] * self.G + j, np.int8, "sexp").astype(np.int64)
-                self.sc[:, nt, h] = 0
-                self.sc[inside, nt, h] = np.ldexp(np.float32(1), e).astype(np.float32)
-
-    def __call__(self, j: int, P):
-        f = self.ctx.fops
-        for i in range(4):
-            self.acc[..., i] = f.add(self.acc[..., i], f.mul(P[..., i].astype(np.float32), self.sc[:, None, :, i & 1]))
-        P[...] = 0
-        self.load_scales(j if "scale_stale" in self.ctx.mutations else j + 1)
+    return GroupFold(ctx, False, N, G, bn, scale_of, "scale_stale")
 
 
 class FoldSum:
@@ -218,7 +199,7 @@ class Emulator(StaticEmulator):
             for bx in range(grid[0]):
                 bm, bn = by * BM, bx * BN
                 if fp4:
-                    fold = FoldPow2(ctx, N, Kp // vals["group_size"], bn)
+                    fold = pow2_fold(ctx, N, Kp // vals["group_size"], bn)
                     mainloop(ctx, True, M, N, Kp, vals["group_size"], bm, bn, fold)
                     epilogue(ctx, fold.acc, vals["cscale"], bf16, M, N, bm, bn)
                 else:

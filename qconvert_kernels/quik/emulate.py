@@ -149,7 +149,7 @@ def _load16(ctx: Ctx, ptr, row, col, valid, stride, what):
     return out
 
 
-def _frag8(ctx: Ctx, sm: Shared, tid, base, row, off, stride, tag, what):
+def _frag8(sm: Shared, tid, base, row, off, stride, tag, what):
     """8 bytes of a padded shared row as (low word, high word)."""
     b = sm.read(tid, base + row * stride + off, 8, tag, what)
     w = np.ascontiguousarray(b).view(np.uint32)
@@ -160,8 +160,8 @@ def _a_regs(ctx: Ctx, sm, tid, gid, tig, wm, ks, tag, what):
     """A fragments [THREADS, MT, 4] of one k step (rows gid and gid + 8, 8 bytes at 8 tig)."""
     a = np.zeros((THREADS, MT, 4), np.uint32)
     for mt in range(MT):
-        lo = _frag8(ctx, sm, tid, 0, wm + mt * 16 + gid, ks * 32 + 8 * tig, A_STRIDE, tag, what)
-        hi = _frag8(ctx, sm, tid, 0, wm + mt * 16 + gid + 8, ks * 32 + 8 * tig, A_STRIDE, tag, what)
+        lo = _frag8(sm, tid, 0, wm + mt * 16 + gid, ks * 32 + 8 * tig, A_STRIDE, tag, what)
+        hi = _frag8(sm, tid, 0, wm + mt * 16 + gid + 8, ks * 32 + 8 * tig, A_STRIDE, tag, what)
         a[:, mt] = np.stack([lo[0], hi[0], lo[1], hi[1]], -1)
     if "swap_a" in ctx.mutations:
         a = a[..., [0, 2, 1, 3]]
@@ -243,7 +243,7 @@ def mainloop_bytes(ctx: Ctx, s4: bool, M: int, N: int, KB: int, bm: int, bn: int
         b = np.zeros((THREADS, NT, 2), np.uint32)
         boff = 4 * tig if "b_offset" in ctx.mutations else 8 * tig
         for nt in range(NT):
-            b[:, nt] = np.stack(_frag8(ctx, sm, tid, sb, wn + nt * 8 + gid, ks * 32 + boff, A_STRIDE, s, "bytes B LDS.64"), -1)
+            b[:, nt] = np.stack(_frag8(sm, tid, sb, wn + nt * 8 + gid, ks * 32 + boff, A_STRIDE, s, "bytes B LDS.64"), -1)
         if "b_swap" in ctx.mutations:
             b = b[..., ::-1]
         _mma_all(P, a, b, s4)
@@ -405,39 +405,48 @@ def illm_epilogue(ctx: Ctx, P, M: int, N: int, bm: int, bn: int):
 
 
 class GroupFold:
-    """w4a8_gemm.cu's FoldInt (A += iscale[n, j] * P, int32 wrapping) and FoldFloat (acc = acc +
-    float(P) * float(scales[n, j]), two roundings), the next group's scales loaded after a fold."""
+    """The group folds of the native W4A8 and FP4 GEMMs: w4a8_gemm.cu's FoldInt (A += iscale[n, j] * P,
+    int32 wrapping), FoldFloat (acc = acc + float(P) * float(scales[n, j])) and fp8_gemm.cu's
+    FoldPow2 (acc = acc + fl32(P) * 2^sexp[n, j]), two roundings for the float ones, the next
+    group's scales loaded after a fold.  ``scale_of(flat [N, G] indices)`` loads and decodes the
+    scales; ``stale`` names the mutation that reloads the folded group's scales instead."""
 
-    def __init__(self, ctx: Ctx, is_int: bool, N: int, G: int, bn: int):
+    def __init__(self, ctx: Ctx, integer: bool, N: int, G: int, bn: int, scale_of, stale: str):
         tid, gid, tig, wm, wn = _threads()
-        self.ctx, self.is_int, self.N, self.G = ctx, is_int, N, G
+        self.ctx, self.is_int, self.N, self.G = ctx, integer, N, G
+        self.scale_of, self.stale = scale_of, stale
         self.col0 = bn + wn + 2 * tig
-        self.acc = np.zeros((THREADS, MT, NT, 4), np.int32 if is_int else np.float32)
+        self.acc = np.zeros((THREADS, MT, NT, 4), np.int32 if integer else np.float32)
         self.sc = np.zeros((THREADS, NT, 2), self.acc.dtype)
         self.load_scales(0)
 
     def load_scales(self, j: int):                                        # [qk::Fold*::load_scales]
-        a = self.ctx.args
         for nt in range(NT):
             for h in range(2):
                 n = self.col0 + nt * 8 + h
                 inside = (n < self.N) & (j < self.G)
                 self.sc[:, nt, h] = 0
-                if self.is_int:
-                    self.sc[inside, nt, h] = _load(self.ctx, a["iscale"], n[inside] * self.G + j, np.int32, "iscale")
-                else:
-                    self.sc[inside, nt, h] = f16_bits_to_f32(_load(self.ctx, a["scales"], n[inside] * self.G + j, np.uint16, "scales"))
+                self.sc[inside, nt, h] = self.scale_of(n[inside] * self.G + j)
 
     def __call__(self, j: int, P):
+        f = self.ctx.fops
         for i in range(4):
             sc = self.sc[:, None, :, i & 1]
             if self.is_int:
                 self.acc[..., i] = wrap32(self.acc[..., i].astype(np.int64) + sc.astype(np.int64) * P[..., i].astype(np.int64))
-            else:
-                f = self.ctx.fops
-                self.acc[..., i] = f.add(self.acc[..., i], f.mul(f.i2f(P[..., i]), sc))
+            else:  # P to float32 (exact for the int32 partials, once rounded for the FP8 ones)
+                self.acc[..., i] = f.add(self.acc[..., i], f.mul(f.f(P[..., i].astype(np.float32)), sc))
         P[...] = 0
-        self.load_scales(j if "fold_stale" in self.ctx.mutations else j + 1)
+        self.load_scales(j if self.stale in self.ctx.mutations else j + 1)
+
+
+def native_fold(ctx: Ctx, integer: bool, N: int, G: int, bn: int) -> GroupFold:
+    """FoldInt (iscale int32 [N, G]) or FoldFloat (scales fp16 [N, G]) of w4a8_gemm.cu."""
+    if integer:
+        scale_of = lambda idx: _load(ctx, ctx.args["iscale"], idx, np.int32, "iscale")  # noqa: E731
+    else:
+        scale_of = lambda idx: f16_bits_to_f32(_load(ctx, ctx.args["scales"], idx, np.uint16, "scales"))  # noqa: E731
+    return GroupFold(ctx, integer, N, G, bn, scale_of, "fold_stale")
 
 
 def native_epilogue(ctx: Ctx, fold: GroupFold, bf16: bool, M: int, N: int, bm: int, bn: int):
@@ -567,7 +576,8 @@ class StaticEmulator:
 
 
 class Emulator(StaticEmulator):
-    """The launch hook of quik_gemm.cu's kernels and illm_gemm.cu's DI-MatMul."""
+    """The launch hook of quik_gemm.cu's kernels, illm_gemm.cu's DI-MatMul and w4a8_gemm.cu's
+    native-layout GEMMs and int8 quantizer."""
 
     KERNELS = (("quik_split_", SPLIT_PARAMS, QUANT_THREADS), ("quik_gemm_", GEMM_PARAMS, THREADS),
                ("illm_matmul_", ILLM_PARAMS, THREADS), ("w4a8_is_gemm_", IS_PARAMS, THREADS),
@@ -618,7 +628,7 @@ class Emulator(StaticEmulator):
                 elif name == "illm_matmul_w4":
                     P = mainloop_w4(ctx, M, N, vals["K"], bm, bn)
                 elif name.startswith("w4a8_"):
-                    fold = GroupFold(ctx, name.startswith("w4a8_is"), N, vals["Kp"] // vals["group_size"], bn)
+                    fold = native_fold(ctx, name.startswith("w4a8_is"), N, vals["Kp"] // vals["group_size"], bn)
                     mainloop_w4(ctx, M, N, vals["Kp"], bm, bn, vals["group_size"], fold)
                     native_epilogue(ctx, fold, bf16, M, N, bm, bn)
                     continue
@@ -634,5 +644,5 @@ class Emulator(StaticEmulator):
 
 
 def emulating(**kwargs):
-    """Run the QUIK and DI-MatMul launchers on the CPU emulator; yields the ``Emulator``."""
+    """Run the QUIK, DI-MatMul and native W4A8 launchers on the CPU emulator; yields the ``Emulator``."""
     return Emulator.hooked(**kwargs)
