@@ -52,7 +52,8 @@ def _serving_table(findings, title: str):
 _target_option = click.option("--target", metavar="vllm[:cpu|:sm80|:sm89|:sm90]",
                               help="Check, layer by layer, that this engine would serve the export (docs/export.md).")
 _tp_option = click.option("--tensor-parallel", "tensor_parallel", default=1, show_default=True, type=click.IntRange(min=1),
-                          help="With --target: the tensor-parallel size to check (vllm serve --tensor-parallel-size).")
+                          help="With --target: the tensor-parallel size to check (vllm serve --tensor-parallel-size); "
+                               "an export's groups are sized to divide each rank's K.")
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -505,8 +506,8 @@ def export(out, fmt, dest, scale_dtype, target, tensor_parallel, force):
     """Write the quantized OUT in another format, loadable by transformers and vLLM.
 
     \b
-    compressed-tensors: w4a8-is / w4a8-fs as W4A8 and w4a16 as W4A16 (pack-quantized; every
-    layer's K a multiple of the group size), w8a8 as W8A8 (int-quantized), fp8-fp8 without
+    compressed-tensors: w4a8-is / w4a8-fs as W4A8 and w4a16 as W4A16 (pack-quantized; where the
+    group size does not divide a K, smaller groups with the same scales), w8a8 as W8A8 (int-quantized), fp8-fp8 without
     LoRC as FP8 (float-quantized). --target vllm:sm90 --tensor-parallel 2 first checks, layer by
     layer, that vLLM would serve it, and refuses what it would refuse.
 
@@ -522,6 +523,9 @@ def export(out, fmt, dest, scale_dtype, target, tensor_parallel, force):
         _console().print(_serving_table(rep.serving, f"{target}, tensor parallel {tensor_parallel}"))
     click.echo(f"wrote {rep.out}: {fmt} {rep.preset}, "
                + (f"group size {rep.group_size}, " if rep.group_size else "")
+               + (f"each group of {rep.split_from} written as {rep.split_from // rep.group_size} of "
+                  f"{rep.group_size} with its scale (the same weights; {fmt} has no padded group), "
+                  if rep.split_from else "")
                + f"{rep.layers} quantized linears, {len(rep.ignored)} kept in full precision; weight_scale in "
                f"{rep.scale_dtype} (largest relative rounding {rep.max_scale_rel_error:.1e})")
 

@@ -51,6 +51,10 @@ def check_output(out: Path, force: bool, resume: bool) -> None:
     """Refuse, before any heavy work, what would clobber or confuse an output."""
     if out.parent == out:
         raise QConvertError(f"-o {out} is a filesystem root; name a directory to create")
+    inside = next((d for d in out.parents if is_native(d)), None)
+    if inside is not None:  # its manifest would no longer list its files: verify fails, push uploads both
+        raise QConvertError(f"-o {out} is inside the qconvert output {inside}, which would then fail verify; "
+                            "choose a directory outside it")
     if out.exists() and not force:
         raise QConvertError(f"{out} already exists; pass --force to overwrite it, or choose another -o")
     if out.exists() and not out.is_dir():
@@ -220,7 +224,8 @@ def _prepare(source, sch: Scheme, out: Path, force: bool, resume: bool, max_shar
              device=None, announce=None, skipped=()) -> _Job:
     """Validate the scheme and the output, read the source's config, plan the stages."""
     method = get_method(sch.method, sch.params)  # validates the parameters before any heavy work
-    calib = (calib or CalibSettings()).validated() if method.needs_calibration else None
+    calib = (calib or CalibSettings()).validated()  # a bad option is refused even where it goes unused
+    calib = calib if method.needs_calibration else None
     walk_device = _walk_device(device, calib is not None)
     shard_bytes = parse_size(max_shard_size)
     check_output(out, force, resume)

@@ -91,6 +91,27 @@ def test_output_inside_the_source_is_refused(tmp_path, tiny_llama):
     assert (tiny_llama / "model.safetensors").exists()
 
 
+def test_output_inside_a_qconvert_output_is_refused(tmp_path, tiny_llama):
+    """A new OUT inside another would leave files the outer manifest does not list (verify
+    fails, push uploads both): refused, and the outer OUT is as it was."""
+    out = tmp_path / "out"
+    run("quantize", tiny_llama, "-o", out, "-q")
+    before = sorted(p.name for p in out.iterdir())
+    res = run("quantize", tiny_llama, "-o", out / "nested" / "q", "-q", ok=False)
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert f"-o {out / 'nested' / 'q'} is inside the qconvert output {out}" in " ".join(res.output.split())
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert run("verify", out, "--no-compare").exit_code == 0
+
+
+def test_bad_memory_size_is_refused_without_calibration_too(tmp_path, tiny_llama):
+    """is-w4a8-rtn does not calibrate, so it never uses the budgets; a typo is still refused."""
+    for option in ("--max-memory", "--max-gpu-memory"):
+        res = run("quantize", tiny_llama, "--scheme", "is-w4a8-rtn", option, "8XB", "-o", tmp_path / "o", ok=False)
+        assert res.exit_code == 1 and "cannot read size '8XB'; write it like 2GB" in res.output, res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_already_quantized_source_is_refused(tmp_path, tiny_llama):
     out = tmp_path / "q"
     run("quantize", tiny_llama, "-o", out, "-q")

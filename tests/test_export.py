@@ -261,37 +261,92 @@ def test_float_scale_layouts(tmp_path, tiny_llama, scheme, preset):
         assert_layers_match_with_ct_quantizer(model, runtime)
 
 
-def test_smollm2_shapes_with_group_size_64(tmp_path):
-    """SmolLM2's K (576, 1536) are not multiples of 128: -g 64 works end to end."""
+def test_smollm2_shapes_preset_groups_are_split_exactly(tmp_path):
+    """SmolLM2's K (576, 1536) are not multiples of the preset's g = 128: the export writes groups
+    of gcd(128, 576, 1536) = 64, each of OUT's scales twice, and transformers decodes exactly
+    OUT's weights; -g 64 exports as it is."""
     src = write_model(tmp_path / "src", tiny_config(hidden=576, intermediate=1536, layers=1, heads=9, kv_heads=3))
     out, dest = tmp_path / "out", tmp_path / "ct"
     run("quantize", src, "--scheme", "is-w4a8-rtn", "-o", out, "-q")  # the preset's g = 128
-    res = run("export", out, "-o", dest, ok=False)
-    assert res.exit_code != 0 and "K = 576" in res.output and "--group-size 64" in res.output
+    res = run("export", out, "-o", dest)
+    assert "group size 64, each group of 128 written as 2 of 64 with its scale" in " ".join(res.output.split())
+    marker = json.loads((dest / "qconvert_export.json").read_text())
+    assert (marker["group_size"], marker["split_from_group_size"]) == (64, 128)
+    group = json.loads((dest / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
+    assert group["weights"]["group_size"] == 64
+    name = "model.layers.0.mlp.down_proj"
+    ct = ShardedReader(dest)
+    scale = ct.get(f"{name}.weight_scale")
+    assert scale.shape == (576, 1536 // 64)
+    assert torch.equal(scale[:, 0::2], scale[:, 1::2])  # 1536 = 12 x 128: no group was padded here
+    q_proj = ct.get("model.layers.0.self_attn.q_proj.weight_scale")  # K = 576 = 4.5 x 128: the padded
+    assert q_proj.shape == (576, 9) and torch.equal(q_proj[:, 0:8:2], q_proj[:, 1:8:2])  # group's scale once
+    model, runtime = load_exported(dest), load(out)
+    model(IDS)  # decompress
+    for n, layer in quantized_linears(runtime).items():
+        exact = decoded_weight(layer)
+        w = model.get_submodule(n).weight.double()
+        assert ((w - exact).abs() <= exact.abs() * 2.0**-22).all(), n
+    assert_layers_match_with_ct_quantizer(model, runtime)
     shutil.rmtree(out)
+    shutil.rmtree(dest)
     run("quantize", src, "--scheme", "is-w4a8-rtn", "-g", 64, "-o", out, "-q")
     report = json.loads((out / "qconvert.json").read_text())
     assert {r["group_size"] for r in report["layers"]} == {64}
     assert {r["shape"][1] for r in report["layers"]} == {576, 1536}
-    run("export", out, "-o", dest)
+    res = run("export", out, "-o", dest)
+    assert "written as" not in res.output and "split_from_group_size" not in (dest / "qconvert_export.json").read_text()
     assert ShardedReader(dest).get("model.layers.0.mlp.down_proj.weight_scale").shape == (576, 1536 // 64)
     model, runtime = load_exported(dest), load(out)
     assert_layers_match_with_ct_quantizer(model, runtime)
 
 
+def test_groups_sized_for_tensor_parallel_ranks(tmp_path):
+    """At TP 2 vLLM gives each rank half of down_proj's K (640 -> 320), which g = 128 does not
+    divide: `--target vllm --tensor-parallel 2` writes groups of 64; without it, OUT's 128."""
+    src = write_model(tmp_path / "src", tiny_config(hidden=256, intermediate=640, layers=1, heads=4, kv_heads=2))
+    out = tmp_path / "out"
+    run("quantize", src, "--scheme", "w4a16-gptq", "--base", "rtn", "--rotate", "none", "-o", out, "-q")
+    res = run("export", out, "-o", tmp_path / "tp1")
+    assert "group size 128, 7 quantized" in res.output and "written as" not in res.output
+    res = run("verify", out, "--no-compare", "--target", "vllm:sm90", "--tensor-parallel", "2")
+    assert "FAIL" not in res.output
+    res = run("export", out, "-o", tmp_path / "tp2", "--target", "vllm:sm90", "--tensor-parallel", "2")
+    assert "group size 64, each group of 128 written as 2 of 64" in " ".join(res.output.split())
+    name = "model.layers.0.mlp.down_proj"
+    one, two = ShardedReader(tmp_path / "tp1"), ShardedReader(tmp_path / "tp2")
+    assert torch.equal(two.get(f"{name}.weight_scale"), one.get(f"{name}.weight_scale").repeat_interleave(2, dim=1))
+    assert torch.equal(two.get(f"{name}.weight_packed"), one.get(f"{name}.weight_packed"))
+    y, y_rt = load_exported(tmp_path / "tp2")(IDS).logits, load(out)(IDS).logits
+    assert (y - y_rt).abs().max() <= TOL * y_rt.abs().max()
+
+
 # ---------------------------------------------------------------- refusals
 
 
-def test_refuses_k_not_multiple_of_group(tmp_path, tiny_llama):
+def test_refuses_k_no_group_of_32_divides(tmp_path):
+    """K = 80 and 200 with g = 128: the groups could only be split into 8s, which no vLLM int4
+    kernel takes: refused before anything is written, naming the layer, K, g and what to use."""
+    src = write_model(tmp_path / "src", tiny_config(hidden=80, intermediate=200, layers=1, heads=5, kv_heads=1))
     out, dest = tmp_path / "g128", tmp_path / "ct"
-    run("quantize", tiny_llama, "--scheme", "is-w4a8-rtn", "-o", out, "-q")  # g = 128 > K = 64
+    run("quantize", src, "--scheme", "is-w4a8-rtn", "-o", out, "-q")
     res = run("export", out, "-o", dest, ok=False)
     assert res.exit_code == 1
     msg = " ".join(res.output.split())
-    assert "layer model.layers.0.mlp.down_proj has K = 160" in msg and "g = 128" in msg
-    assert "qconvert quantize SOURCE --scheme is-w4a8-rtn --group-size 32" in msg  # divides 64 and 160
+    assert "layer model.layers.0.mlp.down_proj has K = 200 input features" in msg and "g = 128" in msg
+    assert "gcd(g, every K) = 8 is below 32" in msg
+    assert "qconvert quantize SOURCE --scheme is-w4a8-rtn --group-size 8" in msg  # divides 80 and 200
     assert "Traceback" not in res.output
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["g128"]  # nothing written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g128", "src"]  # nothing written
+
+
+def test_tiny_model_preset_groups_split_to_32(tmp_path, tiny_llama):
+    """K = 64 and 160 with the preset's g = 128: groups of 32, the tiny model's largest."""
+    out, dest = tmp_path / "g128", tmp_path / "ct"
+    run("quantize", tiny_llama, "--scheme", "is-w4a8-rtn", "-o", out, "-q")
+    res = run("export", out, "-o", dest)
+    assert "group size 32, each group of 128 written as 4 of 32" in " ".join(res.output.split())
+    assert_layers_match_with_ct_quantizer(load_exported(dest), load(out))
 
 
 def test_refuses_layouts_it_cannot_express(tmp_path, is_out, tiny_llama):

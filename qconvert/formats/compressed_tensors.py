@@ -7,6 +7,11 @@ is quantized in ``config.json`` (a scheme: targets, weights, input activations, 
 exact tensors, is its layout's business (``Layout.export_scheme`` / ``export_tensors`` in
 qconvert/layouts/); this module checks that every quantized layer maps onto one scheme, and
 writes the checkpoint atomically, shard by shard.
+
+compressed-tensors has no padded group: every K must be a multiple of the group size g (per
+tensor-parallel rank, for vLLM).  qconvert pads K up to a multiple of g instead, so where g does
+not divide a K the export writes groups of g_e = gcd(g, every K) and repeats each of qconvert's
+group scales g / g_e times: the same weights, exactly (``export_group_size``).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from qconvert.source import TOKENIZER_FILES
 FORMAT = "compressed-tensors"
 MARKER = "qconvert_export.json"  # provenance; also what lets --force replace an earlier export
 SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MIN_SPLIT_GROUP = 32  # the smallest group any vLLM int4 kernel takes (Marlin: 32, 64, 128; qconvert/serving.py)
 
 
 def exportable() -> str:
@@ -50,9 +56,11 @@ class ExportReport:
     ignored: list[str]
     max_scale_rel_error: float  # largest |stored - exact| / exact over all exported scales
     serving: list = field(default_factory=list)  # qconvert.serving.Finding per layer, with --target
+    split_from: int | None = None  # OUT's group size, where each of its groups was written as several
 
     def to_dict(self):
         return {"out": str(self.out), "format": FORMAT, "preset": self.preset, "group_size": self.group_size,
+                **({"split_from_group_size": self.split_from} if self.split_from else {}),
                 "scale_dtype": self.scale_dtype, "layers": self.layers, "ignore": self.ignored,
                 "max_scale_rel_error": self.max_scale_rel_error, "serving": [asdict(f) for f in self.serving]}
 
@@ -66,6 +74,7 @@ class _Plan:
     layers: list  # qconvert.runtime.StoredLayer
     ignore: list[str]
     scale_dtype: torch.dtype
+    split: int = 1  # each of OUT's groups is written as this many groups with its scale
 
     @property
     def group_size(self) -> int | None:
@@ -108,8 +117,9 @@ def _default_scale_dtype(cfg: dict, reader: ShardedReader, quantized: set[str]) 
     return torch.float32
 
 
-def _layer_schemes(out: Path, qc: dict, config, reader) -> tuple[list, dict]:
-    """Every quantized layer (complete on disk) and the one compressed-tensors scheme they share."""
+def _layer_schemes(out: Path, qc: dict, config, reader, tensor_parallel: int = 1) -> tuple[list, dict, int]:
+    """Every quantized layer (complete on disk), the one compressed-tensors scheme they share (with
+    the group size to write), and how many groups each of OUT's groups becomes."""
     from qconvert.layouts import NotExportable
     from qconvert.runtime import stored_layer
     from qconvert.skeleton import build_skeleton
@@ -131,35 +141,52 @@ def _layer_schemes(out: Path, qc: dict, config, reader) -> tuple[list, dict]:
     if len(presets) > 1:
         raise QConvertError(f"{out} mixes {' and '.join(presets)} layers; a {FORMAT} export takes one scheme: "
                             "re-quantize with one")
-    _check_groups(qc, layers, schemes)
     first = next(iter(schemes.values()))
     if any(sch != first for sch in schemes.values()):
+        groups = sorted({sch["weights"].get("group_size") or 0 for sch in schemes.values()})
+        if len(groups) > 1:
+            raise QConvertError(f"this OUT has layers of different group sizes {groups}; a {FORMAT} scheme has one: "
+                                "re-quantize with one --group-size")
         raise QConvertError(f"{out}: its layers map onto different {FORMAT} schemes; re-quantize with one scheme")
-    return layers, first
+    g = first["weights"].get("group_size")
+    if not g:
+        return layers, first, 1
+    g_e = export_group_size(qc, layers, g, tensor_parallel)
+    weights = {**first["weights"], "group_size": g_e}
+    return layers, {**first, "weights": weights}, g // g_e
 
 
-def _check_groups(qc: dict, layers: list, schemes: dict) -> None:
-    """compressed-tensors has no padded groups (K % g == 0), and one group size per scheme."""
-    gs = {layer.name: schemes[layer.name]["weights"].get("group_size") for layer in layers}
-    ks = [layer.k for layer in layers]
-    for layer in layers:
-        g = gs[layer.name]
-        if g and layer.k % g:
-            fit = math.gcd(*ks) & -math.gcd(*ks)  # the largest power of two dividing every K
-            fit = min(fit, 1 << (g.bit_length() - 1))
-            raise QConvertError(
-                f"layer {layer.name} has K = {layer.k} input features, not a multiple of the group size g = {g}: "
-                f"qconvert pads the last group, {FORMAT} cannot (it requires K % g == 0). Re-quantize with a group "
-                f"size that divides every K, e.g. `qconvert quantize SOURCE --scheme {qc.get('scheme')} "
-                f"--group-size {fit} -o OUT`"
-            )
-    if len(set(gs.values())) > 1:
-        raise QConvertError(f"this OUT has layers of different group sizes {sorted(set(gs.values()))}; "
-                            f"a {FORMAT} scheme has one: re-quantize with one --group-size")
+def export_group_size(qc: dict, layers: list, g: int, tensor_parallel: int = 1) -> int:
+    """The group size to write for OUT's group size ``g``: ``g`` when it divides every K (per
+    rank: a row-parallel linear's K is split ``tensor_parallel`` ways), else gcd(g, every K),
+    which divides ``g``, so each of OUT's groups is written as g / g_e groups of one scale (the
+    same weights).  Refused below MIN_SPLIT_GROUP, a size no vLLM int4 kernel takes; at a
+    tensor-parallel size that would need that, the groups are sized for one rank and the serving
+    check refuses that size, naming those that work."""
+    from qconvert.serving import ROW_PARALLEL
+
+    ks = {layer.name: layer.k // tensor_parallel if layer.name.rsplit(".", 1)[-1] in ROW_PARALLEL and
+          layer.k % tensor_parallel == 0 else layer.k for layer in layers}
+    g_e = math.gcd(g, *ks.values())
+    if g_e == g or g_e >= MIN_SPLIT_GROUP:
+        return g_e
+    if tensor_parallel > 1:
+        return export_group_size(qc, layers, g)
+    name, k = next((n, k) for n, k in ks.items() if k % g)
+    fit = math.gcd(*ks.values()) & -math.gcd(*ks.values())  # the largest power of two dividing every K
+    fit = min(fit, 1 << (g.bit_length() - 1))
+    raise QConvertError(
+        f"layer {name} has K = {k} input features, not a multiple of the group size g = {g}, and "
+        f"gcd(g, every K) = {g_e} is below {MIN_SPLIT_GROUP}, the smallest group vLLM's int4 kernels take: "
+        f"qconvert pads the last group, {FORMAT} cannot (it requires K % g == 0). Re-quantize with a group "
+        f"size that divides every K, e.g. `qconvert quantize SOURCE --scheme {qc.get('scheme')} "
+        f"--group-size {fit} -o OUT`"
+    )
 
 
-def plan(out: Path, scale_dtype: str | None = None) -> _Plan:
-    """Check everything that could refuse the export, before anything is written."""
+def plan(out: Path, scale_dtype: str | None = None, tensor_parallel: int = 1) -> _Plan:
+    """Check everything that could refuse the export, before anything is written; groups are
+    sized for ``tensor_parallel`` ranks (``export_group_size``)."""
     from qconvert.runtime import model_config
 
     cfg, qc = read_quant_config(out)
@@ -173,7 +200,7 @@ def plan(out: Path, scale_dtype: str | None = None) -> _Plan:
                             f"{FORMAT} cannot carry for vLLM; quantize with --rotate hadamard (offline only) to export")
     config = model_config(out, cfg)
     reader = ShardedReader(out)
-    layers, scheme = _layer_schemes(out, qc, config, reader)
+    layers, scheme, split = _layer_schemes(out, qc, config, reader, tensor_parallel)
     linears = _transformers_linears(config)
     alien = [layer.name for layer in layers if layer.name not in linears]
     if alien:
@@ -189,7 +216,7 @@ def plan(out: Path, scale_dtype: str | None = None) -> _Plan:
     else:
         raise QConvertError(f"scale dtype {scale_dtype!r}: choose auto, {', '.join(SCALE_DTYPES)}")
     ignore = sorted(linears - set(qc["modules"]))
-    return _Plan(cfg, config, qc, scheme, layers, ignore, sdt)
+    return _Plan(cfg, config, qc, scheme, layers, ignore, sdt, split)
 
 
 def quantization_config(scheme: dict, ignore: list[str]) -> dict:
@@ -227,7 +254,7 @@ def serving_check(out: Path, target: str, tensor_parallel: int = 1, p: "_Plan | 
     from qconvert import serving
 
     device = serving.parse_target(target)
-    p = p or plan(Path(out))
+    p = p or plan(Path(out), tensor_parallel=tensor_parallel)
     findings = serving.check_model(p.layers, p.scheme, p.config, device, tensor_parallel)
     serving.refuse_errors(findings, p.layers, p.scheme, p.config, device, tensor_parallel)
     return findings
@@ -244,7 +271,7 @@ def export(out: str | Path, dest: str | Path, force: bool = False, scale_dtype: 
     """
     out, dest = Path(out), Path(dest)
     _check_dest(dest, force, out)
-    p = plan(out, scale_dtype)
+    p = plan(out, scale_dtype, tensor_parallel if target else 1)
     findings = serving_check(out, target, tensor_parallel, p) if target else []
     shard_bytes = parse_size(max_shard_size)
     with atomic_directory(dest, replace_marker=MARKER) as tmp:
@@ -257,7 +284,8 @@ def export(out: str | Path, dest: str | Path, force: bool = False, scale_dtype: 
             if (out / fname).is_file():
                 shutil.copyfile(out / fname, tmp / fname)
         report = ExportReport(dest, p.scheme["preset"], p.group_size, str(p.scale_dtype).removeprefix("torch."),
-                              len(p.layers), p.ignore, worst, findings)
+                              len(p.layers), p.ignore, worst, findings,
+                              p.group_size * p.split if p.split > 1 else None)
         marker = {"producer": f"qconvert {__version__}", "from": str(out.resolve()), "scheme": p.qc.get("scheme"),
                   **report.to_dict()}
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
@@ -280,6 +308,9 @@ def _write_tensors(tmp: Path, out: Path, p: _Plan, shard_bytes: int) -> float:
                                                            **layer.params)
             except QConvertError as e:
                 raise QConvertError(f"layer {layer.name}: {e}") from None
+            if p.split > 1:  # each of OUT's groups as p.split groups of its scale; the pad-only ones dropped
+                tensors["weight_scale"] = tensors["weight_scale"].repeat_interleave(p.split, dim=1)[
+                    :, : layer.k // p.group_size].contiguous()
             for suffix, t in tensors.items():
                 writer.add(f"{layer.name}.{suffix}", t)
             worst = max(worst, rel)
