@@ -466,12 +466,15 @@ def schemes():
               help="Upload this file as README.md instead of the generated card (edit the --dry-run output).")
 def push(out, repo_id, private, revision, dry_run, token, card):
     """Upload OUT to the Hub repo REPO_ID in one commit, with a generated model card
-    (scheme, sizes, and the eval, verify and bench results saved in OUT).
+    (scheme, sizes, and the eval, verify and bench results saved in OUT).  OUT may
+    also be a compressed-tensors export of one (qconvert export), for transformers
+    and vLLM users; its card says how to load and serve it.
 
     \b
     qconvert push out/ me/SmolLM2-135M-is-w4a8 --dry-run
     qconvert push out/ me/SmolLM2-135M-is-w4a8 --private
     qconvert push out/ my-org/model --revision is-w4a8
+    qconvert push out-ct/ me/SmolLM2-135M-is-w4a8-ct
     """
     from qconvert.hub import push as run
 

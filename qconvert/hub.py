@@ -1,9 +1,12 @@
-"""``qconvert push``: publish a finished OUT to the Hugging Face Hub, with a generated card.
+"""``qconvert push``: publish a finished OUT, or a compressed-tensors export of one, to the
+Hugging Face Hub, with a generated card.
 
 The card (README.md) is built in memory from what OUT already holds: the scheme in
 config.json's ``quantization_config``, the report and source record in qconvert.json, and
-the results that ``eval``, ``verify`` and ``bench`` saved beside them.  OUT is never
-modified; every file goes up in one commit, so a failed push leaves nothing half-updated.
+the results that ``eval``, ``verify`` and ``bench`` saved beside them.  An export's card comes
+from its config.json and ``qconvert_export.json``, where ``qconvert export`` copied OUT's source
+record and perplexities.  Nothing pushed is modified; every file goes up in one commit, so a
+failed push leaves nothing half-updated.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qconvert.errors import QConvertError
-from qconvert.formats.native import MANIFEST, read_quant_config
+from qconvert.formats.native import EXPORT_MARKER, MANIFEST, read_quant_config
 from qconvert.journal import NAME as JOURNAL
 from qconvert.source import HUB_ID, source_spec
 
@@ -93,6 +96,32 @@ def check_complete(out: Path) -> None:
             )
 
 
+def is_export(out: Path) -> bool:
+    """Whether ``out`` is a directory ``qconvert export`` wrote."""
+    return (Path(out) / EXPORT_MARKER).is_file()
+
+
+def check_export_complete(out: Path) -> dict:
+    """The marker of a finished export whose files are all there at their recorded sizes."""
+    out = Path(out)
+    again = f"export it again with `{EXPORT_HINT} -o {out} --force`"
+    marker = _read_json(out / EXPORT_MARKER)
+    cfg = _read_json(out / "config.json")
+    qc = cfg.get("quantization_config") if isinstance(cfg, dict) else None
+    if not isinstance(marker, dict) or not isinstance(qc, dict) or qc.get("quant_method") != "compressed-tensors":
+        raise QConvertError(f"{out} is not a readable compressed-tensors export (config.json, {EXPORT_MARKER}); {again}")
+    files = marker.get("files")
+    if not isinstance(files, dict):
+        raise QConvertError(f"{out} was exported by a qconvert that did not record its files, which a push checks; {again}")
+    for rel, size in sorted(files.items()):
+        p = out / rel
+        if not p.is_file():
+            raise QConvertError(f"{out} is incomplete: {rel}, which the export wrote, is missing; {again}")
+        if p.stat().st_size != size:
+            raise QConvertError(f"{p} has {p.stat().st_size} bytes, the export wrote {size}: the file is damaged; {again}")
+    return marker
+
+
 def _out_files(out: Path) -> list[UploadFile]:
     """OUT's files that belong to the model: not hidden or temporary ones (journals, editor
     and lock files, links), and not an OUT/README.md, which the card replaces."""
@@ -159,6 +188,20 @@ def _scheme_rows(qc: dict, report: dict) -> list[tuple[str, str]]:
     rows = []
     for layout in _layouts(qc):  # what each layout says of its weights and activations, once
         rows += [r for r in layout.card_rows(cfg) if r not in rows]
+    rows += _rotation_rows(report)
+    rows += _solver_rows(cfg.get("base"), report.get("calibration"))
+    layouts = sorted(set((qc.get("modules") or {}).values()))
+    rows.append(("quantized", f"{len(qc.get('modules') or {})} linear layers (layout {', '.join(layouts) or '-'})"))
+    kept = ["embeddings", "norms"] + [e for e in qc.get("exclude") or []]
+    rows.append(("full precision", ", ".join(kept)))
+    rows.append(("method / format", f"{qc.get('method')} / {qc.get('format')} v{qc.get('format_version')} "
+                                    f"(qconvert {qc.get('qconvert_version')})"))
+    return rows
+
+
+def _rotation_rows(report: dict) -> list[tuple[str, str]]:
+    """How the residual stream was rotated (qconvert.json's ``rotation``), or why not."""
+    rows = []
     rot = report.get("rotation")
     if rot:
         rows.append(("rotation", f"residual stream rotated before quantization ({rot.get('mode')}, seed {rot.get('seed')}), "
@@ -173,8 +216,11 @@ def _scheme_rows(qc: dict, report: dict) -> list[tuple[str, str]]:
                                             "runtime and kernels apply it, compressed-tensors cannot carry it)"))
     if report.get("rotation_skipped"):  # the default not applied (in part: the online transform)
         rows.append(("online rotation" if rot else "rotation", report["rotation_skipped"]))
-    base = cfg.get("base")
-    calib = report.get("calibration")
+    return rows
+
+
+def _solver_rows(base: str | None, calib) -> list[tuple[str, str]]:
+    """The weight solver, and the calibration data GPTQ saw."""
     if base == "gptq":
         how = "GPTQ, calibrated block by block"
         if isinstance(calib, dict):
@@ -183,16 +229,10 @@ def _scheme_rows(qc: dict, report: dict) -> list[tuple[str, str]]:
             how += f" on {calib.get('nsamples', '?')} x {calib.get('seqlen', '?')} tokens of {data}"
             if calib.get("asym"):
                 how += f", aimed at the float model's outputs (asymmetric calibration, GPTAQ, alpha {calib['asym']:g})"
-        rows.append(("solver", how))
-    elif base == "rtn":
-        rows.append(("solver", "round-to-nearest (no calibration data)"))
-    layouts = sorted(set((qc.get("modules") or {}).values()))
-    rows.append(("quantized", f"{len(qc.get('modules') or {})} linear layers (layout {', '.join(layouts) or '-'})"))
-    kept = ["embeddings", "norms"] + [e for e in qc.get("exclude") or []]
-    rows.append(("full precision", ", ".join(kept)))
-    rows.append(("method / format", f"{qc.get('method')} / {qc.get('format')} v{qc.get('format_version')} "
-                                    f"(qconvert {qc.get('qconvert_version')})"))
-    return rows
+        return [("solver", how)]
+    if base == "rtn":
+        return [("solver", "round-to-nearest (no calibration data)")]
+    return []
 
 
 def _table(header: list[str], rows: list[list]) -> list[str]:
@@ -206,18 +246,25 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
     ]
 
 
-def _eval_section(out: Path) -> list[str]:
-    saved = _read_json(out / EVAL_FILE)
+def saved_evals(path: Path) -> list[dict]:
+    """The perplexity rows ``qconvert eval`` saved (OUT/eval.json: a list, or one row)."""
+    saved = _read_json(path)
     if isinstance(saved, dict):
         saved = [saved]
-    rows = [r for r in saved or [] if isinstance(r, dict) and "perplexity" in r]
+    return [r for r in saved if isinstance(r, dict) and "perplexity" in r] if isinstance(saved, list) else []
+
+
+def _eval_table(rows: list[dict]) -> list[str]:
+    return _table(["dataset", "seqlen", "windows", "perplexity"],
+                  [[r.get("dataset", "?"), r.get("seqlen", "?"), r.get("windows", "?"), f"{r['perplexity']:.3f}"]
+                   for r in rows])
+
+
+def _eval_section(out: Path) -> list[str]:
+    rows = saved_evals(out / EVAL_FILE)
     if not rows:
         return ["Perplexity: not measured yet (`qconvert eval OUT --data-file wiki.test.raw` saves it into OUT)."]
-    lines = ["Perplexity measured by `qconvert eval` (non-overlapping windows; lower is better):", ""]
-    lines += _table(["dataset", "seqlen", "windows", "perplexity"],
-                    [[r.get("dataset", "?"), r.get("seqlen", "?"), r.get("windows", "?"), f"{r['perplexity']:.3f}"]
-                     for r in rows])
-    return lines
+    return ["Perplexity measured by `qconvert eval` (non-overlapping windows; lower is better):", ""] + _eval_table(rows)
 
 
 def _verify_section(out: Path) -> list[str]:
@@ -289,6 +336,60 @@ def _bench_section(out: Path) -> list[str]:
     return lines[:-1]
 
 
+@dataclass
+class _Provenance:
+    """Where an OUT came from, as its card tells it (from qconvert.json's source records); no
+    private path is shown."""
+
+    report: dict
+    info: dict
+    base: str | None
+    license: str | None
+    source: str
+    local: bool
+
+    @classmethod
+    def of(cls, report: dict, cfg: dict) -> "_Provenance":
+        info = report.get("source_info") or {}
+        base = _base_model(report)
+        source = str(report.get("source", "?"))
+        local = not info.get("id") and not base and (Path(source).is_absolute() or os.sep in source)
+        return cls(report, info, base, info.get("license") or cfg.get("license"), source, local)
+
+    @property
+    def shown(self) -> str:
+        return f"a local checkpoint `{Path(self.source).name}`" if self.local else f"`{self.source}`"
+
+    @property
+    def origin(self) -> str:
+        return f"[{self.base}](https://huggingface.co/{self.base})" if self.base else self.shown[0].upper() + self.shown[1:]
+
+    def meta(self) -> dict:
+        return {**({"base_model": self.base} if self.base else {}), **({"license": self.license} if self.license else {})}
+
+    def title(self, repo_id: str | None, name: str) -> str:
+        return repo_id.split("/")[-1] if repo_id else f"{(self.base or Path(self.source).name).split('/')[-1]}-{name}"
+
+    def source_lines(self) -> list[str]:
+        if self.info.get("id"):
+            return [f"Source: `{self.info['id']}` at commit `{self.info.get('revision') or '?'}`"
+                    + (f"; license `{self.license}` carried over from its card" if self.license else "") + ".", ""]
+        if self.base:
+            return [f"Source: {self.shown}, which packs {self.base}.", ""]
+        return []
+
+    def size_row(self) -> list[str]:
+        n = len(self.info.get("files") or {})
+        return [f"source weights ({n} file{'s' if n != 1 else ''})" if n else "source weights",
+                _mb(self.info.get("bytes")) if self.info.get("bytes") else "not recorded"]
+
+    def quantize_command(self, name: str, out: str = "out/") -> str:
+        src = self.info.get("id") or ("path/to/" + Path(self.source).name if self.local
+                                      else source_spec(self.report) or "SOURCE")
+        revision = f" --revision {self.info['revision']}" if self.info.get("id") and self.info.get("revision") else ""
+        return f"qconvert quantize {src} --scheme {name}{revision} -o {out}"
+
+
 def model_card(out: str | os.PathLike, repo_id: str | None = None) -> str:
     """The README.md for OUT: YAML front matter for the Hub, then what was done and measured.
 
@@ -302,42 +403,21 @@ def model_card(out: str | os.PathLike, repo_id: str | None = None) -> str:
     if not isinstance(report, dict):
         raise QConvertError(f"{out} has no readable qconvert.json; re-run qconvert quantize with --force")
     scheme = report.get("scheme") or {}
-    info = report.get("source_info") or {}
-    base = _base_model(report)
-    source = str(report.get("source", "?"))
-    local = not info.get("id") and not base and (Path(source).is_absolute() or os.sep in source)
-    shown = f"a local checkpoint `{Path(source).name}`" if local else f"`{source}`"  # no private paths on the Hub
     name = qc.get("scheme") or scheme.get("name", "?")
-
-    meta = {}
-    if base:
-        meta["base_model"] = base
-    lic = info.get("license") or cfg.get("license")
-    if lic:
-        meta["license"] = lic
-    meta.update({"library_name": LIBRARY, "pipeline_tag": "text-generation", "tags": _tags(qc, scheme, report)})
+    prov = _Provenance.of(report, cfg)
+    meta = {**prov.meta(), "library_name": LIBRARY, "pipeline_tag": "text-generation",
+            "tags": _tags(qc, scheme, report)}
     front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
-
-    title = repo_id.split("/")[-1] if repo_id else f"{(base or Path(source).name).split('/')[-1]}-{name}"
-    origin = f"[{base}](https://huggingface.co/{base})" if base else shown[0].upper() + shown[1:]
-    lines = [f"# {title}", "",
-             f"{origin} quantized by qconvert with the scheme **{name}**"
-             + (f": {scheme['description']}." if scheme.get("description") else "."), ""]
-    if info.get("id"):
-        lines += [f"Source: `{info['id']}` at commit `{info.get('revision') or '?'}`"
-                  + (f"; license `{lic}` carried over from its card" if lic else "") + ".", ""]
-    elif base:
-        lines += [f"Source: {shown}, which packs {base}.", ""]
+    lines = [f"# {prov.title(repo_id, name)}", "",
+             f"{prov.origin} quantized by qconvert with the scheme **{name}**"
+             + (f": {scheme['description']}." if scheme.get("description") else "."), ""] + prov.source_lines()
 
     lines += ["## Scheme", ""] + _table(["part", "how"], _scheme_rows(qc, report)) + [""]
 
     totals = report.get("totals") or {}
     mine = _out_files(out)
     weights = sum(f.size for f in mine if f.path_in_repo.endswith(".safetensors"))
-    n_src = len(info.get("files") or {})
-    size_rows = [[f"source weights ({n_src} file{'s' if n_src != 1 else ''})" if n_src else "source weights",
-                  _mb(info.get("bytes")) if info.get("bytes") else "not recorded"],
-                 ["these weights (safetensors)", _mb(weights)],
+    size_rows = [prov.size_row(), ["these weights (safetensors)", _mb(weights)],
                  ["all files here but this card", _mb(sum(f.size for f in mine))]]
     if totals.get("quantized_bytes"):
         ratio = totals["quantized_fp16_bytes"] / max(totals["quantized_bytes"], 1)
@@ -361,14 +441,117 @@ def model_card(out: str | os.PathLike, repo_id: str | None = None) -> str:
               "transformers and vLLM do not read this format: for them, export a compressed-tensors copy with "
               f"`{EXPORT_HINT}`.", ""]
 
-    redo_src = info.get("id") or ("path/to/" + Path(source).name if local else source_spec(report) or "SOURCE")
-    redo = f"qconvert quantize {redo_src} --scheme {name}"
-    if info.get("id") and info.get("revision"):
-        redo += f" --revision {info['revision']}"
-    lines += ["## Reproduce", "", "```bash", redo + " -o out/", "```", "",
+    lines += ["## Reproduce", "", "```bash", prov.quantize_command(name), "```", "",
               "`qconvert.json` records the per-layer report and the sha256 of every source weight file; "
               "`manifest.json` the sha256 of every file here.", ""]
     return "---\n" + front + "---\n\n" + "\n".join(lines)
+
+
+def _preset_tags(preset: str, weights: dict) -> list[str]:
+    bits = {"int": "int", "float": "fp"}.get(weights.get("type"), "") + str(weights.get("num_bits", ""))
+    return [bits, preset.lower().replace("_dynamic", "")]
+
+
+def _serving_rows(findings: list) -> list[list]:
+    """One row per (vLLM scheme, kernel, level, note), with how many layers it covers."""
+    counts: dict[tuple, int] = {}
+    for f in findings:
+        if isinstance(f, dict):
+            key = (f.get("scheme"), f.get("kernel"), f.get("level"), f.get("note") or "")
+            counts[key] = counts.get(key, 0) + 1
+    return [[n, *key] for key, n in counts.items()]
+
+
+def export_card(out: str | os.PathLike, repo_id: str | None = None) -> str:
+    """The README.md for a compressed-tensors export of an OUT (``qconvert export``): what it
+    holds, where it comes from, what was measured on its OUT, how transformers and vLLM load it.
+    Pure: reads the export's config.json and qconvert_export.json, writes nothing."""
+    import yaml
+
+    out = Path(out)
+    marker = check_export_complete(out)
+    cfg = _read_json(out / "config.json")
+    qcfg = cfg["quantization_config"]
+    groups = qcfg.get("config_groups") or {}
+    group = next(iter(groups.values()), {}) if isinstance(groups, dict) else {}
+    weights, acts = group.get("weights") or {}, group.get("input_activations")
+    origin = marker.get("origin") or {}
+    prov = _Provenance.of(origin, cfg)
+    name, preset = marker.get("scheme") or "?", str(marker.get("preset") or "?")
+    tags = ["quantized", "compressed-tensors", "qconvert", name, *_preset_tags(preset, weights)]
+    meta = {**prov.meta(), "library_name": "transformers", "pipeline_tag": "text-generation",
+            "tags": [t for i, t in enumerate(tags) if t and t not in tags[:i]]}
+    front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
+    lines = [f"# {prov.title(repo_id, name + '-' + preset.lower())}", "",
+             f"{prov.origin} quantized by qconvert with the scheme **{name}** and exported to compressed-tensors "
+             f"(`{qcfg.get('format')}`, {preset}): transformers and vLLM load it as it is.", ""] + prov.source_lines()
+
+    g, split = weights.get("group_size"), marker.get("split_from_group_size")
+    how_w = (f"{weights.get('num_bits')}-bit {weights.get('type')}, {'symmetric' if weights.get('symmetric') else 'asymmetric'}, "
+             f"per {weights.get('strategy')}" + (f" of {g}" if g else ""))
+    if split:
+        how_w += (f" (qconvert's groups of {split}, each written as {split // g} groups with its scale: the same "
+                  "weights; compressed-tensors has no padded group)")
+    how_a = ("float (not quantized)" if not acts else
+             f"{acts.get('num_bits')}-bit {acts.get('type')}, {'dynamic' if acts.get('dynamic') else 'static'}, "
+             f"per {acts.get('strategy')}")
+    rows = [("weights", how_w), ("input activations", how_a),
+            ("weight_scale", f"{marker.get('scale_dtype')}, largest relative rounding of a scale "
+                             f"{float(marker.get('max_scale_rel_error') or 0):.1e}")]
+    rows += _rotation_rows(origin) + _solver_rows(origin.get("base"), origin.get("calibration"))
+    ignored = qcfg.get("ignore") or []
+    rows.append(("quantized", f"{marker.get('layers', '?')} linear layers; in full precision: embeddings, norms"
+                              + (f", {', '.join(ignored)}" if ignored else "")))
+    rows.append(("made by", f"{marker.get('producer', 'qconvert')} (`qconvert export`)"))
+    lines += ["## Scheme", ""] + _table(["part", "how"], rows) + [""]
+
+    mine = _out_files(out)
+    lines += ["## Size", ""] + _table(["what", "size"], [
+        prov.size_row(), ["these weights (safetensors)", _mb(sum(f.size for f in mine if f.path_in_repo.endswith(".safetensors")))],
+        ["all files here but this card", _mb(sum(f.size for f in mine))]]) + [""]
+
+    evals = [r for r in marker.get("eval") or [] if isinstance(r, dict) and "perplexity" in r]
+    lines += ["## Accuracy", ""]
+    if evals:
+        lines += ["Perplexity measured by `qconvert eval` on the qconvert OUT this was exported from, with qconvert's "
+                  "runtime (the same weights"
+                  + ("; transformers and vLLM quantize the activations on their own int8 grid, so their figures "
+                     "differ slightly" if acts else "") + "):", ""] + _eval_table(evals)
+    else:
+        lines.append("Perplexity: not measured on the OUT before it was exported (`qconvert eval OUT` saves it; "
+                     "the export copies it).")
+    lines.append("")
+
+    findings = marker.get("serving") or []
+    lines += ["## Serving", ""]
+    if marker.get("target") and findings:
+        from qconvert.serving import VLLM_VERSION
+
+        lines += [f"Checked before export against vLLM {VLLM_VERSION}'s rules ({marker['target']}, tensor parallel "
+                  f"{marker.get('tensor_parallel', 1)}), layer by layer:", ""]
+        lines += _table(["layers", "vLLM scheme", "kernel", "level", "note"], _serving_rows(findings)) + [""]
+    else:
+        lines += ["Not checked against vLLM's rules at export (`--target vllm:sm90` does).", ""]
+
+    where = repo_id or "path/to/this/model"
+    tp = int(marker.get("tensor_parallel") or 1)
+    lines += ["## Use", "", "With transformers (and `pip install compressed-tensors`):", "", "```python",
+              "from transformers import AutoModelForCausalLM", "",
+              f'model = AutoModelForCausalLM.from_pretrained("{where}")', "```", "", "With vLLM:", "", "```bash",
+              f"vllm serve {where}" + (f" --tensor-parallel-size {tp}" if tp > 1 else ""), "```", ""]
+
+    export_cmd = f"{EXPORT_HINT} -o out-ct/"
+    if marker.get("target"):
+        export_cmd += f" --target {marker['target']}" + (f" --tensor-parallel {tp}" if tp > 1 else "")
+    lines += ["## Reproduce", "", "```bash", prov.quantize_command(name),
+              export_cmd.replace(" OUT ", " out/ "), "```", "",
+              f"`{EXPORT_MARKER}` records how it was exported and the size of every file here.", ""]
+    return "---\n" + front + "---\n\n" + "\n".join(lines)
+
+
+def card_for(out: str | os.PathLike, repo_id: str | None = None) -> str:
+    """The generated card of what ``push`` would upload: an export's, or an OUT's."""
+    return export_card(out, repo_id) if is_export(Path(out)) else model_card(out, repo_id)
 
 
 # ----------------------------------------------------------------------------- the push
@@ -459,8 +642,12 @@ def push(out: str | os.PathLike, repo_id: str, *, private: bool = False, revisio
         validate_repo_id(repo_id)
     except HFValidationError as e:
         raise QConvertError(f"{repo_id!r} is not a valid Hub repo id ({e}); write it as owner/name or name") from e
-    check_complete(out)
-    text = card if card is not None else model_card(out, repo_id)
+    export = is_export(out)
+    if export:
+        check_export_complete(out)
+    else:
+        check_complete(out)
+    text = card if card is not None else card_for(out, repo_id)
     files = upload_files(out, text)
     result = PushResult(repo_id, revision, files, text)
     if dry_run:
@@ -475,7 +662,8 @@ def push(out: str | os.PathLike, repo_id: str, *, private: bool = False, revisio
     ops = [CommitOperationAdd(path_in_repo=f.path_in_repo,
                               path_or_fileobj=str(f.local) if f.local is not None else text.encode())
            for f in files]
-    scheme = json.loads((out / "config.json").read_text())["quantization_config"].get("scheme", "?")
+    scheme = (_read_json(out / EXPORT_MARKER)["scheme"] if export else
+              json.loads((out / "config.json").read_text())["quantization_config"].get("scheme", "?"))
     try:
         url = api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True)
         result.repo_id = getattr(url, "repo_id", None) or repo_id  # a bare name lands in the token's namespace
@@ -484,7 +672,8 @@ def push(out: str | os.PathLike, repo_id: str, *, private: bool = False, revisio
             if revision not in branches:
                 api.create_branch(result.repo_id, branch=revision, repo_type="model", exist_ok=True)
                 result.branch_created = True
-        info = api.create_commit(result.repo_id, ops, commit_message=f"qconvert {scheme}: upload {len(files)} files",
+        what = f"{scheme}, compressed-tensors" if export else scheme
+        info = api.create_commit(result.repo_id, ops, commit_message=f"qconvert {what}: upload {len(files)} files",
                                  repo_type="model", revision=revision)
     except HfHubHTTPError as e:
         raise _hub_error(e, repo_id) from e

@@ -23,7 +23,7 @@ from click.testing import CliRunner
 
 from helpers import TEXT
 from qconvert.cli import cli
-from qconvert.hub import CARD, model_card
+from qconvert.hub import CARD, export_card, model_card
 from test_source import _hf_cache
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"  # the snapshot _hf_cache lays out
@@ -430,3 +430,82 @@ def test_card_of_a_calibrated_out_names_the_data(tmp_path, tiny_llama):
     meta, body = front_matter(model_card(out))
     assert {"gptq", "is-w4a8", "w4a8"} <= set(meta["tags"])
     assert "GPTQ, calibrated block by block on 4 x 32 tokens of calib.txt" in body
+
+
+# ----------------------------------------------------------------------------- an export
+
+
+@pytest.fixture
+def exported(out, tmp_path):
+    """A compressed-tensors export of a private OUT copy, after `qconvert eval` saved a perplexity
+    in that OUT, checked for vLLM at export."""
+    text = tmp_path / "text.raw"
+    text.write_text(TEXT)
+    ev = json.loads(run("eval", out, "--data-file", text, "--seqlen", 32, "--max-windows", 2, "--json", "-q").stdout)
+    ct = tmp_path / "out-ct"
+    run("export", out, "-o", ct, "--target", "vllm:sm90")
+    return ct, ev
+
+
+def test_push_an_export_is_one_commit_with_its_own_card(exported, monkeypatch, online, no_login):
+    """What vLLM and transformers users publish: the export's files and a card that says what it
+    is, where it comes from, what its OUT measured and how to load and serve it."""
+    ct, ev = exported
+    rec = Recorder(monkeypatch)
+    before = {p.name: p.stat().st_mtime_ns for p in ct.iterdir()}
+    res = run("push", ct, "acme/tiny-ct", "--token", "hf_test")
+    (_, repo, commit, _), = rec.named("create_commit")
+    files = commit.pop("files")
+    assert repo == "acme/tiny-ct" and set(files) == set(before) | {CARD}
+    assert "qconvert_export.json" in files and "config.json" in files and "manifest.json" not in files
+    assert commit["commit_message"] == f"qconvert is-w4a8-rtn, compressed-tensors: upload {len(files)} files"
+    card = files[CARD].decode()
+    assert card == export_card(ct, "acme/tiny-ct") and "commit: https://huggingface.co/acme/tiny-ct" in res.output
+    meta, body = front_matter(card)
+    assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "text-generation"
+    assert {"quantized", "compressed-tensors", "qconvert", "is-w4a8-rtn", "int4", "w4a8"} <= set(meta["tags"])
+    assert "(`pack-quantized`, W4A8)" in body and "8-bit int, dynamic, per token" in body
+    # the tiny Llama's K = 64 and 160: the preset's groups of 128 go out as 4 groups of 32 each
+    assert "per group of 32 (qconvert's groups of 128, each written as 4 groups with its scale" in body
+    assert "round-to-nearest" in body and "14 linear layers; in full precision: embeddings, norms, lm_head" in body
+    assert f"| wikitext2 | 32 | 2 | {ev['perplexity']:.3f} |" in body and "on the qconvert OUT" in body
+    assert "vLLM 0.32.0's rules (vllm:sm90, tensor parallel 1)" in body
+    rows = [line.split(" | ") for line in body.splitlines() if "| CompressedTensorsWNA8Int |" in line]
+    assert sum(int(r[0].strip("| ")) for r in rows) == 14 and {r[3] for r in rows} == {"warn"}
+    assert 'AutoModelForCausalLM.from_pretrained("acme/tiny-ct")' in body and "vllm serve acme/tiny-ct" in body
+    assert "qconvert export out/ --format compressed-tensors -o out-ct/ --target vllm:sm90" in body
+    assert str(ct.parent) not in card  # no private path in the card
+    assert {p.name: p.stat().st_mtime_ns for p in ct.iterdir()} == before  # the export untouched
+
+
+def test_dry_run_of_an_export_stays_offline(exported, monkeypatch, no_login):
+    ct, _ = exported
+    forbid_network(monkeypatch)
+    res = run("push", ct, "acme/tiny-ct", "--dry-run")
+    assert export_card(ct, "acme/tiny-ct") in res.output and "nothing was sent" in res.output
+    assert "is incomplete" not in res.output and not (ct / CARD).exists()
+
+
+@pytest.mark.parametrize("damage, needles", [
+    ("missing", ["model.safetensors, which the export wrote, is missing", "export it again with `qconvert export"]),
+    ("truncated", ["the export wrote", "the file is damaged"]),
+    ("no list", ["did not record its files", "--force`"]),
+    ("not ct", ["is not a readable compressed-tensors export"]),
+])
+def test_damaged_export_is_refused(exported, monkeypatch, no_login, damage, needles):
+    ct, _ = exported
+    forbid_network(monkeypatch)
+    if damage == "missing":
+        (ct / "model.safetensors").unlink()
+    elif damage == "truncated":
+        data = (ct / "tokenizer.json").read_bytes()
+        (ct / "tokenizer.json").write_bytes(data[:-10])
+    else:
+        path = ct / ("qconvert_export.json" if damage == "no list" else "config.json")
+        doc = json.loads(path.read_text())
+        if damage == "no list":
+            del doc["files"]  # what an export made before the list was recorded holds
+        else:
+            doc["quantization_config"]["quant_method"] = "qconvert"
+        path.write_text(json.dumps(doc))
+    clean_failure(run("push", ct, "acme/tiny-ct", "--dry-run", ok=False), *needles)

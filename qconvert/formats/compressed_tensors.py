@@ -28,13 +28,14 @@ import torch
 
 from qconvert import __version__
 from qconvert.errors import QConvertError
-from qconvert.formats.native import read_quant_config
+from qconvert.formats.native import EXPORT_MARKER, read_quant_config
 from qconvert.formats.safetensors_io import ShardedReader, ShardedWriter
 from qconvert.fsutil import atomic_directory, check_writable_parent, parse_size
 from qconvert.source import TOKENIZER_FILES
 
 FORMAT = "compressed-tensors"
-MARKER = "qconvert_export.json"  # provenance; also what lets --force replace an earlier export
+MARKER = EXPORT_MARKER  # provenance and the file list (qconvert push); also what lets --force replace an export
+ORIGIN_KEYS = ("source", "source_kind", "source_info", "rotation", "rotation_skipped", "calibration")  # of OUT's qconvert.json
 SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MIN_SPLIT_GROUP = 32  # the smallest group any vLLM int4 kernel takes (Marlin: 32, 64, 128; qconvert/serving.py)
 
@@ -287,9 +288,26 @@ def export(out: str | Path, dest: str | Path, force: bool = False, scale_dtype: 
                               len(p.layers), p.ignore, worst, findings,
                               p.group_size * p.split if p.split > 1 else None)
         marker = {"producer": f"qconvert {__version__}", "from": str(out.resolve()), "scheme": p.qc.get("scheme"),
-                  **report.to_dict()}
+                  **report.to_dict(), **({"target": target, "tensor_parallel": tensor_parallel} if target else {}),
+                  **_origin(out, p.qc),
+                  "files": {f.relative_to(tmp).as_posix(): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}}
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     return report
+
+
+def _origin(out: Path, qc: dict) -> dict:
+    """What the export's model card says of where it comes from (qconvert.hub.export_card): the
+    source, rotation and calibration records of OUT's qconvert.json, its solver, and the
+    perplexities ``qconvert eval`` saved in OUT."""
+    from qconvert.hub import EVAL_FILE, saved_evals
+
+    try:
+        report = json.loads((out / "qconvert.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        report = {}
+    origin = {k: report[k] for k in ORIGIN_KEYS if isinstance(report, dict) and k in report}
+    origin["base"] = (qc.get("config") or {}).get("base")
+    return {"origin": origin, "eval": saved_evals(out / EVAL_FILE)}
 
 
 def _write_tensors(tmp: Path, out: Path, p: _Plan, shard_bytes: int) -> float:

@@ -29,6 +29,9 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+EXPORT_MARKER = "qconvert_export.json"  # what a qconvert export carries (formats/compressed_tensors.py writes it)
+
+
 def write_manifest(out: Path) -> dict:
     files = {}
     for p in sorted(out.rglob("*")):
