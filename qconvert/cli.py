@@ -188,9 +188,10 @@ def quantize(source, scheme, out, group_size, quantize_lm_head, exclude, max_sha
 @click.option("--num-fewshot", type=click.IntRange(min=0), help="lm-eval: few-shot examples [default: each task's own].")
 @click.option("--include-path", type=click.Path(exists=True, file_okay=False, path_type=Path), help="lm-eval: a directory of your own task YAML files.")
 def eval_cmd(target, dataset, data_file, seqlen, max_windows, as_json, quiet, tasks, limit, num_fewshot, include_path):
-    """Perplexity of TARGET (an OUT or any SOURCE) on non-overlapping windows.
-    For an OUT the result is also kept in OUT/eval.json.  With --tasks, lm-eval's
-    tasks instead, on the same model (docs/export.md).
+    """Perplexity of TARGET (an OUT, a compressed-tensors export of one, or any SOURCE) on
+    non-overlapping windows.  For an OUT or an export the result is also kept in its
+    eval.json (an export runs in transformers, as its users run it).  With --tasks,
+    lm-eval's tasks instead, on the same model (docs/export.md).
 
     \b
     qconvert eval out/ --data-file wiki.test.raw --seqlen 512 --max-windows 40
@@ -216,7 +217,7 @@ def eval_cmd(target, dataset, data_file, seqlen, max_windows, as_json, quiet, ta
     model, tok, kind = load_model_and_tokenizer(target)
     res = perplexity(model, tok, text, seqlen=seqlen, max_windows=max_windows, progress=not quiet)
     record = {"target": str(target), "kind": kind, "dataset": dataset, **res.to_dict()}
-    if kind == "qconvert":
+    if kind in ("qconvert", "compressed-tensors"):  # kept for the model card (qconvert push)
         save_result(Path(target), record)
     if as_json:
         click.echo(json.dumps(record, indent=2))
@@ -483,7 +484,8 @@ def push(out, repo_id, private, revision, dry_run, token, card):
     where = f"{res.repo_id}" + (f" (branch {res.revision})" if res.revision else "")
     click.echo(("would upload" if dry_run else "uploaded") + f" {len(res.files)} files to {where}:")
     for f in res.files:
-        click.echo(f"  {f.size:>14,}  {f.path_in_repo}" + ("  (generated card)" if f.local is None and text is None else ""))
+        note = f.note if f.path_in_repo != "README.md" or text is None else ""  # --card: the user's own
+        click.echo(f"  {f.size:>14,}  {f.path_in_repo}" + (f"  ({note})" if note else ""))
     click.echo(f"  {sum(f.size for f in res.files):>14,}  bytes in all")
     if dry_run:
         click.echo("\n----- README.md -----")

@@ -26,21 +26,20 @@ class PerplexityResult:
 
 
 def load_model_and_tokenizer(target: str, dtype: torch.dtype = torch.float32, device: str = "cpu", integer: bool = True):
-    """An OUT directory through ``qconvert.load``; anything else as a SOURCE, unquantized; on
-    ``device`` ("cuda": the OUT's kernels, the source moved there)."""
-    from qconvert.formats.native import is_native
+    """An OUT directory through ``qconvert.load``; a compressed-tensors export of one (``qconvert
+    export``) through transformers, as its users run it; anything else as a SOURCE, unquantized;
+    on ``device`` ("cuda": the OUT's kernels, the others moved there)."""
+    from qconvert.formats.native import EXPORT_MARKER, is_native
 
+    if (Path(target) / EXPORT_MARKER).is_file():
+        return _load_export(target, dtype, device), _tokenizer(target), "compressed-tensors"
     if is_native(target):
         from transformers import AutoTokenizer
 
         from qconvert.runtime import load
 
         model = load(target, device=device, dtype=dtype, integer=integer)
-        try:
-            tok = AutoTokenizer.from_pretrained(target)
-        except (OSError, ValueError) as e:
-            raise QConvertError(f"{target} has no usable tokenizer ({e}); re-quantize from a source that has one") from e
-        return model, tok, "qconvert"
+        return model, _tokenizer(target), "qconvert"
     from qconvert.source import resolve_source
 
     src = resolve_source(target)
@@ -50,8 +49,33 @@ def load_model_and_tokenizer(target: str, dtype: torch.dtype = torch.float32, de
     return src.load_model(dtype).to(device), tok, src.kind
 
 
+def _tokenizer(target: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(target)
+    except (OSError, ValueError) as e:
+        raise QConvertError(f"{target} has no usable tokenizer ({e}); re-quantize from a source that has one") from e
+
+
+def _load_export(target: str, dtype: torch.dtype, device: str):
+    """The export as transformers builds it with compressed-tensors (what a transformers user of
+    it runs: the weights decompressed at the first forward, int8 activations quantized per token
+    where the scheme says so)."""
+    try:
+        import compressed_tensors  # noqa: F401
+    except ImportError:
+        raise QConvertError(f"{target} is a compressed-tensors export, which transformers reads with the "
+                            'compressed-tensors package: pip install "qconvert[export]"') from None
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(target, dtype=dtype).to(device).eval()
+
+
 def save_result(out: Path, record: dict) -> None:
-    """Keep ``record`` in OUT/eval.json for the model card: one entry per (dataset, seqlen, windows)."""
+    """Keep ``record`` in OUT/eval.json for the model card: one entry per (dataset, seqlen, windows);
+    the target by its directory's name (the file is pushed with OUT: no local path)."""
+    record = {**record, "target": Path(str(record.get("target", out))).name}
     path = Path(out) / "eval.json"
     try:
         saved = json.loads(path.read_text()) if path.is_file() else []

@@ -34,8 +34,10 @@ EXPORT_HINT = "qconvert export OUT --format compressed-tensors"
 @dataclass(frozen=True)
 class UploadFile:
     path_in_repo: str
-    local: Path | None  # None: made in memory (the card)
+    local: Path | None  # None: made in memory (the card; an export's record without local paths)
     size: int
+    data: bytes | None = None  # what goes up when ``local`` is None
+    note: str = ""  # why it is not the file as it is on disk
 
 
 def _read_json(path: Path):
@@ -137,11 +139,38 @@ def _out_files(out: Path) -> list[UploadFile]:
 
 
 def upload_files(out: Path, card: str | bytes) -> list[UploadFile]:
-    """What a push uploads: OUT's model files, and ``card`` as README.md."""
+    """What a push uploads: OUT's model files, and ``card`` as README.md.  An export's
+    ``qconvert_export.json`` goes up without the local paths it records (``public_export_record``)."""
     files = _out_files(Path(out))
-    data = card.encode() if isinstance(card, str) else card
-    files.append(UploadFile(CARD, None, len(data)))
+    if is_export(Path(out)):
+        files = [f if f.path_in_repo != EXPORT_MARKER else
+                 _in_memory(EXPORT_MARKER, public_export_record(f.local), "local paths left out") for f in files]
+    files.append(_in_memory(CARD, card.encode() if isinstance(card, str) else card, "generated card"))
     return files
+
+
+def _in_memory(name: str, data: bytes, note: str) -> UploadFile:
+    return UploadFile(name, None, len(data), data, note)
+
+
+def public_export_record(path: Path) -> bytes:
+    """An export's record as it goes to the Hub: the OUT and export directories (and eval targets)
+    by name, a local source as ``path/to/NAME`` (as the card shows it), a calibration file by name."""
+    record = json.loads(Path(path).read_text())
+    for key in ("from", "out"):
+        if isinstance(record.get(key), str):
+            record[key] = Path(record[key]).name
+    for row in record.get("eval") or []:  # rows saved before eval.json kept names only
+        if isinstance(row, dict) and isinstance(row.get("target"), str):
+            row["target"] = Path(row["target"]).name
+    origin = record.get("origin")
+    if isinstance(origin, dict):
+        if _Provenance.of(origin, {}).local:
+            origin["source"] = "path/to/" + Path(str(origin["source"])).name
+        calib = origin.get("calibration")
+        if isinstance(calib, dict) and isinstance(calib.get("data_file"), str):
+            calib["data_file"] = Path(calib["data_file"]).name
+    return (json.dumps(record, indent=2) + "\n").encode()
 
 
 # ----------------------------------------------------------------------------- the card
@@ -511,16 +540,19 @@ def export_card(out: str | os.PathLike, repo_id: str | None = None) -> str:
         ["all files here but this card", _mb(sum(f.size for f in mine))]]) + [""]
 
     evals = [r for r in marker.get("eval") or [] if isinstance(r, dict) and "perplexity" in r]
+    own = saved_evals(out / EVAL_FILE)
     lines += ["## Accuracy", ""]
+    if own:
+        lines += ["Perplexity of this export as transformers runs it, measured by `qconvert eval` (non-overlapping "
+                  "windows; lower is better):", ""] + _eval_table(own) + [""]
     if evals:
         lines += ["Perplexity measured by `qconvert eval` on the qconvert OUT this was exported from, with qconvert's "
                   "runtime (the same weights"
                   + ("; transformers and vLLM quantize the activations on their own int8 grid, so their figures "
-                     "differ slightly" if acts else "") + "):", ""] + _eval_table(evals)
-    else:
-        lines.append("Perplexity: not measured on the OUT before it was exported (`qconvert eval OUT` saves it; "
-                     "the export copies it).")
-    lines.append("")
+                     "differ slightly" if acts else "") + "):", ""] + _eval_table(evals) + [""]
+    if not own and not evals:
+        lines += ["Perplexity: not measured (`qconvert eval OUT-CT --data-file wiki.test.raw` measures this export "
+                  "in transformers and saves it here).", ""]
 
     findings = marker.get("serving") or []
     lines += ["## Serving", ""]
@@ -660,10 +692,10 @@ def push(out: str | os.PathLike, repo_id: str, *, private: bool = False, revisio
 
     api = HfApi(token=_token(token))
     ops = [CommitOperationAdd(path_in_repo=f.path_in_repo,
-                              path_or_fileobj=str(f.local) if f.local is not None else text.encode())
+                              path_or_fileobj=str(f.local) if f.local is not None else f.data)
            for f in files]
-    scheme = (_read_json(out / EXPORT_MARKER)["scheme"] if export else
-              json.loads((out / "config.json").read_text())["quantization_config"].get("scheme", "?"))
+    scheme = ((_read_json(out / EXPORT_MARKER) or {}).get("scheme") if export else
+              json.loads((out / "config.json").read_text())["quantization_config"].get("scheme")) or "?"
     try:
         url = api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True)
         result.repo_id = getattr(url, "repo_id", None) or repo_id  # a bare name lands in the token's namespace

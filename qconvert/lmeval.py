@@ -77,7 +77,7 @@ def task_manager(tasks: list[str], include_path: str | Path | None):
 
 def run_tasks(target: str | Path, tasks: list[str], limit: int | float | None = None, num_fewshot: int | None = None,
               include_path: str | Path | None = None, batch_size: int = 1) -> TaskResults:
-    """Run lm-eval ``tasks`` on TARGET (an OUT or any SOURCE) on the CPU."""
+    """Run lm-eval ``tasks`` on TARGET (an OUT, a compressed-tensors export or any SOURCE) on the CPU."""
     lm_eval, HFLM, _ = _import_lm_eval()
     tasks = [t.strip() for t in tasks if t.strip()]
     if not tasks:

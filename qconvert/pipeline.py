@@ -51,7 +51,7 @@ def check_output(out: Path, force: bool, resume: bool) -> None:
     """Refuse, before any heavy work, what would clobber or confuse an output."""
     if out.parent == out:
         raise QConvertError(f"-o {out} is a filesystem root; name a directory to create")
-    inside = next((d for d in out.parents if is_native(d)), None)
+    inside = next((d for d in out.resolve().parents if is_native(d)), None)
     if inside is not None:  # its manifest would no longer list its files: verify fails, push uploads both
         raise QConvertError(f"-o {out} is inside the qconvert output {inside}, which would then fail verify; "
                             "choose a directory outside it")
@@ -519,6 +519,7 @@ def _write_metadata(partial: Path, job: _Job, modules: dict, layers: list) -> di
     src, sch, method, calib = job.src, job.scheme, job.method, job.calib
     cfg = job.config.to_dict()
     cfg.pop("quantization_config", None)
+    cfg.pop("_name_or_path", None)  # where transformers read the source: a local path, pushed with OUT otherwise
     if "lm_head" in modules and cfg.get("tie_word_embeddings"):
         cfg["tie_word_embeddings"] = False  # the head is stored quantized, apart from the embedding
     cfg["quantization_config"] = {

@@ -129,18 +129,22 @@ def check_model(layers: list, scheme: dict, config, device: str, tp: int) -> lis
     return found + [check_layer(layer.name, layer.n, layer.k, scheme, device, tp) for layer in layers]
 
 
-def working_tp(layers: list, scheme: dict, config, device: str, limit: int = 16) -> list[int]:
-    """The tensor-parallel sizes up to ``limit`` with no error."""
-    return [tp for tp in range(1, limit + 1)
-            if not any(f.level == "error" for f in check_model(layers, scheme, config, device, tp))]
+def working_tp(layers: list, scheme: dict, config, device: str, limit: int = 16, scheme_at=None) -> list[int]:
+    """The tensor-parallel sizes up to ``limit`` with no error; ``scheme_at(tp)``, when given, is the
+    scheme an export for tp ranks would write (its group size fitted to them), None if none."""
+    schemes = {tp: scheme_at(tp) if scheme_at else scheme for tp in range(1, limit + 1)}
+    return [tp for tp, sch in schemes.items() if sch is not None
+            and not any(f.level == "error" for f in check_model(layers, sch, config, device, tp))]
 
 
-def refuse_errors(findings: list[Finding], layers: list, scheme: dict, config, device: str, tp: int) -> None:
-    """A QConvertError naming the first layer vLLM would refuse and the TP sizes that work."""
+def refuse_errors(findings: list[Finding], layers: list, scheme: dict, config, device: str, tp: int,
+                  scheme_at=None) -> None:
+    """A QConvertError naming the first layer vLLM would refuse and the TP sizes that work
+    (``scheme_at``: as in ``working_tp``)."""
     errors = [f for f in findings if f.level == "error"]
     if not errors:
         return
-    ok = working_tp(layers, scheme, config, device)
+    ok = working_tp(layers, scheme, config, device, scheme_at=scheme_at)
     fix = (f"tensor-parallel sizes that work: {', '.join(map(str, ok))}" if ok and tp not in ok else
            "re-quantize with a group size that divides every K per rank (e.g. --group-size 64)")
     raise QConvertError(f"vLLM {VLLM_VERSION} ({device}, TP {tp}) would refuse layer {errors[0].layer}: "

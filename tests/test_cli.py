@@ -36,6 +36,7 @@ def test_round_trip_quantize_inspect_eval(tmp_path, tiny_llama, text_file):
     assert {"config.json", "model.safetensors", "qconvert.json", "manifest.json", "tokenizer.json"} <= files
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "qconvert" and qc["scheme"] == "is-w4a8-rtn" and qc["format_version"] == 1
+    assert "_name_or_path" not in json.loads((out / "config.json").read_text())  # a local path, pushed with OUT
     assert set(qc["modules"].values()) == {"w4a8-is"} and "lm_head" not in qc["modules"]
 
     table = run("inspect", out).output
@@ -48,7 +49,7 @@ def test_round_trip_quantize_inspect_eval(tmp_path, tiny_llama, text_file):
     assert q["windows"] == fp["windows"] == 3 and q["tokens"] == fp["tokens"]
     assert q["kind"] == "qconvert" and fp["kind"] == "safetensors"
     saved = json.loads((out / "eval.json").read_text())
-    assert saved == [q]  # kept for the model card
+    assert saved == [{**q, "target": "out"}]  # kept for the model card, by name (it is pushed with OUT)
     assert run("verify", out, "--no-compare").exit_code == 0  # and it does not upset verify
     # a random model is near uniform over its 300 tokens; quantization must not blow it up
     assert 0.8 < q["perplexity"] / fp["perplexity"] < 1.25

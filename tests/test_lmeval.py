@@ -75,6 +75,21 @@ def test_same_task_on_the_source_model(tiny_llama, task_dir):
     assert 0.0 <= value <= 1.0 and stderr is not None and math.isfinite(stderr)
 
 
+def test_same_task_on_an_export_in_transformers(tiny_llama, task_dir, tmp_path):
+    """A W4A16 export runs in transformers with the OUT's weights and no activation quantization:
+    lm-eval scores it as it scores the OUT on qconvert's runtime."""
+    pytest.importorskip("lm_eval", reason='lm-eval is not installed: pip install -e ".[test]"')
+    from qconvert.lmeval import run_tasks
+
+    out, ct = tmp_path / "out", tmp_path / "ct"
+    run("quantize", tiny_llama, "--scheme", "w4a16-gptq", "--base", "rtn", "-g", 32, "-o", out, "-q")
+    run("export", out, "-o", ct)
+    native = run_tasks(out, ["qconvert_tiny"], include_path=task_dir, num_fewshot=0)
+    exported = run_tasks(ct, ["qconvert_tiny"], include_path=task_dir, num_fewshot=0)
+    assert (native.kind, exported.kind) == ("qconvert", "compressed-tensors")
+    assert exported.metrics("qconvert_tiny") == native.metrics("qconvert_tiny")
+
+
 def test_unknown_task_is_named(out, task_dir):
     pytest.importorskip("lm_eval", reason='lm-eval is not installed: pip install -e ".[test]"')
     from lm_eval.tasks import TaskManager

@@ -447,7 +447,7 @@ def exported(out, tmp_path):
     return ct, ev
 
 
-def test_push_an_export_is_one_commit_with_its_own_card(exported, monkeypatch, online, no_login):
+def test_push_an_export_is_one_commit_with_its_own_card(exported, monkeypatch, online, no_login, tiny_llama):
     """What vLLM and transformers users publish: the export's files and a card that says what it
     is, where it comes from, what its OUT measured and how to load and serve it."""
     ct, ev = exported
@@ -476,6 +476,15 @@ def test_push_an_export_is_one_commit_with_its_own_card(exported, monkeypatch, o
     assert "qconvert export out/ --format compressed-tensors -o out-ct/ --target vllm:sm90" in body
     assert str(ct.parent) not in card  # no private path in the card
     assert {p.name: p.stat().st_mtime_ns for p in ct.iterdir()} == before  # the export untouched
+    record = json.loads(files["qconvert_export.json"])  # nor in the record that goes up
+    local = json.loads((ct / "qconvert_export.json").read_text())
+    assert local["from"] == str(ct.parent / "out") and local["origin"]["source"] == str(tiny_llama)
+    assert record["from"] == "out" and record["out"] == "out-ct" and record["origin"]["source"] == "path/to/llama"
+    assert {k: v for k, v in record.items() if k not in ("from", "out", "origin")} == \
+        {k: v for k, v in local.items() if k not in ("from", "out", "origin")}
+    for name, data in files.items():
+        assert str(ct.parent).encode() not in data and str(tiny_llama).encode() not in data, name
+    assert "qconvert_export.json  (local paths left out)" in run("push", ct, "acme/tiny-ct", "--dry-run").output
 
 
 def test_dry_run_of_an_export_stays_offline(exported, monkeypatch, no_login):

@@ -77,3 +77,22 @@ def test_verify_target(g32_out):
     assert res.exit_code == 1 and "would refuse layer" in res.output
     good = json.loads(run_cli("verify", g32_out, "--no-compare", "--target", "vllm:sm80", "--json").stdout)
     assert good["ok"] and len(good["serving"]) == 14
+
+
+def test_working_sizes_are_those_an_export_could_write(tmp_path):
+    """g = 128, o_proj K = 384, down_proj K = 1024: at TP 8 a rank's o_proj K is 48, so groups would
+    have to be 16 (no vLLM int4 kernel takes them) and TP 8 is refused; TP 2 and 4 work because
+    their exports write groups of 64 and 32, which the sizes named as working must reflect."""
+    from helpers import tiny_config, write_model
+
+    src = write_model(tmp_path / "src", tiny_config(hidden=384, intermediate=1024, layers=1, heads=8, kv_heads=2))
+    out = tmp_path / "out"
+    run_cli("quantize", src, "--scheme", "w4a16-gptq", "--base", "rtn", "--rotate", "none", "-o", out, "-q")
+    res = run_cli("export", out, "-o", tmp_path / "ct", "--target", "vllm:sm90", "--tensor-parallel", "8", ok=False)
+    msg = " ".join(res.output.split())
+    assert res.exit_code == 1 and "would refuse layer model.layers.0.self_attn.o_proj" in msg
+    assert "group size 128 does not divide K per rank (48 = 384 / 8)" in msg
+    assert "tensor-parallel sizes that work: 1, 2, 4" in msg and not (tmp_path / "ct").exists()
+    for tp, g in ((2, 64), (4, 32)):
+        ok = run_cli("export", out, "-o", tmp_path / f"tp{tp}", "--target", "vllm:sm90", "--tensor-parallel", tp)
+        assert f"group size {g}, each group of 128" in " ".join(ok.output.split())

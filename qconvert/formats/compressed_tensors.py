@@ -157,31 +157,41 @@ def _layer_schemes(out: Path, qc: dict, config, reader, tensor_parallel: int = 1
     return layers, {**first, "weights": weights}, g // g_e
 
 
-def export_group_size(qc: dict, layers: list, g: int, tensor_parallel: int = 1) -> int:
-    """The group size to write for OUT's group size ``g``: ``g`` when it divides every K (per
-    rank: a row-parallel linear's K is split ``tensor_parallel`` ways), else gcd(g, every K),
-    which divides ``g``, so each of OUT's groups is written as g / g_e groups of one scale (the
-    same weights).  Refused below MIN_SPLIT_GROUP, a size no vLLM int4 kernel takes; at a
-    tensor-parallel size that would need that, the groups are sized for one rank and the serving
-    check refuses that size, naming those that work."""
+def split_group_size(layers: list, g: int, tensor_parallel: int = 1) -> int | None:
+    """The group size to write for OUT's group size ``g`` at ``tensor_parallel`` ranks: ``g`` when it
+    divides every K (per rank: a row-parallel linear's K is split that many ways), else
+    gcd(g, every K), which divides ``g``, so each of OUT's groups is written as g / g_e groups of
+    one scale (the same weights); None when that is below MIN_SPLIT_GROUP, a size no vLLM int4
+    kernel takes."""
     from qconvert.serving import ROW_PARALLEL
 
-    ks = {layer.name: layer.k // tensor_parallel if layer.name.rsplit(".", 1)[-1] in ROW_PARALLEL and
-          layer.k % tensor_parallel == 0 else layer.k for layer in layers}
-    g_e = math.gcd(g, *ks.values())
-    if g_e == g or g_e >= MIN_SPLIT_GROUP:
+    ks = [layer.k // tensor_parallel if layer.name.rsplit(".", 1)[-1] in ROW_PARALLEL and
+          layer.k % tensor_parallel == 0 else layer.k for layer in layers]
+    g_e = math.gcd(g, *ks)
+    return g_e if g_e == g or g_e >= MIN_SPLIT_GROUP else None
+
+
+def export_group_size(qc: dict, layers: list, g: int, tensor_parallel: int = 1) -> int:
+    """``split_group_size``, refused when there is none.  At a tensor-parallel size that has none,
+    the groups are sized for one rank, and the serving check refuses that size, naming those
+    that work (``serving_check``)."""
+    g_e = split_group_size(layers, g, tensor_parallel)
+    if g_e is not None:
         return g_e
     if tensor_parallel > 1:
         return export_group_size(qc, layers, g)
-    name, k = next((n, k) for n, k in ks.items() if k % g)
-    fit = math.gcd(*ks.values()) & -math.gcd(*ks.values())  # the largest power of two dividing every K
+    ks = [layer.k for layer in layers]
+    layer = next(layer for layer in layers if layer.k % g)
+    fit = math.gcd(*ks) & -math.gcd(*ks)  # the largest power of two dividing every K
     fit = min(fit, 1 << (g.bit_length() - 1))
     raise QConvertError(
-        f"layer {name} has K = {k} input features, not a multiple of the group size g = {g}, and "
-        f"gcd(g, every K) = {g_e} is below {MIN_SPLIT_GROUP}, the smallest group vLLM's int4 kernels take: "
-        f"qconvert pads the last group, {FORMAT} cannot (it requires K % g == 0). Re-quantize with a group "
-        f"size that divides every K, e.g. `qconvert quantize SOURCE --scheme {qc.get('scheme')} "
-        f"--group-size {fit} -o OUT`"
+        f"layer {layer.name} has K = {layer.k} input features, not a multiple of the group size g = {g}: "
+        f"qconvert pads the last group, {FORMAT} cannot (it requires K % g == 0), and no group of "
+        f"{MIN_SPLIT_GROUP} or more (the smallest vLLM's int4 kernels take) divides every K, so g cannot be "
+        f"split either (gcd(g, every K) = {math.gcd(g, *ks)}). Re-quantize with a group size that divides "
+        f"every K, e.g. `qconvert quantize SOURCE --scheme {qc.get('scheme')} --group-size {fit} -o OUT`"
+        + (f" (transformers takes it; vLLM does not serve groups below {MIN_SPLIT_GROUP})" if fit < MIN_SPLIT_GROUP
+           else "")
     )
 
 
@@ -257,7 +267,15 @@ def serving_check(out: Path, target: str, tensor_parallel: int = 1, p: "_Plan | 
     device = serving.parse_target(target)
     p = p or plan(Path(out), tensor_parallel=tensor_parallel)
     findings = serving.check_model(p.layers, p.scheme, p.config, device, tensor_parallel)
-    serving.refuse_errors(findings, p.layers, p.scheme, p.config, device, tensor_parallel)
+
+    def scheme_at(tp: int) -> dict | None:  # what an export for tp ranks would write, None if nothing
+        g = p.group_size and p.group_size * p.split
+        if not g:
+            return p.scheme
+        g_e = split_group_size(p.layers, g, tp)
+        return None if g_e is None else {**p.scheme, "weights": {**p.scheme["weights"], "group_size": g_e}}
+
+    serving.refuse_errors(findings, p.layers, p.scheme, p.config, device, tensor_parallel, scheme_at)
     return findings
 
 
@@ -278,6 +296,7 @@ def export(out: str | Path, dest: str | Path, force: bool = False, scale_dtype: 
     with atomic_directory(dest, replace_marker=MARKER) as tmp:
         worst = _write_tensors(tmp, out, p, shard_bytes)
         cfg = dict(p.cfg)
+        cfg.pop("_name_or_path", None)  # where transformers last read the model: a local path, of no use to a reader
         cfg["architectures"] = architectures(cfg)
         cfg["quantization_config"] = quantization_config(p.scheme, p.ignore)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
