@@ -399,8 +399,8 @@ def bench(out, kernels, synthetic, layers, device, against, shapes, ms, runs, sc
 @click.option("--chat", is_flag=True, help="Wrap each prompt in the tokenizer's chat template (one user turn).")
 @click.option("--device", help="cuda or cpu [default: cuda if usable, else cpu (the exact reference)].")
 def generate(target, prompts, max_new_tokens, temperature, seed, chat, device):
-    """Continue PROMPT with TARGET (an OUT or any SOURCE) on the decode engine: the text streams
-    as it is produced, then prefill and decode tokens/s.
+    """Continue PROMPT with TARGET (an OUT, a compressed-tensors export of one, or any SOURCE) on
+    the decode engine: the text streams as it is produced, then prefill and decode tokens/s.
 
     \b
     qconvert generate out/ --prompt "The capital of France is" --max-new-tokens 32
@@ -481,6 +481,8 @@ def push(out, repo_id, private, revision, dry_run, token, card):
 
     text = card.read_text(encoding="utf-8") if card is not None else None
     res = run(out, repo_id, private=private, revision=revision, token=token, dry_run=dry_run, card=text)
+    for warning in res.warnings or []:
+        click.echo(f"warning: {warning}", err=True)
     where = f"{res.repo_id}" + (f" (branch {res.revision})" if res.revision else "")
     click.echo(("would upload" if dry_run else "uploaded") + f" {len(res.files)} files to {where}:")
     for f in res.files:

@@ -74,16 +74,19 @@ def _load_export(target: str, dtype: torch.dtype, device: str):
 
 def save_result(out: Path, record: dict) -> None:
     """Keep ``record`` in OUT/eval.json for the model card: one entry per (dataset, seqlen, windows);
-    the target by its directory's name (the file is pushed with OUT: no local path)."""
-    record = {**record, "target": Path(str(record.get("target", out))).name}
+    every target by its directory's name (the file is pushed with OUT: no local path)."""
+    from qconvert.hub import public_evals
+
     path = Path(out) / "eval.json"
     try:
         saved = json.loads(path.read_text()) if path.is_file() else []
     except json.JSONDecodeError:
         saved = []
+    saved = saved if isinstance(saved, list) else [saved]
     key = (record["dataset"], record["seqlen"], record["windows"])
-    saved = [r for r in saved if (r.get("dataset"), r.get("seqlen"), r.get("windows")) != key] + [record]
-    path.write_text(json.dumps(saved, indent=2) + "\n")
+    saved = [r for r in saved if isinstance(r, dict) and (r.get("dataset"), r.get("seqlen"), r.get("windows")) != key]
+    path.write_text(json.dumps(public_evals(saved + [{**record, "target": record.get("target", str(out))}]),
+                               indent=2) + "\n")
 
 
 @torch.inference_mode()

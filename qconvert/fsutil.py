@@ -25,6 +25,11 @@ def parse_size(text: str | int) -> int:
     return int(float(m.group(1)) * _UNITS[(m.group(2) or "B").upper()])
 
 
+def public_name(path: str | Path) -> str:
+    """A directory or file by its name only, for records that go to the Hub (``"."`` too)."""
+    return Path(path).name or Path(path).resolve().name
+
+
 def check_writable_parent(dest: Path) -> None:
     """The directory that will hold ``dest`` exists and can be written."""
     parent = Path(dest).resolve().parent

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from qconvert.errors import QConvertError
 from qconvert.formats.native import EXPORT_MARKER, MANIFEST, read_quant_config
+from qconvert.fsutil import public_name
 from qconvert.journal import NAME as JOURNAL
 from qconvert.source import HUB_ID, source_spec
 
@@ -142,9 +143,11 @@ def upload_files(out: Path, card: str | bytes) -> list[UploadFile]:
     """What a push uploads: OUT's model files, and ``card`` as README.md.  An export's
     ``qconvert_export.json`` goes up without the local paths it records (``public_export_record``)."""
     files = _out_files(Path(out))
+    public = {EVAL_FILE: _public_eval_file(Path(out))}
     if is_export(Path(out)):
-        files = [f if f.path_in_repo != EXPORT_MARKER else
-                 _in_memory(EXPORT_MARKER, public_export_record(f.local), "local paths left out") for f in files]
+        public[EXPORT_MARKER] = _in_memory(EXPORT_MARKER, public_export_record(Path(out) / EXPORT_MARKER),
+                                           "local paths left out")
+    files = [public.get(f.path_in_repo) or f for f in files]
     files.append(_in_memory(CARD, card.encode() if isinstance(card, str) else card, "generated card"))
     return files
 
@@ -153,24 +156,50 @@ def _in_memory(name: str, data: bytes, note: str) -> UploadFile:
     return UploadFile(name, None, len(data), data, note)
 
 
+def public_evals(rows: list) -> list:
+    """``qconvert eval`` rows with each target by its directory's name (rows saved before that
+    rule kept the path as given)."""
+    return [{**r, "target": public_name(r["target"])} if isinstance(r, dict) and isinstance(r.get("target"), str)
+            else r for r in rows]
+
+
 def public_export_record(path: Path) -> bytes:
-    """An export's record as it goes to the Hub: the OUT and export directories (and eval targets)
-    by name, a local source as ``path/to/NAME`` (as the card shows it), a calibration file by name."""
+    """An export's record as it goes to the Hub: the OUT and export directories and eval targets
+    by name, a local source as ``path/to/NAME`` (as the card shows it, also inside the rotation
+    note), a calibration file by name."""
     record = json.loads(Path(path).read_text())
     for key in ("from", "out"):
         if isinstance(record.get(key), str):
-            record[key] = Path(record[key]).name
-    for row in record.get("eval") or []:  # rows saved before eval.json kept names only
-        if isinstance(row, dict) and isinstance(row.get("target"), str):
-            row["target"] = Path(row["target"]).name
+            record[key] = public_name(record[key])
+    if isinstance(record.get("eval"), list):
+        record["eval"] = public_evals(record["eval"])
     origin = record.get("origin")
     if isinstance(origin, dict):
-        if _Provenance.of(origin, {}).local:
-            origin["source"] = "path/to/" + Path(str(origin["source"])).name
-        calib = origin.get("calibration")
-        if isinstance(calib, dict) and isinstance(calib.get("data_file"), str):
-            calib["data_file"] = Path(calib["data_file"]).name
+        record["origin"] = _public_origin(origin)
     return (json.dumps(record, indent=2) + "\n").encode()
+
+
+def _public_origin(origin: dict) -> dict:
+    """OUT's source records as an export shows them (``public_export_record``, the card)."""
+    origin = json.loads(json.dumps(origin))
+    prov = _Provenance.of(origin, {})
+    if isinstance(origin.get("rotation_skipped"), str):
+        origin["rotation_skipped"] = prov.scrub(origin["rotation_skipped"])
+    if prov.local:
+        origin["source"] = prov.public_source
+    calib = origin.get("calibration")
+    if isinstance(calib, dict) and isinstance(calib.get("data_file"), str):
+        calib["data_file"] = public_name(calib["data_file"])
+    return origin
+
+
+def _public_eval_file(out: Path) -> UploadFile | None:
+    """OUT/eval.json with every target by name, when it holds a path."""
+    path = out / EVAL_FILE
+    saved = _read_json(path)
+    if not isinstance(saved, list) or public_evals(saved) == saved:
+        return None
+    return _in_memory(EVAL_FILE, (json.dumps(public_evals(saved), indent=2) + "\n").encode(), "local paths left out")
 
 
 # ----------------------------------------------------------------------------- the card
@@ -390,6 +419,14 @@ class _Provenance:
         return f"a local checkpoint `{Path(self.source).name}`" if self.local else f"`{self.source}`"
 
     @property
+    def public_source(self) -> str:
+        return "path/to/" + Path(self.source).name if self.local else self.source
+
+    def scrub(self, text: str) -> str:
+        """``text`` with a local source's path as the card shows it."""
+        return text.replace(self.source, self.public_source) if self.local else text
+
+    @property
     def origin(self) -> str:
         return f"[{self.base}](https://huggingface.co/{self.base})" if self.base else self.shown[0].upper() + self.shown[1:]
 
@@ -413,8 +450,7 @@ class _Provenance:
                 _mb(self.info.get("bytes")) if self.info.get("bytes") else "not recorded"]
 
     def quantize_command(self, name: str, out: str = "out/") -> str:
-        src = self.info.get("id") or ("path/to/" + Path(self.source).name if self.local
-                                      else source_spec(self.report) or "SOURCE")
+        src = self.info.get("id") or (self.public_source if self.local else source_spec(self.report) or "SOURCE")
         revision = f" --revision {self.info['revision']}" if self.info.get("id") and self.info.get("revision") else ""
         return f"qconvert quantize {src} --scheme {name}{revision} -o {out}"
 
@@ -441,7 +477,9 @@ def model_card(out: str | os.PathLike, repo_id: str | None = None) -> str:
              f"{prov.origin} quantized by qconvert with the scheme **{name}**"
              + (f": {scheme['description']}." if scheme.get("description") else "."), ""] + prov.source_lines()
 
-    lines += ["## Scheme", ""] + _table(["part", "how"], _scheme_rows(qc, report)) + [""]
+    shown_report = {**report, **({"rotation_skipped": prov.scrub(report["rotation_skipped"])}
+                                 if isinstance(report.get("rotation_skipped"), str) else {})}
+    lines += ["## Scheme", ""] + _table(["part", "how"], _scheme_rows(qc, shown_report)) + [""]
 
     totals = report.get("totals") or {}
     mine = _out_files(out)
@@ -504,7 +542,7 @@ def export_card(out: str | os.PathLike, repo_id: str | None = None) -> str:
     groups = qcfg.get("config_groups") or {}
     group = next(iter(groups.values()), {}) if isinstance(groups, dict) else {}
     weights, acts = group.get("weights") or {}, group.get("input_activations")
-    origin = marker.get("origin") or {}
+    origin = _public_origin(marker.get("origin") or {})
     prov = _Provenance.of(origin, cfg)
     name, preset = marker.get("scheme") or "?", str(marker.get("preset") or "?")
     tags = ["quantized", "compressed-tensors", "qconvert", name, *_preset_tags(preset, weights)]
@@ -597,6 +635,17 @@ class PushResult:
     card: str
     commit_url: str | None = None
     branch_created: bool = False
+    warnings: list[str] | None = None  # what goes up that the user may not want public
+
+
+def _path_warnings(out: Path) -> list[str]:
+    """Local paths that go up as they are: an OUT made before config.json left out transformers'
+    ``_name_or_path`` (the file is in manifest.json, so it is not rewritten here)."""
+    where = (_read_json(out / "config.json") or {}).get("_name_or_path")
+    if isinstance(where, str) and (os.path.isabs(where) or os.sep in where):
+        return [f"config.json records the local path {where} (_name_or_path; qconvert leaves it out since 0.4.0): "
+                "re-quantize with --force to publish without it"]
+    return []
 
 
 def _network_errors() -> tuple[type[BaseException], ...]:
@@ -681,7 +730,7 @@ def push(out: str | os.PathLike, repo_id: str, *, private: bool = False, revisio
         check_complete(out)
     text = card if card is not None else card_for(out, repo_id)
     files = upload_files(out, text)
-    result = PushResult(repo_id, revision, files, text)
+    result = PushResult(repo_id, revision, files, text, warnings=_path_warnings(out))
     if dry_run:
         return result
     from huggingface_hub import CommitOperationAdd, HfApi, constants

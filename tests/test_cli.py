@@ -101,6 +101,9 @@ def test_output_inside_a_qconvert_output_is_refused(tmp_path, tiny_llama):
     res = run("quantize", tiny_llama, "-o", out / "nested" / "q", "-q", ok=False)
     assert res.exit_code == 1 and "Traceback" not in res.output
     assert f"-o {out / 'nested' / 'q'} is inside the qconvert output {out}" in " ".join(res.output.split())
+    (tmp_path / "link").symlink_to(out)  # through a link too
+    res = run("quantize", tiny_llama, "-o", tmp_path / "link" / "q", "-q", ok=False)
+    assert res.exit_code == 1 and "is inside the qconvert output" in res.output
     assert sorted(p.name for p in out.iterdir()) == before
     assert run("verify", out, "--no-compare").exit_code == 0
 

@@ -518,3 +518,45 @@ def test_damaged_export_is_refused(exported, monkeypatch, no_login, damage, need
             doc["quantization_config"]["quant_method"] = "qconvert"
         path.write_text(json.dumps(doc))
     clean_failure(run("push", ct, "acme/tiny-ct", "--dry-run", ok=False), *needles)
+
+
+def test_local_paths_recorded_elsewhere_go_up_by_name(exported, monkeypatch, no_login, tiny_llama, tmp_path):
+    """Records written before the rules (an eval row with its path as given), a calibration file
+    and a rotation note that names the source: none of their paths goes up."""
+    ct, _ = exported
+    forbid_network(monkeypatch)
+    marker = json.loads((ct / "qconvert_export.json").read_text())
+    data_file = tmp_path / "private" / "calib.txt"
+    marker["origin"]["calibration"] = {"source": "file", "data_file": str(data_file), "nsamples": 4, "seqlen": 32}
+    marker["origin"]["base"] = "gptq"  # as a calibrated OUT's record has it
+    marker["origin"]["rotation_skipped"] = f"not rotated: qconvert does not know how to rotate tensor x of {tiny_llama}"
+    marker["eval"] = [{**marker["eval"][0], "target": str(tmp_path / "out")}]
+    (ct / "qconvert_export.json").write_text(json.dumps(marker))
+    (ct / "eval.json").write_text(json.dumps([{"dataset": "wikitext2", "seqlen": 32, "windows": 2, "perplexity": 9.5,
+                                               "target": str(ct)}]))
+    from qconvert.hub import upload_files
+
+    files = {f.path_in_repo: f for f in upload_files(ct, export_card(ct))}
+    record = json.loads(files["qconvert_export.json"].data)
+    assert record["origin"]["calibration"]["data_file"] == "calib.txt"
+    assert record["origin"]["rotation_skipped"].endswith("rotate tensor x of path/to/llama")
+    assert record["eval"][0]["target"] == "out"
+    assert json.loads(files["eval.json"].data)[0]["target"] == "out-ct" and files["eval.json"].note
+    card = export_card(ct)
+    assert "rotate tensor x of path/to/llama" in card and "4 x 32 tokens of calib.txt" in card
+    for name, f in files.items():
+        data = f.data if f.local is None else f.local.read_bytes()
+        assert str(tmp_path).encode() not in data and str(tiny_llama).encode() not in data, name
+
+
+def test_push_warns_of_a_path_an_old_out_records(out, monkeypatch, no_login):
+    forbid_network(monkeypatch)
+    res = run("push", out, "acme/x", "--dry-run")
+    assert "warning" not in res.output  # made by this qconvert: config.json names no path
+    from qconvert.formats.native import write_manifest
+
+    cfg = json.loads((out / "config.json").read_text())  # as an OUT made before 0.4.0 has it
+    (out / "config.json").write_text(json.dumps({**cfg, "_name_or_path": "/home/me/private/model"}))
+    write_manifest(out)
+    res = run("push", out, "acme/x", "--dry-run")
+    assert "warning: config.json records the local path /home/me/private/model" in res.output

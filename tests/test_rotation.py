@@ -356,7 +356,9 @@ def test_preset_default_rotation_and_its_fallback(tmp_path):
                    announce=lines.append)
     why = report(out)["rotation_skipped"]
     assert "rotation" not in report(out) and why.startswith("not rotated: is-w4a8's default --rotate hadamard")
-    assert "order 92" in why and why in lines[0] and why in model_card(out)
+    assert "order 92" in why and why in lines[0] and str(odd.directory) in why
+    card = model_card(out)  # the card shows the local source as path/to/NAME, there too
+    assert why.replace(str(odd.directory), "path/to/m92") in card and str(tmp_path) not in card
     with pytest.raises(QConvertError, match=r"order 92 .*--rotate random"):
         quantize(str(odd.directory), "is-w4a8", tmp_path / "odd2", progress=False, base="rtn", group_size=4,
                  rotate="hadamard")
@@ -385,7 +387,8 @@ def test_default_online_transform_falls_back_to_offline(tmp_path):
     assert report["rotation"]["mode"] == "hadamard" and "online" not in report["rotation"]
     assert "online_rotation" not in json.loads((tmp_path / "o" / "config.json").read_text())["quantization_config"]
     assert "residual stream rotated (hadamard, seed 0)" in res.output and why in res.output
-    assert f"| online rotation | {why} |" in model_card(tmp_path / "o")
+    card = model_card(tmp_path / "o")  # the local source as path/to/NAME
+    assert f"| online rotation | {why.replace(str(src), 'path/to/m90')} |" in card and str(tmp_path) not in card
     shown = CliRunner().invoke(cli, ["inspect", str(tmp_path / "o")])
     assert "rotated before quantization: hadamard, seed 0" in shown.output and why in shown.output
     res = quantize_tiny(src, tmp_path / "o2", "illm-w4a4", "--rotate", "hadamard+online")
