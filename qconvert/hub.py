@@ -529,30 +529,9 @@ def _serving_rows(findings: list) -> list[list]:
     return [[n, *key] for key, n in counts.items()]
 
 
-def export_card(out: str | os.PathLike, repo_id: str | None = None) -> str:
-    """The README.md for a compressed-tensors export of an OUT (``qconvert export``): what it
-    holds, where it comes from, what was measured on its OUT, how transformers and vLLM load it.
-    Pure: reads the export's config.json and qconvert_export.json, writes nothing."""
-    import yaml
-
-    out = Path(out)
-    marker = check_export_complete(out)
-    cfg = _read_json(out / "config.json")
-    qcfg = cfg["quantization_config"]
-    groups = qcfg.get("config_groups") or {}
-    group = next(iter(groups.values()), {}) if isinstance(groups, dict) else {}
+def _export_scheme_rows(marker: dict, qcfg: dict, group: dict, origin: dict) -> list[tuple[str, str]]:
+    """What an export holds, from its config.json's scheme (``group``: its one config group) and its record."""
     weights, acts = group.get("weights") or {}, group.get("input_activations")
-    origin = _public_origin(marker.get("origin") or {})
-    prov = _Provenance.of(origin, cfg)
-    name, preset = marker.get("scheme") or "?", str(marker.get("preset") or "?")
-    tags = ["quantized", "compressed-tensors", "qconvert", name, *_preset_tags(preset, weights)]
-    meta = {**prov.meta(), "library_name": "transformers", "pipeline_tag": "text-generation",
-            "tags": [t for i, t in enumerate(tags) if t and t not in tags[:i]]}
-    front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
-    lines = [f"# {prov.title(repo_id, name + '-' + preset.lower())}", "",
-             f"{prov.origin} quantized by qconvert with the scheme **{name}** and exported to compressed-tensors "
-             f"(`{qcfg.get('format')}`, {preset}): transformers and vLLM load it as it is.", ""] + prov.source_lines()
-
     g, split = weights.get("group_size"), marker.get("split_from_group_size")
     how_w = (f"{weights.get('num_bits')}-bit {weights.get('type')}, {'symmetric' if weights.get('symmetric') else 'asymmetric'}, "
              f"per {weights.get('strategy')}" + (f" of {g}" if g else ""))
@@ -570,16 +549,14 @@ def export_card(out: str | os.PathLike, repo_id: str | None = None) -> str:
     rows.append(("quantized", f"{marker.get('layers', '?')} linear layers; in full precision: embeddings, norms"
                               + (f", {', '.join(ignored)}" if ignored else "")))
     rows.append(("made by", f"{marker.get('producer', 'qconvert')} (`qconvert export`)"))
-    lines += ["## Scheme", ""] + _table(["part", "how"], rows) + [""]
+    return rows
 
-    mine = _out_files(out)
-    lines += ["## Size", ""] + _table(["what", "size"], [
-        prov.size_row(), ["these weights (safetensors)", _mb(sum(f.size for f in mine if f.path_in_repo.endswith(".safetensors")))],
-        ["all files here but this card", _mb(sum(f.size for f in mine))]]) + [""]
 
+def _export_accuracy_lines(out: Path, marker: dict, quantized_acts: bool) -> list[str]:
+    """The perplexities of the export itself (in transformers) and of its OUT (qconvert's runtime)."""
     evals = [r for r in marker.get("eval") or [] if isinstance(r, dict) and "perplexity" in r]
     own = saved_evals(out / EVAL_FILE)
-    lines += ["## Accuracy", ""]
+    lines = []
     if own:
         lines += ["Perplexity of this export as transformers runs it, measured by `qconvert eval` (non-overlapping "
                   "windows; lower is better):", ""] + _eval_table(own) + [""]
@@ -587,35 +564,69 @@ def export_card(out: str | os.PathLike, repo_id: str | None = None) -> str:
         lines += ["Perplexity measured by `qconvert eval` on the qconvert OUT this was exported from, with qconvert's "
                   "runtime (the same weights"
                   + ("; transformers and vLLM quantize the activations on their own int8 grid, so their figures "
-                     "differ slightly" if acts else "") + "):", ""] + _eval_table(evals) + [""]
+                     "differ slightly" if quantized_acts else "") + "):", ""] + _eval_table(evals) + [""]
     if not own and not evals:
         lines += ["Perplexity: not measured (`qconvert eval OUT-CT --data-file wiki.test.raw` measures this export "
                   "in transformers and saves it here).", ""]
+    return lines
 
+
+def _export_serving_lines(marker: dict) -> list[str]:
     findings = marker.get("serving") or []
-    lines += ["## Serving", ""]
-    if marker.get("target") and findings:
-        from qconvert.serving import VLLM_VERSION
+    if not (marker.get("target") and findings):
+        return ["Not checked against vLLM's rules at export (`--target vllm:sm90` does).", ""]
+    from qconvert.serving import VLLM_VERSION
 
-        lines += [f"Checked before export against vLLM {VLLM_VERSION}'s rules ({marker['target']}, tensor parallel "
-                  f"{marker.get('tensor_parallel', 1)}), layer by layer:", ""]
-        lines += _table(["layers", "vLLM scheme", "kernel", "level", "note"], _serving_rows(findings)) + [""]
-    else:
-        lines += ["Not checked against vLLM's rules at export (`--target vllm:sm90` does).", ""]
+    return [f"Checked before export against vLLM {VLLM_VERSION}'s rules ({marker['target']}, tensor parallel "
+            f"{marker.get('tensor_parallel', 1)}), layer by layer:", ""] + \
+        _table(["layers", "vLLM scheme", "kernel", "level", "note"], _serving_rows(findings)) + [""]
 
+
+def _export_use_lines(marker: dict, repo_id: str | None, prov: "_Provenance", name: str) -> list[str]:
+    """How transformers and vLLM load it, and the commands that made it."""
     where = repo_id or "path/to/this/model"
     tp = int(marker.get("tensor_parallel") or 1)
-    lines += ["## Use", "", "With transformers (and `pip install compressed-tensors`):", "", "```python",
-              "from transformers import AutoModelForCausalLM", "",
-              f'model = AutoModelForCausalLM.from_pretrained("{where}")', "```", "", "With vLLM:", "", "```bash",
-              f"vllm serve {where}" + (f" --tensor-parallel-size {tp}" if tp > 1 else ""), "```", ""]
-
+    lines = ["## Use", "", "With transformers (and `pip install compressed-tensors`):", "", "```python",
+             "from transformers import AutoModelForCausalLM", "",
+             f'model = AutoModelForCausalLM.from_pretrained("{where}")', "```", "", "With vLLM:", "", "```bash",
+             f"vllm serve {where}" + (f" --tensor-parallel-size {tp}" if tp > 1 else ""), "```", ""]
     export_cmd = f"{EXPORT_HINT} -o out-ct/"
     if marker.get("target"):
         export_cmd += f" --target {marker['target']}" + (f" --tensor-parallel {tp}" if tp > 1 else "")
-    lines += ["## Reproduce", "", "```bash", prov.quantize_command(name),
-              export_cmd.replace(" OUT ", " out/ "), "```", "",
-              f"`{EXPORT_MARKER}` records how it was exported and the size of every file here.", ""]
+    return lines + ["## Reproduce", "", "```bash", prov.quantize_command(name), export_cmd.replace(" OUT ", " out/ "),
+                    "```", "", f"`{EXPORT_MARKER}` records how it was exported and the size of every file here.", ""]
+
+
+def export_card(out: str | os.PathLike, repo_id: str | None = None) -> str:
+    """The README.md for a compressed-tensors export of an OUT (``qconvert export``): what it
+    holds, where it comes from, what was measured on it and its OUT, how transformers and vLLM
+    load it.  Pure: reads the export's config.json, qconvert_export.json and eval.json."""
+    import yaml
+
+    out = Path(out)
+    marker = check_export_complete(out)
+    cfg = _read_json(out / "config.json")
+    qcfg = cfg["quantization_config"]
+    groups = qcfg.get("config_groups") or {}
+    group = next(iter(groups.values()), {}) if isinstance(groups, dict) else {}
+    origin = _public_origin(marker.get("origin") or {})
+    prov = _Provenance.of(origin, cfg)
+    name, preset = marker.get("scheme") or "?", str(marker.get("preset") or "?")
+    tags = ["quantized", "compressed-tensors", "qconvert", name, *_preset_tags(preset, group.get("weights") or {})]
+    meta = {**prov.meta(), "library_name": "transformers", "pipeline_tag": "text-generation",
+            "tags": [t for i, t in enumerate(tags) if t and t not in tags[:i]]}
+    front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
+    lines = [f"# {prov.title(repo_id, name + '-' + preset.lower())}", "",
+             f"{prov.origin} quantized by qconvert with the scheme **{name}** and exported to compressed-tensors "
+             f"(`{qcfg.get('format')}`, {preset}): transformers and vLLM load it as it is.", ""] + prov.source_lines()
+    lines += ["## Scheme", ""] + _table(["part", "how"], _export_scheme_rows(marker, qcfg, group, origin)) + [""]
+    mine = _out_files(out)
+    lines += ["## Size", ""] + _table(["what", "size"], [
+        prov.size_row(), ["these weights (safetensors)", _mb(sum(f.size for f in mine if f.path_in_repo.endswith(".safetensors")))],
+        ["all files here but this card", _mb(sum(f.size for f in mine))]]) + [""]
+    lines += ["## Accuracy", ""] + _export_accuracy_lines(out, marker, bool(group.get("input_activations")))
+    lines += ["## Serving", ""] + _export_serving_lines(marker)
+    lines += _export_use_lines(marker, repo_id, prov, name)
     return "---\n" + front + "---\n\n" + "\n".join(lines)
 
 
