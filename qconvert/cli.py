@@ -486,8 +486,7 @@ def push(out, repo_id, private, revision, dry_run, token, card):
     where = f"{res.repo_id}" + (f" (branch {res.revision})" if res.revision else "")
     click.echo(("would upload" if dry_run else "uploaded") + f" {len(res.files)} files to {where}:")
     for f in res.files:
-        note = f.note if f.path_in_repo != "README.md" or text is None else ""  # --card: the user's own
-        click.echo(f"  {f.size:>14,}  {f.path_in_repo}" + (f"  ({note})" if note else ""))
+        click.echo(f"  {f.size:>14,}  {f.path_in_repo}" + (f"  ({f.note})" if f.note else ""))
     click.echo(f"  {sum(f.size for f in res.files):>14,}  bytes in all")
     if dry_run:
         click.echo("\n----- README.md -----")

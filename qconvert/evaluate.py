@@ -29,13 +29,12 @@ def load_model_and_tokenizer(target: str, dtype: torch.dtype = torch.float32, de
     """An OUT directory through ``qconvert.load``; a compressed-tensors export of one (``qconvert
     export``) through transformers, as its users run it; anything else as a SOURCE, unquantized;
     on ``device`` ("cuda": the OUT's kernels, the others moved there)."""
-    from qconvert.formats.native import EXPORT_MARKER, is_native
+    from qconvert.formats.native import is_native
+    from qconvert.hub import is_export
 
-    if (Path(target) / EXPORT_MARKER).is_file():
+    if is_export(target):
         return _load_export(target, dtype, device), _tokenizer(target), "compressed-tensors"
     if is_native(target):
-        from transformers import AutoTokenizer
-
         from qconvert.runtime import load
 
         model = load(target, device=device, dtype=dtype, integer=integer)

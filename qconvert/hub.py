@@ -11,8 +11,10 @@ failed push leaves nothing half-updated.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,16 +141,17 @@ def _out_files(out: Path) -> list[UploadFile]:
     return files
 
 
-def upload_files(out: Path, card: str | bytes) -> list[UploadFile]:
-    """What a push uploads: OUT's model files, and ``card`` as README.md.  An export's
-    ``qconvert_export.json`` goes up without the local paths it records (``public_export_record``)."""
+def upload_files(out: Path, card: str | bytes, card_note: str = "generated card") -> list[UploadFile]:
+    """What a push uploads: OUT's model files, and ``card`` as README.md (``card_note``: how the
+    listing names it).  An export's ``qconvert_export.json`` and an eval.json go up without the local
+    paths they record (``public_export_record``, ``public_evals``)."""
     files = _out_files(Path(out))
     public = {EVAL_FILE: _public_eval_file(Path(out))}
     if is_export(Path(out)):
         public[EXPORT_MARKER] = _in_memory(EXPORT_MARKER, public_export_record(Path(out) / EXPORT_MARKER),
                                            "local paths left out")
     files = [public.get(f.path_in_repo) or f for f in files]
-    files.append(_in_memory(CARD, card.encode() if isinstance(card, str) else card, "generated card"))
+    files.append(_in_memory(CARD, card.encode() if isinstance(card, str) else card, card_note))
     return files
 
 
@@ -181,7 +184,7 @@ def public_export_record(path: Path) -> bytes:
 
 def _public_origin(origin: dict) -> dict:
     """OUT's source records as an export shows them (``public_export_record``, the card)."""
-    origin = json.loads(json.dumps(origin))
+    origin = copy.deepcopy(origin)
     prov = _Provenance.of(origin, {})
     if isinstance(origin.get("rotation_skipped"), str):
         origin["rotation_skipped"] = prov.scrub(origin["rotation_skipped"])
@@ -306,7 +309,11 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
 
 def saved_evals(path: Path) -> list[dict]:
     """The perplexity rows ``qconvert eval`` saved (OUT/eval.json: a list, or one row)."""
-    saved = _read_json(path)
+    return perplexity_rows(_read_json(path))
+
+
+def perplexity_rows(saved) -> list[dict]:
+    """The perplexity rows of a saved list (or one row); anything else in it is left out."""
     if isinstance(saved, dict):
         saved = [saved]
     return [r for r in saved if isinstance(r, dict) and "perplexity" in r] if isinstance(saved, list) else []
@@ -521,11 +528,8 @@ def _preset_tags(preset: str, weights: dict) -> list[str]:
 
 def _serving_rows(findings: list) -> list[list]:
     """One row per (vLLM scheme, kernel, level, note), with how many layers it covers."""
-    counts: dict[tuple, int] = {}
-    for f in findings:
-        if isinstance(f, dict):
-            key = (f.get("scheme"), f.get("kernel"), f.get("level"), f.get("note") or "")
-            counts[key] = counts.get(key, 0) + 1
+    counts = Counter((f.get("scheme"), f.get("kernel"), f.get("level"), f.get("note") or "")
+                     for f in findings if isinstance(f, dict))
     return [[n, *key] for key, n in counts.items()]
 
 
@@ -554,7 +558,7 @@ def _export_scheme_rows(marker: dict, qcfg: dict, group: dict, origin: dict) -> 
 
 def _export_accuracy_lines(out: Path, marker: dict, quantized_acts: bool) -> list[str]:
     """The perplexities of the export itself (in transformers) and of its OUT (qconvert's runtime)."""
-    evals = [r for r in marker.get("eval") or [] if isinstance(r, dict) and "perplexity" in r]
+    evals = perplexity_rows(marker.get("eval"))
     own = saved_evals(out / EVAL_FILE)
     lines = []
     if own:
@@ -734,13 +738,11 @@ def push(out: str | os.PathLike, repo_id: str, *, private: bool = False, revisio
         validate_repo_id(repo_id)
     except HFValidationError as e:
         raise QConvertError(f"{repo_id!r} is not a valid Hub repo id ({e}); write it as owner/name or name") from e
-    export = is_export(out)
-    if export:
-        check_export_complete(out)
-    else:
+    marker = check_export_complete(out) if is_export(out) else None
+    if marker is None:
         check_complete(out)
     text = card if card is not None else card_for(out, repo_id)
-    files = upload_files(out, text)
+    files = upload_files(out, text, "generated card" if card is None else "")
     result = PushResult(repo_id, revision, files, text, warnings=_path_warnings(out))
     if dry_run:
         return result
@@ -754,7 +756,7 @@ def push(out: str | os.PathLike, repo_id: str, *, private: bool = False, revisio
     ops = [CommitOperationAdd(path_in_repo=f.path_in_repo,
                               path_or_fileobj=str(f.local) if f.local is not None else f.data)
            for f in files]
-    scheme = ((_read_json(out / EXPORT_MARKER) or {}).get("scheme") if export else
+    scheme = (marker.get("scheme") if marker is not None else
               json.loads((out / "config.json").read_text())["quantization_config"].get("scheme")) or "?"
     try:
         url = api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True)
@@ -764,7 +766,7 @@ def push(out: str | os.PathLike, repo_id: str, *, private: bool = False, revisio
             if revision not in branches:
                 api.create_branch(result.repo_id, branch=revision, repo_type="model", exist_ok=True)
                 result.branch_created = True
-        what = f"{scheme}, compressed-tensors" if export else scheme
+        what = f"{scheme}, compressed-tensors" if marker is not None else scheme
         info = api.create_commit(result.repo_id, ops, commit_message=f"qconvert {what}: upload {len(files)} files",
                                  repo_type="model", revision=revision)
     except HfHubHTTPError as e:

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -80,6 +78,11 @@ class _Plan:
     @property
     def group_size(self) -> int | None:
         return self.scheme["weights"].get("group_size")
+
+    @property
+    def out_group_size(self) -> int | None:
+        """OUT's own group size (``group_size`` is the one written)."""
+        return self.group_size and self.group_size * self.split
 
 
 def _check_dest(dest: Path, force: bool, out: Path) -> None:
@@ -269,10 +272,9 @@ def serving_check(out: Path, target: str, tensor_parallel: int = 1, p: "_Plan | 
     findings = serving.check_model(p.layers, p.scheme, p.config, device, tensor_parallel)
 
     def scheme_at(tp: int) -> dict | None:  # what an export for tp ranks would write, None if nothing
-        g = p.group_size and p.group_size * p.split
-        if not g:
+        if not p.out_group_size:
             return p.scheme
-        g_e = split_group_size(p.layers, g, tp)
+        g_e = split_group_size(p.layers, p.out_group_size, tp)
         return None if g_e is None else {**p.scheme, "weights": {**p.scheme["weights"], "group_size": g_e}}
 
     serving.refuse_errors(findings, p.layers, p.scheme, p.config, device, tensor_parallel, scheme_at)
@@ -305,7 +307,7 @@ def export(out: str | Path, dest: str | Path, force: bool = False, scale_dtype: 
                 shutil.copyfile(out / fname, tmp / fname)
         report = ExportReport(dest, p.scheme["preset"], p.group_size, str(p.scale_dtype).removeprefix("torch."),
                               len(p.layers), p.ignore, worst, findings,
-                              p.group_size * p.split if p.split > 1 else None)
+                              p.out_group_size if p.split > 1 else None)
         marker = {"producer": f"qconvert {__version__}", "from": str(out.resolve()), "scheme": p.qc.get("scheme"),
                   **report.to_dict(), **({"target": target, "tensor_parallel": tensor_parallel} if target else {}),
                   **_origin(out, p.qc),
