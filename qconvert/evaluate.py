@@ -66,9 +66,27 @@ def _load_export(target: str, dtype: torch.dtype, device: str):
     except ImportError:
         raise QConvertError(f"{target} is a compressed-tensors export, which transformers reads with the "
                             'compressed-tensors package: pip install "qconvert[export]"') from None
+    import transformers
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(target, dtype=dtype).to(device).eval()
+    try:
+        return AutoModelForCausalLM.from_pretrained(target, dtype=dtype).to(device).eval()
+    except RuntimeError:
+        if not _asymmetric_weights(target):
+            raise
+        raise QConvertError(
+            f"{target}: transformers {transformers.__version__} with compressed-tensors {compressed_tensors.__version__} "
+            "cannot load asymmetric pack-quantized weights (it expects the zero points unpacked; vLLM reads them as "
+            "written, docs/export.md); evaluate the OUT it was exported from (the same weights)") from None
+
+
+def _asymmetric_weights(target: str) -> bool:
+    """Whether an export's config.json has a scheme with zero points (``weights.symmetric`` false)."""
+    try:
+        qc = json.loads((Path(target) / "config.json").read_text())["quantization_config"]
+        return any(not (g.get("weights") or {}).get("symmetric", True) for g in qc["config_groups"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
 
 
 def save_result(out: Path, record: dict) -> None:

@@ -456,10 +456,54 @@ class _Provenance:
         return [f"source weights ({n} file{'s' if n != 1 else ''})" if n else "source weights",
                 _mb(self.info.get("bytes")) if self.info.get("bytes") else "not recorded"]
 
-    def quantize_command(self, name: str, out: str = "out/") -> str:
+    def quantize_command(self, name: str, out: str = "out/", exclude: list | None = None) -> str:
         src = self.info.get("id") or (self.public_source if self.local else source_spec(self.report) or "SOURCE")
         revision = f" --revision {self.info['revision']}" if self.info.get("id") and self.info.get("revision") else ""
-        return f"qconvert quantize {src} --scheme {name}{revision} -o {out}"
+        flags = "".join(f" {f}" for f in option_flags(self.report, name, exclude))
+        return f"qconvert quantize {src} --scheme {name}{revision}{flags} -o {out}"
+
+
+def option_flags(report: dict, name: str, exclude: list | None = None) -> list[str]:
+    """The quantize options that made OUT from preset ``name``, from its report (qconvert.json) and
+    its config's ``exclude``: what differs from the preset as this qconvert defines it (parameters,
+    rotation, calibration, excluded modules); a data file by its name only.  None for a scheme that
+    is not a preset (a user's file: its own parameters)."""
+    from qconvert.calibration_text import default_shape
+    from qconvert.schemes_registry import load_scheme
+
+    try:
+        preset = load_scheme(name)
+    except QConvertError:
+        return []
+    flags = []
+    for key, value in ((report.get("scheme") or {}).get("params") or {}).items():
+        if preset.params.get(key) != value:
+            shown = value if isinstance(value, str) else json.dumps(value)
+            flags += {"group_size": [f"-g {value}"], "base": [f"--base {value}"]}.get(key, [f"--param {key}={shown}"])
+    if exclude is not None:
+        flags += [] if "lm_head" in exclude or "lm_head" not in preset.exclude else ["--quantize-lm-head"]
+        flags += [f"--exclude '{p}'" for p in exclude if p not in preset.exclude]
+    rot = report.get("rotation") or {}
+    mode = (rot.get("mode", "none") + ("+online" if rot.get("online") else "")) if rot else "none"
+    if mode != preset.rotate and not report.get("rotation_skipped"):
+        flags.append(f"--rotate {mode}")
+    if rot.get("seed"):
+        flags.append(f"--rotate-seed {rot['seed']}")
+    calib = report.get("calibration") or {}
+    if calib:
+        source = calib.get("source") or "self"
+        if calib.get("data_file"):
+            flags.append(f"--calib {source} --data-file path/to/{Path(calib['data_file']).name}")
+        elif source != "self":
+            flags.append(f"--calib {source}")
+        shape = default_shape(source)
+        flags += [f"--nsamples {calib['nsamples']}"] if calib.get("nsamples") not in (None, shape[0]) else []
+        flags += [f"--seqlen {calib['seqlen']}"] if calib.get("seqlen") not in (None, shape[1]) else []
+        flags += [f"--seed {calib['seed']}"] if calib.get("seed") else []
+        flags += [f"--calib-dtype {calib['dtype']}"] if calib.get("dtype", "float32") != "float32" else []
+        if float(calib.get("asym") or 0) != float(preset.asym_calib):
+            flags.append(f"--asym-calib {float(calib.get('asym') or 0):g}")
+    return flags
 
 
 def model_card(out: str | os.PathLike, repo_id: str | None = None) -> str:
@@ -515,7 +559,7 @@ def model_card(out: str | os.PathLike, repo_id: str | None = None) -> str:
               "transformers and vLLM do not read this format: for them, export a compressed-tensors copy with "
               f"`{EXPORT_HINT}`.", ""]
 
-    lines += ["## Reproduce", "", "```bash", prov.quantize_command(name), "```", "",
+    lines += ["## Reproduce", "", "```bash", prov.quantize_command(name, exclude=qc.get("exclude")), "```", "",
               "`qconvert.json` records the per-layer report and the sha256 of every source weight file; "
               "`manifest.json` the sha256 of every file here.", ""]
     return "---\n" + front + "---\n\n" + "\n".join(lines)
@@ -592,12 +636,17 @@ def _export_use_lines(marker: dict, repo_id: str | None, prov: "_Provenance", na
     tp = int(marker.get("tensor_parallel") or 1)
     lines = ["## Use", "", "With transformers (and `pip install compressed-tensors`):", "", "```python",
              "from transformers import AutoModelForCausalLM", "",
-             f'model = AutoModelForCausalLM.from_pretrained("{where}")', "```", "", "With vLLM:", "", "```bash",
-             f"vllm serve {where}" + (f" --tensor-parallel-size {tp}" if tp > 1 else ""), "```", ""]
+             f'model = AutoModelForCausalLM.from_pretrained("{where}")', "```", ""]
+    if marker.get("preset") == "W4A16_ASYM":
+        lines += ["Asymmetric int4 weights (zero points): transformers 5.24 with compressed-tensors 0.20.1 cannot load "
+                  "them yet (it expects the zero points unpacked); vLLM serves them.", ""]
+    lines += ["With vLLM:", "", "```bash", f"vllm serve {where}" + (f" --tensor-parallel-size {tp}" if tp > 1 else ""),
+              "```", ""]
     export_cmd = f"{EXPORT_HINT} -o out-ct/"
     if marker.get("target"):
         export_cmd += f" --target {marker['target']}" + (f" --tensor-parallel {tp}" if tp > 1 else "")
-    return lines + ["## Reproduce", "", "```bash", prov.quantize_command(name), export_cmd.replace(" OUT ", " out/ "),
+    command = prov.quantize_command(name, exclude=prov.report.get("exclude"))
+    return lines + ["## Reproduce", "", "```bash", command, export_cmd.replace(" OUT ", " out/ "),
                     "```", "", f"`{EXPORT_MARKER}` records how it was exported and the size of every file here.", ""]
 
 

@@ -16,7 +16,10 @@ upstream commit 00942ea8 for the CUDA C++ checks).  Paths are under ``vllm/``;
   (``kernels/__init__.py:523-550``): Machete on sm90 (g in {-1, 64, 128}, K % 64, N % 128;
   ``mixed_precision/machete.py:24-50``), Marlin from sm75 (g in {-1, 32, 64, 128};
   ``mixed_precision/marlin.py:32-66``), on CPU CPUWNA16 (even g, K and N multiples of 32; compiled
-  for AVX-512 only: ``mixed_precision/cpu.py:17-59``, ``platforms/cpu.py:631-661``).
+  for AVX-512 only: ``mixed_precision/cpu.py:17-59``, ``platforms/cpu.py:631-661``).  Asymmetric
+  groups (``symmetric: false``, zero points) are vLLM's uint4 with zero points, which the same three
+  kernels take (``ct/schemes/compressed_tensors_wNa16.py:45-53``; Machete ``utils/machete_utils.py:12-16``,
+  Marlin ``utils/marlin_utils.py:81-83``, CPUWNA16 ``mixed_precision/cpu.py:17``).
 - W4A8 int (``CompressedTensorsWNA8Int``): the kernel is chosen for float activations
   (``ct/schemes/compressed_tensors_wNa8.py:151-170``): Marlin / Machete as W4A16, so vLLM serves it
   as W4A16 (only the optional Humming kernel quantizes the activations); a group size that does
@@ -88,8 +91,8 @@ def check_layer(name: str, n: int, k: int, scheme: dict, device: str, tp: int) -
         return Finding(name, "-", "-", "error", f"{'K' if name.rsplit('.', 1)[-1] in ROW_PARALLEL else 'N'} of "
                                                 f"[{n}, {k}] does not split into {tp} tensor-parallel ranks")
     nr, kr = split
-    if preset in ("W4A16", "W4A8"):
-        cls = "CompressedTensorsWNA16" if preset == "W4A16" else "CompressedTensorsWNA8Int"
+    if preset in ("W4A16", "W4A16_ASYM", "W4A8"):
+        cls = "CompressedTensorsWNA8Int" if preset == "W4A8" else "CompressedTensorsWNA16"
         if g and kr % g:
             return Finding(name, cls, "-", "error", f"group size {g} does not divide K per rank ({kr} = {k} / {tp})")
         kernel, level, note = _int4_kernel(device, g or kr, nr, kr)

@@ -261,6 +261,37 @@ def test_float_scale_layouts(tmp_path, tiny_llama, scheme, preset):
         assert_layers_match_with_ct_quantizer(model, runtime)
 
 
+@pytest.mark.parametrize("g", [32, 128])
+def test_zero_point_layout_exports_as_w4a16_asym(tmp_path, tiny_llama, g):
+    """w4a16-gptq with --param symmetric=false stores w4a16-zp (a zero point per group); the export
+    is compressed-tensors' asymmetric W4A16: the zero points packed along N as compressed-tensors
+    packs them, and its decoding, (q - z) · s, gives exactly the runtime's weights.  The tiny model's
+    K (64, 160) with g = 128 are written as groups of 32, scales and zero points repeated."""
+    out, dest = tmp_path / "out", tmp_path / "ct"
+    run("quantize", tiny_llama, "--scheme", "w4a16-gptq", "--param", "symmetric=false", "--base", "rtn", "-g", g,
+        "-o", out, "-q")
+    report = json.loads((out / "qconvert.json").read_text())
+    assert {r["layout"] for r in report["layers"]} == {"w4a16-zp"}
+    assert "OK" in run("verify", out, "--no-compare").output
+    res = run("export", out, "-o", dest)
+    assert "compressed-tensors W4A16_ASYM, group size 32" in res.output
+    group = json.loads((dest / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
+    assert group["weights"]["symmetric"] is False and group["input_activations"] is None
+    native, ct, runtime = ShardedReader(out), ShardedReader(dest), load(out)
+    spread = set()
+    for n, layer in quantized_linears(runtime).items():
+        zeros = native.get(f"{n}.zeros").repeat_interleave(g // 32, dim=1)[:, : -(-layer.in_features // 32)]
+        spread |= set(zeros.unique().tolist())
+        packed = ct.get(f"{n}.weight_zero_point")
+        assert packed.dtype == torch.int32 and packed.shape == (-(-layer.out_features // 8), zeros.shape[1])
+        assert torch.equal(ct_pack.unpack_from_int32(packed, 4, zeros.shape, packed_dim=0), zeros)
+        q = ct_pack.unpack_from_int32(ct.get(f"{n}.weight_packed"), 4, (layer.out_features, layer.in_features))
+        s = ct.get(f"{n}.weight_scale").double().repeat_interleave(32, dim=1)
+        z = zeros.double().repeat_interleave(32, dim=1)
+        assert torch.equal((q.double() - z) * s, layer._dequantized(torch.float64)), n
+    assert len(spread) > 4  # zero points that differ: a wrong order of them would show
+
+
 def test_smollm2_shapes_preset_groups_are_split_exactly(tmp_path):
     """SmolLM2's K (576, 1536) are not multiples of the preset's g = 128: the export writes groups
     of gcd(128, 576, 1536) = 64, each of OUT's scales twice, and transformers decodes exactly

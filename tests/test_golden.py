@@ -1,4 +1,4 @@
-"""Golden files: the native format cannot drift silently, for any of the eleven layouts.
+"""Golden files: the native format cannot drift silently, for any of the twelve layouts.
 
 A tiny Llama with platform-independent weights is quantized once per layout family; every
 output tensor's name, dtype, shape and sha256, the quantization_config, the report rows and
@@ -24,6 +24,8 @@ from helpers import TEXT, golden_state, tiny_config, write_model
 from qconvert import load, quantize
 from qconvert.calibration_text import CalibSettings
 from qconvert.formats.safetensors_io import ShardedReader
+from qconvert.layouts import available_layouts
+from qconvert.schemes_registry import load_scheme, with_params
 
 GOLDEN = Path(__file__).parent / "golden"
 TOKENS = torch.tensor([[5, 17, 42, 3, 88, 61, 9, 30, 71, 2, 14, 50]])
@@ -33,6 +35,7 @@ CASES = {
     "is-w4a8-rtn": ("is-w4a8-rtn", {"w4a8-is"}),
     "w4a8-fs": ("w4a8-fs", {"w4a8-fs"}),
     "w4a16-rtn": ("w4a16-gptq", {"w4a16"}),
+    "w4a16-zp-rtn": ("w4a16-gptq", {"w4a16-zp"}),
     "zqfp-w4a8-rtn": ("zqfp-w4a8", {"fp4-fp8"}),
     "zqfp-w8a8": ("zqfp-w8a8", {"fp8-fp8"}),
     "w8a8-rtn": ("w8a8", {"w8a8"}),
@@ -42,6 +45,7 @@ CASES = {
     "illm-w4a8-rtn": ("illm-w4a8", {"illm-w4a8"}),
     "illm-w4a4-rtn": ("illm-w4a4", {"illm-w4a4"}),
 }
+PARAMS = {"w4a16-zp-rtn": {"symmetric": False}}  # --param overrides of a case
 OLD_NAMES = {"is-w4a8-rtn": "tiny-llama-is-w4a8-rtn", "w4a8-fs": "tiny-llama-w4a8-fs"}  # pinned before the others
 
 
@@ -81,6 +85,8 @@ def golden_src(tmp_path_factory):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_native_format_matches_golden(tmp_path, golden_src, case):
     scheme, layouts = CASES[case]
+    if case in PARAMS:
+        scheme = with_params(load_scheme(scheme), PARAMS[case])
     src = golden_src[96 if case in OLD_NAMES else 300]
     calib = CalibSettings("file", str(src.parent / "calib.txt"), nsamples=4, seqlen=32)
     out = quantize(str(src), scheme, tmp_path / "out", progress=False, base="rtn", calib=calib,
@@ -101,3 +107,11 @@ def test_native_format_matches_golden(tmp_path, golden_src, case):
     # tolerance only absorbs another BLAS's float summation order in the unquantized parts
     got_l, want_l = torch.tensor(got["logits"]), torch.tensor(want["logits"])
     assert torch.allclose(got_l, want_l, rtol=1e-5, atol=1e-5 * float(want_l.abs().max())), (got_l - want_l).abs().max()
+
+
+def test_every_builtin_layout_has_a_golden_file():
+    from qconvert.layouts import BUILTIN
+
+    pinned = set().union(*(layouts for _, layouts in CASES.values()))
+    assert pinned == set(BUILTIN) and set(BUILTIN) <= set(available_layouts())
+

@@ -9,7 +9,8 @@ from click.testing import CliRunner
 from helpers import TEXT, tiny_config, write_model
 from qconvert.cli import cli
 from qconvert.solvers.gptq import gptq, relative_output_error
-from qconvert.solvers.grids import IntGrid, clip_factors
+from qconvert.methods.integer_scale import _dequantize, rtn_zero_point
+from qconvert.solvers.grids import IntGrid, ZeroPointGrid, clip_factors
 from qconvert.solvers.rtn import rtn
 
 
@@ -75,6 +76,31 @@ def test_singular_hessian_is_dampened():
 def test_eight_bit_grid_is_nearly_lossless():
     w, h = _problem()
     assert _loss(w, h, gptq(w, h, IntGrid(8), 64)) < 1e-4
+
+
+def test_zero_point_grid():
+    """Asymmetric groups (w4a16-zp): levels and zero points in [-8, 7], W = s · (q - z) exactly as
+    returned, GPTQ below round-to-nearest on the same grid, and below the symmetric grid on
+    weights whose groups are lopsided (a symmetric grid leaves one side's levels unused there)."""
+    w, h = _problem(k=200)  # a short last group too
+    w = w + 0.04 * torch.rand(w.shape[0], 1, generator=torch.Generator().manual_seed(3))  # lopsided rows
+    h[7, :] = 0
+    h[:, 7] = 0
+    grid = ZeroPointGrid(4, clip_factors(0.75))
+    res = gptq(w, h, grid, 64)
+    assert res.zeros is not None and res.zeros.shape == res.scales.shape == (96, 4)
+    for t in (res.q.float(), res.zeros):
+        assert int(t.min()) >= -8 and int(t.max()) <= 7 and torch.equal(t, t.round())
+    w_hat = (res.q.float() - res.zeros.repeat_interleave(64, dim=1)[:, :200]) * res.scales.repeat_interleave(64, dim=1)[:, :200]
+    assert torch.allclose(w_hat, res.w_hat, rtol=1e-6, atol=1e-7)
+    assert torch.equal(res.w_hat[:, 7], torch.zeros(96))  # a dead input's weight is 0: q = z there
+    q, s, z = rtn_zero_point(w, ZeroPointGrid(4), 64)
+    assert (q[:, 200:] == 0).all() and q.shape == (96, 256)
+    rtn_zp = relative_output_error(w, _dequantize(q, s, 64, 200, z), h)
+    sym = _loss(w, h, gptq(w, h, IntGrid(4, clip_factors(0.75)), 64))
+    assert _loss(w, h, res) < 0.8 * rtn_zp
+    assert _loss(w, h, res) < 0.9 * sym
+    assert rtn_zp < relative_output_error(w, rtn(w, 4, 64), h)
 
 
 # ---- the calibrated pipeline ---------------------------------------------------------------

@@ -118,3 +118,20 @@ def test_adversarial_input_on_real_smollm2_layers(smollm2):
         # the exact int64 value of every output equals the int32 one: nothing wrapped
         acc64, _ = _float64_reference(np.sign(q.numpy().astype(np.float64))[worst][None, :lin.in_features] * 127, ql.tensors)
         assert np.array_equal(acc.numpy().astype(np.int64), acc64), name
+
+
+def test_zero_points_are_for_weight_only_int4(tmp_path):
+    """symmetric = false is refused, in one line that names the fix, where the W4A8 kernels would
+    have to take it; accepted for weight-only (and validated as a boolean)."""
+    from qconvert.errors import QConvertError
+
+    with pytest.raises(QConvertError, match="zero points .* are for weight-only int4"):
+        _method(symmetric=False)
+    with pytest.raises(QConvertError, match="must be true or false"):
+        _method(act_bits=16, scales="float", symmetric="no")
+    m = _method(act_bits=16, scales="float", symmetric=False)
+    assert m.describe()["weights"]["symmetric"] is False
+    w = torch.randn(8, 256, generator=torch.Generator().manual_seed(0)) * 0.02 + 0.01
+    ql = m.quantize_linear("x", w)
+    assert ql.layout == "w4a16-zp" and set(ql.tensors) == {"qweight", "shape", "scales", "zeros"}
+

@@ -18,11 +18,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 import yaml
 from click.testing import CliRunner
 
 from helpers import TEXT
 from qconvert.cli import cli
+from qconvert.formats.safetensors_io import ShardedReader
 from qconvert.hub import CARD, export_card, model_card
 from test_source import _hf_cache
 
@@ -430,6 +432,36 @@ def test_card_of_a_calibrated_out_names_the_data(tmp_path, tiny_llama):
     meta, body = front_matter(model_card(out))
     assert {"gptq", "is-w4a8", "w4a8"} <= set(meta["tags"])
     assert "GPTQ, calibrated block by block on 4 x 32 tokens of calib.txt" in body
+
+
+def test_card_reproduce_command_reproduces_the_out(tmp_path, tiny_llama):
+    """The card's "Reproduce" command carries every option that made OUT (parameters, group size,
+    rotation, calibration, excluded modules; the local source and data file by name): run as
+    written, with their directories for path/to/, it makes the same tensors.  The export's card says the same."""
+    import shlex
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "calib.txt").write_text(TEXT)
+    out = tmp_path / "made"
+    run("quantize", tiny_llama, "--scheme", "w4a16-gptq", "--param", "symmetric=false", "-g", 32, "--rotate", "none",
+        "--data-file", data / "calib.txt", "--nsamples", 4, "--seqlen", 32, "--seed", 1, "--asym-calib", 0.25,
+        "--quantize-lm-head", "--exclude", "*.k_proj", "-o", out, "-q")
+    body = front_matter(model_card(out))[1]
+    command = body.split("## Reproduce")[1].split("```bash\n")[1].split("\n")[0]
+    assert command == (f"qconvert quantize path/to/{tiny_llama.name} --scheme w4a16-gptq -g 32 --param symmetric=false "
+                       "--quantize-lm-head --exclude '*.k_proj' --rotate none --calib file --data-file "
+                       "path/to/calib.txt --nsamples 4 --seqlen 32 --seed 1 --asym-calib 0.25 -o out/")
+    again = tmp_path / "again"
+    command_here = command.replace(f"path/to/{tiny_llama.name}", str(tiny_llama)).replace("path/to/", f"{data}/")
+    args = shlex.split(command_here.replace("-o out/", f"-o {again}"))[1:]
+    run(*args, "-q")
+    first, second = ShardedReader(out), ShardedReader(again)
+    assert sorted(first.keys()) == sorted(second.keys())
+    assert all(torch.equal(first.get(n), second.get(n)) for n in first.keys())
+    run("export", out, "-o", tmp_path / "ct")
+    card = front_matter(export_card(tmp_path / "ct"))[1]
+    assert command in card
 
 
 # ----------------------------------------------------------------------------- an export

@@ -12,6 +12,7 @@ from qconvert import quantize
 from qconvert.cli import cli
 from qconvert.formats.native import write_manifest
 from qconvert.formats.safetensors_io import SafetensorsFile, write_safetensors
+from qconvert.schemes_registry import load_scheme, with_params
 from qconvert.verify import verify
 
 
@@ -100,6 +101,19 @@ L0 = "model.layers.0.self_attn.q_proj"
 def test_tensor_damage_is_caught(copy, edit, message):
     _rewrite(copy, edit)
     rep = verify(copy, compare_source=False, save=False)
+    assert not rep.ok and any(message in f for f in rep.failures), rep.failures
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s[f"{L0}.zeros"].fill_(8), "zeros holds values outside [-8, 7]"),
+    (lambda s: s.pop(f"{L0}.zeros"), f"tensor {L0}.zeros is missing"),
+])
+def test_zero_point_damage_is_caught(made, tmp_path, edit, message):
+    scheme = with_params(load_scheme("w4a16-gptq"), {"symmetric": False})
+    out = quantize(str(made[0]), scheme, tmp_path / "zp", group_size=32, base="rtn", progress=False)
+    assert verify(out, compare_source=False, save=False).ok
+    _rewrite(out, edit)
+    rep = verify(out, compare_source=False, save=False)
     assert not rep.ok and any(message in f for f in rep.failures), rep.failures
 
 

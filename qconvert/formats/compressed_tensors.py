@@ -11,7 +11,7 @@ writes the checkpoint atomically, shard by shard.
 compressed-tensors has no padded group: every K must be a multiple of the group size g (per
 tensor-parallel rank, for vLLM).  qconvert pads K up to a multiple of g instead, so where g does
 not divide a K the export writes groups of g_e = gcd(g, every K) and repeats each of qconvert's
-group scales g / g_e times: the same weights, exactly (``export_group_size``).
+group scales (and zero points) g / g_e times: the same weights, exactly (``export_group_size``).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from qconvert.source import TOKENIZER_FILES
 
 FORMAT = "compressed-tensors"
 MARKER = EXPORT_MARKER  # provenance and the file list (qconvert push); also what lets --force replace an export
-ORIGIN_KEYS = ("source", "source_kind", "source_info", "rotation", "rotation_skipped", "calibration")  # of OUT's qconvert.json
+ORIGIN_KEYS = ("source", "source_kind", "source_info", "scheme", "rotation", "rotation_skipped", "calibration")  # of OUT's qconvert.json
 SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MIN_SPLIT_GROUP = 32  # the smallest group any vLLM int4 kernel takes (Marlin: 32, 64, 128; qconvert/serving.py)
 
@@ -318,7 +318,8 @@ def export(out: str | Path, dest: str | Path, force: bool = False, scale_dtype: 
 
 def _origin(out: Path, qc: dict) -> dict:
     """What the export's model card says of where it comes from (qconvert.hub.export_card): the
-    source, rotation and calibration records of OUT's qconvert.json, its solver, and the
+    source, scheme, rotation and calibration records of OUT's qconvert.json, its solver and excluded
+    patterns, and the
     perplexities ``qconvert eval`` saved in OUT."""
     from qconvert.hub import EVAL_FILE, saved_evals
 
@@ -328,6 +329,7 @@ def _origin(out: Path, qc: dict) -> dict:
         report = {}
     origin = {k: report[k] for k in ORIGIN_KEYS if isinstance(report, dict) and k in report}
     origin["base"] = (qc.get("config") or {}).get("base")
+    origin["exclude"] = list(qc.get("exclude") or [])  # OUT's patterns kept in full precision (the card's command)
     return {"origin": origin, "eval": saved_evals(out / EVAL_FILE)}
 
 
@@ -347,9 +349,11 @@ def _write_tensors(tmp: Path, out: Path, p: _Plan, shard_bytes: int) -> float:
                                                            **layer.params)
             except QConvertError as e:
                 raise QConvertError(f"layer {layer.name}: {e}") from None
-            if p.split > 1:  # each of OUT's groups as p.split groups of its scale; the pad-only ones dropped
-                tensors["weight_scale"] = tensors["weight_scale"].repeat_interleave(p.split, dim=1)[
-                    :, : layer.k // p.group_size].contiguous()
+            for per_group in ("weight_scale", "weight_zero_point") if p.split > 1 else ():
+                if per_group in tensors:  # each of OUT's groups as p.split groups of its scale (and zero
+                    # point: packed along N, so a column is a group); the pad-only ones dropped
+                    tensors[per_group] = tensors[per_group].repeat_interleave(p.split, dim=1)[
+                        :, : layer.k // p.group_size].contiguous()
             for suffix, t in tensors.items():
                 writer.add(f"{layer.name}.{suffix}", t)
             worst = max(worst, rel)

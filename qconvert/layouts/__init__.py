@@ -4,7 +4,7 @@
 runs, exports and describes a layer of that layout; ``runtime.load``, ``verify``, ``inspect``,
 ``bench``, ``push`` and ``export`` ask it instead of branching on names.
 
-Built-in families: ``int4`` (w4a8-is, w4a8-fs, w4a16), ``fp8`` (fp4-fp8, fp8-fp8), ``int8``
+Built-in families: ``int4`` (w4a8-is, w4a8-fs, w4a16, w4a16-zp), ``fp8`` (fp4-fp8, fp8-fp8), ``int8``
 (w8a8), ``quik`` (quik-w4a4, quik-w8a8), ``illm`` (illm-w8a8, illm-w4a8, illm-w4a4).  A third
 party adds a layout without touching qconvert: an entry point in the group ``qconvert.layouts``
 whose name is the layout name and whose value (``package.module:OBJECT``) is a ``Layout``
@@ -26,6 +26,7 @@ BUILTIN = {
     "w4a8-is": "qconvert.layouts.int4:W4A8_IS",
     "w4a8-fs": "qconvert.layouts.int4:W4A8_FS",
     "w4a16": "qconvert.layouts.int4:W4A16",
+    "w4a16-zp": "qconvert.layouts.int4:W4A16_ZP",
     "fp4-fp8": "qconvert.layouts.fp8:FP4_FP8",
     "fp8-fp8": "qconvert.layouts.fp8:FP8_FP8",
     "w8a8": "qconvert.layouts.int8:W8A8",

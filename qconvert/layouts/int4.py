@@ -1,4 +1,4 @@
-"""Layouts ``w4a8-is`` (Integer Scale), ``w4a8-fs`` (float scale) and ``w4a16`` (weight-only).
+"""Layouts ``w4a8-is`` (Integer Scale), ``w4a8-fs`` (float scale), ``w4a16`` and ``w4a16-zp`` (weight-only).
 
 Stored (g the group size, Kp = K padded to a multiple of g, G = Kp / g; docs/format.md):
 
@@ -8,10 +8,12 @@ Stored (g the group size, Kp = K padded to a multiple of g, G = Kp / g; docs/for
     w4a8-is:   iscale  int32 [N, G] (ŝ >= 1), cscale float32 [N] (c), alpha_log2 int32 [1] (a)
                W[n, k] ~= q[n, k] · ŝ[n, k // g] · c[n] / 2^a
     w4a8-fs, w4a16: scales float16 [N, G]; W[n, k] ~= q[n, k] · s[n, k // g]
+    w4a16-zp:  scales float16 [N, G], zeros int8 [N, G] in [-8, 7];
+               W[n, k] ~= (q[n, k] - z[n, k // g]) · s[n, k // g]   (asymmetric groups)
 
 At run time w4a8-* quantize activations per token to int8 (qconvert_kernels/w4a8/reference.py on
-CPU, the CUDA kernels of qconvert_kernels/w4a8/cuda.py on a GPU); w4a16 dequantizes once and
-multiplies in the activations' dtype.
+CPU, the CUDA kernels of qconvert_kernels/w4a8/cuda.py on a GPU); w4a16 and w4a16-zp dequantize
+once and multiply in the activations' dtype.
 
 The overflow bound of Integer Scale (a property of the stored tensors, checked by ``verify``):
 for any int8 input |xq| <= 127, ``|A[m, n]| <= B[n] = 127 · Σ_j ŝ[n, j] · Σ_{k in j} |q[n, k]|``.
@@ -28,6 +30,7 @@ from qconvert_kernels.w4a8 import reference as ref
 
 INT32_MAX = 2**31 - 1
 PACK_FORMAT = "pack-quantized"
+WEIGHT_ONLY = ("w4a16", "w4a16-zp")
 
 
 def group_abs_sums(q: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -71,6 +74,7 @@ class W4A8Linear(QuantizedModule):
             self.alpha_log2 = int(tensors["alpha_log2"][0])
         else:
             self.register_buffer("scales", tensors["scales"])
+        self.register_buffer("zeros", tensors["zeros"] if layout == "w4a16-zp" else None)
         self._bias(bias)
         self._q = self._qf = self._w = self._prepared = None
         self._group: SiblingGEMM | None = None  # set by ``fuse``: one GEMM with its siblings
@@ -88,7 +92,7 @@ class W4A8Linear(QuantizedModule):
         """QConvertError unless the CUDA kernels can run this layer (group size, padding)."""
         from qconvert_kernels.w4a8 import cuda as kcuda
 
-        if self.layout == "w4a16":
+        if self.layout in WEIGHT_ONLY:
             return
         try:
             kcuda.check_repacked_shape(name, self.out_features, self.in_features, self.qweight.shape[1] * 2,
@@ -104,7 +108,7 @@ class W4A8Linear(QuantizedModule):
 
         if self._group is not None:
             return self._group.prepare(self.qweight.device)
-        if self.layout == "w4a16" or self._prepared is not None:
+        if self.layout in WEIGHT_ONLY or self._prepared is not None:
             return
         tensors = {"qweight": self.qweight, "shape": torch.tensor([self.out_features, self.in_features])}
         if self.layout == "w4a8-is":
@@ -140,12 +144,14 @@ class W4A8Linear(QuantizedModule):
     def _dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         if self._w is None or self._w.dtype != dtype:
             q = self.weights_int8().float().reshape(self.out_features, -1, self.group_size)
+            if self.zeros is not None:
+                q = q - self.zeros.float()[..., None]
             w = (q * self.scales.float()[..., None]).reshape(self.out_features, -1)
             self._w = w[:, : self.in_features].to(dtype)
         return self._w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.layout == "w4a16":
+        if self.layout in WEIGHT_ONLY:
             bias = self.bias.to(x.dtype) if self.bias is not None else None
             return torch.nn.functional.linear(x, self._dequantized(x.dtype), bias)
         shape = x.shape
@@ -244,12 +250,13 @@ class SiblingGEMM:
 
 
 class Int4Layout(Layout):
-    """w4a8-is / w4a8-fs / w4a16: see the module docstring."""
+    """w4a8-is / w4a8-fs / w4a16 / w4a16-zp: see the module docstring."""
 
-    def __init__(self, name: str, doc: str, integer_scales: bool, act_bits: int):
+    def __init__(self, name: str, doc: str, integer_scales: bool, act_bits: int, zero_points: bool = False):
         super().__init__(name, doc)
         self.integer_scales = integer_scales
         self.act_bits = act_bits
+        self.zero_points = zero_points
         self.export_note = f"W4A{act_bits} (pack-quantized)"
 
     def params(self, config: dict, shape_of) -> dict:
@@ -268,12 +275,18 @@ class Int4Layout(Layout):
                         alpha_log2=TensorSpec(torch.int32, (1,), "the amplifier's exponent a"))
         else:
             spec["scales"] = TensorSpec(torch.float16, (n, kp // group_size), "float group scales")
+        if self.zero_points:
+            spec["zeros"] = TensorSpec(torch.int8, (n, kp // group_size), "integer group zero points in [-8, 7]")
         return spec
 
     def check(self, name, tensors, n, k, group_size) -> list[str]:
         problems = shape_check(name, tensors, n, k)
         if not self.integer_scales:
-            return problems + finite(name, tensors["scales"], "scales")
+            problems += finite(name, tensors["scales"], "scales")
+            z = tensors.get("zeros")
+            if self.zero_points and z is not None and z.numel() and (int(z.min()) < -8 or int(z.max()) > 7):
+                problems.append(f"{name}.zeros holds values outside [-8, 7]")
+            return problems
         a, s_hat = int(tensors["alpha_log2"][0]), tensors["iscale"]
         if not 0 <= a <= 30:
             problems.append(f"{name}.alpha_log2 is {a}, outside 0..30")
@@ -293,16 +306,18 @@ class Int4Layout(Layout):
 
     # ---- export: compressed-tensors pack-quantized, symmetric int4 groups
     def export_scheme(self, n, k, group_size) -> dict:
-        weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": group_size,
-                   "dynamic": False}
+        weights = {"num_bits": 4, "type": "int", "symmetric": not self.zero_points, "strategy": "group",
+                   "group_size": group_size, "dynamic": False}
         acts = None if self.act_bits == 16 else {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token",
                                                  "dynamic": True}
         return {"format": PACK_FORMAT, "weights": weights, "input_activations": acts,
-                "preset": "W4A16" if self.act_bits == 16 else "W4A8"}
+                "preset": ("W4A16_ASYM" if self.zero_points else "W4A16") if self.act_bits == 16 else "W4A8"}
 
     def export_tensors(self, tensors, n, k, scale_dtype, group_size):
         """weight_packed int32 [N, K/8] (compressed-tensors' int4 words), weight_scale [N, G] in
-        ``scale_dtype`` (the exact float scale rounded once), weight_shape int64 [2]."""
+        ``scale_dtype`` (the exact float scale rounded once), weight_shape int64 [2]; w4a16-zp also
+        weight_zero_point int32 [N/8, G] (the zero points packed as int4 words along N, as
+        compressed-tensors packs them: vLLM's uint4 weights with zero points)."""
         q = unpack_int4(tensors["qweight"])[:, :k]
         exact = float_scales(tensors)
         stored = exact.to(scale_dtype)
@@ -311,8 +326,11 @@ class Int4Layout(Layout):
                                 f"{str(scale_dtype).removeprefix('torch.')} (it would become 0 or inf); "
                                 "export with --scale-dtype float32")
         rel = float(((stored.double() - exact).abs() / exact).max()) if exact.numel() else 0.0
-        return {"weight_packed": pack_int4_words(q.contiguous()), "weight_scale": stored.contiguous(),
-                "weight_shape": torch.tensor([n, k], dtype=torch.int64)}, rel
+        out = {"weight_packed": pack_int4_words(q.contiguous()), "weight_scale": stored.contiguous(),
+               "weight_shape": torch.tensor([n, k], dtype=torch.int64)}
+        if self.zero_points:
+            out["weight_zero_point"] = pack_int4_words(tensors["zeros"].T.contiguous()).T.contiguous()
+        return out, rel
 
     # ---- describing
     def figures(self, row: dict) -> dict[str, str]:
@@ -324,7 +342,8 @@ class Int4Layout(Layout):
         g = config.get("group_size")
         scales = ("integer group scales (an amplifier α = 2^k makes them integers, so group sums stay in int32 and "
                   "convert to float once)") if self.integer_scales else "fp16 group scales"
-        rows = [("weights", f"int4, symmetric, groups of {g} along the input dimension, {scales}")]
+        sym = "asymmetric (an int4 zero point per group)" if self.zero_points else "symmetric"
+        rows = [("weights", f"int4, {sym}, groups of {g} along the input dimension, {scales}")]
         if self.act_bits == 16:
             rows.append(("activations", "kept in 16-bit floating point (weight-only)"))
         else:
@@ -333,6 +352,7 @@ class Int4Layout(Layout):
 
     def tags(self, config: dict) -> list[str]:
         tags = ["int4", f"w4a{self.act_bits}"] + (["int8-activations"] if self.act_bits < 16 else [])
+        tags += ["zero-point"] if self.zero_points else []
         return tags + (["integer-scale"] if self.integer_scales else [])
 
     def random_tensors(self, n, k, gen, device, group_size=128) -> dict[str, torch.Tensor]:
@@ -344,10 +364,15 @@ class Int4Layout(Layout):
         if self.integer_scales:
             return {**t, "iscale": s, "cscale": torch.rand(n, generator=gen, device=device) * 0.01,
                     "alpha_log2": torch.tensor([7], dtype=torch.int32)}
-        return {**t, "scales": (s.float() / 128 * 0.01).half()}
+        t["scales"] = (s.float() / 128 * 0.01).half()
+        if self.zero_points:
+            t["zeros"] = torch.randint(-8, 8, s.shape, generator=gen, device=device, dtype=torch.int8)
+        return t
 
 
 W4A8_IS = Int4Layout("w4a8-is", "Integer Scale W4A8: int4 groups with integer scales, int8 per-token activations",
                      integer_scales=True, act_bits=8)
 W4A8_FS = Int4Layout("w4a8-fs", "W4A8 with fp16 group scales (the float-scale counterpart)", integer_scales=False, act_bits=8)
 W4A16 = Int4Layout("w4a16", "int4 groups with fp16 scales, activations in float (weight-only)", integer_scales=False, act_bits=16)
+W4A16_ZP = Int4Layout("w4a16-zp", "asymmetric int4 groups (fp16 scales, int4 zero points), activations in float "
+                      "(weight-only)", integer_scales=False, act_bits=16, zero_points=True)

@@ -24,7 +24,7 @@ from qconvert.formats.packing import pack_int4, pad_columns
 from qconvert.layouts.int4 import INT32_MAX, group_abs_sums, overflow_bound
 from qconvert.methods.base import Method, QuantizedLinear, check_solver_params
 from qconvert.solvers.gptq import gptq, relative_output_error
-from qconvert.solvers.grids import IntGrid, clip_factors
+from qconvert.solvers.grids import IntGrid, ZeroPointGrid, clip_factors
 from qconvert.solvers.rtn import quantize_groups_symmetric, row_chunks, rtn
 from qconvert_kernels.w4a8.reference import ACT_QMAX
 
@@ -40,6 +40,7 @@ class IntegerScaleConfig:
     damp: float = 0.01  # GPTQ dampening, a fraction of mean(diag H)
     act_order: bool = True  # GPTQ column order by decreasing diag H (groups stay in channel order)
     clip_min: float = 0.7  # GPTQ range search: scales shrunk by 1.0, 0.975, ... down to clip_min (1: off)
+    symmetric: bool = True  # False: a zero point per group (weight-only only: layout w4a16-zp)
 
     def __post_init__(self):
         if self.weight_bits != 4:
@@ -54,10 +55,16 @@ class IntegerScaleConfig:
             raise QConvertError("integer-scale: weight-only (act_bits = 16) keeps float scales; set scales = 'float'")
         if not (type(self.max_alpha_log2) is int and 0 <= self.max_alpha_log2 <= 30):
             raise QConvertError(f"integer-scale: max_alpha_log2={self.max_alpha_log2} must be in 0..30")
+        if not isinstance(self.symmetric, bool):
+            raise QConvertError(f"integer-scale: symmetric={self.symmetric!r} must be true or false")
+        if not self.symmetric and self.act_bits != 16:
+            raise QConvertError("integer-scale: zero points (symmetric = false) are for weight-only int4 (act_bits = 16, "
+                                "as w4a16-gptq); the W4A8 kernels take symmetric weights")
         check_solver_params("integer-scale", self.base, self.damp, self.clip_min, self.act_order)
 
-    def grid(self) -> IntGrid:
-        return IntGrid(self.weight_bits, clip_factors(self.clip_min))
+    def grid(self, search: bool = True) -> IntGrid | ZeroPointGrid:
+        clip = clip_factors(self.clip_min) if search else (1.0,)
+        return IntGrid(self.weight_bits, clip) if self.symmetric else ZeroPointGrid(self.weight_bits, clip)
 
 
 def integer_scales(scales: torch.Tensor, alpha_log2: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,7 +103,8 @@ class IntegerScaleMethod(Method):
         )
         return {
             **asdict(cfg),
-            "weights": {"bits": cfg.weight_bits, "symmetric": True, "granularity": "group", "group_size": cfg.group_size},
+            "weights": {"bits": cfg.weight_bits, "symmetric": cfg.symmetric, "granularity": "group",
+                        "group_size": cfg.group_size},
             "activations": act,
         }
 
@@ -115,12 +123,19 @@ class IntegerScaleMethod(Method):
         """Round-to-nearest (no calibration), in bounded row chunks whatever the layer's size."""
         cfg = self.config
         n, k = weight.shape
-        q_rows, scale_rows = [], []
+        q_rows, scale_rows, zero_rows = [], [], []
         for rows in row_chunks(weight):
-            gq = quantize_groups_symmetric(rows, cfg.weight_bits, cfg.group_size)
-            q_rows.append(gq.q)
-            scale_rows.append(gq.scales)
-        return self._finish(torch.cat(q_rows), torch.cat(scale_rows), k, {})
+            if cfg.symmetric:
+                gq = quantize_groups_symmetric(rows, cfg.weight_bits, cfg.group_size)
+                q_rows.append(gq.q)
+                scale_rows.append(gq.scales)
+                continue
+            q, s, z = rtn_zero_point(rows, cfg.grid(search=False), cfg.group_size)
+            q_rows.append(q)
+            scale_rows.append(s)
+            zero_rows.append(z)
+        zeros = torch.cat(zero_rows) if zero_rows else None
+        return self._finish(torch.cat(q_rows), torch.cat(scale_rows), k, {}, zeros=zeros)
 
     def quantize_linears(self, names: list[str], weights: list[torch.Tensor], hessian: torch.Tensor,
                          input_amax: torch.Tensor | None = None) -> list[QuantizedLinear]:
@@ -135,23 +150,33 @@ class IntegerScaleMethod(Method):
             q = pad_columns(res.q[row : row + n], cfg.group_size)
             extra = {"gptq_seconds": round(res.seconds * n / res.q.shape[0], 4), "dead_inputs": res.dead,
                      "solved_with": len(weights)}
-            ql = self._finish(q, res.scales[row : row + n], k, extra, dequantize=True)
+            zeros = None if res.zeros is None else res.zeros[row : row + n]
+            ql = self._finish(q, res.scales[row : row + n], k, extra, dequantize=True, zeros=zeros)
             # the layer's own output error, relative: ‖(W − Ŵ)X‖² / ‖WX‖² as run (integer scales
-            # included), and the same for round-to-nearest
+            # included), and the same for round-to-nearest (on the same grid)
             ql.info["gptq_loss"] = relative_output_error(w, ql.dequantized, hessian)
-            ql.info["rtn_loss"] = relative_output_error(w, rtn(w, cfg.weight_bits, cfg.group_size), hessian)
+            ql.info["rtn_loss"] = relative_output_error(w, self._rtn(w), hessian)
             # the next layers calibrate through the float-scale weights, so that is-w4a8 and
             # w4a8-fs make the same GPTQ decisions and differ only by the integer scales (the
             # two differ by < 2^-a relatively per group; GPTQ's rounding is sensitive enough to
             # such differences to shift perplexity by more than Integer Scale itself does)
-            ql.dequantized = _dequantize(q, res.scales[row : row + n], cfg.group_size, k)
+            ql.dequantized = _dequantize(q, res.scales[row : row + n], cfg.group_size, k, zeros)
             out.append(ql)
             row += n
         return out
 
+    def _rtn(self, w: torch.Tensor) -> torch.Tensor:
+        """Round-to-nearest with the plain range on this configuration's grid, dequantized."""
+        cfg = self.config
+        if cfg.symmetric:
+            return rtn(w, cfg.weight_bits, cfg.group_size)
+        q, s, z = rtn_zero_point(w, cfg.grid(search=False), cfg.group_size)
+        return _dequantize(q, s, cfg.group_size, w.shape[1], z)
+
     def _finish(self, q: torch.Tensor, scales: torch.Tensor, k: int, extra: dict,
-                dequantize: bool = False) -> QuantizedLinear:
-        """Tensors of the layout from int levels q int8 [N, Kp] and float group scales [N, G]."""
+                dequantize: bool = False, zeros: torch.Tensor | None = None) -> QuantizedLinear:
+        """Tensors of the layout from int levels q int8 [N, Kp], float group scales [N, G] and, for
+        the asymmetric grid, integer zero points [N, G] (W = s · (q - z))."""
         cfg = self.config
         n = q.shape[0]
         tensors = {"qweight": pack_int4(q), "shape": torch.tensor([n, k], dtype=torch.int64, device="cpu")}
@@ -159,8 +184,11 @@ class IntegerScaleMethod(Method):
         if cfg.scales == "float":
             tensors["scales"] = scales.half()  # exact: the grids' scales are fp16 numbers
             layout = "w4a16" if cfg.act_bits == 16 else "w4a8-fs"
+            if zeros is not None:
+                tensors["zeros"] = zeros.to(torch.int8)
+                layout = "w4a16-zp"
             info.update(layout=layout)
-            deq = _dequantize(q, scales, cfg.group_size, k) if dequantize else None
+            deq = _dequantize(q, scales, cfg.group_size, k, zeros) if dequantize else None
             return QuantizedLinear(layout, tensors, info, deq)
         a, s_hat, c, bound = choose_alpha(scales, group_abs_sums(q, cfg.group_size), cfg.max_alpha_log2)
         worst_n = int(bound.argmax())
@@ -183,7 +211,23 @@ class IntegerScaleMethod(Method):
         return QuantizedLinear("w4a8-is", tensors, info, deq)
 
 
-def _dequantize(q: torch.Tensor, scales: torch.Tensor, group_size: int, k: int) -> torch.Tensor:
+def _dequantize(q: torch.Tensor, scales: torch.Tensor, group_size: int, k: int,
+                zeros: torch.Tensor | None = None) -> torch.Tensor:
     n, kp = q.shape
-    w = q.double().reshape(n, -1, group_size) * scales.double()[..., None]
+    levels = q.double().reshape(n, -1, group_size)
+    if zeros is not None:
+        levels = levels - zeros.double()[..., None]
+    w = levels * scales.double()[..., None]
     return w.reshape(n, kp)[:, :k].float()
+
+
+def rtn_zero_point(weight: torch.Tensor, grid: ZeroPointGrid, group_size: int):
+    """Round-to-nearest on the asymmetric grid: (q int8 [N, Kp] with 0 in the padding columns,
+    scales float32 [N, G], zeros float32 [N, G])."""
+    n, k = weight.shape
+    groups = pad_columns(weight.float(), group_size).reshape(-1, group_size)
+    s, z = grid.params(groups)
+    q = grid.quantize(groups, s[:, None], z[:, None]).reshape(n, -1)
+    q[:, k:] = 0
+    g = q.shape[1] // group_size
+    return q.to(torch.int8), s.reshape(n, g), z.reshape(n, g)

@@ -49,6 +49,7 @@ class GPTQResult:
     seconds: float
     dead: int  # input channels with no calibration signal
     kept: torch.Tensor | None = None  # float32 [N, keep_last]: the full-precision columns as updated
+    zeros: torch.Tensor | None = None  # float32 [N, G] integer zero points (a ``ZeroPointGrid``): W ~= s · (q - z)
 
 
 def relative_output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
@@ -133,6 +134,7 @@ def _gptq(weight, hessian, grid, group_size, damp, act_order, block_size, keep_l
 
     n_groups = -(-k // group_size)
     scales = torch.zeros(n, n_groups, device=dev)
+    zeros = torch.zeros(n, n_groups, device=dev) if getattr(grid, "zero_points", False) else None
     have = [False] * n_groups  # host-side: read once per column, never a device sync
     group_of = (perm // group_size).tolist()
     # the loop works on Wᵀ [K, N]: a column of W is a contiguous row here
@@ -150,26 +152,36 @@ def _gptq(weight, hessian, grid, group_size, damp, act_order, block_size, keep_l
                 continue
             g = group_of[i1 + i]
             if not have[g]:
-                scales[:, g] = _group_scale(grid, g, group_size, k, inv_perm, wt, w1, err1[:i], u, i1, i, i2, importance)
+                chosen = _group_scale(grid, g, group_size, k, inv_perm, wt, w1, err1[:i], u, i1, i, i2, importance)
+                if zeros is None:
+                    scales[:, g] = chosen
+                else:
+                    scales[:, g], zeros[:, g] = chosen
                 have[g] = True
             s = scales[:, g]
-            q = grid.quantize(w1[i], s)
+            if zeros is None:
+                q = grid.quantize(w1[i], s)
+                deq = q * s
+            else:
+                q = grid.quantize(w1[i], s, zeros[:, g])
+                deq = (q - zeros[:, g]) * s
             q_t[i1 + i] = q
             e = err1[i]
-            torch.div(w1[i] - q * s, u1[i, i], out=e)
+            torch.div(w1[i] - deq, u1[i, i], out=e)
             w1[i:].addr_(u1[i, i:], e, alpha=-1.0)
         wt[i2:].addmm_(u[i1:i2, i2:].T, err1, alpha=-1.0)
 
     q_levels = q_t.T
     kept = q_levels[:, kq:].clone() if keep_last else None
-    w_hat = q_levels * scales.repeat_interleave(group_size, dim=1)[:, :k][:, perm]
+    shifted = q_levels if zeros is None else q_levels - zeros.repeat_interleave(group_size, dim=1)[:, :k][:, perm]
+    w_hat = shifted * scales.repeat_interleave(group_size, dim=1)[:, :k][:, perm]
     if keep_last:
         w_hat[:, kq:] = kept
         q_levels[:, kq:] = 0
     q_levels = q_levels[:, inv_perm]
     w_hat = w_hat[:, inv_perm]
     seconds = time.perf_counter() - t0
-    return GPTQResult(q_levels.to(torch.int8), scales, w_hat, seconds, int(dead.sum()), kept=kept)
+    return GPTQResult(q_levels.to(torch.int8), scales, w_hat, seconds, int(dead.sum()), kept=kept, zeros=zeros)
 
 
 def _inverse_cholesky_upper(h: torch.Tensor) -> torch.Tensor:
@@ -200,4 +212,6 @@ def _group_scale(grid, g, group_size, k, inv_perm, wt, w1, err_done, u, i1, i, i
     later = pos >= i2
     if later.any():  # not yet updated by this block's lazy batch: apply it for these columns
         cur[later] = wt[pos[later]] - u[i1 : i1 + i, pos[later]].T @ err_done
+    if getattr(grid, "zero_points", False):
+        return grid.params(cur.T, importance[cols])
     return grid.scales(cur.T, importance[cols])

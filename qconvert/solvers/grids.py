@@ -2,7 +2,7 @@
 
 A grid object is what the solvers (qconvert/solvers/gptq.py, and round-to-nearest) call; it never
 sees the rest of the matrix.  ``IntGrid`` is the symmetric integer grid of every int layout;
-``FP4Grid`` the E2M1 grid of ZeroQuant-FP (qconvert/methods/zeroquant_fp.py builds it).  The range
+``ZeroPointGrid`` the asymmetric one (a zero point per group, weight-only int4); ``FP4Grid`` the E2M1 grid of ZeroQuant-FP (qconvert/methods/zeroquant_fp.py builds it).  The range
 search that shrinks a group's scale is the grid's ``clip`` tuple: ``clip_factors`` makes it.
 """
 
@@ -69,6 +69,50 @@ class IntGrid:
     def quantize(self, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """Integer levels (as float) of ``w`` under scales ``s`` (same leading shape)."""
         return torch.clamp(torch.round(w / s), self.qmin, self.qmax)
+
+
+@dataclass
+class ZeroPointGrid:
+    """Asymmetric integer grid: levels q in [-2^(b-1), 2^(b-1) - 1] and, per (row, group), a scale s
+    and an integer zero point z in the same range, W ~= s · (q - z) (compressed-tensors' asymmetric
+    int groups, vLLM's uint4 with zero points).
+
+    The group's range [min(W, 0), max(W, 0)] is spread over all 2^b levels, s = (max - min) / (2^b - 1)
+    rounded to fp16, z = qmin - round(min / s); the range search shrinks both ends by the factor in
+    ``clip`` that minimises the diag-H-weighted squared error.  A symmetric grid leaves part of one
+    side's levels unused whenever a group's extremes differ; this one does not, at the cost of a
+    zero point per group.
+    """
+
+    bits: int = 4
+    clip: tuple[float, ...] = (1.0,)
+    zero_points = True  # GPTQ asks the grid for (scales, zeros) and quantizes with both
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1))
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+    def params(self, w: torch.Tensor, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scales [N], zeros [N] as float integers) for the group columns ``w`` [N, g]."""
+        hi, lo = w.amax(dim=1).clamp_min(0), w.amin(dim=1).clamp_max(0)
+        clip = torch.tensor(self.clip, dtype=w.dtype, device=w.device)[:, None]  # [C, 1]
+        s = ((hi - lo)[None] * clip / (self.qmax - self.qmin)).clamp_min(FP16_TINY).half().float()  # [C, N]
+        z = torch.clamp(self.qmin - torch.round(lo[None] * clip / s), self.qmin, self.qmax)
+        if len(self.clip) == 1:
+            return s[0], z[0]
+        err = ((self.quantize(w[None], s[..., None], z[..., None]) - z[..., None]) * s[..., None] - w[None]).square_()
+        if weight is not None:
+            err = err * weight
+        best = err.sum(-1).argmin(0)[None]  # [1, N]
+        return s.gather(0, best).squeeze(0), z.gather(0, best).squeeze(0)
+
+    def quantize(self, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Stored levels q (as float) of ``w`` under scales ``s`` and zeros ``z``: W ~= s · (q - z)."""
+        return torch.clamp(torch.round(w / s) + z, self.qmin, self.qmax)
 
 
 @dataclass
