@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shlex
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -460,7 +461,7 @@ class _Provenance:
         src = self.info.get("id") or (self.public_source if self.local else source_spec(self.report) or "SOURCE")
         revision = f" --revision {self.info['revision']}" if self.info.get("id") and self.info.get("revision") else ""
         flags = "".join(f" {f}" for f in option_flags(self.report, name, exclude))
-        return f"qconvert quantize {src} --scheme {name}{revision}{flags} -o {out}"
+        return f"qconvert quantize {shlex.quote(src)} --scheme {shlex.quote(name)}{revision}{flags} -o {out}"
 
 
 def option_flags(report: dict, name: str, exclude: list | None = None) -> list[str]:
@@ -475,25 +476,32 @@ def option_flags(report: dict, name: str, exclude: list | None = None) -> list[s
         preset = load_scheme(name)
     except QConvertError:
         return []
+    q = shlex.quote
     flags = []
-    for key, value in ((report.get("scheme") or {}).get("params") or {}).items():
+    params = (report.get("scheme") or {}).get("params") or {}
+    for key, value in params.items():
         if preset.params.get(key) != value:
-            shown = value if isinstance(value, str) else json.dumps(value)
-            flags += {"group_size": [f"-g {value}"], "base": [f"--base {value}"]}.get(key, [f"--param {key}={shown}"])
+            shown = value if isinstance(value, str) else json.dumps(value)  # TOML for numbers, booleans, lists
+            flags += {"group_size": [f"-g {value}"], "base": [f"--base {q(str(value))}"]}.get(
+                key, [f"--param {q(f'{key}={shown}')}"])
     if exclude is not None:
         flags += [] if "lm_head" in exclude or "lm_head" not in preset.exclude else ["--quantize-lm-head"]
-        flags += [f"--exclude '{p}'" for p in exclude if p not in preset.exclude]
+        flags += [f"--exclude {q(p)}" for p in exclude if p not in preset.exclude]
+    # the preset's rotation and asymmetric calibration are its defaults under GPTQ only (qconvert.pipeline)
+    gptq = params.get("base") != "rtn"
     rot = report.get("rotation") or {}
     mode = (rot.get("mode", "none") + ("+online" if rot.get("online") else "")) if rot else "none"
-    if mode != preset.rotate and not report.get("rotation_skipped"):
+    if mode != (preset.rotate if gptq else "none") and not report.get("rotation_skipped"):
         flags.append(f"--rotate {mode}")
     if rot.get("seed"):
         flags.append(f"--rotate-seed {rot['seed']}")
+    if report.get("device", "cpu") != "cpu":
+        flags.append(f"--device {report['device']}")
     calib = report.get("calibration") or {}
     if calib:
         source = calib.get("source") or "self"
         if calib.get("data_file"):
-            flags.append(f"--calib {source} --data-file path/to/{Path(calib['data_file']).name}")
+            flags.append(f"--calib {source} --data-file {q('path/to/' + Path(calib['data_file']).name)}")
         elif source != "self":
             flags.append(f"--calib {source}")
         shape = default_shape(source)
@@ -501,7 +509,7 @@ def option_flags(report: dict, name: str, exclude: list | None = None) -> list[s
         flags += [f"--seqlen {calib['seqlen']}"] if calib.get("seqlen") not in (None, shape[1]) else []
         flags += [f"--seed {calib['seed']}"] if calib.get("seed") else []
         flags += [f"--calib-dtype {calib['dtype']}"] if calib.get("dtype", "float32") != "float32" else []
-        if float(calib.get("asym") or 0) != float(preset.asym_calib):
+        if float(calib.get("asym") or 0) != (float(preset.asym_calib) if gptq else 0.0):
             flags.append(f"--asym-calib {float(calib.get('asym') or 0):g}")
     return flags
 

@@ -8,6 +8,7 @@ from click.testing import CliRunner
 
 from helpers import TEXT, tiny_config, write_model
 from qconvert.cli import cli
+from qconvert.errors import QConvertError
 from qconvert.solvers.gptq import gptq, relative_output_error
 from qconvert.methods.integer_scale import _dequantize, rtn_zero_point
 from qconvert.solvers.grids import IntGrid, ZeroPointGrid, clip_factors
@@ -101,6 +102,8 @@ def test_zero_point_grid():
     assert _loss(w, h, res) < 0.8 * rtn_zp
     assert _loss(w, h, res) < 0.9 * sym
     assert rtn_zp < relative_output_error(w, rtn(w, 4, 64), h)
+    with pytest.raises(QConvertError, match="keep_last"):  # a kept column's level 0 would decode to -z·s
+        gptq(w, h, grid, 64, keep_last=8)
 
 
 # ---- the calibrated pipeline ---------------------------------------------------------------

@@ -434,34 +434,47 @@ def test_card_of_a_calibrated_out_names_the_data(tmp_path, tiny_llama):
     assert "GPTQ, calibrated block by block on 4 x 32 tokens of calib.txt" in body
 
 
+def _card_command_reproduces(tmp_path, source, data, made_with: list) -> str:
+    """OUT made by ``made_with`` (quantize arguments after SOURCE); its card's Reproduce command, run
+    with the real directories for path/to/, makes the same tensors.  Returns that command."""
+    import shlex
+
+    out = tmp_path / "made"
+    run("quantize", source, *made_with, "-o", out, "-q")
+    body = front_matter(model_card(out))[1]
+    command = body.split("## Reproduce")[1].split("```bash\n")[1].split("\n")[0]
+    here = command.replace(f"path/to/{source.name}", str(source)).replace("path/to/", f"{data}/")
+    run(*shlex.split(here.replace("-o out/", f"-o {tmp_path / 'again'}"))[1:], "-q")
+    first, second = ShardedReader(out), ShardedReader(tmp_path / "again")
+    assert sorted(first.keys()) == sorted(second.keys())
+    assert all(torch.equal(first.get(n), second.get(n)) for n in first.keys())
+    return command
+
+
 def test_card_reproduce_command_reproduces_the_out(tmp_path, tiny_llama):
     """The card's "Reproduce" command carries every option that made OUT (parameters, group size,
     rotation, calibration, excluded modules; the local source and data file by name): run as
-    written, with their directories for path/to/, it makes the same tensors.  The export's card says the same."""
-    import shlex
-
+    written, with their directories for path/to/, it makes the same tensors.  The export's card
+    says the same."""
     data = tmp_path / "data"
     data.mkdir()
     (data / "calib.txt").write_text(TEXT)
-    out = tmp_path / "made"
-    run("quantize", tiny_llama, "--scheme", "w4a16-gptq", "--param", "symmetric=false", "-g", 32, "--rotate", "none",
-        "--data-file", data / "calib.txt", "--nsamples", 4, "--seqlen", 32, "--seed", 1, "--asym-calib", 0.25,
-        "--quantize-lm-head", "--exclude", "*.k_proj", "-o", out, "-q")
-    body = front_matter(model_card(out))[1]
-    command = body.split("## Reproduce")[1].split("```bash\n")[1].split("\n")[0]
+    command = _card_command_reproduces(tmp_path, tiny_llama, data, [
+        "--scheme", "w4a16-gptq", "--param", "symmetric=false", "-g", 32, "--rotate", "none", "--data-file",
+        data / "calib.txt", "--nsamples", 4, "--seqlen", 32, "--seed", 1, "--asym-calib", 0.25, "--quantize-lm-head",
+        "--exclude", "*.k_proj"])
     assert command == (f"qconvert quantize path/to/{tiny_llama.name} --scheme w4a16-gptq -g 32 --param symmetric=false "
                        "--quantize-lm-head --exclude '*.k_proj' --rotate none --calib file --data-file "
                        "path/to/calib.txt --nsamples 4 --seqlen 32 --seed 1 --asym-calib 0.25 -o out/")
-    again = tmp_path / "again"
-    command_here = command.replace(f"path/to/{tiny_llama.name}", str(tiny_llama)).replace("path/to/", f"{data}/")
-    args = shlex.split(command_here.replace("-o out/", f"-o {again}"))[1:]
-    run(*args, "-q")
-    first, second = ShardedReader(out), ShardedReader(again)
-    assert sorted(first.keys()) == sorted(second.keys())
-    assert all(torch.equal(first.get(n), second.get(n)) for n in first.keys())
-    run("export", out, "-o", tmp_path / "ct")
-    card = front_matter(export_card(tmp_path / "ct"))[1]
-    assert command in card
+    run("export", tmp_path / "made", "-o", tmp_path / "ct")
+    assert command in front_matter(export_card(tmp_path / "ct"))[1]
+
+
+def test_card_reproduce_command_under_base_rtn(tmp_path, tiny_llama):
+    """Under --base rtn the preset's default rotation is off: an asked-for rotation is named."""
+    command = _card_command_reproduces(tmp_path, tiny_llama, tmp_path, [
+        "--scheme", "w4a16-gptq", "--base", "rtn", "--rotate", "hadamard", "--rotate-seed", 2])
+    assert "--base rtn --rotate hadamard --rotate-seed 2 -o out/" in command
 
 
 # ----------------------------------------------------------------------------- an export

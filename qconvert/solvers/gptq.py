@@ -112,6 +112,8 @@ def _gptq(weight, hessian, grid, group_size, damp, act_order, block_size, keep_l
         raise QConvertError(f"GPTQ: Hessian {tuple(hessian.shape)} does not match weight {tuple(weight.shape)}")
     if not 0 <= keep_last < k:
         raise QConvertError(f"GPTQ: keep_last={keep_last} must leave at least one of the {k} columns to quantize")
+    if keep_last and getattr(grid, "zero_points", False):
+        raise QConvertError("GPTQ: full-precision columns (keep_last) are for symmetric grids, whose level 0 is weight 0")
     kq = k - keep_last  # columns kq.. stay in full precision
     w = weight.detach().float().clone()
     h = hessian.detach().float().clone()
