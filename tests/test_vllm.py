@@ -217,13 +217,54 @@ def test_unquantized_source_matches_to_float32_rounding(vllm_python, smollm2, fp
     assert tok.decode(res["greedy"]) == tok.decode(ours), (res["greedy"], ours)
 
 
+# vLLM's own reading of a W4A16 layer, run in its environment: its unpacking
+# (quant_utils.unpack_quantized_values_into_int32) of the parameters as its kernels lay them out after
+# loading (permute_param_layout_: weight_packed [K/8, N] packed along K, weight_zero_point [G, N/8]
+# packed along N), decoded as its scalar types say: uint4b8 is nibble - 8; uint4 with zero points,
+# (nibble - zero point nibble) · s.
+VLLM_DECODE = """
+import sys, pathlib, torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from vllm.model_executor.layers.quantization.utils.quant_utils import unpack_quantized_values_into_int32 as unpack
+from vllm.scalar_type import scalar_types
+d, name, dest = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+t = {}
+for f in sorted(d.glob("*.safetensors")):
+    with safe_open(str(f), "pt") as h:
+        t.update({k: h.get_tensor(k) for k in h.keys() if k.startswith(name + ".")})
+zp = t.get(name + ".weight_zero_point")
+wtype = scalar_types.uint4 if zp is not None else scalar_types.uint4b8
+w = unpack(t[name + ".weight_packed"].t().contiguous(), wtype, 0)
+s = t[name + ".weight_scale"].t().double()
+g = w.shape[0] // s.shape[0]
+z = unpack(zp.t().contiguous(), wtype, 1) if zp is not None else torch.full_like(s, wtype.bias, dtype=torch.int32)
+save_file({"w": ((w - z.repeat_interleave(g, 0)).double() * s.repeat_interleave(g, 0)).t().contiguous()}, dest)
+"""
+
+
+def vllm_decoded(vllm_python: str, ct: Path, name: str, tmp_path: Path) -> torch.Tensor:
+    dest = tmp_path / f"{name}.safetensors"
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
+    proc = subprocess.run([vllm_python, "-c", VLLM_DECODE, str(ct), name, str(dest)], capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    return load_file(dest)["w"]
+
+
 @pytest.mark.parametrize("params", [None, {"symmetric": False}], ids=["symmetric", "zero-points"])
 def test_w4a16_matches_qconvert(vllm_python, smollm2, score_request, tok, text, tmp_path, tmp_path_factory, params):
     out, ct = quantize_and_export(smollm2, tmp_path_factory, "w4a16-gptq", GROUP, params)
+    runtime = load(out)
+    for name in ("model.layers.0.self_attn.k_proj", "model.layers.29.mlp.down_proj"):
+        exact = runtime.get_submodule(name)._dequantized(torch.float64)
+        assert torch.equal(vllm_decoded(vllm_python, ct, name, tmp_path), exact), name
     res = run_vllm(vllm_python, ct, score_request, tmp_path)
     assert res.get("layers") is None or schemes_of(res) == {"CompressedTensorsWNA16"}, res.get("layers")
     require_ran(res, cpu_cannot=(AVX512_ONLY_OP,))
-    ppl = qconvert_ppl(load(out), tok, text)
+    ppl = qconvert_ppl(runtime, tok, text)
     assert rel(res["perplexity"], ppl) <= 1e-4, (res["perplexity"], ppl)
 
 
