@@ -24,8 +24,8 @@ from qconvert.formats.packing import pack_int4, pad_columns
 from qconvert.layouts.int4 import INT32_MAX, group_abs_sums, overflow_bound
 from qconvert.methods.base import Method, QuantizedLinear, check_solver_params
 from qconvert.solvers.gptq import gptq, relative_output_error
-from qconvert.solvers.grids import IntGrid, ZeroPointGrid, clip_factors
-from qconvert.solvers.rtn import quantize_groups_symmetric, row_chunks, rtn
+from qconvert.solvers.grids import IntGrid, ZeroPointGrid, clip_factors, rtn_zero_point
+from qconvert.solvers.rtn import quantize_groups_symmetric, row_chunks
 from qconvert_kernels.w4a8.reference import ACT_QMAX
 
 
@@ -121,21 +121,10 @@ class IntegerScaleMethod(Method):
 
     def quantize_linear(self, name: str, weight: torch.Tensor) -> QuantizedLinear:
         """Round-to-nearest (no calibration), in bounded row chunks whatever the layer's size."""
-        cfg = self.config
-        n, k = weight.shape
-        q_rows, scale_rows, zero_rows = [], [], []
-        for rows in row_chunks(weight):
-            if cfg.symmetric:
-                gq = quantize_groups_symmetric(rows, cfg.weight_bits, cfg.group_size)
-                q_rows.append(gq.q)
-                scale_rows.append(gq.scales)
-                continue
-            q, s, z = rtn_zero_point(rows, cfg.grid(search=False), cfg.group_size)
-            q_rows.append(q)
-            scale_rows.append(s)
-            zero_rows.append(z)
-        zeros = torch.cat(zero_rows) if zero_rows else None
-        return self._finish(torch.cat(q_rows), torch.cat(scale_rows), k, {}, zeros=zeros)
+        k = weight.shape[1]
+        parts = [self._round_to_nearest(rows) for rows in row_chunks(weight)]
+        zeros = None if parts[0][2] is None else torch.cat([z for _, _, z in parts])
+        return self._finish(torch.cat([q for q, _, _ in parts]), torch.cat([s for _, s, _ in parts]), k, {}, zeros=zeros)
 
     def quantize_linears(self, names: list[str], weights: list[torch.Tensor], hessian: torch.Tensor,
                          input_amax: torch.Tensor | None = None) -> list[QuantizedLinear]:
@@ -165,13 +154,19 @@ class IntegerScaleMethod(Method):
             row += n
         return out
 
-    def _rtn(self, w: torch.Tensor) -> torch.Tensor:
-        """Round-to-nearest with the plain range on this configuration's grid, dequantized."""
+    def _round_to_nearest(self, rows: torch.Tensor):
+        """Round-to-nearest with the plain range on this configuration's grid: (q int8 [N, Kp],
+        scales [N, G], zero points [N, G] or None for the symmetric grid)."""
         cfg = self.config
         if cfg.symmetric:
-            return rtn(w, cfg.weight_bits, cfg.group_size)
-        q, s, z = rtn_zero_point(w, cfg.grid(search=False), cfg.group_size)
-        return _dequantize(q, s, cfg.group_size, w.shape[1], z)
+            gq = quantize_groups_symmetric(rows, cfg.weight_bits, cfg.group_size)
+            return gq.q, gq.scales, None
+        return rtn_zero_point(rows, cfg.grid(search=False), cfg.group_size)
+
+    def _rtn(self, w: torch.Tensor) -> torch.Tensor:
+        """``_round_to_nearest``, dequantized."""
+        q, s, z = self._round_to_nearest(w)
+        return _dequantize(q, s, self.config.group_size, w.shape[1], z)
 
     def _finish(self, q: torch.Tensor, scales: torch.Tensor, k: int, extra: dict,
                 dequantize: bool = False, zeros: torch.Tensor | None = None) -> QuantizedLinear:
@@ -220,14 +215,3 @@ def _dequantize(q: torch.Tensor, scales: torch.Tensor, group_size: int, k: int,
     w = levels * scales.double()[..., None]
     return w.reshape(n, kp)[:, :k].float()
 
-
-def rtn_zero_point(weight: torch.Tensor, grid: ZeroPointGrid, group_size: int):
-    """Round-to-nearest on the asymmetric grid: (q int8 [N, Kp] with 0 in the padding columns,
-    scales float32 [N, G], zeros float32 [N, G])."""
-    n, k = weight.shape
-    groups = pad_columns(weight.float(), group_size).reshape(-1, group_size)
-    s, z = grid.params(groups)
-    q = grid.quantize(groups, s[:, None], z[:, None]).reshape(n, -1)
-    q[:, k:] = 0
-    g = q.shape[1] // group_size
-    return q.to(torch.int8), s.reshape(n, g), z.reshape(n, g)

@@ -112,7 +112,7 @@ def _gptq(weight, hessian, grid, group_size, damp, act_order, block_size, keep_l
         raise QConvertError(f"GPTQ: Hessian {tuple(hessian.shape)} does not match weight {tuple(weight.shape)}")
     if not 0 <= keep_last < k:
         raise QConvertError(f"GPTQ: keep_last={keep_last} must leave at least one of the {k} columns to quantize")
-    if keep_last and getattr(grid, "zero_points", False):
+    if keep_last and grid.zero_points:
         raise QConvertError("GPTQ: full-precision columns (keep_last) are for symmetric grids, whose level 0 is weight 0")
     kq = k - keep_last  # columns kq.. stay in full precision
     w = weight.detach().float().clone()
@@ -136,7 +136,7 @@ def _gptq(weight, hessian, grid, group_size, damp, act_order, block_size, keep_l
 
     n_groups = -(-k // group_size)
     scales = torch.zeros(n, n_groups, device=dev)
-    zeros = torch.zeros(n, n_groups, device=dev) if getattr(grid, "zero_points", False) else None
+    zeros = torch.zeros(n, n_groups, device=dev) if grid.zero_points else None
     have = [False] * n_groups  # host-side: read once per column, never a device sync
     group_of = (perm // group_size).tolist()
     # the loop works on Wᵀ [K, N]: a column of W is a contiguous row here
@@ -214,6 +214,6 @@ def _group_scale(grid, g, group_size, k, inv_perm, wt, w1, err_done, u, i1, i, i
     later = pos >= i2
     if later.any():  # not yet updated by this block's lazy batch: apply it for these columns
         cur[later] = wt[pos[later]] - u[i1 : i1 + i, pos[later]].T @ err_done
-    if getattr(grid, "zero_points", False):
+    if grid.zero_points:
         return grid.params(cur.T, importance[cols])
     return grid.scales(cur.T, importance[cols])

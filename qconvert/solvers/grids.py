@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from qconvert.formats import fp4
+from qconvert.formats.packing import pad_columns
 from qconvert.layouts.fp8 import E_MAX, E_MIN
 from qconvert.solvers.rtn import FP16_TINY
 from qconvert_kernels.fp8.reference import E2M1_MAX
@@ -40,6 +41,7 @@ class IntGrid:
     bits: int = 4
     clip: tuple[float, ...] = (1.0,)
     narrow: bool = False
+    zero_points = False  # one scale per group, no zero point (``ZeroPointGrid`` has both)
 
     @property
     def qmax(self) -> int:
@@ -115,6 +117,18 @@ class ZeroPointGrid:
         return torch.clamp(torch.round(w / s) + z, self.qmin, self.qmax)
 
 
+def rtn_zero_point(weight: torch.Tensor, grid: ZeroPointGrid, group_size: int):
+    """Round-to-nearest on the asymmetric grid: (q int8 [N, Kp] with 0 in the padding columns,
+    scales float32 [N, G], zeros float32 [N, G])."""
+    n, k = weight.shape
+    groups = pad_columns(weight.float(), group_size).reshape(-1, group_size)
+    s, z = grid.params(groups)
+    q = grid.quantize(groups, s[:, None], z[:, None]).reshape(n, -1)
+    q[:, k:] = 0
+    g = q.shape[1] // group_size
+    return q.to(torch.int8), s.reshape(n, g), z.reshape(n, g)
+
+
 @dataclass
 class FP4Grid:
     """E2M1 grid for GPTQ (the interface of ``qconvert.gptq.IntGrid``), with per-row scales c [N].
@@ -125,6 +139,7 @@ class FP4Grid:
 
     row_scale: torch.Tensor  # c [N], float32 > 0
     search: bool = True
+    zero_points = False
 
     def exponents(self, w: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """e int64 [N] for the group columns ``w`` [N, g] (or [N, G] for all groups ``w`` [N, G, g],
