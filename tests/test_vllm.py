@@ -18,8 +18,9 @@ runs them as W4A16 (docs/export.md).
 Cost, measured on the 2-core machine: 644 s of CPU (19 minutes of wall time while other jobs
 shared the cores): 5 vLLM runs of ~30 s CPU each, the GGUF read, 4 SmolLM2 quantizations and
 qconvert's float64 references of the int8 and FP8 runtimes; 2.7 GB of memory per vLLM run.
-The W4A16 zero-point case, added since, is one more run and quantization: its two W4A16 cases
-took 138 s of wall time together (2026-12-01, beside a quantize on the other core).
+The W4A16 zero-point case, added since, is one more run and quantization: the two W4A16 cases,
+with vLLM's decoding of two layers each, took 195.6 s of wall time together (2026-12-01, beside a
+CI run; `QCONVERT_VLLM_PYTHON=VENV/bin/python python -m pytest -q tests/test_vllm.py -k w4a16`).
 """
 
 from __future__ import annotations
