@@ -514,10 +514,24 @@ def option_flags(report: dict, name: str, exclude: list | None = None) -> list[s
     return flags
 
 
+def _export_line(out: Path) -> str:
+    """What the card says of a compressed-tensors copy: how to make it, or, where ``qconvert export``
+    would refuse this OUT (a layout with no compressed-tensors form, an online rotation), why not."""
+    from qconvert.formats.compressed_tensors import plan
+
+    try:
+        plan(out)
+    except QConvertError as e:
+        why = str(e).replace(str(out), "this model").split(". Exportable layouts:")[0]
+        return f"transformers and vLLM do not read this format, and `{EXPORT_HINT}` cannot make a copy they read: {why}."
+    return f"transformers and vLLM do not read this format: for them, export a compressed-tensors copy with `{EXPORT_HINT}`."
+
+
 def model_card(out: str | os.PathLike, repo_id: str | None = None) -> str:
     """The README.md for OUT: YAML front matter for the Hub, then what was done and measured.
 
-    Pure: reads OUT's config.json, qconvert.json and saved results, writes nothing.
+    Pure: reads OUT's config.json, qconvert.json, saved results and (for what it says of an export)
+    the safetensors headers ``qconvert export`` checks; writes nothing.
     """
     import yaml
 
@@ -563,9 +577,7 @@ def model_card(out: str | os.PathLike, repo_id: str | None = None) -> str:
               "```python", "import qconvert"]
     if repo_id:
         lines.append("from huggingface_hub import snapshot_download")
-    lines += ["", f"model = qconvert.load({where})  # a transformers causal LM", "```", "",
-              "transformers and vLLM do not read this format: for them, export a compressed-tensors copy with "
-              f"`{EXPORT_HINT}`.", ""]
+    lines += ["", f"model = qconvert.load({where})  # a transformers causal LM", "```", "", _export_line(out), ""]
 
     lines += ["## Reproduce", "", "```bash", prov.quantize_command(name, exclude=qc.get("exclude")), "```", "",
               "`qconvert.json` records the per-layer report and the sha256 of every source weight file; "

@@ -279,6 +279,9 @@ def test_cli_end_to_end(tiny, tmp_path, monkeypatch):
     assert ins.exit_code == 0 and "down_proj's input rotated at run time (Hadamard 160 = 20 x 8, 2 layers)" in ins.output
     card = model_card(out)
     assert "online-hadamard" in card and "rotated at run time by a Hadamard transform of order 160" in card
+    # the card does not offer an export that would be refused, and says why in the export's words
+    assert "cannot make a copy they read: this model rotates down_proj's input at run time" in card
+    assert "--rotate hadamard (offline only)" in card and str(tmp_path) not in card
 
     exp = CliRunner().invoke(cli, ["export", str(out), "-o", str(tmp_path / "ct")])
     assert exp.exit_code == 1 and "--rotate hadamard (offline only)" in exp.output and "Traceback" not in exp.output

@@ -258,7 +258,7 @@ def test_card_front_matter_and_body(out):
     assert f"{report['source_info']['bytes']:,} bytes" in body  # size before
     assert f"{(out / 'model.safetensors').stat().st_size:,} bytes" in body  # size after
     assert f"{report['totals']['quantized_bytes']:,} bytes" in body
-    assert "qconvert.load(" in body and "qconvert export OUT --format compressed-tensors" in body
+    assert "qconvert.load(" in body and "export a compressed-tensors copy with `qconvert export OUT --format" in body
     assert "not measured yet" in body and "Not verified yet" in body and "not been benchmarked" in body
     assert str(out.parent) not in card  # no private path goes to the Hub
     assert model_card(out) == card  # pure: the same OUT, the same card
