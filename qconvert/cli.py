@@ -107,12 +107,12 @@ def cli(ctx, debug):
 @click.option("--asym-calib", "asym", type=click.FloatRange(0.0, 1.0), metavar="ALPHA",
               help="Asymmetric calibration (GPTAQ): GPTQ aims each layer at the float model's output, not at its own "
                    "from the quantized inputs; ALPHA scales the correction (0: off). Runs the float blocks too. "
-                   "Default: the scheme's (0.25 for is-w4a8, w4a8-fs and quik-w4a4; 0 for the others).")
+                   "Default: the scheme's (0.25 for is-w4a8, w4a8-fs, w4a16-gptq-zp and quik-w4a4; 0 for the others).")
 @click.option("--rotate", type=click.Choice(["none", "hadamard", "random", "hadamard+online"]),
               help="Rotate the residual stream before quantizing (QuaRot-style, folded into the weights: no run-time "
                    "cost; fewer outliers, lower error at 4 bits). hadamard+online also rotates down_proj's input at "
                    "run time (a fast Hadamard transform per token; for 4-bit activations). Default: the scheme's "
-                   "(hadamard for is-w4a8, w4a8-fs, w4a16-gptq and w8a8, hadamard+online for the illm-* "
+                   "(hadamard for is-w4a8, w4a8-fs, w4a16-gptq, w4a16-gptq-zp and w8a8, hadamard+online for the illm-* "
                    "schemes, none for the others).")
 @click.option("--rotate-seed", default=0, show_default=True, type=click.IntRange(min=0),
               help="Seed of the rotation's random signs (hadamard) or matrices (random).")
@@ -137,7 +137,7 @@ def quantize(source, scheme, out, group_size, quantize_lm_head, exclude, max_sha
     built-in alias smollm2-135m.
 
     \b
-    GPTQ-based schemes (is-w4a8, w4a8-fs, w4a16-gptq) calibrate block by block on
+    GPTQ-based schemes (is-w4a8, w4a8-fs, w4a16-gptq[-zp]) calibrate block by block on
     --nsamples x --seqlen tokens (128 x 512 of data; 128 x 128 of text the model
     writes itself when no data is given); is-w4a8-rtn and --base rtn need no data.
 

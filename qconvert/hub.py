@@ -20,13 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qconvert.errors import QConvertError
-from qconvert.formats.native import EXPORT_MARKER, MANIFEST, read_quant_config
+from qconvert.formats.native import EVAL_FILE, EXPORT_MARKER, MANIFEST, perplexity_rows, read_quant_config, saved_evals
 from qconvert.fsutil import public_name
 from qconvert.journal import NAME as JOURNAL
 from qconvert.source import HUB_ID, source_spec
 
 CARD = "README.md"
-EVAL_FILE = "eval.json"  # written by qconvert eval (qconvert.evaluate.save_result)
 VERIFY_FILE = "verify.json"  # written by a passing qconvert verify
 # written by qconvert bench: a list of end-to-end results, or one {"device", "date", "results"}
 BENCH_FILES = ("bench_results.json", "bench.json")
@@ -306,18 +305,6 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
         "| " + " | ".join(cell(v) for v in r) + " |" for r in rows
     ]
-
-
-def saved_evals(path: Path) -> list[dict]:
-    """The perplexity rows ``qconvert eval`` saved (OUT/eval.json: a list, or one row)."""
-    return perplexity_rows(_read_json(path))
-
-
-def perplexity_rows(saved) -> list[dict]:
-    """The perplexity rows of a saved list (or one row); anything else in it is left out."""
-    if isinstance(saved, dict):
-        saved = [saved]
-    return [r for r in saved if isinstance(r, dict) and "perplexity" in r] if isinstance(saved, list) else []
 
 
 def _eval_table(rows: list[dict]) -> list[str]:

@@ -125,7 +125,7 @@ def test_already_quantized_source_is_refused(tmp_path, tiny_llama):
 
 def test_unknown_scheme_lists_the_known(tmp_path, tiny_llama):
     res = run("quantize", tiny_llama, "--scheme", "w3a3", "-o", tmp_path / "o", ok=False)
-    assert "unknown scheme 'w3a3'; known schemes: illm-w4a4, illm-w4a8, illm-w8a8, is-w4a8, is-w4a8-rtn, quik-w4a4, quik-w8a8, w4a16-gptq, w4a8-fs, w8a8, zqfp-w4a8" in res.output
+    assert "unknown scheme 'w3a3'; known schemes: illm-w4a4, illm-w4a8, illm-w8a8, is-w4a8, is-w4a8-rtn, quik-w4a4, quik-w8a8, w4a16-gptq, w4a16-gptq-zp, w4a8-fs, w8a8, zqfp-w4a8" in res.output
     assert "Traceback" not in res.output and not (tmp_path / "o").exists()
 
 

@@ -477,6 +477,28 @@ def test_card_reproduce_command_under_base_rtn(tmp_path, tiny_llama):
     assert "--base rtn --rotate hadamard --rotate-seed 2 -o out/" in command
 
 
+def test_zero_point_preset_is_its_options_and_its_card_names_it(tmp_path, tiny_llama):
+    """w4a16-gptq-zp is w4a16-gptq with --param symmetric=false --asym-calib 0.25 (the same tensors);
+    its card's command names the preset and no option, and its export is W4A16_ASYM."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "calib.txt").write_text(TEXT)
+    calib = ["--data-file", data / "calib.txt", "--nsamples", 4, "--seqlen", 32]
+    command = _card_command_reproduces(tmp_path, tiny_llama, data, ["--scheme", "w4a16-gptq-zp", *calib])
+    assert command == (f"qconvert quantize path/to/{tiny_llama.name} --scheme w4a16-gptq-zp --calib file --data-file "
+                       "path/to/calib.txt --nsamples 4 --seqlen 32 -o out/")
+    made = tmp_path / "made"
+    report = json.loads((made / "qconvert.json").read_text())
+    assert {r["layout"] for r in report["layers"]} == {"w4a16-zp"} and report["calibration"]["asym"] == 0.25
+    assert report["rotation"]["mode"] == "hadamard"
+    run("quantize", tiny_llama, "--scheme", "w4a16-gptq", "--param", "symmetric=false", "--asym-calib", 0.25, *calib,
+        "-o", tmp_path / "by-options", "-q")
+    first, second = ShardedReader(made), ShardedReader(tmp_path / "by-options")
+    assert sorted(first.keys()) == sorted(second.keys())
+    assert all(torch.equal(first.get(n), second.get(n)) for n in first.keys())
+    assert "compressed-tensors W4A16_ASYM" in run("export", made, "-o", tmp_path / "ct").output
+
+
 # ----------------------------------------------------------------------------- an export
 
 

@@ -318,7 +318,7 @@ def test_preset_default_rotation_and_its_fallback(tmp_path):
 
     defaults = {s.name: s.rotate for s in list_presets()}
     online = {"illm-w4a4", "illm-w4a8", "illm-w8a8"}
-    rotated = {"is-w4a8", "w4a8-fs", "w4a16-gptq", "w8a8", *online}
+    rotated = {"is-w4a8", "w4a8-fs", "w4a16-gptq", "w4a16-gptq-zp", "w8a8", *online}
     assert {n for n, r in defaults.items() if r != "none"} == rotated
     assert {defaults[n] for n in rotated - online} == {"hadamard"} and {defaults[n] for n in online} == {"hadamard+online"}
 

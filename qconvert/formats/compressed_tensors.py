@@ -26,7 +26,7 @@ import torch
 
 from qconvert import __version__
 from qconvert.errors import QConvertError
-from qconvert.formats.native import EXPORT_MARKER, read_quant_config
+from qconvert.formats.native import EVAL_FILE, EXPORT_MARKER, read_quant_config, saved_evals
 from qconvert.formats.safetensors_io import ShardedReader, ShardedWriter
 from qconvert.fsutil import atomic_directory, check_writable_parent, parse_size
 from qconvert.source import TOKENIZER_FILES
@@ -321,7 +321,6 @@ def _origin(out: Path, qc: dict) -> dict:
     source, scheme, rotation and calibration records of OUT's qconvert.json, its solver and excluded
     patterns, and the
     perplexities ``qconvert eval`` saved in OUT."""
-    from qconvert.hub import EVAL_FILE, saved_evals
 
     try:
         report = json.loads((out / "qconvert.json").read_text())

@@ -29,6 +29,25 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+EVAL_FILE = "eval.json"  # written by qconvert eval (qconvert.evaluate.save_result)
+
+
+def perplexity_rows(saved) -> list[dict]:
+    """The perplexity rows of a saved list (or one row); anything else in it is left out."""
+    if isinstance(saved, dict):
+        saved = [saved]
+    return [r for r in saved if isinstance(r, dict) and "perplexity" in r] if isinstance(saved, list) else []
+
+
+def saved_evals(path: Path) -> list[dict]:
+    """The perplexity rows ``qconvert eval`` saved (OUT/eval.json: a list, or one row); none where
+    the file is missing or unreadable."""
+    try:
+        return perplexity_rows(json.loads(path.read_text()))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return []
+
+
 EXPORT_MARKER = "qconvert_export.json"  # what a qconvert export carries (formats/compressed_tensors.py writes it)
 
 

@@ -90,7 +90,7 @@ def choose_alpha(scales: torch.Tensor, abs_sums: torch.Tensor, max_alpha_log2: i
 
 
 class IntegerScaleMethod(Method):
-    """Method plugin ``integer-scale`` (presets is-w4a8, is-w4a8-rtn, w4a8-fs, w4a16-gptq)."""
+    """Method plugin ``integer-scale`` (presets is-w4a8, is-w4a8-rtn, w4a8-fs, w4a16-gptq, w4a16-gptq-zp)."""
 
     name = "integer-scale"
     config_class = IntegerScaleConfig
