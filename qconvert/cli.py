@@ -512,10 +512,11 @@ def export(out, fmt, dest, scale_dtype, target, tensor_parallel, force):
     """Write the quantized OUT in another format, loadable by transformers and vLLM.
 
     \b
-    compressed-tensors: w4a8-is / w4a8-fs as W4A8 and w4a16 as W4A16 (pack-quantized; where the
-    group size does not divide a K, smaller groups with the same scales), w8a8 as W8A8 (int-quantized), fp8-fp8 without
-    LoRC as FP8 (float-quantized). --target vllm:sm90 --tensor-parallel 2 first checks, layer by
-    layer, that vLLM would serve it, and refuses what it would refuse.
+    compressed-tensors: w4a8-is / w4a8-fs as W4A8, w4a16 as W4A16 and w4a16-zp as W4A16_ASYM
+    (pack-quantized; where the group size does not divide a K, smaller groups with the same
+    scales), w8a8 as W8A8 (int-quantized), fp8-fp8 without LoRC as FP8 (float-quantized).
+    --target vllm:sm90 --tensor-parallel 2 first checks, layer by layer, that vLLM would serve
+    it, and refuses what it would refuse.
 
     \b
     qconvert quantize smollm2-135m --scheme w8a8 -o out/

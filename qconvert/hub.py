@@ -507,10 +507,16 @@ def _export_line(out: Path) -> str:
     from qconvert.formats.compressed_tensors import plan
 
     try:
-        plan(out)
+        scheme = plan(out).scheme
     except QConvertError as e:
-        why = str(e).replace(str(out), "this model").split(". Exportable layouts:")[0]
+        why = str(e).split(". Exportable layouts:")[0]
+        if why.startswith(str(out)):  # the export's errors open with OUT's local path
+            why = "this model" + why[len(str(out)):]
         return f"transformers and vLLM do not read this format, and `{EXPORT_HINT}` cannot make a copy they read: {why}."
+    if not scheme["weights"].get("symmetric", True):
+        return (f"transformers and vLLM do not read this format: for vLLM, export a compressed-tensors copy with "
+                f"`{EXPORT_HINT}` "
+                "(W4A16_ASYM; transformers cannot load its zero points yet).")
     return f"transformers and vLLM do not read this format: for them, export a compressed-tensors copy with `{EXPORT_HINT}`."
 
 

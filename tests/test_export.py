@@ -422,6 +422,7 @@ def test_refuses_layouts_it_cannot_express(tmp_path, is_out, tiny_llama):
     msg = " ".join(res.output.split())
     assert res.exit_code == 1 and "layout fp4-fp8" in msg and "no compressed-tensors equivalent" in msg
     assert "w4a8-is as W4A8 (pack-quantized)" in msg and "w4a16 as W4A16 (pack-quantized)" in msg
+    assert "w4a16-zp as W4A16_ASYM (pack-quantized)" in msg
     assert not (tmp_path / "ct").exists()
     other = tmp_path / "other"
     shutil.copytree(is_out, other)

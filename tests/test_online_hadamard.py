@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -279,10 +280,31 @@ def test_cli_end_to_end(tiny, tmp_path, monkeypatch):
     assert ins.exit_code == 0 and "down_proj's input rotated at run time (Hadamard 160 = 20 x 8, 2 layers)" in ins.output
     card = model_card(out)
     assert "online-hadamard" in card and "rotated at run time by a Hadamard transform of order 160" in card
-    # the card does not offer an export that would be refused, and says why in the export's words
-    assert "cannot make a copy they read: this model rotates down_proj's input at run time" in card
-    assert "--rotate hadamard (offline only)" in card and str(tmp_path) not in card
+    # QUIK has no compressed-tensors form, rotated or not: export and card say that, not "--rotate hadamard"
+    exp = CliRunner().invoke(cli, ["export", str(out), "-o", str(tmp_path / "ct")])
+    assert exp.exit_code == 1 and "has no compressed-tensors equivalent" in exp.output and "layout quik-w" in exp.output
+    assert "offline only" not in exp.output and "Traceback" not in exp.output and not (tmp_path / "ct").exists()
+    assert "cannot make a copy they read: this model (scheme 'quik-w4a4'), layer model.layers.0." in card
+    assert "has no compressed-tensors equivalent" in card and str(tmp_path) not in card
+    # a short relative OUT (``push out/``) is named "this model" once, not in every word holding it
+    monkeypatch.chdir(tmp_path)
+    short = model_card(Path("out"))
+    assert "cannot make a copy they read: this model (scheme 'quik-w4a4'), layer model.layers.0." in short
+    assert short.count("this model") == card.count("this model") and "Exportable" not in short
 
+
+def test_export_and_card_refuse_an_online_rotation_of_an_exportable_layout(tiny, tmp_path):
+    """w4a16 exports, but not with the online transform (compressed-tensors cannot carry it for
+    vLLM): the export refuses in one line, and the card says the same instead of offering it."""
+    from qconvert.hub import model_card
+
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli, ["quantize", str(tiny), "--scheme", "w4a16-gptq", "--base", "rtn", "--rotate",
+                                   "hadamard+online", "-o", str(out), "-q"])
+    assert res.exit_code == 0, res.output
     exp = CliRunner().invoke(cli, ["export", str(out), "-o", str(tmp_path / "ct")])
     assert exp.exit_code == 1 and "--rotate hadamard (offline only)" in exp.output and "Traceback" not in exp.output
     assert not (tmp_path / "ct").exists()
+    card = model_card(out)
+    assert "cannot make a copy they read: this model rotates down_proj's input at run time" in card
+    assert "--rotate hadamard (offline only)" in card and str(tmp_path) not in card

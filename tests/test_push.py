@@ -485,6 +485,7 @@ def test_zero_point_preset_is_its_options_and_its_card_names_it(tmp_path, tiny_l
     (data / "calib.txt").write_text(TEXT)
     calib = ["--data-file", data / "calib.txt", "--nsamples", 4, "--seqlen", 32]
     command = _card_command_reproduces(tmp_path, tiny_llama, data, ["--scheme", "w4a16-gptq-zp", *calib])
+    body = front_matter(model_card(tmp_path / "made"))[1]
     assert command == (f"qconvert quantize path/to/{tiny_llama.name} --scheme w4a16-gptq-zp --calib file --data-file "
                        "path/to/calib.txt --nsamples 4 --seqlen 32 -o out/")
     made = tmp_path / "made"
@@ -497,6 +498,7 @@ def test_zero_point_preset_is_its_options_and_its_card_names_it(tmp_path, tiny_l
     assert sorted(first.keys()) == sorted(second.keys())
     assert all(torch.equal(first.get(n), second.get(n)) for n in first.keys())
     assert "compressed-tensors W4A16_ASYM" in run("export", made, "-o", tmp_path / "ct").output
+    assert "for vLLM, export a compressed-tensors copy" in body and "transformers cannot load its zero points" in body
 
 
 # ----------------------------------------------------------------------------- an export

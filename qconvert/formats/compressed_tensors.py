@@ -206,15 +206,16 @@ def plan(out: Path, scale_dtype: str | None = None, tensor_parallel: int = 1) ->
     cfg, qc = read_quant_config(out)
     if not qc["modules"]:
         raise QConvertError(f"{out} has no quantized layers; there is nothing to export in {FORMAT}")
+    config = model_config(out, cfg)
+    reader = ShardedReader(out)
+    layers, scheme, split = _layer_schemes(out, qc, config, reader, tensor_parallel)
+    # after the layout check: re-quantizing with --rotate hadamard helps only an exportable layout
     if qc.get("online_rotation"):
         # vLLM's compressed-tensors transforms: type "hadamard" runs its own power-of-two kernel
         # (hadacore) and ignores the stored matrix, the dense types refuse tensor parallelism, and
         # neither composes with the W4A4 / int4-activation schemes that need the transform
         raise QConvertError(f"{out} rotates down_proj's input at run time (--rotate hadamard+online), which "
                             f"{FORMAT} cannot carry for vLLM; quantize with --rotate hadamard (offline only) to export")
-    config = model_config(out, cfg)
-    reader = ShardedReader(out)
-    layers, scheme, split = _layer_schemes(out, qc, config, reader, tensor_parallel)
     linears = _transformers_linears(config)
     alien = [layer.name for layer in layers if layer.name not in linears]
     if alien:

@@ -257,7 +257,7 @@ class Int4Layout(Layout):
         self.integer_scales = integer_scales
         self.act_bits = act_bits
         self.zero_points = zero_points
-        self.export_note = f"W4A{act_bits} (pack-quantized)"
+        self.export_note = f"W4A{act_bits}{'_ASYM' if zero_points else ''} (pack-quantized)"
 
     def params(self, config: dict, shape_of) -> dict:
         g = config.get("group_size")
