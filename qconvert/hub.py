@@ -513,11 +513,10 @@ def _export_line(out: Path) -> str:
         if why.startswith(str(out)):  # the export's errors open with OUT's local path
             why = "this model" + why[len(str(out)):]
         return f"transformers and vLLM do not read this format, and `{EXPORT_HINT}` cannot make a copy they read: {why}."
-    if not scheme["weights"].get("symmetric", True):
-        return (f"transformers and vLLM do not read this format: for vLLM, export a compressed-tensors copy with "
-                f"`{EXPORT_HINT}` "
-                "(W4A16_ASYM; transformers cannot load its zero points yet).")
-    return f"transformers and vLLM do not read this format: for them, export a compressed-tensors copy with `{EXPORT_HINT}`."
+    zero_points = not scheme["weights"].get("symmetric", True)
+    note = f" ({scheme['preset']}; transformers cannot load its zero points yet)" if zero_points else ""
+    return (f"transformers and vLLM do not read this format: for {'vLLM' if zero_points else 'them'}, export a "
+            f"compressed-tensors copy with `{EXPORT_HINT}`{note}.")
 
 
 def model_card(out: str | os.PathLike, repo_id: str | None = None) -> str:
