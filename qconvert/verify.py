@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from qconvert.errors import QConvertError
-from qconvert.formats.native import FORMAT_NAME, FORMAT_VERSION, MANIFEST, read_quant_config, sha256_file
+from qconvert.formats.native import FORMAT_NAME, MANIFEST, READ_VERSIONS, read_quant_config, sha256_file
 
 RESULT_FILES = ("verify.json", "eval.json", "bench.json")  # written into OUT after quantize
 VERIFY_FILE = "verify.json"
@@ -72,9 +72,9 @@ def check_files(out: Path, rep: VerifyReport) -> None:
         return _fail(rep, f"{MANIFEST} is missing")
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
         return _fail(rep, f"{MANIFEST} is malformed ({e})")
-    if manifest.get("format") != FORMAT_NAME or manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format") != FORMAT_NAME or manifest.get("format_version") not in READ_VERSIONS:
         _fail(rep, f"{MANIFEST} declares format {manifest.get('format')!r} version {manifest.get('format_version')!r}, "
-                   f"not {FORMAT_NAME} {FORMAT_VERSION}")
+                   f"not {FORMAT_NAME} {' or '.join(map(str, READ_VERSIONS))}")
     if set(manifest) != {"format", "format_version", "files"}:
         _fail(rep, f"{MANIFEST} has unexpected keys {sorted(set(manifest) - {'format', 'format_version', 'files'})}")
     for rel, entry in sorted(files.items()):

@@ -35,7 +35,7 @@ def test_round_trip_quantize_inspect_eval(tmp_path, tiny_llama, text_file):
     files = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", "qconvert.json", "manifest.json", "tokenizer.json"} <= files
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert qc["quant_method"] == "qconvert" and qc["scheme"] == "is-w4a8-rtn" and qc["format_version"] == 1
+    assert qc["quant_method"] == "qconvert" and qc["scheme"] == "is-w4a8-rtn" and qc["format_version"] == 2
     assert "_name_or_path" not in json.loads((out / "config.json").read_text())  # a local path, pushed with OUT
     assert set(qc["modules"].values()) == {"w4a8-is"} and "lm_head" not in qc["modules"]
 

@@ -47,17 +47,18 @@ def quik_case(m, n, k, n_out, bits, dtype, seed):
     return x, base_idx, outlier_idx, q, wscale, q.to(torch.int32).sum(1, dtype=torch.int32), w_out
 
 
-def run_quik(m, n, k, n_out, bits, path, dtype, mutations=frozenset()):
-    """Split, outlier product and GEMM through the launchers on the emulator; checked against the
-    reference bit for bit (xq, s, z, x_out, the int32 accumulator and y)."""
+def run_quik(m, n, k, n_out, bits, path, dtype, clip=1.0, mutations=frozenset()):
+    """Split (its activations clipped by ``clip``), outlier product and GEMM through the launchers on
+    the emulator; checked against the reference bit for bit (xq, s, z, x_out, the int32
+    accumulator and y)."""
     x, base_idx, outlier_idx, q, wscale, wsum, w_out = quik_case(m, n, k, n_out, bits, dtype, seed=7 * m + n + k)
     pack = path == "s4"
     with emulate.emulating(mutations=mutations) as emu:
-        xq, s, z, x_out = cuda_quik.split_quantize(x, base_idx, outlier_idx, bits, pack)
+        xq, s, z, x_out = cuda_quik.split_quantize(x, base_idx, outlier_idx, bits, pack, clip)
         y_out = torch.matmul(x_out, w_out.t()) if n_out else None
         qw = pack_int4(q) if bits == 4 else q
         y, acc = cuda_quik.quik_gemm(xq, s, z, qw, wscale, wsum, y_out, bits, dtype, return_acc=True)
-    rq, rs, rz, rx = refq.quantize_split(x, base_idx, outlier_idx, bits)
+    rq, rs, rz, rx = refq.quantize_split(x, base_idx, outlier_idx, bits, clip)
     assert torch.equal(unpack_int4(xq) if pack else xq, rq), "split: xq differs"
     assert torch.equal(s, rs) and torch.equal(z, rz), "split: s or z differs"
     assert torch.equal(x_out, rx), "split: x_out differs"
@@ -88,6 +89,22 @@ def test_quik_bit_exact(m, n, k, n_out, bits, path):
 @pytest.mark.parametrize("bits,path", [(4, "s4"), (4, "s8"), (8, None)])
 def test_quik_bf16(bits, path):
     run_quik(17, 130, 300, 16, bits, path, torch.bfloat16)
+
+
+@pytest.mark.parametrize("clip,dtype", [(0.9, torch.float16), (0.7, torch.bfloat16), (1 / 3, torch.float16)])
+@pytest.mark.parametrize("bits,path", [(4, "s4"), (4, "s8"), (8, None)])
+def test_quik_clipped_activations_bit_exact(bits, path, clip, dtype):
+    """The activation clip (quik-w4a4's act_clip): the kernel's shrunken range, its saturated codes
+    and s, z equal the reference's, with a clip that float32 cannot hold exactly (1/3)."""
+    emu = run_quik(17, 130, 300, 16, bits, path, dtype, clip)
+    x, base_idx, outlier_idx, *_ = quik_case(17, 130, 300, 16, bits, dtype, seed=7 * 17 + 130 + 300)
+    half = 1 << (bits - 1)
+
+    def saturated(c):  # codes at either end of the grid, over the 284 base channels
+        xq = refq.quantize_split(x, base_idx, outlier_idx, bits, c)[0][:, :284]
+        return int(((xq == -half) | (xq == half - 1)).sum())
+    assert saturated(clip) > saturated(1.0), "the clip saturated no more values than the full range"
+    assert emu.launches[0][2]["clip"] == torch.tensor(clip, dtype=torch.float32).item()
 
 
 def test_quik_linear_on_the_emulator_matches_the_cpu_layer():
@@ -287,6 +304,7 @@ MUTATION_CASES = {
     "no_sign": (run_illm, (3, 72, 96, 4), "differs"),
     "c_map": (run_quik, (3, 13, 576, 32, 8, None, torch.bfloat16), "differs"),
     "split_short": (run_quik, (3, 13, 576, 32, 8, None, torch.float16), "error"),
+    "no_clip": (run_quik, (3, 13, 576, 32, 4, "s4", torch.float16, 0.9), "differs"),
     "fold_stale": (run_native, (3, 64, 96, 32, "w4a8-is"), "differs"),
 }
 

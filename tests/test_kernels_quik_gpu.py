@@ -31,13 +31,14 @@ SHAPES = [(1, 576, 576, 32), (3, 1536, 576, 32), (17, 576, 1536, 96), (130, 192,
 PATHS_4 = ["s8"] + (["s4"] if cuda_quik.int4_path(DEV) == "s4" else [])
 
 
+@pytest.mark.parametrize("clip", [1.0, 0.9])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bits,pack", [(4, True), (4, False), (8, False)])
 @pytest.mark.parametrize("m,n,k,n_out", SHAPES)
-def test_split_quantize_is_exact(m, n, k, n_out, bits, pack, dtype):
+def test_split_quantize_is_exact(m, n, k, n_out, bits, pack, dtype, clip):
     x, base_idx, outlier_idx, *_ = _case(m, n, k, n_out, bits, dtype, seed=m + k)
-    xq, s, z, x_out = cuda_quik.split_quantize(x.to(DEV), base_idx.to(DEV), outlier_idx.to(DEV), bits, pack)
-    rq, rs, rz, rx = refq.quantize_split(x, base_idx, outlier_idx, bits)
+    xq, s, z, x_out = cuda_quik.split_quantize(x.to(DEV), base_idx.to(DEV), outlier_idx.to(DEV), bits, pack, clip)
+    rq, rs, rz, rx = refq.quantize_split(x, base_idx, outlier_idx, bits, clip)
     got = unpack_int4(xq.cpu()) if pack else xq.cpu()
     assert torch.equal(got, rq)
     assert torch.equal(s.cpu(), rs) and torch.equal(z.cpu(), rz)
@@ -67,7 +68,7 @@ def test_quik_layer_on_cuda_matches_cpu_reference(tmp_path):
     x, base_idx, outlier_idx, q, wscale, wsum, w_out = _case(33, 576, 1536, 96, 4, torch.float16, seed=1)
     tensors = {"qweight": pack_int4(q), "shape": torch.tensor([576, 1536]), "wscale": wscale, "wsum": wsum,
                "outlier_idx": outlier_idx.to(torch.int32), "outlier_weight": w_out}
-    lin = QuikLinear("quik-w4a4", tensors, None)
+    lin = QuikLinear("quik-w4a4", tensors, None, act_clip=0.9)  # the preset's clip
     ref = lin(x.float())
     got = lin.to(DEV)(x.to(DEV)).float().cpu()
     # only the outlier product differs (cuBLAS fp16 vs CPU float32), and the fp16 rounding

@@ -71,6 +71,36 @@ def test_split_quantizer_reference():
         assert torch.equal(deq[:, out_idx], x[:, out_idx]) and torch.equal(deq[:, base], xq[:, :37].float() * s[:, None] + z[:, None])
 
 
+def test_split_quantizer_activation_clip():
+    """act_clip c: the token's min and max times c (float32), the values beyond them saturate; c = 1
+    is the unclipped quantizer bit for bit; the calibration form makes the same numbers."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(6, 90, generator=gen) * 2
+    x[1] = 0.0
+    out_idx = torch.tensor([4, 60])
+    base = refq.split_columns(90, out_idx)
+    mask = torch.zeros(90, dtype=torch.bool)
+    mask[out_idx] = True
+    for bits in (4, 8):
+        full = refq.quantize_split(x, base, out_idx, bits)
+        assert all(torch.equal(a, b) for a, b in zip(full, refq.quantize_split(x, base, out_idx, bits, 1.0)))
+        xq, s, z, _ = refq.quantize_split(x, base, out_idx, bits, 0.5)
+        xb = x[:, base]
+        lo, hi = xb.amin(1) * 0.5, xb.amax(1) * 0.5
+        assert torch.equal(s, (hi - lo) / ((1 << bits) - 1)) and torch.equal(s[1:2], torch.zeros(1))
+        half = 1 << (bits - 1)
+        beyond = (xb > hi[:, None]) | (xb < lo[:, None])
+        assert beyond.sum() > 12 and ((xq[:, :88][beyond] == -half) | (xq[:, :88][beyond] == half - 1)).all()
+        rec = xq[:, :88].float() * s[:, None] + z[:, None]
+        inside = ~beyond
+        assert ((rec - xb).abs()[inside] <= (s[:, None] / 2 * 1.0001 + 1e-6).expand_as(xb)[inside]).all()
+        deq = refq.dequantize_split(x, mask, bits, 0.5)
+        assert torch.equal(deq[:, base], rec) and torch.equal(deq[:, out_idx], x[:, out_idx])
+    for bad in (0.0, -0.1, 1.01):
+        with pytest.raises(ValueError, match="activation clip"):
+            refq.quantize_split(x, base, out_idx, 4, bad)
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_gemm_reference_is_the_dequantized_product(bits):
     """y = s t xq·q + z ws R + y_out equals (s xq + z) (ws q)ᵀ + x_out W_outᵀ up to float rounding."""
@@ -124,10 +154,39 @@ def test_int8_layers_and_config_errors():
                      ({"group_size": 128}, "allowed parameters")]:
         with pytest.raises(QConvertError, match=msg):
             QuikMethod(bad)
+    for clip in (0, 1.5, True, "0.9"):
+        with pytest.raises(QConvertError, match=r"act_clip=.* must be a number in \(0, 1\]"):
+            QuikMethod({"act_clip": clip})
     with pytest.raises(QConvertError, match="--outliers below 128"):
         QuikMethod({"outliers": 128}).quantize_linears(["a"], [w], h, input_amax=x.abs().amax(0))
     with pytest.raises(QConvertError, match="needs calibration"):
         QuikMethod({}).quantize_linear("a", w)
+
+
+def test_clipped_layer_runs_as_calibrated():
+    """With act_clip, the layer the runtime builds from the recorded config (layout.params) quantizes
+    its activations as calibration did; a config without act_clip (an OUT written before it) runs
+    unclipped, and a bad one is refused with the fix."""
+    from qconvert.layouts.quik import QUIK_W4A4
+
+    w, h, x = _problem()
+    meth = QuikMethod({"bits": 4, "outliers": 16, "base": "rtn", "act_clip": 0.9})
+    ql = meth.quantize_linears(["m.layers.0.mlp.up_proj"], [w], h, input_amax=x.abs().amax(0))[0]
+    config = meth.describe()
+    assert config["act_clip"] == 0.9 and config["activations"]["clip"] == 0.9
+
+    def shape_of(suffix):
+        return tuple(ql.tensors[suffix].shape)
+    params = QUIK_W4A4.params(config, shape_of)
+    assert params == {"outliers": 16, "act_clip": 0.9}
+    lin = QUIK_W4A4.module(ql.tensors, None, **params)
+    xs = x[:33]
+    assert torch.allclose(lin(xs), ql.activation(xs) @ ql.dequantized.T, rtol=1e-4, atol=1e-3)
+    plain = QUIK_W4A4.module(ql.tensors, None, **QUIK_W4A4.params({"bits": 4}, shape_of))
+    assert plain.act_clip == 1.0 and not torch.equal(plain(xs), lin(xs))
+    assert "act_clip=0.9" in repr(lin) and "act_clip" not in repr(plain)
+    with pytest.raises(QConvertError, match="act_clip=2 of layout quik-w4a4 must be a number in"):
+        QUIK_W4A4.params({"act_clip": 2}, shape_of)
 
 
 # ------------------------------------------------------------------ end to end
@@ -172,8 +231,11 @@ def test_presets_quantize_load_verify_eval(calib_src, tmp_path, scheme, extra, l
     assert inspect.exit_code == 0 and f"{want} fp16 ch" in inspect.output
     ev = CliRunner().invoke(cli, ["eval", str(out), "--data-file", str(calib_src.parent / "calib.txt"), "--seqlen", "16", "--json", "-q"])
     assert ev.exit_code == 0 and json.loads(ev.stdout)["perplexity"] > 1
+    clip = 0.9 if scheme == "quik-w4a4" else 1.0  # the presets' act_clip, read back from config.json
+    assert {m.act_clip for m in model.modules() if hasattr(m, "act_clip")} == {refq.clip32(clip)}
     card = CliRunner().invoke(cli, ["push", str(out), "me/model", "--dry-run"])
     assert card.exit_code == 0 and "- quik" in card.output and "kept in fp16" in card.output
+    assert ("each token's range clipped to 0.9 of its min / max" in card.output) == (clip == 0.9)
     assert f"- w{4 if scheme == 'quik-w4a4' else 8}a{4 if scheme == 'quik-w4a4' else 8}" in card.output
 
 
@@ -185,6 +247,30 @@ def test_outliers_option_errors(calib_src, tmp_path):
     assert not (tmp_path / "b").exists() and not (tmp_path / "b.partial").exists()
     res = _quantize(calib_src, tmp_path / "c", "quik-w4a4", "--outliers", "-2")
     assert res.exit_code != 0 and "a count >= 0" in res.output
+
+
+def test_version_1_out_runs_unclipped_and_newer_versions_are_refused(calib_src, tmp_path):
+    """An OUT of format version 1 (before act_clip) loads and runs its activations unclipped, as
+    it was written; a version this qconvert does not know is refused with the fix."""
+    from qconvert import load
+
+    out = tmp_path / "out"
+    assert _quantize(calib_src, out, "quik-w4a4", "--outliers", "8").exit_code == 0
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    assert cfg["quantization_config"]["format_version"] == 2 and cfg["quantization_config"]["config"]["act_clip"] == 0.9
+    ids = torch.randint(0, 300, (1, 24), generator=torch.Generator().manual_seed(1))
+    clipped = load(out)(ids).logits
+    del cfg["quantization_config"]["config"]["act_clip"]
+    cfg["quantization_config"]["format_version"] = 1
+    cfg_path.write_text(json.dumps(cfg))
+    v1 = load(out)
+    assert {m.act_clip for m in v1.modules() if hasattr(m, "act_clip")} == {1.0}
+    assert not torch.equal(v1(ids).logits, clipped)
+    cfg["quantization_config"]["format_version"] = 3
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(QConvertError, match="version 3; this qconvert reads qconvert-native versions 1, 2: upgrade"):
+        load(out)
 
 
 def test_verify_catches_a_damaged_quik_layer(calib_src, tmp_path):

@@ -17,7 +17,8 @@ from pathlib import Path
 from qconvert.errors import QConvertError
 
 FORMAT_NAME = "qconvert-native"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what quantize writes; 2 (0.4.0): QUIK's act_clip in the method config
+READ_VERSIONS = (1, 2)  # what this qconvert reads: a version-1 OUT runs as written (act_clip absent: 1)
 MANIFEST = "manifest.json"
 
 
@@ -74,10 +75,10 @@ def read_quant_config(out: Path) -> tuple[dict, dict]:
     qc = cfg.pop("quantization_config", None)
     if not isinstance(qc, dict) or qc.get("quant_method") != "qconvert":
         raise QConvertError(f"{out} is not a qconvert output (config.json has no qconvert quantization_config)")
-    if qc.get("format") != FORMAT_NAME or qc.get("format_version") != FORMAT_VERSION:
+    if qc.get("format") != FORMAT_NAME or qc.get("format_version") not in READ_VERSIONS:
         raise QConvertError(
             f"{out} uses format {qc.get('format')!r} version {qc.get('format_version')!r}; this qconvert reads "
-            f"{FORMAT_NAME} version {FORMAT_VERSION}: upgrade qconvert or re-quantize"
+            f"{FORMAT_NAME} versions {', '.join(map(str, READ_VERSIONS))}: upgrade qconvert or re-quantize"
         )
     return cfg, qc
 

@@ -10,7 +10,8 @@ Stored (n outlier channels, Kbp = K - n padded to 64; docs/format.md):
     outlier_idx     int32 [n]      the fp16 input channels, ascending
     outlier_weight  float16 [N, n] their weights
 
-At run time the base channels' activations are quantized per token, asymmetric, b bits; the
+At run time the base channels' activations are quantized per token, asymmetric, b bits, over the
+token's min / max times ``act_clip`` (the method's recorded config; 1 when absent); the
 outlier channels stay fp16 (qconvert_kernels/quik/reference.py on CPU, qconvert_kernels/quik/cuda.py
 on a GPU: split-and-quantize, then the integer GEMM whose epilogue adds the fp16 outlier product).
 """
@@ -33,13 +34,19 @@ def auto_outliers(k: int) -> int:
     return min(MAX_AUTO_OUTLIERS, (k // 16) // OUTLIER_MULTIPLE * OUTLIER_MULTIPLE)
 
 
+def _clip_words(clip) -> str:
+    return f"; each token's range clipped to {clip:g} of its min / max" if clip != 1 else ""
+
+
 class QuikLinear(QuantizedModule):
     """A QUIK linear (see the module docstring)."""
 
-    def __init__(self, layout: str, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None):
+    def __init__(self, layout: str, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None,
+                 act_clip: float = 1.0):
         super().__init__()
         self.layout = layout
         self.bits = 4 if layout == "quik-w4a4" else 8
+        self.act_clip = refq.clip32(act_clip)
         self.out_features, self.in_features = (int(v) for v in tensors["shape"])
         for name in ("qweight", "wscale", "wsum", "outlier_idx", "outlier_weight"):
             self.register_buffer(name, tensors[name])
@@ -51,7 +58,7 @@ class QuikLinear(QuantizedModule):
 
     def extra_repr(self):
         return (f"{self.layout}, in_features={self.in_features}, out_features={self.out_features}, "
-                f"outliers={self.outlier_idx.numel()}")
+                f"outliers={self.outlier_idx.numel()}" + (f", act_clip={self.act_clip:.4g}" if self.act_clip != 1.0 else ""))
 
     def weights_int8(self) -> torch.Tensor:
         """q int8 [N, Kbp] (cached)."""
@@ -74,9 +81,9 @@ class QuikLinear(QuantizedModule):
             from qconvert_kernels.quik import cuda as cuda_quik
 
             y = cuda_quik.quik_linear(x2, self.base_idx, self.outlier_idx, self.qweight, self.wscale, self.wsum,
-                                      self.outlier_weight, self.bits)
+                                      self.outlier_weight, self.bits, clip=self.act_clip)
         else:
-            xq, s, z, x_out = refq.quantize_split(x2, self.base_idx, self.outlier_idx, self.bits)
+            xq, s, z, x_out = refq.quantize_split(x2, self.base_idx, self.outlier_idx, self.bits, self.act_clip)
             y = refq.quik_gemm(xq, s, z, self.weights_int8(), self.wscale, self.wsum,
                                refq.outlier_product(x_out, self.outlier_weight))
         return self._finish(y, x, shape)
@@ -91,9 +98,13 @@ class QuikLayout(Layout):
 
     def params(self, config: dict, shape_of) -> dict:
         idx = shape_of("outlier_idx")
-        return {"outliers": idx[0] if idx is not None and len(idx) == 1 else 0}
+        clip = config.get("act_clip", 1.0)
+        if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not 0 < clip <= 1:
+            raise QConvertError(f"config.json: quantization_config.config act_clip={clip!r} of layout {self.name} "
+                                "must be a number in (0, 1]; re-run qconvert quantize")
+        return {"outliers": idx[0] if idx is not None and len(idx) == 1 else 0, "act_clip": float(clip)}
 
-    def spec(self, n: int, k: int, outliers: int) -> dict[str, TensorSpec]:
+    def spec(self, n: int, k: int, outliers: int, act_clip: float = 1.0) -> dict[str, TensorSpec]:
         kbp = refq.padded_base(k - outliers)
         four = self.bits == 4
         return {"qweight": TensorSpec(torch.uint8 if four else torch.int8, (n, kbp // 2 if four else kbp),
@@ -104,7 +115,7 @@ class QuikLayout(Layout):
                 "outlier_idx": TensorSpec(torch.int32, (outliers,), "fp16 input channels, ascending"),
                 "outlier_weight": TensorSpec(torch.float16, (n, outliers), "their weights")}
 
-    def check(self, name, tensors, n, k, outliers) -> list[str]:
+    def check(self, name, tensors, n, k, outliers, act_clip: float = 1.0) -> list[str]:
         problems = shape_check(name, tensors, n, k)
         idx = tensors["outlier_idx"]
         if outliers and (int(idx.min()) < 0 or int(idx.max()) >= k or len(torch.unique(idx)) != outliers):
@@ -117,8 +128,8 @@ class QuikLayout(Layout):
             problems.append(f"{name}.wsum is not the row sum of qweight (the zero-point term would be wrong)")
         return problems
 
-    def module(self, tensors, bias, outliers) -> QuikLinear:
-        return QuikLinear(self.name, tensors, bias)
+    def module(self, tensors, bias, outliers, act_clip: float = 1.0) -> QuikLinear:
+        return QuikLinear(self.name, tensors, bias, act_clip)
 
     def figures(self, row: dict) -> dict[str, str]:
         return {"extra": f"{row['outliers']} fp16 ch"}
@@ -130,13 +141,13 @@ class QuikLayout(Layout):
         return [("weights", f"int{config.get('bits')}, symmetric, per output channel; the input channels with outlier "
                             f"activations ({count}) kept in fp16" + (f"; layers matching {int8} in int8" if int8 else "")),
                 ("activations", f"int{config.get('bits')}, dynamic, per-token, asymmetric, on all but the outlier channels "
-                                "(fp16), quantized as the model runs")]
+                                "(fp16), quantized as the model runs" + _clip_words(config.get("act_clip", 1.0)))]
 
     def tags(self, config: dict) -> list[str]:
         b = config.get("bits")
         return [f"int{b}", f"w{b}a{b}", f"int{b}-activations", "quik", "fp16-outliers"]
 
-    def random_tensors(self, n, k, gen, device, outliers=None) -> dict[str, torch.Tensor]:
+    def random_tensors(self, n, k, gen, device, outliers=None, act_clip: float = 1.0) -> dict[str, torch.Tensor]:
         """Random weights with the "auto" outlier count (or ``outliers``) and sorted random outlier channels."""
         n_out = auto_outliers(k) if outliers is None else outliers
         kbp = refq.padded_base(k - n_out)

@@ -14,8 +14,10 @@ For every linear (layouts ``quik-w4a4`` / ``quik-w8a8``, qconvert_kernels/quik/r
   (1.0, 0.975, ... ``clip_min``) weighted by diag H.  ``base = "rtn"``: the same grid, rounded
   to nearest, no error feedback.
 - **Activations.**  Per token, asymmetric, b bits, quantized at run time over the base channels
-  (min / max of the token); the zero point's share of the product uses the weight row sums
-  R[n] = Σ_k q[n, k], stored.
+  (min / max of the token, times ``act_clip``: QuaRot's activation clipping, 0.9 in quik-w4a4,
+  where the few values beyond the shrunken range saturate); the zero point's share of the
+  product uses the weight row sums R[n] = Σ_k q[n, k], stored.  Calibration runs the next layers
+  through the same clipped activations.
 - **Bits per layer.**  ``bits`` for all layers, except those matching ``int8_layers`` (fnmatch on
   the module name), which run W8A8: the paper's choice for down_proj, whose inputs (the SwiGLU
   product) are the hardest to quantize.  ``quik-w4a4`` sets ``int8_layers = ["*.down_proj"]``.
@@ -46,10 +48,14 @@ class QuikConfig:
     clip_min: float = 0.8  # weight range search: 1.0, 0.975, ... clip_min (1: off)
     damp: float = 0.01
     act_order: bool = True
+    act_clip: float = 1.0  # each token's activation range (min, max) times this at run time; (0, 1]
 
     def __post_init__(self):
         if self.bits not in (4, 8):
             raise QConvertError(f"quik: bits={self.bits!r} must be 4 or 8")
+        if isinstance(self.act_clip, bool) or not isinstance(self.act_clip, (int, float)) or not 0 < self.act_clip <= 1:
+            raise QConvertError(f"quik: act_clip={self.act_clip!r} must be a number in (0, 1] (1: no clipping; "
+                                "quik-w4a4 uses 0.9)")
         if not (self.outliers == "auto" or (type(self.outliers) is int and self.outliers >= 0)):
             raise QConvertError(f"quik: outliers={self.outliers!r} must be 'auto' or a count >= 0 (0: no fp16 channels)")
         if not (isinstance(self.int8_layers, (list, tuple)) and all(isinstance(p, str) for p in self.int8_layers)):
@@ -84,7 +90,7 @@ class QuikMethod(Method):
                 "weights": {"bits": cfg.bits, "symmetric": True, "granularity": "per-channel",
                             "outliers": "fp16 input channels", "int8_layers": list(cfg.int8_layers)},
                 "activations": {"bits": cfg.bits, "symmetric": False, "granularity": "per-token", "dynamic": True,
-                                "outliers": "fp16"}}
+                                "outliers": "fp16", "clip": cfg.act_clip}}
 
     def activation_fake_quant(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - per layer instead
         raise QConvertError("quik: activations are quantized per layer (QuantizedLinear.activation)")
@@ -121,7 +127,7 @@ class QuikMethod(Method):
                 s_all = grid.scales(stacked[:, :kb], torch.where(diag > 0, diag, torch.ones_like(diag)))
                 q_all = grid.quantize(stacked[:, :kb], s_all[:, None]).to(torch.int8)
                 kept, secs = stacked[:, kb:], 0.0
-            act = _ActQuant(k, outlier_idx, bits, hessian.device)
+            act = _ActQuant(k, outlier_idx, bits, hessian.device, cfg.act_clip)
             row = 0
             for i in part:
                 w = weights[i].float()
@@ -157,10 +163,10 @@ class QuikMethod(Method):
 class _ActQuant:
     """The run-time activation quantizer of one set of layers, in float (calibration)."""
 
-    def __init__(self, k: int, outlier_idx: torch.Tensor, bits: int, device: torch.device):
+    def __init__(self, k: int, outlier_idx: torch.Tensor, bits: int, device: torch.device, clip: float):
         self.mask = torch.zeros(k, dtype=torch.bool, device=device)
         self.mask[outlier_idx] = True
-        self.bits = bits
+        self.bits, self.clip = bits, clip
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return dequantize_split(x, self.mask, self.bits)
+        return dequantize_split(x, self.mask, self.bits, self.clip)

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from qconvert_kernels import launch as _l
 from qconvert_kernels.w4a8 import cuda as kc
+from qconvert_kernels.quik import reference as refq
 from qconvert_kernels.quik.reference import K_TILE
 
 SOURCE = Path(__file__).with_name("quik_gemm.cu")
@@ -45,8 +47,10 @@ def check_gemm_shape(fn: str, m: int, n: int, kbp: int) -> None:
     kc._require(-(-m // kc.BLOCK_M) <= 65535, f"{where}: M too large for the grid (at most {65535 * kc.BLOCK_M})")
 
 
-def split_quantize(x: torch.Tensor, base_idx: torch.Tensor, outlier_idx: torch.Tensor, bits: int, pack: bool):
-    """x fp16 / bf16 [M, K] -> (xq, s float32 [M], z float32 [M], x_out [M, n] in x's dtype).
+def split_quantize(x: torch.Tensor, base_idx: torch.Tensor, outlier_idx: torch.Tensor, bits: int, pack: bool,
+                   clip: float = 1.0):
+    """x fp16 / bf16 [M, K] -> (xq, s float32 [M], z float32 [M], x_out [M, n] in x's dtype); ``clip``
+    the activation clip of reference.quantize_split.
 
     xq: int8 [M, Kbp] (one value per byte) or, with ``pack`` (bits 4 only), uint8 [M, Kbp/2]."""
     fn = "quik_split"
@@ -67,7 +71,7 @@ def split_quantize(x: torch.Tensor, base_idx: torch.Tensor, outlier_idx: torch.T
         kc._launch(f"quik_split_{kc._OUT[x.dtype]}", (m,), (kc.QUANT_THREADS,),
                    (kc._ptr(x), kc._ptr(base_idx), kc._ptr(outlier_idx), kc._ptr(xq), kc._ptr(s), kc._ptr(z),
                     kc._ptr(x_out), kc._i32(m), kc._i32(k), kc._i32(kb), kc._i32(kbp), kc._i32(n_out),
-                    kc._i32(bits), kc._i32(int(pack))), dev, SOURCE)
+                    kc._i32(bits), kc._i32(int(pack)), np.float32(refq.clip32(clip))), dev, SOURCE)
     return xq, s, z, x_out
 
 
@@ -113,13 +117,14 @@ def quik_gemm(xq, s, z, qweight, wscale, wsum, y_out, bits: int, out_dtype, retu
     return (y, acc) if return_acc else y
 
 
-def quik_linear(x2, base_idx, outlier_idx, qweight, wscale, wsum, outlier_weight, bits: int, path: str | None = None):
-    """One QUIK layer: y [M, N] in x2's dtype (fp16 / bf16) from x2 [M, K]; ``path`` "s4" / "s8"
-    overrides the device's choice for 4-bit layers (tests, bench)."""
+def quik_linear(x2, base_idx, outlier_idx, qweight, wscale, wsum, outlier_weight, bits: int, path: str | None = None,
+                clip: float = 1.0):
+    """One QUIK layer: y [M, N] in x2's dtype (fp16 / bf16) from x2 [M, K], its activations clipped
+    by ``clip``; ``path`` "s4" / "s8" overrides the device's choice for 4-bit layers (tests, bench)."""
     if x2.dtype not in kc._OUT:
         raise ValueError(f"the QUIK kernels take float16 or bfloat16 activations, got {x2.dtype}; "
                          "load with dtype=torch.float16 (the default on cuda)")
     pack = bits == 4 and (path or int4_path(x2.device)) == "s4"
-    xq, s, z, x_out = split_quantize(x2, base_idx, outlier_idx, bits, pack)
+    xq, s, z, x_out = split_quantize(x2, base_idx, outlier_idx, bits, pack, clip)
     y_out = torch.matmul(x_out, outlier_weight.to(x2.dtype).t()) if outlier_idx.numel() else None
     return quik_gemm(xq, s, z, qweight, wscale, wsum, y_out, bits, x2.dtype)

@@ -59,7 +59,8 @@ ROW_LOADS = BM * BK // 16 // THREADS     # quik::ROW_LOADS, qk::A_LOADS (2); pac
 QUANT_THREADS = 256
 
 GEMM_PARAMS = ("xq", "s", "z", "qw", "wscale", "wsum", "y_out", "y", "acc_out", "M", "N", "Kbp")
-SPLIT_PARAMS = ("x", "base_idx", "outlier_idx", "xq", "s", "z", "x_out", "M", "K", "Kb", "Kbp", "n_out", "bits", "pack")
+SPLIT_PARAMS = ("x", "base_idx", "outlier_idx", "xq", "s", "z", "x_out", "M", "K", "Kb", "Kbp", "n_out", "bits", "pack",
+                "clip")
 ILLM_PARAMS = ("xq", "qw", "wm", "wk", "kmin_p", "t", "M", "N", "K")
 IS_PARAMS = ("xq", "t", "qw", "iscale", "cscale", "alpha_log2", "y", "acc_out", "M", "N", "Kp", "group_size")
 FS_PARAMS = ("xq", "t", "qw", "scales", "y", "M", "N", "Kp", "group_size")
@@ -73,6 +74,7 @@ MUTATIONS = frozenset({
     "no_sign",         # unpack_int4x8 without its final xor (no sign extension)
     "c_map",           # the epilogue reads c1 where it means c2
     "split_short",     # quik_split writes only the Kb base columns, not the padding up to Kbp
+    "no_clip",         # quik_split ignores its clip (the token's full min / max)
     "fold_stale",      # w4a8_gemm.cu's folds load the scales of the group just folded again
 })
 
@@ -474,7 +476,9 @@ def native_epilogue(ctx: Ctx, fold: GroupFold, bf16: bool, M: int, N: int, bm: i
 def split_rows(ctx: Ctx, grid, bf16: bool):
     """quik::split_row for every row (one CTA of 256 threads per row; min / max are order-free)."""
     a, f, mem = ctx.args, ctx.fops, ctx.mem
-    M, K, Kb, Kbp, n_out, bits, pack = (a[k] for k in ("M", "K", "Kb", "Kbp", "n_out", "bits", "pack"))
+    M, K, Kb, Kbp, n_out, bits, pack, clip = (a[k] for k in ("M", "K", "Kb", "Kbp", "n_out", "bits", "pack", "clip"))
+    if "no_clip" in ctx.mutations:
+        clip = np.float32(1)
     conv = bf16_bits_to_f32 if bf16 else f16_bits_to_f32
     levels = np.float32((1 << bits) - 1)
     half = 1 << (bits - 1)
@@ -484,6 +488,7 @@ def split_rows(ctx: Ctx, grid, bf16: bool):
         v = f.f(conv(_load(ctx, a["x"], m * K + base, np.uint16, "x (base channels)")))
         lo = np.float32(np.fmin.reduce(v, initial=np.inf))
         hi = np.float32(np.fmax.reduce(v, initial=-np.inf))
+        lo, hi = f.mul(lo, clip), f.mul(hi, clip)
         r = f.add(hi, -lo)
         inv = f.mul(f.rcp(r), levels) if r > 0 else np.float32(0)
         u = np.fmin(np.fmax(np.rint(f.mul(f.add(v, -lo), inv)), np.float32(0)), levels)
@@ -534,7 +539,7 @@ def begin_launch(emu, name, grid, block, args, shared_mem, kernels, known) -> tu
         raise EmulationError(f"{name}: {shared_mem} bytes of dynamic shared memory, the kernel uses static shared memory only")
     if len(args) != len(params):
         raise EmulationError(f"{name}: {len(args)} arguments, the kernel takes {len(params)}")
-    vals = {p: int(v) for p, v in zip(params, args)}
+    vals = {p: np.float32(v) if isinstance(v, np.floating) else int(v) for p, v in zip(params, args)}
     emu.launches.append((name, grid, dict(vals)))
     return grid, Ctx(Global(), vals, frozenset(emu.mutations), FloatOps(False))
 

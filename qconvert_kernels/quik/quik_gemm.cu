@@ -94,7 +94,7 @@ template <bool kBF16>
 __device__ __forceinline__ void split_row(const unsigned short* __restrict__ x, const int* __restrict__ base_idx,
                                           const int* __restrict__ outlier_idx, unsigned char* __restrict__ xq,
                                           float* __restrict__ s, float* __restrict__ z, unsigned short* __restrict__ x_out,
-                                          int M, int K, int Kb, int Kbp, int n_out, int bits, int pack) {
+                                          int M, int K, int Kb, int Kbp, int n_out, int bits, int pack, float clip) {
     constexpr int T = qk::QUANT_THREADS;
     __shared__ float red_lo[T / 32], red_hi[T / 32];
     const int m = blockIdx.x;
@@ -125,6 +125,8 @@ __device__ __forceinline__ void split_row(const unsigned short* __restrict__ x, 
         lo = fminf(lo, red_lo[w]);
         hi = fmaxf(hi, red_hi[w]);
     }
+    lo = __fmul_rn(lo, clip);  // the activation clip (1: exact); values beyond saturate below
+    hi = __fmul_rn(hi, clip);
 
     const float levels = static_cast<float>((1 << bits) - 1);
     const int half = 1 << (bits - 1);
@@ -198,8 +200,9 @@ __device__ __forceinline__ void split_row(const unsigned short* __restrict__ x, 
         unsigned short* __restrict__ x_out,     /* fp16 / bf16 [M, n] out */                            \
         int M, int K, int Kb, int Kbp, int n_out,                                                       \
         int bits,                               /* 4 or 8 */                                            \
-        int pack) {                             /* 1: two int4 per byte (bits == 4) */                  \
-        quik::split_row<BF16>(x, base_idx, outlier_idx, xq, s, z, x_out, M, K, Kb, Kbp, n_out, bits, pack); \
+        int pack,                               /* 1: two int4 per byte (bits == 4) */                  \
+        float clip) {                           /* the token's min and max times this, (0, 1] */       \
+        quik::split_row<BF16>(x, base_idx, outlier_idx, xq, s, z, x_out, M, K, Kb, Kbp, n_out, bits, pack, clip); \
     }
 
 QUIK_BYTES_GEMM(quik_gemm_w4a4_s4_f16, true, false, Kbp / 2)

@@ -7,11 +7,13 @@ have outliers, in fp16 and runs the rest with b-bit integers (b = 4 or 8):
              + x_out  [M, n]  (the channels in ``outlier_idx``, in the stored order)
 
 Activations, per token, asymmetric, over the base channels only (``quantize_split``):
-    lo = min_k x_base[m, k], hi = max_k x_base[m, k]      (float32)
+    lo = min_k x_base[m, k] * c, hi = max_k x_base[m, k] * c      (float32; c = ``clip``)
     r  = hi - lo;   s = r / L;   inv = (1 / r) * L   (0 when r == 0)      L = 2^b - 1
     u  = clamp(rint((x - lo) * inv), 0, L)           (x - lo rounded first, then the product)
     xq = u - 2^(b-1)                                  signed: int4 [-8, 7] or int8 [-128, 127]
     z  = lo + 2^(b-1) * s                             x ~= s * xq + z
+c (0 < c <= 1, rounded to float32 first) shrinks the token's range so the 2^b levels sit closer
+together, and the few values beyond it saturate (QuaRot's activation clipping); c = 1 is exact.
 Columns Kb..Kbp-1 of xq (padding to the kernel's k tile, 64) are 0.
 
 Weights: q int [N, Kbp] symmetric per output channel with float32 scale ws [N] (base channels,
@@ -47,13 +49,23 @@ def padded_base(kb: int) -> int:
     return -(-kb // K_TILE) * K_TILE
 
 
-def quantize_split(x: torch.Tensor, base_idx: torch.Tensor, outlier_idx: torch.Tensor, bits: int):
+def clip32(clip: float) -> float:
+    """The activation clip as every implementation uses it: rounded to float32, in (0, 1]."""
+    c = torch.tensor(float(clip), dtype=torch.float32).item()
+    if not 0.0 < c <= 1.0:
+        raise ValueError(f"activation clip {clip!r} must be in (0, 1]")
+    return c
+
+
+def quantize_split(x: torch.Tensor, base_idx: torch.Tensor, outlier_idx: torch.Tensor, bits: int,
+                   clip: float = 1.0):
     """x float [M, K] -> (xq int8 [M, Kbp] with values in [-2^(b-1), 2^(b-1)-1], s float32 [M],
     z float32 [M], x_out [M, n] in x's dtype); see the module docstring."""
     xf = x.float()
     xb = xf.index_select(1, base_idx)
-    lo = xb.amin(dim=1)
-    hi = xb.amax(dim=1)
+    c = clip32(clip)
+    lo = xb.amin(dim=1) * c
+    hi = xb.amax(dim=1) * c
     r = hi - lo
     lv = levels(bits)
     inv = torch.where(r > 0, r.reciprocal() * lv, torch.zeros_like(r))
@@ -68,15 +80,16 @@ def quantize_split(x: torch.Tensor, base_idx: torch.Tensor, outlier_idx: torch.T
     return xq, s, z, x.index_select(1, outlier_idx.long())
 
 
-def dequantize_split(x: torch.Tensor, outlier_mask: torch.Tensor, bits: int) -> torch.Tensor:
+def dequantize_split(x: torch.Tensor, outlier_mask: torch.Tensor, bits: int, clip: float = 1.0) -> torch.Tensor:
     """What the layer computes with, as a float tensor like x: base channels s * xq + z, the
     outlier channels (``outlier_mask`` bool [K]) unchanged; calibration runs the next layers
     through this.  The same float32 operations as ``quantize_split``, elementwise over all
     channels with the outliers masked out of min / max (no gathers: it runs on every
     calibration batch)."""
     xf = x.float()
-    lo = torch.where(outlier_mask, torch.inf, xf).amin(dim=-1, keepdim=True)
-    hi = torch.where(outlier_mask, -torch.inf, xf).amax(dim=-1, keepdim=True)
+    c = clip32(clip)
+    lo = torch.where(outlier_mask, torch.inf, xf).amin(dim=-1, keepdim=True) * c
+    hi = torch.where(outlier_mask, -torch.inf, xf).amax(dim=-1, keepdim=True) * c
     r = hi - lo
     lv = levels(bits)
     half = 1 << (bits - 1)
