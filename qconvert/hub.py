@@ -451,6 +451,20 @@ class _Provenance:
         return f"qconvert quantize {shlex.quote(src)} --scheme {shlex.quote(name)}{revision}{flags} -o {out}"
 
 
+def _method_defaults(method: str) -> dict:
+    """The method's own parameter defaults (its config dataclass), {} for an unknown method."""
+    import dataclasses
+
+    from qconvert.methods import method_class
+
+    try:
+        fields = dataclasses.fields(method_class(method).config_class)
+    except (QConvertError, TypeError):
+        return {}
+    return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            for f in fields if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+
+
 def option_flags(report: dict, name: str, exclude: list | None = None) -> list[str]:
     """The quantize options that made OUT from preset ``name``, from its report (qconvert.json) and
     its config's ``exclude``: what differs from the preset as this qconvert defines it (parameters,
@@ -466,6 +480,8 @@ def option_flags(report: dict, name: str, exclude: list | None = None) -> list[s
     q = shlex.quote
     flags = []
     params = (report.get("scheme") or {}).get("params") or {}
+    if params:  # a preset key OUT's report lacks (the preset gained it later): OUT had the method's default
+        params = {**{k: v for k, v in _method_defaults(preset.method).items() if k in preset.params}, **params}
     for key, value in params.items():
         if preset.params.get(key) != value:
             shown = value if isinstance(value, str) else json.dumps(value)  # TOML for numbers, booleans, lists

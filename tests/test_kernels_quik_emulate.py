@@ -107,6 +107,14 @@ def test_quik_clipped_activations_bit_exact(bits, path, clip, dtype):
     assert emu.launches[0][2]["clip"] == torch.tensor(clip, dtype=torch.float32).item()
 
 
+def test_a_float_argument_must_be_float32():
+    """CuPy passes a Python float as a double: the emulator refuses what the kernel would misread."""
+    x, base_idx, outlier_idx, *_ = quik_case(3, 8, 100, 4, 4, torch.float16, seed=1)
+    args = [0] * 14 + [0.9]
+    with emulate.emulating() as emu, pytest.raises(emulate.EmulationError, match="argument clip is float, not numpy.float32"):
+        emu("quik_split_f16", (3,), (256,), args, 0, cuda_quik.SOURCE)
+
+
 def test_quik_linear_on_the_emulator_matches_the_cpu_layer():
     """quik_linear (the runtime's CUDA path, both int4 paths) equals the split + GEMM reference fed
     the same outlier product."""
@@ -133,18 +141,18 @@ def test_quik_layer_made_by_the_method_runs_on_the_kernels(bits):
     from qconvert.methods.quik import QuikMethod
 
     w, h, x = _problem(n=72, k=200, rows=512, outliers=(5, 77, 190))
-    meth = QuikMethod({"bits": bits, "outliers": 16, "base": "rtn"})
+    meth = QuikMethod({"bits": bits, "outliers": 16, "base": "rtn", "act_clip": 0.9})
     ql = meth.quantize_linears(["m.layers.0.mlp.up_proj"], [w], h, input_amax=x.abs().amax(0))[0]
     assert ql.layout == f"quik-w{bits}a{bits}" and len(ql.tensors["outlier_idx"]) == 16
-    lin = QuikLinear(ql.layout, ql.tensors, None)
+    lin = QuikLinear(ql.layout, ql.tensors, None, act_clip=0.9)
     xs = x[:17].half()
-    rq, rs, rz, rx = refq.quantize_split(xs, lin.base_idx, lin.outlier_idx, bits)
+    rq, rs, rz, rx = refq.quantize_split(xs, lin.base_idx, lin.outlier_idx, bits, 0.9)
     y_out = torch.matmul(rx, lin.outlier_weight.to(xs.dtype).t())
     want = refq.quik_gemm(rq, rs, rz, lin.weights_int8(), lin.wscale, lin.wsum, y_out.float()).half()
     for path in (["s4", "s8"] if bits == 4 else [None]):
         with emulate.emulating():
             y = cuda_quik.quik_linear(xs, lin.base_idx, lin.outlier_idx, lin.qweight, lin.wscale, lin.wsum,
-                                      lin.outlier_weight, lin.bits, path=path)
+                                      lin.outlier_weight, lin.bits, path=path, clip=lin.act_clip)
         assert torch.equal(y.view(torch.int16), want.view(torch.int16)), path
     # and the layer's CPU forward is the same computation with a float32 outlier product
     assert float((lin(xs.float()) - want.float()).norm() / want.float().norm()) < 2e-3

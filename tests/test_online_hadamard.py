@@ -248,8 +248,10 @@ def test_cli_end_to_end(tiny, tmp_path, monkeypatch):
     from qconvert.hub import model_card
 
     out = tmp_path / "out"
+    # unclipped activations (act_clip = 1): on this tiny random model the preset's 0.9 clip adds an
+    # error of its own that blurs the with / without transform comparison below (0.175 against 0.309)
     res = CliRunner().invoke(cli, ["quantize", str(tiny), "--scheme", "quik-w4a4", "--outliers", "0", "--rotate",
-                                   "hadamard+online", "-o", str(out), "-q", *_calib(tiny)])
+                                   "hadamard+online", "--param", "act_clip=1", "-o", str(out), "-q", *_calib(tiny)])
     assert res.exit_code == 0, res.output
     assert "down_proj's input rotated online" in res.output
     qc = json.loads((out / "config.json").read_text())["quantization_config"]

@@ -38,7 +38,7 @@ CASES = {
     "is-w4a8": ("dense", "is-w4a8", {}, 32, "float32"),
     "is-w4a8-bf16": ("dense", "is-w4a8", {}, 32, "bfloat16"),
     "zqfp-w4a8-lorc": ("dense", "zqfp-w4a8", {"lorc_weighting": "hessian"}, 32, "float32"),
-    "quik-w4a4": ("dense", "quik-w4a4", {"outliers": 8}, None, "float32"),
+    "quik-w4a4": ("dense", "quik-w4a4", {"outliers": 8, "act_clip": 1}, None, "float32"),  # DIGESTS: unclipped
     "illm-w4a8-fsbr": ("dense", "illm-w4a8", {"fsbr_steps": 4}, None, "float32"),
     "w8a8": ("dense", "w8a8", {}, None, "float32"),
     "mixtral-is-w4a8": ("moe", "is-w4a8", {}, 32, "float32"),
@@ -87,6 +87,11 @@ def digest(out: Path) -> str:
     qc.pop("qconvert_version")
     if (qc.get("config") or {}).get("symmetric") is True:  # integer-scale's `symmetric` (2026-12-01) postdates
         del qc["config"]["symmetric"]  # DIGESTS; its default, true, is what every pinned case ran
+    if qc.get("format_version") == 2:  # format version 2 (2026-12-02: QUIK's act_clip) postdates DIGESTS,
+        qc["format_version"] = 1  # as does act_clip itself: the pinned QUIK case runs unclipped (1)
+        cfg = qc.get("config") or {}
+        if cfg.get("act_clip") == 1:
+            del cfg["act_clip"], cfg["activations"]["clip"]
     h.update(json.dumps(qc, sort_keys=True).encode())
     h.update(json.dumps(json.loads((out / "qconvert.json").read_text())["layers"], sort_keys=True).encode())
     return h.hexdigest()

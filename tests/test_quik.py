@@ -154,7 +154,7 @@ def test_int8_layers_and_config_errors():
                      ({"group_size": 128}, "allowed parameters")]:
         with pytest.raises(QConvertError, match=msg):
             QuikMethod(bad)
-    for clip in (0, 1.5, True, "0.9"):
+    for clip in (0, 1.5, True, "0.9", 1e-50):  # 1e-50: positive, but 0 in float32
         with pytest.raises(QConvertError, match=r"act_clip=.* must be a number in \(0, 1\]"):
             QuikMethod({"act_clip": clip})
     with pytest.raises(QConvertError, match="--outliers below 128"):
@@ -307,3 +307,15 @@ def test_smollm2_quik_w4a4_end_to_end(tmp_path, wiki_test):
                                   "--max-windows", "2", "--json", "-q"])
     assert ev.exit_code == 0, ev.output
     assert json.loads(ev.stdout)["perplexity"] < 200
+
+
+def test_card_command_of_an_out_made_before_act_clip():
+    """A quik-w4a4 OUT made before the preset clipped (its report has no act_clip) ran unclipped:
+    the card's command says --param act_clip=1.0 so that it makes the same model again."""
+    from qconvert.hub import option_flags
+    from qconvert.schemes_registry import load_scheme
+
+    params = dict(load_scheme("quik-w4a4").params)
+    assert params.pop("act_clip") == 0.9
+    assert option_flags({"scheme": {"params": params}}, "quik-w4a4") == ["--param act_clip=1.0"]
+    assert option_flags({"scheme": {"params": {**params, "act_clip": 0.9}}}, "quik-w4a4") == []

@@ -99,7 +99,7 @@ class QuikLayout(Layout):
     def params(self, config: dict, shape_of) -> dict:
         idx = shape_of("outlier_idx")
         clip = config.get("act_clip", 1.0)
-        if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not 0 < clip <= 1:
+        if not refq.valid_clip(clip):
             raise QConvertError(f"config.json: quantization_config.config act_clip={clip!r} of layout {self.name} "
                                 "must be a number in (0, 1]; re-run qconvert quantize")
         return {"outliers": idx[0] if idx is not None and len(idx) == 1 else 0, "act_clip": float(clip)}

@@ -36,7 +36,7 @@ from qconvert.layouts.quik import auto_outliers
 from qconvert.methods.base import Method, QuantizedLinear, check_solver_params, relative_weight_error as _rel
 from qconvert.solvers.gptq import gptq, relative_output_error
 from qconvert.solvers.grids import IntGrid, clip_factors
-from qconvert_kernels.quik.reference import K_TILE, dequantize_split, split_columns
+from qconvert_kernels.quik.reference import K_TILE, dequantize_split, split_columns, valid_clip
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class QuikConfig:
     def __post_init__(self):
         if self.bits not in (4, 8):
             raise QConvertError(f"quik: bits={self.bits!r} must be 4 or 8")
-        if isinstance(self.act_clip, bool) or not isinstance(self.act_clip, (int, float)) or not 0 < self.act_clip <= 1:
+        if not valid_clip(self.act_clip):
             raise QConvertError(f"quik: act_clip={self.act_clip!r} must be a number in (0, 1] (1: no clipping; "
                                 "quik-w4a4 uses 0.9)")
         if not (self.outliers == "auto" or (type(self.outliers) is int and self.outliers >= 0)):

@@ -539,7 +539,10 @@ def begin_launch(emu, name, grid, block, args, shared_mem, kernels, known) -> tu
         raise EmulationError(f"{name}: {shared_mem} bytes of dynamic shared memory, the kernel uses static shared memory only")
     if len(args) != len(params):
         raise EmulationError(f"{name}: {len(args)} arguments, the kernel takes {len(params)}")
-    vals = {p: np.float32(v) if isinstance(v, np.floating) else int(v) for p, v in zip(params, args)}
+    bad = [p for p, v in zip(params, args) if isinstance(v, (float, np.floating)) and not isinstance(v, np.float32)]
+    if bad:  # CuPy would pass a Python float or float64 as 8 bytes where the kernel reads a 4-byte float
+        raise EmulationError(f"{name}: argument {bad[0]} is {type(args[params.index(bad[0])]).__name__}, not numpy.float32")
+    vals = {p: v if isinstance(v, np.float32) else int(v) for p, v in zip(params, args)}
     emu.launches.append((name, grid, dict(vals)))
     return grid, Ctx(Global(), vals, frozenset(emu.mutations), FloatOps(False))
 

@@ -53,8 +53,14 @@ def clip32(clip: float) -> float:
     """The activation clip as every implementation uses it: rounded to float32, in (0, 1]."""
     c = torch.tensor(float(clip), dtype=torch.float32).item()
     if not 0.0 < c <= 1.0:
-        raise ValueError(f"activation clip {clip!r} must be in (0, 1]")
+        raise ValueError(f"activation clip {clip!r} must be in (0, 1] once rounded to float32")
     return c
+
+
+def valid_clip(clip) -> bool:
+    """A number (not a bool) that is in (0, 1] once rounded to float32, as every implementation uses it."""
+    return (not isinstance(clip, bool) and isinstance(clip, (int, float))
+            and 0.0 < torch.tensor(float(clip), dtype=torch.float32).item() <= 1.0)
 
 
 def quantize_split(x: torch.Tensor, base_idx: torch.Tensor, outlier_idx: torch.Tensor, bits: int,
