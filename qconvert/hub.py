@@ -452,17 +452,15 @@ class _Provenance:
 
 
 def _method_defaults(method: str) -> dict:
-    """The method's own parameter defaults (its config dataclass), {} for an unknown method."""
+    """The method's own parameter defaults (its config with no parameters), {} where there are none."""
     import dataclasses
 
     from qconvert.methods import method_class
 
     try:
-        fields = dataclasses.fields(method_class(method).config_class)
+        return dataclasses.asdict(method_class(method).config_class())
     except (QConvertError, TypeError):
         return {}
-    return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            for f in fields if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
 
 
 def option_flags(report: dict, name: str, exclude: list | None = None) -> list[str]:

@@ -29,6 +29,8 @@ is handed, so the GPU tests hand the reference the same y_out.
 
 from __future__ import annotations
 
+import struct
+
 import torch
 
 K_TILE = 64  # the base part is padded to this many columns: the int4 mma's K
@@ -51,16 +53,23 @@ def padded_base(kb: int) -> int:
 
 def clip32(clip: float) -> float:
     """The activation clip as every implementation uses it: rounded to float32, in (0, 1]."""
-    c = torch.tensor(float(clip), dtype=torch.float32).item()
+    try:
+        c = struct.unpack("f", struct.pack("f", float(clip)))[0]
+    except OverflowError:  # beyond float32's range
+        c = float("inf")
     if not 0.0 < c <= 1.0:
         raise ValueError(f"activation clip {clip!r} must be in (0, 1] once rounded to float32")
     return c
 
 
 def valid_clip(clip) -> bool:
-    """A number (not a bool) that is in (0, 1] once rounded to float32, as every implementation uses it."""
-    return (not isinstance(clip, bool) and isinstance(clip, (int, float))
-            and 0.0 < torch.tensor(float(clip), dtype=torch.float32).item() <= 1.0)
+    """A number (not a bool) that ``clip32`` takes."""
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)):
+        return False
+    try:
+        return bool(clip32(clip))
+    except ValueError:
+        return False
 
 
 def quantize_split(x: torch.Tensor, base_idx: torch.Tensor, outlier_idx: torch.Tensor, bits: int,
