@@ -137,8 +137,9 @@ def test_online_hadamard_in_the_integer_runtime(tiny_calib_src, tmp_path, monkey
     assert "down_proj's input rotated online" in res.output
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["online_rotation"]["order"] == 160 and len(qc["online_rotation"]["modules"]) == 2
+    assert qc["config"]["act_clip"] == 0.9  # the preset clips its activations
     model = runtime.load(out)
-    assert isinstance(model, IntegerLlama)
+    assert isinstance(model, IntegerLlama) and model.model.layers[0].mlp.down_proj.clip == ri.clip_int(0.9)
     for blk in model.model.layers:
         assert blk.mlp.down_proj.online_transform is not None
         assert torch.equal(blk.mlp.down_proj.smooth, torch.ones(160))  # s4 = 1
@@ -350,6 +351,61 @@ def test_option_and_parameter_errors(tiny_calib_src, tmp_path):
                      ({"fsbr_steps": -1}, "fsbr_steps"), ({"fsbr_batch": 0}, "fsbr_batch"), ({"fsbr_lr": 0}, "fsbr_lr")]:
         with pytest.raises(QConvertError, match=msg):
             ILLMMethod(bad)
+
+
+def test_activation_clip(illm_out, tmp_path, monkeypatch):
+    """``act_clip``: every linear's per-token input (DI-Norm's outputs, o_proj's and down_proj's inputs)
+    is quantized over c x max |x| in the integer runtime, and the other requantizations are not; the
+    float view and calibration's fake quantization saturate the same way; an OUT recorded without
+    the key runs unclipped; a bad value is refused in one line."""
+    import shutil
+
+    from qconvert import runtime
+    from qconvert.errors import QConvertError
+    from qconvert.methods.fsbr import fake_quant_rows
+    from qconvert.methods.illm import ILLMMethod
+
+    out = tmp_path / "clipped"
+    shutil.copytree(illm_out, out)
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    assert cfg["quantization_config"]["config"]["act_clip"] == 1.0  # illm-w8a8's default
+    cfg["quantization_config"]["config"]["act_clip"] = 0.9
+    cfg_path.write_text(json.dumps(cfg))
+    model, plain = runtime.load(out), runtime.load(illm_out)
+    assert {m.clip for m in model.modules() if hasattr(m, "clip")} == {ri.clip_int(0.9)} == {58982}
+    seen, rows = [], ri.quantize_rows
+    monkeypatch.setattr(ri, "quantize_rows", lambda v, qmax, clip=ri.CLIP_ONE: seen.append((qmax, clip)) or rows(v, qmax, clip))
+    ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(3))
+    got = model.forward_int(ids[0])
+    clipped = [q for q, c in seen if c == ri.clip_int(0.9)]
+    assert clipped == [127] * 4 * model.layers_n and all(c == ri.CLIP_ONE for q, c in seen if q != 127 or c != ri.clip_int(0.9))
+    seen.clear()
+    want = plain.forward_int(ids[0])
+    assert {c for _, c in seen} == {ri.CLIP_ONE} and not torch.equal(got[0], want[0])
+    lin = model.model.layers[0].self_attn.q_proj
+    x = torch.randn(5, lin.in_features)
+    lin_plain = plain.model.layers[0].self_attn.q_proj
+    assert not torch.equal(lin(x), lin_plain(x))
+    lin.clip = ri.CLIP_ONE
+    assert torch.equal(lin(x), lin_plain(x))  # the clip is the only difference
+
+    x = torch.tensor([[10.0, 1.0, -10.0, 5.0, 0.0]])
+    want = torch.tensor([[5.0, 5 / 7, -5.0, 5.0, 0.0]])
+    assert torch.allclose(ILLMMethod({"a_bits": 4, "act_clip": 0.5}).activation_fake_quant(x), want)
+    assert torch.allclose(fake_quant_rows(x, 4, 0.5), want)
+    assert torch.equal(ILLMMethod({"a_bits": 4}).activation_fake_quant(x), fake_quant_rows(x, 4))
+
+    del cfg["quantization_config"]["config"]["act_clip"]  # an OUT made before the key: unclipped
+    cfg_path.write_text(json.dumps(cfg))
+    assert {m.clip for m in runtime.load(out).modules() if hasattr(m, "clip")} == {ri.CLIP_ONE}
+    cfg["quantization_config"]["config"]["act_clip"] = 0.3
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(QConvertError, match=r"act_clip=0.3 of layout illm-w8a8 must be a number in \[0.5, 1\]"):
+        runtime.load(out)
+    for bad in (0.49, 1.01, True, "0.9"):
+        with pytest.raises(QConvertError, match="act_clip=.* must be a number in"):
+            ILLMMethod({"act_clip": bad})
 
 
 def test_decoding_and_bench_on_the_integer_model(illm_out):

@@ -27,11 +27,14 @@ def requant_case(qmax):
     return v
 
 
-def run_requant(qmax, mutations=frozenset()):
+CLIPS = [ri.CLIP_ONE, ri.clip_int(0.9), ri.CLIP_ONE // 2, ri.clip_int(2 / 3)]  # none, the preset's, the least, odd
+
+
+def run_requant(qmax, clip=ri.CLIP_ONE, mutations=frozenset()):
     v = requant_case(qmax)
     with emulate.emulating(mutations=mutations):
-        q, sm, sk = cuda_illm.requant_rows(v, qmax)
-    rq, r = ri.quantize_rows(v, qmax)
+        q, sm, sk = cuda_illm.requant_rows(v, qmax, clip)
+    rq, r = ri.quantize_rows(v, qmax, clip)
     assert torch.equal(q.long(), rq), "q differs"
     assert torch.equal(sm, r.m[:, 0]) and torch.equal(sk, r.k[:, 0]), "scale differs"
 
@@ -48,21 +51,22 @@ def run_softmax(t, mutations=frozenset(), valid=None):
     assert torch.equal(got.long(), want), f"P differs in {(got.long() != want).sum()} places"
 
 
-def run_rmsnorm(qmax, mutations=frozenset()):
+def run_rmsnorm(qmax, clip=ri.CLIP_ONE, mutations=frozenset()):
     gen = torch.Generator().manual_seed(qmax)
     x = torch.randint(-2**21, 2**21, (5, 576), generator=gen)
     x[3] = 0
     g = torch.randint(-2**15, 2**15, (576,), generator=gen)
     with emulate.emulating(mutations=mutations):
-        q, sm, sk = cuda_illm.rmsnorm(x, g, 14, qmax)
-    rq, r = ri.di_rmsnorm(x, g, 14, qmax)
+        q, sm, sk = cuda_illm.rmsnorm(x, g, 14, qmax, clip)
+    rq, r = ri.di_rmsnorm(x, g, 14, qmax, clip)
     assert torch.equal(q.long(), rq), "q differs"
     assert torch.equal(sm, r.m[:, 0]) and torch.equal(sk, r.k[:, 0]), "scale differs"
 
 
+@pytest.mark.parametrize("clip", CLIPS)
 @pytest.mark.parametrize("qmax", [127, 7])
-def test_requant_rows_bit_exact(qmax):
-    run_requant(qmax)
+def test_requant_rows_bit_exact(qmax, clip):
+    run_requant(qmax, clip=clip)
 
 
 @pytest.mark.parametrize("t", [1, 37, 100])
@@ -75,9 +79,26 @@ def test_softmax_valid_lengths_outside_the_row():
     run_softmax(9, valid=torch.tensor([-3, 0, 1, 4, 9, 12, 2, 9, 100], dtype=torch.int32))
 
 
+@pytest.mark.parametrize("clip", CLIPS)
 @pytest.mark.parametrize("qmax", [127, 7])
-def test_rmsnorm_bit_exact(qmax):
-    run_rmsnorm(qmax)
+def test_rmsnorm_bit_exact(qmax, clip):
+    run_rmsnorm(qmax, clip=clip)
+
+
+def test_clip_reference_semantics():
+    """The clip shrinks each row's range to round(amax * c) and saturates what lies beyond; 2^16
+    is bit-identical to no clip; the launchers refuse a clip outside [2^15, 2^16]."""
+    v = torch.tensor([[100, -100, 50, 89, 91, 0], [3, -1, 0, 2, 1, 1]])
+    q, r = ri.quantize_rows(v, 7, ri.clip_int(0.9))
+    assert q.tolist() == [[7, -7, 4, 7, 7, 0], [7, -2, 0, 5, 2, 2]]  # amax' = 90 and 3
+    want = ri.ratio(torch.tensor([[90], [3]]), 7)
+    assert torch.equal(r.m, want.m) and torch.equal(r.k, want.k)
+    plain, d = ri.quantize_rows(v, 7)
+    same, e = ri.quantize_rows(v, 7, ri.CLIP_ONE)
+    assert torch.equal(plain, same) and torch.equal(d.m, e.m) and torch.equal(d.k, e.k)
+    for bad in (ri.CLIP_ONE // 2 - 1, ri.CLIP_ONE + 1, 0.9):
+        with pytest.raises(ValueError, match="clip must be an integer"):
+            cuda_illm.requant_rows(v, 7, bad)
 
 
 @pytest.mark.parametrize("w_bits", [8, 4])
@@ -103,6 +124,7 @@ MUTATION_CASES = {
     "divby_short": (run_requant, (127,), "error"),
     "round_down": (run_rmsnorm, (127,), "differs"),
     "exp_no_square": (run_softmax, (37,), "differs"),
+    "requant_no_clip": (run_requant, (7, ri.clip_int(0.9)), "differs"),
 }
 
 

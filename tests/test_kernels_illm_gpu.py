@@ -26,14 +26,15 @@ def test_matmul(m, n, k, w_bits):
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("clip", [ri.CLIP_ONE, ri.clip_int(0.9)])
 @pytest.mark.parametrize("qmax", [127, 7])
-def test_requant_rows(qmax):
+def test_requant_rows(qmax, clip):
     gen = torch.Generator().manual_seed(qmax)
     v = torch.randint(-2**50, 2**50, (33, 700), generator=gen)
     v[1] = 0
     v[2] //= 2**40  # a small row
-    q, sm, sk = cuda_illm.requant_rows(v.to(DEV), qmax)
-    rq, r = ri.quantize_rows(v, qmax)
+    q, sm, sk = cuda_illm.requant_rows(v.to(DEV), qmax, clip)
+    rq, r = ri.quantize_rows(v, qmax, clip)
     assert torch.equal(q.cpu().long(), rq) and torch.equal(sm.cpu(), r.m[:, 0]) and torch.equal(sk.cpu(), r.k[:, 0])
 
 
@@ -49,12 +50,13 @@ def test_softmax_causal(t):
     assert torch.equal(got.long(), ref)
 
 
+@pytest.mark.parametrize("clip", [ri.CLIP_ONE, ri.clip_int(0.9)])
 @pytest.mark.parametrize("qmax", [127, 7])
-def test_rmsnorm(qmax):
+def test_rmsnorm(qmax, clip):
     gen = torch.Generator().manual_seed(qmax)
     x = torch.randint(-2**21, 2**21, (40, 576), generator=gen)
     x[3] = 0
     g = torch.randint(-2**15, 2**15, (576,), generator=gen)
-    q, sm, sk = cuda_illm.rmsnorm(x.to(DEV), g.to(DEV), 14, qmax)
-    rq, r = ri.di_rmsnorm(x, g, 14, qmax)
+    q, sm, sk = cuda_illm.rmsnorm(x.to(DEV), g.to(DEV), 14, qmax, clip)
+    rq, r = ri.di_rmsnorm(x, g, 14, qmax, clip)
     assert torch.equal(q.cpu().long(), rq) and torch.equal(sm.cpu(), r.m[:, 0]) and torch.equal(sk.cpu(), r.k[:, 0])

@@ -87,8 +87,8 @@ def digest(out: Path) -> str:
     qc.pop("qconvert_version")
     if (qc.get("config") or {}).get("symmetric") is True:  # integer-scale's `symmetric` (2026-12-01) postdates
         del qc["config"]["symmetric"]  # DIGESTS; its default, true, is what every pinned case ran
-    if qc.get("format_version") == 2:  # format version 2 (2026-12-02: QUIK's act_clip) postdates DIGESTS,
-        qc["format_version"] = 1  # as does act_clip itself: the pinned QUIK case runs unclipped (1)
+    if qc.get("format_version") == 2:  # format version 2 (2026-12-02: QUIK's and I-LLM's act_clip) postdates
+        qc["format_version"] = 1  # DIGESTS, as does act_clip itself: the pinned QUIK and I-LLM cases run unclipped (1)
         cfg = qc.get("config") or {}
         if cfg.get("act_clip") == 1:
             del cfg["act_clip"], cfg["activations"]["clip"]

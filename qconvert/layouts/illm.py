@@ -32,6 +32,10 @@ An OUT quantized with ``--rotate hadamard+online`` has down_proj's weights folde
 orthogonal Q = (A (x) H) / sqrt(n): its input is transformed per token in integers
 (``ri.hadamard_rows``: sums and differences) and 1 / sqrt(n) joins the dyadic scale; the smoothing
 of that input is off then (it would act before Q, where the folded weight cannot follow it).
+
+``act_clip`` (the method's recorded config; 1 when absent): every linear's per-token input is
+quantized over max |x| times c instead of max |x| (c as the integer round(c * 2^16), shifts only;
+``ri.quantize_rows``), in DI-Norm, before o_proj and before down_proj.
 """
 
 from __future__ import annotations
@@ -68,6 +72,11 @@ def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, Dyadic]:
     return q, to_dyadic(scale)
 
 
+def clip_of(act_clip: float) -> float:
+    """The clip the integer runtime applies for ``act_clip``: round(c * 2^16) / 2^16 (exact in float)."""
+    return ri.clip_int(act_clip) / ri.CLIP_ONE
+
+
 def int_vector(g: torch.Tensor) -> tuple[torch.Tensor, int]:
     """A float vector as int64 mantissas with one exponent: g ~= v / 2^k, max |v| in [2^14, 2^15)."""
     amax = float(g.float().abs().max())
@@ -85,13 +94,15 @@ class ILLMLinear(QuantizedModule):
     (``out_smooth``: v_proj, up_proj), so that it compares with the source's layer.
     """
 
-    def __init__(self, layout: str, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None):
+    def __init__(self, layout: str, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None,
+                 act_clip: float = 1.0):
         super().__init__()
         if bias is not None:
             raise QConvertError("I-LLM: linears with a bias are not supported by the integer runtime")
         self.layout = layout
         self.wbits = 4 if layout.startswith("illm-w4") else 8
         self.abits = 4 if layout.endswith("a4") else 8
+        self.clip = ri.clip_int(act_clip)  # the input range's clip as c * 2^16 (ri.quantize_rows)
         self.out_features, self.in_features = (int(v) for v in tensors["shape"])
         q = tensors["qweight"]
         q8 = unpack_int4(q) if self.wbits == 4 else q
@@ -124,8 +135,8 @@ class ILLMLinear(QuantizedModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float() / self.smooth.float()
-        amax = x2.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
-        xq = torch.round(x2 * (self.act_qmax / amax)).long()
+        amax = x2.abs().amax(dim=1, keepdim=True).clamp_min(1e-30) * (self.clip / ri.CLIP_ONE)
+        xq = torch.round(x2 * (self.act_qmax / amax)).long().clamp(-self.act_qmax, self.act_qmax)
         acc = ri.int8_matmul(xq, self.q8t).double()
         w = self.wm.double() * torch.pow(2.0, -self.wk.double())
         y = acc * (amax.double() / self.act_qmax) * (w * self.out_smooth.double())[None, :]
@@ -214,7 +225,7 @@ class IntegerLlama(nn.Module):
     def _attn_block(self, blk, h: torch.Tensor, t: int):
         attn = blk.self_attn
         d = self.head_dim
-        xq, xs = ri.di_rmsnorm(h, blk.input_layernorm_g, blk.input_layernorm_k, attn.q_proj.act_qmax)
+        xq, xs = ri.di_rmsnorm(h, blk.input_layernorm_g, blk.input_layernorm_k, attn.q_proj.act_qmax, attn.q_proj.clip)
         tq, sq = attn.q_proj.int_forward(xq, xs)
         tk, sk = attn.k_proj.int_forward(xq, xs)
         tv, sv = attn.v_proj.int_forward(xq, xs)
@@ -238,12 +249,13 @@ class IntegerLlama(nn.Module):
             p = ri.di_softmax(scores, s_q * Dyadic(s_k.m[kv], s_k.k[kv]) * self.inv_sqrt_d, mask)
             o = ri.wide_matmul(p, v8[kv])  # [T, d], scale 2^-15 * s_v[kv]
             outs.append(ri.shift(o * s_v.m[kv], s_v.k[kv] - kv_min))  # heads on one exponent
-        oq, ro = ri.quantize_rows(torch.cat(outs, dim=1), attn.o_proj.act_qmax)
+        oq, ro = ri.quantize_rows(torch.cat(outs, dim=1), attn.o_proj.act_qmax, attn.o_proj.clip)
         return attn.o_proj.int_forward(oq, Dyadic(ro.m, ro.k + kv_min + ri.PROB_BITS))
 
     def _mlp_block(self, blk, h: torch.Tensor):
         mlp = blk.mlp
-        xq, xs = ri.di_rmsnorm(h, blk.post_attention_layernorm_g, blk.post_attention_layernorm_k, mlp.gate_proj.act_qmax)
+        xq, xs = ri.di_rmsnorm(h, blk.post_attention_layernorm_g, blk.post_attention_layernorm_k, mlp.gate_proj.act_qmax,
+                               mlp.gate_proj.clip)
         tg, sg = mlp.gate_proj.int_forward(xq, xs)
         tu, su = mlp.up_proj.int_forward(xq, xs)
         g16, rg = ri.quantize_rows(tg, WIDE_QMAX)
@@ -253,7 +265,7 @@ class IntegerLlama(nn.Module):
         online = getattr(mlp.down_proj, "online_transform", None)  # --rotate hadamard+online (qconvert.load)
         if online is not None:  # a (A (x) H) / sqrt(n): integers below 2^30 n, the root in the scale
             a = ri.hadamard_rows(a, online.sign, online.lp)
-        aq, ra = ri.quantize_rows(a, mlp.down_proj.act_qmax)
+        aq, ra = ri.quantize_rows(a, mlp.down_proj.act_qmax, mlp.down_proj.clip)
         scale = ra * sg * su  # dyadic products round: this order is the format's (tests/test_golden.py)
         return mlp.down_proj.int_forward(aq, scale if online is None else scale * self.inv_sqrt_i)
 
@@ -289,6 +301,10 @@ class IntegerLlama(nn.Module):
                                past_key_values=full if use_cache else None)
 
 
+def _clip_words(clip) -> str:
+    return f"; each linear's input range clipped to {clip:g} of the token's max |x|" if clip != 1 else ""
+
+
 class ILLMLayout(Layout):
     """illm-w8a8 / illm-w4a8 / illm-w4a4: see the module docstring."""
 
@@ -296,7 +312,14 @@ class ILLMLayout(Layout):
         super().__init__(name, doc)
         self.w_bits = w_bits
 
-    def spec(self, n: int, k: int) -> dict[str, TensorSpec]:
+    def params(self, config: dict, shape_of) -> dict:
+        clip = config.get("act_clip", 1.0)
+        if not ri.valid_clip(clip):
+            raise QConvertError(f"config.json: quantization_config.config act_clip={clip!r} of layout {self.name} "
+                                "must be a number in [0.5, 1]; re-run qconvert quantize")
+        return {"act_clip": float(clip)}
+
+    def spec(self, n: int, k: int, act_clip: float = 1.0) -> dict[str, TensorSpec]:
         four = self.w_bits == 4
         return {"qweight": TensorSpec(torch.uint8 if four else torch.int8, (n, (k + 1) // 2) if four else (n, k),
                                       "integer weights" + (", two int4 per byte" if four else "")),
@@ -306,15 +329,15 @@ class ILLMLayout(Layout):
                 "smooth": TensorSpec(torch.float32, (k,), "input smoothing folded into the layer"),
                 "out_smooth": TensorSpec(torch.float32, (n,), "output smoothing folded into its rows")}
 
-    def check(self, name, tensors, n, k) -> list[str]:
+    def check(self, name, tensors, n, k, act_clip: float = 1.0) -> list[str]:
         problems = shape_check(name, tensors, n, k)
         wm = tensors["wm"]
         if ((wm < 0) | (wm >= 1 << 16)).any():
             problems.append(f"{name}.wm holds mantissas outside [0, 2^16)")
         return problems + finite_positive(name, tensors["smooth"], "smooth")
 
-    def module(self, tensors, bias) -> ILLMLinear:
-        return ILLMLinear(self.name, tensors, bias)
+    def module(self, tensors, bias, act_clip: float = 1.0) -> ILLMLinear:
+        return ILLMLinear(self.name, tensors, bias, act_clip)
 
     @staticmethod
     def model_runtime(out, config, linears: dict, state: dict, device) -> IntegerLlama:
@@ -327,7 +350,7 @@ class ILLMLayout(Layout):
     def card_rows(self, config: dict) -> list[tuple[str, str]]:
         return [("weights", f"int{config.get('w_bits')}, symmetric, per output channel, dyadic scales m / 2^k"),
                 ("activations", f"int{config.get('a_bits')}, dynamic, per-token, symmetric, integer-only inference "
-                                "(integer norm, softmax, SiLU and RoPE)")]
+                                "(integer norm, softmax, SiLU and RoPE)" + _clip_words(config.get("act_clip", 1.0)))]
 
     def tags(self, config: dict) -> list[str]:
         w, a = config.get("w_bits"), config.get("a_bits")

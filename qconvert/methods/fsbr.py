@@ -62,10 +62,11 @@ def smoothed_params(block: nn.Module, f: Factors, head_dim: int, reps: int) -> d
     }
 
 
-def fake_quant_rows(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """Symmetric round-to-nearest per row (last dim) with a straight-through gradient."""
+def fake_quant_rows(x: torch.Tensor, bits: int, clip: float = 1.0) -> torch.Tensor:
+    """Symmetric round-to-nearest per row (last dim) with a straight-through gradient; the row's
+    range is its max |x| times ``clip`` (what lies beyond saturates)."""
     qmax = (1 << (bits - 1)) - 1
-    scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / qmax
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) * clip / qmax
     v = x / scale
     return (v + (torch.round(v) - v).detach()).clamp(-qmax, qmax) * scale
 
@@ -102,7 +103,7 @@ def _reproducible_attention(device: torch.device):
 
 
 def refine(block: nn.Module, feed, init: Factors, *, w_bits: int, a_bits: int, head_dim: int, reps: int,
-           steps: int, batch: int, lr: float, frozen: tuple[str, ...] = ()) -> tuple[Factors, dict]:
+           steps: int, batch: int, lr: float, frozen: tuple[str, ...] = (), a_clip: float = 1.0) -> tuple[Factors, dict]:
     """Refine ``init`` on the calibration inputs ``feed`` (list of (hidden, kwargs)); ``block``
     holds the float weights (it is run functionally, not changed); the factors named in
     ``frozen`` keep their initial values.  Returns (factors, stats)."""
@@ -115,7 +116,7 @@ def refine(block: nn.Module, feed, init: Factors, *, w_bits: int, a_bits: int, h
             goal[i] = _out(block(data[i][0], **data[i][1])).detach()
     attn, mlp = block.self_attn, block.mlp
     linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-    hooks = [lin.register_forward_pre_hook(lambda m, a: (fake_quant_rows(a[0], a_bits), *a[1:])) for lin in linears]
+    hooks = [lin.register_forward_pre_hook(lambda m, a: (fake_quant_rows(a[0], a_bits, a_clip), *a[1:])) for lin in linears]
     theta = {k: nn.Parameter(v.detach().float().log()) for k, v in init.as_dict().items() if k not in frozen}
 
     def factors() -> Factors:

@@ -16,7 +16,10 @@ The converter's part (the layouts and their integer runtime are qconvert/layouts
   spanning K) or round-to-nearest; the scale becomes a dyadic m / 2^k per channel (``wm``,
   ``wk``), the form DI-MatMul multiplies by.
 - **Activations**: per token, symmetric, ``a_bits`` (8 or 4), dynamic: what the runtime's DI-Norm
-  and requantizations produce; calibration runs the next layers through that quantizer.
+  and requantizations produce; calibration runs the next layers through that quantizer.  Each
+  linear's input range is the token's max |x| times ``act_clip`` (c in [1/2, 1], applied as the
+  integer round(c * 2^16) / 2^16; 0.9 in illm-w4a4): the few values beyond saturate, the levels
+  sit closer.  FSBR's reconstruction and GPTQ's calibration see the same clipped activations.
 """
 
 from __future__ import annotations
@@ -27,12 +30,13 @@ import torch
 
 from qconvert.errors import QConvertError
 from qconvert.formats.packing import pack_int4, pad_columns
-from qconvert.layouts.illm import to_dyadic
+from qconvert.layouts.illm import clip_of, to_dyadic
 from qconvert.methods.base import Method, QuantizedLinear, check_solver_params, relative_weight_error
 from qconvert.methods.fsbr import expand_v, Factors, refine, smoothed_params
 from qconvert.online_hadamard import has_online
 from qconvert.solvers.gptq import gptq, relative_output_error
 from qconvert.solvers.grids import IntGrid, clip_factors
+from qconvert_kernels.illm import reference as ri
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,7 @@ class ILLMConfig:
     clip_min: float = 1.0  # weight range search (diag-H weighted); 1: off
     damp: float = 0.01
     act_order: bool = True
+    act_clip: float = 1.0  # each linear's per-token input range: max |x| times this (1: none)
 
     def __post_init__(self):
         if self.w_bits not in (4, 8) or self.a_bits not in (4, 8):
@@ -63,6 +68,8 @@ class ILLMConfig:
         if not (isinstance(self.fsbr_lr, (int, float)) and 0 < self.fsbr_lr <= 1):
             raise QConvertError(f"i-llm: fsbr_lr={self.fsbr_lr!r} must be in (0, 1]")
         check_solver_params("i-llm", self.base, self.damp, self.clip_min, self.act_order)
+        if not ri.valid_clip(self.act_clip):
+            raise QConvertError(f"i-llm: act_clip={self.act_clip!r} must be a number in [0.5, 1]; 1 turns clipping off")
 
     @property
     def layout(self) -> str:
@@ -109,14 +116,14 @@ class ILLMMethod(Method):
         return {**asdict(cfg), "weights": {"bits": cfg.w_bits, "symmetric": True, "granularity": "per-channel",
                                            "scales": "dyadic m / 2^k"},
                 "activations": {"bits": cfg.a_bits, "symmetric": True, "granularity": "per-token", "dynamic": True,
-                                "integer_only": True}}
+                                "integer_only": True, "clip": cfg.act_clip}}
 
     def activation_fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         qmax = (1 << (self.config.a_bits - 1)) - 1
         xf = x.float()
-        amax = xf.abs().amax(dim=-1, keepdim=True)
+        amax = xf.abs().amax(dim=-1, keepdim=True) * clip_of(self.config.act_clip)
         inv = torch.where(amax > 0, qmax / amax, torch.zeros_like(amax))
-        return (torch.round(xf * inv) * (amax / qmax)).to(x.dtype)
+        return (torch.round(xf * inv).clamp(-qmax, qmax) * (amax / qmax)).to(x.dtype)
 
     # ------------------------------------------------------------------ smoothing (before stage A)
     @torch.no_grad()
@@ -172,7 +179,7 @@ class ILLMMethod(Method):
         if cfg.fsbr_steps:
             f, stats = refine(block, batches, f, w_bits=cfg.w_bits, a_bits=cfg.a_bits, head_dim=d, reps=reps,
                               steps=cfg.fsbr_steps, batch=cfg.fsbr_batch, lr=cfg.fsbr_lr,
-                              frozen=("s4",) if online else ())
+                              frozen=("s4",) if online else (), a_clip=clip_of(cfg.act_clip))
             self._fsbr_stats[prefix] = stats
         del batches
         for name, value in smoothed_params(block, f, d, reps).items():

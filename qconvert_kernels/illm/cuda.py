@@ -86,16 +86,23 @@ def _row_outputs(rows: int, dev):
     return (torch.empty((rows,), dtype=torch.int64, device=dev), torch.empty((rows,), dtype=torch.int64, device=dev))
 
 
-def requant_rows(v: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _check_clip(fn: str, clip: int) -> None:
+    _l.require(isinstance(clip, int) and ri.CLIP_ONE // 2 <= clip <= ri.CLIP_ONE,
+               f"{fn}: clip must be an integer c * 2^16 in [2^15, 2^16] (reference.clip_int), got {clip!r}")
+
+
+def requant_rows(v: torch.Tensor, qmax: int, clip: int = ri.CLIP_ONE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """reference_illm.quantize_rows for int64 v [rows, n]: (q int8, m int64 [rows], k int64 [rows])."""
     _l.require(v.dim() == 2 and v.dtype == torch.int64 and 0 < qmax <= 127, "requant_rows: int64 [rows, n], 0 < qmax <= 127")
+    _check_clip("requant_rows", clip)
     dev = _l.check_cuda("requant_rows", v)
     v = v.contiguous()
     q = torch.empty(v.shape, dtype=torch.int8, device=dev)
     sm, sk = _row_outputs(v.shape[0], dev)
     if v.numel():
         _launch("illm_requant_rows", (v.shape[0],), (ROW_THREADS,),
-                (_l.ptr(v), _l.ptr(q), _l.ptr(sm), _l.ptr(sk), _l.i32(v.shape[0]), _l.i32(v.shape[1]), _l.i32(qmax)), dev)
+                (_l.ptr(v), _l.ptr(q), _l.ptr(sm), _l.ptr(sk), _l.i32(v.shape[0]), _l.i32(v.shape[1]), _l.i32(qmax),
+                 _l.i32(clip)), dev)
     return q, sm, sk
 
 
@@ -125,12 +132,13 @@ def softmax(scores: torch.Tensor, valid: torch.Tensor, sm: torch.Tensor, sk: tor
     return p
 
 
-def rmsnorm(x: torch.Tensor, gamma: torch.Tensor, gamma_k: int, qmax: int):
+def rmsnorm(x: torch.Tensor, gamma: torch.Tensor, gamma_k: int, qmax: int, clip: int = ri.CLIP_ONE):
     """DI-Norm (reference_illm.di_rmsnorm) of int64 x [rows, H]: (q int8, m int64 [rows], k int64 [rows])."""
     fn = "rmsnorm"
     _l.require(x.dim() == 2 and x.dtype == torch.int64 and gamma.shape == (x.shape[1],), f"{fn}: x int64 [rows, H], gamma [H]")
     _l.require(gamma.dtype in _INT, f"{fn}: gamma must be an integer tensor, got {gamma.dtype}")
     _l.require(0 < qmax <= 127, f"{fn}: 0 < qmax <= 127, got {qmax}")
+    _check_clip(fn, clip)
     dev = _l.check_cuda(fn, x, gamma)
     x = x.contiguous()
     gamma_c = gamma.to(torch.int64).contiguous()
@@ -139,5 +147,5 @@ def rmsnorm(x: torch.Tensor, gamma: torch.Tensor, gamma_k: int, qmax: int):
     if x.numel():
         _launch("illm_rmsnorm", (x.shape[0],), (ROW_THREADS,),
                 (_l.ptr(x), _l.ptr(gamma_c), _l.i32(gamma_k), _l.i32(qmax), _l.ptr(q), _l.ptr(sm),
-                 _l.ptr(sk), _l.i32(x.shape[0]), _l.i32(x.shape[1])), dev)
+                 _l.ptr(sk), _l.i32(x.shape[0]), _l.i32(x.shape[1]), _l.i32(clip)), dev)
     return q, sm, sk

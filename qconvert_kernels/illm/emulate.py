@@ -29,16 +29,18 @@ EXP_A = 43267
 EXP_B = 65536 - EXP_A
 LOG2E_M, LOG2E_K = 47274, 15
 PROB_BITS = 15
+CLIP_BITS = 16
 MASK64 = (1 << 64) - 1
 
-REQUANT_PARAMS = ("v", "q", "sm", "sk", "rows", "n", "qmax")
+REQUANT_PARAMS = ("v", "q", "sm", "sk", "rows", "n", "qmax", "clip")
 SOFTMAX_PARAMS = ("scores", "valid", "sm", "sk", "umax", "P", "rows", "T")
-RMSNORM_PARAMS = ("x", "gamma", "gk", "qmax", "q", "sm", "sk", "rows", "H")
+RMSNORM_PARAMS = ("x", "gamma", "gk", "qmax", "q", "sm", "sk", "rows", "H", "clip")
 
 MUTATIONS = _BYTES_MUTATIONS | frozenset({
     "divby_short",     # DivBy initialised for 32-bit numerators where the kernel needs 48
     "round_down",      # rshift_round without its half (truncating shifts)
     "exp_no_square",   # DI-Exp without the quadratic term
+    "requant_no_clip", # requant_row ignoring its activation clip
 })
 
 
@@ -144,19 +146,21 @@ class Ops:
         p = (1 << EXP_F) + self.rshift_round(i64(r * (EXP_A + quad), "di_exp2"), EXP_F)
         return self.rshift_round(p, min(-q, 62))
 
-    def requant_row(self, vals: list[int], qmax: int) -> tuple[list[int], int, int]:
+    def requant_row(self, vals: list[int], qmax: int, clip: int) -> tuple[list[int], int, int]:
         """illm::requant_row: (q, m, k) of one row."""
         amax = max((abs(v) for v in vals), default=0)
         pre = max(self.bitlen(amax) - 40, 0)
         amax2 = amax
         if pre > 0:
             amax2 = max((abs(self.rshift_round(v, pre)) for v in vals), default=0)
+        if "requant_no_clip" not in self.mutations:
+            amax2 = self.rshift_round(i64(amax2 * clip, "clipped amax"), CLIP_BITS)
         den = amax2 if amax2 > 0 else 1
         by = DivBy(den, 32 if "divby_short" in self.mutations else 48)
         q = []
         for v in vals:
             v = self.rshift_round(v, pre)
-            mag = by.div(i64(abs(v) * qmax + amax2 // 2, "requant numerator"))
+            mag = by.div(i64(min(abs(v), amax2) * qmax + amax2 // 2, "requant numerator"))
             q.append(-mag if v < 0 else mag)
         m, k = self.ratio(amax2, qmax)
         return q, m, k - pre
@@ -182,7 +186,7 @@ def requant_rows(ctx: Ctx, ops: Ops, grid):
     a = ctx.args
     rows, n = a["rows"], a["n"]
     for r in range(min(grid[0], rows)):
-        q, m, k = ops.requant_row(_row(ctx, "v", r, n, np.int64, "v"), a["qmax"])
+        q, m, k = ops.requant_row(_row(ctx, "v", r, n, np.int64, "v"), a["qmax"], a["clip"])
         _store(ctx, "q", r * n + np.arange(n), q, np.int8, "q")
         _store(ctx, "sm", [r], [m], np.int64, "sm")
         _store(ctx, "sk", [r], [k], np.int64, "sk")
@@ -221,7 +225,7 @@ def rmsnorm(ctx: Ctx, ops: Ops, grid):
         x = _row(ctx, "x", r, H, np.int64, "x")
         ss = i64(sum(i64(v * v, "x^2") for v in x), "sum of squares")
         rms = ops.isqrt(udiv_u64(ss, H))
-        q, m, k = ops.requant_row([i64(v * g, "x * gamma") for v, g in zip(x, gamma)], a["qmax"])
+        q, m, k = ops.requant_row([i64(v * g, "x * gamma") for v, g in zip(x, gamma)], a["qmax"], a["clip"])
         im, ik = ops.ratio(m, rms)
         _store(ctx, "q", r * H + np.arange(H), q, np.int8, "q")
         _store(ctx, "sm", [r], [im], np.int64, "sm")

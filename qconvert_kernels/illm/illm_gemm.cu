@@ -10,7 +10,8 @@
 //                          acc = sum_k xq[m, k] * q[n, k] on int8 tensor cores (w4: weights
 //                          widened from packed int4 in registers, the W4A8 main loop)
 //   illm_requant_rows      q = round(|v| * qmax / amax) with v's sign, per row; the row's scale
-//                          ratio amax / qmax as (m, k)   (reference_illm.quantize_rows)
+//                          ratio amax / qmax as (m, k)   (reference_illm.quantize_rows); a clip
+//                          c * 2^16 below 2^16 first shrinks amax to round(amax * c) (|v| clamped)
 //   illm_softmax           DI-ClippedSoftmax of int32 scores with a per-row dyadic scale and a
 //                          per-row valid length (causal): 15-bit probabilities (di_softmax)
 //   illm_rmsnorm           DI-Norm: integer square root, x * gamma requantized per row (di_rmsnorm)
@@ -38,6 +39,7 @@ constexpr long long EXP_B = 65536 - EXP_A;
 constexpr long long LOG2E_M = 47274;  // round(log2(e) * 2^15), exponent 15
 constexpr int LOG2E_K = 15;
 constexpr int PROB_BITS = 15;
+constexpr int CLIP_BITS = 16;  // an activation clip is round(c * 2^16), c in [1/2, 1]
 constexpr int ROW_THREADS = 256;
 
 __device__ __forceinline__ int bitlen(long long v) { return v > 0 ? 64 - __clzll(v) : 0; }
@@ -91,9 +93,10 @@ __device__ __forceinline__ long long block_sum(long long v, long long* red) {
 }
 
 // quantize_rows over one row (the caller's CTA): writes q, returns the row's scale ratio
-// (m, k - pre) of amax / qmax.  The values are read through `get(i)` twice (no copy).
+// (m, k - pre) of amax / qmax.  The values are read through `get(i)` twice (no copy).  `clip`
+// (c * 2^16, in [2^15, 2^16]) shrinks amax first; |v| beyond the shrunken amax saturates.
 template <typename Get>
-__device__ __forceinline__ Dy requant_row(Get get, int n, long long qmax, signed char* q, long long* red) {
+__device__ __forceinline__ Dy requant_row(Get get, int n, long long qmax, long long clip, signed char* q, long long* red) {
     long long amax = 0;
     for (int i = threadIdx.x; i < n; i += ROW_THREADS) amax = max(amax, llabs(get(i)));
     amax = block_max(amax, red);
@@ -105,13 +108,14 @@ __device__ __forceinline__ Dy requant_row(Get get, int n, long long qmax, signed
         for (int i = threadIdx.x; i < n; i += ROW_THREADS) amax2 = max(amax2, llabs(rshift_round(get(i), pre)));
         amax2 = block_max(amax2, red);
     }
+    amax2 = rshift_round(amax2 * clip, CLIP_BITS);  // amax2 <= 2^40 after `pre`, clip <= 2^16: below 2^57
     const long long den = amax2 > 0 ? amax2 : 1;
-    // numerator |v| * qmax + amax2 / 2 <= 2^40 * 127 + 2^39 < 2^48 (|v| <= amax2 <= 2^40 after `pre`)
+    // numerator |v| * qmax + amax2 / 2 <= 2^40 * 127 + 2^39 < 2^48 (|v| clamped to amax2 <= 2^40)
     qk::DivBy by;
     by.init(static_cast<unsigned long long>(den), 48);
     for (int i = threadIdx.x; i < n; i += ROW_THREADS) {
         const long long v = rshift_round(get(i), pre);
-        const long long mag = static_cast<long long>(by.div(static_cast<unsigned long long>(llabs(v) * qmax + amax2 / 2)));
+        const long long mag = static_cast<long long>(by.div(static_cast<unsigned long long>(min(llabs(v), amax2) * qmax + amax2 / 2)));
         q[i] = static_cast<signed char>(v < 0 ? -mag : mag);
     }
     const Dy r = ratio(amax2, qmax);
@@ -187,15 +191,16 @@ extern "C" __global__ void __launch_bounds__(quik::THREADS, 1) illm_matmul_w4(IL
     illm::matmul_epilogue(P, wm, wk, __ldg(kmin_p), t, M, N, bm, bn);
 }
 
-// Launch: grid (rows), block 256.  v int64 [rows, n] -> q int8 [rows, n], scale (m, k) int64 [rows].
+// Launch: grid (rows), block 256.  v int64 [rows, n] -> q int8 [rows, n], scale (m, k) int64 [rows];
+// clip: c * 2^16 (2^16: none).
 extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS) illm_requant_rows(
         const long long* __restrict__ v, signed char* __restrict__ q, long long* __restrict__ sm,
-        long long* __restrict__ sk, int rows, int n, int qmax) {
+        long long* __restrict__ sk, int rows, int n, int qmax, int clip) {
     __shared__ long long red[illm::ROW_THREADS / 32];
     const int r = blockIdx.x;
     if (r >= rows) return;
     const long long* row = v + static_cast<long long>(r) * n;
-    const illm::Dy d = illm::requant_row([&](int i) { return row[i]; }, n, qmax, q + static_cast<long long>(r) * n, red);
+    const illm::Dy d = illm::requant_row([&](int i) { return row[i]; }, n, qmax, clip, q + static_cast<long long>(r) * n, red);
     if (threadIdx.x == 0) {
         sm[r] = d.m;
         sk[r] = d.k;
@@ -236,10 +241,10 @@ extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS) illm_softmax(
 }
 
 // Launch: grid (rows), block 256.  x int64 [rows, H] (|x| < 2^22), gamma int64 [H] with exponent gk;
-// q int8 [rows, H] out and the row scale (sm, sk).
+// q int8 [rows, H] out and the row scale (sm, sk); clip as in illm_requant_rows.
 extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS) illm_rmsnorm(
         const long long* __restrict__ x, const long long* __restrict__ gamma, int gk, int qmax,
-        signed char* __restrict__ q, long long* __restrict__ sm, long long* __restrict__ sk, int rows, int H) {
+        signed char* __restrict__ q, long long* __restrict__ sm, long long* __restrict__ sk, int rows, int H, int clip) {
     __shared__ long long red[illm::ROW_THREADS / 32];
     const int r = blockIdx.x;
     if (r >= rows) return;
@@ -248,7 +253,7 @@ extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS) illm_rmsnorm(
     for (int i = threadIdx.x; i < H; i += illm::ROW_THREADS) ss += row[i] * row[i];
     ss = illm::block_sum(ss, red);
     const long long rms = illm::isqrt(static_cast<long long>(qk::udiv_u64(static_cast<unsigned long long>(ss), static_cast<unsigned long long>(H))));
-    const illm::Dy d = illm::requant_row([&](int i) { return row[i] * __ldg(gamma + i); }, H, qmax,
+    const illm::Dy d = illm::requant_row([&](int i) { return row[i] * __ldg(gamma + i); }, H, qmax, clip,
                                          q + static_cast<long long>(r) * H, red);
     const illm::Dy inv = illm::ratio(d.m, rms);
     if (threadIdx.x == 0) {

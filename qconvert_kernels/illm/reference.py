@@ -46,6 +46,8 @@ EXP_B = 2**EXP_F - EXP_A
 PROB_BITS = 15  # softmax probabilities: integers in [0, 2^15], scale 2^-15
 ROPE_BITS = 14
 LOG2E = (round(math.log2(math.e) * 2**15), 15)  # a constant, as m / 2^k
+CLIP_BITS = 16  # an activation clip c is the integer round(c * 2^16), c in [1/2, 1]
+CLIP_ONE = 1 << CLIP_BITS  # no clipping
 
 
 @dataclass
@@ -120,10 +122,22 @@ def apply(v: torch.Tensor, d: Dyadic, frac_bits: int = 0) -> torch.Tensor:
     return shift(v * d.m, d.k - frac_bits)
 
 
-def quantize_rows(v: torch.Tensor, qmax: int) -> tuple[torch.Tensor, Dyadic]:
+def clip_int(c: float) -> int:
+    """The activation clip c in [1/2, 1] as the integer ``quantize_rows`` takes: round(c * 2^16)."""
+    return round(c * CLIP_ONE)
+
+
+def valid_clip(c) -> bool:
+    """An activation clip the integer runtime takes: a number in [1/2, 1]."""
+    return isinstance(c, (int, float)) and not isinstance(c, bool) and 0.5 <= c <= 1
+
+
+def quantize_rows(v: torch.Tensor, qmax: int, clip: int = CLIP_ONE) -> tuple[torch.Tensor, Dyadic]:
     """Per row (last dim): q = round(v * qmax / amax) in [-qmax, qmax], and amax / qmax as a
     dyadic (so that v ~= q * amax / qmax).  Rows above 2^40 are first shifted down (their low
-    bits are far below the output's resolution)."""
+    bits are far below the output's resolution).  ``clip`` (c * 2^16, ``clip_int``): the range
+    is amax' = round(amax * clip / 2^16) instead, and |v| beyond it saturates at qmax (activation
+    clipping; CLIP_ONE leaves every row as it was)."""
     mag = v.abs()
     amax = mag.amax(dim=-1, keepdim=True)
     pre = (bit_length(amax) - 40).clamp_min(0)
@@ -131,6 +145,9 @@ def quantize_rows(v: torch.Tensor, qmax: int) -> tuple[torch.Tensor, Dyadic]:
         v = rshift_round(v, pre)
         mag = v.abs()
         amax = mag.amax(dim=-1, keepdim=True)
+    if clip != CLIP_ONE:
+        amax = rshift_round(amax * clip, CLIP_BITS)  # amax < 2^41, clip <= 2^16: below 2^57
+        mag = torch.minimum(mag, amax)
     mag = (mag * qmax + amax // 2) // amax.clamp_min(1)
     q = torch.where(v < 0, -mag, mag)
     r = ratio(amax, qmax)
@@ -180,14 +197,15 @@ def di_softmax(scores: torch.Tensor, scale: Dyadic, mask: torch.Tensor | None = 
     return ((e << PROB_BITS) + total // 2) // total.clamp_min(1)
 
 
-def di_rmsnorm(x: torch.Tensor, gamma: torch.Tensor, gamma_k: int, qmax: int) -> tuple[torch.Tensor, Dyadic]:
+def di_rmsnorm(x: torch.Tensor, gamma: torch.Tensor, gamma_k: int, qmax: int,
+               clip: int = CLIP_ONE) -> tuple[torch.Tensor, Dyadic]:
     """DI-Norm: RMSNorm(x) * g with g = gamma / 2^gamma_k (gamma int64 [H]); x int64 [.., H]
     (|x| < 2^22).  Returns (q in [-qmax, qmax], per-row dyadic scale) for the next DI-MatMul:
-    x / rms(x) * g ~= q * scale; the input's own scale cancels."""
+    x / rms(x) * g ~= q * scale; the input's own scale cancels.  ``clip``: as in ``quantize_rows``."""
     h = x.shape[-1]
     rms = isqrt((x * x).sum(dim=-1, keepdim=True) // h)
     y = x * gamma
-    q, r = quantize_rows(y, qmax)  # y ~= q * r
+    q, r = quantize_rows(y, qmax, clip)  # y ~= q * r
     # x / rms * gamma / 2^gk = q * r / (rms * 2^gk)
     inv = ratio(r.m, rms)
     return q, Dyadic(inv.m, inv.k + r.k + gamma_k)
