@@ -55,6 +55,7 @@ def test_constants_match_the_reference():
     assert const("EXP_A") == ri.EXP_A and 65536 - const("EXP_A") == ri.EXP_B
     assert (const("LOG2E_M"), const("LOG2E_K")) == ri.LOG2E
     assert (const("MANT"), const("EXP_F"), const("PROB_BITS")) == (ri.MANT, ri.EXP_F, ri.PROB_BITS)
+    assert const("CLIP_BITS") == ri.CLIP_BITS
 
 
 @pytest.mark.skipif(not kc.nvrtc_available(), reason="libnvrtc not found")

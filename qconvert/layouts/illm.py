@@ -34,8 +34,9 @@ orthogonal Q = (A (x) H) / sqrt(n): its input is transformed per token in intege
 of that input is off then (it would act before Q, where the folded weight cannot follow it).
 
 ``act_clip`` (the method's recorded config; 1 when absent): every linear's per-token input is
-quantized over max |x| times c instead of max |x| (c as the integer round(c * 2^16), shifts only;
-``ri.quantize_rows``), in DI-Norm, before o_proj and before down_proj.
+quantized over max |x| times c instead of max |x| (c as the integer ``ri.clip_int(c)`` = round(c *
+2^16), shifts only; ``ri.quantize_rows``), in the two DI-Norms of each block (not the final norm
+before the head), before o_proj and before down_proj.
 """
 
 from __future__ import annotations
@@ -102,6 +103,8 @@ class ILLMLinear(QuantizedModule):
         self.layout = layout
         self.wbits = 4 if layout.startswith("illm-w4") else 8
         self.abits = 4 if layout.endswith("a4") else 8
+        if not ri.valid_clip(act_clip):
+            raise QConvertError(f"{layout}: act_clip={act_clip!r} must be a number in [0.5, 1]; re-run qconvert quantize")
         self.clip = ri.clip_int(act_clip)  # the input range's clip as c * 2^16 (ri.quantize_rows)
         self.out_features, self.in_features = (int(v) for v in tensors["shape"])
         q = tensors["qweight"]

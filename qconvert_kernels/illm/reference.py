@@ -146,7 +146,7 @@ def quantize_rows(v: torch.Tensor, qmax: int, clip: int = CLIP_ONE) -> tuple[tor
         mag = v.abs()
         amax = mag.amax(dim=-1, keepdim=True)
     if clip != CLIP_ONE:
-        amax = rshift_round(amax * clip, CLIP_BITS)  # amax < 2^41, clip <= 2^16: below 2^57
+        amax = rshift_round(amax * clip, CLIP_BITS)  # amax <= 2^40 after the shift, clip <= 2^16: <= 2^56
         mag = torch.minimum(mag, amax)
     mag = (mag * qmax + amax // 2) // amax.clamp_min(1)
     q = torch.where(v < 0, -mag, mag)
