@@ -139,7 +139,7 @@ def _source(rotate: str):
 
 
 # every row here was measured before a preset param existed that the preset now sets: pinned to
-# what the rows ran with (quik-w4a4's act_clip = 0.9 came on 2026-12-02; the rows ran unclipped)
+# what the rows ran with (quik-w4a4's and illm-w4a4's act_clip = 0.9 came on 2026-12-02; the rows ran unclipped)
 PINNED = {"act_clip": 1}
 
 
