@@ -73,11 +73,6 @@ def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, Dyadic]:
     return q, to_dyadic(scale)
 
 
-def clip_of(act_clip: float) -> float:
-    """The clip the integer runtime applies for ``act_clip``: round(c * 2^16) / 2^16 (exact in float)."""
-    return ri.clip_int(act_clip) / ri.CLIP_ONE
-
-
 def int_vector(g: torch.Tensor) -> tuple[torch.Tensor, int]:
     """A float vector as int64 mantissas with one exponent: g ~= v / 2^k, max |v| in [2^14, 2^15)."""
     amax = float(g.float().abs().max())

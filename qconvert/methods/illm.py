@@ -30,7 +30,7 @@ import torch
 
 from qconvert.errors import QConvertError
 from qconvert.formats.packing import pack_int4, pad_columns
-from qconvert.layouts.illm import clip_of, to_dyadic
+from qconvert.layouts.illm import to_dyadic
 from qconvert.methods.base import Method, QuantizedLinear, check_solver_params, relative_weight_error
 from qconvert.methods.fsbr import expand_v, Factors, refine, smoothed_params
 from qconvert.online_hadamard import has_online
@@ -121,7 +121,7 @@ class ILLMMethod(Method):
     def activation_fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         qmax = (1 << (self.config.a_bits - 1)) - 1
         xf = x.float()
-        amax = xf.abs().amax(dim=-1, keepdim=True) * clip_of(self.config.act_clip)
+        amax = xf.abs().amax(dim=-1, keepdim=True) * ri.clip_of(self.config.act_clip)
         inv = torch.where(amax > 0, qmax / amax, torch.zeros_like(amax))
         return (torch.round(xf * inv).clamp(-qmax, qmax) * (amax / qmax)).to(x.dtype)
 
@@ -179,7 +179,7 @@ class ILLMMethod(Method):
         if cfg.fsbr_steps:
             f, stats = refine(block, batches, f, w_bits=cfg.w_bits, a_bits=cfg.a_bits, head_dim=d, reps=reps,
                               steps=cfg.fsbr_steps, batch=cfg.fsbr_batch, lr=cfg.fsbr_lr,
-                              frozen=("s4",) if online else (), a_clip=clip_of(cfg.act_clip))
+                              frozen=("s4",) if online else (), a_clip=ri.clip_of(cfg.act_clip))
             self._fsbr_stats[prefix] = stats
         del batches
         for name, value in smoothed_params(block, f, d, reps).items():

@@ -127,6 +127,11 @@ def clip_int(c: float) -> int:
     return round(c * CLIP_ONE)
 
 
+def clip_of(c: float) -> float:
+    """The clip the integer runtime applies for c, as a float for float paths: clip_int(c) / 2^16 (exact)."""
+    return clip_int(c) / CLIP_ONE
+
+
 def valid_clip(c) -> bool:
     """An activation clip the integer runtime takes: a number in [1/2, 1]."""
     return isinstance(c, (int, float)) and not isinstance(c, bool) and 0.5 <= c <= 1
