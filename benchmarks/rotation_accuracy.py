@@ -140,13 +140,17 @@ def _source(rotate: str):
 
 # every row here was measured before a preset param existed that the preset now sets: pinned to
 # what the rows ran with (quik-w4a4's and illm-w4a4's act_clip = 0.9 came on 2026-12-02; the rows ran unclipped)
+# and quik-w4a4's fp16 channels by mean square and range search down to 0.7, later that day: the rows
+# chose them by max |x| and searched down to 0.8
 PINNED = {"act_clip": 1}
+PINNED_PER_SCHEME = {"quik-w4a4": {"outlier_select": "amax", "clip_min": 0.8}}
 
 
 def _scheme(name: str, overrides: dict):
     load_scheme = _import_first(["qconvert.schemes_registry", "qconvert.schemes"], "load_scheme")
     sch = load_scheme(name)
-    overrides = {**{k: v for k, v in PINNED.items() if k in sch.params}, **overrides}
+    pinned = {**PINNED, **PINNED_PER_SCHEME.get(name, {})}
+    overrides = {**{k: v for k, v in pinned.items() if k in sch.params}, **overrides}
     return dataclasses.replace(sch, params={**sch.params, **overrides}) if overrides else sch
 
 

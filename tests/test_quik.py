@@ -144,6 +144,30 @@ def test_method_outliers_and_layer_consistency(base):
     assert float((y0 - x[:33] @ w.T).norm()) > 3 * float((QuikLinear(qls[0].layout, qls[0].tensors, None)(x[:33]) - x[:33] @ w.T).norm())
 
 
+def test_outlier_select_rms_takes_the_channels_of_largest_mean_square():
+    """``outlier_select = "rms"`` keeps the channels of largest diag H (mean x^2) in fp16, "amax" those
+    of largest max |x|: a channel with one huge value goes to the first, channels that are large on
+    every token to the second, and the split of these inputs then loses less to int4 with "rms"."""
+    w, _, x = _problem(k=128, outliers=())
+    x[7, 9] = 400.0  # one token's spike: the largest max |x|, small mean square
+    steady = [20, 50, 90]
+    x[:, steady] *= 25  # large on every token
+    h = 2 * x.T @ x / x.shape[0]
+    picks = {}
+    for sel in ("amax", "rms"):
+        ql = QuikMethod({"outliers": 3, "base": "rtn", "outlier_select": sel}).quantize_linears(
+            ["a.q_proj"], [w], h, input_amax=x.abs().amax(0))[0]
+        picks[sel] = ql.tensors["outlier_idx"].tolist()
+        mask = torch.zeros(128, dtype=torch.bool)
+        mask[ql.tensors["outlier_idx"].long()] = True
+        picks[sel + "_err"] = float((refq.dequantize_split(x, mask, 4) - x).norm())
+    assert picks["rms"] == torch.topk(torch.diagonal(h), 3).indices.sort().values.tolist() == steady
+    assert 9 in picks["amax"] and picks["amax"] != steady
+    assert picks["rms_err"] < 0.7 * picks["amax_err"]
+    with pytest.raises(QConvertError, match="outlier_select='l2' must be 'amax'"):
+        QuikMethod({"outlier_select": "l2"})
+
+
 def test_int8_layers_and_config_errors():
     w, h, x = _problem(k=128, outliers=(5, 77))
     meth = QuikMethod({"bits": 4, "outliers": 8, "int8_layers": ["*.down_proj"]})
@@ -236,6 +260,8 @@ def test_presets_quantize_load_verify_eval(calib_src, tmp_path, scheme, extra, l
     card = CliRunner().invoke(cli, ["push", str(out), "me/model", "--dry-run"])
     assert card.exit_code == 0 and "- quik" in card.output and "kept in fp16" in card.output
     assert ("each token's range clipped to 0.9 of its min / max" in card.output) == (clip == 0.9)
+    chosen = "mean square" if scheme == "quik-w4a4" else r"max \|x\|"  # the presets' outlier_select (| escaped)
+    assert f"by largest calibration {chosen}) kept in fp16" in card.output
     assert f"- w{4 if scheme == 'quik-w4a4' else 8}a{4 if scheme == 'quik-w4a4' else 8}" in card.output
 
 
@@ -311,7 +337,8 @@ def test_smollm2_quik_w4a4_end_to_end(tmp_path, wiki_test):
 
 def test_card_command_of_an_out_made_before_act_clip():
     """A quik-w4a4 OUT made before the preset clipped (its report has no act_clip) ran unclipped:
-    the card's command says --param act_clip=1.0 so that it makes the same model again."""
+    the card's command says --param act_clip=1.0 so that it makes the same model again; one made
+    before outlier_select chose its fp16 channels by max |x|: --param outlier_select=amax."""
     from qconvert.hub import option_flags
     from qconvert.schemes_registry import load_scheme
 
@@ -319,3 +346,8 @@ def test_card_command_of_an_out_made_before_act_clip():
     assert params.pop("act_clip") == 0.9
     assert option_flags({"scheme": {"params": params}}, "quik-w4a4") == ["--param act_clip=1.0"]
     assert option_flags({"scheme": {"params": {**params, "act_clip": 0.9}}}, "quik-w4a4") == []
+    # one made before outlier_select and clip_min 0.7 (2026-12-02): its channels were chosen by max |x|
+    assert params.pop("outlier_select") == "rms" and params["clip_min"] == 0.7
+    before = {**params, "act_clip": 0.9, "clip_min": 0.8}
+    assert option_flags({"scheme": {"params": before}}, "quik-w4a4") == ["--param clip_min=0.8",
+                                                                          "--param outlier_select=amax"]

@@ -138,8 +138,10 @@ class QuikLayout(Layout):
         w = config.get("weights") or {}
         int8 = ", ".join(w.get("int8_layers") or [])
         count = "K/16 per layer, at most 256" if config.get("outliers") == "auto" else f"{config.get('outliers')} per layer"
+        chosen = "mean square" if config.get("outlier_select") == "rms" else "max |x|"
         return [("weights", f"int{config.get('bits')}, symmetric, per output channel; the input channels with outlier "
-                            f"activations ({count}) kept in fp16" + (f"; layers matching {int8} in int8" if int8 else "")),
+                            f"activations ({count}, by largest calibration {chosen}) kept in fp16"
+                            + (f"; layers matching {int8} in int8" if int8 else "")),
                 ("activations", f"int{config.get('bits')}, dynamic, per-token, asymmetric, on all but the outlier channels "
                                 "(fp16), quantized as the model runs" + _clip_words(config.get("act_clip", 1.0)))]
 

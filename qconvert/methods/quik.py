@@ -2,8 +2,10 @@
 
 For every linear (layouts ``quik-w4a4`` / ``quik-w8a8``, qconvert_kernels/quik/reference.py):
 
-- **Outlier channels.**  The input channels whose calibration activations reach the largest
-  |x| (ℓ∞ over all calibration tokens, per channel) stay in fp16, weights and activations.
+- **Outlier channels.**  The input channels of the largest calibration activations stay in fp16,
+  weights and activations: by max |x| (ℓ∞ over all calibration tokens, per channel; ``outlier_select
+  = "amax"``, the paper's) or by mean square (the diagonal of H; "rms", quik-w4a4's: a channel
+  large on every token widens every token's int4 range, one with a single spike only that token's).
   Layers that read one tensor (q/k/v, gate/up) share one set.  How many (``outliers``):
   "auto" = the paper's 256 at K = 4096, i.e. K / 16, rounded down to a multiple of 16 and at
   most 256 (SmolLM2: 32 of 576, 96 of 1536; Llama-3-8B: 256 of 4096, 256 of 14336); an integer
@@ -49,6 +51,7 @@ class QuikConfig:
     damp: float = 0.01
     act_order: bool = True
     act_clip: float = 1.0  # each token's activation range (min, max) times this at run time; (0, 1]
+    outlier_select: str = "amax"  # outlier channels by "amax" (max |x|) or "rms" (mean x^2, H's diagonal)
 
     def __post_init__(self):
         if self.bits not in (4, 8):
@@ -58,6 +61,9 @@ class QuikConfig:
                                 "quik-w4a4 uses 0.9)")
         if not (self.outliers == "auto" or (type(self.outliers) is int and self.outliers >= 0)):
             raise QConvertError(f"quik: outliers={self.outliers!r} must be 'auto' or a count >= 0 (0: no fp16 channels)")
+        if self.outlier_select not in ("amax", "rms"):
+            raise QConvertError(f"quik: outlier_select={self.outlier_select!r} must be 'amax' (largest max |x|) or "
+                                "'rms' (largest mean square)")
         if not (isinstance(self.int8_layers, (list, tuple)) and all(isinstance(p, str) for p in self.int8_layers)):
             raise QConvertError(f"quik: int8_layers={self.int8_layers!r} must be a list of module-name patterns")
         check_solver_params("quik", self.base, self.damp, self.clip_min, self.act_order)
@@ -106,9 +112,10 @@ class QuikMethod(Method):
         if input_amax is None:
             raise QConvertError("quik: the pipeline did not pass the inputs' max |x| (needed for the outliers)")
         n_out = cfg.outlier_count(k)
-        # the n channels of largest max |x|, ties broken by index; stored ascending (chosen on the
+        # the n channels of largest max |x| or mean square, ties broken by index; stored ascending (chosen on the
         # CPU: a few thousand values, and the index helpers of the reference live there)
-        order = torch.argsort(input_amax.float().cpu(), descending=True, stable=True)
+        score = input_amax if cfg.outlier_select == "amax" else torch.diagonal(hessian)
+        order = torch.argsort(score.float().cpu(), descending=True, stable=True)
         outlier_idx = torch.sort(order[:n_out]).values
         base_idx = split_columns(k, outlier_idx)
         perm = torch.cat([base_idx, outlier_idx])
