@@ -225,6 +225,34 @@ def _quantize(src, out, scheme, *extra):
     return quantize_tiny(src, out, scheme, *extra)
 
 
+def test_pipeline_keeps_the_channels_of_largest_mean_square(calib_src, tmp_path):
+    """Through the CLI: with ``outlier_select=rms`` block 0's q_proj keeps in fp16 the channels of
+    largest mean square of its calibration inputs (what the pipeline's XᵀX says), which here are
+    not those of largest max |x| (the paper's rule, the default)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qconvert.calibration_text import calibration_tokens
+    from qconvert.formats.safetensors_io import ShardedReader
+
+    model = AutoModelForCausalLM.from_pretrained(calib_src, dtype=torch.float32)
+    ids = calibration_tokens("file", AutoTokenizer.from_pretrained(calib_src), 4, 32, seed=0,
+                             data_file=calib_src.parent / "calib.txt")
+    seen = []
+    model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, a, o: seen.append(a[0].reshape(-1, 64)))
+    with torch.no_grad():
+        model(ids)
+    x = torch.cat(seen).double()
+    want = {sel: sorted(torch.topk(score, 8).indices.tolist())
+            for sel, score in (("rms", x.pow(2).mean(0)), ("amax", x.abs().amax(0)))}
+    assert want["rms"] != want["amax"]
+    for sel in ("rms", "amax"):
+        out = tmp_path / sel
+        res = _quantize(calib_src, out, "quik-w4a4", "--outliers", "8", "--param", f"outlier_select={sel}")
+        assert res.exit_code == 0, res.output
+        got = ShardedReader(out).get("model.layers.0.self_attn.q_proj.outlier_idx").tolist()
+        assert got == want[sel], sel
+
+
 @pytest.mark.parametrize("scheme,extra,layouts,max_rel", [
     ("quik-w4a4", ["--outliers", "8"], {"quik-w4a4", "quik-w8a8"}, 0.25),
     ("quik-w4a4", [], {"quik-w4a4", "quik-w8a8"}, 0.3),
