@@ -234,3 +234,39 @@ def test_weight_only_preset_runs_in_float(calib_src, tmp_path):
     ref = load(out)(ids).logits
     assert torch.equal(model(ids).logits, ref) and torch.isfinite(ref).all()
 
+
+
+def _refit_probe():
+    import sys
+    from pathlib import Path
+
+    bench = str(Path(__file__).resolve().parent.parent / "benchmarks")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    import gptq_refit
+
+    return gptq_refit
+
+
+def test_refit_probe_solves_the_scales_and_never_raises_a_rows_loss():
+    """benchmarks/gptq_refit.py: with the levels fixed, the refit finds the scales that reproduce W
+    exactly where such scales exist, and never raises a row's loss on a real GPTQ result."""
+    probe = _refit_probe()
+    g = torch.Generator().manual_seed(3)
+    levels = torch.randint(-8, 8, (6, 256), generator=g).float()
+    true = (torch.rand(6, 2, generator=g) * 0.01 + 0.001).half().float()
+    w = levels * true.repeat_interleave(128, dim=1)
+    h = (lambda x: x.T @ x / 512)(torch.randn(512, 256, generator=g))
+    refit = probe.refit_scales(w, h, levels, true * 1.3, 128)
+    assert torch.allclose(refit, true, rtol=2e-3)
+    w, h = _problem()
+    for grid in (IntGrid(4, clip_factors(0.7)), ZeroPointGrid(4, clip_factors(0.7))):
+        res = gptq(w, h, grid, 128)
+        w_hat = probe.refit_w_hat(w, h, res)
+
+        def row_loss(wh):
+            e = w - wh
+            return ((e @ h) * e).sum(1)
+
+        assert (row_loss(w_hat) <= row_loss(res.w_hat) * (1 + 1e-6)).all()
+        assert relative_output_error(w, w_hat, h) < relative_output_error(w, res.w_hat, h)
