@@ -1,8 +1,16 @@
+import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# One float path on every x86-64 machine: torch's, MKL's and oneDNN's kernels as on AVX2, even where
+# the CPU has AVX-512.  The calibrated golden files (QUIK's outlier channels, I-LLM's smoothing) hash
+# tensors that float forward passes decide; AVX-512 kernels sum in another order and change them.
+# Set before torch is imported (each library reads its variable once); a value set outside wins.
+for _var, _value in (("ATEN_CPU_CAPABILITY", "avx2"), ("MKL_ENABLE_INSTRUCTIONS", "AVX2"), ("ONEDNN_MAX_CPU_ISA", "AVX2")):
+    os.environ.setdefault(_var, _value)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 torch.set_grad_enabled(False)
