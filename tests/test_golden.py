@@ -5,7 +5,7 @@ output tensor's name, dtype, shape and sha256, the quantization_config, the repo
 the logits the loaded OUT computes on fixed tokens must equal tests/golden/*.json.
 Round-to-nearest bases keep the weights' arithmetic exact; the calibrated layouts (QUIK's
 outlier channels, I-LLM's smoothing) read a tiny calibration text through float forward
-passes, reproducible on one float path: conftest.py pins torch's, MKL's and oneDNN's kernels to
+passes, reproducible on one float path: conftest.py pins torch's and MKL's kernels to
 AVX2 (an AVX-512 CPU changes the sums' order and these tensors).
 
 After an intended format change, regenerate with
