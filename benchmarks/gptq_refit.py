@@ -24,6 +24,8 @@ import torch
 
 from memory import git_commit
 from quik_outlier_select import capture
+from qconvert.formats.packing import pad_columns
+from qconvert.methods.integer_scale import _dequantize
 from qconvert.solvers.gptq import gptq, relative_output_error
 from qconvert.solvers.grids import IntGrid, ZeroPointGrid, clip_factors
 from qconvert.solvers.rtn import FP16_TINY
@@ -82,7 +84,7 @@ def refit_w_hat(w: torch.Tensor, h: torch.Tensor, res) -> torch.Tensor:
     if res.zeros is not None:
         levels = levels - res.zeros.repeat_interleave(128, dim=1)[:, :k]
     scales = refit_scales(w, h, levels, res.scales, 128)
-    return levels * scales.repeat_interleave(128, dim=1)[:, :k]
+    return _dequantize(pad_columns(res.q, 128), scales, 128, k, res.zeros)
 
 
 def main() -> None:

@@ -182,3 +182,12 @@ def macro_params(source: str, macro: str) -> tuple[str, ...]:
          or re.search(rf"#define {macro}\s*\\?(.*?)(?:\n\n|\n#)", source, re.S))
     body = re.sub(r"/\*.*?\*/", "", m.group(1)).replace("\\", " ")
     return tuple(re.findall(r"(\w+)\s*$", d.strip())[0] for d in body.split(",") if d.strip())
+
+
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags as Linux lists them (/proc/cpuinfo); None where it cannot tell."""
+    try:
+        line = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return None
+    return set(line.split(":", 1)[1].split())

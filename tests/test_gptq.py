@@ -235,7 +235,6 @@ def test_weight_only_preset_runs_in_float(calib_src, tmp_path):
     assert torch.equal(model(ids).logits, ref) and torch.isfinite(ref).all()
 
 
-
 def _refit_probe():
     import sys
     from pathlib import Path

@@ -24,7 +24,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from helpers import TEXT, golden_state, run_cli, tiny_config, tiny_moe_config, write_model
+from helpers import TEXT, cpu_flags, golden_state, run_cli, tiny_config, tiny_moe_config, write_model
 from qconvert import placement, quantize
 from qconvert.calibration_text import CalibSettings
 from qconvert.errors import QConvertError
@@ -167,11 +167,7 @@ def test_cpu_walk_writes_todays_bytes_and_makes_nothing_off_device(tmp_path, sou
 
 def _native_bf16_cpu() -> bool:
     """The CPU has AVX-512 BF16 or AMX (Linux's flags); elsewhere False."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool({"avx512_bf16", "amx_bf16"} & (cpu_flags() or set()))
 
 
 def test_the_device_check_catches_a_factory_without_device(tmp_path, sources, monkeypatch):

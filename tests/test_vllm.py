@@ -33,6 +33,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import cpu_flags
 from qconvert import load, quantize
 from qconvert.errors import QConvertError
 from qconvert.evaluate import perplexity
@@ -272,11 +273,8 @@ def test_w4a16_matches_qconvert(vllm_python, smollm2, score_request, tok, text, 
 def cpu_has_int8_dot_product() -> bool | None:
     """Whether this x86 CPU has an int8 dot product that accumulates in int32 (AVX512-VNNI,
     AVX-VNNI or AMX); None where /proc/cpuinfo cannot tell."""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return None
-    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags.split(":", 1)[1].split()))
+    flags = cpu_flags()
+    return None if flags is None else bool({"avx512_vnni", "avx_vnni", "amx_int8"} & flags)
 
 
 def test_w8a8_int8_within_one_percent(vllm_python, smollm2, score_request, tok, text, tiny_llama, tmp_path,
