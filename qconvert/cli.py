@@ -263,6 +263,11 @@ def inspect(out, as_json):
                       f"{online['p']}, {len(online.get('modules') or [])} layers)" if online else ""))
     if report.get("rotation_skipped"):
         click.echo(report["rotation_skipped"])
+    cal = report.get("calibration")
+    if cal:
+        click.echo(f"calibrated on {cal.get('source')} ({cal.get('nsamples')} x {cal.get('seqlen')} tokens, seed "
+                   f"{cal.get('seed')}" + (f", --asym-calib {cal['asym']:g}" if cal.get("asym") else "") + ")"
+                   + (f"; float path: {report['float_path']}" if report.get("float_path") else ""))
 
 
 @cli.command()

@@ -1,6 +1,7 @@
 """The journal of a conversion in progress, kept in ``OUT.partial/.journal.jsonl``.
 
-Line 1 holds the run's settings; each later line is written (and fsynced) after a stage
+Line 1 holds the run's settings (and, beside them, the float path that calibrates: a resumed run
+may differ there, and the report then says so); each later line is written (and fsynced) after a stage
 (the embeddings, then one decoder block) is durable on disk, and holds the writer's state
 and the report rows of that stage.  ``--resume`` replays it and continues with the next
 stage; a torn last line (the process died while writing it) is ignored.
@@ -17,9 +18,10 @@ NAME = ".journal.jsonl"
 
 
 class Journal:
-    def __init__(self, path: Path, settings: dict):
+    def __init__(self, path: Path, settings: dict, float_path: str | None = None):
         self.path = path
         self.settings = settings
+        self.float_path = float_path  # qconvert.placement.float_path of the run that started it
         self.writer_state: dict | None = None
         self.layers: list[dict] = []
         self.modules: dict[str, str] = {}
@@ -27,9 +29,9 @@ class Journal:
         self.calib: dict | None = None  # where the calibration activations stand (qconvert.block_walk)
 
     @classmethod
-    def create(cls, partial: Path, settings: dict) -> "Journal":
-        j = cls(partial / NAME, settings)
-        j._append({"settings": settings})
+    def create(cls, partial: Path, settings: dict, float_path: str | None = None) -> "Journal":
+        j = cls(partial / NAME, settings, float_path)
+        j._append({"settings": settings, **({"float_path": float_path} if float_path else {})})
         return j
 
     @classmethod
@@ -46,7 +48,7 @@ class Journal:
                 break  # torn write: everything before it stands
         if not records or "settings" not in records[0]:
             return None
-        j = cls(path, records[0]["settings"])
+        j = cls(path, records[0]["settings"], records[0].get("float_path"))
         for r in records[1:]:
             j.writer_state = r["writer"]
             j.layers += r["layers"]

@@ -141,6 +141,7 @@ class _Job:
     gpu_budget: int = 0  # bytes of GPU memory the calibration activations may take
     calib_text_seconds: float | None = None  # reading or writing the calibration tokens (None: resumed, or none)
     rotation_skipped: str | None = None  # why the scheme's default rotation did not apply (``_rotated``)
+    float_path: str | None = None  # the kernels calibration runs through (placement.float_path); None: uncalibrated
 
 
 def quantize(
@@ -195,6 +196,10 @@ def quantize(
             f"{partial} was started with other settings ({_first_difference(journal.settings, job.settings)}); "
             "repeat the original command with --resume, or pass --force to start over"
         )
+    if journal is not None and announce is not None and job.float_path and journal.float_path != job.float_path:
+        announce(f"resuming on another float path than {partial.name} was started on "
+                 f"({journal.float_path or 'not recorded'}; now {job.float_path}): the finished blocks stay, and the "
+                 "result will differ from an uninterrupted run on either; qconvert.json says which blocks ran where")
     try:
         with placement.deterministic(job.device):
             report, timing = _convert(job, partial, journal, progress)
@@ -268,7 +273,8 @@ def _prepare(source, sch: Scheme, out: Path, force: bool, resume: bool, max_shar
     if announce is not None:  # once the source has been read and the run planned
         announce("; ".join([walk_device.line, *_plan_notes(src, targets, skipped, calib, asym_note)]))
     return _Job(out, src, sch, method, calib, config, skeleton, targets, names, stages, expected, settings, shard_bytes,
-                walk_device.device, budget, rotation_skipped=skipped[-1] if skipped else None)
+                walk_device.device, budget, rotation_skipped=skipped[-1] if skipped else None,
+                float_path=placement.float_path(walk_device.device) if calib is not None else None)
 
 
 def _plan_notes(src, targets, skipped, calib, asym_note) -> list[str]:
@@ -344,7 +350,7 @@ def _convert(job: _Job, partial: Path, journal: Journal | None, progress: bool) 
     """Every stage not yet journaled, then the metadata and manifest; returns (report, timing)."""
     metadata = {"producer": f"qconvert {__version__}"}
     if journal is None:
-        journal = Journal.create(partial, job.settings)
+        journal = Journal.create(partial, job.settings, job.float_path)
         writer = ShardedWriter(partial, job.shard_bytes, metadata)
     else:
         writer = ShardedWriter(partial, job.shard_bytes, metadata, state=journal.writer_state)
@@ -373,7 +379,7 @@ def _convert(job: _Job, partial: Path, journal: Journal | None, progress: bool) 
         shutil.rmtree(partial / CALIB_DIR, ignore_errors=True)
         timing.update({k + "_seconds": round(v, 2) for k, v in calibrator.seconds.items()})
     timing["solve_seconds"] = round(sum(r.get("gptq_seconds", 0.0) for r in layers), 2)
-    report = _write_metadata(partial, job, modules, layers)
+    report = _write_metadata(partial, job, modules, layers, _float_path_record(job, journal, len(todo)))
     journal.remove()
     write_manifest(partial)
     fault_point("finished")
@@ -515,7 +521,17 @@ def _check_finite(src: Source, name: str, slices):
         yield part
 
 
-def _write_metadata(partial: Path, job: _Job, modules: dict, layers: list) -> dict:
+def _float_path_record(job: _Job, journal: Journal, ran_now: int) -> str | None:
+    """What the report says about the float path: this run's, or, after a resume on another
+    one, each path with the stages it made (stages count the embeddings first, then the blocks)."""
+    before = journal.stages_done - ran_now
+    if job.float_path is None or before == 0 or journal.float_path == job.float_path:
+        return job.float_path
+    return (f"stages 1-{before}: {journal.float_path or 'not recorded'}; "
+            f"stages {before + 1}-{journal.stages_done}: {job.float_path}")
+
+
+def _write_metadata(partial: Path, job: _Job, modules: dict, layers: list, float_path: str | None = None) -> dict:
     src, sch, method, calib = job.src, job.scheme, job.method, job.calib
     cfg = job.config.to_dict()
     cfg.pop("quantization_config", None)
@@ -551,6 +567,8 @@ def _write_metadata(partial: Path, job: _Job, modules: dict, layers: list) -> di
         "scheme": {"name": sch.name, "description": sch.description, "method": sch.method, "params": sch.params},
         "tokenizer": has_tok,
         "calibration": calib.key() if calib is not None else None,
+        # GPTQ's roundings follow the float path's last bits: another CPU or GPU writes other tensors
+        **({"float_path": float_path} if float_path else {}),
         **({"device": job.device.type} if job.device.type != "cpu" else {}),  # a CPU run's report is as before
         **({"rotation": src.describe()} if isinstance(src, RotatedSource) else {}),
         **({"rotation_skipped": job.rotation_skipped} if job.rotation_skipped else {}),

@@ -93,6 +93,22 @@ def resolve_device(requested: str | torch.device | None) -> WalkDevice:
 # ---- placement ------------------------------------------------------------------------------
 
 
+def float_path(device: torch.device) -> str:
+    """The kernels a calibrated run's float arithmetic goes through on ``device``.
+
+    GPTQ's rounding decisions follow the last bits of that arithmetic, so the same command writes
+    other tensors on another float path (docs/accuracy.md, "The same code on an AVX-512 CPU"):
+    the report names it.  On a CPU: ATen's instruction set (``ATEN_CPU_CAPABILITY`` caps it), MKL's
+    cap where ``MKL_ENABLE_INSTRUCTIONS`` sets one, and the thread count."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return (f"cuda {props.name} (sm_{props.major}{props.minor}), torch {torch.__version__}, "
+                f"CUDA {torch.version.cuda}")
+    mkl = os.environ.get("MKL_ENABLE_INSTRUCTIONS")
+    return (f"cpu {torch.backends.cpu.get_cpu_capability()} kernels{f' (MKL {mkl})' if mkl else ''}, "
+            f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+
+
 def place(need: int, gpu_left: int, ram_left: int, cuda: bool, spill: str = "disk") -> tuple[str, int, int]:
     """Where a tensor of ``need`` bytes goes, and the budgets left after it.
 

@@ -129,6 +129,9 @@ def test_calibrated_quantize_reports_per_layer_errors(calib_src, tmp_path):
     assert rep["calibration"] == {"source": "file", "data_file": str((calib_src.parent / "calib.txt").resolve()),
                                   "nsamples": 8, "seqlen": 64, "seed": 0, "dtype": "float32",
                                   "asym": 0.25}  # is-w4a8's default --asym-calib
+    assert rep["float_path"].startswith(f"cpu {torch.backends.cpu.get_cpu_capability()} kernels")
+    shown = CliRunner().invoke(cli, ["inspect", str(tmp_path / "out")]).output
+    assert f"calibrated on file (8 x 64 tokens, seed 0, --asym-calib 0.25); float path: {rep['float_path']}" in shown
     assert len(rep["layers"]) == 3 * 7
     for row in rep["layers"]:
         assert row["base"] == "gptq" and row["calib_rows"] == 8 * 64
@@ -217,6 +220,7 @@ def test_base_rtn_override_needs_no_data(calib_src, tmp_path):
     assert res.exit_code == 0, res.output
     rep = json.loads((out / "qconvert.json").read_text())
     assert rep["calibration"] is None and {r["base"] for r in rep["layers"]} == {"rtn"}
+    assert "float_path" not in rep  # no float forward decided anything: the same bytes on every CPU
 
 
 def test_weight_only_preset_runs_in_float(calib_src, tmp_path):

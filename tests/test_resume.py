@@ -122,6 +122,30 @@ def test_resume_with_other_settings_is_refused(tmp_path, src):
     assert res.exit_code == 1 and "other settings" in res.output and "group_size" in res.output
 
 
+def test_resume_on_another_float_path_says_so(tmp_path, src, reference):
+    """A run resumed under other CPU kernels (here ATen's scalar ones) goes on, says that the result
+    will differ from an uninterrupted run, and its report names each float path with its stages;
+    an uninterrupted run's report names its one path."""
+    import json
+    import re
+
+    import torch
+
+    whole = json.loads((reference / "qconvert.json").read_text())["float_path"]
+    assert whole.startswith(f"cpu {torch.backends.cpu.get_cpu_capability()} kernels") and torch.__version__ in whole
+    out = tmp_path / "out"
+    killed = subprocess.run(_quantize_cmd(src, out), env={**os.environ, "QCONVERT_FAULT": "tensor:75"}, capture_output=True)
+    assert killed.returncode == -9
+    done = subprocess.run(_quantize_cmd(src, out, "--resume"), env={**os.environ, "ATEN_CPU_CAPABILITY": "default"},
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming on another float path" in done.stdout and "cpu DEFAULT kernels" in done.stdout
+    record = json.loads((out / "qconvert.json").read_text())["float_path"]
+    m = re.fullmatch(r"stages 1-(\d+): (.+); stages (\d+)-5: (cpu DEFAULT kernels.*)", record)
+    assert m and 1 <= int(m[1]) < 5 and int(m[3]) == int(m[1]) + 1, record
+    assert m[2].split(",")[0] == whole.split(",")[0]  # the first part ran where the reference ran
+
+
 def test_unwritable_output_is_a_clear_error(tmp_path, src):
     res = CliRunner().invoke(cli, ["quantize", str(src), "-o", "/proc/qconvert-out", "-q"])
     assert res.exit_code == 1 and "writable" in res.output and "Traceback" not in res.output
