@@ -250,7 +250,7 @@ def _scheme_rows(qc: dict, report: dict) -> list[tuple[str, str]]:
     for layout in _layouts(qc):  # what each layout says of its weights and activations, once
         rows += [r for r in layout.card_rows(cfg) if r not in rows]
     rows += _rotation_rows(report)
-    rows += _solver_rows(cfg.get("base"), report.get("calibration"))
+    rows += _solver_rows(cfg.get("base"), report.get("calibration"), report.get("float_path"))
     layouts = sorted(set((qc.get("modules") or {}).values()))
     rows.append(("quantized", f"{len(qc.get('modules') or {})} linear layers (layout {', '.join(layouts) or '-'})"))
     kept = ["embeddings", "norms"] + [e for e in qc.get("exclude") or []]
@@ -280,8 +280,9 @@ def _rotation_rows(report: dict) -> list[tuple[str, str]]:
     return rows
 
 
-def _solver_rows(base: str | None, calib) -> list[tuple[str, str]]:
-    """The weight solver, and the calibration data GPTQ saw."""
+def _solver_rows(base: str | None, calib, float_path: str | None = None) -> list[tuple[str, str]]:
+    """The weight solver, the calibration data GPTQ saw, and the float path it ran on (another CPU
+    or GPU rounds otherwise: docs/calibration.md, "Determinism")."""
     if base == "gptq":
         how = "GPTQ, calibrated block by block"
         if isinstance(calib, dict):
@@ -290,7 +291,7 @@ def _solver_rows(base: str | None, calib) -> list[tuple[str, str]]:
             how += f" on {calib.get('nsamples', '?')} x {calib.get('seqlen', '?')} tokens of {data}"
             if calib.get("asym"):
                 how += f", aimed at the float model's outputs (asymmetric calibration, GPTAQ, alpha {calib['asym']:g})"
-        return [("solver", how)]
+        return [("solver", how)] + ([("calibrated on", float_path)] if float_path else [])
     if base == "rtn":
         return [("solver", "round-to-nearest (no calibration data)")]
     return []
@@ -618,7 +619,7 @@ def _export_scheme_rows(marker: dict, qcfg: dict, group: dict, origin: dict) -> 
     rows = [("weights", how_w), ("input activations", how_a),
             ("weight_scale", f"{marker.get('scale_dtype')}, largest relative rounding of a scale "
                              f"{float(marker.get('max_scale_rel_error') or 0):.1e}")]
-    rows += _rotation_rows(origin) + _solver_rows(origin.get("base"), origin.get("calibration"))
+    rows += _rotation_rows(origin) + _solver_rows(origin.get("base"), origin.get("calibration"), origin.get("float_path"))
     ignored = qcfg.get("ignore") or []
     rows.append(("quantized", f"{marker.get('layers', '?')} linear layers; in full precision: embeddings, norms"
                               + (f", {', '.join(ignored)}" if ignored else "")))

@@ -432,6 +432,8 @@ def test_card_of_a_calibrated_out_names_the_data(tmp_path, tiny_llama):
     meta, body = front_matter(model_card(out))
     assert {"gptq", "is-w4a8", "w4a8"} <= set(meta["tags"])
     assert "GPTQ, calibrated block by block on 4 x 32 tokens of calib.txt" in body
+    float_path = json.loads((out / "qconvert.json").read_text())["float_path"]
+    assert f"| calibrated on | {float_path} |" in body  # the kernels whose roundings made these tensors
 
 
 def _card_command_reproduces(tmp_path, source, data, made_with: list) -> str:

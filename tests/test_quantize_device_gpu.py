@@ -61,6 +61,7 @@ def test_cuda_asymmetric_calibration(tmp_path, sources):  # noqa: F811
     assert digest(a) == digest(b)
     report = json.loads((a / "qconvert.json").read_text())
     assert report["device"] == "cuda" and report["calibration"]["asym"] == 0.25
+    assert report["float_path"].startswith(f"cuda {torch.cuda.get_device_name()} (sm_")
     assert all("asym_shift" in r for r in report["layers"])
     rep = verify(a, against=str(src), save=False)
     assert rep.ok, rep.failures

@@ -33,7 +33,8 @@ from qconvert.source import TOKENIZER_FILES
 
 FORMAT = "compressed-tensors"
 MARKER = EXPORT_MARKER  # provenance and the file list (qconvert push); also what lets --force replace an export
-ORIGIN_KEYS = ("source", "source_kind", "source_info", "scheme", "rotation", "rotation_skipped", "calibration")  # of OUT's qconvert.json
+ORIGIN_KEYS = ("source", "source_kind", "source_info", "scheme", "rotation", "rotation_skipped", "calibration",
+               "float_path")  # of OUT's qconvert.json
 SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MIN_SPLIT_GROUP = 32  # the smallest group any vLLM int4 kernel takes (Marlin: 32, 64, 128; qconvert/serving.py)
 
