@@ -273,3 +273,30 @@ def test_refit_probe_solves_the_scales_and_never_raises_a_rows_loss():
 
         assert (row_loss(w_hat) <= row_loss(res.w_hat) * (1 + 1e-6)).all()
         assert relative_output_error(w, w_hat, h) < relative_output_error(w, res.w_hat, h)
+
+
+def test_accuracy_runs_collects_a_scored_out(calib_src, tmp_path):
+    """benchmarks/accuracy_runs.py on a real calibrated OUT: the row names the changed parameter,
+    the calibration and the report's float path; an OUT without the protocol's score is refused."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "accuracy_runs.py"
+    out = tmp_path / "clip"
+    rep = _calibrated(calib_src, out, "--param", "clip_min=0.6", "--seed", "2")
+    results = tmp_path / "runs.json"
+    cmd = [sys.executable, str(script), str(out), "--results", str(results)]
+    refused = subprocess.run(cmd, capture_output=True, text=True)
+    assert refused.returncode != 0 and "qconvert eval" in refused.stderr and not results.exists()
+    # the score qconvert eval keeps in OUT/eval.json (written here: the tiny model has no 40 x 512 windows)
+    (out / "eval.json").write_text(json.dumps([{"dataset": "wikitext2", "seqlen": 512, "windows": 40,
+                                                "perplexity": 31.5}]))
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    (row,) = json.loads(results.read_text())
+    assert row["params_changed"] == {"clip_min": 0.6, "group_size": 32} and row["calibration"]["seed"] == 2
+    assert row["float_path"] == rep["float_path"] and not row["float_path_given"]
+    assert row["ratio_to_fp"] == round(31.5 / 28.972, 4) and "clip" in done.stdout
+    subprocess.run(cmd, check=True, capture_output=True)  # the same OUT again replaces its row
+    assert len(json.loads(results.read_text())) == 1
