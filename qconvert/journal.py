@@ -1,9 +1,9 @@
 """The journal of a conversion in progress, kept in ``OUT.partial/.journal.jsonl``.
 
 Line 1 holds the run's settings (and, beside them, the float path that calibrates: a resumed run
-may differ there, and the report then says so); each later line is written (and fsynced) after a stage
+may run on another, and the report then says so); each later line is written (and fsynced) after a stage
 (the embeddings, then one decoder block) is durable on disk, and holds the writer's state
-and the report rows of that stage.  ``--resume`` replays it and continues with the next
+and the report rows of that stage (and the float path it was made on).  ``--resume`` replays it and continues with the next
 stage; a torn last line (the process died while writing it) is ignored.
 """
 
@@ -22,6 +22,7 @@ class Journal:
         self.path = path
         self.settings = settings
         self.float_path = float_path  # qconvert.placement.float_path of the run that started it
+        self.stage_paths: list[str | None] = []  # the float path each finished stage was made on
         self.writer_state: dict | None = None
         self.layers: list[dict] = []
         self.modules: dict[str, str] = {}
@@ -54,6 +55,7 @@ class Journal:
             j.layers += r["layers"]
             j.modules.update(r["modules"])
             j.calib = r.get("calib")
+            j.stage_paths.append(r.get("float_path", j.float_path))
             j.stages_done += 1
         if j.writer_state is None:
             return None  # no stage finished: starting over costs nothing
@@ -62,8 +64,10 @@ class Journal:
         return j
 
     def stage_done(self, writer_state: dict, layers: list[dict], modules: dict[str, str],
-                   calib: dict | None = None) -> None:
-        self._append({"writer": writer_state, "layers": layers, "modules": modules, "calib": calib})
+                   calib: dict | None = None, float_path: str | None = None) -> None:
+        self._append({"writer": writer_state, "layers": layers, "modules": modules, "calib": calib,
+                      **({"float_path": float_path} if float_path else {})})
+        self.stage_paths.append(float_path)
         self.calib = calib
         self.writer_state = writer_state
         self.layers += layers

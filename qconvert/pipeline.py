@@ -196,10 +196,11 @@ def quantize(
             f"{partial} was started with other settings ({_first_difference(journal.settings, job.settings)}); "
             "repeat the original command with --resume, or pass --force to start over"
         )
-    if journal is not None and announce is not None and job.float_path and journal.float_path != job.float_path:
-        announce(f"resuming on another float path than {partial.name} was started on "
-                 f"({journal.float_path or 'not recorded'}; now {job.float_path}): the finished blocks stay, and the "
-                 "result will differ from an uninterrupted run on either; qconvert.json says which blocks ran where")
+    before = (journal.stage_paths[-1] if journal.stage_paths else journal.float_path) if journal is not None else None
+    if journal is not None and announce is not None and job.float_path and before != job.float_path:
+        announce(f"resuming on another float path than {partial.name}'s last block was made on "
+                 f"({before or 'not recorded'}; now {job.float_path}): the finished blocks stay, and the "
+                 "result will differ from an uninterrupted run; qconvert.json says which blocks ran where")
     try:
         with placement.deterministic(job.device):
             report, timing = _convert(job, partial, journal, progress)
@@ -367,7 +368,8 @@ def _convert(job: _Job, partial: Path, journal: Journal | None, progress: bool) 
         new_layers, new_modules = _write_stage(job, writer, calibrator, label, stage, bar)
         layers += new_layers
         modules.update(new_modules)
-        journal.stage_done(writer.sync(), new_layers, new_modules, calibrator.checkpoint() if calibrator else None)
+        journal.stage_done(writer.sync(), new_layers, new_modules, calibrator.checkpoint() if calibrator else None,
+                           job.float_path)
         stage_seconds[label.strip()] = round(time.perf_counter() - t0, 2)
     writer.close()
     fault_point("closed")
@@ -379,7 +381,7 @@ def _convert(job: _Job, partial: Path, journal: Journal | None, progress: bool) 
         shutil.rmtree(partial / CALIB_DIR, ignore_errors=True)
         timing.update({k + "_seconds": round(v, 2) for k, v in calibrator.seconds.items()})
     timing["solve_seconds"] = round(sum(r.get("gptq_seconds", 0.0) for r in layers), 2)
-    report = _write_metadata(partial, job, modules, layers, _float_path_record(job, journal, len(todo)))
+    report = _write_metadata(partial, job, modules, layers, _float_path_record(job, journal.stage_paths))
     journal.remove()
     write_manifest(partial)
     fault_point("finished")
@@ -521,14 +523,18 @@ def _check_finite(src: Source, name: str, slices):
         yield part
 
 
-def _float_path_record(job: _Job, journal: Journal, ran_now: int) -> str | None:
-    """What the report says about the float path: this run's, or, after a resume on another
-    one, each path with the stages it made (stages count the embeddings first, then the blocks)."""
-    before = journal.stages_done - ran_now
-    if job.float_path is None or before == 0 or journal.float_path == job.float_path:
+def _float_path_record(job: _Job, stage_paths: list) -> str | None:
+    """What the report says about the float path: this run's, or, after resumes on other paths,
+    each path with the stages it made (stages count the embeddings first, then the blocks)."""
+    runs: list[list] = []  # [first stage, last stage, path]
+    for i, path in enumerate(stage_paths, start=1):
+        if runs and runs[-1][2] == path:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i, path])
+    if job.float_path is None or len(runs) <= 1:
         return job.float_path
-    return (f"stages 1-{before}: {journal.float_path or 'not recorded'}; "
-            f"stages {before + 1}-{journal.stages_done}: {job.float_path}")
+    return "; ".join(f"stages {a}-{b}: {p or 'not recorded'}" for a, b, p in runs)
 
 
 def _write_metadata(partial: Path, job: _Job, modules: dict, layers: list, float_path: str | None = None) -> dict:
