@@ -68,11 +68,12 @@ def row(out: Path, label: str | None, float_path: str | None) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"{'label':28} {'scheme':10} {'changed':22} {'seed':>4} {'asym':>5} {'ppl':>8} {'xFP':>6}  float path"]
+    lines = [f"{'label':28} {'scheme':10} {'changed':22} {'calib':5} {'seed':>4} {'asym':>5} {'ppl':>8} {'xFP':>6}  "
+             "float path"]
     for r in rows:
         c = r["calibration"]
         lines.append(f"{r['label'][:28]:28} {r['scheme'][:10]:10} {json.dumps(r['params_changed'])[:22]:22} "
-                     f"{c.get('seed')!s:>4} {c.get('asym')!s:>5} {r['perplexity']:8.3f} {r['ratio_to_fp']:6.3f}  "
+                     f"{c.get('source')!s:5} {c.get('seed')!s:>4} {c.get('asym')!s:>5} {r['perplexity']:8.3f} {r['ratio_to_fp']:6.3f}  "
                      f"{r['float_path']}{' (given)' if r['float_path_given'] else ''}")
     return "\n".join(lines)
 
