@@ -1,7 +1,6 @@
 """The journal of a conversion in progress, kept in ``OUT.partial/.journal.jsonl``.
 
-Line 1 holds the run's settings (and, beside them, the float path that calibrates: a resumed run
-may run on another, and the report then says so); each later line is written (and fsynced) after a stage
+Line 1 holds the run's settings; each later line is written (and fsynced) after a stage
 (the embeddings, then one decoder block) is durable on disk, and holds the writer's state
 and the report rows of that stage (and the float path it was made on).  ``--resume`` replays it and continues with the next
 stage; a torn last line (the process died while writing it) is ignored.
@@ -18,10 +17,9 @@ NAME = ".journal.jsonl"
 
 
 class Journal:
-    def __init__(self, path: Path, settings: dict, float_path: str | None = None):
+    def __init__(self, path: Path, settings: dict):
         self.path = path
         self.settings = settings
-        self.float_path = float_path  # qconvert.placement.float_path of the run that started it
         self.stage_paths: list[str | None] = []  # the float path each finished stage was made on
         self.writer_state: dict | None = None
         self.layers: list[dict] = []
@@ -30,9 +28,9 @@ class Journal:
         self.calib: dict | None = None  # where the calibration activations stand (qconvert.block_walk)
 
     @classmethod
-    def create(cls, partial: Path, settings: dict, float_path: str | None = None) -> "Journal":
-        j = cls(partial / NAME, settings, float_path)
-        j._append({"settings": settings, **({"float_path": float_path} if float_path else {})})
+    def create(cls, partial: Path, settings: dict) -> "Journal":
+        j = cls(partial / NAME, settings)
+        j._append({"settings": settings})
         return j
 
     @classmethod
@@ -49,13 +47,13 @@ class Journal:
                 break  # torn write: everything before it stands
         if not records or "settings" not in records[0]:
             return None
-        j = cls(path, records[0]["settings"], records[0].get("float_path"))
+        j = cls(path, records[0]["settings"])
         for r in records[1:]:
             j.writer_state = r["writer"]
             j.layers += r["layers"]
             j.modules.update(r["modules"])
             j.calib = r.get("calib")
-            j.stage_paths.append(r.get("float_path", j.float_path))
+            j.stage_paths.append(r.get("float_path"))
             j.stages_done += 1
         if j.writer_state is None:
             return None  # no stage finished: starting over costs nothing

@@ -196,7 +196,7 @@ def quantize(
             f"{partial} was started with other settings ({_first_difference(journal.settings, job.settings)}); "
             "repeat the original command with --resume, or pass --force to start over"
         )
-    before = (journal.stage_paths[-1] if journal.stage_paths else journal.float_path) if journal is not None else None
+    before = journal.stage_paths[-1] if journal is not None else None  # a journal holds at least one stage
     if journal is not None and announce is not None and job.float_path and before != job.float_path:
         announce(f"resuming on another float path than {partial.name}'s last block was made on "
                  f"({before or 'not recorded'}; now {job.float_path}): the finished blocks stay, and the "
@@ -351,7 +351,7 @@ def _convert(job: _Job, partial: Path, journal: Journal | None, progress: bool) 
     """Every stage not yet journaled, then the metadata and manifest; returns (report, timing)."""
     metadata = {"producer": f"qconvert {__version__}"}
     if journal is None:
-        journal = Journal.create(partial, job.settings, job.float_path)
+        journal = Journal.create(partial, job.settings)
         writer = ShardedWriter(partial, job.shard_bytes, metadata)
     else:
         writer = ShardedWriter(partial, job.shard_bytes, metadata, state=journal.writer_state)
