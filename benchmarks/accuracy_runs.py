@@ -73,7 +73,8 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         c = r["calibration"]
         lines.append(f"{r['label'][:28]:28} {r['scheme'][:10]:10} {json.dumps(r['params_changed'])[:22]:22} "
-                     f"{c.get('source')!s:5} {c.get('seed')!s:>4} {c.get('asym')!s:>5} {r['perplexity']:8.3f} {r['ratio_to_fp']:6.3f}  "
+                     f"{c.get('source')!s:5} {c.get('seed')!s:>4} {c.get('asym')!s:>5} "
+                     f"{r['perplexity']:8.3f} {r['ratio_to_fp']:6.3f}  "
                      f"{r['float_path']}{' (given)' if r['float_path_given'] else ''}")
     return "\n".join(lines)
 

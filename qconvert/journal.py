@@ -1,9 +1,9 @@
 """The journal of a conversion in progress, kept in ``OUT.partial/.journal.jsonl``.
 
 Line 1 holds the run's settings; each later line is written (and fsynced) after a stage
-(the embeddings, then one decoder block) is durable on disk, and holds the writer's state
-and the report rows of that stage (and the float path it was made on).  ``--resume`` replays it and continues with the next
-stage; a torn last line (the process died while writing it) is ignored.
+(the embeddings, then one decoder block) is durable on disk, and holds the writer's state,
+the report rows of that stage and the float path it was made on.  ``--resume`` replays it and
+continues with the next stage; a torn last line (the process died while writing it) is ignored.
 """
 
 from __future__ import annotations
