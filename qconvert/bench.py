@@ -535,7 +535,7 @@ def out_bench(out: Path, device: str | None = None, prefill: int = 2048, new_tok
 
     out = Path(out)
     _cfg, qc = read_quant_config(out)
-    # a layout with a whole-model runtime (I-LLM's integer-only model) keeps no KV cache, which the engine needs
+    # a layout with a whole-model runtime (I-LLM's integer-only model) is no transformers model, which the engine needs
     integer_only = any(get_layout(name).model_runtime is not None for name in set(qc["modules"].values()))
     dev = resolve_device(device)
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
@@ -551,8 +551,9 @@ def out_bench(out: Path, device: str | None = None, prefill: int = 2048, new_tok
     model = load(out, device=str(dev), dtype=dtype, integer=False, fuse=fuse)
     note = None
     if integer_only:
-        note = ("integer-only OUT: timed as the float model with the same quantized linears (the engine needs a "
-                "KV cache, which the integer-only model does not keep); its integer softmax and norms are not timed")
+        note = ("integer-only OUT: timed as the float model with the same quantized linears (the decode engine "
+                "needs a transformers model; the integer-only model runs on the CPU on its own, in qconvert "
+                "generate); its integer softmax and norms are not timed")
     q = _speeds(model, dev, kw, budget)
     src = resolve_source(against)
     fp = _speeds(src.load_model(dtype).to(dev).eval(), dev, kw, budget)

@@ -73,7 +73,8 @@ Design
 - **Not captured**: MoE models (transformers' and qconvert's expert loops read the routing back to
   the host: ``nonzero().tolist()``); they run eager (``graphs=None``) or refuse ``graphs=True``.
   Sliding-window attention shorter than ``max_len`` and anything but a transformers model (I-LLM's
-  integer-only model: no KV cache) are refused with a ``QConvertError``.
+  integer-only model, which has its own engine: qconvert/layouts/illm_cache.py) are refused with a
+  ``QConvertError``.
 - **CuPy kernels on the graph's stream**: every launcher goes through
   ``qconvert_kernels/launch.py`` ``launch``, which runs the kernel inside
   ``cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream)``; during capture
@@ -286,9 +287,10 @@ class DecodeEngine:
         from transformers import PreTrainedModel
 
         if not isinstance(model, PreTrainedModel):
-            raise QConvertError(f"{type(model).__name__} is not a transformers causal LM with a KV cache, which the decode "
-                                "engine needs; an I-LLM OUT loads as its integer-only model, which keeps none: "
-                                "qconvert.load(OUT, integer=False) gives the float model with the same quantized layers")
+            raise QConvertError(f"{type(model).__name__} is not a transformers causal LM, which the decode engine needs; "
+                                "an I-LLM OUT loads as its integer-only model, which brings its own "
+                                "(model.decode_engine(max_batch, max_len), CPU only): qconvert.load(OUT, integer=False) "
+                                "gives the float model with the same quantized layers")
         config = model.config
         emb = model.get_input_embeddings()
         if max_batch < 1 or max_len < 2:

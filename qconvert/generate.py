@@ -175,7 +175,9 @@ def generate(engine_or_model, tokenizer, prompts: str | list[str], max_new_token
     """Generate up to ``max_new_tokens`` tokens for each prompt; see the module docstring.
 
     ``engine_or_model``: a ``DecodeEngine`` (reused: its max_batch / max_len must fit) or a model,
-    for which an engine of exactly this batch and length is made.  ``stream_callback(row, text)``
+    for which an engine of exactly this batch and length is made: the model's own where it has one
+    (``model.decode_engine(max_batch, max_len)``: I-LLM's integer-only model, on its integer KV
+    cache), else a ``DecodeEngine``.  ``stream_callback(row, text)``
     receives each row's new text as it is decoded (this reads every step's tokens back to the
     host: one sync per step).
     """
@@ -189,10 +191,12 @@ def generate(engine_or_model, tokenizer, prompts: str | list[str], max_new_token
         raise QConvertError(f"temperature must be 0 (greedy) or positive, not {temperature}")
     encoded = encode_prompts(tokenizer, prompts, chat)
     p = max(len(x) for x in encoded)
-    if isinstance(engine_or_model, DecodeEngine):
+    if not isinstance(engine_or_model, torch.nn.Module):  # an engine (DecodeEngine, or a model's own)
         engine = engine_or_model
-    else:
-        engine = DecodeEngine(engine_or_model, max_batch=len(encoded), max_len=p + max_new_tokens)
+    else:  # a model that brings its own engine (I-LLM's integer-only model) or a transformers one
+        make = getattr(engine_or_model, "decode_engine", None)
+        engine = (make(len(encoded), p + max_new_tokens) if make is not None
+                  else DecodeEngine(engine_or_model, max_batch=len(encoded), max_len=p + max_new_tokens))
     if p + max_new_tokens > engine.max_len:
         raise QConvertError(f"{p} prompt tokens + {max_new_tokens} new ones exceed the engine's max_len {engine.max_len}; "
                             "make a longer DecodeEngine or ask for fewer tokens")

@@ -408,17 +408,63 @@ def test_activation_clip(illm_out, tmp_path, monkeypatch):
             ILLMMethod({"act_clip": bad})
 
 
-def test_decoding_and_bench_on_the_integer_model(illm_out):
-    """No KV cache: past_key_values carries the prefix, and the logits of the new tokens equal
-    those of the whole sequence run at once; `qconvert bench OUT` runs on it."""
+def test_the_integer_model_is_causal_and_its_cache_exact(illm_out):
+    """No scale spans tokens: the logits of 9 tokens are those of the first 9 of 13 run at once
+    (per-head int8 keys over the sequence, the runtime before, failed this).  The integer KV
+    cache: a prefill of 9 tokens, then steps of 1, 2 and 1, give the 13 tokens' logits bit for
+    bit, in each row of a batch of two; a foreign cache is refused."""
     from qconvert import load
+    from qconvert.errors import QConvertError
+    from qconvert.layouts.illm_cache import IntegerKVCache
 
     model = load(illm_out)
-    ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 300, (2, 13), generator=torch.Generator().manual_seed(1))
     whole = model(ids).logits
-    first = model(ids[:, :9], use_cache=True)
-    step = model(ids[:, 9:], past_key_values=first.past_key_values, use_cache=True)
-    assert torch.equal(step.logits, whole[:, 9:]) and torch.equal(step.past_key_values, ids)
+    res = model(ids[:, :9], use_cache=True)
+    assert torch.equal(res.logits, whole[:, :9])
+    cache = res.past_key_values
+    for a, b in ((9, 10), (10, 12), (12, 13)):
+        res = model(ids[:, a:b], past_key_values=cache, use_cache=True)
+        assert res.past_key_values is cache and [r.length for r in cache.rows] == [b, b]
+        assert torch.equal(res.logits, whole[:, a:b]), (a, b)
+    k8 = cache.rows[1].blocks[1][0]
+    assert k8.dtype == torch.int8 and k8.shape == (2, 13, 16) and k8.abs().amax(-1).eq(127).all()
+    assert cache.nbytes() == 2 * 2 * 13 * 2 * 2 * (16 + 16)  # rows x blocks x tokens x (k, v) x heads x (d + 2 x 8)
+    with pytest.raises(QConvertError, match="IntegerKVCache of 1 rows .* not one of 2 rows"):
+        model(ids[:1, :1], past_key_values=cache)
+    with pytest.raises(QConvertError, match="not Tensor"):
+        model(ids[:, :1], past_key_values=ids)
+    assert model(ids[:, :3], past_key_values=IntegerKVCache(2, 2)).past_key_values is None
+
+
+def test_generate_runs_the_integer_model_on_its_cache(illm_out):
+    """qconvert.generate on the integer-only model: each row's greedy tokens are the argmax of the
+    whole sequence run again at each step (its own prompt, unpadded, in a batch of two lengths);
+    the CLI picks the integer model on the CPU and says so."""
+    from transformers import AutoTokenizer
+
+    from qconvert import load
+    from qconvert.generate import generate
+
+    model, tok = load(illm_out), AutoTokenizer.from_pretrained(illm_out)
+    prompts = ["the cat sat", "a much longer prompt than the other one"]
+    res = generate(model, tok, prompts, max_new_tokens=6)
+    assert res.device == "cpu" and not res.graphs and res.decode_steps == 5
+    for prompt, got in zip(prompts, res.token_ids):
+        seq = tok(prompt, return_tensors="pt").input_ids
+        want = []
+        for _ in range(len(got)):
+            want.append(int(model(seq).logits[0, -1].argmax()))
+            seq = torch.cat([seq, torch.tensor([[want[-1]]])], 1)
+        assert got == want
+    out = CliRunner().invoke(cli, ["generate", str(illm_out), "--device", "cpu", "--prompt", "the cat sat",
+                                   "--max-new-tokens", "4"])
+    assert out.exit_code == 0, out.output
+    assert "[qconvert integer-only on cpu] prefill" in out.output
+
+
+def test_bench_on_the_integer_model(illm_out):
+    """`qconvert bench OUT` times an integer-only OUT as the float model with its linears, and says so."""
     res = CliRunner().invoke(cli, ["bench", str(illm_out), "--device", "cpu", "--prefill", "16", "--new-tokens", "2",
                                    "--batch", "1", "--repeats", "1"])
     assert res.exit_code == 0, res.output

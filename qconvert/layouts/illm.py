@@ -15,9 +15,13 @@ operation per output.  tests/test_illm.py proves it by tracing every torch call 
 Per block, with every activation an integer tensor and a per-token dyadic scale:
 
     h (residual, |h| <= 2^20) --DI-Norm--> int8 (a4: int4) per token --DI-MatMul--> q, k, v
-    q, k -> int16 per token -> integer RoPE -> q int8 per token, k int8 per head (over the sequence)
-    v -> int8 per head;  scores = q k^T (int32) -> DI-ClippedSoftmax -> P (15-bit) -> P v (int64)
-    heads aligned to one scale -> int8 per token -> o_proj -> residual add (rescaled by shifts)
+    q, k -> int16 per token -> integer RoPE -> q int8 per token, k int8 per head and token
+    v -> int8 per head and token;  scores = q k^T (int32) x each key's scale (folded by shifts to
+    the row's largest) -> DI-ClippedSoftmax -> P (15-bit) x each value's scale, requantized to
+    15 bits per row -> P v (int64); heads aligned to one scale -> int8 per token -> o_proj ->
+    residual add (rescaled by shifts).  No scale spans tokens, so the model is causal: a token's
+    logits do not depend on the tokens after it (until 2026-12-03 k and v were int8 per head over
+    the whole sequence, which let every position see the ranges of later keys and values)
     DI-Norm -> gate, up -> int16 per token -> integer SiLU(gate) * up [-> integer Hadamard]
     -> int8 per token -> down_proj -> residual add;
     final DI-Norm -> lm_head (int8 per row, the embedding table when tied)
@@ -25,8 +29,9 @@ Per block, with every activation an integer tensor and a per-token dyadic scale:
 Constants of the model are made integer once at load time from the stored tensors: the norm
 weights (smoothing folded in by the converter) become int16 mantissas with one exponent per
 norm, the embedding and lm_head int8 rows with a dyadic scale per row, the rotary table integers
-with scale 2^-14 (reference_illm.rope_table).  The KV cache is not kept: every call runs the
-whole sequence (perplexity, verification); generation recomputes the prefix.
+with scale 2^-14 (reference_illm.rope_table).  Perplexity and verification run whole sequences;
+generation keeps the int8 keys and values in a KV cache (qconvert/layouts/illm_cache.py), which
+gives the bits of the whole sequence run again.
 
 An OUT quantized with ``--rotate hadamard+online`` has down_proj's weights folded with the
 orthogonal Q = (A (x) H) / sqrt(n): its input is transformed per token in integers
@@ -50,6 +55,7 @@ from torch import nn
 from qconvert.errors import QConvertError
 from qconvert.formats.packing import unpack_int4
 from qconvert.layouts.base import Layout, QuantizedModule, TensorSpec, finite_positive, shape_check
+from qconvert.layouts.illm_cache import IntegerDecodeEngine, IntegerKVCache, SequenceCache
 from qconvert_kernels.illm import reference as ri
 from qconvert_kernels.illm.reference import Dyadic
 
@@ -71,6 +77,21 @@ def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, Dyadic]:
     scale = amax / 127
     q = torch.clamp(torch.round(w.float() / scale[:, None]), -127, 127).to(torch.int8)
     return q, to_dyadic(scale)
+
+
+NO_EXPONENT = 1 << 40  # the exponent of a zero (a dyadic with m = 0), left out of minimums
+
+
+def fold_columns(x: torch.Tensor, col: Dyadic, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x int64 [t, n] times a per-column dyadic ``col`` ([n]): (y [t, n], e [t, 1]) with x * col ~=
+    y * 2^-e, e the smallest exponent among the row's columns that ``mask`` keeps (the others are
+    shifted down to it, rounding), so a row depends on its own columns only (causal attention)."""
+    live = mask & (col.m > 0)[None, :]
+    kk = torch.where(live, col.k[None, :], NO_EXPONENT)
+    e = kk.amin(dim=-1, keepdim=True)
+    e = torch.where(e == NO_EXPONENT, 0, e)  # a row without a live column: all zero
+    sh = torch.where(live, kk - e, 0).clamp(0, 62)
+    return ri.shift(x * col.m[None, :], sh), e
 
 
 def int_vector(g: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -196,10 +217,10 @@ class IntegerLlama(nn.Module):
         self.register_buffer("rope_cos", cos)
         self.register_buffer("rope_sin", sin)
 
-    def _table(self, t: int):
-        if t > self.max_positions:
-            raise QConvertError(f"I-LLM: {t} tokens exceed the model's {self.max_positions} positions")
-        return self.rope_cos[:t], self.rope_sin[:t]
+    def _table(self, start: int, stop: int):
+        if stop > self.max_positions:
+            raise QConvertError(f"I-LLM: {stop} tokens exceed the model's {self.max_positions} positions")
+        return self.rope_cos[start:stop], self.rope_sin[start:stop]
 
     # ---------------------------------------------------------------- integer path
     def _residual_add(self, a, sa: Dyadic, b, sb: Dyadic):
@@ -211,44 +232,51 @@ class IntegerLlama(nn.Module):
         q, r = ri.quantize_rows(total, RESIDUAL_QMAX)
         return q, Dyadic(r.m, r.k + kmin)
 
-    def _per_head(self, x: torch.Tensor, row: Dyadic) -> tuple[torch.Tensor, Dyadic]:
-        """x int64 [KV, T, d] whose tokens carry the scales ``row`` [T, 1] -> int8 [KV, T, d] with
-        one scale per head [KV, 1, 1]: the token scales folded into the integers (one exponent),
-        then each head quantized over the whole sequence (keys and values mix tokens)."""
-        kmin = row.k.min()
-        folded = ri.shift(x * row.m[None], row.k[None] - kmin)
-        q, r = ri.quantize_rows(folded.reshape(x.shape[0], -1), 127)
-        return q.reshape(x.shape), Dyadic(r.m[:, :, None], r.k[:, :, None] + kmin)
-
-    def _attn_block(self, blk, h: torch.Tensor, t: int):
+    def _attn_block(self, blk, h: torch.Tensor, cache: SequenceCache | None = None, i: int = 0):
+        """Attention of the t tokens of ``h``; with ``cache``, after its ``length`` tokens (block ``i``'s
+        int8 keys and values appended to it)."""
         attn = blk.self_attn
-        d = self.head_dim
+        d, t = self.head_dim, h.shape[0]
+        start = cache.length if cache is not None else 0
         xq, xs = ri.di_rmsnorm(h, blk.input_layernorm_g, blk.input_layernorm_k, attn.q_proj.act_qmax, attn.q_proj.clip)
         tq, sq = attn.q_proj.int_forward(xq, xs)
         tk, sk = attn.k_proj.int_forward(xq, xs)
         tv, sv = attn.v_proj.int_forward(xq, xs)
-        cos, sin = self._table(t)
+        cos, sin = self._table(start, start + t)
         q16, rq = ri.quantize_rows(tq, WIDE_QMAX)
         k16, rk = ri.quantize_rows(tk, WIDE_QMAX)
         v16, rv = ri.quantize_rows(tv, WIDE_QMAX)
-        qr = ri.rope(q16.reshape(t, self.heads, d).transpose(0, 1), cos, sin)  # [H, T, d]
-        kr = ri.rope(k16.reshape(t, self.kv_heads, d).transpose(0, 1), cos, sin)  # [KV, T, d]
+        qr = ri.rope(q16.reshape(t, self.heads, d).transpose(0, 1), cos, sin)  # [H, t, d]
+        kr = ri.rope(k16.reshape(t, self.kv_heads, d).transpose(0, 1), cos, sin)  # [KV, t, d]
         q8, rq8 = ri.quantize_rows(qr.transpose(0, 1).reshape(t, -1), 127)  # per token, all heads
-        s_q = rq8 * rq * sq  # [T, 1]
-        k8, s_k = self._per_head(kr, rk * sk)
-        v8, s_v = self._per_head(v16.reshape(t, self.kv_heads, d).transpose(0, 1), rv * sv)
-        mask = torch.ones(t, t, dtype=torch.bool).tril()
+        s_q = rq8 * rq * sq  # [t, 1]
+        # keys and values int8 per head and token ([KV, t, d], scales [KV, t, 1]): nothing depends on
+        # a later token, so the model is causal and its KV cache holds them as they are
+        k8, rk8 = ri.quantize_rows(kr, 127)
+        v8, rv8 = ri.quantize_rows(v16.reshape(t, self.kv_heads, d).transpose(0, 1), 127)
+        kv = (k8.to(torch.int8), rk8 * (rk * sk), v8.to(torch.int8), rv8 * (rv * sv))
+        if cache is not None:
+            kv = cache.extend(i, *kv)
+        k8, s_k, v8, s_v = kv
+        mask = torch.ones(t, start + t, dtype=torch.bool).tril(diagonal=start)  # token j sees keys 0 .. start + j
         group = self.heads // self.kv_heads
-        kv_min = s_v.k.min()
-        outs = []
+        outs, exps = [], []
         for hh in range(self.heads):
-            kv = hh // group
-            scores = ri.int8_matmul(q8[:, hh * d:(hh + 1) * d], k8[kv].t())  # [T, T]
-            p = ri.di_softmax(scores, s_q * Dyadic(s_k.m[kv], s_k.k[kv]) * self.inv_sqrt_d, mask)
-            o = ri.wide_matmul(p, v8[kv])  # [T, d], scale 2^-15 * s_v[kv]
-            outs.append(ri.shift(o * s_v.m[kv], s_v.k[kv] - kv_min))  # heads on one exponent
-        oq, ro = ri.quantize_rows(torch.cat(outs, dim=1), attn.o_proj.act_qmax, attn.o_proj.clip)
-        return attn.o_proj.int_forward(oq, Dyadic(ro.m, ro.k + kv_min + ri.PROB_BITS))
+            g = hh // group
+            acc = ri.int8_matmul(q8[:, hh * d:(hh + 1) * d], k8[g].t())  # [t, n]: int32 products
+            scores, kmin = fold_columns(acc, Dyadic(s_k.m[g, :, 0], s_k.k[g, :, 0]), mask)  # key scales folded in
+            p = ri.di_softmax(scores, Dyadic(s_q.m, s_q.k + kmin) * self.inv_sqrt_d, mask)  # 2^-15
+            # the value scales, one per token (the sum's index), fold into P's columns, then P is
+            # requantized to 15 bits per row: P V stays an exact product of int8 V
+            pv, vmin = fold_columns(p, Dyadic(s_v.m[g, :, 0], s_v.k[g, :, 0]), mask)
+            pq, rp = ri.quantize_rows(pv, WIDE_QMAX)
+            outs.append(ri.wide_matmul(pq, v8[g]) * rp.m)  # [t, d], scale 2^-(k + 15)
+            exps.append(torch.where(rp.m > 0, rp.k + vmin, NO_EXPONENT))
+        emin = torch.stack(exps).amin(0)  # heads on one exponent per token
+        emin = torch.where(emin == NO_EXPONENT, 0, emin)
+        o = torch.cat([ri.shift(x, (e - emin).clamp(0, 62)) for x, e in zip(outs, exps)], dim=1)
+        oq, ro = ri.quantize_rows(o, attn.o_proj.act_qmax, attn.o_proj.clip)
+        return attn.o_proj.int_forward(oq, Dyadic(ro.m, ro.k + emin + ri.PROB_BITS))
 
     def _mlp_block(self, blk, h: torch.Tensor):
         mlp = blk.mlp
@@ -267,36 +295,52 @@ class IntegerLlama(nn.Module):
         scale = ra * sg * su  # dyadic products round: this order is the format's (tests/test_golden.py)
         return mlp.down_proj.int_forward(aq, scale if online is None else scale * self.inv_sqrt_i)
 
-    def forward_int(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, Dyadic]:
-        """Integer logits [T, V] of one sequence and their per-row dyadic scale."""
+    def forward_int(self, input_ids: torch.Tensor, cache: SequenceCache | None = None) -> tuple[torch.Tensor, Dyadic]:
+        """Integer logits [T, V] of one sequence's T tokens and their per-row dyadic scale; with
+        ``cache``, the tokens continue the cached ones (which it then holds too)."""
         ids = input_ids.reshape(-1)
-        t = ids.numel()
         h = self.emb_q[ids].long()
         hs = Dyadic(self.emb_m[ids][:, None], self.emb_k[ids][:, None])
-        for blk in self.model.layers:
-            o, os_ = self._attn_block(blk, h, t)
+        for i, blk in enumerate(self.model.layers):
+            o, os_ = self._attn_block(blk, h, cache, i)
             h, hs = self._residual_add(h, hs, o, os_)
             m, ms = self._mlp_block(blk, h)
             h, hs = self._residual_add(h, hs, m, ms)
         xq, xs = ri.di_rmsnorm(h, self.norm_g, self.norm_k, 127)
         acc = ri.int8_matmul(xq, self.head_qt)  # [T, V]
+        if cache is not None:
+            cache.length += ids.numel()
         return acc, Dyadic(xs.m, xs.k)
 
-    def forward(self, input_ids: torch.Tensor, past_key_values: torch.Tensor | None = None, use_cache: bool = False,
+    def sequence_logits(self, input_ids: torch.Tensor, cache: SequenceCache | None = None) -> torch.Tensor:
+        """Float logits [T, V] of one sequence (``forward_int``, then the one float step: integers ->
+        logits, x scale_row x scale_vocab_row)."""
+        acc, s = self.forward_int(input_ids, cache)
+        scale_t = s.m.double() * torch.pow(2.0, -s.k.double())
+        scale_v = self.head_m.double() * torch.pow(2.0, -self.head_k.double())
+        return (acc.double() * scale_t * scale_v[None, :]).float()
+
+    def decode_engine(self, max_batch: int, max_len: int) -> IntegerDecodeEngine:
+        """The engine ``qconvert.generate`` runs this model on (prefill, then cached decode steps)."""
+        return IntegerDecodeEngine(self, max_batch, max_len)
+
+    def forward(self, input_ids: torch.Tensor, past_key_values: IntegerKVCache | None = None, use_cache: bool = False,
                 **kwargs):
-        """Float logits [B, T, V].  No KV cache is kept: ``past_key_values`` is the token prefix
-        itself, which is run again with the new tokens (decoding works, at the cost of the prefix)."""
-        new = input_ids.shape[-1]
-        full = input_ids if past_key_values is None else torch.cat([past_key_values, input_ids], dim=-1)
-        rows = []
-        for seq in full.reshape(-1, full.shape[-1]):
-            acc, s = self.forward_int(seq)
-            # the one float step: integers -> logits (x scale_row x scale_vocab_row)
-            scale_t = s.m.double() * torch.pow(2.0, -s.k.double())
-            scale_v = self.head_m.double() * torch.pow(2.0, -self.head_k.double())
-            rows.append((acc.double() * scale_t * scale_v[None, :]).float()[-new:])
+        """Float logits [B, T, V], row by row.  ``use_cache``: keep the integer KV cache
+        (qconvert/layouts/illm_cache.py) and return it as ``past_key_values``; passing it back runs
+        only the new tokens, with the logits the whole sequence gives."""
+        seqs = input_ids.reshape(-1, input_ids.shape[-1])
+        cache = past_key_values
+        if cache is not None and (not isinstance(cache, IntegerKVCache) or len(cache.rows) != seqs.shape[0]):
+            raise QConvertError(f"past_key_values must be the IntegerKVCache of {seqs.shape[0]} rows that this model "
+                                "returned with use_cache=True, not "
+                                + (f"one of {len(cache.rows)} rows" if isinstance(cache, IntegerKVCache)
+                                   else type(cache).__name__))
+        if cache is None and use_cache:
+            cache = IntegerKVCache(seqs.shape[0], self.layers_n)
+        rows = [self.sequence_logits(seq, cache.rows[r] if cache is not None else None) for r, seq in enumerate(seqs)]
         return SimpleNamespace(logits=torch.stack(rows).reshape(*input_ids.shape, -1),
-                               past_key_values=full if use_cache else None)
+                               past_key_values=cache if use_cache else None)
 
 
 def _clip_words(clip) -> str:

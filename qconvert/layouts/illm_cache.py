@@ -1,0 +1,102 @@
+"""The KV cache of I-LLM's integer-only model and its decode engine (``qconvert generate``).
+
+Per block and sequence the cache holds what attention reads, as the model made it:
+
+    keys    int8 [KV, T, head_dim] after the integer RoPE, one dyadic scale per head and token
+            (m, k int64 [KV, T, 1])
+    values  int8 [KV, T, head_dim], one dyadic scale per head and token
+
+No scale spans tokens (``IntegerLlama._attn_block``), so a cached step computes, bit for bit,
+what the whole sequence run at once computes for its new tokens (tests/test_illm.py).  Memory
+per token and block: 2 x kv_heads x (head_dim + 16) bytes (SmolLM2-135M: 30 blocks x 3 heads of
+64 -> 14 KiB per token).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qconvert.errors import QConvertError
+from qconvert_kernels.illm.reference import Dyadic
+
+
+def _cat(a: Dyadic, b: Dyadic) -> Dyadic:
+    return Dyadic(torch.cat([a.m, b.m], 1), torch.cat([a.k, b.k], 1))
+
+
+class SequenceCache:
+    """One sequence's cache: ``length`` tokens, per block (keys, key scales, values, value scales)."""
+
+    def __init__(self, blocks: int):
+        self.length = 0
+        self.blocks: list[tuple | None] = [None] * blocks
+
+    def extend(self, i: int, k: torch.Tensor, sk: Dyadic, v: torch.Tensor, sv: Dyadic):
+        """Append block ``i``'s new keys / values and their scales (tokens on dim 1); return all of them."""
+        old = self.blocks[i]
+        if old is not None:
+            k, sk, v, sv = torch.cat([old[0], k], 1), _cat(old[1], sk), torch.cat([old[2], v], 1), _cat(old[3], sv)
+        self.blocks[i] = (k, sk, v, sv)
+        return k, sk, v, sv
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for b in self.blocks if b is not None
+                   for t in (b[0], b[1].m, b[1].k, b[2], b[3].m, b[3].k))
+
+
+class IntegerKVCache:
+    """The cache of a batch: one ``SequenceCache`` per row (the integer model runs rows one by one)."""
+
+    def __init__(self, rows: int, blocks: int):
+        self.rows = [SequenceCache(blocks) for _ in range(rows)]
+
+    def nbytes(self) -> int:
+        return sum(r.nbytes() for r in self.rows)
+
+
+class IntegerDecodeEngine:
+    """Prefill and one-token decode steps of ``IntegerLlama`` over its integer KV cache, with the
+    interface of ``qconvert.engine.DecodeEngine`` that ``qconvert.generate`` uses.  CPU only, no
+    CUDA graphs.  Left padding is dropped row by row (``attention_mask``): each row is its own
+    sequence from position 0, as the integer model runs rows one by one anyway."""
+
+    graphs = False
+
+    def __init__(self, model, max_batch: int, max_len: int):
+        if max_batch < 1 or max_len < 2:
+            raise QConvertError(f"IntegerDecodeEngine(max_batch={max_batch}, max_len={max_len}): need max_batch >= 1 "
+                                "and max_len >= 2")
+        if max_len > model.max_positions:
+            raise QConvertError(f"max_len {max_len} is longer than the model's {model.max_positions} positions; "
+                                "generate fewer tokens")
+        self.model, self.config = model, model.config
+        self.device = torch.device("cpu")
+        self.max_batch, self.max_len = max_batch, max_len
+        self.cache: IntegerKVCache | None = None
+        self.batch = self.length = 0
+
+    @torch.inference_mode()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Start new sequences: logits [B, V] of each row's last token."""
+        b, t = input_ids.shape
+        if b > self.max_batch or t >= self.max_len:
+            raise QConvertError(f"{b} rows of {t} tokens do not fit the engine's max_batch {self.max_batch} and "
+                                f"max_len {self.max_len} (one column is kept for a new token)")
+        self.cache = IntegerKVCache(b, self.model.layers_n)
+        self.batch, self.length = b, t
+        rows = []
+        for r in range(b):
+            ids = input_ids[r] if attention_mask is None else input_ids[r][attention_mask[r].bool()]
+            rows.append(self.model.sequence_logits(ids, self.cache.rows[r])[-1])
+        return torch.stack(rows)
+
+    @torch.inference_mode()
+    def decode(self, next_ids: torch.Tensor) -> torch.Tensor:
+        """One token per row ([B] or [B, 1]): logits [B, V]."""
+        if self.cache is None:
+            raise QConvertError("decode before prefill: call prefill with the prompts first")
+        if self.length >= self.max_len:
+            raise QConvertError(f"the engine's {self.max_len} columns are full; make a longer IntegerDecodeEngine")
+        ids = next_ids.reshape(self.batch, 1)
+        self.length += 1
+        return torch.stack([self.model.sequence_logits(ids[r], self.cache.rows[r])[-1] for r in range(self.batch)])
