@@ -272,6 +272,35 @@ def _kwarg(fn, *names: str) -> str | None:
     return next((n for n in names if n in params), None)
 
 
+def left_padding(ids: torch.Tensor, attention_mask: torch.Tensor | None, max_batch: int, max_len: int,
+                 engine: str) -> torch.Tensor:
+    """Check a prefill's prompts (ids [b, P], left padding) against an engine's size: the pad count of each row."""
+    if ids.dim() != 2:
+        raise QConvertError(f"prefill takes token ids [batch, length], got shape {tuple(ids.shape)}")
+    b, p = ids.shape
+    if not 1 <= b <= max_batch:
+        raise QConvertError(f"prefill of {b} prompts: the engine holds 1 to {max_batch}; make a larger {engine}")
+    if not 1 <= p < max_len:
+        raise QConvertError(f"prompt of {p} tokens: the engine's max_len is {max_len} (prompt + new tokens); "
+                            f"make a longer {engine}")
+    if attention_mask is None:
+        return torch.zeros(b, dtype=torch.int64, device=ids.device)
+    am = attention_mask.to(ids.device).bool()
+    if am.shape != ids.shape:
+        raise QConvertError(f"attention_mask {tuple(am.shape)} does not match input_ids {tuple(ids.shape)}")
+    pad = p - am.sum(1)
+    cols = torch.arange(p, device=ids.device)
+    if not bool(torch.equal(am, cols[None, :] >= pad[:, None])) or int(pad.max()) >= p:
+        raise QConvertError("attention_mask must be left padding (0s, then 1s, at least one 1 per row); "
+                            "pad prompts on the left")
+    return pad
+
+
+def check_next(next_ids: torch.Tensor, b: int) -> None:
+    if next_ids.numel() != b:
+        raise QConvertError(f"decode takes one token per row ({b}), got shape {tuple(next_ids.shape)}")
+
+
 class DecodeEngine:
     """Prefill and one-token decode steps of a causal LM over a static KV cache.
 
@@ -357,27 +386,10 @@ class DecodeEngine:
         padding (None: no padding).  Returns float [b, V] (``all_logits``: [b, P, V], pad positions
         included).  Host syncs are allowed here (the pad counts are read once).
         """
-        if input_ids.dim() != 2:
-            raise QConvertError(f"prefill takes token ids [batch, length], got shape {tuple(input_ids.shape)}")
-        b, p = input_ids.shape
-        if not 1 <= b <= self.max_batch:
-            raise QConvertError(f"prefill of {b} prompts: the engine holds 1 to {self.max_batch}; make a larger DecodeEngine")
-        if not 1 <= p < self.max_len:
-            raise QConvertError(f"prompt of {p} tokens: the engine's max_len is {self.max_len} (prompt + new tokens); "
-                                "make a longer DecodeEngine")
         dev = self.device
         ids = input_ids.to(dev, torch.int64)
-        if attention_mask is None:
-            pad = torch.zeros(b, dtype=torch.int64, device=dev)
-        else:
-            am = attention_mask.to(dev).bool()
-            if am.shape != ids.shape:
-                raise QConvertError(f"attention_mask {tuple(am.shape)} does not match input_ids {tuple(ids.shape)}")
-            pad = p - am.sum(1)
-            cols = torch.arange(p, device=dev)
-            if not bool(torch.equal(am, cols[None, :] >= pad[:, None])) or int(pad.max()) >= p:
-                raise QConvertError("attention_mask must be left padding (0s, then 1s, at least one 1 per row); "
-                                    "pad prompts on the left")
+        pad = left_padding(ids, attention_mask, self.max_batch, self.max_len, type(self).__name__)
+        b, p = ids.shape
         cols = torch.arange(p, device=dev)
         allowed = (cols[None, :] <= cols[:, None])[None] & (cols[None, None, :] >= pad[:, None, None])
         allowed |= torch.eye(p, dtype=torch.bool, device=dev)[None]  # a pad query sees itself: no empty softmax row
@@ -409,8 +421,7 @@ class DecodeEngine:
         if self.length >= self.max_len:
             raise QConvertError(f"the cache is full ({self.max_len} columns); make a DecodeEngine with a larger max_len")
         b = self.batch
-        if next_ids.numel() != b:
-            raise QConvertError(f"decode takes one token per row ({b}), got shape {tuple(next_ids.shape)}")
+        check_next(next_ids, b)
         self._ids[:b].copy_(next_ids.reshape(b, 1))
         self.cache.seen = self.length
         if self.graphs:

@@ -192,6 +192,9 @@ def generate(engine_or_model, tokenizer, prompts: str | list[str], max_new_token
     encoded = encode_prompts(tokenizer, prompts, chat)
     p = max(len(x) for x in encoded)
     if not isinstance(engine_or_model, torch.nn.Module):  # an engine (DecodeEngine, or a model's own)
+        if not all(hasattr(engine_or_model, a) for a in ("prefill", "decode", "max_len")):
+            raise QConvertError(f"{type(engine_or_model).__name__} is neither a model nor a decode engine; pass "
+                                "qconvert.load(OUT), a transformers causal LM or a DecodeEngine")
         engine = engine_or_model
     else:  # a model that brings its own engine (I-LLM's integer-only model) or a transformers one
         make = getattr(engine_or_model, "decode_engine", None)
@@ -199,7 +202,7 @@ def generate(engine_or_model, tokenizer, prompts: str | list[str], max_new_token
                   else DecodeEngine(engine_or_model, max_batch=len(encoded), max_len=p + max_new_tokens))
     if p + max_new_tokens > engine.max_len:
         raise QConvertError(f"{p} prompt tokens + {max_new_tokens} new ones exceed the engine's max_len {engine.max_len}; "
-                            "make a longer DecodeEngine or ask for fewer tokens")
+                            f"make a longer {type(engine).__name__} or ask for fewer tokens")
     run = _Run(engine, tokenizer, encoded, max_new_tokens, temperature, seed, stream_callback)
     nxt, t_prefill = run.prefill()
     steps, timed, t_decode = run.decode(nxt)

@@ -430,8 +430,10 @@ def test_the_integer_model_is_causal_and_its_cache_exact(illm_out):
     k8 = cache.rows[1].blocks[1][0]
     assert k8.dtype == torch.int8 and k8.shape == (2, 13, 16) and k8.abs().amax(-1).eq(127).all()
     assert cache.nbytes() == 2 * 2 * 13 * 2 * 2 * (16 + 16)  # rows x blocks x tokens x (k, v) x heads x (d + 2 x 8)
-    with pytest.raises(QConvertError, match="IntegerKVCache of 1 rows .* not one of 2 rows"):
+    with pytest.raises(QConvertError, match="IntegerKVCache of 1 rows .* not one of 2 rows and 2 blocks"):
         model(ids[:1, :1], past_key_values=cache)
+    with pytest.raises(QConvertError, match="not one of 2 rows and 3 blocks"):
+        model(ids[:, :1], past_key_values=IntegerKVCache(2, 3))
     with pytest.raises(QConvertError, match="not Tensor"):
         model(ids[:, :1], past_key_values=ids)
     assert model(ids[:, :3], past_key_values=IntegerKVCache(2, 2)).past_key_values is None
@@ -444,6 +446,7 @@ def test_generate_runs_the_integer_model_on_its_cache(illm_out):
     from transformers import AutoTokenizer
 
     from qconvert import load
+    from qconvert.errors import QConvertError
     from qconvert.generate import generate
 
     model, tok = load(illm_out), AutoTokenizer.from_pretrained(illm_out)
@@ -457,10 +460,42 @@ def test_generate_runs_the_integer_model_on_its_cache(illm_out):
             want.append(int(model(seq).logits[0, -1].argmax()))
             seq = torch.cat([seq, torch.tensor([[want[-1]]])], 1)
         assert got == want
+    eng = model.decode_engine(1, 4)
+    with pytest.raises(QConvertError, match="decode before prefill"):
+        eng.decode(torch.tensor([1]))
+    with pytest.raises(QConvertError, match="prompt of 4 tokens: the engine's max_len is 4 .* longer IntegerDecodeEngine"):
+        eng.prefill(torch.ones(1, 4, dtype=torch.int64))
+    with pytest.raises(QConvertError, match="prefill of 2 prompts: the engine holds 1 to 1"):
+        eng.prefill(torch.ones(2, 3, dtype=torch.int64))
+    with pytest.raises(QConvertError, match="attention_mask must be left padding"):
+        eng.prefill(torch.ones(1, 3, dtype=torch.int64), torch.tensor([[0, 0, 0]]))
+    eng.prefill(torch.ones(1, 3, dtype=torch.int64))
+    with pytest.raises(QConvertError, match=r"one token per row \(1\)"):
+        eng.decode(torch.tensor([1, 2]))
+    eng.decode(torch.tensor([1]))
+    with pytest.raises(QConvertError, match="columns are full"):
+        eng.decode(torch.tensor([1]))
+    with pytest.raises(QConvertError, match="longer than the model's 256 positions"):
+        model.decode_engine(1, 257)
     out = CliRunner().invoke(cli, ["generate", str(illm_out), "--device", "cpu", "--prompt", "the cat sat",
                                    "--max-new-tokens", "4"])
     assert out.exit_code == 0, out.output
     assert "[qconvert integer-only on cpu] prefill" in out.output
+
+
+def test_decode_benchmark_runs(illm_out, tmp_path):
+    """benchmarks/illm_decode.py: cached steps against the whole sequence again, same logits."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "benchmarks" / "illm_decode.py"), str(illm_out), "--prompt", "6",
+                        "--new-tokens", "3", "--json", str(tmp_path / "d.json")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    row = json.loads((tmp_path / "d.json").read_text())
+    assert row["same_logits"] is True and row["scheme"] == "illm-w8a8" and row["cache_bytes"] == 2 * 8 * 2 * 2 * 32
+    assert "integer KV cache" in r.stdout and "whole sequence again" in r.stdout
 
 
 def test_bench_on_the_integer_model(illm_out):

@@ -9,8 +9,8 @@ float diagnostics).  ``qconvert.load`` builds the whole-model integer runtime be
 
 ``IntegerLlama.forward_int(ids)`` runs a Llama-architecture model from the embedding lookup to
 the logits with integer tensors and integer operations only (qconvert_kernels/illm/reference.py
-has the operators); ``forward`` then converts the integer logits to float once, the single float
-operation per output.  tests/test_illm.py proves it by tracing every torch call between the two.
+has the operators); ``sequence_logits`` (and ``forward``, row by row) then converts the integer
+logits to float once, the single float operation per output.  tests/test_illm.py proves it by tracing every torch call between the two.
 
 Per block, with every activation an integer tensor and a per-token dyadic scale:
 
@@ -174,6 +174,9 @@ class IntegerLlama(nn.Module):
             raise QConvertError(f"I-LLM's integer runtime has plain rotary embeddings only; this model uses "
                                 f"rope_type {rope.get('rope_type', rope.get('type'))!r}")
         self.config = config
+        from transformers import GenerationConfig
+
+        self.generation_config = GenerationConfig.from_model_config(config)  # its EOS ids, for qconvert generate
         self.layers_n = config.num_hidden_layers
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
@@ -227,7 +230,8 @@ class IntegerLlama(nn.Module):
         b, rb = ri.quantize_rows(b, RESIDUAL_QMAX)
         sb = rb * sb
         big_a, big_b = a * sa.m, b * sb.m  # <= 2^36 each
-        kmin = torch.minimum(sa.k, sb.k)
+        # a zero (m = 0, k = 0) has no exponent: align to the other term's, not to 2^0
+        kmin = torch.where(sb.m == 0, sa.k, torch.where(sa.m == 0, sb.k, torch.minimum(sa.k, sb.k)))
         total = ri.shift(big_a, sa.k - kmin) + ri.shift(big_b, sb.k - kmin)
         q, r = ri.quantize_rows(total, RESIDUAL_QMAX)
         return q, Dyadic(r.m, r.k + kmin)
@@ -331,11 +335,12 @@ class IntegerLlama(nn.Module):
         only the new tokens, with the logits the whole sequence gives."""
         seqs = input_ids.reshape(-1, input_ids.shape[-1])
         cache = past_key_values
-        if cache is not None and (not isinstance(cache, IntegerKVCache) or len(cache.rows) != seqs.shape[0]):
+        if cache is not None and (not isinstance(cache, IntegerKVCache) or len(cache.rows) != seqs.shape[0]
+                                  or len(cache.rows[0].blocks) != self.layers_n):
             raise QConvertError(f"past_key_values must be the IntegerKVCache of {seqs.shape[0]} rows that this model "
                                 "returned with use_cache=True, not "
-                                + (f"one of {len(cache.rows)} rows" if isinstance(cache, IntegerKVCache)
-                                   else type(cache).__name__))
+                                + (f"one of {len(cache.rows)} rows and {len(cache.rows[0].blocks)} blocks"
+                                   if isinstance(cache, IntegerKVCache) else type(cache).__name__))
         if cache is None and use_cache:
             cache = IntegerKVCache(seqs.shape[0], self.layers_n)
         rows = [self.sequence_logits(seq, cache.rows[r] if cache is not None else None) for r, seq in enumerate(seqs)]

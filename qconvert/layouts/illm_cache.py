@@ -77,18 +77,16 @@ class IntegerDecodeEngine:
 
     @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Start new sequences: logits [B, V] of each row's last token."""
+        """Start new sequences from left-padded prompts (``input_ids`` [B, P], ``attention_mask`` [B, P]
+        1 on tokens, 0 on the padding, or None): logits [B, V] of each row's last token."""
+        from qconvert.engine import left_padding  # (transformers: imported when generating only)
+
+        pad = left_padding(input_ids, attention_mask, self.max_batch, self.max_len, type(self).__name__)
         b, t = input_ids.shape
-        if b > self.max_batch or t >= self.max_len:
-            raise QConvertError(f"{b} rows of {t} tokens do not fit the engine's max_batch {self.max_batch} and "
-                                f"max_len {self.max_len} (one column is kept for a new token)")
         self.cache = IntegerKVCache(b, self.model.layers_n)
         self.batch, self.length = b, t
-        rows = []
-        for r in range(b):
-            ids = input_ids[r] if attention_mask is None else input_ids[r][attention_mask[r].bool()]
-            rows.append(self.model.sequence_logits(ids, self.cache.rows[r])[-1])
-        return torch.stack(rows)
+        return torch.stack([self.model.sequence_logits(input_ids[r, int(pad[r]):], self.cache.rows[r])[-1]
+                            for r in range(b)])
 
     @torch.inference_mode()
     def decode(self, next_ids: torch.Tensor) -> torch.Tensor:
@@ -97,6 +95,9 @@ class IntegerDecodeEngine:
             raise QConvertError("decode before prefill: call prefill with the prompts first")
         if self.length >= self.max_len:
             raise QConvertError(f"the engine's {self.max_len} columns are full; make a longer IntegerDecodeEngine")
+        from qconvert.engine import check_next
+
+        check_next(next_ids, self.batch)
         ids = next_ids.reshape(self.batch, 1)
         self.length += 1
         return torch.stack([self.model.sequence_logits(ids[r], self.cache.rows[r])[-1] for r in range(self.batch)])
