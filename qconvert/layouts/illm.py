@@ -10,7 +10,8 @@ float diagnostics).  ``qconvert.load`` builds the whole-model integer runtime be
 ``IntegerLlama.forward_int(ids)`` runs a Llama-architecture model from the embedding lookup to
 the logits with integer tensors and integer operations only (qconvert_kernels/illm/reference.py
 has the operators); ``sequence_logits`` (and ``forward``, row by row) then converts the integer
-logits to float once, the single float operation per output.  tests/test_illm.py proves it by tracing every torch call between the two.
+logits to float once, the single float operation per output.  tests/test_illm.py proves it by
+tracing every torch call between the two.
 
 Per block, with every activation an integer tensor and a per-token dyadic scale:
 
@@ -82,16 +83,16 @@ def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, Dyadic]:
 NO_EXPONENT = 1 << 40  # the exponent of a zero (a dyadic with m = 0), left out of minimums
 
 
-def fold_columns(x: torch.Tensor, col: Dyadic, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x int64 [t, n] times a per-column dyadic ``col`` ([n]): (y [t, n], e [t, 1]) with x * col ~=
-    y * 2^-e, e the smallest exponent among the row's columns that ``mask`` keeps (the others are
-    shifted down to it, rounding), so a row depends on its own columns only (causal attention)."""
-    live = mask & (col.m > 0)[None, :]
-    kk = torch.where(live, col.k[None, :], NO_EXPONENT)
+def column_alignment(col: Dyadic, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-column dyadics ``col`` ([..., n]) seen by rows ``mask`` [t, n]: (shifts [..., t, n],
+    e [..., t, 1]) such that x * col ~= shift(x * col.m, shifts) * 2^-e, e the smallest exponent
+    among the row's columns that ``mask`` keeps (the others are shifted down to it, rounding), so a
+    row depends on its own columns only (causal attention)."""
+    live = mask & (col.m > 0)[..., None, :]
+    kk = torch.where(live, col.k[..., None, :], NO_EXPONENT)
     e = kk.amin(dim=-1, keepdim=True)
     e = torch.where(e == NO_EXPONENT, 0, e)  # a row without a live column: all zero
-    sh = torch.where(live, kk - e, 0).clamp(0, 62)
-    return ri.shift(x * col.m[None, :], sh), e
+    return torch.where(live, kk - e, 0).clamp(0, 62), e
 
 
 def int_vector(g: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -264,15 +265,18 @@ class IntegerLlama(nn.Module):
         k8, s_k, v8, s_v = kv
         mask = torch.ones(t, start + t, dtype=torch.bool).tril(diagonal=start)  # token j sees keys 0 .. start + j
         group = self.heads // self.kv_heads
+        # per KV head (shared by its query heads): the key and value scales' alignment per row
+        k_sh, k_e = column_alignment(Dyadic(s_k.m[..., 0], s_k.k[..., 0]), mask)  # [KV, t, n], [KV, t, 1]
+        v_sh, v_e = column_alignment(Dyadic(s_v.m[..., 0], s_v.k[..., 0]), mask)
         outs, exps = [], []
         for hh in range(self.heads):
             g = hh // group
             acc = ri.int8_matmul(q8[:, hh * d:(hh + 1) * d], k8[g].t())  # [t, n]: int32 products
-            scores, kmin = fold_columns(acc, Dyadic(s_k.m[g, :, 0], s_k.k[g, :, 0]), mask)  # key scales folded in
-            p = ri.di_softmax(scores, Dyadic(s_q.m, s_q.k + kmin) * self.inv_sqrt_d, mask)  # 2^-15
+            scores = ri.shift(acc * s_k.m[g, :, 0][None, :], k_sh[g])  # key scales folded in, 2^-k_e
+            p = ri.di_softmax(scores, Dyadic(s_q.m, s_q.k + k_e[g]) * self.inv_sqrt_d, mask)  # 2^-15
             # the value scales, one per token (the sum's index), fold into P's columns, then P is
             # requantized to 15 bits per row: P V stays an exact product of int8 V
-            pv, vmin = fold_columns(p, Dyadic(s_v.m[g, :, 0], s_v.k[g, :, 0]), mask)
+            pv, vmin = ri.shift(p * s_v.m[g, :, 0][None, :], v_sh[g]), v_e[g]
             pq, rp = ri.quantize_rows(pv, WIDE_QMAX)
             outs.append(ri.wide_matmul(pq, v8[g]) * rp.m)  # [t, d], scale 2^-(k + 15)
             exps.append(torch.where(rp.m > 0, rp.k + vmin, NO_EXPONENT))
