@@ -246,15 +246,28 @@ class Calibrator:
         """Decoder block ``index`` with its real weights (float32)."""
         block = self.layers[index]
         prefix = f"{DECODER_LAYERS}.{index}."
-        for mod_name, mod in block.named_modules():
+        self.materialize(block, prefix)
+        self._block_buffers = _buffers_to(block, self.device)
+        self._online_hooks = self._online(block, prefix)
+        return block
+
+    def materialize(self, module: nn.Module, prefix: str) -> None:
+        """Read ``module``'s parameters from the source (float32, on the walk's device); ``prefix``:
+        the module's name in the skeleton, with its trailing dot ("" for the whole model)."""
+        for mod_name, mod in module.named_modules():
             for pname, p in list(mod._parameters.items()):
                 if p is None:
                     continue
                 full = prefix + (f"{mod_name}.{pname}" if mod_name else pname)
                 mod._parameters[pname] = nn.Parameter(self._real(self.src.get(self.names[full])), requires_grad=False)
-        self._block_buffers = _buffers_to(block, self.device)
-        self._online_hooks = self._online(block, prefix)
-        return block
+
+    @staticmethod
+    def unload(module: nn.Module) -> None:
+        """``module``'s parameters back on the meta device (their memory freed)."""
+        for mod in module.modules():
+            for pname, p in list(mod._parameters.items()):
+                if p is not None:
+                    mod._parameters[pname] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
 
     def _online(self, block: nn.Module, prefix: str) -> list:
         """``--rotate hadamard+online``: the run time's transform of down_proj's input, as the first
@@ -271,10 +284,7 @@ class Calibrator:
         for h in self._online_hooks:
             h.remove()
         self._online_hooks = []
-        for mod in block.modules():
-            for pname, p in list(mod._parameters.items()):
-                if p is not None:
-                    mod._parameters[pname] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+        self.unload(block)
         _buffers_back(self._block_buffers)
         self._block_buffers = []
 

@@ -377,11 +377,9 @@ class CalibSettings:
             from qconvert.fsutil import parse_size
 
             return parse_size(self.max_memory)
-        try:
-            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            avail = 8 << 30
-        return avail // 2
+        from qconvert.placement import free_ram
+
+        return free_ram() // 2
 
     def tokens(self, src, progress: bool = True, device: torch.device = torch.device("cpu")) -> torch.Tensor:
         """int64 [nsamples, seqlen] tokens for ``src`` (a qconvert.source.Source), on the CPU.

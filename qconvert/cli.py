@@ -273,15 +273,17 @@ def inspect(out, as_json):
 @cli.command()
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--against", metavar="SOURCE", help="Compare with this source (default: the one OUT was made from).")
-@click.option("--data-file", type=click.Path(path_type=Path), help="Sample text (default: text the source model writes).")
+@click.option("--data-file", type=click.Path(path_type=Path), help="Sample text (default: text the source model writes; a built-in passage when streamed).")
 @click.option("--tokens", default=128, show_default=True, type=click.IntRange(min=2), help="Sample length in tokens.")
 @click.option("--min-snr", default=5.0, show_default=True, help="Fail when a layer's output SNR (dB) is below this.")
 @click.option("--min-top1", default=0.3, show_default=True, help="Fail when next-token top-1 agreement is below this.")
 @click.option("--no-compare", is_flag=True, help="Check files and tensors only; do not run the models.")
+@click.option("--stream/--no-stream", default=None,
+              help="Run the source one decoder block at a time [default: when it needs over half the free RAM].")
 @_target_option
 @_tp_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def verify(out, against, data_file, tokens, min_snr, min_top1, no_compare, target, tensor_parallel, as_json):
+def verify(out, against, data_file, tokens, min_snr, min_top1, no_compare, stream, target, tensor_parallel, as_json):
     """Check OUT: sha256 of every file, tensor dtypes and shapes, the int32 bound, and
     (unless --no-compare) per-layer SNR, KL and top-1 agreement against the source.
     Exits 1 on any failure; a passing report is saved as OUT/verify.json.
@@ -289,17 +291,19 @@ def verify(out, against, data_file, tokens, min_snr, min_top1, no_compare, targe
     \b
     qconvert verify out/
     qconvert verify out/ --against ./Llama-3-8B --data-file sample.txt --json
+    qconvert verify out/ --stream     # a source larger than RAM: one float32 block at a time
     """
     from qconvert.verify import verify as run
 
     rep = run(out, against, data_file, tokens, compare_source=not no_compare, min_snr_db=min_snr, min_top1=min_top1,
-              target=target, tensor_parallel=tensor_parallel)
+              target=target, tensor_parallel=tensor_parallel, stream=stream)
     if as_json:
         click.echo(json.dumps(rep.to_dict(), indent=2))
     else:
         click.echo(f"{out}: {rep.checked_files} files and {rep.checked_tensors} tensors checked")
         if rep.against:
-            click.echo(f"against {rep.against} on {rep.sample_tokens} tokens: min layer SNR {rep.min_snr_db} dB, "
+            click.echo(f"against {rep.against} on {rep.sample_tokens} tokens ({rep.sample}"
+                       f"{'; streamed block by block' if rep.streamed else ''}): min layer SNR {rep.min_snr_db} dB, "
                        f"KL {rep.kl:.4f}, top-1 agreement {rep.top1_agreement:.3f}")
         if rep.serving:
             from qconvert.serving import Finding

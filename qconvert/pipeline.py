@@ -87,7 +87,7 @@ def open_partial(out: Path, resume: bool) -> tuple[Path, Journal | None]:
     return partial, None
 
 
-def _plan(source: Source, skeleton, targets) -> tuple[dict[str, str], list[tuple[str, list[str]]]]:
+def plan_tensors(source: Source, skeleton, targets) -> tuple[dict[str, str], list[tuple[str, list[str]]]]:
     """Map every skeleton tensor to its source tensor and group the names into stages.
 
     Returns (source name of each output tensor, [(stage label, tensor names)]): the tensors
@@ -255,7 +255,7 @@ def _prepare(source, sch: Scheme, out: Path, force: bool, resume: bool, max_shar
             calib = replace(calib, asym=asym)
     skeleton = build_skeleton(config)
     targets = target_linears(skeleton, sch.exclude)
-    names, stages = _plan(src, skeleton, targets)
+    names, stages = plan_tensors(src, skeleton, targets)
     settings = {
         "qconvert_version": __version__, "source": src.description, "scheme": sch.name, "method": sch.method,
         "params": sch.params, "exclude": list(sch.exclude), "max_shard_bytes": shard_bytes,

@@ -123,6 +123,15 @@ def place(need: int, gpu_left: int, ram_left: int, cuda: bool, spill: str = "dis
     return spill, gpu_left, ram_left
 
 
+def free_ram() -> int:
+    """Bytes of RAM the system reports free (sysconf's available physical pages; 8 GB where it
+    cannot tell)."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
 def block_working_set(config, batch_tokens: int) -> int:
     """Bytes of GPU memory one decoder block's calibration needs besides the activations it
     keeps (an estimate, on the safe side): the block's weights in float32, the Hessian of the

@@ -9,6 +9,13 @@ Numerics (against the source): per quantized linear, the SNR of its output again
 source layer on the source model's own activations; over the sequence, the KL divergence
 and top-1 agreement of next-token distributions.  Sample text is the user's file, or text
 the source model writes itself.
+
+A source that does not fit in memory in float32 (more than half the free RAM; ``stream``
+decides otherwise) is run *streamed*: one decoder block at a time is read from it, the
+sample's hidden states run through the block (its linears' inputs and outputs caught for the
+SNR), and the block is dropped, so memory holds the quantized model, one float32 block, the
+embedding, the final norm and the head.  The source cannot then write its own text: without a
+file, the sample is ``SAMPLE_TEXT``.
 """
 
 from __future__ import annotations
@@ -26,6 +33,26 @@ from qconvert.formats.native import FORMAT_NAME, MANIFEST, READ_VERSIONS, read_q
 RESULT_FILES = ("verify.json", "eval.json", "bench.json")  # written into OUT after quantize
 VERIFY_FILE = "verify.json"
 
+# the sample of a streamed comparison without --data-file (written for qconvert: any plain
+# English prose serves; it must run to more tokens than the default --tokens 128)
+SAMPLE_TEXT = (
+    "The ferry left the north bank a little after seven, as it had every morning for forty years. "
+    "Most of the passengers were regulars: a baker with two crates of bread for the market, three "
+    "students who read their notes aloud to each other, and an old man who fed the gulls from a paper "
+    "bag although the sign by the rail asked him not to. The river was wide here, and slow, and in "
+    "winter the fog sat on it so thickly that the pilot steered by the sound of the bell on the far "
+    "pier. Nobody on board could remember a crossing that had gone wrong. When the bridge upstream was "
+    "finished, the town council argued for a whole season about whether the ferry should keep running. "
+    "The engineers said the bridge would carry ten times as many people in half the time, and they were "
+    "right. The baker said that he did not want to spend his mornings in a queue of cars, and the "
+    "students said that twenty minutes on the water was the only quiet part of their day. In the end "
+    "the council kept the ferry for one more year, then another, and then stopped discussing it at all. "
+    "It still crosses twice an hour. The timetable is painted on a board beside the ticket window, and "
+    "the paint has been renewed so often that the numbers stand out from the wood like carved letters. "
+    "On clear evenings the last boat carries more tourists than townspeople, and the pilot, who is the "
+    "granddaughter of the first one, points out the heron that nests under the old customs house."
+)
+
 
 @dataclass
 class VerifyReport:
@@ -39,6 +66,8 @@ class VerifyReport:
     min_snr_db: float | None = None
     kl: float | None = None
     top1_agreement: float | None = None
+    sample: str | None = None  # where the sample text came from
+    streamed: bool = False  # the source ran one decoder block at a time (it did not fit in memory)
     serving: list = field(default_factory=list)  # with --target: what vLLM would do with each layer
     made_on: str | None = None  # the device that calibrated OUT: qconvert.json's "device", "cpu" when absent
 
@@ -194,22 +223,109 @@ def rotated_as_recorded(out: Path, src):
     return RotatedSource(src, rotation["mode"], rotation["seed"], online="online" in rotation)
 
 
-def _sample_ids(ref, tokenizer, data_file, n_tokens: int) -> torch.Tensor:
-    if data_file is not None:
-        from qconvert.calibration_text import read_text_file
+def _sample_ids(ref, tokenizer, data_file, n_tokens: int, what: str) -> tuple[torch.Tensor, str]:
+    """The sample's token ids [1, n] and where they came from: ``data_file``; else, with the
+    source model at hand (``ref``), text it writes; else (a streamed source) ``SAMPLE_TEXT``."""
+    if data_file is not None or ref is None:
+        if tokenizer is None:
+            raise QConvertError(f"{what} has no tokenizer to read the sample text; verify with --no-compare, or "
+                                "without --data-file and --stream")
+        if data_file is not None:
+            from qconvert.calibration_text import read_text_file
 
-        ids = tokenizer(read_text_file(Path(data_file)), return_tensors="pt").input_ids[:, :n_tokens]
+            text, sample = read_text_file(Path(data_file)), str(data_file)
+        else:
+            text, sample = SAMPLE_TEXT, "qconvert's built-in passage (the source was streamed)"
+        ids = tokenizer(text, return_tensors="pt").input_ids[:, :n_tokens]
         if ids.shape[1] < 2:
             raise QConvertError(f"{data_file} holds fewer than 2 tokens; give a longer sample")
-        return ids
+        return ids, sample
     start = ref.config.bos_token_id if ref.config.bos_token_id is not None else 0
     torch.manual_seed(0)
-    return ref.generate(torch.tensor([[start]]), do_sample=True, top_k=50, max_new_tokens=n_tokens - 1,
-                        min_new_tokens=n_tokens - 1, pad_token_id=start)
+    ids = ref.generate(torch.tensor([[start]]), do_sample=True, top_k=50, max_new_tokens=n_tokens - 1,
+                       min_new_tokens=n_tokens - 1, pad_token_id=start)
+    return ids, "text the source wrote"
+
+
+def source_float_bytes(src) -> int:
+    """Bytes of the source's tensors in float32 (what the unstreamed comparison holds of it)."""
+    return 4 * sum(math.prod(src.info(name)[1]) for name in src.keys())
+
+
+def too_large_to_hold(src) -> bool:
+    """Whether ``compare`` streams ``src`` by default: its float32 tensors take more than half
+    the free RAM (the rest is for the quantized model and the activations)."""
+    from qconvert.placement import free_ram
+
+    return source_float_bytes(src) > free_ram() // 2
 
 
 @torch.inference_mode()
-def compare(out: Path, against: str, rep: VerifyReport, data_file=None, n_tokens: int = 128) -> None:
+def streamed_reference(src, ids: torch.Tensor, watch: set[str], on_block) -> torch.Tensor:
+    """The source model's logits [n, V] for ``ids`` [1, n], computed with one decoder block in
+    memory at a time besides the embedding, the final norm and the head (each read only for
+    its turn): block i is read from ``src`` in float32, the hidden states run through it, and
+    it is dropped.  ``on_block({name: (input, output)})`` receives, after each block, what its
+    linears named in ``watch`` read and wrote."""
+    import tempfile
+
+    from qconvert.architectures import DECODER_LAYERS
+    from qconvert.block_walk import Calibrator
+    from qconvert.pipeline import plan_tensors
+    from qconvert.skeleton import build_skeleton, target_linears
+
+    skeleton = build_skeleton(src.config)
+    names, _ = plan_tensors(src, skeleton, target_linears(skeleton, ()))
+    where = {id(m): n for n, m in skeleton.named_modules()}
+    trunk = skeleton.get_submodule(DECODER_LAYERS.rsplit(".", 1)[0])
+    norm, head = getattr(trunk, "norm", None), skeleton.get_output_embeddings()
+    if norm is None or head is None:
+        raise QConvertError(f"{type(skeleton).__name__} has no final norm and head where verify looks; verify with "
+                            "--no-stream on a machine that holds the source in memory")
+    with tempfile.TemporaryDirectory(prefix="qconvert-verify-") as tmp:
+        cal = Calibrator(src, skeleton, names, ids, Path(tmp), max_memory=1 << 62, progress=False, on_disk=False)
+        cal.embed()
+        for i in range(len(cal.layers)):
+            block, prefix, caught = cal.load_block(i), f"{DECODER_LAYERS}.{i}.", {}
+            hooks = []
+            for n, m in block.named_modules():
+                if prefix + n in watch:  # the input as it arrives, before the online transform's pre-hook
+                    hooks += [  # (``--rotate hadamard+online``: the quantized twin applies it itself)
+                        m.register_forward_pre_hook(lambda m, a, name=prefix + n: caught.__setitem__(name, [a[0]]),
+                                                    prepend=True),
+                        m.register_forward_hook(lambda m, a, y, name=prefix + n: caught[name].append(y))]
+            try:
+                for sl, kwargs in cal._batches():
+                    y = block(cal.acts.inputs[sl], **kwargs)
+                    cal.acts.outputs[sl] = y[0] if isinstance(y, tuple) else y
+            finally:
+                for h in hooks:
+                    h.remove()
+                cal.release_block(block)
+            on_block(caught)
+            cal.acts.swap()
+        try:
+            cal.materialize(norm, where[id(norm)] + ".")
+            cal.materialize(head, where[id(head)] + ".")
+            return head(norm(cal.acts.inputs))[0].float()
+        finally:
+            cal.unload(norm)
+            cal.unload(head)
+
+
+def _layer_snrs(qmods: dict, caught: dict, rep: VerifyReport) -> None:
+    """Each caught linear's output SNR (dB) against its quantized twin on the same input."""
+    for name, (x, y) in caught.items():
+        err = (qmods[name](x).float() - y.float()).square().sum()
+        snr = 10 * math.log10(float(y.float().square().sum()) / max(float(err), 1e-30))
+        rep.layers.append({"name": name, "snr_db": round(snr, 2)})
+
+
+@torch.inference_mode()
+def compare(out: Path, against, rep: VerifyReport, data_file=None, n_tokens: int = 128,
+            stream: bool | None = None) -> None:
+    """Per-layer SNR, KL and top-1 agreement of OUT against ``against`` (a SOURCE or a Source);
+    ``stream``: run the source one block at a time (default: when ``too_large_to_hold``)."""
     from torch import nn
 
     from qconvert.layouts import QuantizedModule
@@ -217,25 +333,27 @@ def compare(out: Path, against: str, rep: VerifyReport, data_file=None, n_tokens
     from qconvert.source import Source, resolve_source
 
     src = rotated_as_recorded(out, against if isinstance(against, Source) else resolve_source(against))
-    ref = src.load_model(torch.float32)
+    what = getattr(against, "description", str(against))
+    rep.streamed = too_large_to_hold(src) if stream is None else bool(stream)
     model = load(out, dtype=torch.float32)
     tok = src.load_tokenizer()
-    if tok is None and data_file is not None:
-        raise QConvertError(f"{against} has no tokenizer to read {data_file}; verify without --data-file")
-    ids = _sample_ids(ref, tok, data_file, n_tokens)
-    rep.against, rep.sample_tokens = getattr(against, "description", str(against)), int(ids.shape[1])
     qmods = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedModule)}
-    inputs, hooks = {}, []
-    for name, mod in ref.named_modules():
-        if name in qmods and isinstance(mod, nn.Linear):
-            hooks.append(mod.register_forward_hook(lambda m, a, y, name=name: inputs.__setitem__(name, (a[0], y))))
-    ref_logits = ref(ids).logits[0].float()
-    for h in hooks:
-        h.remove()
-    for name, (x, y) in inputs.items():
-        err = (qmods[name](x).float() - y.float()).square().sum()
-        snr = 10 * math.log10(float(y.float().square().sum()) / max(float(err), 1e-30))
-        rep.layers.append({"name": name, "snr_db": round(snr, 2)})
+    if rep.streamed:
+        ids, rep.sample = _sample_ids(None, tok, data_file, n_tokens, what)
+        ref_logits = streamed_reference(src, ids, set(qmods), lambda caught: _layer_snrs(qmods, caught, rep))
+    else:
+        ref = src.load_model(torch.float32)
+        ids, rep.sample = _sample_ids(ref, tok, data_file, n_tokens, what)
+        caught, hooks = {}, []
+        for name, mod in ref.named_modules():
+            if name in qmods and isinstance(mod, nn.Linear):
+                hooks.append(mod.register_forward_hook(lambda m, a, y, name=name: caught.__setitem__(name, (a[0], y))))
+        ref_logits = ref(ids).logits[0].float()
+        for h in hooks:
+            h.remove()
+        del ref
+        _layer_snrs(qmods, caught, rep)
+    rep.against, rep.sample_tokens = what, int(ids.shape[1])
     q_logits = model(ids).logits[0].float()
     logp, logq = ref_logits.log_softmax(-1), q_logits.log_softmax(-1)
     rep.kl = float((logp.exp() * (logp - logq)).sum(-1).mean())
@@ -245,10 +363,10 @@ def compare(out: Path, against: str, rep: VerifyReport, data_file=None, n_tokens
 
 def verify(out, against: str | None = None, data_file=None, n_tokens: int = 128, compare_source: bool = True,
            min_snr_db: float = 5.0, min_top1: float = 0.3, save: bool = True, target: str | None = None,
-           tensor_parallel: int = 1) -> VerifyReport:
+           tensor_parallel: int = 1, stream: bool | None = None) -> VerifyReport:
     """Check OUT; never raises for a damaged OUT (failures are in the report).  ``target``
     (vllm[:cpu|:sm80|:sm89|:sm90]) also checks that the engine would serve its export at
-    ``tensor_parallel`` ranks (qconvert/serving.py)."""
+    ``tensor_parallel`` ranks (qconvert/serving.py).  ``stream``: see ``compare``."""
     out = Path(out)
     rep = VerifyReport(out=str(out))
     if not out.is_dir():
@@ -266,7 +384,7 @@ def verify(out, against: str | None = None, data_file=None, n_tokens: int = 128,
         if against is None:
             against = recorded_source(out)
         if against is not None:
-            compare(out, against, rep, data_file, n_tokens)
+            compare(out, against, rep, data_file, n_tokens, stream)
             low = [r for r in rep.layers if r["snr_db"] < min_snr_db]
             if low:
                 _fail(rep, f"{len(low)} layers below {min_snr_db} dB SNR, worst {low[0]['name']} ({min(r['snr_db'] for r in low)} dB)")

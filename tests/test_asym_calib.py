@@ -60,14 +60,14 @@ def test_gptq_on_the_target_matches_the_float_output_better():
 
 def _calibrator(src, tmp_path, asym):
     from qconvert.block_walk import Calibrator
-    from qconvert.pipeline import _plan
+    from qconvert.pipeline import plan_tensors
     from qconvert.skeleton import build_skeleton, target_linears
     from qconvert.source import resolve_source
 
     source = resolve_source(str(src))
     skel = build_skeleton(source.config)
     targets = target_linears(skel, ["lm_head"])
-    names, _ = _plan(source, skel, targets)
+    names, _ = plan_tensors(source, skel, targets)
     tokens = torch.randint(0, 300, (5, 40), generator=torch.Generator().manual_seed(0))
     cal = Calibrator(source, skel, names, tokens, tmp_path, 1 << 30, batch_tokens=80, asym=asym)
     cal.embed()

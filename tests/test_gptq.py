@@ -160,14 +160,14 @@ def test_block_stages_reproduce_the_block(calib_src, compute_dtype):
     """The staged walk of qconvert.block_walk computes exactly what the decoder block computes
     (in float32), and within bfloat16 rounding when its matmuls run in bfloat16."""
     from qconvert.block_walk import Calibrator
-    from qconvert.pipeline import _plan
+    from qconvert.pipeline import plan_tensors
     from qconvert.skeleton import build_skeleton, target_linears
     from qconvert.source import resolve_source
 
     src = resolve_source(str(calib_src))
     skel = build_skeleton(src.config)
     targets = target_linears(skel, ["lm_head"])
-    names, _ = _plan(src, skel, targets)
+    names, _ = plan_tensors(src, skel, targets)
     cal = Calibrator(src, skel, names, torch.randint(0, 300, (5, 40)), calib_src.parent, 1 << 30, batch_tokens=80,
                      compute_dtype=compute_dtype)
     cal.embed()

@@ -195,12 +195,12 @@ def _walk_block0(rot, partial, max_memory=1 << 30):
     (block output from the walk, the float model's block output, down_proj's Hessian sum, the
     down_proj inputs' X^T X after the transform)."""
     from qconvert.block_walk import Calibrator
-    from qconvert.pipeline import _plan
+    from qconvert.pipeline import plan_tensors
     from qconvert.skeleton import build_skeleton, target_linears
 
     skel = build_skeleton(rot.config)
     targets = target_linears(skel, ["lm_head"])
-    names, _ = _plan(rot, skel, targets)
+    names, _ = plan_tensors(rot, skel, targets)
     tokens = torch.randint(0, 300, (5, 40), generator=torch.Generator().manual_seed(2))
     partial.mkdir()
     cal = Calibrator(rot, skel, names, tokens, partial, max_memory, batch_tokens=80)

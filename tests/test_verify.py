@@ -7,7 +7,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from helpers import tiny_config, write_model
+from helpers import run_cli, tiny_config, write_model
 from qconvert import quantize
 from qconvert.cli import cli
 from qconvert.formats.native import write_manifest
@@ -125,3 +125,119 @@ def test_config_that_disagrees_is_caught(copy):
     write_manifest(copy)
     rep = verify(copy, compare_source=False, save=False)
     assert not rep.ok and any("the config implies" in f for f in rep.failures)
+
+
+# ---- the streamed comparison (a source that does not fit in memory) -----------------------------
+
+def _moe_source(d):
+    from helpers import save_pretrained_model, tiny_moe_config
+
+    return save_pretrained_model(d / "src", tiny_moe_config("mixtral", layers=2, init_std=0.1), tokenizer=True)
+
+
+def _rtn(src, out, *extra):
+    return run_cli("quantize", src, "--scheme", "is-w4a8-rtn", "-o", out, "-q", *extra)
+
+
+# (source, how OUT is made): a plain Llama, a tied head, Qwen2's q/k/v biases, a rotated model with
+# the online transform before down_proj (its source is the rotated one, untied), a mixture of
+# experts, and I-LLM's whole-model integer runtime
+STREAM_CASES = {
+    "llama": (lambda d: write_model(d / "src", tiny_config(layers=2)), _rtn),
+    "tied": (lambda d: write_model(d / "src", tiny_config(layers=2, tie=True)), _rtn),
+    "qwen2": (lambda d: write_model(d / "src", tiny_config("qwen2", layers=2)), _rtn),
+    "rotated-online": (lambda d: _calib_source(d),
+                       lambda src, out: _calibrated(src, out, "quik-w4a4", "--outliers", "0", "--rotate",
+                                                    "hadamard+online", "--param", "act_clip=1")),
+    "mixtral": (_moe_source, _rtn),
+    "illm": (lambda d: _calib_source(d), lambda src, out: _calibrated(src, out, "illm-w8a8")),
+}
+
+
+def _calib_source(d):
+    from helpers import TEXT
+
+    src = write_model(d / "src", tiny_config(layers=2))
+    (d / "calib.txt").write_text(TEXT)
+    return src
+
+
+def _calibrated(src, out, scheme, *extra):
+    from helpers import quantize_tiny
+
+    res = quantize_tiny(src, out, scheme, *extra)
+    assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize("case", list(STREAM_CASES))
+def test_streamed_comparison_equals_the_whole_model(case, tmp_path, monkeypatch):
+    from helpers import TEXT
+
+    from qconvert.block_walk import Calibrator
+    from qconvert.source import Source
+
+    make_src, make_out = STREAM_CASES[case]
+    src = make_src(tmp_path)
+    make_out(src, tmp_path / "out")
+    sample = tmp_path / "sample.txt"
+    sample.write_text(TEXT * 3)
+    whole = verify(tmp_path / "out", data_file=sample, n_tokens=40, save=False, stream=False)
+    assert whole.ok and not whole.streamed and whole.sample == str(sample), whole.failures
+
+    load_block = Calibrator.load_block
+
+    def one_block_at_a_time(self, index):  # every other decoder block still on the meta device
+        for j, other in enumerate(self.layers):
+            held = [n for n, p in other.named_parameters() if not p.is_meta]
+            assert j == index or not held, f"block {j} holds {held[:2]} while block {index} loads"
+        return load_block(self, index)
+
+    monkeypatch.setattr(Calibrator, "load_block", one_block_at_a_time)
+    monkeypatch.setattr(Source, "load_model", lambda *a, **k: pytest.fail("the streamed path loaded the whole source"))
+    streamed = verify(tmp_path / "out", data_file=sample, n_tokens=40, save=False, stream=True)
+    assert streamed.ok and streamed.streamed, streamed.failures
+    assert streamed.sample_tokens == whole.sample_tokens == 40
+    assert [r["name"] for r in streamed.layers] == [r["name"] for r in whole.layers] and whole.layers
+    for a, b in zip(streamed.layers, whole.layers):
+        assert a["snr_db"] == pytest.approx(b["snr_db"], abs=0.02), a["name"]
+    assert streamed.kl == pytest.approx(whole.kl, rel=1e-4, abs=1e-7)
+    assert streamed.top1_agreement == whole.top1_agreement
+
+
+def test_a_streamed_comparison_still_fails_a_different_model(made, copy, tmp_path):
+    other = write_model(tmp_path / "other", tiny_config(layers=2), state=None)
+    torch.manual_seed(1)
+    f = SafetensorsFile(other / "model.safetensors")
+    write_safetensors(other / "model.safetensors", {n: torch.randn_like(f.get(n)) for n in f.keys()})
+    res = CliRunner().invoke(cli, ["verify", str(copy), "--against", str(other), "--stream"])
+    assert res.exit_code == 1 and "dB SNR" in res.output and "streamed block by block" in res.output
+
+
+def test_streaming_is_chosen_by_the_free_memory(made, copy, monkeypatch):
+    from qconvert import placement
+    from qconvert.source import resolve_source
+    from qconvert.verify import SAMPLE_TEXT, source_float_bytes
+
+    src = resolve_source(str(made[0]))
+    f = SafetensorsFile(made[0] / "model.safetensors")
+    need = source_float_bytes(src)
+    assert need == 4 * sum(f.get(n).numel() for n in f.keys())
+    monkeypatch.setattr(placement, "free_ram", lambda: 2 * need + 2)  # it fits: the source model writes the text
+    rep = verify(copy, n_tokens=16, save=False)
+    assert rep.ok and not rep.streamed and rep.sample == "text the source wrote"
+    monkeypatch.setattr(placement, "free_ram", lambda: 2 * need - 2)  # it does not: streamed, on the built-in passage
+    rep = verify(copy, save=False)
+    tok = src.load_tokenizer()
+    assert rep.ok and rep.streamed and "built-in passage" in rep.sample
+    assert rep.sample_tokens == min(128, len(tok(SAMPLE_TEXT).input_ids))
+    res = CliRunner().invoke(cli, ["verify", str(copy), "--no-stream", "--tokens", "16"])  # the user decides
+    assert res.exit_code == 0 and "streamed" not in res.output and "text the source wrote" in res.output
+
+
+def test_a_streamed_source_without_a_tokenizer_is_a_clear_error(tmp_path):
+    src = write_model(tmp_path / "src", tiny_config(layers=1), tokenizer=False)
+    out = quantize(str(src), "is-w4a8-rtn", tmp_path / "out", group_size=32, progress=False)
+    res = CliRunner().invoke(cli, ["verify", str(out), "--stream"])
+    assert res.exit_code != 0 and "has no tokenizer to read the sample text" in res.output
+    assert len(res.output.strip().splitlines()) == 1 and not (out / "verify.json").exists()
+    assert verify(out, n_tokens=8, save=False).ok  # held in memory, the source writes its own sample

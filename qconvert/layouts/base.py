@@ -75,6 +75,13 @@ class QuantizedModule(nn.Module):
     def check_cuda(self, name: str) -> None:  # pragma: no cover - overridden where kernels exist
         raise QConvertError(f"{name}: layout {self.layout} has no CUDA kernel in this release; load on cpu")
 
+    def derived(self, key, make: Callable):
+        """A tensor the CPU reference derives from this layer's stored ones (unpacked codes, float
+        groups), made by ``make()`` and kept within the process's budget (qconvert/layouts/derived.py)."""
+        from qconvert.layouts.derived import CACHE
+
+        return CACHE.fetch(self, key, make)
+
     def _bias(self, bias: torch.Tensor | None) -> None:
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
 

@@ -52,7 +52,6 @@ class FP8Linear(QuantizedModule):
         self.register_buffer("lorc_u", u)
         self.register_buffer("lorc_v", v)
         self._bias(bias)
-        self._wg = None
 
     def extra_repr(self):
         return (f"{self.layout}, in_features={self.in_features}, out_features={self.out_features}, "
@@ -83,9 +82,8 @@ class FP8Linear(QuantizedModule):
     def _forward_cpu(self, x2: torch.Tensor) -> torch.Tensor:
         xq, t = ref8.quantize_per_token_fp8(x2, self.kp)
         if self.layout == "fp4-fp8":
-            if self._wg is None:
-                self._wg = ref8.weight_groups(codes_to_values(unpack_fp4(self.qweight)), self.group_size)
-            y = ref8.fp4_fp8_gemm(xq, t, self._wg, self.sexp, self.cscale)
+            wg = self.derived("wg", lambda: ref8.weight_groups(codes_to_values(unpack_fp4(self.qweight)), self.group_size))
+            y = ref8.fp4_fp8_gemm(xq, t, wg, self.sexp, self.cscale)
         else:
             y = ref8.fp8_fp8_gemm(xq, t, self.qweight, self.wscale)
         if self.lorc_rank:

@@ -76,17 +76,19 @@ class W4A8Linear(QuantizedModule):
             self.register_buffer("scales", tensors["scales"])
         self.register_buffer("zeros", tensors["zeros"] if layout == "w4a16-zp" else None)
         self._bias(bias)
-        self._q = self._qf = self._w = self._prepared = None
+        self._prepared = None
         self._group: SiblingGEMM | None = None  # set by ``fuse``: one GEMM with its siblings
 
     def extra_repr(self):
         return f"{self.layout}, in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
 
     def weights_int8(self) -> torch.Tensor:
-        if self._q is None:
-            self._q = unpack_int4(self.qweight)
-            self._qf = ref.weight_groups_float(self._q, self.group_size)
-        return self._q
+        """q int8 [N, Kp], the unpacked codes (kept within the CPU cache's budget)."""
+        return self.derived("q", lambda: unpack_int4(self.qweight))
+
+    def _weight_groups(self) -> torch.Tensor:
+        """q as float32 [G, g, N], the order the reference GEMM multiplies in (kept likewise)."""
+        return self.derived("qf", lambda: ref.weight_groups_float(self.weights_int8(), self.group_size))
 
     def check_cuda(self, name: str) -> None:
         """QConvertError unless the CUDA kernels can run this layer (group size, padding)."""
@@ -142,13 +144,14 @@ class W4A8Linear(QuantizedModule):
         return True
 
     def _dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        if self._w is None or self._w.dtype != dtype:
+        def make():
             q = self.weights_int8().float().reshape(self.out_features, -1, self.group_size)
             if self.zeros is not None:
                 q = q - self.zeros.float()[..., None]
             w = (q * self.scales.float()[..., None]).reshape(self.out_features, -1)
-            self._w = w[:, : self.in_features].to(dtype)
-        return self._w
+            return w[:, : self.in_features].to(dtype)
+
+        return self.derived(("w", dtype), make)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.layout in WEIGHT_ONLY:
@@ -160,12 +163,12 @@ class W4A8Linear(QuantizedModule):
         x2 = x.reshape(-1, shape[-1])
         if x.is_cuda:
             return self._finish(self._forward_cuda(x2), x, shape)
-        q = self.weights_int8()
+        q, qf = self.weights_int8(), self._weight_groups()
         xq, t = ref.quantize_per_token_int8(x2, q.shape[1])
         if self.layout == "w4a8-is":
-            y = ref.w4a8_is_gemm(xq, t, q, self.iscale, self.cscale, self.alpha_log2, self.group_size, self._qf)
+            y = ref.w4a8_is_gemm(xq, t, q, self.iscale, self.cscale, self.alpha_log2, self.group_size, qf)
         else:
-            y = ref.w4a8_fs_gemm(xq, t, q, self.scales, self.group_size, self._qf)
+            y = ref.w4a8_fs_gemm(xq, t, q, self.scales, self.group_size, qf)
         return self._finish(y, x, shape)
 
 

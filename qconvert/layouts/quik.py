@@ -54,17 +54,14 @@ class QuikLinear(QuantizedModule):
         self.register_buffer("base_idx", refq.split_columns(k, idx).to(torch.int32), persistent=False)  # what the kernel reads
         self.kbp = refq.padded_base(k - idx.numel())
         self._bias(bias)
-        self._q = None
 
     def extra_repr(self):
         return (f"{self.layout}, in_features={self.in_features}, out_features={self.out_features}, "
                 f"outliers={self.outlier_idx.numel()}" + (f", act_clip={self.act_clip:.4g}" if self.act_clip != 1.0 else ""))
 
     def weights_int8(self) -> torch.Tensor:
-        """q int8 [N, Kbp] (cached)."""
-        if self._q is None:
-            self._q = unpack_int4(self.qweight) if self.bits == 4 else self.qweight
-        return self._q
+        """q int8 [N, Kbp] (unpacked codes kept within the CPU cache's budget)."""
+        return self.derived("q", lambda: unpack_int4(self.qweight)) if self.bits == 4 else self.qweight
 
     def check_cuda(self, name: str) -> None:
         from qconvert_kernels.quik import cuda as cuda_quik
