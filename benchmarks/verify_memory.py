@@ -121,12 +121,13 @@ def main() -> None:
         rep = json.loads((work / f"verify_{mode}.json").read_text())
         row.update(ok=rep["ok"], streamed=rep["streamed"],
                    sample_tokens=rep["sample_tokens"], min_snr_db=rep["min_snr_db"], kl=rep["kl"],
-                   top1_agreement=rep["top1_agreement"], layers=len(rep["layers"]), failures=rep["failures"])
+                   top1_agreement=rep["top1_agreement"], layers=len(rep["layers"]), failures=rep["failures"],
+                   layer_snr_db={r["name"]: r["snr_db"] for r in rep["layers"]})
         rows.append(row)
     ran = {r["mode"]: r for r in rows if "skipped" not in r}
     same = None
     if len(ran) == 2:
-        same = ran["whole"]["kl"] == ran["stream"]["kl"] and ran["whole"]["min_snr_db"] == ran["stream"]["min_snr_db"]
+        same = all(ran["whole"][k] == ran["stream"][k] for k in ("kl", "top1_agreement", "layer_snr_db"))
     print(f"{args.shape}, {args.layers or 'all'} layers: checkpoint {ckpt_bytes / 1e9:.2f} GB (bf16), "
           f"float32 source {need / 1e9:.2f} GB, RAM {ram_total() / 1e9:.1f} GB")
     if quant:
@@ -140,7 +141,7 @@ def main() -> None:
             print(f"{r['mode']:<7} {r['peak_rss_bytes'] / 1e9:>11.2f} {r['peak_anon_rss_bytes'] / 1e9:>8.2f} "
                   f"{r['seconds']:>8.1f} {r['min_snr_db']:>10} {r['kl']:>10.3g} {str(r['ok']):>4}")
     if same is not None:
-        print(f"streamed report equals the whole one (KL, min SNR): {same}")
+        print(f"streamed report equals the whole one (KL, top-1, every layer's SNR): {same}")
     result = {"benchmark": "verify_memory", "shape": args.shape, "layers": args.layers, "checkpoint_bytes": ckpt_bytes,
               "float32_source_bytes": need, "ram_bytes": ram_total(), "write_seconds": round(write_s, 1),
               "quantize": quant, "runs": rows, "streamed_equals_whole": same, "environment": _environment()}

@@ -615,9 +615,9 @@ def synthetic_models(name: str, device: torch.device, layers: int | None = None,
 
 def _check_fits(name: str, nbytes: int, device: torch.device) -> None:
     """Refuse a synthetic model that cannot fit the device's free memory (it would be killed)."""
-    from qconvert.placement import free_ram
+    from qconvert.placement import available_ram
 
-    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else free_ram()
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_ram()
     if 2 * nbytes > free:  # the float model, then its quantized twin beside the float embeddings
         raise QConvertError(f"--synthetic {name}: its weights take {nbytes / 1e9:.1f} GB and {device.type} has "
                             f"{free / 1e9:.1f} GB free; pass --layers N for fewer decoder layers, or run it on a GPU")

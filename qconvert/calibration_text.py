@@ -377,9 +377,9 @@ class CalibSettings:
             from qconvert.fsutil import parse_size
 
             return parse_size(self.max_memory)
-        from qconvert.placement import free_ram
+        from qconvert.placement import available_ram
 
-        return free_ram() // 2
+        return available_ram() // 2
 
     def tokens(self, src, progress: bool = True, device: torch.device = torch.device("cpu")) -> torch.Tensor:
         """int64 [nsamples, seqlen] tokens for ``src`` (a qconvert.source.Source), on the CPU.

@@ -279,7 +279,7 @@ def inspect(out, as_json):
 @click.option("--min-top1", default=0.3, show_default=True, help="Fail when next-token top-1 agreement is below this.")
 @click.option("--no-compare", is_flag=True, help="Check files and tensors only; do not run the models.")
 @click.option("--stream/--no-stream", default=None,
-              help="Run the source one decoder block at a time [default: when it needs over half the free RAM].")
+              help="Run the source one decoder block at a time [default: when it needs over half the available RAM].")
 @_target_option
 @_tp_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")

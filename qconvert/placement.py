@@ -123,9 +123,16 @@ def place(need: int, gpu_left: int, ram_left: int, cuda: bool, spill: str = "dis
     return spill, gpu_left, ram_left
 
 
-def free_ram() -> int:
-    """Bytes of RAM the system reports free (sysconf's available physical pages; 8 GB where it
-    cannot tell)."""
+def available_ram() -> int:
+    """Bytes of RAM available for new work: the kernel's estimate ``MemAvailable`` (free memory
+    plus the page cache it can drop), else sysconf's free pages, else 8 GB where neither tells."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):

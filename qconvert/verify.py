@@ -10,7 +10,7 @@ source layer on the source model's own activations; over the sequence, the KL di
 and top-1 agreement of next-token distributions.  Sample text is the user's file, or text
 the source model writes itself.
 
-A source that does not fit in memory in float32 (more than half the free RAM; ``stream``
+A source that does not fit in memory in float32 (more than half the available RAM; ``stream``
 decides otherwise) is run *streamed*: one decoder block at a time is read from it, the
 sample's hidden states run through the block (its linears' inputs and outputs caught for the
 SNR), and the block is dropped, so memory holds the quantized model, one float32 block, the
@@ -227,9 +227,11 @@ def _sample_ids(ref, tokenizer, data_file, n_tokens: int, what: str) -> tuple[to
     """The sample's token ids [1, n] and where they came from: ``data_file``; else, with the
     source model at hand (``ref``), text it writes; else (a streamed source) ``SAMPLE_TEXT``."""
     if data_file is not None or ref is None:
+        if tokenizer is None and data_file is not None:
+            raise QConvertError(f"{what} has no tokenizer to read {data_file}; verify without --data-file")
         if tokenizer is None:
-            raise QConvertError(f"{what} has no tokenizer to read the sample text; verify with --no-compare, or "
-                                "without --data-file and --stream")
+            raise QConvertError(f"{what} has no tokenizer, which a streamed comparison needs to read its sample text; "
+                                "verify with --no-stream (the source then writes its own) or --no-compare")
         if data_file is not None:
             from qconvert.calibration_text import read_text_file
 
@@ -254,10 +256,10 @@ def source_float_bytes(src) -> int:
 
 def too_large_to_hold(src) -> bool:
     """Whether ``compare`` streams ``src`` by default: its float32 tensors take more than half
-    the free RAM (the rest is for the quantized model and the activations)."""
-    from qconvert.placement import free_ram
+    the available RAM (the rest is for the quantized model and the activations)."""
+    from qconvert.placement import available_ram
 
-    return source_float_bytes(src) > free_ram() // 2
+    return source_float_bytes(src) > available_ram() // 2
 
 
 @torch.inference_mode()
@@ -265,8 +267,8 @@ def streamed_reference(src, ids: torch.Tensor, watch: set[str], on_block) -> tor
     """The source model's logits [n, V] for ``ids`` [1, n], computed with one decoder block in
     memory at a time besides the embedding, the final norm and the head (each read only for
     its turn): block i is read from ``src`` in float32, the hidden states run through it, and
-    it is dropped.  ``on_block({name: (input, output)})`` receives, after each block, what its
-    linears named in ``watch`` read and wrote."""
+    it is dropped.  ``on_block({name: (input, output)})`` receives, after each block (and after
+    the head), what its linears named in ``watch`` read and wrote."""
     import tempfile
 
     from qconvert.architectures import DECODER_LAYERS
@@ -284,16 +286,14 @@ def streamed_reference(src, ids: torch.Tensor, watch: set[str], on_block) -> tor
                             "--no-stream on a machine that holds the source in memory")
     with tempfile.TemporaryDirectory(prefix="qconvert-verify-") as tmp:
         cal = Calibrator(src, skeleton, names, ids, Path(tmp), max_memory=1 << 62, progress=False, on_disk=False)
-        cal.embed()
+        try:
+            cal.embed()
+        except QConvertError as e:  # its advice is about quantize's options
+            raise QConvertError(f"verify cannot stream {type(skeleton).__name__} ({str(e).split(';')[0]}); "
+                                "verify with --no-stream on a machine that holds the source in memory") from None
         for i in range(len(cal.layers)):
-            block, prefix, caught = cal.load_block(i), f"{DECODER_LAYERS}.{i}.", {}
-            hooks = []
-            for n, m in block.named_modules():
-                if prefix + n in watch:  # the input as it arrives, before the online transform's pre-hook
-                    hooks += [  # (``--rotate hadamard+online``: the quantized twin applies it itself)
-                        m.register_forward_pre_hook(lambda m, a, name=prefix + n: caught.__setitem__(name, [a[0]]),
-                                                    prepend=True),
-                        m.register_forward_hook(lambda m, a, y, name=prefix + n: caught[name].append(y))]
+            block, caught = cal.load_block(i), {}
+            hooks = _catch_linears(block, f"{DECODER_LAYERS}.{i}", watch, caught)
             try:
                 for sl, kwargs in cal._batches():
                     y = block(cal.acts.inputs[sl], **kwargs)
@@ -304,13 +304,32 @@ def streamed_reference(src, ids: torch.Tensor, watch: set[str], on_block) -> tor
                 cal.release_block(block)
             on_block(caught)
             cal.acts.swap()
+        caught = {}
+        hooks = _catch_linears(head, where[id(head)], watch, caught)  # a quantized head (--quantize-lm-head)
         try:
             cal.materialize(norm, where[id(norm)] + ".")
             cal.materialize(head, where[id(head)] + ".")
-            return head(norm(cal.acts.inputs))[0].float()
+            logits = head(norm(cal.acts.inputs))[0].float()
         finally:
+            for h in hooks:
+                h.remove()
             cal.unload(norm)
             cal.unload(head)
+        on_block(caught)
+        return logits
+
+
+def _catch_linears(root, root_name: str, watch: set[str], caught: dict) -> list:
+    """Hooks that keep, in ``caught[name]``, the input and output of each module under ``root``
+    named in ``watch``: the input as it arrives, before the pre-hook of an online transform
+    (``--rotate hadamard+online``), which the quantized twin applies itself."""
+    hooks = []
+    for n, m in root.named_modules():
+        name = f"{root_name}.{n}" if n else root_name
+        if name in watch:
+            hooks += [m.register_forward_pre_hook(lambda m, a, name=name: caught.__setitem__(name, [a[0]]), prepend=True),
+                      m.register_forward_hook(lambda m, a, y, name=name: caught[name].append(y))]
+    return hooks
 
 
 def _layer_snrs(qmods: dict, caught: dict, rep: VerifyReport) -> None:

@@ -139,12 +139,14 @@ def _rtn(src, out, *extra):
     return run_cli("quantize", src, "--scheme", "is-w4a8-rtn", "-o", out, "-q", *extra)
 
 
-# (source, how OUT is made): a plain Llama, a tied head, Qwen2's q/k/v biases, a rotated model with
+# (source, how OUT is made): a plain Llama, a tied head, a quantized head, Qwen2's q/k/v biases, a rotated model with
 # the online transform before down_proj (its source is the rotated one, untied), a mixture of
 # experts, and I-LLM's whole-model integer runtime
 STREAM_CASES = {
     "llama": (lambda d: write_model(d / "src", tiny_config(layers=2)), _rtn),
     "tied": (lambda d: write_model(d / "src", tiny_config(layers=2, tie=True)), _rtn),
+    "quantized-head": (lambda d: write_model(d / "src", tiny_config(layers=2)),
+                       lambda src, out: _rtn(src, out, "--quantize-lm-head")),
     "qwen2": (lambda d: write_model(d / "src", tiny_config("qwen2", layers=2)), _rtn),
     "rotated-online": (lambda d: _calib_source(d),
                        lambda src, out: _calibrated(src, out, "quik-w4a4", "--outliers", "0", "--rotate",
@@ -198,6 +200,7 @@ def test_streamed_comparison_equals_the_whole_model(case, tmp_path, monkeypatch)
     assert streamed.ok and streamed.streamed, streamed.failures
     assert streamed.sample_tokens == whole.sample_tokens == 40
     assert [r["name"] for r in streamed.layers] == [r["name"] for r in whole.layers] and whole.layers
+    assert (whole.layers[-1]["name"] == "lm_head") == (case == "quantized-head")
     for a, b in zip(streamed.layers, whole.layers):
         assert a["snr_db"] == pytest.approx(b["snr_db"], abs=0.02), a["name"]
     assert streamed.kl == pytest.approx(whole.kl, rel=1e-4, abs=1e-7)
@@ -215,6 +218,9 @@ def test_a_streamed_comparison_still_fails_a_different_model(made, copy, tmp_pat
 
 def test_streaming_is_chosen_by_the_free_memory(made, copy, monkeypatch):
     from qconvert import placement
+    from qconvert.layouts import derived
+
+    monkeypatch.setattr(derived, "CACHE", derived.DerivedCache(1 << 40))  # its budget is not this test's RAM
     from qconvert.source import resolve_source
     from qconvert.verify import SAMPLE_TEXT, source_float_bytes
 
@@ -222,10 +228,10 @@ def test_streaming_is_chosen_by_the_free_memory(made, copy, monkeypatch):
     f = SafetensorsFile(made[0] / "model.safetensors")
     need = source_float_bytes(src)
     assert need == 4 * sum(f.get(n).numel() for n in f.keys())
-    monkeypatch.setattr(placement, "free_ram", lambda: 2 * need + 2)  # it fits: the source model writes the text
+    monkeypatch.setattr(placement, "available_ram", lambda: 2 * need + 2)  # it fits: the source model writes the text
     rep = verify(copy, n_tokens=16, save=False)
     assert rep.ok and not rep.streamed and rep.sample == "text the source wrote"
-    monkeypatch.setattr(placement, "free_ram", lambda: 2 * need - 2)  # it does not: streamed, on the built-in passage
+    monkeypatch.setattr(placement, "available_ram", lambda: 2 * need - 2)  # it does not: streamed, on the built-in passage
     rep = verify(copy, save=False)
     tok = src.load_tokenizer()
     assert rep.ok and rep.streamed and "built-in passage" in rep.sample
@@ -238,6 +244,6 @@ def test_a_streamed_source_without_a_tokenizer_is_a_clear_error(tmp_path):
     src = write_model(tmp_path / "src", tiny_config(layers=1), tokenizer=False)
     out = quantize(str(src), "is-w4a8-rtn", tmp_path / "out", group_size=32, progress=False)
     res = CliRunner().invoke(cli, ["verify", str(out), "--stream"])
-    assert res.exit_code != 0 and "has no tokenizer to read the sample text" in res.output
+    assert res.exit_code != 0 and "has no tokenizer, which a streamed comparison needs" in res.output
     assert len(res.output.strip().splitlines()) == 1 and not (out / "verify.json").exists()
     assert verify(out, n_tokens=8, save=False).ok  # held in memory, the source writes its own sample

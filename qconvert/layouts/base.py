@@ -82,6 +82,12 @@ class QuantizedModule(nn.Module):
 
         return CACHE.fetch(self, key, make)
 
+    def _apply(self, fn, *args, **kwargs):
+        from qconvert.layouts.derived import CACHE
+
+        CACHE.release(self)  # derived from the tensors as they were: made again after the move
+        return super()._apply(fn, *args, **kwargs)
+
     def _bias(self, bias: torch.Tensor | None) -> None:
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
 

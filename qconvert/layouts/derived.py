@@ -13,12 +13,13 @@ every layer kept its own; one that does not fit runs in bounded memory.  An entr
 the whole budget is used once and not kept.
 
 The budget is ``QCONVERT_CPU_CACHE`` (a size such as ``8GB``, or ``0`` to keep nothing) when
-set, else a quarter of the RAM free when the first entry is made.
+set, else a quarter of the available RAM when the first entry is made.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import weakref
 from collections import OrderedDict
 from typing import Callable
@@ -28,21 +29,37 @@ import torch
 ENV = "QCONVERT_CPU_CACHE"
 
 
-def _nbytes(value) -> int:
+def _tensors(value) -> list[torch.Tensor]:
     if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
+        return [value]
     if isinstance(value, (tuple, list)):
-        return sum(_nbytes(v) for v in value)
-    return 0
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def _nbytes(value) -> int:
+    """The bytes ``value`` keeps alive: its tensors' storages (a view keeps all of its base)."""
+    return sum(t.untyped_storage().nbytes() for t in _tensors(value))
+
+
+def _in_ram(value) -> bool:
+    return all(t.device.type == "cpu" for t in _tensors(value))
 
 
 class DerivedCache:
-    """Least-recently-used derived tensors of many modules, at most ``budget`` bytes in all."""
+    """Least-recently-used derived tensors of many modules, at most ``budget`` bytes in all.
+
+    A value made on a GPU (a weight-only layer dequantized there) is kept with its module outside
+    the budget, which is for RAM.  A module moved to another device or dtype drops its entries
+    (``release``, from ``QuantizedModule._apply``); one copied keeps none it can find here, and
+    makes its own."""
 
     def __init__(self, budget: int | None = None):
         self._budget = budget
         self._order: OrderedDict = OrderedDict()  # (id(module), key) -> (weakref to the module, key, bytes)
+        self._lock = threading.RLock()  # reentrant: a ``make`` may fetch another entry of its module
         self.used = 0
+        self.dropped = 0  # entries evicted for room, over the cache's life
 
     @property
     def budget(self) -> int:
@@ -52,23 +69,31 @@ class DerivedCache:
 
     def fetch(self, module, key, make: Callable):
         """``module``'s derived value ``key``: kept from before, or ``make()`` (kept if it fits)."""
-        store = module.__dict__.setdefault("_derived", {})
-        slot = (id(module), key)
-        if key in store:
-            self._order.move_to_end(slot)
-            return store[key]
-        value = make()
-        size = _nbytes(value)
-        if size > self.budget:
+        with self._lock:
+            store = module.__dict__.setdefault("_derived", {})
+            slot = (id(module), key)
+            if slot in self._order and key in store:
+                self._order.move_to_end(slot)
+                return store[key]
+            if key in store and not _in_ram(store[key]):
+                return store[key]
+            value = make()
+            if not _in_ram(value):
+                store[key] = value
+                return value
+            size = _nbytes(value)
+            if size > self.budget:
+                store.pop(key, None)
+                return value
+            while self._order and self.used + size > self.budget:
+                self._drop(*self._order.popitem(last=False))
+                self.dropped += 1
+            store[key] = value
+            # a module that is freed takes its entries with it: its weakref's callback gives back their bytes
+            ref = weakref.ref(module, lambda _, slot=slot: self._forget(slot[0]))
+            self._order[slot] = (ref, key, size)
+            self.used += size
             return value
-        while self._order and self.used + size > self.budget:
-            self._drop(*self._order.popitem(last=False))
-        store[key] = value
-        # a module that is freed takes its entries with it: its weakref's callback gives back their bytes
-        ref = weakref.ref(module, lambda _, slot=slot: self._forget(slot))
-        self._order[slot] = (ref, key, size)
-        self.used += size
-        return value
 
     def _drop(self, slot, entry) -> None:
         ref, key, size = entry
@@ -77,23 +102,31 @@ class DerivedCache:
             module.__dict__.get("_derived", {}).pop(key, None)
         self.used -= size
 
-    def _forget(self, slot) -> None:
-        for s in [s for s in self._order if s[0] == slot[0]]:
-            self.used -= self._order.pop(s)[2]
+    def _forget(self, owner: int) -> None:
+        with self._lock:
+            for s in [s for s in self._order if s[0] == owner]:
+                self.used -= self._order.pop(s)[2]
+
+    def release(self, module) -> None:
+        """Drop every entry of ``module`` (it is moving to another device or dtype)."""
+        with self._lock:
+            self._forget(id(module))
+            module.__dict__.pop("_derived", None)
 
     def clear(self) -> None:
-        while self._order:
-            self._drop(*self._order.popitem(last=False))
+        with self._lock:
+            while self._order:
+                self._drop(*self._order.popitem(last=False))
 
 
 def budget_from_environment() -> int:
     from qconvert.errors import QConvertError
     from qconvert.fsutil import parse_size
-    from qconvert.placement import free_ram
+    from qconvert.placement import available_ram
 
     text = os.environ.get(ENV)
     if text is None or not text.strip():
-        return free_ram() // 4
+        return available_ram() // 4
     try:
         return parse_size(text.strip())
     except QConvertError:

@@ -149,7 +149,7 @@ class W4A8Linear(QuantizedModule):
             if self.zeros is not None:
                 q = q - self.zeros.float()[..., None]
             w = (q * self.scales.float()[..., None]).reshape(self.out_features, -1)
-            return w[:, : self.in_features].to(dtype)
+            return w[:, : self.in_features].to(dtype).contiguous()  # not a view of the padded [N, Kp]
 
         return self.derived(("w", dtype), make)
 
