@@ -226,27 +226,27 @@ def rotated_as_recorded(out: Path, src):
 def _sample_ids(ref, tokenizer, data_file, n_tokens: int, what: str) -> tuple[torch.Tensor, str]:
     """The sample's token ids [1, n] and where they came from: ``data_file``; else, with the
     source model at hand (``ref``), text it writes; else (a streamed source) ``SAMPLE_TEXT``."""
-    if data_file is not None or ref is None:
-        if tokenizer is None and data_file is not None:
-            raise QConvertError(f"{what} has no tokenizer to read {data_file}; verify without --data-file")
-        if tokenizer is None:
-            raise QConvertError(f"{what} has no tokenizer, which a streamed comparison needs to read its sample text; "
-                                "verify with --no-stream (the source then writes its own) or --no-compare")
-        if data_file is not None:
-            from qconvert.calibration_text import read_text_file
+    if data_file is None and ref is not None:
+        start = ref.config.bos_token_id if ref.config.bos_token_id is not None else 0
+        torch.manual_seed(0)
+        ids = ref.generate(torch.tensor([[start]]), do_sample=True, top_k=50, max_new_tokens=n_tokens - 1,
+                           min_new_tokens=n_tokens - 1, pad_token_id=start)
+        return ids, "text the source wrote"
+    if tokenizer is None and data_file is not None:
+        raise QConvertError(f"{what} has no tokenizer to read {data_file}; verify without --data-file")
+    if tokenizer is None:
+        raise QConvertError(f"{what} has no tokenizer, which a streamed comparison needs to read its sample text; "
+                            "verify with --no-stream (the source then writes its own) or --no-compare")
+    if data_file is not None:
+        from qconvert.calibration_text import read_text_file
 
-            text, sample = read_text_file(Path(data_file)), str(data_file)
-        else:
-            text, sample = SAMPLE_TEXT, "qconvert's built-in passage (the source was streamed)"
-        ids = tokenizer(text, return_tensors="pt").input_ids[:, :n_tokens]
-        if ids.shape[1] < 2:
-            raise QConvertError(f"{data_file} holds fewer than 2 tokens; give a longer sample")
-        return ids, sample
-    start = ref.config.bos_token_id if ref.config.bos_token_id is not None else 0
-    torch.manual_seed(0)
-    ids = ref.generate(torch.tensor([[start]]), do_sample=True, top_k=50, max_new_tokens=n_tokens - 1,
-                       min_new_tokens=n_tokens - 1, pad_token_id=start)
-    return ids, "text the source wrote"
+        text, sample = read_text_file(Path(data_file)), str(data_file)
+    else:
+        text, sample = SAMPLE_TEXT, "qconvert's built-in passage (the source was streamed)"
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, :n_tokens]
+    if ids.shape[1] < 2:
+        raise QConvertError(f"{data_file} holds fewer than 2 tokens; give a longer sample")
+    return ids, sample
 
 
 def source_float_bytes(src) -> int:
@@ -325,7 +325,7 @@ def _catch_linears(root, root_name: str, watch: set[str], caught: dict) -> list:
     (``--rotate hadamard+online``), which the quantized twin applies itself."""
     hooks = []
     for n, m in root.named_modules():
-        name = f"{root_name}.{n}" if n else root_name
+        name = ".".join(part for part in (root_name, n) if part)
         if name in watch:
             hooks += [m.register_forward_pre_hook(lambda m, a, name=name: caught.__setitem__(name, [a[0]]), prepend=True),
                       m.register_forward_hook(lambda m, a, y, name=name: caught[name].append(y))]
@@ -363,10 +363,9 @@ def compare(out: Path, against, rep: VerifyReport, data_file=None, n_tokens: int
     else:
         ref = src.load_model(torch.float32)
         ids, rep.sample = _sample_ids(ref, tok, data_file, n_tokens, what)
-        caught, hooks = {}, []
-        for name, mod in ref.named_modules():
-            if name in qmods and isinstance(mod, nn.Linear):
-                hooks.append(mod.register_forward_hook(lambda m, a, y, name=name: caught.__setitem__(name, (a[0], y))))
+        caught = {}
+        linears = {n for n, m in ref.named_modules() if n in qmods and isinstance(m, nn.Linear)}
+        hooks = _catch_linears(ref, "", linears, caught)
         ref_logits = ref(ids).logits[0].float()
         for h in hooks:
             h.remove()
