@@ -552,8 +552,8 @@ def out_bench(out: Path, device: str | None = None, prefill: int = 2048, new_tok
     note = None
     if integer_only:
         note = ("integer-only OUT: timed as the float model with the same quantized linears (the decode engine "
-                "needs a transformers model; the integer-only model runs on the CPU on its own, in qconvert "
-                "generate); its integer softmax and norms are not timed")
+                "needs a transformers model; the integer-only model runs on its own engine, in qconvert "
+                "generate and benchmarks/illm_decode.py); its integer softmax and norms are not timed")
     q = _speeds(model, dev, kw, budget)
     src = resolve_source(against)
     fp = _speeds(src.load_model(dtype).to(dev).eval(), dev, kw, budget)

@@ -410,7 +410,7 @@ def bench(out, kernels, synthetic, layers, device, against, shapes, ms, runs, sc
 def generate(target, prompts, max_new_tokens, temperature, seed, chat, device):
     """Continue PROMPT with TARGET (an OUT, a compressed-tensors export of one, or any SOURCE) on
     the decode engine: the text streams as it is produced, then prefill and decode tokens/s.  An
-    I-LLM OUT runs its integer-only model on the CPU (on a GPU: the float model with its layers).
+    I-LLM OUT runs its integer-only model (on a GPU with the I-LLM kernels).
 
     \b
     qconvert generate out/ --prompt "The capital of France is" --max-new-tokens 32
@@ -423,9 +423,8 @@ def generate(target, prompts, max_new_tokens, temperature, seed, chat, device):
 
     dev = resolve_device(device)
     dtype = torch_dtype_for(dev)
-    # an I-LLM OUT: its integer-only model on the CPU (the runtime eval scores); on a GPU the float model
-    # with the same quantized linears, on the kernels (the integer model is CPU only in this release)
-    model, tok, kind = load_model_and_tokenizer(target, dtype=dtype, device=str(dev), integer=dev.type == "cpu")
+    # an I-LLM OUT: its integer-only model (the runtime eval scores), on a GPU with its kernels
+    model, tok, kind = load_model_and_tokenizer(target, dtype=dtype, device=str(dev))
     if hasattr(model, "decode_engine"):
         kind += " integer-only"
     single = len(prompts) == 1

@@ -318,7 +318,7 @@ class DecodeEngine:
         if not isinstance(model, PreTrainedModel):
             raise QConvertError(f"{type(model).__name__} is not a transformers causal LM, which the decode engine needs; "
                                 "an I-LLM OUT loads as its integer-only model, which brings its own "
-                                "(model.decode_engine(max_batch, max_len), CPU only): qconvert.load(OUT, integer=False) "
+                                "(model.decode_engine(max_batch, max_len)): qconvert.load(OUT, integer=False) "
                                 "gives the float model with the same quantized layers")
         config = model.config
         emb = model.get_input_embeddings()

@@ -34,6 +34,11 @@ with scale 2^-14 (reference_illm.rope_table).  Perplexity and verification run w
 generation keeps the int8 keys and values in a KV cache (qconvert/layouts/illm_cache.py), which
 gives the bits of the whole sequence run again.
 
+On a GPU (``load(OUT, device="cuda")``) the same integer model runs with the I-LLM kernels for
+DI-Norm, the int8 requantizations and DI-MatMul (``IntegerLlama.use_kernels``), torch integer ops
+on the GPU for the rest; the results are the same bits (tests/test_illm_runtime_kernels.py runs
+the kernels on their CPU emulator).
+
 An OUT quantized with ``--rotate hadamard+online`` has down_proj's weights folded with the
 orthogonal Q = (A (x) H) / sqrt(n): its input is transformed per token in integers
 (``ri.hadamard_rows``: sums and differences) and 1 / sqrt(n) joins the dyadic scale; the smoothing
@@ -132,6 +137,10 @@ class ILLMLinear(QuantizedModule):
         self.register_buffer("q8t", q8[:, : self.in_features].t().contiguous(), persistent=False)  # [K, N]
         for name in ("wm", "wk", "smooth", "out_smooth"):
             self.register_buffer(name, tensors[name])
+        # the channels' smallest exponent, a layer constant (DI-MatMul aligns the others to it)
+        self.register_buffer("wk_min", self.wk.long().amin().reshape(1) if self.out_features else
+                             torch.zeros(1, dtype=torch.int64), persistent=False)
+        self.kernel = False  # DI-MatMul by the CUDA kernel (IntegerLlama.use_kernels), else torch integer ops
 
     def inside_stored_model(self) -> None:
         """Make ``forward`` take the smoothed input (what the folded model computes) instead of the
@@ -143,13 +152,21 @@ class ILLMLinear(QuantizedModule):
     def act_qmax(self) -> int:
         return (1 << (self.abits - 1)) - 1
 
+    def kernel_fits(self) -> bool:
+        """Whether the DI-MatMul kernel takes this layer: K a multiple of 32 (its int8 mma step)."""
+        return self.in_features % 32 == 0
+
     def int_forward(self, xq: torch.Tensor, scale: Dyadic) -> tuple[torch.Tensor, Dyadic]:
         """DI-MatMul: xq int [M, K] with per-row scale -> (t int64 [M, N], per-row scale): the
-        int32 accumulator times each channel's mantissa, channel exponents aligned by shifts."""
-        acc = ri.int8_matmul(xq, self.q8t)
-        wk = self.wk.long()
-        kmin = wk.min()
-        t = ri.shift(acc * self.wm.long(), wk - kmin)
+        int32 accumulator times each channel's mantissa, channel exponents aligned by shifts.
+        With ``kernel`` the CUDA kernel (qconvert_kernels/illm/cuda.py) computes the same t."""
+        kmin = self.wk_min
+        if self.kernel:
+            from qconvert_kernels.illm import cuda as cuda_illm
+
+            t = cuda_illm.illm_matmul(xq.to(torch.int8), self.qweight, self.wm, self.wk, self.wbits, kmin)
+        else:
+            t = ri.shift(ri.int8_matmul(xq, self.q8t) * self.wm.long(), self.wk.long() - kmin)
         return t, Dyadic(scale.m, scale.k + kmin)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -220,6 +237,43 @@ class IntegerLlama(nn.Module):
         cos, sin = ri.rope_table(self.max_positions, self.head_dim, theta)  # a constant, built here once
         self.register_buffer("rope_cos", cos)
         self.register_buffer("rope_sin", sin)
+        self.kernels = False
+
+    @property
+    def device(self) -> torch.device:
+        return self.emb_q.device
+
+    def use_kernels(self, on: bool = True) -> "IntegerLlama":
+        """Run DI-Norm, the int8 requantizations and DI-MatMul (every linear whose K is a multiple of
+        32) by the CUDA kernels of qconvert_kernels/illm/cuda.py, which equal the torch integer ops
+        bit for bit; the rest (RoPE, softmax, SiLU, residual adds, the head) stays torch integer ops.
+        ``load(OUT, device="cuda")`` turns them on; on CPU tensors the kernels run only under the
+        emulator (qconvert_kernels/illm/emulate.py)."""
+        self.kernels = bool(on)
+        for blk in self.model.layers:
+            for part in (blk.self_attn, blk.mlp):
+                for lin in part.children():
+                    lin.kernel = self.kernels and lin.kernel_fits()
+        return self
+
+    def _norm(self, h: torch.Tensor, g: torch.Tensor, gk: int, qmax: int, clip: int = ri.CLIP_ONE):
+        """DI-Norm of the rows of h -> (int8-range q, per-row dyadic)."""
+        if not self.kernels:
+            return ri.di_rmsnorm(h, g, gk, qmax, clip)
+        from qconvert_kernels.illm import cuda as cuda_illm
+
+        q, m, k = cuda_illm.rmsnorm(h, g, gk, qmax, clip)
+        return q, Dyadic(m[:, None], k[:, None])
+
+    def _requant(self, v: torch.Tensor, qmax: int, clip: int = ri.CLIP_ONE):
+        """``ri.quantize_rows`` over the last dim for qmax <= 127 (by the kernel when on)."""
+        if not self.kernels:
+            return ri.quantize_rows(v, qmax, clip)
+        from qconvert_kernels.illm import cuda as cuda_illm
+
+        q, m, k = cuda_illm.requant_rows(v.reshape(-1, v.shape[-1]), qmax, clip)
+        lead = (*v.shape[:-1], 1)
+        return q.reshape(v.shape), Dyadic(m.reshape(lead), k.reshape(lead))
 
     def _table(self, start: int, stop: int):
         if stop > self.max_positions:
@@ -243,7 +297,7 @@ class IntegerLlama(nn.Module):
         attn = blk.self_attn
         d, t = self.head_dim, h.shape[0]
         start = cache.length if cache is not None else 0
-        xq, xs = ri.di_rmsnorm(h, blk.input_layernorm_g, blk.input_layernorm_k, attn.q_proj.act_qmax, attn.q_proj.clip)
+        xq, xs = self._norm(h, blk.input_layernorm_g, blk.input_layernorm_k, attn.q_proj.act_qmax, attn.q_proj.clip)
         tq, sq = attn.q_proj.int_forward(xq, xs)
         tk, sk = attn.k_proj.int_forward(xq, xs)
         tv, sv = attn.v_proj.int_forward(xq, xs)
@@ -253,17 +307,17 @@ class IntegerLlama(nn.Module):
         v16, rv = ri.quantize_rows(tv, WIDE_QMAX)
         qr = ri.rope(q16.reshape(t, self.heads, d).transpose(0, 1), cos, sin)  # [H, t, d]
         kr = ri.rope(k16.reshape(t, self.kv_heads, d).transpose(0, 1), cos, sin)  # [KV, t, d]
-        q8, rq8 = ri.quantize_rows(qr.transpose(0, 1).reshape(t, -1), 127)  # per token, all heads
+        q8, rq8 = self._requant(qr.transpose(0, 1).reshape(t, -1), 127)  # per token, all heads
         s_q = rq8 * rq * sq  # [t, 1]
         # keys and values int8 per head and token ([KV, t, d], scales [KV, t, 1]): nothing depends on
         # a later token, so the model is causal and its KV cache holds them as they are
-        k8, rk8 = ri.quantize_rows(kr, 127)
-        v8, rv8 = ri.quantize_rows(v16.reshape(t, self.kv_heads, d).transpose(0, 1), 127)
+        k8, rk8 = self._requant(kr, 127)
+        v8, rv8 = self._requant(v16.reshape(t, self.kv_heads, d).transpose(0, 1), 127)
         kv = (k8.to(torch.int8), rk8 * (rk * sk), v8.to(torch.int8), rv8 * (rv * sv))
         if cache is not None:
             kv = cache.extend(i, *kv)
         k8, s_k, v8, s_v = kv
-        mask = torch.ones(t, start + t, dtype=torch.bool).tril(diagonal=start)  # token j sees keys 0 .. start + j
+        mask = torch.ones(t, start + t, dtype=torch.bool, device=h.device).tril(diagonal=start)  # token j sees keys 0 .. start + j
         group = self.heads // self.kv_heads
         # per KV head (shared by its query heads): the key and value scales' alignment per row
         k_sh, k_e = column_alignment(Dyadic(s_k.m[..., 0], s_k.k[..., 0]), mask)  # [KV, t, n], [KV, t, 1]
@@ -283,13 +337,13 @@ class IntegerLlama(nn.Module):
         emin = torch.stack(exps).amin(0)  # heads on one exponent per token
         emin = torch.where(emin == NO_EXPONENT, 0, emin)
         o = torch.cat([ri.shift(x, (e - emin).clamp(0, 62)) for x, e in zip(outs, exps)], dim=1)
-        oq, ro = ri.quantize_rows(o, attn.o_proj.act_qmax, attn.o_proj.clip)
+        oq, ro = self._requant(o, attn.o_proj.act_qmax, attn.o_proj.clip)
         return attn.o_proj.int_forward(oq, Dyadic(ro.m, ro.k + emin + ri.PROB_BITS))
 
     def _mlp_block(self, blk, h: torch.Tensor):
         mlp = blk.mlp
-        xq, xs = ri.di_rmsnorm(h, blk.post_attention_layernorm_g, blk.post_attention_layernorm_k, mlp.gate_proj.act_qmax,
-                               mlp.gate_proj.clip)
+        xq, xs = self._norm(h, blk.post_attention_layernorm_g, blk.post_attention_layernorm_k, mlp.gate_proj.act_qmax,
+                            mlp.gate_proj.clip)
         tg, sg = mlp.gate_proj.int_forward(xq, xs)
         tu, su = mlp.up_proj.int_forward(xq, xs)
         g16, rg = ri.quantize_rows(tg, WIDE_QMAX)
@@ -299,14 +353,14 @@ class IntegerLlama(nn.Module):
         online = getattr(mlp.down_proj, "online_transform", None)  # --rotate hadamard+online (qconvert.load)
         if online is not None:  # a (A (x) H) / sqrt(n): integers below 2^30 n, the root in the scale
             a = ri.hadamard_rows(a, online.sign, online.lp)
-        aq, ra = ri.quantize_rows(a, mlp.down_proj.act_qmax, mlp.down_proj.clip)
+        aq, ra = self._requant(a, mlp.down_proj.act_qmax, mlp.down_proj.clip)
         scale = ra * sg * su  # dyadic products round: this order is the format's (tests/test_golden.py)
         return mlp.down_proj.int_forward(aq, scale if online is None else scale * self.inv_sqrt_i)
 
     def forward_int(self, input_ids: torch.Tensor, cache: SequenceCache | None = None) -> tuple[torch.Tensor, Dyadic]:
         """Integer logits [T, V] of one sequence's T tokens and their per-row dyadic scale; with
         ``cache``, the tokens continue the cached ones (which it then holds too)."""
-        ids = input_ids.reshape(-1)
+        ids = input_ids.reshape(-1).to(self.device)
         h = self.emb_q[ids].long()
         hs = Dyadic(self.emb_m[ids][:, None], self.emb_k[ids][:, None])
         for i, blk in enumerate(self.model.layers):
@@ -314,7 +368,7 @@ class IntegerLlama(nn.Module):
             h, hs = self._residual_add(h, hs, o, os_)
             m, ms = self._mlp_block(blk, h)
             h, hs = self._residual_add(h, hs, m, ms)
-        xq, xs = ri.di_rmsnorm(h, self.norm_g, self.norm_k, 127)
+        xq, xs = self._norm(h, self.norm_g, self.norm_k, 127)
         acc = ri.int8_matmul(xq, self.head_qt)  # [T, V]
         if cache is not None:
             cache.length += ids.numel()
@@ -392,11 +446,12 @@ class ILLMLayout(Layout):
 
     @staticmethod
     def model_runtime(out, config, linears: dict, state: dict, device) -> IntegerLlama:
-        """The integer-only model of an I-LLM OUT (CPU only in this release)."""
-        if device.type != "cpu":
-            raise QConvertError(f"{out}: I-LLM's integer runtime runs on CPU in this release (its CUDA kernels are not "
-                                "wired into a model yet); load with device='cpu'")
-        return IntegerLlama(config, linears, state).eval()
+        """The integer-only model of an I-LLM OUT: on the CPU, torch integer ops; on a GPU, with the
+        I-LLM kernels turned on (``IntegerLlama.use_kernels``)."""
+        model = IntegerLlama(config, linears, state).eval()
+        if device.type == "cuda":
+            model.to(device).use_kernels(True)
+        return model
 
     def card_rows(self, config: dict) -> list[tuple[str, str]]:
         return [("weights", f"int{config.get('w_bits')}, symmetric, per output channel, dyadic scales m / 2^k"),

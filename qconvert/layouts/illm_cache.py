@@ -56,8 +56,8 @@ class IntegerKVCache:
 
 class IntegerDecodeEngine:
     """Prefill and one-token decode steps of ``IntegerLlama`` over its integer KV cache, with the
-    interface of ``qconvert.engine.DecodeEngine`` that ``qconvert.generate`` uses.  CPU only, no
-    CUDA graphs.  Left padding is dropped row by row (``attention_mask``): each row is its own
+    interface of ``qconvert.engine.DecodeEngine`` that ``qconvert.generate`` uses.  On the model's
+    device (a GPU: its kernels, launched eagerly), no CUDA graphs.  Left padding is dropped row by row (``attention_mask``): each row is its own
     sequence from position 0, as the integer model runs rows one by one anyway."""
 
     graphs = False
@@ -70,7 +70,7 @@ class IntegerDecodeEngine:
             raise QConvertError(f"max_len {max_len} is longer than the model's {model.max_positions} positions; "
                                 "generate fewer tokens")
         self.model, self.config = model, model.config
-        self.device = torch.device("cpu")
+        self.device = model.device
         self.max_batch, self.max_len = max_batch, max_len
         self.cache: IntegerKVCache | None = None
         self.batch = self.length = 0

@@ -53,7 +53,7 @@ def unnormalized(x: torch.Tensor, sign: torch.Tensor, lp: int, dtype: torch.dtyp
         u.add_(v)  # u + v
         v.neg_().add_(first)  # (-v) + u: the same rounding (and signed zeros) as u - v
     acc = torch.zeros_like(t)
-    sign_t = sign.to(t.dtype)
+    sign_t = sign.to(device=t.device, dtype=t.dtype)  # A (a constant kept on the CPU) where x is
     for a in range(m):
         # acc + t[a] * (+-1): the product is exact, so one rounding, as acc +- t[a]
         acc.addcmul_(t[:, a : a + 1, :], sign_t[a].view(1, m, 1))

@@ -1,8 +1,9 @@
 """CuPy launcher of the I-LLM kernels (qconvert_kernels/illm/illm_gemm.cu): DI-MatMul, the per-row
 requantization, DI-ClippedSoftmax and DI-Norm.  Each equals its function in
 ``qconvert_kernels.illm.reference`` bit for bit (integers in, integers out; GPU tests in
-tests/test_kernels_illm_gpu.py).  The integer model (qconvert/layouts/illm.py) does not call them
-yet.
+tests/test_kernels_illm_gpu.py).  The integer model (qconvert/layouts/illm.py) calls
+``illm_matmul``, ``requant_rows`` and ``rmsnorm`` on a GPU (``IntegerLlama.use_kernels``); its
+softmax takes int64 scores, so ``softmax`` here is for int32 scores of one scale per row.
 
 Every launcher here checks shapes and dtypes on the host (metadata only), never reads a device
 value on the host (graph-capturable: DI-MatMul's exponent alignment min(wk) is computed on the

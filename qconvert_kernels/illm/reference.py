@@ -111,7 +111,7 @@ def normalize(m: torch.Tensor, k: torch.Tensor, bits: int = MANT) -> Dyadic:
 def ratio(num: torch.Tensor, den: torch.Tensor | int) -> Dyadic:
     """num / den as a dyadic (num, den >= 0 integers below 2^40; 0 when den == 0)."""
     num = torch.as_tensor(num, dtype=torch.int64)
-    den = torch.as_tensor(den, dtype=torch.int64)
+    den = torch.as_tensor(den, dtype=torch.int64, device=num.device)  # where num is (a GPU's torch.where takes no CPU condition)
     sh = (MANT + 2 + bit_length(den) - bit_length(num)).clamp_min(0)
     q = torch.where(den > 0, (num << sh) // den.clamp_min(1), 0)
     return normalize(q, sh)
@@ -235,11 +235,13 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a8, b8 = a.to(torch.int8), b.to(torch.int8)
     if not a8.is_cuda and not _INT_MM_ONLY[0]:
         return (a8.double() @ b8.double()).long()
-    a8, b8 = a8.contiguous(), b8.contiguous()
-    m = a8.shape[0]
-    if m < 17:  # torch._int_mm needs M > 16 on some backends: pad
-        a8 = torch.nn.functional.pad(a8, (0, 0, 0, 17 - m))
-    return torch._int_mm(a8, b8)[:m].long()
+    m, k = a8.shape
+    n = b8.shape[1]
+    # torch._int_mm on CUDA needs M > 16, K >= 16 and K, N multiples of 8: zero padding adds nothing
+    pk, pn = max(16, k + -k % 8) - k, max(16, n + -n % 8) - n
+    a8 = torch.nn.functional.pad(a8, (0, pk, 0, max(17 - m, 0))).contiguous()
+    b8 = torch.nn.functional.pad(b8, (0, pn, 0, pk)).contiguous()
+    return torch._int_mm(a8, b8)[:m, :n].long()
 
 
 _INT_MM_ONLY = [False]

@@ -1,0 +1,60 @@
+"""I-LLM's integer-only model on a GPU (``load(OUT, device="cuda")``: DI-Norm, the requantizations
+and DI-MatMul by the CUDA kernels, the rest torch integer ops on the GPU) against the same model on
+the CPU, bit for bit.  Skipped without a GPU (benchmarks/gpu_check.sh runs it); the CPU proof of
+the wiring is tests/test_illm_runtime_kernels.py (the kernels emulated)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qconvert_kernels.w4a8 import cuda as kcuda
+from test_illm_runtime_kernels import SCHEMES, _ids, outs  # noqa: F401  (the OUTs, quantized on the CPU)
+
+if not kcuda.available():
+    pytest.skip("no CUDA device usable by cupy (sm_80+)", allow_module_level=True)
+
+
+@pytest.mark.parametrize("key", list(SCHEMES))
+def test_the_integer_model_on_the_gpu_equals_the_cpu(outs, key):
+    from qconvert import load
+
+    cpu = load(outs[key])
+    gpu = load(outs[key], device="cuda")
+    assert gpu.kernels and gpu.device.type == "cuda"
+    assert all(lin.kernel for blk in gpu.model.layers for part in (blk.self_attn, blk.mlp) for lin in part.children())
+    for n, seed in ((1, 0), (11, 3), (40, 4)):
+        ids = _ids(n, seed)
+        want_acc, want_s = cpu.forward_int(ids)
+        acc, s = gpu.forward_int(ids.cuda())
+        assert acc.is_cuda
+        assert torch.equal(acc.cpu(), want_acc) and torch.equal(s.m.cpu(), want_s.m) and torch.equal(s.k.cpu(), want_s.k)
+
+
+def test_cached_decode_on_the_gpu(outs):
+    from qconvert import load
+
+    gpu = load(outs["w4a4-online"], device="cuda")
+    ids = _ids(12, 7).cuda()
+    whole = gpu.sequence_logits(ids)
+    engine = gpu.decode_engine(max_batch=1, max_len=16)
+    assert engine.device.type == "cuda"
+    steps = [engine.prefill(ids[None, :8])[0]] + [engine.decode(ids[j:j + 1])[0] for j in range(8, 12)]
+    assert torch.equal(torch.stack(steps), whole[7:12])
+
+
+def test_qconvert_generate_on_the_gpu_picks_the_cpu_tokens(outs):
+    """`qconvert generate --device cuda` runs the integer-only model on the GPU (and says so); its
+    greedy tokens are the CPU's."""
+    from click.testing import CliRunner
+
+    from qconvert.cli import cli
+
+    text = {}
+    for dev in ("cpu", "cuda"):
+        res = CliRunner().invoke(cli, ["generate", str(outs["w8a8"]), "--device", dev, "--prompt", "the cat sat",
+                                       "--max-new-tokens", "8"])
+        assert res.exit_code == 0, res.output + repr(res.exception)
+        assert f"[qconvert integer-only on {dev}" in res.output
+        text[dev] = res.output.split("[qconvert")[0]
+    assert text["cuda"] == text["cpu"]

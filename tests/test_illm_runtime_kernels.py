@@ -1,0 +1,127 @@
+"""I-LLM's integer-only model with its CUDA kernels wired in (``IntegerLlama.use_kernels``, what
+``load(OUT, device="cuda")`` turns on), run on the CPU through the lane-exact emulator of those
+kernels (qconvert_kernels/illm/emulate.py: the launchers unchanged, every launch emulated): the
+integer logits, their scales and the cached decode steps equal the torch integer path bit for
+bit, every kernel the model should call is called, and a deliberate kernel bug changes the
+logits.  tests/test_illm_gpu.py runs the same comparison on a GPU."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from helpers import quantize_tiny
+
+from qconvert.layouts.illm import ILLMLinear, IntegerLlama
+from qconvert_kernels.illm import emulate
+from qconvert_kernels.illm import reference as ri
+
+SCHEMES = {"w8a8": ("illm-w8a8", "--no-fsbr"), "w4a8": ("illm-w4a8", "--no-fsbr"),
+           "w4a4-online": ("illm-w4a4", "--no-fsbr")}  # illm-w4a4: --rotate hadamard+online and act_clip 0.9
+
+
+@pytest.fixture(scope="module")
+def outs(tiny_calib_src, tmp_path_factory):
+    root = tmp_path_factory.mktemp("illm-kernels")
+    made = {}
+    for key, (scheme, *extra) in SCHEMES.items():
+        res = quantize_tiny(tiny_calib_src, root / key, scheme, *extra)
+        assert res.exit_code == 0, res.output + repr(res.exception)
+        made[key] = root / key
+    return made
+
+
+def _ids(n: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, 300, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def _on_kernels(model: IntegerLlama, ids: torch.Tensor, **emu):
+    model.use_kernels(True)
+    try:
+        with emulate.emulating(**emu) as e:
+            acc, scale = model.forward_int(ids)
+    finally:
+        model.use_kernels(False)
+    return acc, scale, Counter(name for name, *_ in e.launches)
+
+
+@pytest.mark.parametrize("key", list(SCHEMES))
+def test_the_model_on_its_kernels_equals_the_torch_integer_path(outs, key):
+    from qconvert import load
+
+    model = load(outs[key])
+    assert isinstance(model, IntegerLlama) and not model.kernels
+    ids = _ids(11, 3)
+    want_acc, want_scale = model.forward_int(ids)
+    acc, scale, launches = _on_kernels(model, ids)
+    assert torch.equal(acc, want_acc) and torch.equal(scale.m, want_scale.m) and torch.equal(scale.k, want_scale.k)
+    layers = model.layers_n
+    bits = 4 if key.startswith("w4") else 8
+    # per block: DI-Norm twice, seven DI-MatMuls, five int8 requantizations (q, k, v, o_proj's and
+    # down_proj's inputs); then the final DI-Norm before the head
+    assert launches == Counter({f"illm_matmul_w{bits}": 7 * layers, "illm_rmsnorm": 2 * layers + 1,
+                                "illm_requant_rows": 5 * layers}), launches
+    if key == "w4a4-online":
+        assert model.model.layers[0].mlp.down_proj.online_transform is not None
+        assert model.model.layers[0].mlp.down_proj.clip == ri.clip_int(0.9)
+
+
+def test_cached_decode_on_the_kernels_gives_the_whole_sequence_bits(outs):
+    from qconvert import load
+
+    model = load(outs["w4a8"])
+    ids = _ids(9, 5)
+    whole = model.sequence_logits(ids)  # torch integer ops, the whole sequence at once
+    model.use_kernels(True)
+    try:
+        with emulate.emulating():
+            engine = model.decode_engine(max_batch=1, max_len=12)
+            assert engine.device == torch.device("cpu")
+            steps = [engine.prefill(ids[None, :6])[0]]
+            for j in range(6, 9):
+                steps.append(engine.decode(ids[j:j + 1])[0])
+    finally:
+        model.use_kernels(False)
+    assert torch.equal(torch.stack(steps), whole[5:9])
+
+
+@pytest.mark.parametrize("mutation", ["round_down", "requant_no_clip"])
+def test_a_kernel_bug_changes_the_logits(outs, mutation):
+    """The comparison can fail: a deliberate bug in the emulated kernels (a truncating shift; the
+    requantization ignoring the activation clip of illm-w4a4) reaches the logits."""
+    from qconvert import load
+
+    model = load(outs["w4a4-online"])
+    ids = _ids(11, 3)
+    want_acc, _ = model.forward_int(ids)
+    acc, _, _ = _on_kernels(model, ids, mutations={mutation})
+    assert not torch.equal(acc, want_acc)
+
+
+def test_a_layer_the_kernel_cannot_take_stays_on_torch_ops(outs):
+    """DI-MatMul's kernel steps K by 32: a linear with another K keeps the torch integer path."""
+    from qconvert import load
+
+    model = load(outs["w8a8"])
+    q = torch.randint(-127, 128, (8, 40), generator=torch.Generator().manual_seed(0), dtype=torch.int8)
+    odd = ILLMLinear("illm-w8a8", {"qweight": q, "shape": torch.tensor([8, 40]), "wm": torch.full((8,), 40000, dtype=torch.int32),
+                                   "wk": torch.arange(20, 28, dtype=torch.int32), "smooth": torch.ones(40),
+                                   "out_smooth": torch.ones(8)}, None)
+    assert not odd.kernel_fits()
+    model.model.layers[0].mlp.down_proj = odd  # (a stand-in: only use_kernels' choice is checked)
+    model.use_kernels(True)
+    assert not odd.kernel
+    assert all(lin.kernel for blk in model.model.layers for part in (blk.self_attn, blk.mlp) for lin in part.children()
+               if lin is not odd)
+    model.use_kernels(False)
+    assert not any(lin.kernel for blk in model.model.layers for part in (blk.self_attn, blk.mlp) for lin in part.children())
+
+
+def test_kernels_on_cpu_tensors_need_the_emulator(outs):
+    """Outside the emulator the kernels take GPU tensors only: a clear error, not a silent CPU run."""
+    from qconvert import load
+
+    model = load(outs["w8a8"]).use_kernels(True)
+    with pytest.raises(ValueError, match="rmsnorm: all tensors must be on one CUDA device"):
+        model.forward_int(_ids(4, 1))
