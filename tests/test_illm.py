@@ -95,6 +95,24 @@ def test_integer_matmuls_are_exact():
         strict = ri.int8_matmul(big_a, big_b)
     assert torch.equal(ri.int8_matmul(big_a, big_b), strict)
     assert int(strict[0, 0]) == 4099 * 2**14 and torch.equal(strict, big_a.long() @ big_b.long())
+    # the float32 path: slices of 1,024 of K (one whole float32 GEMM of K = 4099 at the extremes
+    # would round: its sums pass 2^24), with the weights given as float32 or not, batched or not;
+    # in lower float32 precision (bf16 allowed) the float64 GEMM instead
+    assert ri.float32_gemm(big_a)
+    odd = torch.full((2, 4099), 127, dtype=torch.int8)
+    odd_b = torch.full((4099, 3), 127, dtype=torch.int8)  # each sum 4099 x 16129, odd and beyond 2^25
+    assert not torch.equal((odd.float() @ odd_b.float()).long(), odd.long() @ odd_b.long())  # float32 whole: rounds
+    assert torch.equal(ri.int8_matmul(odd, odd_b), odd.long() @ odd_b.long())
+    assert torch.equal(ri.int8_matmul(big_a, big_b, big_b.float()), strict)
+    assert torch.equal(ri.int8_matmul(torch.stack([big_a, big_a.flip(0)]), torch.stack([big_b, big_b])),
+                       torch.stack([strict, strict.flip(0)]))
+    was = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        assert not ri.float32_gemm(big_a)
+        assert torch.equal(ri.int8_matmul(odd, odd_b), odd.long() @ odd_b.long())
+    finally:
+        torch.set_float32_matmul_precision(was)
 
 
 @pytest.mark.parametrize("m,lp", [(20, 3), (12, 4), (1, 5)])
@@ -437,6 +455,45 @@ def test_the_integer_model_is_causal_and_its_cache_exact(illm_out):
     with pytest.raises(QConvertError, match="not Tensor"):
         model(ids[:, :1], past_key_values=ids)
     assert model(ids[:, :3], past_key_values=IntegerKVCache(2, 2)).past_key_values is None
+
+
+def test_attention_blocks_cover_heads_and_rows_once():
+    from qconvert.layouts.illm import ATTN_BLOCK_BYTES, attention_blocks
+
+    cpu = torch.device("cpu")
+    budget = ATTN_BLOCK_BYTES["cpu"]
+    for heads, rows, row_bytes in ((3, 1, 3 * 600 * 8), (3, 512, 3 * 512 * 8), (8, 2048, 4 * 2048 * 8), (2, 17, 100),
+                                   (5, 7, budget), (4, 3, 2 * budget)):
+        seen = torch.zeros(heads, rows, dtype=torch.int64)
+        blocks = attention_blocks(heads, rows, row_bytes, cpu)
+        for (a, b), (r0, r1) in blocks:
+            assert (b - a) * (r1 - r0) * row_bytes <= budget or (b - a, r1 - r0) == (1, 1)
+            seen[a:b, r0:r1] += 1
+        assert seen.eq(1).all(), (heads, rows, row_bytes)
+    assert attention_blocks(3, 1, 3 * 600 * 8, cpu) == [((0, 3), (0, 1))]  # a decode step: every head at once
+    assert len(attention_blocks(8, 2048, 4 * 2048 * 8, torch.device("cuda"))) < len(attention_blocks(8, 2048, 4 * 2048 * 8, cpu))
+
+
+@pytest.mark.parametrize("budget,blocks_per_layer", [(1, 2 * 17), ("one head", 2)])
+def test_attention_in_blocks_gives_the_same_bits(illm_out, monkeypatch, budget, blocks_per_layer):
+    """Attention runs the query heads as one batched product per block of KV heads and query rows;
+    blocks of one row of one KV head, or of one KV head, give the logits of one block for all."""
+    from qconvert import load
+    from qconvert.layouts import illm as illm_layout
+
+    model = load(illm_out)
+    ids = torch.randint(0, 300, (1, 17), generator=torch.Generator().manual_seed(2))
+    acc, scale = model.forward_int(ids[0])
+    calls = []
+    real = ri.int8_matmul
+    monkeypatch.setattr(ri, "int8_matmul", lambda a, b, *rest: calls.append(a.dim()) or real(a, b, *rest))
+    group = model.heads // model.kv_heads
+    row_bytes = group * 17 * 8
+    monkeypatch.setitem(illm_layout.ATTN_BLOCK_BYTES, "cpu", 17 * row_bytes if budget == "one head" else budget)
+    acc1, scale1 = model.forward_int(ids[0])
+    assert torch.equal(acc1, acc) and torch.equal(scale1.m, scale.m) and torch.equal(scale1.k, scale.k)
+    # per block: QK^T and the two byte planes of PV, batched over the block's query heads
+    assert calls.count(3) == model.layers_n * blocks_per_layer * 3, calls
 
 
 def test_generate_runs_the_integer_model_on_its_cache(illm_out):

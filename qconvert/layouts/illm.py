@@ -67,6 +67,23 @@ from qconvert_kernels.illm.reference import Dyadic
 
 RESIDUAL_QMAX = (1 << 20) - 1
 WIDE_QMAX = (1 << 15) - 1
+# attention's int64 scores per block of heads and rows: on the CPU a block that stays in cache
+# (SmolLM2, 512 tokens, 2 AVX-512 cores: 6-7 s per forward in 4 MiB blocks, 12-14 s with every
+# head at once, 9-10 s head by head as before), on a GPU as much as a launch can use
+ATTN_BLOCK_BYTES = {"cpu": 1 << 22, "cuda": 1 << 28}
+
+
+def attention_blocks(heads: int, rows: int, row_bytes: int, device: torch.device):
+    """((head0, head1), (row0, row1)) blocks covering heads x rows, each with at most the device's
+    ATTN_BLOCK_BYTES of int64 scores (``row_bytes`` per row and KV head), at least one row of one head."""
+    budget = ATTN_BLOCK_BYTES.get(device.type, ATTN_BLOCK_BYTES["cuda"])
+    if heads * rows * row_bytes <= budget:
+        return [((0, heads), (0, rows))]
+    if rows * row_bytes <= budget:
+        step = budget // (rows * row_bytes)
+        return [((a, min(a + step, heads)), (0, rows)) for a in range(0, heads, step)]
+    step = max(1, budget // row_bytes)
+    return [((a, a + 1), (r, min(r + step, rows))) for a in range(heads) for r in range(0, rows, step)]
 
 
 def to_dyadic(scale: torch.Tensor) -> Dyadic:
@@ -152,6 +169,13 @@ class ILLMLinear(QuantizedModule):
     def act_qmax(self) -> int:
         return (1 << (self.abits - 1)) - 1
 
+    def _q8t_f32(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The weights [K, N] as float32 for the CPU's exact float32 GEMM (``ri.int8_matmul``), kept
+        within the derived-weights budget (qconvert/layouts/derived.py); None where that GEMM does not run."""
+        if not ri.float32_gemm(x) or self.q8t.is_cuda:
+            return None
+        return self.derived(("q8t", "float32"), lambda: self.q8t.float())
+
     def kernel_fits(self) -> bool:
         """Whether the DI-MatMul kernel takes this layer: K a multiple of 32 (its int8 mma step)."""
         return self.in_features % 32 == 0
@@ -166,7 +190,7 @@ class ILLMLinear(QuantizedModule):
 
             t = cuda_illm.illm_matmul(xq.to(torch.int8), self.qweight, self.wm, self.wk, self.wbits, kmin)
         else:
-            t = ri.shift(ri.int8_matmul(xq, self.q8t) * self.wm.long(), self.wk.long() - kmin)
+            t = ri.shift(ri.int8_matmul(xq, self.q8t, self._q8t_f32(xq)) * self.wm.long(), self.wk.long() - kmin)
         return t, Dyadic(scale.m, scale.k + kmin)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -174,7 +198,7 @@ class ILLMLinear(QuantizedModule):
         x2 = x.reshape(-1, shape[-1]).float() / self.smooth.float()
         amax = x2.abs().amax(dim=1, keepdim=True).clamp_min(1e-30) * (self.clip / ri.CLIP_ONE)
         xq = torch.round(x2 * (self.act_qmax / amax)).long().clamp(-self.act_qmax, self.act_qmax)
-        acc = ri.int8_matmul(xq, self.q8t).double()
+        acc = ri.int8_matmul(xq, self.q8t, self._q8t_f32(xq)).double()
         w = self.wm.double() * torch.pow(2.0, -self.wk.double())
         y = acc * (amax.double() / self.act_qmax) * (w * self.out_smooth.double())[None, :]
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
@@ -242,6 +266,21 @@ class IntegerLlama(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.emb_q.device
+
+    def _head_f32(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The int8 head as float32 for the CPU's exact float32 GEMM, kept within the derived-weights
+        budget as the linears' (qconvert/layouts/derived.py); None where that GEMM does not run."""
+        if not ri.float32_gemm(x) or self.head_qt.is_cuda:
+            return None
+        from qconvert.layouts.derived import CACHE
+
+        return CACHE.fetch(self, ("head_qt", "float32"), lambda: self.head_qt.float())
+
+    def _apply(self, fn, *args, **kwargs):
+        from qconvert.layouts.derived import CACHE
+
+        CACHE.release(self)  # the float32 head was made from the tensors as they were
+        return super()._apply(fn, *args, **kwargs)
 
     def use_kernels(self, on: bool = True) -> "IntegerLlama":
         """Run DI-Norm, the int8 requantizations and DI-MatMul (every linear whose K is a multiple of
@@ -318,25 +357,33 @@ class IntegerLlama(nn.Module):
             kv = cache.extend(i, *kv)
         k8, s_k, v8, s_v = kv
         mask = torch.ones(t, start + t, dtype=torch.bool, device=h.device).tril(diagonal=start)  # token j sees keys 0 .. start + j
-        group = self.heads // self.kv_heads
+        kvh, group, n = self.kv_heads, self.heads // self.kv_heads, start + t
         # per KV head (shared by its query heads): the key and value scales' alignment per row
         k_sh, k_e = column_alignment(Dyadic(s_k.m[..., 0], s_k.k[..., 0]), mask)  # [KV, t, n], [KV, t, 1]
         v_sh, v_e = column_alignment(Dyadic(s_v.m[..., 0], s_v.k[..., 0]), mask)
-        outs, exps = [], []
-        for hh in range(self.heads):
-            g = hh // group
-            acc = ri.int8_matmul(q8[:, hh * d:(hh + 1) * d], k8[g].t())  # [t, n]: int32 products
-            scores = ri.shift(acc * s_k.m[g, :, 0][None, :], k_sh[g])  # key scales folded in, 2^-k_e
-            p = ri.di_softmax(scores, Dyadic(s_q.m, s_q.k + k_e[g]) * self.inv_sqrt_d, mask)  # 2^-15
+        # the query heads at once, grouped by the KV head they read ([KV, group, t, ...]; head
+        # g * group + j), in blocks of KV heads and query rows (rows are independent) that keep an
+        # int64 [heads, group, rows, n] within the device's budget (attention_blocks)
+        qg = q8.reshape(t, kvh, group, d).permute(1, 2, 0, 3)  # [KV, group, t, d]
+        out = torch.empty(kvh, group, t, d, dtype=torch.int64, device=h.device)
+        exp = torch.empty(kvh, group, t, 1, dtype=torch.int64, device=h.device)
+        for (a, b), (r0, r1) in attention_blocks(kvh, t, group * n * 8, h.device):
+            rows = r1 - r0
+            qc = qg[a:b, :, r0:r1].reshape(b - a, group * rows, d)
+            acc = ri.int8_matmul(qc, k8[a:b].transpose(1, 2)).reshape(b - a, group, rows, n)  # int32 products
+            scores = ri.shift(acc * s_k.m[a:b, None, None, :, 0], k_sh[a:b, None, r0:r1])  # key scales in, 2^-k_e
+            scale = Dyadic(s_q.m[r0:r1], s_q.k[r0:r1] + k_e[a:b, None, r0:r1]) * self.inv_sqrt_d  # [heads, 1, rows, 1]
+            p = ri.di_softmax(scores, scale, mask[r0:r1])  # 2^-15
             # the value scales, one per token (the sum's index), fold into P's columns, then P is
             # requantized to 15 bits per row: P V stays an exact product of int8 V
-            pv, vmin = ri.shift(p * s_v.m[g, :, 0][None, :], v_sh[g]), v_e[g]
-            pq, rp = ri.quantize_rows(pv, WIDE_QMAX)
-            outs.append(ri.wide_matmul(pq, v8[g]) * rp.m)  # [t, d], scale 2^-(k + 15)
-            exps.append(torch.where(rp.m > 0, rp.k + vmin, NO_EXPONENT))
-        emin = torch.stack(exps).amin(0)  # heads on one exponent per token
+            pv = ri.shift(p * s_v.m[a:b, None, None, :, 0], v_sh[a:b, None, r0:r1])
+            pq, rp = ri.quantize_rows(pv, WIDE_QMAX)  # rp [heads, group, rows, 1]
+            pvq = ri.wide_matmul(pq.reshape(b - a, group * rows, n), v8[a:b]).reshape(b - a, group, rows, d)
+            out[a:b, :, r0:r1] = pvq * rp.m  # scale 2^-(k + 15)
+            exp[a:b, :, r0:r1] = torch.where(rp.m > 0, rp.k + v_e[a:b, None, r0:r1], NO_EXPONENT)
+        emin = exp.amin(dim=(0, 1))  # heads on one exponent per token, [t, 1]
         emin = torch.where(emin == NO_EXPONENT, 0, emin)
-        o = torch.cat([ri.shift(x, (e - emin).clamp(0, 62)) for x, e in zip(outs, exps)], dim=1)
+        o = ri.shift(out, (exp - emin).clamp(0, 62)).permute(2, 0, 1, 3).reshape(t, self.heads * d)
         oq, ro = self._requant(o, attn.o_proj.act_qmax, attn.o_proj.clip)
         return attn.o_proj.int_forward(oq, Dyadic(ro.m, ro.k + emin + ri.PROB_BITS))
 
@@ -369,7 +416,7 @@ class IntegerLlama(nn.Module):
             m, ms = self._mlp_block(blk, h)
             h, hs = self._residual_add(h, hs, m, ms)
         xq, xs = self._norm(h, self.norm_g, self.norm_k, 127)
-        acc = ri.int8_matmul(xq, self.head_qt)  # [T, V]
+        acc = ri.int8_matmul(xq, self.head_qt, self._head_f32(xq))  # [T, V]
         if cache is not None:
             cache.length += ids.numel()
         return acc, Dyadic(xs.m, xs.k)

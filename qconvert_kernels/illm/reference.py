@@ -65,15 +65,16 @@ def const(m: int, k: int) -> Dyadic:
     return normalize(torch.tensor(m, dtype=torch.int64), torch.tensor(k, dtype=torch.int64))
 
 
+_POW2: dict[torch.device, torch.Tensor] = {}
+
+
 def bit_length(v: torch.Tensor) -> torch.Tensor:
-    """Number of bits of v >= 0 (0 for 0), by binary search with shifts."""
-    n = torch.zeros_like(v)
-    x = v.clone()
-    for s in (32, 16, 8, 4, 2, 1):
-        big = (x >> s) > 0
-        n = n + big.long() * s
-        x = torch.where(big, x >> s, x)
-    return n + (x > 0).long()
+    """Number of bits of v >= 0 (0 for 0 and below): how many of 2^0 .. 2^62 are <= v, one
+    integer search (comparisons) in that constant table."""
+    table = _POW2.get(v.device)
+    if table is None:
+        table = _POW2[v.device] = torch.ones(63, dtype=torch.int64, device=v.device) << torch.arange(63, device=v.device)
+    return torch.searchsorted(table, v.long().contiguous(), right=True)
 
 
 def rshift_round(v: torch.Tensor, s) -> torch.Tensor:
@@ -225,16 +226,47 @@ def di_silu(g: torch.Tensor, scale: Dyadic) -> torch.Tensor:
     return rshift_round(g * sig, EXP_F)
 
 
-def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a [M, K] @ b [K, N] for int8-range integers (any int dtype), int32 accumulation, as int64.
+F32_EXACT_K = 1 << 10  # K x 2^14 <= 2^24: float32 holds every partial sum of K int8 products exactly
+
+
+def _ieee_float32_gemm() -> bool:
+    """Whether CPU float32 GEMMs compute in float32 (not bf16 / tf32, which set_float32_matmul_precision
+    allows), and ``float64_gemm_only()`` is off."""
+    mkl = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    return (not _FLOAT64_ONLY[0] and torch.get_float32_matmul_precision() == "highest"
+            and getattr(mkl, "fp32_precision", "none") in ("none", "ieee"))
+
+
+def float32_gemm(a: torch.Tensor) -> bool:
+    """Whether ``int8_matmul`` of ``a`` runs as exact float32 GEMMs (then a ``b32`` is worth making)."""
+    return not a.is_cuda and not _INT_MM_ONLY[0] and _ieee_float32_gemm()
+
+
+def int8_matmul(a: torch.Tensor, b: torch.Tensor, b32: torch.Tensor | None = None) -> torch.Tensor:
+    """a [M, K] @ b [K, N] for int8-range integers (any int dtype), int32 accumulation, as int64;
+    with a batch dimension, a [B, M, K] @ b [B, K, N] -> [B, M, N] (one product per batch entry).
 
     On CUDA (and inside ``int_mm_only()``) by ``torch._int_mm``.  On the CPU the same integers come
-    from a float64 GEMM: every product is at most 2^14 in magnitude and every partial sum an integer
-    below 2^53 (K < 2^39), so no rounding happens in any order of summation; torch's CPU
-    ``_int_mm`` is 15-60x slower on SmolLM2's shapes (docs/accuracy.md, I-LLM evaluation time)."""
+    from float32 GEMMs over slices of at most 1024 of K: every product is at most 2^14 in magnitude,
+    so every partial sum is an integer of at most 2^24, which float32 holds exactly, and no rounding
+    happens in any order of summation; the slices' results are summed as int64.  ``b32``: b as
+    float32, made once by the caller (a layer's weights).  If float32 GEMMs may run in lower
+    precision (``torch.set_float32_matmul_precision`` below "highest"), a float64 GEMM instead
+    (exact below K = 2^39).  torch's CPU ``_int_mm`` is 15-60x slower on SmolLM2's shapes
+    (docs/accuracy.md, I-LLM evaluation time)."""
     a8, b8 = a.to(torch.int8), b.to(torch.int8)
     if not a8.is_cuda and not _INT_MM_ONLY[0]:
-        return (a8.double() @ b8.double()).long()
+        if not _ieee_float32_gemm():
+            return (a8.double() @ b8.double()).long()
+        af, bf = a8.float(), (b32 if b32 is not None else b8.float())
+        k = af.shape[-1]
+        acc = None
+        for s in range(0, max(k, 1), F32_EXACT_K):
+            part = (af[..., s:s + F32_EXACT_K] @ bf[..., s:s + F32_EXACT_K, :]).long()
+            acc = part if acc is None else acc + part
+        return acc
+    if a8.dim() == 3:
+        return torch.stack([int8_matmul(x, y) for x, y in zip(a8, b8)])
     m, k = a8.shape
     n = b8.shape[1]
     # torch._int_mm on CUDA needs M > 16, K >= 16 and K, N multiples of 8: zero padding adds nothing
@@ -245,6 +277,19 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 _INT_MM_ONLY = [False]
+_FLOAT64_ONLY = [False]
+
+
+@contextlib.contextmanager
+def float64_gemm_only():
+    """Inside: ``int8_matmul`` on the CPU runs one float64 GEMM, not float32 slices (the same integers;
+    benchmarks/illm_cpu_forward.py times both)."""
+    was = _FLOAT64_ONLY[0]
+    _FLOAT64_ONLY[0] = True
+    try:
+        yield
+    finally:
+        _FLOAT64_ONLY[0] = was
 
 
 @contextlib.contextmanager
@@ -262,10 +307,10 @@ def int_mm_only():
 def wide_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b for a with values in [-2^15, 2^15] (e.g. probabilities, 16-bit activations) and int8 b:
     a split into two byte planes, each shifted into int8 range, so both products are int8 GEMMs;
-    exact."""
+    exact.  2-D, or batched as ``int8_matmul``."""
     lo = a & 0xFF  # [0, 255]
     hi = a >> 8  # [-128, 128]
-    colsum = b.long().sum(dim=0, keepdim=True)
+    colsum = b.long().sum(dim=-2, keepdim=True)
     p_lo = int8_matmul(lo - 128, b) + 128 * colsum
     hi_c = hi.clamp_max(127)  # hi == 128 only where a == 2^15 (a probability of 1)
     p_hi = int8_matmul(hi_c, b)
