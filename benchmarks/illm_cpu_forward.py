@@ -1,7 +1,7 @@
-"""Time one forward of an I-LLM OUT's integer-only model on the CPU, with the int8 GEMMs as exact
-float32 products over slices of K (the default on the CPU), as one exact float64 product
-(``float64_gemm_only()``) and as ``torch._int_mm`` (``int_mm_only()``), and check all three give
-the same integer logits.  Prints a table and writes JSON.
+"""Time one forward of an I-LLM OUT's integer-only model on the CPU with each way of computing its
+int8 GEMMs (``qconvert_kernels.illm.reference.gemm_path``): ``torch._int_mm``, exact float32
+products over slices of K, one exact float64 product; check all give the same integer logits, and
+name the one the runtime picks on this CPU (``cpu_gemm_path``).  Prints a table and writes JSON.
 
     python benchmarks/illm_cpu_forward.py OUT [--tokens 512] [--json benchmarks/results/illm_cpu_forward.json]
 """
@@ -40,24 +40,25 @@ def main() -> None:
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (args.tokens,), generator=torch.Generator().manual_seed(0))
     timed(model, ids[:16])  # warm-up: lazily built constants
-    default_s, (lg, sc) = timed(model, ids)
-    with ri.float64_gemm_only():
-        f64_s, (lg1, sc1) = timed(model, ids)
-    with ri.int_mm_only():
-        int_mm_s, (lg2, sc2) = timed(model, ids)
-    same = all(torch.equal(lg, a) and torch.equal(sc.m, b.m) and torch.equal(sc.k, b.k) for a, b in ((lg1, sc1), (lg2, sc2)))
+    default = ri.cpu_gemm_path()
+    seconds, results = {}, {}
+    for path in ri.GEMM_PATHS:
+        with ri.gemm_path(path):
+            timed(model, ids[:16])  # this path's own constants (float32 weights)
+            seconds[path], results[path] = timed(model, ids)
+    lg, sc = results[default]
+    same = all(torch.equal(lg, a) and torch.equal(sc.m, s.m) and torch.equal(sc.k, s.k) for a, s in results.values())
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     row = {"out": str(args.out), "scheme": (json.loads((args.out / "qconvert.json").read_text()).get("scheme") or {}).get("name"),
-           "tokens": args.tokens, "float32_gemm_s": round(default_s, 2), "float64_gemm_s": round(f64_s, 2),
-           "int_mm_s": round(int_mm_s, 2), "speedup": round(int_mm_s / default_s, 2), "same_integer_logits": same,
-           "threads": torch.get_num_threads(), "cpu": torch.backends.cpu.get_cpu_capability(),
-           "host": platform.machine(), "torch": torch.__version__, "commit": commit,
-           "measured": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
-    print(f"{'int8 GEMMs as':<24}{'seconds':>10}")
-    print(f"{'float32 slices (default)':<24}{default_s:>10.2f}")
-    print(f"{'float64 product':<24}{f64_s:>10.2f}")
-    print(f"{'torch._int_mm':<24}{int_mm_s:>10.2f}")
-    print(f"speed-up over torch._int_mm {row['speedup']}x; the same integer logits: {same}")
+           "tokens": args.tokens, "seconds": {p: round(v, 2) for p, v in seconds.items()}, "default": default,
+           "int8_dot_cpu": ri.cpu_has_int8_dot(), "same_integer_logits": same, "threads": torch.get_num_threads(),
+           "cpu": torch.backends.cpu.get_cpu_capability(), "host": platform.machine(), "torch": torch.__version__,
+           "commit": commit, "measured": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    names = {"int_mm": "torch._int_mm", "float32": "float32 slices", "float64": "float64 product"}
+    print(f"{'int8 GEMMs as':<28}{'seconds':>10}")
+    for path in ri.GEMM_PATHS:
+        print(f"{names[path] + (' (default here)' if path == default else ''):<28}{seconds[path]:>10.2f}")
+    print(f"int8 dot products on this CPU: {row['int8_dot_cpu']}; the same integer logits: {same}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(row, indent=1) + "\n")
     if not same:

@@ -86,8 +86,8 @@ def test_integer_matmuls_are_exact():
     assert torch.equal(ri.wide_matmul(a, b), a @ b)
     small = torch.randint(-127, 128, (3, 64), generator=gen)
     assert torch.equal(ri.int8_matmul(small, b), small @ b)
-    # the CPU's float64 GEMM and torch._int_mm give the same integers, at the extremes too
-    # (every product 2^14, K = 4099: sums far beyond float32's 2^24)
+    # torch._int_mm and the exact integer product, at the extremes too (every product 2^14, K = 4099:
+    # sums far beyond float32's 2^24)
     big_a = torch.full((19, 4099), -128, dtype=torch.int8)
     big_b = torch.full((4099, 5), -128, dtype=torch.int8)
     big_a[1:] = torch.randint(-128, 128, (18, 4099), generator=gen, dtype=torch.int8)
@@ -95,24 +95,33 @@ def test_integer_matmuls_are_exact():
         strict = ri.int8_matmul(big_a, big_b)
     assert torch.equal(ri.int8_matmul(big_a, big_b), strict)
     assert int(strict[0, 0]) == 4099 * 2**14 and torch.equal(strict, big_a.long() @ big_b.long())
-    # the float32 path: slices of 1,024 of K (one whole float32 GEMM of K = 4099 at the extremes
-    # would round: its sums pass 2^24), with the weights given as float32 or not, batched or not;
-    # in lower float32 precision (bf16 allowed) the float64 GEMM instead
-    assert ri.float32_gemm(big_a)
+    # every CPU path gives those integers: the float32 one in slices of 1,024 of K (one whole float32
+    # GEMM of K = 4099 would round: its sums pass 2^24), with the weights given as float32 or not,
+    # batched or not; in lower float32 precision (bf16 allowed) the float64 GEMM instead
     odd = torch.full((2, 4099), 127, dtype=torch.int8)
     odd_b = torch.full((4099, 3), 127, dtype=torch.int8)  # each sum 4099 x 16129, odd and beyond 2^25
     assert not torch.equal((odd.float() @ odd_b.float()).long(), odd.long() @ odd_b.long())  # float32 whole: rounds
-    assert torch.equal(ri.int8_matmul(odd, odd_b), odd.long() @ odd_b.long())
-    assert torch.equal(ri.int8_matmul(big_a, big_b, big_b.float()), strict)
-    assert torch.equal(ri.int8_matmul(torch.stack([big_a, big_a.flip(0)]), torch.stack([big_b, big_b])),
-                       torch.stack([strict, strict.flip(0)]))
+    assert ri.cpu_gemm_path() == ("int_mm" if ri.cpu_has_int8_dot() else "float32")
+    for path in ri.GEMM_PATHS:
+        with ri.gemm_path(path):
+            assert ri.cpu_gemm_path() == path and ri.float32_gemm(big_a) == (path == "float32")
+            assert torch.equal(ri.int8_matmul(odd, odd_b), odd.long() @ odd_b.long()), path
+            assert torch.equal(ri.int8_matmul(big_a, big_b, big_b.float()), strict), path
+            assert torch.equal(ri.int8_matmul(small, b), small @ b), path
+            assert torch.equal(ri.int8_matmul(torch.stack([big_a, big_a.flip(0)]), torch.stack([big_b, big_b])),
+                               torch.stack([strict, strict.flip(0)])), path
+            assert torch.equal(ri.wide_matmul(a, b), a @ b), path
     was = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("medium")
-        assert not ri.float32_gemm(big_a)
-        assert torch.equal(ri.int8_matmul(odd, odd_b), odd.long() @ odd_b.long())
+        with ri.gemm_path("float32"):
+            assert ri.cpu_gemm_path() == "float64" and not ri.float32_gemm(big_a)
+            assert torch.equal(ri.int8_matmul(odd, odd_b), odd.long() @ odd_b.long())
     finally:
         torch.set_float32_matmul_precision(was)
+    with pytest.raises(ValueError, match="not one of"):
+        with ri.gemm_path("float16"):
+            pass
 
 
 @pytest.mark.parametrize("m,lp", [(20, 3), (12, 4), (1, 5)])
@@ -223,7 +232,7 @@ class _Trace(TorchFunctionMode):
 
 def test_integer_only_between_embedding_and_logits(illm_out):
     """Every torch call of forward_int returns integer or bool tensors: zero float operations per
-    token (with the GEMMs on torch._int_mm; the CPU's default float64 GEMM gives equal logits).  The same trace over forward (which converts the logits to float at the end) does
+    token (with the GEMMs on torch._int_mm; the CPU's other GEMM paths give equal logits).  The same trace over forward (which converts the logits to float at the end) does
     see float results, so the check can fail."""
     from qconvert import load
 
@@ -231,7 +240,8 @@ def test_integer_only_between_embedding_and_logits(illm_out):
     ids = torch.randint(0, 300, (1, 20), generator=torch.Generator().manual_seed(0))
     with _Trace() as trace, ri.int_mm_only():
         acc, scale = model.forward_int(ids[0])
-    assert torch.equal(acc, model.forward_int(ids[0])[0])  # the CPU's float64 GEMM: the same integers
+    with ri.gemm_path("float32"):
+        assert torch.equal(acc, model.forward_int(ids[0])[0])  # the exact float32 GEMMs: the same integers
     floats = [(name, d) for name, dts in trace.calls for d in dts if d.is_floating_point or d.is_complex]
     assert floats == [], floats[:5]
     assert len(trace.calls) > 1000 and acc.dtype == torch.int64 and scale.m.dtype == torch.int64

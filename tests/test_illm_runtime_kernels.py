@@ -86,6 +86,18 @@ def test_cached_decode_on_the_kernels_gives_the_whole_sequence_bits(outs):
     assert torch.equal(torch.stack(steps), whole[5:9])
 
 
+def test_the_integer_model_is_made_from_the_stored_tensors_whatever_the_dtype(outs):
+    """A GPU load computes the float model in float16 by default; the integer model's constants
+    (embedding and head int8 rows, norm mantissas) are still made from the stored tensors, so a
+    float16 load gives the integers of a plain one."""
+    from qconvert import load
+
+    ids = _ids(11, 6)
+    want, _ = load(outs["w8a8"]).forward_int(ids)
+    got, _ = load(outs["w8a8"], dtype=torch.float16).forward_int(ids)
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("mutation", ["round_down", "requant_no_clip"])
 def test_a_kernel_bug_changes_the_logits(outs, mutation):
     """The comparison can fail: a deliberate bug in the emulated kernels (a truncating shift; the

@@ -2,8 +2,8 @@
 
 Every function here takes and returns integer tensors (int8 / int32 / int64) and runs integer
 operations only: add, multiply, shifts, floor division, comparisons, min / max, and int8 x int8
--> int32 matrix products (``int8_matmul``: ``torch._int_mm``, or on the CPU an exact float64
-GEMM giving the same integers).  A real number is an integer v with a **dyadic
+-> int32 matrix products (``int8_matmul``: ``torch._int_mm``, or on a CPU without int8 dot
+products exact float32 / float64 GEMMs giving the same integers).  A real number is an integer v with a **dyadic
 scale** m / 2^k (``Dyadic``: m and k int64 tensors, m < 2^16 normalized so its top bit is bit 15),
 usually one scale per row (token): x ~= v * m / 2^k.  Rounding is "half up" (``rshift_round``:
 (v + 2^(s-1)) >> s) everywhere.
@@ -32,6 +32,7 @@ Operators (the names of the paper):
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 
@@ -227,37 +228,68 @@ def di_silu(g: torch.Tensor, scale: Dyadic) -> torch.Tensor:
 
 
 F32_EXACT_K = 1 << 10  # K x 2^14 <= 2^24: float32 holds every partial sum of K int8 products exactly
+GEMM_PATHS = ("int_mm", "float32", "float64")
+_FORCED: list[str | None] = [None]  # a path set by gemm_path() / int_mm_only()
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_int8_dot() -> bool:
+    """Whether the CPU has int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX-INT8), with
+    which torch's CPU ``_int_mm`` is the fastest exact int8 GEMM (Linux's /proc/cpuinfo; False elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(line.split()))
+    except OSError:
+        pass
+    return False
 
 
 def _ieee_float32_gemm() -> bool:
-    """Whether CPU float32 GEMMs compute in float32 (not bf16 / tf32, which set_float32_matmul_precision
-    allows), and ``float64_gemm_only()`` is off."""
-    mkl = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
-    return (not _FLOAT64_ONLY[0] and torch.get_float32_matmul_precision() == "highest"
-            and getattr(mkl, "fp32_precision", "none") in ("none", "ieee"))
+    """Whether CPU float32 GEMMs compute in float32: not bf16 / tf32, which
+    ``torch.set_float32_matmul_precision`` or an ``fp32_precision`` of torch.backends (generic,
+    oneDNN, oneDNN matmul) allows."""
+    mkldnn = getattr(torch.backends, "mkldnn", None)
+    levels = (torch.backends, mkldnn, getattr(mkldnn, "matmul", None))
+    try:
+        legacy = torch.get_float32_matmul_precision()
+    except RuntimeError:  # torch refuses to answer once the newer per-backend settings were used: they decide
+        legacy = "highest"
+    return legacy == "highest" and all(getattr(level, "fp32_precision", "none") in ("none", "ieee") for level in levels)
+
+
+def cpu_gemm_path() -> str:
+    """How ``int8_matmul`` computes on the CPU (every path gives the same integers): "int_mm"
+    (``torch._int_mm``) on a CPU with int8 dot products, else "float32" (exact float32 GEMMs over
+    slices of K), or "float64" (one exact float64 GEMM) where float32 GEMMs may round to bf16 / tf32;
+    ``gemm_path()`` chooses instead (a float32 choice still yields to float64 there)."""
+    path = _FORCED[0] or ("int_mm" if cpu_has_int8_dot() else "float32")
+    return "float64" if path == "float32" and not _ieee_float32_gemm() else path
 
 
 def float32_gemm(a: torch.Tensor) -> bool:
     """Whether ``int8_matmul`` of ``a`` runs as exact float32 GEMMs (then a ``b32`` is worth making)."""
-    return not a.is_cuda and not _INT_MM_ONLY[0] and _ieee_float32_gemm()
+    return not a.is_cuda and cpu_gemm_path() == "float32"
 
 
 def int8_matmul(a: torch.Tensor, b: torch.Tensor, b32: torch.Tensor | None = None) -> torch.Tensor:
     """a [M, K] @ b [K, N] for int8-range integers (any int dtype), int32 accumulation, as int64;
     with a batch dimension, a [B, M, K] @ b [B, K, N] -> [B, M, N] (one product per batch entry).
 
-    On CUDA (and inside ``int_mm_only()``) by ``torch._int_mm``.  On the CPU the same integers come
-    from float32 GEMMs over slices of at most 1024 of K: every product is at most 2^14 in magnitude,
-    so every partial sum is an integer of at most 2^24, which float32 holds exactly, and no rounding
-    happens in any order of summation; the slices' results are summed as int64.  ``b32``: b as
-    float32, made once by the caller (a layer's weights).  If float32 GEMMs may run in lower
-    precision (``torch.set_float32_matmul_precision`` below "highest"), a float64 GEMM instead
-    (exact below K = 2^39).  torch's CPU ``_int_mm`` is 15-60x slower on SmolLM2's shapes
-    (docs/accuracy.md, I-LLM evaluation time)."""
+    On CUDA by ``torch._int_mm``; on the CPU by the path ``cpu_gemm_path`` names, each exact:
+    ``torch._int_mm`` (int32 accumulation); float32 GEMMs over slices of at most 1024 of K (every
+    product is at most 2^14 in magnitude, so every partial sum is an integer of at most 2^24, which
+    float32 holds exactly, in any order of summation; the slices' results summed as int64); or one
+    float64 GEMM (exact below K = 2^39).  ``b32``: b as float32, made once by the caller (a layer's
+    weights) for the float32 path.  Measured on SmolLM2's shapes (docs/benchmarks.md, "I-LLM forward
+    on the CPU"): ``_int_mm`` is the fastest on an AVX512-VNNI CPU and 15-60x slower than the float64
+    GEMM on an AVX2 one."""
     a8, b8 = a.to(torch.int8), b.to(torch.int8)
-    if not a8.is_cuda and not _INT_MM_ONLY[0]:
-        if not _ieee_float32_gemm():
-            return (a8.double() @ b8.double()).long()
+    path = "int_mm" if a8.is_cuda else cpu_gemm_path()
+    if path == "float64":
+        return (a8.double() @ b8.double()).long()
+    if path == "float32":
         af, bf = a8.float(), (b32 if b32 is not None else b8.float())
         k = af.shape[-1]
         acc = None
@@ -270,38 +302,31 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor, b32: torch.Tensor | None = Non
     m, k = a8.shape
     n = b8.shape[1]
     # torch._int_mm on CUDA needs M > 16, K >= 16 and K, N multiples of 8: zero padding adds nothing
-    pk, pn = max(16, k + -k % 8) - k, max(16, n + -n % 8) - n
-    a8 = torch.nn.functional.pad(a8, (0, pk, 0, max(17 - m, 0))).contiguous()
-    b8 = torch.nn.functional.pad(b8, (0, pn, 0, pk)).contiguous()
-    return torch._int_mm(a8, b8)[:m, :n].long()
-
-
-_INT_MM_ONLY = [False]
-_FLOAT64_ONLY = [False]
+    pm, pk, pn = max(17 - m, 0), max(16, k + -k % 8) - k, max(16, n + -n % 8) - n
+    if pm or pk:
+        a8 = torch.nn.functional.pad(a8, (0, pk, 0, pm))
+    if pk or pn:
+        b8 = torch.nn.functional.pad(b8, (0, pn, 0, pk))
+    return torch._int_mm(a8.contiguous(), b8.contiguous())[:m, :n].long()
 
 
 @contextlib.contextmanager
-def float64_gemm_only():
-    """Inside: ``int8_matmul`` on the CPU runs one float64 GEMM, not float32 slices (the same integers;
-    benchmarks/illm_cpu_forward.py times both)."""
-    was = _FLOAT64_ONLY[0]
-    _FLOAT64_ONLY[0] = True
+def gemm_path(path: str):
+    """Inside: ``int8_matmul`` on the CPU takes ``path`` (one of GEMM_PATHS), whatever the CPU."""
+    if path not in GEMM_PATHS:
+        raise ValueError(f"gemm_path: {path!r} is not one of {GEMM_PATHS}")
+    was = _FORCED[0]
+    _FORCED[0] = path
     try:
         yield
     finally:
-        _FLOAT64_ONLY[0] = was
+        _FORCED[0] = was
 
 
-@contextlib.contextmanager
 def int_mm_only():
     """Inside: ``int8_matmul`` runs ``torch._int_mm`` on the CPU too, so that every torch call
     returns integers (the integer-only proof in tests/test_illm.py traces dtypes)."""
-    was = _INT_MM_ONLY[0]
-    _INT_MM_ONLY[0] = True
-    try:
-        yield
-    finally:
-        _INT_MM_ONLY[0] = was
+    return gemm_path("int_mm")
 
 
 def wide_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
