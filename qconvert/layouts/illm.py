@@ -68,8 +68,8 @@ from qconvert_kernels.illm.reference import Dyadic
 RESIDUAL_QMAX = (1 << 20) - 1
 WIDE_QMAX = (1 << 15) - 1
 # attention's int64 scores per block of heads and rows: on the CPU a block that stays in cache
-# (SmolLM2, 512 tokens, 2 AVX-512 cores: 6-7 s per forward in 4 MiB blocks, 12-14 s with every
-# head at once, 9-10 s head by head as before), on a GPU as much as a launch can use
+# (SmolLM2, 512 tokens, 2 AVX-512 cores, float32 GEMMs: 6-8 s per forward in 4 MiB blocks, 12-14 s
+# with every head in one block), on a GPU as much as a launch can use
 ATTN_BLOCK_BYTES = {"cpu": 1 << 22, "cuda": 1 << 28}
 
 
