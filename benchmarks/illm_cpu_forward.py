@@ -58,7 +58,7 @@ def main() -> None:
     print(f"{'int8 GEMMs as':<28}{'seconds':>10}")
     for path in ri.GEMM_PATHS:
         print(f"{names[path] + (' (default here)' if path == default else ''):<28}{seconds[path]:>10.2f}")
-    print(f"int8 dot products on this CPU: {row['int8_dot_cpu']}; the same integer logits: {same}")
+    print(f"torch._int_mm on oneDNN here (AVX512-VNNI): {row['int8_dot_cpu']}; the same integer logits: {same}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(row, indent=1) + "\n")
     if not same:

@@ -4,7 +4,7 @@ The CPU runtime of a quantized linear multiplies with tensors it derives from th
 the int4 codes unpacked to int8 (1 byte per weight, from half a byte), and for the W4A8
 layouts also their float32 copy in the group order of the GEMM (4 bytes per weight), the FP4
 codes as float groups, a weight-only layer dequantized, I-LLM's int8 weights and head as float32
-for its exact float32 GEMMs (on CPUs without int8 dot products).  Made once per layer and kept,
+for its exact float32 GEMMs (on CPUs without AVX512-VNNI).  Made once per layer and kept,
 they cost up to 5 bytes per weight in all: about 35 GB for a Llama-3-8B at W4A8, on top of the
 model.  An entry is made from the tensors a module holds when it is first asked for; it is
 dropped when the module moves (``_apply``), not when its tensors are changed in place.

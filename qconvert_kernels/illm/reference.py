@@ -2,8 +2,8 @@
 
 Every function here takes and returns integer tensors (int8 / int32 / int64) and runs integer
 operations only: add, multiply, shifts, floor division, comparisons, min / max, and int8 x int8
--> int32 matrix products (``int8_matmul``: ``torch._int_mm``, or on a CPU without int8 dot
-products exact float32 / float64 GEMMs giving the same integers).  A real number is an integer v with a **dyadic
+-> int32 matrix products (``int8_matmul``: ``torch._int_mm``, or on a CPU without AVX512-VNNI
+exact float32 / float64 GEMMs giving the same integers).  A real number is an integer v with a **dyadic
 scale** m / 2^k (``Dyadic``: m and k int64 tensors, m < 2^16 normalized so its top bit is bit 15),
 usually one scale per row (token): x ~= v * m / 2^k.  Rounding is "half up" (``rshift_round``:
 (v + 2^(s-1)) >> s) everywhere.
@@ -234,13 +234,17 @@ _FORCED: list[str | None] = [None]  # a path set by gemm_path() / int_mm_only()
 
 @functools.lru_cache(maxsize=1)
 def cpu_has_int8_dot() -> bool:
-    """Whether the CPU has int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX-INT8), with
-    which torch's CPU ``_int_mm`` is the fastest exact int8 GEMM (Linux's /proc/cpuinfo; False elsewhere)."""
+    """Whether torch's CPU ``_int_mm`` runs oneDNN's int8 GEMM here: it does on a CPU with
+    AVX512-VNNI (Linux's /proc/cpuinfo flags; AMX-INT8 CPUs have it too) when oneDNN is on, and
+    is a plain loop otherwise (AVX-VNNI alone included)."""
+    mkldnn = getattr(torch.backends, "mkldnn", None)
+    if mkldnn is None or not (mkldnn.is_available() and mkldnn.enabled):
+        return False
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             for line in f:
                 if line.startswith("flags"):
-                    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(line.split()))
+                    return "avx512_vnni" in line.split()
     except OSError:
         pass
     return False
@@ -261,7 +265,7 @@ def _ieee_float32_gemm() -> bool:
 
 def cpu_gemm_path() -> str:
     """How ``int8_matmul`` computes on the CPU (every path gives the same integers): "int_mm"
-    (``torch._int_mm``) on a CPU with int8 dot products, else "float32" (exact float32 GEMMs over
+    (``torch._int_mm``) where it runs oneDNN (``cpu_has_int8_dot``), else "float32" (exact float32 GEMMs over
     slices of K), or "float64" (one exact float64 GEMM) where float32 GEMMs may round to bf16 / tf32;
     ``gemm_path()`` chooses instead (a float32 choice still yields to float64 there)."""
     path = _FORCED[0] or ("int_mm" if cpu_has_int8_dot() else "float32")
@@ -282,9 +286,9 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor, b32: torch.Tensor | None = Non
     product is at most 2^14 in magnitude, so every partial sum is an integer of at most 2^24, which
     float32 holds exactly, in any order of summation; the slices' results summed as int64); or one
     float64 GEMM (exact below K = 2^39).  ``b32``: b as float32, made once by the caller (a layer's
-    weights) for the float32 path.  Measured on SmolLM2's shapes (docs/benchmarks.md, "I-LLM forward
-    on the CPU"): ``_int_mm`` is the fastest on an AVX512-VNNI CPU and 15-60x slower than the float64
-    GEMM on an AVX2 one."""
+    weights) for the float32 path.  Measured on SmolLM2 (docs/benchmarks.md, "I-LLM forward on the
+    CPU"): with ``_int_mm`` a 512-token forward is the fastest of the three on an AVX512-VNNI CPU,
+    and 9.1x slower than with the float64 GEMM on an AVX2 one."""
     a8, b8 = a.to(torch.int8), b.to(torch.int8)
     path = "int_mm" if a8.is_cuda else cpu_gemm_path()
     if path == "float64":
@@ -302,7 +306,8 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor, b32: torch.Tensor | None = Non
     m, k = a8.shape
     n = b8.shape[1]
     # torch._int_mm on CUDA needs M > 16, K >= 16 and K, N multiples of 8: zero padding adds nothing
-    pm, pk, pn = max(17 - m, 0), max(16, k + -k % 8) - k, max(16, n + -n % 8) - n
+    # (the CPU's takes any shape)
+    pm, pk, pn = (max(17 - m, 0), max(16, k + -k % 8) - k, max(16, n + -n % 8) - n) if a8.is_cuda else (0, 0, 0)
     if pm or pk:
         a8 = torch.nn.functional.pad(a8, (0, pk, 0, pm))
     if pk or pn:
