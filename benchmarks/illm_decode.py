@@ -1,9 +1,10 @@
-"""Decode speed of an I-LLM OUT's integer-only model (on the CPU, or a GPU with --device cuda): N greedy tokens after a P-token
-prompt with the integer KV cache (what ``qconvert generate`` runs), against running the whole
-sequence again for every token (generation before the cache), with a check that both pick the
-same tokens from bit-identical logits.  Prints a table and writes JSON.
+"""Decode speed of an I-LLM OUT's integer-only model (on the CPU, or a GPU with --device cuda): N
+greedy tokens after a P-token prompt with the integer KV cache (what ``qconvert generate`` runs),
+against running the whole sequence again for every token (generation before the cache), with a
+check that both pick the same tokens from bit-identical logits.  Prints a table and writes JSON.
 
-    python benchmarks/illm_decode.py OUT [--prompt 128] [--new-tokens 16] [--device cpu|cuda] [--json benchmarks/results/illm_decode.json]
+    python benchmarks/illm_decode.py OUT [--prompt 128] [--new-tokens 16] [--device cpu|cuda]
+        [--json benchmarks/results/illm_decode.json]
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ def main() -> None:
     row = {"out": str(args.out), "scheme": scheme, "prompt_tokens": args.prompt, "new_tokens": n,
            "prefill_s": round(prefill_s, 3), "cached_step_s": round(per_cached, 4), "recompute_step_s": round(per_again, 4),
            "speedup": round(per_again / per_cached, 1), "cache_bytes": cache.nbytes(), "same_logits": same,
-           "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "threads": torch.get_num_threads(), "cpu": torch.backends.cpu.get_cpu_capability(), "host": platform.machine(),
+           "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+           "threads": torch.get_num_threads(), "cpu": torch.backends.cpu.get_cpu_capability(), "host": platform.machine(),
            "torch": torch.__version__, "commit": commit, "measured": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     print(f"{scheme}: {args.prompt} prompt tokens, then {n} greedy tokens (prefill {prefill_s:.2f} s)")
     print(f"{'decode step':<34}{'seconds':>10}{'tokens/s':>10}")

@@ -115,17 +115,22 @@ def load(out: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
     layers = [stored_layer(n, lay, qc, dict(model.named_parameters()), reader) for n, lay in qc["modules"].items()]
     modules = _build_modules(out, layers, reader, dtype)
     taken = {t for layer in layers for t in layer.tensor_names()} | {f"{layer.name}.bias" for layer in layers}
-    stored = {name: reader.get(name) for name in reader.keys() if name not in taken}
     runtimes = {layer.layout.model_runtime for layer in layers} - {None}
-    if runtimes and integer:
-        if len(runtimes) > 1 or any(layer.layout.model_runtime is None for layer in layers):
-            raise QConvertError(f"{out} mixes layouts with and without their own model runtime; re-run quantize")
-        # the stored tensors as they are: a whole-model runtime makes its own constants from them
-        # (I-LLM: integers), whatever dtype the float model would compute in (float16 on CUDA)
-        whole = runtimes.pop()(out, config, modules, stored, dev)
+    whole_model = bool(runtimes) and integer
+    if whole_model and (len(runtimes) > 1 or any(layer.layout.model_runtime is None for layer in layers)):
+        raise QConvertError(f"{out} mixes layouts with and without their own model runtime; re-run quantize")
+    # a whole-model runtime takes the stored tensors as they are and makes its own constants from them
+    # (I-LLM: integers), whatever dtype the float model would compute in (float16 on CUDA)
+    cast = dtype if not whole_model else None
+    state = {}
+    for name in reader.keys():
+        if name not in taken:
+            t = reader.get(name)
+            state[name] = t.to(cast) if cast is not None and t.is_floating_point() else t
+    if whole_model:
+        whole = runtimes.pop()(out, config, modules, state, dev)
         _attach_online(out, whole, qc.get("online_rotation"))  # the runtime reads it from down_proj
         return whole
-    state = {name: t.to(dtype) if dtype is not None and t.is_floating_point() else t for name, t in stored.items()}
     for name, module in modules.items():
         module.inside_stored_model()
         set_module(model, name, module)

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from qconvert.errors import QConvertError
+from qconvert.layouts.derived import DerivedHolder
 
 ShapeOf = Callable[[str], "tuple[int, ...] | None"]  # suffix -> stored shape (None: absent)
 
@@ -49,7 +50,7 @@ class NotExportable(QConvertError):
     """This layout (with these parameters) has no faithful compressed-tensors equivalent."""
 
 
-class QuantizedModule(nn.Module):
+class QuantizedModule(DerivedHolder):
     """Base of every layout's runtime module: ``layout`` (its name), ``in_features``,
     ``out_features``; ``check_cuda(name)`` raises QConvertError when the CUDA kernels cannot
     run the layer (the model then runs on CPU only)."""
@@ -74,19 +75,6 @@ class QuantizedModule(nn.Module):
 
     def check_cuda(self, name: str) -> None:  # pragma: no cover - overridden where kernels exist
         raise QConvertError(f"{name}: layout {self.layout} has no CUDA kernel in this release; load on cpu")
-
-    def derived(self, key, make: Callable):
-        """A tensor the CPU reference derives from this layer's stored ones (unpacked codes, float
-        groups), made by ``make()`` and kept within the process's budget (qconvert/layouts/derived.py)."""
-        from qconvert.layouts.derived import CACHE
-
-        return CACHE.fetch(self, key, make)
-
-    def _apply(self, fn, *args, **kwargs):
-        from qconvert.layouts.derived import CACHE
-
-        CACHE.release(self)  # derived from the tensors as they were: made again after the move
-        return super()._apply(fn, *args, **kwargs)
 
     def _bias(self, bias: torch.Tensor | None) -> None:
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None

@@ -28,6 +28,7 @@ from collections import OrderedDict
 from typing import Callable
 
 import torch
+from torch import nn
 
 ENV = "QCONVERT_CPU_CACHE"
 
@@ -137,3 +138,17 @@ def budget_from_environment() -> int:
 
 
 CACHE = DerivedCache()
+
+
+class DerivedHolder(nn.Module):
+    """A module that keeps what it derives from its tensors in ``CACHE`` (the quantized layers, I-LLM's
+    integer model), and drops it when it moves to another device or dtype."""
+
+    def derived(self, key, make: Callable):
+        """A tensor derived from this module's stored ones (unpacked codes, float groups, float32
+        copies), made by ``make()`` and kept within the process's budget."""
+        return CACHE.fetch(self, key, make)
+
+    def _apply(self, fn, *args, **kwargs):
+        CACHE.release(self)  # derived from the tensors as they were: made again after the move
+        return super()._apply(fn, *args, **kwargs)

@@ -61,6 +61,7 @@ from torch import nn
 from qconvert.errors import QConvertError
 from qconvert.formats.packing import unpack_int4
 from qconvert.layouts.base import Layout, QuantizedModule, TensorSpec, finite_positive, shape_check
+from qconvert.layouts.derived import DerivedHolder
 from qconvert.layouts.illm_cache import IntegerDecodeEngine, IntegerKVCache, SequenceCache
 from qconvert_kernels.illm import reference as ri
 from qconvert_kernels.illm.reference import Dyadic
@@ -84,6 +85,15 @@ def attention_blocks(heads: int, rows: int, row_bytes: int, device: torch.device
         return [((a, min(a + step, heads)), (0, rows)) for a in range(0, heads, step)]
     step = max(1, budget // row_bytes)
     return [((a, a + 1), (r, min(r + step, rows))) for a in range(heads) for r in range(0, rows, step)]
+
+
+def float32_copy(owner: DerivedHolder, name: str, x: torch.Tensor) -> torch.Tensor | None:
+    """``owner``'s int8 tensor ``name`` as float32 for the CPU's exact float32 GEMM of ``x`` with it
+    (``ri.int8_matmul``), kept within the derived-weights budget; None where that GEMM does not run."""
+    t = getattr(owner, name)
+    if t.is_cuda or not ri.float32_gemm(x):
+        return None
+    return owner.derived((name, "float32"), lambda: t.float())
 
 
 def to_dyadic(scale: torch.Tensor) -> Dyadic:
@@ -157,6 +167,8 @@ class ILLMLinear(QuantizedModule):
         # the channels' smallest exponent, a layer constant (DI-MatMul aligns the others to it)
         self.register_buffer("wk_min", self.wk.long().amin().reshape(1) if self.out_features else
                              torch.zeros(1, dtype=torch.int64), persistent=False)
+        self.register_buffer("wm64", self.wm.long(), persistent=False)  # the torch path's int64 operands
+        self.register_buffer("wk_shift", self.wk.long() - self.wk_min, persistent=False)
         self.kernel = False  # DI-MatMul by the CUDA kernel (IntegerLlama.use_kernels), else torch integer ops
 
     def inside_stored_model(self) -> None:
@@ -168,13 +180,6 @@ class ILLMLinear(QuantizedModule):
     @property
     def act_qmax(self) -> int:
         return (1 << (self.abits - 1)) - 1
-
-    def _q8t_f32(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The weights [K, N] as float32 for the CPU's exact float32 GEMM (``ri.int8_matmul``), kept
-        within the derived-weights budget (qconvert/layouts/derived.py); None where that GEMM does not run."""
-        if not ri.float32_gemm(x) or self.q8t.is_cuda:
-            return None
-        return self.derived(("q8t", "float32"), lambda: self.q8t.float())
 
     def kernel_fits(self) -> bool:
         """Whether the DI-MatMul kernel takes this layer: K a multiple of 32 (its int8 mma step)."""
@@ -190,7 +195,7 @@ class ILLMLinear(QuantizedModule):
 
             t = cuda_illm.illm_matmul(xq.to(torch.int8), self.qweight, self.wm, self.wk, self.wbits, kmin)
         else:
-            t = ri.shift(ri.int8_matmul(xq, self.q8t, self._q8t_f32(xq)) * self.wm.long(), self.wk.long() - kmin)
+            t = ri.shift(ri.int8_matmul(xq, self.q8t, float32_copy(self, "q8t", xq)) * self.wm64, self.wk_shift)
         return t, Dyadic(scale.m, scale.k + kmin)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -198,13 +203,13 @@ class ILLMLinear(QuantizedModule):
         x2 = x.reshape(-1, shape[-1]).float() / self.smooth.float()
         amax = x2.abs().amax(dim=1, keepdim=True).clamp_min(1e-30) * (self.clip / ri.CLIP_ONE)
         xq = torch.round(x2 * (self.act_qmax / amax)).long().clamp(-self.act_qmax, self.act_qmax)
-        acc = ri.int8_matmul(xq, self.q8t, self._q8t_f32(xq)).double()
+        acc = ri.int8_matmul(xq, self.q8t, float32_copy(self, "q8t", xq)).double()
         w = self.wm.double() * torch.pow(2.0, -self.wk.double())
         y = acc * (amax.double() / self.act_qmax) * (w * self.out_smooth.double())[None, :]
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
 
-class IntegerLlama(nn.Module):
+class IntegerLlama(DerivedHolder):
     """A Llama-architecture causal LM on the integer-only path (see the module docstring)."""
 
     def __init__(self, config, linears: dict[str, ILLMLinear], state: dict[str, torch.Tensor]):
@@ -266,21 +271,6 @@ class IntegerLlama(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.emb_q.device
-
-    def _head_f32(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The int8 head as float32 for the CPU's exact float32 GEMM, kept within the derived-weights
-        budget as the linears' (qconvert/layouts/derived.py); None where that GEMM does not run."""
-        if not ri.float32_gemm(x) or self.head_qt.is_cuda:
-            return None
-        from qconvert.layouts.derived import CACHE
-
-        return CACHE.fetch(self, ("head_qt", "float32"), lambda: self.head_qt.float())
-
-    def _apply(self, fn, *args, **kwargs):
-        from qconvert.layouts.derived import CACHE
-
-        CACHE.release(self)  # the float32 head was made from the tensors as they were
-        return super()._apply(fn, *args, **kwargs)
 
     def use_kernels(self, on: bool = True) -> "IntegerLlama":
         """Run DI-Norm, the int8 requantizations and DI-MatMul (every linear whose K is a multiple of
@@ -416,7 +406,7 @@ class IntegerLlama(nn.Module):
             m, ms = self._mlp_block(blk, h)
             h, hs = self._residual_add(h, hs, m, ms)
         xq, xs = self._norm(h, self.norm_g, self.norm_k, 127)
-        acc = ri.int8_matmul(xq, self.head_qt, self._head_f32(xq))  # [T, V]
+        acc = ri.int8_matmul(xq, self.head_qt, float32_copy(self, "head_qt", xq))  # [T, V]
         if cache is not None:
             cache.length += ids.numel()
         return acc, Dyadic(xs.m, xs.k)
