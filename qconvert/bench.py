@@ -439,26 +439,35 @@ class Budget:
         return self.left() <= 0
 
 
+def _engine(model, max_batch: int, max_len: int, graphs: bool):
+    """The model's own engine (``model.decode_engine``), else qconvert/engine.py's."""
+    from qconvert.engine import DecodeEngine
+
+    own = getattr(model, "decode_engine", None)
+    return own(max_batch, max_len) if own is not None else DecodeEngine(model, max_batch=max_batch, max_len=max_len,
+                                                                        graphs=graphs)
+
+
 @torch.inference_mode()
 def model_speed(model, device: torch.device, prefill: int = 2048, new_tokens: int = 128, batches=(1, 16, 64),
                 prompt: int = 32, repeats: int = 3, seed: int = 0, graphs: bool = False, budget: Budget | None = None) -> dict:
     """Prefill and greedy-decode tokens/s of ``model`` (already on ``device``) on the decode engine
-    (qconvert/engine.py): a static KV cache and, with ``graphs``, one CUDA graph per decode step."""
-    from qconvert.engine import DecodeEngine
-
+    (qconvert/engine.py): a static KV cache and, with ``graphs``, one CUDA graph per decode step.
+    A model with its own engine (``model.decode_engine``: I-LLM's integer-only model, eager, its
+    rows of one length as one batch) runs on that."""
     budget = budget or Budget(None)
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(seed)
     mode = "cuda-graph" if graphs else "eager"
     out = {"mode": mode, "prefill_tokens": prefill, "decode": [], "skipped": []}
-    pre = DecodeEngine(model, max_batch=1, max_len=prefill + 1, graphs=False)  # prefill is eager in both modes
+    pre = _engine(model, 1, prefill + 1, graphs=False)  # prefill is eager in both modes
     ids = torch.randint(0, vocab, (1, prefill), generator=gen).to(device)
     pre.prefill(ids[:, : min(prefill, 16)])  # warm-up: kernel modules, allocator
     reps = 1 if budget.short() else repeats
     out["prefill_tokens_per_s"] = round(prefill / _median_seconds(lambda: pre.prefill(ids), device, reps), 2)
     del pre
     steps = new_tokens
-    eng = DecodeEngine(model, max_batch=max(batches), max_len=prompt + steps + 1, graphs=graphs)
+    eng = _engine(model, max(batches), prompt + steps + 1, graphs)
     for b in batches:
         if budget.spent():
             out["skipped"].append({"batch": b, "why": "--budget-s spent"})
@@ -547,20 +556,25 @@ def out_bench(out: Path, device: str | None = None, prefill: int = 2048, new_tok
             raise QConvertError(f"{out}/qconvert.json does not name the source; pass --against SOURCE")
     budget = Budget(budget_s)
     kw = dict(prefill=prefill, new_tokens=new_tokens, batches=batches, repeats=repeats)
-    # integer=False: only integer-only layouts differ
-    model = load(out, device=str(dev), dtype=dtype, integer=False, fuse=fuse)
-    note = None
-    if integer_only:
-        note = ("integer-only OUT: timed as the float model with the same quantized linears (the decode engine "
-                "needs a transformers model; the integer-only model runs on its own engine, in qconvert "
-                "generate and benchmarks/illm_decode.py); its integer softmax and norms are not timed")
-    q = _speeds(model, dev, kw, budget)
+    model = load(out, device=str(dev), dtype=dtype, fuse=fuse)
+    if integer_only:  # the integer model on its own engine, eagerly (it has no CUDA graphs)
+        q = {"eager": model_speed(model, dev, budget=budget, **kw)}
+    else:
+        q = _speeds(model, dev, kw, budget)
     src = resolve_source(against)
     fp = _speeds(src.load_model(dtype).to(dev).eval(), dev, kw, budget)
     result = _result(str(out), getattr(src, "description", str(against)), dev, dtype, fp, q, budget)
     result["fused_groups"] = fused_groups(model)
-    if note:
-        result["note"] = note
+    if integer_only:
+        result["runtime"] = f"integer-only-{dev.type}"
+        result["note"] = ("integer-only OUT: its integer model (integer norms, softmax, RoPE and SiLU, int8 KV cache) "
+                          + ("with the I-LLM kernels, " if dev.type == "cuda" else "in torch integer ops, ")
+                          + "eagerly, on its own engine, against the original eagerly")
+        if "cuda-graph" in fp:  # the original's best, shown beside the like-for-like comparison
+            result["original_cuda_graph"] = fp["cuda-graph"]
+            g = fp["cuda-graph"]
+            result["note"] += (f"; the original graph-captured: prefill {g['prefill_tokens_per_s']:,.1f} tokens/s, "
+                               + ", ".join(f"decode batch {d['batch']} {d['tokens_per_s']:,.1f}" for d in g["decode"]))
     return result
 
 

@@ -438,9 +438,10 @@ def test_activation_clip(illm_out, tmp_path, monkeypatch):
 
 def test_the_integer_model_is_causal_and_its_cache_exact(illm_out):
     """No scale spans tokens: the logits of 9 tokens are those of the first 9 of 13 run at once
-    (per-head int8 keys over the sequence, the runtime before, failed this).  The integer KV
-    cache: a prefill of 9 tokens, then steps of 1, 2 and 1, give the 13 tokens' logits bit for
-    bit, in each row of a batch of two; a foreign cache is refused."""
+    (per-head int8 keys over the sequence, the runtime before, failed this).  No scale spans rows:
+    two rows run as one batch give each row's logits alone.  The integer KV cache: a prefill of 9
+    tokens, then steps of 1, 2 and 1, give the 13 tokens' logits bit for bit, in each row of a
+    batch of two; a foreign cache is refused."""
     from qconvert import load
     from qconvert.errors import QConvertError
     from qconvert.layouts.illm_cache import IntegerKVCache
@@ -448,15 +449,18 @@ def test_the_integer_model_is_causal_and_its_cache_exact(illm_out):
     model = load(illm_out)
     ids = torch.randint(0, 300, (2, 13), generator=torch.Generator().manual_seed(1))
     whole = model(ids).logits
+    for r in range(2):
+        assert torch.equal(model(ids[r:r + 1]).logits[0], whole[r]) and torch.equal(model.sequence_logits(ids[r]), whole[r])
     res = model(ids[:, :9], use_cache=True)
     assert torch.equal(res.logits, whole[:, :9])
     cache = res.past_key_values
     for a, b in ((9, 10), (10, 12), (12, 13)):
         res = model(ids[:, a:b], past_key_values=cache, use_cache=True)
-        assert res.past_key_values is cache and [r.length for r in cache.rows] == [b, b]
+        assert res.past_key_values is cache and cache.lengths == [b, b]
         assert torch.equal(res.logits, whole[:, a:b]), (a, b)
-    k8 = cache.rows[1].blocks[1][0]
-    assert k8.dtype == torch.int8 and k8.shape == (2, 13, 16) and k8.abs().amax(-1).eq(127).all()
+    (rows, seq), = cache.groups
+    k8 = seq.blocks[1][0]
+    assert rows == [0, 1] and k8.dtype == torch.int8 and k8.shape == (2, 2, 13, 16) and k8.abs().amax(-1).eq(127).all()
     assert cache.nbytes() == 2 * 2 * 13 * 2 * 2 * (16 + 16)  # rows x blocks x tokens x (k, v) x heads x (d + 2 x 8)
     with pytest.raises(QConvertError, match="IntegerKVCache of 1 rows .* not one of 2 rows and 2 blocks"):
         model(ids[:1, :1], past_key_values=cache)
@@ -464,6 +468,8 @@ def test_the_integer_model_is_causal_and_its_cache_exact(illm_out):
         model(ids[:, :1], past_key_values=IntegerKVCache(2, 3))
     with pytest.raises(QConvertError, match="not Tensor"):
         model(ids[:, :1], past_key_values=ids)
+    with pytest.raises(QConvertError, match=r"groups \[\[0\], \[0\]\] must split rows 0..1 once each"):
+        IntegerKVCache(2, 2, [[0], [0]])
     assert model(ids[:, :3], past_key_values=IntegerKVCache(2, 2)).past_key_values is None
 
 
@@ -550,6 +556,34 @@ def test_generate_runs_the_integer_model_on_its_cache(illm_out):
     assert "[qconvert integer-only on cpu] prefill" in out.output
 
 
+def test_the_engine_runs_rows_of_one_length_as_one_batch(illm_out, monkeypatch):
+    """Left-padded prompts of two lengths: the engine groups the rows by length (rows 0 and 2, row
+    1), runs each group as one batch per step, and each row's logits are those of its prompt alone."""
+    from qconvert import load
+    from qconvert.layouts.illm import IntegerLlama
+
+    model = load(illm_out)
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(1, 300, (3, 7), generator=gen)
+    mask = torch.ones(3, 7, dtype=torch.int64)
+    mask[1, :3] = 0
+    ids[1, :3] = 0
+    calls = []
+    real = IntegerLlama.forward_int
+    monkeypatch.setattr(IntegerLlama, "forward_int", lambda self, x, cache=None: calls.append(tuple(x.shape)) or real(self, x, cache))
+    eng = model.decode_engine(3, 10)
+    first = eng.prefill(ids, mask)
+    assert [rows for rows, _ in eng.cache.groups] == [[0, 2], [1]] and calls == [(2, 7), (1, 4)]
+    nxt = torch.randint(1, 300, (3,), generator=gen)
+    calls.clear()
+    step = eng.decode(nxt)
+    assert calls == [(2, 1), (1, 1)] and eng.cache.lengths == [8, 5, 8]
+    monkeypatch.setattr(IntegerLlama, "forward_int", real)
+    for r, p in ((0, 0), (1, 3), (2, 0)):
+        alone = model.sequence_logits(torch.cat([ids[r, p:], nxt[r:r + 1]]))
+        assert torch.equal(first[r], alone[-2]) and torch.equal(step[r], alone[-1]), r
+
+
 def test_decode_benchmark_runs(illm_out, tmp_path):
     """benchmarks/illm_decode.py: cached steps against the whole sequence again, same logits."""
     import subprocess
@@ -565,9 +599,37 @@ def test_decode_benchmark_runs(illm_out, tmp_path):
     assert "integer KV cache" in r.stdout and "whole sequence again" in r.stdout
 
 
-def test_bench_on_the_integer_model(illm_out):
-    """`qconvert bench OUT` times an integer-only OUT as the float model with its linears, and says so."""
+def test_batch_decode_benchmark_runs(illm_out, tmp_path):
+    """benchmarks/illm_batch_decode.py: a row per batch size, the batch's first and last rows
+    bit-identical to those rows alone."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "benchmarks" / "illm_batch_decode.py"), str(illm_out), "--prompt", "5",
+                        "--steps", "3", "--batches", "3,1", "--json", str(tmp_path / "b.json")], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads((tmp_path / "b.json").read_text())
+    assert got["rows_equal_alone"] is True and [row["batch"] for row in got["rows"]] == [1, 3]
+    assert all(row["step_s"] > 0 for row in got["rows"]) and "bit-identical to the same rows alone: True" in r.stdout
+
+
+def test_bench_on_the_integer_model(illm_out, tmp_path, monkeypatch):
+    """`qconvert bench OUT` times an integer-only OUT's integer model on its own engine (a decode
+    step of batch 2 is one batched pass), against the original, labelled so and kept in bench.json."""
+    from qconvert.layouts.illm import IntegerLlama
+
+    shapes = []
+    real = IntegerLlama.forward_int
+    monkeypatch.setattr(IntegerLlama, "forward_int", lambda self, x, cache=None: shapes.append(tuple(x.shape)) or real(self, x, cache))
     res = CliRunner().invoke(cli, ["bench", str(illm_out), "--device", "cpu", "--prefill", "16", "--new-tokens", "2",
-                                   "--batch", "1", "--repeats", "1"])
+                                   "--batch", "1,2", "--repeats", "1", "--json", str(tmp_path / "b.json")])
     assert res.exit_code == 0, res.output
-    assert "cpu-reference" in res.output and "integer-only OUT: timed as the float model" in res.output
+    assert "integer-only OUT: its integer model" in res.output and "No GPU" not in res.output
+    assert (1, 16) in shapes and (2, 1) in shapes and (1, 1) in shapes
+    got = json.loads((tmp_path / "b.json").read_text())
+    assert got["runtime"] == "integer-only-cpu" and list(got["modes"]) == ["eager"]
+    assert [d["batch"] for d in got["quantized"]["decode"]] == [1, 2] and got["quantized"]["prefill_tokens_per_s"] > 0
+    assert json.loads((illm_out / "bench.json").read_text())[-1]["runtime"] == "integer-only-cpu"

@@ -86,6 +86,22 @@ def test_cached_decode_on_the_kernels_gives_the_whole_sequence_bits(outs):
     assert torch.equal(torch.stack(steps), whole[5:9])
 
 
+def test_a_batch_on_the_kernels_launches_once_per_step_and_gives_each_rows_bits(outs):
+    """Three rows as one batch on the kernels: every kernel is launched as often as for one row
+    (each launch takes the batch's tokens), and each row's integers are those it gets alone."""
+    from qconvert import load
+
+    model = load(outs["w4a4-online"])
+    ids = torch.stack([_ids(6, s) for s in (7, 8, 9)])
+    acc, scale, launches = _on_kernels(model, ids)
+    _, _, single = _on_kernels(model, ids[0])
+    assert launches == single and sum(launches.values()) == 14 * model.layers_n + 1
+    for r in range(3):
+        want_acc, want_scale = model.forward_int(ids[r])
+        assert torch.equal(acc[6 * r:6 * r + 6], want_acc) and torch.equal(scale.m[6 * r:6 * r + 6], want_scale.m)
+        assert torch.equal(scale.k[6 * r:6 * r + 6], want_scale.k)
+
+
 def test_the_integer_model_is_made_from_the_stored_tensors_whatever_the_dtype(outs):
     """A GPU load computes the float model in float16 by default; the integer model's constants
     (embedding and head int8 rows, norm mantissas) are still made from the stored tensors, so a

@@ -9,7 +9,7 @@ float diagnostics).  ``qconvert.load`` builds the whole-model integer runtime be
 
 ``IntegerLlama.forward_int(ids)`` runs a Llama-architecture model from the embedding lookup to
 the logits with integer tensors and integer operations only (qconvert_kernels/illm/reference.py
-has the operators); ``sequence_logits`` (and ``forward``, row by row) then converts the integer
+has the operators); ``logits`` (and ``forward``, the rows as one batch) then converts the integer
 logits to float once, the single float operation per output.  tests/test_illm.py proves it by
 tracing every torch call between the two.
 
@@ -320,11 +320,12 @@ class IntegerLlama(DerivedHolder):
         q, r = ri.quantize_rows(total, RESIDUAL_QMAX)
         return q, Dyadic(r.m, r.k + kmin)
 
-    def _attn_block(self, blk, h: torch.Tensor, cache: SequenceCache | None = None, i: int = 0):
-        """Attention of the t tokens of ``h``; with ``cache``, after its ``length`` tokens (block ``i``'s
-        int8 keys and values appended to it)."""
+    def _attn_block(self, blk, h: torch.Tensor, rows: int, cache: SequenceCache | None = None, i: int = 0):
+        """Attention of ``rows`` sequences of t tokens each (``h`` [rows * t, hidden], row-major); with
+        ``cache``, after its ``length`` tokens (block ``i``'s int8 keys and values appended to it)."""
         attn = blk.self_attn
-        d, t = self.head_dim, h.shape[0]
+        d, bt, kvh = self.head_dim, rows, self.kv_heads
+        t = h.shape[0] // bt
         start = cache.length if cache is not None else 0
         xq, xs = self._norm(h, blk.input_layernorm_g, blk.input_layernorm_k, attn.q_proj.act_qmax, attn.q_proj.clip)
         tq, sq = attn.q_proj.int_forward(xq, xs)
@@ -334,48 +335,57 @@ class IntegerLlama(DerivedHolder):
         q16, rq = ri.quantize_rows(tq, WIDE_QMAX)
         k16, rk = ri.quantize_rows(tk, WIDE_QMAX)
         v16, rv = ri.quantize_rows(tv, WIDE_QMAX)
-        qr = ri.rope(q16.reshape(t, self.heads, d).transpose(0, 1), cos, sin)  # [H, t, d]
-        kr = ri.rope(k16.reshape(t, self.kv_heads, d).transpose(0, 1), cos, sin)  # [KV, t, d]
-        q8, rq8 = self._requant(qr.transpose(0, 1).reshape(t, -1), 127)  # per token, all heads
-        s_q = rq8 * rq * sq  # [t, 1]
-        # keys and values int8 per head and token ([KV, t, d], scales [KV, t, 1]): nothing depends on
-        # a later token, so the model is causal and its KV cache holds them as they are
+        qr = ri.rope(q16.reshape(bt, t, self.heads, d).transpose(1, 2), cos, sin)  # [rows, H, t, d]
+        kr = ri.rope(k16.reshape(bt, t, kvh, d).transpose(1, 2), cos, sin)  # [rows, KV, t, d]
+        q8, rq8 = self._requant(qr.transpose(1, 2).reshape(bt * t, -1), 127)  # per token, all heads
+        s_q = rq8 * rq * sq  # [rows * t, 1]
+        # keys and values int8 per head and token ([rows, KV, t, d], scales [rows, KV, t, 1]): nothing
+        # depends on a later token or another row, so the model is causal and its KV cache holds them as they are
         k8, rk8 = self._requant(kr, 127)
-        v8, rv8 = self._requant(v16.reshape(t, self.kv_heads, d).transpose(0, 1), 127)
-        kv = (k8.to(torch.int8), rk8 * (rk * sk), v8.to(torch.int8), rv8 * (rv * sv))
+        v8, rv8 = self._requant(v16.reshape(bt, t, kvh, d).transpose(1, 2), 127)
+        per_token = (bt, 1, t, 1)
+        s_kt, s_vt = rk * sk, rv * sv
+        kv = (k8.to(torch.int8), rk8 * Dyadic(s_kt.m.reshape(per_token), s_kt.k.reshape(per_token)),
+              v8.to(torch.int8), rv8 * Dyadic(s_vt.m.reshape(per_token), s_vt.k.reshape(per_token)))
         if cache is not None:
             kv = cache.extend(i, *kv)
         k8, s_k, v8, s_v = kv
-        mask = torch.ones(t, start + t, dtype=torch.bool, device=h.device).tril(diagonal=start)  # token j sees keys 0 .. start + j
-        kvh, group, n = self.kv_heads, self.heads // self.kv_heads, start + t
+        n, group = start + t, self.heads // kvh
+        mask = torch.ones(t, n, dtype=torch.bool, device=h.device).tril(diagonal=start)  # token j sees keys 0 .. start + j
+        # the rows' KV heads as one axis of rows x KV heads (each row reads its own keys)
+        k8, v8 = k8.reshape(bt * kvh, n, d), v8.reshape(bt * kvh, n, d)
+        s_km, s_vm = s_k.m.reshape(bt * kvh, n), s_v.m.reshape(bt * kvh, n)
         # per KV head (shared by its query heads): the key and value scales' alignment per row
-        k_sh, k_e = column_alignment(Dyadic(s_k.m[..., 0], s_k.k[..., 0]), mask)  # [KV, t, n], [KV, t, 1]
-        v_sh, v_e = column_alignment(Dyadic(s_v.m[..., 0], s_v.k[..., 0]), mask)
-        # the query heads at once, grouped by the KV head they read ([KV, group, t, ...]; head
+        k_sh, k_e = column_alignment(Dyadic(s_km, s_k.k.reshape(bt * kvh, n)), mask)  # [rows*KV, t, n], [rows*KV, t, 1]
+        v_sh, v_e = column_alignment(Dyadic(s_vm, s_v.k.reshape(bt * kvh, n)), mask)
+        # the query heads at once, grouped by the KV head they read ([rows*KV, group, t, ...]; head
         # g * group + j), in blocks of KV heads and query rows (rows are independent) that keep an
         # int64 [heads, group, rows, n] within the device's budget (attention_blocks)
-        qg = q8.reshape(t, kvh, group, d).permute(1, 2, 0, 3)  # [KV, group, t, d]
-        out = torch.empty(kvh, group, t, d, dtype=torch.int64, device=h.device)
-        exp = torch.empty(kvh, group, t, 1, dtype=torch.int64, device=h.device)
-        for (a, b), (r0, r1) in attention_blocks(kvh, t, group * n * 8, h.device):
-            rows = r1 - r0
-            qc = qg[a:b, :, r0:r1].reshape(b - a, group * rows, d)
-            acc = ri.int8_matmul(qc, k8[a:b].transpose(1, 2)).reshape(b - a, group, rows, n)  # int32 products
-            scores = ri.shift(acc * s_k.m[a:b, None, None, :, 0], k_sh[a:b, None, r0:r1])  # key scales in, 2^-k_e
-            scale = Dyadic(s_q.m[r0:r1], s_q.k[r0:r1] + k_e[a:b, None, r0:r1]) * self.inv_sqrt_d  # [heads, 1, rows, 1]
+        qg = q8.reshape(bt, t, kvh, group, d).permute(0, 2, 3, 1, 4).reshape(bt * kvh, group, t, d)
+        sqm = s_q.m.reshape(bt, 1, 1, t, 1).expand(bt, kvh, 1, t, 1).reshape(bt * kvh, 1, t, 1)
+        sqk = s_q.k.reshape(bt, 1, 1, t, 1).expand(bt, kvh, 1, t, 1).reshape(bt * kvh, 1, t, 1)
+        out = torch.empty(bt * kvh, group, t, d, dtype=torch.int64, device=h.device)
+        exp = torch.empty(bt * kvh, group, t, 1, dtype=torch.int64, device=h.device)
+        for (a, b), (r0, r1) in attention_blocks(bt * kvh, t, group * n * 8, h.device):
+            nr = r1 - r0
+            qc = qg[a:b, :, r0:r1].reshape(b - a, group * nr, d)
+            acc = ri.int8_matmul(qc, k8[a:b].transpose(1, 2)).reshape(b - a, group, nr, n)  # int32 products
+            scores = ri.shift(acc * s_km[a:b, None, None, :], k_sh[a:b, None, r0:r1])  # key scales in, 2^-k_e
+            scale = Dyadic(sqm[a:b, :, r0:r1], sqk[a:b, :, r0:r1] + k_e[a:b, None, r0:r1]) * self.inv_sqrt_d  # [heads, 1, rows, 1]
             p = ri.di_softmax(scores, scale, mask[r0:r1])  # 2^-15
             # the value scales, one per token (the sum's index), fold into P's columns, then P is
             # requantized to 15 bits per row: P V stays an exact product of int8 V
-            pv = ri.shift(p * s_v.m[a:b, None, None, :, 0], v_sh[a:b, None, r0:r1])
+            pv = ri.shift(p * s_vm[a:b, None, None, :], v_sh[a:b, None, r0:r1])
             pq, rp = ri.quantize_rows(pv, WIDE_QMAX)  # rp [heads, group, rows, 1]
-            pvq = ri.wide_matmul(pq.reshape(b - a, group * rows, n), v8[a:b]).reshape(b - a, group, rows, d)
+            pvq = ri.wide_matmul(pq.reshape(b - a, group * nr, n), v8[a:b]).reshape(b - a, group, nr, d)
             out[a:b, :, r0:r1] = pvq * rp.m  # scale 2^-(k + 15)
             exp[a:b, :, r0:r1] = torch.where(rp.m > 0, rp.k + v_e[a:b, None, r0:r1], NO_EXPONENT)
-        emin = exp.amin(dim=(0, 1))  # heads on one exponent per token, [t, 1]
+        out, exp = out.reshape(bt, kvh, group, t, d), exp.reshape(bt, kvh, group, t, 1)
+        emin = exp.amin(dim=(1, 2))  # heads on one exponent per token, [rows, t, 1]
         emin = torch.where(emin == NO_EXPONENT, 0, emin)
-        o = ri.shift(out, (exp - emin).clamp(0, 62)).permute(2, 0, 1, 3).reshape(t, self.heads * d)
+        o = ri.shift(out, (exp - emin[:, None, None]).clamp(0, 62)).permute(0, 3, 1, 2, 4).reshape(bt * t, self.heads * d)
         oq, ro = self._requant(o, attn.o_proj.act_qmax, attn.o_proj.clip)
-        return attn.o_proj.int_forward(oq, Dyadic(ro.m, ro.k + emin + ri.PROB_BITS))
+        return attn.o_proj.int_forward(oq, Dyadic(ro.m, ro.k + emin.reshape(bt * t, 1) + ri.PROB_BITS))
 
     def _mlp_block(self, blk, h: torch.Tensor):
         mlp = blk.mlp
@@ -395,29 +405,38 @@ class IntegerLlama(DerivedHolder):
         return mlp.down_proj.int_forward(aq, scale if online is None else scale * self.inv_sqrt_i)
 
     def forward_int(self, input_ids: torch.Tensor, cache: SequenceCache | None = None) -> tuple[torch.Tensor, Dyadic]:
-        """Integer logits [T, V] of one sequence's T tokens and their per-row dyadic scale; with
-        ``cache``, the tokens continue the cached ones (which it then holds too)."""
-        ids = input_ids.reshape(-1).to(self.device)
+        """Integer logits of one sequence's T tokens (``input_ids`` [T]: [T, V]) or of b sequences of
+        t tokens each, as one batch ([b, t]: [b * t, V], row-major), and their per-row dyadic scale;
+        with ``cache``, the tokens continue the cached ones (which it then holds too).  Every
+        operation is per token, per row or within one row's attention, so each row's integers are
+        those it gets alone."""
+        ids = input_ids.to(self.device)
+        rows = ids.shape[0] if ids.dim() == 2 else 1
+        ids = ids.reshape(-1)
         h = self.emb_q[ids].long()
         hs = Dyadic(self.emb_m[ids][:, None], self.emb_k[ids][:, None])
         for i, blk in enumerate(self.model.layers):
-            o, os_ = self._attn_block(blk, h, cache, i)
+            o, os_ = self._attn_block(blk, h, rows, cache, i)
             h, hs = self._residual_add(h, hs, o, os_)
             m, ms = self._mlp_block(blk, h)
             h, hs = self._residual_add(h, hs, m, ms)
         xq, xs = self._norm(h, self.norm_g, self.norm_k, 127)
         acc = ri.int8_matmul(xq, self.head_qt, float32_copy(self, "head_qt", xq))  # [T, V]
         if cache is not None:
-            cache.length += ids.numel()
+            cache.length += ids.numel() // rows
         return acc, Dyadic(xs.m, xs.k)
 
-    def sequence_logits(self, input_ids: torch.Tensor, cache: SequenceCache | None = None) -> torch.Tensor:
-        """Float logits [T, V] of one sequence (``forward_int``, then the one float step: integers ->
-        logits, x scale_row x scale_vocab_row)."""
+    def logits(self, input_ids: torch.Tensor, cache: SequenceCache | None = None) -> torch.Tensor:
+        """Float logits [b, t, V] of b sequences of t tokens (``forward_int`` as one batch, then the
+        one float step: integers -> logits, x scale_row x scale_vocab_row)."""
         acc, s = self.forward_int(input_ids, cache)
         scale_t = s.m.double() * torch.pow(2.0, -s.k.double())
         scale_v = self.head_m.double() * torch.pow(2.0, -self.head_k.double())
-        return (acc.double() * scale_t * scale_v[None, :]).float()
+        return (acc.double() * scale_t * scale_v[None, :]).float().reshape(*input_ids.shape[:2], -1)
+
+    def sequence_logits(self, input_ids: torch.Tensor, cache: SequenceCache | None = None) -> torch.Tensor:
+        """Float logits [T, V] of one sequence."""
+        return self.logits(input_ids.reshape(1, -1), cache)[0]
 
     def decode_engine(self, max_batch: int, max_len: int) -> IntegerDecodeEngine:
         """The engine ``qconvert.generate`` runs this model on (prefill, then cached decode steps)."""
@@ -425,22 +444,26 @@ class IntegerLlama(DerivedHolder):
 
     def forward(self, input_ids: torch.Tensor, past_key_values: IntegerKVCache | None = None, use_cache: bool = False,
                 **kwargs):
-        """Float logits [B, T, V], row by row.  ``use_cache``: keep the integer KV cache
+        """Float logits [B, T, V], the rows as one batch.  ``use_cache``: keep the integer KV cache
         (qconvert/layouts/illm_cache.py) and return it as ``past_key_values``; passing it back runs
         only the new tokens, with the logits the whole sequence gives."""
         seqs = input_ids.reshape(-1, input_ids.shape[-1])
         cache = past_key_values
-        if cache is not None and (not isinstance(cache, IntegerKVCache) or len(cache.rows) != seqs.shape[0]
-                                  or len(cache.rows[0].blocks) != self.layers_n):
+        if cache is not None and (not isinstance(cache, IntegerKVCache) or cache.batch != seqs.shape[0]
+                                  or cache.blocks_n != self.layers_n):
             raise QConvertError(f"past_key_values must be the IntegerKVCache of {seqs.shape[0]} rows that this model "
                                 "returned with use_cache=True, not "
-                                + (f"one of {len(cache.rows)} rows and {len(cache.rows[0].blocks)} blocks"
+                                + (f"one of {cache.batch} rows and {cache.blocks_n} blocks"
                                    if isinstance(cache, IntegerKVCache) else type(cache).__name__))
         if cache is None and use_cache:
             cache = IntegerKVCache(seqs.shape[0], self.layers_n)
-        rows = [self.sequence_logits(seq, cache.rows[r] if cache is not None else None) for r, seq in enumerate(seqs)]
-        return SimpleNamespace(logits=torch.stack(rows).reshape(*input_ids.shape, -1),
-                               past_key_values=cache if use_cache else None)
+        if cache is None:
+            logits = self.logits(seqs)
+        else:
+            logits = torch.empty(*seqs.shape, self.head_m.numel(), device=self.device)
+            for rows, seq in cache.groups:  # rows of one cached length run together
+                logits[rows] = self.logits(seqs[rows], seq)
+        return SimpleNamespace(logits=logits.reshape(*input_ids.shape, -1), past_key_values=cache if use_cache else None)
 
 
 def _clip_words(clip) -> str:

@@ -1,15 +1,17 @@
 """The KV cache of I-LLM's integer-only model and its decode engine (``qconvert generate``).
 
-Per block and sequence the cache holds what attention reads, as the model made it:
+Rows that hold the same number of tokens run as one batch (``IntegerLlama.forward_int`` on
+[b, t] ids); a cache is a list of such groups, each a ``SequenceCache`` whose tensors lead with
+the group's rows.  Per block it holds what attention reads, as the model made it:
 
-    keys    int8 [KV, T, head_dim] after the integer RoPE, one dyadic scale per head and token
-            (m, k int64 [KV, T, 1])
-    values  int8 [KV, T, head_dim], one dyadic scale per head and token
+    keys    int8 [b, KV, T, head_dim] after the integer RoPE, one dyadic scale per head and token
+            (m, k int64 [b, KV, T, 1])
+    values  int8 [b, KV, T, head_dim], one dyadic scale per head and token
 
-No scale spans tokens (``IntegerLlama._attn_block``), so a cached step computes, bit for bit,
-what the whole sequence run at once computes for its new tokens (tests/test_illm.py).  Memory
-per token and block: 2 x kv_heads x (head_dim + 16) bytes (SmolLM2-135M: 30 blocks x 3 heads of
-64 -> 14 KiB per token).
+No scale spans tokens or rows (``IntegerLlama._attn_block``), so a cached step of a batch
+computes, bit for bit, what each row's whole sequence run alone computes for its new tokens
+(tests/test_illm.py).  Memory per token and block: 2 x kv_heads x (head_dim + 16) bytes
+(SmolLM2-135M: 30 blocks x 3 heads of 64 -> 14 KiB per token).
 """
 
 from __future__ import annotations
@@ -21,21 +23,22 @@ from qconvert_kernels.illm.reference import Dyadic
 
 
 def _cat(a: Dyadic, b: Dyadic) -> Dyadic:
-    return Dyadic(torch.cat([a.m, b.m], 1), torch.cat([a.k, b.k], 1))
+    return Dyadic(torch.cat([a.m, b.m], -2), torch.cat([a.k, b.k], -2))
 
 
 class SequenceCache:
-    """One sequence's cache: ``length`` tokens, per block (keys, key scales, values, value scales)."""
+    """The cache of rows of equal length: ``length`` tokens each, per block (keys, key scales,
+    values, value scales) with the rows first and the tokens on dim -2."""
 
     def __init__(self, blocks: int):
         self.length = 0
         self.blocks: list[tuple | None] = [None] * blocks
 
     def extend(self, i: int, k: torch.Tensor, sk: Dyadic, v: torch.Tensor, sv: Dyadic):
-        """Append block ``i``'s new keys / values and their scales (tokens on dim 1); return all of them."""
+        """Append block ``i``'s new keys / values and their scales (tokens on dim -2); return all of them."""
         old = self.blocks[i]
         if old is not None:
-            k, sk, v, sv = torch.cat([old[0], k], 1), _cat(old[1], sk), torch.cat([old[2], v], 1), _cat(old[3], sv)
+            k, sk, v, sv = torch.cat([old[0], k], -2), _cat(old[1], sk), torch.cat([old[2], v], -2), _cat(old[3], sv)
         self.blocks[i] = (k, sk, v, sv)
         return k, sk, v, sv
 
@@ -45,20 +48,36 @@ class SequenceCache:
 
 
 class IntegerKVCache:
-    """The cache of a batch: one ``SequenceCache`` per row (the integer model runs rows one by one)."""
+    """The cache of a batch of ``rows``: groups of rows (``(row indices, SequenceCache)``) that
+    run together.  ``groups=None``: one group of every row (rows of one length, as
+    ``IntegerLlama.forward`` makes them); the decode engine groups left-padded prompts by length."""
 
-    def __init__(self, rows: int, blocks: int):
-        self.rows = [SequenceCache(blocks) for _ in range(rows)]
+    def __init__(self, rows: int, blocks: int, groups: list[list[int]] | None = None):
+        self.batch, self.blocks_n = rows, blocks
+        groups = [list(range(rows))] if groups is None else groups
+        if sorted(r for g in groups for r in g) != list(range(rows)) or not all(groups):
+            raise QConvertError(f"IntegerKVCache groups {groups} must split rows 0..{rows - 1} once each")
+        self.groups = [(g, SequenceCache(blocks)) for g in groups]
+
+    @property
+    def lengths(self) -> list[int]:
+        """Tokens held per row."""
+        out = [0] * self.batch
+        for rows, seq in self.groups:
+            for r in rows:
+                out[r] = seq.length
+        return out
 
     def nbytes(self) -> int:
-        return sum(r.nbytes() for r in self.rows)
+        return sum(seq.nbytes() for _, seq in self.groups)
 
 
 class IntegerDecodeEngine:
     """Prefill and one-token decode steps of ``IntegerLlama`` over its integer KV cache, with the
     interface of ``qconvert.engine.DecodeEngine`` that ``qconvert.generate`` uses.  On the model's
-    device (a GPU: its kernels, launched eagerly), no CUDA graphs.  Left padding is dropped row by row (``attention_mask``): each row is its own
-    sequence from position 0, as the integer model runs rows one by one anyway."""
+    device (a GPU: its kernels, launched eagerly), no CUDA graphs.  Left padding is dropped row by
+    row (``attention_mask``): each row is its own sequence from position 0, and the rows of one
+    prompt length run as one batch (one group of the cache), all rows at once without padding."""
 
     graphs = False
 
@@ -75,18 +94,30 @@ class IntegerDecodeEngine:
         self.cache: IntegerKVCache | None = None
         self.batch = self.length = 0
 
+    def _run(self, ids: torch.Tensor, starts: list[int]) -> torch.Tensor:
+        """Each group's rows of ``ids`` (from column ``starts[row]``) as one batch: last logits [B, V]."""
+        out = [None] * self.batch
+        for rows, seq in self.cache.groups:
+            start = starts[rows[0]]
+            logits = self.model.logits(ids[rows, start:], seq)[:, -1]
+            for j, r in enumerate(rows):
+                out[r] = logits[j]
+        return torch.stack(out)
+
     @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Start new sequences from left-padded prompts (``input_ids`` [B, P], ``attention_mask`` [B, P]
         1 on tokens, 0 on the padding, or None): logits [B, V] of each row's last token."""
         from qconvert.engine import left_padding  # (transformers: imported when generating only)
 
-        pad = left_padding(input_ids, attention_mask, self.max_batch, self.max_len, type(self).__name__)
+        pad = [int(p) for p in left_padding(input_ids, attention_mask, self.max_batch, self.max_len, type(self).__name__)]
         b, t = input_ids.shape
-        self.cache = IntegerKVCache(b, self.model.layers_n)
+        groups: dict[int, list[int]] = {}
+        for r, p in enumerate(pad):
+            groups.setdefault(p, []).append(r)
+        self.cache = IntegerKVCache(b, self.model.layers_n, list(groups.values()))
         self.batch, self.length = b, t
-        return torch.stack([self.model.sequence_logits(input_ids[r, int(pad[r]):], self.cache.rows[r])[-1]
-                            for r in range(b)])
+        return self._run(input_ids.to(self.device), pad)
 
     @torch.inference_mode()
     def decode(self, next_ids: torch.Tensor) -> torch.Tensor:
@@ -98,6 +129,6 @@ class IntegerDecodeEngine:
         from qconvert.engine import check_next
 
         check_next(next_ids, self.batch)
-        ids = next_ids.reshape(self.batch, 1)
+        ids = next_ids.reshape(self.batch, 1).to(self.device)
         self.length += 1
-        return torch.stack([self.model.sequence_logits(ids[r], self.cache.rows[r])[-1] for r in range(self.batch)])
+        return self._run(ids, [0] * self.batch)
