@@ -375,6 +375,8 @@ def _bench_section(out: Path) -> list[str]:
         if runtime == "cpu-reference":
             lines += ["These figures come from the exact CPU reference, written for exactness, not speed; "
                       "they say nothing about the GPU kernels.", ""]
+        if isinstance(e.get("note"), str) and e["note"]:
+            lines += [f"Note: {e['note']}.", ""]
         if "quantized" in e:
             lines += _table(["measure", "original", "quantized", "speed-up"],
                             _model_speed_rows(e))

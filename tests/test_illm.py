@@ -111,6 +111,15 @@ def test_integer_matmuls_are_exact():
             assert torch.equal(ri.int8_matmul(torch.stack([big_a, big_a.flip(0)]), torch.stack([big_b, big_b])),
                                torch.stack([strict, strict.flip(0)])), path
             assert torch.equal(ri.wide_matmul(a, b), a @ b), path
+    # unforced, a batch takes one exact float GEMM even where 2-D products take torch._int_mm
+    calls = []
+    real = torch._int_mm
+    try:
+        torch._int_mm = lambda *x: calls.append(1) or real(*x)
+        got = ri.int8_matmul(torch.stack([big_a, big_a.flip(0)]), torch.stack([big_b, big_b]))
+    finally:
+        torch._int_mm = real
+    assert torch.equal(got, torch.stack([strict, strict.flip(0)])) and not calls
     was = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("medium")
@@ -498,18 +507,20 @@ def test_attention_in_blocks_gives_the_same_bits(illm_out, monkeypatch, budget, 
     from qconvert.layouts import illm as illm_layout
 
     model = load(illm_out)
-    ids = torch.randint(0, 300, (1, 17), generator=torch.Generator().manual_seed(2))
-    acc, scale = model.forward_int(ids[0])
+    ids = torch.randint(0, 300, (3, 17), generator=torch.Generator().manual_seed(2))
+    acc, scale = model.forward_int(ids)  # three rows: rows x KV heads on one axis
     calls = []
     real = ri.int8_matmul
     monkeypatch.setattr(ri, "int8_matmul", lambda a, b, *rest: calls.append(a.dim()) or real(a, b, *rest))
     group = model.heads // model.kv_heads
     row_bytes = group * 17 * 8
     monkeypatch.setitem(illm_layout.ATTN_BLOCK_BYTES, "cpu", 17 * row_bytes if budget == "one head" else budget)
-    acc1, scale1 = model.forward_int(ids[0])
-    assert torch.equal(acc1, acc) and torch.equal(scale1.m, scale.m) and torch.equal(scale1.k, scale.k)
+    acc1, scale1 = model.forward_int(ids[1])
+    assert torch.equal(acc1, acc[17:34]) and torch.equal(scale1.m, scale.m[17:34]) and torch.equal(scale1.k, scale.k[17:34])
     # per block: QK^T and the two byte planes of PV, batched over the block's query heads
     assert calls.count(3) == model.layers_n * blocks_per_layer * 3, calls
+    acc3, scale3 = model.forward_int(ids)  # the rows' blocks too
+    assert torch.equal(acc3, acc) and torch.equal(scale3.m, scale.m) and torch.equal(scale3.k, scale.k)
 
 
 def test_generate_runs_the_integer_model_on_its_cache(illm_out):
@@ -570,7 +581,7 @@ def test_the_engine_runs_rows_of_one_length_as_one_batch(illm_out, monkeypatch):
     ids[1, :3] = 0
     calls = []
     real = IntegerLlama.forward_int
-    monkeypatch.setattr(IntegerLlama, "forward_int", lambda self, x, cache=None: calls.append(tuple(x.shape)) or real(self, x, cache))
+    monkeypatch.setattr(IntegerLlama, "forward_int", lambda self, x, *a, **kw: calls.append(tuple(x.shape)) or real(self, x, *a, **kw))
     eng = model.decode_engine(3, 10)
     first = eng.prefill(ids, mask)
     assert [rows for rows, _ in eng.cache.groups] == [[0, 2], [1]] and calls == [(2, 7), (1, 4)]
@@ -582,6 +593,30 @@ def test_the_engine_runs_rows_of_one_length_as_one_batch(illm_out, monkeypatch):
     for r, p in ((0, 0), (1, 3), (2, 0)):
         alone = model.sequence_logits(torch.cat([ids[r, p:], nxt[r:r + 1]]))
         assert torch.equal(first[r], alone[-2]) and torch.equal(step[r], alone[-1]), r
+
+
+def test_a_batch_beyond_batch_tokens_runs_in_parts_with_the_same_bits(illm_out, monkeypatch):
+    """More rows than BATCH_TOKENS takes run in parts (the cache split and joined), with the bits of
+    one pass: a prefill of 5 rows of 4 tokens in parts of 2 rows, then cached steps."""
+    from qconvert import load
+    from qconvert.layouts import illm as illm_layout
+
+    model = load(illm_out)
+    ids = torch.randint(0, 300, (5, 7), generator=torch.Generator().manual_seed(6))
+    whole = model(ids).logits
+    shapes = []
+    real = illm_layout.IntegerLlama.forward_int
+    monkeypatch.setattr(illm_layout.IntegerLlama, "forward_int",
+                        lambda self, x, *a, **kw: shapes.append(tuple(x.shape)) or real(self, x, *a, **kw))
+    monkeypatch.setitem(illm_layout.BATCH_TOKENS, "cpu", 8)
+    res = model(ids[:, :4], use_cache=True)
+    assert shapes == [(2, 4), (2, 4), (1, 4)] and torch.equal(res.logits, whole[:, :4])
+    cache = res.past_key_values
+    for a in range(4, 7):
+        got = model(ids[:, a:a + 1], past_key_values=cache, use_cache=True).logits
+        assert torch.equal(got, whole[:, a:a + 1]), a
+    assert shapes[-1] == (5, 1) and cache.lengths == [7] * 5
+    assert cache.groups[0][1].blocks[0][0].shape[:3] == (5, model.kv_heads, 7)
 
 
 def test_decode_benchmark_runs(illm_out, tmp_path):
@@ -618,13 +653,25 @@ def test_batch_decode_benchmark_runs(illm_out, tmp_path):
 
 def test_bench_on_the_integer_model(illm_out, tmp_path, monkeypatch):
     """`qconvert bench OUT` times an integer-only OUT's integer model on its own engine (a decode
-    step of batch 2 is one batched pass), against the original, labelled so and kept in bench.json."""
+    step of batch 2 is one batched pass), against the original, labelled so; in OUT/bench.json it
+    replaces a result of the float view (what bench timed before) and the card shows its note."""
+    import shutil
+
+    from qconvert import load
+    from qconvert.bench import model_speed
+    from qconvert.errors import QConvertError
+    from qconvert.hub import model_card
     from qconvert.layouts.illm import IntegerLlama
 
+    out = tmp_path / "out"
+    shutil.copytree(illm_out, out)
+    stale = {"kind": "model", "runtime": "cpu-reference", "environment": {"device": "cpu"},
+             "note": "integer-only OUT: timed as the float model with the same quantized linears", "quantized": {}}
+    (out / "bench.json").write_text(json.dumps([stale]))
     shapes = []
     real = IntegerLlama.forward_int
-    monkeypatch.setattr(IntegerLlama, "forward_int", lambda self, x, cache=None: shapes.append(tuple(x.shape)) or real(self, x, cache))
-    res = CliRunner().invoke(cli, ["bench", str(illm_out), "--device", "cpu", "--prefill", "16", "--new-tokens", "2",
+    monkeypatch.setattr(IntegerLlama, "forward_int", lambda self, x, *a, **kw: shapes.append(tuple(x.shape)) or real(self, x, *a, **kw))
+    res = CliRunner().invoke(cli, ["bench", str(out), "--device", "cpu", "--prefill", "16", "--new-tokens", "2",
                                    "--batch", "1,2", "--repeats", "1", "--json", str(tmp_path / "b.json")])
     assert res.exit_code == 0, res.output
     assert "integer-only OUT: its integer model" in res.output and "No GPU" not in res.output
@@ -632,4 +679,7 @@ def test_bench_on_the_integer_model(illm_out, tmp_path, monkeypatch):
     got = json.loads((tmp_path / "b.json").read_text())
     assert got["runtime"] == "integer-only-cpu" and list(got["modes"]) == ["eager"]
     assert [d["batch"] for d in got["quantized"]["decode"]] == [1, 2] and got["quantized"]["prefill_tokens_per_s"] > 0
-    assert json.loads((illm_out / "bench.json").read_text())[-1]["runtime"] == "integer-only-cpu"
+    assert [r["runtime"] for r in json.loads((out / "bench.json").read_text())] == ["integer-only-cpu"]
+    assert "runtime `integer-only-cpu`" in model_card(out) and "Note: integer-only OUT: its integer model" in model_card(out)
+    with pytest.raises(QConvertError, match="IntegerLlama runs on its own engine, which captures no CUDA graphs"):
+        model_speed(load(out), torch.device("cpu"), prefill=4, new_tokens=2, batches=(1,), graphs=True)

@@ -32,15 +32,18 @@ def test_the_integer_model_on_the_gpu_equals_the_cpu(outs, key):
 
 
 def test_cached_decode_on_the_gpu(outs):
+    """A batch of three rows on the GPU: prefill and cached steps give each row's CPU logits alone."""
     from qconvert import load
 
+    cpu = load(outs["w4a4-online"])
     gpu = load(outs["w4a4-online"], device="cuda")
-    ids = _ids(12, 7).cuda()
-    whole = gpu.sequence_logits(ids)
-    engine = gpu.decode_engine(max_batch=1, max_len=16)
+    ids = torch.stack([_ids(12, s) for s in (7, 8, 9)])
+    engine = gpu.decode_engine(max_batch=3, max_len=16)
     assert engine.device.type == "cuda"
-    steps = [engine.prefill(ids[None, :8])[0]] + [engine.decode(ids[j:j + 1])[0] for j in range(8, 12)]
-    assert torch.equal(torch.stack(steps), whole[7:12])
+    steps = [engine.prefill(ids[:, :8].cuda())] + [engine.decode(ids[:, j].cuda()) for j in range(8, 12)]
+    got = torch.stack(steps, 1).cpu()  # [3, 5, V]
+    for r in range(3):
+        assert torch.equal(got[r], cpu.sequence_logits(ids[r])[7:12]), r
 
 
 def test_qconvert_generate_on_the_gpu_picks_the_cpu_tokens(outs):

@@ -71,19 +71,19 @@ def test_cached_decode_on_the_kernels_gives_the_whole_sequence_bits(outs):
     from qconvert import load
 
     model = load(outs["w4a8"])
-    ids = _ids(9, 5)
-    whole = model.sequence_logits(ids)  # torch integer ops, the whole sequence at once
+    ids = torch.stack([_ids(9, 5), _ids(9, 6)])  # two rows as one batch
+    whole = model(ids).logits  # torch integer ops, the whole sequences at once
     model.use_kernels(True)
     try:
         with emulate.emulating():
-            engine = model.decode_engine(max_batch=1, max_len=12)
+            engine = model.decode_engine(max_batch=2, max_len=12)
             assert engine.device == torch.device("cpu")
-            steps = [engine.prefill(ids[None, :6])[0]]
+            steps = [engine.prefill(ids[:, :6])]
             for j in range(6, 9):
-                steps.append(engine.decode(ids[j:j + 1])[0])
+                steps.append(engine.decode(ids[:, j]))
     finally:
         model.use_kernels(False)
-    assert torch.equal(torch.stack(steps), whole[5:9])
+    assert torch.equal(torch.stack(steps, 1), whole[:, 5:9])
 
 
 def test_a_batch_on_the_kernels_launches_once_per_step_and_gives_each_rows_bits(outs):

@@ -70,6 +70,9 @@ def test_matmul_validates():
             cuda_illm.illm_matmul(xq, torch.zeros((8, 64), dtype=torch.int8), torch.ones(8), torch.ones(8), 2)
         with pytest.raises(ValueError, match="multiple of 32"):
             cuda_illm.illm_matmul(torch.zeros((2, 40), dtype=torch.int8), torch.zeros((8, 40), dtype=torch.int8), torch.ones(8), torch.ones(8), 8)
+        with pytest.raises(ValueError, match=f"M={cuda_illm.MATMUL_MAX_M + 1} rows exceed the grid's"):
+            tall = torch.zeros((1, 64), dtype=torch.int8).expand(cuda_illm.MATMUL_MAX_M + 1, 64)  # no memory
+            cuda_illm.illm_matmul(tall, torch.zeros((8, 64), dtype=torch.int8), torch.ones(8), torch.ones(8), 8)
 
 
 def test_softmax_contiguous_output_and_live_temporaries():

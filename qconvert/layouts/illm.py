@@ -72,6 +72,9 @@ WIDE_QMAX = (1 << 15) - 1
 # (SmolLM2, 512 tokens, 2 AVX-512 cores, float32 GEMMs: 6-8 s per forward in 4 MiB blocks, 12-14 s
 # with every head in one block), on a GPU as much as a launch can use
 ATTN_BLOCK_BYTES = {"cpu": 1 << 22, "cuda": 1 << 28}
+# the tokens one batched pass of the integer model takes (IntegerLlama.logits runs more rows in
+# parts): its activations are int64, [tokens, intermediate] at the widest
+BATCH_TOKENS = {"cpu": 2048, "cuda": 16384}
 
 
 def attention_blocks(heads: int, rows: int, row_bytes: int, device: torch.device):
@@ -355,9 +358,7 @@ class IntegerLlama(DerivedHolder):
         # the rows' KV heads as one axis of rows x KV heads (each row reads its own keys)
         k8, v8 = k8.reshape(bt * kvh, n, d), v8.reshape(bt * kvh, n, d)
         s_km, s_vm = s_k.m.reshape(bt * kvh, n), s_v.m.reshape(bt * kvh, n)
-        # per KV head (shared by its query heads): the key and value scales' alignment per row
-        k_sh, k_e = column_alignment(Dyadic(s_km, s_k.k.reshape(bt * kvh, n)), mask)  # [rows*KV, t, n], [rows*KV, t, 1]
-        v_sh, v_e = column_alignment(Dyadic(s_vm, s_v.k.reshape(bt * kvh, n)), mask)
+        s_kk, s_vk = s_k.k.reshape(bt * kvh, n), s_v.k.reshape(bt * kvh, n)
         # the query heads at once, grouped by the KV head they read ([rows*KV, group, t, ...]; head
         # g * group + j), in blocks of KV heads and query rows (rows are independent) that keep an
         # int64 [heads, group, rows, n] within the device's budget (attention_blocks)
@@ -368,18 +369,21 @@ class IntegerLlama(DerivedHolder):
         exp = torch.empty(bt * kvh, group, t, 1, dtype=torch.int64, device=h.device)
         for (a, b), (r0, r1) in attention_blocks(bt * kvh, t, group * n * 8, h.device):
             nr = r1 - r0
+            # per KV head (shared by its query heads): the key and value scales' alignment per query row
+            k_sh, k_e = column_alignment(Dyadic(s_km[a:b], s_kk[a:b]), mask[r0:r1])  # [heads, nr, n], [heads, nr, 1]
+            v_sh, v_e = column_alignment(Dyadic(s_vm[a:b], s_vk[a:b]), mask[r0:r1])
             qc = qg[a:b, :, r0:r1].reshape(b - a, group * nr, d)
             acc = ri.int8_matmul(qc, k8[a:b].transpose(1, 2)).reshape(b - a, group, nr, n)  # int32 products
-            scores = ri.shift(acc * s_km[a:b, None, None, :], k_sh[a:b, None, r0:r1])  # key scales in, 2^-k_e
-            scale = Dyadic(sqm[a:b, :, r0:r1], sqk[a:b, :, r0:r1] + k_e[a:b, None, r0:r1]) * self.inv_sqrt_d  # [heads, 1, rows, 1]
+            scores = ri.shift(acc * s_km[a:b, None, None, :], k_sh[:, None])  # key scales in, 2^-k_e
+            scale = Dyadic(sqm[a:b, :, r0:r1], sqk[a:b, :, r0:r1] + k_e[:, None]) * self.inv_sqrt_d  # [heads, 1, rows, 1]
             p = ri.di_softmax(scores, scale, mask[r0:r1])  # 2^-15
             # the value scales, one per token (the sum's index), fold into P's columns, then P is
             # requantized to 15 bits per row: P V stays an exact product of int8 V
-            pv = ri.shift(p * s_vm[a:b, None, None, :], v_sh[a:b, None, r0:r1])
+            pv = ri.shift(p * s_vm[a:b, None, None, :], v_sh[:, None])
             pq, rp = ri.quantize_rows(pv, WIDE_QMAX)  # rp [heads, group, rows, 1]
             pvq = ri.wide_matmul(pq.reshape(b - a, group * nr, n), v8[a:b]).reshape(b - a, group, nr, d)
             out[a:b, :, r0:r1] = pvq * rp.m  # scale 2^-(k + 15)
-            exp[a:b, :, r0:r1] = torch.where(rp.m > 0, rp.k + v_e[a:b, None, r0:r1], NO_EXPONENT)
+            exp[a:b, :, r0:r1] = torch.where(rp.m > 0, rp.k + v_e[:, None], NO_EXPONENT)
         out, exp = out.reshape(bt, kvh, group, t, d), exp.reshape(bt, kvh, group, t, 1)
         emin = exp.amin(dim=(1, 2))  # heads on one exponent per token, [rows, t, 1]
         emin = torch.where(emin == NO_EXPONENT, 0, emin)
@@ -404,12 +408,14 @@ class IntegerLlama(DerivedHolder):
         scale = ra * sg * su  # dyadic products round: this order is the format's (tests/test_golden.py)
         return mlp.down_proj.int_forward(aq, scale if online is None else scale * self.inv_sqrt_i)
 
-    def forward_int(self, input_ids: torch.Tensor, cache: SequenceCache | None = None) -> tuple[torch.Tensor, Dyadic]:
+    def forward_int(self, input_ids: torch.Tensor, cache: SequenceCache | None = None,
+                    last_only: bool = False) -> tuple[torch.Tensor, Dyadic]:
         """Integer logits of one sequence's T tokens (``input_ids`` [T]: [T, V]) or of b sequences of
         t tokens each, as one batch ([b, t]: [b * t, V], row-major), and their per-row dyadic scale;
-        with ``cache``, the tokens continue the cached ones (which it then holds too).  Every
-        operation is per token, per row or within one row's attention, so each row's integers are
-        those it gets alone."""
+        with ``cache``, the tokens continue the cached ones (which it then holds too); ``last_only``:
+        the head runs on each sequence's last token only ([b, V]: what a decode engine reads).
+        Every operation is per token, per row or within one row's attention, so each row's integers
+        are those it gets alone."""
         ids = input_ids.to(self.device)
         rows = ids.shape[0] if ids.dim() == 2 else 1
         ids = ids.reshape(-1)
@@ -420,19 +426,32 @@ class IntegerLlama(DerivedHolder):
             h, hs = self._residual_add(h, hs, o, os_)
             m, ms = self._mlp_block(blk, h)
             h, hs = self._residual_add(h, hs, m, ms)
+        if last_only:
+            h = h.reshape(rows, -1, h.shape[-1])[:, -1]
         xq, xs = self._norm(h, self.norm_g, self.norm_k, 127)
         acc = ri.int8_matmul(xq, self.head_qt, float32_copy(self, "head_qt", xq))  # [T, V]
         if cache is not None:
             cache.length += ids.numel() // rows
         return acc, Dyadic(xs.m, xs.k)
 
-    def logits(self, input_ids: torch.Tensor, cache: SequenceCache | None = None) -> torch.Tensor:
+    def logits(self, input_ids: torch.Tensor, cache: SequenceCache | None = None, last_only: bool = False) -> torch.Tensor:
         """Float logits [b, t, V] of b sequences of t tokens (``forward_int`` as one batch, then the
-        one float step: integers -> logits, x scale_row x scale_vocab_row)."""
-        acc, s = self.forward_int(input_ids, cache)
+        one float step: integers -> logits, x scale_row x scale_vocab_row); ``last_only``: [b, 1, V].
+        The rows run in parts of at most the device's BATCH_TOKENS tokens (at least one row)."""
+        ids = input_ids.reshape(-1, input_ids.shape[-1])
+        rows, t = ids.shape
+        step = max(1, BATCH_TOKENS.get(self.device.type, BATCH_TOKENS["cuda"]) // max(t, 1))
+        if rows > step:
+            spans = [(r, min(r + step, rows)) for r in range(0, rows, step)]
+            parts = [None if cache is None else cache.take(a, b) for a, b in spans]
+            out = torch.cat([self.logits(ids[a:b], part, last_only) for (a, b), part in zip(spans, parts)])
+            if cache is not None:
+                cache.join(parts)
+            return out
+        acc, s = self.forward_int(ids, cache, last_only)
         scale_t = s.m.double() * torch.pow(2.0, -s.k.double())
         scale_v = self.head_m.double() * torch.pow(2.0, -self.head_k.double())
-        return (acc.double() * scale_t * scale_v[None, :]).float().reshape(*input_ids.shape[:2], -1)
+        return (acc.double() * scale_t * scale_v[None, :]).float().reshape(rows, -1, acc.shape[-1])
 
     def sequence_logits(self, input_ids: torch.Tensor, cache: SequenceCache | None = None) -> torch.Tensor:
         """Float logits [T, V] of one sequence."""

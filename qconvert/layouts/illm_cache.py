@@ -38,6 +38,9 @@ class SequenceCache:
         """Append block ``i``'s new keys / values and their scales (tokens on dim -2); return all of them."""
         old = self.blocks[i]
         if old is not None:
+            if old[0].shape[:-2] != k.shape[:-2]:
+                raise QConvertError(f"a cache of rows x heads {tuple(old[0].shape[:-2])} cannot take the keys of "
+                                    f"{tuple(k.shape[:-2])}: pass the cache these rows made")
             k, sk, v, sv = torch.cat([old[0], k], -2), _cat(old[1], sk), torch.cat([old[2], v], -2), _cat(old[3], sv)
         self.blocks[i] = (k, sk, v, sv)
         return k, sk, v, sv
@@ -45,6 +48,25 @@ class SequenceCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for b in self.blocks if b is not None
                    for t in (b[0], b[1].m, b[1].k, b[2], b[3].m, b[3].k))
+
+    def take(self, r0: int, r1: int) -> "SequenceCache":
+        """Rows r0 .. r1 - 1 of this cache (views), to run a part of the batch."""
+        part = SequenceCache(len(self.blocks))
+        part.length = self.length
+        part.blocks = [None if b is None else (b[0][r0:r1], Dyadic(b[1].m[r0:r1], b[1].k[r0:r1]), b[2][r0:r1],
+                                              Dyadic(b[3].m[r0:r1], b[3].k[r0:r1])) for b in self.blocks]
+        return part
+
+    def join(self, parts: list["SequenceCache"]) -> None:
+        """Become the rows of ``parts`` (``take``'s, run on), in order."""
+        def cat(xs):
+            return torch.cat(list(xs), 0)
+
+        self.length = parts[0].length
+        self.blocks = [None if parts[0].blocks[i] is None else
+                       (cat(p.blocks[i][0] for p in parts), Dyadic(cat(p.blocks[i][1].m for p in parts), cat(p.blocks[i][1].k for p in parts)),
+                        cat(p.blocks[i][2] for p in parts), Dyadic(cat(p.blocks[i][3].m for p in parts), cat(p.blocks[i][3].k for p in parts)))
+                       for i in range(len(self.blocks))]
 
 
 class IntegerKVCache:
@@ -99,7 +121,7 @@ class IntegerDecodeEngine:
         out = [None] * self.batch
         for rows, seq in self.cache.groups:
             start = starts[rows[0]]
-            logits = self.model.logits(ids[rows, start:], seq)[:, -1]
+            logits = self.model.logits(ids[rows, start:], seq, last_only=True)[:, -1]
             for j, r in enumerate(rows):
                 out[r] = logits[j]
         return torch.stack(out)

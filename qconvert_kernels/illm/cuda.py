@@ -25,6 +25,7 @@ SOURCE = Path(__file__).with_name("illm_gemm.cu")
 ROW_THREADS = 256
 BLOCK_M = BLOCK_N = 64  # DI-MatMul CTA tile (quik::BM, quik::BN)
 GEMM_THREADS = 128
+MATMUL_MAX_M = 65535 * BLOCK_M  # DI-MatMul's grid.y (one CTA row per BLOCK_M rows) is at most 65535
 
 
 def module(device_index: int = 0):
@@ -57,6 +58,7 @@ def illm_matmul(xq: torch.Tensor, qweight: torch.Tensor, wm: torch.Tensor, wk: t
     m, k = xq.shape
     n = qweight.shape[0]
     _l.require(k % 32 == 0, f"{fn}: K={k} must be a multiple of 32 (the int8 mma K)")
+    _l.require(m <= MATMUL_MAX_M, f"{fn}: M={m} rows exceed the grid's {MATMUL_MAX_M}; run fewer tokens at once")
     want = (n, k // 2) if w_bits == 4 else (n, k)
     wdt = torch.uint8 if w_bits == 4 else torch.int8
     _l.require(xq.dtype == torch.int8 and tuple(qweight.shape) == want and qweight.dtype == wdt,

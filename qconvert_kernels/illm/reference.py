@@ -281,7 +281,8 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor, b32: torch.Tensor | None = Non
     """a [M, K] @ b [K, N] for int8-range integers (any int dtype), int32 accumulation, as int64;
     with a batch dimension, a [B, M, K] @ b [B, K, N] -> [B, M, N] (one product per batch entry).
 
-    On CUDA by ``torch._int_mm``; on the CPU by the path ``cpu_gemm_path`` names, each exact:
+    On CUDA by ``torch._int_mm`` (a batch by one float64 GEMM); on the CPU by the path
+    ``cpu_gemm_path`` names (a batch on the "int_mm" path by the float32 one), each exact:
     ``torch._int_mm`` (int32 accumulation); float32 GEMMs over slices of at most 1024 of K (every
     product is at most 2^14 in magnitude, so every partial sum is an integer of at most 2^24, which
     float32 holds exactly, in any order of summation; the slices' results summed as int64); or one
@@ -291,6 +292,11 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor, b32: torch.Tensor | None = Non
     and 9.1x slower than with the float64 GEMM on an AVX2 one."""
     a8, b8 = a.to(torch.int8), b.to(torch.int8)
     path = "int_mm" if a8.is_cuda else cpu_gemm_path()
+    if a8.dim() == 3 and path == "int_mm" and _FORCED[0] != "int_mm":
+        # torch._int_mm takes 2-D operands only: a batch (attention's heads x rows) runs as one exact
+        # float GEMM instead of one launch per entry (float64 on CUDA, whatever its TF32 settings);
+        # int_mm_only() keeps the loop of integer products
+        path = "float64" if a8.is_cuda or not _ieee_float32_gemm() else "float32"
     if path == "float64":
         return (a8.double() @ b8.double()).long()
     if path == "float32":
