@@ -8,8 +8,8 @@
 #   COMMIT=$(git rev-parse --short HEAD) OUT=$OUT bash benchmarks/gpu_check.sh   # a tree copied without .git
 #   PYTHON=/path/to/python bash benchmarks/gpu_check.sh   # default: python3 or python, whichever imports torch
 #
-# Five parts, in this order, each under its own time budget (seconds, overridable as
-# BUDGET_A..BUDGET_E), about 8 minutes in all on an H200; every part writes its files under
+# Six parts, in this order, each under its own time budget (seconds, overridable as
+# BUDGET_A..BUDGET_F), about 8 minutes in all on an H200; every part writes its files under
 # $OUT as it finishes, and a part that fails or runs out of time never stops the next:
 #   a  environment (gpu.txt) and the GPU kernel tests against their bit-exact references
 #      (kernels_gpu.xml JUnit, kernels_gpu.log)
@@ -20,6 +20,8 @@
 #   d  GPU quantize of a random-weight Llama-3-8B-shaped checkpoint written here (quantize.json)
 #   e  the other methods' kernels: QUIK, FP8 (sm_89+), I-LLM (kernels_quik.json, ...), and the
 #      online Hadamard transform of --rotate hadamard+online (hadamard.json)
+#   f  I-LLM's integer-only model on its kernels against FP16, end to end, on 4 blocks of the
+#      synthetic Llama-3-8B, batch 1 and 16 (e2e_illm.json)
 # A summary of each part's exit status and time is in parts.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -94,14 +96,21 @@ part_e() {
   return $rc
 }
 
-export -f part_a part_b part_c part_d part_e
+part_f() {  # the integer model runs eagerly on its own engine; the FP16 original graph-captured and eager
+  "$PYTHON" -m qconvert.cli bench --synthetic llama3-8b --layers 4 --scheme illm-w8a8 --device cuda --prefill 512 \
+    --new-tokens 16 --batch 1,16 --repeats 1 --budget-s "$((BUDGET_F - 15))" --json "$out/e2e_illm.json"
+}
+
+export -f part_a part_b part_c part_d part_e part_f
 export out
-BUDGET_A=${BUDGET_A:-130} BUDGET_B=${BUDGET_B:-90} BUDGET_C=${BUDGET_C:-90} BUDGET_D=${BUDGET_D:-110} BUDGET_E=${BUDGET_E:-60}
-export BUDGET_C BUDGET_D
+BUDGET_A=${BUDGET_A:-120} BUDGET_B=${BUDGET_B:-90} BUDGET_C=${BUDGET_C:-90} BUDGET_D=${BUDGET_D:-80} BUDGET_E=${BUDGET_E:-60}
+BUDGET_F=${BUDGET_F:-40}
+export BUDGET_C BUDGET_D BUDGET_F
 part a "$BUDGET_A" bash -c part_a
 part b "$BUDGET_B" bash -c part_b
 part c "$BUDGET_C" bash -c part_c
 part d "$BUDGET_D" bash -c part_d
 part e "$BUDGET_E" bash -c part_e
+part f "$BUDGET_F" bash -c part_f
 cat "$out/parts.txt"
 ! grep -q "rc=[^0]" "$out/parts.txt"

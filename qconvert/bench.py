@@ -517,14 +517,29 @@ def _compare(fp: dict, q: dict) -> dict:
     return ratio
 
 
-def _modes(dev: torch.device) -> list[bool]:
-    """graphs on / off: on CUDA both (the graph-captured one is the headline), on CPU eager only."""
-    return [True, False] if dev.type == "cuda" else [False]
+def _modes(dev: torch.device, model=None) -> list[bool]:
+    """graphs on / off: on CUDA both (the graph-captured one is the headline), on CPU eager only;
+    a model with its own engine (I-LLM's integer-only model) eager only."""
+    return [True, False] if dev.type == "cuda" and not hasattr(model, "decode_engine") else [False]
 
 
 def _speeds(model, dev, kw: dict, budget: Budget) -> dict:
     """{"cuda-graph": ..., "eager": ...} (what ``_modes`` allows) of one model."""
-    return {("cuda-graph" if g else "eager"): model_speed(model, dev, graphs=g, budget=budget, **kw) for g in _modes(dev)}
+    return {("cuda-graph" if g else "eager"): model_speed(model, dev, graphs=g, budget=budget, **kw)
+            for g in _modes(dev, model)}
+
+
+def _integer_only(result: dict, dev: torch.device, fp: dict) -> dict:
+    """Label a result whose quantized side is an integer-only model (on its own engine, eager)."""
+    result["runtime"] = f"integer-only-{dev.type}"
+    result["note"] = ("integer-only OUT: its integer model (integer norms, softmax, RoPE and SiLU, int8 KV cache) "
+                      + ("with the I-LLM kernels, " if dev.type == "cuda" else "in torch integer ops, ")
+                      + "eagerly, on its own engine, against the original eagerly")
+    if "cuda-graph" in fp:  # the original's best, shown beside the like-for-like comparison
+        g = result["original_cuda_graph"] = fp["cuda-graph"]
+        result["note"] += (f"; the original graph-captured: prefill {g['prefill_tokens_per_s']:,.1f} tokens/s, "
+                           + ", ".join(f"decode batch {d['batch']} {d['tokens_per_s']:,.1f}" for d in g["decode"]))
+    return result
 
 
 def _result(target: str, original: str, dev, dtype, fp: dict, q: dict, budget: Budget) -> dict:
@@ -560,25 +575,12 @@ def out_bench(out: Path, device: str | None = None, prefill: int = 2048, new_tok
     budget = Budget(budget_s)
     kw = dict(prefill=prefill, new_tokens=new_tokens, batches=batches, repeats=repeats)
     model = load(out, device=str(dev), dtype=dtype, fuse=fuse)
-    if integer_only:  # the integer model on its own engine, eagerly (it has no CUDA graphs)
-        q = {"eager": model_speed(model, dev, budget=budget, **kw)}
-    else:
-        q = _speeds(model, dev, kw, budget)
+    q = _speeds(model, dev, kw, budget)  # an integer-only model: on its own engine, eagerly (no CUDA graphs)
     src = resolve_source(against)
     fp = _speeds(src.load_model(dtype).to(dev).eval(), dev, kw, budget)
     result = _result(str(out), getattr(src, "description", str(against)), dev, dtype, fp, q, budget)
     result["fused_groups"] = fused_groups(model)
-    if integer_only:
-        result["runtime"] = f"integer-only-{dev.type}"
-        result["note"] = ("integer-only OUT: its integer model (integer norms, softmax, RoPE and SiLU, int8 KV cache) "
-                          + ("with the I-LLM kernels, " if dev.type == "cuda" else "in torch integer ops, ")
-                          + "eagerly, on its own engine, against the original eagerly")
-        if "cuda-graph" in fp:  # the original's best, shown beside the like-for-like comparison
-            result["original_cuda_graph"] = fp["cuda-graph"]
-            g = fp["cuda-graph"]
-            result["note"] += (f"; the original graph-captured: prefill {g['prefill_tokens_per_s']:,.1f} tokens/s, "
-                               + ", ".join(f"decode batch {d['batch']} {d['tokens_per_s']:,.1f}" for d in g["decode"]))
-    return result
+    return _integer_only(result, dev, fp) if integer_only else result
 
 
 def synthetic_models(name: str, device: torch.device, layers: int | None = None, dtype=torch.float16, seed: int = 0):
@@ -614,14 +616,21 @@ def synthetic_models(name: str, device: torch.device, layers: int | None = None,
 
     def quantize_in_place(scheme: str = "is-w4a8", fuse: bool = True):
         """Every decoder linear -> the runtime module of its layout under ``scheme``'s choices
-        (SYNTHETIC_SCHEMES), with the layout's random tensors."""
+        (SYNTHETIC_SCHEMES), with the layout's random tensors.  A layout with a whole-model runtime
+        (I-LLM) returns that model, made from these linears and the float model's other weights."""
         from qconvert.layouts import get_layout
 
+        linears = {}
         for lname, lin in target_linears(model, ["lm_head"]).items():
             n, k = lin.weight.shape
             layout, params = SYNTHETIC_SCHEMES[scheme](lname)
             tensors = get_layout(layout).random_tensors(n, k, gen, device, **params)
-            module = get_layout(layout).module({key: v.cpu() for key, v in tensors.items()}, None, **params)
+            linears[lname] = get_layout(layout).module({key: v.cpu() for key, v in tensors.items()}, None, **params)
+        whole = get_layout(layout).model_runtime
+        if whole is not None:
+            state = {key: v for key, v in model.state_dict().items() if not key.endswith("_proj.weight")}
+            return whole(None, config, linears, state, device)
+        for lname, module in linears.items():
             set_module(model, lname, module.to(device))
         if device.type == "cuda" and fuse:
             fuse_siblings(model)  # as runtime.load runs a real OUT there
@@ -645,6 +654,8 @@ SYNTHETIC_SCHEMES = {
     "is-w4a8": lambda name: ("w4a8-is", {"group_size": 128}),
     # QUIK's preset: "auto" outliers, down_proj in W8A8
     "quik-w4a4": lambda name: ("quik-w8a8" if name.endswith("down_proj") else "quik-w4a4", {"outliers": None}),
+    # I-LLM's integer-only model (the runtime of every illm-* OUT), int8 weights
+    "illm-w8a8": lambda name: ("illm-w8a8", {}),
 }
 
 
@@ -660,13 +671,16 @@ def synthetic_bench(name: str, device: str | None = None, layers: int | None = N
     fp_model, to_quantized = synthetic_models(name, dev, layers, dtype)
     fp = _speeds(fp_model, dev, kw, budget)
     q_model = to_quantized(scheme=scheme, fuse=fuse)
+    integer_only = hasattr(q_model, "decode_engine")
+    if integer_only:  # its own copies of the weights: the float model is no longer needed
+        del fp_model, to_quantized
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     q = _speeds(q_model, dev, kw, budget)
     result = _result(f"synthetic:{name} {scheme}" + (f" ({layers} layers)" if layers else ""),
                      f"synthetic:{name} (random {str(dtype).removeprefix('torch.')} weights)", dev, dtype, fp, q, budget)
     result["fused_groups"] = fused_groups(q_model)
-    return result
+    return _integer_only(result, dev, fp) if integer_only else result
 
 
 def fused_groups(model) -> int:

@@ -340,7 +340,7 @@ def _int_list(ctx, param, value):
 @click.option("--runs", default=50, show_default=True, type=click.IntRange(min=50), help="With --kernels: timed samples (median).")
 @click.option("--scheme", default="is-w4a8", show_default=True,
               help="With --kernels: the kernel family (is-w4a8, zqfp-w4a8, quik-w4a4, illm-w8a8); with --synthetic: the "
-                   "random-weight twin (is-w4a8, quik-w4a4).")
+                   "random-weight twin (is-w4a8, quik-w4a4, illm-w8a8: I-LLM's integer-only model).")
 @click.option("--prefill", default=2048, show_default=True, type=click.IntRange(min=1), help="Prefill length (batch 1).")
 @click.option("--new-tokens", default=128, show_default=True, type=click.IntRange(min=1), help="Greedy decode steps.")
 @click.option("--batch", "batches", default="1,16,64", show_default=True, callback=_int_list, help="Decode batch sizes.")

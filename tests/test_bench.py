@@ -71,7 +71,29 @@ def test_bench_synthetic_quik_twin_on_cpu(tmp_path):
     assert layers["model.layers.0.mlp.down_proj"].outlier_idx.numel() == 96
     assert layers["model.layers.0.self_attn.q_proj"].outlier_idx.numel() == 32
     res = run("bench", "--synthetic", "smollm2-135m", "--layers", "1", *SMALL, "--device", "cpu", "--scheme", "zqfp-w4a8", ok=False)
-    assert res.exit_code != 0 and "random-weight twins exist for is-w4a8, quik-w4a4" in res.output
+    assert res.exit_code != 0 and "random-weight twins exist for is-w4a8, quik-w4a4, illm-w8a8" in res.output
+
+
+def test_bench_synthetic_integer_only_twin_on_cpu(tmp_path):
+    """--scheme illm-w8a8: the random-weight I-LLM twin is the integer-only model, timed on its own
+    engine (eager), against the float model of the same shape; its logits are finite and vary."""
+    from qconvert import bench as b
+    from qconvert.layouts.illm import IntegerLlama
+
+    res = run("bench", "--synthetic", "smollm2-135m", "--layers", "1", *SMALL, "--device", "cpu", "--scheme", "illm-w8a8",
+              "--json", tmp_path / "s.json")
+    written = json.loads((tmp_path / "s.json").read_text())
+    assert written["runtime"] == "integer-only-cpu" and list(written["modes"]) == ["eager"]
+    assert written["target"] == "synthetic:smollm2-135m illm-w8a8 (1 layers)" and "integer-only OUT" in written["note"]
+    written["runtime"] = "cpu-reference"  # the rest as any model result
+    _check_model_result(written)
+    model, to_q = b.synthetic_models("smollm2-135m", torch.device("cpu"), layers=1, dtype=torch.float32)
+    twin = to_q(scheme="illm-w8a8")
+    assert isinstance(twin, IntegerLlama) and twin.layers_n == 1 and not twin.kernels
+    assert torch.equal(twin.emb_q, b.synthetic_models("smollm2-135m", torch.device("cpu"), layers=1, dtype=torch.float32)[1](
+        scheme="illm-w8a8").emb_q)  # seeded
+    logits = twin(torch.randint(0, 49152, (2, 9), generator=torch.Generator().manual_seed(0))).logits
+    assert logits.shape == (2, 9, 49152) and torch.isfinite(logits).all() and logits.std() > 0
 
 
 def test_synthetic_model_has_real_shapes_and_sane_outputs():

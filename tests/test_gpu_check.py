@@ -21,15 +21,15 @@ def test_every_part_runs_and_a_failed_part_is_recorded(tmp_path):
     out = tmp_path / "gpu"
     env = {**os.environ, "OUT": str(out), "COMMIT": "abc1234",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           **{f"BUDGET_{p}": "150" for p in "ABCDE"}}
+           **{f"BUDGET_{p}": "150" for p in "ABCDEF"}}
     env.pop("PYTHONPATH", None)
     r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=900)
     parts = (out / "parts.txt").read_text().splitlines()
-    assert [p.split(":")[0] for p in parts] == [f"part {x}" for x in "abcde"], parts
+    assert [p.split(":")[0] for p in parts] == [f"part {x}" for x in "abcdef"], parts
     status = {p.split(":")[0][-1]: int(re.search(r"rc=(\d+)", p).group(1)) for p in parts}
     # a: the environment and the GPU test files, which skip here: failed only for want of CuPy, which
-    # the GPU image has; b..e need a GPU and fail, each recorded as failed although b's roofline
+    # the GPU image has; b..f need a GPU and fail, each recorded as failed although b's roofline
     # prediction, after the failed kernel bench, succeeds
     log_a = (out / "part_a.log").read_text()
     try:
@@ -38,11 +38,12 @@ def test_every_part_runs_and_a_failed_part_is_recorded(tmp_path):
     except ImportError:
         assert status["a"] != 0 and "No module named 'cupy'" in log_a, log_a[-2000:]
     assert re.search(r"\d+ skipped", (out / "kernels_gpu.log").read_text())  # the tests ran after it all the same
-    assert all(status[x] != 0 for x in "bcde"), parts
+    assert all(status[x] != 0 for x in "bcdef"), parts
     assert r.returncode != 0
     assert "commit: abc1234" in (out / "gpu.txt").read_text()
     assert (out / "kernels_gpu.xml").is_file() and (out / "roofline.json").is_file()
     assert "needs an NVIDIA GPU" in (out / "part_b.log").read_text()
     assert "no usable GPU" in (out / "part_d.log").read_text()
-    for x in "abcde":
+    assert "--device cuda" in (out / "part_f.log").read_text()  # refused at once, not run on the CPU
+    for x in "abcdef":
         assert (out / f"part_{x}.log").is_file()

@@ -525,6 +525,19 @@ class ILLMLayout(Layout):
     def module(self, tensors, bias, act_clip: float = 1.0) -> ILLMLinear:
         return ILLMLinear(self.name, tensors, bias, act_clip)
 
+    def random_tensors(self, n, k, gen, device, act_clip: float = 1.0) -> dict[str, torch.Tensor]:
+        """Random integer weights whose dyadic scales match float weights of std 0.02 (the
+        synthetic models' init): max |w| about 0.08 over 127 (w8) or 7 (w4) levels."""
+        if self.w_bits == 4:
+            q = torch.randint(0, 256, (n, (k + 1) // 2), generator=gen, device=device, dtype=torch.uint8)
+        else:
+            q = torch.randint(-127, 128, (n, k), generator=gen, device=device, dtype=torch.int8)
+        exp = 22 if self.w_bits == 4 else 26  # 2^16 / 2^26 ~ 0.08 / 127
+        return {"qweight": q, "shape": torch.tensor([n, k], dtype=torch.int64),
+                "wm": torch.randint(1 << 15, 1 << 16, (n,), generator=gen, device=device, dtype=torch.int32),
+                "wk": torch.full((n,), exp, dtype=torch.int32, device=device),
+                "smooth": torch.ones(k, device=device), "out_smooth": torch.ones(n, device=device)}
+
     @staticmethod
     def model_runtime(out, config, linears: dict, state: dict, device) -> IntegerLlama:
         """The integer-only model of an I-LLM OUT: on the CPU, torch integer ops; on a GPU, with the
