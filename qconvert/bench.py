@@ -457,7 +457,7 @@ def model_speed(model, device: torch.device, prefill: int = 2048, new_tokens: in
     """Prefill and greedy-decode tokens/s of ``model`` (already on ``device``) on the decode engine
     (qconvert/engine.py): a static KV cache and, with ``graphs``, one CUDA graph per decode step.
     A model with its own engine (``model.decode_engine``: I-LLM's integer-only model, eager, its
-    rows of one length as one batch) runs on that."""
+    rows as one batch) runs on that."""
     budget = budget or Budget(None)
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(seed)

@@ -567,9 +567,10 @@ def test_generate_runs_the_integer_model_on_its_cache(illm_out):
     assert "[qconvert integer-only on cpu] prefill" in out.output
 
 
-def test_the_engine_runs_rows_of_one_length_as_one_batch(illm_out, monkeypatch):
-    """Left-padded prompts of two lengths: the engine groups the rows by length (rows 0 and 2, row
-    1), runs each group as one batch per step, and each row's logits are those of its prompt alone."""
+def test_the_engine_runs_left_padded_rows_as_one_batch(illm_out, monkeypatch):
+    """Left-padded prompts of two lengths run as one batch, the padding's columns out of attention
+    and each row's positions from its first real token: each row's logits are those of its prompt
+    alone, bit for bit (at prefill and at each cached step)."""
     from qconvert import load
     from qconvert.layouts.illm import IntegerLlama
 
@@ -582,17 +583,29 @@ def test_the_engine_runs_rows_of_one_length_as_one_batch(illm_out, monkeypatch):
     calls = []
     real = IntegerLlama.forward_int
     monkeypatch.setattr(IntegerLlama, "forward_int", lambda self, x, *a, **kw: calls.append(tuple(x.shape)) or real(self, x, *a, **kw))
-    eng = model.decode_engine(3, 10)
-    first = eng.prefill(ids, mask)
-    assert [rows for rows, _ in eng.cache.groups] == [[0, 2], [1]] and calls == [(2, 7), (1, 4)]
-    nxt = torch.randint(1, 300, (3,), generator=gen)
+    eng = model.decode_engine(3, 12)
+    steps = [eng.prefill(ids, mask)]
+    assert len(eng.cache.groups) == 1 and eng.cache.groups[0][1].pad.tolist() == [0, 3, 0] and calls == [(3, 7)]
+    nxt = torch.randint(1, 300, (3, 3), generator=gen)
     calls.clear()
-    step = eng.decode(nxt)
-    assert calls == [(2, 1), (1, 1)] and eng.cache.lengths == [8, 5, 8]
+    for j in range(3):
+        steps.append(eng.decode(nxt[:, j]))
+    assert calls == [(3, 1)] * 3 and eng.cache.lengths == [10, 7, 10]
     monkeypatch.setattr(IntegerLlama, "forward_int", real)
+    got = torch.stack(steps, 1)  # [3, 4, V]
     for r, p in ((0, 0), (1, 3), (2, 0)):
-        alone = model.sequence_logits(torch.cat([ids[r, p:], nxt[r:r + 1]]))
-        assert torch.equal(first[r], alone[-2]) and torch.equal(step[r], alone[-1]), r
+        alone = model.sequence_logits(torch.cat([ids[r, p:], nxt[r]]))
+        assert torch.equal(got[r], alone[-4:]), r
+    # without the padding's columns left out (or with positions counted from the padding) row 1 differs
+    unpadded = model.sequence_logits(torch.cat([ids[1], nxt[1]]))
+    assert not torch.equal(got[1], unpadded[-4:])
+    # in parts of one row (BATCH_TOKENS): the cache and its padding split and joined, the same bits
+    from qconvert.layouts import illm as illm_layout
+
+    monkeypatch.setitem(illm_layout.BATCH_TOKENS, "cpu", 7)
+    eng = model.decode_engine(3, 12)
+    again = [eng.prefill(ids, mask)] + [eng.decode(nxt[:, j]) for j in range(3)]
+    assert torch.equal(torch.stack(again, 1), got) and eng.cache.groups[0][1].pad.tolist() == [0, 3, 0]
 
 
 def test_a_batch_beyond_batch_tokens_runs_in_parts_with_the_same_bits(illm_out, monkeypatch):

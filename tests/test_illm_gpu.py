@@ -32,18 +32,22 @@ def test_the_integer_model_on_the_gpu_equals_the_cpu(outs, key):
 
 
 def test_cached_decode_on_the_gpu(outs):
-    """A batch of three rows on the GPU: prefill and cached steps give each row's CPU logits alone."""
+    """A batch of three rows on the GPU, the second left-padded by 2: prefill and cached steps give
+    each row's CPU logits alone."""
     from qconvert import load
 
     cpu = load(outs["w4a4-online"])
     gpu = load(outs["w4a4-online"], device="cuda")
     ids = torch.stack([_ids(12, s) for s in (7, 8, 9)])
+    mask = torch.ones(3, 8, dtype=torch.int64)
+    mask[1, :2] = 0
     engine = gpu.decode_engine(max_batch=3, max_len=16)
     assert engine.device.type == "cuda"
-    steps = [engine.prefill(ids[:, :8].cuda())] + [engine.decode(ids[:, j].cuda()) for j in range(8, 12)]
+    steps = [engine.prefill(ids[:, :8].cuda(), mask.cuda())] + [engine.decode(ids[:, j].cuda()) for j in range(8, 12)]
     got = torch.stack(steps, 1).cpu()  # [3, 5, V]
     for r in range(3):
-        assert torch.equal(got[r], cpu.sequence_logits(ids[r])[7:12]), r
+        p = 2 if r == 1 else 0
+        assert torch.equal(got[r], cpu.sequence_logits(ids[r, p:])[7 - p:12 - p]), r
 
 
 def test_qconvert_generate_on_the_gpu_picks_the_cpu_tokens(outs):

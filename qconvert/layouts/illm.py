@@ -121,7 +121,8 @@ NO_EXPONENT = 1 << 40  # the exponent of a zero (a dyadic with m = 0), left out 
 
 
 def column_alignment(col: Dyadic, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-column dyadics ``col`` ([..., n]) seen by rows ``mask`` [t, n]: (shifts [..., t, n],
+    """Per-column dyadics ``col`` ([..., n]) seen by rows ``mask`` ([t, n], or [..., t, n] broadcast
+    with col's leading dims: a mask per head): (shifts [..., t, n],
     e [..., t, 1]) such that x * col ~= shift(x * col.m, shifts) * 2^-e, e the smallest exponent
     among the row's columns that ``mask`` keeps (the others are shifted down to it, rounding), so a
     row depends on its own columns only (causal attention)."""
@@ -332,11 +333,15 @@ class IntegerLlama(DerivedHolder):
         d, bt, kvh = self.head_dim, rows, self.kv_heads
         t = h.shape[0] // bt
         start = cache.length if cache is not None else 0
+        pad = cache.pad if cache is not None else None  # left padding per row: its columns take no part
         xq, xs = self._norm(h, blk.input_layernorm_g, blk.input_layernorm_k, attn.q_proj.act_qmax, attn.q_proj.clip)
         tq, sq = attn.q_proj.int_forward(xq, xs)
         tk, sk = attn.k_proj.int_forward(xq, xs)
         tv, sv = attn.v_proj.int_forward(xq, xs)
         cos, sin = self._table(start, start + t)
+        if pad is not None:  # each row's tokens at its own positions, counted from its first real token
+            pos = (torch.arange(start, start + t, device=h.device)[None, :] - pad[:, None]).clamp_min(0)  # [rows, t]
+            cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]  # [rows, 1, t, d / 2]
         q16, rq = ri.quantize_rows(tq, WIDE_QMAX)
         k16, rk = ri.quantize_rows(tk, WIDE_QMAX)
         v16, rv = ri.quantize_rows(tv, WIDE_QMAX)
@@ -356,7 +361,12 @@ class IntegerLlama(DerivedHolder):
             kv = cache.extend(i, *kv)
         k8, s_k, v8, s_v = kv
         n, group = start + t, self.heads // kvh
-        mask = torch.ones(t, n, dtype=torch.bool, device=h.device).tril(diagonal=start)  # token j sees keys 0 .. start + j
+        # [1, t, n] for every row, or [rows * KV, t, n] with the padding's columns out: token j sees keys
+        # 0 .. start + j (from the row's first real token)
+        mask = torch.ones(t, n, dtype=torch.bool, device=h.device).tril(diagonal=start)[None]
+        if pad is not None:
+            real = torch.arange(n, device=h.device)[None, :] >= pad[:, None]  # [rows, n]
+            mask = (mask & real[:, None, :]).repeat_interleave(kvh, 0)
         # the rows' KV heads as one axis of rows x KV heads (each row reads its own keys)
         k8, v8 = k8.reshape(bt * kvh, n, d), v8.reshape(bt * kvh, n, d)
         s_km, s_vm = s_k.m.reshape(bt * kvh, n), s_v.m.reshape(bt * kvh, n)
@@ -371,14 +381,15 @@ class IntegerLlama(DerivedHolder):
         exp = torch.empty(bt * kvh, group, t, 1, dtype=torch.int64, device=h.device)
         for (a, b), (r0, r1) in attention_blocks(bt * kvh, t, group * n * 8, h.device):
             nr = r1 - r0
+            mk = mask[:, r0:r1] if mask.shape[0] == 1 else mask[a:b, r0:r1]  # [1 or heads, nr, n]
             # per KV head (shared by its query heads): the key and value scales' alignment per query row
-            k_sh, k_e = column_alignment(Dyadic(s_km[a:b], s_kk[a:b]), mask[r0:r1])  # [heads, nr, n], [heads, nr, 1]
-            v_sh, v_e = column_alignment(Dyadic(s_vm[a:b], s_vk[a:b]), mask[r0:r1])
+            k_sh, k_e = column_alignment(Dyadic(s_km[a:b], s_kk[a:b]), mk)  # [heads, nr, n], [heads, nr, 1]
+            v_sh, v_e = column_alignment(Dyadic(s_vm[a:b], s_vk[a:b]), mk)
             qc = qg[a:b, :, r0:r1].reshape(b - a, group * nr, d)
             acc = ri.int8_matmul(qc, k8[a:b].transpose(1, 2)).reshape(b - a, group, nr, n)  # int32 products
             scores = ri.shift(acc * s_km[a:b, None, None, :], k_sh[:, None])  # key scales in, 2^-k_e
             scale = Dyadic(sqm[a:b, :, r0:r1], sqk[a:b, :, r0:r1] + k_e[:, None]) * self.inv_sqrt_d  # [heads, 1, rows, 1]
-            p = ri.di_softmax(scores, scale, mask[r0:r1])  # 2^-15
+            p = ri.di_softmax(scores, scale, mk[:, None])  # 2^-15
             # the value scales, one per token (the sum's index), fold into P's columns, then P is
             # requantized to 15 bits per row: P V stays an exact product of int8 V
             pv = ri.shift(p * s_vm[a:b, None, None, :], v_sh[:, None])

@@ -1,8 +1,9 @@
 """The KV cache of I-LLM's integer-only model and its decode engine (``qconvert generate``).
 
-Rows that hold the same number of tokens run as one batch (``IntegerLlama.forward_int`` on
-[b, t] ids); a cache is a list of such groups, each a ``SequenceCache`` whose tensors lead with
-the group's rows.  Per block it holds what attention reads, as the model made it:
+The rows of a batch run together (``IntegerLlama.forward_int`` on [b, t] ids); a cache is a list
+of groups of rows, each a ``SequenceCache`` whose tensors lead with the group's rows (one group
+of every row, left-padded prompts included, as the engine and ``forward`` make them).  Per block
+it holds what attention reads, as the model made it:
 
     keys    int8 [b, KV, T, head_dim] after the integer RoPE, one dyadic scale per head and token
             (m, k int64 [b, KV, T, 1])
@@ -28,11 +29,14 @@ def _cat(a: Dyadic, b: Dyadic) -> Dyadic:
 
 class SequenceCache:
     """The cache of rows of equal length: ``length`` tokens each, per block (keys, key scales,
-    values, value scales) with the rows first and the tokens on dim -2."""
+    values, value scales) with the rows first and the tokens on dim -2.  ``pad`` (int64 [rows] on
+    the model's device, or None): the left padding of each row, its first columns, which attention
+    leaves out and positions do not count."""
 
-    def __init__(self, blocks: int):
+    def __init__(self, blocks: int, pad: torch.Tensor | None = None):
         self.length = 0
         self.blocks: list[tuple | None] = [None] * blocks
+        self.pad = pad
 
     def extend(self, i: int, k: torch.Tensor, sk: Dyadic, v: torch.Tensor, sv: Dyadic):
         """Append block ``i``'s new keys / values and their scales (tokens on dim -2); return all of them."""
@@ -51,7 +55,7 @@ class SequenceCache:
 
     def take(self, r0: int, r1: int) -> "SequenceCache":
         """Rows r0 .. r1 - 1 of this cache (views), to run a part of the batch."""
-        part = SequenceCache(len(self.blocks))
+        part = SequenceCache(len(self.blocks), None if self.pad is None else self.pad[r0:r1])
         part.length = self.length
         part.blocks = [None if b is None else (b[0][r0:r1], Dyadic(b[1].m[r0:r1], b[1].k[r0:r1]), b[2][r0:r1],
                                               Dyadic(b[3].m[r0:r1], b[3].k[r0:r1])) for b in self.blocks]
@@ -63,6 +67,7 @@ class SequenceCache:
             return torch.cat(list(xs), 0)
 
         self.length = parts[0].length
+        self.pad = None if self.pad is None else torch.cat([p.pad for p in parts])
         self.blocks = [None if parts[0].blocks[i] is None else
                        (cat(p.blocks[i][0] for p in parts), Dyadic(cat(p.blocks[i][1].m for p in parts), cat(p.blocks[i][1].k for p in parts)),
                         cat(p.blocks[i][2] for p in parts), Dyadic(cat(p.blocks[i][3].m for p in parts), cat(p.blocks[i][3].k for p in parts)))
@@ -71,23 +76,26 @@ class SequenceCache:
 
 class IntegerKVCache:
     """The cache of a batch of ``rows``: groups of rows (``(row indices, SequenceCache)``) that
-    run together.  ``groups=None``: one group of every row (rows of one length, as
-    ``IntegerLlama.forward`` makes them); the decode engine groups left-padded prompts by length."""
+    run together.  ``groups=None``: one group of every row, as ``IntegerLlama.forward`` and the
+    decode engine make it (``pad``: each row's left padding, for the engine's prompts)."""
 
-    def __init__(self, rows: int, blocks: int, groups: list[list[int]] | None = None):
+    def __init__(self, rows: int, blocks: int, groups: list[list[int]] | None = None, pad: torch.Tensor | None = None):
         self.batch, self.blocks_n = rows, blocks
         groups = [list(range(rows))] if groups is None else groups
         if sorted(r for g in groups for r in g) != list(range(rows)) or not all(groups):
             raise QConvertError(f"IntegerKVCache groups {groups} must split rows 0..{rows - 1} once each")
-        self.groups = [(g, SequenceCache(blocks)) for g in groups]
+        if pad is not None and len(groups) != 1:
+            raise QConvertError("IntegerKVCache: left padding goes with one group of every row")
+        self.groups = [(g, SequenceCache(blocks, pad)) for g in groups]
 
     @property
     def lengths(self) -> list[int]:
-        """Tokens held per row."""
+        """Tokens held per row (its padding left out)."""
         out = [0] * self.batch
         for rows, seq in self.groups:
-            for r in rows:
-                out[r] = seq.length
+            pad = [0] * len(rows) if seq.pad is None else seq.pad.tolist()
+            for r, p in zip(rows, pad):
+                out[r] = seq.length - p
         return out
 
     def nbytes(self) -> int:
@@ -97,9 +105,9 @@ class IntegerKVCache:
 class IntegerDecodeEngine:
     """Prefill and one-token decode steps of ``IntegerLlama`` over its integer KV cache, with the
     interface of ``qconvert.engine.DecodeEngine`` that ``qconvert.generate`` uses.  On the model's
-    device (a GPU: its kernels, launched eagerly), no CUDA graphs.  Left padding is dropped row by
-    row (``attention_mask``): each row is its own sequence from position 0, and the rows of one
-    prompt length run as one batch (one group of the cache), all rows at once without padding."""
+    device (a GPU: its kernels, launched eagerly), no CUDA graphs.  All rows run as one batch; a
+    row's left padding (``attention_mask``) takes no part in its attention and its positions count
+    from its first real token, so each row computes the bits of its prompt alone."""
 
     graphs = False
 
@@ -116,15 +124,10 @@ class IntegerDecodeEngine:
         self.cache: IntegerKVCache | None = None
         self.batch = self.length = 0
 
-    def _run(self, ids: torch.Tensor, starts: list[int]) -> torch.Tensor:
-        """Each group's rows of ``ids`` (from column ``starts[row]``) as one batch: last logits [B, V]."""
-        out = [None] * self.batch
-        for rows, seq in self.cache.groups:
-            start = starts[rows[0]]
-            logits = self.model.logits(ids[rows, start:], seq, last_only=True)[:, -1]
-            for j, r in enumerate(rows):
-                out[r] = logits[j]
-        return torch.stack(out)
+    def _run(self, ids: torch.Tensor) -> torch.Tensor:
+        """``ids`` [B, t] through the model as one batch on the cache: the last logits [B, V]."""
+        (_, seq), = self.cache.groups
+        return self.model.logits(ids, seq, last_only=True)[:, -1]
 
     @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -132,14 +135,12 @@ class IntegerDecodeEngine:
         1 on tokens, 0 on the padding, or None): logits [B, V] of each row's last token."""
         from qconvert.engine import left_padding  # (transformers: imported when generating only)
 
-        pad = [int(p) for p in left_padding(input_ids, attention_mask, self.max_batch, self.max_len, type(self).__name__)]
+        pad = left_padding(input_ids, attention_mask, self.max_batch, self.max_len, type(self).__name__)
         b, t = input_ids.shape
-        groups: dict[int, list[int]] = {}
-        for r, p in enumerate(pad):
-            groups.setdefault(p, []).append(r)
-        self.cache = IntegerKVCache(b, self.model.layers_n, list(groups.values()))
+        padded = bool(pad.any())
+        self.cache = IntegerKVCache(b, self.model.layers_n, pad=pad.to(self.device) if padded else None)
         self.batch, self.length = b, t
-        return self._run(input_ids.to(self.device), pad)
+        return self._run(input_ids.to(self.device))
 
     @torch.inference_mode()
     def decode(self, next_ids: torch.Tensor) -> torch.Tensor:
@@ -153,4 +154,4 @@ class IntegerDecodeEngine:
         check_next(next_ids, self.batch)
         ids = next_ids.reshape(self.batch, 1).to(self.device)
         self.length += 1
-        return self._run(ids, [0] * self.batch)
+        return self._run(ids)
