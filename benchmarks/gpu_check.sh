@@ -103,8 +103,8 @@ part_f() {  # the integer model runs eagerly on its own engine; the FP16 origina
 
 export -f part_a part_b part_c part_d part_e part_f
 export out
-BUDGET_A=${BUDGET_A:-120} BUDGET_B=${BUDGET_B:-90} BUDGET_C=${BUDGET_C:-90} BUDGET_D=${BUDGET_D:-80} BUDGET_E=${BUDGET_E:-60}
-BUDGET_F=${BUDGET_F:-40}
+BUDGET_A=${BUDGET_A:-120} BUDGET_B=${BUDGET_B:-90} BUDGET_C=${BUDGET_C:-90} BUDGET_D=${BUDGET_D:-70} BUDGET_E=${BUDGET_E:-60}
+BUDGET_F=${BUDGET_F:-50}
 export BUDGET_C BUDGET_D BUDGET_F
 part a "$BUDGET_A" bash -c part_a
 part b "$BUDGET_B" bash -c part_b

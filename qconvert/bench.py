@@ -22,6 +22,7 @@ rows are labelled ``cpu-reference`` and say nothing about the kernels.
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import math
 import platform
@@ -529,10 +530,10 @@ def _speeds(model, dev, kw: dict, budget: Budget) -> dict:
             for g in _modes(dev, model)}
 
 
-def _integer_only(result: dict, dev: torch.device, fp: dict) -> dict:
+def _integer_only(result: dict, dev: torch.device, fp: dict, what: str = "OUT") -> dict:
     """Label a result whose quantized side is an integer-only model (on its own engine, eager)."""
     result["runtime"] = f"integer-only-{dev.type}"
-    result["note"] = ("integer-only OUT: its integer model (integer norms, softmax, RoPE and SiLU, int8 KV cache) "
+    result["note"] = (f"integer-only {what}: its integer model (integer norms, softmax, RoPE and SiLU, int8 KV cache) "
                       + ("with the I-LLM kernels, " if dev.type == "cuda" else "in torch integer ops, ")
                       + "eagerly, on its own engine, against the original eagerly")
     if "cuda-graph" in fp:  # the original's best, shown beside the like-for-like comparison
@@ -625,8 +626,9 @@ def synthetic_models(name: str, device: torch.device, layers: int | None = None,
             n, k = lin.weight.shape
             layout, params = SYNTHETIC_SCHEMES[scheme](lname)
             tensors = get_layout(layout).random_tensors(n, k, gen, device, **params)
-            linears[lname] = get_layout(layout).module({key: v.cpu() for key, v in tensors.items()}, None, **params)
-        whole = get_layout(layout).model_runtime
+            whole = get_layout(layout).model_runtime  # (built where its model runs, without a trip to the host)
+            linears[lname] = get_layout(layout).module(tensors if whole is not None else
+                                                       {key: v.cpu() for key, v in tensors.items()}, None, **params)
         if whole is not None:
             state = {key: v for key, v in model.state_dict().items() if not key.endswith("_proj.weight")}
             return whole(None, config, linears, state, device)
@@ -674,13 +676,14 @@ def synthetic_bench(name: str, device: str | None = None, layers: int | None = N
     integer_only = hasattr(q_model, "decode_engine")
     if integer_only:  # its own copies of the weights: the float model is no longer needed
         del fp_model, to_quantized
+        gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     q = _speeds(q_model, dev, kw, budget)
     result = _result(f"synthetic:{name} {scheme}" + (f" ({layers} layers)" if layers else ""),
                      f"synthetic:{name} (random {str(dtype).removeprefix('torch.')} weights)", dev, dtype, fp, q, budget)
     result["fused_groups"] = fused_groups(q_model)
-    return _integer_only(result, dev, fp) if integer_only else result
+    return _integer_only(result, dev, fp, "twin") if integer_only else result
 
 
 def fused_groups(model) -> int:

@@ -84,7 +84,8 @@ def test_bench_synthetic_integer_only_twin_on_cpu(tmp_path):
               "--json", tmp_path / "s.json")
     written = json.loads((tmp_path / "s.json").read_text())
     assert written["runtime"] == "integer-only-cpu" and list(written["modes"]) == ["eager"]
-    assert written["target"] == "synthetic:smollm2-135m illm-w8a8 (1 layers)" and "integer-only OUT" in written["note"]
+    assert "integer-only twin" in res.output and "No GPU" not in res.output
+    assert written["target"] == "synthetic:smollm2-135m illm-w8a8 (1 layers)" and "integer-only twin" in written["note"]
     written["runtime"] = "cpu-reference"  # the rest as any model result
     _check_model_result(written)
     model, to_q = b.synthetic_models("smollm2-135m", torch.device("cpu"), layers=1, dtype=torch.float32)
@@ -94,6 +95,10 @@ def test_bench_synthetic_integer_only_twin_on_cpu(tmp_path):
         scheme="illm-w8a8").emb_q)  # seeded
     logits = twin(torch.randint(0, 49152, (2, 9), generator=torch.Generator().manual_seed(0))).logits
     assert logits.shape == (2, 9, 49152) and torch.isfinite(logits).all() and logits.std() > 0
+    # from a float16 model's weights, as on a GPU
+    half = b.synthetic_models("smollm2-135m", torch.device("cpu"), layers=1, dtype=torch.float16)[1](scheme="illm-w8a8")
+    assert half.emb_q.dtype == torch.int8 and half.norm_g.dtype == torch.int64
+    assert torch.isfinite(half(torch.randint(0, 49152, (1, 5), generator=torch.Generator().manual_seed(1))).logits).all()
 
 
 def test_synthetic_model_has_real_shapes_and_sane_outputs():

@@ -599,13 +599,16 @@ def test_the_engine_runs_left_padded_rows_as_one_batch(illm_out, monkeypatch):
     # without the padding's columns left out (or with positions counted from the padding) row 1 differs
     unpadded = model.sequence_logits(torch.cat([ids[1], nxt[1]]))
     assert not torch.equal(got[1], unpadded[-4:])
-    # in parts of one row (BATCH_TOKENS): the cache and its padding split and joined, the same bits
+    # in parts (BATCH_TOKENS 2: one row at prefill, two then one at each step; the cache and its
+    # padding split and joined), and in attention blocks of one row of one head: the same bits
     from qconvert.layouts import illm as illm_layout
 
-    monkeypatch.setitem(illm_layout.BATCH_TOKENS, "cpu", 7)
-    eng = model.decode_engine(3, 12)
-    again = [eng.prefill(ids, mask)] + [eng.decode(nxt[:, j]) for j in range(3)]
-    assert torch.equal(torch.stack(again, 1), got) and eng.cache.groups[0][1].pad.tolist() == [0, 3, 0]
+    for key, table, value in (("cpu", illm_layout.BATCH_TOKENS, 2), ("cpu", illm_layout.ATTN_BLOCK_BYTES, 1)):
+        with monkeypatch.context() as mp:
+            mp.setitem(table, key, value)
+            eng = model.decode_engine(3, 12)
+            again = [eng.prefill(ids, mask)] + [eng.decode(nxt[:, j]) for j in range(3)]
+        assert torch.equal(torch.stack(again, 1), got) and eng.cache.groups[0][1].pad.tolist() == [0, 3, 0], table
 
 
 def test_a_batch_beyond_batch_tokens_runs_in_parts_with_the_same_bits(illm_out, monkeypatch):

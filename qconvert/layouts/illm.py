@@ -361,12 +361,12 @@ class IntegerLlama(DerivedHolder):
             kv = cache.extend(i, *kv)
         k8, s_k, v8, s_v = kv
         n, group = start + t, self.heads // kvh
-        # [1, t, n] for every row, or [rows * KV, t, n] with the padding's columns out: token j sees keys
-        # 0 .. start + j (from the row's first real token)
-        mask = torch.ones(t, n, dtype=torch.bool, device=h.device).tril(diagonal=start)[None]
+        # token j sees keys 0 .. start + j; with padding, from the row's first real token (``real``:
+        # [rows * KV, n], the fold of the heads below), joined to the causal mask per attention block
+        causal = torch.ones(t, n, dtype=torch.bool, device=h.device).tril(diagonal=start)
+        real = None
         if pad is not None:
-            real = torch.arange(n, device=h.device)[None, :] >= pad[:, None]  # [rows, n]
-            mask = (mask & real[:, None, :]).repeat_interleave(kvh, 0)
+            real = (torch.arange(n, device=h.device)[None, :] >= pad[:, None]).repeat_interleave(kvh, 0)
         # the rows' KV heads as one axis of rows x KV heads (each row reads its own keys)
         k8, v8 = k8.reshape(bt * kvh, n, d), v8.reshape(bt * kvh, n, d)
         s_km, s_vm = s_k.m.reshape(bt * kvh, n), s_v.m.reshape(bt * kvh, n)
@@ -381,7 +381,7 @@ class IntegerLlama(DerivedHolder):
         exp = torch.empty(bt * kvh, group, t, 1, dtype=torch.int64, device=h.device)
         for (a, b), (r0, r1) in attention_blocks(bt * kvh, t, group * n * 8, h.device):
             nr = r1 - r0
-            mk = mask[:, r0:r1] if mask.shape[0] == 1 else mask[a:b, r0:r1]  # [1 or heads, nr, n]
+            mk = causal[None, r0:r1] if real is None else causal[None, r0:r1] & real[a:b, None, :]  # [1 or heads, nr, n]
             # per KV head (shared by its query heads): the key and value scales' alignment per query row
             k_sh, k_e = column_alignment(Dyadic(s_km[a:b], s_kk[a:b]), mk)  # [heads, nr, n], [heads, nr, 1]
             v_sh, v_e = column_alignment(Dyadic(s_vm[a:b], s_vk[a:b]), mk)
@@ -537,8 +537,9 @@ class ILLMLayout(Layout):
         return ILLMLinear(self.name, tensors, bias, act_clip)
 
     def random_tensors(self, n, k, gen, device, act_clip: float = 1.0) -> dict[str, torch.Tensor]:
-        """Random integer weights whose dyadic scales match float weights of std 0.02 (the
-        synthetic models' init): max |w| about 0.08 over 127 (w8) or 7 (w4) levels."""
+        """Random integer weights (uniform levels) with dyadic scales of the size of the synthetic
+        models' float init (std 0.02): max |w| per channel between 0.06 and 0.12 (w8: scale m / 2^26
+        over 127 levels; w4: m / 2^22 over 7 and 8), a weight std of about 0.05."""
         if self.w_bits == 4:
             q = torch.randint(0, 256, (n, (k + 1) // 2), generator=gen, device=device, dtype=torch.uint8)
         else:

@@ -84,8 +84,9 @@ class IntegerKVCache:
         groups = [list(range(rows))] if groups is None else groups
         if sorted(r for g in groups for r in g) != list(range(rows)) or not all(groups):
             raise QConvertError(f"IntegerKVCache groups {groups} must split rows 0..{rows - 1} once each")
-        if pad is not None and len(groups) != 1:
-            raise QConvertError("IntegerKVCache: left padding goes with one group of every row")
+        if pad is not None and (len(groups) != 1 or tuple(pad.shape) != (rows,) or pad.dtype != torch.int64):
+            raise QConvertError(f"IntegerKVCache: left padding is int64 [{rows}] (got {pad.dtype} {tuple(pad.shape)}) "
+                                "and goes with one group of every row")
         self.groups = [(g, SequenceCache(blocks, pad)) for g in groups]
 
     @property
