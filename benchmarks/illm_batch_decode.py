@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
 from qconvert import load
+from qconvert.bench import environment
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,14 +70,10 @@ def main() -> None:
             last = logits
         pick = sorted({0, batches[-1] - 1})
         same = all(torch.equal(run(model, ids[r:r + 1], args.steps, clock)[2][:, 0], last[:, r]) for r in pick)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     scheme = (json.loads((args.out / "qconvert.json").read_text()).get("scheme") or {}).get("name")
     result = {"out": str(args.out), "scheme": scheme, "prompt_tokens": args.prompt, "steps": args.steps, "rows": rows,
-              "rows_equal_alone": same, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-              "threads": torch.get_num_threads(), "cpu": torch.backends.cpu.get_cpu_capability(),
-              "host": platform.machine(), "torch": torch.__version__, "commit": commit,
-              "measured": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
-    print(f"{scheme}: {args.prompt} prompt tokens per row, {args.steps} greedy steps ({result['device']})")
+              "rows_equal_alone": same, "environment": environment(dev), "cpu": torch.backends.cpu.get_cpu_capability()}
+    print(f"{scheme}: {args.prompt} prompt tokens per row, {args.steps} greedy steps ({result['environment']['device']})")
     print(f"{'batch':>6}{'prefill s':>11}{'step s':>9}{'tokens/s':>10}")
     for r in rows:
         print(f"{r['batch']:>6}{r['prefill_s']:>11.3f}{r['step_s']:>9.4f}{r['tokens_per_s']:>10.2f}")

@@ -624,11 +624,12 @@ def synthetic_models(name: str, device: torch.device, layers: int | None = None,
         linears = {}
         for lname, lin in target_linears(model, ["lm_head"]).items():
             n, k = lin.weight.shape
-            layout, params = SYNTHETIC_SCHEMES[scheme](lname)
-            tensors = get_layout(layout).random_tensors(n, k, gen, device, **params)
-            whole = get_layout(layout).model_runtime  # (built where its model runs, without a trip to the host)
-            linears[lname] = get_layout(layout).module(tensors if whole is not None else
-                                                       {key: v.cpu() for key, v in tensors.items()}, None, **params)
+            layout_name, params = SYNTHETIC_SCHEMES[scheme](lname)
+            layout = get_layout(layout_name)
+            tensors = layout.random_tensors(n, k, gen, device, **params)
+            whole = layout.model_runtime  # (built where its model runs, without a trip to the host)
+            linears[lname] = layout.module(tensors if whole is not None else {key: v.cpu() for key, v in tensors.items()},
+                                           None, **params)
         if whole is not None:
             state = {key: v for key, v in model.state_dict().items() if not key.endswith("_proj.weight")}
             return whole(None, config, linears, state, device)

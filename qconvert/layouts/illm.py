@@ -326,22 +326,37 @@ class IntegerLlama(DerivedHolder):
         q, r = ri.quantize_rows(total, RESIDUAL_QMAX)
         return q, Dyadic(r.m, r.k + kmin)
 
-    def _attn_block(self, blk, h: torch.Tensor, rows: int, cache: SequenceCache | None = None, i: int = 0):
-        """Attention of ``rows`` sequences of t tokens each (``h`` [rows * t, hidden], row-major); with
-        ``cache``, after its ``length`` tokens (block ``i``'s int8 keys and values appended to it)."""
+    def _positions(self, rows: int, t: int, cache: SequenceCache | None, device) -> SimpleNamespace:
+        """What every block's attention of ``rows`` sequences of t new tokens shares (made once per
+        forward): the rotary tables of their positions (``cos``, ``sin``), the causal mask [t, n]
+        (token j sees keys 0 .. start + j) and, with the cache's left padding, ``real`` [rows * KV, n]
+        (the row's real columns, per KV head as attention folds them; else None).  A padded row's
+        positions count from its first real token."""
+        start = cache.length if cache is not None else 0
+        pad = cache.pad if cache is not None else None
+        n = start + t
+        cos, sin = self._table(start, n)
+        real = None
+        if pad is not None:
+            pos = (torch.arange(start, n, device=device)[None, :] - pad[:, None]).clamp_min(0)  # [rows, t]
+            cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]  # [rows, 1, t, d / 2]
+            real = (torch.arange(n, device=device)[None, :] >= pad[:, None]).repeat_interleave(self.kv_heads, 0)
+        causal = torch.ones(t, n, dtype=torch.bool, device=device).tril(diagonal=start)
+        return SimpleNamespace(start=start, cos=cos, sin=sin, causal=causal, real=real)
+
+    def _attn_block(self, blk, h: torch.Tensor, rows: int, ctx: SimpleNamespace, cache: SequenceCache | None = None,
+                    i: int = 0):
+        """Attention of ``rows`` sequences of t tokens each (``h`` [rows * t, hidden], row-major) at the
+        positions ``ctx`` (``_positions``); with ``cache``, after its ``length`` tokens (block ``i``'s
+        int8 keys and values appended to it)."""
         attn = blk.self_attn
         d, bt, kvh = self.head_dim, rows, self.kv_heads
         t = h.shape[0] // bt
-        start = cache.length if cache is not None else 0
-        pad = cache.pad if cache is not None else None  # left padding per row: its columns take no part
+        start, cos, sin, causal, real = ctx.start, ctx.cos, ctx.sin, ctx.causal, ctx.real
         xq, xs = self._norm(h, blk.input_layernorm_g, blk.input_layernorm_k, attn.q_proj.act_qmax, attn.q_proj.clip)
         tq, sq = attn.q_proj.int_forward(xq, xs)
         tk, sk = attn.k_proj.int_forward(xq, xs)
         tv, sv = attn.v_proj.int_forward(xq, xs)
-        cos, sin = self._table(start, start + t)
-        if pad is not None:  # each row's tokens at its own positions, counted from its first real token
-            pos = (torch.arange(start, start + t, device=h.device)[None, :] - pad[:, None]).clamp_min(0)  # [rows, t]
-            cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]  # [rows, 1, t, d / 2]
         q16, rq = ri.quantize_rows(tq, WIDE_QMAX)
         k16, rk = ri.quantize_rows(tk, WIDE_QMAX)
         v16, rv = ri.quantize_rows(tv, WIDE_QMAX)
@@ -361,12 +376,6 @@ class IntegerLlama(DerivedHolder):
             kv = cache.extend(i, *kv)
         k8, s_k, v8, s_v = kv
         n, group = start + t, self.heads // kvh
-        # token j sees keys 0 .. start + j; with padding, from the row's first real token (``real``:
-        # [rows * KV, n], the fold of the heads below), joined to the causal mask per attention block
-        causal = torch.ones(t, n, dtype=torch.bool, device=h.device).tril(diagonal=start)
-        real = None
-        if pad is not None:
-            real = (torch.arange(n, device=h.device)[None, :] >= pad[:, None]).repeat_interleave(kvh, 0)
         # the rows' KV heads as one axis of rows x KV heads (each row reads its own keys)
         k8, v8 = k8.reshape(bt * kvh, n, d), v8.reshape(bt * kvh, n, d)
         s_km, s_vm = s_k.m.reshape(bt * kvh, n), s_v.m.reshape(bt * kvh, n)
@@ -381,6 +390,7 @@ class IntegerLlama(DerivedHolder):
         exp = torch.empty(bt * kvh, group, t, 1, dtype=torch.int64, device=h.device)
         for (a, b), (r0, r1) in attention_blocks(bt * kvh, t, group * n * 8, h.device):
             nr = r1 - r0
+            # the causal mask, joined with the padding's per block
             mk = causal[None, r0:r1] if real is None else causal[None, r0:r1] & real[a:b, None, :]  # [1 or heads, nr, n]
             # per KV head (shared by its query heads): the key and value scales' alignment per query row
             k_sh, k_e = column_alignment(Dyadic(s_km[a:b], s_kk[a:b]), mk)  # [heads, nr, n], [heads, nr, 1]
@@ -434,8 +444,9 @@ class IntegerLlama(DerivedHolder):
         ids = ids.reshape(-1)
         h = self.emb_q[ids].long()
         hs = Dyadic(self.emb_m[ids][:, None], self.emb_k[ids][:, None])
+        ctx = self._positions(rows, ids.numel() // rows, cache, h.device)
         for i, blk in enumerate(self.model.layers):
-            o, os_ = self._attn_block(blk, h, rows, cache, i)
+            o, os_ = self._attn_block(blk, h, rows, ctx, cache, i)
             h, hs = self._residual_add(h, hs, o, os_)
             m, ms = self._mlp_block(blk, h)
             h, hs = self._residual_add(h, hs, m, ms)
