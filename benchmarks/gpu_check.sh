@@ -21,7 +21,7 @@
 #   e  the other methods' kernels: QUIK, FP8 (sm_89+), I-LLM (kernels_quik.json, ...), and the
 #      online Hadamard transform of --rotate hadamard+online (hadamard.json)
 #   f  I-LLM's integer-only model on its kernels against FP16, end to end, on 4 blocks of the
-#      synthetic Llama-3-8B, batch 1 and 16 (e2e_illm.json)
+#      synthetic Llama-3-8B, batch 1 and 16, CUDA-graph captured and eager (e2e_illm.json)
 # A summary of each part's exit status and time is in parts.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -96,7 +96,7 @@ part_e() {
   return $rc
 }
 
-part_f() {  # the integer model runs eagerly on its own engine; the FP16 original graph-captured and eager
+part_f() {  # the integer model on its own engine and the FP16 original, each graph-captured and eager
   "$PYTHON" -m qconvert.cli bench --synthetic llama3-8b --layers 4 --scheme illm-w8a8 --device cuda --prefill 512 \
     --new-tokens 16 --batch 1,16 --repeats 1 --budget-s "$((BUDGET_F - 15))" --json "$out/e2e_illm.json"
 }

@@ -29,10 +29,11 @@ def run(model, ids: torch.Tensor, steps: int, clock) -> tuple[float, float, torc
     t0 = clock()
     logits = [eng.prefill(ids)]
     prefill = clock() - t0
-    logits.append(eng.decode(logits[-1].argmax(-1)))  # the first step untimed (warm-up)
+    # (clones: with CUDA graphs, the engine's default on a GPU, decode returns its reused logits buffer)
+    logits.append(eng.decode(logits[-1].argmax(-1)).clone())  # the first step untimed (warm-up, a graph's capture)
     t0 = clock()
     for _ in range(steps - 1):
-        logits.append(eng.decode(logits[-1].argmax(-1)))
+        logits.append(eng.decode(logits[-1].argmax(-1)).clone())
     return prefill, (clock() - t0) / (steps - 1), torch.stack(logits)
 
 

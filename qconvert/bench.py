@@ -447,9 +447,7 @@ def _engine(model, max_batch: int, max_len: int, graphs: bool):
     own = getattr(model, "decode_engine", None)
     if own is None:
         return DecodeEngine(model, max_batch=max_batch, max_len=max_len, graphs=graphs)
-    if graphs:
-        raise QConvertError(f"{type(model).__name__} runs on its own engine, which captures no CUDA graphs: time it eagerly")
-    return own(max_batch, max_len)
+    return own(max_batch, max_len, graphs=graphs)
 
 
 @torch.inference_mode()
@@ -457,8 +455,8 @@ def model_speed(model, device: torch.device, prefill: int = 2048, new_tokens: in
                 prompt: int = 32, repeats: int = 3, seed: int = 0, graphs: bool = False, budget: Budget | None = None) -> dict:
     """Prefill and greedy-decode tokens/s of ``model`` (already on ``device``) on the decode engine
     (qconvert/engine.py): a static KV cache and, with ``graphs``, one CUDA graph per decode step.
-    A model with its own engine (``model.decode_engine``: I-LLM's integer-only model, eager, its
-    rows as one batch) runs on that."""
+    A model with its own engine (``model.decode_engine``: I-LLM's integer-only model, its rows as
+    one batch, with ``graphs`` its decode step captured too) runs on that."""
     budget = budget or Budget(None)
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(seed)
@@ -518,28 +516,24 @@ def _compare(fp: dict, q: dict) -> dict:
     return ratio
 
 
-def _modes(dev: torch.device, model=None) -> list[bool]:
-    """graphs on / off: on CUDA both (the graph-captured one is the headline), on CPU eager only;
-    a model with its own engine (I-LLM's integer-only model) eager only."""
-    return [True, False] if dev.type == "cuda" and not hasattr(model, "decode_engine") else [False]
+def _modes(dev: torch.device) -> list[bool]:
+    """graphs on / off: on CUDA both (the graph-captured one is the headline), on CPU eager only."""
+    return [True, False] if dev.type == "cuda" else [False]
 
 
 def _speeds(model, dev, kw: dict, budget: Budget) -> dict:
     """{"cuda-graph": ..., "eager": ...} (what ``_modes`` allows) of one model."""
     return {("cuda-graph" if g else "eager"): model_speed(model, dev, graphs=g, budget=budget, **kw)
-            for g in _modes(dev, model)}
+            for g in _modes(dev)}
 
 
-def _integer_only(result: dict, dev: torch.device, fp: dict, what: str = "OUT") -> dict:
-    """Label a result whose quantized side is an integer-only model (on its own engine, eager)."""
+def _integer_only(result: dict, dev: torch.device, what: str = "OUT") -> dict:
+    """Label a result whose quantized side is an integer-only model (on its own engine)."""
     result["runtime"] = f"integer-only-{dev.type}"
     result["note"] = (f"integer-only {what}: its integer model (integer norms, softmax, RoPE and SiLU, int8 KV cache) "
-                      + ("with the I-LLM kernels, " if dev.type == "cuda" else "in torch integer ops, ")
-                      + "eagerly, on its own engine, against the original eagerly")
-    if "cuda-graph" in fp:  # the original's best, shown beside the like-for-like comparison
-        g = result["original_cuda_graph"] = fp["cuda-graph"]
-        result["note"] += (f"; the original graph-captured: prefill {g['prefill_tokens_per_s']:,.1f} tokens/s, "
-                           + ", ".join(f"decode batch {d['batch']} {d['tokens_per_s']:,.1f}" for d in g["decode"]))
+                      + ("with the I-LLM kernels and torch integer ops, decode steps graph-captured as the original's "
+                         "(eager in the eager mode)" if dev.type == "cuda" else "in torch integer ops, eagerly")
+                      + ", on its own engine")
     return result
 
 
@@ -576,12 +570,12 @@ def out_bench(out: Path, device: str | None = None, prefill: int = 2048, new_tok
     budget = Budget(budget_s)
     kw = dict(prefill=prefill, new_tokens=new_tokens, batches=batches, repeats=repeats)
     model = load(out, device=str(dev), dtype=dtype, fuse=fuse)
-    q = _speeds(model, dev, kw, budget)  # an integer-only model: on its own engine, eagerly (no CUDA graphs)
+    q = _speeds(model, dev, kw, budget)  # an integer-only model: on its own engine
     src = resolve_source(against)
     fp = _speeds(src.load_model(dtype).to(dev).eval(), dev, kw, budget)
     result = _result(str(out), getattr(src, "description", str(against)), dev, dtype, fp, q, budget)
     result["fused_groups"] = fused_groups(model)
-    return _integer_only(result, dev, fp) if integer_only else result
+    return _integer_only(result, dev) if integer_only else result
 
 
 def synthetic_models(name: str, device: torch.device, layers: int | None = None, dtype=torch.float16, seed: int = 0):
@@ -684,7 +678,7 @@ def synthetic_bench(name: str, device: str | None = None, layers: int | None = N
     result = _result(f"synthetic:{name} {scheme}" + (f" ({layers} layers)" if layers else ""),
                      f"synthetic:{name} (random {str(dtype).removeprefix('torch.')} weights)", dev, dtype, fp, q, budget)
     result["fused_groups"] = fused_groups(q_model)
-    return _integer_only(result, dev, fp, "twin") if integer_only else result
+    return _integer_only(result, dev, "twin") if integer_only else result
 
 
 def fused_groups(model) -> int:

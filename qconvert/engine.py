@@ -67,8 +67,9 @@ Design
 - **CUDA graphs**: one per batch size, captured at the first ``decode`` of that size (a warm-up
   step on a side stream first: cuBLAS handles, CuPy kernels compiled; the positions and column it
   advances are put back; the K/V it writes are the ones the real step writes again), all graphs in
-  one memory pool.  Capture runs under ``host_sync_guard``: a host sync inside the step would
-  break capture, and the guard names the culprit.  Prefill stays eager: its GEMMs are large, its
+  one memory pool.  Capture runs under ``host_sync_guard`` (inside ``torch.cuda.graph``, whose own
+  entry synchronizes: ``capturing``): a host sync inside the step would break capture, and the
+  guard names the culprit.  Prefill stays eager: its GEMMs are large, its
   launch overhead small, and its shape changes with every prompt.
 - **Not captured**: MoE models (transformers' and qconvert's expert loops read the routing back to
   the host: ``nonzero().tolist()``); they run eager (``graphs=None``) or refuse ``graphs=True``.
@@ -187,6 +188,15 @@ def host_sync_guard(strict: bool = False):
 
 
 _MISSING = object()
+
+
+@contextlib.contextmanager
+def capturing(graph, pool):
+    """Capture into ``graph`` (memory from ``pool``) with host syncs refused (``host_sync_guard``).
+    ``torch.cuda.graph`` synchronizes the device as it starts, which the guard would refuse: the
+    guard comes inside it."""
+    with torch.cuda.graph(graph, pool=pool), host_sync_guard():
+        yield
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,7 +476,7 @@ class DecodeEngine:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with host_sync_guard(), torch.cuda.graph(graph, pool=self._pool):
+        with capturing(graph, self._pool):
             self._step(b, self.max_len)
         self._graph_of[b] = graph
         return graph

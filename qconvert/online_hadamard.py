@@ -62,7 +62,7 @@ class OnlineHadamard:
         a = _elementary(self.m) if self.m > 1 else torch.ones(1, 1, dtype=torch.float64)
         self.sign = a.to(torch.int8).contiguous()
         self.scale = float(torch.tensor(1.0 / math.sqrt(n), dtype=torch.float32))
-        self._on_device: dict[torch.device, torch.Tensor] = {}
+        self._on_device: dict[tuple, torch.Tensor] = {}
 
     def describe(self) -> dict:
         return {"kind": KIND, "order": self.n, "m": self.m, "p": 1 << self.lp}
@@ -72,13 +72,19 @@ class OnlineHadamard:
         a = self.sign.to(torch.float64) / math.sqrt(self.m)
         return [a, hadamard(1 << self.lp)] if self.lp else [a]
 
+    def sign_on(self, device: torch.device, dtype: torch.dtype = torch.int8) -> torch.Tensor:
+        """A as ``dtype`` on ``device``, copied there once, not per call (a copy from the host inside
+        a step would wait for it, and a CUDA graph cannot capture it)."""
+        key = (torch.device(device), dtype)
+        if key not in self._on_device:
+            self._on_device[key] = self.sign.to(device=key[0], dtype=dtype)
+        return self._on_device[key]
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
             from qconvert_kernels.hadamard import cuda as kh
 
-            if x.device not in self._on_device:  # A copied to each device once, not per call
-                self._on_device[x.device] = self.sign.to(x.device)
-            return kh.transform(x, self._on_device[x.device], self.lp, self.scale)
+            return kh.transform(x, self.sign_on(x.device), self.lp, self.scale)
         from qconvert_kernels.hadamard import reference
 
         return reference.transform(x, self.sign, self.lp, self.scale)

@@ -203,6 +203,31 @@ def test_decode_step_makes_no_host_sync(tiny_llama, outs, which):
     assert eng.length == 10
 
 
+def test_capture_enters_the_graph_before_the_guard(monkeypatch):
+    """``torch.cuda.graph`` synchronizes the device as it starts (and may as it ends): ``capturing``
+    enters it first and the guard inside, else every capture would fail with HostSyncError."""
+    from qconvert.engine import capturing
+
+    real, seen = torch.cuda.synchronize, []
+
+    class StandIn:  # torch.cuda.graph's entry and exit, as far as syncs go
+        def __init__(self, graph, pool=None):
+            pass
+
+        def __enter__(self):
+            seen.append(torch.cuda.synchronize is real)
+
+        def __exit__(self, *exc):
+            seen.append(torch.cuda.synchronize is real)
+            return False
+
+    monkeypatch.setattr(torch.cuda, "graph", StandIn)
+    with capturing(object(), None):
+        with pytest.raises(HostSyncError):
+            torch.cuda.synchronize()
+    assert seen == [True, True]
+
+
 def test_guard_catches_syncs_and_restores_torch(tiny_llama):
     model = _hf(tiny_llama)
     eng = DecodeEngine(model, 1, 16)

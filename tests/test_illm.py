@@ -611,6 +611,139 @@ def test_the_engine_runs_left_padded_rows_as_one_batch(illm_out, monkeypatch):
         assert torch.equal(torch.stack(again, 1), got) and eng.cache.groups[0][1].pad.tolist() == [0, 3, 0], table
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_the_captured_shape_of_a_decode_step_is_the_eager_step_without_host_syncs(illm_out, padded, monkeypatch):
+    """The decode step a CUDA graph captures, run on the CPU: the new tokens written at a device
+    column, attention over all max_len columns with the unfilled ones masked (here holding an
+    earlier, longer batch's keys and values), every integer op branch-free.  Under the strict mock
+    guard (any read of a tensor's value raises) it gives the eager step's logits bit for bit, in one
+    pass and in parts of rows (BATCH_TOKENS), and its cache holds the eager cache's columns."""
+    from qconvert import load
+    from qconvert.engine import HostSyncError, host_sync_guard
+    from qconvert.layouts import illm as illm_layout
+
+    model = load(illm_out)
+    gen = torch.Generator().manual_seed(7)
+    ids = torch.randint(1, 300, (3, 7), generator=gen)
+    mask = torch.ones(3, 7, dtype=torch.int64)
+    if padded:
+        mask[1, :3] = 0
+    nxt = torch.randint(1, 300, (3, 4), generator=gen)
+    eager = model.decode_engine(3, 40)
+    assert not eager.graphs
+    want = [eager.prefill(ids, mask)] + [eager.decode(nxt[:, j]) for j in range(4)]
+    assert eager._seq().pad is None if not padded else eager._seq().pad.tolist() == [0, 3, 0]
+    for parts in (False, True):
+        wide = model.decode_engine(3, 40)
+        wide._wide = True
+        first = wide.prefill(torch.randint(1, 300, (3, 20), generator=gen))  # stale columns for the batch below
+        for _ in range(3):
+            first = wide.decode(first.argmax(-1))
+        with monkeypatch.context() as mp:
+            if parts:
+                mp.setitem(illm_layout.BATCH_TOKENS, "cpu", 2)  # rows 0-1, then 2, at prefill and at each step
+            got = [wide.prefill(ids, mask)]
+            assert wide._seq().pad.tolist() == ([0, 3, 0] if padded else [0, 0, 0])  # always masked by
+            for j in range(4):
+                with host_sync_guard(strict=True):
+                    got.append(wide.decode(nxt[:, j]))
+        assert all(torch.equal(a, b) for a, b in zip(want, got)), parts
+        assert wide.length == eager.length == 11 and wide.cache.lengths == eager.cache.lengths
+        for a, b in zip(eager._seq().buffers, wide._seq().buffers):
+            for x, y in zip(eager._seq()._parts(a), wide._seq()._parts(b)):
+                assert torch.equal(x[:, :, :11], y[:, :, :11])
+        assert wide._seq().buffers[0][0][:, :, 11:23].any()  # the earlier batch's keys were there, masked
+    # the eager step's syncs are there to be caught: the guard is not blind
+    with pytest.raises(HostSyncError), host_sync_guard(strict=True):
+        eager.decode(nxt[:, 0])
+
+
+def test_the_captured_step_keeps_to_the_device(illm_out, monkeypatch):
+    """What a CUDA graph captures must run on the device alone: the engine's captured step, with the
+    model on the meta device (tensors without values, so any read back to the host fails), after
+    a left-padded prefill: every op's operands and results are on the model's device (0-dim
+    constants aside, which a launch takes as arguments) and nothing is copied from the host (by
+    ``.to`` / ``copy_``, or made on the device from Python values), the online Hadamard transform's
+    signs included."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from qconvert import load
+    from qconvert.engine import host_sync_guard
+
+    model = load(illm_out)
+    assert any(getattr(blk.mlp.down_proj, "online_transform", None) is not None for blk in model.model.layers)
+    model = model.to("meta")
+    eng = model.decode_engine(3, 12)
+    eng._wide = True
+    mask = torch.ones(3, 5, dtype=torch.int64)
+    mask[1, :2] = 0
+    with ri.sync_free():
+        eng.prefill(torch.randint(1, 300, (3, 5)), mask)
+
+    class Host(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.bad = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            flat = [t for t in torch.utils._pytree.tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
+            copy = func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default)  # from the host, any size
+            if any(t.device.type != "meta" and (t.dim() > 0 or copy) for t in flat):
+                self.bad.append(str(func))
+            return out
+
+    made = []  # tensors made from Python values on the device: copies from the host, in C++ past the mode
+
+    def maker(fn):
+        def make(data, *args, **kwargs):
+            if not isinstance(data, torch.Tensor) and kwargs.get("device") is not None:
+                made.append(fn.__name__)
+            return fn(data, *args, **kwargs)
+        return make
+
+    nxt = torch.zeros(3, dtype=torch.int64, device="meta")
+    for _ in range(2):
+        with monkeypatch.context() as mp:
+            for name in ("tensor", "as_tensor"):
+                mp.setattr(torch, name, maker(getattr(torch, name)))
+            with Host() as seen, host_sync_guard(strict=True):
+                logits = eng.decode(nxt)
+        assert seen.bad == [] and made == [] and logits.device.type == "meta" and logits.shape == (3, model.head_m.numel())
+
+
+def test_the_branch_free_integer_ops_equal_the_branching_ones():
+    """``reference.sync_free()`` (what CUDA runs): shifts of mixed and one-signed amounts, rows
+    beyond 2^40, a == 2^15 in ``wide_matmul``, ratios of constants: the same integers."""
+    gen = torch.Generator().manual_seed(3)
+    v = torch.randint(-(1 << 40), 1 << 40, (4, 9), generator=gen)
+    big = v.clone()
+    big[1] <<= 12  # a row above 2^40: quantize_rows shifts it down first
+    a = torch.randint(-(1 << 15), (1 << 15) + 1, (5, 16), generator=gen)
+    a[2, 3] = 1 << 15
+    b = torch.randint(-127, 128, (16, 6), generator=gen)
+    cases = [lambda: ri.shift(v, torch.randint(-8, 9, (4, 9), generator=torch.Generator().manual_seed(1))),
+             lambda: ri.shift(v, torch.randint(0, 9, (4, 1), generator=torch.Generator().manual_seed(2))),
+             lambda: ri.shift(v, torch.randint(-9, 1, (1, 9), generator=torch.Generator().manual_seed(3))),
+             lambda: ri.shift(v, torch.tensor([3])),
+             lambda: ri.quantize_rows(big, (1 << 20) - 1),
+             lambda: ri.quantize_rows(v, 127, ri.clip_int(0.75)),
+             lambda: ri.wide_matmul(a, b),
+             lambda: ri.ratio(v.abs(), 127),
+             lambda: ri.ratio(v.abs(), 0)]
+
+    def flat(x):
+        return [x] if isinstance(x, torch.Tensor) else [x.m, x.k] if isinstance(x, ri.Dyadic) else [t for y in x for t in flat(y)]
+
+    for i, case in enumerate(cases):
+        want = flat(case())
+        with ri.sync_free():
+            got = flat(case())
+        assert len(got) == len(want) and all(torch.equal(g, w) for g, w in zip(got, want)), i
+    assert torch.equal(ri.wide_matmul(a.clamp(-32767, 32767), b, below_2_15=True), a.clamp(-32767, 32767) @ b)
+    assert torch.equal(ri.wide_matmul(a, b), a @ b)
+
+
 def test_a_batch_beyond_batch_tokens_runs_in_parts_with_the_same_bits(illm_out, monkeypatch):
     """More rows than BATCH_TOKENS takes run in parts (the cache split and joined), with the bits of
     one pass: a prefill of 5 rows of 4 tokens in parts of 2 rows, then cached steps."""
@@ -697,5 +830,5 @@ def test_bench_on_the_integer_model(illm_out, tmp_path, monkeypatch):
     assert [d["batch"] for d in got["quantized"]["decode"]] == [1, 2] and got["quantized"]["prefill_tokens_per_s"] > 0
     assert [r["runtime"] for r in json.loads((out / "bench.json").read_text())] == ["integer-only-cpu"]
     assert "runtime `integer-only-cpu`" in model_card(out) and "Note: integer-only OUT: its integer model" in model_card(out)
-    with pytest.raises(QConvertError, match="IntegerLlama runs on its own engine, which captures no CUDA graphs"):
+    with pytest.raises(QConvertError, match="CUDA graphs need a CUDA device"):
         model_speed(load(out), torch.device("cpu"), prefill=4, new_tokens=2, batches=(1,), graphs=True)

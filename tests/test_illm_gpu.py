@@ -31,23 +31,29 @@ def test_the_integer_model_on_the_gpu_equals_the_cpu(outs, key):
         assert torch.equal(acc.cpu(), want_acc) and torch.equal(s.m.cpu(), want_s.m) and torch.equal(s.k.cpu(), want_s.k)
 
 
-def test_cached_decode_on_the_gpu(outs):
-    """A batch of three rows on the GPU, the second left-padded by 2: prefill and cached steps give
-    each row's CPU logits alone."""
+@pytest.mark.parametrize("graphs", [True, False])
+def test_cached_decode_on_the_gpu(outs, graphs):
+    """Batches of three rows (the second left-padded by 2), then two, then three again on one
+    engine: prefill and cached steps, each step eager or replayed from its CUDA graph (the engine's
+    default on a GPU; one graph per batch size, the first reused after the second), give each row's
+    CPU logits alone."""
     from qconvert import load
 
     cpu = load(outs["w4a4-online"])
     gpu = load(outs["w4a4-online"], device="cuda")
     ids = torch.stack([_ids(12, s) for s in (7, 8, 9)])
-    mask = torch.ones(3, 8, dtype=torch.int64)
-    mask[1, :2] = 0
-    engine = gpu.decode_engine(max_batch=3, max_len=16)
-    assert engine.device.type == "cuda"
-    steps = [engine.prefill(ids[:, :8].cuda(), mask.cuda())] + [engine.decode(ids[:, j].cuda()) for j in range(8, 12)]
-    got = torch.stack(steps, 1).cpu()  # [3, 5, V]
-    for r in range(3):
-        p = 2 if r == 1 else 0
-        assert torch.equal(got[r], cpu.sequence_logits(ids[r, p:])[7 - p:12 - p]), r
+    engine = gpu.decode_engine(max_batch=3, max_len=16, graphs=None if graphs else False)
+    assert engine.device.type == "cuda" and engine.graphs == graphs
+    for rows in (3, 2, 3):
+        mask = torch.ones(rows, 8, dtype=torch.int64)
+        mask[1, :2] = 0
+        steps = [engine.prefill(ids[:rows, :8].cuda(), mask.cuda())]
+        steps += [engine.decode(ids[:rows, j].cuda()).clone() for j in range(8, 12)]  # a graph's logits: a reused buffer
+        got = torch.stack(steps, 1).cpu()  # [rows, 5, V]
+        for r in range(rows):
+            p = 2 if r == 1 else 0
+            assert torch.equal(got[r], cpu.sequence_logits(ids[r, p:])[7 - p:12 - p]), (rows, r)
+    assert sorted(engine._graph_of) == ([2, 3] if graphs else [])
 
 
 def test_qconvert_generate_on_the_gpu_picks_the_cpu_tokens(outs):

@@ -62,7 +62,7 @@ from qconvert.errors import QConvertError
 from qconvert.formats.packing import unpack_int4
 from qconvert.layouts.base import Layout, QuantizedModule, TensorSpec, finite_positive, shape_check
 from qconvert.layouts.derived import DerivedHolder
-from qconvert.layouts.illm_cache import IntegerDecodeEngine, IntegerKVCache, SequenceCache
+from qconvert.layouts.illm_cache import IntegerDecodeEngine, IntegerKVCache, SequenceCache, StaticSequenceCache
 from qconvert_kernels.illm import reference as ri
 from qconvert_kernels.illm.reference import Dyadic
 
@@ -332,8 +332,10 @@ class IntegerLlama(DerivedHolder):
         (token j sees keys 0 .. start + j) and, with the cache's left padding, ``real`` [rows * KV, n]
         (the row's real columns, per KV head as attention folds them; else None).  A padded row's
         positions count from its first real token."""
-        start = cache.length if cache is not None else 0
         pad = cache.pad if cache is not None else None
+        if getattr(cache, "column", None) is not None:
+            return self._wide_positions(rows, t, cache, device)
+        start = cache.length if cache is not None else 0
         n = start + t
         cos, sin = self._table(start, n)
         real = None
@@ -342,7 +344,22 @@ class IntegerLlama(DerivedHolder):
             cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]  # [rows, 1, t, d / 2]
             real = (torch.arange(n, device=device)[None, :] >= pad[:, None]).repeat_interleave(self.kv_heads, 0)
         causal = torch.ones(t, n, dtype=torch.bool, device=device).tril(diagonal=start)
-        return SimpleNamespace(start=start, cos=cos, sin=sin, causal=causal, real=real)
+        return SimpleNamespace(n=n, cos=cos, sin=sin, causal=causal, real=real)
+
+    def _wide_positions(self, rows: int, t: int, cache: StaticSequenceCache, device) -> SimpleNamespace:
+        """``_positions`` of a captured decode step (``cache.column``, a device tensor, is where the
+        new token goes): attention reads all of the cache's columns, the unfilled ones masked out,
+        and nothing is read back to the host, so the same step replays at any length."""
+        if t != 1:
+            raise QConvertError(f"a cache on a device column runs one token per row, not {t}")
+        n, at = cache.max_len, cache.column
+        pad = cache.pad if cache.pad is not None else torch.zeros(rows, dtype=torch.int64, device=device)
+        cols = torch.arange(n, device=device)
+        causal = (cols <= at)[None, :]  # [1, n]: the filled columns and the new one
+        pos = (at - pad).clamp_min(0)[:, None]  # [rows, 1]
+        real = (cols[None, :] >= pad[:, None]).repeat_interleave(self.kv_heads, 0)
+        return SimpleNamespace(n=n, cos=self.rope_cos[pos][:, None], sin=self.rope_sin[pos][:, None], causal=causal,
+                               real=real)
 
     def _attn_block(self, blk, h: torch.Tensor, rows: int, ctx: SimpleNamespace, cache: SequenceCache | None = None,
                     i: int = 0):
@@ -352,7 +369,7 @@ class IntegerLlama(DerivedHolder):
         attn = blk.self_attn
         d, bt, kvh = self.head_dim, rows, self.kv_heads
         t = h.shape[0] // bt
-        start, cos, sin, causal, real = ctx.start, ctx.cos, ctx.sin, ctx.causal, ctx.real
+        n, cos, sin, causal, real = ctx.n, ctx.cos, ctx.sin, ctx.causal, ctx.real
         xq, xs = self._norm(h, blk.input_layernorm_g, blk.input_layernorm_k, attn.q_proj.act_qmax, attn.q_proj.clip)
         tq, sq = attn.q_proj.int_forward(xq, xs)
         tk, sk = attn.k_proj.int_forward(xq, xs)
@@ -375,7 +392,7 @@ class IntegerLlama(DerivedHolder):
         if cache is not None:
             kv = cache.extend(i, *kv)
         k8, s_k, v8, s_v = kv
-        n, group = start + t, self.heads // kvh
+        group = self.heads // kvh
         # the rows' KV heads as one axis of rows x KV heads (each row reads its own keys)
         k8, v8 = k8.reshape(bt * kvh, n, d), v8.reshape(bt * kvh, n, d)
         s_km, s_vm = s_k.m.reshape(bt * kvh, n), s_v.m.reshape(bt * kvh, n)
@@ -404,7 +421,7 @@ class IntegerLlama(DerivedHolder):
             # requantized to 15 bits per row: P V stays an exact product of int8 V
             pv = ri.shift(p * s_vm[a:b, None, None, :], v_sh[:, None])
             pq, rp = ri.quantize_rows(pv, WIDE_QMAX)  # rp [heads, group, rows, 1]
-            pvq = ri.wide_matmul(pq.reshape(b - a, group * nr, n), v8[a:b]).reshape(b - a, group, nr, d)
+            pvq = ri.wide_matmul(pq.reshape(b - a, group * nr, n), v8[a:b], below_2_15=True).reshape(b - a, group, nr, d)
             out[a:b, :, r0:r1] = pvq * rp.m  # scale 2^-(k + 15)
             exp[a:b, :, r0:r1] = torch.where(rp.m > 0, rp.k + v_e[:, None], NO_EXPONENT)
         out, exp = out.reshape(bt, kvh, group, t, d), exp.reshape(bt, kvh, group, t, 1)
@@ -426,7 +443,7 @@ class IntegerLlama(DerivedHolder):
         a = ri.di_silu(g16, sg) * u16  # scale sg * su, |a| < 2^30
         online = getattr(mlp.down_proj, "online_transform", None)  # --rotate hadamard+online (qconvert.load)
         if online is not None:  # a (A (x) H) / sqrt(n): integers below 2^30 n, the root in the scale
-            a = ri.hadamard_rows(a, online.sign, online.lp)
+            a = ri.hadamard_rows(a, online.sign_on(a.device, torch.int64), online.lp)
         aq, ra = self._requant(a, mlp.down_proj.act_qmax, mlp.down_proj.clip)
         scale = ra * sg * su  # dyadic products round: this order is the format's (tests/test_golden.py)
         return mlp.down_proj.int_forward(aq, scale if online is None else scale * self.inv_sqrt_i)
@@ -481,9 +498,10 @@ class IntegerLlama(DerivedHolder):
         """Float logits [T, V] of one sequence."""
         return self.logits(input_ids.reshape(1, -1), cache)[0]
 
-    def decode_engine(self, max_batch: int, max_len: int) -> IntegerDecodeEngine:
-        """The engine ``qconvert.generate`` runs this model on (prefill, then cached decode steps)."""
-        return IntegerDecodeEngine(self, max_batch, max_len)
+    def decode_engine(self, max_batch: int, max_len: int, graphs: bool | None = None) -> IntegerDecodeEngine:
+        """The engine ``qconvert.generate`` runs this model on (prefill, then cached decode steps;
+        ``graphs`` None: CUDA graphs on a GPU)."""
+        return IntegerDecodeEngine(self, max_batch, max_len, graphs)
 
     def forward(self, input_ids: torch.Tensor, past_key_values: IntegerKVCache | None = None, use_cache: bool = False,
                 **kwargs):

@@ -69,6 +69,12 @@ def const(m: int, k: int) -> Dyadic:
 _POW2: dict[torch.device, torch.Tensor] = {}
 
 
+@functools.lru_cache(maxsize=1)
+def _log2e() -> Dyadic:
+    """log2(e) as a normalized dyadic: a constant made once (CPU scalars, which broadcast anywhere)."""
+    return const(*LOG2E)
+
+
 def bit_length(v: torch.Tensor) -> torch.Tensor:
     """Number of bits of v >= 0 (0 for 0 and below): how many of 2^0 .. 2^62 are <= v, one
     integer search (comparisons) in that constant table."""
@@ -86,16 +92,39 @@ def rshift_round(v: torch.Tensor, s) -> torch.Tensor:
     return (v + half) >> s
 
 
+_SYNC_FREE = [False]  # set by sync_free()
+
+
+@contextlib.contextmanager
+def sync_free():
+    """Inside: the functions here take no branch on a tensor's values on the CPU either, as they
+    never do on CUDA (``host_branches``): what a CUDA graph captures, run on the CPU (tests)."""
+    was = _SYNC_FREE[0]
+    _SYNC_FREE[0] = True
+    try:
+        yield
+    finally:
+        _SYNC_FREE[0] = was
+
+
+def host_branches(t: torch.Tensor) -> bool:
+    """Whether a function here may read ``t``'s values back to the host to pick a cheaper branch:
+    on the CPU (a few cheap tests), never on CUDA (each read would wait for the GPU and a CUDA graph
+    cannot capture it) nor inside ``sync_free()``.  Both branches give the same integers."""
+    return not (t.is_cuda or _SYNC_FREE[0])
+
+
 def shift(v: torch.Tensor, s) -> torch.Tensor:
     """v * 2^-s for any integer s: a rounded right shift, or a left shift when s < 0."""
     if isinstance(s, int):
         return rshift_round(v, s) if s >= 0 else v << (-s)
-    if s.numel() == 1:
-        return shift(v, int(s))
-    if bool((s >= 0).all()):
-        return rshift_round(v, s)
-    if bool((s <= 0).all()):
-        return v << (-s)
+    if host_branches(s):
+        if s.numel() == 1:
+            return shift(v, int(s))
+        if bool((s >= 0).all()):
+            return rshift_round(v, s)
+        if bool((s <= 0).all()):
+            return v << (-s)
     return torch.where(s >= 0, rshift_round(v, s.clamp_min(0)), v << (-s).clamp_min(0))
 
 
@@ -113,7 +142,11 @@ def normalize(m: torch.Tensor, k: torch.Tensor, bits: int = MANT) -> Dyadic:
 def ratio(num: torch.Tensor, den: torch.Tensor | int) -> Dyadic:
     """num / den as a dyadic (num, den >= 0 integers below 2^40; 0 when den == 0)."""
     num = torch.as_tensor(num, dtype=torch.int64)
-    den = torch.as_tensor(den, dtype=torch.int64, device=num.device)  # where num is (a GPU's torch.where takes no CPU condition)
+    if isinstance(den, int):  # a constant (a qmax): no tensor made of it, so nothing copied to a GPU
+        sh = (MANT + 2 + den.bit_length() - bit_length(num)).clamp_min(0)
+        q = (num << sh) // den if den > 0 else torch.zeros_like(num)
+        return normalize(q, sh)
+    den = den.to(device=num.device, dtype=torch.int64)  # where num is (a GPU's torch.where takes no CPU condition)
     sh = (MANT + 2 + bit_length(den) - bit_length(num)).clamp_min(0)
     q = torch.where(den > 0, (num << sh) // den.clamp_min(1), 0)
     return normalize(q, sh)
@@ -148,7 +181,7 @@ def quantize_rows(v: torch.Tensor, qmax: int, clip: int = CLIP_ONE) -> tuple[tor
     mag = v.abs()
     amax = mag.amax(dim=-1, keepdim=True)
     pre = (bit_length(amax) - 40).clamp_min(0)
-    if bool((pre > 0).any()):
+    if not host_branches(pre) or bool((pre > 0).any()):  # (a shift by 0 changes nothing)
         v = rshift_round(v, pre)
         mag = v.abs()
         amax = mag.amax(dim=-1, keepdim=True)
@@ -180,7 +213,7 @@ def di_exp2(u: torch.Tensor) -> torch.Tensor:
 
 def exp_argument(x: torch.Tensor, scale: Dyadic, clip: float) -> torch.Tensor:
     """u = -min(|x| * scale * log2(e), clip * log2(e)) in fixed point (F bits), for x <= 0."""
-    coef = scale * const(*LOG2E)
+    coef = scale * _log2e()
     umax = round(clip * math.log2(math.e) * 2**EXP_F)
     s = coef.k - EXP_F
     v = (-x).clamp_max(1 << 40) * coef.m  # < 2^57
@@ -340,17 +373,18 @@ def int_mm_only():
     return gemm_path("int_mm")
 
 
-def wide_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def wide_matmul(a: torch.Tensor, b: torch.Tensor, below_2_15: bool = False) -> torch.Tensor:
     """a @ b for a with values in [-2^15, 2^15] (e.g. probabilities, 16-bit activations) and int8 b:
     a split into two byte planes, each shifted into int8 range, so both products are int8 GEMMs;
-    exact.  2-D, or batched as ``int8_matmul``."""
+    exact.  2-D, or batched as ``int8_matmul``.  ``below_2_15``: the caller knows |a| < 2^15 (a
+    row requantized to 2^15 - 1), so the third product for a == 2^15 is never needed (nor looked for)."""
     lo = a & 0xFF  # [0, 255]
     hi = a >> 8  # [-128, 128]
     colsum = b.long().sum(dim=-2, keepdim=True)
     p_lo = int8_matmul(lo - 128, b) + 128 * colsum
     hi_c = hi.clamp_max(127)  # hi == 128 only where a == 2^15 (a probability of 1)
     p_hi = int8_matmul(hi_c, b)
-    if bool((hi > 127).any()):
+    if not below_2_15 and (not host_branches(hi) or bool((hi > 127).any())):
         p_hi = p_hi + int8_matmul(hi - hi_c, b)
     return (p_hi << 8) + p_lo
 
