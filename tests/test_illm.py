@@ -712,6 +712,20 @@ def test_the_captured_step_keeps_to_the_device(illm_out, monkeypatch):
         assert seen.bad == [] and made == [] and logits.device.type == "meta" and logits.shape == (3, model.head_m.numel())
 
 
+def test_a_rounded_shift_by_a_tensor_is_the_half_up_formula():
+    """``rshift_round`` by per-element amounts (floor plus bit s - 1, read from 2v) against
+    (v + 2^(s-1)) >> s, shifts 0 .. 62 and values up to 2^62, and at int64's ends (where that
+    formula's sum would wrap) against exact Python integers."""
+    gen = torch.Generator().manual_seed(11)
+    v = torch.randint(-(1 << 62), 1 << 62, (50000,), generator=gen) >> torch.randint(0, 62, (50000,), generator=gen)
+    s = torch.randint(0, 63, (50000,), generator=gen)
+    half = torch.where(s > 0, torch.ones_like(s) << (s - 1).clamp_min(0), torch.zeros_like(s))
+    assert torch.equal(ri.rshift_round(v, s), (v + half) >> s)
+    ends = torch.tensor([2**62, -(2**62), 2**63 - 1, -(2**63), 5, -5, 6, -6])
+    by = torch.tensor([23, 23, 1, 5, 1, 1, 2, 2])
+    assert ri.rshift_round(ends, by).tolist() == [(x + (1 << (y - 1))) >> y for x, y in zip(ends.tolist(), by.tolist())]
+
+
 def test_the_branch_free_integer_ops_equal_the_branching_ones():
     """``reference.sync_free()`` (what CUDA runs): shifts of mixed and one-signed amounts, rows
     beyond 2^40, a == 2^15 in ``wide_matmul``, ratios of constants: the same integers."""
