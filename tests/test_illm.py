@@ -721,6 +721,8 @@ def test_a_rounded_shift_by_a_tensor_is_the_half_up_formula():
     s = torch.randint(0, 63, (50000,), generator=gen)
     half = torch.where(s > 0, torch.ones_like(s) << (s - 1).clamp_min(0), torch.zeros_like(s))
     assert torch.equal(ri.rshift_round(v, s), (v + half) >> s)
+    rows = v.reshape(100, 500)  # a shift per row (broadcast): the other form
+    assert torch.equal(ri.rshift_round(rows, s[:100, None]), (rows + half[:100, None]) >> s[:100, None])
     ends = torch.tensor([2**62, -(2**62), 2**63 - 1, -(2**63), 5, -5, 6, -6])
     by = torch.tensor([23, 23, 1, 5, 1, 1, 2, 2])
     assert ri.rshift_round(ends, by).tolist() == [(x + (1 << (y - 1))) >> y for x, y in zip(ends.tolist(), by.tolist())]
