@@ -721,8 +721,10 @@ def test_a_rounded_shift_by_a_tensor_is_the_half_up_formula():
     s = torch.randint(0, 63, (50000,), generator=gen)
     half = torch.where(s > 0, torch.ones_like(s) << (s - 1).clamp_min(0), torch.zeros_like(s))
     assert torch.equal(ri.rshift_round(v, s), (v + half) >> s)
-    rows = v.reshape(100, 500)  # a shift per row (broadcast): the other form
-    assert torch.equal(ri.rshift_round(rows, s[:100, None]), (rows + half[:100, None]) >> s[:100, None])
+    rows = v.reshape(100, 500)  # a shift per row (broadcast): the other form, equal to the first
+    per_row = s[:100, None]
+    assert torch.equal(ri.rshift_round(rows, per_row), (rows + half[:100, None]) >> per_row)
+    assert torch.equal(ri.rshift_round(rows, per_row), ri.rshift_round(rows, per_row.expand(100, 500).contiguous()))
     ends = torch.tensor([2**62, -(2**62), 2**63 - 1, -(2**63), 5, -5, 6, -6])
     by = torch.tensor([23, 23, 1, 5, 1, 1, 2, 2])
     assert ri.rshift_round(ends, by).tolist() == [(x + (1 << (y - 1))) >> y for x, y in zip(ends.tolist(), by.tolist())]
@@ -738,15 +740,14 @@ def test_the_branch_free_integer_ops_equal_the_branching_ones():
     a = torch.randint(-(1 << 15), (1 << 15) + 1, (5, 16), generator=gen)
     a[2, 3] = 1 << 15
     b = torch.randint(-127, 128, (16, 6), generator=gen)
-    cases = [lambda: ri.shift(v, torch.randint(-8, 9, (4, 9), generator=torch.Generator().manual_seed(1))),
+    mixed = torch.randint(-8, 9, (4, 9), generator=torch.Generator().manual_seed(1))
+    cases = [lambda: ri.shift(v, mixed),
              lambda: ri.shift(v, torch.randint(0, 9, (4, 1), generator=torch.Generator().manual_seed(2))),
              lambda: ri.shift(v, torch.randint(-9, 1, (1, 9), generator=torch.Generator().manual_seed(3))),
              lambda: ri.shift(v, torch.tensor([3])),
              lambda: ri.quantize_rows(big, (1 << 20) - 1),
              lambda: ri.quantize_rows(v, 127, ri.clip_int(0.75)),
-             lambda: ri.wide_matmul(a, b),
-             lambda: ri.ratio(v.abs(), 127),
-             lambda: ri.ratio(v.abs(), 0)]
+             lambda: ri.wide_matmul(a, b)]
 
     def flat(x):
         return [x] if isinstance(x, torch.Tensor) else [x.m, x.k] if isinstance(x, ri.Dyadic) else [t for y in x for t in flat(y)]
@@ -758,6 +759,12 @@ def test_the_branch_free_integer_ops_equal_the_branching_ones():
         assert len(got) == len(want) and all(torch.equal(g, w) for g, w in zip(got, want)), i
     assert torch.equal(ri.wide_matmul(a.clamp(-32767, 32767), b, below_2_15=True), a.clamp(-32767, 32767) @ b)
     assert torch.equal(ri.wide_matmul(a, b), a @ b)
+    # the mixed-sign shift against the two-way form it replaced; a constant denominator against a tensor one
+    old = torch.where(mixed >= 0, ri.rshift_round(v, mixed.clamp_min(0)), v << (-mixed).clamp_min(0))
+    assert torch.equal(ri.shift(v, mixed), old)
+    for den in (127, 1, 0, (1 << 20) - 1):
+        by_int, by_tensor = ri.ratio(v.abs(), den), ri.ratio(v.abs(), torch.tensor(den))
+        assert torch.equal(by_int.m, by_tensor.m) and torch.equal(by_int.k, by_tensor.k), den
 
 
 def test_a_batch_beyond_batch_tokens_runs_in_parts_with_the_same_bits(illm_out, monkeypatch):

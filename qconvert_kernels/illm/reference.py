@@ -91,8 +91,8 @@ def rshift_round(v: torch.Tensor, s) -> torch.Tensor:
     if s.numel() < v.numel():  # s per row or column: 2^(s-1) made on s's few elements, 2 ops on v's
         return (v + torch.where(s > 0, 1 << (s - 1).clamp_min(0), 0)) >> s
     # s per element: floor(v / 2^s) plus v's bit s - 1 (the half), read as bit s of 2v (0 for
-    # s = 0; exact for any int64 v: 2v may wrap, its low 64 bits are v's moved up one), the value
-    # of the formula above in 5 ops, not 7
+    # s = 0; for s <= 63 exact for any int64 v: 2v may wrap, its low 64 bits are v's moved up
+    # one), the value of the formula above (where its sum does not wrap) in 5 ops, not 7
     return (v >> s) + (((v << 1) >> s) & 1)
 
 
