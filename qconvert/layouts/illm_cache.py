@@ -190,8 +190,9 @@ class IntegerDecodeEngine:
     (a warm-up step, then the capture, as qconvert/engine.py does): one token per row written at
     a device column, attention over all ``max_len`` columns with the unfilled ones masked out,
     every operation branch-free (``reference.sync_free``), so it replays at any length.  Its
-    logits are the eager step's bit for bit (the masked columns add nothing), and a replay costs
-    one launch instead of the hundreds of small integer ops of an eager step."""
+    logits are the eager step's bit for bit (the masked columns add nothing), and a replay is one
+    launch from the host instead of the tens of thousands of small integer ops of an eager step
+    (benchmarks/illm_step_ops.py counts them; not yet run on a GPU)."""
 
     def __init__(self, model, max_batch: int, max_len: int, graphs: bool | None = None):
         if max_batch < 1 or max_len < 2:
