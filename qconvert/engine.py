@@ -199,6 +199,24 @@ def capturing(graph, pool):
         yield
 
 
+def capture_step(step, device: torch.device, pool, after_warm_up=None):
+    """A decode step as a CUDA graph: ``step()`` once on a side stream under the guard (kernels
+    compiled, cuBLAS handles made, outside the capture), ``after_warm_up()`` (puts back what the
+    warm-up advanced), then ``step()`` captured.  Returns (graph, pool); ``pool`` None: a new one."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side), host_sync_guard():
+        step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    if after_warm_up is not None:
+        after_warm_up()
+    pool = torch.cuda.graph_pool_handle() if pool is None else pool
+    graph = torch.cuda.CUDAGraph()
+    with capturing(graph, pool):
+        step()
+    return graph, pool
+
+
 # ---------------------------------------------------------------------------------------------
 # the cache
 
@@ -466,17 +484,11 @@ class DecodeEngine:
     def _capture(self, b: int):
         """Warm up, then capture the decode step of ``b`` rows (attention over all max_len columns)."""
         pos, col = self._pos.clone(), self._col.clone()
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side), host_sync_guard():
-            self._step(b, self.max_len)  # compiles kernels, creates cuBLAS handles outside the capture
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        self._pos.copy_(pos)
-        self._col.copy_(col)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with capturing(graph, self._pool):
-            self._step(b, self.max_len)
+
+        def put_back():
+            self._pos.copy_(pos)
+            self._col.copy_(col)
+
+        graph, self._pool = capture_step(lambda: self._step(b, self.max_len), self.device, self._pool, put_back)
         self._graph_of[b] = graph
         return graph

@@ -228,6 +228,48 @@ def test_capture_enters_the_graph_before_the_guard(monkeypatch):
     assert seen == [True, True]
 
 
+def test_capture_step_warms_up_puts_back_then_captures(monkeypatch):
+    """``capture_step`` (both engines' capture), its CUDA calls stood in for: the step once on a
+    side stream under the guard, then ``after_warm_up``, then the step inside the graph and the
+    guard; a new pool only when none is given."""
+    from contextlib import nullcontext
+
+    from qconvert.engine import capture_step
+
+    calls = []
+
+    class Stream:
+        def __init__(self, *a):
+            pass
+
+        def wait_stream(self, other):
+            calls.append("wait")
+
+    class StandInGraph:
+        def __init__(self, graph, pool=None):
+            calls.append(("graph", pool))
+
+        def __enter__(self):
+            calls.append("capture")
+
+        def __exit__(self, *exc):
+            return False
+
+    for name, value in (("Stream", Stream), ("current_stream", lambda *a: Stream()), ("stream", lambda s: nullcontext()),
+                        ("CUDAGraph", lambda: "g"), ("graph_pool_handle", lambda: "new pool"), ("graph", StandInGraph)):
+        monkeypatch.setattr(torch.cuda, name, value)
+
+    def step():
+        with pytest.raises(HostSyncError):
+            torch.cuda.synchronize()
+        calls.append("step")
+
+    graph, pool = capture_step(step, torch.device("cpu"), None, lambda: calls.append("put back"))
+    assert (graph, pool) == ("g", "new pool")
+    assert calls == ["wait", "step", "wait", "put back", ("graph", "new pool"), "capture", "step"]
+    assert capture_step(step, torch.device("cpu"), "old pool")[1] == "old pool"
+
+
 def test_guard_catches_syncs_and_restores_torch(tiny_llama):
     model = _hf(tiny_llama)
     eng = DecodeEngine(model, 1, 16)

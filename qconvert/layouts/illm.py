@@ -332,9 +332,9 @@ class IntegerLlama(DerivedHolder):
         (token j sees keys 0 .. start + j) and, with the cache's left padding, ``real`` [rows * KV, n]
         (the row's real columns, per KV head as attention folds them; else None).  A padded row's
         positions count from its first real token."""
-        pad = cache.pad if cache is not None else None
         if getattr(cache, "column", None) is not None:
             return self._wide_positions(rows, t, cache, device)
+        pad = cache.pad if cache is not None else None
         start = cache.length if cache is not None else 0
         n = start + t
         cos, sin = self._table(start, n)

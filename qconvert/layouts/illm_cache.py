@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from qconvert.errors import QConvertError
-from qconvert_kernels.illm.reference import Dyadic
+from qconvert_kernels.illm.reference import Dyadic, sync_free
 
 
 def _cat(a: Dyadic, b: Dyadic) -> Dyadic:
@@ -274,8 +274,6 @@ class IntegerDecodeEngine:
         try:
             if not wide:
                 return self.model.logits(self._ids[:b], seq, last_only=True)[:, -1]
-            from qconvert_kernels.illm.reference import sync_free
-
             with sync_free():
                 logits = self.model.logits(self._ids[:b], seq, last_only=True)[:, -1]
             if self._logits is not None:
@@ -290,17 +288,8 @@ class IntegerDecodeEngine:
         """Warm up (kernels compiled, cuBLAS handles made, outside the capture), then capture the
         decode step of ``b`` rows.  Both write the new token's keys and values at ``_column``: the
         ones the replay writes again."""
-        from qconvert.engine import capturing, host_sync_guard
+        from qconvert.engine import capture_step
 
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side), host_sync_guard():
-            self._step(b, wide=True)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with capturing(graph, self._pool):
-            self._step(b, wide=True)
+        graph, self._pool = capture_step(lambda: self._step(b, wide=True), self.device, self._pool)
         self._graph_of[b] = graph
         return graph
