@@ -9,11 +9,18 @@ capture it), counted at the aten level, for the two forms of the step:
 - captured shape: the step a CUDA graph captures (``reference.sync_free``, the new token at a
   device column, attention over all ``max_len`` columns), run eagerly on this device.
 
-Both give the same logits (checked).  Also the wall time per step of each on this device.  The
-counts are of the torch integer path (on a GPU the I-LLM kernels replace the norms, requantizations
-and linears, fewer ops).  Prints a table and writes JSON.
+Both give the same logits (checked).  Also the wall time per step of each on this device.  These
+two count the torch integer path.  ``--kernels`` adds the form a GPU runs:
 
-    python benchmarks/illm_step_ops.py OUT [--prompt 64] [--batch 1] [--steps 5] [--json FILE]
+- captured shape on the kernels: the captured step with the I-LLM kernels turned on
+  (``IntegerLlama.use_kernels``), the launches run by the CPU emulator (qconvert_kernels/illm/emulate.py):
+  the torch ops left plus the kernel launches, per kernel.  Its last step is the one counted and
+  emulated (minutes on a CPU; its time is not reported), the earlier ones run the torch path, and
+  its logits must equal the captured shape's.
+
+Prints a table and writes JSON.
+
+    python benchmarks/illm_step_ops.py OUT [--prompt 64] [--batch 1] [--steps 5] [--kernels] [--json FILE]
 """
 
 from __future__ import annotations
@@ -81,12 +88,35 @@ def steps(model, ids, n: int, wide: bool, count: bool):
     return torch.stack(out), sum(timed) / max(len(timed), 1), counter
 
 
+def kernel_steps(model, ids, n: int):
+    """``steps`` of the captured shape whose last step runs on the I-LLM kernels, emulated: (its
+    logits, the OpCount of the torch ops left, launches per kernel)."""
+    from qconvert_kernels.illm import emulate
+
+    b, p = ids.shape
+    eng = model.decode_engine(b, p + n + 1)
+    eng._wide = True
+    nxt = eng.prefill(ids).argmax(-1)
+    for _ in range(n - 1):
+        nxt = eng.decode(nxt).argmax(-1)
+    counter = OpCount()
+    model.use_kernels(True)
+    try:
+        with emulate.emulating() as emu, counter:
+            logits = eng.decode(nxt).clone()
+    finally:
+        model.use_kernels(False)
+    return logits, counter, collections.Counter(name for name, *_ in emu.launches)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out", type=Path, help="an OUT quantized with an illm-* scheme")
     ap.add_argument("--prompt", type=int, default=64, help="prompt tokens per row (random ids)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=5, help="greedy steps (the first untimed, the last counted)")
+    ap.add_argument("--kernels", action="store_true",
+                    help="also count the captured step on the I-LLM kernels (emulated on the CPU: minutes)")
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "illm_step_ops.json")
     args = ap.parse_args()
     if args.steps < 3:
@@ -101,6 +131,12 @@ def main() -> None:
             logits[name], sec, c = steps(model, ids, args.steps, wide, count=True)
             top = [{"op": op, "calls": n} for op, n in c.ops.most_common(8)]
             rows[name] = {"ops": c.computing, "host_reads": c.reads, "step_s": round(sec, 4), "top_ops": top}
+        if args.kernels:
+            last, c, launches = kernel_steps(model, ids, args.steps)
+            rows["captured shape on the kernels"] = {
+                "ops": c.computing + sum(launches.values()), "torch_ops": c.computing, "launches": dict(launches),
+                "host_reads": c.reads, "step_s": None, "top_ops": [{"op": op, "calls": k} for op, k in c.ops.most_common(8)],
+                "same_logits": torch.equal(last, logits["captured shape"][-1])}
     same = torch.equal(logits["eager"], logits["captured shape"])
     scheme = (json.loads((args.out / "qconvert.json").read_text()).get("scheme") or {}).get("name")
     result = {"out": str(args.out), "scheme": scheme, "batch": args.batch, "prompt_tokens": args.prompt,
@@ -108,14 +144,21 @@ def main() -> None:
               "environment": environment(torch.device("cpu")), "cpu": torch.backends.cpu.get_cpu_capability()}
     print(f"{scheme}: one decode step of batch {args.batch} after {args.prompt} prompt tokens, {model.layers_n} blocks "
           f"({result['environment']['device']})")
-    print(f"{'form':<16}{'torch ops':>10}{'host reads':>12}{'step s':>9}")
+    print(f"{'form':<31}{'ops':>8}{'host reads':>12}{'step s':>9}")
     for name, r in rows.items():
-        print(f"{name:<16}{r['ops']:>10}{r['host_reads']:>12}{r['step_s']:>9.4f}")
+        step = "-" if r["step_s"] is None else f"{r['step_s']:.4f}"
+        print(f"{name:<31}{r['ops']:>8}{r['host_reads']:>12}{step:>9}")
+    kern = rows.get("captured shape on the kernels")
+    if kern:
+        print(f"  on the kernels: {kern['torch_ops']} torch ops + {sum(kern['launches'].values())} launches "
+              f"({', '.join(f'{k} {v}' for k, v in sorted(kern['launches'].items()))}); same logits: {kern['same_logits']}")
     print(f"the same logits, bit for bit: {same}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1) + "\n")
     if not same:
         raise SystemExit("the captured-shape step gave other logits than the eager one")
+    if kern and not kern["same_logits"]:
+        raise SystemExit("the captured step on the kernels gave other logits than the torch path")
 
 
 if __name__ == "__main__":

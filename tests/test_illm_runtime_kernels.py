@@ -59,9 +59,11 @@ def test_the_model_on_its_kernels_equals_the_torch_integer_path(outs, key):
     layers = model.layers_n
     bits = 4 if key.startswith("w4") else 8
     # per block: DI-Norm twice, seven DI-MatMuls, five int8 requantizations (q, k, v, o_proj's and
-    # down_proj's inputs); then the final DI-Norm before the head
+    # down_proj's inputs), three 16-bit ones (q, k, v before RoPE), the SwiGLU and two residual adds;
+    # then the final DI-Norm before the head
     assert launches == Counter({f"illm_matmul_w{bits}": 7 * layers, "illm_rmsnorm": 2 * layers + 1,
-                                "illm_requant_rows": 5 * layers}), launches
+                                "illm_requant_rows": 5 * layers, "illm_requant_wide": 3 * layers,
+                                "illm_swiglu": layers, "illm_residual_add": 2 * layers}), launches
     if key == "w4a4-online":
         assert model.model.layers[0].mlp.down_proj.online_transform is not None
         assert model.model.layers[0].mlp.down_proj.clip == ri.clip_int(0.9)
@@ -95,7 +97,7 @@ def test_a_batch_on_the_kernels_launches_once_per_step_and_gives_each_rows_bits(
     ids = torch.stack([_ids(6, s) for s in (7, 8, 9)])
     acc, scale, launches = _on_kernels(model, ids)
     _, _, single = _on_kernels(model, ids[0])
-    assert launches == single and sum(launches.values()) == 14 * model.layers_n + 1
+    assert launches == single and sum(launches.values()) == 20 * model.layers_n + 1
     for r in range(3):
         want_acc, want_scale = model.forward_int(ids[r])
         assert torch.equal(acc[6 * r:6 * r + 6], want_acc) and torch.equal(scale.m[6 * r:6 * r + 6], want_scale.m)
@@ -153,3 +155,49 @@ def test_kernels_on_cpu_tensors_need_the_emulator(outs):
     model = load(outs["w8a8"]).use_kernels(True)
     with pytest.raises(ValueError, match="rmsnorm: all tensors must be on one CUDA device"):
         model.forward_int(_ids(4, 1))
+
+
+def test_the_captured_step_on_the_kernels_gives_the_eager_steps_bits(outs):
+    """The decode step a CUDA graph captures on a GPU (the new token at a device column, attention
+    over all columns, branch-free ops) with every kernel the GPU runs, emulated, under the strict
+    host-sync watch (no torch op reads a value back to the host: the emulator's own reads of the
+    launched tensors go around torch's dispatch, which the guard of the torch-only test would see):
+    the logits of the eager torch integer steps, bit for bit, with left padding."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from qconvert import load
+
+    class Reads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func._schema.name in ("aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::equal"):
+                self.seen.append(func._schema.name)
+            return func(*args, **(kwargs or {}))
+
+    model = load(outs["w4a4-online"])
+    gen = torch.Generator().manual_seed(11)
+    ids = torch.randint(1, 300, (2, 6), generator=gen)
+    mask = torch.ones(2, 6, dtype=torch.int64)
+    mask[1, :2] = 0
+    nxt = torch.randint(1, 300, (2, 3), generator=gen)
+    eager = model.decode_engine(2, 12)
+    want = [eager.prefill(ids, mask)] + [eager.decode(nxt[:, j]) for j in range(3)]
+    model.use_kernels(True)
+    try:
+        with emulate.emulating() as emu:
+            wide = model.decode_engine(2, 12)
+            wide._wide = True
+            got = [wide.prefill(ids, mask)]
+            reads = Reads()
+            for j in range(3):
+                with reads:  # (the captured shape runs under ri.sync_free itself)
+                    got.append(wide.decode(nxt[:, j]))
+    finally:
+        model.use_kernels(False)
+    assert reads.seen == []
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
+    names = {name for name, *_ in emu.launches}
+    assert {"illm_requant_wide", "illm_swiglu", "illm_residual_add", "illm_rmsnorm", "illm_requant_rows"} <= names

@@ -1,5 +1,5 @@
-"""The I-LLM row kernels of illm_gemm.cu (requantization, DI-ClippedSoftmax, DI-Norm) and DI-MatMul
-proven on the CPU: the real launchers run with their launches routed to the emulator
+"""The I-LLM row kernels of illm_gemm.cu (requantizations, DI-ClippedSoftmax, DI-Norm, SwiGLU, the
+residual add) and DI-MatMul proven on the CPU: the real launchers run with their launches routed to the emulator
 (illm/emulate.py: the kernels' scalar integer code with common.cuh's divisions, every int64
 intermediate and DivBy numerator checked against its bound) and must equal
 ``qconvert_kernels.illm.reference`` bit for bit.  tests/test_kernels_illm_gpu.py runs the same
@@ -61,6 +61,96 @@ def run_rmsnorm(qmax, clip=ri.CLIP_ONE, mutations=frozenset()):
     rq, r = ri.di_rmsnorm(x, g, 14, qmax, clip)
     assert torch.equal(q.long(), rq), "q differs"
     assert torch.equal(sm, r.m[:, 0]) and torch.equal(sk, r.k[:, 0]), "scale differs"
+
+
+def row_scales(rows: int, seed: int, low: int = 20, high: int = 40):
+    """Random per-row dyadic scales [rows, 1] with a zero one (m = 0, k = 0) in row 1."""
+    gen = torch.Generator().manual_seed(seed)
+    d = ri.normalize(torch.randint(1, 2**16, (rows, 1), generator=gen), torch.randint(low, high, (rows, 1), generator=gen))
+    d.m[1], d.k[1] = 0, 0
+    return d
+
+
+def same_scale(m, k, d, what):
+    assert torch.equal(m, d.m[:, 0]) and torch.equal(k, d.k[:, 0]), f"{what} scale differs"
+
+
+def run_wide(qmax, fold=True, mutations=frozenset()):
+    v = requant_case(qmax)
+    f = row_scales(v.shape[0], qmax)
+    with emulate.emulating(mutations=mutations):
+        q, sm, sk = cuda_illm.requant_wide(v, qmax, *((f.m[:, 0], f.k[:, 0].int()) if fold else (None, None)))
+    rq, r = ri.quantize_rows(v, qmax)
+    assert q.dtype == torch.int64 and torch.equal(q, rq), "q differs"
+    same_scale(sm, sk, r * f if fold else r, "the")
+
+
+def matmul_like(rows: int, n: int, seed: int) -> torch.Tensor:
+    """Rows as DI-MatMul writes them (int32 sums times 16-bit mantissas, up to 2^47), with an all-zero
+    row (2), a row of small values (3) and one mixed row of both signs' extremes (4)."""
+    gen = torch.Generator().manual_seed(seed)
+    t = torch.randint(-2**47, 2**47, (rows, n), generator=gen)
+    t[2] = 0
+    t[3] //= 2**40
+    t[4, ::2] = -2**47
+    return t
+
+
+def run_swiglu(n=300, mutations=frozenset()):
+    tg, tu = matmul_like(6, n, 1), matmul_like(6, n, 2)
+    tu[5] = 0  # up all zero where the gate is not
+    sg, su = row_scales(6, 3, 10, 30), row_scales(6, 4, 10, 30)
+    sg.m[4], sg.k[4] = 2**15, 12  # a gate scale above 2^-16: DI-Exp's capped left shift
+    with emulate.emulating(mutations=mutations):
+        a, gm, gk, um, uk = cuda_illm.swiglu(tg, sg.m[:, 0], sg.k[:, 0], tu, su.m[:, 0], su.k[:, 0])
+    wa, wg, wu = ri.swiglu(tg, sg, tu, su)
+    assert torch.equal(a, wa), f"a differs in {(a != wa).sum()} places"
+    same_scale(gm, gk, wg, "gate")
+    same_scale(um, uk, wu, "up")
+
+
+def run_residual(mutations=frozenset()):
+    gen = torch.Generator().manual_seed(5)
+    rows, n = 7, 576
+    x = torch.randint(-2**20 + 1, 2**20, (rows, n), generator=gen)
+    x[0] = 0  # a zero residual row with a real scale
+    b = matmul_like(rows, n, 6)
+    sx, sb = row_scales(rows, 7), row_scales(rows, 8)
+    sx.m[5], sx.k[5] = 0, 0  # a zero residual scale (and row 1's branch scale is zero too)
+    sx.k[6] = sb.k[6] - 50  # the branch far below the residual: its shift leaves (almost) nothing
+    with emulate.emulating(mutations=mutations):
+        h, hm, hk = cuda_illm.residual_add(x, sx.m[:, 0], sx.k[:, 0], b, sb.m[:, 0], sb.k[:, 0])
+    wh, ws = ri.residual_add(x, sx, b, sb)
+    assert torch.equal(h, wh), f"h differs in {(h != wh).sum()} places"
+    same_scale(hm, hk, ws, "h")
+
+
+@pytest.mark.parametrize("fold", [True, False])
+@pytest.mark.parametrize("qmax", [ri.WIDE_QMAX, ri.RESIDUAL_QMAX, 127])
+def test_requant_wide_bit_exact(qmax, fold):
+    run_wide(qmax, fold)
+
+
+@pytest.mark.parametrize("n", [300, 1, 1536])
+def test_swiglu_bit_exact(n):
+    run_swiglu(n)
+
+
+def test_residual_add_bit_exact():
+    run_residual()
+
+
+def test_fused_glue_launchers_validate():
+    v = torch.zeros(3, 8, dtype=torch.int64)
+    one = torch.ones(3, dtype=torch.int64)
+    with pytest.raises(ValueError, match="give both fm and fk"):
+        cuda_illm.requant_wide(v, 127, one, None)
+    with pytest.raises(ValueError, match="qmax <= 2\\^20 - 1"):
+        cuda_illm.requant_wide(v, 1 << 20)
+    with pytest.raises(ValueError, match="b must be int64 \\[rows, n\\] = \\[3, 8\\]"):
+        cuda_illm.residual_add(v, one, one, v[:2], one, one)
+    with pytest.raises(ValueError, match="up scale m must be \\[rows\\] = \\[3\\]"):
+        cuda_illm.swiglu(v, one, one, v, one[:2], one)
 
 
 @pytest.mark.parametrize("clip", CLIPS)
@@ -125,6 +215,10 @@ MUTATION_CASES = {
     "round_down": (run_rmsnorm, (127,), "differs"),
     "exp_no_square": (run_softmax, (37,), "differs"),
     "requant_no_clip": (run_requant, (7, ri.clip_int(0.9)), "differs"),
+    "wide_no_fold": (run_wide, (ri.WIDE_QMAX,), "differs"),
+    "silu_sign": (run_swiglu, (), "differs"),
+    "swiglu_unfolded": (run_swiglu, (), "differs"),
+    "residual_zero_k": (run_residual, (), "differs"),
 }
 
 

@@ -10,6 +10,7 @@ pytest.importorskip("cupy")
 from qconvert_kernels.w4a8 import cuda as kcuda  # noqa: E402
 from qconvert_kernels.illm import cuda as cuda_illm  # noqa: E402
 from qconvert_kernels.illm import reference as ri  # noqa: E402
+from test_kernels_illm_emulate import matmul_like, row_scales  # noqa: E402
 from test_kernels_quik_emulate import illm_case  # noqa: E402
 
 if not kcuda.available():
@@ -60,3 +61,42 @@ def test_rmsnorm(qmax, clip):
     q, sm, sk = cuda_illm.rmsnorm(x.to(DEV), g.to(DEV), 14, qmax, clip)
     rq, r = ri.di_rmsnorm(x, g, 14, qmax, clip)
     assert torch.equal(q.cpu().long(), rq) and torch.equal(sm.cpu(), r.m[:, 0]) and torch.equal(sk.cpu(), r.k[:, 0])
+
+
+def _rows(d):
+    return d.m[:, 0].to(DEV), d.k[:, 0].to(DEV)
+
+
+@pytest.mark.parametrize("fold", [True, False])
+@pytest.mark.parametrize("qmax", [ri.WIDE_QMAX, ri.RESIDUAL_QMAX])
+def test_requant_wide(qmax, fold):
+    v = matmul_like(40, 700, qmax)
+    v[5, 3] = 2**60  # a row above 2^40: the pre-shift
+    f = row_scales(40, 9)
+    q, sm, sk = cuda_illm.requant_wide(v.to(DEV), qmax, *(_rows(f) if fold else (None, None)))
+    rq, r = ri.quantize_rows(v, qmax)
+    r = r * f if fold else r
+    assert torch.equal(q.cpu(), rq) and torch.equal(sm.cpu(), r.m[:, 0]) and torch.equal(sk.cpu(), r.k[:, 0])
+
+
+@pytest.mark.parametrize("n", [1536, 14336, 5])
+def test_swiglu(n):
+    tg, tu = matmul_like(33, n, 1), matmul_like(33, n, 2)
+    sg, su = row_scales(33, 3, 10, 30), row_scales(33, 4, 10, 30)
+    a, gm, gk, um, uk = cuda_illm.swiglu(tg.to(DEV), *_rows(sg), tu.to(DEV), *_rows(su))
+    wa, wg, wu = ri.swiglu(tg, sg, tu, su)
+    assert torch.equal(a.cpu(), wa)
+    assert torch.equal(gm.cpu(), wg.m[:, 0]) and torch.equal(gk.cpu(), wg.k[:, 0])
+    assert torch.equal(um.cpu(), wu.m[:, 0]) and torch.equal(uk.cpu(), wu.k[:, 0])
+
+
+@pytest.mark.parametrize("n", [576, 4096, 7])
+def test_residual_add(n):
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randint(-2**20 + 1, 2**20, (40, n), generator=gen)
+    b = matmul_like(40, n, 6)
+    sx, sb = row_scales(40, 7), row_scales(40, 8)
+    sx.m[5], sx.k[5] = 0, 0
+    h, hm, hk = cuda_illm.residual_add(x.to(DEV), *_rows(sx), b.to(DEV), *_rows(sb))
+    wh, ws = ri.residual_add(x, sx, b, sb)
+    assert torch.equal(h.cpu(), wh) and torch.equal(hm.cpu(), ws.m[:, 0]) and torch.equal(hk.cpu(), ws.k[:, 0])

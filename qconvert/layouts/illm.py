@@ -66,8 +66,7 @@ from qconvert.layouts.illm_cache import IntegerDecodeEngine, IntegerKVCache, Seq
 from qconvert_kernels.illm import reference as ri
 from qconvert_kernels.illm.reference import Dyadic
 
-RESIDUAL_QMAX = (1 << 20) - 1
-WIDE_QMAX = (1 << 15) - 1
+RESIDUAL_QMAX, WIDE_QMAX = ri.RESIDUAL_QMAX, ri.WIDE_QMAX
 # attention's int64 scores per block of heads and rows: on the CPU a block that stays in cache
 # (SmolLM2, 512 tokens, 2 AVX-512 cores, float32 GEMMs: 6-8 s per forward in 4 MiB blocks, 12-14 s
 # with every head in one block), on a GPU as much as a launch can use
@@ -131,6 +130,11 @@ def column_alignment(col: Dyadic, mask: torch.Tensor) -> tuple[torch.Tensor, tor
     e = kk.amin(dim=-1, keepdim=True)
     e = torch.where(e == NO_EXPONENT, 0, e)  # a row without a live column: all zero
     return torch.where(live, kk - e, 0).clamp(0, 62), e
+
+
+def _per_row(d: Dyadic, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A per-row dyadic ([rows, 1], or one broadcast to it) as the kernels take it: m and k [rows]."""
+    return d.m.expand(rows, 1).reshape(rows), d.k.expand(rows, 1).reshape(rows)
 
 
 def int_vector(g: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -316,15 +320,24 @@ class IntegerLlama(DerivedHolder):
         return self.rope_cos[start:stop], self.rope_sin[start:stop]
 
     # ---------------------------------------------------------------- integer path
-    def _residual_add(self, a, sa: Dyadic, b, sb: Dyadic):
-        b, rb = ri.quantize_rows(b, RESIDUAL_QMAX)
-        sb = rb * sb
-        big_a, big_b = a * sa.m, b * sb.m  # <= 2^36 each
-        # a zero (m = 0, k = 0) has no exponent: align to the other term's, not to 2^0
-        kmin = torch.where(sb.m == 0, sa.k, torch.where(sa.m == 0, sb.k, torch.minimum(sa.k, sb.k)))
-        total = ri.shift(big_a, sa.k - kmin) + ri.shift(big_b, sb.k - kmin)
-        q, r = ri.quantize_rows(total, RESIDUAL_QMAX)
-        return q, Dyadic(r.m, r.k + kmin)
+    def _residual_add(self, x, sx: Dyadic, b, sb: Dyadic):
+        """``ri.residual_add`` (by the kernel when on)."""
+        if not self.kernels:
+            return ri.residual_add(x, sx, b, sb)
+        from qconvert_kernels.illm import cuda as cuda_illm
+
+        h, m, k = cuda_illm.residual_add(x, *_per_row(sx, x.shape[0]), b, *_per_row(sb, x.shape[0]))
+        return h, Dyadic(m[:, None], k[:, None])
+
+    def _wide(self, t: torch.Tensor, fold: Dyadic | None = None):
+        """``ri.quantize_rows(t, WIDE_QMAX)``, its scale times ``fold`` if given (by the kernel when on)."""
+        if not self.kernels:
+            q, r = ri.quantize_rows(t, WIDE_QMAX)
+            return q, (r if fold is None else r * fold)
+        from qconvert_kernels.illm import cuda as cuda_illm
+
+        q, m, k = cuda_illm.requant_wide(t, WIDE_QMAX, *((None, None) if fold is None else _per_row(fold, t.shape[0])))
+        return q, Dyadic(m[:, None], k[:, None])
 
     def _positions(self, rows: int, t: int, cache: SequenceCache | None, device) -> SimpleNamespace:
         """What every block's attention of ``rows`` sequences of t new tokens shares (made once per
@@ -374,9 +387,9 @@ class IntegerLlama(DerivedHolder):
         tq, sq = attn.q_proj.int_forward(xq, xs)
         tk, sk = attn.k_proj.int_forward(xq, xs)
         tv, sv = attn.v_proj.int_forward(xq, xs)
-        q16, rq = ri.quantize_rows(tq, WIDE_QMAX)
-        k16, rk = ri.quantize_rows(tk, WIDE_QMAX)
-        v16, rv = ri.quantize_rows(tv, WIDE_QMAX)
+        q16, rq = self._wide(tq)
+        k16, s_kt = self._wide(tk, sk)  # the key's scale rk * sk
+        v16, s_vt = self._wide(tv, sv)
         qr = ri.rope(q16.reshape(bt, t, self.heads, d).transpose(1, 2), cos, sin)  # [rows, H, t, d]
         kr = ri.rope(k16.reshape(bt, t, kvh, d).transpose(1, 2), cos, sin)  # [rows, KV, t, d]
         q8, rq8 = self._requant(qr.transpose(1, 2).reshape(bt * t, -1), 127)  # per token, all heads
@@ -386,7 +399,6 @@ class IntegerLlama(DerivedHolder):
         k8, rk8 = self._requant(kr, 127)
         v8, rv8 = self._requant(v16.reshape(bt, t, kvh, d).transpose(1, 2), 127)
         per_token = (bt, 1, t, 1)
-        s_kt, s_vt = rk * sk, rv * sv
         kv = (k8.to(torch.int8), rk8 * Dyadic(s_kt.m.reshape(per_token), s_kt.k.reshape(per_token)),
               v8.to(torch.int8), rv8 * Dyadic(s_vt.m.reshape(per_token), s_vt.k.reshape(per_token)))
         if cache is not None:
@@ -437,16 +449,22 @@ class IntegerLlama(DerivedHolder):
                             mlp.gate_proj.clip)
         tg, sg = mlp.gate_proj.int_forward(xq, xs)
         tu, su = mlp.up_proj.int_forward(xq, xs)
-        g16, rg = ri.quantize_rows(tg, WIDE_QMAX)
-        u16, ru = ri.quantize_rows(tu, WIDE_QMAX)
-        sg, su = rg * sg, ru * su
-        a = ri.di_silu(g16, sg) * u16  # scale sg * su, |a| < 2^30
+        a, sg, su = self._swiglu(tg, sg, tu, su)  # a's scale sg * su, |a| < 2^30
         online = getattr(mlp.down_proj, "online_transform", None)  # --rotate hadamard+online (qconvert.load)
         if online is not None:  # a (A (x) H) / sqrt(n): integers below 2^30 n, the root in the scale
             a = ri.hadamard_rows(a, online.sign_on(a.device, torch.int64), online.lp)
         aq, ra = self._requant(a, mlp.down_proj.act_qmax, mlp.down_proj.clip)
         scale = ra * sg * su  # dyadic products round: this order is the format's (tests/test_golden.py)
         return mlp.down_proj.int_forward(aq, scale if online is None else scale * self.inv_sqrt_i)
+
+    def _swiglu(self, tg, sg: Dyadic, tu, su: Dyadic):
+        """``ri.swiglu`` (by the kernel when on)."""
+        if not self.kernels:
+            return ri.swiglu(tg, sg, tu, su)
+        from qconvert_kernels.illm import cuda as cuda_illm
+
+        a, gm, gk, um, uk = cuda_illm.swiglu(tg, *_per_row(sg, tg.shape[0]), tu, *_per_row(su, tg.shape[0]))
+        return a, Dyadic(gm[:, None], gk[:, None]), Dyadic(um[:, None], uk[:, None])
 
     def forward_int(self, input_ids: torch.Tensor, cache: SequenceCache | None = None,
                     last_only: bool = False) -> tuple[torch.Tensor, Dyadic]:

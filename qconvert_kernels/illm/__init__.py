@@ -1,4 +1,5 @@
-"""Kernel family illm (I-LLM, integer-only): DI-MatMul, requantization, DI-ClippedSoftmax, DI-Norm.
+"""Kernel family illm (I-LLM, integer-only): DI-MatMul, requantization, DI-ClippedSoftmax, DI-Norm,
+and the integer glue of a block fused per row (wide requantization, SwiGLU, residual add).
 Files: illm_gemm.cu, cuda.py (launchers), reference.py."""
 
 from pathlib import Path
@@ -6,13 +7,14 @@ from pathlib import Path
 from qconvert_kernels.spec import KernelSource
 
 _GEMMS = ("illm_matmul_w8", "illm_matmul_w4")
+_ROWS = ("illm_requant_rows", "illm_softmax", "illm_rmsnorm", "illm_requant_wide", "illm_swiglu", "illm_residual_add")
 ILLM = KernelSource(
     family="illm",
     path=Path(__file__).parent / "illm_gemm.cu",
-    kernels=_GEMMS + ("illm_requant_rows", "illm_softmax", "illm_rmsnorm"),
+    kernels=_GEMMS + _ROWS,
     gemms=_GEMMS,
     mma_count={k: {a: {"IMMA.16832.S8.S8": 16} for a in ("sm_80", "sm_89", "sm_90")} for k in _GEMMS},
-    no_float=_GEMMS + ("illm_requant_rows", "illm_softmax", "illm_rmsnorm"),
+    no_float=_GEMMS + _ROWS,
 )
 
 SOURCES = (ILLM,)

@@ -1,9 +1,9 @@
 """CuPy launcher of the I-LLM kernels (qconvert_kernels/illm/illm_gemm.cu): DI-MatMul, the per-row
-requantization, DI-ClippedSoftmax and DI-Norm.  Each equals its function in
-``qconvert_kernels.illm.reference`` bit for bit (integers in, integers out; GPU tests in
-tests/test_kernels_illm_gpu.py).  The integer model (qconvert/layouts/illm.py) calls
-``illm_matmul``, ``requant_rows`` and ``rmsnorm`` on a GPU (``IntegerLlama.use_kernels``); its
-softmax takes int64 scores, so ``softmax`` here is for int32 scores of one scale per row.
+requantizations (int8 and wide), DI-ClippedSoftmax, DI-Norm, and a block's integer glue fused per
+row (SwiGLU, the residual add).  Each equals its function in ``qconvert_kernels.illm.reference``
+bit for bit (integers in, integers out; GPU tests in tests/test_kernels_illm_gpu.py).  The integer
+model (qconvert/layouts/illm.py) calls all but ``softmax`` on a GPU (``IntegerLlama.use_kernels``);
+its softmax takes int64 scores, so ``softmax`` here is for int32 scores of one scale per row.
 
 Every launcher here checks shapes and dtypes on the host (metadata only), never reads a device
 value on the host (graph-capturable: DI-MatMul's exponent alignment min(wk) is computed on the
@@ -128,7 +128,7 @@ def softmax(scores: torch.Tensor, valid: torch.Tensor, sm: torch.Tensor, sk: tor
     valid_c = valid.to(torch.int32).contiguous()
     sm_c, sk_c = sm.to(torch.int64).contiguous(), sk.to(torch.int64).contiguous()
     p = torch.empty((rows, t), dtype=torch.int32, device=dev)  # row-major, as the kernel writes it
-    umax = round(clip * math.log2(math.e) * 2**ri.EXP_F)
+    umax = ri.exp_umax(clip)
     if rows:
         _launch("illm_softmax", (rows,), (ROW_THREADS,),
                 (_l.ptr(scores_c), _l.ptr(valid_c), _l.ptr(sm_c), _l.ptr(sk_c), np.int64(umax), _l.ptr(p), _l.i32(rows), _l.i32(t)), dev)
@@ -152,3 +152,89 @@ def rmsnorm(x: torch.Tensor, gamma: torch.Tensor, gamma_k: int, qmax: int, clip:
                 (_l.ptr(x), _l.ptr(gamma_c), _l.i32(gamma_k), _l.i32(qmax), _l.ptr(q), _l.ptr(sm),
                  _l.ptr(sk), _l.i32(x.shape[0]), _l.i32(x.shape[1]), _l.i32(clip)), dev)
     return q, sm, sk
+
+
+def _row_scale(fn: str, what: str, m: torch.Tensor, k: torch.Tensor, rows: int):
+    """A per-row dyadic (m, k [rows], any integer dtype) as the kernels read it: int64, contiguous."""
+    _rows_vector(fn, f"{what} m", m, rows, _INT)
+    _rows_vector(fn, f"{what} k", k, rows, _INT)
+    return m.to(torch.int64).contiguous(), k.to(torch.int64).contiguous()
+
+
+def _int64_rows(fn: str, what: str, v: torch.Tensor, shape=None) -> torch.Tensor:
+    _l.require(v.dim() == 2 and v.dtype == torch.int64 and (shape is None or tuple(v.shape) == tuple(shape)),
+               f"{fn}: {what} must be int64 [rows, n]" + (f" = {list(shape)}" if shape is not None else "")
+               + f", got {v.dtype} {tuple(v.shape)}")
+    return v.contiguous()
+
+
+def _check_wide_qmax(fn: str, qmax: int) -> None:
+    _l.require(isinstance(qmax, int) and 0 < qmax <= ri.RESIDUAL_QMAX, f"{fn}: 0 < qmax <= 2^20 - 1, got {qmax!r}")
+
+
+def requant_wide(v: torch.Tensor, qmax: int, fm: torch.Tensor | None = None, fk: torch.Tensor | None = None):
+    """reference.quantize_rows(v, qmax) for int64 v [rows, n] and qmax < 2^20, q as int64: (q, m, k
+    [rows]); with ``fm``, ``fk`` (a per-row dyadic) the scale returned is the row's ratio times it
+    (``Dyadic.__mul__``)."""
+    fn = "requant_wide"
+    _check_wide_qmax(fn, qmax)
+    v_c = _int64_rows(fn, "v", v)
+    rows, n = v_c.shape
+    _l.require((fm is None) == (fk is None), f"{fn}: give both fm and fk, or neither")
+    fold = fm is not None
+    fm_c, fk_c = _row_scale(fn, "fold", fm, fk, rows) if fold else (None, None)
+    dev = _l.check_cuda(fn, v_c, *(() if fm is None else (fm_c, fk_c)))
+    q = torch.empty((rows, n), dtype=torch.int64, device=dev)
+    sm, sk = _row_outputs(rows, dev)
+    if v_c.numel():
+        _launch("illm_requant_wide", (rows,), (ROW_THREADS,),
+                (_l.ptr(v_c), _l.ptr(fm_c), _l.ptr(fk_c), _l.i32(int(fold)), _l.ptr(q), _l.ptr(sm), _l.ptr(sk),
+                 _l.i32(rows), _l.i32(n), _l.i32(qmax)), dev)
+    return q, sm, sk
+
+
+
+
+def swiglu(tg: torch.Tensor, gm: torch.Tensor, gk: torch.Tensor, tu: torch.Tensor, um: torch.Tensor, uk: torch.Tensor,
+           qmax: int = ri.WIDE_QMAX):
+    """reference.swiglu of int64 tg, tu [rows, n] with row scales (gm, gk), (um, uk): (a int64 [rows, n],
+    the gate's scale m, k, the up's scale m, k [rows])."""
+    fn = "swiglu"
+    _l.require(isinstance(qmax, int) and 0 < qmax <= ri.WIDE_QMAX, f"{fn}: 0 < qmax <= 2^15 - 1, got {qmax!r}")
+    tg_c = _int64_rows(fn, "tg", tg)
+    tu_c = _int64_rows(fn, "tu", tu, tg_c.shape)
+    rows, n = tg_c.shape
+    gm_c, gk_c = _row_scale(fn, "gate scale", gm, gk, rows)
+    um_c, uk_c = _row_scale(fn, "up scale", um, uk, rows)
+    dev = _l.check_cuda(fn, tg_c, tu_c, gm_c, gk_c, um_c, uk_c)
+    a = torch.empty((rows, n), dtype=torch.int64, device=dev)
+    sgm, sgk = _row_outputs(rows, dev)
+    sum_, suk = _row_outputs(rows, dev)
+    if tg_c.numel():
+        import numpy as np
+
+        _launch("illm_swiglu", (rows,), (ROW_THREADS,),
+                (_l.ptr(tg_c), _l.ptr(gm_c), _l.ptr(gk_c), _l.ptr(tu_c), _l.ptr(um_c), _l.ptr(uk_c), np.int64(ri.exp_umax(ri.SILU_CLIP)),
+                 _l.i32(qmax), _l.ptr(a), _l.ptr(sgm), _l.ptr(sgk), _l.ptr(sum_), _l.ptr(suk), _l.i32(rows), _l.i32(n)), dev)
+    return a, sgm, sgk, sum_, suk
+
+
+def residual_add(x: torch.Tensor, xm: torch.Tensor, xk: torch.Tensor, b: torch.Tensor, bm: torch.Tensor, bk: torch.Tensor,
+                 qmax: int = ri.RESIDUAL_QMAX):
+    """reference.residual_add of int64 x, b [rows, n] (|x| <= qmax) with row scales (xm, xk), (bm, bk):
+    (h int64 [rows, n], m, k [rows])."""
+    fn = "residual_add"
+    _check_wide_qmax(fn, qmax)
+    x_c = _int64_rows(fn, "x", x)
+    b_c = _int64_rows(fn, "b", b, x_c.shape)
+    rows, n = x_c.shape
+    xm_c, xk_c = _row_scale(fn, "x scale", xm, xk, rows)
+    bm_c, bk_c = _row_scale(fn, "b scale", bm, bk, rows)
+    dev = _l.check_cuda(fn, x_c, b_c, xm_c, xk_c, bm_c, bk_c)
+    h = torch.empty((rows, n), dtype=torch.int64, device=dev)
+    hm, hk = _row_outputs(rows, dev)
+    if x_c.numel():
+        _launch("illm_residual_add", (rows,), (ROW_THREADS,),
+                (_l.ptr(x_c), _l.ptr(xm_c), _l.ptr(xk_c), _l.ptr(b_c), _l.ptr(bm_c), _l.ptr(bk_c), _l.i32(qmax),
+                 _l.ptr(h), _l.ptr(hm), _l.ptr(hk), _l.i32(rows), _l.i32(n)), dev)
+    return h, hm, hk

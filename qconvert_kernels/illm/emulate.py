@@ -1,6 +1,6 @@
 """CPU emulator of the I-LLM kernels of illm_gemm.cu: the row kernels (``illm_requant_rows``,
-``illm_softmax``, ``illm_rmsnorm``) here, DI-MatMul through the 64 x 64 main loops of
-quik/emulate.py.
+``illm_softmax``, ``illm_rmsnorm``, ``illm_requant_wide``, ``illm_swiglu``, ``illm_residual_add``)
+here, DI-MatMul through the 64 x 64 main loops of quik/emulate.py.
 
 The row kernels are integer code: one CTA of 256 threads per row, strided loops, block max / sum
 reductions (order-free on integers), and divisions done only by ``qk::udiv_u64`` (restoring long
@@ -9,8 +9,8 @@ numerator bound).  The emulator runs the kernels' own scalar expressions on Pyth
 the two divisions transcribed from common.cuh, and checks what the hardware would not: every
 int64 intermediate must stay inside int64 (``EmulationError`` otherwise), every DivBy numerator
 inside the bound its ``init`` was given, every global access inside its tensor, every output
-written exactly once.  The launchers (``illm.cuda.requant_rows``, ``softmax``, ``rmsnorm``,
-``illm_matmul``) run unchanged through ``launch.launch_hook``.
+written exactly once.  The launchers (``illm.cuda.requant_rows``, ``softmax``, ``rmsnorm``, ``requant_wide``,
+``swiglu``, ``residual_add``, ``illm_matmul``) run unchanged through ``launch.launch_hook``.
 """
 
 from __future__ import annotations
@@ -35,12 +35,19 @@ MASK64 = (1 << 64) - 1
 REQUANT_PARAMS = ("v", "q", "sm", "sk", "rows", "n", "qmax", "clip")
 SOFTMAX_PARAMS = ("scores", "valid", "sm", "sk", "umax", "P", "rows", "T")
 RMSNORM_PARAMS = ("x", "gamma", "gk", "qmax", "q", "sm", "sk", "rows", "H", "clip")
+WIDE_PARAMS = ("v", "fm", "fk", "fold", "q", "sm", "sk", "rows", "n", "qmax")
+SWIGLU_PARAMS = ("tg", "gm", "gk", "tu", "um", "uk", "umax", "qmax", "a", "sgm", "sgk", "sum", "suk", "rows", "n")
+RESIDUAL_PARAMS = ("x", "xm", "xk", "b", "bm", "bk", "qmax", "h", "hm", "hk", "rows", "n")
 
 MUTATIONS = _BYTES_MUTATIONS | frozenset({
     "divby_short",     # DivBy initialised for 32-bit numerators where the kernel needs 48
     "round_down",      # rshift_round without its half (truncating shifts)
     "exp_no_square",   # DI-Exp without the quadratic term
     "requant_no_clip", # requant_row ignoring its activation clip
+    "wide_no_fold",    # illm_requant_wide returning its ratio without the fold
+    "silu_sign",       # SiLU taking sigmoid(|x|) for negative x too
+    "swiglu_unfolded", # SwiGLU's SiLU on the gate's ratio alone, not times the gate's scale
+    "residual_zero_k", # the residual add aligning to a zero term's exponent 0 (min of both exponents)
 })
 
 
@@ -147,23 +154,51 @@ class Ops:
         return self.rshift_round(p, min(-q, 62))
 
     def requant_row(self, vals: list[int], qmax: int, clip: int) -> tuple[list[int], int, int]:
-        """illm::requant_row: (q, m, k) of one row."""
+        """illm::requant_row: (q, m, k) of one row (RowQuant<48>)."""
+        rq = RowQuant(self, vals, qmax, clip, 32 if "divby_short" in self.mutations else 48)
+        return [rq(v) for v in vals], *rq.scale()
+
+    def mul(self, a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
+        return self.normalize(i64(a[0] * b[0], "dyadic product"), a[1] + b[1])
+
+    def exp_arg(self, negx: int, coef: tuple[int, int], umax: int) -> int:
+        s = coef[1] - EXP_F
+        v = i64(min(negx, 1 << 40) * coef[0], "DI-Exp argument")
+        if s < 0:
+            v = min(v, (umax >> min(-s, 40)) + 1)
+        return -min(self.shift(v, max(s, -40)), umax)
+
+    def silu(self, g: int, coef: tuple[int, int], umax: int) -> int:
+        one = 1 << EXP_F
+        den = one + self.di_exp2(self.exp_arg(abs(g), coef, umax))
+        pos = udiv_u64((one << EXP_F) + den // 2, den)
+        neg = "silu_sign" not in self.mutations
+        return self.rshift_round(i64(g * (pos if g >= 0 or not neg else one - pos), "silu product"), EXP_F)
+
+
+class RowQuant:
+    """illm::RowQuant<NBITS>: a row's range (``init``), then q of one value and the row's scale."""
+
+    def __init__(self, ops: Ops, vals, qmax: int, clip: int, nbits: int):
+        self.ops, self.qmax = ops, qmax
         amax = max((abs(v) for v in vals), default=0)
-        pre = max(self.bitlen(amax) - 40, 0)
+        self.pre = max(ops.bitlen(amax) - 40, 0)
         amax2 = amax
-        if pre > 0:
-            amax2 = max((abs(self.rshift_round(v, pre)) for v in vals), default=0)
-        if "requant_no_clip" not in self.mutations:
-            amax2 = self.rshift_round(i64(amax2 * clip, "clipped amax"), CLIP_BITS)
-        den = amax2 if amax2 > 0 else 1
-        by = DivBy(den, 32 if "divby_short" in self.mutations else 48)
-        q = []
-        for v in vals:
-            v = self.rshift_round(v, pre)
-            mag = by.div(i64(min(abs(v), amax2) * qmax + amax2 // 2, "requant numerator"))
-            q.append(-mag if v < 0 else mag)
-        m, k = self.ratio(amax2, qmax)
-        return q, m, k - pre
+        if self.pre > 0:
+            amax2 = max((abs(ops.rshift_round(v, self.pre)) for v in vals), default=0)
+        if "requant_no_clip" not in ops.mutations:
+            amax2 = ops.rshift_round(i64(amax2 * clip, "clipped amax"), CLIP_BITS)
+        self.amax2 = amax2
+        self.by = DivBy(amax2 if amax2 > 0 else 1, nbits)
+
+    def __call__(self, v: int) -> int:
+        v = self.ops.rshift_round(v, self.pre)
+        mag = self.by.div(i64(min(abs(v), self.amax2) * self.qmax + self.amax2 // 2, "requant numerator"))
+        return -mag if v < 0 else mag
+
+    def scale(self) -> tuple[int, int]:
+        m, k = self.ops.ratio(self.amax2, self.qmax)
+        return m, k - self.pre
 
 
 # ----------------------------------------------------------------------------- row kernels
@@ -201,16 +236,8 @@ def softmax(ctx: Ctx, ops: Ops, grid):
         mx = max(row[:L], default=-(1 << 62))
         sm = int(_load(ctx, a["sm"], [r], np.int64, "sm")[0])
         sk = int(_load(ctx, a["sk"], [r], np.int64, "sk")[0])
-        cm, ck = ops.normalize(i64(sm * LOG2E_M, "softmax scale"), sk + LOG2E_K)
-        s = ck - EXP_F
-
-        def e_of(j):
-            v = i64(min(mx - row[j], 1 << 40) * cm, "softmax argument")
-            if s < 0:
-                v = min(v, (umax >> min(-s, 40)) + 1)
-            return ops.di_exp2(-min(ops.shift(v, max(s, -40)), umax))
-
-        e = [e_of(j) for j in range(L)]
+        coef = ops.normalize(i64(sm * LOG2E_M, "softmax scale"), sk + LOG2E_K)
+        e = [ops.di_exp2(ops.exp_arg(mx - row[j], coef, umax)) for j in range(L)]
         total = i64(sum(e), "softmax total")
         by = DivBy(total if total > 0 else 1, 48)
         out = [by.div(i64((v << PROB_BITS) + total // 2, "softmax numerator")) for v in e] + [0] * (T - L)
@@ -232,19 +259,87 @@ def rmsnorm(ctx: Ctx, ops: Ops, grid):
         _store(ctx, "sk", [r], [ik + k + a["gk"]], np.int64, "sk")
 
 
+def _row_scale(ctx: Ctx, mk: str, kk: str, r: int) -> tuple[int, int]:
+    return (int(_load(ctx, ctx.args[mk], [r], np.int64, mk)[0]), int(_load(ctx, ctx.args[kk], [r], np.int64, kk)[0]))
+
+
+def _store_scale(ctx: Ctx, mk: str, kk: str, r: int, d: tuple[int, int]) -> None:
+    _store(ctx, mk, [r], [d[0]], np.int64, mk)
+    _store(ctx, kk, [r], [d[1]], np.int64, kk)
+
+
+WIDE_NBITS = 61  # RowQuant<61>: the numerator |v| * qmax + amax2 / 2 < 2^60 for qmax < 2^20
+
+
+def requant_wide(ctx: Ctx, ops: Ops, grid):
+    a = ctx.args
+    rows, n = a["rows"], a["n"]
+    for r in range(min(grid[0], rows)):
+        vals = _row(ctx, "v", r, n, np.int64, "v")
+        rq = RowQuant(ops, vals, a["qmax"], 1 << CLIP_BITS, WIDE_NBITS)
+        _store(ctx, "q", r * n + np.arange(n), [rq(v) for v in vals], np.int64, "q")
+        d = rq.scale()
+        if a["fold"] and "wide_no_fold" not in ops.mutations:
+            d = ops.mul(d, _row_scale(ctx, "fm", "fk", r))
+        _store_scale(ctx, "sm", "sk", r, d)
+
+
+def swiglu(ctx: Ctx, ops: Ops, grid):
+    a = ctx.args
+    rows, n = a["rows"], a["n"]
+    for r in range(min(grid[0], rows)):
+        g, u = _row(ctx, "tg", r, n, np.int64, "tg"), _row(ctx, "tu", r, n, np.int64, "tu")
+        qg = RowQuant(ops, g, a["qmax"], 1 << CLIP_BITS, WIDE_NBITS)
+        qu = RowQuant(ops, u, a["qmax"], 1 << CLIP_BITS, WIDE_NBITS)
+        sg = qg.scale() if "swiglu_unfolded" in ops.mutations else ops.mul(qg.scale(), _row_scale(ctx, "gm", "gk", r))
+        su = ops.mul(qu.scale(), _row_scale(ctx, "um", "uk", r))
+        coef = ops.normalize(i64(sg[0] * LOG2E_M, "SiLU scale"), sg[1] + LOG2E_K)
+        out = [i64(ops.silu(qg(x), coef, a["umax"]) * qu(y), "SiLU(g) * u") for x, y in zip(g, u)]
+        _store(ctx, "a", r * n + np.arange(n), out, np.int64, "a")
+        _store_scale(ctx, "sgm", "sgk", r, sg)
+        _store_scale(ctx, "sum", "suk", r, su)
+
+
+def residual_add(ctx: Ctx, ops: Ops, grid):
+    a = ctx.args
+    rows, n = a["rows"], a["n"]
+    for r in range(min(grid[0], rows)):
+        x, b = _row(ctx, "x", r, n, np.int64, "x"), _row(ctx, "b", r, n, np.int64, "b")
+        qb = RowQuant(ops, b, a["qmax"], 1 << CLIP_BITS, WIDE_NBITS)
+        sx = _row_scale(ctx, "xm", "xk", r)
+        sb = ops.mul(qb.scale(), _row_scale(ctx, "bm", "bk", r))
+        if "residual_zero_k" in ops.mutations:
+            kmin = min(sx[1], sb[1])
+        else:
+            kmin = sx[1] if sb[0] == 0 else sb[1] if sx[0] == 0 else min(sx[1], sb[1])
+        shx, shb = (max(min(k - kmin, 62), -62) for k in (sx[1], sb[1]))
+        total = [ops.shift(i64(xv * sx[0], "x * m"), shx) + ops.shift(i64(qb(bv) * sb[0], "b * m"), shb) for xv, bv in zip(x, b)]
+        qh = RowQuant(ops, total, a["qmax"], 1 << CLIP_BITS, WIDE_NBITS)
+        _store(ctx, "h", r * n + np.arange(n), [qh(v) for v in total], np.int64, "h")
+        m, k = qh.scale()
+        _store_scale(ctx, "hm", "hk", r, (m, k + kmin))
+
+
 class Emulator(_Bytes64):
     """The launch hook of illm_gemm.cu: the row kernels here, DI-MatMul (and QUIK's kernels) by
     quik/emulate.py's main loops."""
 
     KERNELS = _Bytes64.KERNELS + (("illm_requant_rows", REQUANT_PARAMS, ROW_THREADS),
                                   ("illm_softmax", SOFTMAX_PARAMS, ROW_THREADS),
-                                  ("illm_rmsnorm", RMSNORM_PARAMS, ROW_THREADS))
+                                  ("illm_rmsnorm", RMSNORM_PARAMS, ROW_THREADS),
+                                  ("illm_requant_wide", WIDE_PARAMS, ROW_THREADS),
+                                  ("illm_swiglu", SWIGLU_PARAMS, ROW_THREADS),
+                                  ("illm_residual_add", RESIDUAL_PARAMS, ROW_THREADS))
     KNOWN = MUTATIONS
 
     def run(self, name, grid, ctx):
         rows = {"illm_requant_rows": (requant_rows, (("q", "n", 1), ("sm", None, 8), ("sk", None, 8))),
                 "illm_softmax": (softmax, (("P", "T", 4),)),
-                "illm_rmsnorm": (rmsnorm, (("q", "H", 1), ("sm", None, 8), ("sk", None, 8)))}
+                "illm_rmsnorm": (rmsnorm, (("q", "H", 1), ("sm", None, 8), ("sk", None, 8))),
+                "illm_requant_wide": (requant_wide, (("q", "n", 8), ("sm", None, 8), ("sk", None, 8))),
+                "illm_swiglu": (swiglu, (("a", "n", 8), ("sgm", None, 8), ("sgk", None, 8), ("sum", None, 8),
+                                         ("suk", None, 8))),
+                "illm_residual_add": (residual_add, (("h", "n", 8), ("hm", None, 8), ("hk", None, 8)))}
         if name not in rows:
             return super().run(name, grid, ctx)
         fn, outs = rows[name]

@@ -15,6 +15,11 @@
 //   illm_softmax           DI-ClippedSoftmax of int32 scores with a per-row dyadic scale and a
 //                          per-row valid length (causal): 15-bit probabilities (di_softmax)
 //   illm_rmsnorm           DI-Norm: integer square root, x * gamma requantized per row (di_rmsnorm)
+//   illm_requant_wide      quantize_rows to qmax < 2^20 (int64 out), the row's scale optionally
+//                          times another (a Dyadic product): 16-bit q, k, v before RoPE
+//   illm_swiglu            gate and up requantized to 16 bits, scales folded, SiLU(g) * u (swiglu)
+//   illm_residual_add      the branch requantized to 20 bits, both terms aligned by shifts,
+//                          the sum requantized to 20 bits (residual_add)
 //
 // Requirements (launcher: qconvert_kernels/cuda_illm.py): K a multiple of 32 for the GEMMs;
 // contiguous row-major operands, 16-byte aligned; |x| < 2^22 for the norm.
@@ -92,34 +97,52 @@ __device__ __forceinline__ long long block_sum(long long v, long long* red) {
     return v;
 }
 
-// quantize_rows over one row (the caller's CTA): writes q, returns the row's scale ratio
-// (m, k - pre) of amax / qmax.  The values are read through `get(i)` twice (no copy).  `clip`
-// (c * 2^16, in [2^15, 2^16]) shrinks amax first; |v| beyond the shrunken amax saturates.
+// quantize_rows over one row (the caller's CTA), in two parts: `init` reads the row through
+// `get(i)` (once, or twice when the row needs the pre-shift below 2^40) for its range, then
+// `operator()` gives q of one value and `scale()` the row's scale ratio (m, k - pre) of
+// amax / qmax.  `clip` (c * 2^16, in [2^15, 2^16]) shrinks amax first; |v| beyond the shrunken
+// amax saturates.  NBITS bounds the division's numerator |v| * qmax + amax2 / 2 (|v| clamped to
+// amax2 <= 2^40): 48 bits for qmax <= 127 (< 2^47 + 2^39), 61 for qmax < 2^20 (< 2^60).
+template <int NBITS>
+struct RowQuant {
+    long long amax2;
+    int qmax, pre;
+    qk::DivBy by;
+    template <typename Get>
+    __device__ __forceinline__ void init(const Get& get, int n, int qmax_, long long clip, long long* red) {
+        long long amax = 0;
+        for (int i = threadIdx.x; i < n; i += ROW_THREADS) amax = max(amax, llabs(get(i)));
+        amax = block_max(amax, red);
+        pre = bitlen(amax) - 40;
+        pre = pre > 0 ? pre : 0;
+        amax2 = amax;
+        if (pre > 0) {
+            amax2 = 0;
+            for (int i = threadIdx.x; i < n; i += ROW_THREADS) amax2 = max(amax2, llabs(rshift_round(get(i), pre)));
+            amax2 = block_max(amax2, red);
+        }
+        amax2 = rshift_round(amax2 * clip, CLIP_BITS);  // amax2 <= 2^40 after `pre`, clip <= 2^16: below 2^57
+        by.init(static_cast<unsigned long long>(amax2 > 0 ? amax2 : 1), NBITS);
+        qmax = qmax_;
+    }
+    __device__ __forceinline__ long long operator()(long long v) const {
+        v = rshift_round(v, pre);
+        const long long mag = static_cast<long long>(by.div(static_cast<unsigned long long>(min(llabs(v), amax2) * qmax + amax2 / 2)));
+        return v < 0 ? -mag : mag;
+    }
+    __device__ __forceinline__ Dy scale() const {
+        const Dy r = ratio(amax2, qmax);
+        return {r.m, r.k - pre};
+    }
+};
+
+// The int8 requantization of one row (qmax <= 127): writes q, returns the row's scale.
 template <typename Get>
 __device__ __forceinline__ Dy requant_row(Get get, int n, long long qmax, long long clip, signed char* q, long long* red) {
-    long long amax = 0;
-    for (int i = threadIdx.x; i < n; i += ROW_THREADS) amax = max(amax, llabs(get(i)));
-    amax = block_max(amax, red);
-    int pre = bitlen(amax) - 40;
-    pre = pre > 0 ? pre : 0;
-    long long amax2 = amax;
-    if (pre > 0) {
-        amax2 = 0;
-        for (int i = threadIdx.x; i < n; i += ROW_THREADS) amax2 = max(amax2, llabs(rshift_round(get(i), pre)));
-        amax2 = block_max(amax2, red);
-    }
-    amax2 = rshift_round(amax2 * clip, CLIP_BITS);  // amax2 <= 2^40 after `pre`, clip <= 2^16: below 2^57
-    const long long den = amax2 > 0 ? amax2 : 1;
-    // numerator |v| * qmax + amax2 / 2 <= 2^40 * 127 + 2^39 < 2^48 (|v| clamped to amax2 <= 2^40)
-    qk::DivBy by;
-    by.init(static_cast<unsigned long long>(den), 48);
-    for (int i = threadIdx.x; i < n; i += ROW_THREADS) {
-        const long long v = rshift_round(get(i), pre);
-        const long long mag = static_cast<long long>(by.div(static_cast<unsigned long long>(min(llabs(v), amax2) * qmax + amax2 / 2)));
-        q[i] = static_cast<signed char>(v < 0 ? -mag : mag);
-    }
-    const Dy r = ratio(amax2, qmax);
-    return {r.m, r.k - pre};
+    RowQuant<48> rq;
+    rq.init(get, n, qmax, clip, red);
+    for (int i = threadIdx.x; i < n; i += ROW_THREADS) q[i] = static_cast<signed char>(rq(get(i)));
+    return rq.scale();
 }
 
 __device__ __forceinline__ long long isqrt(long long v) {  // floor(sqrt(v)), v >= 0
@@ -137,6 +160,28 @@ __device__ __forceinline__ long long di_exp2(long long u) {  // u <= 0, 16 fract
     const long long p = (1LL << EXP_F) + rshift_round(r * (EXP_A + rshift_round(EXP_B * r, EXP_F)), EXP_F);
     const long long s = -q < 62 ? -q : 62;
     return rshift_round(p, static_cast<int>(s));
+}
+
+__device__ __forceinline__ Dy mul(Dy a, Dy b) { return normalize(a.m * b.m, a.k + b.k); }  // Dyadic.__mul__
+
+// DI-Exp's fixed-point argument u = -min(negx * coef, umax) for negx = -x >= 0, coef = scale *
+// log2(e) (reference.exp_argument): a scale above 2^-16 (s < 0, rare) caps v first so the left
+// shift stays in range.
+__device__ __forceinline__ long long exp_arg(long long negx, Dy coef, long long umax) {
+    const int s = static_cast<int>(coef.k) - EXP_F;
+    long long v = min(negx, 1LL << 40) * coef.m;
+    if (s < 0) v = min(v, (umax >> min(-s, 40)) + 1);
+    return -min(shift(v, max(s, -40)), umax);
+}
+
+// Integer SiLU of g (reference.di_silu): g * sigmoid, sigmoid(|x|) = 2^32 / (2^16 + e^-|x|) with
+// e^-|x| by DI-Exp (16 fractional bits), one per-element long division (quotient <= 2^16 + 1).
+__device__ __forceinline__ long long silu(long long g, Dy coef, long long umax) {
+    constexpr long long ONE = 1LL << EXP_F;
+    const long long den = ONE + di_exp2(exp_arg(llabs(g), coef, umax));  // [2^16, 2^17]
+    const long long pos = static_cast<long long>(qk::udiv_u64(static_cast<unsigned long long>((ONE << EXP_F) + den / 2),
+                                                              static_cast<unsigned long long>(den)));
+    return rshift_round(g * (g >= 0 ? pos : ONE - pos), EXP_F);
 }
 
 // DI-MatMul epilogue: t = round(acc * wm[n] / 2^(wk[n] - kmin)), int64.
@@ -222,13 +267,7 @@ extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS) illm_softmax(
     for (int j = threadIdx.x; j < L; j += illm::ROW_THREADS) mx = max(mx, static_cast<long long>(row[j]));
     mx = illm::block_max(mx, red);
     const illm::Dy coef = illm::normalize(sm[r] * illm::LOG2E_M, sk[r] + illm::LOG2E_K);
-    const int s = static_cast<int>(coef.k) - illm::EXP_F;
-    auto e_of = [&](int j) -> long long {
-        long long v = min(mx - row[j], 1LL << 40) * coef.m;
-        if (s < 0) v = min(v, (umax >> min(-s, 40)) + 1);
-        const long long u = min(illm::shift(v, max(s, -40)), umax);
-        return illm::di_exp2(-u);
-    };
+    auto e_of = [&](int j) -> long long { return illm::di_exp2(illm::exp_arg(mx - row[j], coef, umax)); };
     long long total = 0;
     for (int j = threadIdx.x; j < L; j += illm::ROW_THREADS) total += e_of(j);
     total = illm::block_sum(total, red);
@@ -242,7 +281,8 @@ extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS) illm_softmax(
 
 // Launch: grid (rows), block 256.  x int64 [rows, H] (|x| < 2^22), gamma int64 [H] with exponent gk;
 // q int8 [rows, H] out and the row scale (sm, sk); clip as in illm_requant_rows.
-extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS) illm_rmsnorm(
+// (Four CTAs per SM asked for: without it ptxas held this kernel to 40 registers on sm_80 and spilled one.)
+extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS, 4) illm_rmsnorm(
         const long long* __restrict__ x, const long long* __restrict__ gamma, int gk, int qmax,
         signed char* __restrict__ q, long long* __restrict__ sm, long long* __restrict__ sk, int rows, int H, int clip) {
     __shared__ long long red[illm::ROW_THREADS / 32];
@@ -253,11 +293,101 @@ extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS) illm_rmsnorm(
     for (int i = threadIdx.x; i < H; i += illm::ROW_THREADS) ss += row[i] * row[i];
     ss = illm::block_sum(ss, red);
     const long long rms = illm::isqrt(static_cast<long long>(qk::udiv_u64(static_cast<unsigned long long>(ss), static_cast<unsigned long long>(H))));
-    const illm::Dy d = illm::requant_row([&](int i) { return row[i] * __ldg(gamma + i); }, H, qmax, clip,
+    const illm::Dy d = illm::requant_row([=](int i) { return row[i] * __ldg(gamma + i); }, H, qmax, clip,
                                          q + static_cast<long long>(r) * H, red);
     const illm::Dy inv = illm::ratio(d.m, rms);
     if (threadIdx.x == 0) {
         sm[r] = inv.m;
         sk[r] = inv.k + d.k + gk;
+    }
+}
+
+// Launch: grid (rows), block 256.  v int64 [rows, n] -> q int64 [rows, n] in [-qmax, qmax]
+// (qmax < 2^20: the 16-bit activations before RoPE and the residual's 20 bits) and the row's scale
+// amax / qmax as (sm, sk) [rows]; with `fold`, that scale times the row's (fm, fk) (a Dyadic
+// product; fm and fk are not read otherwise).  reference.quantize_rows without a clip.
+extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS) illm_requant_wide(
+        const long long* __restrict__ v, const long long* __restrict__ fm, const long long* __restrict__ fk, int fold,
+        long long* __restrict__ q, long long* __restrict__ sm, long long* __restrict__ sk, int rows, int n, int qmax) {
+    __shared__ long long red[illm::ROW_THREADS / 32];
+    const int r = blockIdx.x;
+    if (r >= rows) return;
+    const long long* row = v + static_cast<long long>(r) * n;
+    long long* out = q + static_cast<long long>(r) * n;
+    illm::RowQuant<61> rq;
+    rq.init([&](int i) { return row[i]; }, n, qmax, 1LL << illm::CLIP_BITS, red);
+    for (int i = threadIdx.x; i < n; i += illm::ROW_THREADS) out[i] = rq(row[i]);
+    if (threadIdx.x == 0) {
+        illm::Dy d = rq.scale();
+        if (fold) d = illm::mul(d, {fm[r], fk[r]});
+        sm[r] = d.m;
+        sk[r] = d.k;
+    }
+}
+
+// Launch: grid (rows), block 256.  The SwiGLU of the MLP (reference.swiglu): tg, tu int64 [rows, n]
+// (gate_proj's and up_proj's DI-MatMul outputs) with their row scales (gm, gk), (um, uk), each
+// requantized to [-qmax, qmax] (16 bits) with its ratio folded into its scale -> (sgm, sgk),
+// (sum, suk) [rows]; a int64 [rows, n] = SiLU(g) * u in the scale sg * su; umax the clip of
+// SiLU's DI-Exp argument.  Nothing but a, sg and su is written: g and u are requantized again
+// where they are read.
+extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS) illm_swiglu(
+        const long long* __restrict__ tg, const long long* __restrict__ gm, const long long* __restrict__ gk,
+        const long long* __restrict__ tu, const long long* __restrict__ um, const long long* __restrict__ uk,
+        long long umax, int qmax, long long* __restrict__ a, long long* __restrict__ sgm, long long* __restrict__ sgk,
+        long long* __restrict__ sum, long long* __restrict__ suk, int rows, int n) {
+    __shared__ long long red[illm::ROW_THREADS / 32];
+    const int r = blockIdx.x;
+    if (r >= rows) return;
+    const long long* g = tg + static_cast<long long>(r) * n;
+    const long long* u = tu + static_cast<long long>(r) * n;
+    illm::RowQuant<61> qg, qu;
+    qg.init([&](int i) { return g[i]; }, n, qmax, 1LL << illm::CLIP_BITS, red);
+    qu.init([&](int i) { return u[i]; }, n, qmax, 1LL << illm::CLIP_BITS, red);
+    const illm::Dy sg = illm::mul(qg.scale(), {gm[r], gk[r]});
+    const illm::Dy su = illm::mul(qu.scale(), {um[r], uk[r]});
+    const illm::Dy coef = illm::normalize(sg.m * illm::LOG2E_M, sg.k + illm::LOG2E_K);
+    long long* out = a + static_cast<long long>(r) * n;
+    for (int i = threadIdx.x; i < n; i += illm::ROW_THREADS) out[i] = illm::silu(qg(g[i]), coef, umax) * qu(u[i]);
+    if (threadIdx.x == 0) {
+        sgm[r] = sg.m;
+        sgk[r] = sg.k;
+        sum[r] = su.m;
+        suk[r] = su.k;
+    }
+}
+
+// Launch: grid (rows), block 256.  The residual add (reference.residual_add): x int64 [rows, n]
+// (the residual, |x| < 2^20) with row scale (xm, xk) plus a branch's output b int64 [rows, n] with
+// (bm, bk), b requantized to [-qmax, qmax] first; both terms aligned to the smaller exponent kmin
+// by rounded shifts (a term whose mantissa is 0 is 0 and its exponent left out), their sum
+// requantized -> h int64 [rows, n] and the row scale (hm, hk).  The shifts are clamped to
+// [-62, 62]: a term is below 2^36 (a right shift of 62 leaves 0, as the exact quotient rounds to)
+// and only a zero term is shifted left.
+extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS) illm_residual_add(
+        const long long* __restrict__ x, const long long* __restrict__ xm, const long long* __restrict__ xk,
+        const long long* __restrict__ b, const long long* __restrict__ bm, const long long* __restrict__ bk, int qmax,
+        long long* __restrict__ h, long long* __restrict__ hm, long long* __restrict__ hk, int rows, int n) {
+    __shared__ long long red[illm::ROW_THREADS / 32];
+    const int r = blockIdx.x;
+    if (r >= rows) return;
+    const long long* xr = x + static_cast<long long>(r) * n;
+    const long long* br = b + static_cast<long long>(r) * n;
+    illm::RowQuant<61> qb;
+    qb.init([&](int i) { return br[i]; }, n, qmax, 1LL << illm::CLIP_BITS, red);
+    const illm::Dy sx = {xm[r], xk[r]};
+    const illm::Dy sb = illm::mul(qb.scale(), {bm[r], bk[r]});
+    const long long kmin = sb.m == 0 ? sx.k : sx.m == 0 ? sb.k : min(sx.k, sb.k);
+    const int shx = static_cast<int>(max(min(sx.k - kmin, 62LL), -62LL));
+    const int shb = static_cast<int>(max(min(sb.k - kmin, 62LL), -62LL));
+    auto total = [&](int i) { return illm::shift(xr[i] * sx.m, shx) + illm::shift(qb(br[i]) * sb.m, shb); };
+    illm::RowQuant<61> qh;
+    qh.init(total, n, qmax, 1LL << illm::CLIP_BITS, red);
+    long long* out = h + static_cast<long long>(r) * n;
+    for (int i = threadIdx.x; i < n; i += illm::ROW_THREADS) out[i] = qh(total(i));
+    if (threadIdx.x == 0) {
+        const illm::Dy d = qh.scale();
+        hm[r] = d.m;
+        hk[r] = d.k + kmin;
     }
 }

@@ -215,10 +215,18 @@ def di_exp2(u: torch.Tensor) -> torch.Tensor:
     return rshift_round(p, (-q).clamp_max(62))
 
 
+def exp_umax(clip: float) -> int:
+    """The clip of DI-Exp's argument, clip * log2(e) in fixed point (F bits): a constant."""
+    return round(clip * math.log2(math.e) * 2**EXP_F)
+
+
+SILU_CLIP = 40.0  # di_silu's e^-|x| is taken as e^-40 beyond |x| = 40
+
+
 def exp_argument(x: torch.Tensor, scale: Dyadic, clip: float) -> torch.Tensor:
     """u = -min(|x| * scale * log2(e), clip * log2(e)) in fixed point (F bits), for x <= 0."""
     coef = scale * _log2e()
-    umax = round(clip * math.log2(math.e) * 2**EXP_F)
+    umax = exp_umax(clip)
     s = coef.k - EXP_F
     v = (-x).clamp_max(1 << 40) * coef.m  # < 2^57
     # before a left shift (a scale above 2^-16, rare) cap v so that nothing overflows
@@ -258,10 +266,41 @@ def di_rmsnorm(x: torch.Tensor, gamma: torch.Tensor, gamma_k: int, qmax: int,
 def di_silu(g: torch.Tensor, scale: Dyadic) -> torch.Tensor:
     """SiLU of g * scale in the same scale: g * sigmoid, sigmoid = 1 / (1 + e^-|x|) from DI-Exp."""
     one = 1 << EXP_F
-    e = di_exp2(exp_argument(-g.abs(), scale, clip=40.0))  # e^-|x|, F fractional bits
+    e = di_exp2(exp_argument(-g.abs(), scale, clip=SILU_CLIP))  # e^-|x|, F fractional bits
     sig_pos = ((one << EXP_F) + (one + e) // 2) // (one + e)  # sigmoid(|x|) in [1/2, 1]
     sig = torch.where(g >= 0, sig_pos, one - sig_pos)
     return rshift_round(g * sig, EXP_F)
+
+
+WIDE_QMAX = (1 << 15) - 1  # the 16-bit activations: q, k, v before RoPE, gate and up, P before P V
+RESIDUAL_QMAX = (1 << 20) - 1  # the residual stream's 20 bits
+
+
+def swiglu(tg: torch.Tensor, sg: Dyadic, tu: torch.Tensor, su: Dyadic,
+           qmax: int = WIDE_QMAX) -> tuple[torch.Tensor, Dyadic, Dyadic]:
+    """The MLP's SwiGLU on gate_proj's and up_proj's DI-MatMul outputs (int64 rows with row scales
+    ``sg``, ``su``): each requantized per row to ``qmax`` (16 bits) and its ratio folded into its
+    scale, then a = SiLU(g) * u in integers.  Returns (a int64, the gate's scale, the up's scale):
+    a's scale is their product, left to the caller (whose order of dyadic products is the format's)."""
+    g, rg = quantize_rows(tg, qmax)
+    u, ru = quantize_rows(tu, qmax)
+    sg, su = rg * sg, ru * su
+    return di_silu(g, sg) * u, sg, su  # |a| < 2^15 * 2^15
+
+
+def residual_add(x: torch.Tensor, sx: Dyadic, b: torch.Tensor, sb: Dyadic,
+                 qmax: int = RESIDUAL_QMAX) -> tuple[torch.Tensor, Dyadic]:
+    """The residual add: x (the residual, |x| <= qmax) with row scale ``sx`` plus a branch's output b
+    with ``sb``, b requantized per row to ``qmax`` first; both terms aligned by rounded shifts to
+    the smaller exponent (a zero term, m = 0, has no exponent: the other's is taken), their sum
+    requantized to ``qmax``.  Returns (h, its row scale)."""
+    b, rb = quantize_rows(b, qmax)
+    sb = rb * sb
+    big_x, big_b = x * sx.m, b * sb.m  # <= 2^36 each
+    kmin = torch.where(sb.m == 0, sx.k, torch.where(sx.m == 0, sb.k, torch.minimum(sx.k, sb.k)))
+    total = shift(big_x, sx.k - kmin) + shift(big_b, sb.k - kmin)
+    q, r = quantize_rows(total, qmax)
+    return q, Dyadic(r.m, r.k + kmin)
 
 
 F32_EXACT_K = 1 << 10  # K x 2^14 <= 2^24: float32 holds every partial sum of K int8 products exactly
