@@ -102,8 +102,10 @@ def kernel_steps(model, ids, n: int):
     counter = OpCount()
     model.use_kernels(True)
     try:
-        with emulate.emulating() as emu, counter:
-            logits = eng.decode(nxt).clone()
+        with emulate.emulating() as emu:
+            with counter:
+                logits = eng.decode(nxt)
+            logits = logits.clone()
     finally:
         model.use_kernels(False)
     return logits, counter, collections.Counter(name for name, *_ in emu.launches)

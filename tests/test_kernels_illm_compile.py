@@ -12,6 +12,7 @@ import pytest
 
 from qconvert_kernels import compile as kc
 from qconvert_kernels.illm import reference as ri
+from qconvert_kernels.illm.cuda import ATTN_MAX_D
 from test_kernels_compile import _sass, compile_all
 
 pytestmark = pytest.mark.skipif(kc.nvcc_path() is None, reason="nvcc not found")
@@ -56,6 +57,8 @@ def test_constants_match_the_reference():
     assert (const("LOG2E_M"), const("LOG2E_K")) == ri.LOG2E
     assert (const("MANT"), const("EXP_F"), const("PROB_BITS")) == (ri.MANT, ri.EXP_F, ri.PROB_BITS)
     assert const("CLIP_BITS") == ri.CLIP_BITS
+    assert const("WIDE_QMAX") == ri.WIDE_QMAX and const("ATTN_MAX_D") == ATTN_MAX_D
+    assert re.search(r"constexpr long long NO_EXPONENT = 1LL << (\d+);", src).group(1) == str(ri.NO_EXPONENT.bit_length() - 1)
 
 
 @pytest.mark.skipif(not kc.nvrtc_available(), reason="libnvrtc not found")

@@ -101,6 +101,7 @@ def run_swiglu(n=300, mutations=frozenset()):
     tu[5] = 0  # up all zero where the gate is not
     sg, su = row_scales(6, 3, 10, 30), row_scales(6, 4, 10, 30)
     sg.m[4], sg.k[4] = 2**15, 12  # a gate scale above 2^-16: DI-Exp's capped left shift
+    sg.k[0] = 120  # a gate scale far below 2^-64: DI-Exp's right shift clamped at 62 (e^-0 = 1)
     with emulate.emulating(mutations=mutations):
         a, gm, gk, um, uk = cuda_illm.swiglu(tg, sg.m[:, 0], sg.k[:, 0], tu, su.m[:, 0], su.k[:, 0])
     wa, wg, wu = ri.swiglu(tg, sg, tu, su)
@@ -118,11 +119,66 @@ def run_residual(mutations=frozenset()):
     sx, sb = row_scales(rows, 7), row_scales(rows, 8)
     sx.m[5], sx.k[5] = 0, 0  # a zero residual scale (and row 1's branch scale is zero too)
     sx.k[6] = sb.k[6] - 50  # the branch far below the residual: its shift leaves (almost) nothing
+    sx.k[3] = sb.k[3] + 120  # the residual 2^-90 or so below the branch: its shift clamped at 62, 0
+    sx.k[4] = sb.k[4] - 120  # and the branch as far below the residual
     with emulate.emulating(mutations=mutations):
         h, hm, hk = cuda_illm.residual_add(x, sx.m[:, 0], sx.k[:, 0], b, sb.m[:, 0], sb.k[:, 0])
     wh, ws = ri.residual_add(x, sx, b, sb)
     assert torch.equal(h, wh), f"h differs in {(h != wh).sum()} places"
     same_scale(hm, hk, ws, "h")
+
+
+def attention_case(hr=4, group=3, t=1, n=37, d=64, per_head_mask=True, seed=0):
+    """Inputs of reference.attention as the model makes them: int8 queries, keys and values, a scale
+    per query row and per key / value column (some zero), a causal mask with left padding per
+    head-row (or one mask for all)."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(-127, 128, (hr, group, t, d), generator=gen, dtype=torch.int8)
+    k8 = torch.randint(-127, 128, (hr, n, d), generator=gen, dtype=torch.int8)
+    v8 = torch.randint(-127, 128, (hr, n, d), generator=gen, dtype=torch.int8)
+
+    def scales(shape, low, high):
+        return ri.normalize(torch.randint(1, 2**16, shape, generator=gen), torch.randint(low, high, shape, generator=gen))
+
+    sq = scales((hr, 1, t, 1), 20, 40)
+    sk, sv = scales((hr, n), 10, 30), scales((hr, n), 10, 30)
+    sk.m[0, 3], sk.k[0, 3] = 0, 0  # a zero key scale (its score is 0, it still takes part)
+    if hr > 1:
+        sv.m[1, :], sv.k[1, :] = 0, 0  # a head-row whose values are all zero: P V is 0, e NO_EXPONENT
+    cols = torch.arange(n)
+    causal = cols[None, :] <= (n - t + torch.arange(t))[:, None]  # [t, n]
+    if per_head_mask:
+        pad = torch.tensor([0, 5, 0, n - t] + [1] * (hr - 4))[:hr]  # head-row 3 sees only its own tokens
+        mask = causal[None] & (cols[None, None, :] >= pad[:, None, None])
+        if hr > 2:
+            sk.k[2, 0], pad[2] = -30, 1  # a padding column whose exponent is far below every seen one's
+            mask = causal[None] & (cols[None, None, :] >= pad[:, None, None])
+    else:
+        mask = causal[None]
+    return q, sq, k8, sk, v8, sv, mask
+
+
+def run_attention(mutations=frozenset(), **case):
+    q, sq, k8, sk, v8, sv, mask = attention_case(**case)
+    isd = ri.normalize(torch.tensor(46341), torch.tensor(18))  # about 1 / sqrt(64)
+    hr, group, t, d = q.shape
+    with emulate.emulating(mutations=mutations) as emu:
+        o, e = cuda_illm.attention(q, sq.m.reshape(hr, t), sq.k.reshape(hr, t), k8, sk.m, sk.k, v8, sv.m, sv.k, mask,
+                                   (int(isd.m), int(isd.k)))
+    wo, we = ri.attention(q, sq, k8, sk, v8, sv, mask, isd)
+    assert [name for name, *_ in emu.launches] == ["illm_attention"]
+    assert torch.equal(e, we[..., 0]), "e differs"
+    assert torch.equal(o, wo), f"o differs in {(o != wo).sum()} places"
+    return wo, we
+
+
+@pytest.mark.parametrize("case", [{}, {"t": 5}, {"d": 24, "n": 9, "group": 1}, {"per_head_mask": False, "t": 3},
+                                  {"hr": 1, "group": 9, "n": 300}])
+def test_attention_bit_exact(case):
+    o, e = run_attention(**case)
+    if o.shape[0] > 1:
+        assert (e[1] == ri.NO_EXPONENT).all() and (o[1] == 0).all()  # the all-zero values' head-row
+    assert (e != ri.NO_EXPONENT).any() and o.abs().max() > 0
 
 
 @pytest.mark.parametrize("fold", [True, False])
@@ -219,6 +275,8 @@ MUTATION_CASES = {
     "silu_sign": (run_swiglu, (), "differs"),
     "swiglu_unfolded": (run_swiglu, (), "differs"),
     "residual_zero_k": (run_residual, (), "differs"),
+    "attn_unmasked": (run_attention, (), "differs"),
+    "attn_pv_group0": (run_attention, (), "differs"),
 }
 
 

@@ -10,7 +10,7 @@ pytest.importorskip("cupy")
 from qconvert_kernels.w4a8 import cuda as kcuda  # noqa: E402
 from qconvert_kernels.illm import cuda as cuda_illm  # noqa: E402
 from qconvert_kernels.illm import reference as ri  # noqa: E402
-from test_kernels_illm_emulate import matmul_like, row_scales  # noqa: E402
+from test_kernels_illm_emulate import attention_case, matmul_like, row_scales  # noqa: E402
 from test_kernels_quik_emulate import illm_case  # noqa: E402
 
 if not kcuda.available():
@@ -97,6 +97,20 @@ def test_residual_add(n):
     b = matmul_like(40, n, 6)
     sx, sb = row_scales(40, 7), row_scales(40, 8)
     sx.m[5], sx.k[5] = 0, 0
+    sx.k[6], sx.k[7], sx.k[8] = sb.k[6] - 50, sb.k[7] + 120, sb.k[8] - 120  # far apart: shifts clamped at 62
     h, hm, hk = cuda_illm.residual_add(x.to(DEV), *_rows(sx), b.to(DEV), *_rows(sb))
     wh, ws = ri.residual_add(x, sx, b, sb)
     assert torch.equal(h.cpu(), wh) and torch.equal(hm.cpu(), ws.m[:, 0]) and torch.equal(hk.cpu(), ws.k[:, 0])
+
+
+@pytest.mark.parametrize("case", [{"hr": 48, "group": 4, "n": 700, "d": 128}, {"t": 5}, {"d": 24, "n": 9, "group": 1},
+                                  {"hr": 1, "group": 9, "n": 2048}])
+def test_attention(case):
+    q, sq, k8, sk, v8, sv, mask = attention_case(**case)
+    isd = ri.normalize(torch.tensor(46341), torch.tensor(18))
+    hr, group, t, d = q.shape
+    o, e = cuda_illm.attention(q.to(DEV), sq.m.reshape(hr, t).to(DEV), sq.k.reshape(hr, t).to(DEV), k8.to(DEV),
+                               *(x.to(DEV) for x in (sk.m, sk.k)), v8.to(DEV), *(x.to(DEV) for x in (sv.m, sv.k)),
+                               mask.to(DEV), (int(isd.m), int(isd.k)))
+    wo, we = ri.attention(q, sq, k8, sk, v8, sv, mask, isd)
+    assert torch.equal(o.cpu(), wo) and torch.equal(e.cpu(), we[..., 0])

@@ -35,8 +35,9 @@ generation keeps the int8 keys and values in a KV cache (qconvert/layouts/illm_c
 gives the bits of the whole sequence run again.
 
 On a GPU (``load(OUT, device="cuda")``) the same integer model runs with the I-LLM kernels for
-DI-Norm, the int8 requantizations and DI-MatMul (``IntegerLlama.use_kernels``), torch integer ops
-on the GPU for the rest; the results are the same bits (tests/test_illm_runtime_kernels.py runs
+DI-Norm, the int8 and 16-bit requantizations, DI-MatMul, the SwiGLU, the residual adds and
+attention (``IntegerLlama.use_kernels``), torch integer ops on the GPU for the rest (RoPE, the
+online Hadamard transform, per-row scale products, the head); the results are the same bits (tests/test_illm_runtime_kernels.py runs
 the kernels on their CPU emulator).
 
 An OUT quantized with ``--rotate hadamard+online`` has down_proj's weights folded with the
@@ -116,20 +117,8 @@ def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, Dyadic]:
     return q, to_dyadic(scale)
 
 
-NO_EXPONENT = 1 << 40  # the exponent of a zero (a dyadic with m = 0), left out of minimums
-
-
-def column_alignment(col: Dyadic, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-column dyadics ``col`` ([..., n]) seen by rows ``mask`` ([t, n], or [..., t, n] broadcast
-    with col's leading dims: a mask per head): (shifts [..., t, n],
-    e [..., t, 1]) such that x * col ~= shift(x * col.m, shifts) * 2^-e, e the smallest exponent
-    among the row's columns that ``mask`` keeps (the others are shifted down to it, rounding), so a
-    row depends on its own columns only (causal attention)."""
-    live = mask & (col.m > 0)[..., None, :]
-    kk = torch.where(live, col.k[..., None, :], NO_EXPONENT)
-    e = kk.amin(dim=-1, keepdim=True)
-    e = torch.where(e == NO_EXPONENT, 0, e)  # a row without a live column: all zero
-    return torch.where(live, kk - e, 0).clamp(0, 62), e
+NO_EXPONENT = ri.NO_EXPONENT
+column_alignment = ri.column_alignment
 
 
 def _per_row(d: Dyadic, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -269,6 +258,7 @@ class IntegerLlama(DerivedHolder):
         self.register_buffer("head_k", hd.k)
         inv_sqrt = to_dyadic(torch.tensor(1.0 / math.sqrt(self.head_dim)))
         self.inv_sqrt_d = inv_sqrt
+        self.inv_sqrt_d_int = (int(inv_sqrt.m), int(inv_sqrt.k))  # as the attention kernel takes it
         # the online transform's 1 / sqrt(n) (--rotate hadamard+online: n is the MLP's width)
         self.inv_sqrt_i = to_dyadic(torch.tensor(1.0 / math.sqrt(config.intermediate_size)))
         theta = float(rope.get("rope_theta", getattr(config, "rope_theta", None) or 10000.0))
@@ -283,9 +273,11 @@ class IntegerLlama(DerivedHolder):
         return self.emb_q.device
 
     def use_kernels(self, on: bool = True) -> "IntegerLlama":
-        """Run DI-Norm, the int8 requantizations and DI-MatMul (every linear whose K is a multiple of
-        32) by the CUDA kernels of qconvert_kernels/illm/cuda.py, which equal the torch integer ops
-        bit for bit; the rest (RoPE, softmax, SiLU, residual adds, the head) stays torch integer ops.
+        """Run DI-Norm, the int8 and 16-bit requantizations, DI-MatMul (every linear whose K is a
+        multiple of 32), the SwiGLU, the residual adds and attention (head_dim a multiple of 4, at
+        most 256, its P buffer within ATTN_BLOCK_BYTES) by the CUDA kernels of
+        qconvert_kernels/illm/cuda.py, which equal the torch integer ops bit for bit; the rest (RoPE,
+        the online Hadamard transform, per-row scale products, the head) stays torch integer ops.
         ``load(OUT, device="cuda")`` turns them on; on CPU tensors the kernels run only under the
         emulator (qconvert_kernels/illm/emulate.py)."""
         self.kernels = bool(on)
@@ -329,7 +321,7 @@ class IntegerLlama(DerivedHolder):
         h, m, k = cuda_illm.residual_add(x, *_per_row(sx, x.shape[0]), b, *_per_row(sb, x.shape[0]))
         return h, Dyadic(m[:, None], k[:, None])
 
-    def _wide(self, t: torch.Tensor, fold: Dyadic | None = None):
+    def _requant_wide(self, t: torch.Tensor, fold: Dyadic | None = None):
         """``ri.quantize_rows(t, WIDE_QMAX)``, its scale times ``fold`` if given (by the kernel when on)."""
         if not self.kernels:
             q, r = ri.quantize_rows(t, WIDE_QMAX)
@@ -387,9 +379,9 @@ class IntegerLlama(DerivedHolder):
         tq, sq = attn.q_proj.int_forward(xq, xs)
         tk, sk = attn.k_proj.int_forward(xq, xs)
         tv, sv = attn.v_proj.int_forward(xq, xs)
-        q16, rq = self._wide(tq)
-        k16, s_kt = self._wide(tk, sk)  # the key's scale rk * sk
-        v16, s_vt = self._wide(tv, sv)
+        q16, rq = self._requant_wide(tq)
+        k16, s_kt = self._requant_wide(tk, sk)  # the key's scale rk * sk
+        v16, s_vt = self._requant_wide(tv, sv)
         qr = ri.rope(q16.reshape(bt, t, self.heads, d).transpose(1, 2), cos, sin)  # [rows, H, t, d]
         kr = ri.rope(k16.reshape(bt, t, kvh, d).transpose(1, 2), cos, sin)  # [rows, KV, t, d]
         q8, rq8 = self._requant(qr.transpose(1, 2).reshape(bt * t, -1), 127)  # per token, all heads
@@ -415,27 +407,30 @@ class IntegerLlama(DerivedHolder):
         qg = q8.reshape(bt, t, kvh, group, d).permute(0, 2, 3, 1, 4).reshape(bt * kvh, group, t, d)
         sqm = s_q.m.reshape(bt, 1, 1, t, 1).expand(bt, kvh, 1, t, 1).reshape(bt * kvh, 1, t, 1)
         sqk = s_q.k.reshape(bt, 1, 1, t, 1).expand(bt, kvh, 1, t, 1).reshape(bt * kvh, 1, t, 1)
+        if self.kernels and d % 4 == 0 and d <= 256 and bt * kvh * group * t * n * 4 <= ATTN_BLOCK_BYTES["cuda"]:
+            # every head and query row in one launch (its int32 P buffer within the budget: every
+            # decode step, and prefills up to that size)
+            from qconvert_kernels.illm import cuda as cuda_illm
+
+            mk = causal[None] if real is None else causal[None] & real[:, None, :]  # [1 or rows*KV, t, n]
+            out, exp = cuda_illm.attention(qg.to(torch.int8), sqm.reshape(bt * kvh, t), sqk.reshape(bt * kvh, t), k8, s_km,
+                                           s_kk, v8, s_vm, s_vk, mk, self.inv_sqrt_d_int)
+            return self._attn_out(attn, out, exp[..., None], bt, t)
         out = torch.empty(bt * kvh, group, t, d, dtype=torch.int64, device=h.device)
         exp = torch.empty(bt * kvh, group, t, 1, dtype=torch.int64, device=h.device)
         for (a, b), (r0, r1) in attention_blocks(bt * kvh, t, group * n * 8, h.device):
-            nr = r1 - r0
             # the causal mask, joined with the padding's per block
             mk = causal[None, r0:r1] if real is None else causal[None, r0:r1] & real[a:b, None, :]  # [1 or heads, nr, n]
-            # per KV head (shared by its query heads): the key and value scales' alignment per query row
-            k_sh, k_e = column_alignment(Dyadic(s_km[a:b], s_kk[a:b]), mk)  # [heads, nr, n], [heads, nr, 1]
-            v_sh, v_e = column_alignment(Dyadic(s_vm[a:b], s_vk[a:b]), mk)
-            qc = qg[a:b, :, r0:r1].reshape(b - a, group * nr, d)
-            acc = ri.int8_matmul(qc, k8[a:b].transpose(1, 2)).reshape(b - a, group, nr, n)  # int32 products
-            scores = ri.shift(acc * s_km[a:b, None, None, :], k_sh[:, None])  # key scales in, 2^-k_e
-            scale = Dyadic(sqm[a:b, :, r0:r1], sqk[a:b, :, r0:r1] + k_e[:, None]) * self.inv_sqrt_d  # [heads, 1, rows, 1]
-            p = ri.di_softmax(scores, scale, mk[:, None])  # 2^-15
-            # the value scales, one per token (the sum's index), fold into P's columns, then P is
-            # requantized to 15 bits per row: P V stays an exact product of int8 V
-            pv = ri.shift(p * s_vm[a:b, None, None, :], v_sh[:, None])
-            pq, rp = ri.quantize_rows(pv, WIDE_QMAX)  # rp [heads, group, rows, 1]
-            pvq = ri.wide_matmul(pq.reshape(b - a, group * nr, n), v8[a:b], below_2_15=True).reshape(b - a, group, nr, d)
-            out[a:b, :, r0:r1] = pvq * rp.m  # scale 2^-(k + 15)
-            exp[a:b, :, r0:r1] = torch.where(rp.m > 0, rp.k + v_e[:, None], NO_EXPONENT)
+            out[a:b, :, r0:r1], exp[a:b, :, r0:r1] = ri.attention(
+                qg[a:b, :, r0:r1], Dyadic(sqm[a:b, :, r0:r1], sqk[a:b, :, r0:r1]), k8[a:b], Dyadic(s_km[a:b], s_kk[a:b]),
+                v8[a:b], Dyadic(s_vm[a:b], s_vk[a:b]), mk, self.inv_sqrt_d)
+        return self._attn_out(attn, out, exp, bt, t)
+
+    def _attn_out(self, attn, out: torch.Tensor, exp: torch.Tensor, bt: int, t: int):
+        """The heads' outputs (``ri.attention``'s, [rows*KV, group, t, d] and exponents [.., 1]) on one
+        exponent per token, requantized for o_proj, and o_proj."""
+        kvh, d = self.kv_heads, self.head_dim
+        group = self.heads // kvh
         out, exp = out.reshape(bt, kvh, group, t, d), exp.reshape(bt, kvh, group, t, 1)
         emin = exp.amin(dim=(1, 2))  # heads on one exponent per token, [rows, t, 1]
         emin = torch.where(emin == NO_EXPONENT, 0, emin)

@@ -193,8 +193,6 @@ def requant_wide(v: torch.Tensor, qmax: int, fm: torch.Tensor | None = None, fk:
     return q, sm, sk
 
 
-
-
 def swiglu(tg: torch.Tensor, gm: torch.Tensor, gk: torch.Tensor, tu: torch.Tensor, um: torch.Tensor, uk: torch.Tensor,
            qmax: int = ri.WIDE_QMAX):
     """reference.swiglu of int64 tg, tu [rows, n] with row scales (gm, gk), (um, uk): (a int64 [rows, n],
@@ -238,3 +236,53 @@ def residual_add(x: torch.Tensor, xm: torch.Tensor, xk: torch.Tensor, b: torch.T
                 (_l.ptr(x_c), _l.ptr(xm_c), _l.ptr(xk_c), _l.ptr(b_c), _l.ptr(bm_c), _l.ptr(bk_c), _l.i32(qmax),
                  _l.ptr(h), _l.ptr(hm), _l.ptr(hk), _l.i32(rows), _l.i32(n)), dev)
     return h, hm, hk
+
+
+ATTN_MAX_GRID = 65535  # the attention kernel's grid.y (query heads per KV head) and grid.z (head-rows)
+ATTN_MAX_D = 256  # its largest head_dim (illm::ATTN_MAX_D: the query row in static shared memory)
+
+
+def attention(q: torch.Tensor, qm: torch.Tensor, qk: torch.Tensor, k8: torch.Tensor, km: torch.Tensor, kk: torch.Tensor,
+              v8: torch.Tensor, vm: torch.Tensor, vk: torch.Tensor, mask: torch.Tensor, inv_sqrt_d: tuple[int, int],
+              clip: float = 15.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """reference.attention on the kernel: q int8 [HR, group, T, d] with the query rows' scale (qm, qk)
+    [HR, T]; k8, v8 int8 [HR, n, d] with the columns' scales (km, kk), (vm, vk) [HR, n]; mask bool
+    [HR or 1, T, n]; ``inv_sqrt_d`` the constant (m, k).  Returns (o int64 [HR, group, T, d], e int64
+    [HR, group, T]).  Needs d a multiple of 4 (the dot products take four int8 at once) and an int32
+    scratch of HR * group * T * n (P requantized)."""
+    fn = "attention"
+    _l.require(q.dim() == 4 and q.dtype == torch.int8, f"{fn}: q must be int8 [HR, group, T, d], got {q.dtype} {tuple(q.shape)}")
+    hr, group, t, d = q.shape
+    _l.require(d % 4 == 0 and 0 < d <= ATTN_MAX_D, f"{fn}: head_dim {d} must be a multiple of 4, at most {ATTN_MAX_D}")
+    _l.require(hr <= ATTN_MAX_GRID and group <= ATTN_MAX_GRID, f"{fn}: {hr} head-rows x {group} heads exceed the grid")
+    _l.require(k8.dim() == 3 and k8.dtype == torch.int8 and k8.shape[0] == hr and k8.shape[2] == d and v8.shape == k8.shape
+               and v8.dtype == torch.int8, f"{fn}: k8 and v8 must be int8 [HR, n, d] = [{hr}, n, {d}], got "
+               f"{k8.dtype} {tuple(k8.shape)} and {v8.dtype} {tuple(v8.shape)}")
+    n = k8.shape[1]
+    _l.require(mask.dtype == torch.bool and mask.dim() == 3 and mask.shape[0] in (1, hr) and tuple(mask.shape[1:]) == (t, n),
+               f"{fn}: mask must be bool [HR or 1, T, n] = [{hr} or 1, {t}, {n}], got {mask.dtype} {tuple(mask.shape)}")
+    qs = [x.reshape(-1) for x in (qm, qk)]
+    for what, x in (("qm", qm), ("qk", qk)):
+        _l.require(x.numel() == hr * t and x.dtype in _INT, f"{fn}: {what} must be integers [HR, T], got {x.dtype} {tuple(x.shape)}")
+    cols = [km, kk, vm, vk]
+    for what, x in zip(("km", "kk", "vm", "vk"), cols):
+        _l.require(x.numel() == hr * n and x.dtype in _INT, f"{fn}: {what} must be integers [HR, n], got {x.dtype} {tuple(x.shape)}")
+    dev = _l.check_cuda(fn, q, k8, v8, mask, *qs, *cols)
+    q_c, k_c, v_c = q.contiguous(), k8.contiguous(), v8.contiguous()
+    qm_c, qk_c = (x.to(torch.int64).contiguous() for x in qs)
+    km_c, kk_c, vm_c, vk_c = (x.reshape(-1).to(torch.int64).contiguous() for x in cols)
+    mask_c = mask.to(torch.uint8).contiguous()
+    _l.check_aligned(fn, q=q_c, k8=k_c)
+    pq = torch.empty((hr, group, t, n), dtype=torch.int32, device=dev)
+    o = torch.empty((hr, group, t, d), dtype=torch.int64, device=dev)
+    e = torch.empty((hr, group, t), dtype=torch.int64, device=dev)
+    if o.numel():
+        import numpy as np
+
+        _launch("illm_attention", (t, group, hr), (ROW_THREADS,),
+                (_l.ptr(q_c), _l.ptr(qm_c), _l.ptr(qk_c), _l.ptr(k_c), _l.ptr(km_c), _l.ptr(kk_c), _l.ptr(v_c),
+                 _l.ptr(vm_c), _l.ptr(vk_c), _l.ptr(mask_c), _l.i32(int(mask.shape[0] == hr and hr > 1)),
+                 np.int64(inv_sqrt_d[0]), np.int64(inv_sqrt_d[1]), np.int64(ri.exp_umax(clip)), _l.ptr(pq), _l.ptr(o),
+                 _l.ptr(e), _l.i32(t), _l.i32(group), _l.i32(n), _l.i32(d)), dev)
+    return o, e
+

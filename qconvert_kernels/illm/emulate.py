@@ -38,6 +38,10 @@ RMSNORM_PARAMS = ("x", "gamma", "gk", "qmax", "q", "sm", "sk", "rows", "H", "cli
 WIDE_PARAMS = ("v", "fm", "fk", "fold", "q", "sm", "sk", "rows", "n", "qmax")
 SWIGLU_PARAMS = ("tg", "gm", "gk", "tu", "um", "uk", "umax", "qmax", "a", "sgm", "sgk", "sum", "suk", "rows", "n")
 RESIDUAL_PARAMS = ("x", "xm", "xk", "b", "bm", "bk", "qmax", "h", "hm", "hk", "rows", "n")
+ATTENTION_PARAMS = ("q", "qm", "qk", "k8", "km", "kk", "v8", "vm", "vk", "mask", "mask_hr", "sdm", "sdk", "umax", "pq",
+                    "o", "e", "T", "group", "n", "d")
+NO_EXPONENT = 1 << 40
+WIDE_QMAX = 32767
 
 MUTATIONS = _BYTES_MUTATIONS | frozenset({
     "divby_short",     # DivBy initialised for 32-bit numerators where the kernel needs 48
@@ -48,6 +52,8 @@ MUTATIONS = _BYTES_MUTATIONS | frozenset({
     "silu_sign",       # SiLU taking sigmoid(|x|) for negative x too
     "swiglu_unfolded", # SwiGLU's SiLU on the gate's ratio alone, not times the gate's scale
     "residual_zero_k", # the residual add aligning to a zero term's exponent 0 (min of both exponents)
+    "attn_unmasked",   # attention's key exponent taken over every column, not the row's seen ones
+    "attn_pv_group0",  # P V summing the first column group only
 })
 
 
@@ -166,7 +172,7 @@ class Ops:
         v = i64(min(negx, 1 << 40) * coef[0], "DI-Exp argument")
         if s < 0:
             v = min(v, (umax >> min(-s, 40)) + 1)
-        return -min(self.shift(v, max(s, -40)), umax)
+        return -min(self.shift(v, min(max(s, -40), 62)), umax)
 
     def silu(self, g: int, coef: tuple[int, int], umax: int) -> int:
         one = 1 << EXP_F
@@ -320,6 +326,64 @@ def residual_add(ctx: Ctx, ops: Ops, grid):
         _store_scale(ctx, "hm", "hk", r, (m, k + kmin))
 
 
+def attention(ctx: Ctx, ops: Ops, grid):
+    """illm_attention, one CTA (query row r, query head j, head-row hh) at a time."""
+    a = ctx.args
+    T, group, n, d = a["T"], a["group"], a["n"], a["d"]
+    if grid != (T, group, grid[2]) or d % 4 or d > 256:
+        raise EmulationError(f"illm_attention: grid {grid} for T={T}, group={group}, or head_dim {d}")
+    threads = ROW_THREADS
+    groups = threads // d
+    for hh in range(grid[2]):
+        col = hh * n + np.arange(n)
+        k8 = _load(ctx, a["k8"], (col[:, None] * d + np.arange(d)).reshape(-1), np.int8, "k8").reshape(n, d).astype(np.int64)
+        v8 = _load(ctx, a["v8"], (col[:, None] * d + np.arange(d)).reshape(-1), np.int8, "v8").reshape(n, d).astype(np.int64)
+        km, kk, vm, vk = ([int(x) for x in _load(ctx, a[key], col, np.int64, key)] for key in ("km", "kk", "vm", "vk"))
+        for j in range(group):
+            for r in range(T):
+                row = (hh * group + j) * T + r
+                q = _load(ctx, a["q"], row * d + np.arange(d), np.int8, "q").astype(np.int64)
+                mrow = _load(ctx, a["mask"], ((hh if a["mask_hr"] else 0) * T + r) * n + np.arange(n), np.uint8, "mask")
+                seen = [c for c in range(n) if mrow[c]]
+                live = seen if "attn_unmasked" not in ops.mutations else range(n)
+                ek = min((kk[c] for c in live if km[c] > 0), default=NO_EXPONENT)
+                ev = min((vk[c] for c in seen if vm[c] > 0), default=NO_EXPONENT)
+                ek, ev = (0 if x == NO_EXPONENT else x for x in (ek, ev))
+
+                def score(c):
+                    acc = int(q @ k8[c])  # __dp4a: int8 products summed in int32 (at most d 2^14)
+                    sh = min(max(kk[c] - ek, 0), 62) if km[c] > 0 else 0
+                    return ops.rshift_round(i64(acc * km[c], "q.k * m"), sh)
+
+                mx = max((score(c) for c in seen), default=-(1 << 62))
+                hw = int(_load(ctx, a["qk"], [hh * T + r], np.int64, "qk")[0])
+                scale = ops.normalize(i64(int(_load(ctx, a["qm"], [hh * T + r], np.int64, "qm")[0]) * a["sdm"], "q scale"),
+                                      hw + ek + a["sdk"])
+                coef = ops.normalize(i64(scale[0] * LOG2E_M, "softmax scale"), scale[1] + LOG2E_K)
+                ex = {c: ops.di_exp2(ops.exp_arg(mx - score(c), coef, a["umax"])) for c in seen}
+                total = i64(sum(ex.values()), "softmax total")
+                by = DivBy(total if total > 0 else 1, 48)
+
+                def pv(c):
+                    if c not in ex:
+                        return 0
+                    p = by.div(i64((ex[c] << PROB_BITS) + total // 2, "softmax numerator"))
+                    sh = min(max(vk[c] - ev, 0), 62) if vm[c] > 0 else 0
+                    return ops.rshift_round(i64(p * vm[c], "p * m"), sh)
+
+                vals = [pv(c) for c in range(n)]
+                rq = RowQuant(ops, vals, WIDE_QMAX, 1 << CLIP_BITS, WIDE_NBITS)
+                pq = [rq(v) for v in vals]
+                _store(ctx, "pq", row * n + np.arange(n), pq, np.int32, "pq")
+                # P V by column groups (thread g of a dimension takes columns g, g + groups, ...)
+                parts = [sum(pq[c] * int(v8[c, dd]) for c in range(g, n, groups)) for g in range(groups) for dd in range(d)]
+                kept = 1 if "attn_pv_group0" in ops.mutations else groups
+                m, k = rq.scale()
+                out = [i64(sum(parts[g * d + dd] for g in range(kept)) * m, "P V * m") for dd in range(d)]
+                _store(ctx, "o", row * d + np.arange(d), out, np.int64, "o")
+                _store(ctx, "e", [row], [k + ev if m > 0 else NO_EXPONENT], np.int64, "e")
+
+
 class Emulator(_Bytes64):
     """The launch hook of illm_gemm.cu: the row kernels here, DI-MatMul (and QUIK's kernels) by
     quik/emulate.py's main loops."""
@@ -329,7 +393,8 @@ class Emulator(_Bytes64):
                                   ("illm_rmsnorm", RMSNORM_PARAMS, ROW_THREADS),
                                   ("illm_requant_wide", WIDE_PARAMS, ROW_THREADS),
                                   ("illm_swiglu", SWIGLU_PARAMS, ROW_THREADS),
-                                  ("illm_residual_add", RESIDUAL_PARAMS, ROW_THREADS))
+                                  ("illm_residual_add", RESIDUAL_PARAMS, ROW_THREADS),
+                                  ("illm_attention", ATTENTION_PARAMS, ROW_THREADS))
     KNOWN = MUTATIONS
 
     def run(self, name, grid, ctx):
@@ -340,6 +405,15 @@ class Emulator(_Bytes64):
                 "illm_swiglu": (swiglu, (("a", "n", 8), ("sgm", None, 8), ("sgk", None, 8), ("sum", None, 8),
                                          ("suk", None, 8))),
                 "illm_residual_add": (residual_add, (("h", "n", 8), ("hm", None, 8), ("hk", None, 8)))}
+        if name == "illm_attention":
+            a = ctx.args
+            count = grid[2] * a["group"] * a["T"]
+            for key in ("pq", "o", "e"):
+                ctx.mem.track(a[key])
+            attention(ctx, Ops(ctx.mutations), grid)
+            for key, per, width in (("pq", a["n"], 4), ("o", a["d"], 8), ("e", 1, 8)):
+                _written_once(name, ctx.mem, a[key], count * per, width, key)
+            return
         if name not in rows:
             return super().run(name, grid, ctx)
         fn, outs = rows[name]

@@ -20,6 +20,9 @@
 //   illm_swiglu            gate and up requantized to 16 bits, scales folded, SiLU(g) * u (swiglu)
 //   illm_residual_add      the branch requantized to 20 bits, both terms aligned by shifts,
 //                          the sum requantized to 20 bits (residual_add)
+//   illm_attention         one query row of one head: int8 q.k (dp4a), each key's scale folded
+//                          in by shifts, DI-ClippedSoftmax, each value's scale folded into P,
+//                          P requantized to 16 bits, P V exact (attention)
 //
 // Requirements (launcher: qconvert_kernels/cuda_illm.py): K a multiple of 32 for the GEMMs;
 // contiguous row-major operands, 16-byte aligned; |x| < 2^22 for the norm.
@@ -45,7 +48,10 @@ constexpr long long LOG2E_M = 47274;  // round(log2(e) * 2^15), exponent 15
 constexpr int LOG2E_K = 15;
 constexpr int PROB_BITS = 15;
 constexpr int CLIP_BITS = 16;  // an activation clip is round(c * 2^16), c in [1/2, 1]
+constexpr long long WIDE_QMAX = 32767;  // the 16-bit activations (reference.WIDE_QMAX)
 constexpr int ROW_THREADS = 256;
+constexpr int ATTN_MAX_D = 256;  // illm_attention's largest head_dim
+constexpr long long NO_EXPONENT = 1LL << 40;  // the exponent of a zero scale, left out of minimums
 
 __device__ __forceinline__ int bitlen(long long v) { return v > 0 ? 64 - __clzll(v) : 0; }
 __device__ __forceinline__ long long rshift_round(long long v, int s) { return s > 0 ? (v + (1LL << (s - 1))) >> s : v; }
@@ -171,7 +177,7 @@ __device__ __forceinline__ long long exp_arg(long long negx, Dy coef, long long 
     const int s = static_cast<int>(coef.k) - EXP_F;
     long long v = min(negx, 1LL << 40) * coef.m;
     if (s < 0) v = min(v, (umax >> min(-s, 40)) + 1);
-    return -min(shift(v, max(s, -40)), umax);
+    return -min(shift(v, min(max(s, -40), 62)), umax);  // (v < 2^57: a shift above 62 leaves 0 too)
 }
 
 // Integer SiLU of g (reference.di_silu): g * sigmoid, sigmoid(|x|) = 2^32 / (2^16 + e^-|x|) with
@@ -281,7 +287,7 @@ extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS) illm_softmax(
 
 // Launch: grid (rows), block 256.  x int64 [rows, H] (|x| < 2^22), gamma int64 [H] with exponent gk;
 // q int8 [rows, H] out and the row scale (sm, sk); clip as in illm_requant_rows.
-// (Four CTAs per SM asked for: without it ptxas held this kernel to 40 registers on sm_80 and spilled one.)
+// (Four CTAs per SM asked for: without it ptxas chose 40 registers on sm_80 and spilled one value.)
 extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS, 4) illm_rmsnorm(
         const long long* __restrict__ x, const long long* __restrict__ gamma, int gk, int qmax,
         signed char* __restrict__ q, long long* __restrict__ sm, long long* __restrict__ sk, int rows, int H, int clip) {
@@ -390,4 +396,95 @@ extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS) illm_residual_ad
         hm[r] = d.m;
         hk[r] = d.k + kmin;
     }
+}
+
+// Launch: grid (T, group, HR), block 256; d a multiple of 4, at most ATTN_MAX_D.  The
+// attention of query row r of query head j over the keys of head-row hh (a row's KV head:
+// reference.attention): q int8 [HR, group, T, d] with the row's scale (qm, qk) [HR, T]; keys and
+// values int8 [HR, n, d] with one scale per column (km, kk), (vm, vk) [HR, n]; mask uint8
+// [HR or 1, T, n] (mask_hr: 1 or 0, whether it is per head-row): the columns the row sees.
+// pq int32 [HR, group, T, n] is scratch (P requantized).  Out: o int64 [HR, group, T, d] = P V
+// times P's mantissa, e int64 [HR, group, T] its exponent (NO_EXPONENT for an all-zero row);
+// the scores' scale is the query's times 1 / sqrt(d) (sdm, sdk) times 2^-(smallest key exponent).
+extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS) illm_attention(
+        const signed char* __restrict__ q, const long long* __restrict__ qm, const long long* __restrict__ qk,
+        const signed char* __restrict__ k8, const long long* __restrict__ km, const long long* __restrict__ kk,
+        const signed char* __restrict__ v8, const long long* __restrict__ vm, const long long* __restrict__ vk,
+        const unsigned char* __restrict__ mask, int mask_hr, long long sdm, long long sdk, long long umax,
+        int* __restrict__ pq, long long* __restrict__ o, long long* __restrict__ e, int T, int group, int n, int d) {
+    __shared__ long long part[illm::ROW_THREADS];  // P V's partial sums
+    __shared__ int qs[illm::ATTN_MAX_D / 4];         // the query row, d / 4 words
+    __shared__ long long red[illm::ROW_THREADS / 32];
+    const int r = blockIdx.x, j = blockIdx.y, hh = blockIdx.z;
+    const long long row = (static_cast<long long>(hh) * group + j) * T + r;  // this CTA's (hh, j, r)
+    const int words = d / 4;
+    for (int w = threadIdx.x; w < words; w += illm::ROW_THREADS) qs[w] = reinterpret_cast<const int*>(q + row * d)[w];
+    const unsigned char* mrow = mask + (static_cast<long long>(mask_hr ? hh : 0) * T + r) * n;
+    const long long col0 = static_cast<long long>(hh) * n;
+    // the smallest exponent among the live keys and values (seen, scale not zero)
+    long long ek = illm::NO_EXPONENT, ev = illm::NO_EXPONENT;
+    for (int c = threadIdx.x; c < n; c += illm::ROW_THREADS)
+        if (mrow[c]) {
+            if (km[col0 + c] > 0) ek = min(ek, kk[col0 + c]);
+            if (vm[col0 + c] > 0) ev = min(ev, vk[col0 + c]);
+        }
+    ek = -illm::block_max(-ek, red);
+    ev = -illm::block_max(-ev, red);
+    if (ek == illm::NO_EXPONENT) ek = 0;
+    if (ev == illm::NO_EXPONENT) ev = 0;
+    __syncthreads();  // qs
+    auto score = [&](int c) -> long long {  // a seen column's score, in 2^-ek units of the key scales
+        const int* kw = reinterpret_cast<const int*>(k8 + (col0 + c) * d);
+        int acc = 0;
+        for (int w = 0; w < words; ++w) acc = __dp4a(qs[w], kw[w], acc);
+        const long long m = km[col0 + c];
+        const int sh = m > 0 ? static_cast<int>(min(max(kk[col0 + c] - ek, 0LL), 62LL)) : 0;
+        return illm::rshift_round(acc * m, sh);
+    };
+    long long mx = -(1LL << 62);
+    for (int c = threadIdx.x; c < n; c += illm::ROW_THREADS)
+        if (mrow[c]) mx = max(mx, score(c));
+    mx = illm::block_max(mx, red);
+    const illm::Dy scale = illm::normalize(qm[static_cast<long long>(hh) * T + r] * sdm, qk[static_cast<long long>(hh) * T + r] + ek + sdk);
+    const illm::Dy coef = illm::normalize(scale.m * illm::LOG2E_M, scale.k + illm::LOG2E_K);
+    auto ex = [&](int c) -> long long { return illm::di_exp2(illm::exp_arg(mx - score(c), coef, umax)); };
+    long long total = 0;
+    for (int c = threadIdx.x; c < n; c += illm::ROW_THREADS)
+        if (mrow[c]) total += ex(c);
+    total = illm::block_sum(total, red);
+    qk::DivBy by;  // numerator (e << 15) + total / 2 < 2^48 as in illm_softmax
+    by.init(static_cast<unsigned long long>(total > 0 ? total : 1), 48);
+    auto pv = [&](int c) -> long long {  // P with the value's scale folded in (0 where unseen)
+        if (!mrow[c]) return 0;
+        const long long p = static_cast<long long>(by.div(static_cast<unsigned long long>((ex(c) << illm::PROB_BITS) + total / 2)));
+        const long long m = vm[col0 + c];
+        const int sh = m > 0 ? static_cast<int>(min(max(vk[col0 + c] - ev, 0LL), 62LL)) : 0;
+        return illm::rshift_round(p * m, sh);  // p <= 2^15, m < 2^16
+    };
+    illm::RowQuant<61> rq;
+    rq.init(pv, n, illm::WIDE_QMAX, 1LL << illm::CLIP_BITS, red);
+    int* prow = pq + row * n;
+    for (int c = threadIdx.x; c < n; c += illm::ROW_THREADS) prow[c] = static_cast<int>(rq(pv(c)));
+    __syncthreads();  // prow written by the CTA, read across it below
+    // P V: thread (g, dd) sums column group g of dimension dd; the groups' sums then added
+    // (integer divisions by udiv_u32: nvcc's own would take the float unit's reciprocal)
+    const int groups = qk::udiv_u32(illm::ROW_THREADS, d);  // d <= ATTN_MAX_D = ROW_THREADS: at least 1
+    const int g = qk::udiv_u32(threadIdx.x, d);
+    const int lane_d = threadIdx.x - g * d;
+    const illm::Dy rp = rq.scale();
+    for (int d0 = 0; d0 < d; d0 += illm::ROW_THREADS) {
+        const int dd = d0 + lane_d;
+        long long acc = 0;
+        if (g < groups && dd < d)
+            for (int c = g; c < n; c += groups) acc += static_cast<long long>(prow[c]) * v8[(col0 + c) * d + dd];
+        part[threadIdx.x] = acc;
+        __syncthreads();
+        if (threadIdx.x < d && d0 + threadIdx.x < d) {
+            long long sum = 0;
+            for (int gg = 0; gg < groups; ++gg) sum += part[gg * d + threadIdx.x];
+            o[row * d + d0 + threadIdx.x] = sum * rp.m;
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) e[row] = rp.m > 0 ? rp.k + ev : illm::NO_EXPONENT;
 }

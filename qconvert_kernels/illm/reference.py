@@ -231,7 +231,9 @@ def exp_argument(x: torch.Tensor, scale: Dyadic, clip: float) -> torch.Tensor:
     v = (-x).clamp_max(1 << 40) * coef.m  # < 2^57
     # before a left shift (a scale above 2^-16, rare) cap v so that nothing overflows
     v = torch.where(s >= 0, v, torch.minimum(v, (umax >> (-s).clamp(0, 40)) + 1))
-    return -torch.minimum(shift(v, s.clamp_min(-40)), torch.full_like(v, umax))
+    # (a right shift above 62 would leave v < 2^57 at 0 anyway: clamped there, shifts of 64 or
+    # more being undefined for int64)
+    return -torch.minimum(shift(v, s.clamp(-40, 62)), torch.full_like(v, umax))
 
 
 def di_softmax(scores: torch.Tensor, scale: Dyadic, mask: torch.Tensor | None = None, clip: float = 15.0) -> torch.Tensor:
@@ -298,9 +300,27 @@ def residual_add(x: torch.Tensor, sx: Dyadic, b: torch.Tensor, sb: Dyadic,
     sb = rb * sb
     big_x, big_b = x * sx.m, b * sb.m  # <= 2^36 each
     kmin = torch.where(sb.m == 0, sx.k, torch.where(sx.m == 0, sb.k, torch.minimum(sx.k, sb.k)))
-    total = shift(big_x, sx.k - kmin) + shift(big_b, sb.k - kmin)
+    # the shifts clamped to [-62, 62] (a term is below 2^36, so 62 leaves 0 as the exact quotient
+    # does, and only a zero term is shifted left): int64 shifts by 64 or more are not defined
+    total = shift(big_x, (sx.k - kmin).clamp(-62, 62)) + shift(big_b, (sb.k - kmin).clamp(-62, 62))
     q, r = quantize_rows(total, qmax)
     return q, Dyadic(r.m, r.k + kmin)
+
+
+NO_EXPONENT = 1 << 40  # the exponent of a zero (a dyadic with m = 0), left out of minimums
+
+
+def column_alignment(col: Dyadic, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-column dyadics ``col`` ([..., n]) seen by rows ``mask`` ([t, n], or [..., t, n] broadcast
+    with col's leading dims: a mask per head): (shifts [..., t, n],
+    e [..., t, 1]) such that x * col ~= shift(x * col.m, shifts) * 2^-e, e the smallest exponent
+    among the row's columns that ``mask`` keeps (the others are shifted down to it, rounding), so a
+    row depends on its own columns only (causal attention)."""
+    live = mask & (col.m > 0)[..., None, :]
+    kk = torch.where(live, col.k[..., None, :], NO_EXPONENT)
+    e = kk.amin(dim=-1, keepdim=True)
+    e = torch.where(e == NO_EXPONENT, 0, e)  # a row without a live column: all zero
+    return torch.where(live, kk - e, 0).clamp(0, 62), e
 
 
 F32_EXACT_K = 1 << 10  # K x 2^14 <= 2^24: float32 holds every partial sum of K int8 products exactly
@@ -456,3 +476,31 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([rshift_round(x1 * cos - x2 * sin, ROPE_BITS), rshift_round(x2 * cos + x1 * sin, ROPE_BITS)], -1)
+
+
+def attention(q: torch.Tensor, sq: Dyadic, k8: torch.Tensor, sk: Dyadic, v8: torch.Tensor, sv: Dyadic,
+              mask: torch.Tensor, inv_sqrt_d: Dyadic) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer attention of query rows over their keys, per head-row (a row's KV head) and its
+    ``group`` query heads: q int8-range [HR, group, t, d] with one scale per query row ``sq`` ([HR, 1,
+    t, 1]); keys and values int8 [HR, n, d] with one scale per column ``sk``, ``sv`` ([HR, n]);
+    ``mask`` bool [HR or 1, t, n], the columns each query row sees.  Each key's scale joins its
+    column of q k^T by shifts to the row's smallest key exponent (``column_alignment``), DI-ClippedSoftmax
+    on the scores with the query's scale times ``inv_sqrt_d``, each value's scale joins its column of
+    P the same way, P is requantized to 16 bits per row, and P V is an exact integer product.
+    Returns (o int64 [HR, group, t, d], e int64 [HR, group, t, 1]): the output is o * 2^-(e + 15)
+    (e = NO_EXPONENT for an all-zero row)."""
+    hr, group, t, d = q.shape
+    n = k8.shape[1]
+    # per KV head (shared by its query heads): the key and value scales' alignment per query row
+    k_sh, k_e = column_alignment(sk, mask)  # [HR, t, n], [HR, t, 1]
+    v_sh, v_e = column_alignment(sv, mask)
+    acc = int8_matmul(q.reshape(hr, group * t, d), k8.transpose(1, 2)).reshape(hr, group, t, n)  # int32 products
+    scores = shift(acc * sk.m[:, None, None, :], k_sh[:, None])  # key scales in, 2^-k_e
+    scale = Dyadic(sq.m, sq.k + k_e[:, None]) * inv_sqrt_d  # [HR, 1, t, 1]
+    p = di_softmax(scores, scale, mask[:, None])  # 2^-15
+    # the value scales, one per token (the sum's index), fold into P's columns, then P is
+    # requantized to 15 bits per row: P V stays an exact product of int8 V
+    pv = shift(p * sv.m[:, None, None, :], v_sh[:, None])
+    pq, rp = quantize_rows(pv, WIDE_QMAX)  # rp [HR, group, t, 1]
+    pvq = wide_matmul(pq.reshape(hr, group * t, n), v8, below_2_15=True).reshape(hr, group, t, d)
+    return pvq * rp.m, torch.where(rp.m > 0, rp.k + v_e[:, None], NO_EXPONENT)  # scale 2^-(k + 15)
