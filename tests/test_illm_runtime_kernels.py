@@ -116,10 +116,11 @@ def test_the_integer_model_is_made_from_the_stored_tensors_whatever_the_dtype(ou
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("mutation", ["round_down", "requant_no_clip"])
+@pytest.mark.parametrize("mutation", ["round_down", "requant_no_clip", "attn_pv_group0"])
 def test_a_kernel_bug_changes_the_logits(outs, mutation):
     """The comparison can fail: a deliberate bug in the emulated kernels (a truncating shift; the
-    requantization ignoring the activation clip of illm-w4a4) reaches the logits."""
+    requantization ignoring the activation clip of illm-w4a4; attention's P V summing one column
+    group) reaches the logits."""
     from qconvert import load
 
     model = load(outs["w4a4-online"])

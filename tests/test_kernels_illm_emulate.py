@@ -8,6 +8,8 @@ kernels on a GPU.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from helpers import assert_mutation_caught
@@ -128,7 +130,7 @@ def run_residual(mutations=frozenset()):
     same_scale(hm, hk, ws, "h")
 
 
-def attention_case(hr=4, group=3, t=1, n=37, d=64, per_head_mask=True, seed=0):
+def attention_case(hr=4, group=3, t=1, n=37, d=64, per_head_mask=True, seed=0, negative=False):
     """Inputs of reference.attention as the model makes them: int8 queries, keys and values, a scale
     per query row and per key / value column (some zero), a causal mask with left padding per
     head-row (or one mask for all)."""
@@ -136,6 +138,8 @@ def attention_case(hr=4, group=3, t=1, n=37, d=64, per_head_mask=True, seed=0):
     q = torch.randint(-127, 128, (hr, group, t, d), generator=gen, dtype=torch.int8)
     k8 = torch.randint(-127, 128, (hr, n, d), generator=gen, dtype=torch.int8)
     v8 = torch.randint(-127, 128, (hr, n, d), generator=gen, dtype=torch.int8)
+    if negative:  # every score below 0 but the zero-scale key's: that 0 is the row's max
+        q, k8 = q.abs().clamp_min(1), -k8.abs().clamp_min(1)
 
     def scales(shape, low, high):
         return ri.normalize(torch.randint(1, 2**16, shape, generator=gen), torch.randint(low, high, shape, generator=gen))
@@ -173,7 +177,7 @@ def run_attention(mutations=frozenset(), **case):
 
 
 @pytest.mark.parametrize("case", [{}, {"t": 5}, {"d": 24, "n": 9, "group": 1}, {"per_head_mask": False, "t": 3},
-                                  {"hr": 1, "group": 9, "n": 300}])
+                                  {"hr": 1, "group": 9, "n": 300}, {"negative": True}, {"t": 3, "n": 4}])
 def test_attention_bit_exact(case):
     o, e = run_attention(**case)
     if o.shape[0] > 1:
@@ -277,6 +281,7 @@ MUTATION_CASES = {
     "residual_zero_k": (run_residual, (), "differs"),
     "attn_unmasked": (run_attention, (), "differs"),
     "attn_pv_group0": (run_attention, (), "differs"),
+    "attn_max_live": (functools.partial(run_attention, negative=True), (), "differs"),
 }
 
 

@@ -118,7 +118,6 @@ def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, Dyadic]:
 
 
 NO_EXPONENT = ri.NO_EXPONENT
-column_alignment = ri.column_alignment
 
 
 def _per_row(d: Dyadic, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -407,7 +406,7 @@ class IntegerLlama(DerivedHolder):
         qg = q8.reshape(bt, t, kvh, group, d).permute(0, 2, 3, 1, 4).reshape(bt * kvh, group, t, d)
         sqm = s_q.m.reshape(bt, 1, 1, t, 1).expand(bt, kvh, 1, t, 1).reshape(bt * kvh, 1, t, 1)
         sqk = s_q.k.reshape(bt, 1, 1, t, 1).expand(bt, kvh, 1, t, 1).reshape(bt * kvh, 1, t, 1)
-        if self.kernels and d % 4 == 0 and d <= 256 and bt * kvh * group * t * n * 4 <= ATTN_BLOCK_BYTES["cuda"]:
+        if self.kernels and self._attention_kernel_fits(bt * kvh, t, n):
             # every head and query row in one launch (its int32 P buffer within the budget: every
             # decode step, and prefills up to that size)
             from qconvert_kernels.illm import cuda as cuda_illm
@@ -425,6 +424,15 @@ class IntegerLlama(DerivedHolder):
                 qg[a:b, :, r0:r1], Dyadic(sqm[a:b, :, r0:r1], sqk[a:b, :, r0:r1]), k8[a:b], Dyadic(s_km[a:b], s_kk[a:b]),
                 v8[a:b], Dyadic(s_vm[a:b], s_vk[a:b]), mk, self.inv_sqrt_d)
         return self._attn_out(attn, out, exp, bt, t)
+
+    def _attention_kernel_fits(self, head_rows: int, t: int, n: int) -> bool:
+        """Whether ``illm_attention`` takes this attention: head_dim a multiple of 4 up to its
+        maximum, the grid's limits, and its int32 P buffer within the device's attention budget."""
+        from qconvert_kernels.illm import cuda as cuda_illm
+
+        group = self.heads // self.kv_heads
+        return (self.head_dim % 4 == 0 and self.head_dim <= cuda_illm.ATTN_MAX_D and head_rows <= cuda_illm.ATTN_MAX_GRID
+                and group <= cuda_illm.ATTN_MAX_GRID and head_rows * group * t * n * 4 <= ATTN_BLOCK_BYTES["cuda"])
 
     def _attn_out(self, attn, out: torch.Tensor, exp: torch.Tensor, bt: int, t: int):
         """The heads' outputs (``ri.attention``'s, [rows*KV, group, t, d] and exponents [.., 1]) on one

@@ -1,6 +1,6 @@
 """CuPy launcher of the I-LLM kernels (qconvert_kernels/illm/illm_gemm.cu): DI-MatMul, the per-row
-requantizations (int8 and wide), DI-ClippedSoftmax, DI-Norm, and a block's integer glue fused per
-row (SwiGLU, the residual add).  Each equals its function in ``qconvert_kernels.illm.reference``
+requantizations (int8 and wide), DI-ClippedSoftmax, DI-Norm, a block's integer glue fused per
+row (SwiGLU, the residual add) and attention (one query row per CTA).  Each equals its function in ``qconvert_kernels.illm.reference``
 bit for bit (integers in, integers out; GPU tests in tests/test_kernels_illm_gpu.py).  The integer
 model (qconvert/layouts/illm.py) calls all but ``softmax`` on a GPU (``IntegerLlama.use_kernels``);
 its softmax takes int64 scores, so ``softmax`` here is for int32 scores of one scale per row.
@@ -272,7 +272,8 @@ def attention(q: torch.Tensor, qm: torch.Tensor, qk: torch.Tensor, k8: torch.Ten
     qm_c, qk_c = (x.to(torch.int64).contiguous() for x in qs)
     km_c, kk_c, vm_c, vk_c = (x.reshape(-1).to(torch.int64).contiguous() for x in cols)
     mask_c = mask.to(torch.uint8).contiguous()
-    _l.check_aligned(fn, q=q_c, k8=k_c)
+    # the kernel reads q and k8 rows as int32 words: 4-byte alignment (a contiguous view may start anywhere)
+    q_c, k_c = (x if x.data_ptr() % 4 == 0 else x.clone() for x in (q_c, k_c))
     pq = torch.empty((hr, group, t, n), dtype=torch.int32, device=dev)
     o = torch.empty((hr, group, t, d), dtype=torch.int64, device=dev)
     e = torch.empty((hr, group, t), dtype=torch.int64, device=dev)

@@ -1,6 +1,6 @@
 """CPU emulator of the I-LLM kernels of illm_gemm.cu: the row kernels (``illm_requant_rows``,
-``illm_softmax``, ``illm_rmsnorm``, ``illm_requant_wide``, ``illm_swiglu``, ``illm_residual_add``)
-here, DI-MatMul through the 64 x 64 main loops of quik/emulate.py.
+``illm_softmax``, ``illm_rmsnorm``, ``illm_requant_wide``, ``illm_swiglu``, ``illm_residual_add``,
+``illm_attention``) here, DI-MatMul through the 64 x 64 main loops of quik/emulate.py.
 
 The row kernels are integer code: one CTA of 256 threads per row, strided loops, block max / sum
 reductions (order-free on integers), and divisions done only by ``qk::udiv_u64`` (restoring long
@@ -10,7 +10,7 @@ the two divisions transcribed from common.cuh, and checks what the hardware woul
 int64 intermediate must stay inside int64 (``EmulationError`` otherwise), every DivBy numerator
 inside the bound its ``init`` was given, every global access inside its tensor, every output
 written exactly once.  The launchers (``illm.cuda.requant_rows``, ``softmax``, ``rmsnorm``, ``requant_wide``,
-``swiglu``, ``residual_add``, ``illm_matmul``) run unchanged through ``launch.launch_hook``.
+``swiglu``, ``residual_add``, ``attention``, ``illm_matmul``) run unchanged through ``launch.launch_hook``.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ MUTATIONS = _BYTES_MUTATIONS | frozenset({
     "residual_zero_k", # the residual add aligning to a zero term's exponent 0 (min of both exponents)
     "attn_unmasked",   # attention's key exponent taken over every column, not the row's seen ones
     "attn_pv_group0",  # P V summing the first column group only
+    "attn_max_live",   # the softmax max over keys with a non-zero scale only (a zero-scale key's 0 left out)
 })
 
 
@@ -355,7 +356,8 @@ def attention(ctx: Ctx, ops: Ops, grid):
                     sh = min(max(kk[c] - ek, 0), 62) if km[c] > 0 else 0
                     return ops.rshift_round(i64(acc * km[c], "q.k * m"), sh)
 
-                mx = max((score(c) for c in seen), default=-(1 << 62))
+                in_max = [c for c in seen if km[c] > 0] if "attn_max_live" in ops.mutations else seen
+                mx = max((score(c) for c in in_max), default=-(1 << 62))
                 hw = int(_load(ctx, a["qk"], [hh * T + r], np.int64, "qk")[0])
                 scale = ops.normalize(i64(int(_load(ctx, a["qm"], [hh * T + r], np.int64, "qm")[0]) * a["sdm"], "q scale"),
                                       hw + ek + a["sdk"])

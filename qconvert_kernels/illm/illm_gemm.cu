@@ -1,7 +1,7 @@
 // I-LLM kernels of qconvert: DI-MatMul (int8 tensor cores, dyadic rescaling epilogue), the
 // per-token requantization from the integer row max, DI-ClippedSoftmax with DI-Exp, and DI-Norm.
 //
-// The arithmetic is the one of qconvert_kernels/reference_illm.py, bit for bit: integer values,
+// The arithmetic is the one of qconvert_kernels/illm/reference.py, bit for bit: integer values,
 // dyadic scales m / 2^k (16-bit m), "half up" rounding shifts.  No float arithmetic is written
 // here, and none is generated: tests/test_kernels_illm_compile.py pins that the SASS has no
 // float-unit instruction at all.
@@ -24,7 +24,7 @@
 //                          in by shifts, DI-ClippedSoftmax, each value's scale folded into P,
 //                          P requantized to 16 bits, P V exact (attention)
 //
-// Requirements (launcher: qconvert_kernels/cuda_illm.py): K a multiple of 32 for the GEMMs;
+// Requirements (launcher: qconvert_kernels/illm/cuda.py): K a multiple of 32 for the GEMMs;
 // contiguous row-major operands, 16-byte aligned; |x| < 2^22 for the norm.
 // This file includes ../common.cuh, the W4A8 main loop (../w4a8/w4a8_mainloop.cuh) and the QUIK
 // byte main loop (../quik/quik_mainloop.cuh); kernel_source() in compile.py inlines them for NVRTC.
@@ -398,7 +398,8 @@ extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS) illm_residual_ad
     }
 }
 
-// Launch: grid (T, group, HR), block 256; d a multiple of 4, at most ATTN_MAX_D.  The
+// Launch: grid (T, group, HR), block 256 (two CTAs per SM asked for: ptxas's default of 64
+// registers spilled on sm_90); d a multiple of 4, at most ATTN_MAX_D.  The
 // attention of query row r of query head j over the keys of head-row hh (a row's KV head:
 // reference.attention): q int8 [HR, group, T, d] with the row's scale (qm, qk) [HR, T]; keys and
 // values int8 [HR, n, d] with one scale per column (km, kk), (vm, vk) [HR, n]; mask uint8
@@ -406,7 +407,7 @@ extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS) illm_residual_ad
 // pq int32 [HR, group, T, n] is scratch (P requantized).  Out: o int64 [HR, group, T, d] = P V
 // times P's mantissa, e int64 [HR, group, T] its exponent (NO_EXPONENT for an all-zero row);
 // the scores' scale is the query's times 1 / sqrt(d) (sdm, sdk) times 2^-(smallest key exponent).
-extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS) illm_attention(
+extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS, 2) illm_attention(
         const signed char* __restrict__ q, const long long* __restrict__ qm, const long long* __restrict__ qk,
         const signed char* __restrict__ k8, const long long* __restrict__ km, const long long* __restrict__ kk,
         const signed char* __restrict__ v8, const long long* __restrict__ vm, const long long* __restrict__ vk,
@@ -432,7 +433,7 @@ extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS) illm_attention(
     ev = -illm::block_max(-ev, red);
     if (ek == illm::NO_EXPONENT) ek = 0;
     if (ev == illm::NO_EXPONENT) ev = 0;
-    __syncthreads();  // qs
+    // (qs is read from here on: the barriers of the two block_max calls above came after its writes)
     auto score = [&](int c) -> long long {  // a seen column's score, in 2^-ek units of the key scales
         const int* kw = reinterpret_cast<const int*>(k8 + (col0 + c) * d);
         int acc = 0;
@@ -466,25 +467,23 @@ extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS) illm_attention(
     int* prow = pq + row * n;
     for (int c = threadIdx.x; c < n; c += illm::ROW_THREADS) prow[c] = static_cast<int>(rq(pv(c)));
     __syncthreads();  // prow written by the CTA, read across it below
-    // P V: thread (g, dd) sums column group g of dimension dd; the groups' sums then added
-    // (integer divisions by udiv_u32: nvcc's own would take the float unit's reciprocal)
-    const int groups = qk::udiv_u32(illm::ROW_THREADS, d);  // d <= ATTN_MAX_D = ROW_THREADS: at least 1
+    // P V: thread (g, dd) sums column group g (columns g, g + groups, ...) of dimension dd, then the
+    // groups' sums are added (d <= ATTN_MAX_D = ROW_THREADS, so groups >= 1; integer divisions by
+    // udiv_u32: nvcc's own would take the float unit's reciprocal)
+    static_assert(illm::ATTN_MAX_D <= illm::ROW_THREADS, "illm_attention: one dimension per thread needs d <= ROW_THREADS");
+    const int groups = qk::udiv_u32(illm::ROW_THREADS, d);
     const int g = qk::udiv_u32(threadIdx.x, d);
-    const int lane_d = threadIdx.x - g * d;
+    const int dd = threadIdx.x - g * d;
+    long long acc = 0;
+    if (g < groups)
+        for (int c = g; c < n; c += groups) acc += static_cast<long long>(prow[c]) * v8[(col0 + c) * d + dd];
+    part[threadIdx.x] = acc;
+    __syncthreads();
     const illm::Dy rp = rq.scale();
-    for (int d0 = 0; d0 < d; d0 += illm::ROW_THREADS) {
-        const int dd = d0 + lane_d;
-        long long acc = 0;
-        if (g < groups && dd < d)
-            for (int c = g; c < n; c += groups) acc += static_cast<long long>(prow[c]) * v8[(col0 + c) * d + dd];
-        part[threadIdx.x] = acc;
-        __syncthreads();
-        if (threadIdx.x < d && d0 + threadIdx.x < d) {
-            long long sum = 0;
-            for (int gg = 0; gg < groups; ++gg) sum += part[gg * d + threadIdx.x];
-            o[row * d + d0 + threadIdx.x] = sum * rp.m;
-        }
-        __syncthreads();
+    if (threadIdx.x < d) {
+        long long sum = 0;
+        for (int gg = 0; gg < groups; ++gg) sum += part[gg * d + threadIdx.x];
+        o[row * d + threadIdx.x] = sum * rp.m;
     }
     if (threadIdx.x == 0) e[row] = rp.m > 0 ? rp.k + ev : illm::NO_EXPONENT;
 }

@@ -499,7 +499,7 @@ def attention(q: torch.Tensor, sq: Dyadic, k8: torch.Tensor, sk: Dyadic, v8: tor
     scale = Dyadic(sq.m, sq.k + k_e[:, None]) * inv_sqrt_d  # [HR, 1, t, 1]
     p = di_softmax(scores, scale, mask[:, None])  # 2^-15
     # the value scales, one per token (the sum's index), fold into P's columns, then P is
-    # requantized to 15 bits per row: P V stays an exact product of int8 V
+    # requantized to 16 bits per row (P >= 0: 15 bits of magnitude): P V stays an exact product of int8 V
     pv = shift(p * sv.m[:, None, None, :], v_sh[:, None])
     pq, rp = quantize_rows(pv, WIDE_QMAX)  # rp [HR, group, t, 1]
     pvq = wide_matmul(pq.reshape(hr, group * t, n), v8, below_2_15=True).reshape(hr, group, t, d)
