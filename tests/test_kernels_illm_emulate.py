@@ -32,11 +32,16 @@ def requant_case(qmax):
 CLIPS = [ri.CLIP_ONE, ri.clip_int(0.9), ri.CLIP_ONE // 2, ri.clip_int(2 / 3)]  # none, the preset's, the least, odd
 
 
-def run_requant(qmax, clip=ri.CLIP_ONE, mutations=frozenset()):
+def run_requant(qmax, clip=ri.CLIP_ONE, mutations=frozenset(), folds=0):
     v = requant_case(qmax)
+    fs = [row_scales(v.shape[0], 10 + f, 5, 45) for f in range(folds)]
+    fm = torch.stack([f.m[:, 0] for f in fs]) if folds else None
+    fk = torch.stack([f.k[:, 0] for f in fs]) if folds else None
     with emulate.emulating(mutations=mutations):
-        q, sm, sk = cuda_illm.requant_rows(v, qmax, clip)
+        q, sm, sk = cuda_illm.requant_rows(v, qmax, clip, fm, fk)
     rq, r = ri.quantize_rows(v, qmax, clip)
+    for f in fs:
+        r = r * f
     assert torch.equal(q.long(), rq), "q differs"
     assert torch.equal(sm, r.m[:, 0]) and torch.equal(sk, r.k[:, 0]), "scale differs"
 
@@ -219,6 +224,13 @@ def test_requant_rows_bit_exact(qmax, clip):
     run_requant(qmax, clip=clip)
 
 
+@pytest.mark.parametrize("folds", [1, 2, 3])
+def test_requant_rows_folds_its_scales_in_order(folds):
+    """The int8 requantization's scale times one to three per-row dyadics, left to right (as the
+    model folds a query's, a key's or the MLP's scale products), with zero scales among them."""
+    run_requant(127, ri.clip_int(0.9), folds=folds)
+
+
 @pytest.mark.parametrize("t", [1, 37, 100])
 def test_softmax_causal_bit_exact(t):
     run_softmax(t)
@@ -282,6 +294,7 @@ MUTATION_CASES = {
     "attn_unmasked": (run_attention, (), "differs"),
     "attn_pv_group0": (run_attention, (), "differs"),
     "attn_max_live": (functools.partial(run_attention, negative=True), (), "differs"),
+    "folds_reversed": (functools.partial(run_requant, folds=3), (127,), "differs"),
 }
 
 

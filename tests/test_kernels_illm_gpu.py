@@ -37,6 +37,12 @@ def test_requant_rows(qmax, clip):
     q, sm, sk = cuda_illm.requant_rows(v.to(DEV), qmax, clip)
     rq, r = ri.quantize_rows(v, qmax, clip)
     assert torch.equal(q.cpu().long(), rq) and torch.equal(sm.cpu(), r.m[:, 0]) and torch.equal(sk.cpu(), r.k[:, 0])
+    fs = [row_scales(33, 20 + f, 5, 45) for f in range(3)]  # three scales folded in, in turn
+    q, sm, sk = cuda_illm.requant_rows(v.to(DEV), qmax, clip, torch.stack([f.m[:, 0] for f in fs]).to(DEV),
+                                       torch.stack([f.k[:, 0] for f in fs]).to(DEV))
+    for f in fs:
+        r = r * f
+    assert torch.equal(q.cpu().long(), rq) and torch.equal(sm.cpu(), r.m[:, 0]) and torch.equal(sk.cpu(), r.k[:, 0])
 
 
 @pytest.mark.parametrize("t", [1, 37, 512])

@@ -259,13 +259,20 @@ class IntegerLlama(DerivedHolder):
         self.inv_sqrt_d = inv_sqrt
         self.inv_sqrt_d_int = (int(inv_sqrt.m), int(inv_sqrt.k))  # as the attention kernel takes it
         # the online transform's 1 / sqrt(n) (--rotate hadamard+online: n is the MLP's width)
-        self.inv_sqrt_i = to_dyadic(torch.tensor(1.0 / math.sqrt(config.intermediate_size)))
+        inv_i = to_dyadic(torch.tensor(1.0 / math.sqrt(config.intermediate_size)))
+        self.register_buffer("inv_sqrt_i_m", inv_i.m, persistent=False)  # on the model's device: a kernel's fold
+        self.register_buffer("inv_sqrt_i_k", inv_i.k, persistent=False)
         theta = float(rope.get("rope_theta", getattr(config, "rope_theta", None) or 10000.0))
         self.max_positions = min(int(getattr(config, "max_position_embeddings", 4096) or 4096), 32768)
         cos, sin = ri.rope_table(self.max_positions, self.head_dim, theta)  # a constant, built here once
         self.register_buffer("rope_cos", cos)
         self.register_buffer("rope_sin", sin)
         self.kernels = False
+
+    @property
+    def inv_sqrt_i(self) -> Dyadic:
+        """The online transform's 1 / sqrt(n) as a dyadic (0-dim, on the model's device)."""
+        return Dyadic(self.inv_sqrt_i_m, self.inv_sqrt_i_k)
 
     @property
     def device(self) -> torch.device:
@@ -295,14 +302,20 @@ class IntegerLlama(DerivedHolder):
         q, m, k = cuda_illm.rmsnorm(h, g, gk, qmax, clip)
         return q, Dyadic(m[:, None], k[:, None])
 
-    def _requant(self, v: torch.Tensor, qmax: int, clip: int = ri.CLIP_ONE):
-        """``ri.quantize_rows`` over the last dim for qmax <= 127 (by the kernel when on)."""
+    def _requant(self, v: torch.Tensor, qmax: int, clip: int = ri.CLIP_ONE, folds: tuple[Dyadic, ...] = ()):
+        """``ri.quantize_rows`` over the last dim for qmax <= 127, its scale then times each of ``folds``
+        in turn (dyadics broadcast to v's rows; by the kernel when on)."""
         if not self.kernels:
-            return ri.quantize_rows(v, qmax, clip)
+            q, r = ri.quantize_rows(v, qmax, clip)
+            for f in folds:
+                r = r * f
+            return q, r
         from qconvert_kernels.illm import cuda as cuda_illm
 
-        q, m, k = cuda_illm.requant_rows(v.reshape(-1, v.shape[-1]), qmax, clip)
         lead = (*v.shape[:-1], 1)
+        fm = torch.stack([torch.broadcast_to(f.m, lead).reshape(-1) for f in folds]) if folds else None
+        fk = torch.stack([torch.broadcast_to(f.k, lead).reshape(-1) for f in folds]) if folds else None
+        q, m, k = cuda_illm.requant_rows(v.reshape(-1, v.shape[-1]), qmax, clip, fm, fk)
         return q.reshape(v.shape), Dyadic(m.reshape(lead), k.reshape(lead))
 
     def _table(self, start: int, stop: int):
@@ -383,15 +396,14 @@ class IntegerLlama(DerivedHolder):
         v16, s_vt = self._requant_wide(tv, sv)
         qr = ri.rope(q16.reshape(bt, t, self.heads, d).transpose(1, 2), cos, sin)  # [rows, H, t, d]
         kr = ri.rope(k16.reshape(bt, t, kvh, d).transpose(1, 2), cos, sin)  # [rows, KV, t, d]
-        q8, rq8 = self._requant(qr.transpose(1, 2).reshape(bt * t, -1), 127)  # per token, all heads
-        s_q = rq8 * rq * sq  # [rows * t, 1]
+        q8, s_q = self._requant(qr.transpose(1, 2).reshape(bt * t, -1), 127, folds=(rq, sq))  # per token, all heads
         # keys and values int8 per head and token ([rows, KV, t, d], scales [rows, KV, t, 1]): nothing
         # depends on a later token or another row, so the model is causal and its KV cache holds them as they are
-        k8, rk8 = self._requant(kr, 127)
-        v8, rv8 = self._requant(v16.reshape(bt, t, kvh, d).transpose(1, 2), 127)
         per_token = (bt, 1, t, 1)
-        kv = (k8.to(torch.int8), rk8 * Dyadic(s_kt.m.reshape(per_token), s_kt.k.reshape(per_token)),
-              v8.to(torch.int8), rv8 * Dyadic(s_vt.m.reshape(per_token), s_vt.k.reshape(per_token)))
+        k8, s_k = self._requant(kr, 127, folds=(Dyadic(s_kt.m.reshape(per_token), s_kt.k.reshape(per_token)),))
+        v8, s_v = self._requant(v16.reshape(bt, t, kvh, d).transpose(1, 2), 127,
+                                folds=(Dyadic(s_vt.m.reshape(per_token), s_vt.k.reshape(per_token)),))
+        kv = (k8.to(torch.int8), s_k, v8.to(torch.int8), s_v)
         if cache is not None:
             kv = cache.extend(i, *kv)
         k8, s_k, v8, s_v = kv
@@ -456,9 +468,10 @@ class IntegerLlama(DerivedHolder):
         online = getattr(mlp.down_proj, "online_transform", None)  # --rotate hadamard+online (qconvert.load)
         if online is not None:  # a (A (x) H) / sqrt(n): integers below 2^30 n, the root in the scale
             a = ri.hadamard_rows(a, online.sign_on(a.device, torch.int64), online.lp)
-        aq, ra = self._requant(a, mlp.down_proj.act_qmax, mlp.down_proj.clip)
-        scale = ra * sg * su  # dyadic products round: this order is the format's (tests/test_golden.py)
-        return mlp.down_proj.int_forward(aq, scale if online is None else scale * self.inv_sqrt_i)
+        # a's scale ra * sg * su (* 1 / sqrt(n)): dyadic products round, this order is the format's (tests/test_golden.py)
+        aq, scale = self._requant(a, mlp.down_proj.act_qmax, mlp.down_proj.clip,
+                                  folds=(sg, su) if online is None else (sg, su, self.inv_sqrt_i))
+        return mlp.down_proj.int_forward(aq, scale)
 
     def _swiglu(self, tg, sg: Dyadic, tu, su: Dyadic):
         """``ri.swiglu`` (by the kernel when on)."""

@@ -94,18 +94,29 @@ def _check_clip(fn: str, clip: int) -> None:
                f"{fn}: clip must be an integer c * 2^16 in [2^15, 2^16] (reference.clip_int), got {clip!r}")
 
 
-def requant_rows(v: torch.Tensor, qmax: int, clip: int = ri.CLIP_ONE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """reference_illm.quantize_rows for int64 v [rows, n]: (q int8, m int64 [rows], k int64 [rows])."""
-    _l.require(v.dim() == 2 and v.dtype == torch.int64 and 0 < qmax <= 127, "requant_rows: int64 [rows, n], 0 < qmax <= 127")
-    _check_clip("requant_rows", clip)
-    dev = _l.check_cuda("requant_rows", v)
+def requant_rows(v: torch.Tensor, qmax: int, clip: int = ri.CLIP_ONE, fm: torch.Tensor | None = None,
+                 fk: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """reference.quantize_rows for int64 v [rows, n]: (q int8, m int64 [rows], k int64 [rows]); with
+    ``fm``, ``fk`` (int [folds, rows], per-row dyadics) the scale returned is the row's ratio times
+    each fold in turn (``Dyadic.__mul__``, left to right)."""
+    fn = "requant_rows"
+    _l.require(v.dim() == 2 and v.dtype == torch.int64 and 0 < qmax <= 127, f"{fn}: int64 [rows, n], 0 < qmax <= 127")
+    _check_clip(fn, clip)
+    rows = v.shape[0]
+    _l.require((fm is None) == (fk is None), f"{fn}: give both fm and fk, or neither")
+    if fm is not None:
+        _l.require(fm.dim() == 2 and fm.shape[1] == rows and fk.shape == fm.shape and fm.dtype in _INT and fk.dtype in _INT,
+                   f"{fn}: fm and fk must be integers [folds, rows] = [folds, {rows}], got {fm.dtype} "
+                   f"{tuple(fm.shape)} and {fk.dtype} {tuple(fk.shape)}")
+    dev = _l.check_cuda(fn, v, *(() if fm is None else (fm, fk)))
     v = v.contiguous()
+    fm_c, fk_c = (None, None) if fm is None else (fm.to(torch.int64).contiguous(), fk.to(torch.int64).contiguous())
     q = torch.empty(v.shape, dtype=torch.int8, device=dev)
-    sm, sk = _row_outputs(v.shape[0], dev)
+    sm, sk = _row_outputs(rows, dev)
     if v.numel():
-        _launch("illm_requant_rows", (v.shape[0],), (ROW_THREADS,),
-                (_l.ptr(v), _l.ptr(q), _l.ptr(sm), _l.ptr(sk), _l.i32(v.shape[0]), _l.i32(v.shape[1]), _l.i32(qmax),
-                 _l.i32(clip)), dev)
+        _launch("illm_requant_rows", (rows,), (ROW_THREADS,),
+                (_l.ptr(v), _l.ptr(q), _l.ptr(sm), _l.ptr(sk), _l.i32(rows), _l.i32(v.shape[1]), _l.i32(qmax),
+                 _l.i32(clip), _l.ptr(fm_c), _l.ptr(fk_c), _l.i32(0 if fm is None else fm.shape[0])), dev)
     return q, sm, sk
 
 

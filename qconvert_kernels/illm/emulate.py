@@ -32,7 +32,7 @@ PROB_BITS = 15
 CLIP_BITS = 16
 MASK64 = (1 << 64) - 1
 
-REQUANT_PARAMS = ("v", "q", "sm", "sk", "rows", "n", "qmax", "clip")
+REQUANT_PARAMS = ("v", "q", "sm", "sk", "rows", "n", "qmax", "clip", "fm", "fk", "folds")
 SOFTMAX_PARAMS = ("scores", "valid", "sm", "sk", "umax", "P", "rows", "T")
 RMSNORM_PARAMS = ("x", "gamma", "gk", "qmax", "q", "sm", "sk", "rows", "H", "clip")
 WIDE_PARAMS = ("v", "fm", "fk", "fold", "q", "sm", "sk", "rows", "n", "qmax")
@@ -55,6 +55,7 @@ MUTATIONS = _BYTES_MUTATIONS | frozenset({
     "attn_unmasked",   # attention's key exponent taken over every column, not the row's seen ones
     "attn_pv_group0",  # P V summing the first column group only
     "attn_max_live",   # the softmax max over keys with a non-zero scale only (a zero-scale key's 0 left out)
+    "folds_reversed",  # illm_requant_rows multiplying its folds last to first
 })
 
 
@@ -229,6 +230,10 @@ def requant_rows(ctx: Ctx, ops: Ops, grid):
     rows, n = a["rows"], a["n"]
     for r in range(min(grid[0], rows)):
         q, m, k = ops.requant_row(_row(ctx, "v", r, n, np.int64, "v"), a["qmax"], a["clip"])
+        order = range(a["folds"] - 1, -1, -1) if "folds_reversed" in ops.mutations else range(a["folds"])
+        for f in order:
+            m, k = ops.mul((m, k), (int(_load(ctx, a["fm"], [f * rows + r], np.int64, "fm")[0]),
+                                    int(_load(ctx, a["fk"], [f * rows + r], np.int64, "fk")[0])))
         _store(ctx, "q", r * n + np.arange(n), q, np.int8, "q")
         _store(ctx, "sm", [r], [m], np.int64, "sm")
         _store(ctx, "sk", [r], [k], np.int64, "sk")

@@ -243,16 +243,19 @@ extern "C" __global__ void __launch_bounds__(quik::THREADS, 1) illm_matmul_w4(IL
 }
 
 // Launch: grid (rows), block 256.  v int64 [rows, n] -> q int8 [rows, n], scale (m, k) int64 [rows];
-// clip: c * 2^16 (2^16: none).
+// clip: c * 2^16 (2^16: none).  The scale returned is the row's ratio times `folds` per-row dyadics
+// in turn, (fm, fk) int64 [folds, rows] (Dyadic products, left to right; not read when folds = 0).
 extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS) illm_requant_rows(
         const long long* __restrict__ v, signed char* __restrict__ q, long long* __restrict__ sm,
-        long long* __restrict__ sk, int rows, int n, int qmax, int clip) {
+        long long* __restrict__ sk, int rows, int n, int qmax, int clip, const long long* __restrict__ fm,
+        const long long* __restrict__ fk, int folds) {
     __shared__ long long red[illm::ROW_THREADS / 32];
     const int r = blockIdx.x;
     if (r >= rows) return;
     const long long* row = v + static_cast<long long>(r) * n;
-    const illm::Dy d = illm::requant_row([&](int i) { return row[i]; }, n, qmax, clip, q + static_cast<long long>(r) * n, red);
+    illm::Dy d = illm::requant_row([&](int i) { return row[i]; }, n, qmax, clip, q + static_cast<long long>(r) * n, red);
     if (threadIdx.x == 0) {
+        for (int f = 0; f < folds; ++f) d = illm::mul(d, {fm[static_cast<long long>(f) * rows + r], fk[static_cast<long long>(f) * rows + r]});
         sm[r] = d.m;
         sk[r] = d.k;
     }
