@@ -190,6 +190,25 @@ def test_attention_bit_exact(case):
     assert (e != ri.NO_EXPONENT).any() and o.abs().max() > 0
 
 
+def run_hadamard(n=48, mutations=frozenset()):
+    from qconvert.online_hadamard import OnlineHadamard
+
+    online = OnlineHadamard(n)
+    sign, lp = online.sign, online.lp
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randint(-2**30, 2**30, (4, n), generator=gen)
+    x[1] = 0
+    with emulate.emulating(mutations=mutations):
+        y = cuda_illm.hadamard(x, sign, lp)
+    want = ri.hadamard_rows(x, sign.long(), lp)
+    assert torch.equal(y, want), f"y differs in {(y != want).sum()} places"
+
+
+@pytest.mark.parametrize("n", [48, 160, 64, 1536])  # A of order 12 and 20 times H_4 and H_8; H_64; SmolLM2's 12 x 128
+def test_hadamard_bit_exact(n):
+    run_hadamard(n)
+
+
 @pytest.mark.parametrize("fold", [True, False])
 @pytest.mark.parametrize("qmax", [ri.WIDE_QMAX, ri.RESIDUAL_QMAX, 127])
 def test_requant_wide_bit_exact(qmax, fold):
@@ -295,6 +314,7 @@ MUTATION_CASES = {
     "attn_pv_group0": (run_attention, (), "differs"),
     "attn_max_live": (functools.partial(run_attention, negative=True), (), "differs"),
     "folds_reversed": (functools.partial(run_requant, folds=3), (127,), "differs"),
+    "hadamard_short": (run_hadamard, (), "differs"),
 }
 
 

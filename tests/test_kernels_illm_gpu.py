@@ -120,3 +120,13 @@ def test_attention(case):
                                mask.to(DEV), (int(isd.m), int(isd.k)))
     wo, we = ri.attention(q, sq, k8, sk, v8, sv, mask, isd)
     assert torch.equal(o.cpu(), wo) and torch.equal(e.cpu(), we[..., 0])
+
+
+@pytest.mark.parametrize("n", [1536, 14336, 4096, 160])
+def test_hadamard(n):
+    from qconvert.online_hadamard import OnlineHadamard
+
+    online = OnlineHadamard(n)
+    x = torch.randint(-2**30, 2**30, (17, n), generator=torch.Generator().manual_seed(n))
+    y = cuda_illm.hadamard(x.to(DEV), online.sign.to(DEV), online.lp)
+    assert torch.equal(y.cpu(), ri.hadamard_rows(x, online.sign.long(), online.lp))

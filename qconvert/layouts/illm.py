@@ -467,7 +467,7 @@ class IntegerLlama(DerivedHolder):
         a, sg, su = self._swiglu(tg, sg, tu, su)  # a's scale sg * su, |a| < 2^30
         online = getattr(mlp.down_proj, "online_transform", None)  # --rotate hadamard+online (qconvert.load)
         if online is not None:  # a (A (x) H) / sqrt(n): integers below 2^30 n, the root in the scale
-            a = ri.hadamard_rows(a, online.sign_on(a.device, torch.int64), online.lp)
+            a = self._hadamard(a, online)
         # a's scale ra * sg * su (* 1 / sqrt(n)): dyadic products round, this order is the format's (tests/test_golden.py)
         aq, scale = self._requant(a, mlp.down_proj.act_qmax, mlp.down_proj.clip,
                                   folds=(sg, su) if online is None else (sg, su, self.inv_sqrt_i))
@@ -481,6 +481,14 @@ class IntegerLlama(DerivedHolder):
 
         a, gm, gk, um, uk = cuda_illm.swiglu(tg, *_per_row(sg, tg.shape[0]), tu, *_per_row(su, tg.shape[0]))
         return a, Dyadic(gm[:, None], gk[:, None]), Dyadic(um[:, None], uk[:, None])
+
+    def _hadamard(self, a: torch.Tensor, online):
+        """``ri.hadamard_rows`` of the rows of a with the down_proj input's transform (by the kernel when on)."""
+        if not self.kernels:
+            return ri.hadamard_rows(a, online.sign_on(a.device, torch.int64), online.lp)
+        from qconvert_kernels.illm import cuda as cuda_illm
+
+        return cuda_illm.hadamard(a, online.sign_on(a.device, torch.int8), online.lp)
 
     def forward_int(self, input_ids: torch.Tensor, cache: SequenceCache | None = None,
                     last_only: bool = False) -> tuple[torch.Tensor, Dyadic]:

@@ -298,3 +298,23 @@ def attention(q: torch.Tensor, qm: torch.Tensor, qk: torch.Tensor, k8: torch.Ten
                  _l.ptr(e), _l.i32(t), _l.i32(group), _l.i32(n), _l.i32(d)), dev)
     return o, e
 
+
+
+def hadamard(x: torch.Tensor, sign: torch.Tensor, lp: int) -> torch.Tensor:
+    """reference.hadamard_rows of int64 x [rows, n] (n = m * 2^lp, ``sign`` A int8 [m, m] on x's
+    device): each row times A (x) H_p, unnormalized, int64 [rows, n]."""
+    fn = "hadamard"
+    _l.require(x.dim() == 2 and x.dtype == torch.int64, f"{fn}: x must be int64 [rows, n], got {x.dtype} {tuple(x.shape)}")
+    _l.require(sign.dim() == 2 and sign.shape[0] == sign.shape[1] and sign.dtype == torch.int8,
+               f"{fn}: sign must be int8 [m, m], got {sign.dtype} {tuple(sign.shape)}")
+    m = sign.shape[0]
+    _l.require(isinstance(lp, int) and 0 <= lp <= 24 and x.shape[1] == m << lp,
+               f"{fn}: the rows' width {x.shape[1]} must be m * 2^lp = {m} * 2^{lp}")
+    dev = _l.check_cuda(fn, x, sign)
+    x_c, sign_c = x.contiguous(), sign.contiguous()
+    t = torch.empty_like(x_c)
+    y = t if m == 1 else torch.empty_like(x_c)
+    if x_c.numel():
+        _launch("illm_hadamard", (x_c.shape[0],), (ROW_THREADS,),
+                (_l.ptr(x_c), _l.ptr(sign_c), _l.ptr(t), _l.ptr(y), _l.i32(x_c.shape[0]), _l.i32(m), _l.i32(lp)), dev)
+    return y

@@ -1,6 +1,6 @@
 """CPU emulator of the I-LLM kernels of illm_gemm.cu: the row kernels (``illm_requant_rows``,
 ``illm_softmax``, ``illm_rmsnorm``, ``illm_requant_wide``, ``illm_swiglu``, ``illm_residual_add``,
-``illm_attention``) here, DI-MatMul through the 64 x 64 main loops of quik/emulate.py.
+``illm_attention``, ``illm_hadamard``) here, DI-MatMul through the 64 x 64 main loops of quik/emulate.py.
 
 The row kernels are integer code: one CTA of 256 threads per row, strided loops, block max / sum
 reductions (order-free on integers), and divisions done only by ``qk::udiv_u64`` (restoring long
@@ -10,7 +10,7 @@ the two divisions transcribed from common.cuh, and checks what the hardware woul
 int64 intermediate must stay inside int64 (``EmulationError`` otherwise), every DivBy numerator
 inside the bound its ``init`` was given, every global access inside its tensor, every output
 written exactly once.  The launchers (``illm.cuda.requant_rows``, ``softmax``, ``rmsnorm``, ``requant_wide``,
-``swiglu``, ``residual_add``, ``attention``, ``illm_matmul``) run unchanged through ``launch.launch_hook``.
+``swiglu``, ``residual_add``, ``attention``, ``hadamard``, ``illm_matmul``) run unchanged through ``launch.launch_hook``.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ SWIGLU_PARAMS = ("tg", "gm", "gk", "tu", "um", "uk", "umax", "qmax", "a", "sgm",
 RESIDUAL_PARAMS = ("x", "xm", "xk", "b", "bm", "bk", "qmax", "h", "hm", "hk", "rows", "n")
 ATTENTION_PARAMS = ("q", "qm", "qk", "k8", "km", "kk", "v8", "vm", "vk", "mask", "mask_hr", "sdm", "sdk", "umax", "pq",
                     "o", "e", "T", "group", "n", "d")
+HADAMARD_PARAMS = ("x", "sign", "t", "y", "rows", "m", "lp")
 NO_EXPONENT = 1 << 40
 WIDE_QMAX = 32767
 
@@ -56,6 +57,7 @@ MUTATIONS = _BYTES_MUTATIONS | frozenset({
     "attn_pv_group0",  # P V summing the first column group only
     "attn_max_live",   # the softmax max over keys with a non-zero scale only (a zero-scale key's 0 left out)
     "folds_reversed",  # illm_requant_rows multiplying its folds last to first
+    "hadamard_short",  # the Hadamard transform's last butterfly stage left out
 })
 
 
@@ -391,6 +393,35 @@ def attention(ctx: Ctx, ops: Ops, grid):
                 _store(ctx, "e", [row], [k + ev if m > 0 else NO_EXPONENT], np.int64, "e")
 
 
+def hadamard(ctx: Ctx, ops: Ops, grid):
+    """illm_hadamard: the butterflies in place in t with the kernel's pair indices, then A's
+    combination into y (t itself when m = 1); every sum checked against int64."""
+    a = ctx.args
+    rows, m, lp = a["rows"], a["m"], a["lp"]
+    p, n = 1 << lp, a["m"] << a["lp"]
+    if (m == 1) != (a["t"] == a["y"]):
+        raise EmulationError("illm_hadamard: y must be t exactly when m = 1")
+    sign = _load(ctx, a["sign"], np.arange(m * m), np.int8, "sign").astype(np.int64).reshape(m, m)
+    half = p >> 1
+    stages = lp - 1 if "hadamard_short" in ops.mutations else lp
+    for r in range(min(grid[0], rows)):
+        t = [int(v) for v in _load(ctx, a["x"], r * n + np.arange(n), np.int64, "x")]
+        for s in range(stages):
+            h = 1 << s
+            for q in range(m * half):
+                aa, b = q >> (lp - 1), q & (half - 1)
+                i = aa * p + (((b >> s) << (s + 1)) | (b & (h - 1)))
+                u, v = t[i], t[i + h]
+                t[i], t[i + h] = i64(u + v, "butterfly sum"), i64(u - v, "butterfly difference")
+        if m == 1:
+            _store(ctx, "t", r * n + np.arange(n), t, np.int64, "t")
+            continue
+        ctx.mem.store(a["t"], (r * n + np.arange(n)) * 8, np.asarray(t, np.int64).view(np.uint8).reshape(-1, 8), "t")
+        out = [i64(sum(t[k * p + (o & (p - 1))] if sign[k, o >> lp] > 0 else -t[k * p + (o & (p - 1))] for k in range(m)),
+                   "A's combination") for o in range(n)]
+        _store(ctx, "y", r * n + np.arange(n), out, np.int64, "y")
+
+
 class Emulator(_Bytes64):
     """The launch hook of illm_gemm.cu: the row kernels here, DI-MatMul (and QUIK's kernels) by
     quik/emulate.py's main loops."""
@@ -401,7 +432,8 @@ class Emulator(_Bytes64):
                                   ("illm_requant_wide", WIDE_PARAMS, ROW_THREADS),
                                   ("illm_swiglu", SWIGLU_PARAMS, ROW_THREADS),
                                   ("illm_residual_add", RESIDUAL_PARAMS, ROW_THREADS),
-                                  ("illm_attention", ATTENTION_PARAMS, ROW_THREADS))
+                                  ("illm_attention", ATTENTION_PARAMS, ROW_THREADS),
+                                  ("illm_hadamard", HADAMARD_PARAMS, ROW_THREADS))
     KNOWN = MUTATIONS
 
     def run(self, name, grid, ctx):
@@ -420,6 +452,13 @@ class Emulator(_Bytes64):
             attention(ctx, Ops(ctx.mutations), grid)
             for key, per, width in (("pq", a["n"], 4), ("o", a["d"], 8), ("e", 1, 8)):
                 _written_once(name, ctx.mem, a[key], count * per, width, key)
+            return
+        if name == "illm_hadamard":
+            a = ctx.args
+            out = "t" if a["m"] == 1 else "y"
+            ctx.mem.track(a[out])
+            hadamard(ctx, Ops(ctx.mutations), grid)
+            _written_once(name, ctx.mem, a[out], a["rows"] * (a["m"] << a["lp"]), 8, out)
             return
         if name not in rows:
             return super().run(name, grid, ctx)

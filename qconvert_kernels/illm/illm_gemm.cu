@@ -20,6 +20,7 @@
 //   illm_swiglu            gate and up requantized to 16 bits, scales folded, SiLU(g) * u (swiglu)
 //   illm_residual_add      the branch requantized to 20 bits, both terms aligned by shifts,
 //                          the sum requantized to 20 bits (residual_add)
+//   illm_hadamard          the online Hadamard transform of int64 rows (hadamard_rows): exact sums
 //   illm_attention         one query row of one head: int8 q.k (dp4a), each key's scale folded
 //                          in by shifts, DI-ClippedSoftmax, each value's scale folded into P,
 //                          P requantized to 16 bits, P V exact (attention)
@@ -489,4 +490,42 @@ extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS, 2) illm_attentio
         o[row * d + threadIdx.x] = sum * rp.m;
     }
     if (threadIdx.x == 0) e[row] = rp.m > 0 ? rp.k + ev : illm::NO_EXPONENT;
+}
+
+// Launch: grid (rows), block 256.  The online Hadamard transform of int64 rows, unnormalized
+// (reference.hadamard_rows): x [rows, n] (n = m * 2^lp) times A (x) H_p, A = sign int8 [m, m].  The
+// butterflies (u, v) -> (u + v, u - v) of every [m, p] view run in place in t (int64 [rows, n]
+// scratch, written from x first), a barrier after each stage; then y[a' p + b] = sum over a of
+// A[a, a'] t[a p + b] (t itself when m = 1: y may be t).  Integer sums are exact, so any order
+// gives the reference's integers (|x| n < 2^63).
+extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS) illm_hadamard(
+        const long long* __restrict__ x, const signed char* __restrict__ sign, long long* t, long long* y,
+        int rows, int m, int lp) {
+    const int r = blockIdx.x;
+    if (r >= rows) return;
+    const int p = 1 << lp, n = m << lp;
+    const long long* xr = x + static_cast<long long>(r) * n;
+    long long* tr = t + static_cast<long long>(r) * n;
+    for (int i = threadIdx.x; i < n; i += illm::ROW_THREADS) tr[i] = xr[i];
+    __syncthreads();
+    const int half = p >> 1;  // pairs per row of the view
+    for (int s = 0; s < lp; ++s) {
+        const int h = 1 << s;
+        for (int q = threadIdx.x; q < m * half; q += illm::ROW_THREADS) {
+            const int a = q >> (lp - 1), b = q & (half - 1);
+            const int i = a * p + (((b >> s) << (s + 1)) | (b & (h - 1)));
+            const long long u = tr[i], v = tr[i + h];
+            tr[i] = u + v;
+            tr[i + h] = u - v;
+        }
+        __syncthreads();
+    }
+    if (m == 1) return;  // y is t (the launcher passes the same buffer)
+    long long* yr = y + static_cast<long long>(r) * n;
+    for (int o = threadIdx.x; o < n; o += illm::ROW_THREADS) {
+        const int a2 = o >> lp, b = o & (p - 1);
+        long long acc = 0;
+        for (int a = 0; a < m; ++a) acc += sign[a * m + a2] > 0 ? tr[a * p + b] : -tr[a * p + b];
+        yr[o] = acc;
+    }
 }
