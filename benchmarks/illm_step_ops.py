@@ -1,6 +1,7 @@
 """What one decode step of an I-LLM OUT's integer-only model asks of the device: the torch ops
 that compute (views left out: on a GPU each is a kernel launch, unless a CUDA graph replays them
-all as one) and the reads of a tensor's value back to the host (``bool(t)``, ``int(t)``, ``t.item()``,
+all as one; allocations, ``aten::empty*``, are counted among them and also apart, as they launch
+nothing) and the reads of a tensor's value back to the host (``bool(t)``, ``int(t)``, ``t.item()``,
 ``torch.equal``: ``READS``; on a GPU each waits for the device, and a graph cannot
 capture it), counted at the aten level, for the two forms of the step:
 
@@ -65,6 +66,12 @@ class OpCount(TorchDispatchMode):
     @property
     def computing(self) -> int:
         return sum(self.ops.values()) - self.reads
+
+    @property
+    def allocations(self) -> int:
+        """Of ``computing``, the allocations (``aten::empty*``): on a GPU they launch no kernel, and in
+        a CUDA graph their memory is fixed at capture, so a replay does nothing for them."""
+        return sum(k for op, k in self.ops.items() if op.startswith("aten::empty"))
 
 
 def steps(model, ids, n: int, wide: bool, count: bool):
@@ -132,11 +139,13 @@ def main() -> None:
         for name, wide in (("eager", False), ("captured shape", True)):
             logits[name], sec, c = steps(model, ids, args.steps, wide, count=True)
             top = [{"op": op, "calls": n} for op, n in c.ops.most_common(8)]
-            rows[name] = {"ops": c.computing, "host_reads": c.reads, "step_s": round(sec, 4), "top_ops": top}
+            rows[name] = {"ops": c.computing, "allocations": c.allocations, "host_reads": c.reads, "step_s": round(sec, 4),
+                          "top_ops": top}
         if args.kernels:
             last, c, launches = kernel_steps(model, ids, args.steps)
             rows["captured shape on the kernels"] = {
-                "ops": c.computing + sum(launches.values()), "torch_ops": c.computing, "launches": dict(launches),
+                "ops": c.computing + sum(launches.values()), "allocations": c.allocations, "torch_ops": c.computing,
+                "launches": dict(launches),
                 "host_reads": c.reads, "step_s": None, "top_ops": [{"op": op, "calls": k} for op, k in c.ops.most_common(8)],
                 "same_logits": torch.equal(last, logits["captured shape"][-1])}
     same = torch.equal(logits["eager"], logits["captured shape"])
@@ -146,10 +155,10 @@ def main() -> None:
               "environment": environment(torch.device("cpu")), "cpu": torch.backends.cpu.get_cpu_capability()}
     print(f"{scheme}: one decode step of batch {args.batch} after {args.prompt} prompt tokens, {model.layers_n} blocks "
           f"({result['environment']['device']})")
-    print(f"{'form':<31}{'ops':>8}{'host reads':>12}{'step s':>9}")
+    print(f"{'form':<31}{'ops':>8}{'allocations':>13}{'host reads':>12}{'step s':>9}")
     for name, r in rows.items():
         step = "-" if r["step_s"] is None else f"{r['step_s']:.4f}"
-        print(f"{name:<31}{r['ops']:>8}{r['host_reads']:>12}{step:>9}")
+        print(f"{name:<31}{r['ops']:>8}{r['allocations']:>13}{r['host_reads']:>12}{step:>9}")
     kern = rows.get("captured shape on the kernels")
     if kern:
         print(f"  on the kernels: {kern['torch_ops']} torch ops + {sum(kern['launches'].values())} launches "
