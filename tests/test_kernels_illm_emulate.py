@@ -204,7 +204,7 @@ def run_hadamard(n=48, mutations=frozenset()):
     assert torch.equal(y, want), f"y differs in {(y != want).sum()} places"
 
 
-@pytest.mark.parametrize("n", [48, 160, 64, 1536])  # A of order 12 and 20 times H_4 and H_8; H_64; SmolLM2's 12 x 128
+@pytest.mark.parametrize("n", [48, 160, 64, 1536, 12, 24])  # A of order 12, 20 times H_4, H_8; H_64; 12 x 128; 12 x H_1, H_2
 def test_hadamard_bit_exact(n):
     run_hadamard(n)
 

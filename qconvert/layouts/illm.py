@@ -35,9 +35,10 @@ generation keeps the int8 keys and values in a KV cache (qconvert/layouts/illm_c
 gives the bits of the whole sequence run again.
 
 On a GPU (``load(OUT, device="cuda")``) the same integer model runs with the I-LLM kernels for
-DI-Norm, the int8 and 16-bit requantizations, DI-MatMul, the SwiGLU, the residual adds and
-attention (``IntegerLlama.use_kernels``), torch integer ops on the GPU for the rest (RoPE, the
-online Hadamard transform, per-row scale products, the head); the results are the same bits (tests/test_illm_runtime_kernels.py runs
+DI-Norm, the int8 and 16-bit requantizations (with the per-row scale products that follow them),
+DI-MatMul, the SwiGLU, the online Hadamard transform, the residual adds and attention
+(``IntegerLlama.use_kernels``), torch integer ops on the GPU for the rest (RoPE, the heads'
+alignment to one exponent per token, cache writes, the head); the results are the same bits (tests/test_illm_runtime_kernels.py runs
 the kernels on their CPU emulator).
 
 An OUT quantized with ``--rotate hadamard+online`` has down_proj's weights folded with the
@@ -281,9 +282,9 @@ class IntegerLlama(DerivedHolder):
     def use_kernels(self, on: bool = True) -> "IntegerLlama":
         """Run DI-Norm, the int8 and 16-bit requantizations, DI-MatMul (every linear whose K is a
         multiple of 32), the SwiGLU, the residual adds and attention (head_dim a multiple of 4, at
-        most 256, its P buffer within ATTN_BLOCK_BYTES) by the CUDA kernels of
-        qconvert_kernels/illm/cuda.py, which equal the torch integer ops bit for bit; the rest (RoPE,
-        the online Hadamard transform, per-row scale products, the head) stays torch integer ops.
+        most 256, its P buffer within ATTN_BLOCK_BYTES) and the online Hadamard transform by the CUDA
+        kernels of qconvert_kernels/illm/cuda.py, which equal the torch integer ops bit for bit; the
+        rest (RoPE, the heads' alignment, cache writes, the head) stays torch integer ops.
         ``load(OUT, device="cuda")`` turns them on; on CPU tensors the kernels run only under the
         emulator (qconvert_kernels/illm/emulate.py)."""
         self.kernels = bool(on)

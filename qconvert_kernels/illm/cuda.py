@@ -302,7 +302,8 @@ def attention(q: torch.Tensor, qm: torch.Tensor, qk: torch.Tensor, k8: torch.Ten
 
 def hadamard(x: torch.Tensor, sign: torch.Tensor, lp: int) -> torch.Tensor:
     """reference.hadamard_rows of int64 x [rows, n] (n = m * 2^lp, ``sign`` A int8 [m, m] on x's
-    device): each row times A (x) H_p, unnormalized, int64 [rows, n]."""
+    device, entries +-1, A = [[1]] when m = 1, as ``OnlineHadamard`` builds it; |x| n < 2^63): each
+    row times A (x) H_p, unnormalized, int64 [rows, n]."""
     fn = "hadamard"
     _l.require(x.dim() == 2 and x.dtype == torch.int64, f"{fn}: x must be int64 [rows, n], got {x.dtype} {tuple(x.shape)}")
     _l.require(sign.dim() == 2 and sign.shape[0] == sign.shape[1] and sign.dtype == torch.int8,
