@@ -179,6 +179,17 @@ def _int64_rows(fn: str, what: str, v: torch.Tensor, shape=None) -> torch.Tensor
     return v.contiguous()
 
 
+def _scaled_pair(fn: str, first: tuple, second: tuple):
+    """Two int64 [rows, n] operands of one shape, each with a per-row dyadic, as (name, v, m, k, scale
+    name): each as (v, m, k) the kernel reads (int64, contiguous), and their one CUDA device."""
+    v1 = _int64_rows(fn, first[0], first[1])
+    v2 = _int64_rows(fn, second[0], second[1], v1.shape)
+    rows = v1.shape[0]
+    s1, s2 = _row_scale(fn, first[4], first[2], first[3], rows), _row_scale(fn, second[4], second[2], second[3], rows)
+    dev = _l.check_cuda(fn, v1, v2, *s1, *s2)
+    return (v1, *s1), (v2, *s2), dev
+
+
 def _check_wide_qmax(fn: str, qmax: int) -> None:
     _l.require(isinstance(qmax, int) and 0 < qmax <= ri.RESIDUAL_QMAX, f"{fn}: 0 < qmax <= 2^20 - 1, got {qmax!r}")
 
@@ -210,12 +221,8 @@ def swiglu(tg: torch.Tensor, gm: torch.Tensor, gk: torch.Tensor, tu: torch.Tenso
     the gate's scale m, k, the up's scale m, k [rows])."""
     fn = "swiglu"
     _l.require(isinstance(qmax, int) and 0 < qmax <= ri.WIDE_QMAX, f"{fn}: 0 < qmax <= 2^15 - 1, got {qmax!r}")
-    tg_c = _int64_rows(fn, "tg", tg)
-    tu_c = _int64_rows(fn, "tu", tu, tg_c.shape)
+    (tg_c, gm_c, gk_c), (tu_c, um_c, uk_c), dev = _scaled_pair(fn, ("tg", tg, gm, gk, "gate scale"), ("tu", tu, um, uk, "up scale"))
     rows, n = tg_c.shape
-    gm_c, gk_c = _row_scale(fn, "gate scale", gm, gk, rows)
-    um_c, uk_c = _row_scale(fn, "up scale", um, uk, rows)
-    dev = _l.check_cuda(fn, tg_c, tu_c, gm_c, gk_c, um_c, uk_c)
     a = torch.empty((rows, n), dtype=torch.int64, device=dev)
     sgm, sgk = _row_outputs(rows, dev)
     sum_, suk = _row_outputs(rows, dev)
@@ -234,12 +241,8 @@ def residual_add(x: torch.Tensor, xm: torch.Tensor, xk: torch.Tensor, b: torch.T
     (h int64 [rows, n], m, k [rows])."""
     fn = "residual_add"
     _check_wide_qmax(fn, qmax)
-    x_c = _int64_rows(fn, "x", x)
-    b_c = _int64_rows(fn, "b", b, x_c.shape)
+    (x_c, xm_c, xk_c), (b_c, bm_c, bk_c), dev = _scaled_pair(fn, ("x", x, xm, xk, "x scale"), ("b", b, bm, bk, "b scale"))
     rows, n = x_c.shape
-    xm_c, xk_c = _row_scale(fn, "x scale", xm, xk, rows)
-    bm_c, bk_c = _row_scale(fn, "b scale", bm, bk, rows)
-    dev = _l.check_cuda(fn, x_c, b_c, xm_c, xk_c, bm_c, bk_c)
     h = torch.empty((rows, n), dtype=torch.int64, device=dev)
     hm, hk = _row_outputs(rows, dev)
     if x_c.numel():
