@@ -38,8 +38,8 @@ On a GPU (``load(OUT, device="cuda")``) the same integer model runs with the I-L
 DI-Norm, the int8 and 16-bit requantizations (with the per-row scale products that follow them),
 DI-MatMul, the SwiGLU, the online Hadamard transform, the residual adds and attention
 (``IntegerLlama.use_kernels``), torch integer ops on the GPU for the rest (RoPE, the heads'
-alignment to one exponent per token, cache writes, the head); the results are the same bits (tests/test_illm_runtime_kernels.py runs
-the kernels on their CPU emulator).
+alignment to one exponent per token, cache writes, the head); the results are the same bits
+(tests/test_illm_runtime_kernels.py runs the kernels on their CPU emulator).
 
 An OUT quantized with ``--rotate hadamard+online`` has down_proj's weights folded with the
 orthogonal Q = (A (x) H) / sqrt(n): its input is transformed per token in integers

@@ -1,6 +1,7 @@
 """CuPy launcher of the I-LLM kernels (qconvert_kernels/illm/illm_gemm.cu): DI-MatMul, the per-row
-requantizations (int8 and wide), DI-ClippedSoftmax, DI-Norm, a block's integer glue fused per
-row (SwiGLU, the residual add) and attention (one query row per CTA).  Each equals its function in ``qconvert_kernels.illm.reference``
+requantizations (int8, with scale products folded in, and wide), DI-ClippedSoftmax, DI-Norm, a
+block's integer glue fused per row (SwiGLU, the residual add, the online Hadamard transform) and
+attention (one query row per CTA).  Each equals its function in ``qconvert_kernels.illm.reference``
 bit for bit (integers in, integers out; GPU tests in tests/test_kernels_illm_gpu.py).  The integer
 model (qconvert/layouts/illm.py) calls all but ``softmax`` on a GPU (``IntegerLlama.use_kernels``);
 its softmax takes int64 scores, so ``softmax`` here is for int32 scores of one scale per row.
