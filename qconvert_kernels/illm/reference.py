@@ -27,6 +27,9 @@ Operators (the names of the paper):
   load time, like a weight, not part of the per-token computation).
 - the online **Hadamard** transform of down_proj's input (``hadamard_rows``, ``--rotate
   hadamard+online``): additions, subtractions and sign flips, its 1 / sqrt(n) a dyadic constant.
+- the model's fused steps, each what one kernel of illm_gemm.cu computes: ``swiglu`` (gate and up
+  requantized to 16 bits, SiLU(g) * u), ``residual_add`` and ``attention`` (q k^T with each key's
+  scale joined by shifts, DI-ClippedSoftmax, P requantized, P V).
 """
 
 from __future__ import annotations
