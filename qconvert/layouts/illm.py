@@ -65,6 +65,7 @@ from qconvert.formats.packing import unpack_int4
 from qconvert.layouts.base import Layout, QuantizedModule, TensorSpec, finite_positive, shape_check
 from qconvert.layouts.derived import DerivedHolder
 from qconvert.layouts.illm_cache import IntegerDecodeEngine, IntegerKVCache, SequenceCache, StaticSequenceCache
+from qconvert_kernels.illm import cuda as cuda_illm
 from qconvert_kernels.illm import reference as ri
 from qconvert_kernels.illm.reference import Dyadic
 
@@ -121,9 +122,10 @@ def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, Dyadic]:
 NO_EXPONENT = ri.NO_EXPONENT
 
 
-def _per_row(d: Dyadic, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A per-row dyadic ([rows, 1], or one broadcast to it) as the kernels take it: m and k [rows]."""
-    return d.m.expand(rows, 1).reshape(rows), d.k.expand(rows, 1).reshape(rows)
+def _per_row(d: Dyadic, lead) -> tuple[torch.Tensor, torch.Tensor]:
+    """A dyadic broadcast to the rows ``lead`` ((rows, 1), or a tensor's leading dims and 1) as the
+    kernels take it: m and k flat, one per row."""
+    return torch.broadcast_to(d.m, lead).reshape(-1), torch.broadcast_to(d.k, lead).reshape(-1)
 
 
 def int_vector(g: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -190,8 +192,6 @@ class ILLMLinear(QuantizedModule):
         With ``kernel`` the CUDA kernel (qconvert_kernels/illm/cuda.py) computes the same t."""
         kmin = self.wk_min
         if self.kernel:
-            from qconvert_kernels.illm import cuda as cuda_illm
-
             t = cuda_illm.illm_matmul(xq.to(torch.int8), self.qweight, self.wm, self.wk, self.wbits, kmin)
         else:
             t = ri.shift(ri.int8_matmul(xq, self.q8t, float32_copy(self, "q8t", xq)) * self.wm64, self.wk_shift)
@@ -298,8 +298,6 @@ class IntegerLlama(DerivedHolder):
         """DI-Norm of the rows of h -> (int8-range q, per-row dyadic)."""
         if not self.kernels:
             return ri.di_rmsnorm(h, g, gk, qmax, clip)
-        from qconvert_kernels.illm import cuda as cuda_illm
-
         q, m, k = cuda_illm.rmsnorm(h, g, gk, qmax, clip)
         return q, Dyadic(m[:, None], k[:, None])
 
@@ -311,11 +309,8 @@ class IntegerLlama(DerivedHolder):
             for f in folds:
                 r = r * f
             return q, r
-        from qconvert_kernels.illm import cuda as cuda_illm
-
         lead = (*v.shape[:-1], 1)
-        fm = torch.stack([torch.broadcast_to(f.m, lead).reshape(-1) for f in folds]) if folds else None
-        fk = torch.stack([torch.broadcast_to(f.k, lead).reshape(-1) for f in folds]) if folds else None
+        fm, fk = (torch.stack(x) for x in zip(*(_per_row(f, lead) for f in folds))) if folds else (None, None)
         q, m, k = cuda_illm.requant_rows(v.reshape(-1, v.shape[-1]), qmax, clip, fm, fk)
         return q.reshape(v.shape), Dyadic(m.reshape(lead), k.reshape(lead))
 
@@ -329,9 +324,7 @@ class IntegerLlama(DerivedHolder):
         """``ri.residual_add`` (by the kernel when on)."""
         if not self.kernels:
             return ri.residual_add(x, sx, b, sb)
-        from qconvert_kernels.illm import cuda as cuda_illm
-
-        h, m, k = cuda_illm.residual_add(x, *_per_row(sx, x.shape[0]), b, *_per_row(sb, x.shape[0]))
+        h, m, k = cuda_illm.residual_add(x, *_per_row(sx, (x.shape[0], 1)), b, *_per_row(sb, (x.shape[0], 1)))
         return h, Dyadic(m[:, None], k[:, None])
 
     def _requant_wide(self, t: torch.Tensor, fold: Dyadic | None = None):
@@ -339,9 +332,7 @@ class IntegerLlama(DerivedHolder):
         if not self.kernels:
             q, r = ri.quantize_rows(t, WIDE_QMAX)
             return q, (r if fold is None else r * fold)
-        from qconvert_kernels.illm import cuda as cuda_illm
-
-        q, m, k = cuda_illm.requant_wide(t, WIDE_QMAX, *((None, None) if fold is None else _per_row(fold, t.shape[0])))
+        q, m, k = cuda_illm.requant_wide(t, WIDE_QMAX, *((None, None) if fold is None else _per_row(fold, (t.shape[0], 1))))
         return q, Dyadic(m[:, None], k[:, None])
 
     def _positions(self, rows: int, t: int, cache: SequenceCache | None, device) -> SimpleNamespace:
@@ -422,8 +413,6 @@ class IntegerLlama(DerivedHolder):
         if self.kernels and self._attention_kernel_fits(bt * kvh, t, n):
             # every head and query row in one launch (its int32 P buffer within the budget: every
             # decode step, and prefills up to that size)
-            from qconvert_kernels.illm import cuda as cuda_illm
-
             mk = causal[None] if real is None else causal[None] & real[:, None, :]  # [1 or rows*KV, t, n]
             out, exp = cuda_illm.attention(qg.to(torch.int8), sqm.reshape(bt * kvh, t), sqk.reshape(bt * kvh, t), k8, s_km,
                                            s_kk, v8, s_vm, s_vk, mk, self.inv_sqrt_d_int)
@@ -441,8 +430,6 @@ class IntegerLlama(DerivedHolder):
     def _attention_kernel_fits(self, head_rows: int, t: int, n: int) -> bool:
         """Whether ``illm_attention`` takes this attention: head_dim a multiple of 4 up to its
         maximum, the grid's limits, and its int32 P buffer within the device's attention budget."""
-        from qconvert_kernels.illm import cuda as cuda_illm
-
         group = self.heads // self.kv_heads
         return (self.head_dim % 4 == 0 and self.head_dim <= cuda_illm.ATTN_MAX_D and head_rows <= cuda_illm.ATTN_MAX_GRID
                 and group <= cuda_illm.ATTN_MAX_GRID and head_rows * group * t * n * 4 <= ATTN_BLOCK_BYTES["cuda"])
@@ -478,17 +465,13 @@ class IntegerLlama(DerivedHolder):
         """``ri.swiglu`` (by the kernel when on)."""
         if not self.kernels:
             return ri.swiglu(tg, sg, tu, su)
-        from qconvert_kernels.illm import cuda as cuda_illm
-
-        a, gm, gk, um, uk = cuda_illm.swiglu(tg, *_per_row(sg, tg.shape[0]), tu, *_per_row(su, tg.shape[0]))
+        a, gm, gk, um, uk = cuda_illm.swiglu(tg, *_per_row(sg, (tg.shape[0], 1)), tu, *_per_row(su, (tg.shape[0], 1)))
         return a, Dyadic(gm[:, None], gk[:, None]), Dyadic(um[:, None], uk[:, None])
 
     def _hadamard(self, a: torch.Tensor, online):
         """``ri.hadamard_rows`` of the rows of a with the down_proj input's transform (by the kernel when on)."""
         if not self.kernels:
             return ri.hadamard_rows(a, online.sign_on(a.device, torch.int64), online.lp)
-        from qconvert_kernels.illm import cuda as cuda_illm
-
         return cuda_illm.hadamard(a, online.sign_on(a.device, torch.int8), online.lp)
 
     def forward_int(self, input_ids: torch.Tensor, cache: SequenceCache | None = None,

@@ -248,8 +248,7 @@ def softmax(ctx: Ctx, ops: Ops, grid):
         row = _row(ctx, "scores", r, T, np.int32, "scores")
         L = min(max(int(_load(ctx, a["valid"], [r], np.int32, "valid")[0]), 0), T)
         mx = max(row[:L], default=-(1 << 62))
-        sm = int(_load(ctx, a["sm"], [r], np.int64, "sm")[0])
-        sk = int(_load(ctx, a["sk"], [r], np.int64, "sk")[0])
+        sm, sk = _row_scale(ctx, "sm", "sk", r)
         coef = ops.normalize(i64(sm * LOG2E_M, "softmax scale"), sk + LOG2E_K)
         e = [ops.di_exp2(ops.exp_arg(mx - row[j], coef, umax)) for j in range(L)]
         total = i64(sum(e), "softmax total")
