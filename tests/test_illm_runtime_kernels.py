@@ -58,12 +58,13 @@ def test_the_model_on_its_kernels_equals_the_torch_integer_path(outs, key):
     assert torch.equal(acc, want_acc) and torch.equal(scale.m, want_scale.m) and torch.equal(scale.k, want_scale.k)
     layers = model.layers_n
     bits = 4 if key.startswith("w4") else 8
-    # per block: DI-Norm twice, seven DI-MatMuls, five int8 requantizations (q, k, v, o_proj's and
-    # down_proj's inputs), three 16-bit ones (q, k, v before RoPE), attention, the SwiGLU, the online
-    # Hadamard transform where the OUT has one, and two residual adds; then the final DI-Norm
+    # per block: DI-Norm twice, seven DI-MatMuls, q, k and v each through 16 bits (and RoPE) to int8
+    # in one launch, two int8 requantizations (o_proj's and down_proj's inputs), attention, the
+    # SwiGLU, the online Hadamard transform where the OUT has one, and two residual adds; then the
+    # final DI-Norm
     online = model.model.layers[0].mlp.down_proj.online_transform is not None
     assert launches == Counter({f"illm_matmul_w{bits}": 7 * layers, "illm_rmsnorm": 2 * layers + 1,
-                                "illm_requant_rows": 5 * layers, "illm_requant_wide": 3 * layers,
+                                "illm_requant_rows": 2 * layers, "illm_rope_requant": 3 * layers,
                                 "illm_attention": layers, "illm_swiglu": layers, "illm_residual_add": 2 * layers,
                                 **({"illm_hadamard": layers} if online else {})}), launches
     if key == "w4a4-online":
@@ -99,7 +100,7 @@ def test_a_batch_on_the_kernels_launches_once_per_step_and_gives_each_rows_bits(
     ids = torch.stack([_ids(6, s) for s in (7, 8, 9)])
     acc, scale, launches = _on_kernels(model, ids)
     _, _, single = _on_kernels(model, ids[0])
-    assert launches == single and sum(launches.values()) == 22 * model.layers_n + 1
+    assert launches == single and sum(launches.values()) == 19 * model.layers_n + 1
     for r in range(3):
         want_acc, want_scale = model.forward_int(ids[r])
         assert torch.equal(acc[6 * r:6 * r + 6], want_acc) and torch.equal(scale.m[6 * r:6 * r + 6], want_scale.m)
@@ -203,5 +204,5 @@ def test_the_captured_step_on_the_kernels_gives_the_eager_steps_bits(outs):
     assert reads.seen == []
     assert all(torch.equal(a, b) for a, b in zip(want, got))
     names = {name for name, *_ in emu.launches}
-    assert {"illm_requant_wide", "illm_attention", "illm_swiglu", "illm_hadamard", "illm_residual_add", "illm_rmsnorm",
+    assert {"illm_rope_requant", "illm_attention", "illm_swiglu", "illm_hadamard", "illm_residual_add", "illm_rmsnorm",
             "illm_requant_rows"} <= names

@@ -82,14 +82,27 @@ def same_scale(m, k, d, what):
     assert torch.equal(m, d.m[:, 0]) and torch.equal(k, d.k[:, 0]), f"{what} scale differs"
 
 
-def run_wide(qmax, fold=True, mutations=frozenset()):
-    v = requant_case(qmax)
-    f = row_scales(v.shape[0], qmax)
-    with emulate.emulating(mutations=mutations):
-        q, sm, sk = cuda_illm.requant_wide(v, qmax, *((f.m[:, 0], f.k[:, 0].int()) if fold else (None, None)))
-    rq, r = ri.quantize_rows(v, qmax)
-    assert q.dtype == torch.int64 and torch.equal(q, rq), "q differs"
-    same_scale(sm, sk, r * f if fold else r, "the")
+def run_rope_requant(heads=3, d=24, per_head=True, rope=True, fold=True, out_fold=False, rows=5, mutations=frozenset()):
+    """A token's projection (rows of heads * d, one above 2^40, one zero) through 16 bits, RoPE at
+    positions far apart, and int8 per head or per token, with per-row folds (a zero one among them)."""
+    gen = torch.Generator().manual_seed(heads * d + rows)
+    t = torch.randint(-2**36, 2**36, (rows, heads * d), generator=gen)
+    t[1] = 0
+    t[2, 3] = 2**45  # the 16-bit requantization's pre-shift
+    cos, sin = ri.rope_table(700, d, 10000.0)
+    pos = torch.tensor([0, 1, 699, 5, 300, 17, 64][:rows])
+    f, o = row_scales(rows, 3), row_scales(rows, 4)
+    with emulate.emulating(mutations=mutations) as emu:
+        q, sm, sk = cuda_illm.rope_requant(t, d, 127, per_head, *((pos, cos, sin) if rope else (None,) * 3),
+                                           *((f.m[:, 0], f.k[:, 0].int()) if fold else (None, None)),
+                                           *((o.m[:, 0], o.k[:, 0]) if out_fold else (None, None)))
+    wq, ws = ri.rope_requant(t, d, 127, per_head, *((cos[pos], sin[pos]) if rope else (None, None)),
+                             f if fold else None, o if out_fold else None)
+    assert [name for name, *_ in emu.launches] == ["illm_rope_requant"]
+    assert q.dtype == torch.int8 and torch.equal(q.long(), wq), f"q differs in {(q.long() != wq).sum()} places"
+    assert sm.shape == (rows, heads if per_head else 1)
+    assert torch.equal(sm, ws.m[..., 0]) and torch.equal(sk, ws.k[..., 0]), "scale differs"
+    assert (sm[1] == 0).all() and (q[1] == 0).all() and (q.abs().amax(1)[[0, 2]] == 127).all()
 
 
 def matmul_like(rows: int, n: int, seed: int) -> torch.Tensor:
@@ -209,10 +222,13 @@ def test_hadamard_bit_exact(n):
     run_hadamard(n)
 
 
-@pytest.mark.parametrize("fold", [True, False])
-@pytest.mark.parametrize("qmax", [ri.WIDE_QMAX, ri.RESIDUAL_QMAX, 127])
-def test_requant_wide_bit_exact(qmax, fold):
-    run_wide(qmax, fold)
+@pytest.mark.parametrize("case", [{}, {"per_head": False, "fold": False, "out_fold": True}, {"rope": False},
+                                  {"heads": 1, "d": 64, "rows": 7}, {"heads": 4, "d": 96, "per_head": False, "out_fold": True},
+                                  {"heads": 12, "d": 8, "rows": 3}])
+def test_rope_requant_bit_exact(case):
+    """q (per token, out fold), k (per head, fold), v (no RoPE): heads of 8 to 96, a 384-wide row
+    (more than a CTA's 256 threads), positions 0 to 699."""
+    run_rope_requant(**case)
 
 
 @pytest.mark.parametrize("n", [300, 1, 1536])
@@ -227,10 +243,19 @@ def test_residual_add_bit_exact():
 def test_fused_glue_launchers_validate():
     v = torch.zeros(3, 8, dtype=torch.int64)
     one = torch.ones(3, dtype=torch.int64)
-    with pytest.raises(ValueError, match="give both fm and fk"):
-        cuda_illm.requant_wide(v, 127, one, None)
+    tab = torch.zeros(10, 2, dtype=torch.int64)
+    with pytest.raises(ValueError, match="give both fold m and k"):
+        cuda_illm.rope_requant(v, 4, 127, True, fm=one)
+    with pytest.raises(ValueError, match="0 < qmax <= 127"):
+        cuda_illm.rope_requant(v, 4, 128, True)
+    with pytest.raises(ValueError, match="head_dim 3 must be even and divide the rows' width 8"):
+        cuda_illm.rope_requant(v, 3, 127, True)
+    with pytest.raises(ValueError, match="give pos, cos and sin, or none"):
+        cuda_illm.rope_requant(v, 4, 127, True, one, tab)
+    with pytest.raises(ValueError, match="cos and sin must be int64 \\[positions, 2\\]"):
+        cuda_illm.rope_requant(v, 4, 127, True, one, tab, tab[:, :1])
     with pytest.raises(ValueError, match="qmax <= 2\\^20 - 1"):
-        cuda_illm.requant_wide(v, 1 << 20)
+        cuda_illm.residual_add(v, one, one, v, one, one, 1 << 20)
     with pytest.raises(ValueError, match="b must be int64 \\[rows, n\\] = \\[3, 8\\]"):
         cuda_illm.residual_add(v, one, one, v[:2], one, one)
     with pytest.raises(ValueError, match="up scale m must be \\[rows\\] = \\[3\\]"):
@@ -306,7 +331,9 @@ MUTATION_CASES = {
     "round_down": (run_rmsnorm, (127,), "differs"),
     "exp_no_square": (run_softmax, (37,), "differs"),
     "requant_no_clip": (run_requant, (7, ri.clip_int(0.9)), "differs"),
-    "wide_no_fold": (run_wide, (ri.WIDE_QMAX,), "differs"),
+    "wide_no_fold": (run_rope_requant, (), "differs"),
+    "rope_sin_sign": (run_rope_requant, (), "differs"),
+    "rope_pos0": (run_rope_requant, (), "differs"),
     "silu_sign": (run_swiglu, (), "differs"),
     "swiglu_unfolded": (run_swiglu, (), "differs"),
     "residual_zero_k": (run_residual, (), "differs"),

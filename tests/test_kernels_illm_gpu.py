@@ -73,16 +73,22 @@ def _rows(d):
     return d.m[:, 0].to(DEV), d.k[:, 0].to(DEV)
 
 
-@pytest.mark.parametrize("fold", [True, False])
-@pytest.mark.parametrize("qmax", [ri.WIDE_QMAX, ri.RESIDUAL_QMAX])
-def test_requant_wide(qmax, fold):
-    v = matmul_like(40, 700, qmax)
-    v[5, 3] = 2**60  # a row above 2^40: the pre-shift
-    f = row_scales(40, 9)
-    q, sm, sk = cuda_illm.requant_wide(v.to(DEV), qmax, *(_rows(f) if fold else (None, None)))
-    rq, r = ri.quantize_rows(v, qmax)
-    r = r * f if fold else r
-    assert torch.equal(q.cpu(), rq) and torch.equal(sm.cpu(), r.m[:, 0]) and torch.equal(sk.cpu(), r.k[:, 0])
+@pytest.mark.parametrize("heads,d,per_head,rope,fold", [(32, 128, False, True, False), (8, 128, True, True, True),
+                                                      (8, 128, True, False, True), (9, 64, True, True, True)])
+def test_rope_requant(heads, d, per_head, rope, fold):
+    """Llama-3-8B's q (per token, RoPE, the out fold), k (per head, RoPE, fold), v (no RoPE), and
+    SmolLM2's k, at positions up to 8191."""
+    rows = 40
+    t = matmul_like(rows, heads * d, heads)
+    t[5, 3] = 2**60  # a row above 2^40: the pre-shift
+    cos, sin = ri.rope_table(8192, d, 500000.0)
+    pos = torch.randint(0, 8192, (rows,), generator=torch.Generator().manual_seed(d))
+    f, o = row_scales(rows, 9), row_scales(rows, 10)
+    q, sm, sk = cuda_illm.rope_requant(t.to(DEV), d, 127, per_head, *((pos.to(DEV), cos.to(DEV), sin.to(DEV)) if rope else (None,) * 3),
+                                       *(_rows(f) if fold else (None, None)), *(_rows(o) if not fold else (None, None)))
+    wq, ws = ri.rope_requant(t, d, 127, per_head, *((cos[pos], sin[pos]) if rope else (None, None)),
+                             f if fold else None, o if not fold else None)
+    assert torch.equal(q.cpu().long(), wq) and torch.equal(sm.cpu(), ws.m[..., 0]) and torch.equal(sk.cpu(), ws.k[..., 0])
 
 
 @pytest.mark.parametrize("n", [1536, 14336, 5])

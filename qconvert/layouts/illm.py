@@ -35,10 +35,11 @@ generation keeps the int8 keys and values in a KV cache (qconvert/layouts/illm_c
 gives the bits of the whole sequence run again.
 
 On a GPU (``load(OUT, device="cuda")``) the same integer model runs with the I-LLM kernels for
-DI-Norm, the int8 and 16-bit requantizations (with the per-row scale products that follow them),
-DI-MatMul, the SwiGLU, the online Hadamard transform, the residual adds and attention
-(``IntegerLlama.use_kernels``), torch integer ops on the GPU for the rest (RoPE, the heads'
-alignment to one exponent per token, cache writes, the head); the results are the same bits
+DI-Norm, the requantizations (with the per-row scale products that follow them; q, k and v
+through 16 bits and RoPE in one kernel each), DI-MatMul, the SwiGLU, the online Hadamard
+transform, the residual adds and attention (``IntegerLlama.use_kernels``), torch integer ops on
+the GPU for the rest (the heads' alignment to one exponent per token, cache writes, masks, the
+head); the results are the same bits
 (tests/test_illm_runtime_kernels.py runs the kernels on their CPU emulator).
 
 An OUT quantized with ``--rotate hadamard+online`` has down_proj's weights folded with the
@@ -280,11 +281,11 @@ class IntegerLlama(DerivedHolder):
         return self.emb_q.device
 
     def use_kernels(self, on: bool = True) -> "IntegerLlama":
-        """Run DI-Norm, the int8 and 16-bit requantizations, DI-MatMul (every linear whose K is a
-        multiple of 32), the SwiGLU, the residual adds and attention (head_dim a multiple of 4, at
-        most 256, its P buffer within ATTN_BLOCK_BYTES) and the online Hadamard transform by the CUDA
-        kernels of qconvert_kernels/illm/cuda.py, which equal the torch integer ops bit for bit; the
-        rest (RoPE, the heads' alignment, cache writes, the head) stays torch integer ops.
+        """Run DI-Norm, the int8 requantizations (q, k and v with their RoPE), DI-MatMul (every linear
+        whose K is a multiple of 32), the SwiGLU, the residual adds and attention (head_dim a multiple
+        of 4, at most 256, its P buffer within ATTN_BLOCK_BYTES) and the online Hadamard transform by
+        the CUDA kernels of qconvert_kernels/illm/cuda.py, which equal the torch integer ops bit for
+        bit; the rest (the heads' alignment, cache writes, masks, the head) stays torch integer ops.
         ``load(OUT, device="cuda")`` turns them on; on CPU tensors the kernels run only under the
         emulator (qconvert_kernels/illm/emulate.py)."""
         self.kernels = bool(on)
@@ -327,33 +328,47 @@ class IntegerLlama(DerivedHolder):
         h, m, k = cuda_illm.residual_add(x, *_per_row(sx, (x.shape[0], 1)), b, *_per_row(sb, (x.shape[0], 1)))
         return h, Dyadic(m[:, None], k[:, None])
 
-    def _requant_wide(self, t: torch.Tensor, fold: Dyadic | None = None):
-        """``ri.quantize_rows(t, WIDE_QMAX)``, its scale times ``fold`` if given (by the kernel when on)."""
+    def _rope_requant(self, t: torch.Tensor, ctx: SimpleNamespace | None, per_head: bool, fold: Dyadic | None = None,
+                      out_fold: Dyadic | None = None):
+        """``ri.rope_requant`` of t [rows * tokens, L] with int8 range, RoPE at the positions of ``ctx``
+        (``_positions``; None: no rotation), by the kernel when on."""
         if not self.kernels:
-            q, r = ri.quantize_rows(t, WIDE_QMAX)
-            return q, (r if fold is None else r * fold)
-        q, m, k = cuda_illm.requant_wide(t, WIDE_QMAX, *((None, None) if fold is None else _per_row(fold, (t.shape[0], 1))))
-        return q, Dyadic(m[:, None], k[:, None])
+            return ri.rope_requant(t, self.head_dim, 127, per_head, *((ctx.cos, ctx.sin) if ctx else (None, None)),
+                                   fold, out_fold)
+        lead = (t.shape[0], 1)
+        tables = (ctx.pos, self.rope_cos, self.rope_sin) if ctx else (None, None, None)
+        q, m, k = cuda_illm.rope_requant(t, self.head_dim, 127, per_head, *tables,
+                                         *(_per_row(fold, lead) if fold is not None else (None, None)),
+                                         *(_per_row(out_fold, lead) if out_fold is not None else (None, None)))
+        return q, Dyadic(m[..., None], k[..., None])
 
     def _positions(self, rows: int, t: int, cache: SequenceCache | None, device) -> SimpleNamespace:
         """What every block's attention of ``rows`` sequences of t new tokens shares (made once per
-        forward): the rotary tables of their positions (``cos``, ``sin``), the causal mask [t, n]
-        (token j sees keys 0 .. start + j) and, with the cache's left padding, ``real`` [rows * KV, n]
-        (the row's real columns, per KV head as attention folds them; else None).  A padded row's
-        positions count from its first real token."""
+        forward): each token's position ``pos`` [rows * t] (row-major) and, on the torch path, its
+        rotary tables (``cos``, ``sin`` [rows * t, d / 2]), the causal mask [t, n] (token j sees keys
+        0 .. start + j) and, with the cache's left padding, ``real`` [rows * KV, n] (the row's real
+        columns, per KV head as attention folds them; else None).  A padded row's positions count
+        from its first real token."""
         if getattr(cache, "column", None) is not None:
             return self._wide_positions(rows, t, cache, device)
         pad = cache.pad if cache is not None else None
         start = cache.length if cache is not None else 0
         n = start + t
-        cos, sin = self._table(start, n)
+        self._table(start, n)
+        pos = torch.arange(start, n, device=device)
         real = None
         if pad is not None:
-            pos = (torch.arange(start, n, device=device)[None, :] - pad[:, None]).clamp_min(0)  # [rows, t]
-            cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]  # [rows, 1, t, d / 2]
+            pos = (pos[None, :] - pad[:, None]).clamp_min(0)  # [rows, t]
             real = (torch.arange(n, device=device)[None, :] >= pad[:, None]).repeat_interleave(self.kv_heads, 0)
         causal = torch.ones(t, n, dtype=torch.bool, device=device).tril(diagonal=start)
-        return SimpleNamespace(n=n, cos=cos, sin=sin, causal=causal, real=real)
+        return self._tables(pos.expand(rows, t).reshape(-1), n=n, causal=causal, real=real)
+
+    def _tables(self, pos: torch.Tensor, **ctx) -> SimpleNamespace:
+        """A forward's positions ``pos`` [tokens] and what goes with them: the rotary tables' rows when
+        the torch path rotates (the kernel reads them by position)."""
+        if self.kernels:
+            return SimpleNamespace(pos=pos, cos=None, sin=None, **ctx)
+        return SimpleNamespace(pos=pos, cos=self.rope_cos[pos], sin=self.rope_sin[pos], **ctx)
 
     def _wide_positions(self, rows: int, t: int, cache: StaticSequenceCache, device) -> SimpleNamespace:
         """``_positions`` of a captured decode step (``cache.column``, a device tensor, is where the
@@ -365,10 +380,8 @@ class IntegerLlama(DerivedHolder):
         pad = cache.pad if cache.pad is not None else torch.zeros(rows, dtype=torch.int64, device=device)
         cols = torch.arange(n, device=device)
         causal = (cols <= at)[None, :]  # [1, n]: the filled columns and the new one
-        pos = (at - pad).clamp_min(0)[:, None]  # [rows, 1]
         real = (cols[None, :] >= pad[:, None]).repeat_interleave(self.kv_heads, 0)
-        return SimpleNamespace(n=n, cos=self.rope_cos[pos][:, None], sin=self.rope_sin[pos][:, None], causal=causal,
-                               real=real)
+        return self._tables((at - pad).clamp_min(0), n=n, causal=causal, real=real)
 
     def _attn_block(self, blk, h: torch.Tensor, rows: int, ctx: SimpleNamespace, cache: SequenceCache | None = None,
                     i: int = 0):
@@ -378,24 +391,24 @@ class IntegerLlama(DerivedHolder):
         attn = blk.self_attn
         d, bt, kvh = self.head_dim, rows, self.kv_heads
         t = h.shape[0] // bt
-        n, cos, sin, causal, real = ctx.n, ctx.cos, ctx.sin, ctx.causal, ctx.real
+        n, causal, real = ctx.n, ctx.causal, ctx.real
         xq, xs = self._norm(h, blk.input_layernorm_g, blk.input_layernorm_k, attn.q_proj.act_qmax, attn.q_proj.clip)
         tq, sq = attn.q_proj.int_forward(xq, xs)
         tk, sk = attn.k_proj.int_forward(xq, xs)
         tv, sv = attn.v_proj.int_forward(xq, xs)
-        q16, rq = self._requant_wide(tq)
-        k16, s_kt = self._requant_wide(tk, sk)  # the key's scale rk * sk
-        v16, s_vt = self._requant_wide(tv, sv)
-        qr = ri.rope(q16.reshape(bt, t, self.heads, d).transpose(1, 2), cos, sin)  # [rows, H, t, d]
-        kr = ri.rope(k16.reshape(bt, t, kvh, d).transpose(1, 2), cos, sin)  # [rows, KV, t, d]
-        q8, s_q = self._requant(qr.transpose(1, 2).reshape(bt * t, -1), 127, folds=(rq, sq))  # per token, all heads
-        # keys and values int8 per head and token ([rows, KV, t, d], scales [rows, KV, t, 1]): nothing
-        # depends on a later token or another row, so the model is causal and its KV cache holds them as they are
-        per_token = (bt, 1, t, 1)
-        k8, s_k = self._requant(kr, 127, folds=(Dyadic(s_kt.m.reshape(per_token), s_kt.k.reshape(per_token)),))
-        v8, s_v = self._requant(v16.reshape(bt, t, kvh, d).transpose(1, 2), 127,
-                                folds=(Dyadic(s_vt.m.reshape(per_token), s_vt.k.reshape(per_token)),))
-        kv = (k8.to(torch.int8), s_k, v8.to(torch.int8), s_v)
+        # 16 bits per token, RoPE, int8: q per token over all heads (scale ratio * rq * sq), keys and
+        # values per head and token (ratio * (rk * sk)): [rows * t, heads * d], scales [rows * t, G, 1].
+        # Nothing depends on a later token or another row, so the model is causal and its KV cache
+        # holds keys and values as they are
+        q8, s_q = self._rope_requant(tq, ctx, False, out_fold=sq)
+        k8, s_k = self._rope_requant(tk, ctx, True, fold=sk)
+        v8, s_v = self._rope_requant(tv, None, True, fold=sv)
+
+        def per_head(x):  # [rows * t, KV, ...] -> [rows, KV, t, ...]
+            return x.reshape(bt, t, kvh, *x.shape[2:]).transpose(1, 2)
+
+        kv = (per_head(k8.reshape(bt * t, kvh, d)).to(torch.int8), Dyadic(per_head(s_k.m), per_head(s_k.k)),
+              per_head(v8.reshape(bt * t, kvh, d)).to(torch.int8), Dyadic(per_head(s_v.m), per_head(s_v.k)))
         if cache is not None:
             kv = cache.extend(i, *kv)
         k8, s_k, v8, s_v = kv

@@ -1,5 +1,5 @@
 """Kernel family illm (I-LLM, integer-only): DI-MatMul, requantization, DI-ClippedSoftmax, DI-Norm,
-and the integer glue of a block fused per row (wide requantization, SwiGLU, residual add, attention, online Hadamard).
+and the integer glue of a block fused per row (q, k and v through RoPE, SwiGLU, residual add, attention, online Hadamard).
 Files: illm_gemm.cu, cuda.py (launchers), reference.py."""
 
 from pathlib import Path
@@ -7,7 +7,7 @@ from pathlib import Path
 from qconvert_kernels.spec import KernelSource
 
 _GEMMS = ("illm_matmul_w8", "illm_matmul_w4")
-_ROWS = ("illm_requant_rows", "illm_softmax", "illm_rmsnorm", "illm_requant_wide", "illm_swiglu", "illm_residual_add",
+_ROWS = ("illm_requant_rows", "illm_softmax", "illm_rmsnorm", "illm_rope_requant", "illm_swiglu", "illm_residual_add",
          "illm_attention", "illm_hadamard")
 ILLM = KernelSource(
     family="illm",

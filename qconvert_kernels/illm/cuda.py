@@ -1,5 +1,5 @@
 """CuPy launcher of the I-LLM kernels (qconvert_kernels/illm/illm_gemm.cu): DI-MatMul, the per-row
-requantizations (int8, with scale products folded in, and wide), DI-ClippedSoftmax, DI-Norm, a
+requantizations (int8, with scale products folded in; q, k and v through RoPE), DI-ClippedSoftmax, DI-Norm, a
 block's integer glue fused per row (SwiGLU, the residual add, the online Hadamard transform) and
 attention (one query row per CTA).  Each equals its function in ``qconvert_kernels.illm.reference``
 bit for bit (integers in, integers out; GPU tests in tests/test_kernels_illm_gpu.py).  The integer
@@ -195,24 +195,50 @@ def _check_wide_qmax(fn: str, qmax: int) -> None:
     _l.require(isinstance(qmax, int) and 0 < qmax <= ri.RESIDUAL_QMAX, f"{fn}: 0 < qmax <= 2^20 - 1, got {qmax!r}")
 
 
-def requant_wide(v: torch.Tensor, qmax: int, fm: torch.Tensor | None = None, fk: torch.Tensor | None = None):
-    """reference.quantize_rows(v, qmax) for int64 v [rows, n] and qmax < 2^20, q as int64: (q, m, k
-    [rows]); with ``fm``, ``fk`` (a per-row dyadic) the scale returned is the row's ratio times it
-    (``Dyadic.__mul__``)."""
-    fn = "requant_wide"
-    _check_wide_qmax(fn, qmax)
-    v_c = _int64_rows(fn, "v", v)
-    rows, n = v_c.shape
-    _l.require((fm is None) == (fk is None), f"{fn}: give both fm and fk, or neither")
-    fold = fm is not None
-    fm_c, fk_c = _row_scale(fn, "fold", fm, fk, rows) if fold else (None, None)
-    dev = _l.check_cuda(fn, v_c, *(() if fm is None else (fm_c, fk_c)))
-    q = torch.empty((rows, n), dtype=torch.int64, device=dev)
-    sm, sk = _row_outputs(rows, dev)
-    if v_c.numel():
-        _launch("illm_requant_wide", (rows,), (ROW_THREADS,),
-                (_l.ptr(v_c), _l.ptr(fm_c), _l.ptr(fk_c), _l.i32(int(fold)), _l.ptr(q), _l.ptr(sm), _l.ptr(sk),
-                 _l.i32(rows), _l.i32(n), _l.i32(qmax)), dev)
+def _fold(fn: str, what: str, m: torch.Tensor | None, k: torch.Tensor | None, rows: int):
+    """An optional per-row dyadic (both m and k [rows], or neither) as the kernels read it."""
+    _l.require((m is None) == (k is None), f"{fn}: give both {what} m and k, or neither")
+    return (None, None) if m is None else _row_scale(fn, what, m, k, rows)
+
+
+def rope_requant(t: torch.Tensor, head_dim: int, qmax: int, per_head: bool, pos: torch.Tensor | None = None,
+                 cos: torch.Tensor | None = None, sin: torch.Tensor | None = None, fm: torch.Tensor | None = None,
+                 fk: torch.Tensor | None = None, om: torch.Tensor | None = None, ok: torch.Tensor | None = None):
+    """reference.rope_requant on the kernel, for a token's projection t int64 [rows, L] (L = heads *
+    head_dim): with ``pos`` (int [rows], each row's position) and the model's tables ``cos``,
+    ``sin`` int64 [positions, head_dim / 2], RoPE of each head by the rows ``cos[pos]``, ``sin[pos]``
+    (every pos must be below ``positions``: a device value, not checked here); (fm, fk) the 16-bit
+    ratio's fold and (om, ok) the output scale's, per-row dyadics [rows].  Returns (q int8 [rows, L],
+    m, k int64 [rows, G]), G = heads with ``per_head``, else 1."""
+    fn = "rope_requant"
+    t_c = _int64_rows(fn, "t", t)
+    rows, width = t_c.shape
+    _l.require(isinstance(head_dim, int) and head_dim > 0 and head_dim % 2 == 0 and width % head_dim == 0,
+               f"{fn}: head_dim {head_dim!r} must be even and divide the rows' width {width}")
+    _l.require(isinstance(qmax, int) and 0 < qmax <= 127, f"{fn}: 0 < qmax <= 127, got {qmax!r}")
+    groups = width // head_dim if per_head else 1
+    _l.require(groups <= ATTN_MAX_GRID, f"{fn}: {groups} heads exceed the grid's {ATTN_MAX_GRID}")
+    rope = pos is not None
+    _l.require(rope == (cos is not None) == (sin is not None), f"{fn}: give pos, cos and sin, or none of them")
+    if rope:
+        _rows_vector(fn, "pos", pos, rows, _INT)
+        _l.require(cos.dim() == 2 and cos.shape[1] == head_dim // 2 and cos.dtype == torch.int64 and sin.shape == cos.shape
+                   and sin.dtype == torch.int64, f"{fn}: cos and sin must be int64 [positions, {head_dim // 2}], got "
+                   f"{cos.dtype} {tuple(cos.shape)} and {sin.dtype} {tuple(sin.shape)}")
+    fm_c, fk_c = _fold(fn, "fold", fm, fk, rows)
+    om_c, ok_c = _fold(fn, "out fold", om, ok, rows)
+    tables = (pos, cos, sin) if rope else ()
+    dev = _l.check_cuda(fn, t_c, *tables, *(x for x in (fm_c, fk_c, om_c, ok_c) if x is not None))
+    pos_c, cos_c, sin_c = (pos.to(torch.int64).contiguous(), cos.contiguous(), sin.contiguous()) if rope else (None,) * 3
+    q = torch.empty((rows, width), dtype=torch.int8, device=dev)
+    sm = torch.empty((rows, groups), dtype=torch.int64, device=dev)
+    sk = torch.empty((rows, groups), dtype=torch.int64, device=dev)
+    if t_c.numel():
+        _launch("illm_rope_requant", (rows, groups), (ROW_THREADS,),
+                (_l.ptr(t_c), _l.ptr(fm_c), _l.ptr(fk_c), _l.i32(int(fm is not None)), _l.ptr(cos_c), _l.ptr(sin_c),
+                 _l.ptr(pos_c), _l.i32(int(rope)), _l.ptr(om_c), _l.ptr(ok_c), _l.i32(int(om is not None)), _l.ptr(q),
+                 _l.ptr(sm), _l.ptr(sk), _l.i32(rows), _l.i32(width), _l.i32(width // groups), _l.i32(head_dim),
+                 _l.i32(qmax)), dev)
     return q, sm, sk
 
 

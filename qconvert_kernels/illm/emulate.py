@@ -1,5 +1,5 @@
 """CPU emulator of the I-LLM kernels of illm_gemm.cu: the row kernels (``illm_requant_rows``,
-``illm_softmax``, ``illm_rmsnorm``, ``illm_requant_wide``, ``illm_swiglu``, ``illm_residual_add``,
+``illm_softmax``, ``illm_rmsnorm``, ``illm_rope_requant``, ``illm_swiglu``, ``illm_residual_add``,
 ``illm_attention``, ``illm_hadamard``) here, DI-MatMul through the 64 x 64 main loops of quik/emulate.py.
 
 The row kernels are integer code: one CTA of 256 threads per row, strided loops, block max / sum
@@ -9,7 +9,7 @@ numerator bound).  The emulator runs the kernels' own scalar expressions on Pyth
 the two divisions transcribed from common.cuh, and checks what the hardware would not: every
 int64 intermediate must stay inside int64 (``EmulationError`` otherwise), every DivBy numerator
 inside the bound its ``init`` was given, every global access inside its tensor, every output
-written exactly once.  The launchers (``illm.cuda.requant_rows``, ``softmax``, ``rmsnorm``, ``requant_wide``,
+written exactly once.  The launchers (``illm.cuda.requant_rows``, ``softmax``, ``rmsnorm``, ``rope_requant``,
 ``swiglu``, ``residual_add``, ``attention``, ``hadamard``, ``illm_matmul``) run unchanged through ``launch.launch_hook``.
 """
 
@@ -29,13 +29,15 @@ EXP_A = 43267
 EXP_B = 65536 - EXP_A
 LOG2E_M, LOG2E_K = 47274, 15
 PROB_BITS = 15
+ROPE_BITS = 14
 CLIP_BITS = 16
 MASK64 = (1 << 64) - 1
 
 REQUANT_PARAMS = ("v", "q", "sm", "sk", "rows", "n", "qmax", "clip", "fm", "fk", "folds")
 SOFTMAX_PARAMS = ("scores", "valid", "sm", "sk", "umax", "P", "rows", "T")
 RMSNORM_PARAMS = ("x", "gamma", "gk", "qmax", "q", "sm", "sk", "rows", "H", "clip")
-WIDE_PARAMS = ("v", "fm", "fk", "fold", "q", "sm", "sk", "rows", "n", "qmax")
+ROPE_PARAMS = ("t", "fm", "fk", "fold", "cos", "sin", "pos", "rope", "om", "ok", "ofold", "q", "sm", "sk", "rows", "L",
+               "sub", "d", "qmax")
 SWIGLU_PARAMS = ("tg", "gm", "gk", "tu", "um", "uk", "umax", "qmax", "a", "sgm", "sgk", "sum", "suk", "rows", "n")
 RESIDUAL_PARAMS = ("x", "xm", "xk", "b", "bm", "bk", "qmax", "h", "hm", "hk", "rows", "n")
 ATTENTION_PARAMS = ("q", "qm", "qk", "k8", "km", "kk", "v8", "vm", "vk", "mask", "mask_hr", "sdm", "sdk", "umax", "pq",
@@ -49,7 +51,9 @@ MUTATIONS = _BYTES_MUTATIONS | frozenset({
     "round_down",      # rshift_round without its half (truncating shifts)
     "exp_no_square",   # DI-Exp without the quadratic term
     "requant_no_clip", # requant_row ignoring its activation clip
-    "wide_no_fold",    # illm_requant_wide returning its ratio without the fold
+    "wide_no_fold",    # illm_rope_requant's 16-bit ratio without its fold
+    "rope_sin_sign",   # RoPE's first half adding x2 sin instead of subtracting it
+    "rope_pos0",       # RoPE at row 0's position for every row
     "silu_sign",       # SiLU taking sigmoid(|x|) for negative x too
     "swiglu_unfolded", # SwiGLU's SiLU on the gate's ratio alone, not times the gate's scale
     "residual_zero_k", # the residual add aligning to a zero term's exponent 0 (min of both exponents)
@@ -284,17 +288,41 @@ def _store_scale(ctx: Ctx, mk: str, kk: str, r: int, d: tuple[int, int]) -> None
 WIDE_NBITS = 61  # RowQuant<61>: the numerator |v| * qmax + amax2 / 2 < 2^60 for qmax < 2^20
 
 
-def requant_wide(ctx: Ctx, ops: Ops, grid):
+def rope_requant(ctx: Ctx, ops: Ops, grid):
     a = ctx.args
-    rows, n = a["rows"], a["n"]
+    rows, L, sub, d, groups = a["rows"], a["L"], a["sub"], a["d"], grid[1]
+    half = d >> 1
+    byd = DivBy(d, 32)
     for r in range(min(grid[0], rows)):
-        vals = _row(ctx, "v", r, n, np.int64, "v")
-        rq = RowQuant(ops, vals, a["qmax"], 1 << CLIP_BITS, WIDE_NBITS)
-        _store(ctx, "q", r * n + np.arange(n), [rq(v) for v in vals], np.int64, "q")
-        d = rq.scale()
+        row = _row(ctx, "t", r, L, np.int64, "t")
+        wq = RowQuant(ops, row, WIDE_QMAX, 1 << CLIP_BITS, WIDE_NBITS)
+        w = wq.scale()
         if a["fold"] and "wide_no_fold" not in ops.mutations:
-            d = ops.mul(d, _row_scale(ctx, "fm", "fk", r))
-        _store_scale(ctx, "sm", "sk", r, d)
+            w = ops.mul(w, _row_scale(ctx, "fm", "fk", r))
+        if a["rope"]:
+            p = int(_load(ctx, a["pos"], [0 if "rope_pos0" in ops.mutations else r], np.int64, "pos")[0])
+            c = [int(v) for v in _load(ctx, a["cos"], p * half + np.arange(half), np.int64, "cos")]
+            s = [int(v) for v in _load(ctx, a["sin"], p * half + np.arange(half), np.int64, "sin")]
+            sign = 1 if "rope_sin_sign" in ops.mutations else -1
+        for g in range(groups):
+            sr = row[g * sub:(g + 1) * sub]
+
+            def get(i):
+                if not a["rope"]:
+                    return wq(sr[i])
+                j = i - byd.div(i) * d
+                if j < half:
+                    return ops.rshift_round(i64(wq(sr[i]) * c[j] + sign * wq(sr[i + half]) * s[j], "rope"), ROPE_BITS)
+                return ops.rshift_round(i64(wq(sr[i]) * c[j - half] + wq(sr[i - half]) * s[j - half], "rope"), ROPE_BITS)
+
+            vals = [get(i) for i in range(sub)]
+            q, m, k = ops.requant_row(vals, a["qmax"], 1 << CLIP_BITS)
+            o = ops.mul((m, k), w)
+            if a["ofold"]:
+                o = ops.mul(o, _row_scale(ctx, "om", "ok", r))
+            _store(ctx, "q", r * L + g * sub + np.arange(sub), q, np.int8, "q")
+            _store(ctx, "sm", [r * groups + g], [o[0]], np.int64, "sm")
+            _store(ctx, "sk", [r * groups + g], [o[1]], np.int64, "sk")
 
 
 def swiglu(ctx: Ctx, ops: Ops, grid):
@@ -428,7 +456,7 @@ class Emulator(_Bytes64):
     KERNELS = _Bytes64.KERNELS + (("illm_requant_rows", REQUANT_PARAMS, ROW_THREADS),
                                   ("illm_softmax", SOFTMAX_PARAMS, ROW_THREADS),
                                   ("illm_rmsnorm", RMSNORM_PARAMS, ROW_THREADS),
-                                  ("illm_requant_wide", WIDE_PARAMS, ROW_THREADS),
+                                  ("illm_rope_requant", ROPE_PARAMS, ROW_THREADS),
                                   ("illm_swiglu", SWIGLU_PARAMS, ROW_THREADS),
                                   ("illm_residual_add", RESIDUAL_PARAMS, ROW_THREADS),
                                   ("illm_attention", ATTENTION_PARAMS, ROW_THREADS),
@@ -439,7 +467,6 @@ class Emulator(_Bytes64):
         rows = {"illm_requant_rows": (requant_rows, (("q", "n", 1), ("sm", None, 8), ("sk", None, 8))),
                 "illm_softmax": (softmax, (("P", "T", 4),)),
                 "illm_rmsnorm": (rmsnorm, (("q", "H", 1), ("sm", None, 8), ("sk", None, 8))),
-                "illm_requant_wide": (requant_wide, (("q", "n", 8), ("sm", None, 8), ("sk", None, 8))),
                 "illm_swiglu": (swiglu, (("a", "n", 8), ("sgm", None, 8), ("sgk", None, 8), ("sum", None, 8),
                                          ("suk", None, 8))),
                 "illm_residual_add": (residual_add, (("h", "n", 8), ("hm", None, 8), ("hk", None, 8)))}
@@ -451,6 +478,17 @@ class Emulator(_Bytes64):
             attention(ctx, Ops(ctx.mutations), grid)
             for key, per, width in (("pq", a["n"], 4), ("o", a["d"], 8), ("e", 1, 8)):
                 _written_once(name, ctx.mem, a[key], count * per, width, key)
+            return
+        if name == "illm_rope_requant":
+            a = ctx.args
+            if grid[0] != a["rows"] or grid[1] * a["sub"] != a["L"]:
+                raise EmulationError(f"{name}: grid {grid} for {a['rows']} rows of {a['L'] // a['sub']} groups")
+            for key in ("q", "sm", "sk"):
+                ctx.mem.track(a[key])
+            rope_requant(ctx, Ops(ctx.mutations), grid)
+            for key, count, width in (("q", a["rows"] * a["L"], 1), ("sm", a["rows"] * grid[1], 8),
+                                      ("sk", a["rows"] * grid[1], 8)):
+                _written_once(name, ctx.mem, a[key], count, width, key)
             return
         if name == "illm_hadamard":
             a = ctx.args

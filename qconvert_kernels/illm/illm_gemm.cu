@@ -15,8 +15,8 @@
 //   illm_softmax           DI-ClippedSoftmax of int32 scores with a per-row dyadic scale and a
 //                          per-row valid length (causal): 15-bit probabilities (di_softmax)
 //   illm_rmsnorm           DI-Norm: integer square root, x * gamma requantized per row (di_rmsnorm)
-//   illm_requant_wide      quantize_rows to qmax < 2^20 (int64 out), the row's scale optionally
-//                          times another (a Dyadic product): 16-bit q, k, v before RoPE
+//   illm_rope_requant      q, k or v of a token: requantized to 16 bits, RoPE per head, requantized
+//                          to int8 per token or per head, scale products folded (rope_requant)
 //   illm_swiglu            gate and up requantized to 16 bits, scales folded, SiLU(g) * u (swiglu)
 //   illm_residual_add      the branch requantized to 20 bits, both terms aligned by shifts,
 //                          the sum requantized to 20 bits (residual_add)
@@ -48,6 +48,7 @@ constexpr long long EXP_B = 65536 - EXP_A;
 constexpr long long LOG2E_M = 47274;  // round(log2(e) * 2^15), exponent 15
 constexpr int LOG2E_K = 15;
 constexpr int PROB_BITS = 15;
+constexpr int ROPE_BITS = 14;  // the rotary table's scale 2^-14 (reference.ROPE_BITS)
 constexpr int CLIP_BITS = 16;  // an activation clip is round(c * 2^16), c in [1/2, 1]
 constexpr long long WIDE_QMAX = 32767;  // the 16-bit activations (reference.WIDE_QMAX)
 constexpr int ROW_THREADS = 256;
@@ -312,26 +313,51 @@ extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS, 4) illm_rmsnorm(
     }
 }
 
-// Launch: grid (rows), block 256.  v int64 [rows, n] -> q int64 [rows, n] in [-qmax, qmax]
-// (qmax < 2^20: the 16-bit activations before RoPE and the residual's 20 bits) and the row's scale
-// amax / qmax as (sm, sk) [rows]; with `fold`, that scale times the row's (fm, fk) (a Dyadic
-// product; fm and fk are not read otherwise).  reference.quantize_rows without a clip.
-extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS) illm_requant_wide(
-        const long long* __restrict__ v, const long long* __restrict__ fm, const long long* __restrict__ fk, int fold,
-        long long* __restrict__ q, long long* __restrict__ sm, long long* __restrict__ sk, int rows, int n, int qmax) {
+// Launch: grid (rows, L / sub), block 256.  A token's q, k or v projection t int64 [rows, L] (L =
+// heads * d) to int8-range values, reference.rope_requant: the token's L values requantized to
+// WIDE_QMAX (16 bits), that ratio times (wm, wk)[r] when `wfold`; with `rope`, each head of d values
+// rotated by the integer table row pos[r] of cos, sin int64 [positions, d / 2] (pos[r] < positions:
+// the caller's bound); then each sub-row of `sub` values (L: per token; d: per head and token) is
+// requantized to qmax, its scale that ratio times the 16-bit scale, then times (om, ok)[r] when
+// `ofold` (Dyadic products, in this order).  q int8 [rows, L], (sm, sk) int64 [rows, L / sub].
+// The 16-bit values are recomputed where read (each is one multiply-shift), not staged: a row of
+// any width fits.
+extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS) illm_rope_requant(
+        const long long* __restrict__ t, const long long* __restrict__ wm, const long long* __restrict__ wk, int wfold,
+        const long long* __restrict__ cos, const long long* __restrict__ sin, const long long* __restrict__ pos,
+        int rope, const long long* __restrict__ om, const long long* __restrict__ ok, int ofold,
+        signed char* __restrict__ q, long long* __restrict__ sm, long long* __restrict__ sk, int rows, int L, int sub,
+        int d, int qmax) {
     __shared__ long long red[illm::ROW_THREADS / 32];
-    const int r = blockIdx.x;
+    const int r = blockIdx.x, g = blockIdx.y, groups = gridDim.y;
     if (r >= rows) return;
-    const long long* row = v + static_cast<long long>(r) * n;
-    long long* out = q + static_cast<long long>(r) * n;
-    illm::RowQuant<61> rq;
-    rq.init([&](int i) { return row[i]; }, n, qmax, 1LL << illm::CLIP_BITS, red);
-    for (int i = threadIdx.x; i < n; i += illm::ROW_THREADS) out[i] = rq(row[i]);
+    const long long* row = t + static_cast<long long>(r) * L;
+    illm::RowQuant<61> wq;
+    wq.init([&](int i) { return row[i]; }, L, static_cast<int>(illm::WIDE_QMAX), 1LL << illm::CLIP_BITS, red);
+    const long long* sr = row + static_cast<long long>(g) * sub;
+    const int half = d >> 1;
+    const long long* c = rope ? cos + pos[r] * half : nullptr;
+    const long long* s = rope ? sin + pos[r] * half : nullptr;
+    qk::DivBy byd;  // i / d by a multiply: the head of a sub-row's value i (sub is a multiple of d)
+    byd.init(static_cast<unsigned long long>(d), 32);
+    const auto get = [&](int i) -> long long {
+        if (!rope) return wq(sr[i]);
+        const int j = i - static_cast<int>(byd.div(static_cast<unsigned long long>(i))) * d;  // within the head
+        if (j < half) return illm::rshift_round(wq(sr[i]) * c[j] - wq(sr[i + half]) * s[j], illm::ROPE_BITS);
+        return illm::rshift_round(wq(sr[i]) * c[j - half] + wq(sr[i - half]) * s[j - half], illm::ROPE_BITS);
+    };
+    illm::RowQuant<48> oq;
+    oq.init(get, sub, qmax, 1LL << illm::CLIP_BITS, red);
+    signed char* out = q + static_cast<long long>(r) * L + static_cast<long long>(g) * sub;
+    for (int i = threadIdx.x; i < sub; i += illm::ROW_THREADS) out[i] = static_cast<signed char>(oq(get(i)));
     if (threadIdx.x == 0) {
-        illm::Dy d = rq.scale();
-        if (fold) d = illm::mul(d, {fm[r], fk[r]});
-        sm[r] = d.m;
-        sk[r] = d.k;
+        illm::Dy w = wq.scale();
+        if (wfold) w = illm::mul(w, {wm[r], wk[r]});
+        illm::Dy o = illm::mul(oq.scale(), w);
+        if (ofold) o = illm::mul(o, {om[r], ok[r]});
+        const long long at = static_cast<long long>(r) * groups + g;
+        sm[at] = o.m;
+        sk[at] = o.k;
     }
 }
 

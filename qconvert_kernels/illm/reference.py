@@ -481,6 +481,36 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return torch.cat([rshift_round(x1 * cos - x2 * sin, ROPE_BITS), rshift_round(x2 * cos + x1 * sin, ROPE_BITS)], -1)
 
 
+def _per_group(d: Dyadic) -> Dyadic:
+    """A per-row dyadic [rows, 1] (or a 0-dim one) broadcast over a row's groups: [rows, 1, 1]."""
+    return d if d.m.dim() == 0 else Dyadic(d.m.unsqueeze(-1), d.k.unsqueeze(-1))
+
+
+def rope_requant(t: torch.Tensor, head_dim: int, qmax: int, per_head: bool, cos: torch.Tensor | None = None,
+                 sin: torch.Tensor | None = None, fold: Dyadic | None = None,
+                 out_fold: Dyadic | None = None) -> tuple[torch.Tensor, Dyadic]:
+    """A token's q, k or v projection to int8-range values, as attention takes them: ``t`` int64
+    [rows, L] (L = heads * head_dim, one token per row) requantized to 16 bits over the token
+    (WIDE_QMAX; that ratio times ``fold`` if given), each head rotated by ``rope`` with the rows'
+    tables ``cos``, ``sin`` int64 [rows, head_dim / 2] (if given), then requantized to ``qmax`` per
+    token or, with ``per_head``, per head and token.  Each scale is that ratio times the 16-bit
+    scale, then times ``out_fold`` if given (Dyadic products round: this order is the format's;
+    folds are per row [rows, 1]).  Returns (q int64 [rows, L], Dyadic [rows, G, 1]), G = heads
+    with ``per_head``, else 1."""
+    rows, width = t.shape
+    x, r = quantize_rows(t, WIDE_QMAX)
+    if fold is not None:
+        r = r * fold
+    x = x.reshape(rows, width // head_dim, head_dim)
+    if cos is not None:
+        x = rope(x, cos[:, None], sin[:, None])
+    q, s = quantize_rows(x if per_head else x.reshape(rows, 1, width), qmax)
+    s = s * _per_group(r)
+    if out_fold is not None:
+        s = s * _per_group(out_fold)
+    return q.reshape(rows, width), s
+
+
 def attention(q: torch.Tensor, sq: Dyadic, k8: torch.Tensor, sk: Dyadic, v8: torch.Tensor, sv: Dyadic,
               mask: torch.Tensor, inv_sqrt_d: Dyadic) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer attention of query rows over their keys, per head-row (a row's KV head) and its
