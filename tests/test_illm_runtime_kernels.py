@@ -59,12 +59,12 @@ def test_the_model_on_its_kernels_equals_the_torch_integer_path(outs, key):
     layers = model.layers_n
     bits = 4 if key.startswith("w4") else 8
     # per block: DI-Norm twice, seven DI-MatMuls, q, k and v each through 16 bits (and RoPE) to int8
-    # in one launch, two int8 requantizations (o_proj's and down_proj's inputs), attention, the
-    # SwiGLU, the online Hadamard transform where the OUT has one, and two residual adds; then the
-    # final DI-Norm
+    # in one launch, attention, its heads aligned and requantized for o_proj, the SwiGLU, the online
+    # Hadamard transform where the OUT has one, down_proj's input requantized, and two residual
+    # adds; then the final DI-Norm
     online = model.model.layers[0].mlp.down_proj.online_transform is not None
     assert launches == Counter({f"illm_matmul_w{bits}": 7 * layers, "illm_rmsnorm": 2 * layers + 1,
-                                "illm_requant_rows": 2 * layers, "illm_rope_requant": 3 * layers,
+                                "illm_requant_rows": layers, "illm_rope_requant": 3 * layers, "illm_heads_requant": layers,
                                 "illm_attention": layers, "illm_swiglu": layers, "illm_residual_add": 2 * layers,
                                 **({"illm_hadamard": layers} if online else {})}), launches
     if key == "w4a4-online":
@@ -204,5 +204,5 @@ def test_the_captured_step_on_the_kernels_gives_the_eager_steps_bits(outs):
     assert reads.seen == []
     assert all(torch.equal(a, b) for a, b in zip(want, got))
     names = {name for name, *_ in emu.launches}
-    assert {"illm_rope_requant", "illm_attention", "illm_swiglu", "illm_hadamard", "illm_residual_add", "illm_rmsnorm",
-            "illm_requant_rows"} <= names
+    assert {"illm_rope_requant", "illm_attention", "illm_heads_requant", "illm_swiglu", "illm_hadamard",
+            "illm_residual_add", "illm_rmsnorm", "illm_requant_rows"} <= names

@@ -217,6 +217,29 @@ def run_hadamard(n=48, mutations=frozenset()):
     assert torch.equal(y, want), f"y differs in {(y != want).sum()} places"
 
 
+def run_heads_requant(rows=2, heads=6, t=3, d=24, clip=ri.CLIP_ONE, mutations=frozenset()):
+    """Attention's outputs as ``ri.attention`` gives them: exponents far apart (some negative), a
+    zero head (NO_EXPONENT) in most tokens, one token whose heads are all zero, values up to 2^45."""
+    gen = torch.Generator().manual_seed(heads * d + t)
+    o = torch.randint(-2**45, 2**45, (rows, heads, t, d), generator=gen)
+    e = torch.randint(-8, 40, (rows, heads, t), generator=gen)
+    e[:, 1], o[:, 1] = ri.NO_EXPONENT, 0
+    e[rows - 1, :, t - 1], o[rows - 1, :, t - 1] = ri.NO_EXPONENT, 0
+    with emulate.emulating(mutations=mutations) as emu:
+        q, sm, sk = cuda_illm.heads_requant(o, e, 127, clip)
+    wq, ws = ri.heads_requant(o, e[..., None], 127, clip)
+    assert [name for name, *_ in emu.launches] == ["illm_heads_requant"]
+    assert torch.equal(q.long(), wq), f"q differs in {(q.long() != wq).sum()} places"
+    same_scale(sm, sk, ws, "the")
+    assert sm[-1] == 0 and (q[-1] == 0).all() and (sm[:-1] > 0).all()
+
+
+@pytest.mark.parametrize("case", [{}, {"clip": ri.clip_int(0.9)}, {"rows": 1, "heads": 9, "t": 1, "d": 64},
+                                  {"rows": 3, "heads": 2, "t": 5, "d": 8}])
+def test_heads_requant_bit_exact(case):
+    run_heads_requant(**case)
+
+
 @pytest.mark.parametrize("n", [48, 160, 64, 1536, 12, 24])  # A of order 12, 20 times H_4, H_8; H_64; 12 x 128; 12 x H_1, H_2
 def test_hadamard_bit_exact(n):
     run_hadamard(n)
@@ -256,6 +279,8 @@ def test_fused_glue_launchers_validate():
         cuda_illm.rope_requant(v, 4, 127, True, one, tab, tab[:, :1])
     with pytest.raises(ValueError, match="qmax <= 2\\^20 - 1"):
         cuda_illm.residual_add(v, one, one, v, one, one, 1 << 20)
+    with pytest.raises(ValueError, match="e must be int64 \\[rows, heads, t\\] = \\[1, 3, 2\\]"):
+        cuda_illm.heads_requant(v.reshape(1, 3, 2, 4), v[:, :2], 127)
     with pytest.raises(ValueError, match="b must be int64 \\[rows, n\\] = \\[3, 8\\]"):
         cuda_illm.residual_add(v, one, one, v[:2], one, one)
     with pytest.raises(ValueError, match="up scale m must be \\[rows\\] = \\[3\\]"):
@@ -342,6 +367,8 @@ MUTATION_CASES = {
     "attn_max_live": (functools.partial(run_attention, negative=True), (), "differs"),
     "folds_reversed": (functools.partial(run_requant, folds=3), (127,), "differs"),
     "hadamard_short": (run_hadamard, (), "differs"),
+    "heads_unaligned": (run_heads_requant, (), "differs"),
+    "heads_zero_kept": (run_heads_requant, (), "differs"),
 }
 
 

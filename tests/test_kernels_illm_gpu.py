@@ -84,11 +84,25 @@ def test_rope_requant(heads, d, per_head, rope, fold):
     cos, sin = ri.rope_table(8192, d, 500000.0)
     pos = torch.randint(0, 8192, (rows,), generator=torch.Generator().manual_seed(d))
     f, o = row_scales(rows, 9), row_scales(rows, 10)
-    q, sm, sk = cuda_illm.rope_requant(t.to(DEV), d, 127, per_head, *((pos.to(DEV), cos.to(DEV), sin.to(DEV)) if rope else (None,) * 3),
-                                       *(_rows(f) if fold else (None, None)), *(_rows(o) if not fold else (None, None)))
+    tables = (pos.to(DEV), cos.to(DEV), sin.to(DEV)) if rope else (None,) * 3
+    q, sm, sk = cuda_illm.rope_requant(t.to(DEV), d, 127, per_head, *tables, *(_rows(f) if fold else (None, None)),
+                                       *(_rows(o) if not fold else (None, None)))
     wq, ws = ri.rope_requant(t, d, 127, per_head, *((cos[pos], sin[pos]) if rope else (None, None)),
                              f if fold else None, o if not fold else None)
     assert torch.equal(q.cpu().long(), wq) and torch.equal(sm.cpu(), ws.m[..., 0]) and torch.equal(sk.cpu(), ws.k[..., 0])
+
+
+@pytest.mark.parametrize("rows,heads,t,d", [(16, 32, 1, 128), (2, 9, 37, 64)])
+def test_heads_requant(rows, heads, t, d):
+    """Llama-3-8B's decode batch of 16 and SmolLM2's prefill: heads on one exponent per token, a zero
+    head in every token, int8 for o_proj with the preset's clip."""
+    gen = torch.Generator().manual_seed(heads)
+    o = torch.randint(-2**45, 2**45, (rows, heads, t, d), generator=gen)
+    e = torch.randint(-8, 40, (rows, heads, t), generator=gen)
+    e[:, 1], o[:, 1] = ri.NO_EXPONENT, 0
+    q, sm, sk = cuda_illm.heads_requant(o.to(DEV), e.to(DEV), 127, ri.clip_int(0.9))
+    wq, ws = ri.heads_requant(o, e[..., None], 127, ri.clip_int(0.9))
+    assert torch.equal(q.cpu().long(), wq) and torch.equal(sm.cpu(), ws.m[:, 0]) and torch.equal(sk.cpu(), ws.k[:, 0])
 
 
 @pytest.mark.parametrize("n", [1536, 14336, 5])

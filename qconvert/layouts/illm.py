@@ -429,7 +429,7 @@ class IntegerLlama(DerivedHolder):
             mk = causal[None] if real is None else causal[None] & real[:, None, :]  # [1 or rows*KV, t, n]
             out, exp = cuda_illm.attention(qg.to(torch.int8), sqm.reshape(bt * kvh, t), sqk.reshape(bt * kvh, t), k8, s_km,
                                            s_kk, v8, s_vm, s_vk, mk, self.inv_sqrt_d_int)
-            return self._attn_out(attn, out, exp[..., None], bt, t)
+            return self._attn_out(attn, out, exp, bt, t)
         out = torch.empty(bt * kvh, group, t, d, dtype=torch.int64, device=h.device)
         exp = torch.empty(bt * kvh, group, t, 1, dtype=torch.int64, device=h.device)
         for (a, b), (r0, r1) in attention_blocks(bt * kvh, t, group * n * 8, h.device):
@@ -449,15 +449,12 @@ class IntegerLlama(DerivedHolder):
 
     def _attn_out(self, attn, out: torch.Tensor, exp: torch.Tensor, bt: int, t: int):
         """The heads' outputs (``ri.attention``'s, [rows*KV, group, t, d] and exponents [.., 1]) on one
-        exponent per token, requantized for o_proj, and o_proj."""
-        kvh, d = self.kv_heads, self.head_dim
-        group = self.heads // kvh
-        out, exp = out.reshape(bt, kvh, group, t, d), exp.reshape(bt, kvh, group, t, 1)
-        emin = exp.amin(dim=(1, 2))  # heads on one exponent per token, [rows, t, 1]
-        emin = torch.where(emin == NO_EXPONENT, 0, emin)
-        o = ri.shift(out, (exp - emin[:, None, None]).clamp(0, 62)).permute(0, 3, 1, 2, 4).reshape(bt * t, self.heads * d)
-        oq, ro = self._requant(o, attn.o_proj.act_qmax, attn.o_proj.clip)
-        return attn.o_proj.int_forward(oq, Dyadic(ro.m, ro.k + emin.reshape(bt * t, 1) + ri.PROB_BITS))
+        exponent per token, requantized for o_proj (``ri.heads_requant``, by the kernel when on), and o_proj."""
+        o, lin = out.reshape(bt, self.heads, t, self.head_dim), attn.o_proj
+        if self.kernels:
+            q, m, k = cuda_illm.heads_requant(o, exp.reshape(bt, self.heads, t), lin.act_qmax, lin.clip)
+            return lin.int_forward(q, Dyadic(m[:, None], k[:, None]))
+        return lin.int_forward(*ri.heads_requant(o, exp.reshape(bt, self.heads, t, 1), lin.act_qmax, lin.clip))
 
     def _mlp_block(self, blk, h: torch.Tensor):
         mlp = blk.mlp

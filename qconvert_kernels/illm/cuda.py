@@ -1,10 +1,11 @@
 """CuPy launcher of the I-LLM kernels (qconvert_kernels/illm/illm_gemm.cu): DI-MatMul, the per-row
-requantizations (int8, with scale products folded in; q, k and v through RoPE), DI-ClippedSoftmax, DI-Norm, a
-block's integer glue fused per row (SwiGLU, the residual add, the online Hadamard transform) and
-attention (one query row per CTA).  Each equals its function in ``qconvert_kernels.illm.reference``
-bit for bit (integers in, integers out; GPU tests in tests/test_kernels_illm_gpu.py).  The integer
-model (qconvert/layouts/illm.py) calls all but ``softmax`` on a GPU (``IntegerLlama.use_kernels``);
-its softmax takes int64 scores, so ``softmax`` here is for int32 scores of one scale per row.
+requantizations (int8, with scale products folded in; q, k and v through RoPE), DI-ClippedSoftmax,
+DI-Norm, a block's integer glue fused per row (SwiGLU, the residual add, the online Hadamard
+transform), attention (one query row per CTA) and its heads' requantization for o_proj.  Each
+equals its function in ``qconvert_kernels.illm.reference`` bit for bit (integers in, integers out;
+GPU tests in tests/test_kernels_illm_gpu.py).  The integer model (qconvert/layouts/illm.py) calls
+all but ``softmax`` on a GPU (``IntegerLlama.use_kernels``); its softmax takes int64 scores, so
+``softmax`` here is for int32 scores of one scale per row.
 
 Every launcher here checks shapes and dtypes on the host (metadata only), never reads a device
 value on the host (graph-capturable: DI-MatMul's exponent alignment min(wk) is computed on the
@@ -328,6 +329,29 @@ def attention(q: torch.Tensor, qm: torch.Tensor, qk: torch.Tensor, k8: torch.Ten
                  _l.ptr(e), _l.i32(t), _l.i32(group), _l.i32(n), _l.i32(d)), dev)
     return o, e
 
+
+
+def heads_requant(o: torch.Tensor, e: torch.Tensor, qmax: int, clip: int = ri.CLIP_ONE):
+    """reference.heads_requant on the kernel: attention's outputs o int64 [rows, heads, t, d] with
+    exponents e int64 [rows, heads, t] -> (q int8 [rows * t, heads * d], m, k int64 [rows * t])."""
+    fn = "heads_requant"
+    _l.require(o.dim() == 4 and o.dtype == torch.int64,
+               f"{fn}: o must be int64 [rows, heads, t, d], got {o.dtype} {tuple(o.shape)}")
+    rows, heads, t, d = o.shape
+    _l.require(e.dtype == torch.int64 and tuple(e.shape) == (rows, heads, t),
+               f"{fn}: e must be int64 [rows, heads, t] = [{rows}, {heads}, {t}], got {e.dtype} {tuple(e.shape)}")
+    _l.require(0 < qmax <= 127, f"{fn}: 0 < qmax <= 127, got {qmax}")
+    _check_clip(fn, clip)
+    _l.require(rows * t < 2**31, f"{fn}: {rows * t} tokens exceed the grid; run fewer at once")
+    dev = _l.check_cuda(fn, o, e)
+    o_c, e_c = o.contiguous(), e.contiguous()
+    q = torch.empty((rows * t, heads * d), dtype=torch.int8, device=dev)
+    sm, sk = _row_outputs(rows * t, dev)
+    if q.numel():
+        _launch("illm_heads_requant", (rows * t,), (ROW_THREADS,),
+                (_l.ptr(o_c), _l.ptr(e_c), _l.i32(qmax), _l.i32(clip), _l.ptr(q), _l.ptr(sm), _l.ptr(sk), _l.i32(rows),
+                 _l.i32(heads), _l.i32(t), _l.i32(d)), dev)
+    return q, sm, sk
 
 
 def hadamard(x: torch.Tensor, sign: torch.Tensor, lp: int) -> torch.Tensor:

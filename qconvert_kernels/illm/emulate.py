@@ -1,6 +1,7 @@
 """CPU emulator of the I-LLM kernels of illm_gemm.cu: the row kernels (``illm_requant_rows``,
 ``illm_softmax``, ``illm_rmsnorm``, ``illm_rope_requant``, ``illm_swiglu``, ``illm_residual_add``,
-``illm_attention``, ``illm_hadamard``) here, DI-MatMul through the 64 x 64 main loops of quik/emulate.py.
+``illm_attention``, ``illm_heads_requant``, ``illm_hadamard``) here, DI-MatMul through the 64 x 64
+main loops of quik/emulate.py.
 
 The row kernels are integer code: one CTA of 256 threads per row, strided loops, block max / sum
 reductions (order-free on integers), and divisions done only by ``qk::udiv_u64`` (restoring long
@@ -9,8 +10,9 @@ numerator bound).  The emulator runs the kernels' own scalar expressions on Pyth
 the two divisions transcribed from common.cuh, and checks what the hardware would not: every
 int64 intermediate must stay inside int64 (``EmulationError`` otherwise), every DivBy numerator
 inside the bound its ``init`` was given, every global access inside its tensor, every output
-written exactly once.  The launchers (``illm.cuda.requant_rows``, ``softmax``, ``rmsnorm``, ``rope_requant``,
-``swiglu``, ``residual_add``, ``attention``, ``hadamard``, ``illm_matmul``) run unchanged through ``launch.launch_hook``.
+written exactly once.  The launchers (``illm.cuda.requant_rows``, ``softmax``, ``rmsnorm``,
+``rope_requant``, ``swiglu``, ``residual_add``, ``attention``, ``heads_requant``, ``hadamard``,
+``illm_matmul``) run unchanged through ``launch.launch_hook``.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ RESIDUAL_PARAMS = ("x", "xm", "xk", "b", "bm", "bk", "qmax", "h", "hm", "hk", "r
 ATTENTION_PARAMS = ("q", "qm", "qk", "k8", "km", "kk", "v8", "vm", "vk", "mask", "mask_hr", "sdm", "sdk", "umax", "pq",
                     "o", "e", "T", "group", "n", "d")
 HADAMARD_PARAMS = ("x", "sign", "t", "y", "rows", "m", "lp")
+HEADS_PARAMS = ("o", "e", "qmax", "clip", "q", "sm", "sk", "rows", "heads", "T", "d")
 NO_EXPONENT = 1 << 40
 WIDE_QMAX = 32767
 
@@ -62,6 +65,8 @@ MUTATIONS = _BYTES_MUTATIONS | frozenset({
     "attn_max_live",   # the softmax max over keys with a non-zero scale only (a zero-scale key's 0 left out)
     "folds_reversed",  # illm_requant_rows multiplying its folds last to first
     "hadamard_short",  # the Hadamard transform's last butterfly stage left out
+    "heads_unaligned", # the heads' requantization ignoring their exponents (no shifts)
+    "heads_zero_kept", # its exponent left at NO_EXPONENT for a token whose heads are all zero
 })
 
 
@@ -449,6 +454,29 @@ def hadamard(ctx: Ctx, ops: Ops, grid):
         _store(ctx, "y", r * n + np.arange(n), out, np.int64, "y")
 
 
+def heads_requant(ctx: Ctx, ops: Ops, grid):
+    a = ctx.args
+    rows, heads, T, d = a["rows"], a["heads"], a["T"], a["d"]
+    n = heads * d
+    byd = DivBy(d, 32)
+    for tok in range(min(grid[0], rows * T)):
+        b = udiv_u64(tok, T)
+        j = tok - b * T
+        e = [int(_load(ctx, a["e"], [(b * heads + h) * T + j], np.int64, "e")[0]) for h in range(heads)]
+        lo = min(e)
+        if lo == NO_EXPONENT and "heads_zero_kept" not in ops.mutations:
+            lo = 0
+        vals = []
+        for i in range(n):
+            h = byd.div(i)
+            v = int(_load(ctx, a["o"], [((b * heads + h) * T + j) * d + i - h * d], np.int64, "o")[0])
+            s = 0 if "heads_unaligned" in ops.mutations else min(max(e[h] - lo, 0), 62)
+            vals.append(ops.rshift_round(v, s))
+        q, m, k = ops.requant_row(vals, a["qmax"], a["clip"])
+        _store(ctx, "q", tok * n + np.arange(n), q, np.int8, "q")
+        _store_scale(ctx, "sm", "sk", tok, (m, i64(k + lo + PROB_BITS, "heads' exponent")))
+
+
 class Emulator(_Bytes64):
     """The launch hook of illm_gemm.cu: the row kernels here, DI-MatMul (and QUIK's kernels) by
     quik/emulate.py's main loops."""
@@ -460,7 +488,8 @@ class Emulator(_Bytes64):
                                   ("illm_swiglu", SWIGLU_PARAMS, ROW_THREADS),
                                   ("illm_residual_add", RESIDUAL_PARAMS, ROW_THREADS),
                                   ("illm_attention", ATTENTION_PARAMS, ROW_THREADS),
-                                  ("illm_hadamard", HADAMARD_PARAMS, ROW_THREADS))
+                                  ("illm_hadamard", HADAMARD_PARAMS, ROW_THREADS),
+                                  ("illm_heads_requant", HEADS_PARAMS, ROW_THREADS))
     KNOWN = MUTATIONS
 
     def run(self, name, grid, ctx):
@@ -488,6 +517,17 @@ class Emulator(_Bytes64):
             rope_requant(ctx, Ops(ctx.mutations), grid)
             for key, count, width in (("q", a["rows"] * a["L"], 1), ("sm", a["rows"] * grid[1], 8),
                                       ("sk", a["rows"] * grid[1], 8)):
+                _written_once(name, ctx.mem, a[key], count, width, key)
+            return
+        if name == "illm_heads_requant":
+            a = ctx.args
+            tokens = a["rows"] * a["T"]
+            if grid[0] != tokens:
+                raise EmulationError(f"{name}: grid {grid} for {tokens} tokens")
+            for key in ("q", "sm", "sk"):
+                ctx.mem.track(a[key])
+            heads_requant(ctx, Ops(ctx.mutations), grid)
+            for key, count, width in (("q", tokens * a["heads"] * a["d"], 1), ("sm", tokens, 8), ("sk", tokens, 8)):
                 _written_once(name, ctx.mem, a[key], count, width, key)
             return
         if name == "illm_hadamard":

@@ -18,6 +18,8 @@
 //   illm_rope_requant      q, k or v of a token: requantized to 16 bits, RoPE per head, requantized
 //                          to int8 per token or per head, scale products folded (rope_requant)
 //   illm_swiglu            gate and up requantized to 16 bits, scales folded, SiLU(g) * u (swiglu)
+//   illm_heads_requant     attention's heads on one exponent per token, requantized for o_proj
+//                          (heads_requant)
 //   illm_residual_add      the branch requantized to 20 bits, both terms aligned by shifts,
 //                          the sum requantized to 20 bits (residual_add)
 //   illm_hadamard          the online Hadamard transform of int64 rows (hadamard_rows): exact sums
@@ -358,6 +360,41 @@ extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS) illm_rope_requan
         const long long at = static_cast<long long>(r) * groups + g;
         sm[at] = o.m;
         sk[at] = o.k;
+    }
+}
+
+// Launch: grid (rows * t), block 256.  Attention's heads as o_proj's input (reference.heads_requant):
+// o int64 [rows, heads, t, d] and e int64 [rows, heads, t] (illm_attention's outputs); per token
+// (block row * t + token) each head shifted by its exponent's distance to the heads' smallest
+// (clamped to [0, 62]; 0 is that exponent when every head is NO_EXPONENT), the token's heads * d
+// values requantized to qmax with `clip`: q int8 [rows * t, heads * d] and the scale (sm, sk)
+// [rows * t], sk including that exponent and PROB_BITS.  rows * t < 2^31 (the launcher's check).
+extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS) illm_heads_requant(
+        const long long* __restrict__ o, const long long* __restrict__ e, int qmax, int clip, signed char* __restrict__ q,
+        long long* __restrict__ sm, long long* __restrict__ sk, int rows, int heads, int t, int d) {
+    __shared__ long long red[illm::ROW_THREADS / 32];
+    const int tok = blockIdx.x;
+    if (tok >= rows * t) return;
+    const int b = qk::udiv_u32(tok, t), j = tok - b * t;
+    const long long* ob = o + (static_cast<long long>(b) * heads * t + j) * d;  // head h at ob + h * t * d
+    const long long* eb = e + static_cast<long long>(b) * heads * t + j;  // head h at eb[h * t]
+    long long lo = 1LL << 62;
+    for (int h = threadIdx.x; h < heads; h += illm::ROW_THREADS) lo = min(lo, eb[static_cast<long long>(h) * t]);
+    lo = -illm::block_max(-lo, red);
+    if (lo == illm::NO_EXPONENT) lo = 0;
+    qk::DivBy byd;  // i / d by a multiply: the head of value i
+    byd.init(static_cast<unsigned long long>(d), 32);
+    const long long td = static_cast<long long>(t) * d;
+    const auto get = [&](int i) -> long long {
+        const int h = static_cast<int>(byd.div(static_cast<unsigned long long>(i)));
+        const long long s = eb[h * static_cast<long long>(t)] - lo;
+        return illm::rshift_round(ob[h * td + (i - h * d)], static_cast<int>(min(max(s, 0LL), 62LL)));
+    };
+    const int n = heads * d;
+    const illm::Dy r = illm::requant_row(get, n, qmax, clip, q + static_cast<long long>(tok) * n, red);
+    if (threadIdx.x == 0) {
+        sm[tok] = r.m;
+        sk[tok] = r.k + lo + illm::PROB_BITS;
     }
 }
 

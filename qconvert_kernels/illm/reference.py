@@ -537,3 +537,17 @@ def attention(q: torch.Tensor, sq: Dyadic, k8: torch.Tensor, sk: Dyadic, v8: tor
     pq, rp = quantize_rows(pv, WIDE_QMAX)  # rp [HR, group, t, 1]
     pvq = wide_matmul(pq.reshape(hr, group * t, n), v8, below_2_15=True).reshape(hr, group, t, d)
     return pvq * rp.m, torch.where(rp.m > 0, rp.k + v_e[:, None], NO_EXPONENT)  # scale 2^-(k + 15)
+
+
+def heads_requant(o: torch.Tensor, e: torch.Tensor, qmax: int, clip: int = CLIP_ONE) -> tuple[torch.Tensor, Dyadic]:
+    """Attention's heads (``attention``'s outputs o int64 [rows, heads, t, d], exponents e [rows,
+    heads, t, 1]; heads in the query's order) as o_proj's input: per token, each head shifted to the
+    heads' smallest exponent (0 when every head is zero), the token's heads * d values requantized
+    to ``qmax`` with ``clip``.  Returns (q int64 [rows * t, heads * d], Dyadic [rows * t, 1]): the
+    values are q times that scale."""
+    rows, heads, t, d = o.shape
+    emin = e.amin(dim=1, keepdim=True)  # [rows, 1, t, 1]
+    emin = torch.where(emin == NO_EXPONENT, 0, emin)
+    x = rshift_round(o, (e - emin).clamp(0, 62)).permute(0, 2, 1, 3).reshape(rows * t, heads * d)
+    q, r = quantize_rows(x, qmax, clip)
+    return q, Dyadic(r.m, r.k + emin.reshape(rows * t, 1) + PROB_BITS)
