@@ -340,6 +340,22 @@ def test_matmul_through_the_illm_emulator(w_bits):
     assert torch.equal(got, want) and [n for n, *_ in emu.launches] == [f"illm_matmul_w{w_bits}"]
 
 
+def run_matmul_exponents(m=130, mutations=frozenset()):
+    """DI-MatMul writing its rows' scale exponents xk + kmin too (every row tile, one column tile's
+    CTAs each; N past one tile), t unchanged."""
+    xq, qw, wm, wk, want = illm_case(m, 72, 96, 8)
+    xk = torch.randint(-40, 40, (m,), generator=torch.Generator().manual_seed(m))
+    with emulate.emulating(mutations=mutations):
+        got, tk = cuda_illm.illm_matmul(xq, qw, wm, wk, 8, xk=xk)
+    assert torch.equal(got, want), "t differs"
+    assert tk.dtype == torch.int64 and torch.equal(tk, xk + wk.min()), "tk differs"
+
+
+@pytest.mark.parametrize("m", [130, 1])
+def test_matmul_writes_its_rows_exponents(m):
+    run_matmul_exponents(m)
+
+
 def test_an_int64_overflow_is_reported():
     """A requantization of values near 2^62 stays in range (the pre-shift); the emulator's int64
     check itself fires on a product that would wrap on the GPU."""
@@ -369,6 +385,7 @@ MUTATION_CASES = {
     "hadamard_short": (run_hadamard, (), "differs"),
     "heads_unaligned": (run_heads_requant, (), "differs"),
     "heads_zero_kept": (run_heads_requant, (), "differs"),
+    "tk_no_kmin": (run_matmul_exponents, (), "differs"),
 }
 
 

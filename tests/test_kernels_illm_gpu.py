@@ -25,6 +25,9 @@ def test_matmul(m, n, k, w_bits):
     xq, qw, wm, wk, want = illm_case(m, n, k, w_bits)
     got = cuda_illm.illm_matmul(xq.to(DEV), qw.to(DEV), wm.to(DEV), wk.to(DEV), w_bits).cpu()
     assert torch.equal(got, want)
+    xk = torch.arange(m, dtype=torch.int64) - 20  # the rows' exponents written too: t the same
+    got, tk = cuda_illm.illm_matmul(xq.to(DEV), qw.to(DEV), wm.to(DEV), wk.to(DEV), w_bits, xk=xk.to(DEV))
+    assert torch.equal(got.cpu(), want) and torch.equal(tk.cpu(), xk + wk.min())
 
 
 @pytest.mark.parametrize("clip", [ri.CLIP_ONE, ri.clip_int(0.9)])

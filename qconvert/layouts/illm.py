@@ -190,12 +190,15 @@ class ILLMLinear(QuantizedModule):
     def int_forward(self, xq: torch.Tensor, scale: Dyadic) -> tuple[torch.Tensor, Dyadic]:
         """DI-MatMul: xq int [M, K] with per-row scale -> (t int64 [M, N], per-row scale): the
         int32 accumulator times each channel's mantissa, channel exponents aligned by shifts.
-        With ``kernel`` the CUDA kernel (qconvert_kernels/illm/cuda.py) computes the same t."""
+        With ``kernel`` the CUDA kernel (qconvert_kernels/illm/cuda.py) computes the same t and the
+        rows' exponents (the scale's k + kmin)."""
         kmin = self.wk_min
         if self.kernel:
-            t = cuda_illm.illm_matmul(xq.to(torch.int8), self.qweight, self.wm, self.wk, self.wbits, kmin)
-        else:
-            t = ri.shift(ri.int8_matmul(xq, self.q8t, float32_copy(self, "q8t", xq)) * self.wm64, self.wk_shift)
+            lead = (xq.shape[0], 1)
+            t, tk = cuda_illm.illm_matmul(xq.to(torch.int8), self.qweight, self.wm, self.wk, self.wbits, kmin,
+                                          _per_row(scale, lead)[1])
+            return t, Dyadic(scale.m, tk.reshape(lead))
+        t = ri.shift(ri.int8_matmul(xq, self.q8t, float32_copy(self, "q8t", xq)) * self.wm64, self.wk_shift)
         return t, Dyadic(scale.m, scale.k + kmin)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

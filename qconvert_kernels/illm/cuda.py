@@ -48,12 +48,13 @@ _INT = (torch.int32, torch.int64)
 
 
 def illm_matmul(xq: torch.Tensor, qweight: torch.Tensor, wm: torch.Tensor, wk: torch.Tensor, w_bits: int,
-                kmin: torch.Tensor | None = None) -> torch.Tensor:
+                kmin: torch.Tensor | None = None, xk: torch.Tensor | None = None):
     """DI-MatMul: xq int8 [M, K] x weights (w8: int8 [N, K]; w4: packed uint8 [N, K/2]) -> t int64
     [M, N] = round(acc * wm[n] / 2^(wk[n] - min wk)), as ``ILLMLinear.int_forward``.
 
     ``kmin`` (int [1] on the device) may be given precomputed (a layer constant); by default it is
-    ``wk.min()`` computed on the device: the host never reads it."""
+    ``wk.min()`` computed on the device: the host never reads it.  With ``xk`` (int [M], the rows'
+    scale exponents) the kernel also writes t's, xk + kmin, and returns (t, tk int64 [M])."""
     fn = "illm_matmul"
     _l.require(w_bits in (4, 8), f"{fn}: w_bits must be 4 or 8, got {w_bits}")
     _l.require(xq.dim() == 2 and qweight.dim() == 2, f"{fn}: xq [M, K] and qweight [N, K or K/2] must be 2-D")
@@ -78,13 +79,20 @@ def illm_matmul(xq: torch.Tensor, qweight: torch.Tensor, wm: torch.Tensor, wk: t
         kmin_t = kmin.reshape(1).to(device=dev, dtype=torch.int32)
     kmin_t = kmin_t.to(torch.int32).contiguous()
     _l.check_aligned(fn, xq=xq, qweight=qweight)
+    if xk is not None:
+        _rows_vector(fn, "xk", xk, m, _INT)
+        _l.check_cuda(fn, xq, xk)
+        xk = xk.to(torch.int64).contiguous()
     t = torch.empty((m, n), dtype=torch.int64, device=dev)
+    tk = None if xk is None else torch.empty((m,), dtype=torch.int64, device=dev)
     if m and n:
         grid = (-(-n // BLOCK_N), -(-m // BLOCK_M))
         _launch(f"illm_matmul_w{w_bits}", grid, (GEMM_THREADS,),
-                (_l.ptr(xq), _l.ptr(qweight), _l.ptr(wm), _l.ptr(wk), _l.ptr(kmin_t), _l.ptr(t),
+                (_l.ptr(xq), _l.ptr(qweight), _l.ptr(wm), _l.ptr(wk), _l.ptr(kmin_t), _l.ptr(t), _l.ptr(xk), _l.ptr(tk),
                  _l.i32(m), _l.i32(n), _l.i32(k)), dev)
-    return t
+    elif tk is not None:  # no CTA runs: t's exponents on the device all the same
+        tk = xk + kmin_t
+    return t if xk is None else (t, tk)
 
 
 def _row_outputs(rows: int, dev):

@@ -67,6 +67,7 @@ MUTATIONS = _BYTES_MUTATIONS | frozenset({
     "hadamard_short",  # the Hadamard transform's last butterfly stage left out
     "heads_unaligned", # the heads' requantization ignoring their exponents (no shifts)
     "heads_zero_kept", # its exponent left at NO_EXPONENT for a token whose heads are all zero
+    "tk_no_kmin",      # DI-MatMul's output row exponents without the weights' kmin
 })
 
 

@@ -8,7 +8,8 @@
 //
 //   illm_matmul_w8 / _w4   t[m, n] = round((acc[m, n] * wm[n]) / 2^(wk[n] - kmin))   int64 out,
 //                          acc = sum_k xq[m, k] * q[n, k] on int8 tensor cores (w4: weights
-//                          widened from packed int4 in registers, the W4A8 main loop)
+//                          widened from packed int4 in registers, the W4A8 main loop); optionally
+//                          the rows' output scale exponents xk[m] + kmin
 //   illm_requant_rows      q = round(|v| * qmax / amax) with v's sign, per row; the row's scale
 //                          ratio amax / qmax as (m, k)   (reference_illm.quantize_rows); a clip
 //                          c * 2^16 below 2^16 first shrinks amax to round(amax * c) (|v| clamped)
@@ -228,14 +229,29 @@ __device__ __forceinline__ void matmul_epilogue(const int (&P)[quik::MT][quik::N
     const int* __restrict__ wk,           /* int32 [N] exponents */                                   \
     const int* __restrict__ kmin_p,       /* int32 [1]: min over n of wk, a device value (no sync) */ \
     long long* __restrict__ t,            /* int64 [M, N] out */                                      \
+    const long long* __restrict__ xk,     /* int64 [M]: the rows' scale exponents, or null */         \
+    long long* __restrict__ tk,           /* int64 [M] out: xk + kmin, t's (not written when null) */ \
     int M, int N, int K
+
+namespace illm {
+// The output rows' scale exponents, xk + kmin (the input's scale times 2^-kmin), written by the
+// CTAs of the first column tile: one addition per row that would otherwise be a launch of its own.
+__device__ __forceinline__ void matmul_row_exponents(const long long* __restrict__ xk, long long* __restrict__ tk,
+                                                     int kmin, int M, int bm) {
+    if (tk == nullptr || blockIdx.x != 0) return;
+    for (int i = threadIdx.x; i < quik::BM; i += quik::THREADS)
+        if (bm + i < M) tk[bm + i] = xk[bm + i] + kmin;
+}
+}  // namespace illm
 
 // Launch: grid (ceil(N / 64), ceil(M / 64)), block 128.
 extern "C" __global__ void __launch_bounds__(quik::THREADS, 1) illm_matmul_w8(ILLM_MATMUL_ARGS) {
     const int bm = blockIdx.y * quik::BM, bn = blockIdx.x * quik::BN;
     int P[quik::MT][quik::NT][4];
     quik::mainloop_bytes<false>(xq, qw, M, N, K, bm, bn, P);
-    illm::matmul_epilogue(P, wm, wk, __ldg(kmin_p), t, M, N, bm, bn);
+    const int kmin = __ldg(kmin_p);
+    illm::matmul_epilogue(P, wm, wk, kmin, t, M, N, bm, bn);
+    illm::matmul_row_exponents(xk, tk, kmin, M, bm);
 }
 
 extern "C" __global__ void __launch_bounds__(quik::THREADS, 1) illm_matmul_w4(ILLM_MATMUL_ARGS) {
@@ -243,7 +259,9 @@ extern "C" __global__ void __launch_bounds__(quik::THREADS, 1) illm_matmul_w4(IL
     int P[quik::MT][quik::NT][4];
     quik::NoFold fold;
     qk::mainloop(xq, reinterpret_cast<const unsigned char*>(qw), M, N, K, K, bm, bn, P, fold);
-    illm::matmul_epilogue(P, wm, wk, __ldg(kmin_p), t, M, N, bm, bn);
+    const int kmin = __ldg(kmin_p);
+    illm::matmul_epilogue(P, wm, wk, kmin, t, M, N, bm, bn);
+    illm::matmul_row_exponents(xk, tk, kmin, M, bm);
 }
 
 // Launch: grid (rows), block 256.  v int64 [rows, n] -> q int8 [rows, n], scale (m, k) int64 [rows];

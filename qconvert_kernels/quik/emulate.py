@@ -61,7 +61,7 @@ QUANT_THREADS = 256
 GEMM_PARAMS = ("xq", "s", "z", "qw", "wscale", "wsum", "y_out", "y", "acc_out", "M", "N", "Kbp")
 SPLIT_PARAMS = ("x", "base_idx", "outlier_idx", "xq", "s", "z", "x_out", "M", "K", "Kb", "Kbp", "n_out", "bits", "pack",
                 "clip")
-ILLM_PARAMS = ("xq", "qw", "wm", "wk", "kmin_p", "t", "M", "N", "K")
+ILLM_PARAMS = ("xq", "qw", "wm", "wk", "kmin_p", "t", "xk", "tk", "M", "N", "K")
 IS_PARAMS = ("xq", "t", "qw", "iscale", "cscale", "alpha_log2", "y", "acc_out", "M", "N", "Kp", "group_size")
 FS_PARAMS = ("xq", "t", "qw", "scales", "y", "M", "N", "Kp", "group_size")
 
@@ -406,6 +406,17 @@ def illm_epilogue(ctx: Ctx, P, M: int, N: int, bm: int, bn: int):
                         ctx.mem.store(a["t"], (m[t] * N + n[t]) * 8, v.view(np.uint8).reshape(-1, 8), "t")
 
 
+def illm_row_exponents(ctx: Ctx, M: int, bm: int):
+    """illm::matmul_row_exponents (the first column tile's CTAs): tk[m] = xk[m] + kmin for its rows."""
+    a = ctx.args
+    kmin = int(_load(ctx, a["kmin_p"], np.zeros(1, np.int64), np.int32, "kmin")[0])
+    rows = np.arange(bm, min(bm + BM, M), dtype=np.int64)
+    if "tk_no_kmin" in ctx.mutations:
+        kmin = 0
+    v = _load(ctx, a["xk"], rows, np.int64, "xk").astype(np.int64) + kmin
+    ctx.mem.store(a["tk"], rows * 8, v.view(np.uint8).reshape(-1, 8), "tk")
+
+
 class GroupFold:
     """The group folds of the native W4A8 and FP4 GEMMs: w4a8_gemm.cu's FoldInt (A += iscale[n, j] * P,
     int32 wrapping), FoldFloat (acc = acc + float(P) * float(scales[n, j])) and fp8_gemm.cu's
@@ -619,6 +630,8 @@ class Emulator(StaticEmulator):
         M, N = vals["M"], vals["N"]
         check_tiles(name, grid, M, N)
         outs = (("t", 8),) if name.startswith("illm_") else (("y", 2), ("acc_out", 4))
+        if name.startswith("illm_") and vals["tk"]:
+            mem.track(vals["tk"])
         for key, _ in outs:
             if vals.get(key):
                 mem.track(vals[key])
@@ -646,9 +659,13 @@ class Emulator(StaticEmulator):
                     quik_epilogue(ctx, P, bf16, M, N, bm, bn)
                 else:
                     illm_epilogue(ctx, P, M, N, bm, bn)
+                    if bx == 0 and vals["tk"]:
+                        illm_row_exponents(ctx, M, bm)
         for key, width in outs:
             if vals.get(key):
                 _written_once(name, mem, vals[key], M * N, width, key)
+        if name.startswith("illm_") and vals["tk"]:
+            _written_once(name, mem, vals["tk"], M, 8, "tk")
 
 
 def emulating(**kwargs):
