@@ -119,11 +119,13 @@ def test_the_integer_model_is_made_from_the_stored_tensors_whatever_the_dtype(ou
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("mutation", ["round_down", "requant_no_clip", "attn_pv_group0"])
+@pytest.mark.parametrize("mutation", ["round_down", "requant_no_clip", "attn_pv_group0", "rope_pos0", "heads_unaligned",
+                                      "tk_no_kmin"])
 def test_a_kernel_bug_changes_the_logits(outs, mutation):
     """The comparison can fail: a deliberate bug in the emulated kernels (a truncating shift; the
     requantization ignoring the activation clip of illm-w4a4; attention's P V summing one column
-    group) reaches the logits."""
+    group; RoPE at the first token's position; the heads left unaligned; DI-MatMul's row exponents
+    without kmin) reaches the logits."""
     from qconvert import load
 
     model = load(outs["w4a4-online"])

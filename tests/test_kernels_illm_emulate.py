@@ -83,12 +83,12 @@ def same_scale(m, k, d, what):
 
 
 def run_rope_requant(heads=3, d=24, per_head=True, rope=True, fold=True, out_fold=False, rows=5, mutations=frozenset()):
-    """A token's projection (rows of heads * d, one above 2^40, one zero) through 16 bits, RoPE at
-    positions far apart, and int8 per head or per token, with per-row folds (a zero one among them)."""
+    """A token's projection (rows of heads * d, one above 2^40, the last zero) through 16 bits, RoPE
+    at positions far apart, and int8 per head or per token, with per-row folds (row 1's zero)."""
     gen = torch.Generator().manual_seed(heads * d + rows)
     t = torch.randint(-2**36, 2**36, (rows, heads * d), generator=gen)
-    t[1] = 0
-    t[2, 3] = 2**45  # the 16-bit requantization's pre-shift
+    t[rows - 1] = 0
+    t[0, 3] = 2**45  # the 16-bit requantization's pre-shift
     cos, sin = ri.rope_table(700, d, 10000.0)
     pos = torch.tensor([0, 1, 699, 5, 300, 17, 64][:rows])
     f, o = row_scales(rows, 3), row_scales(rows, 4)
@@ -102,7 +102,8 @@ def run_rope_requant(heads=3, d=24, per_head=True, rope=True, fold=True, out_fol
     assert q.dtype == torch.int8 and torch.equal(q.long(), wq), f"q differs in {(q.long() != wq).sum()} places"
     assert sm.shape == (rows, heads if per_head else 1)
     assert torch.equal(sm, ws.m[..., 0]) and torch.equal(sk, ws.k[..., 0]), "scale differs"
-    assert (sm[1] == 0).all() and (q[1] == 0).all() and (q.abs().amax(1)[[0, 2]] == 127).all()
+    assert (sm[-1] == 0).all() and (q[-1] == 0).all() and (q.abs().amax(1)[:-1] == 127).all()
+    assert (sm[1] == 0).all() == (fold or out_fold)  # a zero fold: a zero scale, q as without it
 
 
 def matmul_like(rows: int, n: int, seed: int) -> torch.Tensor:
@@ -219,19 +220,25 @@ def run_hadamard(n=48, mutations=frozenset()):
 
 def run_heads_requant(rows=2, heads=6, t=3, d=24, clip=ri.CLIP_ONE, mutations=frozenset()):
     """Attention's outputs as ``ri.attention`` gives them: exponents far apart (some negative), a
-    zero head (NO_EXPONENT) in most tokens, one token whose heads are all zero, values up to 2^45."""
+    zero head (NO_EXPONENT) in every token when there are three heads or more, a token whose heads
+    are all zero when there are two tokens or more, values up to 2^45."""
     gen = torch.Generator().manual_seed(heads * d + t)
     o = torch.randint(-2**45, 2**45, (rows, heads, t, d), generator=gen)
     e = torch.randint(-8, 40, (rows, heads, t), generator=gen)
-    e[:, 1], o[:, 1] = ri.NO_EXPONENT, 0
-    e[rows - 1, :, t - 1], o[rows - 1, :, t - 1] = ri.NO_EXPONENT, 0
+    if heads > 2:
+        e[:, 1], o[:, 1] = ri.NO_EXPONENT, 0
+    zero = rows * t > 1
+    if zero:
+        e[rows - 1, :, t - 1], o[rows - 1, :, t - 1] = ri.NO_EXPONENT, 0
     with emulate.emulating(mutations=mutations) as emu:
         q, sm, sk = cuda_illm.heads_requant(o, e, 127, clip)
     wq, ws = ri.heads_requant(o, e[..., None], 127, clip)
     assert [name for name, *_ in emu.launches] == ["illm_heads_requant"]
     assert torch.equal(q.long(), wq), f"q differs in {(q.long() != wq).sum()} places"
     same_scale(sm, sk, ws, "the")
-    assert sm[-1] == 0 and (q[-1] == 0).all() and (sm[:-1] > 0).all()
+    live = sm[:-1] if zero else sm
+    assert (live > 0).all() and (not zero or (sm[-1] == 0 and (q[-1] == 0).all()))
+    assert len(set(e[0, :, 0].tolist()) - {ri.NO_EXPONENT}) > 1  # heads on different exponents: aligned by shifts
 
 
 @pytest.mark.parametrize("case", [{}, {"clip": ri.clip_int(0.9)}, {"rows": 1, "heads": 9, "t": 1, "d": 64},
@@ -245,12 +252,12 @@ def test_hadamard_bit_exact(n):
     run_hadamard(n)
 
 
-@pytest.mark.parametrize("case", [{}, {"per_head": False, "fold": False, "out_fold": True}, {"rope": False},
+@pytest.mark.parametrize("case", [{}, {"per_head": False, "fold": False, "out_fold": True}, {"rope": False}, {"out_fold": True},
                                   {"heads": 1, "d": 64, "rows": 7}, {"heads": 4, "d": 96, "per_head": False, "out_fold": True},
                                   {"heads": 12, "d": 8, "rows": 3}])
 def test_rope_requant_bit_exact(case):
-    """q (per token, out fold), k (per head, fold), v (no RoPE): heads of 8 to 96, a 384-wide row
-    (more than a CTA's 256 threads), positions 0 to 699."""
+    """q (per token, out fold), k (per head, fold), v (no RoPE), both folds: heads of 8 to 96, a
+    384-wide row (more than a CTA's 256 threads), positions 0 to 699."""
     run_rope_requant(**case)
 
 
@@ -273,6 +280,8 @@ def test_fused_glue_launchers_validate():
         cuda_illm.rope_requant(v, 4, 128, True)
     with pytest.raises(ValueError, match="head_dim 3 must be even and divide the rows' width 8"):
         cuda_illm.rope_requant(v, 3, 127, True)
+    with pytest.raises(ValueError, match="divide the rows' width 0"):
+        cuda_illm.rope_requant(v[:, :0], 4, 127, False)
     with pytest.raises(ValueError, match="give pos, cos and sin, or none"):
         cuda_illm.rope_requant(v, 4, 127, True, one, tab)
     with pytest.raises(ValueError, match="cos and sin must be int64 \\[positions, 2\\]"):
@@ -281,6 +290,8 @@ def test_fused_glue_launchers_validate():
         cuda_illm.residual_add(v, one, one, v, one, one, 1 << 20)
     with pytest.raises(ValueError, match="e must be int64 \\[rows, heads, t\\] = \\[1, 3, 2\\]"):
         cuda_illm.heads_requant(v.reshape(1, 3, 2, 4), v[:, :2], 127)
+    with pytest.raises(ValueError, match="heads x head_dim = 3 x 0 must be in"):
+        cuda_illm.heads_requant(v.reshape(1, 3, 8, 1)[..., :0], v.reshape(1, 3, 8), 127)
     with pytest.raises(ValueError, match="b must be int64 \\[rows, n\\] = \\[3, 8\\]"):
         cuda_illm.residual_add(v, one, one, v[:2], one, one)
     with pytest.raises(ValueError, match="up scale m must be \\[rows\\] = \\[3\\]"):
@@ -354,6 +365,27 @@ def run_matmul_exponents(m=130, mutations=frozenset()):
 @pytest.mark.parametrize("m", [130, 1])
 def test_matmul_writes_its_rows_exponents(m):
     run_matmul_exponents(m)
+
+
+def test_matmul_without_columns_still_gives_its_rows_exponents():
+    """N = 0: no CTA runs, the rows' exponents are xk + 0 (the launcher's kmin of no weights)."""
+    xk = torch.tensor([3, -4, 50])
+    with emulate.emulating() as emu:
+        t, tk = cuda_illm.illm_matmul(torch.zeros(3, 32, dtype=torch.int8), torch.zeros(0, 32, dtype=torch.int8),
+                                      torch.zeros(0, dtype=torch.int32), torch.zeros(0, dtype=torch.int32), 8, xk=xk)
+    assert emu.launches == [] and t.shape == (3, 0) and torch.equal(tk, xk)
+
+
+def test_row_kernels_take_the_parameters_the_emulator_names():
+    """Each row kernel's parameter names in illm_gemm.cu, in order, are those its emulator reads."""
+    import re
+
+    src = cuda_illm.SOURCE.read_text()
+    for name, params, _ in emulate.Emulator.KERNELS:
+        m = re.search(rf'extern "C" __global__ void __launch_bounds__\([^)]*\) {name}\((.*?)\) {{', src, re.S)
+        if name.startswith("illm_") and not name.startswith("illm_matmul"):
+            declared = tuple(re.findall(r"(\w+)\s*$", d.strip())[0] for d in m.group(1).split(","))
+            assert declared == params, name
 
 
 def test_an_int64_overflow_is_reported():

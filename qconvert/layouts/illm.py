@@ -37,9 +37,9 @@ gives the bits of the whole sequence run again.
 On a GPU (``load(OUT, device="cuda")``) the same integer model runs with the I-LLM kernels for
 DI-Norm, the requantizations (with the per-row scale products that follow them; q, k and v
 through 16 bits and RoPE in one kernel each), DI-MatMul, the SwiGLU, the online Hadamard
-transform, the residual adds and attention (``IntegerLlama.use_kernels``), torch integer ops on
-the GPU for the rest (the heads' alignment to one exponent per token, cache writes, masks, the
-head); the results are the same bits
+transform, the residual adds, attention and the heads' alignment to one exponent per token
+(``IntegerLlama.use_kernels``), torch integer ops on
+the GPU for the rest (cache writes, masks, the head); the results are the same bits
 (tests/test_illm_runtime_kernels.py runs the kernels on their CPU emulator).
 
 An OUT quantized with ``--rotate hadamard+online`` has down_proj's weights folded with the
@@ -70,7 +70,6 @@ from qconvert_kernels.illm import cuda as cuda_illm
 from qconvert_kernels.illm import reference as ri
 from qconvert_kernels.illm.reference import Dyadic
 
-RESIDUAL_QMAX, WIDE_QMAX = ri.RESIDUAL_QMAX, ri.WIDE_QMAX
 # attention's int64 scores per block of heads and rows: on the CPU a block that stays in cache
 # (SmolLM2, 512 tokens, 2 AVX-512 cores, float32 GEMMs: 6-8 s per forward in 4 MiB blocks, 12-14 s
 # with every head in one block), on a GPU as much as a launch can use
@@ -119,8 +118,6 @@ def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, Dyadic]:
     q = torch.clamp(torch.round(w.float() / scale[:, None]), -127, 127).to(torch.int8)
     return q, to_dyadic(scale)
 
-
-NO_EXPONENT = ri.NO_EXPONENT
 
 
 def _per_row(d: Dyadic, lead) -> tuple[torch.Tensor, torch.Tensor]:
@@ -284,11 +281,12 @@ class IntegerLlama(DerivedHolder):
         return self.emb_q.device
 
     def use_kernels(self, on: bool = True) -> "IntegerLlama":
-        """Run DI-Norm, the int8 requantizations (q, k and v with their RoPE), DI-MatMul (every linear
-        whose K is a multiple of 32), the SwiGLU, the residual adds and attention (head_dim a multiple
-        of 4, at most 256, its P buffer within ATTN_BLOCK_BYTES) and the online Hadamard transform by
-        the CUDA kernels of qconvert_kernels/illm/cuda.py, which equal the torch integer ops bit for
-        bit; the rest (the heads' alignment, cache writes, masks, the head) stays torch integer ops.
+        """Run DI-Norm, the int8 requantizations (q, k and v with their RoPE; the heads' outputs aligned
+        for o_proj), DI-MatMul (every linear whose K is a multiple of 32), the SwiGLU, the residual
+        adds, attention (head_dim a multiple of 4, at most 256, its P buffer within ATTN_BLOCK_BYTES)
+        and the online Hadamard transform by the CUDA kernels of qconvert_kernels/illm/cuda.py, which
+        equal the torch integer ops bit for bit; the rest (cache writes, masks, the head) stays torch
+        integer ops.
         ``load(OUT, device="cuda")`` turns them on; on CPU tensors the kernels run only under the
         emulator (qconvert_kernels/illm/emulate.py)."""
         self.kernels = bool(on)
@@ -357,7 +355,7 @@ class IntegerLlama(DerivedHolder):
         pad = cache.pad if cache is not None else None
         start = cache.length if cache is not None else 0
         n = start + t
-        self._table(start, n)
+        self._table(start, n)  # (the bound check: positions below n)
         pos = torch.arange(start, n, device=device)
         real = None
         if pad is not None:
@@ -380,6 +378,7 @@ class IntegerLlama(DerivedHolder):
         if t != 1:
             raise QConvertError(f"a cache on a device column runs one token per row, not {t}")
         n, at = cache.max_len, cache.column
+        self._table(0, n)  # every position the step may take has its table row (the kernel reads it unchecked)
         pad = cache.pad if cache.pad is not None else torch.zeros(rows, dtype=torch.int64, device=device)
         cols = torch.arange(n, device=device)
         causal = (cols <= at)[None, :]  # [1, n]: the filled columns and the new one
@@ -451,8 +450,9 @@ class IntegerLlama(DerivedHolder):
                 and group <= cuda_illm.ATTN_MAX_GRID and head_rows * group * t * n * 4 <= ATTN_BLOCK_BYTES["cuda"])
 
     def _attn_out(self, attn, out: torch.Tensor, exp: torch.Tensor, bt: int, t: int):
-        """The heads' outputs (``ri.attention``'s, [rows*KV, group, t, d] and exponents [.., 1]) on one
-        exponent per token, requantized for o_proj (``ri.heads_requant``, by the kernel when on), and o_proj."""
+        """The heads' outputs (``ri.attention``'s, [rows*KV, group, t, d], and their exponents, one per
+        head and token in any shape of that order) on one exponent per token, requantized for o_proj
+        (``ri.heads_requant``, by the kernel when on), and o_proj."""
         o, lin = out.reshape(bt, self.heads, t, self.head_dim), attn.o_proj
         if self.kernels:
             q, m, k = cuda_illm.heads_requant(o, exp.reshape(bt, self.heads, t), lin.act_qmax, lin.clip)

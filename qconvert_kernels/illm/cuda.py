@@ -222,8 +222,8 @@ def rope_requant(t: torch.Tensor, head_dim: int, qmax: int, per_head: bool, pos:
     fn = "rope_requant"
     t_c = _int64_rows(fn, "t", t)
     rows, width = t_c.shape
-    _l.require(isinstance(head_dim, int) and head_dim > 0 and head_dim % 2 == 0 and width % head_dim == 0,
-               f"{fn}: head_dim {head_dim!r} must be even and divide the rows' width {width}")
+    _l.require(isinstance(head_dim, int) and head_dim > 0 and head_dim % 2 == 0 and width % head_dim == 0 and width,
+               f"{fn}: head_dim {head_dim!r} must be even and divide the rows' width {width} (> 0)")
     _l.require(isinstance(qmax, int) and 0 < qmax <= 127, f"{fn}: 0 < qmax <= 127, got {qmax!r}")
     groups = width // head_dim if per_head else 1
     _l.require(groups <= ATTN_MAX_GRID, f"{fn}: {groups} heads exceed the grid's {ATTN_MAX_GRID}")
@@ -348,8 +348,9 @@ def heads_requant(o: torch.Tensor, e: torch.Tensor, qmax: int, clip: int = ri.CL
     rows, heads, t, d = o.shape
     _l.require(e.dtype == torch.int64 and tuple(e.shape) == (rows, heads, t),
                f"{fn}: e must be int64 [rows, heads, t] = [{rows}, {heads}, {t}], got {e.dtype} {tuple(e.shape)}")
-    _l.require(0 < qmax <= 127, f"{fn}: 0 < qmax <= 127, got {qmax}")
+    _l.require(isinstance(qmax, int) and 0 < qmax <= 127, f"{fn}: 0 < qmax <= 127, got {qmax!r}")
     _check_clip(fn, clip)
+    _l.require(0 < heads * d < 2**31, f"{fn}: a token's heads x head_dim = {heads} x {d} must be in [1, 2^31)")
     _l.require(rows * t < 2**31, f"{fn}: {rows * t} tokens exceed the grid; run fewer at once")
     dev = _l.check_cuda(fn, o, e)
     o_c, e_c = o.contiguous(), e.contiguous()

@@ -45,7 +45,7 @@ RESIDUAL_PARAMS = ("x", "xm", "xk", "b", "bm", "bk", "qmax", "h", "hm", "hk", "r
 ATTENTION_PARAMS = ("q", "qm", "qk", "k8", "km", "kk", "v8", "vm", "vk", "mask", "mask_hr", "sdm", "sdk", "umax", "pq",
                     "o", "e", "T", "group", "n", "d")
 HADAMARD_PARAMS = ("x", "sign", "t", "y", "rows", "m", "lp")
-HEADS_PARAMS = ("o", "e", "qmax", "clip", "q", "sm", "sk", "rows", "heads", "T", "d")
+HEADS_PARAMS = ("o", "e", "qmax", "clip", "q", "sm", "sk", "rows", "heads", "t", "d")
 NO_EXPONENT = 1 << 40
 WIDE_QMAX = 32767
 
@@ -457,7 +457,7 @@ def hadamard(ctx: Ctx, ops: Ops, grid):
 
 def heads_requant(ctx: Ctx, ops: Ops, grid):
     a = ctx.args
-    rows, heads, T, d = a["rows"], a["heads"], a["T"], a["d"]
+    rows, heads, T, d = a["rows"], a["heads"], a["t"], a["d"]
     n = heads * d
     byd = DivBy(d, 32)
     for tok in range(min(grid[0], rows * T)):
@@ -522,7 +522,7 @@ class Emulator(_Bytes64):
             return
         if name == "illm_heads_requant":
             a = ctx.args
-            tokens = a["rows"] * a["T"]
+            tokens = a["rows"] * a["t"]
             if grid[0] != tokens:
                 raise EmulationError(f"{name}: grid {grid} for {tokens} tokens")
             for key in ("q", "sm", "sk"):

@@ -335,7 +335,7 @@ extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS, 4) illm_rmsnorm(
 
 // Launch: grid (rows, L / sub), block 256.  A token's q, k or v projection t int64 [rows, L] (L =
 // heads * d) to int8-range values, reference.rope_requant: the token's L values requantized to
-// WIDE_QMAX (16 bits), that ratio times (wm, wk)[r] when `wfold`; with `rope`, each head of d values
+// WIDE_QMAX (16 bits), that ratio times (fm, fk)[r] when `fold`; with `rope`, each head of d values
 // rotated by the integer table row pos[r] of cos, sin int64 [positions, d / 2] (pos[r] < positions:
 // the caller's bound); then each sub-row of `sub` values (L: per token; d: per head and token) is
 // requantized to qmax, its scale that ratio times the 16-bit scale, then times (om, ok)[r] when
@@ -343,7 +343,7 @@ extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS, 4) illm_rmsnorm(
 // The 16-bit values are recomputed where read (each is one multiply-shift), not staged: a row of
 // any width fits.
 extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS) illm_rope_requant(
-        const long long* __restrict__ t, const long long* __restrict__ wm, const long long* __restrict__ wk, int wfold,
+        const long long* __restrict__ t, const long long* __restrict__ fm, const long long* __restrict__ fk, int fold,
         const long long* __restrict__ cos, const long long* __restrict__ sin, const long long* __restrict__ pos,
         int rope, const long long* __restrict__ om, const long long* __restrict__ ok, int ofold,
         signed char* __restrict__ q, long long* __restrict__ sm, long long* __restrict__ sk, int rows, int L, int sub,
@@ -372,7 +372,7 @@ extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS) illm_rope_requan
     for (int i = threadIdx.x; i < sub; i += illm::ROW_THREADS) out[i] = static_cast<signed char>(oq(get(i)));
     if (threadIdx.x == 0) {
         illm::Dy w = wq.scale();
-        if (wfold) w = illm::mul(w, {wm[r], wk[r]});
+        if (fold) w = illm::mul(w, {fm[r], fk[r]});
         illm::Dy o = illm::mul(oq.scale(), w);
         if (ofold) o = illm::mul(o, {om[r], ok[r]});
         const long long at = static_cast<long long>(r) * groups + g;
