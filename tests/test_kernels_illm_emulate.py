@@ -252,6 +252,38 @@ def test_hadamard_bit_exact(n):
     run_hadamard(n)
 
 
+def run_rope_into_cache(mutations=frozenset()):
+    """A decode step's keys (one token per row) written by the kernel straight into a static
+    cache's buffers (rows 1..3 of 4, as a part of rows takes them) at column 4 of 7: that column
+    holds the reference's keys and scales, every other cell what it held."""
+    rows, heads, d, max_len, column = 3, 2, 16, 7, 4
+    gen = torch.Generator().manual_seed(5)
+    t = torch.randint(-2**36, 2**36, (rows, heads * d), generator=gen)
+    cos, sin = ri.rope_table(64, d, 10000.0)
+    pos = torch.tensor([3, 40, 0])
+    f = row_scales(rows, 6)
+    kb = torch.randint(-127, 128, (rows + 1, heads, max_len, d), generator=gen, dtype=torch.int8)
+    mb, eb = (torch.randint(1, 2**16, (rows + 1, heads, max_len, 1), generator=gen) for _ in range(2))
+    before = [x.clone() for x in (kb, mb, eb)]
+    with emulate.emulating(mutations=mutations):
+        cuda_illm.rope_requant(t, d, 127, True, pos, cos, sin, f.m[:, 0], f.k[:, 0], into=(kb[1:], mb[1:], eb[1:],
+                                                                                       torch.tensor([column])))
+    wq, ws = ri.rope_requant(t, d, 127, True, cos[pos], sin[pos], f)
+    assert torch.equal(kb[1:, :, column].reshape(rows, -1).long(), wq), "k differs at the column"
+    assert torch.equal(mb[1:, :, column, 0], ws.m[..., 0]) and torch.equal(eb[1:, :, column, 0], ws.k[..., 0]), "scale differs"
+    for now, was in zip((kb, mb, eb), before):
+        now[1:, :, column], was[1:, :, column] = 0, 0
+        assert torch.equal(now, was), "a cell outside the column differs"
+
+
+def test_rope_requant_writes_a_decode_step_into_the_cache():
+    run_rope_into_cache()
+    kb = torch.zeros(2, 3, 7, 16, dtype=torch.int8)
+    with pytest.raises(ValueError, match="into must be contiguous int8"):
+        cuda_illm.rope_requant(torch.zeros(2, 48, dtype=torch.int64), 16, 127, True,
+                               into=(kb.transpose(1, 2), kb.long()[..., :1], kb.long()[..., :1], torch.tensor([0])))
+
+
 @pytest.mark.parametrize("case", [{}, {"per_head": False, "fold": False, "out_fold": True}, {"rope": False}, {"out_fold": True},
                                   {"heads": 1, "d": 64, "rows": 7}, {"heads": 4, "d": 96, "per_head": False, "out_fold": True},
                                   {"heads": 12, "d": 8, "rows": 3}])
@@ -407,6 +439,7 @@ MUTATION_CASES = {
     "wide_no_fold": (run_rope_requant, (), "differs"),
     "rope_sin_sign": (run_rope_requant, (), "differs"),
     "rope_pos0": (run_rope_requant, (), "differs"),
+    "rope_column0": (run_rope_into_cache, (), "differs"),
     "silu_sign": (run_swiglu, (), "differs"),
     "swiglu_unfolded": (run_swiglu, (), "differs"),
     "residual_zero_k": (run_residual, (), "differs"),

@@ -95,6 +95,29 @@ def test_rope_requant(heads, d, per_head, rope, fold):
     assert torch.equal(q.cpu().long(), wq) and torch.equal(sm.cpu(), ws.m[..., 0]) and torch.equal(sk.cpu(), ws.k[..., 0])
 
 
+def test_rope_requant_into_a_cache():
+    """Llama-3-8B's keys of a batch-16 decode step written into a static cache at column 300 of 512:
+    the reference's keys and scales there, nothing else changed."""
+    rows, heads, d, max_len, column = 16, 8, 128, 512, 300
+    t = matmul_like(rows, heads * d, 11)
+    cos, sin = ri.rope_table(1024, d, 500000.0)
+    pos = torch.arange(rows) * 37
+    f = row_scales(rows, 12)
+    kb = torch.randint(-127, 128, (rows, heads, max_len, d), dtype=torch.int8, generator=torch.Generator().manual_seed(1))
+    mb, eb = torch.ones(rows, heads, max_len, 1, dtype=torch.int64), torch.zeros(rows, heads, max_len, 1, dtype=torch.int64)
+    before = [x.clone() for x in (kb, mb, eb)]
+    bufs = [x.to(DEV) for x in (kb, mb, eb)]
+    cuda_illm.rope_requant(t.to(DEV), d, 127, True, pos.to(DEV), cos.to(DEV), sin.to(DEV), *_rows(f),
+                           into=(*bufs, torch.tensor([column], device=DEV)))
+    wq, ws = ri.rope_requant(t, d, 127, True, cos[pos], sin[pos], f)
+    got = [x.cpu() for x in bufs]
+    assert torch.equal(got[0][:, :, column].reshape(rows, -1).long(), wq)
+    assert torch.equal(got[1][:, :, column, 0], ws.m[..., 0]) and torch.equal(got[2][:, :, column, 0], ws.k[..., 0])
+    for now, was in zip(got, before):
+        now[:, :, column] = was[:, :, column] = 0
+        assert torch.equal(now, was)
+
+
 @pytest.mark.parametrize("rows,heads,t,d", [(16, 32, 1, 128), (2, 9, 37, 64)])
 def test_heads_requant(rows, heads, t, d):
     """Llama-3-8B's decode batch of 16 and SmolLM2's prefill: heads on one exponent per token, a zero

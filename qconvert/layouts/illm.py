@@ -330,9 +330,10 @@ class IntegerLlama(DerivedHolder):
         return h, Dyadic(m[:, None], k[:, None])
 
     def _rope_requant(self, t: torch.Tensor, ctx: SimpleNamespace | None, per_head: bool, fold: Dyadic | None = None,
-                      out_fold: Dyadic | None = None):
+                      out_fold: Dyadic | None = None, into: tuple | None = None):
         """``ri.rope_requant`` of t [rows * tokens, L] with int8 range, RoPE at the positions of ``ctx``
-        (``_positions``; None: no rotation), by the kernel when on."""
+        (``_positions``; None: no rotation), by the kernel when on; ``into`` (kernels only: a static
+        cache's buffers of one block's keys or values and the column) writes them there instead."""
         if not self.kernels:
             return ri.rope_requant(t, self.head_dim, 127, per_head, *((ctx.cos, ctx.sin) if ctx else (None, None)),
                                    fold, out_fold)
@@ -340,7 +341,7 @@ class IntegerLlama(DerivedHolder):
         tables = (ctx.pos, self.rope_cos, self.rope_sin) if ctx else (None, None, None)
         q, m, k = cuda_illm.rope_requant(t, self.head_dim, 127, per_head, *tables,
                                          *(_per_row(fold, lead) if fold is not None else (None, None)),
-                                         *(_per_row(out_fold, lead) if out_fold is not None else (None, None)))
+                                         *(_per_row(out_fold, lead) if out_fold is not None else (None, None)), into=into)
         return q, Dyadic(m[..., None], k[..., None])
 
     def _positions(self, rows: int, t: int, cache: SequenceCache | None, device) -> SimpleNamespace:
@@ -403,16 +404,24 @@ class IntegerLlama(DerivedHolder):
         # Nothing depends on a later token or another row, so the model is causal and its KV cache
         # holds keys and values as they are
         q8, s_q = self._rope_requant(tq, ctx, False, out_fold=sq)
-        k8, s_k = self._rope_requant(tk, ctx, True, fold=sk)
-        v8, s_v = self._rope_requant(tv, None, True, fold=sv)
+        if self.kernels and getattr(cache, "column", None) is not None:
+            # a captured step's keys and values go straight into the static cache at its device
+            # column (what ``cache.extend`` would copy there), and attention reads all its columns
+            kb, skb, vb, svb = cache.buffers[i]
+            self._rope_requant(tk, ctx, True, fold=sk, into=(kb, skb.m, skb.k, cache.column))
+            self._rope_requant(tv, None, True, fold=sv, into=(vb, svb.m, svb.k, cache.column))
+            kv = cache.buffers[i]
+        else:
+            k8, s_k = self._rope_requant(tk, ctx, True, fold=sk)
+            v8, s_v = self._rope_requant(tv, None, True, fold=sv)
 
-        def per_head(x):  # [rows * t, KV, ...] -> [rows, KV, t, ...]
-            return x.reshape(bt, t, kvh, *x.shape[2:]).transpose(1, 2)
+            def per_head(x):  # [rows * t, KV, ...] -> [rows, KV, t, ...]
+                return x.reshape(bt, t, kvh, *x.shape[2:]).transpose(1, 2)
 
-        kv = (per_head(k8.reshape(bt * t, kvh, d)).to(torch.int8), Dyadic(per_head(s_k.m), per_head(s_k.k)),
-              per_head(v8.reshape(bt * t, kvh, d)).to(torch.int8), Dyadic(per_head(s_v.m), per_head(s_v.k)))
-        if cache is not None:
-            kv = cache.extend(i, *kv)
+            kv = (per_head(k8.reshape(bt * t, kvh, d)).to(torch.int8), Dyadic(per_head(s_k.m), per_head(s_k.k)),
+                  per_head(v8.reshape(bt * t, kvh, d)).to(torch.int8), Dyadic(per_head(s_v.m), per_head(s_v.k)))
+            if cache is not None:
+                kv = cache.extend(i, *kv)
         k8, s_k, v8, s_v = kv
         group = self.heads // kvh
         # the rows' KV heads as one axis of rows x KV heads (each row reads its own keys)

@@ -212,13 +212,19 @@ def _fold(fn: str, what: str, m: torch.Tensor | None, k: torch.Tensor | None, ro
 
 def rope_requant(t: torch.Tensor, head_dim: int, qmax: int, per_head: bool, pos: torch.Tensor | None = None,
                  cos: torch.Tensor | None = None, sin: torch.Tensor | None = None, fm: torch.Tensor | None = None,
-                 fk: torch.Tensor | None = None, om: torch.Tensor | None = None, ok: torch.Tensor | None = None):
+                 fk: torch.Tensor | None = None, om: torch.Tensor | None = None, ok: torch.Tensor | None = None,
+                 into: tuple | None = None):
     """reference.rope_requant on the kernel, for a token's projection t int64 [rows, L] (L = heads *
     head_dim): with ``pos`` (int [rows], each row's position) and the model's tables ``cos``,
     ``sin`` int64 [positions, head_dim / 2], RoPE of each head by the rows ``cos[pos]``, ``sin[pos]``
     (every pos must be below ``positions``: a device value, not checked here); (fm, fk) the 16-bit
     ratio's fold and (om, ok) the output scale's, per-row dyadics [rows].  Returns (q int8 [rows, L],
-    m, k int64 [rows, G]), G = heads with ``per_head``, else 1."""
+    m, k int64 [rows, G]), G = heads with ``per_head``, else 1.
+
+    ``into`` = (q int8 [rows, G, max_len, L / G], m, k int64 [rows, G, max_len, 1], column int64 [1]
+    on the device, below max_len; the tensors contiguous): a decode step's keys or values (one
+    token per row) written straight into a static cache's buffers at that column, which are
+    returned; nothing else of them changes."""
     fn = "rope_requant"
     t_c = _int64_rows(fn, "t", t)
     rows, width = t_c.shape
@@ -237,17 +243,31 @@ def rope_requant(t: torch.Tensor, head_dim: int, qmax: int, per_head: bool, pos:
     fm_c, fk_c = _fold(fn, "fold", fm, fk, rows)
     om_c, ok_c = _fold(fn, "out fold", om, ok, rows)
     tables = (pos, cos, sin) if rope else ()
-    dev = _l.check_cuda(fn, t_c, *tables, *(x for x in (fm_c, fk_c, om_c, ok_c) if x is not None))
+    sub = width // groups
+    if into is not None:
+        q, sm, sk, col = into
+        _l.require(q.dim() == 4 and q.dtype == torch.int8 and q.shape[0] == rows and q.shape[1] == groups
+                   and q.shape[3] == sub and sm.shape == sk.shape == (*q.shape[:3], 1) and sm.dtype == sk.dtype == torch.int64
+                   and all(x.is_contiguous() for x in (q, sm, sk)),
+                   f"{fn}: into must be contiguous int8 [rows, G, max_len, {sub}] = [{rows}, {groups}, max_len, {sub}] and "
+                   f"int64 [rows, G, max_len, 1] twice, got {q.dtype} {tuple(q.shape)}, {sm.dtype} {tuple(sm.shape)}, "
+                   f"{sk.dtype} {tuple(sk.shape)}")
+        _l.require(col.numel() == 1 and col.dtype == torch.int64, f"{fn}: the column must be one int64, got {col.dtype} {tuple(col.shape)}")
+        stride, outs = q.shape[2], (q, sm, sk, col)
+    else:
+        stride, outs, col = 1, (), None
+    dev = _l.check_cuda(fn, t_c, *tables, *(x for x in (fm_c, fk_c, om_c, ok_c) if x is not None), *outs)
     pos_c, cos_c, sin_c = (pos.to(torch.int64).contiguous(), cos.contiguous(), sin.contiguous()) if rope else (None,) * 3
-    q = torch.empty((rows, width), dtype=torch.int8, device=dev)
-    sm = torch.empty((rows, groups), dtype=torch.int64, device=dev)
-    sk = torch.empty((rows, groups), dtype=torch.int64, device=dev)
+    if into is None:
+        q = torch.empty((rows, width), dtype=torch.int8, device=dev)
+        sm = torch.empty((rows, groups), dtype=torch.int64, device=dev)
+        sk = torch.empty((rows, groups), dtype=torch.int64, device=dev)
     if t_c.numel():
         _launch("illm_rope_requant", (rows, groups), (ROW_THREADS,),
                 (_l.ptr(t_c), _l.ptr(fm_c), _l.ptr(fk_c), _l.i32(int(fm is not None)), _l.ptr(cos_c), _l.ptr(sin_c),
                  _l.ptr(pos_c), _l.i32(int(rope)), _l.ptr(om_c), _l.ptr(ok_c), _l.i32(int(om is not None)), _l.ptr(q),
-                 _l.ptr(sm), _l.ptr(sk), _l.i32(rows), _l.i32(width), _l.i32(width // groups), _l.i32(head_dim),
-                 _l.i32(qmax)), dev)
+                 _l.ptr(sm), _l.ptr(sk), _l.ptr(col), _l.i32(stride), _l.i32(rows), _l.i32(width), _l.i32(sub),
+                 _l.i32(head_dim), _l.i32(qmax)), dev)
     return q, sm, sk
 
 

@@ -38,8 +38,8 @@ MASK64 = (1 << 64) - 1
 REQUANT_PARAMS = ("v", "q", "sm", "sk", "rows", "n", "qmax", "clip", "fm", "fk", "folds")
 SOFTMAX_PARAMS = ("scores", "valid", "sm", "sk", "umax", "P", "rows", "T")
 RMSNORM_PARAMS = ("x", "gamma", "gk", "qmax", "q", "sm", "sk", "rows", "H", "clip")
-ROPE_PARAMS = ("t", "fm", "fk", "fold", "cos", "sin", "pos", "rope", "om", "ok", "ofold", "q", "sm", "sk", "rows", "L",
-               "sub", "d", "qmax")
+ROPE_PARAMS = ("t", "fm", "fk", "fold", "cos", "sin", "pos", "rope", "om", "ok", "ofold", "q", "sm", "sk", "col", "stride",
+               "rows", "L", "sub", "d", "qmax")
 SWIGLU_PARAMS = ("tg", "gm", "gk", "tu", "um", "uk", "umax", "qmax", "a", "sgm", "sgk", "sum", "suk", "rows", "n")
 RESIDUAL_PARAMS = ("x", "xm", "xk", "b", "bm", "bk", "qmax", "h", "hm", "hk", "rows", "n")
 ATTENTION_PARAMS = ("q", "qm", "qk", "k8", "km", "kk", "v8", "vm", "vk", "mask", "mask_hr", "sdm", "sdk", "umax", "pq",
@@ -57,6 +57,7 @@ MUTATIONS = _BYTES_MUTATIONS | frozenset({
     "wide_no_fold",    # illm_rope_requant's 16-bit ratio without its fold
     "rope_sin_sign",   # RoPE's first half adding x2 sin instead of subtracting it
     "rope_pos0",       # RoPE at row 0's position for every row
+    "rope_column0",    # keys written into a cache at column 0, not the step's column
     "silu_sign",       # SiLU taking sigmoid(|x|) for negative x too
     "swiglu_unfolded", # SwiGLU's SiLU on the gate's ratio alone, not times the gate's scale
     "residual_zero_k", # the residual add aligning to a zero term's exponent 0 (min of both exponents)
@@ -294,6 +295,19 @@ def _store_scale(ctx: Ctx, mk: str, kk: str, r: int, d: tuple[int, int]) -> None
 WIDE_NBITS = 61  # RowQuant<61>: the numerator |v| * qmax + amax2 / 2 < 2^60 for qmax < 2^20
 
 
+def _written_at(name, mem, ptr: int, at, width: int, what: str) -> None:
+    """Every element ``at`` (indices of ``width``-byte elements from ``ptr``) written exactly once,
+    and nothing else of the tensor written."""
+    w = mem.writes[ptr]
+    want = np.zeros(w.shape[0] // width, np.int32)
+    want[np.asarray(at, np.int64)] = 1
+    got = w[: want.shape[0] * width].reshape(-1, width)
+    bad = np.flatnonzero((got != want[:, None]).any(axis=1))
+    if bad.size:
+        raise EmulationError(f"{name}: {what}[{int(bad[0])}] written {int(got[bad[0]].max())} times, "
+                             f"{int(want[bad[0]])} expected")
+
+
 def rope_requant(ctx: Ctx, ops: Ops, grid):
     a = ctx.args
     rows, L, sub, d, groups = a["rows"], a["L"], a["sub"], a["d"], grid[1]
@@ -326,9 +340,18 @@ def rope_requant(ctx: Ctx, ops: Ops, grid):
             o = ops.mul((m, k), w)
             if a["ofold"]:
                 o = ops.mul(o, _row_scale(ctx, "om", "ok", r))
-            _store(ctx, "q", r * L + g * sub + np.arange(sub), q, np.int8, "q")
-            _store(ctx, "sm", [r * groups + g], [o[0]], np.int64, "sm")
-            _store(ctx, "sk", [r * groups + g], [o[1]], np.int64, "sk")
+            slot = rope_slot(ctx, r, g, groups)
+            _store(ctx, "q", slot * sub + np.arange(sub), q, np.int8, "q")
+            _store(ctx, "sm", [slot], [o[0]], np.int64, "sm")
+            _store(ctx, "sk", [slot], [o[1]], np.int64, "sk")
+
+
+def rope_slot(ctx: Ctx, r: int, g: int, groups: int) -> int:
+    """Where illm_rope_requant puts sub-row g of row r: (r * groups + g) * stride + col[0] (col[0] = 0
+    without a column)."""
+    a = ctx.args
+    col = int(_load(ctx, a["col"], [0], np.int64, "col")[0]) if a["col"] and "rope_column0" not in ctx.mutations else 0
+    return (r * groups + g) * a["stride"] + col
 
 
 def swiglu(ctx: Ctx, ops: Ops, grid):
@@ -516,9 +539,10 @@ class Emulator(_Bytes64):
             for key in ("q", "sm", "sk"):
                 ctx.mem.track(a[key])
             rope_requant(ctx, Ops(ctx.mutations), grid)
-            for key, count, width in (("q", a["rows"] * a["L"], 1), ("sm", a["rows"] * grid[1], 8),
-                                      ("sk", a["rows"] * grid[1], 8)):
-                _written_once(name, ctx.mem, a[key], count, width, key)
+            slots = np.array([rope_slot(ctx, r, g, grid[1]) for r in range(a["rows"]) for g in range(grid[1])], np.int64)
+            cells = (slots[:, None] * a["sub"] + np.arange(a["sub"])).reshape(-1)
+            for key, at, width in (("q", cells, 1), ("sm", slots, 8), ("sk", slots, 8)):
+                _written_at(name, ctx.mem, a[key], at, width, key)
             return
         if name == "illm_heads_requant":
             a = ctx.args

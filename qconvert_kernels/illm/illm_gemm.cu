@@ -339,15 +339,17 @@ extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS, 4) illm_rmsnorm(
 // rotated by the integer table row pos[r] of cos, sin int64 [positions, d / 2] (pos[r] < positions:
 // the caller's bound); then each sub-row of `sub` values (L: per token; d: per head and token) is
 // requantized to qmax, its scale that ratio times the 16-bit scale, then times (om, ok)[r] when
-// `ofold` (Dyadic products, in this order).  q int8 [rows, L], (sm, sk) int64 [rows, L / sub].
+// `ofold` (Dyadic products, in this order).  q int8 [rows, L], (sm, sk) int64 [rows, L / sub]; or,
+// with `col` (a device column, one token per row), straight into a cache of `stride` columns: q int8
+// [rows, L / sub, stride, sub] and (sm, sk) [rows, L / sub, stride] at column col[0] < stride.
 // The 16-bit values are recomputed where read (each is one multiply-shift), not staged: a row of
 // any width fits.
 extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS) illm_rope_requant(
         const long long* __restrict__ t, const long long* __restrict__ fm, const long long* __restrict__ fk, int fold,
         const long long* __restrict__ cos, const long long* __restrict__ sin, const long long* __restrict__ pos,
         int rope, const long long* __restrict__ om, const long long* __restrict__ ok, int ofold,
-        signed char* __restrict__ q, long long* __restrict__ sm, long long* __restrict__ sk, int rows, int L, int sub,
-        int d, int qmax) {
+        signed char* __restrict__ q, long long* __restrict__ sm, long long* __restrict__ sk, const long long* __restrict__ col,
+        int stride, int rows, int L, int sub, int d, int qmax) {
     __shared__ long long red[illm::ROW_THREADS / 32];
     const int r = blockIdx.x, g = blockIdx.y, groups = gridDim.y;
     if (r >= rows) return;
@@ -368,16 +370,18 @@ extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS) illm_rope_requan
     };
     illm::RowQuant<48> oq;
     oq.init(get, sub, qmax, 1LL << illm::CLIP_BITS, red);
-    signed char* out = q + static_cast<long long>(r) * L + static_cast<long long>(g) * sub;
+    // the sub-row's place: (r * groups + g) * sub in a dense q (stride 1, column 0), else its row of
+    // `sub` values at the column of that head's `stride` columns
+    const long long slot = (static_cast<long long>(r) * groups + g) * stride + (col != nullptr ? col[0] : 0);
+    signed char* out = q + slot * sub;
     for (int i = threadIdx.x; i < sub; i += illm::ROW_THREADS) out[i] = static_cast<signed char>(oq(get(i)));
     if (threadIdx.x == 0) {
         illm::Dy w = wq.scale();
         if (fold) w = illm::mul(w, {fm[r], fk[r]});
         illm::Dy o = illm::mul(oq.scale(), w);
         if (ofold) o = illm::mul(o, {om[r], ok[r]});
-        const long long at = static_cast<long long>(r) * groups + g;
-        sm[at] = o.m;
-        sk[at] = o.k;
+        sm[slot] = o.m;
+        sk[slot] = o.k;
     }
 }
 
