@@ -367,10 +367,11 @@ class IntegerLlama(DerivedHolder):
 
     def _tables(self, pos: torch.Tensor, **ctx) -> SimpleNamespace:
         """A forward's positions ``pos`` [tokens] and what goes with them: the rotary tables' rows when
-        the torch path rotates (the kernel reads them by position)."""
+        the torch path rotates (the kernel reads them by position), and ``mask``, the attention
+        kernel's, made by the first block that needs it."""
         if self.kernels:
-            return SimpleNamespace(pos=pos, cos=None, sin=None, **ctx)
-        return SimpleNamespace(pos=pos, cos=self.rope_cos[pos], sin=self.rope_sin[pos], **ctx)
+            return SimpleNamespace(pos=pos, cos=None, sin=None, mask=None, **ctx)
+        return SimpleNamespace(pos=pos, cos=self.rope_cos[pos], sin=self.rope_sin[pos], mask=None, **ctx)
 
     def _wide_positions(self, rows: int, t: int, cache: StaticSequenceCache, device) -> SimpleNamespace:
         """``_positions`` of a captured decode step (``cache.column``, a device tensor, is where the
@@ -437,7 +438,9 @@ class IntegerLlama(DerivedHolder):
         if self.kernels and self._attention_kernel_fits(bt * kvh, t, n):
             # every head and query row in one launch (its int32 P buffer within the budget: every
             # decode step, and prefills up to that size)
-            mk = causal[None] if real is None else causal[None] & real[:, None, :]  # [1 or rows*KV, t, n]
+            if ctx.mask is None:  # the attention kernel's [1 or rows*KV, t, n], made once per forward
+                ctx.mask = causal[None] if real is None else causal[None] & real[:, None, :]
+            mk = ctx.mask
             out, exp = cuda_illm.attention(qg.to(torch.int8), sqm.reshape(bt * kvh, t), sqk.reshape(bt * kvh, t), k8, s_km,
                                            s_kk, v8, s_vm, s_vk, mk, self.inv_sqrt_d_int)
             return self._attn_out(attn, out, exp, bt, t)
