@@ -1,5 +1,5 @@
 """The I-LLM row kernels of illm_gemm.cu (requantizations, DI-ClippedSoftmax, DI-Norm, SwiGLU, the
-residual add) and DI-MatMul proven on the CPU: the real launchers run with their launches routed to the emulator
+residual add with the DI-Norm after it) and DI-MatMul proven on the CPU: the real launchers run with their launches routed to the emulator
 (illm/emulate.py: the kernels' scalar integer code with common.cuh's divisions, every int64
 intermediate and DivBy numerator checked against its bound) and must equal
 ``qconvert_kernels.illm.reference`` bit for bit.  tests/test_kernels_illm_gpu.py runs the same
@@ -131,7 +131,8 @@ def run_swiglu(n=300, mutations=frozenset()):
     same_scale(um, uk, wu, "up")
 
 
-def run_residual(mutations=frozenset()):
+def run_residual(mutations=frozenset(), clip=ri.CLIP_ONE, qmax=127):
+    """The residual add and the DI-Norm of its sum in one launch (illm_residual_norm)."""
     gen = torch.Generator().manual_seed(5)
     rows, n = 7, 576
     x = torch.randint(-2**20 + 1, 2**20, (rows, n), generator=gen)
@@ -142,11 +143,15 @@ def run_residual(mutations=frozenset()):
     sx.k[6] = sb.k[6] - 50  # the branch far below the residual: its shift leaves (almost) nothing
     sx.k[3] = sb.k[3] + 120  # the residual 2^-90 or so below the branch: its shift clamped at 62, 0
     sx.k[4] = sb.k[4] - 120  # and the branch as far below the residual
+    g = torch.randint(-2**15, 2**15, (n,), generator=gen)
     with emulate.emulating(mutations=mutations):
-        h, hm, hk = cuda_illm.residual_add(x, sx.m[:, 0], sx.k[:, 0], b, sb.m[:, 0], sb.k[:, 0])
+        h, hm, hk, q, qm, qk = cuda_illm.residual_norm(x, sx.m[:, 0], sx.k[:, 0], b, sb.m[:, 0], sb.k[:, 0], g, 14, qmax, clip)
     wh, ws = ri.residual_add(x, sx, b, sb)
     assert torch.equal(h, wh), f"h differs in {(h != wh).sum()} places"
     same_scale(hm, hk, ws, "h")
+    wq, wqs = ri.di_rmsnorm(wh, g, 14, qmax, clip)
+    assert torch.equal(q.long(), wq), f"the norm's q differs in {(q.long() != wq).sum()} places"
+    same_scale(qm, qk, wqs, "the norm's")
 
 
 def attention_case(hr=4, group=3, t=1, n=37, d=64, per_head_mask=True, seed=0, negative=False):
@@ -298,8 +303,9 @@ def test_swiglu_bit_exact(n):
     run_swiglu(n)
 
 
-def test_residual_add_bit_exact():
-    run_residual()
+@pytest.mark.parametrize("qmax,clip", [(127, ri.CLIP_ONE), (7, ri.clip_int(0.9))])
+def test_residual_add_and_norm_bit_exact(qmax, clip):
+    run_residual(clip=clip, qmax=qmax)
 
 
 def test_fused_glue_launchers_validate():
@@ -319,13 +325,13 @@ def test_fused_glue_launchers_validate():
     with pytest.raises(ValueError, match="cos and sin must be int64 \\[positions, 2\\]"):
         cuda_illm.rope_requant(v, 4, 127, True, one, tab, tab[:, :1])
     with pytest.raises(ValueError, match="qmax <= 2\\^20 - 1"):
-        cuda_illm.residual_add(v, one, one, v, one, one, 1 << 20)
+        cuda_illm.residual_norm(v, one, one, v, one, one, one.new_ones(8), 0, 127, rqmax=1 << 20)
     with pytest.raises(ValueError, match="e must be int64 \\[rows, heads, t\\] = \\[1, 3, 2\\]"):
         cuda_illm.heads_requant(v.reshape(1, 3, 2, 4), v[:, :2], 127)
     with pytest.raises(ValueError, match="heads x head_dim = 3 x 0 must be in"):
         cuda_illm.heads_requant(v.reshape(1, 3, 8, 1)[..., :0], v.reshape(1, 3, 8), 127)
     with pytest.raises(ValueError, match="b must be int64 \\[rows, n\\] = \\[3, 8\\]"):
-        cuda_illm.residual_add(v, one, one, v[:2], one, one)
+        cuda_illm.residual_norm(v, one, one, v[:2], one, one, one.new_ones(8), 0, 127)
     with pytest.raises(ValueError, match="up scale m must be \\[rows\\] = \\[3\\]"):
         cuda_illm.swiglu(v, one, one, v, one[:2], one)
 
@@ -443,6 +449,7 @@ MUTATION_CASES = {
     "silu_sign": (run_swiglu, (), "differs"),
     "swiglu_unfolded": (run_swiglu, (), "differs"),
     "residual_zero_k": (run_residual, (), "differs"),
+    "norm_stale_h": (run_residual, (), "differs"),
     "attn_unmasked": (run_attention, (), "differs"),
     "attn_pv_group0": (run_attention, (), "differs"),
     "attn_max_live": (functools.partial(run_attention, negative=True), (), "differs"),

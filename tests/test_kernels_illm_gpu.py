@@ -143,16 +143,20 @@ def test_swiglu(n):
 
 
 @pytest.mark.parametrize("n", [576, 4096, 7])
-def test_residual_add(n):
+def test_residual_add_and_norm(n):
     gen = torch.Generator().manual_seed(n)
     x = torch.randint(-2**20 + 1, 2**20, (40, n), generator=gen)
     b = matmul_like(40, n, 6)
     sx, sb = row_scales(40, 7), row_scales(40, 8)
     sx.m[5], sx.k[5] = 0, 0
     sx.k[6], sx.k[7], sx.k[8] = sb.k[6] - 50, sb.k[7] + 120, sb.k[8] - 120  # far apart: shifts clamped at 62
-    h, hm, hk = cuda_illm.residual_add(x.to(DEV), *_rows(sx), b.to(DEV), *_rows(sb))
+    g = torch.randint(-2**15, 2**15, (n,), generator=gen)
+    h, hm, hk, q, qm, qk = cuda_illm.residual_norm(x.to(DEV), *_rows(sx), b.to(DEV), *_rows(sb), g.to(DEV), 14, 127,
+                                                   ri.clip_int(0.9))
     wh, ws = ri.residual_add(x, sx, b, sb)
     assert torch.equal(h.cpu(), wh) and torch.equal(hm.cpu(), ws.m[:, 0]) and torch.equal(hk.cpu(), ws.k[:, 0])
+    wq, wqs = ri.di_rmsnorm(wh, g, 14, 127, ri.clip_int(0.9))
+    assert torch.equal(q.cpu().long(), wq) and torch.equal(qm.cpu(), wqs.m[:, 0]) and torch.equal(qk.cpu(), wqs.k[:, 0])
 
 
 @pytest.mark.parametrize("case", [{"hr": 48, "group": 4, "n": 700, "d": 128}, {"t": 5}, {"d": 24, "n": 9, "group": 1},

@@ -37,7 +37,8 @@ gives the bits of the whole sequence run again.
 On a GPU (``load(OUT, device="cuda")``) the same integer model runs with the I-LLM kernels for
 DI-Norm, the requantizations (with the per-row scale products that follow them; q, k and v
 through 16 bits and RoPE in one kernel each), DI-MatMul, the SwiGLU, the online Hadamard
-transform, the residual adds, attention and the heads' alignment to one exponent per token
+transform, the residual adds (each with the DI-Norm after it, one launch), attention and the
+heads' alignment to one exponent per token
 (``IntegerLlama.use_kernels``), torch integer ops on
 the GPU for the rest (cache writes, masks, the head); the results are the same bits
 (tests/test_illm_runtime_kernels.py runs the kernels on their CPU emulator).
@@ -283,7 +284,7 @@ class IntegerLlama(DerivedHolder):
     def use_kernels(self, on: bool = True) -> "IntegerLlama":
         """Run DI-Norm, the int8 requantizations (q, k and v with their RoPE; the heads' outputs aligned
         for o_proj), DI-MatMul (every linear whose K is a multiple of 32), the SwiGLU, the residual
-        adds, attention (head_dim a multiple of 4, at most 256, its P buffer within ATTN_BLOCK_BYTES)
+        adds (each with the DI-Norm after it), attention (head_dim a multiple of 4, at most 256, its P buffer within ATTN_BLOCK_BYTES)
         and the online Hadamard transform by the CUDA kernels of qconvert_kernels/illm/cuda.py, which
         equal the torch integer ops bit for bit; the rest (cache writes, masks, the head) stays torch
         integer ops.
@@ -322,12 +323,23 @@ class IntegerLlama(DerivedHolder):
         return self.rope_cos[start:stop], self.rope_sin[start:stop]
 
     # ---------------------------------------------------------------- integer path
-    def _residual_add(self, x, sx: Dyadic, b, sb: Dyadic):
-        """``ri.residual_add`` (by the kernel when on)."""
+    def _add_norm(self, x, sx: Dyadic, b, sb: Dyadic, norm: tuple):
+        """``ri.residual_add`` of the residual and a branch, then DI-Norm of the sum with ``norm`` (g, gk,
+        qmax, clip: ``_norm``'s), by one kernel when on: (h, its scale, the norm's q, its scale)."""
         if not self.kernels:
-            return ri.residual_add(x, sx, b, sb)
-        h, m, k = cuda_illm.residual_add(x, *_per_row(sx, (x.shape[0], 1)), b, *_per_row(sb, (x.shape[0], 1)))
-        return h, Dyadic(m[:, None], k[:, None])
+            h, hs = ri.residual_add(x, sx, b, sb)
+            return (h, hs, *ri.di_rmsnorm(h, *norm))
+        lead = (x.shape[0], 1)
+        h, hm, hk, q, m, k = cuda_illm.residual_norm(x, *_per_row(sx, lead), b, *_per_row(sb, lead), *norm)
+        return h, Dyadic(hm[:, None], hk[:, None]), q, Dyadic(m[:, None], k[:, None])
+
+    @staticmethod
+    def _norms(blk) -> tuple[tuple, tuple]:
+        """A block's two DI-Norms as ``_norm`` takes them (g, gk, qmax, clip): before attention, before
+        the MLP (each with its first linear's activation range)."""
+        attn, mlp = blk.self_attn.q_proj, blk.mlp.gate_proj
+        return ((blk.input_layernorm_g, blk.input_layernorm_k, attn.act_qmax, attn.clip),
+                (blk.post_attention_layernorm_g, blk.post_attention_layernorm_k, mlp.act_qmax, mlp.clip))
 
     def _rope_requant(self, t: torch.Tensor, ctx: SimpleNamespace | None, per_head: bool, fold: Dyadic | None = None,
                       out_fold: Dyadic | None = None, into: tuple | None = None):
@@ -387,16 +399,15 @@ class IntegerLlama(DerivedHolder):
         real = (cols[None, :] >= pad[:, None]).repeat_interleave(self.kv_heads, 0)
         return self._tables((at - pad).clamp_min(0), n=n, causal=causal, real=real)
 
-    def _attn_block(self, blk, h: torch.Tensor, rows: int, ctx: SimpleNamespace, cache: SequenceCache | None = None,
-                    i: int = 0):
-        """Attention of ``rows`` sequences of t tokens each (``h`` [rows * t, hidden], row-major) at the
-        positions ``ctx`` (``_positions``); with ``cache``, after its ``length`` tokens (block ``i``'s
-        int8 keys and values appended to it)."""
+    def _attn_block(self, blk, xq: torch.Tensor, xs: Dyadic, rows: int, ctx: SimpleNamespace,
+                    cache: SequenceCache | None = None, i: int = 0):
+        """Attention of ``rows`` sequences of t tokens each (``xq`` [rows * t, hidden], row-major: the
+        block's input norm, scale ``xs``) at the positions ``ctx`` (``_positions``); with ``cache``,
+        after its ``length`` tokens (block ``i``'s int8 keys and values appended to it)."""
         attn = blk.self_attn
         d, bt, kvh = self.head_dim, rows, self.kv_heads
-        t = h.shape[0] // bt
+        t = xq.shape[0] // bt
         n, causal, real = ctx.n, ctx.causal, ctx.real
-        xq, xs = self._norm(h, blk.input_layernorm_g, blk.input_layernorm_k, attn.q_proj.act_qmax, attn.q_proj.clip)
         tq, sq = attn.q_proj.int_forward(xq, xs)
         tk, sk = attn.k_proj.int_forward(xq, xs)
         tv, sv = attn.v_proj.int_forward(xq, xs)
@@ -444,9 +455,9 @@ class IntegerLlama(DerivedHolder):
             out, exp = cuda_illm.attention(qg.to(torch.int8), sqm.reshape(bt * kvh, t), sqk.reshape(bt * kvh, t), k8, s_km,
                                            s_kk, v8, s_vm, s_vk, mk, self.inv_sqrt_d_int)
             return self._attn_out(attn, out, exp, bt, t)
-        out = torch.empty(bt * kvh, group, t, d, dtype=torch.int64, device=h.device)
-        exp = torch.empty(bt * kvh, group, t, 1, dtype=torch.int64, device=h.device)
-        for (a, b), (r0, r1) in attention_blocks(bt * kvh, t, group * n * 8, h.device):
+        out = torch.empty(bt * kvh, group, t, d, dtype=torch.int64, device=xq.device)
+        exp = torch.empty(bt * kvh, group, t, 1, dtype=torch.int64, device=xq.device)
+        for (a, b), (r0, r1) in attention_blocks(bt * kvh, t, group * n * 8, xq.device):
             # the causal mask, joined with the padding's per block
             mk = causal[None, r0:r1] if real is None else causal[None, r0:r1] & real[a:b, None, :]  # [1 or heads, nr, n]
             out[a:b, :, r0:r1], exp[a:b, :, r0:r1] = ri.attention(
@@ -471,10 +482,9 @@ class IntegerLlama(DerivedHolder):
             return lin.int_forward(q, Dyadic(m[:, None], k[:, None]))
         return lin.int_forward(*ri.heads_requant(o, exp.reshape(bt, self.heads, t, 1), lin.act_qmax, lin.clip))
 
-    def _mlp_block(self, blk, h: torch.Tensor):
+    def _mlp_block(self, blk, xq: torch.Tensor, xs: Dyadic):
+        """The MLP of the block's post-attention norm ``xq`` (scale ``xs``)."""
         mlp = blk.mlp
-        xq, xs = self._norm(h, blk.post_attention_layernorm_g, blk.post_attention_layernorm_k, mlp.gate_proj.act_qmax,
-                            mlp.gate_proj.clip)
         tg, sg = mlp.gate_proj.int_forward(xq, xs)
         tu, su = mlp.up_proj.int_forward(xq, xs)
         a, sg, su = self._swiglu(tg, sg, tu, su)  # a's scale sg * su, |a| < 2^30
@@ -513,14 +523,19 @@ class IntegerLlama(DerivedHolder):
         h = self.emb_q[ids].long()
         hs = Dyadic(self.emb_m[ids][:, None], self.emb_k[ids][:, None])
         ctx = self._positions(rows, ids.numel() // rows, cache, h.device)
-        for i, blk in enumerate(self.model.layers):
-            o, os_ = self._attn_block(blk, h, rows, ctx, cache, i)
-            h, hs = self._residual_add(h, hs, o, os_)
-            m, ms = self._mlp_block(blk, h)
-            h, hs = self._residual_add(h, hs, m, ms)
-        if last_only:
-            h = h.reshape(rows, -1, h.shape[-1])[:, -1]
-        xq, xs = self._norm(h, self.norm_g, self.norm_k, 127)
+        # each residual add and the DI-Norm after it as one step: the next block's input norm, or
+        # the final norm (int8, no clip) after the last block
+        blocks = list(self.model.layers)
+        xq, xs = self._norm(h, *self._norms(blocks[0])[0])
+        for i, blk in enumerate(blocks):
+            o, os_ = self._attn_block(blk, xq, xs, rows, ctx, cache, i)
+            h, hs, xq, xs = self._add_norm(h, hs, o, os_, self._norms(blk)[1])
+            m, ms = self._mlp_block(blk, xq, xs)
+            nxt = self._norms(blocks[i + 1])[0] if i + 1 < len(blocks) else (self.norm_g, self.norm_k, 127, ri.CLIP_ONE)
+            h, hs, xq, xs = self._add_norm(h, hs, m, ms, nxt)
+        if last_only:  # (the norm is per token: the last tokens' rows of all of them)
+            xq = xq.reshape(rows, -1, xq.shape[-1])[:, -1]
+            xs = Dyadic(xs.m.reshape(rows, -1)[:, -1:], xs.k.reshape(rows, -1)[:, -1:])
         acc = ri.int8_matmul(xq, self.head_qt, float32_copy(self, "head_qt", xq))  # [T, V]
         if cache is not None:
             cache.length += ids.numel() // rows

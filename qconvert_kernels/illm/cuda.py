@@ -1,11 +1,11 @@
 """CuPy launcher of the I-LLM kernels (qconvert_kernels/illm/illm_gemm.cu): DI-MatMul, the per-row
 requantizations (int8, with scale products folded in; q, k and v through RoPE), DI-ClippedSoftmax,
-DI-Norm, a block's integer glue fused per row (SwiGLU, the residual add, the online Hadamard
-transform), attention (one query row per CTA) and its heads' requantization for o_proj.  Each
-equals its function in ``qconvert_kernels.illm.reference`` bit for bit (integers in, integers out;
-GPU tests in tests/test_kernels_illm_gpu.py).  The integer model (qconvert/layouts/illm.py) calls
-all but ``softmax`` on a GPU (``IntegerLlama.use_kernels``); its softmax takes int64 scores, so
-``softmax`` here is for int32 scores of one scale per row.
+DI-Norm, a block's integer glue fused per row (SwiGLU, the residual add with the next DI-Norm,
+the online Hadamard transform), attention (one query row per CTA) and its heads' requantization
+for o_proj.  Each equals its function in ``qconvert_kernels.illm.reference`` bit for bit
+(integers in, integers out; GPU tests in tests/test_kernels_illm_gpu.py).  The integer model
+(qconvert/layouts/illm.py) calls all but ``softmax`` on a GPU (``IntegerLlama.use_kernels``); its
+softmax takes int64 scores, so ``softmax`` here is for int32 scores of one scale per row.
 
 Every launcher here checks shapes and dtypes on the host (metadata only), never reads a device
 value on the host (graph-capturable: DI-MatMul's exponent alignment min(wk) is computed on the
@@ -291,21 +291,30 @@ def swiglu(tg: torch.Tensor, gm: torch.Tensor, gk: torch.Tensor, tu: torch.Tenso
     return a, sgm, sgk, sum_, suk
 
 
-def residual_add(x: torch.Tensor, xm: torch.Tensor, xk: torch.Tensor, b: torch.Tensor, bm: torch.Tensor, bk: torch.Tensor,
-                 qmax: int = ri.RESIDUAL_QMAX):
-    """reference.residual_add of int64 x, b [rows, n] (|x| <= qmax) with row scales (xm, xk), (bm, bk):
-    (h int64 [rows, n], m, k [rows])."""
-    fn = "residual_add"
-    _check_wide_qmax(fn, qmax)
+def residual_norm(x: torch.Tensor, xm: torch.Tensor, xk: torch.Tensor, b: torch.Tensor, bm: torch.Tensor, bk: torch.Tensor,
+                  gamma: torch.Tensor, gamma_k: int, qmax: int, clip: int = ri.CLIP_ONE, rqmax: int = ri.RESIDUAL_QMAX):
+    """reference.residual_add of int64 x, b [rows, n] (|x| <= rqmax) with row scales (xm, xk), (bm, bk),
+    then reference.di_rmsnorm of the sum with ``gamma`` (exponent ``gamma_k``), ``qmax`` and ``clip``,
+    in one launch: (h int64 [rows, n], hm, hk [rows], q int8 [rows, n], m, k [rows])."""
+    fn = "residual_norm"
+    _check_wide_qmax(fn, rqmax)
+    _l.require(isinstance(qmax, int) and 0 < qmax <= 127, f"{fn}: 0 < qmax <= 127, got {qmax!r}")
+    _check_clip(fn, clip)
     (x_c, xm_c, xk_c), (b_c, bm_c, bk_c), dev = _scaled_pair(fn, ("x", x, xm, xk, "x scale"), ("b", b, bm, bk, "b scale"))
     rows, n = x_c.shape
+    _l.require(gamma.shape == (n,) and gamma.dtype in _INT, f"{fn}: gamma must be integers [{n}], got {gamma.dtype} {tuple(gamma.shape)}")
+    _l.check_cuda(fn, x_c, gamma)
+    gamma_c = gamma.to(torch.int64).contiguous()
     h = torch.empty((rows, n), dtype=torch.int64, device=dev)
     hm, hk = _row_outputs(rows, dev)
+    q = torch.empty((rows, n), dtype=torch.int8, device=dev)
+    sm, sk = _row_outputs(rows, dev)
     if x_c.numel():
-        _launch("illm_residual_add", (rows,), (ROW_THREADS,),
-                (_l.ptr(x_c), _l.ptr(xm_c), _l.ptr(xk_c), _l.ptr(b_c), _l.ptr(bm_c), _l.ptr(bk_c), _l.i32(qmax),
-                 _l.ptr(h), _l.ptr(hm), _l.ptr(hk), _l.i32(rows), _l.i32(n)), dev)
-    return h, hm, hk
+        _launch("illm_residual_norm", (rows,), (ROW_THREADS,),
+                (_l.ptr(x_c), _l.ptr(xm_c), _l.ptr(xk_c), _l.ptr(b_c), _l.ptr(bm_c), _l.ptr(bk_c), _l.i32(rqmax),
+                 _l.ptr(h), _l.ptr(hm), _l.ptr(hk), _l.ptr(gamma_c), _l.i32(gamma_k), _l.i32(qmax), _l.i32(clip), _l.ptr(q),
+                 _l.ptr(sm), _l.ptr(sk), _l.i32(rows), _l.i32(n)), dev)
+    return h, hm, hk, q, sm, sk
 
 
 ATTN_MAX_GRID = 65535  # the attention kernel's grid.y (query heads per KV head) and grid.z (head-rows)

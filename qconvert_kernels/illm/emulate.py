@@ -1,5 +1,5 @@
 """CPU emulator of the I-LLM kernels of illm_gemm.cu: the row kernels (``illm_requant_rows``,
-``illm_softmax``, ``illm_rmsnorm``, ``illm_rope_requant``, ``illm_swiglu``, ``illm_residual_add``,
+``illm_softmax``, ``illm_rmsnorm``, ``illm_rope_requant``, ``illm_swiglu``, ``illm_residual_norm``,
 ``illm_attention``, ``illm_heads_requant``, ``illm_hadamard``) here, DI-MatMul through the 64 x 64
 main loops of quik/emulate.py.
 
@@ -11,7 +11,7 @@ the two divisions transcribed from common.cuh, and checks what the hardware woul
 int64 intermediate must stay inside int64 (``EmulationError`` otherwise), every DivBy numerator
 inside the bound its ``init`` was given, every global access inside its tensor, every output
 written exactly once.  The launchers (``illm.cuda.requant_rows``, ``softmax``, ``rmsnorm``,
-``rope_requant``, ``swiglu``, ``residual_add``, ``attention``, ``heads_requant``, ``hadamard``,
+``rope_requant``, ``swiglu``, ``residual_norm``, ``attention``, ``heads_requant``, ``hadamard``,
 ``illm_matmul``) run unchanged through ``launch.launch_hook``.
 """
 
@@ -41,7 +41,8 @@ RMSNORM_PARAMS = ("x", "gamma", "gk", "qmax", "q", "sm", "sk", "rows", "H", "cli
 ROPE_PARAMS = ("t", "fm", "fk", "fold", "cos", "sin", "pos", "rope", "om", "ok", "ofold", "q", "sm", "sk", "col", "stride",
                "rows", "L", "sub", "d", "qmax")
 SWIGLU_PARAMS = ("tg", "gm", "gk", "tu", "um", "uk", "umax", "qmax", "a", "sgm", "sgk", "sum", "suk", "rows", "n")
-RESIDUAL_PARAMS = ("x", "xm", "xk", "b", "bm", "bk", "qmax", "h", "hm", "hk", "rows", "n")
+RESIDUAL_PARAMS = ("x", "xm", "xk", "b", "bm", "bk", "qmax", "h", "hm", "hk", "gamma", "gk", "nqmax", "clip", "q", "sm", "sk",
+                   "rows", "n")
 ATTENTION_PARAMS = ("q", "qm", "qk", "k8", "km", "kk", "v8", "vm", "vk", "mask", "mask_hr", "sdm", "sdk", "umax", "pq",
                     "o", "e", "T", "group", "n", "d")
 HADAMARD_PARAMS = ("x", "sign", "t", "y", "rows", "m", "lp")
@@ -61,6 +62,7 @@ MUTATIONS = _BYTES_MUTATIONS | frozenset({
     "silu_sign",       # SiLU taking sigmoid(|x|) for negative x too
     "swiglu_unfolded", # SwiGLU's SiLU on the gate's ratio alone, not times the gate's scale
     "residual_zero_k", # the residual add aligning to a zero term's exponent 0 (min of both exponents)
+    "norm_stale_h",    # the fused norm reading the residual x instead of the sum h it wrote
     "attn_unmasked",   # attention's key exponent taken over every column, not the row's seen ones
     "attn_pv_group0",  # P V summing the first column group only
     "attn_max_live",   # the softmax max over keys with a non-zero scale only (a zero-scale key's 0 left out)
@@ -268,19 +270,24 @@ def softmax(ctx: Ctx, ops: Ops, grid):
         _store(ctx, "P", r * T + np.arange(T), out, np.int32, "P")
 
 
+def norm_row(ctx: Ctx, ops: Ops, x_key: str, r: int, H: int, qmax: int, clip: int) -> None:
+    """illm::norm_row: DI-Norm of row r of ``x_key`` into q, sm, sk (gamma, gk from the launch)."""
+    a = ctx.args
+    gamma = _row(ctx, "gamma", 0, H, np.int64, "gamma")
+    x = _row(ctx, x_key, r, H, np.int64, x_key)
+    ss = i64(sum(i64(v * v, "x^2") for v in x), "sum of squares")
+    rms = ops.isqrt(udiv_u64(ss, H))
+    q, m, k = ops.requant_row([i64(v * g, "x * gamma") for v, g in zip(x, gamma)], qmax, clip)
+    im, ik = ops.ratio(m, rms)
+    _store(ctx, "q", r * H + np.arange(H), q, np.int8, "q")
+    _store(ctx, "sm", [r], [im], np.int64, "sm")
+    _store(ctx, "sk", [r], [ik + k + a["gk"]], np.int64, "sk")
+
+
 def rmsnorm(ctx: Ctx, ops: Ops, grid):
     a = ctx.args
-    rows, H = a["rows"], a["H"]
-    gamma = _row(ctx, "gamma", 0, H, np.int64, "gamma")
-    for r in range(min(grid[0], rows)):
-        x = _row(ctx, "x", r, H, np.int64, "x")
-        ss = i64(sum(i64(v * v, "x^2") for v in x), "sum of squares")
-        rms = ops.isqrt(udiv_u64(ss, H))
-        q, m, k = ops.requant_row([i64(v * g, "x * gamma") for v, g in zip(x, gamma)], a["qmax"], a["clip"])
-        im, ik = ops.ratio(m, rms)
-        _store(ctx, "q", r * H + np.arange(H), q, np.int8, "q")
-        _store(ctx, "sm", [r], [im], np.int64, "sm")
-        _store(ctx, "sk", [r], [ik + k + a["gk"]], np.int64, "sk")
+    for r in range(min(grid[0], a["rows"])):
+        norm_row(ctx, ops, "x", r, a["H"], a["qmax"], a["clip"])
 
 
 def _row_scale(ctx: Ctx, mk: str, kk: str, r: int) -> tuple[int, int]:
@@ -370,7 +377,7 @@ def swiglu(ctx: Ctx, ops: Ops, grid):
         _store_scale(ctx, "sum", "suk", r, su)
 
 
-def residual_add(ctx: Ctx, ops: Ops, grid):
+def residual_norm(ctx: Ctx, ops: Ops, grid):
     a = ctx.args
     rows, n = a["rows"], a["n"]
     for r in range(min(grid[0], rows)):
@@ -388,6 +395,10 @@ def residual_add(ctx: Ctx, ops: Ops, grid):
         _store(ctx, "h", r * n + np.arange(n), [qh(v) for v in total], np.int64, "h")
         m, k = qh.scale()
         _store_scale(ctx, "hm", "hk", r, (m, k + kmin))
+        if "norm_stale_h" not in ops.mutations:  # the norm reads back the h just written
+            norm_row(ctx, ops, "h", r, n, a["nqmax"], a["clip"])
+        else:
+            norm_row(ctx, ops, "x", r, n, a["nqmax"], a["clip"])
 
 
 def attention(ctx: Ctx, ops: Ops, grid):
@@ -510,7 +521,7 @@ class Emulator(_Bytes64):
                                   ("illm_rmsnorm", RMSNORM_PARAMS, ROW_THREADS),
                                   ("illm_rope_requant", ROPE_PARAMS, ROW_THREADS),
                                   ("illm_swiglu", SWIGLU_PARAMS, ROW_THREADS),
-                                  ("illm_residual_add", RESIDUAL_PARAMS, ROW_THREADS),
+                                  ("illm_residual_norm", RESIDUAL_PARAMS, ROW_THREADS),
                                   ("illm_attention", ATTENTION_PARAMS, ROW_THREADS),
                                   ("illm_hadamard", HADAMARD_PARAMS, ROW_THREADS),
                                   ("illm_heads_requant", HEADS_PARAMS, ROW_THREADS))
@@ -522,7 +533,8 @@ class Emulator(_Bytes64):
                 "illm_rmsnorm": (rmsnorm, (("q", "H", 1), ("sm", None, 8), ("sk", None, 8))),
                 "illm_swiglu": (swiglu, (("a", "n", 8), ("sgm", None, 8), ("sgk", None, 8), ("sum", None, 8),
                                          ("suk", None, 8))),
-                "illm_residual_add": (residual_add, (("h", "n", 8), ("hm", None, 8), ("hk", None, 8)))}
+                "illm_residual_norm": (residual_norm, (("h", "n", 8), ("hm", None, 8), ("hk", None, 8), ("q", "n", 1),
+                                                       ("sm", None, 8), ("sk", None, 8)))}
         if name == "illm_attention":
             a = ctx.args
             count = grid[2] * a["group"] * a["T"]

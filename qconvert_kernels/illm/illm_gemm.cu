@@ -21,8 +21,8 @@
 //   illm_swiglu            gate and up requantized to 16 bits, scales folded, SiLU(g) * u (swiglu)
 //   illm_heads_requant     attention's heads on one exponent per token, requantized for o_proj
 //                          (heads_requant)
-//   illm_residual_add      the branch requantized to 20 bits, both terms aligned by shifts,
-//                          the sum requantized to 20 bits (residual_add)
+//   illm_residual_norm     the branch requantized to 20 bits, both terms aligned by shifts, the
+//                          sum requantized to 20 bits (residual_add), then its DI-Norm
 //   illm_hadamard          the online Hadamard transform of int64 rows (hadamard_rows): exact sums
 //   illm_attention         one query row of one head: int8 q.k (dp4a), each key's scale folded
 //                          in by shifts, DI-ClippedSoftmax, each value's scale folded into P,
@@ -313,24 +313,33 @@ extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS) illm_softmax(
 // Launch: grid (rows), block 256.  x int64 [rows, H] (|x| < 2^22), gamma int64 [H] with exponent gk;
 // q int8 [rows, H] out and the row scale (sm, sk); clip as in illm_requant_rows.
 // (Four CTAs per SM asked for: without it ptxas chose 40 registers on sm_80 and spilled one value.)
+namespace illm {
+// DI-Norm of row r of x (the CTA's), q and the scale (sm, sk)[r] written: di_rmsnorm.  x is not
+// __restrict__: illm_residual_norm passes the h it has just written (no read-only-cache loads).
+__device__ __forceinline__ void norm_row(const long long* x, const long long* __restrict__ gamma, int gk,
+                                         int qmax, signed char* __restrict__ q, long long* __restrict__ sm,
+                                         long long* __restrict__ sk, int r, int H, int clip, long long* red) {
+    const long long* row = x + static_cast<long long>(r) * H;
+    long long ss = 0;
+    for (int i = threadIdx.x; i < H; i += ROW_THREADS) ss += row[i] * row[i];
+    ss = block_sum(ss, red);
+    const long long rms = isqrt(static_cast<long long>(qk::udiv_u64(static_cast<unsigned long long>(ss), static_cast<unsigned long long>(H))));
+    const Dy d = requant_row([=](int i) { return row[i] * __ldg(gamma + i); }, H, qmax, clip, q + static_cast<long long>(r) * H, red);
+    const Dy inv = ratio(d.m, rms);
+    if (threadIdx.x == 0) {
+        sm[r] = inv.m;
+        sk[r] = inv.k + d.k + gk;
+    }
+}
+}  // namespace illm
+
 extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS, 4) illm_rmsnorm(
         const long long* __restrict__ x, const long long* __restrict__ gamma, int gk, int qmax,
         signed char* __restrict__ q, long long* __restrict__ sm, long long* __restrict__ sk, int rows, int H, int clip) {
     __shared__ long long red[illm::ROW_THREADS / 32];
     const int r = blockIdx.x;
     if (r >= rows) return;
-    const long long* row = x + static_cast<long long>(r) * H;
-    long long ss = 0;
-    for (int i = threadIdx.x; i < H; i += illm::ROW_THREADS) ss += row[i] * row[i];
-    ss = illm::block_sum(ss, red);
-    const long long rms = illm::isqrt(static_cast<long long>(qk::udiv_u64(static_cast<unsigned long long>(ss), static_cast<unsigned long long>(H))));
-    const illm::Dy d = illm::requant_row([=](int i) { return row[i] * __ldg(gamma + i); }, H, qmax, clip,
-                                         q + static_cast<long long>(r) * H, red);
-    const illm::Dy inv = illm::ratio(d.m, rms);
-    if (threadIdx.x == 0) {
-        sm[r] = inv.m;
-        sk[r] = inv.k + d.k + gk;
-    }
+    illm::norm_row(x, gamma, gk, qmax, q, sm, sk, r, H, clip, red);
 }
 
 // Launch: grid (rows, L / sub), block 256.  A token's q, k or v projection t int64 [rows, L] (L =
@@ -452,17 +461,22 @@ extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS) illm_swiglu(
     }
 }
 
-// Launch: grid (rows), block 256.  The residual add (reference.residual_add): x int64 [rows, n]
-// (the residual, |x| < 2^20) with row scale (xm, xk) plus a branch's output b int64 [rows, n] with
-// (bm, bk), b requantized to [-qmax, qmax] first; both terms aligned to the smaller exponent kmin
-// by rounded shifts (a term whose mantissa is 0 is 0 and its exponent left out), their sum
-// requantized -> h int64 [rows, n] and the row scale (hm, hk).  The shifts are clamped to
-// [-62, 62]: a term is below 2^36 (a right shift of 62 leaves 0, as the exact quotient rounds to)
-// and only a zero term is shifted left.
-extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS) illm_residual_add(
+// Launch: grid (rows), block 256.  The residual add (reference.residual_add) and the DI-Norm of its
+// sum (reference.di_rmsnorm), what every block does twice: x int64 [rows, n] (the residual,
+// |x| < 2^20) with row scale (xm, xk) plus a branch's output b int64 [rows, n] with (bm, bk), b
+// requantized to [-qmax, qmax] first; both terms aligned to the smaller exponent kmin by rounded
+// shifts (a term whose mantissa is 0 is 0 and its exponent left out), their sum requantized -> h
+// int64 [rows, n] and the row scale (hm, hk); then h's DI-Norm with gamma int64 [n] (exponent gk)
+// -> q int8 [rows, n] in [-nqmax, nqmax] (clip as in illm_requant_rows) and its scale (sm, sk).
+// The shifts are clamped to [-62, 62]: a term is below 2^36 (a right shift of 62 leaves 0, as the
+// exact quotient rounds to) and only a zero term is shifted left.  The norm reads the h this CTA
+// wrote (each thread its own elements, then a barrier).
+extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS) illm_residual_norm(
         const long long* __restrict__ x, const long long* __restrict__ xm, const long long* __restrict__ xk,
         const long long* __restrict__ b, const long long* __restrict__ bm, const long long* __restrict__ bk, int qmax,
-        long long* __restrict__ h, long long* __restrict__ hm, long long* __restrict__ hk, int rows, int n) {
+        long long* __restrict__ h, long long* __restrict__ hm, long long* __restrict__ hk,
+        const long long* __restrict__ gamma, int gk, int nqmax, int clip, signed char* __restrict__ q,
+        long long* __restrict__ sm, long long* __restrict__ sk, int rows, int n) {
     __shared__ long long red[illm::ROW_THREADS / 32];
     const int r = blockIdx.x;
     if (r >= rows) return;
@@ -485,6 +499,8 @@ extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS) illm_residual_ad
         hm[r] = d.m;
         hk[r] = d.k + kmin;
     }
+    __syncthreads();
+    illm::norm_row(h, gamma, gk, nqmax, q, sm, sk, r, n, clip, red);
 }
 
 // Launch: grid (T, group, HR), block 256 (two CTAs per SM asked for: ptxas's default of 64
