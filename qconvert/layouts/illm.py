@@ -36,11 +36,11 @@ gives the bits of the whole sequence run again.
 
 On a GPU (``load(OUT, device="cuda")``) the same integer model runs with the I-LLM kernels for
 DI-Norm, the requantizations (with the per-row scale products that follow them; q, k and v
-through 16 bits and RoPE in one kernel each), DI-MatMul, the SwiGLU, the online Hadamard
-transform, the residual adds (each with the DI-Norm after it, one launch), attention and the
-heads' alignment to one exponent per token
-(``IntegerLlama.use_kernels``), torch integer ops on
-the GPU for the rest (cache writes, masks, the head); the results are the same bits
+through 16 bits and RoPE in one kernel each, a captured step's keys and values written straight
+into its cache), DI-MatMul, the SwiGLU, the online Hadamard transform, the residual adds (each
+with the DI-Norm after it, one launch), attention and the heads' alignment to one exponent per
+token (``IntegerLlama.use_kernels``), torch integer ops on the GPU for the rest (the other cache
+writes, masks, the head); the results are the same bits
 (tests/test_illm_runtime_kernels.py runs the kernels on their CPU emulator).
 
 An OUT quantized with ``--rotate hadamard+online`` has down_proj's weights folded with the
@@ -284,10 +284,10 @@ class IntegerLlama(DerivedHolder):
     def use_kernels(self, on: bool = True) -> "IntegerLlama":
         """Run DI-Norm, the int8 requantizations (q, k and v with their RoPE; the heads' outputs aligned
         for o_proj), DI-MatMul (every linear whose K is a multiple of 32), the SwiGLU, the residual
-        adds (each with the DI-Norm after it), attention (head_dim a multiple of 4, at most 256, its P buffer within ATTN_BLOCK_BYTES)
-        and the online Hadamard transform by the CUDA kernels of qconvert_kernels/illm/cuda.py, which
-        equal the torch integer ops bit for bit; the rest (cache writes, masks, the head) stays torch
-        integer ops.
+        adds (each with the DI-Norm after it), attention (head_dim a multiple of 4, at most 256, its P
+        buffer within ATTN_BLOCK_BYTES) and the online Hadamard transform by the CUDA kernels of
+        qconvert_kernels/illm/cuda.py, which equal the torch integer ops bit for bit; the rest (cache
+        writes outside a captured step, masks, the head) stays torch integer ops.
         ``load(OUT, device="cuda")`` turns them on; on CPU tensors the kernels run only under the
         emulator (qconvert_kernels/illm/emulate.py)."""
         self.kernels = bool(on)
