@@ -176,11 +176,12 @@ def test_the_captured_step_on_the_kernels_gives_the_eager_steps_bits(outs):
     class Reads(TorchDispatchMode):
         def __init__(self):
             super().__init__()
-            self.seen = []
+            self.seen, self.cache_copies = [], 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func._schema.name in ("aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::equal"):
                 self.seen.append(func._schema.name)
+            self.cache_copies += func._schema.name.startswith("aten::index_copy")
             return func(*args, **(kwargs or {}))
 
     model = load(outs["w4a4-online"])
@@ -205,6 +206,9 @@ def test_the_captured_step_on_the_kernels_gives_the_eager_steps_bits(outs):
         model.use_kernels(False)
     assert reads.seen == []
     assert all(torch.equal(a, b) for a, b in zip(want, got))
+    # the steps' keys and values went into the cache by the kernel (at the device column), not by copies
+    assert reads.cache_copies == 0
+    assert sum(1 for name, _, args in emu.launches if name == "illm_rope_requant" and args["col"]) == 3 * 2 * model.layers_n
     names = {name for name, *_ in emu.launches}
     assert {"illm_rope_requant", "illm_attention", "illm_heads_requant", "illm_swiglu", "illm_hadamard",
             "illm_residual_norm", "illm_rmsnorm", "illm_requant_rows"} <= names

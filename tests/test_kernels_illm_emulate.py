@@ -283,10 +283,15 @@ def run_rope_into_cache(mutations=frozenset()):
 
 def test_rope_requant_writes_a_decode_step_into_the_cache():
     run_rope_into_cache()
-    kb = torch.zeros(2, 3, 7, 16, dtype=torch.int8)
-    with pytest.raises(ValueError, match="into must be contiguous int8"):
-        cuda_illm.rope_requant(torch.zeros(2, 48, dtype=torch.int64), 16, 127, True,
-                               into=(kb.transpose(1, 2), kb.long()[..., :1], kb.long()[..., :1], torch.tensor([0])))
+    t = torch.zeros(2, 48, dtype=torch.int64)
+    kb, sb = torch.zeros(2, 3, 7, 16, dtype=torch.int8), torch.zeros(2, 3, 7, 1, dtype=torch.int64)
+    with pytest.raises(ValueError, match="into must be contiguous int8"):  # a copy's writes would be lost
+        cuda_illm.rope_requant(t, 16, 127, True, into=(torch.zeros(2, 3, 8, 16, dtype=torch.int8)[:, :, :7], sb, sb,
+                                                       torch.tensor([0])))
+    with pytest.raises(ValueError, match="the column must be one int64"):
+        cuda_illm.rope_requant(t, 16, 127, True, into=(kb, sb, sb, torch.tensor([0, 1])))
+    with emulate.emulating(), pytest.raises(emulate.EmulationError, match="column 7 outside the cache's 7"):
+        cuda_illm.rope_requant(t, 16, 127, True, into=(kb, sb, sb.clone(), torch.tensor([7])))
 
 
 @pytest.mark.parametrize("case", [{}, {"per_head": False, "fold": False, "out_fold": True}, {"rope": False}, {"out_fold": True},

@@ -346,6 +346,7 @@ class IntegerLlama(DerivedHolder):
         """``ri.rope_requant`` of t [rows * tokens, L] with int8 range, RoPE at the positions of ``ctx``
         (``_positions``; None: no rotation), by the kernel when on; ``into`` (kernels only: a static
         cache's buffers of one block's keys or values and the column) writes them there instead."""
+        assert into is None or self.kernels, "only the kernel writes into a cache"
         if not self.kernels:
             return ri.rope_requant(t, self.head_dim, 127, per_head, *((ctx.cos, ctx.sin) if ctx else (None, None)),
                                    fold, out_fold)
@@ -526,12 +527,13 @@ class IntegerLlama(DerivedHolder):
         # each residual add and the DI-Norm after it as one step: the next block's input norm, or
         # the final norm (int8, no clip) after the last block
         blocks = list(self.model.layers)
-        xq, xs = self._norm(h, *self._norms(blocks[0])[0])
+        final = (self.norm_g, self.norm_k, 127, ri.CLIP_ONE)
+        xq, xs = self._norm(h, *(self._norms(blocks[0])[0] if blocks else final))
         for i, blk in enumerate(blocks):
             o, os_ = self._attn_block(blk, xq, xs, rows, ctx, cache, i)
             h, hs, xq, xs = self._add_norm(h, hs, o, os_, self._norms(blk)[1])
             m, ms = self._mlp_block(blk, xq, xs)
-            nxt = self._norms(blocks[i + 1])[0] if i + 1 < len(blocks) else (self.norm_g, self.norm_k, 127, ri.CLIP_ONE)
+            nxt = self._norms(blocks[i + 1])[0] if i + 1 < len(blocks) else final
             h, hs, xq, xs = self._add_norm(h, hs, m, ms, nxt)
         if last_only:  # (the norm is per token: the last tokens' rows of all of them)
             xq = xq.reshape(rows, -1, xq.shape[-1])[:, -1]

@@ -83,7 +83,8 @@ class StaticSequenceCache:
     returns the first ``length + t`` columns, the same integers.  With ``column`` (an int64 [1]
     device tensor, the engine's, set before each step) a step of one token per row writes at that
     column and returns all ``max_len`` columns, for attention over a fixed shape with the unfilled
-    columns masked out (``IntegerLlama._wide_positions``): what a CUDA graph captures."""
+    columns masked out (``IntegerLlama._wide_positions``): what a CUDA graph captures.  (On the I-LLM
+    kernels such a step writes its keys and values into ``buffers`` itself, without ``extend``.)"""
 
     def __init__(self, blocks: int, rows: int, kv_heads: int, max_len: int, head_dim: int, device,
                  pad: torch.Tensor | None = None):

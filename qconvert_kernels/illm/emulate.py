@@ -358,6 +358,8 @@ def rope_slot(ctx: Ctx, r: int, g: int, groups: int) -> int:
     without a column)."""
     a = ctx.args
     col = int(_load(ctx, a["col"], [0], np.int64, "col")[0]) if a["col"] and "rope_column0" not in ctx.mutations else 0
+    if not 0 <= col < a["stride"]:
+        raise EmulationError(f"illm_rope_requant: column {col} outside the cache's {a['stride']} (the kernel traps)")
     return (r * groups + g) * a["stride"] + col
 
 

@@ -310,9 +310,6 @@ extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS) illm_softmax(
         out[j] = j < L ? static_cast<int>(by.div(static_cast<unsigned long long>((e_of(j) << illm::PROB_BITS) + total / 2))) : 0;
 }
 
-// Launch: grid (rows), block 256.  x int64 [rows, H] (|x| < 2^22), gamma int64 [H] with exponent gk;
-// q int8 [rows, H] out and the row scale (sm, sk); clip as in illm_requant_rows.
-// (Four CTAs per SM asked for: without it ptxas chose 40 registers on sm_80 and spilled one value.)
 namespace illm {
 // DI-Norm of row r of x (the CTA's), q and the scale (sm, sk)[r] written: di_rmsnorm.  x is not
 // __restrict__: illm_residual_norm passes the h it has just written (no read-only-cache loads).
@@ -333,6 +330,9 @@ __device__ __forceinline__ void norm_row(const long long* x, const long long* __
 }
 }  // namespace illm
 
+// Launch: grid (rows), block 256.  x int64 [rows, H] (|x| < 2^22), gamma int64 [H] with exponent gk;
+// q int8 [rows, H] out and the row scale (sm, sk); clip as in illm_requant_rows.
+// (Four CTAs per SM asked for: without it ptxas chose 40 registers on sm_80 and spilled one value.)
 extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS, 4) illm_rmsnorm(
         const long long* __restrict__ x, const long long* __restrict__ gamma, int gk, int qmax,
         signed char* __restrict__ q, long long* __restrict__ sm, long long* __restrict__ sk, int rows, int H, int clip) {
@@ -381,7 +381,9 @@ extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS) illm_rope_requan
     oq.init(get, sub, qmax, 1LL << illm::CLIP_BITS, red);
     // the sub-row's place: (r * groups + g) * sub in a dense q (stride 1, column 0), else its row of
     // `sub` values at the column of that head's `stride` columns
-    const long long slot = (static_cast<long long>(r) * groups + g) * stride + (col != nullptr ? col[0] : 0);
+    const long long at = col != nullptr ? col[0] : 0;
+    if (at < 0 || at >= stride) __trap();  // a column outside the cache: a device error, as index_copy_'s
+    const long long slot = (static_cast<long long>(r) * groups + g) * stride + at;
     signed char* out = q + slot * sub;
     for (int i = threadIdx.x; i < sub; i += illm::ROW_THREADS) out[i] = static_cast<signed char>(oq(get(i)));
     if (threadIdx.x == 0) {
