@@ -120,7 +120,6 @@ def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, Dyadic]:
     return q, to_dyadic(scale)
 
 
-
 def _per_row(d: Dyadic, lead) -> tuple[torch.Tensor, torch.Tensor]:
     """A dyadic broadcast to the rows ``lead`` ((rows, 1), or a tensor's leading dims and 1) as the
     kernels take it: m and k flat, one per row."""

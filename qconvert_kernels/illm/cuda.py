@@ -252,7 +252,8 @@ def rope_requant(t: torch.Tensor, head_dim: int, qmax: int, per_head: bool, pos:
                    f"{fn}: into must be contiguous int8 [rows, G, max_len, {sub}] = [{rows}, {groups}, max_len, {sub}] and "
                    f"int64 [rows, G, max_len, 1] twice, got {q.dtype} {tuple(q.shape)}, {sm.dtype} {tuple(sm.shape)}, "
                    f"{sk.dtype} {tuple(sk.shape)}")
-        _l.require(col.numel() == 1 and col.dtype == torch.int64, f"{fn}: the column must be one int64, got {col.dtype} {tuple(col.shape)}")
+        _l.require(col.numel() == 1 and col.dtype == torch.int64,
+                   f"{fn}: the column must be one int64, got {col.dtype} {tuple(col.shape)}")
         stride, outs = q.shape[2], (q, sm, sk, col)
     else:
         stride, outs, col = 1, (), None
@@ -302,7 +303,8 @@ def residual_norm(x: torch.Tensor, xm: torch.Tensor, xk: torch.Tensor, b: torch.
     _check_clip(fn, clip)
     (x_c, xm_c, xk_c), (b_c, bm_c, bk_c), dev = _scaled_pair(fn, ("x", x, xm, xk, "x scale"), ("b", b, bm, bk, "b scale"))
     rows, n = x_c.shape
-    _l.require(gamma.shape == (n,) and gamma.dtype in _INT, f"{fn}: gamma must be integers [{n}], got {gamma.dtype} {tuple(gamma.shape)}")
+    _l.require(gamma.shape == (n,) and gamma.dtype in _INT,
+               f"{fn}: gamma must be integers [{n}], got {gamma.dtype} {tuple(gamma.shape)}")
     _l.check_cuda(fn, x_c, gamma)
     gamma_c = gamma.to(torch.int64).contiguous()
     h = torch.empty((rows, n), dtype=torch.int64, device=dev)
