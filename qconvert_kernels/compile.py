@@ -218,6 +218,17 @@ def local_memory_ops(kernel_text: str) -> list[str]:
     return [op for op in opcodes(kernel_text) if op.split(".")[0] in ("LDL", "STL")]
 
 
+# FLO (find leading one) and DEPBAR (a scoreboard wait, e.g. before a trap) begin like float-unit
+# mnemonics but are not
+_NOT_FLOAT = re.compile(r"^(FLO\.U(32|64)(\.SH)?|DEPBAR(\.\w+)*)$")
+
+
+def float_unit_ops(ops) -> list[str]:
+    """The float-unit instructions (F*, H*, D*, MUFU, I2F) among a kernel's mnemonics ``ops``: none in
+    an integer-only kernel."""
+    return [op for op in ops if op.startswith(("F", "H", "D", "MUFU", "I2F")) and not _NOT_FLOAT.match(op)]
+
+
 # ----------------------------------------------------------------------------- NVRTC
 
 

@@ -87,8 +87,7 @@ def test_exact_build_sass(builds, src, arch):
             if want is not None:
                 assert mma == want, (src.name, arch, name, mma)
         if name in src.no_float:
-            floaty = [op for op in ops if op.startswith(("F", "H", "D", "MUFU", "I2F")) and not op.startswith("FLO")]
-            assert floaty == [], (arch, name, floaty)
+            assert kc.float_unit_ops(ops) == [], (arch, name, kc.float_unit_ops(ops))
 
 
 @needs_nvrtc

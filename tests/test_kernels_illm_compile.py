@@ -18,10 +18,6 @@ from test_kernels_compile import _sass, compile_all
 pytestmark = pytest.mark.skipif(kc.nvcc_path() is None, reason="nvcc not found")
 
 ARCHS = kc.ARCHS
-# FLO is find-leading-one (an integer instruction) and DEPBAR a scoreboard wait (before
-# illm_rope_requant's trap on a column outside the cache); the integer divisions are integer code
-# (common.cuh: udiv_u64, DivBy), so no float-unit instruction is allowed at all.
-INTEGER_ONLY = re.compile(r"^(FLO\.U(32|64)(\.SH)?|DEPBAR(\.\w+)*)$")
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +40,9 @@ def test_int8_tensor_cores_and_no_float_arithmetic(builds, arch):
         assert {op: c for op, c in kc.opcodes(per_kernel[name]).items() if "MMA" in op} == {"IMMA.16832.S8.S8": 16}
     for name in kc.ILLM_KERNELS:
         ops = kc.opcodes(per_kernel[name])
-        floaty = [op for op in ops if op.startswith(("F", "H", "D", "MUFU", "I2F")) and not INTEGER_ONLY.match(op)]
-        assert floaty == [], (arch, name, floaty)
+        # the integer divisions are integer code (common.cuh: udiv_u64, DivBy): no float-unit
+        # instruction at all (compile.float_unit_ops: FLO and DEPBAR are not float)
+        assert kc.float_unit_ops(ops) == [], (arch, name, kc.float_unit_ops(ops))
 
 
 def test_constants_match_the_reference():
