@@ -397,10 +397,8 @@ def residual_norm(ctx: Ctx, ops: Ops, grid):
         _store(ctx, "h", r * n + np.arange(n), [qh(v) for v in total], np.int64, "h")
         m, k = qh.scale()
         _store_scale(ctx, "hm", "hk", r, (m, k + kmin))
-        if "norm_stale_h" not in ops.mutations:  # the norm reads back the h just written
-            norm_row(ctx, ops, "h", r, n, a["nqmax"], a["clip"])
-        else:
-            norm_row(ctx, ops, "x", r, n, a["nqmax"], a["clip"])
+        # the norm reads back the h just written (the mutation: the residual x instead)
+        norm_row(ctx, ops, "x" if "norm_stale_h" in ops.mutations else "h", r, n, a["nqmax"], a["clip"])
 
 
 def attention(ctx: Ctx, ops: Ops, grid):
