@@ -58,12 +58,13 @@ def test_the_model_on_its_kernels_equals_the_torch_integer_path(outs, key):
     assert torch.equal(acc, want_acc) and torch.equal(scale.m, want_scale.m) and torch.equal(scale.k, want_scale.k)
     layers = model.layers_n
     bits = 4 if key.startswith("w4") else 8
-    # the first block's input DI-Norm, then per block: seven DI-MatMuls, q, k and v each through 16
-    # bits (and RoPE) to int8 in one launch, attention, its heads aligned and requantized for o_proj,
-    # the SwiGLU, the online Hadamard transform where the OUT has one, down_proj's input
-    # requantized, and two residual adds, each with the DI-Norm after it (the last: the final norm)
+    # the first block's input DI-Norm, then per block: four DI-MatMuls (q/k/v joined, o_proj,
+    # gate/up joined, down_proj), q, k and v each through 16 bits (and RoPE) to int8 in one launch,
+    # attention, its heads aligned and requantized for o_proj, the SwiGLU, the online Hadamard
+    # transform where the OUT has one, down_proj's input requantized, and two residual adds, each
+    # with the DI-Norm after it (the last: the final norm)
     online = model.model.layers[0].mlp.down_proj.online_transform is not None
-    assert launches == Counter({f"illm_matmul_w{bits}": 7 * layers, "illm_rmsnorm": 1,
+    assert launches == Counter({f"illm_matmul_w{bits}": 4 * layers, "illm_rmsnorm": 1,
                                 "illm_requant_rows": layers, "illm_rope_requant": 3 * layers, "illm_heads_requant": layers,
                                 "illm_attention": layers, "illm_swiglu": layers, "illm_residual_norm": 2 * layers,
                                 **({"illm_hadamard": layers} if online else {})}), launches
@@ -100,7 +101,7 @@ def test_a_batch_on_the_kernels_launches_once_per_step_and_gives_each_rows_bits(
     ids = torch.stack([_ids(6, s) for s in (7, 8, 9)])
     acc, scale, launches = _on_kernels(model, ids)
     _, _, single = _on_kernels(model, ids[0])
-    assert launches == single and sum(launches.values()) == 17 * model.layers_n + 1
+    assert launches == single and sum(launches.values()) == 14 * model.layers_n + 1
     for r in range(3):
         want_acc, want_scale = model.forward_int(ids[r])
         assert torch.equal(acc[6 * r:6 * r + 6], want_acc) and torch.equal(scale.m[6 * r:6 * r + 6], want_scale.m)
@@ -120,12 +121,14 @@ def test_the_integer_model_is_made_from_the_stored_tensors_whatever_the_dtype(ou
 
 
 @pytest.mark.parametrize("mutation", ["round_down", "requant_no_clip", "attn_pv_group0", "rope_pos0", "heads_unaligned",
-                                      "tk_no_kmin", "norm_stale_h"])
+                                      "tk_no_kmin", "norm_stale_h", "ld_dense"])
 def test_a_kernel_bug_changes_the_logits(outs, mutation):
     """The comparison can fail: a deliberate bug in the emulated kernels (a truncating shift; the
     requantization ignoring the activation clip of illm-w4a4; attention's P V summing one column
     group; RoPE at the first token's position; the heads left unaligned; DI-MatMul's row exponents
-    without kmin; a norm of the residual instead of the sum) reaches the logits."""
+    without kmin; a norm of the residual instead of the sum; q, k, v or gate and up read as if
+    their columns were dense) reaches the logits.  (A joined DI-MatMul's per-layer kmin is proven
+    on the kernel alone, tests/test_kernels_illm_emulate.py: this tiny model's siblings share one.)"""
     from qconvert import load
 
     model = load(outs["w4a4-online"])
@@ -152,6 +155,31 @@ def test_a_layer_the_kernel_cannot_take_stays_on_torch_ops(outs):
                if lin is not odd)
     model.use_kernels(False)
     assert not any(lin.kernel for blk in model.model.layers for part in (blk.self_attn, blk.mlp) for lin in part.children())
+
+
+def test_joined_siblings_hold_their_weights_once(outs):
+    """On the kernels q/k/v and gate/up run as one DI-MatMul each: the members' weights become views
+    of the joined tensor (no second copy), each member's segment its own rows, and the torch path
+    still gives the same integers afterwards."""
+    from qconvert import load
+
+    model = load(outs["w4a8"])
+    ids = _ids(5, 2)
+    want, _ = model.forward_int(ids)
+    before = {name: buf.clone() for name, buf in model.named_buffers() if name.endswith("qweight")}
+    model.use_kernels(True)
+    assert sorted(model._joined) == sorted((i, key) for i in range(model.layers_n) for key in ("qkv", "gate_up"))
+    for (i, key), joined in model._joined.items():
+        assert joined.splits == tuple(m.out_features for m in joined.members)
+        start = 0
+        for m in joined.members:
+            assert m.qweight.untyped_storage().data_ptr() == joined.qweight.untyped_storage().data_ptr()
+            assert m.qweight.data_ptr() == joined.qweight[start].data_ptr()
+            start += m.out_features
+    model.use_kernels(False)
+    assert all(torch.equal(buf, before[name]) for name, buf in model.named_buffers() if name.endswith("qweight"))
+    got, _ = model.forward_int(ids)
+    assert torch.equal(got, want)
 
 
 def test_kernels_on_cpu_tensors_need_the_emulator(outs):

@@ -32,15 +32,18 @@ def requant_case(qmax):
 CLIPS = [ri.CLIP_ONE, ri.clip_int(0.9), ri.CLIP_ONE // 2, ri.clip_int(2 / 3)]  # none, the preset's, the least, odd
 
 
-def run_requant(qmax, clip=ri.CLIP_ONE, mutations=frozenset(), folds=0):
+def run_requant(qmax, clip=ri.CLIP_ONE, mutations=frozenset(), folds=0, const=False):
+    """The int8 requantization, its scale times ``folds`` per-row dyadics and, with ``const``, one
+    constant dyadic last (the online transform's 1 / sqrt(n) of SmolLM2's 1,536)."""
     v = requant_case(qmax)
     fs = [row_scales(v.shape[0], 10 + f, 5, 45) for f in range(folds)]
     fm = torch.stack([f.m[:, 0] for f in fs]) if folds else None
     fk = torch.stack([f.k[:, 0] for f in fs]) if folds else None
+    c = ri.normalize(torch.tensor(53510), torch.tensor(21)) if const else None  # ~ 1 / sqrt(1536)
     with emulate.emulating(mutations=mutations):
-        q, sm, sk = cuda_illm.requant_rows(v, qmax, clip, fm, fk)
+        q, sm, sk = cuda_illm.requant_rows(v, qmax, clip, fm, fk, *((c.m, c.k) if const else ()))
     rq, r = ri.quantize_rows(v, qmax, clip)
-    for f in fs:
+    for f in fs + ([c] if const else []):
         r = r * f
     assert torch.equal(q.long(), rq), "q differs"
     assert torch.equal(sm, r.m[:, 0]) and torch.equal(sk, r.k[:, 0]), "scale differs"
@@ -82,13 +85,28 @@ def same_scale(m, k, d, what):
     assert torch.equal(m, d.m[:, 0]) and torch.equal(k, d.k[:, 0]), f"{what} scale differs"
 
 
-def run_rope_requant(heads=3, d=24, per_head=True, rope=True, fold=True, out_fold=False, rows=5, mutations=frozenset()):
+def column_slice(t: torch.Tensor, left: int, right: int, seed: int) -> torch.Tensor:
+    """t's values as columns of a wider tensor (``left`` and ``right`` columns of other values around
+    them, as a joined DI-MatMul's output holds one linear's columns): a view, rows apart by its width."""
+    gen = torch.Generator().manual_seed(seed)
+    wide = torch.randint(-2**46, 2**46, (t.shape[0], left + t.shape[1] + right), generator=gen)
+    wide[:, left:left + t.shape[1]] = t
+    view = wide[:, left:left + t.shape[1]]
+    assert not view.is_contiguous() or t.shape[0] <= 1
+    return view
+
+
+def run_rope_requant(heads=3, d=24, per_head=True, rope=True, fold=True, out_fold=False, rows=5, sliced=False,
+                     mutations=frozenset()):
     """A token's projection (rows of heads * d, one above 2^40, the last zero) through 16 bits, RoPE
-    at positions far apart, and int8 per head or per token, with per-row folds (row 1's zero)."""
+    at positions far apart, and int8 per head or per token, with per-row folds (row 1's zero);
+    ``sliced``: read in place from the middle columns of a wider tensor."""
     gen = torch.Generator().manual_seed(heads * d + rows)
     t = torch.randint(-2**36, 2**36, (rows, heads * d), generator=gen)
     t[rows - 1] = 0
     t[0, 3] = 2**45  # the 16-bit requantization's pre-shift
+    if sliced:
+        t = column_slice(t, 40, 17, rows)
     cos, sin = ri.rope_table(700, d, 10000.0)
     pos = torch.tensor([0, 1, 699, 5, 300, 17, 64][:rows])
     f, o = row_scales(rows, 3), row_scales(rows, 4)
@@ -117,9 +135,14 @@ def matmul_like(rows: int, n: int, seed: int) -> torch.Tensor:
     return t
 
 
-def run_swiglu(n=300, mutations=frozenset()):
+def run_swiglu(n=300, joined=False, mutations=frozenset()):
+    """SwiGLU of gate and up rows (``joined``: both column slices of one [6, 2n] tensor, read in place
+    as the joined gate/up DI-MatMul leaves them)."""
     tg, tu = matmul_like(6, n, 1), matmul_like(6, n, 2)
     tu[5] = 0  # up all zero where the gate is not
+    if joined:
+        both = torch.cat([tg, tu], 1)
+        tg, tu = both[:, :n], both[:, n:]
     sg, su = row_scales(6, 3, 10, 30), row_scales(6, 4, 10, 30)
     sg.m[4], sg.k[4] = 2**15, 12  # a gate scale above 2^-16: DI-Exp's capped left shift
     sg.k[0] = 120  # a gate scale far below 2^-64: DI-Exp's right shift clamped at 62 (e^-0 = 1)
@@ -410,6 +433,88 @@ def test_matmul_writes_its_rows_exponents(m):
     run_matmul_exponents(m)
 
 
+def joined_case(m, splits, w_bits, k):
+    """Sibling linears of one input, each with its own exponent range (so their kmins differ): (xq,
+    the joined weights as stored, wm, wk, xk, [each linear's reference t], [its row exponents])."""
+    from qconvert.formats.packing import pack_int4
+
+    gen = torch.Generator().manual_seed(m + sum(splits) + w_bits)
+    qmax = 127 if w_bits == 8 else 7
+    xq = torch.randint(-127, 128, (m, k), generator=gen, dtype=torch.int8)
+    xk = torch.randint(-40, 40, (m,), generator=gen)
+    qs, wms, wks, wants = [], [], [], []
+    for i, n in enumerate(splits):
+        q = torch.randint(-qmax - 1, qmax + 1, (n, k), generator=gen, dtype=torch.int8)
+        wm = torch.randint(2**15, 2**16, (n,), generator=gen, dtype=torch.int32)
+        wk = torch.randint(12 + 7 * i, 22 + 9 * i, (n,), generator=gen, dtype=torch.int32)
+        qs.append(q), wms.append(wm), wks.append(wk)
+        wants.append(ri.shift(ri.int8_matmul(xq, q.t()) * wm.long(), wk.long() - wk.long().min()))
+    q = torch.cat(qs)
+    return (xq, pack_int4(q) if w_bits == 4 else q, torch.cat(wms), torch.cat(wks), xk, wants,
+            [xk + wk.min() for wk in wks])
+
+
+def check_joined(t, tk, splits, wants, tks):
+    assert t.shape == (tks[0].shape[0], sum(splits)) and tk.shape == (len(splits), tks[0].shape[0])
+    start = 0
+    for i, n in enumerate(splits):
+        assert torch.equal(t[:, start:start + n], wants[i]), f"segment {i}'s t differs"
+        assert torch.equal(tk[i], tks[i]), f"segment {i}'s row exponents differ"
+        start += n
+
+
+def run_joined_matmul(m=17, splits=(40, 24, 72), w_bits=8, k=96, mutations=frozenset()):
+    """Sibling linears of one input joined along N (segment bounds inside a 64-column tile and on
+    one) in one DI-MatMul launch: each segment's t and row exponents equal that linear's own."""
+    xq, qw, wm, wk, xk, wants, tks = joined_case(m, splits, w_bits, k)
+    with emulate.emulating(mutations=mutations) as emu:
+        t, tk = cuda_illm.illm_matmul(xq, qw, wm, wk, w_bits, xk=xk, splits=splits)
+    assert [name for name, *_ in emu.launches] == [f"illm_matmul_w{w_bits}"]
+    check_joined(t, tk, splits, wants, tks)
+
+
+@pytest.mark.parametrize("folds", [0, 2])
+def test_requant_with_a_constant_fold_last(folds):
+    run_requant(127, ri.clip_int(0.9), folds=folds, const=True)
+
+
+def test_swiglu_writes_its_scales_as_the_requantizations_folds():
+    """``folds=True``: the gate's and the up's scales as the rows of one [2, rows] m and k, the
+    same values, ready for illm_requant_rows without stacking."""
+    tg, tu = matmul_like(6, 40, 1), matmul_like(6, 40, 2)
+    sg, su = row_scales(6, 3, 10, 30), row_scales(6, 4, 10, 30)
+    with emulate.emulating():
+        a, fm, fk = cuda_illm.swiglu(tg, sg.m[:, 0], sg.k[:, 0], tu, su.m[:, 0], su.k[:, 0], folds=True)
+    wa, wg, wu = ri.swiglu(tg, sg, tu, su)
+    assert torch.equal(a, wa) and fm.shape == fk.shape == (2, 6) and fm.is_contiguous()
+    assert torch.equal(fm, torch.stack([wg.m[:, 0], wu.m[:, 0]])) and torch.equal(fk, torch.stack([wg.k[:, 0], wu.k[:, 0]]))
+
+
+@pytest.mark.parametrize("w_bits", [8, 4])
+@pytest.mark.parametrize("m,splits", [(17, (40, 24, 72)), (130, (100, 100)), (1, (64, 13, 8))])
+def test_a_joined_matmul_gives_each_linear_its_own_bits(m, splits, w_bits):
+    run_joined_matmul(m, splits, w_bits)
+
+
+def test_the_joined_matmuls_splits_are_checked():
+    xq = torch.zeros((2, 64), dtype=torch.int8)
+    q, ones = torch.zeros((8, 64), dtype=torch.int8), torch.ones(8, dtype=torch.int32)
+    for bad in ((4, 3), (4, 0, 4), (2, 2, 2, 2), (8.0,)):
+        with pytest.raises(ValueError, match="splits must be 1 to 3 positive column counts adding up to N=8"):
+            cuda_illm.illm_matmul(xq, q, ones, ones, 8, splits=bad)
+    with pytest.raises(ValueError, match=r"kmin must hold one value per segment \(2\)"), emulate.emulating():
+        cuda_illm.illm_matmul(xq, q, ones, ones, 8, kmin=torch.zeros(1, dtype=torch.int32), splits=(4, 4))
+
+
+@pytest.mark.parametrize("per_head", [True, False])
+def test_rope_requant_reads_a_column_slice_in_place(per_head):
+    run_rope_requant(per_head=per_head, sliced=True)
+
+
+def test_swiglu_reads_gate_and_up_from_one_tensor_in_place():
+    run_swiglu(joined=True)
+
+
 def test_matmul_without_columns_still_gives_its_rows_exponents():
     """N = 0: no CTA runs, the rows' exponents are xk + 0 (the launcher's kmin of no weights)."""
     xk = torch.tensor([3, -4, 50])
@@ -463,6 +568,9 @@ MUTATION_CASES = {
     "heads_unaligned": (run_heads_requant, (), "differs"),
     "heads_zero_kept": (run_heads_requant, (), "differs"),
     "tk_no_kmin": (run_matmul_exponents, (), "differs"),
+    "kmin_first_segment": (run_joined_matmul, (), "differs"),
+    "ld_dense": (functools.partial(run_rope_requant, sliced=True), (), "differs"),
+    "const_fold_first": (functools.partial(run_requant, folds=2, const=True), (127,), "differs"),
 }
 
 

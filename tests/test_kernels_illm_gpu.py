@@ -10,7 +10,7 @@ pytest.importorskip("cupy")
 from qconvert_kernels.w4a8 import cuda as kcuda  # noqa: E402
 from qconvert_kernels.illm import cuda as cuda_illm  # noqa: E402
 from qconvert_kernels.illm import reference as ri  # noqa: E402
-from test_kernels_illm_emulate import attention_case, matmul_like, row_scales  # noqa: E402
+from test_kernels_illm_emulate import attention_case, check_joined, joined_case, matmul_like, row_scales  # noqa: E402
 from test_kernels_quik_emulate import illm_case  # noqa: E402
 
 if not kcuda.available():
@@ -30,6 +30,18 @@ def test_matmul(m, n, k, w_bits):
     assert torch.equal(got.cpu(), want) and torch.equal(tk.cpu(), xk + wk.min())
 
 
+@pytest.mark.parametrize("w_bits", [8, 4])
+@pytest.mark.parametrize("m,splits", [(1, (4096, 1024, 1024)), (16, (14336, 14336)), (130, (576, 192, 192)),
+                                      (3, (40, 24, 72))])
+def test_joined_matmul(m, splits, w_bits):
+    """Llama-3-8B's q/k/v and gate/up, SmolLM2's q/k/v and odd segments, each joined into one launch:
+    every segment's t and row exponents are its own linear's."""
+    k = 4096 if splits[0] >= 4096 else 576 if splits[0] == 576 else 96
+    xq, qw, wm, wk, xk, wants, tks = joined_case(m, splits, w_bits, k)
+    t, tk = cuda_illm.illm_matmul(xq.to(DEV), qw.to(DEV), wm.to(DEV), wk.to(DEV), w_bits, xk=xk.to(DEV), splits=splits)
+    check_joined(t.cpu(), tk.cpu(), splits, wants, tks)
+
+
 @pytest.mark.parametrize("clip", [ri.CLIP_ONE, ri.clip_int(0.9)])
 @pytest.mark.parametrize("qmax", [127, 7])
 def test_requant_rows(qmax, clip):
@@ -45,6 +57,11 @@ def test_requant_rows(qmax, clip):
                                        torch.stack([f.k[:, 0] for f in fs]).to(DEV))
     for f in fs:
         r = r * f
+    assert torch.equal(q.cpu().long(), rq) and torch.equal(sm.cpu(), r.m[:, 0]) and torch.equal(sk.cpu(), r.k[:, 0])
+    c = ri.normalize(torch.tensor(35030), torch.tensor(22))  # ~ 1 / sqrt(14336): a constant fold last
+    q, sm, sk = cuda_illm.requant_rows(v.to(DEV), qmax, clip, torch.stack([f.m[:, 0] for f in fs]).to(DEV),
+                                       torch.stack([f.k[:, 0] for f in fs]).to(DEV), c.m.to(DEV), c.k.to(DEV))
+    r = r * c
     assert torch.equal(q.cpu().long(), rq) and torch.equal(sm.cpu(), r.m[:, 0]) and torch.equal(sk.cpu(), r.k[:, 0])
 
 
@@ -78,9 +95,11 @@ def _rows(d):
 
 @pytest.mark.parametrize("heads,d,per_head,rope,fold", [(32, 128, False, True, False), (8, 128, True, True, True),
                                                       (8, 128, True, False, True), (9, 64, True, True, True)])
-def test_rope_requant(heads, d, per_head, rope, fold):
+@pytest.mark.parametrize("sliced", [False, True])
+def test_rope_requant(heads, d, per_head, rope, fold, sliced):
     """Llama-3-8B's q (per token, RoPE, the out fold), k (per head, RoPE, fold), v (no RoPE), and
-    SmolLM2's k, at positions up to 8191."""
+    SmolLM2's k, at positions up to 8191; ``sliced``: read in place from the columns of a wider
+    tensor, as from a joined q/k/v DI-MatMul."""
     rows = 40
     t = matmul_like(rows, heads * d, heads)
     t[5, 3] = 2**60  # a row above 2^40: the pre-shift
@@ -88,7 +107,12 @@ def test_rope_requant(heads, d, per_head, rope, fold):
     pos = torch.randint(0, 8192, (rows,), generator=torch.Generator().manual_seed(d))
     f, o = row_scales(rows, 9), row_scales(rows, 10)
     tables = (pos.to(DEV), cos.to(DEV), sin.to(DEV)) if rope else (None,) * 3
-    q, sm, sk = cuda_illm.rope_requant(t.to(DEV), d, 127, per_head, *tables, *(_rows(f) if fold else (None, None)),
+    td = t.to(DEV)
+    if sliced:
+        wide = torch.zeros(rows, 1024 + heads * d + 512, dtype=torch.int64, device=DEV) - 2**40
+        wide[:, 1024:1024 + heads * d] = td
+        td = wide[:, 1024:1024 + heads * d]
+    q, sm, sk = cuda_illm.rope_requant(td, d, 127, per_head, *tables, *(_rows(f) if fold else (None, None)),
                                        *(_rows(o) if not fold else (None, None)))
     wq, ws = ri.rope_requant(t, d, 127, per_head, *((cos[pos], sin[pos]) if rope else (None, None)),
                              f if fold else None, o if not fold else None)
@@ -131,11 +155,19 @@ def test_heads_requant(rows, heads, t, d):
     assert torch.equal(q.cpu().long(), wq) and torch.equal(sm.cpu(), ws.m[:, 0]) and torch.equal(sk.cpu(), ws.k[:, 0])
 
 
-@pytest.mark.parametrize("n", [1536, 14336, 5])
-def test_swiglu(n):
+@pytest.mark.parametrize("n,joined", [(1536, False), (14336, False), (5, False), (14336, True), (5, True)])
+def test_swiglu(n, joined):
+    """SmolLM2's and Llama-3-8B's widths and an odd one; ``joined``: gate and up as the two column
+    halves of one tensor, as the joined gate/up DI-MatMul leaves them."""
     tg, tu = matmul_like(33, n, 1), matmul_like(33, n, 2)
     sg, su = row_scales(33, 3, 10, 30), row_scales(33, 4, 10, 30)
-    a, gm, gk, um, uk = cuda_illm.swiglu(tg.to(DEV), *_rows(sg), tu.to(DEV), *_rows(su))
+    dg, du = tg.to(DEV), tu.to(DEV)
+    if joined:
+        both = torch.cat([dg, du], 1)
+        dg, du = both[:, :n], both[:, n:]
+    a, gm, gk, um, uk = cuda_illm.swiglu(dg, *_rows(sg), du, *_rows(su))
+    a2, fm, fk = cuda_illm.swiglu(dg, *_rows(sg), du, *_rows(su), folds=True)  # the scales as [2, rows]
+    assert torch.equal(a2, a) and torch.equal(fm, torch.stack([gm, um])) and torch.equal(fk, torch.stack([gk, uk]))
     wa, wg, wu = ri.swiglu(tg, sg, tu, su)
     assert torch.equal(a.cpu(), wa)
     assert torch.equal(gm.cpu(), wg.m[:, 0]) and torch.equal(gk.cpu(), wg.k[:, 0])

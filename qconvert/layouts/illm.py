@@ -209,6 +209,49 @@ class ILLMLinear(QuantizedModule):
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
 
+class JoinedLinears:
+    """Sibling I-LLM linears that read the same input (q/k/v, gate/up) as one DI-MatMul launch on the
+    kernels: their weights, mantissas and exponents joined along N, each member's kmin (its own
+    exponent alignment, so every member's t and row exponents are its own, bit for bit) one entry of
+    ``kmin``.  The members' ``qweight`` become views of the joined one (no second copy of the
+    weights).  Made by ``IntegerLlama.use_kernels`` on the model's device; ``join`` gives None where
+    the members cannot share a launch (a K the kernel does not take, or different weight widths)."""
+
+    def __init__(self, members: list[ILLMLinear]):
+        self.members = list(members)
+        self.wbits = members[0].wbits
+        self.splits = tuple(m.out_features for m in members)
+        self.qweight = torch.cat([m.qweight for m in members])
+        start = 0
+        for m in members:  # the members' own tensors as views: the weights are held once
+            m.qweight = self.qweight[start:start + m.out_features]
+            start += m.out_features
+        self.wm = torch.cat([m.wm for m in members]).to(torch.int32)
+        self.wk = torch.cat([m.wk for m in members]).to(torch.int32)
+        self.kmin = torch.cat([m.wk_min for m in members]).to(torch.int32)
+
+    @classmethod
+    def join(cls, members: list[ILLMLinear]) -> "JoinedLinears | None":
+        first = members[0]
+        if not all(m.kernel and (m.wbits, m.in_features, tuple(m.qweight.shape[1:])) ==
+                   (first.wbits, first.in_features, tuple(first.qweight.shape[1:])) for m in members):
+            return None
+        return cls(members)
+
+    def int_forward(self, xq: torch.Tensor, scale: Dyadic) -> list[tuple[torch.Tensor, Dyadic]]:
+        """Every member's ``ILLMLinear.int_forward`` of the same input in one launch: [(t, scale)] in
+        member order, each t a column slice of the joined output (rows read in place by the kernels
+        after it: illm_rope_requant, illm_swiglu)."""
+        lead = (xq.shape[0], 1)
+        t, tk = cuda_illm.illm_matmul(xq.to(torch.int8), self.qweight, self.wm, self.wk, self.wbits, self.kmin,
+                                      _per_row(scale, lead)[1], splits=self.splits)
+        outs, start = [], 0
+        for i, n in enumerate(self.splits):
+            outs.append((t[:, start:start + n], Dyadic(scale.m, tk[i].reshape(lead))))
+            start += n
+        return outs
+
+
 class IntegerLlama(DerivedHolder):
     """A Llama-architecture causal LM on the integer-only path (see the module docstring)."""
 
@@ -270,6 +313,7 @@ class IntegerLlama(DerivedHolder):
         self.register_buffer("rope_cos", cos)
         self.register_buffer("rope_sin", sin)
         self.kernels = False
+        self._joined: dict[tuple[int, str], JoinedLinears] = {}  # (block, "qkv" or "gate_up"), on the kernels
 
     @property
     def inv_sqrt_i(self) -> Dyadic:
@@ -290,11 +334,26 @@ class IntegerLlama(DerivedHolder):
         ``load(OUT, device="cuda")`` turns them on; on CPU tensors the kernels run only under the
         emulator (qconvert_kernels/illm/emulate.py)."""
         self.kernels = bool(on)
-        for blk in self.model.layers:
+        self._joined = {}
+        for i, blk in enumerate(self.model.layers):
             for part in (blk.self_attn, blk.mlp):
                 for lin in part.children():
                     lin.kernel = self.kernels and lin.kernel_fits()
+            if self.kernels:  # q/k/v and gate/up as one DI-MatMul each (JoinedLinears)
+                attn, mlp = blk.self_attn, blk.mlp
+                for key, members in (("qkv", [attn.q_proj, attn.k_proj, attn.v_proj]), ("gate_up", [mlp.gate_proj, mlp.up_proj])):
+                    joined = JoinedLinears.join(members)
+                    if joined is not None:
+                        self._joined[i, key] = joined
         return self
+
+    def _siblings(self, i: int, key: str, members, xq: torch.Tensor, xs: Dyadic) -> list[tuple[torch.Tensor, Dyadic]]:
+        """``int_forward`` of block i's sibling linears ``members`` on one input: one joined launch on
+        the kernels where ``use_kernels`` joined them, else one each."""
+        joined = self._joined.get((i, key)) if self.kernels else None
+        if joined is not None:
+            return joined.int_forward(xq, xs)
+        return [m.int_forward(xq, xs) for m in members]
 
     def _norm(self, h: torch.Tensor, g: torch.Tensor, gk: int, qmax: int, clip: int = ri.CLIP_ONE):
         """DI-Norm of the rows of h -> (int8-range q, per-row dyadic)."""
@@ -303,17 +362,18 @@ class IntegerLlama(DerivedHolder):
         q, m, k = cuda_illm.rmsnorm(h, g, gk, qmax, clip)
         return q, Dyadic(m[:, None], k[:, None])
 
-    def _requant(self, v: torch.Tensor, qmax: int, clip: int = ri.CLIP_ONE, folds: tuple[Dyadic, ...] = ()):
-        """``ri.quantize_rows`` over the last dim for qmax <= 127, its scale then times each of ``folds``
-        in turn (dyadics broadcast to v's rows; by the kernel when on)."""
+    def _requant(self, v: torch.Tensor, qmax: int, clip: int, folds: tuple, root: bool = False):
+        """``ri.quantize_rows`` over the last dim for qmax <= 127, its scale then times the MLP's two
+        ``folds`` (``_swiglu``'s) and, with ``root``, the online transform's 1 / sqrt(n), in turn (by
+        the kernel when on, the root a device constant it reads)."""
         if not self.kernels:
             q, r = ri.quantize_rows(v, qmax, clip)
-            for f in folds:
+            for f in (*folds, *((self.inv_sqrt_i,) if root else ())):
                 r = r * f
             return q, r
         lead = (*v.shape[:-1], 1)
-        fm, fk = (torch.stack(x) for x in zip(*(_per_row(f, lead) for f in folds))) if folds else (None, None)
-        q, m, k = cuda_illm.requant_rows(v.reshape(-1, v.shape[-1]), qmax, clip, fm, fk)
+        q, m, k = cuda_illm.requant_rows(v.reshape(-1, v.shape[-1]), qmax, clip, *folds,
+                                         *((self.inv_sqrt_i_m, self.inv_sqrt_i_k) if root else ()))
         return q.reshape(v.shape), Dyadic(m.reshape(lead), k.reshape(lead))
 
     def _table(self, start: int, stop: int):
@@ -408,9 +468,7 @@ class IntegerLlama(DerivedHolder):
         d, bt, kvh = self.head_dim, rows, self.kv_heads
         t = xq.shape[0] // bt
         n, causal, real = ctx.n, ctx.causal, ctx.real
-        tq, sq = attn.q_proj.int_forward(xq, xs)
-        tk, sk = attn.k_proj.int_forward(xq, xs)
-        tv, sv = attn.v_proj.int_forward(xq, xs)
+        (tq, sq), (tk, sk), (tv, sv) = self._siblings(i, "qkv", (attn.q_proj, attn.k_proj, attn.v_proj), xq, xs)
         # 16 bits per token, RoPE, int8: q per token over all heads (scale ratio * rq * sq), keys and
         # values per head and token (ratio * (rk * sk)): [rows * t, heads * d], scales [rows * t, G, 1].
         # Nothing depends on a later token or another row, so the model is causal and its KV cache
@@ -482,26 +540,28 @@ class IntegerLlama(DerivedHolder):
             return lin.int_forward(q, Dyadic(m[:, None], k[:, None]))
         return lin.int_forward(*ri.heads_requant(o, exp.reshape(bt, self.heads, t, 1), lin.act_qmax, lin.clip))
 
-    def _mlp_block(self, blk, xq: torch.Tensor, xs: Dyadic):
-        """The MLP of the block's post-attention norm ``xq`` (scale ``xs``)."""
+    def _mlp_block(self, blk, xq: torch.Tensor, xs: Dyadic, i: int = 0):
+        """The MLP of block i's post-attention norm ``xq`` (scale ``xs``)."""
         mlp = blk.mlp
-        tg, sg = mlp.gate_proj.int_forward(xq, xs)
-        tu, su = mlp.up_proj.int_forward(xq, xs)
-        a, sg, su = self._swiglu(tg, sg, tu, su)  # a's scale sg * su, |a| < 2^30
+        (tg, sg), (tu, su) = self._siblings(i, "gate_up", (mlp.gate_proj, mlp.up_proj), xq, xs)
+        a, folds = self._swiglu(tg, sg, tu, su)  # a's scale sg * su, |a| < 2^30
         online = getattr(mlp.down_proj, "online_transform", None)  # --rotate hadamard+online (qconvert.load)
         if online is not None:  # a (A (x) H) / sqrt(n): integers below 2^30 n, the root in the scale
             a = self._hadamard(a, online)
         # a's scale ra * sg * su (* 1 / sqrt(n)): dyadic products round, this order is the format's (tests/test_golden.py)
-        aq, scale = self._requant(a, mlp.down_proj.act_qmax, mlp.down_proj.clip,
-                                  folds=(sg, su) if online is None else (sg, su, self.inv_sqrt_i))
+        aq, scale = self._requant(a, mlp.down_proj.act_qmax, mlp.down_proj.clip, folds, root=online is not None)
         return mlp.down_proj.int_forward(aq, scale)
 
     def _swiglu(self, tg, sg: Dyadic, tu, su: Dyadic):
-        """``ri.swiglu`` (by the kernel when on)."""
+        """``ri.swiglu`` (by the kernel when on): a and its scale's two factors as ``_requant`` takes
+        them, the gate's and the up's Dyadics, or on the kernels their m and k [2, rows] as the kernel
+        wrote them (no stacking)."""
         if not self.kernels:
-            return ri.swiglu(tg, sg, tu, su)
-        a, gm, gk, um, uk = cuda_illm.swiglu(tg, *_per_row(sg, (tg.shape[0], 1)), tu, *_per_row(su, (tg.shape[0], 1)))
-        return a, Dyadic(gm[:, None], gk[:, None]), Dyadic(um[:, None], uk[:, None])
+            a, sg, su = ri.swiglu(tg, sg, tu, su)
+            return a, (sg, su)
+        lead = (tg.shape[0], 1)
+        a, fm, fk = cuda_illm.swiglu(tg, *_per_row(sg, lead), tu, *_per_row(su, lead), folds=True)
+        return a, (fm, fk)
 
     def _hadamard(self, a: torch.Tensor, online):
         """``ri.hadamard_rows`` of the rows of a with the down_proj input's transform (by the kernel when on)."""
@@ -531,7 +591,7 @@ class IntegerLlama(DerivedHolder):
         for i, blk in enumerate(blocks):
             o, os_ = self._attn_block(blk, xq, xs, rows, ctx, cache, i)
             h, hs, xq, xs = self._add_norm(h, hs, o, os_, self._norms(blk)[1])
-            m, ms = self._mlp_block(blk, xq, xs)
+            m, ms = self._mlp_block(blk, xq, xs, i)
             nxt = self._norms(blocks[i + 1])[0] if i + 1 < len(blocks) else final
             h, hs, xq, xs = self._add_norm(h, hs, m, ms, nxt)
         if last_only:  # (the norm is per token: the last tokens' rows of all of them)

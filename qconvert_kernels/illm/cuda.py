@@ -9,8 +9,9 @@ softmax takes int64 scores, so ``softmax`` here is for int32 scores of one scale
 
 Every launcher here checks shapes and dtypes on the host (metadata only), never reads a device
 value on the host (graph-capturable: DI-MatMul's exponent alignment min(wk) is computed on the
-device and passed by pointer), makes its inputs contiguous, allocates contiguous outputs, and
-keeps every temporary it passes by pointer alive until the launch has been issued.
+device and passed by pointer), makes its inputs contiguous (but reads a joined DI-MatMul's column
+slices in place), allocates contiguous outputs, and keeps every temporary it passes by pointer
+alive until the launch has been issued.
 """
 
 from __future__ import annotations
@@ -48,13 +49,18 @@ _INT = (torch.int32, torch.int64)
 
 
 def illm_matmul(xq: torch.Tensor, qweight: torch.Tensor, wm: torch.Tensor, wk: torch.Tensor, w_bits: int,
-                kmin: torch.Tensor | None = None, xk: torch.Tensor | None = None):
+                kmin: torch.Tensor | None = None, xk: torch.Tensor | None = None, splits: tuple[int, ...] | None = None):
     """DI-MatMul: xq int8 [M, K] x weights (w8: int8 [N, K]; w4: packed uint8 [N, K/2]) -> t int64
     [M, N] = round(acc * wm[n] / 2^(wk[n] - min wk)), as ``ILLMLinear.int_forward``.
 
     ``kmin`` (int [1] on the device) may be given precomputed (a layer constant); by default it is
     ``wk.min()`` computed on the device: the host never reads it.  With ``xk`` (int [M], the rows'
-    scale exponents) the kernel also writes t's, xk + kmin, and returns (t, tk int64 [M])."""
+    scale exponents) the kernel also writes t's, xk + kmin, and returns (t, tk int64 [M]).
+
+    ``splits``: the column counts of up to three sibling linears joined along N (their weights,
+    wm and wk concatenated; they read the same xq): each segment of columns is aligned to its own
+    layer's kmin (``kmin`` int [segments], by default each segment's min on the device), so every
+    segment's t equals its layer's own, and tk is [segments, M], one row of exponents per layer."""
     fn = "illm_matmul"
     _l.require(w_bits in (4, 8), f"{fn}: w_bits must be 4 or 8, got {w_bits}")
     _l.require(xq.dim() == 2 and qweight.dim() == 2, f"{fn}: xq [M, K] and qweight [N, K or K/2] must be 2-D")
@@ -69,14 +75,19 @@ def illm_matmul(xq: torch.Tensor, qweight: torch.Tensor, wm: torch.Tensor, wk: t
                f"{qweight.dtype} {tuple(qweight.shape)}")
     _rows_vector(fn, "wm", wm, n, _INT)
     _rows_vector(fn, "wk", wk, n, _INT)
+    segs = (n,) if splits is None else tuple(splits)
+    _l.require(splits is None or (1 <= len(segs) <= 3 and all(isinstance(c, int) and c > 0 for c in segs)
+                                  and sum(segs) == n),
+               f"{fn}: splits must be 1 to 3 positive column counts adding up to N={n}, got {splits!r}")
     dev = _l.check_cuda(fn, xq, qweight, wm, wk)
     xq, qweight = xq.contiguous(), qweight.contiguous()
     wm, wk = wm.to(torch.int32).contiguous(), wk.to(torch.int32).contiguous()
     if kmin is None:
-        kmin_t = wk.min().reshape(1) if n else torch.zeros(1, dtype=torch.int32, device=dev)
+        kmin_t = (torch.stack([w.min() for w in wk.split(segs)]) if n else torch.zeros(1, dtype=torch.int32, device=dev))
     else:
-        _l.require(kmin.numel() == 1, f"{fn}: kmin must hold one value, got {tuple(kmin.shape)}")
-        kmin_t = kmin.reshape(1).to(device=dev, dtype=torch.int32)
+        _l.require(kmin.numel() == len(segs), f"{fn}: kmin must hold one value per segment ({len(segs)}), "
+                   f"got {tuple(kmin.shape)}")
+        kmin_t = kmin.reshape(-1).to(device=dev, dtype=torch.int32)
     kmin_t = kmin_t.to(torch.int32).contiguous()
     _l.check_aligned(fn, xq=xq, qweight=qweight)
     if xk is not None:
@@ -84,14 +95,15 @@ def illm_matmul(xq: torch.Tensor, qweight: torch.Tensor, wm: torch.Tensor, wk: t
         _l.check_cuda(fn, xq, xk)
         xk = xk.to(torch.int64).contiguous()
     t = torch.empty((m, n), dtype=torch.int64, device=dev)
-    tk = None if xk is None else torch.empty((m,), dtype=torch.int64, device=dev)
+    tk = None if xk is None else torch.empty((len(segs), m) if splits is not None else (m,), dtype=torch.int64, device=dev)
+    bounds = [sum(segs[:i + 1]) for i in range(len(segs) - 1)] + [n] * (3 - len(segs))  # n1, n2
     if m and n:
         grid = (-(-n // BLOCK_N), -(-m // BLOCK_M))
         _launch(f"illm_matmul_w{w_bits}", grid, (GEMM_THREADS,),
                 (_l.ptr(xq), _l.ptr(qweight), _l.ptr(wm), _l.ptr(wk), _l.ptr(kmin_t), _l.ptr(t), _l.ptr(xk), _l.ptr(tk),
-                 _l.i32(m), _l.i32(n), _l.i32(k)), dev)
+                 _l.i32(m), _l.i32(n), _l.i32(k), _l.i32(bounds[0]), _l.i32(bounds[1])), dev)
     elif tk is not None:  # no CTA runs: t's exponents on the device all the same
-        tk = xk + kmin_t
+        tk = (xk + kmin_t[:, None]).reshape(tk.shape)
     return t if xk is None else (t, tk)
 
 
@@ -105,10 +117,12 @@ def _check_clip(fn: str, clip: int) -> None:
 
 
 def requant_rows(v: torch.Tensor, qmax: int, clip: int = ri.CLIP_ONE, fm: torch.Tensor | None = None,
-                 fk: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 fk: torch.Tensor | None = None, cm: torch.Tensor | None = None,
+                 ck: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """reference.quantize_rows for int64 v [rows, n]: (q int8, m int64 [rows], k int64 [rows]); with
     ``fm``, ``fk`` (int [folds, rows], per-row dyadics) the scale returned is the row's ratio times
-    each fold in turn (``Dyadic.__mul__``, left to right)."""
+    each fold in turn (``Dyadic.__mul__``, left to right), then, with ``cm``, ``ck`` (one int64 each
+    on the device), times that one dyadic."""
     fn = "requant_rows"
     _l.require(v.dim() == 2 and v.dtype == torch.int64 and 0 < qmax <= 127, f"{fn}: int64 [rows, n], 0 < qmax <= 127")
     _check_clip(fn, clip)
@@ -118,7 +132,11 @@ def requant_rows(v: torch.Tensor, qmax: int, clip: int = ri.CLIP_ONE, fm: torch.
         _l.require(fm.dim() == 2 and fm.shape[1] == rows and fk.shape == fm.shape and fm.dtype in _INT and fk.dtype in _INT,
                    f"{fn}: fm and fk must be integers [folds, rows] = [folds, {rows}], got {fm.dtype} "
                    f"{tuple(fm.shape)} and {fk.dtype} {tuple(fk.shape)}")
-    dev = _l.check_cuda(fn, v, *(() if fm is None else (fm, fk)))
+    _l.require((cm is None) == (ck is None), f"{fn}: give both cm and ck, or neither")
+    if cm is not None:
+        _l.require(cm.numel() == 1 and ck.numel() == 1 and cm.dtype == ck.dtype == torch.int64,
+                   f"{fn}: cm and ck must be one int64 each, got {cm.dtype} {tuple(cm.shape)} and {ck.dtype} {tuple(ck.shape)}")
+    dev = _l.check_cuda(fn, v, *(() if fm is None else (fm, fk)), *(() if cm is None else (cm, ck)))
     v = v.contiguous()
     fm_c, fk_c = (None, None) if fm is None else (fm.to(torch.int64).contiguous(), fk.to(torch.int64).contiguous())
     q = torch.empty(v.shape, dtype=torch.int8, device=dev)
@@ -126,7 +144,8 @@ def requant_rows(v: torch.Tensor, qmax: int, clip: int = ri.CLIP_ONE, fm: torch.
     if v.numel():
         _launch("illm_requant_rows", (rows,), (ROW_THREADS,),
                 (_l.ptr(v), _l.ptr(q), _l.ptr(sm), _l.ptr(sk), _l.i32(rows), _l.i32(v.shape[1]), _l.i32(qmax),
-                 _l.i32(clip), _l.ptr(fm_c), _l.ptr(fk_c), _l.i32(0 if fm is None else fm.shape[0])), dev)
+                 _l.i32(clip), _l.ptr(fm_c), _l.ptr(fk_c), _l.i32(0 if fm is None else fm.shape[0]), _l.ptr(cm),
+                 _l.ptr(ck)), dev)
     return q, sm, sk
 
 
@@ -182,18 +201,31 @@ def _row_scale(fn: str, what: str, m: torch.Tensor, k: torch.Tensor, rows: int):
     return m.to(torch.int64).contiguous(), k.to(torch.int64).contiguous()
 
 
-def _int64_rows(fn: str, what: str, v: torch.Tensor, shape=None) -> torch.Tensor:
+def _int64_rows(fn: str, what: str, v: torch.Tensor, shape=None, strided: bool = False) -> torch.Tensor:
+    """v checked as int64 [rows, n] (of ``shape``), contiguous; with ``strided`` rows may stay apart
+    (a column slice of a wider tensor, as a joined DI-MatMul's output is read): only a row itself
+    must be dense, the row stride (``v.stride(0)``) is what the kernel is passed."""
     _l.require(v.dim() == 2 and v.dtype == torch.int64 and (shape is None or tuple(v.shape) == tuple(shape)),
                f"{fn}: {what} must be int64 [rows, n]" + (f" = {list(shape)}" if shape is not None else "")
                + f", got {v.dtype} {tuple(v.shape)}")
+    if strided and (v.stride(1) == 1 or v.shape[1] <= 1) and v.shape[1] <= v.stride(0) < 2**31:
+        return v
     return v.contiguous()
 
 
-def _scaled_pair(fn: str, first: tuple, second: tuple):
+def _ld(v: torch.Tensor) -> int:
+    """The row stride the kernel reads v [rows, n] with (``_int64_rows(strided=True)``'s result)."""
+    return v.stride(0) if v.shape[0] > 1 else v.shape[1]
+
+
+def _scaled_pair(fn: str, first: tuple, second: tuple, strided: bool = False):
     """Two int64 [rows, n] operands of one shape, each with a per-row dyadic, as (name, v, m, k, scale
-    name): each as (v, m, k) the kernel reads (int64, contiguous), and their one CUDA device."""
-    v1 = _int64_rows(fn, first[0], first[1])
-    v2 = _int64_rows(fn, second[0], second[1], v1.shape)
+    name): each as (v, m, k) the kernel reads (int64, contiguous; with ``strided`` both rows one
+    stride apart, made contiguous where theirs differ), and their one CUDA device."""
+    v1 = _int64_rows(fn, first[0], first[1], strided=strided)
+    v2 = _int64_rows(fn, second[0], second[1], v1.shape, strided=strided)
+    if strided and _ld(v1) != _ld(v2):
+        v1, v2 = v1.contiguous(), v2.contiguous()
     rows = v1.shape[0]
     s1, s2 = _row_scale(fn, first[4], first[2], first[3], rows), _row_scale(fn, second[4], second[2], second[3], rows)
     dev = _l.check_cuda(fn, v1, v2, *s1, *s2)
@@ -215,7 +247,7 @@ def rope_requant(t: torch.Tensor, head_dim: int, qmax: int, per_head: bool, pos:
                  fk: torch.Tensor | None = None, om: torch.Tensor | None = None, ok: torch.Tensor | None = None,
                  into: tuple | None = None):
     """reference.rope_requant on the kernel, for a token's projection t int64 [rows, L] (L = heads *
-    head_dim): with ``pos`` (int [rows], each row's position) and the model's tables ``cos``,
+    head_dim; its rows may be a joined DI-MatMul's columns, read in place): with ``pos`` (int [rows], each row's position) and the model's tables ``cos``,
     ``sin`` int64 [positions, head_dim / 2], RoPE of each head by the rows ``cos[pos]``, ``sin[pos]``
     (every pos must be below ``positions``: a device value, not checked here); (fm, fk) the 16-bit
     ratio's fold and (om, ok) the output scale's, per-row dyadics [rows].  Returns (q int8 [rows, L],
@@ -226,7 +258,7 @@ def rope_requant(t: torch.Tensor, head_dim: int, qmax: int, per_head: bool, pos:
     token per row) written straight into a static cache's buffers at that column, which are
     returned; nothing else of them changes."""
     fn = "rope_requant"
-    t_c = _int64_rows(fn, "t", t)
+    t_c = _int64_rows(fn, "t", t, strided=True)
     rows, width = t_c.shape
     _l.require(isinstance(head_dim, int) and head_dim > 0 and head_dim % 2 == 0 and width % head_dim == 0 and width,
                f"{fn}: head_dim {head_dim!r} must be even and divide the rows' width {width} (> 0)")
@@ -267,29 +299,33 @@ def rope_requant(t: torch.Tensor, head_dim: int, qmax: int, per_head: bool, pos:
         _launch("illm_rope_requant", (rows, groups), (ROW_THREADS,),
                 (_l.ptr(t_c), _l.ptr(fm_c), _l.ptr(fk_c), _l.i32(int(fm is not None)), _l.ptr(cos_c), _l.ptr(sin_c),
                  _l.ptr(pos_c), _l.i32(int(rope)), _l.ptr(om_c), _l.ptr(ok_c), _l.i32(int(om is not None)), _l.ptr(q),
-                 _l.ptr(sm), _l.ptr(sk), _l.ptr(col), _l.i32(stride), _l.i32(rows), _l.i32(width), _l.i32(sub),
+                 _l.ptr(sm), _l.ptr(sk), _l.ptr(col), _l.i32(stride), _l.i32(rows), _l.i32(width), _l.i32(_ld(t_c)), _l.i32(sub),
                  _l.i32(head_dim), _l.i32(qmax)), dev)
     return q, sm, sk
 
 
 def swiglu(tg: torch.Tensor, gm: torch.Tensor, gk: torch.Tensor, tu: torch.Tensor, um: torch.Tensor, uk: torch.Tensor,
-           qmax: int = ri.WIDE_QMAX):
+           qmax: int = ri.WIDE_QMAX, folds: bool = False):
     """reference.swiglu of int64 tg, tu [rows, n] with row scales (gm, gk), (um, uk): (a int64 [rows, n],
-    the gate's scale m, k, the up's scale m, k [rows])."""
+    the gate's scale m, k, the up's scale m, k [rows]); with ``folds``: (a, m, k [2, rows]), the
+    gate's scale then the up's as rows, what ``requant_rows`` takes as its folds.  tg and tu may be
+    column slices of one tensor (a joined gate/up DI-MatMul's output), read in place."""
     fn = "swiglu"
     _l.require(isinstance(qmax, int) and 0 < qmax <= ri.WIDE_QMAX, f"{fn}: 0 < qmax <= 2^15 - 1, got {qmax!r}")
-    (tg_c, gm_c, gk_c), (tu_c, um_c, uk_c), dev = _scaled_pair(fn, ("tg", tg, gm, gk, "gate scale"), ("tu", tu, um, uk, "up scale"))
+    (tg_c, gm_c, gk_c), (tu_c, um_c, uk_c), dev = _scaled_pair(fn, ("tg", tg, gm, gk, "gate scale"),
+                                                              ("tu", tu, um, uk, "up scale"), strided=True)
     rows, n = tg_c.shape
     a = torch.empty((rows, n), dtype=torch.int64, device=dev)
-    sgm, sgk = _row_outputs(rows, dev)
-    sum_, suk = _row_outputs(rows, dev)
+    fm, fk = (torch.empty((2, rows), dtype=torch.int64, device=dev) for _ in range(2))
+    (sgm, sum_), (sgk, suk) = fm, fk  # rows of one tensor each, written by the kernel
     if tg_c.numel():
         import numpy as np
 
         _launch("illm_swiglu", (rows,), (ROW_THREADS,),
                 (_l.ptr(tg_c), _l.ptr(gm_c), _l.ptr(gk_c), _l.ptr(tu_c), _l.ptr(um_c), _l.ptr(uk_c), np.int64(ri.exp_umax(ri.SILU_CLIP)),
-                 _l.i32(qmax), _l.ptr(a), _l.ptr(sgm), _l.ptr(sgk), _l.ptr(sum_), _l.ptr(suk), _l.i32(rows), _l.i32(n)), dev)
-    return a, sgm, sgk, sum_, suk
+                 _l.i32(qmax), _l.ptr(a), _l.ptr(sgm), _l.ptr(sgk), _l.ptr(sum_), _l.ptr(suk), _l.i32(rows), _l.i32(n),
+                 _l.i32(_ld(tg_c))), dev)
+    return (a, fm, fk) if folds else (a, sgm, sgk, sum_, suk)
 
 
 def residual_norm(x: torch.Tensor, xm: torch.Tensor, xk: torch.Tensor, b: torch.Tensor, bm: torch.Tensor, bk: torch.Tensor,

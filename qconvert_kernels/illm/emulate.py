@@ -35,12 +35,12 @@ ROPE_BITS = 14
 CLIP_BITS = 16
 MASK64 = (1 << 64) - 1
 
-REQUANT_PARAMS = ("v", "q", "sm", "sk", "rows", "n", "qmax", "clip", "fm", "fk", "folds")
+REQUANT_PARAMS = ("v", "q", "sm", "sk", "rows", "n", "qmax", "clip", "fm", "fk", "folds", "cm", "ck")
 SOFTMAX_PARAMS = ("scores", "valid", "sm", "sk", "umax", "P", "rows", "T")
 RMSNORM_PARAMS = ("x", "gamma", "gk", "qmax", "q", "sm", "sk", "rows", "H", "clip")
 ROPE_PARAMS = ("t", "fm", "fk", "fold", "cos", "sin", "pos", "rope", "om", "ok", "ofold", "q", "sm", "sk", "col", "stride",
-               "rows", "L", "sub", "d", "qmax")
-SWIGLU_PARAMS = ("tg", "gm", "gk", "tu", "um", "uk", "umax", "qmax", "a", "sgm", "sgk", "sum", "suk", "rows", "n")
+               "rows", "L", "ld", "sub", "d", "qmax")
+SWIGLU_PARAMS = ("tg", "gm", "gk", "tu", "um", "uk", "umax", "qmax", "a", "sgm", "sgk", "sum", "suk", "rows", "n", "ld")
 RESIDUAL_PARAMS = ("x", "xm", "xk", "b", "bm", "bk", "qmax", "h", "hm", "hk", "gamma", "gk", "nqmax", "clip", "q", "sm", "sk",
                    "rows", "n")
 ATTENTION_PARAMS = ("q", "qm", "qk", "k8", "km", "kk", "v8", "vm", "vk", "mask", "mask_hr", "sdm", "sdk", "umax", "pq",
@@ -71,6 +71,9 @@ MUTATIONS = _BYTES_MUTATIONS | frozenset({
     "heads_unaligned", # the heads' requantization ignoring their exponents (no shifts)
     "heads_zero_kept", # its exponent left at NO_EXPONENT for a token whose heads are all zero
     "tk_no_kmin",      # DI-MatMul's output row exponents without the weights' kmin
+    "kmin_first_segment",  # a joined DI-MatMul aligning every column to its first layer's kmin
+    "ld_dense",        # illm_rope_requant and illm_swiglu reading rows n apart, not the row stride ld
+    "const_fold_first",  # illm_requant_rows multiplying its constant fold before the per-row ones
 })
 
 
@@ -227,8 +230,10 @@ class RowQuant:
 # ----------------------------------------------------------------------------- row kernels
 
 
-def _row(ctx: Ctx, key: str, r: int, n: int, dtype, what: str) -> list[int]:
-    return [int(v) for v in _load(ctx, ctx.args[key], r * n + np.arange(n), dtype, what)]
+def _row(ctx: Ctx, key: str, r: int, n: int, dtype, what: str, ld: int | None = None) -> list[int]:
+    """Row r of n values, rows ``ld`` apart (n: dense)."""
+    step = n if ld is None or "ld_dense" in ctx.mutations else ld
+    return [int(v) for v in _load(ctx, ctx.args[key], r * step + np.arange(n), dtype, what)]
 
 
 def _store(ctx: Ctx, key: str, index, values, dtype, what: str) -> None:
@@ -245,10 +250,16 @@ def requant_rows(ctx: Ctx, ops: Ops, grid):
     rows, n = a["rows"], a["n"]
     for r in range(min(grid[0], rows)):
         q, m, k = ops.requant_row(_row(ctx, "v", r, n, np.int64, "v"), a["qmax"], a["clip"])
+        const = (int(_load(ctx, a["cm"], [0], np.int64, "cm")[0]), int(_load(ctx, a["ck"], [0], np.int64, "ck")[0])) \
+            if a["cm"] else None
+        if const is not None and "const_fold_first" in ops.mutations:
+            m, k = ops.mul((m, k), const)
         order = range(a["folds"] - 1, -1, -1) if "folds_reversed" in ops.mutations else range(a["folds"])
         for f in order:
             m, k = ops.mul((m, k), (int(_load(ctx, a["fm"], [f * rows + r], np.int64, "fm")[0]),
                                     int(_load(ctx, a["fk"], [f * rows + r], np.int64, "fk")[0])))
+        if const is not None and "const_fold_first" not in ops.mutations:
+            m, k = ops.mul((m, k), const)
         _store(ctx, "q", r * n + np.arange(n), q, np.int8, "q")
         _store(ctx, "sm", [r], [m], np.int64, "sm")
         _store(ctx, "sk", [r], [k], np.int64, "sk")
@@ -321,7 +332,7 @@ def rope_requant(ctx: Ctx, ops: Ops, grid):
     half = d >> 1
     byd = DivBy(d, 32)
     for r in range(min(grid[0], rows)):
-        row = _row(ctx, "t", r, L, np.int64, "t")
+        row = _row(ctx, "t", r, L, np.int64, "t", a["ld"])
         wq = RowQuant(ops, row, WIDE_QMAX, 1 << CLIP_BITS, WIDE_NBITS)
         w = wq.scale()
         if a["fold"] and "wide_no_fold" not in ops.mutations:
@@ -367,7 +378,7 @@ def swiglu(ctx: Ctx, ops: Ops, grid):
     a = ctx.args
     rows, n = a["rows"], a["n"]
     for r in range(min(grid[0], rows)):
-        g, u = _row(ctx, "tg", r, n, np.int64, "tg"), _row(ctx, "tu", r, n, np.int64, "tu")
+        g, u = _row(ctx, "tg", r, n, np.int64, "tg", a["ld"]), _row(ctx, "tu", r, n, np.int64, "tu", a["ld"])
         qg = RowQuant(ops, g, a["qmax"], 1 << CLIP_BITS, WIDE_NBITS)
         qu = RowQuant(ops, u, a["qmax"], 1 << CLIP_BITS, WIDE_NBITS)
         sg = qg.scale() if "swiglu_unfolded" in ops.mutations else ops.mul(qg.scale(), _row_scale(ctx, "gm", "gk", r))

@@ -9,7 +9,9 @@
 //   illm_matmul_w8 / _w4   t[m, n] = round((acc[m, n] * wm[n]) / 2^(wk[n] - kmin))   int64 out,
 //                          acc = sum_k xq[m, k] * q[n, k] on int8 tensor cores (w4: weights
 //                          widened from packed int4 in registers, the W4A8 main loop); optionally
-//                          the rows' output scale exponents xk[m] + kmin
+//                          the rows' output scale exponents xk[m] + kmin.  Up to three sibling
+//                          linears of one input (q/k/v, gate/up) joined along N run as one launch,
+//                          each column segment with its own layer's kmin and row exponents
 //   illm_requant_rows      q = round(|v| * qmax / amax) with v's sign, per row; the row's scale
 //                          ratio amax / qmax as (m, k)   (reference_illm.quantize_rows); a clip
 //                          c * 2^16 below 2^16 first shrinks amax to round(amax * c) (|v| clamped)
@@ -29,7 +31,8 @@
 //                          P requantized to 16 bits, P V exact (attention)
 //
 // Requirements (launcher: qconvert_kernels/illm/cuda.py): K a multiple of 32 for the GEMMs;
-// contiguous row-major operands, 16-byte aligned; |x| < 2^22 for the norm.
+// row-major operands (contiguous, but illm_rope_requant's and illm_swiglu's inputs may have a row
+// stride), the GEMMs' 16-byte aligned; |x| < 2^22 for the norm.
 // This file includes ../common.cuh, the W4A8 main loop (../w4a8/w4a8_mainloop.cuh) and the QUIK
 // byte main loop (../quik/quik_mainloop.cuh); kernel_source() in compile.py inlines them for NVRTC.
 //
@@ -195,10 +198,11 @@ __device__ __forceinline__ long long silu(long long g, Dy coef, long long umax) 
     return rshift_round(g * (g >= 0 ? pos : ONE - pos), EXP_F);
 }
 
-// DI-MatMul epilogue: t = round(acc * wm[n] / 2^(wk[n] - kmin)), int64.
+// DI-MatMul epilogue: t = round(acc * wm[n] / 2^(wk[n] - kmin)), int64, kmin the one of n's segment:
+// kmin[0] below column n1, kmin[1] from n1 to n2, kmin[2] from n2 (one layer: n1 = n2 = N).
 __device__ __forceinline__ void matmul_epilogue(const int (&P)[quik::MT][quik::NT][4], const int* __restrict__ wm,
-                                                const int* __restrict__ wk, int kmin, long long* __restrict__ t,
-                                                int M, int N, int bm, int bn) {
+                                                const int* __restrict__ wk, const int* __restrict__ kmin,
+                                                long long* __restrict__ t, int M, int N, int n1, int n2, int bm, int bn) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int gid = lane >> 2, tig = lane & 3;
     const int wmo = (warp >> 1) * quik::WM, wno = (warp & 1) * quik::WN;
@@ -209,7 +213,7 @@ __device__ __forceinline__ void matmul_epilogue(const int (&P)[quik::MT][quik::N
             const int n = bn + wno + nt * 8 + 2 * tig + c;
             if (n >= N) continue;
             const long long m_n = __ldg(wm + n);
-            const int s = __ldg(wk + n) - kmin;
+            const int s = __ldg(wk + n) - __ldg(kmin + (n >= n1) + (n >= n2));
 #pragma unroll
             for (int mt = 0; mt < quik::MT; ++mt)
 #pragma unroll
@@ -227,20 +231,27 @@ __device__ __forceinline__ void matmul_epilogue(const int (&P)[quik::MT][quik::N
     const signed char* __restrict__ qw,   /* int8 [N, K] (w8) or packed int4 [N, K/2] (w4) */         \
     const int* __restrict__ wm,           /* int32 [N] mantissas */                                   \
     const int* __restrict__ wk,           /* int32 [N] exponents */                                   \
-    const int* __restrict__ kmin_p,       /* int32 [1]: min over n of wk, a device value (no sync) */ \
+    const int* __restrict__ kmin_p,       /* int32 [segments]: each segment's min of wk (device) */   \
     long long* __restrict__ t,            /* int64 [M, N] out */                                      \
     const long long* __restrict__ xk,     /* int64 [M]: the rows' scale exponents, or null */         \
-    long long* __restrict__ tk,           /* int64 [M] out: xk + kmin, t's (not written when null) */ \
-    int M, int N, int K
+    long long* __restrict__ tk,           /* int64 [segments, M] out: xk + kmin (not when null) */    \
+    int M, int N, int K,                                                                              \
+    int n1, int n2                        /* segment bounds: [0, n1), [n1, n2), [n2, N) */
 
 namespace illm {
-// The output rows' scale exponents, xk + kmin (the input's scale times 2^-kmin), written by the
-// CTAs of the first column tile: one addition per row that would otherwise be a launch of its own.
+// The output rows' scale exponents, xk + kmin (the input's scale times 2^-kmin) per column segment,
+// written by the CTAs of the first column tile: one addition per row and segment that would
+// otherwise be a launch of its own.  A segment is there when its start is below N.
 __device__ __forceinline__ void matmul_row_exponents(const long long* __restrict__ xk, long long* __restrict__ tk,
-                                                     int kmin, int M, int bm) {
+                                                     const int* __restrict__ kmin, int M, int N, int n1, int n2,
+                                                     int bm) {
     if (tk == nullptr || blockIdx.x != 0) return;
-    for (int i = threadIdx.x; i < quik::BM; i += quik::THREADS)
-        if (bm + i < M) tk[bm + i] = xk[bm + i] + kmin;
+    const int segments = 1 + (n1 < N) + (n2 < N);
+    for (int g = 0; g < segments; ++g) {
+        const int km = __ldg(kmin + g);
+        for (int i = threadIdx.x; i < quik::BM; i += quik::THREADS)
+            if (bm + i < M) tk[static_cast<long long>(g) * M + bm + i] = xk[bm + i] + km;
+    }
 }
 }  // namespace illm
 
@@ -249,9 +260,8 @@ extern "C" __global__ void __launch_bounds__(quik::THREADS, 1) illm_matmul_w8(IL
     const int bm = blockIdx.y * quik::BM, bn = blockIdx.x * quik::BN;
     int P[quik::MT][quik::NT][4];
     quik::mainloop_bytes<false>(xq, qw, M, N, K, bm, bn, P);
-    const int kmin = __ldg(kmin_p);
-    illm::matmul_epilogue(P, wm, wk, kmin, t, M, N, bm, bn);
-    illm::matmul_row_exponents(xk, tk, kmin, M, bm);
+    illm::matmul_epilogue(P, wm, wk, kmin_p, t, M, N, n1, n2, bm, bn);
+    illm::matmul_row_exponents(xk, tk, kmin_p, M, N, n1, n2, bm);
 }
 
 extern "C" __global__ void __launch_bounds__(quik::THREADS, 1) illm_matmul_w4(ILLM_MATMUL_ARGS) {
@@ -259,18 +269,19 @@ extern "C" __global__ void __launch_bounds__(quik::THREADS, 1) illm_matmul_w4(IL
     int P[quik::MT][quik::NT][4];
     quik::NoFold fold;
     qk::mainloop(xq, reinterpret_cast<const unsigned char*>(qw), M, N, K, K, bm, bn, P, fold);
-    const int kmin = __ldg(kmin_p);
-    illm::matmul_epilogue(P, wm, wk, kmin, t, M, N, bm, bn);
-    illm::matmul_row_exponents(xk, tk, kmin, M, bm);
+    illm::matmul_epilogue(P, wm, wk, kmin_p, t, M, N, n1, n2, bm, bn);
+    illm::matmul_row_exponents(xk, tk, kmin_p, M, N, n1, n2, bm);
 }
 
 // Launch: grid (rows), block 256.  v int64 [rows, n] -> q int8 [rows, n], scale (m, k) int64 [rows];
 // clip: c * 2^16 (2^16: none).  The scale returned is the row's ratio times `folds` per-row dyadics
-// in turn, (fm, fk) int64 [folds, rows] (Dyadic products, left to right; not read when folds = 0).
+// in turn, (fm, fk) int64 [folds, rows] (Dyadic products, left to right; not read when folds = 0),
+// then times the one dyadic (cm[0], ck[0]) of every row when cm is not null (the online Hadamard
+// transform's 1 / sqrt(n), a device constant).
 extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS) illm_requant_rows(
         const long long* __restrict__ v, signed char* __restrict__ q, long long* __restrict__ sm,
         long long* __restrict__ sk, int rows, int n, int qmax, int clip, const long long* __restrict__ fm,
-        const long long* __restrict__ fk, int folds) {
+        const long long* __restrict__ fk, int folds, const long long* __restrict__ cm, const long long* __restrict__ ck) {
     __shared__ long long red[illm::ROW_THREADS / 32];
     const int r = blockIdx.x;
     if (r >= rows) return;
@@ -278,6 +289,7 @@ extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS) illm_requant_row
     illm::Dy d = illm::requant_row([&](int i) { return row[i]; }, n, qmax, clip, q + static_cast<long long>(r) * n, red);
     if (threadIdx.x == 0) {
         for (int f = 0; f < folds; ++f) d = illm::mul(d, {fm[static_cast<long long>(f) * rows + r], fk[static_cast<long long>(f) * rows + r]});
+        if (cm != nullptr) d = illm::mul(d, {cm[0], ck[0]});
         sm[r] = d.m;
         sk[r] = d.k;
     }
@@ -343,7 +355,7 @@ extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS, 4) illm_rmsnorm(
 }
 
 // Launch: grid (rows, L / sub), block 256.  A token's q, k or v projection t int64 [rows, L] (L =
-// heads * d) to int8-range values, reference.rope_requant: the token's L values requantized to
+// heads * d; rows `ld` apart: a joined DI-MatMul's columns) to int8-range values, reference.rope_requant: the token's L values requantized to
 // WIDE_QMAX (16 bits), that ratio times (fm, fk)[r] when `fold`; with `rope`, each head of d values
 // rotated by the integer table row pos[r] of cos, sin int64 [positions, d / 2] (pos[r] < positions:
 // the caller's bound); then each sub-row of `sub` values (L: per token; d: per head and token) is
@@ -358,11 +370,11 @@ extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS) illm_rope_requan
         const long long* __restrict__ cos, const long long* __restrict__ sin, const long long* __restrict__ pos,
         int rope, const long long* __restrict__ om, const long long* __restrict__ ok, int ofold,
         signed char* __restrict__ q, long long* __restrict__ sm, long long* __restrict__ sk, const long long* __restrict__ col,
-        int stride, int rows, int L, int sub, int d, int qmax) {
+        int stride, int rows, int L, int ld, int sub, int d, int qmax) {
     __shared__ long long red[illm::ROW_THREADS / 32];
     const int r = blockIdx.x, g = blockIdx.y, groups = gridDim.y;
     if (r >= rows) return;
-    const long long* row = t + static_cast<long long>(r) * L;
+    const long long* row = t + static_cast<long long>(r) * ld;
     illm::RowQuant<61> wq;
     wq.init([&](int i) { return row[i]; }, L, static_cast<int>(illm::WIDE_QMAX), 1LL << illm::CLIP_BITS, red);
     const long long* sr = row + static_cast<long long>(g) * sub;
@@ -431,22 +443,24 @@ extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS) illm_heads_requa
     }
 }
 
-// Launch: grid (rows), block 256.  The SwiGLU of the MLP (reference.swiglu): tg, tu int64 [rows, n]
-// (gate_proj's and up_proj's DI-MatMul outputs) with their row scales (gm, gk), (um, uk), each
-// requantized to [-qmax, qmax] (16 bits) with its ratio folded into its scale -> (sgm, sgk),
-// (sum, suk) [rows]; a int64 [rows, n] = SiLU(g) * u in the scale sg * su; umax the clip of
+// Launch: grid (rows), block 256.  The SwiGLU of the MLP (reference.swiglu): tg, tu int64 [rows, n],
+// rows `ld` apart (gate_proj's and up_proj's DI-MatMul outputs, or a joined one's columns) with
+// their row scales (gm, gk), (um, uk), each requantized to [-qmax, qmax] (16 bits) with its ratio
+// folded into its scale -> (sgm, sgk), (sum, suk) [rows]; a int64 [rows, n] (dense) = SiLU(g) * u
+// in the scale sg * su; umax the clip of
 // SiLU's DI-Exp argument.  Nothing but a, sg and su is written: g and u are requantized again
-// where they are read.
-extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS) illm_swiglu(
+// where they are read.  The bounds' 4 CTAs per SM give ptxas 64 registers: left to itself it took 48
+// for sm_89 and spilled 8 bytes (tests/test_kernels_illm_compile.py), now 56 on sm_80/89/90.
+extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS, 4) illm_swiglu(
         const long long* __restrict__ tg, const long long* __restrict__ gm, const long long* __restrict__ gk,
         const long long* __restrict__ tu, const long long* __restrict__ um, const long long* __restrict__ uk,
         long long umax, int qmax, long long* __restrict__ a, long long* __restrict__ sgm, long long* __restrict__ sgk,
-        long long* __restrict__ sum, long long* __restrict__ suk, int rows, int n) {
+        long long* __restrict__ sum, long long* __restrict__ suk, int rows, int n, int ld) {
     __shared__ long long red[illm::ROW_THREADS / 32];
     const int r = blockIdx.x;
     if (r >= rows) return;
-    const long long* g = tg + static_cast<long long>(r) * n;
-    const long long* u = tu + static_cast<long long>(r) * n;
+    const long long* g = tg + static_cast<long long>(r) * ld;
+    const long long* u = tu + static_cast<long long>(r) * ld;
     illm::RowQuant<61> qg, qu;
     qg.init([&](int i) { return g[i]; }, n, qmax, 1LL << illm::CLIP_BITS, red);
     qu.init([&](int i) { return u[i]; }, n, qmax, 1LL << illm::CLIP_BITS, red);

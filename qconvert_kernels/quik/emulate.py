@@ -61,7 +61,7 @@ QUANT_THREADS = 256
 GEMM_PARAMS = ("xq", "s", "z", "qw", "wscale", "wsum", "y_out", "y", "acc_out", "M", "N", "Kbp")
 SPLIT_PARAMS = ("x", "base_idx", "outlier_idx", "xq", "s", "z", "x_out", "M", "K", "Kb", "Kbp", "n_out", "bits", "pack",
                 "clip")
-ILLM_PARAMS = ("xq", "qw", "wm", "wk", "kmin_p", "t", "xk", "tk", "M", "N", "K")
+ILLM_PARAMS = ("xq", "qw", "wm", "wk", "kmin_p", "t", "xk", "tk", "M", "N", "K", "n1", "n2")
 IS_PARAMS = ("xq", "t", "qw", "iscale", "cscale", "alpha_log2", "y", "acc_out", "M", "N", "Kp", "group_size")
 FS_PARAMS = ("xq", "t", "qw", "scales", "y", "M", "N", "Kp", "group_size")
 
@@ -383,12 +383,21 @@ def _rshift_round(v, s):
     return np.where(s > 0, (v + (np.int64(1) << (sp - 1))) >> sp, v)
 
 
+def _illm_kmin(ctx: Ctx, n):
+    """Each column's segment kmin, kmin_p[(n >= n1) + (n >= n2)] (a joined DI-MatMul's segments; one
+    layer: n1 = n2 = N)."""
+    a = ctx.args
+    seg = (n >= a["n1"]).astype(np.int64) + (n >= a["n2"])
+    if "kmin_first_segment" in ctx.mutations:
+        seg = np.zeros_like(seg)
+    return _load(ctx, a["kmin_p"], seg, np.int32, "kmin").astype(np.int64)
+
+
 def illm_epilogue(ctx: Ctx, P, M: int, N: int, bm: int, bn: int):
-    """illm::matmul_epilogue: t = rshift_round(acc * wm[n], wk[n] - kmin), int64."""
+    """illm::matmul_epilogue: t = rshift_round(acc * wm[n], wk[n] - kmin of n's segment), int64."""
     a = ctx.args
     tid, gid, tig, wmo, wno = _threads()
     P = _c(ctx, P)
-    kmin = int(_load(ctx, a["kmin_p"], np.zeros(1, np.int64), np.int32, "kmin")[0])
     for nt in range(NT):
         for c in range(2):
             n = bn + wno + nt * 8 + 2 * tig + c
@@ -396,7 +405,7 @@ def illm_epilogue(ctx: Ctx, P, M: int, N: int, bm: int, bn: int):
             m_n = np.zeros(THREADS, np.int64)
             s = np.zeros(THREADS, np.int64)
             m_n[inside] = _load(ctx, a["wm"], n[inside], np.int32, "wm")
-            s[inside] = _load(ctx, a["wk"], n[inside], np.int32, "wk").astype(np.int64) - kmin
+            s[inside] = _load(ctx, a["wk"], n[inside], np.int32, "wk").astype(np.int64) - _illm_kmin(ctx, n[inside])
             for mt in range(MT):
                 for h in range(2):
                     m = bm + wmo + mt * 16 + gid + 8 * h
@@ -406,15 +415,23 @@ def illm_epilogue(ctx: Ctx, P, M: int, N: int, bm: int, bn: int):
                         ctx.mem.store(a["t"], (m[t] * N + n[t]) * 8, v.view(np.uint8).reshape(-1, 8), "t")
 
 
-def illm_row_exponents(ctx: Ctx, M: int, bm: int):
-    """illm::matmul_row_exponents (the first column tile's CTAs): tk[m] = xk[m] + kmin for its rows."""
+def illm_segments(ctx: Ctx) -> int:
+    """How many column segments a DI-MatMul launch has: 1 + (n1 < N) + (n2 < N)."""
     a = ctx.args
-    kmin = int(_load(ctx, a["kmin_p"], np.zeros(1, np.int64), np.int32, "kmin")[0])
+    return 1 + int(a["n1"] < a["N"]) + int(a["n2"] < a["N"])
+
+
+def illm_row_exponents(ctx: Ctx, M: int, bm: int):
+    """illm::matmul_row_exponents (the first column tile's CTAs): tk[g, m] = xk[m] + kmin[g] for its
+    rows, for each column segment g."""
+    a = ctx.args
     rows = np.arange(bm, min(bm + BM, M), dtype=np.int64)
-    if "tk_no_kmin" in ctx.mutations:
-        kmin = 0
-    v = _load(ctx, a["xk"], rows, np.int64, "xk").astype(np.int64) + kmin
-    ctx.mem.store(a["tk"], rows * 8, v.view(np.uint8).reshape(-1, 8), "tk")
+    for g in range(illm_segments(ctx)):
+        kmin = int(_load(ctx, a["kmin_p"], np.array([g], np.int64), np.int32, "kmin")[0])
+        if "tk_no_kmin" in ctx.mutations:
+            kmin = 0
+        v = _load(ctx, a["xk"], rows, np.int64, "xk").astype(np.int64) + kmin
+        ctx.mem.store(a["tk"], (g * M + rows) * 8, v.view(np.uint8).reshape(-1, 8), "tk")
 
 
 class GroupFold:
@@ -629,6 +646,8 @@ class Emulator(StaticEmulator):
             return
         M, N = vals["M"], vals["N"]
         check_tiles(name, grid, M, N)
+        if name.startswith("illm_") and not 0 < vals["n1"] <= vals["n2"] <= N:
+            raise EmulationError(f"{name}: segment bounds n1={vals['n1']}, n2={vals['n2']} for N={N}")
         outs = (("t", 8),) if name.startswith("illm_") else (("y", 2), ("acc_out", 4))
         if name.startswith("illm_") and vals["tk"]:
             mem.track(vals["tk"])
@@ -665,7 +684,7 @@ class Emulator(StaticEmulator):
             if vals.get(key):
                 _written_once(name, mem, vals[key], M * N, width, key)
         if name.startswith("illm_") and vals["tk"]:
-            _written_once(name, mem, vals["tk"], M, 8, "tk")
+            _written_once(name, mem, vals["tk"], M * illm_segments(ctx), 8, "tk")
 
 
 def emulating(**kwargs):

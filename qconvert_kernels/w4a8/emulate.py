@@ -252,9 +252,19 @@ class Global:
         if address not in self.views:
             t = launch.tensor_at(address)
             if not t.is_contiguous():
-                raise EmulationError("a kernel argument is not contiguous")
+                t = self._row_strided(t)
             self.views[address] = t.reshape(-1).view(torch.uint8).numpy()
         return self.views[address]
+
+    @staticmethod
+    def _row_strided(t: torch.Tensor) -> torch.Tensor:
+        """A 2-D tensor whose rows are dense but lie a stride apart (a column slice, read in place by
+        the kernels that take a row stride) as the span of memory from its first element to its last:
+        what the kernel may reach.  Anything else is refused."""
+        if t.dim() != 2 or t.stride(1) != 1 or t.stride(0) < t.shape[1]:
+            raise EmulationError("a kernel argument is not contiguous")
+        span = (t.shape[0] - 1) * t.stride(0) + t.shape[1] if t.numel() else 0
+        return t.as_strided((span,), (1,), t.storage_offset())
 
     def track(self, address: int) -> None:
         self.writes[int(address)] = np.zeros(self.view(address).shape[0], np.int32)
