@@ -127,8 +127,8 @@ def test_a_kernel_bug_changes_the_logits(outs, mutation):
     requantization ignoring the activation clip of illm-w4a4; attention's P V summing one column
     group; RoPE at the first token's position; the heads left unaligned; DI-MatMul's row exponents
     without kmin; a norm of the residual instead of the sum; q, k, v or gate and up read as if
-    their columns were dense) reaches the logits.  (A joined DI-MatMul's per-layer kmin is proven
-    on the kernel alone, tests/test_kernels_illm_emulate.py: this tiny model's siblings share one.)"""
+    their columns were dense) reaches the logits.  (This tiny model's siblings share one kmin: the
+    joined DI-MatMul's per-member kmin has its own test below, with exponents moved apart.)"""
     from qconvert import load
 
     model = load(outs["w4a4-online"])
@@ -157,17 +157,8 @@ def test_a_layer_the_kernel_cannot_take_stays_on_torch_ops(outs):
     assert not any(lin.kernel for blk in model.model.layers for part in (blk.self_attn, blk.mlp) for lin in part.children())
 
 
-def test_joined_siblings_hold_their_weights_once(outs):
-    """On the kernels q/k/v and gate/up run as one DI-MatMul each: the members' weights become views
-    of the joined tensor (no second copy), each member's segment its own rows, and the torch path
-    still gives the same integers afterwards."""
-    from qconvert import load
-
-    model = load(outs["w4a8"])
-    ids = _ids(5, 2)
-    want, _ = model.forward_int(ids)
-    before = {name: buf.clone() for name, buf in model.named_buffers() if name.endswith("qweight")}
-    model.use_kernels(True)
+def _assert_joined(model):
+    """Every block's q/k/v and gate/up joined, each member's qweight a view of its join's rows."""
     assert sorted(model._joined) == sorted((i, key) for i in range(model.layers_n) for key in ("qkv", "gate_up"))
     for (i, key), joined in model._joined.items():
         assert joined.splits == tuple(m.out_features for m in joined.members)
@@ -176,10 +167,54 @@ def test_joined_siblings_hold_their_weights_once(outs):
             assert m.qweight.untyped_storage().data_ptr() == joined.qweight.untyped_storage().data_ptr()
             assert m.qweight.data_ptr() == joined.qweight[start].data_ptr()
             start += m.out_features
+
+
+def test_joined_siblings_hold_their_weights_once(outs):
+    """On the kernels q/k/v and gate/up run as one DI-MatMul each: the members' weights become views
+    of the joined tensor (no second copy), each member's segment its own rows, the weights' values
+    unchanged; turning the kernels on again keeps the same joins (a captured graph's pointers stay
+    valid), and a move of the model (``_apply``, what ``.to`` runs) makes them again where the
+    tensors went."""
+    from qconvert import load
+
+    model = load(outs["w4a8"])
+    before = {name: buf.clone() for name, buf in model.named_buffers() if name.endswith("qweight")}
+    model.use_kernels(True)
+    _assert_joined(model)
+    ptrs = {key: j.qweight.data_ptr() for key, j in model._joined.items()}
     model.use_kernels(False)
     assert all(torch.equal(buf, before[name]) for name, buf in model.named_buffers() if name.endswith("qweight"))
-    got, _ = model.forward_int(ids)
+    model.use_kernels(True)
+    assert {key: j.qweight.data_ptr() for key, j in model._joined.items()} == ptrs
+    model._apply(lambda t: t.clone())  # every tensor moved to new memory, as .to(another device) does
+    _assert_joined(model)
+    assert all(j.qweight.data_ptr() != ptrs[key] for key, j in model._joined.items())
+    assert all(torch.equal(buf, before[name]) for name, buf in model.named_buffers() if name.endswith("qweight"))
+    ids = _ids(5, 2)
+    want, _ = model.use_kernels(False).forward_int(ids)
+    got, _, _ = _on_kernels(model, ids)
     assert torch.equal(got, want)
+
+
+def test_siblings_with_their_own_kmin_keep_their_bits(outs):
+    """A joined DI-MatMul aligns each member's columns to that member's own smallest exponent: with
+    k_proj's and up_proj's exponents moved up by one and two (their kmins then differ from q_proj's
+    and gate_proj's), the kernels still give the torch path's integers, and aligning every segment
+    to the first member's kmin changes them."""
+    from qconvert import load
+
+    model = load(outs["w8a8"])
+    for blk in model.model.layers:
+        for lin, up in ((blk.self_attn.k_proj, 1), (blk.mlp.up_proj, 2)):
+            lin.wk += up
+            lin.wk_min += up  # (wk_shift, the torch path's shifts, unchanged)
+    assert all(int(b.self_attn.k_proj.wk_min) != int(b.self_attn.q_proj.wk_min) for b in model.model.layers)
+    ids = _ids(7, 4)
+    want, want_scale = model.forward_int(ids)
+    got, scale, launches = _on_kernels(model, ids)
+    assert torch.equal(got, want) and torch.equal(scale.k, want_scale.k) and launches["illm_matmul_w8"] == 4 * model.layers_n
+    bad, _, _ = _on_kernels(model, ids, mutations={"kmin_first_segment"})
+    assert not torch.equal(bad, want)
 
 
 def test_kernels_on_cpu_tensors_need_the_emulator(outs):

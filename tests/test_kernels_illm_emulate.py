@@ -467,10 +467,13 @@ def run_joined_matmul(m=17, splits=(40, 24, 72), w_bits=8, k=96, mutations=froze
     """Sibling linears of one input joined along N (segment bounds inside a 64-column tile and on
     one) in one DI-MatMul launch: each segment's t and row exponents equal that linear's own."""
     xq, qw, wm, wk, xk, wants, tks = joined_case(m, splits, w_bits, k)
+    kmins = torch.stack([w.min() for w in wk.split(splits)])
     with emulate.emulating(mutations=mutations) as emu:
         t, tk = cuda_illm.illm_matmul(xq, qw, wm, wk, w_bits, xk=xk, splits=splits)
-    assert [name for name, *_ in emu.launches] == [f"illm_matmul_w{w_bits}"]
+        t2, tk2 = cuda_illm.illm_matmul(xq, qw, wm, wk, w_bits, kmin=kmins, xk=xk, splits=splits)  # as the model passes them
+    assert [name for name, *_ in emu.launches] == [f"illm_matmul_w{w_bits}"] * 2
     check_joined(t, tk, splits, wants, tks)
+    check_joined(t2, tk2, splits, wants, tks)
 
 
 @pytest.mark.parametrize("folds", [0, 2])

@@ -214,8 +214,10 @@ class JoinedLinears:
     kernels: their weights, mantissas and exponents joined along N, each member's kmin (its own
     exponent alignment, so every member's t and row exponents are its own, bit for bit) one entry of
     ``kmin``.  The members' ``qweight`` become views of the joined one (no second copy of the
-    weights).  Made by ``IntegerLlama.use_kernels`` on the model's device; ``join`` gives None where
-    the members cannot share a launch (a K the kernel does not take, or different weight widths)."""
+    weights; a ``state_dict`` of the model then has tensors sharing storage, which the runtime never
+    saves).  Made by ``IntegerLlama.use_kernels`` on the model's device (and again after a move,
+    ``IntegerLlama._apply``); ``join`` gives None where the members cannot share a launch (a K the
+    kernel does not take, or different weight widths)."""
 
     def __init__(self, members: list[ILLMLinear]):
         self.members = list(members)
@@ -229,6 +231,15 @@ class JoinedLinears:
         self.wm = torch.cat([m.wm for m in members]).to(torch.int32)
         self.wk = torch.cat([m.wk for m in members]).to(torch.int32)
         self.kmin = torch.cat([m.wk_min for m in members]).to(torch.int32)
+
+    def holds(self, members: list[ILLMLinear]) -> bool:
+        """Whether these members still read their weights from this join (the same modules, each
+        ``qweight`` a view of its storage): then joining them again would only copy the weights and
+        free the storage that captured decode graphs point at."""
+        storage = self.qweight.untyped_storage().data_ptr()
+        return (len(members) == len(self.members) and all(a is b for a, b in zip(members, self.members))
+                and all(m.qweight.device == self.qweight.device and m.qweight.untyped_storage().data_ptr() == storage
+                        for m in members))
 
     @classmethod
     def join(cls, members: list[ILLMLinear]) -> "JoinedLinears | None":
@@ -334,18 +345,29 @@ class IntegerLlama(DerivedHolder):
         ``load(OUT, device="cuda")`` turns them on; on CPU tensors the kernels run only under the
         emulator (qconvert_kernels/illm/emulate.py)."""
         self.kernels = bool(on)
-        self._joined = {}
         for i, blk in enumerate(self.model.layers):
             for part in (blk.self_attn, blk.mlp):
                 for lin in part.children():
                     lin.kernel = self.kernels and lin.kernel_fits()
-            if self.kernels:  # q/k/v and gate/up as one DI-MatMul each (JoinedLinears)
+            if self.kernels:  # q/k/v and gate/up as one DI-MatMul each (JoinedLinears), kept while intact
                 attn, mlp = blk.self_attn, blk.mlp
                 for key, members in (("qkv", [attn.q_proj, attn.k_proj, attn.v_proj]), ("gate_up", [mlp.gate_proj, mlp.up_proj])):
-                    joined = JoinedLinears.join(members)
+                    old = self._joined.pop((i, key), None)
+                    joined = old if old is not None and old.holds(members) else JoinedLinears.join(members)
                     if joined is not None:
                         self._joined[i, key] = joined
         return self
+
+    def _apply(self, fn, *args, **kwargs):
+        """``nn.Module._apply`` (``.to``, ``.cuda``, ``.cpu``), then the joined linears made again where
+        the model's tensors went (the move copied each member's view on its own; the joins are not
+        module buffers and would stay behind)."""
+        out = super()._apply(fn, *args, **kwargs)
+        if getattr(self, "_joined", None):  # (none yet while __init__ runs)
+            self._joined = {}
+            if self.kernels:
+                self.use_kernels(True)
+        return out
 
     def _siblings(self, i: int, key: str, members, xq: torch.Tensor, xs: Dyadic) -> list[tuple[torch.Tensor, Dyadic]]:
         """``int_forward`` of block i's sibling linears ``members`` on one input: one joined launch on

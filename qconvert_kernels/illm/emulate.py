@@ -555,6 +555,8 @@ class Emulator(_Bytes64):
             for key, per, width in (("pq", a["n"], 4), ("o", a["d"], 8), ("e", 1, 8)):
                 _written_once(name, ctx.mem, a[key], count * per, width, key)
             return
+        for key in {"illm_rope_requant": ("t",), "illm_swiglu": ("tg", "tu")}.get(name, ()):
+            ctx.mem.allow_rows(ctx.args[key])  # read with the row stride ld
         if name == "illm_rope_requant":
             a = ctx.args
             if grid[0] != a["rows"] or grid[1] * a["sub"] != a["L"]:

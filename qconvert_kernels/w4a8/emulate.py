@@ -244,6 +244,12 @@ class Global:
     def __init__(self):
         self.views: dict[int, np.ndarray] = {}
         self.writes: dict[int, np.ndarray] = {}
+        self.strided: set[int] = set()  # arguments a kernel reads with a row stride (``allow_rows``)
+
+    def allow_rows(self, address: int) -> None:
+        """This argument's kernel takes a row stride: a column slice (dense rows a stride apart) is
+        what it may read, not an error (every other argument must be contiguous)."""
+        self.strided.add(int(address))
 
     def view(self, address: int) -> np.ndarray:
         address = int(address)
@@ -252,6 +258,8 @@ class Global:
         if address not in self.views:
             t = launch.tensor_at(address)
             if not t.is_contiguous():
+                if address not in self.strided:
+                    raise EmulationError("a kernel argument is not contiguous")
                 t = self._row_strided(t)
             self.views[address] = t.reshape(-1).view(torch.uint8).numpy()
         return self.views[address]
