@@ -823,6 +823,23 @@ def test_batch_decode_benchmark_runs(illm_out, tmp_path):
     assert all(row["step_s"] > 0 for row in got["rows"]) and "bit-identical to the same rows alone: True" in r.stdout
 
 
+def test_held_bytes_benchmark_runs(illm_out, tmp_path):
+    """benchmarks/illm_held.py: the kernels on hold less than the torch path, by about the torch
+    path's int8 copy of every linear's weights (1 byte per weight)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "benchmarks" / "illm_held.py"), str(illm_out), "--json",
+                        str(tmp_path / "h.json")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads((tmp_path / "h.json").read_text())
+    held, weights = got["held_bytes"], got["linear_weights"]
+    assert got["on_kernel"] == got["linears"] and weights > 0
+    assert 0.9 * weights < held["torch_path"] - held["kernels"] <= weights and "kernels on" in r.stdout
+
+
 def test_bench_on_the_integer_model(illm_out, tmp_path, monkeypatch):
     """`qconvert bench OUT` times an integer-only OUT's integer model on its own engine (a decode
     step of batch 2 is one batched pass), against the original, labelled so; in OUT/bench.json it

@@ -196,6 +196,30 @@ def test_joined_siblings_hold_their_weights_once(outs):
     assert torch.equal(got, want)
 
 
+def test_the_kernels_release_the_torch_paths_copy_of_the_weights(outs):
+    """With the kernels on, no linear the DI-MatMul kernel takes keeps the torch path's int8 [K, N]
+    copy (the kernel reads qweight: a GPU holds the weights once); turned off, the torch path makes
+    it again, the same bits.  ``model_runtime``'s order for a GPU, kernels on and then the move,
+    leaves nothing behind on the host: here a move to the meta device."""
+    from qconvert import load
+
+    model = load(outs["w4a8"])
+    lins = [lin for blk in model.model.layers for part in (blk.self_attn, blk.mlp) for lin in part.children()]
+    copies = [lin.q8t.clone() for lin in lins]
+    ids = _ids(6, 5)
+    want, _ = model.forward_int(ids)
+    model.use_kernels(True)
+    assert all(lin.q8t is None for lin in lins)
+    got, _, _ = _on_kernels(model, ids)  # (turns them off after)
+    assert torch.equal(got, want) and all(lin.q8t is None for lin in lins)
+    again, _ = model.forward_int(ids)
+    assert torch.equal(again, want) and all(torch.equal(lin.q8t, c) for lin, c in zip(lins, copies))
+    model.use_kernels(True).to("meta")
+    assert all(lin.q8t is None and lin.qweight.is_meta for lin in lins)
+    _assert_joined(model)
+    assert all(j.qweight.is_meta and j.kmin.is_meta for j in model._joined.values())
+
+
 def test_siblings_with_their_own_kmin_keep_their_bits(outs):
     """A joined DI-MatMul aligns each member's columns to that member's own smallest exponent: with
     k_proj's and up_proj's exponents moved up by one and two (their kmins then differ from q_proj's

@@ -160,7 +160,8 @@ class ILLMLinear(QuantizedModule):
         if q8.shape[0] != self.out_features or q8.shape[1] < self.in_features:
             raise QConvertError(f"{layout} tensors have inconsistent shapes (qweight {tuple(q.shape)})")
         self.register_buffer("qweight", q)
-        self.register_buffer("q8t", q8[:, : self.in_features].t().contiguous(), persistent=False)  # [K, N]
+        # the torch path's int8 weights [K, N] (``weights_kn``; released on the kernels, which read qweight)
+        self.register_buffer("q8t", q8[:, : self.in_features].t().contiguous(), persistent=False)
         for name in ("wm", "wk", "smooth", "out_smooth"):
             self.register_buffer(name, tensors[name])
         # the channels' smallest exponent, a layer constant (DI-MatMul aligns the others to it)
@@ -169,6 +170,15 @@ class ILLMLinear(QuantizedModule):
         self.register_buffer("wm64", self.wm.long(), persistent=False)  # the torch path's int64 operands
         self.register_buffer("wk_shift", self.wk.long() - self.wk_min, persistent=False)
         self.kernel = False  # DI-MatMul by the CUDA kernel (IntegerLlama.use_kernels), else torch integer ops
+
+    def weights_kn(self) -> torch.Tensor:
+        """The int8 weights as [K, N], what the torch integer product multiplies: kept, or made again
+        from ``qweight`` after ``IntegerLlama.use_kernels`` released them (the DI-MatMul kernel reads
+        qweight itself, so a GPU holds the weights once, not twice)."""
+        if self.q8t is None:
+            q8 = unpack_int4(self.qweight) if self.wbits == 4 else self.qweight
+            self.q8t = q8[:, : self.in_features].t().contiguous()
+        return self.q8t
 
     def inside_stored_model(self) -> None:
         """Make ``forward`` take the smoothed input (what the folded model computes) instead of the
@@ -195,7 +205,7 @@ class ILLMLinear(QuantizedModule):
             t, tk = cuda_illm.illm_matmul(xq.to(torch.int8), self.qweight, self.wm, self.wk, self.wbits, kmin,
                                           _per_row(scale, lead)[1])
             return t, Dyadic(scale.m, tk.reshape(lead))
-        t = ri.shift(ri.int8_matmul(xq, self.q8t, float32_copy(self, "q8t", xq)) * self.wm64, self.wk_shift)
+        t = ri.shift(ri.int8_matmul(xq, self.weights_kn(), float32_copy(self, "q8t", xq)) * self.wm64, self.wk_shift)
         return t, Dyadic(scale.m, scale.k + kmin)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -203,7 +213,7 @@ class ILLMLinear(QuantizedModule):
         x2 = x.reshape(-1, shape[-1]).float() / self.smooth.float()
         amax = x2.abs().amax(dim=1, keepdim=True).clamp_min(1e-30) * (self.clip / ri.CLIP_ONE)
         xq = torch.round(x2 * (self.act_qmax / amax)).long().clamp(-self.act_qmax, self.act_qmax)
-        acc = ri.int8_matmul(xq, self.q8t, float32_copy(self, "q8t", xq)).double()
+        acc = ri.int8_matmul(xq, self.weights_kn(), float32_copy(self, "q8t", xq)).double()
         w = self.wm.double() * torch.pow(2.0, -self.wk.double())
         y = acc * (amax.double() / self.act_qmax) * (w * self.out_smooth.double())[None, :]
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
@@ -349,6 +359,8 @@ class IntegerLlama(DerivedHolder):
             for part in (blk.self_attn, blk.mlp):
                 for lin in part.children():
                     lin.kernel = self.kernels and lin.kernel_fits()
+                    if lin.kernel:  # the kernel reads qweight: the torch path's copy is made again if asked for
+                        lin.q8t = None
             if self.kernels:  # q/k/v and gate/up as one DI-MatMul each (JoinedLinears), kept while intact
                 attn, mlp = blk.self_attn, blk.mlp
                 for key, members in (("qkv", [attn.q_proj, attn.k_proj, attn.v_proj]), ("gate_up", [mlp.gate_proj, mlp.up_proj])):
@@ -734,7 +746,9 @@ class ILLMLayout(Layout):
         I-LLM kernels turned on (``IntegerLlama.use_kernels``)."""
         model = IntegerLlama(config, linears, state).eval()
         if device.type == "cuda":
-            model.to(device).use_kernels(True)
+            # kernels on while still on the host, so the torch path's int8 copies are released before
+            # the move (never on the GPU); the move joins the siblings again there (``_apply``)
+            model.use_kernels(True).to(device)
         return model
 
     def card_rows(self, config: dict) -> list[tuple[str, str]]:
