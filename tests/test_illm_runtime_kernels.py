@@ -186,6 +186,8 @@ def test_joined_siblings_hold_their_weights_once(outs):
     assert all(torch.equal(buf, before[name]) for name, buf in model.named_buffers() if name.endswith("qweight"))
     model.use_kernels(True)
     assert {key: j.qweight.data_ptr() for key, j in model._joined.items()} == ptrs
+    model.to("cpu")  # where it is: the joins kept
+    assert {key: j.qweight.data_ptr() for key, j in model._joined.items()} == ptrs
     model._apply(lambda t: t.clone())  # every tensor moved to new memory, as .to(another device) does
     _assert_joined(model)
     assert all(j.qweight.data_ptr() != ptrs[key] for key, j in model._joined.items())
@@ -194,6 +196,8 @@ def test_joined_siblings_hold_their_weights_once(outs):
     want, _ = model.use_kernels(False).forward_int(ids)
     got, _, _ = _on_kernels(model, ids)
     assert torch.equal(got, want)
+    model._apply(lambda t: t.clone())  # kernels off: the stale joins are dropped, not kept on the old memory
+    assert model._joined == {}
 
 
 def test_the_kernels_release_the_torch_paths_copy_of_the_weights(outs):

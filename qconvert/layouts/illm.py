@@ -372,11 +372,14 @@ class IntegerLlama(DerivedHolder):
 
     def _apply(self, fn, *args, **kwargs):
         """``nn.Module._apply`` (``.to``, ``.cuda``, ``.cpu``), then the joined linears made again where
-        the model's tensors went (the move copied each member's view on its own; the joins are not
-        module buffers and would stay behind)."""
+        the model's tensors went: a move copies each member's view on its own, and the joins, not
+        module buffers, would stay behind (holding the old device's memory).  A join whose members
+        still view it (a move to where the model already is) is kept."""
         out = super()._apply(fn, *args, **kwargs)
-        if getattr(self, "_joined", None):  # (none yet while __init__ runs)
-            self._joined = {}
+        joined = getattr(self, "_joined", None)  # (none yet while __init__ runs)
+        if joined:
+            for key in [key for key, j in joined.items() if not j.holds(j.members)]:
+                del joined[key]
             if self.kernels:
                 self.use_kernels(True)
         return out
