@@ -139,11 +139,15 @@ def load(out: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
     if dev.type == "cuda":
         for name, module in modules.items():
             module.check_cuda(name)
-        model.to(dev)
         if fuse:
             fuse_siblings(model)
         for module in modules.values():
-            module.prepare_cuda()  # weights repacked for the kernels once, here (it may synchronize)
+            # weights repacked for the kernels once, here (it may synchronize), from the host tensors
+            # straight to the GPU; what the kernels do not read stays on the host (W4A8: the stored
+            # packed form), so the move below takes the rest and the GPU holds the weights once
+            module.prepare_cuda(dev)
+            module.keep_stored_on_host()
+        model.to(dev)
     return model.eval()
 
 

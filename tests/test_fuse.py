@@ -145,3 +145,40 @@ def test_fused_model_logits_equal_the_unfused_reference(tiny_rtn_out):
     for x, y in zip(*outs):
         assert torch.equal(x, y)
     assert all(g.launches == 5 for g in groups.values())  # the forward, the prefill, 3 decode steps
+
+
+def test_prepared_layers_keep_their_stored_tensors_on_the_host(tiny_rtn_out):
+    """What ``load(OUT, device="cuda")`` does once it has repacked the weights for the kernels (from
+    the host tensors, straight to the device): every W4A8 layer's stored tensors (the packed form the
+    kernels no longer read) stay in host memory through the model's move, which takes everything
+    else, so a GPU holds the weights once; the logits do not change.  The moves here: a copy of every
+    tensor (as ``.to`` another device makes) and a move to the meta device."""
+    from qconvert.layouts.int4 import STORED, W4A8Linear
+
+    def stored(m):
+        return [m._buffers[n] for n in STORED if m._buffers.get(n) is not None]
+
+    plain = load(tiny_rtn_out, dtype=torch.float16)
+    model = load(tiny_rtn_out, dtype=torch.float16)
+    fuse_siblings(model)
+    lins = [m for m in model.modules() if isinstance(m, W4A8Linear)]
+    unprepared = get_layout("w4a8-is").module(member_tensors(40, "w4a8-is", 7, 8), None, G)
+    unprepared.keep_stored_on_host()  # nothing prepared: nothing held back
+    assert not unprepared._stored_on_host
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
+    with torch.no_grad(), emulate.emulating(sm_count=8):
+        for m in lins:
+            m.prepare_cuda(torch.device("cpu"))
+            m.keep_stored_on_host()
+        before = [stored(m) for m in lins]
+        emb = model.get_input_embeddings().weight.data_ptr()
+        model._apply(lambda t: t.clone())
+        assert model.get_input_embeddings().weight.data_ptr() != emb  # the rest moved (made while the old lived)
+        assert all(len(s) == len(b) >= 2 and all(x is y for x, y in zip(s, b)) for s, b in
+                   zip((stored(m) for m in lins), before))
+        assert torch.equal(plain(ids).logits, model(ids).logits)
+    model.to("meta")
+    assert model.get_input_embeddings().weight.is_meta
+    assert all(t.device.type == "cpu" for m in lins for t in stored(m))
+    unprepared.to("meta")
+    assert all(t.is_meta for t in stored(unprepared))

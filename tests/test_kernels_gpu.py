@@ -155,6 +155,9 @@ def test_runtime_cuda_layers_equal_the_cpu_reference(tiny_rtn_out, dtype):
     gen = torch.Generator().manual_seed(3)
     layers = {n: m for n, m in cpu.named_modules() if isinstance(m, W4A8Linear)}
     assert layers
+    # the kernels read the repacked copy on the GPU: the stored packed form stays in host memory
+    assert all(gpu.get_submodule(n).qweight.device.type == "cpu" for n in layers)
+    assert gpu.get_input_embeddings().weight.is_cuda
     for name, layer in layers.items():
         x = torch.randn((2, 5, layer.in_features), generator=gen).to(dtype)
         y_ref = layer(x.float()).to(dtype)  # the reference: float32 result, rounded once

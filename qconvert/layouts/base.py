@@ -63,9 +63,13 @@ class QuantizedModule(DerivedHolder):
         """Called when the layer runs inside the model rebuilt from OUT's own tensors (whatever a
         method folded into them, e.g. I-LLM's smoothing, is then already in its inputs)."""
 
-    def prepare_cuda(self) -> None:
-        """Once the module is on the GPU: anything its kernels need done once (a repack), outside
-        any captured step; nothing by default."""
+    def prepare_cuda(self, device: torch.device | None = None) -> None:
+        """Anything the module's kernels need done once (a repack) for ``device`` (default: where
+        its tensors are), outside any captured step; nothing by default."""
+
+    def keep_stored_on_host(self) -> None:
+        """Once prepared: hold in host memory, through any later move of the module, the stored
+        tensors its kernels no longer read (so a GPU holds the weights once); nothing by default."""
 
     @classmethod
     def fuse(cls, members: list[nn.Module]) -> bool:

@@ -31,6 +31,7 @@ from qconvert_kernels.w4a8 import reference as ref
 INT32_MAX = 2**31 - 1
 PACK_FORMAT = "pack-quantized"
 WEIGHT_ONLY = ("w4a16", "w4a16-zp")
+STORED = ("qweight", "iscale", "cscale", "scales", "zeros")  # a layer's tensors as OUT stores them
 
 
 def group_abs_sums(q: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -78,6 +79,7 @@ class W4A8Linear(QuantizedModule):
         self._bias(bias)
         self._prepared = None
         self._group: SiblingGEMM | None = None  # set by ``fuse``: one GEMM with its siblings
+        self._stored_on_host = False  # set by ``keep_stored_on_host``
 
     def extra_repr(self):
         return f"{self.layout}, in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
@@ -102,14 +104,16 @@ class W4A8Linear(QuantizedModule):
         except ValueError as e:
             raise QConvertError(f"{e}; this OUT runs on CPU only (re-quantize with --group-size 128 for the GPU)") from None
 
-    def prepare_cuda(self) -> None:
+    def prepare_cuda(self, device: torch.device | None = None) -> None:
         """Repack the weights once into the order the kernels' fragments consume
-        (qconvert_kernels/w4a8/repack.py); may synchronize, so it runs at load time, never inside
-        a captured decode step."""
+        (qconvert_kernels/w4a8/repack.py), on ``device`` (default: where the stored tensors are;
+        from host tensors the repack is written straight to the device); may synchronize, so it
+        runs at load time, never inside a captured decode step."""
         from qconvert_kernels.w4a8 import cuda as kcuda
 
+        device = torch.device(device) if device is not None else self.qweight.device
         if self._group is not None:
-            return self._group.prepare(self.qweight.device)
+            return self._group.prepare(device)
         if self.layout in WEIGHT_ONLY or self._prepared is not None:
             return
         tensors = {"qweight": self.qweight, "shape": torch.tensor([self.out_features, self.in_features])}
@@ -117,13 +121,37 @@ class W4A8Linear(QuantizedModule):
             tensors.update(iscale=self.iscale, cscale=self.cscale, alpha_log2=torch.tensor([self.alpha_log2], dtype=torch.int32))
         else:
             tensors["scales"] = self.scales
-        self._prepared = kcuda.prepare(self.layout, tensors, self.group_size, self.qweight.device)
+        self._prepared = kcuda.prepare(self.layout, tensors, self.group_size, device)
+
+    def keep_stored_on_host(self) -> None:
+        """The W4A8 kernels read only the repacked copy ``prepare_cuda`` made: the stored packed
+        weights and scales move to (or stay in) host memory and stay there through later moves of
+        the module (``_apply``), where the CPU path still finds them, so a GPU holds the weights
+        once (about 0.53 bytes per weight less).  Weight-only layouts read their stored tensors and
+        keep them with the module."""
+        if self.layout in WEIGHT_ONLY or (self._prepared is None and (self._group is None or self._group.prepared is None)):
+            return
+        for name in STORED:
+            if self._buffers.get(name) is not None:
+                self._buffers[name] = self._buffers[name].cpu()
+        self._stored_on_host = True
+
+    def _apply(self, fn, *args, **kwargs):
+        if not self._stored_on_host:
+            return super()._apply(fn, *args, **kwargs)
+        held = {name: self._buffers[name] for name in STORED if self._buffers.get(name) is not None}
+        for name in held:  # (None buffers are skipped by the move)
+            self._buffers[name] = None
+        try:
+            return super()._apply(fn, *args, **kwargs)
+        finally:
+            self._buffers.update(held)
 
     def _forward_cuda(self, x2: torch.Tensor) -> torch.Tensor:
         from qconvert_kernels.w4a8 import cuda as kcuda
 
         check_kernel_dtype(x2)
-        self.prepare_cuda()
+        self.prepare_cuda(x2.device)
         return kcuda.linear(x2, self._prepared)  # quantizer fused at M <= 64: one launch per linear
 
     @classmethod
