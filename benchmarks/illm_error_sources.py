@@ -27,7 +27,7 @@ from qconvert.layouts.illm import ILLMLinear
 
 
 def _weights_only(self: ILLMLinear, x: torch.Tensor) -> torch.Tensor:
-    w = self.q8t.double() * (self.wm.double() * torch.pow(2.0, -self.wk.double()))[None, :]  # [K, N]
+    w = self.weights_kn().double() * (self.wm.double() * torch.pow(2.0, -self.wk.double()))[None, :]  # [K, N]
     x2 = x.reshape(-1, x.shape[-1]).double() / self.smooth.double()
     y = (x2 @ w) * self.out_smooth.double()[None, :]
     return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)

@@ -142,12 +142,15 @@ def load(out: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
         if fuse:
             fuse_siblings(model)
         for module in modules.values():
-            # weights repacked for the kernels once, here (it may synchronize), from the host tensors
-            # straight to the GPU; what the kernels do not read stays on the host (W4A8: the stored
-            # packed form), so the move below takes the rest and the GPU holds the weights once
-            module.prepare_cuda(dev)
-            module.keep_stored_on_host()
+            # a layout that keeps its stored tensors on the host (W4A8: the kernels read only the
+            # repacked copy) repacks from them straight to the GPU, so the move below takes the rest
+            # and the GPU holds the weights once
+            if type(module).keep_stored_on_host is not QuantizedModule.keep_stored_on_host:
+                module.prepare_cuda(dev)
+                module.keep_stored_on_host()
         model.to(dev)
+        for module in modules.values():
+            module.prepare_cuda()  # the others (plugins too) once on the GPU; it may synchronize: here, once
     return model.eval()
 
 

@@ -156,7 +156,8 @@ def test_runtime_cuda_layers_equal_the_cpu_reference(tiny_rtn_out, dtype):
     layers = {n: m for n, m in cpu.named_modules() if isinstance(m, W4A8Linear)}
     assert layers
     # the kernels read the repacked copy on the GPU: the stored packed form stays in host memory
-    assert all(gpu.get_submodule(n).qweight.device.type == "cpu" for n in layers)
+    assert all(t.device.type == "cpu" for n in layers for t in (gpu.get_submodule(n).qweight, gpu.get_submodule(n).iscale,
+                                                                  gpu.get_submodule(n).cscale))
     assert gpu.get_input_embeddings().weight.is_cuda
     for name, layer in layers.items():
         x = torch.randn((2, 5, layer.in_features), generator=gen).to(dtype)

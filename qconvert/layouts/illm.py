@@ -65,7 +65,7 @@ from torch import nn
 from qconvert.errors import QConvertError
 from qconvert.formats.packing import unpack_int4
 from qconvert.layouts.base import Layout, QuantizedModule, TensorSpec, finite_positive, shape_check
-from qconvert.layouts.derived import DerivedHolder
+from qconvert.layouts.derived import CACHE, DerivedHolder
 from qconvert.layouts.illm_cache import IntegerDecodeEngine, IntegerKVCache, SequenceCache, StaticSequenceCache
 from qconvert_kernels.illm import cuda as cuda_illm
 from qconvert_kernels.illm import reference as ri
@@ -179,6 +179,12 @@ class ILLMLinear(QuantizedModule):
             q8 = unpack_int4(self.qweight) if self.wbits == 4 else self.qweight
             self.q8t = q8[:, : self.in_features].t().contiguous()
         return self.q8t
+
+    def release_kn(self) -> None:
+        """Drop the torch path's [K, N] copy (and the CPU's float32 copy of it): the DI-MatMul kernel
+        reads ``qweight``; ``weights_kn`` makes it again if the torch path runs."""
+        self.q8t = None
+        CACHE.release(self)
 
     def inside_stored_model(self) -> None:
         """Make ``forward`` take the smoothed input (what the folded model computes) instead of the
@@ -359,8 +365,8 @@ class IntegerLlama(DerivedHolder):
             for part in (blk.self_attn, blk.mlp):
                 for lin in part.children():
                     lin.kernel = self.kernels and lin.kernel_fits()
-                    if lin.kernel:  # the kernel reads qweight: the torch path's copy is made again if asked for
-                        lin.q8t = None
+                    if lin.kernel:
+                        lin.release_kn()
             if self.kernels:  # q/k/v and gate/up as one DI-MatMul each (JoinedLinears), kept while intact
                 attn, mlp = blk.self_attn, blk.mlp
                 for key, members in (("qkv", [attn.q_proj, attn.k_proj, attn.v_proj]), ("gate_up", [mlp.gate_proj, mlp.up_proj])):
@@ -749,9 +755,12 @@ class ILLMLayout(Layout):
         I-LLM kernels turned on (``IntegerLlama.use_kernels``)."""
         model = IntegerLlama(config, linears, state).eval()
         if device.type == "cuda":
-            # kernels on while still on the host, so the torch path's int8 copies are released before
-            # the move (never on the GPU); the move joins the siblings again there (``_apply``)
-            model.use_kernels(True).to(device)
+            # the torch path's int8 copies released while still on the host (never on the GPU), the
+            # siblings joined on the GPU by use_kernels, after the move
+            for lin in linears.values():
+                if lin.kernel_fits():
+                    lin.release_kn()
+            model.to(device).use_kernels(True)
         return model
 
     def card_rows(self, config: dict) -> list[tuple[str, str]]:
