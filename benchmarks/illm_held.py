@@ -43,7 +43,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "illm_held.json")
     args = ap.parse_args()
     model = load(args.out)
-    lins = [lin for blk in model.model.layers for part in (blk.self_attn, blk.mlp) for lin in part.children()]
+    lins = model.decoder_linears()
     weights = sum(lin.out_features * lin.in_features for lin in lins)
     torch_path = held_bytes(model)
     model.use_kernels(True)

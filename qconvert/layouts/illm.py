@@ -361,20 +361,23 @@ class IntegerLlama(DerivedHolder):
         ``load(OUT, device="cuda")`` turns them on; on CPU tensors the kernels run only under the
         emulator (qconvert_kernels/illm/emulate.py)."""
         self.kernels = bool(on)
-        for i, blk in enumerate(self.model.layers):
-            for part in (blk.self_attn, blk.mlp):
-                for lin in part.children():
-                    lin.kernel = self.kernels and lin.kernel_fits()
-                    if lin.kernel:
-                        lin.release_kn()
-            if self.kernels:  # q/k/v and gate/up as one DI-MatMul each (JoinedLinears), kept while intact
-                attn, mlp = blk.self_attn, blk.mlp
-                for key, members in (("qkv", [attn.q_proj, attn.k_proj, attn.v_proj]), ("gate_up", [mlp.gate_proj, mlp.up_proj])):
-                    old = self._joined.pop((i, key), None)
-                    joined = old if old is not None and old.holds(members) else JoinedLinears.join(members)
-                    if joined is not None:
-                        self._joined[i, key] = joined
+        for lin in self.decoder_linears():
+            lin.kernel = self.kernels and lin.kernel_fits()
+            if lin.kernel:
+                lin.release_kn()
+        for i, blk in enumerate(self.model.layers if self.kernels else ()):
+            # q/k/v and gate/up as one DI-MatMul each (JoinedLinears), kept while intact
+            attn, mlp = blk.self_attn, blk.mlp
+            for key, members in (("qkv", [attn.q_proj, attn.k_proj, attn.v_proj]), ("gate_up", [mlp.gate_proj, mlp.up_proj])):
+                old = self._joined.pop((i, key), None)
+                joined = old if old is not None and old.holds(members) else JoinedLinears.join(members)
+                if joined is not None:
+                    self._joined[i, key] = joined
         return self
+
+    def decoder_linears(self) -> list[ILLMLinear]:
+        """Every block's seven linears, block by block (attention's, then the MLP's)."""
+        return [lin for blk in self.model.layers for part in (blk.self_attn, blk.mlp) for lin in part.children()]
 
     def _apply(self, fn, *args, **kwargs):
         """``nn.Module._apply`` (``.to``, ``.cuda``, ``.cpu``), then the joined linears made again where
@@ -394,7 +397,7 @@ class IntegerLlama(DerivedHolder):
         """``int_forward`` of block i's sibling linears ``members`` on one input: one joined launch on
         the kernels where ``use_kernels`` joined them, else one each."""
         joined = self._joined.get((i, key)) if self.kernels else None
-        if joined is not None:
+        if joined is not None and joined.members[0] is members[0]:  # (block i's own, whatever the caller's i)
             return joined.int_forward(xq, xs)
         return [m.int_forward(xq, xs) for m in members]
 
@@ -583,7 +586,7 @@ class IntegerLlama(DerivedHolder):
             return lin.int_forward(q, Dyadic(m[:, None], k[:, None]))
         return lin.int_forward(*ri.heads_requant(o, exp.reshape(bt, self.heads, t, 1), lin.act_qmax, lin.clip))
 
-    def _mlp_block(self, blk, xq: torch.Tensor, xs: Dyadic, i: int = 0):
+    def _mlp_block(self, blk, xq: torch.Tensor, xs: Dyadic, i: int):
         """The MLP of block i's post-attention norm ``xq`` (scale ``xs``)."""
         mlp = blk.mlp
         (tg, sg), (tu, su) = self._siblings(i, "gate_up", (mlp.gate_proj, mlp.up_proj), xq, xs)
@@ -757,7 +760,7 @@ class ILLMLayout(Layout):
         if device.type == "cuda":
             # the torch path's int8 copies released while still on the host (never on the GPU), the
             # siblings joined on the GPU by use_kernels, after the move
-            for lin in linears.values():
+            for lin in model.decoder_linears():
                 if lin.kernel_fits():
                     lin.release_kn()
             model.to(device).use_kernels(True)

@@ -252,13 +252,14 @@ def requant_rows(ctx: Ctx, ops: Ops, grid):
         q, m, k = ops.requant_row(_row(ctx, "v", r, n, np.int64, "v"), a["qmax"], a["clip"])
         const = (int(_load(ctx, a["cm"], [0], np.int64, "cm")[0]), int(_load(ctx, a["ck"], [0], np.int64, "ck")[0])) \
             if a["cm"] else None
-        if const is not None and "const_fold_first" in ops.mutations:
+        const_first = const is not None and "const_fold_first" in ops.mutations
+        if const_first:
             m, k = ops.mul((m, k), const)
         order = range(a["folds"] - 1, -1, -1) if "folds_reversed" in ops.mutations else range(a["folds"])
         for f in order:
             m, k = ops.mul((m, k), (int(_load(ctx, a["fm"], [f * rows + r], np.int64, "fm")[0]),
                                     int(_load(ctx, a["fk"], [f * rows + r], np.int64, "fk")[0])))
-        if const is not None and "const_fold_first" not in ops.mutations:
+        if const is not None and not const_first:
             m, k = ops.mul((m, k), const)
         _store(ctx, "q", r * n + np.arange(n), q, np.int8, "q")
         _store(ctx, "sm", [r], [m], np.int64, "sm")

@@ -426,11 +426,12 @@ def illm_row_exponents(ctx: Ctx, M: int, bm: int):
     rows, for each column segment g."""
     a = ctx.args
     rows = np.arange(bm, min(bm + BM, M), dtype=np.int64)
+    xk = _load(ctx, a["xk"], rows, np.int64, "xk").astype(np.int64)
     for g in range(illm_segments(ctx)):
         kmin = int(_load(ctx, a["kmin_p"], np.array([g], np.int64), np.int32, "kmin")[0])
         if "tk_no_kmin" in ctx.mutations:
             kmin = 0
-        v = _load(ctx, a["xk"], rows, np.int64, "xk").astype(np.int64) + kmin
+        v = xk + kmin
         ctx.mem.store(a["tk"], (g * M + rows) * 8, v.view(np.uint8).reshape(-1, 8), "tk")
 
 
