@@ -73,6 +73,56 @@ def test_the_model_on_its_kernels_equals_the_torch_integer_path(outs, key):
         assert model.model.layers[0].mlp.down_proj.clip == ri.clip_int(0.9)
 
 
+@pytest.mark.parametrize("spare", [0, -1])
+def test_attention_on_its_kernel_runs_in_blocks_that_keep_its_scratch_within_the_budget(outs, monkeypatch, spare):
+    """The attention kernel's scratch is int64 [heads, t, n] per row: with the budget exactly that
+    size the prefill's attention is one launch per block of the model; a byte less and it is a
+    launch per block of heads or query rows (attention_blocks), each within the budget.  The
+    integers are the torch path's either way."""
+    from qconvert import load
+    from qconvert.layouts import illm as illm_layout
+
+    model = load(outs["w8a8"])
+    ids = _ids(11, 4)
+    want_acc, _ = model.forward_int(ids)
+    budget = model.heads * 11 * 11 * 8 + spare  # int64, 11 query rows over 11 columns
+    monkeypatch.setitem(illm_layout.ATTN_BLOCK_BYTES, "cpu", budget)  # the emulated kernels' device
+    acc, _, launches = _on_kernels(model, ids)
+    assert torch.equal(acc, want_acc)
+    group = model.heads // model.kv_heads
+    blocks = illm_layout.attention_blocks(model.kv_heads, 11, group * 11 * 8, torch.device("cpu"))
+    assert (len(blocks) == 1) == (spare == 0)
+    assert launches["illm_attention"] == len(blocks) * model.layers_n, launches
+
+
+def test_a_left_padded_prefill_on_the_kernel_in_blocks_of_one_row_gives_the_eager_bits(outs, monkeypatch):
+    """A left-padded batch (its mask per head-row) with the attention budget at one byte: the
+    kernel runs once per head-row and query row, each launch reading its slice of the mask."""
+    from qconvert import load
+    from qconvert.layouts import illm as illm_layout
+
+    model = load(outs["w8a8"])
+    gen = torch.Generator().manual_seed(12)
+    ids = torch.randint(1, 300, (2, 5), generator=gen)
+    mask = torch.ones(2, 5, dtype=torch.int64)
+    mask[0, :3] = 0
+    nxt = torch.randint(1, 300, (2,), generator=gen)
+    eager = model.decode_engine(2, 8)
+    want = [eager.prefill(ids, mask), eager.decode(nxt)]
+    monkeypatch.setitem(illm_layout.ATTN_BLOCK_BYTES, "cpu", 1)
+    model.use_kernels(True)
+    try:
+        with emulate.emulating() as emu:
+            engine = model.decode_engine(2, 8)
+            got = [engine.prefill(ids, mask), engine.decode(nxt)]
+    finally:
+        model.use_kernels(False)
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
+    # the prefill's 5 query rows and the step's one, per head-row (2 rows x KV heads) and block
+    attn = sum(1 for name, *_ in emu.launches if name == "illm_attention")
+    assert attn == (5 + 1) * 2 * model.kv_heads * model.layers_n, attn
+
+
 def test_cached_decode_on_the_kernels_gives_the_whole_sequence_bits(outs):
     from qconvert import load
 

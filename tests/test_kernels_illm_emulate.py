@@ -566,6 +566,7 @@ MUTATION_CASES = {
     "attn_unmasked": (run_attention, (), "differs"),
     "attn_pv_group0": (run_attention, (), "differs"),
     "attn_max_live": (functools.partial(run_attention, negative=True), (), "differs"),
+    "attn_scratch_shared": (run_attention, (), "error"),
     "folds_reversed": (functools.partial(run_requant, folds=3), (127,), "differs"),
     "hadamard_short": (run_hadamard, (), "differs"),
     "heads_unaligned": (run_heads_requant, (), "differs"),

@@ -354,8 +354,8 @@ class IntegerLlama(DerivedHolder):
     def use_kernels(self, on: bool = True) -> "IntegerLlama":
         """Run DI-Norm, the int8 requantizations (q, k and v with their RoPE; the heads' outputs aligned
         for o_proj), DI-MatMul (every linear whose K is a multiple of 32), the SwiGLU, the residual
-        adds (each with the DI-Norm after it), attention (head_dim a multiple of 4, at most 256, its P
-        buffer within ATTN_BLOCK_BYTES) and the online Hadamard transform by the CUDA kernels of
+        adds (each with the DI-Norm after it), attention (head_dim a multiple of 4, at most 256; in blocks
+        that keep its scratch within ATTN_BLOCK_BYTES) and the online Hadamard transform by the CUDA kernels of
         qconvert_kernels/illm/cuda.py, which equal the torch integer ops bit for bit; the rest (cache
         writes outside a captured step, masks, the head) stays torch integer ops.
         ``load(OUT, device="cuda")`` turns them on; on CPU tensors the kernels run only under the
@@ -550,18 +550,29 @@ class IntegerLlama(DerivedHolder):
         qg = q8.reshape(bt, t, kvh, group, d).permute(0, 2, 3, 1, 4).reshape(bt * kvh, group, t, d)
         sqm = s_q.m.reshape(bt, 1, 1, t, 1).expand(bt, kvh, 1, t, 1).reshape(bt * kvh, 1, t, 1)
         sqk = s_q.k.reshape(bt, 1, 1, t, 1).expand(bt, kvh, 1, t, 1).reshape(bt * kvh, 1, t, 1)
-        if self.kernels and self._attention_kernel_fits(bt * kvh, t, n):
-            # every head and query row in one launch (its int32 P buffer within the budget: every
-            # decode step, and prefills up to that size)
+        blocks = attention_blocks(bt * kvh, t, group * n * 8, xq.device)
+        if self.kernels and self._attention_kernel_fits(bt * kvh):
+            # the kernel's int64 scratch is that [heads, group, rows, n] too: every head and query
+            # row in one launch where it fits the budget (every decode step, and prefills up to that
+            # size), a launch per block beyond it
             if ctx.mask is None:  # the attention kernel's [1 or rows*KV, t, n], made once per forward
                 ctx.mask = causal[None] if real is None else causal[None] & real[:, None, :]
-            mk = ctx.mask
-            out, exp = cuda_illm.attention(qg.to(torch.int8), sqm.reshape(bt * kvh, t), sqk.reshape(bt * kvh, t), k8, s_km,
-                                           s_kk, v8, s_vm, s_vk, mk, self.inv_sqrt_d_int)
+            mk, sqm, sqk = ctx.mask, sqm.reshape(bt * kvh, t), sqk.reshape(bt * kvh, t)
+            if len(blocks) == 1:
+                out, exp = cuda_illm.attention(qg.to(torch.int8), sqm, sqk, k8, s_km, s_kk, v8, s_vm, s_vk, mk,
+                                               self.inv_sqrt_d_int)
+                return self._attn_out(attn, out, exp, bt, t)
+            out = torch.empty(bt * kvh, group, t, d, dtype=torch.int64, device=xq.device)
+            exp = torch.empty(bt * kvh, group, t, dtype=torch.int64, device=xq.device)
+            for (a, b), (r0, r1) in blocks:
+                out[a:b, :, r0:r1], exp[a:b, :, r0:r1] = cuda_illm.attention(
+                    qg[a:b, :, r0:r1].to(torch.int8), sqm[a:b, r0:r1], sqk[a:b, r0:r1], k8[a:b], s_km[a:b], s_kk[a:b],
+                    v8[a:b], s_vm[a:b], s_vk[a:b], mk[:, r0:r1] if mk.shape[0] == 1 else mk[a:b, r0:r1],
+                    self.inv_sqrt_d_int)
             return self._attn_out(attn, out, exp, bt, t)
         out = torch.empty(bt * kvh, group, t, d, dtype=torch.int64, device=xq.device)
         exp = torch.empty(bt * kvh, group, t, 1, dtype=torch.int64, device=xq.device)
-        for (a, b), (r0, r1) in attention_blocks(bt * kvh, t, group * n * 8, xq.device):
+        for (a, b), (r0, r1) in blocks:
             # the causal mask, joined with the padding's per block
             mk = causal[None, r0:r1] if real is None else causal[None, r0:r1] & real[a:b, None, :]  # [1 or heads, nr, n]
             out[a:b, :, r0:r1], exp[a:b, :, r0:r1] = ri.attention(
@@ -569,12 +580,12 @@ class IntegerLlama(DerivedHolder):
                 v8[a:b], Dyadic(s_vm[a:b], s_vk[a:b]), mk, self.inv_sqrt_d)
         return self._attn_out(attn, out, exp, bt, t)
 
-    def _attention_kernel_fits(self, head_rows: int, t: int, n: int) -> bool:
-        """Whether ``illm_attention`` takes this attention: head_dim a multiple of 4 up to its
-        maximum, the grid's limits, and its int32 P buffer within the device's attention budget."""
+    def _attention_kernel_fits(self, head_rows: int) -> bool:
+        """Whether ``illm_attention`` takes this model's attention: head_dim a multiple of 4 up to its
+        maximum and the grid's limits (its scratch is kept within the budget by running in blocks)."""
         group = self.heads // self.kv_heads
         return (self.head_dim % 4 == 0 and self.head_dim <= cuda_illm.ATTN_MAX_D and head_rows <= cuda_illm.ATTN_MAX_GRID
-                and group <= cuda_illm.ATTN_MAX_GRID and head_rows * group * t * n * 4 <= ATTN_BLOCK_BYTES["cuda"])
+                and group <= cuda_illm.ATTN_MAX_GRID)
 
     def _attn_out(self, attn, out: torch.Tensor, exp: torch.Tensor, bt: int, t: int):
         """The heads' outputs (``ri.attention``'s, [rows*KV, group, t, d], and their exponents, one per

@@ -365,8 +365,8 @@ def attention(q: torch.Tensor, qm: torch.Tensor, qk: torch.Tensor, k8: torch.Ten
     """reference.attention on the kernel: q int8 [HR, group, T, d] with the query rows' scale (qm, qk)
     [HR, T]; k8, v8 int8 [HR, n, d] with the columns' scales (km, kk), (vm, vk) [HR, n]; mask bool
     [HR or 1, T, n]; ``inv_sqrt_d`` the constant (m, k).  Returns (o int64 [HR, group, T, d], e int64
-    [HR, group, T]).  Needs d a multiple of 4 (the dot products take four int8 at once) and an int32
-    scratch of HR * group * T * n (P requantized)."""
+    [HR, group, T]).  Needs d a multiple of 4 (the dot products take four int8 at once) and an int64
+    scratch of HR * group * T * n (each row's scores, exponentials and P, from one pass to the next)."""
     fn = "attention"
     _l.require(q.dim() == 4 and q.dtype == torch.int8, f"{fn}: q must be int8 [HR, group, T, d], got {q.dtype} {tuple(q.shape)}")
     hr, group, t, d = q.shape
@@ -391,7 +391,7 @@ def attention(q: torch.Tensor, qm: torch.Tensor, qk: torch.Tensor, k8: torch.Ten
     mask_c = mask.to(torch.uint8).contiguous()
     # the kernel reads q and k8 rows as int32 words: 4-byte alignment (a contiguous view may start anywhere)
     q_c, k_c = (x if x.data_ptr() % 4 == 0 else x.clone() for x in (q_c, k_c))
-    pq = torch.empty((hr, group, t, n), dtype=torch.int32, device=dev)
+    ps = torch.empty((hr, group, t, n), dtype=torch.int64, device=dev)
     o = torch.empty((hr, group, t, d), dtype=torch.int64, device=dev)
     e = torch.empty((hr, group, t), dtype=torch.int64, device=dev)
     if o.numel():
@@ -400,7 +400,7 @@ def attention(q: torch.Tensor, qm: torch.Tensor, qk: torch.Tensor, k8: torch.Ten
         _launch("illm_attention", (t, group, hr), (ROW_THREADS,),
                 (_l.ptr(q_c), _l.ptr(qm_c), _l.ptr(qk_c), _l.ptr(k_c), _l.ptr(km_c), _l.ptr(kk_c), _l.ptr(v_c),
                  _l.ptr(vm_c), _l.ptr(vk_c), _l.ptr(mask_c), _l.i32(int(mask.shape[0] == hr and hr > 1)),
-                 np.int64(inv_sqrt_d[0]), np.int64(inv_sqrt_d[1]), np.int64(ri.exp_umax(clip)), _l.ptr(pq), _l.ptr(o),
+                 np.int64(inv_sqrt_d[0]), np.int64(inv_sqrt_d[1]), np.int64(ri.exp_umax(clip)), _l.ptr(ps), _l.ptr(o),
                  _l.ptr(e), _l.i32(t), _l.i32(group), _l.i32(n), _l.i32(d)), dev)
     return o, e
 

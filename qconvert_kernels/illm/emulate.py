@@ -43,7 +43,7 @@ ROPE_PARAMS = ("t", "fm", "fk", "fold", "cos", "sin", "pos", "rope", "om", "ok",
 SWIGLU_PARAMS = ("tg", "gm", "gk", "tu", "um", "uk", "umax", "qmax", "a", "sgm", "sgk", "sum", "suk", "rows", "n", "ld")
 RESIDUAL_PARAMS = ("x", "xm", "xk", "b", "bm", "bk", "qmax", "h", "hm", "hk", "gamma", "gk", "nqmax", "clip", "q", "sm", "sk",
                    "rows", "n")
-ATTENTION_PARAMS = ("q", "qm", "qk", "k8", "km", "kk", "v8", "vm", "vk", "mask", "mask_hr", "sdm", "sdk", "umax", "pq",
+ATTENTION_PARAMS = ("q", "qm", "qk", "k8", "km", "kk", "v8", "vm", "vk", "mask", "mask_hr", "sdm", "sdk", "umax", "ps",
                     "o", "e", "T", "group", "n", "d")
 HADAMARD_PARAMS = ("x", "sign", "t", "y", "rows", "m", "lp")
 HEADS_PARAMS = ("o", "e", "qmax", "clip", "q", "sm", "sk", "rows", "heads", "t", "d")
@@ -66,6 +66,7 @@ MUTATIONS = _BYTES_MUTATIONS | frozenset({
     "attn_unmasked",   # attention's key exponent taken over every column, not the row's seen ones
     "attn_pv_group0",  # P V summing the first column group only
     "attn_max_live",   # the softmax max over keys with a non-zero scale only (a zero-scale key's 0 left out)
+    "attn_scratch_shared",  # attention's scratch without the row's offset (every CTA's passes in row 0's slots)
     "folds_reversed",  # illm_requant_rows multiplying its folds last to first
     "hadamard_short",  # the Hadamard transform's last butterfly stage left out
     "heads_unaligned", # the heads' requantization ignoring their exponents (no shifts)
@@ -315,11 +316,11 @@ WIDE_NBITS = 61  # RowQuant<61>: the numerator |v| * qmax + amax2 / 2 < 2^60 for
 
 
 def _written_at(name, mem, ptr: int, at, width: int, what: str) -> None:
-    """Every element ``at`` (indices of ``width``-byte elements from ``ptr``) written exactly once,
-    and nothing else of the tensor written."""
+    """Every element ``at`` (indices of ``width``-byte elements from ``ptr``) written as many times as
+    it is listed there (once, where listed once), and nothing else of the tensor written."""
     w = mem.writes[ptr]
     want = np.zeros(w.shape[0] // width, np.int32)
-    want[np.asarray(at, np.int64)] = 1
+    np.add.at(want, np.asarray(at, np.int64), 1)
     got = w[: want.shape[0] * width].reshape(-1, width)
     bad = np.flatnonzero((got != want[:, None]).any(axis=1))
     if bad.size:
@@ -437,18 +438,27 @@ def attention(ctx: Ctx, ops: Ops, grid):
                 ev = min((vk[c] for c in seen if vm[c] > 0), default=NO_EXPONENT)
                 ek, ev = (0 if x == NO_EXPONENT else x for x in (ek, ev))
 
+                # the scratch's slots of this row (the kernel's prow + c), written by passes 1 to 4
+                base = 0 if "attn_scratch_shared" in ops.mutations else row * n
+
+                def through(cols, vals):  # stored to the row's slots, then read back as the next pass reads them
+                    at = base + np.asarray(cols, np.int64)
+                    _store(ctx, "ps", at, vals, np.int64, "ps")
+                    return dict(zip(cols, (int(v) for v in _load(ctx, a["ps"], at, np.int64, "ps"))))
+
                 def score(c):
                     acc = int(q @ k8[c])  # __dp4a: int8 products summed in int32 (at most d 2^14)
                     sh = min(max(kk[c] - ek, 0), 62) if km[c] > 0 else 0
                     return ops.rshift_round(i64(acc * km[c], "q.k * m"), sh)
 
+                scores = through(seen, [score(c) for c in seen])  # pass 1
                 in_max = [c for c in seen if km[c] > 0] if "attn_max_live" in ops.mutations else seen
-                mx = max((score(c) for c in in_max), default=-(1 << 62))
+                mx = max((scores[c] for c in in_max), default=-(1 << 62))
                 hw = int(_load(ctx, a["qk"], [hh * T + r], np.int64, "qk")[0])
                 scale = ops.normalize(i64(int(_load(ctx, a["qm"], [hh * T + r], np.int64, "qm")[0]) * a["sdm"], "q scale"),
                                       hw + ek + a["sdk"])
                 coef = ops.normalize(i64(scale[0] * LOG2E_M, "softmax scale"), scale[1] + LOG2E_K)
-                ex = {c: ops.di_exp2(ops.exp_arg(mx - score(c), coef, a["umax"])) for c in seen}
+                ex = through(seen, [ops.di_exp2(ops.exp_arg(mx - scores[c], coef, a["umax"])) for c in seen])  # pass 2
                 total = i64(sum(ex.values()), "softmax total")
                 by = DivBy(total if total > 0 else 1, 48)
 
@@ -459,10 +469,10 @@ def attention(ctx: Ctx, ops: Ops, grid):
                     sh = min(max(vk[c] - ev, 0), 62) if vm[c] > 0 else 0
                     return ops.rshift_round(i64(p * vm[c], "p * m"), sh)
 
-                vals = [pv(c) for c in range(n)]
-                rq = RowQuant(ops, vals, WIDE_QMAX, 1 << CLIP_BITS, WIDE_NBITS)
-                pq = [rq(v) for v in vals]
-                _store(ctx, "pq", row * n + np.arange(n), pq, np.int32, "pq")
+                cols = list(range(n))
+                vals = through(cols, [pv(c) for c in cols])  # pass 3
+                rq = RowQuant(ops, [vals[c] for c in cols], WIDE_QMAX, 1 << CLIP_BITS, WIDE_NBITS)
+                pq = through(cols, [rq(vals[c]) for c in cols])  # pass 4, read by P V after the barrier
                 # P V by column groups (thread g of a dimension takes columns g, g + groups, ...)
                 parts = [sum(pq[c] * int(v8[c, dd]) for c in range(g, n, groups)) for g in range(groups) for dd in range(d)]
                 kept = 1 if "attn_pv_group0" in ops.mutations else groups
@@ -470,6 +480,22 @@ def attention(ctx: Ctx, ops: Ops, grid):
                 out = [i64(sum(parts[g * d + dd] for g in range(kept)) * m, "P V * m") for dd in range(d)]
                 _store(ctx, "o", row * d + np.arange(d), out, np.int64, "o")
                 _store(ctx, "e", [row], [k + ev if m > 0 else NO_EXPONENT], np.int64, "e")
+
+
+def attention_scratch_writes(ctx: Ctx, grid) -> np.ndarray:
+    """The writes illm_attention's scratch must get, each slot listed once per write: every row's
+    seen columns four times (score, exponential, P, P requantized), its unseen ones twice (P = 0, its
+    requantization)."""
+    a = ctx.args
+    T, group, n = a["T"], a["group"], a["n"]
+    out = []
+    for hh in range(grid[2]):
+        for r in range(T):
+            seen = _load(ctx, a["mask"], ((hh if a["mask_hr"] else 0) * T + r) * n + np.arange(n), np.uint8, "mask") != 0
+            times = np.where(seen, 4, 2)
+            for j in range(group):
+                out.append(np.repeat(((hh * group + j) * T + r) * n + np.arange(n), times))
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
 
 
 def hadamard(ctx: Ctx, ops: Ops, grid):
@@ -550,11 +576,12 @@ class Emulator(_Bytes64):
         if name == "illm_attention":
             a = ctx.args
             count = grid[2] * a["group"] * a["T"]
-            for key in ("pq", "o", "e"):
+            for key in ("ps", "o", "e"):
                 ctx.mem.track(a[key])
             attention(ctx, Ops(ctx.mutations), grid)
-            for key, per, width in (("pq", a["n"], 4), ("o", a["d"], 8), ("e", 1, 8)):
+            for key, per, width in (("o", a["d"], 8), ("e", 1, 8)):
                 _written_once(name, ctx.mem, a[key], count * per, width, key)
+            _written_at(name, ctx.mem, a["ps"], attention_scratch_writes(ctx, grid), 8, "ps")
             return
         for key in {"illm_rope_requant": ("t",), "illm_swiglu": ("tg", "tu")}.get(name, ()):
             ctx.mem.allow_rows(ctx.args[key])  # read with the row stride ld

@@ -26,9 +26,9 @@
 //   illm_residual_norm     the branch requantized to 20 bits, both terms aligned by shifts, the
 //                          sum requantized to 20 bits (residual_add), then its DI-Norm
 //   illm_hadamard          the online Hadamard transform of int64 rows (hadamard_rows): exact sums
-//   illm_attention         one query row of one head: int8 q.k (dp4a), each key's scale folded
-//                          in by shifts, DI-ClippedSoftmax, each value's scale folded into P,
-//                          P requantized to 16 bits, P V exact (attention)
+//   illm_attention         one query row of one head: int8 q.k (dp4a, once per key), each key's
+//                          scale folded in by shifts, DI-ClippedSoftmax, each value's scale folded
+//                          into P, P requantized to 16 bits, P V exact (attention)
 //
 // Requirements (launcher: qconvert_kernels/illm/cuda.py): K a multiple of 32 for the GEMMs;
 // row-major operands (contiguous, but illm_rope_requant's and illm_swiglu's inputs may have a row
@@ -126,7 +126,11 @@ struct RowQuant {
     __device__ __forceinline__ void init(const Get& get, int n, int qmax_, long long clip, long long* red) {
         long long amax = 0;
         for (int i = threadIdx.x; i < n; i += ROW_THREADS) amax = max(amax, llabs(get(i)));
-        amax = block_max(amax, red);
+        finish(block_max(amax, red), get, n, qmax_, clip, red);
+    }
+    // init's second part, for a caller that has the row's max |v| (the CTA's, block_max'ed) already
+    template <typename Get>
+    __device__ __forceinline__ void finish(long long amax, const Get& get, int n, int qmax_, long long clip, long long* red) {
         pre = bitlen(amax) - 40;
         pre = pre > 0 ? pre : 0;
         amax2 = amax;
@@ -525,7 +529,11 @@ extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS) illm_residual_no
 // reference.attention): q int8 [HR, group, T, d] with the row's scale (qm, qk) [HR, T]; keys and
 // values int8 [HR, n, d] with one scale per column (km, kk), (vm, vk) [HR, n]; mask uint8
 // [HR or 1, T, n] (mask_hr: 1 or 0, whether it is per head-row): the columns the row sees.
-// pq int32 [HR, group, T, n] is scratch (P requantized).  Out: o int64 [HR, group, T, d] = P V
+// ps int64 [HR, group, T, n] is scratch, the row's n values from one pass to the next: each seen
+// column's score (its dot product taken once), then its exponential, then every column's P with
+// the value's scale folded in (0 where unseen), then that requantized to 16 bits; thread x of the
+// CTA owns columns x, x + 256, ... through the four passes (the block reductions between them are
+// its barriers), and P V reads the CTA's row after a barrier.  Out: o int64 [HR, group, T, d] = P V
 // times P's mantissa, e int64 [HR, group, T] its exponent (NO_EXPONENT for an all-zero row);
 // the scores' scale is the query's times 1 / sqrt(d) (sdm, sdk) times 2^-(smallest key exponent).
 extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS, 2) illm_attention(
@@ -533,7 +541,7 @@ extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS, 2) illm_attentio
         const signed char* __restrict__ k8, const long long* __restrict__ km, const long long* __restrict__ kk,
         const signed char* __restrict__ v8, const long long* __restrict__ vm, const long long* __restrict__ vk,
         const unsigned char* __restrict__ mask, int mask_hr, long long sdm, long long sdk, long long umax,
-        int* __restrict__ pq, long long* __restrict__ o, long long* __restrict__ e, int T, int group, int n, int d) {
+        long long* __restrict__ ps, long long* __restrict__ o, long long* __restrict__ e, int T, int group, int n, int d) {
     __shared__ long long part[illm::ROW_THREADS];  // P V's partial sums
     __shared__ int qs[illm::ATTN_MAX_D / 4];         // the query row, d / 4 words
     __shared__ long long red[illm::ROW_THREADS / 32];
@@ -543,6 +551,7 @@ extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS, 2) illm_attentio
     for (int w = threadIdx.x; w < words; w += illm::ROW_THREADS) qs[w] = reinterpret_cast<const int*>(q + row * d)[w];
     const unsigned char* mrow = mask + (static_cast<long long>(mask_hr ? hh : 0) * T + r) * n;
     const long long col0 = static_cast<long long>(hh) * n;
+    long long* prow = ps + row * n;
     // the smallest exponent among the live keys and values (seen, scale not zero)
     long long ek = illm::NO_EXPONENT, ev = illm::NO_EXPONENT;
     for (int c = threadIdx.x; c < n; c += illm::ROW_THREADS)
@@ -555,38 +564,50 @@ extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS, 2) illm_attentio
     if (ek == illm::NO_EXPONENT) ek = 0;
     if (ev == illm::NO_EXPONENT) ev = 0;
     // (qs is read from here on: the barriers of the two block_max calls above came after its writes)
-    auto score = [&](int c) -> long long {  // a seen column's score, in 2^-ek units of the key scales
-        const int* kw = reinterpret_cast<const int*>(k8 + (col0 + c) * d);
-        int acc = 0;
-        for (int w = 0; w < words; ++w) acc = __dp4a(qs[w], kw[w], acc);
-        const long long m = km[col0 + c];
-        const int sh = m > 0 ? static_cast<int>(min(max(kk[col0 + c] - ek, 0LL), 62LL)) : 0;
-        return illm::rshift_round(acc * m, sh);
-    };
+    // pass 1: each seen column's score, in 2^-ek units of the key scales, and their max
     long long mx = -(1LL << 62);
     for (int c = threadIdx.x; c < n; c += illm::ROW_THREADS)
-        if (mrow[c]) mx = max(mx, score(c));
+        if (mrow[c]) {
+            const int* kw = reinterpret_cast<const int*>(k8 + (col0 + c) * d);
+            int acc = 0;
+            for (int w = 0; w < words; ++w) acc = __dp4a(qs[w], kw[w], acc);
+            const long long m = km[col0 + c];
+            const int sh = m > 0 ? static_cast<int>(min(max(kk[col0 + c] - ek, 0LL), 62LL)) : 0;
+            const long long s = illm::rshift_round(acc * m, sh);
+            prow[c] = s;
+            mx = max(mx, s);
+        }
     mx = illm::block_max(mx, red);
     const illm::Dy scale = illm::normalize(qm[static_cast<long long>(hh) * T + r] * sdm, qk[static_cast<long long>(hh) * T + r] + ek + sdk);
     const illm::Dy coef = illm::normalize(scale.m * illm::LOG2E_M, scale.k + illm::LOG2E_K);
-    auto ex = [&](int c) -> long long { return illm::di_exp2(illm::exp_arg(mx - score(c), coef, umax)); };
+    // pass 2: the seen columns' exponentials in place of their scores, and their sum
     long long total = 0;
     for (int c = threadIdx.x; c < n; c += illm::ROW_THREADS)
-        if (mrow[c]) total += ex(c);
+        if (mrow[c]) {
+            const long long x = illm::di_exp2(illm::exp_arg(mx - prow[c], coef, umax));
+            prow[c] = x;
+            total += x;
+        }
     total = illm::block_sum(total, red);
     qk::DivBy by;  // numerator (e << 15) + total / 2 < 2^48 as in illm_softmax
     by.init(static_cast<unsigned long long>(total > 0 ? total : 1), 48);
-    auto pv = [&](int c) -> long long {  // P with the value's scale folded in (0 where unseen)
-        if (!mrow[c]) return 0;
-        const long long p = static_cast<long long>(by.div(static_cast<unsigned long long>((ex(c) << illm::PROB_BITS) + total / 2)));
-        const long long m = vm[col0 + c];
-        const int sh = m > 0 ? static_cast<int>(min(max(vk[col0 + c] - ev, 0LL), 62LL)) : 0;
-        return illm::rshift_round(p * m, sh);  // p <= 2^15, m < 2^16
-    };
+    // pass 3: P with the value's scale folded in, every column (0 where unseen), and the row's max
+    long long amax = 0;
+    for (int c = threadIdx.x; c < n; c += illm::ROW_THREADS) {
+        long long pv = 0;
+        if (mrow[c]) {
+            const long long p = static_cast<long long>(by.div(static_cast<unsigned long long>((prow[c] << illm::PROB_BITS) + total / 2)));
+            const long long m = vm[col0 + c];
+            const int sh = m > 0 ? static_cast<int>(min(max(vk[col0 + c] - ev, 0LL), 62LL)) : 0;
+            pv = illm::rshift_round(p * m, sh);  // p <= 2^15, m < 2^16: 0 <= pv < 2^31
+        }
+        prow[c] = pv;
+        amax = max(amax, pv);
+    }
     illm::RowQuant<61> rq;
-    rq.init(pv, n, illm::WIDE_QMAX, 1LL << illm::CLIP_BITS, red);
-    int* prow = pq + row * n;
-    for (int c = threadIdx.x; c < n; c += illm::ROW_THREADS) prow[c] = static_cast<int>(rq(pv(c)));
+    rq.finish(illm::block_max(amax, red), [&](int c) { return prow[c]; }, n, illm::WIDE_QMAX, 1LL << illm::CLIP_BITS, red);
+    // pass 4: P requantized to 16 bits
+    for (int c = threadIdx.x; c < n; c += illm::ROW_THREADS) prow[c] = rq(prow[c]);
     __syncthreads();  // prow written by the CTA, read across it below
     // P V: thread (g, dd) sums column group g (columns g, g + groups, ...) of dimension dd, then the
     // groups' sums are added (d <= ATTN_MAX_D = ROW_THREADS, so groups >= 1; integer divisions by
@@ -597,7 +618,7 @@ extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS, 2) illm_attentio
     const int dd = threadIdx.x - g * d;
     long long acc = 0;
     if (g < groups)
-        for (int c = g; c < n; c += groups) acc += static_cast<long long>(prow[c]) * v8[(col0 + c) * d + dd];
+        for (int c = g; c < n; c += groups) acc += prow[c] * v8[(col0 + c) * d + dd];
     part[threadIdx.x] = acc;
     __syncthreads();
     const illm::Dy rp = rq.scale();
