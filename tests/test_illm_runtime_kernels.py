@@ -73,26 +73,26 @@ def test_the_model_on_its_kernels_equals_the_torch_integer_path(outs, key):
         assert model.model.layers[0].mlp.down_proj.clip == ri.clip_int(0.9)
 
 
-@pytest.mark.parametrize("spare", [0, -1])
-def test_attention_on_its_kernel_runs_in_blocks_that_keep_its_scratch_within_the_budget(outs, monkeypatch, spare):
+@pytest.mark.parametrize("budget", ["exact", "a byte less", "one byte"])
+def test_attention_on_its_kernel_runs_in_blocks_that_keep_its_scratch_within_the_budget(outs, monkeypatch, budget):
     """The attention kernel's scratch is int64 [heads, t, n] per row: with the budget exactly that
     size the prefill's attention is one launch per block of the model; a byte less and it is a
-    launch per block of heads or query rows (attention_blocks), each within the budget.  The
-    integers are the torch path's either way."""
+    launch per block of KV heads (attention_blocks), each within the budget; at one byte, a launch
+    per KV head and query row (each with its rows of the causal mask).  The integers are the torch
+    path's every time."""
     from qconvert import load
     from qconvert.layouts import illm as illm_layout
 
     model = load(outs["w8a8"])
     ids = _ids(11, 4)
     want_acc, _ = model.forward_int(ids)
-    budget = model.heads * 11 * 11 * 8 + spare  # int64, 11 query rows over 11 columns
-    monkeypatch.setitem(illm_layout.ATTN_BLOCK_BYTES, "cpu", budget)  # the emulated kernels' device
+    size = model.heads * 11 * 11 * 8  # int64, 11 query rows over 11 columns
+    bytes_ = {"exact": size, "a byte less": size - 1, "one byte": 1}[budget]
+    monkeypatch.setitem(illm_layout.ATTN_BLOCK_BYTES, "cpu", bytes_)  # the emulated kernels' device
     acc, _, launches = _on_kernels(model, ids)
     assert torch.equal(acc, want_acc)
-    group = model.heads // model.kv_heads
-    blocks = illm_layout.attention_blocks(model.kv_heads, 11, group * 11 * 8, torch.device("cpu"))
-    assert (len(blocks) == 1) == (spare == 0)
-    assert launches["illm_attention"] == len(blocks) * model.layers_n, launches
+    want_blocks = {"exact": 1, "a byte less": model.kv_heads, "one byte": model.kv_heads * 11}[budget]
+    assert launches["illm_attention"] == want_blocks * model.layers_n, launches
 
 
 def test_a_left_padded_prefill_on_the_kernel_in_blocks_of_one_row_gives_the_eager_bits(outs, monkeypatch):

@@ -551,33 +551,29 @@ class IntegerLlama(DerivedHolder):
         sqm = s_q.m.reshape(bt, 1, 1, t, 1).expand(bt, kvh, 1, t, 1).reshape(bt * kvh, 1, t, 1)
         sqk = s_q.k.reshape(bt, 1, 1, t, 1).expand(bt, kvh, 1, t, 1).reshape(bt * kvh, 1, t, 1)
         blocks = attention_blocks(bt * kvh, t, group * n * 8, xq.device)
-        if self.kernels and self._attention_kernel_fits(bt * kvh):
+        kernel = self.kernels and self._attention_kernel_fits(bt * kvh)
+        if kernel and len(blocks) == 1:
             # the kernel's int64 scratch is that [heads, group, rows, n] too: every head and query
             # row in one launch where it fits the budget (every decode step, and prefills up to that
-            # size), a launch per block beyond it
+            # size), a launch per block below, beyond it
             if ctx.mask is None:  # the attention kernel's [1 or rows*KV, t, n], made once per forward
                 ctx.mask = causal[None] if real is None else causal[None] & real[:, None, :]
-            mk, sqm, sqk = ctx.mask, sqm.reshape(bt * kvh, t), sqk.reshape(bt * kvh, t)
-            if len(blocks) == 1:
-                out, exp = cuda_illm.attention(qg.to(torch.int8), sqm, sqk, k8, s_km, s_kk, v8, s_vm, s_vk, mk,
-                                               self.inv_sqrt_d_int)
-                return self._attn_out(attn, out, exp, bt, t)
-            out = torch.empty(bt * kvh, group, t, d, dtype=torch.int64, device=xq.device)
-            exp = torch.empty(bt * kvh, group, t, dtype=torch.int64, device=xq.device)
-            for (a, b), (r0, r1) in blocks:
-                out[a:b, :, r0:r1], exp[a:b, :, r0:r1] = cuda_illm.attention(
-                    qg[a:b, :, r0:r1].to(torch.int8), sqm[a:b, r0:r1], sqk[a:b, r0:r1], k8[a:b], s_km[a:b], s_kk[a:b],
-                    v8[a:b], s_vm[a:b], s_vk[a:b], mk[:, r0:r1] if mk.shape[0] == 1 else mk[a:b, r0:r1],
-                    self.inv_sqrt_d_int)
+            out, exp = cuda_illm.attention(qg.to(torch.int8), sqm.reshape(bt * kvh, t), sqk.reshape(bt * kvh, t), k8, s_km,
+                                           s_kk, v8, s_vm, s_vk, ctx.mask, self.inv_sqrt_d_int)
             return self._attn_out(attn, out, exp, bt, t)
         out = torch.empty(bt * kvh, group, t, d, dtype=torch.int64, device=xq.device)
         exp = torch.empty(bt * kvh, group, t, 1, dtype=torch.int64, device=xq.device)
         for (a, b), (r0, r1) in blocks:
-            # the causal mask, joined with the padding's per block
+            # the causal mask, joined with the padding's, per block (the whole one can outgrow the budget)
             mk = causal[None, r0:r1] if real is None else causal[None, r0:r1] & real[a:b, None, :]  # [1 or heads, nr, n]
-            out[a:b, :, r0:r1], exp[a:b, :, r0:r1] = ri.attention(
-                qg[a:b, :, r0:r1], Dyadic(sqm[a:b, :, r0:r1], sqk[a:b, :, r0:r1]), k8[a:b], Dyadic(s_km[a:b], s_kk[a:b]),
-                v8[a:b], Dyadic(s_vm[a:b], s_vk[a:b]), mk, self.inv_sqrt_d)
+            if kernel:
+                out[a:b, :, r0:r1], exp[a:b, :, r0:r1, 0] = cuda_illm.attention(
+                    qg[a:b, :, r0:r1].to(torch.int8), sqm[a:b, :, r0:r1], sqk[a:b, :, r0:r1], k8[a:b], s_km[a:b], s_kk[a:b],
+                    v8[a:b], s_vm[a:b], s_vk[a:b], mk, self.inv_sqrt_d_int)
+            else:
+                out[a:b, :, r0:r1], exp[a:b, :, r0:r1] = ri.attention(
+                    qg[a:b, :, r0:r1], Dyadic(sqm[a:b, :, r0:r1], sqk[a:b, :, r0:r1]), k8[a:b], Dyadic(s_km[a:b], s_kk[a:b]),
+                    v8[a:b], Dyadic(s_vm[a:b], s_vk[a:b]), mk, self.inv_sqrt_d)
         return self._attn_out(attn, out, exp, bt, t)
 
     def _attention_kernel_fits(self, head_rows: int) -> bool:

@@ -602,7 +602,7 @@ extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS, 2) illm_attentio
             pv = illm::rshift_round(p * m, sh);  // p <= 2^15, m < 2^16: 0 <= pv < 2^31
         }
         prow[c] = pv;
-        amax = max(amax, pv);
+        amax = max(amax, llabs(pv));  // (init's |v|: pv < 0 only for a negative vm, which the model never has)
     }
     illm::RowQuant<61> rq;
     rq.finish(illm::block_max(amax, red), [&](int c) { return prow[c]; }, n, illm::WIDE_QMAX, 1LL << illm::CLIP_BITS, red);
