@@ -101,6 +101,33 @@ def test_a_new_or_changed_input_runs_the_gemm_again():
     assert group.launches == 8
 
 
+def test_a_layer_runs_on_the_kernels_where_their_copy_was_prepared():
+    """A layer (or joined group) runs the kernels on its input's device when their copy was
+    prepared there (on the CPU: the emulator's runs); a copy prepared on another device (a model
+    loaded on a GPU, then moved to the CPU: here a copy on the meta device) leaves the input to the
+    CPU reference, with the same output."""
+    import dataclasses
+
+    alone = get_layout("w4a8-is").module(member_tensors(40, "w4a8-is", 7, 8), None, G)
+    mods, _, _ = members("w4a8-is")
+    plain, _, _ = members("w4a8-is")
+    x = activations(3, seed=4)
+    want = [alone(x)] + [p(x) for p in plain]  # unprepared and unfused: the reference path
+    assert type(mods[0]).fuse(mods)
+    with emulate.emulating(sm_count=8) as emu:
+        alone.prepare_cuda(torch.device("cpu"))
+        got = [alone(x)] + [m(x) for m in mods]
+    assert len(emu.launches) == 2  # the prepared layer and the group, one launch each
+    assert all(torch.equal(g.view(torch.int16), w.view(torch.int16)) for g, w in zip(got, want))
+    group = mods[0]._group
+    alone._prepared = dataclasses.replace(alone._prepared, wq=alone._prepared.wq.to("meta"))
+    group.prepared = dataclasses.replace(group.prepared, wq=group.prepared.wq.to("meta"))
+    launches = group.launches
+    got = [alone(x)] + [m(x) for m in mods]  # no emulator: a launch would fail
+    assert group.launches == launches
+    assert all(torch.equal(g.view(torch.int16), w.view(torch.int16)) for g, w in zip(got, want))
+
+
 def test_fuse_refuses_what_cannot_share_one_gemm():
     mods, _, _ = members("w4a8-is")
     other, _, _ = members("w4a8-fs")

@@ -147,6 +147,16 @@ class W4A8Linear(QuantizedModule):
         finally:
             self._buffers.update(held)
 
+    @staticmethod
+    def _on_kernels(x: torch.Tensor, prepared, lazy: bool) -> bool:
+        """Whether ``x`` runs on the kernels: on a GPU, yes (prepared there on first use); else where
+        the kernels' copy was prepared on x's device (the CPU emulator's runs) or, ``lazy`` (a joined
+        group), is still to be made there.  A copy prepared on another device (a GPU-loaded model
+        moved to the CPU) leaves x to the reference path."""
+        if x.is_cuda:
+            return True
+        return prepared.wq.device == x.device if prepared is not None else lazy
+
     def _forward_cuda(self, x2: torch.Tensor) -> torch.Tensor:
         from qconvert_kernels.w4a8 import cuda as kcuda
 
@@ -186,10 +196,10 @@ class W4A8Linear(QuantizedModule):
             bias = self.bias.to(x.dtype) if self.bias is not None else None
             return torch.nn.functional.linear(x, self._dequantized(x.dtype), bias)
         shape = x.shape
-        if self._group is not None:
+        if self._group is not None and self._on_kernels(x, self._group.prepared, True):
             return self._finish(self._group.output(self, x), x, shape)
         x2 = x.reshape(-1, shape[-1])
-        if x.is_cuda:
+        if self._on_kernels(x, self._prepared, False):
             return self._finish(self._forward_cuda(x2), x, shape)
         q, qf = self.weights_int8(), self._weight_groups()
         xq, t = ref.quantize_per_token_int8(x2, q.shape[1])
