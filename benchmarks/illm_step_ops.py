@@ -46,8 +46,16 @@ ROOT = Path(__file__).resolve().parents[1]
 READS = ("aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::equal")
 
 
+def _storages(tree) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves(tree)
+            if isinstance(t, torch.Tensor) and t.device.type != "meta"}
+
+
 class OpCount(TorchDispatchMode):
-    """Counts aten ops that compute (a view's or alias's return left out) and host reads."""
+    """Counts aten ops that compute and host reads.  An op whose schema says its result may alias
+    an input (a view, or under ``torch.inference_mode`` an undecomposed ``to``, ``reshape`` or
+    ``contiguous``) counts only where its result is new memory: a cast or a copying reshape is a
+    kernel, a view is none."""
 
     def __init__(self):
         super().__init__()
@@ -55,9 +63,12 @@ class OpCount(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         schema = func._schema
+        out = func(*args, **(kwargs or {}))
         if schema.is_mutable or not any(r.alias_info is not None for r in schema.returns):
             self.ops[schema.name] += 1
-        return func(*args, **(kwargs or {}))
+        elif _storages(out) - _storages((args, kwargs)):
+            self.ops[schema.name] += 1
+        return out
 
     @property
     def reads(self) -> int:

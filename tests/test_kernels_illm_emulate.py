@@ -209,13 +209,18 @@ def attention_case(hr=4, group=3, t=1, n=37, d=64, per_head_mask=True, seed=0, n
     return q, sq, k8, sk, v8, sv, mask
 
 
-def run_attention(mutations=frozenset(), **case):
+def run_attention(mutations=frozenset(), qdiv=1, uint8_mask=False, **case):
+    """``qdiv`` > 1: the query's scale given once per qdiv head-rows (as the model gives it: one per
+    sequence, read by its KV heads' head-rows); ``uint8_mask``: the mask as the model makes it."""
     q, sq, k8, sk, v8, sv, mask = attention_case(**case)
     isd = ri.normalize(torch.tensor(46341), torch.tensor(18))  # about 1 / sqrt(64)
     hr, group, t, d = q.shape
+    if qdiv > 1:  # one scale per qdiv head-rows: the first's, for all of them
+        sq = ri.Dyadic(*(x[::qdiv].repeat_interleave(qdiv, 0) for x in (sq.m, sq.k)))
     with emulate.emulating(mutations=mutations) as emu:
-        o, e = cuda_illm.attention(q, sq.m.reshape(hr, t), sq.k.reshape(hr, t), k8, sk.m, sk.k, v8, sv.m, sv.k, mask,
-                                   (int(isd.m), int(isd.k)))
+        o, e = cuda_illm.attention(q, sq.m[::qdiv].reshape(hr // qdiv, t), sq.k[::qdiv].reshape(hr // qdiv, t), k8, sk.m,
+                                   sk.k, v8, sv.m, sv.k, mask.to(torch.uint8) if uint8_mask else mask,
+                                   (int(isd.m), int(isd.k)), qdiv=qdiv)
     wo, we = ri.attention(q, sq, k8, sk, v8, sv, mask, isd)
     assert [name for name, *_ in emu.launches] == ["illm_attention"]
     assert torch.equal(e, we[..., 0]), "e differs"
@@ -224,7 +229,8 @@ def run_attention(mutations=frozenset(), **case):
 
 
 @pytest.mark.parametrize("case", [{}, {"t": 5}, {"d": 24, "n": 9, "group": 1}, {"per_head_mask": False, "t": 3},
-                                  {"hr": 1, "group": 9, "n": 300}, {"negative": True}, {"t": 3, "n": 4}])
+                                  {"hr": 1, "group": 9, "n": 300}, {"negative": True}, {"t": 3, "n": 4},
+                                  {"qdiv": 2, "t": 3, "uint8_mask": True}, {"qdiv": 4, "hr": 8}])
 def test_attention_bit_exact(case):
     o, e = run_attention(**case)
     if o.shape[0] > 1:
@@ -567,6 +573,7 @@ MUTATION_CASES = {
     "attn_pv_group0": (run_attention, (), "differs"),
     "attn_max_live": (functools.partial(run_attention, negative=True), (), "differs"),
     "attn_scratch_shared": (run_attention, (), "error"),
+    "attn_qrow_hh": (functools.partial(run_attention, qdiv=2, hr=6), (), "error"),
     "folds_reversed": (functools.partial(run_requant, folds=3), (127,), "differs"),
     "hadamard_short": (run_hadamard, (), "differs"),
     "heads_unaligned": (run_heads_requant, (), "differs"),

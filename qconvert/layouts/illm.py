@@ -167,6 +167,7 @@ class ILLMLinear(QuantizedModule):
         # the channels' smallest exponent, a layer constant (DI-MatMul aligns the others to it)
         self.register_buffer("wk_min", self.wk.long().amin().reshape(1) if self.out_features else
                              torch.zeros(1, dtype=torch.int64), persistent=False)
+        self.register_buffer("wk_min32", self.wk_min.to(torch.int32), persistent=False)  # as the kernel reads it
         self.register_buffer("wm64", self.wm.long(), persistent=False)  # the torch path's int64 operands
         self.register_buffer("wk_shift", self.wk.long() - self.wk_min, persistent=False)
         self.kernel = False  # DI-MatMul by the CUDA kernel (IntegerLlama.use_kernels), else torch integer ops
@@ -208,7 +209,7 @@ class ILLMLinear(QuantizedModule):
         kmin = self.wk_min
         if self.kernel:
             lead = (xq.shape[0], 1)
-            t, tk = cuda_illm.illm_matmul(xq.to(torch.int8), self.qweight, self.wm, self.wk, self.wbits, kmin,
+            t, tk = cuda_illm.illm_matmul(xq.to(torch.int8), self.qweight, self.wm, self.wk, self.wbits, self.wk_min32,
                                           _per_row(scale, lead)[1])
             return t, Dyadic(scale.m, tk.reshape(lead))
         t = ri.shift(ri.int8_matmul(xq, self.weights_kn(), float32_copy(self, "q8t", xq)) * self.wm64, self.wk_shift)
@@ -548,19 +549,21 @@ class IntegerLlama(DerivedHolder):
         # g * group + j), in blocks of KV heads and query rows (rows are independent) that keep an
         # int64 [heads, group, rows, n] within the device's budget (attention_blocks)
         qg = q8.reshape(bt, t, kvh, group, d).permute(0, 2, 3, 1, 4).reshape(bt * kvh, group, t, d)
-        sqm = s_q.m.reshape(bt, 1, 1, t, 1).expand(bt, kvh, 1, t, 1).reshape(bt * kvh, 1, t, 1)
-        sqk = s_q.k.reshape(bt, 1, 1, t, 1).expand(bt, kvh, 1, t, 1).reshape(bt * kvh, 1, t, 1)
         blocks = attention_blocks(bt * kvh, t, group * n * 8, xq.device)
         kernel = self.kernels and self._attention_kernel_fits(bt * kvh)
         if kernel and len(blocks) == 1:
             # the kernel's int64 scratch is that [heads, group, rows, n] too: every head and query
             # row in one launch where it fits the budget (every decode step, and prefills up to that
             # size), a launch per block below, beyond it
-            if ctx.mask is None:  # the attention kernel's [1 or rows*KV, t, n], made once per forward
-                ctx.mask = causal[None] if real is None else causal[None] & real[:, None, :]
-            out, exp = cuda_illm.attention(qg.to(torch.int8), sqm.reshape(bt * kvh, t), sqk.reshape(bt * kvh, t), k8, s_km,
-                                           s_kk, v8, s_vm, s_vk, ctx.mask, self.inv_sqrt_d_int)
+            if ctx.mask is None:  # the attention kernel's uint8 [1 or rows*KV, t, n], made once per forward
+                ctx.mask = (causal[None] if real is None else causal[None] & real[:, None, :]).to(torch.uint8)
+            # the query's scale once per sequence ([rows, t]; its KV heads' head-rows read it: qdiv)
+            out, exp = cuda_illm.attention(qg.to(torch.int8), s_q.m.reshape(bt, t), s_q.k.reshape(bt, t), k8, s_km, s_kk,
+                                           v8, s_vm, s_vk, ctx.mask, self.inv_sqrt_d_int, qdiv=kvh)
             return self._attn_out(attn, out, exp, bt, t)
+        # per block: the query's scale for each head-row
+        sqm = s_q.m.reshape(bt, 1, 1, t, 1).expand(bt, kvh, 1, t, 1).reshape(bt * kvh, 1, t, 1)
+        sqk = s_q.k.reshape(bt, 1, 1, t, 1).expand(bt, kvh, 1, t, 1).reshape(bt * kvh, 1, t, 1)
         out = torch.empty(bt * kvh, group, t, d, dtype=torch.int64, device=xq.device)
         exp = torch.empty(bt * kvh, group, t, 1, dtype=torch.int64, device=xq.device)
         for (a, b), (r0, r1) in blocks:

@@ -361,12 +361,14 @@ ATTN_MAX_D = 256  # its largest head_dim (illm::ATTN_MAX_D: the query row in sta
 
 def attention(q: torch.Tensor, qm: torch.Tensor, qk: torch.Tensor, k8: torch.Tensor, km: torch.Tensor, kk: torch.Tensor,
               v8: torch.Tensor, vm: torch.Tensor, vk: torch.Tensor, mask: torch.Tensor, inv_sqrt_d: tuple[int, int],
-              clip: float = 15.0) -> tuple[torch.Tensor, torch.Tensor]:
+              clip: float = 15.0, qdiv: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """reference.attention on the kernel: q int8 [HR, group, T, d] with the query rows' scale (qm, qk)
-    [HR, T]; k8, v8 int8 [HR, n, d] with the columns' scales (km, kk), (vm, vk) [HR, n]; mask bool
-    [HR or 1, T, n]; ``inv_sqrt_d`` the constant (m, k).  Returns (o int64 [HR, group, T, d], e int64
-    [HR, group, T]).  Needs d a multiple of 4 (the dot products take four int8 at once) and an int64
-    scratch of HR * group * T * n (each row's scores, exponentials and P, from one pass to the next)."""
+    [HR / qdiv, T] (head-row hh reads row hh // qdiv: a sequence's KV heads share its query's scale,
+    given once); k8, v8 int8 [HR, n, d] with the columns' scales (km, kk), (vm, vk) [HR, n]; mask
+    bool or uint8 (0 / 1) [HR or 1, T, n]; ``inv_sqrt_d`` the constant (m, k).  Returns (o int64
+    [HR, group, T, d], e int64 [HR, group, T]).  Needs d a multiple of 4 (the dot products take four
+    int8 at once) and an int64 scratch of HR * group * T * n (each row's scores, exponentials and P,
+    from one pass to the next)."""
     fn = "attention"
     _l.require(q.dim() == 4 and q.dtype == torch.int8, f"{fn}: q must be int8 [HR, group, T, d], got {q.dtype} {tuple(q.shape)}")
     hr, group, t, d = q.shape
@@ -376,11 +378,14 @@ def attention(q: torch.Tensor, qm: torch.Tensor, qk: torch.Tensor, k8: torch.Ten
                and v8.dtype == torch.int8, f"{fn}: k8 and v8 must be int8 [HR, n, d] = [{hr}, n, {d}], got "
                f"{k8.dtype} {tuple(k8.shape)} and {v8.dtype} {tuple(v8.shape)}")
     n = k8.shape[1]
-    _l.require(mask.dtype == torch.bool and mask.dim() == 3 and mask.shape[0] in (1, hr) and tuple(mask.shape[1:]) == (t, n),
-               f"{fn}: mask must be bool [HR or 1, T, n] = [{hr} or 1, {t}, {n}], got {mask.dtype} {tuple(mask.shape)}")
+    _l.require(mask.dtype in (torch.bool, torch.uint8) and mask.dim() == 3 and mask.shape[0] in (1, hr)
+               and tuple(mask.shape[1:]) == (t, n),
+               f"{fn}: mask must be bool or uint8 [HR or 1, T, n] = [{hr} or 1, {t}, {n}], got {mask.dtype} {tuple(mask.shape)}")
+    _l.require(isinstance(qdiv, int) and qdiv >= 1 and hr % qdiv == 0, f"{fn}: qdiv must divide HR={hr}, got {qdiv!r}")
     qs = [x.reshape(-1) for x in (qm, qk)]
     for what, x in (("qm", qm), ("qk", qk)):
-        _l.require(x.numel() == hr * t and x.dtype in _INT, f"{fn}: {what} must be integers [HR, T], got {x.dtype} {tuple(x.shape)}")
+        _l.require(x.numel() == hr // qdiv * t and x.dtype in _INT,
+                   f"{fn}: {what} must be integers [HR / qdiv, T] = [{hr // qdiv}, {t}], got {x.dtype} {tuple(x.shape)}")
     cols = [km, kk, vm, vk]
     for what, x in zip(("km", "kk", "vm", "vk"), cols):
         _l.require(x.numel() == hr * n and x.dtype in _INT, f"{fn}: {what} must be integers [HR, n], got {x.dtype} {tuple(x.shape)}")
@@ -388,7 +393,7 @@ def attention(q: torch.Tensor, qm: torch.Tensor, qk: torch.Tensor, k8: torch.Ten
     q_c, k_c, v_c = q.contiguous(), k8.contiguous(), v8.contiguous()
     qm_c, qk_c = (x.to(torch.int64).contiguous() for x in qs)
     km_c, kk_c, vm_c, vk_c = (x.reshape(-1).to(torch.int64).contiguous() for x in cols)
-    mask_c = mask.to(torch.uint8).contiguous()
+    mask_c = mask.to(torch.uint8).contiguous()  # (a uint8 mask as it is: the model makes it once per forward)
     # the kernel reads q and k8 rows as int32 words: 4-byte alignment (a contiguous view may start anywhere)
     q_c, k_c = (x if x.data_ptr() % 4 == 0 else x.clone() for x in (q_c, k_c))
     ps = torch.empty((hr, group, t, n), dtype=torch.int64, device=dev)
@@ -401,7 +406,7 @@ def attention(q: torch.Tensor, qm: torch.Tensor, qk: torch.Tensor, k8: torch.Ten
                 (_l.ptr(q_c), _l.ptr(qm_c), _l.ptr(qk_c), _l.ptr(k_c), _l.ptr(km_c), _l.ptr(kk_c), _l.ptr(v_c),
                  _l.ptr(vm_c), _l.ptr(vk_c), _l.ptr(mask_c), _l.i32(int(mask.shape[0] == hr and hr > 1)),
                  np.int64(inv_sqrt_d[0]), np.int64(inv_sqrt_d[1]), np.int64(ri.exp_umax(clip)), _l.ptr(ps), _l.ptr(o),
-                 _l.ptr(e), _l.i32(t), _l.i32(group), _l.i32(n), _l.i32(d)), dev)
+                 _l.ptr(e), _l.i32(t), _l.i32(group), _l.i32(n), _l.i32(d), _l.i32(qdiv)), dev)
     return o, e
 
 

@@ -44,7 +44,7 @@ SWIGLU_PARAMS = ("tg", "gm", "gk", "tu", "um", "uk", "umax", "qmax", "a", "sgm",
 RESIDUAL_PARAMS = ("x", "xm", "xk", "b", "bm", "bk", "qmax", "h", "hm", "hk", "gamma", "gk", "nqmax", "clip", "q", "sm", "sk",
                    "rows", "n")
 ATTENTION_PARAMS = ("q", "qm", "qk", "k8", "km", "kk", "v8", "vm", "vk", "mask", "mask_hr", "sdm", "sdk", "umax", "ps",
-                    "o", "e", "T", "group", "n", "d")
+                    "o", "e", "T", "group", "n", "d", "qdiv")
 HADAMARD_PARAMS = ("x", "sign", "t", "y", "rows", "m", "lp")
 HEADS_PARAMS = ("o", "e", "qmax", "clip", "q", "sm", "sk", "rows", "heads", "t", "d")
 NO_EXPONENT = 1 << 40
@@ -67,6 +67,7 @@ MUTATIONS = _BYTES_MUTATIONS | frozenset({
     "attn_pv_group0",  # P V summing the first column group only
     "attn_max_live",   # the softmax max over keys with a non-zero scale only (a zero-scale key's 0 left out)
     "attn_scratch_shared",  # attention's scratch without the row's offset (every CTA's passes in row 0's slots)
+    "attn_qrow_hh",    # attention reading the query scale of row hh, not hh / qdiv (the head-rows' shared row)
     "folds_reversed",  # illm_requant_rows multiplying its folds last to first
     "hadamard_short",  # the Hadamard transform's last butterfly stage left out
     "heads_unaligned", # the heads' requantization ignoring their exponents (no shifts)
@@ -454,8 +455,9 @@ def attention(ctx: Ctx, ops: Ops, grid):
                 scores = through(seen, [score(c) for c in seen])  # pass 1
                 in_max = [c for c in seen if km[c] > 0] if "attn_max_live" in ops.mutations else seen
                 mx = max((scores[c] for c in in_max), default=-(1 << 62))
-                hw = int(_load(ctx, a["qk"], [hh * T + r], np.int64, "qk")[0])
-                scale = ops.normalize(i64(int(_load(ctx, a["qm"], [hh * T + r], np.int64, "qm")[0]) * a["sdm"], "q scale"),
+                qrow = (hh if "attn_qrow_hh" in ops.mutations else hh // a["qdiv"]) * T + r  # udiv_u32(hh, qdiv)
+                hw = int(_load(ctx, a["qk"], [qrow], np.int64, "qk")[0])
+                scale = ops.normalize(i64(int(_load(ctx, a["qm"], [qrow], np.int64, "qm")[0]) * a["sdm"], "q scale"),
                                       hw + ek + a["sdk"])
                 coef = ops.normalize(i64(scale[0] * LOG2E_M, "softmax scale"), scale[1] + LOG2E_K)
                 ex = through(seen, [ops.di_exp2(ops.exp_arg(mx - scores[c], coef, a["umax"])) for c in seen])  # pass 2

@@ -526,7 +526,8 @@ extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS) illm_residual_no
 // Launch: grid (T, group, HR), block 256 (two CTAs per SM asked for: ptxas's default of 64
 // registers spilled on sm_90); d a multiple of 4, at most ATTN_MAX_D.  The
 // attention of query row r of query head j over the keys of head-row hh (a row's KV head:
-// reference.attention): q int8 [HR, group, T, d] with the row's scale (qm, qk) [HR, T]; keys and
+// reference.attention): q int8 [HR, group, T, d] with the row's scale (qm, qk) [HR / qdiv, T] (head-row
+// hh reads row hh / qdiv: qdiv head-rows, a sequence's KV heads, share their query's scale); keys and
 // values int8 [HR, n, d] with one scale per column (km, kk), (vm, vk) [HR, n]; mask uint8
 // [HR or 1, T, n] (mask_hr: 1 or 0, whether it is per head-row): the columns the row sees.
 // ps int64 [HR, group, T, n] is scratch, the row's n values from one pass to the next: each seen
@@ -541,7 +542,8 @@ extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS, 2) illm_attentio
         const signed char* __restrict__ k8, const long long* __restrict__ km, const long long* __restrict__ kk,
         const signed char* __restrict__ v8, const long long* __restrict__ vm, const long long* __restrict__ vk,
         const unsigned char* __restrict__ mask, int mask_hr, long long sdm, long long sdk, long long umax,
-        long long* __restrict__ ps, long long* __restrict__ o, long long* __restrict__ e, int T, int group, int n, int d) {
+        long long* __restrict__ ps, long long* __restrict__ o, long long* __restrict__ e, int T, int group, int n, int d,
+        int qdiv) {
     __shared__ long long part[illm::ROW_THREADS];  // P V's partial sums
     __shared__ int qs[illm::ATTN_MAX_D / 4];         // the query row, d / 4 words
     __shared__ long long red[illm::ROW_THREADS / 32];
@@ -578,7 +580,8 @@ extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS, 2) illm_attentio
             mx = max(mx, s);
         }
     mx = illm::block_max(mx, red);
-    const illm::Dy scale = illm::normalize(qm[static_cast<long long>(hh) * T + r] * sdm, qk[static_cast<long long>(hh) * T + r] + ek + sdk);
+    const long long qrow = static_cast<long long>(qk::udiv_u32(hh, qdiv)) * T + r;  // the query scale's row
+    const illm::Dy scale = illm::normalize(qm[qrow] * sdm, qk[qrow] + ek + sdk);
     const illm::Dy coef = illm::normalize(scale.m * illm::LOG2E_M, scale.k + illm::LOG2E_K);
     // pass 2: the seen columns' exponentials in place of their scores, and their sum
     long long total = 0;
