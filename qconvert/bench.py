@@ -522,7 +522,13 @@ def _modes(dev: torch.device) -> list[bool]:
 
 
 def _speeds(model, dev, kw: dict, budget: Budget) -> dict:
-    """{"cuda-graph": ..., "eager": ...} (what ``_modes`` allows) of one model."""
+    """{"cuda-graph": ..., "eager": ...} (what ``_modes`` allows) of one model.  On a GPU the
+    original and the quantized model both run their RMSNorms on the norm kernel (``load`` sets it
+    for an OUT; the original gets it here), so the speed-up is the quantization's, not the norms'."""
+    if dev.type == "cuda":
+        from qconvert.norms import use_norm_kernels
+
+        use_norm_kernels(model, dev)
     return {("cuda-graph" if g else "eager"): model_speed(model, dev, graphs=g, budget=budget, **kw)
             for g in _modes(dev)}
 

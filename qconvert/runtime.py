@@ -19,6 +19,7 @@ from qconvert.errors import QConvertError
 from qconvert.formats.native import read_quant_config
 from qconvert.formats.safetensors_io import ShardedReader
 from qconvert.layouts import Layout, QuantizedModule, TensorSpec, get_layout
+from qconvert.norms import use_norm_kernels
 from qconvert.skeleton import build_skeleton
 
 
@@ -92,7 +93,7 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def load(out: str | Path, device: str = "cpu", dtype: torch.dtype | None = None, integer: bool = True,
-         fuse: bool = True):
+         fuse: bool = True, norm_kernels: bool = True):
     """Load a native qconvert OUT as a ready-to-run ``transformers`` causal LM.
 
     ``dtype`` casts the unquantized tensors (embeddings, norms, lm_head); default: as stored
@@ -103,6 +104,9 @@ def load(out: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
     that separates what the integer-only glue costs from what the W/A quantization costs).
     On CUDA, sibling linears that read the same input (q/k/v, gate/up) run as one GEMM where
     their layout can (``fuse_siblings``; the same outputs); ``fuse=False`` keeps one per linear.
+    On CUDA the Llama-family RMSNorms run one kernel each (``qconvert.norms.use_norm_kernels``:
+    transformers' formula in a fixed order, a unit in the last place apart at most);
+    ``norm_kernels=False`` keeps transformers' eight torch ops per norm.
     """
     out = Path(out)
     dev = _device(device)
@@ -151,6 +155,8 @@ def load(out: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
         model.to(dev)
         for module in modules.values():
             module.prepare_cuda()  # the others (plugins too) once on the GPU; it may synchronize: here, once
+        if norm_kernels:
+            use_norm_kernels(model, dev)
     return model.eval()
 
 

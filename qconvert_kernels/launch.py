@@ -245,6 +245,12 @@ def launch_hook(hook, sm_count: int = 8):
         _REGISTRY.clear()
 
 
+def current_hook():
+    """The launch hook installed now (None outside ``launch_hook``): an emulator of one family
+    hands another family's launches to it."""
+    return _HOOK
+
+
 def emulated_sm_count() -> int:
     """The SM count a launch hook plans for (CPU tensors under ``launch_hook``)."""
     if _HOOK is None:

@@ -1,0 +1,42 @@
+"""The RMSNorm kernel on a GPU against its reference, bit for bit, and a GPU load's norms on it
+(needs cupy and an sm_80+ GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("cupy")
+
+from qconvert_kernels.w4a8 import cuda as kcuda  # noqa: E402
+from qconvert_kernels.norm import cuda as kn  # noqa: E402
+from qconvert_kernels.norm import reference as ref  # noqa: E402
+from test_kernels_norm import norm_case  # noqa: E402
+
+if not kcuda.available():
+    pytest.skip("no CUDA device usable by cupy (sm_80+)", allow_module_level=True)
+
+DEV = torch.device("cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows,n", [(1, 1), (5, 257), (16, 4096), (7, 14336), (3, 4099)])
+def test_rms_norm(rows, n, dtype):
+    x, w = norm_case(rows, n, dtype)
+    got = kn.rms_norm(x.to(DEV), w.to(DEV), 1e-5).cpu()
+    want = ref.rms_norm(x, w, 1e-5)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+
+def test_a_gpu_load_runs_its_norms_on_the_kernel(tiny_rtn_out):
+    from qconvert import load
+
+    model = load(tiny_rtn_out, device="cuda")
+    norms = [m for m in model.modules() if type(m).__name__ == "LlamaRMSNorm"]
+    assert norms and all("forward" in m.__dict__ and m.norm_kernel_device.type == "cuda" for m in norms)
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3]], device=DEV)
+    with torch.no_grad():
+        got = model(ids).logits.float()
+        plain = load(tiny_rtn_out, device="cuda", norm_kernels=False)
+        want = plain(ids).logits.float()
+    assert (got - want).abs().max() <= 0.05 * want.abs().max()
