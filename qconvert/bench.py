@@ -549,6 +549,8 @@ def _result(target: str, original: str, dev, dtype, fp: dict, q: dict, budget: B
     head = "cuda-graph" if "cuda-graph" in q else "eager"
     return {"kind": "model", "target": target, "original": original, "runtime": _runtime_label(dev),
             "dtype": str(dtype).removeprefix("torch."), "environment": environment(dev), "budget_s": budget.total,
+            # on a GPU both models' RMSNorms run the norm kernel (``_speeds``)
+            "norm_kernels": dev.type == "cuda",
             "quantized": q[head], "original_speed": fp[head], "speedup": _compare(fp[head], q[head]),
             "modes": {m: {"quantized": q[m], "original_speed": fp[m], "speedup": _compare(fp[m], q[m])} for m in q}}
 

@@ -105,7 +105,7 @@ def load(out: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
     On CUDA, sibling linears that read the same input (q/k/v, gate/up) run as one GEMM where
     their layout can (``fuse_siblings``; the same outputs); ``fuse=False`` keeps one per linear.
     On CUDA the Llama-family RMSNorms run one kernel each (``qconvert.norms.use_norm_kernels``:
-    transformers' formula in a fixed order, a unit in the last place apart at most);
+    transformers' formula in a fixed order; a few outputs a unit in the last place apart);
     ``norm_kernels=False`` keeps transformers' eight torch ops per norm.
     """
     out = Path(out)

@@ -57,7 +57,9 @@ def test_eps_and_leading_dimensions():
     with emulate.emulating():
         y = kn.rms_norm(x, w, 1e-6)
     assert y.shape == (2, 3, 64) and torch.equal(y, ref.rms_norm(x, w, 1e-6))
-    assert not torch.equal(y[0, 1], ref.rms_norm(x, w, 1e-2)[0, 1]) or (x[0, 1] == 0).all()
+    assert not torch.equal(y[1, 0], ref.rms_norm(x, w, 1e-2)[1, 0])  # the 1e-6 row: eps matters
+    with emulate.emulating(), pytest.raises(ValueError, match="the kernel takes 1 to"):
+        kn.rms_norm(x[..., :0], w[:0], 1e-6)
 
 
 MUTATION_CASES = {
@@ -139,8 +141,16 @@ def test_a_model_runs_its_norms_on_the_kernel(tiny_llama):
         got = model(ids).logits.float()
     assert len(emu.launches) == 2 * layers + 1
     assert (got - want).abs().max() <= 0.05 * want.abs().max(), (got - want).abs().max()
+    import copy
+    import pickle
+
     norm = model.model.norm
     h = torch.randn(2, model.config.hidden_size).half()
+    again = pickle.loads(pickle.dumps(norm))  # (torch.save pickles): the copy's forward is its own
+    again.weight.data.mul_(2)
+    with torch.no_grad(), emulate.emulating():
+        assert torch.equal(again(h), kn.rms_norm(h, again.weight, norm.variance_epsilon))
+        assert torch.equal(copy.deepcopy(norm)(h), norm(h))
     with emulate.emulating() as emu:
         with torch.enable_grad():  # (the suite runs without grad: conftest)
             model(ids)  # grad enabled: the kernel has no backward

@@ -28,15 +28,22 @@ def test_rms_norm(rows, n, dtype):
     assert torch.equal(got.view(torch.int16), want.view(torch.int16))
 
 
-def test_a_gpu_load_runs_its_norms_on_the_kernel(tiny_rtn_out):
+def test_a_gpu_load_runs_its_norms_on_the_kernel(tiny_rtn_out, monkeypatch):
     from qconvert import load
 
     model = load(tiny_rtn_out, device="cuda")
     norms = [m for m in model.modules() if type(m).__name__ == "LlamaRMSNorm"]
     assert norms and all("forward" in m.__dict__ and m.norm_kernel_device.type == "cuda" for m in norms)
+    calls = []
+    launch = kn.rms_norm
+    monkeypatch.setattr(kn, "rms_norm", lambda *a: calls.append(a) or launch(*a))
     ids = torch.tensor([[5, 17, 42, 99, 7, 3]], device=DEV)
     with torch.no_grad():
         got = model(ids).logits.float()
+    assert len(calls) == len(norms)  # every norm on the kernel, none on transformers' forward
+    x, w, eps = calls[-1]
+    assert torch.equal(launch(x, w, eps).cpu(), ref.rms_norm(x.cpu(), w.cpu(), eps))
+    with torch.no_grad():
         plain = load(tiny_rtn_out, device="cuda", norm_kernels=False)
         want = plain(ids).logits.float()
     assert (got - want).abs().max() <= 0.05 * want.abs().max()

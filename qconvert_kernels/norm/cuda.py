@@ -26,7 +26,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     _l.require(weight.dtype == x.dtype, f"{fn}: weight must be {x.dtype} like x, got {weight.dtype}")
     n = x.shape[-1]
     _l.require(weight.dim() == 1 and weight.shape[0] == n, f"{fn}: weight must be [{n}], got {tuple(weight.shape)}")
-    _l.require(0 < n < 2**31, f"{fn}: rows of {n} values")
+    _l.require(0 < n <= 2**31 - THREADS, f"{fn}: rows of {n} values; the kernel takes 1 to 2^31 - {THREADS}")
     dev = _l.check_cuda(fn, x, weight)
     rows = x.reshape(-1, n).contiguous()
     _l.require(rows.shape[0] < 2**31, f"{fn}: {rows.shape[0]} rows exceed the grid; run fewer at once")

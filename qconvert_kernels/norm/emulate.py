@@ -105,7 +105,7 @@ def _cta(x: np.ndarray, w: np.ndarray, n: int, eps, bf16: bool, mutations) -> np
     if "warp0_only" not in mutations:
         for k in range(1, WARPS):
             total = f32(total + red[k])
-    var = f32(f32(total) / f32(n))
+    var = f32(np.float64(total) / n)  # __ddiv_rn of the float32 sum by the int n, rounded to float32
     with np.errstate(divide="ignore", invalid="ignore"):  # (a NaN where the kernel makes one: no_eps)
         r = f32(f32(1.0) / f32(np.sqrt(var if "no_eps" in mutations else f32(var + eps))))
         xr = (x * r).astype(f32)

@@ -7,6 +7,10 @@
       r = 1 / sqrt(total / n + eps)                            each of /, +, sqrt, / rounded
       y = dtype(w * float(dtype(x * r)))                       w [n] of x's dtype
 
+(r's division and square root are taken in float64 and rounded once: for n <= 2^24 that is the
+correctly rounded float32 result.)  A NaN output (from an inf or NaN input) is NaN here and on the
+GPU, its bit pattern not necessarily the same (cvt.rn gives the canonical NaN).
+
 The Llama-family RMSNorm of transformers (``w * (x.float() * rsqrt(mean(x^2) + eps)).to(dtype)``)
 differs only in the order of the mean's sum and in rsqrt's rounding (float32, before the result is
 rounded to fp16 / bf16): the two agree to a unit in the last place of the output, mostly exactly
