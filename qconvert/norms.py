@@ -8,7 +8,7 @@ device or dtype) keeps the transformers forward.  The kernel equals
 ``qconvert_kernels.norm.reference.rms_norm`` bit for bit, which differs from transformers' formula
 only in the order of the mean's sum and in rsqrt's rounding (float32, before the output's rounding
 to fp16 / bf16): measured, a unit in the last place in about one output in a thousand or fewer
-(tests/test_kernels_norm.py; a weight above 1 in magnitude can make that two).
+(tests/test_kernels_norm.py, weights in [-0.5, 1.5)).
 """
 
 from __future__ import annotations

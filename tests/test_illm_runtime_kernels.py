@@ -77,8 +77,8 @@ def test_the_model_on_its_kernels_equals_the_torch_integer_path(outs, key):
 def test_attention_on_its_kernel_runs_in_blocks_that_keep_its_scratch_within_the_budget(outs, monkeypatch, budget):
     """The attention kernel's scratch is int64 [heads, t, n] per row: with the budget exactly that
     size the prefill's attention is one launch per block of the model; a byte less and it is a
-    launch per block of KV heads (attention_blocks), each within the budget; at one byte, a launch
-    per KV head and query row (each with its rows of the causal mask).  The integers are the torch
+    launch per block of KV heads (attention_blocks: two blocks), each within the budget; at one
+    byte, a launch per KV head and query row (each with its rows of the causal mask).  The integers are the torch
     path's every time."""
     from qconvert import load
     from qconvert.layouts import illm as illm_layout
@@ -91,8 +91,10 @@ def test_attention_on_its_kernel_runs_in_blocks_that_keep_its_scratch_within_the
     monkeypatch.setitem(illm_layout.ATTN_BLOCK_BYTES, "cpu", bytes_)  # the emulated kernels' device
     acc, _, launches = _on_kernels(model, ids)
     assert torch.equal(acc, want_acc)
-    want_blocks = {"exact": 1, "a byte less": model.kv_heads, "one byte": model.kv_heads * 11}[budget]
-    assert launches["illm_attention"] == want_blocks * model.layers_n, launches
+    group = model.heads // model.kv_heads
+    blocks = illm_layout.attention_blocks(model.kv_heads, 11, group * 11 * 8, torch.device("cpu"))
+    assert len(blocks) == {"exact": 1, "a byte less": 2, "one byte": model.kv_heads * 11}[budget]
+    assert launches["illm_attention"] == len(blocks) * model.layers_n, launches
 
 
 def test_a_left_padded_prefill_on_the_kernel_in_blocks_of_one_row_gives_the_eager_bits(outs, monkeypatch):

@@ -4,9 +4,10 @@ Each CTA (one row) runs with the kernel's own loops and index math, vectorized o
 threads: thread t's strided loads of x (elements t, t + 256, ...) and its running float32 sum of
 squares (a rounded product, then a rounded add: numpy float32, IEEE round to nearest even, as
 ``__fmul_rn`` / ``__fadd_rn``), the xor-butterfly shuffles of each warp (lane l reads lane l ^ o),
-the 8 warp sums staged through ``red`` and added in warp order, then ``__fdiv_rn`` and
-``__fsqrt_rn`` (correctly rounded, as numpy's float32 division and square root are) and the two
-roundings to fp16 / bf16.  Global memory is reached through ``launch.tensor_at`` (the CPU tensors
+the 8 warp sums staged through ``red`` and added in warp order, then the kernel's float64 division
+by n rounded to float32, and sqrt and 1 / root (the kernel's float64 ``__dsqrt_rn`` and
+``__ddiv_rn`` of float32 operands, rounded once: the correctly rounded float32 results, which
+numpy's float32 square root and division give), and the two roundings to fp16 / bf16.  Global memory is reached through ``launch.tensor_at`` (the CPU tensors
 the launcher passed), with its bounds checked and every output element written exactly once.
 
     with emulate.emulating():

@@ -13,8 +13,8 @@ GPU, its bit pattern not necessarily the same (cvt.rn gives the canonical NaN).
 
 The Llama-family RMSNorm of transformers (``w * (x.float() * rsqrt(mean(x^2) + eps)).to(dtype)``)
 differs only in the order of the mean's sum and in rsqrt's rounding (float32, before the result is
-rounded to fp16 / bf16): the two agree to a unit in the last place of the output, mostly exactly
-(tests/test_kernels_norm.py measures it).
+rounded to fp16 / bf16): measured, equal but for a unit in the last place in about one output in
+a thousand or fewer (tests/test_kernels_norm.py).
 """
 
 from __future__ import annotations
