@@ -47,6 +47,27 @@ def test_bench_out_on_cpu_is_labelled_and_saved(out, tmp_path):
     assert run("verify", out, "--no-compare").exit_code == 0
 
 
+def test_norm_kernels_on_both_models_unless_asked_not_to(tiny_llama, monkeypatch, tmp_path):
+    """On a GPU ``_speeds`` sets the norm kernel on the model it times (the original too), not with
+    ``--no-norm-kernels``; the flag reaches the end-to-end bench, whose result says it."""
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(b, "model_speed", lambda model, dev, graphs, budget, **kw: {"graphs": graphs})
+    monkeypatch.setattr(b, "_modes", lambda dev: (True,))
+    for norms in (True, False):
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float16)
+        b._speeds(model, torch.device("cuda:0"), {}, b.Budget(None), norms)
+        assert all(("forward" in m.__dict__) == norms for m in model.modules() if type(m).__name__ == "LlamaRMSNorm")
+    seen = {}
+    monkeypatch.setattr(b, "synthetic_bench", lambda name, **kw: seen.update(kw) or {})
+    run("bench", "--synthetic", "smollm2-135m", "--no-norm-kernels", "--json", tmp_path / "x.json", ok=False)
+    assert seen["norm_kernels"] is False
+    monkeypatch.undo()
+    res = run("bench", "--synthetic", "smollm2-135m", "--layers", "1", *SMALL, "--device", "cpu", "--json", tmp_path / "s.json")
+    assert json.loads((tmp_path / "s.json").read_text())["norm_kernels"] is False  # no GPU: transformers' norms
+    assert res.exit_code == 0
+
+
 def test_bench_synthetic_on_cpu(tmp_path):
     res = run("bench", "--synthetic", "smollm2-135m", "--layers", "1", *SMALL, "--device", "cpu", "--json", tmp_path / "s.json")
     written = json.loads((tmp_path / "s.json").read_text())
