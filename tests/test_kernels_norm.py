@@ -159,3 +159,49 @@ def test_a_model_runs_its_norms_on_the_kernel(tiny_llama):
     use_norm_kernels(model, "meta")
     with torch.no_grad():
         assert torch.equal(model(ids).logits.float(), want)  # inputs on the CPU: transformers' norms
+
+
+def test_a_w4a8_decode_step_on_its_kernels_and_the_norm_kernel_reads_nothing_back(tiny_rtn_out):
+    """The GPU path's decode step (an is-w4a8 OUT set up as a GPU load sets it up: siblings joined,
+    the kernels' copies prepared, the norms on their kernel), every launch emulated: no op reads a
+    value back to the host (what a CUDA graph could not capture), the norms and the W4A8 GEMMs are
+    launched, and the logits equal those of the same steps with transformers' norms to fp16 rounding."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from qconvert import load
+    from qconvert.engine import DecodeEngine
+    from qconvert.layouts.int4 import W4A8Linear
+    from qconvert.runtime import fuse_siblings
+    from qconvert_kernels.w4a8 import emulate as w4a8_emulate
+
+    class Reads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func._schema.name in ("aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::equal"):
+                self.seen.append(func._schema.name)
+            return func(*args, **(kwargs or {}))
+
+    ids = torch.randint(1, 300, (2, 5), generator=torch.Generator().manual_seed(5))
+    steps = []
+    for norms in (False, True):
+        model = load(tiny_rtn_out, dtype=torch.float16)
+        fuse_siblings(model)
+        for m in model.modules():
+            if isinstance(m, W4A8Linear):
+                m.prepare_cuda(torch.device("cpu"))
+        if norms:
+            use_norm_kernels(model, "cpu")
+        with w4a8_emulate.emulating(sm_count=8) as w4, emulate.emulating() as nemu:
+            eng = DecodeEngine(model, 2, 10)
+            logits = [eng.prefill(ids)]
+            reads = Reads()
+            for _ in range(2):
+                with reads:
+                    logits.append(eng.decode(logits[-1].argmax(-1)))
+        assert reads.seen == []
+        assert w4.launches and (len(nemu.launches) > 0) == norms
+        steps.append(torch.stack(logits).float())
+    assert (steps[1] - steps[0]).abs().max() <= 0.05 * steps[0].abs().max()
