@@ -34,7 +34,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from illm_step_ops import OpCount  # noqa: E402
 
 from qconvert.bench import environment  # noqa: E402
-from qconvert_kernels import launch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,18 +56,16 @@ def captured_step(model, ids: torch.Tensor, w4a8: bool, norms: bool):
     eng = DecodeEngine(model, b, p + 2, graphs=False)
     counter = OpCount()
     outer = emulate.emulating(sm_count=132) if w4a8 else contextlib.nullcontext()
-    with torch.inference_mode(), outer, (norm_emulate.emulating() if norms else contextlib.nullcontext()):
-        seen = []
-        inner = launch.current_hook()
-        hook = None if inner is None else (lambda name, *a: (seen.append(name), inner(name, *a)))
-        with launch.launch_hook(hook, sm_count=132) if hook else contextlib.nullcontext():
-            nxt = eng.prefill(ids).argmax(-1)
-            seen.clear()
-            eng._ids[:b].copy_(nxt.reshape(b, 1))  # what decode() does before the step it replays
-            eng.cache.seen = eng.length
-            with counter:
-                logits = eng._step(b, eng.max_len).clone()
-    return logits, counter, collections.Counter(seen)
+    with torch.inference_mode(), outer as w4, (norm_emulate.emulating() if norms else contextlib.nullcontext()) as nemu:
+        nxt = eng.prefill(ids).argmax(-1)
+        emus = [e for e in (w4, nemu) if e is not None]
+        before = [len(e.launches) for e in emus]
+        eng._ids[:b].copy_(nxt.reshape(b, 1))  # what decode() does before the step it replays
+        eng.cache.seen = eng.length
+        with counter:
+            logits = eng._step(b, eng.max_len).clone()
+    launches = collections.Counter(name for e, k in zip(emus, before) for name, *_ in e.launches[k:])
+    return logits, counter, launches
 
 
 def on_kernels(out: Path):
