@@ -223,16 +223,12 @@ __device__ __forceinline__ unsigned smem_addr(const void* p) {
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem), "r"(src_bytes));
 }
-// The same with an L2 "evict first" policy: for data read exactly once (the decode kernel's
-// weights), so it does not push the activations, scales and split-K partials out of L2.
-__device__ __forceinline__ unsigned long long l2_evict_first_policy() {
-    unsigned long long p;
-    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(p));
-    return p;
-}
-__device__ __forceinline__ void cp_async16_evict_first(void* smem, const void* gmem, unsigned long long policy) {
-    asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem),
-                 "l"(policy));
+// All 16 bytes read (no zero fill).  No L2 cache-policy operand (`.L2::cache_hint` with a
+// `createpolicy` descriptor): on an H200 (2026-12-04) the decode kernels built with one faulted with
+// CUDA_ERROR_ILLEGAL_INSTRUCTION at the hinted LDGSTS, whose descriptor ptxas had put in uniform
+// registers that no instruction wrote (desc[UR1]); compile.unwritten_uniform_registers finds such reads.
+__device__ __forceinline__ void cp_async16_all(void* smem, const void* gmem) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(smem)), "l"(gmem));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 // Wait until at most N of this thread's committed groups are still in flight.

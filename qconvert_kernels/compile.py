@@ -218,6 +218,33 @@ def local_memory_ops(kernel_text: str) -> list[str]:
     return [op for op in opcodes(kernel_text) if op.split(".")[0] in ("LDL", "STL")]
 
 
+_SASS_LINE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)\s+([^;]*);")
+_UR_DEST = re.compile(r"^UR(\d+)\b")
+_UR_MEMORY = re.compile(r"desc\[UR(\d+)\]|\[[^\]]*\bUR(\d+)\b[^\]]*\]")
+
+
+def unwritten_uniform_registers(kernel_text: str) -> list[str]:
+    """The instructions of one kernel's SASS that address memory through a uniform register (a
+    memory descriptor ``desc[URn]``, which spans URn and URn+1, or ``[R+URn]``) that no instruction
+    of the kernel writes (as its first operand).  An H200 raised CUDA_ERROR_ILLEGAL_INSTRUCTION at
+    exactly such an LDGSTS (``desc[UR1]``, from ptxas's lowering of a ``createpolicy`` cache hint):
+    the list must be empty."""
+    written: set[int] = set()
+    reads = []
+    for line in kernel_text.splitlines():
+        m = _SASS_LINE.search(line)
+        if not m:
+            continue
+        op, operands = m.groups()
+        dest = _UR_DEST.match(operands.strip())
+        if dest:
+            n = int(dest.group(1))
+            written.update((n, n + 1) if ".64" in op else (n,))
+        for d, a in _UR_MEMORY.findall(operands):
+            reads.append(((int(d), int(d) + 1) if d else (int(a),), f"{op} {operands.strip()}"))
+    return [text for regs, text in reads if not set(regs) <= written]
+
+
 # FLO (find leading one) and DEPBAR (a scoreboard wait, e.g. before a trap) begin like float-unit
 # mnemonics but are not
 _NOT_FLOAT = re.compile(r"^(FLO\.U(32|64)(\.SH)?|DEPBAR(\.\w+)*)$")

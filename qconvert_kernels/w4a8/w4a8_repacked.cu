@@ -275,12 +275,11 @@ __device__ __forceinline__ void decode(const unsigned short* __restrict__ x, con
     //    activations are even looked at.  Each lane copies exactly the 16 bytes it will read.
     // w_chunk and d_w_slot are linear in the block / stage: block i of this lane is wsrc + 32 i, and
     // stage st its slot wslot + st * D_STAGE_BYTES (the address math leaves the k loop).
-    const unsigned long long pol = qk::l2_evict_first_policy();
     const uint4* wsrc = wq + w_chunk(t16, kb0, lane, KB);
     unsigned char* wslot = sW + d_w_slot(0, warp, lane);
 #pragma unroll
     for (int i = 0; i < D_STAGES - 1; ++i) {
-        if (i < nblk) qk::cp_async16_evict_first(wslot + i * D_STAGE_BYTES, wsrc + 32 * i, pol);
+        if (i < nblk) qk::cp_async16_all(wslot + i * D_STAGE_BYTES, wsrc + 32 * i);
         qk::cp_async_commit();
     }
 
@@ -382,7 +381,7 @@ __device__ __forceinline__ void decode(const unsigned short* __restrict__ x, con
             qk::cp_async_wait<D_STAGES - 2>();                 // this lane's block `blk` has landed
             wr = *reinterpret_cast<const uint4*>(wslot + (blk & (D_STAGES - 1)) * D_STAGE_BYTES);
             const int nb = blk + D_STAGES - 1;                 // refill the slot read at the previous block
-            if (nb < nblk) qk::cp_async16_evict_first(wslot + (nb & (D_STAGES - 1)) * D_STAGE_BYTES, wsrc + 32 * nb, pol);
+            if (nb < nblk) qk::cp_async16_all(wslot + (nb & (D_STAGES - 1)) * D_STAGE_BYTES, wsrc + 32 * nb);
             qk::cp_async_commit();
         }
         unsigned a[4];
