@@ -78,6 +78,23 @@ def test_di_rmsnorm_and_silu():
     assert float((y - xr * torch.sigmoid(xr)).abs().max()) < 2e-3
 
 
+def test_int_mm_padding_meets_cuda_int_mm_shapes():
+    """The CUDA path pads to M > 16 and M, K, N multiples of 8 (cuBLASLt refused M = 17 on an H200),
+    adding as few zeros as that needs; the padded product, cut back, is the product."""
+    for m, k, n in [(1, 64, 304), (17, 64, 300), (24, 16, 8), (130, 1000, 13), (8, 3, 1)]:
+        pm, pk, pn = ri.int_mm_padding(m, k, n)
+        mm, kk, nn = m + pm, k + pk, n + pn
+        assert mm > 16 and kk >= 16 and nn >= 16 and mm % 8 == kk % 8 == nn % 8 == 0, (m, k, n)
+        assert pm < 8 or mm == 24
+        gen = torch.Generator().manual_seed(m + k + n)
+        a = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
+        b = torch.randint(-128, 128, (k, n), generator=gen, dtype=torch.int8)
+        pa = torch.nn.functional.pad(a, (0, pk, 0, pm))
+        pb = torch.nn.functional.pad(b, (0, pn, 0, pk))
+        assert torch.equal(torch._int_mm(pa, pb)[:m, :n].long(), a.long() @ b.long())
+    assert ri.int_mm_padding(17, 64, 304) == (7, 0, 0)
+
+
 def test_integer_matmuls_are_exact():
     gen = torch.Generator().manual_seed(4)
     a = torch.randint(-2**15, 2**15 + 1, (20, 64), generator=gen)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -75,6 +77,22 @@ def _run(sources, case: str, out: Path, **kwargs) -> Path:
                           asym=0.0)  # DIGESTS pin symmetric GPTQ (the presets' default --asym-calib: tests/test_asym_calib.py)
     kwargs.setdefault("rotate", "none")  # DIGESTS pin the unrotated walk (rotation: tests/test_rotation.py)
     return quantize(str(sources[model]), sch, out, group_size=group, progress=False, calib=calib, **kwargs)
+
+
+def resume_matches_whole(tmp_path: Path, sources, device: str) -> None:
+    """``qconvert quantize`` killed after 20 tensors and resumed writes the bytes of ``_run``'s
+    uninterrupted is-w4a8 walk on ``device``.  The command spells out what ``_run`` pins: no
+    rotation and symmetric GPTQ (--rotate none --asym-calib 0), whatever the presets' defaults."""
+    whole = _run(sources, "is-w4a8", tmp_path / "whole", device=device)
+    src = sources["dense"]
+    cmd = [sys.executable, "-m", "qconvert.cli", "quantize", str(src), "-o", str(tmp_path / "out"), "-q", "-g", "32",
+           "--device", device, "--calib", "file", "--data-file", str(src.parent / "calib.txt"), "--nsamples", "4",
+           "--seqlen", "32", "--calib-dtype", CASES["is-w4a8"][4], "--rotate", "none", "--asym-calib", "0"]
+    killed = subprocess.run(cmd, env={**os.environ, "QCONVERT_FAULT": "tensor:20"}, capture_output=True)
+    assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+    done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert digest(tmp_path / "out") == digest(whole)
 
 
 def digest(out: Path) -> str:
@@ -168,6 +186,13 @@ def test_cpu_walk_writes_todays_bytes_and_makes_nothing_off_device(tmp_path, sou
 def _native_bf16_cpu() -> bool:
     """The CPU has AVX-512 BF16 or AMX (Linux's flags); elsewhere False."""
     return bool({"avx512_bf16", "amx_bf16"} & (cpu_flags() or set()))
+
+
+def test_cpu_resume_matches_the_whole_walk(tmp_path, sources):
+    """The CPU twin of tests/test_quantize_device_gpu.py's resume test (same helper): the CLI run,
+    killed and resumed, gives _run's bytes.  On an H200 (2026-12-04) the cuda one failed while its
+    command left the presets' rotation and asymmetric calibration on, which _run turns off."""
+    resume_matches_whole(tmp_path, sources, "cpu")
 
 
 def test_the_device_check_catches_a_factory_without_device(tmp_path, sources, monkeypatch):

@@ -9,14 +9,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from test_quantize_device import CASES, _run, digest, sources  # noqa: F401  (the fixture)
+from test_quantize_device import CASES, _run, digest, resume_matches_whole, sources  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -35,16 +32,7 @@ def test_cuda_walk_is_reproducible_and_close_to_the_cpu(tmp_path, sources, case)
 
 
 def test_cuda_resume_is_bit_identical(tmp_path, sources):  # noqa: F811
-    whole = _run(sources, "is-w4a8", tmp_path / "whole", device="cuda")
-    src = sources["dense"]
-    cmd = [sys.executable, "-m", "qconvert.cli", "quantize", str(src), "-o", str(tmp_path / "out"), "-q", "-g", "32",
-           "--device", "cuda", "--calib", "file", "--data-file", str(src.parent / "calib.txt"), "--nsamples", "4",
-           "--seqlen", "32"]
-    killed = subprocess.run(cmd, env={**os.environ, "QCONVERT_FAULT": "tensor:20"}, capture_output=True)
-    assert killed.returncode == -9, killed.stderr.decode()[-2000:]
-    done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert digest(tmp_path / "out") == digest(whole)
+    resume_matches_whole(tmp_path, sources, "cuda")
 
 
 def test_cuda_asymmetric_calibration(tmp_path, sources):  # noqa: F811

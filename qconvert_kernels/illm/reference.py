@@ -376,6 +376,14 @@ def float32_gemm(a: torch.Tensor) -> bool:
     return not a.is_cuda and cpu_gemm_path() == "float32"
 
 
+def int_mm_padding(m: int, k: int, n: int) -> tuple[int, int, int]:
+    """Zero rows / columns (of M, K, N) that make ``torch._int_mm`` on CUDA take an [M, K] @ [K, N]
+    product: M > 16, K >= 16, and all three multiples of 8.  torch documents M > 16 and K, N
+    multiples of 8, but cuBLASLt (CUDA 13.0, H200, 2026-12-04) refused M = 17, K = 64, N = 304
+    (CUBLAS_STATUS_NOT_SUPPORTED), so M is made a multiple of 8 too.  Zero padding adds nothing."""
+    return (max(24, m + -m % 8) - m, max(16, k + -k % 8) - k, max(16, n + -n % 8) - n)
+
+
 def int8_matmul(a: torch.Tensor, b: torch.Tensor, b32: torch.Tensor | None = None) -> torch.Tensor:
     """a [M, K] @ b [K, N] for int8-range integers (any int dtype), int32 accumulation, as int64;
     with a batch dimension, a [B, M, K] @ b [B, K, N] -> [B, M, N] (one product per batch entry).
@@ -410,9 +418,7 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor, b32: torch.Tensor | None = Non
         return torch.stack([int8_matmul(x, y) for x, y in zip(a8, b8)])
     m, k = a8.shape
     n = b8.shape[1]
-    # torch._int_mm on CUDA needs M > 16, K >= 16 and K, N multiples of 8: zero padding adds nothing
-    # (the CPU's takes any shape)
-    pm, pk, pn = (max(17 - m, 0), max(16, k + -k % 8) - k, max(16, n + -n % 8) - n) if a8.is_cuda else (0, 0, 0)
+    pm, pk, pn = int_mm_padding(m, k, n) if a8.is_cuda else (0, 0, 0)  # the CPU's takes any shape
     if pm or pk:
         a8 = torch.nn.functional.pad(a8, (0, pk, 0, pm))
     if pk or pn:
