@@ -5,24 +5,32 @@
 #
 #   bash benchmarks/gpu_check.sh            # results in benchmarks/results/gpu/
 #   OUT=/some/dir bash benchmarks/gpu_check.sh
-#   COMMIT=$(git rev-parse --short HEAD) OUT=$OUT bash benchmarks/gpu_check.sh   # a tree copied without .git
+#   COMMIT=$(git rev-parse --short HEAD) OUT=$OUT/g PACK=$OUT/gpu_check.tgz bash benchmarks/gpu_check.sh
+#       # a tree copied without .git; PACK: everything also in one tarball, rewritten after each
+#       # part (the device tool brings back at most 8 files)
 #   PYTHON=/path/to/python bash benchmarks/gpu_check.sh   # default: python3 or python, whichever imports torch
 #
 # Six parts, in this order, each under its own time budget (seconds, overridable as
-# BUDGET_A..BUDGET_F), about 8 minutes in all on an H200; every part writes its files under
-# $OUT as it finishes, and a part that fails or runs out of time never stops the next:
-#   a  environment (gpu.txt) and the GPU kernel tests against their bit-exact references
-#      (kernels_gpu.xml JUnit, kernels_gpu.log)
-#   b  qconvert bench --kernels: Llama-3-8B shapes, M in {1, 16, 256, 4096}, W4A8-IS, W4A8-FS and
-#      cuBLAS FP16 with the roofline fraction (kernels.json, kernels.png, roofline.json)
+# BUDGET_A..BUDGET_F), 8 minutes in all; every part writes its files under $OUT as it finishes,
+# and a part that fails or runs out of time never stops the next.  A device fault (an illegal
+# instruction, a bad address) poisons the CUDA context of its process: every test file and every
+# benched M therefore runs in a process of its own, so a fault costs one file or one M.
+#   a  environment (gpu.txt) and every GPU test file (tests/test_*_gpu.py) against the bit-exact
+#      references, all files at once, one process each (tests/NAME.xml JUnit, tests/NAME.log;
+#      tests.txt: one line per file)
+#   b  qconvert bench --kernels: Llama-3-8B shapes, M in {1, 16, 256, 4096} (one process each:
+#      kernels_mM.json), W4A8-IS, W4A8-FS and cuBLAS FP16 with the roofline fraction, merged into
+#      kernels.json and kernels.png; the roofline model's predictions (roofline.json)
 #   c  the decode engine on the synthetic Llama-3-8B: FP16 against is-w4a8, CUDA-graph captured,
 #      batch 1 and 16 (e2e_llama3-8b.json)
 #   d  GPU quantize of a random-weight Llama-3-8B-shaped checkpoint written here (quantize.json)
-#   e  the other methods' kernels: QUIK, FP8 (sm_89+), I-LLM (kernels_quik.json, ...), and the
-#      online Hadamard transform of --rotate hadamard+online (hadamard.json)
+#   e  the online Hadamard transform of --rotate hadamard+online (hadamard.json), then the other
+#      methods' kernels at M in {1, 4096}, each under its own 30 s: QUIK, I-LLM, FP8 (sm_89+)
+#      (kernels_quik.json, kernels_illm.json, kernels_zqfp.json)
 #   f  I-LLM's integer-only model on its kernels against FP16, end to end, on 4 blocks of the
 #      synthetic Llama-3-8B, batch 1 and 16, CUDA-graph captured and eager (e2e_illm.json)
 # A summary of each part's exit status and time is in parts.txt.
+# benchmarks/gpu_tables.py OUT prints the results as docs/benchmarks.md's tables.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -46,9 +54,19 @@ part() {  # part NAME BUDGET COMMAND...: run under a time budget, log, record st
   timeout --kill-after=10 "$budget" "$@" > "$out/part_$name.log" 2>&1
   local rc=$?
   echo "part $name: rc=$rc ($((SECONDS - t0)) s of $budget s)" | tee -a "$out/parts.txt"
+  if [ -n "${PACK:-}" ]; then  # written aside, then renamed: a kill leaves the previous tarball whole
+    tar czf "$PACK.part" -C "$(dirname "$out")" "$(basename "$out")" && mv "$PACK.part" "$PACK"
+  fi
 }
 
-part_a() {  # the environment block's and the tests' failures both count (pipefail: tee's status hides nothing)
+test_file() {  # test_file PATH: one GPU test file in a process of its own; one line in tests.txt
+  local f=$1 b
+  b=$(basename "$f" .py)
+  "$PYTHON" -m pytest -v -rfs -p no:cacheprovider "$f" --junitxml "$out/tests/$b.xml" > "$out/tests/$b.log" 2>&1
+  echo "rc=$? $f: $(tail -n 1 "$out/tests/$b.log")" >> "$out/tests.txt"
+}
+
+part_a() {  # the environment block's and the tests' failures both count
   set -o pipefail
   local rc=0
   {
@@ -58,19 +76,25 @@ part_a() {  # the environment block's and the tests' failures both count (pipefa
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1 | sed 's/^/gpu: /'
     "$PYTHON" -c "import torch, cupy; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cupy', cupy.__version__)"
   } | tee "$out/gpu.txt" || rc=1
-  # every GPU test file (tests/test_*_gpu.py): the kernels against their references first, then the
-  # models on them (the engine, I-LLM's integer model, GPU quantize), so a budget's kill takes the latter;
-  # -v: one line per test in the log, which survives the budget's kill (the JUnit XML is written at the end)
-  local kernels=(tests/test_kernels*_gpu.py) models=() f
-  for f in tests/test_*_gpu.py; do [[ $f == tests/test_kernels* ]] || models+=("$f"); done
-  "$PYTHON" -m pytest -v -rs "${kernels[@]}" "${models[@]}" --junitxml "$out/kernels_gpu.xml" 2>&1 | tee "$out/kernels_gpu.log" || rc=1
+  # every GPU test file at once, the largest first (quantize, the models); -v: one line per test
+  # in each log, which survives the budget's kill (the JUnit XML is written at the end)
+  mkdir -p "$out/tests"
+  : > "$out/tests.txt"
+  ls -S tests/test_*_gpu.py | xargs -P 16 -I{} bash -c 'test_file {}'
+  sort -k2 -o "$out/tests.txt" "$out/tests.txt"
+  cat "$out/tests.txt"
+  grep -q "^rc=[^0]" "$out/tests.txt" && rc=1
+  [ "$(wc -l < "$out/tests.txt")" -eq "$(ls tests/test_*_gpu.py | wc -l)" ] || rc=1
   return $rc
 }
 
-part_b() {  # a failed kernel bench fails the part even though the roofline after it runs
-  local plot=() rc=0
+part_b() {  # a failed M fails the part; the others, the merge and the roofline still run
+  local plot=() rc=0 m
   "$PYTHON" -c "import matplotlib" 2>/dev/null && plot=(--plot "$out/kernels.png")
-  "$PYTHON" -m qconvert.cli bench --kernels --shapes llama3-8b --m 1,16,256,4096 --json "$out/kernels.json" "${plot[@]}" || rc=1
+  for m in 1 16 256 4096; do
+    "$PYTHON" -m qconvert.cli bench --kernels --shapes llama3-8b --m "$m" --json "$out/kernels_m$m.json" || rc=1
+  done
+  "$PYTHON" benchmarks/gpu_tables.py --merge "$out/kernels.json" "${plot[@]}" "$out"/kernels_m*.json || rc=1
   "$PYTHON" benchmarks/roofline.py --devices H200 --json "$out/roofline.json" || rc=1
   return $rc
 }
@@ -80,31 +104,32 @@ part_c() {
     --json "$out/e2e_llama3-8b.json"
 }
 
-part_d() {
-  "$PYTHON" benchmarks/quantize_speed.py gpu --layers 4 --budget-s "$((BUDGET_D - 20))" --json "$out/quantize.json"
+part_d() {  # --budget-s bounds the whole script, the checkpoint's writing included
+  "$PYTHON" benchmarks/quantize_speed.py gpu --layers 4 --budget-s "$((BUDGET_D - 10))" --json "$out/quantize.json"
 }
 
 part_e() {
-  local rc=0
-  # first, as it is short (2 orders x 4 M, 20 timed calls each); the benches below fill most of the budget
-  "$PYTHON" benchmarks/hadamard_speed.py --json "$out/hadamard.json" || rc=1  # --rotate hadamard+online's transform
-  "$PYTHON" -m qconvert.cli bench --kernels --scheme quik-w4a4 --m 1,16,256,4096 --json "$out/kernels_quik.json" || rc=1
-  "$PYTHON" -m qconvert.cli bench --kernels --scheme illm-w8a8 --m 1,16,256,4096 --json "$out/kernels_illm.json" || rc=1
-  if "$PYTHON" -c "import torch, sys; sys.exit(torch.cuda.get_device_capability() < (8, 9))"; then
-    "$PYTHON" -m qconvert.cli bench --kernels --scheme zqfp-w4a8 --m 1,16,256,4096 --json "$out/kernels_zqfp.json" || rc=1
-  fi
+  local rc=0 s
+  # first, as it is short (2 orders x 4 M, 20 timed calls each)
+  timeout 20 "$PYTHON" benchmarks/hadamard_speed.py --json "$out/hadamard.json" || rc=1  # --rotate hadamard+online
+  for s in quik-w4a4:quik illm-w8a8:illm zqfp-w4a8:zqfp; do
+    if [ "${s##*:}" = zqfp ] && ! "$PYTHON" -c "import torch, sys; sys.exit(torch.cuda.get_device_capability() < (8, 9))"; then
+      continue  # FP8 tensor cores: sm_89+
+    fi
+    timeout 30 "$PYTHON" -m qconvert.cli bench --kernels --scheme "${s%%:*}" --m 1,4096 --json "$out/kernels_${s##*:}.json" || rc=1
+  done
   return $rc
 }
 
 part_f() {  # the integer model on its own engine and the FP16 original, each graph-captured and eager
   "$PYTHON" -m qconvert.cli bench --synthetic llama3-8b --layers 4 --scheme illm-w8a8 --device cuda --prefill 512 \
-    --new-tokens 16 --batch 1,16 --repeats 1 --budget-s "$((BUDGET_F - 15))" --json "$out/e2e_illm.json"
+    --new-tokens 16 --batch 1,16 --repeats 1 --budget-s "$((BUDGET_F - 10))" --json "$out/e2e_illm.json"
 }
 
-export -f part_a part_b part_c part_d part_e part_f
+export -f part_a part_b part_c part_d part_e part_f test_file
 export out
-BUDGET_A=${BUDGET_A:-120} BUDGET_B=${BUDGET_B:-90} BUDGET_C=${BUDGET_C:-90} BUDGET_D=${BUDGET_D:-70} BUDGET_E=${BUDGET_E:-60}
-BUDGET_F=${BUDGET_F:-50}
+BUDGET_A=${BUDGET_A:-150} BUDGET_B=${BUDGET_B:-60} BUDGET_C=${BUDGET_C:-80} BUDGET_D=${BUDGET_D:-60} BUDGET_E=${BUDGET_E:-90}
+BUDGET_F=${BUDGET_F:-40}
 export BUDGET_C BUDGET_D BUDGET_F
 part a "$BUDGET_A" bash -c part_a
 part b "$BUDGET_B" bash -c part_b

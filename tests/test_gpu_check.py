@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the script measures for real")
 def test_every_part_runs_and_a_failed_part_is_recorded(tmp_path):
     out = tmp_path / "gpu"
-    env = {**os.environ, "OUT": str(out), "COMMIT": "abc1234",
+    pack = tmp_path / "gpu_check.tgz"
+    env = {**os.environ, "OUT": str(out), "COMMIT": "abc1234", "PACK": str(pack),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            **{f"BUDGET_{p}": "150" for p in "ABCDEF"}}
     env.pop("PYTHONPATH", None)
@@ -37,11 +39,20 @@ def test_every_part_runs_and_a_failed_part_is_recorded(tmp_path):
         assert status["a"] == 0, log_a[-2000:]
     except ImportError:
         assert status["a"] != 0 and "No module named 'cupy'" in log_a, log_a[-2000:]
-    assert re.search(r"\d+ skipped", (out / "kernels_gpu.log").read_text())  # the tests ran after it all the same
+    # every GPU test file ran in a process of its own after it all the same, and skipped
+    files = sorted(p.name for p in (ROOT / "tests").glob("test_*_gpu.py"))
+    lines = (out / "tests.txt").read_text().splitlines()
+    assert sorted(re.search(r"tests/(\S+\.py):", line).group(1) for line in lines) == files, lines
+    assert all(re.search(r"\d+ skipped", line) for line in lines), lines
+    assert all((out / "tests" / f.replace(".py", ".xml")).is_file() for f in files)
     assert all(status[x] != 0 for x in "bcdef"), parts
     assert r.returncode != 0
     assert "commit: abc1234" in (out / "gpu.txt").read_text()
-    assert (out / "kernels_gpu.xml").is_file() and (out / "roofline.json").is_file()
+    assert (out / "roofline.json").is_file()
+    # PACK: the whole of OUT in one tarball, after the last part too
+    with tarfile.open(pack) as tar:
+        names = set(tar.getnames())
+    assert {"gpu/parts.txt", "gpu/part_f.log", "gpu/tests.txt", "gpu/roofline.json"} <= names, sorted(names)[:20]
     assert "needs an NVIDIA GPU" in (out / "part_b.log").read_text()
     assert "no usable GPU" in (out / "part_d.log").read_text()
     assert "--device cuda" in (out / "part_f.log").read_text()  # refused at once, not run on the CPU

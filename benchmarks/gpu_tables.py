@@ -1,0 +1,153 @@
+"""Markdown tables of a GPU run's JSON results (gpu_check.sh's, or files named like them), for
+docs/benchmarks.md: the W4A8 kernels against cuBLAS FP16 beside the roofline model's predictions,
+QUIK's kernels, the online Hadamard transform, and the end-to-end runs.
+
+    python benchmarks/gpu_tables.py benchmarks/results/gpu/2026-12-04_h200_8fa9160
+    python benchmarks/gpu_tables.py --merge OUT/kernels.json [--plot OUT/kernels.png] OUT/kernels_m*.json
+
+``--merge``: the kernel benches of one scheme run one M per process (gpu_check.sh, part b) made
+into one result, with its summary (and plot), as one ``qconvert bench --kernels`` would write it.
+
+Every *.json under the folder is read (kernels*.json with kind "kernels" and a scheme, e2e*.json,
+hadamard.json, roofline.json); a kind with no file gets no table."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def _load(folder: Path) -> dict[str, list]:
+    found: dict[str, list] = {}
+    for path in sorted(folder.rglob("*.json")):
+        data = json.loads(path.read_text())
+        if path.name == "hadamard.json":
+            key = "hadamard"
+        elif path.name == "roofline.json":
+            key = "roofline"
+        elif data.get("kind") == "model":
+            key = "e2e"
+        elif data.get("kind") == "kernels":
+            key = f"kernels:{data.get('scheme') or 'is-w4a8'}"
+        else:
+            continue
+        found.setdefault(key, []).append((path, data))
+    return found
+
+
+def _env(data: dict) -> str:
+    e = data.get("environment") or data
+    return f"{e.get('device')}, torch {e.get('torch')}, commit {e.get('commit')}, {e.get('date')}"
+
+
+def w4a8_table(runs: list, roofline: dict | None) -> list[str]:
+    pred = {}
+    for r in (roofline or {}).get("rows", []):
+        if r["device"] == "H200":
+            pred[(r["N"], r["K"], r["M"])] = r
+    rows = {}
+    for _, data in runs:
+        for r in data["results"]:
+            rows.setdefault((r["shape"], r["N"], r["K"], r["M"]), {})[r["kernel"]] = r
+    out = ["| linear (N x K) | M | cuBLAS FP16 us | W4A8-IS us | W4A8-FS us | IS / cuBLAS | IS / FS | IS roofline | "
+           "predicted IS us | predicted IS / cuBLAS |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for (shape, n, k, m), by in sorted(rows.items(), key=lambda kv: (kv[0][3], kv[0][0])):
+        c, i, f = by.get("cublas-fp16"), by.get("w4a8-is"), by.get("w4a8-fs")
+        if not (c and i and f):
+            continue
+        p = pred.get((n, k, m)) or {}
+        out.append(f"| {shape} ({n} x {k}) | {m} | {c['us']:.1f} | {i['us']:.1f} | {f['us']:.1f} | {i['vs_cublas']:.2f}x | "
+                   f"{i['is_vs_fs']:.2f}x | {100 * i['roofline_frac']:.0f}% | "
+                   + (f"{p['pred_is_us']:.1f} | {p['pred_is_vs_cublas']:.2f}x |" if p else "- | - |"))
+    return out
+
+
+def quik_table(runs: list) -> list[str]:
+    rows = {}
+    for _, data in runs:
+        for r in data["results"]:
+            rows.setdefault((r["shape"], r["N"], r["K"], r["M"]), {})[r["kernel"]] = r
+    kernels = sorted({k for by in rows.values() for k in by if k != "cublas-fp16"})
+    out = ["| linear (N x K) | M | cuBLAS FP16 us | " + " | ".join(f"{k} us (x cuBLAS)" for k in kernels) + " |",
+           "|---|---|---|" + "---|" * len(kernels)]
+    for (shape, n, k, m), by in sorted(rows.items(), key=lambda kv: (kv[0][3], kv[0][0])):
+        c = by.get("cublas-fp16")
+        if not c:
+            continue
+        cells = [f"{by[q]['us']:.1f} ({c['us'] / by[q]['us']:.2f}x)" if q in by else "-" for q in kernels]
+        out.append(f"| {shape} ({n} x {k}) | {m} | {c['us']:.1f} | " + " | ".join(cells) + " |")
+    return out
+
+
+def hadamard_table(data: dict) -> list[str]:
+    out = ["| order (factors) | M | call us | copy of the same bytes us | call / copy | timing |", "|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        out.append(f"| {r['order']} ({r['factors']}) | {r['m']} | {r['kernel_us']:.1f} | {r['copy_us']:.1f} | "
+                   f"{r['kernel_us'] / r['copy_us']:.1f}x | {r.get('timing', 'eager')} |")
+    return out
+
+
+def e2e_table(data: dict) -> list[str]:
+    out = ["| mode | measure | original | quantized | quantized / original |", "|---|---|---|---|---|"]
+    for mode, res in (data.get("modes") or {"": data}).items():
+        q, o = res["quantized"], res["original_speed"]
+        for a, b in zip(o["decode"], q["decode"]):
+            out.append(f"| {mode} | decode batch {a['batch']}, tokens/s | {a['tokens_per_s']:,.0f} | {b['tokens_per_s']:,.0f} | "
+                       f"{b['tokens_per_s'] / a['tokens_per_s']:.2f}x |")
+        if o.get("prefill_tokens_per_s") and q.get("prefill_tokens_per_s"):
+            out.append(f"| {mode} | prefill {q.get('prefill_tokens')} tokens, tokens/s | {o['prefill_tokens_per_s']:,.0f} | "
+                       f"{q['prefill_tokens_per_s']:,.0f} | {q['prefill_tokens_per_s'] / o['prefill_tokens_per_s']:.2f}x |")
+    return out
+
+
+def main(folder: str) -> None:
+    found = _load(Path(folder))
+    roofline = found.get("roofline", [(None, None)])[0][1]
+    for key, runs in found.items():
+        if key == "roofline":
+            continue
+        for path, data in runs if key in ("e2e", "hadamard") else [runs[0]]:
+            print(f"### {key} — {path if key in ('e2e', 'hadamard') else ', '.join(str(p) for p, _ in runs)}\n")
+            print(_env(data) + "\n")
+            if key == "kernels:is-w4a8":
+                lines = w4a8_table(runs, roofline)
+            elif key.startswith("kernels:"):
+                lines = quik_table(runs)
+            elif key == "hadamard":
+                lines = hadamard_table(data)
+            else:
+                print(f"{data.get('target')} against {data.get('original')}\n")
+                lines = e2e_table(data)
+            print("\n".join(lines) + "\n")
+
+
+def merge(out: Path, files: list[Path], plot: Path | None = None) -> dict:
+    from qconvert import bench
+
+    parts = [json.loads(f.read_text()) for f in files]
+    if not parts or len({p.get("scheme") for p in parts}) != 1 or any(p.get("kind") != "kernels" for p in parts):
+        raise SystemExit(f"--merge: needs kernel results of one scheme, got {[str(f) for f in files]}")
+    rows = [r for p in parts for r in p["results"]]
+    result = {**parts[0], "results": rows, "merged_from": [f.name for f in files]}
+    result["summary"] = bench.kernel_summary(rows, result["scheme"])
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out} ({len(rows)} rows from {len(files)} files)")
+    if plot is not None:
+        bench.plot_kernels(result, plot)
+        print(f"wrote {plot}")
+    return result
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    if args[:1] == ["--merge"] and len(args) >= 3:
+        out, rest = Path(args[1]), args[2:]
+        plot = None
+        if rest[:1] == ["--plot"]:
+            plot, rest = Path(rest[1]), rest[2:]
+        merge(out, [Path(f) for f in rest if Path(f).resolve() != out.resolve()], plot)
+    elif len(args) == 1 and Path(args[0]).is_dir():
+        main(args[0])
+    else:
+        sys.exit("usage: python benchmarks/gpu_tables.py RESULTS_FOLDER | --merge OUT.json [--plot PNG] FILES...")
