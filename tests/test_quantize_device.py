@@ -26,7 +26,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from helpers import TEXT, cpu_flags, golden_state, run_cli, tiny_config, tiny_moe_config, write_model
+from helpers import GOLDEN_VENDOR, TEXT, cpu_flags, cpu_vendor, golden_state, run_cli, tiny_config, tiny_moe_config, write_model
 from qconvert import placement, quantize
 from qconvert.calibration_text import CalibSettings
 from qconvert.errors import QConvertError
@@ -46,18 +46,35 @@ CASES = {
     "w8a8": ("dense", "w8a8", {}, None, "float32"),
     "mixtral-is-w4a8": ("moe", "is-w4a8", {}, 32, "float32"),
 }
-# sha256 of each case's tensors, quantization_config and report rows, as the CPU-only walk of
-# 35cbeba wrote them.  (The MoE case came out so only when no two experts routed as many tokens
-# had their inputs at one address; the device walk fixed that, see _Observer._hook.)
-DIGESTS = {
-    "is-w4a8": "dd39130dd54c0ae7906a97671b4262f6a10adb8e51965335fbca8ce9611adfdf",
-    "is-w4a8-bf16": "aca1002b2b7210ed2a710a85d2d9cf4c5edc1547d426b287e00eed12a1baa192",
-    "zqfp-w4a8-lorc": "9110b3b98aac59a7466f2a7cca998fa17bc7c49f11778a2d53f29f1fd89f4437",
-    "quik-w4a4": "95ea3627161004004f296d75ead18ba48863877262d6f1a2c08239fd911193bb",
-    "illm-w4a8-fsbr": "c69d5ef502b3ab17de6a4bd9ee4b69ce41572ad1f31978343a4c08371988e91d",
-    "w8a8": "32311b6dd1a1d9a0b1d2102c4d886153bef41646ce0e86ee04e0a21a8ac2832c",
-    "mixtral-is-w4a8": "192734af648542ef2ee823598d40af703d6f69461fa295613c0f64a1321f7124",
+# sha256 of each case's tensors, quantization_config and report rows, as the CPU-only walk wrote
+# them, per CPU vendor (tests/helpers.py, GOLDEN_VENDOR: MKL picks its float kernels by vendor, and
+# every case here calibrates through float GEMMs).  AuthenticAMD: the walk of 35cbeba on an AMD
+# EPYC.  (The MoE case came out so only when no two experts routed as many tokens had their inputs
+# at one address; the device walk fixed that, see _Observer._hook.)  GenuineIntel: the walk of
+# 75153f5 (the same quantization code as 35cbeba's digests passed with on AMD) on an Intel Xeon
+# with AVX-512 VNNI, 2026-12-04.
+VENDOR_DIGESTS = {
+    "AuthenticAMD": {
+        "is-w4a8": "dd39130dd54c0ae7906a97671b4262f6a10adb8e51965335fbca8ce9611adfdf",
+        "is-w4a8-bf16": "aca1002b2b7210ed2a710a85d2d9cf4c5edc1547d426b287e00eed12a1baa192",
+        "zqfp-w4a8-lorc": "9110b3b98aac59a7466f2a7cca998fa17bc7c49f11778a2d53f29f1fd89f4437",
+        "quik-w4a4": "95ea3627161004004f296d75ead18ba48863877262d6f1a2c08239fd911193bb",
+        "illm-w4a8-fsbr": "c69d5ef502b3ab17de6a4bd9ee4b69ce41572ad1f31978343a4c08371988e91d",
+        "w8a8": "32311b6dd1a1d9a0b1d2102c4d886153bef41646ce0e86ee04e0a21a8ac2832c",
+        "mixtral-is-w4a8": "192734af648542ef2ee823598d40af703d6f69461fa295613c0f64a1321f7124",
+    },
+    "GenuineIntel": {
+        "is-w4a8": "12cb94d0f49c968f80bd6ef143d9427144cb280c526402ee016fd426fcf34b5e",
+        "is-w4a8-bf16": "143e15a51f145cd15221d40de2c2fe8779b5d0841caa8da63b5e6672a490df89",
+        "zqfp-w4a8-lorc": "3de95a83e67e64b018d524549433cdfb13f5d1f1014905818b87c91fcacd578f",
+        "quik-w4a4": "816e647deb33ab70e939c8a4ff444e93843e29bb51b5dfe75d59a55179ebcc5b",
+        "illm-w4a8-fsbr": "30fc977422c5701d8b5b53e3365ac0eeb41c060ecf1e95f161fa6f4dce107173",
+        "w8a8": "e183f7f32f456aacc6aa8fd928284798001dfb4a149ad1d67e270cbbf9d663fa",
+        "mixtral-is-w4a8": "35b1894e638d604eead001963061b6b7444bd9d79fe18ac31c090ee359a800aa",
+    },
 }
+# another vendor's CPU is checked against the first pinning, and says so if it differs
+DIGESTS = VENDOR_DIGESTS.get(cpu_vendor(), VENDOR_DIGESTS[GOLDEN_VENDOR])
 
 
 @pytest.fixture(scope="module")
