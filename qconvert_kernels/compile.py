@@ -219,30 +219,50 @@ def local_memory_ops(kernel_text: str) -> list[str]:
 
 
 _SASS_LINE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)\s+([^;]*);")
-_UR_DEST = re.compile(r"^UR(\d+)\b")
-_UR_MEMORY = re.compile(r"desc\[UR(\d+)\]|\[[^\]]*\bUR(\d+)\b[^\]]*\]")
+_UR = re.compile(r"^UR(\d+)$")
+_PRED = re.compile(r"^!?U?P(?:T|\d+)$")
+_UR_MEMORY = re.compile(r"desc\[UR(\d+)\]|\[([^\]]*)\]")
+_UR_IN_ADDRESS = re.compile(r"\bUR(\d+)(\.64)?\b")
+
+
+def _ur_written(op: str, operands: list[str]) -> set[int]:
+    """The uniform registers an instruction writes: its first operand if that is URn (URn and URn+1
+    for a 64-bit result: ``.64``, ``.WIDE``), or, after predicate results (``ELECT P0, UR4, PT``),
+    the first URn that follows them."""
+    for i, o in enumerate(operands):
+        m = _UR.match(o)
+        if m:
+            n = int(m.group(1))
+            return {n, n + 1} if (".64" in op or ".WIDE" in op) else {n}
+        if not (_PRED.match(o) and i < len(operands) - 1):
+            return set()
+    return set()
 
 
 def unwritten_uniform_registers(kernel_text: str) -> list[str]:
     """The instructions of one kernel's SASS that address memory through a uniform register (a
-    memory descriptor ``desc[URn]``, which spans URn and URn+1, or ``[R+URn]``) that no instruction
-    of the kernel writes (as its first operand).  An H200 raised CUDA_ERROR_ILLEGAL_INSTRUCTION at
-    exactly such an LDGSTS (``desc[UR1]``, from ptxas's lowering of a ``createpolicy`` cache hint):
-    the list must be empty."""
+    memory descriptor ``desc[URn]``, which spans URn and URn+1; ``[URn.64]``; ``[R+URn]``) that no
+    instruction of the kernel writes.  An H200 raised CUDA_ERROR_ILLEGAL_INSTRUCTION at exactly such
+    an LDGSTS (``desc[UR1]``, from ptxas's lowering of a ``createpolicy`` cache hint): the list must
+    be empty.  Any write anywhere in the kernel counts, whatever its order or predicate, so the
+    check errs towards passing."""
     written: set[int] = set()
     reads = []
     for line in kernel_text.splitlines():
         m = _SASS_LINE.search(line)
         if not m:
             continue
-        op, operands = m.groups()
-        dest = _UR_DEST.match(operands.strip())
-        if dest:
-            n = int(dest.group(1))
-            written.update((n, n + 1) if ".64" in op else (n,))
-        for d, a in _UR_MEMORY.findall(operands):
-            reads.append(((int(d), int(d) + 1) if d else (int(a),), f"{op} {operands.strip()}"))
-    return [text for regs, text in reads if not set(regs) <= written]
+        op, operands = m.group(1), m.group(2).strip()
+        written |= _ur_written(op, [o.strip() for o in operands.split(",")])
+        regs: set[int] = set()
+        for desc, address in _UR_MEMORY.findall(operands):
+            if desc:
+                regs |= {int(desc), int(desc) + 1}
+            for n, wide in _UR_IN_ADDRESS.findall(address):
+                regs |= {int(n), int(n) + 1} if wide else {int(n)}
+        if regs:
+            reads.append((regs, f"{op} {operands}"))
+    return [text for regs, text in reads if not regs <= written]
 
 
 # FLO (find leading one) and DEPBAR (a scoreboard wait, e.g. before a trap) begin like float-unit
