@@ -5,28 +5,28 @@
 #
 #   bash benchmarks/gpu_check.sh            # results in benchmarks/results/gpu/
 #   OUT=/some/dir bash benchmarks/gpu_check.sh
-#   COMMIT=$(git rev-parse --short HEAD) OUT=$OUT/g PACK=$OUT/gpu_check.tgz bash benchmarks/gpu_check.sh
-#       # a tree copied without .git; PACK: everything also in one tarball, rewritten after each
-#       # part (the device tool brings back at most 8 files)
+#   COMMIT=$(git rev-parse --short HEAD) OUT=/tmp/g PACK=$OUT/gpu_check.tgz bash benchmarks/gpu_check.sh
+#       # a tree copied without .git; PACK: everything in one tarball, rewritten after each part
+#       # (the device tool brings back at most 8 files: keep OUT itself outside the tool's $OUT)
 #   PYTHON=/path/to/python bash benchmarks/gpu_check.sh   # default: python3 or python, whichever imports torch
 #
 # Six parts, in this order, each under its own time budget (seconds, overridable as
-# BUDGET_A..BUDGET_F), 8 minutes in all; every part writes its files under $OUT as it finishes,
+# BUDGET_A..BUDGET_F), 465 s in all (with each part's 10 s kill grace, under 9 minutes); every part writes its files under $OUT as it finishes,
 # and a part that fails or runs out of time never stops the next.  A device fault (an illegal
 # instruction, a bad address) poisons the CUDA context of its process: every test file and every
 # benched M therefore runs in a process of its own, so a fault costs one file or one M.
 #   a  environment (gpu.txt) and every GPU test file (tests/test_*_gpu.py) against the bit-exact
 #      references, all files at once, one process each (tests/NAME.xml JUnit, tests/NAME.log;
 #      tests.txt: one line per file)
-#   b  qconvert bench --kernels: Llama-3-8B shapes, M in {1, 16, 256, 4096} (one process each:
-#      kernels_mM.json), W4A8-IS, W4A8-FS and cuBLAS FP16 with the roofline fraction, merged into
+#   b  qconvert bench --kernels: Llama-3-8B shapes, M in {1, 16, 256, 4096} (one process each, 25 s
+#      at most: kernels_mM.json), W4A8-IS, W4A8-FS and cuBLAS FP16 with the roofline fraction, merged into
 #      kernels.json and kernels.png; the roofline model's predictions (roofline.json)
 #   c  the decode engine on the synthetic Llama-3-8B: FP16 against is-w4a8, CUDA-graph captured,
 #      batch 1 and 16 (e2e_llama3-8b.json)
 #   d  GPU quantize of a random-weight Llama-3-8B-shaped checkpoint written here (quantize.json)
 #   e  the online Hadamard transform of --rotate hadamard+online (hadamard.json), then the other
-#      methods' kernels at M in {1, 4096}, each under its own 30 s: QUIK, I-LLM, FP8 (sm_89+)
-#      (kernels_quik.json, kernels_illm.json, kernels_zqfp.json)
+#      methods' kernels at M in {1, 4096}, each under its own 25 s: FP8 (sm_89+), I-LLM, QUIK
+#      (kernels_zqfp.json, kernels_illm.json, kernels_quik.json)
 #   f  I-LLM's integer-only model on its kernels against FP16, end to end, on 4 blocks of the
 #      synthetic Llama-3-8B, batch 1 and 16, CUDA-graph captured and eager (e2e_illm.json)
 # A summary of each part's exit status and time is in parts.txt.
@@ -91,8 +91,9 @@ part_a() {  # the environment block's and the tests' failures both count
 part_b() {  # a failed M fails the part; the others, the merge and the roofline still run
   local plot=() rc=0 m
   "$PYTHON" -c "import matplotlib" 2>/dev/null && plot=(--plot "$out/kernels.png")
+  rm -f "$out"/kernels_m*.json  # an earlier run's, in a reused OUT, must not be merged
   for m in 1 16 256 4096; do
-    "$PYTHON" -m qconvert.cli bench --kernels --shapes llama3-8b --m "$m" --json "$out/kernels_m$m.json" || rc=1
+    timeout 25 "$PYTHON" -m qconvert.cli bench --kernels --shapes llama3-8b --m "$m" --json "$out/kernels_m$m.json" || rc=1
   done
   "$PYTHON" benchmarks/gpu_tables.py --merge "$out/kernels.json" "${plot[@]}" "$out"/kernels_m*.json || rc=1
   "$PYTHON" benchmarks/roofline.py --devices H200 --json "$out/roofline.json" || rc=1
@@ -105,18 +106,18 @@ part_c() {
 }
 
 part_d() {  # --budget-s bounds the whole script, the checkpoint's writing included
-  "$PYTHON" benchmarks/quantize_speed.py gpu --layers 4 --budget-s "$((BUDGET_D - 10))" --json "$out/quantize.json"
+  "$PYTHON" benchmarks/quantize_speed.py gpu --layers 2 --budget-s "$((BUDGET_D - 10))" --json "$out/quantize.json"
 }
 
 part_e() {
   local rc=0 s
   # first, as it is short (2 orders x 4 M, 20 timed calls each)
   timeout 20 "$PYTHON" benchmarks/hadamard_speed.py --json "$out/hadamard.json" || rc=1  # --rotate hadamard+online
-  for s in quik-w4a4:quik illm-w8a8:illm zqfp-w4a8:zqfp; do
+  for s in zqfp-w4a8:zqfp illm-w8a8:illm quik-w4a4:quik; do  # QUIK last: the H200 run of 2026-12-04 has its table
     if [ "${s##*:}" = zqfp ] && ! "$PYTHON" -c "import torch, sys; sys.exit(torch.cuda.get_device_capability() < (8, 9))"; then
       continue  # FP8 tensor cores: sm_89+
     fi
-    timeout 30 "$PYTHON" -m qconvert.cli bench --kernels --scheme "${s%%:*}" --m 1,4096 --json "$out/kernels_${s##*:}.json" || rc=1
+    timeout 25 "$PYTHON" -m qconvert.cli bench --kernels --scheme "${s%%:*}" --m 1,4096 --json "$out/kernels_${s##*:}.json" || rc=1
   done
   return $rc
 }
@@ -128,8 +129,8 @@ part_f() {  # the integer model on its own engine and the FP16 original, each gr
 
 export -f part_a part_b part_c part_d part_e part_f test_file
 export out
-BUDGET_A=${BUDGET_A:-150} BUDGET_B=${BUDGET_B:-60} BUDGET_C=${BUDGET_C:-80} BUDGET_D=${BUDGET_D:-60} BUDGET_E=${BUDGET_E:-90}
-BUDGET_F=${BUDGET_F:-40}
+BUDGET_A=${BUDGET_A:-140} BUDGET_B=${BUDGET_B:-70} BUDGET_C=${BUDGET_C:-75} BUDGET_D=${BUDGET_D:-50} BUDGET_E=${BUDGET_E:-95}
+BUDGET_F=${BUDGET_F:-35}
 export BUDGET_C BUDGET_D BUDGET_F
 part a "$BUDGET_A" bash -c part_a
 part b "$BUDGET_B" bash -c part_b

@@ -14,14 +14,18 @@ hadamard.json, roofline.json); a kind with no file gets no table."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 
 def _load(folder: Path) -> dict[str, list]:
     found: dict[str, list] = {}
     for path in sorted(folder.rglob("*.json")):
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue  # not a result file
+        if not isinstance(data, dict):
+            continue
         if path.name == "hadamard.json":
             key = "hadamard"
         elif path.name == "roofline.json":
@@ -140,14 +144,16 @@ def merge(out: Path, files: list[Path], plot: Path | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    if args[:1] == ["--merge"] and len(args) >= 3:
-        out, rest = Path(args[1]), args[2:]
-        plot = None
-        if rest[:1] == ["--plot"]:
-            plot, rest = Path(rest[1]), rest[2:]
-        merge(out, [Path(f) for f in rest if Path(f).resolve() != out.resolve()], plot)
-    elif len(args) == 1 and Path(args[0]).is_dir():
-        main(args[0])
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("paths", nargs="+", type=Path, help="a results folder; with --merge, the per-M JSON files")
+    ap.add_argument("--merge", type=Path, metavar="OUT.json", help="merge the kernel results given into one file")
+    ap.add_argument("--plot", type=Path, metavar="PNG", help="with --merge: the speed-up plot")
+    args = ap.parse_args()
+    if args.merge:
+        merge(args.merge, [p for p in args.paths if p.resolve() != args.merge.resolve()], args.plot)
+    elif len(args.paths) == 1 and args.paths[0].is_dir() and not args.plot:
+        main(str(args.paths[0]))
     else:
-        sys.exit("usage: python benchmarks/gpu_tables.py RESULTS_FOLDER | --merge OUT.json [--plot PNG] FILES...")
+        ap.error("give one results folder, or --merge OUT.json [--plot PNG] FILES...")

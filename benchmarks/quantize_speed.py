@@ -21,7 +21,7 @@ is stopped when S seconds are spent and reports the blocks finished by then.
 
     python benchmarks/quantize_speed.py cpu-c4 --data-file ../shared/data/c4-en/c4-train.00000-of-01024.first1000.jsonl
     python benchmarks/quantize_speed.py cpu-main
-    python benchmarks/quantize_speed.py gpu --layers 4 --budget-s 100      # benchmarks/gpu_check.sh, part d
+    python benchmarks/quantize_speed.py gpu --layers 2 --budget-s 40       # benchmarks/gpu_check.sh, part d
     python benchmarks/quantize_speed.py gpu --budget-s 540                 # the whole 8B-shaped model
 """
 
