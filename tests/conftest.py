@@ -2,8 +2,8 @@ import os
 import sys
 from pathlib import Path
 
-# One float path on every x86-64 machine: torch's and MKL's kernels as on AVX2, even where the CPU
-# has AVX-512.  The calibrated golden files (QUIK's outlier channels, I-LLM's smoothing) hash tensors
+# One float path per CPU vendor on x86-64: torch's and MKL's kernels as on AVX2, even where the CPU
+# has AVX-512 (MKL still picks its kernels by vendor: tests/helpers.py, GOLDEN_VENDOR).  The calibrated golden files (QUIK's outlier channels, I-LLM's smoothing) hash tensors
 # that float forward passes decide; AVX-512 kernels sum in another order and change them.  oneDNN
 # stays free: capped at AVX2 its int8 GEMM (torch._int_mm) saturates at the extremes that
 # tests/test_illm.py checks.  Set before torch is imported; a value set outside wins.

@@ -197,7 +197,9 @@ def cpu_flags() -> set[str] | None:
 # MKL's kernels at AVX2, but MKL still picks its kernels by the CPU's vendor: an Intel Xeon
 # (2026-12-04, AVX-512 VNNI) sums the tiny models' float GEMMs in another order than the AMD EPYC
 # the goldens were made on, so every calibrated case (GPTQ's Hessian, QUIK's outlier channels,
-# I-LLM's smoothing) writes other bytes there.  Such cases keep one pinned result per vendor.
+# I-LLM's smoothing) writes other bytes or other report figures there (QUIK's golden files: the
+# same tensors, GPTQ losses that differ in the 7th digit).  Such cases keep one pinned result per
+# vendor.
 GOLDEN_VENDOR = "AuthenticAMD"
 
 
@@ -208,6 +210,6 @@ def cpu_vendor() -> str:
 
     try:
         return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("vendor_id"))
+                    if line.startswith("vendor_id")) or "unknown"
     except (OSError, StopIteration):
         return platform.machine() or "unknown"

@@ -106,6 +106,8 @@ def test_native_format_matches_golden(tmp_path, golden_src, case):
             path.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
         else:  # another vendor's own file, only where its bytes differ from the main file's
             own = GOLDEN / cpu_vendor() / name
+            if not path.is_file():
+                pytest.fail(f"{path.name}: make the main golden files on an {GOLDEN_VENDOR} CPU first")
             if _matches(got, json.loads(path.read_text())) is None:
                 own.unlink(missing_ok=True)
             else:
@@ -143,12 +145,18 @@ def _matches(got: dict, want: dict) -> str | None:
 
 
 def test_vendor_files_only_where_the_bytes_differ():
-    """Every file under tests/golden/<vendor>/ stands beside a main file of the same name and pins
-    other bytes than it (a copy would hide nothing and pin nothing new)."""
+    """Every file under tests/golden/<vendor>/ stands beside a main file of the same name, belongs
+    to another vendor than the main files', pins other bytes or figures than it (a copy would pin
+    nothing new), and is of the same format: the same quantization_config and the same tensors'
+    names, dtypes and shapes (a vendor file left behind by a format change fails here, on any CPU)."""
     for path in GOLDEN.glob("*/*.json"):
         main = GOLDEN / path.name
-        assert main.is_file(), path
-        assert _matches(json.loads(path.read_text()), json.loads(main.read_text())) is not None, path
+        assert main.is_file() and path.parent.name not in (GOLDEN_VENDOR, "", "unknown"), path
+        own, ref = json.loads(path.read_text()), json.loads(main.read_text())
+        assert _matches(own, ref) is not None, path
+        assert own["quantization_config"] == ref["quantization_config"], path
+        assert {k: (v["dtype"], v["shape"]) for k, v in own["tensors"].items()} == \
+            {k: (v["dtype"], v["shape"]) for k, v in ref["tensors"].items()}, path
 
 
 def test_every_builtin_layout_has_a_golden_file():

@@ -277,6 +277,16 @@ def cpu_has_int8_dot_product() -> bool | None:
     return None if flags is None else bool({"avx512_vnni", "avx_vnni", "amx_int8"} & flags)
 
 
+# vLLM 0.32.0's CPU build on an Intel Xeon with AMX (2026-12-04): its int8 kernel takes only bf16 /
+# fp16 activations, where these tests run vLLM in float32 (what qconvert evaluates in)
+AMX_INT8_NEEDS_HALF = "int8_scaled_mm_with_quant: expect A to be bfloat16 or half"
+
+
+def cpu_has_amx() -> bool:
+    flags = cpu_flags()
+    return bool(flags and {"amx_tile", "amx_int8", "amx_bf16"} & flags)
+
+
 def test_w8a8_int8_within_one_percent(vllm_python, smollm2, score_request, tok, text, tiny_llama, tmp_path,
                                       tmp_path_factory):
     """int8 per-channel weights, dynamic per-token symmetric int8 activations: vLLM's
@@ -294,7 +304,7 @@ def test_w8a8_int8_within_one_percent(vllm_python, smollm2, score_request, tok, 
     exportable_or_skip("w8a8", tiny_llama, tmp_path)
     out, ct = quantize_and_export(smollm2, tmp_path_factory, "w8a8", None)
     res = run_vllm(vllm_python, ct, score_request, tmp_path)
-    require_ran(res)
+    require_ran(res, cpu_cannot=(AMX_INT8_NEEDS_HALF,))
     assert schemes_of(res) == {"CompressedTensorsW8A8Int8"}, res["layers"]
     ppl = qconvert_ppl(load(out), tok, text)
     if rel(res["perplexity"], ppl) > 0.01 and cpu_has_int8_dot_product() is False:
@@ -314,6 +324,9 @@ def test_fp8_within_two_percent(vllm_python, smollm2, score_request, tok, text, 
     qconvert 31.350 on these 2 x 256 tokens (1.0%; unquantized 30.614), 32.21 against 31.77 on
     3 x 256 (1.4%), hence 2%."""
     exportable_or_skip("zqfp-w8a8", tiny_llama, tmp_path)
+    if cpu_has_amx():
+        pytest.skip("vLLM 0.32.0's CPU build did not finish scoring the FP8 export in 900 s on an Intel Xeon with "
+                    "AMX (2026-12-04; minutes elsewhere): not run on AMX CPUs")
     out, ct = quantize_and_export(smollm2, tmp_path_factory, "zqfp-w8a8", None)
     res = run_vllm(vllm_python, ct, score_request, tmp_path)
     require_ran(res)
