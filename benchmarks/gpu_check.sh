@@ -17,7 +17,8 @@
 # benched M therefore runs in a process of its own, so a fault costs one file or one M.
 #   a  environment (gpu.txt) and every GPU test file (tests/test_*_gpu.py) against the bit-exact
 #      references, all files at once, one process each (tests/NAME.xml JUnit, tests/NAME.log;
-#      tests.txt: one line per file)
+#      tests.txt: one line per file), and the W4A8 decode kernels probed one case per process
+#      (benchmarks/gpu_probe.py --sweep: probe.txt)
 #   b  qconvert bench --kernels: Llama-3-8B shapes, M in {1, 16, 256, 4096} (one process each, 25 s
 #      at most: kernels_mM.json), W4A8-IS, W4A8-FS and cuBLAS FP16 with the roofline fraction, merged into
 #      kernels.json and kernels.png; the roofline model's predictions (roofline.json)
@@ -80,7 +81,12 @@ part_a() {  # the environment block's and the tests' failures both count
   # in each log, which survives the budget's kill (the JUnit XML is written at the end)
   mkdir -p "$out/tests"
   : > "$out/tests.txt"
+  # beside them, every decode kernel (M = 1 .. 64, IS and FS) probed case by case (probe.txt)
+  "$PYTHON" benchmarks/gpu_probe.py --sweep > "$out/probe.txt" 2>&1 &
+  local probe=$!
   ls -S tests/test_*_gpu.py | xargs -P 16 -I{} bash -c 'test_file {}'
+  wait $probe || rc=1
+  grep -q -e "rc=[^0]" -e MISMATCH "$out/probe.txt" && rc=1
   sort -k2 -o "$out/tests.txt" "$out/tests.txt"
   cat "$out/tests.txt"
   grep -q "^rc=[^0]" "$out/tests.txt" && rc=1

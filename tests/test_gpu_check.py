@@ -45,6 +45,7 @@ def test_every_part_runs_and_a_failed_part_is_recorded(tmp_path):
     assert sorted(re.search(r"tests/(\S+\.py):", line).group(1) for line in lines) == files, lines
     assert all(re.search(r"\d+ skipped", line) for line in lines), lines
     assert all((out / "tests" / f.replace(".py", ".xml")).is_file() for f in files)
+    assert "no CUDA device: nothing probed" in (out / "probe.txt").read_text()  # the decode probe, beside them
     assert all(status[x] != 0 for x in "bcdef"), parts
     assert r.returncode != 0
     assert "commit: abc1234" in (out / "gpu.txt").read_text()
