@@ -63,8 +63,11 @@ part() {  # part NAME BUDGET COMMAND...: run under a time budget, log, record st
 test_file() {  # test_file PATH: one GPU test file in a process of its own; one line in tests.txt
   local f=$1 b
   b=$(basename "$f" .py)
+  local rc
   "$PYTHON" -m pytest -v -rfs -p no:cacheprovider "$f" --junitxml "$out/tests/$b.xml" > "$out/tests/$b.log" 2>&1
-  echo "rc=$? $f: $(tail -n 1 "$out/tests/$b.log")" >> "$out/tests.txt"
+  rc=$?
+  [ $rc -eq 5 ] && rc=0  # pytest's "no tests collected": a file skipped whole (e.g. FP8 below sm_89) is no failure
+  echo "rc=$rc $f: $(tail -n 1 "$out/tests/$b.log")" >> "$out/tests.txt"
 }
 
 part_a() {  # the environment block's and the tests' failures both count
