@@ -64,6 +64,14 @@ def w4a8_table(runs: list, roofline: dict | None) -> list[str]:
         out.append(f"| {shape} ({n} x {k}) | {m} | {c['us']:.1f} | {i['us']:.1f} | {f['us']:.1f} | {i['vs_cublas']:.2f}x | "
                    f"{i['is_vs_fs']:.2f}x | {100 * i['roofline_frac']:.0f}% | "
                    + (f"{p['pred_is_us']:.1f} | {p['pred_is_vs_cublas']:.2f}x |" if p else "- | - |"))
+    # time = fixed + bytes / rate, least squares over the M = 1 W4A8-IS rows (bytes = GB/s x time)
+    pts = [(by["w4a8-is"]["gbps"] * by["w4a8-is"]["us"] * 1e-3, by["w4a8-is"]["us"])
+           for (_, _, _, m), by in rows.items() if m == 1 and "w4a8-is" in by]
+    if len(pts) >= 2:
+        mx, my = sum(x for x, _ in pts) / len(pts), sum(y for _, y in pts) / len(pts)
+        slope = sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
+        out.append(f"\nW4A8-IS at M = 1, least squares over {len(pts)} rows: {my - slope * mx:.1f} us fixed + "
+                   f"{slope:.3f} us per MB ({1 / slope:.2f} TB/s)")
     return out
 
 

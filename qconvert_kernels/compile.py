@@ -218,7 +218,7 @@ def local_memory_ops(kernel_text: str) -> list[str]:
     return [op for op in opcodes(kernel_text) if op.split(".")[0] in ("LDL", "STL")]
 
 
-_SASS_LINE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)\s+([^;]*);")
+_SASS_LINE = re.compile(_OPCODE.pattern + r"\s+([^;]*);")  # the mnemonic, then its operands
 _UR = re.compile(r"^UR(\d+)$")
 _PRED = re.compile(r"^!?U?P(?:T|\d+)$")
 _UR_MEMORY = re.compile(r"desc\[UR(\d+)\]|\[([^\]]*)\]")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -184,13 +185,20 @@ def macro_params(source: str, macro: str) -> tuple[str, ...]:
     return tuple(re.findall(r"(\w+)\s*$", d.strip())[0] for d in body.split(",") if d.strip())
 
 
-def cpu_flags() -> set[str] | None:
-    """The CPU's feature flags as Linux lists them (/proc/cpuinfo); None where it cannot tell."""
+@functools.lru_cache(maxsize=None)
+def _cpuinfo(field: str) -> str | None:
+    """The value of the first ``field`` line of /proc/cpuinfo; None where there is none."""
     try:
-        line = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+        line = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith(field))
     except (OSError, StopIteration):
         return None
-    return set(line.split(":", 1)[1].split())
+    return line.split(":", 1)[1].strip()
+
+
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags as Linux lists them (/proc/cpuinfo); None where it cannot tell."""
+    flags = _cpuinfo("flags")
+    return None if flags is None else set(flags.split())
 
 
 # The float path the calibrated golden bytes were first pinned on.  conftest.py caps torch's and
@@ -208,8 +216,5 @@ def cpu_vendor() -> str:
     GenuineIntel), else the machine type (``platform.machine()``)."""
     import platform
 
-    try:
-        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("vendor_id")) or "unknown"
-    except (OSError, StopIteration):
-        return platform.machine() or "unknown"
+    vendor = _cpuinfo("vendor_id")
+    return (vendor if vendor is not None else platform.machine()) or "unknown"

@@ -99,21 +99,7 @@ def test_native_format_matches_golden(tmp_path, golden_src, case):
     assert set(got["quantization_config"]["modules"].values()) == layouts
     got["logits"] = _logits(out)
     name = f"{OLD_NAMES.get(case, 'tiny-llama-' + case)}.json"
-    path = _golden_path(name)
-    if os.environ.get("QCONVERT_UPDATE_GOLDEN"):
-        path = GOLDEN / name
-        if cpu_vendor() == GOLDEN_VENDOR:
-            path.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
-        else:  # another vendor's own file, only where its bytes differ from the main file's
-            own = GOLDEN / cpu_vendor() / name
-            if not path.is_file():
-                pytest.fail(f"{path.name}: make the main golden files on an {GOLDEN_VENDOR} CPU first")
-            if _matches(got, json.loads(path.read_text())) is None:
-                own.unlink(missing_ok=True)
-            else:
-                own.parent.mkdir(exist_ok=True)
-                own.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
-                path = own
+    path = _update_golden(name, got) if os.environ.get("QCONVERT_UPDATE_GOLDEN") else _golden_path(name)
     want = json.loads(path.read_text())
     assert got["quantization_config"] == want["quantization_config"]
     assert list(got["tensors"]) == list(want["tensors"])
@@ -123,7 +109,11 @@ def test_native_format_matches_golden(tmp_path, golden_src, case):
     # decoded outputs: the same arithmetic in the same order gives the same bits here; the
     # tolerance only absorbs another BLAS's float summation order in the unquantized parts
     got_l, want_l = torch.tensor(got["logits"]), torch.tensor(want["logits"])
-    assert torch.allclose(got_l, want_l, rtol=1e-5, atol=1e-5 * float(want_l.abs().max())), (got_l - want_l).abs().max()
+    assert _logits_close(got_l, want_l), (got_l - want_l).abs().max()
+
+
+def _logits_close(got_l: torch.Tensor, want_l: torch.Tensor) -> bool:
+    return torch.allclose(got_l, want_l, rtol=1e-5, atol=1e-5 * float(want_l.abs().max()))
 
 
 def _golden_path(name: str) -> Path:
@@ -132,14 +122,32 @@ def _golden_path(name: str) -> Path:
     return own if own.is_file() else GOLDEN / name
 
 
+def _update_golden(name: str, got: dict) -> Path:
+    """QCONVERT_UPDATE_GOLDEN: write ``got`` as the main file on GOLDEN_VENDOR's CPU; on another
+    vendor's, as that vendor's own file only where it differs from the main file (else drop it).
+    Returns the file the test then compares with."""
+    main, own = GOLDEN / name, GOLDEN / cpu_vendor() / name
+    text = json.dumps(got, indent=1, sort_keys=True) + "\n"
+    if cpu_vendor() == GOLDEN_VENDOR:
+        main.write_text(text)
+        return main
+    if not main.is_file():
+        pytest.fail(f"{name}: make the main golden files on an {GOLDEN_VENDOR} CPU first")
+    if _matches(got, json.loads(main.read_text())) is None:
+        own.unlink(missing_ok=True)
+        return main
+    own.parent.mkdir(exist_ok=True)
+    own.write_text(text)
+    return own
+
+
 def _matches(got: dict, want: dict) -> str | None:
     """None if ``got`` is ``want`` (the bytes, and the logits to the test's tolerance), else what differs."""
     if got["quantization_config"] != want["quantization_config"] or got["tensors"] != want["tensors"]:
         return "tensors or quantization_config"
     if got["layers"] != want["layers"]:
         return "report rows"
-    got_l, want_l = torch.tensor(got["logits"]), torch.tensor(want["logits"])
-    if not torch.allclose(got_l, want_l, rtol=1e-5, atol=1e-5 * float(want_l.abs().max())):
+    if not _logits_close(torch.tensor(got["logits"]), torch.tensor(want["logits"])):
         return "logits"
     return None
 
