@@ -10,8 +10,8 @@
 #       # (the device tool brings back at most 8 files: keep OUT itself outside the tool's $OUT)
 #   PYTHON=/path/to/python bash benchmarks/gpu_check.sh   # default: python3 or python, whichever imports torch
 #
-# Six parts, in this order, each under its own time budget (seconds, overridable as
-# BUDGET_A..BUDGET_F), 465 s in all (with each part's 10 s kill grace, under 9 minutes); every part writes its files under $OUT as it finishes,
+# Seven parts, in this order, each under its own time budget (seconds, overridable as
+# BUDGET_A..BUDGET_G), 480 s in all (with each part's 10 s kill grace, under 9 minutes); every part writes its files under $OUT as it finishes,
 # and a part that fails or runs out of time never stops the next.  A device fault (an illegal
 # instruction, a bad address) poisons the CUDA context of its process: every test file and every
 # benched M therefore runs in a process of its own, so a fault costs one file or one M.
@@ -19,9 +19,11 @@
 #      references, all files at once, one process each (tests/NAME.xml JUnit, tests/NAME.log;
 #      tests.txt: one line per file), and the W4A8 decode kernels probed one case per process
 #      (benchmarks/gpu_probe.py --sweep: probe.txt)
-#   b  qconvert bench --kernels: Llama-3-8B shapes, M in {1, 16, 256, 4096} (one process each, 25 s
-#      at most: kernels_mM.json), W4A8-IS, W4A8-FS and cuBLAS FP16 with the roofline fraction, merged into
-#      kernels.json and kernels.png; the roofline model's predictions (roofline.json)
+#   b  the mma.sync ceiling: int8 and fp16 tensor-core products alone (benchmarks/mma_peak.py, 15 s
+#      at most: mma_peak.json); qconvert bench --kernels: Llama-3-8B shapes, M in {1, 16, 256, 4096}
+#      (one process each, 25 s at most: kernels_mM.json), W4A8-IS, W4A8-FS and cuBLAS FP16 with the
+#      roofline fraction, merged into kernels.json and kernels.png; the roofline model's predictions
+#      (roofline.json)
 #   c  the decode engine on the synthetic Llama-3-8B: FP16 against is-w4a8, CUDA-graph captured,
 #      batch 1 and 16 (e2e_llama3-8b.json)
 #   d  GPU quantize of a random-weight Llama-3-8B-shaped checkpoint written here (quantize.json)
@@ -30,6 +32,9 @@
 #      (kernels_zqfp.json, kernels_illm.json, kernels_quik.json)
 #   f  I-LLM's integer-only model on its kernels against FP16, end to end, on 4 blocks of the
 #      synthetic Llama-3-8B, batch 1 and 16, CUDA-graph captured and eager (e2e_illm.json)
+#   g  Nsight Compute's counters of the W4A8 prefill (M = 4096, 256) and decode (M = 1) kernels, IS
+#      and FS (benchmarks/profile_w4a8.py: ncu_w4a8.csv); where ncu cannot read the counters (a
+#      gVisor machine) the part fails and nothing else is lost
 # A summary of each part's exit status and time is in parts.txt.
 # benchmarks/gpu_tables.py OUT prints the results as docs/benchmarks.md's tables.
 set -uo pipefail
@@ -101,6 +106,8 @@ part_b() {  # a failed M fails the part; the others, the merge and the roofline 
   local plot=() rc=0 m
   "$PYTHON" -c "import matplotlib" 2>/dev/null && plot=(--plot "$out/kernels.png")
   rm -f "$out"/kernels_m*.json  # an earlier run's, in a reused OUT, must not be merged
+  # first the mma.sync ceiling the W4A8 kernels are read against (a few seconds)
+  timeout 15 "$PYTHON" benchmarks/mma_peak.py --json "$out/mma_peak.json" || rc=1
   for m in 1 16 256 4096; do
     timeout 25 "$PYTHON" -m qconvert.cli bench --kernels --shapes llama3-8b --m "$m" --json "$out/kernels_m$m.json" || rc=1
   done
@@ -136,10 +143,14 @@ part_f() {  # the integer model on its own engine and the FP16 original, each gr
     --new-tokens 16 --batch 1,16 --repeats 1 --budget-s "$((BUDGET_F - 10))" --json "$out/e2e_illm.json"
 }
 
-export -f part_a part_b part_c part_d part_e part_f test_file
+part_g() {  # counters, last: the timings above never wait on the profiler
+  "$PYTHON" benchmarks/profile_w4a8.py --ncu-csv "$out/ncu_w4a8.csv"
+}
+
+export -f part_a part_b part_c part_d part_e part_f part_g test_file
 export out
-BUDGET_A=${BUDGET_A:-140} BUDGET_B=${BUDGET_B:-70} BUDGET_C=${BUDGET_C:-75} BUDGET_D=${BUDGET_D:-50} BUDGET_E=${BUDGET_E:-95}
-BUDGET_F=${BUDGET_F:-35}
+BUDGET_A=${BUDGET_A:-120} BUDGET_B=${BUDGET_B:-70} BUDGET_C=${BUDGET_C:-75} BUDGET_D=${BUDGET_D:-50} BUDGET_E=${BUDGET_E:-95}
+BUDGET_F=${BUDGET_F:-35} BUDGET_G=${BUDGET_G:-35}
 export BUDGET_C BUDGET_D BUDGET_F
 part a "$BUDGET_A" bash -c part_a
 part b "$BUDGET_B" bash -c part_b
@@ -147,5 +158,6 @@ part c "$BUDGET_C" bash -c part_c
 part d "$BUDGET_D" bash -c part_d
 part e "$BUDGET_E" bash -c part_e
 part f "$BUDGET_F" bash -c part_f
+part g "$BUDGET_G" bash -c part_g
 cat "$out/parts.txt"
 ! grep -q "rc=[^0]" "$out/parts.txt"

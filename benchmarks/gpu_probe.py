@@ -1,9 +1,10 @@
 """One repacked W4A8 linear on the GPU against the CPU reference, in a process of its own per case
 (a device fault poisons the CUDA context): ``python benchmarks/gpu_probe.py M N K LAYOUT [VARIANT]``
-prints one line; ``python benchmarks/gpu_probe.py --sweep`` runs the cases below, 8 at a time, one
-line each (``rc=0 OK ...`` when the kernel ran and equals the reference bit for bit; gpu_check.sh,
-part a).  Variants change the launch plan: s1 (no split-K), a1 (one amax publisher).  Written on
-2026-12-04 to find which decode kernels faulted on an H200 (docs/benchmarks.md)."""
+prints one line; ``python benchmarks/gpu_probe.py --sweep`` runs the cases below (decode, and the
+g = 128 prefill), 8 at a time, one line each (``rc=0 OK ...`` when the kernel ran and equals the
+reference bit for bit; gpu_check.sh, part a).  Variants change the launch plan: s1 (no split-K), a1
+(one amax publisher).  Written on 2026-12-04 to find which decode kernels faulted on an H200
+(docs/benchmarks.md)."""
 from __future__ import annotations
 
 import dataclasses
@@ -44,7 +45,9 @@ CASES = ([(m, 4096, 4096, "w4a8-is", "base") for m in (1, 2, 8, 9, 12, 16, 17, 2
          + [(m, 4096, 4096, "w4a8-fs", "base") for m in (1, 9, 16, 32, 64)]
          + [(m, 576, 576, l, "base") for m in (1, 8, 9, 16, 32, 64) for l in ("w4a8-is", "w4a8-fs")]
          + [(16, 4096, 4096, "w4a8-is", v) for v in ("s1", "a1")] + [(16, 576, 576, "w4a8-is", v) for v in ("s1", "a1")]
-         + [(64, 4096, 4096, "w4a8-is", v) for v in ("s1", "a1")] + [(16, 136, 256, "w4a8-is", "base")])
+         + [(64, 4096, 4096, "w4a8-is", v) for v in ("s1", "a1")] + [(16, 136, 256, "w4a8-is", "base")]
+         # the prefill kernels' g = 128 stage loop (2026-12-04, not yet run on a GPU)
+         + [(m, 4096, 4096, l, "base") for m in (65, 256) for l in ("w4a8-is", "w4a8-fs")])
 
 
 def sweep():

@@ -9,7 +9,9 @@ QUIK's kernels, the online Hadamard transform, and the end-to-end runs.
 into one result, with its summary (and plot), as one ``qconvert bench --kernels`` would write it.
 
 Every *.json under the folder is read (kernels*.json with kind "kernels" and a scheme, e2e*.json,
-hadamard.json, roofline.json); a kind with no file gets no table."""
+hadamard.json, mma_peak.json, roofline.json); a kind with no file gets no table.  With an
+mma_peak.json, the W4A8 prefill rows are also given as a fraction of that measured int8 mma.sync
+ceiling."""
 
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ def _load(folder: Path) -> dict[str, list]:
             continue
         if path.name == "hadamard.json":
             key = "hadamard"
+        elif path.name == "mma_peak.json":
+            key = "mma_peak"
         elif path.name == "roofline.json":
             key = "roofline"
         elif data.get("kind") == "model":
@@ -41,8 +45,34 @@ def _load(folder: Path) -> dict[str, list]:
 
 
 def _env(data: dict) -> str:
-    e = data.get("environment") or data
+    e = data.get("environment") or data.get("meta") or data
     return f"{e.get('device')}, torch {e.get('torch')}, commit {e.get('commit')}, {e.get('date')}"
+
+
+def mma_peak_table(data: dict) -> list[str]:
+    out = ["| tensor-core product | warps per SM | ms | TOPS |", "|---|---|---|---|"]
+    for r in data["rows"]:
+        out.append(f"| {r['op']} | {r['warps_per_sm']} | {r['ms']:.3f} | {r['tops']:,.1f} |")
+    return out
+
+
+def prefill_of_ceiling(runs: list, mma: dict | None) -> list[str]:
+    """W4A8-IS and FS at M >= 256 as a fraction of the measured int8 mma.sync ceiling (mma_peak.json)."""
+    best = ((mma or {}).get("meta") or {}).get("best_tops", {}).get("imma_peak")
+    if not best:
+        return []
+    out = [f"\nW4A8 at M >= 256 against the int8 mma.sync ceiling measured here ({best:,.1f} TOPS):",
+           "\n| linear (N x K) | M | W4A8-IS TOPS | of the ceiling | W4A8-FS TOPS | of the ceiling |", "|---|---|---|---|---|---|"]
+    rows = {}
+    for _, data in runs:
+        for r in data["results"]:
+            if r["M"] >= 256 and r.get("tops"):
+                rows.setdefault((r["M"], r["shape"], r["N"], r["K"]), {})[r["kernel"]] = r["tops"]
+    for (m, shape, n, k), by in sorted(rows.items()):
+        i, f = by.get("w4a8-is"), by.get("w4a8-fs")
+        if i and f:
+            out.append(f"| {shape} ({n} x {k}) | {m} | {i:,.1f} | {100 * i / best:.0f}% | {f:,.1f} | {100 * f / best:.0f}% |")
+    return out
 
 
 def w4a8_table(runs: list, roofline: dict | None) -> list[str]:
@@ -116,14 +146,17 @@ def e2e_table(data: dict) -> list[str]:
 def main(folder: str) -> None:
     found = _load(Path(folder))
     roofline = found.get("roofline", [(None, None)])[0][1]
+    mma = found.get("mma_peak", [(None, None)])[0][1]
     for key, runs in found.items():
         if key == "roofline":
             continue
-        for path, data in runs if key in ("e2e", "hadamard") else [runs[0]]:
+        for path, data in runs if key in ("e2e", "hadamard", "mma_peak") else [runs[0]]:
             print(f"### {key} — {path if key in ('e2e', 'hadamard') else ', '.join(str(p) for p, _ in runs)}\n")
             print(_env(data) + "\n")
             if key == "kernels:is-w4a8":
-                lines = w4a8_table(runs, roofline)
+                lines = w4a8_table(runs, roofline) + prefill_of_ceiling(runs, mma)
+            elif key == "mma_peak":
+                lines = mma_peak_table(data)
             elif key.startswith("kernels:"):
                 lines = quik_table(runs)
             elif key == "hadamard":

@@ -218,6 +218,30 @@ def local_memory_ops(kernel_text: str) -> list[str]:
     return [op for op in opcodes(kernel_text) if op.split(".")[0] in ("LDL", "STL")]
 
 
+_BRANCH = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?BRA(?:\.[A-Z]+)*\s+(?:!?U?P[T0-9]+,\s*)?0x([0-9a-f]+)")
+_ADDRESS = re.compile(r"/\*([0-9a-f]{4,})\*/")
+
+
+def loops(kernel_text: str) -> list[tuple[int, int, collections.Counter]]:
+    """Every loop of one kernel's SASS, found by its backward branch: (first address, the branch's
+    address, the opcodes between them, both included).  Static counts: an instruction inside the
+    body that a branch skips on some iterations is counted all the same."""
+    lines = [(int(m.group(1), 16), line) for line in kernel_text.splitlines() if (m := _ADDRESS.search(line)) and _OPCODE.search(line)]
+    out = []
+    for at, line in lines:
+        b = _BRANCH.search(line)
+        if b and int(b.group(2), 16) <= at:
+            start = int(b.group(2), 16)
+            out.append((start, at, collections.Counter(_OPCODE.search(ln).group(1) for a, ln in lines if start <= a <= at)))
+    return out
+
+
+def mma_loop(kernel_text: str, mma_prefix: str) -> tuple[int, int, collections.Counter]:
+    """The loop with the most tensor-core instructions (mnemonics starting with ``mma_prefix``): a
+    GEMM's main loop."""
+    return max(loops(kernel_text), key=lambda lp: sum(c for op, c in lp[2].items() if op.startswith(mma_prefix)))
+
+
 _SASS_LINE = re.compile(_OPCODE.pattern + r"\s+([^;]*);")  # the mnemonic, then its operands
 _UR = re.compile(r"^UR(\d+)$")
 _PRED = re.compile(r"^!?U?P(?:T|\d+)$")

@@ -23,12 +23,12 @@ def test_every_part_runs_and_a_failed_part_is_recorded(tmp_path):
     pack = tmp_path / "gpu_check.tgz"
     env = {**os.environ, "OUT": str(out), "COMMIT": "abc1234", "PACK": str(pack),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           **{f"BUDGET_{p}": "150" for p in "ABCDEF"}}
+           **{f"BUDGET_{p}": "150" for p in "ABCDEFG"}}
     env.pop("PYTHONPATH", None)
     r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=900)
     parts = (out / "parts.txt").read_text().splitlines()
-    assert [p.split(":")[0] for p in parts] == [f"part {x}" for x in "abcdef"], parts
+    assert [p.split(":")[0] for p in parts] == [f"part {x}" for x in "abcdefg"], parts
     status = {p.split(":")[0][-1]: int(re.search(r"rc=(\d+)", p).group(1)) for p in parts}
     # a: the environment and the GPU test files, which skip here: failed only for want of CuPy, which
     # the GPU image has; b..f need a GPU and fail, each recorded as failed although b's roofline
@@ -46,7 +46,7 @@ def test_every_part_runs_and_a_failed_part_is_recorded(tmp_path):
     assert all(re.search(r"\d+ skipped", line) for line in lines), lines
     assert all((out / "tests" / f.replace(".py", ".xml")).is_file() for f in files)
     assert "no CUDA device: nothing probed" in (out / "probe.txt").read_text()  # the decode probe, beside them
-    assert all(status[x] != 0 for x in "bcdef"), parts
+    assert all(status[x] != 0 for x in "bcdefg"), parts
     assert r.returncode != 0
     assert "commit: abc1234" in (out / "gpu.txt").read_text()
     assert (out / "roofline.json").is_file()
@@ -57,5 +57,7 @@ def test_every_part_runs_and_a_failed_part_is_recorded(tmp_path):
     assert "needs an NVIDIA GPU" in (out / "part_b.log").read_text()
     assert "no usable GPU" in (out / "part_d.log").read_text()
     assert "--device cuda" in (out / "part_f.log").read_text()  # refused at once, not run on the CPU
-    for x in "abcdef":
+    assert "no CUDA device: this benchmark times the GPU's tensor cores" in (out / "part_b.log").read_text()  # mma_peak, first
+    assert "no CUDA device: this profiles the GPU kernels" in (out / "part_g.log").read_text()
+    for x in "abcdefg":
         assert (out / f"part_{x}.log").is_file()

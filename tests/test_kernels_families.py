@@ -136,6 +136,31 @@ def test_decode_kernels_fit_two_ctas_per_sm(builds):
     assert cuda.P_SMEM <= 99 * 1024  # sm_86 / sm_89 allow 99 KB per block
 
 
+# The g = 128 prefill main loop (w4a8_repacked.cu, one iteration per k128 stage = one group, 64
+# IMMA): instructions issued per IMMA, counted statically over the loop's SASS on the launchers'
+# NVRTC builds.  At d316985 (before the stage-per-group loop) a g = 128 group took about 10.6 per
+# IMMA along its path (nvcc 13.0, sm_90, counted by hand; docs/kernels.md).  Bounds, not targets:
+# a change that brings address arithmetic or I2F back into the loop fails here.
+PREFILL_LOOP_BOUND = {"w4a8r_prefill_is": 6.0, "w4a8r_prefill_fs": 7.0}
+
+
+def test_prefill_g128_main_loop_sass(builds):
+    for arch in ("sm_80", "sm_89", "sm_90"):
+        _, _, per_kernel = builds[("w4a8/w4a8_repacked.cu", arch)]
+        if per_kernel is None:
+            _sass_or_skip(None)
+        for name, bound in PREFILL_LOOP_BOUND.items():
+            start, end, ops = kc.mma_loop(per_kernel[name], "IMMA")
+            n_mma = sum(c for op, c in ops.items() if op.startswith("IMMA"))
+            assert n_mma == 64, (arch, name, n_mma)
+            assert sum(ops.values()) / n_mma <= bound, (arch, name, sum(ops.values()), dict(ops))
+            assert not [op for op in ops if op.startswith(("I2F", "LDL", "STL"))], (arch, name, dict(ops))
+            assert ops["BAR.SYNC.DEFER_BLOCKING"] == 1 and ops["LDS.64"] == 32 and ops["LDS.128"] == 4, (arch, name, dict(ops))
+    # the loop finder itself: a backward branch makes a loop, a forward one does not
+    text = "/*0000*/ IMMA.16832.S8.S8 R0, R4, R8, R0 ;\n/*0010*/ @P0 BRA 0x30 ;\n/*0020*/ IADD3 R1, R1, 0x1, RZ ;\n/*0030*/ @!P1 BRA 0x0 ;"
+    assert [(s, e, sum(o.values())) for s, e, o in kc.loops(text)] == [(0, 0x30, 4)]
+
+
 @needs_nvrtc
 def test_ftz_detector_is_not_vacuous(tmp_path):
     """The same float code built with -ftz=true (what cupy.RawModule(code=...) appends) shows .FTZ

@@ -158,7 +158,7 @@ def test_constants_and_parameters_match_the_source():
     assert params("W4R_PREFILL") == emulate.PREFILL_PARAMS
     # every [emulate.X] tag of the source names a twin that exists here
     for name in set(re.findall(r"\[emulate\.(\w+)\]", CU)):
-        assert hasattr(emulate, name) or name in ("decode_kstep", "prefill_kstep", "p_load_stage", "splitk", "epilogue_value", "load_scale"), name
+        assert hasattr(emulate, name) or name in ("decode_kstep", "prefill_kstep", "prefill_g128", "p_load_stage", "splitk", "epilogue_value", "load_scale"), name
 
 
 def test_kernel_names_are_the_declared_ones():
@@ -187,6 +187,11 @@ PREFILL_CASES = [
     (65, 256, 512, 128, "w4a8-fs", 8),
     (200, 130, 160, 32, "w4a8-is", 8),    # 5 groups in 2 splits
     (129, 300, 128, 64, "w4a8-fs", 1),    # one split, three n tiles in a band
+    # g = 128: the stage-per-group main loop (and FS's bias conversion)
+    (130, 136, 512, 128, "w4a8-is", 8),   # split-K, the second m tile 2 rows
+    (200, 300, 384, 128, "w4a8-fs", 1),   # one split: FS bit-exact with the plain reference; N tails
+    (257, 128, 1024, 128, "w4a8-fs", 4),  # three m tiles, 8 groups in splits
+    (97, 13, 128, 128, "w4a8-is", 8),     # one group, N = 13
 ]
 
 
@@ -202,9 +207,9 @@ def test_prefill_bit_exact(m, n, k, g, layout, sms):
     assert pl.kind == "prefill"
 
 
-@pytest.mark.parametrize("m,layout", [(3, "w4a8-is"), (9, "w4a8-fs"), (130, "w4a8-is")])
-def test_bf16(m, layout):
-    check_case(m, 136, 320, 64, layout, dtype=torch.bfloat16)
+@pytest.mark.parametrize("m,layout,g", [(3, "w4a8-is", 64), (9, "w4a8-fs", 64), (130, "w4a8-is", 64), (130, "w4a8-fs", 128)])
+def test_bf16(m, layout, g):
+    check_case(m, 136, 320, g, layout, dtype=torch.bfloat16)
 
 
 def test_splits_cover_every_case_shape():
@@ -214,13 +219,15 @@ def test_splits_cover_every_case_shape():
         prep = cuda.prepare(layout, make_layer(n, k, g, layout, 0), g, "cpu")
         pl = cuda.plan(m, prep, sms)
         seen.add((pl.kind, pl.splits > 1, pl.gr > 0))
+        if pl.kind == "prefill" and g == 128:
+            seen.add(("prefill g128", pl.splits > 1))
         bounds = pl.split_bounds()
         assert bounds[0][0] == 0 and bounds[-1][1] == prep.n_groups and all(b[0] < b[1] for b in bounds)
         assert all(b1[1] == b2[0] for b1, b2 in zip(bounds, bounds[1:]))
         if pl.kind == "decode" and pl.splits == 1 and m > 32:
             seen.add("chunks")  # 1280 k at M = 64: chunks of 512
     assert {("decode", True, True), ("decode", True, False), ("decode", False, False), ("prefill", True, True),
-            ("prefill", True, False), ("prefill", False, False), "chunks"} <= seen
+            ("prefill", True, False), ("prefill", False, False), "chunks", ("prefill g128", True), ("prefill g128", False)} <= seen
 
 
 def test_overflow_adversarial_input_reaches_the_bound():
@@ -370,8 +377,9 @@ MUTATION_CASES = {
     "swizzle_off": ((130, 136, 256, 64, "w4a8-is"), "mismatch"),
     "amax_local": ((16, 136, 1024, 128, "w4a8-is"), "mismatch"),
     "k_perm": ((5, 136, 512, 128, "w4a8-fs"), "mismatch"),
+    "g128_carry": ((130, 136, 512, 128, "w4a8-is"), "mismatch"),
+    "bias_off": ((130, 136, 512, 128, "w4a8-fs"), "mismatch"),
 }
-
 
 @pytest.mark.parametrize("mutation", sorted(MUTATION_CASES))
 def test_mutation_is_caught(mutation):
@@ -387,6 +395,37 @@ def test_mutation_is_caught(mutation):
 def test_every_mutation_has_a_test():
     covered = set(MUTATION_CASES) | {"ftz", "ticket_order", "late_publishers"}
     assert covered == set(emulate.MUTATIONS)
+
+
+# The g = 128 prefill main loop has its own code: the pipeline and fragment mutations are caught there too.
+G128_MUTATIONS = ("stage_off_by_one", "no_wait", "no_stage_barrier", "swizzle_off", "no_sign", "swap_halves", "c_map")
+
+
+@pytest.mark.parametrize("mutation", G128_MUTATIONS)
+def test_mutation_is_caught_in_the_g128_prefill(mutation):
+    case = (130, 136, 512, 128, "w4a8-fs")
+    with pytest.raises((emulate.EmulationError, AssertionError)) as e:
+        check_case(*case, mutations=frozenset({mutation}))
+    assert isinstance(e.value, emulate.EmulationError) or "differs" in str(e.value)
+
+
+def test_bias_conversion_is_exact_in_its_range_only():
+    """FS's g = 128 prefill starts each group's int32 sum at the bits of the float 2^23 + 2^22, so the
+    sum 16P comes out as a float's bits, and one FADD makes float(16P): equal to I2F on the whole range
+    |16P| <= 2^22, which g = 128 stays in (|16P| <= 16 * 128 * 8 * 128 = 2^21).  One past it the same
+    arithmetic is wrong, and the emulator refuses such a sum."""
+    ctx = emulate.Ctx(mem=None, args={}, mutations=frozenset(), fops=emulate.FloatOps(False))
+    edge = 1 << 22
+    v = np.concatenate([np.arange(-edge, -edge + 4096), np.arange(-4096, 4096), np.arange(edge - 4096, edge + 1),
+                        np.random.default_rng(0).integers(-edge, edge + 1, 200_000)])
+    assert np.array_equal(emulate.biased_to_float(ctx, emulate.G128_FS_INIT + v), v.astype(np.float32))
+    assert 16 * 128 * 8 * 128 <= edge
+    outside = np.array([edge + 1, -edge - 1], np.int64)
+    raw = ((emulate.G128_FS_INIT + outside) & 0xFFFFFFFF).astype(np.uint32).view(np.float32) - np.float32(12582912.0)
+    assert not np.array_equal(raw, outside.astype(np.float32))
+    with pytest.raises(emulate.EmulationError, match="2\\^22"):
+        emulate.biased_to_float(ctx, emulate.G128_FS_INIT + outside)
+    assert re.search(r"P_INIT = kIS \? 0 : 0x4B400000;", CU) and emulate.G128_FS_INIT == 0x4B400000
 
 
 # ----------------------------------------------------------------------------- launcher (no GPU)

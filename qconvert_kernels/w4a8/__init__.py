@@ -32,9 +32,10 @@ REPACKED = KernelSource(
     kernels=_DECODE + _PREFILL + ("w4a8r_quantize_f16", "w4a8r_quantize_bf16"),
     gemms=_DECODE + _PREFILL,
     # decode: one m16 (weights) x MT8 n8 (tokens) tile per warp per k step, the first k step of a
-    # group with a zero accumulator (a second copy of the step): 2 x MT8 IMMA; prefill: 2 x 8 tiles x 2
+    # group with a zero accumulator (a second copy of the step): 2 x MT8 IMMA; prefill: 2 x 8 tiles
+    # per k step, twice in the one-step loop (any group size) and 4 times in the g = 128 stage loop
     mma_count={**{k: {a: {"IMMA.16832.S8.S8": 2 * int(k.rsplit("_m", 1)[1]) // 8} for a in _ARCHS} for k in _DECODE},
-               **{k: {a: {"IMMA.16832.S8.S8": 32} for a in _ARCHS} for k in _PREFILL}},
+               **{k: {a: {"IMMA.16832.S8.S8": 16 * 2 + 16 * 4} for a in _ARCHS} for k in _PREFILL}},
 )
 
 SOURCES = (NATIVE, REPACKED)

@@ -79,6 +79,8 @@ MUTATIONS = frozenset({
     "k_perm",           # decode: activations fed in natural k order while the weights use the 8tig permutation
     "late_publishers",  # decode: the amax is published by the LAST A CTAs of the grid (deadlock-prone)
     "no_stage_barrier", # prefill: the __syncthreads after cp.async.wait_group skipped
+    "g128_carry",       # prefill g = 128: a group's first k step adds to the previous group's P
+    "bias_off",         # prefill g = 128, FS: the accumulator's bias start one off
 })
 
 
@@ -114,6 +116,27 @@ def p_x_off(row, c, swizzle=True):
     """Prefill: byte offset of (row, 16-byte chunk c) of an x stage, XOR-swizzled. [w4r::p_x_off]"""
     row = np.asarray(row, np.int64)
     return row * P_BK + (((np.asarray(c, np.int64) ^ ((row & 3) << 1)) if swizzle else np.asarray(c, np.int64)) << 4)
+
+
+def p_copy_plan(tid, t16_0, m0, KB, Kq):
+    """Prefill: a thread's stage-0 copy sources and destinations, worked out once (a stage adds 64
+    weight chunks and 128 activation bytes; copy r of the weights is 4 n16 tiles on, of the
+    activations 32 rows on).  Returns (weight chunk, its r step, block bit, x byte offset, x
+    destination, x row, x chunk).                                          [w4r::prefill p_copy_plan]"""
+    tid = np.asarray(tid, np.int64)
+    lane, w_bit = tid & 31, (tid >> 5) & 1
+    x_row, x_c = tid >> 3, tid & 7
+    return (w_chunk(t16_0 + (tid >> 6), w_bit, lane, KB), 4 * KB * 32, w_bit, (m0 + x_row) * Kq + x_c * 16,
+            p_x_off(x_row, x_c), x_row, x_c)
+
+
+def p_frag_offsets(wn, wm, lane, swizzle=True):
+    """Prefill: a lane's fragment offsets in a stage: weights (tile a, block b2) at w_off + 512 (2 a +
+    b2); activations of k step ks, n8 tile j at x_off[ks] + 1024 j.       [w4r::prefill p_frag_offsets]"""
+    gid, tig = lane >> 2, lane & 3
+    w_off = ((4 * np.asarray(wn, np.int64)) * 32 + lane) * 16
+    x_off = [p_x_off(wm * 64 + gid, 2 * ks + (tig >> 1), swizzle) + ((tig & 1) << 3) for ks in range(4)]
+    return w_off, x_off
 
 
 def part_slot(s, tiles, tile, warp, f, nfrag, lane):
@@ -490,11 +513,44 @@ def load_scale(ctx: Ctx, is_int: bool, idx, sc16: bool, what="scale"):
     return ctx.fops.mul(f16_bits_to_f32(ctx.mem.load(sc, idx * 2, 2, what).view(np.uint16)[:, 0]), np.float32(0.0625))
 
 
+def p_scales(ctx: Ctx, is_int: bool, idx0, sc16: bool):
+    """Prefill: a lane's four scales of one group, flat entries idx0 + 0, 8, 16, 24 (channels n_row
+    + 8 e) -> [tile a] [n, row h] with e = 2 a + h.                              [w4r::Scale::load4]"""
+    idx0 = np.asarray(idx0, np.int64)
+    return [np.stack([load_scale(ctx, is_int, idx0 + 8 * (2 * a + h), sc16) for h in range(2)], -1) for a in range(2)]
+
+
 def fold(ctx: Ctx, is_int: bool, acc, p16, s):
     """IS: A += s * (16P >> 4) wrapping; FS: acc = acc + float(16P) * (s / 16).          [w4r::fold1]"""
     if is_int:
         return wrap32(acc.astype(np.int64) + s.astype(np.int64) * (p16.astype(np.int64) >> 4))
     return ctx.fops.add(acc, ctx.fops.mul(ctx.fops.i2f(p16), s))
+
+
+G128_FS_INIT = 0x4B400000   # the bits of the float 2^23 + 2^22: FS's g = 128 accumulator start  [w4r::G128]
+
+
+def g128_init(ctx: Ctx, is_int: bool) -> int:
+    """The constant a g = 128 group's first mma starts P from (IS 0, FS the float bias's bits)."""
+    if is_int:
+        return 0
+    return G128_FS_INIT + (1 if "bias_off" in ctx.mutations else 0)
+
+
+def biased_to_float(ctx: Ctx, bits):
+    """float(16P) from P accumulated on the bias: the bits as a float, minus 2^23 + 2^22 (one FADD).
+    Exact while |16P| <= 2^22; the emulator refuses a sum beyond.                  [w4r::biased_to_float]"""
+    bits = np.asarray(bits, np.int64)
+    if np.abs(bits - G128_FS_INIT).max(initial=0) > 1 << 22:
+        raise EmulationError(f"biased_to_float: |16P| = {int(np.abs(bits - G128_FS_INIT).max())} > 2^22, outside the bias's exact range")
+    return ctx.fops.add((bits & 0xFFFFFFFF).astype(np.uint32).view(np.float32), np.float32(-12582912.0))
+
+
+def fold_g128(ctx: Ctx, is_int: bool, acc, p, s):
+    """The g = 128 fold: IS as fold (P from zero); FS acc + biased_to_float(P) * (s / 16).  [w4r::fold_g128]"""
+    if is_int:
+        return fold(ctx, is_int, acc, p, s)
+    return ctx.fops.add(acc, ctx.fops.mul(biased_to_float(ctx, p), s))
 
 
 def out_value(ctx: Ctx, is_int: bool, acc, tm, cs):
@@ -791,25 +847,24 @@ def prefill_cta(ctx: Ctx, is_int: bool, grid, bx: int, by: int, s: int):
     nst = ((kk1 + 3) >> 2) - st0
     swz = "swizzle_off" not in mut
 
+    # the thread's copy plan, worked out once: a stage adds 64 weight chunks and 128 activation bytes
+    w_src, w_src_r, w_bit, x_src, x_dst, x_row, x_c = p_copy_plan(tid, t16_0, m0, KB, Kq)   # [w4r::prefill]
+
     def load_stage(i):                                             # [w4r::prefill load_stage]
         buf, kst = i % P_STAGES, st0 + i
+        okw = 2 * kst + w_bit < KB
         for r in range(2):
-            q = tid + r * THREADS
-            kb = 2 * kst + ((q >> 5) & 1)
-            ok = kb < KB
             src = np.zeros((THREADS, 16), np.uint8)
-            if ok.any():
-                src[ok] = mem.load(a["wq"], w_chunk(t16_0 + (q[ok] >> 6), kb[ok], q[ok] & 31, KB) * 16, 16, "prefill weight cp.async")
-            sm.cp_async(tid, buf * P_W_STAGE + q * 16, src, i, "prefill weight cp.async")
+            if okw.any():
+                src[okw] = mem.load(a["wq"], (w_src[okw] + r * w_src_r + kst * 64) * 16, 16, "prefill weight cp.async")
+            sm.cp_async(tid, buf * P_W_STAGE + (tid + r * THREADS) * 16, src, i, "prefill weight cp.async")
+        okk = kst * P_BK + x_c * 16 < Kq
         for r in range(4):
-            q = tid + r * THREADS
-            row, c = q >> 3, q & 7
-            gm, gk = m0 + row, kst * P_BK + c * 16
-            ok = (gm < M) & (gk < Kq)
+            ok = okk & (m0 + x_row + 32 * r < M)
             src = np.zeros((THREADS, 16), np.uint8)
             if ok.any():
-                src[ok] = mem.load(a["xq"], gm[ok] * Kq + gk[ok], 16, "prefill x cp.async")
-            sm.cp_async(tid, P_W_STAGE * P_STAGES + buf * P_X_STAGE + p_x_off(row, c), src, TAG_X + i, "prefill x cp.async")
+                src[ok] = mem.load(a["xq"], x_src[ok] + 32 * r * Kq + kst * P_BK, 16, "prefill x cp.async")
+            sm.cp_async(tid, P_W_STAGE * P_STAGES + buf * P_X_STAGE + x_dst + r * 32 * P_BK, src, TAG_X + i, "prefill x cp.async")
 
     for i in range(P_STAGES - 1):
         if i < nst:
@@ -818,8 +873,9 @@ def prefill_cta(ctx: Ctx, is_int: bool, grid, bx: int, by: int, s: int):
 
     acc = np.zeros((THREADS, 16, 4), np.int32 if is_int else np.float32)  # f = a * 8 + j
     P = np.zeros((THREADS, 16, 4), np.int32)
-    n_row = [(t16_0 + 2 * wn + ai) * 16 + gid for ai in range(2)]
+    n_row0 = (t16_0 + 2 * wn) * 16 + gid
     wr = [np.zeros((THREADS, 4), np.uint32), np.zeros((THREADS, 4), np.uint32)]
+    w_off, x_off = p_frag_offsets(wn, wm, lane, swz)
 
     def kstep(kk, first):
         nonlocal P
@@ -837,7 +893,7 @@ def prefill_cta(ctx: Ctx, is_int: bool, grid, bx: int, by: int, s: int):
         if kk == kk0 or (kk & 1) == 0:
             b2 = (kk >> 1) & 1
             for ai in range(2):
-                wr[ai] = sm.read(tid, buf * P_W_STAGE + (((2 * wn + ai) * 2 + b2) * 32 + lane) * 16, 16, i,
+                wr[ai] = sm.read(tid, buf * P_W_STAGE + w_off + (2 * ai + b2) * BLOCK_BYTES, 16, i,
                                  "prefill weight LDS.128").view(np.uint32).reshape(THREADS, 4)
         af = [a_frag(ctx, w[:, 2], w[:, 3]) if kk & 1 else a_frag(ctx, w[:, 0], w[:, 1]) for w in wr]
         ks = kk & 3
@@ -854,20 +910,56 @@ def prefill_cta(ctx: Ctx, is_int: bool, grid, bx: int, by: int, s: int):
         P = newP
 
     def scales_for(g):
-        return [np.stack([load_scale(ctx, is_int, g * N128 + n_row[ai], sc16), load_scale(ctx, is_int, g * N128 + n_row[ai] + 8, sc16)], -1)
-                for ai in range(2)]
+        return p_scales(ctx, is_int, g * N128 + n_row0, sc16)
 
     sc = scales_for(g0)
-    for g in range(g0, g1):
-        nsc = scales_for(g + 1) if g + 1 < g1 else None
-        kstep(g * spg, True)
-        for stp in range(1, spg):
-            kstep(g * spg + stp, False)
-        for ai in range(2):
-            for i in range(4):
-                acc[:, ai * 8:(ai + 1) * 8, i] = fold(ctx, is_int, acc[:, ai * 8:(ai + 1) * 8, i], P[:, ai * 8:(ai + 1) * 8, i], sc[ai][:, None, i >> 1])
-        if nsc is not None:
-            sc = nsc
+    if spg == 4:
+        # g = 128: a stage is a group; 4 unrolled k steps per stage, the g128 fold  [w4r::prefill g128]
+        for i in range(nst):
+            slot_i = i + 1 if "stage_off_by_one" in mut else i
+            buf, g = slot_i % P_STAGES, g0 + i
+            if "no_wait" not in mut:
+                sm.wait(P_STAGES - 2)
+            if "no_stage_barrier" not in mut:
+                sm.barrier()
+            if i + P_STAGES - 1 < nst:
+                load_stage(i + P_STAGES - 1)
+            sm.commit()
+            nsc = scales_for(g + 1) if g + 1 < g1 else None
+            for ks in range(4):
+                if ks % 2 == 0:
+                    for ai in range(2):
+                        wr[ai] = sm.read(tid, buf * P_W_STAGE + w_off + (2 * ai + (ks >> 1)) * BLOCK_BYTES, 16, i,
+                                         "prefill weight LDS.128").view(np.uint32).reshape(THREADS, 4)
+                af = [a_frag(ctx, w[:, 2], w[:, 3]) if ks & 1 else a_frag(ctx, w[:, 0], w[:, 1]) for w in wr]
+                newP = np.empty_like(P)
+                for j in range(8):
+                    off = P_W_STAGE * P_STAGES + buf * P_X_STAGE + x_off[ks] + j * 8 * P_BK
+                    bb = sm.read(tid, off, 8, TAG_X + i, "prefill x LDS.64").view(np.uint32).reshape(THREADS, 2)
+                    for ai in range(2):
+                        f = ai * 8 + j
+                        c_in = P[:, f] if ks > 0 or "g128_carry" in mut else np.full((THREADS, 4), g128_init(ctx, is_int), np.int32)
+                        d = mma_m16n8k32(af[ai].reshape(WARPS, 32, 4), bb.reshape(WARPS, 32, 2), c_in.reshape(WARPS, 32, 4),
+                                         a_unsigned="no_sign" in mut)
+                        newP[:, f] = d.reshape(THREADS, 4)
+                P = newP
+            for ai in range(2):
+                for i2 in range(4):
+                    acc[:, ai * 8:(ai + 1) * 8, i2] = fold_g128(ctx, is_int, acc[:, ai * 8:(ai + 1) * 8, i2], P[:, ai * 8:(ai + 1) * 8, i2],
+                                                                sc[ai][:, None, i2 >> 1])
+            if nsc is not None:
+                sc = nsc
+    else:
+        for g in range(g0, g1):
+            nsc = scales_for(g + 1) if g + 1 < g1 else None
+            kstep(g * spg, True)
+            for stp in range(1, spg):
+                kstep(g * spg + stp, False)
+            for ai in range(2):
+                for i in range(4):
+                    acc[:, ai * 8:(ai + 1) * 8, i] = fold(ctx, is_int, acc[:, ai * 8:(ai + 1) * 8, i], P[:, ai * 8:(ai + 1) * 8, i], sc[ai][:, None, i >> 1])
+            if nsc is not None:
+                sc = nsc
     sm.wait(0)
     ctx.conflicts.update({k: max(v, ctx.conflicts.get(k, 1)) for k, v in sm.conflicts.items()})
     yield None

@@ -143,11 +143,20 @@ __device__ __forceinline__ void a_frag(unsigned w_lo_row, unsigned w_hi_row, uns
 // exact, so float(16 P) * (s / 16) rounds like float(P) * s.                            [emulate.load_scale]
 template <bool kIS>
 struct Scale;
+// load4 (prefill): a lane's four scales of one group, channels n_row + 0, 8, 16, 24 -> s[e >> 1][e & 1]
+// (tile a = e >> 1, row gid + 8 (e & 1)), from a byte pointer to channel n_row's entry; entries are
+// 1 << shift bytes.                                                              [emulate.p_scales]
 template <>
 struct Scale<true> {
     using T = int;
     static __device__ __forceinline__ int load(const void* sc, long long idx, bool sc16) {
         return sc16 ? static_cast<int>(__ldg(reinterpret_cast<const short*>(sc) + idx)) : __ldg(reinterpret_cast<const int*>(sc) + idx);
+    }
+    static __device__ __forceinline__ int shift(bool sc16) { return sc16 ? 1 : 2; }
+    static __device__ __forceinline__ void load4(const unsigned char* p, bool sc16, int (&s)[2][2]) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+            s[e >> 1][e & 1] = sc16 ? static_cast<int>(__ldg(reinterpret_cast<const short*>(p) + 8 * e)) : __ldg(reinterpret_cast<const int*>(p) + 8 * e);
     }
 };
 template <>
@@ -155,6 +164,12 @@ struct Scale<false> {
     using T = float;
     static __device__ __forceinline__ float load(const void* sc, long long idx, bool) {
         return __fmul_rn(qk::f16_to_f32(__ldg(reinterpret_cast<const unsigned short*>(sc) + idx)), 0.0625f);
+    }
+    static __device__ __forceinline__ int shift(bool) { return 1; }
+    static __device__ __forceinline__ void load4(const unsigned char* p, bool, float (&s)[2][2]) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+            s[e >> 1][e & 1] = __fmul_rn(qk::f16_to_f32(__ldg(reinterpret_cast<const unsigned short*>(p) + 8 * e)), 0.0625f);
     }
 };
 
@@ -165,6 +180,20 @@ __device__ __forceinline__ void fold1(int& acc, int p16, int s) {
 }
 __device__ __forceinline__ void fold1(float& acc, int p16, float s) {
     acc = __fadd_rn(acc, __fmul_rn(__int2float_rn(p16), s));
+}
+// The g = 128 fold.  IS: fold1, P from a zero accumulator.  FS: P starts from the bits of the float
+// 2^23 + 2^22 (P_INIT) instead of zero, so that after the group's mma P holds the bits of the float
+// 2^23 + 2^22 + 16P (exact while |16P| <= 2^22; at g = 128 |16P| <= 16 * 128 * 8 * 128 = 2^21), and
+// float(16P) is one FADD away: no I2F, which sm_90 runs at 16 per clock and SM, a quarter of an FADD.
+// The float equals __int2float_rn(16P) bit for bit.                              [emulate.biased_to_float]
+template <bool kIS>
+struct G128 {
+    static constexpr int P_INIT = kIS ? 0 : 0x4B400000;
+};
+__device__ __forceinline__ float biased_to_float(int bits) { return __fsub_rn(__int_as_float(bits), 12582912.0f); }
+__device__ __forceinline__ void fold_g128(int& acc, int p16, int s) { fold1(acc, p16, s); }
+__device__ __forceinline__ void fold_g128(float& acc, int p_biased, float s) {
+    acc = __fadd_rn(acc, __fmul_rn(biased_to_float(p_biased), s));
 }
 __device__ __forceinline__ int as_bits(int v) { return v; }
 __device__ __forceinline__ int as_bits(float v) { return __float_as_int(v); }
@@ -474,24 +503,39 @@ __device__ __forceinline__ void prefill(const signed char* __restrict__ xq, cons
     const int st0 = kk0 >> 2, nst = ((kk1 + 3) >> 2) - st0;   // k128 stages touched
 
     // Stage i of the slice -> buffer i % P_STAGES: weights 2 x 16 B, activations 4 x 16 B per
-    // thread, zero-filled past Kq (weights) or M / Kq (activations).                [emulate.p_load_stage]
+    // thread, zero-filled past Kq (weights) or M / Kq (activations).  A thread copies the same
+    // chunks of every stage, k128 further on each time, so its sources and destinations are worked
+    // out once here and a stage adds 64 weight chunks (2 k64 blocks) and 128 activation bytes.
+    // Weights: chunk q = tid + 256 r is (n16 tile (q >> 6), block bit (q >> 5) & 1, lane q & 31): r = 1
+    // is 4 tiles on.  Activations: chunk q = tid + 256 r is (row q >> 3, 16-byte chunk q & 7): r is 32
+    // rows on, the same chunk and swizzle (row & 3 unchanged).  A zero-filled copy (src-size 0) still
+    // names a real address: rows past M read as row M - 1, and a stage past Kq as stage 0, so no
+    // 64-bit pointer has to be selected per copy.                                   [emulate.p_copy_plan]
+    const int w_bit = (tid >> 5) & 1;
+    const int x_row = tid >> 3, x_c = tid & 7;
+    const uint4* w_src[2];
+    const signed char* x_src[4];
+    bool x_in[4];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) w_src[r] = wq + w_chunk(t16_0 + (tid >> 6) + 4 * r, w_bit, lane, KB);
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+        x_in[r] = m0 + x_row + 32 * r < M;
+        x_src[r] = xq + static_cast<long long>(min(m0 + x_row + 32 * r, M - 1)) * Kq + x_c * 16;
+    }
+    const int x_dst = p_x_off(x_row, x_c);
     auto load_stage = [&](int i) {
         const int buf = i & (P_STAGES - 1), kst = st0 + i;
+        const bool okw = 2 * kst + w_bit < KB;
+        const int wk = okw ? kst * 64 : 0;
+        unsigned char* dw = sW + buf * P_W_STAGE + tid * 16;
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            const int q = tid + r * THREADS;                   // 512 chunks: (tile, block, lane)
-            const int kb = 2 * kst + ((q >> 5) & 1);
-            const bool ok = kb < KB;
-            qk::cp_async16(sW + buf * P_W_STAGE + q * 16, ok ? static_cast<const void*>(wq + w_chunk(t16_0 + (q >> 6), kb, q & 31, KB)) : wq, ok ? 16 : 0);
-        }
+        for (int r = 0; r < 2; ++r) qk::cp_async16(dw + r * THREADS * 16, w_src[r] + wk, okw ? 16 : 0);
+        const bool okk = kst * P_BK + x_c * 16 < Kq;
+        const int xk = okk ? kst * P_BK : 0;
+        unsigned char* dx = sX + buf * P_X_STAGE + x_dst;
 #pragma unroll
-        for (int r = 0; r < 4; ++r) {
-            const int q = tid + r * THREADS;                   // 1024 chunks: (row, 16-byte chunk)
-            const int row = q >> 3, c = q & 7;
-            const int gm = m0 + row, gk = kst * P_BK + c * 16;
-            const bool ok = gm < M && gk < Kq;
-            qk::cp_async16(sX + buf * P_X_STAGE + p_x_off(row, c), ok ? static_cast<const void*>(xq + static_cast<long long>(gm) * Kq + gk) : xq, ok ? 16 : 0);
-        }
+        for (int r = 0; r < 4; ++r) qk::cp_async16(dx + r * 32 * P_BK, x_src[r] + xk, okk && x_in[r] ? 16 : 0);
     };
 
 #pragma unroll
@@ -508,73 +552,131 @@ __device__ __forceinline__ void prefill(const signed char* __restrict__ xq, cons
         for (int j = 0; j < 8; ++j)
 #pragma unroll
             for (int i = 0; i < 4; ++i) acc[a][j][i] = Acc(0);
-    long long n_row[2];
+    // Group scales: this lane's channels are n_row + 0, 8, 16, 24 (tiles a = 0, 1; rows gid, gid + 8),
+    // one group's four at one pointer plus constants, the next group N128 entries on.
+    const long long n_row = static_cast<long long>(t16_0 + 2 * wn) * 16 + gid;
     typename Scale<kIS>::T sc[2][2], nsc[2][2];
+    const int sc_shift = Scale<kIS>::shift(sc16);
+    const unsigned char* sc_ptr = static_cast<const unsigned char*>(scales) + ((static_cast<long long>(g0) * N128 + n_row) << sc_shift);
+    const long long sc_step = static_cast<long long>(N128) << sc_shift;
+    Scale<kIS>::load4(sc_ptr, sc16, sc);
+    // This lane's fragment addresses within a stage: weights (tile a, block b2) at w_off + 512 (2a +
+    // b2); activations of k step ks, n8 tile j at x_off[ks] + 1024 j (rows 8 j on keep row & 3, so
+    // the swizzle of row wm * 64 + gid holds for all eight).                        [emulate.p_frag_offsets]
+    const int w_off = ((4 * wn) * 32 + lane) * 16;
+    int x_off[4];
 #pragma unroll
-    for (int a = 0; a < 2; ++a) {
-        n_row[a] = static_cast<long long>(t16_0 + 2 * wn + a) * 16 + gid;
-        sc[a][0] = Scale<kIS>::load(scales, static_cast<long long>(g0) * N128 + n_row[a], sc16);
-        sc[a][1] = Scale<kIS>::load(scales, static_cast<long long>(g0) * N128 + n_row[a] + 8, sc16);
-    }
-    uint4 wr[2] = {make_uint4(0u, 0u, 0u, 0u), make_uint4(0u, 0u, 0u, 0u)};
+    for (int ks = 0; ks < 4; ++ks) x_off[ks] = p_x_off(wm * 64 + gid, 2 * ks + (tig >> 1)) + ((tig & 1) << 3);
 
-    // One k step: a new stage every 4 steps (wait, barrier, refill the buffer freed by the previous
-    // stage), the two tiles' weight chunks every 2, then 2 x 8 mma.                 [emulate.prefill_kstep]
-    auto kstep = [&](int kk, bool first) {
-        const int i = (kk >> 2) - st0, buf = i & (P_STAGES - 1);
-        if (kk == kk0 || (kk & 3) == 0) {
+    if (spg == 4) {
+        // g = 128 (the presets' group size): a stage is a group.  One iteration per stage: wait,
+        // barrier, refill, the next group's scales, 4 unrolled k steps (the first from the constant
+        // accumulator G128::P_INIT), the fold; every shared-memory address is a register plus a constant.
+        //                                                                          [emulate.prefill_g128]
+#pragma unroll 1
+        for (int i = 0; i < nst; ++i) {
+            const int buf = i & (P_STAGES - 1), g = g0 + i;
             qk::cp_async_wait<P_STAGES - 2>();
             __syncthreads();
             if (i + P_STAGES - 1 < nst) load_stage(i + P_STAGES - 1);
             qk::cp_async_commit();
-        }
-        if (kk == kk0 || (kk & 1) == 0) {
-            const int b2 = (kk >> 1) & 1;
+            sc_ptr += sc_step;
+            if (g + 1 < g1) Scale<kIS>::load4(sc_ptr, sc16, nsc);
+            const unsigned char* sw = sW + buf * P_W_STAGE + w_off;
+            const unsigned char* sx = sX + buf * P_X_STAGE;
+            uint4 wr[2];
+#pragma unroll
+            for (int ks = 0; ks < 4; ++ks) {
+                if ((ks & 1) == 0) {
+#pragma unroll
+                    for (int a = 0; a < 2; ++a) wr[a] = *reinterpret_cast<const uint4*>(sw + (2 * a + (ks >> 1)) * BLOCK_BYTES);
+                }
+                unsigned af[2][4];
+#pragma unroll
+                for (int a = 0; a < 2; ++a) {
+                    if (ks & 1) a_frag(wr[a].z, wr[a].w, af[a]);
+                    else a_frag(wr[a].x, wr[a].y, af[a]);
+                }
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    const uint2 bb = *reinterpret_cast<const uint2*>(sx + x_off[ks] + j * 8 * P_BK);
+                    const unsigned b[2] = {bb.x, bb.y};
+#pragma unroll
+                    for (int a = 0; a < 2; ++a) {
+                        if (ks == 0) qk::mma_s8_init(P[a][j], af[a], b, G128<kIS>::P_INIT);
+                        else qk::mma_s8(P[a][j], af[a], b);
+                    }
+                }
+            }
 #pragma unroll
             for (int a = 0; a < 2; ++a)
-                wr[a] = *reinterpret_cast<const uint4*>(sW + buf * P_W_STAGE + (((2 * wn + a) * 2 + b2) * 32 + lane) * 16);
-        }
-        unsigned af[2][4];
 #pragma unroll
-        for (int a = 0; a < 2; ++a) {
-            if (kk & 1) a_frag(wr[a].z, wr[a].w, af[a]);
-            else a_frag(wr[a].x, wr[a].y, af[a]);
-        }
-        const int ks = kk & 3;
+                for (int j = 0; j < 8; ++j)
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            const int row = wm * 64 + j * 8 + gid;
-            const uint2 bb = *reinterpret_cast<const uint2*>(sX + buf * P_X_STAGE + p_x_off(row, 2 * ks + (tig >> 1)) + ((tig & 1) << 3));
-            const unsigned b[2] = {bb.x, bb.y};
+                    for (int i2 = 0; i2 < 4; ++i2) fold_g128(acc[a][j][i2], P[a][j][i2], sc[a][i2 >> 1]);
 #pragma unroll
             for (int a = 0; a < 2; ++a) {
-                if (first) qk::mma_s8_zero(P[a][j], af[a], b);
-                else qk::mma_s8(P[a][j], af[a], b);
+                sc[a][0] = nsc[a][0];
+                sc[a][1] = nsc[a][1];
             }
         }
-    };
+    } else {
+        // Any other group size: one k step at a time (a group may end inside a stage, a split may
+        // start inside one).
+        uint4 wr[2] = {make_uint4(0u, 0u, 0u, 0u), make_uint4(0u, 0u, 0u, 0u)};
 
-    for (int g = g0; g < g1; ++g) {
-        if (g + 1 < g1) {
+        // One k step: a new stage every 4 steps (wait, barrier, refill the buffer freed by the
+        // previous stage), the two tiles' weight chunks every 2, then 2 x 8 mma.      [emulate.prefill_kstep]
+        auto kstep = [&](int kk, bool first) {
+            const int i = (kk >> 2) - st0, buf = i & (P_STAGES - 1);
+            if (kk == kk0 || (kk & 3) == 0) {
+                qk::cp_async_wait<P_STAGES - 2>();
+                __syncthreads();
+                if (i + P_STAGES - 1 < nst) load_stage(i + P_STAGES - 1);
+                qk::cp_async_commit();
+            }
+            if (kk == kk0 || (kk & 1) == 0) {
+                const int b2 = (kk >> 1) & 1;
+#pragma unroll
+                for (int a = 0; a < 2; ++a)
+                    wr[a] = *reinterpret_cast<const uint4*>(sW + buf * P_W_STAGE + w_off + (2 * a + b2) * BLOCK_BYTES);
+            }
+            unsigned af[2][4];
 #pragma unroll
             for (int a = 0; a < 2; ++a) {
-                nsc[a][0] = Scale<kIS>::load(scales, static_cast<long long>(g + 1) * N128 + n_row[a], sc16);
-                nsc[a][1] = Scale<kIS>::load(scales, static_cast<long long>(g + 1) * N128 + n_row[a] + 8, sc16);
+                if (kk & 1) a_frag(wr[a].z, wr[a].w, af[a]);
+                else a_frag(wr[a].x, wr[a].y, af[a]);
             }
-        }
-        kstep(g * spg, true);
+            const int ks = kk & 3;
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                const uint2 bb = *reinterpret_cast<const uint2*>(sX + buf * P_X_STAGE + p_x_off(wm * 64 + j * 8 + gid, 2 * ks + (tig >> 1)) + ((tig & 1) << 3));
+                const unsigned b[2] = {bb.x, bb.y};
+#pragma unroll
+                for (int a = 0; a < 2; ++a) {
+                    if (first) qk::mma_s8_zero(P[a][j], af[a], b);
+                    else qk::mma_s8(P[a][j], af[a], b);
+                }
+            }
+        };
+
+        for (int g = g0; g < g1; ++g) {
+            sc_ptr += sc_step;
+            if (g + 1 < g1) Scale<kIS>::load4(sc_ptr, sc16, nsc);
+            kstep(g * spg, true);
 #pragma unroll 1
-        for (int st = 1; st < spg; ++st) kstep(g * spg + st, false);
+            for (int st = 1; st < spg; ++st) kstep(g * spg + st, false);
 #pragma unroll
-        for (int a = 0; a < 2; ++a)
+            for (int a = 0; a < 2; ++a)
 #pragma unroll
-            for (int j = 0; j < 8; ++j)
+                for (int j = 0; j < 8; ++j)
 #pragma unroll
-                for (int i = 0; i < 4; ++i) fold1(acc[a][j][i], P[a][j][i], sc[a][i >> 1]);
+                    for (int i = 0; i < 4; ++i) fold1(acc[a][j][i], P[a][j][i], sc[a][i >> 1]);
 #pragma unroll
-        for (int a = 0; a < 2; ++a) {
-            sc[a][0] = nsc[a][0];
-            sc[a][1] = nsc[a][1];
+            for (int a = 0; a < 2; ++a) {
+                sc[a][0] = nsc[a][0];
+                sc[a][1] = nsc[a][1];
+            }
         }
     }
     qk::cp_async_wait<0>();

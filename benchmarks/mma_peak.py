@@ -1,0 +1,85 @@
+"""The mma.sync ceiling of this GPU: how many int8 (IMMA m16n8k32) and fp16 (HMMA m16n8k16, float
+accumulators) tensor-core operations per second a kernel that does nothing else reaches
+(benchmarks/mma_peak.cu), at 8, 16 and 32 warps per SM.  The W4A8 kernels are built on mma.sync;
+Hopper's datasheet peak (1,979 int8 TOPS on an H100 / H200 SXM) is reached only through wgmma, so
+the W4A8 prefill's efficiency is read against this measured ceiling (docs/kernels.md).  A
+benchmark, not a test: prints a table and writes JSON.  Needs cupy and an sm_80+ GPU
+(benchmarks/gpu_check.sh, part b).
+
+    python benchmarks/mma_peak.py --json mma_peak.json [--iters 4096]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_suffix(".cu")
+CHAINS = 8                       # mma_peak.cu: independent products per warp per iteration
+OPS = {"imma_peak": 2 * 16 * 8 * 32, "hmma_peak": 2 * 16 * 8 * 16}   # operations (multiply + add) per mma
+LABEL = {"imma_peak": "int8 mma.sync m16n8k32 (IMMA)", "hmma_peak": "fp16 mma.sync m16n8k16, f32 acc (HMMA)"}
+
+
+def tera_ops(kernel: str, blocks: int, iters: int, seconds: float) -> float:
+    """Tensor-core operations per second (10^12) of one launch: blocks x 8 warps x CHAINS x iters mma."""
+    return blocks * 8 * CHAINS * iters * OPS[kernel] / seconds / 1e12
+
+
+def run(iters: int) -> list[dict]:
+    from qconvert_kernels import launch
+
+    dev = torch.device("cuda")
+    sms = launch.sm_count()
+    rows = []
+    for kernel in ("imma_peak", "hmma_peak"):
+        for per_sm in (1, 2, 4):                      # CTAs of 256 threads per SM: 8, 16, 32 warps
+            blocks = sms * per_sm
+            out = torch.empty(blocks * 256, dtype=torch.int32 if kernel == "imma_peak" else torch.float32, device=dev)
+            args = (launch.ptr(out), launch.i32(iters), launch.i32(12345))
+            go = lambda: launch.launch(SOURCE, kernel, (blocks, 1, 1), (256, 1, 1), args, dev)  # noqa: E731
+            go()
+            torch.cuda.synchronize()
+            times = []
+            for _ in range(5):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                go()
+                b.record()
+                b.synchronize()
+                times.append(a.elapsed_time(b) / 1e3)
+            t = sorted(times)[len(times) // 2]
+            rows.append({"kernel": kernel, "op": LABEL[kernel], "warps_per_sm": 8 * per_sm, "blocks": blocks,
+                         "iters": iters, "ms": round(t * 1e3, 3), "tops": round(tera_ops(kernel, blocks, iters, t), 1)})
+            r = rows[-1]
+            print(f"{r['op']:40s} {r['warps_per_sm']:>3} warps/SM  {r['ms']:>8.3f} ms  {r['tops']:>8.1f} TOPS", flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--iters", type=int, default=4096)
+    ap.add_argument("--json", required=True)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: this benchmark times the GPU's tensor cores")
+    rows = run(args.iters)
+    commit = os.environ.get("COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                                        text=True).stdout.strip()
+    best = {k: max(r["tops"] for r in rows if r["kernel"] == k) for k in OPS}
+    meta = {"device": torch.cuda.get_device_name(), "sm_count": torch.cuda.get_device_properties(0).multi_processor_count,
+            "torch": torch.__version__, "commit": commit or None, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "method": f"median of 5 launches, CUDA events; {CHAINS} independent mma per warp per iteration, register operands",
+            "best_tops": best}
+    with open(args.json, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    print(f"best: int8 IMMA {best['imma_peak']} TOPS, fp16 HMMA {best['hmma_peak']} TFLOPS ({meta['device']})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""benchmarks/gpu_tables.py on the committed H200 results (benchmarks/results/gpu/2026-12-04_h200_8fa9160),
+with a made-up mma_peak.json beside them (test input, not a measurement): the W4A8 prefill rows are
+given as the fraction of that ceiling, and the tables docs/benchmarks.md quotes still come out."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = ROOT / "benchmarks" / "results" / "gpu" / "2026-12-04_h200_8fa9160"
+spec = importlib.util.spec_from_file_location("gpu_tables", ROOT / "benchmarks" / "gpu_tables.py")
+gpu_tables = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(gpu_tables)
+
+
+def test_prefill_rows_against_a_measured_ceiling(tmp_path, capsys):
+    shutil.copy(RUN / "3_rerun" / "kernels.json", tmp_path / "kernels.json")
+    rows = [{"kernel": "imma_peak", "op": "int8 mma.sync m16n8k32 (IMMA)", "warps_per_sm": 16, "blocks": 264, "iters": 4096,
+             "ms": 1.0, "tops": 600.0}]
+    (tmp_path / "mma_peak.json").write_text(json.dumps({"meta": {"device": "test input", "best_tops": {"imma_peak": 600.0}},
+                                                        "rows": rows}))
+    gpu_tables.main(str(tmp_path))
+    out = capsys.readouterr().out
+    assert "| int8 mma.sync m16n8k32 (IMMA) | 16 | 1.000 | 600.0 |" in out
+    assert "int8 mma.sync ceiling measured here (600.0 TOPS)" in out
+    # q/o at M = 4096: 296.74 int8 TOPS measured on the H200 = 49% of 600
+    assert "| q/o_proj (4096 x 4096) | 4096 | 296.7 | 49% |" in out
+    assert "| q/o_proj (4096 x 4096) | 4096 | 203.4 | 463.2 | 501.5 | 0.44x |" in out
+
+
+def test_without_a_ceiling_the_tables_are_as_before(capsys):
+    gpu_tables.main(str(RUN))
+    out = capsys.readouterr().out
+    assert "mma.sync ceiling" not in out and "9.5 us fixed + 0.501 us per MB" in out

@@ -1,0 +1,55 @@
+"""benchmarks/mma_peak.py (the mma.sync ceiling gpu_check.sh measures, part b) checked without a GPU:
+its kernels build with the launchers' NVRTC options for every architecture the W4A8 kernels target,
+their loops hold only tensor-core products and the loop counter (so the timing is the tensor cores'),
+nothing spills, and the operation count per launch is the one the table divides by."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qconvert_kernels import compile as kc
+from qconvert_kernels import launch
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("mma_peak", ROOT / "benchmarks" / "mma_peak.py")
+mma_peak = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mma_peak)
+
+
+@pytest.mark.skipif(not kc.nvrtc_available(), reason="libnvrtc not found (pip install nvidia-cuda-nvrtc)")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_89", "sm_90"])
+def test_kernels_build_and_their_loops_are_only_mma(arch):
+    path = launch.build(mma_peak.SOURCE, arch)
+    report = kc.parse_ptxas(launch.build_log(path))
+    assert set(report) == set(mma_peak.OPS)
+    assert all((r["spill_stores"], r["spill_loads"], r["stack"]) == (0, 0, 0) for r in report.values()), report
+    if kc.cuobjdump_path() is None:
+        pytest.skip("cuobjdump/nvdisasm not found")
+    sass = kc.kernel_sass(kc.sass(path))
+    for name, mma in (("imma_peak", "IMMA.16832.S8.S8"), ("hmma_peak", "HMMA.16816.F32")):
+        _, _, ops = kc.mma_loop(sass[name], mma)
+        n_mma = ops[mma]
+        assert n_mma % mma_peak.CHAINS == 0 and n_mma >= mma_peak.CHAINS, (arch, name, dict(ops))
+        others = {op: c for op, c in ops.items() if op != mma}
+        assert sum(others.values()) <= 5 and not [op for op in others if op.startswith(("LD", "ST"))], (arch, name, others)
+
+
+def test_operation_count():
+    # 132 SMs x 1 CTA, 4096 iterations of 8 IMMA per warp in 1 ms: 132 * 8 warps * 8 * 4096 * 8192 ops
+    assert mma_peak.tera_ops("imma_peak", 132, 4096, 1e-3) == pytest.approx(132 * 8 * 8 * 4096 * 8192 / 1e-3 / 1e12)
+    assert mma_peak.OPS == {"imma_peak": 8192, "hmma_peak": 4096}
+
+
+def test_without_a_gpu_it_says_so(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "mma_peak.py"), "--json", str(tmp_path / "m.json")],
+                       capture_output=True, text=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert p.returncode != 0 and "no CUDA device" in p.stderr and not (tmp_path / "m.json").exists()
