@@ -111,7 +111,8 @@ def _decode_splits(n: int, k: int, m: int, g: int, sms: int) -> int:
     """The launcher's split (qconvert_kernels/w4a8/cuda.py:plan), repeated here without torch."""
     kp = _ceil(k, g) * g
     tiles = _ceil(n, 128)
-    s_fill, s_two = _ceil(sms, tiles), _ceil(2 * sms, tiles)
+    s_two = max(1, 2 * sms // tiles)              # one wave of two CTAs per SM
+    s_fill = min(_ceil(sms, tiles), s_two)
     return max(1, min(kp // g, max(s_fill, min(s_two, max(1, kp // (16 * m))))))
 
 

@@ -292,12 +292,12 @@ def test_ftz_would_be_caught():
 def test_workspace_returns_to_zero_and_a_second_call_is_exact():
     t = make_layer(256, 1024, 128, "w4a8-fs", 11)
     prep = cuda.prepare("w4a8-fs", t, 128, "cpu")
-    x1, x2 = activations(4, 1024, torch.float16, 1), activations(4, 1024, torch.float16, 2)
+    x1, x2 = activations(5, 1024, torch.float16, 1), activations(5, 1024, torch.float16, 2)
     with emulate.emulating(sm_count=8):
         y1 = cuda.linear(x1, prep)
         assert not prep.workspace.any()
         y2 = cuda.linear(x2, prep)
-    pl = cuda.plan(4, prep, 8)
+    pl = cuda.plan(5, prep, 8)
     assert pl.splits > 1 and pl.amax_ctas > 1
     for x, y in ((x1, y1), (x2, y2)):
         assert torch.equal(y, ref.linear_reference(x, "w4a8-fs", t, 128, bounds=pl.split_bounds()))
@@ -332,20 +332,50 @@ def test_amax_publishers_need_only_their_own_residency():
     the end of the grid even with many resident CTAs."""
     t = make_layer(256, 1024, 64, "w4a8-is", 9)
     prep = cuda.prepare("w4a8-is", t, 64, "cpu")
-    pl = cuda.plan(4, prep, 8)
+    pl = cuda.plan(5, prep, 8)
     assert 2 <= pl.amax_ctas <= 8 < pl.grid[0] * pl.grid[1]
-    check_case(4, 256, 1024, 64, "w4a8-is", tensors=t, resident=pl.amax_ctas)
+    check_case(5, 256, 1024, 64, "w4a8-is", tensors=t, resident=pl.amax_ctas)
     with pytest.raises(emulate.EmulationError, match="deadlock"):
-        check_case(4, 256, 1024, 64, "w4a8-is", tensors=t, resident=pl.amax_ctas - 1)
+        check_case(5, 256, 1024, 64, "w4a8-is", tensors=t, resident=pl.amax_ctas - 1)
     with pytest.raises(emulate.EmulationError, match="deadlock"):
-        check_case(4, 256, 1024, 64, "w4a8-is", tensors=t, resident=8, mutations=frozenset({"late_publishers"}))
+        check_case(5, 256, 1024, 64, "w4a8-is", tensors=t, resident=8, mutations=frozenset({"late_publishers"}))
 
 
 def test_plan_caps_the_publishers_at_the_sm_count():
     for n, k in LLAMA3_8B.values():
-        for m in (1, 16, 64):
+        for m in (1, 4, 5, 16, 64):
             pl = cuda.plan(m, _Meta(n, k), 132)
-            assert 1 <= pl.amax_ctas <= 132 and pl.amax_ctas << pl.ak_log2 >= k > (pl.amax_ctas - 1) << pl.ak_log2
+            if m <= cuda.OWN_AMAX_MAX_M and m * k * 2 <= cuda.OWN_AMAX_BYTES:
+                assert pl.amax_ctas == 0 and 1 << pl.ak_log2 >= k > 1 << (pl.ak_log2 - 1), (m, k, pl)  # rows read whole
+            else:
+                assert 1 <= pl.amax_ctas <= 132 and pl.amax_ctas << pl.ak_log2 >= k > (pl.amax_ctas - 1) << pl.ak_log2
+    # batch 1 takes its own amax on every Llama-3-8B linear, down_proj's 14336 activations (28 KB) too
+    assert all(cuda.plan(1, _Meta(n, k), 132).amax_ctas == 0 for n, k in LLAMA3_8B.values())
+
+
+def test_own_amax_decode_touches_no_workspace_and_is_exact():
+    """M <= 4 tokens with at most 32 KB of activations: every CTA takes the whole rows' amax itself
+    (A = 0) and none takes part in the exchange, so one CTA resident at a time completes the launch;
+    the result is the reference's, bit for bit, with split-K, at the 32 KB boundary and on odd K.
+    One token more, or a few bytes more, and the exchange is back."""
+    for m, n, k, g, layout in ((4, 136, 4096, 128, "w4a8-is"), (1, 300, 900, 96, "w4a8-fs"), (2, 13, 96, 32, "w4a8-is")):
+        prep = cuda.prepare(layout, make_layer(n, k, g, layout, 5), g, "cpu")
+        assert cuda.plan(m, prep, 8).amax_ctas == 0
+        pl, emu = check_case(m, n, k, g, layout, resident=1)   # one CTA resident at a time: nobody waits
+        assert pl.amax_ctas == 0 and (m != 4 or pl.splits > 1)
+        assert emu.amax_paths[-1] == {"own": pl.grid[0] * pl.grid[1]}, emu.amax_paths
+    assert cuda.plan(5, cuda.prepare("w4a8-is", make_layer(136, 4096, 128, "w4a8-is", 5), 128, "cpu"), 8).amax_ctas > 0
+    assert cuda.plan(4, cuda.prepare("w4a8-is", make_layer(136, 4128, 32, "w4a8-is", 5), 32, "cpu"), 8).amax_ctas > 0
+
+
+def test_own_amax_reads_the_rows_whole():
+    """The own_amax_half mutation (each CTA reads half of every row) is caught: a row whose largest
+    activation is in its second half quantizes with the wrong scale."""
+    x = activations(3, 512, torch.float16, 8)
+    x[:, 300] = 50.0
+    with pytest.raises(AssertionError, match="differs"):
+        check_case(3, 136, 512, 128, "w4a8-is", x=x, mutations=frozenset({"own_amax_half"}))
+    check_case(3, 136, 512, 128, "w4a8-is", x=x)
 
 
 def test_main_loop_shared_accesses_are_bank_conflict_free():
@@ -393,7 +423,7 @@ def test_mutation_is_caught(mutation):
 
 
 def test_every_mutation_has_a_test():
-    covered = set(MUTATION_CASES) | {"ftz", "ticket_order", "late_publishers"}
+    covered = set(MUTATION_CASES) | {"ftz", "ticket_order", "late_publishers", "own_amax_half"}
     assert covered == set(emulate.MUTATIONS)
 
 
@@ -496,7 +526,13 @@ def test_plan_keeps_every_sm_busy_on_llama3_8b(shape):
     n, k = LLAMA3_8B[shape]
     for m in (1, 4, 16, 64):
         pl = cuda.plan(m, _Meta(n, k), 132)
-        assert pl.kind == "decode" and pl.grid[0] * pl.grid[1] >= 132, (m, pl)
+        # every SM gets a CTA, and all of them are resident at once (two per SM): one wave
+        assert pl.kind == "decode" and 132 <= pl.grid[0] * pl.grid[1] <= 2 * 132, (m, pl)
     for m in (256, 1024, 4096):
         pl = cuda.plan(m, _Meta(n, k), 132)
-        assert pl.kind == "prefill" and pl.mtiles * pl.ntiles * pl.splits >= min(132, pl.mtiles * pl.ntiles * 4), (m, pl)
+        tiles = pl.mtiles * pl.ntiles
+        assert pl.kind == "prefill"
+        if tiles >= 132:
+            assert pl.splits == 1, (m, pl)
+        else:  # as many splits as one wave of one CTA per SM holds, at most 4
+            assert tiles * pl.splits <= 132 and (pl.splits == 4 or tiles * (pl.splits + 1) > 132), (m, pl)

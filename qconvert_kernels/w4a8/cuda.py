@@ -153,6 +153,10 @@ def w4a8_fs_gemm(xq, t, qweight_packed, scales, group_size: int, out_dtype):
 # Twins of the w4r:: constants in w4a8_repacked.cu (tests/test_kernels_w4a8_emulate.py compares them).
 
 DECODE_MAX_M = 64
+# Decode with M <= OWN_AMAX_MAX_M tokens whose activations are at most OWN_AMAX_BYTES: every CTA takes
+# the per-token amax over all of K itself (A = 0), with no exchange through the workspace.
+OWN_AMAX_MAX_M = 4
+OWN_AMAX_BYTES = 32768
 R_THREADS = 256
 D_STAGES = 8
 D_W_BYTES = D_STAGES * 8 * 512
@@ -311,30 +315,40 @@ def plan(m: int, prep: PreparedW4A8, sm_count: int) -> Plan:
 
     Decode (M <= 64): S splits so that every SM gets a CTA (at most one split per group), and up to
     two CTAs per SM while the split-K partials (S x M x N x 4 bytes, written and read back, mostly
-    in L2) stay under the weight bytes.  The per-token amax is published by the first A CTAs,
+    in L2) stay under the weight bytes; never more CTAs than the 2 x SMs that are resident at once
+    (S x tiles <= 2 x SMs, rounded down: a CTA's life at decode is mostly latency, and a partial
+    second wave would add a whole one).  The per-token amax is published by the first A CTAs,
     each covering 2^ak_log2 k of every row (about 2048 activations), with A <= the SM count: the
     publishers wait for each other, so they must all be resident at once (dispatch is in grid
-    order and one decode CTA fits any SM).  Prefill: split only when the 128 x 128 tiles do not
-    fill the SMs (<= 4 ways)."""
+    order and one decode CTA fits any SM).  With M <= OWN_AMAX_MAX_M and at most OWN_AMAX_BYTES of
+    activations, A = 0: every CTA reads its rows whole (2^ak_log2 >= K) and takes the amax itself,
+    which costs that many bytes from L2 per CTA and saves the exchange's grid-wide wait.  Prefill: split only when the 128 x 128 tiles do not
+    fill the SMs (<= 4 ways, S x tiles <= SMs: one CTA per SM, one wave)."""
     g = prep.n_groups
     tiles = prep.tiles
     sms = max(int(sm_count), 1)
     is_ = "is" if prep.is_int else "fs"
     if m <= DECODE_MAX_M:
         mt8 = next(t for t in (1, 2, 4, 8) if 8 * t >= m)
-        s_fill, s_two = -(-sms // tiles), -(-2 * sms // tiles)
+        # one wave: S x tiles <= the 2 x SMs resident slots (two decode CTAs fit an SM), so no CTA
+        # waits for a slot behind a latency-bound first wave
+        s_two = max(1, 2 * sms // tiles)
+        s_fill = min(-(-sms // tiles), s_two)
         s = max(1, min(g, max(s_fill, min(s_two, max(1, prep.kp // (16 * m))))))
         gq, gr = divmod(g, s)
-        publishers = min(s * tiles, sms)
-        ak = max(3, _next_pow2_log2(-(-2048 // m)))
-        if -(-prep.k // (1 << ak)) > publishers:
-            ak = max(3, _next_pow2_log2(-(-prep.k // publishers)))
-        a = -(-prep.k // (1 << ak))
+        if m <= OWN_AMAX_MAX_M and m * prep.k * 2 <= OWN_AMAX_BYTES:
+            a, ak = 0, max(3, _next_pow2_log2(prep.k))   # every CTA reads the whole rows itself
+        else:
+            publishers = min(s * tiles, sms)
+            ak = max(3, _next_pow2_log2(-(-2048 // m)))
+            if -(-prep.k // (1 << ak)) > publishers:
+                ak = max(3, _next_pow2_log2(-(-prep.k // publishers)))
+            a = -(-prep.k // (1 << ak))
         return Plan("decode", f"w4a8r_decode_{is_}_m{8 * mt8}", (s, tiles), decode_smem(mt8), s, gq, gr, mt8=mt8,
                     amax_ctas=a, ak_log2=ak, part_int4=s * tiles * 8 * mt8 * 32 if s > 1 else 0)
     mtiles = -(-m // P_BM)
     n_tiles = mtiles * tiles
-    s = 1 if n_tiles >= sms else max(1, min(4, g, -(-sms // n_tiles)))
+    s = 1 if n_tiles >= sms else max(1, min(4, g, sms // n_tiles))   # one wave: S x tiles <= SMs
     gq, gr = divmod(g, s)
     band = min(3, _next_pow2_log2(tiles))
     grid = (mtiles << band, -(-tiles // (1 << band)), s)

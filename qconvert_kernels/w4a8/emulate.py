@@ -79,6 +79,7 @@ MUTATIONS = frozenset({
     "k_perm",           # decode: activations fed in natural k order while the weights use the 8tig permutation
     "late_publishers",  # decode: the amax is published by the LAST A CTAs of the grid (deadlock-prone)
     "no_stage_barrier", # prefill: the __syncthreads after cp.async.wait_group skipped
+    "own_amax_half",    # decode, A = 0: each CTA's own amax reads only the first half of every row
     "g128_carry",       # prefill g = 128: a group's first k step adds to the previous group's P
     "bias_off",         # prefill g = 128, FS: the accumulator's bias start one off
 })
@@ -470,6 +471,7 @@ class Ctx:
     fops: FloatOps
     conflicts: dict = field(default_factory=dict)
     ticket_log: dict = field(default_factory=dict)
+    amax_paths: dict = field(default_factory=dict)   # decode: "own" / "exchange" -> CTAs that took it
 
 
 def load_x8(ctx: Ctx, m, k, K, vec, bf16, active, what="x"):
@@ -636,6 +638,25 @@ def splitk_reduce(ctx: Ctx, acc, is_int, s, S, tiles, tile, ticket_ptr, ticket_i
 # ----------------------------------------------------------------------------- decode
 
 
+def own_amax(ctx: Ctx, M: int, K: int, ak_log2: int, vec: bool, bf16: bool):
+    """A = 0: the per-token amax of M rows over all of K, read whole by one CTA (8-element units of
+    2^ak_log2 >= K per row, zeros past K), as float32 [M].                      [w4r::decode own_amax]
+    The ``own_amax_half`` mutation reads only the first half of each row."""
+    upr = ak_log2 - 3
+    if (1 << ak_log2) < K:
+        raise EmulationError(f"own amax: 2^{ak_log2} < K = {K}: the rows are not read whole")
+    units = M << upr
+    u = np.arange(units)
+    m, k = u >> upr, (u & ((1 << upr) - 1)) << 3
+    if "own_amax_half" in ctx.mutations:
+        keep = k < (1 << ak_log2) // 2
+        m, k = m[keep], k[keep]
+    v = load_x8(ctx, m, k, K, vec, bf16, np.ones(m.shape[0], bool), "own amax x")
+    amax = np.zeros(M, np.float32)
+    np.maximum.at(amax, m, np.abs(v).max(axis=1))
+    return amax
+
+
 def decode_cta(ctx: Ctx, mt8: int, is_int: bool, grid, s: int, tile: int):
     """Coroutine of one decode CTA (w4r::decode), threads vectorized."""
     a = ctx.args
@@ -670,48 +691,67 @@ def decode_cta(ctx: Ctx, mt8: int, is_int: bool, grid, s: int, tile: int):
             issue(i)
         sm.commit()
 
-    # 2. amax exchange
-    publisher = (cta >= grid[0] * grid[1] - A) if "late_publishers" in mut else (cta < A)
-    chunk_id = cta - (grid[0] * grid[1] - A) if "late_publishers" in mut else cta
-    if publisher and "amax_local" not in mut:
-        s_amax = np.zeros(64, np.int32)
-        upr = ak_log2 - 3
-        units = M << upr
-        for base in range(0, units, THREADS):
-            u = base + tid
-            act = u < units
-            m = np.where(act, u >> upr, 0)
-            k = (chunk_id << ak_log2) + ((u & ((1 << upr) - 1)) << 3)
-            v = load_x8(ctx, m, k, K, vec, bf16, act, "amax x")
-            mx = np.abs(v).max(axis=1)
-            sel = act & (mx > 0)
-            np.maximum.at(s_amax, m[sel], mx[sel].view(np.int32))
-        for m in range(M):
-            if s_amax[m]:
-                ws[WS_AMAX + m] = max(int(ws[WS_AMAX + m]), int(s_amax[m]))
+    box = {}
+
+    def _exchange_amax():                                          # [w4r::decode, A > 0]
+        ctx.amax_paths["exchange"] = ctx.amax_paths.get("exchange", 0) + 1
+        publisher = (cta >= grid[0] * grid[1] - A) if "late_publishers" in mut else (cta < A)
+        chunk_id = cta - (grid[0] * grid[1] - A) if "late_publishers" in mut else cta
+        if publisher and "amax_local" not in mut:
+            s_amax = np.zeros(64, np.int32)
+            upr = ak_log2 - 3
+            units = M << upr
+            for base in range(0, units, THREADS):
+                u = base + tid
+                act = u < units
+                m = np.where(act, u >> upr, 0)
+                k = (chunk_id << ak_log2) + ((u & ((1 << upr) - 1)) << 3)
+                v = load_x8(ctx, m, k, K, vec, bf16, act, "amax x")
+                mx = np.abs(v).max(axis=1)
+                sel = act & (mx > 0)
+                np.maximum.at(s_amax, m[sel], mx[sel].view(np.int32))
+            for m in range(M):
+                if s_amax[m]:
+                    ws[WS_AMAX + m] = max(int(ws[WS_AMAX + m]), int(s_amax[m]))
+            yield None
+            ws[WS_ARRIVE] += 1
+        if "amax_local" in mut:  # a broken exchange: each CTA quantizes with the amax of one k chunk only
+            lo = (cta % max(A, 1)) << ak_log2
+            ks = np.arange(lo, lo + (1 << ak_log2), 8)
+            v = load_x8(ctx, np.repeat(np.arange(M), ks.size), np.tile(ks, M), K, False, bf16, np.ones(M * ks.size, bool), "amax x")
+            amax = np.abs(v).reshape(M, -1).max(axis=1).astype(np.float32)
+        else:
+            while ws[WS_ARRIVE] < A:
+                yield (lambda: ws[WS_ARRIVE] >= A)
+            amax = ws[WS_AMAX:WS_AMAX + M].view(np.float32).copy()
+        s_inv = np.zeros(ROWS, np.float32)
+        s_t = np.zeros(ROWS, np.float32)
+        s_inv[:M] = np.where(amax > 0, fops.mul(fops.rcp(amax), np.float32(127)), np.float32(0))
+        s_t[:M] = fops.div(amax, 127.0)
+        if "amax_local" not in mut:
+            done = int(ws[WS_DONE])
+            ws[WS_DONE] = done + 1
+            if done == grid[0] * grid[1] - 1:
+                ws[WS_AMAX:WS_AMAX + M] = 0
+                ws[WS_ARRIVE] = 0
+                ws[WS_DONE] = 0
         yield None
-        ws[WS_ARRIVE] += 1
-    if "amax_local" in mut:  # a broken exchange: each CTA quantizes with the amax of one k chunk only
-        lo = (cta % max(A, 1)) << ak_log2
-        ks = np.arange(lo, lo + (1 << ak_log2), 8)
-        v = load_x8(ctx, np.repeat(np.arange(M), ks.size), np.tile(ks, M), K, False, bf16, np.ones(M * ks.size, bool), "amax x")
-        amax = np.abs(v).reshape(M, -1).max(axis=1).astype(np.float32)
+        box['s_inv'], box['s_t'] = s_inv, s_t
+
+    # 2. amax: A = 0, each CTA over its rows whole (own_amax); else the exchange
+    if A == 0:
+        ctx.amax_paths["own"] = ctx.amax_paths.get("own", 0) + 1
+        amax = own_amax(ctx, M, K, ak_log2, vec, bf16)
+        s_inv = np.zeros(ROWS, np.float32)
+        s_t = np.zeros(ROWS, np.float32)
+        s_inv[:M] = np.where(amax > 0, fops.mul(fops.rcp(amax), np.float32(127)), np.float32(0))
+        s_t[:M] = fops.div(amax, 127.0)
+        yield None
     else:
-        while ws[WS_ARRIVE] < A:
-            yield (lambda: ws[WS_ARRIVE] >= A)
-        amax = ws[WS_AMAX:WS_AMAX + M].view(np.float32).copy()
-    s_inv = np.zeros(ROWS, np.float32)
-    s_t = np.zeros(ROWS, np.float32)
-    s_inv[:M] = np.where(amax > 0, fops.mul(fops.rcp(amax), np.float32(127)), np.float32(0))
-    s_t[:M] = fops.div(amax, 127.0)
-    if "amax_local" not in mut:
-        done = int(ws[WS_DONE])
-        ws[WS_DONE] = done + 1
-        if done == grid[0] * grid[1] - 1:
-            ws[WS_AMAX:WS_AMAX + M] = 0
-            ws[WS_ARRIVE] = 0
-            ws[WS_DONE] = 0
-    yield None
+        yield from _exchange_amax()
+
+    if A != 0:
+        s_inv, s_t = box['s_inv'], box['s_t']
 
     # 3. main loop
     xc_log2 = min(ceil_log2(XK), ceil_log2(64 * nblk))
@@ -1031,6 +1071,7 @@ class Emulator:
     launches: list = field(default_factory=list)
     conflicts: dict = field(default_factory=dict)
     ticket_orders: list = field(default_factory=list)
+    amax_paths: list = field(default_factory=list)   # per launch: {"own" / "exchange": CTAs}
 
     def __call__(self, name, grid, block, args, shared_mem, source):
         unknown = set(self.mutations) - MUTATIONS
@@ -1082,6 +1123,7 @@ class Emulator:
         for k, v in ctx.conflicts.items():
             self.conflicts[k] = max(v, self.conflicts.get(k, 1))
         self.ticket_orders.append(dict(ctx.ticket_log))
+        self.amax_paths.append(dict(ctx.amax_paths))
         # every output element written exactly once
         M, N = vals["M"], vals["N"]
         for key, width in (("y", 2), ("acc_out", 4)):

@@ -312,52 +312,112 @@ __device__ __forceinline__ void decode(const unsigned short* __restrict__ x, con
         qk::cp_async_commit();
     }
 
-    // 2. Per-token amax over all of K, shared through the workspace: CTA c < A takes k chunk
+    // 2. Per-token amax over all of K.
+    //    A = 0 (the plan: M <= 4 and at most 32 KB of activations): every CTA reads its rows whole,
+    //    eight 16-byte loads in flight per thread, and takes the amax itself; nothing is exchanged,
+    //    and the workspace is not touched.                                         [emulate.own_amax]
+    //    A > 0: shared through the workspace: CTA c < A takes k chunk
     //    [c * AK, (c + 1) * AK) of every row, publishes max |x| with atomicMax on the float bits
     //    (non-negative floats order as their bit patterns), then counts itself in WS_ARRIVE.
     //    Everyone waits for A arrivals.  Deadlock-free: the A publishers are the first A CTAs of
     //    the grid in dispatch order and wait for nothing before publishing.
-    if (cta < A) {
+    if (A == 0) {
         if (tid < 64) s_amax[tid] = 0;
         __syncthreads();
-        const int upr_log2 = ak_log2 - 3;                       // 8-element units per row
+        const int upr_log2 = ak_log2 - 3;                       // 8-element units per row (2^ak_log2 >= K)
         const int units = M << upr_log2;
-        for (int u = tid; u < units; u += THREADS) {
-            const int m = u >> upr_log2;
-            const int k = (cta << ak_log2) + ((u & ((1 << upr_log2) - 1)) << 3);
-            float v[8];
-            load_x8(x, m, k, K, vec, bf16, v);
-            float mx = 0.0f;
+        for (int u0 = 0; u0 < units; u0 += 8 * THREADS) {
+            float mx[8];
+            if (vec) {  // all eight 16-byte loads issued before any is used: one L2 round trip, not eight
+                uint4 r[8];
 #pragma unroll
-            for (int e = 0; e < 8; ++e) mx = fmaxf(mx, fabsf(v[e]));
-            if (mx > 0.0f) atomicMax(s_amax + m, __float_as_int(mx));
+                for (int j = 0; j < 8; ++j) {
+                    const int u = u0 + j * THREADS + tid, m = u >> upr_log2, k = (u & ((1 << upr_log2) - 1)) << 3;
+                    r[j] = make_uint4(0u, 0u, 0u, 0u);
+                    if (u < units && k < K) r[j] = __ldg(reinterpret_cast<const uint4*>(x + static_cast<long long>(m) * K + k));
+                }
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    const unsigned w[4] = {r[j].x, r[j].y, r[j].z, r[j].w};
+                    mx[j] = 0.0f;
+#pragma unroll
+                    for (int e = 0; e < 8; ++e)
+                        mx[j] = fmaxf(mx[j], fabsf(qk::from_in_rt(static_cast<unsigned short>(w[e >> 1] >> (16 * (e & 1))), bf16)));
+                }
+            } else {
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    const int u = u0 + j * THREADS + tid;
+                    float v[8];
+                    mx[j] = 0.0f;
+                    if (u < units) {
+                        load_x8(x, u >> upr_log2, (u & ((1 << upr_log2) - 1)) << 3, K, vec, bf16, v);
+#pragma unroll
+                        for (int e = 0; e < 8; ++e) mx[j] = fmaxf(mx[j], fabsf(v[e]));
+                    }
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                const int u = u0 + j * THREADS + tid;
+                if (u < units && mx[j] > 0.0f) atomicMax(s_amax + (u >> upr_log2), __float_as_int(mx[j]));
+            }
         }
         __syncthreads();
-        if (tid < M && s_amax[tid] != 0) atomicMax(ws + WS_AMAX + tid, s_amax[tid]);
-        __threadfence();
-        __syncthreads();
-        if (tid == 0) atomicAdd(ws + WS_ARRIVE, 1);
-    }
-    if (tid == 0) {
-        while (qk::ld_acquire_gpu(ws + WS_ARRIVE) < A) __nanosleep(32);
-    }
-    __syncthreads();
-    if (tid < ROWS) {  // the reference's quantizer: inv = rn(rn(1 / amax) * 127), t = rn(amax / 127)
-        float inv = 0.0f, tt = 0.0f;
-        if (tid < M) {
-            const float amax = __int_as_float(qk::ld_acquire_gpu(ws + WS_AMAX + tid));
-            inv = amax > 0.0f ? __fmul_rn(qk::rcp_rn(amax), 127.0f) : 0.0f;
-            tt = qk::div_rn(amax, 127.0f);
+        if (tid < ROWS) {  // the reference's quantizer: inv = rn(rn(1 / amax) * 127), t = rn(amax / 127)
+            float inv = 0.0f, tt = 0.0f;
+            if (tid < M) {
+                const float amax = __int_as_float(s_amax[tid]);
+                inv = amax > 0.0f ? __fmul_rn(qk::rcp_rn(amax), 127.0f) : 0.0f;
+                tt = qk::div_rn(amax, 127.0f);
+            }
+            s_inv[tid] = inv;
+            s_t[tid] = tt;
         }
-        s_inv[tid] = inv;
-        s_t[tid] = tt;
-    }
-    __syncthreads();
-    if (tid == 0 && atomicAdd(ws + WS_DONE, 1) == static_cast<int>(gridDim.x * gridDim.y) - 1) {
-        // every CTA has read the amax: return the exchange to zero for the next launch
-        for (int m = 0; m < M; ++m) ws[WS_AMAX + m] = 0;
-        ws[WS_ARRIVE] = 0;
-        ws[WS_DONE] = 0;
+        __syncthreads();
+    } else {
+        if (cta < A) {
+            if (tid < 64) s_amax[tid] = 0;
+            __syncthreads();
+            const int upr_log2 = ak_log2 - 3;                       // 8-element units per row
+            const int units = M << upr_log2;
+            for (int u = tid; u < units; u += THREADS) {
+                const int m = u >> upr_log2;
+                const int k = (cta << ak_log2) + ((u & ((1 << upr_log2) - 1)) << 3);
+                float v[8];
+                load_x8(x, m, k, K, vec, bf16, v);
+                float mx = 0.0f;
+#pragma unroll
+                for (int e = 0; e < 8; ++e) mx = fmaxf(mx, fabsf(v[e]));
+                if (mx > 0.0f) atomicMax(s_amax + m, __float_as_int(mx));
+            }
+            __syncthreads();
+            if (tid < M && s_amax[tid] != 0) atomicMax(ws + WS_AMAX + tid, s_amax[tid]);
+            __threadfence();
+            __syncthreads();
+            if (tid == 0) atomicAdd(ws + WS_ARRIVE, 1);
+        }
+        if (tid == 0) {
+            while (qk::ld_acquire_gpu(ws + WS_ARRIVE) < A) __nanosleep(32);
+        }
+        __syncthreads();
+        if (tid < ROWS) {  // the reference's quantizer: inv = rn(rn(1 / amax) * 127), t = rn(amax / 127)
+            float inv = 0.0f, tt = 0.0f;
+            if (tid < M) {
+                const float amax = __int_as_float(qk::ld_acquire_gpu(ws + WS_AMAX + tid));
+                inv = amax > 0.0f ? __fmul_rn(qk::rcp_rn(amax), 127.0f) : 0.0f;
+                tt = qk::div_rn(amax, 127.0f);
+            }
+            s_inv[tid] = inv;
+            s_t[tid] = tt;
+        }
+        __syncthreads();
+        if (tid == 0 && atomicAdd(ws + WS_DONE, 1) == static_cast<int>(gridDim.x * gridDim.y) - 1) {
+            // every CTA has read the amax: return the exchange to zero for the next launch
+            for (int m = 0; m < M; ++m) ws[WS_AMAX + m] = 0;
+            ws[WS_ARRIVE] = 0;
+            ws[WS_DONE] = 0;
+        }
     }
 
     // 3. Main loop over the split's groups; activations are quantized into shared memory one
