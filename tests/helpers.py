@@ -218,3 +218,15 @@ def cpu_vendor() -> str:
 
     vendor = _cpuinfo("vendor_id")
     return (vendor if vendor is not None else platform.machine()) or "unknown"
+
+
+def run_benchmark_without_gpu(script: Path, *args: str):
+    """A GPU benchmark script run as a user would, on this machine with no CUDA device (its own
+    process, only PYTHONPATH set): the completed process, for its refusal to be checked."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, cwd=root,
+                          env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
+

@@ -6,8 +6,6 @@ nothing spills, and the operation count per launch is the one the table divides 
 from __future__ import annotations
 
 import importlib.util
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -48,8 +46,9 @@ def test_operation_count():
 def test_without_a_gpu_it_says_so(tmp_path):
     import torch
 
+    from helpers import run_benchmark_without_gpu
+
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "mma_peak.py"), "--json", str(tmp_path / "m.json")],
-                       capture_output=True, text=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    p = run_benchmark_without_gpu(ROOT / "benchmarks" / "mma_peak.py", "--json", str(tmp_path / "m.json"))
     assert p.returncode != 0 and "no CUDA device" in p.stderr and not (tmp_path / "m.json").exists()

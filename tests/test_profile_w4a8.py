@@ -4,7 +4,6 @@ without a GPU: the ncu command it builds, and a clear refusal where no CUDA devi
 from __future__ import annotations
 
 import importlib.util
-import subprocess
 import sys
 from pathlib import Path
 
@@ -38,8 +37,9 @@ def test_ncu_command(tmp_path):
 def test_without_a_gpu_it_says_so(tmp_path):
     import torch
 
+    from helpers import run_benchmark_without_gpu
+
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_w4a8.py"), "--ncu-csv", str(tmp_path / "p.csv")],
-                       capture_output=True, text=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    p = run_benchmark_without_gpu(ROOT / "benchmarks" / "profile_w4a8.py", "--ncu-csv", str(tmp_path / "p.csv"))
     assert p.returncode != 0 and "no CUDA device" in p.stderr and not (tmp_path / "p.csv").exists()

@@ -917,24 +917,30 @@ def prefill_cta(ctx: Ctx, is_int: bool, grid, bx: int, by: int, s: int):
     wr = [np.zeros((THREADS, 4), np.uint32), np.zeros((THREADS, 4), np.uint32)]
     w_off, x_off = p_frag_offsets(wn, wm, lane, swz)
 
+    def begin_stage(i):                                            # [w4r::prefill begin_stage]
+        if "no_wait" not in mut:
+            sm.wait(P_STAGES - 2)
+        if "no_stage_barrier" not in mut:
+            sm.barrier()
+        if i + P_STAGES - 1 < nst:
+            load_stage(i + P_STAGES - 1)
+        sm.commit()
+
+    def read_weights(buf, i, b2):
+        """Both n16 tiles' 16-byte chunks of k64 block b2 of stage i (in buffer buf): wr[a]."""
+        for ai in range(2):
+            wr[ai] = sm.read(tid, buf * P_W_STAGE + w_off + (2 * ai + b2) * BLOCK_BYTES, 16, i,
+                             "prefill weight LDS.128").view(np.uint32).reshape(THREADS, 4)
+
     def kstep(kk, first):
         nonlocal P
         i = (kk >> 2) - st0
         slot_i = i + 1 if "stage_off_by_one" in mut else i
         buf = slot_i % P_STAGES
         if kk == kk0 or (kk & 3) == 0:
-            if "no_wait" not in mut:
-                sm.wait(P_STAGES - 2)
-            if "no_stage_barrier" not in mut:
-                sm.barrier()
-            if i + P_STAGES - 1 < nst:
-                load_stage(i + P_STAGES - 1)
-            sm.commit()
+            begin_stage(i)
         if kk == kk0 or (kk & 1) == 0:
-            b2 = (kk >> 1) & 1
-            for ai in range(2):
-                wr[ai] = sm.read(tid, buf * P_W_STAGE + w_off + (2 * ai + b2) * BLOCK_BYTES, 16, i,
-                                 "prefill weight LDS.128").view(np.uint32).reshape(THREADS, 4)
+            read_weights(buf, i, (kk >> 1) & 1)
         af = [a_frag(ctx, w[:, 2], w[:, 3]) if kk & 1 else a_frag(ctx, w[:, 0], w[:, 1]) for w in wr]
         ks = kk & 3
         newP = np.empty_like(P)
@@ -958,19 +964,11 @@ def prefill_cta(ctx: Ctx, is_int: bool, grid, bx: int, by: int, s: int):
         for i in range(nst):
             slot_i = i + 1 if "stage_off_by_one" in mut else i
             buf, g = slot_i % P_STAGES, g0 + i
-            if "no_wait" not in mut:
-                sm.wait(P_STAGES - 2)
-            if "no_stage_barrier" not in mut:
-                sm.barrier()
-            if i + P_STAGES - 1 < nst:
-                load_stage(i + P_STAGES - 1)
-            sm.commit()
+            begin_stage(i)
             nsc = scales_for(g + 1) if g + 1 < g1 else None
             for ks in range(4):
                 if ks % 2 == 0:
-                    for ai in range(2):
-                        wr[ai] = sm.read(tid, buf * P_W_STAGE + w_off + (2 * ai + (ks >> 1)) * BLOCK_BYTES, 16, i,
-                                         "prefill weight LDS.128").view(np.uint32).reshape(THREADS, 4)
+                    read_weights(buf, i, ks >> 1)
                 af = [a_frag(ctx, w[:, 2], w[:, 3]) if ks & 1 else a_frag(ctx, w[:, 0], w[:, 1]) for w in wr]
                 newP = np.empty_like(P)
                 for j in range(8):

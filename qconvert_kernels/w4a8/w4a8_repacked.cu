@@ -603,6 +603,15 @@ __device__ __forceinline__ void prefill(const signed char* __restrict__ xq, cons
         if (i < nst) load_stage(i);
         qk::cp_async_commit();
     }
+    // Stage i begins: its copies have landed (each thread's own; the barrier makes everyone's
+    // visible, and frees the buffer stage i - 1 used), and stage i + P_STAGES - 1 is copied into it.
+    //                                                                                [emulate.begin_stage]
+    auto begin_stage = [&](int i) {
+        qk::cp_async_wait<P_STAGES - 2>();
+        __syncthreads();
+        if (i + P_STAGES - 1 < nst) load_stage(i + P_STAGES - 1);
+        qk::cp_async_commit();
+    };
 
     Acc acc[2][8][4];
     int P[2][8][4];
@@ -636,10 +645,7 @@ __device__ __forceinline__ void prefill(const signed char* __restrict__ xq, cons
 #pragma unroll 1
         for (int i = 0; i < nst; ++i) {
             const int buf = i & (P_STAGES - 1), g = g0 + i;
-            qk::cp_async_wait<P_STAGES - 2>();
-            __syncthreads();
-            if (i + P_STAGES - 1 < nst) load_stage(i + P_STAGES - 1);
-            qk::cp_async_commit();
+            begin_stage(i);
             sc_ptr += sc_step;
             if (g + 1 < g1) Scale<kIS>::load4(sc_ptr, sc16, nsc);
             const unsigned char* sw = sW + buf * P_W_STAGE + w_off;
@@ -689,12 +695,7 @@ __device__ __forceinline__ void prefill(const signed char* __restrict__ xq, cons
         // previous stage), the two tiles' weight chunks every 2, then 2 x 8 mma.      [emulate.prefill_kstep]
         auto kstep = [&](int kk, bool first) {
             const int i = (kk >> 2) - st0, buf = i & (P_STAGES - 1);
-            if (kk == kk0 || (kk & 3) == 0) {
-                qk::cp_async_wait<P_STAGES - 2>();
-                __syncthreads();
-                if (i + P_STAGES - 1 < nst) load_stage(i + P_STAGES - 1);
-                qk::cp_async_commit();
-            }
+            if (kk == kk0 || (kk & 3) == 0) begin_stage(i);
             if (kk == kk0 || (kk & 1) == 0) {
                 const int b2 = (kk >> 1) & 1;
 #pragma unroll
