@@ -11,7 +11,7 @@
 #   PYTHON=/path/to/python bash benchmarks/gpu_check.sh   # default: python3 or python, whichever imports torch
 #
 # Seven parts, in this order, each under its own time budget (seconds, overridable as
-# BUDGET_A..BUDGET_G), 480 s in all (with each part's 10 s kill grace, under 9 minutes); every part writes its files under $OUT as it finishes,
+# BUDGET_A..BUDGET_G), 465 s in all (with each part's 10 s kill grace, under 9 minutes); every part writes its files under $OUT as it finishes,
 # and a part that fails or runs out of time never stops the next.  A device fault (an illegal
 # instruction, a bad address) poisons the CUDA context of its process: every test file and every
 # benched M therefore runs in a process of its own, so a fault costs one file or one M.
@@ -19,11 +19,11 @@
 #      references, all files at once, one process each (tests/NAME.xml JUnit, tests/NAME.log;
 #      tests.txt: one line per file), and the W4A8 decode kernels probed one case per process
 #      (benchmarks/gpu_probe.py --sweep: probe.txt)
-#   b  the mma.sync ceiling: int8 and fp16 tensor-core products alone (benchmarks/mma_peak.py, 15 s
-#      at most: mma_peak.json); qconvert bench --kernels: Llama-3-8B shapes, M in {1, 16, 256, 4096}
-#      (one process each, 25 s at most: kernels_mM.json), W4A8-IS, W4A8-FS and cuBLAS FP16 with the
-#      roofline fraction, merged into kernels.json and kernels.png; the roofline model's predictions
-#      (roofline.json)
+#   b  qconvert bench --kernels: Llama-3-8B shapes, M in {1, 16, 256, 4096} (one process each, 25 s
+#      at most: kernels_mM.json), W4A8-IS, W4A8-FS and cuBLAS FP16 with the roofline fraction; the
+#      mma.sync ceiling: int8 and fp16 tensor-core products alone (benchmarks/mma_peak.py, 15 s at
+#      most: mma_peak.json); the benches merged into kernels.json and kernels.png; the roofline
+#      model's predictions (roofline.json)
 #   c  the decode engine on the synthetic Llama-3-8B: FP16 against is-w4a8, CUDA-graph captured,
 #      batch 1 and 16 (e2e_llama3-8b.json)
 #   d  GPU quantize of a random-weight Llama-3-8B-shaped checkpoint written here (quantize.json)
@@ -106,11 +106,11 @@ part_b() {  # a failed M fails the part; the others, the merge and the roofline 
   local plot=() rc=0 m
   "$PYTHON" -c "import matplotlib" 2>/dev/null && plot=(--plot "$out/kernels.png")
   rm -f "$out"/kernels_m*.json  # an earlier run's, in a reused OUT, must not be merged
-  # first the mma.sync ceiling the W4A8 kernels are read against (a few seconds)
-  timeout 15 "$PYTHON" benchmarks/mma_peak.py --json "$out/mma_peak.json" || rc=1
   for m in 1 16 256 4096; do
     timeout 25 "$PYTHON" -m qconvert.cli bench --kernels --shapes llama3-8b --m "$m" --json "$out/kernels_m$m.json" || rc=1
   done
+  # the mma.sync ceiling the W4A8 prefill is read against (a few seconds)
+  timeout 15 "$PYTHON" benchmarks/mma_peak.py --json "$out/mma_peak.json" || rc=1
   "$PYTHON" benchmarks/gpu_tables.py --merge "$out/kernels.json" "${plot[@]}" "$out"/kernels_m*.json || rc=1
   "$PYTHON" benchmarks/roofline.py --devices H200 --json "$out/roofline.json" || rc=1
   return $rc
@@ -149,8 +149,8 @@ part_g() {  # counters, last: the timings above never wait on the profiler
 
 export -f part_a part_b part_c part_d part_e part_f part_g test_file
 export out
-BUDGET_A=${BUDGET_A:-120} BUDGET_B=${BUDGET_B:-70} BUDGET_C=${BUDGET_C:-75} BUDGET_D=${BUDGET_D:-50} BUDGET_E=${BUDGET_E:-95}
-BUDGET_F=${BUDGET_F:-35} BUDGET_G=${BUDGET_G:-35}
+BUDGET_A=${BUDGET_A:-120} BUDGET_B=${BUDGET_B:-80} BUDGET_C=${BUDGET_C:-75} BUDGET_D=${BUDGET_D:-50} BUDGET_E=${BUDGET_E:-75}
+BUDGET_F=${BUDGET_F:-35} BUDGET_G=${BUDGET_G:-30}
 export BUDGET_C BUDGET_D BUDGET_F
 part a "$BUDGET_A" bash -c part_a
 part b "$BUDGET_B" bash -c part_b

@@ -192,6 +192,7 @@ PREFILL_CASES = [
     (200, 300, 384, 128, "w4a8-fs", 1),   # one split: FS bit-exact with the plain reference; N tails
     (257, 128, 1024, 128, "w4a8-fs", 4),  # three m tiles, 8 groups in splits
     (97, 13, 128, 128, "w4a8-is", 8),     # one group, N = 13
+    (130, 136, 64, 64, "w4a8-fs", 8),     # Kq = 64: one k64 block, every stage's second half zero-filled
 ]
 
 
@@ -368,6 +369,16 @@ def test_own_amax_decode_touches_no_workspace_and_is_exact():
     assert cuda.plan(4, cuda.prepare("w4a8-is", make_layer(136, 4128, 32, "w4a8-is", 5), 32, "cpu"), 8).amax_ctas > 0
 
 
+def test_zero_filled_copies_name_real_addresses():
+    """A prefill copy with nothing to read (src-size 0: past M, KB or Kq) still names an address
+    inside the buffers: with Kq = 64 the second k64 block of a stage and the activation chunks past
+    64 bytes do not exist, and the fallback to stage 0's address, as first written, points past the
+    last tile's weights and past the last row's activations; the emulator bounds-checks every one."""
+    check_case(130, 136, 64, 64, "w4a8-is")
+    with pytest.raises(emulate.EmulationError, match="cp.async"):
+        check_case(130, 136, 64, 64, "w4a8-is", mutations=frozenset({"fallback_stage0"}))
+
+
 def test_own_amax_reads_the_rows_whole():
     """The own_amax_half mutation (each CTA reads half of every row) is caught: a row whose largest
     activation is in its second half quantizes with the wrong scale."""
@@ -423,7 +434,7 @@ def test_mutation_is_caught(mutation):
 
 
 def test_every_mutation_has_a_test():
-    covered = set(MUTATION_CASES) | {"ftz", "ticket_order", "late_publishers", "own_amax_half"}
+    covered = set(MUTATION_CASES) | {"ftz", "ticket_order", "late_publishers", "own_amax_half", "fallback_stage0"}
     assert covered == set(emulate.MUTATIONS)
 
 
@@ -443,7 +454,8 @@ def test_bias_conversion_is_exact_in_its_range_only():
     """FS's g = 128 prefill starts each group's int32 sum at the bits of the float 2^23 + 2^22, so the
     sum 16P comes out as a float's bits, and one FADD makes float(16P): equal to I2F on the whole range
     |16P| <= 2^22, which g = 128 stays in (|16P| <= 16 * 128 * 8 * 128 = 2^21).  One past it the same
-    arithmetic is wrong, and the emulator refuses such a sum."""
+    arithmetic is wrong, and the emulator refuses such a sum.  (numpy's float32 arithmetic, the
+    emulator's: the device's FADD is checked by the GPU tests.)"""
     ctx = emulate.Ctx(mem=None, args={}, mutations=frozenset(), fops=emulate.FloatOps(False))
     edge = 1 << 22
     v = np.concatenate([np.arange(-edge, -edge + 4096), np.arange(-4096, 4096), np.arange(edge - 4096, edge + 1),

@@ -315,8 +315,8 @@ def plan(m: int, prep: PreparedW4A8, sm_count: int) -> Plan:
 
     Decode (M <= 64): S splits so that every SM gets a CTA (at most one split per group), and up to
     two CTAs per SM while the split-K partials (S x M x N x 4 bytes, written and read back, mostly
-    in L2) stay under the weight bytes; never more CTAs than the 2 x SMs that are resident at once
-    (S x tiles <= 2 x SMs, rounded down: a CTA's life at decode is mostly latency, and a partial
+    in L2) stay under the weight bytes; when tiles <= 2 x SMs, never more CTAs than are resident at
+    once (S x tiles <= 2 x SMs, rounded down: a CTA's life at decode is mostly latency, and a partial
     second wave would add a whole one).  The per-token amax is published by the first A CTAs,
     each covering 2^ak_log2 k of every row (about 2048 activations), with A <= the SM count: the
     publishers wait for each other, so they must all be resident at once (dispatch is in grid

@@ -80,6 +80,7 @@ MUTATIONS = frozenset({
     "late_publishers",  # decode: the amax is published by the LAST A CTAs of the grid (deadlock-prone)
     "no_stage_barrier", # prefill: the __syncthreads after cp.async.wait_group skipped
     "own_amax_half",    # decode, A = 0: each CTA's own amax reads only the first half of every row
+    "fallback_stage0",  # prefill: a zero-filled copy names stage 0's address (past the buffers when Kq = 64)
     "g128_carry",       # prefill g = 128: a group's first k step adds to the previous group's P
     "bias_off",         # prefill g = 128, FS: the accumulator's bias start one off
 })
@@ -119,16 +120,16 @@ def p_x_off(row, c, swizzle=True):
     return row * P_BK + (((np.asarray(c, np.int64) ^ ((row & 3) << 1)) if swizzle else np.asarray(c, np.int64)) << 4)
 
 
-def p_copy_plan(tid, t16_0, m0, KB, Kq):
+def p_copy_plan(tid, t16_0, m0, M, KB, Kq):
     """Prefill: a thread's stage-0 copy sources and destinations, worked out once (a stage adds 64
     weight chunks and 128 activation bytes; copy r of the weights is 4 n16 tiles on, of the
-    activations 32 rows on).  Returns (weight chunk, its r step, block bit, x byte offset, x
-    destination, x row, x chunk).                                          [w4r::prefill p_copy_plan]"""
+    activations 32 rows on, rows past M read as row M - 1).  Returns (weight chunk, its r step, block
+    bit, the 4 x byte offsets, x destination, x row, x chunk).             [w4r::prefill p_copy_plan]"""
     tid = np.asarray(tid, np.int64)
     lane, w_bit = tid & 31, (tid >> 5) & 1
     x_row, x_c = tid >> 3, tid & 7
-    return (w_chunk(t16_0 + (tid >> 6), w_bit, lane, KB), 4 * KB * 32, w_bit, (m0 + x_row) * Kq + x_c * 16,
-            p_x_off(x_row, x_c), x_row, x_c)
+    x_src = [np.minimum(m0 + x_row + 32 * r, M - 1) * Kq + x_c * 16 for r in range(4)]   # rows past M: row M - 1
+    return (w_chunk(t16_0 + (tid >> 6), w_bit, lane, KB), 4 * KB * 32, w_bit, x_src, p_x_off(x_row, x_c), x_row, x_c)
 
 
 def p_frag_offsets(wn, wm, lane, swizzle=True):
@@ -653,7 +654,7 @@ def own_amax(ctx: Ctx, M: int, K: int, ak_log2: int, vec: bool, bf16: bool):
         m, k = m[keep], k[keep]
     v = load_x8(ctx, m, k, K, vec, bf16, np.ones(m.shape[0], bool), "own amax x")
     amax = np.zeros(M, np.float32)
-    np.maximum.at(amax, m, np.abs(v).max(axis=1))
+    np.fmax.at(amax, m, np.fmax.reduce(np.abs(v), axis=1))   # fmaxf: a NaN loses to a number
     return amax
 
 
@@ -888,22 +889,26 @@ def prefill_cta(ctx: Ctx, is_int: bool, grid, bx: int, by: int, s: int):
     swz = "swizzle_off" not in mut
 
     # the thread's copy plan, worked out once: a stage adds 64 weight chunks and 128 activation bytes
-    w_src, w_src_r, w_bit, x_src, x_dst, x_row, x_c = p_copy_plan(tid, t16_0, m0, KB, Kq)   # [w4r::prefill]
+    w_src, w_src_r, w_bit, x_src, x_dst, x_row, x_c = p_copy_plan(tid, t16_0, m0, M, KB, Kq)   # [w4r::prefill]
 
     def load_stage(i):                                             # [w4r::prefill load_stage]
         buf, kst = i % P_STAGES, st0 + i
+        # the zero-filled copies still name a real address (bounds-checked here, their bytes unused)
         okw = 2 * kst + w_bit < KB
+        old_fallback = "fallback_stage0" in mut
+        wk = np.where(okw, kst * 64, 0 if old_fallback else -32 * w_bit)
         for r in range(2):
             src = np.zeros((THREADS, 16), np.uint8)
-            if okw.any():
-                src[okw] = mem.load(a["wq"], (w_src[okw] + r * w_src_r + kst * 64) * 16, 16, "prefill weight cp.async")
+            got = mem.load(a["wq"], (w_src + r * w_src_r + wk) * 16, 16, "prefill weight cp.async")
+            src[okw] = got[okw]
             sm.cp_async(tid, buf * P_W_STAGE + (tid + r * THREADS) * 16, src, i, "prefill weight cp.async")
         okk = kst * P_BK + x_c * 16 < Kq
+        xk = np.where(okk, kst * P_BK, 0 if old_fallback else -16 * x_c)
         for r in range(4):
             ok = okk & (m0 + x_row + 32 * r < M)
             src = np.zeros((THREADS, 16), np.uint8)
-            if ok.any():
-                src[ok] = mem.load(a["xq"], x_src[ok] + 32 * r * Kq + kst * P_BK, 16, "prefill x cp.async")
+            got = mem.load(a["xq"], x_src[r] + xk, 16, "prefill x cp.async")
+            src[ok] = got[ok]
             sm.cp_async(tid, P_W_STAGE * P_STAGES + buf * P_X_STAGE + x_dst + r * 32 * P_BK, src, TAG_X + i, "prefill x cp.async")
 
     for i in range(P_STAGES - 1):

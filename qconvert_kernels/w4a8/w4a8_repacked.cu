@@ -315,7 +315,7 @@ __device__ __forceinline__ void decode(const unsigned short* __restrict__ x, con
     // 2. Per-token amax over all of K.
     //    A = 0 (the plan: M <= 4 and at most 32 KB of activations): every CTA reads its rows whole,
     //    eight 16-byte loads in flight per thread, and takes the amax itself; nothing is exchanged,
-    //    and the workspace is not touched.                                         [emulate.own_amax]
+    //    and the amax words of the workspace are not touched.                       [emulate.own_amax]
     //    A > 0: shared through the workspace: CTA c < A takes k chunk
     //    [c * AK, (c + 1) * AK) of every row, publishes max |x| with atomicMax on the float bits
     //    (non-negative floats order as their bit patterns), then counts itself in WS_ARRIVE.
@@ -569,8 +569,9 @@ __device__ __forceinline__ void prefill(const signed char* __restrict__ xq, cons
     // Weights: chunk q = tid + 256 r is (n16 tile (q >> 6), block bit (q >> 5) & 1, lane q & 31): r = 1
     // is 4 tiles on.  Activations: chunk q = tid + 256 r is (row q >> 3, 16-byte chunk q & 7): r is 32
     // rows on, the same chunk and swizzle (row & 3 unchanged).  A zero-filled copy (src-size 0) still
-    // names a real address: rows past M read as row M - 1, and a stage past Kq as stage 0, so no
-    // 64-bit pointer has to be selected per copy.                                   [emulate.p_copy_plan]
+    // names a real address: rows past M as row M - 1, a weight block past KB as block 0 of the tile,
+    // an activation chunk past Kq as the row's first, so no 64-bit pointer has to be selected per
+    // copy (a 32-bit offset is).                                                    [emulate.p_copy_plan]
     const int w_bit = (tid >> 5) & 1;
     const int x_row = tid >> 3, x_c = tid & 7;
     const uint4* w_src[2];
@@ -587,12 +588,12 @@ __device__ __forceinline__ void prefill(const signed char* __restrict__ xq, cons
     auto load_stage = [&](int i) {
         const int buf = i & (P_STAGES - 1), kst = st0 + i;
         const bool okw = 2 * kst + w_bit < KB;
-        const int wk = okw ? kst * 64 : 0;
+        const int wk = okw ? kst * 64 : -32 * w_bit;            // else: block 0 of the same tile
         unsigned char* dw = sW + buf * P_W_STAGE + tid * 16;
 #pragma unroll
         for (int r = 0; r < 2; ++r) qk::cp_async16(dw + r * THREADS * 16, w_src[r] + wk, okw ? 16 : 0);
         const bool okk = kst * P_BK + x_c * 16 < Kq;
-        const int xk = okk ? kst * P_BK : 0;
+        const int xk = okk ? kst * P_BK : -16 * x_c;            // else: the row's first chunk
         unsigned char* dx = sX + buf * P_X_STAGE + x_dst;
 #pragma unroll
         for (int r = 0; r < 4; ++r) qk::cp_async16(dx + r * 32 * P_BK, x_src[r] + xk, okk && x_in[r] ? 16 : 0);
@@ -646,8 +647,10 @@ __device__ __forceinline__ void prefill(const signed char* __restrict__ xq, cons
         for (int i = 0; i < nst; ++i) {
             const int buf = i & (P_STAGES - 1), g = g0 + i;
             begin_stage(i);
-            sc_ptr += sc_step;
-            if (g + 1 < g1) Scale<kIS>::load4(sc_ptr, sc16, nsc);
+            if (g + 1 < g1) {
+                sc_ptr += sc_step;
+                Scale<kIS>::load4(sc_ptr, sc16, nsc);
+            }
             const unsigned char* sw = sW + buf * P_W_STAGE + w_off;
             const unsigned char* sx = sX + buf * P_X_STAGE;
             uint4 wr[2];
@@ -722,8 +725,10 @@ __device__ __forceinline__ void prefill(const signed char* __restrict__ xq, cons
         };
 
         for (int g = g0; g < g1; ++g) {
-            sc_ptr += sc_step;
-            if (g + 1 < g1) Scale<kIS>::load4(sc_ptr, sc16, nsc);
+            if (g + 1 < g1) {
+                sc_ptr += sc_step;
+                Scale<kIS>::load4(sc_ptr, sc16, nsc);
+            }
             kstep(g * spg, true);
 #pragma unroll 1
             for (int st = 1; st < spg; ++st) kstep(g * spg + st, false);
