@@ -22,8 +22,9 @@
 #   b  qconvert bench --kernels: Llama-3-8B shapes, M in {1, 16, 256, 4096} (one process each, 25 s
 #      at most: kernels_mM.json), W4A8-IS, W4A8-FS and cuBLAS FP16 with the roofline fraction; the
 #      mma.sync ceiling: int8 and fp16 tensor-core products alone (benchmarks/mma_peak.py, 15 s at
-#      most: mma_peak.json); the benches merged into kernels.json and kernels.png; the roofline
-#      model's predictions (roofline.json)
+#      most: mma_peak.json); the W4A8-IS decode under the plans before and after 2026-12-04
+#      (benchmarks/decode_variants.py, 20 s at most: decode_variants.json); the benches merged into
+#      kernels.json and kernels.png; the roofline model's predictions (roofline.json)
 #   c  the decode engine on the synthetic Llama-3-8B: FP16 against is-w4a8, CUDA-graph captured,
 #      batch 1 and 16 (e2e_llama3-8b.json)
 #   d  GPU quantize of a random-weight Llama-3-8B-shaped checkpoint written here (quantize.json)
@@ -111,6 +112,8 @@ part_b() {  # a failed M fails the part; the others, the merge and the roofline 
   done
   # the mma.sync ceiling the W4A8 prefill is read against (a few seconds)
   timeout 15 "$PYTHON" benchmarks/mma_peak.py --json "$out/mma_peak.json" || rc=1
+  # what the one-wave plan and the own amax each buy at decode (four plans of one kernel)
+  timeout 20 "$PYTHON" benchmarks/decode_variants.py --json "$out/decode_variants.json" || rc=1
   "$PYTHON" benchmarks/gpu_tables.py --merge "$out/kernels.json" "${plot[@]}" "$out"/kernels_m*.json || rc=1
   "$PYTHON" benchmarks/roofline.py --devices H200 --json "$out/roofline.json" || rc=1
   return $rc
@@ -149,7 +152,7 @@ part_g() {  # counters, last: the timings above never wait on the profiler
 
 export -f part_a part_b part_c part_d part_e part_f part_g test_file
 export out
-BUDGET_A=${BUDGET_A:-120} BUDGET_B=${BUDGET_B:-80} BUDGET_C=${BUDGET_C:-75} BUDGET_D=${BUDGET_D:-50} BUDGET_E=${BUDGET_E:-75}
+BUDGET_A=${BUDGET_A:-120} BUDGET_B=${BUDGET_B:-95} BUDGET_C=${BUDGET_C:-75} BUDGET_D=${BUDGET_D:-50} BUDGET_E=${BUDGET_E:-60}
 BUDGET_F=${BUDGET_F:-35} BUDGET_G=${BUDGET_G:-30}
 export BUDGET_C BUDGET_D BUDGET_F
 part a "$BUDGET_A" bash -c part_a

@@ -9,7 +9,8 @@ QUIK's kernels, the online Hadamard transform, and the end-to-end runs.
 into one result, with its summary (and plot), as one ``qconvert bench --kernels`` would write it.
 
 Every *.json under the folder is read (kernels*.json with kind "kernels" and a scheme, e2e*.json,
-hadamard.json, mma_peak.json, roofline.json); a kind with no file gets no table.  With an
+hadamard.json, mma_peak.json, decode_variants.json, roofline.json); a kind with no file gets no
+table.  With an
 mma_peak.json, the W4A8 prefill rows are also given as a fraction of that measured int8 mma.sync
 ceiling."""
 
@@ -32,6 +33,8 @@ def _load(folder: Path) -> dict[str, list]:
             key = "hadamard"
         elif path.name == "mma_peak.json":
             key = "mma_peak"
+        elif path.name == "decode_variants.json":
+            key = "decode_variants"
         elif path.name == "roofline.json":
             key = "roofline"
         elif data.get("kind") == "model":
@@ -53,6 +56,22 @@ def mma_peak_table(data: dict) -> list[str]:
     out = ["| tensor-core product | warps per SM | ms | TOPS |", "|---|---|---|---|"]
     for r in data["rows"]:
         out.append(f"| {r['op']} | {r['warps_per_sm']} | {r['ms']:.3f} | {r['tops']:,.1f} |")
+    return out
+
+
+def decode_variants_table(data: dict) -> list[str]:
+    """W4A8-IS decode under the four plans of benchmarks/decode_variants.py, µs and x of "before"."""
+    rows = {}
+    for r in data["rows"]:
+        rows.setdefault((r["M"], r["shape"], r["N"], r["K"]), {})[r["variant"]] = r
+    names = ("before", "one-wave", "own-amax", "now")
+    out = ["| linear (N x K) | M | " + " | ".join(f"{v} us (CTAs, A)" for v in names) + " | now / before |",
+           "|---|---|" + "---|" * len(names) + "---|"]
+    for (m, shape, n, k), by in sorted(rows.items()):
+        if not all(v in by for v in names):
+            continue
+        cells = [f"{by[v]['us']:.2f} ({by[v]['ctas']}, {by[v]['amax_ctas']})" for v in names]
+        out.append(f"| {shape} ({n} x {k}) | {m} | " + " | ".join(cells) + f" | {by['before']['us'] / by['now']['us']:.2f}x |")
     return out
 
 
@@ -150,13 +169,15 @@ def main(folder: str) -> None:
     for key, runs in found.items():
         if key == "roofline":
             continue
-        for path, data in runs if key in ("e2e", "hadamard", "mma_peak") else [runs[0]]:
+        for path, data in runs if key in ("e2e", "hadamard", "mma_peak", "decode_variants") else [runs[0]]:
             print(f"### {key} — {path if key in ('e2e', 'hadamard') else ', '.join(str(p) for p, _ in runs)}\n")
             print(_env(data) + "\n")
             if key == "kernels:is-w4a8":
                 lines = w4a8_table(runs, roofline) + prefill_of_ceiling(runs, mma)
             elif key == "mma_peak":
                 lines = mma_peak_table(data)
+            elif key == "decode_variants":
+                lines = decode_variants_table(data)
             elif key.startswith("kernels:"):
                 lines = quik_table(runs)
             elif key == "hadamard":

@@ -57,7 +57,9 @@ def test_every_part_runs_and_a_failed_part_is_recorded(tmp_path):
     assert "needs an NVIDIA GPU" in (out / "part_b.log").read_text()
     assert "no usable GPU" in (out / "part_d.log").read_text()
     assert "--device cuda" in (out / "part_f.log").read_text()  # refused at once, not run on the CPU
-    assert "no CUDA device: this benchmark times the GPU's tensor cores" in (out / "part_b.log").read_text()  # mma_peak, first
+    log_b = (out / "part_b.log").read_text()
+    assert "no CUDA device: this benchmark times the GPU's tensor cores" in log_b  # mma_peak
+    assert "no CUDA device: this benchmark times the GPU kernels" in log_b  # decode_variants
     assert "no CUDA device: this profiles the GPU kernels" in (out / "part_g.log").read_text()
     for x in "abcdefg":
         assert (out / f"part_{x}.log").is_file()

@@ -35,3 +35,13 @@ def test_without_a_ceiling_the_tables_are_as_before(capsys):
     gpu_tables.main(str(RUN))
     out = capsys.readouterr().out
     assert "mma.sync ceiling" not in out and "9.5 us fixed + 0.501 us per MB" in out
+
+
+def test_decode_variants_table(tmp_path, capsys):
+    rows = [{"shape": "q/o_proj", "N": 4096, "K": 4096, "M": 1, "variant": v, "us": us, "ctas": c, "amax_ctas": a}
+            for v, us, c, a in (("before", 12.0, 288, 2), ("one-wave", 10.0, 256, 2), ("own-amax", 11.0, 288, 0), ("now", 8.0, 256, 0))]
+    (tmp_path / "decode_variants.json").write_text(json.dumps({"meta": {"device": "test input"}, "rows": rows}))
+    gpu_tables.main(str(tmp_path))
+    out = capsys.readouterr().out
+    assert "| q/o_proj (4096 x 4096) | 1 | 12.00 (288, 2) | 10.00 (256, 2) | 11.00 (288, 0) | 8.00 (256, 0) | 1.50x |" in out
+

@@ -639,6 +639,17 @@ def splitk_reduce(ctx: Ctx, acc, is_int, s, S, tiles, tile, ticket_ptr, ticket_i
 # ----------------------------------------------------------------------------- decode
 
 
+def token_scales(ctx: Ctx, amax, rows: int):
+    """Per-token (inv, t) [rows] from the amax of the first len(amax) tokens (zeros past them):
+    inv = rn(rn(1 / amax) * 127), 0 for an all-zero token; t = rn(amax / 127).  [w4r::token_scales]"""
+    fops = ctx.fops
+    m = len(amax)
+    s_inv, s_t = np.zeros(rows, np.float32), np.zeros(rows, np.float32)
+    s_inv[:m] = np.where(amax > 0, fops.mul(fops.rcp(amax), np.float32(127)), np.float32(0))
+    s_t[:m] = fops.div(amax, 127.0)
+    return s_inv, s_t
+
+
 def own_amax(ctx: Ctx, M: int, K: int, ak_log2: int, vec: bool, bf16: bool):
     """A = 0: the per-token amax of M rows over all of K, read whole by one CTA (8-element units of
     2^ak_log2 >= K per row, zeros past K), as float32 [M].                      [w4r::decode own_amax]
@@ -725,10 +736,7 @@ def decode_cta(ctx: Ctx, mt8: int, is_int: bool, grid, s: int, tile: int):
             while ws[WS_ARRIVE] < A:
                 yield (lambda: ws[WS_ARRIVE] >= A)
             amax = ws[WS_AMAX:WS_AMAX + M].view(np.float32).copy()
-        s_inv = np.zeros(ROWS, np.float32)
-        s_t = np.zeros(ROWS, np.float32)
-        s_inv[:M] = np.where(amax > 0, fops.mul(fops.rcp(amax), np.float32(127)), np.float32(0))
-        s_t[:M] = fops.div(amax, 127.0)
+        s_inv, s_t = token_scales(ctx, amax, ROWS)
         if "amax_local" not in mut:
             done = int(ws[WS_DONE])
             ws[WS_DONE] = done + 1
@@ -742,11 +750,7 @@ def decode_cta(ctx: Ctx, mt8: int, is_int: bool, grid, s: int, tile: int):
     # 2. amax: A = 0, each CTA over its rows whole (own_amax); else the exchange
     if A == 0:
         ctx.amax_paths["own"] = ctx.amax_paths.get("own", 0) + 1
-        amax = own_amax(ctx, M, K, ak_log2, vec, bf16)
-        s_inv = np.zeros(ROWS, np.float32)
-        s_t = np.zeros(ROWS, np.float32)
-        s_inv[:M] = np.where(amax > 0, fops.mul(fops.rcp(amax), np.float32(127)), np.float32(0))
-        s_t[:M] = fops.div(amax, 127.0)
+        s_inv, s_t = token_scales(ctx, own_amax(ctx, M, K, ak_log2, vec, bf16), ROWS)
         yield None
     else:
         yield from _exchange_amax()

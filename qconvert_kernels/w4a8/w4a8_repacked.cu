@@ -206,6 +206,13 @@ __device__ __forceinline__ float add_split(float a, float b) { return __fadd_rn(
 __device__ __forceinline__ float out_value(int A, float tm, float cs) { return __fmul_rn(__int2float_rn(A), __fmul_rn(tm, cs)); }
 __device__ __forceinline__ float out_value(float acc, float tm, float) { return __fmul_rn(acc, tm); }
 
+// A token's quantization scales from its amax, as the reference's quantizer makes them:
+// inv = rn(rn(1 / amax) * 127) (0 for an all-zero token), t = rn(amax / 127).   [emulate.token_scales]
+__device__ __forceinline__ void token_scales(float amax, float& inv, float& t) {
+    inv = amax > 0.0f ? __fmul_rn(qk::rcp_rn(amax), 127.0f) : 0.0f;
+    t = qk::div_rn(amax, 127.0f);
+}
+
 // The 4 outputs of one C fragment (n rows gid / gid+8, token columns 2tig / 2tig+1 of an n8 tile at
 // m_base) -> y, as 32-bit pairs along n: lanes gid and gid ^ 1 swap halves (one shuffle), then the
 // even-gid lane stores row 2tig at n = n0 + gid (+8), the odd one row 2tig + 1 at n0 + gid - 1 (+8).
@@ -364,16 +371,7 @@ __device__ __forceinline__ void decode(const unsigned short* __restrict__ x, con
             }
         }
         __syncthreads();
-        if (tid < ROWS) {  // the reference's quantizer: inv = rn(rn(1 / amax) * 127), t = rn(amax / 127)
-            float inv = 0.0f, tt = 0.0f;
-            if (tid < M) {
-                const float amax = __int_as_float(s_amax[tid]);
-                inv = amax > 0.0f ? __fmul_rn(qk::rcp_rn(amax), 127.0f) : 0.0f;
-                tt = qk::div_rn(amax, 127.0f);
-            }
-            s_inv[tid] = inv;
-            s_t[tid] = tt;
-        }
+        if (tid < ROWS) token_scales(tid < M ? __int_as_float(s_amax[tid]) : 0.0f, s_inv[tid], s_t[tid]);
         __syncthreads();
     } else {
         if (cta < A) {
@@ -401,16 +399,7 @@ __device__ __forceinline__ void decode(const unsigned short* __restrict__ x, con
             while (qk::ld_acquire_gpu(ws + WS_ARRIVE) < A) __nanosleep(32);
         }
         __syncthreads();
-        if (tid < ROWS) {  // the reference's quantizer: inv = rn(rn(1 / amax) * 127), t = rn(amax / 127)
-            float inv = 0.0f, tt = 0.0f;
-            if (tid < M) {
-                const float amax = __int_as_float(qk::ld_acquire_gpu(ws + WS_AMAX + tid));
-                inv = amax > 0.0f ? __fmul_rn(qk::rcp_rn(amax), 127.0f) : 0.0f;
-                tt = qk::div_rn(amax, 127.0f);
-            }
-            s_inv[tid] = inv;
-            s_t[tid] = tt;
-        }
+        if (tid < ROWS) token_scales(tid < M ? __int_as_float(qk::ld_acquire_gpu(ws + WS_AMAX + tid)) : 0.0f, s_inv[tid], s_t[tid]);
         __syncthreads();
         if (tid == 0 && atomicAdd(ws + WS_DONE, 1) == static_cast<int>(gridDim.x * gridDim.y) - 1) {
             // every CTA has read the amax: return the exchange to zero for the next launch
