@@ -20,10 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,40 +28,23 @@ SHAPES = {"q/o_proj": (4096, 4096), "qkv_proj": (6144, 4096), "gate_up_proj": (2
 VARIANTS = ("before", "one-wave", "own-amax", "now")
 
 sys.path.insert(0, str(ROOT))
+from qconvert_kernels.roofline import decode_splits  # noqa: E402
 from qconvert_kernels.w4a8 import cuda as _cuda  # noqa: E402
 
 _PLAN = _cuda.plan   # today's plan, kept before run() puts each variant in its place
 
 
-def _ceil(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _log2_up(v: int) -> int:
-    return max(0, (int(v) - 1).bit_length())
-
-
 def variant_plan(variant: str, m: int, prep, sms: int):
-    """The decode plan of ``variant`` for M = m tokens (the rules of cuda.plan before and after
-    2026-12-04, written out here so that both can run side by side)."""
+    """The decode plan of ``variant`` for M = m tokens: the split and amax rules of cuda.plan with
+    or without each 2026-12-04 change (roofline.decode_splits' one_wave, cuda.amax_plan's own)."""
     now = _PLAN(m, prep, sms)
     if variant == "now" or now.kind != "decode":
         return now
-    g, tiles = prep.n_groups, prep.tiles
-    if variant in ("before", "own-amax"):   # rounded up: ceil(2 x SMs / tiles)
-        s = max(1, min(g, max(_ceil(sms, tiles), min(_ceil(2 * sms, tiles), max(1, prep.kp // (16 * m))))))
-    else:
-        s = now.splits
-    if variant in ("before", "one-wave"):   # the exchange: the first A CTAs publish
-        ak = max(3, _log2_up(_ceil(2048, m)))
-        if _ceil(prep.k, 1 << ak) > min(s * tiles, sms):
-            ak = max(3, _log2_up(_ceil(prep.k, min(s * tiles, sms))))
-        a = _ceil(prep.k, 1 << ak)
-    else:
-        a, ak = 0, max(3, _log2_up(prep.k))
-    gq, gr = divmod(g, s)
-    return dataclasses.replace(now, grid=(s, tiles), splits=s, gq=gq, gr=gr, amax_ctas=a, ak_log2=ak,
-                               part_int4=s * tiles * 8 * now.mt8 * 32 if s > 1 else 0)
+    s = decode_splits(prep.n, prep.k, m, prep.group_size, sms, one_wave=variant == "one-wave")
+    a, ak = _cuda.amax_plan(m, prep.k, min(s * prep.tiles, sms), own=variant == "own-amax")
+    gq, gr = divmod(prep.n_groups, s)
+    return dataclasses.replace(now, grid=(s, prep.tiles), splits=s, gq=gq, gr=gr, amax_ctas=a, ak_log2=ak,
+                               part_int4=s * prep.tiles * 8 * now.mt8 * 32 if s > 1 else 0)
 
 
 def run(ms: list[int]) -> list[dict]:
@@ -113,13 +93,12 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: this benchmark times the GPU kernels")
     rows = run([int(v) for v in args.m.split(",")])
-    commit = os.environ.get("COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                                        text=True, cwd=ROOT).stdout.strip()
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": commit or None,
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "layout": "w4a8-is", "group_size": 128,
+    from qconvert.bench import environment
+
+    meta = {"environment": environment(torch.device("cuda")), "layout": "w4a8-is", "group_size": 128,
             "method": "median of 50 replays of a CUDA graph of 20 launches (qconvert.bench)"}
     with open(args.json, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        json.dump({**meta, "rows": rows}, f, indent=1)
     if not all(r["equal_to_now"] for r in rows):
         raise SystemExit("a variant's output differs from the current plan's")
 

@@ -11,8 +11,9 @@
 #   PYTHON=/path/to/python bash benchmarks/gpu_check.sh   # default: python3 or python, whichever imports torch
 #
 # Seven parts, in this order, each under its own time budget (seconds, overridable as
-# BUDGET_A..BUDGET_G), 465 s in all (with each part's 10 s kill grace, under 9 minutes); every part writes its files under $OUT as it finishes,
-# and a part that fails or runs out of time never stops the next.  A device fault (an illegal
+# BUDGET_A..BUDGET_G), 465 s in all (with each part's 10 s kill grace, under 9 minutes); every
+# part writes its files under $OUT as it finishes, and a part that fails or runs out of time never
+# stops the next.  A device fault (an illegal
 # instruction, a bad address) poisons the CUDA context of its process: every test file and every
 # benched M therefore runs in a process of its own, so a fault costs one file or one M.
 #   a  environment (gpu.txt) and every GPU test file (tests/test_*_gpu.py) against the bit-exact

@@ -10,9 +10,8 @@ into one result, with its summary (and plot), as one ``qconvert bench --kernels`
 
 Every *.json under the folder is read (kernels*.json with kind "kernels" and a scheme, e2e*.json,
 hadamard.json, mma_peak.json, decode_variants.json, roofline.json); a kind with no file gets no
-table.  With an
-mma_peak.json, the W4A8 prefill rows are also given as a fraction of that measured int8 mma.sync
-ceiling."""
+table.  With an mma_peak.json, the W4A8 prefill rows are also given as a fraction of that measured
+int8 mma.sync ceiling."""
 
 from __future__ import annotations
 
@@ -48,7 +47,7 @@ def _load(folder: Path) -> dict[str, list]:
 
 
 def _env(data: dict) -> str:
-    e = data.get("environment") or data.get("meta") or data
+    e = data.get("environment") or data
     return f"{e.get('device')}, torch {e.get('torch')}, commit {e.get('commit')}, {e.get('date')}"
 
 
@@ -77,7 +76,7 @@ def decode_variants_table(data: dict) -> list[str]:
 
 def prefill_of_ceiling(runs: list, mma: dict | None) -> list[str]:
     """W4A8-IS and FS at M >= 256 as a fraction of the measured int8 mma.sync ceiling (mma_peak.json)."""
-    best = ((mma or {}).get("meta") or {}).get("best_tops", {}).get("imma_peak")
+    best = (mma or {}).get("best_tops", {}).get("imma_peak")
     if not best:
         return []
     out = [f"\nW4A8 at M >= 256 against the int8 mma.sync ceiling measured here ({best:,.1f} TOPS):",

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import time
 
 import torch
 
@@ -30,6 +27,7 @@ def _time_us(fn) -> tuple[float, str]:
 
 
 def main() -> None:
+    from qconvert.bench import environment
     from qconvert.online_hadamard import OnlineHadamard
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,12 +51,8 @@ def main() -> None:
             r = rows[-1]
             print(f"order {n:>6} ({r['factors']:>9})  M {m:>5}  kernel {r['kernel_us']:>9.2f} us  "
                   f"copy {r['copy_us']:>8.2f} us  {r['gb_per_s']:>7.1f} GB/s", flush=True)
-    commit = os.environ.get("COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                                        text=True).stdout.strip()
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": commit or None,
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     with open(args.json, "w") as f:
-        json.dump({**meta, "rows": rows}, f, indent=2)
+        json.dump({"environment": environment(torch.device("cuda")), "rows": rows}, f, indent=2)
         f.write("\n")
 
 

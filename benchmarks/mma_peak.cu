@@ -20,45 +20,40 @@ __device__ __forceinline__ void mma_f16(float (&c)[4], const unsigned (&a)[4], c
 }
 
 // Operands from the thread index and a seed (the compiler cannot fold them); every accumulator ends
-// in out[] (nothing is dead code).  grid: any; block: 256.
-extern "C" __global__ void __launch_bounds__(256) imma_peak(int* __restrict__ out, int iters, unsigned seed) {
-    const unsigned v = seed ^ (blockIdx.x * blockDim.x + threadIdx.x);
-    const unsigned a[4] = {v, v * 3u, v * 5u, v * 7u};
-    const unsigned b[2] = {v * 11u, v * 13u};
-    int c[CHAINS][4];
+// in out[] (nothing is dead code).  kInt: IMMA on int8, else HMMA on fp16 (finite values below 1).
+template <bool kInt, typename Acc>
+__device__ __forceinline__ void peak(Acc* __restrict__ out, int iters, unsigned seed) {
+    const unsigned v0 = seed ^ (blockIdx.x * blockDim.x + threadIdx.x);
+    const unsigned v = kInt ? v0 : v0 & 0x3BFF3BFFu;
+    const unsigned a[4] = {v, v ^ 0x00010001u, v ^ 0x00020002u, v ^ 0x00030003u};
+    const unsigned b[2] = {v ^ 0x00040004u, v ^ 0x00050005u};
+    Acc c[CHAINS][4];
 #pragma unroll
     for (int t = 0; t < CHAINS; ++t)
 #pragma unroll
-        for (int r = 0; r < 4; ++r) c[t][r] = 0;
+        for (int r = 0; r < 4; ++r) c[t][r] = Acc(0);
     for (int i = 0; i < iters; ++i) {
 #pragma unroll
-        for (int t = 0; t < CHAINS; ++t) qk::mma_s8(c[t], a, b);
+        for (int t = 0; t < CHAINS; ++t) {
+            if constexpr (kInt) qk::mma_s8(c[t], a, b);
+            else mma_f16(c[t], a, b);
+        }
     }
-    int s = 0;
+    Acc s = Acc(0);
 #pragma unroll
     for (int t = 0; t < CHAINS; ++t)
 #pragma unroll
-        for (int r = 0; r < 4; ++r) s ^= c[t][r];
+        for (int r = 0; r < 4; ++r) {
+            if constexpr (kInt) s ^= c[t][r];
+            else s = __fadd_rn(s, c[t][r]);
+        }
     out[blockIdx.x * blockDim.x + threadIdx.x] = s;
 }
 
+// grid: any; block: 256.
+extern "C" __global__ void __launch_bounds__(256) imma_peak(int* __restrict__ out, int iters, unsigned seed) {
+    peak<true>(out, iters, seed);
+}
 extern "C" __global__ void __launch_bounds__(256) hmma_peak(float* __restrict__ out, int iters, unsigned seed) {
-    const unsigned v = (seed ^ (blockIdx.x * blockDim.x + threadIdx.x)) & 0x3BFF3BFFu;  // finite fp16 pairs below 1
-    const unsigned a[4] = {v, v ^ 0x00010001u, v ^ 0x00020002u, v ^ 0x00030003u};
-    const unsigned b[2] = {v ^ 0x00040004u, v ^ 0x00050005u};
-    float c[CHAINS][4];
-#pragma unroll
-    for (int t = 0; t < CHAINS; ++t)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) c[t][r] = 0.0f;
-    for (int i = 0; i < iters; ++i) {
-#pragma unroll
-        for (int t = 0; t < CHAINS; ++t) mma_f16(c[t], a, b);
-    }
-    float s = 0.0f;
-#pragma unroll
-    for (int t = 0; t < CHAINS; ++t)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) s = __fadd_rn(s, c[t][r]);
-    out[blockIdx.x * blockDim.x + threadIdx.x] = s;
+    peak<false>(out, iters, seed);
 }

@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import time
 from pathlib import Path
 
 import torch
@@ -69,16 +66,15 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: this benchmark times the GPU's tensor cores")
     rows = run(args.iters)
-    commit = os.environ.get("COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                                        text=True).stdout.strip()
+    from qconvert.bench import environment
+
     best = {k: max(r["tops"] for r in rows if r["kernel"] == k) for k in OPS}
-    meta = {"device": torch.cuda.get_device_name(), "sm_count": torch.cuda.get_device_properties(0).multi_processor_count,
-            "torch": torch.__version__, "commit": commit or None, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "method": f"median of 5 launches, CUDA events; {CHAINS} independent mma per warp per iteration, register operands",
-            "best_tops": best}
+    env = environment(torch.device("cuda"))
     with open(args.json, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    print(f"best: int8 IMMA {best['imma_peak']} TOPS, fp16 HMMA {best['hmma_peak']} TFLOPS ({meta['device']})")
+        json.dump({"environment": env, "sm_count": torch.cuda.get_device_properties(0).multi_processor_count,
+                   "method": f"median of 5 launches, CUDA events; {CHAINS} independent mma per warp per iteration, register operands",
+                   "best_tops": best, "rows": rows}, f, indent=1)
+    print(f"best: int8 IMMA {best['imma_peak']} TOPS, fp16 HMMA {best['hmma_peak']} TFLOPS ({env['device']})")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import datetime
 import gc
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -90,11 +91,14 @@ def environment(device: torch.device) -> dict:
 
 
 def _git_commit() -> str | None:
+    """The checkout's short commit; where there is no git checkout (a tree copied to a GPU machine
+    without .git), $COMMIT as the caller set it (benchmarks/gpu_check.sh)."""
     try:
         res = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
-        return res.stdout.strip() or None
+        commit = res.stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return None
+        commit = ""
+    return commit or os.environ.get("COMMIT") or None
 
 
 # ---------------------------------------------------------------------------------------------

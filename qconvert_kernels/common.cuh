@@ -39,16 +39,6 @@ __device__ __forceinline__ void mma_s8(int (&c)[4], const unsigned (&a)[4], cons
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-// The same product with a zero accumulator input, C = A * B: the first k step of a group starts
-// its partial this way, so no instruction has to clear P after a fold.
-__device__ __forceinline__ void mma_s8_zero(int (&c)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%10, %10, %10, %10};\n"
-        : "=r"(c[0]), "=r"(c[1]), "=r"(c[2]), "=r"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(0));
-}
-
 // The same product on a constant accumulator input, C = A * B + init in every register (int32,
 // wrapping): w4a8_repacked.cu's g = 128 float-scale prefill starts each group at a float bias, so
 // the group's sum comes out as the bits of a float (w4r::biased_to_float).
@@ -58,6 +48,12 @@ __device__ __forceinline__ void mma_s8_init(int (&c)[4], const unsigned (&a)[4],
         "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%10, %10, %10, %10};\n"
         : "=r"(c[0]), "=r"(c[1]), "=r"(c[2]), "=r"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(init));
+}
+
+// With a zero accumulator input, C = A * B: the first k step of a group starts its partial this
+// way, so no instruction has to clear P after a fold.
+__device__ __forceinline__ void mma_s8_zero(int (&c)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+    mma_s8_init(c, a, b, 0);
 }
 
 // ------------------------------------------------------------------------------- int4 unpacking

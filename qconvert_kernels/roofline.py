@@ -107,11 +107,17 @@ def roofline_us(n: int, k: int, m: int, dev: Device, kind: str = "w4a8", g: int 
     return max(t["bytes_w4a8"] / (dev.hbm_tbps * 1e6), t["ops"] / (dev.int8_tops * 1e6))
 
 
-def _decode_splits(n: int, k: int, m: int, g: int, sms: int) -> int:
-    """The launcher's split (qconvert_kernels/w4a8/cuda.py:plan), repeated here without torch."""
+def decode_splits(n: int, k: int, m: int, g: int, sms: int, one_wave: bool = True) -> int:
+    """The W4A8 decode kernel's split-K count S for an N x K linear, M tokens, group size g, on
+    ``sms`` SMs (torch-free: the launcher, qconvert_kernels/w4a8/cuda.py:plan, and this model both
+    use it).  Every SM gets a CTA (at most one split per group), up to two CTAs per SM while the
+    split-K partials (S x M x N x 4 bytes) stay under the weight bytes, and, when the tiles allow,
+    no more CTAs than are resident at once (S x tiles <= 2 x SMs, rounded down: a CTA's life at
+    decode is mostly latency, and a partial second wave would add a whole one).  ``one_wave=False``
+    is the rule before 2026-12-04, which rounded up (benchmarks/decode_variants.py times both)."""
     kp = _ceil(k, g) * g
     tiles = _ceil(n, 128)
-    s_two = max(1, 2 * sms // tiles)              # one wave of two CTAs per SM
+    s_two = max(1, 2 * sms // tiles) if one_wave else _ceil(2 * sms, tiles)
     s_fill = min(_ceil(sms, tiles), s_two)
     return max(1, min(kp // g, max(s_fill, min(s_two, max(1, kp // (16 * m))))))
 
@@ -123,7 +129,7 @@ def predict(n: int, k: int, m: int, dev: Device, layout: str = "w4a8-is", g: int
     n128 = _ceil(n, 128) * 128
     hbm_w4 = t["bytes_w4a8"] / (dev.hbm_tbps * dev.hbm_frac * 1e6)
     if m <= 64:
-        s = _decode_splits(n, k, m, g, dev.sms)
+        s = decode_splits(n, k, m, g, dev.sms)
         tiles = n128 // 128
         l2 = tiles * m * kp * 2 + (2 * s * m * n128 * 4 if s > 1 else 0) + n128 * kp // 2
         m_pad = 8 * {1: 1, 2: 2, 3: 4, 4: 4}.get(_ceil(m, 8), 8)

@@ -188,3 +188,18 @@ def test_kernel_plot_renders(tmp_path):
     summary = b.kernel_summary([dict(r, is_vs_fs=1.3) for r in rows if r["kernel"] == "w4a8-is"])
     assert summary["is_vs_cublas_min_M_le_16"] == pytest.approx(2.0 / 16 ** 0.1)
     assert summary["is_vs_cublas_min_M_ge_1024"] is None and summary["is_vs_fs_min_M_ge_256"] == 1.3
+
+
+def test_commit_without_a_git_checkout_comes_from_the_environment(monkeypatch):
+    """A tree copied to a GPU machine without .git: the results name the commit gpu_check.sh's caller
+    gave as $COMMIT (and git's answer wherever there is one)."""
+    import subprocess
+
+    from qconvert import bench
+
+    assert bench._git_commit()  # this checkout
+    monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 128, "", "not a git repository"))
+    monkeypatch.setenv("COMMIT", "abc1234")
+    assert bench._git_commit() == "abc1234"
+    monkeypatch.delenv("COMMIT")
+    assert bench._git_commit() is None

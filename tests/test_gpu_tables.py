@@ -20,7 +20,7 @@ def test_prefill_rows_against_a_measured_ceiling(tmp_path, capsys):
     shutil.copy(RUN / "3_rerun" / "kernels.json", tmp_path / "kernels.json")
     rows = [{"kernel": "imma_peak", "op": "int8 mma.sync m16n8k32 (IMMA)", "warps_per_sm": 16, "blocks": 264, "iters": 4096,
              "ms": 1.0, "tops": 600.0}]
-    (tmp_path / "mma_peak.json").write_text(json.dumps({"meta": {"device": "test input", "best_tops": {"imma_peak": 600.0}},
+    (tmp_path / "mma_peak.json").write_text(json.dumps({"environment": {"device": "test input"}, "best_tops": {"imma_peak": 600.0},
                                                         "rows": rows}))
     gpu_tables.main(str(tmp_path))
     out = capsys.readouterr().out
@@ -40,7 +40,7 @@ def test_without_a_ceiling_the_tables_are_as_before(capsys):
 def test_decode_variants_table(tmp_path, capsys):
     rows = [{"shape": "q/o_proj", "N": 4096, "K": 4096, "M": 1, "variant": v, "us": us, "ctas": c, "amax_ctas": a}
             for v, us, c, a in (("before", 12.0, 288, 2), ("one-wave", 10.0, 256, 2), ("own-amax", 11.0, 288, 0), ("now", 8.0, 256, 0))]
-    (tmp_path / "decode_variants.json").write_text(json.dumps({"meta": {"device": "test input"}, "rows": rows}))
+    (tmp_path / "decode_variants.json").write_text(json.dumps({"environment": {"device": "test input"}, "rows": rows}))
     gpu_tables.main(str(tmp_path))
     out = capsys.readouterr().out
     assert "| q/o_proj (4096 x 4096) | 1 | 12.00 (288, 2) | 10.00 (256, 2) | 11.00 (288, 0) | 8.00 (256, 0) | 1.50x |" in out

@@ -42,7 +42,7 @@ def test_decode_splits_mirror_the_launcher():
 
     for n, k in rf.LLAMA3_8B.values():
         for m in (1, 16, 64):
-            assert rf._decode_splits(n, k, m, 128, 132) == cuda.plan(m, _Meta(n, k), 132).splits
+            assert rf.decode_splits(n, k, m, 128, 132) == cuda.plan(m, _Meta(n, k), 132).splits
 
 
 def test_bench_rows_get_the_roofline_of_the_device():

@@ -50,6 +50,7 @@ _OUT = {torch.float16: "f16", torch.bfloat16: "bf16"}
 
 
 from qconvert_kernels import launch as _l
+from qconvert_kernels.roofline import decode_splits
 
 # Shared helpers (qconvert_kernels/launch.py), under the names the sibling launchers imported.
 _cupy = _l._cupy
@@ -310,40 +311,38 @@ class Plan:
         return out
 
 
-def plan(m: int, prep: PreparedW4A8, sm_count: int) -> Plan:
-    """Kernel, grid and split-K choice for M tokens on a device with ``sm_count`` SMs.
-
-    Decode (M <= 64): S splits so that every SM gets a CTA (at most one split per group), and up to
-    two CTAs per SM while the split-K partials (S x M x N x 4 bytes, written and read back, mostly
-    in L2) stay under the weight bytes; when tiles <= 2 x SMs, never more CTAs than are resident at
-    once (S x tiles <= 2 x SMs, rounded down: a CTA's life at decode is mostly latency, and a partial
-    second wave would add a whole one).  The per-token amax is published by the first A CTAs,
+def amax_plan(m: int, k: int, publishers: int, own: bool = True) -> tuple[int, int]:
+    """(A, ak_log2) of a decode launch with M = m tokens of K = k activations and at most
+    ``publishers`` CTAs that may publish.  The per-token amax is published by the first A CTAs,
     each covering 2^ak_log2 k of every row (about 2048 activations), with A <= the SM count: the
     publishers wait for each other, so they must all be resident at once (dispatch is in grid
     order and one decode CTA fits any SM).  With M <= OWN_AMAX_MAX_M and at most OWN_AMAX_BYTES of
-    activations, A = 0: every CTA reads its rows whole (2^ak_log2 >= K) and takes the amax itself,
-    which costs that many bytes from L2 per CTA and saves the exchange's grid-wide wait.  Prefill: split only when the 128 x 128 tiles do not
-    fill the SMs (<= 4 ways, S x tiles <= SMs: one CTA per SM, one wave)."""
+    activations (and ``own``, False being the rule before 2026-12-04), A = 0: every CTA reads its
+    rows whole (2^ak_log2 >= K) and takes the amax itself, which costs that many bytes from L2 per
+    CTA and saves the exchange's grid-wide wait."""
+    if own and m <= OWN_AMAX_MAX_M and m * k * 2 <= OWN_AMAX_BYTES:
+        return 0, max(3, _next_pow2_log2(k))
+    ak = max(3, _next_pow2_log2(-(-2048 // m)))
+    if -(-k // (1 << ak)) > publishers:
+        ak = max(3, _next_pow2_log2(-(-k // publishers)))
+    return -(-k // (1 << ak)), ak
+
+
+def plan(m: int, prep: PreparedW4A8, sm_count: int) -> Plan:
+    """Kernel, grid and split-K choice for M tokens on a device with ``sm_count`` SMs.
+
+    Decode (M <= 64): S splits as ``roofline.decode_splits`` says, the per-token amax as
+    ``amax_plan`` says.  Prefill: split only when the 128 x 128 tiles do not fill the SMs (<= 4
+    ways, S x tiles <= SMs: one CTA per SM, one wave)."""
     g = prep.n_groups
     tiles = prep.tiles
     sms = max(int(sm_count), 1)
     is_ = "is" if prep.is_int else "fs"
     if m <= DECODE_MAX_M:
         mt8 = next(t for t in (1, 2, 4, 8) if 8 * t >= m)
-        # one wave: S x tiles <= the 2 x SMs resident slots (two decode CTAs fit an SM), so no CTA
-        # waits for a slot behind a latency-bound first wave
-        s_two = max(1, 2 * sms // tiles)
-        s_fill = min(-(-sms // tiles), s_two)
-        s = max(1, min(g, max(s_fill, min(s_two, max(1, prep.kp // (16 * m))))))
+        s = decode_splits(prep.n, prep.k, m, prep.group_size, sms)
         gq, gr = divmod(g, s)
-        if m <= OWN_AMAX_MAX_M and m * prep.k * 2 <= OWN_AMAX_BYTES:
-            a, ak = 0, max(3, _next_pow2_log2(prep.k))   # every CTA reads the whole rows itself
-        else:
-            publishers = min(s * tiles, sms)
-            ak = max(3, _next_pow2_log2(-(-2048 // m)))
-            if -(-prep.k // (1 << ak)) > publishers:
-                ak = max(3, _next_pow2_log2(-(-prep.k // publishers)))
-            a = -(-prep.k // (1 << ak))
+        a, ak = amax_plan(m, prep.k, min(s * tiles, sms))
         return Plan("decode", f"w4a8r_decode_{is_}_m{8 * mt8}", (s, tiles), decode_smem(mt8), s, gq, gr, mt8=mt8,
                     amax_ctas=a, ak_log2=ak, part_int4=s * tiles * 8 * mt8 * 32 if s > 1 else 0)
     mtiles = -(-m // P_BM)

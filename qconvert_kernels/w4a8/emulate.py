@@ -703,9 +703,12 @@ def decode_cta(ctx: Ctx, mt8: int, is_int: bool, grid, s: int, tile: int):
             issue(i)
         sm.commit()
 
-    box = {}
-
-    def _exchange_amax():                                          # [w4r::decode, A > 0]
+    # 2. amax: A = 0, each CTA over its rows whole (own_amax); else the exchange  [w4r::decode]
+    if A == 0:
+        ctx.amax_paths["own"] = ctx.amax_paths.get("own", 0) + 1
+        s_inv, s_t = token_scales(ctx, own_amax(ctx, M, K, ak_log2, vec, bf16), ROWS)
+        yield None
+    else:
         ctx.amax_paths["exchange"] = ctx.amax_paths.get("exchange", 0) + 1
         publisher = (cta >= grid[0] * grid[1] - A) if "late_publishers" in mut else (cta < A)
         chunk_id = cta - (grid[0] * grid[1] - A) if "late_publishers" in mut else cta
@@ -745,18 +748,6 @@ def decode_cta(ctx: Ctx, mt8: int, is_int: bool, grid, s: int, tile: int):
                 ws[WS_ARRIVE] = 0
                 ws[WS_DONE] = 0
         yield None
-        box['s_inv'], box['s_t'] = s_inv, s_t
-
-    # 2. amax: A = 0, each CTA over its rows whole (own_amax); else the exchange
-    if A == 0:
-        ctx.amax_paths["own"] = ctx.amax_paths.get("own", 0) + 1
-        s_inv, s_t = token_scales(ctx, own_amax(ctx, M, K, ak_log2, vec, bf16), ROWS)
-        yield None
-    else:
-        yield from _exchange_amax()
-
-    if A != 0:
-        s_inv, s_t = box['s_inv'], box['s_t']
 
     # 3. main loop
     xc_log2 = min(ceil_log2(XK), ceil_log2(64 * nblk))
@@ -941,8 +932,30 @@ def prefill_cta(ctx: Ctx, is_int: bool, grid, bx: int, by: int, s: int):
             wr[ai] = sm.read(tid, buf * P_W_STAGE + w_off + (2 * ai + b2) * BLOCK_BYTES, 16, i,
                              "prefill weight LDS.128").view(np.uint32).reshape(THREADS, 4)
 
-    def kstep(kk, first):
+    def mma_step(buf, i, ks, odd, c_init):
+        """One k step's 2 x 8 mma of stage i (in buffer buf), the weights' low or high half; P from
+        the constant c_init on a group's first step, else accumulated."""
         nonlocal P
+        af = [a_frag(ctx, w[:, 2], w[:, 3]) if odd else a_frag(ctx, w[:, 0], w[:, 1]) for w in wr]
+        newP = np.empty_like(P)
+        for j in range(8):
+            off = P_W_STAGE * P_STAGES + buf * P_X_STAGE + x_off[ks] + j * 8 * P_BK
+            bb = sm.read(tid, off, 8, TAG_X + i, "prefill x LDS.64").view(np.uint32).reshape(THREADS, 2)
+            for ai in range(2):
+                f = ai * 8 + j
+                c_in = P[:, f] if c_init is None else np.full((THREADS, 4), c_init, np.int32)
+                d = mma_m16n8k32(af[ai].reshape(WARPS, 32, 4), bb.reshape(WARPS, 32, 2), c_in.reshape(WARPS, 32, 4),
+                                 a_unsigned="no_sign" in mut)
+                newP[:, f] = d.reshape(THREADS, 4)
+        P = newP
+
+    def end_group(fold_fn):
+        for ai in range(2):
+            for i2 in range(4):
+                sl = slice(ai * 8, (ai + 1) * 8)
+                acc[:, sl, i2] = fold_fn(ctx, is_int, acc[:, sl, i2], P[:, sl, i2], sc[ai][:, None, i2 >> 1])
+
+    def kstep(kk, first):
         i = (kk >> 2) - st0
         slot_i = i + 1 if "stage_off_by_one" in mut else i
         buf = slot_i % P_STAGES
@@ -950,19 +963,7 @@ def prefill_cta(ctx: Ctx, is_int: bool, grid, bx: int, by: int, s: int):
             begin_stage(i)
         if kk == kk0 or (kk & 1) == 0:
             read_weights(buf, i, (kk >> 1) & 1)
-        af = [a_frag(ctx, w[:, 2], w[:, 3]) if kk & 1 else a_frag(ctx, w[:, 0], w[:, 1]) for w in wr]
-        ks = kk & 3
-        newP = np.empty_like(P)
-        for j in range(8):
-            row = wm * 64 + j * 8 + gid
-            off = P_W_STAGE * P_STAGES + buf * P_X_STAGE + p_x_off(row, 2 * ks + (tig >> 1), swz) + ((tig & 1) << 3)
-            bb = sm.read(tid, off, 8, TAG_X + i, "prefill x LDS.64").view(np.uint32).reshape(THREADS, 2)
-            for ai in range(2):
-                f = ai * 8 + j
-                d = mma_m16n8k32(af[ai].reshape(WARPS, 32, 4), bb.reshape(WARPS, 32, 2), P[:, f].reshape(WARPS, 32, 4),
-                                 zero_c=first, a_unsigned="no_sign" in mut)
-                newP[:, f] = d.reshape(THREADS, 4)
-        P = newP
+        mma_step(buf, i, kk & 3, kk & 1, 0 if first else None)
 
     def scales_for(g):
         return p_scales(ctx, is_int, g * N128 + n_row0, sc16)
@@ -978,22 +979,8 @@ def prefill_cta(ctx: Ctx, is_int: bool, grid, bx: int, by: int, s: int):
             for ks in range(4):
                 if ks % 2 == 0:
                     read_weights(buf, i, ks >> 1)
-                af = [a_frag(ctx, w[:, 2], w[:, 3]) if ks & 1 else a_frag(ctx, w[:, 0], w[:, 1]) for w in wr]
-                newP = np.empty_like(P)
-                for j in range(8):
-                    off = P_W_STAGE * P_STAGES + buf * P_X_STAGE + x_off[ks] + j * 8 * P_BK
-                    bb = sm.read(tid, off, 8, TAG_X + i, "prefill x LDS.64").view(np.uint32).reshape(THREADS, 2)
-                    for ai in range(2):
-                        f = ai * 8 + j
-                        c_in = P[:, f] if ks > 0 or "g128_carry" in mut else np.full((THREADS, 4), g128_init(ctx, is_int), np.int32)
-                        d = mma_m16n8k32(af[ai].reshape(WARPS, 32, 4), bb.reshape(WARPS, 32, 2), c_in.reshape(WARPS, 32, 4),
-                                         a_unsigned="no_sign" in mut)
-                        newP[:, f] = d.reshape(THREADS, 4)
-                P = newP
-            for ai in range(2):
-                for i2 in range(4):
-                    acc[:, ai * 8:(ai + 1) * 8, i2] = fold_g128(ctx, is_int, acc[:, ai * 8:(ai + 1) * 8, i2], P[:, ai * 8:(ai + 1) * 8, i2],
-                                                                sc[ai][:, None, i2 >> 1])
+                mma_step(buf, i, ks, ks & 1, g128_init(ctx, is_int) if ks == 0 and "g128_carry" not in mut else None)
+            end_group(fold_g128)
             if nsc is not None:
                 sc = nsc
     else:
@@ -1002,9 +989,7 @@ def prefill_cta(ctx: Ctx, is_int: bool, grid, bx: int, by: int, s: int):
             kstep(g * spg, True)
             for stp in range(1, spg):
                 kstep(g * spg + stp, False)
-            for ai in range(2):
-                for i in range(4):
-                    acc[:, ai * 8:(ai + 1) * 8, i] = fold(ctx, is_int, acc[:, ai * 8:(ai + 1) * 8, i], P[:, ai * 8:(ai + 1) * 8, i], sc[ai][:, None, i >> 1])
+            end_group(fold)
             if nsc is not None:
                 sc = nsc
     sm.wait(0)

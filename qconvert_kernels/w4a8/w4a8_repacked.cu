@@ -113,6 +113,13 @@ __device__ __forceinline__ long long part_slot(int s, int tiles, int tile, int w
 
 // ------------------------------------------------------------------ shared pieces
 
+// 16 bytes of activations (8 fp16 / bf16, low half first) as floats.
+__device__ __forceinline__ void unpack_x8(const uint4& r, bool bf16, float (&v)[8]) {
+    const unsigned w[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+    for (int e = 0; e < 8; ++e) v[e] = qk::from_in_rt(static_cast<unsigned short>(w[e >> 1] >> (16 * (e & 1))), bf16);
+}
+
 // 8 activations x[m, k..k+7] as floats (zeros past K).  vec: one 16-byte load (K % 8 == 0 and x
 // 16-byte aligned, so k..k+7 is all in or all out).                                       [emulate.load_x8]
 __device__ __forceinline__ void load_x8(const unsigned short* __restrict__ x, int m, int k, int K, bool vec, bool bf16,
@@ -121,9 +128,7 @@ __device__ __forceinline__ void load_x8(const unsigned short* __restrict__ x, in
     if (vec) {
         uint4 r = make_uint4(0u, 0u, 0u, 0u);
         if (k < K) r = __ldg(reinterpret_cast<const uint4*>(row + k));
-        const unsigned w[4] = {r.x, r.y, r.z, r.w};
-#pragma unroll
-        for (int e = 0; e < 8; ++e) v[e] = qk::from_in_rt(static_cast<unsigned short>(w[e >> 1] >> (16 * (e & 1))), bf16);
+        unpack_x8(r, bf16, v);
     } else {
 #pragma unroll
         for (int e = 0; e < 8; ++e) v[e] = k + e < K ? qk::from_in_rt(__ldg(row + k + e), bf16) : 0.0f;
@@ -345,11 +350,11 @@ __device__ __forceinline__ void decode(const unsigned short* __restrict__ x, con
                 }
 #pragma unroll
                 for (int j = 0; j < 8; ++j) {
-                    const unsigned w[4] = {r[j].x, r[j].y, r[j].z, r[j].w};
+                    float v[8];
+                    unpack_x8(r[j], bf16, v);
                     mx[j] = 0.0f;
 #pragma unroll
-                    for (int e = 0; e < 8; ++e)
-                        mx[j] = fmaxf(mx[j], fabsf(qk::from_in_rt(static_cast<unsigned short>(w[e >> 1] >> (16 * (e & 1))), bf16)));
+                    for (int e = 0; e < 8; ++e) mx[j] = fmaxf(mx[j], fabsf(v[e]));
                 }
             } else {
 #pragma unroll
@@ -627,6 +632,56 @@ __device__ __forceinline__ void prefill(const signed char* __restrict__ xq, cons
 #pragma unroll
     for (int ks = 0; ks < 4; ++ks) x_off[ks] = p_x_off(wm * 64 + gid, 2 * ks + (tig >> 1)) + ((tig & 1) << 3);
 
+    // The two main loops' common steps.  read_w: both tiles' weight chunks of k64 block b2 of the
+    // stage in buffer buf.  mma_step: one k step's 2 x 8 mma on activations at xs (+ 1024 j per n8
+    // tile), the weights' low (k step even) or high half, from the constant `init` on a group's
+    // first step.  end_group: the fold of the group's sums and the next group's scales.
+    uint4 wr[2] = {make_uint4(0u, 0u, 0u, 0u), make_uint4(0u, 0u, 0u, 0u)};
+    auto read_w = [&](int buf, int b2) {
+#pragma unroll
+        for (int a = 0; a < 2; ++a) wr[a] = *reinterpret_cast<const uint4*>(sW + buf * P_W_STAGE + w_off + (2 * a + b2) * BLOCK_BYTES);
+    };
+    auto mma_step = [&](const unsigned char* xs, bool odd, bool first, int init) {
+        unsigned af[2][4];
+#pragma unroll
+        for (int a = 0; a < 2; ++a) {
+            if (odd) a_frag(wr[a].z, wr[a].w, af[a]);
+            else a_frag(wr[a].x, wr[a].y, af[a]);
+        }
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const uint2 bb = *reinterpret_cast<const uint2*>(xs + j * 8 * P_BK);
+            const unsigned b[2] = {bb.x, bb.y};
+#pragma unroll
+            for (int a = 0; a < 2; ++a) {
+                if (first) qk::mma_s8_init(P[a][j], af[a], b, init);
+                else qk::mma_s8(P[a][j], af[a], b);
+            }
+        }
+    };
+    auto end_group = [&](bool g128) {
+#pragma unroll
+        for (int a = 0; a < 2; ++a)
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    if (g128) fold_g128(acc[a][j][i], P[a][j][i], sc[a][i >> 1]);
+                    else fold1(acc[a][j][i], P[a][j][i], sc[a][i >> 1]);
+                }
+#pragma unroll
+        for (int a = 0; a < 2; ++a) {
+            sc[a][0] = nsc[a][0];
+            sc[a][1] = nsc[a][1];
+        }
+    };
+    auto next_scales = [&](int g) {  // group g + 1's, a group ahead
+        if (g + 1 < g1) {
+            sc_ptr += sc_step;
+            Scale<kIS>::load4(sc_ptr, sc16, nsc);
+        }
+    };
+
     if (spg == 4) {
         // g = 128 (the presets' group size): a stage is a group.  One iteration per stage: wait,
         // barrier, refill, the next group's scales, 4 unrolled k steps (the first from the constant
@@ -634,104 +689,31 @@ __device__ __forceinline__ void prefill(const signed char* __restrict__ xq, cons
         //                                                                          [emulate.prefill_g128]
 #pragma unroll 1
         for (int i = 0; i < nst; ++i) {
-            const int buf = i & (P_STAGES - 1), g = g0 + i;
+            const int buf = i & (P_STAGES - 1);
             begin_stage(i);
-            if (g + 1 < g1) {
-                sc_ptr += sc_step;
-                Scale<kIS>::load4(sc_ptr, sc16, nsc);
-            }
-            const unsigned char* sw = sW + buf * P_W_STAGE + w_off;
-            const unsigned char* sx = sX + buf * P_X_STAGE;
-            uint4 wr[2];
+            next_scales(g0 + i);
 #pragma unroll
             for (int ks = 0; ks < 4; ++ks) {
-                if ((ks & 1) == 0) {
-#pragma unroll
-                    for (int a = 0; a < 2; ++a) wr[a] = *reinterpret_cast<const uint4*>(sw + (2 * a + (ks >> 1)) * BLOCK_BYTES);
-                }
-                unsigned af[2][4];
-#pragma unroll
-                for (int a = 0; a < 2; ++a) {
-                    if (ks & 1) a_frag(wr[a].z, wr[a].w, af[a]);
-                    else a_frag(wr[a].x, wr[a].y, af[a]);
-                }
-#pragma unroll
-                for (int j = 0; j < 8; ++j) {
-                    const uint2 bb = *reinterpret_cast<const uint2*>(sx + x_off[ks] + j * 8 * P_BK);
-                    const unsigned b[2] = {bb.x, bb.y};
-#pragma unroll
-                    for (int a = 0; a < 2; ++a) {
-                        if (ks == 0) qk::mma_s8_init(P[a][j], af[a], b, G128<kIS>::P_INIT);
-                        else qk::mma_s8(P[a][j], af[a], b);
-                    }
-                }
+                if ((ks & 1) == 0) read_w(buf, ks >> 1);
+                mma_step(sX + buf * P_X_STAGE + x_off[ks], ks & 1, ks == 0, G128<kIS>::P_INIT);
             }
-#pragma unroll
-            for (int a = 0; a < 2; ++a)
-#pragma unroll
-                for (int j = 0; j < 8; ++j)
-#pragma unroll
-                    for (int i2 = 0; i2 < 4; ++i2) fold_g128(acc[a][j][i2], P[a][j][i2], sc[a][i2 >> 1]);
-#pragma unroll
-            for (int a = 0; a < 2; ++a) {
-                sc[a][0] = nsc[a][0];
-                sc[a][1] = nsc[a][1];
-            }
+            end_group(true);
         }
     } else {
         // Any other group size: one k step at a time (a group may end inside a stage, a split may
-        // start inside one).
-        uint4 wr[2] = {make_uint4(0u, 0u, 0u, 0u), make_uint4(0u, 0u, 0u, 0u)};
-
-        // One k step: a new stage every 4 steps (wait, barrier, refill the buffer freed by the
-        // previous stage), the two tiles' weight chunks every 2, then 2 x 8 mma.      [emulate.prefill_kstep]
+        // start inside one): a new stage every 4 steps, the weight chunks every 2.  [emulate.prefill_kstep]
         auto kstep = [&](int kk, bool first) {
-            const int i = (kk >> 2) - st0, buf = i & (P_STAGES - 1);
-            if (kk == kk0 || (kk & 3) == 0) begin_stage(i);
-            if (kk == kk0 || (kk & 1) == 0) {
-                const int b2 = (kk >> 1) & 1;
-#pragma unroll
-                for (int a = 0; a < 2; ++a)
-                    wr[a] = *reinterpret_cast<const uint4*>(sW + buf * P_W_STAGE + w_off + (2 * a + b2) * BLOCK_BYTES);
-            }
-            unsigned af[2][4];
-#pragma unroll
-            for (int a = 0; a < 2; ++a) {
-                if (kk & 1) a_frag(wr[a].z, wr[a].w, af[a]);
-                else a_frag(wr[a].x, wr[a].y, af[a]);
-            }
-            const int ks = kk & 3;
-#pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                const uint2 bb = *reinterpret_cast<const uint2*>(sX + buf * P_X_STAGE + p_x_off(wm * 64 + j * 8 + gid, 2 * ks + (tig >> 1)) + ((tig & 1) << 3));
-                const unsigned b[2] = {bb.x, bb.y};
-#pragma unroll
-                for (int a = 0; a < 2; ++a) {
-                    if (first) qk::mma_s8_zero(P[a][j], af[a], b);
-                    else qk::mma_s8(P[a][j], af[a], b);
-                }
-            }
+            const int i = (kk >> 2) - st0, buf = i & (P_STAGES - 1), ks = kk & 3;
+            if (kk == kk0 || ks == 0) begin_stage(i);
+            if (kk == kk0 || (kk & 1) == 0) read_w(buf, (kk >> 1) & 1);
+            mma_step(sX + buf * P_X_STAGE + p_x_off(wm * 64 + gid, 2 * ks + (tig >> 1)) + ((tig & 1) << 3), kk & 1, first, 0);
         };
-
         for (int g = g0; g < g1; ++g) {
-            if (g + 1 < g1) {
-                sc_ptr += sc_step;
-                Scale<kIS>::load4(sc_ptr, sc16, nsc);
-            }
+            next_scales(g);
             kstep(g * spg, true);
 #pragma unroll 1
             for (int st = 1; st < spg; ++st) kstep(g * spg + st, false);
-#pragma unroll
-            for (int a = 0; a < 2; ++a)
-#pragma unroll
-                for (int j = 0; j < 8; ++j)
-#pragma unroll
-                    for (int i = 0; i < 4; ++i) fold1(acc[a][j][i], P[a][j][i], sc[a][i >> 1]);
-#pragma unroll
-            for (int a = 0; a < 2; ++a) {
-                sc[a][0] = nsc[a][0];
-                sc[a][1] = nsc[a][1];
-            }
+            end_group(false);
         }
     }
     qk::cp_async_wait<0>();

@@ -1,0 +1,50 @@
+"""Instructions per tensor-core instruction in the main loop of repacked W4A8 GEMMs (the loop of its
+SASS with the most IMMA: the prefill's g = 128 stage loop; a decode kernel's such loop also holds
+the activation-chunk quantizer, so there only the registers column says much), static counts over
+the loop's body, and registers, for the launchers' NVRTC builds and, where nvcc is installed, nvcc's.
+docs/kernels.md quotes these; tests/test_kernels_families.py bounds the prefill's.  Needs
+cuobjdump (the [test] extra) and NVRTC or nvcc; no GPU.
+
+    python benchmarks/sass_loops.py [--archs sm_80,sm_89,sm_90] [--kernels w4a8r_prefill_is,w4a8r_prefill_fs]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from qconvert_kernels import compile as kc
+from qconvert_kernels import launch
+from qconvert_kernels.w4a8 import REPACKED
+
+
+def loop_counts(sass_text: str) -> tuple[int, int]:
+    """(instructions, IMMA) of the kernel's main loop."""
+    _, _, ops = kc.mma_loop(sass_text, "IMMA")
+    return sum(ops.values()), sum(c for op, c in ops.items() if op.startswith("IMMA"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--archs", default="sm_80,sm_89,sm_90")
+    ap.add_argument("--kernels", default="w4a8r_prefill_is,w4a8r_prefill_fs")
+    args = ap.parse_args()
+    builds = []
+    for arch in args.archs.split(","):
+        if kc.nvrtc_available():
+            path = launch.build(REPACKED.path, arch)
+            builds.append((f"NVRTC {arch}", path, kc.parse_ptxas(launch.build_log(path))))
+        if kc.nvcc_path():
+            path = kc.compile_cubin(arch, Path(tempfile.mkdtemp()), source=REPACKED.path)
+            builds.append((f"nvcc {arch}", path, kc.parse_ptxas(kc.ptxas_log(path))))
+    print(f"{'build':14s} {'kernel':22s} {'instructions':>12s} {'IMMA':>5s} {'per IMMA':>8s} {'registers':>9s}")
+    for name, path, report in builds:
+        sass = kc.kernel_sass(kc.sass(path))
+        for k in args.kernels.split(","):
+            n, m = loop_counts(sass[k])
+            print(f"{name:14s} {k:22s} {n:>12d} {m:>5d} {n / m:>8.2f} {report[k]['registers']:>9d}")
+
+
+if __name__ == "__main__":
+    main()
