@@ -20,7 +20,9 @@ __device__ __forceinline__ void mma_f16(float (&c)[4], const unsigned (&a)[4], c
 }
 
 // Operands from the thread index and a seed (the compiler cannot fold them); every accumulator ends
-// in out[] (nothing is dead code).  kInt: IMMA on int8, else HMMA on fp16 (finite values below 1).
+// in out[] (nothing is dead code): IMMA's wrapping int32 sum, which mma_peak.py:imma_checksums
+// predicts lane by lane (the GPU run compares), HMMA's float sum.  kInt: IMMA on int8, else HMMA
+// on fp16 (finite values below 1).
 template <bool kInt, typename Acc>
 __device__ __forceinline__ void peak(Acc* __restrict__ out, int iters, unsigned seed) {
     const unsigned v0 = seed ^ (blockIdx.x * blockDim.x + threadIdx.x);
@@ -44,7 +46,7 @@ __device__ __forceinline__ void peak(Acc* __restrict__ out, int iters, unsigned 
     for (int t = 0; t < CHAINS; ++t)
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
-            if constexpr (kInt) s ^= c[t][r];
+            if constexpr (kInt) s = static_cast<int>(static_cast<unsigned>(s) + static_cast<unsigned>(c[t][r]));
             else s = __fadd_rn(s, c[t][r]);
         }
     out[blockIdx.x * blockDim.x + threadIdx.x] = s;

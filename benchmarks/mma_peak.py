@@ -28,6 +28,34 @@ def tera_ops(kernel: str, blocks: int, iters: int, seconds: float) -> float:
     return blocks * 8 * CHAINS * iters * OPS[kernel] / seconds / 1e12
 
 
+SEED = 12345
+
+
+def imma_operands(n_threads: int, seed: int = SEED):
+    """Each thread's A and B registers in imma_peak, from its global index (mma_peak.cu's index math)."""
+    import numpy as np
+
+    v = (np.uint32(seed) ^ np.arange(n_threads, dtype=np.uint32)).astype(np.uint32)
+    a = np.stack([v, v ^ np.uint32(0x00010001), v ^ np.uint32(0x00020002), v ^ np.uint32(0x00030003)], -1)
+    b = np.stack([v ^ np.uint32(0x00040004), v ^ np.uint32(0x00050005)], -1)
+    return a, b
+
+
+def imma_checksums(n_threads: int, iters: int, seed: int = SEED):
+    """What imma_peak writes for each of n_threads threads, lane by lane on the CPU: the warp's
+    m16n8k32 product (the emulator's PTX fragment model, qconvert_kernels/w4a8/emulate.py) added
+    iters times into each of CHAINS accumulators, then the wrapping int32 sum of the lane's 4 x CHAINS
+    registers."""
+    import numpy as np
+
+    from qconvert_kernels.w4a8.emulate import mma_m16n8k32, wrap32
+
+    a, b = imma_operands(n_threads, seed)
+    warps = n_threads // 32
+    d = mma_m16n8k32(a.reshape(warps, 32, 4), b.reshape(warps, 32, 2), np.zeros((warps, 32, 4), np.int32), zero_c=True)
+    return wrap32(CHAINS * iters * d.astype(np.int64).sum(-1)).reshape(-1)
+
+
 def run(iters: int) -> list[dict]:
     from qconvert_kernels import launch
 
@@ -38,7 +66,7 @@ def run(iters: int) -> list[dict]:
         for per_sm in (1, 2, 4):                      # CTAs of 256 threads per SM: 8, 16, 32 warps
             blocks = sms * per_sm
             out = torch.empty(blocks * 256, dtype=torch.int32 if kernel == "imma_peak" else torch.float32, device=dev)
-            args = (launch.ptr(out), launch.i32(iters), launch.i32(12345))
+            args = (launch.ptr(out), launch.i32(iters), launch.i32(SEED))
             go = lambda: launch.launch(SOURCE, kernel, (blocks, 1, 1), (256, 1, 1), args, dev)  # noqa: E731
             go()
             torch.cuda.synchronize()
@@ -51,8 +79,12 @@ def run(iters: int) -> list[dict]:
                 b.synchronize()
                 times.append(a.elapsed_time(b) / 1e3)
             t = sorted(times)[len(times) // 2]
+            exact = None  # IMMA: the products the tensor cores made, against the lane-by-lane CPU model
+            if kernel == "imma_peak":
+                exact = bool((out.cpu().numpy() == imma_checksums(blocks * 256, iters)).all())
             rows.append({"kernel": kernel, "op": LABEL[kernel], "warps_per_sm": 8 * per_sm, "blocks": blocks,
-                         "iters": iters, "ms": round(t * 1e3, 3), "tops": round(tera_ops(kernel, blocks, iters, t), 1)})
+                         "iters": iters, "ms": round(t * 1e3, 3), "tops": round(tera_ops(kernel, blocks, iters, t), 1),
+                         "equal_to_cpu_model": exact})
             r = rows[-1]
             print(f"{r['op']:40s} {r['warps_per_sm']:>3} warps/SM  {r['ms']:>8.3f} ms  {r['tops']:>8.1f} TOPS", flush=True)
     return rows
@@ -75,6 +107,8 @@ def main() -> None:
                    "method": f"median of 5 launches, CUDA events; {CHAINS} independent mma per warp per iteration, register operands",
                    "best_tops": best, "rows": rows}, f, indent=1)
     print(f"best: int8 IMMA {best['imma_peak']} TOPS, fp16 HMMA {best['hmma_peak']} TFLOPS ({env['device']})")
+    if any(r["equal_to_cpu_model"] is False for r in rows):
+        raise SystemExit("imma_peak's sums differ from the CPU model: its timing is not of the products it claims")
 
 
 if __name__ == "__main__":

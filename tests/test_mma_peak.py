@@ -52,3 +52,36 @@ def test_without_a_gpu_it_says_so(tmp_path):
         pytest.skip("a GPU is present")
     p = run_benchmark_without_gpu(ROOT / "benchmarks" / "mma_peak.py", "--json", str(tmp_path / "m.json"))
     assert p.returncode != 0 and "no CUDA device" in p.stderr and not (tmp_path / "m.json").exists()
+
+
+def test_imma_checksums_lane_by_lane():
+    """The CPU model of imma_peak's output (the GPU run compares against it) from an independent
+    per-element product: each lane's registers placed by the PTX ISA's m16n8k32 .s8 fragment table
+    (a_r byte i = A[gid + 8 (r & 1)][4 tig + i + 16 (r >> 1)], b_r byte i = B[4 tig + i + 16 r][gid],
+    c_r = C[gid + 8 (r >> 1)][2 tig + (r & 1)]), C = A B in int64, CHAINS x iters of it summed per lane
+    and wrapped to int32.  The sums differ lane to lane, and another operand changes them: the
+    comparison on the GPU can fail."""
+    import numpy as np
+
+    n, iters = 64, 4096
+    a, b = mma_peak.imma_operands(n)
+    got = mma_peak.imma_checksums(n, iters)
+    for w in range(n // 32):
+        A, B = np.zeros((16, 32), np.int64), np.zeros((32, 8), np.int64)
+        by = lambda reg, i: np.int64(np.int8(np.uint8((int(reg) >> (8 * i)) & 0xFF)))  # noqa: E731
+        for lane in range(32):
+            gid, tig = lane >> 2, lane & 3
+            for r in range(4):
+                for i in range(4):
+                    A[gid + 8 * (r & 1), 4 * tig + i + 16 * (r >> 1)] = by(a[32 * w + lane, r], i)
+            for r in range(2):
+                for i in range(4):
+                    B[4 * tig + i + 16 * r, gid] = by(b[32 * w + lane, r], i)
+        C = A @ B
+        for lane in range(32):
+            gid, tig = lane >> 2, lane & 3
+            tot = sum(int(C[gid + 8 * (r >> 1), 2 * tig + (r & 1)]) for r in range(4)) * mma_peak.CHAINS * iters
+            assert got[32 * w + lane] == np.int64(tot & 0xFFFFFFFF).astype(np.uint32).view(np.int32), (w, lane)
+    assert len(set(got.tolist())) > n // 2
+    assert not np.array_equal(mma_peak.imma_checksums(n, iters, seed=54321), got)
+
