@@ -197,7 +197,10 @@ def test_commit_without_a_git_checkout_comes_from_the_environment(monkeypatch):
 
     from qconvert import bench
 
-    assert bench._git_commit()  # this checkout
+    from pathlib import Path
+
+    if (Path(bench.__file__).resolve().parents[1] / ".git").exists():
+        assert bench._git_commit()  # a git checkout answers for itself (a copied tree, as the image suite's, has none)
     monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 128, "", "not a git repository"))
     monkeypatch.setenv("COMMIT", "abc1234")
     assert bench._git_commit() == "abc1234"
