@@ -11,7 +11,8 @@
 #   PYTHON=/path/to/python bash benchmarks/gpu_check.sh   # default: python3 or python, whichever imports torch
 #
 # Seven parts, in this order, each under its own time budget (seconds, overridable as
-# BUDGET_A..BUDGET_G), 465 s in all (with each part's 10 s kill grace, under 9 minutes); every
+# BUDGET_A..BUDGET_G), 475 s in all (with each part's 10 s kill grace, under 9 minutes); PARTS
+# (default abcdefg) names the parts to run, for a rerun of some (PARTS=aeg); every
 # part writes its files under $OUT as it finishes, and a part that fails or runs out of time never
 # stops the next.  A device fault (an illegal
 # instruction, a bad address) poisons the CUDA context of its process: every test file and every
@@ -31,7 +32,7 @@
 #   d  GPU quantize of a random-weight Llama-3-8B-shaped checkpoint written here (quantize.json)
 #   e  the online Hadamard transform of --rotate hadamard+online (hadamard.json), then the other
 #      methods' kernels at M in {1, 4096}, each under its own 25 s: FP8 (sm_89+), I-LLM, QUIK
-#      (kernels_zqfp.json, kernels_illm.json, kernels_quik.json)
+#      (kernels_zqfp.json, kernels_illm.json, kernels_quik.json, each merged from one process per M)
 #   f  I-LLM's integer-only model on its kernels against FP16, end to end, on 4 blocks of the
 #      synthetic Llama-3-8B, batch 1 and 16, CUDA-graph captured and eager (e2e_illm.json)
 #   g  Nsight Compute's counters of the W4A8 prefill (M = 4096, 256) and decode (M = 1) kernels, IS
@@ -129,15 +130,20 @@ part_d() {  # --budget-s bounds the whole script, the checkpoint's writing inclu
   "$PYTHON" benchmarks/quantize_speed.py gpu --layers 2 --budget-s "$((BUDGET_D - 10))" --json "$out/quantize.json"
 }
 
-part_e() {
-  local rc=0 s
+part_e() {  # one process per scheme and M, as in part b (one M of all three in 25 s timed out)
+  local rc=0 s m
   # first, as it is short (2 orders x 4 M, 20 timed calls each)
   timeout 20 "$PYTHON" benchmarks/hadamard_speed.py --json "$out/hadamard.json" || rc=1  # --rotate hadamard+online
   for s in zqfp-w4a8:zqfp illm-w8a8:illm quik-w4a4:quik; do  # QUIK last: the H200 run of 2026-12-04 has its table
     if [ "${s##*:}" = zqfp ] && ! "$PYTHON" -c "import torch, sys; sys.exit(torch.cuda.get_device_capability() < (8, 9))"; then
       continue  # FP8 tensor cores: sm_89+
     fi
-    timeout 25 "$PYTHON" -m qconvert.cli bench --kernels --scheme "${s%%:*}" --m 1,4096 --json "$out/kernels_${s##*:}.json" || rc=1
+    rm -f "$out/kernels_${s##*:}"_m*.json
+    for m in 1 4096; do
+      timeout 20 "$PYTHON" -m qconvert.cli bench --kernels --scheme "${s%%:*}" --m "$m" --json "$out/kernels_${s##*:}_m$m.json" || rc=1
+    done
+    ls "$out/kernels_${s##*:}"_m*.json > /dev/null 2>&1 &&
+      { "$PYTHON" benchmarks/gpu_tables.py --merge "$out/kernels_${s##*:}.json" "$out/kernels_${s##*:}"_m*.json || rc=1; }
   done
   return $rc
 }
@@ -153,15 +159,14 @@ part_g() {  # counters, last: the timings above never wait on the profiler
 
 export -f part_a part_b part_c part_d part_e part_f part_g test_file
 export out
-BUDGET_A=${BUDGET_A:-120} BUDGET_B=${BUDGET_B:-95} BUDGET_C=${BUDGET_C:-75} BUDGET_D=${BUDGET_D:-50} BUDGET_E=${BUDGET_E:-60}
-BUDGET_F=${BUDGET_F:-35} BUDGET_G=${BUDGET_G:-30}
+BUDGET_A=${BUDGET_A:-140} BUDGET_B=${BUDGET_B:-75} BUDGET_C=${BUDGET_C:-70} BUDGET_D=${BUDGET_D:-45} BUDGET_E=${BUDGET_E:-70}
+BUDGET_F=${BUDGET_F:-30} BUDGET_G=${BUDGET_G:-45}
 export BUDGET_C BUDGET_D BUDGET_F
-part a "$BUDGET_A" bash -c part_a
-part b "$BUDGET_B" bash -c part_b
-part c "$BUDGET_C" bash -c part_c
-part d "$BUDGET_D" bash -c part_d
-part e "$BUDGET_E" bash -c part_e
-part f "$BUDGET_F" bash -c part_f
-part g "$BUDGET_G" bash -c part_g
+PARTS=${PARTS:-abcdefg}  # a rerun names the parts it repeats, e.g. PARTS=aeg
+for p in a b c d e f g; do
+  case "$PARTS" in *"$p"*) ;; *) continue ;; esac
+  budget_var=BUDGET_${p^^}
+  part "$p" "${!budget_var}" bash -c "part_$p"
+done
 cat "$out/parts.txt"
 ! grep -q "rc=[^0]" "$out/parts.txt"

@@ -7,7 +7,9 @@ Kernel timing (``kernel_bench``), per (shape, M, kernel):
     a CUDA graph holding ``reps`` back-to-back launches, timed with CUDA events and divided by
     ``reps`` — the graph removes Python's launch cost (about 10 µs a launch through CuPy or
     torch), which would otherwise dominate the small-M rows; if graph capture fails the
-    samples are eager launches and the row says ``timing: eager``;
+    samples are eager launches and the row says ``timing: eager``; ``reps`` (20 at most) is
+    cut to what makes a sample about 2 ms long (``sample_reps``), so a 1.5 ms prefill GEMM is
+    timed over 2 launches a sample, not 20 (the row records its ``reps``);
   * the reported figure is the median sample; TOPS = 2·M·N·K / t, GB/s = bytes the kernel
     must move (activations, weights, scales, output) / t.
 
@@ -110,6 +112,15 @@ class Timing:
     median_us: float
     samples: int
     mode: str  # "cuda-graph" or "eager"
+    reps: int = 1  # launches per sample
+
+
+SAMPLE_US = 2000.0  # what a sample's launches should take together (sample_reps)
+
+
+def sample_reps(launch_us: float, most: int) -> int:
+    """Launches per timed sample: enough for about SAMPLE_US of work, between 1 and ``most``."""
+    return max(1, min(most, math.ceil(SAMPLE_US / max(launch_us, 1e-3))))
 
 
 def _time_cuda(launch, n_sets: int, runs: int, warmup: int, reps: int) -> Timing:
@@ -117,6 +128,14 @@ def _time_cuda(launch, n_sets: int, runs: int, warmup: int, reps: int) -> Timing
     for i in range(warmup):
         launch(i % n_sets)
     torch.cuda.synchronize()
+    # one eager launch per operand set sizes the sample (launch cost included: an upper bound)
+    t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    t0.record()
+    for i in range(n_sets):
+        launch(i)
+    t1.record()
+    torch.cuda.synchronize()
+    reps = sample_reps(t0.elapsed_time(t1) * 1000.0 / n_sets, reps)
     graph = None
     try:
         stream = torch.cuda.Stream()
@@ -147,7 +166,7 @@ def _time_cuda(launch, n_sets: int, runs: int, warmup: int, reps: int) -> Timing
         ends[r].record()
     torch.cuda.synchronize()
     samples = [s.elapsed_time(e) * 1000.0 / reps for s, e in zip(starts, ends)]
-    return Timing(statistics.median(samples), runs, "cuda-graph" if graph is not None else "eager")
+    return Timing(statistics.median(samples), runs, "cuda-graph" if graph is not None else "eager", reps)
 
 
 def _operand_sets(set_bytes: int, device: torch.device, max_sets: int = 64) -> int:
@@ -184,7 +203,7 @@ def kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, runs: 
         roof = roofline.roofline_for(dev_name, n, k, m, kernel, g) or {}
         rows.append({"shape": label, "N": n, "K": k, "M": m, "kernel": kernel, "us": round(us, 3),
                      "tops": round(ops / (us * 1e-6) / 1e12, 3), "gbps": round(bytes_moved / (us * 1e-6) / 1e9, 1),
-                     "timing": timing.mode, "samples": timing.samples, "operand_sets": n_sets,
+                     "timing": timing.mode, "samples": timing.samples, "reps": timing.reps, "operand_sets": n_sets,
                      "roofline_us": roof.get("roofline_us"),
                      "roofline_frac": round(roof["roofline_us"] / us, 3) if roof else None})
 
@@ -222,7 +241,7 @@ def _recorder(rows: list, label: str, n: int, k: int, m: int, **extra):
         us = timing.median_us
         rows.append({"shape": label, "N": n, "K": k, "M": m, "kernel": kernel, "us": round(us, 3),
                      "tops": round(ops / (us * 1e-6) / 1e12, 3), "gbps": round(bytes_moved / (us * 1e-6) / 1e9, 1),
-                     "timing": timing.mode, "samples": timing.samples, **extra})
+                     "timing": timing.mode, "samples": timing.samples, "reps": timing.reps, **extra})
     return row
 
 

@@ -206,3 +206,13 @@ def test_commit_without_a_git_checkout_comes_from_the_environment(monkeypatch):
     assert bench._git_commit() == "abc1234"
     monkeypatch.delenv("COMMIT")
     assert bench._git_commit() is None
+
+
+def test_sample_reps_fit_a_sample_to_about_two_ms():
+    """A decode-sized launch keeps the 20 launches a sample; a 1.5 ms prefill GEMM gets 2, a
+    launch longer than a sample 1 (part e of gpu_check.sh timed out on 20 x 60 such launches)."""
+    assert b.sample_reps(10.0, 20) == 20
+    assert b.sample_reps(150.0, 20) == 14
+    assert b.sample_reps(1500.0, 20) == 2
+    assert b.sample_reps(5000.0, 20) == 1
+    assert b.sample_reps(0.0, 20) == 20 and b.sample_reps(10.0, 5) == 5

@@ -84,7 +84,7 @@ def test_fused_siblings_step_equals_the_unfused_one(outs):
     assert any(getattr(m, "_group", None) is not None for m in fused.modules())
     assert all(getattr(m, "_group", None) is None for m in plain.modules())
     ids = torch.randint(0, 300, (2, 7), generator=torch.Generator().manual_seed(1)).cuda()
-    engines = [DecodeEngine(m, 2, 32, graphs=True) for m in (fused, plain)]
+    engines = [DecodeEngine(m, 2, ids.shape[1] + STEPS, graphs=True) for m in (fused, plain)]
     a, b = (e.prefill(ids) for e in engines)
     assert torch.equal(a, b)
     for _ in range(STEPS - 5):

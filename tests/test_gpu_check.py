@@ -63,3 +63,17 @@ def test_every_part_runs_and_a_failed_part_is_recorded(tmp_path):
     assert "no CUDA device: this profiles the GPU kernels" in (out / "part_g.log").read_text()
     for x in "abcdefg":
         assert (out / f"part_{x}.log").is_file()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the script measures for real")
+def test_parts_names_the_parts_a_rerun_repeats(tmp_path):
+    out = tmp_path / "gpu"
+    env = {**os.environ, "OUT": str(out), "COMMIT": "abc1234", "PARTS": "fg",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("PYTHONPATH", None)
+    subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], cwd=tmp_path, env=env,
+                   capture_output=True, text=True, timeout=300)
+    parts = (out / "parts.txt").read_text().splitlines()
+    assert [p.split(":")[0] for p in parts] == ["part f", "part g"], parts
+    assert re.search(r"of 30 s\)", parts[0]) and re.search(r"of 45 s\)", parts[1]), parts  # their own default budgets
+    assert not (out / "part_a.log").exists() and not (out / "gpu.txt").exists()

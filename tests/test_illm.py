@@ -78,10 +78,11 @@ def test_di_rmsnorm_and_silu():
     assert float((y - xr * torch.sigmoid(xr)).abs().max()) < 2e-3
 
 
-def test_int_mm_padding_meets_cuda_int_mm_shapes():
-    """The CUDA path pads to M > 16 and M, K, N multiples of 8 (cuBLASLt refused M = 17 on an H200),
-    adding as few zeros as that needs; the padded product, cut back, is the product."""
-    for m, k, n in [(1, 64, 304), (17, 64, 300), (24, 16, 8), (130, 1000, 13), (8, 3, 1)]:
+def test_int_mm_operands_meet_cuda_int_mm_shapes_and_layout():
+    """The CUDA rule pads to M > 16 and M, K, N multiples of 8, adding as few zeros as that needs,
+    and hands b over column-major (cuBLASLt's int8 "TN" product: row-major b was refused on an
+    H200); the padded product, cut back, is the product.  The CPU rule pads nothing."""
+    for m, k, n in [(1, 64, 304), (17, 64, 300), (24, 64, 304), (130, 1000, 13), (8, 3, 1)]:
         pm, pk, pn = ri.int_mm_padding(m, k, n)
         mm, kk, nn = m + pm, k + pk, n + pn
         assert mm > 16 and kk >= 16 and nn >= 16 and mm % 8 == kk % 8 == nn % 8 == 0, (m, k, n)
@@ -89,9 +90,12 @@ def test_int_mm_padding_meets_cuda_int_mm_shapes():
         gen = torch.Generator().manual_seed(m + k + n)
         a = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
         b = torch.randint(-128, 128, (k, n), generator=gen, dtype=torch.int8)
-        pa = torch.nn.functional.pad(a, (0, pk, 0, pm))
-        pb = torch.nn.functional.pad(b, (0, pn, 0, pk))
+        pa, pb = ri.int_mm_operands(a, b, cuda=True)
+        assert pa.shape == (mm, kk) and pb.shape == (kk, nn)
+        assert pa.is_contiguous() and pb.stride() == (1, kk)  # b column-major: the TN product
         assert torch.equal(torch._int_mm(pa, pb)[:m, :n].long(), a.long() @ b.long())
+        ca, cb = ri.int_mm_operands(a, b)
+        assert ca.shape == (m, k) and cb.shape == (k, n) and cb.is_contiguous()
     assert ri.int_mm_padding(17, 64, 304) == (7, 0, 0)
 
 

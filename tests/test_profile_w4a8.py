@@ -16,11 +16,11 @@ spec.loader.exec_module(profile_w4a8)
 
 
 def test_ncu_command(tmp_path):
-    cmd = profile_w4a8.ncu_command("/x/ncu", tmp_path / "p.csv")
+    cmd = profile_w4a8.ncu_command("/x/ncu", tmp_path / "p.csv", 3)
     assert cmd[:3] == ["/x/ncu", "--clock-control", "none"]  # the device's clocks left alone
     assert cmd[cmd.index("--kernel-name") + 1] == "regex:w4a8r_(prefill|decode)_"
     assert [cmd[i + 1] for i, a in enumerate(cmd) if a == "--section"] == list(profile_w4a8.SECTIONS)
-    assert cmd[-3:] == [sys.executable, str(ROOT / "benchmarks" / "profile_w4a8.py"), "--run"]
+    assert cmd[-5:] == [sys.executable, str(ROOT / "benchmarks" / "profile_w4a8.py"), "--run", "--case", "3"]
     # the cases: prefill at 4096 and 256, decode at 1, both layouts; the plan picks those kernels
     from qconvert_kernels.w4a8 import cuda
 

@@ -378,9 +378,9 @@ def float32_gemm(a: torch.Tensor) -> bool:
 
 def int_mm_padding(m: int, k: int, n: int) -> tuple[int, int, int]:
     """Zero rows / columns (of M, K, N) that make ``torch._int_mm`` on CUDA take an [M, K] @ [K, N]
-    product: M > 16, K >= 16, and all three multiples of 8.  torch documents M > 16 and K, N
-    multiples of 8, but cuBLASLt (CUDA 13.0, H200, 2026-12-04) refused M = 17, K = 64, N = 304
-    (CUBLAS_STATUS_NOT_SUPPORTED), so M is made a multiple of 8 too.  Zero padding adds nothing."""
+    product: M > 16, K >= 16, and all three multiples of 8 (torch documents M > 16 and K, N
+    multiples of 8).  Zero padding adds nothing.  The layout matters as much: see
+    ``int_mm_operands``."""
     return (max(24, m + -m % 8) - m, max(16, k + -k % 8) - k, max(16, n + -n % 8) - n)
 
 
@@ -416,14 +416,28 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor, b32: torch.Tensor | None = Non
         return acc
     if a8.dim() == 3:
         return torch.stack([int8_matmul(x, y) for x, y in zip(a8, b8)])
+    m, n = a8.shape[0], b8.shape[1]
+    return torch._int_mm(*int_mm_operands(a8, b8))[:m, :n].long()
+
+
+def int_mm_operands(a8: torch.Tensor, b8: torch.Tensor, cuda: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """a [M, K], b [K, N] (int8) as ``torch._int_mm`` on CUDA takes them: padded by
+    ``int_mm_padding``, a row-major and b column-major (b.t() contiguous), so cuBLASLt sees the
+    "TN" product its int8 tensor-core kernels support.  Row-major b (the "NN" product) was refused
+    on an H200 (CUDA 13.0, 2026-12-04: CUBLAS_STATUS_NOT_SUPPORTED for M = 17 and M = 24, K = 64,
+    N = 304); torch's own test skips that case as unsupported by cuBLAS.  On the CPU, whose
+    ``_int_mm`` takes any shape and layout, both come back contiguous and unpadded; ``cuda``
+    (default: where a8 is) picks the rule."""
+    if not (a8.is_cuda if cuda is None else cuda):
+        return a8.contiguous(), b8.contiguous()
     m, k = a8.shape
     n = b8.shape[1]
-    pm, pk, pn = int_mm_padding(m, k, n) if a8.is_cuda else (0, 0, 0)  # the CPU's takes any shape
+    pm, pk, pn = int_mm_padding(m, k, n)
     if pm or pk:
         a8 = torch.nn.functional.pad(a8, (0, pk, 0, pm))
     if pk or pn:
         b8 = torch.nn.functional.pad(b8, (0, pn, 0, pk))
-    return torch._int_mm(a8.contiguous(), b8.contiguous())[:m, :n].long()
+    return a8.contiguous(), b8.t().contiguous().t()
 
 
 @contextlib.contextmanager
