@@ -16,12 +16,14 @@ Reported: the whole run, the time of each stage (embeddings and head, then each 
 read from the run's journal as its lines appear), the GPTQ solves and calibration forwards
 (from quantize --json), peak GPU memory (torch.cuda.max_memory_allocated) and peak RSS.
 ``--layers N`` uses N decoder blocks instead of 32 (the per-block figures extrapolate);
+``--vocab V`` a vocabulary of V tokens instead of the shape's (at least the tokenizer's 16002; the
+embeddings and head shrink, a decoder block's time does not change);
 ``--budget-s S`` bounds the whole script (the synthetic checkpoint's writing included): the run
 is stopped when S seconds are spent and reports the blocks finished by then.
 
     python benchmarks/quantize_speed.py cpu-c4 --data-file ../shared/data/c4-en/c4-train.00000-of-01024.first1000.jsonl
     python benchmarks/quantize_speed.py cpu-main
-    python benchmarks/quantize_speed.py gpu --layers 2 --budget-s 40       # benchmarks/gpu_check.sh, part d
+    python benchmarks/quantize_speed.py gpu --layers 2 --vocab 32768 --budget-s 35   # benchmarks/gpu_check.sh, part d
     python benchmarks/quantize_speed.py gpu --budget-s 540                 # the whole 8B-shaped model
 """
 
@@ -51,6 +53,7 @@ def main() -> None:
     ap.add_argument("run", choices=sorted(GOALS))
     ap.add_argument("--data-file", help="cpu-c4: the C4 excerpt (.jsonl)")
     ap.add_argument("--layers", type=int, help="gpu: decoder blocks of the synthetic model (default: 32, as Llama-3-8B)")
+    ap.add_argument("--vocab", type=int, help=f"gpu: vocabulary size (default: the shape's; at least {WORDS + 2})")
     ap.add_argument("--shape", default="llama3-8b", help="gpu: qconvert.bench.SYNTHETIC shape (smollm2-135m to try it on a CPU)")
     ap.add_argument("--device", help="override the run's --device (gpu run: cuda)")
     ap.add_argument("--budget-s", type=float, help="stop the run after this many seconds and report what finished")
@@ -92,8 +95,10 @@ def _spec(args, work: Path) -> dict:
     else:
         device = args.device or "cuda"
         _check_device(device)  # before the checkpoint is written: a missing GPU costs seconds, not minutes
-        source, ckpt_bytes = _synthetic_checkpoint(work / f"src-{args.shape}-{args.layers or 'all'}", args.shape,
-                                                   args.layers, device)
+        if args.vocab is not None and args.vocab < WORDS + 2:
+            raise SystemExit(f"--vocab {args.vocab}: the calibration tokenizer has {WORDS + 2} tokens; give at least that")
+        source, ckpt_bytes = _synthetic_checkpoint(work / f"src-{args.shape}-{args.layers or 'all'}-{args.vocab or 'v'}",
+                                                   args.shape, args.layers, device, args.vocab)
         calib.update(source="file", data_file=str(Path(source) / "calib.txt"))
         extra = "--calib file --data-file SRC/calib.txt"
     extra += "".join(f" --{k} {v}" for k, v in calib.items() if k in ("nsamples", "seqlen"))
@@ -101,7 +106,7 @@ def _spec(args, work: Path) -> dict:
     spec = {"source": str(source), "out": str(work / "out"), "device": device, "calib": calib,
             "budget_s": args.budget_s, "report": str(work / "report.json"), "command": " ".join(cmd.split())}
     if args.run == "gpu":
-        spec.update(checkpoint_bytes=ckpt_bytes, shape=args.shape, layers=args.layers)
+        spec.update(checkpoint_bytes=ckpt_bytes, shape=args.shape, layers=args.layers, vocab=args.vocab)
     return spec
 
 
@@ -128,7 +133,7 @@ def _run_child(spec: dict, work: Path) -> dict:
     result = json.loads(result_file.read_text())
     result.update(command=spec["command"], child_wall_seconds=round(wall, 1), peak_rss_bytes=usage.ru_maxrss * 1024)
     if "checkpoint_bytes" in spec:
-        result.update(checkpoint_bytes=spec["checkpoint_bytes"], shape=spec["shape"], layers=spec["layers"],
+        result.update(checkpoint_bytes=spec["checkpoint_bytes"], shape=spec["shape"], layers=spec["layers"], vocab=spec.get("vocab"),
                       peak_rss_fraction=round(result["peak_rss_bytes"] / spec["checkpoint_bytes"], 3))
     return result
 
@@ -175,17 +180,18 @@ def _child(spec: dict) -> None:
     Path(spec["result"]).write_text(json.dumps(result) + "\n")
 
 
-def _synthetic_checkpoint(directory: Path, shape: str, layers: int | None, device: str) -> tuple[str, int]:
+def _synthetic_checkpoint(directory: Path, shape: str, layers: int | None, device: str,
+                          vocab: int | None = None) -> tuple[str, int]:
     """A random-weight checkpoint of ``shape`` (bf16 safetensors, shards of ~2 GB, an index), a
     word-level tokenizer and a seeded random text; made once per directory.  Returns (path, weight bytes)."""
     if not (directory / "model.safetensors.index.json").is_file():
         code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import quantize_speed as q; "
-                f"q.write_synthetic({str(directory)!r}, {shape!r}, {layers!r}, {device!r})")
+                f"q.write_synthetic({str(directory)!r}, {shape!r}, {layers!r}, {device!r}, {vocab!r})")
         subprocess.run([sys.executable, "-c", code], check=True)  # its memory is not the run's
     return str(directory), sum(p.stat().st_size for p in directory.glob("*.safetensors"))
 
 
-def write_synthetic(directory: str, shape: str, layers: int | None, device: str) -> None:
+def write_synthetic(directory: str, shape: str, layers: int | None, device: str, vocab: int | None = None) -> None:
     import torch
     from safetensors.torch import save_file
     from transformers import LlamaConfig
@@ -195,7 +201,7 @@ def write_synthetic(directory: str, shape: str, layers: int | None, device: str)
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    kw = dict(SYNTHETIC[shape], **({"num_hidden_layers": layers} if layers else {}))
+    kw = dict(SYNTHETIC[shape], **({"num_hidden_layers": layers} if layers else {}), **({"vocab_size": vocab} if vocab else {}))
     config = LlamaConfig(**kw, dtype="bfloat16", architectures=["LlamaForCausalLM"])
     dev = device if device.startswith("cuda") and torch.cuda.is_available() else "cpu"
     gen = torch.Generator(device=dev).manual_seed(0)

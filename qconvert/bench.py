@@ -93,14 +93,17 @@ def environment(device: torch.device) -> dict:
 
 
 def _git_commit() -> str | None:
-    """The checkout's short commit; where there is no git checkout (a tree copied to a GPU machine
-    without .git), $COMMIT as the caller set it (benchmarks/gpu_check.sh)."""
+    """$COMMIT where the caller set it (benchmarks/gpu_check.sh on a tree copied to a GPU machine,
+    whose .git, if it has one, may name an older commit: the H200 rerun of 2026-12-04 ran ba0b5d1's
+    tree and git there answered caa2c67); else the checkout's short commit; else None."""
+    if os.environ.get("COMMIT"):
+        return os.environ["COMMIT"]
     try:
         res = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
         commit = res.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
-    return commit or os.environ.get("COMMIT") or None
+    return commit or None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -80,11 +80,21 @@ class OnlineHadamard:
             self._on_device[key] = self.sign.to(device=key[0], dtype=dtype)
         return self._on_device[key]
 
+    def table_on(self, device: torch.device) -> torch.Tensor:
+        """A in the float32 form the CUDA kernel reads (``qconvert_kernels.hadamard.cuda.sign_table``),
+        made on ``device`` once, as ``sign_on``."""
+        key = (torch.device(device), "table")
+        if key not in self._on_device:
+            from qconvert_kernels.hadamard import cuda as kh
+
+            self._on_device[key] = kh.sign_table(self.sign_on(device))
+        return self._on_device[key]
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
             from qconvert_kernels.hadamard import cuda as kh
 
-            return kh.transform(x, self.sign_on(x.device), self.lp, self.scale)
+            return kh.transform(x, self.sign_on(x.device), self.lp, self.scale, self.table_on(x.device))
         from qconvert_kernels.hadamard import reference
 
         return reference.transform(x, self.sign, self.lp, self.scale)

@@ -191,16 +191,19 @@ def test_kernel_plot_renders(tmp_path):
 
 
 def test_commit_without_a_git_checkout_comes_from_the_environment(monkeypatch):
-    """A tree copied to a GPU machine without .git: the results name the commit gpu_check.sh's caller
-    gave as $COMMIT (and git's answer wherever there is one)."""
+    """A tree copied to a GPU machine, with no .git or a stale one: the results name the commit
+    gpu_check.sh's caller gave as $COMMIT, ahead of git's answer; without $COMMIT, git's."""
     import subprocess
 
     from qconvert import bench
 
     from pathlib import Path
 
+    monkeypatch.delenv("COMMIT", raising=False)
     if (Path(bench.__file__).resolve().parents[1] / ".git").exists():
         assert bench._git_commit()  # a git checkout answers for itself (a copied tree, as the image suite's, has none)
+        monkeypatch.setenv("COMMIT", "feed123")
+        assert bench._git_commit() == "feed123"  # the caller's word first
     monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 128, "", "not a git repository"))
     monkeypatch.setenv("COMMIT", "abc1234")
     assert bench._git_commit() == "abc1234"

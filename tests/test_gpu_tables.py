@@ -45,3 +45,19 @@ def test_decode_variants_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| q/o_proj (4096 x 4096) | 1 | 12.00 (288, 2) | 10.00 (256, 2) | 11.00 (288, 0) | 8.00 (256, 0) | 1.50x |" in out
 
+
+
+def test_the_caa2c67_run_gives_the_tables_docs_quote(capsys):
+    """The second H200 run (benchmarks/results/gpu/2026-12-04_h200_caa2c67): docs/benchmarks.md's rows
+    come out of its files as committed."""
+    run2 = ROOT / "benchmarks" / "results" / "gpu" / "2026-12-04_h200_caa2c67"
+    gpu_tables.main(str(run2 / "1_gpu_check"))
+    out = capsys.readouterr().out
+    assert "| q/o_proj (4096 x 4096) | 1 | 12.7 | 10.8 | 11.5 | 1.18x | 1.06x | 17% |" in out
+    assert "int8 mma.sync ceiling measured here (1,124.7 TOPS)" in out
+    assert "| q/o_proj (4096 x 4096) | 1 | 14.64 (288, 2) | 10.01 (256, 2) | 14.98 (288, 0) | 9.61 (256, 0) | 1.52x |" in out
+    assert "| cuda-graph | decode batch 1, tokens/s | 145 | 203 | 1.40x |" in out
+    gpu_tables.main(str(run2 / "2_rerun"))
+    out = capsys.readouterr().out
+    assert "| 14336 (28 x 512) | 1 | 47.3 | 1.2 | 38.4x | cuda-graph |" in out
+    assert "### kernels:zqfp-w4a8" in out and "### kernels:illm-w8a8" in out and "### kernels:quik-w4a4" in out

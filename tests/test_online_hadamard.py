@@ -87,7 +87,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int16)
 
 
-@pytest.mark.parametrize("n,rows", [(1536, 3), (80, 5), (64, 1), (160, 7), (688, 2)])
+@pytest.mark.parametrize("n,rows", [(1536, 3), (80, 5), (64, 1), (160, 7), (688, 2), (14336, 1), (160, 17), (24, 2)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_kernel_equals_reference_bit_for_bit(n, rows, dtype):
     t = OnlineHadamard(n)
@@ -109,20 +109,25 @@ def test_kernel_keeps_leading_dimensions_and_overflow():
 
 def _mutant(monkeypatch, what: str):
     if what == "pair index":
-        monkeypatch.setattr(emulate, "pair_index", lambda q, s: ((q >> s) << s) | (q & ((1 << s) - 1)))
+        monkeypatch.setattr(emulate, "pass_index", lambda q, s0, S: ((q >> s0) << (s0 + S - 1)) | (q & ((1 << s0) - 1)))
     elif what == "sign transposed":
-        monkeypatch.setattr(emulate, "sign_index", lambda a, ap, m: ap * m + a)
+        monkeypatch.setattr(emulate, "table_index", lambda a, j, r, mp: ((j << 3) + r) * mp + a)
+    elif what == "chunk stride":
+        monkeypatch.setattr(emulate, "chunk_of", lambda c, jl, cl: c + jl)
     elif what == "no scale":
         monkeypatch.setattr(emulate, "_to_bits", lambda v, bf16, f=emulate._to_bits: f(v * np.float32(math.sqrt(160)), bf16))
 
 
-@pytest.mark.parametrize("what", ["pair index", "sign transposed", "no scale"])
+@pytest.mark.parametrize("what", ["pair index", "sign transposed", "chunk stride", "no scale"])
 def test_emulator_catches_kernel_mutations(monkeypatch, what):
-    """A kernel with another pair index, A read transposed (A of order 20 is not symmetric) or the
-    scale left out does not pass: the emulator raises or the bits differ."""
-    t = OnlineHadamard(160)
-    assert not torch.equal(t.sign, t.sign.T)
-    x = _rows(3, 160, torch.float16, seed=1)
+    """A kernel with another group index in its butterfly passes (order 1536 = 12 x 2^7: two passes
+    after the load's three stages), A read transposed (A of order 20 is not symmetric), the chunks
+    of a row's CTAs strided by 1 instead of C (160 = 20 x 8: 3 chunks over 2 CTAs, one written
+    twice) or the scale left out does not pass: the emulator raises or the bits differ."""
+    n = 1536 if what == "pair index" else 160
+    t = OnlineHadamard(n)
+    assert n != 160 or not torch.equal(t.sign, t.sign.T)
+    x = _rows(3, n, torch.float16, seed=1)
     want = reference.transform(x, t.sign, t.lp, t.scale)
     _mutant(monkeypatch, what)
     try:
@@ -130,6 +135,26 @@ def test_emulator_catches_kernel_mutations(monkeypatch, what):
     except AssertionError:
         return
     assert not torch.equal(_bits(got), _bits(want))
+
+
+def test_ctas_per_row_spread_a_short_batch():
+    """C is a power of two, at most A's chunk count (R = 8 columns each), and brings a short batch
+    to about two CTAs per SM: batch 1 of Llama-3-8B's 14336 = 28 x 512 runs on 4 CTAs, a prefill on
+    one CTA a row; the emulated launches above cover C = 1, 2, 4 and 8."""
+    assert kh.ctas_per_row(1, 28, 132) == 4 and kh.ctas_per_row(4096, 28, 132) == 1
+    assert kh.ctas_per_row(1, 344, 132) == 32 and kh.ctas_per_row(2, 344, 8) == 8
+    assert kh.ctas_per_row(3, 20, 8) == 2 and kh.ctas_per_row(1, 1, 132) == 1
+    assert kh.ctas_per_row(100, 28, 132) == 2 and kh.ctas_per_row(264, 28, 132) == 1
+
+
+def test_a_row_at_an_odd_offset_is_copied_for_the_wide_loads():
+    """The kernel reads eight inputs a load: a view starting 2 bytes into its storage is copied
+    first (the emulator refuses an unaligned row), and the result is the reference's."""
+    t = OnlineHadamard(160)
+    x = _rows(3, 161, torch.float16, seed=3).reshape(-1)[1:1 + 2 * 160].reshape(2, 160)
+    assert x.data_ptr() % 16
+    want = reference.transform(x, t.sign, t.lp, t.scale)
+    assert torch.equal(_bits(_emulated(x, t)), _bits(want))
 
 
 def test_launch_with_too_little_shared_memory_is_caught(monkeypatch):

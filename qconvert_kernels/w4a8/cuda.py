@@ -155,9 +155,12 @@ def w4a8_fs_gemm(xq, t, qweight_packed, scales, group_size: int, out_dtype):
 
 DECODE_MAX_M = 64
 # Decode with M <= OWN_AMAX_MAX_M tokens whose activations are at most OWN_AMAX_BYTES: every CTA takes
-# the per-token amax over all of K itself (A = 0), with no exchange through the workspace.
+# the per-token amax over all of K itself (A = 0), with no exchange through the workspace.  8 KB,
+# not the first rule's 32 KB: on the H200 (2026-12-04, benchmarks/decode_variants.py) the own amax
+# gained 2-4% at M = 1 on the K = 4096 linears (8 KB) and lost 5% on down_proj at M = 1 (28 KB) and
+# 5-8% on q/o and qkv at M = 4 (32 KB).
 OWN_AMAX_MAX_M = 4
-OWN_AMAX_BYTES = 32768
+OWN_AMAX_BYTES = 8192
 R_THREADS = 256
 D_STAGES = 8
 D_W_BYTES = D_STAGES * 8 * 512

@@ -325,7 +325,7 @@ __device__ __forceinline__ void decode(const unsigned short* __restrict__ x, con
     }
 
     // 2. Per-token amax over all of K.
-    //    A = 0 (the plan: M <= 4 and at most 32 KB of activations): every CTA reads its rows whole,
+    //    A = 0 (the plan: M <= 4 and at most 8 KB of activations): every CTA reads its rows whole,
     //    eight 16-byte loads in flight per thread, and takes the amax itself; nothing is exchanged,
     //    and the amax words of the workspace are not touched.                       [emulate.own_amax]
     //    A > 0: shared through the workspace: CTA c < A takes k chunk
