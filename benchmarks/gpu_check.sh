@@ -11,7 +11,8 @@
 #   PYTHON=/path/to/python bash benchmarks/gpu_check.sh   # default: python3 or python, whichever imports torch
 #
 # Seven parts, in this order, each under its own time budget (seconds, overridable as
-# BUDGET_A..BUDGET_G), 475 s in all (with each part's 10 s kill grace, under 9 minutes); PARTS
+# BUDGET_A..BUDGET_G), 470 s in all (540 s with each part's 10 s kill grace; the full run of
+# 2026-12-04 took 413 s); PARTS
 # (default abcdefg) names the parts to run, for a rerun of some (PARTS=aeg); every
 # part writes its files under $OUT as it finishes, and a part that fails or runs out of time never
 # stops the next.  A device fault (an illegal
@@ -32,7 +33,7 @@
 #   d  GPU quantize of a random-weight Llama-3-8B-shaped checkpoint written here, 2 blocks and a
 #      32768-token vocabulary (quantize.json)
 #   e  the online Hadamard transform of --rotate hadamard+online (hadamard.json), then the other
-#      methods' kernels at M in {1, 4096}, each under its own 25 s: FP8 (sm_89+), I-LLM, QUIK
+#      methods' kernels at M in {1, 4096}, each M under its own 20 s: FP8 (sm_89+), I-LLM, QUIK
 #      (kernels_zqfp.json, kernels_illm.json, kernels_quik.json, each merged from one process per M)
 #   f  I-LLM's integer-only model on its kernels against FP16, end to end, on 4 blocks of the
 #      synthetic Llama-3-8B, batch 1 and 16, CUDA-graph captured and eager (e2e_illm.json)
@@ -75,8 +76,9 @@ test_file() {  # test_file PATH: one GPU test file in a process of its own; one 
   local rc split=()
   # the two slowest files (each over 120 s alone beside the others on the H200, 2026-12-04) spread
   # over 3 workers where the image has pytest-xdist
+  # (--durations: each log ends with its ten slowest tests, for the next budget)
   case " $SPLIT_TESTS " in *" $b "*) "$PYTHON" -c "import xdist" 2> /dev/null && split=(-n 3) ;; esac
-  "$PYTHON" -m pytest -v -rfs -p no:cacheprovider "${split[@]}" "$f" --junitxml "$out/tests/$b.xml" > "$out/tests/$b.log" 2>&1
+  "$PYTHON" -m pytest -v -rfs -p no:cacheprovider --durations=10 "${split[@]}" "$f" --junitxml "$out/tests/$b.xml" > "$out/tests/$b.log" 2>&1
   rc=$?
   [ $rc -eq 5 ] && rc=0  # pytest's "no tests collected": a file skipped whole (e.g. FP8 below sm_89) is no failure
   echo "rc=$rc $f: $(tail -n 1 "$out/tests/$b.log")" >> "$out/tests.txt"
@@ -144,7 +146,7 @@ part_e() {  # one process per scheme and M, as in part b (one M of all three in 
     if [ "${s##*:}" = zqfp ] && ! "$PYTHON" -c "import torch, sys; sys.exit(torch.cuda.get_device_capability() < (8, 9))"; then
       continue  # FP8 tensor cores: sm_89+
     fi
-    rm -f "$out/kernels_${s##*:}"_m*.json
+    rm -f "$out/kernels_${s##*:}"_m*.json "$out/kernels_${s##*:}.json"  # none of an earlier run's left
     for m in 1 4096; do
       timeout 20 "$PYTHON" -m qconvert.cli bench --kernels --scheme "${s%%:*}" --m "$m" --json "$out/kernels_${s##*:}_m$m.json" || rc=1
     done
@@ -166,8 +168,9 @@ part_g() {  # counters, last: the timings above never wait on the profiler
 export -f part_a part_b part_c part_d part_e part_f part_g test_file
 export out
 export SPLIT_TESTS="test_kernels_w4a8r_gpu test_quantize_device_gpu"
-BUDGET_A=${BUDGET_A:-140} BUDGET_B=${BUDGET_B:-75} BUDGET_C=${BUDGET_C:-70} BUDGET_D=${BUDGET_D:-45} BUDGET_E=${BUDGET_E:-70}
-BUDGET_F=${BUDGET_F:-30} BUDGET_G=${BUDGET_G:-45}
+# part g's six ncu cases took 58 s on the H200 (2026-12-04); part e 53 s
+BUDGET_A=${BUDGET_A:-140} BUDGET_B=${BUDGET_B:-70} BUDGET_C=${BUDGET_C:-70} BUDGET_D=${BUDGET_D:-45} BUDGET_E=${BUDGET_E:-60}
+BUDGET_F=${BUDGET_F:-30} BUDGET_G=${BUDGET_G:-55}
 export BUDGET_C BUDGET_D BUDGET_F
 PARTS=${PARTS:-abcdefg}  # a rerun names the parts it repeats, e.g. PARTS=aeg
 for p in a b c d e f g; do

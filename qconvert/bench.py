@@ -8,8 +8,9 @@ Kernel timing (``kernel_bench``), per (shape, M, kernel):
     ``reps`` — the graph removes Python's launch cost (about 10 µs a launch through CuPy or
     torch), which would otherwise dominate the small-M rows; if graph capture fails the
     samples are eager launches and the row says ``timing: eager``; ``reps`` (20 at most) is
-    cut to what makes a sample about 2 ms long (``sample_reps``), so a 1.5 ms prefill GEMM is
-    timed over 2 launches a sample, not 20 (the row records its ``reps``);
+    cut to what makes a sample about 2 ms long, but not below the operand sets' count
+    (``sample_reps``), so a 1.5 ms prefill GEMM on 2 sets is timed over 2 launches a sample, not
+    20 (the row records its ``reps``);
   * the reported figure is the median sample; TOPS = 2·M·N·K / t, GB/s = bytes the kernel
     must move (activations, weights, scales, output) / t.
 
@@ -121,9 +122,11 @@ class Timing:
 SAMPLE_US = 2000.0  # what a sample's launches should take together (sample_reps)
 
 
-def sample_reps(launch_us: float, most: int) -> int:
-    """Launches per timed sample: enough for about SAMPLE_US of work, between 1 and ``most``."""
-    return max(1, min(most, math.ceil(SAMPLE_US / max(launch_us, 1e-3))))
+def sample_reps(launch_us: float, most: int, n_sets: int = 1) -> int:
+    """Launches per timed sample: enough for about SAMPLE_US of work, between 1 and ``most``, and
+    never fewer than the operand sets (up to ``most``), so one sample still cycles through every
+    set and finds none of its operands in the L2 from the launch before."""
+    return max(1, min(most, max(math.ceil(SAMPLE_US / max(launch_us, 1e-3)), n_sets)))
 
 
 def _time_cuda(launch, n_sets: int, runs: int, warmup: int, reps: int) -> Timing:
@@ -138,7 +141,7 @@ def _time_cuda(launch, n_sets: int, runs: int, warmup: int, reps: int) -> Timing
         launch(i)
     t1.record()
     torch.cuda.synchronize()
-    reps = sample_reps(t0.elapsed_time(t1) * 1000.0 / n_sets, reps)
+    reps = sample_reps(t0.elapsed_time(t1) * 1000.0 / n_sets, reps, n_sets)
     graph = None
     try:
         stream = torch.cuda.Stream()

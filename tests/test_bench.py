@@ -219,3 +219,5 @@ def test_sample_reps_fit_a_sample_to_about_two_ms():
     assert b.sample_reps(1500.0, 20) == 2
     assert b.sample_reps(5000.0, 20) == 1
     assert b.sample_reps(0.0, 20) == 20 and b.sample_reps(10.0, 5) == 5
+    # every operand set stays in the graph (the L2 never holds the next launch's operands)
+    assert b.sample_reps(1500.0, 20, n_sets=3) == 3 and b.sample_reps(1500.0, 20, n_sets=64) == 20

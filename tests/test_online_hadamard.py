@@ -177,6 +177,10 @@ def test_launcher_refuses_what_the_kernel_cannot_do():
             kh.transform(torch.zeros(2, 160), t.sign, t.lp, t.scale)
         with pytest.raises(ValueError, match="last dimension is 96"):
             kh.transform(torch.zeros(2, 96, dtype=torch.float16), t.sign, t.lp, t.scale)
+        tab = kh.sign_table(t.sign)
+        off = torch.zeros(tab.numel() + 1)[1:].view(tab.shape)  # contiguous, 4 bytes off
+        with pytest.raises(ValueError, match="16-byte aligned"):
+            kh.transform(torch.zeros(2, 160, dtype=torch.float16), t.sign, t.lp, t.scale, off)
         with pytest.raises(ValueError, match="exceeds 32768"):
             big = OnlineHadamard(65536)
             kh.transform(torch.zeros(1, 65536, dtype=torch.float16), big.sign, big.lp, big.scale)

@@ -63,6 +63,7 @@ def transform(x: torch.Tensor, sign: torch.Tensor, lp: int, scale: float, table:
     mp = -(-m // R) * R
     _l.require(table.dtype == torch.float32 and tuple(table.shape) == (m, mp) and table.is_contiguous(),
                f"{fn}: table must be sign_table(sign), a contiguous float32 [{m}, {mp}]")
+    _l.require(table.data_ptr() % 16 == 0, f"{fn}: table must be 16-byte aligned (the kernel reads it 16 bytes at a time)")
     dev = _l.check_cuda(fn, x, sign, table)
     rows = x.reshape(-1, n).contiguous()
     if rows.data_ptr() % 16:  # the kernel reads eight inputs at once (a view at an odd offset)

@@ -96,6 +96,8 @@ def hook(name: str, grid: tuple, block: tuple, args: tuple, shared_mem: int, sou
         raise AssertionError(f"{name}: gridDim.y = {ctas}; the kernel takes log2 of it with __ffs (a power of two)")
     if lp >= 3 and int(px) % 16:
         raise AssertionError(f"{name}: x at {int(px):#x} is not 16-byte aligned; the kernel reads eight inputs at once")
+    if int(ptable) % 16:
+        raise AssertionError(f"{name}: the table at {int(ptable):#x} is not 16-byte aligned; the kernel reads it as float4")
     x_t, y_t = launch.tensor_at(int(px)), launch.tensor_at(int(py))
     table = launch.tensor_at(int(ptable)).numpy().reshape(-1).astype(np.float32)
     x_bits = _u16(x_t)
