@@ -252,10 +252,10 @@ def _environment() -> dict:
         except (OSError, subprocess.TimeoutExpired):
             return None
 
-    # $COMMIT first, as qconvert.bench: a tree copied to a GPU machine may carry a stale .git
-    commit = os.environ.get("COMMIT") or None
-    return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": commit or sh("git", "rev-parse", "--short", "HEAD"),
-            "dirty": None if commit else bool(sh("git", "status", "--porcelain", "--untracked-files=no")),
+    from qconvert.bench import _git_commit  # $COMMIT first: a tree copied to a GPU machine may carry a stale .git
+
+    return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": _git_commit(),
+            "dirty": None if os.environ.get("COMMIT") else bool(sh("git", "status", "--porcelain", "--untracked-files=no")),
             "load_average": os.getloadavg(),
             "cpus": os.cpu_count(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__}

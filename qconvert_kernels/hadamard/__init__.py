@@ -1,6 +1,7 @@
 """Kernel family hadamard: the online Hadamard transform of ``--rotate hadamard+online``.
 
-Files: hadamard.cu (one CTA per row: the Sylvester butterflies, then the dense +-1 factor),
+Files: hadamard.cu (rows x C CTAs: each runs a row's Sylvester butterflies, then its chunks of
+the dense +-1 factor),
 cuda.py (launcher), reference.py (the definition: bit-exact torch reference), emulate.py
 (thread-exact CPU emulator of hadamard.cu, run through ``launch.launch_hook``).
 """
