@@ -32,7 +32,9 @@
 #      batch 1 and 16 (e2e_llama3-8b.json)
 #   d  GPU quantize of a random-weight Llama-3-8B-shaped checkpoint written here, 2 blocks and a
 #      32768-token vocabulary (quantize.json)
-#   e  the online Hadamard transform of --rotate hadamard+online (hadamard.json), then the other
+#   e  the online Hadamard transform of --rotate hadamard+online (hadamard.json), a Llama-3-8B
+#      block's float glue: RoPE and RMSNorm as transformers' ops and as qconvert's kernels
+#      (benchmarks/glue_speed.py: glue.json), then the other
 #      methods' kernels at M in {1, 4096}, each M under its own 20 s: FP8 (sm_89+), I-LLM, QUIK
 #      (kernels_zqfp.json, kernels_illm.json, kernels_quik.json, each merged from one process per M)
 #   f  I-LLM's integer-only model on its kernels against FP16, end to end, on 4 blocks of the
@@ -142,6 +144,7 @@ part_e() {  # one process per scheme and M, as in part b (one M of all three in 
   local rc=0 s m
   # first, as it is short (2 orders x 4 M, 20 timed calls each)
   timeout 20 "$PYTHON" benchmarks/hadamard_speed.py --json "$out/hadamard.json" || rc=1  # --rotate hadamard+online
+  timeout 15 "$PYTHON" benchmarks/glue_speed.py --json "$out/glue.json" || rc=1  # RoPE and RMSNorm, kernels or torch ops
   for s in zqfp-w4a8:zqfp illm-w8a8:illm quik-w4a4:quik; do  # QUIK last: the H200 run of 2026-12-04 has its table
     if [ "${s##*:}" = zqfp ] && ! "$PYTHON" -c "import torch, sys; sys.exit(torch.cuda.get_device_capability() < (8, 9))"; then
       continue  # FP8 tensor cores: sm_89+

@@ -1,6 +1,6 @@
 """Markdown tables of a GPU run's JSON results (gpu_check.sh's, or files named like them), for
 docs/benchmarks.md: the W4A8 kernels against cuBLAS FP16 beside the roofline model's predictions,
-QUIK's kernels, the online Hadamard transform, and the end-to-end runs.
+QUIK's kernels, the online Hadamard transform, the float glue's kernels, and the end-to-end runs.
 
     python benchmarks/gpu_tables.py benchmarks/results/gpu/2026-12-04_h200_8fa9160
     python benchmarks/gpu_tables.py --merge OUT/kernels.json [--plot OUT/kernels.png] OUT/kernels_m*.json
@@ -9,7 +9,7 @@ QUIK's kernels, the online Hadamard transform, and the end-to-end runs.
 into one result, with its summary (and plot), as one ``qconvert bench --kernels`` would write it.
 
 Every *.json under the folder is read (kernels*.json with kind "kernels" and a scheme, e2e*.json,
-hadamard.json, mma_peak.json, decode_variants.json, roofline.json); a kind with no file gets no
+hadamard.json, glue.json, mma_peak.json, decode_variants.json, roofline.json); a kind with no file gets no
 table.  With an mma_peak.json, the W4A8 prefill rows are also given as a fraction of that measured
 int8 mma.sync ceiling."""
 
@@ -30,6 +30,8 @@ def _load(folder: Path) -> dict[str, list]:
             continue
         if path.name == "hadamard.json":
             key = "hadamard"
+        elif path.name == "glue.json":
+            key = "glue"
         elif path.name == "mma_peak.json":
             key = "mma_peak"
         elif path.name == "decode_variants.json":
@@ -148,6 +150,14 @@ def hadamard_table(data: dict) -> list[str]:
     return out
 
 
+def glue_table(data: dict) -> list[str]:
+    out = ["| op | tokens | torch ops us | kernel us | torch / kernel | check | timing |", "|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        out.append(f"| {r['op']} | {r['tokens']} | {r['torch_us']:.2f} | {r['kernel_us']:.2f} | {r['speedup']:.2f}x | "
+                   f"{r['check']} | {r['timing']} |")
+    return out
+
+
 def e2e_table(data: dict) -> list[str]:
     out = ["| mode | measure | original | quantized | quantized / original |", "|---|---|---|---|---|"]
     for mode, res in (data.get("modes") or {"": data}).items():
@@ -168,8 +178,8 @@ def main(folder: str) -> None:
     for key, runs in found.items():
         if key == "roofline":
             continue
-        for path, data in runs if key in ("e2e", "hadamard", "mma_peak", "decode_variants") else [runs[0]]:
-            print(f"### {key} — {path if key in ('e2e', 'hadamard') else ', '.join(str(p) for p, _ in runs)}\n")
+        for path, data in runs if key in ("e2e", "hadamard", "glue", "mma_peak", "decode_variants") else [runs[0]]:
+            print(f"### {key} — {path if key in ('e2e', 'hadamard', 'glue') else ', '.join(str(p) for p, _ in runs)}\n")
             print(_env(data) + "\n")
             if key == "kernels:is-w4a8":
                 lines = w4a8_table(runs, roofline) + prefill_of_ceiling(runs, mma)
@@ -181,6 +191,8 @@ def main(folder: str) -> None:
                 lines = quik_table(runs)
             elif key == "hadamard":
                 lines = hadamard_table(data)
+            elif key == "glue":
+                lines = glue_table(data)
             else:
                 print(f"{data.get('target')} against {data.get('original')}\n")
                 lines = e2e_table(data)

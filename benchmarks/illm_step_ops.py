@@ -55,15 +55,21 @@ class OpCount(TorchDispatchMode):
     """Counts aten ops that compute and host reads.  An op whose schema says its result may alias
     an input (a view, or under ``torch.inference_mode`` an undecomposed ``to``, ``reshape`` or
     ``contiguous``) counts only where its result is new memory: a cast or a copying reshape is a
-    kernel, a view is none."""
+    kernel, a view is none.  An op on meta tensors only (shape work, e.g. qconvert.rope's layout of
+    its outputs) runs no kernel and is not counted."""
 
     def __init__(self):
         super().__init__()
         self.ops = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch.utils._pytree import tree_leaves
+
         schema = func._schema
         out = func(*args, **(kwargs or {}))
+        tensors = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        if tensors and all(t.device.type == "meta" for t in tensors):
+            return out
         if schema.is_mutable or not any(r.alias_info is not None for r in schema.returns):
             self.ops[schema.name] += 1
         elif _storages(out) - _storages((args, kwargs)):

@@ -5,15 +5,17 @@ them up (siblings joined, each kernel's copy of the weights prepared), the launc
 lane-exact CPU emulator (qconvert_kernels/w4a8/emulate.py).  Counted at the aten level as
 benchmarks/illm_step_ops.py does: the torch ops that compute (views left out; allocations,
 ``aten::empty*``, counted among them and apart, as they launch nothing and a graph fixes their
-memory at capture) plus the kernel launches; each of the others is a kernel of the graph.  Four
+memory at capture) plus the kernel launches; each of the others is a kernel of the graph.  Five
 forms: the OUT as a GPU load runs it (W4A8 kernels, RMSNorms on the norm kernel:
-``qconvert.norms``), the same with transformers' eight-op norms, and the float original (float16,
-the same engine) with the norm kernel (as ``qconvert bench`` times it) and without.  The torch ops
-left are listed per decoder block: the float glue (RoPE, SiLU, residual adds, the cache writes,
-attention, and the norms where they are transformers') that runs around the GEMMs.
+``qconvert.norms``, RoPE on the rope kernel: ``qconvert.rope``), the same with transformers' RoPE,
+the same with transformers' norms and RoPE, and the float original (float16, the same engine)
+with the norm and rope kernels (as ``qconvert bench`` times it) and without.  The torch ops left
+are listed per decoder block: the float glue (SiLU, residual adds, the cache writes, attention,
+and the norms and RoPE where they are transformers') that runs around the GEMMs.
 
 Checks: the step's logits on the emulated kernels equal the same layers' CPU reference path (the
-OUT loaded without W4A8 kernels, the norms on their kernel) for w4a8-is, bit for bit.
+OUT loaded without W4A8 kernels, the norms on their kernel, transformers' RoPE) for w4a8-is, bit
+for bit.
 
     python benchmarks/w4a8_step_ops.py OUT [--against SOURCE] [--prompt 16] [--batch 1] [--json FILE]
 
@@ -38,27 +40,35 @@ from qconvert.bench import environment  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def captured_step(model, ids: torch.Tensor, w4a8: bool, norms: bool):
+def captured_step(model, ids: torch.Tensor, w4a8: bool, norms: bool, rope: bool):
     """Prefill ``ids`` on a ``DecodeEngine``, then one step in the shape a CUDA graph captures
     (``DecodeEngine._capture`` runs ``_step(b, max_len)``), counted: (logits, OpCount, launches per
-    kernel).  ``w4a8``: the W4A8 launches run on their emulator; ``norms``: the RMSNorms run the
-    norm kernel (``use_norm_kernels``, as a GPU load and ``qconvert bench`` set them), emulated."""
+    kernel).  ``w4a8``: the W4A8 launches run on their emulator; ``norms`` / ``rope``: the RMSNorms
+    run the norm kernel, the attention layers' RoPE the rope kernel (``use_norm_kernels``,
+    ``use_rope_kernels``, as a GPU load and ``qconvert bench`` set them), emulated."""
     import contextlib
 
     from qconvert.engine import DecodeEngine
     from qconvert.norms import use_norm_kernels
+    from qconvert.rope import use_rope_kernels
     from qconvert_kernels.norm import emulate as norm_emulate
+    from qconvert_kernels.rope import emulate as rope_emulate
     from qconvert_kernels.w4a8 import emulate
 
     if norms:
         use_norm_kernels(model, "cpu")
+    if rope:
+        use_rope_kernels(model, "cpu")
     b, p = ids.shape
     eng = DecodeEngine(model, b, p + 2, graphs=False)
     counter = OpCount()
     outer = emulate.emulating(sm_count=132) if w4a8 else contextlib.nullcontext()
-    with torch.inference_mode(), outer as w4, (norm_emulate.emulating() if norms else contextlib.nullcontext()) as nemu:
+    nested = contextlib.ExitStack()
+    with torch.inference_mode(), outer as w4, nested:
+        nemu = nested.enter_context(norm_emulate.emulating()) if norms else None
+        remu = nested.enter_context(rope_emulate.emulating()) if rope else None
         nxt = eng.prefill(ids).argmax(-1)
-        emus = [e for e in (w4, nemu) if e is not None]
+        emus = [e for e in (w4, nemu, remu) if e is not None]
         before = [len(e.launches) for e in emus]
         eng._ids[:b].copy_(nxt.reshape(b, 1))  # what decode() does before the step it replays
         eng.cache.seen = eng.length
@@ -111,32 +121,36 @@ def main() -> None:
         raise SystemExit(f"{args.out}: no W4A8 (w4a8-is / w4a8-fs) layers to count ({layouts})")
     blocks = model.config.num_hidden_layers
     ids = torch.randint(1, model.config.vocab_size, (args.batch, args.prompt), generator=torch.Generator().manual_seed(0))
-    got, q_count, q_launches = captured_step(model, ids, w4a8=True, norms=True)
-    # the same layers on their CPU reference path (no kernel copy, no join), the norms on the kernel
+    got, q_count, q_launches = captured_step(model, ids, w4a8=True, norms=True, rope=True)
+    # the same layers on their CPU reference path (no kernel copy, no join), the norms on the kernel,
+    # transformers' RoPE
     plain = load(args.out, dtype=torch.float16)
-    want, _, _ = captured_step(plain, ids, w4a8=False, norms=True)
+    want, _, _ = captured_step(plain, ids, w4a8=False, norms=True, rope=False)
     exact = torch.equal(got, want)
     if layouts == ["w4a8-is"] and not exact:
         raise SystemExit("the step on the emulated kernels differs from the reference path: a kernel bug")
     model, _, _ = on_kernels(args.out)
-    _, q_plain_count, q_plain_launches = captured_step(model, ids, w4a8=True, norms=False)
+    _, q_norm_count, q_norm_launches = captured_step(model, ids, w4a8=True, norms=True, rope=False)
+    model, _, _ = on_kernels(args.out)
+    _, q_plain_count, q_plain_launches = captured_step(model, ids, w4a8=True, norms=False, rope=False)
     against = args.against or recorded_source(args.out)
     src = resolve_source(against)
     fp = src.load_model(torch.float16).eval()
-    _, fp_plain_count, _ = captured_step(fp, ids, w4a8=False, norms=False)
-    _, fp_count, fp_launches = captured_step(fp, ids, w4a8=False, norms=True)
+    _, fp_plain_count, _ = captured_step(fp, ids, w4a8=False, norms=False, rope=False)
+    _, fp_count, fp_launches = captured_step(fp, ids, w4a8=False, norms=True, rope=True)
 
     name = "+".join(layouts)
-    rows = [row(f"{name}, W4A8 and norm kernels (GPU load)", q_count, q_launches, blocks),
-            row(f"{name}, W4A8 kernels, transformers' norms", q_plain_count, q_plain_launches, blocks),
-            row("float16 original, norm kernel (qconvert bench)", fp_count, fp_launches, blocks),
-            row("float16 original, transformers' norms", fp_plain_count, collections.Counter(), blocks)]
+    rows = [row(f"{name}, W4A8, norm and rope kernels (GPU load)", q_count, q_launches, blocks),
+            row(f"{name}, W4A8 and norm kernels, transformers' RoPE", q_norm_count, q_norm_launches, blocks),
+            row(f"{name}, W4A8 kernels, transformers' norms and RoPE", q_plain_count, q_plain_launches, blocks),
+            row("float16 original, norm and rope kernels (qconvert bench)", fp_count, fp_launches, blocks),
+            row("float16 original, transformers' norms and RoPE", fp_plain_count, collections.Counter(), blocks)]
     env = environment(torch.device("cpu"))
     print(f"{args.out.name}: one captured decode step of batch {args.batch} after {args.prompt} prompt tokens, "
           f"{blocks} blocks, {len(lins)} W4A8 layers ({len(groups)} joined groups) ({env['device']})")
-    print(f"{'form':50s} {'torch ops':>9s} {'allocs':>7s} {'launches':>8s} {'kernels':>8s} {'torch ops/block':>15s}")
+    print(f"{'form':60s} {'torch ops':>9s} {'allocs':>7s} {'launches':>8s} {'kernels':>8s} {'torch ops/block':>15s}")
     for r in rows:
-        print(f"{r['form']:50s} {r['torch_ops']:9d} {r['allocations']:7d} {r['launches']:8d} {r['kernels']:8d} "
+        print(f"{r['form']:60s} {r['torch_ops']:9d} {r['allocations']:7d} {r['launches']:8d} {r['kernels']:8d} "
               f"{r['torch_ops_per_block']:15.1f}")
     print("  launches:", ", ".join(f"{k} {v}" for k, v in sorted(q_launches.items())))
     print("  torch ops of the quantized step, per block:",

@@ -550,15 +550,19 @@ def _modes(dev: torch.device) -> list[bool]:
     return [True, False] if dev.type == "cuda" else [False]
 
 
-def _speeds(model, dev, kw: dict, budget: Budget, norms: bool = True) -> dict:
+def _speeds(model, dev, kw: dict, budget: Budget, norms: bool = True, rope: bool = True) -> dict:
     """{"cuda-graph": ..., "eager": ...} (what ``_modes`` allows) of one model.  On a GPU, with
-    ``norms``, the original and the quantized model both run their RMSNorms on the norm kernel
-    (``load`` sets it for an OUT; the original gets it here), so the speed-up is the
-    quantization's, not the norms'."""
+    ``norms``, the original and the quantized model both run their RMSNorms on the norm kernel,
+    and with ``rope`` their RoPE on the rope kernel (``load`` sets them for an OUT; the original
+    gets them here), so the speed-up is the quantization's, not the glue's."""
     if norms and dev.type == "cuda":
         from qconvert.norms import use_norm_kernels
 
         use_norm_kernels(model, dev)
+    if rope and dev.type == "cuda":
+        from qconvert.rope import use_rope_kernels
+
+        use_rope_kernels(model, dev)
     return {("cuda-graph" if g else "eager"): model_speed(model, dev, graphs=g, budget=budget, **kw)
             for g in _modes(dev)}
 
@@ -573,21 +577,23 @@ def _integer_only(result: dict, dev: torch.device, what: str = "OUT") -> dict:
     return result
 
 
-def _result(target: str, original: str, dev, dtype, fp: dict, q: dict, budget: Budget, norms: bool = True) -> dict:
+def _result(target: str, original: str, dev, dtype, fp: dict, q: dict, budget: Budget, norms: bool = True,
+            rope: bool = True) -> dict:
     """The result record: the headline (graph-captured on CUDA) in ``quantized`` / ``original_speed``
     / ``speedup``, every mode under ``modes``."""
     head = "cuda-graph" if "cuda-graph" in q else "eager"
     return {"kind": "model", "target": target, "original": original, "runtime": _runtime_label(dev),
             "dtype": str(dtype).removeprefix("torch."), "environment": environment(dev), "budget_s": budget.total,
-            # on a GPU both models' RMSNorms run the norm kernel (``_speeds``) unless --no-norm-kernels
-            "norm_kernels": norms and dev.type == "cuda",
+            # on a GPU both models' RMSNorms and RoPE run their kernels (``_speeds``) unless
+            # --no-norm-kernels / --no-rope-kernels
+            "norm_kernels": norms and dev.type == "cuda", "rope_kernels": rope and dev.type == "cuda",
             "quantized": q[head], "original_speed": fp[head], "speedup": _compare(fp[head], q[head]),
             "modes": {m: {"quantized": q[m], "original_speed": fp[m], "speedup": _compare(fp[m], q[m])} for m in q}}
 
 
 def out_bench(out: Path, device: str | None = None, prefill: int = 2048, new_tokens: int = 128, batches=(1, 16, 64),
               repeats: int = 3, against: str | None = None, budget_s: float | None = None, fuse: bool = True,
-              norm_kernels: bool = True) -> dict:
+              norm_kernels: bool = True, rope_kernels: bool = True) -> dict:
     """Quantized OUT against its float original, on one device, one after the other."""
     from qconvert.formats.native import read_quant_config
     from qconvert.layouts import get_layout
@@ -608,11 +614,12 @@ def out_bench(out: Path, device: str | None = None, prefill: int = 2048, new_tok
             raise QConvertError(f"{out}/qconvert.json does not name the source; pass --against SOURCE")
     budget = Budget(budget_s)
     kw = dict(prefill=prefill, new_tokens=new_tokens, batches=batches, repeats=repeats)
-    model = load(out, device=str(dev), dtype=dtype, fuse=fuse, norm_kernels=norm_kernels)
-    q = _speeds(model, dev, kw, budget, norm_kernels)  # an integer-only model: on its own engine
+    model = load(out, device=str(dev), dtype=dtype, fuse=fuse, norm_kernels=norm_kernels, rope_kernels=rope_kernels)
+    q = _speeds(model, dev, kw, budget, norm_kernels, rope_kernels)  # an integer-only model: on its own engine
     src = resolve_source(against)
-    fp = _speeds(src.load_model(dtype).to(dev).eval(), dev, kw, budget, norm_kernels)
-    result = _result(str(out), getattr(src, "description", str(against)), dev, dtype, fp, q, budget, norm_kernels)
+    fp = _speeds(src.load_model(dtype).to(dev).eval(), dev, kw, budget, norm_kernels, rope_kernels)
+    result = _result(str(out), getattr(src, "description", str(against)), dev, dtype, fp, q, budget, norm_kernels,
+                     rope_kernels)
     result["fused_groups"] = fused_groups(model)
     return _integer_only(result, dev) if integer_only else result
 
@@ -697,7 +704,8 @@ SYNTHETIC_SCHEMES = {
 
 def synthetic_bench(name: str, device: str | None = None, layers: int | None = None, prefill: int = 2048,
                     new_tokens: int = 128, batches=(1, 16, 64), repeats: int = 3, scheme: str = "is-w4a8",
-                    budget_s: float | None = None, fuse: bool = True, norm_kernels: bool = True) -> dict:
+                    budget_s: float | None = None, fuse: bool = True, norm_kernels: bool = True,
+                    rope_kernels: bool = True) -> dict:
     if scheme not in SYNTHETIC_SCHEMES:
         raise QConvertError(f"--synthetic --scheme {scheme}: random-weight twins exist for {', '.join(SYNTHETIC_SCHEMES)}")
     dev = resolve_device(device)
@@ -705,7 +713,7 @@ def synthetic_bench(name: str, device: str | None = None, layers: int | None = N
     budget = Budget(budget_s)
     kw = dict(prefill=prefill, new_tokens=new_tokens, batches=batches, repeats=repeats)
     fp_model, to_quantized = synthetic_models(name, dev, layers, dtype)
-    fp = _speeds(fp_model, dev, kw, budget, norm_kernels)
+    fp = _speeds(fp_model, dev, kw, budget, norm_kernels, rope_kernels)
     q_model = to_quantized(scheme=scheme, fuse=fuse)
     integer_only = hasattr(q_model, "decode_engine")
     if integer_only:  # its own copies of the weights: the float model is no longer needed
@@ -713,10 +721,10 @@ def synthetic_bench(name: str, device: str | None = None, layers: int | None = N
         gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
-    q = _speeds(q_model, dev, kw, budget, norm_kernels)
+    q = _speeds(q_model, dev, kw, budget, norm_kernels, rope_kernels)
     result = _result(f"synthetic:{name} {scheme}" + (f" ({layers} layers)" if layers else ""),
                      f"synthetic:{name} (random {str(dtype).removeprefix('torch.')} weights)", dev, dtype, fp, q, budget,
-                     norm_kernels)
+                     norm_kernels, rope_kernels)
     result["fused_groups"] = fused_groups(q_model)
     return _integer_only(result, dev, "twin") if integer_only else result
 

@@ -20,6 +20,7 @@ from qconvert.formats.native import read_quant_config
 from qconvert.formats.safetensors_io import ShardedReader
 from qconvert.layouts import Layout, QuantizedModule, TensorSpec, get_layout
 from qconvert.norms import use_norm_kernels
+from qconvert.rope import use_rope_kernels
 from qconvert.skeleton import build_skeleton
 
 
@@ -93,7 +94,7 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def load(out: str | Path, device: str = "cpu", dtype: torch.dtype | None = None, integer: bool = True,
-         fuse: bool = True, norm_kernels: bool = True):
+         fuse: bool = True, norm_kernels: bool = True, rope_kernels: bool = True):
     """Load a native qconvert OUT as a ready-to-run ``transformers`` causal LM.
 
     ``dtype`` casts the unquantized tensors (embeddings, norms, lm_head); default: as stored
@@ -106,7 +107,9 @@ def load(out: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
     their layout can (``fuse_siblings``; the same outputs); ``fuse=False`` keeps one per linear.
     On CUDA the Llama-family RMSNorms run one kernel each (``qconvert.norms.use_norm_kernels``:
     transformers' formula in a fixed order; a few outputs a unit in the last place apart);
-    ``norm_kernels=False`` keeps transformers' eight torch ops per norm.
+    ``norm_kernels=False`` keeps transformers' eight torch ops per norm.  On CUDA the Llama-family
+    attention layers rotate q and k in one kernel (``qconvert.rope.use_rope_kernels``: transformers'
+    formula bit for bit); ``rope_kernels=False`` keeps its ten torch ops per block.
     """
     out = Path(out)
     dev = _device(device)
@@ -157,6 +160,8 @@ def load(out: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
             module.prepare_cuda()  # the others (plugins too) once on the GPU; it may synchronize: here, once
         if norm_kernels:
             use_norm_kernels(model, dev)
+        if rope_kernels:
+            use_rope_kernels(model, dev)
     return model.eval()
 
 

@@ -258,6 +258,44 @@ def emulated_sm_count() -> int:
     return _HOOK_SMS
 
 
+class ChainedEmulator:
+    """The launch hook of one family's emulator that hands every other launch to the hook installed
+    before it (``inner``), so family emulators stack: a model's W4A8, norm and rope launches each on
+    their own.  A subclass names its ``FAMILY``, ``KERNELS`` and ``MUTATIONS`` (deliberate kernel
+    bugs it can play) and defines ``emulate(name, grid, block, args, shared_mem)``, which checks the
+    launch, runs it and returns what ``launches`` records of it."""
+
+    FAMILY = ""
+    KERNELS: tuple = ()
+    MUTATIONS: frozenset = frozenset()
+
+    def __init__(self, inner=None, mutations=frozenset()):
+        unknown = set(mutations) - self.MUTATIONS
+        if unknown:
+            raise ValueError(f"unknown mutations {sorted(unknown)}")
+        self.inner, self.mutations = inner, frozenset(mutations)
+        self.launches: list[tuple] = []
+
+    def __call__(self, name, grid, block, args, shared_mem, source):
+        if name not in self.KERNELS:
+            if self.inner is None:
+                raise NotImplementedError(f"{self.FAMILY} emulator: no kernel {name}")
+            return self.inner(name, grid, block, args, shared_mem, source)
+        self.launches.append(self.emulate(name, tuple(grid), tuple(block), args, shared_mem))
+
+    def emulate(self, name: str, grid: tuple, block: tuple, args: tuple, shared_mem: int) -> tuple:
+        raise NotImplementedError
+
+    @classmethod
+    @contextlib.contextmanager
+    def chained(cls, mutations=frozenset()):
+        """Run the family's launches on a new emulator (others on the hook already installed, if
+        any); yields the emulator (its ``launches``)."""
+        emu = cls(current_hook(), mutations)
+        with launch_hook(emu, sm_count=emulated_sm_count() if emu.inner is not None else 8):
+            yield emu
+
+
 # ----------------------------------------------------------------------------- arguments
 
 

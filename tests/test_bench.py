@@ -47,24 +47,29 @@ def test_bench_out_on_cpu_is_labelled_and_saved(out, tmp_path):
     assert run("verify", out, "--no-compare").exit_code == 0
 
 
-def test_norm_kernels_on_both_models_unless_asked_not_to(tiny_llama, monkeypatch, tmp_path):
-    """On a GPU ``_speeds`` sets the norm kernel on the model it times (the original too), not with
-    ``--no-norm-kernels``; the flag reaches the end-to-end bench, whose result says it."""
+def test_glue_kernels_on_both_models_unless_asked_not_to(tiny_llama, monkeypatch, tmp_path):
+    """On a GPU ``_speeds`` sets the norm and rope kernels on the model it times (the original too),
+    not with ``--no-norm-kernels`` / ``--no-rope-kernels``; the flags reach the end-to-end bench,
+    whose result says them."""
     from transformers import AutoModelForCausalLM
 
     monkeypatch.setattr(b, "model_speed", lambda model, dev, graphs, budget, **kw: {"graphs": graphs})
     monkeypatch.setattr(b, "_modes", lambda dev: (True,))
-    for norms in (True, False):
+    for norms, rope in ((True, True), (False, True), (True, False)):
         model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float16)
-        b._speeds(model, torch.device("cuda:0"), {}, b.Budget(None), norms)
-        assert all(("forward" in m.__dict__) == norms for m in model.modules() if type(m).__name__ == "LlamaRMSNorm")
+        b._speeds(model, torch.device("cuda:0"), {}, b.Budget(None), norms, rope)
+        for cls, on in (("LlamaRMSNorm", norms), ("LlamaAttention", rope)):
+            assert all(("forward" in m.__dict__) == on for m in model.modules() if type(m).__name__ == cls)
     seen = {}
     monkeypatch.setattr(b, "synthetic_bench", lambda name, **kw: seen.update(kw) or {})
     run("bench", "--synthetic", "smollm2-135m", "--no-norm-kernels", "--json", tmp_path / "x.json", ok=False)
-    assert seen["norm_kernels"] is False
+    assert seen["norm_kernels"] is False and seen["rope_kernels"] is True
+    run("bench", "--synthetic", "smollm2-135m", "--no-rope-kernels", "--json", tmp_path / "x.json", ok=False)
+    assert seen["norm_kernels"] is True and seen["rope_kernels"] is False
     monkeypatch.undo()
     res = run("bench", "--synthetic", "smollm2-135m", "--layers", "1", *SMALL, "--device", "cpu", "--json", tmp_path / "s.json")
-    assert json.loads((tmp_path / "s.json").read_text())["norm_kernels"] is False  # no GPU: transformers' norms
+    written = json.loads((tmp_path / "s.json").read_text())
+    assert written["norm_kernels"] is False and written["rope_kernels"] is False  # no GPU: transformers' glue
     assert res.exit_code == 0
 
 

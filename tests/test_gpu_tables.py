@@ -46,6 +46,15 @@ def test_decode_variants_table(tmp_path, capsys):
     assert "| q/o_proj (4096 x 4096) | 1 | 12.00 (288, 2) | 10.00 (256, 2) | 11.00 (288, 0) | 8.00 (256, 0) | 1.50x |" in out
 
 
+def test_glue_table(tmp_path, capsys):
+    """glue.json (benchmarks/glue_speed.py; made-up figures, test input) as its table."""
+    rows = [{"op": "rope", "tokens": 1, "batch": 1, "torch_us": 30.0, "kernel_us": 3.0, "speedup": 10.0, "check": "bit-exact",
+             "timing": "cuda-graph"}]
+    (tmp_path / "glue.json").write_text(json.dumps({"environment": {"device": "test input"}, "rows": rows}))
+    gpu_tables.main(str(tmp_path))
+    out = capsys.readouterr().out
+    assert "### glue" in out and "| rope | 1 | 30.00 | 3.00 | 10.00x | bit-exact | cuda-graph |" in out
+
 
 def test_the_caa2c67_run_gives_the_tables_docs_quote(capsys):
     """The second H200 run (benchmarks/results/gpu/2026-12-04_h200_caa2c67): docs/benchmarks.md's rows

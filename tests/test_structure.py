@@ -137,3 +137,24 @@ def test_the_repeat_finder_finds_one(tmp_path):
         assert len(repeated_blocks([tmp_path / "a.py", tmp_path / "b.py"])) == 1
     finally:
         ROOT = old
+
+
+def test_an_installed_wheel_carries_every_package_and_kernel_source():
+    """pyproject.toml lists its packages by hand: every package folder of qconvert/ and
+    qconvert_kernels/ must be among them, and every .cu / .cuh / .toml file a package needs must
+    match its package-data, or a non-editable install (pip install qconvert, a wheel) lacks it
+    and a GPU load fails on an import or a missing kernel source."""
+    import fnmatch
+    import tomllib
+
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    declared, data, dirs = set(setup["packages"]), setup["package-data"], setup.get("package-dir", {})
+    folders = {str(p.parent.relative_to(ROOT)).replace("/", "."): p.parent
+               for top in ("qconvert", "qconvert_kernels") for p in (ROOT / top).rglob("__init__.py")}
+    missing = sorted(set(folders) - declared)
+    assert not missing, f"packages missing from pyproject.toml [tool.setuptools] packages: {missing}"
+    folders.update({name: ROOT / path for name, path in dirs.items()})
+    unshipped = [str(f.relative_to(ROOT)) for name, folder in folders.items()
+                 for f in folder.iterdir() if f.suffix in (".cu", ".cuh", ".toml")
+                 and not any(fnmatch.fnmatch(f.name, pat) for pat in data.get(name, ()))]
+    assert not unshipped, f"files no package-data pattern ships: {unshipped}"

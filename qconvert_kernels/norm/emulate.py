@@ -20,8 +20,6 @@ launch that is not norm.cu's to that hook.  ``mutations`` are deliberate kernel 
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 
 from qconvert_kernels import launch
@@ -38,25 +36,16 @@ MUTATIONS = frozenset({
 })
 
 
-class Emulator:
+class Emulator(launch.ChainedEmulator):
     """The launch hook: emulates norm.cu's launches, hands others to ``inner`` (or refuses them)."""
 
-    def __init__(self, inner=None, mutations=frozenset()):
-        unknown = set(mutations) - MUTATIONS
-        if unknown:
-            raise ValueError(f"unknown mutations {sorted(unknown)}")
-        self.inner, self.mutations = inner, frozenset(mutations)
-        self.launches: list[tuple[str, tuple]] = []
+    FAMILY, KERNELS, MUTATIONS = "norm", KERNELS, MUTATIONS
 
-    def __call__(self, name, grid, block, args, shared_mem, source):
-        if name not in KERNELS:
-            if self.inner is None:
-                raise NotImplementedError(f"norm emulator: no kernel {name}")
-            return self.inner(name, grid, block, args, shared_mem, source)
-        if tuple(block) != (THREADS,):
+    def emulate(self, name, grid, block, args, shared_mem):
+        if block != (THREADS,):
             raise AssertionError(f"{name}: launched with {block} threads, the kernel is written for {THREADS}")
-        self.launches.append((name, tuple(grid)))
         run(name, grid, args, self.mutations)
+        return name, grid
 
 
 def run(name: str, grid: tuple, args: tuple, mutations=frozenset()) -> None:
@@ -114,11 +103,7 @@ def _cta(x: np.ndarray, w: np.ndarray, n: int, eps, bf16: bool, mutations) -> np
     return _to_bits((w * h).astype(f32), bf16)
 
 
-@contextlib.contextmanager
 def emulating(mutations=frozenset()):
     """Run norm.cu's launches on this emulator (others on the hook already installed, if any);
-    yields the ``Emulator`` (its ``launches``)."""
-    inner = launch.current_hook()
-    emu = Emulator(inner, mutations)
-    with launch.launch_hook(emu, sm_count=launch.emulated_sm_count() if inner is not None else 8):
-        yield emu
+    a context manager yielding the ``Emulator`` (its ``launches``)."""
+    return Emulator.chained(mutations)
