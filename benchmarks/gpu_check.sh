@@ -11,7 +11,8 @@
 #   PYTHON=/path/to/python bash benchmarks/gpu_check.sh   # default: python3 or python, whichever imports torch
 #
 # Seven parts, in this order, each under its own time budget (seconds, overridable as
-# BUDGET_A..BUDGET_G), 470 s in all (540 s with each part's 10 s kill grace; the full run of
+# BUDGET_A..BUDGET_G), 475 s in all (545 s with each part's 10 s kill grace, which a part that ends on
+# its own never uses; the full run of
 # 2026-12-04 took 413 s); PARTS
 # (default abcdefg) names the parts to run, for a rerun of some (PARTS=aeg); every
 # part writes its files under $OUT as it finishes, and a part that fails or runs out of time never
@@ -171,9 +172,10 @@ part_g() {  # counters, last: the timings above never wait on the profiler
 export -f part_a part_b part_c part_d part_e part_f part_g test_file
 export out
 export SPLIT_TESTS="test_kernels_w4a8r_gpu test_quantize_device_gpu"
-# part g's six ncu cases took 58 s on the H200 (2026-12-04); part e 53 s
-BUDGET_A=${BUDGET_A:-140} BUDGET_B=${BUDGET_B:-70} BUDGET_C=${BUDGET_C:-70} BUDGET_D=${BUDGET_D:-45} BUDGET_E=${BUDGET_E:-60}
-BUDGET_F=${BUDGET_F:-30} BUDGET_G=${BUDGET_G:-55}
+# part g's six ncu cases took 58 s on the H200 (2026-12-04); part e 53 s, before glue_speed.py (up to
+# 15 s) joined it; part f 22 s
+BUDGET_A=${BUDGET_A:-140} BUDGET_B=${BUDGET_B:-70} BUDGET_C=${BUDGET_C:-70} BUDGET_D=${BUDGET_D:-45} BUDGET_E=${BUDGET_E:-70}
+BUDGET_F=${BUDGET_F:-25} BUDGET_G=${BUDGET_G:-55}
 export BUDGET_C BUDGET_D BUDGET_F
 PARTS=${PARTS:-abcdefg}  # a rerun names the parts it repeats, e.g. PARTS=aeg
 for p in a b c d e f g; do

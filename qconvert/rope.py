@@ -27,9 +27,12 @@ import torch
 from torch import nn
 
 # attention classes whose forward rotates with their module's apply_rotary_pos_emb(q, k, cos, sin),
-# the Llama formula (checked against the installed transformers by the tests)
+# the Llama formula (checked against the installed transformers by the tests), and the transformers
+# module each must come from: a class of the same name elsewhere (remote code) may rotate otherwise
 ATTENTION_CLASSES = ("LlamaAttention", "MistralAttention", "MixtralAttention", "Qwen2Attention", "Qwen3Attention",
                      "Qwen3MoeAttention")
+MODELING = {name: "transformers.models.{0}.modeling_{0}".format({"Qwen3MoeAttention": "qwen3_moe"}.get(
+    name, name.removesuffix("Attention").lower())) for name in ATTENTION_CLASSES}
 _DTYPES = (torch.float16, torch.bfloat16)
 _DEVICE: contextvars.ContextVar = contextvars.ContextVar("qconvert_rope_device", default=None)
 
@@ -46,18 +49,29 @@ class RopeDispatch:
 
     _rebuilds = None
 
-    def __new__(cls, original=None):
+    def __new__(cls, original=None, module: str = ""):
         if original is None and cls._rebuilds is not None:
             return cls._rebuilds()
         return super().__new__(cls)
 
-    def __init__(self, original):
-        self.original = original
+    def __init__(self, original, module: str = ""):
+        self.original, self.module = original, module
+
+    # one per modeling module, named by it: a copy is the same object, a pickle names the global
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        return _module_global, (self.module,)
 
     @classmethod
-    def wrap(cls, original) -> "RopeDispatch":
+    def wrap(cls, original, module: str) -> "RopeDispatch":
+        """The dispatcher of ``module``'s (a module name) ``original`` function."""
         rebuilds = type(original) if isinstance(original, nn.Module) else None
-        return type(cls.__name__, (cls,), {"_rebuilds": rebuilds, "__module__": __name__})(original)
+        return type(cls.__name__, (cls,), {"_rebuilds": rebuilds, "__module__": __name__})(original, module)
 
     def __call__(self, q, k, cos, sin, *args, **kwargs):
         device = _DEVICE.get()
@@ -72,16 +86,27 @@ class RopeDispatch:
         return self.original(q, k, cos, sin, *args, **kwargs)
 
 
+def _module_global(module: str) -> "RopeDispatch":
+    import importlib
+
+    return importlib.import_module(module).apply_rotary_pos_emb
+
+
 def _kernel_takes(q, k, cos, sin, device: torch.device) -> bool:
-    """The call is one the kernel computes exactly as transformers would: four tensors of one
-    kernel dtype on ``device``, no grad, [B, H, T, D] q and k and [B or 1, T, D] tables, D even."""
+    """The call is one the kernel computes exactly as transformers would, within the launcher's
+    limits: four tensors of one kernel dtype on ``device``, no grad, [B, H, T, D] q and k and
+    [B or 1, T, D] tables, D even; anything else goes to transformers' function."""
+    from qconvert_kernels.rope import cuda as kr
+
     ts = (q, k, cos, sin)
     if not all(isinstance(t, torch.Tensor) and t.device == device and t.dtype == q.dtype for t in ts):
         return False
     if q.dtype not in _DTYPES or torch.is_grad_enabled() or q.dim() != 4 or k.dim() != 4:
         return False
-    b, _, t_len, d = q.shape
-    return (d % 2 == 0 and d > 0 and k.shape[0] == b and k.shape[2:] == q.shape[2:]
+    b, hq, t_len, d = q.shape
+    heads = hq + k.shape[1]
+    return (d % 2 == 0 and 0 < d <= 2 * kr.MAX_THREADS and k.shape[0] == b and k.shape[2:] == q.shape[2:]
+            and b <= kr.MAX_GRID_YZ and t_len < 2**31 and -(-heads // kr.heads_per_cta(d // 2)[1]) <= kr.MAX_GRID_YZ
             and all(t.dim() == 3 and t.shape[0] in (1, b) and tuple(t.shape[1:]) == (t_len, d) for t in (cos, sin)))
 
 
@@ -115,14 +140,15 @@ def use_rope_kernels(model: nn.Module, device: torch.device | str) -> int:
         device = torch.device("cuda", torch.cuda.current_device())
     count = 0
     for mod in model.modules():
-        if type(mod).__name__ not in ATTENTION_CLASSES:
+        name = type(mod).__name__
+        if name not in ATTENTION_CLASSES or type(mod).__module__ != MODELING[name]:
             continue
         modeling = sys.modules[type(mod).__module__]
         original = getattr(modeling, "apply_rotary_pos_emb", None)
         if original is None:
             continue
         if not isinstance(original, RopeDispatch):
-            modeling.apply_rotary_pos_emb = RopeDispatch.wrap(original)
+            modeling.apply_rotary_pos_emb = RopeDispatch.wrap(original, modeling.__name__)
         mod.rope_kernel_device = device
         if "forward" not in mod.__dict__:
             # a partial of a module-level function, not a bound method: the module still pickles

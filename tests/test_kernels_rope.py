@@ -11,11 +11,12 @@ import importlib
 import inspect
 import re
 
+import numpy as np
 import pytest
 import torch
 
 from helpers import assert_mutation_caught
-from qconvert.rope import ATTENTION_CLASSES, RopeDispatch, use_rope_kernels
+from qconvert.rope import ATTENTION_CLASSES, MODELING, RopeDispatch, use_rope_kernels
 from qconvert_kernels.rope import cuda as kr
 from qconvert_kernels.rope import emulate
 from qconvert_kernels.rope import reference as ref
@@ -122,15 +123,41 @@ def test_every_mutation_has_a_test():
     assert set(MUTATION_CASES) == set(emulate.MUTATIONS)
 
 
-def test_the_emulator_checks_what_the_kernel_touches():
-    """An output that overlaps an input, and output views that a launch would write twice, are
-    refused by the emulator itself (the kernel's __restrict__ and exactly-once writes)."""
+def test_the_emulator_checks_what_the_kernel_touches(monkeypatch):
+    """The emulator's own checks, each made to fire: an output overlapping an input (past the
+    launcher's check), output views that a launch would write twice, and an argument of the wrong
+    type (an int32 where the kernel reads a long long would shift the arguments after it)."""
+    import numpy as np
+
+    from qconvert_kernels import launch
+
     q, k, cos, sin = rope_case(1, 2, 1, 3, 8, torch.float16, "contiguous")
-    with emulate.emulating(), pytest.raises(AssertionError, match="overlaps"):
+    with emulate.emulating(), pytest.raises(ValueError, match="shares memory with an input"):
         kr.rope(q, k, cos, sin, out=(q, torch.empty_like(k)))
+    ko = torch.empty_like(k)
+    with emulate.emulating(), pytest.raises(AssertionError, match="overlaps"):  # a launch writing q in place
+        emulate.run("rope_f16", (3, 1, 1), (4, 3), (launch.ptr(q), launch.ptr(k), launch.ptr(cos), launch.ptr(sin),
+                    launch.ptr(q), launch.ptr(ko), *(np.int32(v) for v in (2, 1, 4)),
+                    *(np.int64(v) for v in (48, 24, 8, 24, 24, 8, 48, 24, 8, 24, 24, 8, 24, 8, 24, 8))))
     twice = torch.empty(1, 2, 1, 8, dtype=torch.float16).expand(1, 2, 3, 8)  # three tokens on one row
     with emulate.emulating(), pytest.raises(AssertionError, match="written"):
         kr.rope(q, k, cos, sin, out=(twice, torch.empty_like(k)))
+    real = launch.i32
+    monkeypatch.setattr(launch, "i32", lambda v: np.int64(real(v)))
+    with emulate.emulating(), pytest.raises(AssertionError, match="arguments of types"):
+        kr.rope(q, k, cos, sin)
+
+
+def test_the_emulator_reads_the_kernels_own_argument_list():
+    """emulate.PARAMS is rope.cu's QR_ARGS, name for name, and its types the declared ones."""
+    from helpers import macro_params
+
+    source = kr.SOURCE.read_text()
+    assert macro_params(source, "QR_ARGS") == emulate.PARAMS
+    declared = re.search(r"#define QR_ARGS\s*\\(.*?)\n\n", source, re.S).group(1)
+    kinds = [("ptr" if "*" in p else p.split()[0]) for p in re.sub(r"/\*.*?\*/|\\", "", declared).split(",")]
+    want = {"ptr": np.uint64, "int": np.int32, "long": np.int64}
+    assert tuple(want[k] for k in kinds) == emulate.PARAM_TYPES
 
 
 def test_bad_input_is_refused_with_the_fix():
@@ -168,6 +195,8 @@ def test_the_attention_classes_rotate_with_the_llama_formula(name):
     assert body(modeling) == body(llama)
     forward = inspect.getsource(getattr(modeling, name).forward)
     assert "apply_rotary_pos_emb(query_states, key_states, cos, sin)" in forward
+    assert inspect.getsource(modeling.rotate_half) == inspect.getsource(llama.rotate_half)  # which the function calls
+    assert getattr(modeling, name).__module__ == MODELING[name]
 
 
 def test_a_model_rotates_on_the_kernel_with_the_same_logits(tiny_llama):
@@ -208,7 +237,10 @@ def test_a_model_rotates_on_the_kernel_with_the_same_logits(tiny_llama):
     assert len(emu.launches) == layers
     from transformers.models.llama import modeling_llama
 
-    assert isinstance(modeling_llama.apply_rotary_pos_emb, RopeDispatch)
+    dispatch = modeling_llama.apply_rotary_pos_emb
+    assert isinstance(dispatch, RopeDispatch)
+    assert copy.copy(dispatch) is dispatch and copy.deepcopy(dispatch) is dispatch
+    assert pickle.loads(pickle.dumps(dispatch)) is dispatch  # named by its module
     q, k, cos, sin = rope_case(1, 2, 1, 3, 8, torch.float16)
     with emulate.emulating() as emu:
         with torch.enable_grad():  # (the suite runs without grad: conftest)
@@ -218,6 +250,42 @@ def test_a_model_rotates_on_the_kernel_with_the_same_logits(tiny_llama):
     use_rope_kernels(model, "meta")
     with torch.no_grad():
         assert all(torch.equal(g, w) for g, w in zip(run(), want))  # inputs on the CPU: transformers' RoPE
+    use_rope_kernels(model, "cpu")
+    from qconvert.rope import _kernel_takes
+
+    cpu = torch.device("cpu")
+    wide = rope_case(1, 1, 1, 2, 2050, torch.float16)  # D beyond the kernel's 2048: transformers' function
+    assert _kernel_takes(*rope_case(1, 1, 1, 2, 2048, torch.float16), cpu) and not _kernel_takes(*wide, cpu)
+    q, k, cos, sin = rope_case(2, 2, 1, 3, 8, torch.float16)
+    for args in ((q.float(), k, cos, sin), (q, k, cos.float(), sin), (q, k[:1], cos, sin), (q, k, cos[:, :2], sin),
+                 (q[0], k[0], cos, sin)):
+        assert not _kernel_takes(*args, cpu)
+    with torch.enable_grad():
+        assert not _kernel_takes(q, k, cos, sin, cpu)
+
+
+def test_only_transformers_own_classes_are_set(tiny_llama):
+    """A class named like a known one but defined elsewhere (remote code, which may rotate
+    otherwise) keeps its forward, and its module's function is not replaced."""
+    import types
+
+    from transformers import AutoModelForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float16).eval()
+    elsewhere = types.ModuleType("remote_llama")
+    elsewhere.apply_rotary_pos_emb = lambda *a: None
+    cls = type("LlamaAttention", (LlamaAttention,), {"__module__": "remote_llama"})
+    import sys
+
+    sys.modules["remote_llama"] = elsewhere
+    try:
+        for layer in model.model.layers:
+            layer.self_attn.__class__ = cls
+        assert use_rope_kernels(model, "cpu") == 0
+        assert not isinstance(elsewhere.apply_rotary_pos_emb, RopeDispatch)
+    finally:
+        del sys.modules["remote_llama"]
 
 
 def test_a_w4a8_decode_step_on_its_kernels_rotates_on_the_rope_kernel(tiny_rtn_out):

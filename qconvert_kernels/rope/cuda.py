@@ -5,7 +5,8 @@
 decode engine's CUDA graph captures it.  ``q [B, Hq, T, D]``, ``k [B, Hk, T, D]``, ``cos`` and
 ``sin [B or 1, T, D]``, all float16 or all bfloat16, D even; any strides (a last dimension that is
 not contiguous is copied first).  ``out``: the two output tensors (shapes of q and k, any strides
-with a contiguous last dimension), or None for new ones laid out ``[B, T, H, D]`` in memory (a
+with a contiguous last dimension, memory of their own: the kernel reads its inputs through
+``const __restrict__`` loads), or None for new ones laid out ``[B, T, H, D]`` in memory (a
 projection's own order), returned as ``[B, H, T, D]`` views.  Checked with a ValueError:
 CUDA tensors (or CPU tensors under the emulator's launch hook) on one device, the shapes above.
 """
@@ -71,6 +72,11 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         for name, o, like in (("out[0]", qo, q), ("out[1]", ko, k)):
             _l.require(o.shape == like.shape and o.dtype == q.dtype and (o.shape[-1] <= 1 or o.stride(-1) == 1),
                        f"{fn}: {name} must be {tuple(like.shape)} {q.dtype} with a contiguous last dimension")
+            # the kernel reads its inputs through const __restrict__ (non-coherent) loads
+            _l.require(all(o.untyped_storage().data_ptr() != t.untyped_storage().data_ptr() for t in (q, k, cos, sin)),
+                       f"{fn}: {name} shares memory with an input; give new output tensors")
+        _l.require(qo.untyped_storage().data_ptr() != ko.untyped_storage().data_ptr(),
+                   f"{fn}: out[0] and out[1] share memory; give two new tensors")
         _l.check_cuda(fn, q, qo, ko)
     if b * t_len and hq + hk:
         cb = 0 if cos.shape[0] == 1 else cos.stride(0)

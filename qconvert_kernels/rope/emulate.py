@@ -26,6 +26,12 @@ from qconvert_kernels import launch
 from qconvert_kernels.hadamard.emulate import _f16_bits, _to_bits
 
 MAX_THREADS = 1024
+MAX_GRID_YZ = 65535
+# rope.cu's QR_ARGS, in order, with the numpy type each must be passed as (CuPy packs an argument
+# by its type: an int32 where the kernel reads a long long would shift every later argument)
+PARAMS = ("q", "k", "cos", "sin", "qo", "ko", "hq", "hk", "half", "qb", "qh", "qt", "kb", "kh", "kt",
+          "qob", "qoh", "qot", "kob", "koh", "kot", "cb", "ct", "sb", "st")
+PARAM_TYPES = (np.uint64,) * 6 + (np.int32,) * 3 + (np.int64,) * 16
 KERNELS = ("rope_f16", "rope_bf16")
 MUTATIONS = frozenset({
     "sin_sign",           # the first half adds x[i + h] * sin[i]: rotate_half's negation left out
@@ -43,9 +49,15 @@ class Emulator(launch.ChainedEmulator):
     FAMILY, KERNELS, MUTATIONS = "rope", KERNELS, MUTATIONS
 
     def emulate(self, name, grid, block, args, shared_mem):
+        types = tuple(type(a) for a in args)
+        if types != PARAM_TYPES:
+            raise AssertionError(f"{name}: arguments of types {[t.__name__ for t in types]}, the kernel takes "
+                                 f"{[t.__name__ for t in PARAM_TYPES]} ({', '.join(PARAMS)})")
         if len(block) != 2 or block[0] * block[1] > MAX_THREADS or int(block[0]) != int(args[8]) or shared_mem:
             raise AssertionError(f"{name}: launched with {block} threads and {shared_mem} bytes of shared memory; "
                                  f"the kernel is written for (D / 2, H') threads, at most {MAX_THREADS}, and none")
+        if len(grid) != 3 or max(grid[1], grid[2]) > MAX_GRID_YZ or grid[0] >= 2**31:
+            raise AssertionError(f"{name}: grid {grid} beyond CUDA's limits (x < 2^31, y and z <= {MAX_GRID_YZ})")
         run(name, grid, block, args, self.mutations)
         return name, grid, block
 

@@ -7,10 +7,12 @@
 //   out[i]     = dtype(dtype(x[i] * cos[i])         + dtype(-x[i + h] * sin[i]))       i < h = D / 2
 //   out[i + h] = dtype(dtype(x[i + h] * cos[i + h]) + dtype(x[i] * sin[i + h]))
 //
-// (A product of two fp16 or bf16 values is exact in float32 (22 or 16 significant bits), so its
-// one rounding to the dtype is the correctly rounded product; a float32 sum of two dtype values
-// rounded to the dtype is the correctly rounded sum, 24 >= 2 * 11 + 2 bits making the double
-// rounding innocuous.  No FMA: the build has --fmad=false, and __fmul_rn / __fadd_rn say so here.)
+// (Each step is torch's own: a float32 product or sum of values widened from the dtype, rounded to
+// nearest even, then rounded to the dtype, so the two agree bit for bit whatever the values.  It
+// is also the correctly rounded dtype result: a product of two fp16 values is exact in float32,
+// and so is one of two bf16 values unless it falls below float32's normal range; a sum rounded
+// twice is, 24 >= 2 * 11 + 2 bits making the double rounding innocuous.  No FMA: the build has
+// --fmad=false, and __fmul_rn / __fadd_rn say so here.)
 //
 // Work split, with no integer division (a runtime divisor compiles to a float reciprocal whose
 // F2I carries .FTZ, which the build checks refuse): CTA (t, y, b) takes token t of batch row b
