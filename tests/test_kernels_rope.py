@@ -292,7 +292,10 @@ def test_a_w4a8_decode_step_on_its_kernels_rotates_on_the_rope_kernel(tiny_rtn_o
     """The GPU path's decode step (an is-w4a8 OUT set up as a GPU load sets it up: q/k/v joined, so
     q and k are views of one projection, the norms and RoPE on their kernels), every launch
     emulated: the logits of prefill and two steps on the DecodeEngine equal, bit for bit, those of
-    the same model with transformers' RoPE, and the RoPE launches are one a block a forward."""
+    the same model with transformers' RoPE, the RoPE launches are one a block a forward, and no op
+    of a step reads a value back to the host (what a CUDA graph could not capture)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
     from qconvert import load
     from qconvert.engine import DecodeEngine
     from qconvert.layouts.int4 import W4A8Linear
@@ -312,11 +315,22 @@ def test_a_w4a8_decode_step_on_its_kernels_rotates_on_the_rope_kernel(tiny_rtn_o
         use_norm_kernels(model, "cpu")
         if rope:
             use_rope_kernels(model, "cpu")
+        reads = []
+
+        class Reads(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func._schema.name in ("aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::equal"):
+                    reads.append(func._schema.name)
+                return func(*args, **(kwargs or {}))
+
         with w4a8_emulate.emulating(sm_count=8), norm_emulate.emulating(), emulate.emulating() as remu:
             eng = DecodeEngine(model, 2, 10)
             logits = [eng.prefill(ids, attention_mask=torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]))]
             for _ in range(2):
-                logits.append(eng.decode(logits[-1].argmax(-1)).clone())
+                nxt = logits[-1].argmax(-1)
+                with Reads():
+                    logits.append(eng.decode(nxt).clone())
+        assert reads == []
         assert len(remu.launches) == (3 * model.config.num_hidden_layers if rope else 0)
         runs.append(torch.stack(logits))
     assert torch.equal(bits(runs[1]), bits(runs[0]))
