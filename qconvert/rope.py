@@ -33,7 +33,6 @@ ATTENTION_CLASSES = ("LlamaAttention", "MistralAttention", "MixtralAttention", "
                      "Qwen3MoeAttention")
 MODELING = {name: "transformers.models.{0}.modeling_{0}".format({"Qwen3MoeAttention": "qwen3_moe"}.get(
     name, name.removesuffix("Attention").lower())) for name in ATTENTION_CLASSES}
-_DTYPES = (torch.float16, torch.bfloat16)
 _DEVICE: contextvars.ContextVar = contextvars.ContextVar("qconvert_rope_device", default=None)
 
 
@@ -94,20 +93,14 @@ def _module_global(module: str) -> "RopeDispatch":
 
 def _kernel_takes(q, k, cos, sin, device: torch.device) -> bool:
     """The call is one the kernel computes exactly as transformers would, within the launcher's
-    limits: four tensors of one kernel dtype on ``device``, no grad, [B, H, T, D] q and k and
-    [B or 1, T, D] tables, D even; anything else goes to transformers' function."""
+    limits: four tensors on ``device``, no grad, and nothing ``cuda.problem`` refuses (one kernel
+    dtype, [B, H, T, D] q and k, [B or 1, T, D] tables, D even); anything else goes to
+    transformers' function."""
     from qconvert_kernels.rope import cuda as kr
 
-    ts = (q, k, cos, sin)
-    if not all(isinstance(t, torch.Tensor) and t.device == device and t.dtype == q.dtype for t in ts):
+    if torch.is_grad_enabled() or not all(isinstance(t, torch.Tensor) and t.device == device for t in (q, k, cos, sin)):
         return False
-    if q.dtype not in _DTYPES or torch.is_grad_enabled() or q.dim() != 4 or k.dim() != 4:
-        return False
-    b, hq, t_len, d = q.shape
-    heads = hq + k.shape[1]
-    return (d % 2 == 0 and 0 < d <= 2 * kr.MAX_THREADS and k.shape[0] == b and k.shape[2:] == q.shape[2:]
-            and b <= kr.MAX_GRID_YZ and t_len < 2**31 and -(-heads // kr.heads_per_cta(d // 2)[1]) <= kr.MAX_GRID_YZ
-            and all(t.dim() == 3 and t.shape[0] in (1, b) and tuple(t.shape[1:]) == (t_len, d) for t in (cos, sin)))
+    return kr.problem(q, k, cos, sin) is None
 
 
 def _signature(t: torch.Tensor) -> tuple:

@@ -42,26 +42,43 @@ def _bht(t: torch.Tensor) -> tuple:
     return tuple(np.int64(s) for s in t.stride()[:3])
 
 
+def problem(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> str | None:
+    """Why the kernel cannot take these inputs (the launcher's ValueError), or None: dtypes,
+    shapes and the grid's limits (not the device).  ``qconvert.rope`` asks it before choosing the
+    kernel over transformers' function."""
+    fn = "rope"
+    if q.dtype not in _SUFFIX:
+        return f"{fn}: q must be float16 or bfloat16, got {q.dtype}"
+    for name, t in (("k", k), ("cos", cos), ("sin", sin)):
+        if t.dtype != q.dtype:
+            return f"{fn}: {name} must be {q.dtype} like q, got {t.dtype}"
+    if q.dim() != 4 or k.dim() != 4:
+        return f"{fn}: q and k must be [B, H, T, D], got {tuple(q.shape)} and {tuple(k.shape)}"
+    b, hq, t_len, d = q.shape
+    if k.shape[0] != b or k.shape[2:] != q.shape[2:]:
+        return f"{fn}: k {tuple(k.shape)} must share q's batch, tokens and head size ({b}, {t_len}, {d})"
+    if d % 2 or not 0 < d <= 2 * MAX_THREADS:
+        return f"{fn}: the head size must be even (rotate_half halves it) and at most {2 * MAX_THREADS}, got {d}"
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.dim() != 3 or t.shape[0] not in (1, b) or tuple(t.shape[1:]) != (t_len, d):
+            return f"{fn}: {name} must be [{b} or 1, {t_len}, {d}], got {tuple(t.shape)}"
+    heads = hq + k.shape[1]
+    if heads >= 2**31 or -(-heads // heads_per_cta(d // 2)[1]) > MAX_GRID_YZ:
+        return f"{fn}: {heads} heads exceed the grid"
+    if b > MAX_GRID_YZ or t_len >= 2**31:
+        return f"{fn}: {b} rows of {t_len} tokens exceed the grid; run fewer at once"
+    return None
+
+
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
          out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     fn = "rope"
-    _l.require(q.dtype in _SUFFIX, f"{fn}: q must be float16 or bfloat16, got {q.dtype}")
-    for name, t in (("k", k), ("cos", cos), ("sin", sin)):
-        _l.require(t.dtype == q.dtype, f"{fn}: {name} must be {q.dtype} like q, got {t.dtype}")
-    _l.require(q.dim() == 4 and k.dim() == 4, f"{fn}: q and k must be [B, H, T, D], got {tuple(q.shape)} and {tuple(k.shape)}")
+    why = problem(q, k, cos, sin)
+    _l.require(why is None, why)
     b, hq, t_len, d = q.shape
     hk = k.shape[1]
-    _l.require(k.shape[0] == b and k.shape[2:] == q.shape[2:],
-               f"{fn}: k {tuple(k.shape)} must share q's batch, tokens and head size ({b}, {t_len}, {d})")
-    _l.require(d % 2 == 0 and 0 < d <= 2 * MAX_THREADS,
-               f"{fn}: the head size must be even (rotate_half halves it) and at most {2 * MAX_THREADS}, got {d}")
-    for name, t in (("cos", cos), ("sin", sin)):
-        _l.require(t.dim() == 3 and t.shape[0] in (1, b) and tuple(t.shape[1:]) == (t_len, d),
-                   f"{fn}: {name} must be [{b} or 1, {t_len}, {d}], got {tuple(t.shape)}")
     block = heads_per_cta(d // 2)
     groups = -(-(hq + hk) // block[1])
-    _l.require(hq + hk < 2**31 and groups <= MAX_GRID_YZ, f"{fn}: {hq + hk} heads exceed the grid")
-    _l.require(b <= MAX_GRID_YZ and t_len < 2**31, f"{fn}: {b} rows of {t_len} tokens exceed the grid; run fewer at once")
     dev = _l.check_cuda(fn, q, k, cos, sin)
     q, k, cos, sin = (_last_contiguous(t) for t in (q, k, cos, sin))
     if out is None:
