@@ -11,7 +11,7 @@
 #   PYTHON=/path/to/python bash benchmarks/gpu_check.sh   # default: python3 or python, whichever imports torch
 #
 # Seven parts, in this order, each under its own time budget (seconds, overridable as
-# BUDGET_A..BUDGET_G), 475 s in all (545 s with each part's 10 s kill grace, which a part that ends on
+# BUDGET_A..BUDGET_G), 480 s in all (550 s with each part's 10 s kill grace, which a part that ends on
 # its own never uses; the full run of
 # 2026-12-04 took 413 s); PARTS
 # (default abcdefg) names the parts to run, for a rerun of some (PARTS=aeg); every
@@ -34,8 +34,8 @@
 #   d  GPU quantize of a random-weight Llama-3-8B-shaped checkpoint written here, 2 blocks and a
 #      32768-token vocabulary (quantize.json)
 #   e  the online Hadamard transform of --rotate hadamard+online (hadamard.json), a Llama-3-8B
-#      block's float glue: RoPE and RMSNorm as transformers' ops and as qconvert's kernels
-#      (benchmarks/glue_speed.py: glue.json), then the other
+#      block's float glue: RoPE, RMSNorm, SwiGLU and the KV-cache write as transformers' and the
+#      engine's ops and as qconvert's kernels (benchmarks/glue_speed.py: glue.json), then the other
 #      methods' kernels at M in {1, 4096}, each M under its own 20 s: FP8 (sm_89+), I-LLM, QUIK
 #      (kernels_zqfp.json, kernels_illm.json, kernels_quik.json, each merged from one process per M)
 #   f  I-LLM's integer-only model on its kernels against FP16, end to end, on 4 blocks of the
@@ -145,7 +145,7 @@ part_e() {  # one process per scheme and M, as in part b (one M of all three in 
   local rc=0 s m
   # first, as it is short (2 orders x 4 M, 20 timed calls each)
   timeout 20 "$PYTHON" benchmarks/hadamard_speed.py --json "$out/hadamard.json" || rc=1  # --rotate hadamard+online
-  timeout 15 "$PYTHON" benchmarks/glue_speed.py --json "$out/glue.json" || rc=1  # RoPE and RMSNorm, kernels or torch ops
+  timeout 20 "$PYTHON" benchmarks/glue_speed.py --json "$out/glue.json" || rc=1  # RoPE, RMSNorm, SwiGLU, KV write: kernels or torch ops
   for s in zqfp-w4a8:zqfp illm-w8a8:illm quik-w4a4:quik; do  # QUIK last: the H200 run of 2026-12-04 has its table
     if [ "${s##*:}" = zqfp ] && ! "$PYTHON" -c "import torch, sys; sys.exit(torch.cuda.get_device_capability() < (8, 9))"; then
       continue  # FP8 tensor cores: sm_89+
@@ -173,8 +173,8 @@ export -f part_a part_b part_c part_d part_e part_f part_g test_file
 export out
 export SPLIT_TESTS="test_kernels_w4a8r_gpu test_quantize_device_gpu"
 # part g's six ncu cases took 58 s on the H200 (2026-12-04); part e 53 s, before glue_speed.py (up to
-# 15 s) joined it; part f 22 s
-BUDGET_A=${BUDGET_A:-140} BUDGET_B=${BUDGET_B:-70} BUDGET_C=${BUDGET_C:-70} BUDGET_D=${BUDGET_D:-45} BUDGET_E=${BUDGET_E:-70}
+# 20 s) joined it; part f 22 s.  In all 480 s: the whole check in 8 minutes
+BUDGET_A=${BUDGET_A:-140} BUDGET_B=${BUDGET_B:-70} BUDGET_C=${BUDGET_C:-70} BUDGET_D=${BUDGET_D:-45} BUDGET_E=${BUDGET_E:-75}
 BUDGET_F=${BUDGET_F:-25} BUDGET_G=${BUDGET_G:-55}
 export BUDGET_C BUDGET_D BUDGET_F
 PARTS=${PARTS:-abcdefg}  # a rerun names the parts it repeats, e.g. PARTS=aeg

@@ -5,17 +5,21 @@ them up (siblings joined, each kernel's copy of the weights prepared), the launc
 lane-exact CPU emulator (qconvert_kernels/w4a8/emulate.py).  Counted at the aten level as
 benchmarks/illm_step_ops.py does: the torch ops that compute (views left out; allocations,
 ``aten::empty*``, counted among them and apart, as they launch nothing and a graph fixes their
-memory at capture) plus the kernel launches; each of the others is a kernel of the graph.  Five
-forms: the OUT as a GPU load runs it (W4A8 kernels, RMSNorms on the norm kernel:
-``qconvert.norms``, RoPE on the rope kernel: ``qconvert.rope``), the same with transformers' RoPE,
-the same with transformers' norms and RoPE, and the float original (float16, the same engine)
-with the norm and rope kernels (as ``qconvert bench`` times it) and without.  The torch ops left
-are listed per decoder block: the float glue (SiLU, residual adds, the cache writes, attention,
-and the norms and RoPE where they are transformers') that runs around the GEMMs.
+memory at capture) plus the kernel launches; each of the others is a kernel of the graph.  Seven
+forms: the OUT as a GPU load runs it (W4A8 kernels; RMSNorms on the norm kernel: ``qconvert.norms``;
+RoPE on the rope kernel: ``qconvert.rope``; silu(gate) * up on the swiglu kernel: ``qconvert.mlp``;
+the KV-cache writes on the kvcache kernel: the engine's ``cache_kernel``), the same with only the
+norm and rope kernels, with only the norm kernel, with transformers' glue; and the float original
+(float16, the same engine) with all four glue kernels (as ``qconvert bench`` times it), with the
+norm and rope kernels, and without.  The torch ops left are listed per decoder block: the float
+glue (residual adds, attention, and whatever of the norms, RoPE, SwiGLU and cache writes runs as
+torch ops) around the GEMMs.
 
 Checks: the step's logits on the emulated kernels equal the same layers' CPU reference path (the
-OUT loaded without W4A8 kernels, the norms on their kernel, transformers' RoPE) for w4a8-is, bit
-for bit.
+OUT loaded without W4A8 kernels, the norms on their kernel, transformers' RoPE and SwiGLU, the
+cache written with index_copy_) for w4a8-is, bit for bit.  (The swiglu kernel's emulator takes
+float64 exp rounded to float32 for CUDA's expf, torch's CPU silu its own exp: where the two ever
+differed, so would the logits.)
 
     python benchmarks/w4a8_step_ops.py OUT [--against SOURCE] [--prompt 16] [--batch 1] [--json FILE]
 
@@ -40,35 +44,43 @@ from qconvert.bench import environment  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def captured_step(model, ids: torch.Tensor, w4a8: bool, norms: bool, rope: bool):
+GLUE = ("norm", "rope", "swiglu", "cache")  # the float glue's kernels a GPU load and qconvert bench use
+
+
+def captured_step(model, ids: torch.Tensor, w4a8: bool, glue=()):
     """Prefill ``ids`` on a ``DecodeEngine``, then one step in the shape a CUDA graph captures
     (``DecodeEngine._capture`` runs ``_step(b, max_len)``), counted: (logits, OpCount, launches per
-    kernel).  ``w4a8``: the W4A8 launches run on their emulator; ``norms`` / ``rope``: the RMSNorms
-    run the norm kernel, the attention layers' RoPE the rope kernel (``use_norm_kernels``,
-    ``use_rope_kernels``, as a GPU load and ``qconvert bench`` set them), emulated."""
+    kernel).  ``w4a8``: the W4A8 launches run on their emulator; ``glue``, the float glue on its
+    kernels, emulated: "norm" the RMSNorms, "rope" the attention layers' RoPE, "swiglu" the MLPs'
+    silu(gate) * up (``use_norm_kernels``, ``use_rope_kernels``, ``use_swiglu_kernels``, as a GPU
+    load and ``qconvert bench`` set them), "cache" the engine's KV-cache writes (its ``cache_kernel``,
+    on by default on a GPU)."""
     import contextlib
 
     from qconvert.engine import DecodeEngine
+    from qconvert.mlp import use_swiglu_kernels
     from qconvert.norms import use_norm_kernels
     from qconvert.rope import use_rope_kernels
+    from qconvert_kernels.kvcache import emulate as kv_emulate
     from qconvert_kernels.norm import emulate as norm_emulate
     from qconvert_kernels.rope import emulate as rope_emulate
+    from qconvert_kernels.swiglu import emulate as swiglu_emulate
     from qconvert_kernels.w4a8 import emulate
 
-    if norms:
-        use_norm_kernels(model, "cpu")
-    if rope:
-        use_rope_kernels(model, "cpu")
+    setters = {"norm": use_norm_kernels, "rope": use_rope_kernels, "swiglu": use_swiglu_kernels}
+    emulators = {"norm": norm_emulate, "rope": rope_emulate, "swiglu": swiglu_emulate, "cache": kv_emulate}
+    for g in glue:
+        if g in setters:
+            setters[g](model, "cpu")
     b, p = ids.shape
-    eng = DecodeEngine(model, b, p + 2, graphs=False)
+    eng = DecodeEngine(model, b, p + 2, graphs=False, cache_kernel="cache" in glue)
     counter = OpCount()
     outer = emulate.emulating(sm_count=132) if w4a8 else contextlib.nullcontext()
     nested = contextlib.ExitStack()
     with torch.inference_mode(), outer as w4, nested:
-        nemu = nested.enter_context(norm_emulate.emulating()) if norms else None
-        remu = nested.enter_context(rope_emulate.emulating()) if rope else None
+        emus = [w4] if w4a8 else []
+        emus += [nested.enter_context(emulators[g].emulating()) for g in GLUE if g in glue]
         nxt = eng.prefill(ids).argmax(-1)
-        emus = [e for e in (w4, nemu, remu) if e is not None]
         before = [len(e.launches) for e in emus]
         eng._ids[:b].copy_(nxt.reshape(b, 1))  # what decode() does before the step it replays
         eng.cache.seen = eng.length
@@ -102,6 +114,10 @@ def row(name: str, counter: OpCount, launches: collections.Counter, blocks: int)
             "torch_ops_per_block": round((torch_ops - counter.allocations) / blocks, 1)}
 
 
+def name_of(layouts: list[str]) -> str:
+    return "+".join(layouts)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out", type=Path, help="an OUT quantized with is-w4a8, is-w4a8-rtn or w4a8-fs")
@@ -121,36 +137,35 @@ def main() -> None:
         raise SystemExit(f"{args.out}: no W4A8 (w4a8-is / w4a8-fs) layers to count ({layouts})")
     blocks = model.config.num_hidden_layers
     ids = torch.randint(1, model.config.vocab_size, (args.batch, args.prompt), generator=torch.Generator().manual_seed(0))
-    got, q_count, q_launches = captured_step(model, ids, w4a8=True, norms=True, rope=True)
-    # the same layers on their CPU reference path (no kernel copy, no join), the norms on the kernel,
-    # transformers' RoPE
+    got, q_count, q_launches = captured_step(model, ids, w4a8=True, glue=GLUE)
+    # the same layers on their CPU reference path (no kernel copy, no join), the norms on the kernel
+    # (its own rounding), the rest of the glue transformers' and index_copy_
     plain = load(args.out, dtype=torch.float16)
-    want, _, _ = captured_step(plain, ids, w4a8=False, norms=True, rope=False)
+    want, _, _ = captured_step(plain, ids, w4a8=False, glue=("norm",))
     exact = torch.equal(got, want)
     if layouts == ["w4a8-is"] and not exact:
         raise SystemExit("the step on the emulated kernels differs from the reference path: a kernel bug")
-    model, _, _ = on_kernels(args.out)
-    _, q_norm_count, q_norm_launches = captured_step(model, ids, w4a8=True, norms=True, rope=False)
-    model, _, _ = on_kernels(args.out)
-    _, q_plain_count, q_plain_launches = captured_step(model, ids, w4a8=True, norms=False, rope=False)
+    rows = [row(f"{name_of(layouts)}, W4A8, norm, rope, swiglu and cache kernels (GPU load)", q_count, q_launches, blocks)]
+    for glue, label in ((("norm", "rope"), "W4A8, norm and rope kernels (before the swiglu and cache kernels)"),
+                        (("norm",), "W4A8 and norm kernels, transformers' RoPE"),
+                        ((), "W4A8 kernels, transformers' norms and RoPE")):
+        model, _, _ = on_kernels(args.out)
+        _, count, launches = captured_step(model, ids, w4a8=True, glue=glue)
+        rows.append(row(f"{name_of(layouts)}, {label}", count, launches, blocks))
     against = args.against or recorded_source(args.out)
     src = resolve_source(against)
-    fp = src.load_model(torch.float16).eval()
-    _, fp_plain_count, _ = captured_step(fp, ids, w4a8=False, norms=False, rope=False)
-    _, fp_count, fp_launches = captured_step(fp, ids, w4a8=False, norms=True, rope=True)
+    for glue, label in ((GLUE, "norm, rope, swiglu and cache kernels (qconvert bench)"),
+                        (("norm", "rope"), "norm and rope kernels (before)"), ((), "transformers' glue")):
+        fp = src.load_model(torch.float16).eval()
+        _, count, launches = captured_step(fp, ids, w4a8=False, glue=glue)
+        rows.append(row(f"float16 original, {label}", count, launches, blocks))
 
-    name = "+".join(layouts)
-    rows = [row(f"{name}, W4A8, norm and rope kernels (GPU load)", q_count, q_launches, blocks),
-            row(f"{name}, W4A8 and norm kernels, transformers' RoPE", q_norm_count, q_norm_launches, blocks),
-            row(f"{name}, W4A8 kernels, transformers' norms and RoPE", q_plain_count, q_plain_launches, blocks),
-            row("float16 original, norm and rope kernels (qconvert bench)", fp_count, fp_launches, blocks),
-            row("float16 original, transformers' norms and RoPE", fp_plain_count, collections.Counter(), blocks)]
     env = environment(torch.device("cpu"))
     print(f"{args.out.name}: one captured decode step of batch {args.batch} after {args.prompt} prompt tokens, "
           f"{blocks} blocks, {len(lins)} W4A8 layers ({len(groups)} joined groups) ({env['device']})")
-    print(f"{'form':60s} {'torch ops':>9s} {'allocs':>7s} {'launches':>8s} {'kernels':>8s} {'torch ops/block':>15s}")
+    print(f"{'form':80s} {'torch ops':>9s} {'allocs':>7s} {'launches':>8s} {'kernels':>8s} {'torch ops/block':>15s}")
     for r in rows:
-        print(f"{r['form']:60s} {r['torch_ops']:9d} {r['allocations']:7d} {r['launches']:8d} {r['kernels']:8d} "
+        print(f"{r['form']:80s} {r['torch_ops']:9d} {r['allocations']:7d} {r['launches']:8d} {r['kernels']:8d} "
               f"{r['torch_ops_per_block']:15.1f}")
     print("  launches:", ", ".join(f"{k} {v}" for k, v in sorted(q_launches.items())))
     print("  torch ops of the quantized step, per block:",

@@ -550,7 +550,7 @@ def _modes(dev: torch.device) -> list[bool]:
     return [True, False] if dev.type == "cuda" else [False]
 
 
-def _speeds(model, dev, kw: dict, budget: Budget, norms: bool = True, rope: bool = True) -> dict:
+def _speeds(model, dev, kw: dict, budget: Budget, norms: bool = True, rope: bool = True, swiglu: bool = True) -> dict:
     """{"cuda-graph": ..., "eager": ...} (what ``_modes`` allows) of one model.  On a GPU, with
     ``norms``, the original and the quantized model both run their RMSNorms on the norm kernel,
     and with ``rope`` their RoPE on the rope kernel (``load`` sets them for an OUT; the original
@@ -563,6 +563,10 @@ def _speeds(model, dev, kw: dict, budget: Budget, norms: bool = True, rope: bool
         from qconvert.rope import use_rope_kernels
 
         use_rope_kernels(model, dev)
+    if swiglu and dev.type == "cuda":
+        from qconvert.mlp import use_swiglu_kernels
+
+        use_swiglu_kernels(model, dev)
     return {("cuda-graph" if g else "eager"): model_speed(model, dev, graphs=g, budget=budget, **kw)
             for g in _modes(dev)}
 
@@ -577,23 +581,31 @@ def _integer_only(result: dict, dev: torch.device, what: str = "OUT") -> dict:
     return result
 
 
+def _kernels_usable() -> bool:
+    from qconvert_kernels import launch
+
+    return launch.available(80)
+
+
 def _result(target: str, original: str, dev, dtype, fp: dict, q: dict, budget: Budget, norms: bool = True,
-            rope: bool = True) -> dict:
+            rope: bool = True, swiglu: bool = True) -> dict:
     """The result record: the headline (graph-captured on CUDA) in ``quantized`` / ``original_speed``
     / ``speedup``, every mode under ``modes``."""
     head = "cuda-graph" if "cuda-graph" in q else "eager"
     return {"kind": "model", "target": target, "original": original, "runtime": _runtime_label(dev),
             "dtype": str(dtype).removeprefix("torch."), "environment": environment(dev), "budget_s": budget.total,
-            # on a GPU both models' RMSNorms and RoPE run their kernels (``_speeds``) unless
-            # --no-norm-kernels / --no-rope-kernels
+            # on a GPU both models' RMSNorms, RoPE and SwiGLU run their kernels (``_speeds``) unless
+            # --no-norm-kernels / --no-rope-kernels / --no-swiglu-kernels; the engine writes both models'
+            # KV caches on the kvcache kernel where the GPU has the kernels (DecodeEngine's default)
             "norm_kernels": norms and dev.type == "cuda", "rope_kernels": rope and dev.type == "cuda",
+            "swiglu_kernels": swiglu and dev.type == "cuda", "cache_kernel": dev.type == "cuda" and _kernels_usable(),
             "quantized": q[head], "original_speed": fp[head], "speedup": _compare(fp[head], q[head]),
             "modes": {m: {"quantized": q[m], "original_speed": fp[m], "speedup": _compare(fp[m], q[m])} for m in q}}
 
 
 def out_bench(out: Path, device: str | None = None, prefill: int = 2048, new_tokens: int = 128, batches=(1, 16, 64),
               repeats: int = 3, against: str | None = None, budget_s: float | None = None, fuse: bool = True,
-              norm_kernels: bool = True, rope_kernels: bool = True) -> dict:
+              norm_kernels: bool = True, rope_kernels: bool = True, swiglu_kernels: bool = True) -> dict:
     """Quantized OUT against its float original, on one device, one after the other."""
     from qconvert.formats.native import read_quant_config
     from qconvert.layouts import get_layout
@@ -614,12 +626,13 @@ def out_bench(out: Path, device: str | None = None, prefill: int = 2048, new_tok
             raise QConvertError(f"{out}/qconvert.json does not name the source; pass --against SOURCE")
     budget = Budget(budget_s)
     kw = dict(prefill=prefill, new_tokens=new_tokens, batches=batches, repeats=repeats)
-    model = load(out, device=str(dev), dtype=dtype, fuse=fuse, norm_kernels=norm_kernels, rope_kernels=rope_kernels)
-    q = _speeds(model, dev, kw, budget, norm_kernels, rope_kernels)  # an integer-only model: on its own engine
+    glue = (norm_kernels, rope_kernels, swiglu_kernels)
+    model = load(out, device=str(dev), dtype=dtype, fuse=fuse, norm_kernels=norm_kernels, rope_kernels=rope_kernels,
+                 swiglu_kernels=swiglu_kernels)
+    q = _speeds(model, dev, kw, budget, *glue)  # an integer-only model: on its own engine
     src = resolve_source(against)
-    fp = _speeds(src.load_model(dtype).to(dev).eval(), dev, kw, budget, norm_kernels, rope_kernels)
-    result = _result(str(out), getattr(src, "description", str(against)), dev, dtype, fp, q, budget, norm_kernels,
-                     rope_kernels)
+    fp = _speeds(src.load_model(dtype).to(dev).eval(), dev, kw, budget, *glue)
+    result = _result(str(out), getattr(src, "description", str(against)), dev, dtype, fp, q, budget, *glue)
     result["fused_groups"] = fused_groups(model)
     return _integer_only(result, dev) if integer_only else result
 
@@ -705,7 +718,7 @@ SYNTHETIC_SCHEMES = {
 def synthetic_bench(name: str, device: str | None = None, layers: int | None = None, prefill: int = 2048,
                     new_tokens: int = 128, batches=(1, 16, 64), repeats: int = 3, scheme: str = "is-w4a8",
                     budget_s: float | None = None, fuse: bool = True, norm_kernels: bool = True,
-                    rope_kernels: bool = True) -> dict:
+                    rope_kernels: bool = True, swiglu_kernels: bool = True) -> dict:
     if scheme not in SYNTHETIC_SCHEMES:
         raise QConvertError(f"--synthetic --scheme {scheme}: random-weight twins exist for {', '.join(SYNTHETIC_SCHEMES)}")
     dev = resolve_device(device)
@@ -713,7 +726,8 @@ def synthetic_bench(name: str, device: str | None = None, layers: int | None = N
     budget = Budget(budget_s)
     kw = dict(prefill=prefill, new_tokens=new_tokens, batches=batches, repeats=repeats)
     fp_model, to_quantized = synthetic_models(name, dev, layers, dtype)
-    fp = _speeds(fp_model, dev, kw, budget, norm_kernels, rope_kernels)
+    glue = (norm_kernels, rope_kernels, swiglu_kernels)
+    fp = _speeds(fp_model, dev, kw, budget, *glue)
     q_model = to_quantized(scheme=scheme, fuse=fuse)
     integer_only = hasattr(q_model, "decode_engine")
     if integer_only:  # its own copies of the weights: the float model is no longer needed
@@ -721,10 +735,10 @@ def synthetic_bench(name: str, device: str | None = None, layers: int | None = N
         gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
-    q = _speeds(q_model, dev, kw, budget, norm_kernels, rope_kernels)
+    q = _speeds(q_model, dev, kw, budget, *glue)
     result = _result(f"synthetic:{name} {scheme}" + (f" ({layers} layers)" if layers else ""),
                      f"synthetic:{name} (random {str(dtype).removeprefix('torch.')} weights)", dev, dtype, fp, q, budget,
-                     norm_kernels, rope_kernels)
+                     *glue)
     result["fused_groups"] = fused_groups(q_model)
     return _integer_only(result, dev, "twin") if integer_only else result
 

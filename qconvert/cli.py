@@ -354,11 +354,14 @@ def _int_list(ctx, param, value):
 @click.option("--rope-kernels/--no-rope-kernels", default=True, show_default=True,
               help="End to end on CUDA: run both models' RoPE on the rope kernel (same outputs), or as transformers' "
                    "ten ops a block.")
+@click.option("--swiglu-kernels/--no-swiglu-kernels", default=True, show_default=True,
+              help="End to end on CUDA: run both models' MLP activation silu(gate) * up on the swiglu kernel (same "
+                   "outputs), or as transformers' two ops a block.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the result as JSON here.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="PNG: speed-up against M (--kernels), or "
                                                                            "tokens/s per measure (end to end).")
 def bench(out, kernels, synthetic, layers, device, against, shapes, ms, runs, scheme, prefill, new_tokens, batches,
-          repeats, budget_s, fuse, norm_kernels, rope_kernels, json_path, plot_path):
+          repeats, budget_s, fuse, norm_kernels, rope_kernels, swiglu_kernels, json_path, plot_path):
     """Speed: the kernels against cuBLAS (--kernels), or a model end to end against its
     float original (OUT, or --synthetic). An OUT's result is also kept in OUT/bench.json.
 
@@ -387,7 +390,7 @@ def bench(out, kernels, synthetic, layers, device, against, shapes, ms, runs, sc
             click.echo(f"plot: {b.plot_kernels(res, plot_path)}")
     else:
         kw = dict(device=device, prefill=prefill, new_tokens=new_tokens, batches=batches, repeats=repeats, budget_s=budget_s,
-                  fuse=fuse, norm_kernels=norm_kernels, rope_kernels=rope_kernels)
+                  fuse=fuse, norm_kernels=norm_kernels, rope_kernels=rope_kernels, swiglu_kernels=swiglu_kernels)
         if synthetic:
             res = b.synthetic_bench(synthetic, layers=layers, scheme=scheme, **kw)
         else:

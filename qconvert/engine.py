@@ -227,7 +227,8 @@ class StaticKVCache(_HFCache):
     The engine sets, before each forward: ``rows`` (the batch rows in use), ``write`` (int64
     [q] device tensor: the cache columns the q new tokens go to) and ``kv_len`` (the columns
     ``update`` hands to attention).  ``update`` writes in place and returns views: no copy,
-    no allocation, no host sync.
+    no allocation, no host sync.  On ``kernel_device`` it writes keys and values in one launch
+    (``qconvert_kernels.kvcache``, the same copy as the two ``index_copy_`` it replaces).
     """
 
     is_compileable = True  # transformers asks this of caches; nothing here depends on it
@@ -247,6 +248,9 @@ class StaticKVCache(_HFCache):
         self.seen = 0  # columns filled before the current forward (the engine's host-side count)
         self.write: torch.Tensor | None = None
         self.checked = False
+        # where update writes through kvcache.cu (one launch for keys and values) instead of two
+        # index_copy_: the engine's device when it has the kernel, else None
+        self.kernel_device: torch.device | None = None
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.key_cache + self.value_cache)
@@ -262,6 +266,12 @@ class StaticKVCache(_HFCache):
             self.checked = True
         k = self.key_cache[layer_idx][: self.rows]
         v = self.value_cache[layer_idx][: self.rows]
+        if self.kernel_device is not None and key_states.device == self.kernel_device:
+            from qconvert_kernels.kvcache import cuda as kkv
+
+            if kkv.problem(key_states, value_states, self.write, k, v) is None:
+                kkv.kv_write(key_states, value_states, self.write, k, v)  # one launch for both
+                return k[:, :, : self.kv_len], v[:, :, : self.kv_len]
         k.index_copy_(2, self.write, key_states)
         v.index_copy_(2, self.write, value_states)
         return k[:, :, : self.kv_len], v[:, :, : self.kv_len]
@@ -337,10 +347,14 @@ class DecodeEngine:
     are allocated once.  ``device`` / ``dtype`` default to the model's and must match it (the engine
     never casts a model: that would change a quantized layer's float scales).  ``graphs``: capture
     each decode step as a CUDA graph (None: on CUDA for models without MoE routing, never on CPU).
+    ``cache_kernel``: write each layer's new keys and values into the cache in one kernel launch
+    (``qconvert_kernels.kvcache``) instead of two ``index_copy_`` (None: on a CUDA device the
+    kernels can use; True elsewhere only under the kernel emulator).
     """
 
     def __init__(self, model, max_batch: int, max_len: int, device: str | torch.device | None = None,
-                 dtype: torch.dtype | None = None, graphs: bool | None = None):
+                 dtype: torch.dtype | None = None, graphs: bool | None = None,
+                 cache_kernel: bool | None = None):
         from transformers import PreTrainedModel
 
         if not isinstance(model, PreTrainedModel):
@@ -387,6 +401,11 @@ class DecodeEngine:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         self.cache = StaticKVCache(config.num_hidden_layers, max_batch, kv_heads, max_len, head_dim, head_dim,
                                    self.dtype, self.device)
+        if cache_kernel is None:
+            from qconvert_kernels import launch
+
+            cache_kernel = self.device.type == "cuda" and launch.available(80)
+        self.cache.kernel_device = self.device if cache_kernel else None
         self._cache_kw = _kwarg(model.forward, "cache", "past_key_values")
         if self._cache_kw is None:
             raise QConvertError(f"{type(model).__name__}.forward takes no KV cache; the decode engine cannot run it")

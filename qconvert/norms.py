@@ -13,10 +13,10 @@ to fp16 / bf16): measured, a unit in the last place in about one output in a tho
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
+
+from qconvert.glue import kernel_device, route_forward
 
 # RMSNorm classes whose forward is w * (x.float() * rsqrt(mean(x^2) + eps)).to(x.dtype) with
 # ``weight`` and ``variance_epsilon`` (checked against the installed transformers by the tests)
@@ -36,17 +36,11 @@ def _kernel_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
 def use_norm_kernels(model: nn.Module, device: torch.device | str) -> int:
     """Every known RMSNorm of ``model`` runs the norm kernel on inputs on ``device`` (a GPU; the CPU
     only under the kernel emulator).  Returns how many norms were set (again: none new)."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = kernel_device(device)
     count = 0
     for mod in model.modules():
         if type(mod).__name__ in NORM_CLASSES and isinstance(getattr(mod, "weight", None), torch.Tensor) \
                 and hasattr(mod, "variance_epsilon"):
             mod.norm_kernel_device = device
-            if "forward" not in mod.__dict__:
-                # a partial of a module-level function, not a bound method: the module still pickles
-                # (torch.save) and a copy's forward is its own
-                mod.forward = functools.partial(_kernel_forward, mod)
-                count += 1
+            count += route_forward(mod, _kernel_forward)
     return count

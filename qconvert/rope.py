@@ -26,6 +26,8 @@ import sys
 import torch
 from torch import nn
 
+from qconvert.glue import kernel_device, route_forward, transformers_modules
+
 # attention classes whose forward rotates with their module's apply_rotary_pos_emb(q, k, cos, sin),
 # the Llama formula (checked against the installed transformers by the tests), and the transformers
 # module each must come from: a class of the same name elsewhere (remote code) may rotate otherwise
@@ -128,14 +130,9 @@ def use_rope_kernels(model: nn.Module, device: torch.device | str) -> int:
     """Every attention layer of the known classes in ``model`` rotates q and k on the rope kernel
     for inputs on ``device`` (a GPU; the CPU only under the kernel emulator).  Returns how many
     layers were set (again: none new)."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = kernel_device(device)
     count = 0
-    for mod in model.modules():
-        name = type(mod).__name__
-        if name not in ATTENTION_CLASSES or type(mod).__module__ != MODELING[name]:
-            continue
+    for mod in transformers_modules(model, MODELING):
         modeling = sys.modules[type(mod).__module__]
         original = getattr(modeling, "apply_rotary_pos_emb", None)
         if original is None:
@@ -143,9 +140,5 @@ def use_rope_kernels(model: nn.Module, device: torch.device | str) -> int:
         if not isinstance(original, RopeDispatch):
             modeling.apply_rotary_pos_emb = RopeDispatch.wrap(original, modeling.__name__)
         mod.rope_kernel_device = device
-        if "forward" not in mod.__dict__:
-            # a partial of a module-level function, not a bound method: the module still pickles
-            # (torch.save) and a copy's forward is its own
-            mod.forward = functools.partial(_attention_forward, mod)
-            count += 1
+        count += route_forward(mod, _attention_forward)
     return count

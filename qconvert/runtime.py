@@ -20,6 +20,7 @@ from qconvert.formats.native import read_quant_config
 from qconvert.formats.safetensors_io import ShardedReader
 from qconvert.layouts import Layout, QuantizedModule, TensorSpec, get_layout
 from qconvert.norms import use_norm_kernels
+from qconvert.mlp import use_swiglu_kernels
 from qconvert.rope import use_rope_kernels
 from qconvert.skeleton import build_skeleton
 
@@ -94,7 +95,7 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def load(out: str | Path, device: str = "cpu", dtype: torch.dtype | None = None, integer: bool = True,
-         fuse: bool = True, norm_kernels: bool = True, rope_kernels: bool = True):
+         fuse: bool = True, norm_kernels: bool = True, rope_kernels: bool = True, swiglu_kernels: bool = True):
     """Load a native qconvert OUT as a ready-to-run ``transformers`` causal LM.
 
     ``dtype`` casts the unquantized tensors (embeddings, norms, lm_head); default: as stored
@@ -109,7 +110,11 @@ def load(out: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
     transformers' formula in a fixed order; a few outputs a unit in the last place apart);
     ``norm_kernels=False`` keeps transformers' eight torch ops per norm.  On CUDA the Llama-family
     attention layers rotate q and k in one kernel (``qconvert.rope.use_rope_kernels``: transformers'
-    formula bit for bit); ``rope_kernels=False`` keeps its ten torch ops per block.
+    formula bit for bit); ``rope_kernels=False`` keeps its ten torch ops per block.  On CUDA the
+    Llama-family MLPs compute silu(gate) * up in one kernel (``qconvert.mlp.use_swiglu_kernels``:
+    torch's two ops step for step, CUDA's expf included); ``swiglu_kernels=False`` keeps them.
+    (The decode engine writes the KV cache in one kernel a block on such a GPU: ``DecodeEngine``'s
+    ``cache_kernel``.)
     """
     out = Path(out)
     dev = _device(device)
@@ -162,6 +167,8 @@ def load(out: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
             use_norm_kernels(model, dev)
         if rope_kernels:
             use_rope_kernels(model, dev)
+        if swiglu_kernels:
+            use_swiglu_kernels(model, dev)
     return model.eval()
 
 

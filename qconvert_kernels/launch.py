@@ -286,6 +286,15 @@ class ChainedEmulator:
     def emulate(self, name: str, grid: tuple, block: tuple, args: tuple, shared_mem: int) -> tuple:
         raise NotImplementedError
 
+    def check_arg_types(self, name: str, args: tuple, params: tuple, types: tuple) -> None:
+        """The launch's arguments must have the numpy ``types`` of the kernel's ``params``, in order
+        (CuPy packs an argument by its type: an int32 where the kernel reads a long long would shift
+        every later argument)."""
+        got = tuple(type(a) for a in args)
+        if got != tuple(types):
+            raise AssertionError(f"{name}: arguments of types {[t.__name__ for t in got]}, the kernel takes "
+                                 f"{[t.__name__ for t in types]} ({', '.join(params)})")
+
     @classmethod
     @contextlib.contextmanager
     def chained(cls, mutations=frozenset()):
@@ -318,6 +327,59 @@ def tensor_at(address: int) -> torch.Tensor:
         return _REGISTRY[int(address)]
     except KeyError:
         raise LookupError(f"kernel argument {int(address):#x}: no live tensor there (a temporary freed before the launch?)") from None
+
+
+class ViewMemory:
+    """A launch argument's tensor as an emulated kernel sees it (launch hooks only): its whole
+    storage as words of ``itemsize`` bytes (uint16 for 2, int64 for 8; a numpy view, so writes land
+    in the tensor), the element its pointer names (``base``) and the offsets, from that element,
+    of its view's elements (``view``).  ``at`` refuses an access outside the view: a stride mixed
+    up or a spare thread reads or writes in a neighbour's elements."""
+
+    def __init__(self, name: str, address: int, itemsize: int):
+        import numpy as np
+
+        t = tensor_at(address)
+        if t.element_size() != itemsize:
+            raise AssertionError(f"{name}: a {t.dtype} tensor where the kernel reads {8 * itemsize}-bit values")
+        as_int, as_np = {2: (torch.int16, np.uint16), 8: (torch.int64, np.int64)}[itemsize]
+        words = t.untyped_storage().nbytes() // itemsize
+        self.words = t.detach().as_strided((words,), (1,), 0).view(as_int).numpy().view(as_np)
+        self.base = t.storage_offset()
+        offsets = np.zeros(1, np.int64)
+        for size, stride in zip(t.shape, t.stride()):
+            offsets = (offsets[:, None] + np.arange(size, dtype=np.int64) * stride).reshape(-1)
+        self.name, self.view = name, np.unique(offsets)
+        self.count = len(offsets)
+        self.storage = t.untyped_storage().data_ptr()
+
+    def at(self, offsets):
+        """Storage indices of these view offsets (an AssertionError if any falls outside the view)."""
+        import numpy as np
+
+        outside = ~np.isin(offsets, self.view)
+        if outside.any():
+            raise AssertionError(f"{self.name}: {int(outside.sum())} accesses outside its view "
+                                 f"(offsets {offsets[outside][:4].tolist()}...)")
+        return self.base + offsets
+
+    def write_all(self, kernel: str, at, values, grid: tuple) -> None:
+        """Store ``values`` at the storage indices ``at``, which must cover every element of the
+        view exactly once (an output a launch writes whole)."""
+        import numpy as np
+
+        written = np.zeros(len(self.words), np.int64)
+        np.add.at(written, at, 1)
+        want = self.base + self.view
+        if (written[want] != 1).any() or written.sum() != self.count:
+            raise AssertionError(f"{kernel}: {self.name}'s elements written {int(written[want].min())} to "
+                                 f"{int(written[want].max())} times (grid {grid})")
+        self.words[at] = values
+
+    def overlaps(self, other: "ViewMemory") -> bool:
+        import numpy as np
+
+        return self.storage == other.storage and np.intersect1d(self.base + self.view, other.base + other.view).size > 0
 
 
 def i32(v: int):

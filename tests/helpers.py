@@ -173,6 +173,98 @@ def assert_mutation_caught(runner, args, mutation: str, expected: str, error: ty
             runner(*args, mutations=frozenset({mutation}))
 
 
+def kernel_ops(path, arch: str) -> dict:
+    """{kernel: (opcodes with their modifiers, counts by base opcode)} of the cubin the launcher
+    loads for ``arch`` (NVRTC, the launch options); the test is skipped without NVRTC / cuobjdump."""
+    import collections
+
+    import pytest
+
+    from qconvert_kernels import compile as kc
+    from qconvert_kernels import launch
+
+    if not kc.nvrtc_available() or kc.cuobjdump_path() is None:
+        pytest.skip("libnvrtc / cuobjdump not found (the [test] extra installs them)")
+    out = {}
+    for name, text in kc.kernel_sass(kc.sass(launch.build(path, arch))).items():
+        ops = kc.opcodes(text)
+        count = collections.Counter()
+        for op, n in ops.items():
+            count[op.split(".")[0]] += n
+        out[name] = (ops, count)
+    return out
+
+
+def w4a8_gpu_load_on_cpu(out, glue=()):
+    """An is-w4a8 OUT in float16 on the CPU, set up as ``load(OUT, device="cuda")`` sets it up on a
+    GPU: siblings joined (q/k/v and gate/up one GEMM each), every W4A8 layer's kernel copy prepared
+    (for the emulator), and the float glue of ``glue`` ("norm", "rope", "swiglu") on its kernels."""
+    import torch
+
+    from qconvert import load
+    from qconvert.layouts.int4 import W4A8Linear
+    from qconvert.mlp import use_swiglu_kernels
+    from qconvert.norms import use_norm_kernels
+    from qconvert.rope import use_rope_kernels
+    from qconvert.runtime import fuse_siblings
+
+    model = load(out, dtype=torch.float16)
+    assert fuse_siblings(model)
+    for m in model.modules():
+        if isinstance(m, W4A8Linear):
+            m.prepare_cuda(torch.device("cpu"))
+    setters = {"norm": use_norm_kernels, "rope": use_rope_kernels, "swiglu": use_swiglu_kernels}
+    for g in glue:
+        setters[g](model, "cpu")
+    return model
+
+
+def mutation_tests(runner, cases: dict, mutations: frozenset):
+    """The two tests of a kernel emulator's mutations, for a test module to bind at top level:
+    each mutation in ``cases`` caught as it says ("error" or "differs", ``assert_mutation_caught``:
+    ``runner(mutations=...)`` runs a launch and compares), and every one of the emulator's
+    ``mutations`` given a case."""
+    import pytest
+
+    @pytest.mark.parametrize("mutation", sorted(cases))
+    def test_mutation_is_caught(mutation):
+        assert_mutation_caught(runner, (), mutation, cases[mutation], AssertionError)
+
+    def test_every_mutation_has_a_test():
+        assert set(cases) == set(mutations)
+
+    return test_mutation_is_caught, test_every_mutation_has_a_test
+
+
+def assert_wrong_arg_type_refused(monkeypatch, emulating, call) -> None:
+    """The emulator refuses a launch whose int arguments come as int64 (``launch.i32`` made to
+    return one): CuPy would pack 8 bytes where the kernel reads 4 and shift every later argument."""
+    import numpy as np
+    import pytest
+
+    from qconvert_kernels import launch
+
+    real = launch.i32
+    monkeypatch.setattr(launch, "i32", lambda v: np.int64(real(v)))
+    with emulating(), pytest.raises(AssertionError, match="arguments of types"):
+        call()
+
+
+def assert_kernel_args(source: str, macro: str, params: tuple, types: tuple) -> None:
+    """An emulator reads its kernel's own argument list: ``params`` are the names the argument-list
+    macro ``#define MACRO \\ <params>`` of ``source`` declares, in order, and ``types`` the numpy
+    type each declared C type is passed as (pointer: uint64, int: int32, long long: int64)."""
+    import re
+
+    import numpy as np
+
+    assert macro_params(source, macro) == tuple(params)
+    declared = re.search(rf"#define {macro}\s*\\(.*?)\n\n", source, re.S).group(1)
+    kinds = [("ptr" if "*" in p else p.split()[0]) for p in re.sub(r"/\*.*?\*/|\\", "", declared).split(",")]
+    want = {"ptr": np.uint64, "int": np.int32, "long": np.int64}
+    assert tuple(want[k] for k in kinds) == tuple(types)
+
+
 def macro_params(source: str, macro: str) -> tuple[str, ...]:
     """The parameter names a kernel macro of a .cu source declares, in order: an entry-point macro
     ``#define MACRO(NAME, BF16) ... NAME(<params>) {`` or an argument-list macro ``#define MACRO \\

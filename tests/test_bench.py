@@ -48,28 +48,31 @@ def test_bench_out_on_cpu_is_labelled_and_saved(out, tmp_path):
 
 
 def test_glue_kernels_on_both_models_unless_asked_not_to(tiny_llama, monkeypatch, tmp_path):
-    """On a GPU ``_speeds`` sets the norm and rope kernels on the model it times (the original too),
-    not with ``--no-norm-kernels`` / ``--no-rope-kernels``; the flags reach the end-to-end bench,
-    whose result says them."""
+    """On a GPU ``_speeds`` sets the norm, rope and swiglu kernels on the model it times (the original
+    too), not with ``--no-norm-kernels`` / ``--no-rope-kernels`` / ``--no-swiglu-kernels``; the flags
+    reach the end-to-end bench, whose result says them (and whether the engine wrote the KV cache on
+    its kernel)."""
     from transformers import AutoModelForCausalLM
 
     monkeypatch.setattr(b, "model_speed", lambda model, dev, graphs, budget, **kw: {"graphs": graphs})
     monkeypatch.setattr(b, "_modes", lambda dev: (True,))
-    for norms, rope in ((True, True), (False, True), (True, False)):
+    for glue in ((True, True, True), (False, True, True), (True, False, True), (True, True, False)):
         model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float16)
-        b._speeds(model, torch.device("cuda:0"), {}, b.Budget(None), norms, rope)
-        for cls, on in (("LlamaRMSNorm", norms), ("LlamaAttention", rope)):
+        b._speeds(model, torch.device("cuda:0"), {}, b.Budget(None), *glue)
+        for cls, on in zip(("LlamaRMSNorm", "LlamaAttention", "LlamaMLP"), glue):
             assert all(("forward" in m.__dict__) == on for m in model.modules() if type(m).__name__ == cls)
     seen = {}
     monkeypatch.setattr(b, "synthetic_bench", lambda name, **kw: seen.update(kw) or {})
-    run("bench", "--synthetic", "smollm2-135m", "--no-norm-kernels", "--json", tmp_path / "x.json", ok=False)
-    assert seen["norm_kernels"] is False and seen["rope_kernels"] is True
-    run("bench", "--synthetic", "smollm2-135m", "--no-rope-kernels", "--json", tmp_path / "x.json", ok=False)
-    assert seen["norm_kernels"] is True and seen["rope_kernels"] is False
+    for flag, off in (("--no-norm-kernels", "norm_kernels"), ("--no-rope-kernels", "rope_kernels"),
+                      ("--no-swiglu-kernels", "swiglu_kernels")):
+        run("bench", "--synthetic", "smollm2-135m", flag, "--json", tmp_path / "x.json", ok=False)
+        assert {k: seen[k] for k in ("norm_kernels", "rope_kernels", "swiglu_kernels")} == {
+            k: k != off for k in ("norm_kernels", "rope_kernels", "swiglu_kernels")}
     monkeypatch.undo()
     res = run("bench", "--synthetic", "smollm2-135m", "--layers", "1", *SMALL, "--device", "cpu", "--json", tmp_path / "s.json")
     written = json.loads((tmp_path / "s.json").read_text())
-    assert written["norm_kernels"] is False and written["rope_kernels"] is False  # no GPU: transformers' glue
+    # no GPU: transformers' glue and index_copy_
+    assert not any(written[k] for k in ("norm_kernels", "rope_kernels", "swiglu_kernels", "cache_kernel"))
     assert res.exit_code == 0
 
 

@@ -6,16 +6,14 @@ tests/test_kernels_rope_gpu.py runs the kernel itself on a GPU."""
 
 from __future__ import annotations
 
-import collections
 import importlib
 import inspect
 import re
 
-import numpy as np
 import pytest
 import torch
 
-from helpers import assert_mutation_caught
+from helpers import assert_wrong_arg_type_refused, mutation_tests
 from qconvert.rope import ATTENTION_CLASSES, MODELING, RopeDispatch, use_rope_kernels
 from qconvert_kernels.rope import cuda as kr
 from qconvert_kernels.rope import emulate
@@ -114,13 +112,8 @@ MUTATION_CASES = {  # mutation: what catches it ("differs": the outputs; "error"
 }
 
 
-@pytest.mark.parametrize("mutation", sorted(MUTATION_CASES))
-def test_mutation_is_caught(mutation):
-    assert_mutation_caught(run_rope, (), mutation, MUTATION_CASES[mutation], AssertionError)
-
-
-def test_every_mutation_has_a_test():
-    assert set(MUTATION_CASES) == set(emulate.MUTATIONS)
+test_mutation_is_caught, test_every_mutation_has_a_test = mutation_tests(run_rope, MUTATION_CASES,
+                                                                         emulate.MUTATIONS)
 
 
 def test_the_emulator_checks_what_the_kernel_touches(monkeypatch):
@@ -142,22 +135,14 @@ def test_the_emulator_checks_what_the_kernel_touches(monkeypatch):
     twice = torch.empty(1, 2, 1, 8, dtype=torch.float16).expand(1, 2, 3, 8)  # three tokens on one row
     with emulate.emulating(), pytest.raises(AssertionError, match="written"):
         kr.rope(q, k, cos, sin, out=(twice, torch.empty_like(k)))
-    real = launch.i32
-    monkeypatch.setattr(launch, "i32", lambda v: np.int64(real(v)))
-    with emulate.emulating(), pytest.raises(AssertionError, match="arguments of types"):
-        kr.rope(q, k, cos, sin)
+    assert_wrong_arg_type_refused(monkeypatch, emulate.emulating, lambda: kr.rope(q, k, cos, sin))
 
 
 def test_the_emulator_reads_the_kernels_own_argument_list():
     """emulate.PARAMS is rope.cu's QR_ARGS, name for name, and its types the declared ones."""
-    from helpers import macro_params
+    from helpers import assert_kernel_args
 
-    source = kr.SOURCE.read_text()
-    assert macro_params(source, "QR_ARGS") == emulate.PARAMS
-    declared = re.search(r"#define QR_ARGS\s*\\(.*?)\n\n", source, re.S).group(1)
-    kinds = [("ptr" if "*" in p else p.split()[0]) for p in re.sub(r"/\*.*?\*/|\\", "", declared).split(",")]
-    want = {"ptr": np.uint64, "int": np.int32, "long": np.int64}
-    assert tuple(want[k] for k in kinds) == emulate.PARAM_TYPES
+    assert_kernel_args(kr.SOURCE.read_text(), "QR_ARGS", emulate.PARAMS, emulate.PARAM_TYPES)
 
 
 def test_bad_input_is_refused_with_the_fix():
@@ -296,25 +281,15 @@ def test_a_w4a8_decode_step_on_its_kernels_rotates_on_the_rope_kernel(tiny_rtn_o
     of a step reads a value back to the host (what a CUDA graph could not capture)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from qconvert import load
+    from helpers import w4a8_gpu_load_on_cpu
     from qconvert.engine import DecodeEngine
-    from qconvert.layouts.int4 import W4A8Linear
-    from qconvert.norms import use_norm_kernels
-    from qconvert.runtime import fuse_siblings
     from qconvert_kernels.norm import emulate as norm_emulate
     from qconvert_kernels.w4a8 import emulate as w4a8_emulate
 
     ids = torch.randint(1, 300, (2, 5), generator=torch.Generator().manual_seed(5))
     runs = []
     for rope in (False, True):
-        model = load(tiny_rtn_out, dtype=torch.float16)
-        assert fuse_siblings(model)
-        for m in model.modules():
-            if isinstance(m, W4A8Linear):
-                m.prepare_cuda(torch.device("cpu"))
-        use_norm_kernels(model, "cpu")
-        if rope:
-            use_rope_kernels(model, "cpu")
+        model = w4a8_gpu_load_on_cpu(tiny_rtn_out, ("norm", "rope") if rope else ("norm",))
         reads = []
 
         class Reads(TorchDispatchMode):
@@ -341,17 +316,11 @@ def test_the_build_reads_each_value_once_and_fuses_no_product(arch):
     """The cubins the launcher loads (NVRTC, the launch options): per thread six 16-bit loads (two
     inputs, four table values), two stores, four products and two sums, none of them an FFMA (an
     FMA would skip the products' rounding to the dtype), no integer division's reciprocal."""
-    from qconvert_kernels import compile as kc
-    from qconvert_kernels import launch
+    from helpers import kernel_ops
     from qconvert_kernels.rope import ROPE
 
-    if not kc.nvrtc_available() or kc.cuobjdump_path() is None:
-        pytest.skip("libnvrtc / cuobjdump not found (the [test] extra installs them)")
-    sass = kc.kernel_sass(kc.sass(launch.build(ROPE.path, arch)))
+    built = kernel_ops(ROPE.path, arch)
     for name in ROPE.kernels:
-        ops = kc.opcodes(sass[name])
-        count = collections.Counter()
-        for op, n in ops.items():
-            count[op.split(".")[0]] += n
+        ops, count = built[name]
         assert (count["LDG"], count["STG"], count["FMUL"], count["FADD"]) == (6, 2, 4, 2), (arch, name, dict(ops))
         assert count["FFMA"] == count["MUFU"] == count["I2F"] == 0, (arch, name, dict(ops))

@@ -49,10 +49,7 @@ class Emulator(launch.ChainedEmulator):
     FAMILY, KERNELS, MUTATIONS = "rope", KERNELS, MUTATIONS
 
     def emulate(self, name, grid, block, args, shared_mem):
-        types = tuple(type(a) for a in args)
-        if types != PARAM_TYPES:
-            raise AssertionError(f"{name}: arguments of types {[t.__name__ for t in types]}, the kernel takes "
-                                 f"{[t.__name__ for t in PARAM_TYPES]} ({', '.join(PARAMS)})")
+        self.check_arg_types(name, args, PARAMS, PARAM_TYPES)
         if len(block) != 2 or block[0] * block[1] > MAX_THREADS or int(block[0]) != int(args[8]) or shared_mem:
             raise AssertionError(f"{name}: launched with {block} threads and {shared_mem} bytes of shared memory; "
                                  f"the kernel is written for (D / 2, H') threads, at most {MAX_THREADS}, and none")
@@ -62,43 +59,12 @@ class Emulator(launch.ChainedEmulator):
         return name, grid, block
 
 
-class _Memory:
-    """A launch argument's tensor as the kernel sees it: its storage as uint16 words, the element
-    its pointer names, and the offsets (from that element) of its view's elements."""
-
-    def __init__(self, name: str, address: int):
-        import torch
-
-        t = launch.tensor_at(address)
-        if t.element_size() != 2:
-            raise AssertionError(f"{name}: a {t.dtype} tensor where the kernel reads 16-bit values")
-        words = t.untyped_storage().nbytes() // 2
-        self.words = t.detach().as_strided((words,), (1,), 0).view(torch.int16).numpy().view(np.uint16)
-        self.base = t.storage_offset()
-        offsets = np.zeros(1, np.int64)
-        for size, stride in zip(t.shape, t.stride()):
-            offsets = (offsets[:, None] + np.arange(size, dtype=np.int64) * stride).reshape(-1)
-        self.name, self.view = name, np.unique(offsets)
-        self.count = len(offsets)
-        self.storage = t.untyped_storage().data_ptr()
-
-    def at(self, offsets: np.ndarray) -> np.ndarray:
-        outside = ~np.isin(offsets, self.view)
-        if outside.any():
-            raise AssertionError(f"{self.name}: {int(outside.sum())} accesses outside its view "
-                                 f"(offsets {offsets[outside][:4].tolist()}...)")
-        return self.base + offsets
-
-    def overlaps(self, other: "_Memory") -> bool:
-        return self.storage == other.storage and np.intersect1d(self.base + self.view, other.base + other.view).size > 0
-
-
 def run(name: str, grid: tuple, block: tuple, args: tuple, mutations=frozenset()) -> None:
     bf16 = name.endswith("_bf16")
     pq, pk, pc, ps, pqo, pko, hq, hk, half, *strides = args
     hq, hk, half = int(hq), int(hk), int(half)
     qb, qh, qt, kb, kh, kt, qob, qoh, qot, kob, koh, kot, cb, ct, sb, st = (np.int64(s) for s in strides)
-    mem = {n: _Memory(n, int(p)) for n, p in (("q", pq), ("k", pk), ("cos", pc), ("sin", ps), ("qo", pqo), ("ko", pko))}
+    mem = {n: launch.ViewMemory(n, int(p), 2) for n, p in (("q", pq), ("k", pk), ("cos", pc), ("sin", ps), ("qo", pqo), ("ko", pko))}
     for out, inp in (("qo", "q"), ("qo", "k"), ("qo", "cos"), ("qo", "sin"), ("ko", "q"), ("ko", "k"),
                      ("ko", "cos"), ("ko", "sin"), ("qo", "ko")):
         if mem[out].overlaps(mem[inp]):
@@ -143,14 +109,7 @@ def run(name: str, grid: tuple, block: tuple, args: tuple, mutations=frozenset()
     for out, sel, base in (("qo", is_q, yo_q), ("ko", ~is_q, yo_k)):
         m = mem[out]
         at = np.concatenate([m.at(base[sel] + i[sel]), m.at(base[sel] + i[sel] + half)])
-        vals = np.concatenate([y1[sel], y2[sel]])
-        written = np.zeros(len(m.words), np.int64)
-        np.add.at(written, at, 1)
-        want = m.base + m.view
-        if (written[want] != 1).any() or written.sum() != m.count:
-            raise AssertionError(f"{name}: {out}'s elements written {int(written[want].min())} to "
-                                 f"{int(written[want].max())} times (grid {grid})")
-        m.words[at] = vals
+        m.write_all(name, at, np.concatenate([y1[sel], y2[sel]]), grid)
 
 
 def emulating(mutations=frozenset()):

@@ -1,0 +1,56 @@
+"""The Llama-family gated MLP activation on one kernel (qconvert_kernels/swiglu) where a model runs
+on a GPU.
+
+Eager transformers computes ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``: between the
+projections, two small kernels (the SiLU, the product) of a decode step's graph.
+``use_swiglu_kernels(model, device)`` has every MLP of the known classes whose activation is SiLU
+run ``qconvert_kernels.swiglu.cuda.swiglu`` (one launch) on inputs on ``device`` in float16 /
+bfloat16 without grad; anything else keeps transformers' forward.  The projections are called as
+transformers calls them, gate first (a joined gate/up GEMM hands both halves out of one launch).
+The kernel computes torch's two ops step for step, CUDA's ``expf`` included, so on a GPU a model's
+logits do not change (tests/test_kernels_swiglu_gpu.py); on the CPU emulator the exp is a
+stand-in (qconvert_kernels/swiglu/reference.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qconvert.glue import kernel_device, route_forward, transformers_modules
+
+# MLP classes whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)) (checked against the
+# installed transformers by the tests), and the transformers module each must come from
+MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Qwen3MoeMLP")
+MODELING = {name: "transformers.models.{0}.modeling_{0}".format({"Qwen3MoeMLP": "qwen3_moe"}.get(
+    name, name.removesuffix("MLP").lower())) for name in MLP_CLASSES}
+# activation modules that compute torch's silu (transformers' own, torch's)
+SILU = {("transformers.activations", "SiLUActivation"), ("torch.nn.modules.activation", "SiLU")}
+
+
+def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+    gate = self.gate_proj(x)
+    up = self.up_proj(x)
+    if gate.device == self.swiglu_kernel_device and isinstance(up, torch.Tensor) and up.device == gate.device \
+            and not torch.is_grad_enabled():
+        from qconvert_kernels.swiglu import cuda as ks
+
+        if ks.problem(gate, up) is None:
+            return self.down_proj(ks.swiglu(gate, up))
+    return self.down_proj(self.act_fn(gate) * up)
+
+
+def use_swiglu_kernels(model: nn.Module, device: torch.device | str) -> int:
+    """Every MLP of the known classes in ``model`` whose ``act_fn`` is SiLU runs its activation on
+    the swiglu kernel for inputs on ``device`` (a GPU; the CPU only under the kernel emulator).
+    Returns how many MLPs were set (again: none new)."""
+    device = kernel_device(device)
+    count = 0
+    for mod in transformers_modules(model, MODELING):
+        act = getattr(mod, "act_fn", None)
+        if (type(act).__module__, type(act).__name__) not in SILU \
+                or not all(isinstance(getattr(mod, p, None), nn.Module) for p in ("gate_proj", "up_proj", "down_proj")):
+            continue
+        mod.swiglu_kernel_device = device
+        count += route_forward(mod, _kernel_forward)
+    return count

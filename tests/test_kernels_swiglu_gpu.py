@@ -1,0 +1,50 @@
+"""The SwiGLU kernel on a GPU against torch's own silu(gate) * up, bit for bit (the two share CUDA's
+expf), and a GPU load's MLPs on it with the same logits as with transformers' two ops (needs cupy
+and an sm_80+ GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("cupy")
+
+from qconvert_kernels.swiglu import cuda as ks  # noqa: E402
+from qconvert_kernels.w4a8 import cuda as kcuda  # noqa: E402
+from test_kernels_swiglu import bits, swiglu_case  # noqa: E402
+
+if not kcuda.available():
+    pytest.skip("no CUDA device usable by cupy (sm_80+)", allow_module_level=True)
+
+DEV = torch.device("cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,layout", [
+    ((1, 14336), "joined"), ((16, 14336), "joined"), ((2048, 14336), "joined"), ((3, 300), "joined"),
+    ((2, 5, 257), "contiguous"), ((17, 1536), "contiguous"), ((64, 4096), "contiguous"),
+])
+def test_swiglu_equals_torch(shape, layout, dtype):
+    gate, up = (t.to(DEV) for t in swiglu_case(shape, dtype, layout))
+    got = ks.swiglu(gate, up)
+    want = torch.nn.functional.silu(gate) * up
+    assert torch.equal(bits(got), bits(want)), f"{int((bits(got) != bits(want)).sum())} of {got.numel()} differ"
+
+
+def test_a_gpu_load_runs_its_mlps_on_the_kernel(tiny_rtn_out, monkeypatch):
+    from qconvert import load
+
+    model = load(tiny_rtn_out, device="cuda")
+    mlps = [m for m in model.modules() if type(m).__name__ == "LlamaMLP"]
+    assert mlps and all("forward" in m.__dict__ and m.swiglu_kernel_device.type == "cuda" for m in mlps)
+    calls = []
+    launch = ks.swiglu
+    monkeypatch.setattr(ks, "swiglu", lambda *a, **kw: calls.append(a) or launch(*a, **kw))
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3]], device=DEV)
+    with torch.no_grad():
+        got = model(ids).logits
+    assert len(calls) == len(mlps)  # every MLP on the kernel
+    with torch.no_grad():
+        plain = load(tiny_rtn_out, device="cuda", swiglu_kernels=False)
+        want = plain(ids).logits
+    assert torch.equal(bits(got), bits(want))  # torch's silu and product, bit for bit
