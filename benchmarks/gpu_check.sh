@@ -145,7 +145,7 @@ part_e() {  # one process per scheme and M, as in part b (one M of all three in 
   local rc=0 s m
   # first, as it is short (2 orders x 4 M, 20 timed calls each)
   timeout 20 "$PYTHON" benchmarks/hadamard_speed.py --json "$out/hadamard.json" || rc=1  # --rotate hadamard+online
-  timeout 20 "$PYTHON" benchmarks/glue_speed.py --json "$out/glue.json" || rc=1  # RoPE, RMSNorm, SwiGLU, KV write: kernels or torch ops
+  timeout 25 "$PYTHON" benchmarks/glue_speed.py --json "$out/glue.json" || rc=1  # RoPE, RMSNorm, SwiGLU, KV write: kernels or torch ops
   for s in zqfp-w4a8:zqfp illm-w8a8:illm quik-w4a4:quik; do  # QUIK last: the H200 run of 2026-12-04 has its table
     if [ "${s##*:}" = zqfp ] && ! "$PYTHON" -c "import torch, sys; sys.exit(torch.cuda.get_device_capability() < (8, 9))"; then
       continue  # FP8 tensor cores: sm_89+
@@ -173,7 +173,8 @@ export -f part_a part_b part_c part_d part_e part_f part_g test_file
 export out
 export SPLIT_TESTS="test_kernels_w4a8r_gpu test_quantize_device_gpu"
 # part g's six ncu cases took 58 s on the H200 (2026-12-04); part e 53 s, before glue_speed.py (up to
-# 20 s) joined it; part f 22 s.  In all 480 s: the whole check in 8 minutes
+# 25 s: four ops, two of them new builds) joined it, so QUIK's kernels (last, measured on that run)
+# may be cut; part f 22 s.  In all 480 s: the whole check in 8 minutes
 BUDGET_A=${BUDGET_A:-140} BUDGET_B=${BUDGET_B:-70} BUDGET_C=${BUDGET_C:-70} BUDGET_D=${BUDGET_D:-45} BUDGET_E=${BUDGET_E:-75}
 BUDGET_F=${BUDGET_F:-25} BUDGET_G=${BUDGET_G:-55}
 export BUDGET_C BUDGET_D BUDGET_F

@@ -73,13 +73,13 @@ def captured_step(model, ids: torch.Tensor, w4a8: bool, glue=()):
         if g in setters:
             setters[g](model, "cpu")
     b, p = ids.shape
-    eng = DecodeEngine(model, b, p + 2, graphs=False, cache_kernel="cache" in glue)
     counter = OpCount()
     outer = emulate.emulating(sm_count=132) if w4a8 else contextlib.nullcontext()
     nested = contextlib.ExitStack()
     with torch.inference_mode(), outer as w4, nested:
         emus = [w4] if w4a8 else []
         emus += [nested.enter_context(emulators[g].emulating()) for g in GLUE if g in glue]
+        eng = DecodeEngine(model, b, p + 2, graphs=False, cache_kernel="cache" in glue)
         nxt = eng.prefill(ids).argmax(-1)
         before = [len(e.launches) for e in emus]
         eng._ids[:b].copy_(nxt.reshape(b, 1))  # what decode() does before the step it replays

@@ -401,10 +401,16 @@ class DecodeEngine:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         self.cache = StaticKVCache(config.num_hidden_layers, max_batch, kv_heads, max_len, head_dim, head_dim,
                                    self.dtype, self.device)
-        if cache_kernel is None:
-            from qconvert_kernels import launch
+        from qconvert_kernels import launch
 
-            cache_kernel = self.device.type == "cuda" and launch.available(80)
+        usable = launch.available(80) if self.device.type == "cuda" else launch.current_hook() is not None
+        if cache_kernel is None:
+            cache_kernel = self.device.type == "cuda" and usable
+        elif cache_kernel and not usable:
+            raise QConvertError(f"cache_kernel=True: the KV-cache kernel runs on a CUDA device with cupy (sm_80+), "
+                                f"not on {self.device}" + ("" if self.device.type == "cuda" else
+                                                           " (the CPU only under the kernel emulator)")
+                                + "; leave cache_kernel unset")
         self.cache.kernel_device = self.device if cache_kernel else None
         self._cache_kw = _kwarg(model.forward, "cache", "past_key_values")
         if self._cache_kw is None:

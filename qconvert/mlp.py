@@ -9,7 +9,9 @@ bfloat16 without grad; anything else keeps transformers' forward.  The projectio
 transformers calls them, gate first (a joined gate/up GEMM hands both halves out of one launch).
 The kernel computes torch's two ops step for step, CUDA's ``expf`` included, so on a GPU a model's
 logits do not change (tests/test_kernels_swiglu_gpu.py); on the CPU emulator the exp is a
-stand-in (qconvert_kernels/swiglu/reference.py).
+stand-in (qconvert_kernels/swiglu/reference.py).  On the kernel path the MLP's ``act_fn`` module
+is not called: hooks on it, or a replacement of its forward (the ``kernels`` package's
+``kernelize``), do not run there; ``swiglu_kernels=False`` keeps them.
 """
 
 from __future__ import annotations

@@ -286,6 +286,11 @@ class ChainedEmulator:
     def emulate(self, name: str, grid: tuple, block: tuple, args: tuple, shared_mem: int) -> tuple:
         raise NotImplementedError
 
+    def check_grid(self, name: str, grid: tuple, dims: int = 3, max_yz: int = 65535) -> None:
+        """The launch's grid has ``dims`` dimensions within CUDA's limits (x < 2^31, y and z <= 65535)."""
+        if len(grid) != dims or max(grid[1:], default=0) > max_yz or grid[0] >= 2**31:
+            raise AssertionError(f"{name}: grid {grid} beyond CUDA's limits (x < 2^31, y and z <= {max_yz})")
+
     def check_arg_types(self, name: str, args: tuple, params: tuple, types: tuple) -> None:
         """The launch's arguments must have the numpy ``types`` of the kernel's ``params``, in order
         (CuPy packs an argument by its type: an int32 where the kernel reads a long long would shift
@@ -403,6 +408,24 @@ def check_cuda(fn: str, *tensors: torch.Tensor) -> torch.device:
         require((t.is_cuda or _HOOK is not None) and t.device == dev,
                 f"{fn}: all tensors must be on one CUDA device (got {[str(x.device) for x in tensors]})")
     return dev
+
+
+def check_writable(fn: str, **tensors: torch.Tensor) -> None:
+    """Outputs a kernel writes element by element must give each element its own memory (no
+    expanded or overlapping view, whose elements a launch would write in a race) and must not share
+    storage with each other (the kernels' ``__restrict__``): a ValueError that names the tensor.
+    The test is the sufficient one: taken by increasing stride, each dimension's stride clears the
+    span of the ones below it."""
+    for name, t in tensors.items():
+        span = 0  # the largest offset the dimensions below reach, in elements
+        for stride, size in sorted((abs(st), sz) for sz, st in zip(t.shape, t.stride()) if sz > 1):
+            require(stride > span, f"{fn}: {name} {tuple(t.shape)} with strides {tuple(t.stride())} has elements "
+                                   "that share memory (an expanded or overlapping view); give a tensor of its own")
+            span += (size - 1) * stride
+    ptrs = [(name, t.untyped_storage().data_ptr()) for name, t in tensors.items() if t.numel()]
+    for i, (a, pa) in enumerate(ptrs):
+        for b, pb in ptrs[i + 1:]:
+            require(pa != pb, f"{fn}: {a} and {b} share memory; give tensors of their own")
 
 
 def check_aligned(fn: str, **tensors: torch.Tensor) -> None:

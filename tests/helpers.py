@@ -219,6 +219,28 @@ def w4a8_gpu_load_on_cpu(out, glue=()):
     return model
 
 
+def gpu_load_kernel_calls(out, monkeypatch, kernels, fn: str, cls: str, attr: str, off: str):
+    """A GPU load of ``out`` with its float glue on a kernel: every ``cls`` module has its forward
+    replaced and its ``attr`` set to a CUDA device (asserted); a forward runs with the launcher
+    ``kernels.fn`` counted.  Returns (the modules, the launcher's calls, the logits, the logits of
+    a load with ``off=False``: the kernel turned off)."""
+    import torch
+
+    from qconvert import load
+
+    model = load(out, device="cuda")
+    mods = [m for m in model.modules() if type(m).__name__ == cls]
+    assert mods and all("forward" in m.__dict__ and getattr(m, attr).type == "cuda" for m in mods)
+    calls = []
+    launch = getattr(kernels, fn)
+    monkeypatch.setattr(kernels, fn, lambda *a, **kw: calls.append(a) or launch(*a, **kw))
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3]], device="cuda")
+    with torch.no_grad():
+        got = model(ids).logits
+        want = load(out, device="cuda", **{off: False})(ids).logits
+    return mods, calls, got, want
+
+
 def mutation_tests(runner, cases: dict, mutations: frozenset):
     """The two tests of a kernel emulator's mutations, for a test module to bind at top level:
     each mutation in ``cases`` caught as it says ("error" or "differs", ``assert_mutation_caught``:

@@ -110,19 +110,30 @@ test_mutation_is_caught, test_every_mutation_has_a_test = mutation_tests(run_mut
 
 
 def test_the_emulator_checks_what_the_kernel_touches(monkeypatch):
-    """The emulator's own checks, each made to fire: a cache overlapping a source (past the
-    launcher's check), two tokens given one column, and an argument of the wrong type."""
+    """The launcher's and the emulator's checks, each made to fire: a cache overlapping a source
+    (past the launcher's check), two tokens given one column, an expanded cache, two caches in one
+    storage (the launcher's, then the emulator's), and an argument of the wrong type."""
     from qconvert_kernels import launch
 
     k, v, cols, kc, vc = kv_case(1, 2, 3, 8, 8, 5, torch.float16, "contiguous")
     with emulate.emulating(), pytest.raises(ValueError, match="shares memory"):
-        kkv.kv_write(k, v, cols, kc, k[:, :, :1].expand(1, 2, 5, 8))
+        kkv.kv_write(kc[:, :, :3], v, cols, kc, vc)  # keys read from the cache they go to
     with emulate.emulating(), pytest.raises(AssertionError, match="overlaps"):  # values written over the keys
         emulate.run("kv_write", (3, 1, 1), (8, 2), (launch.ptr(k), launch.ptr(v), launch.ptr(cols), launch.ptr(kc),
                     launch.ptr(k), *(np.int32(x) for x in (2, 8, 8)), np.int64(5),
                     *(np.int64(x) for x in (48, 24, 8, 48, 24, 8, 80, 40, 8, 48, 24, 8))))
     with emulate.emulating(), pytest.raises(AssertionError, match="more than once"):
         kkv.kv_write(k, v, torch.tensor([2, 2, 0]), kc, vc)
+    with emulate.emulating(), pytest.raises(ValueError, match="k_cache .* has elements that share memory"):
+        kkv.kv_write(k, v, cols, kc[:, :1].expand(1, 2, 5, 8), vc)  # both heads' rows in one
+    both = torch.zeros(1, 2, 5, 12, dtype=torch.float16)
+    kc2, vc2 = both[..., :8], both[..., 4:]
+    with emulate.emulating(), pytest.raises(ValueError, match="k_cache and v_cache share memory"):
+        kkv.kv_write(k, v, cols, kc2, vc2)
+    with emulate.emulating(), pytest.raises(AssertionError, match="kc and vc share memory"):  # past the launcher
+        emulate.run("kv_write", (3, 1, 1), (8, 2), (launch.ptr(k), launch.ptr(v), launch.ptr(cols),
+                    launch.ptr(kc2), launch.ptr(vc2), *(np.int32(x) for x in (2, 8, 8)),
+                    np.int64(5), *(np.int64(x) for x in (48, 24, 8, 48, 24, 8, 120, 60, 12, 120, 60, 12))))
     assert_wrong_arg_type_refused(monkeypatch, emulate.emulating, lambda: kkv.kv_write(k, v, cols, kc, vc))
 
 
@@ -192,16 +203,20 @@ def test_the_engine_writes_its_cache_on_the_kernel(tiny_rtn_out):
 
 
 def test_the_engine_keeps_index_copy_off_the_gpu_and_for_other_dtypes(tiny_llama):
-    """On the CPU the engine writes with index_copy_ (no kernel unless asked); a float32 model on
-    an engine asked for the kernel falls back to index_copy_, which the kernel does not take."""
+    """On the CPU the engine writes with index_copy_ (no kernel unless asked, and asking outside the
+    emulator is refused with the fix); a float32 model on an engine asked for the kernel falls back
+    to index_copy_, which the kernel does not take."""
     from transformers import AutoModelForCausalLM
 
     from qconvert.engine import DecodeEngine
+    from qconvert.errors import QConvertError
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
     assert DecodeEngine(model, 1, 8).cache.kernel_device is None
-    eng = DecodeEngine(model, 1, 8, cache_kernel=True)
+    with pytest.raises(QConvertError, match="cache_kernel=True: the KV-cache kernel runs on a CUDA device"):
+        DecodeEngine(model, 1, 8, cache_kernel=True)  # the CPU outside the emulator: refused at once
     with emulate.emulating() as emu:
+        eng = DecodeEngine(model, 1, 8, cache_kernel=True)
         eng.prefill(torch.tensor([[3, 4, 5]]))
         eng.decode(torch.tensor([7]))
     assert emu.launches == []
@@ -210,11 +225,13 @@ def test_the_engine_keeps_index_copy_off_the_gpu_and_for_other_dtypes(tiny_llama
 @pytest.mark.parametrize("arch", ["sm_80", "sm_89", "sm_90"])
 def test_the_build_copies_each_value_once(arch):
     """The cubin the launcher loads (NVRTC, the launch options): per thread one 64-bit load of the
-    column, two 16-bit loads and two 16-bit stores, no float work and no integer division's
-    reciprocal."""
+    column, two 16-bit loads and two 16-bit stores, the loads non-coherent (``__restrict__``), no
+    float work and no integer division's reciprocal."""
     from helpers import kernel_ops
     from qconvert_kernels.kvcache import KVCACHE
 
     ops, count = kernel_ops(KVCACHE.path, arch)["kv_write"]
     assert (count["LDG"], count["STG"]) == (3, 2), (arch, dict(ops))
+    # the sources read through the non-coherent path (their pointers const __restrict__)
+    assert sum(n for op, n in ops.items() if op.startswith("LDG") and op.endswith(".CONSTANT")) == 3, (arch, dict(ops))
     assert not [op for op in ops if op.startswith(("F", "MUFU", "I2F", "F2I", "HADD", "HMUL"))], (arch, dict(ops))

@@ -29,21 +29,12 @@ def test_rms_norm(rows, n, dtype):
 
 
 def test_a_gpu_load_runs_its_norms_on_the_kernel(tiny_rtn_out, monkeypatch):
-    from qconvert import load
+    from helpers import gpu_load_kernel_calls
 
-    model = load(tiny_rtn_out, device="cuda")
-    norms = [m for m in model.modules() if type(m).__name__ == "LlamaRMSNorm"]
-    assert norms and all("forward" in m.__dict__ and m.norm_kernel_device.type == "cuda" for m in norms)
-    calls = []
-    launch = kn.rms_norm
-    monkeypatch.setattr(kn, "rms_norm", lambda *a: calls.append(a) or launch(*a))
-    ids = torch.tensor([[5, 17, 42, 99, 7, 3]], device=DEV)
-    with torch.no_grad():
-        got = model(ids).logits.float()
+    norms, calls, got, want = gpu_load_kernel_calls(tiny_rtn_out, monkeypatch, kn, "rms_norm", "LlamaRMSNorm",
+                                                    "norm_kernel_device", "norm_kernels")
     assert len(calls) == len(norms)  # every norm on the kernel, none on transformers' forward
     x, w, eps = calls[-1]
-    assert torch.equal(launch(x, w, eps).cpu(), ref.rms_norm(x.cpu(), w.cpu(), eps))
-    with torch.no_grad():
-        plain = load(tiny_rtn_out, device="cuda", norm_kernels=False)
-        want = plain(ids).logits.float()
+    assert torch.equal(kn.rms_norm(x, w, eps).cpu(), ref.rms_norm(x.cpu(), w.cpu(), eps))
+    got, want = got.float(), want.float()
     assert (got - want).abs().max() <= 0.05 * want.abs().max()

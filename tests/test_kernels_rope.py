@@ -133,8 +133,12 @@ def test_the_emulator_checks_what_the_kernel_touches(monkeypatch):
                     launch.ptr(q), launch.ptr(ko), *(np.int32(v) for v in (2, 1, 4)),
                     *(np.int64(v) for v in (48, 24, 8, 24, 24, 8, 48, 24, 8, 24, 24, 8, 24, 8, 24, 8))))
     twice = torch.empty(1, 2, 1, 8, dtype=torch.float16).expand(1, 2, 3, 8)  # three tokens on one row
-    with emulate.emulating(), pytest.raises(AssertionError, match="written"):
+    with emulate.emulating(), pytest.raises(ValueError, match=r"out\[0\] .* has elements that share memory"):
         kr.rope(q, k, cos, sin, out=(twice, torch.empty_like(k)))
+    with emulate.emulating(), pytest.raises(AssertionError, match="written"):  # past the launcher's check
+        emulate.run("rope_f16", (3, 1, 1), (4, 3), (launch.ptr(q), launch.ptr(k), launch.ptr(cos), launch.ptr(sin),
+                    launch.ptr(twice), launch.ptr(ko), *(np.int32(v) for v in (2, 1, 4)),
+                    *(np.int64(v) for v in (48, 24, 8, 24, 24, 8, 16, 8, 0, 24, 24, 8, 24, 8, 24, 8))))
     assert_wrong_arg_type_refused(monkeypatch, emulate.emulating, lambda: kr.rope(q, k, cos, sin))
 
 

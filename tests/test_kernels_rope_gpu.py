@@ -32,19 +32,9 @@ def test_rope(b, hq, hk, t, d, layout, dtype):
 
 
 def test_a_gpu_load_rotates_on_the_kernel(tiny_rtn_out, monkeypatch):
-    from qconvert import load
+    from helpers import gpu_load_kernel_calls
 
-    model = load(tiny_rtn_out, device="cuda")
-    layers = [m for m in model.modules() if type(m).__name__ == "LlamaAttention"]
-    assert layers and all("forward" in m.__dict__ and m.rope_kernel_device.type == "cuda" for m in layers)
-    calls = []
-    launch = kr.rope
-    monkeypatch.setattr(kr, "rope", lambda *a, **kw: calls.append(a) or launch(*a, **kw))
-    ids = torch.tensor([[5, 17, 42, 99, 7, 3]], device=DEV)
-    with torch.no_grad():
-        got = model(ids).logits
+    layers, calls, got, want = gpu_load_kernel_calls(tiny_rtn_out, monkeypatch, kr, "rope", "LlamaAttention",
+                                                     "rope_kernel_device", "rope_kernels")
     assert len(calls) == len(layers)  # every layer on the kernel
-    with torch.no_grad():
-        plain = load(tiny_rtn_out, device="cuda", rope_kernels=False)
-        want = plain(ids).logits
     assert torch.equal(bits(got), bits(want))  # transformers' RoPE, bit for bit

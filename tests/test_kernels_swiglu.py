@@ -69,15 +69,23 @@ def test_the_emulated_kernel_equals_the_reference(shape, layout, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_the_reference_is_torchs_silu_times_up_but_for_exp(dtype):
     """transformers' act_fn(gate) * up on the CPU against the definition: equal bit for bit on
-    262,144 values of each dtype over many magnitudes and at the extremes (exp past float32's range,
-    zero, subnormal gates).  Not a proof for every value: the CPU's float32 exp (torch's) is not
-    the reference's stand-in, and neither is CUDA's expf (tests/test_kernels_swiglu_gpu.py)."""
+    262,144 random pairs of each dtype over many magnitudes, on every 16-bit gate value (the silu,
+    up = 1; infinities, subnormals, exp past float32's range; -inf gives NaN on both sides) and
+    at a few extremes.  The float32 exp is where the two could part (torch's CPU exp is not the
+    reference's stand-in, and neither is CUDA's expf: tests/test_kernels_swiglu_gpu.py)."""
     from transformers.activations import ACT2FN
 
     gate, up = swiglu_case((64, 4096), dtype, "contiguous", seed=3)
     want = ACT2FN["silu"](gate) * up
     got = ref.swiglu(gate, up)
     assert torch.equal(bits(got), bits(want)), int((bits(got) != bits(want)).sum())
+    every = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(dtype)  # every 16-bit gate
+    every = every[~torch.isnan(every)]
+    one = torch.ones_like(every)
+    got, want = ref.swiglu(every, one), ACT2FN["silu"](every) * one
+    nan = torch.isnan(want)  # silu(-inf) = -inf / inf: NaN on both sides, the bit pattern each its own
+    assert torch.equal(torch.isnan(got), nan) and int(nan.sum()) == 1
+    assert torch.equal(bits(got[~nan]), bits(want[~nan]))
     edge = torch.tensor([-1e4, -200.0, -90.0, -88.0, -1e-7, 0.0, 1e-7, 5.0, 89.0, 1e4]).to(dtype)
     one = torch.ones_like(edge)
     assert torch.equal(bits(ref.swiglu(edge, one)), bits(ACT2FN["silu"](edge) * one))
@@ -119,6 +127,8 @@ def test_the_emulator_checks_what_the_kernel_touches(monkeypatch):
         emulate.run("swiglu_f16", (3, 1), (launch.ptr(gate), launch.ptr(up), launch.ptr(gate), np.int32(8),
                     np.int64(8), np.int64(8), np.int64(8)))
     twice = torch.empty(1, 8, dtype=torch.float16).expand(3, 8)  # three rows on one
+    with emulate.emulating(), pytest.raises(ValueError, match="out .* has elements that share memory"):
+        ks.swiglu(gate, up, out=twice)
     with emulate.emulating(), pytest.raises(AssertionError, match="written"):
         emulate.run("swiglu_f16", (3, 1), (launch.ptr(gate), launch.ptr(up), launch.ptr(twice), np.int32(8),
                     np.int64(8), np.int64(8), np.int64(0)))
@@ -138,6 +148,8 @@ def test_layouts_the_kernel_cannot_read_are_copied_and_bad_input_refused():
         for g, u in ((gate.t(), up.t()), (gate[:, ::2], up[:, ::2])):  # columns strided: copied first
             assert torch.equal(bits(ks.swiglu(g, u)), bits(ref.swiglu(g, u)))
         assert ks.swiglu(gate[:0], up[:0]).shape == (0, 6)
+        with pytest.raises(ValueError, match="out must be"):
+            ks.swiglu(gate[:0], up[:0], out=torch.empty(5, 5))
         with pytest.raises(ValueError, match="gate must be float16 or bfloat16"):
             ks.swiglu(gate.float(), up)
         with pytest.raises(ValueError, match="up must be torch.float16 like gate"):

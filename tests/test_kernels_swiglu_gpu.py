@@ -32,19 +32,9 @@ def test_swiglu_equals_torch(shape, layout, dtype):
 
 
 def test_a_gpu_load_runs_its_mlps_on_the_kernel(tiny_rtn_out, monkeypatch):
-    from qconvert import load
+    from helpers import gpu_load_kernel_calls
 
-    model = load(tiny_rtn_out, device="cuda")
-    mlps = [m for m in model.modules() if type(m).__name__ == "LlamaMLP"]
-    assert mlps and all("forward" in m.__dict__ and m.swiglu_kernel_device.type == "cuda" for m in mlps)
-    calls = []
-    launch = ks.swiglu
-    monkeypatch.setattr(ks, "swiglu", lambda *a, **kw: calls.append(a) or launch(*a, **kw))
-    ids = torch.tensor([[5, 17, 42, 99, 7, 3]], device=DEV)
-    with torch.no_grad():
-        got = model(ids).logits
+    mlps, calls, got, want = gpu_load_kernel_calls(tiny_rtn_out, monkeypatch, ks, "swiglu", "LlamaMLP",
+                                                   "swiglu_kernel_device", "swiglu_kernels")
     assert len(calls) == len(mlps)  # every MLP on the kernel
-    with torch.no_grad():
-        plain = load(tiny_rtn_out, device="cuda", swiglu_kernels=False)
-        want = plain(ids).logits
     assert torch.equal(bits(got), bits(want))  # torch's silu and product, bit for bit

@@ -7,7 +7,8 @@ read of ``cols``: a decode engine's CUDA graph captures it.  ``k [B, H, T, Dk]``
 Dv]``, ``k_cache [B, H, L, Dk]``, ``v_cache [B, H, L, Dv]``, all float16 or all bfloat16, any
 strides (a source whose last dimension is not contiguous is copied first; the caches' must be);
 ``cols`` int64 [T], each in 0 .. L - 1 (a column outside is left unwritten).  The caches may not
-share memory with a source (the kernel reads through ``const __restrict__`` loads).  Checked
+share memory with a source or with each other, nor hold an element twice (an expanded view): the
+kernel's pointers are ``__restrict__``, its sources read through non-coherent loads.  Checked
 with a ValueError: CUDA tensors (or CPU tensors under the emulator's launch hook) on one device,
 the shapes above.
 """
@@ -80,6 +81,7 @@ def kv_write(k: torch.Tensor, v: torch.Tensor, cols: torch.Tensor, k_cache: torc
     dev = _l.check_cuda(fn, k, v, cols, k_cache, v_cache)
     k, v = (t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous() for t in (k, v))
     cols = cols.contiguous()
+    _l.check_writable(fn, k_cache=k_cache, v_cache=v_cache)  # no two threads write one element
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
         # the kernel reads its sources through const __restrict__ (non-coherent) loads
         _l.require(all(c.untyped_storage().data_ptr() != t.untyped_storage().data_ptr() for t in (k, v, cols)),

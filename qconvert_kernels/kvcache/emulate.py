@@ -7,8 +7,8 @@ b = blockIdx.z, the element i = threadIdx.x and its two bounds (Dk, Dv), the col
 launcher passed (``launch.ViewMemory``): each tensor's whole storage, so a read or a write lands
 where the kernel's would, and each is checked to fall on an element of that tensor's own view.
 No cache element may be written twice in a launch (two tokens given one column, or a stride
-mixed up), nothing but the written columns changes, and no cache may overlap a source (the
-kernel's ``__restrict__``).
+mixed up), nothing but the written columns changes, and no cache may overlap a source or share
+memory with the other cache (the kernel's ``__restrict__``).
 
     with emulate.emulating():
         qconvert_kernels.kvcache.cuda.kv_write(k, v, cols, k_cache, v_cache)
@@ -51,8 +51,7 @@ class Emulator(launch.ChainedEmulator):
                 or shared_mem:
             raise AssertionError(f"{name}: launched with {block} threads and {shared_mem} bytes of shared memory; "
                                  f"the kernel is written for (max(Dk, Dv), H') threads, at most {MAX_THREADS}, and none")
-        if len(grid) != 3 or max(grid[1], grid[2]) > MAX_GRID_YZ or grid[0] >= 2**31:
-            raise AssertionError(f"{name}: grid {grid} beyond CUDA's limits (x < 2^31, y and z <= {MAX_GRID_YZ})")
+        self.check_grid(name, grid, 3, MAX_GRID_YZ)
         run(name, grid, block, args, self.mutations)
         return name, grid, block
 
@@ -69,6 +68,8 @@ def run(name: str, grid: tuple, block: tuple, args: tuple, mutations=frozenset()
                 raise AssertionError(f"{name}: {out} overlaps {inp} (the kernel's pointers are __restrict__)")
         if mem[out].storage == cols.storage:
             raise AssertionError(f"{name}: {out} shares memory with cols")
+    if mem["kc"].storage == mem["vc"].storage:
+        raise AssertionError(f"{name}: kc and vc share memory (the kernel's pointers are __restrict__)")
 
     # every thread of the grid: blockIdx (x, y, z), threadIdx (x, y)
     axes = [np.arange(int(n), dtype=np.int64) for n in (grid[0], grid[1], grid[2], block[0], block[1])]

@@ -28,9 +28,11 @@ constexpr int MAX_THREADS = 1024;  // W x H' threads a CTA (W <= 1024: head size
 }  // namespace kv
 
 #define KV_ARGS                                                                                                      \
-    const unsigned short *k /* [B, H, T, Dk] strided */, const unsigned short *v /* [B, H, T, Dv] strided */,        \
-        const long long *cols /* [T] int64: the cache column of token t */,                                          \
-        unsigned short *kc /* [B, H, L, Dk] strided */, unsigned short *vc /* [B, H, L, Dv] strided */,              \
+    const unsigned short *__restrict__ k /* [B, H, T, Dk] strided */,                                              \
+        const unsigned short *__restrict__ v /* [B, H, T, Dv] strided */,                                            \
+        const long long *__restrict__ cols /* [T] int64: the cache column of token t */,                             \
+        unsigned short *__restrict__ kc /* [B, H, L, Dk] strided */,                                                 \
+        unsigned short *__restrict__ vc /* [B, H, L, Dv] strided */,                                                 \
         int heads, int dk, int dv, long long len /* L */,                                                            \
         long long kb, long long kh, long long kt, long long vb, long long vh, long long vt, /* k's, v's strides */    \
         long long kcb, long long kch, long long kcl, long long vcb, long long vch, long long vcl /* the caches' */

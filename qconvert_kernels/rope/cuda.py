@@ -92,8 +92,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
             # the kernel reads its inputs through const __restrict__ (non-coherent) loads
             _l.require(all(o.untyped_storage().data_ptr() != t.untyped_storage().data_ptr() for t in (q, k, cos, sin)),
                        f"{fn}: {name} shares memory with an input; give new output tensors")
-        _l.require(qo.untyped_storage().data_ptr() != ko.untyped_storage().data_ptr(),
-                   f"{fn}: out[0] and out[1] share memory; give two new tensors")
+        _l.check_writable(fn, **{"out[0]": qo, "out[1]": ko})  # each element its own, the two apart
         _l.check_cuda(fn, q, qo, ko)
     if b * t_len and hq + hk:
         cb = 0 if cos.shape[0] == 1 else cos.stride(0)

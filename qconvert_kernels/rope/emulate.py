@@ -53,8 +53,7 @@ class Emulator(launch.ChainedEmulator):
         if len(block) != 2 or block[0] * block[1] > MAX_THREADS or int(block[0]) != int(args[8]) or shared_mem:
             raise AssertionError(f"{name}: launched with {block} threads and {shared_mem} bytes of shared memory; "
                                  f"the kernel is written for (D / 2, H') threads, at most {MAX_THREADS}, and none")
-        if len(grid) != 3 or max(grid[1], grid[2]) > MAX_GRID_YZ or grid[0] >= 2**31:
-            raise AssertionError(f"{name}: grid {grid} beyond CUDA's limits (x < 2^31, y and z <= {MAX_GRID_YZ})")
+        self.check_grid(name, grid, 3, MAX_GRID_YZ)
         run(name, grid, block, args, self.mutations)
         return name, grid, block
 

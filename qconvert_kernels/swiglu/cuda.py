@@ -62,21 +62,22 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = None
     why = problem(gate, up)
     _l.require(why is None, why)
     dev = _l.check_cuda(fn, gate, up)
-    if gate.numel() == 0:
-        return torch.empty(gate.shape, dtype=gate.dtype, device=dev) if out is None else out
-    g2, u2 = _rows(gate), _rows(up)
-    g2 = g2 if g2 is not None else gate.contiguous().view(-1, gate.shape[-1])
-    u2 = u2 if u2 is not None else up.contiguous().view(-1, up.shape[-1])
     if out is None:
         out = torch.empty(gate.shape, dtype=gate.dtype, device=dev)
     _l.require(out.shape == gate.shape and out.dtype == gate.dtype,
                f"{fn}: out must be {tuple(gate.shape)} {gate.dtype}, got {tuple(out.shape)} {out.dtype}")
+    _l.check_cuda(fn, gate, out)
+    if gate.numel() == 0:
+        return out
+    g2, u2 = _rows(gate), _rows(up)
+    g2 = g2 if g2 is not None else gate.contiguous().view(-1, gate.shape[-1])
+    u2 = u2 if u2 is not None else up.contiguous().view(-1, up.shape[-1])
     o2 = _rows(out)
     _l.require(o2 is not None, f"{fn}: out's rows must each be contiguous and flatten to one row stride")
+    _l.check_writable(fn, out=o2)
     # the kernel reads its inputs through const __restrict__ (non-coherent) loads
     _l.require(all(out.untyped_storage().data_ptr() != t.untyped_storage().data_ptr() for t in (g2, u2)),
                f"{fn}: out shares memory with an input; give a new output tensor")
-    _l.check_cuda(fn, g2, out)
     rows, cols = g2.shape
     if rows * cols:
         _l.launch(SOURCE, f"{fn}_{_SUFFIX[gate.dtype]}", (rows, -(-cols // THREADS)), (THREADS,),

@@ -50,8 +50,7 @@ class Emulator(launch.ChainedEmulator):
         if tuple(block) != (THREADS,) or shared_mem:
             raise AssertionError(f"{name}: launched with {block} threads and {shared_mem} bytes of shared memory; "
                                  f"the kernel is written for ({THREADS},) and none")
-        if len(grid) != 2 or grid[1] > MAX_GRID_Y or grid[0] >= 2**31:
-            raise AssertionError(f"{name}: grid {grid} beyond CUDA's limits (x < 2^31, y <= {MAX_GRID_Y})")
+        self.check_grid(name, grid, 2, MAX_GRID_Y)
         run(name, grid, args, self.mutations)
         return name, grid, block
 
