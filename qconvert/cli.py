@@ -355,8 +355,8 @@ def _int_list(ctx, param, value):
               help="End to end on CUDA: run both models' RoPE on the rope kernel (same outputs), or as transformers' "
                    "ten ops a block.")
 @click.option("--swiglu-kernels/--no-swiglu-kernels", default=True, show_default=True,
-              help="End to end on CUDA: run both models' MLP activation silu(gate) * up on the swiglu kernel (same "
-                   "outputs), or as transformers' two ops a block.")
+              help="End to end on CUDA: run both models' MLP activation silu(gate) * up on the swiglu kernel (torch's "
+                   "steps and roundings), or as transformers' two ops a block.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the result as JSON here.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="PNG: speed-up against M (--kernels), or "
                                                                            "tokens/s per measure (end to end).")

@@ -403,7 +403,8 @@ class DecodeEngine:
                                    self.dtype, self.device)
         from qconvert_kernels import launch
 
-        usable = launch.available(80) if self.device.type == "cuda" else launch.current_hook() is not None
+        usable = (launch.available(80) and (launch.capability(self.device.index) or 0) >= 80 if self.device.type == "cuda"
+                  else launch.current_hook() is not None)
         if cache_kernel is None:
             cache_kernel = self.device.type == "cuda" and usable
         elif cache_kernel and not usable:

@@ -417,6 +417,8 @@ def check_writable(fn: str, **tensors: torch.Tensor) -> None:
     The test is the sufficient one: taken by increasing stride, each dimension's stride clears the
     span of the ones below it."""
     for name, t in tensors.items():
+        if t.numel() == 0:
+            continue  # no element to write
         span = 0  # the largest offset the dimensions below reach, in elements
         for stride, size in sorted((abs(st), sz) for sz, st in zip(t.shape, t.stride()) if sz > 1):
             require(stride > span, f"{fn}: {name} {tuple(t.shape)} with strides {tuple(t.stride())} has elements "

@@ -219,6 +219,14 @@ def w4a8_gpu_load_on_cpu(out, glue=()):
     return model
 
 
+def on_device(t, device):
+    """``t`` on ``device`` with its shape, strides and storage offset kept: its whole storage moved
+    and viewed as before, so a strided layout (a view of a joined projection) stays strided
+    (``t.to(device)`` gives a non-dense view a dense copy)."""
+    words = t.untyped_storage().nbytes() // t.element_size()
+    return t.detach().as_strided((words,), (1,), 0).to(device).as_strided(t.shape, t.stride(), t.storage_offset())
+
+
 def gpu_load_kernel_calls(out, monkeypatch, kernels, fn: str, cls: str, attr: str, off: str):
     """A GPU load of ``out`` with its float glue on a kernel: every ``cls`` module has its forward
     replaced and its ``attr`` set to a CUDA device (asserted); a forward runs with the launcher

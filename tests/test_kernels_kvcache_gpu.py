@@ -12,6 +12,7 @@ pytest.importorskip("cupy")
 from qconvert_kernels.kvcache import cuda as kkv  # noqa: E402
 from qconvert_kernels.kvcache import reference as ref  # noqa: E402
 from qconvert_kernels.w4a8 import cuda as kcuda  # noqa: E402
+from helpers import on_device  # noqa: E402
 from test_kernels_kvcache import bits, kv_case  # noqa: E402
 
 if not kcuda.available():
@@ -26,7 +27,7 @@ DEV = torch.device("cuda")
     (2, 3, 4, 24, 16, 9, "rope"), (3, 5, 7, 130, 130, 11, "contiguous"), (2, 2, 17, 6, 6, 17, "joined"),
 ])
 def test_kv_write(b, h, t, dk, dv, length, layout, dtype):
-    k, v, cols, kc, vc = (x.to(DEV) for x in kv_case(b, h, t, dk, dv, length, dtype, layout))
+    k, v, cols, kc, vc = (on_device(x, DEV) for x in kv_case(b, h, t, dk, dv, length, dtype, layout))
     want_k, want_v = kc.clone(), vc.clone()
     ref.kv_write(k, v, cols, want_k, want_v)
     kkv.kv_write(k, v, cols, kc, vc)
@@ -43,11 +44,11 @@ def test_the_engine_writes_its_cache_on_the_kernel(tiny_rtn_out, monkeypatch):
     ids = torch.randint(1, 300, (2, 6), generator=torch.Generator().manual_seed(3)).to(DEV)
     mask = torch.ones_like(ids)
     mask[0, :2] = 0
-    runs = []
+    runs, calls = [], []
+    launch = kkv.kv_write
+    monkeypatch.setattr(kkv, "kv_write", lambda *a, **kw: calls.append(a) or launch(*a, **kw))
     for kernel in (False, True):
-        calls = []
-        launch = kkv.kv_write
-        monkeypatch.setattr(kkv, "kv_write", lambda *a, **kw: calls.append(a) or launch(*a, **kw))
+        calls.clear()
         eng = DecodeEngine(model, 2, 16, cache_kernel=kernel)
         assert eng.graphs and (eng.cache.kernel_device is not None) == kernel
         logits = [eng.prefill(ids, mask)]

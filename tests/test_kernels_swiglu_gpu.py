@@ -11,6 +11,7 @@ pytest.importorskip("cupy")
 
 from qconvert_kernels.swiglu import cuda as ks  # noqa: E402
 from qconvert_kernels.w4a8 import cuda as kcuda  # noqa: E402
+from helpers import on_device  # noqa: E402
 from test_kernels_swiglu import bits, swiglu_case  # noqa: E402
 
 if not kcuda.available():
@@ -25,7 +26,7 @@ DEV = torch.device("cuda")
     ((2, 5, 257), "contiguous"), ((17, 1536), "contiguous"), ((64, 4096), "contiguous"),
 ])
 def test_swiglu_equals_torch(shape, layout, dtype):
-    gate, up = (t.to(DEV) for t in swiglu_case(shape, dtype, layout))
+    gate, up = (on_device(t, DEV) for t in swiglu_case(shape, dtype, layout))  # joined halves stay strided
     got = ks.swiglu(gate, up)
     want = torch.nn.functional.silu(gate) * up
     assert torch.equal(bits(got), bits(want)), f"{int((bits(got) != bits(want)).sum())} of {got.numel()} differ"
