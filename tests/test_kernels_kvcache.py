@@ -235,3 +235,21 @@ def test_the_build_copies_each_value_once(arch):
     # the sources read through the non-coherent path (their pointers const __restrict__)
     assert sum(n for op, n in ops.items() if op.startswith("LDG") and op.endswith(".CONSTANT")) == 3, (arch, dict(ops))
     assert not [op for op in ops if op.startswith(("F", "MUFU", "I2F", "F2I", "HADD", "HMUL"))], (arch, dict(ops))
+
+
+def test_outputs_must_own_their_elements():
+    """launch.check_writable, which the rope, swiglu and kvcache launchers run on their outputs:
+    the views the engine and the models hand over pass (a cache's first rows, the halves of a joined
+    output, a transposed projection, size-1 and zero-size dimensions); an expanded view, an
+    overlapping one and two outputs in one storage are refused with the tensor's name."""
+    from qconvert_kernels import launch
+
+    cache, joined = torch.empty(4, 8, 16, 128), torch.empty(3, 2 * 96)
+    launch.check_writable("f", rows=cache[:2], half=joined[:, :96], other=torch.empty(3, 96),
+                          proj=torch.empty(2, 5, 4, 8).transpose(1, 2), one=torch.empty(1, 8).as_strided((1, 8), (77, 1)),
+                          empty=torch.empty(1, 0).expand(4, 0))
+    for bad in (torch.empty(1, 8).expand(3, 8), torch.empty(40).as_strided((4, 8), (4, 1))):
+        with pytest.raises(ValueError, match="out .* has elements that share memory"):
+            launch.check_writable("f", out=bad)
+    with pytest.raises(ValueError, match="first and second share memory"):
+        launch.check_writable("f", first=joined[:, :96], second=joined[:, 96:])
