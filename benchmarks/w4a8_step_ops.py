@@ -52,26 +52,20 @@ def captured_step(model, ids: torch.Tensor, w4a8: bool, glue=()):
     (``DecodeEngine._capture`` runs ``_step(b, max_len)``), counted: (logits, OpCount, launches per
     kernel).  ``w4a8``: the W4A8 launches run on their emulator; ``glue``, the float glue on its
     kernels, emulated: "norm" the RMSNorms, "rope" the attention layers' RoPE, "swiglu" the MLPs'
-    silu(gate) * up (``use_norm_kernels``, ``use_rope_kernels``, ``use_swiglu_kernels``, as a GPU
-    load and ``qconvert bench`` set them), "cache" the engine's KV-cache writes (its ``cache_kernel``,
-    on by default on a GPU)."""
+    silu(gate) * up (``qconvert.runtime.use_glue_kernels``, as a GPU load and ``qconvert bench`` set
+    them), "cache" the engine's KV-cache writes (its ``cache_kernel``, on by default on a GPU)."""
     import contextlib
 
     from qconvert.engine import DecodeEngine
-    from qconvert.mlp import use_swiglu_kernels
-    from qconvert.norms import use_norm_kernels
-    from qconvert.rope import use_rope_kernels
+    from qconvert.runtime import use_glue_kernels
     from qconvert_kernels.kvcache import emulate as kv_emulate
     from qconvert_kernels.norm import emulate as norm_emulate
     from qconvert_kernels.rope import emulate as rope_emulate
     from qconvert_kernels.swiglu import emulate as swiglu_emulate
     from qconvert_kernels.w4a8 import emulate
 
-    setters = {"norm": use_norm_kernels, "rope": use_rope_kernels, "swiglu": use_swiglu_kernels}
     emulators = {"norm": norm_emulate, "rope": rope_emulate, "swiglu": swiglu_emulate, "cache": kv_emulate}
-    for g in glue:
-        if g in setters:
-            setters[g](model, "cpu")
+    use_glue_kernels(model, "cpu", [g for g in glue if g != "cache"])  # the cache kernel is the engine's
     b, p = ids.shape
     counter = OpCount()
     outer = emulate.emulating(sm_count=132) if w4a8 else contextlib.nullcontext()

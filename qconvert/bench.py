@@ -555,18 +555,10 @@ def _speeds(model, dev, kw: dict, budget: Budget, norms: bool = True, rope: bool
     ``norms``, the original and the quantized model both run their RMSNorms on the norm kernel,
     and with ``rope`` their RoPE on the rope kernel (``load`` sets them for an OUT; the original
     gets them here), so the speed-up is the quantization's, not the glue's."""
-    if norms and dev.type == "cuda":
-        from qconvert.norms import use_norm_kernels
+    if dev.type == "cuda":
+        from qconvert.runtime import GLUE, use_glue_kernels
 
-        use_norm_kernels(model, dev)
-    if rope and dev.type == "cuda":
-        from qconvert.rope import use_rope_kernels
-
-        use_rope_kernels(model, dev)
-    if swiglu and dev.type == "cuda":
-        from qconvert.mlp import use_swiglu_kernels
-
-        use_swiglu_kernels(model, dev)
+        use_glue_kernels(model, dev, [g for g, on in zip(GLUE, (norms, rope, swiglu)) if on])
     return {("cuda-graph" if g else "eager"): model_speed(model, dev, graphs=g, budget=budget, **kw)
             for g in _modes(dev)}
 
@@ -581,16 +573,12 @@ def _integer_only(result: dict, dev: torch.device, what: str = "OUT") -> dict:
     return result
 
 
-def _kernels_usable() -> bool:
-    from qconvert_kernels import launch
-
-    return launch.available(80)
-
-
 def _result(target: str, original: str, dev, dtype, fp: dict, q: dict, budget: Budget, norms: bool = True,
             rope: bool = True, swiglu: bool = True) -> dict:
     """The result record: the headline (graph-captured on CUDA) in ``quantized`` / ``original_speed``
     / ``speedup``, every mode under ``modes``."""
+    from qconvert.engine import cache_kernel_usable
+
     head = "cuda-graph" if "cuda-graph" in q else "eager"
     return {"kind": "model", "target": target, "original": original, "runtime": _runtime_label(dev),
             "dtype": str(dtype).removeprefix("torch."), "environment": environment(dev), "budget_s": budget.total,
@@ -598,7 +586,7 @@ def _result(target: str, original: str, dev, dtype, fp: dict, q: dict, budget: B
             # --no-norm-kernels / --no-rope-kernels / --no-swiglu-kernels; the engine writes both models'
             # KV caches on the kvcache kernel where the GPU has the kernels (DecodeEngine's default)
             "norm_kernels": norms and dev.type == "cuda", "rope_kernels": rope and dev.type == "cuda",
-            "swiglu_kernels": swiglu and dev.type == "cuda", "cache_kernel": dev.type == "cuda" and _kernels_usable(),
+            "swiglu_kernels": swiglu and dev.type == "cuda", "cache_kernel": dev.type == "cuda" and cache_kernel_usable(dev),
             "quantized": q[head], "original_speed": fp[head], "speedup": _compare(fp[head], q[head]),
             "modes": {m: {"quantized": q[m], "original_speed": fp[m], "speedup": _compare(fp[m], q[m])} for m in q}}
 

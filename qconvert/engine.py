@@ -334,6 +334,17 @@ def left_padding(ids: torch.Tensor, attention_mask: torch.Tensor | None, max_bat
     return pad
 
 
+def cache_kernel_usable(device: torch.device) -> bool:
+    """Whether the KV-cache kernel can run on ``device``: a CUDA device of sm_80+ with cupy, or the
+    CPU under a kernel emulator's launch hook.  ``DecodeEngine`` writes its cache through it there
+    unless told not to, and ``qconvert bench`` says so in its result."""
+    from qconvert_kernels import launch
+
+    if device.type == "cuda":
+        return launch.available(80) and (launch.capability(device.index or 0) or 0) >= 80
+    return launch.current_hook() is not None
+
+
 def check_next(next_ids: torch.Tensor, b: int) -> None:
     if next_ids.numel() != b:
         raise QConvertError(f"decode takes one token per row ({b}), got shape {tuple(next_ids.shape)}")
@@ -401,10 +412,7 @@ class DecodeEngine:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         self.cache = StaticKVCache(config.num_hidden_layers, max_batch, kv_heads, max_len, head_dim, head_dim,
                                    self.dtype, self.device)
-        from qconvert_kernels import launch
-
-        usable = (launch.available(80) and (launch.capability(self.device.index) or 0) >= 80 if self.device.type == "cuda"
-                  else launch.current_hook() is not None)
+        usable = cache_kernel_usable(self.device)
         if cache_kernel is None:
             cache_kernel = self.device.type == "cuda" and usable
         elif cache_kernel and not usable:

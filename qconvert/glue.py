@@ -1,6 +1,7 @@
 """What the modules that put a model's float glue on kernels share (``qconvert.norms``,
 ``qconvert.rope``, ``qconvert.mlp``): the device a kernel serves, the transformers modules of known
-classes, and a module's forward replaced by a kernel forward."""
+classes, and a module's forward replaced by a kernel forward (``qconvert.runtime.use_glue_kernels``
+sets them all)."""
 
 from __future__ import annotations
 
@@ -37,3 +38,4 @@ def route_forward(mod: nn.Module, forward) -> bool:
     # (torch.save) and a copy's forward is its own
     mod.forward = functools.partial(forward, mod)
     return True
+

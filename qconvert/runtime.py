@@ -19,8 +19,8 @@ from qconvert.errors import QConvertError
 from qconvert.formats.native import read_quant_config
 from qconvert.formats.safetensors_io import ShardedReader
 from qconvert.layouts import Layout, QuantizedModule, TensorSpec, get_layout
-from qconvert.norms import use_norm_kernels
 from qconvert.mlp import use_swiglu_kernels
+from qconvert.norms import use_norm_kernels
 from qconvert.rope import use_rope_kernels
 from qconvert.skeleton import build_skeleton
 
@@ -94,6 +94,23 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
+GLUE = ("norm", "rope", "swiglu")  # the float glue that runs on kernels, each with its switch
+
+
+def use_glue_kernels(model: nn.Module, device: torch.device | str, glue=GLUE) -> None:
+    """The float glue of ``glue`` runs on its kernels for inputs on ``device`` (a GPU; the CPU only
+    under the kernel emulators): "norm" the RMSNorms (``qconvert.norms``), "rope" the attention
+    layers' RoPE (``qconvert.rope``), "swiglu" the MLPs' silu(gate) * up (``qconvert.mlp``).
+    Setting a module again changes nothing."""
+    setters = {"norm": use_norm_kernels, "rope": use_rope_kernels, "swiglu": use_swiglu_kernels}
+    unknown = set(glue) - set(setters)
+    if unknown:
+        raise ValueError(f"unknown glue {sorted(unknown)}; known: {', '.join(GLUE)}")
+    for name in GLUE:
+        if name in glue:
+            setters[name](model, device)
+
+
 def load(out: str | Path, device: str = "cpu", dtype: torch.dtype | None = None, integer: bool = True,
          fuse: bool = True, norm_kernels: bool = True, rope_kernels: bool = True, swiglu_kernels: bool = True):
     """Load a native qconvert OUT as a ready-to-run ``transformers`` causal LM.
@@ -163,12 +180,7 @@ def load(out: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
         model.to(dev)
         for module in modules.values():
             module.prepare_cuda()  # the others (plugins too) once on the GPU; it may synchronize: here, once
-        if norm_kernels:
-            use_norm_kernels(model, dev)
-        if rope_kernels:
-            use_rope_kernels(model, dev)
-        if swiglu_kernels:
-            use_swiglu_kernels(model, dev)
+        use_glue_kernels(model, dev, [g for g, on in zip(GLUE, (norm_kernels, rope_kernels, swiglu_kernels)) if on])
     return model.eval()
 
 

@@ -203,9 +203,7 @@ def w4a8_gpu_load_on_cpu(out, glue=()):
 
     from qconvert import load
     from qconvert.layouts.int4 import W4A8Linear
-    from qconvert.mlp import use_swiglu_kernels
-    from qconvert.norms import use_norm_kernels
-    from qconvert.rope import use_rope_kernels
+    from qconvert.runtime import use_glue_kernels
     from qconvert.runtime import fuse_siblings
 
     model = load(out, dtype=torch.float16)
@@ -213,9 +211,7 @@ def w4a8_gpu_load_on_cpu(out, glue=()):
     for m in model.modules():
         if isinstance(m, W4A8Linear):
             m.prepare_cuda(torch.device("cpu"))
-    setters = {"norm": use_norm_kernels, "rope": use_rope_kernels, "swiglu": use_swiglu_kernels}
-    for g in glue:
-        setters[g](model, "cpu")
+    use_glue_kernels(model, "cpu", glue)
     return model
 
 
