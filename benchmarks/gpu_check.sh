@@ -20,8 +20,10 @@
 # instruction, a bad address) poisons the CUDA context of its process: every test file and every
 # benched M therefore runs in a process of its own, so a fault costs one file or one M.
 #   a  environment (gpu.txt) and every GPU test file (tests/test_*_gpu.py) against the bit-exact
-#      references, all files at once, one process each (tests/NAME.xml JUnit, tests/NAME.log;
-#      tests.txt: one line per file), and the W4A8 decode kernels probed one case per process
+#      references, all files at once, one process each, the two slowest in SHARDS (3) processes
+#      (tests/NAME.xml JUnit, tests/NAME.log, or NAME.K.xml and NAME.K.log for slice K; tests.txt:
+#      one line per file; torch on TEST_THREADS (2) CPU threads per process), and the W4A8 decode
+#      kernels probed one case per process
 #      (benchmarks/gpu_probe.py --sweep: probe.txt)
 #   b  qconvert bench --kernels: Llama-3-8B shapes, M in {1, 16, 256, 4096} (one process each, 25 s
 #      at most: kernels_mM.json), W4A8-IS, W4A8-FS and cuBLAS FP16 with the roofline fraction; the
@@ -73,18 +75,33 @@ part() {  # part NAME BUDGET COMMAND...: run under a time budget, log, record st
   fi
 }
 
-test_file() {  # test_file PATH: one GPU test file in a process of its own; one line in tests.txt
+test_file() {  # test_file PATH: one GPU test file in processes of its own; one line in tests.txt
   local f=$1 b
   b=$(basename "$f" .py)
-  local rc split=()
-  # the two slowest files (each over 120 s alone beside the others on the H200, 2026-12-04) spread
-  # over 3 workers where the image has pytest-xdist
-  # (--durations: each log ends with its ten slowest tests, for the next budget)
-  case " $SPLIT_TESTS " in *" $b "*) "$PYTHON" -c "import xdist" 2> /dev/null && split=(-n 3) ;; esac
-  "$PYTHON" -m pytest -v -rfs -p no:cacheprovider --durations=10 "${split[@]}" "$f" --junitxml "$out/tests/$b.xml" > "$out/tests/$b.log" 2>&1
-  rc=$?
-  [ $rc -eq 5 ] && rc=0  # pytest's "no tests collected": a file skipped whole (e.g. FP8 below sm_89) is no failure
-  echo "rc=$rc $f: $(tail -n 1 "$out/tests/$b.log")" >> "$out/tests.txt"
+  # the two slowest files (each over 120 s beside the others on the H200, 2026-12-04) run as
+  # SHARDS round-robin slices of their tests (tests/conftest.py's --shard K/N), one process each:
+  # the image has no pytest-xdist.  -v: one line per test, which survives the budget's kill (the
+  # JUnit XML is written at the end); --durations: each log ends with its ten slowest tests.
+  # Every process runs torch on TEST_THREADS CPU threads: ~17 of them share the 16 cores
+  local n=1 k rc=0 r line=""
+  case " $SPLIT_TESTS " in *" $b "*) n=$SHARDS ;; esac
+  for ((k = 1; k <= n; k++)); do
+    local name=$b shard=()
+    [ "$n" -gt 1 ] && name=$b.$k && shard=(--shard "$k/$n")
+    OMP_NUM_THREADS=$TEST_THREADS MKL_NUM_THREADS=$TEST_THREADS "$PYTHON" -m pytest -v -rfs -p no:cacheprovider \
+      --durations=10 "${shard[@]}" "$f" --junitxml "$out/tests/$name.xml" > "$out/tests/$name.log" 2>&1 &
+  done
+  for ((k = 1; k <= n; k++)); do
+    wait -n; r=$?
+    # pytest's "no tests collected" (5): a file skipped whole (e.g. FP8 below sm_89) is no failure
+    [ $r -ne 0 ] && [ $r -ne 5 ] && rc=$r
+  done
+  for ((k = 1; k <= n; k++)); do
+    local name=$b
+    [ "$n" -gt 1 ] && name=$b.$k && line+="${line:+ | }[$k/$n] "
+    line+=$(tail -n 1 "$out/tests/$name.log")
+  done
+  echo "rc=$rc $f: $line" >> "$out/tests.txt"
 }
 
 part_a() {  # the environment block's and the tests' failures both count
@@ -171,7 +188,7 @@ part_g() {  # counters, last: the timings above never wait on the profiler
 
 export -f part_a part_b part_c part_d part_e part_f part_g test_file
 export out
-export SPLIT_TESTS="test_kernels_w4a8r_gpu test_quantize_device_gpu"
+export SPLIT_TESTS="test_kernels_w4a8r_gpu test_quantize_device_gpu" SHARDS=${SHARDS:-3} TEST_THREADS=${TEST_THREADS:-2}
 # part g's six ncu cases took 58 s on the H200 (2026-12-04); part e 53 s, before glue_speed.py (up to
 # 25 s: four ops, two of them new builds) joined it, so QUIK's kernels (last, measured on that run)
 # may be cut; part f 22 s.  In all 480 s: the whole check in 8 minutes

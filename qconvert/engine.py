@@ -77,8 +77,8 @@ Design
   integer-only model, which has its own engine: qconvert/layouts/illm_cache.py) are refused with a
   ``QConvertError``.
 - **CuPy kernels on the graph's stream**: every launcher goes through
-  ``qconvert_kernels/launch.py`` ``launch``, which runs the kernel inside
-  ``cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream)``; during capture
+  ``qconvert_kernels/launch.py`` ``launch``, which runs the kernel on CuPy's handle of
+  ``torch.cuda.current_stream(device)`` (``launch.cupy_stream``); during capture
   ``current_stream`` is the capturing stream, so the launches are recorded in the graph.  Kernel
   modules compile, shared-memory limits are set and W4A8 layers repack their weights
   (``prepare_cuda``, which may read device values) in the warm-up step, before the capture; the

@@ -16,7 +16,8 @@ toolkit's, or the ``nvidia-cuda-nvrtc`` wheel's), then the one CuPy itself loads
 newer than the NVRTC gets PTX for the newest architecture NVRTC knows (the driver compiles it;
 PTX written without ``.ftz`` stays without).
 
-Launching (``launch``): on torch's current stream (``cupy.cuda.ExternalStream``), so the kernels
+Launching (``launch``): on torch's current stream (``cupy_stream``: ``cupy.cuda.Stream.from_external``
+where CuPy has it, else ``cupy.cuda.ExternalStream``; one object per stream), so the kernels
 order with torch's own work and can be captured in a CUDA graph; dynamic shared memory above
 48 KB is opted into once per function.  No launcher reads a device value on the host.
 
@@ -227,8 +228,50 @@ def launch(source, name: str, grid: tuple, block: tuple, args: tuple, device: to
     with cp.cuda.Device(index):
         fn = module(Path(source), index).get_function(name)
         _opt_in_smem(fn, (str(source), name, index), shared_mem)
-        with cp.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream):
+        with cupy_stream(cp, torch.cuda.current_stream(device).cuda_stream, index):
             fn(grid, block, args, shared_mem=shared_mem)
+
+
+class _TorchStream:
+    """A torch stream's handle as the CUDA stream protocol hands it over (``__cuda_stream__``:
+    protocol version 0 and the ``cudaStream_t``)."""
+
+    __slots__ = ("ptr",)
+
+    def __init__(self, ptr: int):
+        self.ptr = ptr
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, self.ptr)
+
+
+_STREAMS: dict = {}  # (device index, cudaStream_t) -> CuPy's stream object on it
+_MAX_STREAMS = 1024  # torch's stream pools are bounded; streams a user makes one by one are not
+
+
+def cupy_stream(cp, ptr: int, index: int):
+    """CuPy's stream object on torch's stream ``ptr`` of device ``index``, made once per stream
+    rather than once per launch: ``cupy.cuda.Stream.from_external`` (CuPy 14+, the CUDA stream
+    protocol), or ``cupy.cuda.ExternalStream`` where CuPy has no such method (CuPy 14 deprecates
+    it, which would warn at every launch).  Neither owns the stream: torch does."""
+    key = (index, ptr)
+    stream = _STREAMS.get(key)
+    if stream is None:
+        from_external = getattr(cp.cuda.Stream, "from_external", None)
+        try:
+            stream = from_external(_TorchStream(ptr)) if from_external is not None else None
+        except Exception:  # noqa: BLE001 - a CuPy whose protocol check differs: the older wrapper
+            stream = None
+        if stream is None:
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "ExternalStream is deprecated", DeprecationWarning)
+                stream = cp.cuda.ExternalStream(ptr)
+        if len(_STREAMS) >= _MAX_STREAMS:
+            _STREAMS.clear()
+        _STREAMS[key] = stream
+    return stream
 
 
 @contextlib.contextmanager

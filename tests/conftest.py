@@ -70,3 +70,29 @@ def tiny_calib_src(tmp_path_factory):
     src = write_model(d / "src", tiny_config(layers=2))
     (d / "calib.txt").write_text(TEXT)
     return src
+
+
+def pytest_addoption(parser):
+    parser.addoption("--shard", default=None, metavar="K/N",
+                     help="run only the K-th of N round-robin slices of the collected tests (1 <= K <= N); "
+                          "benchmarks/gpu_check.sh spreads its slowest GPU test files over N processes")
+
+
+def _shard(value: str) -> tuple[int, int]:
+    try:
+        k, n = (int(v) for v in value.split("/"))
+    except ValueError:
+        raise pytest.UsageError(f"--shard {value!r}: give K/N, e.g. --shard 2/3") from None
+    if not 1 <= k <= n:
+        raise pytest.UsageError(f"--shard {value!r}: K must be between 1 and N, e.g. --shard 2/3")
+    return k, n
+
+
+def pytest_collection_modifyitems(config, items):
+    value = config.getoption("--shard")
+    if value is None:
+        return
+    k, n = _shard(value)
+    keep = [item for i, item in enumerate(items) if i % n == k - 1]
+    config.hook.pytest_deselected(items=[item for i, item in enumerate(items) if i % n != k - 1])
+    items[:] = keep

@@ -38,3 +38,28 @@ def test_a_gpu_load_runs_its_norms_on_the_kernel(tiny_rtn_out, monkeypatch):
     assert torch.equal(kn.rms_norm(x, w, eps).cpu(), ref.rms_norm(x.cpu(), w.cpu(), eps))
     got, want = got.float(), want.float()
     assert (got - want).abs().max() <= 0.05 * want.abs().max()
+
+
+def test_a_launch_on_a_side_stream_runs_there_and_does_not_warn():
+    """The launcher runs on torch's current stream, whichever it is (launch.cupy_stream, made once
+    per stream), and CuPy 14's ExternalStream deprecation is not hit.  The side stream sleeps
+    before the kernel while the default stream zeroes the input: a kernel on the side stream reads
+    the zeros, one run elsewhere would have read the values."""
+    import warnings
+
+    x, w = norm_case(64, 4096, torch.float16)
+    x, w = x.to(DEV), w.to(DEV)
+    zeros = kn.rms_norm(torch.zeros_like(x), w, 1e-5)
+    assert not torch.equal(kn.rms_norm(x, w, 1e-5), zeros)
+    side = torch.cuda.Stream()
+    for _ in range(2):  # the second launch on the stream reuses its CuPy object
+        xs = x.clone()
+        side.wait_stream(torch.cuda.current_stream())
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DeprecationWarning)
+            with torch.cuda.stream(side):
+                torch.cuda._sleep(100_000_000)  # tens of milliseconds
+                got = kn.rms_norm(xs, w, 1e-5)
+        xs.zero_()  # on the default stream, at once
+        torch.cuda.synchronize()
+        assert torch.equal(got, zeros)
