@@ -21,11 +21,14 @@ from torch import nn
 
 from qconvert.glue import kernel_device, route_forward, transformers_modules
 
-# MLP classes whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)) (checked against the
-# installed transformers by the tests), and the transformers module each must come from
+# MLP classes whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)), and those whose
+# forward is Phi-3's: gate, up = gate_up_proj(x).chunk(2, -1); down_proj(up * activation_fn(gate))
+# (both checked against the installed transformers by the tests); the transformers module each
+# must come from
 MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Qwen3MoeMLP")
+JOINED_MLP_CLASSES = ("Phi3MLP",)
 MODELING = {name: "transformers.models.{0}.modeling_{0}".format({"Qwen3MoeMLP": "qwen3_moe"}.get(
-    name, name.removesuffix("MLP").lower())) for name in MLP_CLASSES}
+    name, name.removesuffix("MLP").lower())) for name in MLP_CLASSES + JOINED_MLP_CLASSES}
 # activation modules that compute torch's silu (transformers' own, torch's)
 SILU = {("transformers.activations", "SiLUActivation"), ("torch.nn.modules.activation", "SiLU")}
 
@@ -42,6 +45,18 @@ def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
     return self.down_proj(self.act_fn(gate) * up)
 
 
+def _joined_kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+    # Phi-3: one GEMM gives gate and up side by side; the kernel reads the two halves' strided rows
+    # (no copy).  up * silu(gate) and silu(gate) * up are one float32 product: the same bits
+    gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+    if gate.device == self.swiglu_kernel_device and not torch.is_grad_enabled():
+        from qconvert_kernels.swiglu import cuda as ks
+
+        if ks.problem(gate, up) is None:
+            return self.down_proj(ks.swiglu(gate, up))
+    return self.down_proj(up * self.activation_fn(gate))
+
+
 def use_swiglu_kernels(model: nn.Module, device: torch.device | str) -> int:
     """Every MLP of the known classes in ``model`` whose ``act_fn`` is SiLU runs its activation on
     the swiglu kernel for inputs on ``device`` (a GPU; the CPU only under the kernel emulator).
@@ -49,10 +64,12 @@ def use_swiglu_kernels(model: nn.Module, device: torch.device | str) -> int:
     device = kernel_device(device)
     count = 0
     for mod in transformers_modules(model, MODELING):
-        act = getattr(mod, "act_fn", None)
+        joined = type(mod).__name__ in JOINED_MLP_CLASSES
+        act = getattr(mod, "activation_fn" if joined else "act_fn", None)
+        projections = ("gate_up_proj", "down_proj") if joined else ("gate_proj", "up_proj", "down_proj")
         if (type(act).__module__, type(act).__name__) not in SILU \
-                or not all(isinstance(getattr(mod, p, None), nn.Module) for p in ("gate_proj", "up_proj", "down_proj")):
+                or not all(isinstance(getattr(mod, p, None), nn.Module) for p in projections):
             continue
         mod.swiglu_kernel_device = device
-        count += route_forward(mod, _kernel_forward)
+        count += route_forward(mod, _joined_kernel_forward if joined else _kernel_forward)
     return count

@@ -244,6 +244,7 @@ def _prepare(source, sch: Scheme, out: Path, force: bool, resume: bool, max_shar
     if out == Path(os.path.abspath(src_dir)) or out in Path(os.path.abspath(src_dir)).parents:
         raise QConvertError(f"-o {out} would overwrite the source {src.description}; choose another -o")
     config = src.config
+    method.check_config(config)
     asym_note = None  # why the scheme's default --asym-calib did not apply
     if calib is not None:
         calib = calib.for_model(config)

@@ -20,6 +20,8 @@ ARCH = {
     "llama": dict(model_type="llama", architectures=["LlamaForCausalLM"]),
     "mistral": dict(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=None),
     "qwen2": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"]),
+    # Phi-3's own pad id (32000) is past a tiny vocabulary
+    "phi3": dict(model_type="phi3", architectures=["Phi3ForCausalLM"], pad_token_id=0, bos_token_id=1, eos_token_id=2),
 }
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from helpers import assert_wrong_arg_type_refused, mutation_tests
-from qconvert.mlp import MLP_CLASSES, MODELING, use_swiglu_kernels
+from qconvert.mlp import JOINED_MLP_CLASSES, MLP_CLASSES, MODELING, use_swiglu_kernels
 from qconvert_kernels.swiglu import cuda as ks
 from qconvert_kernels.swiglu import emulate
 from qconvert_kernels.swiglu import reference as ref
@@ -173,6 +173,55 @@ def test_the_mlp_classes_compute_the_llama_formula(name):
     src = inspect.getsource(getattr(_modeling(name), name).forward)
     body = [ln.strip() for ln in src.splitlines()[1:] if ln.strip() and not ln.strip().startswith(("#", '"""'))]
     assert body == ["down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))", "return down_proj"]
+
+
+def test_the_joined_mlp_classes_compute_phi3s_formula():
+    """Phi-3's forward, in the installed transformers: gate and up as the two halves of one
+    gate_up_proj, then down_proj(up * activation_fn(gate)): what the joined kernel forward computes."""
+    for name in JOINED_MLP_CLASSES:
+        src = inspect.getsource(getattr(_modeling(name), name).forward)
+        body = [ln.strip() for ln in src.splitlines()[1:] if ln.strip() and not ln.strip().startswith(("#", '"""'))]
+        assert body == ["up_states = self.gate_up_proj(hidden_states)", "gate, up_states = up_states.chunk(2, dim=-1)",
+                        "up_states = up_states * self.activation_fn(gate)", "return self.down_proj(up_states)"], name
+
+
+def test_a_phi3_runs_its_joined_mlps_on_the_kernel(tmp_path, monkeypatch):
+    """A tiny Phi-3 in float16: each MLP's activation is the kernel's on the two strided halves of
+    gate_up_proj's output (no copy: the launch reads gate_up_proj's own output), equal to the
+    reference bit for bit, one launch an MLP; the logits stay within the exp stand-in's ulps."""
+    from transformers import AutoModelForCausalLM
+
+    from helpers import tiny_config, write_model
+
+    src = write_model(tmp_path / "phi3", tiny_config("phi3"))
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float16).eval()
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3, 250]])
+    with torch.no_grad():
+        want = model(ids).logits
+    n = use_swiglu_kernels(model, "cpu")
+    assert n == model.config.num_hidden_layers and use_swiglu_kernels(model, "cpu") == 0
+    seen = collections.defaultdict(list)
+    for mod in model.modules():
+        if type(mod).__name__ == "Phi3MLP":
+            mod.gate_up_proj.register_forward_hook(lambda m, a, o: seen["gate_up"].append(o))
+            mod.down_proj.register_forward_pre_hook(lambda m, a: seen["act"].append(a[0]))
+    args, real_run = [], emulate.run
+    monkeypatch.setattr(emulate, "run", lambda name, grid, a, mutations=frozenset(): (args.append(a),
+                                                                                      real_run(name, grid, a, mutations)))
+    with torch.no_grad(), emulate.emulating() as emu:
+        got = model(ids).logits
+    assert len(emu.launches) == n == len(args)
+    inter = model.config.intermediate_size
+    for y, a, (pg, pu, _, cols, gs, us, _) in zip(seen["gate_up"], seen["act"], args, strict=True):
+        gate, up = y.chunk(2, dim=-1)
+        assert torch.equal(bits(a), bits(ref.swiglu(gate, up)))
+        # the halves of gate_up_proj's own output, rows 2I apart: read in place
+        assert (int(pg), int(pu), int(cols), int(gs), int(us)) == (y.data_ptr(), y.data_ptr() + 2 * inter, inter,
+                                                                   2 * inter, 2 * inter)
+    assert float((got.float() - want.float()).abs().max()) <= 0.02 * float(want.float().abs().max())
+    with emulate.emulating() as emu, torch.enable_grad():
+        model(ids)  # grad enabled: transformers' ops
+    assert len(emu.launches) == 0
 
 
 def _capture(model):

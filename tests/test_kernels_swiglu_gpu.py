@@ -39,3 +39,21 @@ def test_a_gpu_load_runs_its_mlps_on_the_kernel(tiny_rtn_out, monkeypatch):
                                                    "swiglu_kernel_device", "swiglu_kernels")
     assert len(calls) == len(mlps)  # every MLP on the kernel
     assert torch.equal(bits(got), bits(want))  # torch's silu and product, bit for bit
+
+
+def test_a_phi3_on_the_gpu_keeps_its_logits_bit_for_bit(tmp_path):
+    """A tiny Phi-3 in float16 on the GPU: with its joined MLPs on the kernel (the halves of
+    gate_up_proj's output read in place) the logits are transformers' own, bit for bit."""
+    from transformers import AutoModelForCausalLM
+
+    from helpers import tiny_config, write_model
+    from qconvert.mlp import use_swiglu_kernels
+
+    src = write_model(tmp_path / "phi3", tiny_config("phi3", hidden=256, intermediate=704))
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float16).to(DEV).eval()
+    ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(0)).to(DEV)
+    with torch.no_grad():
+        want = model(ids).logits
+        assert use_swiglu_kernels(model, DEV) == model.config.num_hidden_layers
+        got = model(ids).logits
+    assert torch.equal(bits(got), bits(want))

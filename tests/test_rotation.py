@@ -36,7 +36,8 @@ TOL = 1e-4  # of max |logit|; see the module docstring
 DENSE = dict(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=120, max_position_embeddings=64, initializer_range=0.1)
 EXTRA = {"mistral": dict(sliding_window=None), "qwen3": dict(head_dim=12), "mixtral": MOE["mixtral"],
-         "qwen2_moe": {**MOE["qwen2_moe"], "moe_intermediate_size": 40, "shared_expert_intermediate_size": 56}}
+         "qwen2_moe": {**MOE["qwen2_moe"], "moe_intermediate_size": 40, "shared_expert_intermediate_size": 56},
+         "phi3": dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)}  # Phi-3's own pad id is past this vocabulary
 LAYERS = {"qwen2_moe": 3}  # layer 1 is dense (mlp_only_layers): both MLP kinds in one model
 
 
@@ -159,6 +160,8 @@ CASES = [  # (model type, tied embeddings, mode)
     ("qwen3", True, "hadamard"),  # q_norm/k_norm
     ("mixtral", False, "hadamard"),
     ("qwen2_moe", False, "random"),  # shared expert, its gate, a dense layer
+    ("phi3", False, "hadamard"),  # q, k, v in one qkv_proj; gate and up in one gate_up_proj
+    ("phi3", True, "random"),
 ]
 
 
@@ -216,6 +219,30 @@ def test_tolerance_separates_right_from_wrong(checkpoints):
     model = materialize(good)
     model.model.layers[1].self_attn.v_proj.weight.data = other.get("model.layers.1.self_attn.v_proj.weight")
     assert rel_error(model(tokens()).logits, reference_logits(src.directory)) > 100 * TOL
+
+
+def test_phi3_value_rows_of_qkv_proj_take_the_per_head_rotation(checkpoints):
+    """Phi-3's fused qkv_proj: with the value rows (the last kv_heads x head_dim) from another
+    seed's per-head rotation, or left without it, the function changes far beyond TOL; with all
+    three blocks from the right recipe it does not (test_rotated_model_computes_the_same_logits)."""
+    src = checkpoints("phi3", False)
+    good, other = RotatedSource(src, "hadamard", seed=3), RotatedSource(src, "hadamard", seed=4)
+    name = "model.layers.1.self_attn.qkv_proj.weight"
+    v0 = (good.heads + good.kv_heads) * good.head_dim
+    want = reference_logits(src.directory)
+    for wrong in (other.get(name)[v0:],  # another per-head R (and another Q)
+                  _map_rows_read(good, src.get(name)[v0:], "model.layers.1.input_layernorm.weight")):  # no R at all
+        model = materialize(good)
+        model.model.layers[1].self_attn.qkv_proj.weight.data[v0:] = wrong
+        assert rel_error(model(tokens()).logits, want) > 100 * TOL
+    bad = RotatedSource(DictSource({**{k: src.get(k) for k in src.keys()}, name: src.get(name)[:-1]}, src.config), "random", 0)
+    with pytest.raises(QConvertError, match="qkv_proj.weight' of .* has 95 rows, not the 96"):
+        bad.get(name)
+
+
+def _map_rows_read(rot, rows, norm):
+    """``rows diag(g) Q``: the value rows as a reading linear without the per-head rotation."""
+    return (rot.q.right(rows.to(torch.float64) * rot._gain(norm))).to(rows.dtype)
 
 
 def test_bfloat16_stays_bfloat16(checkpoints):

@@ -280,17 +280,29 @@ class JoinedLinears:
         return outs
 
 
+INTEGER_RUNTIME_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+def check_integer_runtime_config(config) -> None:
+    """Refuse a model the integer runtime cannot run (``quantize`` asks before any work, through
+    the I-LLM method's ``check_config``; ``IntegerLlama`` again when it loads)."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in INTEGER_RUNTIME_MODEL_TYPES:
+        raise QConvertError(f"I-LLM's integer runtime runs Llama-style models ({', '.join(INTEGER_RUNTIME_MODEL_TYPES)}); "
+                            f"{model_type} is not one: choose another scheme (is-w4a8, w8a8, quik-w4a4, zqfp-w4a8)")
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise QConvertError(f"I-LLM's integer runtime has plain rotary embeddings only; this model uses rope_type "
+                            f"{rope.get('rope_type', rope.get('type'))!r}: choose another scheme (is-w4a8, w8a8)")
+
+
 class IntegerLlama(DerivedHolder):
     """A Llama-architecture causal LM on the integer-only path (see the module docstring)."""
 
     def __init__(self, config, linears: dict[str, ILLMLinear], state: dict[str, torch.Tensor]):
         super().__init__()
-        if getattr(config, "model_type", None) not in ("llama", "mistral", "qwen2"):
-            raise QConvertError(f"I-LLM's integer runtime runs Llama-style models; {config.model_type} is not one")
+        check_integer_runtime_config(config)
         rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-        if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise QConvertError(f"I-LLM's integer runtime has plain rotary embeddings only; this model uses "
-                                f"rope_type {rope.get('rope_type', rope.get('type'))!r}")
         self.config = config
         from transformers import GenerationConfig
 

@@ -68,6 +68,10 @@ class Method:
     def describe(self) -> dict:
         raise NotImplementedError
 
+    def check_config(self, config) -> None:
+        """Refuse, before any work, a model this method's OUT could not run (default: any model
+        qconvert reads will do)."""
+
     def activation_fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         """What the runtime does to a linear's input, in float (identity: weight-only)."""
         return x

@@ -118,6 +118,11 @@ class ILLMMethod(Method):
                 "activations": {"bits": cfg.a_bits, "symmetric": True, "granularity": "per-token", "dynamic": True,
                                 "integer_only": True, "clip": cfg.act_clip}}
 
+    def check_config(self, config) -> None:
+        from qconvert.layouts.illm import check_integer_runtime_config
+
+        check_integer_runtime_config(config)
+
     def activation_fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         qmax = (1 << (self.config.a_bits - 1)) - 1
         xf = x.float()

@@ -23,7 +23,9 @@ residual stream ``x`` a row vector of width H):
     for all heads keeps this right under GQA, where query heads share a KV head.
 
 Qwen3's q_norm/k_norm act per head on q and k after their projections: the residual rotation
-only touches those projections' input side and leaves them alone.  Gemma's ``(1 + w)`` norms
+only touches those projections' input side and leaves them alone.  Phi-3 keeps q, k and v in one
+``qkv_proj`` (their rows one after the other) and gate and up in one ``gate_up_proj``: the same
+transforms, row block by row block.  Gemma's ``(1 + w)`` norms
 are not among the architectures accepted here.
 
 ``RotatedSource`` wraps any ``qconvert.source.Source`` and returns the rotated tensors, one at
@@ -50,7 +52,7 @@ from qconvert.solvers.hadamard import _dense_blocks, _no_hadamard, hadamard, had
 from qconvert.source import Source
 
 MODES = ("hadamard", "random")
-ROTATABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe")  # plain RMSNorm(x) * g
+ROTATABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "phi3")  # plain RMSNorm(x) * g
 CHUNK_BYTES = 16 << 20  # float64 working set per slice of a tensor being rotated
 
 
@@ -145,6 +147,7 @@ class Op(Enum):
     EMBED = "E Q"
     READ = "W diag(g) Q"
     READ_V = "R^T W diag(g) Q per KV head"
+    READ_QKV = "W diag(g) Q; the value rows also R^T per KV head"
     BIAS_V = "R^T b per KV head"
     WRITE = "Q^T W"
     WRITE_O = "Q^T W R per head"
@@ -164,7 +167,7 @@ class Recipe:
 _LAYER = re.compile(rf"^({re.escape(DECODER_LAYERS)}\.\d+\.)(.+)$")
 # dense MLPs, MoE experts, Qwen2-MoE's shared expert and routers; see qconvert.moe for the names
 _MLP = re.compile(r"^(?:mlp|block_sparse_moe)\.(?:experts\.\d+\.|shared_expert\.)?"
-                  r"(gate_proj|up_proj|down_proj|w1|w2|w3|gate|shared_expert_gate)\.(weight|bias)$")
+                  r"(gate_proj|up_proj|gate_up_proj|down_proj|w1|w2|w3|gate|shared_expert_gate)\.(weight|bias)$")
 _MLP_WRITES = ("down_proj", "w2")
 _IN_LAYER = {  # name inside a layer, outside its MLP -> (op, the norm folded in)
     "input_layernorm.weight": (Op.ONES, None),
@@ -177,6 +180,7 @@ _IN_LAYER = {  # name inside a layer, outside its MLP -> (op, the norm folded in
     "self_attn.v_proj.bias": (Op.BIAS_V, None),
     "self_attn.o_proj.weight": (Op.WRITE_O, None),
     "self_attn.o_proj.bias": (Op.BIAS_WRITE, None),
+    "self_attn.qkv_proj.weight": (Op.READ_QKV, "input_layernorm.weight"),  # Phi-3: q, k and v rows in one
     "self_attn.q_norm.weight": (Op.COPY, None),  # Qwen3: per head, after the projection
     "self_attn.k_norm.weight": (Op.COPY, None),
 }
@@ -288,8 +292,8 @@ class RotatedSource(Source):
         self.online = self._online_transform(names) if online else None
         self._ops = {
             Op.COPY: self._copy, Op.ONES: self._ones, Op.EMBED: self._embed, Op.READ: self._read,
-            Op.READ_V: self._read_v, Op.BIAS_V: self._bias_v, Op.WRITE: self._write, Op.WRITE_O: self._write_o,
-            Op.BIAS_WRITE: self._bias_write,
+            Op.READ_V: self._read_v, Op.READ_QKV: self._read_qkv, Op.BIAS_V: self._bias_v, Op.WRITE: self._write,
+            Op.WRITE_O: self._write_o, Op.BIAS_WRITE: self._bias_write,
         }
 
     # ---- the Source interface -----------------------------------------------------------
@@ -363,14 +367,16 @@ class RotatedSource(Source):
     def describe(self) -> dict:
         """What was done, for the report."""
         norms = sorted({r.norm for r in self._recipes.values() if r.norm})
+        fused = any(r.op == Op.READ_QKV for r in self._recipes.values())  # Phi-3
+        values, reads = ("qkv_proj's value", "qkv_proj") if fused else ("v_proj", "q/k/v_proj")
         return {
             "mode": self.mode,
             "seed": self.seed,
             "residual": self.q.label,
-            "per_head": f"{self.r.label} on v_proj rows and o_proj columns, per head",
+            "per_head": f"{self.r.label} on {values} rows and o_proj columns, per head",
             "head_seed": derived_seed(self.seed, "per-head"),
             "folded_norms": len(norms),
-            "folded": ["input_layernorm -> q/k/v_proj", "post_attention_layernorm -> mlp gate/up, routers, experts",
+            "folded": [f"input_layernorm -> {reads}", "post_attention_layernorm -> mlp gate/up, routers, experts",
                        "model.norm -> lm_head"],
             "untied": self.untied,
             **({"online": {**self.online.describe(), "modules": self.online_modules()}} if self.online else {}),
@@ -437,9 +443,22 @@ class RotatedSource(Source):
         return _map_rows(self.src.get(recipe.source), self._row_fn(recipe), dtype, budget=self.chunk_bytes)
 
     def _read_v(self, recipe, dtype):
+        return self._read_v_rows(self.src.get(recipe.source), recipe, dtype)
+
+    def _read_v_rows(self, w, recipe, dtype):
         g = self._gain(recipe.norm)
         fn = lambda rows: self._per_head_left(self.q.right(rows * g))  # noqa: E731
-        return _map_rows(self.src.get(recipe.source), fn, dtype, align=self.head_dim, budget=self.chunk_bytes)
+        return _map_rows(w, fn, dtype, align=self.head_dim, budget=self.chunk_bytes)
+
+    def _read_qkv(self, recipe, dtype):
+        # Phi-3's qkv_proj: the rows of q_proj, k_proj and v_proj one after the other
+        w = self.src.get(recipe.source)
+        qk = (self.heads + self.kv_heads) * self.head_dim
+        if w.shape[0] != qk + self.kv_heads * self.head_dim:
+            raise QConvertError(f"'{recipe.source}' of {self.description} has {w.shape[0]} rows, not the "
+                                f"{qk + self.kv_heads * self.head_dim} of its config's q, k and v heads; check config.json")
+        return torch.cat([_map_rows(w[:qk], self._row_fn(recipe), dtype, budget=self.chunk_bytes),
+                          self._read_v_rows(w[qk:], recipe, dtype)])
 
     def _bias_v(self, recipe, dtype):
         b = self.src.get(recipe.source)
