@@ -158,8 +158,11 @@ class Calibrator:
         self._block_buffers: list = []
         self._online_hooks: list = []
         self.batch = max(1, batch_tokens // seqlen)
-        self._kwargs: dict[int, dict] = {}
+        self._kwargs: dict[int, dict] = {}  # batch size -> {layer type: the keyword arguments of such a block}
         self.layers = skeleton.get_submodule(DECODER_LAYERS)
+        # Gemma-2 / 3 alternate sliding-window and global layers, each kind with its own mask (and,
+        # in Gemma-3, its own rotary tables): the kwargs are caught once per kind (``_catch``)
+        self.layer_types = list(getattr(skeleton.config, "layer_types", None) or [])[: len(self.layers)]
         self.seconds = {"forward": 0.0}
 
     def checkpoint(self) -> dict:
@@ -208,9 +211,30 @@ class Calibrator:
             emb.weight = nn.Parameter(torch.empty_like(emb.weight, device="meta"), requires_grad=False)
         self.seconds["forward"] += time.perf_counter() - t0
 
+    def layer_type(self, index: int) -> str | None:
+        """The kind of decoder block ``index`` (config.layer_types; None where the config has none)."""
+        return self.layer_types[index] if index < len(self.layer_types) else None
+
     def _catch(self, ids: torch.Tensor):
-        """The hidden states and keyword arguments transformers hands decoder block 0."""
-        first = self.layers[0]
+        """The hidden states transformers hands decoder block 0, and the keyword arguments it hands
+        the first block of each layer type ({type: kwargs})."""
+        firsts: dict[str | None, int] = {}
+        for i in range(len(self.layers)):
+            firsts.setdefault(self.layer_type(i), i)
+        hidden, per_type = None, {}
+        for kind, index in firsts.items():
+            h, kwargs = self._catch_at(ids, index)
+            if hidden is None:
+                hidden = h
+            elif h.shape != hidden.shape:  # the blocks before it passed through as the model's loop expects
+                raise QConvertError(f"{type(self.layers[index]).__name__}: the keyword arguments of its {kind} layers "
+                                    "cannot be caught; use --base rtn")
+            per_type[kind] = kwargs
+        return hidden, per_type
+
+    def _catch_at(self, ids: torch.Tensor, index: int):
+        """The hidden states and keyword arguments transformers hands decoder block ``index``, the
+        blocks before it passed through (their weights are not loaded: only the kwargs matter)."""
         caught = {}
 
         class Catcher(nn.Module):
@@ -218,7 +242,14 @@ class Calibrator:
                 caught["hidden"], caught["args"], caught["kwargs"] = hidden_states, args, kwargs
                 raise _Stop
 
-        self.layers[0] = Catcher()
+        class PassThrough(nn.Module):
+            def forward(self, hidden_states, *args, **kwargs):
+                return hidden_states
+
+        saved = [self.layers[i] for i in range(index + 1)]
+        for i in range(index):
+            self.layers[i] = PassThrough()
+        self.layers[index] = Catcher()
         trunk = self.model.get_submodule(DECODER_LAYERS.rsplit(".", 1)[0])
         moved = _buffers_to(trunk, self.device, skip=self.layers)  # the rotary tables, for the embedding pass
         try:
@@ -227,8 +258,11 @@ class Calibrator:
         except _Stop:
             pass
         finally:
-            self.layers[0] = first
+            for i, layer in enumerate(saved):
+                self.layers[i] = layer
             _buffers_back(moved)
+        if "kwargs" not in caught:
+            raise QConvertError(f"decoder block {index} was not reached by the model's forward; use --base rtn")
         if caught.get("args"):
             raise QConvertError("this architecture passes positional arguments to its decoder blocks; "
                                 "calibration does not support it yet: use --base rtn")
@@ -288,12 +322,17 @@ class Calibrator:
         _buffers_back(self._block_buffers)
         self._block_buffers = []
 
-    def _batches(self):
-        """(slice, kwargs) over the samples, ``self.batch`` at a time."""
+    def block_kwargs(self, rows: int, index: int = 0) -> dict:
+        """The keyword arguments transformers hands decoder block ``index`` for ``rows`` samples
+        (after ``embed``)."""
+        return self._kwargs[rows][self.layer_type(index)]
+
+    def _batches(self, index: int = 0):
+        """(slice, kwargs of decoder block ``index``) over the samples, ``self.batch`` at a time."""
         n = self.tokens.shape[0]
         for start in range(0, n, self.batch):
             stop = min(start + self.batch, n)
-            yield slice(start, stop), self._kwargs[stop - start]
+            yield slice(start, stop), self.block_kwargs(stop - start, index)
 
     def quantize_block(self, block: nn.Module, targets: dict[str, nn.Linear], solve, prepare=None) -> None:
         """True-sequential calibration of one decoder block, then its output (the next input).
@@ -310,6 +349,8 @@ class Calibrator:
             D  the MLP's output linears (down_proj, every expert's w2) read what the
                quantized input linears make of ln2(h)
             E  Y = h + mlp(ln2(h)), all quantized: the next block's input
+        (Gemma-2 / 3: o_proj(Y) and mlp(..) through their own norms before they are added:
+        ``_block_roles``.)  Attention gets the keyword arguments of this block's layer type.
 
         With asymmetric calibration (``asym`` > 0, GPTAQ) a float copy of the block runs the same
         stages on the float model's activations, batch by batch, and each observer also sums
@@ -319,7 +360,7 @@ class Calibrator:
         walk = _BlockWalk(self, block, targets)
         if prepare is not None:  # a method that transforms the whole block first (I-LLM's smoothing)
             def feed():
-                for sl, kw in self._batches():
+                for sl, kw in self._batches(walk.index):
                     yield walk.rows(walk.x, sl), kw
             with torch.no_grad(), self._autocast():
                 prepare(block, feed)
@@ -377,12 +418,14 @@ class _BlockWalk:
     returning the observer of the linears it reached (None when it has none to solve)."""
 
     def __init__(self, cal: "Calibrator", block: nn.Module, targets: dict[str, nn.Linear]):
-        parts = [getattr(block, a, None) for a in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")]
-        if any(p is None for p in parts) or getattr(parts[1], "o_proj", None) is None:
+        self.roles = _block_roles(block)
+        parts = [getattr(block, a, None) if a else None for a in self.roles]
+        if any(p is None for p, a in zip(parts, self.roles) if a) or getattr(parts[1], "o_proj", None) is None:
             raise QConvertError(f"{type(block).__name__} is not a pre-norm attention + MLP block that calibration "
                                 "knows; use --base rtn")
         self.cal, self.targets = cal, targets
-        self.ln1, self.attn, self.ln2, self.mlp = parts
+        self.index = next(i for i, layer in enumerate(cal.layers) if layer is block)
+        self.ln1, self.attn, self.ln2, self.mlp, self.attn_out, self.mlp_out = (p or _identity for p in parts)
         hidden = cal.model.config.hidden_size
         in_attn = {id(m) for m in self.attn.modules()}
         in_mlp = {id(m) for m in self.mlp.modules()}
@@ -413,8 +456,8 @@ class _BlockWalk:
         self.fx, self.fy = self.cal.float_acts.inputs, self.cal.float_acts.outputs
         local = {id(m): n for n, m in self.block.named_modules()}
         self.twin_of = {name: self.twin.get_submodule(local[id(m)]) for name, m in self.targets.items()}
-        self.t_ln1, self.t_attn, self.t_ln2, self.t_mlp = (getattr(self.twin, a) for a in (
-            "input_layernorm", "self_attn", "post_attention_layernorm", "mlp"))
+        self.t_ln1, self.t_attn, self.t_ln2, self.t_mlp, self.t_attn_out, self.t_mlp_out = (
+            getattr(self.twin, a) if a else _identity for a in self.roles)
 
     def rows(self, buf: torch.Tensor, sl: slice) -> torch.Tensor:
         """Samples ``sl`` of an activation buffer, on the walk's device (on the CPU, or with the
@@ -449,7 +492,7 @@ class _BlockWalk:
         return result
 
     def rerun_mlp(self):  # MoE: one more pass over the MLP, for starved experts' statistics
-        for sl, _ in self.cal._batches():
+        for sl, _ in self.cal._batches(self.index):
             self.mlp(self.ln2(self.rows(self.y, sl)))
 
     # ---- the stages
@@ -457,7 +500,7 @@ class _BlockWalk:
         if not self.a:
             return None
         obs = _Observer(self.a)
-        for sl, _ in self.cal._batches():
+        for sl, _ in self.cal._batches(self.index):
             h0 = self.ln1(self.rows(self.x, sl))
             if self.twin is not None:
                 obs.floats = dict.fromkeys(self.a, self.t_ln1(self.rows(self.fx, sl)))
@@ -469,7 +512,7 @@ class _BlockWalk:
         obs = _Observer(self.b)
         twin_o, fy = (self.t_attn.o_proj, self.fy) if self.twin is not None else (None, None)
         with obs.hooked(), _stop_before(self.attn.o_proj, self.y) as catch, _stop_before(twin_o, fy) as f:
-            for sl, kw in self.cal._batches():
+            for sl, kw in self.cal._batches(self.index):
                 catch.target = f.target = sl
                 if twin_o is not None:  # the float attention output, caught at the float o_proj -> FY
                     with contextlib.suppress(_Stop):
@@ -486,12 +529,12 @@ class _BlockWalk:
     def stage_c(self):  # residual after attention into Y; observe the MLP's input linears
         obs = _Observer(self.c)
         with obs.hooked():
-            for sl, _ in self.cal._batches():
-                h = self.rows(self.x, sl) + self.attn.o_proj(self.rows(self.y, sl))
+            for sl, _ in self.cal._batches(self.index):
+                h = self.rows(self.x, sl) + self.attn_out(self.attn.o_proj(self.rows(self.y, sl)))
                 self.y[sl] = h
                 m = self.ln2(h)
                 if self.twin is not None:
-                    fh = self.rows(self.fx, sl) + self.t_attn.o_proj(self.rows(self.fy, sl))
+                    fh = self.rows(self.fx, sl) + self.t_attn_out(self.t_attn.o_proj(self.rows(self.fy, sl)))
                     self.fy[sl] = fh
                     obs.floats = dict.fromkeys(self.c, self.t_ln2(fh))
                 if self.dense_mlp:
@@ -511,7 +554,7 @@ class _BlockWalk:
         twin_d = self.twin_of[next(iter(self.d))] if self.twin is not None else None
         with obs.hooked(), _stop_before(first if self.dense_mlp else None, self.cache) as catch, \
                 _stop_before(twin_d, held) as f:
-            for sl, _ in self.cal._batches():
+            for sl, _ in self.cal._batches(self.index):
                 catch.target, f.target = sl, "x"
                 if twin_d is not None:
                     with contextlib.suppress(_Stop):
@@ -529,20 +572,39 @@ class _BlockWalk:
         from qconvert.online_hadamard import suspended
 
         down = next(iter(self.d.values()))
-        for sl, _ in self.cal._batches():
+        for sl, _ in self.cal._batches(self.index):
             if self.twin is not None:  # the float block's output: the next block's float input
                 fh = self.rows(self.fy, sl)
-                self.fy[sl] = fh + self.t_mlp(self.t_ln2(fh))
+                self.fy[sl] = fh + self.t_mlp_out(self.t_mlp(self.t_ln2(fh)))
             h = self.rows(self.y, sl)
             if self.cache is not None:
                 with suspended(down):  # the cache holds down_proj's input as caught: already transformed
-                    self.y[sl] = h + down(self.rows(self.cache, sl))
+                    self.y[sl] = h + self.mlp_out(down(self.rows(self.cache, sl)))
             else:
-                self.y[sl] = h + self.mlp(self.ln2(h))
+                self.y[sl] = h + self.mlp_out(self.mlp(self.ln2(h)))
 
 
 class _StopCatch:
     target = None
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _block_roles(block: nn.Module) -> tuple:
+    """The attribute names of a decoder block's (input norm, attention, the MLP's input norm, MLP,
+    the attention output's norm, the MLP output's norm); "" for a norm the block does not have.
+
+    Pre-norm blocks (Llama, Qwen, Mistral, Phi-3):  h = x + attn(ln1(x));  y = h + mlp(ln2(h)),
+    ln2 being ``post_attention_layernorm``.  Gemma-2 / 3 also normalize what attention and the MLP
+    add to the stream:  h = x + post_attention_layernorm(attn(ln1(x)));
+    y = h + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h))).
+    """
+    if hasattr(block, "pre_feedforward_layernorm") or hasattr(block, "post_feedforward_layernorm"):
+        return ("input_layernorm", "self_attn", "pre_feedforward_layernorm", "mlp", "post_attention_layernorm",
+                "post_feedforward_layernorm")
+    return ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp", "", "")
 
 
 @contextlib.contextmanager

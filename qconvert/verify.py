@@ -295,7 +295,7 @@ def streamed_reference(src, ids: torch.Tensor, watch: set[str], on_block) -> tor
             block, caught = cal.load_block(i), {}
             hooks = _catch_linears(block, f"{DECODER_LAYERS}.{i}", watch, caught)
             try:
-                for sl, kwargs in cal._batches():
+                for sl, kwargs in cal._batches(i):
                     y = block(cal.acts.inputs[sl], **kwargs)
                     cal.acts.outputs[sl] = y[0] if isinstance(y, tuple) else y
             finally:

@@ -22,6 +22,12 @@ ARCH = {
     "qwen2": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"]),
     # Phi-3's own pad id (32000) is past a tiny vocabulary
     "phi3": dict(model_type="phi3", architectures=["Phi3ForCausalLM"], pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    # Gemma's default head_dim is 256; a sliding window shorter than the tests' 32-token samples, so
+    # that the sliding layers' mask differs from the global layers'
+    "gemma2": dict(model_type="gemma2", architectures=["Gemma2ForCausalLM"], head_dim=16, query_pre_attn_scalar=16,
+                   sliding_window=8),
+    "gemma3_text": dict(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], head_dim=16,
+                        query_pre_attn_scalar=16, sliding_window=8),
 }
 
 
@@ -29,6 +35,8 @@ def tiny_config(model_type="llama", hidden=64, layers=2, intermediate=160, vocab
     from transformers import AutoConfig
 
     extra = {k: v for k, v in ARCH[model_type].items() if k != "model_type"}
+    if model_type == "gemma3_text":  # sliding and global layers, whatever the count (its default: 5 to 1)
+        extra["layer_types"] = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
     return AutoConfig.for_model(
         model_type, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
@@ -148,6 +156,30 @@ def run_cli(*args, ok=True):
     if ok:
         assert res.exit_code == 0, res.output + repr(res.exception)
     return res
+
+
+def cli_ok(res):
+    """A CliRunner result that must have succeeded (its output and exception in the message)."""
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    return res
+
+
+def eval_tiny(path, text) -> dict:
+    """``qconvert eval PATH --json`` on 3 windows of 32 tokens of the file ``text``."""
+    return json.loads(run_cli("eval", path, "--data-file", text, "--seqlen", 32, "--max-windows", 3, "--json", "-q").stdout)
+
+
+def check_tiny_out(out: Path, src: Path, text: Path) -> None:
+    """A tiny OUT as its users run it: verify against ``src`` (whole and streamed), eval within
+    1.5x the float model's perplexity, and generate on the decode engine."""
+    import math
+
+    for stream in ("--no-stream", "--stream"):
+        run_cli("verify", out, "--data-file", text, stream)
+    q, f = eval_tiny(out, text), eval_tiny(src, text)
+    assert math.isfinite(q["perplexity"]) and q["perplexity"] <= 1.5 * f["perplexity"], (q, f)
+    res = run_cli("generate", out, "--prompt", "hello world", "--max-new-tokens", 3, "--device", "cpu")
+    assert "prefill" in res.output
 
 
 def quantize_tiny(src: Path, out: Path, scheme: str, *extra):

@@ -75,7 +75,7 @@ def _calibrator(src, tmp_path, asym):
 
 
 def _run_block(cal, block, x):
-    return torch.cat([block(x[i : i + 2], **cal._kwargs[len(x[i : i + 2])]) for i in range(0, len(x), 2)])
+    return torch.cat([block(x[i : i + 2], **cal.block_kwargs(len(x[i : i + 2]))) for i in range(0, len(x), 2)])
 
 
 def test_unchanged_weights_give_no_shift(tiny_calib_src, tmp_path):

@@ -173,7 +173,7 @@ def test_block_stages_reproduce_the_block(calib_src, compute_dtype):
     cal.embed()
     block = cal.load_block(0)
     x = cal.acts.inputs.clone()
-    want = torch.cat([block(x[i : i + 2], **cal._kwargs[len(x[i : i + 2])]) for i in range(0, 5, 2)])
+    want = torch.cat([block(x[i : i + 2], **cal.block_kwargs(len(x[i : i + 2]))) for i in range(0, 5, 2)])
     mine = {n: m for n, m in targets.items() if n.startswith("model.layers.0.")}
 
     def keep(groups):  # "quantize" to the same weights, activations untouched

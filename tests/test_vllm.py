@@ -270,20 +270,28 @@ def test_w4a16_matches_qconvert(vllm_python, smollm2, score_request, tok, text, 
     assert rel(res["perplexity"], ppl) <= 1e-4, (res["perplexity"], ppl)
 
 
-def test_phi3_w4a16_matches_qconvert(vllm_python, tmp_path):
-    """A tiny random Phi-3 (joined qkv_proj and gate_up_proj), W4A16 with the preset's rotation
-    (round to nearest): vLLM decodes the joined layers' packed weights exactly as qconvert does,
-    loads them with its W4A16 scheme, and scores two windows of token ids as qconvert's runtime
-    does (an expected failure where its CPU W4A16 op cannot run float32, as in the SmolLM2 case;
-    vLLM 0.32.0 on this AVX-512 Xeon, 2026-12-05: the weights and the scheme checked, the scores not)."""
+@pytest.mark.parametrize("arch, layers", [
+    ("phi3", ("self_attn.qkv_proj", "mlp.gate_up_proj")),  # joined q/k/v and gate/up
+    ("gemma2", ("self_attn.k_proj", "mlp.down_proj")),  # norms around attention and MLP, soft-capped logits
+])
+def test_other_architectures_w4a16_match_qconvert(vllm_python, tmp_path, arch, layers):
+    """A tiny random Phi-3 or Gemma-2, W4A16 with the preset's defaults (round to nearest): vLLM
+    decodes the packed weights exactly as qconvert does, loads them with its W4A16 scheme, and
+    scores two windows of token ids as qconvert's runtime does (an expected failure where its CPU
+    W4A16 op cannot run float32, as in the SmolLM2 case; vLLM 0.32.0 on this AVX-512 Xeon,
+    2026-12-05: the weights and the scheme checked, the scores not)."""
     from helpers import tiny_config, write_model
 
-    src = write_model(tmp_path / "phi3", tiny_config("phi3", hidden=256, intermediate=512, heads=4, kv_heads=2))
+    # Gemma-2 ties its head to the embedding, as vLLM's Gemma2ForCausalLM requires (it has no lm_head)
+    cfg = tiny_config(arch, hidden=256, intermediate=512, heads=4, kv_heads=2, tie=arch == "gemma2")
+    if arch == "gemma2":
+        cfg.head_dim, cfg.query_pre_attn_scalar, cfg.sliding_window = 64, 64, 4096
+    src = write_model(tmp_path / arch, cfg)
     out = quantize(src, "w4a16-gptq", tmp_path / "out", base="rtn", progress=False)
     ct = tmp_path / "ct"
     export(out, ct)
     runtime = load(out)
-    for name in ("model.layers.0.self_attn.qkv_proj", "model.layers.1.mlp.gate_up_proj"):
+    for name in (f"model.layers.0.{layers[0]}", f"model.layers.1.{layers[1]}"):
         exact = runtime.get_submodule(name)._dequantized(torch.float64)
         assert torch.equal(vllm_decoded(vllm_python, ct, name, tmp_path), exact), name
     ids = torch.randint(3, 300, (WINDOWS, 64), generator=torch.Generator().manual_seed(0))
