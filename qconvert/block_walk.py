@@ -424,8 +424,9 @@ class _BlockWalk:
             raise QConvertError(f"{type(block).__name__} is not a pre-norm attention + MLP block that calibration "
                                 "knows; use --base rtn")
         self.cal, self.targets = cal, targets
-        self.index = next(i for i, layer in enumerate(cal.layers) if layer is block)
-        self.ln1, self.attn, self.ln2, self.mlp, self.attn_out, self.mlp_out = (p or _identity for p in parts)
+        self.index = next((i for i, layer in enumerate(cal.layers) if layer is block), 0)  # its layer type's kwargs
+        self.ln1, self.attn, self.ln2, self.mlp, self.attn_out, self.mlp_out = (
+            p if p is not None else _identity for p in parts)
         hidden = cal.model.config.hidden_size
         in_attn = {id(m) for m in self.attn.modules()}
         in_mlp = {id(m) for m in self.mlp.modules()}
