@@ -79,8 +79,9 @@ test_file() {  # test_file PATH: one GPU test file in processes of its own; one 
   local f=$1 b
   b=$(basename "$f" .py)
   # the two slowest files (each over 120 s beside the others on the H200, 2026-12-04) run as
-  # SHARDS round-robin slices of their tests (tests/conftest.py's --shard K/N), one process each:
-  # the image has no pytest-xdist.  -v: one line per test, which survives the budget's kill (the
+  # SHARDS round-robin slices of their tests (tests/conftest.py's --shard K/N), one process each,
+  # with no pytest plugin needed (the H200 image of 2026-12-04 had xdist 3.8.0; another may not), each
+  # slice its own log and XML.  -v: one line per test, which survives the budget's kill (the
   # JUnit XML is written at the end); --durations: each log ends with its ten slowest tests.
   # Every process runs torch on TEST_THREADS CPU threads: ~17 of them share the 16 cores
   local n=1 k rc=0 r line=""
