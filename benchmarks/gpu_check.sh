@@ -84,23 +84,21 @@ test_file() {  # test_file PATH: one GPU test file in processes of its own; one 
   # slice its own log and XML.  -v: one line per test, which survives the budget's kill (the
   # JUnit XML is written at the end); --durations: each log ends with its ten slowest tests.
   # Every process runs torch on TEST_THREADS CPU threads: ~17 of them share the 16 cores
-  local n=1 k rc=0 r line=""
+  local n=1 k rc=0 r line="" names=() pids=()
   case " $SPLIT_TESTS " in *" $b "*) n=$SHARDS ;; esac
   for ((k = 1; k <= n; k++)); do
     local name=$b shard=()
     [ "$n" -gt 1 ] && name=$b.$k && shard=(--shard "$k/$n")
     OMP_NUM_THREADS=$TEST_THREADS MKL_NUM_THREADS=$TEST_THREADS "$PYTHON" -m pytest -v -rfs -p no:cacheprovider \
       --durations=10 "${shard[@]}" "$f" --junitxml "$out/tests/$name.xml" > "$out/tests/$name.log" 2>&1 &
+    names+=("$name") pids+=($!)
   done
   for ((k = 1; k <= n; k++)); do
-    wait -n; r=$?
+    wait "${pids[k - 1]}"; r=$?
     # pytest's "no tests collected" (5): a file skipped whole (e.g. FP8 below sm_89) is no failure
     [ $r -ne 0 ] && [ $r -ne 5 ] && rc=$r
-  done
-  for ((k = 1; k <= n; k++)); do
-    local name=$b
-    [ "$n" -gt 1 ] && name=$b.$k && line+="${line:+ | }[$k/$n] "
-    line+=$(tail -n 1 "$out/tests/$name.log")
+    [ "$n" -gt 1 ] && line+="${line:+ | }[$k/$n] "
+    line+=$(tail -n 1 "$out/tests/${names[k - 1]}.log")
   done
   echo "rc=$rc $f: $line" >> "$out/tests.txt"
 }

@@ -33,28 +33,30 @@ MODELING = {name: "transformers.models.{0}.modeling_{0}".format({"Qwen3MoeMLP": 
 SILU = {("transformers.activations", "SiLUActivation"), ("torch.nn.modules.activation", "SiLU")}
 
 
-def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
-    gate = self.gate_proj(x)
-    up = self.up_proj(x)
+def _on_kernel(self, gate: torch.Tensor, up) -> torch.Tensor | None:
+    """silu(gate) * up by the kernel where it serves these inputs, else None."""
     if gate.device == self.swiglu_kernel_device and isinstance(up, torch.Tensor) and up.device == gate.device \
             and not torch.is_grad_enabled():
         from qconvert_kernels.swiglu import cuda as ks
 
         if ks.problem(gate, up) is None:
-            return self.down_proj(ks.swiglu(gate, up))
-    return self.down_proj(self.act_fn(gate) * up)
+            return ks.swiglu(gate, up)
+    return None
+
+
+def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+    gate = self.gate_proj(x)
+    up = self.up_proj(x)
+    act = _on_kernel(self, gate, up)
+    return self.down_proj(act if act is not None else self.act_fn(gate) * up)
 
 
 def _joined_kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
     # Phi-3: one GEMM gives gate and up side by side; the kernel reads the two halves' strided rows
     # (no copy).  up * silu(gate) and silu(gate) * up are one float32 product: the same bits
     gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-    if gate.device == self.swiglu_kernel_device and not torch.is_grad_enabled():
-        from qconvert_kernels.swiglu import cuda as ks
-
-        if ks.problem(gate, up) is None:
-            return self.down_proj(ks.swiglu(gate, up))
-    return self.down_proj(up * self.activation_fn(gate))
+    act = _on_kernel(self, gate, up)
+    return self.down_proj(act if act is not None else up * self.activation_fn(gate))
 
 
 def use_swiglu_kernels(model: nn.Module, device: torch.device | str) -> int:

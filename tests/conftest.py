@@ -93,6 +93,8 @@ def pytest_collection_modifyitems(config, items):
     if value is None:
         return
     k, n = _shard(value)
-    keep = [item for i, item in enumerate(items) if i % n == k - 1]
-    config.hook.pytest_deselected(items=[item for i, item in enumerate(items) if i % n != k - 1])
+    keep, drop = [], []
+    for i, item in enumerate(items):
+        (keep if i % n == k - 1 else drop).append(item)
+    config.hook.pytest_deselected(items=drop)
     items[:] = keep

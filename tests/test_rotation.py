@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from helpers import MOE
+from helpers import ARCH, MOE
 from qconvert.errors import QConvertError
 from qconvert.skeleton import build_skeleton
 from qconvert.solvers.rotation import (
@@ -37,7 +37,7 @@ DENSE = dict(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_atte
              num_key_value_heads=2, vocab_size=120, max_position_embeddings=64, initializer_range=0.1)
 EXTRA = {"mistral": dict(sliding_window=None), "qwen3": dict(head_dim=12), "mixtral": MOE["mixtral"],
          "qwen2_moe": {**MOE["qwen2_moe"], "moe_intermediate_size": 40, "shared_expert_intermediate_size": 56},
-         "phi3": dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)}  # Phi-3's own pad id is past this vocabulary
+         "phi3": {k: v for k, v in ARCH["phi3"].items() if k.endswith("token_id")}}  # its own pad id: past this vocabulary
 LAYERS = {"qwen2_moe": 3}  # layer 1 is dense (mlp_only_layers): both MLP kinds in one model
 
 

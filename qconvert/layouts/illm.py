@@ -283,9 +283,10 @@ class JoinedLinears:
 INTEGER_RUNTIME_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
-def check_integer_runtime_config(config) -> None:
+def check_integer_runtime_config(config) -> dict:
     """Refuse a model the integer runtime cannot run (``quantize`` asks before any work, through
-    the I-LLM method's ``check_config``; ``IntegerLlama`` again when it loads)."""
+    the I-LLM method's ``check_config``; ``IntegerLlama`` again when it loads); returns its rope
+    parameters."""
     model_type = getattr(config, "model_type", None)
     if model_type not in INTEGER_RUNTIME_MODEL_TYPES:
         raise QConvertError(f"I-LLM's integer runtime runs Llama-style models ({', '.join(INTEGER_RUNTIME_MODEL_TYPES)}); "
@@ -294,6 +295,7 @@ def check_integer_runtime_config(config) -> None:
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         raise QConvertError(f"I-LLM's integer runtime has plain rotary embeddings only; this model uses rope_type "
                             f"{rope.get('rope_type', rope.get('type'))!r}: choose another scheme (is-w4a8, w8a8)")
+    return rope
 
 
 class IntegerLlama(DerivedHolder):
@@ -301,8 +303,7 @@ class IntegerLlama(DerivedHolder):
 
     def __init__(self, config, linears: dict[str, ILLMLinear], state: dict[str, torch.Tensor]):
         super().__init__()
-        check_integer_runtime_config(config)
-        rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+        rope = check_integer_runtime_config(config)
         self.config = config
         from transformers import GenerationConfig
 

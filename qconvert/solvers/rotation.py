@@ -25,8 +25,8 @@ residual stream ``x`` a row vector of width H):
 Qwen3's q_norm/k_norm act per head on q and k after their projections: the residual rotation
 only touches those projections' input side and leaves them alone.  Phi-3 keeps q, k and v in one
 ``qkv_proj`` (their rows one after the other) and gate and up in one ``gate_up_proj``: the same
-transforms, row block by row block.  Gemma's ``(1 + w)`` norms
-are not among the architectures accepted here.
+transforms, row block by row block.  Gemma-2 / 3 are not accepted here: their norms after
+attention and the MLP act on what a block writes to the stream, and do not commute with ``Q``.
 
 ``RotatedSource`` wraps any ``qconvert.source.Source`` and returns the rotated tensors, one at
 a time, computed in float64 and cast back to each tensor's own dtype, so that the conversion,
@@ -440,7 +440,10 @@ class RotatedSource(Source):
         return _map_rows(self.src.get(recipe.source), self.q.right, dtype, budget=self.chunk_bytes)
 
     def _read(self, recipe, dtype):
-        return _map_rows(self.src.get(recipe.source), self._row_fn(recipe), dtype, budget=self.chunk_bytes)
+        return self._read_rows(self.src.get(recipe.source), recipe, dtype)
+
+    def _read_rows(self, w, recipe, dtype):
+        return _map_rows(w, self._row_fn(recipe), dtype, budget=self.chunk_bytes)
 
     def _read_v(self, recipe, dtype):
         return self._read_v_rows(self.src.get(recipe.source), recipe, dtype)
@@ -457,8 +460,7 @@ class RotatedSource(Source):
         if w.shape[0] != qk + self.kv_heads * self.head_dim:
             raise QConvertError(f"'{recipe.source}' of {self.description} has {w.shape[0]} rows, not the "
                                 f"{qk + self.kv_heads * self.head_dim} of its config's q, k and v heads; check config.json")
-        return torch.cat([_map_rows(w[:qk], self._row_fn(recipe), dtype, budget=self.chunk_bytes),
-                          self._read_v_rows(w[qk:], recipe, dtype)])
+        return torch.cat([self._read_rows(w[:qk], recipe, dtype), self._read_v_rows(w[qk:], recipe, dtype)])
 
     def _bias_v(self, recipe, dtype):
         b = self.src.get(recipe.source)
