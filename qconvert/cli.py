@@ -263,6 +263,10 @@ def inspect(out, as_json):
                       f"{online['p']}, {len(online.get('modules') or [])} layers)" if online else ""))
     if report.get("rotation_skipped"):
         click.echo(report["rotation_skipped"])
+    mm = report.get("multimodal")
+    if isinstance(mm, dict):
+        click.echo(f"{mm.get('model_type')} image-text checkpoint: its image encoder and projector ({mm.get('tensors')} "
+                   "tensors) kept as they came, in multimodal/; qconvert export writes the whole model again")
     cal = report.get("calibration")
     if cal:
         click.echo(f"calibrated on {cal.get('source')} ({cal.get('nsamples')} x {cal.get('seqlen')} tokens, seed "

@@ -67,10 +67,17 @@ def _load_export(target: str, dtype: torch.dtype, device: str):
         raise QConvertError(f"{target} is a compressed-tensors export, which transformers reads with the "
                             'compressed-tensors package: pip install "qconvert[export]"') from None
     import transformers
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
+    from qconvert.multimodal import FAMILIES
+
+    try:  # a multimodal export runs as its multimodal class (Mistral-3 has no causal-LM one)
+        model_type = json.loads((Path(target) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        model_type = None
+    auto = AutoModelForImageTextToText if model_type in FAMILIES else AutoModelForCausalLM
     try:
-        return AutoModelForCausalLM.from_pretrained(target, dtype=dtype).to(device).eval()
+        return auto.from_pretrained(target, dtype=dtype).to(device).eval()
     except RuntimeError:
         if not _asymmetric_weights(target):
             raise

@@ -277,7 +277,16 @@ def _rotation_rows(report: dict) -> list[tuple[str, str]]:
                                             "runtime and kernels apply it, compressed-tensors cannot carry it)"))
     if report.get("rotation_skipped"):  # the default not applied (in part: the online transform)
         rows.append(("online rotation" if rot else "rotation", report["rotation_skipped"]))
-    return rows
+    return rows + _multimodal_rows(report)
+
+
+def _multimodal_rows(report: dict) -> list[tuple[str, str]]:
+    """A multimodal checkpoint's parts kept as they came (qconvert.json's ``multimodal``)."""
+    rec = report.get("multimodal")
+    if not isinstance(rec, dict):
+        return []
+    return [("image parts", f"{rec.get('model_type')}: the language model is quantized; the image encoder and projector "
+                            f"({rec.get('tensors')} tensors) are kept bit for bit as the source has them")]
 
 
 def _solver_rows(base: str | None, calib, float_path: str | None = None) -> list[tuple[str, str]]:
@@ -695,7 +704,8 @@ def export_card(out: str | os.PathLike, repo_id: str | None = None) -> str:
     prov = _Provenance.of(origin, cfg)
     name, preset = marker.get("scheme") or "?", str(marker.get("preset") or "?")
     tags = ["quantized", "compressed-tensors", "qconvert", name, *_preset_tags(preset, group.get("weights") or {})]
-    meta = {**prov.meta(), "library_name": "transformers", "pipeline_tag": "text-generation",
+    task = "image-text-to-text" if isinstance(origin.get("multimodal"), dict) else "text-generation"
+    meta = {**prov.meta(), "library_name": "transformers", "pipeline_tag": task,
             "tags": [t for i, t in enumerate(tags) if t and t not in tags[:i]]}
     front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
     lines = [f"# {prov.title(repo_id, name + '-' + preset.lower())}", "",

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from qconvert import __version__, placement
+from qconvert import __version__, multimodal, placement
 from qconvert._memory import return_freed_memory_to_os, reuse_freed_memory
 from qconvert.calibration_text import CalibSettings
 from qconvert.block_walk import BATCH_TOKENS, CALIB_DIR, Calibrator
@@ -382,7 +382,8 @@ def _convert(job: _Job, partial: Path, journal: Journal | None, progress: bool) 
         shutil.rmtree(partial / CALIB_DIR, ignore_errors=True)
         timing.update({k + "_seconds": round(v, 2) for k, v in calibrator.seconds.items()})
     timing["solve_seconds"] = round(sum(r.get("gptq_seconds", 0.0) for r in layers), 2)
-    report = _write_metadata(partial, job, modules, layers, _float_path_record(job, journal.stage_paths))
+    carried = multimodal.write_carried(job.src, partial, job.shard_bytes, metadata)
+    report = _write_metadata(partial, job, modules, layers, _float_path_record(job, journal.stage_paths), carried)
     journal.remove()
     write_manifest(partial)
     fault_point("finished")
@@ -538,7 +539,8 @@ def _float_path_record(job: _Job, stage_paths: list) -> str | None:
     return "; ".join(f"stages {a}-{b}: {p or 'not recorded'}" for a, b, p in runs)
 
 
-def _write_metadata(partial: Path, job: _Job, modules: dict, layers: list, float_path: str | None = None) -> dict:
+def _write_metadata(partial: Path, job: _Job, modules: dict, layers: list, float_path: str | None = None,
+                    carried: dict | None = None) -> dict:
     src, sch, method, calib = job.src, job.scheme, job.method, job.calib
     cfg = job.config.to_dict()
     cfg.pop("quantization_config", None)
@@ -579,6 +581,8 @@ def _write_metadata(partial: Path, job: _Job, modules: dict, layers: list, float
         **({"device": job.device.type} if job.device.type != "cpu" else {}),  # a CPU run's report is as before
         **({"rotation": src.describe()} if isinstance(src, RotatedSource) else {}),
         **({"rotation_skipped": job.rotation_skipped} if job.rotation_skipped else {}),
+        # a multimodal checkpoint's parts outside the language model, in multimodal/ (qconvert/multimodal.py)
+        **({multimodal.RECORD_KEY: carried} if carried else {}),
         "totals": totals,
         # times vary from run to run: they go to --json only, so that OUT is reproducible
         "layers": [{k: v for k, v in r.items() if not k.endswith("_seconds")} for r in layers],

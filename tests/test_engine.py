@@ -102,9 +102,12 @@ def _compare_with_dynamic_cache(model, same_masks: bool, batch=2, prompt=7, voca
     return torch.stack(diffs), all(same)
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "phi3", "gemma2", "gemma3_text"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "phi3", "gemma2", "gemma3_text", "gemma3_text-linear"])
 def test_float_model_equals_dynamic_cache(tmp_path, arch):
+    arch, _, rope = arch.partition("-")
     cfg = tiny_config(arch)
+    if rope:  # as the image-text Gemma-3 (4B and up): the global layers' RoPE scaled linearly
+        cfg.rope_parameters["full_attention"].update(rope_type="linear", factor=8.0)
     if getattr(cfg, "sliding_window", None):  # Gemma: the engine runs within the window (it refuses beyond)
         cfg.sliding_window = 64
     model = _hf(write_model(tmp_path / arch, cfg))

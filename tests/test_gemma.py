@@ -12,16 +12,14 @@ import json
 
 import pytest
 
-from helpers import TEXT, check_tiny_out, cli_ok, eval_tiny, quantize_tiny, run_cli, tiny_config, write_model
+from helpers import check_tiny_out, cli_ok, eval_tiny, quantize_tiny, run_cli, text_files, tiny_config, write_model
 
 ARCHS = ["gemma2", "gemma3_text"]
 
 
 @pytest.fixture(scope="module", params=ARCHS)
 def gemma(request, tmp_path_factory):
-    d = tmp_path_factory.mktemp(request.param)
-    (d / "calib.txt").write_text(TEXT)
-    (d / "text.raw").write_text(TEXT)
+    d = text_files(tmp_path_factory.mktemp(request.param))
     cfg = tiny_config(request.param, tie=True)  # Gemma ties its head to the embedding
     cfg.sliding_window = 64  # within it, the decode engine runs (the walk's own test takes 8)
     return write_model(d / "src", cfg)

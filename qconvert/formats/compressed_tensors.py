@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from qconvert import __version__
+from qconvert import __version__, multimodal
 from qconvert.errors import QConvertError
 from qconvert.formats.native import EVAL_FILE, EXPORT_MARKER, read_quant_config, saved_evals
 from qconvert.formats.safetensors_io import ShardedReader, ShardedWriter
@@ -34,7 +34,7 @@ from qconvert.source import TOKENIZER_FILES
 FORMAT = "compressed-tensors"
 MARKER = EXPORT_MARKER  # provenance and the file list (qconvert push); also what lets --force replace an export
 ORIGIN_KEYS = ("source", "source_kind", "source_info", "scheme", "rotation", "rotation_skipped", "calibration",
-               "float_path")  # of OUT's qconvert.json
+               "float_path", "multimodal")  # of OUT's qconvert.json
 SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MIN_SPLIT_GROUP = 32  # the smallest group any vLLM int4 kernel takes (Marlin: 32, 64, 128; qconvert/serving.py)
 
@@ -297,12 +297,18 @@ def export(out: str | Path, dest: str | Path, force: bool = False, scale_dtype: 
     p = plan(out, scale_dtype, tensor_parallel if target else 1)
     findings = serving_check(out, target, tensor_parallel, p) if target else []
     shard_bytes = parse_size(max_shard_size)
+    mm = multimodal.read_record(out)
+    renamer = multimodal.Renamer(mm) if mm else None
     with atomic_directory(dest, replace_marker=MARKER) as tmp:
-        worst = _write_tensors(tmp, out, p, shard_bytes)
+        worst = _write_tensors(tmp, out, p, shard_bytes, renamer)
         cfg = dict(p.cfg)
         cfg.pop("_name_or_path", None)  # where transformers last read the model: a local path, of no use to a reader
         cfg["architectures"] = architectures(cfg)
-        cfg["quantization_config"] = quantization_config(p.scheme, p.ignore)
+        ignore = p.ignore
+        if renamer is not None:  # the whole multimodal checkpoint again, its image parts left alone
+            cfg = multimodal.outer_config(mm, cfg)
+            ignore = [renamer.module(n) for n in p.ignore] + renamer.ignored_parts()
+        cfg["quantization_config"] = quantization_config(p.scheme, ignore)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         for fname in TOKENIZER_FILES:  # and generation_config.json
             if (out / fname).is_file():
@@ -334,10 +340,12 @@ def _origin(out: Path, qc: dict) -> dict:
     return {"origin": origin, "eval": saved_evals(out / EVAL_FILE)}
 
 
-def _write_tensors(tmp: Path, out: Path, p: _Plan, shard_bytes: int) -> float:
+def _write_tensors(tmp: Path, out: Path, p: _Plan, shard_bytes: int, renamer=None) -> float:
     """Every tensor into ``tmp``'s shards, the quantized layers as their layouts export them;
-    returns the largest relative rounding of an exported scale."""
+    returns the largest relative rounding of an exported scale.  With ``renamer`` (a multimodal
+    OUT) the language model's tensors take the checkpoint's names and the carried parts follow."""
     reader = ShardedReader(out)
+    named = renamer.tensor if renamer is not None else (lambda n: n)
     writer = ShardedWriter(tmp, shard_bytes, {"producer": f"qconvert {__version__}"})
     first = {layer.tensor_names()[0]: layer for layer in p.layers}  # a layer is written where its first tensor was
     taken = {t for layer in p.layers for t in layer.tensor_names()}
@@ -356,9 +364,13 @@ def _write_tensors(tmp: Path, out: Path, p: _Plan, shard_bytes: int) -> float:
                     tensors[per_group] = tensors[per_group].repeat_interleave(p.split, dim=1)[
                         :, : layer.k // p.group_size].contiguous()
             for suffix, t in tensors.items():
-                writer.add(f"{layer.name}.{suffix}", t)
+                writer.add(named(f"{layer.name}.{suffix}"), t)
             worst = max(worst, rel)
         elif name not in taken:
-            writer.add_rows(name, reader.info(name).dtype, reader.info(name).shape, reader.iter_rows(name))
+            writer.add_rows(named(name), reader.info(name).dtype, reader.info(name).shape, reader.iter_rows(name))
+    if renamer is not None:
+        carried = ShardedReader(out / multimodal.CARRIED_DIR)
+        for name in carried.keys():
+            writer.add_rows(name, carried.info(name).dtype, carried.info(name).shape, carried.iter_rows(name))
     writer.close()
     return worst

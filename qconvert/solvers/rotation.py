@@ -49,7 +49,7 @@ import torch
 from qconvert.errors import OnlineUnsupported, QConvertError, RotationUnsupported
 from qconvert.architectures import DECODER_LAYERS
 from qconvert.solvers.hadamard import _dense_blocks, _no_hadamard, hadamard, hadamard_factors, has_hadamard  # noqa: F401
-from qconvert.source import Source
+from qconvert.source import DerivedSource, Source
 
 MODES = ("hadamard", "random")
 ROTATABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "phi3")  # plain RMSNorm(x) * g
@@ -234,7 +234,7 @@ def _map_rows(x, fn, dtype, align=1, budget=CHUNK_BYTES) -> torch.Tensor:
     return out if out is not None else torch.empty(x.shape, dtype=dtype)
 
 
-class RotatedSource(Source):
+class RotatedSource(DerivedSource):
     """``src`` with the residual stream rotated (see the module docstring): the same
     architecture and tensor names, norms folded into the linears (weights all ones), the same
     function in float.  ``mode`` "hadamard" rotates by ``H diag(s)`` (random signs s from
@@ -251,12 +251,14 @@ class RotatedSource(Source):
                  online: bool = False):
         if mode not in MODES:
             raise QConvertError(f"unknown rotation {mode!r}; known: {', '.join(MODES)}")
-        self.src, self.mode, self.seed, self.chunk_bytes = src, mode, _check_seed(seed), chunk_bytes
-        for attr in ("kind", "description", "hub_id", "revision", "base_model", "directory", "path"):
-            if hasattr(src, attr):
-                setattr(self, attr, getattr(src, attr))
+        super().__init__(src)
+        self.mode, self.seed, self.chunk_bytes = mode, _check_seed(seed), chunk_bytes
         cfg = src.config
         model_type = getattr(cfg, "model_type", None)
+        if getattr(src, "carried", None):  # qconvert.multimodal.LanguageModelSource
+            raise RotationUnsupported("rotation does not support a multimodal checkpoint's language model: its "
+                                      "projector writes image features into the residual stream, unrotated; "
+                                      "convert without --rotate")
         if model_type not in ROTATABLE_MODEL_TYPES:
             raise RotationUnsupported(f"rotation does not support model type {model_type!r} (its norms would not fold); "
                                       f"supported: {', '.join(ROTATABLE_MODEL_TYPES)}; convert without --rotate")
@@ -332,18 +334,6 @@ class RotatedSource(Source):
         fn = self._row_fn(recipe)
         for part in self.src.iter_rows(recipe.source):
             yield from _slices(part, fn, dtype, budget=self.chunk_bytes)
-
-    def load_tokenizer(self):
-        return self.src.load_tokenizer()
-
-    def save_tokenizer(self, out):
-        return self.src.save_tokenizer(out)
-
-    def weight_files(self):
-        return self.src.weight_files()
-
-    def card_license(self):
-        return self.src.card_license()
 
     def load_model(self, dtype: torch.dtype = torch.float32):
         """The rotated model, whole (what ``verify`` compares a rotated OUT with)."""

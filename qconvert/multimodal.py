@@ -1,0 +1,165 @@
+"""Multimodal checkpoints whose language model qconvert quantizes (Gemma-3 4B and up, Mistral-Small-3.1).
+
+Such a checkpoint keeps a causal language model (model type ``gemma3_text``, ``mistral``, …) under
+a prefix, beside an image encoder and a projector that feed it image features.  qconvert reads the
+language model as the text model it is (``qconvert.source.LanguageModelSource``: the text config, the tensors under
+their text-model names), so the walk, the runtime, ``eval``, ``verify`` and the decode engine see a
+plain text model.  The other tensors are carried into ``OUT/multimodal/`` bit for bit, with the
+record of how the checkpoint named things in ``qconvert.json``; ``qconvert export`` writes the
+whole multimodal checkpoint again: the language model quantized, the image parts as they came, and
+a ``quantization_config`` that leaves the image parts alone (docs/format.md, "Multimodal").
+
+The residual stream is never rotated here: the projector writes image features into it, and they
+would enter unrotated.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qconvert.errors import QConvertError
+
+CARRIED_DIR = "multimodal"  # OUT's folder for the tensors outside the language model
+RECORD_KEY = "multimodal"  # qconvert.json's record of the checkpoint's naming and outer config
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one multimodal model type lays out its checkpoint and transformers' modules."""
+
+    model_type: str
+    # (decoder prefix, head tensor) as checkpoints name them: transformers' own saves and the
+    # published checkpoints use the first; a model saved as transformers' module tree, the second
+    namings: tuple[tuple[str, str], ...]
+    module_prefix: str  # where transformers' multimodal class keeps the text model's modules
+    head_module: str
+    carried: tuple[str, ...]  # the top-level parts outside the language model, kept as they are
+
+    def carries(self, name: str) -> bool:
+        """Whether tensor ``name`` belongs to a part kept as it is (under either naming)."""
+        return any(name.startswith(p + ".") or name.startswith(f"model.{p}.") for p in self.carried)
+
+
+_LLAVA_NAMING = (("language_model.model.", "language_model.lm_head.weight"), ("model.language_model.", "lm_head.weight"))
+_LLAVA_PARTS = ("vision_tower", "multi_modal_projector")
+FAMILIES = {
+    "gemma3": Family("gemma3", _LLAVA_NAMING, "model.language_model.", "lm_head", _LLAVA_PARTS),
+    "mistral3": Family("mistral3", _LLAVA_NAMING, "model.language_model.", "lm_head", _LLAVA_PARTS),
+}
+
+
+def family_of(config) -> Family | None:
+    return FAMILIES.get(getattr(config, "model_type", None))
+
+
+
+
+def view(src):
+    """The ``qconvert.source.LanguageModelSource`` under ``src`` (a rotation would wrap it as
+    ``src.src``), or None."""
+    while src is not None and not isinstance(getattr(src, "family", None), Family):
+        src = getattr(src, "src", None)
+    return src
+
+
+def write_carried(src, partial: Path, shard_bytes: int, metadata: dict) -> dict | None:
+    """Copy the tensors outside the language model into ``partial/multimodal/`` as they are;
+    return the record for qconvert.json (None for a text model).  A resumed run writes them again."""
+    from qconvert.formats.safetensors_io import ShardedWriter
+
+    mm = view(src)
+    if mm is None:
+        return None
+    d = Path(partial) / CARRIED_DIR
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    writer = ShardedWriter(d, shard_bytes, metadata)
+    for name in mm.carried:
+        dtype, shape = mm.src.info(name)
+        writer.add_rows(name, dtype, tuple(shape), mm.src.iter_rows(name))
+    writer.close()
+    return mm.record()
+
+
+def read_record(out: Path) -> dict | None:
+    """OUT's multimodal record (qconvert.json), None for a text model's OUT."""
+    try:
+        report = json.loads((Path(out) / "qconvert.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    rec = report.get(RECORD_KEY) if isinstance(report, dict) else None
+    if rec is None:
+        return None
+    if not isinstance(rec, dict) or rec.get("model_type") not in FAMILIES or not (Path(out) / CARRIED_DIR).is_dir():
+        raise QConvertError(f"{out}: qconvert.json's multimodal record or {CARRIED_DIR}/ is damaged; re-run qconvert quantize")
+    return rec
+
+
+class Renamer:
+    """OUT's text-model names as the multimodal checkpoint and transformers' multimodal class name them."""
+
+    def __init__(self, rec: dict):
+        self.family = FAMILIES[rec["model_type"]]
+        self.prefix, self.head = rec["text_prefix"], rec["head"]
+
+    def tensor(self, name: str) -> str:
+        if name == "lm_head.weight" or name.startswith("lm_head."):
+            return self.head.removesuffix("weight") + name.removeprefix("lm_head.")
+        if not name.startswith("model."):
+            raise QConvertError(f"tensor {name!r} is outside the language model's names")
+        return self.prefix + name.removeprefix("model.")
+
+    def module(self, name: str) -> str:
+        if name == "lm_head":
+            return self.family.head_module
+        return self.family.module_prefix + name.removeprefix("model.")
+
+    def ignored_parts(self) -> list[str]:
+        """compressed-tensors ``ignore`` patterns for the carried parts, whatever prefix an engine gives them."""
+        return [f"re:.*{p}.*" for p in self.family.carried]
+
+
+def outer_config(rec: dict, text_cfg: dict) -> dict:
+    """The multimodal config.json around ``text_cfg`` (the OUT's text config as exported)."""
+    cfg = dict(rec["config"])
+    text = {k: v for k, v in text_cfg.items() if k not in ("architectures", "quantization_config", "_name_or_path")}
+    cfg["text_config"] = text
+    if "tie_word_embeddings" in text:
+        cfg["tie_word_embeddings"] = text["tie_word_embeddings"]
+    return cfg
+
+
+def check_carried(out: Path) -> str | None:
+    """What is wrong with OUT's carried parts (the record against ``multimodal/``), None if nothing."""
+    from qconvert.formats.safetensors_io import ShardedReader
+
+    rec = read_record(out)
+    if rec is None:
+        return None
+    names = ShardedReader(Path(out) / CARRIED_DIR).keys()
+    if len(names) != rec.get("tensors"):
+        return f"{CARRIED_DIR}/ holds {len(names)} tensors, qconvert.json records {rec.get('tensors')}"
+    return None
+
+
+def compare_carried(out: Path, src) -> str | None:
+    """Whether OUT's carried parts are the source's, bit for bit (None) or the first that is not."""
+    from qconvert.formats.safetensors_io import ShardedReader
+
+    mm, rec = view(src), read_record(out)
+    if mm is None or rec is None:
+        return None if mm is rec else f"{src.description} is {'' if mm else 'not '}a multimodal checkpoint, OUT is " \
+                                      f"{'' if rec else 'not '}one: is it the source OUT was made from?"
+    reader = ShardedReader(Path(out) / CARRIED_DIR)
+    for name in mm.carried:
+        if name not in reader.keys():
+            return f"{CARRIED_DIR}/ lacks the source's '{name}'"
+        got, want = reader.get(name), mm.src.get(name)
+        if got.dtype != want.dtype or got.shape != want.shape or not torch.equal(got, want):
+            return f"{CARRIED_DIR}/{name} differs from the source's"
+    return None

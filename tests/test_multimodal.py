@@ -1,0 +1,161 @@
+"""Multimodal checkpoints (Gemma-3 4B and up: ``gemma3``; Mistral-Small-3.1: ``mistral3``) through
+qconvert as their users run them, on tiny random models written by transformers with the published
+checkpoints' names: the language model read as its text model, quantized, verified, evaluated and
+decoded; the image encoder and projector carried bit for bit; the export loaded by transformers as
+the multimodal model again, answering an image prompt as the float model with the OUT's weights
+does.  vLLM: tests/test_vllm.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import (check_tiny_out, cli_ok, eval_tiny, multimodal_config, quantize_tiny, run_cli, text_files,
+                     write_multimodal)
+from qconvert.multimodal import CARRIED_DIR
+from qconvert.source import LanguageModelSource, resolve_source
+
+KINDS = ["gemma3", "mistral3"]
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def mm(request, tmp_path_factory):
+    d = text_files(tmp_path_factory.mktemp(request.param))
+    return write_multimodal(d / "src", multimodal_config(request.param))
+
+
+def float_model(path):
+    from transformers import AutoModelForImageTextToText
+
+    model, info = AutoModelForImageTextToText.from_pretrained(path, output_loading_info=True, dtype=torch.float32)
+    assert not any(info.values()), info  # every tensor read, none left over
+    return model.eval()
+
+
+def image_prompt(config) -> dict:
+    """One 28 x 28 image and text around its placeholder tokens (4 of them in both tiny models)."""
+    image = torch.linspace(-1, 1, 3 * 28 * 28).reshape(1, 3, 28, 28)
+    ids = [5, 17, 42] + [config.image_token_index] * 4 + [7, 99, 23, 64]
+    kw = {"input_ids": torch.tensor([ids]), "pixel_values": image}
+    if config.model_type == "mistral3":
+        kw["image_sizes"] = torch.tensor([[28, 28]])
+    return kw
+
+
+def test_the_language_model_reads_as_its_text_model(mm):
+    """The view's float text model gives the multimodal model's own logits on text."""
+    src = resolve_source(str(mm))
+    assert isinstance(src, LanguageModelSource) and src.carried
+    assert src.config.model_type == {"gemma3": "gemma3_text", "mistral3": "mistral"}[src.outer_config.model_type]
+    ids = torch.randint(3, 290, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ours = src.load_model()(ids).logits
+        theirs = float_model(mm)(input_ids=ids).logits
+    assert torch.allclose(ours, theirs, rtol=0, atol=1e-6), (ours - theirs).abs().max()
+
+
+def test_quantize_keeps_the_image_parts_bit_for_bit(mm, tmp_path):
+    out, text = tmp_path / "out", mm.parent / "text.raw"
+    res = cli_ok(quantize_tiny(mm, out, "is-w4a8"))
+    assert "rotation does not support a multimodal checkpoint's language model" in res.output
+    report = json.loads((out / "qconvert.json").read_text())
+    rec = report["multimodal"]
+    assert rec["text_prefix"] == "language_model.model." and rec["head"] == "language_model.lm_head.weight"
+    src_state = load_file(mm / "model.safetensors")
+    carried = load_file(out / CARRIED_DIR / "model.safetensors")
+    image_parts = {k for k in src_state if k.startswith(("vision_tower.", "multi_modal_projector."))}
+    assert set(carried) == image_parts and rec["tensors"] == len(image_parts)
+    assert all(torch.equal(carried[k], src_state[k]) and carried[k].dtype == src_state[k].dtype for k in carried)
+    assert {r["name"] for r in report["layers"]} >= {"model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj"}
+    manifest = json.loads((out / "manifest.json").read_text())["files"]
+    assert f"{CARRIED_DIR}/model.safetensors" in manifest  # verify checks its bytes, push uploads it
+    check_tiny_out(out, mm, text)
+
+
+def test_the_export_is_the_multimodal_model_again(mm, tmp_path):
+    """transformers loads the export as the multimodal class (every tensor used); on text it scores
+    as qconvert's runtime scores the OUT; on an image prompt it gives the logits of the float
+    model whose language-model linears hold the OUT's weights."""
+    from qconvert.runtime import load
+
+    out, dest, text = tmp_path / "out", tmp_path / "ct", mm.parent / "text.raw"
+    cli_ok(quantize_tiny(mm, out, "w4a16-gptq"))
+    run_cli("export", out, "-o", dest)
+    cfg = json.loads((dest / "config.json").read_text())
+    assert cfg["model_type"] in KINDS and cfg["text_config"]["model_type"] != cfg["model_type"]
+    assert {"re:.*vision_tower.*", "re:.*multi_modal_projector.*"} <= set(cfg["quantization_config"]["ignore"])
+    c, q = eval_tiny(dest, text), eval_tiny(out, text)
+    assert c["kind"] == "compressed-tensors" and abs(c["perplexity"] - q["perplexity"]) <= 1e-5 * q["perplexity"], (c, q)
+
+    layers = json.loads((out / "qconvert.json").read_text())["layers"]
+    quantized = {"language_model." + r["name"] + ".weight" for r in layers}
+    names = set(load_file(dest / "model.safetensors"))
+    assert set(load_file(mm / "model.safetensors")) - quantized <= names  # the checkpoint's own names
+    exported, reference = float_model(dest), float_model(mm)
+    runtime = load(out)
+    lm = reference.model.language_model
+    with torch.no_grad():
+        for row in layers:
+            lm.get_submodule(row["name"].removeprefix("model.")).weight.copy_(
+                runtime.get_submodule(row["name"])._dequantized(torch.float32))
+        prompt = image_prompt(reference.config)
+        got, want = exported(**prompt).logits, reference(**prompt).logits
+        without = reference(input_ids=prompt["input_ids"]).logits
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), (got - want).abs().max()
+    assert not torch.allclose(without, want, atol=1e-3)  # the image did reach the logits
+
+
+def test_an_explicit_rotation_is_refused_with_the_fix(mm, tmp_path):
+    res = quantize_tiny(mm, tmp_path / "out", "w4a16-gptq", "--rotate", "hadamard")
+    assert res.exit_code != 0 and "convert without --rotate" in res.output and not (tmp_path / "out").exists()
+
+
+def test_a_tensor_of_no_known_part_is_refused_before_any_work(mm, tmp_path):
+    import shutil
+
+    from qconvert.formats.safetensors_io import write_safetensors
+
+    odd = tmp_path / "src"
+    shutil.copytree(mm, odd)
+    shutil.copy(mm.parent / "calib.txt", tmp_path / "calib.txt")
+    state = load_file(odd / "model.safetensors")
+    write_safetensors(odd / "model.safetensors", {**state, "audio_tower.proj.weight": torch.zeros(2, 2)})
+    res = quantize_tiny(odd, tmp_path / "out", "w4a16-gptq")
+    assert res.exit_code != 0 and "'audio_tower.proj.weight'" in res.output and "would lose it" in res.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_verify_finds_a_changed_image_part(mm, tmp_path):
+    """An image tensor changed after quantizing (manifest rewritten, so only the comparison can
+    tell) fails verify against the source; a missing one fails the structure check."""
+    from qconvert.formats.native import write_manifest
+    from qconvert.formats.safetensors_io import write_safetensors
+
+    out = tmp_path / "out"
+    cli_ok(quantize_tiny(mm, out, "w4a16-gptq", "--base", "rtn"))
+    path = out / CARRIED_DIR / "model.safetensors"
+    state = load_file(path)
+    name = sorted(state)[0]
+    write_safetensors(path, {**state, name: state[name] + 1})
+    write_manifest(out)
+    res = run_cli("verify", out, "--data-file", mm.parent / "text.raw", ok=False)
+    assert res.exit_code != 0 and f"{CARRIED_DIR}/{name} differs from the source's" in res.output, res.output
+    write_safetensors(path, {k: v for k, v in state.items() if k != name})
+    write_manifest(out)
+    res = run_cli("verify", out, "--no-compare", ok=False)
+    assert res.exit_code != 0 and "qconvert.json records" in res.output, res.output
+
+
+def test_inspect_and_the_cards_say_what_was_kept(mm, tmp_path):
+    from qconvert.hub import export_card, model_card
+
+    out, dest = tmp_path / "out", tmp_path / "ct"
+    cli_ok(quantize_tiny(mm, out, "w4a16-gptq", "--base", "rtn"))
+    assert "image encoder and projector" in run_cli("inspect", out).output
+    assert "kept bit for bit as the source has them" in model_card(out)
+    run_cli("export", out, "-o", dest)
+    card = export_card(dest)
+    assert "pipeline_tag: image-text-to-text" in card and "kept bit for bit as the source has them" in card
