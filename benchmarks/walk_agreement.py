@@ -5,10 +5,11 @@ build them (with the tests' AVX2 float kernels, tests/conftest.py).
 
     python benchmarks/walk_agreement.py [--json PATH]
 
-Prints, for Llama, Phi-3, Gemma-2 and Gemma-3: the largest relative difference between the Hessian
-a GPTQ solve received and the one recomputed from the OUT's forward (the walk as it is), and the
-same with the walk broken on purpose (Gemma's block taken for a Llama block; every layer given the
-first layer's mask and rotary tables).  Then the Phi-3 against the Llama that computes the same
+Prints, for Llama, Phi-3, Gemma-2, Gemma-3, Granite and OLMo-2: the largest relative difference
+between the Hessian a GPTQ solve received and the one recomputed from the OUT's forward (the walk
+as it is), and the same with the walk broken on purpose (Gemma's block taken for a Llama block;
+every layer given the first layer's mask and rotary tables; OLMo-2's output norms skipped;
+Granite's residual multiplier left out).  Then the Phi-3 against the Llama that computes the same
 function: the fraction of weights on another grid point (largest over the layers), w4a16-gptq's
 preset, with --asym-calib 0.25, and against the Llama calibrated on other samples (--seed 1).
 """
@@ -74,13 +75,19 @@ def main() -> None:
 
     llama_roles = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp", "", "")
     rows = []
-    for arch in ("llama", "phi3", "gemma2", "gemma3_text"):
+    for arch in ("llama", "phi3", "gemma2", "gemma3_text", "granite", "olmo2"):
         row = {"arch": arch, "walk": _walk(arch)}
         if arch.startswith("gemma"):
             row["as a Llama block"] = _walk(arch, lambda mp: mp.setattr(block_walk, "_block_roles", lambda b: llama_roles))
         if arch == "gemma3_text":
             row["first layer's kwargs for all"] = _walk(arch, lambda mp: mp.setattr(
                 block_walk.Calibrator, "layer_type", lambda self, i: self.layer_types[0]))
+        if arch == "olmo2":
+            row["output norms skipped"] = _walk(arch, lambda mp: mp.setattr(
+                block_walk, "_block_roles", lambda b: ("", "self_attn", "", "mlp", "", "")))
+        if arch == "granite":
+            row["residual multiplier left out"] = _walk(arch, lambda mp: mp.setattr(
+                block_walk, "_block_parts", lambda b, roles: [getattr(b, a) if a else block_walk._identity for a in roles]))
         rows.append(row)
     print("largest relative Hessian difference, solve against the OUT's forward")
     for row in rows:

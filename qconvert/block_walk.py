@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import os
 import time
@@ -425,8 +426,7 @@ class _BlockWalk:
                                 "knows; use --base rtn")
         self.cal, self.targets = cal, targets
         self.index = next((i for i, layer in enumerate(cal.layers) if layer is block), 0)  # its layer type's kwargs
-        self.ln1, self.attn, self.ln2, self.mlp, self.attn_out, self.mlp_out = (
-            p if p is not None else _identity for p in parts)
+        self.ln1, self.attn, self.ln2, self.mlp, self.attn_out, self.mlp_out = _block_parts(block, self.roles)
         hidden = cal.model.config.hidden_size
         in_attn = {id(m) for m in self.attn.modules()}
         in_mlp = {id(m) for m in self.mlp.modules()}
@@ -457,8 +457,8 @@ class _BlockWalk:
         self.fx, self.fy = self.cal.float_acts.inputs, self.cal.float_acts.outputs
         local = {id(m): n for n, m in self.block.named_modules()}
         self.twin_of = {name: self.twin.get_submodule(local[id(m)]) for name, m in self.targets.items()}
-        self.t_ln1, self.t_attn, self.t_ln2, self.t_mlp, self.t_attn_out, self.t_mlp_out = (
-            getattr(self.twin, a) if a else _identity for a in self.roles)
+        self.t_ln1, self.t_attn, self.t_ln2, self.t_mlp, self.t_attn_out, self.t_mlp_out = _block_parts(
+            self.twin, self.roles)
 
     def rows(self, buf: torch.Tensor, sl: slice) -> torch.Tensor:
         """Samples ``sl`` of an activation buffer, on the walk's device (on the CPU, or with the
@@ -597,15 +597,34 @@ def _block_roles(block: nn.Module) -> tuple:
     """The attribute names of a decoder block's (input norm, attention, the MLP's input norm, MLP,
     the attention output's norm, the MLP output's norm); "" for a norm the block does not have.
 
-    Pre-norm blocks (Llama, Qwen, Mistral, Phi-3):  h = x + attn(ln1(x));  y = h + mlp(ln2(h)),
+    Pre-norm blocks (Llama, Qwen, Mistral, Phi-3, Granite):  h = x + attn(ln1(x));  y = h + mlp(ln2(h)),
     ln2 being ``post_attention_layernorm``.  Gemma-2 / 3 also normalize what attention and the MLP
     add to the stream:  h = x + post_attention_layernorm(attn(ln1(x)));
-    y = h + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h))).
+    y = h + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h))).  OLMo-2 normalizes only
+    what they add:  h = x + post_attention_layernorm(attn(x));  y = h + post_feedforward_layernorm(mlp(h)).
+    (Granite's residual multiplier: ``_block_parts``.)
     """
+    if hasattr(block, "post_feedforward_layernorm") and not hasattr(block, "input_layernorm"):
+        return ("", "self_attn", "", "mlp", "post_attention_layernorm", "post_feedforward_layernorm")
     if hasattr(block, "pre_feedforward_layernorm") or hasattr(block, "post_feedforward_layernorm"):
         return ("input_layernorm", "self_attn", "pre_feedforward_layernorm", "mlp", "post_attention_layernorm",
                 "post_feedforward_layernorm")
     return ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp", "", "")
+
+
+def _block_parts(block: nn.Module, roles: tuple) -> list:
+    """The block's six parts of ``_block_roles`` as callables (``_identity`` for a role it lacks).
+    Granite scales what attention and the MLP add to the stream, y = x + out * m, with
+    ``residual_multiplier`` m (a float): its two output parts then multiply by it, as its forward does."""
+    parts = [getattr(block, a) if a else _identity for a in roles]
+    m = getattr(block, "residual_multiplier", None)
+    if m is not None:
+        parts[4:] = [functools.partial(_scaled, part, float(m)) for part in parts[4:]]
+    return parts
+
+
+def _scaled(part, m: float, t: torch.Tensor) -> torch.Tensor:
+    return part(t) * m
 
 
 @contextlib.contextmanager

@@ -265,8 +265,11 @@ def inspect(out, as_json):
         click.echo(report["rotation_skipped"])
     mm = report.get("multimodal")
     if isinstance(mm, dict):
+        rotated = mm.get("rotated") or []
         click.echo(f"{mm.get('model_type')} image-text checkpoint: its image encoder and projector ({mm.get('tensors')} "
-                   "tensors) kept as they came, in multimodal/; qconvert export writes the whole model again")
+                   "tensors) kept as they came, in multimodal/"
+                   + (f" ({', '.join(rotated)} rotated with the residual stream)" if rotated else "")
+                   + "; qconvert export writes the whole model again")
     cal = report.get("calibration")
     if cal:
         click.echo(f"calibrated on {cal.get('source')} ({cal.get('nsamples')} x {cal.get('seqlen')} tokens, seed "

@@ -285,8 +285,11 @@ def _multimodal_rows(report: dict) -> list[tuple[str, str]]:
     rec = report.get("multimodal")
     if not isinstance(rec, dict):
         return []
+    rotated = rec.get("rotated") or []
     return [("image parts", f"{rec.get('model_type')}: the language model is quantized; the image encoder and projector "
-                            f"({rec.get('tensors')} tensors) are kept bit for bit as the source has them")]
+                            f"({rec.get('tensors')} tensors) are kept bit for bit as the source has them"
+                            + (f", but for {', '.join(f'`{n}`' for n in rotated)}, rotated with the residual stream "
+                               "(the image features enter it rotated)" if rotated else ""))]
 
 
 def _solver_rows(base: str | None, calib, float_path: str | None = None) -> list[tuple[str, str]]:

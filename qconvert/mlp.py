@@ -25,7 +25,7 @@ from qconvert.glue import kernel_device, route_forward, transformers_modules
 # forward is Phi-3's: gate, up = gate_up_proj(x).chunk(2, -1); down_proj(up * activation_fn(gate))
 # (both checked against the installed transformers by the tests); the transformers module each
 # must come from
-MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Qwen3MoeMLP")
+MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Qwen3MoeMLP", "GraniteMLP", "Olmo2MLP")
 JOINED_MLP_CLASSES = ("Phi3MLP",)
 MODELING = {name: "transformers.models.{0}.modeling_{0}".format({"Qwen3MoeMLP": "qwen3_moe"}.get(
     name, name.removesuffix("MLP").lower())) for name in MLP_CLASSES + JOINED_MLP_CLASSES}

@@ -1,4 +1,5 @@
-"""Multimodal checkpoints whose language model qconvert quantizes (Gemma-3 4B and up, Mistral-Small-3.1).
+"""Multimodal checkpoints whose language model qconvert quantizes (Gemma-3 4B and up, Mistral-Small-3.1,
+LLaVA-1.5 and Pixtral-12B).
 
 Such a checkpoint keeps a causal language model (model type ``gemma3_text``, ``mistral``, …) under
 a prefix, beside an image encoder and a projector that feed it image features.  qconvert reads the
@@ -9,8 +10,9 @@ record of how the checkpoint named things in ``qconvert.json``; ``qconvert expor
 whole multimodal checkpoint again: the language model quantized, the image parts as they came, and
 a ``quantization_config`` that leaves the image parts alone (docs/format.md, "Multimodal").
 
-The residual stream is never rotated here: the projector writes image features into it, and they
-would enter unrotated.
+A rotated residual stream (``--rotate``, the presets' default) rotates the image features with it:
+the projector's last linear, which writes them into the stream, is rotated as an o_proj is
+(``Family.writes``; Q^T W and Q^T b).  Where that linear is not known, the stream is not rotated.
 """
 
 from __future__ import annotations
@@ -39,17 +41,32 @@ class Family:
     module_prefix: str  # where transformers' multimodal class keeps the text model's modules
     head_module: str
     carried: tuple[str, ...]  # the top-level parts outside the language model, kept as they are
+    # the linears whose output joins the residual stream (the image features): a rotated stream
+    # rotates them too; none known, no rotation
+    writes: tuple[str, ...] = ()
 
     def carries(self, name: str) -> bool:
         """Whether tensor ``name`` belongs to a part kept as it is (under either naming)."""
         return any(name.startswith(p + ".") or name.startswith(f"model.{p}.") for p in self.carried)
+
+    def stream_write(self, name: str) -> str | None:
+        """"weight" or "bias" where tensor ``name`` is one of ``writes``'s, else None."""
+        for linear in self.writes:
+            for kind in ("weight", "bias"):
+                if name in (f"{linear}.{kind}", f"model.{linear}.{kind}"):
+                    return kind
+        return None
 
 
 _LLAVA_NAMING = (("language_model.model.", "language_model.lm_head.weight"), ("model.language_model.", "lm_head.weight"))
 _LLAVA_PARTS = ("vision_tower", "multi_modal_projector")
 FAMILIES = {
     "gemma3": Family("gemma3", _LLAVA_NAMING, "model.language_model.", "lm_head", _LLAVA_PARTS),
-    "mistral3": Family("mistral3", _LLAVA_NAMING, "model.language_model.", "lm_head", _LLAVA_PARTS),
+    # their projector ends in linear_2, which writes the image features into the stream
+    "mistral3": Family("mistral3", _LLAVA_NAMING, "model.language_model.", "lm_head", _LLAVA_PARTS,
+                       ("multi_modal_projector.linear_2",)),
+    "llava": Family("llava", _LLAVA_NAMING, "model.language_model.", "lm_head", _LLAVA_PARTS,  # LLaVA-1.5, Pixtral-12B
+                    ("multi_modal_projector.linear_2",)),
 }
 
 
@@ -68,8 +85,9 @@ def view(src):
 
 
 def write_carried(src, partial: Path, shard_bytes: int, metadata: dict) -> dict | None:
-    """Copy the tensors outside the language model into ``partial/multimodal/`` as they are;
-    return the record for qconvert.json (None for a text model).  A resumed run writes them again."""
+    """Write the tensors outside the language model into ``partial/multimodal/`` as ``src`` gives
+    them (as they are; a rotated source rotates the projector's output linear); return the record
+    for qconvert.json (None for a text model).  A resumed run writes them again."""
     from qconvert.formats.safetensors_io import ShardedWriter
 
     mm = view(src)
@@ -81,9 +99,10 @@ def write_carried(src, partial: Path, shard_bytes: int, metadata: dict) -> dict 
     writer = ShardedWriter(d, shard_bytes, metadata)
     for name in mm.carried:
         dtype, shape = mm.src.info(name)
-        writer.add_rows(name, dtype, tuple(shape), mm.src.iter_rows(name))
+        writer.add_rows(name, dtype, tuple(shape), src.carried_rows(name))
     writer.close()
-    return mm.record()
+    rotated = [n for n in mm.carried if src is not mm and mm.family.stream_write(n)]
+    return {**mm.record(), **({"rotated": rotated} if rotated else {})}
 
 
 def read_record(out: Path) -> dict | None:
@@ -148,7 +167,8 @@ def check_carried(out: Path) -> str | None:
 
 
 def compare_carried(out: Path, src) -> str | None:
-    """Whether OUT's carried parts are the source's, bit for bit (None) or the first that is not."""
+    """Whether OUT's carried parts are what ``src`` gives (the source's, bit for bit; rotated as
+    OUT records where ``src`` is the source rotated so): None, or the first that is not."""
     from qconvert.formats.safetensors_io import ShardedReader
 
     mm, rec = view(src), read_record(out)
@@ -159,7 +179,7 @@ def compare_carried(out: Path, src) -> str | None:
     for name in mm.carried:
         if name not in reader.keys():
             return f"{CARRIED_DIR}/ lacks the source's '{name}'"
-        got, want = reader.get(name), mm.src.get(name)
+        got, want = reader.get(name), torch.cat(list(src.carried_rows(name)))
         if got.dtype != want.dtype or got.shape != want.shape or not torch.equal(got, want):
             return f"{CARRIED_DIR}/{name} differs from the source's"
     return None

@@ -21,7 +21,7 @@ from qconvert.glue import kernel_device, route_forward
 # RMSNorm classes whose forward is w * (x.float() * rsqrt(mean(x^2) + eps)).to(x.dtype) with
 # ``weight`` and ``variance_epsilon`` (checked against the installed transformers by the tests)
 NORM_CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "MixtralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Qwen3MoeRMSNorm",
-                "Phi3RMSNorm")
+                "Phi3RMSNorm", "GraniteRMSNorm")
 
 
 def _kernel_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -187,6 +187,13 @@ class LanguageModelSource(DerivedSource):
             raise QConvertError(f"{self.description} lacks the language model's '{self._names.get(missing[0], missing[0])}'")
         return model.eval()
 
+    # the parts outside the language model, by the checkpoint's own names (``carried``)
+    def carried_get(self, name):
+        return self.src.get(name)
+
+    def carried_rows(self, name):
+        return self.src.iter_rows(name)
+
     def record(self) -> dict:
         """What qconvert.json keeps to write the multimodal checkpoint again (export)."""
         outer = self.outer_config.to_diff_dict()  # as save_pretrained writes it

@@ -28,6 +28,11 @@ ARCH = {
                    sliding_window=8),
     "gemma3_text": dict(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], head_dim=16,
                         query_pre_attn_scalar=16, sliding_window=8),
+    # Granite-3's multipliers (its 8B's embedding, residual and logit figures; the attention scale
+    # 1/16 rather than the 1/sqrt(head_dim) = 1/4 a Llama would take)
+    "granite": dict(model_type="granite", architectures=["GraniteForCausalLM"], embedding_multiplier=12.0,
+                    residual_multiplier=0.22, attention_multiplier=0.0625, logits_scaling=16.0),
+    "olmo2": dict(model_type="olmo2", architectures=["Olmo2ForCausalLM"], eos_token_id=2),  # its own: past this vocabulary
 }
 
 
@@ -188,6 +193,23 @@ def check_tiny_out(out: Path, src: Path, text: Path) -> None:
     assert math.isfinite(q["perplexity"]) and q["perplexity"] <= 1.5 * f["perplexity"], (q, f)
     res = run_cli("generate", out, "--prompt", "hello world", "--max-new-tokens", 3, "--device", "cpu")
     assert "prefill" in res.output
+
+
+def check_export_scores_as_runtime(src: Path, tmp_path: Path) -> None:
+    """w4a16-gptq of ``src`` exported to compressed-tensors: transformers scores the export as
+    qconvert's runtime scores the OUT (``eval_tiny`` on ``src/../text.raw``), within 1e-5."""
+    out, dest, text = tmp_path / "out", tmp_path / "ct", src.parent / "text.raw"
+    cli_ok(quantize_tiny(src, out, "w4a16-gptq"))
+    run_cli("export", out, "-o", dest)
+    c, q = eval_tiny(dest, text), eval_tiny(out, text)
+    assert c["kind"] == "compressed-tensors" and abs(c["perplexity"] - q["perplexity"]) <= 1e-5 * q["perplexity"], (c, q)
+
+
+def check_illm_refused(src: Path, tmp_path: Path) -> None:
+    """An I-LLM scheme refuses ``src`` before any work: no OUT appears."""
+    res = quantize_tiny(src, tmp_path / "out", "illm-w8a8")
+    assert res.exit_code != 0 and "I-LLM's integer runtime runs Llama-style models" in res.output
+    assert not (tmp_path / "out").exists()
 
 
 def quantize_tiny(src: Path, out: Path, scheme: str, *extra):
@@ -393,8 +415,9 @@ def run_benchmark_without_gpu(script: Path, *args: str):
 
 
 def multimodal_config(model_type="gemma3", hidden=64, layers=2, intermediate=160, vocab=300, heads=4, kv_heads=2):
-    """A tiny Gemma-3 (SigLIP encoder) or Mistral-3 (Pixtral encoder) image-text model: its
-    language model as ``tiny_config`` builds it, with 28 x 28 images of 7 x 7 patches."""
+    """A tiny Gemma-3 (SigLIP encoder), Mistral-3 (Pixtral encoder) or LLaVA (CLIP encoder, a
+    Mistral language model as Pixtral-12B's) image-text model: its language model as
+    ``tiny_config`` builds it, with 28 x 28 images of 7 x 7 patches."""
     from transformers import AutoConfig
 
     text = dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
@@ -409,20 +432,31 @@ def multimodal_config(model_type="gemma3", hidden=64, layers=2, intermediate=160
             vision, model_type="siglip_vision_model", vision_use_head=False), mm_tokens_per_image=4,
             image_token_index=vocab - 1, boi_token_index=vocab - 3, eoi_token_index=vocab - 2)
     text.update(model_type="mistral", head_dim=hidden // heads, sliding_window=None, tie_word_embeddings=False)
+    if model_type == "llava":
+        return AutoConfig.for_model("llava", text_config=text, vision_config=dict(
+            vision, model_type="clip_vision_model", projection_dim=32), image_token_index=vocab - 1,
+            tie_word_embeddings=False)
     return AutoConfig.for_model("mistral3", text_config=text, vision_config=dict(vision, model_type="pixtral", head_dim=16),
                                 image_token_index=vocab - 1, spatial_merge_size=2, tie_word_embeddings=False)
 
 
 def write_multimodal(directory: Path, config) -> Path:
     """A multimodal checkpoint with random weights as the published ones name them (transformers
-    writes Gemma-3's SigLIP tower without the ``vision_model.`` that Google's files and vLLM have)."""
+    writes a SigLIP or CLIP tower without the ``vision_model.`` that Google's and llava-hf's files,
+    and vLLM, have)."""
     from transformers import AutoModelForImageTextToText
 
     directory = Path(directory)
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_config(config)
+    with torch.no_grad():  # norms and biases away from their initial ones and zeros, so that folding them matters
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(p + 0.3 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.copy_(0.1 * torch.randn_like(p))
     model.save_pretrained(directory)
-    if config.model_type == "gemma3":
+    if config.vision_config.model_type in ("siglip_vision_model", "clip_vision_model"):
         from safetensors.torch import load_file
 
         state = load_file(directory / "model.safetensors")

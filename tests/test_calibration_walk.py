@@ -64,7 +64,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-ARCHS = ["llama", "phi3", "gemma2", "gemma3_text"]
+ARCHS = ["llama", "phi3", "gemma2", "gemma3_text", "granite", "olmo2"]
 
 
 def walk_errors(arch, tmp_path, monkeypatch) -> dict[str, float]:
@@ -81,7 +81,8 @@ def walk_errors(arch, tmp_path, monkeypatch) -> dict[str, float]:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_each_solve_saw_the_inputs_the_out_computes(arch, tmp_path, monkeypatch):
-    """Measured 2026-12-05 (benchmarks/walk_agreement.py): at most 4.2e-7 (float32 sums in other orders)."""
+    """Measured 2026-12-05 (benchmarks/walk_agreement.py): at most 4.2e-7 over the six architectures
+    (float32 sums in other orders)."""
     errors = walk_errors(arch, tmp_path, monkeypatch)
     assert max(errors.values()) <= 1e-5, sorted(errors.items(), key=lambda kv: -kv[1])[:3]
 
@@ -105,3 +106,22 @@ def test_a_walk_that_gives_every_layer_the_first_layers_mask_is_caught(tmp_path,
     errors = walk_errors("gemma3_text", tmp_path, monkeypatch)
     assert max(e for n, e in errors.items() if "layers.1.self_attn.o_proj" in n) > 0.05, errors
     assert max(e for n, e in errors.items() if "layers.0." in n) <= 1e-5
+
+
+def test_a_walk_that_skips_olmo2s_output_norms_is_caught(tmp_path, monkeypatch):
+    """The control for OLMo-2: its block walked without the norms on what attention and the MLP add
+    (it has no input norms: the block reads the stream as it is)."""
+    monkeypatch.setattr(block_walk, "_block_roles", lambda block: ("", "self_attn", "", "mlp", "", ""))
+    errors = walk_errors("olmo2", tmp_path, monkeypatch)
+    assert max(e for n, e in errors.items() if "mlp" in n or "layers.0." not in n) > 0.05, errors
+    assert max(e for n, e in errors.items() if "layers.0.self_attn" in n) <= 1e-5
+
+
+def test_a_walk_that_drops_granites_residual_multiplier_is_caught(tmp_path, monkeypatch):
+    """The control for Granite: attention's and the MLP's outputs added to the stream unscaled
+    (its residual multiplier, 0.22 here as in Granite-3 8B, left out)."""
+    monkeypatch.setattr(block_walk, "_block_parts", lambda block, roles: [
+        getattr(block, a) if a else block_walk._identity for a in roles])
+    errors = walk_errors("granite", tmp_path, monkeypatch)
+    assert max(e for n, e in errors.items() if "mlp" in n or "layers.0." not in n) > 0.05, errors
+    assert max(e for n, e in errors.items() if "layers.0.self_attn" in n) <= 1e-5

@@ -102,7 +102,8 @@ def _compare_with_dynamic_cache(model, same_masks: bool, batch=2, prompt=7, voca
     return torch.stack(diffs), all(same)
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "phi3", "gemma2", "gemma3_text", "gemma3_text-linear"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "phi3", "gemma2", "gemma3_text", "gemma3_text-linear",
+                                  "granite", "olmo2"])
 def test_float_model_equals_dynamic_cache(tmp_path, arch):
     arch, _, rope = arch.partition("-")
     cfg = tiny_config(arch)

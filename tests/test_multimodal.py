@@ -18,7 +18,8 @@ from helpers import (check_tiny_out, cli_ok, eval_tiny, multimodal_config, quant
 from qconvert.multimodal import CARRIED_DIR
 from qconvert.source import LanguageModelSource, resolve_source
 
-KINDS = ["gemma3", "mistral3"]
+KINDS = ["gemma3", "mistral3", "llava"]
+IMAGE_TOKENS = {"gemma3": 4, "mistral3": 4, "llava": 16}  # what a 28 x 28 image becomes in each tiny model
 
 
 @pytest.fixture(scope="module", params=KINDS)
@@ -36,9 +37,9 @@ def float_model(path):
 
 
 def image_prompt(config) -> dict:
-    """One 28 x 28 image and text around its placeholder tokens (4 of them in both tiny models)."""
+    """One 28 x 28 image and text around its placeholder tokens."""
     image = torch.linspace(-1, 1, 3 * 28 * 28).reshape(1, 3, 28, 28)
-    ids = [5, 17, 42] + [config.image_token_index] * 4 + [7, 99, 23, 64]
+    ids = [5, 17, 42] + [config.image_token_index] * IMAGE_TOKENS[config.model_type] + [7, 99, 23, 64]
     kw = {"input_ids": torch.tensor([ids]), "pixel_values": image}
     if config.model_type == "mistral3":
         kw["image_sizes"] = torch.tensor([[28, 28]])
@@ -49,7 +50,7 @@ def test_the_language_model_reads_as_its_text_model(mm):
     """The view's float text model gives the multimodal model's own logits on text."""
     src = resolve_source(str(mm))
     assert isinstance(src, LanguageModelSource) and src.carried
-    assert src.config.model_type == {"gemma3": "gemma3_text", "mistral3": "mistral"}[src.outer_config.model_type]
+    assert src.config.model_type == {"gemma3": "gemma3_text"}.get(src.outer_config.model_type, "mistral")
     ids = torch.randint(3, 290, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         ours = src.load_model()(ids).logits
@@ -57,28 +58,88 @@ def test_the_language_model_reads_as_its_text_model(mm):
     assert torch.allclose(ours, theirs, rtol=0, atol=1e-6), (ours - theirs).abs().max()
 
 
-def test_quantize_keeps_the_image_parts_bit_for_bit(mm, tmp_path):
+def kind_of(mm) -> str:
+    return json.loads((mm / "config.json").read_text())["model_type"]
+
+
+def test_quantize_keeps_the_image_parts(mm, tmp_path):
+    """is-w4a8 with the preset's defaults: the image parts bit for bit, but for the projector's
+    output linear where the stream is rotated (Mistral-3, LLaVA; Gemma-3 is not rotated)."""
     out, text = tmp_path / "out", mm.parent / "text.raw"
     res = cli_ok(quantize_tiny(mm, out, "is-w4a8"))
-    assert "rotation does not support a multimodal checkpoint's language model" in res.output
     report = json.loads((out / "qconvert.json").read_text())
     rec = report["multimodal"]
+    if kind_of(mm) == "gemma3":
+        assert "rotation does not support model type 'gemma3_text'" in res.output and "rotated" not in rec
+    else:
+        assert "residual stream rotated" in res.output and report["rotation"]["mode"] == "hadamard"
+        assert set(rec["rotated"]) == {k for k in load_file(mm / "model.safetensors")
+                                       if k.startswith("multi_modal_projector.linear_2.")}
     assert rec["text_prefix"] == "language_model.model." and rec["head"] == "language_model.lm_head.weight"
     src_state = load_file(mm / "model.safetensors")
     carried = load_file(out / CARRIED_DIR / "model.safetensors")
     image_parts = {k for k in src_state if k.startswith(("vision_tower.", "multi_modal_projector."))}
     assert set(carried) == image_parts and rec["tensors"] == len(image_parts)
-    assert all(torch.equal(carried[k], src_state[k]) and carried[k].dtype == src_state[k].dtype for k in carried)
+    kept = image_parts - set(rec.get("rotated", []))
+    assert all(torch.equal(carried[k], src_state[k]) and carried[k].dtype == src_state[k].dtype for k in kept)
+    assert all(not torch.equal(carried[k], src_state[k]) for k in rec.get("rotated", []))
     assert {r["name"] for r in report["layers"]} >= {"model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj"}
     manifest = json.loads((out / "manifest.json").read_text())["files"]
     assert f"{CARRIED_DIR}/model.safetensors" in manifest  # verify checks its bytes, push uploads it
     check_tiny_out(out, mm, text)
 
 
+def write_checkpoint(src, d):
+    """The multimodal checkpoint ``src`` (a source's language model, rotated or not) computes, as
+    its files name it: what a float model of OUT's rotation is."""
+    from qconvert.formats.safetensors_io import write_safetensors
+    from qconvert.multimodal import Renamer, outer_config, view
+
+    mm = view(src)
+    rec = mm.record()
+    state = {Renamer(rec).tensor(k): src.get(k) for k in src.keys()}
+    state.update({n: torch.cat(list(src.carried_rows(n))) for n in mm.carried})
+    d.mkdir()
+    write_safetensors(d / "model.safetensors", state)
+    (d / "config.json").write_text(json.dumps(outer_config(rec, src.config.to_dict())))
+    return d
+
+
+def float_checkpoint(out, mm, d):
+    """The float model OUT was quantized from: the source, or the source rotated as OUT records."""
+    from qconvert.verify import rotated_as_recorded
+
+    src = rotated_as_recorded(out, resolve_source(str(mm)))
+    return mm if isinstance(src, LanguageModelSource) else write_checkpoint(src, d)
+
+
+def image_logits(path):
+    model = float_model(path)
+    with torch.no_grad():
+        return model(**image_prompt(model.config)).logits
+
+
+@pytest.mark.parametrize("kind", ["mistral3", "llava"])
+def test_the_rotated_model_answers_an_image_prompt_as_the_original(kind, tmp_path):
+    """The residual stream rotated, the projector's output linear with it: the same logits on a
+    prompt with an image (the rotation's tolerance, tests/test_rotation.py); with the projector
+    left unrotated they are not."""
+    from qconvert.solvers.rotation import RotatedSource
+
+    src = write_multimodal(tmp_path / "src", multimodal_config(kind))
+    want = image_logits(src)
+    rot = RotatedSource(resolve_source(str(src)), "hadamard", seed=3)
+    got = image_logits(write_checkpoint(rot, tmp_path / "rotated"))
+    assert float((got - want).abs().max() / want.abs().max()) <= 1e-4
+    rot.carried_rows = rot.src.carried_rows  # the control: the image features enter unrotated
+    wrong = image_logits(write_checkpoint(rot, tmp_path / "unrotated-projector"))
+    assert float((wrong - want).abs().max() / want.abs().max()) > 0.01
+
+
 def test_the_export_is_the_multimodal_model_again(mm, tmp_path):
     """transformers loads the export as the multimodal class (every tensor used); on text it scores
     as qconvert's runtime scores the OUT; on an image prompt it gives the logits of the float
-    model whose language-model linears hold the OUT's weights."""
+    model (rotated as OUT was) whose language-model linears hold the OUT's weights."""
     from qconvert.runtime import load
 
     out, dest, text = tmp_path / "out", tmp_path / "ct", mm.parent / "text.raw"
@@ -94,7 +155,7 @@ def test_the_export_is_the_multimodal_model_again(mm, tmp_path):
     quantized = {"language_model." + r["name"] + ".weight" for r in layers}
     names = set(load_file(dest / "model.safetensors"))
     assert set(load_file(mm / "model.safetensors")) - quantized <= names  # the checkpoint's own names
-    exported, reference = float_model(dest), float_model(mm)
+    exported, reference = float_model(dest), float_model(float_checkpoint(out, mm, tmp_path / "float"))
     runtime = load(out)
     lm = reference.model.language_model
     with torch.no_grad():
@@ -108,8 +169,9 @@ def test_the_export_is_the_multimodal_model_again(mm, tmp_path):
     assert not torch.allclose(without, want, atol=1e-3)  # the image did reach the logits
 
 
-def test_an_explicit_rotation_is_refused_with_the_fix(mm, tmp_path):
-    res = quantize_tiny(mm, tmp_path / "out", "w4a16-gptq", "--rotate", "hadamard")
+def test_an_explicit_rotation_of_gemma3_is_refused_with_the_fix(tmp_path):
+    src = write_multimodal(text_files(tmp_path) / "src", multimodal_config("gemma3"))
+    res = quantize_tiny(src, tmp_path / "out", "w4a16-gptq", "--rotate", "hadamard")
     assert res.exit_code != 0 and "convert without --rotate" in res.output and not (tmp_path / "out").exists()
 
 
@@ -153,9 +215,12 @@ def test_inspect_and_the_cards_say_what_was_kept(mm, tmp_path):
     from qconvert.hub import export_card, model_card
 
     out, dest = tmp_path / "out", tmp_path / "ct"
-    cli_ok(quantize_tiny(mm, out, "w4a16-gptq", "--base", "rtn"))
+    cli_ok(quantize_tiny(mm, out, "w4a16-gptq", "--base", "rtn", "--rotate", "none" if kind_of(mm) == "gemma3" else "hadamard"))
+    rotated = kind_of(mm) != "gemma3"
     assert "image encoder and projector" in run_cli("inspect", out).output
+    assert ("multi_modal_projector.linear_2.weight rotated" in run_cli("inspect", out).output) == rotated
     assert "kept bit for bit as the source has them" in model_card(out)
+    assert ("rotated with the residual stream" in model_card(out)) == rotated
     run_cli("export", out, "-o", dest)
     card = export_card(dest)
     assert "pipeline_tag: image-text-to-text" in card and "kept bit for bit as the source has them" in card

@@ -273,9 +273,11 @@ def test_w4a16_matches_qconvert(vllm_python, smollm2, score_request, tok, text, 
 @pytest.mark.parametrize("arch, layers", [
     ("phi3", ("self_attn.qkv_proj", "mlp.gate_up_proj")),  # joined q/k/v and gate/up
     ("gemma2", ("self_attn.k_proj", "mlp.down_proj")),  # norms around attention and MLP, soft-capped logits
+    ("granite", ("self_attn.k_proj", "mlp.down_proj")),  # embedding, residual, attention and logit multipliers
+    ("olmo2", ("self_attn.q_proj", "mlp.down_proj")),  # norms on what attention and the MLP add, q/k norms
 ])
 def test_other_architectures_w4a16_match_qconvert(vllm_python, tmp_path, arch, layers):
-    """A tiny random Phi-3 or Gemma-2, W4A16 with the preset's defaults (round to nearest): vLLM
+    """A tiny random Phi-3, Gemma-2, Granite or OLMo-2, W4A16 with the preset's defaults (round to nearest): vLLM
     decodes the packed weights exactly as qconvert does, loads them with its W4A16 scheme, and
     scores two windows of token ids as qconvert's runtime does (an expected failure where its CPU
     W4A16 op cannot run float32, as in the SmolLM2 case; vLLM 0.32.0 on this AVX-512 Xeon,

@@ -52,7 +52,8 @@ from qconvert.solvers.hadamard import _dense_blocks, _no_hadamard, hadamard, had
 from qconvert.source import DerivedSource, Source
 
 MODES = ("hadamard", "random")
-ROTATABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "phi3")  # plain RMSNorm(x) * g
+# plain RMSNorm(x) * g before each linear; Granite's multipliers are scalars, which commute with Q
+ROTATABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "phi3", "granite")
 CHUNK_BYTES = 16 << 20  # float64 working set per slice of a tensor being rotated
 
 
@@ -255,13 +256,14 @@ class RotatedSource(DerivedSource):
         self.mode, self.seed, self.chunk_bytes = mode, _check_seed(seed), chunk_bytes
         cfg = src.config
         model_type = getattr(cfg, "model_type", None)
-        if getattr(src, "carried", None):  # qconvert.multimodal.LanguageModelSource
-            raise RotationUnsupported("rotation does not support a multimodal checkpoint's language model: its "
-                                      "projector writes image features into the residual stream, unrotated; "
-                                      "convert without --rotate")
         if model_type not in ROTATABLE_MODEL_TYPES:
             raise RotationUnsupported(f"rotation does not support model type {model_type!r} (its norms would not fold); "
                                       f"supported: {', '.join(ROTATABLE_MODEL_TYPES)}; convert without --rotate")
+        family = getattr(src, "family", None)  # an image-text checkpoint's language model (qconvert.source)
+        if family is not None and not family.writes:
+            raise RotationUnsupported(f"rotation does not support a {family.model_type} checkpoint's language model: "
+                                      "qconvert does not know which of its projector's linears writes the image "
+                                      "features into the residual stream; convert without --rotate")
         self.hidden = int(cfg.hidden_size)
         self.heads = int(cfg.num_attention_heads)
         self.kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.heads)
@@ -371,6 +373,24 @@ class RotatedSource(DerivedSource):
             "untied": self.untied,
             **({"online": {**self.online.describe(), "modules": self.online_modules()}} if self.online else {}),
         }
+
+    # ---- an image-text checkpoint's parts outside the language model (qconvert.multimodal)
+    def carried_rows(self, name: str):
+        """A carried tensor as the rotated stream needs it: the projector's output linear rotated
+        as o_proj is (Q^T W, Q^T b: the image features enter the stream rotated), the rest as it is."""
+        kind = self.src.family.stream_write(name)
+        if kind is None:
+            return self.src.carried_rows(name)
+        t = self.src.carried_get(name)
+        if not t.dtype.is_floating_point:
+            raise QConvertError(f"'{name}' of {self.description} is stored as {t.dtype}; rotation needs "
+                                "floating-point weights: start from the original checkpoint")
+        if kind == "weight":
+            if t.shape[0] != self.hidden:
+                raise QConvertError(f"'{name}' of {self.description} writes {t.shape[0]} channels, not the text "
+                                    f"model's hidden_size {self.hidden}; check config.json")
+            return iter([_map_rows(t.t(), self.q.right, t.dtype, budget=self.chunk_bytes).t().contiguous()])
+        return iter([self.q.right(t.to(torch.float64)).to(t.dtype)])
 
     # ---- the online Hadamard transform before down_proj (``--rotate hadamard+online``)
     def _online_transform(self, names: list[str]):
