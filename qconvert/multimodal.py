@@ -3,9 +3,9 @@ LLaVA-1.5 and Pixtral-12B).
 
 Such a checkpoint keeps a causal language model (model type ``gemma3_text``, ``mistral``, …) under
 a prefix, beside an image encoder and a projector that feed it image features.  qconvert reads the
-language model as the text model it is (``qconvert.source.LanguageModelSource``: the text config, the tensors under
-their text-model names), so the walk, the runtime, ``eval``, ``verify`` and the decode engine see a
-plain text model.  The other tensors are carried into ``OUT/multimodal/`` bit for bit, with the
+language model as the text model it is (``qconvert.source.LanguageModelSource``: the text config,
+the tensors under their text-model names), so the walk, the runtime, ``eval``, ``verify`` and the
+decode engine see a plain text model.  The other tensors are carried into ``OUT/multimodal/``, with the
 record of how the checkpoint named things in ``qconvert.json``; ``qconvert export`` writes the
 whole multimodal checkpoint again: the language model quantized, the image parts as they came, and
 a ``quantization_config`` that leaves the image parts alone (docs/format.md, "Multimodal").
@@ -50,7 +50,7 @@ class Family:
         return any(name.startswith(p + ".") or name.startswith(f"model.{p}.") for p in self.carried)
 
     def stream_write(self, name: str) -> str | None:
-        """"weight" or "bias" where tensor ``name`` is one of ``writes``'s, else None."""
+        """The kind ("weight" or "bias") where tensor ``name`` belongs to one of ``writes``, else None."""
         for linear in self.writes:
             for kind in ("weight", "bias"):
                 if name in (f"{linear}.{kind}", f"model.{linear}.{kind}"):
@@ -72,8 +72,6 @@ FAMILIES = {
 
 def family_of(config) -> Family | None:
     return FAMILIES.get(getattr(config, "model_type", None))
-
-
 
 
 def view(src):
@@ -179,7 +177,8 @@ def compare_carried(out: Path, src) -> str | None:
     for name in mm.carried:
         if name not in reader.keys():
             return f"{CARRIED_DIR}/ lacks the source's '{name}'"
-        got, want = reader.get(name), torch.cat(list(src.carried_rows(name)))
+        parts = list(src.carried_rows(name))
+        got, want = reader.get(name), parts[0] if len(parts) == 1 else torch.cat(parts)
         if got.dtype != want.dtype or got.shape != want.shape or not torch.equal(got, want):
             return f"{CARRIED_DIR}/{name} differs from the source's"
     return None
