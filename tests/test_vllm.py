@@ -334,7 +334,8 @@ def cpu_has_int8_dot_product() -> bool | None:
 
 
 # vLLM 0.32.0's CPU build on an Intel Xeon with AMX (2026-12-04): its int8 kernel takes only bf16 /
-# fp16 activations, where these tests run vLLM in float32 (what qconvert evaluates in)
+# fp16 activations, where these tests run vLLM in float32 (what qconvert evaluates in); the W8A8
+# case then scores again in bfloat16 (2026-12-05: 31.618 against qconvert's float32 31.629)
 AMX_INT8_NEEDS_HALF = "int8_scaled_mm_with_quant: expect A to be bfloat16 or half"
 
 
@@ -343,8 +344,8 @@ def cpu_has_amx() -> bool:
     return bool(flags and {"amx_tile", "amx_int8", "amx_bf16"} & flags)
 
 
-def test_w8a8_int8_within_one_percent(vllm_python, smollm2, score_request, tok, text, tiny_llama, tmp_path,
-                                      tmp_path_factory):
+def test_w8a8_int8_within_one_percent(vllm_python, smollm2, score_request, score_request_bf16, tok, text, tiny_llama,
+                                      tmp_path, tmp_path_factory):
     """int8 per-channel weights, dynamic per-token symmetric int8 activations: vLLM's
     CompressedTensorsW8A8Int8, which it picks only for an activation format ("int-quantized":
     int8 ``weight``, float32 ``weight_scale`` [N, 1]); 8-bit weights "pack-quantized" would
@@ -356,11 +357,14 @@ def test_w8a8_int8_within_one_percent(vllm_python, smollm2, score_request, tok, 
     *saturating int16*, so large products clip (checked against an emulation of exactly that, to
     0.01 of the int32 result; 15-37% of the output's magnitude off on random int8 data).  There
     vLLM is measurably worse than exact int8 arithmetic: 32.64 against qconvert's 31.18 (and
-    transformers' 31.22 on the same export), an expected failure of vLLM, not of the export."""
+    transformers' 31.22 on the same export), an expected failure of vLLM, not of the export.
+    With AMX its int8 kernel takes bfloat16 activations only: scored in bfloat16 there."""
     exportable_or_skip("w8a8", tiny_llama, tmp_path)
     out, ct = quantize_and_export(smollm2, tmp_path_factory, "w8a8", None)
     res = run_vllm(vllm_python, ct, score_request, tmp_path)
-    require_ran(res, cpu_cannot=(AMX_INT8_NEEDS_HALF,))
+    if not res["ok"] and AMX_INT8_NEEDS_HALF in res.get("error", ""):  # the AMX kernel: bfloat16 activations only
+        res = run_vllm(vllm_python, ct, score_request_bf16, tmp_path)
+    require_ran(res)
     assert schemes_of(res) == {"CompressedTensorsW8A8Int8"}, res["layers"]
     ppl = qconvert_ppl(load(out), tok, text)
     if rel(res["perplexity"], ppl) > 0.01 and cpu_has_int8_dot_product() is False:
