@@ -224,3 +224,24 @@ def test_inspect_and_the_cards_say_what_was_kept(mm, tmp_path):
     run_cli("export", out, "-o", dest)
     card = export_card(dest)
     assert "pipeline_tag: image-text-to-text" in card and "kept bit for bit as the source has them" in card
+
+
+def test_a_hub_id_in_the_cache_resolves_to_its_language_model(mm, tmp_path, monkeypatch):
+    """``qconvert quantize google/gemma-3-4b-it`` as a user runs it offline: the Hub id from the
+    huggingface_hub cache is read as its language model, and OUT records the Hub id and commit."""
+    import huggingface_hub.constants as c
+
+    from test_source import _hf_cache
+
+    cache = tmp_path / "hub"
+    snap = _hf_cache(cache, "acme/tiny-vlm", mm)
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    src = resolve_source("acme/tiny-vlm")
+    assert isinstance(src, LanguageModelSource) and src.directory == snap
+    assert (src.hub_id, src.revision, src.description) == ("acme/tiny-vlm", snap.name, "acme/tiny-vlm")
+    out = tmp_path / "out"
+    res = run_cli("quantize", "acme/tiny-vlm", "--scheme", "w4a16-gptq", "--base", "rtn", "-o", out, "-q")
+    report = json.loads((out / "qconvert.json").read_text())
+    assert report["source_info"]["id"] == "acme/tiny-vlm" and report["source_info"]["revision"] == snap.name, res.output
+    assert report["multimodal"]["tensors"] > 0 and (out / CARRIED_DIR / "model.safetensors").is_file()
