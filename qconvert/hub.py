@@ -249,7 +249,7 @@ def _scheme_rows(qc: dict, report: dict) -> list[tuple[str, str]]:
     rows = []
     for layout in _layouts(qc):  # what each layout says of its weights and activations, once
         rows += [r for r in layout.card_rows(cfg) if r not in rows]
-    rows += _rotation_rows(report)
+    rows += _rotation_rows(report) + _multimodal_rows(report)
     rows += _solver_rows(cfg.get("base"), report.get("calibration"), report.get("float_path"))
     layouts = sorted(set((qc.get("modules") or {}).values()))
     rows.append(("quantized", f"{len(qc.get('modules') or {})} linear layers (layout {', '.join(layouts) or '-'})"))
@@ -277,7 +277,7 @@ def _rotation_rows(report: dict) -> list[tuple[str, str]]:
                                             "runtime and kernels apply it, compressed-tensors cannot carry it)"))
     if report.get("rotation_skipped"):  # the default not applied (in part: the online transform)
         rows.append(("online rotation" if rot else "rotation", report["rotation_skipped"]))
-    return rows + _multimodal_rows(report)
+    return rows
 
 
 def _multimodal_rows(report: dict) -> list[tuple[str, str]]:
@@ -633,7 +633,7 @@ def _export_scheme_rows(marker: dict, qcfg: dict, group: dict, origin: dict) -> 
     rows = [("weights", how_w), ("input activations", how_a),
             ("weight_scale", f"{marker.get('scale_dtype')}, largest relative rounding of a scale "
                              f"{float(marker.get('max_scale_rel_error') or 0):.1e}")]
-    rows += _rotation_rows(origin) + _solver_rows(origin.get("base"), origin.get("calibration"), origin.get("float_path"))
+    rows += _rotation_rows(origin) + _multimodal_rows(origin) + _solver_rows(origin.get("base"), origin.get("calibration"), origin.get("float_path"))
     ignored = qcfg.get("ignore") or []
     rows.append(("quantized", f"{marker.get('layers', '?')} linear layers; in full precision: embeddings, norms"
                               + (f", {', '.join(ignored)}" if ignored else "")))

@@ -125,7 +125,7 @@ class Renamer:
         self.prefix, self.head = rec["text_prefix"], rec["head"]
 
     def tensor(self, name: str) -> str:
-        if name == "lm_head.weight" or name.startswith("lm_head."):
+        if name.startswith("lm_head."):
             return self.head.removesuffix("weight") + name.removeprefix("lm_head.")
         if not name.startswith("model."):
             raise QConvertError(f"tensor {name!r} is outside the language model's names")
@@ -174,8 +174,9 @@ def compare_carried(out: Path, src) -> str | None:
         return None if mm is rec else f"{src.description} is {'' if mm else 'not '}a multimodal checkpoint, OUT is " \
                                       f"{'' if rec else 'not '}one: is it the source OUT was made from?"
     reader = ShardedReader(Path(out) / CARRIED_DIR)
+    stored = set(reader.keys())
     for name in mm.carried:
-        if name not in reader.keys():
+        if name not in stored:
             return f"{CARRIED_DIR}/ lacks the source's '{name}'"
         parts = list(src.carried_rows(name))
         got, want = reader.get(name), parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -42,6 +42,18 @@ def build_skeleton(config):
     return unfuse_experts(model).eval()
 
 
+def model_from_tensors(config, state: dict) -> tuple[nn.Module, list[str], list[str]]:
+    """The causal LM of ``config`` holding ``state`` (assigned, not copied), its head tied where
+    the config ties it; returns (model, missing, unexpected): the skeleton's parameters ``state``
+    lacks (a tied head not among them) and the names it has beyond them."""
+    model = build_skeleton(config)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    if tied:
+        model.tie_weights()
+    return model, [k for k in missing if not (tied and k == "lm_head.weight")], list(unexpected)
+
+
 def is_excluded(name: str, patterns) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 

@@ -176,13 +176,9 @@ class LanguageModelSource(DerivedSource):
 
     def load_model(self, dtype=torch.float32):
         """The float language model alone (what verify and eval compare against)."""
-        from qconvert.skeleton import build_skeleton
+        from qconvert.skeleton import model_from_tensors
 
-        model = build_skeleton(self.config)
-        state = {k: self.get(k).to(dtype) for k in self.keys()}
-        result = model.load_state_dict(state, strict=False, assign=True)
-        model.tie_weights()
-        missing = [k for k in result.missing_keys if not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
+        model, missing, _ = model_from_tensors(self.config, {k: self.get(k).to(dtype) for k in self.keys()})
         if missing:
             raise QConvertError(f"{self.description} lacks the language model's '{self._names.get(missing[0], missing[0])}'")
         return model.eval()
@@ -282,12 +278,9 @@ class SafetensorsDirSource(Source):
 
         self.config  # architecture check
         if isinstance(self.reader, PickleReader):  # never through transformers' own unpickling
-            from qconvert.skeleton import build_skeleton
+            from qconvert.skeleton import model_from_tensors
 
-            model = build_skeleton(self.config)
-            model.load_state_dict({k: self.reader.get(k).to(dtype) for k in self.reader.keys()}, strict=False, assign=True)
-            model.tie_weights()
-            return model.eval()
+            return model_from_tensors(self.config, {k: self.reader.get(k).to(dtype) for k in self.reader.keys()})[0].eval()
         from qconvert.moe import unfuse_experts
 
         # experts as separate linears, so that verify compares them layer by layer

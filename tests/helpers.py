@@ -195,14 +195,16 @@ def check_tiny_out(out: Path, src: Path, text: Path) -> None:
     assert "prefill" in res.output
 
 
-def check_export_scores_as_runtime(src: Path, tmp_path: Path) -> None:
+def check_export_scores_as_runtime(src: Path, tmp_path: Path, text: Path | None = None) -> tuple[Path, Path]:
     """w4a16-gptq of ``src`` exported to compressed-tensors: transformers scores the export as
-    qconvert's runtime scores the OUT (``eval_tiny`` on ``src/../text.raw``), within 1e-5."""
-    out, dest, text = tmp_path / "out", tmp_path / "ct", src.parent / "text.raw"
+    qconvert's runtime scores the OUT (``eval_tiny`` on ``text``, by default ``src/../text.raw``),
+    within 1e-5.  Returns (OUT, the export)."""
+    out, dest, text = tmp_path / "out", tmp_path / "ct", text or src.parent / "text.raw"
     cli_ok(quantize_tiny(src, out, "w4a16-gptq"))
     run_cli("export", out, "-o", dest)
     c, q = eval_tiny(dest, text), eval_tiny(out, text)
     assert c["kind"] == "compressed-tensors" and abs(c["perplexity"] - q["perplexity"]) <= 1e-5 * q["perplexity"], (c, q)
+    return out, dest
 
 
 def check_illm_refused(src: Path, tmp_path: Path) -> None:

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import (check_tiny_out, cli_ok, eval_tiny, multimodal_config, quantize_tiny, run_cli, text_files,
-                     write_multimodal)
+from helpers import (check_export_scores_as_runtime, check_tiny_out, cli_ok, multimodal_config, quantize_tiny, run_cli,
+                     text_files, write_multimodal)
 from qconvert.multimodal import CARRIED_DIR
 from qconvert.source import LanguageModelSource, resolve_source
 
@@ -142,14 +142,10 @@ def test_the_export_is_the_multimodal_model_again(mm, tmp_path):
     model (rotated as OUT was) whose language-model linears hold the OUT's weights."""
     from qconvert.runtime import load
 
-    out, dest, text = tmp_path / "out", tmp_path / "ct", mm.parent / "text.raw"
-    cli_ok(quantize_tiny(mm, out, "w4a16-gptq"))
-    run_cli("export", out, "-o", dest)
+    out, dest = check_export_scores_as_runtime(mm, tmp_path)
     cfg = json.loads((dest / "config.json").read_text())
     assert cfg["model_type"] in KINDS and cfg["text_config"]["model_type"] != cfg["model_type"]
     assert {"re:.*vision_tower.*", "re:.*multi_modal_projector.*"} <= set(cfg["quantization_config"]["ignore"])
-    c, q = eval_tiny(dest, text), eval_tiny(out, text)
-    assert c["kind"] == "compressed-tensors" and abs(c["perplexity"] - q["perplexity"]) <= 1e-5 * q["perplexity"], (c, q)
 
     layers = json.loads((out / "qconvert.json").read_text())["layers"]
     quantized = {"language_model." + r["name"] + ".weight" for r in layers}

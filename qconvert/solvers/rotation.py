@@ -339,17 +339,12 @@ class RotatedSource(DerivedSource):
 
     def load_model(self, dtype: torch.dtype = torch.float32):
         """The rotated model, whole (what ``verify`` compares a rotated OUT with)."""
-        from qconvert.skeleton import build_skeleton
+        from qconvert.skeleton import model_from_tensors
 
-        model = build_skeleton(self.config)
-        state = {k: self.get(k).to(dtype) for k in self._keys}
-        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-        allowed = {HEAD} if self.config.tie_word_embeddings else set()
-        if set(missing) - allowed or unexpected:
+        model, missing, unexpected = model_from_tensors(self.config, {k: self.get(k).to(dtype) for k in self._keys})
+        if missing or unexpected:
             raise QConvertError(f"the rotated tensors of {self.description} do not fit its config "
-                                f"(missing {sorted(set(missing) - allowed)[:3]}, unexpected {sorted(unexpected)[:3]})")
-        if self.config.tie_word_embeddings:
-            model.tie_weights()
+                                f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
         if self.online is not None:
             from qconvert.online_hadamard import attach_all
 
@@ -385,12 +380,10 @@ class RotatedSource(DerivedSource):
         if not t.dtype.is_floating_point:
             raise QConvertError(f"'{name}' of {self.description} is stored as {t.dtype}; rotation needs "
                                 "floating-point weights: start from the original checkpoint")
-        if kind == "weight":
-            if t.shape[0] != self.hidden:
-                raise QConvertError(f"'{name}' of {self.description} writes {t.shape[0]} channels, not the text "
-                                    f"model's hidden_size {self.hidden}; check config.json")
-            return iter([_map_rows(t.t(), self.q.right, t.dtype, budget=self.chunk_bytes).t().contiguous()])
-        return iter([self.q.right(t.to(torch.float64)).to(t.dtype)])
+        if kind == "weight" and t.shape[0] != self.hidden:
+            raise QConvertError(f"'{name}' of {self.description} writes {t.shape[0]} channels, not the text "
+                                f"model's hidden_size {self.hidden}; check config.json")
+        return iter([(self._written if kind == "weight" else self._written_bias)(t, t.dtype)])
 
     # ---- the online Hadamard transform before down_proj (``--rotate hadamard+online``)
     def _online_transform(self, names: list[str]):
@@ -477,10 +470,13 @@ class RotatedSource(DerivedSource):
         return self.r.right(b.to(torch.float64).reshape(-1, self.head_dim)).reshape(b.shape).to(dtype)
 
     def _write(self, recipe, dtype):
-        # Q^T W = (W^T Q)^T: W's columns, as rows of W^T, slice by slice
         w = self.src.get(recipe.source)
         if self.online is not None and recipe.source.endswith(".mlp.down_proj.weight"):
             w = self._online_fold(w, recipe.source)  # W Q_d in float64: one rounding, at the end
+        return self._written(w, dtype)
+
+    def _written(self, w, dtype):
+        # Q^T W = (W^T Q)^T: W's columns, as rows of W^T, slice by slice
         return _map_rows(w.t(), self.q.right, dtype, budget=self.chunk_bytes).t().contiguous()
 
     def _online_fold(self, w: torch.Tensor, name: str) -> torch.Tensor:
@@ -498,4 +494,7 @@ class RotatedSource(DerivedSource):
         return _map_rows(w.t(), fn, dtype, align=self.head_dim, budget=self.chunk_bytes).t().contiguous()
 
     def _bias_write(self, recipe, dtype):
-        return self.q.right(self.src.get(recipe.source).to(torch.float64)).to(dtype)
+        return self._written_bias(self.src.get(recipe.source), dtype)
+
+    def _written_bias(self, b, dtype):  # Q^T b
+        return self.q.right(b.to(torch.float64)).to(dtype)
