@@ -60,11 +60,12 @@ AVX512_ONLY_OP = "cpu_gemm_wna16"
 # with qconvert's float32 runtime.  On SmolLM2 vLLM scored 4.1% (symmetric) and 3.4% (zero points)
 # above qconvert, while the unquantized model in bfloat16 came within 0.08%: the op's own
 # arithmetic, which puts one layer's outputs 0.8% (relative norm) from x·Wᵀ of the weights it
-# loaded (`benchmarks/vllm_wna16_probe.py`; 2026-12-05, vLLM 0.32.0, an AVX-512 + AMX Xeon).  A
+# loaded (`benchmarks/vllm_wna16_probe.py`; the scores: `benchmarks/vllm_bf16_scores.py`; 2026-12-05,
+# vLLM 0.32.0, an AVX-512 + AMX Xeon).  A
 # wrong weight, scale or group would put it far beyond this bound.
 W4A16_CPU_TOL = 0.06
 # The tiny random models' near-uniform next-token distributions hide that arithmetic: measured at
-# most 1.8e-4 (Gemma-2) in their sums of log-probabilities
+# most 1.8e-4 (Gemma-2) in their sums of log-probabilities (benchmarks/vllm_bf16_scores.py)
 TINY_BF16_TOL = 1e-3
 
 
@@ -335,7 +336,8 @@ def cpu_has_int8_dot_product() -> bool | None:
 
 # vLLM 0.32.0's CPU build on an Intel Xeon with AMX (2026-12-04): its int8 kernel takes only bf16 /
 # fp16 activations, where these tests run vLLM in float32 (what qconvert evaluates in); the W8A8
-# case then scores again in bfloat16 (2026-12-05: 31.618 against qconvert's float32 31.629)
+# case then scores again in bfloat16 (2026-12-05: 31.323 against qconvert's float32 31.337,
+# benchmarks/vllm_bf16_scores.py)
 AMX_INT8_NEEDS_HALF = "int8_scaled_mm_with_quant: expect A to be bfloat16 or half"
 
 

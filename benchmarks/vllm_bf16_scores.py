@@ -1,0 +1,111 @@
+"""What vLLM's CPU build scores, in bfloat16, against qconvert's runtime: the figures behind
+tests/test_vllm.py's ``W4A16_CPU_TOL`` / ``TINY_BF16_TOL`` and docs/export.md ("On an AVX-512 CPU").
+
+    QCONVERT_VLLM_PYTHON=VENV/bin/python python benchmarks/vllm_bf16_scores.py [--json F]
+
+VENV is vLLM's environment (.ci/vllm_env.sh).  SmolLM2 (as tests/test_vllm.py quantizes it: round to
+nearest) unquantized, W4A16, W4A16 with zero points and W8A8 int8, scored by vLLM in bfloat16 on the
+tests' 2 windows of 256 WikiText-2 test tokens, beside qconvert's float32 perplexity (and, for
+W4A16, its bfloat16 one with eager attention); then the tests' tiny Phi-3, Gemma-2, Granite and
+OLMo-2 at W4A16: the relative difference of the sums of log-probabilities.  A few minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+for _var, _value in (("ATEN_CPU_CAPABILITY", "avx2"), ("MKL_ENABLE_INSTRUCTIONS", "AVX2")):  # as the tests
+    os.environ.setdefault(_var, _value)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+WIKI_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+
+
+class _Dirs:
+    """What ``tests/test_vllm.quantize_and_export`` asks of pytest's tmp_path_factory."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def mktemp(self, name: str) -> Path:
+        path = self.root / name
+        path.mkdir(parents=True)
+        return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    if not os.environ.get("QCONVERT_VLLM_PYTHON"):
+        sys.exit("set QCONVERT_VLLM_PYTHON to the python of vLLM's environment (.ci/vllm_env.sh VENV)")
+    import torch
+
+    import test_vllm as t
+    from helpers import tiny_config, write_model
+    from qconvert import load, quantize
+    from qconvert.calibration_text import load_eval_text
+    from qconvert.formats.compressed_tensors import export
+    from qconvert.source import resolve_source
+
+    vllm = t.VLLM_PYTHON
+    src = resolve_source("smollm2-135m")
+    tok = src.load_tokenizer()
+    text = load_eval_text("wikitext2", WIKI_TEST)[: t.TEXT_CHARS]
+    rows = {"smollm2": [], "tiny": []}
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        request = t.write_request(d / "bf16.json", tok(text).input_ids, generate=False, dtype="bfloat16")
+        state = {n: src.get(n).contiguous() for n in src.keys()}
+        state.pop("lm_head.weight", None) if src.config.tie_word_embeddings else None
+        fp = write_model(d / "fp", src.config, state, tokenizer=False)
+        src.save_tokenizer(fp)
+        cases = [("unquantized", None, None, None), ("W4A16", "w4a16-gptq", t.GROUP, None),
+                 ("W4A16 zero points", "w4a16-gptq", t.GROUP, {"symmetric": False}), ("W8A8 int8", "w8a8", None, None)]
+        for label, scheme, group, params in cases:
+            if scheme is None:
+                model_dir, runtime, out = fp, src.load_model(), None
+            else:
+                out, model_dir = t.quantize_and_export(src, _Dirs(d / label.replace(" ", "-")), scheme, group, params)
+                runtime = load(out)
+            res = t.run_vllm(vllm, model_dir, request, d)
+            row = {"export": label, "vllm_ok": res["ok"], "vllm_bf16": res.get("perplexity"),
+                   "qconvert_f32": t.qconvert_ppl(runtime, tok, text), **({"error": res["error"]} if not res["ok"] else {})}
+            if scheme == "w4a16-gptq":
+                bf = load(out, dtype=torch.bfloat16)
+                bf.set_attn_implementation("eager")  # torch's bf16 SDPA needs AVX-512, which the tests' pin hides
+                row["qconvert_bf16_eager"] = t.qconvert_ppl(bf, tok, text)
+            rows["smollm2"].append(row)
+        for arch in ("phi3", "gemma2", "granite", "olmo2"):  # as test_other_architectures_w4a16_match_qconvert
+            cfg = tiny_config(arch, hidden=256, intermediate=512, heads=4, kv_heads=2, tie=arch == "gemma2")
+            if arch == "gemma2":
+                cfg.head_dim, cfg.query_pre_attn_scalar, cfg.sliding_window = 64, 64, 4096
+            out = quantize(write_model(d / arch, cfg), "w4a16-gptq", d / f"{arch}-out", base="rtn", progress=False)
+            export(out, d / f"{arch}-ct")
+            ids = torch.randint(3, 300, (t.WINDOWS, 64), generator=torch.Generator().manual_seed(0))
+            req = d / f"{arch}.json"
+            req.write_text(json.dumps({"windows": ids.tolist(), "prompt": [], "max_new_tokens": 0, "dtype": "bfloat16"}))
+            res = t.run_vllm(vllm, d / f"{arch}-ct", req, d)
+            with torch.inference_mode():
+                logp = torch.log_softmax(load(out)(ids).logits.double(), dim=-1)
+            ours = float(logp[:, :-1].gather(-1, ids[:, 1:, None]).sum())
+            rows["tiny"].append({"arch": arch, "vllm_bf16": res.get("sum_logprob"), "qconvert_f32": ours,
+                                 "rel": abs(res["sum_logprob"] - ours) / abs(ours) if res["ok"] else None})
+    print("SmolLM2, perplexity on 2 x 256 WikiText-2 test tokens")
+    for r in rows["smollm2"]:
+        gap = f"{(r['vllm_bf16'] / r['qconvert_f32'] - 1) * 100:+.2f}%" if r["vllm_ok"] else r["error"][:80]
+        extra = f"  qconvert bf16 (eager) {r['qconvert_bf16_eager']:.3f}" if "qconvert_bf16_eager" in r else ""
+        print(f"  {r['export']:18} vLLM bf16 {r['vllm_bf16'] or float('nan'):8.3f}  qconvert f32 {r['qconvert_f32']:8.3f}  {gap}{extra}")
+    print("tiny models, W4A16: relative difference of the sums of log-probabilities (vLLM bf16 / qconvert f32)")
+    for r in rows["tiny"]:
+        print(f"  {r['arch']:8} {r['rel']:.3g}" if r["rel"] is not None else f"  {r['arch']:8} vLLM failed")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
