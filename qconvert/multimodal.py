@@ -1,8 +1,12 @@
 """Multimodal checkpoints whose language model qconvert quantizes (Gemma-3 4B and up, Mistral-Small-3.1,
-LLaVA-1.5 and Pixtral-12B).
+LLaVA-1.5, Pixtral-12B, Qwen2-VL, Qwen2.5-VL and Qwen3-VL).
 
 Such a checkpoint keeps a causal language model (model type ``gemma3_text``, ``mistral``, …) under
-a prefix, beside an image encoder and a projector that feed it image features.  qconvert reads the
+a prefix, beside an image encoder and a projector that feed it image features.  The Qwen-VL models'
+language model has a config of its own (``qwen2_5_vl_text``, …) only for its multimodal RoPE
+(M-RoPE): text gives each of M-RoPE's three position sections the same position, which makes it
+the plain RoPE of a Qwen2 / Qwen3 model, so qconvert reads it as one (``Family.text_as``,
+``text_model_config``) and export writes the checkpoint's own text config back.  qconvert reads the
 language model as the text model it is (``qconvert.source.LanguageModelSource``: the text config,
 the tensors under their text-model names), so the walk, the runtime, ``eval``, ``verify`` and the
 decode engine see a plain text model.  The other tensors are carried into ``OUT/multimodal/``, with the
@@ -12,12 +16,14 @@ a ``quantization_config`` that leaves the image parts alone (docs/format.md, "Mu
 
 A rotated residual stream (``--rotate``, the presets' default) rotates the image features with it:
 the projector's last linear, which writes them into the stream, is rotated as an o_proj is
-(``Family.writes``; Q^T W and Q^T b).  Where that linear is not known, the stream is not rotated.
+(``Family.writes``; Q^T W and Q^T b); so are Qwen3-VL's DeepStack mergers, whose features are
+added to the stream after its first layers.  Where that linear is not known, the stream is not rotated.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,9 +47,12 @@ class Family:
     module_prefix: str  # where transformers' multimodal class keeps the text model's modules
     head_module: str
     carried: tuple[str, ...]  # the top-level parts outside the language model, kept as they are
-    # the linears whose output joins the residual stream (the image features): a rotated stream
-    # rotates them too; none known, no rotation
+    # the linears whose output joins the residual stream (the image features), as regular
+    # expressions of their names: a rotated stream rotates them too; none known, no rotation
     writes: tuple[str, ...] = ()
+    # the text model type qconvert reads the language model as, where its config has a type of its
+    # own that differs from that model only in its (multimodal) RoPE; None: read as it is
+    text_as: str | None = None
 
     def carries(self, name: str) -> bool:
         """Whether tensor ``name`` belongs to a part kept as it is (under either naming)."""
@@ -52,22 +61,56 @@ class Family:
     def stream_write(self, name: str) -> str | None:
         """The kind ("weight" or "bias") where tensor ``name`` belongs to one of ``writes``, else None."""
         for linear in self.writes:
-            for kind in ("weight", "bias"):
-                if name in (f"{linear}.{kind}", f"model.{linear}.{kind}"):
-                    return kind
+            m = re.fullmatch(rf"(?:model\.)?{linear}\.(weight|bias)", name)
+            if m:
+                return m.group(1)
         return None
 
+    def text_config(self, text):
+        """The language model's config as qconvert reads it: ``text`` itself, or the ``text_as``
+        model's config with the same fields and M-RoPE's sections dropped (one-dimensional RoPE of
+        the same frequencies: what M-RoPE computes for text)."""
+        if self.text_as is None:
+            return text
+        from transformers import AutoConfig
 
+        fields = {k: v for k, v in text.to_dict().items() if k not in TEXT_OWN_KEYS}
+        rope = {k: v for k, v in (fields.get("rope_parameters") or {}).items() if k not in MROPE_KEYS}
+        if rope.get("rope_type", "default") not in ("default", "mrope"):
+            raise QConvertError(f"a {self.model_type} language model with RoPE type {rope['rope_type']!r}: qconvert "
+                                "reads it only with its default M-RoPE; check config.json's rope_scaling")
+        fields["rope_parameters"] = {**rope, "rope_type": "default"}
+        return AutoConfig.for_model(self.text_as, **fields)
+
+
+# what ``Family.text_config`` leaves out of a text config it reads as another type's; what
+# ``outer_config`` takes back from the checkpoint's own text config; M-RoPE's own RoPE fields
+TEXT_OWN_KEYS = ("model_type", "architectures", "transformers_version", "_name_or_path")
+RESTORED_KEYS = ("model_type", "rope_parameters", "rope_scaling")
+MROPE_KEYS = ("mrope_section", "mrope_interleaved", "type")
 _LLAVA_NAMING = (("language_model.model.", "language_model.lm_head.weight"), ("model.language_model.", "lm_head.weight"))
 _LLAVA_PARTS = ("vision_tower", "multi_modal_projector")
 FAMILIES = {
     "gemma3": Family("gemma3", _LLAVA_NAMING, "model.language_model.", "lm_head", _LLAVA_PARTS),
     # their projector ends in linear_2, which writes the image features into the stream
     "mistral3": Family("mistral3", _LLAVA_NAMING, "model.language_model.", "lm_head", _LLAVA_PARTS,
-                       ("multi_modal_projector.linear_2",)),
+                       (r"multi_modal_projector\.linear_2",)),
     "llava": Family("llava", _LLAVA_NAMING, "model.language_model.", "lm_head", _LLAVA_PARTS,  # LLaVA-1.5, Pixtral-12B
-                    ("multi_modal_projector.linear_2",)),
+                    (r"multi_modal_projector\.linear_2",)),
 }
+# Qwen2-VL and Qwen2.5-VL: published checkpoints keep the language model under model., the image
+# encoder under visual. (transformers writes them so too); its merger's last linear writes the image
+# features into the stream
+_QWEN_NAMING = (("model.", "lm_head.weight"), ("model.language_model.", "lm_head.weight"))
+for _t in ("qwen2_vl", "qwen2_5_vl"):
+    FAMILIES[_t] = Family(_t, _QWEN_NAMING, "model.language_model.", "lm_head", ("visual",),
+                          (r"visual\.merger\.mlp\.2",), text_as="qwen2")
+# Qwen3-VL: saved as transformers' module tree; its DeepStack mergers add image features to the stream
+# after the first layers, as the merger writes them before the first
+FAMILIES["qwen3_vl"] = Family("qwen3_vl", (("model.language_model.", "lm_head.weight"),), "model.language_model.",
+                              "lm_head", ("visual",),
+                              (r"visual\.merger\.linear_fc2", r"visual\.deepstack_merger_list\.\d+\.linear_fc2"),
+                              text_as="qwen3")
 
 
 def family_of(config) -> Family | None:
@@ -145,6 +188,9 @@ def outer_config(rec: dict, text_cfg: dict) -> dict:
     """The multimodal config.json around ``text_cfg`` (the OUT's text config as exported)."""
     cfg = dict(rec["config"])
     text = {k: v for k, v in text_cfg.items() if k not in ("architectures", "quantization_config", "_name_or_path")}
+    own = rec.get("text_config")
+    if own is not None:  # read as another type's (Family.text_as): the checkpoint's own text config, OUT's values
+        text = {**own, **{k: v for k, v in text.items() if k in own and k not in RESTORED_KEYS}}
     cfg["text_config"] = text
     if "tie_word_embeddings" in text:
         cfg["tie_word_embeddings"] = text["tie_word_embeddings"]

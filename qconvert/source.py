@@ -133,21 +133,23 @@ class LanguageModelSource(DerivedSource):
         self._names: dict[str, str] = {}  # text-model name -> the checkpoint's
         carried = []
         for n in names:
-            if n.startswith(self.prefix):
+            if family.carries(n):  # first: a Qwen-VL checkpoint's image encoder may be under the text prefix
+                carried.append(n)
+            elif n.startswith(self.prefix):
                 self._names["model." + n[len(self.prefix):]] = n
             elif n == self.head:
                 self._names["lm_head.weight"] = n
-            elif family.carries(n):
-                carried.append(n)
             else:
                 raise QConvertError(
                     f"{src.description}: tensor '{n}' is neither in the language model ({self.prefix}…) nor in "
                     f"the parts carried as they are ({', '.join(family.carried)}); qconvert would lose it"
                 )
         self.carried = carried
-        text = outer_config.get_text_config()
-        if getattr(text, "dtype", None) is None and getattr(outer_config, "dtype", None) is not None:
-            text.dtype = outer_config.dtype
+        own = outer_config.get_text_config()
+        if getattr(own, "dtype", None) is None and getattr(outer_config, "dtype", None) is not None:
+            own.dtype = outer_config.dtype
+        self._own_text = own
+        text = family.text_config(own)
         check_architecture(text)
         # the multimodal class ties its head as the outer config says, whatever the text config says
         text.tie_word_embeddings = bool(getattr(outer_config, "tie_word_embeddings", text.tie_word_embeddings))
@@ -195,8 +197,12 @@ class LanguageModelSource(DerivedSource):
         outer = self.outer_config.to_diff_dict()  # as save_pretrained writes it
         for key in ("text_config", "_name_or_path", "quantization_config", "transformers_version"):
             outer.pop(key, None)
+        own = {}
+        if self.family.text_as is not None:  # the text config export writes back (multimodal.outer_config)
+            own = {"text_config": {k: v for k, v in self._own_text.to_dict().items()
+                                   if k not in ("_name_or_path", "transformers_version")}}
         return {"model_type": self.family.model_type, "text_prefix": self.prefix, "head": self.head,
-                "config": outer, "tensors": len(self.carried)}
+                "config": outer, "tensors": len(self.carried), **own}
 
 
 class SafetensorsDirSource(Source):

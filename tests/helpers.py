@@ -417,9 +417,9 @@ def run_benchmark_without_gpu(script: Path, *args: str):
 
 
 def multimodal_config(model_type="gemma3", hidden=64, layers=2, intermediate=160, vocab=300, heads=4, kv_heads=2):
-    """A tiny Gemma-3 (SigLIP encoder), Mistral-3 (Pixtral encoder) or LLaVA (CLIP encoder, a
-    Mistral language model as Pixtral-12B's) image-text model: its language model as
-    ``tiny_config`` builds it, with 28 x 28 images of 7 x 7 patches."""
+    """A tiny Gemma-3 (SigLIP encoder), Mistral-3 (Pixtral encoder), LLaVA (CLIP encoder, a
+    Mistral language model as Pixtral-12B's), Qwen2-VL, Qwen2.5-VL or Qwen3-VL image-text model:
+    its language model as ``tiny_config`` builds it, with 28 x 28 images of 7 x 7 patches."""
     from transformers import AutoConfig
 
     text = dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
@@ -433,6 +433,20 @@ def multimodal_config(model_type="gemma3", hidden=64, layers=2, intermediate=160
         return AutoConfig.for_model("gemma3", text_config=text, vision_config=dict(
             vision, model_type="siglip_vision_model", vision_use_head=False), mm_tokens_per_image=4,
             image_token_index=vocab - 1, boi_token_index=vocab - 3, eoi_token_index=vocab - 2)
+    if model_type.startswith("qwen"):  # M-RoPE; 28 x 28 images of 7 x 7 patches, merged 2 x 2 into 4 tokens
+        special = dict(image_token_id=vocab - 1, video_token_id=vocab - 2, vision_start_token_id=vocab - 3,
+                       vision_end_token_id=vocab - 4)
+        if model_type == "qwen3_vl":  # DeepStack features added after both text layers
+            return AutoConfig.for_model("qwen3_vl", text_config=dict(text, head_dim=hidden // heads, rope_scaling={
+                "rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True}), vision_config=dict(
+                depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden, patch_size=7,
+                deepstack_visual_indexes=[0, 1], num_position_embeddings=16), **special)
+        vision = dict(depth=1, num_heads=2, patch_size=7)
+        vision.update(dict(embed_dim=32, hidden_size=hidden, mlp_ratio=2) if model_type == "qwen2_vl" else
+                      dict(hidden_size=32, intermediate_size=64, out_hidden_size=hidden, fullatt_block_indexes=[0],
+                           window_size=28))
+        return AutoConfig.for_model(model_type, text_config=dict(text, rope_scaling={
+            "type": "mrope", "mrope_section": [2, 3, 3]}), vision_config=vision, **special)
     text.update(model_type="mistral", head_dim=hidden // heads, sliding_window=None, tie_word_embeddings=False)
     if model_type == "llava":
         return AutoConfig.for_model("llava", text_config=text, vision_config=dict(
@@ -466,4 +480,7 @@ def write_multimodal(directory: Path, config) -> Path:
             ("vision_tower.vision_model." + k.removeprefix("vision_tower.") if k.startswith("vision_tower.") else k): v
             for k, v in state.items()})
     tiny_tokenizer(config.get_text_config().vocab_size).save_pretrained(directory)
+    if config.model_type.startswith("qwen"):  # as Qwen's files name it (transformers uses it for a qwen2 config whatever they say)
+        tc = json.loads((directory / "tokenizer_config.json").read_text())
+        (directory / "tokenizer_config.json").write_text(json.dumps({**tc, "tokenizer_class": "Qwen2Tokenizer"}))
     return directory

@@ -1,4 +1,5 @@
-"""Multimodal checkpoints (Gemma-3 4B and up: ``gemma3``; Mistral-Small-3.1: ``mistral3``) through
+"""Multimodal checkpoints (Gemma-3 4B and up: ``gemma3``; Mistral-Small-3.1: ``mistral3``; LLaVA-1.5
+and Pixtral-12B: ``llava``; Qwen2-VL, Qwen2.5-VL, Qwen3-VL: ``qwen2_vl``, ``qwen2_5_vl``, ``qwen3_vl``) through
 qconvert as their users run them, on tiny random models written by transformers with the published
 checkpoints' names: the language model read as its text model, quantized, verified, evaluated and
 decoded; the image encoder and projector carried bit for bit; the export loaded by transformers as
@@ -15,11 +16,13 @@ from safetensors.torch import load_file
 
 from helpers import (check_export_scores_as_runtime, check_tiny_out, cli_ok, multimodal_config, quantize_tiny, run_cli,
                      text_files, write_multimodal)
-from qconvert.multimodal import CARRIED_DIR
+from qconvert.multimodal import CARRIED_DIR, FAMILIES, Renamer
 from qconvert.source import LanguageModelSource, resolve_source
 
-KINDS = ["gemma3", "mistral3", "llava"]
-IMAGE_TOKENS = {"gemma3": 4, "mistral3": 4, "llava": 16}  # what a 28 x 28 image becomes in each tiny model
+KINDS = ["gemma3", "mistral3", "llava", "qwen2_5_vl", "qwen3_vl"]  # Qwen2-VL: where it differs (the rotation)
+ROTATED = ["mistral3", "llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]  # Gemma-3 is not rotated (its norms)
+IMAGE_TOKENS = {"gemma3": 4, "mistral3": 4, "llava": 16}  # what a 28 x 28 image becomes in each tiny model (Qwen: 4)
+TEXT_AS = {"gemma3": "gemma3_text", "qwen2_vl": "qwen2", "qwen2_5_vl": "qwen2", "qwen3_vl": "qwen3"}  # else mistral
 
 
 @pytest.fixture(scope="module", params=KINDS)
@@ -39,6 +42,12 @@ def float_model(path):
 def image_prompt(config) -> dict:
     """One 28 x 28 image and text around its placeholder tokens."""
     image = torch.linspace(-1, 1, 3 * 28 * 28).reshape(1, 3, 28, 28)
+    if config.model_type.startswith("qwen"):  # 4 x 4 patches of 2 frames x 3 channels x 7 x 7, as the processor flattens them
+        ids = [5, 17, 42, config.vision_start_token_id] + [config.image_token_id] * 4 + [config.vision_end_token_id, 7, 99]
+        patches = image.reshape(3, 4, 7, 4, 7).permute(1, 3, 0, 2, 4).reshape(16, 3, 1, 7, 7).expand(16, 3, 2, 7, 7)
+        ids = torch.tensor([ids])
+        return {"input_ids": ids, "pixel_values": patches.reshape(16, -1), "image_grid_thw": torch.tensor([[1, 4, 4]]),
+                "mm_token_type_ids": (ids == config.image_token_id).int()}  # as the processor marks image tokens
     ids = [5, 17, 42] + [config.image_token_index] * IMAGE_TOKENS[config.model_type] + [7, 99, 23, 64]
     kw = {"input_ids": torch.tensor([ids]), "pixel_values": image}
     if config.model_type == "mistral3":
@@ -50,7 +59,7 @@ def test_the_language_model_reads_as_its_text_model(mm):
     """The view's float text model gives the multimodal model's own logits on text."""
     src = resolve_source(str(mm))
     assert isinstance(src, LanguageModelSource) and src.carried
-    assert src.config.model_type == {"gemma3": "gemma3_text"}.get(src.outer_config.model_type, "mistral")
+    assert src.config.model_type == TEXT_AS.get(src.outer_config.model_type, "mistral")
     ids = torch.randint(3, 290, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         ours = src.load_model()(ids).logits
@@ -64,7 +73,7 @@ def kind_of(mm) -> str:
 
 def test_quantize_keeps_the_image_parts(mm, tmp_path):
     """is-w4a8 with the preset's defaults: the image parts bit for bit, but for the projector's
-    output linear where the stream is rotated (Mistral-3, LLaVA; Gemma-3 is not rotated)."""
+    output linears where the stream is rotated (all but Gemma-3)."""
     out, text = tmp_path / "out", mm.parent / "text.raw"
     res = cli_ok(quantize_tiny(mm, out, "is-w4a8"))
     report = json.loads((out / "qconvert.json").read_text())
@@ -73,12 +82,18 @@ def test_quantize_keeps_the_image_parts(mm, tmp_path):
         assert "rotation does not support model type 'gemma3_text'" in res.output and "rotated" not in rec
     else:
         assert "residual stream rotated" in res.output and report["rotation"]["mode"] == "hadamard"
+        # weight and bias of each (Mistral-3's has no bias; Qwen3-VL: the merger and 2 DeepStack mergers)
+        writes = {"mistral3": 1, "qwen3_vl": 6}.get(kind_of(mm), 2)
         assert set(rec["rotated"]) == {k for k in load_file(mm / "model.safetensors")
-                                       if k.startswith("multi_modal_projector.linear_2.")}
-    assert rec["text_prefix"] == "language_model.model." and rec["head"] == "language_model.lm_head.weight"
+                                       if FAMILIES[kind_of(mm)].stream_write(k)} and len(rec["rotated"]) == writes
+    assert (rec["text_prefix"], rec["head"]) == {
+        "qwen2_5_vl": ("model.", "lm_head.weight"), "qwen3_vl": ("model.language_model.", "lm_head.weight")}.get(
+        kind_of(mm), ("language_model.model.", "language_model.lm_head.weight"))
     src_state = load_file(mm / "model.safetensors")
     carried = load_file(out / CARRIED_DIR / "model.safetensors")
-    image_parts = {k for k in src_state if k.startswith(("vision_tower.", "multi_modal_projector."))}
+    image_parts = {k for k in src_state if FAMILIES[kind_of(mm)].carries(k)}
+    assert image_parts and all(k.startswith(("vision_tower.", "multi_modal_projector.", "visual.", "model.visual."))
+                               for k in image_parts)
     assert set(carried) == image_parts and rec["tensors"] == len(image_parts)
     kept = image_parts - set(rec.get("rotated", []))
     assert all(torch.equal(carried[k], src_state[k]) and carried[k].dtype == src_state[k].dtype for k in kept)
@@ -119,11 +134,12 @@ def image_logits(path):
         return model(**image_prompt(model.config)).logits
 
 
-@pytest.mark.parametrize("kind", ["mistral3", "llava"])
+@pytest.mark.parametrize("kind", ROTATED)
 def test_the_rotated_model_answers_an_image_prompt_as_the_original(kind, tmp_path):
-    """The residual stream rotated, the projector's output linear with it: the same logits on a
-    prompt with an image (the rotation's tolerance, tests/test_rotation.py); with the projector
-    left unrotated they are not."""
+    """The residual stream rotated, the projector's output linears with it (Qwen3-VL: its DeepStack
+    mergers too): the same logits on a prompt with an image (the rotation's tolerance,
+    tests/test_rotation.py); with the projector left unrotated they are not (nor, for Qwen3-VL, with
+    its DeepStack mergers alone left unrotated)."""
     from qconvert.solvers.rotation import RotatedSource
 
     src = write_multimodal(tmp_path / "src", multimodal_config(kind))
@@ -131,9 +147,15 @@ def test_the_rotated_model_answers_an_image_prompt_as_the_original(kind, tmp_pat
     rot = RotatedSource(resolve_source(str(src)), "hadamard", seed=3)
     got = image_logits(write_checkpoint(rot, tmp_path / "rotated"))
     assert float((got - want).abs().max() / want.abs().max()) <= 1e-4
-    rot.carried_rows = rot.src.carried_rows  # the control: the image features enter unrotated
-    wrong = image_logits(write_checkpoint(rot, tmp_path / "unrotated-projector"))
-    assert float((wrong - want).abs().max() / want.abs().max()) > 0.01
+    rotated_rows = rot.carried_rows
+    controls = {"unrotated-projector": lambda name: rot.src.carried_rows(name)}  # the image features enter unrotated
+    if kind == "qwen3_vl":
+        controls["unrotated-deepstack"] = lambda name: (rot.src.carried_rows(name) if "deepstack" in name
+                                                        else rotated_rows(name))
+    for control, rows in controls.items():
+        rot.carried_rows = rows
+        wrong = image_logits(write_checkpoint(rot, tmp_path / control))
+        assert float((wrong - want).abs().max() / want.abs().max()) > 0.01, control
 
 
 def test_the_export_is_the_multimodal_model_again(mm, tmp_path):
@@ -144,11 +166,16 @@ def test_the_export_is_the_multimodal_model_again(mm, tmp_path):
 
     out, dest = check_export_scores_as_runtime(mm, tmp_path)
     cfg = json.loads((dest / "config.json").read_text())
-    assert cfg["model_type"] in KINDS and cfg["text_config"]["model_type"] != cfg["model_type"]
-    assert {"re:.*vision_tower.*", "re:.*multi_modal_projector.*"} <= set(cfg["quantization_config"]["ignore"])
+    src_cfg = json.loads((mm / "config.json").read_text())
+    assert cfg["model_type"] in KINDS and cfg["text_config"]["model_type"] == src_cfg["text_config"]["model_type"]
+    assert cfg["text_config"].get("rope_parameters") == src_cfg["text_config"].get("rope_parameters")  # M-RoPE's
+    report = json.loads((out / "qconvert.json").read_text())
+    renamer = Renamer(report["multimodal"])
+    assert set(renamer.ignored_parts()) <= set(cfg["quantization_config"]["ignore"])
+    assert all("visual" in p or "vision_tower" in p or "multi_modal_projector" in p for p in renamer.ignored_parts())
 
-    layers = json.loads((out / "qconvert.json").read_text())["layers"]
-    quantized = {"language_model." + r["name"] + ".weight" for r in layers}
+    layers = report["layers"]
+    quantized = {renamer.tensor(r["name"] + ".weight") for r in layers}
     names = set(load_file(dest / "model.safetensors"))
     assert set(load_file(mm / "model.safetensors")) - quantized <= names  # the checkpoint's own names
     exported, reference = float_model(dest), float_model(float_checkpoint(out, mm, tmp_path / "float"))
@@ -214,7 +241,10 @@ def test_inspect_and_the_cards_say_what_was_kept(mm, tmp_path):
     cli_ok(quantize_tiny(mm, out, "w4a16-gptq", "--base", "rtn", "--rotate", "none" if kind_of(mm) == "gemma3" else "hadamard"))
     rotated = kind_of(mm) != "gemma3"
     assert "image encoder and projector" in run_cli("inspect", out).output
-    assert ("multi_modal_projector.linear_2.weight rotated" in run_cli("inspect", out).output) == rotated
+    shown = run_cli("inspect", out).output
+    written = json.loads((out / "qconvert.json").read_text())["multimodal"].get("rotated", [])
+    assert bool(written) == rotated and all(n in shown for n in written)
+    assert ("rotated with the residual stream" in shown) == rotated
     assert "kept bit for bit as the source has them" in model_card(out)
     assert ("rotated with the residual stream" in model_card(out)) == rotated
     run_cli("export", out, "-o", dest)
@@ -241,3 +271,45 @@ def test_a_hub_id_in_the_cache_resolves_to_its_language_model(mm, tmp_path, monk
     report = json.loads((out / "qconvert.json").read_text())
     assert report["source_info"]["id"] == "acme/tiny-vlm" and report["source_info"]["revision"] == snap.name, res.output
     assert report["multimodal"]["tensors"] > 0 and (out / CARRIED_DIR / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("kind,naming", [("qwen2_vl", "published"), ("qwen2_5_vl", "module tree")])
+def test_qwen_vl_checkpoints_read_as_qwen2(kind, naming, tmp_path):
+    """Qwen2-VL and Qwen2.5-VL as published (language model under model., image encoder under
+    visual.) or saved as transformers' module tree: read as a Qwen2 text model whose logits on text
+    are the multimodal model's, M-RoPE's sections dropped, its image encoder carried."""
+    import shutil
+
+    from qconvert.formats.safetensors_io import write_safetensors
+
+    src = write_multimodal(text_files(tmp_path) / "src", multimodal_config(kind))
+    state = load_file(src / "model.safetensors")
+    assert "model.embed_tokens.weight" in state and any(k.startswith("visual.") for k in state)
+    if naming == "module tree":
+        tree = tmp_path / "tree"
+        shutil.copytree(src, tree)
+        write_safetensors(tree / "model.safetensors", {
+            ("model.language_model." + k.removeprefix("model.") if k.startswith("model.") else
+             "model." + k if k.startswith("visual.") else k): v for k, v in state.items()})
+        src = tree
+    view = resolve_source(str(src))
+    assert view.config.model_type == "qwen2" and view.prefix == {"published": "model."}.get(naming, "model.language_model.")
+    assert "mrope_section" not in view.config.rope_parameters and len(view.carried) == sum(
+        k.startswith("visual.") for k in state)
+    ids = torch.randint(3, 290, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        ours, theirs = view.load_model()(ids).logits, float_model(src)(input_ids=ids).logits
+    assert torch.allclose(ours, theirs, rtol=0, atol=1e-6), (ours - theirs).abs().max()
+
+
+def test_a_qwen_vl_rope_other_than_mrope_is_refused(tmp_path):
+    """A Qwen2.5-VL config with YaRN scaling (as its card suggests for long inputs) is not one
+    qconvert reads as Qwen2: refused with the fix, before any work."""
+    src = write_multimodal(text_files(tmp_path) / "src", multimodal_config("qwen2_5_vl"))
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["text_config"]["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6,
+                                             "original_max_position_embeddings": 64, "mrope_section": [2, 3, 3]}
+    (src / "config.json").write_text(json.dumps(cfg))
+    res = quantize_tiny(src, tmp_path / "out", "w4a16-gptq")
+    assert res.exit_code != 0 and "RoPE type 'yarn'" in res.output and "rope_scaling" in res.output, res.output
+    assert not (tmp_path / "out").exists()
