@@ -7,7 +7,11 @@ VENV is vLLM's environment (.ci/vllm_env.sh).  SmolLM2 (as tests/test_vllm.py qu
 nearest) unquantized, W4A16, W4A16 with zero points and W8A8 int8, scored by vLLM in bfloat16 on the
 tests' 2 windows of 256 WikiText-2 test tokens, beside qconvert's float32 perplexity (and, for
 W4A16, its bfloat16 one with eager attention); then the tests' tiny Phi-3, Gemma-2, Granite and
-OLMo-2 at W4A16: the relative difference of the sums of log-probabilities.  A few minutes on 2 cores.
+OLMo-2 at W4A16: the relative difference of the sums of log-probabilities; then the tests' tiny
+image-text models (tests/test_vllm.py ``serve_image_text``: Gemma-3, Mistral-3, LLaVA, Qwen2.5-VL,
+Qwen3-VL with their processors) at W4A16: text windows against qconvert's runtime, a prompt with an
+image against transformers' float model holding the OUT's weights, and that prompt without the
+image.  A few minutes on 2 cores; ``--image-text`` runs only the last part (about a minute).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ class _Dirs:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--image-text", action="store_true", help="only the image-text models")
     args = ap.parse_args()
     if not os.environ.get("QCONVERT_VLLM_PYTHON"):
         sys.exit("set QCONVERT_VLLM_PYTHON to the python of vLLM's environment (.ci/vllm_env.sh VENV)")
@@ -56,9 +61,26 @@ def main() -> None:
     src = resolve_source("smollm2-135m")
     tok = src.load_tokenizer()
     text = load_eval_text("wikitext2", WIKI_TEST)[: t.TEXT_CHARS]
-    rows = {"smollm2": [], "tiny": []}
+    rows = {"smollm2": [], "tiny": [], "image_text": []}
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
+        for kind in t.IMAGE_TEXT:
+            (d / kind).mkdir()
+            found = t.serve_image_text(vllm, kind, d / kind)
+            res = found["result"]
+            row = {"kind": kind, "ok": res["ok"], **({"error": res["error"]} if not res["ok"] else {})}
+            if res["ok"]:
+                got = sum(res["images"][0]["logprobs"])
+                row.update(text_vllm_bf16=res["sum_logprob"], text_qconvert_f32=found["text_ours"],
+                           image_vllm_bf16=got, image_reference_f32=found["image_want"],
+                           image_reference_f32_without_image=found["image_blind"], image_tokens=found["image_tokens"],
+                           parts=res["parts"])
+            rows["image_text"].append(row)
+        if args.image_text:
+            _print_image_text(rows["image_text"])
+            if args.json:
+                args.json.write_text(json.dumps(rows, indent=1))
+            return
         request = t.write_request(d / "bf16.json", tok(text).input_ids, generate=False, dtype="bfloat16")
         state = {n: src.get(n).contiguous() for n in src.keys()}
         state.pop("lm_head.weight", None) if src.config.tie_word_embeddings else None
@@ -103,8 +125,24 @@ def main() -> None:
     print("tiny models, W4A16: relative difference of the sums of log-probabilities (vLLM bf16 / qconvert f32)")
     for r in rows["tiny"]:
         print(f"  {r['arch']:8} {r['rel']:.3g}" if r["rel"] is not None else f"  {r['arch']:8} vLLM failed")
+    _print_image_text(rows["image_text"])
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
+
+
+def _print_image_text(rows: list[dict]) -> None:
+    print("tiny image-text models, W4A16 served with their image encoders: relative differences of the sums of "
+          "log-probabilities")
+    print(f"  {'model':11} {'text':>9} {'image':>9} {'no image':>9} {'image tokens':>12}  image parts in vLLM")
+    for r in rows:
+        if not r["ok"]:
+            print(f"  {r['kind']:11} vLLM failed: {r['error'][:80]}")
+            continue
+        rel = lambda a, b: abs(a - b) / abs(b)  # noqa: E731
+        parts = ", ".join(f"{p}: {'/'.join(m)}" for p, m in r["parts"].items() if p != "language_model")
+        print(f"  {r['kind']:11} {rel(r['text_vllm_bf16'], r['text_qconvert_f32']):9.2e} "
+              f"{rel(r['image_vllm_bf16'], r['image_reference_f32']):9.2e} "
+              f"{rel(r['image_reference_f32_without_image'], r['image_reference_f32']):9.2e} {r['image_tokens']:12}  {parts}")
 
 
 if __name__ == "__main__":

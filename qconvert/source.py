@@ -36,7 +36,9 @@ ALIASES = {
 ALIAS_BASE_MODELS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # the Hub model each alias packs
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # a multimodal model's image processor and chat template: what an engine serving its export reads
-PROCESSOR_FILES = ("chat_template.json", "preprocessor_config.json", "processor_config.json")
+# an image-text model's processor (Qwen3-VL's checkpoints add the video processor's)
+PROCESSOR_FILES = ("chat_template.json", "preprocessor_config.json", "processor_config.json",
+                   "video_preprocessor_config.json")
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json",

@@ -429,16 +429,19 @@ def multimodal_config(model_type="gemma3", hidden=64, layers=2, intermediate=160
     if model_type == "gemma3":  # as Gemma-3 4B-27B: linear RoPE scaling on the global layers, no vision head
         text.update(ARCH["gemma3_text"], sliding_window=64, rope_scaling={"rope_type": "linear", "factor": 8.0},
                     layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)])
+        text.update(head_dim=max(16, hidden // heads), query_pre_attn_scalar=max(16, hidden // heads))
         text.pop("architectures")
         return AutoConfig.for_model("gemma3", text_config=text, vision_config=dict(
             vision, model_type="siglip_vision_model", vision_use_head=False), mm_tokens_per_image=4,
             image_token_index=vocab - 1, boi_token_index=vocab - 3, eoi_token_index=vocab - 2)
     if model_type.startswith("qwen"):  # M-RoPE; 28 x 28 images of 7 x 7 patches, merged 2 x 2 into 4 tokens
+        half = hidden // heads // 2  # M-RoPE's sections split the head's frequencies as Qwen's 16, 24, 24 of 64 do
+        sections = [half // 4, 3 * half // 8, half - half // 4 - 3 * half // 8]
         special = dict(image_token_id=vocab - 1, video_token_id=vocab - 2, vision_start_token_id=vocab - 3,
                        vision_end_token_id=vocab - 4)
         if model_type == "qwen3_vl":  # DeepStack features added after both text layers
             return AutoConfig.for_model("qwen3_vl", text_config=dict(text, head_dim=hidden // heads, rope_scaling={
-                "rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True}), vision_config=dict(
+                "rope_type": "default", "mrope_section": sections, "mrope_interleaved": True}), vision_config=dict(
                 depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden, patch_size=7,
                 deepstack_visual_indexes=[0, 1], num_position_embeddings=16), **special)
         vision = dict(depth=1, num_heads=2, patch_size=7)
@@ -446,7 +449,7 @@ def multimodal_config(model_type="gemma3", hidden=64, layers=2, intermediate=160
                       dict(hidden_size=32, intermediate_size=64, out_hidden_size=hidden, fullatt_block_indexes=[0],
                            window_size=28))
         return AutoConfig.for_model(model_type, text_config=dict(text, rope_scaling={
-            "type": "mrope", "mrope_section": [2, 3, 3]}), vision_config=vision, **special)
+            "type": "mrope", "mrope_section": sections}), vision_config=vision, **special)
     text.update(model_type="mistral", head_dim=hidden // heads, sliding_window=None, tie_word_embeddings=False)
     if model_type == "llava":
         return AutoConfig.for_model("llava", text_config=text, vision_config=dict(
@@ -479,8 +482,116 @@ def write_multimodal(directory: Path, config) -> Path:
         write_safetensors(directory / "model.safetensors", {
             ("vision_tower.vision_model." + k.removeprefix("vision_tower.") if k.startswith("vision_tower.") else k): v
             for k, v in state.items()})
-    tiny_tokenizer(config.get_text_config().vocab_size).save_pretrained(directory)
-    if config.model_type.startswith("qwen"):  # as Qwen's files name it (transformers uses it for a qwen2 config whatever they say)
-        tc = json.loads((directory / "tokenizer_config.json").read_text())
-        (directory / "tokenizer_config.json").write_text(json.dumps({**tc, "tokenizer_class": "Qwen2Tokenizer"}))
+    write_multimodal_processor(directory, config)
     return directory
+
+
+# the tokens each tiny image-text model's processor puts around and in place of an image, with
+# their ids counted from the end of the vocabulary (where multimodal_config puts the config's ids)
+QWEN_VL_TOKENS = {"<|vision_end|>": 4, "<|vision_start|>": 3, "<|video_pad|>": 2, "<|image_pad|>": 1}
+IMAGE_TOKENS_OF = {"qwen2_vl": QWEN_VL_TOKENS, "qwen2_5_vl": QWEN_VL_TOKENS, "qwen3_vl": QWEN_VL_TOKENS,
+                   # Gemma's vocabulary has runs of newlines as tokens, which vLLM's processor looks up
+                   "gemma3": {"\n": 7, "\n\n": 6, "\n\n\n": 5, "\n\n\n\n": 4, "<start_of_image>": 3,
+                              "<end_of_image>": 2, "<image_soft_token>": 1},
+                   "llava": {"<image>": 1}, "mistral3": {"[IMG_BREAK]": 3, "[IMG_END]": 2, "[IMG]": 1}}
+# the config keys of those ids
+IMAGE_TOKEN_KEYS = {"<|vision_end|>": "vision_end_token_id", "<|vision_start|>": "vision_start_token_id",
+                    "<|video_pad|>": "video_token_id", "<|image_pad|>": "image_token_id",
+                    "<start_of_image>": "boi_token_index", "<end_of_image>": "eoi_token_index",
+                    "<image_soft_token>": "image_token_index", "<image>": "image_token_index", "[IMG]": "image_token_index"}
+CLIP_NORM = dict(image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711])
+
+
+def processor_config(config) -> dict:
+    """processor_config.json of a tiny image-text model for 28 x 28 images (what transformers 5
+    saves for a processor: its image, and video, processors inside)."""
+    kind, patch = config.model_type, config.vision_config.patch_size
+    if kind.startswith("qwen"):
+        pixels = dict(patch_size=patch, merge_size=2, temporal_patch_size=2,
+                      size={"shortest_edge": 28 * 28, "longest_edge": 28 * 28}, **CLIP_NORM)
+        return {"processor_class": {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}.get(kind, "Qwen3VLProcessor"),
+                "image_processor": {"image_processor_type": "Qwen2VLImageProcessorFast", **pixels},
+                "video_processor": {"video_processor_type": "Qwen3VLVideoProcessor" if kind == "qwen3_vl" else
+                                    "Qwen2VLVideoProcessor", "do_sample_frames": False, **pixels}}
+    if kind == "gemma3":
+        return {"processor_class": "Gemma3Processor", "image_seq_length": config.mm_tokens_per_image,
+                "image_processor": {"image_processor_type": "Gemma3ImageProcessor", "size": {"height": 28, "width": 28},
+                                    "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "do_pan_and_scan": False}}
+    if kind == "llava":  # CLIP's class token dropped ("default" feature selection): 16 image tokens
+        return {"processor_class": "LlavaProcessor", "patch_size": patch, "vision_feature_select_strategy": "default",
+                "num_additional_image_tokens": 1, "image_token": "<image>",
+                "image_processor": {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 28},
+                                    "crop_size": {"height": 28, "width": 28}, **CLIP_NORM}}
+    return {"processor_class": "PixtralProcessor", "patch_size": patch, "spatial_merge_size": config.spatial_merge_size,
+            "image_processor": {"image_processor_type": "PixtralImageProcessor", "size": {"longest_edge": 28},
+                                "patch_size": patch, **CLIP_NORM}}
+
+
+def write_multimodal_processor(directory: Path, config) -> None:
+    """The tokenizer, with the image tokens at the ids the config gives them, and the processor
+    (as the published checkpoints have them, for an engine that processes images: vLLM)."""
+    vocab = config.get_text_config().vocab_size
+    special = IMAGE_TOKENS_OF[config.model_type]
+    tok = tiny_tokenizer(vocab - len(special))
+    ordered = sorted(special, key=lambda t: -special[t])
+    tok.add_special_tokens({"additional_special_tokens": ordered})
+    for token, back in special.items():
+        assert tok.convert_tokens_to_ids(token) == vocab - back, token
+        key = IMAGE_TOKEN_KEYS.get(token)
+        assert key is None or getattr(config, key) == vocab - back, (key, getattr(config, key))
+    tok.save_pretrained(directory)
+    tc = json.loads((directory / "tokenizer_config.json").read_text())
+    if config.model_type.startswith("qwen"):  # as Qwen's files name it (transformers uses it for a qwen2 config whatever they say)
+        tc["tokenizer_class"] = "Qwen2Tokenizer"
+    if config.model_type == "gemma3":  # the processor reads them from the tokenizer
+        tc["extra_special_tokens"] = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                                      "image_token": "<image_soft_token>"}
+    (directory / "tokenizer_config.json").write_text(json.dumps(tc))
+    (directory / "processor_config.json").write_text(json.dumps(processor_config(config), indent=1))
+
+
+def float_model(path):
+    from transformers import AutoModelForImageTextToText
+
+    model, info = AutoModelForImageTextToText.from_pretrained(path, output_loading_info=True, dtype=torch.float32)
+    assert not any(info.values()), info  # every tensor read, none left over
+    return model.eval()
+
+
+def write_checkpoint(src, d):
+    """The multimodal checkpoint ``src`` (a source's language model, rotated or not) computes, as
+    its files name it: what a float model of OUT's rotation is."""
+    from qconvert.formats.safetensors_io import write_safetensors
+    from qconvert.multimodal import Renamer, outer_config, view
+
+    mm = view(src)
+    rec = mm.record()
+    state = {Renamer(rec).tensor(k): src.get(k) for k in src.keys()}
+    state.update({n: torch.cat(list(src.carried_rows(n))) for n in mm.carried})
+    d.mkdir()
+    write_safetensors(d / "model.safetensors", state)
+    (d / "config.json").write_text(json.dumps(outer_config(rec, src.config.to_dict())))
+    return d
+
+
+def float_checkpoint(out, mm, d):
+    """The float model OUT was quantized from: the source, or the source rotated as OUT records."""
+    from qconvert.source import LanguageModelSource, resolve_source
+    from qconvert.verify import rotated_as_recorded
+
+    src = rotated_as_recorded(out, resolve_source(str(mm)))
+    return mm if isinstance(src, LanguageModelSource) else write_checkpoint(src, d)
+
+
+def reference_with_out_weights(out, mm, d):
+    """The float multimodal model OUT was made from (rotated as OUT records), its language-model
+    linears holding OUT's weights (dequantized): what the export should compute."""
+    from qconvert.runtime import load
+
+    reference, runtime = float_model(float_checkpoint(out, mm, d)), load(out)
+    lm = reference.model.language_model
+    with torch.no_grad():
+        for row in json.loads((Path(out) / "qconvert.json").read_text())["layers"]:
+            lm.get_submodule(row["name"].removeprefix("model.")).weight.copy_(
+                runtime.get_submodule(row["name"])._dequantized(torch.float32))
+    return reference

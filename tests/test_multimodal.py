@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import (check_export_scores_as_runtime, check_tiny_out, cli_ok, multimodal_config, quantize_tiny, run_cli,
-                     text_files, write_multimodal)
+from helpers import (check_export_scores_as_runtime, check_tiny_out, cli_ok, float_model, multimodal_config, quantize_tiny,
+                     reference_with_out_weights, run_cli, text_files, write_checkpoint, write_multimodal)
 from qconvert.multimodal import CARRIED_DIR, FAMILIES, Renamer
 from qconvert.source import LanguageModelSource, resolve_source
 
@@ -29,14 +29,6 @@ TEXT_AS = {"gemma3": "gemma3_text", "qwen2_vl": "qwen2", "qwen2_5_vl": "qwen2", 
 def mm(request, tmp_path_factory):
     d = text_files(tmp_path_factory.mktemp(request.param))
     return write_multimodal(d / "src", multimodal_config(request.param))
-
-
-def float_model(path):
-    from transformers import AutoModelForImageTextToText
-
-    model, info = AutoModelForImageTextToText.from_pretrained(path, output_loading_info=True, dtype=torch.float32)
-    assert not any(info.values()), info  # every tensor read, none left over
-    return model.eval()
 
 
 def image_prompt(config) -> dict:
@@ -104,30 +96,6 @@ def test_quantize_keeps_the_image_parts(mm, tmp_path):
     check_tiny_out(out, mm, text)
 
 
-def write_checkpoint(src, d):
-    """The multimodal checkpoint ``src`` (a source's language model, rotated or not) computes, as
-    its files name it: what a float model of OUT's rotation is."""
-    from qconvert.formats.safetensors_io import write_safetensors
-    from qconvert.multimodal import Renamer, outer_config, view
-
-    mm = view(src)
-    rec = mm.record()
-    state = {Renamer(rec).tensor(k): src.get(k) for k in src.keys()}
-    state.update({n: torch.cat(list(src.carried_rows(n))) for n in mm.carried})
-    d.mkdir()
-    write_safetensors(d / "model.safetensors", state)
-    (d / "config.json").write_text(json.dumps(outer_config(rec, src.config.to_dict())))
-    return d
-
-
-def float_checkpoint(out, mm, d):
-    """The float model OUT was quantized from: the source, or the source rotated as OUT records."""
-    from qconvert.verify import rotated_as_recorded
-
-    src = rotated_as_recorded(out, resolve_source(str(mm)))
-    return mm if isinstance(src, LanguageModelSource) else write_checkpoint(src, d)
-
-
 def image_logits(path):
     model = float_model(path)
     with torch.no_grad():
@@ -162,8 +130,6 @@ def test_the_export_is_the_multimodal_model_again(mm, tmp_path):
     """transformers loads the export as the multimodal class (every tensor used); on text it scores
     as qconvert's runtime scores the OUT; on an image prompt it gives the logits of the float
     model (rotated as OUT was) whose language-model linears hold the OUT's weights."""
-    from qconvert.runtime import load
-
     out, dest = check_export_scores_as_runtime(mm, tmp_path)
     cfg = json.loads((dest / "config.json").read_text())
     src_cfg = json.loads((mm / "config.json").read_text())
@@ -178,13 +144,8 @@ def test_the_export_is_the_multimodal_model_again(mm, tmp_path):
     quantized = {renamer.tensor(r["name"] + ".weight") for r in layers}
     names = set(load_file(dest / "model.safetensors"))
     assert set(load_file(mm / "model.safetensors")) - quantized <= names  # the checkpoint's own names
-    exported, reference = float_model(dest), float_model(float_checkpoint(out, mm, tmp_path / "float"))
-    runtime = load(out)
-    lm = reference.model.language_model
+    exported, reference = float_model(dest), reference_with_out_weights(out, mm, tmp_path / "float")
     with torch.no_grad():
-        for row in layers:
-            lm.get_submodule(row["name"].removeprefix("model.")).weight.copy_(
-                runtime.get_submodule(row["name"])._dequantized(torch.float32))
         prompt = image_prompt(reference.config)
         got, want = exported(**prompt).logits, reference(**prompt).logits
         without = reference(input_ids=prompt["input_ids"]).logits

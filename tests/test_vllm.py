@@ -327,6 +327,110 @@ def test_other_architectures_w4a16_match_qconvert(vllm_python, tmp_path, arch, l
         (res["sum_logprob"], ours)
 
 
+# the image-text models vLLM serves here with their image encoders (tests/helpers.py writes their
+# processors); each against transformers' float model holding the OUT's weights
+IMAGE_TEXT = ["gemma3", "mistral3", "llava", "qwen2_5_vl", "qwen3_vl"]
+IMAGE_TOKENS = {"llava": 16}  # what a 28 x 28 image becomes (CLIP's 4 x 4 patches; the others merge them: 4)
+
+
+def tiny_image() -> dict:
+    """A 28 x 28 RGB image (one tile of each tiny model's processor) as vllm_runner.py takes it."""
+    rgb = [(i * 37 + (i // 3) * 11) % 256 for i in range(28 * 28 * 3)]
+    return {"width": 28, "height": 28, "rgb": rgb}
+
+
+def image_token(config: dict) -> int:
+    return config.get("image_token_id", config.get("image_token_index"))
+
+
+def image_placeholder(config: dict) -> list[int]:
+    """The tokens a prompt holds for one image before the processor expands them."""
+    if config["model_type"].startswith("qwen"):
+        return [config["vision_start_token_id"], config["image_token_id"], config["vision_end_token_id"]]
+    return [config.get("boi_token_index", config["image_token_index"])]  # Gemma-3: its begin-of-image token
+
+
+def image_inputs(config: dict, expanded: torch.Tensor, processed: dict) -> dict:
+    """transformers' inputs for a prompt vLLM expanded and the image as the processor made it."""
+    inputs = {"input_ids": expanded, "pixel_values": torch.tensor(processed["pixel_values"])}
+    marks = (expanded == image_token(config)).int()
+    if config["model_type"].startswith("qwen"):
+        inputs.update(image_grid_thw=torch.tensor(processed["image_grid_thw"]), mm_token_type_ids=marks)
+    elif config["model_type"] == "mistral3":
+        inputs["image_sizes"] = torch.tensor(processed["image_sizes"])
+    # Gemma-3: no token_type_ids.  vLLM's CPU build attends causally among the image tokens, as
+    # transformers does without them (on the float source in float32: within 6e-7 per token);
+    # given them, as its processor does, transformers attends both ways (0.07 off per token)
+    return inputs
+
+
+def serve_image_text(vllm_python: str, kind: str, tmp_path: Path) -> dict:
+    """A tiny ``kind`` image-text model with the published names and its processor, W4A16 (round to
+    nearest), the stream and the image features rotated where the model is (all but Gemma-3),
+    exported and served by vLLM in bfloat16: its RESULT.json ("result"), and the sums of
+    log-probabilities it is compared with (float32): qconvert's runtime on the text windows
+    ("text_ours"); on the prompt with the image as vLLM expanded it, transformers' float model
+    holding the OUT's weights with what the model's processor made of the image ("image_want"),
+    and without it ("image_blind")."""
+    from helpers import multimodal_config, reference_with_out_weights, text_files, write_multimodal
+
+    src = write_multimodal(text_files(tmp_path) / "src", multimodal_config(kind, hidden=256, intermediate=512))
+    rotate = None if kind == "gemma3" else "hadamard"
+    out = quantize(src, "w4a16-gptq", tmp_path / "out", base="rtn", rotate=rotate, progress=False)
+    assert bool(json.loads((out / "qconvert.json").read_text())["multimodal"].get("rotated")) == bool(rotate)
+    ct = tmp_path / "ct"
+    export(out, ct)
+    config = json.loads((src / "config.json").read_text())
+    ids = torch.randint(3, 290, (WINDOWS, 64), generator=torch.Generator().manual_seed(0))
+    prompt = [5, 17, 42, *image_placeholder(config), 7, 99, 23, 64]
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"windows": ids.tolist(), "prompt": [], "max_new_tokens": 0, "dtype": "bfloat16",
+                                   "images": [{"prompt": prompt, **tiny_image()}]}))
+    res = run_vllm(vllm_python, ct, request, tmp_path)
+    found = {"kind": kind, "config": config, "result": res}
+    if not res["ok"]:
+        return found
+    with torch.inference_mode():
+        logp = torch.log_softmax(load(out)(ids).logits.double(), dim=-1)
+    found["text_ours"] = float(logp[:, :-1].gather(-1, ids[:, 1:, None]).sum())
+    served = res["images"][0]
+    expanded = torch.tensor([served["prompt_token_ids"]])
+    reference = reference_with_out_weights(out, src, tmp_path / "float")
+    with torch.inference_mode():
+        with_image = torch.log_softmax(reference(**image_inputs(config, expanded, served["processed"])).logits.double(), -1)
+        without = torch.log_softmax(reference(input_ids=expanded).logits.double(), dim=-1)
+    found["image_want"] = float(with_image[0, :-1].gather(-1, expanded[0, 1:, None]).sum())
+    found["image_blind"] = float(without[0, :-1].gather(-1, expanded[0, 1:, None]).sum())
+    found["image_tokens"] = int((expanded == image_token(config)).sum())
+    return found
+
+
+@pytest.mark.parametrize("kind", IMAGE_TEXT)
+def test_image_text_exports_serve_in_vllm(vllm_python, tmp_path, kind):
+    """``serve_image_text``: vLLM serves the export as the multimodal model (the language model's
+    linears with its W4A16 scheme, the image encoder and projector dense), scores the text windows
+    as qconvert's runtime does, and the prompt with an image (expanded by the model's own
+    processor) as transformers' float model holding the OUT's weights does; without the image that
+    prompt scores otherwise.  bfloat16 against float32 (``TINY_BF16_TOL``); an expected failure
+    where the CPU lacks the W4A16 op.  Figures: benchmarks/vllm_bf16_scores.py."""
+    found = serve_image_text(vllm_python, kind, tmp_path)
+    res, config = found["result"], found["config"]
+    require_ran(res, cpu_cannot=(AVX512_ONLY_OP,))
+    parts = res["parts"]
+    layers = config["text_config"]["num_hidden_layers"]
+    assert parts["language_model"].get("CompressedTensorsLinearMethod") == 4 * layers, parts  # qkv, o, gate_up, down
+    image_parts = {p: m for p, m in parts.items() if p != "language_model"}
+    assert image_parts and all(k.startswith("Unquantized") for m in image_parts.values() for k in m), parts
+
+    ours = found["text_ours"]
+    assert abs(res["sum_logprob"] - ours) <= TINY_BF16_TOL * abs(ours), (res["sum_logprob"], ours)
+    assert found["image_tokens"] == IMAGE_TOKENS.get(kind, 4)
+    got, want, blind = sum(res["images"][0]["logprobs"]), found["image_want"], found["image_blind"]
+    assert abs(got - want) <= TINY_BF16_TOL * abs(want), (got, want)
+    # the image did reach the logits: far more than vLLM and transformers differ by
+    assert abs(blind - want) > max(5 * abs(got - want), TINY_BF16_TOL * abs(want)), (blind, got, want)
+
+
 def cpu_has_int8_dot_product() -> bool | None:
     """Whether this x86 CPU has an int8 dot product that accumulates in int32 (AVX512-VNNI,
     AVX-VNNI or AMX); None where /proc/cpuinfo cannot tell."""

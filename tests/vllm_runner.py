@@ -11,7 +11,13 @@ REQUEST.json:
      "prompt": [id, ...],            greedy-generation prompt (token ids; may be empty)
      "max_new_tokens": 16,
      "dtype": "float32",             optional (default float32: what qconvert evaluates in)
-     "max_model_len": 512}           optional (default: the longest window + 1, or prompt + new tokens)
+     "max_model_len": 512,           optional (default: the longest window + 1, or prompt + new tokens)
+     "images": [{"prompt": [id, ...], "width": w, "height": h, "rgb": [byte, ...]}, ...],
+                                     optional: prompts with one image each (an image-text model),
+                                     the image's placeholder tokens as the model's processor wants
+                                     them before it expands them (row-major RGB bytes)
+     "language_model_only": false}   optional: vLLM's language-model-only mode (an image-text model
+                                     served without its image encoder, for text)
 
 RESULT.json on success:
 
@@ -19,7 +25,12 @@ RESULT.json on success:
      "windows": [{"sum_logprob": s, "count": c}, ...],
      "sum_logprob": S, "count": C, "perplexity": exp(-S / C),
      "greedy": [id, ...],
+     "images": [{"prompt_token_ids": [id, ...],     the prompt as vLLM expanded it for the image
+                 "logprobs": [lp, ...],             log p(token i | tokens before it), i >= 1
+                 "processed": {name: nested list}}, the image processor's output for the image
+                ...],                               (what the model received)
      "layers": {"qkv_proj": {"linear_method": ..., "scheme": ..., "kernel": ...}, ...},
+     "parts": {"language_model": {linear method: count, ...}, "visual": {...}, ...},
      "seconds": {"load": t, "score": t, "generate": t}}
 
 A window of n tokens contributes the log-probabilities of its tokens 1 .. n-1, each given the
@@ -29,7 +40,7 @@ window is context only, never predicted).  The log-probability taken is that of 
 token (vLLM always adds it beside the top-k), from the raw logits (logprobs_mode
 "raw_logprobs", vLLM's default).
 
-On any failure RESULT.json is {"ok": false, "stage": "import" | "load" | "score" | "generate",
+On any failure RESULT.json is {"ok": false, "stage": "import" | "load" | "score" | "generate" | "images",
 "error": "<type>: <message>", "traceback": "...", "layers": {...} (when known)} and the exit
 status is 0, so the caller can tell "vLLM cannot run this format on this CPU" from a crash of
 this script (no RESULT.json, or a non-zero exit).  Exit status 2 means bad arguments.
@@ -84,6 +95,19 @@ def layer_methods(model) -> dict:
     return found
 
 
+def part_methods(model) -> dict:
+    """{top-level part ("language_model", "visual", "vision_tower", ...): {linear method: count}}
+    over every module with a quantization method: which parts vLLM serves quantized."""
+    parts: dict = {}
+    for name, module in model.named_modules():
+        method = getattr(module, "quant_method", None)
+        if method is None or not name:
+            continue
+        counts = parts.setdefault(name.split(".")[0], {})
+        counts[type(method).__name__] = counts.get(type(method).__name__, 0) + 1
+    return parts
+
+
 def window_logprob(prompt_logprobs, ids) -> float:
     """Sum of log p(ids[i] | ids[:i]) for i >= 1 from vLLM's prompt_logprobs of ``ids``."""
     if prompt_logprobs is None or len(prompt_logprobs) != len(ids):
@@ -99,6 +123,31 @@ def window_logprob(prompt_logprobs, ids) -> float:
             raise RuntimeError(f"non-finite logprob {lp} for token {ids[pos]} at position {pos}")
         total += lp
     return total
+
+
+def score_image_prompt(llm, model_dir: str, item: dict) -> dict:
+    """One prompt with an image through vLLM: the prompt as it expanded the image's placeholder,
+    the log-probability of each of its tokens given those before, and what the model's image
+    processor (as vLLM runs it) made of the image."""
+    from PIL import Image
+    from transformers import AutoProcessor
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    image = Image.frombytes("RGB", (int(item["width"]), int(item["height"])), bytes(item["rgb"]))
+    sp = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+    out = llm.generate([TokensPrompt(prompt_token_ids=list(map(int, item["prompt"])), multi_modal_data={"image": image})],
+                       sp, use_tqdm=False)[0]
+    ids = list(out.prompt_token_ids)
+    logprobs = []
+    for pos in range(1, len(ids)):
+        entry = out.prompt_logprobs[pos]
+        if entry is None or ids[pos] not in entry:
+            raise RuntimeError(f"vLLM gave no logprob for the prompt token {ids[pos]} at position {pos}")
+        logprobs.append(entry[ids[pos]].logprob)
+    processed = AutoProcessor.from_pretrained(model_dir).image_processor(images=[image], return_tensors="pt")
+    return {"prompt_token_ids": ids, "logprobs": logprobs,
+            "processed": {k: v.tolist() for k, v in processed.items() if hasattr(v, "tolist")}}
 
 
 def run(model_dir: str, request: dict, result: dict) -> None:
@@ -125,10 +174,12 @@ def run(model_dir: str, request: dict, result: dict) -> None:
         max_num_seqs=8,
         enable_prefix_caching=False,  # every window is scored from its own first token
         seed=0,
+        **({"language_model_only": True} if request.get("language_model_only") else {}),
     )
     result["seconds"] = {"load": round(time.perf_counter() - t0, 2)}
     try:
         result["layers"] = llm.apply_model(layer_methods)[0]
+        result["parts"] = llm.apply_model(part_methods)[0]
     except Exception as e:  # only a report; never fail the run for it
         result["layers"] = {"unavailable": f"{type(e).__name__}: {e}"}
 
@@ -155,6 +206,11 @@ def run(model_dir: str, request: dict, result: dict) -> None:
         greedy = list(out.outputs[0].token_ids)
     result["seconds"]["generate"] = round(time.perf_counter() - t0, 2)
     result["greedy"] = greedy
+
+    result["stage"] = stage = "images"
+    t0 = time.perf_counter()
+    result["images"] = [score_image_prompt(llm, model_dir, item) for item in request.get("images", [])]
+    result["seconds"]["images"] = round(time.perf_counter() - t0, 2)
     del result["stage"]
     result["ok"] = True
 
