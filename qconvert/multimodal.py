@@ -1,5 +1,6 @@
 """Multimodal checkpoints whose language model qconvert quantizes (Gemma-3 4B and up, Mistral-Small-3.1,
-LLaVA-1.5, Pixtral-12B, Qwen2-VL, Qwen2.5-VL and Qwen3-VL).
+LLaVA-1.5, Pixtral-12B, InternVL2.5/3 in transformers' format, SmolVLM / Idefics3, Qwen2-VL,
+Qwen2.5-VL and Qwen3-VL).
 
 Such a checkpoint keeps a causal language model (model type ``gemma3_text``, ``mistral``, …) under
 a prefix, beside an image encoder and a projector that feed it image features.  The Qwen-VL models'
@@ -97,7 +98,15 @@ FAMILIES = {
                        (r"multi_modal_projector\.linear_2",)),
     "llava": Family("llava", _LLAVA_NAMING, "model.language_model.", "lm_head", _LLAVA_PARTS,  # LLaVA-1.5, Pixtral-12B
                     (r"multi_modal_projector\.linear_2",)),
+    # InternVL2.5 / InternVL3 as transformers names them (the "-hf" checkpoints): a Qwen2 (Llama) language model
+    "internvl": Family("internvl", _LLAVA_NAMING, "model.language_model.", "lm_head", _LLAVA_PARTS,
+                       (r"multi_modal_projector\.linear_2",)),
 }
+# SmolVLM / SmolVLM2 and Idefics3: a Llama under model.text_model.; the connector's one linear writes
+# the image features into the stream
+for _t in ("smolvlm", "idefics3"):
+    FAMILIES[_t] = Family(_t, (("model.text_model.", "lm_head.weight"),), "model.text_model.", "lm_head",
+                          ("vision_model", "connector"), (r"connector\.modality_projection\.proj",))
 # Qwen2-VL and Qwen2.5-VL: published checkpoints keep the language model under model., the image
 # encoder under visual. (transformers writes them so too); its merger's last linear writes the image
 # features into the stream

@@ -418,7 +418,7 @@ def run_benchmark_without_gpu(script: Path, *args: str):
 
 def multimodal_config(model_type="gemma3", hidden=64, layers=2, intermediate=160, vocab=300, heads=4, kv_heads=2):
     """A tiny Gemma-3 (SigLIP encoder), Mistral-3 (Pixtral encoder), LLaVA (CLIP encoder, a
-    Mistral language model as Pixtral-12B's), Qwen2-VL, Qwen2.5-VL or Qwen3-VL image-text model:
+    Mistral language model as Pixtral-12B's), InternVL3, SmolVLM2, Qwen2-VL, Qwen2.5-VL or Qwen3-VL image-text model:
     its language model as ``tiny_config`` builds it, with 28 x 28 images of 7 x 7 patches."""
     from transformers import AutoConfig
 
@@ -450,6 +450,14 @@ def multimodal_config(model_type="gemma3", hidden=64, layers=2, intermediate=160
                            window_size=28))
         return AutoConfig.for_model(model_type, text_config=dict(text, rope_scaling={
             "type": "mrope", "mrope_section": sections}), vision_config=vision, **special)
+    if model_type == "internvl":  # InternVL3: a Qwen2 language model; 4 x 4 patches shuffled into 4 tokens
+        return AutoConfig.for_model("internvl", text_config=dict(text, model_type="qwen2", tie_word_embeddings=False),
+                                    vision_config=dict(vision, image_size=[28, 28], patch_size=[7, 7]),
+                                    image_token_id=vocab - 1, tie_word_embeddings=False)
+    if model_type in ("smolvlm", "idefics3"):  # SmolVLM2, Idefics3: a Llama; 4 x 4 patches shuffled into 4 tokens
+        return AutoConfig.for_model(model_type, text_config=dict(text, model_type="llama", tie_word_embeddings=False),
+                                    vision_config=vision, image_token_id=vocab - 1, scale_factor=2,
+                                    tie_word_embeddings=False)
     text.update(model_type="mistral", head_dim=hidden // heads, sliding_window=None, tie_word_embeddings=False)
     if model_type == "llava":
         return AutoConfig.for_model("llava", text_config=text, vision_config=dict(
@@ -493,12 +501,22 @@ IMAGE_TOKENS_OF = {"qwen2_vl": QWEN_VL_TOKENS, "qwen2_5_vl": QWEN_VL_TOKENS, "qw
                    # Gemma's vocabulary has runs of newlines as tokens, which vLLM's processor looks up
                    "gemma3": {"\n": 7, "\n\n": 6, "\n\n\n": 5, "\n\n\n\n": 4, "<start_of_image>": 3,
                               "<end_of_image>": 2, "<image_soft_token>": 1},
-                   "llava": {"<image>": 1}, "mistral3": {"[IMG_BREAK]": 3, "[IMG_END]": 2, "[IMG]": 1}}
+                   "llava": {"<image>": 1}, "mistral3": {"[IMG_BREAK]": 3, "[IMG_END]": 2, "[IMG]": 1},
+                   "internvl": {"<video>": 4, "<img>": 3, "</img>": 2, "<IMG_CONTEXT>": 1},
+                   "smolvlm": {"<video>": 5, "<end_of_utterance>": 4, "<fake_token_around_image>": 3, "<global-img>": 2,
+                               "<image>": 1}}
+IMAGE_TOKENS_OF["idefics3"] = IMAGE_TOKENS_OF["smolvlm"]
 # the config keys of those ids
 IMAGE_TOKEN_KEYS = {"<|vision_end|>": "vision_end_token_id", "<|vision_start|>": "vision_start_token_id",
                     "<|video_pad|>": "video_token_id", "<|image_pad|>": "image_token_id",
                     "<start_of_image>": "boi_token_index", "<end_of_image>": "eoi_token_index",
-                    "<image_soft_token>": "image_token_index", "<image>": "image_token_index", "[IMG]": "image_token_index"}
+                    "<image_soft_token>": "image_token_index", "<image>": "image_token_id", "[IMG]": "image_token_index",
+                    "<IMG_CONTEXT>": "image_token_id"}
+# the tokenizer attributes a processor reads them by (tokenizer_config.json's extra_special_tokens)
+TOKEN_ATTRIBUTES = {"gemma3": {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                               "image_token": "<image_soft_token>"},
+                    "internvl": {"start_image_token": "<img>", "end_image_token": "</img>",
+                                 "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}}
 CLIP_NORM = dict(image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711])
 
 
@@ -522,6 +540,20 @@ def processor_config(config) -> dict:
                 "num_additional_image_tokens": 1, "image_token": "<image>",
                 "image_processor": {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 28},
                                     "crop_size": {"height": 28, "width": 28}, **CLIP_NORM}}
+    if kind == "internvl":  # one 28 x 28 tile, no thumbnail: 4 context tokens
+        tile = dict(size={"height": 28, "width": 28}, crop_to_patches=False, **CLIP_NORM)
+        return {"processor_class": "InternVLProcessor", "image_seq_length": 4,
+                "image_processor": {"image_processor_type": "GotOcr2ImageProcessorFast", **tile},
+                "video_processor": {"video_processor_type": "InternVLVideoProcessor", **tile}}
+    if kind in ("smolvlm", "idefics3"):  # the image whole (no splitting): 4 image tokens
+        pixels = dict(size={"longest_edge": 28}, max_image_size={"longest_edge": 28}, do_image_splitting=False,
+                      image_mean=[0.5] * 3, image_std=[0.5] * 3)
+        if kind == "idefics3":
+            return {"processor_class": "Idefics3Processor", "image_seq_len": 4,
+                    "image_processor": {"image_processor_type": "Idefics3ImageProcessor", **pixels}}
+        return {"processor_class": "SmolVLMProcessor", "image_seq_len": 4,
+                "image_processor": {"image_processor_type": "SmolVLMImageProcessor", **pixels},
+                "video_processor": {"video_processor_type": "SmolVLMVideoProcessor", **pixels}}
     return {"processor_class": "PixtralProcessor", "patch_size": patch, "spatial_merge_size": config.spatial_merge_size,
             "image_processor": {"image_processor_type": "PixtralImageProcessor", "size": {"longest_edge": 28},
                                 "patch_size": patch, **CLIP_NORM}}
@@ -541,11 +573,10 @@ def write_multimodal_processor(directory: Path, config) -> None:
         assert key is None or getattr(config, key) == vocab - back, (key, getattr(config, key))
     tok.save_pretrained(directory)
     tc = json.loads((directory / "tokenizer_config.json").read_text())
-    if config.model_type.startswith("qwen"):  # as Qwen's files name it (transformers uses it for a qwen2 config whatever they say)
-        tc["tokenizer_class"] = "Qwen2Tokenizer"
-    if config.model_type == "gemma3":  # the processor reads them from the tokenizer
-        tc["extra_special_tokens"] = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
-                                      "image_token": "<image_soft_token>"}
+    if config.model_type.startswith("qwen") or config.model_type == "internvl":  # a Qwen tokenizer, as their files
+        tc["tokenizer_class"] = "Qwen2Tokenizer"  # name it (transformers takes it for a qwen2 config whatever they say)
+    if config.model_type in TOKEN_ATTRIBUTES:  # the processor reads them from the tokenizer
+        tc["extra_special_tokens"] = TOKEN_ATTRIBUTES[config.model_type]
     (directory / "tokenizer_config.json").write_text(json.dumps(tc))
     (directory / "processor_config.json").write_text(json.dumps(processor_config(config), indent=1))
 
@@ -586,12 +617,14 @@ def float_checkpoint(out, mm, d):
 def reference_with_out_weights(out, mm, d):
     """The float multimodal model OUT was made from (rotated as OUT records), its language-model
     linears holding OUT's weights (dequantized): what the export should compute."""
+    from qconvert.multimodal import Renamer
     from qconvert.runtime import load
 
     reference, runtime = float_model(float_checkpoint(out, mm, d)), load(out)
-    lm = reference.model.language_model
+    report = json.loads((Path(out) / "qconvert.json").read_text())
+    renamer = Renamer(report["multimodal"])  # the text model's names as the multimodal class has its modules
     with torch.no_grad():
-        for row in json.loads((Path(out) / "qconvert.json").read_text())["layers"]:
-            lm.get_submodule(row["name"].removeprefix("model.")).weight.copy_(
+        for row in report["layers"]:
+            reference.get_submodule(renamer.module(row["name"])).weight.copy_(
                 runtime.get_submodule(row["name"])._dequantized(torch.float32))
     return reference

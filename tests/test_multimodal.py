@@ -1,6 +1,6 @@
 """Multimodal checkpoints (Gemma-3 4B and up: ``gemma3``; Mistral-Small-3.1: ``mistral3``; LLaVA-1.5
-and Pixtral-12B: ``llava``; Qwen2-VL, Qwen2.5-VL, Qwen3-VL: ``qwen2_vl``, ``qwen2_5_vl``, ``qwen3_vl``) through
-qconvert as their users run them, on tiny random models written by transformers with the published
+and Pixtral-12B: ``llava``; InternVL3: ``internvl``; SmolVLM2, Idefics3: ``smolvlm``, ``idefics3``; Qwen2-VL,
+Qwen2.5-VL, Qwen3-VL: ``qwen2_vl``, ``qwen2_5_vl``, ``qwen3_vl``) through qconvert as their users run them, on tiny random models written by transformers with the published
 checkpoints' names: the language model read as its text model, quantized, verified, evaluated and
 decoded; the image encoder and projector carried bit for bit; the export loaded by transformers as
 the multimodal model again, answering an image prompt as the float model with the OUT's weights
@@ -19,10 +19,11 @@ from helpers import (check_export_scores_as_runtime, check_tiny_out, cli_ok, flo
 from qconvert.multimodal import CARRIED_DIR, FAMILIES, Renamer
 from qconvert.source import LanguageModelSource, resolve_source
 
-KINDS = ["gemma3", "mistral3", "llava", "qwen2_5_vl", "qwen3_vl"]  # Qwen2-VL: where it differs (the rotation)
-ROTATED = ["mistral3", "llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]  # Gemma-3 is not rotated (its norms)
+KINDS = ["gemma3", "mistral3", "llava", "internvl", "smolvlm", "qwen2_5_vl", "qwen3_vl"]  # Qwen2-VL: where it differs
+ROTATED = [k for k in KINDS + ["qwen2_vl", "idefics3"] if k != "gemma3"]  # Gemma-3 is not rotated (its norms)
 IMAGE_TOKENS = {"gemma3": 4, "mistral3": 4, "llava": 16}  # what a 28 x 28 image becomes in each tiny model (Qwen: 4)
-TEXT_AS = {"gemma3": "gemma3_text", "qwen2_vl": "qwen2", "qwen2_5_vl": "qwen2", "qwen3_vl": "qwen3"}  # else mistral
+TEXT_AS = {"gemma3": "gemma3_text", "internvl": "qwen2", "smolvlm": "llama", "idefics3": "llama", "qwen2_vl": "qwen2", "qwen2_5_vl": "qwen2",
+           "qwen3_vl": "qwen3"}  # else mistral
 
 
 @pytest.fixture(scope="module", params=KINDS)
@@ -40,8 +41,9 @@ def image_prompt(config) -> dict:
         ids = torch.tensor([ids])
         return {"input_ids": ids, "pixel_values": patches.reshape(16, -1), "image_grid_thw": torch.tensor([[1, 4, 4]]),
                 "mm_token_type_ids": (ids == config.image_token_id).int()}  # as the processor marks image tokens
-    ids = [5, 17, 42] + [config.image_token_index] * IMAGE_TOKENS[config.model_type] + [7, 99, 23, 64]
-    kw = {"input_ids": torch.tensor([ids]), "pixel_values": image}
+    image_id = getattr(config, "image_token_index", None) or config.image_token_id
+    ids = [5, 17, 42] + [image_id] * IMAGE_TOKENS.get(config.model_type, 4) + [7, 99, 23, 64]
+    kw = {"input_ids": torch.tensor([ids]), "pixel_values": image[None] if config.model_type in ("smolvlm", "idefics3") else image}
     if config.model_type == "mistral3":
         kw["image_sizes"] = torch.tensor([[28, 28]])
     return kw
@@ -74,18 +76,19 @@ def test_quantize_keeps_the_image_parts(mm, tmp_path):
         assert "rotation does not support model type 'gemma3_text'" in res.output and "rotated" not in rec
     else:
         assert "residual stream rotated" in res.output and report["rotation"]["mode"] == "hadamard"
-        # weight and bias of each (Mistral-3's has no bias; Qwen3-VL: the merger and 2 DeepStack mergers)
-        writes = {"mistral3": 1, "qwen3_vl": 6}.get(kind_of(mm), 2)
+        # weight and bias of each (Mistral-3's and SmolVLM's have no bias; Qwen3-VL: the merger and 2 DeepStack mergers)
+        writes = {"mistral3": 1, "smolvlm": 1, "qwen3_vl": 6}.get(kind_of(mm), 2)
         assert set(rec["rotated"]) == {k for k in load_file(mm / "model.safetensors")
                                        if FAMILIES[kind_of(mm)].stream_write(k)} and len(rec["rotated"]) == writes
     assert (rec["text_prefix"], rec["head"]) == {
-        "qwen2_5_vl": ("model.", "lm_head.weight"), "qwen3_vl": ("model.language_model.", "lm_head.weight")}.get(
+        "qwen2_5_vl": ("model.", "lm_head.weight"), "qwen3_vl": ("model.language_model.", "lm_head.weight"),
+        "smolvlm": ("model.text_model.", "lm_head.weight")}.get(
         kind_of(mm), ("language_model.model.", "language_model.lm_head.weight"))
     src_state = load_file(mm / "model.safetensors")
     carried = load_file(out / CARRIED_DIR / "model.safetensors")
     image_parts = {k for k in src_state if FAMILIES[kind_of(mm)].carries(k)}
-    assert image_parts and all(k.startswith(("vision_tower.", "multi_modal_projector.", "visual.", "model.visual."))
-                               for k in image_parts)
+    assert image_parts and all(k.startswith(("vision_tower.", "multi_modal_projector.", "visual.", "model.visual.",
+                                             "model.vision_model.", "model.connector.")) for k in image_parts)
     assert set(carried) == image_parts and rec["tensors"] == len(image_parts)
     kept = image_parts - set(rec.get("rotated", []))
     assert all(torch.equal(carried[k], src_state[k]) and carried[k].dtype == src_state[k].dtype for k in kept)
@@ -138,7 +141,8 @@ def test_the_export_is_the_multimodal_model_again(mm, tmp_path):
     report = json.loads((out / "qconvert.json").read_text())
     renamer = Renamer(report["multimodal"])
     assert set(renamer.ignored_parts()) <= set(cfg["quantization_config"]["ignore"])
-    assert all("visual" in p or "vision_tower" in p or "multi_modal_projector" in p for p in renamer.ignored_parts())
+    assert all(any(part in p for part in ("visual", "vision_tower", "multi_modal_projector", "vision_model", "connector"))
+               for p in renamer.ignored_parts())
 
     layers = report["layers"]
     quantized = {renamer.tensor(r["name"] + ".weight") for r in layers}
@@ -274,3 +278,16 @@ def test_a_qwen_vl_rope_other_than_mrope_is_refused(tmp_path):
     res = quantize_tiny(src, tmp_path / "out", "w4a16-gptq")
     assert res.exit_code != 0 and "RoPE type 'yarn'" in res.output and "rope_scaling" in res.output, res.output
     assert not (tmp_path / "out").exists()
+
+
+def test_idefics3_reads_as_its_llama(tmp_path):
+    """Idefics3 (SmolVLM's layout): a Llama under model.text_model., logits on text as the
+    multimodal model's; the vision model and connector carried."""
+    src = write_multimodal(text_files(tmp_path) / "src", multimodal_config("idefics3"))
+    view = resolve_source(str(src))
+    assert view.config.model_type == "llama" and view.prefix == "model.text_model."
+    assert view.carried and all(n.startswith(("model.vision_model.", "model.connector.")) for n in view.carried)
+    ids = torch.randint(3, 290, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        ours, theirs = view.load_model()(ids).logits, float_model(src)(input_ids=ids).logits
+    assert torch.allclose(ours, theirs, rtol=0, atol=1e-6), (ours - theirs).abs().max()

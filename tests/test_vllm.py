@@ -15,6 +15,10 @@ scored in bfloat16: ``W4A16_CPU_TOL``), and without VNNI its int8 W8A8 GEMM satu
 picks a float-activation kernel (Marlin / Machete on GPUs, the same AVX-512 op on CPUs), so it
 runs them as W4A16 (docs/export.md).
 
+The image-text exports (tiny random Gemma-3, Mistral-3, LLaVA, InternVL3, SmolVLM2, Idefics3,
+Qwen2.5-VL and Qwen3-VL with their processors, ``serve_image_text``) are served with their image encoders and
+scored on a prompt with an image against transformers; about 15 s of wall time each.
+
 Cost, measured on the 2-core machine: 644 s of CPU (19 minutes of wall time while other jobs
 shared the cores): 5 vLLM runs of ~30 s CPU each, the GGUF read, 4 SmolLM2 quantizations and
 qconvert's float64 references of the int8 and FP8 runtimes; 2.7 GB of memory per vLLM run.
@@ -329,7 +333,7 @@ def test_other_architectures_w4a16_match_qconvert(vllm_python, tmp_path, arch, l
 
 # the image-text models vLLM serves here with their image encoders (tests/helpers.py writes their
 # processors); each against transformers' float model holding the OUT's weights
-IMAGE_TEXT = ["gemma3", "mistral3", "llava", "qwen2_5_vl", "qwen3_vl"]
+IMAGE_TEXT = ["gemma3", "mistral3", "llava", "internvl", "smolvlm", "idefics3", "qwen2_5_vl", "qwen3_vl"]
 IMAGE_TOKENS = {"llava": 16}  # what a 28 x 28 image becomes (CLIP's 4 x 4 patches; the others merge them: 4)
 
 
@@ -347,7 +351,7 @@ def image_placeholder(config: dict) -> list[int]:
     """The tokens a prompt holds for one image before the processor expands them."""
     if config["model_type"].startswith("qwen"):
         return [config["vision_start_token_id"], config["image_token_id"], config["vision_end_token_id"]]
-    return [config.get("boi_token_index", config["image_token_index"])]  # Gemma-3: its begin-of-image token
+    return [config.get("boi_token_index") or image_token(config)]  # Gemma-3: its begin-of-image token
 
 
 def image_inputs(config: dict, expanded: torch.Tensor, processed: dict) -> dict:
@@ -358,6 +362,8 @@ def image_inputs(config: dict, expanded: torch.Tensor, processed: dict) -> dict:
         inputs.update(image_grid_thw=torch.tensor(processed["image_grid_thw"]), mm_token_type_ids=marks)
     elif config["model_type"] == "mistral3":
         inputs["image_sizes"] = torch.tensor(processed["image_sizes"])
+    elif config["model_type"] in ("smolvlm", "idefics3"):
+        inputs["pixel_attention_mask"] = torch.tensor(processed["pixel_attention_mask"], dtype=torch.bool)
     # Gemma-3: no token_type_ids.  vLLM's CPU build attends causally among the image tokens, as
     # transformers does without them (on the float source in float32: within 6e-7 per token);
     # given them, as its processor does, transformers attends both ways (0.07 off per token)
@@ -418,8 +424,9 @@ def test_image_text_exports_serve_in_vllm(vllm_python, tmp_path, kind):
     require_ran(res, cpu_cannot=(AVX512_ONLY_OP,))
     parts = res["parts"]
     layers = config["text_config"]["num_hidden_layers"]
-    assert parts["language_model"].get("CompressedTensorsLinearMethod") == 4 * layers, parts  # qkv, o, gate_up, down
-    image_parts = {p: m for p, m in parts.items() if p != "language_model"}
+    text = "text_model" if kind in ("smolvlm", "idefics3") else "language_model"  # as vLLM names the language model
+    assert parts[text].get("CompressedTensorsLinearMethod") == 4 * layers, parts  # qkv, o, gate_up, down
+    image_parts = {p: m for p, m in parts.items() if p not in (text, "lm_head")}
     assert image_parts and all(k.startswith("Unquantized") for m in image_parts.values() for k in m), parts
 
     ours = found["text_ours"]

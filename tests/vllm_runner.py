@@ -30,7 +30,7 @@ RESULT.json on success:
                  "processed": {name: nested list}}, the image processor's output for the image
                 ...],                               (what the model received)
      "layers": {"qkv_proj": {"linear_method": ..., "scheme": ..., "kernel": ...}, ...},
-     "parts": {"language_model": {linear method: count, ...}, "visual": {...}, ...},
+     "parts": {"language_model": {linear method: count, ...}, "visual": {...}, ...},  (part_methods)
      "seconds": {"load": t, "score": t, "generate": t}}
 
 A window of n tokens contributes the log-probabilities of its tokens 1 .. n-1, each given the
@@ -96,14 +96,16 @@ def layer_methods(model) -> dict:
 
 
 def part_methods(model) -> dict:
-    """{top-level part ("language_model", "visual", "vision_tower", ...): {linear method: count}}
-    over every module with a quantization method: which parts vLLM serves quantized."""
+    """{top-level part ("language_model", "visual", "vision_tower", ...; under a leading "model."
+    the part below it: "text_model", "vision_model", ...): {linear method: count}} over every
+    module with a quantization method: which parts vLLM serves quantized."""
     parts: dict = {}
     for name, module in model.named_modules():
         method = getattr(module, "quant_method", None)
         if method is None or not name:
             continue
-        counts = parts.setdefault(name.split(".")[0], {})
+        path = name.split(".")
+        counts = parts.setdefault(path[1] if path[0] == "model" and len(path) > 1 else path[0], {})
         counts[type(method).__name__] = counts.get(type(method).__name__, 0) + 1
     return parts
 
