@@ -291,3 +291,23 @@ def test_idefics3_reads_as_its_llama(tmp_path):
     with torch.inference_mode():
         ours, theirs = view.load_model()(ids).logits, float_model(src)(input_ids=ids).logits
     assert torch.allclose(ours, theirs, rtol=0, atol=1e-6), (ours - theirs).abs().max()
+
+
+def test_a_tied_head_rotated_exports_untied(tmp_path):
+    """Qwen3-VL 2B / 4B tie the head to the embedding (no lm_head.weight in the checkpoint): the
+    rotated OUT unties it (the final norm folded into the head), and the export, untied too, is the
+    multimodal model again: text scored as the runtime scores the OUT, an image prompt answered as
+    the float model with the OUT's weights answers it."""
+    config = multimodal_config("qwen3_vl")
+    config.tie_word_embeddings = config.get_text_config().tie_word_embeddings = True
+    src = write_multimodal(text_files(tmp_path) / "src", config)
+    assert "lm_head.weight" not in load_file(src / "model.safetensors")
+    out, dest = check_export_scores_as_runtime(src, tmp_path)
+    assert json.loads((out / "qconvert.json").read_text())["rotation"]["mode"] == "hadamard"
+    assert not json.loads((out / "config.json").read_text())["tie_word_embeddings"]
+    assert not json.loads((dest / "config.json").read_text())["tie_word_embeddings"]
+    exported, reference = float_model(dest), reference_with_out_weights(out, src, tmp_path / "float")
+    with torch.no_grad():
+        prompt = image_prompt(reference.config)
+        got, want = exported(**prompt).logits, reference(**prompt).logits
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), (got - want).abs().max()
