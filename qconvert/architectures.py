@@ -9,7 +9,7 @@ from __future__ import annotations
 from qconvert.errors import QConvertError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "granite", "olmo2",
-                         "mixtral", "qwen2_moe")
+                         "mixtral", "qwen2_moe", "qwen3_moe")
 DECODER_LAYERS = "model.layers"  # where these architectures keep their decoder blocks
 
 

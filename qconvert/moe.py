@@ -1,6 +1,6 @@
 """Mixture-of-experts blocks with one ``nn.Linear`` per expert projection, named as on disk.
 
-transformers 5 keeps the experts of Mixtral and Qwen2-MoE fused in two 3-D parameters
+transformers 5 keeps the experts of Mixtral, Qwen2-MoE and Qwen3-MoE fused in two 3-D parameters
 (``experts.gate_up_proj`` [E, 2I, H], gate rows first; ``experts.down_proj`` [E, H, I]) and
 registers Mixtral's block as ``mlp``.  Checkpoints store one linear per expert projection:
 
@@ -9,6 +9,7 @@ registers Mixtral's block as ``mlp``.  Checkpoints store one linear per expert p
   qwen2_moe  model.layers.i.mlp.experts.e.{gate_proj,up_proj,down_proj}.weight
              model.layers.i.mlp.{gate, shared_expert_gate}.weight         (routers)
              model.layers.i.mlp.shared_expert.{gate,up,down}_proj.weight  (a dense MLP)
+  qwen3_moe  as qwen2_moe, without the shared expert and its gate
 
 ``unfuse_experts`` rewrites a model to the checkpoint's layout, so that skeleton names are
 the stored tensor names one to one and every expert projection is a linear to quantize.
@@ -47,6 +48,7 @@ class ExpertNaming:
 NAMINGS = {
     "mixtral": ExpertNaming(block="block_sparse_moe", gate="w1", up="w3", down="w2"),
     "qwen2_moe": ExpertNaming(block="mlp", gate="gate_proj", up="up_proj", down="down_proj"),
+    "qwen3_moe": ExpertNaming(block="mlp", gate="gate_proj", up="up_proj", down="down_proj"),
 }
 
 

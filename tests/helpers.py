@@ -124,12 +124,16 @@ MOE = {
     # layer 1 is dense (mlp_only_layers): a plain mlp.gate_proj beside the MoE blocks' routers
     "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=96, shared_expert_intermediate_size=128,
                       decoder_sparse_step=1, mlp_only_layers=[1], norm_topk_prob=False),
+    # Qwen3-30B-A3B's kind: q/k norms, no shared expert, top-k weights renormalized; layer 1 dense here too
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=96, decoder_sparse_step=1,
+                      mlp_only_layers=[1], norm_topk_prob=True, head_dim=16),
 }
 
 
 def tiny_moe_config(kind="mixtral", hidden=64, layers=2, intermediate=96, vocab=300, heads=4, kv_heads=2,
                     init_std=0.02):
-    """A tiny Mixtral (4 experts, top-2) or Qwen2-MoE (4 experts, top-2, shared expert) config."""
+    """A tiny Mixtral (4 experts, top-2), Qwen2-MoE (4 experts, top-2, shared expert) or Qwen3-MoE
+    (4 experts, top-2) config."""
     from transformers import AutoConfig
 
     return AutoConfig.for_model(

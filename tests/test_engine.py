@@ -131,8 +131,9 @@ def test_quantized_model_equals_dynamic_cache(outs, layout):
     assert same and float(diffs.max()) < FLIP_ATOL, diffs.max()
 
 
-def test_moe_model_runs_eagerly_and_equals_dynamic_cache(tmp_path):
-    model = _hf(save_pretrained_model(tmp_path / "mixtral", tiny_moe_config("mixtral", init_std=0.1)))
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
+def test_moe_model_runs_eagerly_and_equals_dynamic_cache(tmp_path, kind):
+    model = _hf(save_pretrained_model(tmp_path / kind, tiny_moe_config(kind, init_std=0.1)))
     diffs, same = _compare_with_dynamic_cache(model, same_masks=True)
     assert same and float(diffs.max()) == 0.0, diffs.max()
     assert not DecodeEngine(model, 1, 8).graphs

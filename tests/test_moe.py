@@ -1,4 +1,4 @@
-"""Mixtral and Qwen2-MoE: fused transformers experts <-> per-expert checkpoint linears, quantize, load.
+"""Mixtral, Qwen2-MoE and Qwen3-MoE: fused transformers experts <-> per-expert checkpoint linears, quantize, load.
 
 The tiny models use weights of std 0.1 (transformers' default is 0.02): with smaller weights the
 router's softmax is nearly uniform and SiLU nearly linear, so swapped gate/up projections or
@@ -19,12 +19,14 @@ from qconvert.cli import cli
 from qconvert.moe import ExpertMLP, UnfusedExperts, experts_of, is_router, unfuse_experts
 from qconvert.skeleton import build_skeleton, target_linears
 
-KINDS = ("mixtral", "qwen2_moe")
-LAYERS = {"mixtral": 2, "qwen2_moe": 3}  # qwen2_moe: layer 1 is dense (mlp_only_layers)
-EXPERT_LINEARS = {"mixtral": ("w1", "w3", "w2"), "qwen2_moe": ("gate_proj", "up_proj", "down_proj")}
-BLOCK = {"mixtral": "block_sparse_moe", "qwen2_moe": "mlp"}
-# mixtral: 2 blocks x (4 attention + 4 experts x 3); qwen2_moe: 2 MoE blocks x (4 + 12 + 3 shared) + 7 dense
-QUANTIZED = {"mixtral": 32, "qwen2_moe": 45}
+KINDS = ("mixtral", "qwen2_moe", "qwen3_moe")
+LAYERS = {"mixtral": 2, "qwen2_moe": 3, "qwen3_moe": 3}  # qwen2/3_moe: layer 1 is dense (mlp_only_layers)
+EXPERT_LINEARS = {"mixtral": ("w1", "w3", "w2"), "qwen2_moe": ("gate_proj", "up_proj", "down_proj"),
+                  "qwen3_moe": ("gate_proj", "up_proj", "down_proj")}
+BLOCK = {"mixtral": "block_sparse_moe", "qwen2_moe": "mlp", "qwen3_moe": "mlp"}
+# mixtral: 2 blocks x (4 attention + 4 experts x 3); qwen2_moe: 2 MoE blocks x (4 + 12 + 3 shared) + 7 dense;
+# qwen3_moe: 2 MoE blocks x (4 + 12) + 7 dense
+QUANTIZED = {"mixtral": 32, "qwen2_moe": 45, "qwen3_moe": 39}
 # the RTN preset: GPTQ presets need calibration data, which these tests are not about
 SCHEME = "is-w4a8-rtn"
 
@@ -142,7 +144,7 @@ def test_routers_are_never_targets(moe_dir):
     gate, up, down = EXPERT_LINEARS[kind]
     for i in range(LAYERS[kind]):
         experts = experts_of(skel.model.layers[i])
-        if kind == "qwen2_moe" and i == 1:
+        if kind in ("qwen2_moe", "qwen3_moe") and i == 1:
             assert experts == [] and "model.layers.1.mlp.gate_proj" in targets  # dense: not a router
             continue
         assert [n for n, _ in experts] == [f"{BLOCK[kind]}.experts.{e}" for e in range(4)]
@@ -153,6 +155,8 @@ def test_routers_are_never_targets(moe_dir):
     if kind == "qwen2_moe":
         assert "model.layers.0.mlp.shared_expert_gate" not in targets
         assert "model.layers.0.mlp.shared_expert.down_proj" in targets
+    if kind == "qwen3_moe":
+        assert not any("shared_expert" in n for n in targets)
     assert is_router("model.layers.3.block_sparse_moe.gate") and is_router("model.layers.0.mlp.gate")
     assert not is_router("model.layers.0.mlp.gate_proj")
 

@@ -37,9 +37,10 @@ DENSE = dict(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_atte
              num_key_value_heads=2, vocab_size=120, max_position_embeddings=64, initializer_range=0.1)
 EXTRA = {"mistral": dict(sliding_window=None), "qwen3": dict(head_dim=12), "mixtral": MOE["mixtral"],
          "qwen2_moe": {**MOE["qwen2_moe"], "moe_intermediate_size": 40, "shared_expert_intermediate_size": 56},
+         "qwen3_moe": {**MOE["qwen3_moe"], "moe_intermediate_size": 40, "head_dim": 12},
          "phi3": {k: v for k, v in ARCH["phi3"].items() if k.endswith("token_id")},  # its own pad id: past this vocabulary
          "granite": {k: v for k, v in ARCH["granite"].items() if k.endswith(("multiplier", "scaling"))}}
-LAYERS = {"qwen2_moe": 3}  # layer 1 is dense (mlp_only_layers): both MLP kinds in one model
+LAYERS = {"qwen2_moe": 3, "qwen3_moe": 3}  # layer 1 is dense (mlp_only_layers): both MLP kinds in one model
 
 
 def config_of(kind: str, tie: bool = False, **over):
@@ -161,6 +162,7 @@ CASES = [  # (model type, tied embeddings, mode)
     ("qwen3", True, "hadamard"),  # q_norm/k_norm
     ("mixtral", False, "hadamard"),
     ("qwen2_moe", False, "random"),  # shared expert, its gate, a dense layer
+    ("qwen3_moe", True, "hadamard"),  # q_norm/k_norm, renormalized top-k, a dense layer
     ("phi3", False, "hadamard"),  # q, k, v in one qkv_proj; gate and up in one gate_up_proj
     ("phi3", True, "random"),
     ("granite", True, "hadamard"),  # embedding, residual, attention and logit multipliers

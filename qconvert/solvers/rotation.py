@@ -53,7 +53,7 @@ from qconvert.source import DerivedSource, Source
 
 MODES = ("hadamard", "random")
 # plain RMSNorm(x) * g before each linear; Granite's multipliers are scalars, which commute with Q
-ROTATABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "phi3", "granite")
+ROTATABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "phi3", "granite")
 CHUNK_BYTES = 16 << 20  # float64 working set per slice of a tensor being rotated
 
 
