@@ -311,3 +311,21 @@ def test_a_tied_head_rotated_exports_untied(tmp_path):
         prompt = image_prompt(reference.config)
         got, want = exported(**prompt).logits, reference(**prompt).logits
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), (got - want).abs().max()
+
+
+def test_a_flat_qwen2_5_vl_config_as_published(tmp_path):
+    """Qwen2.5-VL's published config.json keeps the text fields at the top (no text_config) with
+    rope_scaling {"type": "mrope", ...}: read, quantized and exported as the nested one is; the
+    export's text_config keeps M-RoPE's sections and transformers loads it as the multimodal class."""
+    src = write_multimodal(text_files(tmp_path) / "src", multimodal_config("qwen2_5_vl"))
+    cfg = json.loads((src / "config.json").read_text())
+    text = cfg.pop("text_config")
+    rope = text.pop("rope_parameters")
+    flat = {**cfg, **{k: v for k, v in text.items() if k not in ("model_type", "architectures", "dtype")},
+            "rope_scaling": {"type": "mrope", "mrope_section": rope["mrope_section"]}, "rope_theta": rope["rope_theta"]}
+    (src / "config.json").write_text(json.dumps(flat))
+    assert resolve_source(str(src)).config.model_type == "qwen2"
+    out, dest = check_export_scores_as_runtime(src, tmp_path)
+    exported = json.loads((dest / "config.json").read_text())
+    assert exported["text_config"]["rope_parameters"]["mrope_section"] == rope["mrope_section"]
+    assert type(float_model(dest)).__name__ == "Qwen2_5_VLForConditionalGeneration"
