@@ -11,7 +11,10 @@ OLMo-2 at W4A16: the relative difference of the sums of log-probabilities; then 
 image-text models (tests/test_vllm.py ``serve_image_text``: Gemma-3, Mistral-3, LLaVA, InternVL3,
 SmolVLM2, Idefics3, Qwen2.5-VL, Qwen3-VL with their processors) at W4A16: text windows against qconvert's
 runtime, a prompt with an image against transformers' float model holding the OUT's weights, and
-that prompt without the image.  A few minutes on 2 cores; ``--image-text`` runs only the last part (about a minute).
+that prompt without the image; then the tests' tiny mixture-of-experts models (``serve_moe``:
+Mixtral, Qwen2-MoE, Qwen3-MoE) at W4A16 against qconvert's runtime, and the Qwen3-MoE export with
+two experts' tensors swapped.  A few minutes on 2 cores; ``--image-text`` and ``--moe`` run only
+their parts (about a minute each).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", type=Path)
     ap.add_argument("--image-text", action="store_true", help="only the image-text models")
+    ap.add_argument("--moe", action="store_true", help="only the mixture-of-experts models")
     args = ap.parse_args()
     if not os.environ.get("QCONVERT_VLLM_PYTHON"):
         sys.exit("set QCONVERT_VLLM_PYTHON to the python of vLLM's environment (.ci/vllm_env.sh VENV)")
@@ -58,13 +62,19 @@ def main() -> None:
     from qconvert.source import resolve_source
 
     vllm = t.VLLM_PYTHON
-    src = resolve_source("smollm2-135m")
-    tok = src.load_tokenizer()
-    text = load_eval_text("wikitext2", WIKI_TEST)[: t.TEXT_CHARS]
-    rows = {"smollm2": [], "tiny": [], "image_text": []}
+    only = "moe" if args.moe else "image_text" if args.image_text else None
+    rows = {"smollm2": [], "tiny": [], "image_text": [], "moe": []}
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
-        for kind in t.IMAGE_TEXT:
+        for kind in t.MOE_KINDS if only != "image_text" else ():
+            (d / kind).mkdir()
+            found = t.serve_moe(vllm, kind, d / kind)
+            res = found["result"]
+            row = {"kind": kind, "ok": res["ok"], "vllm_bf16": res.get("sum_logprob"), "qconvert_f32": found["ours"]}
+            if kind == "qwen3_moe" and res["ok"]:
+                row["experts_0_1_swapped"] = _swapped_experts_score(t, vllm, d / kind)
+            rows["moe"].append(row)
+        for kind in t.IMAGE_TEXT if only != "moe" else ():
             (d / kind).mkdir()
             found = t.serve_image_text(vllm, kind, d / kind)
             res = found["result"]
@@ -76,11 +86,14 @@ def main() -> None:
                            image_reference_f32_without_image=found["image_blind"], image_tokens=found["image_tokens"],
                            parts=res["parts"])
             rows["image_text"].append(row)
-        if args.image_text:
-            _print_image_text(rows["image_text"])
+        if only:
+            (_print_moe if only == "moe" else _print_image_text)(rows[only])
             if args.json:
                 args.json.write_text(json.dumps(rows, indent=1))
             return
+        src = resolve_source("smollm2-135m")
+        tok = src.load_tokenizer()
+        text = load_eval_text("wikitext2", WIKI_TEST)[: t.TEXT_CHARS]
         request = t.write_request(d / "bf16.json", tok(text).input_ids, generate=False, dtype="bfloat16")
         state = {n: src.get(n).contiguous() for n in src.keys()}
         state.pop("lm_head.weight", None) if src.config.tie_word_embeddings else None
@@ -126,8 +139,38 @@ def main() -> None:
     for r in rows["tiny"]:
         print(f"  {r['arch']:8} {r['rel']:.3g}" if r["rel"] is not None else f"  {r['arch']:8} vLLM failed")
     _print_image_text(rows["image_text"])
+    _print_moe(rows["moe"])
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
+
+
+def _swapped_experts_score(t, vllm: str, d: Path) -> float:
+    """vLLM's sum of log-probabilities on the export in ``d`` with experts 0 and 1 of every block
+    swapped (a mis-mapping the tests' bound must catch)."""
+    import re
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    swapped = d / "ct-swapped"
+    shutil.copytree(d / "ct", swapped)
+    state = load_file(swapped / "model.safetensors")
+    rename = lambda k: re.sub(r"experts\.([01])\.", lambda m: f"experts.{1 - int(m.group(1))}.", k)  # noqa: E731
+    save_file({rename(k): v for k, v in state.items()}, swapped / "model.safetensors", metadata={"format": "pt"})
+    res = t.run_vllm(vllm, swapped, d / "request.json", d)
+    return res.get("sum_logprob")
+
+
+def _print_moe(rows: list[dict]) -> None:
+    print("tiny mixture-of-experts models, W4A16: relative difference of the sums of log-probabilities "
+          "(vLLM bf16 / qconvert f32)")
+    for r in rows:
+        if not r["ok"]:
+            print(f"  {r['kind']:10} vLLM failed")
+            continue
+        rel = lambda a: abs(a - r["qconvert_f32"]) / abs(r["qconvert_f32"])  # noqa: E731
+        swapped = f"   experts 0 and 1 swapped: {rel(r['experts_0_1_swapped']):.3g}" if "experts_0_1_swapped" in r else ""
+        print(f"  {r['kind']:10} {rel(r['vllm_bf16']):.3g}{swapped}")
 
 
 def _print_image_text(rows: list[dict]) -> None:

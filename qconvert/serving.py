@@ -28,6 +28,13 @@ upstream commit 00942ea8 for the CUDA C++ checks).  Paths are under ``vllm/``;
   CUTLASS needs K and N multiples of 16 per rank (``csrc/quantization/cutlass_w8a8/scaled_mm_entry.cu``),
   else Triton; on CPU oneDNN, whose AVX2 path without VNNI sums u8 x s8 pairs in saturating int16
   (measured here: tests/test_vllm.py).
+- Mixture-of-experts experts (``ct/compressed_tensors_moe/compressed_tensors_moe.py``): vLLM fuses
+  each block's experts into one MoE layer with a method of its own: W4A16 groups take
+  ``CompressedTensorsWNA16MoEMethod``, whose kernel the oracle ``model_executor/layers/fused_moe/
+  oracle/int_wna16.py`` picks (on CPUs ``CPUExpertsInt4``, int8 activations inside:
+  ``fused_moe/experts/cpu_moe.py``; on CUDA FlashInfer TRT-LLM where installed, then Marlin).
+  qconvert checks only the tensor-parallel split and the group size for experts; which fused kernel
+  takes them is vLLM's choice at load (served on its CPU build: tests/test_vllm.py).
 - FP8 (``CompressedTensorsW8A8Fp8``, from sm89: ``ct/schemes/compressed_tensors_w8a8_fp8.py:82-85``);
   below, vLLM falls back to weight-only FP8 Marlin (``ct/compressed_tensors.py:893-919``); on a CPU
   without AMX it runs ``torch._scaled_mm`` (``kernels/scaled_mm/pytorch.py:37-49``).
@@ -91,6 +98,8 @@ def check_layer(name: str, n: int, k: int, scheme: dict, device: str, tp: int) -
         return Finding(name, "-", "-", "error", f"{'K' if name.rsplit('.', 1)[-1] in ROW_PARALLEL else 'N'} of "
                                                 f"[{n}, {k}] does not split into {tp} tensor-parallel ranks")
     nr, kr = split
+    if ".experts." in name:
+        return _check_expert(name, kr, g, preset, device)
     if preset in ("W4A16", "W4A16_ASYM", "W4A8"):
         cls = "CompressedTensorsWNA8Int" if preset == "W4A8" else "CompressedTensorsWNA16"
         if g and kr % g:
@@ -116,6 +125,20 @@ def check_layer(name: str, n: int, k: int, scheme: dict, device: str, tp: int) -
             return Finding(name, "CompressedTensorsW8A8Fp8", "TorchFP8ScaledMM", "ok", "torch._scaled_mm without AMX")
         return Finding(name, "CompressedTensorsW8A8Fp8", "CutlassFP8ScaledMM", "ok")
     return Finding(name, "-", "-", "error", f"no vLLM rule for {preset} in this qconvert")
+
+
+def _check_expert(name: str, kr: int, g: int | None, preset: str, device: str) -> Finding:
+    """An expert's linear, which vLLM serves inside its fused MoE layer (see the module docstring)."""
+    if preset not in ("W4A16", "W4A16_ASYM"):
+        return Finding(name, "-", "-", "warn", f"an expert in {preset}: vLLM's MoE method for it is not checked by qconvert")
+    if g and kr % g:
+        return Finding(name, "CompressedTensorsWNA16MoEMethod", "-", "error",
+                       f"group size {g} does not divide K per rank ({kr})")
+    if device == "cpu":
+        return Finding(name, "CompressedTensorsWNA16MoEMethod", "CPUExpertsInt4", "warn",
+                       "vLLM's CPU experts quantize their activations to int8 inside (tests/test_vllm.py: within 1%)")
+    return Finding(name, "CompressedTensorsWNA16MoEMethod", "fused MoE", "ok",
+                   "vLLM picks the fused kernel at load (FlashInfer TRT-LLM or Marlin)")
 
 
 def check_model(layers: list, scheme: dict, config, device: str, tp: int) -> list[Finding]:

@@ -440,14 +440,48 @@ def test_refuses_a_source_that_is_not_an_out(tmp_path, tiny_llama):
     assert res.exit_code == 1 and "is not a qconvert output" in res.output
 
 
-def test_refuses_mixture_of_experts(tmp_path):
+MOE_KINDS = ["mixtral", "qwen2_moe", "qwen3_moe"]
+MOE_ROUTERS = {"mixtral": "block_sparse_moe.gate", "qwen2_moe": "mlp.gate", "qwen3_moe": "mlp.gate"}
+
+
+@pytest.mark.parametrize("kind", MOE_KINDS)
+def test_mixture_of_experts_exports_per_expert(kind, tmp_path):
+    """An MoE OUT exports one compressed linear per expert projection under the checkpoint's names,
+    the routers in ``ignore`` (vLLM builds them as linears; tests/test_vllm.py serves these), and
+    transformers with compressed-tensors loads it into its fused experts (every tensor used) and
+    computes the runtime's logits exactly."""
+    from transformers import AutoModelForCausalLM
+
     from helpers import save_pretrained_model, tiny_moe_config
 
-    src = save_pretrained_model(tmp_path / "src", tiny_moe_config("mixtral"), tokenizer=True)
-    run("quantize", src, "--scheme", "is-w4a8-rtn", "-g", 32, "-o", tmp_path / "out", "-q")
+    src = save_pretrained_model(tmp_path / "src", tiny_moe_config(kind, init_std=0.1), tokenizer=True)
+    run("quantize", src, "--scheme", "w4a16-gptq", "--base", "rtn", "-g", 32, "-o", tmp_path / "out", "-q")
+    run("export", tmp_path / "out", "-o", tmp_path / "ct")
+    cfg = json.loads((tmp_path / "ct" / "config.json").read_text())
+    router = f"model.layers.0.{MOE_ROUTERS[kind]}"
+    assert router in cfg["quantization_config"]["ignore"] and "lm_head" in cfg["quantization_config"]["ignore"]
+    names = set(ShardedReader(tmp_path / "ct").keys())
+    block = router.rpartition(".")[0]
+    assert {f"{block}.experts.{e}.{lin}.weight_packed" for e in range(4)
+            for lin in (("w1", "w3", "w2") if kind == "mixtral" else ("gate_proj", "up_proj", "down_proj"))} <= names
+    assert f"{router}.weight" in names  # the router as the source has it
+    model, info = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32, output_loading_info=True)
+    assert not any(info.values()), info
+    ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        got, want = model.eval()(ids).logits, load(tmp_path / "out")(ids).logits
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), (got - want).abs().max()
+
+
+def test_an_moe_block_with_some_experts_excluded_is_refused(tmp_path):
+    from helpers import save_pretrained_model, tiny_moe_config
+
+    src = save_pretrained_model(tmp_path / "src", tiny_moe_config("qwen3_moe"), tokenizer=True)
+    run("quantize", src, "--scheme", "w4a16-gptq", "--base", "rtn", "-g", 32, "-o", tmp_path / "out", "-q",
+        "--exclude", "*.experts.0.*")
     res = run("export", tmp_path / "out", "-o", tmp_path / "ct", ok=False)
     msg = " ".join(res.output.split())
-    assert res.exit_code == 1 and "experts.0.w1 is not an nn.Linear" in msg and "dense models only" in msg
+    assert res.exit_code == 1 and "model.layers.0.mlp: 3 of its 12 expert linears" in msg and "one scheme" in msg, msg
     assert not (tmp_path / "ct").exists()
 
 

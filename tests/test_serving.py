@@ -32,6 +32,21 @@ def test_kernel_choice_per_device():
     assert check_layer("m.q_proj", 64, 64, FP8, "sm89", 1).level == "ok"
 
 
+def test_experts_are_served_by_the_moe_method():
+    """An expert's linear goes to vLLM's fused MoE layer: its W4A16 MoE method (on CPUs the int8-
+    activation CPUExpertsInt4), the dense kernels' rules aside; the group must still divide a rank's
+    K (an expert's down projection splits K as down_proj does); other schemes are not checked."""
+    name = "model.layers.0.mlp.experts.3.down_proj"
+    gpu, cpu = (check_layer(name, 2048, 768, W4A16, device, 1) for device in ("sm90", "cpu"))
+    assert (gpu.scheme, gpu.level) == ("CompressedTensorsWNA16MoEMethod", "ok")
+    assert (cpu.kernel, cpu.level) == ("CPUExpertsInt4", "warn") and "int8" in cpu.note
+    assert check_layer("model.layers.0.block_sparse_moe.experts.0.w1", 768, 2048, W4A16, "sm90", 1).scheme \
+        == "CompressedTensorsWNA16MoEMethod"
+    split = check_layer(name, 2048, 640, W4A16, "sm90", 2)  # K = 320 per rank: 128 does not divide it
+    assert split.level == "error" and "320" in split.note
+    assert check_layer(name, 2048, 768, W8A8, "sm90", 1).level == "warn"
+
+
 def test_tensor_parallel_splits_k_of_row_parallel_layers():
     g64 = {"preset": "W4A16", "weights": {"group_size": 64}}
     # SmolLM2 at TP 3: o_proj K = 576 / 3 = 192 (a multiple of 64, not of 128), down_proj K = 512

@@ -29,6 +29,7 @@ from qconvert.errors import QConvertError
 from qconvert.formats.native import EVAL_FILE, EXPORT_MARKER, read_quant_config, saved_evals
 from qconvert.formats.safetensors_io import ShardedReader, ShardedWriter
 from qconvert.fsutil import atomic_directory, check_writable_parent, parse_size
+from qconvert.moe import is_moe
 from qconvert.source import TOKENIZER_FILES
 
 FORMAT = "compressed-tensors"
@@ -217,13 +218,14 @@ def plan(out: Path, scale_dtype: str | None = None, tensor_parallel: int = 1) ->
         # neither composes with the W4A4 / int4-activation schemes that need the transform
         raise QConvertError(f"{out} rotates down_proj's input at run time (--rotate hadamard+online), which "
                             f"{FORMAT} cannot carry for vLLM; quantize with --rotate hadamard (offline only) to export")
-    linears = _transformers_linears(config)
+    linears, routers = _transformers_linears(config), set()
+    if is_moe(config):
+        linears, routers = _moe_linears(config, set(qc["modules"]))
     alien = [layer.name for layer in layers if layer.name not in linears]
     if alien:
         raise QConvertError(
-            f"layer {alien[0]} is not an nn.Linear of transformers' own {cfg.get('model_type')} model (mixture-of-"
-            f"experts experts are fused there), so a {FORMAT} scheme targeting Linear cannot reach it; "
-            "this export supports dense models only"
+            f"layer {alien[0]} is not an nn.Linear of transformers' own {cfg.get('model_type')} model, so a "
+            f"{FORMAT} scheme targeting Linear cannot reach it; re-quantize without it (--exclude)"
         )
     if scale_dtype is None or scale_dtype == "auto":
         sdt = _default_scale_dtype(cfg, reader, set(qc["modules"]))
@@ -231,8 +233,32 @@ def plan(out: Path, scale_dtype: str | None = None, tensor_parallel: int = 1) ->
         sdt = SCALE_DTYPES[scale_dtype]
     else:
         raise QConvertError(f"scale dtype {scale_dtype!r}: choose auto, {', '.join(SCALE_DTYPES)}")
-    ignore = sorted(linears - set(qc["modules"]))
+    ignore = sorted((linears | routers) - set(qc["modules"]))
     return _Plan(cfg, config, qc, scheme, layers, ignore, sdt, split)
+
+
+def _moe_linears(config, quantized: set[str]) -> tuple[set[str], set[str]]:
+    """A mixture-of-experts model's linears as the checkpoint names them, one per expert projection
+    (transformers fuses them into 3-D parameters, which compressed-tensors fills from these names
+    as it decompresses; vLLM's loader reads them by name into its fused experts), and its routers,
+    which ``ignore`` must name because vLLM builds them as linears that the Linear target reaches.
+    Refused: a block with some experts quantized and others not (vLLM's fused experts take one
+    scheme)."""
+    from qconvert.moe import is_router
+    from qconvert.skeleton import build_skeleton
+
+    skeleton = build_skeleton(config)  # the checkpoint's names (qconvert.moe), which vLLM uses too
+    routers = {n for n, _ in skeleton.named_modules() if is_router(n)}  # transformers' top-k routers: no Linear
+    names = {n for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)} - routers
+    experts = {n for n in names if ".experts." in n}
+    for block in {n.partition(".experts.")[0] for n in experts}:
+        mine = {n for n in experts if n.startswith(block + ".experts.")}
+        if mine & quantized and mine - quantized:
+            raise QConvertError(
+                f"{block}: {len(mine - quantized)} of its {len(mine)} expert linears are kept in full precision "
+                f"(e.g. {sorted(mine - quantized)[0]}); vLLM's fused experts take one scheme for all of them. "
+                "Re-quantize with every expert of a block quantized, or none")
+    return names, routers
 
 
 def quantization_config(scheme: dict, ignore: list[str]) -> dict:
