@@ -73,6 +73,7 @@ def main() -> None:
             row = {"kind": kind, "ok": res["ok"], "vllm_bf16": res.get("sum_logprob"), "qconvert_f32": found["ours"]}
             if kind == "qwen3_moe" and res["ok"]:
                 row["experts_0_1_swapped"] = _swapped_experts_score(t, vllm, d / kind)
+            row["unquantized_bf16_vs_f32"] = _unquantized_bf16_gap(t, vllm, d / kind)
             rows["moe"].append(row)
         for kind in t.IMAGE_TEXT if only != "moe" else ():
             (d / kind).mkdir()
@@ -85,6 +86,8 @@ def main() -> None:
                            image_vllm_bf16=got, image_reference_f32=found["image_want"],
                            image_reference_f32_without_image=found["image_blind"], image_tokens=found["image_tokens"],
                            parts=res["parts"])
+            if kind == "gemma3":
+                row["float_source_f32_per_token"] = _gemma3_image_attention(t, vllm, d / kind, found["config"])
             rows["image_text"].append(row)
         if only:
             (_print_moe if only == "moe" else _print_image_text)(rows[only])
@@ -126,8 +129,7 @@ def main() -> None:
             req.write_text(json.dumps({"windows": ids.tolist(), "prompt": [], "max_new_tokens": 0, "dtype": "bfloat16"}))
             res = t.run_vllm(vllm, d / f"{arch}-ct", req, d)
             with torch.inference_mode():
-                logp = torch.log_softmax(load(out)(ids).logits.double(), dim=-1)
-            ours = float(logp[:, :-1].gather(-1, ids[:, 1:, None]).sum())
+                ours = t.sum_logprob(load(out)(ids).logits, ids)
             rows["tiny"].append({"arch": arch, "vllm_bf16": res.get("sum_logprob"), "qconvert_f32": ours,
                                  "rel": abs(res["sum_logprob"] - ours) / abs(ours) if res["ok"] else None})
     print("SmolLM2, perplexity on 2 x 256 WikiText-2 test tokens")
@@ -161,6 +163,47 @@ def _swapped_experts_score(t, vllm: str, d: Path) -> float:
     return res.get("sum_logprob")
 
 
+def _unquantized_bf16_gap(t, vllm: str, d: Path) -> float | None:
+    """vLLM's bfloat16 path on the unquantized source in ``d`` (serve_moe's request) against
+    transformers' float32: how far bfloat16 alone moves these models' scores."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    res = t.run_vllm(vllm, d / "src", d / "request.json", d)
+    if not res["ok"]:
+        return None
+    ids = torch.tensor(json.loads((d / "request.json").read_text())["windows"])
+    with torch.inference_mode():
+        want = t.sum_logprob(AutoModelForCausalLM.from_pretrained(d / "src", dtype=torch.float32).eval()(ids).logits, ids)
+    return abs(res["sum_logprob"] - want) / abs(want)
+
+
+def _gemma3_image_attention(t, vllm: str, d: Path, config: dict) -> dict | None:
+    """The float Gemma-3 source in ``d`` with the image prompt, vLLM in float32 against transformers
+    without token_type_ids (image tokens attend causally) and with them (both ways, as its
+    processor's output asks): the largest per-token difference of the log-probabilities."""
+    import torch
+
+    from helpers import float_model
+
+    request = d / "float32-image.json"
+    request.write_text(json.dumps({"windows": [], "prompt": [], "max_new_tokens": 0, "dtype": "float32", "images": [
+        {"prompt": [5, 17, 42, *t.image_placeholder(config), 7, 99, 23, 64], **t.tiny_image()}]}))
+    res = t.run_vllm(vllm, d / "src", request, d)
+    if not res["ok"]:
+        return None
+    served = res["images"][0]
+    ids = torch.tensor([served["prompt_token_ids"]])
+    inputs = t.image_inputs(config, ids, served["processed"])
+    got = torch.tensor(served["logprobs"], dtype=torch.float64)
+    model, found = float_model(d / "src"), {}
+    for label, extra in (("causal", {}), ("token_type_ids", {"token_type_ids": (ids == t.image_token(config)).int()})):
+        with torch.inference_mode():
+            logp = torch.log_softmax(model(**inputs, **extra).logits.double(), dim=-1)
+        found[label] = float((logp[0, :-1].gather(-1, ids[0, 1:, None])[:, 0] - got).abs().max())
+    return found
+
+
 def _print_moe(rows: list[dict]) -> None:
     print("tiny mixture-of-experts models, W4A16: relative difference of the sums of log-probabilities "
           "(vLLM bf16 / qconvert f32)")
@@ -170,7 +213,9 @@ def _print_moe(rows: list[dict]) -> None:
             continue
         rel = lambda a: abs(a - r["qconvert_f32"]) / abs(r["qconvert_f32"])  # noqa: E731
         swapped = f"   experts 0 and 1 swapped: {rel(r['experts_0_1_swapped']):.3g}" if "experts_0_1_swapped" in r else ""
-        print(f"  {r['kind']:10} {rel(r['vllm_bf16']):.3g}{swapped}")
+        base = r.get("unquantized_bf16_vs_f32")
+        base = f"   (unquantized source, vLLM bf16 / transformers f32: {base:.3g})" if base is not None else ""
+        print(f"  {r['kind']:10} {rel(r['vllm_bf16']):.3g}{swapped}{base}")
 
 
 def _print_image_text(rows: list[dict]) -> None:
@@ -186,6 +231,10 @@ def _print_image_text(rows: list[dict]) -> None:
         print(f"  {r['kind']:11} {rel(r['text_vllm_bf16'], r['text_qconvert_f32']):9.2e} "
               f"{rel(r['image_vllm_bf16'], r['image_reference_f32']):9.2e} "
               f"{rel(r['image_reference_f32_without_image'], r['image_reference_f32']):9.2e} {r['image_tokens']:12}  {parts}")
+        if r.get("float_source_f32_per_token"):
+            f = r["float_source_f32_per_token"]
+            print(f"  {'':11} float source, vLLM f32 vs transformers, largest per-token difference: {f['causal']:.2g} "
+                  f"(image tokens causal), {f['token_type_ids']:.2g} (given token_type_ids: both ways)")
 
 
 if __name__ == "__main__":

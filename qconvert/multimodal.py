@@ -7,7 +7,7 @@ a prefix, beside an image encoder and a projector that feed it image features.  
 language model has a config of its own (``qwen2_5_vl_text``, …) only for its multimodal RoPE
 (M-RoPE): text gives each of M-RoPE's three position sections the same position, which makes it
 the plain RoPE of a Qwen2 / Qwen3 model, so qconvert reads it as one (``Family.text_as``,
-``text_model_config``) and export writes the checkpoint's own text config back.  qconvert reads the
+``Family.text_config``) and export writes the checkpoint's own text config back.  qconvert reads the
 language model as the text model it is (``qconvert.source.LanguageModelSource``: the text config,
 the tensors under their text-model names), so the walk, the runtime, ``eval``, ``verify`` and the
 decode engine see a plain text model.  The other tensors are carried into ``OUT/multimodal/``, with the

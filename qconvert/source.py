@@ -35,8 +35,8 @@ ALIASES = {
 }
 ALIAS_BASE_MODELS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # the Hub model each alias packs
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-# a multimodal model's image processor and chat template: what an engine serving its export reads
-# an image-text model's processor (Qwen3-VL's checkpoints add the video processor's)
+# a multimodal model's image (and video: Qwen3-VL) processor and chat template: what an engine
+# serving its export reads
 PROCESSOR_FILES = ("chat_template.json", "preprocessor_config.json", "processor_config.json",
                    "video_preprocessor_config.json")
 TOKENIZER_FILES = (

@@ -12,12 +12,10 @@ REQUEST.json:
      "max_new_tokens": 16,
      "dtype": "float32",             optional (default float32: what qconvert evaluates in)
      "max_model_len": 512,           optional (default: the longest window + 1, or prompt + new tokens)
-     "images": [{"prompt": [id, ...], "width": w, "height": h, "rgb": [byte, ...]}, ...],
+     "images": [{"prompt": [id, ...], "width": w, "height": h, "rgb": [byte, ...]}, ...]}
                                      optional: prompts with one image each (an image-text model),
                                      the image's placeholder tokens as the model's processor wants
                                      them before it expands them (row-major RGB bytes)
-     "language_model_only": false}   optional: vLLM's language-model-only mode (an image-text model
-                                     served without its image encoder, for text)
 
 RESULT.json on success:
 
@@ -110,12 +108,12 @@ def part_methods(model) -> dict:
     return parts
 
 
-def window_logprob(prompt_logprobs, ids) -> float:
-    """Sum of log p(ids[i] | ids[:i]) for i >= 1 from vLLM's prompt_logprobs of ``ids``."""
+def token_logprobs(prompt_logprobs, ids) -> list[float]:
+    """log p(ids[i] | ids[:i]) for i >= 1 from vLLM's prompt_logprobs of ``ids``."""
     if prompt_logprobs is None or len(prompt_logprobs) != len(ids):
         raise RuntimeError(f"vLLM returned {None if prompt_logprobs is None else len(prompt_logprobs)} "
                            f"prompt logprobs for {len(ids)} prompt tokens")
-    total = 0.0
+    found = []
     for pos in range(1, len(ids)):
         entry = prompt_logprobs[pos]
         if entry is None or ids[pos] not in entry:
@@ -123,8 +121,13 @@ def window_logprob(prompt_logprobs, ids) -> float:
         lp = entry[ids[pos]].logprob
         if not math.isfinite(lp):
             raise RuntimeError(f"non-finite logprob {lp} for token {ids[pos]} at position {pos}")
-        total += lp
-    return total
+        found.append(lp)
+    return found
+
+
+def window_logprob(prompt_logprobs, ids) -> float:
+    """Sum of log p(ids[i] | ids[:i]) for i >= 1 from vLLM's prompt_logprobs of ``ids``."""
+    return sum(token_logprobs(prompt_logprobs, ids))
 
 
 def score_image_prompt(llm, model_dir: str, item: dict) -> dict:
@@ -141,12 +144,7 @@ def score_image_prompt(llm, model_dir: str, item: dict) -> dict:
     out = llm.generate([TokensPrompt(prompt_token_ids=list(map(int, item["prompt"])), multi_modal_data={"image": image})],
                        sp, use_tqdm=False)[0]
     ids = list(out.prompt_token_ids)
-    logprobs = []
-    for pos in range(1, len(ids)):
-        entry = out.prompt_logprobs[pos]
-        if entry is None or ids[pos] not in entry:
-            raise RuntimeError(f"vLLM gave no logprob for the prompt token {ids[pos]} at position {pos}")
-        logprobs.append(entry[ids[pos]].logprob)
+    logprobs = token_logprobs(out.prompt_logprobs, ids)
     processed = AutoProcessor.from_pretrained(model_dir).image_processor(images=[image], return_tensors="pt")
     return {"prompt_token_ids": ids, "logprobs": logprobs,
             "processed": {k: v.tolist() for k, v in processed.items() if hasattr(v, "tolist")}}
@@ -176,7 +174,6 @@ def run(model_dir: str, request: dict, result: dict) -> None:
         max_num_seqs=8,
         enable_prefix_caching=False,  # every window is scored from its own first token
         seed=0,
-        **({"language_model_only": True} if request.get("language_model_only") else {}),
     )
     result["seconds"] = {"load": round(time.perf_counter() - t0, 2)}
     try:

@@ -29,7 +29,7 @@ from qconvert.errors import QConvertError
 from qconvert.formats.native import EVAL_FILE, EXPORT_MARKER, read_quant_config, saved_evals
 from qconvert.formats.safetensors_io import ShardedReader, ShardedWriter
 from qconvert.fsutil import atomic_directory, check_writable_parent, parse_size
-from qconvert.moe import is_moe
+from qconvert.moe import is_moe, is_router
 from qconvert.source import TOKENIZER_FILES
 
 FORMAT = "compressed-tensors"
@@ -218,9 +218,7 @@ def plan(out: Path, scale_dtype: str | None = None, tensor_parallel: int = 1) ->
         # neither composes with the W4A4 / int4-activation schemes that need the transform
         raise QConvertError(f"{out} rotates down_proj's input at run time (--rotate hadamard+online), which "
                             f"{FORMAT} cannot carry for vLLM; quantize with --rotate hadamard (offline only) to export")
-    linears, routers = _transformers_linears(config), set()
-    if is_moe(config):
-        linears, routers = _moe_linears(config, set(qc["modules"]))
+    linears, routers = _moe_linears(config, set(qc["modules"])) if is_moe(config) else (_transformers_linears(config), set())
     alien = [layer.name for layer in layers if layer.name not in linears]
     if alien:
         raise QConvertError(
@@ -244,7 +242,6 @@ def _moe_linears(config, quantized: set[str]) -> tuple[set[str], set[str]]:
     which ``ignore`` must name because vLLM builds them as linears that the Linear target reaches.
     Refused: a block with some experts quantized and others not (vLLM's fused experts take one
     scheme)."""
-    from qconvert.moe import is_router
     from qconvert.skeleton import build_skeleton
 
     skeleton = build_skeleton(config)  # the checkpoint's names (qconvert.moe), which vLLM uses too
