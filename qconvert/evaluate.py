@@ -69,15 +69,19 @@ def _load_export(target: str, dtype: torch.dtype, device: str):
     import transformers
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    from qconvert.multimodal import FAMILIES
+    from qconvert.multimodal import FAMILIES, transformers_cannot_load
 
     try:  # a multimodal export runs as its multimodal class (Mistral-3 has no causal-LM one)
         model_type = json.loads((Path(target) / "config.json").read_text()).get("model_type")
     except (OSError, ValueError, AttributeError):
         model_type = None
+    why = transformers_cannot_load(model_type)
+    if why:
+        raise QConvertError(f"{target}: {why}; evaluate the OUT it was exported from (the same weights), "
+                            "or serve the export with vLLM")
     auto = AutoModelForImageTextToText if model_type in FAMILIES else AutoModelForCausalLM
     try:
-        return auto.from_pretrained(target, dtype=dtype).to(device).eval()
+        model, info = auto.from_pretrained(target, dtype=dtype, output_loading_info=True)
     except RuntimeError:
         if not _asymmetric_weights(target):
             raise
@@ -85,6 +89,11 @@ def _load_export(target: str, dtype: torch.dtype, device: str):
             f"{target}: transformers {transformers.__version__} with compressed-tensors {compressed_tensors.__version__} "
             "cannot load asymmetric pack-quantized weights (it expects the zero points unpacked; vLLM reads them as "
             "written, docs/export.md); evaluate the OUT it was exported from (the same weights)") from None
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # transformers would run them as freshly initialized weights: a score of another model
+        raise QConvertError(f"{target}: transformers builds {len(missing)} weights the export does not hold, e.g. "
+                            f"'{missing[0]}'; evaluate the OUT it was exported from (the same weights)")
+    return model.to(device).eval()
 
 
 def _asymmetric_weights(target: str) -> bool:

@@ -641,7 +641,7 @@ def _export_scheme_rows(marker: dict, qcfg: dict, group: dict, origin: dict) -> 
     return rows
 
 
-def _export_accuracy_lines(out: Path, marker: dict, quantized_acts: bool) -> list[str]:
+def _export_accuracy_lines(out: Path, marker: dict, quantized_acts: bool, unloadable: str | None = None) -> list[str]:
     """The perplexities of the export itself (in transformers) and of its OUT (qconvert's runtime)."""
     evals = perplexity_rows(marker.get("eval"))
     own = saved_evals(out / EVAL_FILE)
@@ -655,7 +655,9 @@ def _export_accuracy_lines(out: Path, marker: dict, quantized_acts: bool) -> lis
                   + ("; transformers and vLLM quantize the activations on their own int8 grid, so their figures "
                      "differ slightly" if quantized_acts else "") + "):", ""] + _eval_table(evals) + [""]
     if not own and not evals:
-        lines += ["Perplexity: not measured (`qconvert eval OUT-CT --data-file wiki.test.raw` measures this export "
+        lines += ["Perplexity: not measured (`qconvert eval OUT --data-file wiki.test.raw` measures the OUT it was "
+                  "exported from, the same weights)." if unloadable else
+                  "Perplexity: not measured (`qconvert eval OUT-CT --data-file wiki.test.raw` measures this export "
                   "in transformers and saves it here).", ""]
     return lines
 
@@ -671,13 +673,18 @@ def _export_serving_lines(marker: dict) -> list[str]:
         _table(["layers", "vLLM scheme", "kernel", "level", "note"], _serving_rows(findings)) + [""]
 
 
-def _export_use_lines(marker: dict, repo_id: str | None, prov: "_Provenance", name: str) -> list[str]:
-    """How transformers and vLLM load it, and the commands that made it."""
+def _export_use_lines(marker: dict, repo_id: str | None, prov: "_Provenance", name: str,
+                      unloadable: str | None = None) -> list[str]:
+    """How transformers (unless ``unloadable`` says why it cannot) and vLLM load it, and the
+    commands that made it."""
     where = repo_id or "path/to/this/model"
     tp = int(marker.get("tensor_parallel") or 1)
-    lines = ["## Use", "", "With transformers (and `pip install compressed-tensors`):", "", "```python",
-             "from transformers import AutoModelForCausalLM", "",
-             f'model = AutoModelForCausalLM.from_pretrained("{where}")', "```", ""]
+    if unloadable:
+        lines = ["## Use", "", f"Not with transformers: {unloadable}.", ""]
+    else:
+        lines = ["## Use", "", "With transformers (and `pip install compressed-tensors`):", "", "```python",
+                 "from transformers import AutoModelForCausalLM", "",
+                 f'model = AutoModelForCausalLM.from_pretrained("{where}")', "```", ""]
     if marker.get("preset") == "W4A16_ASYM":
         lines += ["Asymmetric int4 weights (zero points): transformers 5.24 with compressed-tensors 0.20.1 cannot load "
                   "them yet (it expects the zero points unpacked); vLLM serves them.", ""]
@@ -697,9 +704,12 @@ def export_card(out: str | os.PathLike, repo_id: str | None = None) -> str:
     load it.  Pure: reads the export's config.json, qconvert_export.json and eval.json."""
     import yaml
 
+    from qconvert.multimodal import transformers_cannot_load
+
     out = Path(out)
     marker = check_export_complete(out)
     cfg = _read_json(out / "config.json")
+    unloadable = transformers_cannot_load(cfg.get("model_type"))
     qcfg = cfg["quantization_config"]
     groups = qcfg.get("config_groups") or {}
     group = next(iter(groups.values()), {}) if isinstance(groups, dict) else {}
@@ -713,15 +723,17 @@ def export_card(out: str | os.PathLike, repo_id: str | None = None) -> str:
     front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
     lines = [f"# {prov.title(repo_id, name + '-' + preset.lower())}", "",
              f"{prov.origin} quantized by qconvert with the scheme **{name}** and exported to compressed-tensors "
-             f"(`{qcfg.get('format')}`, {preset}): transformers and vLLM load it as it is.", ""] + prov.source_lines()
+             f"(`{qcfg.get('format')}`, {preset}): "
+             f"{'vLLM loads' if unloadable else 'transformers and vLLM load'} it as it is.",
+             ""] + prov.source_lines()
     lines += ["## Scheme", ""] + _table(["part", "how"], _export_scheme_rows(marker, qcfg, group, origin)) + [""]
     mine = _out_files(out)
     lines += ["## Size", ""] + _table(["what", "size"], [
         prov.size_row(), ["these weights (safetensors)", _mb(sum(f.size for f in mine if f.path_in_repo.endswith(".safetensors")))],
         ["all files here but this card", _mb(sum(f.size for f in mine))]]) + [""]
-    lines += ["## Accuracy", ""] + _export_accuracy_lines(out, marker, bool(group.get("input_activations")))
+    lines += ["## Accuracy", ""] + _export_accuracy_lines(out, marker, bool(group.get("input_activations")), unloadable)
     lines += ["## Serving", ""] + _export_serving_lines(marker)
-    lines += _export_use_lines(marker, repo_id, prov, name)
+    lines += _export_use_lines(marker, repo_id, prov, name, unloadable)
     return "---\n" + front + "---\n\n" + "\n".join(lines)
 
 

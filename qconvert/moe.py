@@ -13,11 +13,20 @@ registers Mixtral's block as ``mlp``.  Checkpoints store one linear per expert p
 
 ``unfuse_experts`` rewrites a model to the checkpoint's layout, so that skeleton names are
 the stored tensor names one to one and every expert projection is a linear to quantize.
+
+Qwen3-VL-MoE's checkpoints are the exception: its language model (read as ``qwen3_moe``) keeps
+each block's experts fused, ``mlp.experts.gate_up_proj`` and ``mlp.experts.down_proj``, in the
+published files as [E, H, 2I] and [E, I, H] (input first), in transformers 5's saves as [E, 2I, H]
+and [E, H, I].  ``fused_expert_views`` presents them as the per-expert linears above, each read
+from its own rows of the file (``ExpertView``); transformers' rule tells the two layouts apart
+(a tensor of the in-memory shape is taken as it is, else transposed), so qconvert reads what
+transformers reads.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import re
 from dataclasses import dataclass
 
 import torch
@@ -170,6 +179,54 @@ def unfuse_experts(model: nn.Module) -> nn.Module:
             layer.add_module(naming.block, block)
             object.__setattr__(layer, "mlp", block)
     return model
+
+
+FUSED_EXPERTS = re.compile(r"(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)")
+
+
+@dataclass(frozen=True)
+class ExpertView:
+    """One expert projection's [out, in] weight inside a fused 3-D checkpoint tensor."""
+
+    tensor: str  # the fused tensor, under the checkpoint's name
+    expert: int
+    half: int | None  # gate_up_proj: 0 the gate's rows, 1 the up's; down_proj: None
+    transposed: bool  # stored input first (the published layout)
+    shape: tuple[int, int]
+
+    def take(self, rows: torch.Tensor) -> torch.Tensor:
+        """The weight from ``rows``, the fused tensor's rows ``expert .. expert + 1``."""
+        w = rows[0].t() if self.transposed else rows[0]
+        if self.half is not None:
+            w = w[self.half * self.shape[0]:(self.half + 1) * self.shape[0]]
+        return w.contiguous()
+
+
+def fused_expert_views(name: str, stored: str, shape: tuple[int, ...], config) -> dict[str, ExpertView] | None:
+    """The per-expert views of fused tensor ``name`` (text-model name; ``stored``: the checkpoint's)
+    of shape ``shape``, under qwen3_moe's per-expert names; None where ``name`` is no fused tensor."""
+    m = FUSED_EXPERTS.fullmatch(name)
+    if m is None:
+        return None
+    experts, kind = m.groups()
+    n_exp, hidden, inter = config.num_experts, config.hidden_size, config.moe_intermediate_size
+    out_in = (2 * inter, hidden) if kind == "gate_up_proj" else (hidden, inter)
+    if tuple(shape) == (n_exp, *out_in):
+        transposed = False
+    elif tuple(shape) == (n_exp, *out_in[::-1]):
+        transposed = True
+    else:
+        raise QConvertError(
+            f"fused experts '{stored}' have shape {list(shape)}; {n_exp} experts of hidden size {hidden} and "
+            f"moe_intermediate_size {inter} need {[n_exp, *out_in]} or {[n_exp, *out_in[::-1]]}: check config.json")
+    views = {}
+    for e in range(n_exp):
+        if kind == "down_proj":
+            views[f"{experts}.{e}.down_proj.weight"] = ExpertView(stored, e, None, transposed, (hidden, inter))
+        else:
+            for half, proj in enumerate(("gate_proj", "up_proj")):
+                views[f"{experts}.{e}.{proj}.weight"] = ExpertView(stored, e, half, transposed, (inter, hidden))
+    return views
 
 
 def experts_of(module: nn.Module) -> list[tuple[str, ExpertMLP]]:

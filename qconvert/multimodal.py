@@ -1,13 +1,14 @@
 """Multimodal checkpoints whose language model qconvert quantizes (Gemma-3 4B and up, Mistral-Small-3.1,
 LLaVA-1.5, Pixtral-12B, InternVL2.5/3 in transformers' format, SmolVLM / Idefics3, Qwen2-VL,
-Qwen2.5-VL and Qwen3-VL).
+Qwen2.5-VL, Qwen3-VL and Qwen3-VL-MoE).
 
 Such a checkpoint keeps a causal language model (model type ``gemma3_text``, ``mistral``, …) under
 a prefix, beside an image encoder and a projector that feed it image features.  The Qwen-VL models'
 language model has a config of its own (``qwen2_5_vl_text``, …) only for its multimodal RoPE
 (M-RoPE): text gives each of M-RoPE's three position sections the same position, which makes it
 the plain RoPE of a Qwen2 / Qwen3 model, so qconvert reads it as one (``Family.text_as``,
-``Family.text_config``) and export writes the checkpoint's own text config back.  qconvert reads the
+``Family.text_config``) and export writes the checkpoint's own text config back.  Qwen3-VL-MoE's
+reads as Qwen3-MoE, its fused experts as one linear per expert (``qconvert.moe.fused_expert_views``).  qconvert reads the
 language model as the text model it is (``qconvert.source.LanguageModelSource``: the text config,
 the tensors under their text-model names), so the walk, the runtime, ``eval``, ``verify`` and the
 decode engine see a plain text model.  The other tensors are carried into ``OUT/multimodal/``, with the
@@ -54,6 +55,9 @@ class Family:
     # the text model type qconvert reads the language model as, where its config has a type of its
     # own that differs from that model only in its (multimodal) RoPE; None: read as it is
     text_as: str | None = None
+    # fields the ``text_as`` config is given beyond the source's: where the language model fixes what
+    # that model's config leaves to a field (Qwen3-VL-MoE always renormalizes its top-k weights)
+    text_fields: tuple[tuple[str, object], ...] = ()
 
     def carries(self, name: str) -> bool:
         """Whether tensor ``name`` belongs to a part kept as it is (under either naming)."""
@@ -81,7 +85,7 @@ class Family:
             raise QConvertError(f"a {self.model_type} language model with RoPE type {rope['rope_type']!r}: qconvert "
                                 "reads it only with its default M-RoPE; check config.json's rope_scaling")
         fields["rope_parameters"] = {**rope, "rope_type": "default"}
-        return AutoConfig.for_model(self.text_as, **fields)
+        return AutoConfig.for_model(self.text_as, **{**fields, **dict(self.text_fields)})
 
 
 # what ``Family.text_config`` leaves out of a text config it reads as another type's; what
@@ -116,10 +120,26 @@ for _t in ("qwen2_vl", "qwen2_5_vl"):
                           (r"visual\.merger\.mlp\.2",), text_as="qwen2")
 # Qwen3-VL: saved as transformers' module tree; its DeepStack mergers add image features to the stream
 # after the first layers, as the merger writes them before the first
+_QWEN3_VL_WRITES = (r"visual\.merger\.linear_fc2", r"visual\.deepstack_merger_list\.\d+\.linear_fc2")
 FAMILIES["qwen3_vl"] = Family("qwen3_vl", (("model.language_model.", "lm_head.weight"),), "model.language_model.",
-                              "lm_head", ("visual",),
-                              (r"visual\.merger\.linear_fc2", r"visual\.deepstack_merger_list\.\d+\.linear_fc2"),
-                              text_as="qwen3")
+                              "lm_head", ("visual",), _QWEN3_VL_WRITES, text_as="qwen3")
+# Qwen3-VL-MoE: the same around a Qwen3-MoE language model that always renormalizes its top-k routing
+# weights; its checkpoints keep the experts fused (qconvert.moe.fused_expert_views)
+FAMILIES["qwen3_vl_moe"] = Family("qwen3_vl_moe", (("model.language_model.", "lm_head.weight"),), "model.language_model.",
+                                  "lm_head", ("visual",), _QWEN3_VL_WRITES, text_as="qwen3_moe",
+                                  text_fields=(("norm_topk_prob", True),))
+
+
+def transformers_cannot_load(model_type: str | None) -> str | None:
+    """Why transformers cannot load an export of this model type (None: it can).  A Qwen3-VL-MoE
+    export keeps one compressed linear per expert, as llm-compressor writes them and vLLM reads them;
+    transformers maps its checkpoints' experts only from the fused tensors."""
+    if model_type != "qwen3_vl_moe":
+        return None
+    import transformers
+
+    return (f"transformers {transformers.__version__} reads Qwen3-VL-MoE's experts only as fused tensors, and the "
+            "export keeps one compressed linear per expert (as vLLM reads them)")
 
 
 def family_of(config) -> Family | None:

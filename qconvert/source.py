@@ -15,11 +15,13 @@ conversion holds one decoder block, never the model.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import os
 import re
 import shutil
+import weakref
 from functools import cached_property
 from pathlib import Path
 
@@ -28,6 +30,7 @@ import torch
 from qconvert.architectures import check_architecture
 from qconvert.errors import QConvertError
 from qconvert.formats.safetensors_io import ShardedReader, TensorInfo, nbytes_of
+from qconvert.moe import ExpertView, fused_expert_views, is_moe
 from qconvert.multimodal import Family, family_of
 
 ALIASES = {
@@ -72,6 +75,10 @@ class Source:
     def iter_rows(self, name: str):
         """The tensor as dim-0 slices of bounded size (the whole tensor where it is in memory)."""
         yield self.get(name)
+
+    def get_rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
+        """Rows ``r0 .. r1 - 1`` of the tensor along dim 0 (a file source reads only those)."""
+        return self.get(name)[r0:r1].clone()
 
     def load_tokenizer(self):
         raise NotImplementedError
@@ -160,6 +167,20 @@ class LanguageModelSource(DerivedSource):
 
             text.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[text.model_type]]
         self._config = text
+        # fused experts (Qwen3-VL-MoE) as one linear per expert projection, each read from its own rows
+        # (the last rows read are kept: gate_proj and up_proj of one expert come from the same ones)
+        self._views: dict[str, ExpertView] = {}
+        self._rows: tuple[str, int, torch.Tensor] | None = None
+        if is_moe(text):
+            names = {}
+            for t, n in self._names.items():
+                views = fused_expert_views(t, n, src.info(n)[1], text)
+                if views is None:
+                    names[t] = n
+                else:
+                    names.update(dict.fromkeys(views, n))
+                    self._views.update(views)
+            self._names = names
 
     # the Source interface, on the language model
     @property
@@ -170,12 +191,22 @@ class LanguageModelSource(DerivedSource):
         return list(self._names)
 
     def get(self, name):
+        view = self._views.get(name)
+        if view is not None:
+            if self._rows is None or self._rows[:2] != (view.tensor, view.expert):
+                self._rows = (view.tensor, view.expert, self.src.get_rows(view.tensor, view.expert, view.expert + 1))
+            return view.take(self._rows[2])
         return self.src.get(self._names[name])
 
     def info(self, name):
+        view = self._views.get(name)
+        if view is not None:
+            return self.src.info(view.tensor)[0], view.shape
         return self.src.info(self._names[name])
 
     def iter_rows(self, name):
+        if name in self._views:
+            return iter([self.get(name)])
         return self.src.iter_rows(self._names[name])
 
     def load_model(self, dtype=torch.float32):
@@ -258,6 +289,9 @@ class SafetensorsDirSource(Source):
 
     def iter_rows(self, name):
         return self.reader.iter_rows(name)
+
+    def get_rows(self, name, r0, r1):
+        return self.reader.get_rows(name, r0, r1)
 
     def weight_files(self):
         files = self.reader.files if isinstance(self.reader, ShardedReader) else sorted(set(self.reader.where.values()))
@@ -345,6 +379,38 @@ class PickleReader:
     def iter_rows(self, name):
         yield self.get(name)
 
+    def get_rows(self, name, r0, r1):
+        return self.get(name)[r0:r1].clone()
+
+
+# transformers parses a GGUF file's whole metadata (its tokenizer's vocabulary and merges, value by
+# value) for the config, for the tokenizer and again for the weights: about 8 s and 12 s of the 5-minute
+# SmolLM2 quantize on 2 cores, each time they were asked for.  The config and the tokenizer are kept
+# per file (path, size, mtime) for the process, and each caller gets its own copy.
+_GGUF_PARSED: dict[tuple, dict] = {}
+
+
+# The dequantized weights (read only, as every source's tensors are) are shared while a source of
+# the same file still holds them: a process that reads one GGUF file many times (a test session)
+# dequantizes it once.
+_GGUF_STATES: "weakref.WeakValueDictionary[tuple, _State]" = weakref.WeakValueDictionary()
+
+
+class _State(dict):
+    """A GGUF file's dequantized tensors by name (a dict that ``weakref`` can refer to)."""
+
+
+def _gguf_key(path: Path) -> tuple:
+    st = path.stat()
+    return str(path.resolve()), st.st_size, st.st_mtime_ns
+
+
+def _gguf_parsed(path: Path, what: str, parse):
+    kept = _GGUF_PARSED.setdefault(_gguf_key(path), {})
+    if what not in kept:
+        kept[what] = parse()
+    return copy.deepcopy(kept[what])
+
 
 class GGUFSource(Source):
     """A ``.gguf`` file; transformers dequantizes all of it at once (read whole)."""
@@ -369,7 +435,7 @@ class GGUFSource(Source):
         from transformers import AutoConfig
 
         try:
-            cfg = AutoConfig.from_pretrained(**self._kw())
+            cfg = _gguf_parsed(self.path, "config", lambda: AutoConfig.from_pretrained(**self._kw()))
         except (ValueError, OSError) as e:
             raise QConvertError(f"{self.path}: cannot read the GGUF file ({e})") from e
         check_architecture(cfg)
@@ -377,7 +443,11 @@ class GGUFSource(Source):
 
     @cached_property
     def _state(self) -> dict[str, torch.Tensor]:
-        return self.load_model().state_dict()
+        key = _gguf_key(self.path)
+        state = _GGUF_STATES.get(key)
+        if state is None:
+            state = _GGUF_STATES[key] = _State(self.load_model().state_dict())
+        return state
 
     def keys(self):
         return list(self._state)
@@ -392,7 +462,7 @@ class GGUFSource(Source):
     def load_tokenizer(self):
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(**self._kw())
+        return _gguf_parsed(self.path, "tokenizer", lambda: AutoTokenizer.from_pretrained(**self._kw()))
 
     def save_tokenizer(self, out):
         self.load_tokenizer().save_pretrained(out)
@@ -411,7 +481,8 @@ class GGUFSource(Source):
             return model.eval()
         from qconvert.moe import unfuse_experts
 
-        return unfuse_experts(AutoModelForCausalLM.from_pretrained(**self._kw(), dtype=dtype)).eval()
+        return unfuse_experts(AutoModelForCausalLM.from_pretrained(**self._kw(), config=copy.deepcopy(self.config),
+                                                                   dtype=dtype)).eval()
 
 
 def alias_description(alias: str) -> str:

@@ -420,10 +420,12 @@ def run_benchmark_without_gpu(script: Path, *args: str):
 
 
 
-def multimodal_config(model_type="gemma3", hidden=64, layers=2, intermediate=160, vocab=300, heads=4, kv_heads=2):
+def multimodal_config(model_type="gemma3", hidden=64, layers=2, intermediate=160, vocab=300, heads=4, kv_heads=2,
+                      moe_intermediate=96):
     """A tiny Gemma-3 (SigLIP encoder), Mistral-3 (Pixtral encoder), LLaVA (CLIP encoder, a
-    Mistral language model as Pixtral-12B's), InternVL3, SmolVLM2, Qwen2-VL, Qwen2.5-VL or Qwen3-VL image-text model:
-    its language model as ``tiny_config`` builds it, with 28 x 28 images of 7 x 7 patches."""
+    Mistral language model as Pixtral-12B's), InternVL3, SmolVLM2, Qwen2-VL, Qwen2.5-VL, Qwen3-VL or Qwen3-VL-MoE
+    image-text model: its language model as ``tiny_config`` builds it (Qwen3-VL-MoE's: 4 experts of
+    ``moe_intermediate``, top-2), with 28 x 28 images of 7 x 7 patches."""
     from transformers import AutoConfig
 
     text = dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
@@ -443,8 +445,11 @@ def multimodal_config(model_type="gemma3", hidden=64, layers=2, intermediate=160
         sections = [half // 4, 3 * half // 8, half - half // 4 - 3 * half // 8]
         special = dict(image_token_id=vocab - 1, video_token_id=vocab - 2, vision_start_token_id=vocab - 3,
                        vision_end_token_id=vocab - 4)
-        if model_type == "qwen3_vl":  # DeepStack features added after both text layers
-            return AutoConfig.for_model("qwen3_vl", text_config=dict(text, head_dim=hidden // heads, rope_scaling={
+        if model_type in ("qwen3_vl", "qwen3_vl_moe"):  # DeepStack features added after both text layers
+            if model_type == "qwen3_vl_moe":  # Qwen3-VL-30B-A3B's kind: 4 experts here, top-2 (its config names norm_topk_prob too, which vLLM reads)
+                text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=moe_intermediate, norm_topk_prob=True,
+                            decoder_sparse_step=1)
+            return AutoConfig.for_model(model_type, text_config=dict(text, head_dim=hidden // heads, rope_scaling={
                 "rope_type": "default", "mrope_section": sections, "mrope_interleaved": True}), vision_config=dict(
                 depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden, patch_size=7,
                 deepstack_visual_indexes=[0, 1], num_position_embeddings=16), **special)
@@ -471,10 +476,11 @@ def multimodal_config(model_type="gemma3", hidden=64, layers=2, intermediate=160
                                 image_token_index=vocab - 1, spatial_merge_size=2, tie_word_embeddings=False)
 
 
-def write_multimodal(directory: Path, config) -> Path:
+def write_multimodal(directory: Path, config, fused_as_saved: bool = False) -> Path:
     """A multimodal checkpoint with random weights as the published ones name them (transformers
     writes a SigLIP or CLIP tower without the ``vision_model.`` that Google's and llava-hf's files,
-    and vLLM, have)."""
+    and vLLM, have) and lay them out (Qwen3-VL-MoE's fused experts input first, [E, H, 2I] and
+    [E, I, H], where transformers 5 saves [E, 2I, H] and [E, H, I]: ``fused_as_saved`` keeps those)."""
     from transformers import AutoModelForImageTextToText
 
     directory = Path(directory)
@@ -494,6 +500,13 @@ def write_multimodal(directory: Path, config) -> Path:
         write_safetensors(directory / "model.safetensors", {
             ("vision_tower.vision_model." + k.removeprefix("vision_tower.") if k.startswith("vision_tower.") else k): v
             for k, v in state.items()})
+    if config.model_type == "qwen3_vl_moe" and not fused_as_saved:
+        from safetensors.torch import load_file
+
+        state = load_file(directory / "model.safetensors")
+        write_safetensors(directory / "model.safetensors", {
+            k: v.transpose(1, 2).contiguous() if k.endswith(("experts.gate_up_proj", "experts.down_proj")) else v
+            for k, v in state.items()})
     write_multimodal_processor(directory, config)
     return directory
 
@@ -502,6 +515,7 @@ def write_multimodal(directory: Path, config) -> Path:
 # their ids counted from the end of the vocabulary (where multimodal_config puts the config's ids)
 QWEN_VL_TOKENS = {"<|vision_end|>": 4, "<|vision_start|>": 3, "<|video_pad|>": 2, "<|image_pad|>": 1}
 IMAGE_TOKENS_OF = {"qwen2_vl": QWEN_VL_TOKENS, "qwen2_5_vl": QWEN_VL_TOKENS, "qwen3_vl": QWEN_VL_TOKENS,
+                   "qwen3_vl_moe": QWEN_VL_TOKENS,
                    # Gemma's vocabulary has runs of newlines as tokens, which vLLM's processor looks up
                    "gemma3": {"\n": 7, "\n\n": 6, "\n\n\n": 5, "\n\n\n\n": 4, "<start_of_image>": 3,
                               "<end_of_image>": 2, "<image_soft_token>": 1},
@@ -533,7 +547,7 @@ def processor_config(config) -> dict:
                       size={"shortest_edge": 28 * 28, "longest_edge": 28 * 28}, **CLIP_NORM)
         return {"processor_class": {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}.get(kind, "Qwen3VLProcessor"),
                 "image_processor": {"image_processor_type": "Qwen2VLImageProcessorFast", **pixels},
-                "video_processor": {"video_processor_type": "Qwen3VLVideoProcessor" if kind == "qwen3_vl" else
+                "video_processor": {"video_processor_type": "Qwen3VLVideoProcessor" if kind.startswith("qwen3") else
                                     "Qwen2VLVideoProcessor", "do_sample_frames": False, **pixels}}
     if kind == "gemma3":
         return {"processor_class": "Gemma3Processor", "image_seq_length": config.mm_tokens_per_image,
@@ -593,6 +607,26 @@ def float_model(path):
     return model.eval()
 
 
+def fuse_experts(state: dict) -> dict:
+    """``state`` with each MoE block's per-expert linears ``experts.E.{gate,up,down}_proj.weight``
+    fused again as transformers 5 saves Qwen3-VL-MoE's: ``experts.gate_up_proj`` [E, 2I, H] (gate
+    rows first) and ``experts.down_proj`` [E, H, I]."""
+    import re
+
+    out, blocks = {}, {}
+    for name, value in state.items():
+        m = re.fullmatch(r"(.*\.experts)\.(\d+)\.(gate|up|down)_proj\.weight", name)
+        if m is None:
+            out[name] = value
+        else:
+            blocks.setdefault(m.group(1), {})[(int(m.group(2)), m.group(3))] = value
+    for block, w in blocks.items():
+        n_exp = 1 + max(e for e, _ in w)
+        out[f"{block}.gate_up_proj"] = torch.stack([torch.cat([w[e, "gate"], w[e, "up"]]) for e in range(n_exp)])
+        out[f"{block}.down_proj"] = torch.stack([w[e, "down"] for e in range(n_exp)])
+    return out
+
+
 def write_checkpoint(src, d):
     """The multimodal checkpoint ``src`` (a source's language model, rotated or not) computes, as
     its files name it: what a float model of OUT's rotation is."""
@@ -601,7 +635,7 @@ def write_checkpoint(src, d):
 
     mm = view(src)
     rec = mm.record()
-    state = {Renamer(rec).tensor(k): src.get(k) for k in src.keys()}
+    state = fuse_experts({Renamer(rec).tensor(k): src.get(k) for k in src.keys()})
     state.update({n: torch.cat(list(src.carried_rows(n))) for n in mm.carried})
     d.mkdir()
     write_safetensors(d / "model.safetensors", state)

@@ -19,11 +19,11 @@ from helpers import (check_export_scores_as_runtime, check_tiny_out, cli_ok, flo
 from qconvert.multimodal import CARRIED_DIR, FAMILIES, Renamer
 from qconvert.source import LanguageModelSource, resolve_source
 
-KINDS = ["gemma3", "mistral3", "llava", "internvl", "smolvlm", "qwen2_5_vl", "qwen3_vl"]  # Qwen2-VL: where it differs
+KINDS = ["gemma3", "mistral3", "llava", "internvl", "smolvlm", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]  # Qwen2-VL: where it differs
 ROTATED = [k for k in KINDS + ["qwen2_vl", "idefics3"] if k != "gemma3"]  # Gemma-3 is not rotated (its norms)
 IMAGE_TOKENS = {"gemma3": 4, "mistral3": 4, "llava": 16}  # what a 28 x 28 image becomes in each tiny model (Qwen: 4)
 TEXT_AS = {"gemma3": "gemma3_text", "internvl": "qwen2", "smolvlm": "llama", "idefics3": "llama", "qwen2_vl": "qwen2", "qwen2_5_vl": "qwen2",
-           "qwen3_vl": "qwen3"}  # else mistral
+           "qwen3_vl": "qwen3", "qwen3_vl_moe": "qwen3_moe"}  # else mistral
 
 
 @pytest.fixture(scope="module", params=KINDS)
@@ -77,11 +77,12 @@ def test_quantize_keeps_the_image_parts(mm, tmp_path):
     else:
         assert "residual stream rotated" in res.output and report["rotation"]["mode"] == "hadamard"
         # weight and bias of each (Mistral-3's and SmolVLM's have no bias; Qwen3-VL: the merger and 2 DeepStack mergers)
-        writes = {"mistral3": 1, "smolvlm": 1, "qwen3_vl": 6}.get(kind_of(mm), 2)
+        writes = {"mistral3": 1, "smolvlm": 1, "qwen3_vl": 6, "qwen3_vl_moe": 6}.get(kind_of(mm), 2)
         assert set(rec["rotated"]) == {k for k in load_file(mm / "model.safetensors")
                                        if FAMILIES[kind_of(mm)].stream_write(k)} and len(rec["rotated"]) == writes
     assert (rec["text_prefix"], rec["head"]) == {
         "qwen2_5_vl": ("model.", "lm_head.weight"), "qwen3_vl": ("model.language_model.", "lm_head.weight"),
+        "qwen3_vl_moe": ("model.language_model.", "lm_head.weight"),
         "smolvlm": ("model.text_model.", "lm_head.weight")}.get(
         kind_of(mm), ("language_model.model.", "language_model.lm_head.weight"))
     src_state = load_file(mm / "model.safetensors")
@@ -93,7 +94,8 @@ def test_quantize_keeps_the_image_parts(mm, tmp_path):
     kept = image_parts - set(rec.get("rotated", []))
     assert all(torch.equal(carried[k], src_state[k]) and carried[k].dtype == src_state[k].dtype for k in kept)
     assert all(not torch.equal(carried[k], src_state[k]) for k in rec.get("rotated", []))
-    assert {r["name"] for r in report["layers"]} >= {"model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj"}
+    down = "model.layers.1.mlp." + ("experts.3.down_proj" if kind_of(mm) == "qwen3_vl_moe" else "down_proj")
+    assert {r["name"] for r in report["layers"]} >= {"model.layers.1.self_attn.q_proj", down}
     manifest = json.loads((out / "manifest.json").read_text())["files"]
     assert f"{CARRIED_DIR}/model.safetensors" in manifest  # verify checks its bytes, push uploads it
     check_tiny_out(out, mm, text)
@@ -108,7 +110,7 @@ def image_logits(path):
 @pytest.mark.parametrize("kind", ROTATED)
 def test_the_rotated_model_answers_an_image_prompt_as_the_original(kind, tmp_path):
     """The residual stream rotated, the projector's output linears with it (Qwen3-VL: its DeepStack
-    mergers too): the same logits on a prompt with an image (the rotation's tolerance,
+    mergers too, and Qwen3-VL-MoE's): the same logits on a prompt with an image (the rotation's tolerance,
     tests/test_rotation.py); with the projector left unrotated they are not (nor, for Qwen3-VL, with
     its DeepStack mergers alone left unrotated)."""
     from qconvert.solvers.rotation import RotatedSource
@@ -120,7 +122,7 @@ def test_the_rotated_model_answers_an_image_prompt_as_the_original(kind, tmp_pat
     assert float((got - want).abs().max() / want.abs().max()) <= 1e-4
     rotated_rows = rot.carried_rows
     controls = {"unrotated-projector": lambda name: rot.src.carried_rows(name)}  # the image features enter unrotated
-    if kind == "qwen3_vl":
+    if kind.startswith("qwen3_vl"):
         controls["unrotated-deepstack"] = lambda name: (rot.src.carried_rows(name) if "deepstack" in name
                                                         else rotated_rows(name))
     for control, rows in controls.items():
@@ -133,6 +135,8 @@ def test_the_export_is_the_multimodal_model_again(mm, tmp_path):
     """transformers loads the export as the multimodal class (every tensor used); on text it scores
     as qconvert's runtime scores the OUT; on an image prompt it gives the logits of the float
     model (rotated as OUT was) whose language-model linears hold the OUT's weights."""
+    if kind_of(mm) == "qwen3_vl_moe":
+        pytest.skip("transformers reads Qwen3-VL-MoE's experts only fused: test_a_qwen3_vl_moe_export_keeps_one_linear_per_expert")
     out, dest = check_export_scores_as_runtime(mm, tmp_path)
     cfg = json.loads((dest / "config.json").read_text())
     src_cfg = json.loads((mm / "config.json").read_text())
@@ -329,3 +333,64 @@ def test_a_flat_qwen2_5_vl_config_as_published(tmp_path):
     exported = json.loads((dest / "config.json").read_text())
     assert exported["text_config"]["rope_parameters"]["mrope_section"] == rope["mrope_section"]
     assert type(float_model(dest)).__name__ == "Qwen2_5_VLForConditionalGeneration"
+
+
+def test_qwen3_vl_moe_reads_its_fused_experts_in_either_layout(tmp_path):
+    """Qwen3-VL-MoE's experts are fused in its files, input first as published ([E, H, 2I], [E, I, H])
+    or as transformers 5 saves them ([E, 2I, H], [E, H, I]): both read as the same per-expert linears
+    (each from its own rows), and a fused tensor of neither shape is refused with the fix."""
+    from safetensors.torch import save_file
+
+    config = multimodal_config("qwen3_vl_moe")
+    published = resolve_source(str(write_multimodal(tmp_path / "published", config)))
+    saved_dir = write_multimodal(tmp_path / "saved", config, fused_as_saved=True)
+    saved = resolve_source(str(saved_dir))
+    names = published.keys()
+    assert names == saved.keys() and "model.layers.1.mlp.experts.3.up_proj.weight" in names
+    assert not any(n.endswith(("experts.gate_up_proj", "experts.down_proj")) for n in names)
+    assert published.config.model_type == "qwen3_moe" and published.config.norm_topk_prob  # always renormalized
+    for name in names:
+        a, b = published.get(name), saved.get(name)
+        assert torch.equal(a, b) and published.info(name) == (a.dtype, tuple(a.shape)) == saved.info(name), name
+    fused = load_file(saved_dir / "model.safetensors")
+    gate_up = fused["model.language_model.layers.0.mlp.experts.gate_up_proj"]
+    assert torch.equal(saved.get("model.layers.0.mlp.experts.2.up_proj.weight"), gate_up[2, 96:])
+    fused["model.language_model.layers.0.mlp.experts.down_proj"] = torch.zeros(4, 64, 95)
+    save_file(fused, saved_dir / "model.safetensors")
+    res = run_cli("quantize", saved_dir, "--scheme", "is-w4a8-rtn", "-o", tmp_path / "out", ok=False)
+    msg = " ".join(res.output.split())
+    assert res.exit_code == 1 and "model.language_model.layers.0.mlp.experts.down_proj' have shape [4, 64, 95]" in msg \
+        and "check config.json" in msg, msg
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_qwen3_vl_moe_export_keeps_one_linear_per_expert(tmp_path):
+    """Qwen3-VL-MoE exports one compressed linear per expert under the checkpoint's prefix (as
+    llm-compressor writes them and vLLM reads them: tests/test_vllm.py serves it), the routers and
+    the image parts in ``ignore`` and the source's own text config; transformers maps this model's
+    experts only from fused tensors, so ``qconvert eval`` of the export says so and names the OUT,
+    and the export's card leads to vLLM."""
+    from qconvert.hub import export_card
+
+    mm = write_multimodal(text_files(tmp_path) / "src", multimodal_config("qwen3_vl_moe"))
+    out, dest = tmp_path / "out", tmp_path / "ct"
+    cli_ok(quantize_tiny(mm, out, "w4a16-gptq", "--base", "rtn"))
+    run_cli("export", out, "-o", dest)
+    names = set(load_file(dest / "model.safetensors"))
+    prefix = "model.language_model.layers"
+    assert {f"{prefix}.{i}.mlp.experts.{e}.{p}_proj.weight_packed" for i in range(2) for e in range(4)
+            for p in ("gate", "up", "down")} <= names
+    assert not any(n.endswith(("experts.gate_up_proj", "experts.down_proj")) for n in names)
+    cfg, src_cfg = (json.loads((d / "config.json").read_text()) for d in (dest, mm))
+    assert cfg["text_config"]["model_type"] == "qwen3_vl_moe_text"
+    # the source's own text config (norm_topk_prob, which vLLM reads, and M-RoPE included); the head untied by the rotation
+    assert all(cfg["text_config"][k] == v for k, v in src_cfg["text_config"].items()
+               if k not in ("transformers_version", "tie_word_embeddings"))
+    assert cfg["text_config"]["rope_parameters"] == src_cfg["text_config"]["rope_parameters"]
+    ignore = cfg["quantization_config"]["ignore"]
+    assert {f"{prefix}.{i}.mlp.gate" for i in range(2)} <= set(ignore) and "re:.*visual.*" in ignore
+    res = run_cli("eval", dest, "--data-file", mm.parent / "text.raw", ok=False)
+    msg = " ".join(res.output.split())
+    assert res.exit_code == 1 and "reads Qwen3-VL-MoE's experts only as fused tensors" in msg and "evaluate the OUT" in msg, msg
+    card = export_card(dest)
+    assert "Not with transformers" in card and "vllm serve" in card and "AutoModelForCausalLM" not in card

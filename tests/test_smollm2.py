@@ -83,15 +83,27 @@ def test_integer_scale_matches_float_scale(ppl):
     assert ppl["rtn"] - ppl["is"] > 0.9 * (ppl["rtn"] - ppl["fs"]), ppl
 
 
-def test_local_directory_source_gives_the_same_output(tmp_path, smollm2, is_out):
-    """The same weights as a local HF safetensors directory quantize to the same tensors."""
+def test_local_directory_source_gives_the_same_output(tmp_path, smollm2, rtn_out):
+    """The same weights as a local HF safetensors directory quantize to the same tensors, and what a
+    calibrated walk reads besides them is the same too: the config (the model it runs) and the
+    tokenizer's ids of the calibration text.  (Round to nearest: a GPTQ run of each would take
+    minutes of CI to show the same, a calibrated walk being a function of these three.)"""
+    from qconvert.source import resolve_source
+
     d = tmp_path / "smollm2-dir"
     smollm2.load_model().save_pretrained(d)
     smollm2.load_tokenizer().save_pretrained(d)
     out = tmp_path / "out"
-    res = CliRunner().invoke(cli, ["quantize", str(d), "-o", str(out), "-q", *CALIB])
+    res = CliRunner().invoke(cli, ["quantize", str(d), "--scheme", "is-w4a8-rtn", "-o", str(out), "-q"])
     assert res.exit_code == 0, res.output
-    assert (out / "model.safetensors").read_bytes() == (is_out / "model.safetensors").read_bytes()
+    assert (out / "model.safetensors").read_bytes() == (rtn_out / "model.safetensors").read_bytes()
+    local = resolve_source(str(d))
+    skip = ("_name_or_path", "transformers_version", "architectures", "dtype")
+    mine, theirs = (
+        {k: v for k, v in c.to_dict().items() if k not in skip} for c in (local.config, smollm2.config))
+    assert mine == theirs
+    text = "\n\n".join(json.loads(line)["text"] for line in C4.read_text().splitlines()[:20])  # what --calib c4 reads
+    assert local.load_tokenizer()(text).input_ids == smollm2.load_tokenizer()(text).input_ids
 
 
 def test_verify_passes_on_the_real_model(is_out, smollm2, wiki_test):

@@ -145,8 +145,15 @@ class SafetensorsFile:
         row_bytes = info.nbytes // info.shape[0] if info.shape[0] else info.nbytes
         rows = max(1, max_bytes // max(row_bytes, 1))
         for r0 in range(0, info.shape[0], rows):
-            r1 = min(r0 + rows, info.shape[0])
-            yield self._read(name, info.begin + r0 * row_bytes, (r1 - r0) * row_bytes, info.dtype, (r1 - r0, *info.shape[1:]))
+            yield self.get_rows(name, r0, min(r0 + rows, info.shape[0]))
+
+    def get_rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
+        """Rows ``r0 .. r1 - 1`` along dim 0, reading only their bytes (one expert of a fused tensor)."""
+        info = self.tensors[name]
+        if not 0 <= r0 <= r1 <= info.shape[0]:
+            raise IndexError(f"rows {r0}:{r1} of '{name}' {info.shape}")
+        row_bytes = info.nbytes // info.shape[0] if info.shape[0] else 0
+        return self._read(name, info.begin + r0 * row_bytes, (r1 - r0) * row_bytes, info.dtype, (r1 - r0, *info.shape[1:]))
 
     def _read(self, name, begin, nbytes, dtype, shape) -> torch.Tensor:
         if nbytes == 0:
@@ -393,3 +400,6 @@ class ShardedReader:
 
     def iter_rows(self, name: str, max_bytes: int = CHUNK_BYTES):
         return self.files[self.where[name]].iter_rows(name, max_bytes)
+
+    def get_rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
+        return self.files[self.where[name]].get_rows(name, r0, r1)
