@@ -306,7 +306,9 @@ def quik_kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, r
     """Time cuBLAS FP16 and QUIK layers for one (M, N, K): the split-and-quantize kernel alone,
     the integer GEMM alone (its epilogue adding a given outlier product), and whole layers
     ``quik-w4a4`` / ``quik-w8a8`` (split, cuBLAS outlier product, GEMM) as the runtime runs
-    them; the 4-bit layer on the device's path (s4 on sm_80 .. sm_89, s8 on sm_90+).
+    them; the 4-bit layer on the device's path (s4 on sm_80 .. sm_89, s8r on sm_90+: the repacked
+    W4A8 prefill kernel, whose weights are repacked before the timing as the runtime does at load
+    time), and on sm_90+ also the first design's 64 x 64 GEMM (``quik-w4a4-gemm-s8``) beside it.
     ``outliers``: fp16 channels, default the "auto" rule (256 for K >= 4096)."""
     from qconvert.layouts.quik import auto_outliers
     from qconvert_kernels.quik import cuda as cuda_quik
@@ -328,25 +330,38 @@ def quik_kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, r
         pack = bits == 4 and path == "s4"
         qws = [torch.randint(-128, 128, (n, kbp // 2 if bits == 4 else kbp), generator=gen, device=device,
                              dtype=torch.int8).view(torch.uint8 if bits == 4 else torch.int8) for _ in range(sets)]
-        xq_bytes = m * (kbp // 2 if pack else kbp)
+        repacked = bits == 4 and path == "s8r"
+        preps = [cuda_quik.prepare_repacked(q, wscale, wsum, device) for q in qws] if repacked else [None] * sets
+        width = preps[0].kq if repacked else None
+        xq_bytes = m * (kbp // 2 if pack else (width or kbp))
         w_bytes = n * (kbp // 2 if bits == 4 else kbp) + n * n_out * 2 + n * 8
         name = f"quik-w{bits}a{bits}"
         if bits == 4:
-            row("quik-split", _time_cuda(lambda i: cuda_quik.split_quantize(xs[i], base_idx, out_idx, 4, pack), sets, runs,
-                                         warmup, reps), m * k * 2 + xq_bytes + m * n_out * 2 + m * 8, 0)
-        splits = [cuda_quik.split_quantize(x, base_idx, out_idx, bits, pack) for x in xs]
+            row("quik-split", _time_cuda(lambda i: cuda_quik.split_quantize(xs[i], base_idx, out_idx, 4, pack, width=width),
+                                         sets, runs, warmup, reps), m * k * 2 + xq_bytes + m * n_out * 2 + m * 8, 0)
+        splits = [cuda_quik.split_quantize(x, base_idx, out_idx, bits, pack, width=width) for x in xs]
         y_outs = [torch.matmul(sp[3], w.t()) if n_out else None for sp, w in zip(splits, w_outs)]
-        row(f"{name}-gemm", _time_cuda(lambda i: cuda_quik.quik_gemm(*splits[i][:3], qws[i], wscale, wsum, y_outs[i], bits,
-                                                                  torch.float16), sets, runs, warmup, reps),
-            xq_bytes + w_bytes + m * n * 4, 2 * m * n * kbp)
+        if repacked:
+            gemm = lambda i: cuda_quik.quik_gemm_repacked(*splits[i][:3], preps[i], y_outs[i], torch.float16)  # noqa: E731
+        else:
+            gemm = lambda i: cuda_quik.quik_gemm(*splits[i][:3], qws[i], wscale, wsum, y_outs[i], bits, torch.float16)  # noqa: E731
+        row(f"{name}-gemm", _time_cuda(gemm, sets, runs, warmup, reps), xq_bytes + w_bytes + m * n * 4, 2 * m * n * kbp)
+        if repacked:  # the first design's s8 kernel on the same weights, for comparison
+            s8 = [cuda_quik.split_quantize(x, base_idx, out_idx, 4, False) for x in xs]
+            row(f"{name}-gemm-s8", _time_cuda(lambda i: cuda_quik.quik_gemm(*s8[i][:3], qws[i], wscale, wsum, y_outs[i], 4,
+                                                                           torch.float16), sets, runs, warmup, reps),
+                m * kbp + w_bytes + m * n * 4, 2 * m * n * kbp)
+            s8.clear()
         splits.clear()
         y_outs.clear()
-        row(name, _time_cuda(lambda i: cuda_quik.quik_linear(xs[i], base_idx, out_idx, qws[i], wscale, wsum, w_outs[i], bits),
+        row(name, _time_cuda(lambda i: cuda_quik.quik_linear(xs[i], base_idx, out_idx, qws[i], wscale, wsum, w_outs[i], bits,
+                                                             prepared=preps[i]),
                              sets, runs, warmup, reps), m * k * 2 + w_bytes + m * n * 2, ops)
         qws.clear()
+        preps.clear()
     by = {r["kernel"]: r["us"] for r in rows}
     for r in rows:
-        if r["kernel"] in ("quik-w4a4", "quik-w8a8", "quik-w4a4-gemm", "quik-w8a8-gemm"):
+        if r["kernel"] in ("quik-w4a4", "quik-w8a8", "quik-w4a4-gemm", "quik-w8a8-gemm", "quik-w4a4-gemm-s8"):
             r["vs_cublas"] = round(by["cublas-fp16"] / r["us"], 3)
     return rows
 

@@ -73,3 +73,43 @@ def test_quik_layer_on_cuda_matches_cpu_reference(tmp_path):
     got = lin.to(DEV)(x.to(DEV)).float().cpu()
     # only the outlier product differs (cuBLAS fp16 vs CPU float32), and the fp16 rounding
     assert float((got - ref).norm() / ref.norm()) < 2e-3
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k,n_out", SHAPES)
+def test_repacked_gemm_matches_reference(m, n, k, n_out, dtype):
+    """The "s8r" path (sm_90's default, runs on any sm_80+): the repacked W4A8 prefill kernel with
+    QUIK's epilogue; exact int32 sums, y within 1 ulp as the other paths (bit for bit on the CPU
+    emulator, tests/test_kernels_quik_repacked.py)."""
+    x, base_idx, outlier_idx, q, wscale, wsum, w_out = _case(m, n, k, n_out, 4, dtype, seed=7 * m + n)
+    prep = cuda_quik.prepare_repacked(pack_int4(q).to(DEV), wscale.to(DEV), wsum.to(DEV), DEV)
+    xq, s, z, x_out = cuda_quik.split_quantize(x.to(DEV), base_idx.to(DEV), outlier_idx.to(DEV), 4, False, width=prep.kq)
+    y_out = torch.matmul(x_out, w_out.to(DEV, dtype).t()) if n_out else None
+    y, acc = cuda_quik.quik_gemm_repacked(xq, s, z, prep, y_out, dtype, return_acc=True)
+    rq, rs, rz, _ = refq.quantize_split(x, base_idx, outlier_idx, 4)
+    assert torch.equal(xq.cpu()[:, :rq.shape[1]], rq) and not xq[:, rq.shape[1]:].any()
+    ry, racc = refq.quik_gemm(rq, rs, rz, q, wscale, wsum, y_out.float().cpu() if n_out else torch.zeros(m, n), return_acc=True)
+    assert torch.equal(acc.cpu(), racc)
+    assert (int(_ulps(y.cpu(), ry.to(dtype)).max()) if y.numel() else 0) <= 1
+
+
+def test_repacked_layer_captures_in_a_cuda_graph():
+    """quik_linear on the repacked path reads no device value on the host: captured once and
+    replayed on new activations, it gives what it gives eagerly."""
+    x, base_idx, outlier_idx, q, wscale, wsum, w_out = _case(16, 576, 1536, 96, 4, torch.float16, seed=2)
+    args = [t.to(DEV) for t in (base_idx, outlier_idx, pack_int4(q), wscale, wsum, w_out)]
+    prep = cuda_quik.prepare_repacked(args[2], wscale.to(DEV), wsum.to(DEV), DEV)
+    static = x.to(DEV).clone()
+    run = lambda: cuda_quik.quik_linear(static, *args, 4, path="s8r", prepared=prep)  # noqa: E731
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()  # warm-up: modules built outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    static.copy_((x * 0.5).to(DEV))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, run())

@@ -156,6 +156,7 @@ def test_constants_and_parameters_match_the_source():
 
     assert params("W4R_DECODE") == emulate.DECODE_PARAMS
     assert params("W4R_PREFILL") == emulate.PREFILL_PARAMS
+    assert params("W4R_PREFILL_QUIK") == emulate.QUIK_PREFILL_PARAMS
     # every [emulate.X] tag of the source names a twin that exists here
     for name in set(re.findall(r"\[emulate\.(\w+)\]", CU)):
         assert hasattr(emulate, name) or name in ("decode_kstep", "prefill_kstep", "prefill_g128", "begin_stage", "p_load_stage", "splitk", "epilogue_value", "load_scale"), name
@@ -164,7 +165,7 @@ def test_constants_and_parameters_match_the_source():
 def test_kernel_names_are_the_declared_ones():
     from qconvert_kernels.w4a8 import REPACKED
 
-    entries = re.findall(r"^W4R_\w+\((\w+),", CU, flags=re.M)
+    entries = re.findall(r"^W4R_\w+\((\w+)[,)]", CU, flags=re.M)
     assert sorted(entries) == sorted(REPACKED.kernels)
 
 
@@ -439,7 +440,9 @@ def test_mutation_is_caught(mutation):
 
 
 def test_every_mutation_has_a_test():
-    covered = set(MUTATION_CASES) | {"ftz", "ticket_order", "late_publishers", "own_amax_half", "fallback_stage0"}
+    # quik_order: tests/test_kernels_quik_repacked.py (QUIK's epilogue on the prefill kernel)
+    covered = set(MUTATION_CASES) | {"ftz", "ticket_order", "late_publishers", "own_amax_half", "fallback_stage0",
+                                     "quik_order"}
     assert covered == set(emulate.MUTATIONS)
 
 

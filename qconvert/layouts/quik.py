@@ -14,6 +14,8 @@ At run time the base channels' activations are quantized per token, asymmetric, 
 token's min / max times ``act_clip`` (the method's recorded config; 1 when absent); the
 outlier channels stay fp16 (qconvert_kernels/quik/reference.py on CPU, qconvert_kernels/quik/cuda.py
 on a GPU: split-and-quantize, then the integer GEMM whose epilogue adds the fp16 outlier product).
+On sm_90 and newer a 4-bit layer runs on the repacked W4A8 prefill kernel: ``prepare_cuda``
+repacks its base weights once, and the GPU then holds only that copy (``keep_stored_on_host``).
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ class QuikLinear(QuantizedModule):
         self.register_buffer("base_idx", refq.split_columns(k, idx).to(torch.int32), persistent=False)  # what the kernel reads
         self.kbp = refq.padded_base(k - idx.numel())
         self._bias(bias)
+        self._prepared = None  # the repacked base weights (quik/cuda.py: prepare_repacked), once made
+        self._stored_on_host = False  # set by ``keep_stored_on_host``
 
     def extra_repr(self):
         return (f"{self.layout}, in_features={self.in_features}, out_features={self.out_features}, "
@@ -71,14 +75,56 @@ class QuikLinear(QuantizedModule):
         except ValueError as e:
             raise QConvertError(f"{e}; this OUT runs on CPU only") from None
 
+    def _repacked_on(self, device: torch.device) -> bool:
+        """Whether a 4-bit layer runs on the repacked kernel on ``device``: a GPU of sm_90 or newer
+        (quik/cuda.py: int4_path "s8r"), or the CPU where the emulator runs it."""
+        if self.bits != 4:
+            return False
+        if device.type != "cuda":
+            return device.type == "cpu"
+        from qconvert_kernels.quik import cuda as cuda_quik
+
+        return cuda_quik.int4_path(device) == "s8r"
+
+    def prepare_cuda(self, device: torch.device | None = None) -> None:
+        """Repack a 4-bit layer's base weights once for the repacked kernel (sm_90 and newer; an
+        explicit ``device="cpu"`` prepares for the CPU emulator); may synchronize: load time."""
+        device = torch.device(device) if device is not None else self.qweight.device
+        if self._prepared is None and self._repacked_on(device) and (device.type == "cuda" or self.qweight.device == device):
+            from qconvert_kernels.quik import cuda as cuda_quik
+
+            self._prepared = cuda_quik.prepare_repacked(self.qweight, self.wscale, self.wsum, device)
+
+    def keep_stored_on_host(self) -> None:
+        """Once repacked, the kernel reads only that copy: ``qweight`` moves to (and stays in) host
+        memory through later moves of the module, where the CPU path still finds it (the GPU holds
+        the base weights once)."""
+        if self._prepared is None:
+            return
+        self._buffers["qweight"] = self._buffers["qweight"].cpu()
+        self._stored_on_host = True
+
+    def _apply(self, fn, *args, **kwargs):
+        if not self._stored_on_host:
+            return super()._apply(fn, *args, **kwargs)
+        held, self._buffers["qweight"] = self._buffers["qweight"], None
+        try:
+            return super()._apply(fn, *args, **kwargs)
+        finally:
+            self._buffers["qweight"] = held
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if x.is_cuda:
+        on_emulator = not x.is_cuda and self._prepared is not None and self._prepared.w4.wq.device == x.device
+        if x.is_cuda or on_emulator:
             from qconvert_kernels.quik import cuda as cuda_quik
 
+            if x.is_cuda:
+                self.prepare_cuda(x.device)  # a no-op once prepared, and on the paths without a repack
             y = cuda_quik.quik_linear(x2, self.base_idx, self.outlier_idx, self.qweight, self.wscale, self.wsum,
-                                      self.outlier_weight, self.bits, clip=self.act_clip)
+                                      self.outlier_weight, self.bits, clip=self.act_clip,
+                                      path="s8r" if self._prepared is not None else None, prepared=self._prepared)
         else:
             xq, s, z, x_out = refq.quantize_split(x2, self.base_idx, self.outlier_idx, self.bits, self.act_clip)
             y = refq.quik_gemm(xq, s, z, self.weights_int8(), self.wscale, self.wsum,

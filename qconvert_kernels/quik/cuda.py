@@ -5,9 +5,12 @@
 product x_out W_outᵀ by cuBLAS (``torch.matmul`` in the activations' dtype), then the integer
 GEMM whose epilogue dequantizes and adds it.  The integer path follows the device:
 
-    bits 4, sm_80 .. sm_89   int4 x int4 tensor cores (mma m16n8k64 s4), activations packed
-    bits 4, sm_90 and newer  int8 tensor cores: activations one int4 per byte, weights widened
-                             in registers (Hopper has no int4 mma; ptxas would emulate it)
+    bits 4, sm_80 .. sm_89   "s4": int4 x int4 tensor cores (mma m16n8k64 s4), activations packed
+    bits 4, sm_90 and newer  "s8r": int8 tensor cores, activations one int4 per byte, on the
+                             repacked W4A8 prefill kernel (w4a8/w4a8_repacked.cu, 128 x 128 tiles,
+                             4 stages, split-K) with QUIK's epilogue (``w4a8r_prefill_quik``), its
+                             weights repacked once (``prepare_repacked``); Hopper has no int4 mma
+                             ("s8": the first design's 64 x 64 kernel, still selectable)
     bits 8                   int8 x int8 tensor cores (mma m16n8k32 s8)
 
 Results equal ``qconvert_kernels.quik.reference`` fed the same y_out, bit for bit before the
@@ -16,6 +19,7 @@ final rounding to fp16 / bf16.  Requirements (ValueError): Kbp a multiple of 64;
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,10 +38,14 @@ def module(device_index: int = 0):
     return _l.module(SOURCE, device_index)
 
 
+PATHS_4 = ("s4", "s8", "s8r")  # the 4-bit paths (the module docstring)
+
+
 def int4_path(device: torch.device) -> str:
-    """"s4" (int4 tensor cores) on sm_80 .. sm_89, "s8" (int8 tensor cores) on sm_90 and newer."""
+    """"s4" (int4 tensor cores) on sm_80 .. sm_89, "s8r" (int8 tensor cores, the repacked
+    kernel) on sm_90 and newer."""
     major, minor = torch.cuda.get_device_capability(device)
-    return "s4" if (major, minor) < (9, 0) else "s8"
+    return "s4" if (major, minor) < (9, 0) else "s8r"
 
 
 def check_gemm_shape(fn: str, m: int, n: int, kbp: int) -> None:
@@ -48,11 +56,13 @@ def check_gemm_shape(fn: str, m: int, n: int, kbp: int) -> None:
 
 
 def split_quantize(x: torch.Tensor, base_idx: torch.Tensor, outlier_idx: torch.Tensor, bits: int, pack: bool,
-                   clip: float = 1.0):
+                   clip: float = 1.0, width: int | None = None):
     """x fp16 / bf16 [M, K] -> (xq, s float32 [M], z float32 [M], x_out [M, n] in x's dtype); ``clip``
     the activation clip of reference.quantize_split.
 
-    xq: int8 [M, Kbp] (one value per byte) or, with ``pack`` (bits 4 only), uint8 [M, Kbp/2]."""
+    xq: int8 [M, Kbp] (one value per byte) or, with ``pack`` (bits 4 only), uint8 [M, Kbp/2];
+    ``width`` (a multiple of 64, at least Kbp) pads its columns further with zeros (the repacked
+    path's Kq)."""
     fn = "quik_split"
     kc._require(x.dim() == 2 and x.dtype in kc._OUT, f"{fn}: x must be float16 / bfloat16 [M, K], got {x.dtype} {tuple(x.shape)}")
     kc._require(bits in (4, 8) and (bits == 4 or not pack), f"{fn}: bits must be 4 or 8 (pack only with 4)")
@@ -61,6 +71,9 @@ def split_quantize(x: torch.Tensor, base_idx: torch.Tensor, outlier_idx: torch.T
     kb, n_out = base_idx.numel(), outlier_idx.numel()
     kc._require(kb + n_out == k, f"{fn}: {kb} base + {n_out} outlier channels != K = {k}")
     kbp = -(-kb // K_TILE) * K_TILE
+    if width is not None:
+        kc._require(width >= kbp and width % K_TILE == 0, f"{fn}: width {width} must be a multiple of {K_TILE} >= {kbp}")
+        kbp = width
     x = x.contiguous()
     base_idx, outlier_idx = base_idx.to(torch.int32).contiguous(), outlier_idx.to(torch.int32).contiguous()
     xq = torch.empty((m, kbp // 2) if pack else (m, kbp), dtype=torch.uint8 if pack else torch.int8, device=dev)
@@ -117,14 +130,95 @@ def quik_gemm(xq, s, z, qweight, wscale, wsum, y_out, bits: int, out_dtype, retu
     return (y, acc) if return_acc else y
 
 
+# ------------------------------------------------------------------ the repacked path (s8r)
+
+R_GROUP = 128  # the W4A8 prefill's g = 128 loop: iscale 1 in every group of 128
+
+
+@dataclass
+class PreparedQuik:
+    """A 4-bit QUIK linear ready for the repacked kernel: the base channels' weights as a W4A8
+    integer-scale layer (``w4``: Kq = Kbp rounded up to 128, iscale 1, cscale ws, a = 0) and
+    zc = ws * R (float32 [N128], the zero point's term, rounded as the reference's ws * float(R))."""
+
+    w4: kc.PreparedW4A8
+    zc: torch.Tensor
+
+    @property
+    def kq(self) -> int:
+        return self.w4.kq
+
+
+def prepare_repacked(qweight: torch.Tensor, wscale: torch.Tensor, wsum: torch.Tensor, device) -> PreparedQuik:
+    """Repack a 4-bit QUIK layer's base weights (uint8 [N, Kbp/2]) for ``quik_gemm_repacked``
+    (load time; may synchronize)."""
+    fn = "quik.prepare_repacked"
+    kc._require(qweight.dtype == torch.uint8 and qweight.dim() == 2, f"{fn}: qweight must be packed int4 (uint8 [N, Kbp/2])")
+    n, kbp = qweight.shape[0], 2 * qweight.shape[1]
+    check_gemm_shape(fn, 1, n, kbp)
+    kc._require(tuple(wscale.shape) == (n,) and tuple(wsum.shape) == (n,), f"{fn}: wscale and wsum must be [N] = [{n}]")
+    device = torch.device(device)
+    kq = -(-kbp // R_GROUP) * R_GROUP
+    padded = torch.nn.functional.pad(qweight.to(device), (0, (kq - kbp) // 2))
+    ones = torch.ones((n, kq // R_GROUP), dtype=torch.int32)
+    w4 = kc.prepare("w4a8-is", {"qweight": padded, "iscale": ones, "cscale": wscale.float(),
+                                "alpha_log2": torch.zeros(1, dtype=torch.int32), "shape": torch.tensor([n, kq])},
+                    R_GROUP, device)
+    zc = torch.zeros(w4.n128, dtype=torch.float32, device=device)
+    zc[:n] = wscale.to(device=device, dtype=torch.float32) * wsum.to(device=device, dtype=torch.float32)
+    return PreparedQuik(w4, zc)
+
+
+def quik_gemm_repacked(xq, s, z, prepared: PreparedQuik, y_out, out_dtype, return_acc: bool = False):
+    """``quik_gemm``'s result for 4-bit weights on the repacked kernel: xq int8 [M, Kq] (one int4 value
+    per byte, ``split_quantize(..., width=prepared.kq)``), s / z float32 [M], y_out [M, N] in
+    ``out_dtype`` or None.  Every launch parameter from the shapes: capturable in a CUDA graph."""
+    fn = "quik_gemm_repacked"
+    p = prepared.w4
+    kc._require(out_dtype in kc._OUT, f"{fn}: out_dtype must be torch.float16 or torch.bfloat16, got {out_dtype}")
+    m = xq.shape[0]
+    kc._require(xq.dtype == torch.int8 and tuple(xq.shape) == (m, p.kq),
+                f"{fn}: xq must be int8 [M, {p.kq}], got {xq.dtype} {tuple(xq.shape)}")
+    kc._require(s.shape == (m,) and z.shape == (m,), f"{fn}: s and z must be [M] = [{m}]")
+    kc._require(-(-m // kc.P_BM) <= 65535, f"{fn}: M={m} too large for the grid")
+    dev = kc._check_cuda(fn, xq, s, z, p.wq, *([y_out] if y_out is not None else []))
+    if y_out is not None:
+        kc._require(y_out.shape == (m, p.n) and y_out.dtype == out_dtype, f"{fn}: y_out must be {out_dtype} [M, N] = [{m}, {p.n}]")
+        y_out = y_out.contiguous()
+    xq, s, z = xq.contiguous(), s.float().contiguous(), z.float().contiguous()
+    y = torch.empty((m, p.n), dtype=out_dtype, device=dev)
+    acc = torch.empty((m, p.n), dtype=torch.int32, device=dev) if return_acc else None
+    if m:
+        pl = kc.prefill_plan(m, p, kc.device_sm_count(dev), "w4a8r_prefill_quik")
+        part = torch.empty(4 * pl.part_int4, dtype=torch.int32, device=dev) if pl.part_int4 else None
+        counters = torch.zeros(pl.counters, dtype=torch.int32, device=dev) if pl.counters else None
+        flags = int(out_dtype == torch.bfloat16) | (int(p.scale16) << 2)
+        kc._l.launch(kc.SOURCE_R, pl.kernel, pl.grid, (kc.R_THREADS,),
+                     (kc._ptr(xq), kc._ptr(s), kc._ptr(p.wq), kc._ptr(p.scales), kc._ptr(p.cscale), kc._i32(0),
+                      kc._ptr(y), kc._ptr(acc), kc._ptr(part), kc._ptr(counters), kc._i32(m), kc._i32(p.n),
+                      kc._i32(p.n128), kc._i32(p.n_groups), kc._i32(R_GROUP // kc.MMA_K), kc._i32(p.kb),
+                      kc._i32(pl.splits), kc._i32(pl.gq), kc._i32(pl.gr), kc._i32(pl.mtiles), kc._i32(pl.ntiles),
+                      kc._i32(pl.band_log2), kc._i32(flags), kc._ptr(z), kc._ptr(prepared.zc), kc._ptr(y_out)),
+                     dev, pl.smem)
+    return (y, acc) if return_acc else y
+
+
 def quik_linear(x2, base_idx, outlier_idx, qweight, wscale, wsum, outlier_weight, bits: int, path: str | None = None,
-                clip: float = 1.0):
+                clip: float = 1.0, prepared: PreparedQuik | None = None):
     """One QUIK layer: y [M, N] in x2's dtype (fp16 / bf16) from x2 [M, K], its activations clipped
-    by ``clip``; ``path`` "s4" / "s8" overrides the device's choice for 4-bit layers (tests, bench)."""
+    by ``clip``; ``path`` "s4" / "s8" / "s8r" overrides the device's choice for 4-bit layers (tests,
+    bench).  The "s8r" path runs on ``prepared`` (``prepare_repacked``, done once at load time; made
+    here when not given)."""
     if x2.dtype not in kc._OUT:
         raise ValueError(f"the QUIK kernels take float16 or bfloat16 activations, got {x2.dtype}; "
                          "load with dtype=torch.float16 (the default on cuda)")
-    pack = bits == 4 and (path or int4_path(x2.device)) == "s4"
-    xq, s, z, x_out = split_quantize(x2, base_idx, outlier_idx, bits, pack, clip)
+    path = (path or int4_path(x2.device)) if bits == 4 else None
+    kc._require(path in PATHS_4 + (None,), f"quik_linear: path {path!r} not one of {PATHS_4}")
+    if path == "s8r":
+        prepared = prepared or prepare_repacked(qweight, wscale, wsum, x2.device)
+        xq, s, z, x_out = split_quantize(x2, base_idx, outlier_idx, bits, False, clip, width=prepared.kq)
+        y_out = torch.matmul(x_out, outlier_weight.to(x2.dtype).t()) if outlier_idx.numel() else None
+        return quik_gemm_repacked(xq, s, z, prepared, y_out, x2.dtype)
+    xq, s, z, x_out = split_quantize(x2, base_idx, outlier_idx, bits, path == "s4", clip)
     y_out = torch.matmul(x_out, outlier_weight.to(x2.dtype).t()) if outlier_idx.numel() else None
     return quik_gemm(xq, s, z, qweight, wscale, wsum, y_out, bits, x2.dtype)

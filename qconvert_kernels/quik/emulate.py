@@ -691,3 +691,18 @@ class Emulator(StaticEmulator):
 def emulating(**kwargs):
     """Run the QUIK, DI-MatMul and native W4A8 launchers on the CPU emulator; yields the ``Emulator``."""
     return Emulator.hooked(**kwargs)
+
+
+@contextlib.contextmanager
+def emulating_repacked(sm_count: int = 8, mutations=frozenset(), w4_mutations=frozenset()):
+    """The 4-bit "s8r" path on the CPU: quik_split on this file's emulator, w4a8r_prefill_quik on the
+    repacked W4A8 emulator (w4a8/emulate.py); yields (this emulator, that one)."""
+    from qconvert_kernels.w4a8 import emulate as w4emu
+
+    quik, w4 = Emulator(mutations=frozenset(mutations)), w4emu.Emulator(mutations=frozenset(w4_mutations))
+
+    def hook(name, grid, block, args, shared_mem, source):
+        (w4 if name.startswith("w4a8r_") else quik)(name, grid, block, args, shared_mem, source)
+
+    with launch.launch_hook(hook, sm_count=sm_count):
+        yield quik, w4

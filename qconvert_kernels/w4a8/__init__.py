@@ -24,7 +24,7 @@ NATIVE = KernelSource(
 )
 
 _DECODE = tuple(f"w4a8r_decode_{v}_m{m}" for v in ("is", "fs") for m in (8, 16, 32, 64))
-_PREFILL = ("w4a8r_prefill_is", "w4a8r_prefill_fs")
+_PREFILL = ("w4a8r_prefill_is", "w4a8r_prefill_fs", "w4a8r_prefill_quik")  # quik: QUIK W4A4 on sm_90
 _ARCHS = ("sm_80", "sm_89", "sm_90")
 REPACKED = KernelSource(
     family="w4a8",

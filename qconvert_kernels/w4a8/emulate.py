@@ -64,6 +64,7 @@ DECODE_PARAMS = ("x", "wq", "scales", "cscale", "alpha_log2", "y", "acc_out", "p
 PREFILL_PARAMS = ("xq", "t", "wq", "scales", "cscale", "alpha_log2", "y", "acc_out", "part", "counters", "M", "N",
                   "N128", "G", "spg", "KB", "S", "gq", "gr", "mtiles", "ntiles", "band_log2", "flags")
 QUANT_PARAMS = ("x", "xq", "t", "M", "K", "Kq")
+QUIK_PREFILL_PARAMS = PREFILL_PARAMS + ("zq", "zc", "y_add")   # w4a8r_prefill_quik: QUIK's epilogue
 
 MUTATIONS = frozenset({
     "swap_halves",      # a_frag: k 8tig+4..7 fed as mma k 4tig.. and vice versa for the weights only
@@ -83,6 +84,7 @@ MUTATIONS = frozenset({
     "fallback_stage0",  # prefill: a zero-filled copy names stage 0's address (past the buffers when Kq = 64)
     "g128_carry",       # prefill g = 128: a group's first k step adds to the previous group's P
     "bias_off",         # prefill g = 128, FS: the accumulator's bias start one off
+    "quik_order",       # prefill QUIK: the outlier product added before the zero-point term
 })
 
 
@@ -563,6 +565,16 @@ def out_value(ctx: Ctx, is_int: bool, acc, tm, cs):
     return ctx.fops.mul(acc, tm)
 
 
+def quik_tail(ctx: Ctx, v, zm, zcn, add):
+    """QUIK's epilogue after out_value: (v + z[m] * zc[n]) + y_out[m, n] (``add``: y_out [threads]
+    as float32, or None), one rounding each.                                        [w4r::quik_tail]"""
+    f = ctx.fops
+    if "quik_order" in ctx.mutations and add is not None:
+        return f.add(f.add(v, add), f.mul(zm, zcn))
+    v = f.add(v, f.mul(zm, zcn))
+    return v if add is None else f.add(v, add)
+
+
 def store_pair(ctx: Ctx, m, n, N, v0, v1, what="y"):
     """qk::store_pair for the threads given: one 32-bit store if n + 1 < N and N even, else 16-bit
     stores of the columns < N."""
@@ -861,8 +873,9 @@ def p_tile(bx: int, by: int, band_log2: int) -> tuple[int, int]:
     return bx >> band_log2, (by << band_log2) + (bx & ((1 << band_log2) - 1))
 
 
-def prefill_cta(ctx: Ctx, is_int: bool, grid, bx: int, by: int, s: int):
-    """Coroutine of one prefill CTA (w4r::prefill), threads vectorized."""
+def prefill_cta(ctx: Ctx, is_int: bool, grid, bx: int, by: int, s: int, quik: bool = False):
+    """Coroutine of one prefill CTA (w4r::prefill; ``quik``: w4r::prefill<true, true>, QUIK's
+    epilogue), threads vectorized."""
     a = ctx.args
     mut, fops, mem = ctx.mutations, ctx.fops, ctx.mem
     mti, nti = p_tile(bx, by, a["band_log2"])
@@ -1006,10 +1019,15 @@ def prefill_cta(ctx: Ctx, is_int: bool, grid, bx: int, by: int, s: int):
     for ai in range(2):
         n0 = (t16_0 + 2 * wn + ai) * 16
         cs = np.zeros((THREADS, 2), np.float32)
+        zcn = np.zeros((THREADS, 2), np.float32)
         if is_int:
             inv_alpha = np.float32(2.0 ** -a["alpha_log2"])
             cs[:, 0] = fops.mul(mem.load(a["cscale"], (n0 + gid) * 4, 4, "cscale").view(np.float32)[:, 0], inv_alpha)
             cs[:, 1] = fops.mul(mem.load(a["cscale"], (n0 + gid + 8) * 4, 4, "cscale").view(np.float32)[:, 0], inv_alpha)
+        if quik:
+            zcn[:, 0] = mem.load(a["zc"], (n0 + gid) * 4, 4, "zc").view(np.float32)[:, 0]
+            zcn[:, 1] = mem.load(a["zc"], (n0 + gid + 8) * 4, 4, "zc").view(np.float32)[:, 0]
+        conv = bf16_bits_to_f32 if bf16 else f16_bits_to_f32
         for j in range(8):
             m_base = m0 + wm * 64 + j * 8
             o = np.zeros((THREADS, 4), np.uint16)
@@ -1019,7 +1037,20 @@ def prefill_cta(ctx: Ctx, is_int: bool, grid, bx: int, by: int, s: int):
                 sel = m < M
                 if sel.any():
                     tm[sel] = mem.load(a["t"], m[sel] * 4, 4, "t").view(np.float32)[:, 0]
-                o[:, i] = f32_to_bits16(out_value(ctx, is_int, accv[:, ai * 8 + j, i], tm, cs[:, i >> 1]), bf16)
+                v = out_value(ctx, is_int, accv[:, ai * 8 + j, i], tm, cs[:, i >> 1])
+                if quik:
+                    n = n0 + gid + 8 * (i >> 1)
+                    zm = np.zeros(THREADS, np.float32)
+                    if sel.any():
+                        zm[sel] = mem.load(a["zq"], m[sel] * 4, 4, "zq").view(np.float32)[:, 0]
+                    add = None
+                    if a["y_add"]:
+                        add = np.zeros(THREADS, np.float32)   # lanes past M or N add nothing: their output is not stored
+                        ok = sel & (n < N)
+                        if ok.any():
+                            add[ok] = conv(mem.load(a["y_add"], (m[ok] * N + n[ok]) * 2, 2, "y_add").view(np.uint16)[:, 0])
+                    v = quik_tail(ctx, v, zm, zcn[:, i >> 1], add)
+                o[:, i] = f32_to_bits16(v, bf16)
             store_frag(ctx, o, m_base, n0, M, N, tid)
             if is_int and a["acc_out"]:
                 for i in range(4):
@@ -1075,6 +1106,8 @@ class Emulator:
         mem = Global()
         if name.startswith("w4a8r_decode_"):
             params = DECODE_PARAMS
+        elif name == "w4a8r_prefill_quik":
+            params = QUIK_PREFILL_PARAMS
         elif name.startswith("w4a8r_prefill_"):
             params = PREFILL_PARAMS
         elif name.startswith("w4a8r_quantize_"):
@@ -1094,7 +1127,8 @@ class Emulator:
         mem.track(vals["y"])
         if vals.get("acc_out"):
             mem.track(vals["acc_out"])
-        is_int = "_is" in name
+        quik = name == "w4a8r_prefill_quik"
+        is_int = "_is" in name or quik
         if name.startswith("w4a8r_decode_"):
             mt8 = int(name.rsplit("_m", 1)[1]) // 8
             if shared_mem != decode_smem(mt8):
@@ -1109,7 +1143,7 @@ class Emulator:
         else:
             if shared_mem != P_SMEM:
                 raise EmulationError(f"{name}: {shared_mem} bytes of dynamic shared memory, the kernel uses {P_SMEM}")
-            programs = [prefill_cta(ctx, is_int, grid, bx, by, bz)
+            programs = [prefill_cta(ctx, is_int, grid, bx, by, bz, quik)
                         for bz in range(grid[2]) for by in range(grid[1]) for bx in range(grid[0])]
             run_grid(programs, resident, rng)
         for k, v in ctx.conflicts.items():

@@ -527,13 +527,26 @@ __device__ __forceinline__ void decode(const unsigned short* __restrict__ x, con
 
 // ------------------------------------------------------------------ prefill
 
-template <bool kIS>
+// QUIK's epilogue on the IS prefill (kQuik; qconvert_kernels/quik/reference.py quik_gemm): the
+// integer sum A of one output times (s[m] * ws[n]) as out_value makes it (iscale 1 in every group,
+// cscale = ws, a = 0), plus z[m] * (ws[n] * R[n]) (zc[n], the launcher's float32 product), plus the
+// outlier product y_out[m, n] where there is one; each operation rounded once, as quik_gemm.cu's
+// epilogue.                                                                          [emulate.quik_tail]
+__device__ __forceinline__ float quik_tail(float v, float zm, float zcn, const unsigned short* __restrict__ y_add,
+                                           long long idx, bool add, bool bf16) {
+    v = __fadd_rn(v, __fmul_rn(zm, zcn));
+    return add ? __fadd_rn(v, qk::from_in_rt(__ldg(y_add + idx), bf16)) : v;
+}
+
+template <bool kIS, bool kQuik = false>
 __device__ __forceinline__ void prefill(const signed char* __restrict__ xq, const float* __restrict__ t,
                                         const uint4* __restrict__ wq, const void* __restrict__ scales,
                                         const float* __restrict__ cscale, int alpha_log2, unsigned short* __restrict__ y,
                                         int* __restrict__ acc_out, int4* __restrict__ part, int* __restrict__ counters,
                                         int M, int N, int N128, int G, int spg, int KB, int S, int gq, int gr,
-                                        int mtiles, int ntiles, int band_log2, int flags) {
+                                        int mtiles, int ntiles, int band_log2, int flags,
+                                        const float* __restrict__ zq = nullptr, const float* __restrict__ zc = nullptr,
+                                        const unsigned short* __restrict__ y_add = nullptr) {
     using Acc = typename Scale<kIS>::T;
     extern __shared__ uint4 smem_u4[];
     unsigned char* smem = reinterpret_cast<unsigned char*>(smem_u4);
@@ -726,11 +739,15 @@ __device__ __forceinline__ void prefill(const signed char* __restrict__ xq, cons
 #pragma unroll
     for (int a = 0; a < 2; ++a) {
         const int n0 = (t16_0 + 2 * wn + a) * 16;
-        float cs[2] = {0.0f, 0.0f};
+        float cs[2] = {0.0f, 0.0f}, zcn[2] = {0.0f, 0.0f};
         if (kIS) {
             const float inv_alpha = qk::exp2_neg(alpha_log2);
             cs[0] = __fmul_rn(__ldg(cscale + n0 + gid), inv_alpha);
             cs[1] = __fmul_rn(__ldg(cscale + n0 + gid + 8), inv_alpha);
+        }
+        if (kQuik) {
+            zcn[0] = __ldg(zc + n0 + gid);
+            zcn[1] = __ldg(zc + n0 + gid + 8);
         }
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
@@ -740,7 +757,14 @@ __device__ __forceinline__ void prefill(const signed char* __restrict__ xq, cons
             for (int i = 0; i < 4; ++i) {
                 const int m = m_base + 2 * tig + (i & 1);
                 const float tm = m < M ? __ldg(t + m) : 0.0f;
-                o[i] = qk::to_out_rt(out_value(acc[a][j][i], tm, cs[i >> 1]), bf16);
+                float v = out_value(acc[a][j][i], tm, cs[i >> 1]);
+                if (kQuik) {
+                    const int n = n0 + gid + 8 * (i >> 1);
+                    const float zm = m < M ? __ldg(zq + m) : 0.0f;
+                    v = quik_tail(v, zm, zcn[i >> 1], y_add, static_cast<long long>(m) * N + n,
+                                  y_add != nullptr && m < M && n < N, bf16);
+                }
+                o[i] = qk::to_out_rt(v, bf16);
             }
             store_frag(y, o, m_base, n0, M, N, gid, tig);
             if (kIS && acc_out != nullptr) {
@@ -804,6 +828,25 @@ __device__ __forceinline__ void prefill(const signed char* __restrict__ xq, cons
                          KB, S, gq, gr, mtiles, ntiles, band_log2, flags);                                \
     }
 
+// QUIK W4A4 on sm_90 (qconvert_kernels/quik/cuda.py): the IS prefill with QUIK's epilogue, for
+// any M.  xq: quik_split's int8 [M, Kq], one int4 value per byte; t: its per-token scale s; scales:
+// int16 ones [G, N128] (g = 128); cscale: ws [N128]; alpha_log2 0; zq: its per-token z [M]; zc:
+// float32 ws * R [N128]; y_add: the outlier product [M, N] (fp16 / bf16) or null.
+#define W4R_PREFILL_QUIK(NAME)                                                                           \
+    extern "C" __global__ void __launch_bounds__(w4r::THREADS, 1) NAME(                                  \
+        const signed char* __restrict__ xq, const float* __restrict__ t, const uint4* __restrict__ wq,   \
+        const void* __restrict__ scales, const float* __restrict__ cscale, int alpha_log2,               \
+        unsigned short* __restrict__ y, int* __restrict__ acc_out, int4* __restrict__ part,              \
+        int* __restrict__ counters,                                                                       \
+        int M, int N, int N128, int G, int spg, int KB, int S, int gq, int gr,                            \
+        int mtiles, int ntiles, int band_log2, int flags,                                                 \
+        const float* __restrict__ zq,         /* float32 [M] */                                          \
+        const float* __restrict__ zc,         /* float32 [N128] */                                       \
+        const unsigned short* __restrict__ y_add) { /* fp16 / bf16 [M, N] or null */                    \
+        w4r::prefill<true, true>(xq, t, wq, scales, cscale, alpha_log2, y, acc_out, part, counters, M, N, N128, G, \
+                                 spg, KB, S, gq, gr, mtiles, ntiles, band_log2, flags, zq, zc, y_add);   \
+    }
+
 // Per-token int8 quantizer for the prefill path: grid (M), block 256 (qk::quantize_row).
 #define W4R_QUANT(NAME, BF16)                                                                            \
     extern "C" __global__ void __launch_bounds__(qk::QUANT_THREADS) NAME(                                \
@@ -824,5 +867,6 @@ W4R_DECODE(w4a8r_decode_fs_m32, 4, false)
 W4R_DECODE(w4a8r_decode_fs_m64, 8, false)
 W4R_PREFILL(w4a8r_prefill_is, true)
 W4R_PREFILL(w4a8r_prefill_fs, false)
+W4R_PREFILL_QUIK(w4a8r_prefill_quik)
 W4R_QUANT(w4a8r_quantize_f16, false)
 W4R_QUANT(w4a8r_quantize_bf16, true)
