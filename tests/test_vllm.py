@@ -67,8 +67,9 @@ AVX512_ONLY_OP = "cpu_gemm_wna16"
 # above qconvert, while the unquantized model in bfloat16 came within 0.08%: the op's own
 # arithmetic, which puts one layer's outputs 0.8% (relative norm) from x·Wᵀ of the weights it
 # loaded (`benchmarks/vllm_wna16_probe.py`; the scores: `benchmarks/vllm_bf16_scores.py`; 2026-12-05,
-# vLLM 0.32.0, an AVX-512 + AMX Xeon).  A
-# wrong weight, scale or group would put it far beyond this bound.
+# vLLM 0.32.0, an AVX-512 + AMX Xeon).  That is its AMX path: on an AMD EPYC with AVX-512 and no AMX
+# the same exports scored +0.14% and -0.26%, each layer 0.24% off (bfloat16's own rounding; the same
+# day, docs/export.md).  A wrong weight, scale or group would put it far beyond this bound.
 W4A16_CPU_TOL = 0.06
 # The tiny random models' near-uniform next-token distributions hide that arithmetic: measured at
 # most 1.8e-4 (Gemma-2) in their sums of log-probabilities (benchmarks/vllm_bf16_scores.py)
