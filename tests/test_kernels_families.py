@@ -130,7 +130,7 @@ def test_decode_kernels_fit_two_ctas_per_sm(builds):
     for arch in ("sm_80", "sm_89", "sm_90"):
         _, report, _ = builds[("w4a8/w4a8_repacked.cu", arch)]
         for mt8 in (1, 2, 4, 8):
-            for v in ("is", "fs"):
+            for v in ("is", "fs", "quik"):
                 assert report[f"w4a8r_decode_{v}_m{8 * mt8}"]["registers"] <= 128
             assert cuda.decode_smem(mt8) <= 99 * 1024
     assert cuda.P_SMEM <= 99 * 1024  # sm_86 / sm_89 allow 99 KB per block

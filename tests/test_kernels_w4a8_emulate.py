@@ -155,6 +155,7 @@ def test_constants_and_parameters_match_the_source():
         return tuple(re.findall(r"(\w+)\s*$", decl.strip())[0] for decl in body.split(","))
 
     assert params("W4R_DECODE") == emulate.DECODE_PARAMS
+    assert params("W4R_DECODE_QUIK") == emulate.QUIK_DECODE_PARAMS
     assert params("W4R_PREFILL") == emulate.PREFILL_PARAMS
     assert params("W4R_PREFILL_QUIK") == emulate.QUIK_PREFILL_PARAMS
     # every [emulate.X] tag of the source names a twin that exists here
@@ -440,9 +441,9 @@ def test_mutation_is_caught(mutation):
 
 
 def test_every_mutation_has_a_test():
-    # quik_order: tests/test_kernels_quik_repacked.py (QUIK's epilogue on the prefill kernel)
+    # quik_order, quik_no_z: tests/test_kernels_quik_repacked.py (QUIK's epilogue)
     covered = set(MUTATION_CASES) | {"ftz", "ticket_order", "late_publishers", "own_amax_half", "fallback_stage0",
-                                     "quik_order"}
+                                     "quik_order", "quik_no_z"}
     assert covered == set(emulate.MUTATIONS)
 
 

@@ -7,10 +7,12 @@ GEMM whose epilogue dequantizes and adds it.  The integer path follows the devic
 
     bits 4, sm_80 .. sm_89   "s4": int4 x int4 tensor cores (mma m16n8k64 s4), activations packed
     bits 4, sm_90 and newer  "s8r": int8 tensor cores, activations one int4 per byte, on the
-                             repacked W4A8 prefill kernel (w4a8/w4a8_repacked.cu, 128 x 128 tiles,
-                             4 stages, split-K) with QUIK's epilogue (``w4a8r_prefill_quik``), its
-                             weights repacked once (``prepare_repacked``); Hopper has no int4 mma
-                             ("s8": the first design's 64 x 64 kernel, still selectable)
+                             repacked W4A8 kernels (w4a8/w4a8_repacked.cu: decode at M <= 64,
+                             split-K and an 8-stage weight pipeline; prefill, 128 x 128 tiles and
+                             4 stages) with QUIK's epilogue (``w4a8r_decode_quik_m*``,
+                             ``w4a8r_prefill_quik``), its weights repacked once
+                             (``prepare_repacked``); Hopper has no int4 mma ("s8": the first
+                             design's 64 x 64 kernel, still selectable)
     bits 8                   int8 x int8 tensor cores (mma m16n8k32 s8)
 
 Results equal ``qconvert_kernels.quik.reference`` fed the same y_out, bit for bit before the
@@ -170,9 +172,12 @@ def prepare_repacked(qweight: torch.Tensor, wscale: torch.Tensor, wsum: torch.Te
 
 
 def quik_gemm_repacked(xq, s, z, prepared: PreparedQuik, y_out, out_dtype, return_acc: bool = False):
-    """``quik_gemm``'s result for 4-bit weights on the repacked kernel: xq int8 [M, Kq] (one int4 value
+    """``quik_gemm``'s result for 4-bit weights on the repacked kernels: xq int8 [M, Kq] (one int4 value
     per byte, ``split_quantize(..., width=prepared.kq)``), s / z float32 [M], y_out [M, N] in
-    ``out_dtype`` or None.  Every launch parameter from the shapes: capturable in a CUDA graph."""
+    ``out_dtype`` or None.  M <= 64 runs the decode kernel (split-K as W4A8's plan says, the
+    activations taken as quantized), larger M the prefill kernel; both with QUIK's epilogue.  Every
+    launch parameter from the shapes: capturable in a CUDA graph.  The prepared layer's workspace
+    serves one stream at a time."""
     fn = "quik_gemm_repacked"
     p = prepared.w4
     kc._require(out_dtype in kc._OUT, f"{fn}: out_dtype must be torch.float16 or torch.bfloat16, got {out_dtype}")
@@ -188,18 +193,28 @@ def quik_gemm_repacked(xq, s, z, prepared: PreparedQuik, y_out, out_dtype, retur
     xq, s, z = xq.contiguous(), s.float().contiguous(), z.float().contiguous()
     y = torch.empty((m, p.n), dtype=out_dtype, device=dev)
     acc = torch.empty((m, p.n), dtype=torch.int32, device=dev) if return_acc else None
-    if m:
-        pl = kc.prefill_plan(m, p, kc.device_sm_count(dev), "w4a8r_prefill_quik")
-        part = torch.empty(4 * pl.part_int4, dtype=torch.int32, device=dev) if pl.part_int4 else None
+    if m == 0:
+        return (y, acc) if return_acc else y
+    pl = kc.plan(m, p, kc.device_sm_count(dev))
+    part = torch.empty(4 * pl.part_int4, dtype=torch.int32, device=dev) if pl.part_int4 else None
+    flags = int(out_dtype == torch.bfloat16) | (int(p.scale16) << 2)
+    spg = R_GROUP // kc.MMA_K
+    quik = (kc._ptr(z), kc._ptr(prepared.zc), kc._ptr(y_out))
+    if pl.kind == "decode":  # M <= 64: the decode kernel on the split's codes (no amax: A = 0)
+        kc._l.launch(kc.SOURCE_R, f"w4a8r_decode_quik_m{8 * pl.mt8}", pl.grid, (kc.R_THREADS,),
+                     (kc._ptr(None), kc._ptr(p.wq), kc._ptr(p.scales), kc._ptr(p.cscale), kc._i32(0), kc._ptr(y),
+                      kc._ptr(acc), kc._ptr(part), kc._ptr(p.workspace), kc._i32(m), kc._i32(p.n), kc._i32(p.kq),
+                      kc._i32(p.n128), kc._i32(p.n_groups), kc._i32(spg), kc._i32(p.kb), kc._i32(pl.splits),
+                      kc._i32(pl.gq), kc._i32(pl.gr), kc._i32(0), kc._i32(pl.ak_log2), kc._i32(flags),
+                      kc._ptr(xq), kc._ptr(s), *quik), dev, pl.smem)
+    else:
         counters = torch.zeros(pl.counters, dtype=torch.int32, device=dev) if pl.counters else None
-        flags = int(out_dtype == torch.bfloat16) | (int(p.scale16) << 2)
-        kc._l.launch(kc.SOURCE_R, pl.kernel, pl.grid, (kc.R_THREADS,),
+        kc._l.launch(kc.SOURCE_R, "w4a8r_prefill_quik", pl.grid, (kc.R_THREADS,),
                      (kc._ptr(xq), kc._ptr(s), kc._ptr(p.wq), kc._ptr(p.scales), kc._ptr(p.cscale), kc._i32(0),
                       kc._ptr(y), kc._ptr(acc), kc._ptr(part), kc._ptr(counters), kc._i32(m), kc._i32(p.n),
-                      kc._i32(p.n128), kc._i32(p.n_groups), kc._i32(R_GROUP // kc.MMA_K), kc._i32(p.kb),
-                      kc._i32(pl.splits), kc._i32(pl.gq), kc._i32(pl.gr), kc._i32(pl.mtiles), kc._i32(pl.ntiles),
-                      kc._i32(pl.band_log2), kc._i32(flags), kc._ptr(z), kc._ptr(prepared.zc), kc._ptr(y_out)),
-                     dev, pl.smem)
+                      kc._i32(p.n128), kc._i32(p.n_groups), kc._i32(spg), kc._i32(p.kb), kc._i32(pl.splits),
+                      kc._i32(pl.gq), kc._i32(pl.gr), kc._i32(pl.mtiles), kc._i32(pl.ntiles), kc._i32(pl.band_log2),
+                      kc._i32(flags), *quik), dev, pl.smem)
     return (y, acc) if return_acc else y
 
 

@@ -23,7 +23,7 @@ NATIVE = KernelSource(
     mma_count={k: {a: {"IMMA.16832.S8.S8": 16} for a in ("sm_80", "sm_89", "sm_90")} for k in _NATIVE_GEMMS},
 )
 
-_DECODE = tuple(f"w4a8r_decode_{v}_m{m}" for v in ("is", "fs") for m in (8, 16, 32, 64))
+_DECODE = tuple(f"w4a8r_decode_{v}_m{m}" for v in ("is", "fs", "quik") for m in (8, 16, 32, 64))  # quik: QUIK W4A4, sm_90
 _PREFILL = ("w4a8r_prefill_is", "w4a8r_prefill_fs", "w4a8r_prefill_quik")  # quik: QUIK W4A4 on sm_90
 _ARCHS = ("sm_80", "sm_89", "sm_90")
 REPACKED = KernelSource(

@@ -65,6 +65,7 @@ PREFILL_PARAMS = ("xq", "t", "wq", "scales", "cscale", "alpha_log2", "y", "acc_o
                   "N128", "G", "spg", "KB", "S", "gq", "gr", "mtiles", "ntiles", "band_log2", "flags")
 QUANT_PARAMS = ("x", "xq", "t", "M", "K", "Kq")
 QUIK_PREFILL_PARAMS = PREFILL_PARAMS + ("zq", "zc", "y_add")   # w4a8r_prefill_quik: QUIK's epilogue
+QUIK_DECODE_PARAMS = DECODE_PARAMS + ("xq", "t", "zq", "zc", "y_add")   # w4a8r_decode_quik_m*
 
 MUTATIONS = frozenset({
     "swap_halves",      # a_frag: k 8tig+4..7 fed as mma k 4tig.. and vice versa for the weights only
@@ -84,7 +85,8 @@ MUTATIONS = frozenset({
     "fallback_stage0",  # prefill: a zero-filled copy names stage 0's address (past the buffers when Kq = 64)
     "g128_carry",       # prefill g = 128: a group's first k step adds to the previous group's P
     "bias_off",         # prefill g = 128, FS: the accumulator's bias start one off
-    "quik_order",       # prefill QUIK: the outlier product added before the zero-point term
+    "quik_order",       # QUIK's epilogue: the outlier product added before the zero-point term
+    "quik_no_z",        # QUIK's epilogue: the zero-point term z[m] * ws[n] * R[n] left out
 })
 
 
@@ -569,6 +571,8 @@ def quik_tail(ctx: Ctx, v, zm, zcn, add):
     """QUIK's epilogue after out_value: (v + z[m] * zc[n]) + y_out[m, n] (``add``: y_out [threads]
     as float32, or None), one rounding each.                                        [w4r::quik_tail]"""
     f = ctx.fops
+    if "quik_no_z" in ctx.mutations:
+        zm = np.zeros_like(zm)
     if "quik_order" in ctx.mutations and add is not None:
         return f.add(f.add(v, add), f.mul(zm, zcn))
     v = f.add(v, f.mul(zm, zcn))
@@ -681,8 +685,27 @@ def own_amax(ctx: Ctx, M: int, K: int, ak_log2: int, vec: bool, bf16: bool):
     return amax
 
 
-def decode_cta(ctx: Ctx, mt8: int, is_int: bool, grid, s: int, tile: int):
-    """Coroutine of one decode CTA (w4r::decode), threads vectorized."""
+def _quik_args(ctx: Ctx, m, n, M: int, N: int, bf16: bool, zcn):
+    """quik_tail's (z[m], zc[n], the outlier product y_add[m, n] as float32 or None without one) per
+    thread: zeros where m >= M, and y_add where n >= N (those outputs are not stored)."""
+    a, mem = ctx.args, ctx.mem
+    sel = m < M
+    zm = np.zeros(THREADS, np.float32)
+    if sel.any():
+        zm[sel] = mem.load(a["zq"], m[sel] * 4, 4, "zq").view(np.float32)[:, 0]
+    add = None
+    if a["y_add"]:
+        add = np.zeros(THREADS, np.float32)
+        ok = sel & (n < N)
+        if ok.any():
+            conv = bf16_bits_to_f32 if bf16 else f16_bits_to_f32
+            add[ok] = conv(mem.load(a["y_add"], (m[ok] * N + n[ok]) * 2, 2, "y_add").view(np.uint16)[:, 0])
+    return zm, zcn, add
+
+
+def decode_cta(ctx: Ctx, mt8: int, is_int: bool, grid, s: int, tile: int, quik: bool = False):
+    """Coroutine of one decode CTA (w4r::decode; ``quik``: w4r::decode<MT8, true, true>, the
+    activations quantized by quik_split and QUIK's epilogue), threads vectorized."""
     a = ctx.args
     mut, fops, mem = ctx.mutations, ctx.fops, ctx.mem
     ROWS = 8 * mt8
@@ -716,7 +739,11 @@ def decode_cta(ctx: Ctx, mt8: int, is_int: bool, grid, s: int, tile: int):
         sm.commit()
 
     # 2. amax: A = 0, each CTA over its rows whole (own_amax); else the exchange  [w4r::decode]
-    if A == 0:
+    if quik:  # quantized by quik_split: its per-token scale only
+        s_inv, s_t = np.zeros(ROWS, np.float32), np.zeros(ROWS, np.float32)
+        s_t[:M] = mem.load(a["t"], np.arange(M) * 4, 4, "t").view(np.float32)[:, 0]
+        yield None
+    elif A == 0:
         ctx.amax_paths["own"] = ctx.amax_paths.get("own", 0) + 1
         s_inv, s_t = token_scales(ctx, own_amax(ctx, M, K, ak_log2, vec, bf16), ROWS)
         yield None
@@ -779,6 +806,13 @@ def decode_cta(ctx: Ctx, mt8: int, is_int: bool, grid, s: int, tile: int):
             r = np.where(act, u >> upr, 0)
             kl = (u & ((1 << upr) - 1)) << 3
             live = act & (r < M)
+            if quik:  # 8 int8 codes as they are; zeros past M and Kq
+                q = np.zeros((THREADS, 8), np.uint8)
+                got = live & (kbase + kl < K)
+                if got.any():
+                    q[got] = mem.load(a["xq"], r[got] * K + kbase + kl[got], 8, "chunk xq")
+                sm.write(tid[act], (D_W_BYTES + r * XS + kl)[act], q[act], TAG_X + st["chunk"] + 1, "x chunk store")
+                continue
             v = load_x8(ctx, np.where(live, r, 0), kbase + kl, K, vec, bf16, live, "chunk x")
             inv = np.where(live, s_inv[r], np.float32(0))[:, None]
             f = fops.f(np.rint(fops.mul(v, inv)))
@@ -850,12 +884,19 @@ def decode_cta(ctx: Ctx, mt8: int, is_int: bool, grid, s: int, tile: int):
         inv_alpha = np.float32(2.0 ** -a["alpha_log2"])
         cs[:, 0] = fops.mul(mem.load(a["cscale"], (n0 + gid) * 4, 4, "cscale").view(np.float32)[:, 0], inv_alpha)
         cs[:, 1] = fops.mul(mem.load(a["cscale"], (n0 + gid + 8) * 4, 4, "cscale").view(np.float32)[:, 0], inv_alpha)
+    zcn = np.zeros((THREADS, 2), np.float32)
+    if quik:
+        zcn[:, 0] = mem.load(a["zc"], (n0 + gid) * 4, 4, "zc").view(np.float32)[:, 0]
+        zcn[:, 1] = mem.load(a["zc"], (n0 + gid + 8) * 4, 4, "zc").view(np.float32)[:, 0]
     accv = c_regs(ctx, acc)
     for mt in range(mt8):
         o = np.zeros((THREADS, 4), np.uint16)
         for i in range(4):
             m = mt * 8 + 2 * tig + (i & 1)
-            o[:, i] = f32_to_bits16(out_value(ctx, is_int, accv[:, mt, i], s_t[m], cs[:, i >> 1]), bf16)
+            v = out_value(ctx, is_int, accv[:, mt, i], s_t[m], cs[:, i >> 1])
+            if quik:
+                v = quik_tail(ctx, v, *_quik_args(ctx, m, n0 + gid + 8 * (i >> 1), M, N, bf16, zcn[:, i >> 1]))
+            o[:, i] = f32_to_bits16(v, bf16)
         store_frag(ctx, o, mt * 8, n0, M, N, tid)
         if is_int and a["acc_out"]:
             for i in range(4):
@@ -1027,7 +1068,6 @@ def prefill_cta(ctx: Ctx, is_int: bool, grid, bx: int, by: int, s: int, quik: bo
         if quik:
             zcn[:, 0] = mem.load(a["zc"], (n0 + gid) * 4, 4, "zc").view(np.float32)[:, 0]
             zcn[:, 1] = mem.load(a["zc"], (n0 + gid + 8) * 4, 4, "zc").view(np.float32)[:, 0]
-        conv = bf16_bits_to_f32 if bf16 else f16_bits_to_f32
         for j in range(8):
             m_base = m0 + wm * 64 + j * 8
             o = np.zeros((THREADS, 4), np.uint16)
@@ -1039,17 +1079,7 @@ def prefill_cta(ctx: Ctx, is_int: bool, grid, bx: int, by: int, s: int, quik: bo
                     tm[sel] = mem.load(a["t"], m[sel] * 4, 4, "t").view(np.float32)[:, 0]
                 v = out_value(ctx, is_int, accv[:, ai * 8 + j, i], tm, cs[:, i >> 1])
                 if quik:
-                    n = n0 + gid + 8 * (i >> 1)
-                    zm = np.zeros(THREADS, np.float32)
-                    if sel.any():
-                        zm[sel] = mem.load(a["zq"], m[sel] * 4, 4, "zq").view(np.float32)[:, 0]
-                    add = None
-                    if a["y_add"]:
-                        add = np.zeros(THREADS, np.float32)   # lanes past M or N add nothing: their output is not stored
-                        ok = sel & (n < N)
-                        if ok.any():
-                            add[ok] = conv(mem.load(a["y_add"], (m[ok] * N + n[ok]) * 2, 2, "y_add").view(np.uint16)[:, 0])
-                    v = quik_tail(ctx, v, zm, zcn[:, i >> 1], add)
+                    v = quik_tail(ctx, v, *_quik_args(ctx, m, n0 + gid + 8 * (i >> 1), M, N, bf16, zcn[:, i >> 1]))
                 o[:, i] = f32_to_bits16(v, bf16)
             store_frag(ctx, o, m_base, n0, M, N, tid)
             if is_int and a["acc_out"]:
@@ -1104,7 +1134,9 @@ class Emulator:
         if tuple(block) != (THREADS,) and not name.startswith("w4a8r_quantize"):
             raise EmulationError(f"{name}: launched with block {block}, the kernel is written for {THREADS} threads")
         mem = Global()
-        if name.startswith("w4a8r_decode_"):
+        if name.startswith("w4a8r_decode_quik_"):
+            params = QUIK_DECODE_PARAMS
+        elif name.startswith("w4a8r_decode_"):
             params = DECODE_PARAMS
         elif name == "w4a8r_prefill_quik":
             params = QUIK_PREFILL_PARAMS
@@ -1127,7 +1159,7 @@ class Emulator:
         mem.track(vals["y"])
         if vals.get("acc_out"):
             mem.track(vals["acc_out"])
-        quik = name == "w4a8r_prefill_quik"
+        quik = name in ("w4a8r_prefill_quik",) or name.startswith("w4a8r_decode_quik_")
         is_int = "_is" in name or quik
         if name.startswith("w4a8r_decode_"):
             mt8 = int(name.rsplit("_m", 1)[1]) // 8
@@ -1135,7 +1167,9 @@ class Emulator:
                 raise EmulationError(f"{name}: {shared_mem} bytes of dynamic shared memory, the kernel uses {decode_smem(mt8)}")
             if vals["M"] > 8 * mt8 or grid[2] != 1 or grid[0] != vals["S"]:
                 raise EmulationError(f"{name}: M={vals['M']} or grid {grid} does not fit the kernel")
-            programs = [decode_cta(ctx, mt8, is_int, grid, s, tile) for tile in range(grid[1]) for s in range(grid[0])]
+            if quik and vals["A"] != 0:
+                raise EmulationError(f"{name}: A = {vals['A']}: the QUIK decode takes no amax")
+            programs = [decode_cta(ctx, mt8, is_int, grid, s, tile, quik) for tile in range(grid[1]) for s in range(grid[0])]
             run_grid(programs, resident, rng)
             ws = mem.view(vals["ws"]).view(np.int32)
             if ws.any():

@@ -280,14 +280,31 @@ __device__ __forceinline__ bool splitk_reduce(Acc (&acc)[NF][4], int4* __restric
     return true;
 }
 
+// QUIK's epilogue on the IS decode and prefill (kQuik; qconvert_kernels/quik/reference.py quik_gemm): the
+// integer sum A of one output times (s[m] * ws[n]) as out_value makes it (iscale 1 in every group,
+// cscale = ws, a = 0), plus z[m] * (ws[n] * R[n]) (zc[n], the launcher's float32 product), plus the
+// outlier product y_out[m, n] where there is one; each operation rounded once, as quik_gemm.cu's
+// epilogue.                                                                          [emulate.quik_tail]
+__device__ __forceinline__ float quik_tail(float v, float zm, float zcn, const unsigned short* __restrict__ y_add,
+                                           long long idx, bool add, bool bf16) {
+    v = __fadd_rn(v, __fmul_rn(zm, zcn));
+    return add ? __fadd_rn(v, qk::from_in_rt(__ldg(y_add + idx), bf16)) : v;
+}
+
 // ------------------------------------------------------------------ decode
 
-template <int MT8, bool kIS>
+// kQuik (QUIK W4A4, w4a8r_decode_quik_m*): the activations come quantized (xq8 int8 [M, K], K = Kq,
+// one int4 value per byte, and their scale tq [M], from quik_split): no amax, and each x chunk is
+// copied from xq8 rather than quantized from x; the epilogue adds quik_tail.   [emulate.decode_cta]
+template <int MT8, bool kIS, bool kQuik = false>
 __device__ __forceinline__ void decode(const unsigned short* __restrict__ x, const uint4* __restrict__ wq,
                                        const void* __restrict__ scales, const float* __restrict__ cscale, int alpha_log2,
                                        unsigned short* __restrict__ y, int* __restrict__ acc_out, int4* __restrict__ part,
                                        int* __restrict__ ws, int M, int N, int K, int N128, int G, int spg, int KB,
-                                       int S, int gq, int gr, int A, int ak_log2, int flags) {
+                                       int S, int gq, int gr, int A, int ak_log2, int flags,
+                                       const signed char* __restrict__ xq8 = nullptr, const float* __restrict__ tq = nullptr,
+                                       const float* __restrict__ zq = nullptr, const float* __restrict__ zc = nullptr,
+                                       const unsigned short* __restrict__ y_add = nullptr) {
     using Acc = typename Scale<kIS>::T;
     constexpr int ROWS = decode_rows(MT8);
     constexpr int XK = decode_xk(MT8);
@@ -333,7 +350,10 @@ __device__ __forceinline__ void decode(const unsigned short* __restrict__ x, con
     //    (non-negative floats order as their bit patterns), then counts itself in WS_ARRIVE.
     //    Everyone waits for A arrivals.  Deadlock-free: the A publishers are the first A CTAs of
     //    the grid in dispatch order and wait for nothing before publishing.
-    if (A == 0) {
+    if (kQuik) {  // quantized by quik_split: its per-token scale only
+        if (tid < ROWS) s_t[tid] = tid < M ? __ldg(tq + tid) : 0.0f;
+        __syncthreads();
+    } else if (A == 0) {
         if (tid < 64) s_amax[tid] = 0;
         __syncthreads();
         const int upr_log2 = ak_log2 - 3;                       // 8-element units per row (2^ak_log2 >= K)
@@ -443,6 +463,13 @@ __device__ __forceinline__ void decode(const unsigned short* __restrict__ x, con
                 const int upr_log2 = xc_log2 - 3;
                 for (int u = tid; u < (ROWS << upr_log2); u += THREADS) {
                     const int r = u >> upr_log2, kl = (u & ((1 << upr_log2) - 1)) << 3;
+                    if (kQuik) {  // 8 int8 codes as they are; zeros past M and Kq
+                        uint2 q8 = make_uint2(0u, 0u);
+                        if (r < M && kbase + kl < K)
+                            q8 = __ldg(reinterpret_cast<const uint2*>(xq8 + static_cast<long long>(r) * K + kbase + kl));
+                        *reinterpret_cast<uint2*>(sX + r * XS + kl) = q8;
+                        continue;
+                    }
                     float v[8];
                     if (r < M) load_x8(x, r, kbase + kl, K, vec, bf16, v);
                     unsigned q[2] = {0u, 0u};
@@ -500,11 +527,15 @@ __device__ __forceinline__ void decode(const unsigned short* __restrict__ x, con
     // 4. Split-K reduction (S > 1), then the epilogue in the last CTA of the tile.
     if (S > 1 && !splitk_reduce<Acc, MT8>(acc, part, ws + WS_TILES + tile, s_flag, s, S, tiles, tile, warp, lane)) return;
     const int n0 = t16 * 16;
-    float cs[2] = {0.0f, 0.0f};
+    float cs[2] = {0.0f, 0.0f}, zcn[2] = {0.0f, 0.0f};
     if (kIS) {
         const float inv_alpha = qk::exp2_neg(alpha_log2);
         cs[0] = __fmul_rn(__ldg(cscale + n0 + gid), inv_alpha);
         cs[1] = __fmul_rn(__ldg(cscale + n0 + gid + 8), inv_alpha);
+    }
+    if (kQuik) {
+        zcn[0] = __ldg(zc + n0 + gid);
+        zcn[1] = __ldg(zc + n0 + gid + 8);
     }
 #pragma unroll
     for (int mt = 0; mt < MT8; ++mt) {
@@ -512,7 +543,13 @@ __device__ __forceinline__ void decode(const unsigned short* __restrict__ x, con
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const int m = mt * 8 + 2 * tig + (i & 1);             // < ROWS <= 64
-            o[i] = qk::to_out_rt(out_value(acc[mt][i], s_t[m], cs[i >> 1]), bf16);
+            float v = out_value(acc[mt][i], s_t[m], cs[i >> 1]);
+            if (kQuik) {
+                const int n = n0 + gid + 8 * (i >> 1);
+                v = quik_tail(v, m < M ? __ldg(zq + m) : 0.0f, zcn[i >> 1], y_add, static_cast<long long>(m) * N + n,
+                              y_add != nullptr && m < M && n < N, bf16);
+            }
+            o[i] = qk::to_out_rt(v, bf16);
         }
         store_frag(y, o, mt * 8, n0, M, N, gid, tig);
         if (kIS && acc_out != nullptr) {                          // debug: the int32 accumulator A
@@ -526,17 +563,6 @@ __device__ __forceinline__ void decode(const unsigned short* __restrict__ x, con
 }
 
 // ------------------------------------------------------------------ prefill
-
-// QUIK's epilogue on the IS prefill (kQuik; qconvert_kernels/quik/reference.py quik_gemm): the
-// integer sum A of one output times (s[m] * ws[n]) as out_value makes it (iscale 1 in every group,
-// cscale = ws, a = 0), plus z[m] * (ws[n] * R[n]) (zc[n], the launcher's float32 product), plus the
-// outlier product y_out[m, n] where there is one; each operation rounded once, as quik_gemm.cu's
-// epilogue.                                                                          [emulate.quik_tail]
-__device__ __forceinline__ float quik_tail(float v, float zm, float zcn, const unsigned short* __restrict__ y_add,
-                                           long long idx, bool add, bool bf16) {
-    v = __fadd_rn(v, __fmul_rn(zm, zcn));
-    return add ? __fadd_rn(v, qk::from_in_rt(__ldg(y_add + idx), bf16)) : v;
-}
 
 template <bool kIS, bool kQuik = false>
 __device__ __forceinline__ void prefill(const signed char* __restrict__ xq, const float* __restrict__ t,
@@ -808,6 +834,24 @@ __device__ __forceinline__ void prefill(const signed char* __restrict__ xq, cons
                              KB, S, gq, gr, A, ak_log2, flags);                                           \
     }
 
+// QUIK W4A4 decode (M <= 64; qconvert_kernels/quik/cuda.py): as W4R_DECODE with x null and A = 0,
+// the activations quantized by quik_split (xq int8 [M, Kq], K = Kq, t its scale s), QUIK's epilogue
+// (zq, zc, y_add as in W4R_PREFILL_QUIK).
+#define W4R_DECODE_QUIK(NAME, MT8)                                                                       \
+    extern "C" __global__ void __launch_bounds__(w4r::THREADS, 2) NAME(                                  \
+        const unsigned short* __restrict__ x, const uint4* __restrict__ wq, const void* __restrict__ scales, \
+        const float* __restrict__ cscale, int alpha_log2, unsigned short* __restrict__ y,                \
+        int* __restrict__ acc_out, int4* __restrict__ part, int* __restrict__ ws,                        \
+        int M, int N, int K, int N128, int G, int spg, int KB, int S, int gq, int gr, int A, int ak_log2,  \
+        int flags,                                                                                        \
+        const signed char* __restrict__ xq,   /* int8 [M, K] */                                          \
+        const float* __restrict__ t,          /* float32 [M] */                                          \
+        const float* __restrict__ zq, const float* __restrict__ zc,                                       \
+        const unsigned short* __restrict__ y_add) {                                                       \
+        w4r::decode<MT8, true, true>(x, wq, scales, cscale, alpha_log2, y, acc_out, part, ws, M, N, K, N128, G, spg, \
+                                     KB, S, gq, gr, A, ak_log2, flags, xq, t, zq, zc, y_add);            \
+    }
+
 // Prefill: grid (mtiles << band, ceil(ntiles / 2^band), S), block 256, dynamic smem w4r::P_SMEM.
 #define W4R_PREFILL(NAME, IS)                                                                            \
     extern "C" __global__ void __launch_bounds__(w4r::THREADS, 1) NAME(                                  \
@@ -865,6 +909,10 @@ W4R_DECODE(w4a8r_decode_fs_m8, 1, false)
 W4R_DECODE(w4a8r_decode_fs_m16, 2, false)
 W4R_DECODE(w4a8r_decode_fs_m32, 4, false)
 W4R_DECODE(w4a8r_decode_fs_m64, 8, false)
+W4R_DECODE_QUIK(w4a8r_decode_quik_m8, 1)
+W4R_DECODE_QUIK(w4a8r_decode_quik_m16, 2)
+W4R_DECODE_QUIK(w4a8r_decode_quik_m32, 4)
+W4R_DECODE_QUIK(w4a8r_decode_quik_m64, 8)
 W4R_PREFILL(w4a8r_prefill_is, true)
 W4R_PREFILL(w4a8r_prefill_fs, false)
 W4R_PREFILL_QUIK(w4a8r_prefill_quik)
