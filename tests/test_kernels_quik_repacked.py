@@ -177,3 +177,27 @@ def test_a_repacked_layer_keeps_its_packed_weights_on_the_host():
         assert torch.equal(lin(x), before)
     lin.to("meta")
     assert lin.wscale.is_meta and lin.qweight.device.type == "cpu"
+
+
+@pytest.mark.parametrize("m", [3, 70])
+def test_the_kernel_benchmark_runs_every_quik_kernel_it_times(monkeypatch, m):
+    """``qconvert bench --kernels --scheme quik-w4a4`` (gpu_check part e) on an sm_90 path, its
+    launches on the emulators and its timer replaced by one call per operand set: every row it
+    writes comes from a kernel that ran (the new path, the first kernel beside it, W8A8, the split)."""
+    from qconvert import bench
+
+    def once(launch, n_sets, runs, warmup, reps):
+        for i in range(n_sets):
+            launch(i)
+        return bench.Timing(1.0, 1, "emulated")
+
+    monkeypatch.setattr(bench, "_time_cuda", once)
+    monkeypatch.setattr(bench, "_operand_sets", lambda *a, **k: 2)
+    monkeypatch.setattr(cuda_quik, "int4_path", lambda device: "s8r")
+    with emulate.emulating_repacked() as (quik, w4):
+        rows = bench.quik_kernel_rows("probe", 40, 300, m, torch.device("cpu"), outliers=16)
+    assert [r["kernel"] for r in rows] == ["cublas-fp16", "quik-split", "quik-w4a4-gemm", "quik-w4a4-gemm-s8",
+                                           "quik-w4a4", "quik-w8a8-gemm", "quik-w8a8"]
+    assert {r["int4_path"] for r in rows} == {"s8r"} and all("vs_cublas" in r for r in rows[2:] if r["kernel"] != "quik-split")
+    assert {n for n, *_ in w4.launches} == {kernel_for(m)}
+    assert {n for n, *_ in quik.launches} == {"quik_split_f16", "quik_gemm_w4a4_s8_f16", "quik_gemm_w8a8_f16"}
