@@ -191,6 +191,7 @@ def quik_gemm_repacked(xq, s, z, prepared: PreparedQuik, y_out, out_dtype, retur
         kc._require(y_out.shape == (m, p.n) and y_out.dtype == out_dtype, f"{fn}: y_out must be {out_dtype} [M, N] = [{m}, {p.n}]")
         y_out = y_out.contiguous()
     xq, s, z = xq.contiguous(), s.float().contiguous(), z.float().contiguous()
+    kc._check_aligned(fn, xq=xq)  # the kernels copy it 8 and 16 bytes at a time
     y = torch.empty((m, p.n), dtype=out_dtype, device=dev)
     acc = torch.empty((m, p.n), dtype=torch.int32, device=dev) if return_acc else None
     if m == 0:
