@@ -2,7 +2,7 @@
 at M <= 64, ``w4a8r_prefill_quik`` above: sm_90's path since 0.4.0) on the Llama-3-8B shapes, from
 one GPU check's measurements of the W4A8-IS linears (the same main loops) and of QUIK's first kernel.
 
-    python benchmarks/quik_repacked_prediction.py [RESULTS]   (default: the H200 run of caa2c67)
+    python benchmarks/quik_repacked_prediction.py [RESULTS] [--json F]   (default: the H200 run of caa2c67)
 
 RESULTS holds ``1_gpu_check/kernels.json`` (W4A8-IS, cuBLAS FP16) and ``2_rerun/kernels_quik.json``
 (QUIK, 256 outliers).  The model, stated so that the next GPU check can be read against it: the
@@ -43,11 +43,16 @@ def predict(results: Path) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("results", nargs="?", type=Path, default=DEFAULT)
+    ap.add_argument("--json", type=Path, help="also write the rows here, labelled a prediction")
     args = ap.parse_args()
+    rows = predict(args.results)
+    if args.json:
+        args.json.write_text(json.dumps({"what": "prediction, not a measurement (see the script's docstring)",
+                                         "from": str(args.results), "rows": rows}, indent=1))
     print("| linear (N x K) | M | cuBLAS FP16 us | GEMM: first kernel us | GEMM: predicted us (x cuBLAS) | "
           "layer: first design us | layer: predicted us (x cuBLAS) |")
     print("|---|---|---|---|---|---|---|")
-    for r in sorted(predict(args.results), key=lambda r: (r["M"], r["shape"])):
+    for r in sorted(rows, key=lambda r: (r["M"], r["shape"])):
         c = r["cublas_us"]
         print(f"| {r['shape']} ({r['N']} x {r['K']}) | {r['M']} | {c:.1f} | {r['old_gemm_us']:.1f} | "
               f"{r['gemm_us']:.1f} ({c / r['gemm_us']:.2f}x) | {r['old_layer_us']:.1f} | {r['layer_us']:.1f} ({c / r['layer_us']:.2f}x) |")
