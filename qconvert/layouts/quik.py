@@ -14,8 +14,9 @@ At run time the base channels' activations are quantized per token, asymmetric, 
 token's min / max times ``act_clip`` (the method's recorded config; 1 when absent); the
 outlier channels stay fp16 (qconvert_kernels/quik/reference.py on CPU, qconvert_kernels/quik/cuda.py
 on a GPU: split-and-quantize, then the integer GEMM whose epilogue adds the fp16 outlier product).
-On sm_90 and newer a 4-bit layer runs on the repacked W4A8 prefill kernel: ``prepare_cuda``
-repacks its base weights once, and the GPU then holds only that copy (``keep_stored_on_host``).
+On sm_90 and newer a 4-bit layer runs on the repacked W4A8 decode and prefill kernels:
+``prepare_cuda`` repacks its base weights once, and the GPU then holds only that copy
+(``keep_stored_on_host``).
 """
 
 from __future__ import annotations
@@ -76,8 +77,8 @@ class QuikLinear(QuantizedModule):
             raise QConvertError(f"{e}; this OUT runs on CPU only") from None
 
     def _repacked_on(self, device: torch.device) -> bool:
-        """Whether a 4-bit layer runs on the repacked kernel on ``device``: a GPU of sm_90 or newer
-        (quik/cuda.py: int4_path "s8r"), or the CPU where the emulator runs it."""
+        """Whether a 4-bit layer runs on the repacked kernels on ``device``: a GPU of sm_90 or newer
+        (quik/cuda.py: int4_path "s8r"), or the CPU where the emulator runs them."""
         if self.bits != 4:
             return False
         if device.type != "cuda":
