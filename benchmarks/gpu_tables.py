@@ -142,6 +142,31 @@ def quik_table(runs: list) -> list[str]:
     return out
 
 
+def quik_against_prediction(runs: list) -> list[str]:
+    """The sm_90 path's rows (``int4_path`` "s8r", since 0.4.0) against the prediction made before any
+    GPU ran it (benchmarks/quik_repacked_prediction.py, from the H200 rows of caa2c67); nothing for
+    runs of the first kernel."""
+    import importlib.util
+
+    rows = {(r["shape"], r["M"], r["kernel"]): r for _, data in runs for r in data["results"]}
+    if not any(r.get("int4_path") == "s8r" for r in rows.values()):
+        return []
+    spec = importlib.util.spec_from_file_location("quik_repacked_prediction",
+                                                  Path(__file__).with_name("quik_repacked_prediction.py"))
+    pred = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pred)
+    out = ["", "The sm_90 path against its prediction (benchmarks/quik_repacked_prediction.py):", "",
+           "| linear (N x K) | M | GEMM predicted us | GEMM measured us | measured / predicted | layer predicted us | "
+           "layer measured us | measured / predicted |", "|---|---|---|---|---|---|---|---|"]
+    for p in sorted(pred.predict(pred.DEFAULT), key=lambda p: (p["M"], p["shape"])):
+        g, layer = rows.get((p["shape"], p["M"], "quik-w4a4-gemm")), rows.get((p["shape"], p["M"], "quik-w4a4"))
+        if g is None or layer is None:
+            continue
+        out.append(f"| {p['shape']} ({p['N']} x {p['K']}) | {p['M']} | {p['gemm_us']:.1f} | {g['us']:.1f} | "
+                   f"{g['us'] / p['gemm_us']:.2f} | {p['layer_us']:.1f} | {layer['us']:.1f} | {layer['us'] / p['layer_us']:.2f} |")
+    return out
+
+
 def hadamard_table(data: dict) -> list[str]:
     out = ["| order (factors) | M | call us | copy of the same bytes us | call / copy | timing |", "|---|---|---|---|---|---|"]
     for r in data["rows"]:
@@ -188,7 +213,7 @@ def main(folder: str) -> None:
             elif key == "decode_variants":
                 lines = decode_variants_table(data)
             elif key.startswith("kernels:"):
-                lines = quik_table(runs)
+                lines = quik_table(runs) + (quik_against_prediction(runs) if key == "kernels:quik-w4a4" else [])
             elif key == "hadamard":
                 lines = hadamard_table(data)
             elif key == "glue":

@@ -70,3 +70,19 @@ def test_the_caa2c67_run_gives_the_tables_docs_quote(capsys):
     out = capsys.readouterr().out
     assert "| 14336 (28 x 512) | 1 | 47.3 | 1.2 | 38.4x | cuda-graph |" in out
     assert "### kernels:zqfp-w4a8" in out and "### kernels:illm-w8a8" in out and "### kernels:quik-w4a4" in out
+
+
+def test_the_quik_sm90_rows_come_with_their_prediction(tmp_path, capsys):
+    """A QUIK kernel run on the repacked path (int4_path s8r; made-up timings, test input) is printed
+    against benchmarks/quik_repacked_prediction.py's rows; the first kernel's runs are not."""
+    rows = [{"shape": "q/o_proj", "N": 4096, "K": 4096, "M": 1, "kernel": k, "us": us, "int4_path": "s8r"}
+            for k, us in (("cublas-fp16", 12.4), ("quik-w4a4-gemm", 20.2), ("quik-w4a4", 33.15))]
+    (tmp_path / "kernels_quik.json").write_text(json.dumps({"kind": "kernels", "scheme": "quik-w4a4",
+                                                            "environment": {"device": "test input"}, "results": rows}))
+    gpu_tables.main(str(tmp_path))
+    out = capsys.readouterr().out
+    # predicted at M = 1 for q/o: GEMM 10.1 us, layer 22.1 us (docs/kernels.md)
+    assert "| q/o_proj (4096 x 4096) | 1 | 10.1 | 20.2 | 2.00 | 22.1 | 33.1 | 1.50 |" in out
+    run2 = ROOT / "benchmarks" / "results" / "gpu" / "2026-12-04_h200_caa2c67" / "2_rerun"
+    gpu_tables.main(str(run2))
+    assert "against its prediction" not in capsys.readouterr().out
