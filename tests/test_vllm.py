@@ -75,8 +75,8 @@ W4A16_CPU_TOL = 0.06
 # most 1.8e-4 (Gemma-2) in their sums of log-probabilities (benchmarks/vllm_bf16_scores.py)
 TINY_BF16_TOL = 1e-3
 # vLLM's CPU W4A16 MoE experts (CPUExpertsInt4, cpu_moe.py) run on AMX tiles only: on a CPU without
-# them (an AMD EPYC with AVX2, 2026-12-05) vLLM finds no backend for the W4A16 experts as it builds
-# the model, and raises this
+# them (AMD EPYCs with AVX2 and with AVX-512, 2026-12-05) vLLM finds no backend for the W4A16 experts
+# as it builds the model, and raises this
 NO_AMX_MOE = "No WNA16 MoE backend supports the deployment configuration"
 
 
