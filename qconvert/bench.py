@@ -307,8 +307,8 @@ def quik_kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, r
     the integer GEMM alone (its epilogue adding a given outlier product), and whole layers
     ``quik-w4a4`` / ``quik-w8a8`` (split, cuBLAS outlier product, GEMM) as the runtime runs
     them; the 4-bit layer on the device's path (s4 on sm_80 .. sm_89, s8r on sm_90+: the repacked
-    W4A8 prefill kernel, whose weights are repacked before the timing as the runtime does at load
-    time), and on sm_90+ also the first design's 64 x 64 GEMM (``quik-w4a4-gemm-s8``) beside it.
+    W4A8 decode and prefill kernels, whose weights are repacked before the timing as the runtime does
+    at load time), and on sm_90+ also the first design's 64 x 64 GEMM (``quik-w4a4-gemm-s8``) beside it.
     ``outliers``: fp16 channels, default the "auto" rule (256 for K >= 4096)."""
     from qconvert.layouts.quik import auto_outliers
     from qconvert_kernels.quik import cuda as cuda_quik
@@ -346,9 +346,9 @@ def quik_kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, r
         else:
             gemm = lambda i: cuda_quik.quik_gemm(*splits[i][:3], qws[i], wscale, wsum, y_outs[i], bits, torch.float16)  # noqa: E731
         row(f"{name}-gemm", _time_cuda(gemm, sets, runs, warmup, reps), xq_bytes + w_bytes + m * n * 4, 2 * m * n * kbp)
-        if repacked:  # the first design's s8 kernel on the same weights, for comparison
-            s8 = [cuda_quik.split_quantize(x, base_idx, out_idx, 4, False) for x in xs]
-            row(f"{name}-gemm-s8", _time_cuda(lambda i: cuda_quik.quik_gemm(*s8[i][:3], qws[i], wscale, wsum, y_outs[i], 4,
+        if repacked:  # the first design's s8 kernel on the same weights and codes (xq's first Kbp columns)
+            s8 = [(sp[0][:, :kbp].contiguous(), sp[1], sp[2]) for sp in splits]
+            row(f"{name}-gemm-s8", _time_cuda(lambda i: cuda_quik.quik_gemm(*s8[i], qws[i], wscale, wsum, y_outs[i], 4,
                                                                            torch.float16), sets, runs, warmup, reps),
                 m * kbp + w_bytes + m * n * 4, 2 * m * n * kbp)
             s8.clear()

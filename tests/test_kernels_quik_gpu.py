@@ -78,8 +78,8 @@ def test_quik_layer_on_cuda_matches_cpu_reference(tmp_path):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,n,k,n_out", SHAPES)
 def test_repacked_gemm_matches_reference(m, n, k, n_out, dtype):
-    """The "s8r" path (sm_90's default, runs on any sm_80+): the repacked W4A8 prefill kernel with
-    QUIK's epilogue; exact int32 sums, y within 1 ulp as the other paths (bit for bit on the CPU
+    """The "s8r" path (sm_90's default, runs on any sm_80+): the repacked W4A8 decode (M <= 64) and
+    prefill kernels with QUIK's epilogue; exact int32 sums, y within 1 ulp as the other paths (bit for bit on the CPU
     emulator, tests/test_kernels_quik_repacked.py)."""
     x, base_idx, outlier_idx, q, wscale, wsum, w_out = _case(m, n, k, n_out, 4, dtype, seed=7 * m + n)
     prep = cuda_quik.prepare_repacked(pack_int4(q).to(DEV), wscale.to(DEV), wsum.to(DEV), DEV)

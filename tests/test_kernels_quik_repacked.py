@@ -1,11 +1,11 @@
-"""QUIK's 4-bit layers on the repacked W4A8 prefill kernel (the "s8r" path, sm_90's default):
-``w4a8r_prefill_quik`` in w4a8/w4a8_repacked.cu, its weights repacked once
-(``quik/cuda.py:prepare_repacked``), launched through the real launcher with the split kernel on
-quik/emulate.py's emulator and the GEMM on w4a8/emulate.py's (every lane's registers, the cp.async
-stages through shared memory with the kernel's own index math, the mma fragments per the PTX ISA,
-split-K's tickets), and compared bit for bit with the torch reference (quik/reference.py) on odd
-shapes.  A mutation shows the emulator can fail.  tests/test_kernels_quik_gpu.py runs the same
-path on a GPU.
+"""QUIK's 4-bit layers on the repacked W4A8 kernels (the "s8r" path, sm_90's default):
+``w4a8r_decode_quik_m*`` (M <= 64) and ``w4a8r_prefill_quik`` in w4a8/w4a8_repacked.cu, their
+weights repacked once (``quik/cuda.py:prepare_repacked``), launched through the real launcher with
+the split kernel on quik/emulate.py's emulator and the GEMMs on w4a8/emulate.py's (every lane's
+registers, the cp.async stages through shared memory with the kernel's own index math, the mma
+fragments per the PTX ISA, split-K's tickets), and compared bit for bit with the torch reference
+(quik/reference.py) on odd shapes.  Mutations show the emulator can fail.
+tests/test_kernels_quik_gpu.py runs the same path on a GPU.
 """
 
 from __future__ import annotations

@@ -91,7 +91,7 @@ class QuikLinear(QuantizedModule):
         """Repack a 4-bit layer's base weights once for the repacked kernel (sm_90 and newer; an
         explicit ``device="cpu"`` prepares for the CPU emulator); may synchronize: load time."""
         device = torch.device(device) if device is not None else self.qweight.device
-        if self._prepared is None and self._repacked_on(device) and (device.type == "cuda" or self.qweight.device == device):
+        if self._prepared is None and self._repacked_on(device):
             from qconvert_kernels.quik import cuda as cuda_quik
 
             self._prepared = cuda_quik.prepare_repacked(self.qweight, self.wscale, self.wsum, device)

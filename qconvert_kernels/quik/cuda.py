@@ -139,7 +139,7 @@ R_GROUP = 128  # the W4A8 prefill's g = 128 loop: iscale 1 in every group of 128
 
 @dataclass
 class PreparedQuik:
-    """A 4-bit QUIK linear ready for the repacked kernel: the base channels' weights as a W4A8
+    """A 4-bit QUIK linear ready for the repacked kernels: the base channels' weights as a W4A8
     integer-scale layer (``w4``: Kq = Kbp rounded up to 128, iscale 1, cscale ws, a = 0) and
     zc = ws * R (float32 [N128], the zero point's term, rounded as the reference's ws * float(R))."""
 
@@ -232,9 +232,9 @@ def quik_linear(x2, base_idx, outlier_idx, qweight, wscale, wsum, outlier_weight
     kc._require(path in PATHS_4 + (None,), f"quik_linear: path {path!r} not one of {PATHS_4}")
     if path == "s8r":
         prepared = prepared or prepare_repacked(qweight, wscale, wsum, x2.device)
-        xq, s, z, x_out = split_quantize(x2, base_idx, outlier_idx, bits, False, clip, width=prepared.kq)
-        y_out = torch.matmul(x_out, outlier_weight.to(x2.dtype).t()) if outlier_idx.numel() else None
-        return quik_gemm_repacked(xq, s, z, prepared, y_out, x2.dtype)
-    xq, s, z, x_out = split_quantize(x2, base_idx, outlier_idx, bits, path == "s4", clip)
+    xq, s, z, x_out = split_quantize(x2, base_idx, outlier_idx, bits, path == "s4", clip,
+                                     width=prepared.kq if path == "s8r" else None)
     y_out = torch.matmul(x_out, outlier_weight.to(x2.dtype).t()) if outlier_idx.numel() else None
+    if path == "s8r":
+        return quik_gemm_repacked(xq, s, z, prepared, y_out, x2.dtype)
     return quik_gemm(xq, s, z, qweight, wscale, wsum, y_out, bits, x2.dtype)

@@ -695,8 +695,8 @@ def emulating(**kwargs):
 
 @contextlib.contextmanager
 def emulating_repacked(sm_count: int = 8, mutations=frozenset(), w4_mutations=frozenset()):
-    """The 4-bit "s8r" path on the CPU: quik_split on this file's emulator, w4a8r_prefill_quik on the
-    repacked W4A8 emulator (w4a8/emulate.py); yields (this emulator, that one)."""
+    """The 4-bit "s8r" path on the CPU: quik_split on this file's emulator, w4a8r_decode_quik_m* and
+    w4a8r_prefill_quik on the repacked W4A8 emulator (w4a8/emulate.py); yields (this emulator, that one)."""
     from qconvert_kernels.w4a8 import emulate as w4emu
 
     quik, w4 = Emulator(mutations=frozenset(mutations)), w4emu.Emulator(mutations=frozenset(w4_mutations))

@@ -348,20 +348,13 @@ def plan(m: int, prep: PreparedW4A8, sm_count: int) -> Plan:
         a, ak = amax_plan(m, prep.k, min(s * tiles, sms))
         return Plan("decode", f"w4a8r_decode_{is_}_m{8 * mt8}", (s, tiles), decode_smem(mt8), s, gq, gr, mt8=mt8,
                     amax_ctas=a, ak_log2=ak, part_int4=s * tiles * 8 * mt8 * 32 if s > 1 else 0)
-    return prefill_plan(m, prep, sms, f"w4a8r_prefill_{is_}")
-
-
-def prefill_plan(m: int, prep: PreparedW4A8, sm_count: int, kernel: str) -> Plan:
-    """The prefill launch of ``plan`` for any M (QUIK's repacked path runs it at every M): 128 x 128
-    tiles, split-K only when they do not fill the SMs (<= 4 ways, S x tiles <= SMs: one wave)."""
-    g, tiles, sms = prep.n_groups, prep.tiles, max(int(sm_count), 1)
     mtiles = -(-m // P_BM)
     n_tiles = mtiles * tiles
     s = 1 if n_tiles >= sms else max(1, min(4, g, sms // n_tiles))   # one wave: S x tiles <= SMs
     gq, gr = divmod(g, s)
     band = min(3, _next_pow2_log2(tiles))
     grid = (mtiles << band, -(-tiles // (1 << band)), s)
-    return Plan("prefill", kernel, grid, P_SMEM, s, gq, gr, mtiles=mtiles, ntiles=tiles, band_log2=band,
+    return Plan("prefill", f"w4a8r_prefill_{is_}", grid, P_SMEM, s, gq, gr, mtiles=mtiles, ntiles=tiles, band_log2=band,
                 part_int4=s * n_tiles * 8 * 16 * 32 if s > 1 else 0, counters=n_tiles if s > 1 else 0)
 
 

@@ -567,16 +567,30 @@ def out_value(ctx: Ctx, is_int: bool, acc, tm, cs):
     return ctx.fops.mul(acc, tm)
 
 
-def quik_tail(ctx: Ctx, v, zm, zcn, add):
-    """QUIK's epilogue after out_value: (v + z[m] * zc[n]) + y_out[m, n] (``add``: y_out [threads]
-    as float32, or None), one rounding each.                                        [w4r::quik_tail]"""
-    f = ctx.fops
-    if "quik_no_z" in ctx.mutations:
-        zm = np.zeros_like(zm)
-    if "quik_order" in ctx.mutations and add is not None:
+def quik_tail(ctx: Ctx, v, m, n, M: int, N: int, zcn, bf16: bool):
+    """QUIK's epilogue after out_value, per thread: (v + z[m] * zc[n]) + y_add[m, n] (where there is
+    an outlier product), one rounding each; z and y_add not read for outputs past M or N, which are
+    not stored.                                                                     [w4r::quik_tail]"""
+    a, f, mem = ctx.args, ctx.fops, ctx.mem
+    sel = m < M
+    zm = np.zeros(THREADS, np.float32)
+    if sel.any() and "quik_no_z" not in ctx.mutations:
+        zm[sel] = mem.load(a["zq"], m[sel] * 4, 4, "zq").view(np.float32)[:, 0]
+    if not a["y_add"]:
+        return f.add(v, f.mul(zm, zcn))
+    add = np.zeros(THREADS, np.float32)
+    ok = sel & (n < N)
+    if ok.any():
+        conv = bf16_bits_to_f32 if bf16 else f16_bits_to_f32
+        add[ok] = conv(mem.load(a["y_add"], (m[ok] * N + n[ok]) * 2, 2, "y_add").view(np.uint16)[:, 0])
+    if "quik_order" in ctx.mutations:
         return f.add(f.add(v, add), f.mul(zm, zcn))
-    v = f.add(v, f.mul(zm, zcn))
-    return v if add is None else f.add(v, add)
+    return f.add(f.add(v, f.mul(zm, zcn)), add)
+
+
+def quik_zc(ctx: Ctx, n0, gid):
+    """zc of each thread's two channels n0 + gid and n0 + gid + 8: float32 [threads, 2]."""
+    return np.stack([ctx.mem.load(ctx.args["zc"], (n0 + gid + d) * 4, 4, "zc").view(np.float32)[:, 0] for d in (0, 8)], -1)
 
 
 def store_pair(ctx: Ctx, m, n, N, v0, v1, what="y"):
@@ -683,24 +697,6 @@ def own_amax(ctx: Ctx, M: int, K: int, ak_log2: int, vec: bool, bf16: bool):
     amax = np.zeros(M, np.float32)
     np.fmax.at(amax, m, np.fmax.reduce(np.abs(v), axis=1))   # fmaxf: a NaN loses to a number
     return amax
-
-
-def _quik_args(ctx: Ctx, m, n, M: int, N: int, bf16: bool, zcn):
-    """quik_tail's (z[m], zc[n], the outlier product y_add[m, n] as float32 or None without one) per
-    thread: zeros where m >= M, and y_add where n >= N (those outputs are not stored)."""
-    a, mem = ctx.args, ctx.mem
-    sel = m < M
-    zm = np.zeros(THREADS, np.float32)
-    if sel.any():
-        zm[sel] = mem.load(a["zq"], m[sel] * 4, 4, "zq").view(np.float32)[:, 0]
-    add = None
-    if a["y_add"]:
-        add = np.zeros(THREADS, np.float32)
-        ok = sel & (n < N)
-        if ok.any():
-            conv = bf16_bits_to_f32 if bf16 else f16_bits_to_f32
-            add[ok] = conv(mem.load(a["y_add"], (m[ok] * N + n[ok]) * 2, 2, "y_add").view(np.uint16)[:, 0])
-    return zm, zcn, add
 
 
 def decode_cta(ctx: Ctx, mt8: int, is_int: bool, grid, s: int, tile: int, quik: bool = False):
@@ -884,10 +880,7 @@ def decode_cta(ctx: Ctx, mt8: int, is_int: bool, grid, s: int, tile: int, quik: 
         inv_alpha = np.float32(2.0 ** -a["alpha_log2"])
         cs[:, 0] = fops.mul(mem.load(a["cscale"], (n0 + gid) * 4, 4, "cscale").view(np.float32)[:, 0], inv_alpha)
         cs[:, 1] = fops.mul(mem.load(a["cscale"], (n0 + gid + 8) * 4, 4, "cscale").view(np.float32)[:, 0], inv_alpha)
-    zcn = np.zeros((THREADS, 2), np.float32)
-    if quik:
-        zcn[:, 0] = mem.load(a["zc"], (n0 + gid) * 4, 4, "zc").view(np.float32)[:, 0]
-        zcn[:, 1] = mem.load(a["zc"], (n0 + gid + 8) * 4, 4, "zc").view(np.float32)[:, 0]
+    zcn = quik_zc(ctx, n0, gid) if quik else None
     accv = c_regs(ctx, acc)
     for mt in range(mt8):
         o = np.zeros((THREADS, 4), np.uint16)
@@ -895,7 +888,7 @@ def decode_cta(ctx: Ctx, mt8: int, is_int: bool, grid, s: int, tile: int, quik: 
             m = mt * 8 + 2 * tig + (i & 1)
             v = out_value(ctx, is_int, accv[:, mt, i], s_t[m], cs[:, i >> 1])
             if quik:
-                v = quik_tail(ctx, v, *_quik_args(ctx, m, n0 + gid + 8 * (i >> 1), M, N, bf16, zcn[:, i >> 1]))
+                v = quik_tail(ctx, v, m, n0 + gid + 8 * (i >> 1), M, N, zcn[:, i >> 1], bf16)
             o[:, i] = f32_to_bits16(v, bf16)
         store_frag(ctx, o, mt * 8, n0, M, N, tid)
         if is_int and a["acc_out"]:
@@ -1060,14 +1053,11 @@ def prefill_cta(ctx: Ctx, is_int: bool, grid, bx: int, by: int, s: int, quik: bo
     for ai in range(2):
         n0 = (t16_0 + 2 * wn + ai) * 16
         cs = np.zeros((THREADS, 2), np.float32)
-        zcn = np.zeros((THREADS, 2), np.float32)
         if is_int:
             inv_alpha = np.float32(2.0 ** -a["alpha_log2"])
             cs[:, 0] = fops.mul(mem.load(a["cscale"], (n0 + gid) * 4, 4, "cscale").view(np.float32)[:, 0], inv_alpha)
             cs[:, 1] = fops.mul(mem.load(a["cscale"], (n0 + gid + 8) * 4, 4, "cscale").view(np.float32)[:, 0], inv_alpha)
-        if quik:
-            zcn[:, 0] = mem.load(a["zc"], (n0 + gid) * 4, 4, "zc").view(np.float32)[:, 0]
-            zcn[:, 1] = mem.load(a["zc"], (n0 + gid + 8) * 4, 4, "zc").view(np.float32)[:, 0]
+        zcn = quik_zc(ctx, n0, gid) if quik else None
         for j in range(8):
             m_base = m0 + wm * 64 + j * 8
             o = np.zeros((THREADS, 4), np.uint16)
@@ -1079,7 +1069,7 @@ def prefill_cta(ctx: Ctx, is_int: bool, grid, bx: int, by: int, s: int, quik: bo
                     tm[sel] = mem.load(a["t"], m[sel] * 4, 4, "t").view(np.float32)[:, 0]
                 v = out_value(ctx, is_int, accv[:, ai * 8 + j, i], tm, cs[:, i >> 1])
                 if quik:
-                    v = quik_tail(ctx, v, *_quik_args(ctx, m, n0 + gid + 8 * (i >> 1), M, N, bf16, zcn[:, i >> 1]))
+                    v = quik_tail(ctx, v, m, n0 + gid + 8 * (i >> 1), M, N, zcn[:, i >> 1], bf16)
                 o[:, i] = f32_to_bits16(v, bf16)
             store_frag(ctx, o, m_base, n0, M, N, tid)
             if is_int and a["acc_out"]:
@@ -1159,7 +1149,7 @@ class Emulator:
         mem.track(vals["y"])
         if vals.get("acc_out"):
             mem.track(vals["acc_out"])
-        quik = name in ("w4a8r_prefill_quik",) or name.startswith("w4a8r_decode_quik_")
+        quik = "_quik" in name
         is_int = "_is" in name or quik
         if name.startswith("w4a8r_decode_"):
             mt8 = int(name.rsplit("_m", 1)[1]) // 8

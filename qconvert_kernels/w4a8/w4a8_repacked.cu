@@ -280,15 +280,18 @@ __device__ __forceinline__ bool splitk_reduce(Acc (&acc)[NF][4], int4* __restric
     return true;
 }
 
-// QUIK's epilogue on the IS decode and prefill (kQuik; qconvert_kernels/quik/reference.py quik_gemm): the
-// integer sum A of one output times (s[m] * ws[n]) as out_value makes it (iscale 1 in every group,
-// cscale = ws, a = 0), plus z[m] * (ws[n] * R[n]) (zc[n], the launcher's float32 product), plus the
-// outlier product y_out[m, n] where there is one; each operation rounded once, as quik_gemm.cu's
-// epilogue.                                                                          [emulate.quik_tail]
-__device__ __forceinline__ float quik_tail(float v, float zm, float zcn, const unsigned short* __restrict__ y_add,
-                                           long long idx, bool add, bool bf16) {
-    v = __fadd_rn(v, __fmul_rn(zm, zcn));
-    return add ? __fadd_rn(v, qk::from_in_rt(__ldg(y_add + idx), bf16)) : v;
+// QUIK's epilogue on the IS decode and prefill (kQuik; qconvert_kernels/quik/reference.py quik_gemm): v,
+// the integer sum A of output (m, n) times (s[m] * ws[n]) as out_value makes it (iscale 1 in every
+// group, cscale = ws, a = 0), plus z[m] * (ws[n] * R[n]) (zcn = zc[n], the launcher's float32 product),
+// plus the outlier product y_add[m, n] where there is one; each operation rounded once, as
+// quik_gemm.cu's epilogue.  Outputs past M or N are not stored: z and y_add are not read for them.
+//                                                                                   [emulate.quik_tail]
+__device__ __forceinline__ float quik_tail(float v, int m, int n, int M, int N, const float* __restrict__ zq, float zcn,
+                                           const unsigned short* __restrict__ y_add, bool bf16) {
+    v = __fadd_rn(v, __fmul_rn(m < M ? __ldg(zq + m) : 0.0f, zcn));
+    if (y_add != nullptr && m < M && n < N)
+        v = __fadd_rn(v, qk::from_in_rt(__ldg(y_add + static_cast<long long>(m) * N + n), bf16));
+    return v;
 }
 
 // ------------------------------------------------------------------ decode
@@ -544,11 +547,7 @@ __device__ __forceinline__ void decode(const unsigned short* __restrict__ x, con
         for (int i = 0; i < 4; ++i) {
             const int m = mt * 8 + 2 * tig + (i & 1);             // < ROWS <= 64
             float v = out_value(acc[mt][i], s_t[m], cs[i >> 1]);
-            if (kQuik) {
-                const int n = n0 + gid + 8 * (i >> 1);
-                v = quik_tail(v, m < M ? __ldg(zq + m) : 0.0f, zcn[i >> 1], y_add, static_cast<long long>(m) * N + n,
-                              y_add != nullptr && m < M && n < N, bf16);
-            }
+            if (kQuik) v = quik_tail(v, m, n0 + gid + 8 * (i >> 1), M, N, zq, zcn[i >> 1], y_add, bf16);
             o[i] = qk::to_out_rt(v, bf16);
         }
         store_frag(y, o, mt * 8, n0, M, N, gid, tig);
@@ -784,12 +783,7 @@ __device__ __forceinline__ void prefill(const signed char* __restrict__ xq, cons
                 const int m = m_base + 2 * tig + (i & 1);
                 const float tm = m < M ? __ldg(t + m) : 0.0f;
                 float v = out_value(acc[a][j][i], tm, cs[i >> 1]);
-                if (kQuik) {
-                    const int n = n0 + gid + 8 * (i >> 1);
-                    const float zm = m < M ? __ldg(zq + m) : 0.0f;
-                    v = quik_tail(v, zm, zcn[i >> 1], y_add, static_cast<long long>(m) * N + n,
-                                  y_add != nullptr && m < M && n < N, bf16);
-                }
+                if (kQuik) v = quik_tail(v, m, n0 + gid + 8 * (i >> 1), M, N, zq, zcn[i >> 1], y_add, bf16);
                 o[i] = qk::to_out_rt(v, bf16);
             }
             store_frag(y, o, m_base, n0, M, N, gid, tig);
@@ -872,8 +866,8 @@ __device__ __forceinline__ void prefill(const signed char* __restrict__ xq, cons
                          KB, S, gq, gr, mtiles, ntiles, band_log2, flags);                                \
     }
 
-// QUIK W4A4 on sm_90 (qconvert_kernels/quik/cuda.py): the IS prefill with QUIK's epilogue, for
-// any M.  xq: quik_split's int8 [M, Kq], one int4 value per byte; t: its per-token scale s; scales:
+// QUIK W4A4 on sm_90 (qconvert_kernels/quik/cuda.py): the IS prefill with QUIK's epilogue (M > 64).
+// xq: quik_split's int8 [M, Kq], one int4 value per byte; t: its per-token scale s; scales:
 // int16 ones [G, N128] (g = 128); cscale: ws [N128]; alpha_log2 0; zq: its per-token z [M]; zc:
 // float32 ws * R [N128]; y_add: the outlier product [M, N] (fp16 / bf16) or null.
 #define W4R_PREFILL_QUIK(NAME)                                                                           \
