@@ -155,15 +155,21 @@ def quik_against_prediction(runs: list) -> list[str]:
                                                   Path(__file__).with_name("quik_repacked_prediction.py"))
     pred = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(pred)
-    out = ["", "The sm_90 path against its prediction (benchmarks/quik_repacked_prediction.py):", "",
-           "| linear (N x K) | M | GEMM predicted us | GEMM measured us | measured / predicted | layer predicted us | "
-           "layer measured us | measured / predicted |", "|---|---|---|---|---|---|---|---|"]
+    out = ["", "The sm_90 path against its prediction (benchmarks/quik_repacked_prediction.py; where the run has "
+           "quik-split-outliers, the layer's prediction is the decode layer's, the outlier product made in the split's "
+           "launch):", "",
+           "| linear (N x K) | M | GEMM predicted us | GEMM measured us | measured / predicted | split + outliers predicted us | "
+           "measured us | layer predicted us | layer measured us | measured / predicted |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for p in sorted(pred.predict(pred.DEFAULT), key=lambda p: (p["M"], p["shape"])):
         g, layer = rows.get((p["shape"], p["M"], "quik-w4a4-gemm")), rows.get((p["shape"], p["M"], "quik-w4a4"))
         if g is None or layer is None:
             continue
+        fused = rows.get((p["shape"], p["M"], "quik-split-outliers"))
+        want = p["decode_layer_us"] if fused and "decode_layer_us" in p else p["layer_us"]
+        split = f"{p['split_outliers_us']:.1f} | {fused['us']:.1f}" if fused and "split_outliers_us" in p else "- | -"
         out.append(f"| {p['shape']} ({p['N']} x {p['K']}) | {p['M']} | {p['gemm_us']:.1f} | {g['us']:.1f} | "
-                   f"{g['us'] / p['gemm_us']:.2f} | {p['layer_us']:.1f} | {layer['us']:.1f} | {layer['us'] / p['layer_us']:.2f} |")
+                   f"{g['us'] / p['gemm_us']:.2f} | {split} | {want:.1f} | {layer['us']:.1f} | {layer['us'] / want:.2f} |")
     return out
 
 

@@ -305,8 +305,10 @@ def quik_kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, r
                      reps: int = 20, outliers: int | None = None) -> list[dict]:
     """Time cuBLAS FP16 and QUIK layers for one (M, N, K): the split-and-quantize kernel alone,
     the integer GEMM alone (its epilogue adding a given outlier product), and whole layers
-    ``quik-w4a4`` / ``quik-w8a8`` (split, cuBLAS outlier product, GEMM) as the runtime runs
-    them; the 4-bit layer on the device's path (s4 on sm_80 .. sm_89, s8r on sm_90+: the repacked
+    ``quik-w4a4`` / ``quik-w8a8`` (split, outlier product, GEMM) as the runtime runs them (at
+    M <= 8 the outlier product is made in the split's launch, ``quik-split-outliers``; above,
+    by cuBLAS); the first split kernel beside the wide one (``quik-split-row``); at M <= 8 the W8A8
+    GEMM is the GEMV and the tile kernel is timed beside it (``quik-w8a8-gemm-tile``); the 4-bit layer on the device's path (s4 on sm_80 .. sm_89, s8r on sm_90+: the repacked
     W4A8 decode and prefill kernels, whose weights are repacked before the timing as the runtime does
     at load time), and on sm_90+ also the first design's 64 x 64 GEMM (``quik-w4a4-gemm-s8``) beside it.
     ``outliers``: fp16 channels, default the "auto" rule (256 for K >= 4096)."""
@@ -337,8 +339,18 @@ def quik_kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, r
         w_bytes = n * (kbp // 2 if bits == 4 else kbp) + n * n_out * 2 + n * 8
         name = f"quik-w{bits}a{bits}"
         if bits == 4:
+            split_bytes = m * k * 2 + xq_bytes + m * n_out * 2 + m * 8
             row("quik-split", _time_cuda(lambda i: cuda_quik.split_quantize(xs[i], base_idx, out_idx, 4, pack, width=width),
-                                         sets, runs, warmup, reps), m * k * 2 + xq_bytes + m * n_out * 2 + m * 8, 0)
+                                         sets, runs, warmup, reps), split_bytes, 0)
+            if kbp <= cuda_quik.WIDE_MAX_KB:  # the first split kernel (256 threads, two walks of the row) beside it
+                row("quik-split-row", _time_cuda(lambda i: cuda_quik.split_quantize(xs[i], base_idx, out_idx, 4, pack,
+                                                                                    width=width, kernel="row"),
+                                                 sets, runs, warmup, reps), split_bytes, 0)
+            if cuda_quik.fuses_outliers(m, kbp, n_out):  # what the layer launches at decode: split and outlier product
+                row("quik-split-outliers", _time_cuda(lambda i: cuda_quik.split_outliers(xs[i], base_idx, out_idx, w_outs[i],
+                                                                                         4, pack, width=width),
+                                                      sets, runs, warmup, reps),
+                    split_bytes + n * n_out * 2 + m * n * 2, 2 * m * n * n_out)
         splits = [cuda_quik.split_quantize(x, base_idx, out_idx, bits, pack, width=width) for x in xs]
         y_outs = [torch.matmul(sp[3], w.t()) if n_out else None for sp, w in zip(splits, w_outs)]
         if repacked:
@@ -346,6 +358,10 @@ def quik_kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, r
         else:
             gemm = lambda i: cuda_quik.quik_gemm(*splits[i][:3], qws[i], wscale, wsum, y_outs[i], bits, torch.float16)  # noqa: E731
         row(f"{name}-gemm", _time_cuda(gemm, sets, runs, warmup, reps), xq_bytes + w_bytes + m * n * 4, 2 * m * n * kbp)
+        if bits == 8 and m <= cuda_quik.GV_ROWS:  # the 64 x 64 tile kernel beside the GEMV it uses at decode
+            row(f"{name}-gemm-tile", _time_cuda(lambda i: cuda_quik.quik_gemm(*splits[i][:3], qws[i], wscale, wsum, y_outs[i], 8,
+                                                                             torch.float16, kernel="tile"),
+                                                sets, runs, warmup, reps), xq_bytes + w_bytes + m * n * 4, 2 * m * n * kbp)
         if repacked:  # the first design's s8 kernel on the same weights and codes (xq's first Kbp columns)
             s8 = [(sp[0][:, :kbp].contiguous(), sp[1], sp[2]) for sp in splits]
             row(f"{name}-gemm-s8", _time_cuda(lambda i: cuda_quik.quik_gemm(*s8[i], qws[i], wscale, wsum, y_outs[i], 4,
@@ -361,7 +377,8 @@ def quik_kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, r
         preps.clear()
     by = {r["kernel"]: r["us"] for r in rows}
     for r in rows:
-        if r["kernel"] in ("quik-w4a4", "quik-w8a8", "quik-w4a4-gemm", "quik-w8a8-gemm", "quik-w4a4-gemm-s8"):
+        if r["kernel"] in ("quik-w4a4", "quik-w8a8", "quik-w4a4-gemm", "quik-w8a8-gemm", "quik-w4a4-gemm-s8",
+                           "quik-w8a8-gemm-tile"):
             r["vs_cublas"] = round(by["cublas-fp16"] / r["us"], 3)
     return rows
 
@@ -369,7 +386,8 @@ def quik_kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, r
 def illm_kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, runs: int = 50, warmup: int = 10,
                      reps: int = 20) -> list[dict]:
     """Time cuBLAS FP16 and I-LLM's DI-MatMul (int8 x int8, dyadic epilogue, int64 out) with and
-    without the per-token requantization of its output, for one (M, N, K)."""
+    without the per-token requantization of its output, for one (M, N, K); at M <= 8 (where the
+    GEMV runs) also the tile kernel (``illm-matmul-w8-tile``)."""
     from qconvert_kernels.illm import cuda as cuda_illm
 
     gen, sets, xs, rows, row = _fp16_baseline(label, n, k, m, device, runs, warmup, reps)
@@ -381,6 +399,9 @@ def illm_kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, r
     wk = torch.randint(24, 30, (n,), generator=gen, device=device, dtype=torch.int32)
     row("illm-matmul-w8", _time_cuda(lambda i: cuda_illm.illm_matmul(xq[i], qw[i], wm, wk, 8), sets, runs, warmup, reps),
         m * k + n * k + m * n * 8, ops)
+    if m <= cuda_illm.GEMV_ROWS:  # at decode the GEMV runs; the 64 x 64 tile kernel beside it
+        row("illm-matmul-w8-tile", _time_cuda(lambda i: cuda_illm.illm_matmul(xq[i], qw[i], wm, wk, 8, kernel="tile"),
+                                              sets, runs, warmup, reps), m * k + n * k + m * n * 8, ops)
     row("illm-w8a8", _time_cuda(lambda i: cuda_illm.requant_rows(cuda_illm.illm_matmul(xq[i], qw[i], wm, wk, 8), 127),
                                 sets, runs, warmup, reps), m * k + n * k + m * n * 17, ops)
     by = {r["kernel"]: r["us"] for r in rows}

@@ -294,10 +294,21 @@ def unwritten_uniform_registers(kernel_text: str) -> list[str]:
 _NOT_FLOAT = re.compile(r"^(FLO\.U(32|64)(\.SH)?|DEPBAR(\.\w+)*)$")
 
 
-def float_unit_ops(ops) -> list[str]:
+# ptxas now and then writes a constant to a register with a half-precision FMA of zeros on the MMA
+# pipe (``HFMA2.MMA R40, -RZ, RZ, 0, 0``; ``..., 0, 4.76837158203125e-07``: -0 * 0 + the immediate's
+# two halves, here the integer 8): a move of an immediate with no register operand, not float
+# arithmetic on the kernel's data.
+_ZEROING_MOVE = re.compile(r"\bHFMA2\.MMA R\d+, -RZ, RZ, [-+0-9.e]+, [-+0-9.e]+ ;")
+
+
+def float_unit_ops(ops, kernel_text: str | None = None) -> list[str]:
     """The float-unit instructions (F*, H*, D*, MUFU, I2F) among a kernel's mnemonics ``ops``: none in
-    an integer-only kernel."""
-    return [op for op in ops if op.startswith(("F", "H", "D", "MUFU", "I2F")) and not _NOT_FLOAT.match(op)]
+    an integer-only kernel.  With the kernel's SASS text, ``HFMA2.MMA`` counts only beyond its
+    moves of immediates (``_ZEROING_MOVE``)."""
+    ops = collections.Counter(ops)
+    if kernel_text is not None:
+        ops["HFMA2.MMA"] -= len(_ZEROING_MOVE.findall(kernel_text))
+    return [op for op, n in ops.items() if n > 0 and op.startswith(("F", "H", "D", "MUFU", "I2F")) and not _NOT_FLOAT.match(op)]
 
 
 # ----------------------------------------------------------------------------- NVRTC

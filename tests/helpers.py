@@ -666,3 +666,17 @@ def reference_with_out_weights(out, mm, d):
             reference.get_submodule(renamer.module(row["name"])).weight.copy_(
                 runtime.get_submodule(row["name"])._dequantized(torch.float32))
     return reference
+
+
+def emulated_timer(monkeypatch) -> None:
+    """``qconvert.bench``'s CUDA timer replaced by one call per operand set (two sets), so a kernel
+    benchmark's launches run once each on an emulator and every row it writes is a kernel that ran."""
+    from qconvert import bench
+
+    def once(launch, n_sets, runs, warmup, reps):
+        for i in range(n_sets):
+            launch(i)
+        return bench.Timing(1.0, 1, "emulated")
+
+    monkeypatch.setattr(bench, "_time_cuda", once)
+    monkeypatch.setattr(bench, "_operand_sets", lambda *a, **k: 2)

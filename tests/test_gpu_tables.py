@@ -82,7 +82,13 @@ def test_the_quik_sm90_rows_come_with_their_prediction(tmp_path, capsys):
     gpu_tables.main(str(tmp_path))
     out = capsys.readouterr().out
     # predicted at M = 1 for q/o: GEMM 10.1 us, layer 22.1 us (docs/kernels.md)
-    assert "| q/o_proj (4096 x 4096) | 1 | 10.1 | 20.2 | 2.00 | 22.1 | 33.1 | 1.50 |" in out
+    assert "| q/o_proj (4096 x 4096) | 1 | 10.1 | 20.2 | 2.00 | - | - | 22.1 | 33.1 | 1.50 |" in out
+    # a run with the outlier product in the split's launch: against the decode layer's 14.2 us (split 4.1 us)
+    rows.append({**rows[0], "kernel": "quik-split-outliers", "us": 8.2})
+    (tmp_path / "kernels_quik.json").write_text(json.dumps({"kind": "kernels", "scheme": "quik-w4a4",
+                                                            "environment": {"device": "test input"}, "results": rows}))
+    gpu_tables.main(str(tmp_path))
+    assert "| q/o_proj (4096 x 4096) | 1 | 10.1 | 20.2 | 2.00 | 4.1 | 8.2 | 14.2 | 33.1 | 2.33 |" in capsys.readouterr().out
     run2 = ROOT / "benchmarks" / "results" / "gpu" / "2026-12-04_h200_caa2c67" / "2_rerun"
     gpu_tables.main(str(run2))
     assert "against its prediction" not in capsys.readouterr().out

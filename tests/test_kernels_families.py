@@ -90,7 +90,7 @@ def test_exact_build_sass(builds, src, arch):
             if want is not None:
                 assert mma == want, (src.name, arch, name, mma)
         if name in src.no_float:
-            assert kc.float_unit_ops(ops) == [], (arch, name, kc.float_unit_ops(ops))
+            assert kc.float_unit_ops(ops, per_kernel[name]) == [], (arch, name, kc.float_unit_ops(ops, per_kernel[name]))
 
 
 def test_unwritten_uniform_register_detector_on_the_h200_build():

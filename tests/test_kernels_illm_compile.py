@@ -41,8 +41,22 @@ def test_int8_tensor_cores_and_no_float_arithmetic(builds, arch):
     for name in kc.ILLM_KERNELS:
         ops = kc.opcodes(per_kernel[name])
         # the integer divisions are integer code (common.cuh: udiv_u64, DivBy): no float-unit
-        # instruction at all (compile.float_unit_ops: FLO and DEPBAR are not float)
-        assert kc.float_unit_ops(ops) == [], (arch, name, kc.float_unit_ops(ops))
+        # instruction at all (compile.float_unit_ops: FLO, DEPBAR and ptxas's zeroing HFMA2.MMA are not float)
+        assert kc.float_unit_ops(ops, per_kernel[name]) == [], (arch, name, kc.float_unit_ops(ops, per_kernel[name]))
+
+
+def test_a_zeroing_hfma2_is_a_move_and_any_other_float_op_is_not():
+    """ptxas writes immediates to registers with ``HFMA2.MMA Rd, -RZ, RZ, a, b`` (the GEMV's zeroed
+    accumulators, integer constants): no float arithmetic; an HFMA2.MMA of registers, or one beside
+    such moves, still counts."""
+    zero = ("/*0f40*/   HFMA2.MMA R40, -RZ, RZ, 0, 0 ;   /* 0x00000000ff287435 */\n"
+            "/*0090*/   HFMA2.MMA R21, -RZ, RZ, 0, 4.76837158203125e-07 ;   /* 0x00000008ff157435 */")
+    real = "/*0f50*/   HFMA2.MMA R2, R3, R4, R5 ;   /* 0x0000000000027435 */"
+    assert kc.float_unit_ops(kc.opcodes(zero), zero) == []
+    assert kc.float_unit_ops(kc.opcodes(zero)) == ["HFMA2.MMA"]  # without the text: counted
+    both = zero + "\n" + real
+    assert kc.float_unit_ops(kc.opcodes(both), both) == ["HFMA2.MMA"]
+    assert kc.float_unit_ops(kc.opcodes(real), real) == ["HFMA2.MMA"]
 
 
 def test_constants_match_the_reference():

@@ -469,15 +469,16 @@ def check_joined(t, tk, splits, wants, tks):
         start += n
 
 
-def run_joined_matmul(m=17, splits=(40, 24, 72), w_bits=8, k=96, mutations=frozenset()):
+def run_joined_matmul(m=17, splits=(40, 24, 72), w_bits=8, k=96, mutations=frozenset(), kernel=None):
     """Sibling linears of one input joined along N (segment bounds inside a 64-column tile and on
     one) in one DI-MatMul launch: each segment's t and row exponents equal that linear's own."""
     xq, qw, wm, wk, xk, wants, tks = joined_case(m, splits, w_bits, k)
     kmins = torch.stack([w.min() for w in wk.split(splits)])
     with emulate.emulating(mutations=mutations) as emu:
-        t, tk = cuda_illm.illm_matmul(xq, qw, wm, wk, w_bits, xk=xk, splits=splits)
-        t2, tk2 = cuda_illm.illm_matmul(xq, qw, wm, wk, w_bits, kmin=kmins, xk=xk, splits=splits)  # as the model passes them
-    assert [name for name, *_ in emu.launches] == [f"illm_matmul_w{w_bits}"] * 2
+        t, tk = cuda_illm.illm_matmul(xq, qw, wm, wk, w_bits, xk=xk, splits=splits, kernel=kernel)
+        t2, tk2 = cuda_illm.illm_matmul(xq, qw, wm, wk, w_bits, kmin=kmins, xk=xk, splits=splits, kernel=kernel)  # as the model passes them
+    gemv = kernel == "gemv" or (kernel is None and w_bits == 8 and m <= cuda_illm.GEMV_ROWS)
+    assert [name for name, *_ in emu.launches] == ["illm_gemv_w8" if gemv else f"illm_matmul_w{w_bits}"] * 2
     check_joined(t, tk, splits, wants, tks)
     check_joined(t2, tk2, splits, wants, tks)
 
@@ -503,6 +504,23 @@ def test_swiglu_writes_its_scales_as_the_requantizations_folds():
 @pytest.mark.parametrize("m,splits", [(17, (40, 24, 72)), (130, (100, 100)), (1, (64, 13, 8))])
 def test_a_joined_matmul_gives_each_linear_its_own_bits(m, splits, w_bits):
     run_joined_matmul(m, splits, w_bits)
+
+
+@pytest.mark.parametrize("kernel", ["gemv", "tile"])
+@pytest.mark.parametrize("m,splits,k", [(1, (64, 13, 8), 96), (8, (40, 24, 72), 4096), (5, (33,), 288)])
+def test_the_decode_gemv_gives_the_tile_kernels_bits(m, splits, k, kernel):
+    """DI-MatMul w8 at M <= 8 runs the GEMV (quik_mainloop.cuh's gemv_sums, illm_gemv_w8) by default:
+    with joined segments, row exponents and rows of 6 to 256 chunks, both kernels equal the reference."""
+    run_joined_matmul(m, splits, 8, k, kernel=kernel)
+
+
+def test_the_gemv_takes_w8_and_at_most_8_rows():
+    xq, qw, wm, wk, _ = illm_case(9, 16, 64, 8)
+    with emulate.emulating(), pytest.raises(ValueError, match="gemv: w8, at most 8 rows"):
+        cuda_illm.illm_matmul(xq, qw, wm, wk, 8, kernel="gemv")
+    xq, qw, wm, wk, _ = illm_case(2, 16, 64, 4)
+    with emulate.emulating(), pytest.raises(ValueError, match="gemv: w8, at most 8 rows"):
+        cuda_illm.illm_matmul(xq, qw, wm, wk, 4, kernel="gemv")
 
 
 def test_the_joined_matmuls_splits_are_checked():
@@ -540,7 +558,7 @@ def test_row_kernels_take_the_parameters_the_emulator_names():
     src = cuda_illm.SOURCE.read_text()
     for name, params, _ in emulate.Emulator.KERNELS:
         m = re.search(rf'extern "C" __global__ void __launch_bounds__\([^)]*\) {name}\((.*?)\) {{', src, re.S)
-        if name.startswith("illm_") and not name.startswith("illm_matmul"):
+        if name.startswith("illm_") and not name.startswith(("illm_matmul", "illm_gemv")):  # those: ILLM_MATMUL_ARGS
             declared = tuple(re.findall(r"(\w+)\s*$", d.strip())[0] for d in m.group(1).split(","))
             assert declared == params, name
 
@@ -595,3 +613,21 @@ def test_every_row_mutation_has_a_test():
     from qconvert_kernels.quik.emulate import MUTATIONS as bytes_mutations
 
     assert set(MUTATION_CASES) == set(emulate.MUTATIONS - bytes_mutations)
+
+
+@pytest.mark.parametrize("m", [3, 70])
+def test_the_kernel_benchmark_times_the_kernels_the_model_runs(monkeypatch, m):
+    """``qconvert bench --kernels --scheme illm-w8a8`` (gpu_check part e) with its launches on the
+    emulator and its timer replaced by one call per operand set: at M <= 8 the GEMV and, beside it,
+    the tile kernel; above, the tile kernel only."""
+    from helpers import emulated_timer
+
+    from qconvert import bench
+
+    emulated_timer(monkeypatch)
+    with emulate.emulating() as emu:
+        rows = bench.illm_kernel_rows("probe", 40, 96, m, torch.device("cpu"))
+    tile = ["illm-matmul-w8-tile"] if m <= 8 else []
+    assert [r["kernel"] for r in rows] == ["cublas-fp16", "illm-matmul-w8", *tile, "illm-w8a8"]
+    names = [n for n, *_ in emu.launches if n.startswith("illm_") and n != "illm_requant_rows"]
+    assert names == (["illm_gemv_w8"] * 2 + ["illm_matmul_w8"] * 2 + ["illm_gemv_w8"] * 2 if m <= 8 else ["illm_matmul_w8"] * 4)

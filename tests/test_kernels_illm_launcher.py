@@ -55,7 +55,7 @@ def test_matmul_computes_kmin_on_the_device_without_sync():
     with launch.launch_hook(rec), no_sync():
         t = cuda_illm.illm_matmul(xq, q, wm, wk.long(), 8)
     name, grid, block, args, tensors = rec.calls[0]
-    assert name == "illm_matmul_w8" and t.shape == (3, 8) and t.dtype == torch.int64
+    assert name == "illm_gemv_w8" and t.shape == (3, 8) and t.dtype == torch.int64  # M <= 8: the GEMV
     assert tensors[4].tolist() == [want_kmin] and tensors[4].dtype == torch.int32  # kmin by pointer
 
 

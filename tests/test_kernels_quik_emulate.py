@@ -47,17 +47,17 @@ def quik_case(m, n, k, n_out, bits, dtype, seed):
     return x, base_idx, outlier_idx, q, wscale, q.to(torch.int32).sum(1, dtype=torch.int32), w_out
 
 
-def run_quik(m, n, k, n_out, bits, path, dtype, clip=1.0, mutations=frozenset()):
-    """Split (its activations clipped by ``clip``), outlier product and GEMM through the launchers on
-    the emulator; checked against the reference bit for bit (xq, s, z, x_out, the int32
-    accumulator and y)."""
+def run_quik(m, n, k, n_out, bits, path, dtype, clip=1.0, mutations=frozenset(), kernel=None, gemm_kernel=None):
+    """Split (its activations clipped by ``clip``; ``kernel`` the split kernel, default the
+    launcher's choice), outlier product and GEMM through the launchers on the emulator; checked
+    against the reference bit for bit (xq, s, z, x_out, the int32 accumulator and y)."""
     x, base_idx, outlier_idx, q, wscale, wsum, w_out = quik_case(m, n, k, n_out, bits, dtype, seed=7 * m + n + k)
     pack = path == "s4"
     with emulate.emulating(mutations=mutations) as emu:
-        xq, s, z, x_out = cuda_quik.split_quantize(x, base_idx, outlier_idx, bits, pack, clip)
+        xq, s, z, x_out = cuda_quik.split_quantize(x, base_idx, outlier_idx, bits, pack, clip, kernel=kernel)
         y_out = torch.matmul(x_out, w_out.t()) if n_out else None
         qw = pack_int4(q) if bits == 4 else q
-        y, acc = cuda_quik.quik_gemm(xq, s, z, qw, wscale, wsum, y_out, bits, dtype, return_acc=True)
+        y, acc = cuda_quik.quik_gemm(xq, s, z, qw, wscale, wsum, y_out, bits, dtype, return_acc=True, kernel=gemm_kernel)
     rq, rs, rz, rx = refq.quantize_split(x, base_idx, outlier_idx, bits, clip)
     assert torch.equal(unpack_int4(xq) if pack else xq, rq), "split: xq differs"
     assert torch.equal(s, rs) and torch.equal(z, rz), "split: s or z differs"
@@ -80,15 +80,122 @@ QUIK_CASES = [
 ]
 
 
+@pytest.mark.parametrize("kernel", cuda_quik.SPLIT_KERNELS)
 @pytest.mark.parametrize("bits,path", [(4, "s4"), (4, "s8"), (8, None)])
 @pytest.mark.parametrize("m,n,k,n_out", QUIK_CASES)
-def test_quik_bit_exact(m, n, k, n_out, bits, path):
-    run_quik(m, n, k, n_out, bits, path, torch.float16)
+def test_quik_bit_exact(m, n, k, n_out, bits, path, kernel):
+    emu = run_quik(m, n, k, n_out, bits, path, torch.float16, kernel=kernel)
+    assert emu.launches[0][0] == {"row": "quik_split_f16", "wide": "quik_split_wide_f16"}[kernel]
 
 
+@pytest.mark.parametrize("kernel", cuda_quik.SPLIT_KERNELS)
 @pytest.mark.parametrize("bits,path", [(4, "s4"), (4, "s8"), (8, None)])
-def test_quik_bf16(bits, path):
-    run_quik(17, 130, 300, 16, bits, path, torch.bfloat16)
+def test_quik_bf16(bits, path, kernel):
+    run_quik(17, 130, 300, 16, bits, path, torch.bfloat16, kernel=kernel)
+
+
+# (M, N, K, outliers) for the W8A8 GEMV: 1 to 8 rows, N odd (the last warp's second column past N),
+# 36 chunks of 16 bytes per row (not a multiple of 32 lanes), 256 and 880 chunks (a partial unrolled
+# step: down_proj's 14080 base channels)
+GEMV_CASES = [(1, 13, 600, 24), (2, 33, 4096, 0), (5, 17, 4352, 256), (8, 9, 14336, 256)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,n,k,n_out", GEMV_CASES)
+def test_w8a8_gemv_bit_exact(m, n, k, n_out, dtype):
+    emu = run_quik(m, n, k, n_out, 8, None, dtype)
+    assert emu.launches[1][0] == f"quik_gemv_w8a8_{'bf16' if dtype == torch.bfloat16 else 'f16'}"
+    assert emu.launches[1][1] == (-(-n // cuda_quik.GV_COLS_PER_CTA), 1, 1)
+    run_quik(m, n, k, n_out, 8, None, dtype, gemm_kernel="tile")  # the tile kernel on the same case
+
+
+def test_the_gemv_is_refused_where_it_does_not_apply():
+    x, base_idx, outlier_idx, q, wscale, wsum, _ = quik_case(9, 16, 200, 8, 8, torch.float16, seed=4)
+    with emulate.emulating():
+        xq, s, z, _ = cuda_quik.split_quantize(x, base_idx, outlier_idx, 8, False)
+        with pytest.raises(ValueError, match="gemv: at most 8 rows"):
+            cuda_quik.quik_gemm(xq, s, z, q, wscale, wsum, None, 8, torch.float16, kernel="gemv")
+        xq4, s4, z4, _ = cuda_quik.split_quantize(x, base_idx, outlier_idx, 4, False)
+        with pytest.raises(ValueError, match="tile kernel only"):
+            cuda_quik.quik_gemm(xq4[:2], s4[:2], z4[:2], pack_int4(q.clamp(-8, 7)), wscale, wsum, None, 4, torch.float16,
+                                kernel="gemv")
+
+
+def run_fused(m, n, k, n_out, bits, pack, dtype, clip=1.0, width=None, cancel=False, mutations=frozenset()):
+    """The wide split with the outlier product in its launch (``split_outliers``) on the emulator:
+    xq, s, z equal the reference's and y_out equals reference.outlier_product_lanes bit for bit.
+    ``cancel``: outlier channels h .. 2h-1 repeat channels 0 .. h-1 (h = n_out / 2, a multiple of 64:
+    each lane sums at least two products and their negations) with negated weights, so every exact
+    sum is 0 and y_out is the float32 rounding left over, which depends on the order of the sums."""
+    x, base_idx, outlier_idx, _, _, _, w_out = quik_case(m, n, k, n_out, bits, dtype, seed=5 * m + n + k)
+    w_out = w_out.half()  # the layer stores fp16 outlier weights whatever the activations' dtype
+    if cancel:
+        h = n_out // 2
+        spread = 2.0 ** torch.randint(-6, 7, (h,), generator=torch.Generator().manual_seed(n_out))  # exponents apart:
+        x[:, outlier_idx[:h]] *= spread.to(dtype)  # the products' sums need more than float32's 24 bits
+        x[:, outlier_idx[h:2 * h]] = x[:, outlier_idx[:h]]
+        w_out[:, h:2 * h] = -w_out[:, :h]
+    with emulate.emulating(mutations=mutations) as emu:
+        xq, s, z, y_out = cuda_quik.split_outliers(x, base_idx, outlier_idx, w_out, bits, pack, clip, width)
+    rq, rs, rz, rx = refq.quantize_split(x, base_idx, outlier_idx, bits, clip)
+    if width is not None:
+        rq = torch.nn.functional.pad(rq, (0, width - rq.shape[1]))
+    assert torch.equal(unpack_int4(xq) if pack else xq, rq), "split: xq differs"
+    assert torch.equal(s, rs) and torch.equal(z, rz), "split: s or z differs"
+    want = refq.outlier_product_lanes(rx, w_out)
+    assert y_out.dtype == dtype and torch.equal(y_out.view(torch.int16), want.view(torch.int16)), \
+        f"y_out differs in {(y_out != want).sum()} places"
+    if cancel:
+        assert (want != 0).float().mean() > 0.25, "the cancelling case left no rounding to see"
+    exact = refq.outlier_product(rx, w_out)  # the float32 matmul, within the output rounding
+    assert torch.allclose(y_out.float(), exact, rtol=2 ** -7 if dtype == torch.bfloat16 else 2 ** -10, atol=1e-4)
+    assert [name for name, *_ in emu.launches] == [f"quik_split_wide_{'bf16' if dtype == torch.bfloat16 else 'f16'}"]
+    assert emu.launches[0][1][0] == m + -(-n // cuda_quik.GEMV_COLS)
+    return emu
+
+
+# (M, N, K, outliers, width): one row, 8 rows, N not a multiple of 32, outliers not a multiple of 32,
+# Kbp % 128 == 64, the repacked path's wider xq, and 15936 base channels (the last register slot)
+FUSED_CASES = [
+    (1, 72, 200, 8, None),
+    (3, 37, 576, 33, None),
+    (8, 200, 1000, 96, 1024),
+    (2, 64, 4096, 256, None),
+    (2, 40, 16000, 64, None),
+]
+
+
+@pytest.mark.parametrize("bits,pack", [(4, True), (4, False), (8, False)])
+@pytest.mark.parametrize("m,n,k,n_out,width", FUSED_CASES)
+def test_split_with_the_outlier_product_bit_exact(m, n, k, n_out, width, bits, pack):
+    run_fused(m, n, k, n_out, bits, pack, torch.float16, width=width)
+
+
+@pytest.mark.parametrize("clip", [1.0, 0.8])
+def test_split_with_the_outlier_product_bf16(clip):
+    run_fused(5, 70, 600, 40, 4, False, torch.bfloat16, clip)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_outlier_product_sums_in_the_kernels_order(dtype):
+    """Sums whose exact value is 0: y_out is the float32 rounding left over, so it equals the
+    reference only when the order of every product and sum is the kernel's."""
+    run_fused(3, 37, 576, 256, 4, True, dtype, cancel=True)
+
+
+def test_the_fused_outlier_product_is_refused_beyond_its_bounds():
+    x, base_idx, outlier_idx, _, _, _, w_out = quik_case(9, 16, 200, 8, 4, torch.float16, seed=2)
+    with emulate.emulating():
+        with pytest.raises(ValueError, match="1..8 rows"):
+            cuda_quik.split_outliers(x, base_idx, outlier_idx, w_out, 4, False)
+        with pytest.raises(ValueError, match="w_out must be float16"):
+            cuda_quik.split_outliers(x[:2], base_idx, outlier_idx, w_out.bfloat16(), 4, False)
+        with pytest.raises(ValueError, match="at most 16384 base channels"):
+            cuda_quik.split_quantize(x, base_idx, outlier_idx, 4, False, width=16448, kernel="wide")
+        assert cuda_quik.split_quantize(x, base_idx, outlier_idx, 4, False, width=16448)[0].shape == (9, 16448)
+    assert cuda_quik.fuses_outliers(8, 16384, 1024) and not cuda_quik.fuses_outliers(9, 100, 8)
+    assert not cuda_quik.fuses_outliers(1, 16385, 8) and not cuda_quik.fuses_outliers(1, 100, 0)
+    assert not cuda_quik.fuses_outliers(1, 100, 1025)
 
 
 @pytest.mark.parametrize("clip,dtype", [(0.9, torch.float16), (0.7, torch.bfloat16), (1 / 3, torch.float16)])
@@ -119,14 +226,16 @@ def test_quik_linear_on_the_emulator_matches_the_cpu_layer():
     """quik_linear (the runtime's CUDA path, both int4 paths) equals the split + GEMM reference fed
     the same outlier product."""
     x, base_idx, outlier_idx, q, wscale, wsum, w_out = quik_case(33, 96, 384, 32, 4, torch.float16, seed=3)
-    rq, rs, rz, rx = refq.quantize_split(x, base_idx, outlier_idx, 4)
-    y_out = torch.matmul(rx, w_out.t())
-    want = refq.quik_gemm(rq, rs, rz, q, wscale, wsum, y_out.float()).half()
-    for path in ("s4", "s8"):
-        with emulate.emulating() as emu:
-            y = cuda_quik.quik_linear(x, base_idx, outlier_idx, pack_int4(q), wscale, wsum, w_out, 4, path=path)
-        assert torch.equal(y.view(torch.int16), want.view(torch.int16)), path
-        assert [name for name, *_ in emu.launches] == ["quik_split_f16", f"quik_gemm_w4a4_{path}_f16"]
+    for m in (33, 8):  # 33 rows: the split, then cuBLAS's outlier product; 8: the product in the split's launch
+        rq, rs, rz, rx = refq.quantize_split(x[:m], base_idx, outlier_idx, 4)
+        y_out = torch.matmul(rx, w_out.t()) if m > 8 else refq.outlier_product_lanes(rx, w_out)
+        want = refq.quik_gemm(rq, rs, rz, q, wscale, wsum, y_out.float()).half()
+        for path in ("s4", "s8"):
+            with emulate.emulating() as emu:
+                y = cuda_quik.quik_linear(x[:m], base_idx, outlier_idx, pack_int4(q), wscale, wsum, w_out, 4, path=path)
+            assert torch.equal(y.view(torch.int16), want.view(torch.int16)), (m, path)
+            assert [name for name, *_ in emu.launches] == ["quik_split_wide_f16", f"quik_gemm_w4a4_{path}_f16"]
+            assert (emu.launches[0][2]["w_out"] != 0) == (m <= 8)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -270,12 +379,27 @@ def test_constants_match_the_sources():
         assert int(const(MAINLOOP_W4, name)) == getattr(emulate, name), name
     assert kcuda.BLOCK_M == cuda_illm.BLOCK_M == emulate.BM and kcuda.GEMM_THREADS == cuda_illm.GEMM_THREADS == emulate.THREADS
     assert kcuda.QUANT_THREADS == emulate.QUANT_THREADS
+    quik_text = cuda_quik.SOURCE.read_text()
+    for name in ("WIDE_THREADS", "WIDE_SLOTS", "FUSED_ROWS"):
+        assert int(const(quik_text, name)) == getattr(emulate, name), name
+    assert const(quik_text, "FUSED_MAX_OUT") == "WIDE_THREADS" and emulate.FUSED_MAX_OUT == emulate.WIDE_THREADS
+    assert const(quik_text, "WIDE_MAX_KB") == "2 * WIDE_THREADS * WIDE_SLOTS" and const(quik_text, "GEMV_COLS") == "WIDE_THREADS / 32"
+    assert (cuda_quik.WIDE_THREADS, cuda_quik.FUSED_ROWS, cuda_quik.FUSED_MAX_OUT) == (emulate.WIDE_THREADS, emulate.FUSED_ROWS,
+                                                                                       emulate.FUSED_MAX_OUT)
+    assert cuda_quik.WIDE_MAX_KB == 2 * emulate.WIDE_THREADS * emulate.WIDE_SLOTS and cuda_quik.GEMV_COLS == emulate.GEMV_COLS
+    for name in ("GV_ROWS", "GV_COLS", "GV_WARPS", "GV_UNROLL"):
+        assert int(const(MAINLOOP_BYTES, name)) == getattr(emulate, name), name
+    assert (cuda_illm.GEMV_ROWS, cuda_illm.GEMV_COLS_PER_CTA, cuda_illm.GEMV_THREADS) == (
+        cuda_quik.GV_ROWS, cuda_quik.GV_COLS_PER_CTA, cuda_quik.GV_THREADS)
+    assert (cuda_quik.GV_ROWS, cuda_quik.GV_COLS_PER_CTA, cuda_quik.GV_THREADS) == (emulate.GV_ROWS, emulate.GV_WARPS * emulate.GV_COLS,
+                                                                                    emulate.GV_THREADS)
     assert "ROW_CHUNKS / THREADS" in MAINLOOP_BYTES and emulate.ROW_LOADS == 2
 
     quik_cu, illm_cu, native_cu = cuda_quik.SOURCE.read_text(), cuda_illm.SOURCE.read_text(), kcuda.SOURCE.read_text()
     assert macro_params(quik_cu, "QUIK_GEMM_ARGS") == emulate.GEMM_PARAMS
     assert macro_params(illm_cu, "ILLM_MATMUL_ARGS") == emulate.ILLM_PARAMS
     assert macro_params(quik_cu, "QUIK_SPLIT") == emulate.SPLIT_PARAMS
+    assert macro_params(quik_cu, "QUIK_SPLIT_WIDE") == emulate.SPLIT_WIDE_PARAMS
     assert macro_params(native_cu, "QK_IS_GEMM") == emulate.IS_PARAMS
     assert macro_params(native_cu, "QK_FS_GEMM") == emulate.FS_PARAMS
     assert macro_params(native_cu, "QK_QUANT")[:5] == emulate.W4A8_QUANT_PARAMS[:5]  # the last: Kp here, Kq in the twin
@@ -310,10 +434,15 @@ MUTATION_CASES = {
     "no_tail_sync": (run_illm, (17, 72, 288, 8), "error"),
     "no_row_bound": (run_quik, (17, 72, 200, 8, 4, "s8", torch.float16), "error"),
     "no_sign": (run_illm, (3, 72, 96, 4), "differs"),
-    "c_map": (run_quik, (3, 13, 576, 32, 8, None, torch.bfloat16), "differs"),
+    "c_map": (run_quik, (17, 13, 576, 32, 8, None, torch.bfloat16), "differs"),  # M > 8: the tile kernel
     "split_short": (run_quik, (3, 13, 576, 32, 8, None, torch.float16), "error"),
     "no_clip": (run_quik, (3, 13, 576, 32, 4, "s4", torch.float16, 0.9), "differs"),
     "fold_stale": (run_native, (3, 64, 96, 32, "w4a8-is"), "differs"),
+    "wide_slots": (run_fused, (2, 40, 16000, 64, 4, False, torch.float16), "error"),
+    "wide_pair_swap": (run_fused, (3, 37, 576, 33, 8, False, torch.float16), "differs"),
+    "gemv_stride": (run_quik, (2, 33, 4096, 0, 8, None, torch.float16), "differs"),
+    "gemv_lane_map": (run_quik, (5, 17, 600, 24, 8, None, torch.float16), "differs"),
+    "outlier_seq": (run_fused, (3, 37, 576, 256, 4, True, torch.float16, 1.0, None, True), "differs"),
 }
 
 

@@ -1,6 +1,7 @@
 """The QUIK CUDA kernels against the bit-exact torch reference (needs cupy and an sm_80+ GPU).
 
-The split kernel's xq, s, z and x_out must equal the reference exactly; the GEMMs' int32
+The split kernels' xq, s, z and x_out must equal the reference exactly (and the fused outlier
+product reference.outlier_product_lanes, bit for bit); the GEMMs' int32
 accumulators exactly, and y within 1 ulp of the reference's float32 result (fed the same cuBLAS
 outlier product) rounded to fp16 / bf16.  Both 4-bit paths (s4, s8) run where the device has
 them: s4 needs int4 tensor cores (sm_80 .. sm_89).
@@ -31,18 +32,41 @@ SHAPES = [(1, 576, 576, 32), (3, 1536, 576, 32), (17, 576, 1536, 96), (130, 192,
 PATHS_4 = ["s8"] + (["s4"] if cuda_quik.int4_path(DEV) == "s4" else [])
 
 
+@pytest.mark.parametrize("kernel", cuda_quik.SPLIT_KERNELS)
 @pytest.mark.parametrize("clip", [1.0, 0.9])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bits,pack", [(4, True), (4, False), (8, False)])
 @pytest.mark.parametrize("m,n,k,n_out", SHAPES)
-def test_split_quantize_is_exact(m, n, k, n_out, bits, pack, dtype, clip):
+def test_split_quantize_is_exact(m, n, k, n_out, bits, pack, dtype, clip, kernel):
     x, base_idx, outlier_idx, *_ = _case(m, n, k, n_out, bits, dtype, seed=m + k)
-    xq, s, z, x_out = cuda_quik.split_quantize(x.to(DEV), base_idx.to(DEV), outlier_idx.to(DEV), bits, pack, clip)
+    xq, s, z, x_out = cuda_quik.split_quantize(x.to(DEV), base_idx.to(DEV), outlier_idx.to(DEV), bits, pack, clip,
+                                               kernel=kernel)
     rq, rs, rz, rx = refq.quantize_split(x, base_idx, outlier_idx, bits, clip)
     got = unpack_int4(xq.cpu()) if pack else xq.cpu()
     assert torch.equal(got, rq)
     assert torch.equal(s.cpu(), rs) and torch.equal(z.cpu(), rz)
     assert torch.equal(x_out.cpu(), rx)
+
+
+# (M, N, K, outliers): the decode rows the split's launch makes the outlier product for; Llama-3's
+# q/o, an odd N and outlier count, and 15936 base channels (every register slot of the wide split)
+FUSED_SHAPES = [(1, 4096, 4096, 256), (8, 4096, 4096, 256), (3, 37, 576, 33), (2, 200, 16000, 64)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits,pack", [(4, True), (4, False), (8, False)])
+@pytest.mark.parametrize("m,n,k,n_out", FUSED_SHAPES)
+def test_split_with_the_outlier_product_is_exact(m, n, k, n_out, bits, pack, dtype):
+    """``split_outliers``: xq, s, z as the reference's, and y_out bit for bit as
+    reference.outlier_product_lanes sums it (the kernel's order of products and sums)."""
+    x, base_idx, outlier_idx, *_, w_out = _case(m, n, k, n_out, bits, dtype, seed=3 * m + k)
+    w_out = w_out.half()
+    xq, s, z, y_out = cuda_quik.split_outliers(x.to(DEV), base_idx.to(DEV), outlier_idx.to(DEV), w_out.to(DEV), bits, pack)
+    rq, rs, rz, rx = refq.quantize_split(x, base_idx, outlier_idx, bits)
+    assert torch.equal(unpack_int4(xq.cpu()) if pack else xq.cpu(), rq)
+    assert torch.equal(s.cpu(), rs) and torch.equal(z.cpu(), rz)
+    want = refq.outlier_product_lanes(rx, w_out)
+    assert torch.equal(y_out.cpu().view(torch.int16), want.view(torch.int16)), int((y_out.cpu() != want).sum())
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -59,6 +83,23 @@ def test_gemm_matches_reference(m, n, k, n_out, bits, path, dtype):
     ry, racc = refq.quik_gemm(rq, rs, rz, q, wscale, wsum, y_out.float().cpu() if n_out else torch.zeros(m, n), return_acc=True)
     assert torch.equal(acc.cpu(), racc)
     assert (int(_ulps(y.cpu(), ry.to(dtype)).max()) if y.numel() else 0) <= 1  # torch's max takes no `initial`
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k,n_out", [(1, 4096, 14336, 256), (8, 4096, 14336, 256), (5, 37, 600, 24)])
+def test_w8a8_gemv_matches_reference_and_the_tile_kernel(m, n, k, n_out, dtype):
+    """The W8A8 GEMV (M <= 8; the quik-w4a4 preset's 8-bit down_proj at decode): exact int32 sums, and
+    the same bits as the 64 x 64 tile kernel on the same operands (the same epilogue formula)."""
+    x, base_idx, outlier_idx, q, wscale, wsum, w_out = _case(m, n, k, n_out, 8, dtype, seed=m + n)
+    xq, s, z, x_out = cuda_quik.split_quantize(x.to(DEV), base_idx.to(DEV), outlier_idx.to(DEV), 8, False)
+    y_out = torch.matmul(x_out, w_out.to(DEV, dtype).t()) if n_out else None
+    args = (xq, s, z, q.to(DEV), wscale.to(DEV), wsum.to(DEV), y_out, 8, dtype)
+    y, acc = cuda_quik.quik_gemm(*args, return_acc=True, kernel="gemv")
+    yt, acct = cuda_quik.quik_gemm(*args, return_acc=True, kernel="tile")
+    rq, rs, rz, _ = refq.quantize_split(x, base_idx, outlier_idx, 8)
+    _, racc = refq.quik_gemm(rq, rs, rz, q, wscale, wsum, y_out.float().cpu() if n_out else torch.zeros(m, n), return_acc=True)
+    assert torch.equal(acc.cpu(), racc) and torch.equal(acct, acc)
+    assert torch.equal(y.view(torch.int16), yt.view(torch.int16))
 
 
 def test_quik_layer_on_cuda_matches_cpu_reference(tmp_path):
@@ -93,10 +134,12 @@ def test_repacked_gemm_matches_reference(m, n, k, n_out, dtype):
     assert (int(_ulps(y.cpu(), ry.to(dtype)).max()) if y.numel() else 0) <= 1
 
 
-def test_repacked_layer_captures_in_a_cuda_graph():
+@pytest.mark.parametrize("m", [16, 1])
+def test_repacked_layer_captures_in_a_cuda_graph(m):
     """quik_linear on the repacked path reads no device value on the host: captured once and
-    replayed on new activations, it gives what it gives eagerly."""
-    x, base_idx, outlier_idx, q, wscale, wsum, w_out = _case(16, 576, 1536, 96, 4, torch.float16, seed=2)
+    replayed on new activations, it gives what it gives eagerly (M = 1: the outlier product in the
+    split's launch)."""
+    x, base_idx, outlier_idx, q, wscale, wsum, w_out = _case(m, 576, 1536, 96, 4, torch.float16, seed=2)
     args = [t.to(DEV) for t in (base_idx, outlier_idx, pack_int4(q), wscale, wsum, w_out)]
     prep = cuda_quik.prepare_repacked(args[2], wscale.to(DEV), wsum.to(DEV), DEV)
     static = x.to(DEV).clone()

@@ -136,7 +136,7 @@ def test_the_layer_runs_its_repacked_copy():
         with emulate.emulating_repacked() as (quik, w4):
             y = lin(xs)
         assert torch.equal(y.view(torch.int16), want.view(torch.int16))
-        assert [n for n, *_ in quik.launches] == ["quik_split_f16"] and [n for n, *_ in w4.launches] == [kernel_for(17)]
+        assert [n for n, *_ in quik.launches] == ["quik_split_wide_f16"] and [n for n, *_ in w4.launches] == [kernel_for(17)]
 
 
 def test_the_prediction_script_reads_the_committed_h200_results():
@@ -148,9 +148,15 @@ def test_the_prediction_script_reads_the_committed_h200_results():
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "quik_repacked_prediction.py"
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True).stdout
-    rows = [line.split(" | ") for line in out.splitlines()[2:]]
+    first, second = out.strip().split("\n\n")
+    rows = [line.split(" | ") for line in first.splitlines()[2:]]
     assert len(rows) == 8 and {r[1] for r in rows} == {"1", "4096"}
     assert all(float(r[4].split()[0]) < float(r[3]) for r in rows)
+    # the decode layer with the outlier product in the split's launch: below the layer predicted without it
+    assert all(float(r[7].split()[0]) < float(r[6].split()[0]) for r in rows if r[1] == "1")
+    # W8A8 at M = 1: the GEMV predicted below the tile kernel measured, on the four shapes
+    w8 = [line.split(" | ") for line in second.splitlines()[2:]]
+    assert len(w8) == 4 and all(float(r[4].split()[0]) < float(r[3]) for r in w8)
 
 
 def test_a_repacked_layer_keeps_its_packed_weights_on_the_host():
@@ -184,20 +190,22 @@ def test_the_kernel_benchmark_runs_every_quik_kernel_it_times(monkeypatch, m):
     """``qconvert bench --kernels --scheme quik-w4a4`` (gpu_check part e) on an sm_90 path, its
     launches on the emulators and its timer replaced by one call per operand set: every row it
     writes comes from a kernel that ran (the new path, the first kernel beside it, W8A8, the split)."""
+    from helpers import emulated_timer
+
     from qconvert import bench
 
-    def once(launch, n_sets, runs, warmup, reps):
-        for i in range(n_sets):
-            launch(i)
-        return bench.Timing(1.0, 1, "emulated")
-
-    monkeypatch.setattr(bench, "_time_cuda", once)
-    monkeypatch.setattr(bench, "_operand_sets", lambda *a, **k: 2)
+    emulated_timer(monkeypatch)
     monkeypatch.setattr(cuda_quik, "int4_path", lambda device: "s8r")
     with emulate.emulating_repacked() as (quik, w4):
         rows = bench.quik_kernel_rows("probe", 40, 300, m, torch.device("cpu"), outliers=16)
-    assert [r["kernel"] for r in rows] == ["cublas-fp16", "quik-split", "quik-w4a4-gemm", "quik-w4a4-gemm-s8",
-                                           "quik-w4a4", "quik-w8a8-gemm", "quik-w8a8"]
-    assert {r["int4_path"] for r in rows} == {"s8r"} and all("vs_cublas" in r for r in rows[2:] if r["kernel"] != "quik-split")
+    splits = ["quik-split", "quik-split-row"] + (["quik-split-outliers"] if m <= 8 else [])
+    tile = ["quik-w8a8-gemm-tile"] if m <= 8 else []
+    assert [r["kernel"] for r in rows] == ["cublas-fp16", *splits, "quik-w4a4-gemm", "quik-w4a4-gemm-s8",
+                                           "quik-w4a4", "quik-w8a8-gemm", *tile, "quik-w8a8"]
+    assert {r["int4_path"] for r in rows} == {"s8r"}
+    assert all("vs_cublas" in r for r in rows[1:] if not r["kernel"].startswith("quik-split"))
     assert {n for n, *_ in w4.launches} == {kernel_for(m)}
-    assert {n for n, *_ in quik.launches} == {"quik_split_f16", "quik_gemm_w4a4_s8_f16", "quik_gemm_w8a8_f16"}
+    assert {n for n, *_ in quik.launches} == {"quik_split_f16", "quik_split_wide_f16", "quik_gemm_w4a4_s8_f16",
+                                              "quik_gemm_w8a8_f16", *(["quik_gemv_w8a8_f16"] if m <= 8 else [])}
+    fused = [a for n, _, a in quik.launches if n == "quik_split_wide_f16" and a["w_out"]]
+    assert len(fused) == (3 * 2 if m <= 8 else 0)  # the timed row and both layers, per operand set

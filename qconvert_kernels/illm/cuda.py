@@ -48,8 +48,15 @@ def _rows_vector(fn: str, what: str, v: torch.Tensor, rows: int, dtypes) -> None
 _INT = (torch.int32, torch.int64)
 
 
+GEMV_ROWS = 8             # quik::GV_ROWS: DI-MatMul w8 runs the GEMV up to this many rows
+GEMV_COLS_PER_CTA = 16    # quik::GV_WARPS x quik::GV_COLS
+GEMV_THREADS = 256
+MATMUL_KERNELS = ("tile", "gemv")
+
+
 def illm_matmul(xq: torch.Tensor, qweight: torch.Tensor, wm: torch.Tensor, wk: torch.Tensor, w_bits: int,
-                kmin: torch.Tensor | None = None, xk: torch.Tensor | None = None, splits: tuple[int, ...] | None = None):
+                kmin: torch.Tensor | None = None, xk: torch.Tensor | None = None, splits: tuple[int, ...] | None = None,
+                kernel: str | None = None):
     """DI-MatMul: xq int8 [M, K] x weights (w8: int8 [N, K]; w4: packed uint8 [N, K/2]) -> t int64
     [M, N] = round(acc * wm[n] / 2^(wk[n] - min wk)), as ``ILLMLinear.int_forward``.
 
@@ -60,7 +67,10 @@ def illm_matmul(xq: torch.Tensor, qweight: torch.Tensor, wm: torch.Tensor, wk: t
     ``splits``: the column counts of up to three sibling linears joined along N (their weights,
     wm and wk concatenated; they read the same xq): each segment of columns is aligned to its own
     layer's kmin (``kmin`` int [segments], by default each segment's min on the device), so every
-    segment's t equals its layer's own, and tk is [segments, M], one row of exponents per layer."""
+    segment's t equals its layer's own, and tk is [segments, M], one row of exponents per layer.
+
+    ``kernel``: "gemv" (w8 at M <= 8, the default there: a warp per two output columns, dp4a,
+    ``illm_gemv_w8``) or "tile" (64 x 64 tensor-core tiles, any M); the same t."""
     fn = "illm_matmul"
     _l.require(w_bits in (4, 8), f"{fn}: w_bits must be 4 or 8, got {w_bits}")
     _l.require(xq.dim() == 2 and qweight.dim() == 2, f"{fn}: xq [M, K] and qweight [N, K or K/2] must be 2-D")
@@ -97,7 +107,14 @@ def illm_matmul(xq: torch.Tensor, qweight: torch.Tensor, wm: torch.Tensor, wk: t
     t = torch.empty((m, n), dtype=torch.int64, device=dev)
     tk = None if xk is None else torch.empty((len(segs), m) if splits is not None else (m,), dtype=torch.int64, device=dev)
     bounds = [sum(segs[:i + 1]) for i in range(len(segs) - 1)] + [n] * (3 - len(segs))  # n1, n2
-    if m and n:
+    kernel = kernel or ("gemv" if w_bits == 8 and m <= GEMV_ROWS else "tile")
+    _l.require(kernel in MATMUL_KERNELS and (kernel == "tile" or (w_bits == 8 and m <= GEMV_ROWS)),
+               f"{fn}: kernel {kernel!r} must be one of {MATMUL_KERNELS} (gemv: w8, at most {GEMV_ROWS} rows)")
+    if m and n and kernel == "gemv":
+        _launch("illm_gemv_w8", (-(-n // GEMV_COLS_PER_CTA),), (GEMV_THREADS,),
+                (_l.ptr(xq), _l.ptr(qweight), _l.ptr(wm), _l.ptr(wk), _l.ptr(kmin_t), _l.ptr(t), _l.ptr(xk), _l.ptr(tk),
+                 _l.i32(m), _l.i32(n), _l.i32(k), _l.i32(bounds[0]), _l.i32(bounds[1])), dev)
+    elif m and n:
         grid = (-(-n // BLOCK_N), -(-m // BLOCK_M))
         _launch(f"illm_matmul_w{w_bits}", grid, (GEMM_THREADS,),
                 (_l.ptr(xq), _l.ptr(qweight), _l.ptr(wm), _l.ptr(wk), _l.ptr(kmin_t), _l.ptr(t), _l.ptr(xk), _l.ptr(tk),

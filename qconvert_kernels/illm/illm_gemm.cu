@@ -259,6 +259,28 @@ __device__ __forceinline__ void matmul_row_exponents(const long long* __restrict
 }
 }  // namespace illm
 
+// DI-MatMul w8 at decode (M <= quik::GV_ROWS): the GEMV main loop of quik_mainloop.cuh (a warp per
+// two output columns, dp4a), then matmul_epilogue's t for lane j's output (j / 2, j % 2); CTA 0
+// also writes the rows' exponents.  Launch: grid ceil(N / 16), block 256.
+extern "C" __global__ void __launch_bounds__(quik::GV_THREADS) illm_gemv_w8(ILLM_MATMUL_ARGS) {
+    if (tk != nullptr && blockIdx.x == 0) {
+        const int segments = 1 + (n1 < N) + (n2 < N);
+        for (int g = 0; g < segments; ++g)
+            for (int i = threadIdx.x; i < M; i += quik::GV_THREADS)
+                tk[static_cast<long long>(g) * M + i] = xk[i] + __ldg(kmin_p + g);
+    }
+    const int lane = threadIdx.x & 31;
+    const int n0 = quik::gemv_n0();
+    if (n0 >= N) return;  // no barrier in this kernel
+    int acc[quik::GV_ROWS][quik::GV_COLS];
+    quik::gemv_sums(xq, qw, M, N, K, n0, acc);
+    const int a = quik::gemv_pick(acc, lane);
+    const int m = lane / quik::GV_COLS, n = n0 + lane % quik::GV_COLS;
+    if (lane >= quik::GV_ROWS * quik::GV_COLS || m >= M || n >= N) return;
+    const int s = __ldg(wk + n) - __ldg(kmin_p + (n >= n1) + (n >= n2));
+    t[static_cast<long long>(m) * N + n] = illm::rshift_round(a * static_cast<long long>(__ldg(wm + n)), s);
+}
+
 // Launch: grid (ceil(N / 64), ceil(M / 64)), block 128.
 extern "C" __global__ void __launch_bounds__(quik::THREADS, 1) illm_matmul_w8(ILLM_MATMUL_ARGS) {
     const int bm = blockIdx.y * quik::BM, bn = blockIdx.x * quik::BN;

@@ -2,8 +2,9 @@
 
 ``quik_linear`` runs one QUIK layer on a CUDA device: the fused split-and-quantize kernel
 (outlier channels gathered as they are, the base channels to b-bit per token), the outlier
-product x_out W_outᵀ by cuBLAS (``torch.matmul`` in the activations' dtype), then the integer
-GEMM whose epilogue dequantizes and adds it.  The integer path follows the device:
+product x_out W_outᵀ (at M <= 8 in the split's own launch, ``split_outliers``; above, by cuBLAS:
+``torch.matmul`` in the activations' dtype), then the integer GEMM whose epilogue dequantizes and
+adds it.  The integer path follows the device:
 
     bits 4, sm_80 .. sm_89   "s4": int4 x int4 tensor cores (mma m16n8k64 s4), activations packed
     bits 4, sm_90 and newer  "s8r": int8 tensor cores, activations one int4 per byte, on the
@@ -13,7 +14,8 @@ GEMM whose epilogue dequantizes and adds it.  The integer path follows the devic
                              ``w4a8r_prefill_quik``), its weights repacked once
                              (``prepare_repacked``); Hopper has no int4 mma ("s8": the first
                              design's 64 x 64 kernel, still selectable)
-    bits 8                   int8 x int8 tensor cores (mma m16n8k32 s8)
+    bits 8                   int8 x int8 tensor cores (mma m16n8k32 s8); at M <= 8 a GEMV (a warp
+                             per two output columns, dp4a: ``quik_gemv_w8a8_*``)
 
 Results equal ``qconvert_kernels.quik.reference`` fed the same y_out, bit for bit before the
 final rounding to fp16 / bf16.  Requirements (ValueError): Kbp a multiple of 64; sm_80+.
@@ -57,15 +59,21 @@ def check_gemm_shape(fn: str, m: int, n: int, kbp: int) -> None:
     kc._require(-(-m // kc.BLOCK_M) <= 65535, f"{where}: M too large for the grid (at most {65535 * kc.BLOCK_M})")
 
 
-def split_quantize(x: torch.Tensor, base_idx: torch.Tensor, outlier_idx: torch.Tensor, bits: int, pack: bool,
-                   clip: float = 1.0, width: int | None = None):
-    """x fp16 / bf16 [M, K] -> (xq, s float32 [M], z float32 [M], x_out [M, n] in x's dtype); ``clip``
-    the activation clip of reference.quantize_split.
+WIDE_THREADS = 1024     # quik::WIDE_THREADS: the wide split's CTA, one per row
+WIDE_MAX_KB = 16384     # quik::WIDE_MAX_KB: the most base channels it holds in registers
+FUSED_ROWS = 8          # quik::FUSED_ROWS: the most rows whose outlier product the split makes
+FUSED_MAX_OUT = 1024    # quik::FUSED_MAX_OUT: the most outlier channels it takes
+GEMV_COLS = 32          # quik::GEMV_COLS: outlier-product columns per CTA
+SPLIT_KERNELS = ("row", "wide")
 
-    xq: int8 [M, Kbp] (one value per byte) or, with ``pack`` (bits 4 only), uint8 [M, Kbp/2];
-    ``width`` (a multiple of 64, at least Kbp) pads its columns further with zeros (the repacked
-    path's Kq)."""
-    fn = "quik_split"
+
+def fuses_outliers(m: int, kb: int, n_out: int) -> bool:
+    """Whether ``quik_linear`` makes the outlier product in the split's launch (``split_outliers``):
+    decode-sized M, a base part the wide split holds, and some outliers (not too many)."""
+    return 0 < m <= FUSED_ROWS and kb <= WIDE_MAX_KB and 0 < n_out <= FUSED_MAX_OUT
+
+
+def _split_args(fn, x, base_idx, outlier_idx, bits, pack, width):
     kc._require(x.dim() == 2 and x.dtype in kc._OUT, f"{fn}: x must be float16 / bfloat16 [M, K], got {x.dtype} {tuple(x.shape)}")
     kc._require(bits in (4, 8) and (bits == 4 or not pack), f"{fn}: bits must be 4 or 8 (pack only with 4)")
     dev = kc._check_cuda(fn, x, base_idx, outlier_idx)
@@ -76,33 +84,91 @@ def split_quantize(x: torch.Tensor, base_idx: torch.Tensor, outlier_idx: torch.T
     if width is not None:
         kc._require(width >= kbp and width % K_TILE == 0, f"{fn}: width {width} must be a multiple of {K_TILE} >= {kbp}")
         kbp = width
-    x = x.contiguous()
     base_idx, outlier_idx = base_idx.to(torch.int32).contiguous(), outlier_idx.to(torch.int32).contiguous()
     xq = torch.empty((m, kbp // 2) if pack else (m, kbp), dtype=torch.uint8 if pack else torch.int8, device=dev)
     s = torch.empty((m,), dtype=torch.float32, device=dev)
     z = torch.empty((m,), dtype=torch.float32, device=dev)
+    return dev, x.contiguous(), base_idx, outlier_idx, m, k, kb, kbp, n_out, xq, s, z
+
+
+def split_quantize(x: torch.Tensor, base_idx: torch.Tensor, outlier_idx: torch.Tensor, bits: int, pack: bool,
+                   clip: float = 1.0, width: int | None = None, kernel: str | None = None):
+    """x fp16 / bf16 [M, K] -> (xq, s float32 [M], z float32 [M], x_out [M, n] in x's dtype); ``clip``
+    the activation clip of reference.quantize_split.
+
+    xq: int8 [M, Kbp] (one value per byte) or, with ``pack`` (bits 4 only), uint8 [M, Kbp/2];
+    ``width`` (a multiple of 64, at least Kbp) pads its columns further with zeros (the repacked
+    path's Kq).  ``kernel``: "wide" (one CTA of 1024 threads per row, the row held in registers;
+    the default up to WIDE_MAX_KB base channels) or "row" (256 threads walking the row twice; any
+    width).  Both compute the same bits."""
+    fn = "quik_split"
+    dev, x, base_idx, outlier_idx, m, k, kb, kbp, n_out, xq, s, z = _split_args(fn, x, base_idx, outlier_idx, bits,
+                                                                                pack, width)
+    kernel = kernel or ("wide" if kbp <= WIDE_MAX_KB else "row")
+    kc._require(kernel in SPLIT_KERNELS, f"{fn}: kernel {kernel!r} not one of {SPLIT_KERNELS}")
+    kc._require(kernel == "row" or kbp <= WIDE_MAX_KB,
+                f"{fn}: the wide split holds at most {WIDE_MAX_KB} base channels (padded), got {kbp}")
     x_out = torch.empty((m, n_out), dtype=x.dtype, device=dev)
-    if m:
+    if m and kernel == "row":
         kc._launch(f"quik_split_{kc._OUT[x.dtype]}", (m,), (kc.QUANT_THREADS,),
                    (kc._ptr(x), kc._ptr(base_idx), kc._ptr(outlier_idx), kc._ptr(xq), kc._ptr(s), kc._ptr(z),
                     kc._ptr(x_out), kc._i32(m), kc._i32(k), kc._i32(kb), kc._i32(kbp), kc._i32(n_out),
                     kc._i32(bits), kc._i32(int(pack)), np.float32(refq.clip32(clip))), dev, SOURCE)
+    elif m:
+        kc._launch(f"quik_split_wide_{kc._OUT[x.dtype]}", (m,), (WIDE_THREADS,),
+                   (kc._ptr(x), kc._ptr(base_idx), kc._ptr(outlier_idx), kc._ptr(xq), kc._ptr(s), kc._ptr(z),
+                    kc._ptr(x_out if n_out else None), kc._ptr(None), kc._ptr(None), kc._i32(m), kc._i32(k), kc._i32(kb),
+                    kc._i32(kbp), kc._i32(n_out), kc._i32(0), kc._i32(bits), kc._i32(int(pack)),
+                    np.float32(refq.clip32(clip))), dev, SOURCE)
     return xq, s, z, x_out
 
 
-def quik_gemm(xq, s, z, qweight, wscale, wsum, y_out, bits: int, out_dtype, return_acc: bool = False):
+def split_outliers(x: torch.Tensor, base_idx: torch.Tensor, outlier_idx: torch.Tensor, w_out: torch.Tensor, bits: int,
+                   pack: bool, clip: float = 1.0, width: int | None = None):
+    """The wide split and the outlier product in one launch (decode: ``fuses_outliers``):
+    -> (xq, s, z, y_out [M, N] in x's dtype), xq, s, z as ``split_quantize``'s and
+    y_out = x_out W_outᵀ summed in the order of reference.outlier_product_lanes (w_out: the
+    layer's fp16 [N, n] outlier weights, read as stored whatever x's dtype)."""
+    fn = "quik_split_outliers"
+    dev, x, base_idx, outlier_idx, m, k, kb, kbp, n_out, xq, s, z = _split_args(fn, x, base_idx, outlier_idx, bits,
+                                                                                pack, width)
+    kc._require(fuses_outliers(m, kbp, n_out),
+                f"{fn}: takes 1..{FUSED_ROWS} rows, at most {WIDE_MAX_KB} base and 1..{FUSED_MAX_OUT} outlier channels "
+                f"(got M={m}, {kb}, {n_out}); use split_quantize and a matmul")
+    kc._require(w_out.dtype == torch.float16 and w_out.dim() == 2 and w_out.shape[1] == n_out,
+                f"{fn}: w_out must be float16 [N, {n_out}], got {w_out.dtype} {tuple(w_out.shape)}")
+    kc._check_cuda(fn, w_out)
+    w_out = w_out.contiguous()
+    n = w_out.shape[0]
+    y_out = torch.empty((m, n), dtype=x.dtype, device=dev)
+    kc._launch(f"quik_split_wide_{kc._OUT[x.dtype]}", (m + -(-n // GEMV_COLS),), (WIDE_THREADS,),
+               (kc._ptr(x), kc._ptr(base_idx), kc._ptr(outlier_idx), kc._ptr(xq), kc._ptr(s), kc._ptr(z),
+                kc._ptr(None), kc._ptr(w_out), kc._ptr(y_out), kc._i32(m), kc._i32(k), kc._i32(kb), kc._i32(kbp),
+                kc._i32(n_out), kc._i32(n), kc._i32(bits), kc._i32(int(pack)), np.float32(refq.clip32(clip))), dev, SOURCE)
+    return xq, s, z, y_out
+
+
+GV_ROWS = 8        # quik::GV_ROWS: the most rows the W8A8 GEMV takes
+GV_COLS_PER_CTA = 16  # quik::GV_WARPS x quik::GV_COLS
+GV_THREADS = 256
+W8A8_KERNELS = ("tile", "gemv")
+
+
+def quik_gemm(xq, s, z, qweight, wscale, wsum, y_out, bits: int, out_dtype, return_acc: bool = False,
+              kernel: str | None = None):
     """The integer GEMM with QUIK's epilogue; the kernel follows the operands:
 
     bits 8: xq int8 [M, Kbp], qweight int8 [N, Kbp];
     bits 4: qweight uint8 [N, Kbp/2] packed, and xq uint8 [M, Kbp/2] packed (s4 path) or
     int8 [M, Kbp] (s8 path).  y_out: [M, N] in ``out_dtype`` or None.  Returns y [M, N]
-    (and the int32 accumulator if ``return_acc``)."""
+    (and the int32 accumulator if ``return_acc``).  ``kernel`` (bits 8): "gemv" (a warp per two
+    output columns, dp4a; the default at M <= 8) or "tile" (64 x 64 tensor-core tiles, any M)."""
     fn = "quik_gemm"
     kc._require(out_dtype in kc._OUT, f"{fn}: out_dtype must be torch.float16 or torch.bfloat16, got {out_dtype}")
     m, n = xq.shape[0], qweight.shape[0]
     if bits == 8:
         kc._require(xq.dtype == torch.int8 and qweight.dtype == torch.int8, f"{fn}: W8A8 takes int8 xq and qweight")
-        kbp, kernel = xq.shape[1], "quik_gemm_w8a8"
+        kbp, tile = xq.shape[1], "quik_gemm_w8a8"
         kc._require(qweight.shape[1] == kbp, f"{fn}: qweight {tuple(qweight.shape)} does not match xq {tuple(xq.shape)}")
     else:
         kc._require(bits == 4 and qweight.dtype == torch.uint8, f"{fn}: W4A4 takes packed int4 qweight (uint8)")
@@ -110,7 +176,7 @@ def quik_gemm(xq, s, z, qweight, wscale, wsum, y_out, bits: int, out_dtype, retu
         packed = xq.dtype == torch.uint8
         kc._require(xq.shape[1] == (kbp // 2 if packed else kbp) and xq.dtype in (torch.uint8, torch.int8),
                     f"{fn}: xq {xq.dtype} {tuple(xq.shape)} does not match qweight {tuple(qweight.shape)}")
-        kernel = "quik_gemm_w4a4_s4" if packed else "quik_gemm_w4a4_s8"
+        tile = "quik_gemm_w4a4_s4" if packed else "quik_gemm_w4a4_s8"
     check_gemm_shape(fn, m, n, kbp)
     kc._require(s.shape == (m,) and z.shape == (m,), f"{fn}: s and z must be [M] = [{m}]")
     kc._require(wscale.shape == (n,) and wsum.shape == (n,), f"{fn}: wscale and wsum must be [N] = [{n}]")
@@ -124,9 +190,19 @@ def quik_gemm(xq, s, z, qweight, wscale, wsum, y_out, bits: int, out_dtype, retu
     kc._check_aligned(fn, xq=xq, qweight=qweight)
     y = torch.empty((m, n), dtype=out_dtype, device=dev)
     acc = torch.empty((m, n), dtype=torch.int32, device=dev) if return_acc else None
-    if m and n:
+    if bits == 8:
+        kernel = kernel or ("gemv" if m <= GV_ROWS else "tile")
+        kc._require(kernel in W8A8_KERNELS and (kernel == "tile" or m <= GV_ROWS),
+                    f"{fn}: W8A8 kernel {kernel!r} must be one of {W8A8_KERNELS} (gemv: at most {GV_ROWS} rows)")
+    else:
+        kc._require(kernel in (None, "tile"), f"{fn}: the 4-bit paths have the tile kernel only")
+    if m and n and kernel == "gemv":
+        kc._launch(f"quik_gemv_w8a8_{kc._OUT[out_dtype]}", (-(-n // GV_COLS_PER_CTA),), (GV_THREADS,),
+                   (kc._ptr(xq), kc._ptr(s), kc._ptr(z), kc._ptr(qweight), kc._ptr(wscale), kc._ptr(wsum),
+                    kc._ptr(y_out), kc._ptr(y), kc._ptr(acc), kc._i32(m), kc._i32(n), kc._i32(kbp)), dev, SOURCE)
+    elif m and n:
         grid = (-(-n // kc.BLOCK_N), -(-m // kc.BLOCK_M))
-        kc._launch(f"{kernel}_{kc._OUT[out_dtype]}", grid, (kc.GEMM_THREADS,),
+        kc._launch(f"{tile}_{kc._OUT[out_dtype]}", grid, (kc.GEMM_THREADS,),
                    (kc._ptr(xq), kc._ptr(s), kc._ptr(z), kc._ptr(qweight), kc._ptr(wscale), kc._ptr(wsum),
                     kc._ptr(y_out), kc._ptr(y), kc._ptr(acc), kc._i32(m), kc._i32(n), kc._i32(kbp)), dev, SOURCE)
     return (y, acc) if return_acc else y
@@ -232,9 +308,12 @@ def quik_linear(x2, base_idx, outlier_idx, qweight, wscale, wsum, outlier_weight
     kc._require(path in PATHS_4 + (None,), f"quik_linear: path {path!r} not one of {PATHS_4}")
     if path == "s8r":
         prepared = prepared or prepare_repacked(qweight, wscale, wsum, x2.device)
-    xq, s, z, x_out = split_quantize(x2, base_idx, outlier_idx, bits, path == "s4", clip,
-                                     width=prepared.kq if path == "s8r" else None)
-    y_out = torch.matmul(x_out, outlier_weight.to(x2.dtype).t()) if outlier_idx.numel() else None
+    width = prepared.kq if path == "s8r" else None
+    if fuses_outliers(x2.shape[0], base_idx.numel(), outlier_idx.numel()) and outlier_weight.dtype == torch.float16:
+        xq, s, z, y_out = split_outliers(x2, base_idx, outlier_idx, outlier_weight, bits, path == "s4", clip, width)
+    else:
+        xq, s, z, x_out = split_quantize(x2, base_idx, outlier_idx, bits, path == "s4", clip, width=width)
+        y_out = torch.matmul(x_out, outlier_weight.to(x2.dtype).t()) if outlier_idx.numel() else None
     if path == "s8r":
         return quik_gemm_repacked(xq, s, z, prepared, y_out, x2.dtype)
     return quik_gemm(xq, s, z, qweight, wscale, wsum, y_out, bits, x2.dtype)

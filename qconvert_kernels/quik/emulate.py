@@ -57,10 +57,19 @@ A_STRIDE = 96
 B_STRIDE = 48
 ROW_LOADS = BM * BK // 16 // THREADS     # quik::ROW_LOADS, qk::A_LOADS (2); packed rows: qk::B_LOADS (1)
 QUANT_THREADS = 256
+WIDE_THREADS = 1024      # quik::WIDE_THREADS and the wide split's other constants
+WIDE_SLOTS = 8
+FUSED_ROWS = 8
+FUSED_MAX_OUT = 1024
+GEMV_COLS = WIDE_THREADS // 32
+GV_ROWS, GV_COLS, GV_WARPS, GV_UNROLL = 8, 2, 8, 4   # quik::GV_* (the W8A8 GEMV)
+GV_THREADS = GV_WARPS * 32
 
 GEMM_PARAMS = ("xq", "s", "z", "qw", "wscale", "wsum", "y_out", "y", "acc_out", "M", "N", "Kbp")
 SPLIT_PARAMS = ("x", "base_idx", "outlier_idx", "xq", "s", "z", "x_out", "M", "K", "Kb", "Kbp", "n_out", "bits", "pack",
                 "clip")
+SPLIT_WIDE_PARAMS = ("x", "base_idx", "outlier_idx", "xq", "s", "z", "x_out", "w_out", "y_out", "M", "K", "Kb", "Kbp",
+                     "n_out", "N", "bits", "pack", "clip")
 ILLM_PARAMS = ("xq", "qw", "wm", "wk", "kmin_p", "t", "xk", "tk", "M", "N", "K", "n1", "n2")
 IS_PARAMS = ("xq", "t", "qw", "iscale", "cscale", "alpha_log2", "y", "acc_out", "M", "N", "Kp", "group_size")
 FS_PARAMS = ("xq", "t", "qw", "scales", "y", "M", "N", "Kp", "group_size")
@@ -73,9 +82,14 @@ MUTATIONS = frozenset({
     "no_row_bound",    # load_rows without the row < rows check
     "no_sign",         # unpack_int4x8 without its final xor (no sign extension)
     "c_map",           # the epilogue reads c1 where it means c2
-    "split_short",     # quik_split writes only the Kb base columns, not the padding up to Kbp
-    "no_clip",         # quik_split ignores its clip (the token's full min / max)
+    "split_short",     # quik_split (both kernels) writes only the Kb base columns, not the padding up to Kbp
+    "no_clip",         # quik_split (both kernels) ignores its clip (the token's full min / max)
     "fold_stale",      # w4a8_gemm.cu's folds load the scales of the group just folded again
+    "wide_slots",      # quik_split_wide holds one channel pair per thread too few (WIDE_SLOTS - 1)
+    "wide_pair_swap",  # quik_split_wide's 16-bit store puts channel 2p + 1's code in the low byte
+    "outlier_seq",     # the fused outlier product summed channel after channel, not lane sums + butterfly
+    "gemv_stride",     # the W8A8 GEMV's lanes step 16 chunks along the row instead of 32
+    "gemv_lane_map",   # the W8A8 GEMV's lane j selects the sum of (j % GV_ROWS, j / GV_ROWS) for output (j / GV_COLS, j % GV_COLS)
 })
 
 _LANE = np.arange(32)
@@ -531,13 +545,201 @@ def split_rows(ctx: Ctx, grid, bf16: bool):
         else:
             k = np.arange(width)
             mem.store(a["xq"], m * Kbp + k, code[k].astype(np.int8).view(np.uint8)[:, None], "xq")
-        if n_out:
-            xo = _load(ctx, a["x"], m * K + outl, np.uint16, "x (outlier channels)")
-            mem.store(a["x_out"], (m * n_out + np.arange(n_out)) * 2, xo.view(np.uint8).reshape(-1, 2), "x_out")
-        sc = f.div(r, levels)
-        mem.store(a["s"], np.array([m * 4]), np.asarray([sc], np.float32).view(np.uint8)[None, :], "s")
-        zz = f.add(lo, f.mul(sc, np.float32(half)))
-        mem.store(a["z"], np.array([m * 4]), np.asarray([zz], np.float32).view(np.uint8)[None, :], "z")
+        split_row_tail(ctx, m, outl if n_out else None, r, lo, levels, half)
+
+
+def split_row_tail(ctx: Ctx, m: int, outl, r, lo, levels, half: int):
+    """Both split kernels' end of row m: its outlier channels copied to x_out (``outl`` their
+    indices, None for no x_out), s = r / L and z = lo + s 2^(b-1)."""
+    a, f, mem = ctx.args, ctx.fops, ctx.mem
+    if outl is not None:
+        n_out = outl.size
+        xo = _load(ctx, a["x"], m * a["K"] + outl, np.uint16, "x (outlier channels)")
+        mem.store(a["x_out"], (m * n_out + np.arange(n_out)) * 2, xo.view(np.uint8).reshape(-1, 2), "x_out")
+    sc = f.div(r, levels)
+    mem.store(a["s"], np.array([m * 4]), np.asarray([sc], np.float32).view(np.uint8)[None, :], "s")
+    zz = f.add(lo, f.mul(sc, np.float32(half)))
+    mem.store(a["z"], np.array([m * 4]), np.asarray([zz], np.float32).view(np.uint8)[None, :], "z")
+
+
+def split_wide(ctx: Ctx, grid, bf16: bool):
+    """quik_split_wide's CTAs: b < M the row split (quik::split_wide_row: thread t's register slots
+    j hold channels 2p, 2p + 1 of pair p = t + WIDE_THREADS j; min / max are order-free), b >= M the
+    outlier product's column CTAs (quik::outlier_columns)."""
+    a, f, mem = ctx.args, ctx.fops, ctx.mem
+    M, K, Kb, Kbp, n_out, bits, pack, clip = (a[k] for k in ("M", "K", "Kb", "Kbp", "n_out", "bits", "pack", "clip"))
+    conv = bf16_bits_to_f32 if bf16 else f16_bits_to_f32
+    levels = np.float32((1 << bits) - 1)
+    half = 1 << (bits - 1)
+    slots = WIDE_SLOTS - 1 if "wide_slots" in ctx.mutations else WIDE_SLOTS
+    if "no_clip" in ctx.mutations:
+        clip = np.float32(1)
+    p = np.arange(WIDE_THREADS)[:, None] + WIDE_THREADS * np.arange(slots)[None, :]   # [t, j]
+    for m in range(min(grid[0], M)):
+        v, inside = [], []
+        for h in range(2):                                                         # the register loads
+            k = 2 * p + h
+            ok = k < Kb
+            vals = np.zeros(k.shape, np.float32)
+            idx = _load(ctx, a["base_idx"], k[ok], np.int32, "base_idx").astype(np.int64)
+            vals[ok] = f.f(conv(_load(ctx, a["x"], m * K + idx, np.uint16, "x (base channels)")))
+            v.append(vals)
+            inside.append(ok)
+        lo = np.float32(min([np.fmin.reduce(vv[ok], initial=np.inf) for vv, ok in zip(v, inside)]))
+        hi = np.float32(max([np.fmax.reduce(vv[ok], initial=-np.inf) for vv, ok in zip(v, inside)]))
+        lo, hi = f.mul(lo, clip), f.mul(hi, clip)
+        r = f.add(hi, -lo)
+        inv = f.mul(f.rcp(r), levels) if r > 0 else np.float32(0)
+        codes = []
+        for h in range(2):
+            u = np.fmin(np.fmax(np.rint(f.mul(f.add(v[h], -lo), inv)), np.float32(0)), levels)
+            codes.append(np.where(inside[h], u.astype(np.int64) - half, 0))
+        if "wide_pair_swap" in ctx.mutations:
+            codes.reverse()
+        st = 2 * p < (Kb if "split_short" in ctx.mutations else Kbp)              # if (k0 >= Kbp) continue
+        if pack:
+            byte = (codes[0] & 0xF) | ((codes[1] & 0xF) << 4)
+            mem.store(a["xq"], m * (Kbp // 2) + p[st], byte[st].astype(np.uint8)[:, None], "xq (packed)")
+        else:
+            word = (codes[0] & 0xFF) | ((codes[1] & 0xFF) << 8)
+            mem.store(a["xq"], m * Kbp + 2 * p[st], word[st].astype(np.uint16).view(np.uint8).reshape(-1, 2), "xq")
+        outl = (_load(ctx, a["outlier_idx"], np.arange(n_out), np.int32, "outlier_idx").astype(np.int64)
+                if a["x_out"] and n_out else None)
+        split_row_tail(ctx, m, outl, r, lo, levels, half)
+    if grid[0] > M:
+        outlier_columns(ctx, range(grid[0] - M), bf16)
+
+
+def outlier_columns(ctx: Ctx, ctas, bf16: bool):
+    """quik::outlier_columns for the product CTAs ``ctas``: the M rows' outlier channels gathered
+    into shared memory (each entry written once, read only once written), then warp w of CTA c
+    makes column n = GEMV_COLS c + w: lane l sums channels l, l + 32, ... (each product and sum
+    rounded to float32), the xor butterfly adds the lane sums, lane r stores row r."""
+    a, f, mem = ctx.args, ctx.fops, ctx.mem
+    M, K, N, n_out = a["M"], a["K"], a["N"], a["n_out"]
+    conv = bf16_bits_to_f32 if bf16 else f16_bits_to_f32
+    if not (0 < M <= FUSED_ROWS and 0 < n_out <= FUSED_MAX_OUT):
+        raise EmulationError(f"outlier product with M={M}, n_out={n_out}: the kernel holds {FUSED_ROWS} rows and "
+                             f"{FUSED_MAX_OUT} channels")
+    outl = _load(ctx, a["outlier_idx"], np.arange(n_out), np.int32, "outlier_idx").astype(np.int64)
+    sx = np.full((FUSED_ROWS, FUSED_MAX_OUT), np.nan, np.float32)                   # unwritten: NaN
+    written = np.zeros(sx.shape, np.int32)
+    r, k = np.repeat(np.arange(M), n_out), np.tile(np.arange(n_out), M)             # thread k < n_out: every row r
+    sx[r, k] = f.f(conv(_load(ctx, a["x"], r * K + outl[k], np.uint16, "x (outlier channels)")))
+    np.add.at(written, (r, k), 1)
+    if (written[:M, :n_out] != 1).any():
+        raise EmulationError("outlier product: the shared rows are not written once each")
+    lane = np.arange(32)
+    for c in ctas:
+        n = GEMV_COLS * c + np.arange(GEMV_COLS)                                    # one column per warp
+        n = n[n < N]
+        if not n.size:
+            continue
+        acc = np.zeros((FUSED_ROWS, n.size, 32), np.float32)
+        if "outlier_seq" in ctx.mutations:                                          # one running sum
+            for kk in range(n_out):
+                w = f.f(f16_bits_to_f32(_load(ctx, a["w_out"], n * n_out + kk, np.uint16, "w_out")))
+                acc[:M, :, 0] = f.add(acc[:M, :, 0], f.mul(sx[:M, kk, None], w[None, :]))
+            total = acc[:, :, 0]
+        else:
+            for s0 in range(0, n_out, 32):
+                kk = s0 + lane
+                ok = kk < n_out
+                w = np.zeros((n.size, 32), np.float32)
+                w[:, ok] = f.f(f16_bits_to_f32(_load(ctx, a["w_out"], (n[:, None] * n_out + kk[None, ok]).reshape(-1),
+                                                     np.uint16, "w_out"))).reshape(n.size, -1)
+                if (written[:M, kk[ok]] != 1).any():
+                    raise EmulationError("outlier product: a shared entry read before it was written")
+                prod = f.mul(sx[:M, None, kk[ok]], w[None, :, ok])
+                acc[:M, :, ok] = f.add(acc[:M, :, ok], prod)
+            for o in (16, 8, 4, 2, 1):
+                acc = f.add(acc, acc[:, :, lane ^ o])
+            total = acc[:, :, 0]
+        bits16 = f32_to_bits16(total[:M], bf16)                                     # [M, n]
+        rows = np.repeat(np.arange(M), n.size)
+        mem.store(a["y_out"], (rows * N + np.tile(n, M)) * 2, bits16.reshape(-1).view(np.uint8).reshape(-1, 2), "y_out")
+
+
+def gemv_warps(N: int, grid):
+    """quik::gemv_n0 for every warp of the launch that has columns: (warp id, n0)."""
+    for b in range(grid[0]):
+        for w in range(GV_WARPS):
+            n0 = (b * GV_WARPS + w) * GV_COLS
+            if n0 < N:
+                yield b * GV_WARPS + w, n0
+
+
+def gemv_sums(ctx: Ctx, xq_ptr: int, qw_ptr: int, M: int, N: int, KB: int, n0: int):
+    """quik::gemv_sums for one warp: lane l takes the 16-byte chunks l, l + 32, ... of its GV_COLS
+    weight rows (a column past N reads row n0 again) and of the M activation rows (16-byte loads,
+    each checked), dp4a sums them (int32, exact), and the xor butterfly adds the lanes.  Returns
+    acc int64 [GV_ROWS, GV_COLS, 32] (every lane's registers)."""
+    mem = ctx.mem
+    chunks = KB // 16
+    step = 16 if "gemv_stride" in ctx.mutations else 32
+    lane = np.arange(32)
+    k = lane[:, None] + step * np.arange(-(-chunks // 32))[None, :]                 # [lane, i]
+    ok = k < chunks
+    acc = np.zeros((GV_ROWS, GV_COLS, 32), np.int64)
+    xs = [mem.load(xq_ptr, (m * chunks + k[ok]) * 16, 16, "xq (16-byte chunks)").view(np.int8).astype(np.int64)
+          for m in range(M)]
+    for c in range(GV_COLS):
+        row = n0 + c if n0 + c < N else n0
+        wv = mem.load(qw_ptr, (row * chunks + k[ok]) * 16, 16, "qw (16-byte chunks)").view(np.int8).astype(np.int64)
+        for m in range(M):
+            per = np.zeros(k.shape, np.int64)
+            per[ok] = (xs[m] * wv).sum(axis=1)                                      # 4 dp4a per chunk
+            acc[m, c] = wrap32(per.sum(axis=1))
+    for o in (16, 8, 4, 2, 1):
+        acc = wrap32(acc + acc[:, :, lane ^ o]).astype(np.int64)
+    return acc
+
+
+def gemv_outputs(ctx: Ctx, acc, M: int, N: int, n0: int):
+    """quik::gemv_pick and the storing lanes: (m, n, the lane's sum) for lane j < GV_ROWS GV_COLS
+    with m = j / GV_COLS < M and n = n0 + j % GV_COLS < N."""
+    for j in range(GV_ROWS * GV_COLS):
+        m, c = j // GV_COLS, j % GV_COLS
+        if m >= M or n0 + c >= N:
+            continue
+        sel = (j % GV_ROWS, j // GV_ROWS) if "gemv_lane_map" in ctx.mutations else (m, c)
+        yield m, n0 + c, int(acc[sel[0], sel[1], j])
+
+
+def gemv_w8a8(ctx: Ctx, grid, bf16: bool):
+    """quik::gemv_w8a8: the GEMV sums, then quik::epilogue's formula for each stored output."""
+    a, f, mem = ctx.args, ctx.fops, ctx.mem
+    M, N = a["M"], a["N"]
+    conv = bf16_bits_to_f32 if bf16 else f16_bits_to_f32
+    for _, n0 in gemv_warps(N, grid):
+        acc = gemv_sums(ctx, a["xq"], a["qw"], M, N, a["Kbp"], n0)
+        for m, n, av in gemv_outputs(ctx, acc, M, N, n0):
+            ws = _load(ctx, a["wscale"], [n], np.float32, "wscale")[0]
+            wr = f.mul(ws, f.i2f(_load(ctx, a["wsum"], [n], np.int32, "wsum")[0]))
+            sm_, zm = _load(ctx, a["s"], [m], np.float32, "s")[0], _load(ctx, a["z"], [m], np.float32, "z")[0]
+            v = f.add(f.mul(f.i2f(av), f.mul(sm_, ws)), f.mul(zm, wr))
+            if a["y_out"]:
+                v = f.add(v, f.f(conv(_load(ctx, a["y_out"], [m * N + n], np.uint16, "y_out")))[0])
+            mem.store(a["y"], np.array([(m * N + n) * 2]), f32_to_bits16(np.asarray([v]), bf16).view(np.uint8)[None, :], "y")
+            if a["acc_out"]:
+                mem.store(a["acc_out"], np.array([(m * N + n) * 4]), np.asarray([av], np.int32).view(np.uint8)[None, :],
+                          "acc_out")
+
+
+def illm_gemv(ctx: Ctx, grid):
+    """illm_gemv_w8: CTA 0 writes the rows' exponents; the GEMV sums, then matmul_epilogue's
+    t = rshift_round(acc * wm[n], wk[n] - kmin of n's segment) for each stored output."""
+    a, mem = ctx.args, ctx.mem
+    M, N = a["M"], a["N"]
+    if a["tk"]:
+        illm_row_exponents(ctx, M, 0)
+    for _, n0 in gemv_warps(N, grid):
+        acc = gemv_sums(ctx, a["xq"], a["qw"], M, N, a["K"], n0)
+        for m, n, av in gemv_outputs(ctx, acc, M, N, n0):
+            m_n = np.int64(_load(ctx, a["wm"], [n], np.int32, "wm")[0])
+            s = np.int64(_load(ctx, a["wk"], [n], np.int32, "wk")[0]) - _illm_kmin(ctx, np.array([n]))[0]
+            v = _rshift_round(np.asarray([av * m_n], np.int64), np.asarray([s], np.int64))
+            mem.store(a["t"], np.array([(m * N + n) * 8]), v.view(np.uint8).reshape(-1, 8), "t")
 
 
 # ----------------------------------------------------------------------------- launches
@@ -616,7 +818,9 @@ class Emulator(StaticEmulator):
     """The launch hook of quik_gemm.cu's kernels, illm_gemm.cu's DI-MatMul and w4a8_gemm.cu's
     native-layout GEMMs and int8 quantizer."""
 
-    KERNELS = (("quik_split_", SPLIT_PARAMS, QUANT_THREADS), ("quik_gemm_", GEMM_PARAMS, THREADS),
+    KERNELS = (("quik_split_wide_", SPLIT_WIDE_PARAMS, WIDE_THREADS), ("quik_split_", SPLIT_PARAMS, QUANT_THREADS),
+               ("quik_gemm_", GEMM_PARAMS, THREADS), ("quik_gemv_w8a8_", GEMM_PARAMS, GV_THREADS),
+               ("illm_gemv_w8", ILLM_PARAMS, GV_THREADS),
                ("illm_matmul_", ILLM_PARAMS, THREADS), ("w4a8_is_gemm_", IS_PARAMS, THREADS),
                ("w4a8_fs_gemm_", FS_PARAMS, THREADS), ("quantize_per_token_int8_", W4A8_QUANT_PARAMS, QUANT_THREADS))
     KNOWN = MUTATIONS
@@ -630,6 +834,21 @@ class Emulator(StaticEmulator):
             quantize_rows(ctx, grid, bf16)
             _written_once(name, mem, vals["xq"], vals["M"] * vals["Kq"], 1, "xq")
             _written_once(name, mem, vals["t"], vals["M"], 4, "t")
+            return
+        if name.startswith("quik_split_wide_"):
+            M, N = vals["M"], vals["N"]
+            for key in ("xq", "s", "z", "x_out", "y_out"):
+                if vals[key]:
+                    mem.track(vals[key])
+            cols = -(-N // GEMV_COLS) if vals["w_out"] else 0
+            if grid[0] != M + cols or (vals["w_out"] != 0) != (vals["y_out"] != 0):
+                raise EmulationError(f"{name}: grid {grid} for M={M} rows and {cols} product CTAs")
+            split_wide(ctx, grid, bf16)
+            row = vals["Kbp"] // 2 if vals["pack"] else vals["Kbp"]
+            _written_once(name, mem, vals["xq"], M * row, 1, "xq")
+            for key, count, width in (("s", M, 4), ("z", M, 4), ("x_out", M * vals["n_out"], 2), ("y_out", M * N, 2)):
+                if count and vals[key]:
+                    _written_once(name, mem, vals[key], count, width, key)
             return
         if name.startswith("quik_split_"):
             M = vals["M"]
@@ -646,6 +865,24 @@ class Emulator(StaticEmulator):
                     _written_once(name, mem, vals[key], count, width, key)
             return
         M, N = vals["M"], vals["N"]
+        if name.startswith(("quik_gemv_w8a8_", "illm_gemv_w8")):
+            if grid != (-(-N // (GV_WARPS * GV_COLS)), 1, 1) or not 0 < M <= GV_ROWS:
+                raise EmulationError(f"{name}: grid {grid} for M={M}, N={N} (ceil(N / {GV_WARPS * GV_COLS}) CTAs, M <= {GV_ROWS})")
+            illm = name == "illm_gemv_w8"
+            outs = (("t", 8),) if illm else (("y", 2), ("acc_out", 4))
+            for key, _ in outs + ((("tk", 8),) if illm else ()):
+                if vals[key]:
+                    mem.track(vals[key])
+            if illm:
+                illm_gemv(ctx, grid)
+            else:
+                gemv_w8a8(ctx, grid, bf16)
+            for key, width in outs:
+                if vals[key]:
+                    _written_once(name, mem, vals[key], M * N, width, key)
+            if illm and vals["tk"]:
+                _written_once(name, mem, vals["tk"], M * illm_segments(ctx), 8, "tk")
+            return
         check_tiles(name, grid, M, N)
         if name.startswith("illm_") and not 0 < vals["n1"] <= vals["n2"] <= N:
             raise EmulationError(f"{name}: segment bounds n1={vals['n1']}, n2={vals['n2']} for N={N}")

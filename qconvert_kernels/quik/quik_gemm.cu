@@ -155,10 +155,182 @@ __device__ __forceinline__ void split_row(const unsigned short* __restrict__ x, 
     }
 }
 
+
+// ---------------------------------------------------------------------------------------
+// The wide split (quik_split_wide_*): the same arithmetic as split_row, one CTA of WIDE_THREADS per
+// row, each base channel read once into registers.  Thread t holds the pairs p = t + WIDE_THREADS * j
+// (j < WIDE_SLOTS) of channels 2p and 2p + 1: every index and x load of the row is issued before
+// the first is used, where split_row walks the row twice in a loop of dependent loads (Kb up to
+// WIDE_MAX_KB; one CTA per row is all a decode step has, so its latency is the kernel's time).
+//
+// With w_out (M <= FUSED_ROWS, n_out <= FUSED_MAX_OUT) the same launch also makes the outlier
+// product y_out = x_out W_outᵀ in x's dtype, in CTAs M .. M + ceil(N / 32) - 1: the CTA gathers the
+// M rows' outlier channels into shared memory (float32) and warp w takes column n = 32 * c + w.
+// Lane l sums the products of channels l, l + 32, ... in that order (each product of a fp16 / bf16
+// value and a fp16 weight is exact in float32, so __fmul_rn then __fadd_rn is also the FMA's
+// result), then the 32 lane sums are added by the xor butterfly (16, 8, 4, 2, 1), and the total is
+// rounded once to fp16 / bf16.  qconvert_kernels/quik/reference.py:outlier_product_lanes computes
+// the same sums.  This replaces the cuBLAS launch of the outlier product at decode.
+// ---------------------------------------------------------------------------------------
+constexpr int WIDE_THREADS = 1024;
+constexpr int WIDE_SLOTS = 8;                                 // channel pairs per thread
+constexpr int WIDE_MAX_KB = 2 * WIDE_THREADS * WIDE_SLOTS;    // 16384 base channels
+constexpr int FUSED_ROWS = 8;
+constexpr int FUSED_MAX_OUT = WIDE_THREADS;                   // one channel per thread
+constexpr int GEMV_COLS = WIDE_THREADS / 32;                  // columns per product CTA: one per warp
+constexpr int GEMV_BATCH = 8;                                 // a lane's weight loads issued together
+
+template <bool kBF16>
+__device__ __forceinline__ void split_wide_row(float* __restrict__ red, const unsigned short* __restrict__ x,
+                                               const int* __restrict__ base_idx, const int* __restrict__ outlier_idx,
+                                               unsigned char* __restrict__ xq, float* __restrict__ s,
+                                               float* __restrict__ z, unsigned short* __restrict__ x_out, int m,
+                                               int K, int Kb, int Kbp, int n_out, int bits, int pack, float clip) {
+    const unsigned short* xr = x + static_cast<long long>(m) * K;
+    const int t = threadIdx.x;
+    float v[2 * WIDE_SLOTS];
+    float lo = __int_as_float(0x7f800000), hi = -lo;  // +inf, -inf
+#pragma unroll
+    for (int j = 0; j < WIDE_SLOTS; ++j) {
+        const int k0 = 2 * (t + WIDE_THREADS * j);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            v[2 * j + h] = k0 + h < Kb ? qk::from_in<kBF16>(xr[__ldg(base_idx + k0 + h)]) : 0.0f;
+            if (k0 + h < Kb) {
+                lo = fminf(lo, v[2 * j + h]);
+                hi = fmaxf(hi, v[2 * j + h]);
+            }
+        }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, o));
+        hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, o));
+    }
+    if ((t & 31) == 0) {
+        red[t >> 5] = lo;
+        red[32 + (t >> 5)] = hi;
+    }
+    __syncthreads();
+    lo = red[0];
+    hi = red[32];
+#pragma unroll
+    for (int w = 1; w < WIDE_THREADS / 32; ++w) {
+        lo = fminf(lo, red[w]);
+        hi = fmaxf(hi, red[32 + w]);
+    }
+    lo = __fmul_rn(lo, clip);
+    hi = __fmul_rn(hi, clip);
+    const float levels = static_cast<float>((1 << bits) - 1);
+    const int half = 1 << (bits - 1);
+    const float r = __fsub_rn(hi, lo);
+    const float inv = r > 0.0f ? __fmul_rn(qk::rcp_rn(r), levels) : 0.0f;
+#pragma unroll
+    for (int j = 0; j < WIDE_SLOTS; ++j) {
+        const int p = t + WIDE_THREADS * j, k0 = 2 * p;
+        int c[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const float u = fminf(fmaxf(rintf(__fmul_rn(__fsub_rn(v[2 * j + h], lo), inv)), 0.0f), levels);
+            c[h] = k0 + h < Kb ? __float2int_rn(u) - half : 0;  // padding: 0
+        }
+        if (k0 >= Kbp) continue;
+        if (pack)
+            xq[static_cast<long long>(m) * (Kbp / 2) + p] = static_cast<unsigned char>((c[0] & 0xF) | ((c[1] & 0xF) << 4));
+        else  // two int8 codes as one 16-bit store (k0 even, Kbp a multiple of 64)
+            reinterpret_cast<unsigned short*>(xq + static_cast<long long>(m) * Kbp)[p] =
+                static_cast<unsigned short>((c[0] & 0xFF) | ((c[1] & 0xFF) << 8));
+    }
+    if (x_out != nullptr)
+        for (int j = t; j < n_out; j += WIDE_THREADS)
+            x_out[static_cast<long long>(m) * n_out + j] = xr[__ldg(outlier_idx + j)];
+    if (t == 0) {
+        const float sc = qk::div_rn(r, levels);
+        s[m] = sc;
+        z[m] = __fadd_rn(lo, __fmul_rn(sc, static_cast<float>(half)));
+    }
+}
+
+// One product CTA: columns [GEMV_COLS * c, + GEMV_COLS) of y_out for the M (<= FUSED_ROWS) rows.
+template <bool kBF16>
+__device__ __forceinline__ void outlier_columns(float* __restrict__ sx, const unsigned short* __restrict__ x,
+                                                const int* __restrict__ outlier_idx,
+                                                const unsigned short* __restrict__ w_out,
+                                                unsigned short* __restrict__ y_out, int c, int M, int K, int N,
+                                                int n_out) {
+    const int t = threadIdx.x, warp = t >> 5, lane = t & 31;
+    if (t < n_out) {  // sx[r][t] = x[r, outlier_idx[t]] (n_out <= FUSED_MAX_OUT = WIDE_THREADS)
+        const int col = __ldg(outlier_idx + t);
+        for (int r = 0; r < M; ++r)
+            sx[r * FUSED_MAX_OUT + t] = qk::from_in<kBF16>(x[static_cast<long long>(r) * K + col]);
+    }
+    __syncthreads();
+    const int n = GEMV_COLS * c + warp;
+    if (n >= N) return;  // after the only barrier
+    const unsigned short* wr = w_out + static_cast<long long>(n) * n_out;
+    float acc[FUSED_ROWS];
+#pragma unroll
+    for (int r = 0; r < FUSED_ROWS; ++r) acc[r] = 0.0f;
+    for (int k0 = lane; k0 < n_out; k0 += 32 * GEMV_BATCH) {  // GEMV_BATCH weight loads in flight, then their sums
+        unsigned short wb[GEMV_BATCH];
+#pragma unroll
+        for (int i = 0; i < GEMV_BATCH; ++i) wb[i] = k0 + 32 * i < n_out ? __ldg(wr + k0 + 32 * i) : 0;
+#pragma unroll
+        for (int i = 0; i < GEMV_BATCH; ++i) {
+            const int k = k0 + 32 * i;
+            if (k >= n_out) break;
+            const float w = qk::f16_to_f32(wb[i]);  // W_out is stored fp16
+#pragma unroll
+            for (int r = 0; r < FUSED_ROWS; ++r)
+                if (r < M) acc[r] = __fadd_rn(acc[r], __fmul_rn(sx[r * FUSED_MAX_OUT + k], w));
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < FUSED_ROWS; ++r)
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) acc[r] = __fadd_rn(acc[r], __shfl_xor_sync(0xffffffffu, acc[r], o));
+    float mine = acc[0];
+#pragma unroll
+    for (int r = 1; r < FUSED_ROWS; ++r)
+        if (lane == r) mine = acc[r];
+    if (lane < M) y_out[static_cast<long long>(lane) * N + n] = qk::to_out<kBF16>(mine);
+}
+
+
+// ---------------------------------------------------------------------------------------
+// W8A8 at decode (quik_gemv_w8a8_*, M <= GV_ROWS): the 64 x 64 tile kernel gives an M = 1 product
+// N / 64 CTAs that each stream 64 weight rows through one stage (the H200: 149 us for the 4096 x
+// 14336 down_proj that cuBLAS FP16 reads in 32 us).  The GEMV main loop (quik_mainloop.cuh,
+// gemv_sums) gives every lane of a warp the int32 sums of its GV_COLS columns; lane j < M * GV_COLS
+// then applies quik::epilogue's formula to output (j / GV_COLS, j % GV_COLS).
+// ---------------------------------------------------------------------------------------
+template <bool kBF16>
+__device__ __forceinline__ void gemv_w8a8(const signed char* __restrict__ xq, const float* __restrict__ s,
+                                          const float* __restrict__ z, const signed char* __restrict__ qw,
+                                          const float* __restrict__ wscale, const int* __restrict__ wsum,
+                                          const unsigned short* __restrict__ y_out, unsigned short* __restrict__ y,
+                                          int* __restrict__ acc_out, int M, int N, int Kbp) {
+    const int lane = threadIdx.x & 31;
+    const int n0 = gemv_n0();
+    if (n0 >= N) return;  // no barrier in this kernel
+    int acc[GV_ROWS][GV_COLS];
+    gemv_sums(xq, qw, M, N, Kbp, n0, acc);
+    const int a = gemv_pick(acc, lane);
+    const int m = lane / GV_COLS, n = n0 + lane % GV_COLS;
+    if (lane >= GV_ROWS * GV_COLS || m >= M || n >= N) return;
+    const float ws = __ldg(wscale + n), wr = __fmul_rn(ws, __int2float_rn(__ldg(wsum + n)));
+    float v = __fadd_rn(__fmul_rn(__int2float_rn(a), __fmul_rn(__ldg(s + m), ws)), __fmul_rn(__ldg(z + m), wr));
+    const long long o = static_cast<long long>(m) * N + n;
+    if (y_out != nullptr) v = __fadd_rn(v, qk::from_in<kBF16>(y_out[o]));
+    y[o] = qk::to_out<kBF16>(v);
+    if (acc_out != nullptr) acc_out[o] = a;  // debug: the int32 accumulator
+}
 }  // namespace quik
 
 // ---------------------------------------------------------------------------------------
 // Entry points.  GEMMs: grid (ceil(N / 64), ceil(M / 64)), block 128.  Split: grid (M), block 256.
+// Wide split: grid (M + ceil(N / 32) with w_out, else M), block 1024.  W8A8 GEMV (M <= 8):
+// grid (ceil(N / 16)), block 256.
 // ---------------------------------------------------------------------------------------
 
 #define QUIK_GEMM_ARGS                                                                                 \
@@ -205,6 +377,34 @@ __device__ __forceinline__ void split_row(const unsigned short* __restrict__ x, 
         quik::split_row<BF16>(x, base_idx, outlier_idx, xq, s, z, x_out, M, K, Kb, Kbp, n_out, bits, pack, clip); \
     }
 
+#define QUIK_SPLIT_WIDE(NAME, BF16)                                                                    \
+    extern "C" __global__ void __launch_bounds__(quik::WIDE_THREADS) NAME(                              \
+        const unsigned short* __restrict__ x,   /* fp16 / bf16 [M, K] */                                \
+        const int* __restrict__ base_idx,       /* int32 [Kb], ascending */                             \
+        const int* __restrict__ outlier_idx,    /* int32 [n] */                                         \
+        unsigned char* __restrict__ xq,         /* int8 [M, Kbp] or packed int4 [M, Kbp/2] out */      \
+        float* __restrict__ s, float* __restrict__ z, /* float32 [M] out */                             \
+        unsigned short* __restrict__ x_out,     /* fp16 / bf16 [M, n] out, or null */                   \
+        const unsigned short* __restrict__ w_out, /* fp16 [N, n] outlier weights, or null */           \
+        unsigned short* __restrict__ y_out,     /* fp16 / bf16 [M, N] out (with w_out) */               \
+        int M, int K, int Kb, int Kbp, int n_out, int N,                                                \
+        int bits,                               /* 4 or 8 */                                            \
+        int pack,                               /* 1: two int4 per byte (bits == 4) */                  \
+        float clip) {                           /* the token's min and max times this, (0, 1] */       \
+        __shared__ float smem[quik::FUSED_ROWS * quik::FUSED_MAX_OUT];                                  \
+        const int b = blockIdx.x;                                                                       \
+        if (b < M)                                                                                      \
+            quik::split_wide_row<BF16>(smem, x, base_idx, outlier_idx, xq, s, z, x_out, b, K, Kb, Kbp,  \
+                                       n_out, bits, pack, clip);                                        \
+        else                                                                                            \
+            quik::outlier_columns<BF16>(smem, x, outlier_idx, w_out, y_out, b - M, M, K, N, n_out);     \
+    }
+
+#define QUIK_GEMV_W8A8(NAME, BF16)                                                                     \
+    extern "C" __global__ void __launch_bounds__(quik::GV_THREADS) NAME(QUIK_GEMM_ARGS) {             \
+        quik::gemv_w8a8<BF16>(xq, s, z, qw, wscale, wsum, y_out, y, acc_out, M, N, Kbp);              \
+    }
+
 QUIK_BYTES_GEMM(quik_gemm_w4a4_s4_f16, true, false, Kbp / 2)
 QUIK_BYTES_GEMM(quik_gemm_w4a4_s4_bf16, true, true, Kbp / 2)
 QUIK_BYTES_GEMM(quik_gemm_w8a8_f16, false, false, Kbp)
@@ -213,3 +413,7 @@ QUIK_W4A8_GEMM(quik_gemm_w4a4_s8_f16, false)
 QUIK_W4A8_GEMM(quik_gemm_w4a4_s8_bf16, true)
 QUIK_SPLIT(quik_split_f16, false)
 QUIK_SPLIT(quik_split_bf16, true)
+QUIK_SPLIT_WIDE(quik_split_wide_f16, false)
+QUIK_SPLIT_WIDE(quik_split_wide_bf16, true)
+QUIK_GEMV_W8A8(quik_gemv_w8a8_f16, false)
+QUIK_GEMV_W8A8(quik_gemv_w8a8_bf16, true)

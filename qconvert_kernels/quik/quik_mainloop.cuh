@@ -1,5 +1,5 @@
-// The QUIK byte main loop (W8A8 and int4 x int4 on 64 x 64 tiles), shared by quik_gemm.cu and
-// illm_gemm.cu (DI-MatMul w8).  Device code only; the fragment argument is written at the top of
+// The QUIK byte main loop (W8A8 and int4 x int4 on 64 x 64 tiles) and the int8 GEMV main loop
+// (M <= 8), shared by quik_gemm.cu and illm_gemm.cu (DI-MatMul w8).  Device code only; the fragment argument is written at the top of
 // quik_gemm.cu.
 
 #ifndef QCONVERT_KERNELS_QUIK_MAINLOOP_CUH
@@ -120,6 +120,81 @@ __device__ __forceinline__ void mainloop_bytes(const signed char* __restrict__ x
 struct NoFold {
     __device__ __forceinline__ void operator()(int, int (&)[MT][NT][4]) {}
 };
+
+// ---------------------------------------------------------------------------------------
+// GEMV main loop (int8 x int8, M <= GV_ROWS rows: QUIK's W8A8 and I-LLM's DI-MatMul w8 at decode).
+// Warp w of CTA b owns the GV_COLS output columns n0 = (b * GV_WARPS + w) * GV_COLS + c and reads
+// their weight rows once, 16 bytes per lane per step: lane l takes the chunks l, l + 32, ... of the
+// row (GV_UNROLL steps' loads issued together) and multiplies each by the M activation rows' same
+// chunk (read through L1: every warp of the CTA reads the same x) with dp4a.  Integer sums are exact
+// in any order, so after the xor butterfly every lane holds the tile kernel's int32 accumulators.
+// KB (bytes per row) a multiple of 16, rows 16-byte aligned.  Launch: grid ceil(N / (GV_WARPS *
+// GV_COLS)), block GV_THREADS.
+// ---------------------------------------------------------------------------------------
+constexpr int GV_ROWS = 8;
+constexpr int GV_COLS = 2;
+constexpr int GV_WARPS = 8;                                   // 256 threads
+constexpr int GV_THREADS = GV_WARPS * 32;
+constexpr int GV_UNROLL = 4;
+
+__device__ __forceinline__ int gemv_n0() { return (blockIdx.x * GV_WARPS + (threadIdx.x >> 5)) * GV_COLS; }
+
+__device__ __forceinline__ int dp4a16(const uint4& a, const uint4& b, int c) {  // 16 int8 products
+    c = __dp4a(static_cast<int>(a.x), static_cast<int>(b.x), c);
+    c = __dp4a(static_cast<int>(a.y), static_cast<int>(b.y), c);
+    c = __dp4a(static_cast<int>(a.z), static_cast<int>(b.z), c);
+    return __dp4a(static_cast<int>(a.w), static_cast<int>(b.w), c);
+}
+
+__device__ __forceinline__ void gemv_sums(const signed char* __restrict__ xq, const signed char* __restrict__ qw, int M,
+                                          int N, int KB, int n0, int (&acc)[GV_ROWS][GV_COLS]) {
+    const int lane = threadIdx.x & 31;
+    const int chunks = KB / 16;
+    const uint4* x4 = reinterpret_cast<const uint4*>(xq);
+    const uint4* w4[GV_COLS];
+#pragma unroll
+    for (int c = 0; c < GV_COLS; ++c)  // a column past N reads column n0's row again (its sums are never stored)
+        w4[c] = reinterpret_cast<const uint4*>(qw) + static_cast<long long>(n0 + c < N ? n0 + c : n0) * chunks;
+#pragma unroll
+    for (int m = 0; m < GV_ROWS; ++m)
+#pragma unroll
+        for (int c = 0; c < GV_COLS; ++c) acc[m][c] = 0;
+    for (int k0 = lane; k0 < chunks; k0 += 32 * GV_UNROLL) {
+        uint4 wv[GV_UNROLL][GV_COLS];
+#pragma unroll
+        for (int u = 0; u < GV_UNROLL; ++u)  // a step past the row loads the lane's first chunk again (never summed)
+#pragma unroll
+            for (int c = 0; c < GV_COLS; ++c) wv[u][c] = __ldg(w4[c] + (k0 + 32 * u < chunks ? k0 + 32 * u : k0));
+#pragma unroll
+        for (int u = 0; u < GV_UNROLL; ++u) {
+            const int k = k0 + 32 * u;
+            if (k >= chunks) break;
+#pragma unroll
+            for (int m = 0; m < GV_ROWS; ++m) {
+                if (m >= M) break;
+                const uint4 xv = __ldg(x4 + static_cast<long long>(m) * chunks + k);
+#pragma unroll
+                for (int c = 0; c < GV_COLS; ++c) acc[m][c] = dp4a16(xv, wv[u][c], acc[m][c]);
+            }
+        }
+    }
+#pragma unroll
+    for (int m = 0; m < GV_ROWS; ++m)
+#pragma unroll
+        for (int c = 0; c < GV_COLS; ++c)
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) acc[m][c] += __shfl_xor_sync(0xffffffffu, acc[m][c], o);
+}
+
+// Lane j's output sum: (j / GV_COLS, j % GV_COLS) for j < GV_ROWS * GV_COLS (an unrolled select: no
+// local memory).
+__device__ __forceinline__ int gemv_pick(const int (&acc)[GV_ROWS][GV_COLS], int lane) {
+    int a = acc[0][0];
+#pragma unroll
+    for (int j = 1; j < GV_ROWS * GV_COLS; ++j)
+        if (lane == j) a = acc[j / GV_COLS][j % GV_COLS];
+    return a;
+}
 
 }  // namespace quik
 

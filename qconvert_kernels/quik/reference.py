@@ -120,6 +120,25 @@ def outlier_product(x_out: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
     return x_out.float() @ w_out.float().t()
 
 
+def outlier_product_lanes(x_out: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
+    """y_out [M, N] in x_out's dtype as the split's fused product makes it (quik_gemm.cu,
+    quik::outlier_columns): lane l (of 32) sums x_out[m, k] * w_out[n, k] over k = l, l + 32, ...
+    in that order, each product and sum rounded to float32 (the products of fp16 / bf16 values are
+    exact), the 32 lane sums are added by the xor butterfly (offsets 16, 8, 4, 2, 1), and the total
+    is rounded once to x_out's dtype."""
+    m, n_out = x_out.shape
+    lanes = -(-n_out // 32) * 32
+    x = torch.nn.functional.pad(x_out.float(), (0, lanes - n_out))       # zero products add nothing:
+    w = torch.nn.functional.pad(w_out.float(), (0, lanes - n_out))       # a lane sum is never -0
+    acc = torch.zeros((m, w.shape[0], 32), dtype=torch.float32)
+    for s0 in range(0, lanes, 32):
+        acc = acc + x[:, None, s0:s0 + 32] * w[None, :, s0:s0 + 32]
+    lane = torch.arange(32)
+    for o in (16, 8, 4, 2, 1):
+        acc = acc + acc[:, :, lane ^ o]
+    return acc[:, :, 0].to(x_out.dtype)
+
+
 def _absmax(t: torch.Tensor) -> int:
     return int(t.to(torch.int64).abs().max()) if t.numel() else 0
 
