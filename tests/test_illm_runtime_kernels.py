@@ -152,8 +152,14 @@ def test_a_batch_on_the_kernels_launches_once_per_step_and_gives_each_rows_bits(
     model = load(outs["w4a4-online"])
     ids = torch.stack([_ids(6, s) for s in (7, 8, 9)])
     acc, scale, launches = _on_kernels(model, ids)
-    _, _, single = _on_kernels(model, ids[0])
-    assert launches == single and sum(launches.values()) == 14 * model.layers_n + 1
+    one_acc, one_scale, single = _on_kernels(model, ids[0])  # 6 tokens: every DI-MatMul on the w4 GEMV
+    want_acc, want_scale = model.forward_int(ids[0])
+    assert torch.equal(one_acc, want_acc) and torch.equal(one_scale.m, want_scale.m) and torch.equal(one_scale.k, want_scale.k)
+    def matmuls_as_one(c):  # one row (6 tokens) runs the GEMV, the batch (18) the tile kernel: one DI-MatMul each
+        return Counter({name.replace("illm_gemv_", "illm_matmul_"): n for name, n in c.items()})
+
+    assert launches["illm_matmul_w4"] == single["illm_gemv_w4"] > 0
+    assert matmuls_as_one(launches) == matmuls_as_one(single) and sum(launches.values()) == 14 * model.layers_n + 1
     for r in range(3):
         want_acc, want_scale = model.forward_int(ids[r])
         assert torch.equal(acc[6 * r:6 * r + 6], want_acc) and torch.equal(scale.m[6 * r:6 * r + 6], want_scale.m)

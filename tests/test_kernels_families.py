@@ -161,6 +161,26 @@ def test_prefill_g128_main_loop_sass(builds):
     assert [(s, e, sum(o.values())) for s, e, o in kc.loops(text)] == [(0, 0x30, 4)]
 
 
+GEMV_KERNELS = {"quik/quik_gemm.cu": ("quik_gemv_w8a8_f16", "quik_gemv_w8a8_bf16"),
+                "illm/illm_gemm.cu": ("illm_gemv_w8", "illm_gemv_w4")}
+
+
+def test_the_gemvs_issue_a_steps_weight_loads_before_its_first_sum(builds):
+    """quik_mainloop.cuh's gemv_sums loads GV_UNROLL steps of GV_COLS weight rows (8 x 16 bytes per
+    lane) before it sums any: in the SASS, at least 8 LDG.E.128 come before the first IDP.4A, so a
+    lane has 128 bytes in flight rather than waiting on each load.  (A version that clamped the
+    index of a step past the row instead of predicating its load let ptxas sink the loads: 3.)"""
+    for arch in ("sm_80", "sm_89", "sm_90"):
+        for src, names in GEMV_KERNELS.items():
+            _, _, per_kernel = builds[(src, arch)]
+            if per_kernel is None:
+                _sass_or_skip(None)
+            for name in names:
+                ops = [m.group(1) for m in re.finditer(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", per_kernel[name])]
+                first = next(i for i, op in enumerate(ops) if op.startswith("IDP.4A"))
+                assert sum(op.startswith("LDG.E.128") for op in ops[:first]) >= 8, (arch, name)
+
+
 @needs_nvrtc
 def test_ftz_detector_is_not_vacuous(tmp_path):
     """The same float code built with -ftz=true (what cupy.RawModule(code=...) appends) shows .FTZ

@@ -477,8 +477,8 @@ def run_joined_matmul(m=17, splits=(40, 24, 72), w_bits=8, k=96, mutations=froze
     with emulate.emulating(mutations=mutations) as emu:
         t, tk = cuda_illm.illm_matmul(xq, qw, wm, wk, w_bits, xk=xk, splits=splits, kernel=kernel)
         t2, tk2 = cuda_illm.illm_matmul(xq, qw, wm, wk, w_bits, kmin=kmins, xk=xk, splits=splits, kernel=kernel)  # as the model passes them
-    gemv = kernel == "gemv" or (kernel is None and w_bits == 8 and m <= cuda_illm.GEMV_ROWS)
-    assert [name for name, *_ in emu.launches] == ["illm_gemv_w8" if gemv else f"illm_matmul_w{w_bits}"] * 2
+    gemv = kernel == "gemv" or (kernel is None and m <= cuda_illm.GEMV_ROWS)
+    assert [name for name, *_ in emu.launches] == [f"illm_gemv_w{w_bits}" if gemv else f"illm_matmul_w{w_bits}"] * 2
     check_joined(t, tk, splits, wants, tks)
     check_joined(t2, tk2, splits, wants, tks)
 
@@ -507,20 +507,37 @@ def test_a_joined_matmul_gives_each_linear_its_own_bits(m, splits, w_bits):
 
 
 @pytest.mark.parametrize("kernel", ["gemv", "tile"])
-@pytest.mark.parametrize("m,splits,k", [(1, (64, 13, 8), 96), (8, (40, 24, 72), 4096), (5, (33,), 288)])
-def test_the_decode_gemv_gives_the_tile_kernels_bits(m, splits, k, kernel):
-    """DI-MatMul w8 at M <= 8 runs the GEMV (quik_mainloop.cuh's gemv_sums, illm_gemv_w8) by default:
-    with joined segments, row exponents and rows of 6 to 256 chunks, both kernels equal the reference."""
-    run_joined_matmul(m, splits, 8, k, kernel=kernel)
+@pytest.mark.parametrize("w_bits", [8, 4])
+@pytest.mark.parametrize("m,splits,k", [(1, (64, 13, 8), 96), (8, (40, 24, 72), 4096), (5, (33,), 288), (2, (17,), 1024)])
+def test_the_decode_gemv_gives_the_tile_kernels_bits(m, splits, k, w_bits, kernel):
+    """DI-MatMul at M <= 8 runs the GEMV (quik_mainloop.cuh's gemv_sums / gemv_sums_w4, illm_gemv_w8 /
+    illm_gemv_w4) by default: with joined segments, row exponents and weight rows of 3 to 256 chunks
+    (a partial unrolled step), both kernels equal the reference."""
+    run_joined_matmul(m, splits, w_bits, k, kernel=kernel)
 
 
-def test_the_gemv_takes_w8_and_at_most_8_rows():
-    xq, qw, wm, wk, _ = illm_case(9, 16, 64, 8)
-    with emulate.emulating(), pytest.raises(ValueError, match="gemv: w8, at most 8 rows"):
-        cuda_illm.illm_matmul(xq, qw, wm, wk, 8, kernel="gemv")
-    xq, qw, wm, wk, _ = illm_case(2, 16, 64, 4)
-    with emulate.emulating(), pytest.raises(ValueError, match="gemv: w8, at most 8 rows"):
-        cuda_illm.illm_matmul(xq, qw, wm, wk, 4, kernel="gemv")
+def test_the_gemv_takes_at_most_8_rows():
+    for w_bits in (8, 4):
+        xq, qw, wm, wk, _ = illm_case(9, 16, 64, w_bits)
+        with emulate.emulating(), pytest.raises(ValueError, match="gemv: at most 8 rows"):
+            cuda_illm.illm_matmul(xq, qw, wm, wk, w_bits, kernel="gemv")
+
+
+def test_the_w4_gemv_unpacks_every_nibble_value_in_k_order():
+    """Every int4 value at every nibble position of a 16-byte chunk, against one-hot activations:
+    the GEMV's t is the weight itself, so a nibble read from the wrong position or sign shows."""
+    from qconvert.formats.packing import pack_int4
+
+    k, n = 64, 16
+    q = ((torch.arange(n)[:, None] + torch.arange(k)[None, :]) % 16 - 8).to(torch.int8)
+    xq = torch.zeros((8, k), dtype=torch.int8)
+    for m, col in enumerate((0, 1, 7, 8, 30, 31, 32, 63)):
+        xq[m, col] = 1
+    wm, wk = torch.ones(n, dtype=torch.int32), torch.zeros(n, dtype=torch.int32)
+    with emulate.emulating() as emu:
+        t = cuda_illm.illm_matmul(xq, pack_int4(q), wm, wk, 4)
+    assert emu.launches[0][0] == "illm_gemv_w4"
+    assert torch.equal(t, q[:, [0, 1, 7, 8, 30, 31, 32, 63]].t().long())
 
 
 def test_the_joined_matmuls_splits_are_checked():

@@ -43,13 +43,14 @@ def test_joined_matmul(m, splits, w_bits):
 
 
 @pytest.mark.parametrize("kernel", ["gemv", "tile"])
+@pytest.mark.parametrize("w_bits", [8, 4])
 @pytest.mark.parametrize("m,splits,k", [(1, (4096, 1024, 1024), 4096), (8, (14336, 14336), 4096), (5, (4096,), 14336),
                                         (3, (40, 24, 72), 96)])
-def test_decode_gemv_and_tile_give_the_same_bits(m, splits, k, kernel):
-    """DI-MatMul w8 at M <= 8 (the GEMV by default): Llama-3-8B's joined q/k/v and gate/up, down_proj,
-    odd segments; both kernels equal the reference."""
-    xq, qw, wm, wk, xk, wants, tks = joined_case(m, splits, 8, k)
-    t, tk = cuda_illm.illm_matmul(xq.to(DEV), qw.to(DEV), wm.to(DEV), wk.to(DEV), 8, xk=xk.to(DEV), splits=splits,
+def test_decode_gemv_and_tile_give_the_same_bits(m, splits, k, w_bits, kernel):
+    """DI-MatMul at M <= 8 (the GEMV by default, w8 and w4): Llama-3-8B's joined q/k/v and gate/up,
+    down_proj, odd segments; both kernels equal the reference."""
+    xq, qw, wm, wk, xk, wants, tks = joined_case(m, splits, w_bits, k)
+    t, tk = cuda_illm.illm_matmul(xq.to(DEV), qw.to(DEV), wm.to(DEV), wk.to(DEV), w_bits, xk=xk.to(DEV), splits=splits,
                                   kernel=kernel)
     check_joined(t.cpu(), tk.cpu(), splits, wants, tks)
 

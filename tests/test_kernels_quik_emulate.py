@@ -433,7 +433,7 @@ MUTATION_CASES = {
     "b_swap": (run_quik, (3, 72, 576, 32, 4, "s4", torch.float16), "differs"),
     "no_tail_sync": (run_illm, (17, 72, 288, 8), "error"),
     "no_row_bound": (run_quik, (17, 72, 200, 8, 4, "s8", torch.float16), "error"),
-    "no_sign": (run_illm, (3, 72, 96, 4), "differs"),
+    "no_sign": (run_illm, (17, 72, 96, 4), "differs"),  # M > 8: the tile kernel
     "c_map": (run_quik, (17, 13, 576, 32, 8, None, torch.bfloat16), "differs"),  # M > 8: the tile kernel
     "split_short": (run_quik, (3, 13, 576, 32, 8, None, torch.float16), "error"),
     "no_clip": (run_quik, (3, 13, 576, 32, 4, "s4", torch.float16, 0.9), "differs"),
@@ -441,6 +441,8 @@ MUTATION_CASES = {
     "wide_slots": (run_fused, (2, 40, 16000, 64, 4, False, torch.float16), "error"),
     "wide_pair_swap": (run_fused, (3, 37, 576, 33, 8, False, torch.float16), "differs"),
     "gemv_stride": (run_quik, (2, 33, 4096, 0, 8, None, torch.float16), "differs"),
+    "gemv4_no_sign": (run_illm, (5, 33, 288, 4), "differs"),  # DI-MatMul w4 at M <= 8: the w4 GEMV
+    "gemv4_perm": (run_illm, (5, 33, 288, 4), "differs"),
     "gemv_lane_map": (run_quik, (5, 17, 600, 24, 8, None, torch.float16), "differs"),
     "outlier_seq": (run_fused, (3, 37, 576, 256, 4, True, torch.float16, 1.0, None, True), "differs"),
 }

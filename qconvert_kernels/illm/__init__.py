@@ -13,10 +13,10 @@ _ROWS = ("illm_requant_rows", "illm_softmax", "illm_rmsnorm", "illm_rope_requant
 ILLM = KernelSource(
     family="illm",
     path=Path(__file__).parent / "illm_gemm.cu",
-    kernels=_GEMMS + _ROWS + ("illm_gemv_w8",),
+    kernels=_GEMMS + _ROWS + ("illm_gemv_w8", "illm_gemv_w4"),
     gemms=_GEMMS,
     mma_count={k: {a: {"IMMA.16832.S8.S8": 16} for a in ("sm_80", "sm_89", "sm_90")} for k in _GEMMS},
-    no_float=_GEMMS + _ROWS + ("illm_gemv_w8",),
+    no_float=_GEMMS + _ROWS + ("illm_gemv_w8", "illm_gemv_w4"),
 )
 
 SOURCES = (ILLM,)

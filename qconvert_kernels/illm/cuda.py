@@ -69,8 +69,8 @@ def illm_matmul(xq: torch.Tensor, qweight: torch.Tensor, wm: torch.Tensor, wk: t
     layer's kmin (``kmin`` int [segments], by default each segment's min on the device), so every
     segment's t equals its layer's own, and tk is [segments, M], one row of exponents per layer.
 
-    ``kernel``: "gemv" (w8 at M <= 8, the default there: a warp per two output columns, dp4a,
-    ``illm_gemv_w8``) or "tile" (64 x 64 tensor-core tiles, any M); the same t."""
+    ``kernel``: "gemv" (M <= 8, the default there: a warp per two output columns, dp4a,
+    ``illm_gemv_w8`` / ``illm_gemv_w4``) or "tile" (64 x 64 tensor-core tiles, any M); the same t."""
     fn = "illm_matmul"
     _l.require(w_bits in (4, 8), f"{fn}: w_bits must be 4 or 8, got {w_bits}")
     _l.require(xq.dim() == 2 and qweight.dim() == 2, f"{fn}: xq [M, K] and qweight [N, K or K/2] must be 2-D")
@@ -107,11 +107,11 @@ def illm_matmul(xq: torch.Tensor, qweight: torch.Tensor, wm: torch.Tensor, wk: t
     t = torch.empty((m, n), dtype=torch.int64, device=dev)
     tk = None if xk is None else torch.empty((len(segs), m) if splits is not None else (m,), dtype=torch.int64, device=dev)
     bounds = [sum(segs[:i + 1]) for i in range(len(segs) - 1)] + [n] * (3 - len(segs))  # n1, n2
-    kernel = kernel or ("gemv" if w_bits == 8 and m <= GEMV_ROWS else "tile")
-    _l.require(kernel in MATMUL_KERNELS and (kernel == "tile" or (w_bits == 8 and m <= GEMV_ROWS)),
-               f"{fn}: kernel {kernel!r} must be one of {MATMUL_KERNELS} (gemv: w8, at most {GEMV_ROWS} rows)")
+    kernel = kernel or ("gemv" if m <= GEMV_ROWS else "tile")
+    _l.require(kernel in MATMUL_KERNELS and (kernel == "tile" or m <= GEMV_ROWS),
+               f"{fn}: kernel {kernel!r} must be one of {MATMUL_KERNELS} (gemv: at most {GEMV_ROWS} rows)")
     if m and n and kernel == "gemv":
-        _launch("illm_gemv_w8", (-(-n // GEMV_COLS_PER_CTA),), (GEMV_THREADS,),
+        _launch(f"illm_gemv_w{w_bits}", (-(-n // GEMV_COLS_PER_CTA),), (GEMV_THREADS,),
                 (_l.ptr(xq), _l.ptr(qweight), _l.ptr(wm), _l.ptr(wk), _l.ptr(kmin_t), _l.ptr(t), _l.ptr(xk), _l.ptr(tk),
                  _l.i32(m), _l.i32(n), _l.i32(k), _l.i32(bounds[0]), _l.i32(bounds[1])), dev)
     elif m and n:

@@ -259,10 +259,13 @@ __device__ __forceinline__ void matmul_row_exponents(const long long* __restrict
 }
 }  // namespace illm
 
-// DI-MatMul w8 at decode (M <= quik::GV_ROWS): the GEMV main loop of quik_mainloop.cuh (a warp per
-// two output columns, dp4a), then matmul_epilogue's t for lane j's output (j / 2, j % 2); CTA 0
-// also writes the rows' exponents.  Launch: grid ceil(N / 16), block 256.
-extern "C" __global__ void __launch_bounds__(quik::GV_THREADS) illm_gemv_w8(ILLM_MATMUL_ARGS) {
+// DI-MatMul at decode (M <= quik::GV_ROWS): the GEMV main loops of quik_mainloop.cuh (a warp per
+// two output columns, dp4a; w4: the nibbles sign-extended bytewise), then matmul_epilogue's t for
+// lane j's output (j / 2, j % 2); CTA 0 also writes the rows' exponents.  Launch: grid ceil(N / 16),
+// block 256.
+namespace illm {
+template <bool kW4>
+__device__ __forceinline__ void gemv(ILLM_MATMUL_ARGS) {
     if (tk != nullptr && blockIdx.x == 0) {
         const int segments = 1 + (n1 < N) + (n2 < N);
         for (int g = 0; g < segments; ++g)
@@ -273,12 +276,21 @@ extern "C" __global__ void __launch_bounds__(quik::GV_THREADS) illm_gemv_w8(ILLM
     const int n0 = quik::gemv_n0();
     if (n0 >= N) return;  // no barrier in this kernel
     int acc[quik::GV_ROWS][quik::GV_COLS];
-    quik::gemv_sums(xq, qw, M, N, K, n0, acc);
+    quik::gemv_sums<kW4>(xq, qw, M, N, kW4 ? K / 2 : K, n0, acc);
     const int a = quik::gemv_pick(acc, lane);
     const int m = lane / quik::GV_COLS, n = n0 + lane % quik::GV_COLS;
     if (lane >= quik::GV_ROWS * quik::GV_COLS || m >= M || n >= N) return;
     const int s = __ldg(wk + n) - __ldg(kmin_p + (n >= n1) + (n >= n2));
-    t[static_cast<long long>(m) * N + n] = illm::rshift_round(a * static_cast<long long>(__ldg(wm + n)), s);
+    t[static_cast<long long>(m) * N + n] = rshift_round(a * static_cast<long long>(__ldg(wm + n)), s);
+}
+}  // namespace illm
+
+extern "C" __global__ void __launch_bounds__(quik::GV_THREADS) illm_gemv_w8(ILLM_MATMUL_ARGS) {
+    illm::gemv<false>(xq, qw, wm, wk, kmin_p, t, xk, tk, M, N, K, n1, n2);
+}
+
+extern "C" __global__ void __launch_bounds__(quik::GV_THREADS) illm_gemv_w4(ILLM_MATMUL_ARGS) {
+    illm::gemv<true>(xq, qw, wm, wk, kmin_p, t, xk, tk, M, N, K, n1, n2);
 }
 
 // Launch: grid (ceil(N / 64), ceil(M / 64)), block 128.

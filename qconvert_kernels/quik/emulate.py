@@ -89,6 +89,8 @@ MUTATIONS = frozenset({
     "wide_pair_swap",  # quik_split_wide's 16-bit store puts channel 2p + 1's code in the low byte
     "outlier_seq",     # the fused outlier product summed channel after channel, not lane sums + butterfly
     "gemv_stride",     # the W8A8 GEMV's lanes step 16 chunks along the row instead of 32
+    "gemv4_no_sign",   # the w4 GEMV's nibbles not sign-extended (no xor 8 / __vsub4 8)
+    "gemv4_perm",      # the w4 GEMV's PRMT selectors for the even and the odd k exchanged
     "gemv_lane_map",   # the W8A8 GEMV's lane j selects the sum of (j % GV_ROWS, j / GV_ROWS) for output (j / GV_COLS, j % GV_COLS)
 })
 
@@ -670,7 +672,7 @@ def gemv_warps(N: int, grid):
 
 
 def gemv_sums(ctx: Ctx, xq_ptr: int, qw_ptr: int, M: int, N: int, KB: int, n0: int):
-    """quik::gemv_sums for one warp: lane l takes the 16-byte chunks l, l + 32, ... of its GV_COLS
+    """quik::gemv_sums<false> for one warp: lane l takes the 16-byte chunks l, l + 32, ... of its GV_COLS
     weight rows (a column past N reads row n0 again) and of the M activation rows (16-byte loads,
     each checked), dp4a sums them (int32, exact), and the xor butterfly adds the lanes.  Returns
     acc int64 [GV_ROWS, GV_COLS, 32] (every lane's registers)."""
@@ -690,6 +692,58 @@ def gemv_sums(ctx: Ctx, xq_ptr: int, qw_ptr: int, M: int, N: int, KB: int, n0: i
             per = np.zeros(k.shape, np.int64)
             per[ok] = (xs[m] * wv).sum(axis=1)                                      # 4 dp4a per chunk
             acc[m, c] = wrap32(per.sum(axis=1))
+    for o in (16, 8, 4, 2, 1):
+        acc = wrap32(acc + acc[:, :, lane ^ o]).astype(np.int64)
+    return acc
+
+
+def _vsub4(a, b):
+    """__vsub4: bytewise a - b modulo 256 (no borrow between bytes)."""
+    a, b = np.asarray(a, np.uint32), np.asarray(b, np.uint32)
+    out = np.zeros(np.broadcast(a, b).shape, np.uint32)
+    for i in range(4):
+        sh = np.uint32(8 * i)
+        out |= (((a >> sh) - (b >> sh)) & np.uint32(0xFF)) << sh
+    return out
+
+
+def _dp4a(a, b):
+    """__dp4a without its addend: the sum of the four signed byte products of two words (int64)."""
+    sa = np.asarray(a, np.uint32)[..., None].view(np.uint8).reshape(np.shape(a) + (4,)).view(np.int8)
+    sb = np.asarray(b, np.uint32)[..., None].view(np.uint8).reshape(np.shape(b) + (4,)).view(np.int8)
+    return (sa.astype(np.int64) * sb.astype(np.int64)).sum(axis=-1)
+
+
+def gemv_sums_w4(ctx: Ctx, xq_ptr: int, qw_ptr: int, M: int, N: int, KB: int, n0: int):
+    """quik::gemv_sums<true> (packed int4 weights) for one warp: lane l takes the 16-byte weight chunks l, l + 32, ... (32
+    nibbles each) and the activation chunks 2c, 2c + 1; per weight word the kernel's instructions:
+    the even k's nibbles (w & 0x0F0F0F0F) and the odd k's (w >> 4 & 0x0F0F0F0F), xor 8 and __vsub4
+    8 (sign), against PRMT 0x6420 / 0x7531 of the word's two activation words, summed with dp4a."""
+    mem = ctx.mem
+    chunks = KB // 16
+    lane = np.arange(32)
+    k = lane[:, None] + 32 * np.arange(-(-chunks // 32))[None, :]
+    ok = k < chunks
+    acc = np.zeros((GV_ROWS, GV_COLS, 32), np.int64)
+    xs = []
+    for m in range(M):
+        lo = mem.load(xq_ptr, ((m * chunks + k[ok]) * 2) * 16, 16, "xq (16-byte chunks)")
+        hi = mem.load(xq_ptr, ((m * chunks + k[ok]) * 2 + 1) * 16, 16, "xq (16-byte chunks)")
+        xs.append(np.concatenate([lo, hi], axis=1).view(np.uint32))              # [chunk, 8 words]
+    sign = 0 if "gemv4_no_sign" in ctx.mutations else 0x08080808
+    sel = (0x7531, 0x6420) if "gemv4_perm" in ctx.mutations else (0x6420, 0x7531)
+    for c in range(GV_COLS):
+        row = n0 + c if n0 + c < N else n0
+        w = mem.load(qw_ptr, (row * chunks + k[ok]) * 16, 16, "qw (16-byte chunks)").view(np.uint32)  # [chunk, 4]
+        even = _vsub4((w & np.uint32(0x0F0F0F0F)) ^ np.uint32(sign), np.uint32(sign))
+        odd = _vsub4(((w >> np.uint32(4)) & np.uint32(0x0F0F0F0F)) ^ np.uint32(sign), np.uint32(sign))
+        for m in range(M):
+            xw = xs[m]
+            x_lo, x_hi = xw[:, 0::2], xw[:, 1::2]                                   # word i's x0..3, x4..7
+            per = _dp4a(byte_perm(x_lo, x_hi, sel[0]), even) + _dp4a(byte_perm(x_lo, x_hi, sel[1]), odd)
+            full = np.zeros(k.shape, np.int64)
+            full[ok] = per.sum(axis=1)
+            acc[m, c] = wrap32(full.sum(axis=1))
     for o in (16, 8, 4, 2, 1):
         acc = wrap32(acc + acc[:, :, lane ^ o]).astype(np.int64)
     return acc
@@ -726,15 +780,16 @@ def gemv_w8a8(ctx: Ctx, grid, bf16: bool):
                           "acc_out")
 
 
-def illm_gemv(ctx: Ctx, grid):
-    """illm_gemv_w8: CTA 0 writes the rows' exponents; the GEMV sums, then matmul_epilogue's
-    t = rshift_round(acc * wm[n], wk[n] - kmin of n's segment) for each stored output."""
+def illm_gemv(ctx: Ctx, grid, w4: bool):
+    """illm_gemv_w8 / illm_gemv_w4 (``w4``): CTA 0 writes the rows' exponents; the GEMV sums, then
+    matmul_epilogue's t = rshift_round(acc * wm[n], wk[n] - kmin of n's segment) for each stored output."""
     a, mem = ctx.args, ctx.mem
     M, N = a["M"], a["N"]
     if a["tk"]:
         illm_row_exponents(ctx, M, 0)
     for _, n0 in gemv_warps(N, grid):
-        acc = gemv_sums(ctx, a["xq"], a["qw"], M, N, a["K"], n0)
+        acc = (gemv_sums_w4(ctx, a["xq"], a["qw"], M, N, a["K"] // 2, n0) if w4
+               else gemv_sums(ctx, a["xq"], a["qw"], M, N, a["K"], n0))
         for m, n, av in gemv_outputs(ctx, acc, M, N, n0):
             m_n = np.int64(_load(ctx, a["wm"], [n], np.int32, "wm")[0])
             s = np.int64(_load(ctx, a["wk"], [n], np.int32, "wk")[0]) - _illm_kmin(ctx, np.array([n]))[0]
@@ -820,7 +875,7 @@ class Emulator(StaticEmulator):
 
     KERNELS = (("quik_split_wide_", SPLIT_WIDE_PARAMS, WIDE_THREADS), ("quik_split_", SPLIT_PARAMS, QUANT_THREADS),
                ("quik_gemm_", GEMM_PARAMS, THREADS), ("quik_gemv_w8a8_", GEMM_PARAMS, GV_THREADS),
-               ("illm_gemv_w8", ILLM_PARAMS, GV_THREADS),
+               ("illm_gemv_w", ILLM_PARAMS, GV_THREADS),
                ("illm_matmul_", ILLM_PARAMS, THREADS), ("w4a8_is_gemm_", IS_PARAMS, THREADS),
                ("w4a8_fs_gemm_", FS_PARAMS, THREADS), ("quantize_per_token_int8_", W4A8_QUANT_PARAMS, QUANT_THREADS))
     KNOWN = MUTATIONS
@@ -865,16 +920,18 @@ class Emulator(StaticEmulator):
                     _written_once(name, mem, vals[key], count, width, key)
             return
         M, N = vals["M"], vals["N"]
-        if name.startswith(("quik_gemv_w8a8_", "illm_gemv_w8")):
+        if name.startswith(("quik_gemv_w8a8_", "illm_gemv_w")):
             if grid != (-(-N // (GV_WARPS * GV_COLS)), 1, 1) or not 0 < M <= GV_ROWS:
                 raise EmulationError(f"{name}: grid {grid} for M={M}, N={N} (ceil(N / {GV_WARPS * GV_COLS}) CTAs, M <= {GV_ROWS})")
-            illm = name == "illm_gemv_w8"
+            illm = name.startswith("illm_gemv_w")
+            if illm and name not in ("illm_gemv_w8", "illm_gemv_w4"):
+                raise EmulationError(f"no emulation of kernel {name}")
             outs = (("t", 8),) if illm else (("y", 2), ("acc_out", 4))
             for key, _ in outs + ((("tk", 8),) if illm else ()):
                 if vals[key]:
                     mem.track(vals[key])
             if illm:
-                illm_gemv(ctx, grid)
+                illm_gemv(ctx, grid, name == "illm_gemv_w4")
             else:
                 gemv_w8a8(ctx, grid, bf16)
             for key, width in outs:

@@ -314,7 +314,7 @@ __device__ __forceinline__ void gemv_w8a8(const signed char* __restrict__ xq, co
     const int n0 = gemv_n0();
     if (n0 >= N) return;  // no barrier in this kernel
     int acc[GV_ROWS][GV_COLS];
-    gemv_sums(xq, qw, M, N, Kbp, n0, acc);
+    gemv_sums<false>(xq, qw, M, N, Kbp, n0, acc);
     const int a = gemv_pick(acc, lane);
     const int m = lane / GV_COLS, n = n0 + lane % GV_COLS;
     if (lane >= GV_ROWS * GV_COLS || m >= M || n >= N) return;

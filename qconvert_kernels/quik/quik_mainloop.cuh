@@ -146,10 +146,33 @@ __device__ __forceinline__ int dp4a16(const uint4& a, const uint4& b, int c) {  
     return __dp4a(static_cast<int>(a.w), static_cast<int>(b.w), c);
 }
 
-__device__ __forceinline__ void gemv_sums(const signed char* __restrict__ xq, const signed char* __restrict__ qw, int M,
-                                          int N, int KB, int n0, int (&acc)[GV_ROWS][GV_COLS]) {
+// Packed int4 weights (two per byte, low nibble = even k; KB = K / 2 bytes per weight row, the
+// activations K int8 per row): lane l takes the weight chunks l, l + 32, ... (32 values each) and
+// the activation chunks 2c and 2c + 1 they multiply.  Per weight word (k 8i .. 8i + 7):
+// the even k's nibbles (w & 0x0F0F0F0F) and the odd k's (w >> 4 & 0x0F0F0F0F), each sign-extended
+// bytewise ((v ^ 8) - 8 in __vsub4), against the activation bytes PRMT-gathered in the same order
+// (x0 x2 x4 x6 and x1 x3 x5 x7): dp4a takes any pairing of the same four products.
+__device__ __forceinline__ int dp4a_w4word(unsigned w, unsigned x_lo, unsigned x_hi, int c) {
+    const unsigned even = __vsub4((w & 0x0F0F0F0Fu) ^ 0x08080808u, 0x08080808u);
+    const unsigned odd = __vsub4(((w >> 4) & 0x0F0F0F0Fu) ^ 0x08080808u, 0x08080808u);
+    c = __dp4a(static_cast<int>(__byte_perm(x_lo, x_hi, 0x6420)), static_cast<int>(even), c);
+    return __dp4a(static_cast<int>(__byte_perm(x_lo, x_hi, 0x7531)), static_cast<int>(odd), c);
+}
+
+__device__ __forceinline__ int dp4a_w4chunk(const uint4& w, const uint4& xa, const uint4& xb, int c) {
+    c = dp4a_w4word(w.x, xa.x, xa.y, c);  // k 0..7 of the chunk
+    c = dp4a_w4word(w.y, xa.z, xa.w, c);  // k 8..15
+    c = dp4a_w4word(w.z, xb.x, xb.y, c);  // k 16..23
+    return dp4a_w4word(w.w, xb.z, xb.w, c);
+}
+
+// The sums: kW4 false, int8 weights (KB = K bytes per row, one activation chunk per weight chunk);
+// true, packed int4 weights (KB = K / 2, activation chunks 2c and 2c + 1 per weight chunk c).
+template <bool kW4>
+__device__ __forceinline__ void gemv_sums(const signed char* __restrict__ xq, const void* __restrict__ qw, int M, int N,
+                                          int KB, int n0, int (&acc)[GV_ROWS][GV_COLS]) {
     const int lane = threadIdx.x & 31;
-    const int chunks = KB / 16;
+    const int chunks = KB / 16;  // weight chunks per row
     const uint4* x4 = reinterpret_cast<const uint4*>(xq);
     const uint4* w4[GV_COLS];
 #pragma unroll
@@ -162,9 +185,10 @@ __device__ __forceinline__ void gemv_sums(const signed char* __restrict__ xq, co
     for (int k0 = lane; k0 < chunks; k0 += 32 * GV_UNROLL) {
         uint4 wv[GV_UNROLL][GV_COLS];
 #pragma unroll
-        for (int u = 0; u < GV_UNROLL; ++u)  // a step past the row loads the lane's first chunk again (never summed)
+        for (int u = 0; u < GV_UNROLL; ++u)  // issued together, before the first sum (a step past the row: none)
 #pragma unroll
-            for (int c = 0; c < GV_COLS; ++c) wv[u][c] = __ldg(w4[c] + (k0 + 32 * u < chunks ? k0 + 32 * u : k0));
+            for (int c = 0; c < GV_COLS; ++c)
+                wv[u][c] = k0 + 32 * u < chunks ? __ldg(w4[c] + k0 + 32 * u) : make_uint4(0, 0, 0, 0);
 #pragma unroll
         for (int u = 0; u < GV_UNROLL; ++u) {
             const int k = k0 + 32 * u;
@@ -172,9 +196,16 @@ __device__ __forceinline__ void gemv_sums(const signed char* __restrict__ xq, co
 #pragma unroll
             for (int m = 0; m < GV_ROWS; ++m) {
                 if (m >= M) break;
-                const uint4 xv = __ldg(x4 + static_cast<long long>(m) * chunks + k);
+                if (kW4) {
+                    const uint4 xa = __ldg(x4 + (static_cast<long long>(m) * chunks + k) * 2);
+                    const uint4 xb = __ldg(x4 + (static_cast<long long>(m) * chunks + k) * 2 + 1);
 #pragma unroll
-                for (int c = 0; c < GV_COLS; ++c) acc[m][c] = dp4a16(xv, wv[u][c], acc[m][c]);
+                    for (int c = 0; c < GV_COLS; ++c) acc[m][c] = dp4a_w4chunk(wv[u][c], xa, xb, acc[m][c]);
+                } else {
+                    const uint4 xv = __ldg(x4 + static_cast<long long>(m) * chunks + k);
+#pragma unroll
+                    for (int c = 0; c < GV_COLS; ++c) acc[m][c] = dp4a16(xv, wv[u][c], acc[m][c]);
+                }
             }
         }
     }
