@@ -307,7 +307,8 @@ def quik_kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, r
     the integer GEMM alone (its epilogue adding a given outlier product), and whole layers
     ``quik-w4a4`` / ``quik-w8a8`` (split, outlier product, GEMM) as the runtime runs them (at
     M <= 8 the outlier product is made in the split's launch, ``quik-split-outliers``; above,
-    by cuBLAS); the first split kernel beside the wide one (``quik-split-row``); at M <= 8 the W8A8
+    by cuBLAS); the split kernel the layer does not use beside the one it uses (``quik-split-row``
+    at M <= 64, ``quik-split-wide`` above: ``cuda.default_split``); at M <= 8 the W8A8
     GEMM is the GEMV and the tile kernel is timed beside it (``quik-w8a8-gemm-tile``); the 4-bit layer on the device's path (s4 on sm_80 .. sm_89, s8r on sm_90+: the repacked
     W4A8 decode and prefill kernels, whose weights are repacked before the timing as the runtime does
     at load time), and on sm_90+ also the first design's 64 x 64 GEMM (``quik-w4a4-gemm-s8``) beside it.
@@ -342,11 +343,12 @@ def quik_kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, r
             split_bytes = m * k * 2 + xq_bytes + m * n_out * 2 + m * 8
             row("quik-split", _time_cuda(lambda i: cuda_quik.split_quantize(xs[i], base_idx, out_idx, 4, pack, width=width),
                                          sets, runs, warmup, reps), split_bytes, 0)
-            if kbp <= cuda_quik.WIDE_MAX_KB:  # the first split kernel (256 threads, two walks of the row) beside it
-                row("quik-split-row", _time_cuda(lambda i: cuda_quik.split_quantize(xs[i], base_idx, out_idx, 4, pack,
-                                                                                    width=width, kernel="row"),
-                                                 sets, runs, warmup, reps), split_bytes, 0)
-            if cuda_quik.fuses_outliers(m, kbp, n_out):  # what the layer launches at decode: split and outlier product
+            if (width or kbp) <= cuda_quik.WIDE_MAX_KB:  # the other split kernel beside the default one
+                other = "row" if cuda_quik.default_split(m, width or kbp) == "wide" else "wide"
+                row(f"quik-split-{other}", _time_cuda(lambda i: cuda_quik.split_quantize(xs[i], base_idx, out_idx, 4, pack,
+                                                                                         width=width, kernel=other),
+                                                      sets, runs, warmup, reps), split_bytes, 0)
+            if cuda_quik.fuses_outliers(m, width or kbp, n_out):  # what the layer launches at decode: split and product
                 row("quik-split-outliers", _time_cuda(lambda i: cuda_quik.split_outliers(xs[i], base_idx, out_idx, w_outs[i],
                                                                                          4, pack, width=width),
                                                       sets, runs, warmup, reps),

@@ -298,7 +298,7 @@ _NOT_FLOAT = re.compile(r"^(FLO\.U(32|64)(\.SH)?|DEPBAR(\.\w+)*)$")
 # pipe (``HFMA2.MMA R40, -RZ, RZ, 0, 0``; ``..., 0, 4.76837158203125e-07``: -0 * 0 + the immediate's
 # two halves, here the integer 8): a move of an immediate with no register operand, not float
 # arithmetic on the kernel's data.
-_ZEROING_MOVE = re.compile(r"\bHFMA2\.MMA R\d+, -RZ, RZ, [-+0-9.e]+, [-+0-9.e]+ ;")
+_ZEROING_MOVE = re.compile(r"\bHFMA2\.MMA R\d+, -RZ, RZ, [-+0-9.eINFAQ]+, [-+0-9.eINFAQ]+ ;")  # immediates (+INF, QNAN too)
 
 
 def float_unit_ops(ops, kernel_text: str | None = None) -> list[str]:

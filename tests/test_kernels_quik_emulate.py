@@ -86,6 +86,9 @@ QUIK_CASES = [
 def test_quik_bit_exact(m, n, k, n_out, bits, path, kernel):
     emu = run_quik(m, n, k, n_out, bits, path, torch.float16, kernel=kernel)
     assert emu.launches[0][0] == {"row": "quik_split_f16", "wide": "quik_split_wide_f16"}[kernel]
+    if kernel == "wide":  # and the launcher's own choice: wide up to 64 rows, then the first kernel
+        emu = run_quik(m, n, k, n_out, bits, path, torch.float16)
+        assert emu.launches[0][0] == ("quik_split_wide_f16" if m <= 64 else "quik_split_f16")
 
 
 @pytest.mark.parametrize("kernel", cuda_quik.SPLIT_KERNELS)
@@ -193,6 +196,8 @@ def test_the_fused_outlier_product_is_refused_beyond_its_bounds():
         with pytest.raises(ValueError, match="at most 16384 base channels"):
             cuda_quik.split_quantize(x, base_idx, outlier_idx, 4, False, width=16448, kernel="wide")
         assert cuda_quik.split_quantize(x, base_idx, outlier_idx, 4, False, width=16448)[0].shape == (9, 16448)
+    assert cuda_quik.default_split(64, 16384) == "wide" and cuda_quik.default_split(65, 64) == "row"
+    assert cuda_quik.default_split(1, 16448) == "row"
     assert cuda_quik.fuses_outliers(8, 16384, 1024) and not cuda_quik.fuses_outliers(9, 100, 8)
     assert not cuda_quik.fuses_outliers(1, 16385, 8) and not cuda_quik.fuses_outliers(1, 100, 0)
     assert not cuda_quik.fuses_outliers(1, 100, 1025)

@@ -198,7 +198,7 @@ def test_the_kernel_benchmark_runs_every_quik_kernel_it_times(monkeypatch, m):
     monkeypatch.setattr(cuda_quik, "int4_path", lambda device: "s8r")
     with emulate.emulating_repacked() as (quik, w4):
         rows = bench.quik_kernel_rows("probe", 40, 300, m, torch.device("cpu"), outliers=16)
-    splits = ["quik-split", "quik-split-row"] + (["quik-split-outliers"] if m <= 8 else [])
+    splits = ["quik-split", "quik-split-row" if m <= 64 else "quik-split-wide"] + (["quik-split-outliers"] if m <= 8 else [])
     tile = ["quik-w8a8-gemm-tile"] if m <= 8 else []
     assert [r["kernel"] for r in rows] == ["cublas-fp16", *splits, "quik-w4a4-gemm", "quik-w4a4-gemm-s8",
                                            "quik-w4a4", "quik-w8a8-gemm", *tile, "quik-w8a8"]

@@ -61,16 +61,25 @@ def check_gemm_shape(fn: str, m: int, n: int, kbp: int) -> None:
 
 WIDE_THREADS = 1024     # quik::WIDE_THREADS: the wide split's CTA, one per row
 WIDE_MAX_KB = 16384     # quik::WIDE_MAX_KB: the most base channels it holds in registers
+WIDE_MAX_M = 64         # the wide split is the default up to this many rows (one CTA per SM: at
+                        # prefill the first kernel's many small CTAs per SM keep more rows in flight)
 FUSED_ROWS = 8          # quik::FUSED_ROWS: the most rows whose outlier product the split makes
 FUSED_MAX_OUT = 1024    # quik::FUSED_MAX_OUT: the most outlier channels it takes
 GEMV_COLS = 32          # quik::GEMV_COLS: outlier-product columns per CTA
 SPLIT_KERNELS = ("row", "wide")
 
 
-def fuses_outliers(m: int, kb: int, n_out: int) -> bool:
+def fuses_outliers(m: int, kbp: int, n_out: int) -> bool:
     """Whether ``quik_linear`` makes the outlier product in the split's launch (``split_outliers``):
-    decode-sized M, a base part the wide split holds, and some outliers (not too many)."""
-    return 0 < m <= FUSED_ROWS and kb <= WIDE_MAX_KB and 0 < n_out <= FUSED_MAX_OUT
+    decode-sized M, an xq row (``kbp``: the padded base channels, or the repacked path's Kq) the wide
+    split holds, and some outliers (not too many)."""
+    return 0 < m <= FUSED_ROWS and kbp <= WIDE_MAX_KB and 0 < n_out <= FUSED_MAX_OUT
+
+
+def default_split(m: int, kbp: int) -> str:
+    """``split_quantize``'s kernel: "wide" for up to WIDE_MAX_M rows of at most WIDE_MAX_KB (padded)
+    base channels, else "row"."""
+    return "wide" if m <= WIDE_MAX_M and kbp <= WIDE_MAX_KB else "row"
 
 
 def _split_args(fn, x, base_idx, outlier_idx, bits, pack, width):
@@ -99,12 +108,12 @@ def split_quantize(x: torch.Tensor, base_idx: torch.Tensor, outlier_idx: torch.T
     xq: int8 [M, Kbp] (one value per byte) or, with ``pack`` (bits 4 only), uint8 [M, Kbp/2];
     ``width`` (a multiple of 64, at least Kbp) pads its columns further with zeros (the repacked
     path's Kq).  ``kernel``: "wide" (one CTA of 1024 threads per row, the row held in registers;
-    the default up to WIDE_MAX_KB base channels) or "row" (256 threads walking the row twice; any
-    width).  Both compute the same bits."""
+    the default up to WIDE_MAX_M rows of at most WIDE_MAX_KB base channels) or "row" (256 threads
+    walking the row twice; any width).  Both compute the same bits."""
     fn = "quik_split"
     dev, x, base_idx, outlier_idx, m, k, kb, kbp, n_out, xq, s, z = _split_args(fn, x, base_idx, outlier_idx, bits,
                                                                                 pack, width)
-    kernel = kernel or ("wide" if kbp <= WIDE_MAX_KB else "row")
+    kernel = kernel or default_split(m, kbp)
     kc._require(kernel in SPLIT_KERNELS, f"{fn}: kernel {kernel!r} not one of {SPLIT_KERNELS}")
     kc._require(kernel == "row" or kbp <= WIDE_MAX_KB,
                 f"{fn}: the wide split holds at most {WIDE_MAX_KB} base channels (padded), got {kbp}")
@@ -137,7 +146,7 @@ def split_outliers(x: torch.Tensor, base_idx: torch.Tensor, outlier_idx: torch.T
                 f"(got M={m}, {kb}, {n_out}); use split_quantize and a matmul")
     kc._require(w_out.dtype == torch.float16 and w_out.dim() == 2 and w_out.shape[1] == n_out,
                 f"{fn}: w_out must be float16 [N, {n_out}], got {w_out.dtype} {tuple(w_out.shape)}")
-    kc._check_cuda(fn, w_out)
+    kc._check_cuda(fn, x, w_out)  # on x's device
     w_out = w_out.contiguous()
     n = w_out.shape[0]
     y_out = torch.empty((m, n), dtype=x.dtype, device=dev)
@@ -309,7 +318,8 @@ def quik_linear(x2, base_idx, outlier_idx, qweight, wscale, wsum, outlier_weight
     if path == "s8r":
         prepared = prepared or prepare_repacked(qweight, wscale, wsum, x2.device)
     width = prepared.kq if path == "s8r" else None
-    if fuses_outliers(x2.shape[0], base_idx.numel(), outlier_idx.numel()) and outlier_weight.dtype == torch.float16:
+    kbp = width or refq.padded_base(base_idx.numel())
+    if fuses_outliers(x2.shape[0], kbp, outlier_idx.numel()) and outlier_weight.dtype == torch.float16:
         xq, s, z, y_out = split_outliers(x2, base_idx, outlier_idx, outlier_weight, bits, path == "s4", clip, width)
     else:
         xq, s, z, x_out = split_quantize(x2, base_idx, outlier_idx, bits, path == "s4", clip, width=width)

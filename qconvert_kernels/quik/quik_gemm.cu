@@ -166,11 +166,14 @@ __device__ __forceinline__ void split_row(const unsigned short* __restrict__ x, 
 // With w_out (M <= FUSED_ROWS, n_out <= FUSED_MAX_OUT) the same launch also makes the outlier
 // product y_out = x_out W_outᵀ in x's dtype, in CTAs M .. M + ceil(N / 32) - 1: the CTA gathers the
 // M rows' outlier channels into shared memory (float32) and warp w takes column n = 32 * c + w.
-// Lane l sums the products of channels l, l + 32, ... in that order (each product of a fp16 / bf16
-// value and a fp16 weight is exact in float32, so __fmul_rn then __fadd_rn is also the FMA's
-// result), then the 32 lane sums are added by the xor butterfly (16, 8, 4, 2, 1), and the total is
-// rounded once to fp16 / bf16.  qconvert_kernels/quik/reference.py:outlier_product_lanes computes
-// the same sums.  This replaces the cuBLAS launch of the outlier product at decode.
+// Lane l sums the products of channels l, l + 32, ... in that order, each product and sum rounded
+// to float32 (__fmul_rn, __fadd_rn: the product of a fp16 value and a fp16 weight is exact in
+// float32; of a bf16 value, too, away from float32's overflow and underflow), then the 32 lane sums
+// are added by the xor butterfly (16, 8, 4, 2, 1), and the total is rounded once to fp16 / bf16.
+// qconvert_kernels/quik/reference.py:outlier_product_lanes computes the same sums.  This replaces
+// the cuBLAS launch of the outlier product at decode.  The bounds (M <= FUSED_ROWS and n_out <=
+// FUSED_MAX_OUT with w_out: the shared rows; Kbp <= WIDE_MAX_KB: the register slots) are the
+// launcher's checks (quik/cuda.py: fuses_outliers, split_quantize); the kernel does not repeat them.
 // ---------------------------------------------------------------------------------------
 constexpr int WIDE_THREADS = 1024;
 constexpr int WIDE_SLOTS = 8;                                 // channel pairs per thread
