@@ -340,19 +340,8 @@ def quik_kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, r
         w_bytes = n * (kbp // 2 if bits == 4 else kbp) + n * n_out * 2 + n * 8
         name = f"quik-w{bits}a{bits}"
         if bits == 4:
-            split_bytes = m * k * 2 + xq_bytes + m * n_out * 2 + m * 8
-            row("quik-split", _time_cuda(lambda i: cuda_quik.split_quantize(xs[i], base_idx, out_idx, 4, pack, width=width),
-                                         sets, runs, warmup, reps), split_bytes, 0)
-            if (width or kbp) <= cuda_quik.WIDE_MAX_KB:  # the other split kernel beside the default one
-                other = "row" if cuda_quik.default_split(m, width or kbp) == "wide" else "wide"
-                row(f"quik-split-{other}", _time_cuda(lambda i: cuda_quik.split_quantize(xs[i], base_idx, out_idx, 4, pack,
-                                                                                         width=width, kernel=other),
-                                                      sets, runs, warmup, reps), split_bytes, 0)
-            if cuda_quik.fuses_outliers(m, width or kbp, n_out):  # what the layer launches at decode: split and product
-                row("quik-split-outliers", _time_cuda(lambda i: cuda_quik.split_outliers(xs[i], base_idx, out_idx, w_outs[i],
-                                                                                         4, pack, width=width),
-                                                      sets, runs, warmup, reps),
-                    split_bytes + n * n_out * 2 + m * n * 2, 2 * m * n * n_out)
+            timed = lambda f: _time_cuda(f, sets, runs, warmup, reps)  # noqa: E731
+            _quik_split_rows(row, timed, xs, base_idx, out_idx, w_outs, pack, width or kbp, width, xq_bytes)
         splits = [cuda_quik.split_quantize(x, base_idx, out_idx, bits, pack, width=width) for x in xs]
         y_outs = [torch.matmul(sp[3], w.t()) if n_out else None for sp, w in zip(splits, w_outs)]
         if repacked:
@@ -383,6 +372,25 @@ def quik_kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, r
                            "quik-w8a8-gemm-tile"):
             r["vs_cublas"] = round(by["cublas-fp16"] / r["us"], 3)
     return rows
+
+
+def _quik_split_rows(row, timed, xs, base_idx, out_idx, w_outs, pack: bool, kq: int, width, xq_bytes: int) -> None:
+    """``quik_kernel_rows``' split rows: the split the layer uses (``quik-split``), the other split
+    kernel beside it where both apply (``quik-split-row`` / ``quik-split-wide``), and at M <= 8 the
+    split with the outlier product in its launch (``quik-split-outliers``); ``kq`` the xq row width."""
+    from qconvert_kernels.quik import cuda as cuda_quik
+
+    (m, k), n_out, n = xs[0].shape, out_idx.numel(), w_outs[0].shape[0]
+    split_bytes = m * k * 2 + xq_bytes + m * n_out * 2 + m * 8
+    row("quik-split", timed(lambda i: cuda_quik.split_quantize(xs[i], base_idx, out_idx, 4, pack, width=width)), split_bytes, 0)
+    if kq <= cuda_quik.WIDE_MAX_KB:  # the other split kernel beside the default one
+        other = "row" if cuda_quik.default_split(m, kq) == "wide" else "wide"
+        row(f"quik-split-{other}", timed(lambda i: cuda_quik.split_quantize(xs[i], base_idx, out_idx, 4, pack, width=width,
+                                                                            kernel=other)), split_bytes, 0)
+    if cuda_quik.fuses_outliers(m, kq, n_out):  # what the layer launches at decode: split and product
+        row("quik-split-outliers", timed(lambda i: cuda_quik.split_outliers(xs[i], base_idx, out_idx, w_outs[i], 4, pack,
+                                                                            width=width)),
+            split_bytes + n * n_out * 2 + m * n * 2, 2 * m * n * n_out)
 
 
 def illm_kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, runs: int = 50, warmup: int = 10,
