@@ -308,8 +308,9 @@ def quik_kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, r
     ``quik-w4a4`` / ``quik-w8a8`` (split, outlier product, GEMM) as the runtime runs them (at
     M <= 8 the outlier product is made in the split's launch, ``quik-split-outliers``; above,
     by cuBLAS); the split kernel the layer does not use beside the one it uses (``quik-split-row``
-    at M <= 64, ``quik-split-wide`` above: ``cuda.default_split``); at M <= 8 the W8A8
-    GEMM is the GEMV and the tile kernel is timed beside it (``quik-w8a8-gemm-tile``); the 4-bit layer on the device's path (s4 on sm_80 .. sm_89, s8r on sm_90+: the repacked
+    at M <= 64, ``quik-split-wide`` above: ``cuda.default_split``); at M <= 8 the GEMMs are the
+    GEMVs and the tile kernels are timed beside them (``quik-w8a8-gemm-tile``, and off sm_90
+    ``quik-w4a4-gemm-tile``); the 4-bit layer on the device's path (s4 on sm_80 .. sm_89, s8r on sm_90+: the repacked
     W4A8 decode and prefill kernels, whose weights are repacked before the timing as the runtime does
     at load time), and on sm_90+ also the first design's 64 x 64 GEMM (``quik-w4a4-gemm-s8``) beside it.
     ``outliers``: fp16 channels, default the "auto" rule (256 for K >= 4096)."""
@@ -330,7 +331,7 @@ def quik_kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, r
     wsum = torch.randint(-1000, 1000, (n,), generator=gen, device=device, dtype=torch.int32)
     w_outs = [torch.randn((n, n_out), generator=gen, device=device, dtype=torch.float16) * 0.02 for _ in range(sets)]
     for bits in (4, 8):
-        pack = bits == 4 and path == "s4"
+        pack = bits == 4 and path == "s4" and m > cuda_quik.GV_ROWS  # at M <= 8 the GEMV takes the codes unpacked
         qws = [torch.randint(-128, 128, (n, kbp // 2 if bits == 4 else kbp), generator=gen, device=device,
                              dtype=torch.int8).view(torch.uint8 if bits == 4 else torch.int8) for _ in range(sets)]
         repacked = bits == 4 and path == "s8r"
@@ -349,14 +350,17 @@ def quik_kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, r
         else:
             gemm = lambda i: cuda_quik.quik_gemm(*splits[i][:3], qws[i], wscale, wsum, y_outs[i], bits, torch.float16)  # noqa: E731
         row(f"{name}-gemm", _time_cuda(gemm, sets, runs, warmup, reps), xq_bytes + w_bytes + m * n * 4, 2 * m * n * kbp)
-        if bits == 8 and m <= cuda_quik.GV_ROWS:  # the 64 x 64 tile kernel beside the GEMV it uses at decode
-            row(f"{name}-gemm-tile", _time_cuda(lambda i: cuda_quik.quik_gemm(*splits[i][:3], qws[i], wscale, wsum, y_outs[i], 8,
+        if m <= cuda_quik.GV_ROWS and not repacked:  # the 64 x 64 tile kernel beside the GEMV it uses at decode
+            tiles = ([(cuda_quik.split_quantize(x, base_idx, out_idx, 4, True)[:3]) for x in xs] if path == "s4" and bits == 4
+                     else [sp[:3] for sp in splits])  # the s4 tile kernel takes the codes packed
+            row(f"{name}-gemm-tile", _time_cuda(lambda i: cuda_quik.quik_gemm(*tiles[i], qws[i], wscale, wsum, y_outs[i], bits,
                                                                              torch.float16, kernel="tile"),
                                                 sets, runs, warmup, reps), xq_bytes + w_bytes + m * n * 4, 2 * m * n * kbp)
+            tiles.clear()
         if repacked:  # the first design's s8 kernel on the same weights and codes (xq's first Kbp columns)
             s8 = [(sp[0][:, :kbp].contiguous(), sp[1], sp[2]) for sp in splits]
             row(f"{name}-gemm-s8", _time_cuda(lambda i: cuda_quik.quik_gemm(*s8[i], qws[i], wscale, wsum, y_outs[i], 4,
-                                                                           torch.float16), sets, runs, warmup, reps),
+                                                                           torch.float16, kernel="tile"), sets, runs, warmup, reps),
                 m * kbp + w_bytes + m * n * 4, 2 * m * n * kbp)
             s8.clear()
         splits.clear()
@@ -369,7 +373,7 @@ def quik_kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, r
     by = {r["kernel"]: r["us"] for r in rows}
     for r in rows:
         if r["kernel"] in ("quik-w4a4", "quik-w8a8", "quik-w4a4-gemm", "quik-w8a8-gemm", "quik-w4a4-gemm-s8",
-                           "quik-w8a8-gemm-tile"):
+                           "quik-w8a8-gemm-tile", "quik-w4a4-gemm-tile"):
             r["vs_cublas"] = round(by["cublas-fp16"] / r["us"], 3)
     return rows
 

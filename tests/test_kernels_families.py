@@ -161,7 +161,7 @@ def test_prefill_g128_main_loop_sass(builds):
     assert [(s, e, sum(o.values())) for s, e, o in kc.loops(text)] == [(0, 0x30, 4)]
 
 
-GEMV_KERNELS = {"quik/quik_gemm.cu": ("quik_gemv_w8a8_f16", "quik_gemv_w8a8_bf16"),
+GEMV_KERNELS = {"quik/quik_gemm.cu": ("quik_gemv_w8a8_f16", "quik_gemv_w8a8_bf16", "quik_gemv_w4a4_f16", "quik_gemv_w4a4_bf16"),
                 "illm/illm_gemm.cu": ("illm_gemv_w8", "illm_gemv_w4")}
 
 

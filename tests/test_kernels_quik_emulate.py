@@ -104,12 +104,13 @@ GEMV_CASES = [(1, 13, 600, 24), (2, 33, 4096, 0), (5, 17, 4352, 256), (8, 9, 143
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits,path", [(8, None), (4, "s8")])  # W4A4: packed weights, the codes one per byte
 @pytest.mark.parametrize("m,n,k,n_out", GEMV_CASES)
-def test_w8a8_gemv_bit_exact(m, n, k, n_out, dtype):
-    emu = run_quik(m, n, k, n_out, 8, None, dtype)
-    assert emu.launches[1][0] == f"quik_gemv_w8a8_{'bf16' if dtype == torch.bfloat16 else 'f16'}"
+def test_gemv_bit_exact(m, n, k, n_out, bits, path, dtype):
+    emu = run_quik(m, n, k, n_out, bits, path, dtype)
+    assert emu.launches[1][0] == f"quik_gemv_w{bits}a{bits}_{'bf16' if dtype == torch.bfloat16 else 'f16'}"
     assert emu.launches[1][1] == (-(-n // cuda_quik.GV_COLS_PER_CTA), 1, 1)
-    run_quik(m, n, k, n_out, 8, None, dtype, gemm_kernel="tile")  # the tile kernel on the same case
+    run_quik(m, n, k, n_out, bits, path, dtype, gemm_kernel="tile")  # the tile kernel on the same case
 
 
 def test_the_gemv_is_refused_where_it_does_not_apply():
@@ -118,8 +119,8 @@ def test_the_gemv_is_refused_where_it_does_not_apply():
         xq, s, z, _ = cuda_quik.split_quantize(x, base_idx, outlier_idx, 8, False)
         with pytest.raises(ValueError, match="gemv: at most 8 rows"):
             cuda_quik.quik_gemm(xq, s, z, q, wscale, wsum, None, 8, torch.float16, kernel="gemv")
-        xq4, s4, z4, _ = cuda_quik.split_quantize(x, base_idx, outlier_idx, 4, False)
-        with pytest.raises(ValueError, match="tile kernel only"):
+        xq4, s4, z4, _ = cuda_quik.split_quantize(x, base_idx, outlier_idx, 4, True)  # packed codes: the s4 tile kernel only
+        with pytest.raises(ValueError, match="activation codes one per byte"):
             cuda_quik.quik_gemm(xq4[:2], s4[:2], z4[:2], pack_int4(q.clamp(-8, 7)), wscale, wsum, None, 4, torch.float16,
                                 kernel="gemv")
 
@@ -239,8 +240,9 @@ def test_quik_linear_on_the_emulator_matches_the_cpu_layer():
             with emulate.emulating() as emu:
                 y = cuda_quik.quik_linear(x[:m], base_idx, outlier_idx, pack_int4(q), wscale, wsum, w_out, 4, path=path)
             assert torch.equal(y.view(torch.int16), want.view(torch.int16)), (m, path)
-            assert [name for name, *_ in emu.launches] == ["quik_split_wide_f16", f"quik_gemm_w4a4_{path}_f16"]
-            assert (emu.launches[0][2]["w_out"] != 0) == (m <= 8)
+            gemm = f"quik_gemm_w4a4_{path}_f16" if m > 8 else "quik_gemv_w4a4_f16"  # at decode, either path: the GEMV
+            assert [name for name, *_ in emu.launches] == ["quik_split_wide_f16", gemm]
+            assert (emu.launches[0][2]["w_out"] != 0) == (m <= 8) and emu.launches[0][2]["pack"] == (path == "s4" and m > 8)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -447,7 +449,7 @@ MUTATION_CASES = {
     "wide_pair_swap": (run_fused, (3, 37, 576, 33, 8, False, torch.float16), "differs"),
     "gemv_stride": (run_quik, (2, 33, 4096, 0, 8, None, torch.float16), "differs"),
     "gemv4_no_sign": (run_illm, (5, 33, 288, 4), "differs"),  # DI-MatMul w4 at M <= 8: the w4 GEMV
-    "gemv4_perm": (run_illm, (5, 33, 288, 4), "differs"),
+    "gemv4_perm": (run_quik, (5, 17, 600, 24, 4, "s8", torch.float16), "differs"),  # QUIK W4A4's GEMV
     "gemv_lane_map": (run_quik, (5, 17, 600, 24, 8, None, torch.float16), "differs"),
     "outlier_seq": (run_fused, (3, 37, 576, 256, 4, True, torch.float16, 1.0, None, True), "differs"),
 }

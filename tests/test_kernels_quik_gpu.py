@@ -86,17 +86,19 @@ def test_gemm_matches_reference(m, n, k, n_out, bits, path, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("m,n,k,n_out", [(1, 4096, 14336, 256), (8, 4096, 14336, 256), (5, 37, 600, 24)])
-def test_w8a8_gemv_matches_reference_and_the_tile_kernel(m, n, k, n_out, dtype):
-    """The W8A8 GEMV (M <= 8; the quik-w4a4 preset's 8-bit down_proj at decode): exact int32 sums, and
-    the same bits as the 64 x 64 tile kernel on the same operands (the same epilogue formula)."""
-    x, base_idx, outlier_idx, q, wscale, wsum, w_out = _case(m, n, k, n_out, 8, dtype, seed=m + n)
-    xq, s, z, x_out = cuda_quik.split_quantize(x.to(DEV), base_idx.to(DEV), outlier_idx.to(DEV), 8, False)
+def test_gemv_matches_reference_and_the_tile_kernel(m, n, k, n_out, bits, dtype):
+    """The GEMVs (M <= 8; W8A8: the quik-w4a4 preset's 8-bit down_proj at decode; W4A4: the 4-bit
+    layers at decode off sm_90): exact int32 sums, and the same bits as the 64 x 64 tile kernel (s8
+    for 4 bits) on the same operands (the same epilogue formula)."""
+    x, base_idx, outlier_idx, q, wscale, wsum, w_out = _case(m, n, k, n_out, bits, dtype, seed=m + n)
+    xq, s, z, x_out = cuda_quik.split_quantize(x.to(DEV), base_idx.to(DEV), outlier_idx.to(DEV), bits, False)
     y_out = torch.matmul(x_out, w_out.to(DEV, dtype).t()) if n_out else None
-    args = (xq, s, z, q.to(DEV), wscale.to(DEV), wsum.to(DEV), y_out, 8, dtype)
+    args = (xq, s, z, (pack_int4(q) if bits == 4 else q).to(DEV), wscale.to(DEV), wsum.to(DEV), y_out, bits, dtype)
     y, acc = cuda_quik.quik_gemm(*args, return_acc=True, kernel="gemv")
     yt, acct = cuda_quik.quik_gemm(*args, return_acc=True, kernel="tile")
-    rq, rs, rz, _ = refq.quantize_split(x, base_idx, outlier_idx, 8)
+    rq, rs, rz, _ = refq.quantize_split(x, base_idx, outlier_idx, bits)
     _, racc = refq.quik_gemm(rq, rs, rz, q, wscale, wsum, y_out.float().cpu() if n_out else torch.zeros(m, n), return_acc=True)
     assert torch.equal(acc.cpu(), racc) and torch.equal(acct, acc)
     assert torch.equal(y.view(torch.int16), yt.view(torch.int16))

@@ -209,3 +209,22 @@ def test_the_kernel_benchmark_runs_every_quik_kernel_it_times(monkeypatch, m):
                                               "quik_gemm_w8a8_f16", *(["quik_gemv_w8a8_f16"] if m <= 8 else [])}
     fused = [a for n, _, a in quik.launches if n == "quik_split_wide_f16" and a["w_out"]]
     assert len(fused) == (3 * 2 if m <= 8 else 0)  # the timed row and both layers, per operand set
+
+
+def test_the_kernel_benchmark_on_the_int4_tensor_core_path(monkeypatch):
+    """The same on sm_80 .. sm_89's path (int4_path "s4") at decode: the 4-bit layer's GEMM is the
+    W4A4 GEMV on unpacked codes, and the s4 tile kernel (packed codes) is timed beside it."""
+    from helpers import emulated_timer
+
+    from qconvert import bench
+
+    emulated_timer(monkeypatch)
+    monkeypatch.setattr(cuda_quik, "int4_path", lambda device: "s4")
+    with emulate.emulating_repacked() as (quik, w4):
+        rows = bench.quik_kernel_rows("probe", 40, 300, 3, torch.device("cpu"), outliers=16)
+    assert [r["kernel"] for r in rows] == ["cublas-fp16", "quik-split", "quik-split-row", "quik-split-outliers",
+                                           "quik-w4a4-gemm", "quik-w4a4-gemm-tile", "quik-w4a4", "quik-w8a8-gemm",
+                                           "quik-w8a8-gemm-tile", "quik-w8a8"]
+    assert {r["int4_path"] for r in rows} == {"s4"} and not w4.launches
+    assert {n for n, *_ in quik.launches} == {"quik_split_f16", "quik_split_wide_f16", "quik_gemv_w4a4_f16",
+                                              "quik_gemm_w4a4_s4_f16", "quik_gemv_w8a8_f16", "quik_gemm_w8a8_f16"}

@@ -14,8 +14,9 @@ adds it.  The integer path follows the device:
                              ``w4a8r_prefill_quik``), its weights repacked once
                              (``prepare_repacked``); Hopper has no int4 mma ("s8": the first
                              design's 64 x 64 kernel, still selectable)
-    bits 8                   int8 x int8 tensor cores (mma m16n8k32 s8); at M <= 8 a GEMV (a warp
-                             per two output columns, dp4a: ``quik_gemv_w8a8_*``)
+    bits 8                   int8 x int8 tensor cores (mma m16n8k32 s8)
+    at M <= 8 (bits 4 on s4 / s8, and bits 8): a GEMV, a warp per two output columns, dp4a
+                             (``quik_gemv_w8a8_*``, ``quik_gemv_w4a4_*``: the codes one per byte)
 
 Results equal ``qconvert_kernels.quik.reference`` fed the same y_out, bit for bit before the
 final rounding to fp16 / bf16.  Requirements (ValueError): Kbp a multiple of 64; sm_80+.
@@ -160,7 +161,7 @@ def split_outliers(x: torch.Tensor, base_idx: torch.Tensor, outlier_idx: torch.T
 GV_ROWS = 8        # quik::GV_ROWS: the most rows the W8A8 GEMV takes
 GV_COLS_PER_CTA = 16  # quik::GV_WARPS x quik::GV_COLS
 GV_THREADS = 256
-W8A8_KERNELS = ("tile", "gemv")
+GEMM_KERNELS = ("tile", "gemv")
 
 
 def quik_gemm(xq, s, z, qweight, wscale, wsum, y_out, bits: int, out_dtype, return_acc: bool = False,
@@ -170,8 +171,9 @@ def quik_gemm(xq, s, z, qweight, wscale, wsum, y_out, bits: int, out_dtype, retu
     bits 8: xq int8 [M, Kbp], qweight int8 [N, Kbp];
     bits 4: qweight uint8 [N, Kbp/2] packed, and xq uint8 [M, Kbp/2] packed (s4 path) or
     int8 [M, Kbp] (s8 path).  y_out: [M, N] in ``out_dtype`` or None.  Returns y [M, N]
-    (and the int32 accumulator if ``return_acc``).  ``kernel`` (bits 8): "gemv" (a warp per two
-    output columns, dp4a; the default at M <= 8) or "tile" (64 x 64 tensor-core tiles, any M)."""
+    (and the int32 accumulator if ``return_acc``).  ``kernel``: "gemv" (a warp per two output
+    columns, dp4a; the default at M <= 8 where the activation codes come one per byte: W8A8, and
+    W4A4 with int8 xq) or "tile" (64 x 64 tensor-core tiles, any M)."""
     fn = "quik_gemm"
     kc._require(out_dtype in kc._OUT, f"{fn}: out_dtype must be torch.float16 or torch.bfloat16, got {out_dtype}")
     m, n = xq.shape[0], qweight.shape[0]
@@ -199,14 +201,13 @@ def quik_gemm(xq, s, z, qweight, wscale, wsum, y_out, bits: int, out_dtype, retu
     kc._check_aligned(fn, xq=xq, qweight=qweight)
     y = torch.empty((m, n), dtype=out_dtype, device=dev)
     acc = torch.empty((m, n), dtype=torch.int32, device=dev) if return_acc else None
-    if bits == 8:
-        kernel = kernel or ("gemv" if m <= GV_ROWS else "tile")
-        kc._require(kernel in W8A8_KERNELS and (kernel == "tile" or m <= GV_ROWS),
-                    f"{fn}: W8A8 kernel {kernel!r} must be one of {W8A8_KERNELS} (gemv: at most {GV_ROWS} rows)")
-    else:
-        kc._require(kernel in (None, "tile"), f"{fn}: the 4-bit paths have the tile kernel only")
+    gemv_ok = bits == 8 or xq.dtype == torch.int8  # the GEMV takes the codes one per byte
+    kernel = kernel or ("gemv" if m <= GV_ROWS and gemv_ok else "tile")
+    kc._require(kernel in GEMM_KERNELS and (kernel == "tile" or (m <= GV_ROWS and gemv_ok)),
+                f"{fn}: kernel {kernel!r} must be one of {GEMM_KERNELS} (gemv: at most {GV_ROWS} rows, "
+                "activation codes one per byte)")
     if m and n and kernel == "gemv":
-        kc._launch(f"quik_gemv_w8a8_{kc._OUT[out_dtype]}", (-(-n // GV_COLS_PER_CTA),), (GV_THREADS,),
+        kc._launch(f"quik_gemv_w{bits}a{bits}_{kc._OUT[out_dtype]}", (-(-n // GV_COLS_PER_CTA),), (GV_THREADS,),
                    (kc._ptr(xq), kc._ptr(s), kc._ptr(z), kc._ptr(qweight), kc._ptr(wscale), kc._ptr(wsum),
                     kc._ptr(y_out), kc._ptr(y), kc._ptr(acc), kc._i32(m), kc._i32(n), kc._i32(kbp)), dev, SOURCE)
     elif m and n:
@@ -319,10 +320,11 @@ def quik_linear(x2, base_idx, outlier_idx, qweight, wscale, wsum, outlier_weight
         prepared = prepared or prepare_repacked(qweight, wscale, wsum, x2.device)
     width = prepared.kq if path == "s8r" else None
     kbp = width or refq.padded_base(base_idx.numel())
+    pack = path == "s4" and x2.shape[0] > GV_ROWS  # at decode the GEMV takes the codes one per byte
     if fuses_outliers(x2.shape[0], kbp, outlier_idx.numel()) and outlier_weight.dtype == torch.float16:
-        xq, s, z, y_out = split_outliers(x2, base_idx, outlier_idx, outlier_weight, bits, path == "s4", clip, width)
+        xq, s, z, y_out = split_outliers(x2, base_idx, outlier_idx, outlier_weight, bits, pack, clip, width)
     else:
-        xq, s, z, x_out = split_quantize(x2, base_idx, outlier_idx, bits, path == "s4", clip, width=width)
+        xq, s, z, x_out = split_quantize(x2, base_idx, outlier_idx, bits, pack, clip, width=width)
         y_out = torch.matmul(x_out, outlier_weight.to(x2.dtype).t()) if outlier_idx.numel() else None
     if path == "s8r":
         return quik_gemm_repacked(xq, s, z, prepared, y_out, x2.dtype)

@@ -760,13 +760,15 @@ def gemv_outputs(ctx: Ctx, acc, M: int, N: int, n0: int):
         yield m, n0 + c, int(acc[sel[0], sel[1], j])
 
 
-def gemv_w8a8(ctx: Ctx, grid, bf16: bool):
-    """quik::gemv_w8a8: the GEMV sums, then quik::epilogue's formula for each stored output."""
+def gemv_quik(ctx: Ctx, grid, bf16: bool, w4: bool):
+    """quik::gemv_quik: the GEMV sums (``w4``: packed int4 weights against the codes one per byte),
+    then quik::epilogue's formula for each stored output."""
     a, f, mem = ctx.args, ctx.fops, ctx.mem
     M, N = a["M"], a["N"]
     conv = bf16_bits_to_f32 if bf16 else f16_bits_to_f32
     for _, n0 in gemv_warps(N, grid):
-        acc = gemv_sums(ctx, a["xq"], a["qw"], M, N, a["Kbp"], n0)
+        acc = (gemv_sums_w4(ctx, a["xq"], a["qw"], M, N, a["Kbp"] // 2, n0) if w4
+               else gemv_sums(ctx, a["xq"], a["qw"], M, N, a["Kbp"], n0))
         for m, n, av in gemv_outputs(ctx, acc, M, N, n0):
             ws = _load(ctx, a["wscale"], [n], np.float32, "wscale")[0]
             wr = f.mul(ws, f.i2f(_load(ctx, a["wsum"], [n], np.int32, "wsum")[0]))
@@ -874,7 +876,7 @@ class Emulator(StaticEmulator):
     native-layout GEMMs and int8 quantizer."""
 
     KERNELS = (("quik_split_wide_", SPLIT_WIDE_PARAMS, WIDE_THREADS), ("quik_split_", SPLIT_PARAMS, QUANT_THREADS),
-               ("quik_gemm_", GEMM_PARAMS, THREADS), ("quik_gemv_w8a8_", GEMM_PARAMS, GV_THREADS),
+               ("quik_gemm_", GEMM_PARAMS, THREADS), ("quik_gemv_w", GEMM_PARAMS, GV_THREADS),
                ("illm_gemv_w", ILLM_PARAMS, GV_THREADS),
                ("illm_matmul_", ILLM_PARAMS, THREADS), ("w4a8_is_gemm_", IS_PARAMS, THREADS),
                ("w4a8_fs_gemm_", FS_PARAMS, THREADS), ("quantize_per_token_int8_", W4A8_QUANT_PARAMS, QUANT_THREADS))
@@ -920,11 +922,11 @@ class Emulator(StaticEmulator):
                     _written_once(name, mem, vals[key], count, width, key)
             return
         M, N = vals["M"], vals["N"]
-        if name.startswith(("quik_gemv_w8a8_", "illm_gemv_w")):
+        if name.startswith(("quik_gemv_w", "illm_gemv_w")):
             if grid != (-(-N // (GV_WARPS * GV_COLS)), 1, 1) or not 0 < M <= GV_ROWS:
                 raise EmulationError(f"{name}: grid {grid} for M={M}, N={N} (ceil(N / {GV_WARPS * GV_COLS}) CTAs, M <= {GV_ROWS})")
             illm = name.startswith("illm_gemv_w")
-            if illm and name not in ("illm_gemv_w8", "illm_gemv_w4"):
+            if name not in ("illm_gemv_w8", "illm_gemv_w4") and not name.startswith(("quik_gemv_w8a8_", "quik_gemv_w4a4_")):
                 raise EmulationError(f"no emulation of kernel {name}")
             outs = (("t", 8),) if illm else (("y", 2), ("acc_out", 4))
             for key, _ in outs + ((("tk", 8),) if illm else ()):
@@ -933,7 +935,7 @@ class Emulator(StaticEmulator):
             if illm:
                 illm_gemv(ctx, grid, name == "illm_gemv_w4")
             else:
-                gemv_w8a8(ctx, grid, bf16)
+                gemv_quik(ctx, grid, bf16, name.startswith("quik_gemv_w4a4_"))
             for key, width in outs:
                 if vals[key]:
                     _written_once(name, mem, vals[key], M * N, width, key)

@@ -305,10 +305,12 @@ __device__ __forceinline__ void outlier_columns(float* __restrict__ sx, const un
 // N / 64 CTAs that each stream 64 weight rows through one stage (the H200: 149 us for the 4096 x
 // 14336 down_proj that cuBLAS FP16 reads in 32 us).  The GEMV main loop (quik_mainloop.cuh,
 // gemv_sums) gives every lane of a warp the int32 sums of its GV_COLS columns; lane j < M * GV_COLS
-// then applies quik::epilogue's formula to output (j / GV_COLS, j % GV_COLS).
+// then applies quik::epilogue's formula to output (j / GV_COLS, j % GV_COLS).  kW4 (quik_gemv_w4a4_*,
+// the 4-bit layers at decode on sm_80 .. sm_89, where the tile kernel is the int4 x int4 one): packed
+// int4 weights [N, Kbp/2] against the split's codes one per byte (int8 [M, Kbp]), gemv_sums<true>.
 // ---------------------------------------------------------------------------------------
-template <bool kBF16>
-__device__ __forceinline__ void gemv_w8a8(const signed char* __restrict__ xq, const float* __restrict__ s,
+template <bool kBF16, bool kW4>
+__device__ __forceinline__ void gemv_quik(const signed char* __restrict__ xq, const float* __restrict__ s,
                                           const float* __restrict__ z, const signed char* __restrict__ qw,
                                           const float* __restrict__ wscale, const int* __restrict__ wsum,
                                           const unsigned short* __restrict__ y_out, unsigned short* __restrict__ y,
@@ -317,7 +319,7 @@ __device__ __forceinline__ void gemv_w8a8(const signed char* __restrict__ xq, co
     const int n0 = gemv_n0();
     if (n0 >= N) return;  // no barrier in this kernel
     int acc[GV_ROWS][GV_COLS];
-    gemv_sums<false>(xq, qw, M, N, Kbp, n0, acc);
+    gemv_sums<kW4>(xq, qw, M, N, kW4 ? Kbp / 2 : Kbp, n0, acc);
     const int a = gemv_pick(acc, lane);
     const int m = lane / GV_COLS, n = n0 + lane % GV_COLS;
     if (lane >= GV_ROWS * GV_COLS || m >= M || n >= N) return;
@@ -332,7 +334,7 @@ __device__ __forceinline__ void gemv_w8a8(const signed char* __restrict__ xq, co
 
 // ---------------------------------------------------------------------------------------
 // Entry points.  GEMMs: grid (ceil(N / 64), ceil(M / 64)), block 128.  Split: grid (M), block 256.
-// Wide split: grid (M + ceil(N / 32) with w_out, else M), block 1024.  W8A8 GEMV (M <= 8):
+// Wide split: grid (M + ceil(N / 32) with w_out, else M), block 1024.  GEMVs (M <= 8):
 // grid (ceil(N / 16)), block 256.
 // ---------------------------------------------------------------------------------------
 
@@ -403,9 +405,9 @@ __device__ __forceinline__ void gemv_w8a8(const signed char* __restrict__ xq, co
             quik::outlier_columns<BF16>(smem, x, outlier_idx, w_out, y_out, b - M, M, K, N, n_out);     \
     }
 
-#define QUIK_GEMV_W8A8(NAME, BF16)                                                                     \
+#define QUIK_GEMV(NAME, BF16, W4)                                                                      \
     extern "C" __global__ void __launch_bounds__(quik::GV_THREADS) NAME(QUIK_GEMM_ARGS) {             \
-        quik::gemv_w8a8<BF16>(xq, s, z, qw, wscale, wsum, y_out, y, acc_out, M, N, Kbp);              \
+        quik::gemv_quik<BF16, W4>(xq, s, z, qw, wscale, wsum, y_out, y, acc_out, M, N, Kbp);          \
     }
 
 QUIK_BYTES_GEMM(quik_gemm_w4a4_s4_f16, true, false, Kbp / 2)
@@ -418,5 +420,7 @@ QUIK_SPLIT(quik_split_f16, false)
 QUIK_SPLIT(quik_split_bf16, true)
 QUIK_SPLIT_WIDE(quik_split_wide_f16, false)
 QUIK_SPLIT_WIDE(quik_split_wide_bf16, true)
-QUIK_GEMV_W8A8(quik_gemv_w8a8_f16, false)
-QUIK_GEMV_W8A8(quik_gemv_w8a8_bf16, true)
+QUIK_GEMV(quik_gemv_w8a8_f16, false, false)
+QUIK_GEMV(quik_gemv_w8a8_bf16, true, false)
+QUIK_GEMV(quik_gemv_w4a4_f16, false, true)
+QUIK_GEMV(quik_gemv_w4a4_bf16, true, true)
