@@ -102,8 +102,6 @@ def main() -> None:
         dec = f"{r['decode_layer_us']:.1f} ({c / r['decode_layer_us']:.2f}x)" if "decode_layer_us" in r else "-"
         print(f"| {r['shape']} ({r['N']} x {r['K']}) | {r['M']} | {c:.1f} | {r['old_gemm_us']:.1f} | "
               f"{r['gemm_us']:.1f} ({c / r['gemm_us']:.2f}x) | {r['old_layer_us']:.1f} | {r['layer_us']:.1f} ({c / r['layer_us']:.2f}x) | {dec} |")
-
-
     print()
     print("| W8A8 linear (N x K) | M | cuBLAS FP16 us | GEMM: tile kernel us | GEMM: GEMV predicted us (x cuBLAS) | "
           "layer: first design us | layer: predicted us (x cuBLAS) |")

@@ -510,7 +510,7 @@ def test_a_joined_matmul_gives_each_linear_its_own_bits(m, splits, w_bits):
 @pytest.mark.parametrize("w_bits", [8, 4])
 @pytest.mark.parametrize("m,splits,k", [(1, (64, 13, 8), 96), (8, (40, 24, 72), 4096), (5, (33,), 288), (2, (17,), 1024)])
 def test_the_decode_gemv_gives_the_tile_kernels_bits(m, splits, k, w_bits, kernel):
-    """DI-MatMul at M <= 8 runs the GEMV (quik_mainloop.cuh's gemv_sums / gemv_sums_w4, illm_gemv_w8 /
+    """DI-MatMul at M <= 8 runs the GEMV (quik_mainloop.cuh's gemv_sums<false> / <true>, illm_gemv_w8 /
     illm_gemv_w4) by default: with joined segments, row exponents and weight rows of 3 to 256 chunks
     (a partial unrolled step), both kernels equal the reference."""
     run_joined_matmul(m, splits, w_bits, k, kernel=kernel)

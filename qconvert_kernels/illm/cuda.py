@@ -23,6 +23,10 @@ import torch
 
 from qconvert_kernels import launch as _l
 from qconvert_kernels.illm import reference as ri
+# the GEMV runs quik_mainloop.cuh's main loop, hence QUIK's launch shape
+from qconvert_kernels.quik.cuda import GV_COLS_PER_CTA as GEMV_COLS_PER_CTA
+from qconvert_kernels.quik.cuda import GV_ROWS as GEMV_ROWS
+from qconvert_kernels.quik.cuda import GV_THREADS as GEMV_THREADS
 
 SOURCE = Path(__file__).with_name("illm_gemm.cu")
 ROW_THREADS = 256
@@ -48,9 +52,6 @@ def _rows_vector(fn: str, what: str, v: torch.Tensor, rows: int, dtypes) -> None
 _INT = (torch.int32, torch.int64)
 
 
-GEMV_ROWS = 8             # quik::GV_ROWS: DI-MatMul w8 runs the GEMV up to this many rows
-GEMV_COLS_PER_CTA = 16    # quik::GV_WARPS x quik::GV_COLS
-GEMV_THREADS = 256
 MATMUL_KERNELS = ("tile", "gemv")
 
 
@@ -110,15 +111,12 @@ def illm_matmul(xq: torch.Tensor, qweight: torch.Tensor, wm: torch.Tensor, wk: t
     kernel = kernel or ("gemv" if m <= GEMV_ROWS else "tile")
     _l.require(kernel in MATMUL_KERNELS and (kernel == "tile" or m <= GEMV_ROWS),
                f"{fn}: kernel {kernel!r} must be one of {MATMUL_KERNELS} (gemv: at most {GEMV_ROWS} rows)")
+    args = (_l.ptr(xq), _l.ptr(qweight), _l.ptr(wm), _l.ptr(wk), _l.ptr(kmin_t), _l.ptr(t), _l.ptr(xk), _l.ptr(tk),
+            _l.i32(m), _l.i32(n), _l.i32(k), _l.i32(bounds[0]), _l.i32(bounds[1]))
     if m and n and kernel == "gemv":
-        _launch(f"illm_gemv_w{w_bits}", (-(-n // GEMV_COLS_PER_CTA),), (GEMV_THREADS,),
-                (_l.ptr(xq), _l.ptr(qweight), _l.ptr(wm), _l.ptr(wk), _l.ptr(kmin_t), _l.ptr(t), _l.ptr(xk), _l.ptr(tk),
-                 _l.i32(m), _l.i32(n), _l.i32(k), _l.i32(bounds[0]), _l.i32(bounds[1])), dev)
+        _launch(f"illm_gemv_w{w_bits}", (-(-n // GEMV_COLS_PER_CTA),), (GEMV_THREADS,), args, dev)
     elif m and n:
-        grid = (-(-n // BLOCK_N), -(-m // BLOCK_M))
-        _launch(f"illm_matmul_w{w_bits}", grid, (GEMM_THREADS,),
-                (_l.ptr(xq), _l.ptr(qweight), _l.ptr(wm), _l.ptr(wk), _l.ptr(kmin_t), _l.ptr(t), _l.ptr(xk), _l.ptr(tk),
-                 _l.i32(m), _l.i32(n), _l.i32(k), _l.i32(bounds[0]), _l.i32(bounds[1])), dev)
+        _launch(f"illm_matmul_w{w_bits}", (-(-n // BLOCK_N), -(-m // BLOCK_M)), (GEMM_THREADS,), args, dev)
     elif tk is not None:  # no CTA runs: t's exponents on the device all the same
         tk = (xk + kmin_t[:, None]).reshape(tk.shape)
     return t if xk is None else (t, tk)

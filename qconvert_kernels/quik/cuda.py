@@ -125,12 +125,18 @@ def split_quantize(x: torch.Tensor, base_idx: torch.Tensor, outlier_idx: torch.T
                     kc._ptr(x_out), kc._i32(m), kc._i32(k), kc._i32(kb), kc._i32(kbp), kc._i32(n_out),
                     kc._i32(bits), kc._i32(int(pack)), np.float32(refq.clip32(clip))), dev, SOURCE)
     elif m:
-        kc._launch(f"quik_split_wide_{kc._OUT[x.dtype]}", (m,), (WIDE_THREADS,),
-                   (kc._ptr(x), kc._ptr(base_idx), kc._ptr(outlier_idx), kc._ptr(xq), kc._ptr(s), kc._ptr(z),
-                    kc._ptr(x_out if n_out else None), kc._ptr(None), kc._ptr(None), kc._i32(m), kc._i32(k), kc._i32(kb),
-                    kc._i32(kbp), kc._i32(n_out), kc._i32(0), kc._i32(bits), kc._i32(int(pack)),
-                    np.float32(refq.clip32(clip))), dev, SOURCE)
+        _launch_wide(dev, x, base_idx, outlier_idx, xq, s, z, x_out if n_out else None, None, None, kb, kbp, bits, pack, clip)
     return xq, s, z, x_out
+
+
+def _launch_wide(dev, x, base_idx, outlier_idx, xq, s, z, x_out, w_out, y_out, kb, kbp, bits, pack, clip) -> None:
+    """quik_split_wide_*: M row CTAs, and with w_out ceil(N / GEMV_COLS) outlier-product CTAs."""
+    (m, k), n = x.shape, (w_out.shape[0] if w_out is not None else 0)
+    kc._launch(f"quik_split_wide_{kc._OUT[x.dtype]}", (m + -(-n // GEMV_COLS),), (WIDE_THREADS,),
+               (kc._ptr(x), kc._ptr(base_idx), kc._ptr(outlier_idx), kc._ptr(xq), kc._ptr(s), kc._ptr(z), kc._ptr(x_out),
+                kc._ptr(w_out), kc._ptr(y_out), kc._i32(m), kc._i32(k), kc._i32(kb), kc._i32(kbp),
+                kc._i32(outlier_idx.numel()), kc._i32(n), kc._i32(bits), kc._i32(int(pack)), np.float32(refq.clip32(clip))),
+               dev, SOURCE)
 
 
 def split_outliers(x: torch.Tensor, base_idx: torch.Tensor, outlier_idx: torch.Tensor, w_out: torch.Tensor, bits: int,
@@ -149,18 +155,14 @@ def split_outliers(x: torch.Tensor, base_idx: torch.Tensor, outlier_idx: torch.T
                 f"{fn}: w_out must be float16 [N, {n_out}], got {w_out.dtype} {tuple(w_out.shape)}")
     kc._check_cuda(fn, x, w_out)  # on x's device
     w_out = w_out.contiguous()
-    n = w_out.shape[0]
-    y_out = torch.empty((m, n), dtype=x.dtype, device=dev)
-    kc._launch(f"quik_split_wide_{kc._OUT[x.dtype]}", (m + -(-n // GEMV_COLS),), (WIDE_THREADS,),
-               (kc._ptr(x), kc._ptr(base_idx), kc._ptr(outlier_idx), kc._ptr(xq), kc._ptr(s), kc._ptr(z),
-                kc._ptr(None), kc._ptr(w_out), kc._ptr(y_out), kc._i32(m), kc._i32(k), kc._i32(kb), kc._i32(kbp),
-                kc._i32(n_out), kc._i32(n), kc._i32(bits), kc._i32(int(pack)), np.float32(refq.clip32(clip))), dev, SOURCE)
+    y_out = torch.empty((m, w_out.shape[0]), dtype=x.dtype, device=dev)
+    _launch_wide(dev, x, base_idx, outlier_idx, xq, s, z, None, w_out, y_out, kb, kbp, bits, pack, clip)
     return xq, s, z, y_out
 
 
-GV_ROWS = 8        # quik::GV_ROWS: the most rows the W8A8 GEMV takes
+GV_ROWS = 8           # quik::GV_ROWS: the most rows the GEMVs take (QUIK's and I-LLM's)
 GV_COLS_PER_CTA = 16  # quik::GV_WARPS x quik::GV_COLS
-GV_THREADS = 256
+GV_THREADS = 256      # quik::GV_THREADS
 GEMM_KERNELS = ("tile", "gemv")
 
 
@@ -206,15 +208,13 @@ def quik_gemm(xq, s, z, qweight, wscale, wsum, y_out, bits: int, out_dtype, retu
     kc._require(kernel in GEMM_KERNELS and (kernel == "tile" or (m <= GV_ROWS and gemv_ok)),
                 f"{fn}: kernel {kernel!r} must be one of {GEMM_KERNELS} (gemv: at most {GV_ROWS} rows, "
                 "activation codes one per byte)")
+    args = (kc._ptr(xq), kc._ptr(s), kc._ptr(z), kc._ptr(qweight), kc._ptr(wscale), kc._ptr(wsum), kc._ptr(y_out),
+            kc._ptr(y), kc._ptr(acc), kc._i32(m), kc._i32(n), kc._i32(kbp))
     if m and n and kernel == "gemv":
-        kc._launch(f"quik_gemv_w{bits}a{bits}_{kc._OUT[out_dtype]}", (-(-n // GV_COLS_PER_CTA),), (GV_THREADS,),
-                   (kc._ptr(xq), kc._ptr(s), kc._ptr(z), kc._ptr(qweight), kc._ptr(wscale), kc._ptr(wsum),
-                    kc._ptr(y_out), kc._ptr(y), kc._ptr(acc), kc._i32(m), kc._i32(n), kc._i32(kbp)), dev, SOURCE)
+        kc._launch(f"quik_gemv_w{bits}a{bits}_{kc._OUT[out_dtype]}", (-(-n // GV_COLS_PER_CTA),), (GV_THREADS,), args, dev, SOURCE)
     elif m and n:
-        grid = (-(-n // kc.BLOCK_N), -(-m // kc.BLOCK_M))
-        kc._launch(f"{tile}_{kc._OUT[out_dtype]}", grid, (kc.GEMM_THREADS,),
-                   (kc._ptr(xq), kc._ptr(s), kc._ptr(z), kc._ptr(qweight), kc._ptr(wscale), kc._ptr(wsum),
-                    kc._ptr(y_out), kc._ptr(y), kc._ptr(acc), kc._i32(m), kc._i32(n), kc._i32(kbp)), dev, SOURCE)
+        kc._launch(f"{tile}_{kc._OUT[out_dtype]}", (-(-n // kc.BLOCK_N), -(-m // kc.BLOCK_M)), (kc.GEMM_THREADS,), args, dev,
+                   SOURCE)
     return (y, acc) if return_acc else y
 
 

@@ -88,7 +88,7 @@ MUTATIONS = frozenset({
     "wide_slots",      # quik_split_wide holds one channel pair per thread too few (WIDE_SLOTS - 1)
     "wide_pair_swap",  # quik_split_wide's 16-bit store puts channel 2p + 1's code in the low byte
     "outlier_seq",     # the fused outlier product summed channel after channel, not lane sums + butterfly
-    "gemv_stride",     # the W8A8 GEMV's lanes step 16 chunks along the row instead of 32
+    "gemv_stride",     # the GEMVs' lanes step 16 chunks along the row instead of 32
     "gemv4_no_sign",   # the w4 GEMV's nibbles not sign-extended (no xor 8 / __vsub4 8)
     "gemv4_perm",      # the w4 GEMV's PRMT selectors for the even and the odd k exchanged
     "gemv_lane_map",   # the W8A8 GEMV's lane j selects the sum of (j % GV_ROWS, j / GV_ROWS) for output (j / GV_COLS, j % GV_COLS)
@@ -671,32 +671,6 @@ def gemv_warps(N: int, grid):
                 yield b * GV_WARPS + w, n0
 
 
-def gemv_sums(ctx: Ctx, xq_ptr: int, qw_ptr: int, M: int, N: int, KB: int, n0: int):
-    """quik::gemv_sums<false> for one warp: lane l takes the 16-byte chunks l, l + 32, ... of its GV_COLS
-    weight rows (a column past N reads row n0 again) and of the M activation rows (16-byte loads,
-    each checked), dp4a sums them (int32, exact), and the xor butterfly adds the lanes.  Returns
-    acc int64 [GV_ROWS, GV_COLS, 32] (every lane's registers)."""
-    mem = ctx.mem
-    chunks = KB // 16
-    step = 16 if "gemv_stride" in ctx.mutations else 32
-    lane = np.arange(32)
-    k = lane[:, None] + step * np.arange(-(-chunks // 32))[None, :]                 # [lane, i]
-    ok = k < chunks
-    acc = np.zeros((GV_ROWS, GV_COLS, 32), np.int64)
-    xs = [mem.load(xq_ptr, (m * chunks + k[ok]) * 16, 16, "xq (16-byte chunks)").view(np.int8).astype(np.int64)
-          for m in range(M)]
-    for c in range(GV_COLS):
-        row = n0 + c if n0 + c < N else n0
-        wv = mem.load(qw_ptr, (row * chunks + k[ok]) * 16, 16, "qw (16-byte chunks)").view(np.int8).astype(np.int64)
-        for m in range(M):
-            per = np.zeros(k.shape, np.int64)
-            per[ok] = (xs[m] * wv).sum(axis=1)                                      # 4 dp4a per chunk
-            acc[m, c] = wrap32(per.sum(axis=1))
-    for o in (16, 8, 4, 2, 1):
-        acc = wrap32(acc + acc[:, :, lane ^ o]).astype(np.int64)
-    return acc
-
-
 def _vsub4(a, b):
     """__vsub4: bytewise a - b modulo 256 (no borrow between bytes)."""
     a, b = np.asarray(a, np.uint32), np.asarray(b, np.uint32)
@@ -714,36 +688,44 @@ def _dp4a(a, b):
     return (sa.astype(np.int64) * sb.astype(np.int64)).sum(axis=-1)
 
 
-def gemv_sums_w4(ctx: Ctx, xq_ptr: int, qw_ptr: int, M: int, N: int, KB: int, n0: int):
-    """quik::gemv_sums<true> (packed int4 weights) for one warp: lane l takes the 16-byte weight chunks l, l + 32, ... (32
-    nibbles each) and the activation chunks 2c, 2c + 1; per weight word the kernel's instructions:
-    the even k's nibbles (w & 0x0F0F0F0F) and the odd k's (w >> 4 & 0x0F0F0F0F), xor 8 and __vsub4
-    8 (sign), against PRMT 0x6420 / 0x7531 of the word's two activation words, summed with dp4a."""
+def gemv_sums(ctx: Ctx, xq_ptr: int, qw_ptr: int, M: int, N: int, KB: int, n0: int, w4: bool = False):
+    """quik::gemv_sums<w4> for one warp: lane l takes the 16-byte weight chunks l, l + 32, ... of its
+    GV_COLS weight rows (KB bytes each; a column past N reads row n0 again) and the activation
+    chunks they multiply (16-byte loads, each checked), and the xor butterfly adds the lanes.
+    int8 weights: activation chunk c, dp4a of the bytes.  Packed int4 (``w4``): activation chunks
+    2c, 2c + 1, and per weight word the kernel's instructions: the even k's nibbles (w & 0x0F0F0F0F)
+    and the odd k's (w >> 4 & 0x0F0F0F0F), xor 8 and __vsub4 8 (sign), against PRMT 0x6420 / 0x7531
+    of the word's two activation words, summed with dp4a.  Returns acc int64 [GV_ROWS, GV_COLS, 32]
+    (every lane's registers)."""
     mem = ctx.mem
     chunks = KB // 16
+    step = 16 if "gemv_stride" in ctx.mutations else 32
     lane = np.arange(32)
-    k = lane[:, None] + 32 * np.arange(-(-chunks // 32))[None, :]
+    k = lane[:, None] + step * np.arange(-(-chunks // 32))[None, :]                 # [lane, i]
     ok = k < chunks
-    acc = np.zeros((GV_ROWS, GV_COLS, 32), np.int64)
-    xs = []
-    for m in range(M):
-        lo = mem.load(xq_ptr, ((m * chunks + k[ok]) * 2) * 16, 16, "xq (16-byte chunks)")
-        hi = mem.load(xq_ptr, ((m * chunks + k[ok]) * 2 + 1) * 16, 16, "xq (16-byte chunks)")
-        xs.append(np.concatenate([lo, hi], axis=1).view(np.uint32))              # [chunk, 8 words]
+    per_x = 2 if w4 else 1                                                          # activation chunks per weight chunk
+    xs = [np.concatenate([mem.load(xq_ptr, ((m * chunks + k[ok]) * per_x + h) * 16, 16, "xq (16-byte chunks)")
+                          for h in range(per_x)], axis=1) for m in range(M)]
     sign = 0 if "gemv4_no_sign" in ctx.mutations else 0x08080808
     sel = (0x7531, 0x6420) if "gemv4_perm" in ctx.mutations else (0x6420, 0x7531)
+    acc = np.zeros((GV_ROWS, GV_COLS, 32), np.int64)
     for c in range(GV_COLS):
         row = n0 + c if n0 + c < N else n0
-        w = mem.load(qw_ptr, (row * chunks + k[ok]) * 16, 16, "qw (16-byte chunks)").view(np.uint32)  # [chunk, 4]
-        even = _vsub4((w & np.uint32(0x0F0F0F0F)) ^ np.uint32(sign), np.uint32(sign))
-        odd = _vsub4(((w >> np.uint32(4)) & np.uint32(0x0F0F0F0F)) ^ np.uint32(sign), np.uint32(sign))
+        w = mem.load(qw_ptr, (row * chunks + k[ok]) * 16, 16, "qw (16-byte chunks)")
+        if w4:
+            w = w.view(np.uint32)                                                   # [chunk, 4 words]
+            even = _vsub4((w & np.uint32(0x0F0F0F0F)) ^ np.uint32(sign), np.uint32(sign))
+            odd = _vsub4(((w >> np.uint32(4)) & np.uint32(0x0F0F0F0F)) ^ np.uint32(sign), np.uint32(sign))
         for m in range(M):
-            xw = xs[m]
-            x_lo, x_hi = xw[:, 0::2], xw[:, 1::2]                                   # word i's x0..3, x4..7
-            per = _dp4a(byte_perm(x_lo, x_hi, sel[0]), even) + _dp4a(byte_perm(x_lo, x_hi, sel[1]), odd)
-            full = np.zeros(k.shape, np.int64)
-            full[ok] = per.sum(axis=1)
-            acc[m, c] = wrap32(full.sum(axis=1))
+            if w4:
+                xw = xs[m].view(np.uint32)                                          # [chunk, 8 words]
+                x_lo, x_hi = xw[:, 0::2], xw[:, 1::2]                               # word i's x0..3, x4..7
+                per_chunk = (_dp4a(byte_perm(x_lo, x_hi, sel[0]), even) + _dp4a(byte_perm(x_lo, x_hi, sel[1]), odd)).sum(axis=1)
+            else:
+                per_chunk = (xs[m].view(np.int8).astype(np.int64) * w.view(np.int8).astype(np.int64)).sum(axis=1)
+            per = np.zeros(k.shape, np.int64)
+            per[ok] = per_chunk                                                     # 4 (8 for w4) dp4a per chunk
+            acc[m, c] = wrap32(per.sum(axis=1))
     for o in (16, 8, 4, 2, 1):
         acc = wrap32(acc + acc[:, :, lane ^ o]).astype(np.int64)
     return acc
@@ -767,8 +749,7 @@ def gemv_quik(ctx: Ctx, grid, bf16: bool, w4: bool):
     M, N = a["M"], a["N"]
     conv = bf16_bits_to_f32 if bf16 else f16_bits_to_f32
     for _, n0 in gemv_warps(N, grid):
-        acc = (gemv_sums_w4(ctx, a["xq"], a["qw"], M, N, a["Kbp"] // 2, n0) if w4
-               else gemv_sums(ctx, a["xq"], a["qw"], M, N, a["Kbp"], n0))
+        acc = gemv_sums(ctx, a["xq"], a["qw"], M, N, a["Kbp"] // 2 if w4 else a["Kbp"], n0, w4)
         for m, n, av in gemv_outputs(ctx, acc, M, N, n0):
             ws = _load(ctx, a["wscale"], [n], np.float32, "wscale")[0]
             wr = f.mul(ws, f.i2f(_load(ctx, a["wsum"], [n], np.int32, "wsum")[0]))
@@ -790,8 +771,7 @@ def illm_gemv(ctx: Ctx, grid, w4: bool):
     if a["tk"]:
         illm_row_exponents(ctx, M, 0)
     for _, n0 in gemv_warps(N, grid):
-        acc = (gemv_sums_w4(ctx, a["xq"], a["qw"], M, N, a["K"] // 2, n0) if w4
-               else gemv_sums(ctx, a["xq"], a["qw"], M, N, a["K"], n0))
+        acc = gemv_sums(ctx, a["xq"], a["qw"], M, N, a["K"] // 2 if w4 else a["K"], n0, w4)
         for m, n, av in gemv_outputs(ctx, acc, M, N, n0):
             m_n = np.int64(_load(ctx, a["wm"], [n], np.int32, "wm")[0])
             s = np.int64(_load(ctx, a["wk"], [n], np.int32, "wk")[0]) - _illm_kmin(ctx, np.array([n]))[0]

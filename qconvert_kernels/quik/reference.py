@@ -123,8 +123,9 @@ def outlier_product(x_out: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
 def outlier_product_lanes(x_out: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
     """y_out [M, N] in x_out's dtype as the split's fused product makes it (quik_gemm.cu,
     quik::outlier_columns): lane l (of 32) sums x_out[m, k] * w_out[n, k] over k = l, l + 32, ...
-    in that order, each product and sum rounded to float32 (as the kernel's __fmul_rn, __fadd_rn), the 32 lane sums are added by the xor butterfly (offsets 16, 8, 4, 2, 1), and the total
-    is rounded once to x_out's dtype."""
+    in that order, each product and sum rounded to float32 (as the kernel's __fmul_rn, __fadd_rn),
+    the 32 lane sums are added by the xor butterfly (offsets 16, 8, 4, 2, 1), and the total is
+    rounded once to x_out's dtype."""
     m, n_out = x_out.shape
     lanes = -(-n_out // 32) * 32
     x = torch.nn.functional.pad(x_out.float(), (0, lanes - n_out))       # zero products add nothing:
