@@ -38,8 +38,9 @@
 #   e  the online Hadamard transform of --rotate hadamard+online (hadamard.json), a Llama-3-8B
 #      block's float glue: RoPE, RMSNorm, SwiGLU and the KV-cache write as transformers' and the
 #      engine's ops and as qconvert's kernels (benchmarks/glue_speed.py: glue.json), then the other
-#      methods' kernels at M in {1, 4096}, each M under its own 20 s: FP8 (sm_89+), I-LLM, QUIK
-#      (kernels_zqfp.json, kernels_illm.json, kernels_quik.json, each merged from one process per M)
+#      methods' kernels, each scheme and M under its own 20 s, M = 1 of QUIK, FP8 (sm_89+) and I-LLM
+#      before their M = 4096 (kernels_quik.json, kernels_zqfp.json, kernels_illm.json, each merged from
+#      one process per M)
 #   f  I-LLM's integer-only model on its kernels against FP16, end to end, on 4 blocks of the
 #      synthetic Llama-3-8B, batch 1 and 16, CUDA-graph captured and eager (e2e_illm.json)
 #   g  Nsight Compute's counters of the W4A8 prefill (M = 4096, 256) and decode (M = 1) kernels, IS
@@ -162,16 +163,19 @@ part_e() {  # one process per scheme and M, as in part b (one M of all three in 
   # first, as it is short (2 orders x 4 M, 20 timed calls each)
   timeout 20 "$PYTHON" benchmarks/hadamard_speed.py --json "$out/hadamard.json" || rc=1  # --rotate hadamard+online
   timeout 25 "$PYTHON" benchmarks/glue_speed.py --json "$out/glue.json" || rc=1  # RoPE, RMSNorm, SwiGLU, KV write: kernels or torch ops
-  # QUIK first: its 4-bit layers run on the repacked W4A8 kernels since 0.4.0 (not yet timed on a
-  # GPU; the first kernel's row beside them), where the H200 runs of 2026-12-04 have the other tables
-  for s in quik-w4a4:quik zqfp-w4a8:zqfp illm-w8a8:illm; do
-    if [ "${s##*:}" = zqfp ] && ! "$PYTHON" -c "import torch, sys; sys.exit(torch.cuda.get_device_capability() < (8, 9))"; then
-      continue  # FP8 tensor cores: sm_89+
-    fi
-    rm -f "$out/kernels_${s##*:}"_m*.json "$out/kernels_${s##*:}.json"  # none of an earlier run's left
-    for m in 1 4096; do
+  # M = 1 of every scheme before any M = 4096: the decode paths are what changed since the H200 runs
+  # of 2026-12-04 (QUIK's 4-bit layers on the repacked W4A8 kernels and its fused split, fp4-fp8's
+  # repacked decode kernel, the 8-bit GEMVs), so a budget cut takes prefill rows those runs have
+  local fp8=1 schemes="quik-w4a4:quik zqfp-w4a8:zqfp illm-w8a8:illm"
+  "$PYTHON" -c "import torch, sys; sys.exit(torch.cuda.get_device_capability() < (8, 9))" || fp8=0  # FP8 tensor cores: sm_89+
+  for s in $schemes; do rm -f "$out/kernels_${s##*:}"_m*.json "$out/kernels_${s##*:}.json"; done  # none of an earlier run's left
+  for m in 1 4096; do
+    for s in $schemes; do
+      [ "${s##*:}" = zqfp ] && [ $fp8 = 0 ] && continue
       timeout 20 "$PYTHON" -m qconvert.cli bench --kernels --scheme "${s%%:*}" --m "$m" --json "$out/kernels_${s##*:}_m$m.json" || rc=1
     done
+  done
+  for s in $schemes; do
     ls "$out/kernels_${s##*:}"_m*.json > /dev/null 2>&1 &&
       { "$PYTHON" benchmarks/gpu_tables.py --merge "$out/kernels_${s##*:}.json" "$out/kernels_${s##*:}"_m*.json || rc=1; }
   done

@@ -270,9 +270,13 @@ def _fp16_baseline(label: str, n: int, k: int, m: int, device: torch.device, run
 
 def zqfp_kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, runs: int = 50, warmup: int = 10,
                      group_size: int = 128, reps: int = 20) -> list[dict]:
-    """Time cuBLAS FP16, the FP8 quantizer, FP4 x FP8 (fp4-fp8) and FP8 x FP8 (fp8-fp8) for one (M, N, K).
-    LoRC (a rank-r torch GEMM beside the kernel) is not included."""
+    """Time cuBLAS FP16, the FP8 quantizer, FP4 x FP8 (fp4-fp8) and FP8 x FP8 (fp8-fp8) for one (M, N, K),
+    and at M <= 64 fp4-fp8 as the runtime runs it there, ``fp4-fp8-decode``: the repacked decode
+    kernel (fp8/fp8_repacked.cu, the E4M3 quantizer fused in: one launch; weights repacked before the
+    timing, as at load time), its ratio to cuBLAS with nothing added.  LoRC (a rank-r torch GEMM beside
+    the kernel) is not included."""
     from qconvert_kernels.fp8 import cuda as cuda_fp8
+    from qconvert_kernels.w4a8 import cuda as kcuda
 
     g = group_size
     kp = -(-k // g) * g
@@ -288,6 +292,13 @@ def zqfp_kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, r
     cscale = torch.rand(n, generator=gen, device=device) * 0.01
     row("fp4-fp8", _time_cuda(lambda i: cuda_fp8.fp4_fp8_gemm(*quantized[i], qws[i], sexps[i], cscale, g, torch.float16),
                               sets, runs, warmup, reps), m * kp + n * kp // 2 + n * n_groups + n * 4 + m * n * 2, ops)
+    if m <= kcuda.DECODE_MAX_M:
+        preps = [kcuda.prepare("fp4-fp8", {"qweight": qws[i], "sexp": sexps[i], "cscale": cscale, "shape": torch.tensor([n, k])},
+                               g, device) for i in range(sets)]
+        x16 = [torch.randn((m, k), generator=gen, device=device, dtype=torch.float16) for _ in range(sets)]
+        row("fp4-fp8-decode", _time_cuda(lambda i: kcuda.linear(x16[i], preps[i]), sets, runs, warmup, reps),
+            m * k * 2 + n * kp // 2 + n * n_groups + n * 4 + m * n * 2, ops)
+        preps.clear()
     qws.clear()
     w8 = [torch.randint(0, 0x7F, (n, kp), generator=gen, device=device, dtype=torch.uint8).view(torch.float8_e4m3fn)
           for _ in range(sets)]
@@ -298,6 +309,8 @@ def zqfp_kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, r
         if r["kernel"] in ("fp4-fp8", "fp8-fp8"):
             r["vs_cublas"] = round(by["cublas-fp16"] / r["us"], 3)
             r["vs_cublas_with_quant"] = round(by["cublas-fp16"] / (r["us"] + by["quantize-fp8"]), 3)
+        elif r["kernel"] == "fp4-fp8-decode":  # the quantizer is inside its launch
+            r["vs_cublas"] = r["vs_cublas_with_quant"] = round(by["cublas-fp16"] / r["us"], 3)
     return rows
 
 

@@ -93,5 +93,62 @@ def test_bench_rows_for_zqfp():
     from qconvert import bench as b
 
     rows = b.zqfp_kernel_rows("o_proj", 576, 576, 16, DEV, runs=50, warmup=2, reps=4)
-    assert [r["kernel"] for r in rows] == ["cublas-fp16", "quantize-fp8", "fp4-fp8", "fp8-fp8"]
+    assert [r["kernel"] for r in rows] == ["cublas-fp16", "quantize-fp8", "fp4-fp8", "fp4-fp8-decode", "fp8-fp8"]
     assert all(r["us"] > 0 for r in rows)
+    rows = b.zqfp_kernel_rows("o_proj", 576, 576, 65, DEV, runs=50, warmup=2, reps=4)
+    assert "fp4-fp8-decode" not in [r["kernel"] for r in rows]
+
+
+# ---- fp4-fp8 at decode on the repacked W4A8 decode kernel (fp8/fp8_repacked.cu via w4a8/cuda.py)
+# (M, N, K, g): M from 1 to 64 (all four token tiles), odd N and K, Llama-3-8B's q/o and down_proj
+ZQ_DECODE_SHAPES = [(1, 4096, 4096, 128), (8, 4096, 14336, 128), (3, 192, 576, 128), (17, 576, 4096, 32),
+                    (33, 13, 300, 96), (64, 1024, 4096, 128), (1, 14336, 4096, 128)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k,g", ZQ_DECODE_SHAPES)
+def test_repacked_decode_matches_reference_and_the_tile_kernel(m, n, k, g, dtype):
+    from qconvert_kernels.w4a8 import cuda as kcuda
+
+    x, codes, sexp, cscale, kp = fp4_case(m, n, k, g, dtype)
+    tensors = {"qweight": pack_fp4(codes), "sexp": sexp, "cscale": cscale, "shape": torch.tensor([n, k])}
+    prep = kcuda.prepare("fp4-fp8", tensors, g, DEV)
+    y = kcuda.linear(x.to(DEV), prep)
+    torch.cuda.synchronize()
+    assert not prep.workspace.any(), "the workspace must return to zero"
+    xq, t = ref8.quantize_per_token_fp8(x, kp)
+    w = codes_to_values(codes)
+    bounds = kcuda.plan(m, prep, kcuda.device_sm_count(DEV)).split_bounds()
+    y_ref = ref8.fp4_fp8_gemm_split(xq, t, ref8.weight_groups(w, g), sexp, cscale, bounds)
+    y_abs = ref8.fp4_fp8_gemm(xq.float().abs().to(torch.float8_e4m3fn), t, ref8.weight_groups(w.abs(), g), sexp, cscale)
+    assert _within_tolerance(y, y_ref, y_abs, dtype) <= 1.0
+    # and the first kernel on the same activations, within the same bound
+    xq_d, t_d = cuda_fp8.quantize_per_token_fp8(x.to(DEV), kp)
+    y_tile = cuda_fp8.fp4_fp8_gemm(xq_d, t_d, pack_fp4(codes).to(DEV), sexp.to(DEV), cscale.to(DEV), g, dtype)
+    assert _within_tolerance(y, y_tile.float().cpu(), y_abs, dtype) <= 2.0
+
+
+def test_runtime_layer_decodes_on_the_repacked_kernel_and_captures():
+    """A method-made fp4-fp8 layer with LoRC, prepared as runtime.load does: M <= 64 runs the repacked
+    kernel (one launch plus LoRC's quantizer), is captured in a CUDA graph, and equals the CPU path."""
+    from qconvert.layouts.fp8 import FP8Linear
+    from qconvert.methods.zeroquant_fp import ZeroQuantFPMethod
+
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(1024, 4096, generator=gen) * 0.02
+    ql = ZeroQuantFPMethod({"base": "rtn", "lorc_rank": 8, "group_size": 128}).quantize_linear("l", w)
+    cpu = FP8Linear(ql.layout, ql.tensors, None)
+    gpu = FP8Linear(ql.layout, {k: v.to(DEV) for k, v in ql.tensors.items()}, None)
+    gpu.check_cuda("l")
+    gpu.prepare_cuda()
+    x = (torch.randn(4, 4096, generator=gen) * 0.5).half().to(DEV)
+    assert gpu._on_decode_kernel(x)
+    y = gpu(x)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y_graph = gpu(x)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, y_graph)
+    y_ref = cpu(x.float().cpu())
+    assert float((y.float().cpu() - y_ref).norm() / y_ref.norm()) < 2e-3

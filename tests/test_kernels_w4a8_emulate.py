@@ -13,6 +13,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from helpers import assert_mutation_caught
 
 from qconvert.formats.packing import pack_int4, unpack_int4
 from qconvert_kernels import launch
@@ -432,18 +433,14 @@ MUTATION_CASES = {
 @pytest.mark.parametrize("mutation", sorted(MUTATION_CASES))
 def test_mutation_is_caught(mutation):
     case, expected = MUTATION_CASES[mutation]
-    if expected == "error":
-        with pytest.raises(emulate.EmulationError):
-            check_case(*case, mutations=frozenset({mutation}))
-    else:
-        with pytest.raises(AssertionError, match="differs"):
-            check_case(*case, mutations=frozenset({mutation}))
+    assert_mutation_caught(check_case, case, mutation, expected, emulate.EmulationError)
 
 
 def test_every_mutation_has_a_test():
-    # quik_order, quik_no_z: tests/test_kernels_quik_repacked.py (QUIK's epilogue)
+    # quik_order, quik_no_z: tests/test_kernels_quik_repacked.py (QUIK's epilogue); zq_*:
+    # tests/test_kernels_zq_repacked.py (ZeroQuant-FP's decode)
     covered = set(MUTATION_CASES) | {"ftz", "ticket_order", "late_publishers", "own_amax_half", "fallback_stage0",
-                                     "quik_order", "quik_no_z"}
+                                     "quik_order", "quik_no_z", "zq_gather", "zq_sign", "zq_qmax"}
     assert covered == set(emulate.MUTATIONS)
 
 
@@ -476,7 +473,7 @@ def test_bias_conversion_is_exact_in_its_range_only():
     assert not np.array_equal(raw, outside.astype(np.float32))
     with pytest.raises(emulate.EmulationError, match="2\\^22"):
         emulate.biased_to_float(ctx, emulate.G128_FS_INIT + outside)
-    assert re.search(r"P_INIT = kIS \? 0 : 0x4B400000;", CU) and emulate.G128_FS_INIT == 0x4B400000
+    assert re.search(r"P_INIT = kKind == KIND_FS \? 0x4B400000 : 0;", CU) and emulate.G128_FS_INIT == 0x4B400000
 
 
 # ----------------------------------------------------------------------------- launcher (no GPU)

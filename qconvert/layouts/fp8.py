@@ -10,7 +10,11 @@ Stored (docs/format.md):
               applied as y += ((xq · t) Vᵀ) Uᵀ on the same FP8 activations
 
 On CPU the forward is qconvert_kernels/fp8/reference.py; on an sm_89+ GPU the kernels of
-qconvert_kernels/fp8/cuda.py.
+qconvert_kernels/fp8/cuda.py, and for fp4-fp8 at decode (M <= 64 tokens, group size 32..1024) the
+repacked decode kernel (qconvert_kernels/fp8/fp8_repacked.cu through w4a8/cuda.py: split-K, a deep
+weight pipeline, the E4M3 quantizer fused in, one launch per linear).  ``prepare_cuda`` makes its
+repacked copy of the weights at load time; the stored tensors stay on the GPU beside it, since
+M > 64 runs fp8_gemm.cu's kernel on them (about 0.53 more bytes per weight on the GPU).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ class FP8Linear(QuantizedModule):
             self.kp = qw.shape[1]
             self.group_size = None
             self.register_buffer("wscale", tensors["wscale"])
+        self._prepared = None  # fp4-fp8: the decode kernel's repacked copy (prepare_cuda)
         u, v = tensors.get("lorc_u"), tensors.get("lorc_v")
         self.lorc_rank = 0 if u is None else int(u.shape[1])
         self.register_buffer("lorc_u", u)
@@ -66,6 +71,45 @@ class FP8Linear(QuantizedModule):
             cuda_fp8.check_gemm_shape(name, 1, self.out_features, self.kp, self.group_size or cuda_fp8.FP8_CHUNK)
         except ValueError as e:
             raise QConvertError(f"{e}; this OUT runs on CPU only") from None
+
+    def prepare_cuda(self, device: torch.device | None = None) -> None:
+        """fp4-fp8: repack the weights once for the decode kernel on ``device`` (default: where the
+        stored tensors are); may synchronize, so it runs at load time.  A group size outside the
+        repacked kernels' 32..1024 leaves every M on fp8_gemm.cu's kernel."""
+        if self.layout != "fp4-fp8" or self._prepared is not None:
+            return
+        from qconvert_kernels.w4a8 import cuda as kcuda
+
+        try:
+            kcuda.check_repacked_shape("fp4-fp8", self.out_features, self.in_features, self.kp, self.group_size)
+        except ValueError:
+            return
+        tensors = {"qweight": self.qweight, "sexp": self.sexp, "cscale": self.cscale,
+                   "shape": torch.tensor([self.out_features, self.in_features])}
+        device = torch.device(device) if device is not None else self.qweight.device
+        self._prepared = kcuda.prepare("fp4-fp8", tensors, self.group_size, device)
+
+    def _on_decode_kernel(self, x2: torch.Tensor) -> bool:
+        """Whether x2 runs on the repacked decode kernel: prepared on x2's device (the GPU, or the
+        CPU for the emulator's runs) and at most DECODE_MAX_M tokens."""
+        from qconvert_kernels.w4a8 import cuda as kcuda
+
+        return (self._prepared is not None and self._prepared.wq.device == x2.device
+                and x2.shape[0] <= kcuda.DECODE_MAX_M)
+
+    def _forward_decode(self, x2: torch.Tensor) -> torch.Tensor:
+        from qconvert_kernels.w4a8 import cuda as kcuda
+
+        y = kcuda.linear(x2, self._prepared)  # E4M3 quantizer fused in: one launch
+        if self.lorc_rank:  # LoRC reads the same E4M3 activations: quantized once more for it
+            if x2.is_cuda:
+                from qconvert_kernels.fp8 import cuda as cuda_fp8
+
+                xq, t = cuda_fp8.quantize_per_token_fp8(x2, self.kp)
+            else:
+                xq, t = ref8.quantize_per_token_fp8(x2, self.kp)
+            y = (y.float() + ref8.lorc_term(xq, t, self.lorc_u, self.lorc_v)).to(x2.dtype)
+        return y
 
     def _forward_cuda(self, x2: torch.Tensor) -> torch.Tensor:
         from qconvert_kernels.fp8 import cuda as cuda_fp8
@@ -93,6 +137,8 @@ class FP8Linear(QuantizedModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
+        if self._on_decode_kernel(x2):
+            return self._finish(self._forward_decode(x2.contiguous()), x, shape)
         return self._finish(self._forward_cuda(x2) if x.is_cuda else self._forward_cpu(x2), x, shape)
 
 

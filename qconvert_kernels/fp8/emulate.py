@@ -22,13 +22,12 @@ hardware's own accumulation, within the tolerance reference.py states.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from qconvert_kernels.quik.emulate import (A_STRIDE, BK, BM, BN, MT, NT, THREADS, GroupFold, StaticEmulator, _a_regs, _frag8,
                                            _load, _threads, _written_once, byte_perm, check_tiles, column_values,
                                            fragment_outputs, group_steps, run_stages, stage_load, stage_store)
-from qconvert_kernels.w4a8.emulate import (Ctx, EmulationError, FloatOps, Shared, bf16_bits_to_f32, f16_bits_to_f32,
-                                           f32_to_bits16, mma_c_lanes, mma_matrices_m16n8k32, store_pair)
+from qconvert_kernels.w4a8.emulate import (Ctx, EmulationError, FloatOps, Shared, bf16_bits_to_f32,  # noqa: F401 (re-exported)
+                                           e4m3_values, f16_bits_to_f32, f32_to_bits16, mma_e4m3, store_pair, to_e4m3_bits)
 
 B4_STRIDE = 48
 QUANT_THREADS = 256
@@ -47,29 +46,6 @@ MUTATIONS = frozenset({
     "scale_stale",     # after a fold, the exponents of the group just folded are loaded again
     "quant_short",     # the quantizer writes only the K real columns, not the padding up to Kp
 })
-
-_E4M3 = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).double().numpy()
-
-
-def e4m3_values(regs):
-    """uint32 registers [..., R] -> their 4 E4M3 bytes as float64 [..., R, 4] (byte 0 = lowest)."""
-    b = (np.asarray(regs, np.uint32)[..., None] >> (8 * np.arange(4, dtype=np.uint32))) & 0xFF
-    return _E4M3[b]
-
-
-def mma_e4m3(a, b, P):
-    """P += A B of mma.m16n8k32.row.col.f32.e4m3.e4m3.f32 for a batch of warps, with an exact
-    accumulator (see the module docstring): a uint32 [batch, 32, 4], b [batch, 32, 2], P float64
-    [batch, 32, 4]."""
-    A, B = mma_matrices_m16n8k32(e4m3_values(a), e4m3_values(b))
-    return P + mma_c_lanes(A @ B)
-
-
-def to_e4m3_bits(v):
-    """cvt.rn.satfinite.e4m3x2.f32 of float32 values (round to nearest even, saturating)."""
-    v = np.clip(np.asarray(v, np.float32), -FP8_MAX, FP8_MAX)
-    return torch.from_numpy(np.ascontiguousarray(v)).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
-
 
 def fp4x8_to_e4m3(ctx: Ctx, w):
     """8 packed E2M1 codes -> (b0, b1) E4M3 bytes in k order, as zq::fp4x8_to_e4m3 computes them."""

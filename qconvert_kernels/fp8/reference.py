@@ -116,6 +116,22 @@ def fp4_fp8_gemm(xq, t, w_groups, sexp, cscale) -> torch.Tensor:
     return acc * (t.float()[:, None] * cscale.float()[None, :])
 
 
+def fp4_fp8_gemm_split(xq, t, w_groups, sexp, cscale, bounds) -> torch.Tensor:
+    """``fp4_fp8_gemm`` in the order of a split-K launch of the repacked decode kernel
+    (w4a8_repacked.cu, KIND_ZQ): each split (g0, g1) of ``bounds`` folds its groups in order from
+    0.0, the splits' sums are added in split order, then times t[m] * c[n].  With one split this is
+    ``fp4_fp8_gemm`` exactly."""
+    p = fp4_fp8_partials(xq, w_groups)  # [G, M, N]
+    pow2 = torch.ldexp(torch.ones(sexp.t().shape, dtype=torch.float32), sexp.to(torch.int32).t())
+    total = None
+    for g0, g1 in bounds:
+        acc = torch.zeros(p.shape[1:], dtype=torch.float32)
+        for j in range(g0, g1):
+            acc += p[j] * pow2[j][None, :]
+        total = acc if total is None else total + acc
+    return total * (t.float()[:, None] * cscale.float()[None, :])
+
+
 def fp8_fp8_gemm(xq, t, wq, wscale) -> torch.Tensor:
     """y float32 [M, N] of layout fp8-fp8: wq float8_e4m3fn [N, Kp] (Kp % 64 == 0), ``wscale`` float32 [N]."""
     assert wq.shape[1] % FP8_CHUNK == 0 and xq.shape[1] == wq.shape[1], (xq.shape, wq.shape)

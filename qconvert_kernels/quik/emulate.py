@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from qconvert_kernels import launch
-from qconvert_kernels.w4a8.emulate import (EmulationError, FloatOps, Global, Shared, Ctx, bf16_bits_to_f32,
+from qconvert_kernels.w4a8.emulate import (EmulationError, FloatOps, Global, Shared, Ctx, bf16_bits_to_f32, byte_perm,
                                            f16_bits_to_f32, f32_to_bits16, mma_c_lanes, mma_m16n8k32, quantize_rows,
                                            store_pair, wrap32)
 from qconvert_kernels.w4a8.emulate import QUANT_PARAMS as W4A8_QUANT_PARAMS
@@ -121,21 +121,6 @@ def mma_m16n8k64_s4(a, b, c):
     A[:, _A4_ROW, _A4_COL] = _nibbles(a)
     B[:, _B4_ROW, _B4_COL] = _nibbles(b)
     return wrap32(mma_c_lanes(A @ B) + np.asarray(c, np.int64))
-
-
-def byte_perm(x, y, sel):
-    """__byte_perm(x, y, sel) (PRMT, default mode): result byte i is byte (sel >> 4 i) & 7 of the 8
-    bytes {y, x}, or that byte's sign replicated when bit 3 of the selector nibble is set; ``sel``
-    a constant or one selector per element."""
-    src = np.asarray(x, np.uint64) | (np.asarray(y, np.uint64) << np.uint64(32))
-    sel = np.broadcast_to(np.asarray(sel, np.uint64), src.shape)
-    out = np.zeros(src.shape, np.uint64)
-    for i in range(4):
-        nib = (sel >> np.uint64(4 * i)) & np.uint64(0xF)
-        b = (src >> (np.uint64(8) * (nib & np.uint64(7)))) & np.uint64(0xFF)
-        b = np.where(nib & np.uint64(8), np.where(b & np.uint64(0x80), np.uint64(0xFF), np.uint64(0)), b)
-        out |= b << np.uint64(8 * i)
-    return out.astype(np.uint32)
 
 
 def unpack_int4x8(ctx: Ctx, w):

@@ -40,6 +40,7 @@ from qconvert_kernels.w4a8 import repack as _repack
 
 SOURCE = Path(__file__).with_name("w4a8_gemm.cu")
 SOURCE_R = Path(__file__).with_name("w4a8_repacked.cu")
+SOURCE_ZQ = Path(__file__).parent.parent / "fp8" / "fp8_repacked.cu"  # the same decode kernel for fp4-fp8
 BLOCK_M = 64  # CTA tile (qk::BM, qk::BN in the source)
 BLOCK_N = 64
 GEMM_THREADS = 128
@@ -170,7 +171,7 @@ WS_TILES = 128
 P_BM = 128
 P_SMEM = 4 * (8192 + 16384)
 R_MIN_GROUP, R_MAX_GROUP = 32, 1024  # FS exactness of float(16 P): 16 * 127 * 8 * g < 2^24
-LAYOUTS = ("w4a8-is", "w4a8-fs")
+LAYOUTS = ("w4a8-is", "w4a8-fs", "fp4-fp8")  # fp4-fp8: ZeroQuant-FP, decode only (M <= 64), sm_89+
 
 
 def decode_smem(mt8: int) -> int:
@@ -188,8 +189,9 @@ class PreparedW4A8:
     """A W4A8 linear ready for ``linear``: repacked device tensors and the sizes the plan needs.
 
     wq         uint8 [N128/16 * KB * 32 * 16]  repacked weights (repack.py, "W4R")
-    scales     [G, N128]: int16 or int32 (w4a8-is, ``scale16`` says which) or fp16 (w4a8-fs)
-    cscale     float32 [N128] (w4a8-is) or None;  alpha_log2: the amplifier exponent a
+    scales     [G, N128]: int16 or int32 (w4a8-is, ``scale16`` says which), fp16 (w4a8-fs) or int8
+               group exponents (fp4-fp8)
+    cscale     float32 [N128] (w4a8-is, fp4-fp8) or None;  alpha_log2: the amplifier exponent a (0 for fp4-fp8)
     workspace  int32 [128 + N128/128]: the decode kernel's amax exchange and split-K tickets,
                zero at rest (each launch returns it to zero)
     """
@@ -230,6 +232,11 @@ class PreparedW4A8:
     def is_int(self) -> bool:
         return self.layout == "w4a8-is"
 
+    @property
+    def is_zq(self) -> bool:
+        """ZeroQuant-FP fp4-fp8: E2M1 weights, E4M3 activations, FP8 tensor cores; decode only."""
+        return self.layout == "fp4-fp8"
+
     def reset(self) -> None:
         """Zero the workspace (only needed after a launch that did not complete)."""
         self.workspace.zero_()
@@ -250,12 +257,18 @@ def prepare(layout: str, tensors: dict, group_size: int, device) -> PreparedW4A8
 
     layout "w4a8-is": tensors qweight uint8 [N, Kp/2] (low nibble = even column), iscale int32
     [N, G], cscale float32 [N], alpha_log2 int32 [1], shape int64 [2] = [N, K];
-    "w4a8-fs": qweight, scales fp16 [N, G], shape.  Returns the repacked device tensors."""
+    "w4a8-fs": qweight, scales fp16 [N, G], shape; "fp4-fp8" (ZeroQuant-FP, E2M1 codes in the same
+    nibbles; decode only, sm_89+): qweight, sexp int8 [N, G], cscale float32 [N], shape.  Returns the
+    repacked device tensors."""
     fn = "w4a8.prepare"
     _require(layout in LAYOUTS, f"{fn}: layout {layout!r} not one of {LAYOUTS}")
-    for key in ("qweight", "shape") + (("iscale", "cscale", "alpha_log2") if layout == "w4a8-is" else ("scales",)):
+    needs = {"w4a8-is": ("iscale", "cscale", "alpha_log2"), "w4a8-fs": ("scales",), "fp4-fp8": ("sexp", "cscale")}[layout]
+    for key in ("qweight", "shape") + needs:
         _require(key in tensors, f"{fn}: layout {layout} needs tensor {key!r} (got {sorted(tensors)})")
     device = torch.device(device)
+    if layout == "fp4-fp8" and device.type == "cuda":
+        cap = torch.cuda.get_device_capability(device)
+        _require(cap >= (8, 9), f"{fn}: layout fp4-fp8 needs FP8 tensor cores (sm_89+), device is sm_{cap[0]}{cap[1]}")
     n, k = (int(v) for v in tensors["shape"].reshape(-1)[:2].tolist())
     qweight = tensors["qweight"]
     _require(qweight.dtype == torch.uint8 and qweight.dim() == 2 and qweight.shape[0] == n,
@@ -276,6 +289,15 @@ def prepare(layout: str, tensors: dict, group_size: int, device) -> PreparedW4A8
         cs = torch.zeros(n128, dtype=torch.float32, device=device)
         cs[:n] = cscale.reshape(-1).to(device=device, dtype=torch.float32)
         scale16 = sdt == torch.int16
+    elif layout == "fp4-fp8":
+        sexp, cscale = tensors["sexp"], tensors["cscale"]
+        _require(sexp.dtype == torch.int8 and tuple(sexp.shape) == (n, g_count),
+                 f"{fn}: sexp must be int8 [N, G] = [{n}, {g_count}], got {sexp.dtype} {tuple(sexp.shape)}")
+        _require(tuple(cscale.reshape(-1).shape) == (n,), f"{fn}: cscale must be [N] = [{n}], got {tuple(cscale.shape)}")
+        scales = _repack.repack_scales(sexp.to(device), n128)
+        cs = torch.zeros(n128, dtype=torch.float32, device=device)
+        cs[:n] = cscale.reshape(-1).to(device=device, dtype=torch.float32)
+        alpha, scale16 = 0, False
     else:
         sc = tensors["scales"]
         _require(tuple(sc.shape) == (n, g_count), f"{fn}: scales must be [N, G] = [{n}, {g_count}], got {tuple(sc.shape)}")
@@ -340,7 +362,10 @@ def plan(m: int, prep: PreparedW4A8, sm_count: int) -> Plan:
     g = prep.n_groups
     tiles = prep.tiles
     sms = max(int(sm_count), 1)
-    is_ = "is" if prep.is_int else "fs"
+    is_ = "is" if prep.is_int else ("zq" if prep.is_zq else "fs")
+    _require(m <= DECODE_MAX_M or not prep.is_zq,
+             f"w4a8.plan: layout fp4-fp8 has no repacked prefill kernel (M={m} > {DECODE_MAX_M}); "
+             "run qconvert_kernels.fp8.cuda.fp4_fp8_gemm on the stored tensors")
     if m <= DECODE_MAX_M:
         mt8 = next(t for t in (1, 2, 4, 8) if 8 * t >= m)
         s = decode_splits(prep.n, prep.k, m, prep.group_size, sms)
@@ -390,7 +415,7 @@ def linear(x: torch.Tensor, prepared: PreparedW4A8, return_acc: bool = False):
     if pl.kind == "decode":
         vec = p.k % 8 == 0 and x.data_ptr() % 16 == 0
         flags = int(bf16) | (int(vec) << 1) | (int(p.scale16) << 2)
-        _l.launch(SOURCE_R, pl.kernel, pl.grid, (R_THREADS,),
+        _l.launch(SOURCE_ZQ if p.is_zq else SOURCE_R, pl.kernel, pl.grid, (R_THREADS,),
                   (_ptr(x), *common, _ptr(p.workspace), _i32(m), _i32(p.n), _i32(p.k), _i32(p.n128),
                    _i32(p.n_groups), _i32(spg), _i32(p.kb), _i32(pl.splits), _i32(pl.gq), _i32(pl.gr),
                    _i32(pl.amax_ctas), _i32(pl.ak_log2), _i32(flags)), dev, pl.smem)

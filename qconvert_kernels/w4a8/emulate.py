@@ -87,6 +87,9 @@ MUTATIONS = frozenset({
     "bias_off",         # prefill g = 128, FS: the accumulator's bias start one off
     "quik_order",       # QUIK's epilogue: the outlier product added before the zero-point term
     "quik_no_z",        # QUIK's epilogue: the zero-point term z[m] * ws[n] * R[n] left out
+    "zq_gather",        # ZQ: the E2M1 widening gathers k+4..k+7 into the low register and k..k+3 into the high one
+    "zq_sign",          # ZQ: k..k+3 take the sign bits of k+4..k+7 (bit 7 of each byte, not bit 3 shifted)
+    "zq_qmax",          # ZQ decode: the activations scaled to 127 (the int8 range) instead of E4M3's 448
 })
 
 
@@ -231,6 +234,37 @@ def _bytes_of(regs, signed: bool):
     b = np.asarray(regs, np.uint32)[..., None] >> (8 * np.arange(4, dtype=np.uint32))
     b = (b & 0xFF).astype(np.uint8)
     return b.view(np.int8).astype(np.int64) if signed else b.astype(np.int64)
+
+
+def byte_perm(x, y, sel):
+    """__byte_perm(x, y, sel) (PRMT, default mode): result byte i is byte (sel >> 4 i) & 7 of the 8
+    bytes {y, x}, or that byte's sign replicated when bit 3 of the selector nibble is set; ``sel``
+    a constant or one selector per element."""
+    src = np.asarray(x, np.uint64) | (np.asarray(y, np.uint64) << np.uint64(32))
+    sel = np.broadcast_to(np.asarray(sel, np.uint64), src.shape)
+    out = np.zeros(src.shape, np.uint64)
+    for i in range(4):
+        nib = (sel >> np.uint64(4 * i)) & np.uint64(0xF)
+        b = (src >> (np.uint64(8) * (nib & np.uint64(7)))) & np.uint64(0xFF)
+        b = np.where(nib & np.uint64(8), np.where(b & np.uint64(0x80), np.uint64(0xFF), np.uint64(0)), b)
+        out |= b << np.uint64(8 * i)
+    return out.astype(np.uint32)
+
+
+_E4M3 = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).double().numpy()
+E4M3_MAX = np.float32(448.0)
+
+
+def e4m3_values(regs):
+    """uint32 registers [..., R] -> their 4 E4M3 bytes as float64 [..., R, 4] (byte 0 = lowest)."""
+    b = (np.asarray(regs, np.uint32)[..., None] >> (8 * np.arange(4, dtype=np.uint32))) & 0xFF
+    return _E4M3[b]
+
+
+def to_e4m3_bits(v):
+    """cvt.rn.satfinite.e4m3x2.f32 of float32 values (round to nearest even, saturating)."""
+    v = np.clip(np.asarray(v, np.float32), -E4M3_MAX, E4M3_MAX)
+    return torch.from_numpy(np.ascontiguousarray(v)).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
 
 
 def mma_matrices_m16n8k32(a_vals, b_vals):
@@ -509,6 +543,47 @@ def a_frag(ctx: Ctx, w_lo_row, w_hi_row):
     return a
 
 
+FP4_T_LO, FP4_T_HI = 0x3C383000, 0x4C484440   # w4r::fp4x8r_to_e4m3's table: E2M1 magnitudes 0..7 as E4M3
+
+
+def fp4x8r_to_e4m3(ctx: Ctx, w):
+    """A repacked word's 8 E2M1 codes (position 2i = k + i, 2i + 1 = k + 4 + i) -> (lo, hi): the E4M3
+    bytes of k..k+3 and k+4..k+7, by the kernel's PRMT table and gathers.          [w4r::fp4x8r_to_e4m3]"""
+    w = np.asarray(w, np.uint32)
+    t_lo, t_hi = np.full_like(w, FP4_T_LO), np.full_like(w, FP4_T_HI)
+    lw = byte_perm(t_lo, t_hi, w & np.uint32(0x7777))
+    hw = byte_perm(t_lo, t_hi, (w >> np.uint32(16)) & np.uint32(0x7777))
+    sel_lo, sel_hi = (0x7531, 0x6420) if "zq_gather" in ctx.mutations else (0x6420, 0x7531)
+    sign = np.uint32(0x80808080)
+    sign_lo = (w & sign) if "zq_sign" in ctx.mutations else ((w << np.uint32(4)) & sign)
+    return byte_perm(lw, hw, sel_lo) | sign_lo, byte_perm(lw, hw, sel_hi) | (w & sign)
+
+
+def a_frag_fp4(ctx: Ctx, w_lo_row, w_hi_row):
+    """ZQ: repacked words (rows gid, gid + 8) -> A registers [n, 4] of E4M3 bytes.     [w4r::a_frag_fp4]"""
+    a0, a2 = fp4x8r_to_e4m3(ctx, w_lo_row)
+    a1, a3 = fp4x8r_to_e4m3(ctx, w_hi_row)
+    a = np.stack([a0, a1, a2, a3], axis=-1)
+    if "swap_halves" in ctx.mutations:
+        a = a[..., [2, 3, 0, 1]]
+    return a
+
+
+def mma_e4m3(a, b, c, zero_c: bool = False):
+    """D = A B + C of mma.m16n8k32.row.col.f32.e4m3.e4m3.f32 for a batch of warps, with the
+    accumulator kept exact (float64; the tensor cores' internal rounding is unspecified, see
+    fp8/emulate.py): a uint32 [batch, 32, 4], b [batch, 32, 2], c float64 [batch, 32, 4]."""
+    A, B = mma_matrices_m16n8k32(e4m3_values(a), e4m3_values(b))
+    out = mma_c_lanes(A @ B)
+    return out if zero_c else out + np.asarray(c, np.float64)
+
+
+def load_scale_zq(ctx: Ctx, idx, what="scale"):
+    """ZQ group scales at flat [G, N128] indices: 2^e from the int8 exponents, float32.  [w4r::Scale<KIND_ZQ>]"""
+    e = ctx.mem.load(ctx.args["scales"], np.asarray(idx, np.int64), 1, what).view(np.int8)[:, 0].astype(np.int32)
+    return np.ldexp(np.float32(1), e).astype(np.float32)
+
+
 def load_scale(ctx: Ctx, is_int: bool, idx, sc16: bool, what="scale"):
     """Group scales at flat [G, N128] indices: IS int32 (int16 if sc16); FS float(s) / 16.  [w4r::Scale]"""
     idx = np.asarray(idx, np.int64)
@@ -669,14 +744,15 @@ def splitk_reduce(ctx: Ctx, acc, is_int, s, S, tiles, tile, ticket_ptr, ticket_i
 # ----------------------------------------------------------------------------- decode
 
 
-def token_scales(ctx: Ctx, amax, rows: int):
+def token_scales(ctx: Ctx, amax, rows: int, qmax: float = 127.0):
     """Per-token (inv, t) [rows] from the amax of the first len(amax) tokens (zeros past them):
-    inv = rn(rn(1 / amax) * 127), 0 for an all-zero token; t = rn(amax / 127).  [w4r::token_scales]"""
+    inv = rn(rn(1 / amax) * Q), 0 for an all-zero token; t = rn(amax / Q); Q = 127, or 448 for ZQ.
+                                                                                 [w4r::token_scales]"""
     fops = ctx.fops
     m = len(amax)
     s_inv, s_t = np.zeros(rows, np.float32), np.zeros(rows, np.float32)
-    s_inv[:m] = np.where(amax > 0, fops.mul(fops.rcp(amax), np.float32(127)), np.float32(0))
-    s_t[:m] = fops.div(amax, 127.0)
+    s_inv[:m] = np.where(amax > 0, fops.mul(fops.rcp(amax), np.float32(qmax)), np.float32(0))
+    s_t[:m] = fops.div(amax, qmax)
     return s_inv, s_t
 
 
@@ -699,11 +775,13 @@ def own_amax(ctx: Ctx, M: int, K: int, ak_log2: int, vec: bool, bf16: bool):
     return amax
 
 
-def decode_cta(ctx: Ctx, mt8: int, is_int: bool, grid, s: int, tile: int, quik: bool = False):
-    """Coroutine of one decode CTA (w4r::decode; ``quik``: w4r::decode<MT8, true, true>, the
-    activations quantized by quik_split and QUIK's epilogue), threads vectorized."""
+def decode_cta(ctx: Ctx, mt8: int, is_int: bool, grid, s: int, tile: int, quik: bool = False, zq: bool = False):
+    """Coroutine of one decode CTA (w4r::decode; ``quik``: w4r::decode<MT8, KIND_IS, true>, the
+    activations quantized by quik_split and QUIK's epilogue; ``zq``: KIND_ZQ, E4M3 activations,
+    E2M1 weights on FP8 tensor cores, acc += P * 2^e), threads vectorized."""
     a = ctx.args
     mut, fops, mem = ctx.mutations, ctx.fops, ctx.mem
+    qmax = 448.0 if zq and "zq_qmax" not in ctx.mutations else 127.0
     ROWS = 8 * mt8
     XK = D_XQ_BYTES // ROWS
     XS = XK + 32
@@ -741,7 +819,7 @@ def decode_cta(ctx: Ctx, mt8: int, is_int: bool, grid, s: int, tile: int, quik: 
         yield None
     elif A == 0:
         ctx.amax_paths["own"] = ctx.amax_paths.get("own", 0) + 1
-        s_inv, s_t = token_scales(ctx, own_amax(ctx, M, K, ak_log2, vec, bf16), ROWS)
+        s_inv, s_t = token_scales(ctx, own_amax(ctx, M, K, ak_log2, vec, bf16), ROWS, qmax)
         yield None
     else:
         ctx.amax_paths["exchange"] = ctx.amax_paths.get("exchange", 0) + 1
@@ -774,7 +852,7 @@ def decode_cta(ctx: Ctx, mt8: int, is_int: bool, grid, s: int, tile: int, quik: 
             while ws[WS_ARRIVE] < A:
                 yield (lambda: ws[WS_ARRIVE] >= A)
             amax = ws[WS_AMAX:WS_AMAX + M].view(np.float32).copy()
-        s_inv, s_t = token_scales(ctx, amax, ROWS)
+        s_inv, s_t = token_scales(ctx, amax, ROWS, qmax)
         if "amax_local" not in mut:
             done = int(ws[WS_DONE])
             ws[WS_DONE] = done + 1
@@ -789,7 +867,7 @@ def decode_cta(ctx: Ctx, mt8: int, is_int: bool, grid, s: int, tile: int, quik: 
     xb = 1 << (xc_log2 - 6)
     st = {"next_chunk": 0, "chunk_kk": 0, "chunk": -1, "wr": np.zeros((THREADS, 4), np.uint32)}
     acc = np.zeros((THREADS, mt8, 4), np.int32 if is_int else np.float32)
-    P = np.zeros((THREADS, mt8, 4), np.int32)
+    P = np.zeros((THREADS, mt8, 4), np.float64 if zq else np.int32)
     n_row = t16 * 16 + gid
 
     def quantize_chunk(blk):
@@ -811,6 +889,12 @@ def decode_cta(ctx: Ctx, mt8: int, is_int: bool, grid, s: int, tile: int, quik: 
                 continue
             v = load_x8(ctx, np.where(live, r, 0), kbase + kl, K, vec, bf16, live, "chunk x")
             inv = np.where(live, s_inv[r], np.float32(0))[:, None]
+            if zq:  # e4m3(fminf(fmaxf(rn(x * inv), -448), 448)): fmaxf takes -448 over a NaN
+                f = fops.mul(v, inv)
+                f = np.where(np.isnan(f), np.float32(-448), np.clip(f, -448, 448)).astype(np.float32)
+                q = np.where(live[:, None], to_e4m3_bits(f), 0).astype(np.uint8)
+                sm.write(tid[act], (D_W_BYTES + r * XS + kl)[act], q[act], TAG_X + st["chunk"] + 1, "x chunk store")
+                continue
             f = fops.f(np.rint(fops.mul(v, inv)))
             f = np.clip(np.where(np.isnan(f), np.float32(0), f), -127, 127)
             q = np.where(live[:, None], f, 0).astype(np.int64).astype(np.int8).view(np.uint8)
@@ -838,7 +922,8 @@ def decode_cta(ctx: Ctx, mt8: int, is_int: bool, grid, s: int, tile: int, quik: 
                 issue(nb)
             sm.commit()
         wr = st["wr"]
-        af = a_frag(ctx, wr[:, 2], wr[:, 3]) if kk & 1 else a_frag(ctx, wr[:, 0], wr[:, 1])
+        frag = a_frag_fp4 if zq else a_frag
+        af = frag(ctx, wr[:, 2], wr[:, 3]) if kk & 1 else frag(ctx, wr[:, 0], wr[:, 1])
         koff = (kk - st["chunk_kk"]) * 32 + 8 * tig
         newP = np.empty_like(P)
         for mt in range(mt8):
@@ -848,21 +933,31 @@ def decode_cta(ctx: Ctx, mt8: int, is_int: bool, grid, s: int, tile: int, quik: 
                 b0 = sm.read(tid, D_W_BYTES + gid * XS + (kk - st["chunk_kk"]) * 32 + 4 * tig + mt * 8 * XS, 4, TAG_X + st["chunk"], "x").view(np.uint32)[:, 0]
                 b1 = sm.read(tid, D_W_BYTES + gid * XS + (kk - st["chunk_kk"]) * 32 + 16 + 4 * tig + mt * 8 * XS, 4, TAG_X + st["chunk"], "x").view(np.uint32)[:, 0]
                 bb = np.stack([b0, b1], -1)
-            d = mma_m16n8k32(af.reshape(WARPS, 32, 4), bb.reshape(WARPS, 32, 2), P[:, mt].reshape(WARPS, 32, 4),
-                             zero_c=first, a_unsigned="no_sign" in mut)
+            if zq:
+                d = mma_e4m3(af.reshape(WARPS, 32, 4), bb.reshape(WARPS, 32, 2), P[:, mt].reshape(WARPS, 32, 4), zero_c=first)
+            else:
+                d = mma_m16n8k32(af.reshape(WARPS, 32, 4), bb.reshape(WARPS, 32, 2), P[:, mt].reshape(WARPS, 32, 4),
+                                 zero_c=first, a_unsigned="no_sign" in mut)
             newP[:, mt] = d.reshape(THREADS, 4)
         P = newP
 
-    sc = np.stack([load_scale(ctx, is_int, g0 * N128 + n_row, sc16), load_scale(ctx, is_int, g0 * N128 + n_row + 8, sc16)], -1)
+    def scales(g):
+        if zq:
+            return np.stack([load_scale_zq(ctx, g * N128 + n_row), load_scale_zq(ctx, g * N128 + n_row + 8)], -1)
+        return np.stack([load_scale(ctx, is_int, g * N128 + n_row, sc16), load_scale(ctx, is_int, g * N128 + n_row + 8, sc16)], -1)
+
+    sc = scales(g0)
     for g in range(g0, g1):
         if g + 1 < g1:
-            nsc = np.stack([load_scale(ctx, is_int, (g + 1) * N128 + n_row, sc16),
-                            load_scale(ctx, is_int, (g + 1) * N128 + n_row + 8, sc16)], -1)
+            nsc = scales(g + 1)
         kstep(g * spg, True)
         for stp in range(1, spg):
             kstep(g * spg + stp, False)
         for i in range(4):
-            acc[:, :, i] = fold(ctx, is_int, acc[:, :, i], P[:, :, i], sc[:, None, i >> 1])
+            if zq:  # w4r::fold1(float&, float, float): acc + rn(P) * 2^e, the product exact
+                acc[:, :, i] = fops.add(acc[:, :, i], fops.mul(fops.f(P[:, :, i].astype(np.float32)), sc[:, None, i >> 1]))
+            else:
+                acc[:, :, i] = fold(ctx, is_int, acc[:, :, i], P[:, :, i], sc[:, None, i >> 1])
         if g + 1 < g1:
             sc = nsc
     sm.wait(0)
@@ -876,7 +971,7 @@ def decode_cta(ctx: Ctx, mt8: int, is_int: bool, grid, s: int, tile: int, quik: 
         acc = red
     n0 = t16 * 16
     cs = np.zeros((THREADS, 2), np.float32)
-    if is_int:
+    if is_int or zq:  # ZQ: alpha_log2 = 0, cs = cscale
         inv_alpha = np.float32(2.0 ** -a["alpha_log2"])
         cs[:, 0] = fops.mul(mem.load(a["cscale"], (n0 + gid) * 4, 4, "cscale").view(np.float32)[:, 0], inv_alpha)
         cs[:, 1] = fops.mul(mem.load(a["cscale"], (n0 + gid + 8) * 4, 4, "cscale").view(np.float32)[:, 0], inv_alpha)
@@ -886,7 +981,10 @@ def decode_cta(ctx: Ctx, mt8: int, is_int: bool, grid, s: int, tile: int, quik: 
         o = np.zeros((THREADS, 4), np.uint16)
         for i in range(4):
             m = mt * 8 + 2 * tig + (i & 1)
-            v = out_value(ctx, is_int, accv[:, mt, i], s_t[m], cs[:, i >> 1])
+            if zq:  # w4r::out_value<KIND_ZQ>: acc * (t * cs)
+                v = fops.mul(accv[:, mt, i], fops.mul(s_t[m], cs[:, i >> 1]))
+            else:
+                v = out_value(ctx, is_int, accv[:, mt, i], s_t[m], cs[:, i >> 1])
             if quik:
                 v = quik_tail(ctx, v, m, n0 + gid + 8 * (i >> 1), M, N, zcn[:, i >> 1], bf16)
             o[:, i] = f32_to_bits16(v, bf16)
@@ -1150,6 +1248,7 @@ class Emulator:
         if vals.get("acc_out"):
             mem.track(vals["acc_out"])
         quik = "_quik" in name
+        zq = "_zq_" in name
         is_int = "_is" in name or quik
         if name.startswith("w4a8r_decode_"):
             mt8 = int(name.rsplit("_m", 1)[1]) // 8
@@ -1159,7 +1258,9 @@ class Emulator:
                 raise EmulationError(f"{name}: M={vals['M']} or grid {grid} does not fit the kernel")
             if quik and vals["A"] != 0:
                 raise EmulationError(f"{name}: A = {vals['A']}: the QUIK decode takes no amax")
-            programs = [decode_cta(ctx, mt8, is_int, grid, s, tile, quik) for tile in range(grid[1]) for s in range(grid[0])]
+            if zq and (vals["alpha_log2"] != 0 or vals["acc_out"]):
+                raise EmulationError(f"{name}: the ZQ decode takes alpha_log2 = 0 and no acc_out")
+            programs = [decode_cta(ctx, mt8, is_int, grid, s, tile, quik, zq) for tile in range(grid[1]) for s in range(grid[0])]
             run_grid(programs, resident, rng)
             ws = mem.view(vals["ws"]).view(np.int32)
             if ws.any():

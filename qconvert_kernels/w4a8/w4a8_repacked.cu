@@ -45,6 +45,16 @@
 
 namespace w4r {
 
+// The accumulations the kernels are instantiated for (template argument kKind):
+//   KIND_FS  W4A8 float scale: int8 tensor cores, int32 P, acc += float(P) * s (layout w4a8-fs)
+//   KIND_IS  W4A8 Integer Scale: int8 tensor cores, A += iscale * P in int32 (w4a8-is; QUIK's 4-bit path)
+//   KIND_ZQ  ZeroQuant-FP fp4-fp8 (sm_89+): the same repacked nibbles read as E2M1 codes and widened
+//            to E4M3, FP8 tensor cores, float32 P, acc += P * 2^e (exact product, one rounding), then
+//            y = acc * (t[m] * cscale[n]) (qconvert_kernels/fp8/reference.py: fp4_fp8_gemm)
+constexpr int KIND_FS = 0;
+constexpr int KIND_IS = 1;
+constexpr int KIND_ZQ = 2;
+
 constexpr int THREADS = 256;             // 8 warps
 constexpr int WARPS = 8;
 constexpr int BN = 128;                  // output channels per CTA = 8 n16 tiles
@@ -143,16 +153,97 @@ __device__ __forceinline__ void a_frag(unsigned w_lo_row, unsigned w_hi_row, uns
     a[3] = qk::int4x4_hi16(w_hi_row);  // row gid + 8, k 8tig+4..7
 }
 
+// ZQ: 8 E2M1 codes of a repacked word (nibble position 2i = k + i, 2i + 1 = k + 4 + i) -> the E4M3
+// bytes of the same values, k..k+3 in lo and k+4..k+7 in hi.  Every E2M1 value is an E4M3 value, so
+// the widening is exact.  The magnitude (3 bits) is looked up 4 codes at a time by PRMT in the table
+// {0, 0.5, 1, 1.5, 2, 3, 4, 6} as E4M3 bytes (T_LO: codes 0..3, T_HI: 4..7); each selector nibble has
+// its bit 3 cleared, which would make PRMT replicate a sign bit instead.  The low 16 bits of w are the
+// positions 0..3 = k, k+4, k+1, k+5 and the high 16 bits k+2, k+6, k+3, k+7, so two more PRMT gather
+// bytes 0, 2, 4, 6 (k..k+3) and 1, 3, 5, 7 (k+4..k+7).  The sign of position 2i is bit 3 of byte i,
+// shifted to bit 7; the sign of position 2i + 1 is bit 7 of byte i already.  [emulate.fp4x8r_to_e4m3]
+__device__ __forceinline__ void fp4x8r_to_e4m3(unsigned w, unsigned& lo, unsigned& hi) {
+    constexpr unsigned T_LO = 0x3C383000u;  // 0, 0.5, 1, 1.5
+    constexpr unsigned T_HI = 0x4C484440u;  // 2, 3, 4, 6
+    const unsigned l = __byte_perm(T_LO, T_HI, w & 0x7777u);          // k, k+4, k+1, k+5
+    const unsigned h = __byte_perm(T_LO, T_HI, (w >> 16) & 0x7777u);  // k+2, k+6, k+3, k+7
+    lo = __byte_perm(l, h, 0x6420) | ((w << 4) & 0x80808080u);
+    hi = __byte_perm(l, h, 0x7531) | (w & 0x80808080u);
+}
+// ZQ: two repacked words (rows gid, gid + 8) -> an A fragment of E4M3 bytes.            [emulate.a_frag]
+__device__ __forceinline__ void a_frag_fp4(unsigned w_lo_row, unsigned w_hi_row, unsigned (&a)[4]) {
+    fp4x8r_to_e4m3(w_lo_row, a[0], a[2]);  // row gid:     k 8tig+0..3, 8tig+4..7
+    fp4x8r_to_e4m3(w_hi_row, a[1], a[3]);  // row gid + 8
+}
+
+// FP8 tensor-core products (mma.m16n8k32 .e4m3, sm_89+; the same fragment layout as .s8), f32
+// accumulator: C += A * B, and C = A * B from zero.  The ZQ entry points exist only for sm_89+;
+// elsewhere these trap.
+__device__ __forceinline__ void mma_e4m3(float (&c)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+    __trap();
+#endif
+}
+__device__ __forceinline__ void mma_e4m3_zero(float (&c)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%10, %10, %10, %10};\n"
+        : "=f"(c[0]), "=f"(c[1]), "=f"(c[2]), "=f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(0.0f));
+#else
+    __trap();
+#endif
+}
+// float -> E4M3 byte, round to nearest even, saturating (cvt.rn.satfinite, sm_89+), as zq::f32_to_e4m3.
+__device__ __forceinline__ unsigned f32_to_e4m3(float f) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+    unsigned short pair;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %1;" : "=h"(pair) : "f"(f));
+    return pair & 0xFFu;
+#else
+    __trap();
+    return 0u;
+#endif
+}
+
+// The tensor-core step of a kind: P's type, the A fragment from two repacked words, the mma
+// (accumulating, and from a constant start: the int `init` of the W4A8 kinds; ZQ starts from 0).
+template <bool kZq>
+struct Tc {
+    using P = int;
+    static __device__ __forceinline__ void frag(unsigned lo, unsigned hi, unsigned (&a)[4]) { a_frag(lo, hi, a); }
+    static __device__ __forceinline__ void mma(int (&c)[4], const unsigned (&a)[4], const unsigned (&b)[2]) { qk::mma_s8(c, a, b); }
+    static __device__ __forceinline__ void mma_init(int (&c)[4], const unsigned (&a)[4], const unsigned (&b)[2], int init) {
+        qk::mma_s8_init(c, a, b, init);
+    }
+};
+template <>
+struct Tc<true> {
+    using P = float;
+    static __device__ __forceinline__ void frag(unsigned lo, unsigned hi, unsigned (&a)[4]) { a_frag_fp4(lo, hi, a); }
+    static __device__ __forceinline__ void mma(float (&c)[4], const unsigned (&a)[4], const unsigned (&b)[2]) { mma_e4m3(c, a, b); }
+    static __device__ __forceinline__ void mma_init(float (&c)[4], const unsigned (&a)[4], const unsigned (&b)[2], int) {
+        mma_e4m3_zero(c, a, b);
+    }
+};
+
 // Group scale of channel n (padded [G, N128] layout), as the fold uses it.
 // IS: the int32 iscale (stored int16 when every value fits: half the bytes).  FS: float(s) / 16,
-// exact, so float(16 P) * (s / 16) rounds like float(P) * s.                            [emulate.load_scale]
-template <bool kIS>
+// exact, so float(16 P) * (s / 16) rounds like float(P) * s.  ZQ: 2^e from the int8 exponent e,
+// exact (e in [-64, 63]).                                                                [emulate.load_scale]
+template <int kKind>
 struct Scale;
 // load4 (prefill): a lane's four scales of one group, channels n_row + 0, 8, 16, 24 -> s[e >> 1][e & 1]
 // (tile a = e >> 1, row gid + 8 (e & 1)), from a byte pointer to channel n_row's entry; entries are
 // 1 << shift bytes.                                                              [emulate.p_scales]
 template <>
-struct Scale<true> {
+struct Scale<KIND_IS> {
     using T = int;
     static __device__ __forceinline__ int load(const void* sc, long long idx, bool sc16) {
         return sc16 ? static_cast<int>(__ldg(reinterpret_cast<const short*>(sc) + idx)) : __ldg(reinterpret_cast<const int*>(sc) + idx);
@@ -165,7 +256,20 @@ struct Scale<true> {
     }
 };
 template <>
-struct Scale<false> {
+struct Scale<KIND_ZQ> {
+    using T = float;
+    static __device__ __forceinline__ float exp2i(int e) { return __int_as_float((127 + e) << 23); }
+    static __device__ __forceinline__ float load(const void* sc, long long idx, bool) {
+        return exp2i(__ldg(reinterpret_cast<const signed char*>(sc) + idx));
+    }
+    static __device__ __forceinline__ int shift(bool) { return 0; }
+    static __device__ __forceinline__ void load4(const unsigned char* p, bool, float (&s)[2][2]) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[e >> 1][e & 1] = exp2i(__ldg(reinterpret_cast<const signed char*>(p) + 8 * e));
+    }
+};
+template <>
+struct Scale<KIND_FS> {
     using T = float;
     static __device__ __forceinline__ float load(const void* sc, long long idx, bool) {
         return __fmul_rn(qk::f16_to_f32(__ldg(reinterpret_cast<const unsigned short*>(sc) + idx)), 0.0625f);
@@ -186,17 +290,20 @@ __device__ __forceinline__ void fold1(int& acc, int p16, int s) {
 __device__ __forceinline__ void fold1(float& acc, int p16, float s) {
     acc = __fadd_rn(acc, __fmul_rn(__int2float_rn(p16), s));
 }
+// ZQ: acc = acc + P * 2^e (the product is exact: one rounding).
+__device__ __forceinline__ void fold1(float& acc, float p, float s) { acc = __fadd_rn(acc, __fmul_rn(p, s)); }
 // The g = 128 fold.  IS: fold1, P from a zero accumulator.  FS: P starts from the bits of the float
 // 2^23 + 2^22 (P_INIT) instead of zero, so that after the group's mma P holds the bits of the float
 // 2^23 + 2^22 + 16P (exact while |16P| <= 2^22; at g = 128 |16P| <= 16 * 128 * 8 * 128 = 2^21), and
 // float(16P) is one FADD away: no I2F, which sm_90 runs at 16 per clock and SM, a quarter of an FADD.
 // The float equals __int2float_rn(16P) bit for bit.                              [emulate.biased_to_float]
-template <bool kIS>
+template <int kKind>
 struct G128 {
-    static constexpr int P_INIT = kIS ? 0 : 0x4B400000;
+    static constexpr int P_INIT = kKind == KIND_FS ? 0x4B400000 : 0;  // ZQ: its mma_init starts from 0.0
 };
 __device__ __forceinline__ float biased_to_float(int bits) { return __fsub_rn(__int_as_float(bits), 12582912.0f); }
 __device__ __forceinline__ void fold_g128(int& acc, int p16, int s) { fold1(acc, p16, s); }
+__device__ __forceinline__ void fold_g128(float& acc, float p, float s) { fold1(acc, p, s); }
 __device__ __forceinline__ void fold_g128(float& acc, int p_biased, float s) {
     acc = __fadd_rn(acc, __fmul_rn(biased_to_float(p_biased), s));
 }
@@ -208,14 +315,22 @@ __device__ __forceinline__ int add_split(int a, int b) { return static_cast<int>
 __device__ __forceinline__ float add_split(float a, float b) { return __fadd_rn(a, b); }
 
 // One output value from the reduced accumulator.                                          [emulate.epilogue_value]
-__device__ __forceinline__ float out_value(int A, float tm, float cs) { return __fmul_rn(__int2float_rn(A), __fmul_rn(tm, cs)); }
-__device__ __forceinline__ float out_value(float acc, float tm, float) { return __fmul_rn(acc, tm); }
+// IS: float(A) * (t * cs); FS: acc * t; ZQ: acc * (t * cs).
+template <int kKind, typename Acc>
+__device__ __forceinline__ float out_value(Acc acc, float tm, float cs) {
+    if constexpr (kKind == KIND_IS) return __fmul_rn(__int2float_rn(acc), __fmul_rn(tm, cs));
+    else if constexpr (kKind == KIND_ZQ) return __fmul_rn(acc, __fmul_rn(tm, cs));
+    else return __fmul_rn(acc, tm);
+}
 
 // A token's quantization scales from its amax, as the reference's quantizer makes them:
-// inv = rn(rn(1 / amax) * 127) (0 for an all-zero token), t = rn(amax / 127).   [emulate.token_scales]
+// inv = rn(rn(1 / amax) * Q) (0 for an all-zero token), t = rn(amax / Q), with Q = 127 (int8) or
+// 448 (E4M3, ZQ).                                                                [emulate.token_scales]
+template <int kKind>
 __device__ __forceinline__ void token_scales(float amax, float& inv, float& t) {
-    inv = amax > 0.0f ? __fmul_rn(qk::rcp_rn(amax), 127.0f) : 0.0f;
-    t = qk::div_rn(amax, 127.0f);
+    constexpr float Q = kKind == KIND_ZQ ? 448.0f : 127.0f;
+    inv = amax > 0.0f ? __fmul_rn(qk::rcp_rn(amax), Q) : 0.0f;
+    t = qk::div_rn(amax, Q);
 }
 
 // The 4 outputs of one C fragment (n rows gid / gid+8, token columns 2tig / 2tig+1 of an n8 tile at
@@ -299,7 +414,7 @@ __device__ __forceinline__ float quik_tail(float v, int m, int n, int M, int N, 
 // kQuik (QUIK W4A4, w4a8r_decode_quik_m*): the activations come quantized (xq8 int8 [M, K], K = Kq,
 // one int4 value per byte, and their scale tq [M], from quik_split): no amax, and each x chunk is
 // copied from xq8 rather than quantized from x; the epilogue adds quik_tail.   [emulate.decode_cta]
-template <int MT8, bool kIS, bool kQuik = false>
+template <int MT8, int kKind, bool kQuik = false>
 __device__ __forceinline__ void decode(const unsigned short* __restrict__ x, const uint4* __restrict__ wq,
                                        const void* __restrict__ scales, const float* __restrict__ cscale, int alpha_log2,
                                        unsigned short* __restrict__ y, int* __restrict__ acc_out, int4* __restrict__ part,
@@ -308,7 +423,9 @@ __device__ __forceinline__ void decode(const unsigned short* __restrict__ x, con
                                        const signed char* __restrict__ xq8 = nullptr, const float* __restrict__ tq = nullptr,
                                        const float* __restrict__ zq = nullptr, const float* __restrict__ zc = nullptr,
                                        const unsigned short* __restrict__ y_add = nullptr) {
-    using Acc = typename Scale<kIS>::T;
+    constexpr bool kIS = kKind == KIND_IS, kZq = kKind == KIND_ZQ;
+    using Acc = typename Scale<kKind>::T;
+    using TC = Tc<kZq>;
     constexpr int ROWS = decode_rows(MT8);
     constexpr int XK = decode_xk(MT8);
     constexpr int XS = decode_xs(MT8);
@@ -399,7 +516,7 @@ __device__ __forceinline__ void decode(const unsigned short* __restrict__ x, con
             }
         }
         __syncthreads();
-        if (tid < ROWS) token_scales(tid < M ? __int_as_float(s_amax[tid]) : 0.0f, s_inv[tid], s_t[tid]);
+        if (tid < ROWS) token_scales<kKind>(tid < M ? __int_as_float(s_amax[tid]) : 0.0f, s_inv[tid], s_t[tid]);
         __syncthreads();
     } else {
         if (cta < A) {
@@ -427,7 +544,7 @@ __device__ __forceinline__ void decode(const unsigned short* __restrict__ x, con
             while (qk::ld_acquire_gpu(ws + WS_ARRIVE) < A) __nanosleep(32);
         }
         __syncthreads();
-        if (tid < ROWS) token_scales(tid < M ? __int_as_float(qk::ld_acquire_gpu(ws + WS_AMAX + tid)) : 0.0f, s_inv[tid], s_t[tid]);
+        if (tid < ROWS) token_scales<kKind>(tid < M ? __int_as_float(qk::ld_acquire_gpu(ws + WS_AMAX + tid)) : 0.0f, s_inv[tid], s_t[tid]);
         __syncthreads();
         if (tid == 0 && atomicAdd(ws + WS_DONE, 1) == static_cast<int>(gridDim.x * gridDim.y) - 1) {
             // every CTA has read the amax: return the exchange to zero for the next launch
@@ -444,15 +561,15 @@ __device__ __forceinline__ void decode(const unsigned short* __restrict__ x, con
     int next_chunk_blk = 0, chunk_kk = 0;                          // block of the next chunk; k step of this chunk's start
 
     Acc acc[MT8][4];
-    int P[MT8][4];
+    typename TC::P P[MT8][4];
 #pragma unroll
     for (int mt = 0; mt < MT8; ++mt)
 #pragma unroll
         for (int i = 0; i < 4; ++i) acc[mt][i] = Acc(0);
     const long long n_row = static_cast<long long>(t16) * 16 + gid;   // this lane's channels n_row, n_row + 8
-    typename Scale<kIS>::T sc[2], nsc[2];
-    sc[0] = Scale<kIS>::load(scales, static_cast<long long>(g0) * N128 + n_row, sc16);
-    sc[1] = Scale<kIS>::load(scales, static_cast<long long>(g0) * N128 + n_row + 8, sc16);
+    typename Scale<kKind>::T sc[2], nsc[2];
+    sc[0] = Scale<kKind>::load(scales, static_cast<long long>(g0) * N128 + n_row, sc16);
+    sc[1] = Scale<kKind>::load(scales, static_cast<long long>(g0) * N128 + n_row + 8, sc16);
     uint4 wr = make_uint4(0u, 0u, 0u, 0u);
 
     // One k step: advance the pipeline at a new k64 block (and the x chunk at a new chunk), then
@@ -478,12 +595,16 @@ __device__ __forceinline__ void decode(const unsigned short* __restrict__ x, con
                     unsigned q[2] = {0u, 0u};
 #pragma unroll
                     for (int e = 0; e < 8; ++e) {
-                        float f = 0.0f;
-                        if (r < M) {  // as qk::quantize_row: rint, NaN (0 * inf) -> 0, clamp
-                            f = rintf(__fmul_rn(v[e], s_inv[r]));
-                            f = fminf(fmaxf(f == f ? f : 0.0f, -127.0f), 127.0f);
+                        if constexpr (kZq) {  // as zq::quantize_row: e4m3(clamp(rn(x * inv), -448, 448)); 0 past M
+                            if (r < M) q[e >> 2] |= f32_to_e4m3(fminf(fmaxf(__fmul_rn(v[e], s_inv[r]), -448.0f), 448.0f)) << (8 * (e & 3));
+                        } else {
+                            float f = 0.0f;
+                            if (r < M) {  // as qk::quantize_row: rint, NaN (0 * inf) -> 0, clamp
+                                f = rintf(__fmul_rn(v[e], s_inv[r]));
+                                f = fminf(fmaxf(f == f ? f : 0.0f, -127.0f), 127.0f);
+                            }
+                            q[e >> 2] |= (static_cast<unsigned>(__float2int_rn(f)) & 0xFFu) << (8 * (e & 3));
                         }
-                        q[e >> 2] |= (static_cast<unsigned>(__float2int_rn(f)) & 0xFFu) << (8 * (e & 3));
                     }
                     *reinterpret_cast<uint2*>(sX + r * XS + kl) = make_uint2(q[0], q[1]);
                 }
@@ -498,22 +619,22 @@ __device__ __forceinline__ void decode(const unsigned short* __restrict__ x, con
             qk::cp_async_commit();
         }
         unsigned a[4];
-        if (kk & 1) a_frag(wr.z, wr.w, a);
-        else a_frag(wr.x, wr.y, a);
+        if (kk & 1) TC::frag(wr.z, wr.w, a);
+        else TC::frag(wr.x, wr.y, a);
         const unsigned char* xp = sX + gid * XS + (kk - chunk_kk) * 32 + 8 * tig;
 #pragma unroll
         for (int mt = 0; mt < MT8; ++mt) {
             const uint2 bb = *reinterpret_cast<const uint2*>(xp + mt * 8 * XS);
             const unsigned b[2] = {bb.x, bb.y};
-            if (first) qk::mma_s8_zero(P[mt], a, b);
-            else qk::mma_s8(P[mt], a, b);
+            if (first) TC::mma_init(P[mt], a, b, 0);
+            else TC::mma(P[mt], a, b);
         }
     };
 
     for (int g = g0; g < g1; ++g) {
         if (g + 1 < g1) {  // next group's scales, a group ahead
-            nsc[0] = Scale<kIS>::load(scales, static_cast<long long>(g + 1) * N128 + n_row, sc16);
-            nsc[1] = Scale<kIS>::load(scales, static_cast<long long>(g + 1) * N128 + n_row + 8, sc16);
+            nsc[0] = Scale<kKind>::load(scales, static_cast<long long>(g + 1) * N128 + n_row, sc16);
+            nsc[1] = Scale<kKind>::load(scales, static_cast<long long>(g + 1) * N128 + n_row + 8, sc16);
         }
         kstep(g * spg, true);
 #pragma unroll 1
@@ -531,7 +652,7 @@ __device__ __forceinline__ void decode(const unsigned short* __restrict__ x, con
     if (S > 1 && !splitk_reduce<Acc, MT8>(acc, part, ws + WS_TILES + tile, s_flag, s, S, tiles, tile, warp, lane)) return;
     const int n0 = t16 * 16;
     float cs[2] = {0.0f, 0.0f}, zcn[2] = {0.0f, 0.0f};
-    if (kIS) {
+    if (kIS || kZq) {  // ZQ: alpha_log2 = 0, cs = cscale
         const float inv_alpha = qk::exp2_neg(alpha_log2);
         cs[0] = __fmul_rn(__ldg(cscale + n0 + gid), inv_alpha);
         cs[1] = __fmul_rn(__ldg(cscale + n0 + gid + 8), inv_alpha);
@@ -546,7 +667,7 @@ __device__ __forceinline__ void decode(const unsigned short* __restrict__ x, con
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const int m = mt * 8 + 2 * tig + (i & 1);             // < ROWS <= 64
-            float v = out_value(acc[mt][i], s_t[m], cs[i >> 1]);
+            float v = out_value<kKind>(acc[mt][i], s_t[m], cs[i >> 1]);
             if (kQuik) v = quik_tail(v, m, n0 + gid + 8 * (i >> 1), M, N, zq, zcn[i >> 1], y_add, bf16);
             o[i] = qk::to_out_rt(v, bf16);
         }
@@ -563,7 +684,7 @@ __device__ __forceinline__ void decode(const unsigned short* __restrict__ x, con
 
 // ------------------------------------------------------------------ prefill
 
-template <bool kIS, bool kQuik = false>
+template <int kKind, bool kQuik = false>
 __device__ __forceinline__ void prefill(const signed char* __restrict__ xq, const float* __restrict__ t,
                                         const uint4* __restrict__ wq, const void* __restrict__ scales,
                                         const float* __restrict__ cscale, int alpha_log2, unsigned short* __restrict__ y,
@@ -572,7 +693,9 @@ __device__ __forceinline__ void prefill(const signed char* __restrict__ xq, cons
                                         int mtiles, int ntiles, int band_log2, int flags,
                                         const float* __restrict__ zq = nullptr, const float* __restrict__ zc = nullptr,
                                         const unsigned short* __restrict__ y_add = nullptr) {
-    using Acc = typename Scale<kIS>::T;
+    constexpr bool kIS = kKind == KIND_IS, kZq = kKind == KIND_ZQ;
+    using Acc = typename Scale<kKind>::T;
+    using TC = Tc<kZq>;
     extern __shared__ uint4 smem_u4[];
     unsigned char* smem = reinterpret_cast<unsigned char*>(smem_u4);
     unsigned char* sW = smem;                                  // [P_STAGES][8 tiles][2 blocks][32][16 B]
@@ -647,7 +770,7 @@ __device__ __forceinline__ void prefill(const signed char* __restrict__ xq, cons
     };
 
     Acc acc[2][8][4];
-    int P[2][8][4];
+    typename TC::P P[2][8][4];
 #pragma unroll
     for (int a = 0; a < 2; ++a)
 #pragma unroll
@@ -657,11 +780,11 @@ __device__ __forceinline__ void prefill(const signed char* __restrict__ xq, cons
     // Group scales: this lane's channels are n_row + 0, 8, 16, 24 (tiles a = 0, 1; rows gid, gid + 8),
     // one group's four at one pointer plus constants, the next group N128 entries on.
     const long long n_row = static_cast<long long>(t16_0 + 2 * wn) * 16 + gid;
-    typename Scale<kIS>::T sc[2][2], nsc[2][2];
-    const int sc_shift = Scale<kIS>::shift(sc16);
+    typename Scale<kKind>::T sc[2][2], nsc[2][2];
+    const int sc_shift = Scale<kKind>::shift(sc16);
     const unsigned char* sc_ptr = static_cast<const unsigned char*>(scales) + ((static_cast<long long>(g0) * N128 + n_row) << sc_shift);
     const long long sc_step = static_cast<long long>(N128) << sc_shift;
-    Scale<kIS>::load4(sc_ptr, sc16, sc);
+    Scale<kKind>::load4(sc_ptr, sc16, sc);
     // This lane's fragment addresses within a stage: weights (tile a, block b2) at w_off + 512 (2a +
     // b2); activations of k step ks, n8 tile j at x_off[ks] + 1024 j (rows 8 j on keep row & 3, so
     // the swizzle of row wm * 64 + gid holds for all eight).                        [emulate.p_frag_offsets]
@@ -683,8 +806,8 @@ __device__ __forceinline__ void prefill(const signed char* __restrict__ xq, cons
         unsigned af[2][4];
 #pragma unroll
         for (int a = 0; a < 2; ++a) {
-            if (odd) a_frag(wr[a].z, wr[a].w, af[a]);
-            else a_frag(wr[a].x, wr[a].y, af[a]);
+            if (odd) TC::frag(wr[a].z, wr[a].w, af[a]);
+            else TC::frag(wr[a].x, wr[a].y, af[a]);
         }
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
@@ -692,8 +815,8 @@ __device__ __forceinline__ void prefill(const signed char* __restrict__ xq, cons
             const unsigned b[2] = {bb.x, bb.y};
 #pragma unroll
             for (int a = 0; a < 2; ++a) {
-                if (first) qk::mma_s8_init(P[a][j], af[a], b, init);
-                else qk::mma_s8(P[a][j], af[a], b);
+                if (first) TC::mma_init(P[a][j], af[a], b, init);
+                else TC::mma(P[a][j], af[a], b);
             }
         }
     };
@@ -716,7 +839,7 @@ __device__ __forceinline__ void prefill(const signed char* __restrict__ xq, cons
     auto next_scales = [&](int g) {  // group g + 1's, a group ahead
         if (g + 1 < g1) {
             sc_ptr += sc_step;
-            Scale<kIS>::load4(sc_ptr, sc16, nsc);
+            Scale<kKind>::load4(sc_ptr, sc16, nsc);
         }
     };
 
@@ -733,7 +856,7 @@ __device__ __forceinline__ void prefill(const signed char* __restrict__ xq, cons
 #pragma unroll
             for (int ks = 0; ks < 4; ++ks) {
                 if ((ks & 1) == 0) read_w(buf, ks >> 1);
-                mma_step(sX + buf * P_X_STAGE + x_off[ks], ks & 1, ks == 0, G128<kIS>::P_INIT);
+                mma_step(sX + buf * P_X_STAGE + x_off[ks], ks & 1, ks == 0, G128<kKind>::P_INIT);
             }
             end_group(true);
         }
@@ -765,7 +888,7 @@ __device__ __forceinline__ void prefill(const signed char* __restrict__ xq, cons
     for (int a = 0; a < 2; ++a) {
         const int n0 = (t16_0 + 2 * wn + a) * 16;
         float cs[2] = {0.0f, 0.0f}, zcn[2] = {0.0f, 0.0f};
-        if (kIS) {
+        if (kIS || kZq) {  // ZQ: alpha_log2 = 0, cs = cscale
             const float inv_alpha = qk::exp2_neg(alpha_log2);
             cs[0] = __fmul_rn(__ldg(cscale + n0 + gid), inv_alpha);
             cs[1] = __fmul_rn(__ldg(cscale + n0 + gid + 8), inv_alpha);
@@ -782,7 +905,7 @@ __device__ __forceinline__ void prefill(const signed char* __restrict__ xq, cons
             for (int i = 0; i < 4; ++i) {
                 const int m = m_base + 2 * tig + (i & 1);
                 const float tm = m < M ? __ldg(t + m) : 0.0f;
-                float v = out_value(acc[a][j][i], tm, cs[i >> 1]);
+                float v = out_value<kKind>(acc[a][j][i], tm, cs[i >> 1]);
                 if (kQuik) v = quik_tail(v, m, n0 + gid + 8 * (i >> 1), M, N, zq, zcn[i >> 1], y_add, bf16);
                 o[i] = qk::to_out_rt(v, bf16);
             }
@@ -808,12 +931,12 @@ __device__ __forceinline__ void prefill(const signed char* __restrict__ xq, cons
 // Decode: grid (S, N128 / 128), block 256, dynamic shared memory w4r::decode_smem(MT8).
 // __launch_bounds__(256, 2): two CTAs per SM (<= 128 registers); without the second argument ptxas
 // capped the M <= 8 kernels at 40 registers and spilled the group scales (NVRTC, CUDA 13.0).
-#define W4R_DECODE(NAME, MT8, IS)                                                                        \
+#define W4R_DECODE(NAME, MT8, KIND)                                                                      \
     extern "C" __global__ void __launch_bounds__(w4r::THREADS, 2) NAME(                                  \
         const unsigned short* __restrict__ x, /* fp16 / bf16 bits [M, K] activations, row-major */     \
         const uint4* __restrict__ wq,         /* repacked weights [N128/16][KB][32][4] uint32 */         \
-        const void* __restrict__ scales,      /* [G, N128]: IS int32 (int16 if flags & 4); FS fp16 */    \
-        const float* __restrict__ cscale,     /* float32 [N128] (IS), or null (FS) */                    \
+        const void* __restrict__ scales,      /* [G, N128]: IS int32 (int16 if flags & 4); FS fp16; ZQ int8 */ \
+        const float* __restrict__ cscale,     /* float32 [N128] (IS, ZQ), or null (FS) */               \
         int alpha_log2,                       /* IS: cscale / 2^a, a in [-126, 126] */                   \
         unsigned short* __restrict__ y,       /* fp16 / bf16 bits [M, N] out */                          \
         int* __restrict__ acc_out,            /* int32 [M, N] accumulator A (IS debug), or null */      \
@@ -824,8 +947,8 @@ __device__ __forceinline__ void prefill(const signed char* __restrict__ xq, cons
         int S, int gq, int gr,                /* splits; G = gq * S + gr */                               \
         int A, int ak_log2,                   /* amax CTAs, their k chunk 2^ak_log2 (>= 8) */            \
         int flags) {                          /* 1: bf16, 2: 16-byte x loads, 4: int16 iscale */         \
-        w4r::decode<MT8, IS>(x, wq, scales, cscale, alpha_log2, y, acc_out, part, ws, M, N, K, N128, G, spg, \
-                             KB, S, gq, gr, A, ak_log2, flags);                                           \
+        w4r::decode<MT8, KIND>(x, wq, scales, cscale, alpha_log2, y, acc_out, part, ws, M, N, K, N128, G, spg, \
+                               KB, S, gq, gr, A, ak_log2, flags);                                         \
     }
 
 // QUIK W4A4 decode (M <= 64; qconvert_kernels/quik/cuda.py): as W4R_DECODE with x null and A = 0,
@@ -842,12 +965,12 @@ __device__ __forceinline__ void prefill(const signed char* __restrict__ xq, cons
         const float* __restrict__ t,          /* float32 [M] */                                          \
         const float* __restrict__ zq, const float* __restrict__ zc,                                       \
         const unsigned short* __restrict__ y_add) {                                                       \
-        w4r::decode<MT8, true, true>(x, wq, scales, cscale, alpha_log2, y, acc_out, part, ws, M, N, K, N128, G, spg, \
+        w4r::decode<MT8, w4r::KIND_IS, true>(x, wq, scales, cscale, alpha_log2, y, acc_out, part, ws, M, N, K, N128, G, spg, \
                                      KB, S, gq, gr, A, ak_log2, flags, xq, t, zq, zc, y_add);            \
     }
 
 // Prefill: grid (mtiles << band, ceil(ntiles / 2^band), S), block 256, dynamic smem w4r::P_SMEM.
-#define W4R_PREFILL(NAME, IS)                                                                            \
+#define W4R_PREFILL(NAME, KIND)                                                                          \
     extern "C" __global__ void __launch_bounds__(w4r::THREADS, 1) NAME(                                  \
         const signed char* __restrict__ xq,   /* int8 [M, Kq] (w4a8r_quantize_*), Kq = 64 KB */          \
         const float* __restrict__ t,          /* float32 [M] per-token scale */                          \
@@ -862,7 +985,7 @@ __device__ __forceinline__ void prefill(const signed char* __restrict__ xq, cons
         int M, int N, int N128, int G, int spg, int KB, int S, int gq, int gr,                            \
         int mtiles, int ntiles, int band_log2,                                                            \
         int flags) {                          /* 1: bf16 out, 4: int16 iscale */                         \
-        w4r::prefill<IS>(xq, t, wq, scales, cscale, alpha_log2, y, acc_out, part, counters, M, N, N128, G, spg, \
+        w4r::prefill<KIND>(xq, t, wq, scales, cscale, alpha_log2, y, acc_out, part, counters, M, N, N128, G, spg, \
                          KB, S, gq, gr, mtiles, ntiles, band_log2, flags);                                \
     }
 
@@ -881,7 +1004,7 @@ __device__ __forceinline__ void prefill(const signed char* __restrict__ xq, cons
         const float* __restrict__ zq,         /* float32 [M] */                                          \
         const float* __restrict__ zc,         /* float32 [N128] */                                       \
         const unsigned short* __restrict__ y_add) { /* fp16 / bf16 [M, N] or null */                    \
-        w4r::prefill<true, true>(xq, t, wq, scales, cscale, alpha_log2, y, acc_out, part, counters, M, N, N128, G, \
+        w4r::prefill<w4r::KIND_IS, true>(xq, t, wq, scales, cscale, alpha_log2, y, acc_out, part, counters, M, N, N128, G, \
                                  spg, KB, S, gq, gr, mtiles, ntiles, band_log2, flags, zq, zc, y_add);   \
     }
 
@@ -895,20 +1018,24 @@ __device__ __forceinline__ void prefill(const signed char* __restrict__ xq, cons
         qk::quantize_row<BF16>(x, xq, t, M, K, Kq);                                                      \
     }
 
-W4R_DECODE(w4a8r_decode_is_m8, 1, true)
-W4R_DECODE(w4a8r_decode_is_m16, 2, true)
-W4R_DECODE(w4a8r_decode_is_m32, 4, true)
-W4R_DECODE(w4a8r_decode_is_m64, 8, true)
-W4R_DECODE(w4a8r_decode_fs_m8, 1, false)
-W4R_DECODE(w4a8r_decode_fs_m16, 2, false)
-W4R_DECODE(w4a8r_decode_fs_m32, 4, false)
-W4R_DECODE(w4a8r_decode_fs_m64, 8, false)
+// fp8/fp8_repacked.cu includes this file for the device code and the macros above, with
+// W4R_NO_ENTRIES defined: its module then holds only its own (ZeroQuant-FP) entry points.
+#ifndef W4R_NO_ENTRIES
+W4R_DECODE(w4a8r_decode_is_m8, 1, w4r::KIND_IS)
+W4R_DECODE(w4a8r_decode_is_m16, 2, w4r::KIND_IS)
+W4R_DECODE(w4a8r_decode_is_m32, 4, w4r::KIND_IS)
+W4R_DECODE(w4a8r_decode_is_m64, 8, w4r::KIND_IS)
+W4R_DECODE(w4a8r_decode_fs_m8, 1, w4r::KIND_FS)
+W4R_DECODE(w4a8r_decode_fs_m16, 2, w4r::KIND_FS)
+W4R_DECODE(w4a8r_decode_fs_m32, 4, w4r::KIND_FS)
+W4R_DECODE(w4a8r_decode_fs_m64, 8, w4r::KIND_FS)
 W4R_DECODE_QUIK(w4a8r_decode_quik_m8, 1)
 W4R_DECODE_QUIK(w4a8r_decode_quik_m16, 2)
 W4R_DECODE_QUIK(w4a8r_decode_quik_m32, 4)
 W4R_DECODE_QUIK(w4a8r_decode_quik_m64, 8)
-W4R_PREFILL(w4a8r_prefill_is, true)
-W4R_PREFILL(w4a8r_prefill_fs, false)
+W4R_PREFILL(w4a8r_prefill_is, w4r::KIND_IS)
+W4R_PREFILL(w4a8r_prefill_fs, w4r::KIND_FS)
 W4R_PREFILL_QUIK(w4a8r_prefill_quik)
 W4R_QUANT(w4a8r_quantize_f16, false)
 W4R_QUANT(w4a8r_quantize_bf16, true)
+#endif  // W4R_NO_ENTRIES

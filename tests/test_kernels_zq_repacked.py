@@ -1,0 +1,214 @@
+"""ZeroQuant-FP fp4-fp8 at decode on the repacked W4A8 decode kernel (fp8/fp8_repacked.cu, KIND_ZQ of
+w4a8_repacked.cu) proven on the CPU: the real launcher (``w4a8.cuda.prepare("fp4-fp8", ...)`` /
+``linear``) runs with its launches routed to the lane-exact emulator (w4a8/emulate.py), and y must
+equal the torch reference (fp8/reference.py, in the plan's split order) bit for bit.  The emulator
+keeps the FP8 tensor cores' group partial exact, as the reference does (fp8/emulate.py says why);
+the GPU test (tests/test_kernels_fp8_gpu.py) holds the hardware to the reference's tolerance.
+Mutations show the E2M1 widening, the E4M3 scaling and the shared pipeline are checked.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import assert_mutation_caught
+
+from qconvert.formats.fp4 import codes_to_values, pack_fp4, unpack_fp4
+from qconvert_kernels.fp8 import REPACKED
+from qconvert_kernels.fp8 import reference as ref8
+from qconvert_kernels.w4a8 import cuda, emulate, repack
+
+
+def make_fp4_layer(n: int, k: int, g: int, seed: int) -> dict:
+    """A random fp4-fp8 layer as stored: E2M1 codes (every one of the 16), exponents, channel scales."""
+    gen = torch.Generator().manual_seed(seed)
+    kp = -(-k // g) * g
+    codes = torch.randint(0, 16, (n, kp), generator=gen, dtype=torch.uint8)
+    codes[:, k:] = 0
+    return {"qweight": pack_fp4(codes), "shape": torch.tensor([n, k]),
+            "sexp": torch.randint(-6, 4, (n, kp // g), generator=gen, dtype=torch.int8),
+            "cscale": torch.rand(n, generator=gen) * 0.01 + 1e-3}
+
+
+def activations(m: int, k: int, dtype, seed: int):
+    gen = torch.Generator().manual_seed(seed + 17)
+    x = torch.randn((m, k), generator=gen) * torch.rand((m, 1), generator=gen) * 4
+    if m > 2:
+        x[1] = 0  # an all-zero token: t = 0, xq = 0
+    return x.to(dtype)
+
+
+def reference(x, tensors, g, bounds):
+    n, k = (int(v) for v in tensors["shape"])
+    kp = tensors["qweight"].shape[1] * 2
+    xq, t = ref8.quantize_per_token_fp8(x, kp)
+    wg = ref8.weight_groups(codes_to_values(unpack_fp4(tensors["qweight"])), g)
+    return ref8.fp4_fp8_gemm_split(xq, t, wg, tensors["sexp"], tensors["cscale"], bounds).to(x.dtype)
+
+
+def check_case(m, n, k, g, dtype=torch.float16, sm_count=8, **kw):
+    """Emulated launcher == reference in the plan's split order, bit for bit; returns the plan."""
+    seed = m * 1_000_003 + n * 1009 + k * 7 + g
+    tensors = make_fp4_layer(n, k, g, seed)
+    x = activations(m, k, dtype, seed)
+    prep = cuda.prepare("fp4-fp8", tensors, g, "cpu")
+    with emulate.emulating(sm_count=sm_count, **kw) as emu:
+        y = cuda.linear(x, prep)
+    pl = cuda.plan(m, prep, sm_count)
+    want = reference(x, tensors, g, pl.split_bounds())
+    assert y.dtype == dtype and y.shape == (m, n)
+    assert torch.equal(y.view(torch.int16), want.view(torch.int16)), f"y differs in {(y != want).sum()} places"
+    assert [name for name, *_ in emu.launches] == [pl.kernel]  # one launch: the quantizer fused in
+    return pl, emu
+
+
+def test_widening_of_every_code_in_every_position():
+    """w4r::fp4x8r_to_e4m3 (as the emulator runs it) gives the E4M3 byte of each E2M1 code, k..k+3 in
+    the low register and k+4..k+7 in the high one, for every code at every nibble position."""
+    ctx = emulate.Ctx(None, {}, frozenset(), emulate.FloatOps(False))
+    codes = torch.arange(16, dtype=torch.int64)
+    want = ref8.e2m1_to_e4m3_bits(codes.to(torch.uint8)).numpy()
+    for i in range(8):  # k + i sits at nibble position 2i (i < 4) or 2(i - 4) + 1
+        pos = 2 * i if i < 4 else 2 * (i - 4) + 1
+        words = (codes << (4 * pos)).numpy().astype(np.uint32)  # every other position holds code 0
+        lo, hi = emulate.fp4x8r_to_e4m3(ctx, words)
+        reg, byte = (lo, i) if i < 4 else (hi, i - 4)
+        got = (reg >> np.uint32(8 * byte)) & np.uint32(0xFF)
+        assert np.array_equal(got.astype(np.uint8), want), i
+        # every other byte is code 0's E4M3 byte, 0
+        assert all(((r >> np.uint32(8 * b)) & 0xFF == 0).all() for r in (lo, hi) for b in range(4)
+                   if not (r is reg and b == byte)), i
+
+
+def test_repacked_nibbles_carry_fp4_codes_unchanged():
+    codes = torch.randint(0, 16, (136, 256), dtype=torch.uint8)
+    packed = pack_fp4(codes)
+    assert torch.equal(repack.unrepack_weight(repack.repack_weight(packed), 136, 256), packed)
+
+
+DECODE_CASES = [  # (M, N, K, g, SMs): M from 1 to 64, N and K tails, g = 32 .. 256
+    (1, 136, 256, 128, 8),
+    (2, 256, 576, 64, 8),
+    (3, 130, 300, 96, 8),       # K % 8 != 0: scalar activation loads; Kp % 64 == 32
+    (7, 136, 512, 256, 8),
+    (16, 128, 448, 32, 8),      # g = 32: a fold every k step; uneven splits
+    (17, 200, 640, 128, 1),     # one split: bit-exact with the plain fp4_fp8_gemm
+    (64, 256, 1280, 128, 2),    # three activation chunks
+    (5, 13, 96, 32, 8),         # N = 13: most channels of the CTA are padding
+]
+
+
+@pytest.mark.parametrize("m,n,k,g,sms", DECODE_CASES)
+def test_zq_decode_bit_exact(m, n, k, g, sms):
+    pl, _ = check_case(m, n, k, g, sm_count=sms)
+    assert pl.kind == "decode" and pl.kernel == f"w4a8r_decode_zq_m{8 * pl.mt8}"
+
+
+def test_zq_bf16_and_the_exchange_path():
+    pl, emu = check_case(9, 136, 1024, 128, dtype=torch.bfloat16)
+    assert pl.amax_ctas > 0 and emu.amax_paths[0].get("exchange")
+
+
+def test_one_split_equals_the_plain_reference():
+    m, n, k, g = 4, 200, 640, 128
+    tensors = make_fp4_layer(n, k, g, 5)
+    x = activations(m, k, torch.float16, 5)
+    prep = cuda.prepare("fp4-fp8", tensors, g, "cpu")
+    with emulate.emulating(sm_count=1):
+        y = cuda.linear(x, prep)
+    assert cuda.plan(m, prep, 1).splits == 1
+    xq, t = ref8.quantize_per_token_fp8(x, prep.kp)
+    wg = ref8.weight_groups(codes_to_values(unpack_fp4(tensors["qweight"])), g)
+    want = ref8.fp4_fp8_gemm(xq, t, wg, tensors["sexp"], tensors["cscale"]).half()
+    assert torch.equal(y, want)
+
+
+def test_prefill_sizes_are_refused_with_the_way_out():
+    tensors = make_fp4_layer(128, 256, 128, 1)
+    prep = cuda.prepare("fp4-fp8", tensors, 128, "cpu")
+    with pytest.raises(ValueError, match="no repacked prefill.*fp4_fp8_gemm"):
+        cuda.plan(65, prep, 8)
+
+
+def test_prepare_checks_the_fp4_tensors():
+    tensors = make_fp4_layer(128, 256, 128, 1)
+    bad = dict(tensors, sexp=tensors["sexp"].to(torch.int32))
+    with pytest.raises(ValueError, match="sexp must be int8"):
+        cuda.prepare("fp4-fp8", bad, 128, "cpu")
+    with pytest.raises(ValueError, match="needs tensor 'cscale'"):
+        cuda.prepare("fp4-fp8", {k: v for k, v in tensors.items() if k != "cscale"}, 128, "cpu")
+
+
+MUTATION_CASES = {
+    "zq_gather": ((5, 136, 512, 128), "mismatch"),
+    "zq_sign": ((5, 136, 512, 128), "mismatch"),
+    "zq_qmax": ((3, 136, 256, 128), "mismatch"),
+    "swap_halves": ((5, 136, 512, 128), "mismatch"),
+    "c_map": ((3, 136, 576, 64), "mismatch"),
+    "k_perm": ((5, 136, 512, 128), "mismatch"),
+    "stage_off_by_one": ((5, 136, 512, 128), "error"),
+    "no_barrier": ((5, 136, 512, 128), "error"),
+    "amax_local": ((16, 136, 1024, 128), "mismatch"),
+}
+
+
+@pytest.mark.parametrize("mutation", sorted(MUTATION_CASES))
+def test_mutation_is_caught_on_the_zq_decode(mutation):
+    case, expected = MUTATION_CASES[mutation]
+    assert_mutation_caught(check_case, case, mutation, expected, emulate.EmulationError)
+
+
+def test_entry_points_are_the_declared_ones():
+    import re
+
+    text = REPACKED.path.read_text()
+    assert sorted(re.findall(r"^W4R_DECODE\((\w+),", text, flags=re.M)) == sorted(REPACKED.kernels)
+    assert "#define W4R_NO_ENTRIES" in text  # the W4A8 entry points stay out of this module
+
+
+def test_method_made_layer_decodes_on_the_repacked_kernel():
+    """An FP8Linear as ZeroQuant-FP makes it (LoRC on), prepared on the CPU as runtime.load prepares it
+    on the GPU: at M <= 64 its forward takes the repacked decode kernel (here the emulator) and gives
+    the CPU path's numbers through the kernel path's roundings (y rounded, then LoRC added)."""
+    from qconvert.layouts.fp8 import FP8Linear
+    from qconvert.methods.zeroquant_fp import ZeroQuantFPMethod
+
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(136, 320, generator=gen) * 0.05
+    ql = ZeroQuantFPMethod({"base": "rtn", "lorc_rank": 4, "group_size": 64}).quantize_linear("l", w)
+    lin = FP8Linear(ql.layout, ql.tensors, None)
+    x = torch.randn(2, 3, 320, generator=gen).half()
+    assert not lin._on_decode_kernel(x.reshape(-1, 320))
+    lin.prepare_cuda("cpu")
+    assert lin._on_decode_kernel(x.reshape(-1, 320))
+    with emulate.emulating(sm_count=8) as emu:
+        got = lin(x)
+    assert [name for name, *_ in emu.launches] == ["w4a8r_decode_zq_m8"]
+    x2 = x.reshape(-1, 320)
+    xq, t = ref8.quantize_per_token_fp8(x2, lin.kp)
+    bounds = cuda.plan(6, lin._prepared, 8).split_bounds()
+    wg = ref8.weight_groups(codes_to_values(unpack_fp4(lin.qweight)), lin.group_size)
+    y = ref8.fp4_fp8_gemm_split(xq, t, wg, lin.sexp, lin.cscale, bounds).half()
+    want = (y.float() + ref8.lorc_term(xq, t, lin.lorc_u, lin.lorc_v)).half()
+    assert torch.equal(got.reshape(-1, 136).view(torch.int16), want.view(torch.int16))
+    # prefill sizes keep the CPU reference path here (on a GPU: fp8_gemm.cu's kernel)
+    assert not lin._on_decode_kernel(torch.zeros(65, 320, dtype=torch.half))
+
+
+def test_prediction_script_labels_its_rows():
+    """benchmarks/zqfp_decode_prediction.py (docs/kernels.md quotes it): a row per Llama-3-8B linear,
+    labelled a prediction, its range between the W4A8-FS decode's measured time and that x 715 / 623."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "zqfp_decode_prediction.py"
+    out = subprocess.run([sys.executable, str(script), "--json", "/dev/stdout"], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("PREDICTION (not measured)")
+    rows = json.loads(out[out.index("{"):])["rows"]
+    assert sorted(r["shape"] for r in rows) == ["down_proj", "gate_up_proj", "q/o_proj", "qkv_proj"]
+    for r in rows:
+        lo, hi = r["predicted_us"]
+        assert 0 < lo < hi <= lo * 715 / 623 + 0.1 and r["first_us"] > hi
