@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import assert_mutation_caught
+from test_kernels_w4a8_emulate import activations  # an all-zero token among them
 
 from qconvert.formats.fp4 import codes_to_values, pack_fp4, unpack_fp4
 from qconvert_kernels.fp8 import REPACKED
@@ -29,14 +30,6 @@ def make_fp4_layer(n: int, k: int, g: int, seed: int) -> dict:
     return {"qweight": pack_fp4(codes), "shape": torch.tensor([n, k]),
             "sexp": torch.randint(-6, 4, (n, kp // g), generator=gen, dtype=torch.int8),
             "cscale": torch.rand(n, generator=gen) * 0.01 + 1e-3}
-
-
-def activations(m: int, k: int, dtype, seed: int):
-    gen = torch.Generator().manual_seed(seed + 17)
-    x = torch.randn((m, k), generator=gen) * torch.rand((m, 1), generator=gen) * 4
-    if m > 2:
-        x[1] = 0  # an all-zero token: t = 0, xq = 0
-    return x.to(dtype)
 
 
 def reference(x, tensors, g, bounds):
