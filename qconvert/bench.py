@@ -273,7 +273,8 @@ def zqfp_kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, r
     """Time cuBLAS FP16, the FP8 quantizer, FP4 x FP8 (fp4-fp8) and FP8 x FP8 (fp8-fp8) for one (M, N, K),
     and at M <= 64 fp4-fp8 as the runtime runs it there, ``fp4-fp8-decode``: the repacked decode
     kernel (fp8/fp8_repacked.cu, the E4M3 quantizer fused in: one launch; weights repacked before the
-    timing, as at load time), its ratio to cuBLAS with nothing added.  LoRC (a rank-r torch GEMM beside
+    timing, as at load time), its ratio to cuBLAS with nothing added, and above 64 the prefill's
+    ``fp4-fp8-widen`` and ``fp4-fp8-prefill`` (``_zq_prefill_rows``).  LoRC (a rank-r torch GEMM beside
     the kernel) is not included."""
     from qconvert_kernels.fp8 import cuda as cuda_fp8
     from qconvert_kernels.w4a8 import cuda as kcuda
@@ -299,6 +300,8 @@ def zqfp_kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, r
         row("fp4-fp8-decode", _time_cuda(lambda i: kcuda.linear(x16[i], preps[i]), sets, runs, warmup, reps),
             m * k * 2 + n * kp // 2 + n * n_groups + n * 4 + m * n * 2, ops)
         preps.clear()
+    else:
+        _zq_prefill_rows(row, quantized, qws, sexps, cscale, n, k, g, m, device, sets, runs, warmup, reps)
     qws.clear()
     w8 = [torch.randint(0, 0x7F, (n, kp), generator=gen, device=device, dtype=torch.uint8).view(torch.float8_e4m3fn)
           for _ in range(sets)]
@@ -306,12 +309,30 @@ def zqfp_kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, r
                               sets, runs, warmup, reps), m * kp + n * kp + n * 4 + m * n * 2, ops)
     by = {r["kernel"]: r["us"] for r in rows}
     for r in rows:
-        if r["kernel"] in ("fp4-fp8", "fp8-fp8"):
+        if r["kernel"] in ("fp4-fp8", "fp8-fp8", "fp4-fp8-prefill"):
             r["vs_cublas"] = round(by["cublas-fp16"] / r["us"], 3)
             r["vs_cublas_with_quant"] = round(by["cublas-fp16"] / (r["us"] + by["quantize-fp8"]), 3)
         elif r["kernel"] == "fp4-fp8-decode":  # the quantizer is inside its launch
             r["vs_cublas"] = r["vs_cublas_with_quant"] = round(by["cublas-fp16"] / r["us"], 3)
     return rows
+
+
+def _zq_prefill_rows(row, quantized, qws, sexps, cscale, n, k, g, m, device, sets, runs, warmup, reps) -> None:
+    """fp4-fp8 above 64 tokens as the runtime runs it: ``fp4-fp8-widen`` (the repacked weights widened
+    to E4M3, one launch) and ``fp4-fp8-prefill`` (that plus torch._scaled_mm with per-row scales, the
+    quantizer not included); nothing where the device's torch has no row-wise FP8 GEMM."""
+    from qconvert_kernels.w4a8 import cuda as kcuda
+
+    kp = qws[0].shape[1] * 2
+    preps = [kcuda.prepare("fp4-fp8", {"qweight": qws[i], "sexp": sexps[i], "cscale": cscale, "shape": torch.tensor([n, k])},
+                           g, device) for i in range(sets)]
+    if preps[0].widen_exp is None:
+        return
+    w_bytes = n * kp // 2 + n * (kp // g) + 2 * n * preps[0].kq  # read the FP4 copy, write and read E4M3
+    row("fp4-fp8-widen", _time_cuda(lambda i: kcuda.widen_zq(preps[i]), sets, runs, warmup, reps), n * kp // 2 + n * preps[0].kq, 0)
+    xq8 = [torch.nn.functional.pad(xq.view(torch.uint8), (0, preps[0].kq - kp)).view(torch.float8_e4m3fn) for xq, _ in quantized]
+    row("fp4-fp8-prefill", _time_cuda(lambda i: kcuda.zq_prefill(xq8[i], quantized[i][1], preps[i], torch.float16), sets,
+                                      runs, warmup, reps), m * preps[0].kq + w_bytes + m * n * 2, 2 * m * n * k)
 
 
 def quik_kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, runs: int = 50, warmup: int = 10,

@@ -96,7 +96,8 @@ def test_bench_rows_for_zqfp():
     assert [r["kernel"] for r in rows] == ["cublas-fp16", "quantize-fp8", "fp4-fp8", "fp4-fp8-decode", "fp8-fp8"]
     assert all(r["us"] > 0 for r in rows)
     rows = b.zqfp_kernel_rows("o_proj", 576, 576, 65, DEV, runs=50, warmup=2, reps=4)
-    assert "fp4-fp8-decode" not in [r["kernel"] for r in rows]
+    assert [r["kernel"] for r in rows] == ["cublas-fp16", "quantize-fp8", "fp4-fp8", "fp4-fp8-widen", "fp4-fp8-prefill",
+                                           "fp8-fp8"]
 
 
 # ---- fp4-fp8 at decode on the repacked W4A8 decode kernel (fp8/fp8_repacked.cu via w4a8/cuda.py)
@@ -142,7 +143,7 @@ def test_runtime_layer_decodes_on_the_repacked_kernel_and_captures():
     gpu.check_cuda("l")
     gpu.prepare_cuda()
     x = (torch.randn(4, 4096, generator=gen) * 0.5).half().to(DEV)
-    assert gpu._on_decode_kernel(x)
+    assert gpu._on_repacked(x)
     y = gpu(x)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
@@ -151,4 +152,55 @@ def test_runtime_layer_decodes_on_the_repacked_kernel_and_captures():
     torch.cuda.synchronize()
     assert torch.equal(y, y_graph)
     y_ref = cpu(x.float().cpu())
+    assert float((y.float().cpu() - y_ref).norm() / y_ref.norm()) < 2e-3
+
+
+# ---- fp4-fp8 at M > 64: the weights widened to E4M3 (w4a8r_widen_zq), then torch._scaled_mm
+ZQ_PREFILL_SHAPES = [(65, 4096, 4096, 128), (257, 14336, 4096, 128), (130, 4096, 14336, 128), (97, 13, 300, 96),
+                     (1024, 1024, 4096, 32)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k,g", ZQ_PREFILL_SHAPES)
+def test_widened_prefill_matches_reference(m, n, k, g, dtype):
+    from qconvert_kernels.w4a8 import cuda as kcuda
+
+    x, codes, sexp, cscale, kp = fp4_case(m, n, k, g, dtype)
+    tensors = {"qweight": pack_fp4(codes), "sexp": sexp, "cscale": cscale, "shape": torch.tensor([n, k])}
+    prep = kcuda.prepare("fp4-fp8", tensors, g, DEV)
+    assert prep.widen_exp is not None, kcuda.scaled_mm_outputs(DEV)
+    w8 = kcuda.widen_zq(prep)
+    w = codes_to_values(codes).double()
+    pow2 = torch.ldexp(torch.ones(sexp.shape, dtype=torch.float64), sexp.double()).repeat_interleave(g, 1)
+    assert torch.equal(w8.double().cpu()[:n, :kp] * prep.widen_cscale[:n].double().cpu()[:, None],
+                       w * pow2 * cscale.double()[:, None])  # the widening is exact
+    xq, t = cuda_fp8.quantize_per_token_fp8(x.to(DEV), prep.kq)
+    y = kcuda.zq_prefill(xq, t, prep, dtype)
+    assert y.shape == (m, n) and y.dtype == dtype
+    xq_c, t_c = xq.cpu()[:, :kp], t.cpu()
+    y_ref = ref8.fp4_fp8_gemm_widened(xq_c, t_c, ref8.weight_groups(codes_to_values(codes), g), sexp, cscale)
+    y_abs = ref8.fp4_fp8_gemm(xq_c.float().abs().to(torch.float8_e4m3fn), t_c,
+                              ref8.weight_groups(codes_to_values(codes).abs(), g), sexp, cscale)
+    assert _within_tolerance(y, y_ref, y_abs, dtype) <= 1.0
+
+
+def test_runtime_layer_prefills_on_the_widened_weights():
+    """A method-made LoRC layer prepared and its stored tensors kept on the host, as runtime.load does:
+    300 tokens take the widening and the FP8 GEMM, and equal the CPU path."""
+    from qconvert.layouts.fp8 import FP8Linear
+    from qconvert.methods.zeroquant_fp import ZeroQuantFPMethod
+
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(1024, 4096, generator=gen) * 0.02
+    ql = ZeroQuantFPMethod({"base": "rtn", "lorc_rank": 8, "group_size": 128}).quantize_linear("l", w)
+    cpu = FP8Linear(ql.layout, ql.tensors, None)
+    gpu = FP8Linear(ql.layout, ql.tensors, None)
+    gpu.check_cuda("l")
+    gpu.prepare_cuda(DEV)
+    gpu.keep_stored_on_host()
+    gpu.to(DEV)
+    assert gpu.qweight.device.type == "cpu" and gpu._prepared.widen_exp is not None
+    x = (torch.randn(300, 4096, generator=gen) * 0.5).half()
+    y = gpu(x.to(DEV))
+    y_ref = cpu(x.float())
     assert float((y.float().cpu() - y_ref).norm() / y_ref.norm()) < 2e-3

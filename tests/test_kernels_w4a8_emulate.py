@@ -440,7 +440,8 @@ def test_every_mutation_has_a_test():
     # quik_order, quik_no_z: tests/test_kernels_quik_repacked.py (QUIK's epilogue); zq_*:
     # tests/test_kernels_zq_repacked.py (ZeroQuant-FP's decode)
     covered = set(MUTATION_CASES) | {"ftz", "ticket_order", "late_publishers", "own_amax_half", "fallback_stage0",
-                                     "quik_order", "quik_no_z", "zq_gather", "zq_sign", "zq_qmax"}
+                                     "quik_order", "quik_no_z", "zq_gather", "zq_sign", "zq_qmax", "widen_row",
+                                     "widen_group"}
     assert covered == set(emulate.MUTATIONS)
 
 

@@ -156,8 +156,12 @@ def test_entry_points_are_the_declared_ones():
     import re
 
     text = REPACKED.path.read_text()
-    assert sorted(re.findall(r"^W4R_DECODE\((\w+),", text, flags=re.M)) == sorted(REPACKED.kernels)
     assert "#define W4R_NO_ENTRIES" in text  # the W4A8 entry points stay out of this module
+    # the widening kernel's parameters are the emulator's, in order
+    body = re.search(r"w4a8r_widen_zq\((.*?)\) \{", text, re.S).group(1)
+    body = re.sub(r"/\*.*?\*/", "", body)
+    assert tuple(re.findall(r"(\w+)\s*$", d.strip())[0] for d in body.split(",")) == emulate.WIDEN_PARAMS
+    assert sorted(REPACKED.kernels) == sorted(re.findall(r"^W4R_DECODE\((\w+),", text, flags=re.M) + ["w4a8r_widen_zq"])
 
 
 def test_method_made_layer_decodes_on_the_repacked_kernel():
@@ -172,9 +176,9 @@ def test_method_made_layer_decodes_on_the_repacked_kernel():
     ql = ZeroQuantFPMethod({"base": "rtn", "lorc_rank": 4, "group_size": 64}).quantize_linear("l", w)
     lin = FP8Linear(ql.layout, ql.tensors, None)
     x = torch.randn(2, 3, 320, generator=gen).half()
-    assert not lin._on_decode_kernel(x.reshape(-1, 320))
+    assert not lin._on_repacked(x.reshape(-1, 320))
     lin.prepare_cuda("cpu")
-    assert lin._on_decode_kernel(x.reshape(-1, 320))
+    assert lin._on_repacked(x.reshape(-1, 320))
     with emulate.emulating(sm_count=8) as emu:
         got = lin(x)
     assert [name for name, *_ in emu.launches] == ["w4a8r_decode_zq_m8"]
@@ -185,19 +189,33 @@ def test_method_made_layer_decodes_on_the_repacked_kernel():
     y = ref8.fp4_fp8_gemm_split(xq, t, wg, lin.sexp, lin.cscale, bounds).half()
     want = (y.float() + ref8.lorc_term(xq, t, lin.lorc_u, lin.lorc_v)).half()
     assert torch.equal(got.reshape(-1, 136).view(torch.int16), want.view(torch.int16))
-    # prefill sizes keep the CPU reference path here (on a GPU: fp8_gemm.cu's kernel)
-    assert not lin._on_decode_kernel(torch.zeros(65, 320, dtype=torch.half))
+    # prefill sizes: the widened weights and the FP8 GEMM (here torch._scaled_mm's CPU kernel), LoRC on
+    # the same quantized activations
+    xp = (torch.randn(70, 320, generator=gen) * 0.5).half()
+    assert lin._on_repacked(xp)
+    with emulate.emulating(sm_count=8) as emu:
+        got = lin(xp)
+    assert [name for name, *_ in emu.launches] == ["w4a8r_widen_zq"]
+    xq, t = ref8.quantize_per_token_fp8(xp, lin.kp)
+    want = ref8.fp4_fp8_gemm_widened(xq, t, wg, lin.sexp, lin.cscale) + ref8.lorc_term(xq, t, lin.lorc_u, lin.lorc_v)
+    assert float((got.float() - want).abs().max()) <= 2e-3 * float(want.abs().max())
+    # the stored tensors stay on the host through later moves once the repacked copy serves every M
+    held = {name: getattr(lin, name) for name in ("qweight", "sexp", "cscale")}
+    lin.keep_stored_on_host()
+    lin.to(torch.float64)
+    assert all(getattr(lin, name) is held[name] for name in held) and lin.lorc_u.dtype == torch.float64
 
 
 def test_prediction_script_labels_its_rows():
-    """benchmarks/zqfp_decode_prediction.py (docs/kernels.md quotes it): a row per Llama-3-8B linear,
-    labelled a prediction, its range between the W4A8-FS decode's measured time and that x 715 / 623."""
+    """benchmarks/zqfp_repacked_prediction.py (docs/kernels.md quotes it): a row per Llama-3-8B linear,
+    labelled a prediction, at M = 1 between the W4A8-FS decode's measured time and that x 715 / 623,
+    and at M = 4096 the quantizer, the widening and the assumed FP8 GEMM."""
     import json
     import subprocess
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "zqfp_decode_prediction.py"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "zqfp_repacked_prediction.py"
     out = subprocess.run([sys.executable, str(script), "--json", "/dev/stdout"], capture_output=True, text=True, check=True).stdout
     assert out.startswith("PREDICTION (not measured)")
     rows = json.loads(out[out.index("{"):])["rows"]
@@ -205,3 +223,75 @@ def test_prediction_script_labels_its_rows():
     for r in rows:
         lo, hi = r["predicted_us"]
         assert 0 < lo < hi <= lo * 715 / 623 + 0.1 and r["first_us"] > hi
+    prefill = json.loads(out[out.index("{"):])["prefill"]
+    assert sorted(r["shape"] for r in prefill) == ["down_proj", "gate_up_proj", "q/o_proj", "qkv_proj"]
+    assert all(r["M"] == 4096 and 0 < r["widen_us"] < r["predicted_us"][0] < r["predicted_us"][1] < r["first_us"] for r in prefill)
+
+
+# ---- prefill (M > 64): the weights widened to E4M3 (w4a8r_widen_zq), then an FP8 GEMM with row scales
+
+
+def test_widen_kernel_gives_the_exact_e4m3_weights():
+    """w4a8r_widen_zq on the emulator: every byte of w8 [N16, Kq] is the E4M3 value of
+    w * 2^(e + s[n]) (written once); w8 * c 2^-s is the stored weight exactly."""
+    for n, k, g in ((136, 256, 128), (13, 300, 96), (200, 640, 32)):
+        tensors = make_fp4_layer(n, k, g, n + k)
+        prep = cuda.prepare("fp4-fp8", tensors, g, "cpu")
+        assert prep.widen_exp is not None
+        with emulate.emulating() as emu:
+            w8 = cuda.widen_zq(prep)
+        assert [name for name, *_ in emu.launches] == ["w4a8r_widen_zq"]
+        n16, kp = -(-n // 16) * 16, prep.kp
+        assert w8.dtype == torch.float8_e4m3fn and w8.shape == (n16, prep.kq)
+        values = codes_to_values(unpack_fp4(tensors["qweight"])).double()
+        pow2 = torch.ldexp(torch.ones(n, kp // g, dtype=torch.float64), tensors["sexp"].double()).repeat_interleave(g, 1)
+        stored = values * pow2 * tensors["cscale"].double()[:, None]
+        got = w8.double()[:n, :kp] * prep.widen_cscale[:n].double()[:, None]
+        assert torch.equal(got, stored)
+        assert not w8.view(torch.uint8)[n:].any() and not w8.view(torch.uint8)[:, kp:].any()
+
+
+def test_widen_refuses_rows_whose_exponents_span_more_than_e4m3_holds():
+    tensors = make_fp4_layer(128, 256, 64, 2)
+    tensors["sexp"][5] = torch.tensor([-10, 0, 3, -2], dtype=torch.int8)    # a span of 13: fits
+    assert cuda.prepare("fp4-fp8", tensors, 64, "cpu").widen_exp is not None
+    tensors["sexp"][5, 0] = -12                                               # 15: does not
+    prep = cuda.prepare("fp4-fp8", tensors, 64, "cpu")
+    assert prep.widen_exp is None
+    with pytest.raises(ValueError, match="span <= 14"):
+        cuda.widen_zq(prep)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_prefill_on_the_widened_weights_matches_the_reference(dtype):
+    """zq_prefill's composition on the CPU (torch._scaled_mm's CPU kernel, the emulated widening)
+    equals the exact-sum reference within the FP8 tests' tolerance and the grouped reference too."""
+    m, n, k, g = 70, 136, 640, 128
+    tensors = make_fp4_layer(n, k, g, 9)
+    x = activations(m, k, dtype, 9)
+    prep = cuda.prepare("fp4-fp8", tensors, g, "cpu")
+    xq, t = ref8.quantize_per_token_fp8(x, prep.kq)
+    with emulate.emulating():
+        y = cuda.zq_prefill(xq, t, prep, dtype)
+    assert y.shape == (m, n) and y.dtype == dtype
+    wg = ref8.weight_groups(codes_to_values(unpack_fp4(tensors["qweight"])), g)
+    want = ref8.fp4_fp8_gemm_widened(xq[:, : prep.kp], t, wg, tensors["sexp"], tensors["cscale"])
+    grouped = ref8.fp4_fp8_gemm(xq[:, : prep.kp], t, wg, tensors["sexp"], tensors["cscale"])
+    y_abs = ref8.fp4_fp8_gemm(xq[:, : prep.kp].float().abs().to(torch.float8_e4m3fn), t, ref8.weight_groups(
+        codes_to_values(unpack_fp4(tensors["qweight"])).abs(), g), tensors["sexp"], tensors["cscale"])
+    eps = torch.finfo(dtype).eps
+    for ref in (want, grouped):
+        bound = 2.0**-9 * y_abs + eps * ref.abs() + torch.finfo(dtype).tiny
+        assert float(((y.float() - ref).abs() / bound).max()) <= 1.0
+
+
+@pytest.mark.parametrize("mutation", ["widen_row", "widen_group"])
+def test_widen_mutations_are_caught(mutation):
+    tensors = make_fp4_layer(136, 256, 64, 3)
+    prep = cuda.prepare("fp4-fp8", tensors, 64, "cpu")
+    with emulate.emulating() as _:
+        good = cuda.widen_zq(prep).view(torch.uint8).clone()
+    with pytest.raises((emulate.EmulationError, AssertionError)):
+        with emulate.emulating(mutations=frozenset({mutation})):
+            bad = cuda.widen_zq(prep).view(torch.uint8)
+        assert torch.equal(bad, good), "differs"

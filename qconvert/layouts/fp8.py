@@ -10,11 +10,14 @@ Stored (docs/format.md):
               applied as y += ((xq · t) Vᵀ) Uᵀ on the same FP8 activations
 
 On CPU the forward is qconvert_kernels/fp8/reference.py; on an sm_89+ GPU the kernels of
-qconvert_kernels/fp8/cuda.py, and for fp4-fp8 at decode (M <= 64 tokens, group size 32..1024) the
-repacked decode kernel (qconvert_kernels/fp8/fp8_repacked.cu through w4a8/cuda.py: split-K, a deep
-weight pipeline, the E4M3 quantizer fused in, one launch per linear).  ``prepare_cuda`` makes its
-repacked copy of the weights at load time; the stored tensors stay on the GPU beside it, since
-M > 64 runs fp8_gemm.cu's kernel on them (about 0.53 more bytes per weight on the GPU).
+qconvert_kernels/fp8/cuda.py, and for fp4-fp8 (group size 32..1024) the repacked weights of
+qconvert_kernels/fp8/fp8_repacked.cu (through w4a8/cuda.py), which ``prepare_cuda`` makes at load
+time: at decode (M <= 64) the repacked decode kernel (split-K, a deep weight pipeline, the E4M3
+quantizer fused in, one launch per linear); above, the weights widened to E4M3 in one launch and an
+FP8 GEMM with per-row scales (torch._scaled_mm), where every row's group exponents span at most 14
+(``w4a8.cuda.widen_plan``).  Such a layer keeps its stored tensors in host memory
+(``keep_stored_on_host``: the GPU holds the FP4 weights once); a layer with a wider span runs
+fp8_gemm.cu's kernel above 64 tokens and keeps them on the GPU beside the repacked copy.
 """
 
 from __future__ import annotations
@@ -51,7 +54,8 @@ class FP8Linear(QuantizedModule):
             self.kp = qw.shape[1]
             self.group_size = None
             self.register_buffer("wscale", tensors["wscale"])
-        self._prepared = None  # fp4-fp8: the decode kernel's repacked copy (prepare_cuda)
+        self._prepared = None  # fp4-fp8: the repacked copy (prepare_cuda)
+        self._stored_on_host = False  # set by ``keep_stored_on_host``
         u, v = tensors.get("lorc_u"), tensors.get("lorc_v")
         self.lorc_rank = 0 if u is None else int(u.shape[1])
         self.register_buffer("lorc_u", u)
@@ -89,25 +93,55 @@ class FP8Linear(QuantizedModule):
         device = torch.device(device) if device is not None else self.qweight.device
         self._prepared = kcuda.prepare("fp4-fp8", tensors, self.group_size, device)
 
-    def _on_decode_kernel(self, x2: torch.Tensor) -> bool:
-        """Whether x2 runs on the repacked decode kernel: prepared on x2's device (the GPU, or the
-        CPU for the emulator's runs) and at most DECODE_MAX_M tokens."""
+    def keep_stored_on_host(self) -> None:
+        """fp4-fp8 prepared with a widened prefill: every M reads only the repacked copy, so the
+        stored tensors move to (and stay in) host memory through later moves of the module, where the
+        CPU path still finds them (the GPU holds the FP4 weights once)."""
+        if self._prepared is None or self._prepared.widen_exp is None:
+            return
+        for name in ("qweight", "sexp", "cscale"):
+            self._buffers[name] = self._buffers[name].cpu()
+        self._stored_on_host = True
+
+    def _apply(self, fn, *args, **kwargs):
+        if not self._stored_on_host:
+            return super()._apply(fn, *args, **kwargs)
+        held = {name: self._buffers[name] for name in ("qweight", "sexp", "cscale")}
+        for name in held:
+            self._buffers[name] = None
+        try:
+            return super()._apply(fn, *args, **kwargs)
+        finally:
+            self._buffers.update(held)
+
+    def _on_repacked(self, x2: torch.Tensor) -> bool:
+        """Whether x2 runs on the repacked weights: prepared on x2's device (the GPU, or the CPU for
+        the emulator's runs), and at most DECODE_MAX_M tokens or a widened prefill."""
         from qconvert_kernels.w4a8 import cuda as kcuda
 
-        return (self._prepared is not None and self._prepared.wq.device == x2.device
-                and x2.shape[0] <= kcuda.DECODE_MAX_M)
+        p = self._prepared
+        return (p is not None and p.wq.device == x2.device
+                and (x2.shape[0] <= kcuda.DECODE_MAX_M or p.widen_exp is not None))
 
-    def _forward_decode(self, x2: torch.Tensor) -> torch.Tensor:
+    def _quantize(self, x2: torch.Tensor, kp: int):
+        if x2.is_cuda:
+            from qconvert_kernels.fp8 import cuda as cuda_fp8
+
+            return cuda_fp8.quantize_per_token_fp8(x2, kp)
+        return ref8.quantize_per_token_fp8(x2, kp)  # the kernel's bits (the emulator's runs)
+
+    def _forward_repacked(self, x2: torch.Tensor) -> torch.Tensor:
         from qconvert_kernels.w4a8 import cuda as kcuda
 
-        y = kcuda.linear(x2, self._prepared)  # E4M3 quantizer fused in: one launch
-        if self.lorc_rank:  # LoRC reads the same E4M3 activations: quantized once more for it
-            if x2.is_cuda:
-                from qconvert_kernels.fp8 import cuda as cuda_fp8
-
-                xq, t = cuda_fp8.quantize_per_token_fp8(x2, self.kp)
-            else:
-                xq, t = ref8.quantize_per_token_fp8(x2, self.kp)
+        p, xq = self._prepared, None
+        if x2.shape[0] <= kcuda.DECODE_MAX_M:
+            y = kcuda.linear(x2, p)  # E4M3 quantizer fused in: one launch
+        else:
+            xq, t = self._quantize(x2, p.kq)
+            y = kcuda.zq_prefill(xq, t, p, x2.dtype)
+        if self.lorc_rank:  # LoRC reads the same E4M3 activations (at decode: quantized once more for it)
+            if xq is None:
+                xq, t = self._quantize(x2, self.kp)
             y = (y.float() + ref8.lorc_term(xq, t, self.lorc_u, self.lorc_v)).to(x2.dtype)
         return y
 
@@ -137,8 +171,8 @@ class FP8Linear(QuantizedModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if self._on_decode_kernel(x2):
-            return self._finish(self._forward_decode(x2.contiguous()), x, shape)
+        if self._on_repacked(x2):
+            return self._finish(self._forward_repacked(x2.contiguous()), x, shape)
         return self._finish(self._forward_cuda(x2) if x.is_cuda else self._forward_cpu(x2), x, shape)
 
 

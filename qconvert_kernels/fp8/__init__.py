@@ -1,7 +1,7 @@
 """Kernel family fp8 (ZeroQuant-FP): FP8 (E4M3) activations x FP4 (E2M1) or FP8 weights, sm_89+.
 Files: fp8_gemm.cu (64 x 64 tile GEMMs, the per-token quantizer), fp8_repacked.cu (fp4-fp8 at
-decode on the repacked W4A8 decode kernel, launched by w4a8/cuda.py), cuda.py (launchers),
-reference.py, emulate.py."""
+decode on the repacked W4A8 decode kernel, and the prefill's widening of the repacked weights to
+E4M3; launched by w4a8/cuda.py), cuda.py (launchers), reference.py, emulate.py."""
 
 from pathlib import Path
 
@@ -23,7 +23,7 @@ _ZQ_DECODE = tuple(f"w4a8r_decode_zq_m{m}" for m in (8, 16, 32, 64))
 REPACKED = KernelSource(
     family="fp8",
     path=Path(__file__).parent / "fp8_repacked.cu",
-    kernels=_ZQ_DECODE,
+    kernels=_ZQ_DECODE + ("w4a8r_widen_zq",),  # the prefill's E2M1 -> E4M3 widening (the GEMM is torch._scaled_mm)
     gemms=_ZQ_DECODE,
     archs=("sm_89", "sm_90"),
     mma=("QMMA", "HMMA"),

@@ -36,3 +36,62 @@ W4R_DECODE(w4a8r_decode_zq_m8, 1, w4r::KIND_ZQ)
 W4R_DECODE(w4a8r_decode_zq_m16, 2, w4r::KIND_ZQ)
 W4R_DECODE(w4a8r_decode_zq_m32, 4, w4r::KIND_ZQ)
 W4R_DECODE(w4a8r_decode_zq_m64, 8, w4r::KIND_ZQ)
+
+// ---------------------------------------------------------------------------------------
+// Prefill (M > 64): the repacked E2M1 weights widened to E4M3 once per call, for an FP8 GEMM with
+// per-row scales (torch._scaled_mm: cuBLASLt / CUTLASS, Hopper's FP8 tensor cores through wgmma):
+//   w8[n, k] = e4m3(w[n, k] * 2^(e[n, k / g] + s[n]))   exact: every such value is an E4M3 value
+// where s[n] = 6 - max_j e[n, j] (the launcher's shift, folded into the row scale c[n] * 2^-s[n]) and
+// every row's exponents span at most 14 (so e + s lies in [-8, 6]: |w| 2^(e+s) <= 6 * 64 = 384 <= 448,
+// and w 2^(e+s), a multiple of 2^(e+s-1) >= 2^-9, is a multiple of E4M3's least subnormal 2^-9).
+// Then y = (xq * t[m]) (w8 * c[n] 2^-s[n])^T: one GEMM over all of K instead of fp4_fp8_gemm's fold of
+// group partials, the same products, summed in another order (reference.fp4_fp8_gemm_widened).
+// One thread per 16-byte chunk of the repacked layout; its 4 words are rows 16 t + gid (+ 8), k steps
+// 2 kb (+ 1), k0 = 32 ks + 8 tig .. + 7, stored as 8 bytes at w8[n, k0].        [emulate.widen_zq]
+namespace zqw {
+
+// An E4M3 byte that is 0 or normal (what fp4x8r_to_e4m3 gives: E2M1's magnitudes are E4M3 normals)
+// -> its float value, in integer instructions: exponent E - 7 + 127, mantissa m << 20, the sign.
+__device__ __forceinline__ float e4m3_normal_to_f32(unsigned b) {
+    const unsigned mag = b & 0x7Fu;
+    const unsigned bits = mag == 0u ? 0u : ((((mag >> 3) + 120u) << 23) | ((mag & 7u) << 20));
+    return __int_as_float(static_cast<int>(bits | ((b & 0x80u) << 24)));
+}
+
+// 4 E4M3 bytes of w -> the 4 E4M3 bytes of w * 2^e (exact by the launcher's range check).
+__device__ __forceinline__ unsigned scale4(unsigned b4, float p) {
+    unsigned out = 0u;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+        out |= w4r::f32_to_e4m3(__fmul_rn(e4m3_normal_to_f32((b4 >> (8 * i)) & 0xFFu), p)) << (8 * i);
+    return out;
+}
+
+}  // namespace zqw
+
+// Launch: grid (ceil(KB * 32 / 256), N128 / 16), block 256: blockIdx.y is the n16 tile, so no thread
+// divides (a division by a run-time value is a loop of integer instructions here, common.cuh).
+extern "C" __global__ void __launch_bounds__(256) w4a8r_widen_zq(
+    const uint4* __restrict__ wq,          /* repacked weights [N128/16][KB][32][4] uint32 */
+    const signed char* __restrict__ ew,    /* int8 [G, N128]: e + s[n], in [-8, 6] */
+    const int* __restrict__ step_group,    /* int32 [2 KB]: the group of each k step (the last for the padding) */
+    unsigned char* __restrict__ w8,        /* e4m3 [N16, Kq] out, Kq = 64 KB */
+    int N16, int N128, int KB) {           /* N16: N rounded up to 16 (the rows written) */
+    const int t16 = blockIdx.y;
+    const int i = blockIdx.x * 256 + threadIdx.x;              // kb * 32 + lane
+    if (i >= KB * 32) return;
+    const int kb = i >> 5, lane = i & 31, gid = lane >> 2, tig = lane & 3;
+    const uint4 r = __ldg(wq + (static_cast<long long>(t16) * KB * 32 + i));
+    const unsigned words[4] = {r.x, r.y, r.z, r.w};
+    const long long Kq = static_cast<long long>(KB) * 64;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const int n = 16 * t16 + gid + 8 * (j & 1);
+        if (n >= N16) continue;
+        const int ks = 2 * kb + (j >> 1);
+        const float p = w4r::Scale<w4r::KIND_ZQ>::exp2i(__ldg(ew + static_cast<long long>(__ldg(step_group + ks)) * N128 + n));
+        unsigned lo, hi;
+        w4r::fp4x8r_to_e4m3(words[j], lo, hi);
+        *reinterpret_cast<uint2*>(w8 + n * Kq + 32 * ks + 8 * tig) = make_uint2(zqw::scale4(lo, p), zqw::scale4(hi, p));
+    }
+}

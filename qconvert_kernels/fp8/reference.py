@@ -132,6 +132,18 @@ def fp4_fp8_gemm_split(xq, t, w_groups, sexp, cscale, bounds) -> torch.Tensor:
     return total * (t.float()[:, None] * cscale.float()[None, :])
 
 
+def fp4_fp8_gemm_widened(xq, t, w_groups, sexp, cscale) -> torch.Tensor:
+    """The prefill's FP8 GEMM (w4a8/cuda.py: zq_prefill): the same products as ``fp4_fp8_gemm``
+    (xq[m, k] * w[n, k] * 2^e[n, k // g]), summed over all of K in float64 (exact for the exponent
+    spans the prefill accepts, at most 14) and rounded once, then times t[m] * c[n].  The GPU's GEMM
+    sums in its own order: its tests hold it to this module's tolerance."""
+    g_count, g, n = w_groups.shape
+    pow2 = torch.ldexp(torch.ones(n, g_count, dtype=torch.float64), sexp.to(torch.float64))  # [N, G]
+    w = (w_groups.permute(2, 0, 1) * pow2[:, :, None]).reshape(n, g_count * g)           # [N, Kp], exact
+    acc = (xq.double() @ w.t()).float()
+    return acc * (t.float()[:, None] * cscale.float()[None, :])
+
+
 def fp8_fp8_gemm(xq, t, wq, wscale) -> torch.Tensor:
     """y float32 [M, N] of layout fp8-fp8: wq float8_e4m3fn [N, Kp] (Kp % 64 == 0), ``wscale`` float32 [N]."""
     assert wq.shape[1] % FP8_CHUNK == 0 and xq.shape[1] == wq.shape[1], (xq.shape, wq.shape)

@@ -207,6 +207,9 @@ class PreparedW4A8:
     cscale: torch.Tensor | None
     alpha_log2: int
     workspace: torch.Tensor
+    widen_exp: torch.Tensor | None = None     # fp4-fp8 prefill: int8 [G, N128] e + s[n] (None: a row spans > 14)
+    widen_cscale: torch.Tensor | None = None  # float32 [N128] c[n] * 2^-s[n]
+    step_group: torch.Tensor | None = None    # int32 [2 KB]: each k step's group
 
     @property
     def n_groups(self) -> int:
@@ -298,13 +301,94 @@ def prepare(layout: str, tensors: dict, group_size: int, device) -> PreparedW4A8
         cs = torch.zeros(n128, dtype=torch.float32, device=device)
         cs[:n] = cscale.reshape(-1).to(device=device, dtype=torch.float32)
         alpha, scale16 = 0, False
+        widen = widen_plan(sexp, cs[:n], n128, kp, group_size, device) if all(scaled_mm_outputs(device).values()) else None
     else:
         sc = tensors["scales"]
         _require(tuple(sc.shape) == (n, g_count), f"{fn}: scales must be [N, G] = [{n}, {g_count}], got {tuple(sc.shape)}")
         scales = _repack.repack_scales(sc.to(device=device, dtype=torch.float16), n128)
         cs, alpha, scale16 = None, 0, False
     workspace = torch.zeros(WS_TILES + n128 // _repack.BN, dtype=torch.int32, device=device)
-    return PreparedW4A8(layout, n, k, kp, group_size, wq, scales, scale16, cs, alpha, workspace)
+    prep = PreparedW4A8(layout, n, k, kp, group_size, wq, scales, scale16, cs, alpha, workspace)
+    if layout == "fp4-fp8" and widen is not None:
+        prep.widen_exp, prep.widen_cscale, prep.step_group = widen
+    return prep
+
+
+WIDEN_SPAN = 14  # E4M3 holds every E2M1 value times 2^-8 .. 2^6 exactly: a row's exponents may span 14
+_SCALED_MM_OUT: dict = {}  # device -> {activation dtype: the out_dtype torch._scaled_mm takes there, or None}
+
+
+def scaled_mm_outputs(device) -> dict:
+    """{fp16, bf16: the out_dtype with which torch._scaled_mm runs an E4M3 GEMM with per-row scales on
+    ``device`` (that dtype itself, else float32, else None)}, found once per device by a 16 x 32 x 16
+    product at load time: which outputs the row-wise FP8 GEMM supports depends on torch's build and
+    the GPU (cuBLASLt or CUTLASS)."""
+    device = torch.device(device)
+    key = str(device)
+    if key not in _SCALED_MM_OUT:
+        a = torch.ones((16, 32), device=device).to(torch.float8_e4m3fn)
+        b = torch.ones((16, 32), device=device).to(torch.float8_e4m3fn)
+        sa, sb = torch.ones((16, 1), device=device), torch.ones((1, 16), device=device)
+        found = {}
+        for dt in (torch.float16, torch.bfloat16):
+            found[dt] = None
+            for out in (dt, torch.float32):
+                try:
+                    y = torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=out)
+                    if float(y[0, 0]) == 32.0:
+                        found[dt] = out
+                        break
+                except (RuntimeError, NotImplementedError, TypeError):
+                    continue
+        _SCALED_MM_OUT[key] = found
+    return _SCALED_MM_OUT[key]
+
+
+def widen_plan(sexp: torch.Tensor, cscale: torch.Tensor, n128: int, kp: int, group_size: int, device):
+    """fp4-fp8's prefill on FP8 GEMMs (``zq_prefill``): per row n the shift s[n] = 6 - max_j e[n, j],
+    the widening exponents e + s (in [-8, 6] when the row's exponents span at most WIDEN_SPAN, so
+    w * 2^(e + s) is an E4M3 value exactly: fp8_repacked.cu) repacked to int8 [G, N128], the row scale
+    c * 2^-s (exact), and each k step's group.  None when some row spans more (the layer's prefill
+    then stays on fp8_gemm.cu's kernel)."""
+    e = sexp.to(torch.int32)
+    hi, lo = e.amax(dim=1), e.amin(dim=1)
+    if bool(((hi - lo) > WIDEN_SPAN).any()):
+        return None
+    shift = 6 - hi
+    ew = _repack.repack_scales((e + shift[:, None]).to(torch.int8).to(device), n128)
+    cw = torch.zeros(n128, dtype=torch.float32, device=device)
+    cw[: cscale.shape[0]] = torch.ldexp(cscale.float(), (-shift).to(device=device, dtype=torch.float32))
+    kb = _repack.round_up(kp, _repack.KBLOCK) // _repack.KBLOCK
+    steps = torch.arange(2 * kb, dtype=torch.int32) * MMA_K // group_size
+    return ew, cw, steps.clamp(max=kp // group_size - 1).to(device)
+
+
+def widen_zq(prep: PreparedW4A8) -> torch.Tensor:
+    """The fp4-fp8 layer's weights as E4M3 values w * 2^(e + s[n]), [N16, Kq] (N rounded up to 16,
+    zero rows and columns past N and Kp): one launch of w4a8r_widen_zq."""
+    fn = "w4a8.widen_zq"
+    _require(prep.is_zq and prep.widen_exp is not None, f"{fn}: a fp4-fp8 layer whose rows' exponents span <= {WIDEN_SPAN}")
+    n16 = _repack.round_up(prep.n, 16)
+    w8 = torch.empty((n16, prep.kq), dtype=torch.uint8, device=prep.wq.device)
+    grid = (-(-prep.kb * 32 // R_THREADS), prep.n128 // 16)
+    _l.launch(SOURCE_ZQ, "w4a8r_widen_zq", grid, (R_THREADS,),
+              (_ptr(prep.wq), _ptr(prep.widen_exp), _ptr(prep.step_group), _ptr(w8), _i32(n16), _i32(prep.n128),
+               _i32(prep.kb)), prep.wq.device)
+    return w8.view(torch.float8_e4m3fn)
+
+
+def zq_prefill(xq: torch.Tensor, t: torch.Tensor, prep: PreparedW4A8, out_dtype) -> torch.Tensor:
+    """fp4-fp8 at M > 64 on an FP8 GEMM with per-row scales: y = (xq * t[m]) (w8 * c[n] 2^-s[n])^T
+    (torch._scaled_mm: cuBLASLt / CUTLASS on the GPU), w8 from ``widen_zq``; xq E4M3 [M, Kq] and t
+    float32 [M] from the per-token E4M3 quantizer.  y [M, N] in out_dtype (a view when N % 16 != 0).
+    The same products as ``reference.fp4_fp8_gemm``, summed over all of K in the GEMM's order
+    (``reference.fp4_fp8_gemm_widened`` sums them exactly)."""
+    w8 = widen_zq(prep)
+    n16 = w8.shape[0]
+    out = scaled_mm_outputs(w8.device)[out_dtype]  # found at prepare time: never None here
+    y = torch._scaled_mm(xq, w8.t(), scale_a=t.float().reshape(-1, 1), scale_b=prep.widen_cscale[:n16].reshape(1, -1),
+                         out_dtype=out)
+    return y[:, : prep.n].to(out_dtype)
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,7 @@ PREFILL_PARAMS = ("xq", "t", "wq", "scales", "cscale", "alpha_log2", "y", "acc_o
 QUANT_PARAMS = ("x", "xq", "t", "M", "K", "Kq")
 QUIK_PREFILL_PARAMS = PREFILL_PARAMS + ("zq", "zc", "y_add")   # w4a8r_prefill_quik: QUIK's epilogue
 QUIK_DECODE_PARAMS = DECODE_PARAMS + ("xq", "t", "zq", "zc", "y_add")   # w4a8r_decode_quik_m*
+WIDEN_PARAMS = ("wq", "ew", "step_group", "w8", "N16", "N128", "KB")   # w4a8r_widen_zq (fp8/fp8_repacked.cu)
 
 MUTATIONS = frozenset({
     "swap_halves",      # a_frag: k 8tig+4..7 fed as mma k 4tig.. and vice versa for the weights only
@@ -90,6 +91,8 @@ MUTATIONS = frozenset({
     "zq_gather",        # ZQ: the E2M1 widening gathers k+4..k+7 into the low register and k..k+3 into the high one
     "zq_sign",          # ZQ: k..k+3 take the sign bits of k+4..k+7 (bit 7 of each byte, not bit 3 shifted)
     "zq_qmax",          # ZQ decode: the activations scaled to 127 (the int8 range) instead of E4M3's 448
+    "widen_row",        # ZQ widening: the word of row gid + 8 stored at row gid (j & 1 ignored)
+    "widen_group",      # ZQ widening: the exponent of the k step's group + 1 (the step-to-group table read one on)
 })
 
 
@@ -1199,6 +1202,39 @@ def quantize_rows(ctx: Ctx, grid, bf16: bool):
         mem.store(a["t"], np.array([m * 4]), np.asarray([fops.div(amax, 127.0)], np.float32).view(np.uint8)[None, :], "quantizer t")
 
 
+# ----------------------------------------------------------------------------- ZQ widening
+
+
+def widen_zq(ctx: Ctx, grid):
+    """w4a8r_widen_zq for the whole grid at once (no shared memory, one 16-byte chunk per thread):
+    w8[n, k0 .. k0 + 7] = e4m3(w * 2^ew[g, n]) of each repacked word, by the kernel's index math, the
+    E2M1 -> E4M3 widening as fp4x8r_to_e4m3 runs it and the float product rounded by cvt.  [zq widen]"""
+    a, mem, mut = ctx.args, ctx.mem, ctx.mutations
+    N16, N128, KB = a["N16"], a["N128"], a["KB"]
+    bx, t16, tid = np.meshgrid(np.arange(grid[0]), np.arange(grid[1]), np.arange(THREADS), indexing="ij")
+    i = (bx * THREADS + tid).reshape(-1)
+    t16 = t16.reshape(-1)
+    live = i < KB * 32
+    i, t16 = i[live], t16[live]
+    kb, lane = i >> 5, i & 31
+    gid, tig = lane >> 2, lane & 3
+    words = mem.load(a["wq"], (t16 * KB * 32 + i) * 16, 16, "widen weight load").view(np.uint32).reshape(-1, 4)
+    Kq = KB * 64
+    for j in range(4):
+        n = 16 * t16 + gid + (0 if "widen_row" in mut else 8 * (j & 1))
+        ks = 2 * kb + (j >> 1)
+        sel = n < N16
+        g = mem.load(a["step_group"], ks[sel] * 4, 4, "step_group").view(np.int32)[:, 0]
+        if "widen_group" in mut:
+            g = mem.load(a["step_group"], np.minimum(ks[sel] + 1, 2 * KB - 1) * 4, 4, "step_group").view(np.int32)[:, 0]
+        e = mem.load(a["ew"], g.astype(np.int64) * N128 + n[sel], 1, "widen exponent").view(np.int8)[:, 0].astype(np.int32)
+        p = np.ldexp(np.float32(1), e).astype(np.float32)
+        lo, hi = fp4x8r_to_e4m3(ctx, words[sel, j])
+        vals = e4m3_values(np.stack([lo, hi], -1)).reshape(-1, 8).astype(np.float32)   # exact: E4M3 normals or 0
+        out = to_e4m3_bits(ctx.fops.mul(vals, p[:, None]))
+        mem.store(a["w8"], n[sel] * Kq + 32 * ks[sel] + 8 * tig[sel], out.reshape(-1, 8), "widen 8-byte store")
+
+
 # ----------------------------------------------------------------------------- launches
 
 
@@ -1232,6 +1268,8 @@ class Emulator:
             params = PREFILL_PARAMS
         elif name.startswith("w4a8r_quantize_"):
             params = QUANT_PARAMS
+        elif name == "w4a8r_widen_zq":
+            params = WIDEN_PARAMS
         else:
             raise EmulationError(f"no emulation of kernel {name}")
         if len(args) != len(params):
@@ -1243,6 +1281,16 @@ class Emulator:
         resident = self.resident or launch.emulated_sm_count()
         if name.startswith("w4a8r_quantize_"):
             quantize_rows(ctx, grid, name.endswith("bf16"))
+            return
+        if name == "w4a8r_widen_zq":
+            if shared_mem or grid[1] != vals["N128"] // 16 or grid[0] * THREADS < vals["KB"] * 32:
+                raise EmulationError(f"{name}: grid {grid} / {shared_mem} bytes of shared memory do not fit the kernel")
+            mem.track(vals["w8"])
+            widen_zq(ctx, grid)
+            w = mem.writes[vals["w8"]][: vals["N16"] * vals["KB"] * 64]
+            if not (w == 1).all():
+                bad = int(np.flatnonzero(w != 1)[0])
+                raise EmulationError(f"{name}: w8 byte {bad} written {int(w[bad])} times")
             return
         mem.track(vals["y"])
         if vals.get("acc_out"):

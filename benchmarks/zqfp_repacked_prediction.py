@@ -1,0 +1,90 @@
+"""A prediction, not a measurement: ZeroQuant-FP fp4-fp8 on its repacked weights (since 0.4.0) on the
+Llama-3-8B shapes, at M = 1 the repacked decode kernel (``w4a8r_decode_zq_m*``, fp8/fp8_repacked.cu)
+and at M = 4096 the widening (``w4a8r_widen_zq``) plus torch._scaled_mm's FP8 GEMM, from one GPU
+check's measurements of the W4A8-FS decode kernel (the same kernel, instantiated for int8), cuBLAS
+FP16, the E4M3 quantizer and fp4-fp8's first kernel (the 64 x 64 tile GEMM plus its quantizer).
+
+    python benchmarks/zqfp_repacked_prediction.py [RESULTS] [--json F]   (default: the H200 run of caa2c67)
+
+RESULTS holds ``1_gpu_check/kernels_m1.json`` (W4A8-FS, cuBLAS FP16) and ``2_rerun/kernels_zqfp_m1.json``
+(fp4-fp8).  The model, stated so that the next GPU check can be read against it: the decode kernel
+reads the same weight bytes as W4A8-FS (half a byte per weight; int8 group exponents instead of fp16
+scales, fewer bytes) through the same pipeline and split-K plan, so its time is at least the W4A8-FS
+decode's measured time; its main loop has more integer instructions (the E2M1 -> E4M3 widening, and
+on sm_90 ptxas's E4M3 -> fp16 widening in front of two HMMA per FP8 mma): 715 SASS instructions in
+the sm_90 m8 loop against W4A8-FS's 623 (NVRTC 13.0), so the upper end is that time x 715 / 623,
+as if the loop were issue-bound.  The first kernel's time is its GEMM plus its quantizer launch.
+
+Prefill (M = 4096): the quantizer's measured time, plus the widening (it reads the FP4 copy and
+writes E4M3: 1.5 bytes per weight, at the 2.15 TB/s of the W4A8 decode fit), plus cuBLAS FP16's
+measured time divided by FP8_OVER_FP16 = 1.5 .. 1.9, an ASSUMPTION (the datasheet's dense FP8 rate is
+twice FP16's on the H100 / H200; the row-wise FP8 GEMM's own rate has not been measured here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+DEFAULT = Path(__file__).resolve().parent / "results" / "gpu" / "2026-12-04_h200_caa2c67"
+LOOP_ZQ, LOOP_FS = 715, 623  # SASS instructions of the sm_90 m8 decode loops (docstring)
+FP8_OVER_FP16 = (1.5, 1.9)   # the assumed speed of the row-wise FP8 GEMM over cuBLAS FP16 (docstring)
+BYTES_PER_US = 2.15e6        # the W4A8 decode fit's bandwidth, bytes per µs
+
+
+def predict_prefill(results: Path) -> list[dict]:
+    """M = 4096: quantizer + widening + the FP8 GEMM, against cuBLAS FP16 and the first kernel."""
+    zq = {(r["shape"], r["kernel"]): r for r in json.loads((results / "2_rerun" / "kernels_zqfp_m4096.json").read_text())["results"]}
+    rows = []
+    for (shape, kern), r in sorted(zq.items()):
+        if kern != "fp4-fp8":
+            continue
+        n, k = r["N"], r["K"]
+        cublas, quant = zq[(shape, "cublas-fp16")]["us"], zq[(shape, "quantize-fp8")]["us"]
+        widen = 1.5 * n * k / BYTES_PER_US
+        lo, hi = (quant + widen + cublas / f for f in reversed(FP8_OVER_FP16))
+        first = r["us"] + quant
+        rows.append({"shape": shape, "N": n, "K": k, "M": 4096, "cublas_us": cublas, "first_us": round(first, 1),
+                     "widen_us": round(widen, 1), "predicted_us": [round(lo, 1), round(hi, 1)],
+                     "predicted_vs_cublas": [round(cublas / hi, 2), round(cublas / lo, 2)],
+                     "predicted_vs_first": [round(first / hi, 1), round(first / lo, 1)]})
+    return rows
+
+
+def predict(results: Path) -> list[dict]:
+    w4 = {(r["shape"], r["kernel"]): r for r in json.loads((results / "1_gpu_check" / "kernels_m1.json").read_text())["results"]}
+    zq = {(r["shape"], r["kernel"]): r for r in json.loads((results / "2_rerun" / "kernels_zqfp_m1.json").read_text())["results"]}
+    rows = []
+    for (shape, kern), r in sorted(zq.items()):
+        if kern != "fp4-fp8" or (shape, "w4a8-fs") not in w4:
+            continue
+        fs, cublas = w4[(shape, "w4a8-fs")]["us"], zq[(shape, "cublas-fp16")]["us"]
+        first = r["us"] + zq[(shape, "quantize-fp8")]["us"]
+        lo, hi = fs, fs * LOOP_ZQ / LOOP_FS
+        rows.append({"shape": shape, "N": r["N"], "K": r["K"], "M": 1, "cublas_us": cublas, "first_us": round(first, 1),
+                     "predicted_us": [round(lo, 1), round(hi, 1)],
+                     "predicted_vs_cublas": [round(cublas / hi, 2), round(cublas / lo, 2)],
+                     "predicted_vs_first": [round(first / hi, 1), round(first / lo, 1)]})
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("results", nargs="?", type=Path, default=DEFAULT)
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args(argv)
+    rows, prefill = predict(a.results), predict_prefill(a.results)
+    print(f"PREDICTION (not measured): fp4-fp8 on its repacked weights, from {a.results.name}")
+    print(f"{'shape':<14}{'N':>7}{'K':>7}{'M':>6}{'cuBLAS us':>11}{'first us':>10}{'predicted us':>16}{'vs cuBLAS':>12}{'vs first':>11}")
+    for r in rows + prefill:
+        lo, hi = r["predicted_us"]
+        print(f"{r['shape']:<14}{r['N']:>7}{r['K']:>7}{r['M']:>6}{r['cublas_us']:>11.1f}{r['first_us']:>10.1f}{f'{lo}-{hi}':>16}"
+              f"{'{}-{}x'.format(*r['predicted_vs_cublas']):>12}{'{}-{}x'.format(*r['predicted_vs_first']):>11}")
+    if a.json:
+        a.json.write_text(json.dumps({"kind": "prediction", "source": str(a.results), "rows": rows, "prefill": prefill}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
