@@ -120,7 +120,7 @@ def test_one_split_equals_the_plain_reference():
 def test_prefill_sizes_are_refused_with_the_way_out():
     tensors = make_fp4_layer(128, 256, 128, 1)
     prep = cuda.prepare("fp4-fp8", tensors, 128, "cpu")
-    with pytest.raises(ValueError, match="no repacked prefill.*fp4_fp8_gemm"):
+    with pytest.raises(ValueError, match="runs M=65 > 64 as zq_prefill"):
         cuda.plan(65, prep, 8)
 
 
@@ -249,6 +249,50 @@ def test_widen_kernel_gives_the_exact_e4m3_weights():
         got = w8.double()[:n, :kp] * prep.widen_cscale[:n].double()[:, None]
         assert torch.equal(got, stored)
         assert not w8.view(torch.uint8)[n:].any() and not w8.view(torch.uint8)[:, kp:].any()
+
+
+def test_widen_reaches_both_ends_of_the_e4m3_range_and_skips_zero_groups():
+    """A row spanning exactly 14 (e + s from -8: E4M3 subnormals, to 6: |w| up to 384) widens exactly;
+    an all-zero group with the method's E_MIN exponent does not count towards its row's span."""
+    n, k, g = 32, 512, 64
+    tensors = make_fp4_layer(n, k, g, 11)
+    codes = unpack_fp4(tensors["qweight"])
+    codes[3] = torch.tensor([7, 15, 1, 9] * (k // 4), dtype=torch.uint8)  # 6, -6, 0.5, -0.5 in every group
+    codes[4, :g] = 0                                                         # group 0 of row 4: all zero
+    tensors["qweight"] = pack_fp4(codes)
+    tensors["sexp"][3] = torch.tensor([-10, 4, 0, -3, 1, -2, 2, -1], dtype=torch.int8)  # span 14
+    tensors["sexp"][4, 0] = -64
+    prep = cuda.prepare("fp4-fp8", tensors, g, "cpu")
+    assert prep.widen_exp is not None
+    with emulate.emulating():
+        w8 = cuda.widen_zq(prep)
+    values = codes_to_values(codes).double()
+    pow2 = torch.ldexp(torch.ones(n, k // g, dtype=torch.float64), tensors["sexp"].double()).repeat_interleave(g, 1)
+    got = w8.double()[:n, :k] * prep.widen_cscale[:n].double()[:, None]
+    assert torch.equal(got, values * pow2 * tensors["cscale"].double()[:, None])
+    assert float(w8.double()[3].abs().max()) == 384.0 and float(w8.double()[3].abs()[w8.double()[3] != 0].min()) == 2.0**-9
+
+
+def test_emulator_constants_are_the_kernel_text():
+    """The widening's table, masks and selectors as the emulator runs them are the .cu's."""
+    import re
+
+    cu = cuda.SOURCE_R.read_text()
+    body = re.search(r"void fp4x8r_to_e4m3\(.*?\n\}", cu, re.S).group(0)
+    assert f"T_LO = 0x{emulate.FP4_T_LO:08X}u" in body and f"T_HI = 0x{emulate.FP4_T_HI:08X}u" in body
+    assert "w & 0x7777u" in body and "(w >> 16) & 0x7777u" in body
+    assert "__byte_perm(l, h, 0x6420) | ((w << 4) & 0x80808080u)" in body
+    assert "__byte_perm(l, h, 0x7531) | (w & 0x80808080u)" in body
+    assert "constexpr float Q = kKind == KIND_ZQ ? 448.0f : 127.0f;" in cu
+
+
+def test_a_zq_kernel_launched_from_the_w4a8_module_is_refused():
+    from qconvert_kernels import launch
+
+    with emulate.emulating(), pytest.raises(emulate.EmulationError, match="does not define it"):
+        launch.launch(cuda.SOURCE_R, "w4a8r_widen_zq", (1, 8), (256,), (0,) * 7, torch.device("cpu"))
+    with emulate.emulating(), pytest.raises(emulate.EmulationError, match="does not define it"):
+        launch.launch(cuda.SOURCE_ZQ, "w4a8r_decode_is_m8", (1, 1), (256,), (0,) * 22, torch.device("cpu"))
 
 
 def test_widen_refuses_rows_whose_exponents_span_more_than_e4m3_holds():

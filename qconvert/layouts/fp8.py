@@ -94,10 +94,11 @@ class FP8Linear(QuantizedModule):
         self._prepared = kcuda.prepare("fp4-fp8", tensors, self.group_size, device)
 
     def keep_stored_on_host(self) -> None:
-        """fp4-fp8 prepared with a widened prefill: every M reads only the repacked copy, so the
-        stored tensors move to (and stay in) host memory through later moves of the module, where the
-        CPU path still finds them (the GPU holds the FP4 weights once)."""
-        if self._prepared is None or self._prepared.widen_exp is None:
+        """fp4-fp8 prepared with a widened prefill for fp16 and bf16 alike: every M reads only the
+        repacked copy, so the stored tensors move to (and stay in) host memory through later moves of
+        the module, where the CPU path still finds them (the GPU holds the FP4 weights once)."""
+        p = self._prepared
+        if p is None or not (p.prefills(torch.float16) and p.prefills(torch.bfloat16)):
             return
         for name in ("qweight", "sexp", "cscale"):
             self._buffers[name] = self._buffers[name].cpu()
@@ -120,8 +121,8 @@ class FP8Linear(QuantizedModule):
         from qconvert_kernels.w4a8 import cuda as kcuda
 
         p = self._prepared
-        return (p is not None and p.wq.device == x2.device
-                and (x2.shape[0] <= kcuda.DECODE_MAX_M or p.widen_exp is not None))
+        return (p is not None and p.wq.device == x2.device and x2.dtype in (torch.float16, torch.bfloat16)
+                and (x2.shape[0] <= kcuda.DECODE_MAX_M or p.prefills(x2.dtype)))
 
     def _quantize(self, x2: torch.Tensor, kp: int):
         if x2.is_cuda:

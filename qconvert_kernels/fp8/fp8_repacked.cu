@@ -17,10 +17,11 @@
 // accumulation inside a group is unspecified by PTX: the GPU tests hold P to the tolerance of
 // reference.py, the emulator keeps it exact.
 //
-// M > 64 runs fp8_gemm.cu's fp4_fp8_gemm_*: there is no ZQ prefill kernel.  On sm_90 ptxas turns
-// each FP8 mma.sync into two fp16 HMMA plus the operands' widening (Hopper reaches its FP8 units
-// through wgmma only), and w4r::prefill's 128 x 128 tile instantiated for KIND_ZQ then needed more
-// than 255 registers and spilled (NVRTC 13.0, 2026-12-05).
+// M > 64 is not a kernel of its own: w4a8r_widen_zq (below) writes the weights as E4M3 values and
+// torch._scaled_mm runs the FP8 GEMM.  On sm_90 ptxas turns each FP8 mma.sync into two fp16 HMMA
+// plus the operands' widening (Hopper reaches its FP8 units through wgmma only), and w4r::prefill's
+// 128 x 128 tile instantiated for KIND_ZQ then needed more than 255 registers and spilled (NVRTC
+// 13.0, 2026-12-05).
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 890
 #error "fp8_repacked.cu needs sm_89 or newer (FP8 tensor-core mma, e4m3 cvt)"
@@ -69,7 +70,7 @@ __device__ __forceinline__ unsigned scale4(unsigned b4, float p) {
 
 }  // namespace zqw
 
-// Launch: grid (ceil(KB * 32 / 256), N128 / 16), block 256: blockIdx.y is the n16 tile, so no thread
+// Launch: grid (ceil(KB * 32 / 256), N16 / 16), block 256: blockIdx.y is the n16 tile, so no thread
 // divides (a division by a run-time value is a loop of integer instructions here, common.cuh).
 extern "C" __global__ void __launch_bounds__(256) w4a8r_widen_zq(
     const uint4* __restrict__ wq,          /* repacked weights [N128/16][KB][32][4] uint32 */

@@ -171,7 +171,7 @@ WS_TILES = 128
 P_BM = 128
 P_SMEM = 4 * (8192 + 16384)
 R_MIN_GROUP, R_MAX_GROUP = 32, 1024  # FS exactness of float(16 P): 16 * 127 * 8 * g < 2^24
-LAYOUTS = ("w4a8-is", "w4a8-fs", "fp4-fp8")  # fp4-fp8: ZeroQuant-FP, decode only (M <= 64), sm_89+
+LAYOUTS = ("w4a8-is", "w4a8-fs", "fp4-fp8")  # fp4-fp8: ZeroQuant-FP, sm_89+ (M > 64: widen_zq + zq_prefill)
 
 
 def decode_smem(mt8: int) -> int:
@@ -210,6 +210,7 @@ class PreparedW4A8:
     widen_exp: torch.Tensor | None = None     # fp4-fp8 prefill: int8 [G, N128] e + s[n] (None: a row spans > 14)
     widen_cscale: torch.Tensor | None = None  # float32 [N128] c[n] * 2^-s[n]
     step_group: torch.Tensor | None = None    # int32 [2 KB]: each k step's group
+    scaled_mm_out: dict | None = None         # {fp16, bf16: the out_dtype torch._scaled_mm takes, or None}
 
     @property
     def n_groups(self) -> int:
@@ -237,8 +238,14 @@ class PreparedW4A8:
 
     @property
     def is_zq(self) -> bool:
-        """ZeroQuant-FP fp4-fp8: E2M1 weights, E4M3 activations, FP8 tensor cores; decode only."""
+        """ZeroQuant-FP fp4-fp8: E2M1 weights, E4M3 activations; ``linear`` at M <= 64 (FP8 tensor
+        cores), ``zq_prefill`` above where ``widen_exp`` is set."""
         return self.layout == "fp4-fp8"
+
+    def prefills(self, dtype) -> bool:
+        """Whether ``zq_prefill`` can take activations of ``dtype`` (fp4-fp8 with a widening plan, and
+        a row-wise FP8 GEMM for that output on the device)."""
+        return self.widen_exp is not None and bool(self.scaled_mm_out and self.scaled_mm_out.get(dtype))
 
     def reset(self) -> None:
         """Zero the workspace (only needed after a launch that did not complete)."""
@@ -301,7 +308,8 @@ def prepare(layout: str, tensors: dict, group_size: int, device) -> PreparedW4A8
         cs = torch.zeros(n128, dtype=torch.float32, device=device)
         cs[:n] = cscale.reshape(-1).to(device=device, dtype=torch.float32)
         alpha, scale16 = 0, False
-        widen = widen_plan(sexp, cs[:n], n128, kp, group_size, device) if all(scaled_mm_outputs(device).values()) else None
+        outs = scaled_mm_outputs(device)
+        widen = widen_plan(qweight, sexp, cscale.reshape(-1), n128, kp, group_size, device) if any(outs.values()) else None
     else:
         sc = tensors["scales"]
         _require(tuple(sc.shape) == (n, g_count), f"{fn}: scales must be [N, G] = [{n}, {g_count}], got {tuple(sc.shape)}")
@@ -311,6 +319,7 @@ def prepare(layout: str, tensors: dict, group_size: int, device) -> PreparedW4A8
     prep = PreparedW4A8(layout, n, k, kp, group_size, wq, scales, scale16, cs, alpha, workspace)
     if layout == "fp4-fp8" and widen is not None:
         prep.widen_exp, prep.widen_cscale, prep.step_group = widen
+        prep.scaled_mm_out = dict(outs)
     return prep
 
 
@@ -324,6 +333,8 @@ def scaled_mm_outputs(device) -> dict:
     product at load time: which outputs the row-wise FP8 GEMM supports depends on torch's build and
     the GPU (cuBLASLt or CUTLASS)."""
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     key = str(device)
     if key not in _SCALED_MM_OUT:
         a = torch.ones((16, 32), device=device).to(torch.float8_e4m3fn)
@@ -340,24 +351,39 @@ def scaled_mm_outputs(device) -> dict:
                         break
                 except (RuntimeError, NotImplementedError, TypeError):
                     continue
+        if not any(found.values()):
+            return found  # not kept: a probe that failed for another reason is tried again at the next load
         _SCALED_MM_OUT[key] = found
     return _SCALED_MM_OUT[key]
 
 
-def widen_plan(sexp: torch.Tensor, cscale: torch.Tensor, n128: int, kp: int, group_size: int, device):
-    """fp4-fp8's prefill on FP8 GEMMs (``zq_prefill``): per row n the shift s[n] = 6 - max_j e[n, j],
-    the widening exponents e + s (in [-8, 6] when the row's exponents span at most WIDEN_SPAN, so
-    w * 2^(e + s) is an E4M3 value exactly: fp8_repacked.cu) repacked to int8 [G, N128], the row scale
-    c * 2^-s (exact), and each k step's group.  None when some row spans more (the layer's prefill
-    then stays on fp8_gemm.cu's kernel)."""
-    e = sexp.to(torch.int32)
-    hi, lo = e.amax(dim=1), e.amin(dim=1)
-    if bool(((hi - lo) > WIDEN_SPAN).any()):
+def widen_plan(qweight: torch.Tensor, sexp: torch.Tensor, cscale: torch.Tensor, n128: int, kp: int, group_size: int,
+               device):
+    """fp4-fp8's prefill on FP8 GEMMs (``zq_prefill``): per row n the shift s[n] = 6 - max_j e[n, j]
+    over the groups with a non-zero weight, the widening exponents e + s (in [-8, 6] when those span at
+    most WIDEN_SPAN, so w * 2^(e + s) is an E4M3 value exactly: fp8_repacked.cu; an all-zero group,
+    whose e the method sets to E_MIN, gets 6) repacked to int8 [G, N128], the row scale c * 2^-s
+    (computed in float64 on the host, exact while it stays a normal float32), and each k step's group.
+    None when some row spans more or a row scale would leave float32's normal range (the layer's
+    prefill then stays on fp8_gemm.cu's kernel)."""
+    n, g_count = sexp.shape
+    e = sexp.cpu().to(torch.int64)
+    b = qweight.cpu().to(torch.int64)
+    mags = torch.stack([b & 0x7, (b >> 4) & 0x7], -1).reshape(n, g_count, group_size)  # E2M1 magnitudes
+    live = (mags != 0).any(dim=2)                                                        # [N, G]
+    hi = torch.where(live, e, torch.full_like(e, -(2**31))).amax(dim=1)
+    lo = torch.where(live, e, torch.full_like(e, 2**31)).amin(dim=1)
+    hi = torch.where(live.any(dim=1), hi, torch.zeros_like(hi))                          # an all-zero row
+    if bool(((hi - lo) > WIDEN_SPAN)[live.any(dim=1)].any()):
         return None
     shift = 6 - hi
-    ew = _repack.repack_scales((e + shift[:, None]).to(torch.int8).to(device), n128)
+    ew = torch.where(live, e + shift[:, None], torch.full_like(e, 6))
+    cw64 = cscale.cpu().double() * torch.pow(2.0, (-shift).double())
+    if not bool(((cw64 >= 2.0**-126) & (cw64 < 2.0**127)).all()):
+        return None
     cw = torch.zeros(n128, dtype=torch.float32, device=device)
-    cw[: cscale.shape[0]] = torch.ldexp(cscale.float(), (-shift).to(device=device, dtype=torch.float32))
+    cw[:n] = cw64.float().to(device)
+    ew = _repack.repack_scales(ew.to(torch.int8).to(device), n128)
     kb = _repack.round_up(kp, _repack.KBLOCK) // _repack.KBLOCK
     steps = torch.arange(2 * kb, dtype=torch.int32) * MMA_K // group_size
     return ew, cw, steps.clamp(max=kp // group_size - 1).to(device)
@@ -369,8 +395,9 @@ def widen_zq(prep: PreparedW4A8) -> torch.Tensor:
     fn = "w4a8.widen_zq"
     _require(prep.is_zq and prep.widen_exp is not None, f"{fn}: a fp4-fp8 layer whose rows' exponents span <= {WIDEN_SPAN}")
     n16 = _repack.round_up(prep.n, 16)
+    _require(n16 // 16 <= 65535, f"{fn}: N={prep.n} too large for the grid")
     w8 = torch.empty((n16, prep.kq), dtype=torch.uint8, device=prep.wq.device)
-    grid = (-(-prep.kb * 32 // R_THREADS), prep.n128 // 16)
+    grid = (-(-prep.kb * 32 // R_THREADS), n16 // 16)
     _l.launch(SOURCE_ZQ, "w4a8r_widen_zq", grid, (R_THREADS,),
               (_ptr(prep.wq), _ptr(prep.widen_exp), _ptr(prep.step_group), _ptr(w8), _i32(n16), _i32(prep.n128),
                _i32(prep.kb)), prep.wq.device)
@@ -383,9 +410,11 @@ def zq_prefill(xq: torch.Tensor, t: torch.Tensor, prep: PreparedW4A8, out_dtype)
     float32 [M] from the per-token E4M3 quantizer.  y [M, N] in out_dtype (a view when N % 16 != 0).
     The same products as ``reference.fp4_fp8_gemm``, summed over all of K in the GEMM's order
     (``reference.fp4_fp8_gemm_widened`` sums them exactly)."""
+    _require(prep.prefills(out_dtype), f"w4a8.zq_prefill: no row-wise FP8 GEMM for {out_dtype} output on this device "
+             f"(found at load: {prep.scaled_mm_out}), or no widening plan; fp8.cuda.fp4_fp8_gemm runs the stored tensors")
     w8 = widen_zq(prep)
     n16 = w8.shape[0]
-    out = scaled_mm_outputs(w8.device)[out_dtype]  # found at prepare time: never None here
+    out = prep.scaled_mm_out[out_dtype]  # found at prepare time (load), never probed here
     y = torch._scaled_mm(xq, w8.t(), scale_a=t.float().reshape(-1, 1), scale_b=prep.widen_cscale[:n16].reshape(1, -1),
                          out_dtype=out)
     return y[:, : prep.n].to(out_dtype)
@@ -448,8 +477,8 @@ def plan(m: int, prep: PreparedW4A8, sm_count: int) -> Plan:
     sms = max(int(sm_count), 1)
     is_ = "is" if prep.is_int else ("zq" if prep.is_zq else "fs")
     _require(m <= DECODE_MAX_M or not prep.is_zq,
-             f"w4a8.plan: layout fp4-fp8 has no repacked prefill kernel (M={m} > {DECODE_MAX_M}); "
-             "run qconvert_kernels.fp8.cuda.fp4_fp8_gemm on the stored tensors")
+             f"w4a8.plan: layout fp4-fp8 runs M={m} > {DECODE_MAX_M} as zq_prefill (the widened weights and an FP8 "
+             "GEMM), not through linear")
     if m <= DECODE_MAX_M:
         mt8 = next(t for t in (1, 2, 4, 8) if 8 * t >= m)
         s = decode_splits(prep.n, prep.k, m, prep.group_size, sms)

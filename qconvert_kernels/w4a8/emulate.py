@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -1257,6 +1258,9 @@ class Emulator:
         grid = tuple(int(v) for v in grid) + (1,) * (3 - len(grid))
         if tuple(block) != (THREADS,) and not name.startswith("w4a8r_quantize"):
             raise EmulationError(f"{name}: launched with block {block}, the kernel is written for {THREADS} threads")
+        zq_kernel = name.startswith("w4a8r_decode_zq_") or name == "w4a8r_widen_zq"
+        if source is not None and Path(source).name != ("fp8_repacked.cu" if zq_kernel else "w4a8_repacked.cu"):
+            raise EmulationError(f"{name}: launched from {Path(source).name}, which does not define it")
         mem = Global()
         if name.startswith("w4a8r_decode_quik_"):
             params = QUIK_DECODE_PARAMS
@@ -1283,7 +1287,7 @@ class Emulator:
             quantize_rows(ctx, grid, name.endswith("bf16"))
             return
         if name == "w4a8r_widen_zq":
-            if shared_mem or grid[1] != vals["N128"] // 16 or grid[0] * THREADS < vals["KB"] * 32:
+            if shared_mem or grid[1] != vals["N16"] // 16 or grid[0] * THREADS < vals["KB"] * 32:
                 raise EmulationError(f"{name}: grid {grid} / {shared_mem} bytes of shared memory do not fit the kernel")
             mem.track(vals["w8"])
             widen_zq(ctx, grid)
