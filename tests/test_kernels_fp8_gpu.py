@@ -206,3 +206,27 @@ def test_runtime_layer_prefills_on_the_widened_weights():
     y = gpu(x.to(DEV))
     y_ref = cpu(x.float())
     assert float((y.float().cpu() - y_ref).norm() / y_ref.norm()) < 2e-3
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lorc_at_decode_in_the_kernels(dtype):
+    """LoRC's h kernel equals the lanes reference bit for bit (only float ops in a fixed order); the
+    decode with LoRC's term in its epilogue is within the FP8 tolerance of the lanes reference."""
+    from qconvert_kernels.w4a8 import cuda as kcuda
+
+    m, n, k, g, r = 4, 4096, 14336, 128, 8
+    x, codes, sexp, cscale, kp = fp4_case(m, n, k, g, dtype)
+    gen = torch.Generator().manual_seed(8)
+    u, v = (torch.randn(n, r, generator=gen) * 0.05).half(), (torch.randn(r, k, generator=gen) * 0.05).half()
+    tensors = {"qweight": pack_fp4(codes), "sexp": sexp, "cscale": cscale, "shape": torch.tensor([n, k]),
+               "lorc_u": u, "lorc_v": v}
+    prep = kcuda.prepare("fp4-fp8", tensors, g, DEV)
+    xq, t = ref8.quantize_per_token_fp8(x, kp)
+    h_ref = ref8.lorc_h_lanes(xq, t, v)
+    assert torch.equal(kcuda.lorc_h(x.to(DEV), prep).cpu(), h_ref)
+    y = kcuda.linear(x.to(DEV), prep)
+    w = codes_to_values(codes)
+    bounds = kcuda.plan(m, prep, kcuda.device_sm_count(DEV)).split_bounds()
+    y_ref = ref8.lorc_tail(ref8.fp4_fp8_gemm_split(xq, t, ref8.weight_groups(w, g), sexp, cscale, bounds), h_ref, u)
+    y_abs = ref8.fp4_fp8_gemm(xq.float().abs().to(torch.float8_e4m3fn), t, ref8.weight_groups(w.abs(), g), sexp, cscale)
+    assert _within_tolerance(y, y_ref, y_abs, dtype) <= 1.0

@@ -441,7 +441,7 @@ def test_every_mutation_has_a_test():
     # tests/test_kernels_zq_repacked.py (ZeroQuant-FP's decode)
     covered = set(MUTATION_CASES) | {"ftz", "ticket_order", "late_publishers", "own_amax_half", "fallback_stage0",
                                      "quik_order", "quik_no_z", "zq_gather", "zq_sign", "zq_qmax", "widen_row",
-                                     "widen_group"}
+                                     "widen_group", "lorc_u_row", "lorc_lanes"}
     assert covered == set(emulate.MUTATIONS)
 
 

@@ -161,13 +161,21 @@ def test_entry_points_are_the_declared_ones():
     body = re.search(r"w4a8r_widen_zq\((.*?)\) \{", text, re.S).group(1)
     body = re.sub(r"/\*.*?\*/", "", body)
     assert tuple(re.findall(r"(\w+)\s*$", d.strip())[0] for d in body.split(",")) == emulate.WIDEN_PARAMS
-    assert sorted(REPACKED.kernels) == sorted(re.findall(r"^W4R_DECODE\((\w+),", text, flags=re.M) + ["w4a8r_widen_zq"])
+    for name, params in (("w4a8r_lorc_h_zq", emulate.LORC_H_PARAMS),):
+        body = re.sub(r"/\*.*?\*/", "", re.search(rf"{name}\((.*?)\) \{{", text, re.S).group(1))
+        assert tuple(re.findall(r"(\w+)\s*$", d.strip())[0] for d in body.split(",")) == params
+    body = re.search(r"#define W4R_DECODE_ZQ\(.*?NAME\((.*?)\) \{", text, re.S).group(1)
+    body = re.sub(r"/\*.*?\*/", "", body).replace("\\", " ")
+    assert tuple(re.findall(r"(\w+)\s*$", d.strip())[0] for d in body.split(",")) == emulate.ZQ_DECODE_PARAMS
+    assert f"constexpr int MAX_R = {emulate.LORC_MAX_R};" in text and cuda.LORC_MAX_R == emulate.LORC_MAX_R
+    entries = re.findall(r"^W4R_DECODE_ZQ\((\w+),", text, flags=re.M)
+    assert sorted(REPACKED.kernels) == sorted(entries + ["w4a8r_widen_zq", "w4a8r_lorc_h_zq"])
 
 
 def test_method_made_layer_decodes_on_the_repacked_kernel():
     """An FP8Linear as ZeroQuant-FP makes it (LoRC on), prepared on the CPU as runtime.load prepares it
-    on the GPU: at M <= 64 its forward takes the repacked decode kernel (here the emulator) and gives
-    the CPU path's numbers through the kernel path's roundings (y rounded, then LoRC added)."""
+    on the GPU: at M <= 64 its forward takes LoRC's h kernel and the repacked decode kernel (here the
+    emulator), which adds LoRC's term before its one rounding, in the lanes reference's order."""
     from qconvert.layouts.fp8 import FP8Linear
     from qconvert.methods.zeroquant_fp import ZeroQuantFPMethod
 
@@ -181,14 +189,17 @@ def test_method_made_layer_decodes_on_the_repacked_kernel():
     assert lin._on_repacked(x.reshape(-1, 320))
     with emulate.emulating(sm_count=8) as emu:
         got = lin(x)
-    assert [name for name, *_ in emu.launches] == ["w4a8r_decode_zq_m8"]
+    assert [name for name, *_ in emu.launches] == ["w4a8r_lorc_h_zq", "w4a8r_decode_zq_m8"]
     x2 = x.reshape(-1, 320)
     xq, t = ref8.quantize_per_token_fp8(x2, lin.kp)
     bounds = cuda.plan(6, lin._prepared, 8).split_bounds()
     wg = ref8.weight_groups(codes_to_values(unpack_fp4(lin.qweight)), lin.group_size)
-    y = ref8.fp4_fp8_gemm_split(xq, t, wg, lin.sexp, lin.cscale, bounds).half()
-    want = (y.float() + ref8.lorc_term(xq, t, lin.lorc_u, lin.lorc_v)).half()
+    y = ref8.fp4_fp8_gemm_split(xq, t, wg, lin.sexp, lin.cscale, bounds)
+    want = ref8.lorc_tail(y, ref8.lorc_h_lanes(xq, t, lin.lorc_v), lin.lorc_u).half()
     assert torch.equal(got.reshape(-1, 136).view(torch.int16), want.view(torch.int16))
+    # and within float rounding of the CPU path's one-rounding LoRC
+    cpu = (y + ref8.lorc_term(xq, t, lin.lorc_u, lin.lorc_v)).half()
+    assert float((got.reshape(-1, 136).float() - cpu.float()).abs().max()) <= 2 * float(cpu.float().abs().max()) * 2.0**-10
     # prefill sizes: the widened weights and the FP8 GEMM (here torch._scaled_mm's CPU kernel), LoRC on
     # the same quantized activations
     xp = (torch.randn(70, 320, generator=gen) * 0.5).half()
@@ -339,3 +350,56 @@ def test_widen_mutations_are_caught(mutation):
         with emulate.emulating(mutations=frozenset({mutation})):
             bad = cuda.widen_zq(prep).view(torch.uint8)
         assert torch.equal(bad, good), "differs"
+
+
+def check_lorc_case(m, n, k, g, r, dtype=torch.float16, sm_count=8, **kw):
+    """The decode with LoRC (rank r) on the emulator == the lanes reference, bit for bit."""
+    seed = m * 7919 + n * 31 + k + r
+    tensors = make_fp4_layer(n, k, g, seed)
+    gen = torch.Generator().manual_seed(seed)
+    tensors["lorc_u"] = (torch.randn(n, r, generator=gen) * 0.05).half()
+    tensors["lorc_v"] = (torch.randn(r, k, generator=gen) * 0.05).half()
+    x = activations(m, k, dtype, seed)
+    prep = cuda.prepare("fp4-fp8", tensors, g, "cpu")
+    with emulate.emulating(sm_count=sm_count, **kw) as emu:
+        y = cuda.linear(x, prep)
+    pl = cuda.plan(m, prep, sm_count)
+    assert [name for name, *_ in emu.launches] == ["w4a8r_lorc_h_zq", pl.kernel]
+    xq, t = ref8.quantize_per_token_fp8(x, prep.kp)
+    wg = ref8.weight_groups(codes_to_values(unpack_fp4(tensors["qweight"])), g)
+    y32 = ref8.fp4_fp8_gemm_split(xq, t, wg, tensors["sexp"], tensors["cscale"], pl.split_bounds())
+    want = ref8.lorc_tail(y32, ref8.lorc_h_lanes(xq, t, tensors["lorc_v"]), tensors["lorc_u"]).to(dtype)
+    assert torch.equal(y.view(torch.int16), want.view(torch.int16)), f"y differs in {(y != want).sum()} places"
+
+
+@pytest.mark.parametrize("m,n,k,g,r,dtype", [(1, 136, 256, 128, 8, torch.float16), (5, 200, 640, 64, 16, torch.bfloat16),
+                                             (3, 13, 300, 96, 1, torch.float16), (33, 136, 1000, 128, 8, torch.float16)])
+def test_decode_adds_lorc_in_its_epilogue(m, n, k, g, r, dtype):
+    check_lorc_case(m, n, k, g, r, dtype)
+
+
+def test_lorc_above_the_kernels_rank_stays_in_torch():
+    tensors = make_fp4_layer(128, 256, 128, 4)
+    tensors["lorc_u"], tensors["lorc_v"] = torch.zeros(128, 17).half(), torch.zeros(17, 256).half()
+    assert cuda.prepare("fp4-fp8", tensors, 128, "cpu").lorc_u is None
+
+
+def test_lorc_h_kernel_bit_exact_and_its_mutations_caught():
+    """h itself (before the epilogue's rounding hides its last bits): the lanes reference bit for bit,
+    and a lane-order sum is caught; U read from the wrong row is caught in y."""
+    m, k, r = 5, 3000, 8
+    tensors = make_fp4_layer(136, k, 128, 6)
+    gen = torch.Generator().manual_seed(6)
+    tensors["lorc_u"] = (torch.randn(136, r, generator=gen) * 0.05).half()
+    tensors["lorc_v"] = (torch.randn(r, k, generator=gen) * 0.05).half()
+    prep = cuda.prepare("fp4-fp8", tensors, 128, "cpu")
+    x = activations(m, k, torch.float16, 6)
+    xq, t = ref8.quantize_per_token_fp8(x, prep.kp)
+    want = ref8.lorc_h_lanes(xq, t, tensors["lorc_v"])
+    with emulate.emulating():
+        h = cuda.lorc_h(x, prep)
+    assert torch.equal(h, want)
+    with emulate.emulating(mutations=frozenset({"lorc_lanes"})):
+        assert not torch.equal(cuda.lorc_h(x, prep), want)
+    with pytest.raises(AssertionError, match="differs"):
+        check_lorc_case(5, 136, 1000, 128, 8, mutations=frozenset({"lorc_u_row"}))

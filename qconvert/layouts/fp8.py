@@ -90,6 +90,8 @@ class FP8Linear(QuantizedModule):
             return
         tensors = {"qweight": self.qweight, "sexp": self.sexp, "cscale": self.cscale,
                    "shape": torch.tensor([self.out_features, self.in_features])}
+        if self.lorc_rank:  # at decode the kernels add LoRC's term themselves (rank <= LORC_MAX_R)
+            tensors.update(lorc_u=self.lorc_u, lorc_v=self.lorc_v)
         device = torch.device(device) if device is not None else self.qweight.device
         self._prepared = kcuda.prepare("fp4-fp8", tensors, self.group_size, device)
 
@@ -136,7 +138,9 @@ class FP8Linear(QuantizedModule):
 
         p, xq = self._prepared, None
         if x2.shape[0] <= kcuda.DECODE_MAX_M:
-            y = kcuda.linear(x2, p)  # E4M3 quantizer fused in: one launch
+            y = kcuda.linear(x2, p)  # E4M3 quantizer fused in: one launch (two with LoRC, its term added inside)
+            if p.lorc_u is not None:
+                return y
         else:
             xq, t = self._quantize(x2, p.kq)
             y = kcuda.zq_prefill(xq, t, p, x2.dtype)

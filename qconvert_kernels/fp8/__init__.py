@@ -23,7 +23,8 @@ _ZQ_DECODE = tuple(f"w4a8r_decode_zq_m{m}" for m in (8, 16, 32, 64))
 REPACKED = KernelSource(
     family="fp8",
     path=Path(__file__).parent / "fp8_repacked.cu",
-    kernels=_ZQ_DECODE + ("w4a8r_widen_zq",),  # the prefill's E2M1 -> E4M3 widening (the GEMM is torch._scaled_mm)
+    # the prefill's E2M1 -> E4M3 widening (the GEMM is torch._scaled_mm); LoRC's h at decode
+    kernels=_ZQ_DECODE + ("w4a8r_widen_zq", "w4a8r_lorc_h_zq"),
     gemms=_ZQ_DECODE,
     archs=("sm_89", "sm_90"),
     mma=("QMMA", "HMMA"),

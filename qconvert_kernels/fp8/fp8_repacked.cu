@@ -32,11 +32,92 @@
 
 // Decode: grid (S, N128 / 128), block 256, dynamic shared memory w4r::decode_smem(MT8); the
 // arguments are W4R_DECODE's (scales int8 [G, N128], cscale float32 [N128], alpha_log2 0, acc_out
-// null).
-W4R_DECODE(w4a8r_decode_zq_m8, 1, w4r::KIND_ZQ)
-W4R_DECODE(w4a8r_decode_zq_m16, 2, w4r::KIND_ZQ)
-W4R_DECODE(w4a8r_decode_zq_m32, 4, w4r::KIND_ZQ)
-W4R_DECODE(w4a8r_decode_zq_m64, 8, w4r::KIND_ZQ)
+// null), then LoRC's: h float32 [M, R] (w4a8r_lorc_h_zq) and U float32 [N128, R], or null and R = 0.
+#define W4R_DECODE_ZQ(NAME, MT8)                                                                         \
+    extern "C" __global__ void __launch_bounds__(w4r::THREADS, 2) NAME(                                  \
+        const unsigned short* __restrict__ x, const uint4* __restrict__ wq, const void* __restrict__ scales, \
+        const float* __restrict__ cscale, int alpha_log2, unsigned short* __restrict__ y,                \
+        int* __restrict__ acc_out, int4* __restrict__ part, int* __restrict__ ws,                        \
+        int M, int N, int K, int N128, int G, int spg, int KB, int S, int gq, int gr, int A, int ak_log2,  \
+        int flags,                                                                                        \
+        const float* __restrict__ lorc_h,     /* float32 [M, R] or null */                               \
+        const float* __restrict__ lorc_u,     /* float32 [N128, R] or null */                            \
+        int lorc_r) {                         /* R, 0 without LoRC */                                    \
+        w4r::decode<MT8, w4r::KIND_ZQ>(x, wq, scales, cscale, alpha_log2, y, acc_out, part, ws, M, N, K, N128, G, spg, \
+                                       KB, S, gq, gr, A, ak_log2, flags, nullptr, nullptr, nullptr, nullptr, \
+                                       nullptr, lorc_h, lorc_u, lorc_r);                                 \
+    }
+
+W4R_DECODE_ZQ(w4a8r_decode_zq_m8, 1)
+W4R_DECODE_ZQ(w4a8r_decode_zq_m16, 2)
+W4R_DECODE_ZQ(w4a8r_decode_zq_m32, 4)
+W4R_DECODE_ZQ(w4a8r_decode_zq_m64, 8)
+
+// ---------------------------------------------------------------------------------------
+// LoRC's first product at decode (M <= 64): h[m, r] = sum_k (float(xq[m, k]) * t[m]) * V[r, k], r < R,
+// with xq, t the per-token E4M3 quantization the decode kernel makes of the same x (token_scales,
+// the clamp, cvt: the same bits), V the LoRC factor (fp16 [R, K]).  One CTA of 256 threads per token:
+// thread i sums k = i, i + 256, ... in order (each product and sum rounded once), a warp's 32 lanes
+// meet in an xor butterfly (offsets 16 .. 1), then thread r adds the 8 warps' sums in warp order.
+// The decode kernel adds sum_r h[m, r] U[n, r] in its epilogue (w4r::lorc_tail).     [emulate.lorc_h]
+namespace zql {
+constexpr int MAX_R = 16;
+__device__ __forceinline__ float e4m3_to_f32(unsigned b) {
+    unsigned h2;
+    const unsigned short in = static_cast<unsigned short>(b & 0xFFu);
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"(in));
+    return qk::f16_to_f32(static_cast<unsigned short>(h2 & 0xFFFFu));
+}
+}  // namespace zql
+
+// Launch: grid (M), block 256.
+extern "C" __global__ void __launch_bounds__(256) w4a8r_lorc_h_zq(
+    const unsigned short* __restrict__ x,  /* fp16 / bf16 bits [M, K] */
+    const unsigned short* __restrict__ v,  /* fp16 [R, K], the LoRC factor V */
+    float* __restrict__ h,                 /* float32 [M, R] out */
+    int M, int K, int R,                   /* R <= zql::MAX_R */
+    int flags) {                           /* 1: bf16 */
+    __shared__ float s_max[8];
+    __shared__ float s_part[8][zql::MAX_R];
+    const int m = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    if (m >= M) return;  // uniform per CTA
+    const bool bf16 = (flags & 1) != 0;
+    const unsigned short* row = x + static_cast<long long>(m) * K;
+    float amax = 0.0f;
+    for (int k = tid; k < K; k += 256) amax = fmaxf(amax, fabsf(qk::from_in_rt(row[k], bf16)));
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    if (lane == 0) s_max[warp] = amax;
+    __syncthreads();
+    amax = s_max[0];
+#pragma unroll
+    for (int w = 1; w < 8; ++w) amax = fmaxf(amax, s_max[w]);
+    float inv, t;
+    w4r::token_scales<w4r::KIND_ZQ>(amax, inv, t);
+    float part[zql::MAX_R];
+#pragma unroll
+    for (int r = 0; r < zql::MAX_R; ++r) part[r] = 0.0f;
+    for (int k = tid; k < K; k += 256) {
+        const float q = zql::e4m3_to_f32(w4r::f32_to_e4m3(fminf(fmaxf(__fmul_rn(qk::from_in_rt(row[k], bf16), inv), -448.0f), 448.0f)));
+        const float xd = __fmul_rn(q, t);
+#pragma unroll
+        for (int r = 0; r < zql::MAX_R; ++r)
+            if (r < R) part[r] = __fadd_rn(part[r], __fmul_rn(xd, qk::f16_to_f32(__ldg(v + static_cast<long long>(r) * K + k))));
+    }
+#pragma unroll
+    for (int r = 0; r < zql::MAX_R; ++r) {
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) part[r] = __fadd_rn(part[r], __shfl_xor_sync(0xffffffffu, part[r], o));
+        if (lane == 0) s_part[warp][r] = part[r];
+    }
+    __syncthreads();
+    if (tid < R) {
+        float s = s_part[0][tid];
+#pragma unroll
+        for (int w = 1; w < 8; ++w) s = __fadd_rn(s, s_part[w][tid]);
+        h[static_cast<long long>(m) * R + tid] = s;
+    }
+}
 
 // ---------------------------------------------------------------------------------------
 // Prefill (M > 64): the repacked E2M1 weights widened to E4M3 once per call, for an FP8 GEMM with

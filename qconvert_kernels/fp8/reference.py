@@ -154,6 +154,44 @@ def fp8_fp8_gemm(xq, t, wq, wscale) -> torch.Tensor:
     return acc * (t.float()[:, None] * wscale.float()[None, :])
 
 
+LORC_THREADS = 256  # fp8_repacked.cu's w4a8r_lorc_h_zq: threads per token
+
+
+def lorc_h_lanes(xq, t, v) -> torch.Tensor:
+    """h float32 [M, R] = (xq * t) Vᵀ in the order of the decode path's kernel (w4a8r_lorc_h_zq):
+    xd = fl(float(xq) * t); thread i < 256 sums k = i, i + 256, ... in order (fl(fl(xd v) + .)); a
+    warp's 32 lanes meet in an xor butterfly (offsets 16 .. 1), then the 8 warp sums in warp order."""
+    k = v.shape[1]
+    m, r = xq.shape[0], v.shape[0]
+    xd = (xq[:, :k].float() * t.float()[:, None])                     # [M, K], each product rounded
+    vf = v.float()
+    steps = -(-k // LORC_THREADS)
+    pad = steps * LORC_THREADS - k
+    xd = torch.nn.functional.pad(xd, (0, pad)).reshape(m, steps, LORC_THREADS)
+    vf = torch.nn.functional.pad(vf, (0, pad)).reshape(r, steps, LORC_THREADS)
+    part = torch.zeros(m, LORC_THREADS, r)
+    for j in range(steps):  # padding adds exact zeros
+        part = part + xd[:, j, :, None] * vf[:, j, :].t()[None]
+    lanes = part.reshape(m, 8, 32, r)
+    for o in (16, 8, 4, 2, 1):
+        lanes = lanes + lanes[:, :, torch.arange(32) ^ o]
+    warps = lanes[:, :, 0]                                             # [M, 8, R]
+    h = warps[:, 0]
+    for w in range(1, 8):
+        h = h + warps[:, w]
+    return h
+
+
+def lorc_tail(y, h, u) -> torch.Tensor:
+    """The decode kernel's epilogue with LoRC: fl(y + z), z = sum_r fl(h[m, r] u[n, r]) added in r order
+    from 0.0 (w4r::lorc_tail); y float32 [M, N] before its rounding to fp16 / bf16."""
+    z = torch.zeros_like(y)
+    uf = u.float()
+    for r in range(h.shape[1]):
+        z = z + h[:, r, None] * uf[None, :, r]
+    return y + z
+
+
 def lorc_term(xq, t, u, v) -> torch.Tensor:
     """z float32 [M, N] = ((xq * t) Vᵀ) Uᵀ, V fp16 [r, K] (K <= Kp), U fp16 [N, r]."""
     k = v.shape[1]

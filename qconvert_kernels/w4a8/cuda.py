@@ -211,6 +211,8 @@ class PreparedW4A8:
     widen_cscale: torch.Tensor | None = None  # float32 [N128] c[n] * 2^-s[n]
     step_group: torch.Tensor | None = None    # int32 [2 KB]: each k step's group
     scaled_mm_out: dict | None = None         # {fp16, bf16: the out_dtype torch._scaled_mm takes, or None}
+    lorc_v: torch.Tensor | None = None        # fp4-fp8 with LoRC (R <= LORC_MAX_R): V fp16 [R, K] ...
+    lorc_u: torch.Tensor | None = None        # ... and U float32 [N128, R]: the decode adds (x V^T) U^T itself
 
     @property
     def n_groups(self) -> int:
@@ -320,10 +322,19 @@ def prepare(layout: str, tensors: dict, group_size: int, device) -> PreparedW4A8
     if layout == "fp4-fp8" and widen is not None:
         prep.widen_exp, prep.widen_cscale, prep.step_group = widen
         prep.scaled_mm_out = dict(outs)
+    u, v = tensors.get("lorc_u"), tensors.get("lorc_v")
+    if layout == "fp4-fp8" and u is not None and v is not None and 0 < u.shape[1] <= LORC_MAX_R:
+        r = u.shape[1]
+        _require(tuple(u.shape) == (n, r) and tuple(v.shape) == (r, k),
+                 f"{fn}: lorc_u must be [N, R] = [{n}, {r}] and lorc_v [R, K] = [{r}, {k}], got {tuple(u.shape)}, {tuple(v.shape)}")
+        prep.lorc_v = v.to(device=device, dtype=torch.float16).contiguous()
+        prep.lorc_u = torch.zeros((n128, r), dtype=torch.float32, device=device)
+        prep.lorc_u[:n] = u.to(device=device, dtype=torch.float32)
     return prep
 
 
 WIDEN_SPAN = 14  # E4M3 holds every E2M1 value times 2^-8 .. 2^6 exactly: a row's exponents may span 14
+LORC_MAX_R = 16  # fp8_repacked.cu's zql::MAX_R: the decode path's LoRC rank at most
 _SCALED_MM_OUT: dict = {}  # device -> {activation dtype: the out_dtype torch._scaled_mm takes there, or None}
 
 
@@ -402,6 +413,17 @@ def widen_zq(prep: PreparedW4A8) -> torch.Tensor:
               (_ptr(prep.wq), _ptr(prep.widen_exp), _ptr(prep.step_group), _ptr(w8), _i32(n16), _i32(prep.n128),
                _i32(prep.kb)), prep.wq.device)
     return w8.view(torch.float8_e4m3fn)
+
+
+def lorc_h(x: torch.Tensor, prep: PreparedW4A8) -> torch.Tensor:
+    """LoRC's first product at decode, h float32 [M, R] = (xq * t) V^T of the layer's E4M3 quantization
+    of x (the decode kernel's, bit for bit), in w4a8r_lorc_h_zq's order (reference.lorc_h_lanes)."""
+    m, r = x.shape[0], prep.lorc_u.shape[1]
+    h = torch.empty((m, r), dtype=torch.float32, device=x.device)
+    _l.launch(SOURCE_ZQ, "w4a8r_lorc_h_zq", (m,), (R_THREADS,),
+              (_ptr(x), _ptr(prep.lorc_v), _ptr(h), _i32(m), _i32(prep.k), _i32(r), _i32(int(x.dtype == torch.bfloat16))),
+              x.device)
+    return h
 
 
 def zq_prefill(xq: torch.Tensor, t: torch.Tensor, prep: PreparedW4A8, out_dtype) -> torch.Tensor:
@@ -528,10 +550,13 @@ def linear(x: torch.Tensor, prepared: PreparedW4A8, return_acc: bool = False):
     if pl.kind == "decode":
         vec = p.k % 8 == 0 and x.data_ptr() % 16 == 0
         flags = int(bf16) | (int(vec) << 1) | (int(p.scale16) << 2)
-        _l.launch(SOURCE_ZQ if p.is_zq else SOURCE_R, pl.kernel, pl.grid, (R_THREADS,),
-                  (_ptr(x), *common, _ptr(p.workspace), _i32(m), _i32(p.n), _i32(p.k), _i32(p.n128),
-                   _i32(p.n_groups), _i32(spg), _i32(p.kb), _i32(pl.splits), _i32(pl.gq), _i32(pl.gr),
-                   _i32(pl.amax_ctas), _i32(pl.ak_log2), _i32(flags)), dev, pl.smem)
+        args = (_ptr(x), *common, _ptr(p.workspace), _i32(m), _i32(p.n), _i32(p.k), _i32(p.n128),
+                _i32(p.n_groups), _i32(spg), _i32(p.kb), _i32(pl.splits), _i32(pl.gq), _i32(pl.gr),
+                _i32(pl.amax_ctas), _i32(pl.ak_log2), _i32(flags))
+        if p.is_zq:  # LoRC's h first (its own small launch), added to y in the decode kernel's epilogue
+            h = lorc_h(x, p) if p.lorc_u is not None else None
+            args += (_ptr(h), _ptr(p.lorc_u if h is not None else None), _i32(h.shape[1] if h is not None else 0))
+        _l.launch(SOURCE_ZQ if p.is_zq else SOURCE_R, pl.kernel, pl.grid, (R_THREADS,), args, dev, pl.smem)
     else:
         xq = torch.empty((m, p.kq), dtype=torch.int8, device=dev)
         t = torch.empty((m,), dtype=torch.float32, device=dev)

@@ -68,6 +68,9 @@ QUANT_PARAMS = ("x", "xq", "t", "M", "K", "Kq")
 QUIK_PREFILL_PARAMS = PREFILL_PARAMS + ("zq", "zc", "y_add")   # w4a8r_prefill_quik: QUIK's epilogue
 QUIK_DECODE_PARAMS = DECODE_PARAMS + ("xq", "t", "zq", "zc", "y_add")   # w4a8r_decode_quik_m*
 WIDEN_PARAMS = ("wq", "ew", "step_group", "w8", "N16", "N128", "KB")   # w4a8r_widen_zq (fp8/fp8_repacked.cu)
+ZQ_DECODE_PARAMS = DECODE_PARAMS + ("lorc_h", "lorc_u", "lorc_r")    # w4a8r_decode_zq_m* (fp8/fp8_repacked.cu)
+LORC_H_PARAMS = ("x", "v", "h", "M", "K", "R", "flags")              # w4a8r_lorc_h_zq
+LORC_MAX_R = 16
 
 MUTATIONS = frozenset({
     "swap_halves",      # a_frag: k 8tig+4..7 fed as mma k 4tig.. and vice versa for the weights only
@@ -94,6 +97,8 @@ MUTATIONS = frozenset({
     "zq_qmax",          # ZQ decode: the activations scaled to 127 (the int8 range) instead of E4M3's 448
     "widen_row",        # ZQ widening: the word of row gid + 8 stored at row gid (j & 1 ignored)
     "widen_group",      # ZQ widening: the exponent of the k step's group + 1 (the step-to-group table read one on)
+    "lorc_u_row",       # ZQ decode with LoRC: the epilogue reads U's row n ^ 1 instead of n
+    "lorc_lanes",       # LoRC's h: the 32 lanes of a warp summed in lane order instead of the xor butterfly
 })
 
 
@@ -985,8 +990,10 @@ def decode_cta(ctx: Ctx, mt8: int, is_int: bool, grid, s: int, tile: int, quik: 
         o = np.zeros((THREADS, 4), np.uint16)
         for i in range(4):
             m = mt * 8 + 2 * tig + (i & 1)
-            if zq:  # w4r::out_value<KIND_ZQ>: acc * (t * cs)
+            if zq:  # w4r::out_value<KIND_ZQ>: acc * (t * cs), then LoRC's term where there is one
                 v = fops.mul(accv[:, mt, i], fops.mul(s_t[m], cs[:, i >> 1]))
+                if a.get("lorc_h"):
+                    v = lorc_tail(ctx, v, m, n0 + gid + 8 * (i >> 1), M, N)
             else:
                 v = out_value(ctx, is_int, accv[:, mt, i], s_t[m], cs[:, i >> 1])
             if quik:
@@ -1203,6 +1210,69 @@ def quantize_rows(ctx: Ctx, grid, bf16: bool):
         mem.store(a["t"], np.array([m * 4]), np.asarray([fops.div(amax, 127.0)], np.float32).view(np.uint8)[None, :], "quantizer t")
 
 
+# ----------------------------------------------------------------------------- ZQ LoRC
+
+
+def lorc_tail(ctx: Ctx, v, m, n, M: int, N: int):
+    """w4r::lorc_tail per thread: fl(v + z), z = sum_r fl(h[m, r] u[n, r]) in r order from 0.0; nothing
+    read for outputs past M or N.                                                   [w4r::lorc_tail]"""
+    a, f, mem = ctx.args, ctx.fops, ctx.mem
+    R = a["lorc_r"]
+    m, n = np.broadcast_to(np.asarray(m, np.int64), v.shape), np.asarray(n, np.int64)
+    ok = (m < M) & (n < N)
+    if not ok.any():
+        return v
+    nu = (n ^ 1) if "lorc_u_row" in ctx.mutations else n
+    z = np.zeros(int(ok.sum()), np.float32)
+    for r in range(R):
+        h = mem.load(a["lorc_h"], (m[ok] * R + r) * 4, 4, "lorc h").view(np.float32)[:, 0]
+        u = mem.load(a["lorc_u"], (nu[ok] * R + r) * 4, 4, "lorc u").view(np.float32)[:, 0]
+        z = f.add(z, f.mul(h, u))
+    out = np.array(v, np.float32, copy=True)
+    out[ok] = f.add(out[ok], z)
+    return out
+
+
+def lorc_h(ctx: Ctx, grid):
+    """w4a8r_lorc_h_zq for every token: the E4M3 quantization the decode kernel makes, xd = fl(xq t), the
+    256 threads' ordered sums, the xor butterfly, the warps in order.                    [zq lorc_h]"""
+    a, f, mem = ctx.args, ctx.fops, ctx.mem
+    M, K, R, bf16 = a["M"], a["K"], a["R"], bool(a["flags"] & 1)
+    if not 0 < R <= LORC_MAX_R:
+        raise EmulationError(f"w4a8r_lorc_h_zq: R = {R} outside 1..{LORC_MAX_R}")
+    conv = bf16_bits_to_f32 if bf16 else f16_bits_to_f32
+    steps = -(-K // THREADS)
+    for m in range(min(grid[0], M)):
+        x = f.f(conv(mem.load(a["x"], (m * K + np.arange(K)) * 2, 2, "lorc x").view(np.uint16)[:, 0]))
+        amax = np.float32(np.fmax.reduce(np.abs(x))) if K else np.float32(0)
+        inv, t = token_scales(ctx, np.array([amax], np.float32), 1, 448.0)
+        q = f.mul(x, inv[0])
+        q = np.where(np.isnan(q), np.float32(-448), np.clip(q, -448, 448)).astype(np.float32)
+        xd = f.mul(e4m3_values(to_e4m3_bits(q).astype(np.uint32)[:, None])[:, 0, 0].astype(np.float32), t[0])
+        vv = f16_bits_to_f32(mem.load(a["v"], (np.arange(R)[:, None] * K + np.arange(K)[None]).reshape(-1) * 2, 2,
+                                      "lorc v").view(np.uint16)[:, 0]).reshape(R, K)
+        part = np.zeros((THREADS, R), np.float32)
+        for j in range(steps):
+            k = j * THREADS + np.arange(THREADS)
+            live = k < K
+            kk = np.where(live, k, 0)
+            prod = f.mul(xd[kk][:, None], vv[:, kk].T)
+            part = np.where(live[:, None], f.add(part, prod), part)
+        lanes = part.reshape(8, 32, R)
+        if "lorc_lanes" in ctx.mutations:
+            w = lanes[:, 0]
+            for ln in range(1, 32):
+                w = f.add(w, lanes[:, ln])
+        else:
+            for o in (16, 8, 4, 2, 1):
+                lanes = f.add(lanes, lanes[:, np.arange(32) ^ o])
+            w = lanes[:, 0]
+        h = w[0]
+        for wi in range(1, 8):
+            h = f.add(h, w[wi])
+        mem.store(a["h"], (m * R + np.arange(R)) * 4, h.astype(np.float32).view(np.uint8).reshape(R, 4), "lorc h store")
+
+
 # ----------------------------------------------------------------------------- ZQ widening
 
 
@@ -1258,12 +1328,16 @@ class Emulator:
         grid = tuple(int(v) for v in grid) + (1,) * (3 - len(grid))
         if tuple(block) != (THREADS,) and not name.startswith("w4a8r_quantize"):
             raise EmulationError(f"{name}: launched with block {block}, the kernel is written for {THREADS} threads")
-        zq_kernel = name.startswith("w4a8r_decode_zq_") or name == "w4a8r_widen_zq"
+        zq_kernel = name.startswith("w4a8r_decode_zq_") or name in ("w4a8r_widen_zq", "w4a8r_lorc_h_zq")
         if source is not None and Path(source).name != ("fp8_repacked.cu" if zq_kernel else "w4a8_repacked.cu"):
             raise EmulationError(f"{name}: launched from {Path(source).name}, which does not define it")
         mem = Global()
         if name.startswith("w4a8r_decode_quik_"):
             params = QUIK_DECODE_PARAMS
+        elif name.startswith("w4a8r_decode_zq_"):
+            params = ZQ_DECODE_PARAMS
+        elif name == "w4a8r_lorc_h_zq":
+            params = LORC_H_PARAMS
         elif name.startswith("w4a8r_decode_"):
             params = DECODE_PARAMS
         elif name == "w4a8r_prefill_quik":
@@ -1285,6 +1359,15 @@ class Emulator:
         resident = self.resident or launch.emulated_sm_count()
         if name.startswith("w4a8r_quantize_"):
             quantize_rows(ctx, grid, name.endswith("bf16"))
+            return
+        if name == "w4a8r_lorc_h_zq":
+            if shared_mem or grid[0] < vals["M"]:
+                raise EmulationError(f"{name}: grid {grid} does not cover M = {vals['M']}")
+            mem.track(vals["h"])
+            lorc_h(ctx, grid)
+            w = mem.writes[vals["h"]][: vals["M"] * vals["R"] * 4]
+            if not (w == 1).all():
+                raise EmulationError(f"{name}: h byte {int(np.flatnonzero(w != 1)[0])} written {int(w[np.flatnonzero(w != 1)[0]])} times")
             return
         if name == "w4a8r_widen_zq":
             if shared_mem or grid[1] != vals["N16"] // 16 or grid[0] * THREADS < vals["KB"] * 32:

@@ -409,6 +409,19 @@ __device__ __forceinline__ float quik_tail(float v, int m, int n, int M, int N, 
     return v;
 }
 
+// ZeroQuant-FP's LoRC term at decode (KIND_ZQ with lh): v + z, z = sum_{r < R} h[m, r] * u[n, r] in r order
+// (each product and sum rounded once), h float32 [M, R] from fp8_repacked.cu's w4a8r_lorc_h_zq, u float32
+// [N128, R] (the LoRC factor U, zero past N).  Outputs past M or N are not stored: nothing is read for
+// them.                                                                               [emulate.lorc_tail]
+__device__ __forceinline__ float lorc_tail(float v, int m, int n, int M, int N, const float* __restrict__ lh,
+                                           const float* __restrict__ lu, int R) {
+    if (m >= M || n >= N) return v;
+    float z = 0.0f;
+    for (int r = 0; r < R; ++r)
+        z = __fadd_rn(z, __fmul_rn(__ldg(lh + static_cast<long long>(m) * R + r), __ldg(lu + static_cast<long long>(n) * R + r)));
+    return __fadd_rn(v, z);
+}
+
 // ------------------------------------------------------------------ decode
 
 // kQuik (QUIK W4A4, w4a8r_decode_quik_m*): the activations come quantized (xq8 int8 [M, K], K = Kq,
@@ -422,7 +435,9 @@ __device__ __forceinline__ void decode(const unsigned short* __restrict__ x, con
                                        int S, int gq, int gr, int A, int ak_log2, int flags,
                                        const signed char* __restrict__ xq8 = nullptr, const float* __restrict__ tq = nullptr,
                                        const float* __restrict__ zq = nullptr, const float* __restrict__ zc = nullptr,
-                                       const unsigned short* __restrict__ y_add = nullptr) {
+                                       const unsigned short* __restrict__ y_add = nullptr,
+                                       const float* __restrict__ lh = nullptr, const float* __restrict__ lu = nullptr,
+                                       int lr = 0) {
     constexpr bool kIS = kKind == KIND_IS, kZq = kKind == KIND_ZQ;
     using Acc = typename Scale<kKind>::T;
     using TC = Tc<kZq>;
@@ -669,6 +684,7 @@ __device__ __forceinline__ void decode(const unsigned short* __restrict__ x, con
             const int m = mt * 8 + 2 * tig + (i & 1);             // < ROWS <= 64
             float v = out_value<kKind>(acc[mt][i], s_t[m], cs[i >> 1]);
             if (kQuik) v = quik_tail(v, m, n0 + gid + 8 * (i >> 1), M, N, zq, zcn[i >> 1], y_add, bf16);
+            if (kZq && lh != nullptr) v = lorc_tail(v, m, n0 + gid + 8 * (i >> 1), M, N, lh, lu, lr);
             o[i] = qk::to_out_rt(v, bf16);
         }
         store_frag(y, o, mt * 8, n0, M, N, gid, tig);
