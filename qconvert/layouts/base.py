@@ -71,6 +71,31 @@ class QuantizedModule(DerivedHolder):
         """Once prepared: hold in host memory, through any later move of the module, the stored
         tensors its kernels no longer read (so a GPU holds the weights once); nothing by default."""
 
+    _held_on_host: tuple = ()  # buffer names ``hold_on_host`` keeps in host memory
+
+    @property
+    def _stored_on_host(self) -> bool:
+        return bool(self._held_on_host)
+
+    def hold_on_host(self, names) -> None:
+        """Move the named stored buffers to host memory and keep them there through later moves of
+        the module (``_apply``), where the CPU path still finds them (missing / None ones skipped)."""
+        names = tuple(n for n in names if self._buffers.get(n) is not None)
+        for name in names:
+            self._buffers[name] = self._buffers[name].cpu()
+        self._held_on_host = names
+
+    def _apply(self, fn, *args, **kwargs):
+        if not self._held_on_host:
+            return super()._apply(fn, *args, **kwargs)
+        held = {name: self._buffers[name] for name in self._held_on_host}
+        for name in held:
+            self._buffers[name] = None
+        try:
+            return super()._apply(fn, *args, **kwargs)
+        finally:
+            self._buffers.update(held)
+
     @classmethod
     def fuse(cls, members: list[nn.Module]) -> bool:
         """Make ``members`` (sibling linears that read the same input, e.g. q/k/v) run as one

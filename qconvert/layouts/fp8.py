@@ -55,7 +55,6 @@ class FP8Linear(QuantizedModule):
             self.group_size = None
             self.register_buffer("wscale", tensors["wscale"])
         self._prepared = None  # fp4-fp8: the repacked copy (prepare_cuda)
-        self._stored_on_host = False  # set by ``keep_stored_on_host``
         u, v = tensors.get("lorc_u"), tensors.get("lorc_v")
         self.lorc_rank = 0 if u is None else int(u.shape[1])
         self.register_buffer("lorc_u", u)
@@ -102,20 +101,7 @@ class FP8Linear(QuantizedModule):
         p = self._prepared
         if p is None or not (p.prefills(torch.float16) and p.prefills(torch.bfloat16)):
             return
-        for name in ("qweight", "sexp", "cscale"):
-            self._buffers[name] = self._buffers[name].cpu()
-        self._stored_on_host = True
-
-    def _apply(self, fn, *args, **kwargs):
-        if not self._stored_on_host:
-            return super()._apply(fn, *args, **kwargs)
-        held = {name: self._buffers[name] for name in ("qweight", "sexp", "cscale")}
-        for name in held:
-            self._buffers[name] = None
-        try:
-            return super()._apply(fn, *args, **kwargs)
-        finally:
-            self._buffers.update(held)
+        self.hold_on_host(("qweight", "sexp", "cscale"))
 
     def _on_repacked(self, x2: torch.Tensor) -> bool:
         """Whether x2 runs on the repacked weights: prepared on x2's device (the GPU, or the CPU for

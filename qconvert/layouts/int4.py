@@ -79,7 +79,6 @@ class W4A8Linear(QuantizedModule):
         self._bias(bias)
         self._prepared = None
         self._group: SiblingGEMM | None = None  # set by ``fuse``: one GEMM with its siblings
-        self._stored_on_host = False  # set by ``keep_stored_on_host``
 
     def extra_repr(self):
         return f"{self.layout}, in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
@@ -131,21 +130,7 @@ class W4A8Linear(QuantizedModule):
         keep them with the module."""
         if self.layout in WEIGHT_ONLY or (self._prepared is None and (self._group is None or self._group.prepared is None)):
             return
-        for name in STORED:
-            if self._buffers.get(name) is not None:
-                self._buffers[name] = self._buffers[name].cpu()
-        self._stored_on_host = True
-
-    def _apply(self, fn, *args, **kwargs):
-        if not self._stored_on_host:
-            return super()._apply(fn, *args, **kwargs)
-        held = {name: self._buffers[name] for name in STORED if self._buffers.get(name) is not None}
-        for name in held:  # (None buffers are skipped by the move)
-            self._buffers[name] = None
-        try:
-            return super()._apply(fn, *args, **kwargs)
-        finally:
-            self._buffers.update(held)
+        self.hold_on_host(STORED)
 
     @staticmethod
     def _on_kernels(x: torch.Tensor, prepared, lazy: bool) -> bool:

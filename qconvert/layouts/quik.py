@@ -58,7 +58,6 @@ class QuikLinear(QuantizedModule):
         self.kbp = refq.padded_base(k - idx.numel())
         self._bias(bias)
         self._prepared = None  # the repacked base weights (quik/cuda.py: prepare_repacked), once made
-        self._stored_on_host = False  # set by ``keep_stored_on_host``
 
     def extra_repr(self):
         return (f"{self.layout}, in_features={self.in_features}, out_features={self.out_features}, "
@@ -102,17 +101,7 @@ class QuikLinear(QuantizedModule):
         the base weights once)."""
         if self._prepared is None:
             return
-        self._buffers["qweight"] = self._buffers["qweight"].cpu()
-        self._stored_on_host = True
-
-    def _apply(self, fn, *args, **kwargs):
-        if not self._stored_on_host:
-            return super()._apply(fn, *args, **kwargs)
-        held, self._buffers["qweight"] = self._buffers["qweight"], None
-        try:
-            return super()._apply(fn, *args, **kwargs)
-        finally:
-            self._buffers["qweight"] = held
+        self.hold_on_host(("qweight",))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

@@ -106,14 +106,9 @@ def fp4_fp8_partials(xq: torch.Tensor, w_groups: torch.Tensor) -> torch.Tensor:
 
 def fp4_fp8_gemm(xq, t, w_groups, sexp, cscale) -> torch.Tensor:
     """y float32 [M, N] of layout fp4-fp8; ``w_groups`` from ``weight_groups`` (E2M1 values),
-    ``sexp`` int [N, G] group exponents, ``cscale`` float32 [N]."""
-    p = fp4_fp8_partials(xq, w_groups)  # [G, M, N]
-    e = sexp.to(torch.int32).t()
-    pow2 = torch.ldexp(torch.ones(e.shape, dtype=torch.float32), e)  # [G, N], exact powers of two
-    acc = torch.zeros(p.shape[1:], dtype=torch.float32)
-    for j in range(p.shape[0]):
-        acc += p[j] * pow2[j][None, :]  # one rounding: the product by 2^e is exact
-    return acc * (t.float()[:, None] * cscale.float()[None, :])
+    ``sexp`` int [N, G] group exponents, ``cscale`` float32 [N]: every group folded in order (one
+    split of ``fp4_fp8_gemm_split``)."""
+    return fp4_fp8_gemm_split(xq, t, w_groups, sexp, cscale, [(0, w_groups.shape[0])])
 
 
 def fp4_fp8_gemm_split(xq, t, w_groups, sexp, cscale, bounds) -> torch.Tensor:
