@@ -11,9 +11,10 @@ RESULTS holds ``1_gpu_check/kernels_m1.json`` (W4A8-FS, cuBLAS FP16) and ``2_rer
 reads the same weight bytes as W4A8-FS (half a byte per weight; int8 group exponents instead of fp16
 scales, fewer bytes) through the same pipeline and split-K plan, so its time is at least the W4A8-FS
 decode's measured time; its main loop has more integer instructions (the E2M1 -> E4M3 widening, and
-on sm_90 ptxas's E4M3 -> fp16 widening in front of two HMMA per FP8 mma): 715 SASS instructions in
-the sm_90 m8 loop against W4A8-FS's 623 (NVRTC 13.0), so the upper end is that time x 715 / 623,
-as if the loop were issue-bound.  The first kernel's time is its GEMM plus its quantizer launch.
+on sm_90 ptxas's E4M3 -> fp16 widening in front of two HMMA per FP8 mma): 708 SASS instructions in
+the sm_90 m8 loop against W4A8-FS's 602 in the launchers' NVRTC builds (`python benchmarks/sass_loops.py
+--archs sm_90 --kernels w4a8r_decode_fs_m8,w4a8r_decode_zq_m8`), so the upper end is that time x
+708 / 602, as if the loop were issue-bound.  The first kernel's time is its GEMM plus its quantizer launch.
 
 Prefill (M = 4096): the quantizer's measured time, plus the widening (it reads the FP4 copy and
 writes E4M3: 1.5 bytes per weight, at the 2.15 TB/s of the W4A8 decode fit), plus cuBLAS FP16's
@@ -28,7 +29,7 @@ import json
 from pathlib import Path
 
 DEFAULT = Path(__file__).resolve().parent / "results" / "gpu" / "2026-12-04_h200_caa2c67"
-LOOP_ZQ, LOOP_FS = 715, 623  # SASS instructions of the sm_90 m8 decode loops (docstring)
+LOOP_ZQ, LOOP_FS = 708, 602  # SASS instructions of the sm_90 m8 decode loops, NVRTC (docstring)
 FP8_OVER_FP16 = (1.5, 1.9)   # the assumed speed of the row-wise FP8 GEMM over cuBLAS FP16 (docstring)
 BYTES_PER_US = 2.15e6        # the W4A8 decode fit's bandwidth, bytes per µs
 

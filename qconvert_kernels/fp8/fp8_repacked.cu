@@ -20,8 +20,7 @@
 // M > 64 is not a kernel of its own: w4a8r_widen_zq (below) writes the weights as E4M3 values and
 // torch._scaled_mm runs the FP8 GEMM.  On sm_90 ptxas turns each FP8 mma.sync into two fp16 HMMA
 // plus the operands' widening (Hopper reaches its FP8 units through wgmma only), and w4r::prefill's
-// 128 x 128 tile instantiated for KIND_ZQ then needed more than 255 registers and spilled (NVRTC
-// 13.0, 2026-12-05).
+// 128 x 128 tile instantiated for KIND_ZQ then spilled (a trial build, NVRTC 13.0, 2026-12-05).
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 890
 #error "fp8_repacked.cu needs sm_89 or newer (FP8 tensor-core mma, e4m3 cvt)"
