@@ -20,6 +20,12 @@ Prefill (M = 4096): the quantizer's measured time, plus the widening (it reads t
 writes E4M3: 1.5 bytes per weight, at the 2.15 TB/s of the W4A8 decode fit), plus cuBLAS FP16's
 measured time divided by FP8_OVER_FP16 = 1.5 .. 1.9, an ASSUMPTION (the datasheet's dense FP8 rate is
 twice FP16's on the H100 / H200; the row-wise FP8 GEMM's own rate has not been measured here).
+
+fp8-fp8 (since 0.4.0 every M on torch._scaled_mm with per-row scales): the quantizer's measured time
+plus the GEMM's, which at M = 1 reads one byte per weight where cuBLAS FP16 reads two, so it is put
+between half cuBLAS FP16's measured time (the same bandwidth) and all of it (an ASSUMPTION: no gain
+from the halved bytes); at M = 4096 cuBLAS FP16's time over FP8_OVER_FP16 as above.  Against the first
+kernel's GEMM plus its quantizer (``kernels_zqfp_m*.json``, row ``fp8-fp8``).
 """
 
 from __future__ import annotations
@@ -53,6 +59,34 @@ def predict_prefill(results: Path) -> list[dict]:
     return rows
 
 
+def predict_fp8_fp8(results: Path) -> list[dict]:
+    """fp8-fp8 at M = 1 and 4096: quantizer + torch._scaled_mm, against cuBLAS FP16 and the first kernel."""
+    rows = []
+    for m in (1, 4096):
+        zq = {(r["shape"], r["kernel"]): r for r in
+              json.loads((results / "2_rerun" / f"kernels_zqfp_m{m}.json").read_text())["results"]}
+        for (shape, kern), r in sorted(zq.items()):
+            if kern != "fp8-fp8":
+                continue
+            cublas, quant = zq[(shape, "cublas-fp16")]["us"], zq[(shape, "quantize-fp8")]["us"]
+            gemm = (cublas / 2, cublas) if m == 1 else tuple(cublas / f for f in reversed(FP8_OVER_FP16))
+            lo, hi = (quant + g for g in gemm)
+            first = r["us"] + quant
+            rows.append({"shape": shape, "N": r["N"], "K": r["K"], "M": m, "cublas_us": cublas, "first_us": round(first, 1),
+                         "predicted_us": [round(lo, 1), round(hi, 1)],
+                         "predicted_vs_cublas": [round(cublas / hi, 2), round(cublas / lo, 2)],
+                         "predicted_vs_first": [round(first / hi, 1), round(first / lo, 1)]})
+    return rows
+
+
+def _print(rows: list[dict]) -> None:
+    print(f"{'shape':<14}{'N':>7}{'K':>7}{'M':>6}{'cuBLAS us':>11}{'first us':>10}{'predicted us':>16}{'vs cuBLAS':>12}{'vs first':>11}")
+    for r in rows:
+        lo, hi = r["predicted_us"]
+        print(f"{r['shape']:<14}{r['N']:>7}{r['K']:>7}{r['M']:>6}{r['cublas_us']:>11.1f}{r['first_us']:>10.1f}{f'{lo}-{hi}':>16}"
+              f"{'{}-{}x'.format(*r['predicted_vs_cublas']):>12}{'{}-{}x'.format(*r['predicted_vs_first']):>11}")
+
+
 def predict(results: Path) -> list[dict]:
     w4 = {(r["shape"], r["kernel"]): r for r in json.loads((results / "1_gpu_check" / "kernels_m1.json").read_text())["results"]}
     zq = {(r["shape"], r["kernel"]): r for r in json.loads((results / "2_rerun" / "kernels_zqfp_m1.json").read_text())["results"]}
@@ -75,15 +109,14 @@ def main(argv=None) -> int:
     ap.add_argument("results", nargs="?", type=Path, default=DEFAULT)
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
-    rows, prefill = predict(a.results), predict_prefill(a.results)
+    rows, prefill, fp8 = predict(a.results), predict_prefill(a.results), predict_fp8_fp8(a.results)
     print(f"PREDICTION (not measured): fp4-fp8 on its repacked weights, from {a.results.name}")
-    print(f"{'shape':<14}{'N':>7}{'K':>7}{'M':>6}{'cuBLAS us':>11}{'first us':>10}{'predicted us':>16}{'vs cuBLAS':>12}{'vs first':>11}")
-    for r in rows + prefill:
-        lo, hi = r["predicted_us"]
-        print(f"{r['shape']:<14}{r['N']:>7}{r['K']:>7}{r['M']:>6}{r['cublas_us']:>11.1f}{r['first_us']:>10.1f}{f'{lo}-{hi}':>16}"
-              f"{'{}-{}x'.format(*r['predicted_vs_cublas']):>12}{'{}-{}x'.format(*r['predicted_vs_first']):>11}")
+    _print(rows + prefill)
+    print(f"\nPREDICTION (not measured): fp8-fp8 on torch._scaled_mm, from {a.results.name}")
+    _print(fp8)
     if a.json:
-        a.json.write_text(json.dumps({"kind": "prediction", "source": str(a.results), "rows": rows, "prefill": prefill}, indent=1))
+        a.json.write_text(json.dumps({"kind": "prediction", "source": str(a.results), "rows": rows, "prefill": prefill,
+                                      "fp8_fp8": fp8}, indent=1))
     return 0
 
 

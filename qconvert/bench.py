@@ -274,8 +274,9 @@ def zqfp_kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, r
     and at M <= 64 fp4-fp8 as the runtime runs it there, ``fp4-fp8-decode``: the repacked decode
     kernel (fp8/fp8_repacked.cu, the E4M3 quantizer fused in: one launch; weights repacked before the
     timing, as at load time), its ratio to cuBLAS with nothing added, and above 64 the prefill's
-    ``fp4-fp8-widen`` and ``fp4-fp8-prefill`` (``_zq_prefill_rows``).  LoRC (a rank-r torch GEMM beside
-    the kernel) is not included."""
+    ``fp4-fp8-widen`` and ``fp4-fp8-prefill`` (``_zq_prefill_rows``); fp8-fp8 as the runtime runs it
+    at every M, ``fp8-fp8-scaled`` (torch._scaled_mm with per-row scales, the quantizer not included),
+    beside the first kernel.  LoRC (a rank-r torch GEMM beside the kernel) is not included."""
     from qconvert_kernels.fp8 import cuda as cuda_fp8
     from qconvert_kernels.w4a8 import cuda as kcuda
 
@@ -307,9 +308,13 @@ def zqfp_kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, r
           for _ in range(sets)]
     row("fp8-fp8", _time_cuda(lambda i: cuda_fp8.fp8_fp8_gemm(*quantized[i], w8[i], cscale, torch.float16),
                               sets, runs, warmup, reps), m * kp + n * kp + n * 4 + m * n * 2, ops)
+    preps8 = [cuda_fp8.prepare_fp8_fp8(w, cscale, device) for w in w8]
+    if preps8[0] is not None:  # the runtime's fp8-fp8 at every M: torch._scaled_mm with per-row scales
+        row("fp8-fp8-scaled", _time_cuda(lambda i: cuda_fp8.fp8_fp8_scaled(*quantized[i], preps8[i], torch.float16),
+                                         sets, runs, warmup, reps), m * kp + n * kp + n * 4 + m * n * 2, ops)
     by = {r["kernel"]: r["us"] for r in rows}
     for r in rows:
-        if r["kernel"] in ("fp4-fp8", "fp8-fp8", "fp4-fp8-prefill"):
+        if r["kernel"] in ("fp4-fp8", "fp8-fp8", "fp4-fp8-prefill", "fp8-fp8-scaled"):
             r["vs_cublas"] = round(by["cublas-fp16"] / r["us"], 3)
             r["vs_cublas_with_quant"] = round(by["cublas-fp16"] / (r["us"] + by["quantize-fp8"]), 3)
         elif r["kernel"] == "fp4-fp8-decode":  # the quantizer is inside its launch
@@ -925,7 +930,7 @@ def plot_kernels(result: dict, path: Path) -> Path:
     nrows = -(-len(panels) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3.2 * nrows), squeeze=False)
     for ax, (model, shape, n, k) in zip(axes.flat, panels):
-        for kernel in ("w4a8-is", "w4a8-fs", "fp4-fp8", "fp8-fp8", "quik-w4a4", "quik-w8a8", "illm-w8a8"):
+        for kernel in ("w4a8-is", "w4a8-fs", "fp4-fp8", "fp8-fp8", "fp8-fp8-scaled", "quik-w4a4", "quik-w8a8", "illm-w8a8"):
             pts = sorted((r["M"], r["vs_cublas"]) for r in rows
                          if r["kernel"] == kernel and (r.get("model", ""), r["shape"], r["N"], r["K"]) == (model, shape, n, k))
             if pts:

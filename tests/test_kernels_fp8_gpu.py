@@ -93,11 +93,12 @@ def test_bench_rows_for_zqfp():
     from qconvert import bench as b
 
     rows = b.zqfp_kernel_rows("o_proj", 576, 576, 16, DEV, runs=50, warmup=2, reps=4)
-    assert [r["kernel"] for r in rows] == ["cublas-fp16", "quantize-fp8", "fp4-fp8", "fp4-fp8-decode", "fp8-fp8"]
+    assert [r["kernel"] for r in rows] == ["cublas-fp16", "quantize-fp8", "fp4-fp8", "fp4-fp8-decode", "fp8-fp8",
+                                           "fp8-fp8-scaled"]
     assert all(r["us"] > 0 for r in rows)
     rows = b.zqfp_kernel_rows("o_proj", 576, 576, 65, DEV, runs=50, warmup=2, reps=4)
     assert [r["kernel"] for r in rows] == ["cublas-fp16", "quantize-fp8", "fp4-fp8", "fp4-fp8-widen", "fp4-fp8-prefill",
-                                           "fp8-fp8"]
+                                           "fp8-fp8", "fp8-fp8-scaled"]
 
 
 # ---- fp4-fp8 at decode on the repacked W4A8 decode kernel (fp8/fp8_repacked.cu via w4a8/cuda.py)
@@ -143,14 +144,21 @@ def test_runtime_layer_decodes_on_the_repacked_kernel_and_captures():
     gpu.check_cuda("l")
     gpu.prepare_cuda()
     x = (torch.randn(4, 4096, generator=gen) * 0.5).half().to(DEV)
+    _on_prepared_copy_captured_and_close(gpu, cpu, x, graph=True)
+
+
+def _on_prepared_copy_captured_and_close(gpu, cpu, x, graph: bool) -> None:
+    """x runs on gpu's prepared copy; with ``graph`` a CUDA graph of the call replays it bit for bit;
+    the output is within 2e-3 (relative norm) of the CPU path's."""
     assert gpu._on_repacked(x)
     y = gpu(x)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        y_graph = gpu(x)
-    g.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(y, y_graph)
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            y_graph = gpu(x)
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, y_graph)
     y_ref = cpu(x.float().cpu())
     assert float((y.float().cpu() - y_ref).norm() / y_ref.norm()) < 2e-3
 
@@ -186,22 +194,31 @@ def test_widened_prefill_matches_reference(m, n, k, g, dtype):
     assert _within_tolerance(y, y_ref, y_abs, dtype) <= 1.0
 
 
-def test_runtime_layer_prefills_on_the_widened_weights():
-    """A method-made LoRC layer prepared and its stored tensors kept on the host, as runtime.load does:
-    300 tokens take the widening and the FP8 GEMM, and equal the CPU path."""
+def _loaded_as_runtime_loads(ql):
+    """(a CPU layer, a GPU layer) of a method's output, the GPU one prepared from the host and its
+    stored tensors kept there, then moved, as runtime.load does (asserted: they stayed)."""
     from qconvert.layouts.fp8 import FP8Linear
-    from qconvert.methods.zeroquant_fp import ZeroQuantFPMethod
 
-    gen = torch.Generator().manual_seed(5)
-    w = torch.randn(1024, 4096, generator=gen) * 0.02
-    ql = ZeroQuantFPMethod({"base": "rtn", "lorc_rank": 8, "group_size": 128}).quantize_linear("l", w)
     cpu = FP8Linear(ql.layout, ql.tensors, None)
     gpu = FP8Linear(ql.layout, ql.tensors, None)
     gpu.check_cuda("l")
     gpu.prepare_cuda(DEV)
     gpu.keep_stored_on_host()
     gpu.to(DEV)
-    assert gpu.qweight.device.type == "cpu" and gpu._prepared.prefills(torch.float16)
+    assert gpu.qweight.device.type == "cpu"
+    return cpu, gpu
+
+
+def test_runtime_layer_prefills_on_the_widened_weights():
+    """A method-made LoRC layer prepared and its stored tensors kept on the host, as runtime.load does:
+    300 tokens take the widening and the FP8 GEMM, and equal the CPU path."""
+    from qconvert.methods.zeroquant_fp import ZeroQuantFPMethod
+
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(1024, 4096, generator=gen) * 0.02
+    ql = ZeroQuantFPMethod({"base": "rtn", "lorc_rank": 8, "group_size": 128}).quantize_linear("l", w)
+    cpu, gpu = _loaded_as_runtime_loads(ql)
+    assert gpu._prepared.prefills(torch.float16)
     x = (torch.randn(300, 4096, generator=gen) * 0.5).half()
     y = gpu(x.to(DEV))
     y_ref = cpu(x.float())
@@ -230,3 +247,39 @@ def test_lorc_at_decode_in_the_kernels(dtype):
     y_ref = ref8.lorc_tail(ref8.fp4_fp8_gemm_split(xq, t, ref8.weight_groups(w, g), sexp, cscale, bounds), h_ref, u)
     y_abs = ref8.fp4_fp8_gemm(xq.float().abs().to(torch.float8_e4m3fn), t, ref8.weight_groups(w.abs(), g), sexp, cscale)
     assert _within_tolerance(y, y_ref, y_abs, dtype) <= 1.0
+
+
+# ---- fp8-fp8 on torch._scaled_mm (every M): the same tolerance, Llama-3-8B shapes, odd N and M
+FP8_SCALED_SHAPES = [(1, 4096, 4096), (1, 14336, 4096), (8, 4096, 14336), (64, 6144, 4096), (512, 4096, 4096),
+                     (3, 13, 96), (130, 200, 1000)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k", FP8_SCALED_SHAPES)
+def test_fp8_fp8_scaled_matches_reference(m, n, k, dtype):
+    x, wq, wscale, kp = fp8_case(m, n, k, dtype)
+    prep = cuda_fp8.prepare_fp8_fp8(wq, wscale, DEV)
+    assert prep is not None and prep.runs(dtype), cuda_fp8.scaled_mm_outputs(DEV)
+    xq, t = cuda_fp8.quantize_per_token_fp8(x.to(DEV), kp)
+    y = cuda_fp8.fp8_fp8_scaled(xq, t, prep, dtype)
+    assert y.dtype == dtype and y.shape == (m, n)
+    xq, t = xq.cpu(), t.cpu()
+    y_ref = ref8.fp8_fp8_gemm(xq, t, wq, wscale)
+    y_abs = ref8.fp8_fp8_gemm(xq.float().abs().to(torch.float8_e4m3fn), t, wq.float().abs().to(torch.float8_e4m3fn), wscale)
+    assert _within_tolerance(y, y_ref, y_abs, dtype) <= 1.0
+
+
+def test_runtime_fp8_layer_on_the_scaled_gemm_holds_its_weights_once_and_captures():
+    """A method-made fp8-fp8 layer with LoRC prepared as runtime.load does (prepare on the GPU from
+    the host, stored tensors kept on the host): decode and prefill run torch._scaled_mm, a CUDA
+    graph replays the decode bit for bit, and both equal the CPU path within 2e-3."""
+    from qconvert.methods.zeroquant_fp import ZeroQuantFPMethod
+
+    gen = torch.Generator().manual_seed(6)
+    w = torch.randn(1000, 4096, generator=gen) * 0.02
+    ql = ZeroQuantFPMethod({"weight_format": "fp8", "base": "rtn", "lorc_rank": 4}).quantize_linear("l", w)
+    cpu, gpu = _loaded_as_runtime_loads(ql)
+    assert gpu._prepared.w8.is_cuda and gpu.lorc_u.is_cuda
+    for m in (4, 300):
+        x = (torch.randn(m, 4096, generator=gen) * 0.5).half().to(DEV)
+        _on_prepared_copy_captured_and_close(gpu, cpu, x, graph=m == 4)

@@ -237,6 +237,12 @@ def test_prediction_script_labels_its_rows():
     prefill = json.loads(out[out.index("{"):])["prefill"]
     assert sorted(r["shape"] for r in prefill) == ["down_proj", "gate_up_proj", "q/o_proj", "qkv_proj"]
     assert all(r["M"] == 4096 and 0 < r["widen_us"] < r["predicted_us"][0] < r["predicted_us"][1] < r["first_us"] for r in prefill)
+    fp8 = json.loads(out[out.index("{"):])["fp8_fp8"]  # fp8-fp8 on torch._scaled_mm: quantizer + GEMM
+    assert sorted((r["M"], r["shape"]) for r in fp8) == [(m, s) for m in (1, 4096)
+                                                        for s in ("down_proj", "gate_up_proj", "q/o_proj", "qkv_proj")]
+    for r in fp8:
+        lo, hi = r["predicted_us"]
+        assert r["cublas_us"] / 2 < lo < hi < r["first_us"] and (r["M"] == 4096 or hi > r["cublas_us"])
 
 
 # ---- prefill (M > 64): the weights widened to E4M3 (w4a8r_widen_zq), then an FP8 GEMM with row scales

@@ -17,7 +17,10 @@ quantizer fused in, one launch per linear); above, the weights widened to E4M3 i
 FP8 GEMM with per-row scales (torch._scaled_mm), where every row's group exponents span at most 14
 (``w4a8.cuda.widen_plan``).  Such a layer keeps its stored tensors in host memory
 (``keep_stored_on_host``: the GPU holds the FP4 weights once); a layer with a wider span runs
-fp8_gemm.cu's kernel above 64 tokens and keeps them on the GPU beside the repacked copy.
+fp8_gemm.cu's kernel above 64 tokens and keeps them on the GPU beside the repacked copy.  fp8-fp8
+runs every M on torch._scaled_mm with per-row scales (t per token, wscale per channel:
+``fp8.cuda.prepare_fp8_fp8`` / ``fp8_fp8_scaled``) where the device's torch has that GEMM, its
+stored tensors likewise kept on the host; elsewhere on fp8_gemm.cu's kernel.
 """
 
 from __future__ import annotations
@@ -76,10 +79,18 @@ class FP8Linear(QuantizedModule):
             raise QConvertError(f"{e}; this OUT runs on CPU only") from None
 
     def prepare_cuda(self, device: torch.device | None = None) -> None:
-        """fp4-fp8: repack the weights once for the decode kernel on ``device`` (default: where the
-        stored tensors are); may synchronize, so it runs at load time.  A group size outside the
-        repacked kernels' 32..1024 leaves every M on fp8_gemm.cu's kernel."""
-        if self.layout != "fp4-fp8" or self._prepared is not None:
+        """Make the copy the GPU paths read, once, on ``device`` (default: where the stored tensors
+        are); may synchronize, so it runs at load time.  fp4-fp8: the weights repacked for the decode
+        kernel (a group size outside its 32..1024 leaves every M on fp8_gemm.cu's kernel); fp8-fp8:
+        the weights padded to 16 rows for torch._scaled_mm (none where the device's torch has no
+        row-wise FP8 GEMM: fp8_gemm.cu's kernel then)."""
+        if self._prepared is not None:
+            return
+        device = torch.device(device) if device is not None else self.qweight.device
+        if self.layout == "fp8-fp8":
+            from qconvert_kernels.fp8 import cuda as cuda_fp8
+
+            self._prepared = cuda_fp8.prepare_fp8_fp8(self.qweight, self.wscale, device)
             return
         from qconvert_kernels.w4a8 import cuda as kcuda
 
@@ -91,26 +102,33 @@ class FP8Linear(QuantizedModule):
                    "shape": torch.tensor([self.out_features, self.in_features])}
         if self.lorc_rank:  # at decode the kernels add LoRC's term themselves (rank <= LORC_MAX_R)
             tensors.update(lorc_u=self.lorc_u, lorc_v=self.lorc_v)
-        device = torch.device(device) if device is not None else self.qweight.device
         self._prepared = kcuda.prepare("fp4-fp8", tensors, self.group_size, device)
 
-    def keep_stored_on_host(self) -> None:
-        """fp4-fp8 prepared with a widened prefill for fp16 and bf16 alike: every M reads only the
-        repacked copy, so the stored tensors move to (and stay in) host memory through later moves of
-        the module, where the CPU path still finds them (the GPU holds the FP4 weights once)."""
-        p = self._prepared
-        if p is None or not (p.prefills(torch.float16) and p.prefills(torch.bfloat16)):
-            return
-        self.hold_on_host(("qweight", "sexp", "cscale"))
-
-    def _on_repacked(self, x2: torch.Tensor) -> bool:
-        """Whether x2 runs on the repacked weights: prepared on x2's device (the GPU, or the CPU for
-        the emulator's runs), and at most DECODE_MAX_M tokens or a widened prefill."""
+    def _serves(self, dtype, m: int | None = None) -> bool:
+        """Whether the prepared copy runs m tokens (every m: None) of ``dtype``: fp8-fp8 where
+        torch._scaled_mm takes that output; fp4-fp8 at decode (M <= 64) or with a widened prefill."""
         from qconvert_kernels.w4a8 import cuda as kcuda
 
         p = self._prepared
-        return (p is not None and p.wq.device == x2.device and x2.dtype in (torch.float16, torch.bfloat16)
-                and (x2.shape[0] <= kcuda.DECODE_MAX_M or p.prefills(x2.dtype)))
+        if p is None or dtype not in (torch.float16, torch.bfloat16):
+            return False
+        if self.layout == "fp8-fp8":
+            return p.runs(dtype)
+        return (m is not None and m <= kcuda.DECODE_MAX_M) or p.prefills(dtype)
+
+    def keep_stored_on_host(self) -> None:
+        """Prepared so that every M of fp16 and bf16 alike reads only the prepared copy: the stored
+        tensors move to (and stay in) host memory through later moves of the module, where the CPU
+        path still finds them (the GPU holds the weights once)."""
+        if self._serves(torch.float16) and self._serves(torch.bfloat16):
+            self.hold_on_host(("qweight", "sexp", "cscale") if self.layout == "fp4-fp8" else ("qweight", "wscale"))
+
+    def _on_repacked(self, x2: torch.Tensor) -> bool:
+        """Whether x2 runs on the prepared copy: made on x2's device (the GPU, or the CPU for the
+        emulator's runs) and serving its dtype and row count."""
+        p = self._prepared
+        held = None if p is None else (p.w8 if self.layout == "fp8-fp8" else p.wq)
+        return held is not None and held.device == x2.device and self._serves(x2.dtype, x2.shape[0])
 
     def _quantize(self, x2: torch.Tensor, kp: int):
         if x2.is_cuda:
@@ -123,7 +141,12 @@ class FP8Linear(QuantizedModule):
         from qconvert_kernels.w4a8 import cuda as kcuda
 
         p, xq = self._prepared, None
-        if x2.shape[0] <= kcuda.DECODE_MAX_M:
+        if self.layout == "fp8-fp8":
+            from qconvert_kernels.fp8 import cuda as cuda_fp8
+
+            xq, t = self._quantize(x2, self.kp)
+            y = cuda_fp8.fp8_fp8_scaled(xq, t, p, x2.dtype)
+        elif x2.shape[0] <= kcuda.DECODE_MAX_M:
             y = kcuda.linear(x2, p)  # E4M3 quantizer fused in: one launch (two with LoRC, its term added inside)
             if p.lorc_u is not None:
                 return y

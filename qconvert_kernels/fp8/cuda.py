@@ -13,6 +13,9 @@ widens each E4M3 operand to fp16 (F2FP.F16.E4M3.UNPACK_B, exact) and issues two
 HMMA.16816.F32 per FP8 mma, so these kernels run at fp16 tensor-core rate there (Hopper's FP8
 rate needs wgmma, which this file does not use).  tests/test_kernels_fp8_compile.py pins both.
 
+fp8-fp8 runs on ``torch._scaled_mm`` with per-row scales where the installed torch has that GEMM
+(``prepare_fp8_fp8`` / ``fp8_fp8_scaled``, at the end of this file), its first kernel elsewhere.
+
 Requirements, checked here with a ValueError: a device of compute capability 8.9 or newer;
 group size a multiple of 32; Kp a multiple of the group size (fp4-fp8) or of 64 (fp8-fp8);
 operands 16-byte aligned.  M and N are arbitrary.
@@ -20,6 +23,7 @@ operands 16-byte aligned.  M and N are arbitrary.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -146,3 +150,106 @@ def fp8_fp8_gemm(xq, t, qweight, wscale, out_dtype):
         _launch(f"fp8_fp8_gemm_{_OUT[out_dtype]}", grid, (GEMM_THREADS,),
                 (_ptr(xq), _ptr(t), _ptr(qw), _ptr(wscale), _ptr(y), _i32(m), _i32(n), _i32(kp)), dev)
     return y
+
+
+# ---- torch._scaled_mm: the row-wise FP8 GEMM (cuBLASLt / CUTLASS; Hopper's FP8 tensor cores through
+# wgmma).  fp8-fp8 runs every M on it; fp4-fp8's prefill on its widened weights (w4a8/cuda.py).
+
+_SCALED_MM_OUT: dict = {}  # device -> {activation dtype: the out_dtype torch._scaled_mm takes there, or None}
+
+
+def scaled_mm_outputs(device) -> dict:
+    """{fp16, bf16: the out_dtype with which torch._scaled_mm runs an E4M3 GEMM with per-row scales on
+    ``device`` (that dtype itself, else float32, else None)}, found once per device by a 16 x 32 x 16
+    product at load time: which outputs the row-wise FP8 GEMM supports depends on torch's build and
+    the GPU (cuBLASLt or CUTLASS)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = str(device)
+    if key not in _SCALED_MM_OUT:
+        a = torch.ones((16, 32), device=device).to(torch.float8_e4m3fn)
+        b = torch.ones((16, 32), device=device).to(torch.float8_e4m3fn)
+        sa, sb = torch.ones((16, 1), device=device), torch.ones((1, 16), device=device)
+        found = {}
+        for dt in (torch.float16, torch.bfloat16):
+            found[dt] = None
+            for out in (dt, torch.float32):
+                try:
+                    y = torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=out)
+                    if float(y[0, 0]) == 32.0:
+                        found[dt] = out
+                        break
+                except (RuntimeError, NotImplementedError, TypeError):
+                    continue
+        if not any(found.values()):
+            return found  # not kept: a probe that failed for another reason is tried again at the next load
+        _SCALED_MM_OUT[key] = found
+    return _SCALED_MM_OUT[key]
+
+
+def row_scaled_mm(xq: torch.Tensor, t: torch.Tensor, w8: torch.Tensor, wscale: torch.Tensor, n: int, out,
+                  out_dtype) -> torch.Tensor:
+    """y [M, n] = (xq * t[m]) (w8 * wscale[n'])^T in ``out_dtype`` by torch._scaled_mm with per-row
+    scales run with output ``out`` (``scaled_mm_outputs``: out_dtype or float32): xq E4M3 [M, K'],
+    w8 E4M3 [N16, K'] (N16 % 16 == 0, rows past n zero), t float32 [M], wscale float32 [N16]; a view
+    of the first n columns when n < N16.  One GEMM over all of K in its own order."""
+    y = torch._scaled_mm(xq, w8.t(), scale_a=t.float().reshape(-1, 1), scale_b=wscale.reshape(1, -1), out_dtype=out)
+    return y[:, :n].to(out_dtype)
+
+
+@dataclass
+class PreparedFP8:
+    """A fp8-fp8 layer for ``fp8_fp8_scaled``: w8 E4M3 [N16, Kp] and wscale float32 [N16] (N rounded up
+    to 16, rows past N zero; w8 is the stored qweight itself where N % 16 == 0 and it is on the
+    device), and the output torch._scaled_mm takes per activation dtype on that device."""
+
+    n: int
+    kp: int
+    w8: torch.Tensor
+    wscale: torch.Tensor
+    outs: dict
+
+    def runs(self, dtype) -> bool:
+        return bool(self.outs.get(dtype))
+
+
+def prepare_fp8_fp8(qweight: torch.Tensor, wscale: torch.Tensor, device) -> PreparedFP8 | None:
+    """fp8-fp8 on torch._scaled_mm (load time; may synchronize): qweight float8_e4m3fn [N, Kp],
+    wscale float32 [N] moved to ``device`` and padded to N16 rows.  None where the device's torch has
+    no row-wise FP8 GEMM (the layer then stays on fp8_gemm.cu's kernel)."""
+    fn = "fp8.prepare_fp8_fp8"
+    _require(qweight.dim() == 2 and qweight.dtype == torch.float8_e4m3fn,
+             f"{fn}: qweight must be float8_e4m3fn [N, Kp], got {qweight.dtype} {tuple(qweight.shape)}")
+    n, kp = qweight.shape
+    _require(n > 0 and kp > 0 and kp % FP8_CHUNK == 0, f"{fn}: Kp={kp} must be a positive multiple of {FP8_CHUNK}")
+    _require(tuple(wscale.reshape(-1).shape) == (n,), f"{fn}: wscale must be [N] = [{n}], got {tuple(wscale.shape)}")
+    device = torch.device(device)
+    if device.type == "cuda":
+        check_device(fn, device.index)
+    outs = scaled_mm_outputs(device)
+    if not any(outs.values()):
+        return None
+    n16 = -(-n // 16) * 16
+    if n16 == n:
+        w8 = qweight.to(device).contiguous()
+    else:
+        w8 = torch.zeros((n16, kp), dtype=torch.uint8, device=device)
+        w8[:n] = qweight.to(device).view(torch.uint8)
+        w8 = w8.view(torch.float8_e4m3fn)
+    ws = torch.zeros(n16, dtype=torch.float32, device=device)
+    ws[:n] = wscale.reshape(-1).to(device=device, dtype=torch.float32)
+    return PreparedFP8(n, kp, w8, ws, dict(outs))
+
+
+def fp8_fp8_scaled(xq: torch.Tensor, t: torch.Tensor, prep: PreparedFP8, out_dtype) -> torch.Tensor:
+    """Layout fp8-fp8 on torch._scaled_mm: xq e4m3 [M, Kp] and t float32 [M] from the per-token
+    quantizer -> y [M, N] in out_dtype; the products of ``reference.fp8_fp8_gemm`` summed over all of
+    K in the GEMM's order (within the FP8 tests' tolerance of the reference's 64-wide chunks)."""
+    fn = "fp8_fp8_scaled"
+    _require(prep.runs(out_dtype), f"{fn}: no row-wise FP8 GEMM for {out_dtype} output on this device (found at load: "
+             f"{prep.outs}); fp8_fp8_gemm runs the stored tensors")
+    _require(xq.dim() == 2 and xq.dtype == torch.float8_e4m3fn and xq.shape[1] == prep.kp,
+             f"{fn}: xq must be float8_e4m3fn [M, Kp] = [*, {prep.kp}], got {xq.dtype} {tuple(xq.shape)}")
+    _require(t.shape == (xq.shape[0],), f"{fn}: t must be [M] = [{xq.shape[0]}], got {tuple(t.shape)}")
+    return row_scaled_mm(xq, t, prep.w8, prep.wscale, prep.n, prep.outs[out_dtype], out_dtype)

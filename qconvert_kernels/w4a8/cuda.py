@@ -51,6 +51,7 @@ _OUT = {torch.float16: "f16", torch.bfloat16: "bf16"}
 
 
 from qconvert_kernels import launch as _l
+from qconvert_kernels.fp8.cuda import row_scaled_mm, scaled_mm_outputs  # the row-wise FP8 GEMM (fp4-fp8's prefill)
 from qconvert_kernels.roofline import decode_splits
 
 # Shared helpers (qconvert_kernels/launch.py), under the names the sibling launchers imported.
@@ -335,37 +336,6 @@ def prepare(layout: str, tensors: dict, group_size: int, device) -> PreparedW4A8
 
 WIDEN_SPAN = 14  # E4M3 holds every E2M1 value times 2^-8 .. 2^6 exactly: a row's exponents may span 14
 LORC_MAX_R = 16  # fp8_repacked.cu's zql::MAX_R: the decode path's LoRC rank at most
-_SCALED_MM_OUT: dict = {}  # device -> {activation dtype: the out_dtype torch._scaled_mm takes there, or None}
-
-
-def scaled_mm_outputs(device) -> dict:
-    """{fp16, bf16: the out_dtype with which torch._scaled_mm runs an E4M3 GEMM with per-row scales on
-    ``device`` (that dtype itself, else float32, else None)}, found once per device by a 16 x 32 x 16
-    product at load time: which outputs the row-wise FP8 GEMM supports depends on torch's build and
-    the GPU (cuBLASLt or CUTLASS)."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    key = str(device)
-    if key not in _SCALED_MM_OUT:
-        a = torch.ones((16, 32), device=device).to(torch.float8_e4m3fn)
-        b = torch.ones((16, 32), device=device).to(torch.float8_e4m3fn)
-        sa, sb = torch.ones((16, 1), device=device), torch.ones((1, 16), device=device)
-        found = {}
-        for dt in (torch.float16, torch.bfloat16):
-            found[dt] = None
-            for out in (dt, torch.float32):
-                try:
-                    y = torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=out)
-                    if float(y[0, 0]) == 32.0:
-                        found[dt] = out
-                        break
-                except (RuntimeError, NotImplementedError, TypeError):
-                    continue
-        if not any(found.values()):
-            return found  # not kept: a probe that failed for another reason is tried again at the next load
-        _SCALED_MM_OUT[key] = found
-    return _SCALED_MM_OUT[key]
 
 
 def widen_plan(qweight: torch.Tensor, sexp: torch.Tensor, cscale: torch.Tensor, n128: int, kp: int, group_size: int,
@@ -437,9 +407,7 @@ def zq_prefill(xq: torch.Tensor, t: torch.Tensor, prep: PreparedW4A8, out_dtype)
     w8 = widen_zq(prep)
     n16 = w8.shape[0]
     out = prep.scaled_mm_out[out_dtype]  # found at prepare time (load), never probed here
-    y = torch._scaled_mm(xq, w8.t(), scale_a=t.float().reshape(-1, 1), scale_b=prep.widen_cscale[:n16].reshape(1, -1),
-                         out_dtype=out)
-    return y[:, : prep.n].to(out_dtype)
+    return row_scaled_mm(xq, t, w8, prep.widen_cscale[:n16], prep.n, out, out_dtype)
 
 
 @dataclass(frozen=True)
