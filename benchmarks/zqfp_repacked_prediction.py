@@ -79,12 +79,33 @@ def predict_fp8_fp8(results: Path) -> list[dict]:
     return rows
 
 
-def _print(rows: list[dict]) -> None:
-    print(f"{'shape':<14}{'N':>7}{'K':>7}{'M':>6}{'cuBLAS us':>11}{'first us':>10}{'predicted us':>16}{'vs cuBLAS':>12}{'vs first':>11}")
+def _print(rows: list[dict], extra: tuple = ()) -> None:
+    """The rows as a table; ``extra``: (header, key) of further ranges printed as "lo-hix"."""
+    head = "".join(f"{h:>{len(h) + 3}}" for h, _ in extra)
+    print(f"{'shape':<14}{'N':>7}{'K':>7}{'M':>6}{'cuBLAS us':>11}{'first us':>10}{'predicted us':>16}{'vs cuBLAS':>12}{'vs first':>11}"
+          + head)
     for r in rows:
         lo, hi = r["predicted_us"]
+        more = "".join(f"{'{}-{}x'.format(*r[key]):>{len(h) + 3}}" for h, key in extra)
         print(f"{r['shape']:<14}{r['N']:>7}{r['K']:>7}{r['M']:>6}{r['cublas_us']:>11.1f}{r['first_us']:>10.1f}{f'{lo}-{hi}':>16}"
-              f"{'{}-{}x'.format(*r['predicted_vs_cublas']):>12}{'{}-{}x'.format(*r['predicted_vs_first']):>11}")
+              f"{'{}-{}x'.format(*r['predicted_vs_cublas']):>12}{'{}-{}x'.format(*r['predicted_vs_first']):>11}" + more)
+
+
+def run_cli(doc: str, sections, argv=None) -> int:
+    """A prediction script's command line: RESULTS (default DEFAULT) and --json F; ``sections(results)``
+    gives [(title, JSON key, rows, extra columns)], each printed as a table labelled a prediction."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("results", nargs="?", type=Path, default=DEFAULT)
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args(argv)
+    out = {"kind": "prediction", "source": str(a.results)}
+    for i, (title, key, rows, extra) in enumerate(sections(a.results)):
+        print(("\n" if i else "") + f"PREDICTION (not measured): {title}, from {a.results.name}")
+        _print(rows, extra)
+        out[key] = rows
+    if a.json:
+        a.json.write_text(json.dumps(out, indent=1))
+    return 0
 
 
 def predict(results: Path) -> list[dict]:
@@ -105,19 +126,12 @@ def predict(results: Path) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("results", nargs="?", type=Path, default=DEFAULT)
-    ap.add_argument("--json", type=Path)
-    a = ap.parse_args(argv)
-    rows, prefill, fp8 = predict(a.results), predict_prefill(a.results), predict_fp8_fp8(a.results)
-    print(f"PREDICTION (not measured): fp4-fp8 on its repacked weights, from {a.results.name}")
-    _print(rows + prefill)
-    print(f"\nPREDICTION (not measured): fp8-fp8 on torch._scaled_mm, from {a.results.name}")
-    _print(fp8)
-    if a.json:
-        a.json.write_text(json.dumps({"kind": "prediction", "source": str(a.results), "rows": rows, "prefill": prefill,
-                                      "fp8_fp8": fp8}, indent=1))
-    return 0
+    def sections(results):
+        return [("fp4-fp8 on its repacked weights, decode", "rows", predict(results), ()),
+                ("fp4-fp8 on its repacked weights, prefill", "prefill", predict_prefill(results), ()),
+                ("fp8-fp8 on torch._scaled_mm", "fp8_fp8", predict_fp8_fp8(results), ())]
+
+    return run_cli(__doc__, sections, argv)
 
 
 if __name__ == "__main__":

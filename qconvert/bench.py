@@ -438,9 +438,10 @@ def _quik_split_rows(row, timed, xs, base_idx, out_idx, w_outs, pack: bool, kq: 
 
 def illm_kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, runs: int = 50, warmup: int = 10,
                      reps: int = 20) -> list[dict]:
-    """Time cuBLAS FP16 and I-LLM's DI-MatMul (int8 x int8, dyadic epilogue, int64 out) with and
-    without the per-token requantization of its output, for one (M, N, K); at M <= 8 (where the
-    GEMV runs) also the tile kernel (``illm-matmul-w8-tile``)."""
+    """Time cuBLAS FP16 and I-LLM's DI-MatMul (int8 x int8, dyadic epilogue, int64 out) as the model
+    runs it (``illm.cuda.default_matmul``: the GEMV at M <= 8, torch._int_mm and illm_dyadic_rows
+    above) with and without the per-token requantization of its output, for one (M, N, K), and the
+    64 x 64 tile kernel beside it (``illm-matmul-w8-tile``) where it is not the default."""
     from qconvert_kernels.illm import cuda as cuda_illm
 
     gen, sets, xs, rows, row = _fp16_baseline(label, n, k, m, device, runs, warmup, reps)
@@ -452,7 +453,7 @@ def illm_kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, r
     wk = torch.randint(24, 30, (n,), generator=gen, device=device, dtype=torch.int32)
     row("illm-matmul-w8", _time_cuda(lambda i: cuda_illm.illm_matmul(xq[i], qw[i], wm, wk, 8), sets, runs, warmup, reps),
         m * k + n * k + m * n * 8, ops)
-    if m <= cuda_illm.GEMV_ROWS:  # at decode the GEMV runs; the 64 x 64 tile kernel beside it
+    if cuda_illm.default_matmul(m, n, 8) != "tile":  # the GEMV or cuBLASLt runs; the 64 x 64 tile kernel beside it
         row("illm-matmul-w8-tile", _time_cuda(lambda i: cuda_illm.illm_matmul(xq[i], qw[i], wm, wk, 8, kernel="tile"),
                                               sets, runs, warmup, reps), m * k + n * k + m * n * 8, ops)
     row("illm-w8a8", _time_cuda(lambda i: cuda_illm.requant_rows(cuda_illm.illm_matmul(xq[i], qw[i], wm, wk, 8), 127),

@@ -680,3 +680,17 @@ def emulated_timer(monkeypatch) -> None:
 
     monkeypatch.setattr(bench, "_time_cuda", once)
     monkeypatch.setattr(bench, "_operand_sets", lambda *a, **k: 2)
+
+
+def prediction_json(script: str) -> dict:
+    """Run benchmarks/<script> --json /dev/stdout: its printed tables must be labelled a prediction;
+    returns the JSON it writes after them."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / script
+    out = subprocess.run([sys.executable, str(path), "--json", "/dev/stdout"], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("PREDICTION (not measured)")
+    return json.loads(out[out.index("{"):])

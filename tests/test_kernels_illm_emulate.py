@@ -12,7 +12,7 @@ import functools
 
 import pytest
 import torch
-from helpers import assert_mutation_caught
+from helpers import assert_mutation_caught, macro_params
 from test_kernels_quik_emulate import illm_case
 
 from qconvert_kernels.illm import cuda as cuda_illm
@@ -415,28 +415,67 @@ def test_clip_reference_semantics():
             cuda_illm.requant_rows(v, 7, bad)
 
 
+LAUNCHED = {"gemv": "illm_gemv_w{}", "tile": "illm_matmul_w{}", "int_mm": "illm_dyadic_rows"}
+
+
+def launched(m: int, n: int, w_bits: int, kernel=None) -> str:
+    """The kernel a DI-MatMul of M rows and N columns launches (torch._int_mm runs before illm_dyadic_rows)."""
+    return LAUNCHED[kernel or cuda_illm.default_matmul(m, n, w_bits)].format(w_bits)
+
+
+@pytest.mark.parametrize("kernel", [None, "tile"])
 @pytest.mark.parametrize("w_bits", [8, 4])
-def test_matmul_through_the_illm_emulator(w_bits):
+def test_matmul_through_the_illm_emulator(w_bits, kernel):
+    """M = 17: w8 by default on torch._int_mm and illm_dyadic_rows, w4 on the tile kernel; the tile
+    kernel when asked; the reference's t."""
     xq, qw, wm, wk, want = illm_case(17, 72, 160, w_bits)
     with emulate.emulating() as emu:
-        got = cuda_illm.illm_matmul(xq, qw, wm, wk, w_bits)
-    assert torch.equal(got, want) and [n for n, *_ in emu.launches] == [f"illm_matmul_w{w_bits}"]
+        got = cuda_illm.illm_matmul(xq, qw, wm, wk, w_bits, kernel=kernel)
+    assert torch.equal(got, want) and [n for n, *_ in emu.launches] == [launched(17, 72, w_bits, kernel)]
+    assert launched(17, 72, w_bits) == ("illm_dyadic_rows" if w_bits == 8 else "illm_matmul_w4")
 
 
-def run_matmul_exponents(m=130, mutations=frozenset()):
-    """DI-MatMul writing its rows' scale exponents xk + kmin too (every row tile, one column tile's
-    CTAs each; N past one tile), t unchanged."""
-    xq, qw, wm, wk, want = illm_case(m, 72, 96, 8)
+def run_matmul_exponents(m=130, mutations=frozenset(), kernel=None, n=72):
+    """DI-MatMul writing its rows' scale exponents xk + kmin too (tile: every row tile, one column
+    tile's CTAs each, N past one tile; int_mm: each row's CTA), t unchanged."""
+    xq, qw, wm, wk, want = illm_case(m, n, 96, 8)
     xk = torch.randint(-40, 40, (m,), generator=torch.Generator().manual_seed(m))
-    with emulate.emulating(mutations=mutations):
-        got, tk = cuda_illm.illm_matmul(xq, qw, wm, wk, 8, xk=xk)
+    with emulate.emulating(mutations=mutations) as emu:
+        got, tk = cuda_illm.illm_matmul(xq, qw, wm, wk, 8, xk=xk, kernel=kernel)
+    assert [name for name, *_ in emu.launches] == [launched(m, n, 8, kernel)]
     assert torch.equal(got, want), "t differs"
     assert tk.dtype == torch.int64 and torch.equal(tk, xk + wk.min()), "tk differs"
 
 
+@pytest.mark.parametrize("kernel", [None, "tile"])
 @pytest.mark.parametrize("m", [130, 1])
-def test_matmul_writes_its_rows_exponents(m):
-    run_matmul_exponents(m)
+def test_matmul_writes_its_rows_exponents(m, kernel):
+    run_matmul_exponents(m, kernel=kernel)
+
+
+@pytest.mark.parametrize("m,n,k", [(9, 72, 96), (17, 13, 160), (70, 100, 4096), (130, 576, 576), (16, 8, 32)])
+def test_int_mm_matmul_bit_exact(m, n, k):
+    """w8 on torch._int_mm (its operands padded as CUDA needs: rows to > 16 and multiples of 8, N to
+    a multiple of 8 and at least 16, so acc's rows are ld > N apart for odd N) and illm_dyadic_rows:
+    the reference's t, and the tile kernel's, for M from 9 (the first above the GEMV) up."""
+    xq, qw, wm, wk, want = illm_case(m, n, k, 8)
+    with emulate.emulating() as emu:
+        got = cuda_illm.illm_matmul(xq, qw, wm, wk, 8, kernel="int_mm")
+        tile = cuda_illm.illm_matmul(xq, qw, wm, wk, 8, kernel="tile")
+    assert torch.equal(got, want) and torch.equal(tile, want)
+    (name, grid, args), _ = emu.launches
+    assert name == "illm_dyadic_rows" and grid == (m, 1, 1) and args["ld"] == max(16, n + -n % 8)
+
+
+@pytest.mark.parametrize("mutation", ["ld_dense", "round_down", "tk_no_kmin", "kmin_first_segment"])
+def test_dyadic_rows_mutations_are_caught(mutation):
+    """illm_dyadic_rows reading acc's rows N apart (not the GEMM's padded ld: N = 125 here), rounding
+    down, writing the rows' exponents without kmin, or aligning every segment to the first one's."""
+    if mutation == "tk_no_kmin":
+        runner = functools.partial(run_matmul_exponents, 20, kernel="int_mm")
+    else:
+        runner = functools.partial(run_joined_matmul, 20, (40, 13, 72), 8, 96, kernel="int_mm")
+    assert_mutation_caught(runner, (), mutation, "differs", emulate.EmulationError)
 
 
 def joined_case(m, splits, w_bits, k):
@@ -477,8 +516,7 @@ def run_joined_matmul(m=17, splits=(40, 24, 72), w_bits=8, k=96, mutations=froze
     with emulate.emulating(mutations=mutations) as emu:
         t, tk = cuda_illm.illm_matmul(xq, qw, wm, wk, w_bits, xk=xk, splits=splits, kernel=kernel)
         t2, tk2 = cuda_illm.illm_matmul(xq, qw, wm, wk, w_bits, kmin=kmins, xk=xk, splits=splits, kernel=kernel)  # as the model passes them
-    gemv = kernel == "gemv" or (kernel is None and m <= cuda_illm.GEMV_ROWS)
-    assert [name for name, *_ in emu.launches] == [f"illm_gemv_w{w_bits}" if gemv else f"illm_matmul_w{w_bits}"] * 2
+    assert [name for name, *_ in emu.launches] == [launched(m, sum(splits), w_bits, kernel)] * 2
     check_joined(t, tk, splits, wants, tks)
     check_joined(t2, tk2, splits, wants, tks)
 
@@ -500,10 +538,11 @@ def test_swiglu_writes_its_scales_as_the_requantizations_folds():
     assert torch.equal(fm, torch.stack([wg.m[:, 0], wu.m[:, 0]])) and torch.equal(fk, torch.stack([wg.k[:, 0], wu.k[:, 0]]))
 
 
+@pytest.mark.parametrize("kernel", [None, "tile"])
 @pytest.mark.parametrize("w_bits", [8, 4])
 @pytest.mark.parametrize("m,splits", [(17, (40, 24, 72)), (130, (100, 100)), (1, (64, 13, 8))])
-def test_a_joined_matmul_gives_each_linear_its_own_bits(m, splits, w_bits):
-    run_joined_matmul(m, splits, w_bits)
+def test_a_joined_matmul_gives_each_linear_its_own_bits(m, splits, w_bits, kernel):
+    run_joined_matmul(m, splits, w_bits, kernel=kernel)
 
 
 @pytest.mark.parametrize("kernel", ["gemv", "tile"])
@@ -575,7 +614,9 @@ def test_row_kernels_take_the_parameters_the_emulator_names():
     src = cuda_illm.SOURCE.read_text()
     for name, params, _ in emulate.Emulator.KERNELS:
         m = re.search(rf'extern "C" __global__ void __launch_bounds__\([^)]*\) {name}\((.*?)\) {{', src, re.S)
-        if name.startswith("illm_") and not name.startswith(("illm_matmul", "illm_gemv")):  # those: ILLM_MATMUL_ARGS
+        if name == "illm_dyadic_rows":
+            assert m.group(1) == "ILLM_DYADIC_ARGS" and macro_params(src, "ILLM_DYADIC_ARGS") == params
+        elif name.startswith("illm_") and not name.startswith(("illm_matmul", "illm_gemv")):  # those: ILLM_MATMUL_ARGS
             declared = tuple(re.findall(r"(\w+)\s*$", d.strip())[0] for d in m.group(1).split(","))
             assert declared == params, name
 
@@ -635,8 +676,8 @@ def test_every_row_mutation_has_a_test():
 @pytest.mark.parametrize("m", [3, 70])
 def test_the_kernel_benchmark_times_the_kernels_the_model_runs(monkeypatch, m):
     """``qconvert bench --kernels --scheme illm-w8a8`` (gpu_check part e) with its launches on the
-    emulator and its timer replaced by one call per operand set: at M <= 8 the GEMV and, beside it,
-    the tile kernel; above, the tile kernel only."""
+    emulator and its timer replaced by one call per operand set: at M <= 8 the GEMV, above
+    torch._int_mm and illm_dyadic_rows, and beside either the tile kernel."""
     from helpers import emulated_timer
 
     from qconvert import bench
@@ -644,7 +685,21 @@ def test_the_kernel_benchmark_times_the_kernels_the_model_runs(monkeypatch, m):
     emulated_timer(monkeypatch)
     with emulate.emulating() as emu:
         rows = bench.illm_kernel_rows("probe", 40, 96, m, torch.device("cpu"))
-    tile = ["illm-matmul-w8-tile"] if m <= 8 else []
-    assert [r["kernel"] for r in rows] == ["cublas-fp16", "illm-matmul-w8", *tile, "illm-w8a8"]
+    assert [r["kernel"] for r in rows] == ["cublas-fp16", "illm-matmul-w8", "illm-matmul-w8-tile", "illm-w8a8"]
     names = [n for n, *_ in emu.launches if n.startswith("illm_") and n != "illm_requant_rows"]
-    assert names == (["illm_gemv_w8"] * 2 + ["illm_matmul_w8"] * 2 + ["illm_gemv_w8"] * 2 if m <= 8 else ["illm_matmul_w8"] * 4)
+    model = "illm_gemv_w8" if m <= 8 else "illm_dyadic_rows"
+    assert names == [model] * 2 + ["illm_matmul_w8"] * 2 + [model] * 2
+
+
+def test_int_mm_prediction_script_labels_its_rows():
+    """benchmarks/illm_int_mm_prediction.py (docs/kernels.md quotes it): a row per Llama-3-8B linear at
+    M = 4096, labelled a prediction, between the assumed GEMM speeds plus the epilogue's bytes, under
+    the first kernel's measured time."""
+    from helpers import prediction_json
+
+    rows = prediction_json("illm_int_mm_prediction.py")["rows"]
+    assert sorted(r["shape"] for r in rows) == ["down_proj", "gate_up_proj", "q/o_proj", "qkv_proj"]
+    for r in rows:
+        lo, hi = r["predicted_us"]
+        assert r["M"] == 4096 and r["cublas_us"] / 1.9 + r["epilogue_us"] - 0.1 <= lo < hi < r["first_us"]
+        assert r["epilogue_us"] == round(12 * 4096 * r["N"] / 2.15e6, 1) and r["requant_us"] > 0

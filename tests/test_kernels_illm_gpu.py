@@ -55,6 +55,20 @@ def test_decode_gemv_and_tile_give_the_same_bits(m, splits, k, w_bits, kernel):
     check_joined(t.cpu(), tk.cpu(), splits, wants, tks)
 
 
+@pytest.mark.parametrize("kernel", ["int_mm", "tile"])
+@pytest.mark.parametrize("m,splits,k", [(130, (4096, 1024, 1024), 4096), (17, (14336, 14336), 4096), (512, (4096,), 14336),
+                                        (9, (40, 13, 72), 96)])
+def test_prefill_int_mm_and_tile_give_the_same_bits(m, splits, k, kernel):
+    """DI-MatMul w8 above the GEMV's rows: torch._int_mm (cuBLASLt's int8 GEMM, the default) with
+    illm_dyadic_rows, and the tile kernel, on Llama-3-8B's joined q/k/v, gate/up and down_proj and
+    odd segments (N = 125: the GEMM's output padded to 128 columns): the reference's bits."""
+    xq, qw, wm, wk, xk, wants, tks = joined_case(m, splits, 8, k)
+    assert cuda_illm.default_matmul(m, sum(splits), 8) == ("int_mm" if sum(splits) % 8 == 0 else "tile")
+    t, tk = cuda_illm.illm_matmul(xq.to(DEV), qw.to(DEV), wm.to(DEV), wk.to(DEV), 8, xk=xk.to(DEV), splits=splits,
+                                  kernel=kernel)
+    check_joined(t.cpu(), tk.cpu(), splits, wants, tks)
+
+
 @pytest.mark.parametrize("clip", [ri.CLIP_ONE, ri.clip_int(0.9)])
 @pytest.mark.parametrize("qmax", [127, 7])
 def test_requant_rows(qmax, clip):

@@ -287,9 +287,11 @@ def illm_case(m, n, k, w_bits):
 
 
 def run_illm(m, n, k, w_bits, mutations=frozenset()):
+    """DI-MatMul's 64 x 64 tile kernel above the GEMV's rows (the default there for w8 is torch._int_mm:
+    tests/test_kernels_illm_emulate.py), the GEMV at M <= 8."""
     xq, qw, wm, wk, want = illm_case(m, n, k, w_bits)
     with emulate.emulating(mutations=mutations) as emu:
-        got = cuda_illm.illm_matmul(xq, qw, wm, wk, w_bits)
+        got = cuda_illm.illm_matmul(xq, qw, wm, wk, w_bits, kernel=None if m <= cuda_illm.GEMV_ROWS else "tile")
     assert torch.equal(got, want), f"t differs in {(got != want).sum()} places"
     return emu
 

@@ -221,23 +221,18 @@ def test_prediction_script_labels_its_rows():
     """benchmarks/zqfp_repacked_prediction.py (docs/kernels.md quotes it): a row per Llama-3-8B linear,
     labelled a prediction, at M = 1 between the W4A8-FS decode's measured time and that x 708 / 602,
     and at M = 4096 the quantizer, the widening and the assumed FP8 GEMM."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
+    from helpers import prediction_json
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "zqfp_repacked_prediction.py"
-    out = subprocess.run([sys.executable, str(script), "--json", "/dev/stdout"], capture_output=True, text=True, check=True).stdout
-    assert out.startswith("PREDICTION (not measured)")
-    rows = json.loads(out[out.index("{"):])["rows"]
+    data = prediction_json("zqfp_repacked_prediction.py")
+    rows = data["rows"]
     assert sorted(r["shape"] for r in rows) == ["down_proj", "gate_up_proj", "q/o_proj", "qkv_proj"]
     for r in rows:
         lo, hi = r["predicted_us"]
         assert 0 < lo < hi <= lo * 708 / 602 + 0.1 and r["first_us"] > hi
-    prefill = json.loads(out[out.index("{"):])["prefill"]
+    prefill = data["prefill"]
     assert sorted(r["shape"] for r in prefill) == ["down_proj", "gate_up_proj", "q/o_proj", "qkv_proj"]
     assert all(r["M"] == 4096 and 0 < r["widen_us"] < r["predicted_us"][0] < r["predicted_us"][1] < r["first_us"] for r in prefill)
-    fp8 = json.loads(out[out.index("{"):])["fp8_fp8"]  # fp8-fp8 on torch._scaled_mm: quantizer + GEMM
+    fp8 = data["fp8_fp8"]  # fp8-fp8 on torch._scaled_mm: quantizer + GEMM
     assert sorted((r["M"], r["shape"]) for r in fp8) == [(m, s) for m in (1, 4096)
                                                         for s in ("down_proj", "gate_up_proj", "q/o_proj", "qkv_proj")]
     for r in fp8:

@@ -52,7 +52,16 @@ def _rows_vector(fn: str, what: str, v: torch.Tensor, rows: int, dtypes) -> None
 _INT = (torch.int32, torch.int64)
 
 
-MATMUL_KERNELS = ("tile", "gemv")
+MATMUL_KERNELS = ("tile", "gemv", "int_mm")
+
+
+def default_matmul(m: int, n: int, w_bits: int) -> str:
+    """The DI-MatMul kernel ``illm_matmul`` takes by default: the GEMV at M <= GEMV_ROWS; above, w8
+    with N a multiple of 8 on torch._int_mm (cuBLASLt's int8 GEMM; the weights as stored are the
+    column-major operand it takes, so no copy) and ``illm_dyadic_rows``; else the 64 x 64 tile kernel."""
+    if m <= GEMV_ROWS:
+        return "gemv"
+    return "int_mm" if w_bits == 8 and n % 8 == 0 else "tile"
 
 
 def illm_matmul(xq: torch.Tensor, qweight: torch.Tensor, wm: torch.Tensor, wk: torch.Tensor, w_bits: int,
@@ -71,7 +80,8 @@ def illm_matmul(xq: torch.Tensor, qweight: torch.Tensor, wm: torch.Tensor, wk: t
     segment's t equals its layer's own, and tk is [segments, M], one row of exponents per layer.
 
     ``kernel``: "gemv" (M <= 8, the default there: a warp per two output columns, dp4a,
-    ``illm_gemv_w8`` / ``illm_gemv_w4``) or "tile" (64 x 64 tensor-core tiles, any M); the same t."""
+    ``illm_gemv_w8`` / ``illm_gemv_w4``), "tile" (64 x 64 tensor-core tiles, any M) or "int_mm" (w8:
+    torch._int_mm's int32 product, then ``illm_dyadic_rows``); the same t.  ``default_matmul`` picks."""
     fn = "illm_matmul"
     _l.require(w_bits in (4, 8), f"{fn}: w_bits must be 4 or 8, got {w_bits}")
     _l.require(xq.dim() == 2 and qweight.dim() == 2, f"{fn}: xq [M, K] and qweight [N, K or K/2] must be 2-D")
@@ -108,12 +118,19 @@ def illm_matmul(xq: torch.Tensor, qweight: torch.Tensor, wm: torch.Tensor, wk: t
     t = torch.empty((m, n), dtype=torch.int64, device=dev)
     tk = None if xk is None else torch.empty((len(segs), m) if splits is not None else (m,), dtype=torch.int64, device=dev)
     bounds = [sum(segs[:i + 1]) for i in range(len(segs) - 1)] + [n] * (3 - len(segs))  # n1, n2
-    kernel = kernel or ("gemv" if m <= GEMV_ROWS else "tile")
-    _l.require(kernel in MATMUL_KERNELS and (kernel == "tile" or m <= GEMV_ROWS),
-               f"{fn}: kernel {kernel!r} must be one of {MATMUL_KERNELS} (gemv: at most {GEMV_ROWS} rows)")
+    kernel = kernel or default_matmul(m, n, w_bits)
+    _l.require(kernel in MATMUL_KERNELS and (kernel != "gemv" or m <= GEMV_ROWS) and (kernel != "int_mm" or w_bits == 8),
+               f"{fn}: kernel {kernel!r} must be one of {MATMUL_KERNELS} (gemv: at most {GEMV_ROWS} rows; int_mm: w8)")
     args = (_l.ptr(xq), _l.ptr(qweight), _l.ptr(wm), _l.ptr(wk), _l.ptr(kmin_t), _l.ptr(t), _l.ptr(xk), _l.ptr(tk),
             _l.i32(m), _l.i32(n), _l.i32(k), _l.i32(bounds[0]), _l.i32(bounds[1]))
-    if m and n and kernel == "gemv":
+    if m and n and kernel == "int_mm":
+        # the rule torch._int_mm on CUDA needs (rows padded to > 16 and to multiples of 8, b column-major:
+        # qweight [N, K] as stored), applied on the CPU too so that the emulated runs take the same operands
+        acc = torch._int_mm(*ri.int_mm_operands(xq, qweight.t(), cuda=True))
+        _launch("illm_dyadic_rows", (m,), (ROW_THREADS,),
+                (_l.ptr(acc), _l.ptr(wm), _l.ptr(wk), _l.ptr(kmin_t), _l.ptr(t), _l.ptr(xk), _l.ptr(tk), _l.i32(m), _l.i32(n),
+                 _l.i32(acc.stride(0)), _l.i32(bounds[0]), _l.i32(bounds[1])), dev)
+    elif m and n and kernel == "gemv":
         _launch(f"illm_gemv_w{w_bits}", (-(-n // GEMV_COLS_PER_CTA),), (GEMV_THREADS,), args, dev)
     elif m and n:
         _launch(f"illm_matmul_w{w_bits}", (-(-n // BLOCK_N), -(-m // BLOCK_M)), (GEMM_THREADS,), args, dev)

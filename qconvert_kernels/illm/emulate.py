@@ -1,7 +1,8 @@
 """CPU emulator of the I-LLM kernels of illm_gemm.cu: the row kernels (``illm_requant_rows``,
 ``illm_softmax``, ``illm_rmsnorm``, ``illm_rope_requant``, ``illm_swiglu``, ``illm_residual_norm``,
-``illm_attention``, ``illm_heads_requant``, ``illm_hadamard``) here, DI-MatMul through the 64 x 64
-main loops of quik/emulate.py.
+``illm_attention``, ``illm_heads_requant``, ``illm_hadamard``) and DI-MatMul's epilogue after
+torch._int_mm (``illm_dyadic_rows``) here, DI-MatMul's tile kernels and GEMVs through the main loops
+of quik/emulate.py.
 
 The row kernels are integer code: one CTA of 256 threads per row, strided loops, block max / sum
 reductions (order-free on integers), and divisions done only by ``qk::udiv_u64`` (restoring long
@@ -21,7 +22,7 @@ import numpy as np
 
 from qconvert_kernels.quik.emulate import Emulator as _Bytes64
 from qconvert_kernels.quik.emulate import MUTATIONS as _BYTES_MUTATIONS
-from qconvert_kernels.quik.emulate import _load, _written_once
+from qconvert_kernels.quik.emulate import _illm_kmin, _load, _rshift_round, _written_once
 from qconvert_kernels.w4a8.emulate import Ctx, EmulationError
 
 ROW_THREADS = 256
@@ -35,6 +36,7 @@ ROPE_BITS = 14
 CLIP_BITS = 16
 MASK64 = (1 << 64) - 1
 
+DYADIC_PARAMS = ("acc", "wm", "wk", "kmin_p", "t", "xk", "tk", "M", "N", "ld", "n1", "n2")
 REQUANT_PARAMS = ("v", "q", "sm", "sk", "rows", "n", "qmax", "clip", "fm", "fk", "folds", "cm", "ck")
 SOFTMAX_PARAMS = ("scores", "valid", "sm", "sk", "umax", "P", "rows", "T")
 RMSNORM_PARAMS = ("x", "gamma", "gk", "qmax", "q", "sm", "sk", "rows", "H", "clip")
@@ -74,7 +76,7 @@ MUTATIONS = _BYTES_MUTATIONS | frozenset({
     "heads_zero_kept", # its exponent left at NO_EXPONENT for a token whose heads are all zero
     "tk_no_kmin",      # DI-MatMul's output row exponents without the weights' kmin
     "kmin_first_segment",  # a joined DI-MatMul aligning every column to its first layer's kmin
-    "ld_dense",        # illm_rope_requant and illm_swiglu reading rows n apart, not the row stride ld
+    "ld_dense",        # illm_rope_requant, illm_swiglu and illm_dyadic_rows reading rows n apart, not the row stride ld
     "const_fold_first",  # illm_requant_rows multiplying its constant fold before the per-row ones
 })
 
@@ -245,6 +247,29 @@ def _store(ctx: Ctx, key: str, index, values, dtype, what: str) -> None:
     data = np.asarray(values, dtype)
     width = data.dtype.itemsize
     ctx.mem.store(ctx.args[key], np.asarray(index, np.int64) * width, data.view(np.uint8).reshape(-1, width), what)
+
+
+def dyadic_rows(ctx: Ctx, ops: Ops, grid):
+    """illm_dyadic_rows: CTA m's threads 0..segments-1 write tk[g, m] = xk[m] + kmin[g]; its strided
+    loop t[m, n] = rshift_round(acc[m, n] * wm[n], wk[n] - kmin of n's segment), acc's rows ld apart."""
+    a = ctx.args
+    M, N = a["M"], a["N"]
+    cols = np.arange(N, dtype=np.int64)
+    wm = _load(ctx, a["wm"], cols, np.int32, "wm").astype(np.int64)
+    shifts = _load(ctx, a["wk"], cols, np.int32, "wk").astype(np.int64) - _illm_kmin(ctx, cols)
+    segments = 1 + int(a["n1"] < N) + int(a["n2"] < N)
+    for m in range(min(grid[0], M)):
+        if a["tk"]:
+            xk = int(_load(ctx, a["xk"], [m], np.int64, "xk")[0])
+            for g in range(segments):
+                kmin = 0 if "tk_no_kmin" in ops.mutations else int(_load(ctx, a["kmin_p"], [g], np.int32, "kmin")[0])
+                _store(ctx, "tk", [g * M + m], [i64(xk + kmin, "tk")], np.int64, "tk")
+        acc = np.asarray(_row(ctx, "acc", m, N, np.int32, "acc", a["ld"]), np.int64)
+        if ops.mutations & {"round_down"}:
+            vals = (acc * wm) >> np.maximum(shifts, 0)
+        else:
+            vals = _rshift_round(acc * wm, shifts)
+        _store(ctx, "t", m * N + cols, [int(v) for v in vals], np.int64, "t")
 
 
 def requant_rows(ctx: Ctx, ops: Ops, grid):
@@ -556,7 +581,8 @@ class Emulator(_Bytes64):
     """The launch hook of illm_gemm.cu: the row kernels here, DI-MatMul (and QUIK's kernels) by
     quik/emulate.py's main loops."""
 
-    KERNELS = _Bytes64.KERNELS + (("illm_requant_rows", REQUANT_PARAMS, ROW_THREADS),
+    KERNELS = _Bytes64.KERNELS + (("illm_dyadic_rows", DYADIC_PARAMS, ROW_THREADS),
+                                  ("illm_requant_rows", REQUANT_PARAMS, ROW_THREADS),
                                   ("illm_softmax", SOFTMAX_PARAMS, ROW_THREADS),
                                   ("illm_rmsnorm", RMSNORM_PARAMS, ROW_THREADS),
                                   ("illm_rope_requant", ROPE_PARAMS, ROW_THREADS),
@@ -575,6 +601,19 @@ class Emulator(_Bytes64):
                                          ("suk", None, 8))),
                 "illm_residual_norm": (residual_norm, (("h", "n", 8), ("hm", None, 8), ("hk", None, 8), ("q", "n", 1),
                                                        ("sm", None, 8), ("sk", None, 8)))}
+        if name == "illm_dyadic_rows":
+            a = ctx.args
+            if grid[0] != a["M"] or not (0 < a["n1"] <= a["n2"] <= a["N"] <= a["ld"]):
+                raise EmulationError(f"{name}: grid {grid} for M={a['M']} rows, or bounds n1={a['n1']}, n2={a['n2']}, "
+                                     f"N={a['N']}, ld={a['ld']}")
+            for key in ("t", "tk"):
+                if a[key]:
+                    ctx.mem.track(a[key])
+            dyadic_rows(ctx, Ops(ctx.mutations), grid)
+            _written_once(name, ctx.mem, a["t"], a["M"] * a["N"], 8, "t")
+            if a["tk"]:
+                _written_once(name, ctx.mem, a["tk"], a["M"] * (1 + int(a["n1"] < a["N"]) + int(a["n2"] < a["N"])), 8, "tk")
+            return
         if name == "illm_attention":
             a = ctx.args
             count = grid[2] * a["group"] * a["T"]

@@ -12,6 +12,8 @@
 //                          the rows' output scale exponents xk[m] + kmin.  Up to three sibling
 //                          linears of one input (q/k/v, gate/up) joined along N run as one launch,
 //                          each column segment with its own layer's kmin and row exponents
+//   illm_dyadic_rows       the same t from an int32 product made by torch._int_mm (w8 above the
+//                          GEMV's rows: cuBLASLt's int8 GEMM), and the rows' exponents
 //   illm_requant_rows      q = round(|v| * qmax / amax) with v's sign, per row; the row's scale
 //                          ratio amax / qmax as (m, k)   (reference_illm.quantize_rows); a clip
 //                          c * 2^16 below 2^16 first shrinks amax to round(amax * c) (|v| clamped)
@@ -309,6 +311,34 @@ extern "C" __global__ void __launch_bounds__(quik::THREADS, 1) illm_matmul_w4(IL
     qk::mainloop(xq, reinterpret_cast<const unsigned char*>(qw), M, N, K, K, bm, bn, P, fold);
     illm::matmul_epilogue(P, wm, wk, kmin_p, t, M, N, n1, n2, bm, bn);
     illm::matmul_row_exponents(xk, tk, kmin_p, M, N, n1, n2, bm);
+}
+
+// DI-MatMul's epilogue alone, after an int32 product made elsewhere (torch._int_mm: cuBLASLt's int8
+// GEMM, for w8 above the GEMV's rows): t[m, n] = round(acc[m, n] * wm[n] / 2^(wk[n] - kmin of n's
+// segment)), matmul_epilogue's arithmetic, and the rows' exponents as matmul_row_exponents writes
+// them (thread g of row m's CTA: tk[g, m] = xk[m] + kmin[g]).  acc's rows are ld apart (the GEMM's
+// output may be padded).  Launch: grid (M), block 256.
+#define ILLM_DYADIC_ARGS                                                                              \
+    const int* __restrict__ acc,          /* int32 [M, ld] */                                         \
+    const int* __restrict__ wm,           /* int32 [N] mantissas */                                   \
+    const int* __restrict__ wk,           /* int32 [N] exponents */                                   \
+    const int* __restrict__ kmin_p,       /* int32 [segments] */                                      \
+    long long* __restrict__ t,            /* int64 [M, N] out */                                      \
+    const long long* __restrict__ xk,     /* int64 [M], or null */                                    \
+    long long* __restrict__ tk,           /* int64 [segments, M] out (not when null) */               \
+    int M, int N, int ld, int n1, int n2
+
+extern "C" __global__ void __launch_bounds__(illm::ROW_THREADS) illm_dyadic_rows(ILLM_DYADIC_ARGS) {
+    const int m = blockIdx.x;
+    if (m >= M) return;
+    if (tk != nullptr && threadIdx.x < 1 + (n1 < N) + (n2 < N))
+        tk[static_cast<long long>(threadIdx.x) * M + m] = xk[m] + __ldg(kmin_p + threadIdx.x);
+    const int* a = acc + static_cast<long long>(m) * ld;
+    long long* o = t + static_cast<long long>(m) * N;
+    for (int n = threadIdx.x; n < N; n += illm::ROW_THREADS) {
+        const int s = __ldg(wk + n) - __ldg(kmin_p + (n >= n1) + (n >= n2));
+        o[n] = illm::rshift_round(static_cast<long long>(__ldg(a + n)) * __ldg(wm + n), s);
+    }
 }
 
 // Launch: grid (rows), block 256.  v int64 [rows, n] -> q int8 [rows, n], scale (m, k) int64 [rows];

@@ -1,0 +1,53 @@
+"""A prediction, not a measurement: I-LLM's DI-MatMul w8 above the GEMV's rows on torch._int_mm
+(cuBLASLt's int8 GEMM) and ``illm_dyadic_rows`` (since 0.4.0), on the Llama-3-8B shapes at M = 4096,
+from one GPU check's measurements of cuBLAS FP16, the first DI-MatMul (the 64 x 64 tile kernel) and
+the requantization after it.
+
+    python benchmarks/illm_int_mm_prediction.py [RESULTS] [--json F]   (default: the H200 run of caa2c67)
+
+RESULTS holds ``2_rerun/kernels_illm_m4096.json``.  The model: the int8 GEMM takes cuBLAS FP16's
+measured time divided by INT8_OVER_FP16 = 1.5 .. 1.9, an ASSUMPTION (the datasheet's dense int8 rate is
+twice FP16's on the H100 / H200; cuBLASLt's int8 rate has not been measured here); the epilogue reads
+the int32 product and writes int64 t, 12 bytes per output, at the 2.15 TB/s of the W4A8 decode fit;
+the requantization (row ``illm-w8a8``) adds what it measured after the first kernel (its time minus
+the first kernel's).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from zqfp_repacked_prediction import BYTES_PER_US, run_cli  # the W4A8 decode fit's bandwidth; the command line
+
+INT8_OVER_FP16 = (1.5, 1.9)  # the assumed speed of cuBLASLt's int8 GEMM over cuBLAS FP16 (docstring)
+
+
+def predict(results: Path, m: int = 4096) -> list[dict]:
+    data = json.loads((results / "2_rerun" / f"kernels_illm_m{m}.json").read_text())["results"]
+    by = {(r["shape"], r["kernel"]): r for r in data}
+    rows = []
+    for (shape, kern), r in sorted(by.items()):
+        if kern != "illm-matmul-w8":
+            continue
+        n, k = r["N"], r["K"]
+        cublas, first = by[(shape, "cublas-fp16")]["us"], r["us"]
+        requant = by[(shape, "illm-w8a8")]["us"] - first
+        epilogue = 12 * m * n / BYTES_PER_US
+        lo, hi = (cublas / f + epilogue for f in reversed(INT8_OVER_FP16))
+        rows.append({"shape": shape, "N": n, "K": k, "M": m, "cublas_us": cublas, "first_us": round(first, 1),
+                     "epilogue_us": round(epilogue, 1), "requant_us": round(requant, 1),
+                     "predicted_us": [round(lo, 1), round(hi, 1)],
+                     "predicted_vs_cublas": [round(cublas / hi, 2), round(cublas / lo, 2)],
+                     "predicted_vs_first": [round(first / hi, 1), round(first / lo, 1)],
+                     "with_requant_vs_cublas": [round(cublas / (hi + requant), 2), round(cublas / (lo + requant), 2)]})
+    return rows
+
+
+def main(argv=None) -> int:
+    return run_cli(__doc__, lambda results: [("DI-MatMul w8 on torch._int_mm + illm_dyadic_rows", "rows", predict(results),
+                                              (("+ requant vs cuBLAS", "with_requant_vs_cublas"),))], argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
