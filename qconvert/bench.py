@@ -309,7 +309,7 @@ def zqfp_kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, r
     row("fp8-fp8", _time_cuda(lambda i: cuda_fp8.fp8_fp8_gemm(*quantized[i], w8[i], cscale, torch.float16),
                               sets, runs, warmup, reps), m * kp + n * kp + n * 4 + m * n * 2, ops)
     preps8 = [cuda_fp8.prepare_fp8_fp8(w, cscale, device) for w in w8]
-    if preps8[0] is not None:  # the runtime's fp8-fp8 at every M: torch._scaled_mm with per-row scales
+    if preps8[0] is not None and preps8[0].runs(torch.float16):  # the runtime's fp8-fp8: torch._scaled_mm, per-row scales
         row("fp8-fp8-scaled", _time_cuda(lambda i: cuda_fp8.fp8_fp8_scaled(*quantized[i], preps8[i], torch.float16),
                                          sets, runs, warmup, reps), m * kp + n * kp + n * 4 + m * n * 2, ops)
     by = {r["kernel"]: r["us"] for r in rows}
@@ -451,13 +451,14 @@ def illm_kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, r
     qw = [torch.randint(-127, 128, (n, k), generator=gen, device=device, dtype=torch.int8) for _ in range(sets)]
     wm = torch.randint(2**15, 2**16, (n,), generator=gen, device=device, dtype=torch.int32)
     wk = torch.randint(24, 30, (n,), generator=gen, device=device, dtype=torch.int32)
+    acc_bytes = m * n * 8 if cuda_illm.default_matmul(m, n, 8) == "int_mm" else 0  # its int32 product written and read
     row("illm-matmul-w8", _time_cuda(lambda i: cuda_illm.illm_matmul(xq[i], qw[i], wm, wk, 8), sets, runs, warmup, reps),
-        m * k + n * k + m * n * 8, ops)
+        m * k + n * k + m * n * 8 + acc_bytes, ops)
     if cuda_illm.default_matmul(m, n, 8) != "tile":  # the GEMV or cuBLASLt runs; the 64 x 64 tile kernel beside it
         row("illm-matmul-w8-tile", _time_cuda(lambda i: cuda_illm.illm_matmul(xq[i], qw[i], wm, wk, 8, kernel="tile"),
                                               sets, runs, warmup, reps), m * k + n * k + m * n * 8, ops)
     row("illm-w8a8", _time_cuda(lambda i: cuda_illm.requant_rows(cuda_illm.illm_matmul(xq[i], qw[i], wm, wk, 8), 127),
-                                sets, runs, warmup, reps), m * k + n * k + m * n * 17, ops)
+                                sets, runs, warmup, reps), m * k + n * k + m * n * 17 + acc_bytes, ops)
     by = {r["kernel"]: r["us"] for r in rows}
     for r in rows:
         if r["kernel"] != "cublas-fp16":

@@ -51,14 +51,9 @@ def smollm2():
 @pytest.fixture(scope="session")
 def tiny_rtn_out(tiny_llama, tmp_path_factory):
     """A real OUT of the tiny Llama (is-w4a8-rtn, no calibration), made through the CLI."""
-    from click.testing import CliRunner
+    from helpers import tiny_out
 
-    from qconvert.cli import cli
-
-    out = tmp_path_factory.mktemp("tiny-out") / "out"
-    res = CliRunner().invoke(cli, ["quantize", str(tiny_llama), "--scheme", "is-w4a8-rtn", "-o", str(out), "-q"])
-    assert res.exit_code == 0, res.output
-    return out
+    return tiny_out(tiny_llama, tmp_path_factory, "is-w4a8-rtn")
 
 
 @pytest.fixture(scope="module")

@@ -694,3 +694,21 @@ def prediction_json(script: str) -> dict:
     out = subprocess.run([sys.executable, str(path), "--json", "/dev/stdout"], capture_output=True, text=True, check=True).stdout
     assert out.startswith("PREDICTION (not measured)")
     return json.loads(out[out.index("{"):])
+
+
+def llama_sibling_groups(layers: int) -> list[str]:
+    """The names ``runtime.fuse_siblings`` gives a Llama's joined groups, sorted: q/k/v and gate/up per layer."""
+    return sorted([f"model.layers.{i}.self_attn.q_proj+k_proj+v_proj" for i in range(layers)]
+                  + [f"model.layers.{i}.mlp.gate_proj+up_proj" for i in range(layers)])
+
+
+def tiny_out(tiny_llama, tmp_path_factory, scheme: str):
+    """A real OUT of the tiny Llama in ``scheme``, made through the CLI."""
+    from click.testing import CliRunner
+
+    from qconvert.cli import cli
+
+    out = tmp_path_factory.mktemp(f"tiny-{scheme}") / "out"
+    res = CliRunner().invoke(cli, ["quantize", str(tiny_llama), "--scheme", scheme, "-o", str(out), "-q"])
+    assert res.exit_code == 0, res.output
+    return out

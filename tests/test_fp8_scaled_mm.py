@@ -125,10 +125,14 @@ def test_layer_without_a_row_wise_gemm_stays_on_the_first_kernel(monkeypatch):
     def refuse(*a, **kw):
         raise RuntimeError("rowwise scaling is not supported here")
 
-    monkeypatch.setattr(torch, "_scaled_mm", refuse)
+    probes = []
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **kw: probes.append(1) or refuse())
     monkeypatch.setattr(cuda_fp8, "_SCALED_MM_OUT", {})
     lin.prepare_cuda("cpu")
-    assert lin._prepared is None and cuda_fp8._SCALED_MM_OUT == {}
+    assert lin._prepared is None and cuda_fp8._SCALED_MM_OUT == {} and probes
+    tried = len(probes)
+    lin.prepare_cuda("cpu")  # the device failed once: not probed again (a forward on a GPU calls this)
+    assert len(probes) == tried
     x = torch.randn(3, 320, generator=gen).half()
     assert not lin._on_repacked(x)
     lin.keep_stored_on_host()
@@ -152,3 +156,44 @@ def test_smollm2_layers_on_the_scaled_gemm_agree_with_the_cpu_path(smollm2):
         lin.prepare_cuda("cpu")
         got = lin(x.half()).float()
         assert float((got - want).norm() / want.norm()) < 1e-2, name
+
+
+def test_a_torch_whose_row_wise_gemm_outputs_bf16_only(monkeypatch):
+    """fp16 activations without a row-wise FP8 GEMM for their output (torch's CUTLASS path before
+    fp16 outputs): the layer is still prepared and holds its stored tensors on the host; bf16 runs
+    the GEMM, fp16 fp8_gemm.cu's kernel on the prepared copy's rows (here on the fp8 emulator), both
+    the reference's within tolerance."""
+    from qconvert_kernels.fp8 import emulate as emulate8
+
+    monkeypatch.setattr(cuda_fp8, "_SCALED_MM_OUT", {"cpu": {torch.float16: None, torch.bfloat16: torch.bfloat16}})
+    monkeypatch.setattr(cuda_fp8, "_capability", lambda index=0: 90)
+    tensors, gen = _layer(lorc_rank=0)
+    lin = FP8Linear("fp8-fp8", tensors, None)
+    lin.prepare_cuda("cpu")
+    lin.keep_stored_on_host()
+    assert lin._stored_on_host and lin._prepared.runs(torch.bfloat16) and not lin._prepared.runs(torch.float16)
+    x = (torch.randn(5, 320, generator=gen) * 0.5).half()
+    assert lin._on_repacked(x.bfloat16()) and not lin._on_repacked(x)
+    w, ws = lin._fp8_weights(torch.device("cpu"))
+    assert w.data_ptr() == lin._prepared.w8.data_ptr() and w.shape == lin.qweight.shape
+    xq, t = ref8.quantize_per_token_fp8(x, lin.kp)
+    with emulate8.emulating():
+        y = cuda_fp8.fp8_fp8_gemm(xq, t, w, ws, torch.float16)
+    assert tolerance_ratio(y, xq, t, lin.qweight, lin.wscale, torch.float16) <= 1.0
+
+
+def test_a_copy_on_another_device_is_made_again_on_the_new_one():
+    """A module moved between devices after its load (a GPU model moved to another GPU): the next
+    prepare (each forward on a GPU asks) makes the copy on the input's device; the same device keeps it."""
+    import dataclasses
+
+    tensors, _ = _layer(lorc_rank=0)
+    lin = FP8Linear("fp8-fp8", tensors, None)
+    lin.prepare_cuda("cpu")
+    first = lin._prepared
+    lin.prepare_cuda("cpu")
+    assert lin._prepared is first
+    lin._prepared = dataclasses.replace(first, w8=first.w8.to("meta"))  # as if made on another device
+    lin.prepare_cuda("cpu")
+    assert lin._prepared is not first and lin._prepared.w8.device.type == "cpu"
+    assert torch.equal(lin._prepared.w8.view(torch.uint8), first.w8.view(torch.uint8))

@@ -28,6 +28,14 @@ SHAPES = [(1, 8, 576, 128), (3, 192, 576, 128), (17, 576, 4096, 128), (130, 192,
           (17, 192, 4096, 32), (3, 576, 1000, 64), (17, 8, 96, 32), (3, 13, 300, 96), (257, 72, 256, 64)]
 
 
+def _needs_row_wise(dtype) -> None:
+    """Skip (named) where the installed torch's row-wise FP8 GEMM takes no output for ``dtype``
+    activations (the layers then keep fp8_gemm.cu's kernel there: a limit of torch, not a failure)."""
+    outs = cuda_fp8.scaled_mm_outputs(DEV)
+    if not outs.get(dtype):
+        pytest.skip(f"torch {torch.__version__}: no row-wise FP8 GEMM output for {dtype} activations here ({outs})")
+
+
 def _within_tolerance(y, y_ref, y_abs, dtype):
     eps = torch.finfo(dtype).eps  # 1 ulp at 1.0; scaled by |y| below
     err = (y.float().cpu() - y_ref).abs()
@@ -92,13 +100,13 @@ def test_runtime_layer_on_gpu_equals_cpu(scheme_params):
 def test_bench_rows_for_zqfp():
     from qconvert import bench as b
 
+    row_wise = ["fp8-fp8-scaled"] if cuda_fp8.scaled_mm_outputs(DEV).get(torch.float16) else []
     rows = b.zqfp_kernel_rows("o_proj", 576, 576, 16, DEV, runs=50, warmup=2, reps=4)
-    assert [r["kernel"] for r in rows] == ["cublas-fp16", "quantize-fp8", "fp4-fp8", "fp4-fp8-decode", "fp8-fp8",
-                                           "fp8-fp8-scaled"]
+    assert [r["kernel"] for r in rows] == ["cublas-fp16", "quantize-fp8", "fp4-fp8", "fp4-fp8-decode", "fp8-fp8", *row_wise]
     assert all(r["us"] > 0 for r in rows)
     rows = b.zqfp_kernel_rows("o_proj", 576, 576, 65, DEV, runs=50, warmup=2, reps=4)
-    assert [r["kernel"] for r in rows] == ["cublas-fp16", "quantize-fp8", "fp4-fp8", "fp4-fp8-widen", "fp4-fp8-prefill",
-                                           "fp8-fp8", "fp8-fp8-scaled"]
+    prefill = ["fp4-fp8-widen", "fp4-fp8-prefill"] if row_wise else []
+    assert [r["kernel"] for r in rows] == ["cublas-fp16", "quantize-fp8", "fp4-fp8", *prefill, "fp8-fp8", *row_wise]
 
 
 # ---- fp4-fp8 at decode on the repacked W4A8 decode kernel (fp8/fp8_repacked.cu via w4a8/cuda.py)
@@ -173,6 +181,7 @@ ZQ_PREFILL_SHAPES = [(65, 4096, 4096, 128), (257, 14336, 4096, 128), (130, 4096,
 def test_widened_prefill_matches_reference(m, n, k, g, dtype):
     from qconvert_kernels.w4a8 import cuda as kcuda
 
+    _needs_row_wise(dtype)
     x, codes, sexp, cscale, kp = fp4_case(m, n, k, g, dtype)
     if sexp.shape[1] >= 2:  # row 0 spans the 14 E4M3 holds: its widened values reach 2^-9 (subnormal) and 384
         sexp[0, 0], sexp[0, 1] = sexp[0].max() - 14, sexp[0].max()
@@ -214,6 +223,8 @@ def test_runtime_layer_prefills_on_the_widened_weights():
     300 tokens take the widening and the FP8 GEMM, and equal the CPU path."""
     from qconvert.methods.zeroquant_fp import ZeroQuantFPMethod
 
+    _needs_row_wise(torch.float16)
+    _needs_row_wise(torch.bfloat16)  # the stored tensors stay on the host where both run on the copy
     gen = torch.Generator().manual_seed(5)
     w = torch.randn(1024, 4096, generator=gen) * 0.02
     ql = ZeroQuantFPMethod({"base": "rtn", "lorc_rank": 8, "group_size": 128}).quantize_linear("l", w)
@@ -257,6 +268,7 @@ FP8_SCALED_SHAPES = [(1, 4096, 4096), (1, 14336, 4096), (8, 4096, 14336), (64, 6
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,n,k", FP8_SCALED_SHAPES)
 def test_fp8_fp8_scaled_matches_reference(m, n, k, dtype):
+    _needs_row_wise(dtype)
     x, wq, wscale, kp = fp8_case(m, n, k, dtype)
     prep = cuda_fp8.prepare_fp8_fp8(wq, wscale, DEV)
     assert prep is not None and prep.runs(dtype), cuda_fp8.scaled_mm_outputs(DEV)
@@ -275,6 +287,7 @@ def test_runtime_fp8_layer_on_the_scaled_gemm_holds_its_weights_once_and_capture
     graph replays the decode bit for bit, and both equal the CPU path within 2e-3."""
     from qconvert.methods.zeroquant_fp import ZeroQuantFPMethod
 
+    _needs_row_wise(torch.float16)
     gen = torch.Generator().manual_seed(6)
     w = torch.randn(1000, 4096, generator=gen) * 0.02
     ql = ZeroQuantFPMethod({"weight_format": "fp8", "base": "rtn", "lorc_rank": 4}).quantize_linear("l", w)
@@ -283,3 +296,40 @@ def test_runtime_fp8_layer_on_the_scaled_gemm_holds_its_weights_once_and_capture
     for m in (4, 300):
         x = (torch.randn(m, 4096, generator=gen) * 0.5).half().to(DEV)
         _on_prepared_copy_captured_and_close(gpu, cpu, x, graph=m == 4)
+
+
+@pytest.mark.parametrize("layout", ["fp8-fp8", "fp4-fp8"])
+def test_fused_siblings_on_the_gpu_equal_each_member_alone(layout):
+    """Llama-3-8B's q/k/v (4096, 1024, 1024 rows of 4096) without LoRC joined (runtime.fuse_siblings):
+    at decode (captured in a CUDA graph) and at 300 tokens one quantization and one GEMM give each
+    member within the FP8 tolerance of its own prepared layer."""
+    from qconvert.layouts.fp8 import FP8Linear
+    from qconvert.methods.zeroquant_fp import ZeroQuantFPMethod
+
+    _needs_row_wise(torch.float16)
+    gen = torch.Generator().manual_seed(7)
+    params = {"weight_format": "fp8", "base": "rtn", "lorc_rank": 0} if layout == "fp8-fp8" else \
+        {"base": "rtn", "lorc_rank": 0, "group_size": 128}
+    qls = [ZeroQuantFPMethod(params).quantize_linear(f"l{i}", torch.randn(n, 4096, generator=gen) * 0.02)
+           for i, n in enumerate((4096, 1024, 1024))]
+    fused = [FP8Linear(q.layout, q.tensors, None) for q in qls]
+    alone = [FP8Linear(q.layout, q.tensors, None) for q in qls]
+    assert FP8Linear.fuse(fused)
+    for mod in fused + alone:
+        mod.prepare_cuda(DEV)
+        mod.keep_stored_on_host()
+        mod.to(DEV)
+    for m in (4, 300):
+        x = (torch.randn(m, 4096, generator=gen) * 0.5).half().to(DEV)
+        ys = [mod(x) for mod in fused]
+        if m == 4:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                ys_graph = [mod(x) for mod in fused]
+            g.replay()
+            torch.cuda.synchronize()
+            assert all(torch.equal(a, b) for a, b in zip(ys, ys_graph))
+        for y, mod in zip(ys, alone):
+            own = mod(x).float()
+            assert float((y.float() - own).norm() / own.norm()) < 2e-3
+    assert fused[0]._group.launches == 3

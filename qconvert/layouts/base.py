@@ -116,6 +116,56 @@ class QuantizedModule(DerivedHolder):
         return y.reshape(*shape[:-1], self.out_features)
 
 
+class SiblingGroup:
+    """Sibling linears that read the same input (q/k/v, gate/up) run as one GEMM (``QuantizedModule.fuse``).
+
+    Their weights are joined along N at load time and prepared once (a subclass's ``prepare``); the
+    first member called with an input runs the joined GEMM (``_run``) and keeps its output, and each
+    sibling then called with that same input (the same tensor object, unchanged since: its
+    ``_version``, where torch keeps one: not for tensors made under ``torch.inference_mode``, whose
+    in-place changes no counter shows; the parents ``fuse_siblings`` joins call their siblings back
+    to back on one input) takes its own columns, a view.  So a decode step launches one GEMM for q, k
+    and v instead of three (the per-token quantization is done once too), and the weights stream as
+    one larger GEMM.  Anything else (a member called twice, or with another input) runs the joined
+    GEMM again: always correct, only slower.  The output is released once every member has taken its
+    columns."""
+
+    def __init__(self, members: list):
+        self.members = list(members)
+        self.columns = {}
+        start = 0
+        for m in self.members:
+            self.columns[id(m)] = (start, start + m.out_features)
+            start += m.out_features
+        self.n = start
+        self.prepared = None
+        self.launches = 0  # joined GEMMs run (tests read it)
+        self._x = self._y = None
+        self._version = -1
+        self._taken: set[int] = set()
+
+    def prepare(self, device: torch.device) -> None:  # pragma: no cover - every subclass has its own
+        raise NotImplementedError
+
+    def _run(self, x2: torch.Tensor) -> torch.Tensor:  # pragma: no cover - every subclass has its own
+        """The joined GEMM of x2 [M, K]: [M, N] (all members' columns)."""
+        raise NotImplementedError
+
+    def output(self, member, x: torch.Tensor) -> torch.Tensor:
+        """``member``'s [M, N_member] columns of the joined GEMM of x (a view)."""
+        version = -1 if x.is_inference() else x._version  # inference tensors keep no version counter
+        if x is not self._x or version != self._version or id(member) in self._taken:
+            self._y = self._run(x.reshape(-1, x.shape[-1]))
+            self._x, self._version, self._taken = x, version, set()
+            self.launches += 1
+        self._taken.add(id(member))
+        a, b = self.columns[id(member)]
+        y = self._y[:, a:b]
+        if len(self._taken) == len(self.members):
+            self._x = self._y = None
+        return y
+
+
 class Layout:
     """One on-disk layout (see the module docstring).  Subclasses set ``name`` and ``doc``
     per instance and implement ``spec`` and ``module``; the rest has defaults."""

@@ -29,8 +29,8 @@ import torch
 
 from qconvert.errors import QConvertError
 from qconvert.formats.fp4 import codes_to_values, unpack_fp4
-from qconvert.layouts.base import (Layout, NotExportable, QuantizedModule, TensorSpec, finite, finite_positive, padded,
-                                   shape_check)
+from qconvert.layouts.base import (Layout, NotExportable, QuantizedModule, SiblingGroup, TensorSpec, finite,
+                                   finite_positive, padded, shape_check)
 from qconvert_kernels.fp8 import reference as ref8
 
 E_MIN, E_MAX = -64, 63  # fp4-fp8 group exponents, stored as int8; 2^e stays a normal float32 for any partial
@@ -57,7 +57,9 @@ class FP8Linear(QuantizedModule):
             self.kp = qw.shape[1]
             self.group_size = None
             self.register_buffer("wscale", tensors["wscale"])
-        self._prepared = None  # fp4-fp8: the repacked copy (prepare_cuda)
+        self._prepared = None  # the copy the GPU paths read (prepare_cuda)
+        self._group: FP8Siblings | None = None  # set by ``fuse``: one GEMM with its siblings
+        self._failed: set[str] = set()  # devices where no copy could be made (not tried again)
         u, v = tensors.get("lorc_u"), tensors.get("lorc_v")
         self.lorc_rank = 0 if u is None else int(u.shape[1])
         self.register_buffer("lorc_u", u)
@@ -78,86 +80,85 @@ class FP8Linear(QuantizedModule):
         except ValueError as e:
             raise QConvertError(f"{e}; this OUT runs on CPU only") from None
 
+    def _stored(self) -> dict[str, torch.Tensor]:
+        """The layer in the on-disk form the prepare functions take (LoRC not included)."""
+        t = {"qweight": self.qweight, "shape": torch.tensor([self.out_features, self.in_features])}
+        t.update({"sexp": self.sexp, "cscale": self.cscale} if self.layout == "fp4-fp8" else {"wscale": self.wscale})
+        return t
+
     def prepare_cuda(self, device: torch.device | None = None) -> None:
-        """Make the copy the GPU paths read, once, on ``device`` (default: where the stored tensors
-        are); may synchronize, so it runs at load time.  fp4-fp8: the weights repacked for the decode
-        kernel (a group size outside its 32..1024 leaves every M on fp8_gemm.cu's kernel); fp8-fp8:
-        the weights padded to 16 rows for torch._scaled_mm (none where the device's torch has no
-        row-wise FP8 GEMM: fp8_gemm.cu's kernel then)."""
-        if self._prepared is not None:
-            return
-        device = torch.device(device) if device is not None else self.qweight.device
-        if self.layout == "fp8-fp8":
-            from qconvert_kernels.fp8 import cuda as cuda_fp8
+        """Make the copy the GPU paths read on ``device`` (default: where the stored tensors are, or
+        nothing where a copy exists); may synchronize, so a load runs it (``prepare``; a joined
+        group's, for a fused member).  A copy on another device is made again on this one (a module
+        moved between GPUs); a device where none can be made is not tried again."""
+        if device is None:
+            if (self._group.prepared if self._group is not None else self._prepared) is not None:
+                return
+            device = self.qweight.device
+        device = _device(device)
+        if self._group is not None:
+            return self._group.prepare(device)
+        def make():
+            tensors = self._stored()
+            if self.lorc_rank and self.layout == "fp4-fp8":  # at decode the kernels add LoRC's term (rank <= LORC_MAX_R)
+                tensors.update(lorc_u=self.lorc_u, lorc_v=self.lorc_v)
+            return prepare(self.layout, tensors, self.group_size, device)
 
-            self._prepared = cuda_fp8.prepare_fp8_fp8(self.qweight, self.wscale, device)
-            return
-        from qconvert_kernels.w4a8 import cuda as kcuda
-
-        try:
-            kcuda.check_repacked_shape("fp4-fp8", self.out_features, self.in_features, self.kp, self.group_size)
-        except ValueError:
-            return
-        tensors = {"qweight": self.qweight, "sexp": self.sexp, "cscale": self.cscale,
-                   "shape": torch.tensor([self.out_features, self.in_features])}
-        if self.lorc_rank:  # at decode the kernels add LoRC's term themselves (rank <= LORC_MAX_R)
-            tensors.update(lorc_u=self.lorc_u, lorc_v=self.lorc_v)
-        self._prepared = kcuda.prepare("fp4-fp8", tensors, self.group_size, device)
-
-    def _serves(self, dtype, m: int | None = None) -> bool:
-        """Whether the prepared copy runs m tokens (every m: None) of ``dtype``: fp8-fp8 where
-        torch._scaled_mm takes that output; fp4-fp8 at decode (M <= 64) or with a widened prefill."""
-        from qconvert_kernels.w4a8 import cuda as kcuda
-
-        p = self._prepared
-        if p is None or dtype not in (torch.float16, torch.bfloat16):
-            return False
-        if self.layout == "fp8-fp8":
-            return p.runs(dtype)
-        return (m is not None and m <= kcuda.DECODE_MAX_M) or p.prefills(dtype)
+        self._prepared = prepared_on(self.layout, self._prepared, self._failed, device, make)
 
     def keep_stored_on_host(self) -> None:
-        """Prepared so that every M of fp16 and bf16 alike reads only the prepared copy: the stored
-        tensors move to (and stay in) host memory through later moves of the module, where the CPU
-        path still finds them (the GPU holds the weights once)."""
-        if self._serves(torch.float16) and self._serves(torch.bfloat16):
-            self.hold_on_host(("qweight", "sexp", "cscale") if self.layout == "fp4-fp8" else ("qweight", "wscale"))
+        """Prepared (alone or in a joined group) so that the GPU paths read only the prepared copy:
+        the stored tensors move to (and stay in) host memory through later moves of the module, where
+        the CPU path still finds them (the GPU holds the weights once).  fp8-fp8: once prepared (an
+        activation dtype torch._scaled_mm cannot output runs fp8_gemm.cu's kernel on the same copy);
+        fp4-fp8: where fp16 and bf16 both run on it at every M."""
+        p = self._group.prepared if self._group is not None else self._prepared
+        if self.layout == "fp8-fp8" and p is not None:
+            self.hold_on_host(("qweight", "wscale"))
+        elif serves(self.layout, p, torch.float16) and serves(self.layout, p, torch.bfloat16):
+            self.hold_on_host(("qweight", "sexp", "cscale"))
+
+    def _fp8_weights(self, device: torch.device):
+        """fp8-fp8's weights and scales for fp8_gemm.cu's kernel: this layer's rows of the prepared
+        copy (its own or its group's) where that is on ``device``, else the stored tensors."""
+        p, rows = self._prepared, (0, self.out_features)
+        if self._group is not None:
+            p, rows = self._group.prepared, self._group.columns[id(self)]
+        if p is not None and p.w8.device == device:
+            return p.w8[rows[0]:rows[1]], p.wscale[rows[0]:rows[1]]
+        return self.qweight, self.wscale
 
     def _on_repacked(self, x2: torch.Tensor) -> bool:
-        """Whether x2 runs on the prepared copy: made on x2's device (the GPU, or the CPU for the
-        emulator's runs) and serving its dtype and row count."""
-        p = self._prepared
-        held = None if p is None else (p.w8 if self.layout == "fp8-fp8" else p.wq)
-        return held is not None and held.device == x2.device and self._serves(x2.dtype, x2.shape[0])
+        """Whether x2 runs on this layer's prepared copy: made on x2's device (the GPU, or the CPU for
+        the emulator's runs) and serving its dtype and row count."""
+        return on_prepared(self.layout, self._prepared, x2)
 
     def _quantize(self, x2: torch.Tensor, kp: int):
-        if x2.is_cuda:
-            from qconvert_kernels.fp8 import cuda as cuda_fp8
-
-            return cuda_fp8.quantize_per_token_fp8(x2, kp)
-        return ref8.quantize_per_token_fp8(x2, kp)  # the kernel's bits (the emulator's runs)
+        return _quantize(x2, kp)
 
     def _forward_repacked(self, x2: torch.Tensor) -> torch.Tensor:
-        from qconvert_kernels.w4a8 import cuda as kcuda
-
-        p, xq = self._prepared, None
-        if self.layout == "fp8-fp8":
-            from qconvert_kernels.fp8 import cuda as cuda_fp8
-
-            xq, t = self._quantize(x2, self.kp)
-            y = cuda_fp8.fp8_fp8_scaled(xq, t, p, x2.dtype)
-        elif x2.shape[0] <= kcuda.DECODE_MAX_M:
-            y = kcuda.linear(x2, p)  # E4M3 quantizer fused in: one launch (two with LoRC, its term added inside)
-            if p.lorc_u is not None:
-                return y
-        else:
-            xq, t = self._quantize(x2, p.kq)
-            y = kcuda.zq_prefill(xq, t, p, x2.dtype)
-        if self.lorc_rank:  # LoRC reads the same E4M3 activations (at decode: quantized once more for it)
-            if xq is None:
-                xq, t = self._quantize(x2, self.kp)
+        y, quantized = run_prepared(self.layout, self._prepared, x2)
+        if self.lorc_rank and not (quantized is None and self._prepared.lorc_u is not None):
+            # LoRC reads the same E4M3 activations (fp4-fp8 at decode: its kernels add it, else quantized once more)
+            xq, t = quantized or _quantize(x2, self.kp)
             y = (y.float() + ref8.lorc_term(xq, t, self.lorc_u, self.lorc_v)).to(x2.dtype)
         return y
+
+    @classmethod
+    def fuse(cls, members: list[torch.nn.Module]) -> bool:
+        """Siblings of one FP8 layout, K (and group size) without LoRC or an input hook become one
+        ``FP8Siblings``: one quantization and one GEMM on the GPU for q/k/v and for gate/up."""
+        first = members[0]
+        if not all(isinstance(m, FP8Linear) and m._group is None and m._prepared is None and not m.lorc_rank
+                   and not m._forward_pre_hooks for m in members):
+            return False
+        if any((m.layout, m.kp, m.group_size, m.in_features) != (first.layout, first.kp, first.group_size, first.in_features)
+               for m in members):
+            return False
+        group = FP8Siblings(members)
+        for m in members:
+            m._group = group
+        return True
 
     def _forward_cuda(self, x2: torch.Tensor) -> torch.Tensor:
         from qconvert_kernels.fp8 import cuda as cuda_fp8
@@ -166,7 +167,7 @@ class FP8Linear(QuantizedModule):
         if self.layout == "fp4-fp8":
             y = cuda_fp8.fp4_fp8_gemm(xq, t, self.qweight, self.sexp, self.cscale, self.group_size, x2.dtype)
         else:
-            y = cuda_fp8.fp8_fp8_gemm(xq, t, self.qweight, self.wscale, x2.dtype)
+            y = cuda_fp8.fp8_fp8_gemm(xq, t, *self._fp8_weights(x2.device), x2.dtype)
         if self.lorc_rank:
             y = (y.float() + ref8.lorc_term(xq, t, self.lorc_u, self.lorc_v)).to(x2.dtype)
         return y
@@ -185,9 +186,124 @@ class FP8Linear(QuantizedModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
+        if x.is_cuda:
+            self.prepare_cuda(x.device)  # a no-op once prepared there (at load time)
+        if self._group is not None and on_prepared(self.layout, self._group.prepared, x2):
+            return self._finish(self._group.output(self, x), x, shape)
         if self._on_repacked(x2):
             return self._finish(self._forward_repacked(x2.contiguous()), x, shape)
         return self._finish(self._forward_cuda(x2) if x.is_cuda else self._forward_cpu(x2), x, shape)
+
+
+def _quantize(x2: torch.Tensor, kp: int):
+    if x2.is_cuda:
+        from qconvert_kernels.fp8 import cuda as cuda_fp8
+
+        return cuda_fp8.quantize_per_token_fp8(x2, kp)
+    return ref8.quantize_per_token_fp8(x2, kp)  # the kernel's bits (the emulator's runs)
+
+
+def _device(device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def held_on(layout: str, p) -> torch.device | None:
+    """Where the prepared copy ``p`` is (None: no copy)."""
+    return None if p is None else (p.w8 if layout == "fp8-fp8" else p.wq).device
+
+
+def prepared_on(layout: str, p, failed: set, device: torch.device, make):
+    """``p`` where it is on ``device``; else ``make()`` there (None where none could be made: then that
+    device goes into ``failed`` and is not tried again: a failed row-wise GEMM probe is not cached)."""
+    if p is not None and held_on(layout, p) == device:
+        return p
+    if str(device) in failed:
+        return None
+    p = make()
+    if p is None:
+        failed.add(str(device))
+    return p
+
+
+def prepare(layout: str, tensors: dict, group_size: int | None, device: torch.device):
+    """The copy the GPU paths read of one (or a joined) layer, or None where none serves: fp4-fp8 the
+    repacked weights (group sizes 32..1024; LoRC's factors too when given), fp8-fp8 the weights for
+    torch._scaled_mm (where the device's torch has that GEMM)."""
+    if layout == "fp8-fp8":
+        from qconvert_kernels.fp8 import cuda as cuda_fp8
+
+        return cuda_fp8.prepare_fp8_fp8(tensors["qweight"], tensors["wscale"], device)
+    from qconvert_kernels.w4a8 import cuda as kcuda
+
+    n, k = (int(v) for v in tensors["shape"])
+    try:
+        kcuda.check_repacked_shape("fp4-fp8", n, k, tensors["qweight"].shape[1] * 2, group_size)
+    except ValueError:
+        return None
+    return kcuda.prepare("fp4-fp8", tensors, group_size, device)
+
+
+def serves(layout: str, p, dtype, m: int | None = None) -> bool:
+    """Whether the prepared copy ``p`` runs m tokens (every m: None) of ``dtype``: fp8-fp8 where
+    torch._scaled_mm takes that output; fp4-fp8 at decode (M <= 64) or with a widened prefill."""
+    from qconvert_kernels.w4a8 import cuda as kcuda
+
+    if p is None or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if layout == "fp8-fp8":
+        return p.runs(dtype)
+    return (m is not None and m <= kcuda.DECODE_MAX_M) or p.prefills(dtype)
+
+
+def on_prepared(layout: str, p, x2: torch.Tensor) -> bool:
+    """Whether x2 runs on ``p``: made on x2's device and serving its dtype and row count."""
+    return held_on(layout, p) == x2.device and serves(layout, p, x2.dtype, x2.shape[0])
+
+
+def run_prepared(layout: str, p, x2: torch.Tensor):
+    """y [M, N] of x2 on the prepared copy ``p``, and (xq, t) where the activations were quantized on
+    the way (None where the fp4-fp8 decode kernel quantizes inside its launch)."""
+    from qconvert_kernels.w4a8 import cuda as kcuda
+
+    if layout == "fp8-fp8":
+        from qconvert_kernels.fp8 import cuda as cuda_fp8
+
+        xq, t = _quantize(x2, p.kp)
+        return cuda_fp8.fp8_fp8_scaled(xq, t, p, x2.dtype), (xq, t)
+    if x2.shape[0] <= kcuda.DECODE_MAX_M:
+        return kcuda.linear(x2, p), None  # E4M3 quantizer fused in: one launch (two with LoRC, its term added inside)
+    xq, t = _quantize(x2, p.kq)
+    return kcuda.zq_prefill(xq, t, p, x2.dtype), (xq, t)
+
+
+class FP8Siblings(SiblingGroup):
+    """Sibling FP8 linears without LoRC that read the same input run as one GEMM (``base.SiblingGroup``):
+    their stored tensors joined along N and prepared once (``prepare``), one quantization of the
+    input.  fp8-fp8 and the fp4-fp8 prefill: one torch._scaled_mm over the joined rows, whose sums
+    may be ordered otherwise than a member's own launch (the FP8 tolerance, as any such GEMM);
+    fp4-fp8 at decode: the repacked decode kernel in the joined layer's split-K plan (equal to
+    ``reference.fp4_fp8_gemm_split`` in that plan's order)."""
+
+    def __init__(self, members: list[FP8Linear]):
+        super().__init__(members)
+        self._failed: set[str] = set()  # devices where no copy could be made (not tried again)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        stored = [m._stored() for m in self.members]
+        t = {key: torch.cat([s[key] for s in stored]) for key in stored[0] if key != "shape"}
+        t["shape"] = torch.tensor([self.n, self.members[0].in_features], dtype=torch.int64)
+        return t
+
+    def prepare(self, device: torch.device) -> None:
+        first, device = self.members[0], _device(device)
+        self.prepared = prepared_on(first.layout, self.prepared, self._failed, device,
+                                    lambda: prepare(first.layout, self.tensors(), first.group_size, device))
+
+    def _run(self, x2: torch.Tensor) -> torch.Tensor:
+        return run_prepared(self.members[0].layout, self.prepared, x2)[0]
 
 
 class FP8Layout(Layout):

@@ -25,7 +25,8 @@ import torch
 
 from qconvert.errors import QConvertError
 from qconvert.formats.packing import pack_int4_words, unpack_int4
-from qconvert.layouts.base import Layout, QuantizedModule, TensorSpec, finite, finite_positive, padded, shape_check
+from qconvert.layouts.base import (Layout, QuantizedModule, SiblingGroup, TensorSpec, finite, finite_positive, padded,
+                                   shape_check)
 from qconvert_kernels.w4a8 import reference as ref
 
 INT32_MAX = 2**31 - 1
@@ -201,19 +202,9 @@ def check_kernel_dtype(x: torch.Tensor) -> None:
                             "load with dtype=torch.float16 (the default on cuda)")
 
 
-class SiblingGEMM:
-    """Sibling W4A8 linears that read the same input (q/k/v, gate/up) run as one GEMM.
-
-    Their weights are joined along N at load time (``tensors``) and prepared once for the kernels;
-    the first member called with an input runs the joined GEMM and keeps its output, and each
-    sibling then called with that same input (the same tensor object, unchanged since: its
-    ``_version``, where torch keeps one: not for tensors made under ``torch.inference_mode``, whose
-    in-place changes no counter shows; the parents ``fuse_siblings`` joins call their siblings back
-    to back on one input) takes its own columns, a view.  So a decode step launches one kernel for q, k
-    and v instead of three (the per-token quantization is done once too), and the weights stream
-    as one larger GEMM.  Anything else (a member called twice, or with another input) runs the
-    joined GEMM again: always correct, only slower.  The output is released once every member
-    has taken its columns.
+class SiblingGEMM(SiblingGroup):
+    """Sibling W4A8 linears that read the same input (q/k/v, gate/up) run as one GEMM
+    (``base.SiblingGroup``: the joined call and its members' column views).
 
     Exactness: w4a8-is joins the integer scales as stored and folds each member's amplifier into
     its channel factors, c' = c · 2^-a (one float32 product, the one the kernel makes), with
@@ -221,20 +212,6 @@ class SiblingGEMM:
     member's own, bit for bit.  w4a8-fs: the joined layer's split-K plan may differ from a
     member's, so its float sums can round differently (equal to ``reference.w4a8_fs_gemm_split``
     in the joined plan's split order, as any w4a8-fs launch is)."""
-
-    def __init__(self, members: list[W4A8Linear]):
-        self.members = list(members)
-        self.columns = {}
-        start = 0
-        for m in self.members:
-            self.columns[id(m)] = (start, start + m.out_features)
-            start += m.out_features
-        self.n = start
-        self.prepared = None
-        self.launches = 0  # joined GEMMs run (tests read it)
-        self._x = self._y = None
-        self._version = -1
-        self._taken: set[int] = set()
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The joined layer in the on-disk form ``cuda.prepare`` takes."""
@@ -256,23 +233,12 @@ class SiblingGEMM:
             first = self.members[0]
             self.prepared = kcuda.prepare(first.layout, self.tensors(), first.group_size, device)
 
-    def output(self, member: W4A8Linear, x: torch.Tensor) -> torch.Tensor:
-        """``member``'s [M, N_member] columns of the joined GEMM of x (a view)."""
+    def _run(self, x2: torch.Tensor) -> torch.Tensor:
         from qconvert_kernels.w4a8 import cuda as kcuda
 
-        version = -1 if x.is_inference() else x._version  # inference tensors keep no version counter
-        if x is not self._x or version != self._version or id(member) in self._taken:
-            check_kernel_dtype(x)
-            self.prepare(x.device)
-            self._y = kcuda.linear(x.reshape(-1, x.shape[-1]), self.prepared)
-            self._x, self._version, self._taken = x, version, set()
-            self.launches += 1
-        self._taken.add(id(member))
-        a, b = self.columns[id(member)]
-        y = self._y[:, a:b]
-        if len(self._taken) == len(self.members):
-            self._x = self._y = None
-        return y
+        check_kernel_dtype(x2)
+        self.prepare(x2.device)
+        return kcuda.linear(x2, self.prepared)
 
 
 class Int4Layout(Layout):

@@ -192,10 +192,10 @@ def row_scaled_mm(xq: torch.Tensor, t: torch.Tensor, w8: torch.Tensor, wscale: t
                   out_dtype) -> torch.Tensor:
     """y [M, n] = (xq * t[m]) (w8 * wscale[n'])^T in ``out_dtype`` by torch._scaled_mm with per-row
     scales run with output ``out`` (``scaled_mm_outputs``: out_dtype or float32): xq E4M3 [M, K'],
-    w8 E4M3 [N16, K'] (N16 % 16 == 0, rows past n zero), t float32 [M], wscale float32 [N16]; a view
-    of the first n columns when n < N16.  One GEMM over all of K in its own order."""
+    w8 E4M3 [N16, K'] (N16 % 16 == 0, rows past n zero), t float32 [M], wscale float32 [N16]; y
+    contiguous (the first n columns copied out when n < N16).  One GEMM over all of K in its own order."""
     y = torch._scaled_mm(xq, w8.t(), scale_a=t.float().reshape(-1, 1), scale_b=wscale.reshape(1, -1), out_dtype=out)
-    return y[:, :n].to(out_dtype)
+    return y[:, :n].to(out_dtype).contiguous()
 
 
 @dataclass

@@ -399,7 +399,7 @@ def lorc_h(x: torch.Tensor, prep: PreparedW4A8) -> torch.Tensor:
 def zq_prefill(xq: torch.Tensor, t: torch.Tensor, prep: PreparedW4A8, out_dtype) -> torch.Tensor:
     """fp4-fp8 at M > 64 on an FP8 GEMM with per-row scales: y = (xq * t[m]) (w8 * c[n] 2^-s[n])^T
     (torch._scaled_mm: cuBLASLt / CUTLASS on the GPU), w8 from ``widen_zq``; xq E4M3 [M, Kq] and t
-    float32 [M] from the per-token E4M3 quantizer.  y [M, N] in out_dtype (a view when N % 16 != 0).
+    float32 [M] from the per-token E4M3 quantizer.  y [M, N] in out_dtype, contiguous.
     The same products as ``reference.fp4_fp8_gemm``, summed over all of K in the GEMM's order
     (``reference.fp4_fp8_gemm_widened`` sums them exactly)."""
     _require(prep.prefills(out_dtype), f"w4a8.zq_prefill: no row-wise FP8 GEMM for {out_dtype} output on this device "

@@ -1,0 +1,176 @@
+"""Sibling ZeroQuant-FP linears (q/k/v, gate/up) run as one GEMM (qconvert/layouts/fp8.py
+``FP8Siblings``, ``runtime.fuse_siblings``), proven on the CPU: fp8-fp8 through torch's CPU
+``_scaled_mm``, fp4-fp8 through the real launchers with their launches on the lane-exact emulator
+(w4a8/emulate.py).  Each member's columns must be what the joined layer's reference gives (bit for
+bit for the fp4-fp8 decode kernel, in the joined plan's split order) and within the FP8 tolerance of
+the member's own reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import llama_sibling_groups, tiny_out
+
+from qconvert.formats.fp4 import codes_to_values, unpack_fp4
+from qconvert.layouts.fp8 import FP8Linear
+from qconvert.methods.zeroquant_fp import ZeroQuantFPMethod
+from qconvert.runtime import fuse_siblings, load
+from qconvert_kernels.fp8 import cuda as cuda_fp8
+from qconvert_kernels.fp8 import reference as ref8
+from qconvert_kernels.w4a8 import cuda as kcuda
+from qconvert_kernels.w4a8 import emulate
+
+K = 320
+WIDTHS = (136, 40, 40)  # q, k, v with 3 kv groups: N not a multiple of 16 nor of the 128-row tile
+PARAMS = {"fp8-fp8": {"weight_format": "fp8", "base": "rtn", "lorc_rank": 0},
+          "fp4-fp8": {"base": "rtn", "lorc_rank": 0, "group_size": 64}}
+
+
+def members(layout: str, lorc_rank: int = 0, widths=WIDTHS, seed: int = 0) -> list[FP8Linear]:
+    gen = torch.Generator().manual_seed(seed)
+    method = ZeroQuantFPMethod({**PARAMS[layout], "lorc_rank": lorc_rank})
+    mods = []
+    for i, n in enumerate(widths):
+        ql = method.quantize_linear(f"l{i}", torch.randn(n, K, generator=gen) * 0.05)
+        assert ql.layout == layout
+        mods.append(FP8Linear(ql.layout, ql.tensors, None))
+    return mods
+
+
+def activations(m: int, dtype=torch.float16, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn((m, K), generator=gen) * 0.5).to(dtype)
+
+
+def reference(mod: FP8Linear, x: torch.Tensor, kp: int):
+    """(y, |y|_abs) of one member by the reference, on the E4M3 activations padded to kp."""
+    xq, t = ref8.quantize_per_token_fp8(x, kp)
+    xq = xq[:, : mod.kp]
+    absq = xq.float().abs().to(torch.float8_e4m3fn)
+    if mod.layout == "fp8-fp8":
+        return (ref8.fp8_fp8_gemm(xq, t, mod.qweight, mod.wscale),
+                ref8.fp8_fp8_gemm(absq, t, mod.qweight.float().abs().to(torch.float8_e4m3fn), mod.wscale))
+    w = codes_to_values(unpack_fp4(mod.qweight))
+    return (ref8.fp4_fp8_gemm(xq, t, ref8.weight_groups(w, mod.group_size), mod.sexp, mod.cscale),
+            ref8.fp4_fp8_gemm(absq, t, ref8.weight_groups(w.abs(), mod.group_size), mod.sexp, mod.cscale))
+
+
+def within_tolerance(y, mod, x, kp, dtype) -> float:
+    want, y_abs = reference(mod, x, kp)
+    bound = 2.0**-9 * y_abs + torch.finfo(dtype).eps * want.abs() + torch.finfo(dtype).tiny
+    return float(((y.float() - want).abs() / bound).max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 70])
+def test_fp8_fp8_siblings_run_one_quantization_and_one_gemm(monkeypatch, m, dtype):
+    mods = members("fp8-fp8")
+    assert FP8Linear.fuse(mods)
+    for mod in mods:
+        mod.prepare_cuda("cpu")  # the group's, once
+    group = mods[0]._group
+    assert group.prepared.w8.shape == (224, K) and all(mod._prepared is None for mod in mods)
+    calls = []
+    real = cuda_fp8.fp8_fp8_scaled
+    monkeypatch.setattr(cuda_fp8, "fp8_fp8_scaled", lambda *a: calls.append(a[0].shape) or real(*a))
+    x = activations(m, dtype, seed=m)
+    got = [mod(x) for mod in (mods[2], mods[0], mods[1])]  # any order: the first call runs the GEMM
+    assert group.launches == 1 and calls == [(m, K)]
+    for y, mod in zip([got[1], got[2], got[0]], mods):
+        assert y.shape == (m, mod.out_features) and y.dtype == dtype
+        assert within_tolerance(y, mod, x, K, dtype) <= 1.0
+
+
+@pytest.mark.parametrize("m", [3, 70])  # the decode kernel (M <= 64) and the widened prefill
+def test_fp4_fp8_siblings_run_one_launch(m):
+    mods = members("fp4-fp8")
+    assert FP8Linear.fuse(mods)
+    group = mods[0]._group
+    x = activations(m, seed=m)
+    with emulate.emulating(sm_count=8) as emu:
+        for mod in mods:
+            mod.prepare_cuda("cpu")
+        got = [mod(x) for mod in mods]
+    assert group.launches == 1
+    assert [name for name, *_ in emu.launches] == (["w4a8r_decode_zq_m8"] if m <= 64 else ["w4a8r_widen_zq"])
+    joined = group.tensors()
+    if m <= 64:  # the joined layer's reference in the joined plan's split order, bit for bit
+        xq, t = ref8.quantize_per_token_fp8(x, K)
+        wg = ref8.weight_groups(codes_to_values(unpack_fp4(joined["qweight"])), 64)
+        want = ref8.fp4_fp8_gemm_split(xq, t, wg, joined["sexp"], joined["cscale"],
+                                       kcuda.plan(m, group.prepared, 8).split_bounds()).half()
+        assert torch.equal(torch.cat(got, 1).view(torch.int16), want.view(torch.int16))
+    for y, mod in zip(got, mods):
+        assert y.shape == (m, mod.out_features)
+        assert within_tolerance(y, mod, x, group.prepared.kq, torch.float16) <= 1.0
+
+
+def test_fp8_fuse_refuses_what_cannot_share_one_gemm():
+    fp8, fp4 = members("fp8-fp8"), members("fp4-fp8")
+    assert not FP8Linear.fuse([fp8[0], fp4[1]])                          # two layouts
+    assert not FP8Linear.fuse(members("fp8-fp8", lorc_rank=2))           # LoRC: each member its own term
+    other_g = FP8Linear("fp4-fp8", ZeroQuantFPMethod({**PARAMS["fp4-fp8"], "group_size": 32}).quantize_linear(
+        "g", torch.randn(40, K) * 0.05).tensors, None)
+    assert not FP8Linear.fuse([fp4[0], other_g])                         # two group sizes
+    hooked = members("fp8-fp8")
+    hooked[1].register_forward_pre_hook(lambda mod, args: args)
+    assert not FP8Linear.fuse(hooked)
+    assert FP8Linear.fuse(fp8[:2]) and not FP8Linear.fuse(fp8[1:])       # already fused
+    assert all(m._group is None for m in fp4 + hooked + [other_g])
+
+
+def test_a_group_without_a_row_wise_gemm_leaves_its_members_on_their_own_paths(monkeypatch):
+    """No row-wise FP8 GEMM in torch: the group prepares nothing (tried once per device, not again at
+    every call), nothing is held on the host, and each member runs the CPU path."""
+    mods = members("fp8-fp8")
+    plain = members("fp8-fp8")
+    assert FP8Linear.fuse(mods)
+
+    def refuse(*a, **kw):
+        raise RuntimeError("rowwise scaling is not supported here")
+
+    monkeypatch.setattr(torch, "_scaled_mm", refuse)
+    monkeypatch.setattr(cuda_fp8, "_SCALED_MM_OUT", {})
+    for mod in mods:
+        mod.prepare_cuda("cpu")
+        mod.keep_stored_on_host()
+    assert mods[0]._group.prepared is None and not any(mod._stored_on_host for mod in mods)
+    x = activations(3).float()
+    assert all(torch.equal(mod(x), p(x)) for mod, p in zip(mods, plain))
+
+
+def test_fused_members_keep_their_stored_tensors_on_the_host():
+    mods = members("fp4-fp8")
+    assert FP8Linear.fuse(mods)
+    held = []
+    for mod in mods:
+        mod.prepare_cuda("cpu")
+        mod.keep_stored_on_host()
+        held.append({name: getattr(mod, name) for name in ("qweight", "sexp", "cscale")})
+    for mod, h in zip(mods, held):
+        mod.to(torch.float64)
+        assert all(getattr(mod, name) is h[name] for name in h)
+
+
+@pytest.fixture(scope="module")
+def zqfp_w8a8_out(tiny_llama, tmp_path_factory):
+    return tiny_out(tiny_llama, tmp_path_factory, "zqfp-w8a8")
+
+
+def test_fused_fp8_model_matches_the_cpu_path(zqfp_w8a8_out):
+    """A real zqfp-w8a8 OUT loaded, q/k/v and gate/up of every layer joined and prepared (the CPU
+    _scaled_mm standing in): one GEMM per group per forward, logits within 1e-2 of the CPU path's."""
+    plain = load(zqfp_w8a8_out, dtype=torch.float16)
+    fused = load(zqfp_w8a8_out, dtype=torch.float16)
+    assert sorted(fuse_siblings(fused)) == llama_sibling_groups(fused.config.num_hidden_layers)
+    layers = fused.config.num_hidden_layers
+    for mod in fused.modules():
+        if isinstance(mod, FP8Linear):
+            mod.prepare_cuda("cpu")
+    groups = {id(m._group): m._group for m in fused.modules() if getattr(m, "_group", None) is not None}
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3], [11, 12, 13, 14, 15, 16]])
+    with torch.no_grad():
+        a = plain(ids).logits.float()
+        b = fused(ids).logits.float()
+    assert len(groups) == 2 * layers and all(g.launches == 1 for g in groups.values())
+    assert float((a - b).norm() / a.norm()) < 1e-2
