@@ -81,34 +81,10 @@ def test_fp8_fp8_siblings_run_one_quantization_and_one_gemm(monkeypatch, m, dtyp
         assert within_tolerance(y, mod, x, K, dtype) <= 1.0
 
 
-@pytest.mark.parametrize("m", [3, 70])  # the decode kernel (M <= 64) and the widened prefill
-def test_fp4_fp8_siblings_run_one_launch(m):
-    mods = members("fp4-fp8")
-    assert FP8Linear.fuse(mods)
-    group = mods[0]._group
-    x = activations(m, seed=m)
-    with emulate.emulating(sm_count=8) as emu:
-        for mod in mods:
-            mod.prepare_cuda("cpu")
-        got = [mod(x) for mod in mods]
-    assert group.launches == 1
-    assert [name for name, *_ in emu.launches] == (["w4a8r_decode_zq_m8"] if m <= 64 else ["w4a8r_widen_zq"])
-    joined = group.tensors()
-    if m <= 64:  # the joined layer's reference in the joined plan's split order, bit for bit
-        xq, t = ref8.quantize_per_token_fp8(x, K)
-        wg = ref8.weight_groups(codes_to_values(unpack_fp4(joined["qweight"])), 64)
-        want = ref8.fp4_fp8_gemm_split(xq, t, wg, joined["sexp"], joined["cscale"],
-                                       kcuda.plan(m, group.prepared, 8).split_bounds()).half()
-        assert torch.equal(torch.cat(got, 1).view(torch.int16), want.view(torch.int16))
-    for y, mod in zip(got, mods):
-        assert y.shape == (m, mod.out_features)
-        assert within_tolerance(y, mod, x, group.prepared.kq, torch.float16) <= 1.0
-
-
 def test_fp8_fuse_refuses_what_cannot_share_one_gemm():
     fp8, fp4 = members("fp8-fp8"), members("fp4-fp8")
     assert not FP8Linear.fuse([fp8[0], fp4[1]])                          # two layouts
-    assert not FP8Linear.fuse(members("fp8-fp8", lorc_rank=2))           # LoRC: each member its own term
+    assert not FP8Linear.fuse(members("fp4-fp8", lorc_rank=11))          # ranks 33 > the decode kernel's 32
     other_g = FP8Linear("fp4-fp8", ZeroQuantFPMethod({**PARAMS["fp4-fp8"], "group_size": 32}).quantize_linear(
         "g", torch.randn(40, K) * 0.05).tensors, None)
     assert not FP8Linear.fuse([fp4[0], other_g])                         # two group sizes
@@ -174,3 +150,66 @@ def test_fused_fp8_model_matches_the_cpu_path(zqfp_w8a8_out):
         b = fused(ids).logits.float()
     assert len(groups) == 2 * layers and all(g.launches == 1 for g in groups.values())
     assert float((a - b).norm() / a.norm()) < 1e-2
+
+
+def within_tolerance_lorc(y, mod, x, kp, dtype) -> float:
+    """As ``within_tolerance``, the member's own LoRC term added to its reference (and to |y|_abs)."""
+    want, y_abs = reference(mod, x, kp)
+    xq, t = ref8.quantize_per_token_fp8(x, kp)
+    z = ref8.lorc_term(xq, t, mod.lorc_u, mod.lorc_v)
+    bound = 2.0**-9 * (y_abs + z.abs()) + 2 * torch.finfo(dtype).eps * (want + z).abs() + torch.finfo(dtype).tiny
+    return float(((y.float() - want - z).abs() / bound).max())
+
+
+@pytest.mark.parametrize("lorc_rank", [0, 8])
+@pytest.mark.parametrize("m", [3, 70])  # the decode kernel (M <= 64) and the widened prefill
+def test_fp4_fp8_siblings_run_one_launch(m, lorc_rank):
+    """q/k/v joined, without LoRC and with rank 8 each (the zqfp-w4a8 preset): at decode one decode
+    launch (with LoRC one h launch before it, the epilogue adding the block-diagonal term), the
+    joined reference bit for bit, each member's rows of h its own; above 64 tokens one widening (LoRC
+    in torch); every member within tolerance of its own reference (plus its own term)."""
+    mods = members("fp4-fp8", lorc_rank=lorc_rank)
+    assert FP8Linear.fuse(mods)
+    group = mods[0]._group
+    x = activations(m, seed=m)
+    with emulate.emulating(sm_count=8) as emu:
+        for mod in mods:
+            mod.prepare_cuda("cpu")
+        got = [mod(x) for mod in mods]
+    assert group.launches == 1
+    decode = ["w4a8r_lorc_h_zq", "w4a8r_decode_zq_m8"] if lorc_rank else ["w4a8r_decode_zq_m8"]
+    assert [n for n, *_ in emu.launches] == (decode if m <= 64 else ["w4a8r_widen_zq"])
+    xq, t = ref8.quantize_per_token_fp8(x, K)
+    if lorc_rank:
+        u, v = group.lorc()
+        assert u.shape == (sum(WIDTHS), 24) and v.shape == (24, K)
+        h = ref8.lorc_h_lanes(xq, t, v)
+        for i, mod in enumerate(mods):  # each member's rows of h are what it makes alone
+            assert torch.equal(h[:, 8 * i:8 * i + 8], ref8.lorc_h_lanes(xq, t, mod.lorc_v))
+    if m <= 64:  # the joined layer's reference in the joined plan's split order, bit for bit
+        joined = group.tensors()
+        wg = ref8.weight_groups(codes_to_values(unpack_fp4(joined["qweight"])), 64)
+        want = ref8.fp4_fp8_gemm_split(xq, t, wg, joined["sexp"], joined["cscale"],
+                                       kcuda.plan(m, group.prepared, 8).split_bounds())
+        want = (ref8.lorc_tail(want, h, u) if lorc_rank else want).half()
+        assert torch.equal(torch.cat(got, 1).view(torch.int16), want.view(torch.int16))
+    for y, mod in zip(got, mods):
+        assert y.shape == (m, mod.out_features)
+        if lorc_rank:
+            assert within_tolerance_lorc(y, mod, x, group.prepared.kq, torch.float16) <= 1.0
+            assert within_tolerance(y, mod, x, group.prepared.kq, torch.float16) > 1.0  # the term is there
+        else:
+            assert within_tolerance(y, mod, x, group.prepared.kq, torch.float16) <= 1.0
+
+
+def test_fp8_fp8_siblings_with_lorc():
+    mods = members("fp8-fp8", lorc_rank=4)
+    assert FP8Linear.fuse(mods)
+    x = activations(5, seed=2)
+    for mod in mods:
+        mod.prepare_cuda("cpu")
+    got = [mod(x) for mod in mods]
+    assert mods[0]._group.launches == 1
+    for y, mod in zip(got, mods):
+        assert within_tolerance_lorc(y, mod, x, K, torch.float16) <= 1.0
+        assert within_tolerance(y, mod, x, K, torch.float16) > 1.0  # the term is there

@@ -374,14 +374,16 @@ def check_lorc_case(m, n, k, g, r, dtype=torch.float16, sm_count=8, **kw):
 
 
 @pytest.mark.parametrize("m,n,k,g,r,dtype", [(1, 136, 256, 128, 8, torch.float16), (5, 200, 640, 64, 16, torch.bfloat16),
-                                             (3, 13, 300, 96, 1, torch.float16), (33, 136, 1000, 128, 8, torch.float16)])
+                                             (3, 13, 300, 96, 1, torch.float16), (33, 136, 1000, 128, 8, torch.float16),
+                                             (2, 72, 512, 128, 32, torch.bfloat16)])  # the kernels' largest rank
 def test_decode_adds_lorc_in_its_epilogue(m, n, k, g, r, dtype):
     check_lorc_case(m, n, k, g, r, dtype)
 
 
 def test_lorc_above_the_kernels_rank_stays_in_torch():
     tensors = make_fp4_layer(128, 256, 128, 4)
-    tensors["lorc_u"], tensors["lorc_v"] = torch.zeros(128, 17).half(), torch.zeros(17, 256).half()
+    r = cuda.LORC_MAX_R + 1
+    tensors["lorc_u"], tensors["lorc_v"] = torch.zeros(128, r).half(), torch.zeros(r, 256).half()
     assert cuda.prepare("fp4-fp8", tensors, 128, "cpu").lorc_u is None
 
 

@@ -137,23 +137,25 @@ class FP8Linear(QuantizedModule):
         return _quantize(x2, kp)
 
     def _forward_repacked(self, x2: torch.Tensor) -> torch.Tensor:
-        y, quantized = run_prepared(self.layout, self._prepared, x2)
-        if self.lorc_rank and not (quantized is None and self._prepared.lorc_u is not None):
-            # LoRC reads the same E4M3 activations (fp4-fp8 at decode: its kernels add it, else quantized once more)
-            xq, t = quantized or _quantize(x2, self.kp)
-            y = (y.float() + ref8.lorc_term(xq, t, self.lorc_u, self.lorc_v)).to(x2.dtype)
-        return y
+        lorc = (self.lorc_u, self.lorc_v) if self.lorc_rank else None
+        return run_prepared(self.layout, self._prepared, x2, lorc, self.kp)
 
     @classmethod
     def fuse(cls, members: list[torch.nn.Module]) -> bool:
-        """Siblings of one FP8 layout, K (and group size) without LoRC or an input hook become one
-        ``FP8Siblings``: one quantization and one GEMM on the GPU for q/k/v and for gate/up."""
+        """Siblings of one FP8 layout, K (and group size) without an input hook become one
+        ``FP8Siblings``: one quantization and one GEMM on the GPU for q/k/v and for gate/up.  fp4-fp8
+        members with LoRC join where their ranks add up to at most the decode kernel's LORC_MAX_R (it
+        adds the joined term in its epilogue)."""
+        from qconvert_kernels.w4a8.cuda import LORC_MAX_R
+
         first = members[0]
-        if not all(isinstance(m, FP8Linear) and m._group is None and m._prepared is None and not m.lorc_rank
+        if not all(isinstance(m, FP8Linear) and m._group is None and m._prepared is None
                    and not m._forward_pre_hooks for m in members):
             return False
         if any((m.layout, m.kp, m.group_size, m.in_features) != (first.layout, first.kp, first.group_size, first.in_features)
                for m in members):
+            return False
+        if first.layout == "fp4-fp8" and sum(m.lorc_rank for m in members) > LORC_MAX_R:
             return False
         group = FP8Siblings(members)
         for m in members:
@@ -263,47 +265,80 @@ def on_prepared(layout: str, p, x2: torch.Tensor) -> bool:
     return held_on(layout, p) == x2.device and serves(layout, p, x2.dtype, x2.shape[0])
 
 
-def run_prepared(layout: str, p, x2: torch.Tensor):
-    """y [M, N] of x2 on the prepared copy ``p``, and (xq, t) where the activations were quantized on
-    the way (None where the fp4-fp8 decode kernel quantizes inside its launch)."""
+def run_prepared(layout: str, p, x2: torch.Tensor, lorc=None, kp: int = 0) -> torch.Tensor:
+    """y [M, N] of x2 on the prepared copy ``p``, plus LoRC's term where ``lorc`` = (U [N, r], V [r, K])
+    is given: on the same E4M3 activations (the fp4-fp8 decode kernel adds the term itself where
+    ``p`` holds its factors; else the activations are quantized once more, to ``kp`` columns)."""
     from qconvert_kernels.w4a8 import cuda as kcuda
 
+    quantized = None
     if layout == "fp8-fp8":
         from qconvert_kernels.fp8 import cuda as cuda_fp8
 
-        xq, t = _quantize(x2, p.kp)
-        return cuda_fp8.fp8_fp8_scaled(xq, t, p, x2.dtype), (xq, t)
-    if x2.shape[0] <= kcuda.DECODE_MAX_M:
-        return kcuda.linear(x2, p), None  # E4M3 quantizer fused in: one launch (two with LoRC, its term added inside)
-    xq, t = _quantize(x2, p.kq)
-    return kcuda.zq_prefill(xq, t, p, x2.dtype), (xq, t)
+        quantized = _quantize(x2, p.kp)
+        y = cuda_fp8.fp8_fp8_scaled(*quantized, p, x2.dtype)
+    elif x2.shape[0] <= kcuda.DECODE_MAX_M:
+        y = kcuda.linear(x2, p)  # E4M3 quantizer fused in: one launch (two with LoRC, its term added inside)
+        if p.lorc_u is not None:
+            return y
+    else:
+        quantized = _quantize(x2, p.kq)
+        y = kcuda.zq_prefill(*quantized, p, x2.dtype)
+    if lorc is None:
+        return y
+    xq, t = quantized or _quantize(x2, kp)
+    return (y.float() + ref8.lorc_term(xq, t, *lorc)).to(x2.dtype)
 
 
 class FP8Siblings(SiblingGroup):
-    """Sibling FP8 linears without LoRC that read the same input run as one GEMM (``base.SiblingGroup``):
-    their stored tensors joined along N and prepared once (``prepare``), one quantization of the
-    input.  fp8-fp8 and the fp4-fp8 prefill: one torch._scaled_mm over the joined rows, whose sums
-    may be ordered otherwise than a member's own launch (the FP8 tolerance, as any such GEMM);
-    fp4-fp8 at decode: the repacked decode kernel in the joined layer's split-K plan (equal to
-    ``reference.fp4_fp8_gemm_split`` in that plan's order)."""
+    """Sibling FP8 linears that read the same input run as one GEMM (``base.SiblingGroup``): their
+    stored tensors joined along N and prepared once (``prepare``), one quantization of the input.
+    fp8-fp8 and the fp4-fp8 prefill: one torch._scaled_mm over the joined rows, whose sums may be
+    ordered otherwise than a member's own launch (the FP8 tolerance, as any such GEMM); fp4-fp8 at
+    decode: the repacked decode kernel in the joined layer's split-K plan (equal to
+    ``reference.fp4_fp8_gemm_split`` in that plan's order).  LoRC: the members' V stacked and their U
+    placed block-diagonally (``lorc``), so each output's term is the member's own sum with zeros
+    added (h of each member's rows is its own: each row of h depends only on its row of V)."""
 
     def __init__(self, members: list[FP8Linear]):
         super().__init__(members)
         self._failed: set[str] = set()  # devices where no copy could be made (not tried again)
+        self._lorc = None  # the joined (U, V) on the prepared copy's device
+
+    def lorc(self):
+        """(U [N, R] block-diagonal, V [R, K] stacked) of the members' LoRC factors, or None."""
+        ranked = [m for m in self.members if m.lorc_rank]
+        if not ranked:
+            return None
+        u = torch.zeros((self.n, sum(m.lorc_rank for m in ranked)), dtype=ranked[0].lorc_u.dtype)
+        r = 0
+        for m in ranked:
+            a, b = self.columns[id(m)]
+            u[a:b, r:r + m.lorc_rank] = m.lorc_u.to(device=u.device, dtype=u.dtype)
+            r += m.lorc_rank
+        return u, torch.cat([m.lorc_v.to(device=u.device, dtype=ranked[0].lorc_v.dtype) for m in ranked])
 
     def tensors(self) -> dict[str, torch.Tensor]:
         stored = [m._stored() for m in self.members]
         t = {key: torch.cat([s[key] for s in stored]) for key in stored[0] if key != "shape"}
         t["shape"] = torch.tensor([self.n, self.members[0].in_features], dtype=torch.int64)
+        lorc = self.lorc()
+        if lorc is not None and self.members[0].layout == "fp4-fp8":  # the decode kernel adds the joined term
+            t["lorc_u"], t["lorc_v"] = lorc
         return t
 
     def prepare(self, device: torch.device) -> None:
         first, device = self.members[0], _device(device)
+        before = self.prepared
         self.prepared = prepared_on(first.layout, self.prepared, self._failed, device,
                                     lambda: prepare(first.layout, self.tensors(), first.group_size, device))
+        if self.prepared is not before:
+            lorc = self.lorc() if self.prepared is not None else None
+            self._lorc = None if lorc is None else tuple(f.to(device) for f in lorc)
 
     def _run(self, x2: torch.Tensor) -> torch.Tensor:
-        return run_prepared(self.members[0].layout, self.prepared, x2)[0]
+        first = self.members[0]
+        return run_prepared(first.layout, self.prepared, x2, self._lorc, first.kp)
 
 
 class FP8Layout(Layout):

@@ -60,7 +60,7 @@ W4R_DECODE_ZQ(w4a8r_decode_zq_m64, 8)
 // meet in an xor butterfly (offsets 16 .. 1), then thread r adds the 8 warps' sums in warp order.
 // The decode kernel adds sum_r h[m, r] U[n, r] in its epilogue (w4r::lorc_tail).     [emulate.lorc_h]
 namespace zql {
-constexpr int MAX_R = 16;
+constexpr int MAX_R = 32;
 __device__ __forceinline__ float e4m3_to_f32(unsigned b) {
     unsigned h2;
     const unsigned short in = static_cast<unsigned short>(b & 0xFFu);

@@ -335,7 +335,7 @@ def prepare(layout: str, tensors: dict, group_size: int, device) -> PreparedW4A8
 
 
 WIDEN_SPAN = 14  # E4M3 holds every E2M1 value times 2^-8 .. 2^6 exactly: a row's exponents may span 14
-LORC_MAX_R = 16  # fp8_repacked.cu's zql::MAX_R: the decode path's LoRC rank at most
+LORC_MAX_R = 32  # fp8_repacked.cu's zql::MAX_R: the decode path's LoRC rank at most
 
 
 def widen_plan(qweight: torch.Tensor, sexp: torch.Tensor, cscale: torch.Tensor, n128: int, kp: int, group_size: int,

@@ -70,7 +70,7 @@ QUIK_DECODE_PARAMS = DECODE_PARAMS + ("xq", "t", "zq", "zc", "y_add")   # w4a8r_
 WIDEN_PARAMS = ("wq", "ew", "step_group", "w8", "N16", "N128", "KB")   # w4a8r_widen_zq (fp8/fp8_repacked.cu)
 ZQ_DECODE_PARAMS = DECODE_PARAMS + ("lorc_h", "lorc_u", "lorc_r")    # w4a8r_decode_zq_m* (fp8/fp8_repacked.cu)
 LORC_H_PARAMS = ("x", "v", "h", "M", "K", "R", "flags")              # w4a8r_lorc_h_zq
-LORC_MAX_R = 16
+LORC_MAX_R = 32
 
 MUTATIONS = frozenset({
     "swap_halves",      # a_frag: k 8tig+4..7 fed as mma k 4tig.. and vice versa for the weights only
