@@ -173,6 +173,47 @@ def quik_against_prediction(runs: list) -> list[str]:
     return out
 
 
+# kernels:<scheme> -> the prediction script (benchmarks/), and per function of it: the measured row its
+# rows are read against, the rows measured apart that its prediction includes (the quantizer), and what
+# a row must record to be of the predicted path (the I-LLM rows of the tile kernel share its name)
+PREDICTIONS = {
+    "kernels:zqfp-w4a8": ("zqfp_repacked_prediction.py", (("predict", "fp4-fp8-decode", (), {}),
+                                                          ("predict_prefill", "fp4-fp8-prefill", ("quantize-fp8",), {}),
+                                                          ("predict_fp8_fp8", "fp8-fp8-scaled", ("quantize-fp8",), {}))),
+    "kernels:illm-w8a8": ("illm_int_mm_prediction.py", (("predict", "illm-matmul-w8", (), {"matmul": "int_mm"}),)),
+}
+
+
+def against_prediction(key: str, runs: list) -> list[str]:
+    """The rows of a run that a prediction made before any GPU ran them covers (``PREDICTIONS``: its
+    script's functions, from the H200 rows of caa2c67), measured against the predicted range; nothing
+    where the run has none of them (a run of the first kernels)."""
+    import importlib.util
+
+    if key not in PREDICTIONS:
+        return []
+    script, parts = PREDICTIONS[key]
+    rows = {(r["shape"], r["M"], r["kernel"]): r for _, data in runs for r in data["results"]}
+    spec = importlib.util.spec_from_file_location(script[:-3], Path(__file__).with_name(script))
+    pred = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pred)
+    out = []
+    for fn, kernel, added, recorded in parts:
+        for p in sorted(getattr(pred, fn)(pred.DEFAULT), key=lambda p: (p["M"], p["shape"])):
+            keys = [(p["shape"], p["M"], k) for k in (kernel, *added)]
+            if not all(k in rows for k in keys) or any(rows[keys[0]].get(f) != v for f, v in recorded.items()):
+                continue
+            us = sum(rows[k]["us"] for k in keys)
+            lo, hi = p["predicted_us"]
+            where = "within" if lo <= us <= hi else ("faster" if us < lo else "slower")
+            out.append(f"| {kernel}{' + ' + ' + '.join(added) if added else ''} | {p['shape']} ({p['N']} x {p['K']}) | "
+                       f"{p['M']} | {lo:.1f}-{hi:.1f} | {us:.1f} | {where} |")
+    if not out:
+        return []
+    return ["", f"Against the prediction made before this ran (benchmarks/{script}):", "",
+            "| measured | linear (N x K) | M | predicted us | measured us | measured is |", "|---|---|---|---|---|---|"] + out
+
+
 def hadamard_table(data: dict) -> list[str]:
     out = ["| order (factors) | M | call us | copy of the same bytes us | call / copy | timing |", "|---|---|---|---|---|---|"]
     for r in data["rows"]:
@@ -219,7 +260,8 @@ def main(folder: str) -> None:
             elif key == "decode_variants":
                 lines = decode_variants_table(data)
             elif key.startswith("kernels:"):
-                lines = quik_table(runs) + (quik_against_prediction(runs) if key == "kernels:quik-w4a4" else [])
+                lines = quik_table(runs) + (quik_against_prediction(runs) if key == "kernels:quik-w4a4" else []) \
+                    + against_prediction(key, runs)
             elif key == "hadamard":
                 lines = hadamard_table(data)
             elif key == "glue":

@@ -16,14 +16,16 @@ the first kernel's).
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
-from zqfp_repacked_prediction import BYTES_PER_US, run_cli  # the W4A8 decode fit's bandwidth; the command line
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling script, whoever imports this one
+from zqfp_repacked_prediction import BYTES_PER_US, DEFAULT, run_cli  # noqa: E402  the H200 run, the W4A8 decode fit, the CLI
 
 INT8_OVER_FP16 = (1.5, 1.9)  # the assumed speed of cuBLASLt's int8 GEMM over cuBLAS FP16 (docstring)
 
 
-def predict(results: Path, m: int = 4096) -> list[dict]:
+def predict(results: Path = DEFAULT, m: int = 4096) -> list[dict]:
     data = json.loads((results / "2_rerun" / f"kernels_illm_m{m}.json").read_text())["results"]
     by = {(r["shape"], r["kernel"]): r for r in data}
     rows = []

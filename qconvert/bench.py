@@ -444,17 +444,18 @@ def illm_kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, r
     64 x 64 tile kernel beside it (``illm-matmul-w8-tile``) where it is not the default."""
     from qconvert_kernels.illm import cuda as cuda_illm
 
-    gen, sets, xs, rows, row = _fp16_baseline(label, n, k, m, device, runs, warmup, reps)
+    matmul = cuda_illm.default_matmul(m, n, 8)  # recorded in every row: the rows of illm-matmul-w8 name it
+    gen, sets, xs, rows, row = _fp16_baseline(label, n, k, m, device, runs, warmup, reps, matmul=matmul)
     ops = 2 * m * n * k
     xs.clear()
     xq = [torch.randint(-127, 128, (m, k), generator=gen, device=device, dtype=torch.int8) for _ in range(sets)]
     qw = [torch.randint(-127, 128, (n, k), generator=gen, device=device, dtype=torch.int8) for _ in range(sets)]
     wm = torch.randint(2**15, 2**16, (n,), generator=gen, device=device, dtype=torch.int32)
     wk = torch.randint(24, 30, (n,), generator=gen, device=device, dtype=torch.int32)
-    acc_bytes = m * n * 8 if cuda_illm.default_matmul(m, n, 8) == "int_mm" else 0  # its int32 product written and read
+    acc_bytes = m * n * 8 if matmul == "int_mm" else 0  # its int32 product written and read
     row("illm-matmul-w8", _time_cuda(lambda i: cuda_illm.illm_matmul(xq[i], qw[i], wm, wk, 8), sets, runs, warmup, reps),
         m * k + n * k + m * n * 8 + acc_bytes, ops)
-    if cuda_illm.default_matmul(m, n, 8) != "tile":  # the GEMV or cuBLASLt runs; the 64 x 64 tile kernel beside it
+    if matmul != "tile":  # the GEMV or cuBLASLt runs; the 64 x 64 tile kernel beside it
         row("illm-matmul-w8-tile", _time_cuda(lambda i: cuda_illm.illm_matmul(xq[i], qw[i], wm, wk, 8, kernel="tile"),
                                               sets, runs, warmup, reps), m * k + n * k + m * n * 8, ops)
     row("illm-w8a8", _time_cuda(lambda i: cuda_illm.requant_rows(cuda_illm.illm_matmul(xq[i], qw[i], wm, wk, 8), 127),

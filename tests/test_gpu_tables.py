@@ -16,14 +16,19 @@ gpu_tables = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(gpu_tables)
 
 
+def _printed(folder, capsys) -> str:
+    """What gpu_tables.py prints for ``folder``."""
+    gpu_tables.main(str(folder))
+    return capsys.readouterr().out
+
+
 def test_prefill_rows_against_a_measured_ceiling(tmp_path, capsys):
     shutil.copy(RUN / "3_rerun" / "kernels.json", tmp_path / "kernels.json")
     rows = [{"kernel": "imma_peak", "op": "int8 mma.sync m16n8k32 (IMMA)", "warps_per_sm": 16, "blocks": 264, "iters": 4096,
              "ms": 1.0, "tops": 600.0}]
     (tmp_path / "mma_peak.json").write_text(json.dumps({"environment": {"device": "test input"}, "best_tops": {"imma_peak": 600.0},
                                                         "rows": rows}))
-    gpu_tables.main(str(tmp_path))
-    out = capsys.readouterr().out
+    out = _printed(tmp_path, capsys)
     assert "| int8 mma.sync m16n8k32 (IMMA) | 16 | 1.000 | 600.0 |" in out
     assert "int8 mma.sync ceiling measured here (600.0 TOPS)" in out
     # q/o at M = 4096: 296.74 int8 TOPS measured on the H200 = 49% of 600
@@ -92,3 +97,26 @@ def test_the_quik_sm90_rows_come_with_their_prediction(tmp_path, capsys):
     run2 = ROOT / "benchmarks" / "results" / "gpu" / "2026-12-04_h200_caa2c67" / "2_rerun"
     gpu_tables.main(str(run2))
     assert "against its prediction" not in capsys.readouterr().out
+
+
+def test_the_zqfp_and_illm_rows_come_with_their_predictions(tmp_path, capsys):
+    """Runs of the paths predicted before any GPU ran them (made-up timings, test input): fp4-fp8's
+    repacked decode, its widened prefill plus the quantizer, fp8-fp8 on torch._scaled_mm plus the
+    quantizer, and I-LLM's DI-MatMul on torch._int_mm, each printed against its predicted range; the
+    runs of the first kernels (the caa2c67 rerun) are not."""
+    zq = [{"shape": "q/o_proj", "N": 4096, "K": 4096, "M": m, "kernel": k, "us": us} for m, k, us in (
+        (1, "cublas-fp16", 12.4), (1, "fp4-fp8-decode", 12.0), (1, "quantize-fp8", 2.2), (1, "fp8-fp8-scaled", 20.0),
+        (4096, "cublas-fp16", 197.4), (4096, "quantize-fp8", 23.6), (4096, "fp4-fp8-prefill", 100.0))]
+    il = [{"shape": "q/o_proj", "N": 4096, "K": 4096, "M": 4096, "kernel": k, "us": us, "matmul": "int_mm"}
+          for k, us in (("cublas-fp16", 185.8), ("illm-matmul-w8", 150.0))]
+    for name, scheme, rows in (("kernels_zqfp.json", "zqfp-w4a8", zq), ("kernels_illm.json", "illm-w8a8", il)):
+        (tmp_path / name).write_text(json.dumps({"kind": "kernels", "scheme": scheme,
+                                                 "environment": {"device": "test input"}, "results": rows}))
+    out = _printed(tmp_path, capsys)
+    # docs/kernels.md's predicted ranges for q/o
+    assert "| fp4-fp8-decode | q/o_proj (4096 x 4096) | 1 | 11.5-13.5 | 12.0 | within |" in out
+    assert "| fp4-fp8-prefill + quantize-fp8 | q/o_proj (4096 x 4096) | 4096 | 139.2-166.9 | 123.6 | faster |" in out
+    assert "| fp8-fp8-scaled + quantize-fp8 | q/o_proj (4096 x 4096) | 1 | 8.4-14.6 | 22.2 | slower |" in out
+    assert "| illm-matmul-w8 | q/o_proj (4096 x 4096) | 4096 | 191.4-217.5 | 150.0 | faster |" in out
+    assert "made before this ran" not in _printed(ROOT / "benchmarks" / "results" / "gpu" / "2026-12-04_h200_caa2c67" / "2_rerun",
+                                                  capsys)
