@@ -192,7 +192,7 @@ SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3
 def fuse_siblings(model: nn.Module) -> list[str]:
     """Let sibling quantized linears that read the same input run as one GEMM where their
     layout can (``QuantizedModule.fuse``: W4A8 on the GPU, qconvert/layouts/int4.py ``SiblingGEMM``;
-    ZeroQuant-FP without LoRC, qconvert/layouts/fp8.py ``FP8Siblings``); returns the fused groups' names ("model.layers.0.self_attn.q_proj+k_proj+v_proj")."""
+    ZeroQuant-FP, qconvert/layouts/fp8.py ``FP8Siblings``); returns the fused groups' names ("model.layers.0.self_attn.q_proj+k_proj+v_proj")."""
     fused = []
     for pname, parent in model.named_modules():
         for names in SIBLINGS:

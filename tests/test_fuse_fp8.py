@@ -105,12 +105,17 @@ def test_a_group_without_a_row_wise_gemm_leaves_its_members_on_their_own_paths(m
     def refuse(*a, **kw):
         raise RuntimeError("rowwise scaling is not supported here")
 
-    monkeypatch.setattr(torch, "_scaled_mm", refuse)
+    probes = []
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **kw: probes.append(1) or refuse())
     monkeypatch.setattr(cuda_fp8, "_SCALED_MM_OUT", {})
     for mod in mods:
         mod.prepare_cuda("cpu")
         mod.keep_stored_on_host()
-    assert mods[0]._group.prepared is None and not any(mod._stored_on_host for mod in mods)
+    assert mods[0]._group.prepared is None and not any(mod._stored_on_host for mod in mods) and probes
+    tried = len(probes)
+    for mod in mods:
+        mod.prepare_cuda("cpu")  # as every forward on a GPU asks: not probed again
+    assert len(probes) == tried
     x = activations(3).float()
     assert all(torch.equal(mod(x), p(x)) for mod, p in zip(mods, plain))
 
@@ -124,6 +129,7 @@ def test_fused_members_keep_their_stored_tensors_on_the_host():
         mod.keep_stored_on_host()
         held.append({name: getattr(mod, name) for name in ("qweight", "sexp", "cscale")})
     for mod, h in zip(mods, held):
+        assert mod._stored_on_host
         mod.to(torch.float64)
         assert all(getattr(mod, name) is h[name] for name in h)
 
@@ -240,3 +246,29 @@ def test_fused_prepared_model_decodes_without_a_host_sync(zqfp_w8a8_out):
             a, b = (lg.float() for lg in logits)
             assert float((a - b).norm() / a.norm()) < 1e-2
     assert all(g.launches == 4 for g in groups.values())  # the prefill and 3 steps
+
+
+def test_a_fused_member_without_a_row_wise_output_runs_the_first_kernel_on_its_group_rows(monkeypatch):
+    """A torch whose row-wise GEMM outputs bf16 only: a fused fp8-fp8 group is prepared (stored tensors
+    held on the host), fp16 activations leave the group to each member, whose fp8_gemm.cu kernel reads
+    that member's rows of the group's copy (here on the fp8 emulator): its reference within tolerance."""
+    from qconvert_kernels.fp8 import emulate as emulate8
+
+    monkeypatch.setattr(cuda_fp8, "_SCALED_MM_OUT", {"cpu": {torch.float16: None, torch.bfloat16: torch.bfloat16}})
+    monkeypatch.setattr(cuda_fp8, "_capability", lambda index=0: 90)
+    mods = members("fp8-fp8")
+    assert FP8Linear.fuse(mods)
+    for mod in mods:
+        mod.prepare_cuda("cpu")
+        mod.keep_stored_on_host()
+    group = mods[0]._group
+    assert all(mod._stored_on_host for mod in mods)
+    x = activations(5)
+    xq, t = ref8.quantize_per_token_fp8(x, K)
+    for mod in mods:
+        w, ws = mod._fp8_weights(torch.device("cpu"))
+        a, b = group.columns[id(mod)]
+        assert w.data_ptr() == group.prepared.w8[a].data_ptr() and w.shape == mod.qweight.shape
+        with emulate8.emulating():
+            y = cuda_fp8.fp8_fp8_gemm(xq, t, w, ws, torch.float16)
+        assert within_tolerance(y, mod, x, K, torch.float16) <= 1.0

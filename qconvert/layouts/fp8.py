@@ -90,7 +90,10 @@ class FP8Linear(QuantizedModule):
         """Make the copy the GPU paths read on ``device`` (default: where the stored tensors are, or
         nothing where a copy exists); may synchronize, so a load runs it (``prepare``; a joined
         group's, for a fused member).  A copy on another device is made again on this one (a module
-        moved between GPUs); a device where none can be made is not tried again."""
+        moved between GPUs); a device where none can be made is not tried again.  A forward on a GPU
+        asks for it too: a model moved there without ``runtime.load`` is prepared at its first
+        forward (which may then synchronize: warm up before capturing a CUDA graph) and keeps its
+        stored tensors there beside the copy."""
         if device is None:
             if (self._group.prepared if self._group is not None else self._prepared) is not None:
                 return
@@ -218,16 +221,16 @@ def held_on(layout: str, p) -> torch.device | None:
 
 
 def prepared_on(layout: str, p, failed: set, device: torch.device, make):
-    """``p`` where it is on ``device``; else ``make()`` there (None where none could be made: then that
-    device goes into ``failed`` and is not tried again: a failed row-wise GEMM probe is not cached)."""
-    if p is not None and held_on(layout, p) == device:
+    """``p`` where it is on ``device``; else ``make()`` there, or where none can be made there (that
+    device then goes into ``failed`` and is not tried again: a failed row-wise GEMM probe is not
+    cached) ``p`` as it was, so that its own device keeps it."""
+    if (p is not None and held_on(layout, p) == device) or str(device) in failed:
         return p
-    if str(device) in failed:
-        return None
-    p = make()
-    if p is None:
+    made = make()
+    if made is None:
         failed.add(str(device))
-    return p
+        return p
+    return made
 
 
 def prepare(layout: str, tensors: dict, group_size: int | None, device: torch.device):

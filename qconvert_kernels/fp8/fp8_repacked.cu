@@ -105,6 +105,7 @@ extern "C" __global__ void __launch_bounds__(256) w4a8r_lorc_h_zq(
     }
 #pragma unroll
     for (int r = 0; r < zql::MAX_R; ++r) {
+        if (r >= R) break;  // uniform: the ranks past R have nothing to sum
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) part[r] = __fadd_rn(part[r], __shfl_xor_sync(0xffffffffu, part[r], o));
         if (lane == 0) s_part[warp][r] = part[r];
