@@ -44,8 +44,11 @@ def test_every_part_runs_and_a_failed_part_is_recorded(tmp_path):
     lines = (out / "tests.txt").read_text().splitlines()
     assert sorted(re.search(r"tests/(\S+\.py):", line).group(1) for line in lines) == files, lines
     assert all(re.search(r"\d+ skipped", line) for line in lines), lines
-    # the slowest files ran as three slices (--shard K/3), each with its XML and its summary
-    split = {"test_kernels_w4a8r_gpu.py", "test_quantize_device_gpu.py"}
+    # the slowest files (the script's SPLIT_TESTS) ran as three slices (--shard K/3), each with its XML
+    # and its summary
+    split = {"test_kernels_w4a8r_gpu.py", "test_quantize_device_gpu.py", "test_kernels_fp8_gpu.py"}
+    script = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
+    assert set(re.search(r'SPLIT_TESTS="([^"]*)"', script).group(1).split()) == {f[:-3] for f in split}
     assert all((out / "tests" / f.replace(".py", ".xml")).is_file() for f in set(files) - split)
     for f in split:
         assert all((out / "tests" / f.replace(".py", f".{k}.xml")).is_file() for k in (1, 2, 3)), f
