@@ -349,7 +349,8 @@ def quik_kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, r
     by cuBLAS); the split kernel the layer does not use beside the one it uses (``quik-split-row``
     at M <= 64, ``quik-split-wide`` above: ``cuda.default_split``); at M <= 8 the GEMMs are the
     GEMVs and the tile kernels are timed beside them (``quik-w8a8-gemm-tile``, and off sm_90
-    ``quik-w4a4-gemm-tile``); the 4-bit layer on the device's path (s4 on sm_80 .. sm_89, s8r on sm_90+: the repacked
+    ``quik-w4a4-gemm-tile``), above 8 W8A8's is torch._int_mm and its epilogue, the tile kernel beside
+    it where N % 8 == 0; the 4-bit layer on the device's path (s4 on sm_80 .. sm_89, s8r on sm_90+: the repacked
     W4A8 decode and prefill kernels, whose weights are repacked before the timing as the runtime does
     at load time), and on sm_90+ also the first design's 64 x 64 GEMM (``quik-w4a4-gemm-s8``) beside it.
     ``outliers``: fp16 channels, default the "auto" rule (256 for K >= 4096)."""
@@ -389,7 +390,8 @@ def quik_kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, r
         else:
             gemm = lambda i: cuda_quik.quik_gemm(*splits[i][:3], qws[i], wscale, wsum, y_outs[i], bits, torch.float16)  # noqa: E731
         row(f"{name}-gemm", _time_cuda(gemm, sets, runs, warmup, reps), xq_bytes + w_bytes + m * n * 4, 2 * m * n * kbp)
-        if m <= cuda_quik.GV_ROWS and not repacked:  # the 64 x 64 tile kernel beside the GEMV it uses at decode
+        int_mm = bits == 8 and m > cuda_quik.GV_ROWS and n % 8 == 0  # W8A8 above 8 rows: torch._int_mm + its epilogue
+        if (m <= cuda_quik.GV_ROWS or int_mm) and not repacked:  # the 64 x 64 tile kernel beside the GEMV or int_mm
             tiles = ([(cuda_quik.split_quantize(x, base_idx, out_idx, 4, True)[:3]) for x in xs] if path == "s4" and bits == 4
                      else [sp[:3] for sp in splits])  # the s4 tile kernel takes the codes packed
             row(f"{name}-gemm-tile", _time_cuda(lambda i: cuda_quik.quik_gemm(*tiles[i], qws[i], wscale, wsum, y_outs[i], bits,

@@ -697,7 +697,11 @@ def test_int_mm_prediction_script_labels_its_rows():
     the first kernel's measured time."""
     from helpers import prediction_json
 
-    rows = prediction_json("illm_int_mm_prediction.py")["rows"]
+    data = prediction_json("illm_int_mm_prediction.py")
+    rows = data["rows"]
+    quik = data["quik_w8a8"]  # QUIK's W8A8 GEMM on the same int8 GEMM, its epilogue 8 bytes per output
+    assert sorted(r["shape"] for r in quik) == ["down_proj", "gate_up_proj", "q/o_proj", "qkv_proj"]
+    assert all(0 < r["predicted_us"][0] < r["predicted_us"][1] < r["first_us"] for r in quik)
     assert sorted(r["shape"] for r in rows) == ["down_proj", "gate_up_proj", "q/o_proj", "qkv_proj"]
     for r in rows:
         lo, hi = r["predicted_us"]

@@ -8,6 +8,7 @@ tests/test_kernels_illm_gpu.py run the same kernels on one).
 
 from __future__ import annotations
 
+import functools
 import re
 
 import numpy as np
@@ -111,6 +112,21 @@ def test_gemv_bit_exact(m, n, k, n_out, bits, path, dtype):
     assert emu.launches[1][0] == f"quik_gemv_w{bits}a{bits}_{'bf16' if dtype == torch.bfloat16 else 'f16'}"
     assert emu.launches[1][1] == (-(-n // cuda_quik.GV_COLS_PER_CTA), 1, 1)
     run_quik(m, n, k, n_out, bits, path, dtype, gemm_kernel="tile")  # the tile kernel on the same case
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,n,k,n_out", [(9, 72, 200, 8), (17, 130, 300, 16), (65, 64, 128, 0), (130, 200, 1000, 96)])
+def test_w8a8_on_int_mm_bit_exact(m, n, k, n_out, dtype):
+    """W8A8 above the GEMV's rows on torch._int_mm (its operands padded as CUDA needs them: the product's
+    rows ld = N rounded up to 8 apart) and quik_epilogue_rows: the reference's accumulator and y bit
+    for bit, as the tile kernel's; the launcher's default where N % 8 == 0."""
+    emu = run_quik(m, n, k, n_out, 8, None, dtype, gemm_kernel="int_mm")
+    name, grid, args = emu.launches[-1]
+    assert name == f"quik_epilogue_rows_{'bf16' if dtype == torch.bfloat16 else 'f16'}" and grid == (m, 1, 1)
+    assert args["ld"] == max(16, n + -n % 8)
+    run_quik(m, n, k, n_out, 8, None, dtype, gemm_kernel="tile")
+    default = run_quik(m, n, k, n_out, 8, None, dtype).launches[-1][0]
+    assert default.startswith("quik_epilogue_rows_" if n % 8 == 0 else "quik_gemm_w8a8_")
 
 
 def test_the_gemv_is_refused_where_it_does_not_apply():
@@ -406,6 +422,7 @@ def test_constants_match_the_sources():
 
     quik_cu, illm_cu, native_cu = cuda_quik.SOURCE.read_text(), cuda_illm.SOURCE.read_text(), kcuda.SOURCE.read_text()
     assert macro_params(quik_cu, "QUIK_GEMM_ARGS") == emulate.GEMM_PARAMS
+    assert macro_params(quik_cu, "QUIK_EPI_ARGS") == emulate.EPI_PARAMS
     assert macro_params(illm_cu, "ILLM_MATMUL_ARGS") == emulate.ILLM_PARAMS
     assert macro_params(quik_cu, "QUIK_SPLIT") == emulate.SPLIT_PARAMS
     assert macro_params(quik_cu, "QUIK_SPLIT_WIDE") == emulate.SPLIT_WIDE_PARAMS
@@ -454,6 +471,8 @@ MUTATION_CASES = {
     "gemv4_perm": (run_quik, (5, 17, 600, 24, 4, "s8", torch.float16), "differs"),  # QUIK W4A4's GEMV
     "gemv_lane_map": (run_quik, (5, 17, 600, 24, 8, None, torch.float16), "differs"),
     "outlier_seq": (run_fused, (3, 37, 576, 256, 4, True, torch.float16, 1.0, None, True), "differs"),
+    # W8A8 on torch._int_mm with N = 130: the product's rows 136 apart
+    "epi_ld_dense": (functools.partial(run_quik, gemm_kernel="int_mm"), (17, 130, 300, 16, 8, None, torch.float16), "differs"),
 }
 
 

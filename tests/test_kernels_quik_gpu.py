@@ -104,6 +104,24 @@ def test_gemv_matches_reference_and_the_tile_kernel(m, n, k, n_out, bits, dtype)
     assert torch.equal(y.view(torch.int16), yt.view(torch.int16))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k,n_out", [(65, 4096, 14336, 256), (17, 4096, 14336, 256), (130, 37, 600, 24)])
+def test_w8a8_on_int_mm_matches_reference_and_the_tile_kernel(m, n, k, n_out, dtype):
+    """W8A8 above 8 rows (the quik-w4a4 preset's 8-bit down_proj at prefill, and an odd N: the product
+    padded to 40 columns): torch._int_mm's exact int32 sums and quik_epilogue_rows give the tile
+    kernel's bits."""
+    x, base_idx, outlier_idx, q, wscale, wsum, w_out = _case(m, n, k, n_out, 8, dtype, seed=m + n)
+    xq, s, z, x_out = cuda_quik.split_quantize(x.to(DEV), base_idx.to(DEV), outlier_idx.to(DEV), 8, False)
+    y_out = torch.matmul(x_out, w_out.to(DEV, dtype).t())
+    args = (xq, s, z, q.to(DEV), wscale.to(DEV), wsum.to(DEV), y_out, 8, dtype)
+    y, acc = cuda_quik.quik_gemm(*args, return_acc=True, kernel="int_mm")
+    yt, acct = cuda_quik.quik_gemm(*args, return_acc=True, kernel="tile")
+    rq, rs, rz, _ = refq.quantize_split(x, base_idx, outlier_idx, 8)
+    _, racc = refq.quik_gemm(rq, rs, rz, q, wscale, wsum, y_out.float().cpu(), return_acc=True)
+    assert torch.equal(acc.cpu(), racc) and torch.equal(acct, acc)
+    assert torch.equal(y.view(torch.int16), yt.view(torch.int16))
+
+
 def test_quik_layer_on_cuda_matches_cpu_reference(tmp_path):
     """A QuikLinear on cuda (split, cuBLAS outliers, GEMM) against the same module on CPU."""
     from qconvert.layouts.quik import QuikLinear

@@ -199,14 +199,14 @@ def test_the_kernel_benchmark_runs_every_quik_kernel_it_times(monkeypatch, m):
     with emulate.emulating_repacked() as (quik, w4):
         rows = bench.quik_kernel_rows("probe", 40, 300, m, torch.device("cpu"), outliers=16)
     splits = ["quik-split", "quik-split-row" if m <= 64 else "quik-split-wide"] + (["quik-split-outliers"] if m <= 8 else [])
-    tile = ["quik-w8a8-gemm-tile"] if m <= 8 else []
     assert [r["kernel"] for r in rows] == ["cublas-fp16", *splits, "quik-w4a4-gemm", "quik-w4a4-gemm-s8",
-                                           "quik-w4a4", "quik-w8a8-gemm", *tile, "quik-w8a8"]
+                                           "quik-w4a4", "quik-w8a8-gemm", "quik-w8a8-gemm-tile", "quik-w8a8"]
     assert {r["int4_path"] for r in rows} == {"s8r"}
     assert all("vs_cublas" in r for r in rows[1:] if not r["kernel"].startswith("quik-split"))
     assert {n for n, *_ in w4.launches} == {kernel_for(m)}
     assert {n for n, *_ in quik.launches} == {"quik_split_f16", "quik_split_wide_f16", "quik_gemm_w4a4_s8_f16",
-                                              "quik_gemm_w8a8_f16", *(["quik_gemv_w8a8_f16"] if m <= 8 else [])}
+                                              "quik_gemm_w8a8_f16",  # W8A8: the GEMV at M <= 8, else torch._int_mm
+                                              "quik_gemv_w8a8_f16" if m <= 8 else "quik_epilogue_rows_f16"}
     fused = [a for n, _, a in quik.launches if n == "quik_split_wide_f16" and a["w_out"]]
     assert len(fused) == (3 * 2 if m <= 8 else 0)  # the timed row and both layers, per operand set
 

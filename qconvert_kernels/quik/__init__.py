@@ -12,7 +12,9 @@ QUIK = KernelSource(
     family="quik",
     path=Path(__file__).parent / "quik_gemm.cu",
     kernels=S4_GEMMS + _S8_GEMMS + ("quik_split_f16", "quik_split_bf16", "quik_split_wide_f16", "quik_split_wide_bf16",
-                                    "quik_gemv_w8a8_f16", "quik_gemv_w8a8_bf16", "quik_gemv_w4a4_f16", "quik_gemv_w4a4_bf16"),
+                                    "quik_gemv_w8a8_f16", "quik_gemv_w8a8_bf16", "quik_gemv_w4a4_f16", "quik_gemv_w4a4_bf16",
+                                    # W8A8 above 8 rows: QUIK's epilogue after torch._int_mm's int32 product
+                                    "quik_epilogue_rows_f16", "quik_epilogue_rows_bf16"),
     gemms=S4_GEMMS + _S8_GEMMS,
     # on sm_90 ptxas emulates the s4 mma (Hopper has no int4 tensor cores): the launcher takes s8
     no_mma_on={k: ("sm_90",) for k in S4_GEMMS},

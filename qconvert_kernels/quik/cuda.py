@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from qconvert_kernels import launch as _l
+from qconvert_kernels.illm.reference import int_mm_operands  # torch._int_mm's operand rule (W8A8 above 8 rows)
 from qconvert_kernels.w4a8 import cuda as kc
 from qconvert_kernels.quik import reference as refq
 from qconvert_kernels.quik.reference import K_TILE
@@ -163,7 +164,8 @@ def split_outliers(x: torch.Tensor, base_idx: torch.Tensor, outlier_idx: torch.T
 GV_ROWS = 8           # quik::GV_ROWS: the most rows the GEMVs take (QUIK's and I-LLM's)
 GV_COLS_PER_CTA = 16  # quik::GV_WARPS x quik::GV_COLS
 GV_THREADS = 256      # quik::GV_THREADS
-GEMM_KERNELS = ("tile", "gemv")
+GEMM_KERNELS = ("tile", "gemv", "int_mm")
+EPI_THREADS = 256     # quik::EPI_THREADS
 
 
 def quik_gemm(xq, s, z, qweight, wscale, wsum, y_out, bits: int, out_dtype, return_acc: bool = False,
@@ -175,7 +177,9 @@ def quik_gemm(xq, s, z, qweight, wscale, wsum, y_out, bits: int, out_dtype, retu
     int8 [M, Kbp] (s8 path).  y_out: [M, N] in ``out_dtype`` or None.  Returns y [M, N]
     (and the int32 accumulator if ``return_acc``).  ``kernel``: "gemv" (a warp per two output
     columns, dp4a; the default at M <= 8 where the activation codes come one per byte: W8A8, and
-    W4A4 with int8 xq) or "tile" (64 x 64 tensor-core tiles, any M)."""
+    W4A4 with int8 xq), "int_mm" (W8A8: torch._int_mm's int32 product, cuBLASLt's int8 GEMM on the
+    weights as stored, then ``quik_epilogue_rows``; the default above 8 rows where N % 8 == 0) or
+    "tile" (64 x 64 tensor-core tiles, any M); the same y."""
     fn = "quik_gemm"
     kc._require(out_dtype in kc._OUT, f"{fn}: out_dtype must be torch.float16 or torch.bfloat16, got {out_dtype}")
     m, n = xq.shape[0], qweight.shape[0]
@@ -204,13 +208,24 @@ def quik_gemm(xq, s, z, qweight, wscale, wsum, y_out, bits: int, out_dtype, retu
     y = torch.empty((m, n), dtype=out_dtype, device=dev)
     acc = torch.empty((m, n), dtype=torch.int32, device=dev) if return_acc else None
     gemv_ok = bits == 8 or xq.dtype == torch.int8  # the GEMV takes the codes one per byte
-    kernel = kernel or ("gemv" if m <= GV_ROWS and gemv_ok else "tile")
-    kc._require(kernel in GEMM_KERNELS and (kernel == "tile" or (m <= GV_ROWS and gemv_ok)),
+    kernel = kernel or ("gemv" if m <= GV_ROWS and gemv_ok else "int_mm" if bits == 8 and n % 8 == 0 else "tile")
+    kc._require(kernel in GEMM_KERNELS and (kernel != "gemv" or (m <= GV_ROWS and gemv_ok)) and (kernel != "int_mm" or bits == 8),
                 f"{fn}: kernel {kernel!r} must be one of {GEMM_KERNELS} (gemv: at most {GV_ROWS} rows, "
-                "activation codes one per byte)")
+                "activation codes one per byte; int_mm: W8A8)")
     args = (kc._ptr(xq), kc._ptr(s), kc._ptr(z), kc._ptr(qweight), kc._ptr(wscale), kc._ptr(wsum), kc._ptr(y_out),
             kc._ptr(y), kc._ptr(acc), kc._i32(m), kc._i32(n), kc._i32(kbp))
-    if m and n and kernel == "gemv":
+    if m and n and kernel == "int_mm":
+        # torch._int_mm's operands as CUDA takes them (padded, b column-major: the weights as stored),
+        # applied on the CPU too so that the emulated runs take the same ones
+        prod = torch._int_mm(*int_mm_operands(xq, qweight.t(), cuda=True))
+        kc._require(prod.dtype == torch.int32 and prod.stride(1) == 1, f"{fn}: torch._int_mm gave {prod.dtype} with "
+                    f"strides {prod.stride()}; quik_epilogue_rows reads int32 rows")
+        kc._launch(f"quik_epilogue_rows_{kc._OUT[out_dtype]}", (m,), (EPI_THREADS,),
+                   (kc._ptr(prod), kc._ptr(s), kc._ptr(z), kc._ptr(wscale), kc._ptr(wsum), kc._ptr(y_out), kc._ptr(y),
+                    kc._i32(m), kc._i32(n), kc._i32(prod.stride(0))), dev, SOURCE)
+        if acc is not None:
+            acc.copy_(prod[:m, :n])
+    elif m and n and kernel == "gemv":
         kc._launch(f"quik_gemv_w{bits}a{bits}_{kc._OUT[out_dtype]}", (-(-n // GV_COLS_PER_CTA),), (GV_THREADS,), args, dev, SOURCE)
     elif m and n:
         kc._launch(f"{tile}_{kc._OUT[out_dtype]}", (-(-n // kc.BLOCK_N), -(-m // kc.BLOCK_M)), (kc.GEMM_THREADS,), args, dev,

@@ -71,6 +71,8 @@ SPLIT_PARAMS = ("x", "base_idx", "outlier_idx", "xq", "s", "z", "x_out", "M", "K
 SPLIT_WIDE_PARAMS = ("x", "base_idx", "outlier_idx", "xq", "s", "z", "x_out", "w_out", "y_out", "M", "K", "Kb", "Kbp",
                      "n_out", "N", "bits", "pack", "clip")
 ILLM_PARAMS = ("xq", "qw", "wm", "wk", "kmin_p", "t", "xk", "tk", "M", "N", "K", "n1", "n2")
+EPI_PARAMS = ("acc", "s", "z", "wscale", "wsum", "y_out", "y", "M", "N", "ld")
+EPI_THREADS = 256
 IS_PARAMS = ("xq", "t", "qw", "iscale", "cscale", "alpha_log2", "y", "acc_out", "M", "N", "Kp", "group_size")
 FS_PARAMS = ("xq", "t", "qw", "scales", "y", "M", "N", "Kp", "group_size")
 
@@ -92,6 +94,7 @@ MUTATIONS = frozenset({
     "gemv4_no_sign",   # the w4 GEMV's nibbles not sign-extended (no xor 8 / __vsub4 8)
     "gemv4_perm",      # the w4 GEMV's PRMT selectors for the even and the odd k exchanged
     "gemv_lane_map",   # the W8A8 GEMV's lane j selects the sum of (j % GV_ROWS, j / GV_ROWS) for output (j / GV_COLS, j % GV_COLS)
+    "epi_ld_dense",    # quik_epilogue_rows reading acc's rows N apart, not the GEMM's padded ld
 })
 
 _LANE = np.arange(32)
@@ -748,6 +751,25 @@ def gemv_quik(ctx: Ctx, grid, bf16: bool, w4: bool):
                           "acc_out")
 
 
+def epilogue_rows(ctx: Ctx, grid, bf16: bool):
+    """quik::epilogue_rows (after torch._int_mm): CTA m's strided loop gives each column of acc's row m
+    (rows ld apart) quik::epilogue's y, operation for operation."""
+    a, f, mem = ctx.args, ctx.fops, ctx.mem
+    M, N = a["M"], a["N"]
+    conv = bf16_bits_to_f32 if bf16 else f16_bits_to_f32
+    step = N if "epi_ld_dense" in ctx.mutations else a["ld"]
+    cols = np.arange(N, dtype=np.int64)
+    ws = _load(ctx, a["wscale"], cols, np.float32, "wscale")
+    wr = f.mul(ws, f.i2f(_load(ctx, a["wsum"], cols, np.int32, "wsum")))
+    for m in range(min(grid[0], M)):
+        acc = _load(ctx, a["acc"], m * step + cols, np.int32, "acc")
+        sm_, zm = _load(ctx, a["s"], [m], np.float32, "s")[0], _load(ctx, a["z"], [m], np.float32, "z")[0]
+        v = f.add(f.mul(f.i2f(acc), f.mul(sm_, ws)), f.mul(zm, wr))
+        if a["y_out"]:
+            v = f.add(v, f.f(conv(_load(ctx, a["y_out"], m * N + cols, np.uint16, "y_out"))))
+        mem.store(a["y"], (m * N + cols) * 2, f32_to_bits16(v, bf16).view(np.uint8).reshape(-1, 2), "y")
+
+
 def illm_gemv(ctx: Ctx, grid, w4: bool):
     """illm_gemv_w8 / illm_gemv_w4 (``w4``): CTA 0 writes the rows' exponents; the GEMV sums, then
     matmul_epilogue's t = rshift_round(acc * wm[n], wk[n] - kmin of n's segment) for each stored output."""
@@ -843,7 +865,8 @@ class Emulator(StaticEmulator):
     KERNELS = (("quik_split_wide_", SPLIT_WIDE_PARAMS, WIDE_THREADS), ("quik_split_", SPLIT_PARAMS, QUANT_THREADS),
                ("quik_gemm_", GEMM_PARAMS, THREADS), ("quik_gemv_w", GEMM_PARAMS, GV_THREADS),
                ("illm_gemv_w", ILLM_PARAMS, GV_THREADS),
-               ("illm_matmul_", ILLM_PARAMS, THREADS), ("w4a8_is_gemm_", IS_PARAMS, THREADS),
+               ("illm_matmul_", ILLM_PARAMS, THREADS), ("quik_epilogue_rows_", EPI_PARAMS, EPI_THREADS),
+               ("w4a8_is_gemm_", IS_PARAMS, THREADS),
                ("w4a8_fs_gemm_", FS_PARAMS, THREADS), ("quantize_per_token_int8_", W4A8_QUANT_PARAMS, QUANT_THREADS))
     KNOWN = MUTATIONS
 
@@ -887,6 +910,13 @@ class Emulator(StaticEmulator):
                     _written_once(name, mem, vals[key], count, width, key)
             return
         M, N = vals["M"], vals["N"]
+        if name.startswith("quik_epilogue_rows_"):
+            if grid != (M, 1, 1) or not 0 < N <= vals["ld"]:
+                raise EmulationError(f"{name}: grid {grid} for M={M} rows, or N={N} > ld={vals['ld']}")
+            mem.track(vals["y"])
+            epilogue_rows(ctx, grid, bf16)
+            _written_once(name, mem, vals["y"], M * N, 2, "y")
+            return
         if name.startswith(("quik_gemv_w", "illm_gemv_w")):
             if grid != (-(-N // (GV_WARPS * GV_COLS)), 1, 1) or not 0 < M <= GV_ROWS:
                 raise EmulationError(f"{name}: grid {grid} for M={M}, N={N} (ceil(N / {GV_WARPS * GV_COLS}) CTAs, M <= {GV_ROWS})")

@@ -332,6 +332,42 @@ __device__ __forceinline__ void gemv_quik(const signed char* __restrict__ xq, co
 }
 }  // namespace quik
 
+// QUIK's epilogue alone, after an int32 product made elsewhere (torch._int_mm: cuBLASLt's int8 GEMM,
+// W8A8 above the GEMV's rows): the epilogue's y, operation for operation, for acc's rows, ld apart
+// (the GEMM's output may be padded).  Launch: grid (M), block EPI_THREADS; a strided loop over N.
+#define QUIK_EPI_ARGS                                                                                  \
+    const int* __restrict__ acc,            /* int32 [M, ld] */                                        \
+    const float* __restrict__ s,            /* float32 [M] activation scale */                         \
+    const float* __restrict__ z,            /* float32 [M] activation offset */                        \
+    const float* __restrict__ wscale,       /* float32 [N] */                                          \
+    const int* __restrict__ wsum,           /* int32 [N] */                                            \
+    const unsigned short* __restrict__ y_out, /* fp16 / bf16 [M, N] outlier product, or null */        \
+    unsigned short* __restrict__ y,         /* fp16 / bf16 [M, N] out */                               \
+    int M, int N, int ld
+
+namespace quik {
+constexpr int EPI_THREADS = 256;
+template <bool kBF16>
+__device__ __forceinline__ void epilogue_rows(QUIK_EPI_ARGS) {
+    const int m = blockIdx.x;
+    if (m >= M) return;
+    const float sm = __ldg(s + m), zm = __ldg(z + m);
+    const int* a = acc + static_cast<long long>(m) * ld;
+    const long long o = static_cast<long long>(m) * N;
+    for (int n = threadIdx.x; n < N; n += EPI_THREADS) {
+        const float ws = __ldg(wscale + n), wr = __fmul_rn(ws, __int2float_rn(__ldg(wsum + n)));
+        float v = __fadd_rn(__fmul_rn(__int2float_rn(__ldg(a + n)), __fmul_rn(sm, ws)), __fmul_rn(zm, wr));
+        if (y_out != nullptr) v = __fadd_rn(v, qk::from_in<kBF16>(y_out[o + n]));
+        y[o + n] = qk::to_out<kBF16>(v);
+    }
+}
+}  // namespace quik
+
+#define QUIK_EPILOGUE_ROWS(NAME, BF16)                                                                 \
+    extern "C" __global__ void __launch_bounds__(quik::EPI_THREADS) NAME(QUIK_EPI_ARGS) {             \
+        quik::epilogue_rows<BF16>(acc, s, z, wscale, wsum, y_out, y, M, N, ld);                       \
+    }
+
 // ---------------------------------------------------------------------------------------
 // Entry points.  GEMMs: grid (ceil(N / 64), ceil(M / 64)), block 128.  Split: grid (M), block 256.
 // Wide split: grid (M + ceil(N / 32) with w_out, else M), block 1024.  GEMVs (M <= 8):
@@ -420,6 +456,8 @@ QUIK_SPLIT(quik_split_f16, false)
 QUIK_SPLIT(quik_split_bf16, true)
 QUIK_SPLIT_WIDE(quik_split_wide_f16, false)
 QUIK_SPLIT_WIDE(quik_split_wide_bf16, true)
+QUIK_EPILOGUE_ROWS(quik_epilogue_rows_f16, false)
+QUIK_EPILOGUE_ROWS(quik_epilogue_rows_bf16, true)
 QUIK_GEMV(quik_gemv_w8a8_f16, false, false)
 QUIK_GEMV(quik_gemv_w8a8_bf16, true, false)
 QUIK_GEMV(quik_gemv_w4a4_f16, false, true)
