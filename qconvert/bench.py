@@ -390,8 +390,8 @@ def quik_kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, r
         else:
             gemm = lambda i: cuda_quik.quik_gemm(*splits[i][:3], qws[i], wscale, wsum, y_outs[i], bits, torch.float16)  # noqa: E731
         row(f"{name}-gemm", _time_cuda(gemm, sets, runs, warmup, reps), xq_bytes + w_bytes + m * n * 4, 2 * m * n * kbp)
-        int_mm = bits == 8 and m > cuda_quik.GV_ROWS and n % 8 == 0  # W8A8 above 8 rows: torch._int_mm + its epilogue
-        if (m <= cuda_quik.GV_ROWS or int_mm) and not repacked:  # the 64 x 64 tile kernel beside the GEMV or int_mm
+        beside = m <= cuda_quik.GV_ROWS or cuda_quik.default_gemm(m, n, bits) == "int_mm"  # the GEMV or torch._int_mm runs
+        if beside and not repacked:  # the 64 x 64 tile kernel beside it
             tiles = ([(cuda_quik.split_quantize(x, base_idx, out_idx, 4, True)[:3]) for x in xs] if path == "s4" and bits == 4
                      else [sp[:3] for sp in splits])  # the s4 tile kernel takes the codes packed
             row(f"{name}-gemm-tile", _time_cuda(lambda i: cuda_quik.quik_gemm(*tiles[i], qws[i], wscale, wsum, y_outs[i], bits,

@@ -29,6 +29,7 @@ import torch
 
 from qconvert.errors import QConvertError
 from qconvert.formats.fp4 import codes_to_values, unpack_fp4
+from qconvert.glue import kernel_device
 from qconvert.layouts.base import (Layout, NotExportable, QuantizedModule, SiblingGroup, TensorSpec, finite,
                                    finite_positive, padded, shape_check)
 from qconvert_kernels.fp8 import reference as ref8
@@ -98,7 +99,7 @@ class FP8Linear(QuantizedModule):
             if (self._group.prepared if self._group is not None else self._prepared) is not None:
                 return
             device = self.qweight.device
-        device = _device(device)
+        device = kernel_device(device)
         if self._group is not None:
             return self._group.prepare(device)
         def make():
@@ -135,9 +136,6 @@ class FP8Linear(QuantizedModule):
         """Whether x2 runs on this layer's prepared copy: made on x2's device (the GPU, or the CPU for
         the emulator's runs) and serving its dtype and row count."""
         return on_prepared(self.layout, self._prepared, x2)
-
-    def _quantize(self, x2: torch.Tensor, kp: int):
-        return _quantize(x2, kp)
 
     def _forward_repacked(self, x2: torch.Tensor) -> torch.Tensor:
         lorc = (self.lorc_u, self.lorc_v) if self.lorc_rank else None
@@ -206,13 +204,6 @@ def _quantize(x2: torch.Tensor, kp: int):
 
         return cuda_fp8.quantize_per_token_fp8(x2, kp)
     return ref8.quantize_per_token_fp8(x2, kp)  # the kernel's bits (the emulator's runs)
-
-
-def _device(device) -> torch.device:
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
 
 
 def held_on(layout: str, p) -> torch.device | None:
@@ -331,7 +322,7 @@ class FP8Siblings(SiblingGroup):
         return t
 
     def prepare(self, device: torch.device) -> None:
-        first, device = self.members[0], _device(device)
+        first, device = self.members[0], kernel_device(device)
         before = self.prepared
         self.prepared = prepared_on(first.layout, self.prepared, self._failed, device,
                                     lambda: prepare(first.layout, self.tensors(), first.group_size, device))

@@ -124,11 +124,7 @@ def illm_matmul(xq: torch.Tensor, qweight: torch.Tensor, wm: torch.Tensor, wk: t
     args = (_l.ptr(xq), _l.ptr(qweight), _l.ptr(wm), _l.ptr(wk), _l.ptr(kmin_t), _l.ptr(t), _l.ptr(xk), _l.ptr(tk),
             _l.i32(m), _l.i32(n), _l.i32(k), _l.i32(bounds[0]), _l.i32(bounds[1]))
     if m and n and kernel == "int_mm":
-        # the rule torch._int_mm on CUDA needs (rows padded to > 16 and to multiples of 8, b column-major:
-        # qweight [N, K] as stored), applied on the CPU too so that the emulated runs take the same operands
-        acc = torch._int_mm(*ri.int_mm_operands(xq, qweight.t(), cuda=True))  # int32 [M', N'], M' >= M, N' >= N
-        _l.require(acc.dtype == torch.int32 and acc.stride(1) == 1, f"{fn}: torch._int_mm gave {acc.dtype} with strides "
-                   f"{acc.stride()}; illm_dyadic_rows reads int32 rows")
+        acc = ri.int_mm_product(xq, qweight, fn)  # int32 [M', N'], M' >= M, N' >= N
         _launch("illm_dyadic_rows", (m,), (ROW_THREADS,),
                 (_l.ptr(acc), _l.ptr(wm), _l.ptr(wk), _l.ptr(kmin_t), _l.ptr(t), _l.ptr(xk), _l.ptr(tk), _l.i32(m), _l.i32(n),
                  _l.i32(acc.stride(0)), _l.i32(bounds[0]), _l.i32(bounds[1])), dev)

@@ -440,6 +440,17 @@ def int_mm_operands(a8: torch.Tensor, b8: torch.Tensor, cuda: bool | None = None
     return a8.contiguous(), b8.t().contiguous().t()
 
 
+def int_mm_product(a8: torch.Tensor, w_nk: torch.Tensor, fn: str) -> torch.Tensor:
+    """a8 int8 [M, K] times w_nk int8 [N, K] (a layer's weights as stored) by ``torch._int_mm`` on the
+    operands ``int_mm_operands`` makes as CUDA takes them (on the CPU too, so that the emulated runs
+    take the same): int32 [M', N'] with M' >= M, N' >= N, rows ``stride(0)`` apart, what the epilogue
+    kernels after it read (ValueError naming ``fn`` otherwise)."""
+    prod = torch._int_mm(*int_mm_operands(a8, w_nk.t(), cuda=True))
+    if prod.dtype != torch.int32 or prod.stride(1) != 1:
+        raise ValueError(f"{fn}: torch._int_mm gave {prod.dtype} with strides {prod.stride()}; the epilogue reads int32 rows")
+    return prod
+
+
 @contextlib.contextmanager
 def gemm_path(path: str):
     """Inside: ``int8_matmul`` on the CPU takes ``path`` (one of GEMM_PATHS), whatever the CPU."""

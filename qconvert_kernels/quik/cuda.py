@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from qconvert_kernels import launch as _l
-from qconvert_kernels.illm.reference import int_mm_operands  # torch._int_mm's operand rule (W8A8 above 8 rows)
+from qconvert_kernels.illm.reference import int_mm_product  # torch._int_mm as CUDA takes it (W8A8 above 8 rows)
 from qconvert_kernels.w4a8 import cuda as kc
 from qconvert_kernels.quik import reference as refq
 from qconvert_kernels.quik.reference import K_TILE
@@ -168,6 +168,15 @@ GEMM_KERNELS = ("tile", "gemv", "int_mm")
 EPI_THREADS = 256     # quik::EPI_THREADS
 
 
+def default_gemm(m: int, n: int, bits: int, gemv_ok: bool = True) -> str:
+    """The kernel ``quik_gemm`` takes by default: the GEMV at M <= GV_ROWS where the activation codes
+    come one per byte (``gemv_ok``); above, W8A8 with N a multiple of 8 on torch._int_mm and
+    ``quik_epilogue_rows``; else the 64 x 64 tile kernel."""
+    if m <= GV_ROWS and gemv_ok:
+        return "gemv"
+    return "int_mm" if bits == 8 and n % 8 == 0 else "tile"
+
+
 def quik_gemm(xq, s, z, qweight, wscale, wsum, y_out, bits: int, out_dtype, return_acc: bool = False,
               kernel: str | None = None):
     """The integer GEMM with QUIK's epilogue; the kernel follows the operands:
@@ -208,18 +217,14 @@ def quik_gemm(xq, s, z, qweight, wscale, wsum, y_out, bits: int, out_dtype, retu
     y = torch.empty((m, n), dtype=out_dtype, device=dev)
     acc = torch.empty((m, n), dtype=torch.int32, device=dev) if return_acc else None
     gemv_ok = bits == 8 or xq.dtype == torch.int8  # the GEMV takes the codes one per byte
-    kernel = kernel or ("gemv" if m <= GV_ROWS and gemv_ok else "int_mm" if bits == 8 and n % 8 == 0 else "tile")
+    kernel = kernel or default_gemm(m, n, bits, gemv_ok)
     kc._require(kernel in GEMM_KERNELS and (kernel != "gemv" or (m <= GV_ROWS and gemv_ok)) and (kernel != "int_mm" or bits == 8),
                 f"{fn}: kernel {kernel!r} must be one of {GEMM_KERNELS} (gemv: at most {GV_ROWS} rows, "
                 "activation codes one per byte; int_mm: W8A8)")
     args = (kc._ptr(xq), kc._ptr(s), kc._ptr(z), kc._ptr(qweight), kc._ptr(wscale), kc._ptr(wsum), kc._ptr(y_out),
             kc._ptr(y), kc._ptr(acc), kc._i32(m), kc._i32(n), kc._i32(kbp))
     if m and n and kernel == "int_mm":
-        # torch._int_mm's operands as CUDA takes them (padded, b column-major: the weights as stored),
-        # applied on the CPU too so that the emulated runs take the same ones
-        prod = torch._int_mm(*int_mm_operands(xq, qweight.t(), cuda=True))
-        kc._require(prod.dtype == torch.int32 and prod.stride(1) == 1, f"{fn}: torch._int_mm gave {prod.dtype} with "
-                    f"strides {prod.stride()}; quik_epilogue_rows reads int32 rows")
+        prod = int_mm_product(xq, qweight, fn)  # int32 [M', N'], M' >= M, N' >= N
         kc._launch(f"quik_epilogue_rows_{kc._OUT[out_dtype]}", (m,), (EPI_THREADS,),
                    (kc._ptr(prod), kc._ptr(s), kc._ptr(z), kc._ptr(wscale), kc._ptr(wsum), kc._ptr(y_out), kc._ptr(y),
                     kc._i32(m), kc._i32(n), kc._i32(prod.stride(0))), dev, SOURCE)

@@ -369,7 +369,7 @@ def quik_epilogue(ctx: Ctx, P, bf16: bool, M: int, N: int, bm: int, bn: int):
             sm_, zm = _load(ctx, a["s"], m[t], np.float32, "s"), _load(ctx, a["z"], m[t], np.float32, "z")
             out = []
             for c in range(2):
-                v = f.add(f.mul(f.i2f(P[t, mt, nt, 2 * h + c]), f.mul(sm_, ws[c][t])), f.mul(zm, wr[c][t]))
+                v = quik_value(f, P[t, mt, nt, 2 * h + c], sm_, zm, ws[c][t], wr[c][t])
                 if a["y_out"]:
                     add = n[t] + c < N
                     yo = _load(ctx, a["y_out"], m[t][add] * N + n[t][add] + c, np.uint16, "y_out")
@@ -378,6 +378,11 @@ def quik_epilogue(ctx: Ctx, P, bf16: bool, M: int, N: int, bm: int, bn: int):
             store_pair(ctx, m[t], n[t], N, out[0], out[1])
             if a["acc_out"]:
                 store_acc_pair(ctx, m[t], n[t], N, P[t, mt, nt, 2 * h], P[t, mt, nt, 2 * h + 1])
+
+
+def quik_value(f: FloatOps, acc, sm, zm, ws, wr):
+    """quik::value: (float(acc) * (s[m] * ws[n])) + (z[m] * wr[n]), each operation rounded once."""
+    return f.add(f.mul(f.i2f(acc), f.mul(sm, ws)), f.mul(zm, wr))
 
 
 def _rshift_round(v, s):
@@ -742,7 +747,7 @@ def gemv_quik(ctx: Ctx, grid, bf16: bool, w4: bool):
             ws = _load(ctx, a["wscale"], [n], np.float32, "wscale")[0]
             wr = f.mul(ws, f.i2f(_load(ctx, a["wsum"], [n], np.int32, "wsum")[0]))
             sm_, zm = _load(ctx, a["s"], [m], np.float32, "s")[0], _load(ctx, a["z"], [m], np.float32, "z")[0]
-            v = f.add(f.mul(f.i2f(av), f.mul(sm_, ws)), f.mul(zm, wr))
+            v = quik_value(f, av, sm_, zm, ws, wr)
             if a["y_out"]:
                 v = f.add(v, f.f(conv(_load(ctx, a["y_out"], [m * N + n], np.uint16, "y_out")))[0])
             mem.store(a["y"], np.array([(m * N + n) * 2]), f32_to_bits16(np.asarray([v]), bf16).view(np.uint8)[None, :], "y")
@@ -764,7 +769,7 @@ def epilogue_rows(ctx: Ctx, grid, bf16: bool):
     for m in range(min(grid[0], M)):
         acc = _load(ctx, a["acc"], m * step + cols, np.int32, "acc")
         sm_, zm = _load(ctx, a["s"], [m], np.float32, "s")[0], _load(ctx, a["z"], [m], np.float32, "z")[0]
-        v = f.add(f.mul(f.i2f(acc), f.mul(sm_, ws)), f.mul(zm, wr))
+        v = quik_value(f, acc, sm_, zm, ws, wr)
         if a["y_out"]:
             v = f.add(v, f.f(conv(_load(ctx, a["y_out"], m * N + cols, np.uint16, "y_out"))))
         mem.store(a["y"], (m * N + cols) * 2, f32_to_bits16(v, bf16).view(np.uint8).reshape(-1, 2), "y")

@@ -44,6 +44,13 @@
 
 namespace quik {
 
+// QUIK's value before the outlier product: (float(acc) * (s[m] * ws[n])) + (z[m] * wr[n]), wr[n] =
+// ws[n] * float(R[n]); each operation rounded to float32 (no FMA).  The tile epilogue, the GEMVs and
+// epilogue_rows all make it so.
+__device__ __forceinline__ float value(int acc, float sm, float zm, float ws, float wr) {
+    return __fadd_rn(__fmul_rn(__int2float_rn(acc), __fmul_rn(sm, ws)), __fmul_rn(zm, wr));
+}
+
 // Epilogue: y = ((float(acc) * (s[m] * ws[n])) + (z[m] * (ws[n] * float(R[n])))) + y_out[m, n],
 // each operation rounded to float32 (no FMA), then to fp16 / bf16.
 template <bool kBF16>
@@ -74,7 +81,7 @@ __device__ __forceinline__ void epilogue(const int (&P)[MT][NT][4], const float*
 #pragma unroll
                 for (int c = 0; c < 2; ++c) {
                     const int acc = P[mt][nt][2 * h + c];
-                    float v = __fadd_rn(__fmul_rn(__int2float_rn(acc), __fmul_rn(sm, ws[c])), __fmul_rn(zm, wr[c]));
+                    float v = value(acc, sm, zm, ws[c], wr[c]);
                     if (y_out != nullptr && n + c < N)
                         v = __fadd_rn(v, qk::from_in<kBF16>(y_out[static_cast<long long>(m) * N + n + c]));
                     out[c] = qk::to_out<kBF16>(v);
@@ -324,7 +331,7 @@ __device__ __forceinline__ void gemv_quik(const signed char* __restrict__ xq, co
     const int m = lane / GV_COLS, n = n0 + lane % GV_COLS;
     if (lane >= GV_ROWS * GV_COLS || m >= M || n >= N) return;
     const float ws = __ldg(wscale + n), wr = __fmul_rn(ws, __int2float_rn(__ldg(wsum + n)));
-    float v = __fadd_rn(__fmul_rn(__int2float_rn(a), __fmul_rn(__ldg(s + m), ws)), __fmul_rn(__ldg(z + m), wr));
+    float v = value(a, __ldg(s + m), __ldg(z + m), ws, wr);
     const long long o = static_cast<long long>(m) * N + n;
     if (y_out != nullptr) v = __fadd_rn(v, qk::from_in<kBF16>(y_out[o]));
     y[o] = qk::to_out<kBF16>(v);
@@ -356,7 +363,7 @@ __device__ __forceinline__ void epilogue_rows(QUIK_EPI_ARGS) {
     const long long o = static_cast<long long>(m) * N;
     for (int n = threadIdx.x; n < N; n += EPI_THREADS) {
         const float ws = __ldg(wscale + n), wr = __fmul_rn(ws, __int2float_rn(__ldg(wsum + n)));
-        float v = __fadd_rn(__fmul_rn(__int2float_rn(__ldg(a + n)), __fmul_rn(sm, ws)), __fmul_rn(zm, wr));
+        float v = value(__ldg(a + n), sm, zm, ws, wr);
         if (y_out != nullptr) v = __fadd_rn(v, qk::from_in<kBF16>(y_out[o + n]));
         y[o + n] = qk::to_out<kBF16>(v);
     }
