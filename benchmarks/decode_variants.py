@@ -1,18 +1,22 @@
-"""What each of the 2026-12-04 decode changes buys, measured in one GPU run: the W4A8-IS decode kernel
-at M = 1 and 4 on the Llama-3-8B shapes, under four launch plans of the same kernel, CUDA-graph
-timed (qconvert.bench's method):
+"""What each decode change buys, measured in one GPU run: the W4A8-IS decode kernel at M = 1 and 4 on
+the Llama-3-8B shapes, CUDA-graph timed (qconvert.bench's method), under these variants:
 
-  before      the plan the H200 measured on 2026-12-04: split count rounded up to two CTAs per SM
-              (a partial second wave), the amax exchanged between CTAs
-  one-wave    the split count rounded down (every CTA resident at once), the exchange kept
-  own-amax    the old split count, every CTA taking the amax itself
-  now         both: what ``cuda.plan`` gives today
+  before       the plan the H200 measured on 2026-12-04: split count rounded up to two CTAs per SM
+               (a partial second wave), the amax exchanged between CTAs
+  one-wave     the split count rounded down (every CTA resident at once), the exchange kept
+  own-amax     the old split count, every CTA taking the amax itself
+  no-prefetch  today's plan on the kernel built with -D W4R_SCALE_AHEAD=0: the group scales read one
+               group ahead only, as the H200 ran them (the L2 prefetch of 2026-12-05 left out; group
+               g0's scales are read before the amax in both)
+  now          what ``cuda.plan`` gives today, on the kernel as built for the launchers
 
-Every variant's output must equal the current plan's bit for bit (integer scales: the int32 sums do
-not depend on the split), which the script checks.  A benchmark, not a test: prints a table and
-writes JSON.  Needs cupy and an sm_80+ GPU (benchmarks/gpu_check.sh, part b).
+The first three were measured (docs/benchmarks.md, 2026-12-04); by default the script runs the last
+two (``--variants all`` runs all five).  Every variant's output must equal the current one's bit for
+bit (integer scales: the int32 sums depend on neither the split nor the prefetch), which the script
+checks.  A benchmark, not a test: prints a table and writes JSON.  Needs cupy and an sm_80+ GPU
+(benchmarks/gpu_check.sh, part b).
 
-    python benchmarks/decode_variants.py --json decode_variants.json [--m 1,4]
+    python benchmarks/decode_variants.py --json decode_variants.json [--m 1,4] [--variants all]
 """
 
 from __future__ import annotations
@@ -21,11 +25,14 @@ import argparse
 import dataclasses
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"q/o_proj": (4096, 4096), "qkv_proj": (6144, 4096), "gate_up_proj": (28672, 4096), "down_proj": (4096, 14336)}
-VARIANTS = ("before", "one-wave", "own-amax", "now")
+VARIANTS = ("before", "one-wave", "own-amax", "no-prefetch", "now")
+DEFAULT_VARIANTS = ("no-prefetch", "now")
+KERNEL_DEFINES = {"no-prefetch": {"W4R_SCALE_AHEAD": 0}}   # variants of the kernel's build, on today's plan
 
 sys.path.insert(0, str(ROOT))
 from qconvert_kernels.roofline import decode_splits  # noqa: E402
@@ -34,11 +41,22 @@ from qconvert_kernels.w4a8 import cuda as _cuda  # noqa: E402
 _PLAN = _cuda.plan   # today's plan, kept before run() puts each variant in its place
 
 
+def variant_source(variant: str) -> Path:
+    """w4a8_repacked.cu as ``variant`` builds it: a file named like it in a folder of its own that
+    defines the variant's macros and includes the real source (launch.build inlines it and caches
+    the cubin by the text, so the variant is a module of its own)."""
+    folder = Path(tempfile.mkdtemp(prefix=f"qconvert-{variant}-"))
+    path = folder / _cuda.SOURCE_R.name
+    defines = "".join(f"#define {k} {v}\n" for k, v in KERNEL_DEFINES[variant].items())
+    path.write_text(f"// benchmarks/decode_variants.py: {variant}\n{defines}#include \"{_cuda.SOURCE_R.resolve()}\"\n")
+    return path
+
+
 def variant_plan(variant: str, m: int, prep, sms: int):
     """The decode plan of ``variant`` for M = m tokens: the split and amax rules of cuda.plan with
     or without each 2026-12-04 change (roofline.decode_splits' one_wave, cuda.amax_plan's own)."""
     now = _PLAN(m, prep, sms)
-    if variant == "now" or now.kind != "decode":
+    if variant == "now" or variant in KERNEL_DEFINES or now.kind != "decode":
         return now
     s = decode_splits(prep.n, prep.k, m, prep.group_size, sms, one_wave=variant == "one-wave")
     a, ak = _cuda.amax_plan(m, prep.k, min(s * prep.tiles, sms), own=variant == "own-amax")
@@ -47,7 +65,7 @@ def variant_plan(variant: str, m: int, prep, sms: int):
                                part_int4=s * prep.tiles * 8 * now.mt8 * 32 if s > 1 else 0)
 
 
-def run(ms: list[int]) -> list[dict]:
+def run(ms: list[int], variants=DEFAULT_VARIANTS) -> list[dict]:
     import torch
 
     sys.path.insert(0, str(ROOT / "tests"))
@@ -58,17 +76,19 @@ def run(ms: list[int]) -> list[dict]:
 
     dev = torch.device("cuda")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    orig = cuda.plan
+    orig, orig_source = cuda.plan, cuda.SOURCE_R
+    sources = {v: variant_source(v) for v in variants if v in KERNEL_DEFINES}
     rows = []
     try:
         for name, (n, k) in SHAPES.items():
             prep = cuda.prepare("w4a8-is", {a: b.to(dev) for a, b in make_layer(n, k, 128, "w4a8-is", 3).items()}, 128, dev)
             for m in ms:
                 x = activations(m, k, torch.float16, 5).to(dev)
-                cuda.plan = orig
+                cuda.plan, cuda.SOURCE_R = orig, orig_source
                 want = cuda.linear(x, prep)
-                for v in VARIANTS:
+                for v in variants:
                     cuda.plan = lambda mm, p, s, v=v: variant_plan(v, mm, p, s)  # noqa: E731
+                    cuda.SOURCE_R = sources.get(v, orig_source)
                     same = torch.equal(cuda.linear(x, prep), want)
                     t = _time_cuda(lambda i: cuda.linear(x, prep), 1, runs=50, warmup=3, reps=20)
                     pl = variant_plan(v, m, prep, sms)
@@ -79,20 +99,25 @@ def run(ms: list[int]) -> list[dict]:
                     print(f"{name:13s} M {m}  {v:9s} {r['us']:>8.2f} us  {r['ctas']:>4} CTAs  A={r['amax_ctas']:<3} "
                           f"{'' if same else 'MISMATCH'}", flush=True)
     finally:
-        cuda.plan = orig
+        cuda.plan, cuda.SOURCE_R = orig, orig_source
     return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--m", default="1,4")
+    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated of {', '.join(VARIANTS)}, or all")
     ap.add_argument("--json", required=True)
     args = ap.parse_args()
+    variants = VARIANTS if args.variants == "all" else tuple(v.strip() for v in args.variants.split(","))
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise SystemExit(f"--variants: unknown {', '.join(unknown)}; use some of {', '.join(VARIANTS)}, or all")
     import torch
 
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: this benchmark times the GPU kernels")
-    rows = run([int(v) for v in args.m.split(",")])
+    rows = run([int(v) for v in args.m.split(",")], variants)
     from qconvert.bench import environment
 
     meta = {"environment": environment(torch.device("cuda")), "layout": "w4a8-is", "group_size": 128,

@@ -1,7 +1,8 @@
-"""benchmarks/decode_variants.py (gpu_check.sh part b: what the one-wave plan and the own amax each
-buy) checked without a GPU: its four plans are the old and new rules (the 'before' plan is the one
-the H200 measured: 288 CTAs for q/o at M = 1, 448 for gate_up, the amax exchanged), and each of them
-runs on the lane-exact emulator to the current plan's output, bit for bit."""
+"""benchmarks/decode_variants.py (gpu_check.sh part b: what the one-wave plan, the own amax and the
+scale prefetch each buy) checked without a GPU: its four plans are the old and new rules (the
+'before' plan is the one the H200 measured: 288 CTAs for q/o at M = 1, 448 for gate_up, the amax
+exchanged), each of them runs on the lane-exact emulator to the current plan's output, bit for bit,
+and the no-prefetch variant's source builds into decode kernels without the prefetch."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def test_every_variant_runs_to_the_same_output(m, monkeypatch):
         assert torch.equal(y, want), v
         _, grid, _, args = emu.launches[-1]
         plans.add((grid[0], args["A"]))
-    assert len(plans) == 4  # four distinct launches: 2 split counts x 2 amax paths
+    assert len(plans) == 4  # four distinct launches: 2 split counts x 2 amax paths (no-prefetch: now's plan)
 
 
 def test_without_a_gpu_it_says_so(tmp_path):
@@ -57,3 +58,31 @@ def test_without_a_gpu_it_says_so(tmp_path):
         pytest.skip("a GPU is present")
     p = run_benchmark_without_gpu(ROOT / "benchmarks" / "decode_variants.py", "--json", str(tmp_path / "d.json"))
     assert p.returncode != 0 and "no CUDA device" in p.stderr and not (tmp_path / "d.json").exists()
+
+
+def test_the_no_prefetch_variant_builds_without_the_prefetch():
+    """The variant's file defines W4R_SCALE_AHEAD 0 and includes the real source: its decode kernels
+    have no CCTL.E.PF2 (the default build's have them: tests/test_kernels_families.py), the same
+    entry points, and nothing else changes name."""
+    from qconvert_kernels import compile as kc
+    from qconvert_kernels import launch
+
+    if not kc.nvrtc_available():
+        pytest.skip("libnvrtc not found")
+    src = dv.variant_source("no-prefetch")
+    assert src.name == cuda.SOURCE_R.name and "#define W4R_SCALE_AHEAD 0" in src.read_text()
+    path = launch.build(src, "sm_90")
+    report = kc.parse_ptxas(launch.build_log(path))
+    assert set(report) == set(kc.parse_ptxas(launch.build_log(launch.build(cuda.SOURCE_R, "sm_90"))))
+    if kc.cuobjdump_path() is None:
+        pytest.skip("cuobjdump/nvdisasm not found")
+    sass = kc.kernel_sass(kc.sass(path))
+    decode = [k for k in sass if k.startswith("w4a8r_decode_")]
+    assert len(decode) == 12 and all(kc.opcodes(sass[k]).get("CCTL.E.PF2", 0) == 0 for k in decode)
+
+
+def test_unknown_variant_is_refused(tmp_path):
+    from helpers import run_benchmark_without_gpu
+
+    p = run_benchmark_without_gpu(ROOT / "benchmarks" / "decode_variants.py", "--json", str(tmp_path / "d.json"), "--variants", "now,fast")
+    assert p.returncode != 0 and "--variants: unknown fast" in p.stderr and not (tmp_path / "d.json").exists()

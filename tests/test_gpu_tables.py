@@ -50,6 +50,14 @@ def test_decode_variants_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| q/o_proj (4096 x 4096) | 1 | 12.00 (288, 2) | 10.00 (256, 2) | 11.00 (288, 0) | 8.00 (256, 0) | 1.50x |" in out
 
+    # the prefetch A/B (the default run since 2026-12-05): two columns, no-prefetch's time over now's
+    rows = [{"shape": "down_proj", "N": 4096, "K": 14336, "M": 4, "variant": v, "us": us, "ctas": 256, "amax_ctas": 28}
+            for v, us in (("no-prefetch", 21.0), ("now", 14.0))]
+    (tmp_path / "decode_variants.json").write_text(json.dumps({"environment": {"device": "test input"}, "rows": rows}))
+    gpu_tables.main(str(tmp_path))
+    out = capsys.readouterr().out
+    assert "| now / no-prefetch |" in out and "| down_proj (4096 x 14336) | 4 | 21.00 (256, 28) | 14.00 (256, 28) | 1.50x |" in out
+
 
 def test_glue_table(tmp_path, capsys):
     """glue.json (benchmarks/glue_speed.py; made-up figures, test input) as its table."""

@@ -136,6 +136,25 @@ def test_decode_kernels_fit_two_ctas_per_sm(builds):
     assert cuda.P_SMEM <= 99 * 1024  # sm_86 / sm_89 allow 99 KB per block
 
 
+def test_decode_kernels_prefetch_their_scales(builds):
+    """The repacked decode kernels prefetch their group scales into L2 (W4R_SCALE_AHEAD groups ahead of
+    the one-group-ahead read): one prefetch before the group loop and one in it, so at least two
+    CCTL.E.PF2 (PTX prefetch.global.L2) in each; the ZQ kernel of 64 rows has none (at 128 registers
+    the prefetch made ptxas spill) and no local memory either."""
+    found = 0
+    for (name, arch), (_, report, per_kernel) in builds.items():
+        if name not in ("w4a8/w4a8_repacked.cu", "fp8/fp8_repacked.cu") or per_kernel is None:
+            continue
+        for kernel, sass in per_kernel.items():
+            if "_decode_" not in kernel:
+                continue
+            n = kc.opcodes(sass).get("CCTL.E.PF2", 0)
+            assert (n == 0) if kernel == "w4a8r_decode_zq_m64" else (n >= 2), (name, arch, kernel, n)
+            assert report[kernel]["stack"] == 0 and report[kernel]["spill_stores"] == 0, (name, arch, kernel)
+            found += 1
+    assert found >= 3 * 12 + 2 * 4 or kc.cuobjdump_path() is None, found
+
+
 # The g = 128 prefill main loop (w4a8_repacked.cu, one iteration per k128 stage = one group, 64
 # IMMA): instructions issued per IMMA, counted statically over the loop's SASS on the launchers'
 # NVRTC builds.  At d316985 (before the stage-per-group loop) a g = 128 group took about 10.6 per

@@ -155,6 +155,7 @@ def test_constants_and_parameters_match_the_source():
         body = re.sub(r"/\*.*?\*/", "", body).replace("\\", " ")
         return tuple(re.findall(r"(\w+)\s*$", decl.strip())[0] for decl in body.split(","))
 
+    assert int(re.search(r"#define W4R_SCALE_AHEAD (\d+)", CU).group(1)) == emulate.D_SCALE_AHEAD
     assert params("W4R_DECODE") == emulate.DECODE_PARAMS
     assert params("W4R_DECODE_QUIK") == emulate.QUIK_DECODE_PARAMS
     assert params("W4R_PREFILL") == emulate.PREFILL_PARAMS
@@ -428,6 +429,7 @@ MUTATION_CASES = {
     "k_perm": ((5, 136, 512, 128, "w4a8-fs"), "mismatch"),
     "g128_carry": ((130, 136, 512, 128, "w4a8-is"), "mismatch"),
     "bias_off": ((130, 136, 512, 128, "w4a8-fs"), "mismatch"),
+    "prefetch_next": ((3, 136, 2048, 128, "w4a8-is"), "error"),
 }
 
 @pytest.mark.parametrize("mutation", sorted(MUTATION_CASES))

@@ -50,6 +50,7 @@ BLOCK_BYTES = 32 * LANE_CHUNK
 D_STAGES = 8
 D_STAGE_BYTES = WARPS * BLOCK_BYTES
 D_W_BYTES = D_STAGES * D_STAGE_BYTES
+D_SCALE_AHEAD = 4   # W4R_SCALE_AHEAD's default: decode's L2 prefetch of the scales, groups ahead of their read
 D_XQ_BYTES = 32768
 D_AUX_BYTES = 3 * 64 * 4 + 16
 WS_AMAX, WS_ARRIVE, WS_DONE, WS_TILES = 0, 64, 65, 128
@@ -98,6 +99,7 @@ MUTATIONS = frozenset({
     "widen_row",        # ZQ widening: the word of row gid + 8 stored at row gid (j & 1 ignored)
     "widen_group",      # ZQ widening: the exponent of the k step's group + 1 (the step-to-group table read one on)
     "lorc_u_row",       # ZQ decode with LoRC: the epilogue reads U's row n ^ 1 instead of n
+    "prefetch_next",    # decode: the scale prefetch names the group after the one it is for
     "lorc_lanes",       # LoRC's h: the 32 lanes of a warp summed in lane order instead of the xor butterfly
 })
 
@@ -520,6 +522,7 @@ class Ctx:
     conflicts: dict = field(default_factory=dict)
     ticket_log: dict = field(default_factory=dict)
     amax_paths: dict = field(default_factory=dict)   # decode: "own" / "exchange" -> CTAs that took it
+    scale_log: list = field(default_factory=list)    # decode: (cta, "load" / "prefetch", group, iteration; -1: before the loop)
 
 
 def load_x8(ctx: Ctx, m, k, K, vec, bf16, active, what="x"):
@@ -821,6 +824,28 @@ def decode_cta(ctx: Ctx, mt8: int, is_int: bool, grid, s: int, tile: int, quik: 
             issue(i)
         sm.commit()
 
+    # 1b. group g0's scales, then the next AHEAD groups' lines into L2 (each lane its own entry's line)
+    n_row = t16 * 16 + gid
+    ahead = 0 if zq and mt8 == 8 else D_SCALE_AHEAD
+
+    def scales(g, it):
+        ctx.scale_log.append((cta, "load", g, it))
+        if zq:
+            return np.stack([load_scale_zq(ctx, g * N128 + n_row), load_scale_zq(ctx, g * N128 + n_row + 8)], -1)
+        return np.stack([load_scale(ctx, is_int, g * N128 + n_row, sc16), load_scale(ctx, is_int, g * N128 + n_row + 8, sc16)], -1)
+
+    def prefetch(h, it):
+        """prefetch.global.L2 of the line of each lane's entry of group h: nothing is read, the entry's
+        address must lie in the scales.                                        [w4r::prefetch_scale]"""
+        g = h + 1 if "prefetch_next" in mut else h
+        width = 1 if zq else (2 if (sc16 or not is_int) else 4)
+        mem._check(a["scales"], (g * N128 + n_row) * width, width, "scale prefetch")
+        ctx.scale_log.append((cta, "prefetch", g, it))
+
+    sc = scales(g0, -1)
+    for h in range(g0 + 1, min(g0 + ahead, g1 - 1) + 1) if ahead else ():
+        prefetch(h, -1)
+
     # 2. amax: A = 0, each CTA over its rows whole (own_amax); else the exchange  [w4r::decode]
     if quik:  # quantized by quik_split: its per-token scale only
         s_inv, s_t = np.zeros(ROWS, np.float32), np.zeros(ROWS, np.float32)
@@ -877,7 +902,6 @@ def decode_cta(ctx: Ctx, mt8: int, is_int: bool, grid, s: int, tile: int, quik: 
     st = {"next_chunk": 0, "chunk_kk": 0, "chunk": -1, "wr": np.zeros((THREADS, 4), np.uint32)}
     acc = np.zeros((THREADS, mt8, 4), np.int32 if is_int else np.float32)
     P = np.zeros((THREADS, mt8, 4), np.float64 if zq else np.int32)
-    n_row = t16 * 16 + gid
 
     def quantize_chunk(blk):
         kbase = (kb0 + blk) * 64
@@ -950,15 +974,11 @@ def decode_cta(ctx: Ctx, mt8: int, is_int: bool, grid, s: int, tile: int, quik: 
             newP[:, mt] = d.reshape(THREADS, 4)
         P = newP
 
-    def scales(g):
-        if zq:
-            return np.stack([load_scale_zq(ctx, g * N128 + n_row), load_scale_zq(ctx, g * N128 + n_row + 8)], -1)
-        return np.stack([load_scale(ctx, is_int, g * N128 + n_row, sc16), load_scale(ctx, is_int, g * N128 + n_row + 8, sc16)], -1)
-
-    sc = scales(g0)
     for g in range(g0, g1):
         if g + 1 < g1:
-            nsc = scales(g + 1)
+            nsc = scales(g + 1, g)
+            if ahead and g + 1 + ahead < g1:
+                prefetch(g + 1 + ahead, g)
         kstep(g * spg, True)
         for stp in range(1, spg):
             kstep(g * spg + stp, False)
@@ -1309,6 +1329,23 @@ def widen_zq(ctx: Ctx, grid):
 # ----------------------------------------------------------------------------- launches
 
 
+def check_scale_schedule(name: str, log: list, grid, gq: int, gr: int, ahead: int) -> None:
+    """The decode's group scales, CTA by CTA: each group of the split read once, group g0 before the
+    loop and group g at iteration g - 1 (one group ahead), and each later group's line prefetched
+    once, ``ahead`` groups before its read (before the loop where that is earlier); nothing else."""
+    S = grid[0]
+    for cta in range(grid[0] * grid[1]):
+        g0, g1 = split_groups(cta % S, gq, gr)
+        want = {("load", g, g - 1 if g > g0 else -1) for g in range(g0, g1)}
+        if ahead:
+            want |= {("prefetch", h, h - 1 - ahead if h - 1 - ahead >= g0 else -1) for h in range(g0 + 1, g1)}
+        got = [e[1:] for e in log if e[0] == cta]
+        if len(got) != len(set(got)) or set(got) != want:
+            extra, missing = sorted(set(got) - want), sorted(want - set(got))
+            raise EmulationError(f"{name}: CTA {cta}'s scale reads / prefetches are off the schedule "
+                                 f"(groups {g0}..{g1 - 1}, {ahead} ahead): extra {extra[:3]}, missing {missing[:3]}")
+
+
 @dataclass
 class Emulator:
     """The launch hook: runs each launch of w4a8_repacked.cu on the CPU with the checks above."""
@@ -1397,6 +1434,7 @@ class Emulator:
                 raise EmulationError(f"{name}: the ZQ decode takes alpha_log2 = 0 and no acc_out")
             programs = [decode_cta(ctx, mt8, is_int, grid, s, tile, quik, zq) for tile in range(grid[1]) for s in range(grid[0])]
             run_grid(programs, resident, rng)
+            check_scale_schedule(name, ctx.scale_log, grid, vals["gq"], vals["gr"], 0 if zq and mt8 == 8 else D_SCALE_AHEAD)
             ws = mem.view(vals["ws"]).view(np.int32)
             if ws.any():
                 raise EmulationError(f"{name}: workspace not back to zero after the launch ({np.flatnonzero(ws)[:8]})")

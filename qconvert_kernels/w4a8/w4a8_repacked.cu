@@ -73,6 +73,16 @@ constexpr int BLOCK_BYTES = 32 * LANE_CHUNK;  // one warp's (n16 tile, k64 block
 constexpr int D_STAGES = 8;              // k64 blocks in flight per warp (8 x 512 B x 8 warps = 32 KB)
 constexpr int D_STAGE_BYTES = WARPS * BLOCK_BYTES;   // one weight stage of the CTA (4 KB)
 constexpr int D_W_BYTES = D_STAGES * D_STAGE_BYTES;
+// Group scales: read one group ahead (__ldg into registers), and each lane prefetches the L2 line of its
+// entries (a warp's 16 channels share one) D_SCALE_AHEAD groups before that read (0: no prefetch).
+// The weights are 7 k64 blocks ahead; the scales' one-group read alone left their DRAM latency on
+// each group's fold (at g = 128 a group is 2 blocks).  A -D W4R_SCALE_AHEAD=n build is the A/B
+// variant of benchmarks/decode_variants.py.                                      [emulate.decode_cta]
+#ifndef W4R_SCALE_AHEAD
+#define W4R_SCALE_AHEAD 4
+#endif
+constexpr int D_SCALE_AHEAD = W4R_SCALE_AHEAD;
+static_assert(D_SCALE_AHEAD >= 0 && D_SCALE_AHEAD <= 16, "W4R_SCALE_AHEAD: 0..16 groups");
 constexpr int D_XQ_BYTES = 32768;        // quantized activation chunk: ROWS x XK int8
 constexpr int D_AUX_BYTES = 3 * 64 * 4 + 16;  // s_inv, s_t, s_amax [64] + flag
 // Workspace (int32, one per prepared layer, zero at rest; each launch returns it to zero):
@@ -282,6 +292,13 @@ struct Scale<KIND_FS> {
     }
 };
 
+// Bring the line of the entry at flat index idx into L2 (the decode's scale prefetch; a warp's 16
+// entries, at most 64 B aligned to their size, share one line).
+template <int kKind>
+__device__ __forceinline__ void prefetch_scale(const void* sc, long long idx, bool sc16) {
+    qk::prefetch_l2(static_cast<const unsigned char*>(sc) + (idx << Scale<kKind>::shift(sc16)));
+}
+
 // The group fold of one accumulator: IS A += s * (16P >> 4) (int32, wrapping: unsigned arithmetic);
 // FS acc = acc + float(16P) * (s / 16) (two roundings, no FMA).                          [emulate.fold]
 __device__ __forceinline__ void fold1(int& acc, int p16, int s) {
@@ -444,6 +461,9 @@ __device__ __forceinline__ void decode(const unsigned short* __restrict__ x, con
     constexpr int ROWS = decode_rows(MT8);
     constexpr int XK = decode_xk(MT8);
     constexpr int XS = decode_xs(MT8);
+    // ZQ at 64 rows sits at the 128-register cap: with the prefetch ptxas (NVRTC, sm_90, 2026-12-05)
+    // spilled one word into the group loop, so that kernel reads its scales one group ahead only.
+    constexpr int AHEAD = kZq && MT8 == 8 ? 0 : D_SCALE_AHEAD;
     extern __shared__ uint4 smem_u4[];
     unsigned char* smem = reinterpret_cast<unsigned char*>(smem_u4);
     unsigned char* sW = smem;                                   // [D_STAGES][8 warps][32 lanes] x 16 B
@@ -475,6 +495,14 @@ __device__ __forceinline__ void decode(const unsigned short* __restrict__ x, con
         if (i < nblk) qk::cp_async16_all(wslot + i * D_STAGE_BYTES, wsrc + 32 * i);
         qk::cp_async_commit();
     }
+
+    // 1b. Group g0's scales before the amax, and the next AHEAD groups' lines into L2.
+    const long long n_row = static_cast<long long>(t16) * 16 + gid;   // this lane's channels n_row, n_row + 8
+    typename Scale<kKind>::T sc[2], nsc[2];
+    sc[0] = Scale<kKind>::load(scales, static_cast<long long>(g0) * N128 + n_row, sc16);
+    sc[1] = Scale<kKind>::load(scales, static_cast<long long>(g0) * N128 + n_row + 8, sc16);
+    if (AHEAD > 0)
+        for (int h = g0 + 1; h <= g0 + AHEAD && h < g1; ++h) prefetch_scale<kKind>(scales, static_cast<long long>(h) * N128 + n_row, sc16);
 
     // 2. Per-token amax over all of K.
     //    A = 0 (the plan: M <= 4 and at most 8 KB of activations): every CTA reads its rows whole,
@@ -581,10 +609,6 @@ __device__ __forceinline__ void decode(const unsigned short* __restrict__ x, con
     for (int mt = 0; mt < MT8; ++mt)
 #pragma unroll
         for (int i = 0; i < 4; ++i) acc[mt][i] = Acc(0);
-    const long long n_row = static_cast<long long>(t16) * 16 + gid;   // this lane's channels n_row, n_row + 8
-    typename Scale<kKind>::T sc[2], nsc[2];
-    sc[0] = Scale<kKind>::load(scales, static_cast<long long>(g0) * N128 + n_row, sc16);
-    sc[1] = Scale<kKind>::load(scales, static_cast<long long>(g0) * N128 + n_row + 8, sc16);
     uint4 wr = make_uint4(0u, 0u, 0u, 0u);
 
     // One k step: advance the pipeline at a new k64 block (and the x chunk at a new chunk), then
@@ -647,9 +671,11 @@ __device__ __forceinline__ void decode(const unsigned short* __restrict__ x, con
     };
 
     for (int g = g0; g < g1; ++g) {
-        if (g + 1 < g1) {  // next group's scales, a group ahead
-            nsc[0] = Scale<kKind>::load(scales, static_cast<long long>(g + 1) * N128 + n_row, sc16);
-            nsc[1] = Scale<kKind>::load(scales, static_cast<long long>(g + 1) * N128 + n_row + 8, sc16);
+        if (g + 1 < g1) {  // next group's scales, a group ahead; group g + 1 + AHEAD's line into L2
+            const long long i1 = static_cast<long long>(g + 1) * N128 + n_row;
+            nsc[0] = Scale<kKind>::load(scales, i1, sc16);
+            nsc[1] = Scale<kKind>::load(scales, i1 + 8, sc16);
+            if (AHEAD > 0 && g + 1 + AHEAD < g1) prefetch_scale<kKind>(scales, i1 + AHEAD * N128, sc16);
         }
         kstep(g * spg, true);
 #pragma unroll 1
