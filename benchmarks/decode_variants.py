@@ -41,14 +41,16 @@ from qconvert_kernels.w4a8 import cuda as _cuda  # noqa: E402
 _PLAN = _cuda.plan   # today's plan, kept before run() puts each variant in its place
 
 
-def variant_source(variant: str) -> Path:
-    """w4a8_repacked.cu as ``variant`` builds it: a file named like it in a folder of its own that
-    defines the variant's macros and includes the real source (launch.build inlines it and caches
-    the cubin by the text, so the variant is a module of its own)."""
-    folder = Path(tempfile.mkdtemp(prefix=f"qconvert-{variant}-"))
-    path = folder / _cuda.SOURCE_R.name
+def variant_source(variant: str, folder: Path) -> Path:
+    """w4a8_repacked.cu as ``variant`` builds it, written into ``folder``: the variant's macros, then
+    the source's text with its includes inlined (compile.kernel_source), in a file of the same name.
+    launch.build caches the cubin by the text, so the variant is a module of its own, and the folder
+    may go once the module is loaded."""
+    from qconvert_kernels import compile as kc
+
+    path = Path(folder) / _cuda.SOURCE_R.name
     defines = "".join(f"#define {k} {v}\n" for k, v in KERNEL_DEFINES[variant].items())
-    path.write_text(f"// benchmarks/decode_variants.py: {variant}\n{defines}#include \"{_cuda.SOURCE_R.resolve()}\"\n")
+    path.write_text(f"// benchmarks/decode_variants.py: {variant}\n{defines}{kc.kernel_source(_cuda.SOURCE_R)}")
     return path
 
 
@@ -77,16 +79,18 @@ def run(ms: list[int], variants=DEFAULT_VARIANTS) -> list[dict]:
     dev = torch.device("cuda")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     orig, orig_source = cuda.plan, cuda.SOURCE_R
-    sources = {v: variant_source(v) for v in variants if v in KERNEL_DEFINES}
+    tmp = tempfile.TemporaryDirectory(prefix="qconvert-variants-")
+    sources = {v: variant_source(v, Path(tmp.name)) for v in variants if v in KERNEL_DEFINES}
     rows = []
     try:
-        for name, (n, k) in SHAPES.items():
+        for i, (name, (n, k)) in enumerate(SHAPES.items()):
             prep = cuda.prepare("w4a8-is", {a: b.to(dev) for a, b in make_layer(n, k, 128, "w4a8-is", 3).items()}, 128, dev)
-            for m in ms:
+            for j, m in enumerate(ms):
                 x = activations(m, k, torch.float16, 5).to(dev)
                 cuda.plan, cuda.SOURCE_R = orig, orig_source
                 want = cuda.linear(x, prep)
-                for v in variants:
+                # the variants in turn, the order reversed every other case (no variant always first)
+                for v in variants if (i + j) % 2 == 0 else variants[::-1]:
                     cuda.plan = lambda mm, p, s, v=v: variant_plan(v, mm, p, s)  # noqa: E731
                     cuda.SOURCE_R = sources.get(v, orig_source)
                     same = torch.equal(cuda.linear(x, prep), want)
@@ -100,6 +104,7 @@ def run(ms: list[int], variants=DEFAULT_VARIANTS) -> list[dict]:
                           f"{'' if same else 'MISMATCH'}", flush=True)
     finally:
         cuda.plan, cuda.SOURCE_R = orig, orig_source
+        tmp.cleanup()
     return rows
 
 

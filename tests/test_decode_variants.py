@@ -7,6 +7,7 @@ and the no-prefetch variant's source builds into decode kernels without the pref
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -34,21 +35,27 @@ def test_the_before_plan_is_the_measured_one():
 
 
 @pytest.mark.parametrize("m", [1, 4])
-def test_every_variant_runs_to_the_same_output(m, monkeypatch):
+def test_every_variant_runs_to_the_same_output(m, monkeypatch, tmp_path):
+    """Each variant as the script launches it (its plan; the no-prefetch variant's own build of the
+    source, whose W4R_SCALE_AHEAD the emulator takes from the launched file) gives the current
+    output, bit for bit; the no-prefetch launch issues no prefetch, today's does."""
     n, k, g = 384, 1024, 128   # 3 tiles on 4 SMs: 2 x 4 / 3 rounds to 3 splits up, 2 down
     prep = cuda.prepare("w4a8-is", make_layer(n, k, g, "w4a8-is", 3), g, "cpu")
     x = activations(m, k, torch.float16, 5)
     with emulate.emulating(sm_count=4):
         want = cuda.linear(x, prep)
-    plans = set()
+    plans, prefetches, real = set(), {}, cuda.SOURCE_R
     for v in dv.VARIANTS:
         monkeypatch.setattr(cuda, "plan", lambda mm, p, s, v=v: dv.variant_plan(v, mm, p, s))
+        monkeypatch.setattr(cuda, "SOURCE_R", dv.variant_source(v, tmp_path) if v in dv.KERNEL_DEFINES else real)
         with emulate.emulating(sm_count=4) as emu:
             y = cuda.linear(x, prep)
         assert torch.equal(y, want), v
         _, grid, _, args = emu.launches[-1]
         plans.add((grid[0], args["A"]))
+        prefetches[v] = emu.prefetches[-1]
     assert len(plans) == 4  # four distinct launches: 2 split counts x 2 amax paths (no-prefetch: now's plan)
+    assert prefetches["no-prefetch"] == 0 and prefetches["now"] > 0, prefetches
 
 
 def test_without_a_gpu_it_says_so(tmp_path):
@@ -60,7 +67,7 @@ def test_without_a_gpu_it_says_so(tmp_path):
     assert p.returncode != 0 and "no CUDA device" in p.stderr and not (tmp_path / "d.json").exists()
 
 
-def test_the_no_prefetch_variant_builds_without_the_prefetch():
+def test_the_no_prefetch_variant_builds_without_the_prefetch(tmp_path):
     """The variant's file defines W4R_SCALE_AHEAD 0 and includes the real source: its decode kernels
     have no CCTL.E.PF2 (the default build's have them: tests/test_kernels_families.py), the same
     entry points, and nothing else changes name."""
@@ -69,8 +76,9 @@ def test_the_no_prefetch_variant_builds_without_the_prefetch():
 
     if not kc.nvrtc_available():
         pytest.skip("libnvrtc not found")
-    src = dv.variant_source("no-prefetch")
-    assert src.name == cuda.SOURCE_R.name and "#define W4R_SCALE_AHEAD 0" in src.read_text()
+    src = dv.variant_source("no-prefetch", tmp_path)
+    assert src.name == cuda.SOURCE_R.name and src.read_text().index("#define W4R_SCALE_AHEAD 0") < src.read_text().index(
+        "#define W4R_SCALE_AHEAD 4") and not re.search(r"^\s*#\s*include", src.read_text(), re.M)
     path = launch.build(src, "sm_90")
     report = kc.parse_ptxas(launch.build_log(path))
     assert set(report) == set(kc.parse_ptxas(launch.build_log(launch.build(cuda.SOURCE_R, "sm_90"))))

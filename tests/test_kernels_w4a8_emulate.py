@@ -398,6 +398,28 @@ def test_own_amax_reads_the_rows_whole():
     check_case(3, 136, 512, 128, "w4a8-is", x=x)
 
 
+def test_scale_schedule_check_can_fail():
+    """check_scale_schedule against made-up logs of one CTA with groups 0..5, 2 ahead: the schedule
+    passes; a prefetch one group on, a missing prefetch, a read twice or a read late fails."""
+    good = [(0, "load", 0, -1), (0, "prefetch", 1, -1), (0, "prefetch", 2, -1)]
+    for g in range(5):
+        good.append((0, "load", g + 1, g))
+        if g + 3 < 6:
+            good.append((0, "prefetch", g + 3, g))
+    emulate.check_scale_schedule("k", good, (1, 1, 1), 6, 0, 2)
+    bad = {"shifted": [e if e[1] != "prefetch" else (0, "prefetch", e[2] + 1, e[3]) for e in good],
+           "missing": [e for e in good if e[1:3] != ("prefetch", 4)],
+           "twice": good + [(0, "load", 3, 2)],
+           "late": [e if e[1:3] != ("load", 3) else (0, "load", 3, 3) for e in good]}
+    for what, log in bad.items():
+        with pytest.raises(emulate.EmulationError, match="off the schedule"):
+            emulate.check_scale_schedule("k", log, (1, 1, 1), 6, 0, 2)
+    # and without the prefetch (ahead 0) the reads alone are the schedule
+    emulate.check_scale_schedule("k", [e for e in good if e[1] == "load"], (1, 1, 1), 6, 0, 0)
+    with pytest.raises(emulate.EmulationError):
+        emulate.check_scale_schedule("k", good, (1, 1, 1), 6, 0, 0)
+
+
 def test_main_loop_shared_accesses_are_bank_conflict_free():
     _, emu_d = check_case(16, 256, 512, 128, "w4a8-is")
     _, emu_p = check_case(130, 136, 256, 128, "w4a8-is")

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -523,6 +524,7 @@ class Ctx:
     ticket_log: dict = field(default_factory=dict)
     amax_paths: dict = field(default_factory=dict)   # decode: "own" / "exchange" -> CTAs that took it
     scale_log: list = field(default_factory=list)    # decode: (cta, "load" / "prefetch", group, iteration; -1: before the loop)
+    scale_ahead: int = D_SCALE_AHEAD                 # W4R_SCALE_AHEAD as the launched source defines it
 
 
 def load_x8(ctx: Ctx, m, k, K, vec, bf16, active, what="x"):
@@ -826,7 +828,7 @@ def decode_cta(ctx: Ctx, mt8: int, is_int: bool, grid, s: int, tile: int, quik: 
 
     # 1b. group g0's scales, then the next AHEAD groups' lines into L2 (each lane its own entry's line)
     n_row = t16 * 16 + gid
-    ahead = 0 if zq and mt8 == 8 else D_SCALE_AHEAD
+    ahead = 0 if zq and mt8 == 8 else ctx.scale_ahead
 
     def scales(g, it):
         ctx.scale_log.append((cta, "load", g, it))
@@ -1329,6 +1331,16 @@ def widen_zq(ctx: Ctx, grid):
 # ----------------------------------------------------------------------------- launches
 
 
+def source_scale_ahead(source) -> int:
+    """W4R_SCALE_AHEAD as the launched file defines it first (a build variant of
+    benchmarks/decode_variants.py puts its own before the source's default); the default where the
+    file defines none (fp8_repacked.cu, which includes w4a8_repacked.cu) or no file is named."""
+    if source is None:
+        return D_SCALE_AHEAD
+    m = re.search(r"^#define W4R_SCALE_AHEAD (\d+)", Path(source).read_text(), re.M)
+    return int(m.group(1)) if m else D_SCALE_AHEAD
+
+
 def check_scale_schedule(name: str, log: list, grid, gq: int, gr: int, ahead: int) -> None:
     """The decode's group scales, CTA by CTA: each group of the split read once, group g0 before the
     loop and group g at iteration g - 1 (one group ahead), and each later group's line prefetched
@@ -1357,6 +1369,7 @@ class Emulator:
     conflicts: dict = field(default_factory=dict)
     ticket_orders: list = field(default_factory=list)
     amax_paths: list = field(default_factory=list)   # per launch: {"own" / "exchange": CTAs}
+    prefetches: list = field(default_factory=list)   # per decode launch: scale prefetches issued (all CTAs)
 
     def __call__(self, name, grid, block, args, shared_mem, source):
         unknown = set(self.mutations) - MUTATIONS
@@ -1390,7 +1403,8 @@ class Emulator:
         if len(args) != len(params):
             raise EmulationError(f"{name}: {len(args)} arguments, the kernel takes {len(params)}")
         vals = {p: int(v) for p, v in zip(params, args)}
-        ctx = Ctx(mem, vals, frozenset(self.mutations), FloatOps("ftz" in self.mutations))
+        ctx = Ctx(mem, vals, frozenset(self.mutations), FloatOps("ftz" in self.mutations),
+                  scale_ahead=source_scale_ahead(source))
         self.launches.append((name, grid, shared_mem, dict(vals)))
         rng = random.Random(self.seed * 1_000_003 + len(self.launches))
         resident = self.resident or launch.emulated_sm_count()
@@ -1434,7 +1448,8 @@ class Emulator:
                 raise EmulationError(f"{name}: the ZQ decode takes alpha_log2 = 0 and no acc_out")
             programs = [decode_cta(ctx, mt8, is_int, grid, s, tile, quik, zq) for tile in range(grid[1]) for s in range(grid[0])]
             run_grid(programs, resident, rng)
-            check_scale_schedule(name, ctx.scale_log, grid, vals["gq"], vals["gr"], 0 if zq and mt8 == 8 else D_SCALE_AHEAD)
+            check_scale_schedule(name, ctx.scale_log, grid, vals["gq"], vals["gr"], 0 if zq and mt8 == 8 else ctx.scale_ahead)
+            self.prefetches.append(sum(e[1] == "prefetch" for e in ctx.scale_log))
             ws = mem.view(vals["ws"]).view(np.int32)
             if ws.any():
                 raise EmulationError(f"{name}: workspace not back to zero after the launch ({np.flatnonzero(ws)[:8]})")
