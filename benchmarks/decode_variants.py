@@ -8,12 +8,15 @@ the Llama-3-8B shapes, CUDA-graph timed (qconvert.bench's method), under these v
   no-prefetch  today's plan on the kernel built with -D W4R_SCALE_AHEAD=0: the group scales read one
                group ahead only, as the H200 ran them (the L2 prefetch of 2026-12-05 left out; group
                g0's scales are read before the amax in both)
+  stages-16    today's plan on the kernel built with -D W4R_D_STAGES=16: 15 k64 blocks of weights in
+               flight per warp instead of 7 (64 KB of shared memory per CTA for them instead of 32;
+               two CTAs per SM still fit an H100 / H200), the prefetch kept
   now          what ``cuda.plan`` gives today, on the kernel as built for the launchers
 
 The first three were measured (docs/benchmarks.md, 2026-12-04); by default the script runs the last
-two (``--variants all`` runs all five).  Every variant's output must equal the current one's bit for
-bit (integer scales: the int32 sums depend on neither the split nor the prefetch), which the script
-checks.  A benchmark, not a test: prints a table and writes JSON.  Needs cupy and an sm_80+ GPU
+three (``--variants all`` runs all six).  Every variant's output must equal the current one's bit for
+bit (integer scales: the int32 sums depend on neither the split, the prefetch nor the pipeline's
+depth), which the script checks.  A benchmark, not a test: prints a table and writes JSON.  Needs cupy and an sm_80+ GPU
 (benchmarks/gpu_check.sh, part b).
 
     python benchmarks/decode_variants.py --json decode_variants.json [--m 1,4] [--variants all]
@@ -22,6 +25,7 @@ checks.  A benchmark, not a test: prints a table and writes JSON.  Needs cupy an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -30,9 +34,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"q/o_proj": (4096, 4096), "qkv_proj": (6144, 4096), "gate_up_proj": (28672, 4096), "down_proj": (4096, 14336)}
-VARIANTS = ("before", "one-wave", "own-amax", "no-prefetch", "now")
-DEFAULT_VARIANTS = ("no-prefetch", "now")
-KERNEL_DEFINES = {"no-prefetch": {"W4R_SCALE_AHEAD": 0}}   # variants of the kernel's build, on today's plan
+VARIANTS = ("before", "one-wave", "own-amax", "no-prefetch", "stages-16", "now")
+DEFAULT_VARIANTS = ("no-prefetch", "stages-16", "now")
+# variants of the kernel's build, on today's plan, and the weight stages' shared memory each launches with
+KERNEL_DEFINES = {"no-prefetch": {"W4R_SCALE_AHEAD": 0}, "stages-16": {"W4R_D_STAGES": 16}}
+KERNEL_W_BYTES = {"stages-16": 16 * 8 * 512}   # cuda.D_W_BYTES: D_STAGES x 8 warps x 512 B
 
 sys.path.insert(0, str(ROOT))
 from qconvert_kernels.roofline import decode_splits  # noqa: E402
@@ -48,10 +54,25 @@ def variant_source(variant: str, folder: Path) -> Path:
     may go once the module is loaded."""
     from qconvert_kernels import compile as kc
 
-    path = Path(folder) / _cuda.SOURCE_R.name
+    path = Path(folder) / variant / _cuda.SOURCE_R.name
+    path.parent.mkdir(parents=True, exist_ok=True)
     defines = "".join(f"#define {k} {v}\n" for k, v in KERNEL_DEFINES[variant].items())
     path.write_text(f"// benchmarks/decode_variants.py: {variant}\n{defines}{kc.kernel_source(_cuda.SOURCE_R)}")
     return path
+
+
+@contextlib.contextmanager
+def variant(v: str, sources: dict):
+    """cuda.linear as variant ``v`` runs: its plan, its build of the source (``sources``: variant ->
+    variant_source's file) and the shared memory its weight stages take; all restored after."""
+    saved = (_cuda.plan, _cuda.SOURCE_R, _cuda.D_W_BYTES)
+    _cuda.plan = lambda mm, p, s: variant_plan(v, mm, p, s)
+    _cuda.SOURCE_R = sources.get(v, saved[1])
+    _cuda.D_W_BYTES = KERNEL_W_BYTES.get(v, saved[2])
+    try:
+        yield
+    finally:
+        _cuda.plan, _cuda.SOURCE_R, _cuda.D_W_BYTES = saved
 
 
 def variant_plan(variant: str, m: int, prep, sms: int):
@@ -78,7 +99,6 @@ def run(ms: list[int], variants=DEFAULT_VARIANTS) -> list[dict]:
 
     dev = torch.device("cuda")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    orig, orig_source = cuda.plan, cuda.SOURCE_R
     tmp = tempfile.TemporaryDirectory(prefix="qconvert-variants-")
     sources = {v: variant_source(v, Path(tmp.name)) for v in variants if v in KERNEL_DEFINES}
     rows = []
@@ -87,23 +107,20 @@ def run(ms: list[int], variants=DEFAULT_VARIANTS) -> list[dict]:
             prep = cuda.prepare("w4a8-is", {a: b.to(dev) for a, b in make_layer(n, k, 128, "w4a8-is", 3).items()}, 128, dev)
             for j, m in enumerate(ms):
                 x = activations(m, k, torch.float16, 5).to(dev)
-                cuda.plan, cuda.SOURCE_R = orig, orig_source
                 want = cuda.linear(x, prep)
                 # the variants in turn, the order reversed every other case (no variant always first)
                 for v in variants if (i + j) % 2 == 0 else variants[::-1]:
-                    cuda.plan = lambda mm, p, s, v=v: variant_plan(v, mm, p, s)  # noqa: E731
-                    cuda.SOURCE_R = sources.get(v, orig_source)
-                    same = torch.equal(cuda.linear(x, prep), want)
-                    t = _time_cuda(lambda i: cuda.linear(x, prep), 1, runs=50, warmup=3, reps=20)
-                    pl = variant_plan(v, m, prep, sms)
+                    with variant(v, sources):
+                        same = torch.equal(cuda.linear(x, prep), want)
+                        t = _time_cuda(lambda i: cuda.linear(x, prep), 1, runs=50, warmup=3, reps=20)
+                        pl = cuda.plan(m, prep, sms)
                     rows.append({"shape": name, "N": n, "K": k, "M": m, "variant": v, "us": round(t.median_us, 2),
                                  "timing": t.mode, "ctas": pl.grid[0] * pl.grid[1], "splits": pl.splits,
-                                 "amax_ctas": pl.amax_ctas, "equal_to_now": same})
+                                 "amax_ctas": pl.amax_ctas, "smem": pl.smem, "equal_to_now": same})
                     r = rows[-1]
-                    print(f"{name:13s} M {m}  {v:9s} {r['us']:>8.2f} us  {r['ctas']:>4} CTAs  A={r['amax_ctas']:<3} "
+                    print(f"{name:13s} M {m}  {v:11s} {r['us']:>8.2f} us  {r['ctas']:>4} CTAs  A={r['amax_ctas']:<3} "
                           f"{'' if same else 'MISMATCH'}", flush=True)
     finally:
-        cuda.plan, cuda.SOURCE_R = orig, orig_source
         tmp.cleanup()
     return rows
 

@@ -62,12 +62,12 @@ def mma_peak_table(data: dict) -> list[str]:
 
 def decode_variants_table(data: dict) -> list[str]:
     """W4A8-IS decode under the variants of benchmarks/decode_variants.py that the run timed (the four
-    plans of 2026-12-04, or no-prefetch and now), µs, and the first variant's time over now's."""
+    plans of 2026-12-04, or no-prefetch, stages-16 and now), µs, and the first variant's time over now's."""
     rows = {}
     for r in data["rows"]:
         rows.setdefault((r["M"], r["shape"], r["N"], r["K"]), {})[r["variant"]] = r
     seen = {r["variant"] for r in data["rows"]}
-    names = [v for v in ("before", "one-wave", "own-amax", "no-prefetch", "now") if v in seen]
+    names = [v for v in ("before", "one-wave", "own-amax", "no-prefetch", "stages-16", "now") if v in seen]
     if "now" not in names or len(names) < 2:
         return []
     out = ["| linear (N x K) | M | " + " | ".join(f"{v} us (CTAs, A)" for v in names) + f" | now / {names[0]} |",

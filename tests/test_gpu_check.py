@@ -84,5 +84,5 @@ def test_parts_names_the_parts_a_rerun_repeats(tmp_path):
                    capture_output=True, text=True, timeout=300)
     parts = (out / "parts.txt").read_text().splitlines()
     assert [p.split(":")[0] for p in parts] == ["part f", "part g"], parts
-    assert re.search(r"of 25 s\)", parts[0]) and re.search(r"of 40 s\)", parts[1]), parts  # their own default budgets
+    assert re.search(r"of 25 s\)", parts[0]) and re.search(r"of 30 s\)", parts[1]), parts  # their own default budgets
     assert not (out / "part_a.log").exists() and not (out / "gpu.txt").exists()

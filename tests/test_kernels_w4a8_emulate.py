@@ -141,7 +141,9 @@ def test_mma_fragment_tables_against_a_per_element_model():
 def test_constants_and_parameters_match_the_source():
     def const(name):
         m = re.search(rf"constexpr int {name} = ([^;]+);", CU)
-        return eval(m.group(1).split("//")[0], {}, {k: getattr(emulate, k) for k in dir(emulate) if k.isupper()})  # noqa: S307
+        ns = {k: getattr(emulate, k) for k in dir(emulate) if k.isupper()}
+        ns["W4R_D_STAGES"] = int(re.search(r"#define W4R_D_STAGES (\d+)", CU).group(1))   # the build macro's default
+        return eval(m.group(1).split("//")[0], {}, ns)  # noqa: S307
 
     for name in ("THREADS", "WARPS", "BN", "LANE_CHUNK", "D_STAGES", "D_STAGE_BYTES", "D_W_BYTES", "D_XQ_BYTES", "D_AUX_BYTES", "WS_AMAX", "WS_ARRIVE",
                  "WS_DONE", "WS_TILES", "P_BM", "P_STAGES", "P_BK", "P_W_STAGE", "P_X_STAGE"):

@@ -165,9 +165,9 @@ def part_slot(s, tiles, tile, warp, f, nfrag, lane):
     return ((np.int64(s) * tiles + tile) * WARPS + np.asarray(warp, np.int64)) * nfrag * 32 + f * 32 + np.asarray(lane, np.int64)
 
 
-def decode_smem(mt8: int) -> int:
+def decode_smem(mt8: int, stages: int = D_STAGES) -> int:
     rows = 8 * mt8
-    return D_W_BYTES + rows * (D_XQ_BYTES // rows + 32) + D_AUX_BYTES
+    return stages * D_STAGE_BYTES + rows * (D_XQ_BYTES // rows + 32) + D_AUX_BYTES
 
 
 # ----------------------------------------------------------------------------- float helpers
@@ -525,6 +525,7 @@ class Ctx:
     amax_paths: dict = field(default_factory=dict)   # decode: "own" / "exchange" -> CTAs that took it
     scale_log: list = field(default_factory=list)    # decode: (cta, "load" / "prefetch", group, iteration; -1: before the loop)
     scale_ahead: int = D_SCALE_AHEAD                 # W4R_SCALE_AHEAD as the launched source defines it
+    d_stages: int = D_STAGES                         # W4R_D_STAGES as the launched source defines it
 
 
 def load_x8(ctx: Ctx, m, k, K, vec, bf16, active, what="x"):
@@ -799,7 +800,9 @@ def decode_cta(ctx: Ctx, mt8: int, is_int: bool, grid, s: int, tile: int, quik: 
     ROWS = 8 * mt8
     XK = D_XQ_BYTES // ROWS
     XS = XK + 32
-    sm = Shared(decode_smem(mt8))
+    stages = ctx.d_stages
+    W_BYTES = stages * D_STAGE_BYTES   # the weight stages; the x chunk after them
+    sm = Shared(decode_smem(mt8, stages))
     tid = np.arange(THREADS)
     warp, lane = tid >> 5, tid & 31
     gid, tig = lane >> 2, lane & 3
@@ -818,10 +821,10 @@ def decode_cta(ctx: Ctx, mt8: int, is_int: bool, grid, s: int, tile: int, quik: 
 
     def issue(blk):
         src = mem.load(a["wq"], w_chunk(t16, kb0 + blk, lane, KB) * 16, 16, "weight cp.async")
-        sm.cp_async(tid, d_w_slot(blk % D_STAGES, warp, lane), src, blk, "decode weight cp.async")
+        sm.cp_async(tid, d_w_slot(blk % stages, warp, lane), src, blk, "decode weight cp.async")
 
     # 1. weight prologue
-    for i in range(D_STAGES - 1):
+    for i in range(stages - 1):
         if i < nblk:
             issue(i)
         sm.commit()
@@ -920,7 +923,7 @@ def decode_cta(ctx: Ctx, mt8: int, is_int: bool, grid, s: int, tile: int, quik: 
                 got = live & (kbase + kl < K)
                 if got.any():
                     q[got] = mem.load(a["xq"], r[got] * K + kbase + kl[got], 8, "chunk xq")
-                sm.write(tid[act], (D_W_BYTES + r * XS + kl)[act], q[act], TAG_X + st["chunk"] + 1, "x chunk store")
+                sm.write(tid[act], (W_BYTES + r * XS + kl)[act], q[act], TAG_X + st["chunk"] + 1, "x chunk store")
                 continue
             v = load_x8(ctx, np.where(live, r, 0), kbase + kl, K, vec, bf16, live, "chunk x")
             inv = np.where(live, s_inv[r], np.float32(0))[:, None]
@@ -928,12 +931,12 @@ def decode_cta(ctx: Ctx, mt8: int, is_int: bool, grid, s: int, tile: int, quik: 
                 f = fops.mul(v, inv)
                 f = np.where(np.isnan(f), np.float32(-448), np.clip(f, -448, 448)).astype(np.float32)
                 q = np.where(live[:, None], to_e4m3_bits(f), 0).astype(np.uint8)
-                sm.write(tid[act], (D_W_BYTES + r * XS + kl)[act], q[act], TAG_X + st["chunk"] + 1, "x chunk store")
+                sm.write(tid[act], (W_BYTES + r * XS + kl)[act], q[act], TAG_X + st["chunk"] + 1, "x chunk store")
                 continue
             f = fops.f(np.rint(fops.mul(v, inv)))
             f = np.clip(np.where(np.isnan(f), np.float32(0), f), -127, 127)
             q = np.where(live[:, None], f, 0).astype(np.int64).astype(np.int8).view(np.uint8)
-            sm.write(tid[act], (D_W_BYTES + r * XS + kl)[act], q[act], TAG_X + st["chunk"] + 1, "x chunk store")
+            sm.write(tid[act], (W_BYTES + r * XS + kl)[act], q[act], TAG_X + st["chunk"] + 1, "x chunk store")
 
     def kstep(kk, first):
         nonlocal P
@@ -949,10 +952,10 @@ def decode_cta(ctx: Ctx, mt8: int, is_int: bool, grid, s: int, tile: int, quik: 
                 st["next_chunk"] += xb
                 st["chunk_kk"] = (kb0 + blk) * 2
             if "no_wait" not in mut:
-                sm.wait(D_STAGES - 2)
-            slot = (blk + 1 if "stage_off_by_one" in mut else blk) % D_STAGES
+                sm.wait(stages - 2)
+            slot = (blk + 1 if "stage_off_by_one" in mut else blk) % stages
             st["wr"] = sm.read(tid, d_w_slot(slot, warp, lane), 16, blk, "decode weight LDS.128").view(np.uint32).reshape(THREADS, 4)
-            nb = blk + D_STAGES - 1
+            nb = blk + stages - 1
             if nb < nblk:
                 issue(nb)
             sm.commit()
@@ -962,11 +965,11 @@ def decode_cta(ctx: Ctx, mt8: int, is_int: bool, grid, s: int, tile: int, quik: 
         koff = (kk - st["chunk_kk"]) * 32 + 8 * tig
         newP = np.empty_like(P)
         for mt in range(mt8):
-            off = D_W_BYTES + gid * XS + koff + mt * 8 * XS
+            off = W_BYTES + gid * XS + koff + mt * 8 * XS
             bb = sm.read(tid, off, 8, TAG_X + st["chunk"], "decode x LDS.64").view(np.uint32).reshape(THREADS, 2)
             if "k_perm" in mut:  # natural order: b0 = k 4tig.., b1 = k 16+4tig..
-                b0 = sm.read(tid, D_W_BYTES + gid * XS + (kk - st["chunk_kk"]) * 32 + 4 * tig + mt * 8 * XS, 4, TAG_X + st["chunk"], "x").view(np.uint32)[:, 0]
-                b1 = sm.read(tid, D_W_BYTES + gid * XS + (kk - st["chunk_kk"]) * 32 + 16 + 4 * tig + mt * 8 * XS, 4, TAG_X + st["chunk"], "x").view(np.uint32)[:, 0]
+                b0 = sm.read(tid, W_BYTES + gid * XS + (kk - st["chunk_kk"]) * 32 + 4 * tig + mt * 8 * XS, 4, TAG_X + st["chunk"], "x").view(np.uint32)[:, 0]
+                b1 = sm.read(tid, W_BYTES + gid * XS + (kk - st["chunk_kk"]) * 32 + 16 + 4 * tig + mt * 8 * XS, 4, TAG_X + st["chunk"], "x").view(np.uint32)[:, 0]
                 bb = np.stack([b0, b1], -1)
             if zq:
                 d = mma_e4m3(af.reshape(WARPS, 32, 4), bb.reshape(WARPS, 32, 2), P[:, mt].reshape(WARPS, 32, 4), zero_c=first)
@@ -1331,14 +1334,20 @@ def widen_zq(ctx: Ctx, grid):
 # ----------------------------------------------------------------------------- launches
 
 
-def source_scale_ahead(source) -> int:
-    """W4R_SCALE_AHEAD as the launched file defines it first (a build variant of
-    benchmarks/decode_variants.py puts its own before the source's default); the default where the
-    file defines none (fp8_repacked.cu, which includes w4a8_repacked.cu) or no file is named."""
+def source_defines(source) -> dict:
+    """The W4R_ build macros (W4R_SCALE_AHEAD, W4R_D_STAGES) as the launched file defines them first (a
+    build variant of benchmarks/decode_variants.py puts its own before the source's defaults): the
+    Ctx fields they set; those a file does not define (fp8_repacked.cu, which includes
+    w4a8_repacked.cu, or no file named) keep their defaults."""
     if source is None:
-        return D_SCALE_AHEAD
-    m = re.search(r"^#define W4R_SCALE_AHEAD (\d+)", Path(source).read_text(), re.M)
-    return int(m.group(1)) if m else D_SCALE_AHEAD
+        return {}
+    text = Path(source).read_text()
+    out = {}
+    for macro, fld in (("W4R_SCALE_AHEAD", "scale_ahead"), ("W4R_D_STAGES", "d_stages")):
+        m = re.search(rf"^#define {macro} (\d+)", text, re.M)
+        if m:
+            out[fld] = int(m.group(1))
+    return out
 
 
 def check_scale_schedule(name: str, log: list, grid, gq: int, gr: int, ahead: int) -> None:
@@ -1403,8 +1412,7 @@ class Emulator:
         if len(args) != len(params):
             raise EmulationError(f"{name}: {len(args)} arguments, the kernel takes {len(params)}")
         vals = {p: int(v) for p, v in zip(params, args)}
-        ctx = Ctx(mem, vals, frozenset(self.mutations), FloatOps("ftz" in self.mutations),
-                  scale_ahead=source_scale_ahead(source))
+        ctx = Ctx(mem, vals, frozenset(self.mutations), FloatOps("ftz" in self.mutations), **source_defines(source))
         self.launches.append((name, grid, shared_mem, dict(vals)))
         rng = random.Random(self.seed * 1_000_003 + len(self.launches))
         resident = self.resident or launch.emulated_sm_count()
@@ -1438,8 +1446,9 @@ class Emulator:
         is_int = "_is" in name or quik
         if name.startswith("w4a8r_decode_"):
             mt8 = int(name.rsplit("_m", 1)[1]) // 8
-            if shared_mem != decode_smem(mt8):
-                raise EmulationError(f"{name}: {shared_mem} bytes of dynamic shared memory, the kernel uses {decode_smem(mt8)}")
+            if shared_mem != decode_smem(mt8, ctx.d_stages):
+                raise EmulationError(f"{name}: {shared_mem} bytes of dynamic shared memory, the kernel uses "
+                                     f"{decode_smem(mt8, ctx.d_stages)}")
             if vals["M"] > 8 * mt8 or grid[2] != 1 or grid[0] != vals["S"]:
                 raise EmulationError(f"{name}: M={vals['M']} or grid {grid} does not fit the kernel")
             if quik and vals["A"] != 0:

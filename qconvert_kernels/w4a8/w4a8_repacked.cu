@@ -70,7 +70,14 @@ constexpr int BLOCK_BYTES = 32 * LANE_CHUNK;  // one warp's (n16 tile, k64 block
 //   v   ...         |             |             |     |           its groups; partials -> the last
 //                                                                 CTA of the tile sums them in
 //                                                                 split order (int32 / float32)
-constexpr int D_STAGES = 8;              // k64 blocks in flight per warp (8 x 512 B x 8 warps = 32 KB)
+// k64 blocks in flight per warp (8 x 512 B x 8 warps = 32 KB), a power of two (a block's slot is
+// blk & (D_STAGES - 1)); -D W4R_D_STAGES=16 is benchmarks/decode_variants.py's deeper-pipeline build
+// (64 KB; the launcher's shared memory must follow: cuda.D_W_BYTES).
+#ifndef W4R_D_STAGES
+#define W4R_D_STAGES 8
+#endif
+constexpr int D_STAGES = W4R_D_STAGES;
+static_assert(D_STAGES >= 2 && D_STAGES <= 16 && (D_STAGES & (D_STAGES - 1)) == 0, "W4R_D_STAGES: 2, 4, 8 or 16");
 constexpr int D_STAGE_BYTES = WARPS * BLOCK_BYTES;   // one weight stage of the CTA (4 KB)
 constexpr int D_W_BYTES = D_STAGES * D_STAGE_BYTES;
 // Group scales: read one group ahead (__ldg into registers), and each lane prefetches the L2 line of its
