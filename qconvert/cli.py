@@ -167,10 +167,12 @@ def quantize(source, scheme, out, group_size, quantize_lm_head, exclude, max_sha
                rotate=rotate, rotate_seed=rotate_seed)
     report = json.loads((path / "qconvert.json").read_text())["totals"]
     ratio = report["quantized_fp16_bytes"] / max(report["quantized_bytes"], 1)
+    on_disk = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     click.echo(
         f"wrote {path}: {report['quantized_layers']} quantized linears, "
-        f"{report['quantized_bytes'] / 1e6:.1f} MB ({ratio:.2f}x smaller than fp16)"
+        f"{report['quantized_bytes'] / 1e6:.1f} MB for them ({ratio:.2f}x smaller than fp16)"
         + (f", least int32 headroom {report['min_headroom_bits']} bits" if report["min_headroom_bits"] is not None else "")
+        + f"; {on_disk / 1e6:.1f} MB on disk in all (embeddings, norms and layers kept in float included)"
     )
 
 
@@ -214,15 +216,21 @@ def eval_cmd(target, dataset, data_file, seqlen, max_windows, as_json, quiet, ta
     from qconvert.evaluate import load_model_and_tokenizer, perplexity, save_result
 
     text = load_eval_text(dataset, data_file)
+    # a local file is named by itself (and its text's hash): any file can be given, not only WikiText-2's
+    label = dataset if data_file is None else Path(data_file).name
     model, tok, kind = load_model_and_tokenizer(target)
     res = perplexity(model, tok, text, seqlen=seqlen, max_windows=max_windows, progress=not quiet)
-    record = {"target": str(target), "kind": kind, "dataset": dataset, **res.to_dict()}
+    record = {"target": str(target), "kind": kind, "dataset": label, **res.to_dict()}
+    if data_file is not None:
+        import hashlib
+
+        record["text_sha256"] = hashlib.sha256(text.encode()).hexdigest()[:16]
     if kind in ("qconvert", "compressed-tensors"):  # kept for the model card (qconvert push)
         save_result(Path(target), record)
     if as_json:
         click.echo(json.dumps(record, indent=2))
     else:
-        click.echo(f"{target}: perplexity {res.perplexity:.3f} on {dataset} ({res.windows} windows x {res.seqlen} tokens)")
+        click.echo(f"{target}: perplexity {res.perplexity:.3f} on {label} ({res.windows} windows x {res.seqlen} tokens)")
 
 
 @cli.command()
@@ -319,8 +327,29 @@ def verify(out, against, data_file, tokens, min_snr, min_top1, no_compare, strea
         for f in rep.failures:
             click.echo(f"FAIL {f}", err=True)
         click.echo("OK" if rep.ok else f"FAILED ({len(rep.failures)} problems)")
+        if rep.removed_stale:
+            click.echo(f"removed {Path(out) / 'verify.json'}: the passing report of an earlier run no longer holds", err=True)
     if not rep.ok:
         sys.exit(1)
+
+
+def _cpu_load() -> float | None:
+    """The 1-minute load average (None where the platform has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def _busy_cpu_note(*loads) -> str | None:
+    """What to say about CPU timings taken while other work ran: a load average above the core
+    count (at the start or the end of the run) can make them several times off, either way."""
+    cpus = os.cpu_count() or 1
+    worst = max((v for v in loads if v is not None), default=None)
+    if worst is None or worst <= cpus:
+        return None
+    return (f"the machine was busy during this run (load average {worst:.1f} on {cpus} cores): these CPU timings "
+            f"can be several times off, either way; repeat on an idle machine")
 
 
 def _int_list(ctx, param, value):
@@ -398,6 +427,7 @@ def bench(out, kernels, synthetic, layers, device, against, shapes, ms, runs, sc
     else:
         kw = dict(device=device, prefill=prefill, new_tokens=new_tokens, batches=batches, repeats=repeats, budget_s=budget_s,
                   fuse=fuse, norm_kernels=norm_kernels, rope_kernels=rope_kernels, swiglu_kernels=swiglu_kernels)
+        load_before = _cpu_load()
         if synthetic:
             res = b.synthetic_bench(synthetic, layers=layers, scheme=scheme, **kw)
         else:
@@ -405,6 +435,11 @@ def bench(out, kernels, synthetic, layers, device, against, shapes, ms, runs, sc
         if res["runtime"] == "cpu-reference":
             console.print("[yellow]No GPU: the quantized model runs the exact CPU reference, written for exactness, "
                           "not speed; these figures say nothing about the kernels.[/yellow]")
+        on_cpu = str((res.get("environment") or {}).get("device", "")).startswith("CPU")
+        busy = _busy_cpu_note(load_before, _cpu_load()) if on_cpu else None
+        if busy:
+            console.print(f"[yellow]Note: {busy}.[/yellow]")
+            res["note"] = f"{res['note']}; {busy}" if res.get("note") else busy
         console.print(b.model_table(res))
         if plot_path is not None:
             click.echo(f"plot: {b.plot_model(res, plot_path)}")

@@ -59,6 +59,11 @@ def atomic_directory(dest: Path, replace_marker: str | None = None):
     QConvertError that says so."""
     tmp = Path(tempfile.mkdtemp(dir=Path(dest).resolve().parent, prefix=f".{Path(dest).name}.tmp-"))
     try:
+        # mkdtemp makes it 0700; the finished folder is read by others (a serving container, a web
+        # server) as one `mkdir` would have made it: 0777 less the umask
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
         yield tmp
         swap_into_place(tmp, Path(dest))
     except BaseException as e:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qconvert.errors import QConvertError
-from qconvert.formats.native import EVAL_FILE, EXPORT_MARKER, MANIFEST, perplexity_rows, read_quant_config, saved_evals
+from qconvert.formats.native import EVAL_FILE, EXPORT_MARKER, MANIFEST, perplexity_rows, read_quant_config, saved_evals, sha256_file
 from qconvert.fsutil import public_name
 from qconvert.journal import NAME as JOURNAL
 from qconvert.source import HUB_ID, source_spec
@@ -90,7 +90,7 @@ def check_complete(out: Path) -> None:
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict):
         raise QConvertError(f"{out / MANIFEST} is unreadable; run `qconvert verify {out}`, or re-quantize with --force")
-    for rel, entry in sorted(files.items()):  # sizes only: cheap; `qconvert verify` checks the sha256
+    for rel, entry in sorted(files.items()):  # sizes first (cheap), then every file's sha256: what is pushed is what was made
         p = out / rel
         if not p.is_file():
             raise QConvertError(f"{out} is incomplete: {rel} is listed in {MANIFEST} but missing; re-quantize with --force")
@@ -98,6 +98,12 @@ def check_complete(out: Path) -> None:
             raise QConvertError(
                 f"{out / rel} has {p.stat().st_size} bytes, {MANIFEST} says {entry.get('bytes')}: the file is "
                 f"damaged; run `qconvert verify {out}` and re-quantize with --force"
+            )
+    for rel, entry in sorted(files.items()):
+        if isinstance(entry, dict) and entry.get("sha256") and sha256_file(out / rel) != entry["sha256"]:
+            raise QConvertError(
+                f"{out / rel}: sha256 differs from {MANIFEST} (the file changed or is corrupt since it was written); "
+                f"nothing was uploaded: run `qconvert verify {out}` and re-quantize with --force"
             )
 
 

@@ -247,7 +247,8 @@ class SafetensorsDirSource(Source):
         self.description = description or str(self.directory)
         self.trust_remote_code = trust_remote_code
         if not (self.directory / "config.json").is_file():
-            raise QConvertError(f"{self.directory}: no config.json; pass a Hugging Face model directory")
+            raise QConvertError(f"{self.directory}: no config.json; pass a Hugging Face model directory "
+                                  "(or an OUT of qconvert quantize, or an export of one)")
         if any(self.directory.glob("*.safetensors")):
             self.reader = ShardedReader(self.directory)
             return

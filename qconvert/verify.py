@@ -70,6 +70,7 @@ class VerifyReport:
     streamed: bool = False  # the source ran one decoder block at a time (it did not fit in memory)
     serving: list = field(default_factory=list)  # with --target: what vLLM would do with each layer
     made_on: str | None = None  # the device that calibrated OUT: qconvert.json's "device", "cpu" when absent
+    removed_stale: bool = False  # this failing run removed an earlier passing OUT/verify.json
 
     def __post_init__(self):
         if self.made_on is None:
@@ -396,6 +397,8 @@ def verify(out, against: str | None = None, data_file=None, n_tokens: int = 128,
     (vllm[:cpu|:sm80|:sm89|:sm90]) also checks that the engine would serve its export at
     ``tensor_parallel`` ranks (qconvert/serving.py).  ``stream``: see ``compare``."""
     out = Path(out)
+    if data_file is not None and compare_source and not Path(data_file).is_file():  # before any model is read
+        raise QConvertError(f"data file {data_file} not found; pass an existing text file with --data-file, or none")
     rep = VerifyReport(out=str(out))
     if not out.is_dir():
         raise QConvertError(f"{out} is not a directory; pass a qconvert output directory")
@@ -422,6 +425,9 @@ def verify(out, against: str | None = None, data_file=None, n_tokens: int = 128,
         _check_serving(out, rep, target, tensor_parallel)
     if save and rep.ok:
         (out / VERIFY_FILE).write_text(json.dumps(rep.to_dict(), indent=2) + "\n")
+    elif save and (out / VERIFY_FILE).is_file():  # an earlier pass no longer holds: the card must not claim it
+        (out / VERIFY_FILE).unlink()
+        rep.removed_stale = True
     return rep
 
 

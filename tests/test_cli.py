@@ -1,6 +1,8 @@
 """The CLI as a user calls it, on tiny random-weight models."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,6 +33,8 @@ def test_round_trip_quantize_inspect_eval(tmp_path, tiny_llama, text_file):
     out = tmp_path / "out"
     res = run("quantize", tiny_llama, "--scheme", "is-w4a8-rtn", "-o", out, "-q")
     assert "14 quantized linears" in res.output  # 2 blocks x 7 linears; lm_head kept
+    on_disk = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    assert f"; {on_disk / 1e6:.1f} MB on disk in all" in res.output  # the linears' bytes are not the OUT's
     assert not (tmp_path / "out.partial").exists()
     files = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", "qconvert.json", "manifest.json", "tokenizer.json"} <= files
@@ -50,6 +54,10 @@ def test_round_trip_quantize_inspect_eval(tmp_path, tiny_llama, text_file):
     assert q["kind"] == "qconvert" and fp["kind"] == "safetensors"
     saved = json.loads((out / "eval.json").read_text())
     assert saved == [{**q, "target": "out"}]  # kept for the model card, by name (it is pushed with OUT)
+    # a local file is the dataset it is labelled with, with its text's hash: not "wikitext2" for any file
+    assert q["dataset"] == Path(text_file).name and len(q["text_sha256"]) == 16
+    line = run("eval", out, "--data-file", text_file, "--seqlen", 32, "--max-windows", 3, "-q").output
+    assert f"on {Path(text_file).name} (3 windows x 32 tokens)" in line and "wikitext2" not in line
     assert run("verify", out, "--no-compare").exit_code == 0  # and it does not upset verify
     # a random model is near uniform over its 300 tokens; quantization must not blow it up
     assert 0.8 < q["perplexity"] / fp["perplexity"] < 1.25
@@ -217,3 +225,32 @@ def test_generate_streams_text_and_reports_speed(tiny_rtn_out):
     assert two.output.count("--- ") == 2
     bad = run("generate", tiny_rtn_out, "--prompt", "x", "--chat", ok=False)
     assert bad.exit_code == 1 and "no chat template" in bad.output and "Traceback" not in bad.output
+
+
+def test_atomic_directory_gives_the_finished_folder_mkdirs_mode(tmp_path):
+    """An export (or any folder written through fsutil.atomic_directory) is readable by others as a
+    plain mkdir's would be (tempfile.mkdtemp makes 0700): 0777 less the umask."""
+    from qconvert.fsutil import atomic_directory
+
+    old = os.umask(0o022)
+    try:
+        with atomic_directory(tmp_path / "exp") as d:
+            (d / "f").write_text("x")
+        assert (tmp_path / "exp").stat().st_mode & 0o777 == 0o755
+        os.umask(0o077)
+        with atomic_directory(tmp_path / "private") as d:
+            pass
+        assert (tmp_path / "private").stat().st_mode & 0o777 == 0o700
+    finally:
+        os.umask(old)
+
+
+def test_busy_cpu_note():
+    """qconvert bench on the CPU says its timings are unreliable when the load average passed the
+    core count at the start or the end of the run, and says nothing otherwise."""
+    from qconvert.cli import _busy_cpu_note
+
+    cpus = os.cpu_count() or 1
+    assert _busy_cpu_note(None, None) is None and _busy_cpu_note(cpus - 0.5, cpus) is None
+    note = _busy_cpu_note(0.1, cpus + 2.5)
+    assert f"load average {cpus + 2.5:.1f} on {cpus} cores" in note and "repeat on an idle machine" in note

@@ -370,7 +370,7 @@ def test_eval_and_generate_run_the_export_in_transformers(tmp_path, tiny_llama):
     assert json.loads((dest / "eval.json").read_text()) == [{**c, "target": "ct"}]
     card = export_card(dest)
     assert "this export as transformers runs it" in card and "the qconvert OUT this was exported from" in card
-    assert f"| wikitext2 | 32 | 3 | {c['perplexity']:.3f} |" in card
+    assert f"| text.raw | 32 | 3 | {c['perplexity']:.3f} |" in card
     res = run("generate", dest, "--prompt", "hello world", "--max-new-tokens", 3, "--device", "cpu")
     assert "[compressed-tensors on cpu] prefill" in res.output
 

@@ -279,7 +279,7 @@ def test_card_shows_saved_eval_verify_and_bench(out, tmp_path):
                            "decode": [{"batch": 1, "new_tokens": 4, "tokens_per_s": 19.0}]},
         "speedup": {"prefill": 0.27, "decode_batch1": 0.5}}]))
     body = front_matter(model_card(out))[1]
-    assert f"{ev['perplexity']:.3f}" in body and "| wikitext2 | 32 | 2 |" in body
+    assert f"{ev['perplexity']:.3f}" in body and "| text.raw | 32 | 2 |" in body   # the file it was measured on
     assert "`qconvert verify` passed" in body
     assert "CPU (x86_64, 2 threads)" in body and "2025-01-02T03:04:05Z" in body and "123.4" in body
     assert "0.50x" in body and "exact CPU reference" in body
@@ -539,7 +539,7 @@ def test_push_an_export_is_one_commit_with_its_own_card(exported, monkeypatch, o
     # the tiny Llama's K = 64 and 160: the preset's groups of 128 go out as 4 groups of 32 each
     assert "per group of 32 (qconvert's groups of 128, each written as 4 groups with its scale" in body
     assert "round-to-nearest" in body and "14 linear layers; in full precision: embeddings, norms, lm_head" in body
-    assert f"| wikitext2 | 32 | 2 | {ev['perplexity']:.3f} |" in body and "on the qconvert OUT" in body
+    assert f"| text.raw | 32 | 2 | {ev['perplexity']:.3f} |" in body and "on the qconvert OUT" in body
     assert "vLLM 0.32.0's rules (vllm:sm90, tensor parallel 1)" in body
     rows = [line.split(" | ") for line in body.splitlines() if "| CompressedTensorsWNA8Int |" in line]
     assert sum(int(r[0].strip("| ")) for r in rows) == 14 and {r[3] for r in rows} == {"warn"}
@@ -631,3 +631,25 @@ def test_push_warns_of_a_path_an_old_out_records(out, monkeypatch, no_login):
     write_manifest(out)
     res = run("push", out, "acme/x", "--dry-run")
     assert "warning: config.json records the local path /home/me/private/model" in res.output
+
+
+def test_a_corrupt_out_is_neither_verified_nor_pushed(out, monkeypatch, no_login):
+    """One bit flipped in the weights after a passing verify (the file's size unchanged): verify fails
+    and removes the stale passing report, so the card no longer claims a pass, and push refuses on
+    the manifest's sha256 before anything goes up, dry run or not."""
+    forbid_network(monkeypatch)
+    assert run("verify", out, "--no-compare").exit_code == 0 and (out / "verify.json").is_file()
+    assert "`qconvert verify` passed" in run("push", out, "acme/tiny", "--dry-run").output
+    w = out / "model.safetensors"
+    data = bytearray(w.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    w.write_bytes(bytes(data))
+    res = run("verify", out, "--no-compare", ok=False)
+    assert res.exit_code == 1 and "sha256 differs" in res.output and "removed" in res.output
+    assert not (out / "verify.json").exists()
+    for extra in ([], ["--dry-run"]):
+        clean_failure(run("push", out, "acme/tiny", *extra, ok=False), "model.safetensors", "sha256 differs", "nothing was uploaded")
+
+
+def test_verify_refuses_a_missing_data_file_first(out, tmp_path):
+    clean_failure(run("verify", out, "--data-file", tmp_path / "nope.txt", ok=False), "nope.txt not found", "--data-file")
