@@ -311,7 +311,8 @@ def verify(out, against, data_file, tokens, min_snr, min_top1, no_compare, strea
     from qconvert.verify import verify as run
 
     rep = run(out, against, data_file, tokens, compare_source=not no_compare, min_snr_db=min_snr, min_top1=min_top1,
-              target=target, tensor_parallel=tensor_parallel, stream=stream)
+              target=target, tensor_parallel=tensor_parallel, stream=stream,
+              announce=None if as_json else (lambda line: click.echo(f"verify: {line}", err=True)))
     if as_json:
         click.echo(json.dumps(rep.to_dict(), indent=2))
     else:

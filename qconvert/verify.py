@@ -348,9 +348,11 @@ def _layer_snrs(qmods: dict, caught: dict, rep: VerifyReport) -> None:
 
 @torch.inference_mode()
 def compare(out: Path, against, rep: VerifyReport, data_file=None, n_tokens: int = 128,
-            stream: bool | None = None) -> None:
+            stream: bool | None = None, announce=None) -> None:
     """Per-layer SNR, KL and top-1 agreement of OUT against ``against`` (a SOURCE or a Source);
-    ``stream``: run the source one block at a time (default: when ``too_large_to_hold``)."""
+    ``stream``: run the source one block at a time (default: when ``too_large_to_hold``);
+    ``announce``: called with a line as each slow stage starts (the CLI's progress)."""
+    say = announce or (lambda line: None)
     from torch import nn
 
     from qconvert.layouts import QuantizedModule
@@ -365,6 +367,8 @@ def compare(out: Path, against, rep: VerifyReport, data_file=None, n_tokens: int
     if carried:
         _fail(rep, carried)
     rep.streamed = too_large_to_hold(src) if stream is None else bool(stream)
+    say(f"comparing with {what}: loading OUT and the source"
+        + (" (streamed: one decoder block at a time)" if rep.streamed else ""))
     model = load(out, dtype=torch.float32)
     tok = src.load_tokenizer()
     qmods = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedModule)}
@@ -373,7 +377,10 @@ def compare(out: Path, against, rep: VerifyReport, data_file=None, n_tokens: int
         ref_logits = streamed_reference(src, ids, set(qmods), lambda caught: _layer_snrs(qmods, caught, rep))
     else:
         ref = src.load_model(torch.float32)
+        if data_file is None:
+            say(f"the source writes a {n_tokens}-token sample (--data-file gives one instead)")
         ids, rep.sample = _sample_ids(ref, tok, data_file, n_tokens, what)
+        say("running the source on it, layer outputs caught")
         caught = {}
         linears = {n for n, m in ref.named_modules() if n in qmods and isinstance(m, nn.Linear)}
         hooks = _catch_linears(ref, "", linears, caught)
@@ -383,6 +390,7 @@ def compare(out: Path, against, rep: VerifyReport, data_file=None, n_tokens: int
         del ref
         _layer_snrs(qmods, caught, rep)
     rep.against, rep.sample_tokens = what, int(ids.shape[1])
+    say("running OUT on it")
     q_logits = model(ids).logits[0].float()
     logp, logq = ref_logits.log_softmax(-1), q_logits.log_softmax(-1)
     rep.kl = float((logp.exp() * (logp - logq)).sum(-1).mean())
@@ -392,7 +400,7 @@ def compare(out: Path, against, rep: VerifyReport, data_file=None, n_tokens: int
 
 def verify(out, against: str | None = None, data_file=None, n_tokens: int = 128, compare_source: bool = True,
            min_snr_db: float = 5.0, min_top1: float = 0.3, save: bool = True, target: str | None = None,
-           tensor_parallel: int = 1, stream: bool | None = None) -> VerifyReport:
+           tensor_parallel: int = 1, stream: bool | None = None, announce=None) -> VerifyReport:
     """Check OUT; never raises for a damaged OUT (failures are in the report).  ``target``
     (vllm[:cpu|:sm80|:sm89|:sm90]) also checks that the engine would serve its export at
     ``tensor_parallel`` ranks (qconvert/serving.py).  ``stream``: see ``compare``."""
@@ -415,7 +423,7 @@ def verify(out, against: str | None = None, data_file=None, n_tokens: int = 128,
         if against is None:
             against = recorded_source(out)
         if against is not None:
-            compare(out, against, rep, data_file, n_tokens, stream)
+            compare(out, against, rep, data_file, n_tokens, stream, announce)
             low = [r for r in rep.layers if r["snr_db"] < min_snr_db]
             if low:
                 _fail(rep, f"{len(low)} layers below {min_snr_db} dB SNR, worst {low[0]['name']} ({min(r['snr_db'] for r in low)} dB)")
