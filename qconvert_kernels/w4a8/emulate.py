@@ -31,6 +31,7 @@ the real launcher, whose launches land here.  ``mutations`` switch on deliberate
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 import re
 from dataclasses import dataclass, field
@@ -599,6 +600,11 @@ def load_scale_zq(ctx: Ctx, idx, what="scale"):
     return np.ldexp(np.float32(1), e).astype(np.float32)
 
 
+def scale_shift(zq: bool, is_int: bool, sc16: bool) -> int:
+    """log2 bytes of one group-scale entry: ZQ int8, IS int32 (int16 if sc16), FS fp16.  [w4r::Scale::shift]"""
+    return 0 if zq else (2 if is_int and not sc16 else 1)
+
+
 def load_scale(ctx: Ctx, is_int: bool, idx, sc16: bool, what="scale"):
     """Group scales at flat [G, N128] indices: IS int32 (int16 if sc16); FS float(s) / 16.  [w4r::Scale]"""
     idx = np.asarray(idx, np.int64)
@@ -831,7 +837,7 @@ def decode_cta(ctx: Ctx, mt8: int, is_int: bool, grid, s: int, tile: int, quik: 
 
     # 1b. group g0's scales, then the next AHEAD groups' lines into L2 (each lane its own entry's line)
     n_row = t16 * 16 + gid
-    ahead = 0 if zq and mt8 == 8 else ctx.scale_ahead
+    ahead = decode_ahead(ctx, zq, mt8)
 
     def scales(g, it):
         ctx.scale_log.append((cta, "load", g, it))
@@ -843,7 +849,7 @@ def decode_cta(ctx: Ctx, mt8: int, is_int: bool, grid, s: int, tile: int, quik: 
         """prefetch.global.L2 of the line of each lane's entry of group h: nothing is read, the entry's
         address must lie in the scales.                                        [w4r::prefetch_scale]"""
         g = h + 1 if "prefetch_next" in mut else h
-        width = 1 if zq else (2 if (sc16 or not is_int) else 4)
+        width = 1 << scale_shift(zq, is_int, sc16)
         mem._check(a["scales"], (g * N128 + n_row) * width, width, "scale prefetch")
         ctx.scale_log.append((cta, "prefetch", g, it))
 
@@ -1335,19 +1341,32 @@ def widen_zq(ctx: Ctx, grid):
 
 
 def source_defines(source) -> dict:
+    """``_source_defines`` of the launched file, read once per version of it (its path and mtime)."""
+    if source is None:
+        return {}
+    path = Path(source)
+    return _source_defines(str(path), path.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _source_defines(path: str, mtime_ns: int) -> dict:
     """The W4R_ build macros (W4R_SCALE_AHEAD, W4R_D_STAGES) as the launched file defines them first (a
     build variant of benchmarks/decode_variants.py puts its own before the source's defaults): the
     Ctx fields they set; those a file does not define (fp8_repacked.cu, which includes
     w4a8_repacked.cu, or no file named) keep their defaults."""
-    if source is None:
-        return {}
-    text = Path(source).read_text()
+    text = Path(path).read_text()
     out = {}
     for macro, fld in (("W4R_SCALE_AHEAD", "scale_ahead"), ("W4R_D_STAGES", "d_stages")):
         m = re.search(rf"^#define {macro} (\d+)", text, re.M)
         if m:
             out[fld] = int(m.group(1))
     return out
+
+
+def decode_ahead(ctx: Ctx, zq: bool, mt8: int) -> int:
+    """Groups the decode prefetches its scales ahead: W4R_SCALE_AHEAD, but none in the ZQ kernel of 64
+    rows (register cap).                                                       [w4r::decode AHEAD]"""
+    return 0 if zq and mt8 == 8 else ctx.scale_ahead
 
 
 def check_scale_schedule(name: str, log: list, grid, gq: int, gr: int, ahead: int) -> None:
@@ -1457,7 +1476,7 @@ class Emulator:
                 raise EmulationError(f"{name}: the ZQ decode takes alpha_log2 = 0 and no acc_out")
             programs = [decode_cta(ctx, mt8, is_int, grid, s, tile, quik, zq) for tile in range(grid[1]) for s in range(grid[0])]
             run_grid(programs, resident, rng)
-            check_scale_schedule(name, ctx.scale_log, grid, vals["gq"], vals["gr"], 0 if zq and mt8 == 8 else ctx.scale_ahead)
+            check_scale_schedule(name, ctx.scale_log, grid, vals["gq"], vals["gr"], decode_ahead(ctx, zq, mt8))
             self.prefetches.append(sum(e[1] == "prefetch" for e in ctx.scale_log))
             ws = mem.view(vals["ws"]).view(np.int32)
             if ws.any():
