@@ -116,6 +116,10 @@ def cli(ctx, debug):
                    "schemes, none for the others).")
 @click.option("--rotate-seed", default=0, show_default=True, type=click.IntRange(min=0),
               help="Seed of the rotation's random signs (hadamard) or matrices (random).")
+@click.option("--float-dtype", default="auto", show_default=True,
+              type=click.Choice(["auto", "float16", "bfloat16", "float32"]),
+              help="The dtype of OUT's unquantized tensors (embedding, norms, biases, a float lm_head). auto: the "
+                   "source's own (float16 for a quantized or F16 .gguf, which transformers reads as float32).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path),
               help="Also write the per-layer report (error, α, headroom, time) to this file.")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
@@ -130,7 +134,7 @@ def cli(ctx, debug):
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def quantize(source, scheme, out, group_size, quantize_lm_head, exclude, max_shard_size, revision, trust_remote_code,
              allow_pickle, force, resume, base, calib, data_file, nsamples, seqlen, seed, max_memory, calib_dtype, device,
-             max_gpu_memory, asym, rotate, rotate_seed, json_path, params, lorc_rank, fsbr, outliers, quiet):
+             max_gpu_memory, asym, rotate, rotate_seed, float_dtype, json_path, params, lorc_rank, fsbr, outliers, quiet):
     """Quantize SOURCE into OUT, one decoder block at a time.
 
     SOURCE is a local HF directory, a .gguf file, a Hub id (org/name) or the
@@ -151,6 +155,7 @@ def quantize(source, scheme, out, group_size, quantize_lm_head, exclude, max_sha
     from qconvert.calibration_text import CalibSettings
     from qconvert.pipeline import quantize as run
     from qconvert.schemes_registry import load_scheme, parse_param, with_params
+    from qconvert.source import transformers_bars
 
     settings = CalibSettings(calib, str(data_file) if data_file else None, nsamples, seqlen, seed, max_memory, calib_dtype,
                              max_gpu_memory, asym)
@@ -161,10 +166,11 @@ def quantize(source, scheme, out, group_size, quantize_lm_head, exclude, max_sha
             overrides[key], options[key] = value, option
     if overrides:
         scheme = with_params(load_scheme(scheme), overrides, options)
-    path = run(source, scheme, out, group_size=group_size, quantize_lm_head=quantize_lm_head, exclude=exclude,
-               force=force, resume=resume, max_shard_size=max_shard_size, revision=revision, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-               progress=not quiet, base=base, calib=settings, json_report=json_path, device=device, announce=click.echo,
-               rotate=rotate, rotate_seed=rotate_seed)
+    with transformers_bars(not quiet):
+        path = run(source, scheme, out, group_size=group_size, quantize_lm_head=quantize_lm_head, exclude=exclude,
+                   force=force, resume=resume, max_shard_size=max_shard_size, revision=revision, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                   progress=not quiet, base=base, calib=settings, json_report=json_path, device=device, announce=click.echo,
+                   rotate=rotate, rotate_seed=rotate_seed, float_dtype=float_dtype)
     report = json.loads((path / "qconvert.json").read_text())["totals"]
     ratio = report["quantized_fp16_bytes"] / max(report["quantized_bytes"], 1)
     on_disk = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
@@ -214,11 +220,13 @@ def eval_cmd(target, dataset, data_file, seqlen, max_windows, as_json, quiet, ta
         return
     from qconvert.calibration_text import load_eval_text
     from qconvert.evaluate import load_model_and_tokenizer, perplexity, save_result
+    from qconvert.source import transformers_bars
 
     text = load_eval_text(dataset, data_file)
     # a local file is named by itself (and its text's hash): any file can be given, not only WikiText-2's
     label = dataset if data_file is None else Path(data_file).name
-    model, tok, kind = load_model_and_tokenizer(target)
+    with transformers_bars(not quiet):
+        model, tok, kind = load_model_and_tokenizer(target)
     res = perplexity(model, tok, text, seqlen=seqlen, max_windows=max_windows, progress=not quiet)
     record = {"target": str(target), "kind": kind, "dataset": label, **res.to_dict()}
     if data_file is not None:

@@ -142,6 +142,7 @@ class _Job:
     calib_text_seconds: float | None = None  # reading or writing the calibration tokens (None: resumed, or none)
     rotation_skipped: str | None = None  # why the scheme's default rotation did not apply (``_rotated``)
     float_path: str | None = None  # the kernels calibration runs through (placement.float_path); None: uncalibrated
+    float_dtype: torch.dtype | None = None  # what OUT's unquantized float tensors are cast to (None: kept as read)
 
 
 def quantize(
@@ -166,6 +167,7 @@ def quantize(
     announce=None,
     rotate: str | None = None,
     rotate_seed: int = 0,
+    float_dtype: str | None = None,
 ) -> Path:
     """Quantize SOURCE with SCHEME into the directory OUT (see docs/format.md); returns OUT.
 
@@ -177,7 +179,8 @@ def quantize(
     (qconvert/placement.py); ``announce(line)``, if given, receives the line that says which.
     ``json_report`` also writes the per-layer report (qconvert.json) to that path.  ``rotate``
     ("none", "hadamard", "random"; None: the scheme's) rotates the residual stream first
-    (qconvert/solvers/rotation.py), drawn from ``rotate_seed``.
+    (qconvert/solvers/rotation.py), drawn from ``rotate_seed``.  ``float_dtype`` ("float16", "bfloat16",
+    "float32"; None or "auto": ``Source.float_dtype``) is what OUT keeps its unquantized tensors in.
     """
     t_start = time.perf_counter()
     sch = scheme if isinstance(scheme, Scheme) else load_scheme(scheme)
@@ -189,18 +192,14 @@ def quantize(
     job = _prepare(source, sch, Path(os.path.abspath(out)), force, resume, max_shard_size, calib,
                    lambda spec: _rotated(resolve_source(spec, revision, trust_remote_code, allow_pickle), sch, rotate_seed,
                                          rotate is not None, skipped),
-                   device, announce, skipped)
+                   device, announce, skipped, float_dtype)
     partial, journal = open_partial(job.out, resume)
     if journal is not None and journal.settings != job.settings:
         raise QConvertError(
             f"{partial} was started with other settings ({_first_difference(journal.settings, job.settings)}); "
             "repeat the original command with --resume, or pass --force to start over"
         )
-    before = journal.stage_paths[-1] if journal is not None else None  # a journal holds at least one stage
-    if journal is not None and announce is not None and job.float_path and before != job.float_path:
-        announce(f"resuming on another float path than {partial.name}'s last block was made on "
-                 f"({before or 'not recorded'}; now {job.float_path}): the finished blocks stay, and the "
-                 "result will differ from an uninterrupted run; qconvert.json says which blocks ran where")
+    _announce_other_path(job, partial, journal, announce)
     try:
         with placement.deterministic(job.device):
             report, timing = _convert(job, partial, journal, progress)
@@ -226,10 +225,20 @@ def quantize(
     return job.out
 
 
+def _announce_other_path(job: _Job, partial: Path, journal, announce) -> None:
+    """A resumed run on another float path than its journal's last block says so."""
+    before = journal.stage_paths[-1] if journal is not None else None  # a journal holds at least one stage
+    if journal is not None and announce is not None and job.float_path and before != job.float_path:
+        announce(f"resuming on another float path than {partial.name}'s last block was made on "
+                 f"({before or 'not recorded'}; now {job.float_path}): the finished blocks stay, and the "
+                 "result will differ from an uninterrupted run; qconvert.json says which blocks ran where")
+
+
 def _prepare(source, sch: Scheme, out: Path, force: bool, resume: bool, max_shard_size, calib, resolve,
-             device=None, announce=None, skipped=()) -> _Job:
+             device=None, announce=None, skipped=(), float_dtype=None) -> _Job:
     """Validate the scheme and the output, read the source's config, plan the stages."""
     method = get_method(sch.method, sch.params)  # validates the parameters before any heavy work
+    explicit_dtype = parse_float_dtype(float_dtype)
     calib = (calib or CalibSettings()).validated()  # a bad option is refused even where it goes unused
     calib = calib if method.needs_calibration else None
     walk_device = _walk_device(device, calib is not None)
@@ -245,6 +254,7 @@ def _prepare(source, sch: Scheme, out: Path, force: bool, resume: bool, max_shar
         raise QConvertError(f"-o {out} would overwrite the source {src.description}; choose another -o")
     config = src.config
     method.check_config(config)
+    store_dtype = explicit_dtype or src.float_dtype
     asym_note = None  # why the scheme's default --asym-calib did not apply
     if calib is not None:
         calib = calib.for_model(config)
@@ -263,6 +273,8 @@ def _prepare(source, sch: Scheme, out: Path, force: bool, resume: bool, max_shar
     }
     if calib is not None:
         settings["calibration"] = calib.key()
+    if store_dtype is not None:  # a journal without it is one that kept every dtype as read
+        settings["float_dtype"] = dtype_name(store_dtype)
     if isinstance(src, RotatedSource):
         settings["rotation"] = {"mode": src.mode, "seed": src.seed, **({"online": True} if src.online else {})}
     budget = 0
@@ -273,13 +285,56 @@ def _prepare(source, sch: Scheme, out: Path, force: bool, resume: bool, max_shar
         budget = placement.gpu_budget(walk_device.device, max_gpu, placement.block_working_set(config, batch_tokens))
     expected = {k: tuple(v.shape) for k, v in skeleton.state_dict(keep_vars=True).items()}
     if announce is not None:  # once the source has been read and the run planned
-        announce("; ".join([walk_device.line, *_plan_notes(src, targets, skipped, calib, asym_note)]))
+        notes = _plan_notes(src, targets, skipped, calib, asym_note, store_dtype)
+        announce("; ".join([walk_device.line, *notes, *_float_dtype_note(src, explicit_dtype)]))
     return _Job(out, src, sch, method, calib, config, skeleton, targets, names, stages, expected, settings, shard_bytes,
                 walk_device.device, budget, rotation_skipped=skipped[-1] if skipped else None,
-                float_path=placement.float_path(walk_device.device) if calib is not None else None)
+                float_path=placement.float_path(walk_device.device) if calib is not None else None,
+                float_dtype=store_dtype)
 
 
-def _plan_notes(src, targets, skipped, calib, asym_note) -> list[str]:
+FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def parse_float_dtype(name: str | None) -> torch.dtype | None:
+    """``--float-dtype``: a dtype, or None for "auto" (the source's own precision)."""
+    if name is None or name == "auto":
+        return None
+    if name not in FLOAT_DTYPES:
+        raise QConvertError(f"unknown --float-dtype {name!r}; known: auto, {', '.join(FLOAT_DTYPES)}")
+    return FLOAT_DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _float_dtype_note(src: Source, explicit: torch.dtype | None) -> list[str]:
+    """The quantize line's word on a source read wider than it is stored (a GGUF file)."""
+    if explicit is None and src.float_dtype is not None:
+        return [f"unquantized tensors stored in {dtype_name(src.float_dtype)}, the precision of the {src.kind} "
+                "file's own floats (--float-dtype float32 keeps them as read)"]
+    return []
+
+
+def _stored_dtype(job: _Job, dtype: torch.dtype) -> torch.dtype:
+    return job.float_dtype if job.float_dtype is not None and dtype.is_floating_point else dtype
+
+
+def _cast_checked(name: str, dtype: torch.dtype, slices):
+    """Pass ``slices`` (finite) through cast to ``dtype``, failing where a value leaves its range."""
+    for part in slices:
+        if part.dtype != dtype:
+            cast = part.to(dtype)
+            if not bool(torch.isfinite(cast).all()):
+                big = float(part.abs().max())
+                raise QConvertError(f"'{name}' holds values beyond {dtype_name(dtype)}'s range (|x| up to {big:.3g}); "
+                                    "pass --float-dtype float32 or bfloat16")
+            part = cast
+        yield part
+
+
+def _plan_notes(src, targets, skipped, calib, asym_note, store_dtype=None) -> list[str]:
     """What the quantize line says beyond the device: the rotation (or why the default was
     skipped) and asymmetric calibration (or why the default was dropped), each with how to turn it off."""
     notes = []
@@ -288,7 +343,8 @@ def _plan_notes(src, targets, skipped, calib, asym_note) -> list[str]:
         if src.online:
             notes.append("down_proj's input rotated online")
         if src.untied:
-            notes.append(f"lm_head untied from the embedding ({_head_cost(src, targets)}; --rotate none keeps it tied)")
+            notes.append(f"lm_head untied from the embedding ({_head_cost(src, targets, store_dtype)}; "
+                         "--rotate none keeps it tied)")
     if skipped:
         notes.append(skipped[-1])
     if calib is not None and calib.asym:
@@ -304,9 +360,10 @@ def _defaults_apply(sch: Scheme) -> bool:
     return sch.params.get("base") != "rtn"
 
 
-def _head_cost(src: RotatedSource, targets) -> str:
+def _head_cost(src: RotatedSource, targets, store_dtype=None) -> str:
     """What the untied head adds to OUT: the embedding's bytes again, unless it is quantized."""
     dtype, shape = src.info("lm_head.weight")
+    dtype = store_dtype if store_dtype is not None and dtype.is_floating_point else dtype
     if "lm_head" in targets:
         return f"{shape[0]} x {shape[1]} more weights, quantized"
     return f"+{math.prod(shape) * dtype.itemsize / 1e6:,.1f} MB in {str(dtype).removeprefix('torch.')}"
@@ -402,19 +459,21 @@ def _write_stage(job: _Job, writer, calibrator, label: str, stage: list[str], ba
     for name in stage:
         src_name = job.names[name]
         dtype, shape = src.info(src_name)
+        stored = _stored_dtype(job, dtype)
         module = name.rsplit(".", 1)[0]
         if name.endswith(".weight") and module in targets:
             ql = solved.pop(module, None) or job.method.quantize_linear(module, _finite(src, src_name, src.get(src_name)))
             for suffix, tensor in ql.tensors.items():
                 writer.add(f"{module}.{suffix}", tensor)
                 fault_point("tensor")
-            stored = sum(x.numel() * x.element_size() for x in ql.tensors.values())
-            new_layers.append({"name": module, **ql.info, "bytes": stored, "fp16_bytes": 2 * shape[0] * shape[1]})
+            nbytes = sum(x.numel() * x.element_size() for x in ql.tensors.values())
+            new_layers.append({"name": module, **ql.info, "bytes": nbytes, "fp16_bytes": 2 * shape[0] * shape[1]})
             new_modules[module] = ql.layout
         elif name in changed:  # rewritten by the method (I-LLM: smoothing folded into a norm)
-            writer.add(name, changed[name].to(dtype))
+            writer.add(name, next(_cast_checked(name, stored, [changed[name].to(dtype)])))
         else:  # copied slice by slice: an embedding is never whole in memory
-            writer.add_rows(name, dtype, tuple(shape), _check_finite(src, src_name, src.iter_rows(src_name)))
+            writer.add_rows(name, stored, tuple(shape),
+                            _cast_checked(src_name, stored, _check_finite(src, src_name, src.iter_rows(src_name))))
             fault_point("tensor")
     return new_layers, new_modules
 
@@ -545,6 +604,8 @@ def _write_metadata(partial: Path, job: _Job, modules: dict, layers: list, float
     cfg = job.config.to_dict()
     cfg.pop("quantization_config", None)
     cfg.pop("_name_or_path", None)  # where transformers read the source: a local path, pushed with OUT otherwise
+    if job.float_dtype is not None:  # the dtype transformers (and vLLM, for an export) load the model in
+        cfg["dtype"] = dtype_name(job.float_dtype)
     if "lm_head" in modules and cfg.get("tie_word_embeddings"):
         cfg["tie_word_embeddings"] = False  # the head is stored quantized, apart from the embedding
     cfg["quantization_config"] = {

@@ -22,7 +22,8 @@ import os
 import re
 import shutil
 import weakref
-from functools import cached_property
+from contextlib import contextmanager
+from functools import cached_property, partial
 from pathlib import Path
 
 import torch
@@ -57,6 +58,9 @@ class Source:
     hub_id: str | None = None  # set when SOURCE was a Hub id
     revision: str | None = None  # the commit hash of the snapshot read
     base_model: str | None = None  # the Hub model this source is (a Hub id, or the model an alias packs)
+    # the precision the source's own floats have where its tensors are read wider (a GGUF file's
+    # dequantized float32); None: each tensor's own dtype is its precision
+    float_dtype: torch.dtype | None = None
 
     @cached_property
     def config(self):
@@ -105,7 +109,7 @@ class DerivedSource(Source):
 
     def __init__(self, src: Source):
         self.src = src
-        for attr in ("kind", "description", "hub_id", "revision", "base_model", "directory", "path"):
+        for attr in ("kind", "description", "hub_id", "revision", "base_model", "directory", "path", "float_dtype"):
             if hasattr(src, attr):
                 setattr(self, attr, getattr(src, attr))
 
@@ -413,6 +417,44 @@ def _gguf_parsed(path: Path, what: str, parse):
     return copy.deepcopy(kept[what])
 
 
+@contextmanager
+def transformers_bars(enabled: bool):
+    """With ``enabled`` False, transformers' own progress bars (reading a checkpoint, dequantizing a
+    GGUF file) stay off inside the block, as ``-q`` asks; they are restored after it."""
+    if enabled:
+        yield
+        return
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    was_on, bar = hf_logging.is_progress_bar_enabled(), getattr(gguf_utils, "tqdm", None)
+    hf_logging.disable_progress_bar()
+    if bar is not None:  # it calls tqdm.auto's bar itself
+        gguf_utils.tqdm = partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        if bar is not None:
+            gguf_utils.tqdm = bar
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
+def gguf_float_dtype(path: Path) -> torch.dtype | None:
+    """The precision of a GGUF file's floats (see ``GGUFSource.float_dtype``)."""
+    from gguf import GGUFReader
+
+    try:
+        kinds = {t.tensor_type.name for t in GGUFReader(path).tensors}
+    except (ValueError, OSError) as e:
+        raise QConvertError(f"{path}: cannot read the GGUF file ({e})") from e
+    if kinds & {"BF16", "MXFP4"}:
+        return torch.bfloat16
+    if kinds <= {"F32", "F64", "I8", "I16", "I32", "I64"}:
+        return None
+    return torch.float16
+
+
 class GGUFSource(Source):
     """A ``.gguf`` file; transformers dequantizes all of it at once (read whole)."""
 
@@ -441,6 +483,13 @@ class GGUFSource(Source):
             raise QConvertError(f"{self.path}: cannot read the GGUF file ({e})") from e
         check_architecture(cfg)
         return cfg
+
+    @cached_property
+    def float_dtype(self) -> torch.dtype | None:
+        """What the file's floats are made of: float16 for F16 tensors and the block formats
+        (their block scales are float16), bfloat16 for BF16 and MXFP4 (power-of-two scales, held
+        exactly), None where every tensor is F32 or F64 (transformers reads them all as float32)."""
+        return _gguf_parsed(self.path, "float_dtype", lambda: gguf_float_dtype(self.path))
 
     @cached_property
     def _state(self) -> dict[str, torch.Tensor]:

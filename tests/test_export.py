@@ -73,10 +73,10 @@ def assert_layers_match_with_ct_quantizer(model, runtime):
         for n, (x, y) in seen.items():
             assert (layers[n](x) - y).abs().max() <= TOL * y.abs().max(), n
 
-def load_exported(path):
+def load_exported(path, dtype="auto"):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path).eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
 
 
 def capture_linear_io(model, ids, names):
@@ -523,10 +523,14 @@ def test_smollm2_end_to_end(tmp_path, smollm2, wiki_test):
 
     out, dest = tmp_path / "out", tmp_path / "ct"
     run("quantize", "smollm2-135m", "--scheme", "is-w4a8-rtn", "-g", 64, "-o", out, "-q")
-    run("export", out, "-o", dest)
+    res = run("export", out, "-o", dest)
+    assert "weight_scale in float16" in res.output  # the OUT's dtype (docs/export.md)
+    run("export", out, "-o", dest, "--force", "--scale-dtype", "float32")  # the comparison below is of the math
     tok = smollm2.load_tokenizer()
     ids = tok(load_eval_text("wikitext2", wiki_test)[:4000], return_tensors="pt").input_ids[:, :256]
-    model, runtime = load_exported(dest), load(out)
+    # float32 both: the GGUF's OUT and its export say float16 (docs/format.md), and this compares the math
+    model, runtime = load_exported(dest, torch.float32), load(out, dtype=torch.float32)
+    assert json.loads((dest / "config.json").read_text())["dtype"] == "float16"
     layers = quantized_linears(runtime)
     ends = [n for n in layers if n.startswith(("model.layers.0.", "model.layers.29."))]
     y, seen = capture_linear_io(model, ids, ends)

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from qconvert import load, quantize
@@ -83,18 +84,37 @@ def test_integer_scale_matches_float_scale(ppl):
     assert ppl["rtn"] - ppl["is"] > 0.9 * (ppl["rtn"] - ppl["fs"]), ppl
 
 
+def test_unquantized_tensors_keep_the_gguf_precision(rtn_out, smollm2):
+    """The GGUF's embedding is Q8_0 (float16 block scales) and its norms F32; transformers reads them
+    as float32, and OUT keeps them as float16: the embedding is the source's rounded to float16."""
+    from qconvert.formats.safetensors_io import ShardedReader
+
+    reader = ShardedReader(rtn_out)
+    modules = json.loads((rtn_out / "config.json").read_text())["quantization_config"]["modules"]
+    dtypes = {reader.info(n).dtype for n in reader.keys() if n.rpartition(".")[0] not in modules}
+    assert dtypes == {torch.float16}, dtypes
+    emb = "model.embed_tokens.weight"
+    assert torch.equal(reader.get(emb), smollm2.get(emb).to(torch.float16))
+    assert json.loads((rtn_out / "config.json").read_text())["dtype"] == "float16"
+    on_disk = sum(p.stat().st_size for p in rtn_out.rglob("*") if p.is_file())
+    assert on_disk < 125e6, on_disk  # 178.8 MB with float32 copies
+
+
 def test_local_directory_source_gives_the_same_output(tmp_path, smollm2, rtn_out):
     """The same weights as a local HF safetensors directory quantize to the same tensors, and what a
     calibrated walk reads besides them is the same too: the config (the model it runs) and the
     tokenizer's ids of the calibration text.  (Round to nearest: a GPTQ run of each would take
-    minutes of CI to show the same, a calibrated walk being a function of these three.)"""
+    minutes of CI to show the same, a calibrated walk being a function of these three.)  The directory
+    holds the float32 transformers reads the GGUF as, so it is told the GGUF's float16 (--float-dtype)."""
     from qconvert.source import resolve_source
 
     d = tmp_path / "smollm2-dir"
     smollm2.load_model().save_pretrained(d)
     smollm2.load_tokenizer().save_pretrained(d)
     out = tmp_path / "out"
-    res = CliRunner().invoke(cli, ["quantize", str(d), "--scheme", "is-w4a8-rtn", "-o", str(out), "-q"])
+    # save_pretrained wrote the float32 the GGUF was read as; the GGUF's OUT keeps its float16
+    res = CliRunner().invoke(cli, ["quantize", str(d), "--scheme", "is-w4a8-rtn", "-o", str(out), "-q",
+                                   "--float-dtype", "float16"])
     assert res.exit_code == 0, res.output
     assert (out / "model.safetensors").read_bytes() == (rtn_out / "model.safetensors").read_bytes()
     local = resolve_source(str(d))

@@ -133,3 +133,30 @@ def test_pickle_with_code_is_refused_even_when_allowed(tmp_path, tiny_llama):
     with pytest.raises(QConvertError, match="cannot be read as plain tensors"):
         resolve_source(str(d), allow_pickle=True)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_quiet_turns_transformers_bars_off_and_back_on():
+    """``-q``: transformers' bars (the GGUF's "Converting and de-quantizing", "Loading weights") stay
+    off inside ``transformers_bars(False)``, and are back after it, an error included."""
+    import io
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    from qconvert.source import transformers_bars
+
+    def drawn(bar) -> str:
+        buf = io.StringIO()
+        for _ in bar(range(3), file=buf, desc="x"):
+            pass
+        return buf.getvalue()
+
+    assert "x: 100%" in drawn(gguf_utils.tqdm) and hf_logging.is_progress_bar_enabled()
+    with pytest.raises(RuntimeError):
+        with transformers_bars(False):
+            assert drawn(gguf_utils.tqdm) == "" and drawn(hf_logging.tqdm) == ""
+            assert not hf_logging.is_progress_bar_enabled()
+            raise RuntimeError
+    assert "x: 100%" in drawn(gguf_utils.tqdm) and hf_logging.is_progress_bar_enabled()
+    with transformers_bars(True):
+        assert "x: 100%" in drawn(gguf_utils.tqdm)
