@@ -129,6 +129,8 @@ def _tokenize(tokenizer, text: str) -> torch.Tensor:
 
 def _text_windows(ids: torch.Tensor, nsamples: int, seqlen: int, g: torch.Generator, what: str) -> torch.Tensor:
     n = ids.numel()
+    if n < 2:  # no --seqlen fits: the smallest is 2
+        raise QConvertError(f"{what} holds no text to calibrate on ({n} tokens); pass a file with text in it")
     if n < seqlen:
         raise QConvertError(f"{what} has {n} tokens, fewer than one calibration window of {seqlen}; "
                             f"lower --seqlen (to at most {n}) or pass a longer text")
@@ -151,6 +153,9 @@ def _document_windows(docs: list[str], tokenizer, nsamples: int, seqlen: int, g:
     while len(out) < nsamples:
         if not candidates:
             longest = max(t.numel() for t in cache.values())
+            if longest < 2:
+                raise QConvertError(f"every document in {what} is empty or nearly ({longest} tokens at most); "
+                                    "pass documents with text in their 'text' fields")
             raise QConvertError(f"no document in {what} has {seqlen} tokens (the longest has {longest}); "
                                 f"lower --seqlen to at most {longest}")
         k = int(torch.randint(len(candidates), (1,), generator=g))

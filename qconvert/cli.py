@@ -141,9 +141,11 @@ def quantize(source, scheme, out, group_size, quantize_lm_head, exclude, max_sha
     built-in alias smollm2-135m.
 
     \b
-    GPTQ-based schemes (is-w4a8, w4a8-fs, w4a16-gptq[-zp]) calibrate block by block on
-    --nsamples x --seqlen tokens (128 x 512 of data; 128 x 128 of text the model
-    writes itself when no data is given); is-w4a8-rtn and --base rtn need no data.
+    Every preset but is-w4a8-rtn and zqfp-w8a8 calibrates (GPTQ, and QUIK's outlier
+    choice and I-LLM's smoothing) block by block on --nsamples x --seqlen tokens
+    (128 x 512 of data; 128 x 128 of text the model writes itself when no data is
+    given); those two need no data, nor does --base rtn but for QUIK and I-LLM,
+    whose outliers and smoothing come from the calibration activations.
 
     \b
     qconvert quantize smollm2-135m --scheme is-w4a8 -o out/
@@ -232,7 +234,7 @@ def eval_cmd(target, dataset, data_file, seqlen, max_windows, as_json, quiet, ta
     if data_file is not None:
         import hashlib
 
-        record["text_sha256"] = hashlib.sha256(text.encode()).hexdigest()[:16]
+        record["text_sha256"] = hashlib.sha256(text.encode()).hexdigest()
     if kind in ("qconvert", "compressed-tensors"):  # kept for the model card (qconvert push)
         save_result(Path(target), record)
     if as_json:
@@ -482,6 +484,7 @@ def generate(target, prompts, max_new_tokens, temperature, seed, chat, device):
 
     dev = resolve_device(device)
     dtype = torch_dtype_for(dev)
+    load_before = _cpu_load()
     # an I-LLM OUT: its integer-only model (the runtime eval scores), on a GPU with its kernels
     model, tok, kind = load_model_and_tokenizer(target, dtype=dtype, device=str(dev))
     if hasattr(model, "decode_engine"):
@@ -501,6 +504,9 @@ def generate(target, prompts, max_new_tokens, temperature, seed, chat, device):
             click.echo(f"--- {prompt}\n{text}")
     click.echo(f"[{kind} on {res.device}{', CUDA graphs' if res.graphs else ''}] prefill {res.prefill_tokens_per_s:,.1f} "
                f"tokens/s, decode {res.decode_tokens_per_s:,.1f} tokens/s ({res.decode_steps} steps)", err=True)
+    busy = _busy_cpu_note(load_before, _cpu_load()) if dev.type == "cpu" else None
+    if busy:
+        click.echo(f"Note: {busy}.", err=True)
 
 
 def torch_dtype_for(dev):

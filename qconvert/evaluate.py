@@ -20,6 +20,7 @@ class PerplexityResult:
     windows: int
     seqlen: int
     tokens: int  # tokens in the text
+    scored_tokens: int = 0  # tokens predicted and scored: windows x (seqlen - 1)
 
     def to_dict(self):
         return asdict(self)
@@ -138,4 +139,4 @@ def perplexity(model, tokenizer, text: str, seqlen: int = 2048, max_windows: int
         logits = model(window).logits[0, :-1].float()
         total += torch.nn.functional.cross_entropy(logits, window[0, 1:], reduction="sum").item()
     nll = total / (n * (seqlen - 1))
-    return PerplexityResult(math.exp(nll), nll, n, seqlen, int(ids.numel()))
+    return PerplexityResult(math.exp(nll), nll, n, seqlen, int(ids.numel()), n * (seqlen - 1))

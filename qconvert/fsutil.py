@@ -30,6 +30,14 @@ def public_name(path: str | Path) -> str:
     return Path(path).name or Path(path).resolve().name
 
 
+def check_not_mount_point(dest: Path) -> None:
+    """``dest`` can be replaced by a rename (``swap_into_place``): it is no mount point (a container's
+    volume, a mounted disk), which a rename cannot move."""
+    if Path(dest).is_dir() and os.path.ismount(dest):
+        raise QConvertError(f"-o {dest} is a mount point, which qconvert cannot replace (it writes beside it and "
+                            f"renames the result into place); name a directory inside it, e.g. -o {Path(dest) / 'model'}")
+
+
 def check_writable_parent(dest: Path) -> None:
     """The directory that will hold ``dest`` exists and can be written."""
     parent = Path(dest).resolve().parent
@@ -45,8 +53,17 @@ def swap_into_place(new: Path, dest: Path) -> None:
     either the old or the new directory, never a mixture."""
     if dest.exists():
         old = Path(tempfile.mkdtemp(dir=dest.resolve().parent, prefix=f".{dest.name}.old-"))
-        os.replace(dest, old / dest.name)
-        os.replace(new, dest)
+        try:
+            os.replace(dest, old / dest.name)
+        except OSError:
+            old.rmdir()  # nothing moved: ``dest`` is as it was
+            raise
+        try:
+            os.replace(new, dest)
+        except OSError:
+            os.replace(old / dest.name, dest)  # the old one back
+            old.rmdir()
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(new, dest)

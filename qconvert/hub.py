@@ -456,9 +456,10 @@ class _Provenance:
         if self.info.get("id"):
             return [f"Source: `{self.info['id']}` at commit `{self.info.get('revision') or '?'}`"
                     + (f"; license `{self.license}` carried over from its card" if self.license else "") + ".", ""]
+        stored = f" Its weights are {self.info['format']}." if self.info.get("format") else ""
         if self.base:
-            return [f"Source: {self.shown}, which packs {self.base}.", ""]
-        return []
+            return [f"Source: {self.shown}, which packs {self.base}.{stored}", ""]
+        return [f"Source: {self.shown}.{stored}", ""] if stored else []
 
     def size_row(self) -> list[str]:
         n = len(self.info.get("files") or {})

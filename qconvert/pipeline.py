@@ -29,7 +29,7 @@ from qconvert.errors import OnlineUnsupported, QConvertError, RotationUnsupporte
 from qconvert.journal import Journal, fault_point
 from qconvert.formats.native import FORMAT_NAME, FORMAT_VERSION, is_native, write_manifest
 from qconvert.formats.safetensors_io import ShardedWriter
-from qconvert.fsutil import check_writable_parent, parse_size, swap_into_place
+from qconvert.fsutil import check_not_mount_point, check_writable_parent, parse_size, swap_into_place
 from qconvert.methods import get_method
 from qconvert.methods.base import Method, relative_weight_error
 from qconvert.moe import is_moe
@@ -55,6 +55,7 @@ def check_output(out: Path, force: bool, resume: bool) -> None:
     if inside is not None:  # its manifest would no longer list its files: verify fails, push uploads both
         raise QConvertError(f"-o {out} is inside the qconvert output {inside}, which would then fail verify; "
                             "choose a directory outside it")
+    check_not_mount_point(out)
     if out.exists() and not force:
         raise QConvertError(f"{out} already exists; pass --force to overwrite it, or choose another -o")
     if out.exists() and not out.is_dir():
@@ -199,10 +200,24 @@ def quantize(
             f"{partial} was started with other settings ({_first_difference(journal.settings, job.settings)}); "
             "repeat the original command with --resume, or pass --force to start over"
         )
-    _announce_other_path(job, partial, journal, announce)
+    _announce_resume(job, partial, journal, resume, announce)
+    report, timing = _convert_or_explain(job, partial, journal, progress)
+    timing["seconds"] = round(time.perf_counter() - t_start, 2)
+    if json_report is not None:  # OUT's report plus the times, which OUT leaves out to stay reproducible
+        Path(json_report).write_text(json.dumps({**report, "timing": timing}, indent=2) + "\n")
+    try:
+        swap_into_place(partial, job.out)  # --force: checked above to be a qconvert output or empty
+    except OSError as e:
+        raise QConvertError(f"moving the finished {partial.name} to {job.out} failed ({e.strerror or e}); it is "
+                            f"complete in {partial}: rename it yourself, or fix the cause and convert again") from e
+    return job.out
+
+
+def _convert_or_explain(job: _Job, partial: Path, journal, progress: bool) -> tuple[dict, dict]:
+    """``_convert``, its failures said in one line: bad input leaves nothing, the others keep the journal."""
     try:
         with placement.deterministic(job.device):
-            report, timing = _convert(job, partial, journal, progress)
+            return _convert(job, partial, journal, progress)
     except QConvertError:
         # bad input: nothing worth resuming, and nothing half-written may stay behind
         shutil.rmtree(partial, ignore_errors=True)
@@ -218,17 +233,21 @@ def quantize(
             f"writing {partial} failed ({e.strerror or e}); the finished blocks are kept: fix the cause "
             "(free disk space, permissions) and repeat the command with --resume"
         ) from e
-    timing["seconds"] = round(time.perf_counter() - t_start, 2)
-    if json_report is not None:  # OUT's report plus the times, which OUT leaves out to stay reproducible
-        Path(json_report).write_text(json.dumps({**report, "timing": timing}, indent=2) + "\n")
-    swap_into_place(partial, job.out)  # --force: checked above to be a qconvert output or empty
-    return job.out
 
 
-def _announce_other_path(job: _Job, partial: Path, journal, announce) -> None:
-    """A resumed run on another float path than its journal's last block says so."""
-    before = journal.stage_paths[-1] if journal is not None else None  # a journal holds at least one stage
-    if journal is not None and announce is not None and job.float_path and before != job.float_path:
+def _announce_resume(job: _Job, partial: Path, journal, resume: bool, announce) -> None:
+    """--resume says where it goes on from (or that there was nothing to resume); a resumed run on
+    another float path than its journal's last block says so."""
+    if announce is None or not resume:
+        return
+    if journal is None:
+        announce(f"nothing to resume in {partial.name} (no interrupted conversion there): starting from the beginning")
+        return
+    blocks = len(job.stages) - 1
+    announce(f"resuming {partial.name}: {journal.stages_done} of {len(job.stages)} stages done (the embeddings and "
+             f"head, then {blocks} blocks); going on with the next")
+    before = journal.stage_paths[-1]  # a journal holds at least one stage
+    if job.float_path and before != job.float_path:
         announce(f"resuming on another float path than {partial.name}'s last block was made on "
                  f"({before or 'not recorded'}; now {job.float_path}): the finished blocks stay, and the "
                  "result will differ from an uninterrupted run; qconvert.json says which blocks ran where")
@@ -418,7 +437,8 @@ def _convert(job: _Job, partial: Path, journal: Journal | None, progress: bool) 
     if job.calib is not None:
         calibrator = _start_calibration(job, partial, journal, progress)
     todo = job.stages[journal.stages_done:]
-    bar = tqdm(todo, desc=f"quantize {job.scheme.name}", unit="block", disable=not progress,
+    # the embeddings and head make a first stage, then each decoder block (SmolLM2: 1 + 30)
+    bar = tqdm(todo, desc=f"quantize {job.scheme.name}", unit="stage", disable=not progress,
                initial=journal.stages_done, total=len(job.stages))
     stage_seconds = {}
     for label, stage in bar:
@@ -561,9 +581,17 @@ def _calibrated_block(calibrator: Calibrator, method: Method, index: int, target
 
 
 def _first_difference(old: dict, new: dict) -> str:
-    for k in sorted(set(old) | set(new)):
-        if old.get(k) != new.get(k):
-            return f"{k}: {old.get(k)!r} then, {new.get(k)!r} now"
+    """The first setting that differs, in the order the settings are made (the scheme before what
+    follows from it, such as the calibration's defaults); of a nested one, the entries that differ."""
+    for k in [*new, *(k for k in old if k not in new)]:
+        a, b = old.get(k), new.get(k)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            inner = [f"{s} {a.get(s)!r} then, {b.get(s)!r} now" for s in [*b, *(s for s in a if s not in b)]
+                     if a.get(s) != b.get(s)]
+            return f"{k}: " + "; ".join(inner)
+        return f"{k}: {a!r} then, {b!r} now"
     return "unknown"
 
 

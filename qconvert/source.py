@@ -102,6 +102,8 @@ class Source:
         """The license the source's own model card declares, if it has one."""
         return None
 
+    weight_format: str | None = None  # how the weights are stored where that is news (a GGUF's block formats)
+
 
 class DerivedSource(Source):
     """A source computed from another one, ``src`` (rotated, or an image-text checkpoint's language
@@ -109,7 +111,8 @@ class DerivedSource(Source):
 
     def __init__(self, src: Source):
         self.src = src
-        for attr in ("kind", "description", "hub_id", "revision", "base_model", "directory", "path", "float_dtype"):
+        for attr in ("kind", "description", "hub_id", "revision", "base_model", "directory", "path", "float_dtype",
+                     "weight_format"):
             if hasattr(src, attr):
                 setattr(self, attr, getattr(src, attr))
 
@@ -440,19 +443,28 @@ def transformers_bars(enabled: bool):
             hf_logging.enable_progress_bar()
 
 
-def gguf_float_dtype(path: Path) -> torch.dtype | None:
-    """The precision of a GGUF file's floats (see ``GGUFSource.float_dtype``)."""
+def gguf_tensor_types(path: Path) -> dict[str, int]:
+    """How many of a GGUF file's tensors are stored in each type ({"Q4_1": 210, "F32": 61, …}), most first."""
     from gguf import GGUFReader
 
     try:
-        kinds = {t.tensor_type.name for t in GGUFReader(path).tensors}
+        names = [t.tensor_type.name for t in GGUFReader(path).tensors]
     except (ValueError, OSError) as e:
         raise QConvertError(f"{path}: cannot read the GGUF file ({e})") from e
+    return {k: names.count(k) for k in sorted(set(names), key=lambda k: (-names.count(k), k))}
+
+
+def gguf_float_dtype(path: Path) -> torch.dtype | None:
+    """The precision of a GGUF file's floats (see ``GGUFSource.float_dtype``)."""
+    kinds = set(gguf_tensor_types(path))
     if kinds & {"BF16", "MXFP4"}:
         return torch.bfloat16
     if kinds <= {"F32", "F64", "I8", "I16", "I32", "I64"}:
         return None
     return torch.float16
+
+
+UNQUANTIZED_GGUF = {"F32", "F64", "F16", "BF16", "I8", "I16", "I32", "I64"}  # stored as they are, not in blocks
 
 
 class GGUFSource(Source):
@@ -490,6 +502,14 @@ class GGUFSource(Source):
         (their block scales are float16), bfloat16 for BF16 and MXFP4 (power-of-two scales, held
         exactly), None where every tensor is F32 or F64 (transformers reads them all as float32)."""
         return _gguf_parsed(self.path, "float_dtype", lambda: gguf_float_dtype(self.path))
+
+    @cached_property
+    def weight_format(self) -> str:
+        types = _gguf_parsed(self.path, "types", lambda: gguf_tensor_types(self.path))
+        blocks = [k for k in types if k not in UNQUANTIZED_GGUF]
+        shown = ", ".join(f"{n} {k}" for k, n in types.items())
+        return f"a GGUF file (tensors: {shown})" + (", already quantized: transformers dequantizes it, and qconvert "
+                                                     "quantizes the result again" if blocks else "")
 
     @cached_property
     def _state(self) -> dict[str, torch.Tensor]:
@@ -705,4 +725,5 @@ def provenance(src: Source) -> dict:
         "license": src.card_license(),
         "files": files,
         "bytes": sum(f["bytes"] for f in files.values()),
+        **({"format": src.weight_format} if src.weight_format else {}),
     }

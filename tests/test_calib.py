@@ -128,6 +128,13 @@ def test_text_too_short(tok, tmp_path):
     n = ids_of(tok, "only a handful of tokens here").numel()
     with pytest.raises(QConvertError, match=rf"has {n} tokens, fewer than one calibration window of 500; lower --seqlen"):
         calibration_tokens("file", tok, 1, 500, data_file=path)
+    path.write_text("")  # no --seqlen fits (at least 2): the message says the file is empty instead
+    with pytest.raises(QConvertError, match=r"tiny.txt holds no text to calibrate on \(\d tokens\); pass a file with text"):
+        calibration_tokens("file", tok, 1, 500, data_file=path)
+    docs = tmp_path / "empty.jsonl"
+    docs.write_text('{"text": ""}\n{"text": ""}\n')
+    with pytest.raises(QConvertError, match=r"every document in .*empty.jsonl is empty or nearly"):
+        calibration_tokens("file", tok, 1, 500, data_file=docs)
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -50,12 +50,12 @@ def test_round_trip_quantize_inspect_eval(tmp_path, tiny_llama, text_file):
 
     q = json.loads(run("eval", out, "--data-file", text_file, "--seqlen", 32, "--max-windows", 3, "--json", "-q").stdout)
     fp = json.loads(run("eval", tiny_llama, "--data-file", text_file, "--seqlen", 32, "--max-windows", 3, "--json", "-q").stdout)
-    assert q["windows"] == fp["windows"] == 3 and q["tokens"] == fp["tokens"]
+    assert q["windows"] == fp["windows"] == 3 and q["tokens"] == fp["tokens"] and q["scored_tokens"] == 3 * 31
     assert q["kind"] == "qconvert" and fp["kind"] == "safetensors"
     saved = json.loads((out / "eval.json").read_text())
     assert saved == [{**q, "target": "out"}]  # kept for the model card, by name (it is pushed with OUT)
     # a local file is the dataset it is labelled with, with its text's hash: not "wikitext2" for any file
-    assert q["dataset"] == Path(text_file).name and len(q["text_sha256"]) == 16
+    assert q["dataset"] == Path(text_file).name and len(q["text_sha256"]) == 64
     line = run("eval", out, "--data-file", text_file, "--seqlen", 32, "--max-windows", 3, "-q").output
     assert f"on {Path(text_file).name} (3 windows x 32 tokens)" in line and "wikitext2" not in line
     assert run("verify", out, "--no-compare").exit_code == 0  # and it does not upset verify
@@ -92,6 +92,44 @@ def test_existing_output_needs_force(tmp_path, tiny_llama):
     run("quantize", tiny_llama, "-o", out, "-q", "--force", "-g", "32")
     assert (out / "manifest.json").read_text() != first
     assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_mount_point_output_is_refused_before_any_work(tmp_path, tiny_llama, tiny_rtn_out, monkeypatch):
+    """A container's volume given as -o (with --force) cannot be renamed into place: said first, not
+    after the whole conversion as a traceback (a read-only tmpfs mount showed it)."""
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    real = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == vol or real(p))
+    for args in (("quantize", tiny_llama, "-o", vol, "--force"), ("export", tiny_rtn_out, "-o", vol, "--force")):
+        res = run(*args, ok=False)
+        assert res.exit_code == 1 and f"-o {vol} is a mount point" in res.output, res.output
+        assert f"-o {vol / 'model'}" in res.output
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["vol"]
+
+
+def test_a_failed_swap_leaves_the_old_output_and_no_debris(tmp_path, tiny_llama, monkeypatch):
+    """The finished OUT.partial cannot be renamed into place: OUT is as it was, the folder moved aside
+    comes back, nothing else stays but the finished OUT.partial, which the one-line error names."""
+    out = tmp_path / "out"
+    run("quantize", tiny_llama, "-o", out, "-q")
+    before = (out / "manifest.json").read_text()
+    real = os.replace
+
+    def failing(a, b, fail_at):
+        if (fail_at == 1 and Path(a) == out) or (fail_at == 2 and Path(a) == tmp_path / "out.partial" and Path(b) == out):
+            raise OSError(16, "Device or resource busy")
+        return real(a, b)
+
+    for fail_at in (1, 2):  # moving OUT aside, then moving the new one in
+        monkeypatch.setattr(os, "replace", lambda a, b, f=fail_at: failing(a, b, f))
+        res = run("quantize", tiny_llama, "-o", out, "-q", "--force", "-g", "32", ok=False)
+        monkeypatch.setattr(os, "replace", real)
+        msg = " ".join(res.output.split())
+        assert res.exit_code == 1 and "moving the finished out.partial" in msg and "Device or resource busy" in msg, msg
+        assert (out / "manifest.json").read_text() == before
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out.partial"]
+        assert (tmp_path / "out.partial" / "manifest.json").is_file()  # complete, as the message says
 
 
 def test_output_inside_the_source_is_refused(tmp_path, tiny_llama):
@@ -254,3 +292,31 @@ def test_busy_cpu_note():
     assert _busy_cpu_note(None, None) is None and _busy_cpu_note(cpus - 0.5, cpus) is None
     note = _busy_cpu_note(0.1, cpus + 2.5)
     assert f"load average {cpus + 2.5:.1f} on {cpus} cores" in note and "repeat on an idle machine" in note
+
+
+def test_generate_on_a_busy_cpu_says_so(tiny_rtn_out, monkeypatch):
+    """generate prints tokens/s too: on a busy CPU it adds bench's note; on an idle one, nothing."""
+    import qconvert.cli as cli_mod
+
+    cpus = os.cpu_count() or 1
+    args = ("generate", tiny_rtn_out, "--prompt", "a", "--max-new-tokens", "2", "--device", "cpu")
+    monkeypatch.setattr(cli_mod, "_cpu_load", lambda: cpus + 3.0)
+    assert f"Note: the machine was busy during this run (load average {cpus + 3.0:.1f}" in run(*args).output
+    monkeypatch.setattr(cli_mod, "_cpu_load", lambda: 0.0)
+    assert "busy" not in run(*args).output
+
+
+def test_the_wrong_kind_of_target_is_named(tmp_path):
+    """A SOURCE given where an OUT is wanted, and an export given to export again, are told what they
+    are and what to pass instead (they read "has no config.json" and "no qconvert quantization_config")."""
+    res = run("inspect", "smollm2-135m", ok=False)
+    assert res.exit_code == 1 and "smollm2-135m is not a directory" in res.output
+    assert "qconvert quantize smollm2-135m -o OUT" in " ".join(res.output.split())
+    ct = tmp_path / "ct"
+    ct.mkdir()
+    (ct / "config.json").write_text(json.dumps({"model_type": "llama",
+                                                "quantization_config": {"quant_method": "compressed-tensors"}}))
+    res = run("export", ct, "-o", tmp_path / "again", ok=False)
+    msg = " ".join(res.output.split())
+    assert res.exit_code == 1 and "is a compressed-tensors checkpoint, not a qconvert output" in msg, msg
+    assert "(and exported it from)" in msg and not (tmp_path / "again").exists()

@@ -109,3 +109,21 @@ def test_unknown_dtype_refused_before_any_work(tiny_llama, tmp_path):
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
     res = run_cli("quantize", tiny_llama, "-o", tmp_path / "out", "--float-dtype", "half", ok=False)
     assert res.exit_code == 2 and "'half' is not one of" in res.output
+
+
+def test_the_card_says_a_gguf_source_was_already_quantized(smollm2, tmp_path):
+    """A Q4_1 GGUF's OUT is quantized twice: its report keeps the file's tensor types, and the card says so
+    (beside "source weights 98.4 MB", smaller than many OUTs made from it)."""
+    from qconvert.hub import _Provenance
+    from qconvert.source import provenance
+
+    info = provenance(smollm2)
+    assert info["format"].startswith("a GGUF file (tensors: 210 Q4_1, 61 F32, 1 Q8_0), already quantized"), info
+    report = {"source": smollm2.description, "source_kind": "gguf", "source_info": info}
+    line = " ".join(_Provenance.of(report, {}).source_lines())
+    assert "which packs HuggingFaceTB/SmolLM2-135M-Instruct. Its weights are a GGUF file" in line
+    assert "qconvert quantizes the result again" in line
+    path = _gguf(tmp_path / "f32.gguf", {"a": (np.ones((4, 32), dtype=np.float32), None)})
+    from qconvert.source import GGUFSource
+
+    assert GGUFSource(path).weight_format == "a GGUF file (tensors: 1 F32)"

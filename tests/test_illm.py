@@ -893,3 +893,12 @@ def test_bench_on_the_integer_model(illm_out, tmp_path, monkeypatch):
     assert "runtime `integer-only-cpu`" in model_card(out) and "Note: integer-only OUT: its integer model" in model_card(out)
     with pytest.raises(QConvertError, match="CUDA graphs need a CUDA device"):
         model_speed(load(out), torch.device("cpu"), prefill=4, new_tokens=2, batches=(1,), graphs=True)
+
+
+def test_export_refuses_with_the_reason_and_the_nearest_schemes(illm_out, tmp_path):
+    """Every layer of an I-LLM OUT is refused (so no --exclude makes it exportable), with why and what exports."""
+    res = CliRunner().invoke(cli, ["export", str(illm_out), "-o", str(tmp_path / "ct")])
+    msg = " ".join(res.output.split())
+    assert res.exit_code == 1 and "none of its 14 quantized linears can be exported" in msg, msg
+    assert "integer-only runtime" in msg and "nearest exportable schemes are w8a8 (int8) and is-w4a8" in msg
+    assert not (tmp_path / "ct").exists()

@@ -315,12 +315,13 @@ def test_cli_end_to_end(tiny, tmp_path, monkeypatch):
     exp = CliRunner().invoke(cli, ["export", str(out), "-o", str(tmp_path / "ct")])
     assert exp.exit_code == 1 and "has no compressed-tensors equivalent" in exp.output and "layout quik-w" in exp.output
     assert "offline only" not in exp.output and "Traceback" not in exp.output and not (tmp_path / "ct").exists()
-    assert "cannot make a copy they read: this model (scheme 'quik-w4a4'), layer model.layers.0." in card
+    assert "cannot make a copy they read: this model (scheme 'quik-w4a4'): none of its 14 quantized linears can be " \
+        "exported; first, layer model.layers.0." in card
     assert "has no compressed-tensors equivalent" in card and str(tmp_path) not in card
     # a short relative OUT (``push out/``) is named "this model" once, not in every word holding it
     monkeypatch.chdir(tmp_path)
     short = model_card(Path("out"))
-    assert "cannot make a copy they read: this model (scheme 'quik-w4a4'), layer model.layers.0." in short
+    assert "cannot make a copy they read: this model (scheme 'quik-w4a4'): none of its 14 " in short
     assert short.count("this model") == card.count("this model") and "Exportable" not in short
 
 

@@ -2,6 +2,7 @@
 
 import errno
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -109,8 +110,13 @@ def test_disk_full_is_a_clear_error_and_resumable(tmp_path, src, reference, monk
     assert res.exit_code == 1 and "No space left on device" in res.output and "--resume" in res.output
     assert "Traceback" not in res.output and not out.exists()
     monkeypatch.setattr(safetensors_io._ShardBuilder, "add", real)
-    assert CliRunner().invoke(cli, args + ["--resume"]).exit_code == 0
+    res = CliRunner().invoke(cli, args + ["--resume"])
+    assert res.exit_code == 0, res.output
+    assert re.search(r"resuming out\.partial: [1-9]\d* of \d+ stages done \(the embeddings and head, then \d+ blocks\)",
+                     res.output), res.output
     assert _files(out) == _files(reference)
+    again = CliRunner().invoke(cli, [*args[:3], str(tmp_path / "fresh"), *args[4:], "--resume"])
+    assert again.exit_code == 0 and "nothing to resume in fresh.partial" in again.output, again.output
 
 
 def test_resume_with_other_settings_is_refused(tmp_path, src):
@@ -213,3 +219,17 @@ def test_asymmetric_calibration_resumes_bit_identical(tmp_path, src, memory):
 
     _kill_refuse_resume(tmp_path, src, ["--asym-calib", "0.5", *(["--max-memory", memory] if memory else [])],
                         ([], ["--asym-calib", "0.25"]), "asym", has_float_stream)
+
+
+def test_the_refusal_names_the_setting_the_user_changed():
+    """Resuming an illm-w8a8 run with quik-w4a4: the scheme is named, not the calibration default
+    (asymmetric calibration) that comes with it; of a nested setting, only what differs."""
+    from qconvert.pipeline import _first_difference
+
+    old = {"qconvert_version": "0.4.0", "source": "s", "scheme": "illm-w8a8", "method": "illm",
+           "calibration": {"nsamples": 8, "dtype": "float32"}}
+    new = {**old, "scheme": "quik-w4a4", "method": "quik", "calibration": {"nsamples": 8, "dtype": "float32", "asym": 0.25}}
+    assert _first_difference(old, new) == "scheme: 'illm-w8a8' then, 'quik-w4a4' now"
+    new = {**old, "calibration": {"nsamples": 16, "dtype": "float32"}}
+    assert _first_difference(old, new) == "calibration: nsamples 8 then, 16 now"
+    assert _first_difference(old, {**old, "float_dtype": "float16"}) == "float_dtype: None then, 'float16' now"

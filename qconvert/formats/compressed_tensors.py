@@ -28,7 +28,7 @@ from qconvert import __version__, multimodal
 from qconvert.errors import QConvertError
 from qconvert.formats.native import EVAL_FILE, EXPORT_MARKER, read_quant_config, saved_evals
 from qconvert.formats.safetensors_io import ShardedReader, ShardedWriter
-from qconvert.fsutil import atomic_directory, check_writable_parent, parse_size
+from qconvert.fsutil import atomic_directory, check_not_mount_point, check_writable_parent, parse_size
 from qconvert.moe import is_moe, is_router
 from qconvert.source import TOKENIZER_FILES
 
@@ -90,6 +90,7 @@ class _Plan:
 def _check_dest(dest: Path, force: bool, out: Path) -> None:
     if dest.resolve() == out.resolve() or out.resolve() in dest.resolve().parents:
         raise QConvertError(f"-o {dest} is {out} or inside it; write the export to another directory")
+    check_not_mount_point(dest)
     if dest.exists() and not force:
         raise QConvertError(f"{dest} already exists; pass --force to overwrite it, or choose another -o")
     if dest.exists() and not dest.is_dir():
@@ -131,7 +132,7 @@ def _layer_schemes(out: Path, qc: dict, config, reader, tensor_parallel: int = 1
     from qconvert.skeleton import build_skeleton
 
     params = dict(build_skeleton(config).named_parameters())
-    layers, schemes = [], {}
+    layers, schemes, refused = [], {}, {}
     for name, layout in qc["modules"].items():
         layer = stored_layer(name, layout, qc, params, reader)
         problems = layer.problems(reader)
@@ -140,9 +141,14 @@ def _layer_schemes(out: Path, qc: dict, config, reader, tensor_parallel: int = 1
         try:
             schemes[name] = layer.layout.export_scheme(layer.n, layer.k, **layer.params)
         except NotExportable as e:
-            raise QConvertError(f"{out} (scheme {qc.get('scheme')!r}), layer {name}: {e}. Exportable layouts: "
-                                f"{exportable()}") from None
+            refused.setdefault(name, e)
         layers.append(layer)
+    if refused:  # how many, so that no one excludes the first named and expects the rest to go
+        name, e = next(iter(refused.items()))
+        many = "" if len(refused) == 1 else f"{len(refused)} of its {len(layers)} quantized linears cannot be exported; first, " \
+            if len(refused) < len(layers) else f"none of its {len(layers)} quantized linears can be exported; first, "
+        raise QConvertError(f"{out} (scheme {qc.get('scheme')!r}): {many}layer {name}: {e}. Exportable layouts: "
+                            f"{exportable()}")
     presets = sorted({sch["preset"] for sch in schemes.values()})
     if len(presets) > 1:
         raise QConvertError(f"{out} mixes {' and '.join(presets)} layers; a {FORMAT} export takes one scheme: "

@@ -66,6 +66,10 @@ def write_manifest(out: Path) -> dict:
 def read_quant_config(out: Path) -> tuple[dict, dict]:
     """(config dict without quantization_config, quantization_config) of a native OUT."""
     path = Path(out) / "config.json"
+    if not Path(out).is_dir():
+        raise QConvertError(f"{out} is not a directory; pass the -o directory qconvert quantize wrote (a model to "
+                            f"start from, such as a Hub id or smollm2-135m, is quantized first: qconvert quantize "
+                            f"{out} -o OUT)")
     if not path.is_file():
         raise QConvertError(f"{out} has no config.json; it is not a qconvert output directory")
     try:
@@ -74,6 +78,10 @@ def read_quant_config(out: Path) -> tuple[dict, dict]:
         raise QConvertError(f"{path} is not valid JSON ({e}); re-run qconvert quantize") from e
     qc = cfg.pop("quantization_config", None)
     if not isinstance(qc, dict) or qc.get("quant_method") != "qconvert":
+        other = qc.get("quant_method") if isinstance(qc, dict) else None
+        if other is not None:  # an export of an OUT, or a model quantized elsewhere
+            raise QConvertError(f"{out} is a {other} checkpoint, not a qconvert output; pass the OUT that qconvert "
+                                "quantize wrote" + (" (and exported it from)" if other == "compressed-tensors" else ""))
         raise QConvertError(f"{out} is not a qconvert output (config.json has no qconvert quantization_config)")
     if qc.get("format") != FORMAT_NAME or qc.get("format_version") not in READ_VERSIONS:
         raise QConvertError(

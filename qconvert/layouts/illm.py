@@ -64,7 +64,7 @@ from torch import nn
 
 from qconvert.errors import QConvertError
 from qconvert.formats.packing import unpack_int4
-from qconvert.layouts.base import Layout, QuantizedModule, TensorSpec, finite_positive, shape_check
+from qconvert.layouts.base import Layout, NotExportable, QuantizedModule, TensorSpec, finite_positive, shape_check
 from qconvert.layouts.derived import CACHE, DerivedHolder
 from qconvert.layouts.illm_cache import IntegerDecodeEngine, IntegerKVCache, SequenceCache, StaticSequenceCache
 from qconvert_kernels.illm import cuda as cuda_illm
@@ -740,6 +740,12 @@ class ILLMLayout(Layout):
             raise QConvertError(f"config.json: quantization_config.config act_clip={clip!r} of layout {self.name} "
                                 "must be a number in [0.5, 1]; re-run qconvert quantize")
         return {"act_clip": float(clip)}
+
+    def export_scheme(self, n, k, act_clip=1.0) -> dict:
+        raise NotExportable(f"layout {self.name} has no compressed-tensors equivalent: it runs on I-LLM's integer-only "
+                            "runtime (dyadic scales, smoothing folded into the weights and norms, integer softmax and "
+                            "norms), which transformers and vLLM do not have; the nearest exportable schemes are w8a8 "
+                            "(int8) and is-w4a8 (int4 weights, int8 activations)")
 
     def spec(self, n: int, k: int, act_clip: float = 1.0) -> dict[str, TensorSpec]:
         four = self.w_bits == 4

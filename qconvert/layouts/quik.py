@@ -25,7 +25,7 @@ import torch
 
 from qconvert.errors import QConvertError
 from qconvert.formats.packing import unpack_int4
-from qconvert.layouts.base import Layout, QuantizedModule, TensorSpec, finite_positive, shape_check
+from qconvert.layouts.base import Layout, NotExportable, QuantizedModule, TensorSpec, finite_positive, shape_check
 from qconvert_kernels.quik import reference as refq
 
 MAX_AUTO_OUTLIERS = 256
@@ -136,6 +136,12 @@ class QuikLayout(Layout):
             raise QConvertError(f"config.json: quantization_config.config act_clip={clip!r} of layout {self.name} "
                                 "must be a number in (0, 1]; re-run qconvert quantize")
         return {"outliers": idx[0] if idx is not None and len(idx) == 1 else 0, "act_clip": float(clip)}
+
+    def export_scheme(self, n, k, outliers=0, act_clip=1.0) -> dict:
+        kept = f", {outliers} input channels kept in fp16 beside them" if outliers else ""
+        raise NotExportable(f"layout {self.name} (QUIK: int{self.bits} weights, asymmetric per-token int{self.bits} "
+                            f"activations{kept}) has no compressed-tensors equivalent, and neither has any QUIK layer; "
+                            "the nearest exportable schemes are w8a8 (int8) and is-w4a8 (int4 weights, int8 activations)")
 
     def spec(self, n: int, k: int, outliers: int, act_clip: float = 1.0) -> dict[str, TensorSpec]:
         kbp = refq.padded_base(k - outliers)
