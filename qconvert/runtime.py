@@ -111,12 +111,21 @@ def use_glue_kernels(model: nn.Module, device: torch.device | str, glue=GLUE) ->
             setters[name](model, device)
 
 
+def _stored_float(reader, taken: set) -> torch.dtype | None:
+    """The dtype of the first float tensor outside the quantized linears (the embedding, a norm)."""
+    for name in reader.keys():
+        if name not in taken and reader.info(name).dtype.is_floating_point:
+            return reader.info(name).dtype
+    return None
+
+
 def load(out: str | Path, device: str = "cpu", dtype: torch.dtype | None = None, integer: bool = True,
          fuse: bool = True, norm_kernels: bool = True, rope_kernels: bool = True, swiglu_kernels: bool = True):
     """Load a native qconvert OUT as a ready-to-run ``transformers`` causal LM.
 
     ``dtype`` casts the unquantized tensors (embeddings, norms, lm_head); default: as stored
-    on CPU, float16 on CUDA (the kernels take fp16 / bf16 activations).  ``device`` "cpu" runs
+    on CPU, float32 where that is float16 (a GGUF file's OUT: CPUs have no float16 arithmetic
+    worth the rounding), float16 on CUDA (the kernels take fp16 / bf16 activations).  ``device`` "cpu" runs
     the exact reference; "cuda" / "cuda:N" the CUDA kernels (cupy and an sm_80+ GPU needed).
     An OUT whose layout brings a whole-model runtime (I-LLM) loads as that model; with
     ``integer=False`` as the float model with the same quantized linears instead (a diagnostic
@@ -142,8 +151,10 @@ def load(out: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
     reader = ShardedReader(out)
     model = build_skeleton(config)
     layers = [stored_layer(n, lay, qc, dict(model.named_parameters()), reader) for n, lay in qc["modules"].items()]
-    modules = _build_modules(out, layers, reader, dtype)
     taken = {t for layer in layers for t in layer.tensor_names()} | {f"{layer.name}.bias" for layer in layers}
+    if dtype is None and dev.type == "cpu" and _stored_float(reader, taken) == torch.float16:
+        dtype = torch.float32  # a float16 OUT (of a GGUF file) computes in float32 on a CPU, as the CLI does there
+    modules = _build_modules(out, layers, reader, dtype)
     runtimes = {layer.layout.model_runtime for layer in layers} - {None}
     whole_model = bool(runtimes) and integer
     if whole_model and (len(runtimes) > 1 or any(layer.layout.model_runtime is None for layer in layers)):

@@ -127,3 +127,15 @@ def test_the_card_says_a_gguf_source_was_already_quantized(smollm2, tmp_path):
     from qconvert.source import GGUFSource
 
     assert GGUFSource(path).weight_format == "a GGUF file (tensors: 1 F32)"
+
+
+def test_load_on_the_cpu_computes_a_float16_out_in_float32(tiny_llama, tmp_path):
+    """qconvert.load(OUT) on the CPU keeps the stored dtype, except float16 (every GGUF-made OUT):
+    that computes in float32, as the CLI does on a CPU; bfloat16 stays bfloat16; dtype= overrides."""
+    ids = torch.tensor([[1, 2, 3]])
+    for name, expected in (("float16", torch.float32), ("bfloat16", torch.bfloat16)):
+        out = tmp_path / name
+        run_cli("quantize", tiny_llama, "--scheme", "is-w4a8-rtn", "-o", out, "--float-dtype", name, "-q")
+        model = load(out)
+        assert model.get_input_embeddings().weight.dtype == expected and model(ids).logits.dtype == expected, name
+    assert load(tmp_path / "float16", dtype=torch.float16).get_input_embeddings().weight.dtype == torch.float16
