@@ -28,7 +28,7 @@ from qconvert.block_walk import BATCH_TOKENS, CALIB_DIR, Calibrator
 from qconvert.errors import OnlineUnsupported, QConvertError, RotationUnsupported
 from qconvert.journal import Journal, fault_point
 from qconvert.formats.native import FORMAT_NAME, FORMAT_VERSION, is_native, write_manifest
-from qconvert.formats.safetensors_io import ShardedWriter
+from qconvert.formats.safetensors_io import FLOAT_DTYPES, ShardedWriter
 from qconvert.fsutil import check_not_mount_point, check_writable_parent, parse_size, swap_into_place
 from qconvert.methods import get_method
 from qconvert.methods.base import Method, relative_weight_error
@@ -312,9 +312,6 @@ def _prepare(source, sch: Scheme, out: Path, force: bool, resume: bool, max_shar
                 float_dtype=store_dtype)
 
 
-FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
 def parse_float_dtype(name: str | None) -> torch.dtype | None:
     """``--float-dtype``: a dtype, or None for "auto" (the source's own precision)."""
     if name is None or name == "auto":
@@ -336,8 +333,9 @@ def _float_dtype_note(src: Source, explicit: torch.dtype | None) -> list[str]:
     return []
 
 
-def _stored_dtype(job: _Job, dtype: torch.dtype) -> torch.dtype:
-    return job.float_dtype if job.float_dtype is not None and dtype.is_floating_point else dtype
+def _stored_dtype(store: torch.dtype | None, dtype: torch.dtype) -> torch.dtype:
+    """What a tensor read as ``dtype`` is written as: ``store`` (the run's float dtype) if it is a float."""
+    return store if store is not None and dtype.is_floating_point else dtype
 
 
 def _cast_checked(name: str, dtype: torch.dtype, slices):
@@ -382,10 +380,10 @@ def _defaults_apply(sch: Scheme) -> bool:
 def _head_cost(src: RotatedSource, targets, store_dtype=None) -> str:
     """What the untied head adds to OUT: the embedding's bytes again, unless it is quantized."""
     dtype, shape = src.info("lm_head.weight")
-    dtype = store_dtype if store_dtype is not None and dtype.is_floating_point else dtype
+    dtype = _stored_dtype(store_dtype, dtype)
     if "lm_head" in targets:
         return f"{shape[0]} x {shape[1]} more weights, quantized"
-    return f"+{math.prod(shape) * dtype.itemsize / 1e6:,.1f} MB in {str(dtype).removeprefix('torch.')}"
+    return f"+{math.prod(shape) * dtype.itemsize / 1e6:,.1f} MB in {dtype_name(dtype)}"
 
 
 def _rotated(src: Source, sch: Scheme, seed: int, explicit: bool, skipped: list[str]) -> Source:
@@ -479,7 +477,7 @@ def _write_stage(job: _Job, writer, calibrator, label: str, stage: list[str], ba
     for name in stage:
         src_name = job.names[name]
         dtype, shape = src.info(src_name)
-        stored = _stored_dtype(job, dtype)
+        stored = _stored_dtype(job.float_dtype, dtype)
         module = name.rsplit(".", 1)[0]
         if name.endswith(".weight") and module in targets:
             ql = solved.pop(module, None) or job.method.quantize_linear(module, _finite(src, src_name, src.get(src_name)))

@@ -113,10 +113,8 @@ def use_glue_kernels(model: nn.Module, device: torch.device | str, glue=GLUE) ->
 
 def _stored_float(reader, taken: set) -> torch.dtype | None:
     """The dtype of the first float tensor outside the quantized linears (the embedding, a norm)."""
-    for name in reader.keys():
-        if name not in taken and reader.info(name).dtype.is_floating_point:
-            return reader.info(name).dtype
-    return None
+    floats = (reader.info(name).dtype for name in reader.keys() if name not in taken)
+    return next((dt for dt in floats if dt.is_floating_point), None)
 
 
 def load(out: str | Path, device: str = "cpu", dtype: torch.dtype | None = None, integer: bool = True,

@@ -58,6 +58,7 @@ class Source:
     hub_id: str | None = None  # set when SOURCE was a Hub id
     revision: str | None = None  # the commit hash of the snapshot read
     base_model: str | None = None  # the Hub model this source is (a Hub id, or the model an alias packs)
+    weight_format: str | None = None  # how the weights are stored where that is news (a GGUF's block formats)
     # the precision the source's own floats have where its tensors are read wider (a GGUF file's
     # dequantized float32); None: each tensor's own dtype is its precision
     float_dtype: torch.dtype | None = None
@@ -101,8 +102,6 @@ class Source:
     def card_license(self) -> str | None:
         """The license the source's own model card declares, if it has one."""
         return None
-
-    weight_format: str | None = None  # how the weights are stored where that is news (a GGUF's block formats)
 
 
 class DerivedSource(Source):
@@ -443,6 +442,9 @@ def transformers_bars(enabled: bool):
             hf_logging.enable_progress_bar()
 
 
+UNQUANTIZED_GGUF = {"F32", "F64", "F16", "BF16", "I8", "I16", "I32", "I64"}  # stored as they are, not in blocks
+
+
 def gguf_tensor_types(path: Path) -> dict[str, int]:
     """How many of a GGUF file's tensors are stored in each type ({"Q4_1": 210, "F32": 61, …}), most first."""
     from gguf import GGUFReader
@@ -455,16 +457,14 @@ def gguf_tensor_types(path: Path) -> dict[str, int]:
 
 
 def gguf_float_dtype(path: Path) -> torch.dtype | None:
-    """The precision of a GGUF file's floats (see ``GGUFSource.float_dtype``)."""
-    kinds = set(gguf_tensor_types(path))
+    """The precision of a GGUF file's floats (see ``GGUFSource.float_dtype``); the file is read once
+    for this and ``GGUFSource.weight_format`` together."""
+    kinds = set(_gguf_parsed(Path(path), "types", lambda: gguf_tensor_types(Path(path))))
     if kinds & {"BF16", "MXFP4"}:
         return torch.bfloat16
-    if kinds <= {"F32", "F64", "I8", "I16", "I32", "I64"}:
+    if kinds <= UNQUANTIZED_GGUF - {"F16", "BF16"}:
         return None
     return torch.float16
-
-
-UNQUANTIZED_GGUF = {"F32", "F64", "F16", "BF16", "I8", "I16", "I32", "I64"}  # stored as they are, not in blocks
 
 
 class GGUFSource(Source):
@@ -501,7 +501,7 @@ class GGUFSource(Source):
         """What the file's floats are made of: float16 for F16 tensors and the block formats
         (their block scales are float16), bfloat16 for BF16 and MXFP4 (power-of-two scales, held
         exactly), None where every tensor is F32 or F64 (transformers reads them all as float32)."""
-        return _gguf_parsed(self.path, "float_dtype", lambda: gguf_float_dtype(self.path))
+        return gguf_float_dtype(self.path)
 
     @cached_property
     def weight_format(self) -> str:

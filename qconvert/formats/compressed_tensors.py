@@ -27,7 +27,7 @@ import torch
 from qconvert import __version__, multimodal
 from qconvert.errors import QConvertError
 from qconvert.formats.native import EVAL_FILE, EXPORT_MARKER, read_quant_config, saved_evals
-from qconvert.formats.safetensors_io import ShardedReader, ShardedWriter
+from qconvert.formats.safetensors_io import FLOAT_DTYPES, ShardedReader, ShardedWriter
 from qconvert.fsutil import atomic_directory, check_not_mount_point, check_writable_parent, parse_size
 from qconvert.moe import is_moe, is_router
 from qconvert.source import TOKENIZER_FILES
@@ -36,7 +36,7 @@ FORMAT = "compressed-tensors"
 MARKER = EXPORT_MARKER  # provenance and the file list (qconvert push); also what lets --force replace an export
 ORIGIN_KEYS = ("source", "source_kind", "source_info", "scheme", "rotation", "rotation_skipped", "calibration",
                "float_path", "multimodal")  # of OUT's qconvert.json
-SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SCALE_DTYPES = {name: FLOAT_DTYPES[name] for name in ("float32", "float16", "bfloat16")}  # in --scale-dtype's order
 MIN_SPLIT_GROUP = 32  # the smallest group any vLLM int4 kernel takes (Marlin: 32, 64, 128; qconvert/serving.py)
 
 

@@ -38,6 +38,8 @@ DTYPES: dict[str, torch.dtype] = {
     "F8_E5M2": torch.float8_e5m2,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+# the float dtypes a user names on the command line (--float-dtype, export --scale-dtype)
+FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's own limit
 CHUNK_BYTES = 16 << 20  # pass-through tensors are copied in slices of this size
 
