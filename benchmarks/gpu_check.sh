@@ -26,7 +26,8 @@
 #      kernels probed one case per process
 #      (benchmarks/gpu_probe.py --sweep: probe.txt)
 #   b  qconvert bench --kernels: Llama-3-8B shapes, M in {1, 16, 256, 4096} (one process each, 25 s
-#      at most: kernels_mM.json), W4A8-IS, W4A8-FS and cuBLAS FP16 with the roofline fraction; the
+#      at most: kernels_mM.json), W4A8-IS, W4A8-FS and cuBLAS FP16 with the roofline fraction (and at
+#      M > 64 W4A8-IS on the prefill's 64-token tiles, two CTAs per SM: the row w4a8-is-bm64); the
 #      mma.sync ceiling: int8 and fp16 tensor-core products alone (benchmarks/mma_peak.py, 15 s at
 #      most: mma_peak.json); the W4A8-IS decode with and without its L2 prefetch of the scales and
 #      with a pipeline twice as deep (benchmarks/decode_variants.py, 45 s at most, two more builds of

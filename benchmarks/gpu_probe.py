@@ -4,7 +4,7 @@ prints one line; ``python benchmarks/gpu_probe.py --sweep`` runs the cases below
 g = 128 prefill), 8 at a time, one line each (``rc=0 OK ...`` when the kernel ran and equals the
 reference bit for bit; gpu_check.sh, part a).  Variants change the launch plan: s1 (no split-K), a1
 (one amax publisher).  Written on 2026-12-04 to find which decode kernels faulted on an H200
-(docs/benchmarks.md)."""
+(docs/benchmarks.md).  Variant bm64: the prefill on 64-token tiles (two CTAs per SM, 2026-12-06)."""
 from __future__ import annotations
 
 import dataclasses
@@ -24,8 +24,9 @@ def one(m, n, k, layout, variant="base"):
     x = activations(m, k, torch.float16, 99 + m)
     prep = cuda.prepare(layout, {a: b.to(dev) for a, b in tensors.items()}, g, dev)
     orig = cuda.plan
-    def plan(mm, p, sms):
-        pl = orig(mm, p, sms)
+    bm = 64 if variant == "bm64" else cuda.P_BM
+    def plan(mm, p, sms, prefill_bm=cuda.P_BM):
+        pl = orig(mm, p, sms, prefill_bm)
         if variant == "s1" and pl.kind == "decode":
             pl = dataclasses.replace(pl, grid=(1, pl.grid[1]), splits=1, gq=p.n_groups, gr=0, part_int4=0,
                                      amax_ctas=1, ak_log2=max(3, (p.k - 1).bit_length()))
@@ -33,9 +34,9 @@ def one(m, n, k, layout, variant="base"):
             pl = dataclasses.replace(pl, amax_ctas=1, ak_log2=max(3, (p.k - 1).bit_length()))
         return pl
     cuda.plan = plan
-    y = cuda.linear(x.to(dev), prep)
+    y = cuda.linear(x.to(dev), prep, prefill_bm=bm)
     torch.cuda.synchronize()
-    pl = plan(m, prep, torch.cuda.get_device_properties(0).multi_processor_count)
+    pl = plan(m, prep, torch.cuda.get_device_properties(0).multi_processor_count, bm)
     want = ref.linear_reference(x, layout, tensors, g, bounds=pl.split_bounds())
     same = torch.equal(y.cpu().view(torch.int16), want.view(torch.int16))
     print(f"{'OK' if same else 'MISMATCH'} {pl.kernel} grid={pl.grid} A={pl.amax_ctas} ak={pl.ak_log2}")
@@ -47,7 +48,9 @@ CASES = ([(m, 4096, 4096, "w4a8-is", "base") for m in (1, 2, 8, 9, 12, 16, 17, 2
          + [(16, 4096, 4096, "w4a8-is", v) for v in ("s1", "a1")] + [(16, 576, 576, "w4a8-is", v) for v in ("s1", "a1")]
          + [(64, 4096, 4096, "w4a8-is", v) for v in ("s1", "a1")] + [(16, 136, 256, "w4a8-is", "base")]
          # the prefill kernels' g = 128 stage loop (2026-12-04, not yet run on a GPU)
-         + [(m, 4096, 4096, l, "base") for m in (65, 256) for l in ("w4a8-is", "w4a8-fs")])
+         + [(m, 4096, 4096, l, "base") for m in (65, 256) for l in ("w4a8-is", "w4a8-fs")]
+         # the 64-token prefill tiles (2026-12-06, not yet run on a GPU)
+         + [(m, 4096, 4096, l, "bm64") for m in (65, 256) for l in ("w4a8-is", "w4a8-fs")])
 
 
 def sweep():

@@ -99,6 +99,24 @@ def prefill_of_ceiling(runs: list, mma: dict | None) -> list[str]:
     return out
 
 
+def prefill_bm64_table(runs: list) -> list[str]:
+    """W4A8-IS prefill on 64-token tiles (two CTAs per SM) against the 128-token ones the layers run."""
+    rows = {}
+    for _, data in runs:
+        for r in data["results"]:
+            rows.setdefault((r["M"], r["shape"], r["N"], r["K"]), {})[r["kernel"]] = r
+    out = []
+    for (m, shape, n, k), by in sorted(rows.items()):
+        i, b = by.get("w4a8-is"), by.get("w4a8-is-bm64")
+        if i and b:
+            out.append(f"| {shape} ({n} x {k}) | {m} | {i['us']:.1f} | {b['us']:.1f} | {i['us'] / b['us']:.2f}x | "
+                       f"{b['vs_cublas']:.2f}x | {'yes' if b.get('same_bits_as_bm128') else 'NO'} |")
+    head = ["\nW4A8-IS prefill on 64-token tiles (w4a8r_prefill_is_bm64) against the 128-token ones:",
+            "\n| linear (N x K) | M | 128-token us | 64-token us | 128 / 64 | 64-token / cuBLAS | same bits |",
+            "|---|---|---|---|---|---|---|"]
+    return head + out if out else []
+
+
 def w4a8_table(runs: list, roofline: dict | None) -> list[str]:
     pred = {}
     for r in (roofline or {}).get("rows", []):
@@ -258,7 +276,7 @@ def main(folder: str) -> None:
             print(f"### {key} — {path if key in ('e2e', 'hadamard', 'glue') else ', '.join(str(p) for p, _ in runs)}\n")
             print(_env(data) + "\n")
             if key == "kernels:is-w4a8":
-                lines = w4a8_table(runs, roofline) + prefill_of_ceiling(runs, mma)
+                lines = w4a8_table(runs, roofline) + prefill_bm64_table(runs) + prefill_of_ceiling(runs, mma)
             elif key == "mma_peak":
                 lines = mma_peak_table(data)
             elif key == "decode_variants":

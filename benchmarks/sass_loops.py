@@ -7,7 +7,7 @@ their tensor-core instruction there: QMMA on sm_89, HMMA on sm_90 (two per FP8 m
 docs/kernels.md quotes these; tests/test_kernels_families.py bounds the prefill's.  Needs
 cuobjdump (the [test] extra) and NVRTC or nvcc; no GPU.
 
-    python benchmarks/sass_loops.py [--archs sm_80,sm_89,sm_90] [--kernels w4a8r_prefill_is,w4a8r_prefill_fs]
+    python benchmarks/sass_loops.py [--archs sm_80,sm_89,sm_90] [--kernels w4a8r_prefill_is,w4a8r_prefill_fs,...]
     python benchmarks/sass_loops.py --archs sm_89,sm_90 --kernels w4a8r_decode_fs_m8,w4a8r_decode_zq_m8
 """
 
@@ -39,7 +39,7 @@ def loop_counts(sass_text: str, prefix: str = "IMMA") -> tuple[int, int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--archs", default="sm_80,sm_89,sm_90")
-    ap.add_argument("--kernels", default="w4a8r_prefill_is,w4a8r_prefill_fs")
+    ap.add_argument("--kernels", default="w4a8r_prefill_is,w4a8r_prefill_fs,w4a8r_prefill_is_bm64,w4a8r_prefill_fs_bm64")
     args = ap.parse_args()
     kernels = args.kernels.split(",")
     print(f"{'build':14s} {'kernel':22s} {'instructions':>12s} {'IMMA':>5s} {'per IMMA':>8s} {'registers':>9s}"

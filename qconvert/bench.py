@@ -185,7 +185,9 @@ def kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, runs: 
                 group_size: int = 128, reps: int = 20) -> list[dict]:
     """Time cuBLAS FP16 and whole W4A8-IS / W4A8-FS linears (``qconvert_kernels.w4a8.cuda.linear``:
     fp16 activations in, the per-token int8 quantization included; decode kernel for M <= 64,
-    quantizer + prefill kernel above) for one (M, N, K).  Each row also gets the roofline time of
+    quantizer + prefill kernel above) for one (M, N, K); above M = 64 also W4A8-IS on the prefill's
+    64-token tiles (``w4a8-is-bm64``, two CTAs per SM: its time against the 128-token one the layers
+    run, and whether its output has the same bits).  Each row also gets the roofline time of
     its arithmetic on the device (qconvert_kernels/roofline.py; None if the GPU is not modelled)
     and the fraction of it reached."""
     from qconvert_kernels import roofline
@@ -230,6 +232,13 @@ def kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, runs: 
         prepared = [kcuda.prepare(kernel, t, g, device) for t in layers]
         row(kernel, _time_cuda(lambda i: kcuda.linear(xs[i], prepared[i]), w4_sets, runs, warmup, reps),
             w4_bytes - (0 if kernel == "w4a8-is" else n * 4), rows_ops, w4_sets)
+        if kernel == "w4a8-is" and m > kcuda.DECODE_MAX_M:
+            # the prefill's 64-token tiles (two CTAs per SM), beside the 128-token ones the layers run;
+            # integer sums in any order: the same bits, checked on one operand set
+            row("w4a8-is-bm64", _time_cuda(lambda i: kcuda.linear(xs[i], prepared[i], prefill_bm=64), w4_sets, runs,
+                                           warmup, reps), w4_bytes, rows_ops, w4_sets)
+            rows[-1]["same_bits_as_bm128"] = bool(torch.equal(kcuda.linear(xs[0], prepared[0]),
+                                                              kcuda.linear(xs[0], prepared[0], prefill_bm=64)))
         prepared.clear()
     by = {r["kernel"]: r["us"] for r in rows}
     for r in rows:
@@ -238,6 +247,8 @@ def kernel_rows(label: str, n: int, k: int, m: int, device: torch.device, runs: 
             r["vs_cublas_with_quant"] = r["vs_cublas"]  # the linear includes its activation quantization
         if r["kernel"] == "w4a8-is":
             r["is_vs_fs"] = round(by["w4a8-fs"] / r["us"], 3)
+        if r["kernel"] == "w4a8-is-bm64":
+            r["vs_bm128"] = round(by["w4a8-is"] / r["us"], 3)
     return rows
 
 

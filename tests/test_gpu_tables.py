@@ -128,3 +128,15 @@ def test_the_zqfp_and_illm_rows_come_with_their_predictions(tmp_path, capsys):
     assert "| illm-matmul-w8 | q/o_proj (4096 x 4096) | 4096 | 191.4-217.5 | 150.0 | faster |" in out
     assert "made before this ran" not in _printed(ROOT / "benchmarks" / "results" / "gpu" / "2026-12-04_h200_caa2c67" / "2_rerun",
                                                   capsys)
+
+
+def test_prefill_bm64_table(tmp_path, capsys):
+    """The 64-token prefill rows (test input, not a measurement) beside the 128-token ones they came with."""
+    data = json.loads((RUN / "3_rerun" / "kernels.json").read_text())
+    qo = next(r for r in data["results"] if r["kernel"] == "w4a8-is" and r["M"] == 4096 and r["shape"] == "q/o_proj")
+    data["results"].append({**qo, "kernel": "w4a8-is-bm64", "us": qo["us"] / 2, "vs_cublas": 0.88, "same_bits_as_bm128": True})
+    (tmp_path / "kernels.json").write_text(json.dumps(data))
+    out = _printed(tmp_path, capsys)
+    assert "W4A8-IS prefill on 64-token tiles" in out
+    assert f"| q/o_proj (4096 x 4096) | 4096 | {qo['us']:.1f} | {qo['us'] / 2:.1f} | 2.00x | 0.88x | yes |" in out
+    assert _printed(RUN, capsys).count("64-token tiles") == 0   # runs without the row: no table

@@ -136,6 +136,22 @@ def test_decode_kernels_fit_two_ctas_per_sm(builds):
     assert cuda.P_SMEM <= 99 * 1024  # sm_86 / sm_89 allow 99 KB per block
 
 
+@needs_nvrtc
+def test_bm64_prefill_kernels_fit_two_ctas_per_sm(builds):
+    """The 64-token prefill tiles exist to put two CTAs (16 warps) on an SM where the 128-token ones,
+    at about 218 registers, leave one: __launch_bounds__(256, 2) holds them to <= 128 registers with
+    no spills, and two CTAs' shared memory fits sm_80's 164 KB and sm_90's 228 KB per SM."""
+    from qconvert_kernels.w4a8 import cuda
+
+    for arch in ("sm_80", "sm_89", "sm_90"):
+        _, report, _ = builds[("w4a8/w4a8_repacked.cu", arch)]
+        for v in ("is", "fs"):
+            r = report[f"w4a8r_prefill_{v}_bm64"]
+            assert r["registers"] <= 128 and (r["spill_stores"], r["stack"]) == (0, 0), (arch, v, r)
+            assert report[f"w4a8r_prefill_{v}"]["registers"] > 128, (arch, v)  # else the variant buys nothing
+    assert 2 * cuda.p_smem(64) <= 164 * 1024 and cuda.p_smem(64) == cuda.P_SMEM - 4 * 64 * 128
+
+
 def test_decode_kernels_prefetch_their_scales(builds):
     """The repacked decode kernels prefetch their group scales into L2 (W4R_SCALE_AHEAD groups ahead of
     the one-group-ahead read): exactly two CCTL.E.PF2 (PTX prefetch.global.L2) in each, one before the
@@ -169,6 +185,8 @@ def test_decode_kernels_prefetch_their_scales(builds):
 # IMMA along its path (nvcc 13.0, sm_90, counted by hand; docs/kernels.md).  Bounds, not targets:
 # a change that brings address arithmetic or I2F back into the loop fails here.
 PREFILL_LOOP_BOUND = {"w4a8r_prefill_is": 6.0, "w4a8r_prefill_fs": 7.0, "w4a8r_prefill_quik": 6.0}  # quik: the IS loop
+# the 64-token tiles: 32 IMMA a group, the same fixed work per stage (7.7-8.6 per IMMA, 2026-12-06)
+PREFILL_BM64_LOOP_BOUND = {"w4a8r_prefill_is_bm64": 8.5, "w4a8r_prefill_fs_bm64": 9.0}
 
 
 def test_prefill_g128_main_loop_sass(builds):
@@ -176,13 +194,14 @@ def test_prefill_g128_main_loop_sass(builds):
         _, _, per_kernel = builds[("w4a8/w4a8_repacked.cu", arch)]
         if per_kernel is None:
             _sass_or_skip(None)
-        for name, bound in PREFILL_LOOP_BOUND.items():
+        for name, bound in {**PREFILL_LOOP_BOUND, **PREFILL_BM64_LOOP_BOUND}.items():
+            nj = 4 if name.endswith("_bm64") else 8   # n8 token tiles per warp
             start, end, ops = kc.mma_loop(per_kernel[name], "IMMA")
             n_mma = sum(c for op, c in ops.items() if op.startswith("IMMA"))
-            assert n_mma == 64, (arch, name, n_mma)
+            assert n_mma == 8 * nj, (arch, name, n_mma)
             assert sum(ops.values()) / n_mma <= bound, (arch, name, sum(ops.values()), dict(ops))
             assert not [op for op in ops if op.startswith(("I2F", "LDL", "STL"))], (arch, name, dict(ops))
-            assert ops["BAR.SYNC.DEFER_BLOCKING"] == 1 and ops["LDS.64"] == 32 and ops["LDS.128"] == 4, (arch, name, dict(ops))
+            assert ops["BAR.SYNC.DEFER_BLOCKING"] == 1 and ops["LDS.64"] == 4 * nj and ops["LDS.128"] == 4, (arch, name, dict(ops))
     # the loop finder itself: a backward branch makes a loop, a forward one does not
     text = "/*0000*/ IMMA.16832.S8.S8 R0, R4, R8, R0 ;\n/*0010*/ @P0 BRA 0x30 ;\n/*0020*/ IADD3 R1, R1, 0x1, RZ ;\n/*0030*/ @!P1 BRA 0x0 ;"
     assert [(s, e, sum(o.values())) for s, e, o in kc.loops(text)] == [(0, 0x30, 4)]

@@ -49,20 +49,20 @@ def activations(m: int, k: int, dtype, seed: int):
     return x.to(dtype)
 
 
-def emulate_linear(x, layout, tensors, g, sm_count=8, **kw):
+def emulate_linear(x, layout, tensors, g, sm_count=8, prefill_bm=cuda.P_BM, **kw):
     prep = cuda.prepare(layout, tensors, g, "cpu")
     with emulate.emulating(sm_count=sm_count, **kw) as emu:
-        out = cuda.linear(x, prep, return_acc=layout == "w4a8-is")
+        out = cuda.linear(x, prep, return_acc=layout == "w4a8-is", prefill_bm=prefill_bm)
     y, acc = out if layout == "w4a8-is" else (out, None)
-    return y, acc, cuda.plan(x.shape[0], prep, sm_count), emu, prep
+    return y, acc, cuda.plan(x.shape[0], prep, sm_count, prefill_bm), emu, prep
 
 
-def check_case(m, n, k, g, layout, dtype=torch.float16, sm_count=8, x=None, tensors=None, **kw):
+def check_case(m, n, k, g, layout, dtype=torch.float16, sm_count=8, x=None, tensors=None, prefill_bm=cuda.P_BM, **kw):
     """Emulated launcher == reference, bit for bit (FS in the plan's split order); returns the plan."""
     seed = m * 1_000_003 + n * 1009 + k * 7 + g
     tensors = tensors if tensors is not None else make_layer(n, k, g, layout, seed)
     x = x if x is not None else activations(m, k, dtype, seed)
-    y, acc, pl, emu, _ = emulate_linear(x, layout, tensors, g, sm_count, **kw)
+    y, acc, pl, emu, _ = emulate_linear(x, layout, tensors, g, sm_count, prefill_bm, **kw)
     want = ref.linear_reference(x, layout, tensors, g, bounds=pl.split_bounds(), return_acc=layout == "w4a8-is")
     if layout == "w4a8-is":
         want, acc_ref = want
@@ -212,6 +212,45 @@ def test_decode_bit_exact(m, n, k, g, layout, sms):
 def test_prefill_bit_exact(m, n, k, g, layout, sms):
     pl, _ = check_case(m, n, k, g, layout, sm_count=sms)
     assert pl.kind == "prefill"
+
+
+# The 64-token prefill tiles (w4a8r_prefill_*_bm64, two CTAs per SM): M tails inside and past a tile,
+# split-K over the doubled CTA slots, both main loops, N and K tails
+PREFILL_BM64_CASES = [
+    (65, 136, 512, 128, "w4a8-is", 8),    # two m tiles, the second 1 row; split-K (16 slots, 4 tiles)
+    (130, 136, 300, 96, "w4a8-fs", 8),    # three m tiles, the last 2 rows; the one-step loop, K tail
+    (100, 300, 384, 128, "w4a8-fs", 1),   # one split: FS bit-exact with the plain reference; N tails
+    (200, 130, 160, 32, "w4a8-is", 2),    # 5 groups; the one-step loop
+    (97, 13, 128, 128, "w4a8-is", 8),     # one group, N = 13
+]
+
+
+@pytest.mark.parametrize("m,n,k,g,layout,sms", PREFILL_BM64_CASES)
+def test_prefill_bm64_bit_exact(m, n, k, g, layout, sms):
+    pl, emu = check_case(m, n, k, g, layout, sm_count=sms, prefill_bm=64)
+    assert pl.kind == "prefill" and pl.kernel.endswith("_bm64") and pl.smem == cuda.p_smem(64) == 64 * 1024
+    assert pl.mtiles == -(-m // 64) and (pl.splits == 1 or pl.splits * pl.mtiles * pl.ntiles <= 2 * sms)
+    assert [e[0] for e in emu.launches][-1] == pl.kernel
+    for site in ("prefill weight LDS.128", "prefill x LDS.64", "prefill x cp.async", "prefill weight cp.async"):
+        assert emu.conflicts[site] == 1, (site, emu.conflicts[site])
+
+
+def test_prefill_bm64_splits_over_two_ctas_per_sm():
+    """Where 128-token tiles leave SMs idle, 64-token tiles fill twice the slots: q/o at M = 256 on
+    132 SMs is 64 tiles x 2 splits (one CTA per SM) at BM = 128, 128 tiles x 2 splits at BM = 64."""
+    p128, p64 = cuda.plan(256, _Meta(4096, 4096), 132), cuda.plan(256, _Meta(4096, 4096), 132, 64)
+    assert (p128.mtiles * p128.ntiles, p128.splits, p128.kernel) == (64, 2, "w4a8r_prefill_is")
+    assert (p64.mtiles * p64.ntiles, p64.splits, p64.kernel) == (128, 2, "w4a8r_prefill_is_bm64")
+    assert cuda.plan(4096, _Meta(4096, 4096), 132, 64).splits == 1
+    with pytest.raises(ValueError, match="prefill_bm"):
+        cuda.plan(256, _Meta(4096, 4096), 132, 32)
+
+
+@pytest.mark.parametrize("mutation", ("stage_off_by_one", "no_wait", "swizzle_off", "c_map", "g128_carry"))
+def test_mutation_is_caught_in_the_bm64_prefill(mutation):
+    with pytest.raises((emulate.EmulationError, AssertionError)) as e:
+        check_case(65, 136, 1024, 128, "w4a8-is", prefill_bm=64, mutations=frozenset({mutation}))  # 2 groups per split
+    assert isinstance(e.value, emulate.EmulationError) or "differs" in str(e.value)
 
 
 @pytest.mark.parametrize("m,layout,g", [(3, "w4a8-is", 64), (9, "w4a8-fs", 64), (130, "w4a8-is", 64), (130, "w4a8-fs", 128)])
@@ -581,3 +620,25 @@ def test_plan_keeps_every_sm_busy_on_llama3_8b(shape):
             assert pl.splits == 1, (m, pl)
         else:  # as many splits as one wave of one CTA per SM holds, at most 4
             assert tiles * pl.splits <= 132 and (pl.splits == 4 or tiles * (pl.splits + 1) > 132), (m, pl)
+
+
+@pytest.mark.parametrize("m", [16, 65])
+def test_the_kernel_benchmark_times_the_bm64_prefill_beside(monkeypatch, m):
+    """``qconvert bench --kernels`` (gpu_check part b) with its launches on the emulator and its timer
+    replaced by one call per operand set: above 64 rows a ``w4a8-is-bm64`` row comes from the 64-token
+    kernel, whose output it finds equal to the 128-token one's; at decode there is no such row."""
+    from helpers import emulated_timer
+
+    from qconvert import bench
+
+    emulated_timer(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "cpu (emulated)")
+    with emulate.emulating(sm_count=8) as emu:
+        rows = bench.kernel_rows("probe", 136, 256, m, torch.device("cpu"))
+    launched = {n for n, *_ in emu.launches}
+    if m <= cuda.DECODE_MAX_M:
+        assert [r["kernel"] for r in rows] == ["cublas-fp16", "w4a8-is", "w4a8-fs"] and not any("prefill" in n for n in launched)
+        return
+    assert [r["kernel"] for r in rows] == ["cublas-fp16", "w4a8-is", "w4a8-is-bm64", "w4a8-fs"]
+    assert rows[2]["same_bits_as_bm128"] is True and rows[2]["vs_bm128"] == 1.0 and "vs_cublas" in rows[2]
+    assert {"w4a8r_prefill_is", "w4a8r_prefill_is_bm64", "w4a8r_prefill_fs"} <= launched

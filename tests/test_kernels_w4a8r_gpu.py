@@ -20,7 +20,7 @@ if not cuda.available():
     pytest.skip("no CUDA device usable by cupy (sm_80+)", allow_module_level=True)
 
 from test_kernels_w4a8_emulate import (  # noqa: E402
-    DECODE_CASES, PREFILL_CASES, _subnormal_case, activations, make_layer)
+    DECODE_CASES, PREFILL_BM64_CASES, PREFILL_CASES, _subnormal_case, activations, make_layer)
 
 DEV = torch.device("cuda")
 SMS = launch.sm_count(0)
@@ -30,15 +30,15 @@ def _to(t, dev):
     return {k: v.to(dev) for k, v in t.items()}
 
 
-def run(m, n, k, g, layout, dtype=torch.float16, x=None, tensors=None):
+def run(m, n, k, g, layout, dtype=torch.float16, x=None, tensors=None, prefill_bm=cuda.P_BM):
     seed = m * 1_000_003 + n * 1009 + k * 7 + g
     tensors = tensors if tensors is not None else make_layer(n, k, g, layout, seed)
     x = x if x is not None else activations(m, k, dtype, seed)
     prep = cuda.prepare(layout, _to(tensors, DEV), g, DEV)
-    out = cuda.linear(x.to(DEV), prep, return_acc=layout == "w4a8-is")
+    out = cuda.linear(x.to(DEV), prep, return_acc=layout == "w4a8-is", prefill_bm=prefill_bm)
     torch.cuda.synchronize()
     y, acc = out if layout == "w4a8-is" else (out, None)
-    pl = cuda.plan(m, prep, SMS)
+    pl = cuda.plan(m, prep, SMS, prefill_bm)
     want = ref.linear_reference(x, layout, tensors, g, bounds=pl.split_bounds(), return_acc=layout == "w4a8-is")
     if layout == "w4a8-is":
         want, acc_ref = want
@@ -52,6 +52,17 @@ def run(m, n, k, g, layout, dtype=torch.float16, x=None, tensors=None):
 @pytest.mark.parametrize("m,n,k,g,layout,sms", DECODE_CASES + PREFILL_CASES)
 def test_cases_bit_exact(m, n, k, g, layout, sms, dtype):
     run(m, n, k, g, layout, dtype)
+
+
+@pytest.mark.parametrize("m,n,k,g,layout,sms", PREFILL_BM64_CASES)
+def test_bm64_prefill_cases_bit_exact(m, n, k, g, layout, sms):
+    """The 64-token prefill tiles (two CTAs per SM), the emulator's cases, and q/o at M = 65 / 256 / 300."""
+    assert run(m, n, k, g, layout, prefill_bm=64).kernel.endswith("_bm64")
+
+
+@pytest.mark.parametrize("m", [65, 256, 300])
+def test_bm64_prefill_llama_q_proj_shape(m):
+    run(m, 4096, 4096, 128, "w4a8-is", prefill_bm=64)
 
 
 @pytest.mark.parametrize("layout", ["w4a8-is", "w4a8-fs"])

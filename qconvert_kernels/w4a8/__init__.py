@@ -25,17 +25,20 @@ NATIVE = KernelSource(
 
 _DECODE = tuple(f"w4a8r_decode_{v}_m{m}" for v in ("is", "fs", "quik") for m in (8, 16, 32, 64))  # quik: QUIK W4A4, sm_90
 _PREFILL = ("w4a8r_prefill_is", "w4a8r_prefill_fs", "w4a8r_prefill_quik")  # quik: QUIK W4A4 on sm_90
+_PREFILL_BM64 = ("w4a8r_prefill_is_bm64", "w4a8r_prefill_fs_bm64")  # 64-token tiles, two CTAs per SM
 _ARCHS = ("sm_80", "sm_89", "sm_90")
 REPACKED = KernelSource(
     family="w4a8",
     path=_HERE / "w4a8_repacked.cu",
-    kernels=_DECODE + _PREFILL + ("w4a8r_quantize_f16", "w4a8r_quantize_bf16"),
-    gemms=_DECODE + _PREFILL,
+    kernels=_DECODE + _PREFILL + _PREFILL_BM64 + ("w4a8r_quantize_f16", "w4a8r_quantize_bf16"),
+    gemms=_DECODE + _PREFILL + _PREFILL_BM64,
     # decode: one m16 (weights) x MT8 n8 (tokens) tile per warp per k step, the first k step of a
     # group with a zero accumulator (a second copy of the step): 2 x MT8 IMMA; prefill: 2 x 8 tiles
-    # per k step, twice in the one-step loop (any group size) and 4 times in the g = 128 stage loop
+    # per k step (2 x 4 with 64-token tiles), twice in the one-step loop (any group size) and 4 times in
+    # the g = 128 stage loop
     mma_count={**{k: {a: {"IMMA.16832.S8.S8": 2 * int(k.rsplit("_m", 1)[1]) // 8} for a in _ARCHS} for k in _DECODE},
-               **{k: {a: {"IMMA.16832.S8.S8": 16 * 2 + 16 * 4} for a in _ARCHS} for k in _PREFILL}},
+               **{k: {a: {"IMMA.16832.S8.S8": 16 * 2 + 16 * 4} for a in _ARCHS} for k in _PREFILL},
+               **{k: {a: {"IMMA.16832.S8.S8": 8 * 2 + 8 * 4} for a in _ARCHS} for k in _PREFILL_BM64}},
 )
 
 SOURCES = (NATIVE, REPACKED)

@@ -171,6 +171,14 @@ D_AUX_BYTES = 3 * 64 * 4 + 16
 WS_TILES = 128
 P_BM = 128
 P_SMEM = 4 * (8192 + 16384)
+# the prefill kernels' token tiles: 128 (one CTA per SM, what linear runs) and 64 (the *_bm64 entries:
+# two CTAs per SM on <= 128 registers; timed beside it by ``qconvert bench --kernels``, not yet measured)
+PREFILL_BMS = (128, 64)
+
+
+def p_smem(bm: int) -> int:
+    """Dynamic shared memory of the prefill kernel with BM-token tiles (w4r::p_smem)."""
+    return 4 * (8192 + bm * 128)
 R_MIN_GROUP, R_MAX_GROUP = 32, 1024  # FS exactness of float(16 P): 16 * 127 * 8 * g < 2^24
 LAYOUTS = ("w4a8-is", "w4a8-fs", "fp4-fp8")  # fp4-fp8: ZeroQuant-FP, sm_89+ (M > 64: widen_zq + zq_prefill)
 
@@ -456,12 +464,13 @@ def amax_plan(m: int, k: int, publishers: int, own: bool = True) -> tuple[int, i
     return -(-k // (1 << ak)), ak
 
 
-def plan(m: int, prep: PreparedW4A8, sm_count: int) -> Plan:
+def plan(m: int, prep: PreparedW4A8, sm_count: int, prefill_bm: int = P_BM) -> Plan:
     """Kernel, grid and split-K choice for M tokens on a device with ``sm_count`` SMs.
 
     Decode (M <= 64): S splits as ``roofline.decode_splits`` says, the per-token amax as
-    ``amax_plan`` says.  Prefill: split only when the 128 x 128 tiles do not fill the SMs (<= 4
-    ways, S x tiles <= SMs: one CTA per SM, one wave)."""
+    ``amax_plan`` says.  Prefill: 128-channel x ``prefill_bm``-token tiles (128: one CTA per SM;
+    64: two), split only when the tiles do not fill the SMs' CTA slots (<= 4 ways, S x tiles <=
+    slots: one wave)."""
     g = prep.n_groups
     tiles = prep.tiles
     sms = max(int(sm_count), 1)
@@ -476,14 +485,17 @@ def plan(m: int, prep: PreparedW4A8, sm_count: int) -> Plan:
         a, ak = amax_plan(m, prep.k, min(s * tiles, sms))
         return Plan("decode", f"w4a8r_decode_{is_}_m{8 * mt8}", (s, tiles), decode_smem(mt8), s, gq, gr, mt8=mt8,
                     amax_ctas=a, ak_log2=ak, part_int4=s * tiles * 8 * mt8 * 32 if s > 1 else 0)
-    mtiles = -(-m // P_BM)
+    _require(prefill_bm in PREFILL_BMS, f"w4a8.plan: prefill_bm must be one of {PREFILL_BMS}, got {prefill_bm}")
+    mtiles = -(-m // prefill_bm)
     n_tiles = mtiles * tiles
-    s = 1 if n_tiles >= sms else max(1, min(4, g, sms // n_tiles))   # one wave: S x tiles <= SMs
+    slots = sms * (2 if prefill_bm == 64 else 1)
+    s = 1 if n_tiles >= slots else max(1, min(4, g, slots // n_tiles))   # one wave: S x tiles <= slots
     gq, gr = divmod(g, s)
     band = min(3, _next_pow2_log2(tiles))
     grid = (mtiles << band, -(-tiles // (1 << band)), s)
-    return Plan("prefill", f"w4a8r_prefill_{is_}", grid, P_SMEM, s, gq, gr, mtiles=mtiles, ntiles=tiles, band_log2=band,
-                part_int4=s * n_tiles * 8 * 16 * 32 if s > 1 else 0, counters=n_tiles if s > 1 else 0)
+    name = f"w4a8r_prefill_{is_}" + ("" if prefill_bm == P_BM else f"_bm{prefill_bm}")
+    return Plan("prefill", name, grid, p_smem(prefill_bm), s, gq, gr, mtiles=mtiles, ntiles=tiles, band_log2=band,
+                part_int4=s * n_tiles * 8 * (prefill_bm // 8) * 32 if s > 1 else 0, counters=n_tiles if s > 1 else 0)
 
 
 def device_sm_count(dev: torch.device) -> int:
@@ -493,11 +505,12 @@ def device_sm_count(dev: torch.device) -> int:
     return _l.emulated_sm_count()
 
 
-def linear(x: torch.Tensor, prepared: PreparedW4A8, return_acc: bool = False):
+def linear(x: torch.Tensor, prepared: PreparedW4A8, return_acc: bool = False, prefill_bm: int = P_BM):
     """y = the W4A8 linear of ``prepared`` applied to x (fp16 / bf16 [M, K]) -> [M, N] in x's dtype.
 
     No host synchronization and no device value read on the host; launched on torch's current
-    stream.  ``return_acc`` (w4a8-is, tests): also the int32 accumulator A [M, N]."""
+    stream.  ``return_acc`` (w4a8-is, tests): also the int32 accumulator A [M, N].  ``prefill_bm``
+    (M > 64): the prefill kernel's token tile, 128 or 64 (the same bits for w4a8-is; see ``plan``)."""
     fn = "w4a8.linear"
     p = prepared
     _require(x.dim() == 2, f"{fn}: x must be [M, K], got {tuple(x.shape)}")
@@ -510,7 +523,7 @@ def linear(x: torch.Tensor, prepared: PreparedW4A8, return_acc: bool = False):
     acc = torch.empty((m, p.n), dtype=torch.int32, device=dev) if (return_acc and p.is_int) else None
     if m == 0:
         return (y, acc) if return_acc else y
-    pl = plan(m, p, device_sm_count(dev))
+    pl = plan(m, p, device_sm_count(dev), prefill_bm)
     part = torch.empty(4 * pl.part_int4, dtype=torch.int32, device=dev) if pl.part_int4 else None
     bf16 = x.dtype == torch.bfloat16
     spg = p.group_size // MMA_K

@@ -60,6 +60,12 @@ P_BM, P_STAGES, P_BK = 128, 4, 128
 P_W_STAGE = 8 * 2 * BLOCK_BYTES
 P_X_STAGE = P_BM * P_BK
 P_SMEM = P_STAGES * (P_W_STAGE + P_X_STAGE)
+PREFILL_BMS = (128, 64)   # the prefill kernels' token tiles (w4a8r_prefill_*: 128, w4a8r_prefill_*_bm64: 64)
+
+
+def p_smem(bm: int) -> int:
+    """Dynamic shared memory of the prefill kernel with BM-token tiles.          [w4r::p_smem]"""
+    return P_STAGES * (P_W_STAGE + bm * P_BK)
 QUANT_THREADS = 256
 TAG_X = 1 << 40  # shared-memory write tags: weight stage / block i -> i, activation stage / chunk i -> TAG_X + i
 
@@ -140,24 +146,25 @@ def p_x_off(row, c, swizzle=True):
     return row * P_BK + (((np.asarray(c, np.int64) ^ ((row & 3) << 1)) if swizzle else np.asarray(c, np.int64)) << 4)
 
 
-def p_copy_plan(tid, t16_0, m0, M, KB, Kq):
+def p_copy_plan(tid, t16_0, m0, M, KB, Kq, bm: int = P_BM):
     """Prefill: a thread's stage-0 copy sources and destinations, worked out once (a stage adds 64
     weight chunks and 128 activation bytes; copy r of the weights is 4 n16 tiles on, of the
     activations 32 rows on, rows past M read as row M - 1).  Returns (weight chunk, its r step, block
-    bit, the 4 x byte offsets, x destination, x row, x chunk).             [w4r::prefill p_copy_plan]"""
+    bit, the bm / 32 x byte offsets, x destination, x row, x chunk).       [w4r::prefill p_copy_plan]"""
     tid = np.asarray(tid, np.int64)
     lane, w_bit = tid & 31, (tid >> 5) & 1
     x_row, x_c = tid >> 3, tid & 7
-    x_src = [np.minimum(m0 + x_row + 32 * r, M - 1) * Kq + x_c * 16 for r in range(4)]   # rows past M: row M - 1
+    x_src = [np.minimum(m0 + x_row + 32 * r, M - 1) * Kq + x_c * 16 for r in range(bm // 32)]   # rows past M: row M - 1
     return (w_chunk(t16_0 + (tid >> 6), w_bit, lane, KB), 4 * KB * 32, w_bit, x_src, p_x_off(x_row, x_c), x_row, x_c)
 
 
-def p_frag_offsets(wn, wm, lane, swizzle=True):
+def p_frag_offsets(wn, wm, lane, swizzle=True, bm: int = P_BM):
     """Prefill: a lane's fragment offsets in a stage: weights (tile a, block b2) at w_off + 512 (2 a +
-    b2); activations of k step ks, n8 tile j at x_off[ks] + 1024 j.       [w4r::prefill p_frag_offsets]"""
+    b2); activations of k step ks, n8 tile j at x_off[ks] + 1024 j (warp row wm * bm / 2 + gid).
+                                                                           [w4r::prefill p_frag_offsets]"""
     gid, tig = lane >> 2, lane & 3
     w_off = ((4 * np.asarray(wn, np.int64)) * 32 + lane) * 16
-    x_off = [p_x_off(wm * 64 + gid, 2 * ks + (tig >> 1), swizzle) + ((tig & 1) << 3) for ks in range(4)]
+    x_off = [p_x_off(wm * (bm // 2) + gid, 2 * ks + (tig >> 1), swizzle) + ((tig & 1) << 3) for ks in range(4)]
     return w_off, x_off
 
 
@@ -1047,23 +1054,24 @@ def p_tile(bx: int, by: int, band_log2: int) -> tuple[int, int]:
     return bx >> band_log2, (by << band_log2) + (bx & ((1 << band_log2) - 1))
 
 
-def prefill_cta(ctx: Ctx, is_int: bool, grid, bx: int, by: int, s: int, quik: bool = False):
-    """Coroutine of one prefill CTA (w4r::prefill; ``quik``: w4r::prefill<true, true>, QUIK's
-    epilogue), threads vectorized."""
+def prefill_cta(ctx: Ctx, is_int: bool, grid, bx: int, by: int, s: int, quik: bool = False, bm: int = P_BM):
+    """Coroutine of one prefill CTA (w4r::prefill<kind, quik, bm>; ``quik``: QUIK's epilogue; ``bm``:
+    tokens per CTA, 128 or 64), threads vectorized."""
     a = ctx.args
     mut, fops, mem = ctx.mutations, ctx.fops, ctx.mem
     mti, nti = p_tile(bx, by, a["band_log2"])
     if mti >= a["mtiles"] or nti >= a["ntiles"]:
         return
         yield  # noqa: B901 - a coroutine that ends at once
-    sm = Shared(P_SMEM)
+    nj, x_stage = bm // 16, bm * P_BK     # n8 token tiles per warp, activation bytes per stage
+    sm = Shared(p_smem(bm))
     tid = np.arange(THREADS)
     warp, lane = tid >> 5, tid & 31
     gid, tig = lane >> 2, lane & 3
     wn, wm = warp & 3, warp >> 2
     M, N, N128, KB, spg = a["M"], a["N"], a["N128"], a["KB"], a["spg"]
     bf16, sc16 = bool(a["flags"] & 1), bool(a["flags"] & 4)
-    m0, t16_0, Kq = mti * P_BM, nti * 8, KB * 64
+    m0, t16_0, Kq = mti * bm, nti * 8, KB * 64
     g0, g1 = split_groups(s, a["gq"], a["gr"])
     kk0, kk1 = g0 * spg, g1 * spg
     st0 = kk0 >> 2
@@ -1071,7 +1079,7 @@ def prefill_cta(ctx: Ctx, is_int: bool, grid, bx: int, by: int, s: int, quik: bo
     swz = "swizzle_off" not in mut
 
     # the thread's copy plan, worked out once: a stage adds 64 weight chunks and 128 activation bytes
-    w_src, w_src_r, w_bit, x_src, x_dst, x_row, x_c = p_copy_plan(tid, t16_0, m0, M, KB, Kq)   # [w4r::prefill]
+    w_src, w_src_r, w_bit, x_src, x_dst, x_row, x_c = p_copy_plan(tid, t16_0, m0, M, KB, Kq, bm)   # [w4r::prefill]
 
     def load_stage(i):                                             # [w4r::prefill load_stage]
         buf, kst = i % P_STAGES, st0 + i
@@ -1086,23 +1094,23 @@ def prefill_cta(ctx: Ctx, is_int: bool, grid, bx: int, by: int, s: int, quik: bo
             sm.cp_async(tid, buf * P_W_STAGE + (tid + r * THREADS) * 16, src, i, "prefill weight cp.async")
         okk = kst * P_BK + x_c * 16 < Kq
         xk = np.where(okk, kst * P_BK, 0 if old_fallback else -16 * x_c)
-        for r in range(4):
+        for r in range(bm // 32):
             ok = okk & (m0 + x_row + 32 * r < M)
             src = np.zeros((THREADS, 16), np.uint8)
             got = mem.load(a["xq"], x_src[r] + xk, 16, "prefill x cp.async")
             src[ok] = got[ok]
-            sm.cp_async(tid, P_W_STAGE * P_STAGES + buf * P_X_STAGE + x_dst + r * 32 * P_BK, src, TAG_X + i, "prefill x cp.async")
+            sm.cp_async(tid, P_W_STAGE * P_STAGES + buf * x_stage + x_dst + r * 32 * P_BK, src, TAG_X + i, "prefill x cp.async")
 
     for i in range(P_STAGES - 1):
         if i < nst:
             load_stage(i)
         sm.commit()
 
-    acc = np.zeros((THREADS, 16, 4), np.int32 if is_int else np.float32)  # f = a * 8 + j
-    P = np.zeros((THREADS, 16, 4), np.int32)
+    acc = np.zeros((THREADS, 2 * nj, 4), np.int32 if is_int else np.float32)  # f = a * nj + j
+    P = np.zeros((THREADS, 2 * nj, 4), np.int32)
     n_row0 = (t16_0 + 2 * wn) * 16 + gid
     wr = [np.zeros((THREADS, 4), np.uint32), np.zeros((THREADS, 4), np.uint32)]
-    w_off, x_off = p_frag_offsets(wn, wm, lane, swz)
+    w_off, x_off = p_frag_offsets(wn, wm, lane, swz, bm)
 
     def begin_stage(i):                                            # [w4r::prefill begin_stage]
         if "no_wait" not in mut:
@@ -1120,16 +1128,16 @@ def prefill_cta(ctx: Ctx, is_int: bool, grid, bx: int, by: int, s: int, quik: bo
                              "prefill weight LDS.128").view(np.uint32).reshape(THREADS, 4)
 
     def mma_step(buf, i, ks, odd, c_init):
-        """One k step's 2 x 8 mma of stage i (in buffer buf), the weights' low or high half; P from
+        """One k step's 2 x nj mma of stage i (in buffer buf), the weights' low or high half; P from
         the constant c_init on a group's first step, else accumulated."""
         nonlocal P
         af = [a_frag(ctx, w[:, 2], w[:, 3]) if odd else a_frag(ctx, w[:, 0], w[:, 1]) for w in wr]
         newP = np.empty_like(P)
-        for j in range(8):
-            off = P_W_STAGE * P_STAGES + buf * P_X_STAGE + x_off[ks] + j * 8 * P_BK
+        for j in range(nj):
+            off = P_W_STAGE * P_STAGES + buf * x_stage + x_off[ks] + j * 8 * P_BK
             bb = sm.read(tid, off, 8, TAG_X + i, "prefill x LDS.64").view(np.uint32).reshape(THREADS, 2)
             for ai in range(2):
-                f = ai * 8 + j
+                f = ai * nj + j
                 c_in = P[:, f] if c_init is None else np.full((THREADS, 4), c_init, np.int32)
                 d = mma_m16n8k32(af[ai].reshape(WARPS, 32, 4), bb.reshape(WARPS, 32, 2), c_in.reshape(WARPS, 32, 4),
                                  a_unsigned="no_sign" in mut)
@@ -1139,7 +1147,7 @@ def prefill_cta(ctx: Ctx, is_int: bool, grid, bx: int, by: int, s: int, quik: bo
     def end_group(fold_fn):
         for ai in range(2):
             for i2 in range(4):
-                sl = slice(ai * 8, (ai + 1) * 8)
+                sl = slice(ai * nj, (ai + 1) * nj)
                 acc[:, sl, i2] = fold_fn(ctx, is_int, acc[:, sl, i2], P[:, sl, i2], sc[ai][:, None, i2 >> 1])
 
     def kstep(kk, first):
@@ -1198,8 +1206,8 @@ def prefill_cta(ctx: Ctx, is_int: bool, grid, bx: int, by: int, s: int, quik: bo
             cs[:, 0] = fops.mul(mem.load(a["cscale"], (n0 + gid) * 4, 4, "cscale").view(np.float32)[:, 0], inv_alpha)
             cs[:, 1] = fops.mul(mem.load(a["cscale"], (n0 + gid + 8) * 4, 4, "cscale").view(np.float32)[:, 0], inv_alpha)
         zcn = quik_zc(ctx, n0, gid) if quik else None
-        for j in range(8):
-            m_base = m0 + wm * 64 + j * 8
+        for j in range(nj):
+            m_base = m0 + wm * (bm // 2) + j * 8
             o = np.zeros((THREADS, 4), np.uint16)
             for i in range(4):
                 m = m_base + 2 * tig + (i & 1)
@@ -1207,7 +1215,7 @@ def prefill_cta(ctx: Ctx, is_int: bool, grid, bx: int, by: int, s: int, quik: bo
                 sel = m < M
                 if sel.any():
                     tm[sel] = mem.load(a["t"], m[sel] * 4, 4, "t").view(np.float32)[:, 0]
-                v = out_value(ctx, is_int, accv[:, ai * 8 + j, i], tm, cs[:, i >> 1])
+                v = out_value(ctx, is_int, accv[:, ai * nj + j, i], tm, cs[:, i >> 1])
                 if quik:
                     v = quik_tail(ctx, v, m, n0 + gid + 8 * (i >> 1), M, N, zcn[:, i >> 1], bf16)
                 o[:, i] = f32_to_bits16(v, bf16)
@@ -1217,7 +1225,7 @@ def prefill_cta(ctx: Ctx, is_int: bool, grid, bx: int, by: int, s: int, quik: bo
                     m = m_base + 2 * tig + (i & 1)
                     n = n0 + gid + 8 * (i >> 1)
                     sel = (m < M) & (n < N)
-                    mem.store(a["acc_out"], (m[sel] * N + n[sel]) * 4, accv[sel, ai * 8 + j, i].astype(np.int32).view(np.uint8).reshape(-1, 4), "acc_out")
+                    mem.store(a["acc_out"], (m[sel] * N + n[sel]) * 4, accv[sel, ai * nj + j, i].astype(np.int32).view(np.uint8).reshape(-1, 4), "acc_out")
 
 
 # ----------------------------------------------------------------------------- quantizer
@@ -1482,9 +1490,12 @@ class Emulator:
             if ws.any():
                 raise EmulationError(f"{name}: workspace not back to zero after the launch ({np.flatnonzero(ws)[:8]})")
         else:
-            if shared_mem != P_SMEM:
-                raise EmulationError(f"{name}: {shared_mem} bytes of dynamic shared memory, the kernel uses {P_SMEM}")
-            programs = [prefill_cta(ctx, is_int, grid, bx, by, bz, quik)
+            bm = int(name.rsplit("_bm", 1)[1]) if "_bm" in name else P_BM
+            if bm not in PREFILL_BMS or (quik and bm != P_BM):
+                raise EmulationError(f"no emulation of kernel {name}")
+            if shared_mem != p_smem(bm):
+                raise EmulationError(f"{name}: {shared_mem} bytes of dynamic shared memory, the kernel uses {p_smem(bm)}")
+            programs = [prefill_cta(ctx, is_int, grid, bx, by, bz, quik, bm)
                         for bz in range(grid[2]) for by in range(grid[1]) for bx in range(grid[0])]
             run_grid(programs, resident, rng)
         for k, v in ctx.conflicts.items():

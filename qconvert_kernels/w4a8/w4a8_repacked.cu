@@ -98,14 +98,19 @@ constexpr int WS_ARRIVE = 64;            // amax CTAs that have published
 constexpr int WS_DONE = 65;              // CTAs that have read the amax
 constexpr int WS_TILES = 128;            // [tiles] split-K tickets
 
-// Prefill.  CTA tile 128 channels x 128 tokens; warp (wn = w & 3, wm = w >> 2) owns channels
-// 32 wn .. +31 (2 n16 tiles) x tokens 64 wm .. +63 (8 n8 tiles): 16 mma per k step.
+// Prefill.  CTA tile 128 channels x BM tokens; warp (wn = w & 3, wm = w >> 2) owns channels
+// 32 wn .. +31 (2 n16 tiles) x tokens BM/2 wm .. +BM/2-1 (BM/16 n8 tiles): BM/8 mma per k step.
+// BM = 128 (P_BM, what the launchers run): 16 mma per k step, one CTA per SM (about 218 registers).
+// BM = 64 (the *_bm64 entries, timed beside it by qconvert bench): half the accumulators, <= 128
+// registers and 64 KB of shared memory, so two CTAs (16 warps) share an H100 / H200 SM.
 constexpr int P_BM = 128;
 constexpr int P_STAGES = 4;
 constexpr int P_BK = 128;                         // k per stage = 2 k64 blocks = 4 k steps
 constexpr int P_W_STAGE = 8 * 2 * BLOCK_BYTES;    // 8192 B: 8 n16 tiles x 2 blocks
 constexpr int P_X_STAGE = P_BM * P_BK;            // 16384 B: 128 tokens x 128 k
 constexpr int P_SMEM = P_STAGES * (P_W_STAGE + P_X_STAGE);  // 98304 B
+__host__ __device__ constexpr int p_smem(int bm) { return P_STAGES * (P_W_STAGE + bm * P_BK); }  // [emulate.p_smem]
+static_assert(p_smem(P_BM) == P_SMEM, "p_smem");
 
 __host__ __device__ constexpr int decode_rows(int mt8) { return 8 * mt8; }
 __host__ __device__ constexpr int decode_xk(int mt8) { return D_XQ_BYTES / decode_rows(mt8); }  // k per chunk
@@ -733,7 +738,7 @@ __device__ __forceinline__ void decode(const unsigned short* __restrict__ x, con
 
 // ------------------------------------------------------------------ prefill
 
-template <int kKind, bool kQuik = false>
+template <int kKind, bool kQuik = false, int kBM = P_BM>
 __device__ __forceinline__ void prefill(const signed char* __restrict__ xq, const float* __restrict__ t,
                                         const uint4* __restrict__ wq, const void* __restrict__ scales,
                                         const float* __restrict__ cscale, int alpha_log2, unsigned short* __restrict__ y,
@@ -743,12 +748,17 @@ __device__ __forceinline__ void prefill(const signed char* __restrict__ xq, cons
                                         const float* __restrict__ zq = nullptr, const float* __restrict__ zc = nullptr,
                                         const unsigned short* __restrict__ y_add = nullptr) {
     constexpr bool kIS = kKind == KIND_IS, kZq = kKind == KIND_ZQ;
+    static_assert(kBM == 64 || kBM == 128, "prefill: BM 64 or 128");
+    constexpr int NJ = kBM / 16;                               // n8 token tiles per warp
+    constexpr int WROWS = kBM / 2;                             // token rows per warp
+    constexpr int XR = kBM / 32;                               // activation copies per thread per stage
+    constexpr int X_STAGE = kBM * P_BK;                        // activation bytes per stage
     using Acc = typename Scale<kKind>::T;
     using TC = Tc<kZq>;
     extern __shared__ uint4 smem_u4[];
     unsigned char* smem = reinterpret_cast<unsigned char*>(smem_u4);
     unsigned char* sW = smem;                                  // [P_STAGES][8 tiles][2 blocks][32][16 B]
-    unsigned char* sX = smem + P_STAGES * P_W_STAGE;           // [P_STAGES][128 rows][128 B] swizzled
+    unsigned char* sX = smem + P_STAGES * P_W_STAGE;           // [P_STAGES][BM rows][128 B] swizzled
     __shared__ int s_flag;
 
     // Banded raster (CUTLASS-style): consecutive CTAs take 2^band consecutive n tiles of one m
@@ -761,12 +771,12 @@ __device__ __forceinline__ void prefill(const signed char* __restrict__ xq, cons
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gid = lane >> 2, tig = lane & 3;
     const int wn = warp & 3, wm = warp >> 2;
     const bool bf16 = (flags & 1) != 0, sc16 = (flags & 4) != 0;
-    const int m0 = mti * P_BM, t16_0 = nti * 8, Kq = KB * 64;
+    const int m0 = mti * kBM, t16_0 = nti * 8, Kq = KB * 64;
     const int g0 = split_g0(s, gq, gr), g1 = split_g1(s, gq, gr);
     const int kk0 = g0 * spg, kk1 = g1 * spg;
     const int st0 = kk0 >> 2, nst = ((kk1 + 3) >> 2) - st0;   // k128 stages touched
 
-    // Stage i of the slice -> buffer i % P_STAGES: weights 2 x 16 B, activations 4 x 16 B per
+    // Stage i of the slice -> buffer i % P_STAGES: weights 2 x 16 B, activations BM / 32 x 16 B per
     // thread, zero-filled past Kq (weights) or M / Kq (activations).  A thread copies the same
     // chunks of every stage, k128 further on each time, so its sources and destinations are worked
     // out once here and a stage adds 64 weight chunks (2 k64 blocks) and 128 activation bytes.
@@ -779,12 +789,12 @@ __device__ __forceinline__ void prefill(const signed char* __restrict__ xq, cons
     const int w_bit = (tid >> 5) & 1;
     const int x_row = tid >> 3, x_c = tid & 7;
     const uint4* w_src[2];
-    const signed char* x_src[4];
-    bool x_in[4];
+    const signed char* x_src[XR];
+    bool x_in[XR];
 #pragma unroll
     for (int r = 0; r < 2; ++r) w_src[r] = wq + w_chunk(t16_0 + (tid >> 6) + 4 * r, w_bit, lane, KB);
 #pragma unroll
-    for (int r = 0; r < 4; ++r) {
+    for (int r = 0; r < XR; ++r) {
         x_in[r] = m0 + x_row + 32 * r < M;
         x_src[r] = xq + static_cast<long long>(min(m0 + x_row + 32 * r, M - 1)) * Kq + x_c * 16;
     }
@@ -798,9 +808,9 @@ __device__ __forceinline__ void prefill(const signed char* __restrict__ xq, cons
         for (int r = 0; r < 2; ++r) qk::cp_async16(dw + r * THREADS * 16, w_src[r] + wk, okw ? 16 : 0);
         const bool okk = kst * P_BK + x_c * 16 < Kq;
         const int xk = okk ? kst * P_BK : -16 * x_c;            // else: the row's first chunk
-        unsigned char* dx = sX + buf * P_X_STAGE + x_dst;
+        unsigned char* dx = sX + buf * X_STAGE + x_dst;
 #pragma unroll
-        for (int r = 0; r < 4; ++r) qk::cp_async16(dx + r * 32 * P_BK, x_src[r] + xk, okk && x_in[r] ? 16 : 0);
+        for (int r = 0; r < XR; ++r) qk::cp_async16(dx + r * 32 * P_BK, x_src[r] + xk, okk && x_in[r] ? 16 : 0);
     };
 
 #pragma unroll
@@ -818,12 +828,12 @@ __device__ __forceinline__ void prefill(const signed char* __restrict__ xq, cons
         qk::cp_async_commit();
     };
 
-    Acc acc[2][8][4];
-    typename TC::P P[2][8][4];
+    Acc acc[2][NJ][4];
+    typename TC::P P[2][NJ][4];
 #pragma unroll
     for (int a = 0; a < 2; ++a)
 #pragma unroll
-        for (int j = 0; j < 8; ++j)
+        for (int j = 0; j < NJ; ++j)
 #pragma unroll
             for (int i = 0; i < 4; ++i) acc[a][j][i] = Acc(0);
     // Group scales: this lane's channels are n_row + 0, 8, 16, 24 (tiles a = 0, 1; rows gid, gid + 8),
@@ -836,14 +846,14 @@ __device__ __forceinline__ void prefill(const signed char* __restrict__ xq, cons
     Scale<kKind>::load4(sc_ptr, sc16, sc);
     // This lane's fragment addresses within a stage: weights (tile a, block b2) at w_off + 512 (2a +
     // b2); activations of k step ks, n8 tile j at x_off[ks] + 1024 j (rows 8 j on keep row & 3, so
-    // the swizzle of row wm * 64 + gid holds for all eight).                        [emulate.p_frag_offsets]
+    // the swizzle of row wm * BM / 2 + gid holds for all NJ).                       [emulate.p_frag_offsets]
     const int w_off = ((4 * wn) * 32 + lane) * 16;
     int x_off[4];
 #pragma unroll
-    for (int ks = 0; ks < 4; ++ks) x_off[ks] = p_x_off(wm * 64 + gid, 2 * ks + (tig >> 1)) + ((tig & 1) << 3);
+    for (int ks = 0; ks < 4; ++ks) x_off[ks] = p_x_off(wm * WROWS + gid, 2 * ks + (tig >> 1)) + ((tig & 1) << 3);
 
     // The two main loops' common steps.  read_w: both tiles' weight chunks of k64 block b2 of the
-    // stage in buffer buf.  mma_step: one k step's 2 x 8 mma on activations at xs (+ 1024 j per n8
+    // stage in buffer buf.  mma_step: one k step's 2 x NJ mma on activations at xs (+ 1024 j per n8
     // tile), the weights' low (k step even) or high half, from the constant `init` on a group's
     // first step.  end_group: the fold of the group's sums and the next group's scales.
     uint4 wr[2] = {make_uint4(0u, 0u, 0u, 0u), make_uint4(0u, 0u, 0u, 0u)};
@@ -859,7 +869,7 @@ __device__ __forceinline__ void prefill(const signed char* __restrict__ xq, cons
             else TC::frag(wr[a].x, wr[a].y, af[a]);
         }
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
+        for (int j = 0; j < NJ; ++j) {
             const uint2 bb = *reinterpret_cast<const uint2*>(xs + j * 8 * P_BK);
             const unsigned b[2] = {bb.x, bb.y};
 #pragma unroll
@@ -873,7 +883,7 @@ __device__ __forceinline__ void prefill(const signed char* __restrict__ xq, cons
 #pragma unroll
         for (int a = 0; a < 2; ++a)
 #pragma unroll
-            for (int j = 0; j < 8; ++j)
+            for (int j = 0; j < NJ; ++j)
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
                     if (g128) fold_g128(acc[a][j][i], P[a][j][i], sc[a][i >> 1]);
@@ -905,7 +915,7 @@ __device__ __forceinline__ void prefill(const signed char* __restrict__ xq, cons
 #pragma unroll
             for (int ks = 0; ks < 4; ++ks) {
                 if ((ks & 1) == 0) read_w(buf, ks >> 1);
-                mma_step(sX + buf * P_X_STAGE + x_off[ks], ks & 1, ks == 0, G128<kKind>::P_INIT);
+                mma_step(sX + buf * X_STAGE + x_off[ks], ks & 1, ks == 0, G128<kKind>::P_INIT);
             }
             end_group(true);
         }
@@ -916,7 +926,7 @@ __device__ __forceinline__ void prefill(const signed char* __restrict__ xq, cons
             const int i = (kk >> 2) - st0, buf = i & (P_STAGES - 1), ks = kk & 3;
             if (kk == kk0 || ks == 0) begin_stage(i);
             if (kk == kk0 || (kk & 1) == 0) read_w(buf, (kk >> 1) & 1);
-            mma_step(sX + buf * P_X_STAGE + p_x_off(wm * 64 + gid, 2 * ks + (tig >> 1)) + ((tig & 1) << 3), kk & 1, first, 0);
+            mma_step(sX + buf * X_STAGE + p_x_off(wm * WROWS + gid, 2 * ks + (tig >> 1)) + ((tig & 1) << 3), kk & 1, first, 0);
         };
         for (int g = g0; g < g1; ++g) {
             next_scales(g);
@@ -930,8 +940,8 @@ __device__ __forceinline__ void prefill(const signed char* __restrict__ xq, cons
 
     const int tile = mti * ntiles + nti;
     if (S > 1) {
-        Acc (&flat)[16][4] = *reinterpret_cast<Acc (*)[16][4]>(&acc);
-        if (!splitk_reduce<Acc, 16>(flat, part, counters + tile, &s_flag, s, S, mtiles * ntiles, tile, warp, lane)) return;
+        Acc (&flat)[2 * NJ][4] = *reinterpret_cast<Acc (*)[2 * NJ][4]>(&acc);
+        if (!splitk_reduce<Acc, 2 * NJ>(flat, part, counters + tile, &s_flag, s, S, mtiles * ntiles, tile, warp, lane)) return;
     }
 #pragma unroll
     for (int a = 0; a < 2; ++a) {
@@ -947,8 +957,8 @@ __device__ __forceinline__ void prefill(const signed char* __restrict__ xq, cons
             zcn[1] = __ldg(zc + n0 + gid + 8);
         }
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            const int m_base = m0 + wm * 64 + j * 8;
+        for (int j = 0; j < NJ; ++j) {
+            const int m_base = m0 + wm * WROWS + j * 8;
             unsigned short o[4];
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
@@ -1018,9 +1028,10 @@ __device__ __forceinline__ void prefill(const signed char* __restrict__ xq, cons
                                      KB, S, gq, gr, A, ak_log2, flags, xq, t, zq, zc, y_add);            \
     }
 
-// Prefill: grid (mtiles << band, ceil(ntiles / 2^band), S), block 256, dynamic smem w4r::P_SMEM.
-#define W4R_PREFILL(NAME, KIND)                                                                          \
-    extern "C" __global__ void __launch_bounds__(w4r::THREADS, 1) NAME(                                  \
+// Prefill: grid (mtiles << band, ceil(ntiles / 2^band), S), block 256, dynamic smem w4r::p_smem(BM),
+// BM tokens per CTA: 128, one CTA per SM, or 64 with two (__launch_bounds__(256, 128 / BM): <= 128 registers).
+#define W4R_PREFILL(NAME, KIND, BM)                                                                      \
+    extern "C" __global__ void __launch_bounds__(w4r::THREADS, 128 / BM) NAME(                           \
         const signed char* __restrict__ xq,   /* int8 [M, Kq] (w4a8r_quantize_*), Kq = 64 KB */          \
         const float* __restrict__ t,          /* float32 [M] per-token scale */                          \
         const uint4* __restrict__ wq,         /* repacked weights */                                     \
@@ -1029,12 +1040,12 @@ __device__ __forceinline__ void prefill(const signed char* __restrict__ xq, cons
         int alpha_log2,                                                                                  \
         unsigned short* __restrict__ y,       /* fp16 / bf16 bits [M, N] out */                          \
         int* __restrict__ acc_out,            /* int32 [M, N] (IS debug) or null */                      \
-        int4* __restrict__ part,              /* [S][tiles][8][16][32] int4 (S > 1) */                   \
+        int4* __restrict__ part,              /* [S][tiles][8][BM / 8][32] int4 (S > 1) */               \
         int* __restrict__ counters,           /* int32 [mtiles * ntiles], zero (S > 1) */                \
         int M, int N, int N128, int G, int spg, int KB, int S, int gq, int gr,                            \
         int mtiles, int ntiles, int band_log2,                                                            \
         int flags) {                          /* 1: bf16 out, 4: int16 iscale */                         \
-        w4r::prefill<KIND>(xq, t, wq, scales, cscale, alpha_log2, y, acc_out, part, counters, M, N, N128, G, spg, \
+        w4r::prefill<KIND, false, BM>(xq, t, wq, scales, cscale, alpha_log2, y, acc_out, part, counters, M, N, N128, G, spg, \
                          KB, S, gq, gr, mtiles, ntiles, band_log2, flags);                                \
     }
 
@@ -1082,8 +1093,10 @@ W4R_DECODE_QUIK(w4a8r_decode_quik_m8, 1)
 W4R_DECODE_QUIK(w4a8r_decode_quik_m16, 2)
 W4R_DECODE_QUIK(w4a8r_decode_quik_m32, 4)
 W4R_DECODE_QUIK(w4a8r_decode_quik_m64, 8)
-W4R_PREFILL(w4a8r_prefill_is, w4r::KIND_IS)
-W4R_PREFILL(w4a8r_prefill_fs, w4r::KIND_FS)
+W4R_PREFILL(w4a8r_prefill_is, w4r::KIND_IS, 128)
+W4R_PREFILL(w4a8r_prefill_fs, w4r::KIND_FS, 128)
+W4R_PREFILL(w4a8r_prefill_is_bm64, w4r::KIND_IS, 64)
+W4R_PREFILL(w4a8r_prefill_fs_bm64, w4r::KIND_FS, 64)
 W4R_PREFILL_QUIK(w4a8r_prefill_quik)
 W4R_QUANT(w4a8r_quantize_f16, false)
 W4R_QUANT(w4a8r_quantize_bf16, true)
