@@ -88,8 +88,14 @@ def run_tasks(target: str | Path, tasks: list[str], limit: int | float | None = 
 
     model, tok, kind = load_model_and_tokenizer(str(target))
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size)
-    res = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=tm,
-                                  log_samples=False)
+    try:
+        res = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=tm,
+                                      log_samples=False)
+    except ConnectionError as e:  # datasets' "Couldn't reach ... on the Hub", huggingface_hub's offline mode
+        raise QConvertError(
+            f"--tasks {','.join(tasks)}: a dataset could not be fetched ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+            "run once with network access so it lands in the datasets cache (HF_DATASETS_CACHE), or give a task "
+            "of your own that reads local files with --include-path DIR") from e
     if res is None:  # only on non-zero ranks of a distributed run, which this never is
         raise QConvertError("lm-eval returned no results")
     return TaskResults(str(target), kind, res["results"], dict(res.get("n-shot", {})), dict(res.get("n-samples", {})),

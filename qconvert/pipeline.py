@@ -193,7 +193,7 @@ def quantize(
     job = _prepare(source, sch, Path(os.path.abspath(out)), force, resume, max_shard_size, calib,
                    lambda spec: _rotated(resolve_source(spec, revision, trust_remote_code, allow_pickle), sch, rotate_seed,
                                          rotate is not None, skipped),
-                   device, announce, skipped, float_dtype)
+                   device, announce, skipped, float_dtype, tuple(exclude))
     partial, journal = open_partial(job.out, resume)
     if journal is not None and journal.settings != job.settings:
         raise QConvertError(
@@ -254,7 +254,7 @@ def _announce_resume(job: _Job, partial: Path, journal, resume: bool, announce) 
 
 
 def _prepare(source, sch: Scheme, out: Path, force: bool, resume: bool, max_shard_size, calib, resolve,
-             device=None, announce=None, skipped=(), float_dtype=None) -> _Job:
+             device=None, announce=None, skipped=(), float_dtype=None, user_exclude=()) -> _Job:
     """Validate the scheme and the output, read the source's config, plan the stages."""
     method = get_method(sch.method, sch.params)  # validates the parameters before any heavy work
     explicit_dtype = parse_float_dtype(float_dtype)
@@ -284,7 +284,7 @@ def _prepare(source, sch: Scheme, out: Path, force: bool, resume: bool, max_shar
                                         "cannot pair a mixture-of-experts model's float and quantized tokens")
             calib = replace(calib, asym=asym)
     skeleton = build_skeleton(config)
-    targets = target_linears(skeleton, sch.exclude)
+    targets = target_linears(skeleton, sch.exclude, must_match=user_exclude)
     names, stages = plan_tensors(src, skeleton, targets)
     settings = {
         "qconvert_version": __version__, "source": src.description, "scheme": sch.name, "method": sch.method,

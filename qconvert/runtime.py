@@ -168,7 +168,7 @@ def load(out: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
     if whole_model:
         whole = runtimes.pop()(out, config, modules, state, dev)
         _attach_online(out, whole, qc.get("online_rotation"))  # the runtime reads it from down_proj
-        return whole
+        return _refuse_saving(whole, out)
     for name, module in modules.items():
         module.inside_stored_model()
         set_module(model, name, module)
@@ -190,7 +190,24 @@ def load(out: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
         for module in modules.values():
             module.prepare_cuda()  # the others (plugins too) once on the GPU; it may synchronize: here, once
         use_glue_kernels(model, dev, [g for g, on in zip(GLUE, (norm_kernels, rope_kernels, swiglu_kernels)) if on])
-    return model.eval()
+    return _refuse_saving(model, out).eval()
+
+
+def _refuse_saving(model, out: Path):
+    """transformers' save_pretrained / push_to_hub on a loaded OUT would write the runtime's buffers
+    under the linears' names with no quantization config: a checkpoint that loads as random weights.
+    They raise instead, saying what to use."""
+    def refuse(*args, **kwargs):
+        raise QConvertError(
+            f"a model made by qconvert.load cannot be written with save_pretrained / push_to_hub (it would hold "
+            f"runtime buffers and no quantization config): the OUT folder {out} is the checkpoint (copy it, or "
+            f"`qconvert push {out} REPO`), and `qconvert export {out} --format compressed-tensors -o DIR` writes "
+            "one that transformers and vLLM load")
+
+    for name in ("save_pretrained", "push_to_hub"):
+        if hasattr(model, name):
+            setattr(model, name, refuse)
+    return model
 
 
 # linears of one parent that read the same input in the supported architectures (Llama, Mistral,

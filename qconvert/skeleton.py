@@ -58,12 +58,24 @@ def is_excluded(name: str, patterns) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def target_linears(model, exclude) -> dict[str, nn.Linear]:
-    """Linear modules to quantize, by name, in module order; MoE routers never are."""
-    return {
-        n: m for n, m in model.named_modules()
-        if isinstance(m, nn.Linear) and not is_router(n) and not is_excluded(n, exclude)
-    }
+def target_linears(model, exclude, must_match=()) -> dict[str, nn.Linear]:
+    """Linear modules to quantize, by name, in module order; MoE routers never are.  Each pattern
+    of ``must_match`` (the user's --exclude) must match a linear, and some linear must be left: a
+    typo would otherwise quantize what it meant to keep, and '*' write an OUT with nothing quantized."""
+    from qconvert.errors import QConvertError
+
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and not is_router(n)}
+    names = list(linears)
+    for p in must_match:
+        if not any(fnmatch.fnmatchcase(n, p) for n in names):
+            examples = ", ".join(dict.fromkeys(n for n in (names[:1] + names[len(names) // 2:][:1] + names[-1:])))
+            raise QConvertError(f"--exclude {p!r} matches no linear of this model (full names, such as {examples}; "
+                                "'*' matches dots too: '*.down_proj'); nothing was written")
+    targets = {n: m for n, m in linears.items() if not is_excluded(n, exclude)}
+    if names and not targets:
+        raise QConvertError(f"the excludes ({', '.join(repr(p) for p in exclude)}) match all {len(names)} linears of this "
+                            "model: nothing is left to quantize; nothing was written")
+    return targets
 
 
 def tied_lm_head(model) -> bool:

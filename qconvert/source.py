@@ -264,8 +264,8 @@ class SafetensorsDirSource(Source):
         if not allow_pickle:
             raise QConvertError(
                 f"{self.directory} holds only pickle weights ({pickled[0]}); qconvert does not unpickle "
-                "files by default: convert them to safetensors, or pass --allow-pickle if you trust them "
-                "(they are then read with torch.load(weights_only=True))"
+                "files by default: convert them to safetensors (every command reads those), or, for qconvert "
+                "quantize, pass --allow-pickle if you trust them (they are then read with torch.load(weights_only=True))"
             )
         self.reader = PickleReader(self.directory, pickled)
 
@@ -276,7 +276,7 @@ class SafetensorsDirSource(Source):
 
         try:
             return AutoConfig.from_pretrained(self.directory, trust_remote_code=self.trust_remote_code)
-        except ValueError as e:
+        except (ValueError, OSError) as e:  # OSError: transformers' word for a config.json that is not JSON
             raise QConvertError(f"{self.directory}/config.json: {e}") from e
 
     @cached_property

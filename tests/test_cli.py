@@ -320,3 +320,51 @@ def test_the_wrong_kind_of_target_is_named(tmp_path):
     msg = " ".join(res.output.split())
     assert res.exit_code == 1 and "is a compressed-tensors checkpoint, not a qconvert output" in msg, msg
     assert "(and exported it from)" in msg and not (tmp_path / "again").exists()
+
+
+def test_exclude_patterns_that_match_nothing_or_everything_are_refused(tmp_path, tiny_llama):
+    """A typo in --exclude quantized what it meant to keep, and '*' wrote an OUT with nothing
+    quantized ("0.00x smaller"): both are refused before any work, and nothing is written."""
+    res = run("quantize", tiny_llama, "--scheme", "is-w4a8-rtn", "--exclude", "*.dwn_proj", "-o", tmp_path / "typo", ok=False)
+    assert res.exit_code != 0 and "--exclude '*.dwn_proj' matches no linear of this model" in res.output
+    assert "model.layers.0.self_attn.q_proj" in res.output and "Traceback" not in res.output
+    res = run("quantize", tiny_llama, "--scheme", "is-w4a8-rtn", "--exclude", "*", "-o", tmp_path / "all", ok=False)
+    assert res.exit_code != 0 and "match all 15 linears of this model: nothing is left to quantize" in res.output
+    assert not (tmp_path / "typo").exists() and not (tmp_path / "all").exists()
+    assert not list(tmp_path.glob("*.partial"))
+    # a pattern that matches some linears is taken as before
+    run("quantize", tiny_llama, "--scheme", "is-w4a8-rtn", "--exclude", "*.down_proj", "-o", tmp_path / "ok", "-q")
+    assert len(json.loads((tmp_path / "ok" / "config.json").read_text())["quantization_config"]["modules"]) == 12
+
+
+def test_a_source_with_a_broken_config_or_pickle_weights_gets_one_line(tmp_path, tiny_llama):
+    bad = tmp_path / "badcfg"
+    bad.mkdir()
+    (bad / "config.json").write_text("{bad json")
+    os.link(Path(tiny_llama) / "model.safetensors", bad / "model.safetensors")
+    res = run("quantize", bad, "--scheme", "is-w4a8-rtn", "-o", tmp_path / "x", ok=False)
+    assert res.exit_code != 0 and f"Error: {bad}/config.json:" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "x").exists()
+    # pickle weights: the message names the option only where it exists (quantize)
+    pkl = tmp_path / "pkl"
+    pkl.mkdir()
+    (pkl / "config.json").write_text((Path(tiny_llama) / "config.json").read_text())
+    torch.save({"x": torch.zeros(1)}, pkl / "pytorch_model.bin")
+    res = run("eval", pkl, "--data-file", bad / "config.json", ok=False)
+    assert res.exit_code != 0 and "for qconvert quantize, pass --allow-pickle" in res.output
+
+
+def test_a_loaded_out_refuses_save_pretrained(tmp_path, tiny_llama):
+    """save_pretrained on qconvert.load's model wrote the runtime's buffers with no quantization config,
+    a checkpoint transformers loads as random weights: it now says what to use, and writes nothing."""
+    import qconvert
+    from qconvert.errors import QConvertError
+
+    out = tmp_path / "out"
+    run("quantize", tiny_llama, "--scheme", "is-w4a8-rtn", "-o", out, "-q")
+    model = qconvert.load(out)
+    for call in (lambda: model.save_pretrained(tmp_path / "saved"), lambda: model.push_to_hub("user/repo")):
+        with pytest.raises(QConvertError, match="qconvert export .* --format compressed-tensors"):
+            call()
+    assert not (tmp_path / "saved").exists()
+    assert model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 300)  # the model itself is untouched

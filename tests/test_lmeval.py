@@ -117,3 +117,25 @@ def test_perplexity_eval_is_unchanged(out, tmp_path):
     text.write_text(TEXT)
     record = json.loads(run("eval", out, "--data-file", text, "--seqlen", 32, "--max-windows", 2, "--json", "-q").stdout)
     assert record["windows"] == 2 and record["kind"] == "qconvert" and "perplexity" in record
+
+
+def test_a_task_whose_dataset_cannot_be_fetched_gets_one_line(out, tmp_path):
+    """Offline, a task that reads a Hub dataset not in the cache ended in a ConnectionError traceback
+    (after lm-eval had loaded the model): now one line that says what to do.  In a process of its own,
+    as the Hub libraries read their offline switches when imported."""
+    import os
+    import subprocess
+
+    pytest.importorskip("lm_eval", reason='lm-eval is not installed: pip install -e ".[test]"')
+    d = tmp_path / "tasks"
+    d.mkdir()
+    (d / "hub_only.yaml").write_text(
+        "task: qconvert_hub_only\ndataset_path: nobody/not-a-cached-dataset\ntest_split: test\n"
+        "output_type: multiple_choice\n" 'doc_to_text: "{{q}}"\n' 'doc_to_choice: "{{choices}}"\n'
+        "doc_to_target: label\nmetric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "cache")}
+    r = subprocess.run([sys.executable, "-m", "qconvert.cli", "eval", str(out), "--tasks", "qconvert_hub_only",
+                        "--include-path", str(d), "--limit", "2"], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode != 0 and "Traceback" not in r.stderr + r.stdout
+    assert "Error: --tasks qconvert_hub_only: a dataset could not be fetched" in r.stderr + r.stdout
+    assert "nobody/not-a-cached-dataset" in r.stderr + r.stdout
