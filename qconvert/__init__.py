@@ -1,17 +1,25 @@
-"""qconvert: quantize a Hugging Face causal LM, check it, measure it, publish it."""
+"""qconvert: quantize a Hugging Face causal LM, check it, measure it, publish it.
+
+``qconvert.quantize(source, scheme, out)`` (qconvert.pipeline.quantize) and ``qconvert.load(out)``
+(qconvert.runtime.load) are the Python entry points; they are imported on first use, so ``import
+qconvert`` stays light, and are the functions themselves (``help(qconvert.load)`` shows their
+parameters)."""
 
 __version__ = "0.3.0"
 
-
-def quantize(*args, **kwargs):
-    """See ``qconvert.pipeline.quantize``."""
-    from qconvert.pipeline import quantize as _quantize
-
-    return _quantize(*args, **kwargs)
+_LAZY = {"quantize": "qconvert.pipeline", "load": "qconvert.runtime"}
+__all__ = ["__version__", *_LAZY]
 
 
-def load(*args, **kwargs):
-    """See ``qconvert.runtime.load``."""
-    from qconvert.runtime import load as _load
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
 
-    return _load(*args, **kwargs)
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'qconvert' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

@@ -467,10 +467,17 @@ class _Provenance:
                 _mb(self.info.get("bytes")) if self.info.get("bytes") else "not recorded"]
 
     def quantize_command(self, name: str, out: str = "out/", exclude: list | None = None) -> str:
+        """The command that makes OUT again; for a scheme that is not a preset (a user's TOML file),
+        preceded by the file, written from what OUT records (method, parameters, excluded modules)."""
         src = self.info.get("id") or (self.public_source if self.local else source_spec(self.report) or "SOURCE")
         revision = f" --revision {self.info['revision']}" if self.info.get("id") and self.info.get("revision") else ""
         flags = "".join(f" {f}" for f in option_flags(self.report, name, exclude))
-        return f"qconvert quantize {shlex.quote(src)} --scheme {shlex.quote(name)}{revision}{flags} -o {out}"
+        own = _own_scheme(self.report, name, exclude)
+        scheme_file = ""
+        if own is not None:
+            scheme_file = f"cat > {shlex.quote(name + '.toml')} <<'EOF'\n{_scheme_toml(own)}EOF\n"
+            name += ".toml"
+        return f"{scheme_file}qconvert quantize {shlex.quote(src)} --scheme {shlex.quote(name)}{revision}{flags} -o {out}"
 
 
 def _method_defaults(method: str) -> dict:
@@ -485,18 +492,49 @@ def _method_defaults(method: str) -> dict:
         return {}
 
 
+def _own_scheme(report: dict, name: str, exclude: list | None):
+    """The scheme OUT was made with when ``name`` is not a preset (a user's TOML file), as OUT
+    records it: its method, parameters and excluded modules, no rotation or asymmetric calibration of
+    its own (those are options then); None for a preset."""
+    from qconvert.schemes_registry import Scheme, load_scheme
+
+    try:
+        load_scheme(name)
+        return None
+    except QConvertError:
+        scheme = report.get("scheme") or {}
+        return Scheme(name, str(scheme.get("description") or ""), str(scheme.get("method") or "?"),
+                      dict(scheme.get("params") or {}), tuple(exclude or ()))
+
+
+def _scheme_toml(scheme) -> str:
+    """A scheme file's text (schemes_registry.parse_scheme reads it back): strings, numbers, booleans
+    and lists of them, written as JSON writes them, which TOML reads the same."""
+    lines = [f"name = {json.dumps(scheme.name)}"] + ([f"description = {json.dumps(scheme.description)}"] if scheme.description else [])
+    lines += [f"method = {json.dumps(scheme.method)}", f"exclude = {json.dumps(list(scheme.exclude))}", "", "[params]"]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in scheme.params.items()]
+    return "\n".join(lines) + "\n"
+
+
+def changed_from_preset(report: dict, name: str, exclude: list | None = None) -> list[str]:
+    """The options among ``option_flags`` that change what the preset's description says of the
+    tensors (its parameters, group size, solver, excluded modules)."""
+    return [f for f in option_flags(report, name, exclude)
+            if f.startswith(("-g ", "--param ", "--base ", "--quantize-lm-head", "--exclude "))]
+
+
 def option_flags(report: dict, name: str, exclude: list | None = None) -> list[str]:
-    """The quantize options that made OUT from preset ``name``, from its report (qconvert.json) and
+    """The quantize options that made OUT from scheme ``name``, from its report (qconvert.json) and
     its config's ``exclude``: what differs from the preset as this qconvert defines it (parameters,
-    rotation, calibration, excluded modules); a data file by its name only.  None for a scheme that
-    is not a preset (a user's file: its own parameters)."""
+    rotation, calibration, excluded modules); a data file by its name only.  For a scheme that is not
+    a preset (a user's file, which the card writes out: ``_own_scheme``), what differs from that file."""
     from qconvert.calibration_text import default_shape
     from qconvert.schemes_registry import load_scheme
 
     try:
         preset = load_scheme(name)
     except QConvertError:
-        return []
+        preset = _own_scheme(report, name, exclude)
     q = shlex.quote
     flags = []
     params = (report.get("scheme") or {}).get("params") or {}
@@ -574,9 +612,11 @@ def model_card(out: str | os.PathLike, repo_id: str | None = None) -> str:
     meta = {**prov.meta(), "library_name": LIBRARY, "pipeline_tag": "text-generation",
             "tags": _tags(qc, scheme, report)}
     front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
+    changed = changed_from_preset(report, name, qc.get("exclude"))
+    what = (f", changed by `{' '.join(changed)}` (the preset: {scheme['description']})." if changed and scheme.get("description")
+            else f": {scheme['description']}." if scheme.get("description") else ".")
     lines = [f"# {prov.title(repo_id, name)}", "",
-             f"{prov.origin} quantized by qconvert with the scheme **{name}**"
-             + (f": {scheme['description']}." if scheme.get("description") else "."), ""] + prov.source_lines()
+             f"{prov.origin} quantized by qconvert with the scheme **{name}**{what}", ""] + prov.source_lines()
 
     shown_report = {**report, **({"rotation_skipped": prov.scrub(report["rotation_skipped"])}
                                  if isinstance(report.get("rotation_skipped"), str) else {})}

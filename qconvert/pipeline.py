@@ -57,7 +57,7 @@ def check_output(out: Path, force: bool, resume: bool) -> None:
                             "choose a directory outside it")
     check_not_mount_point(out)
     if out.exists() and not force:
-        raise QConvertError(f"{out} already exists; pass --force to overwrite it, or choose another -o")
+        raise QConvertError(f"{out} already exists; pass --force (Python: force=True) to overwrite it, or choose another -o")
     if out.exists() and not out.is_dir():
         raise QConvertError(f"{out} exists and is not a directory; remove it or choose another -o")
     if out.is_dir() and any(out.iterdir()) and not is_native(out):
@@ -175,7 +175,7 @@ def quantize(
     ``resume`` continues an interrupted run from its ``OUT.partial`` journal (the result is
     bit-identical to an uninterrupted run on the same device); ``force`` replaces an existing
     OUT.  ``base`` ("rtn" or "gptq") overrides the scheme's weight solver; ``calib`` says where
-    GPTQ's calibration tokens come from (default: text the model writes itself, 128 x 512).
+    GPTQ's calibration tokens come from (default: text the model writes itself, 128 x 128).
     ``device`` ("cuda", "cuda:N", "cpu"; None: cuda when usable) is where calibration runs
     (qconvert/placement.py); ``announce(line)``, if given, receives the line that says which.
     ``json_report`` also writes the per-layer report (qconvert.json) to that path.  ``rotate``

@@ -121,7 +121,8 @@ def load(out: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
          fuse: bool = True, norm_kernels: bool = True, rope_kernels: bool = True, swiglu_kernels: bool = True):
     """Load a native qconvert OUT as a ready-to-run ``transformers`` causal LM.
 
-    ``dtype`` casts the unquantized tensors (embeddings, norms, lm_head); default: as stored
+    ``dtype`` casts the unquantized tensors (embeddings, norms, lm_head): torch.float16, torch.bfloat16
+    or torch.float32, or its name ("auto" or None: the default); default: as stored
     on CPU, float32 where that is float16 (a GGUF file's OUT: CPUs have no float16 arithmetic
     worth the rounding), float16 on CUDA (the kernels take fp16 / bf16 activations).  ``device`` "cpu" runs
     the exact reference; "cuda" / "cuda:N" the CUDA kernels (cupy and an sm_80+ GPU needed).
@@ -142,6 +143,7 @@ def load(out: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
     """
     out = Path(out)
     dev = _device(device)
+    dtype = _load_dtype(dtype)
     if dev.type == "cuda" and dtype is None:
         dtype = torch.float16
     cfg, qc = read_quant_config(out)
@@ -191,6 +193,21 @@ def load(out: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
             module.prepare_cuda()  # the others (plugins too) once on the GPU; it may synchronize: here, once
         use_glue_kernels(model, dev, [g for g, on in zip(GLUE, (norm_kernels, rope_kernels, swiglu_kernels)) if on])
     return _refuse_saving(model, out).eval()
+
+
+def _load_dtype(dtype):
+    """``load``'s dtype: a float torch.dtype, its name as transformers' ``from_pretrained`` takes it, or
+    None / "auto" (the default rule)."""
+    from qconvert.formats.safetensors_io import FLOAT_DTYPES
+
+    if dtype is None or dtype == "auto":
+        return None
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in FLOAT_DTYPES:
+        return FLOAT_DTYPES[dtype.removeprefix("torch.")]
+    if isinstance(dtype, torch.dtype) and dtype in FLOAT_DTYPES.values():
+        return dtype
+    raise QConvertError(f"load(dtype={dtype!r}): give torch.float16, torch.bfloat16 or torch.float32, its name, "
+                        "or 'auto' (as stored; float16 on CUDA)")
 
 
 def _refuse_saving(model, out: Path):

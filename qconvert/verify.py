@@ -71,6 +71,8 @@ class VerifyReport:
     serving: list = field(default_factory=list)  # with --target: what vLLM would do with each layer
     made_on: str | None = None  # the device that calibrated OUT: qconvert.json's "device", "cpu" when absent
     removed_stale: bool = False  # this failing run removed an earlier passing OUT/verify.json
+    kept_comparison: str | None = None  # this run compared nothing: the earlier passing report's comparison (with this source) is kept
+    kept_earlier: bool = False  # only the serving target failed: the earlier passing OUT/verify.json stays
 
     def __post_init__(self):
         if self.made_on is None:
@@ -212,6 +214,24 @@ def recorded_source(out: Path) -> str | None:
         return source_spec(json.loads((out / "qconvert.json").read_text()))
     except (OSError, json.JSONDecodeError, TypeError, AttributeError):
         return None
+
+
+def _recorded_source(out: Path, rep: VerifyReport) -> tuple[str | None, int]:
+    """(the SOURCE OUT records, 0) where it can be read here; (None, 0) where none is recorded; (None, 1)
+    and a failure in ``rep`` that names it and the way out where it cannot (moved, deleted, not in
+    the Hub cache): not a fault of OUT's."""
+    from qconvert.source import resolve_source
+
+    spec = recorded_source(out)
+    if spec is None:
+        return None, 0
+    try:
+        resolve_source(spec)  # cheap: the config and the file index, not the weights
+    except QConvertError as e:
+        _fail(rep, f"the source OUT was made from ({spec}, recorded in qconvert.json) cannot be read here ({e}); "
+                   "pass --against SOURCE to compare with it where it is now, or --no-compare to check the files only")
+        return None, 1
+    return spec, 0
 
 
 def rotated_as_recorded(out: Path, src):
@@ -419,9 +439,10 @@ def verify(out, against: str | None = None, data_file=None, n_tokens: int = 128,
     except Exception as e:  # a verifier reports whatever breaks the reading as a failure, never crashes
         _fail(rep, f"OUT cannot be read as a model ({type(e).__name__}: {e})")
         structure = None
+    not_own = 0  # failures that are not of OUT itself (its recorded source missing here, a serving target)
     if structure is not None and compare_source:
         if against is None:
-            against = recorded_source(out)
+            against, not_own = _recorded_source(out, rep)
         if against is not None:
             compare(out, against, rep, data_file, n_tokens, stream, announce)
             low = [r for r in rep.layers if r["snr_db"] < min_snr_db]
@@ -429,14 +450,38 @@ def verify(out, against: str | None = None, data_file=None, n_tokens: int = 128,
                 _fail(rep, f"{len(low)} layers below {min_snr_db} dB SNR, worst {low[0]['name']} ({min(r['snr_db'] for r in low)} dB)")
             if rep.top1_agreement is not None and rep.top1_agreement < min_top1:
                 _fail(rep, f"top-1 agreement {rep.top1_agreement:.3f} is below {min_top1}")
+    own_failures = len(rep.failures) - not_own  # the OUT's own checks; a serving target's come after
     if structure is not None and target:
         _check_serving(out, rep, target, tensor_parallel)
-    if save and rep.ok:
-        (out / VERIFY_FILE).write_text(json.dumps(rep.to_dict(), indent=2) + "\n")
-    elif save and (out / VERIFY_FILE).is_file():  # an earlier pass no longer holds: the card must not claim it
-        (out / VERIFY_FILE).unlink()
-        rep.removed_stale = True
+    if save:
+        _save_report(out, rep, own_failures)
     return rep
+
+
+COMPARISON = ("against", "sample_tokens", "layers", "min_snr_db", "kl", "top1_agreement", "sample", "streamed")
+
+
+def _save_report(out: Path, rep: VerifyReport, own_failures: int) -> None:
+    """OUT/verify.json (the card's source): a pass writes it, keeping an earlier pass's comparison
+    when this run compared nothing (the files passed their sha256, so it is of the same tensors); a
+    failure of the OUT's own checks removes an earlier pass (it no longer holds); a failure of the
+    serving target alone leaves it (the OUT did not change)."""
+    path = out / VERIFY_FILE
+    try:
+        earlier = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        earlier = None
+    if rep.ok:
+        record = rep.to_dict()
+        if rep.against is None and isinstance(earlier, dict) and earlier.get("ok") and earlier.get("against"):
+            record.update({k: earlier.get(k) for k in COMPARISON})
+            record["kept_comparison"] = rep.kept_comparison = earlier["against"]
+        path.write_text(json.dumps(record, indent=2) + "\n")
+    elif earlier is not None and own_failures == 0:
+        rep.kept_earlier = True
+    elif earlier is not None:  # an earlier pass no longer holds: the card must not claim it
+        path.unlink()
+        rep.removed_stale = True
 
 
 def _check_serving(out: Path, rep: VerifyReport, target: str, tensor_parallel: int) -> None:

@@ -203,6 +203,7 @@ def check_export_scores_as_runtime(src: Path, tmp_path: Path, text: Path | None 
     """w4a16-gptq of ``src`` exported to compressed-tensors: transformers scores the export as
     qconvert's runtime scores the OUT (``eval_tiny`` on ``text``, by default ``src/../text.raw``),
     within 1e-5.  Returns (OUT, the export)."""
+    needs_compressed_tensors()
     out, dest, text = tmp_path / "out", tmp_path / "ct", text or src.parent / "text.raw"
     cli_ok(quantize_tiny(src, out, "w4a16-gptq"))
     run_cli("export", out, "-o", dest)
@@ -712,3 +713,24 @@ def tiny_out(tiny_llama, tmp_path_factory, scheme: str):
     res = CliRunner().invoke(cli, ["quantize", str(tiny_llama), "--scheme", scheme, "-o", str(out), "-q"])
     assert res.exit_code == 0, res.output
     return out
+
+
+def needs_compressed_tensors() -> None:
+    """transformers reads an export only with the compressed-tensors package (the [test] extra has it;
+    the GPU image, benchmarks/image_suite.sh's environment, does not): skip where it is missing."""
+    import pytest
+
+    pytest.importorskip("compressed_tensors", reason='compressed-tensors is not installed: pip install -e ".[test]"')
+
+
+def needs_cpu_row_scaled_mm():
+    """A skip mark for the tests that run ZeroQuant-FP's row-wise FP8 GEMM (torch._scaled_mm with a scale
+    per row) on the CPU: torch 2.13's CPU build has it, torch 2.11's (the GPU image's; benchmarks/
+    image_suite.sh) only tensor-wise scales, so there the layers keep the first kernels, as
+    ``scaled_mm_outputs`` decides on any device.  The FP8 GPU tests run the path on a GPU."""
+    import pytest
+
+    from qconvert_kernels.fp8 import cuda as cuda_fp8
+
+    return pytest.mark.skipif(not any(cuda_fp8.scaled_mm_outputs("cpu").values()),
+                              reason="this torch's CPU build has no row-wise torch._scaled_mm (torch 2.11: tensor-wise only)")

@@ -368,3 +368,25 @@ def test_a_loaded_out_refuses_save_pretrained(tmp_path, tiny_llama):
             call()
     assert not (tmp_path / "saved").exists()
     assert model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 300)  # the model itself is untouched
+
+
+def test_the_python_entry_points_are_the_functions_and_take_dtype_names(tmp_path, tiny_llama):
+    """help(qconvert.load) showed only "See qconvert.runtime.load", and load(dtype="bfloat16") failed
+    with "Invalid device string" after reading the whole OUT."""
+    import inspect
+
+    import qconvert
+    from qconvert.errors import QConvertError
+    from qconvert.pipeline import quantize
+    from qconvert.runtime import load
+
+    assert qconvert.load is load and qconvert.quantize is quantize
+    assert "dtype" in inspect.signature(qconvert.load).parameters and "scheme" in inspect.signature(qconvert.quantize).parameters
+    out = tmp_path / "out"
+    run("quantize", tiny_llama, "--scheme", "is-w4a8-rtn", "-o", out, "-q")
+    assert qconvert.load(out, dtype="bfloat16").model.embed_tokens.weight.dtype == torch.bfloat16
+    assert qconvert.load(out, dtype="auto").model.embed_tokens.weight.dtype == torch.float32
+    with pytest.raises(QConvertError, match=r"load\(dtype='int8'\): give torch.float16"):
+        qconvert.load(out, dtype="int8")
+    with pytest.raises(QConvertError, match=r"force=True"):
+        qconvert.quantize(str(tiny_llama), "is-w4a8-rtn", out, progress=False)

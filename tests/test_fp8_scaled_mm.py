@@ -11,12 +11,14 @@ import pytest
 import torch
 from test_kernels_fp8_emulate import fp8_case
 
+from helpers import needs_cpu_row_scaled_mm
 from qconvert.layouts.fp8 import FP8Linear
 from qconvert.methods.zeroquant_fp import ZeroQuantFPMethod
 from qconvert_kernels.fp8 import cuda as cuda_fp8
 from qconvert_kernels.fp8 import reference as ref8
 
 DTYPES = [torch.float16, torch.bfloat16]
+pytestmark = needs_cpu_row_scaled_mm()
 
 
 def tolerance_ratio(y, xq, t, wq, wscale, dtype):

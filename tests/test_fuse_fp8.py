@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import llama_sibling_groups, tiny_out
+from helpers import llama_sibling_groups, needs_cpu_row_scaled_mm, tiny_out
 
 from qconvert.formats.fp4 import codes_to_values, unpack_fp4
 from qconvert.layouts.fp8 import FP8Linear
@@ -19,6 +19,8 @@ from qconvert_kernels.fp8 import cuda as cuda_fp8
 from qconvert_kernels.fp8 import reference as ref8
 from qconvert_kernels.w4a8 import cuda as kcuda
 from qconvert_kernels.w4a8 import emulate
+
+row_scaled_mm = needs_cpu_row_scaled_mm()  # the tests of the row-wise FP8 GEMM's paths
 
 K = 320
 WIDTHS = (136, 40, 40)  # q, k, v with 3 kv groups: N not a multiple of 16 nor of the 128-row tile
@@ -61,6 +63,7 @@ def within_tolerance(y, mod, x, kp, dtype) -> float:
     return float(((y.float() - want).abs() / bound).max())
 
 
+@row_scaled_mm
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 70])
 def test_fp8_fp8_siblings_run_one_quantization_and_one_gemm(monkeypatch, m, dtype):
@@ -120,6 +123,7 @@ def test_a_group_without_a_row_wise_gemm_leaves_its_members_on_their_own_paths(m
     assert all(torch.equal(mod(x), p(x)) for mod, p in zip(mods, plain))
 
 
+@row_scaled_mm
 def test_fused_members_keep_their_stored_tensors_on_the_host():
     mods = members("fp4-fp8")
     assert FP8Linear.fuse(mods)
@@ -139,6 +143,7 @@ def zqfp_w8a8_out(tiny_llama, tmp_path_factory):
     return tiny_out(tiny_llama, tmp_path_factory, "zqfp-w8a8")
 
 
+@row_scaled_mm
 def test_fused_fp8_model_matches_the_cpu_path(zqfp_w8a8_out):
     """A real zqfp-w8a8 OUT loaded, q/k/v and gate/up of every layer joined and prepared (the CPU
     _scaled_mm standing in): one GEMM per group per forward, logits within 1e-2 of the CPU path's."""
@@ -169,6 +174,7 @@ def within_tolerance_lorc(y, mod, x, kp, dtype) -> float:
 
 @pytest.mark.parametrize("lorc_rank", [0, 8])
 @pytest.mark.parametrize("m", [3, 70])  # the decode kernel (M <= 64) and the widened prefill
+@row_scaled_mm
 def test_fp4_fp8_siblings_run_one_launch(m, lorc_rank):
     """q/k/v joined, without LoRC and with rank 8 each (the zqfp-w4a8 preset): at decode one decode
     launch (with LoRC one h launch before it, the epilogue adding the block-diagonal term), the
@@ -208,6 +214,7 @@ def test_fp4_fp8_siblings_run_one_launch(m, lorc_rank):
             assert within_tolerance(y, mod, x, group.prepared.kq, torch.float16) <= 1.0
 
 
+@row_scaled_mm
 def test_fp8_fp8_siblings_with_lorc():
     mods = members("fp8-fp8", lorc_rank=4)
     assert FP8Linear.fuse(mods)
@@ -221,6 +228,7 @@ def test_fp8_fp8_siblings_with_lorc():
         assert within_tolerance(y, mod, x, K, torch.float16) > 1.0  # the term is there
 
 
+@row_scaled_mm
 def test_fused_prepared_model_decodes_without_a_host_sync(zqfp_w8a8_out):
     """The decode engine on a fused, prepared zqfp-w8a8 model (its GEMMs torch's CPU _scaled_mm): every
     decode step under the strict host-sync guard (a read of a device value to the host raises), the

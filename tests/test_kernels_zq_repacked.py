@@ -12,13 +12,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import assert_mutation_caught
+from helpers import assert_mutation_caught, needs_cpu_row_scaled_mm
 from test_kernels_w4a8_emulate import activations  # an all-zero token among them
 
 from qconvert.formats.fp4 import codes_to_values, pack_fp4, unpack_fp4
 from qconvert_kernels.fp8 import REPACKED
 from qconvert_kernels.fp8 import reference as ref8
 from qconvert_kernels.w4a8 import cuda, emulate, repack
+
+row_scaled_mm = needs_cpu_row_scaled_mm()  # the tests of the row-wise FP8 GEMM's paths
 
 
 def make_fp4_layer(n: int, k: int, g: int, seed: int) -> dict:
@@ -172,6 +174,7 @@ def test_entry_points_are_the_declared_ones():
     assert sorted(REPACKED.kernels) == sorted(entries + ["w4a8r_widen_zq", "w4a8r_lorc_h_zq"])
 
 
+@row_scaled_mm
 def test_method_made_layer_decodes_on_the_repacked_kernel():
     """An FP8Linear as ZeroQuant-FP makes it (LoRC on), prepared on the CPU as runtime.load prepares it
     on the GPU: at M <= 64 its forward takes LoRC's h kernel and the repacked decode kernel (here the
@@ -243,6 +246,7 @@ def test_prediction_script_labels_its_rows():
 # ---- prefill (M > 64): the weights widened to E4M3 (w4a8r_widen_zq), then an FP8 GEMM with row scales
 
 
+@row_scaled_mm
 def test_widen_kernel_gives_the_exact_e4m3_weights():
     """w4a8r_widen_zq on the emulator: every byte of w8 [N16, Kq] is the E4M3 value of
     w * 2^(e + s[n]) (written once); w8 * c 2^-s is the stored weight exactly."""
@@ -263,6 +267,7 @@ def test_widen_kernel_gives_the_exact_e4m3_weights():
         assert not w8.view(torch.uint8)[n:].any() and not w8.view(torch.uint8)[:, kp:].any()
 
 
+@row_scaled_mm
 def test_widen_reaches_both_ends_of_the_e4m3_range_and_skips_zero_groups():
     """A row spanning exactly 14 (e + s from -8: E4M3 subnormals, to 6: |w| up to 384) widens exactly;
     an all-zero group with the method's E_MIN exponent does not count towards its row's span."""
@@ -307,6 +312,7 @@ def test_a_zq_kernel_launched_from_the_w4a8_module_is_refused():
         launch.launch(cuda.SOURCE_ZQ, "w4a8r_decode_is_m8", (1, 1), (256,), (0,) * 22, torch.device("cpu"))
 
 
+@row_scaled_mm
 def test_widen_refuses_rows_whose_exponents_span_more_than_e4m3_holds():
     tensors = make_fp4_layer(128, 256, 64, 2)
     tensors["sexp"][5] = torch.tensor([-10, 0, 3, -2], dtype=torch.int8)    # a span of 13: fits
@@ -318,6 +324,7 @@ def test_widen_refuses_rows_whose_exponents_span_more_than_e4m3_holds():
         cuda.widen_zq(prep)
 
 
+@row_scaled_mm
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_prefill_on_the_widened_weights_matches_the_reference(dtype):
     """zq_prefill's composition on the CPU (torch._scaled_mm's CPU kernel, the emulated widening)
@@ -341,6 +348,7 @@ def test_prefill_on_the_widened_weights_matches_the_reference(dtype):
         assert float(((y.float() - ref).abs() / bound).max()) <= 1.0
 
 
+@row_scaled_mm
 @pytest.mark.parametrize("mutation", ["widen_row", "widen_group"])
 def test_widen_mutations_are_caught(mutation):
     tensors = make_fp4_layer(136, 256, 64, 3)

@@ -14,8 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import (check_export_scores_as_runtime, check_tiny_out, cli_ok, float_model, multimodal_config, quantize_tiny,
-                     reference_with_out_weights, run_cli, text_files, write_checkpoint, write_multimodal)
+from helpers import (check_export_scores_as_runtime, check_tiny_out, cli_ok, float_model, multimodal_config,
+                     needs_compressed_tensors, quantize_tiny, reference_with_out_weights, run_cli, text_files,
+                     write_checkpoint, write_multimodal)
 from qconvert.multimodal import CARRIED_DIR, FAMILIES, Renamer
 from qconvert.source import LanguageModelSource, resolve_source
 
@@ -135,6 +136,7 @@ def test_the_export_is_the_multimodal_model_again(mm, tmp_path):
     """transformers loads the export as the multimodal class (every tensor used); on text it scores
     as qconvert's runtime scores the OUT; on an image prompt it gives the logits of the float
     model (rotated as OUT was) whose language-model linears hold the OUT's weights."""
+    needs_compressed_tensors()
     if kind_of(mm) == "qwen3_vl_moe":
         pytest.skip("transformers reads Qwen3-VL-MoE's experts only fused: test_a_qwen3_vl_moe_export_keeps_one_linear_per_expert")
     out, dest = check_export_scores_as_runtime(mm, tmp_path)
@@ -302,6 +304,7 @@ def test_a_tied_head_rotated_exports_untied(tmp_path):
     rotated OUT unties it (the final norm folded into the head), and the export, untied too, is the
     multimodal model again: text scored as the runtime scores the OUT, an image prompt answered as
     the float model with the OUT's weights answers it."""
+    needs_compressed_tensors()
     config = multimodal_config("qwen3_vl")
     config.tie_word_embeddings = config.get_text_config().tie_word_embeddings = True
     src = write_multimodal(text_files(tmp_path) / "src", config)
@@ -321,6 +324,7 @@ def test_a_flat_qwen2_5_vl_config_as_published(tmp_path):
     """Qwen2.5-VL's published config.json keeps the text fields at the top (no text_config) with
     rope_scaling {"type": "mrope", ...}: read, quantized and exported as the nested one is; the
     export's text_config keeps M-RoPE's sections and transformers loads it as the multimodal class."""
+    needs_compressed_tensors()
     src = write_multimodal(text_files(tmp_path) / "src", multimodal_config("qwen2_5_vl"))
     cfg = json.loads((src / "config.json").read_text())
     text = cfg.pop("text_config")
@@ -370,6 +374,7 @@ def test_a_qwen3_vl_moe_export_keeps_one_linear_per_expert(tmp_path):
     the image parts in ``ignore`` and the source's own text config; transformers maps this model's
     experts only from fused tensors, so ``qconvert eval`` of the export says so and names the OUT,
     and the export's card leads to vLLM."""
+    needs_compressed_tensors()
     from qconvert.hub import export_card
 
     mm = write_multimodal(text_files(tmp_path) / "src", multimodal_config("qwen3_vl_moe"))

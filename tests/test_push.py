@@ -653,3 +653,44 @@ def test_a_corrupt_out_is_neither_verified_nor_pushed(out, monkeypatch, no_login
 
 def test_verify_refuses_a_missing_data_file_first(out, tmp_path):
     clean_failure(run("verify", out, "--data-file", tmp_path / "nope.txt", ok=False), "nope.txt not found", "--data-file")
+
+
+def test_a_user_scheme_file_is_written_out_on_the_card_and_reproduces(tmp_path, tiny_llama):
+    """An OUT made from a user's TOML file: the card's Reproduce block writes that scheme (as OUT records
+    it) and runs quantize on it (the bare name was a command that failed: unknown scheme), and the
+    two make the same tensors; the headline says the scheme is the user's, with its own description."""
+    import shlex
+
+    mine = tmp_path / "mine.toml"
+    mine.write_text('name = "mine-g16"\ndescription = "my own g16 RTN"\nmethod = "integer-scale"\nexclude = ["lm_head", "*.k_proj"]\n'
+                    '[params]\ngroup_size = 16\nbase = "rtn"\n')
+    out = tmp_path / "made"
+    run("quantize", tiny_llama, "--scheme", mine, "--rotate", "hadamard", "-o", out, "-q")
+    body = front_matter(model_card(out))[1]
+    assert "quantized by qconvert with the scheme **mine-g16**: my own g16 RTN." in body
+    block = body.split("## Reproduce")[1].split("```bash\n")[1].split("```")[0]
+    head, rest = block.split("\n", 1)
+    assert head == "cat > mine-g16.toml <<'EOF'"
+    toml_text, command = rest.split("EOF\n")
+    work = tmp_path / "again"
+    work.mkdir()
+    (work / "mine-g16.toml").write_text(toml_text)
+    command = command.strip()
+    assert command == f"qconvert quantize path/to/{tiny_llama.name} --scheme mine-g16.toml --rotate hadamard -o out/"
+    args = shlex.split(command.replace(f"path/to/{tiny_llama.name}", str(tiny_llama)).replace("mine-g16.toml", str(work / "mine-g16.toml"))
+                       .replace("-o out/", f"-o {work / 'out'}"))[1:]
+    run(*args, "-q")
+    first, second = ShardedReader(out), ShardedReader(work / "out")
+    assert sorted(first.keys()) == sorted(second.keys()) and all(torch.equal(first.get(n), second.get(n)) for n in first.keys())
+
+
+def test_the_headline_says_what_options_changed_in_the_preset(tmp_path, tiny_llama):
+    """-g 32 and --quantize-lm-head on is-w4a8-rtn: the card's first line said "int4 g128" and nothing
+    else; it now names the options that changed the preset before quoting the preset's description."""
+    out = tmp_path / "g32"
+    run("quantize", tiny_llama, "--scheme", "is-w4a8-rtn", "-g", 32, "--quantize-lm-head", "-o", out, "-q")
+    body = front_matter(model_card(out))[1]
+    assert "with the scheme **is-w4a8-rtn**, changed by `-g 32 --quantize-lm-head` (the preset: Integer Scale" in body
+    plain = tmp_path / "plain"
+    run("quantize", tiny_llama, "--scheme", "is-w4a8-rtn", "-o", plain, "-q")
+    assert "with the scheme **is-w4a8-rtn**: Integer Scale" in front_matter(model_card(plain))[1]

@@ -251,3 +251,46 @@ def test_a_streamed_source_without_a_tokenizer_is_a_clear_error(tmp_path):
     errors = [ln for ln in res.output.strip().splitlines() if not ln.startswith("verify: ")]   # stage lines aside
     assert len(errors) == 1 and not (out / "verify.json").exists()
     assert verify(out, n_tokens=8, save=False).ok  # held in memory, the source writes its own sample
+
+
+def test_a_narrower_run_keeps_the_comparison_and_a_target_failure_keeps_the_report(made, copy):
+    """A files-only run replaced verify.json and the card lost its SNR / KL / top-1; a failing --target
+    check (a serving question: the OUT did not change) deleted the passing comparison.  Now the first keeps
+    the earlier comparison (its files passed their sha256: the same tensors), the second keeps the file,
+    and only a failure of OUT's own checks removes it."""
+    src, _ = made
+    run_cli("verify", copy, "--against", src)
+    full = json.loads((copy / "verify.json").read_text())
+    assert full["against"] == str(src) and full["kl"] is not None
+    res = run_cli("verify", copy, "--no-compare")
+    assert f"keeps the earlier run's comparison with {src}" in res.output
+    kept = json.loads((copy / "verify.json").read_text())
+    assert kept["ok"] and kept["kept_comparison"] == str(src)
+    assert all(kept[k] == full[k] for k in ("against", "kl", "top1_agreement", "min_snr_db", "layers", "sample_tokens"))
+    # down_proj's K = 160 is 80 per rank at tensor parallel 2, not a multiple of g = 32: the target fails
+    res = run_cli("verify", copy, "--no-compare", "--target", "vllm:sm90", "--tensor-parallel", 2, ok=False)
+    assert res.exit_code == 1 and "only the --target check failed" in res.output
+    assert json.loads((copy / "verify.json").read_text()) == kept
+    # a damaged OUT: its own check fails, and the earlier pass goes
+    (copy / "tokenizer.json").write_text("{}")
+    res = run_cli("verify", copy, "--no-compare", ok=False)
+    assert res.exit_code == 1 and "no longer holds" in res.output and not (copy / "verify.json").exists()
+
+
+def test_a_recorded_source_that_is_gone_is_named_after_the_file_checks(tmp_path, copy):
+    """OUT's recorded source moved away: verify blamed a "SOURCE" the user never typed and ran no file
+    check.  Now the file checks run and pass, the failure names the recorded source and the options that
+    get past it, and an earlier passing report stays (OUT did not change)."""
+    report = json.loads((copy / "qconvert.json").read_text())
+    gone = tmp_path / "moved-away"
+    report["source"] = str(gone)
+    (copy / "qconvert.json").write_text(json.dumps(report))
+    write_manifest(copy)
+    (copy / "verify.json").write_text(json.dumps({"ok": True, "against": "earlier"}))
+    res = CliRunner().invoke(cli, ["verify", str(copy)])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert " files and " in res.output and "tensors checked" in res.output
+    assert f"the source OUT was made from ({gone}, recorded in qconvert.json) cannot be read here" in res.output
+    assert "--against SOURCE" in res.output and "--no-compare" in res.output
+    assert json.loads((copy / "verify.json").read_text())["against"] == "earlier"
+    assert CliRunner().invoke(cli, ["verify", str(copy), "--no-compare"]).exit_code == 0
