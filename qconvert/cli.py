@@ -24,9 +24,17 @@ class _Group(click.Group):
                 raise
             raise click.ClickException(str(e)) from None
         except KeyboardInterrupt:
-            click.echo("interrupted; a conversion keeps its finished blocks in OUT.partial: "
-                       "repeat the command with --resume to continue", err=True)
+            click.echo(_interrupted_message(), err=True)
             sys.exit(130)
+
+
+def _interrupted_message() -> str:
+    """What Ctrl-C leaves: the partial directory quantize opened, if it still exists, to resume from."""
+    opened = [p for p in sys.modules["qconvert.pipeline"].OPENED_PARTIALS if p.is_dir()] if "qconvert.pipeline" in sys.modules else []
+    if opened:
+        return (f"interrupted; the finished blocks are kept in {opened[-1]}: repeat the command with --resume "
+                "to continue from them")
+    return "interrupted"
 
 
 def _console():

@@ -131,6 +131,8 @@ def perplexity(model, tokenizer, text: str, seqlen: int = 2048, max_windows: int
     n = ids.numel() // seqlen
     if max_windows is not None:
         n = min(n, max_windows)
+    if ids.numel() == 0:
+        raise QConvertError("the text is empty (0 tokens); pass a file with text in it")
     if n < 1:
         raise QConvertError(f"the text has {ids.numel()} tokens, fewer than one window of {seqlen}; lower --seqlen")
     total = 0.0

@@ -15,14 +15,17 @@ from qconvert.errors import QConvertError
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
-def parse_size(text: str | int) -> int:
-    """Bytes of a size such as 2GB, 500MB or 1GiB (an int passes through)."""
+def parse_size(text: str | int, allow_zero: bool = False) -> int:
+    """Bytes of a size such as 2GB, 500MB or 1GiB (an int passes through); zero only with ``allow_zero``."""
     if isinstance(text, int):
         return text
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", text, re.I)
     if not m:
         raise QConvertError(f"cannot read size {text!r}; write it like 2GB, 500MB or 1GiB")
-    return int(float(m.group(1)) * _UNITS[(m.group(2) or "B").upper()])
+    size = int(float(m.group(1)) * _UNITS[(m.group(2) or "B").upper()])
+    if size <= 0 and not allow_zero:
+        raise QConvertError(f"size {text!r} is zero; give a positive size such as 2GB, 500MB or 1GiB")
+    return size
 
 
 def public_name(path: str | Path) -> str:

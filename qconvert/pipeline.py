@@ -72,9 +72,13 @@ def check_output(out: Path, force: bool, resume: bool) -> None:
         )
 
 
+OPENED_PARTIALS: list[Path] = []  # the partial directories this process opened (the CLI's Ctrl-C message names them)
+
+
 def open_partial(out: Path, resume: bool) -> tuple[Path, Journal | None]:
     """The partial directory, and the journal of an interrupted run to resume (or None)."""
     partial = partial_dir(out)
+    OPENED_PARTIALS.append(partial)
     if resume and partial.is_dir():
         journal = Journal.read(partial)
         if journal is not None:

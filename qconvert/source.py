@@ -598,6 +598,21 @@ def _has_weights(snap: Path) -> bool:
     return (snap / "config.json").is_file() and any(snap.glob("*.safetensors"))
 
 
+def _cache_state(repo_id: str, revision: str | None, cache) -> str:
+    """How ``repo_id`` (at ``revision``) stands in the Hub cache, for a message: not there at all, there
+    at other revisions only, or there with a snapshot that lacks weights or a shard."""
+    repo_dir = Path(cache) / ("models--" + repo_id.replace("/", "--"))
+    if not repo_dir.is_dir():
+        return f"is not in the Hugging Face cache ({cache})"
+    refs = sorted(p.name for p in (repo_dir / "refs").glob("*") if p.is_file()) if (repo_dir / "refs").is_dir() else []
+    wanted = revision or "main"
+    if wanted not in refs and not (repo_dir / "snapshots" / wanted).is_dir():
+        return (f"is in the Hugging Face cache ({cache}) but not at revision {wanted!r} "
+                f"(cached: {', '.join(refs) if refs else 'no named revision'}; pass one of them to --revision)")
+    return (f"is in the Hugging Face cache ({cache}) at revision {wanted!r}, but incomplete: no weights, or a shard its "
+            "index names is missing")
+
+
 def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
@@ -615,7 +630,7 @@ def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
     cache = constants.HF_HUB_CACHE
     if offline:
         raise QConvertError(
-            f"'{repo_id}' is not in the Hugging Face cache ({cache}) and HF_HUB_OFFLINE is set; "
+            f"'{repo_id}' {_cache_state(repo_id, revision, cache)}, and HF_HUB_OFFLINE is set; "
             f"download it on a connected machine (hf download {repo_id}) or pass a local directory"
         )
     try:
@@ -642,7 +657,7 @@ def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
         raise QConvertError(f"downloading '{repo_id}' failed (HTTP {status}); try again later, or pass a local directory") from e
     except Exception as e:  # network failures come in many classes
         raise QConvertError(
-            f"'{repo_id}' is not in the Hugging Face cache ({cache}) and could not be downloaded "
+            f"'{repo_id}' {_cache_state(repo_id, revision, cache)}, and could not be downloaded "
             f"({type(e).__name__}); check the network, or download it elsewhere and pass the directory"
         ) from e
 

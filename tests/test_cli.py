@@ -390,3 +390,29 @@ def test_the_python_entry_points_are_the_functions_and_take_dtype_names(tmp_path
         qconvert.load(out, dtype="int8")
     with pytest.raises(QConvertError, match=r"force=True"):
         qconvert.quantize(str(tiny_llama), "is-w4a8-rtn", out, progress=False)
+
+
+def test_small_option_and_message_mends(tmp_path, tiny_llama, text_file):
+    """--max-shard-size 0 wrote one shard per tensor; an empty eval file was told to lower --seqlen; a
+    missing OUT was "not a directory"; Ctrl-C named a literal OUT.partial, whether or not one existed."""
+    from qconvert import cli as cli_module
+    from qconvert import pipeline
+
+    res = run("quantize", tiny_llama, "--scheme", "is-w4a8-rtn", "--max-shard-size", "0", "-o", tmp_path / "z", ok=False)
+    assert res.exit_code != 0 and "size '0' is zero; give a positive size" in res.output and not (tmp_path / "z").exists()
+    out = tmp_path / "out"
+    run("quantize", tiny_llama, "--scheme", "is-w4a8-rtn", "-o", out, "-q")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    res = run("eval", out, "--data-file", empty, ok=False)
+    assert res.exit_code != 0 and "the text is empty (0 tokens)" in res.output
+    res = run("inspect", tmp_path / "nowhere", ok=False)
+    assert res.exit_code != 0 and "nowhere does not exist" in res.output
+    partial = tmp_path / "kept.partial"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pipeline, "OPENED_PARTIALS", [tmp_path / "out.partial"])  # the quantize above: renamed into out
+        assert cli_module._interrupted_message() == "interrupted"
+        partial.mkdir()
+        pipeline.OPENED_PARTIALS.append(partial)
+        assert cli_module._interrupted_message() == (f"interrupted; the finished blocks are kept in {partial}: repeat the "
+                                                     "command with --resume to continue from them")

@@ -56,6 +56,22 @@ def test_uncached_hub_id_offline_is_a_clear_error(tmp_path, monkeypatch):
         resolve_source("acme/not-there")
 
 
+def test_a_cached_repo_at_another_revision_or_incomplete_says_so(tmp_path, tiny_llama, monkeypatch):
+    """Offline, a repo cached at main but asked for at v9, or whose snapshot lost its weights, was
+    "not in the Hugging Face cache": the message now says which of the two it is."""
+    import huggingface_hub.constants as c
+
+    cache = tmp_path / "hub"
+    snap = _hf_cache(cache, "acme/tiny-llama", tiny_llama)
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    with pytest.raises(QConvertError, match=r"is in the Hugging Face cache .* but not at revision 'v9' \(cached: main; pass"):
+        resolve_source("acme/tiny-llama", revision="v9")
+    (snap / "model.safetensors").unlink()
+    with pytest.raises(QConvertError, match=r"at revision 'main', but incomplete"):
+        resolve_source("acme/tiny-llama")
+
+
 def test_missing_path_names_the_accepted_forms():
     with pytest.raises(QConvertError, match="not found: give a local model directory"):
         resolve_source("./no/such/model")

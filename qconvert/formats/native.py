@@ -66,6 +66,8 @@ def write_manifest(out: Path) -> dict:
 def read_quant_config(out: Path) -> tuple[dict, dict]:
     """(config dict without quantization_config, quantization_config) of a native OUT."""
     path = Path(out) / "config.json"
+    if not Path(out).exists():
+        raise QConvertError(f"{out} does not exist; pass the -o directory qconvert quantize wrote")
     if not Path(out).is_dir():
         raise QConvertError(f"{out} is not a directory; pass the -o directory qconvert quantize wrote (a model to "
                             f"start from, such as a Hub id or smollm2-135m, is quantized first: qconvert quantize "

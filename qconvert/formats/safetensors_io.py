@@ -377,7 +377,8 @@ class ShardedReader:
             for fname in sorted(set(self.where.values())):
                 path = self.directory / fname
                 if not path.exists():
-                    raise QConvertError(f"{index} names {fname}, which is missing; re-download the checkpoint")
+                    raise QConvertError(f"{index} names {fname}, which is missing; re-download the checkpoint "
+                                        "(a qconvert OUT: `qconvert verify` lists what is damaged; quantize it again)")
                 self.files[fname] = f = SafetensorsFile(path)
                 missing = [n for n, s in self.where.items() if s == fname and n not in f.tensors]
                 if missing:

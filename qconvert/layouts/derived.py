@@ -132,7 +132,7 @@ def budget_from_environment() -> int:
     if text is None or not text.strip():
         return available_ram() // 4
     try:
-        return parse_size(text.strip())
+        return parse_size(text.strip(), allow_zero=True)
     except QConvertError:
         raise QConvertError(f"{ENV}={text!r} is not a size; set it like {ENV}=8GB (or 0 to keep nothing)") from None
 
