@@ -352,7 +352,7 @@ class CalibSettings:
 
         for size in (self.max_memory, self.max_gpu_memory):
             if size is not None:
-                parse_size(size)
+                parse_size(size, allow_zero=True)  # 0: keep nothing there (placement's own advice may say 0GB)
         return replace(self, source=source, data_file=data_file, nsamples=nsamples)
 
     def for_model(self, config) -> "CalibSettings":
@@ -381,7 +381,7 @@ class CalibSettings:
         if self.max_memory is not None:
             from qconvert.fsutil import parse_size
 
-            return parse_size(self.max_memory)
+            return parse_size(self.max_memory, allow_zero=True)
         from qconvert.placement import available_ram
 
         return available_ram() // 2

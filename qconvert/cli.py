@@ -349,7 +349,7 @@ def verify(out, against, data_file, tokens, min_snr, min_top1, no_compare, strea
         if rep.removed_stale:
             click.echo(f"removed {Path(out) / 'verify.json'}: the passing report of an earlier run no longer holds", err=True)
         if rep.kept_earlier:
-            click.echo(f"kept {Path(out) / 'verify.json'}: OUT's own checks passed, only the --target check failed", err=True)
+            click.echo(f"kept {Path(out) / 'verify.json'}: OUT's own checks passed; {rep.kept_earlier}", err=True)
         if rep.kept_comparison:
             click.echo(f"{Path(out) / 'verify.json'} keeps the earlier run's comparison with {rep.kept_comparison} "
                        "(this run compared nothing; the files are the ones it compared)", err=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shlex
 from collections import Counter
 from dataclasses import dataclass
@@ -475,8 +476,8 @@ class _Provenance:
         own = _own_scheme(self.report, name, exclude)
         scheme_file = ""
         if own is not None:
-            scheme_file = f"cat > {shlex.quote(name + '.toml')} <<'EOF'\n{_scheme_toml(own)}EOF\n"
-            name += ".toml"
+            name = (re.sub(r"[^\w.-]", "_", name).strip("._") or "scheme") + ".toml"
+            scheme_file = f"cat > {shlex.quote(name)} <<'EOF'\n{_scheme_toml(own)}EOF\n"
         return f"{scheme_file}qconvert quantize {shlex.quote(src)} --scheme {shlex.quote(name)}{revision}{flags} -o {out}"
 
 
@@ -507,12 +508,23 @@ def _own_scheme(report: dict, name: str, exclude: list | None):
                       dict(scheme.get("params") or {}), tuple(exclude or ()))
 
 
+def _toml_value(v) -> str:
+    """A TOML value: strings as JSON writes them without ASCII escapes (a \\u escape of an emoji's
+    surrogate pair is not TOML), TOML's own inf / nan, lists of such."""
+    if isinstance(v, float) and v != v:
+        return "nan"
+    if isinstance(v, float) and v in (float("inf"), float("-inf")):
+        return "inf" if v > 0 else "-inf"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(v, ensure_ascii=False)
+
+
 def _scheme_toml(scheme) -> str:
-    """A scheme file's text (schemes_registry.parse_scheme reads it back): strings, numbers, booleans
-    and lists of them, written as JSON writes them, which TOML reads the same."""
-    lines = [f"name = {json.dumps(scheme.name)}"] + ([f"description = {json.dumps(scheme.description)}"] if scheme.description else [])
-    lines += [f"method = {json.dumps(scheme.method)}", f"exclude = {json.dumps(list(scheme.exclude))}", "", "[params]"]
-    lines += [f"{k} = {json.dumps(v)}" for k, v in scheme.params.items()]
+    """A scheme file's text (schemes_registry.parse_scheme reads it back)."""
+    lines = [f"name = {_toml_value(scheme.name)}"] + ([f"description = {_toml_value(scheme.description)}"] if scheme.description else [])
+    lines += [f"method = {_toml_value(scheme.method)}", f"exclude = {_toml_value(list(scheme.exclude))}", "", "[params]"]
+    lines += [f"{k if re.fullmatch(r'[A-Za-z0-9_-]+', k) else json.dumps(k)} = {_toml_value(v)}" for k, v in scheme.params.items()]
     return "\n".join(lines) + "\n"
 
 

@@ -75,6 +75,16 @@ def task_manager(tasks: list[str], include_path: str | Path | None):
     return tm
 
 
+def _network_error(e: BaseException) -> bool:
+    """A failure to reach the Hub: Python's ConnectionError (datasets' "Couldn't reach", huggingface_hub's
+    offline mode) or a connection / timeout error of requests, httpx or urllib3 (not all of them subclass it)."""
+    for c in type(e).__mro__:
+        if c is ConnectionError or (c.__module__.split(".")[0] in ("requests", "httpx", "urllib3")
+                                    and ("Connect" in c.__name__ or "Timeout" in c.__name__)):
+            return True
+    return False
+
+
 def run_tasks(target: str | Path, tasks: list[str], limit: int | float | None = None, num_fewshot: int | None = None,
               include_path: str | Path | None = None, batch_size: int = 1) -> TaskResults:
     """Run lm-eval ``tasks`` on TARGET (an OUT, a compressed-tensors export or any SOURCE) on the CPU."""
@@ -91,7 +101,9 @@ def run_tasks(target: str | Path, tasks: list[str], limit: int | float | None = 
     try:
         res = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=tm,
                                       log_samples=False)
-    except ConnectionError as e:  # datasets' "Couldn't reach ... on the Hub", huggingface_hub's offline mode
+    except Exception as e:  # noqa: BLE001 - only a network failure is turned into a message
+        if not _network_error(e):
+            raise
         raise QConvertError(
             f"--tasks {','.join(tasks)}: a dataset could not be fetched ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
             "run once with network access so it lands in the datasets cache (HF_DATASETS_CACHE), or give a task "

@@ -231,7 +231,7 @@ def _convert_or_explain(job: _Job, partial: Path, journal, progress: bool) -> tu
         done = (Journal.read(partial) or Journal(partial, {})).stages_done
         limit = job.calib.max_gpu_memory if job.calib is not None else None
         raise QConvertError(placement.out_of_memory_message(
-            e, job.device, partial, done, parse_size(limit) if limit is not None else None)) from e
+            e, job.device, partial, done, parse_size(limit, allow_zero=True) if limit is not None else None)) from e
     except OSError as e:
         raise QConvertError(
             f"writing {partial} failed ({e.strerror or e}); the finished blocks are kept: fix the cause "
@@ -304,7 +304,7 @@ def _prepare(source, sch: Scheme, out: Path, force: bool, resume: bool, max_shar
     if walk_device.is_cuda:  # a CPU run's journal is as before: it resumes either way
         settings["device"] = "cuda"
         batch_tokens = max(1, BATCH_TOKENS // calib.seqlen) * calib.seqlen
-        max_gpu = parse_size(calib.max_gpu_memory) if calib.max_gpu_memory is not None else None
+        max_gpu = parse_size(calib.max_gpu_memory, allow_zero=True) if calib.max_gpu_memory is not None else None
         budget = placement.gpu_budget(walk_device.device, max_gpu, placement.block_working_set(config, batch_tokens))
     expected = {k: tuple(v.shape) for k, v in skeleton.state_dict(keep_vars=True).items()}
     if announce is not None:  # once the source has been read and the run planned

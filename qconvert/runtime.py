@@ -214,17 +214,20 @@ def _refuse_saving(model, out: Path):
     """transformers' save_pretrained / push_to_hub on a loaded OUT would write the runtime's buffers
     under the linears' names with no quantization config: a checkpoint that loads as random weights.
     They raise instead, saying what to use."""
-    def refuse(*args, **kwargs):
-        raise QConvertError(
-            f"a model made by qconvert.load cannot be written with save_pretrained / push_to_hub (it would hold "
-            f"runtime buffers and no quantization config): the OUT folder {out} is the checkpoint (copy it, or "
-            f"`qconvert push {out} REPO`), and `qconvert export {out} --format compressed-tensors -o DIR` writes "
-            "one that transformers and vLLM load")
+    import functools
 
     for name in ("save_pretrained", "push_to_hub"):
         if hasattr(model, name):
-            setattr(model, name, refuse)
+            setattr(model, name, functools.partial(_refuse_save, str(out)))  # a partial pickles; a closure would not
     return model
+
+
+def _refuse_save(out: str, *args, **kwargs):
+    raise QConvertError(
+        f"a model made by qconvert.load cannot be written with save_pretrained / push_to_hub (it would hold "
+        f"runtime buffers and no quantization config): the OUT folder {out} is the checkpoint (copy it, or "
+        f"`qconvert push {out} REPO`), and `qconvert export {out} --format compressed-tensors -o DIR` writes "
+        "one that transformers and vLLM load")
 
 
 # linears of one parent that read the same input in the supported architectures (Llama, Mistral,

@@ -72,7 +72,7 @@ class VerifyReport:
     made_on: str | None = None  # the device that calibrated OUT: qconvert.json's "device", "cpu" when absent
     removed_stale: bool = False  # this failing run removed an earlier passing OUT/verify.json
     kept_comparison: str | None = None  # this run compared nothing: the earlier passing report's comparison (with this source) is kept
-    kept_earlier: bool = False  # only the serving target failed: the earlier passing OUT/verify.json stays
+    kept_earlier: str | None = None  # why the earlier passing OUT/verify.json stays (a failure that is not OUT's own)
 
     def __post_init__(self):
         if self.made_on is None:
@@ -216,22 +216,21 @@ def recorded_source(out: Path) -> str | None:
         return None
 
 
-def _recorded_source(out: Path, rep: VerifyReport) -> tuple[str | None, int]:
-    """(the SOURCE OUT records, 0) where it can be read here; (None, 0) where none is recorded; (None, 1)
-    and a failure in ``rep`` that names it and the way out where it cannot (moved, deleted, not in
-    the Hub cache): not a fault of OUT's."""
+def _recorded_source(out: Path, rep: VerifyReport) -> tuple[str | None, object, int]:
+    """(the SOURCE OUT records, it resolved, 0) where it can be read here; (None, None, 0) where none is
+    recorded; (spec, None, 1) and a failure in ``rep`` that names it and the way out where it cannot
+    (moved, deleted, not in the Hub cache): not a fault of OUT's."""
     from qconvert.source import resolve_source
 
     spec = recorded_source(out)
     if spec is None:
-        return None, 0
+        return None, None, 0
     try:
-        resolve_source(spec)  # cheap: the config and the file index, not the weights
+        return spec, resolve_source(spec), 0
     except QConvertError as e:
         _fail(rep, f"the source OUT was made from ({spec}, recorded in qconvert.json) cannot be read here ({e}); "
                    "pass --against SOURCE to compare with it where it is now, or --no-compare to check the files only")
-        return None, 1
-    return spec, 0
+        return spec, None, 1
 
 
 def rotated_as_recorded(out: Path, src):
@@ -368,7 +367,7 @@ def _layer_snrs(qmods: dict, caught: dict, rep: VerifyReport) -> None:
 
 @torch.inference_mode()
 def compare(out: Path, against, rep: VerifyReport, data_file=None, n_tokens: int = 128,
-            stream: bool | None = None, announce=None) -> None:
+            stream: bool | None = None, announce=None, label: str | None = None) -> None:
     """Per-layer SNR, KL and top-1 agreement of OUT against ``against`` (a SOURCE or a Source);
     ``stream``: run the source one block at a time (default: when ``too_large_to_hold``);
     ``announce``: called with a line as each slow stage starts (the CLI's progress)."""
@@ -380,7 +379,7 @@ def compare(out: Path, against, rep: VerifyReport, data_file=None, n_tokens: int
     from qconvert.source import Source, resolve_source
 
     src = rotated_as_recorded(out, against if isinstance(against, Source) else resolve_source(against))
-    what = getattr(against, "description", str(against))
+    what = label or getattr(against, "description", str(against))
     from qconvert.multimodal import compare_carried
 
     carried = compare_carried(out, src)  # a multimodal checkpoint's image parts, kept bit for bit
@@ -441,10 +440,11 @@ def verify(out, against: str | None = None, data_file=None, n_tokens: int = 128,
         structure = None
     not_own = 0  # failures that are not of OUT itself (its recorded source missing here, a serving target)
     if structure is not None and compare_source:
+        label = against if isinstance(against, str) else None  # a Source passed in: its description
         if against is None:
-            against, not_own = _recorded_source(out, rep)
+            label, against, not_own = _recorded_source(out, rep)
         if against is not None:
-            compare(out, against, rep, data_file, n_tokens, stream, announce)
+            compare(out, against, rep, data_file, n_tokens, stream, announce, label)
             low = [r for r in rep.layers if r["snr_db"] < min_snr_db]
             if low:
                 _fail(rep, f"{len(low)} layers below {min_snr_db} dB SNR, worst {low[0]['name']} ({min(r['snr_db'] for r in low)} dB)")
@@ -454,14 +454,15 @@ def verify(out, against: str | None = None, data_file=None, n_tokens: int = 128,
     if structure is not None and target:
         _check_serving(out, rep, target, tensor_parallel)
     if save:
-        _save_report(out, rep, own_failures)
+        why = ("its recorded source cannot be read here" if not_own else "only the --target check failed")
+        _save_report(out, rep, own_failures, why)
     return rep
 
 
 COMPARISON = ("against", "sample_tokens", "layers", "min_snr_db", "kl", "top1_agreement", "sample", "streamed")
 
 
-def _save_report(out: Path, rep: VerifyReport, own_failures: int) -> None:
+def _save_report(out: Path, rep: VerifyReport, own_failures: int, why_kept: str) -> None:
     """OUT/verify.json (the card's source): a pass writes it, keeping an earlier pass's comparison
     when this run compared nothing (the files passed their sha256, so it is of the same tensors); a
     failure of the OUT's own checks removes an earlier pass (it no longer holds); a failure of the
@@ -478,8 +479,8 @@ def _save_report(out: Path, rep: VerifyReport, own_failures: int) -> None:
             record["kept_comparison"] = rep.kept_comparison = earlier["against"]
         path.write_text(json.dumps(record, indent=2) + "\n")
     elif earlier is not None and own_failures == 0:
-        rep.kept_earlier = True
-    elif earlier is not None:  # an earlier pass no longer holds: the card must not claim it
+        rep.kept_earlier = why_kept
+    elif path.exists():  # an earlier pass no longer holds (or an unreadable file): the card must not claim it
         path.unlink()
         rep.removed_stale = True
 

@@ -204,6 +204,13 @@ def sm_count(device_index: int = 0) -> int:
     return int(torch.cuda.get_device_properties(device_index).multi_processor_count)
 
 
+@functools.lru_cache(maxsize=None)
+def smem_per_sm(device_index: int = 0) -> int | None:
+    """Shared memory of one multiprocessor in bytes (host-side property), None where torch does not say."""
+    value = getattr(torch.cuda.get_device_properties(device_index), "shared_memory_per_multiprocessor", None)
+    return int(value) if value else None
+
+
 _SMEM_OPTED: dict = {}  # (source, kernel, device) -> the dynamic shared memory opted in for
 
 

@@ -416,3 +416,35 @@ def test_small_option_and_message_mends(tmp_path, tiny_llama, text_file):
         pipeline.OPENED_PARTIALS.append(partial)
         assert cli_module._interrupted_message() == (f"interrupted; the finished blocks are kept in {partial}: repeat the "
                                                      "command with --resume to continue from them")
+
+
+def test_review_mends_of_the_walkthrough_fixes(tmp_path):
+    """An --exclude naming MoE routers (ignore lists do) is no typo; the card's scheme file is TOML for any
+    description or parameter; zero is a size for the memory limits; a requests / httpx connection error
+    is a network failure to lm-eval's message; a loaded OUT's refusal to save pickles."""
+    import pickle
+    import tomllib
+
+    from helpers import tiny_moe_config
+    from qconvert.calibration_text import CalibSettings
+    from qconvert.errors import QConvertError
+    from qconvert.hub import _scheme_toml
+    from qconvert.lmeval import _network_error
+    from qconvert.runtime import _refuse_save
+    from qconvert.schemes_registry import Scheme
+    from qconvert.skeleton import build_skeleton, target_linears
+
+    model = build_skeleton(tiny_moe_config("mixtral"))
+    targets = target_linears(model, ("lm_head", "*.block_sparse_moe.gate"), must_match=("*.block_sparse_moe.gate",))
+    assert targets and not any(n.endswith("block_sparse_moe.gate") for n in targets)
+    with pytest.raises(QConvertError, match="matches no linear"):
+        target_linears(model, ("*.nothing",), must_match=("*.nothing",))
+    scheme = Scheme("mine/odd", 'fast 🚀 "q"', "integer-scale", {"group_size": 64, "clip": float("inf"), "l": [1.5, "a"]}, ("lm_head",))
+    back = tomllib.loads(_scheme_toml(scheme))
+    assert back["description"] == 'fast 🚀 "q"' and back["params"] == {"group_size": 64, "clip": float("inf"), "l": [1.5, "a"]}
+    assert CalibSettings(max_memory="0", max_gpu_memory="0GB").validated().memory_budget() == 0
+    fake = type("ConnectError", (Exception,), {"__module__": "httpx"})
+    assert _network_error(fake()) and _network_error(ConnectionError()) and not _network_error(ValueError())
+    refuse = pickle.loads(pickle.dumps(__import__("functools").partial(_refuse_save, str(tmp_path))))
+    with pytest.raises(QConvertError, match="cannot be written with save_pretrained"):
+        refuse(tmp_path / "x")

@@ -642,3 +642,11 @@ def test_the_kernel_benchmark_times_the_bm64_prefill_beside(monkeypatch, m):
     assert [r["kernel"] for r in rows] == ["cublas-fp16", "w4a8-is", "w4a8-is-bm64", "w4a8-fs"]
     assert rows[2]["same_bits_as_bm128"] is True and rows[2]["vs_bm128"] == 1.0 and "vs_cublas" in rows[2]
     assert {"w4a8r_prefill_is", "w4a8r_prefill_is_bm64", "w4a8r_prefill_fs"} <= launched
+
+
+def test_prefill_bm64_slots_follow_the_ctas_an_sm_holds():
+    """sm_86 / sm_89 hold one 64 KB CTA per SM (100 KB of shared memory), not two: the plan's split
+    counts the slots it is given (cuda.prefill_ctas from the device's shared memory per SM)."""
+    two, one = (cuda.plan(256, _Meta(1024, 4096), 58, 64, c) for c in (2, 1))
+    assert two.mtiles * two.ntiles == 32 and (two.splits, one.splits) == (3, 1)
+    assert cuda.prefill_ctas(torch.device("cpu"), 64) == 2 and cuda.prefill_ctas(torch.device("cpu"), 128) == 1

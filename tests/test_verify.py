@@ -269,7 +269,7 @@ def test_a_narrower_run_keeps_the_comparison_and_a_target_failure_keeps_the_repo
     assert all(kept[k] == full[k] for k in ("against", "kl", "top1_agreement", "min_snr_db", "layers", "sample_tokens"))
     # down_proj's K = 160 is 80 per rank at tensor parallel 2, not a multiple of g = 32: the target fails
     res = run_cli("verify", copy, "--no-compare", "--target", "vllm:sm90", "--tensor-parallel", 2, ok=False)
-    assert res.exit_code == 1 and "only the --target check failed" in res.output
+    assert res.exit_code == 1 and "OUT's own checks passed; only the --target check failed" in res.output
     assert json.loads((copy / "verify.json").read_text()) == kept
     # a damaged OUT: its own check fails, and the earlier pass goes
     (copy / "tokenizer.json").write_text("{}")
@@ -293,4 +293,5 @@ def test_a_recorded_source_that_is_gone_is_named_after_the_file_checks(tmp_path,
     assert f"the source OUT was made from ({gone}, recorded in qconvert.json) cannot be read here" in res.output
     assert "--against SOURCE" in res.output and "--no-compare" in res.output
     assert json.loads((copy / "verify.json").read_text())["against"] == "earlier"
+    assert "kept " in res.output and "its recorded source cannot be read here" in res.output
     assert CliRunner().invoke(cli, ["verify", str(copy), "--no-compare"]).exit_code == 0

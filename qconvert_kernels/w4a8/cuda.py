@@ -464,13 +464,14 @@ def amax_plan(m: int, k: int, publishers: int, own: bool = True) -> tuple[int, i
     return -(-k // (1 << ak)), ak
 
 
-def plan(m: int, prep: PreparedW4A8, sm_count: int, prefill_bm: int = P_BM) -> Plan:
+def plan(m: int, prep: PreparedW4A8, sm_count: int, prefill_bm: int = P_BM, prefill_ctas_per_sm: int | None = None) -> Plan:
     """Kernel, grid and split-K choice for M tokens on a device with ``sm_count`` SMs.
 
     Decode (M <= 64): S splits as ``roofline.decode_splits`` says, the per-token amax as
     ``amax_plan`` says.  Prefill: 128-channel x ``prefill_bm``-token tiles (128: one CTA per SM;
-    64: two), split only when the tiles do not fill the SMs' CTA slots (<= 4 ways, S x tiles <=
-    slots: one wave)."""
+    64: ``prefill_ctas_per_sm``, default two, one where an SM's shared memory holds one, as on sm_86 /
+    sm_89), split only when the tiles do not fill the SMs' CTA slots (<= 4 ways, S x tiles <= slots:
+    one wave)."""
     g = prep.n_groups
     tiles = prep.tiles
     sms = max(int(sm_count), 1)
@@ -488,7 +489,7 @@ def plan(m: int, prep: PreparedW4A8, sm_count: int, prefill_bm: int = P_BM) -> P
     _require(prefill_bm in PREFILL_BMS, f"w4a8.plan: prefill_bm must be one of {PREFILL_BMS}, got {prefill_bm}")
     mtiles = -(-m // prefill_bm)
     n_tiles = mtiles * tiles
-    slots = sms * (2 if prefill_bm == 64 else 1)
+    slots = sms * (1 if prefill_bm == P_BM else (prefill_ctas_per_sm or 2))
     s = 1 if n_tiles >= slots else max(1, min(4, g, slots // n_tiles))   # one wave: S x tiles <= slots
     gq, gr = divmod(g, s)
     band = min(3, _next_pow2_log2(tiles))
@@ -496,6 +497,16 @@ def plan(m: int, prep: PreparedW4A8, sm_count: int, prefill_bm: int = P_BM) -> P
     name = f"w4a8r_prefill_{is_}" + ("" if prefill_bm == P_BM else f"_bm{prefill_bm}")
     return Plan("prefill", name, grid, p_smem(prefill_bm), s, gq, gr, mtiles=mtiles, ntiles=tiles, band_log2=band,
                 part_int4=s * n_tiles * 8 * (prefill_bm // 8) * 32 if s > 1 else 0, counters=n_tiles if s > 1 else 0)
+
+
+def prefill_ctas(dev: torch.device, bm: int) -> int:
+    """Prefill CTAs of ``bm`` tokens that one SM of ``dev`` holds at once, by shared memory (1 KB per
+    CTA kept by the driver): 128-token ones one, 64-token ones two on an A100 / H100 / H200, one on
+    sm_86 / sm_89's 100 KB; two under emulation or where torch does not give the figure."""
+    if bm == P_BM or dev.type != "cuda":
+        return 1 if bm == P_BM else 2
+    per_sm = _l.smem_per_sm(dev.index if dev.index is not None else torch.cuda.current_device())
+    return 2 if per_sm is None else max(1, min(2, per_sm // (p_smem(bm) + 1024)))
 
 
 def device_sm_count(dev: torch.device) -> int:
@@ -523,7 +534,7 @@ def linear(x: torch.Tensor, prepared: PreparedW4A8, return_acc: bool = False, pr
     acc = torch.empty((m, p.n), dtype=torch.int32, device=dev) if (return_acc and p.is_int) else None
     if m == 0:
         return (y, acc) if return_acc else y
-    pl = plan(m, p, device_sm_count(dev), prefill_bm)
+    pl = plan(m, p, device_sm_count(dev), prefill_bm, prefill_ctas(dev, prefill_bm))
     part = torch.empty(4 * pl.part_int4, dtype=torch.int32, device=dev) if pl.part_int4 else None
     bf16 = x.dtype == torch.bfloat16
     spg = p.group_size // MMA_K
