@@ -407,7 +407,7 @@ def test_small_option_and_message_mends(tmp_path, tiny_llama, text_file):
     res = run("eval", out, "--data-file", empty, ok=False)
     assert res.exit_code != 0 and "the text is empty (0 tokens)" in res.output
     res = run("inspect", tmp_path / "nowhere", ok=False)
-    assert res.exit_code != 0 and "nowhere does not exist" in res.output
+    assert res.exit_code != 0 and "nowhere is not a directory (nothing is there)" in res.output
     partial = tmp_path / "kept.partial"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(pipeline, "OPENED_PARTIALS", [tmp_path / "out.partial"])  # the quantize above: renamed into out

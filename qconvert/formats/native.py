@@ -63,20 +63,12 @@ def write_manifest(out: Path) -> dict:
     return manifest
 
 
-def _names_a_source(spec: str) -> bool:
-    """A built-in alias, a Hub id or a .gguf file: a model to quantize first, not a missing OUT."""
-    from qconvert.source import ALIASES, HUB_ID
-
-    return spec in ALIASES or bool(HUB_ID.match(spec)) or spec.endswith(".gguf")
-
-
 def read_quant_config(out: Path) -> tuple[dict, dict]:
     """(config dict without quantization_config, quantization_config) of a native OUT."""
     path = Path(out) / "config.json"
-    if not Path(out).exists() and not _names_a_source(str(out)):
-        raise QConvertError(f"{out} does not exist; pass the -o directory qconvert quantize wrote")
     if not Path(out).is_dir():
-        raise QConvertError(f"{out} is not a directory; pass the -o directory qconvert quantize wrote (a model to "
+        there = "" if Path(out).exists() else " (nothing is there)"
+        raise QConvertError(f"{out} is not a directory{there}; pass the -o directory qconvert quantize wrote (a model to "
                             f"start from, such as a Hub id or smollm2-135m, is quantized first: qconvert quantize "
                             f"{out} -o OUT)")
     if not path.is_file():
