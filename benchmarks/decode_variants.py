@@ -66,7 +66,7 @@ def variant(v: str, sources: dict):
     """cuda.linear as variant ``v`` runs: its plan, its build of the source (``sources``: variant ->
     variant_source's file) and the shared memory its weight stages take; all restored after."""
     saved = (_cuda.plan, _cuda.SOURCE_R, _cuda.D_W_BYTES)
-    _cuda.plan = lambda mm, p, s, prefill_bm=_cuda.P_BM: variant_plan(v, mm, p, s)   # decode only: M <= 4
+    _cuda.plan = lambda mm, p, s, *prefill: variant_plan(v, mm, p, s)   # decode only: M <= 4
     _cuda.SOURCE_R = sources.get(v, saved[1])
     _cuda.D_W_BYTES = KERNEL_W_BYTES.get(v, saved[2])
     try:

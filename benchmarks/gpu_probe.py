@@ -25,8 +25,8 @@ def one(m, n, k, layout, variant="base"):
     prep = cuda.prepare(layout, {a: b.to(dev) for a, b in tensors.items()}, g, dev)
     orig = cuda.plan
     bm = 64 if variant == "bm64" else cuda.P_BM
-    def plan(mm, p, sms, prefill_bm=cuda.P_BM):
-        pl = orig(mm, p, sms, prefill_bm)
+    def plan(mm, p, sms, prefill_bm=cuda.P_BM, ctas=None):
+        pl = orig(mm, p, sms, prefill_bm, ctas)
         if variant == "s1" and pl.kind == "decode":
             pl = dataclasses.replace(pl, grid=(1, pl.grid[1]), splits=1, gq=p.n_groups, gr=0, part_int4=0,
                                      amax_ctas=1, ak_log2=max(3, (p.k - 1).bit_length()))
@@ -36,7 +36,7 @@ def one(m, n, k, layout, variant="base"):
     cuda.plan = plan
     y = cuda.linear(x.to(dev), prep, prefill_bm=bm)
     torch.cuda.synchronize()
-    pl = plan(m, prep, torch.cuda.get_device_properties(0).multi_processor_count, bm)
+    pl = plan(m, prep, torch.cuda.get_device_properties(0).multi_processor_count, bm, cuda.prefill_ctas(dev, bm))
     want = ref.linear_reference(x, layout, tensors, g, bounds=pl.split_bounds())
     same = torch.equal(y.cpu().view(torch.int16), want.view(torch.int16))
     print(f"{'OK' if same else 'MISMATCH'} {pl.kernel} grid={pl.grid} A={pl.amax_ctas} ak={pl.ak_log2}")

@@ -54,7 +54,7 @@ def emulate_linear(x, layout, tensors, g, sm_count=8, prefill_bm=cuda.P_BM, **kw
     with emulate.emulating(sm_count=sm_count, **kw) as emu:
         out = cuda.linear(x, prep, return_acc=layout == "w4a8-is", prefill_bm=prefill_bm)
     y, acc = out if layout == "w4a8-is" else (out, None)
-    return y, acc, cuda.plan(x.shape[0], prep, sm_count, prefill_bm), emu, prep
+    return y, acc, cuda.plan(x.shape[0], prep, sm_count, prefill_bm, cuda.prefill_ctas(x.device, prefill_bm)), emu, prep
 
 
 def check_case(m, n, k, g, layout, dtype=torch.float16, sm_count=8, x=None, tensors=None, prefill_bm=cuda.P_BM, **kw):

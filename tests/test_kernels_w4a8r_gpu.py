@@ -38,7 +38,7 @@ def run(m, n, k, g, layout, dtype=torch.float16, x=None, tensors=None, prefill_b
     out = cuda.linear(x.to(DEV), prep, return_acc=layout == "w4a8-is", prefill_bm=prefill_bm)
     torch.cuda.synchronize()
     y, acc = out if layout == "w4a8-is" else (out, None)
-    pl = cuda.plan(m, prep, SMS, prefill_bm)
+    pl = cuda.plan(m, prep, SMS, prefill_bm, cuda.prefill_ctas(DEV, prefill_bm))
     want = ref.linear_reference(x, layout, tensors, g, bounds=pl.split_bounds(), return_acc=layout == "w4a8-is")
     if layout == "w4a8-is":
         want, acc_ref = want
