@@ -246,11 +246,16 @@ def _engine_logits(engine, ids: torch.Tensor):
 
 
 def _cached_logits(model, ids: torch.Tensor):
-    """As ``_engine_logits``, on transformers' dynamic KV cache."""
+    """As ``_engine_logits``, on transformers' dynamic KV cache: passed and read back as ``cache`` where
+    the model's forward takes it (transformers 5.25 deprecates ``past_key_values``, to go in 5.40),
+    else as ``past_key_values``."""
+    import inspect
+
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     past = None
     for t in range(1, ids.shape[1]):
-        res = model(ids[:, t - 1 : t], past_key_values=past, use_cache=True)
-        past = res.past_key_values
+        res = model(ids[:, t - 1 : t], **{name: past}, use_cache=True)
+        past = getattr(res, name)
         yield res.logits[:, -1]
 
 

@@ -254,3 +254,21 @@ def test_sample_draws_from_the_softmax():
     assert counts[p == 0].sum() == 0
     assert torch.equal(got, sample(logits, torch.Generator().manual_seed(0)))
     assert not torch.equal(got, sample(logits, torch.Generator().manual_seed(1)))
+
+
+def test_the_cached_decode_passes_the_cache_by_the_name_the_forward_takes(tiny_llama):
+    """Self-written calibration text on transformers' own cache: the logits of a full forward, step by
+    step, with the cache passed as ``cache`` where transformers takes it (5.25 deprecates
+    ``past_key_values``, to be removed in 5.40: a FutureWarning is an error here)."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM
+
+    from qconvert.calibration_text import _cached_logits
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    ids = torch.tensor([[3, 17, 42, 99, 7, 250]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        steps = torch.stack(list(_cached_logits(model, ids)), 1)
+    assert torch.allclose(steps, model(ids).logits[:, :-1], atol=1e-5)
