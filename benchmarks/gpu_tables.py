@@ -99,14 +99,19 @@ def prefill_of_ceiling(runs: list, mma: dict | None) -> list[str]:
     return out
 
 
-def prefill_bm64_table(runs: list) -> list[str]:
-    """W4A8-IS prefill on 64-token tiles (two CTAs per SM) against the 128-token ones the layers run."""
+def _by_linear(runs: list) -> dict:
+    """{(shape, N, K, M): {kernel: row}} over the runs' kernel results."""
     rows = {}
     for _, data in runs:
         for r in data["results"]:
-            rows.setdefault((r["M"], r["shape"], r["N"], r["K"]), {})[r["kernel"]] = r
+            rows.setdefault((r["shape"], r["N"], r["K"], r["M"]), {})[r["kernel"]] = r
+    return rows
+
+
+def prefill_bm64_table(runs: list) -> list[str]:
+    """W4A8-IS prefill on 64-token tiles (two CTAs per SM) against the 128-token ones the layers run."""
     out = []
-    for (m, shape, n, k), by in sorted(rows.items()):
+    for (shape, n, k, m), by in sorted(_by_linear(runs).items(), key=lambda kv: (kv[0][3], kv[0][0])):
         i, b = by.get("w4a8-is"), by.get("w4a8-is-bm64")
         if i and b:
             out.append(f"| {shape} ({n} x {k}) | {m} | {i['us']:.1f} | {b['us']:.1f} | {i['us'] / b['us']:.2f}x | "
@@ -122,10 +127,7 @@ def w4a8_table(runs: list, roofline: dict | None) -> list[str]:
     for r in (roofline or {}).get("rows", []):
         if r["device"] == "H200":
             pred[(r["N"], r["K"], r["M"])] = r
-    rows = {}
-    for _, data in runs:
-        for r in data["results"]:
-            rows.setdefault((r["shape"], r["N"], r["K"], r["M"]), {})[r["kernel"]] = r
+    rows = _by_linear(runs)
     out = ["| linear (N x K) | M | cuBLAS FP16 us | W4A8-IS us | W4A8-FS us | IS / cuBLAS | IS / FS | IS roofline | "
            "predicted IS us | predicted IS / cuBLAS |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (shape, n, k, m), by in sorted(rows.items(), key=lambda kv: (kv[0][3], kv[0][0])):

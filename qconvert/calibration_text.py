@@ -249,9 +249,9 @@ def _cached_logits(model, ids: torch.Tensor):
     """As ``_engine_logits``, on transformers' dynamic KV cache: passed and read back as ``cache`` where
     the model's forward takes it (transformers 5.25 deprecates ``past_key_values``, to go in 5.40),
     else as ``past_key_values``."""
-    import inspect
+    from qconvert.engine import keyword_of
 
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    name = keyword_of(model.forward, "cache", "past_key_values") or "past_key_values"
     past = None
     for t in range(1, ids.shape[1]):
         res = model(ids[:, t - 1 : t], **{name: past}, use_cache=True)

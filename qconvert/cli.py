@@ -30,7 +30,8 @@ class _Group(click.Group):
 
 def _interrupted_message() -> str:
     """What Ctrl-C leaves: the partial directory quantize opened, if it still exists, to resume from."""
-    opened = [p for p in sys.modules["qconvert.pipeline"].OPENED_PARTIALS if p.is_dir()] if "qconvert.pipeline" in sys.modules else []
+    pipeline = sys.modules.get("qconvert.pipeline")  # not imported: no conversion ran
+    opened = [p for p in getattr(pipeline, "OPENED_PARTIALS", []) if p.is_dir()]
     if opened:
         return (f"interrupted; the finished blocks are kept in {opened[-1]}: repeat the command with --resume "
                 "to continue from them")

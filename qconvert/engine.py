@@ -305,7 +305,9 @@ def _sliding_window(config) -> int | None:
     return int(window) if getattr(config, "use_sliding_window", True) else None
 
 
-def _kwarg(fn, *names: str) -> str | None:
+def keyword_of(fn, *names: str) -> str | None:
+    """The first of ``names`` that ``fn`` takes (transformers renames keywords across versions: ``cache``
+    for ``past_key_values`` since 5.25), None if it takes none."""
     params = inspect.signature(fn).parameters
     return next((n for n in names if n in params), None)
 
@@ -421,10 +423,10 @@ class DecodeEngine:
                                                            " (the CPU only under the kernel emulator)")
                                 + "; leave cache_kernel unset")
         self.cache.kernel_device = self.device if cache_kernel else None
-        self._cache_kw = _kwarg(model.forward, "cache", "past_key_values")
+        self._cache_kw = keyword_of(model.forward, "cache", "past_key_values")
         if self._cache_kw is None:
             raise QConvertError(f"{type(model).__name__}.forward takes no KV cache; the decode engine cannot run it")
-        self._keep_kw = _kwarg(model.forward, "logits_to_keep", "num_logits_to_keep")
+        self._keep_kw = keyword_of(model.forward, "logits_to_keep", "num_logits_to_keep")
 
         dev = self.device
         self._ids = torch.zeros(max_batch, 1, dtype=torch.int64, device=dev)  # decode input tokens

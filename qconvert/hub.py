@@ -497,15 +497,22 @@ def _own_scheme(report: dict, name: str, exclude: list | None):
     """The scheme OUT was made with when ``name`` is not a preset (a user's TOML file), as OUT
     records it: its method, parameters and excluded modules, no rotation or asymmetric calibration of
     its own (those are options then); None for a preset."""
-    from qconvert.schemes_registry import Scheme, load_scheme
+    from qconvert.schemes_registry import load_scheme
 
     try:
         load_scheme(name)
         return None
     except QConvertError:
-        scheme = report.get("scheme") or {}
-        return Scheme(name, str(scheme.get("description") or ""), str(scheme.get("method") or "?"),
-                      dict(scheme.get("params") or {}), tuple(exclude or ()))
+        return _recorded_scheme(report, name, exclude)
+
+
+def _recorded_scheme(report: dict, name: str, exclude: list | None):
+    """Scheme ``name`` as OUT's report and config record it (method, parameters, excluded modules)."""
+    from qconvert.schemes_registry import Scheme
+
+    scheme = report.get("scheme") or {}
+    return Scheme(name, str(scheme.get("description") or ""), str(scheme.get("method") or "?"),
+                  dict(scheme.get("params") or {}), tuple(exclude or ()))
 
 
 def _toml_value(v) -> str:
@@ -546,7 +553,7 @@ def option_flags(report: dict, name: str, exclude: list | None = None) -> list[s
     try:
         preset = load_scheme(name)
     except QConvertError:
-        preset = _own_scheme(report, name, exclude)
+        preset = _recorded_scheme(report, name, exclude)
     q = shlex.quote
     flags = []
     params = (report.get("scheme") or {}).get("params") or {}

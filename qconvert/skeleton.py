@@ -7,6 +7,7 @@ import fnmatch
 
 from torch import nn
 
+from qconvert.errors import QConvertError
 from qconvert.moe import is_router, unfuse_experts
 
 
@@ -62,14 +63,15 @@ def target_linears(model, exclude, must_match=()) -> dict[str, nn.Linear]:
     """Linear modules to quantize, by name, in module order; MoE routers never are.  Each pattern
     of ``must_match`` (the user's --exclude) must match a linear, and some linear must be left: a
     typo would otherwise quantize what it meant to keep, and '*' write an OUT with nothing quantized."""
-    from qconvert.errors import QConvertError
-
-    # MoE routers too (a Linear or a router module of their own): ignore lists name them, and they are never quantized
-    every = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or is_router(n)]
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and not is_router(n)}
+    linears, routers = {}, []  # MoE routers (a Linear or a module of their own): ignore lists name them
+    for n, m in model.named_modules():
+        if is_router(n):
+            routers.append(n)
+        elif isinstance(m, nn.Linear):
+            linears[n] = m
     names = list(linears)
     for p in must_match:
-        if not any(fnmatch.fnmatchcase(n, p) for n in every):
+        if not any(fnmatch.fnmatchcase(n, p) for n in names + routers):
             examples = ", ".join(dict.fromkeys(n for n in (names[:1] + names[len(names) // 2:][:1] + names[-1:])))
             raise QConvertError(f"--exclude {p!r} matches no linear of this model (full names, such as {examples}; "
                                 "'*' matches dots too: '*.down_proj'); nothing was written")

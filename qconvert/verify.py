@@ -216,7 +216,7 @@ def recorded_source(out: Path) -> str | None:
         return None
 
 
-def _recorded_source(out: Path, rep: VerifyReport) -> tuple[str | None, object, int]:
+def _read_recorded_source(out: Path, rep: VerifyReport) -> tuple[str | None, object, int]:
     """(the SOURCE OUT records, it resolved, 0) where it can be read here; (None, None, 0) where none is
     recorded; (spec, None, 1) and a failure in ``rep`` that names it and the way out where it cannot
     (moved, deleted, not in the Hub cache): not a fault of OUT's."""
@@ -442,7 +442,7 @@ def verify(out, against: str | None = None, data_file=None, n_tokens: int = 128,
     if structure is not None and compare_source:
         label = against if isinstance(against, str) else None  # a Source passed in: its description
         if against is None:
-            label, against, not_own = _recorded_source(out, rep)
+            label, against, not_own = _read_recorded_source(out, rep)
         if against is not None:
             compare(out, against, rep, data_file, n_tokens, stream, announce, label)
             low = [r for r in rep.layers if r["snr_db"] < min_snr_db]

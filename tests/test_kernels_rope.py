@@ -200,9 +200,9 @@ def test_a_model_rotates_on_the_kernel_with_the_same_logits(tiny_llama):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float16).eval()
     ids = torch.tensor([[3, 17, 42, 99, 7, 250], [5, 6, 7, 8, 9, 10]])
 
-    import inspect
+    from qconvert.engine import keyword_of
 
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # 5.25: cache
+    name = keyword_of(model.forward, "cache", "past_key_values")  # transformers 5.25: cache
 
     def run():
         cache = DynamicCache(config=model.config)
