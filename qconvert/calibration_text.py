@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -116,7 +117,12 @@ def _file_corpus(data_file):
     if data_file is None:
         raise QConvertError("--calib file needs a text file: pass --data-file PATH.txt (one text) "
                             "or PATH.jsonl (documents, one JSON object with 'text' per line)")
-    path = _local_file(data_file, (".txt", ".jsonl"), "file")
+    path = Path(data_file)
+    if path.suffix == ".json":  # one JSON document: not what a line-by-line reader takes
+        raise QConvertError(f"--calib file reads plain text or JSON lines, not a .json file ({path.name}); "
+                            f"pass its documents one JSON object with 'text' per line as a .jsonl file")
+    if not path.is_file():
+        raise QConvertError(f"data file {path} not found; pass an existing file with --data-file")
     return (_read_jsonl(path) if path.suffix == ".jsonl" else read_text_file(path)), str(path)
 
 
@@ -336,6 +342,21 @@ class CalibSettings:
     max_gpu_memory: str | int | None = None  # None: placement.GPU_FRACTION of the free GPU memory
     asym: float | None = None  # asymmetric calibration (GPTAQ's α): 0 = GPTQ's own, the quantized model's inputs only;
     # None: the scheme's ``asym_calib`` (qconvert.pipeline fills it in once the model's config is read)
+
+    @classmethod
+    def of(cls, value) -> "CalibSettings":
+        """``value`` as settings: None (the defaults), settings, or a dict of their fields (the
+        Python API's ``calib=``, e.g. ``{"source": "c4", "data_file": "c4.jsonl", "nsamples": 64}``)."""
+        if value is None or isinstance(value, cls):
+            return value or cls()
+        if not isinstance(value, Mapping):
+            raise QConvertError(f"calib= takes a dict of calibration settings or a CalibSettings, not "
+                                f"{type(value).__name__}")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(str(key) for key in value if key not in known)
+        if unknown:
+            raise QConvertError(f"calib=: no setting {unknown[0]!r}; the settings: {', '.join(known)}")
+        return cls(**value)
 
     def validated(self) -> "CalibSettings":
         source = self._source()

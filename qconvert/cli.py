@@ -98,7 +98,7 @@ def cli(ctx, debug):
 @click.option("--calib", type=click.Choice(["wikitext2", "c4", "file", "self"]),
               help="Calibration text for GPTQ: a dataset (local with --data-file, else from the Hub), a file, or "
                    "text the model writes itself. Default: file if --data-file is given, else self.")
-@click.option("--data-file", type=click.Path(path_type=Path), help="Calibration text: .txt, or .jsonl with a 'text' field.")
+@click.option("--data-file", type=click.Path(path_type=Path), help="Calibration text: a UTF-8 text file (.txt, wiki.train.raw, ...), or .jsonl with a 'text' field.")
 @click.option("--nsamples", type=click.IntRange(min=1),
               help="Calibration samples [default: 128].")
 @click.option("--seqlen", type=click.IntRange(min=2),
@@ -166,7 +166,6 @@ def quantize(source, scheme, out, group_size, quantize_lm_head, exclude, max_sha
     from qconvert.calibration_text import CalibSettings
     from qconvert.pipeline import quantize as run
     from qconvert.schemes_registry import load_scheme, parse_param, with_params
-    from qconvert.source import transformers_bars
 
     settings = CalibSettings(calib, str(data_file) if data_file else None, nsamples, seqlen, seed, max_memory, calib_dtype,
                              max_gpu_memory, asym)
@@ -177,11 +176,10 @@ def quantize(source, scheme, out, group_size, quantize_lm_head, exclude, max_sha
             overrides[key], options[key] = value, option
     if overrides:
         scheme = with_params(load_scheme(scheme), overrides, options)
-    with transformers_bars(not quiet):
-        path = run(source, scheme, out, group_size=group_size, quantize_lm_head=quantize_lm_head, exclude=exclude,
-                   force=force, resume=resume, max_shard_size=max_shard_size, revision=revision, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-                   progress=not quiet, base=base, calib=settings, json_report=json_path, device=device, announce=click.echo,
-                   rotate=rotate, rotate_seed=rotate_seed, float_dtype=float_dtype)
+    path = run(source, scheme, out, group_size=group_size, quantize_lm_head=quantize_lm_head, exclude=exclude,
+               force=force, resume=resume, max_shard_size=max_shard_size, revision=revision, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+               progress=not quiet, base=base, calib=settings, json_report=json_path, device=device, announce=click.echo,
+               rotate=rotate, rotate_seed=rotate_seed, float_dtype=float_dtype)
     report = json.loads((path / "qconvert.json").read_text())["totals"]
     ratio = report["quantized_fp16_bytes"] / max(report["quantized_bytes"], 1)
     on_disk = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 
 import torch
 
@@ -190,6 +191,25 @@ def generate(engine_or_model, tokenizer, prompts: str | list[str], max_new_token
     if temperature < 0:
         raise QConvertError(f"temperature must be 0 (greedy) or positive, not {temperature}")
     encoded = encode_prompts(tokenizer, prompts, chat)
+    run, steps, timed, t_prefill, t_decode = _run_encoded(engine_or_model, tokenizer, encoded, max_new_tokens, temperature,
+                                                          seed, stream_callback)
+    run.stream(steps + 1, final=True)
+    token_ids = [run.cut(row) for row in run.out[:, : steps + 1].tolist()]
+    n_prompt = [len(x) for x in encoded]
+    return GenerateResult(
+        token_ids=token_ids, text=[tokenizer.decode(row, skip_special_tokens=True) for row in token_ids],
+        prompt_tokens=n_prompt,
+        prefill_tokens_per_s=round(sum(n_prompt) / t_prefill, 2) if t_prefill > 0 else float("inf"),
+        decode_tokens_per_s=round(run.b * timed / t_decode, 2) if timed and t_decode > 0 else 0.0,
+        decode_steps=steps, prefill_seconds=round(t_prefill, 4), decode_seconds=round(t_decode, 4),
+        graphs=run.engine.graphs, device=str(run.engine.device),
+    )
+
+
+def _run_encoded(engine_or_model, tokenizer, encoded: list[list[int]], max_new_tokens: int, temperature: float, seed: int,
+                 stream_callback) -> tuple[_Run, int, int, float, float]:
+    """Prefill and decode the token lists ``encoded`` (validated options): the run, its decode steps,
+    the timed ones, and the prefill's and the decode loop's seconds."""
     p = max(len(x) for x in encoded)
     if not isinstance(engine_or_model, torch.nn.Module):  # an engine (DecodeEngine, or a model's own)
         if not all(hasattr(engine_or_model, a) for a in ("prefill", "decode", "max_len")):
@@ -206,14 +226,40 @@ def generate(engine_or_model, tokenizer, prompts: str | list[str], max_new_token
     run = _Run(engine, tokenizer, encoded, max_new_tokens, temperature, seed, stream_callback)
     nxt, t_prefill = run.prefill()
     steps, timed, t_decode = run.decode(nxt)
-    run.stream(steps + 1, final=True)
-    token_ids = [run.cut(row) for row in run.out[:, : steps + 1].tolist()]
-    n_prompt = [len(x) for x in encoded]
-    return GenerateResult(
-        token_ids=token_ids, text=[tokenizer.decode(row, skip_special_tokens=True) for row in token_ids],
-        prompt_tokens=n_prompt,
-        prefill_tokens_per_s=round(sum(n_prompt) / t_prefill, 2) if t_prefill > 0 else float("inf"),
-        decode_tokens_per_s=round(run.b * timed / t_decode, 2) if timed and t_decode > 0 else 0.0,
-        decode_steps=steps, prefill_seconds=round(t_prefill, 4), decode_seconds=round(t_decode, 4),
-        graphs=engine.graphs, device=str(engine.device),
-    )
+    return run, steps, timed, t_prefill, t_decode
+
+
+GENERATE_IDS_OPTIONS = ("attention_mask", "max_new_tokens", "do_sample", "temperature", "eos_token_id", "pad_token_id",
+                        "seed")
+
+
+@torch.inference_mode()
+def generate_ids(model, input_ids: torch.Tensor, **options) -> torch.Tensor:
+    """transformers' ``model.generate(input_ids, ...)`` for a model that brings its own decode engine
+    (I-LLM's integer-only model): int64 [B, P + new], each row its (left-padded) prompt, then its new
+    tokens up to and including its first EOS (``eos_token_id`` and the model's own), ``pad_token_id``
+    after it; the batch stops once every row has.  Greedy, or with ``do_sample`` drawn from softmax(logits / ``temperature``) (no top-k or
+    top-p), seeded by ``seed``.  Options: ``GENERATE_IDS_OPTIONS``; ``max_new_tokens`` defaults to
+    the model's ``generation_config``'s, EOS to its EOS ids, padding to its pad id (else the EOS)."""
+    unknown = sorted(set(options) - set(GENERATE_IDS_OPTIONS))
+    if unknown:
+        raise QConvertError(f"{type(model).__name__}.generate: option {unknown[0]!r} is not supported (it decodes greedily "
+                            f"or by temperature sampling); its options: {', '.join(GENERATE_IDS_OPTIONS)}")
+    config = getattr(model, "generation_config", None)
+    n_new = options.get("max_new_tokens") or getattr(config, "max_new_tokens", None) or 20
+    temperature = options.get("temperature")
+    temperature = (1.0 if temperature is None else float(temperature)) if options.get("do_sample") else 0.0
+    if n_new < 1 or temperature < 0 or (options.get("do_sample") and temperature == 0):
+        raise QConvertError(f"max_new_tokens must be at least 1 and a sampling temperature positive, not {n_new} and "
+                            f"{temperature:g}")
+    ids = input_ids.reshape(1, -1) if input_ids.dim() == 1 else input_ids
+    mask = options.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask.reshape(ids.shape)
+    encoded = [row[m.bool()].tolist() for row, m in zip(ids.cpu(), mask.cpu())]
+    if not all(encoded):
+        raise QConvertError("a row of input_ids has no tokens under its attention_mask; give every row a prompt")
+    eos = options.get("eos_token_id", getattr(config, "eos_token_id", None))
+    pad = options.get("pad_token_id", getattr(config, "pad_token_id", None))
+    ids_only = SimpleNamespace(eos_token_id=eos, pad_token_id=pad)  # what _Run reads of a tokenizer
+    run, steps, *_ = _run_encoded(model, ids_only, encoded, n_new, temperature, int(options.get("seed", 0)), None)
+    return torch.cat([ids.to(run.out.device), run.out[:, : steps + 1]], dim=1)

@@ -33,12 +33,12 @@ from qconvert.fsutil import check_not_mount_point, check_writable_parent, parse_
 from qconvert.methods import get_method
 from qconvert.methods.base import Method, relative_weight_error
 from qconvert.moe import is_moe
-from qconvert.schemes_registry import Scheme, load_scheme
+from qconvert.schemes_registry import Scheme, load_scheme, with_params
 from qconvert.solvers.gptq import asymmetric_target
 from qconvert.solvers.rotation import RotatedSource
 from qconvert.skeleton import build_skeleton, target_linears, tied_lm_head
 from qconvert.architectures import DECODER_LAYERS
-from qconvert.source import Source, provenance, resolve_source
+from qconvert.source import Source, provenance, resolve_source, transformers_bars
 
 BLOCK = re.compile(rf"^{re.escape(DECODER_LAYERS)}\.(\d+)\.")
 
@@ -166,7 +166,8 @@ def quantize(
     allow_pickle: bool = False,
     progress: bool = True,
     base: str | None = None,
-    calib: CalibSettings | None = None,
+    calib: CalibSettings | dict | None = None,
+    params: dict | None = None,
     json_report: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     announce=None,
@@ -179,7 +180,10 @@ def quantize(
     ``resume`` continues an interrupted run from its ``OUT.partial`` journal (the result is
     bit-identical to an uninterrupted run on the same device); ``force`` replaces an existing
     OUT.  ``base`` ("rtn" or "gptq") overrides the scheme's weight solver; ``calib`` says where
-    GPTQ's calibration tokens come from (default: text the model writes itself, 128 x 128).
+    GPTQ's calibration tokens come from (default: text the model writes itself, 128 x 128): a
+    ``CalibSettings`` or a dict of its fields, e.g. ``{"source": "c4", "data_file": "c4.jsonl"}``.
+    ``params`` overrides the scheme's method parameters (``--param``), e.g. ``{"lorc_rank": 0}``.
+    ``progress`` False also keeps transformers' own bars (reading a checkpoint or a GGUF file) off.
     ``device`` ("cuda", "cuda:N", "cpu"; None: cuda when usable) is where calibration runs
     (qconvert/placement.py); ``announce(line)``, if given, receives the line that says which.
     ``json_report`` also writes the per-layer report (qconvert.json) to that path.  ``rotate``
@@ -191,21 +195,24 @@ def quantize(
     sch = scheme if isinstance(scheme, Scheme) else load_scheme(scheme)
     sch = sch.with_overrides(group_size=group_size, quantize_lm_head=quantize_lm_head, exclude=tuple(exclude), base=base,
                              rotate=rotate)
+    if params:
+        sch = with_params(sch, dict(params))
     skipped: list[str] = []  # why the scheme's own rotation did not apply (an explicit --rotate raises instead)
     if isinstance(source, Source):
         source = _rotated(source, sch, rotate_seed, rotate is not None, skipped)
-    job = _prepare(source, sch, Path(os.path.abspath(out)), force, resume, max_shard_size, calib,
-                   lambda spec: _rotated(resolve_source(spec, revision, trust_remote_code, allow_pickle), sch, rotate_seed,
-                                         rotate is not None, skipped),
-                   device, announce, skipped, float_dtype, tuple(exclude))
-    partial, journal = open_partial(job.out, resume)
-    if journal is not None and journal.settings != job.settings:
-        raise QConvertError(
-            f"{partial} was started with other settings ({_first_difference(journal.settings, job.settings)}); "
-            "repeat the original command with --resume, or pass --force to start over"
-        )
-    _announce_resume(job, partial, journal, resume, announce)
-    report, timing = _convert_or_explain(job, partial, journal, progress)
+    with transformers_bars(progress):
+        job = _prepare(source, sch, Path(os.path.abspath(out)), force, resume, max_shard_size, calib,
+                       lambda spec: _rotated(resolve_source(spec, revision, trust_remote_code, allow_pickle), sch,
+                                             rotate_seed, rotate is not None, skipped),
+                       device, announce, skipped, float_dtype, tuple(exclude))
+        partial, journal = open_partial(job.out, resume)
+        if journal is not None and journal.settings != job.settings:
+            raise QConvertError(
+                f"{partial} was started with other settings ({_first_difference(journal.settings, job.settings)}); "
+                "repeat the original command with --resume, or pass --force to start over"
+            )
+        _announce_resume(job, partial, journal, resume, announce)
+        report, timing = _convert_or_explain(job, partial, journal, progress)
     timing["seconds"] = round(time.perf_counter() - t_start, 2)
     if json_report is not None:  # OUT's report plus the times, which OUT leaves out to stay reproducible
         Path(json_report).write_text(json.dumps({**report, "timing": timing}, indent=2) + "\n")
@@ -262,7 +269,7 @@ def _prepare(source, sch: Scheme, out: Path, force: bool, resume: bool, max_shar
     """Validate the scheme and the output, read the source's config, plan the stages."""
     method = get_method(sch.method, sch.params)  # validates the parameters before any heavy work
     explicit_dtype = parse_float_dtype(float_dtype)
-    calib = (calib or CalibSettings()).validated()  # a bad option is refused even where it goes unused
+    calib = CalibSettings.of(calib).validated()  # a bad option is refused even where it goes unused
     calib = calib if method.needs_calibration else None
     walk_device = _walk_device(device, calib is not None)
     shard_bytes = parse_size(max_shard_size)

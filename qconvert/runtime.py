@@ -126,7 +126,8 @@ def load(out: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
     on CPU, float32 where that is float16 (a GGUF file's OUT: CPUs have no float16 arithmetic
     worth the rounding), float16 on CUDA (the kernels take fp16 / bf16 activations).  ``device`` "cpu" runs
     the exact reference; "cuda" / "cuda:N" the CUDA kernels (cupy and an sm_80+ GPU needed).
-    An OUT whose layout brings a whole-model runtime (I-LLM) loads as that model; with
+    An OUT whose layout brings a whole-model runtime (I-LLM) loads as that model (with
+    transformers' ``generate``, greedy or temperature sampling, and ``labels=`` for a loss); with
     ``integer=False`` as the float model with the same quantized linears instead (a diagnostic
     that separates what the integer-only glue costs from what the W/A quantization costs).
     On CUDA, sibling linears that read the same input (q/k/v, gate/up) run as one GEMM where

@@ -118,6 +118,13 @@ def test_file_txt_is_one_text_and_jsonl_is_documents(tok, wiki_small, c4_small, 
     x = calibration_tokens("file", tok, 4, 50, data_file=txt)
     ids = ids_of(tok, raw)  # not re-joined like WikiText
     assert all(is_window_of(w, ids) for w in x)
+    other = tmp_path / "wiki.train.raw"  # any UTF-8 text file, whatever its suffix
+    other.write_text(raw, encoding="utf-8")
+    assert torch.equal(calibration_tokens("file", tok, 4, 50, data_file=other), x)
+    binary = tmp_path / "weights.bin"
+    binary.write_bytes(bytes([0xff, 0xfe, 0x00, 0x80]) * 64)
+    with pytest.raises(QConvertError, match=r"weights\.bin is not UTF-8 text"):
+        calibration_tokens("file", tok, 4, 50, data_file=binary)
     assert torch.equal(calibration_tokens("file", tok, 4, 50, data_file=c4_small),
                        calibration_tokens("c4", tok, 4, 50, data_file=c4_small))
 
@@ -143,7 +150,8 @@ def test_text_too_short(tok, tmp_path):
     (dict(seqlen=1), "--seqlen must be at least 2"),
     (dict(source="file"), "--calib file needs a text file: pass --data-file"),
     (dict(source="file", data_file="nowhere.txt"), "nowhere.txt not found"),
-    (dict(source="file", data_file="wiki.train.raw"), r"\.txt or \.jsonl files, not wiki\.train\.raw"),
+    (dict(source="file", data_file="docs.json"), r"not a \.json file \(docs\.json\); .* as a \.jsonl file"),
+    (dict(source="file", data_file="nowhere.raw"), "nowhere.raw not found"),
     (dict(source="c4", data_file="c4.txt"), r"--calib c4 reads \.jsonl files"),
     (dict(source="wikitext2", data_file="nowhere.raw"), "nowhere.raw not found"),
     (dict(source="self"), "no model was given"),

@@ -392,6 +392,37 @@ def test_the_python_entry_points_are_the_functions_and_take_dtype_names(tmp_path
         qconvert.quantize(str(tiny_llama), "is-w4a8-rtn", out, progress=False)
 
 
+def test_the_python_api_takes_calibration_and_parameters_as_dicts(tmp_path, tiny_calib_src, monkeypatch):
+    """quantize(calib=) needed a CalibSettings that `qconvert` did not export, method parameters
+    (--param, --outliers) had no keyword at all, and progress=False left transformers' bars (reading a
+    GGUF file or a checkpoint) on: they are off while it runs, and on again after."""
+    from transformers.utils import logging as hf_logging
+
+    import qconvert
+    from qconvert.calibration_text import CalibSettings
+    from qconvert.errors import QConvertError
+    from qconvert import calibration_text
+
+    assert qconvert.CalibSettings is CalibSettings
+    bars, real = [], calibration_text.calibration_tokens
+    monkeypatch.setattr(calibration_text, "calibration_tokens",
+                        lambda *a, **k: bars.append(hf_logging.is_progress_bar_enabled()) or real(*a, **k))
+    text = str(tiny_calib_src.parent / "calib.txt")
+    out = qconvert.quantize(str(tiny_calib_src), "quik-w4a4", tmp_path / "out", progress=False,
+                            calib={"data_file": text, "nsamples": 2, "seqlen": 16}, params={"outliers": 0})
+    assert bars and not any(bars) and hf_logging.is_progress_bar_enabled()
+    record = json.loads((out / "qconvert.json").read_text())
+    assert record["scheme"]["params"]["outliers"] == 0
+    assert (record["calibration"]["source"], record["calibration"]["nsamples"], record["calibration"]["seqlen"]) == (
+        "file", 2, 16)
+    for kwargs, match in ((dict(calib={"samples": 2}), r"calib=: no setting 'samples'; the settings: source, data_file"),
+                          (dict(calib="c4"), r"calib= takes a dict of calibration settings or a CalibSettings, not str"),
+                          (dict(params={"outlier": 4}), r"method 'quik' .* has no parameter 'outlier'")):
+        with pytest.raises(QConvertError, match=match):
+            qconvert.quantize(str(tiny_calib_src), "quik-w4a4", tmp_path / "bad", progress=False, **kwargs)
+        assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.partial").exists()
+
+
 def test_small_option_and_message_mends(tmp_path, tiny_llama, text_file):
     """--max-shard-size 0 wrote one shard per tensor; an empty eval file was told to lower --seqlen; a
     missing OUT was "not a directory"; Ctrl-C named a literal OUT.partial, whether or not one existed."""

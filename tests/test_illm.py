@@ -588,6 +588,48 @@ def test_generate_runs_the_integer_model_on_its_cache(illm_out):
     assert "[qconvert integer-only on cpu] prefill" in out.output
 
 
+def test_the_integer_model_takes_transformers_generate_and_labels(illm_out):
+    """load(OUT) of an I-LLM OUT is the integer-only model, which had neither transformers' generate
+    (AttributeError) nor a loss for labels= (ignored): generate gives each left-padded row its prompt
+    then the tokens qconvert.generate picks (pad after an EOS), and the loss is the mean next-token
+    cross-entropy of the logits."""
+    from transformers import AutoTokenizer
+
+    from qconvert import load
+    from qconvert.errors import QConvertError
+    from qconvert.generate import generate
+
+    model, tok = load(illm_out), AutoTokenizer.from_pretrained(illm_out)
+    prompts = ["the cat sat", "a much longer prompt than the other one"]
+    enc = [tok(p).input_ids for p in prompts]
+    width = max(map(len, enc))
+    ids = torch.tensor([[0] * (width - len(e)) + e for e in enc])
+    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc])
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=6, pad_token_id=0)
+    want = generate(model, tok, prompts, max_new_tokens=6).token_ids
+    assert torch.equal(got[:, :width], ids)
+    for row, w in zip(got[:, width:].tolist(), want):
+        assert row[:len(w)] == w and set(row[len(w):]) <= {0}
+    eos = want[0][2]  # stop the first row at its third token: it pads from there, the batch goes on
+    cut = model.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=eos, pad_token_id=0)
+    assert cut[0, width:width + 3].tolist() == want[0][:3] and set(cut[0, width + 3:].tolist()) <= {0}
+    assert model.generate(ids[1], max_new_tokens=2).shape == (1, width + 2)
+    sampled = [model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=True, temperature=5.0, seed=s)
+               for s in (0, 0, 1)]
+    assert torch.equal(sampled[0], sampled[1]) and not torch.equal(sampled[0], sampled[2])
+    with pytest.raises(QConvertError, match="option 'num_beams' is not supported"):
+        model.generate(ids, num_beams=4)
+    seq = ids[1:]
+    out = model(seq, labels=seq)
+    logits = out.logits[0]
+    nll = -torch.log_softmax(logits[:-1].double(), -1).gather(1, seq[0, 1:, None]).mean()
+    assert torch.allclose(out.loss.double(), nll, rtol=1e-5) and model(seq).loss is None
+    masked = seq.clone()
+    masked[0, :5] = -100
+    nll_tail = -torch.log_softmax(logits[4:-1].double(), -1).gather(1, seq[0, 5:, None]).mean()
+    assert torch.allclose(model(seq, labels=masked).loss.double(), nll_tail, rtol=1e-5)
+
+
 def test_the_engine_runs_left_padded_rows_as_one_batch(illm_out, monkeypatch):
     """Left-padded prompts of two lengths run as one batch, the padding's columns out of attention
     and each row's positions from its first real token: each row's logits are those of its prompt

@@ -699,11 +699,19 @@ class IntegerLlama(DerivedHolder):
         ``graphs`` None: CUDA graphs on a GPU)."""
         return IntegerDecodeEngine(self, max_batch, max_len, graphs)
 
+    def generate(self, input_ids: torch.Tensor, **options) -> torch.Tensor:
+        """transformers' ``generate`` on the integer decode engine: prompt and new token ids [B, P + new]
+        (``qconvert.generate.generate_ids``: greedy, or ``do_sample`` with a ``temperature``)."""
+        from qconvert.generate import generate_ids
+
+        return generate_ids(self, input_ids, **options)
+
     def forward(self, input_ids: torch.Tensor, past_key_values: IntegerKVCache | None = None, use_cache: bool = False,
-                **kwargs):
+                labels: torch.Tensor | None = None, **kwargs):
         """Float logits [B, T, V], the rows as one batch.  ``use_cache``: keep the integer KV cache
         (qconvert/layouts/illm_cache.py) and return it as ``past_key_values``; passing it back runs
-        only the new tokens, with the logits the whole sequence gives."""
+        only the new tokens, with the logits the whole sequence gives.  ``labels`` ([B, T], -100 left
+        out): also ``loss``, transformers' mean cross-entropy of each next token."""
         seqs = input_ids.reshape(-1, input_ids.shape[-1])
         cache = past_key_values
         if cache is not None and (not isinstance(cache, IntegerKVCache) or cache.batch != seqs.shape[0]
@@ -720,7 +728,12 @@ class IntegerLlama(DerivedHolder):
             logits = torch.empty(*seqs.shape, self.head_m.numel(), device=self.device)
             for rows, seq in cache.groups:  # rows of one cached length run together
                 logits[rows] = self.logits(seqs[rows], seq)
-        return SimpleNamespace(logits=logits.reshape(*input_ids.shape, -1), past_key_values=cache if use_cache else None)
+        logits = logits.reshape(*input_ids.shape, -1)
+        loss = None
+        if labels is not None:
+            loss = nn.functional.cross_entropy(logits[..., :-1, :].reshape(-1, logits.shape[-1]).float(),
+                                               labels[..., 1:].reshape(-1).to(logits.device), ignore_index=-100)
+        return SimpleNamespace(loss=loss, logits=logits, past_key_values=cache if use_cache else None)
 
 
 def _clip_words(clip) -> str:
