@@ -113,6 +113,8 @@ class _Run:
         self.stop_t = torch.tensor(self.stops, dtype=torch.int64, device=dev)
         self.out = torch.empty(self.b, max_new_tokens, dtype=torch.int64, device=dev)
         self.streamed = [""] * self.b
+        self.criteria = self.prompt = None  # transformers' stopping_criteria, on the prompt ids and the new ones
+        self.logits = None  # the last step's
 
     def pick(self, logits: torch.Tensor) -> torch.Tensor:
         if self.temperature == 0:
@@ -134,12 +136,21 @@ class _Run:
                 self.callback(r, text[len(self.streamed[r]):])
                 self.streamed[r] = text
 
+    def stopped(self, upto: int) -> torch.Tensor:
+        """bool [b]: the rows whose last token is a stop token, or that ``criteria`` stops."""
+        done = torch.isin(self.out[:, upto - 1], self.stop_t)
+        if self.criteria is None:
+            return done
+        hit = self.criteria(torch.cat([self.prompt, self.out[:, :upto]], 1), self.logits)
+        return done | torch.as_tensor(hit, dtype=torch.bool, device=done.device).expand(self.b)
+
     def prefill(self) -> tuple[torch.Tensor, float]:
         dev = self.engine.device
         ids, mask = left_pad(self.encoded, self.pad_id)
         _sync(dev)
         t0 = time.perf_counter()
-        nxt = self.pick(self.engine.prefill(ids.to(dev), mask.to(dev)))
+        self.logits = self.engine.prefill(ids.to(dev), mask.to(dev))
+        nxt = self.pick(self.logits)
         _sync(dev)
         seconds = time.perf_counter() - t0
         self.out[:, 0] = nxt
@@ -149,16 +160,17 @@ class _Run:
     def decode(self, nxt: torch.Tensor) -> tuple[int, int, float]:
         """Decode steps until every row stopped or ``max_new_tokens``: (steps, timed steps, seconds)."""
         dev, engine = self.engine.device, self.engine
-        done = torch.isin(nxt, self.stop_t)
+        done = self.stopped(1)
         steps = timed = 0
         t0 = time.perf_counter()
+        every = 1 if self.callback is not None or self.criteria is not None else EOS_CHECK_EVERY
         for t in range(1, self.n_new):
-            if (t % EOS_CHECK_EVERY == 0 or self.callback is not None) and bool(done.all()):
+            if t % every == 0 and bool(done.all()):
                 break
-            nxt = self.pick(engine.decode(nxt))
-            nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
+            self.logits = engine.decode(nxt)
+            nxt = torch.where(done, torch.full_like(nxt, self.pad_id), self.pick(self.logits))
             self.out[:, t] = nxt
-            done |= torch.isin(nxt, self.stop_t)
+            done |= self.stopped(t + 1)
             steps += 1
             if steps == 1 and engine.graphs:  # the first step captured the graph: time from here
                 _sync(dev)
@@ -207,9 +219,10 @@ def generate(engine_or_model, tokenizer, prompts: str | list[str], max_new_token
 
 
 def _run_encoded(engine_or_model, tokenizer, encoded: list[list[int]], max_new_tokens: int, temperature: float, seed: int,
-                 stream_callback) -> tuple[_Run, int, int, float, float]:
+                 stream_callback, criteria=None, prompt: torch.Tensor | None = None) -> tuple[_Run, int, int, float, float]:
     """Prefill and decode the token lists ``encoded`` (validated options): the run, its decode steps,
-    the timed ones, and the prefill's and the decode loop's seconds."""
+    the timed ones, and the prefill's and the decode loop's seconds.  ``criteria(ids, logits)``, if
+    given, also stops rows (transformers' ``stopping_criteria``; ``prompt`` is the ids it sees first)."""
     p = max(len(x) for x in encoded)
     if not isinstance(engine_or_model, torch.nn.Module):  # an engine (DecodeEngine, or a model's own)
         if not all(hasattr(engine_or_model, a) for a in ("prefill", "decode", "max_len")):
@@ -224,42 +237,61 @@ def _run_encoded(engine_or_model, tokenizer, encoded: list[list[int]], max_new_t
         raise QConvertError(f"{p} prompt tokens + {max_new_tokens} new ones exceed the engine's max_len {engine.max_len}; "
                             f"make a longer {type(engine).__name__} or ask for fewer tokens")
     run = _Run(engine, tokenizer, encoded, max_new_tokens, temperature, seed, stream_callback)
+    if criteria is not None:
+        run.criteria, run.prompt = criteria, prompt.to(engine.device)
     nxt, t_prefill = run.prefill()
     steps, timed, t_decode = run.decode(nxt)
     return run, steps, timed, t_prefill, t_decode
 
 
-GENERATE_IDS_OPTIONS = ("attention_mask", "max_new_tokens", "do_sample", "temperature", "eos_token_id", "pad_token_id",
-                        "seed")
+GENERATE_IDS_OPTIONS = ("attention_mask", "max_new_tokens", "max_length", "do_sample", "temperature", "eos_token_id",
+                        "pad_token_id", "stopping_criteria", "use_cache", "seed")
 
 
 @torch.inference_mode()
 def generate_ids(model, input_ids: torch.Tensor, **options) -> torch.Tensor:
     """transformers' ``model.generate(input_ids, ...)`` for a model that brings its own decode engine
     (I-LLM's integer-only model): int64 [B, P + new], each row its (left-padded) prompt, then its new
-    tokens up to and including its first EOS (``eos_token_id`` and the model's own), ``pad_token_id``
-    after it; the batch stops once every row has.  Greedy, or with ``do_sample`` drawn from softmax(logits / ``temperature``) (no top-k or
-    top-p), seeded by ``seed``.  Options: ``GENERATE_IDS_OPTIONS``; ``max_new_tokens`` defaults to
-    the model's ``generation_config``'s, EOS to its EOS ids, padding to its pad id (else the EOS)."""
+    tokens up to and including its first EOS (``eos_token_id`` and the model's own) or the step
+    ``stopping_criteria(ids, logits)`` stops it at, ``pad_token_id`` after that; the batch stops once
+    every row has.  Greedy, or with ``do_sample`` drawn from softmax(logits / ``temperature``) (no
+    top-k or top-p), seeded by ``seed``.  Options: ``GENERATE_IDS_OPTIONS``: ``max_new_tokens`` (or
+    ``max_length``, prompt included) defaults to the model's ``generation_config``'s, EOS to its EOS
+    ids, padding to its pad id (else the EOS); the cache is always used (``use_cache`` changes
+    nothing); with no ``attention_mask`` the padding is where ``pad_token_id`` is, as transformers
+    infers it, when that is not the EOS."""
+    ids = input_ids.reshape(1, -1) if input_ids.dim() == 1 else input_ids
+    n_new, temperature, eos, pad = _generate_options(model, ids, options)
+    mask = options.get("attention_mask")
+    if mask is None:
+        stops = [eos] if isinstance(eos, int) else list(eos or ())
+        mask = (ids != pad) if pad is not None and pad not in stops and bool((ids == pad).any()) else torch.ones_like(ids)
+    encoded = [row[m.bool()].tolist() for row, m in zip(ids.cpu(), mask.reshape(ids.shape).cpu())]
+    if not all(encoded):
+        raise QConvertError("a row of input_ids has no tokens under its attention_mask; give every row a prompt")
+    ids_only = SimpleNamespace(eos_token_id=eos, pad_token_id=pad)  # what _Run reads of a tokenizer
+    run, steps, *_ = _run_encoded(model, ids_only, encoded, n_new, temperature, int(options.get("seed", 0)), None,
+                                  options.get("stopping_criteria"), ids)
+    return torch.cat([ids.to(run.out.device), run.out[:, : steps + 1]], dim=1)
+
+
+def _generate_options(model, ids: torch.Tensor, options: dict) -> tuple[int, float, object, int | None]:
+    """``generate_ids``' options checked: (new tokens, temperature (0: greedy), EOS id(s), pad id)."""
     unknown = sorted(set(options) - set(GENERATE_IDS_OPTIONS))
     if unknown:
         raise QConvertError(f"{type(model).__name__}.generate: option {unknown[0]!r} is not supported (it decodes greedily "
                             f"or by temperature sampling); its options: {', '.join(GENERATE_IDS_OPTIONS)}")
     config = getattr(model, "generation_config", None)
-    n_new = options.get("max_new_tokens") or getattr(config, "max_new_tokens", None) or 20
+    n_new = options.get("max_new_tokens")
+    if n_new is None and options.get("max_length") is not None:
+        n_new = options["max_length"] - ids.shape[1]
+    n_new = getattr(config, "max_new_tokens", None) or 20 if n_new is None else n_new
+    sample = bool(options.get("do_sample"))
     temperature = options.get("temperature")
-    temperature = (1.0 if temperature is None else float(temperature)) if options.get("do_sample") else 0.0
-    if n_new < 1 or temperature < 0 or (options.get("do_sample") and temperature == 0):
-        raise QConvertError(f"max_new_tokens must be at least 1 and a sampling temperature positive, not {n_new} and "
+    temperature = (1.0 if temperature is None else float(temperature)) if sample else 0.0
+    if n_new < 1 or (sample and temperature <= 0):
+        raise QConvertError(f"{type(model).__name__}.generate: needs at least 1 new token (max_new_tokens, or a max_length "
+                            f"above the prompt's {ids.shape[1]}) and a positive sampling temperature; got {n_new} and "
                             f"{temperature:g}")
-    ids = input_ids.reshape(1, -1) if input_ids.dim() == 1 else input_ids
-    mask = options.get("attention_mask")
-    mask = torch.ones_like(ids) if mask is None else mask.reshape(ids.shape)
-    encoded = [row[m.bool()].tolist() for row, m in zip(ids.cpu(), mask.cpu())]
-    if not all(encoded):
-        raise QConvertError("a row of input_ids has no tokens under its attention_mask; give every row a prompt")
     eos = options.get("eos_token_id", getattr(config, "eos_token_id", None))
-    pad = options.get("pad_token_id", getattr(config, "pad_token_id", None))
-    ids_only = SimpleNamespace(eos_token_id=eos, pad_token_id=pad)  # what _Run reads of a tokenizer
-    run, steps, *_ = _run_encoded(model, ids_only, encoded, n_new, temperature, int(options.get("seed", 0)), None)
-    return torch.cat([ids.to(run.out.device), run.out[:, : steps + 1]], dim=1)
+    return n_new, temperature, eos, options.get("pad_token_id", getattr(config, "pad_token_id", None))

@@ -614,6 +614,25 @@ def test_the_integer_model_takes_transformers_generate_and_labels(illm_out):
     cut = model.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=eos, pad_token_id=0)
     assert cut[0, width:width + 3].tolist() == want[0][:3] and set(cut[0, width + 3:].tolist()) <= {0}
     assert model.generate(ids[1], max_new_tokens=2).shape == (1, width + 2)
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_length=width + 3, pad_token_id=0), got[:, :width + 3])
+    # no attention_mask: the padding is where pad_token_id is (transformers' inference), unless that is the EOS
+    repadded = torch.where(mask.bool(), ids, torch.full_like(ids, 299))
+    assert torch.equal(model.generate(repadded, max_new_tokens=6, pad_token_id=299),
+                       model.generate(repadded, attention_mask=mask, max_new_tokens=6, pad_token_id=299))
+    assert torch.equal(model.generate(repadded, attention_mask=mask, max_new_tokens=6, pad_token_id=0)[:, width:],
+                       got[:, width:])
+    # transformers' stopping_criteria(ids, scores): row 1 stops after its second new token, the batch at row 0's EOS
+    seen = []
+
+    def second_token_of_row_1(all_ids, scores):
+        seen.append((all_ids.shape[1], scores.shape))
+        return torch.tensor([False, all_ids.shape[1] >= width + 2])
+
+    stopped = model.generate(ids, attention_mask=mask, max_new_tokens=6, pad_token_id=0,
+                             stopping_criteria=second_token_of_row_1)
+    assert stopped[1, width:width + 2].tolist() == want[1][:2] and set(stopped[1, width + 2:].tolist()) <= {0}
+    assert torch.equal(stopped[0], got[0, :stopped.shape[1]])
+    assert seen[0] == (width + 1, (2, model.head_m.numel())) and [n for n, _ in seen] == list(range(width + 1, stopped.shape[1] + 1))
     sampled = [model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=True, temperature=5.0, seed=s)
                for s in (0, 0, 1)]
     assert torch.equal(sampled[0], sampled[1]) and not torch.equal(sampled[0], sampled[2])

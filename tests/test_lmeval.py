@@ -40,6 +40,17 @@ def task_dir(tmp_path, monkeypatch):
         "doc_to_target: label\n"
         "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
     )
+    (d / "qconvert_gen.yaml").write_text(  # the same questions, answered by greedy generation up to a "."
+        "task: qconvert_gen\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\n"
+        "output_type: generate_until\n"
+        'doc_to_text: "{{q}}"\n'
+        'doc_to_target: "{{choices[label]}}"\n'
+        "generation_kwargs:\n  until: [\".\"]\n  max_gen_toks: 5\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
+    )
     return d
 
 
@@ -88,6 +99,36 @@ def test_same_task_on_an_export_in_transformers(tiny_llama, task_dir, tmp_path):
     exported = run_tasks(ct, ["qconvert_tiny"], include_path=task_dir, num_fewshot=0)
     assert (native.kind, exported.kind) == ("qconvert", "compressed-tensors")
     assert exported.metrics("qconvert_tiny") == native.metrics("qconvert_tiny")
+
+
+def test_tasks_run_on_the_integer_only_model(tiny_calib_src, task_dir, tmp_path):
+    """An I-LLM OUT loads as its integer-only model, which lm-eval's HFLM failed on (no tie_weights, no
+    generate): both kinds of task run now, and each generate_until answer is the greedy text of
+    qconvert.generate, cut at the stop string."""
+    lm_eval = pytest.importorskip("lm_eval", reason='lm-eval is not installed: pip install -e ".[test]"')
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoTokenizer
+
+    from helpers import quantize_tiny
+    from qconvert import load
+    from qconvert.generate import generate
+    from qconvert.lmeval import task_manager
+
+    out = tmp_path / "illm"
+    assert quantize_tiny(tiny_calib_src, out, "illm-w8a8").exit_code == 0
+    res = run("eval", out, "--tasks", "qconvert_tiny,qconvert_gen", "--include-path", task_dir, "--num-fewshot", 0, "--json")
+    record = json.loads(res.stdout[res.stdout.index("{"):])
+    assert record["kind"] == "qconvert"
+    assert 0.0 <= record["results"]["qconvert_tiny"]["acc,none"] <= 1.0
+    assert 0.0 <= record["results"]["qconvert_gen"]["exact_match,none"] <= 1.0
+    model, tok = load(out), AutoTokenizer.from_pretrained(out)
+    got = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok), tasks=["qconvert_gen"], num_fewshot=0,
+                                  task_manager=task_manager(["qconvert_gen"], task_dir), log_samples=True)
+    answers = {s["doc"]["q"]: s["resps"][0][0] for s in got["samples"]["qconvert_gen"]}
+    assert len(answers) == len(ROWS)
+    for q, answer in answers.items():
+        text = generate(model, tok, q, max_new_tokens=5).text[0]
+        assert answer == text.split(".")[0], (q, answer, text)
 
 
 def test_unknown_task_is_named(out, task_dir):

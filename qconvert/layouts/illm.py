@@ -699,6 +699,9 @@ class IntegerLlama(DerivedHolder):
         ``graphs`` None: CUDA graphs on a GPU)."""
         return IntegerDecodeEngine(self, max_batch, max_len, graphs)
 
+    def tie_weights(self, *args, **kwargs) -> None:
+        """transformers' hook, which lm-eval calls: a tied head is already the embedding's int8 table."""
+
     def generate(self, input_ids: torch.Tensor, **options) -> torch.Tensor:
         """transformers' ``generate`` on the integer decode engine: prompt and new token ids [B, P + new]
         (``qconvert.generate.generate_ids``: greedy, or ``do_sample`` with a ``temperature``)."""
