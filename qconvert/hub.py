@@ -657,19 +657,31 @@ def model_card(out: str | os.PathLike, repo_id: str | None = None) -> str:
     lines += ["## Accuracy", ""] + _eval_section(out) + [""] + _verify_section(out) + [""]
     lines += ["## Speed", ""] + _bench_section(out) + [""]
 
-    where = f'snapshot_download("{repo_id}")' if repo_id else '"path/to/this/model"'
-    lines += ["## Use", "",
-              "This repository holds qconvert's native format; load it with qconvert, which runs the "
-              "quantized layers with their exact integer arithmetic:", "",
-              "```python", "import qconvert"]
-    if repo_id:
-        lines.append("from huggingface_hub import snapshot_download")
-    lines += ["", f"model = qconvert.load({where})  # a transformers causal LM", "```", "", _export_line(out), ""]
+    lines += _native_use_lines(qc, repo_id) + ["", _export_line(out), ""]
 
     lines += ["## Reproduce", "", "```bash", prov.quantize_command(name, exclude=qc.get("exclude")), "```", "",
               "`qconvert.json` records the per-layer report and the sha256 of every source weight file; "
               "`manifest.json` the sha256 of every file here.", ""]
     return "---\n" + front + "---\n\n" + "\n".join(lines)
+
+
+def _native_use_lines(qc: dict, repo_id: str | None) -> list[str]:
+    """The card's "Use" section for an OUT: load it with qconvert, then generate as with transformers."""
+    integer_only = any(layout.model_runtime is not None for layout in _layouts(qc))
+    what = ("I-LLM's integer-only model: transformers' generate and forward" if integer_only
+            else "a transformers causal LM")
+    where = f'snapshot_download("{repo_id}")' if repo_id else '"path/to/this/model"'
+    return (["## Use", "",
+             "This repository holds qconvert's native format; load it with qconvert, which runs the "
+             "quantized layers with their exact integer arithmetic (`qconvert generate PATH --prompt TEXT` "
+             "does the same from the shell):", "",
+             "```python", "import qconvert"]
+            + (["from huggingface_hub import snapshot_download"] if repo_id else [])
+            + ["from transformers import AutoTokenizer", "",
+               f"path = {where}",
+               f"model, tok = qconvert.load(path), AutoTokenizer.from_pretrained(path)  # {what}",
+               'ids = tok("The capital of France is", return_tensors="pt").input_ids',
+               "print(tok.decode(model.generate(ids, max_new_tokens=32)[0]))", "```"])
 
 
 def _preset_tags(preset: str, weights: dict) -> list[str]:

@@ -694,3 +694,24 @@ def test_the_headline_says_what_options_changed_in_the_preset(tmp_path, tiny_lla
     plain = tmp_path / "plain"
     run("quantize", tiny_llama, "--scheme", "is-w4a8-rtn", "-o", plain, "-q")
     assert "with the scheme **is-w4a8-rtn**: Integer Scale" in front_matter(model_card(plain))[1]
+
+
+def test_the_cards_use_code_runs_as_written(built, tiny_calib_src, tmp_path, monkeypatch, capsys):
+    """The card's Python block, run as written (snapshot_download answered by the local OUT): it loads
+    the model and prints the prompt and the new text, for a transformers model and for I-LLM's
+    integer-only model (whose generate is qconvert's own)."""
+    import huggingface_hub
+
+    from helpers import quantize_tiny
+
+    illm = tmp_path / "illm"
+    assert quantize_tiny(tiny_calib_src, illm, "illm-w8a8").exit_code == 0
+    for target, what in ((built, "a transformers causal LM"), (illm, "I-LLM's integer-only model")):
+        card = model_card(target, "user/repo")
+        code = card.split("```python\n")[1].split("```")[0]
+        assert 'snapshot_download("user/repo")' in code and what in code
+        monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, _t=target: str(_t))
+        capsys.readouterr()
+        exec(compile(code, "card", "exec"), {})
+        printed = capsys.readouterr().out
+        assert printed.startswith("The capital of France is") and len(printed) > len("The capital of France is\n")
