@@ -71,3 +71,25 @@ def test_qconvert_generate_on_the_gpu_picks_the_cpu_tokens(outs):
         assert f"[qconvert integer-only on {dev}" in res.output
         text[dev] = res.output.split("[qconvert")[0]
     assert text["cuda"] == text["cpu"]
+
+
+def test_transformers_generate_on_the_gpu_equals_the_cpu(outs):
+    """The integer model's transformers-style ``generate`` (prompt ids on either device, a mask, a
+    stopping criterion seeing the ids on the model's device) gives the CPU's ids on the GPU."""
+    from qconvert import load
+
+    ids = torch.tensor([[0, 0, 5, 17, 33], [9, 41, 7, 3, 12]])
+    mask = (torch.arange(5) >= torch.tensor([[2], [0]])).long()
+    got = {}
+    for dev in ("cpu", "cuda"):
+        model = load(outs["w8a8"], device=dev)
+        seen = []
+
+        def criteria(all_ids, scores):
+            seen.append(all_ids.device.type == scores.device.type == model.device.type)
+            return all_ids.shape[1] >= 9
+
+        got[dev] = model.generate(ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=6, pad_token_id=0,
+                                  stopping_criteria=criteria).cpu()
+        assert seen and all(seen) and got[dev].shape == (2, 9)
+    assert torch.equal(got["cuda"], got["cpu"])
