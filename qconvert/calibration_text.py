@@ -45,7 +45,7 @@ def _read_jsonl(path: Path) -> list[str]:
 def read_text_file(path: Path) -> str:
     if not path.is_file():
         raise QConvertError(f"data file {path} not found; pass an existing file with --data-file")
-    if path.suffix == ".jsonl":
+    if path.suffix.lower() == ".jsonl":
         return "\n\n".join(_read_jsonl(path))
     try:
         return path.read_text(encoding="utf-8")
@@ -64,7 +64,7 @@ def load_eval_text(dataset: str, data_file: str | os.PathLike | None = None, spl
         raise QConvertError(f"unknown dataset {dataset!r}; known: {', '.join(DATASETS)}")
     if data_file is not None:
         text = read_text_file(Path(data_file))
-        return wikitext_join(text) if Path(data_file).suffix != ".jsonl" else text
+        return wikitext_join(text) if Path(data_file).suffix.lower() != ".jsonl" else text
     hint = (
         f"pass the raw WikiText-2 {split} file with --data-file PATH "
         f"(wiki.{split}.raw from the wikitext-2-raw-v1 release)"
@@ -85,7 +85,7 @@ def load_eval_text(dataset: str, data_file: str | os.PathLike | None = None, spl
 
 def _local_file(data_file, suffixes: tuple[str, ...], source: str) -> Path:
     path = Path(data_file)
-    if path.suffix not in suffixes:
+    if path.suffix.lower() not in suffixes:
         raise QConvertError(f"--calib {source} reads {' or '.join(suffixes)} files, not {path.name}; "
                             f"pass such a file with --data-file")
     if not path.is_file():
@@ -118,12 +118,12 @@ def _file_corpus(data_file):
         raise QConvertError("--calib file needs a text file: pass --data-file PATH.txt (one text) "
                             "or PATH.jsonl (documents, one JSON object with 'text' per line)")
     path = Path(data_file)
-    if path.suffix == ".json":  # one JSON document: not what a line-by-line reader takes
+    if path.suffix.lower() == ".json":  # one JSON document: not what a line-by-line reader takes
         raise QConvertError(f"--calib file reads plain text or JSON lines, not a .json file ({path.name}); "
                             f"pass its documents one JSON object with 'text' per line as a .jsonl file")
     if not path.is_file():
         raise QConvertError(f"data file {path} not found; pass an existing file with --data-file")
-    return (_read_jsonl(path) if path.suffix == ".jsonl" else read_text_file(path)), str(path)
+    return (_read_jsonl(path) if path.suffix.lower() == ".jsonl" else read_text_file(path)), str(path)
 
 
 CORPORA = {"wikitext2": _wikitext2_corpus, "c4": _c4_corpus, "file": _file_corpus}
@@ -356,6 +356,9 @@ class CalibSettings:
         unknown = sorted(str(key) for key in value if key not in known)
         if unknown:
             raise QConvertError(f"calib=: no setting {unknown[0]!r}; the settings: {', '.join(known)}")
+        for key in ("nsamples", "seqlen", "seed"):
+            if value.get(key) is not None and (isinstance(value[key], bool) or not isinstance(value[key], int)):
+                raise QConvertError(f"calib=: {key} must be an int, not {value[key]!r}")
         return cls(**value)
 
     def validated(self) -> "CalibSettings":

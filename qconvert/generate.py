@@ -105,7 +105,8 @@ class _Run:
         self.engine, self.tok, self.encoded, self.n_new = engine, tokenizer, encoded, max_new_tokens
         self.temperature, self.callback = temperature, stream_callback
         dev = engine.device
-        self.stops = eos_ids(tokenizer, engine.model)
+        # a tokenizer that names its own stops alone (generate_ids' eos_token_id=) leaves the model's out
+        self.stops = eos_ids(tokenizer, None if getattr(tokenizer, "eos_only", False) else engine.model)
         pad_id = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = pad_id if pad_id is not None else (self.stops[0] if self.stops else 0)
         self.b = len(encoded)
@@ -141,8 +142,12 @@ class _Run:
         done = torch.isin(self.out[:, upto - 1], self.stop_t)
         if self.criteria is None:
             return done
-        hit = self.criteria(torch.cat([self.prompt, self.out[:, :upto]], 1), self.logits)
-        return done | torch.as_tensor(hit, dtype=torch.bool, device=done.device).expand(self.b)
+        criteria = self.criteria if isinstance(self.criteria, (list, tuple)) else [self.criteria]
+        ids = torch.cat([self.prompt, self.out[:, :upto]], 1)
+        for criterion in criteria:  # transformers takes one callable or a list of them
+            hit = torch.as_tensor(criterion(ids, self.logits), dtype=torch.bool, device=done.device)
+            done = done | hit.reshape(-1).expand(self.b)
+        return done
 
     def prefill(self) -> tuple[torch.Tensor, float]:
         dev = self.engine.device
@@ -246,9 +251,13 @@ def _run_encoded(engine_or_model, tokenizer, encoded: list[list[int]], max_new_t
 
 GENERATE_IDS_OPTIONS = ("attention_mask", "max_new_tokens", "max_length", "do_sample", "temperature", "eos_token_id",
                         "pad_token_id", "stopping_criteria", "use_cache", "seed")
+# transformers options taken only at the value that changes nothing here (any value when not sampling:
+# greedy decoding ignores the sampling filters, as transformers does)
+NO_OP_OPTIONS = {"num_beams": (1,), "num_return_sequences": (1,), "return_dict_in_generate": (False,),
+                 "output_scores": (False,), "output_logits": (False,), "repetition_penalty": (1.0,)}
+SAMPLING_FILTERS = {"top_k": (0, None), "top_p": (1.0, None), "min_p": (None, 0.0), "typical_p": (1.0, None)}
 
 
-@torch.inference_mode()
 def generate_ids(model, input_ids: torch.Tensor, **options) -> torch.Tensor:
     """transformers' ``model.generate(input_ids, ...)`` for a model that brings its own decode engine
     (I-LLM's integer-only model): int64 [B, P + new], each row its (left-padded) prompt, then its new
@@ -259,7 +268,15 @@ def generate_ids(model, input_ids: torch.Tensor, **options) -> torch.Tensor:
     ``max_length``, prompt included) defaults to the model's ``generation_config``'s, EOS to its EOS
     ids, padding to its pad id (else the EOS); the cache is always used (``use_cache`` changes
     nothing); with no ``attention_mask`` the padding is where ``pad_token_id`` is, as transformers
-    infers it, when that is not the EOS."""
+    infers it, when that is not the EOS.  ``eos_token_id`` given replaces the model's EOS ids; the
+    sampling defaults of ``generation_config`` are not read (greedy unless ``do_sample``).  Like
+    transformers' result, the ids end at the step the last row stopped at."""
+    with torch.inference_mode():
+        out = _generate_ids(model, input_ids, options)
+    return out.clone()  # an ordinary tensor (made outside inference mode), as transformers returns
+
+
+def _generate_ids(model, input_ids: torch.Tensor, options: dict) -> torch.Tensor:
     ids = input_ids.reshape(1, -1) if input_ids.dim() == 1 else input_ids
     n_new, temperature, eos, pad = _generate_options(model, ids, options)
     mask = options.get("attention_mask")
@@ -269,24 +286,32 @@ def generate_ids(model, input_ids: torch.Tensor, **options) -> torch.Tensor:
     encoded = [row[m.bool()].tolist() for row, m in zip(ids.cpu(), mask.reshape(ids.shape).cpu())]
     if not all(encoded):
         raise QConvertError("a row of input_ids has no tokens under its attention_mask; give every row a prompt")
-    ids_only = SimpleNamespace(eos_token_id=eos, pad_token_id=pad)  # what _Run reads of a tokenizer
+    # what _Run reads of a tokenizer; an eos_token_id given replaces the model's
+    ids_only = SimpleNamespace(eos_token_id=eos, pad_token_id=pad, eos_only="eos_token_id" in options)
     run, steps, *_ = _run_encoded(model, ids_only, encoded, n_new, temperature, int(options.get("seed", 0)), None,
                                   options.get("stopping_criteria"), ids)
-    return torch.cat([ids.to(run.out.device), run.out[:, : steps + 1]], dim=1)
+    new = run.out[:, : steps + 1]
+    width = max(len(run.cut(row)) for row in new.tolist())  # EOS seen only every few steps: trim the pad after
+    return torch.cat([ids.to(run.out.device), new[:, :width]], dim=1)
 
 
 def _generate_options(model, ids: torch.Tensor, options: dict) -> tuple[int, float, object, int | None]:
     """``generate_ids``' options checked: (new tokens, temperature (0: greedy), EOS id(s), pad id)."""
-    unknown = sorted(set(options) - set(GENERATE_IDS_OPTIONS))
-    if unknown:
-        raise QConvertError(f"{type(model).__name__}.generate: option {unknown[0]!r} is not supported (it decodes greedily "
-                            f"or by temperature sampling); its options: {', '.join(GENERATE_IDS_OPTIONS)}")
+    sample = bool(options.get("do_sample"))
+    for key in sorted(set(options) - set(GENERATE_IDS_OPTIONS)):
+        allowed = NO_OP_OPTIONS.get(key) or (SAMPLING_FILTERS.get(key) if sample else None)
+        if key in SAMPLING_FILTERS and not sample:
+            continue
+        if allowed is None or options[key] not in allowed:
+            raise QConvertError(
+                f"{type(model).__name__}.generate: option {key}={options[key]!r} is not supported (it decodes greedily "
+                f"or by temperature sampling); its options: {', '.join(GENERATE_IDS_OPTIONS)}"
+                + (f"; {key} only as {' or '.join(map(repr, allowed))}" if allowed else ""))
     config = getattr(model, "generation_config", None)
     n_new = options.get("max_new_tokens")
     if n_new is None and options.get("max_length") is not None:
         n_new = options["max_length"] - ids.shape[1]
     n_new = getattr(config, "max_new_tokens", None) or 20 if n_new is None else n_new
-    sample = bool(options.get("do_sample"))
     temperature = options.get("temperature")
     temperature = (1.0 if temperature is None else float(temperature)) if sample else 0.0
     if n_new < 1 or (sample and temperature <= 0):

@@ -657,7 +657,7 @@ def model_card(out: str | os.PathLike, repo_id: str | None = None) -> str:
     lines += ["## Accuracy", ""] + _eval_section(out) + [""] + _verify_section(out) + [""]
     lines += ["## Speed", ""] + _bench_section(out) + [""]
 
-    lines += _native_use_lines(qc, repo_id) + ["", _export_line(out), ""]
+    lines += _native_use_lines(qc, repo_id, report.get("tokenizer", True)) + ["", _export_line(out), ""]
 
     lines += ["## Reproduce", "", "```bash", prov.quantize_command(name, exclude=qc.get("exclude")), "```", "",
               "`qconvert.json` records the per-layer report and the sha256 of every source weight file; "
@@ -665,8 +665,9 @@ def model_card(out: str | os.PathLike, repo_id: str | None = None) -> str:
     return "---\n" + front + "---\n\n" + "\n".join(lines)
 
 
-def _native_use_lines(qc: dict, repo_id: str | None) -> list[str]:
-    """The card's "Use" section for an OUT: load it with qconvert, then generate as with transformers."""
+def _native_use_lines(qc: dict, repo_id: str | None, tokenizer: bool = True) -> list[str]:
+    """The card's "Use" section for an OUT: load it with qconvert, then generate as with transformers
+    (with the OUT's tokenizer; an OUT whose source had none gets the load alone)."""
     integer_only = any(layout.model_runtime is not None for layout in _layouts(qc))
     what = ("I-LLM's integer-only model: transformers' generate and forward" if integer_only
             else "a transformers causal LM")
@@ -677,11 +678,14 @@ def _native_use_lines(qc: dict, repo_id: str | None) -> list[str]:
              "does the same from the shell):", "",
              "```python", "import qconvert"]
             + (["from huggingface_hub import snapshot_download"] if repo_id else [])
-            + ["from transformers import AutoTokenizer", "",
-               f"path = {where}",
-               f"model, tok = qconvert.load(path), AutoTokenizer.from_pretrained(path)  # {what}",
-               'ids = tok("The capital of France is", return_tensors="pt").input_ids',
-               "print(tok.decode(model.generate(ids, max_new_tokens=32)[0]))", "```"])
+            + (["from transformers import AutoTokenizer", "",
+                f"path = {where}",
+                f"model, tok = qconvert.load(path), AutoTokenizer.from_pretrained(path)  # {what}",
+                'ids = tok("The capital of France is", return_tensors="pt").input_ids',
+                "print(tok.decode(model.generate(ids, max_new_tokens=32)[0], skip_special_tokens=True))"]
+               if tokenizer else
+               ["", f"model = qconvert.load({where})  # {what}; the source had no tokenizer: take its model's own"])
+            + ["```"])
 
 
 def _preset_tags(preset: str, weights: dict) -> list[str]:

@@ -193,10 +193,10 @@ def quantize(
     """
     t_start = time.perf_counter()
     sch = scheme if isinstance(scheme, Scheme) else load_scheme(scheme)
+    if params:  # first, as the CLI's --param: the named options (group_size=, base=) win over them
+        sch = with_params(sch, dict(params))
     sch = sch.with_overrides(group_size=group_size, quantize_lm_head=quantize_lm_head, exclude=tuple(exclude), base=base,
                              rotate=rotate)
-    if params:
-        sch = with_params(sch, dict(params))
     skipped: list[str] = []  # why the scheme's own rotation did not apply (an explicit --rotate raises instead)
     if isinstance(source, Source):
         source = _rotated(source, sch, rotate_seed, rotate is not None, skipped)

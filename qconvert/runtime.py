@@ -171,12 +171,14 @@ def load(out: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
     if whole_model:
         whole = runtimes.pop()(out, config, modules, state, dev)
         _attach_online(out, whole, qc.get("online_rotation"))  # the runtime reads it from down_proj
+        _generation_config(out, whole)
         return _refuse_saving(whole, out)
     for name, module in modules.items():
         module.inside_stored_model()
         set_module(model, name, module)
     _fill(out, model, config, state)
     _attach_online(out, model, qc.get("online_rotation"))
+    _generation_config(out, model)
     if dev.type == "cuda":
         for name, module in modules.items():
             module.check_cuda(name)
@@ -194,6 +196,22 @@ def load(out: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
             module.prepare_cuda()  # the others (plugins too) once on the GPU; it may synchronize: here, once
         use_glue_kernels(model, dev, [g for g, on in zip(GLUE, (norm_kernels, rope_kernels, swiglu_kernels)) if on])
     return _refuse_saving(model, out).eval()
+
+
+def _generation_config(out: Path, model) -> None:
+    """The source's generation_config.json (copied into OUT) as the model's ``generation_config``, as
+    ``from_pretrained`` reads it: its EOS ids (Llama-3-Instruct's ``<|eot_id|>`` is only there), length
+    and sampling defaults.  Without the file the model keeps the one made from config.json."""
+    path = out / "generation_config.json"
+    if not path.is_file():
+        return
+    from transformers import GenerationConfig
+
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(out)
+    except (OSError, ValueError, TypeError) as e:
+        raise QConvertError(f"{path} is not a valid generation config ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                            "delete it to use config.json's defaults, or copy the source's file again") from e
 
 
 def _load_dtype(dtype):

@@ -121,6 +121,10 @@ def test_file_txt_is_one_text_and_jsonl_is_documents(tok, wiki_small, c4_small, 
     other = tmp_path / "wiki.train.raw"  # any UTF-8 text file, whatever its suffix
     other.write_text(raw, encoding="utf-8")
     assert torch.equal(calibration_tokens("file", tok, 4, 50, data_file=other), x)
+    upper = tmp_path / "DOCS.JSONL"  # documents whatever the suffix's case
+    upper.write_bytes(c4_small.read_bytes())
+    assert torch.equal(calibration_tokens("file", tok, 4, 50, data_file=upper),
+                       calibration_tokens("c4", tok, 4, 50, data_file=c4_small))
     binary = tmp_path / "weights.bin"
     binary.write_bytes(bytes([0xff, 0xfe, 0x00, 0x80]) * 64)
     with pytest.raises(QConvertError, match=r"weights\.bin is not UTF-8 text"):
@@ -151,6 +155,7 @@ def test_text_too_short(tok, tmp_path):
     (dict(source="file"), "--calib file needs a text file: pass --data-file"),
     (dict(source="file", data_file="nowhere.txt"), "nowhere.txt not found"),
     (dict(source="file", data_file="docs.json"), r"not a \.json file \(docs\.json\); .* as a \.jsonl file"),
+    (dict(source="file", data_file="DOCS.JSON"), r"not a \.json file \(DOCS\.JSON\)"),
     (dict(source="file", data_file="nowhere.raw"), "nowhere.raw not found"),
     (dict(source="c4", data_file="c4.txt"), r"--calib c4 reads \.jsonl files"),
     (dict(source="wikitext2", data_file="nowhere.raw"), "nowhere.raw not found"),

@@ -415,7 +415,12 @@ def test_the_python_api_takes_calibration_and_parameters_as_dicts(tmp_path, tiny
     assert record["scheme"]["params"]["outliers"] == 0
     assert (record["calibration"]["source"], record["calibration"]["nsamples"], record["calibration"]["seqlen"]) == (
         "file", 2, 16)
+    # params= first, as the CLI's --param: a named option wins over it
+    both = qconvert.quantize(str(tiny_calib_src), "is-w4a8-rtn", tmp_path / "both", progress=False, group_size=32,
+                             params={"group_size": 64})
+    assert json.loads((both / "qconvert.json").read_text())["scheme"]["params"]["group_size"] == 32
     for kwargs, match in ((dict(calib={"samples": 2}), r"calib=: no setting 'samples'; the settings: source, data_file"),
+                          (dict(calib={"nsamples": "2"}), r"calib=: nsamples must be an int, not '2'"),
                           (dict(calib="c4"), r"calib= takes a dict of calibration settings or a CalibSettings, not str"),
                           (dict(params={"outlier": 4}), r"method 'quik' .* has no parameter 'outlier'")):
         with pytest.raises(QConvertError, match=match):

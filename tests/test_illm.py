@@ -636,8 +636,28 @@ def test_the_integer_model_takes_transformers_generate_and_labels(illm_out):
     sampled = [model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=True, temperature=5.0, seed=s)
                for s in (0, 0, 1)]
     assert torch.equal(sampled[0], sampled[1]) and not torch.equal(sampled[0], sampled[2])
-    with pytest.raises(QConvertError, match="option 'num_beams' is not supported"):
+    with pytest.raises(QConvertError, match="option num_beams=4 is not supported.*num_beams only as 1"):
         model.generate(ids, num_beams=4)
+    with pytest.raises(QConvertError, match="option top_k=50 is not supported"):
+        model.generate(ids, do_sample=True, top_k=50)
+    # options at the value that changes nothing are taken (transformers' defaults; filters when greedy)
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=6, pad_token_id=0, num_beams=1, top_k=50,
+                                      top_p=0.9, return_dict_in_generate=False), got)
+    # like transformers, the ids end where the last row stopped (EOS is checked every few steps inside)
+    first, alone = want[0][0], torch.tensor([enc[0]])
+    early = model.generate(alone, max_new_tokens=12, eos_token_id=first)
+    assert early.shape == (1, len(enc[0]) + 1) and early[0, -1] == first
+    # an eos_token_id given replaces the model's EOS ids
+    was, model.generation_config.eos_token_id = model.generation_config.eos_token_id, first
+    assert model.generate(alone, max_new_tokens=3, eos_token_id=10**6).shape == (1, len(enc[0]) + 3)
+    assert model.generate(alone, max_new_tokens=3).shape == (1, len(enc[0]) + 1)
+    model.generation_config.eos_token_id = was
+    # a list of criteria, one of them answering [B, 1]; the result is an ordinary tensor
+    listed = model.generate(ids, attention_mask=mask, max_new_tokens=6, pad_token_id=0,
+                            stopping_criteria=[lambda a, s: torch.zeros(2, 1, dtype=torch.bool),
+                                               lambda a, s: a.shape[1] >= width + 2])
+    assert listed.shape == (2, width + 2) and not listed.is_inference()
+    listed[0, 0] = 1
     seq = ids[1:]
     out = model(seq, labels=seq)
     logits = out.logits[0]
@@ -647,6 +667,32 @@ def test_the_integer_model_takes_transformers_generate_and_labels(illm_out):
     masked[0, :5] = -100
     nll_tail = -torch.log_softmax(logits[4:-1].double(), -1).gather(1, seq[0, 5:, None]).mean()
     assert torch.allclose(model(seq, labels=masked).loss.double(), nll_tail, rtol=1e-5)
+
+
+def test_load_reads_the_outs_generation_config(illm_out, tiny_rtn_out, tmp_path):
+    """load() built generation_config from config.json alone, so an EOS named only in the copied
+    generation_config.json (Llama-3-Instruct's <|eot_id|>) never stopped generate; now it is read, for
+    transformers' models and the integer one; a damaged file is named."""
+    import shutil
+    from pathlib import Path
+
+    from qconvert import load
+    from qconvert.errors import QConvertError
+
+    for src in (illm_out, tiny_rtn_out):
+        out = Path(shutil.copytree(src, tmp_path / src.name))
+        assert load(out).generation_config.max_new_tokens is None
+        (out / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, 50], "max_new_tokens": 5}))
+        config = load(out).generation_config
+        assert (config.eos_token_id, config.max_new_tokens) == ([0, 50], 5)
+        (out / "generation_config.json").write_text("{not json")
+        with pytest.raises(QConvertError, match="generation_config.json is not a valid generation config"):
+            load(out)
+    model = load(illm_out)
+    ids = torch.tensor([[5, 17, 33]])
+    free = model.generate(ids, max_new_tokens=6, eos_token_id=10**6)
+    model.generation_config.eos_token_id = [int(free[0, 4])]  # the second new token: a stop from the config
+    assert model.generate(ids, max_new_tokens=6).shape[1] <= 5
 
 
 def test_the_engine_runs_left_padded_rows_as_one_batch(illm_out, monkeypatch):

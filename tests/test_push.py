@@ -715,3 +715,9 @@ def test_the_cards_use_code_runs_as_written(built, tiny_calib_src, tmp_path, mon
         exec(compile(code, "card", "exec"), {})
         printed = capsys.readouterr().out
         assert printed.startswith("The capital of France is") and len(printed) > len("The capital of France is\n")
+        assert "skip_special_tokens=True" in code  # a real tokenizer's BOS is not printed
+    # an OUT whose source had no tokenizer: the load alone, with where to take one
+    report = json.loads((illm / "qconvert.json").read_text())
+    (illm / "qconvert.json").write_text(json.dumps({**report, "tokenizer": False}))
+    code = model_card(illm).split("```python\n")[1].split("```")[0]
+    assert "AutoTokenizer" not in code and "the source had no tokenizer" in code
