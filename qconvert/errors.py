@@ -6,6 +6,11 @@ can catch it.  ``assert`` stays for internal invariants only.
 """
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's first line for a one-line message, or its type's name when it has no text."""
+    return str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+
+
 class QConvertError(Exception):
     """A problem with the user's input or environment, worded as "what is wrong; what to do"."""
 

@@ -279,15 +279,15 @@ def generate_ids(model, input_ids: torch.Tensor, **options) -> torch.Tensor:
 def _generate_ids(model, input_ids: torch.Tensor, options: dict) -> torch.Tensor:
     ids = input_ids.reshape(1, -1) if input_ids.dim() == 1 else input_ids
     n_new, temperature, eos, pad = _generate_options(model, ids, options)
+    # what _Run reads of a tokenizer; an eos_token_id given replaces the model's
+    ids_only = SimpleNamespace(eos_token_id=eos, pad_token_id=pad, eos_only="eos_token_id" in options)
     mask = options.get("attention_mask")
     if mask is None:
-        stops = [eos] if isinstance(eos, int) else list(eos or ())
-        mask = (ids != pad) if pad is not None and pad not in stops and bool((ids == pad).any()) else torch.ones_like(ids)
+        inferable = pad is not None and pad not in eos_ids(ids_only, None) and bool((ids == pad).any())
+        mask = (ids != pad) if inferable else torch.ones_like(ids)
     encoded = [row[m.bool()].tolist() for row, m in zip(ids.cpu(), mask.reshape(ids.shape).cpu())]
     if not all(encoded):
         raise QConvertError("a row of input_ids has no tokens under its attention_mask; give every row a prompt")
-    # what _Run reads of a tokenizer; an eos_token_id given replaces the model's
-    ids_only = SimpleNamespace(eos_token_id=eos, pad_token_id=pad, eos_only="eos_token_id" in options)
     run, steps, *_ = _run_encoded(model, ids_only, encoded, n_new, temperature, int(options.get("seed", 0)), None,
                                   options.get("stopping_criteria"), ids)
     new = run.out[:, : steps + 1]
@@ -299,9 +299,9 @@ def _generate_options(model, ids: torch.Tensor, options: dict) -> tuple[int, flo
     """``generate_ids``' options checked: (new tokens, temperature (0: greedy), EOS id(s), pad id)."""
     sample = bool(options.get("do_sample"))
     for key in sorted(set(options) - set(GENERATE_IDS_OPTIONS)):
-        allowed = NO_OP_OPTIONS.get(key) or (SAMPLING_FILTERS.get(key) if sample else None)
         if key in SAMPLING_FILTERS and not sample:
             continue
+        allowed = NO_OP_OPTIONS.get(key) or SAMPLING_FILTERS.get(key)
         if allowed is None or options[key] not in allowed:
             raise QConvertError(
                 f"{type(model).__name__}.generate: option {key}={options[key]!r} is not supported (it decodes greedily "

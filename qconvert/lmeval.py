@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from qconvert.errors import QConvertError
+from qconvert.errors import QConvertError, first_line
 
 INSTALL_HINT = 'pip install "qconvert[lmeval]"'
 
@@ -105,7 +105,7 @@ def run_tasks(target: str | Path, tasks: list[str], limit: int | float | None = 
         if not _network_error(e):
             raise
         raise QConvertError(
-            f"--tasks {','.join(tasks)}: a dataset could not be fetched ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+            f"--tasks {','.join(tasks)}: a dataset could not be fetched ({first_line(e)}); "
             "run once with network access so it lands in the datasets cache (HF_DATASETS_CACHE), or give a task "
             "of your own that reads local files with --include-path DIR") from e
     if res is None:  # only on non-zero ranks of a distributed run, which this never is

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qconvert.errors import QConvertError
+from qconvert.errors import QConvertError, first_line
 from qconvert.formats.native import read_quant_config
 from qconvert.formats.safetensors_io import ShardedReader
 from qconvert.layouts import Layout, QuantizedModule, TensorSpec, get_layout
@@ -210,7 +210,7 @@ def _generation_config(out: Path, model) -> None:
     try:
         model.generation_config = GenerationConfig.from_pretrained(out)
     except (OSError, ValueError, TypeError) as e:
-        raise QConvertError(f"{path} is not a valid generation config ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+        raise QConvertError(f"{path} is not a valid generation config ({first_line(e)}); "
                             "delete it to use config.json's defaults, or copy the source's file again") from e
 
 
