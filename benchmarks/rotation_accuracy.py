@@ -94,6 +94,10 @@ ROWS = [
     ("quik-w8a8-hadamard", "quik-w8a8", "hadamard", {}, 40),
     ("zqfp-w4a8-hadamard", "zqfp-w4a8", "hadamard", {}, 40),
     ("zqfp-w8a8-hadamard", "zqfp-w8a8", "hadamard", {}, 40),
+    # asymmetric calibration on the presets that had not measured it (2026-12-06)
+    ("zqfp-w4a8-hadamard-asym25", "zqfp-w4a8", "hadamard", {}, 40, {"asym": 0.25}),
+    ("zqfp-w4a8-asym25", "zqfp-w4a8", "none", {}, 40, {"asym": 0.25}),
+    ("illm-w4a8-online-asym25", "illm-w4a8", "hadamard+online", {}, 40, {"asym": 0.25}),
     ("fp-none-10w", None, "none", {}, 10),
     ("fp-hadamard-10w", None, "hadamard", {}, 10),
 ]

@@ -66,9 +66,9 @@ def gpu_available() -> bool:
     return kcuda.available()
 
 
-def no_gpu_message(what: str) -> str:
+def no_gpu_message(what: str, command: str = "qconvert bench OUT") -> str:
     return (f"{what} needs an NVIDIA GPU (sm_80 or newer) with cupy installed (pip install 'qconvert[cuda]'); "
-            "none is usable here. `qconvert bench OUT --device cpu` times the CPU reference path instead.")
+            f"none is usable here. `{command} --device cpu` runs the CPU reference path instead.")
 
 
 def environment(device: torch.device) -> dict:
@@ -628,14 +628,19 @@ def model_speed(model, device: torch.device, prefill: int = 2048, new_tokens: in
     return out
 
 
-def resolve_device(device: str | None) -> torch.device:
+def resolve_device(device: str | None, command: str = "qconvert bench OUT") -> torch.device:
+    """``--device`` of ``command``: None is cuda where usable, else cpu.  A GPU asked for where none is
+    usable is refused with the CPU run of the same command as the fix."""
     if device is None:
         return torch.device("cuda" if gpu_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not gpu_available():
-        raise QConvertError(no_gpu_message(f"--device {device}"))
-    if dev.type not in ("cpu", "cuda"):
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
         raise QConvertError(f"--device {device}: use cpu or cuda")
+    if dev.type == "cuda" and not gpu_available():
+        raise QConvertError(no_gpu_message(f"--device {device}", command))
     return dev
 
 

@@ -204,7 +204,11 @@ def quantize(source, scheme, out, group_size, quantize_lm_head, exclude, max_sha
 @click.option("--limit", type=click.FloatRange(min=0, min_open=True), help="lm-eval: examples per task (a fraction if < 1).")
 @click.option("--num-fewshot", type=click.IntRange(min=0), help="lm-eval: few-shot examples [default: each task's own].")
 @click.option("--include-path", type=click.Path(exists=True, file_okay=False, path_type=Path), help="lm-eval: a directory of your own task YAML files.")
-def eval_cmd(target, dataset, data_file, seqlen, max_windows, as_json, quiet, tasks, limit, num_fewshot, include_path):
+@click.option("--batch-size", default=1, show_default=True, type=click.IntRange(min=1),
+              help="lm-eval: requests per forward (and per generate call).")
+@click.option("--device", help="cuda or cpu [default: cuda if usable (float16, the OUT's kernels), else cpu (float32, the exact reference)].")
+def eval_cmd(target, dataset, data_file, seqlen, max_windows, as_json, quiet, tasks, limit, num_fewshot, include_path,
+             batch_size, device):
     """Perplexity of TARGET (an OUT, a compressed-tensors export of one, or any SOURCE) on
     non-overlapping windows.  For an OUT or an export the result is also kept in its
     eval.json (an export runs in transformers, as its users run it).  With --tasks,
@@ -213,31 +217,37 @@ def eval_cmd(target, dataset, data_file, seqlen, max_windows, as_json, quiet, ta
     \b
     qconvert eval out/ --data-file wiki.test.raw --seqlen 512 --max-windows 40
     qconvert eval smollm2-135m --data-file wiki.test.raw --seqlen 512 --max-windows 40
-    qconvert eval out/ --tasks hellaswag,arc_easy --limit 200
+    qconvert eval out/ --tasks hellaswag,arc_easy --limit 200 --batch-size 16
     """
+    from qconvert.bench import resolve_device
+
+    dev = resolve_device(device, "qconvert eval TARGET")
     if tasks:
         from qconvert.lmeval import run_tasks
 
         limit = int(limit) if limit is not None and limit >= 1 else limit
-        res = run_tasks(target, tasks.split(","), limit=limit, num_fewshot=num_fewshot, include_path=include_path)
+        res = run_tasks(target, tasks.split(","), limit=limit, num_fewshot=num_fewshot, include_path=include_path,
+                        batch_size=batch_size, device=str(dev))
         if as_json:
             click.echo(json.dumps(res.to_dict(), indent=2, default=str))
         for task in ([] if as_json else res.tasks):
             shown = ", ".join(f"{k.split(',')[0]} {v:.4f}" + (f" ± {e:.4f}" if e is not None else "")
                               for k, (v, e) in res.metrics(task).items())
-            click.echo(f"{target}: {task}: {shown} ({res.n_shot.get(task, 0)}-shot)")
+            click.echo(f"{target}: {task}: {shown} ({res.n_shot.get(task, 0)}-shot; {res.runtime['device']}, "
+                       f"{res.runtime['dtype']})")
         return
     from qconvert.calibration_text import load_eval_text
-    from qconvert.evaluate import load_model_and_tokenizer, perplexity, save_result
+    from qconvert.evaluate import compute_dtype, load_model_and_tokenizer, perplexity, runtime_label, save_result
     from qconvert.source import transformers_bars
 
     text = load_eval_text(dataset, data_file)
     # a local file is named by itself (and its text's hash): any file can be given, not only WikiText-2's
     label = dataset if data_file is None else Path(data_file).name
+    dtype = compute_dtype(dev)
     with transformers_bars(not quiet):
-        model, tok, kind = load_model_and_tokenizer(target)
+        model, tok, kind = load_model_and_tokenizer(target, dtype=dtype, device=str(dev))
     res = perplexity(model, tok, text, seqlen=seqlen, max_windows=max_windows, progress=not quiet)
-    record = {"target": str(target), "kind": kind, "dataset": label, **res.to_dict()}
+    record = {"target": str(target), "kind": kind, "dataset": label, **res.to_dict(), **runtime_label(model, dtype)}
     if data_file is not None:
         import hashlib
 
@@ -247,7 +257,8 @@ def eval_cmd(target, dataset, data_file, seqlen, max_windows, as_json, quiet, ta
     if as_json:
         click.echo(json.dumps(record, indent=2))
     else:
-        click.echo(f"{target}: perplexity {res.perplexity:.3f} on {label} ({res.windows} windows x {res.seqlen} tokens)")
+        click.echo(f"{target}: perplexity {res.perplexity:.3f} on {label} ({res.windows} windows x {res.seqlen} tokens; "
+                   f"{record['device']}, {record['dtype']})")
 
 
 @cli.command()
@@ -491,11 +502,11 @@ def generate(target, prompts, max_new_tokens, temperature, seed, chat, device):
     qconvert generate smollm2-135m --prompt "Once upon a time"
     """
     from qconvert.bench import resolve_device
-    from qconvert.evaluate import load_model_and_tokenizer
+    from qconvert.evaluate import compute_dtype, load_model_and_tokenizer
     from qconvert.generate import generate as run
 
-    dev = resolve_device(device)
-    dtype = torch_dtype_for(dev)
+    dev = resolve_device(device, "qconvert generate TARGET")
+    dtype = compute_dtype(dev)
     load_before = _cpu_load()
     # an I-LLM OUT: its integer-only model (the runtime eval scores), on a GPU with its kernels
     model, tok, kind = load_model_and_tokenizer(target, dtype=dtype, device=str(dev))
@@ -519,13 +530,6 @@ def generate(target, prompts, max_new_tokens, temperature, seed, chat, device):
     busy = _busy_cpu_note(load_before, _cpu_load()) if dev.type == "cpu" else None
     if busy:
         click.echo(f"Note: {busy}.", err=True)
-
-
-def torch_dtype_for(dev):
-    """What the models compute in on ``dev``: float16 on CUDA (the kernels' input), float32 on CPU."""
-    import torch
-
-    return torch.float16 if dev.type == "cuda" else torch.float32
 
 
 @cli.command()

@@ -106,9 +106,42 @@ def _asymmetric_weights(target: str) -> bool:
         return False
 
 
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """What eval and generate compute in on ``device``: float16 on CUDA (the kernels' input), float32 on
+    the CPU (the exact reference)."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def model_device(model) -> torch.device:
+    """Where ``model`` computes: its ``device`` (transformers' models, the integer-only one), else its
+    first parameter's, else the CPU."""
+    dev = getattr(model, "device", None)
+    if isinstance(dev, torch.device):
+        return dev
+    p = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    return p.device if p is not None else torch.device("cpu")
+
+
+def runtime_label(model, dtype: torch.dtype) -> dict:
+    """What a score was computed on, kept with it: the device type, the GPU's name, and the float dtype
+    (``integer-only`` for I-LLM's integer model).  Scores from before ``eval --device`` have none of it:
+    they ran on the CPU in float32."""
+    dev = model_device(model)
+    label = {"device": dev.type,
+             "dtype": "integer-only" if hasattr(model, "decode_engine") else str(dtype).removeprefix("torch.")}
+    if dev.type == "cuda":
+        label["device_name"] = torch.cuda.get_device_name(dev)
+    return label
+
+
+def row_device(row: dict) -> str:
+    """The device type of a saved eval row (rows saved before ``--device`` ran on the CPU)."""
+    return str(row.get("device") or "cpu")
+
+
 def save_result(out: Path, record: dict) -> None:
-    """Keep ``record`` in OUT/eval.json for the model card: one entry per (dataset, seqlen, windows);
-    every target by its directory's name (the file is pushed with OUT: no local path)."""
+    """Keep ``record`` in OUT/eval.json for the model card: one entry per (dataset, seqlen, windows,
+    device type); every target by its directory's name (the file is pushed with OUT: no local path)."""
     from qconvert.hub import public_evals
 
     path = Path(out) / "eval.json"
@@ -117,8 +150,9 @@ def save_result(out: Path, record: dict) -> None:
     except json.JSONDecodeError:
         saved = []
     saved = saved if isinstance(saved, list) else [saved]
-    key = (record["dataset"], record["seqlen"], record["windows"])
-    saved = [r for r in saved if isinstance(r, dict) and (r.get("dataset"), r.get("seqlen"), r.get("windows")) != key]
+    key = (record["dataset"], record["seqlen"], record["windows"], row_device(record))
+    saved = [r for r in saved
+             if isinstance(r, dict) and (r.get("dataset"), r.get("seqlen"), r.get("windows"), row_device(r)) != key]
     path.write_text(json.dumps(public_evals(saved + [{**record, "target": record.get("target", str(out))}]),
                                indent=2) + "\n")
 
@@ -136,8 +170,9 @@ def perplexity(model, tokenizer, text: str, seqlen: int = 2048, max_windows: int
     if n < 1:
         raise QConvertError(f"the text has {ids.numel()} tokens, fewer than one window of {seqlen}; lower --seqlen")
     total = 0.0
+    device = model_device(model)
     for i in tqdm(range(n), desc="eval", unit="window", disable=not progress):
-        window = ids[i * seqlen : (i + 1) * seqlen][None]
+        window = ids[i * seqlen : (i + 1) * seqlen][None].to(device)
         logits = model(window).logits[0, :-1].float()
         total += torch.nn.functional.cross_entropy(logits, window[0, 1:], reduction="sum").item()
     nll = total / (n * (seqlen - 1))

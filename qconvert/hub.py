@@ -327,10 +327,19 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
     ]
 
 
+def _run_on(row: dict) -> str:
+    """Where an eval row ran: "cuda (NVIDIA H100 80GB HBM3), float16"; rows saved before ``eval --device``
+    ran on the CPU in float32."""
+    if not row.get("device"):
+        return "cpu, float32"
+    name = row.get("device_name")
+    return f"{row['device']}{f' ({name})' if name else ''}, {row.get('dtype', '?')}"
+
+
 def _eval_table(rows: list[dict]) -> list[str]:
-    return _table(["dataset", "seqlen", "windows", "perplexity"],
-                  [[r.get("dataset", "?"), r.get("seqlen", "?"), r.get("windows", "?"), f"{r['perplexity']:.3f}"]
-                   for r in rows])
+    return _table(["dataset", "seqlen", "windows", "perplexity", "run on"],
+                  [[r.get("dataset", "?"), r.get("seqlen", "?"), r.get("windows", "?"), f"{r['perplexity']:.3f}",
+                    _run_on(r)] for r in rows])
 
 
 def _eval_section(out: Path) -> list[str]:

@@ -10,7 +10,7 @@ perplexity, generation) runs unchanged.  lm-eval is an optional extra:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from qconvert.errors import QConvertError, first_line
@@ -27,10 +27,12 @@ class TaskResults:
     n_samples: dict[str, dict]  # {"original": n, "effective": n} per task
     limit: int | float | None
     lm_eval_version: str | None
+    runtime: dict = field(default_factory=dict)  # device, dtype (evaluate.runtime_label) and batch_size
 
     def to_dict(self):
         return {"target": self.target, "kind": self.kind, "harness": "lm-eval", "lm_eval_version": self.lm_eval_version,
-                "limit": self.limit, "n-shot": self.n_shot, "n-samples": self.n_samples, "results": self.tasks}
+                "limit": self.limit, "n-shot": self.n_shot, "n-samples": self.n_samples, **self.runtime,
+                "results": self.tasks}
 
     def metrics(self, task: str) -> dict[str, tuple[float, float | None]]:
         """{metric (with its filter, e.g. "acc,none"): (value, stderr or None)} of one task."""
@@ -86,17 +88,23 @@ def _network_error(e: BaseException) -> bool:
 
 
 def run_tasks(target: str | Path, tasks: list[str], limit: int | float | None = None, num_fewshot: int | None = None,
-              include_path: str | Path | None = None, batch_size: int = 1) -> TaskResults:
-    """Run lm-eval ``tasks`` on TARGET (an OUT, a compressed-tensors export or any SOURCE) on the CPU."""
+              include_path: str | Path | None = None, batch_size: int = 1, device: str = "cpu") -> TaskResults:
+    """Run lm-eval ``tasks`` on TARGET (an OUT, a compressed-tensors export or any SOURCE) on ``device``
+    (on "cuda" in float16 through the OUT's kernels, on the CPU in float32), ``batch_size`` requests at a
+    time (lm-eval pads a batch on the right to score it, and on the left, with its attention mask, to
+    generate)."""
     lm_eval, HFLM, _ = _import_lm_eval()
     tasks = [t.strip() for t in tasks if t.strip()]
     if not tasks:
         raise QConvertError("--tasks is empty; name one or more lm-eval tasks, e.g. --tasks hellaswag,arc_easy")
     tm = task_manager(tasks, include_path)  # before the model: a typo fails fast
 
-    from qconvert.evaluate import load_model_and_tokenizer
+    import torch
 
-    model, tok, kind = load_model_and_tokenizer(str(target))
+    from qconvert.evaluate import compute_dtype, load_model_and_tokenizer, runtime_label
+
+    dtype = compute_dtype(torch.device(device))
+    model, tok, kind = load_model_and_tokenizer(str(target), dtype=dtype, device=device)
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size)
     try:
         res = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=tm,
@@ -111,4 +119,4 @@ def run_tasks(target: str | Path, tasks: list[str], limit: int | float | None = 
     if res is None:  # only on non-zero ranks of a distributed run, which this never is
         raise QConvertError("lm-eval returned no results")
     return TaskResults(str(target), kind, res["results"], dict(res.get("n-shot", {})), dict(res.get("n-samples", {})),
-                       limit, res.get("lm_eval_version"))
+                       limit, res.get("lm_eval_version"), {**runtime_label(model, dtype), "batch_size": batch_size})

@@ -57,10 +57,48 @@ def test_round_trip_quantize_inspect_eval(tmp_path, tiny_llama, text_file):
     # a local file is the dataset it is labelled with, with its text's hash: not "wikitext2" for any file
     assert q["dataset"] == Path(text_file).name and len(q["text_sha256"]) == 64
     line = run("eval", out, "--data-file", text_file, "--seqlen", 32, "--max-windows", 3, "-q").output
-    assert f"on {Path(text_file).name} (3 windows x 32 tokens)" in line and "wikitext2" not in line
+    assert f"on {Path(text_file).name} (3 windows x 32 tokens; cpu, float32)" in line and "wikitext2" not in line
+    # where it ran, kept with the score (no GPU here: the CPU in float32 by default, as --device cpu)
+    assert (q["device"], q["dtype"], fp["device"], fp["dtype"]) == ("cpu", "float32", "cpu", "float32")
+    assert "device_name" not in q
     assert run("verify", out, "--no-compare").exit_code == 0  # and it does not upset verify
     # a random model is near uniform over its 300 tokens; quantization must not blow it up
     assert 0.8 < q["perplexity"] / fp["perplexity"] < 1.25
+
+
+def test_eval_device_is_checked_and_kept_with_the_score(tmp_path, tiny_rtn_out, text_file):
+    """eval --device: a GPU asked for where none is usable, or a device that is neither, is one line
+    before any work; eval.json keeps one row per device type (a GPU's float16 score does not replace the
+    CPU's), and the card says where each ran (rows from before --device: the CPU in float32)."""
+    import shutil
+
+    from qconvert.bench import gpu_available
+    from qconvert.evaluate import save_result
+    from qconvert.hub import model_card
+
+    out = tmp_path / "out"
+    shutil.copytree(tiny_rtn_out, out)
+    args = ["eval", out, "--data-file", text_file, "--seqlen", 32, "--max-windows", 2, "-q"]
+    bad = run(*args, "--device", "gpu", ok=False)
+    assert bad.exit_code == 1 and "--device gpu: use cpu or cuda" in bad.output and "Traceback" not in bad.output
+    if not gpu_available():
+        res = run(*args, "--device", "cuda", ok=False)
+        assert res.exit_code == 1 and "needs an NVIDIA GPU" in res.output
+        assert "`qconvert eval TARGET --device cpu` runs the CPU reference path" in res.output
+        assert not (out / "eval.json").exists()
+    cpu = json.loads(run(*args, "--device", "cpu", "--json").stdout)
+    old = {k: v for k, v in cpu.items() if k not in ("device", "dtype")} | {"windows": 3}  # saved before --device
+    save_result(out, old)
+    save_result(out, {**cpu, "perplexity": 1.5, "device": "cuda", "device_name": "NVIDIA H100 80GB HBM3",
+                      "dtype": "float16"})
+    rows = json.loads((out / "eval.json").read_text())
+    assert sorted((r["windows"], r.get("device")) for r in rows) == [(2, "cpu"), (2, "cuda"), (3, None)]
+    save_result(out, cpu)  # the same device again replaces its row only
+    assert len(json.loads((out / "eval.json").read_text())) == 3
+    card = model_card(out, "user/repo")
+    assert "| dataset | seqlen | windows | perplexity | run on |" in card
+    assert "| 1.500 | cuda (NVIDIA H100 80GB HBM3), float16 |" in card
+    assert card.count("| cpu, float32 |") == 2
 
 
 def test_group_size_option_and_lm_head(tmp_path, tiny_llama):

@@ -131,6 +131,53 @@ def test_tasks_run_on_the_integer_only_model(tiny_calib_src, task_dir, tmp_path)
         assert answer == text.split(".")[0], (q, answer, text)
 
 
+def _samples(model, tok, task_dir, batch_size):
+    """lm-eval's responses per question, both tasks, at ``batch_size``."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    from qconvert.lmeval import task_manager
+
+    tasks = ["qconvert_tiny", "qconvert_gen"]
+    got = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size), tasks=tasks,
+                                  num_fewshot=0, task_manager=task_manager(tasks, task_dir), log_samples=True)
+    return {(t, s["doc"]["q"]): s["resps"] for t in tasks for s in got["samples"][t]}
+
+
+@pytest.mark.parametrize("scheme", ["is-w4a8-rtn", "illm-w8a8"])
+def test_batched_requests_answer_as_one_at_a_time(tiny_calib_src, task_dir, tmp_path, scheme):
+    """--batch-size N: lm-eval pads a batch on the right to score it and on the left (with its attention
+    mask) to generate.  Every answer at batch 3 (5 questions: batches of 3 and 2 of unequal lengths) is
+    the one of batch 1: the same greedy text, the same choice, log-likelihoods equal to float rounding
+    (the integer-only model: exactly).  The CLI keeps the batch size, device and dtype with the scores."""
+    pytest.importorskip("lm_eval", reason='lm-eval is not installed: pip install -e ".[test]"')
+    from transformers import AutoTokenizer
+
+    from helpers import quantize_tiny
+    from qconvert import load
+
+    out = tmp_path / scheme
+    assert quantize_tiny(tiny_calib_src, out, scheme).exit_code == 0
+    model, tok = load(out), AutoTokenizer.from_pretrained(out)
+    one, three = _samples(model, tok, task_dir, 1), _samples(model, tok, task_dir, 3)
+    assert one.keys() == three.keys() and len(one) == 2 * len(ROWS)
+    exact = scheme.startswith("illm")
+    for key, a in one.items():
+        b = three[key]
+        if key[0] == "qconvert_gen":
+            assert a == b, (key, a, b)
+            continue
+        for (la, ga), (lb, gb) in zip((r[0] for r in a), (r[0] for r in b)):
+            assert ga == gb and (la == lb if exact else math.isclose(la, lb, rel_tol=1e-4, abs_tol=1e-4)), (key, la, lb)
+    res = run("eval", out, "--tasks", "qconvert_tiny", "--include-path", task_dir, "--num-fewshot", 0,
+              "--batch-size", 3, "--device", "cpu", "--json")
+    record = json.loads(res.stdout[res.stdout.index("{"):])
+    assert (record["batch_size"], record["device"]) == (3, "cpu")
+    assert record["dtype"] == ("integer-only" if exact else "float32")
+    line = run("eval", out, "--tasks", "qconvert_tiny", "--include-path", task_dir, "--limit", 2).stdout
+    assert "(0-shot; cpu, " in line
+
+
 def test_unknown_task_is_named(out, task_dir):
     pytest.importorskip("lm_eval", reason='lm-eval is not installed: pip install -e ".[test]"')
     from lm_eval.tasks import TaskManager
