@@ -12,6 +12,7 @@ import pytest
 
 from helpers import TEXT, quantize_tiny, run_cli
 from qconvert_kernels.w4a8 import cuda as kcuda
+from test_lmeval import task_dir  # noqa: F401  (the local lm-eval tasks, a fixture)
 
 if not kcuda.available():
     pytest.skip("no CUDA device usable by cupy (sm_80+)", allow_module_level=True)
@@ -37,22 +38,12 @@ def test_eval_runs_on_the_gpu_by_default(tiny_calib_src, tmp_path, scheme):
     assert sorted(r["device"] for r in rows) == ["cpu", "cuda"]
 
 
-def test_lm_eval_batched_on_the_gpu(tiny_calib_src, tmp_path):
+def test_lm_eval_batched_on_the_gpu(tiny_calib_src, tmp_path, task_dir):
     """lm-eval at --batch-size 3 on the GPU (only where lm-eval is installed: the GPU image has none)."""
     pytest.importorskip("lm_eval")
-    from test_lmeval import ROWS
-
     out = tmp_path / "is"
     assert quantize_tiny(tiny_calib_src, out, "is-w4a8-rtn").exit_code == 0
-    d = tmp_path / "tasks"
-    d.mkdir()
-    data = d / "tiny.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    (d / "t.yaml").write_text(
-        f"task: qconvert_gpu_tiny\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
-        "test_split: test\noutput_type: multiple_choice\n" 'doc_to_text: "{{q}}"\n' 'doc_to_choice: "{{choices}}"\n'
-        "doc_to_target: label\nmetric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
-    res = run_cli("eval", out, "--tasks", "qconvert_gpu_tiny", "--include-path", d, "--batch-size", 3, "--json")
+    res = run_cli("eval", out, "--tasks", "qconvert_tiny", "--include-path", task_dir, "--batch-size", 3, "--json")
     record = json.loads(res.stdout[res.stdout.index("{"):])
     assert (record["device"], record["dtype"], record["batch_size"]) == ("cuda", "float16", 3)
-    assert 0.0 <= record["results"]["qconvert_gpu_tiny"]["acc,none"] <= 1.0
+    assert 0.0 <= record["results"]["qconvert_tiny"]["acc,none"] <= 1.0
