@@ -221,13 +221,14 @@ def eval_cmd(target, dataset, data_file, seqlen, max_windows, as_json, quiet, ta
     """
     from qconvert.bench import resolve_device
 
-    dev = resolve_device(device, "qconvert eval TARGET")
+    resolve_device(device, "qconvert eval TARGET")  # a device that cannot be, before any work
+    note = lambda line: click.echo(f"Note: {line}.", err=True)  # noqa: E731
     if tasks:
         from qconvert.lmeval import run_tasks
 
         limit = int(limit) if limit is not None and limit >= 1 else limit
         res = run_tasks(target, tasks.split(","), limit=limit, num_fewshot=num_fewshot, include_path=include_path,
-                        batch_size=batch_size, device=str(dev))
+                        batch_size=batch_size, device=device, note=note)
         if as_json:
             click.echo(json.dumps(res.to_dict(), indent=2, default=str))
         for task in ([] if as_json else res.tasks):
@@ -237,15 +238,14 @@ def eval_cmd(target, dataset, data_file, seqlen, max_windows, as_json, quiet, ta
                        f"{res.runtime['dtype']})")
         return
     from qconvert.calibration_text import load_eval_text
-    from qconvert.evaluate import compute_dtype, load_model_and_tokenizer, perplexity, runtime_label, save_result
+    from qconvert.evaluate import load_where_asked, perplexity, runtime_label, save_result
     from qconvert.source import transformers_bars
 
     text = load_eval_text(dataset, data_file)
     # a local file is named by itself (and its text's hash): any file can be given, not only WikiText-2's
     label = dataset if data_file is None else Path(data_file).name
-    dtype = compute_dtype(dev)
     with transformers_bars(not quiet):
-        model, tok, kind = load_model_and_tokenizer(target, dtype=dtype, device=str(dev))
+        model, tok, kind, _, dtype = load_where_asked(target, device, "qconvert eval TARGET", note)
     res = perplexity(model, tok, text, seqlen=seqlen, max_windows=max_windows, progress=not quiet)
     record = {"target": str(target), "kind": kind, "dataset": label, **res.to_dict(), **runtime_label(model, dtype)}
     if data_file is not None:
@@ -501,15 +501,13 @@ def generate(target, prompts, max_new_tokens, temperature, seed, chat, device):
     qconvert generate out/ --chat --prompt "Write a haiku about integers." --temperature 0.7
     qconvert generate smollm2-135m --prompt "Once upon a time"
     """
-    from qconvert.bench import resolve_device
-    from qconvert.evaluate import compute_dtype, load_model_and_tokenizer
+    from qconvert.evaluate import load_where_asked
     from qconvert.generate import generate as run
 
-    dev = resolve_device(device, "qconvert generate TARGET")
-    dtype = compute_dtype(dev)
     load_before = _cpu_load()
     # an I-LLM OUT: its integer-only model (the runtime eval scores), on a GPU with its kernels
-    model, tok, kind = load_model_and_tokenizer(target, dtype=dtype, device=str(dev))
+    model, tok, kind, dev, _ = load_where_asked(target, device, "qconvert generate TARGET",
+                                                lambda line: click.echo(f"Note: {line}.", err=True))
     if hasattr(model, "decode_engine"):
         kind += " integer-only"
     single = len(prompts) == 1

@@ -49,6 +49,26 @@ def load_model_and_tokenizer(target: str, dtype: torch.dtype = torch.float32, de
     return src.load_model(dtype).to(device), tok, src.kind
 
 
+def load_where_asked(target: str, device: str | None, command: str, note=None):
+    """``(model, tokenizer, kind, device, dtype)`` of TARGET on ``--device`` of ``command`` (eval,
+    generate): None is a GPU where one is usable, else the CPU.  When the GPU was only the default and
+    TARGET cannot run there (FP8 layers on a GPU older than sm_89, a layer no kernel takes), ``note``
+    says why and it runs on the CPU, as before the GPU default; a GPU asked for by name is not
+    replaced."""
+    from qconvert.bench import resolve_device
+    from qconvert.errors import first_line
+
+    dev = resolve_device(device, command)
+    try:
+        return (*load_model_and_tokenizer(target, dtype=compute_dtype(dev), device=str(dev)), dev, compute_dtype(dev))
+    except QConvertError as e:
+        if device is not None or dev.type == "cpu":
+            raise
+        (note or print)(f"{first_line(e)}; running on the CPU instead (--device cpu says so, --device cuda insists)")
+    cpu = torch.device("cpu")
+    return (*load_model_and_tokenizer(target, dtype=compute_dtype(cpu), device="cpu"), cpu, compute_dtype(cpu))
+
+
 def _tokenizer(target: str):
     from transformers import AutoTokenizer
 

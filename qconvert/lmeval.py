@@ -88,23 +88,21 @@ def _network_error(e: BaseException) -> bool:
 
 
 def run_tasks(target: str | Path, tasks: list[str], limit: int | float | None = None, num_fewshot: int | None = None,
-              include_path: str | Path | None = None, batch_size: int = 1, device: str = "cpu") -> TaskResults:
+              include_path: str | Path | None = None, batch_size: int = 1, device: str | None = "cpu",
+              note=None) -> TaskResults:
     """Run lm-eval ``tasks`` on TARGET (an OUT, a compressed-tensors export or any SOURCE) on ``device``
-    (on "cuda" in float16 through the OUT's kernels, on the CPU in float32), ``batch_size`` requests at a
-    time (lm-eval pads a batch on the right to score it, and on the left, with its attention mask, to
-    generate)."""
+    (on "cuda" in float16 through the OUT's kernels, on the CPU in float32; None: a GPU where one is
+    usable and TARGET runs there, ``note`` saying why not), ``batch_size`` requests at a time (lm-eval
+    pads a batch on the right to score it, and on the left, with its attention mask, to generate)."""
     lm_eval, HFLM, _ = _import_lm_eval()
     tasks = [t.strip() for t in tasks if t.strip()]
     if not tasks:
         raise QConvertError("--tasks is empty; name one or more lm-eval tasks, e.g. --tasks hellaswag,arc_easy")
     tm = task_manager(tasks, include_path)  # before the model: a typo fails fast
 
-    import torch
+    from qconvert.evaluate import load_where_asked, runtime_label
 
-    from qconvert.evaluate import compute_dtype, load_model_and_tokenizer, runtime_label
-
-    dtype = compute_dtype(torch.device(device))
-    model, tok, kind = load_model_and_tokenizer(str(target), dtype=dtype, device=device)
+    model, tok, kind, _, dtype = load_where_asked(str(target), device, "qconvert eval TARGET", note)
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size)
     try:
         res = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=tm,

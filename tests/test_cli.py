@@ -101,6 +101,41 @@ def test_eval_device_is_checked_and_kept_with_the_score(tmp_path, tiny_rtn_out, 
     assert card.count("| cpu, float32 |") == 2
 
 
+def test_eval_and_generate_fall_back_to_the_cpu_only_from_a_default_gpu(tmp_path, tiny_rtn_out, text_file, monkeypatch):
+    """A GPU that is only the default, where TARGET cannot run (FP8 layers before sm_89: load raises),
+    leaves eval and generate on the CPU with a note saying why; --device cuda named keeps the error.
+    (The GPU and the load's refusal are simulated: this machine has no GPU.)"""
+    import shutil
+
+    from qconvert import bench, evaluate
+    from qconvert.errors import QConvertError
+
+    out = tmp_path / "out"  # eval keeps its score in OUT: a copy, not the session's OUT
+    shutil.copytree(tiny_rtn_out, out)
+    real = evaluate.load_model_and_tokenizer
+    tried = []
+
+    def load(target, dtype=None, device="cpu", **kw):
+        tried.append(device)
+        if device != "cpu":
+            raise QConvertError("model.layers.0.mlp.up_proj: the FP8 kernels need compute capability 8.9 or newer "
+                                "(this GPU is 8.0); this OUT runs on CPU only")
+        return real(target, dtype=dtype, device=device, **kw)
+
+    monkeypatch.setattr(bench, "gpu_available", lambda: True)
+    monkeypatch.setattr(evaluate, "load_model_and_tokenizer", load)
+    res = run("eval", out, "--data-file", text_file, "--seqlen", 32, "--max-windows", 2, "-q")
+    assert tried == ["cuda", "cpu"]
+    assert "Note: model.layers.0.mlp.up_proj: the FP8 kernels need compute capability 8.9" in res.output
+    assert "running on the CPU instead" in res.output and "(2 windows x 32 tokens; cpu, float32)" in res.output
+    res = run("generate", out, "--prompt", "The quick", "--max-new-tokens", 2)
+    assert "running on the CPU instead" in res.output and " on cpu]" in res.output
+    tried.clear()
+    res = run("eval", out, "--data-file", text_file, "--seqlen", 32, "--device", "cuda", ok=False)
+    assert res.exit_code == 1 and tried == ["cuda"] and "this OUT runs on CPU only" in res.output
+    assert "instead" not in res.output
+
+
 def test_group_size_option_and_lm_head(tmp_path, tiny_llama):
     out = tmp_path / "g32"
     run("quantize", tiny_llama, "-g", 32, "--quantize-lm-head", "--exclude", "*.k_proj", "-o", out, "-q")
