@@ -98,9 +98,8 @@ def main() -> None:
         print(f"{r['batch_size']:>6} {r['seconds']:>8.2f} {r['requests_per_s']:>8.2f} {r['speedup']:>8.2f}x {r['acc']:>6.3f}")
     record = {"target": str(args.target), "kind": loaded[2], "questions": args.questions, "rows": rows,
               "environment": {**environment(dev), "machine": platform.machine(), "threads": torch.get_num_threads()},
-              "commit": _commit(), "command": "python benchmarks/lmeval_batch.py " + " ".join(
-                  f"{k} {v}" for k, v in (("TARGET", args.target), ("--batches", args.batches),
-                                          ("--questions", args.questions), ("--device", dev.type)))}
+              "commit": _commit(), "command": f"python benchmarks/lmeval_batch.py {args.target} --batches {args.batches} "
+                         f"--questions {args.questions} --device {dev.type}"}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {args.json}")

@@ -819,7 +819,7 @@ def synthetic_bench(name: str, device: str | None = None, layers: int | None = N
                     rope_kernels: bool = True, swiglu_kernels: bool = True) -> dict:
     if scheme not in SYNTHETIC_SCHEMES:
         raise QConvertError(f"--synthetic --scheme {scheme}: random-weight twins exist for {', '.join(SYNTHETIC_SCHEMES)}")
-    dev = resolve_device(device)
+    dev = resolve_device(device, f"qconvert bench --synthetic {name}")
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
     budget = Budget(budget_s)
     kw = dict(prefill=prefill, new_tokens=new_tokens, batches=batches, repeats=repeats)

@@ -204,8 +204,8 @@ def quantize(source, scheme, out, group_size, quantize_lm_head, exclude, max_sha
 @click.option("--limit", type=click.FloatRange(min=0, min_open=True), help="lm-eval: examples per task (a fraction if < 1).")
 @click.option("--num-fewshot", type=click.IntRange(min=0), help="lm-eval: few-shot examples [default: each task's own].")
 @click.option("--include-path", type=click.Path(exists=True, file_okay=False, path_type=Path), help="lm-eval: a directory of your own task YAML files.")
-@click.option("--batch-size", default=1, show_default=True, type=click.IntRange(min=1),
-              help="lm-eval: requests per forward (and per generate call).")
+@click.option("--batch-size", type=click.IntRange(min=1),
+              help="lm-eval: requests per forward (and per generate call) [default: 1].")
 @click.option("--device", help="cuda or cpu [default: cuda if usable (float16, the OUT's kernels), else cpu (float32, the exact reference)].")
 def eval_cmd(target, dataset, data_file, seqlen, max_windows, as_json, quiet, tasks, limit, num_fewshot, include_path,
              batch_size, device):
@@ -222,13 +222,15 @@ def eval_cmd(target, dataset, data_file, seqlen, max_windows, as_json, quiet, ta
     from qconvert.bench import resolve_device
 
     resolve_device(device, "qconvert eval TARGET")  # a device that cannot be, before any work
+    if batch_size is not None and not tasks:
+        raise QConvertError("--batch-size is lm-eval's, with --tasks; perplexity scores one window at a time")
     note = lambda line: click.echo(f"Note: {line}.", err=True)  # noqa: E731
     if tasks:
         from qconvert.lmeval import run_tasks
 
         limit = int(limit) if limit is not None and limit >= 1 else limit
         res = run_tasks(target, tasks.split(","), limit=limit, num_fewshot=num_fewshot, include_path=include_path,
-                        batch_size=batch_size, device=device, note=note)
+                        batch_size=batch_size or 1, device=device, note=note)
         if as_json:
             click.echo(json.dumps(res.to_dict(), indent=2, default=str))
         for task in ([] if as_json else res.tasks):
@@ -451,7 +453,8 @@ def bench(out, kernels, synthetic, layers, device, against, shapes, ms, runs, sc
     console = _console()
     if kernels:
         if device not in (None, "cuda") and not str(device).startswith("cuda"):
-            raise QConvertError(b.no_gpu_message("qconvert bench --kernels") if device == "cpu" else f"--device {device}: kernels run on cuda")
+            raise QConvertError(f"--device {device}: bench --kernels times the CUDA kernels, on cuda only; "
+                                "`qconvert bench OUT --device cpu` times the CPU reference path")
         res = b.kernel_bench(shapes, ms, runs, scheme=scheme, progress=lambda msg: console.log(msg))
         res["summary"] = b.kernel_summary(res["results"], scheme)
         console.print(b.kernel_table(res))
@@ -506,7 +509,7 @@ def generate(target, prompts, max_new_tokens, temperature, seed, chat, device):
 
     load_before = _cpu_load()
     # an I-LLM OUT: its integer-only model (the runtime eval scores), on a GPU with its kernels
-    model, tok, kind, dev, _ = load_where_asked(target, device, "qconvert generate TARGET",
+    model, tok, kind, dev, _ = load_where_asked(target, device, "qconvert generate TARGET --prompt TEXT",
                                                 lambda line: click.echo(f"Note: {line}.", err=True))
     if hasattr(model, "decode_engine"):
         kind += " integer-only"

@@ -15,6 +15,12 @@ class QConvertError(Exception):
     """A problem with the user's input or environment, worded as "what is wrong; what to do"."""
 
 
+class NoKernel(QConvertError):
+    """A quantized layer the CUDA kernels cannot run on this GPU (its architecture, a shape, a group
+    size): the OUT runs on the CPU only.  Where the GPU was only the default, eval and generate run on
+    the CPU instead (qconvert.evaluate.load_where_asked)."""
+
+
 class RotationUnsupported(QConvertError):
     """The model cannot be rotated (its architecture, a tensor or a size qconvert has no rotation
     for): an explicit ``--rotate`` stops with it; a scheme's default rotation is skipped instead."""

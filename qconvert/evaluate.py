@@ -52,19 +52,24 @@ def load_model_and_tokenizer(target: str, dtype: torch.dtype = torch.float32, de
 def load_where_asked(target: str, device: str | None, command: str, note=None):
     """``(model, tokenizer, kind, device, dtype)`` of TARGET on ``--device`` of ``command`` (eval,
     generate): None is a GPU where one is usable, else the CPU.  When the GPU was only the default and
-    TARGET cannot run there (FP8 layers on a GPU older than sm_89, a layer no kernel takes), ``note``
-    says why and it runs on the CPU, as before the GPU default; a GPU asked for by name is not
-    replaced."""
+    TARGET cannot run there (``NoKernel``: FP8 layers on a GPU older than sm_89, a shape no kernel
+    takes; or it does not fit in the GPU's memory), ``note`` (default: stderr) says why and it runs on
+    the CPU, as before the GPU default; a GPU asked for by name is not replaced."""
+    import sys
+
     from qconvert.bench import resolve_device
-    from qconvert.errors import first_line
+    from qconvert.errors import NoKernel, first_line
 
     dev = resolve_device(device, command)
     try:
         return (*load_model_and_tokenizer(target, dtype=compute_dtype(dev), device=str(dev)), dev, compute_dtype(dev))
-    except QConvertError as e:
+    except (NoKernel, torch.cuda.OutOfMemoryError) as e:
         if device is not None or dev.type == "cpu":
             raise
-        (note or print)(f"{first_line(e)}; running on the CPU instead (--device cpu says so, --device cuda insists)")
+        why = first_line(e) if isinstance(e, NoKernel) else f"{target} does not fit in the GPU's memory"
+    torch.cuda.empty_cache()
+    (note or (lambda line: print(f"Note: {line}.", file=sys.stderr)))(
+        f"{why}; running on the CPU instead (pass --device cpu to skip the GPU, or --device cuda to make this an error)")
     cpu = torch.device("cpu")
     return (*load_model_and_tokenizer(target, dtype=compute_dtype(cpu), device="cpu"), cpu, compute_dtype(cpu))
 
@@ -196,4 +201,7 @@ def perplexity(model, tokenizer, text: str, seqlen: int = 2048, max_windows: int
         logits = model(window).logits[0, :-1].float()
         total += torch.nn.functional.cross_entropy(logits, window[0, 1:], reduction="sum").item()
     nll = total / (n * (seqlen - 1))
+    if not math.isfinite(nll):
+        raise QConvertError(f"the mean NLL is {nll} on {device.type}: the model overflowed in its float dtype"
+                            + ("; evaluate with --device cpu (float32)" if device.type != "cpu" else ""))
     return PerplexityResult(math.exp(nll), nll, n, seqlen, int(ids.numel()), n * (seqlen - 1))

@@ -87,6 +87,17 @@ def _network_error(e: BaseException) -> bool:
     return False
 
 
+def _float32_softmax(HFLM) -> dict:
+    """HFLM's ``softmax_dtype=torch.float32`` where it has the option (0.4.13 has; older ones may not): a
+    float16 model's log-probabilities and their sums over a continuation are then taken in float32, as
+    on the CPU, so close choices are not decided by float16 rounding."""
+    import inspect
+
+    import torch
+
+    return {"softmax_dtype": torch.float32} if "softmax_dtype" in inspect.signature(HFLM.__init__).parameters else {}
+
+
 def run_tasks(target: str | Path, tasks: list[str], limit: int | float | None = None, num_fewshot: int | None = None,
               include_path: str | Path | None = None, batch_size: int = 1, device: str | None = "cpu",
               note=None) -> TaskResults:
@@ -103,7 +114,7 @@ def run_tasks(target: str | Path, tasks: list[str], limit: int | float | None = 
     from qconvert.evaluate import load_where_asked, runtime_label
 
     model, tok, kind, _, dtype = load_where_asked(str(target), device, "qconvert eval TARGET", note)
-    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size)
+    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, **_float32_softmax(HFLM))
     try:
         res = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=tm,
                                       log_samples=False)

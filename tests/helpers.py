@@ -183,7 +183,8 @@ def cli_ok(res):
 
 def eval_tiny(path, text) -> dict:
     """``qconvert eval PATH --json`` on 3 windows of 32 tokens of the file ``text``."""
-    return json.loads(run_cli("eval", path, "--data-file", text, "--seqlen", 32, "--max-windows", 3, "--json", "-q").stdout)
+    return json.loads(run_cli("eval", path, "--data-file", text, "--seqlen", 32, "--max-windows", 3, "--json", "-q",
+                              "--device", "cpu").stdout)
 
 
 def check_tiny_out(out: Path, src: Path, text: Path) -> None:

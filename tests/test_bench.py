@@ -146,6 +146,14 @@ def test_synthetic_model_has_real_shapes_and_sane_outputs():
     assert torch.isfinite(q(ids).logits).all()
 
 
+def test_kernels_on_the_cpu_are_refused_in_one_line():
+    """bench --kernels --device cpu: the kernels run on cuda only, whether or not a GPU is here."""
+    res = run("bench", "--kernels", "--device", "cpu", ok=False)
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert "--device cpu: bench --kernels times the CUDA kernels, on cuda only" in res.output
+    assert "`qconvert bench OUT --device cpu` times the CPU reference path" in res.output
+
+
 @pytest.mark.skipif(b.gpu_available(), reason="a GPU is usable here")
 def test_kernels_without_gpu_say_so():
     res = run("bench", "--kernels", ok=False)

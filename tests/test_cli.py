@@ -48,15 +48,15 @@ def test_round_trip_quantize_inspect_eval(tmp_path, tiny_llama, text_file):
     report = json.loads(run("inspect", out, "--json").stdout)
     assert len(report["layers"]) == 14 and all(r["headroom_bits"] > 0 for r in report["layers"])
 
-    q = json.loads(run("eval", out, "--data-file", text_file, "--seqlen", 32, "--max-windows", 3, "--json", "-q").stdout)
-    fp = json.loads(run("eval", tiny_llama, "--data-file", text_file, "--seqlen", 32, "--max-windows", 3, "--json", "-q").stdout)
+    q = json.loads(run("eval", out, "--data-file", text_file, "--seqlen", 32, "--max-windows", 3, "--json", "-q", "--device", "cpu").stdout)
+    fp = json.loads(run("eval", tiny_llama, "--data-file", text_file, "--seqlen", 32, "--max-windows", 3, "--json", "-q", "--device", "cpu").stdout)
     assert q["windows"] == fp["windows"] == 3 and q["tokens"] == fp["tokens"] and q["scored_tokens"] == 3 * 31
     assert q["kind"] == "qconvert" and fp["kind"] == "safetensors"
     saved = json.loads((out / "eval.json").read_text())
     assert saved == [{**q, "target": "out"}]  # kept for the model card, by name (it is pushed with OUT)
     # a local file is the dataset it is labelled with, with its text's hash: not "wikitext2" for any file
     assert q["dataset"] == Path(text_file).name and len(q["text_sha256"]) == 64
-    line = run("eval", out, "--data-file", text_file, "--seqlen", 32, "--max-windows", 3, "-q").output
+    line = run("eval", out, "--data-file", text_file, "--seqlen", 32, "--max-windows", 3, "-q", "--device", "cpu").output
     assert f"on {Path(text_file).name} (3 windows x 32 tokens; cpu, float32)" in line and "wikitext2" not in line
     # where it ran, kept with the score (no GPU here: the CPU in float32 by default, as --device cpu)
     assert (q["device"], q["dtype"], fp["device"], fp["dtype"]) == ("cpu", "float32", "cpu", "float32")
@@ -107,19 +107,21 @@ def test_eval_and_generate_fall_back_to_the_cpu_only_from_a_default_gpu(tmp_path
     (The GPU and the load's refusal are simulated: this machine has no GPU.)"""
     import shutil
 
+    import torch
+
     from qconvert import bench, evaluate
-    from qconvert.errors import QConvertError
+    from qconvert.errors import NoKernel, QConvertError
 
     out = tmp_path / "out"  # eval keeps its score in OUT: a copy, not the session's OUT
     shutil.copytree(tiny_rtn_out, out)
     real = evaluate.load_model_and_tokenizer
-    tried = []
+    tried, on_gpu = [], [NoKernel("model.layers.0.mlp.up_proj: the FP8 kernels need compute capability 8.9 or newer "
+                                  "(this GPU is 8.0); this OUT runs on CPU only")]
 
     def load(target, dtype=None, device="cpu", **kw):
         tried.append(device)
         if device != "cpu":
-            raise QConvertError("model.layers.0.mlp.up_proj: the FP8 kernels need compute capability 8.9 or newer "
-                                "(this GPU is 8.0); this OUT runs on CPU only")
+            raise on_gpu[0]
         return real(target, dtype=dtype, device=device, **kw)
 
     monkeypatch.setattr(bench, "gpu_available", lambda: True)
@@ -134,6 +136,37 @@ def test_eval_and_generate_fall_back_to_the_cpu_only_from_a_default_gpu(tmp_path
     res = run("eval", out, "--data-file", text_file, "--seqlen", 32, "--device", "cuda", ok=False)
     assert res.exit_code == 1 and tried == ["cuda"] and "this OUT runs on CPU only" in res.output
     assert "instead" not in res.output
+    # out of the GPU's memory: the CPU too; any other error is not retried on the CPU
+    on_gpu[0] = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    res = run("eval", out, "--data-file", text_file, "--seqlen", 32, "--max-windows", 2, "-q")
+    assert f"{out} does not fit in the GPU's memory; running on the CPU instead" in res.output
+    tried.clear()
+    on_gpu[0] = QConvertError(f"{out}: no tensor for 'model.norm.weight'; the output is incomplete, re-run quantize")
+    res = run("eval", out, "--data-file", text_file, "--seqlen", 32, ok=False)
+    assert res.exit_code == 1 and tried == ["cuda"] and "instead" not in res.output and "incomplete" in res.output
+
+
+def test_a_perplexity_that_overflows_is_an_error(tiny_rtn_out):
+    """A model whose logits overflow (a float16 model's inf / NaN) is told so in one line (on a GPU
+    naming --device cpu); no NaN is returned, so none is saved."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from helpers import TEXT
+    from qconvert.errors import QConvertError
+    from qconvert.evaluate import perplexity
+
+    class Overflowing(torch.nn.Module):
+        def __init__(self, device):
+            super().__init__()
+            self.device = torch.device(device)
+
+        def forward(self, ids):
+            return type("Out", (), {"logits": torch.full((*ids.shape, 300), float("nan"))})()
+
+    tok = AutoTokenizer.from_pretrained(tiny_rtn_out)
+    with pytest.raises(QConvertError, match=r"the mean NLL is nan on cpu: the model overflowed in its float dtype$"):
+        perplexity(Overflowing("cpu"), tok, TEXT, seqlen=16, max_windows=1, progress=False)
 
 
 def test_group_size_option_and_lm_head(tmp_path, tiny_llama):

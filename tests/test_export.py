@@ -360,7 +360,7 @@ def test_eval_and_generate_run_the_export_in_transformers(tmp_path, tiny_llama):
     out, dest, text = tmp_path / "out", tmp_path / "ct", tmp_path / "text.raw"
     text.write_text(TEXT)
     run("quantize", tiny_llama, "--scheme", "w4a16-gptq", "--base", "rtn", "-o", out, "-q")  # g = 128: split to 32
-    ev = ("eval", "--data-file", text, "--seqlen", 32, "--max-windows", 3, "--json", "-q")
+    ev = ("eval", "--data-file", text, "--seqlen", 32, "--max-windows", 3, "--json", "-q", "--device", "cpu")
     q = json.loads(run(ev[0], out, *ev[1:]).stdout)
     run("export", out, "-o", dest)
     c = json.loads(run(ev[0], dest, *ev[1:]).stdout)

@@ -5,6 +5,7 @@ import math
 import sys
 
 import pytest
+import torch
 
 from helpers import run_cli
 
@@ -61,7 +62,8 @@ def out(tiny_rtn_out):
 
 def test_tasks_run_on_the_quantized_model(out, task_dir):
     pytest.importorskip("lm_eval", reason='lm-eval is not installed: pip install -e ".[test]"')
-    res = run("eval", out, "--tasks", "qconvert_tiny", "--include-path", task_dir, "--num-fewshot", 0, "--json")
+    res = run("eval", out, "--tasks", "qconvert_tiny", "--include-path", task_dir, "--num-fewshot", 0, "--json",
+              "--device", "cpu")
     record = json.loads(res.stdout[res.stdout.index("{"):])
     assert record["kind"] == "qconvert" and record["harness"] == "lm-eval"  # qconvert.load's runtime, not a float model
     assert record["n-shot"] == {"qconvert_tiny": 0}
@@ -116,7 +118,8 @@ def test_tasks_run_on_the_integer_only_model(tiny_calib_src, task_dir, tmp_path)
 
     out = tmp_path / "illm"
     assert quantize_tiny(tiny_calib_src, out, "illm-w8a8").exit_code == 0
-    res = run("eval", out, "--tasks", "qconvert_tiny,qconvert_gen", "--include-path", task_dir, "--num-fewshot", 0, "--json")
+    res = run("eval", out, "--tasks", "qconvert_tiny,qconvert_gen", "--include-path", task_dir, "--num-fewshot", 0, "--json",
+              "--device", "cpu")
     record = json.loads(res.stdout[res.stdout.index("{"):])
     assert record["kind"] == "qconvert"
     assert 0.0 <= record["results"]["qconvert_tiny"]["acc,none"] <= 1.0
@@ -145,7 +148,7 @@ def _samples(model, tok, task_dir, batch_size):
 
 
 @pytest.mark.parametrize("scheme", ["is-w4a8-rtn", "illm-w8a8"])
-def test_batched_requests_answer_as_one_at_a_time(tiny_calib_src, task_dir, tmp_path, scheme):
+def test_batched_requests_answer_as_one_at_a_time(tiny_calib_src, task_dir, tmp_path, scheme, monkeypatch):
     """--batch-size N: lm-eval pads a batch on the right to score it and on the left (with its attention
     mask) to generate.  Every answer at batch 3 (5 questions: batches of 3 and 2 of unequal lengths) is
     the one of batch 1: the same greedy text, the same choice, log-likelihoods equal to float rounding
@@ -167,14 +170,30 @@ def test_batched_requests_answer_as_one_at_a_time(tiny_calib_src, task_dir, tmp_
         if key[0] == "qconvert_gen":
             assert a == b, (key, a, b)
             continue
-        for (la, ga), (lb, gb) in zip((r[0] for r in a), (r[0] for r in b)):
-            assert ga == gb and (la == lb if exact else math.isclose(la, lb, rel_tol=1e-4, abs_tol=1e-4)), (key, la, lb)
+        la, lb = [r[0][0] for r in a], [r[0][0] for r in b]  # each choice's log-likelihood
+        assert la.index(max(la)) == lb.index(max(lb)), (key, la, lb)  # the same choice
+        for x, y in zip(la, lb):
+            assert x == y if exact else math.isclose(x, y, rel_tol=1e-4, abs_tol=1e-4), (key, la, lb)
+    # the CLI hands lm-eval the batch size (and float32 log-probabilities, which change nothing on the CPU)
+    import functools
+
+    from lm_eval.models import huggingface
+
+    seen, init = [], huggingface.HFLM.__init__
+
+    @functools.wraps(init)
+    def spy(self, *a, **k):
+        seen.append((k.get("batch_size"), k.get("softmax_dtype")))
+        init(self, *a, **k)
+
+    monkeypatch.setattr(huggingface.HFLM, "__init__", spy)
     res = run("eval", out, "--tasks", "qconvert_tiny", "--include-path", task_dir, "--num-fewshot", 0,
               "--batch-size", 3, "--device", "cpu", "--json")
     record = json.loads(res.stdout[res.stdout.index("{"):])
+    assert seen == [(3, torch.float32)]
     assert (record["batch_size"], record["device"]) == (3, "cpu")
     assert record["dtype"] == ("integer-only" if exact else "float32")
-    line = run("eval", out, "--tasks", "qconvert_tiny", "--include-path", task_dir, "--limit", 2).stdout
+    line = run("eval", out, "--tasks", "qconvert_tiny", "--include-path", task_dir, "--limit", 2, "--device", "cpu").stdout
     assert "(0-shot; cpu, " in line
 
 
@@ -203,7 +222,8 @@ def test_perplexity_eval_is_unchanged(out, tmp_path):
 
     text = tmp_path / "t.raw"
     text.write_text(TEXT)
-    record = json.loads(run("eval", out, "--data-file", text, "--seqlen", 32, "--max-windows", 2, "--json", "-q").stdout)
+    record = json.loads(run("eval", out, "--data-file", text, "--seqlen", 32, "--max-windows", 2, "--json", "-q",
+                             "--device", "cpu").stdout)
     assert record["windows"] == 2 and record["kind"] == "qconvert" and "perplexity" in record
 
 

@@ -268,7 +268,7 @@ def test_card_front_matter_and_body(out):
 def test_card_shows_saved_eval_verify_and_bench(out, tmp_path):
     text = tmp_path / "text.raw"
     text.write_text(TEXT)
-    ev = json.loads(run("eval", out, "--data-file", text, "--seqlen", 32, "--max-windows", 2, "--json", "-q").stdout)
+    ev = json.loads(run("eval", out, "--data-file", text, "--seqlen", 32, "--max-windows", 2, "--json", "-q", "--device", "cpu").stdout)
     run("verify", out, "--no-compare")
     assert (out / "eval.json").is_file() and (out / "verify.json").is_file()
     (out / "bench.json").write_text(json.dumps([{
@@ -512,7 +512,7 @@ def exported(out, tmp_path):
     in that OUT, checked for vLLM at export."""
     text = tmp_path / "text.raw"
     text.write_text(TEXT)
-    ev = json.loads(run("eval", out, "--data-file", text, "--seqlen", 32, "--max-windows", 2, "--json", "-q").stdout)
+    ev = json.loads(run("eval", out, "--data-file", text, "--seqlen", 32, "--max-windows", 2, "--json", "-q", "--device", "cpu").stdout)
     ct = tmp_path / "out-ct"
     run("export", out, "-o", ct, "--target", "vllm:sm90")
     return ct, ev

@@ -52,8 +52,8 @@ class NotExportable(QConvertError):
 
 class QuantizedModule(DerivedHolder):
     """Base of every layout's runtime module: ``layout`` (its name), ``in_features``,
-    ``out_features``; ``check_cuda(name)`` raises QConvertError when the CUDA kernels cannot
-    run the layer (the model then runs on CPU only)."""
+    ``out_features``; ``check_cuda(name)`` raises ``NoKernel`` (a QConvertError) when the CUDA
+    kernels cannot run the layer (the model then runs on CPU only)."""
 
     layout: str
     in_features: int

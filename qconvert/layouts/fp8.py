@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from qconvert.errors import QConvertError
+from qconvert.errors import NoKernel, QConvertError
 from qconvert.formats.fp4 import codes_to_values, unpack_fp4
 from qconvert.glue import kernel_device
 from qconvert.layouts.base import (Layout, NotExportable, QuantizedModule, SiblingGroup, TensorSpec, finite,
@@ -79,7 +79,7 @@ class FP8Linear(QuantizedModule):
             cuda_fp8.check_device(name)
             cuda_fp8.check_gemm_shape(name, 1, self.out_features, self.kp, self.group_size or cuda_fp8.FP8_CHUNK)
         except ValueError as e:
-            raise QConvertError(f"{e}; this OUT runs on CPU only") from None
+            raise NoKernel(f"{e}; this OUT runs on CPU only") from None
 
     def _stored(self) -> dict[str, torch.Tensor]:
         """The layer in the on-disk form the prepare functions take (LoRC not included)."""

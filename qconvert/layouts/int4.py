@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from qconvert.errors import QConvertError
+from qconvert.errors import NoKernel, QConvertError
 from qconvert.formats.packing import pack_int4_words, unpack_int4
 from qconvert.layouts.base import (Layout, QuantizedModule, SiblingGroup, TensorSpec, finite, finite_positive, padded,
                                    shape_check)
@@ -102,7 +102,7 @@ class W4A8Linear(QuantizedModule):
             kcuda.check_repacked_shape(name, self.out_features, self.in_features, self.qweight.shape[1] * 2,
                                        self.group_size)
         except ValueError as e:
-            raise QConvertError(f"{e}; this OUT runs on CPU only (re-quantize with --group-size 128 for the GPU)") from None
+            raise NoKernel(f"{e}; this OUT runs on CPU only (re-quantize with --group-size 128 for the GPU)") from None
 
     def prepare_cuda(self, device: torch.device | None = None) -> None:
         """Repack the weights once into the order the kernels' fragments consume

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from qconvert.errors import QConvertError
+from qconvert.errors import NoKernel
 from qconvert.layouts.base import Layout, QuantizedModule, TensorSpec, finite_positive, shape_check
 from qconvert_kernels.w4a8 import reference as ref
 
@@ -55,7 +55,7 @@ class W8A8Linear(QuantizedModule):
 
     def check_cuda(self, name: str) -> None:
         if self.in_features % 8 or self.out_features % 8:
-            raise QConvertError(f"{name}: the int8 GEMM needs N and K multiples of 8, got N={self.out_features}, "
+            raise NoKernel(f"{name}: the int8 GEMM needs N and K multiples of 8, got N={self.out_features}, "
                                 f"K={self.in_features}; this OUT runs on CPU only")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from qconvert.errors import QConvertError
+from qconvert.errors import NoKernel, QConvertError
 from qconvert.formats.packing import unpack_int4
 from qconvert.layouts.base import Layout, NotExportable, QuantizedModule, TensorSpec, finite_positive, shape_check
 from qconvert_kernels.quik import reference as refq
@@ -73,7 +73,7 @@ class QuikLinear(QuantizedModule):
         try:
             cuda_quik.check_gemm_shape(name, 1, self.out_features, self.kbp)
         except ValueError as e:
-            raise QConvertError(f"{e}; this OUT runs on CPU only") from None
+            raise NoKernel(f"{e}; this OUT runs on CPU only") from None
 
     def _repacked_on(self, device: torch.device) -> bool:
         """Whether a 4-bit layer runs on the repacked kernels on ``device``: a GPU of sm_90 or newer
