@@ -100,6 +100,9 @@ ROWS = [
     ("illm-w4a8-online-asym25", "illm-w4a8", "hadamard+online", {}, 40, {"asym": 0.25}),
     ("zqfp-w4a8-seed1", "zqfp-w4a8", "none", {}, 40, {"seed": 1}),
     ("zqfp-w4a8-hadamard-asym25-seed1", "zqfp-w4a8", "hadamard", {}, 40, {"asym": 0.25, "seed": 1}),
+    # the preset (unrotated, symmetric) again on the AVX-512 float path the rows above ran on
+    ("zqfp-w4a8-none-avx512", "zqfp-w4a8", "none", {}, 40),
+    ("illm-w4a8-online-avx512", "illm-w4a8", "hadamard+online", {}, 40),
     ("fp-none-10w", None, "none", {}, 10),
     ("fp-hadamard-10w", None, "hadamard", {}, 10),
 ]

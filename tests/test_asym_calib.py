@@ -175,7 +175,8 @@ def test_preset_default_and_its_moe_fallback(tiny_calib_src, tmp_path):
     from qconvert.schemes_registry import list_presets, load_scheme
 
     assert {s.name: s.asym_calib for s in list_presets() if s.asym_calib} == {
-        "is-w4a8": 0.25, "w4a8-fs": 0.25, "w4a16-gptq-zp": 0.25, "quik-w4a4": 0.25, "illm-w4a4": 0.25}
+        "is-w4a8": 0.25, "w4a8-fs": 0.25, "w4a16-gptq-zp": 0.25, "quik-w4a4": 0.25, "illm-w4a4": 0.25,
+        "illm-w4a8": 0.25}
     res = _quantize(tiny_calib_src, tmp_path / "default")  # is-w4a8, the default scheme
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "default" / "qconvert.json").read_text())["calibration"]["asym"] == 0.25
