@@ -212,7 +212,9 @@ def eval_cmd(target, dataset, data_file, seqlen, max_windows, as_json, quiet, ta
     """Perplexity of TARGET (an OUT, a compressed-tensors export of one, or any SOURCE) on
     non-overlapping windows.  For an OUT or an export the result is also kept in its
     eval.json (an export runs in transformers, as its users run it).  With --tasks,
-    lm-eval's tasks instead, on the same model (docs/export.md).
+    lm-eval's tasks instead, on the same model (docs/export.md).  On a GPU where one is
+    usable (float16, the OUT's kernels), else on the CPU (float32, the exact reference):
+    --device decides, and each score says where it ran.
 
     \b
     qconvert eval out/ --data-file wiki.test.raw --seqlen 512 --max-windows 40
