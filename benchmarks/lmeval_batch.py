@@ -70,10 +70,10 @@ def main() -> None:
     import torch
 
     from qconvert import evaluate, lmeval
-    from qconvert.bench import environment, resolve_device
+    from qconvert.bench import compute_dtype, environment, resolve_device
 
     dev = resolve_device(args.device, "python benchmarks/lmeval_batch.py TARGET")
-    loaded = evaluate.load_model_and_tokenizer(args.target, dtype=evaluate.compute_dtype(dev), device=str(dev))
+    loaded = evaluate.load_model_and_tokenizer(args.target, dtype=compute_dtype(dev), device=str(dev))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["HF_DATASETS_CACHE"] = str(Path(tmp) / "datasets")

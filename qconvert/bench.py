@@ -628,6 +628,12 @@ def model_speed(model, device: torch.device, prefill: int = 2048, new_tokens: in
     return out
 
 
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """What bench, eval and generate compute in on ``device``: float16 on CUDA (the kernels' input),
+    float32 on the CPU (the exact reference)."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
 def resolve_device(device: str | None, command: str = "qconvert bench OUT") -> torch.device:
     """``--device`` of ``command``: None is cuda where usable, else cpu.  A GPU asked for where none is
     usable is refused with the CPU run of the same command as the fix."""
@@ -715,7 +721,7 @@ def out_bench(out: Path, device: str | None = None, prefill: int = 2048, new_tok
     # a layout with a whole-model runtime (I-LLM's integer-only model) is no transformers model, which the engine needs
     integer_only = any(get_layout(name).model_runtime is not None for name in set(qc["modules"].values()))
     dev = resolve_device(device)
-    dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    dtype = compute_dtype(dev)
     if against is None:
         from qconvert.verify import recorded_source
 
@@ -820,7 +826,7 @@ def synthetic_bench(name: str, device: str | None = None, layers: int | None = N
     if scheme not in SYNTHETIC_SCHEMES:
         raise QConvertError(f"--synthetic --scheme {scheme}: random-weight twins exist for {', '.join(SYNTHETIC_SCHEMES)}")
     dev = resolve_device(device, f"qconvert bench --synthetic {name}")
-    dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    dtype = compute_dtype(dev)
     budget = Budget(budget_s)
     kw = dict(prefill=prefill, new_tokens=new_tokens, batches=batches, repeats=repeats)
     fp_model, to_quantized = synthetic_models(name, dev, layers, dtype)

@@ -57,12 +57,13 @@ def load_where_asked(target: str, device: str | None, command: str, note=None):
     the CPU, as before the GPU default; a GPU asked for by name is not replaced."""
     import sys
 
-    from qconvert.bench import resolve_device
+    from qconvert.bench import compute_dtype, resolve_device
     from qconvert.errors import NoKernel, first_line
 
     dev = resolve_device(device, command)
+    dtype = compute_dtype(dev)
     try:
-        return (*load_model_and_tokenizer(target, dtype=compute_dtype(dev), device=str(dev)), dev, compute_dtype(dev))
+        return (*load_model_and_tokenizer(target, dtype=dtype, device=str(dev)), dev, dtype)
     except (NoKernel, torch.cuda.OutOfMemoryError) as e:
         if device is not None or dev.type == "cpu":
             raise
@@ -70,8 +71,7 @@ def load_where_asked(target: str, device: str | None, command: str, note=None):
     torch.cuda.empty_cache()
     (note or (lambda line: print(f"Note: {line}.", file=sys.stderr)))(
         f"{why}; running on the CPU instead (pass --device cpu to skip the GPU, or --device cuda to make this an error)")
-    cpu = torch.device("cpu")
-    return (*load_model_and_tokenizer(target, dtype=compute_dtype(cpu), device="cpu"), cpu, compute_dtype(cpu))
+    return (*load_model_and_tokenizer(target, dtype=torch.float32, device="cpu"), torch.device("cpu"), torch.float32)
 
 
 def _tokenizer(target: str):
@@ -129,12 +129,6 @@ def _asymmetric_weights(target: str) -> bool:
         return any(not (g.get("weights") or {}).get("symmetric", True) for g in qc["config_groups"].values())
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
-
-
-def compute_dtype(device: torch.device) -> torch.dtype:
-    """What eval and generate compute in on ``device``: float16 on CUDA (the kernels' input), float32 on
-    the CPU (the exact reference)."""
-    return torch.float16 if device.type == "cuda" else torch.float32
 
 
 def model_device(model) -> torch.device:
